@@ -1,0 +1,39 @@
+"""The `ppomax` command line: subcommands are the modules of :mod:`ppomax.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+import ppomax.commands
+from ppomax.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ppomax", description="RLHF for Hugging Face causal LMs: SFT, reward models and PPO-max."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(ppomax.commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"ppomax.commands.{info.name}")
+        if hasattr(module, "register"):
+            module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"ppomax: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ppomax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

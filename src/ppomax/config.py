@@ -1,0 +1,405 @@
+"""Typed configuration for every ppomax command.
+
+One pydantic model per command (:class:`SFTConfig`, :class:`RMConfig`, :class:`PPOConfig`), built from shared
+sections. Configs come from YAML files or named presets, are overridden with ``--set a.b=value``, and are validated
+once: unknown keys are errors, and every error names the dotted key and what is allowed. A validated config is
+never rewritten behind the user's back; derived values (e.g. the reference model path defaulting to the policy)
+are resolved by the code that needs them through explicit helper properties.
+
+Each PPO trick has one field that can say "off" (``null`` or ``0``), never a boolean beside a number.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ppomax.errors import ConfigError
+
+PRESET_NAMES = ("vanilla", "ppo_max", "ppo_ptx")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelConfig(_Section):
+    """Where the models come from. Paths are local directories written by ``save_pretrained``."""
+
+    policy: str | None = Field(
+        None, description="SFT model the policy starts from (PPO), or base model (SFT/RM)."
+    )
+    reference: str | None = Field(
+        None, description="Frozen reference policy; null = same weights as `policy`."
+    )
+    reward: str | None = Field(None, description="Trained value-head reward model directory (PPO).")
+    critic: str | None = Field(
+        None, description="Explicit critic checkpoint; null = chosen by `ppo.critic_init` from reward/policy."
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer directory; null = the policy's directory.")
+    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+
+
+class GenerationConfig(_Section):
+    """Sampling settings for rollouts (paper 5.1 / MOSS-RLHF defaults)."""
+
+    max_new_tokens: int = Field(128, gt=0)
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 = off.")
+    repetition_penalty: float = Field(1.1, gt=0, description="1.0 = off.")
+    logprobs_from: Literal["sampling", "raw"] = Field(
+        "sampling",
+        description="Log-probs for the ratio and KL from temperature-scaled logits (the distribution actually "
+        "sampled from) or from raw logits.",
+    )
+    truncated_response: Literal["score", "penalty"] = Field(
+        "score",
+        description="A response that hits max_new_tokens without EOS: scored as is, or given `truncated_penalty`.",
+    )
+    truncated_penalty: float = -1.0
+
+
+class OptimConfig(_Section):
+    """AdamW with warmup and a schedule. PPO uses separate policy/critic learning rates."""
+
+    lr: float = Field(1e-5, gt=0, description="Learning rate of SFT / reward-model training.")
+    policy_lr: float = Field(5e-7, gt=0)
+    critic_lr: float = Field(1.5e-6, gt=0)
+    warmup_steps: int | None = Field(None, ge=0, description="Absolute warmup; overrides warmup_ratio.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="Cosine/linear decay floor as a fraction of peak."
+    )
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+
+
+class LoggingConfig(_Section):
+    """Where a run writes and how often."""
+
+    out_dir: str = "runs/ppomax"
+    log_every: int = Field(1, gt=0)
+    eval_every: int = Field(0, ge=0, description="0 = no periodic evaluation.")
+    eval_samples: int = Field(32, gt=0)
+    eval_greedy: bool = True
+    checkpoint_every: int = Field(0, ge=0, description="0 = only at the end (and on SIGINT/SIGTERM).")
+    keep_checkpoints: int = Field(2, gt=0)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class _DataCommon(_Section):
+    max_prompt_tokens: int = Field(
+        256, gt=0, description="Longer prompts are cut from the left (latest turns kept)."
+    )
+    on_bad_line: Literal["fail", "skip"] = Field(
+        "fail", description="Bad input line: stop, or skip and count."
+    )
+    chat_format: Literal["hh", "chat_template"] = "hh"
+
+
+class DataConfig(_DataCommon):
+    """SFT / reward-model inputs (any format of DESIGN.md section 3)."""
+
+    train: str | None = Field(None, description="SFT examples or preference pairs.")
+    valid: str | None = None
+    test: str | None = None
+    valid_fraction: float = Field(0.0, ge=0, lt=1, description="Held out from `train` when `valid` is null.")
+    max_response_tokens: int = Field(256, gt=0)
+
+
+class PPODataConfig(_DataCommon):
+    """PPO inputs: prompts, evaluation prompts and the PPO-ptx corpus."""
+
+    prompts: str | None = Field(None, description="Training prompts.")
+    valid_prompts: str | None = Field(None, description="Prompts for periodic evaluation.")
+    ptx: str | None = Field(None, description="SFT/pretraining examples for the PPO-ptx loss (eq. 17).")
+
+
+class RewardFunctionConfig(_Section):
+    """A programmatic reward `module:function(prompts, responses, **kwargs) -> scores`."""
+
+    function: str
+    weight: float = 1.0
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("function")
+    @classmethod
+    def _module_colon_function(cls, v: str) -> str:
+        if v.count(":") != 1 or not all(v.split(":")):
+            raise ValueError("must look like 'package.module:function'")
+        return v
+
+
+class RewardConfig(_Section):
+    """Reward sources summed with weights: the value-head RM (`model.reward`) and programmatic functions."""
+
+    model_weight: float = 1.0
+    functions: list[RewardFunctionConfig] = Field(default_factory=list)
+
+
+class PPOSettings(_Section):
+    """The paper's implementation details (fig. 5), one field per trick. Defaults are PPO-max."""
+
+    # 1. token-level KL penalty (5.3.2)
+    kl_coef: float = Field(0.05, ge=0, description="0 = no KL penalty.")
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    # 2. importance sampling against the sampling policy; false = ratio against the reference
+    importance_sampling: bool = True
+    # 3. entropy bonus with clip (5.3.2, app. B.3)
+    entropy_coef: float = Field(0.0, ge=0, description="0 = no entropy bonus.")
+    entropy_clip: float | None = Field(
+        None, gt=0, description="Entropy above this earns no bonus; null = no clip."
+    )
+    # 4. reward scaling by running std (5.3.1)
+    reward_scaling: bool = False
+    # 5. reward normalisation and clipping (5.3.1, eq. 18)
+    reward_norm: bool = True
+    reward_clip: float | None = Field(5.0, gt=0, description="null = no clip.")
+    # 6. advantage normalisation and clipping (5.3.1)
+    advantage_norm: bool = True
+    advantage_clip: float | None = Field(None, gt=0, description="null = no clip.")
+    # 7. value-function loss clipping (app. B.1)
+    value_clip: float | None = Field(0.2, gt=0, description="null = unclipped value loss.")
+    # 8. critic initialisation (5.3.3)
+    critic_init: Literal["reward_model", "sft", "random"] = "reward_model"
+    critic_pretrain_steps: int = Field(0, ge=0, description="Critic-only iterations before policy updates.")
+    # 10. GAE (app. C.3)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    # 11. clipped surrogate (app. C.1)
+    clip_ratio: float | None = Field(0.2, gt=0, description="null = unclipped surrogate.")
+    # 12. global gradient clipping (app. C.2)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="null = no clipping.")
+    # PPO-ptx (eq. 17)
+    ptx_coef: float = Field(0.0, ge=0, description="0 = no pretraining loss.")
+    ptx_batch_size: int = Field(8, gt=0)
+    vf_coef: float = Field(1.0, ge=0)
+    # Experience and updates (5.4: a small buffer)
+    iterations: int = Field(100, gt=0, description="Rollout + update cycles.")
+    rollout_batch_size: int = Field(32, gt=0, description="Prompts per generate() call.")
+    buffer_size: int = Field(128, gt=0, description="Samples collected per iteration before updating.")
+    minibatch_size: int = Field(32, gt=0)
+    ppo_epochs: int = Field(1, gt=0)
+    max_nonfinite_in_row: int = Field(
+        3, gt=0, description="Consecutive skipped non-finite updates that stop the run."
+    )
+
+    @model_validator(mode="after")
+    def _sizes_fit(self) -> PPOSettings:
+        if self.buffer_size % self.rollout_batch_size:
+            raise ValueError(
+                f"buffer_size ({self.buffer_size}) must be a multiple of rollout_batch_size ({self.rollout_batch_size})"
+            )
+        if self.buffer_size % self.minibatch_size:
+            raise ValueError(
+                f"buffer_size ({self.buffer_size}) must be a multiple of minibatch_size ({self.minibatch_size})"
+            )
+        return self
+
+
+class _RunConfig(_Section):
+    seed: int = 42
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+class SFTConfig(_RunConfig):
+    """`ppomax train-sft`: loss on response tokens only; cosine decay to 10% of peak (paper 5.1)."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+
+
+class RMConfig(_RunConfig):
+    """`ppomax train-rm`: paper eq. 2 with the optional LM term."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, gt=0, description="Pairs per step (ignored when max_tokens_per_batch is set).")
+    max_tokens_per_batch: int | None = Field(
+        None, gt=0, description="Token-balanced dynamic batches (paper 4.2); null = fixed batch_size."
+    )
+    grad_accum: int = Field(1, gt=0)
+    beta_rm: float = Field(
+        1.0, ge=0, description="Weight of the LM loss on the chosen response; 0 = off (eq. 2)."
+    )
+    rm_lambda: float = Field(1.0, gt=0, description="Weight of the pairwise ranking loss (eq. 2).")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(100, ge=0)
+
+
+class PPOConfig(_RunConfig):
+    """`ppomax train-ppo`."""
+
+    preset: str | None = Field(
+        None, description="Name of the preset this config started from (informational)."
+    )
+    data: PPODataConfig = Field(default_factory=PPODataConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOSettings = Field(default_factory=PPOSettings)
+
+    def check_runnable(self) -> None:
+        """What `train-ppo` needs beyond a valid config; raises :class:`ConfigError` naming the keys."""
+        problems = []
+        if not self.model.policy:
+            problems.append("model.policy: required (the SFT model directory)")
+        if not self.data.prompts:
+            problems.append("data.prompts: required (a prompts file)")
+        if not self.model.reward and not self.reward.functions:
+            problems.append("model.reward or reward.functions: at least one reward source is required")
+        if self.ppo.critic_init == "reward_model" and not (self.model.reward or self.model.critic):
+            problems.append(
+                "ppo.critic_init=reward_model needs model.reward (or set model.critic / critic_init: sft)"
+            )
+        if self.ppo.ptx_coef > 0 and not self.data.ptx:
+            problems.append("ppo.ptx_coef > 0 needs data.ptx (SFT or pretraining examples)")
+        if problems:
+            raise ConfigError("config cannot run:\n  " + "\n  ".join(problems))
+
+
+CONFIG_CLASSES: dict[str, type[_RunConfig]] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "literal_error":
+            msg = f"must be one of {e['ctx']['expected']} (got {e.get('input')!r})"
+        elif not e["loc"]:
+            msg = e["msg"]
+        else:
+            msg = f"{e['msg']} (got {e.get('input')!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse one ``--set a.b=value``; the value is read as YAML (numbers, null, true, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. ppo.kl_coef=0.1")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``a.b=value`` override set (sections are created as needed)."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def preset_path(name: str) -> Path:
+    """The YAML file of a shipped preset."""
+    if name not in PRESET_NAMES:
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(PRESET_NAMES)}")
+    return Path(str(resources.files("ppomax") / "configs" / f"{name}.yaml"))
+
+
+def read_preset(name: str) -> dict[str, Any]:
+    """A preset's YAML, with ``inherit: OTHER`` resolved (the preset's keys override OTHER's)."""
+    data = read_yaml(preset_path(name))
+    parent = data.pop("inherit", None)
+    if parent:
+        data = _deep_merge(read_preset(parent), data)
+    data["preset"] = name
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    return data
+
+
+def load_config(
+    kind: Literal["sft", "rm", "ppo"],
+    path: str | Path | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+) -> _RunConfig:
+    """Build and validate a config: preset (PPO only), then the YAML file on top, then ``--set`` overrides.
+
+    A YAML file may itself name ``preset: NAME``; its keys then override that preset's.
+    """
+    cls = CONFIG_CLASSES[kind]
+    data: dict[str, Any] = {}
+    origin = []
+    file_data = read_yaml(path) if path else {}
+    preset = preset or file_data.get("preset")
+    if preset:
+        if kind != "ppo":
+            raise ConfigError(f"presets are PPO configs; `{kind}` takes --config FILE")
+        data = read_preset(preset)
+        origin.append(f"preset {preset}")
+    data = _deep_merge(data, file_data)
+    if path:
+        origin.append(str(path))
+    data = apply_overrides(data, overrides or [])
+    if overrides:
+        origin.append("--set")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, " + ".join(origin) or "defaults")) from None
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def to_yaml(config: BaseModel) -> str:
+    """The fully resolved config as YAML (what `ppomax config` prints and every run saves)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,88 @@
+"""Run metrics: one JSON line per step in `metrics.jsonl`, the same scalars to TensorBoard.
+
+Every trainer logs through :class:`MetricsLogger`, so every run directory has the same layout:
+``config.yaml`` (resolved), ``metrics.jsonl``, ``tb/`` (TensorBoard events).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def to_scalar(value: Any) -> float | int | str | None:
+    """A JSON-friendly scalar from a python number or a 0-d tensor (non-finite floats kept as strings)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().item()
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        f = float(value)
+        return f if math.isfinite(f) else str(f)
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(f"metric value of type {type(value).__name__} is not a scalar")
+
+
+class MetricsLogger:
+    """Appends step metrics to ``out_dir/metrics.jsonl`` and TensorBoard (``out_dir/tb``).
+
+    Only the main process writes (pass ``enabled=False`` on other ranks). On resume the JSONL file is
+    truncated to the steps at or before the checkpoint's step, so a resumed run's log reads as one run.
+    """
+
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True, enabled: bool = True) -> None:
+        self.out_dir = Path(out_dir)
+        self.enabled = enabled
+        self.path = self.out_dir / "metrics.jsonl"
+        self._tb = None
+        if enabled:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(self.out_dir / "tb"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop logged lines whose step is greater than ``step`` (used when resuming)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [
+            line
+            for line in self.path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+
+    def log(self, step: int, metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        """Write one record; returns it (scalars converted)."""
+        record: dict[str, Any] = {"step": int(step)}
+        for key, value in metrics.items():
+            record[f"{prefix}{key}"] = to_scalar(value)
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if self._tb is not None:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, int | float):
+                        self._tb.add_scalar(key, value, global_step=step)
+        return record
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl`` file."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]

@@ -1,0 +1,57 @@
+"""Optimisers and learning-rate schedules shared by the trainers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from ppomax.config import OptimConfig
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW on the trainable parameters with the config's betas, eps and weight decay."""
+    trainable = [p for p in params if p.requires_grad]
+    return torch.optim.AdamW(
+        trainable,
+        lr=lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    """Absolute warmup if set, else ``warmup_ratio * total_steps``."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    return int(cfg.warmup_ratio * total_steps)
+
+
+def lr_multiplier(step: int, total_steps: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak LR at optimiser step ``step`` (0-based).
+
+    Linear warmup over ``warmup`` steps, then ``constant``, ``linear`` or ``cosine`` decay reaching
+    ``min_ratio`` of the peak at ``total_steps`` (paper 5.1: SFT decays with cosine to 10% of peak).
+    """
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    if schedule == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
+    """LambdaLR implementing :func:`lr_multiplier` for this config."""
+    warm = warmup_steps(cfg, total_steps)
+    return LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, total_steps, warm, cfg.schedule, cfg.min_lr_ratio)
+    )

@@ -1,0 +1,146 @@
+"""Config loading, presets, overrides and validation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from ppomax.cli import main
+from ppomax.config import (
+    PRESET_NAMES,
+    PPOConfig,
+    RMConfig,
+    SFTConfig,
+    apply_overrides,
+    load_config,
+    parse_override,
+    preset_path,
+    to_yaml,
+)
+from ppomax.errors import ConfigError
+
+TABLE_KEYS = [
+    "kl_coef", "kl_estimator", "importance_sampling", "entropy_coef", "entropy_clip", "reward_scaling",
+    "reward_norm", "reward_clip", "advantage_norm", "advantage_clip", "value_clip", "critic_init",
+    "critic_pretrain_steps", "gamma", "lam", "clip_ratio", "max_grad_norm", "ptx_coef",
+    "rollout_batch_size", "buffer_size",
+]  # fmt: skip
+
+
+def test_every_design_table_key_exists():
+    fields = PPOConfig.model_fields["ppo"].annotation.model_fields
+    missing = [k for k in TABLE_KEYS if k not in fields]
+    assert not missing
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_presets_load_and_every_number_is_commented(name):
+    cfg = load_config("ppo", preset=name)
+    assert cfg.preset == name
+    for line in preset_path(name).read_text().splitlines():
+        stripped = line.strip()
+        if ":" in stripped and not stripped.startswith("#") and not stripped.endswith(":"):
+            assert "#" in stripped, f"{name}: uncommented value: {line!r}"
+
+
+def test_ppo_max_matches_the_paper_recipe():
+    ppo = load_config("ppo", preset="ppo_max").ppo
+    assert ppo.kl_coef == 0.05 and ppo.kl_estimator == "k1"
+    assert ppo.importance_sampling and ppo.reward_norm and ppo.reward_clip is not None
+    assert ppo.advantage_norm and ppo.advantage_clip is None
+    assert ppo.value_clip == 0.2 and ppo.clip_ratio == 0.2 and ppo.max_grad_norm == 1.0
+    assert ppo.critic_init == "reward_model" and ppo.critic_pretrain_steps > 0
+    assert ppo.entropy_coef == 0 and not ppo.reward_scaling
+    assert (ppo.gamma, ppo.lam) == (1.0, 0.95)
+
+
+def test_vanilla_turns_the_tricks_off():
+    ppo = load_config("ppo", preset="vanilla").ppo
+    assert ppo.kl_coef == 0 and not ppo.reward_norm and ppo.reward_clip is None
+    assert not ppo.advantage_norm and ppo.value_clip is None and ppo.critic_pretrain_steps == 0
+    assert ppo.clip_ratio == 0.2
+
+
+def test_ppo_ptx_inherits_ppo_max():
+    ptx = load_config("ppo", preset="ppo_ptx")
+    base = load_config("ppo", preset="ppo_max")
+    assert ptx.ppo.ptx_coef > 0
+    assert ptx.ppo.model_copy(update={"ptx_coef": 0.0}) == base.ppo
+    with pytest.raises(ConfigError, match=r"data\.ptx"):
+        ptx.model_copy(update={"model": ptx.model.model_copy(update={"policy": "p", "reward": "r"})}).check_runnable()
+
+
+def test_overrides_are_typed_yaml_values():
+    assert parse_override("ppo.reward_clip=null") == (["ppo", "reward_clip"], None)
+    assert parse_override("ppo.kl_coef=0.1") == (["ppo", "kl_coef"], 0.1)
+    cfg = load_config("ppo", preset="ppo_max", overrides=["ppo.kl_coef=0.1", "ppo.value_clip=null", "seed=7"])
+    assert cfg.ppo.kl_coef == 0.1 and cfg.ppo.value_clip is None and cfg.seed == 7
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=2"]) == {"a": {"b": 1, "c": 2}}
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("ppo.kl_cof=0.1", r"ppo\.kl_cof: unknown key"),
+        ("ppo.kl_estimator=k4", r"ppo\.kl_estimator: must be one of 'k1', 'k2' or 'k3'"),
+        ("generation.top_p=1.5", r"generation\.top_p: .*less than or equal to 1"),
+        ("ppo.kl_coef=-1", r"ppo\.kl_coef: .*greater than or equal to 0"),
+        ("ppo.buffer_size=100", r"multiple of rollout_batch_size"),
+        ("nonsense", r"expected KEY=VALUE"),
+    ],
+)
+def test_bad_values_name_the_key(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config("ppo", preset="ppo_max", overrides=[override])
+
+
+def test_yaml_file_on_top_of_preset(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: vanilla\nppo:\n  kl_coef: 0.01\nmodel:\n  policy: /models/sft\n")
+    cfg = load_config("ppo", path=path)
+    assert cfg.preset == "vanilla" and cfg.ppo.kl_coef == 0.01 and cfg.model.policy == "/models/sft"
+    assert cfg.ppo.value_clip is None  # inherited from vanilla
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("ppo", path=tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ppo: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config("ppo", path=bad)
+    with pytest.raises(ConfigError, match="presets are PPO configs"):
+        load_config("sft", preset="ppo_max")
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load_config("ppo", preset="ppo_max", overrides=["ppo.kl_coef=0.2"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config("ppo", path=path) == cfg
+    for cls in (SFTConfig, RMConfig):
+        assert cls.model_validate(yaml.safe_load(to_yaml(cls()))) == cls()
+
+
+def test_check_runnable_names_missing_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config("ppo", preset="ppo_max").check_runnable()
+    assert "model.policy" in str(err.value) and "data.prompts" in str(err.value)
+
+
+def test_cli_config_prints_resolved_preset(capsys):
+    assert main(["config", "--preset", "ppo_max", "--set", "ppo.kl_coef=0.3"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["ppo"]["kl_coef"] == 0.3 and printed["preset"] == "ppo_max"
+    assert main(["config", "--preset", "ppo_max", "--set", "ppo.nope=1"]) == 2
+    assert "ppo.nope: unknown key" in capsys.readouterr().err
+
+
+def test_console_script_entry_point():
+    out = subprocess.run(
+        [sys.executable, "-m", "ppomax.cli", "config", "--preset", "vanilla"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "kl_coef: 0.0" in out.stdout
