@@ -1,0 +1,63 @@
+"""Pure PPO-max math: masked statistics, running moments, KL estimators, GAE and the losses.
+
+Every function here is a function of tensors (plus one small stateful class, `RunningMoments`) and the
+package imports only torch, so each formula has a unit test against an independent computation
+(tests/test_algos.py). Equation numbers refer to "Secrets of RLHF in Large Language Models Part I: PPO"
+(arXiv 2307.04964). Modules: `stats` (masked statistics, running moments), `rewards` (KL estimators,
+token-level rewards, GAE, reward/advantage normalisation), `losses` (PPO, critic, entropy, LM, RM losses).
+Import from `ppomax.algos` directly; the split is for reading, not for the API.
+
+Conventions:
+- Shapes: B = batch, T = time (response tokens, or the full sequence with a mask), V = vocabulary.
+- Masks are float or bool tensors of shape [B, T]; 1 / True = a real response token. Padding may sit
+  left, right, or both (even holes); no function assumes a contiguous response.
+- Losses return `(loss, metrics)`; metrics are detached scalar tensors (no `.item()`, hence no device
+  sync here; the trainer converts them when it logs).
+- `all_reduce` hooks sum a tensor across data-parallel ranks and return the result (identity on one
+  process). They receive a fresh detached tensor, so an in-place collective such as
+  `lambda t: (dist.all_reduce(t), t)[1]` is safe. Gradients never flow through a hook: where a global
+  statistic is used in a differentiable mean, only the local rank's terms carry gradient.
+"""
+
+from .losses import (
+    entropy_bonus_loss,
+    entropy_from_logits,
+    lm_nll,
+    logprobs_from_logits,
+    pairwise_rm_loss,
+    policy_loss,
+    value_loss,
+)
+from .rewards import (
+    KLEstimator,
+    gae,
+    kl_per_token,
+    normalize_advantages,
+    normalize_rewards,
+    scale_rewards,
+    token_level_rewards,
+)
+from .stats import AllReduce, RunningMoments, masked_mean, masked_sum, masked_var, masked_whiten
+
+__all__ = [
+    "AllReduce",
+    "KLEstimator",
+    "RunningMoments",
+    "entropy_bonus_loss",
+    "entropy_from_logits",
+    "gae",
+    "kl_per_token",
+    "lm_nll",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "normalize_advantages",
+    "normalize_rewards",
+    "pairwise_rm_loss",
+    "policy_loss",
+    "scale_rewards",
+    "token_level_rewards",
+    "value_loss",
+]

@@ -1,0 +1,221 @@
+"""PPO, critic, entropy, language-model and reward-model losses, and log-prob/entropy helpers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .stats import _bool_mask, masked_mean
+
+
+def _masked_max(x: Tensor, mask: Tensor) -> Tensor:
+    m = _bool_mask(mask)
+    # No `if m.any()`: that would force a device sync on every call.
+    top = torch.where(m, x, torch.full((), -math.inf, dtype=x.dtype, device=x.device)).max()
+    return torch.where(m.any(), top, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_ratio: float | None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate (paper eq. 15, app. C.1), negated for minimisation.
+
+    logprobs: [B, T] log pi_theta(a_t|s_t) with gradient; old_logprobs: [B, T] of the sampling policy
+    (or the reference when importance sampling is off); advantages: [B, T]; mask: [B, T].
+    ratio = exp(logprobs - old_logprobs);
+    ``loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))`` over masked tokens.
+    clip_ratio=None gives the unclipped surrogate ``mean_t -A_t * ratio_t``. old_logprobs and advantages
+    are detached: no gradient flows into them.
+
+    Metrics: pg_loss; pg_clipfrac = fraction of tokens where the clipped branch is strictly larger (the
+    token's gradient is zeroed by the clip); approx_kl = KL(old || new) by the k3 estimator with samples
+    from old: mean((ratio - 1) - log ratio) (>= 0, unbiased); ratio_mean, ratio_max (masked).
+    """
+    log_ratio = logprobs - old_logprobs.detach()
+    ratio = torch.exp(log_ratio)
+    adv = advantages.detach()
+    unclipped = -adv * ratio
+    if clip_ratio is None:
+        per_token = unclipped
+        clipfrac = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
+    else:
+        clipped = -adv * ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
+        per_token = torch.maximum(unclipped, clipped)
+        clipfrac = masked_mean((clipped > unclipped).to(ratio.dtype), mask).detach()
+    loss = masked_mean(per_token, mask)
+    with torch.no_grad():
+        metrics = {
+            "pg_loss": loss.detach(),
+            "pg_clipfrac": clipfrac,
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+            "ratio_max": _masked_max(ratio, mask),
+        }
+    return loss, metrics
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    value_clip: float | None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Critic loss (paper eq. 16), optionally clipped around the old values (app. B.1).
+
+    values: [B, T] V_phi(s_t) with gradient; old_values: [B, T] values at rollout time; returns: [B, T]
+    GAE targets; mask: [B, T]. Unclipped: ``0.5 * mean_t (V_t - R_t)^2``. With value_clip = c:
+    ``V_clip = old_V + clip(V - old_V, -c, c)`` and ``0.5 * mean_t max((V - R)^2, (V_clip - R)^2)``
+    (the pessimistic max, as in PPO2 / MOSS-RLHF). old_values and returns are detached.
+
+    Metrics: vf_loss; vf_clipfrac = fraction of tokens where the clipped term is strictly larger;
+    value_mean (masked mean of V).
+    """
+    old_values = old_values.detach()
+    returns = returns.detach()
+    unclipped = (values - returns).square()
+    if value_clip is None:
+        per_token = unclipped
+        clipfrac = torch.zeros((), dtype=values.dtype, device=values.device)
+    else:
+        v_clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
+        clipped = (v_clipped - returns).square()
+        per_token = torch.maximum(unclipped, clipped)
+        clipfrac = masked_mean((clipped > unclipped).to(values.dtype), mask).detach()
+    loss = 0.5 * masked_mean(per_token, mask)
+    metrics = {
+        "vf_loss": loss.detach(),
+        "vf_clipfrac": clipfrac,
+        "value_mean": masked_mean(values.detach(), mask),
+    }
+    return loss, metrics
+
+
+def _row_chunks(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
+    step = chunk_size if chunk_size and chunk_size > 0 else max(n, 1)
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def entropy_from_logits(logits: Tensor, chunk_size: int | None = None) -> Tensor:
+    """Entropy of the softmax distribution at every position: [B, T, V] -> [B, T] (float32 or wider).
+
+    H = logsumexp(z) - sum_v softmax(z)_v * z_v, which equals -sum p log p without forming log p and is
+    stable for large logits. Computed in float32 (bf16/fp16 logits are upcast chunk by chunk);
+    `chunk_size` rows of B at a time bound the temporary [chunk, T, V] copies. -inf logits (masked
+    vocabulary) contribute 0. Differentiable.
+    """
+    out = []
+    for lo, hi in _row_chunks(logits.shape[0], chunk_size):
+        z = logits[lo:hi].to(torch.promote_types(logits.dtype, torch.float32))
+        z = z.clamp(min=torch.finfo(z.dtype).min)
+        lse = torch.logsumexp(z, dim=-1)
+        out.append(lse - (torch.softmax(z, dim=-1) * z).sum(dim=-1))
+    if not out:
+        return logits.new_zeros(logits.shape[:-1], dtype=torch.promote_types(logits.dtype, torch.float32))
+    return torch.cat(out, dim=0)
+
+
+def entropy_bonus_loss(
+    entropy: Tensor, mask: Tensor, coef: float, clip: float | None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Entropy bonus with a clip region (paper 5.3.2, app. B.3).
+
+    entropy: [B, T] per-token entropy (with gradient); mask: [B, T].
+    ``loss = -coef * masked_mean(clamp(entropy, max=clip))``. Minimising it raises entropy, but once a
+    token's entropy exceeds `clip` the clamp stops its gradient, so the bonus cannot blow the entropy
+    up (the failure mode of fig. 16). The clip is per token (not on the mean) so that high-entropy tokens
+    cannot pay for collapsed ones. clip=None is the plain, unbounded bonus; coef=0 turns it off.
+
+    Metrics: entropy (masked mean of the raw entropy), entropy_loss, entropy_clipfrac (fraction of tokens
+    above the clip).
+    """
+    clipped = entropy if clip is None else entropy.clamp(max=clip)
+    loss = -coef * masked_mean(clipped, mask)
+    with torch.no_grad():
+        frac = (
+            torch.zeros((), dtype=entropy.dtype, device=entropy.device)
+            if clip is None
+            else masked_mean((entropy > clip).to(entropy.dtype), mask)
+        )
+        metrics = {
+            "entropy": masked_mean(entropy.detach(), mask),
+            "entropy_loss": loss.detach(),
+            "entropy_clipfrac": frac,
+        }
+    return loss, metrics
+
+
+def logprobs_from_logits(
+    logits: Tensor, labels: Tensor, temperature: float = 1.0, chunk_size: int | None = None
+) -> Tensor:
+    """Log-probability of `labels` under softmax(logits / temperature): [B, T, V], [B, T] -> [B, T].
+
+    ``log p(y_t) = z_{y_t} - logsumexp(z)`` with z = logits / temperature, computed in float32 (or wider)
+    without materialising a full log_softmax tensor; `chunk_size` rows of B at a time bound the
+    temporaries. logits[:, t] must already be aligned with labels[:, t] (the caller shifts by one).
+    Negative labels (e.g. -100 padding) are read as token 0; mask those positions downstream.
+    Differentiable w.r.t. logits.
+    """
+    labels = labels.clamp(min=0).unsqueeze(-1)
+    out = []
+    for lo, hi in _row_chunks(logits.shape[0], chunk_size):
+        z = logits[lo:hi].to(torch.promote_types(logits.dtype, torch.float32))
+        if temperature != 1.0:
+            z = z / temperature
+        out.append(z.gather(-1, labels[lo:hi]).squeeze(-1) - torch.logsumexp(z, dim=-1))
+    if not out:
+        return logits.new_zeros(labels.shape[:-1], dtype=torch.promote_types(logits.dtype, torch.float32))
+    return torch.cat(out, dim=0)
+
+
+def lm_nll(logits: Tensor, labels: Tensor, mask: Tensor, chunk_size: int | None = None) -> Tensor:
+    """Masked mean token negative log-likelihood: -mean_t log p(y_t) (scalar).
+
+    logits: [B, T, V] aligned with labels: [B, T]; mask: [B, T]. Used for the reward model's LM term
+    (eq. 2, beta_rm) and the PPO-ptx pretraining loss (eq. 17, which the paper writes as a
+    log-likelihood to maximise; this is its negation, to minimise).
+    """
+    return -masked_mean(logprobs_from_logits(logits, labels, chunk_size=chunk_size), mask)
+
+
+def pairwise_rm_loss(
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    chosen_lm_nll: Tensor | None = None,
+    beta_rm: float = 1.0,
+    lam: float = 1.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Reward-model loss (paper eq. 1-2): -lam * mean log sigmoid(r_w - r_l) + beta_rm * NLL(y_w | x).
+
+    chosen_rewards, rejected_rewards: [B] scalar rewards of the preferred / dispreferred answers;
+    chosen_lm_nll: scalar masked-mean NLL of the chosen response tokens (see `lm_nll`), or None.
+    beta_rm = 0 or chosen_lm_nll = None drops the LM term. (Eq. 2 prints "+ beta_rm E[log r'(x, y_w)]";
+    the imitation term of [27] is the negative log-likelihood, which is what is minimised here.)
+    log sigmoid is computed stably (F.logsigmoid), so large margins neither overflow nor give NaN.
+
+    Metrics: rm_loss (the unweighted pairwise term), lm_loss (the NLL whenever given, even with
+    beta_rm = 0, so it can be monitored; 0 when absent), accuracy (fraction with
+    r_w > r_l strictly; ties count as wrong), margin_mean (mean r_w - r_l).
+    """
+    margin = chosen_rewards - rejected_rewards
+    rm = -F.logsigmoid(margin).mean()
+    loss = lam * rm
+    if chosen_lm_nll is not None and beta_rm != 0:
+        loss = loss + beta_rm * chosen_lm_nll
+    with torch.no_grad():
+        metrics = {
+            "rm_loss": rm.detach(),
+            "lm_loss": (
+                chosen_lm_nll.detach() if chosen_lm_nll is not None else torch.zeros((), device=rm.device)
+            ),
+            "accuracy": (margin > 0).to(rm.dtype).mean(),
+            "margin_mean": margin.detach().mean(),
+        }
+    return loss, metrics

@@ -1,0 +1,137 @@
+"""Token-level rewards, KL estimators, GAE and the score re-parameterisations of paper 5.3.1."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .stats import AllReduce, RunningMoments, _bool_mask, masked_whiten
+
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = "k1") -> Tensor:
+    """Per-token estimate of KL(pi || ref) from tokens sampled from pi (paper eq. 3 / 19).
+
+    logprobs, ref_logprobs: [B, T] log pi(y_t) and log ref(y_t) of the sampled tokens -> [B, T].
+    Schulman's estimators ("Approximating KL divergence", 2020) with r = ref(y) / pi(y), y ~ pi, i.e.
+    log r = ref_logprobs - logprobs:
+
+    - k1 = -log r = logprobs - ref_logprobs      (unbiased, high variance, can be negative per token)
+    - k2 = (log r)^2 / 2                          (biased, low variance, >= 0; exact to second order)
+    - k3 = (r - 1) - log r                        (unbiased, low variance, >= 0)
+
+    E_pi[k1] = E_pi[k3] = KL(pi || ref). No clamping: with k3 a token where ref is far more likely than pi
+    gives a large (exp) value, which is the honest estimate.
+    """
+    log_r = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r.square()
+    if estimator == "k3":
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"unknown kl_estimator {estimator!r}; expected 'k1', 'k2' or 'k3'")
+
+
+def _last_true_index(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Index of the last set position per row of `mask` [B, T] -> ([B] long, [B] bool has-any)."""
+    m = _bool_mask(mask)
+    positions = torch.arange(m.shape[1], device=m.device).expand_as(m)
+    last = torch.where(m, positions, torch.full_like(positions, -1)).max(dim=1).values
+    return last.clamp(min=0), last >= 0
+
+
+def token_level_rewards(scores: Tensor, kl: Tensor, response_mask: Tensor, kl_coef: float) -> Tensor:
+    """Token-level reward with KL penalty (paper eq. 3 / 19, DESIGN 1).
+
+    scores: [B] sequence score (already re-parameterised: scaled or normalised/clipped);
+    kl: [B, T] per-token KL estimate; response_mask: [B, T] -> rewards [B, T] with
+    ``r_t = -kl_coef * kl_t`` on every response token and the score added at the last response token of
+    each row (wherever padding sits). Padding gets 0; a row with an empty response gets all zeros.
+    """
+    m = _bool_mask(response_mask)
+    zero = torch.zeros((), dtype=kl.dtype, device=kl.device)
+    rewards = torch.where(m, -kl_coef * kl, zero)
+    last, has_any = _last_true_index(m)
+    bonus = torch.where(has_any, scores.to(rewards.dtype), zero)
+    return rewards.scatter_add(1, last.unsqueeze(1), bonus.unsqueeze(1))
+
+
+@torch.no_grad()
+def gae(
+    rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over a padded batch (paper eq. 8-11, app. C.3).
+
+    rewards, values, response_mask: [B, T] -> (advantages, returns), both [B, T], float32 or wider, no
+    gradient. With delta_t = r_t + gamma * V(s_{t+1}) - V(s_t):
+    ``A_t = sum_l (gamma * lam)^l * delta_{t+l} = delta_t + gamma * lam * A_{t+1}``, and
+    ``returns_t = A_t + V(s_t)`` (the critic's target).
+
+    The recursion runs over each row's real tokens only, in order: "t + 1" is the next masked position,
+    so left/right padding and holes inside a row are skipped exactly as if the row were compacted. The
+    value after the last real token is 0 (the episode ends). Padded positions get advantage and return 0
+    and their rewards/values (even NaN) never enter the computation. One Python loop over T for the
+    whole batch.
+    """
+    m = _bool_mask(response_mask)
+    dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
+    zero = torch.zeros((), dtype=dtype, device=rewards.device)
+    r = torch.where(m, rewards.to(dtype), zero)
+    v = torch.where(m, values.to(dtype), zero)
+    advantages = torch.zeros_like(r)
+    next_value = torch.zeros(r.shape[0], dtype=dtype, device=r.device)
+    next_adv = torch.zeros_like(next_value)
+    for t in range(r.shape[1] - 1, -1, -1):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        adv = delta + gamma * lam * next_adv
+        real = m[:, t]
+        advantages[:, t] = torch.where(real, adv, zero)
+        next_value = torch.where(real, v[:, t], next_value)
+        next_adv = torch.where(real, adv, next_adv)
+    returns = torch.where(m, advantages + v, zero)
+    return advantages, returns
+
+
+def scale_rewards(scores: Tensor, moments: RunningMoments, eps: float = 1e-8) -> Tensor:
+    """Reward scaling (paper 5.3.1): r_n / sigma(r), sigma the running std of the scores seen so far.
+
+    scores: [B] -> [B]. Does not update `moments`; the caller updates them with the batch first, so the
+    batch is included in its own statistics. (The paper's "std of a rolling discounted sum" equals the
+    std of scores here: one reward per episode, gamma = 1 at the sequence level.)
+    """
+    return scores / (moments.std + eps)
+
+
+def normalize_rewards(
+    scores: Tensor, mean: float | Tensor, std: float | Tensor, clip: float | None, eps: float = 1e-8
+) -> Tensor:
+    """Reward normalisation and clipping (paper eq. 18): clip((r - mean) / std, -clip, clip).
+
+    scores: [B] -> [B]; mean/std: running statistics (e.g. `RunningMoments.mean/.std`). clip=None
+    normalises without clipping.
+    """
+    out = (scores - mean) / (std + eps)
+    return out if clip is None else out.clamp(-clip, clip)
+
+
+def normalize_advantages(
+    advantages: Tensor,
+    mask: Tensor,
+    normalize: bool,
+    clip: float | None,
+    all_reduce: AllReduce | None = None,
+) -> Tensor:
+    """Advantage normalisation (minibatch whitening) then clipping (paper 5.3.1).
+
+    advantages, mask: [B, T] -> [B, T], zero outside the mask. normalize=True whitens to mean 0 / var 1
+    over the minibatch's masked tokens (all ranks with `all_reduce`); clip then clamps to [-clip, clip]
+    (None = no clip). Both off returns the advantages unchanged apart from zeroed padding.
+    """
+    out = masked_whiten(advantages, mask, shift_mean=True, all_reduce=all_reduce) if normalize else advantages
+    if clip is not None:
+        out = out.clamp(-clip, clip)
+    return torch.where(_bool_mask(mask), out, torch.zeros((), dtype=out.dtype, device=out.device))

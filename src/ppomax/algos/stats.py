@@ -1,0 +1,164 @@
+"""Masked statistics (sum, mean, variance, whitening) and running moments, all rank-aware."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+AllReduce = Callable[[Tensor], Tensor]
+"""Sums a tensor across ranks and returns it (identity on a single process)."""
+
+
+def _bool_mask(mask: Tensor) -> Tensor:
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Sums and counts of bf16/fp16 tensors are accumulated and returned in float32: a bf16 count is
+    # already inexact above 256 tokens.
+    return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else torch.float32
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of `x` over positions where `mask` is set.
+
+    x: [B, T] (any shape broadcastable with mask); mask: [B, T]. Returns a scalar (dim=None) or the sum
+    over `dim`, in float32 or wider. Masked-out entries are selected away rather than multiplied by 0,
+    so NaN/inf in padding cannot leak.
+    """
+    acc = _acc_dtype(x.dtype)
+    x = torch.where(_bool_mask(mask), x.to(acc), torch.zeros((), dtype=acc, device=x.device))
+    return x.sum() if dim is None else x.sum(dim=dim)
+
+
+def _sum_and_count(
+    x: Tensor, mask: Tensor, dim: int | None, all_reduce: AllReduce | None
+) -> tuple[Tensor, Tensor]:
+    total = masked_sum(x, mask, dim)
+    count = masked_sum(torch.ones((), dtype=total.dtype, device=x.device).expand_as(x), mask, dim)
+    if all_reduce is not None:
+        packed = all_reduce(torch.stack([total.detach(), count]))
+        # Global statistics, but only the local rank's terms carry gradient (as under DDP).
+        total = total + (packed[0] - total.detach())
+        count = packed[1]
+    return total, count
+
+
+def masked_mean(
+    x: Tensor, mask: Tensor, dim: int | None = None, all_reduce: AllReduce | None = None
+) -> Tensor:
+    """Mean of `x` over masked positions: sum(x * m) / sum(m).
+
+    x, mask: [B, T]. dim=None gives a scalar, else the mean along `dim` (e.g. dim=1 -> [B]).
+    With `all_reduce`, the sum and the count are summed over ranks first, so the result is the global
+    mean over all ranks' tokens (not a mean of per-rank means). An empty mask gives 0, not NaN.
+    Low-precision inputs give a float32 result.
+    """
+    total, count = _sum_and_count(x, mask, dim, all_reduce)
+    return total / count.clamp(min=1)
+
+
+def masked_var(
+    x: Tensor,
+    mask: Tensor,
+    unbiased: bool = True,
+    all_reduce: AllReduce | None = None,
+    *,
+    dim: int | None = None,
+) -> Tensor:
+    """Variance of `x` over masked positions (two-pass: mean first, then squared deviations).
+
+    x, mask: [B, T]; returns a scalar (or per `dim`). unbiased=True applies Bessel's correction
+    n / (n - 1) with n the (global, when `all_reduce` is given) number of masked tokens. With n <= 1 the
+    result is 0 instead of NaN.
+    """
+    mean = masked_mean(x, mask, dim, all_reduce)
+    centred = x - (mean if dim is None else mean.unsqueeze(dim))
+    sq_sum, count = _sum_and_count(centred.square(), mask, dim, all_reduce)
+    denom = count - 1 if unbiased else count
+    return sq_sum / denom.clamp(min=1)
+
+
+def masked_whiten(
+    x: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    all_reduce: AllReduce | None = None,
+    eps: float = 1e-8,
+) -> Tensor:
+    """Whiten `x` under the mask: (x - mean) / sqrt(var + eps), zero outside the mask.
+
+    x, mask: [B, T] -> [B, T]. Mean and (unbiased) variance are taken over masked tokens of the whole
+    batch (all ranks with `all_reduce`). shift_mean=False keeps the original mean (only rescales), the
+    usual choice when whitening rewards rather than advantages.
+    """
+    mean = masked_mean(x, mask, all_reduce=all_reduce)
+    var = masked_var(x, mask, unbiased=True, all_reduce=all_reduce)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(_bool_mask(mask), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+class RunningMoments:
+    """Running mean / variance of every value seen so far (reward scaling and normalisation, paper 5.3.1).
+
+    Each `update` computes the batch's count, mean and sum of squared deviations (M2) over all ranks,
+    then merges them into the running statistics with the parallel formula of Chan et al. (1979):
+    ``delta = mean_b - mean_a; n = n_a + n_b; mean = mean_a + delta * n_b / n;
+    M2 = M2_a + M2_b + delta**2 * n_a * n_b / n``. State is kept in Python floats (float64), so long runs
+    do not drift. `var` is the unbiased variance of all seen values, `std = sqrt(var)`; before two values
+    have been seen, `var` is 1 and `mean` 0, so normalising by them is the identity.
+    """
+
+    def __init__(self, all_reduce: AllReduce | None = None) -> None:
+        self.all_reduce = all_reduce
+        self.mean = 0.0
+        self.m2 = 0.0
+        self.count = 0.0
+
+    @property
+    def var(self) -> float:
+        return self.m2 / (self.count - 1) if self.count >= 2 else 1.0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
+    @torch.no_grad()
+    def update(self, x: Tensor, mask: Tensor | None = None) -> tuple[float, float]:
+        """Merge the batch `x` (any shape; with `mask`, only masked entries) into the running moments.
+
+        Returns the batch mean and unbiased batch std (over all ranks). An empty batch changes nothing
+        and returns (0.0, 0.0).
+        """
+        # float64 keeps long runs exact; MPS has no float64, so it gets float32.
+        x = x.detach().to(torch.float32 if x.device.type == "mps" else torch.float64)
+        m = torch.ones_like(x, dtype=torch.bool) if mask is None else _bool_mask(mask)
+        total, count = _sum_and_count(x, m, None, self.all_reduce)
+        n_b = float(count)
+        if n_b == 0:
+            return 0.0, 0.0
+        mean_b = float(total) / n_b
+        sq, _ = _sum_and_count((x - mean_b).square(), m, None, self.all_reduce)
+        m2_b = float(sq)
+
+        n_a = self.count
+        n = n_a + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * n_b / n
+        self.m2 += m2_b + delta * delta * n_a * n_b / n
+        self.count = n
+        std_b = math.sqrt(m2_b / (n_b - 1)) if n_b > 1 else 0.0
+        return mean_b, std_b
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "m2": self.m2, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean = float(state["mean"])
+        self.m2 = float(state["m2"])
+        self.count = float(state["count"])

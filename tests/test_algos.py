@@ -1,0 +1,648 @@
+"""Every formula of ppomax.algos against an independent computation (plain loops, hand cases, textbook)."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from ppomax.algos import (
+    RunningMoments,
+    entropy_bonus_loss,
+    entropy_from_logits,
+    gae,
+    kl_per_token,
+    lm_nll,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    normalize_advantages,
+    normalize_rewards,
+    pairwise_rm_loss,
+    policy_loss,
+    scale_rewards,
+    token_level_rewards,
+    value_loss,
+)
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _ragged_mask(lengths: list[int], width: int, layout: str, g: torch.Generator) -> torch.Tensor:
+    """Bool mask [B, width] with `lengths[i]` real tokens per row in the given layout.
+
+    right: real tokens first; left: real tokens last; holes: real tokens at random positions (padding
+    inside and around the response).
+    """
+    mask = torch.zeros(len(lengths), width, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        if layout == "right":
+            mask[i, :n] = True
+        elif layout == "left":
+            mask[i, width - n :] = True
+        else:
+            pos = torch.randperm(width, generator=g)[:n]
+            mask[i, pos] = True
+    return mask
+
+
+def _scatter_rows(rows: list[list[float]], mask: torch.Tensor, fill: float) -> torch.Tensor:
+    """Place per-row values at the True positions of `mask` (in order); `fill` elsewhere."""
+    out = torch.full(mask.shape, fill, dtype=torch.float64)
+    for i, row in enumerate(rows):
+        idx = mask[i].nonzero().flatten().tolist()
+        assert len(idx) == len(row)
+        for j, v in zip(idx, row, strict=True):
+            out[i, j] = v
+    return out
+
+
+def _selected(x: torch.Tensor, mask: torch.Tensor) -> list[float]:
+    return [float(x[i, j]) for i in range(x.shape[0]) for j in range(x.shape[1]) if bool(mask[i, j])]
+
+
+def _sample_std(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _run_two_ranks(fn, shards):
+    """Run fn(shard, all_reduce) on two threads whose all_reduce really sums the two ranks' tensors.
+
+    A faithful stand-in for torch.distributed with world size 2: each call blocks until both ranks
+    have contributed, then both get the sum. The hook sees exactly what a real collective would.
+    """
+    barrier = threading.Barrier(2)
+    slots: list[torch.Tensor | None] = [None, None]
+    calls = [0, 0]
+    results: list[object] = [None, None]
+    errors: list[BaseException] = []
+
+    def make_hook(rank: int):
+        def hook(t: torch.Tensor) -> torch.Tensor:
+            calls[rank] += 1
+            slots[rank] = t.clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+
+        return hook
+
+    def worker(rank: int) -> None:
+        try:
+            results[rank] = fn(shards[rank], make_hook(rank))
+        except BaseException as e:  # surfaced in the main thread
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    if errors:
+        raise errors[0]
+    assert calls[0] == calls[1] > 0
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# masked statistics
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("float_mask", [False, True])
+def test_masked_sum_mean_match_loops(float_mask: bool) -> None:
+    g = _gen(1)
+    x = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    mask = _ragged_mask([7, 3, 0, 5], 7, "holes", g)
+    x[~mask] = float("nan")  # padding must not leak, not even NaN
+    m = mask.double() if float_mask else mask
+    vals = _selected(x, mask)
+    assert masked_sum(x, m).item() == pytest.approx(sum(vals))
+    assert masked_mean(x, m).item() == pytest.approx(sum(vals) / len(vals))
+    per_row = masked_mean(x, m, dim=1)
+    for i in range(4):
+        row = [float(x[i, j]) for j in range(7) if mask[i, j]]
+        expect = sum(row) / len(row) if row else 0.0  # empty row: 0, not NaN
+        assert per_row[i].item() == pytest.approx(expect)
+
+
+def test_masked_mean_empty_mask_is_zero() -> None:
+    x = torch.randn(2, 3)
+    assert masked_mean(x, torch.zeros(2, 3)).item() == 0.0
+    assert masked_var(x, torch.zeros(2, 3)).item() == 0.0
+
+
+def test_masked_mean_bf16_is_accumulated_in_float32() -> None:
+    x = torch.full((1, 1001), 1.0, dtype=torch.bfloat16)
+    mask = torch.ones(1, 1001)
+    out = masked_mean(x, mask)
+    assert out.dtype == torch.float32
+    assert out.item() == 1.0
+    assert masked_sum(x, mask).item() == 1001.0  # exact; a bf16 sum would round
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_masked_var_matches_torch_var_on_selection(unbiased: bool) -> None:
+    g = _gen(2)
+    x = torch.randn(5, 9, generator=g, dtype=torch.float64) * 3 + 1
+    mask = _ragged_mask([9, 4, 1, 6, 2], 9, "holes", g)
+    sel = torch.tensor(_selected(x, mask), dtype=torch.float64)
+    assert masked_var(x, mask, unbiased=unbiased).item() == pytest.approx(
+        torch.var(sel, correction=1 if unbiased else 0).item()
+    )
+    per_row = masked_var(x, mask, unbiased=unbiased, dim=1)
+    for i in range(5):
+        row = x[i][mask[i]]
+        expect = torch.var(row, correction=1 if unbiased else 0).item() if row.numel() > 1 else 0.0
+        assert per_row[i].item() == pytest.approx(expect, abs=1e-12)
+
+
+def test_masked_whiten_mean0_var1_and_zero_padding() -> None:
+    g = _gen(3)
+    x = torch.randn(6, 11, generator=g, dtype=torch.float64) * 5 + 7
+    mask = _ragged_mask([11, 2, 8, 5, 9, 1], 11, "left", g)
+    w = masked_whiten(x, mask)
+    sel = torch.tensor(_selected(w, mask), dtype=torch.float64)
+    assert sel.mean().item() == pytest.approx(0.0, abs=1e-9)
+    assert sel.var().item() == pytest.approx(1.0, abs=1e-6)
+    assert torch.all(w[~mask] == 0)
+    # shift_mean=False rescales only: the mean is kept, the spread is unit.
+    w2 = masked_whiten(x, mask, shift_mean=False)
+    orig = torch.tensor(_selected(x, mask), dtype=torch.float64)
+    sel2 = torch.tensor(_selected(w2, mask), dtype=torch.float64)
+    assert sel2.mean().item() == pytest.approx(orig.mean().item(), rel=1e-9)
+    assert sel2.var().item() == pytest.approx(1.0, abs=1e-6)
+    assert torch.all(w2[~mask] == 0)
+
+
+def test_all_reduce_two_ranks_equals_single_batch() -> None:
+    g = _gen(4)
+    x = torch.randn(8, 6, generator=g, dtype=torch.float64) * 2 - 1
+    mask = _ragged_mask([6, 1, 3, 5, 2, 6, 4, 3], 6, "holes", g)
+    shards = [(x[:3], mask[:3]), (x[3:], mask[3:])]  # unequal token counts per rank
+
+    mean = _run_two_ranks(lambda s, ar: masked_mean(s[0], s[1], all_reduce=ar), shards)
+    var = _run_two_ranks(lambda s, ar: masked_var(s[0], s[1], all_reduce=ar), shards)
+    for r in range(2):
+        assert mean[r].item() == pytest.approx(masked_mean(x, mask).item())
+        assert var[r].item() == pytest.approx(masked_var(x, mask).item())
+
+    whitened = _run_two_ranks(lambda s, ar: masked_whiten(s[0], s[1], all_reduce=ar), shards)
+    torch.testing.assert_close(torch.cat(whitened), masked_whiten(x, mask))
+
+    adv = _run_two_ranks(lambda s, ar: normalize_advantages(s[0], s[1], True, 0.5, all_reduce=ar), shards)
+    torch.testing.assert_close(torch.cat(adv), normalize_advantages(x, mask, True, 0.5))
+
+
+def test_all_reduce_with_the_simple_precomputed_other_rank_hook() -> None:
+    # The brief's simplest form: rank 0 adds a fixed tensor standing for rank 1's [sum, count].
+    x = torch.tensor([[1.0, 2.0, 99.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    other = torch.tensor([10.0 + 20.0 + 30.0, 3.0])  # rank 1 holds 10, 20, 30
+    out = masked_mean(x, mask, all_reduce=lambda t: t + other)
+    assert out.item() == pytest.approx((1 + 2 + 10 + 20 + 30) / 5)
+
+
+def test_masked_mean_all_reduce_keeps_local_gradient() -> None:
+    x = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    out = masked_mean(x, torch.ones(1, 2), all_reduce=lambda t: t * 2)  # "two identical ranks"
+    out.backward()
+    assert out.item() == pytest.approx(1.5)
+    torch.testing.assert_close(x.grad, torch.full((1, 2), 1 / 4))  # d(global sum / global count)/dx_local
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RunningMoments
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_running_moments_matches_var_of_concatenation() -> None:
+    g = _gen(5)
+    rm = RunningMoments()
+    assert rm.mean == 0.0 and rm.std == 1.0 and rm.count == 0  # identity before any data
+    seen = []
+    for step in range(200):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        # drifting, differently scaled batches (what reward scores do during PPO)
+        batch = torch.randn(n, generator=g, dtype=torch.float64) * (1 + step / 50) + step / 10
+        mean_b, std_b = rm.update(batch.float())
+        batch32 = batch.float().double()
+        seen.append(batch32)
+        assert mean_b == pytest.approx(batch32.mean().item(), rel=1e-9, abs=1e-12)
+        assert std_b == pytest.approx(batch32.std().item() if n > 1 else 0.0, rel=1e-9, abs=1e-12)
+    allv = torch.cat(seen)
+    assert rm.count == allv.numel()
+    assert rm.mean == pytest.approx(allv.mean().item(), rel=1e-12)
+    assert rm.var == pytest.approx(torch.var(allv).item(), rel=1e-10)
+    assert rm.std == pytest.approx(torch.std(allv).item(), rel=1e-10)
+
+    clone = RunningMoments()
+    clone.load_state_dict(rm.state_dict())
+    assert all(isinstance(v, float) for v in rm.state_dict().values())
+    assert (clone.mean, clone.var, clone.count) == (rm.mean, rm.var, rm.count)
+
+
+def test_running_moments_mask_and_empty_batch() -> None:
+    rm = RunningMoments()
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, -50.0, 4.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
+    mean_b, _ = rm.update(x, mask)
+    assert mean_b == pytest.approx(2.5)
+    assert rm.var == pytest.approx(torch.tensor([1.0, 2.0, 3.0, 4.0]).var().item())
+    before = rm.state_dict()
+    assert rm.update(torch.empty(0)) == (0.0, 0.0)
+    assert rm.state_dict() == before
+
+
+def test_running_moments_two_ranks() -> None:
+    g = _gen(6)
+    batches = [torch.randn(n, generator=g, dtype=torch.float64) + i for i, n in enumerate([5, 9, 2, 7])]
+
+    def run(shards, ar):
+        rm = RunningMoments(all_reduce=ar)
+        for b in shards:
+            rm.update(b)
+        return rm
+
+    # each rank sees a different slice of every batch
+    ranks = _run_two_ranks(run, [[b[:2] for b in batches], [b[2:] for b in batches]])
+    allv = torch.cat(batches)
+    for rm in ranks:
+        assert rm.count == allv.numel()
+        assert rm.mean == pytest.approx(allv.mean().item())
+        assert rm.var == pytest.approx(allv.var().item())
+
+
+def test_scale_and_normalize_rewards() -> None:
+    rm = RunningMoments()
+    hist = torch.tensor([1.0, 3.0, 5.0, 7.0])
+    rm.update(hist)
+    scores = torch.tensor([2.0, -4.0])
+    std = _sample_std([1.0, 3.0, 5.0, 7.0])
+    torch.testing.assert_close(scale_rewards(scores, rm), scores / std)
+    # eq. 18 by hand: mean 4, std = sqrt(20/3)
+    out = normalize_rewards(torch.tensor([4.0, 20.0, -20.0, 5.0]), rm.mean, rm.std, clip=2.0)
+    expect = [0.0, 2.0, -2.0, 1 / std]
+    torch.testing.assert_close(out, torch.tensor(expect))
+    unclipped = normalize_rewards(torch.tensor([20.0]), 4.0, std, clip=None)
+    assert unclipped.item() == pytest.approx(16 / std)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KL estimators
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_kl_estimators_sign_conventions_by_hand() -> None:
+    logp = torch.tensor([[-1.0, -3.0]])
+    ref = torch.tensor([[-2.0, -1.0]])
+    # token 0: log r = ref - logp = -1; token 1: log r = +2
+    torch.testing.assert_close(kl_per_token(logp, ref, "k1"), torch.tensor([[1.0, -2.0]]))
+    torch.testing.assert_close(kl_per_token(logp, ref, "k2"), torch.tensor([[0.5, 2.0]]))
+    k3 = [math.exp(-1) - 1 + 1, math.exp(2) - 1 - 2]
+    torch.testing.assert_close(kl_per_token(logp, ref, "k3"), torch.tensor([k3]))
+    with pytest.raises(ValueError, match="kl_estimator"):
+        kl_per_token(logp, ref, "k4")  # type: ignore[arg-type]
+
+
+def test_kl_estimators_monte_carlo_vs_exact_categorical_kl() -> None:
+    g = _gen(7)
+    pi = torch.tensor([0.6, 0.3, 0.05, 0.05], dtype=torch.float64)
+    ref = torch.tensor([0.2, 0.2, 0.3, 0.3], dtype=torch.float64)
+    exact = sum(p * math.log(p / q) for p, q in zip(pi.tolist(), ref.tolist(), strict=True))
+    samples = torch.multinomial(pi, 400_000, replacement=True, generator=g)
+    logp, logref = pi.log()[samples][None], ref.log()[samples][None]
+    k1 = kl_per_token(logp, logref, "k1").mean().item()
+    k2 = kl_per_token(logp, logref, "k2")
+    k3 = kl_per_token(logp, logref, "k3")
+    # k1 and k3 are unbiased for KL(pi || ref)
+    assert k1 == pytest.approx(exact, abs=6e-3)
+    assert k3.mean().item() == pytest.approx(exact, abs=6e-3)
+    # k2 is biased: its expectation is E_pi[(log r)^2 / 2], close to KL for nearby distributions
+    e_k2 = sum(p * 0.5 * math.log(q / p) ** 2 for p, q in zip(pi.tolist(), ref.tolist(), strict=True))
+    assert k2.mean().item() == pytest.approx(e_k2, abs=6e-3)
+    assert e_k2 == pytest.approx(exact, rel=0.25)
+    assert bool((k2 >= 0).all()) and bool((k3 >= 0).all())
+    # the other direction, KL(ref || pi), is far from the estimates: the test tells the two apart
+    reverse = sum(q * math.log(q / p) for p, q in zip(pi.tolist(), ref.tolist(), strict=True))
+    assert abs(reverse - exact) > 0.1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# token-level rewards and GAE
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["right", "left", "holes"])
+def test_token_level_rewards_vs_loop(layout: str) -> None:
+    g = _gen(8)
+    lengths = [5, 1, 0, 3]
+    mask = _ragged_mask(lengths, 6, layout, g)
+    kl = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    kl[~mask] = 1e6  # garbage in padding must not leak
+    scores = torch.tensor([2.0, -1.0, 7.0, 0.5], dtype=torch.float64)
+    out = token_level_rewards(scores, kl, mask.float(), kl_coef=0.1)
+    for i in range(4):
+        idx = [j for j in range(6) if mask[i, j]]
+        for j in range(6):
+            expect = -0.1 * kl[i, j].item() if j in idx else 0.0
+            if idx and j == idx[-1]:
+                expect += scores[i].item()
+            assert out[i, j].item() == pytest.approx(expect)
+    assert torch.all(out[2] == 0)  # empty response: no score, no penalty
+
+
+def _gae_reference(rewards: list[float], values: list[float], gamma: float, lam: float):
+    """Textbook per-sequence GAE, straight from eq. 8-9: A_t = sum_l (gamma lam)^l delta_{t+l}."""
+    n = len(rewards)
+    v_next = [*values[1:], 0.0]
+    deltas = [rewards[t] + gamma * v_next[t] - values[t] for t in range(n)]
+    adv = [sum((gamma * lam) ** (k - t) * deltas[k] for k in range(t, n)) for t in range(n)]
+    return adv, [a + v for a, v in zip(adv, values, strict=True)]
+
+
+@pytest.mark.parametrize("layout", ["right", "left", "holes"])
+@pytest.mark.parametrize(("gamma", "lam"), [(1.0, 0.95), (0.9, 0.5), (0.99, 1.0), (1.0, 0.0)])
+def test_gae_matches_per_sequence_reference(layout: str, gamma: float, lam: float) -> None:
+    g = _gen(9)
+    lengths, width = [7, 1, 4, 0, 9, 2], 9
+    mask = _ragged_mask(lengths, width, layout, g)
+    r_rows = [torch.randn(n, generator=g).tolist() for n in lengths]
+    v_rows = [torch.randn(n, generator=g).tolist() for n in lengths]
+    rewards = _scatter_rows(r_rows, mask, fill=float("nan"))
+    values = _scatter_rows(v_rows, mask, fill=1e9)
+    adv, ret = gae(rewards, values, mask.float(), gamma, lam)
+    exp_a, exp_r = [], []
+    for r, v in zip(r_rows, v_rows, strict=True):
+        a, rt = _gae_reference(r, v, gamma, lam)
+        exp_a.append(a)
+        exp_r.append(rt)
+    torch.testing.assert_close(adv, _scatter_rows(exp_a, mask, fill=0.0))
+    torch.testing.assert_close(ret, _scatter_rows(exp_r, mask, fill=0.0))
+    assert not adv.requires_grad
+
+
+def test_gae_hand_case_and_limits() -> None:
+    # 3 tokens, gamma = 1, lam = 0.5: deltas = r + V' - V
+    r, v = [0.0, 0.0, 1.0], [0.5, 0.25, 0.75]
+    d = [0 + 0.25 - 0.5, 0 + 0.75 - 0.25, 1 + 0 - 0.75]  # [-0.25, 0.5, 0.25]
+    a2 = d[2]
+    a1 = d[1] + 0.5 * a2
+    a0 = d[0] + 0.5 * a1
+    adv, ret = gae(torch.tensor([r]), torch.tensor([v]), torch.ones(1, 3), 1.0, 0.5)
+    torch.testing.assert_close(adv, torch.tensor([[a0, a1, a2]]))
+    torch.testing.assert_close(ret, torch.tensor([[a0 + 0.5, a1 + 0.25, a2 + 0.75]]))
+    # eq. 11: lam = 1, gamma = 1 -> returns are the reward-to-go (Monte Carlo)
+    _, ret1 = gae(torch.tensor([r]), torch.tensor([v]), torch.ones(1, 3), 1.0, 1.0)
+    torch.testing.assert_close(ret1, torch.tensor([[1.0, 1.0, 1.0]]))
+    # eq. 10: lam = 0 -> one-step TD error
+    adv0, _ = gae(torch.tensor([r]), torch.tensor([v]), torch.ones(1, 3), 1.0, 0.0)
+    torch.testing.assert_close(adv0, torch.tensor([d]))
+
+
+def test_gae_bf16_inputs_give_float32() -> None:
+    r = torch.randn(2, 5).bfloat16()
+    v = torch.randn(2, 5).bfloat16()
+    adv, _ = gae(r, v, torch.ones(2, 5), 1.0, 0.95)
+    assert adv.dtype == torch.float32
+    ref, _ = gae(r.float(), v.float(), torch.ones(2, 5), 1.0, 0.95)
+    torch.testing.assert_close(adv, ref)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# advantage normalisation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_normalize_advantages_switches() -> None:
+    g = _gen(10)
+    a = torch.randn(3, 5, generator=g, dtype=torch.float64) * 4 + 2
+    mask = _ragged_mask([5, 2, 4], 5, "holes", g)
+    a_nan = a.clone()
+    a_nan[~mask] = float("nan")
+    off = normalize_advantages(a_nan, mask, normalize=False, clip=None)
+    torch.testing.assert_close(off, torch.where(mask, a, torch.zeros(())))
+    clipped = normalize_advantages(a_nan, mask, normalize=False, clip=1.5)
+    for i in range(3):
+        for j in range(5):
+            expect = max(-1.5, min(1.5, a[i, j].item())) if mask[i, j] else 0.0
+            assert clipped[i, j].item() == pytest.approx(expect)
+    normed = normalize_advantages(a_nan, mask, normalize=True, clip=None)
+    sel = torch.tensor(_selected(normed, mask), dtype=torch.float64)
+    assert sel.mean().item() == pytest.approx(0.0, abs=1e-9)
+    assert sel.var().item() == pytest.approx(1.0, abs=1e-6)
+    both = normalize_advantages(a_nan, mask, normalize=True, clip=0.5)
+    torch.testing.assert_close(both, normed.clamp(-0.5, 0.5))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# policy and value losses
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_policy_loss_clipped_vs_loop_and_gradients() -> None:
+    eps = 0.2
+    # ratios chosen to hit every case: inside the band, above/below it with A > 0 and A < 0
+    log_ratio = [math.log(x) for x in [1.1, 1.5, 0.5, 1.5, 0.5, 0.9, 3.0]]
+    adv_l = [1.0, 2.0, 1.0, -1.0, -2.0, -0.5, 0.0]
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.float32)
+    old = torch.randn(1, 8, dtype=torch.float64)
+    new = (old.detach() + torch.tensor([[*log_ratio, 5.0]], dtype=torch.float64)).requires_grad_(True)
+    old.requires_grad_(True)
+    adv = torch.tensor([[*adv_l, 100.0]], dtype=torch.float64, requires_grad=True)
+
+    loss, metrics = policy_loss(new, old, adv, mask, clip_ratio=eps)
+    obj, clipped_count, grads = [], 0, []
+    for lr, a in zip(log_ratio, adv_l, strict=True):
+        ratio = math.exp(lr)
+        surr1, surr2 = ratio * a, max(1 - eps, min(1 + eps, ratio)) * a
+        obj.append(min(surr1, surr2))
+        clipped_count += surr2 < surr1  # the clipped branch is the active (smaller) one
+        grads.append(-a * ratio / 7 if surr1 <= surr2 else 0.0)  # d(-obj)/d logp
+    assert loss.item() == pytest.approx(-sum(obj) / 7)
+    assert clipped_count == 2  # by hand: (ratio 1.5, A=2) and (ratio 0.5, A=-2)
+    assert metrics["pg_clipfrac"].item() == pytest.approx(clipped_count / 7)
+    ratios = [math.exp(x) for x in log_ratio]
+    assert metrics["ratio_mean"].item() == pytest.approx(sum(ratios) / 7)
+    assert metrics["ratio_max"].item() == pytest.approx(3.0)  # the padded ratio e^5 is ignored
+    assert metrics["approx_kl"].item() == pytest.approx(sum(x - 1 - math.log(x) for x in ratios) / 7)
+
+    loss.backward()
+    torch.testing.assert_close(new.grad[0, :7], torch.tensor(grads, dtype=torch.float64))
+    assert new.grad[0, 7].item() == 0.0
+    assert old.grad is None and adv.grad is None
+    assert all(not v.requires_grad for v in metrics.values())
+
+
+def test_policy_loss_clipfrac_hand_count() -> None:
+    # rows: ratio 1.5 with A=+1 (clipped), ratio 0.5 with A=+1 (not clipped: min picks the unclipped),
+    # ratio 0.5 with A=-1 (clipped), ratio 1.5 with A=-1 (not clipped), ratio 1.0 (never)
+    ratios = torch.tensor([[1.5, 0.5, 0.5, 1.5, 1.0]])
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, 1.0]])
+    _, m = policy_loss(ratios.log(), torch.zeros(1, 5), adv, torch.ones(1, 5), clip_ratio=0.2)
+    assert m["pg_clipfrac"].item() == pytest.approx(2 / 5)
+
+
+def test_policy_loss_unclipped() -> None:
+    ratios = torch.tensor([[1.5, 0.5, 3.0]])
+    adv = torch.tensor([[1.0, -2.0, 0.5]])
+    loss, m = policy_loss(ratios.log(), torch.zeros(1, 3), adv, torch.ones(1, 3), clip_ratio=None)
+    assert loss.item() == pytest.approx(-(1.5 * 1 + 0.5 * -2 + 3 * 0.5) / 3)
+    assert m["pg_clipfrac"].item() == 0.0
+
+
+def test_value_loss_vs_loop_and_gradients() -> None:
+    c = 0.2
+    vals = [1.0, 1.0, 0.5, 2.0, 0.0]
+    olds = [0.5, 1.1, 1.0, 1.9, 0.0]
+    rets = [2.0, 0.0, 0.6, 0.0, 1.0]
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    values = torch.tensor([[*vals, 50.0]], requires_grad=True)
+    old_values = torch.tensor([[*olds, 0.0]], requires_grad=True)
+    returns = torch.tensor([[*rets, -50.0]], requires_grad=True)
+
+    loss, m = value_loss(values, old_values, returns, mask, value_clip=c)
+    terms, n_clip, grads = [], 0, []
+    for v, o, r in zip(vals, olds, rets, strict=True):
+        vc = o + max(-c, min(c, v - o))
+        l1, l2 = (v - r) ** 2, (vc - r) ** 2
+        terms.append(max(l1, l2))
+        n_clip += l2 > l1
+        grads.append((v - r) / 5 if l1 >= l2 else (0.0 if abs(v - o) > c else (vc - r) / 5))
+    assert loss.item() == pytest.approx(0.5 * sum(terms) / 5)
+    assert m["vf_clipfrac"].item() == pytest.approx(n_clip / 5)
+    assert n_clip == 2  # by hand: tokens 0 and 2 moved more than c away from old, towards worse
+    assert m["value_mean"].item() == pytest.approx(sum(vals) / 5)
+    loss.backward()
+    torch.testing.assert_close(values.grad[0, :5], torch.tensor(grads))
+    assert values.grad[0, 5].item() == 0.0
+    assert old_values.grad is None and returns.grad is None
+
+    plain, m2 = value_loss(values, old_values, returns, mask, value_clip=None)
+    assert plain.item() == pytest.approx(0.5 * sum((v - r) ** 2 for v, r in zip(vals, rets, strict=True)) / 5)
+    assert m2["vf_clipfrac"].item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# entropy, log-probs, NLL
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_entropy_from_logits_vs_definition() -> None:
+    g = _gen(11)
+    logits = torch.randn(3, 4, 10, generator=g, dtype=torch.float64) * 3
+    p = logits.softmax(-1)
+    expect = -(p * p.log()).sum(-1)
+    torch.testing.assert_close(entropy_from_logits(logits), expect)
+    torch.testing.assert_close(entropy_from_logits(logits, chunk_size=2), expect)
+    # huge logits: finite and right (a near one-hot distribution has near-zero entropy)
+    big = entropy_from_logits(torch.tensor([[[1000.0, 0.0, -1000.0]]]))
+    assert torch.isfinite(big).all() and big.item() == pytest.approx(0.0, abs=1e-6)
+    # -inf logits (masked vocabulary) are zero-probability and contribute nothing
+    masked = entropy_from_logits(torch.tensor([[[0.0, 0.0, -math.inf]]]))
+    assert masked.item() == pytest.approx(math.log(2))
+    # bf16 input is computed in float32
+    out = entropy_from_logits(logits.bfloat16())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expect.float(), atol=0.05, rtol=0.02)
+
+
+def test_entropy_bonus_loss_clip_and_gradient() -> None:
+    ent = torch.tensor([[0.5, 2.0, 1.0, 9.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    loss, m = entropy_bonus_loss(ent, mask, coef=0.1, clip=1.2)
+    assert loss.item() == pytest.approx(-0.1 * (0.5 + 1.2 + 1.0) / 3)
+    assert m["entropy"].item() == pytest.approx((0.5 + 2.0 + 1.0) / 3)
+    assert m["entropy_clipfrac"].item() == pytest.approx(1 / 3)
+    loss.backward()
+    # only tokens below the clip are pushed up; the one above it and the padded one get no gradient
+    torch.testing.assert_close(ent.grad, torch.tensor([[-0.1 / 3, 0.0, -0.1 / 3, 0.0]]))
+    unclipped, _ = entropy_bonus_loss(ent, mask, coef=0.1, clip=None)
+    assert unclipped.item() == pytest.approx(-0.1 * 3.5 / 3)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_logprobs_from_logits_vs_log_softmax_gather(temperature: float) -> None:
+    g = _gen(12)
+    logits = torch.randn(3, 5, 17, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 17, (3, 5), generator=g)
+    expect = torch.log_softmax(logits / temperature, -1).gather(-1, labels[..., None]).squeeze(-1)
+    out = logprobs_from_logits(logits, labels, temperature=temperature)
+    torch.testing.assert_close(out, expect)
+    torch.testing.assert_close(logprobs_from_logits(logits, labels, temperature, chunk_size=1), expect)
+    # gradients agree too
+    (g1,) = torch.autograd.grad(out.sum(), logits)
+    (g2,) = torch.autograd.grad(expect.sum(), logits)
+    torch.testing.assert_close(g1, g2)
+
+
+def test_logprobs_from_logits_padding_labels_and_bf16() -> None:
+    logits = torch.randn(2, 3, 7)
+    labels = torch.tensor([[1, 2, -100], [-100, 0, 6]])
+    out = logprobs_from_logits(logits, labels)  # -100 must not crash
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+    ok = labels >= 0
+    ref = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    torch.testing.assert_close(out[ok], ref[ok])
+    bf = logprobs_from_logits(logits.bfloat16(), labels)
+    assert bf.dtype == torch.float32
+
+
+def test_lm_nll_vs_cross_entropy() -> None:
+    g = _gen(13)
+    logits = torch.randn(2, 6, 11, generator=g)
+    labels = torch.randint(0, 11, (2, 6), generator=g)
+    mask = _ragged_mask([4, 2], 6, "left", g)
+    ce = F.cross_entropy(
+        logits.reshape(-1, 11), labels.masked_fill(~mask, -100).reshape(-1), ignore_index=-100
+    )
+    assert lm_nll(logits, labels, mask).item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reward model loss
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_pairwise_rm_loss_by_hand() -> None:
+    rw = torch.tensor([2.0, 0.0, 1.0, 500.0], requires_grad=True)
+    rl = torch.tensor([1.0, 0.0, 3.0, -500.0])
+    nll = torch.tensor(2.5, requires_grad=True)
+
+    def log_sigmoid(d: float) -> float:
+        return -math.log1p(math.exp(-d))
+
+    margins = [1.0, 0.0, -2.0, 1000.0]
+    rm_term = -sum(log_sigmoid(d) for d in margins) / 4
+    loss, m = pairwise_rm_loss(rw, rl, nll, beta_rm=0.5, lam=2.0)
+    assert loss.item() == pytest.approx(2.0 * rm_term + 0.5 * 2.5)
+    assert m["rm_loss"].item() == pytest.approx(rm_term)
+    assert m["lm_loss"].item() == pytest.approx(2.5)
+    assert m["accuracy"].item() == pytest.approx(2 / 4)  # the tie counts as wrong
+    assert m["margin_mean"].item() == pytest.approx(sum(margins) / 4)
+    loss.backward()
+    assert torch.isfinite(rw.grad).all()
+    assert nll.grad.item() == pytest.approx(0.5)
+    # d/d r_w of -lam * log sigmoid(d) / B = -lam * (1 - sigmoid(d)) / B
+    sig = [1 / (1 + math.exp(-d)) for d in margins]
+    torch.testing.assert_close(rw.grad, torch.tensor([-2.0 * (1 - s) / 4 for s in sig]))
+
+    no_lm, m2 = pairwise_rm_loss(rw.detach(), rl, None)
+    assert no_lm.item() == pytest.approx(rm_term)
+    assert m2["lm_loss"].item() == 0.0
+    beta0, _ = pairwise_rm_loss(rw.detach(), rl, torch.tensor(9.0), beta_rm=0.0)
+    assert beta0.item() == pytest.approx(rm_term)
