@@ -1,0 +1,75 @@
+"""Data layer: loaders for preference pairs, PPO prompts and SFT examples; tokenisation; batching.
+
+See DESIGN.md section 3. Typical use::
+
+    stats = LoadStats()
+    pairs = load_preference_pairs("hh.jsonl.gz", on_error="skip", stats=stats)
+    feats = [tokenize_pair(tok, p, max_prompt_tokens=512, max_response_tokens=256, stats=stats) for p in pairs]
+    # a batch of n pairs has 2n rows: give half the token budget
+    batches = token_balanced_batches([feature_length(f) for f in feats], max_tokens=8192 // 2, seed=0)
+    batch = PreferenceCollator(pad_id_of(tok))([feats[i] for i in batches[0]])
+"""
+
+from .batching import (
+    PreferenceCollator,
+    PromptCollator,
+    SFTCollator,
+    TokenBalancedBatchSampler,
+    feature_length,
+    pad_id_of,
+    pad_left,
+    pad_right,
+    token_balanced_batches,
+)
+from .chat import ASSISTANT, HUMAN, ChatFormat, Renderer, parse_hh
+from .formats import (
+    PreferencePair,
+    PromptExample,
+    SFTExample,
+    load_preference_pairs,
+    load_prompts,
+    load_sft_examples,
+)
+from .io import DataError, LoadStats, read_records
+from .tokenize import (
+    IGNORE_INDEX,
+    encode,
+    special_prefix,
+    tokenize_pair,
+    tokenize_prompt,
+    tokenize_response,
+    tokenize_sft,
+)
+
+__all__ = [
+    "ASSISTANT",
+    "HUMAN",
+    "IGNORE_INDEX",
+    "ChatFormat",
+    "DataError",
+    "LoadStats",
+    "PreferenceCollator",
+    "PreferencePair",
+    "PromptCollator",
+    "PromptExample",
+    "Renderer",
+    "SFTCollator",
+    "SFTExample",
+    "TokenBalancedBatchSampler",
+    "encode",
+    "feature_length",
+    "load_preference_pairs",
+    "load_prompts",
+    "load_sft_examples",
+    "pad_id_of",
+    "pad_left",
+    "pad_right",
+    "parse_hh",
+    "read_records",
+    "special_prefix",
+    "token_balanced_batches",
+    "tokenize_pair",
+    "tokenize_prompt",
+    "tokenize_response",
+    "tokenize_sft",
+]

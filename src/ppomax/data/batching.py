@@ -1,0 +1,239 @@
+"""Padding, collators for the trainers, and token-balanced dynamic batching (paper section 4.2).
+
+Padding sides: training batches (SFT, reward model) are padded on the **right**, so that the position ids a
+causal LM assumes by default (0, 1, 2, ...) are those of the real tokens; prompts for generation are padded on
+the **left**, so that every row's next token is at the last position.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .tokenize import IGNORE_INDEX
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The id to pad with: the tokenizer's pad token, else its EOS (masks make the choice invisible)."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+
+
+def _pad(
+    seqs: Sequence[Sequence[int]], value: int, left: bool, dtype: torch.dtype = torch.long
+) -> torch.Tensor:
+    width = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), width), value, dtype=dtype)
+    for i, s in enumerate(seqs):
+        if len(s):
+            row = torch.as_tensor(list(s), dtype=dtype)
+            if left:
+                out[i, width - len(s) :] = row
+            else:
+                out[i, : len(s)] = row
+    return out
+
+
+def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both ``(B, max_len)`` long tensors, padding on the left."""
+    return _pad(seqs, pad_id, left=True), _pad([[1] * len(s) for s in seqs], 0, left=True)
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both ``(B, max_len)`` long tensors, padding on the right."""
+    return _pad(seqs, pad_id, left=False), _pad([[1] * len(s) for s in seqs], 0, left=False)
+
+
+def feature_length(feature: dict[str, Any] | Sequence[int]) -> int:
+    """The length to balance batches on: ``prompt + longer response`` for a pair (each of the pair's two rows
+    is padded to the batch's longest), ``input_ids`` for an SFT example or prompt, ``len`` of an id list."""
+    if isinstance(feature, dict):
+        if "prompt_ids" in feature:
+            return len(feature["prompt_ids"]) + max(len(feature["chosen_ids"]), len(feature["rejected_ids"]))
+        return len(feature["input_ids"])
+    return len(feature)
+
+
+class PreferenceCollator:
+    """Batches :func:`~ppomax.data.tokenize.tokenize_pair` outputs for the reward model (paper eq. 2).
+
+    For ``B`` pairs the batch has ``2B`` rows: rows ``0..B-1`` are ``prompt + chosen``, rows ``B..2B-1`` are
+    ``prompt + rejected`` (same pair order), right-padded. Returned tensors, all ``(2B, T)`` unless stated:
+
+    * ``input_ids``, ``attention_mask``
+    * ``response_mask`` (bool): the response tokens of every row (EOS included)
+    * ``lm_mask`` (bool): the chosen response tokens only (rejected rows all False): the tokens of the
+      ``beta_rm * LM_NLL(y_w | x)`` term. Masks mark *target* tokens; the logit that predicts token ``t`` is at
+      ``t - 1``.
+    * ``lm_labels`` (long): ``input_ids`` where ``lm_mask``, else ``-100`` (HF ``labels=`` convention, which shifts)
+    * ``last_index`` ``(2B,)``: index of each row's last real token, where the reward is read
+    * ``num_pairs``: ``B`` (int)
+    """
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        rows: list[list[int]] = []
+        masks: list[list[int]] = []
+        for side in ("chosen", "rejected"):
+            for f in features:
+                rows.append([*f["prompt_ids"], *f[f"{side}_ids"]])
+                masks.append([0] * len(f["prompt_ids"]) + [1] * len(f[f"{side}_ids"]))
+        input_ids, attention_mask = pad_right(rows, self.pad_id)
+        response_mask = _pad(masks, 0, left=False).bool()
+        n = len(features)
+        lm_mask = response_mask.clone()
+        lm_mask[n:] = False
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "response_mask": response_mask,
+            "lm_mask": lm_mask,
+            "lm_labels": input_ids.masked_fill(~lm_mask, IGNORE_INDEX),
+            "last_index": attention_mask.sum(dim=1) - 1,
+            "num_pairs": n,
+        }
+
+
+class SFTCollator:
+    """Batches :func:`~ppomax.data.tokenize.tokenize_sft` outputs: ``input_ids``, ``attention_mask`` and
+    ``labels`` (``-100`` on prompt, non-assistant and pad tokens), all ``(B, T)``, right-padded."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = pad_right([f["input_ids"] for f in features], self.pad_id)
+        labels = _pad([f["labels"] for f in features], IGNORE_INDEX, left=False)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class PromptCollator:
+    """Left-padded prompts for generation. Features are id lists or dicts with ``input_ids`` (other keys are
+    passed through as lists, e.g. ``prompt`` text or ``meta``). Returns ``input_ids`` and ``attention_mask``
+    ``(B, T)``, plus the passed-through keys."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, features: Sequence[Any]) -> dict[str, Any]:
+        if features and isinstance(features[0], dict):
+            seqs = [f["input_ids"] for f in features]
+            extra = {k: [f.get(k) for f in features] for k in features[0] if k != "input_ids"}
+        else:
+            seqs, extra = list(features), {}
+        input_ids, attention_mask = pad_left(seqs, self.pad_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
+
+
+def token_balanced_batches(
+    lengths: Sequence[int],
+    max_tokens: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    *,
+    max_batch_size: int | None = None,
+    pool_size: int | None = None,
+) -> list[list[int]]:
+    """Group indices into batches whose padded size ``max(length) * len(batch)`` stays ``<= max_tokens``.
+
+    The paper's dynamic batching (section 4.2) for the reward model: the number of sequences per batch follows
+    the number of tokens (their bounds were 4 to 128 sequences). Indices are sorted by length (ties and, with
+    ``pool_size``, pools of that many shuffled indices keep it random) and filled greedily; with ``shuffle`` the
+    order of the batches is shuffled too. Every index appears exactly once. An example longer than
+    ``max_tokens`` gets a batch of its own (the only case where a batch exceeds the budget). No minimum batch size
+    is enforced: the budget decides. ``max_batch_size`` caps the sequences per batch.
+
+    For preference pairs pass the longer of the two sequences as the length and half the token budget, since a
+    ``PreferenceCollator`` batch of ``n`` pairs has ``2n`` rows.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    if max_batch_size is not None and max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
+    if any(n < 0 for n in lengths):
+        raise ValueError("lengths must be non-negative")
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    if shuffle:
+        rng.shuffle(order)
+    pools = [order] if not pool_size else [order[i : i + pool_size] for i in range(0, len(order), pool_size)]
+    batches: list[list[int]] = []
+    for pool in pools:
+        pool = sorted(pool, key=lambda i: lengths[i])  # stable: ties keep the shuffled order
+        batch: list[int] = []
+        longest = 0
+        for i in pool:
+            grown = max(longest, lengths[i])
+            full = max_batch_size is not None and len(batch) >= max_batch_size
+            if batch and (full or grown * (len(batch) + 1) > max_tokens):
+                batches.append(batch)
+                batch, grown = [], lengths[i]
+            batch.append(i)
+            longest = grown
+        if batch:
+            batches.append(batch)
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+class TokenBalancedBatchSampler:
+    """A ``batch_sampler`` for ``torch.utils.data.DataLoader`` built on :func:`token_balanced_batches`.
+
+    Call ``set_epoch(e)`` each epoch for a new shuffle (seed ``seed + e``). With ``num_replicas > 1`` each rank
+    takes every ``num_replicas``-th batch of the same global list; the last ``len % num_replicas`` batches are
+    dropped so that all ranks run the same number of steps.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        max_tokens: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        *,
+        max_batch_size: int | None = None,
+        pool_size: int | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        self.lengths = list(lengths)
+        self.max_tokens = max_tokens
+        self.shuffle = shuffle
+        self.seed = seed
+        self.max_batch_size = max_batch_size
+        self.pool_size = pool_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        batches = token_balanced_batches(
+            self.lengths,
+            self.max_tokens,
+            self.shuffle,
+            self.seed + self.epoch,
+            max_batch_size=self.max_batch_size,
+            pool_size=self.pool_size,
+        )
+        usable = len(batches) - len(batches) % self.num_replicas
+        return batches[:usable][self.rank :: self.num_replicas]
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())

@@ -1,0 +1,253 @@
+"""Dialogue representation and chat formatting.
+
+Internally a dialogue is a list of ``(role, content)`` turns with roles ``"system"``, ``"user"`` and
+``"assistant"``. It is rendered to text in one of two formats:
+
+* ``"hh"`` (default): Anthropic HH-RLHF's ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``. A prompt ends with
+  ``"\\n\\nAssistant:"`` (no trailing space) and a response is the exact text that follows it, so a response
+  starts with a space: ``prompt + response`` is the dialogue. Responses from sources without that space
+  (``{"prompt", "chosen", "rejected"}`` files, turn lists) get one space prepended; responses that already start
+  with whitespace are kept byte for byte. HH-RLHF text itself is never re-rendered (kept verbatim). A system turn
+  has no place in HH; its content is put before the first ``"\\n\\nHuman:"``.
+* ``"chat_template"``: the tokenizer's own chat template (``tokenizer.apply_chat_template``). The prompt is the
+  rendering with ``add_generation_prompt=True``; a response is what the template adds for the assistant turn
+  (its end-of-turn marker included; trailing whitespace after the EOS token is dropped so that it matches what
+  generation stopping at EOS produces).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+ChatFormat = Literal["hh", "chat_template"]
+Turn = tuple[str, str]
+
+HUMAN = "\n\nHuman:"
+ASSISTANT = "\n\nAssistant:"
+_MARKER_RE = re.compile(r"\n\n(Human|Assistant):")
+_ROLE_ALIASES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+
+
+class FormatError(ValueError):
+    """A record-level problem found while interpreting a dialogue; loaders add ``path:line``."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(reason + (f" ({detail})" if detail else ""))
+
+
+def is_hh_text(text: str) -> bool:
+    """Whether ``text`` is written in the HH template (has a Human/Assistant turn marker)."""
+    return HUMAN in text or ASSISTANT in text or text.startswith(("Human:", "Assistant:"))
+
+
+def normalise_hh_start(text: str) -> str:
+    """HH dialogues start with ``"\\n\\nHuman:"``; accept ``"Human:"`` at the very start too."""
+    if text.startswith(("Human:", "Assistant:")):
+        return "\n\n" + text
+    return text
+
+
+def hh_response(text: str) -> str:
+    """A response as it follows ``"Assistant:"`` in the HH format: one leading space unless it has whitespace."""
+    return text if text[:1].isspace() else " " + text
+
+
+def parse_hh(text: str) -> list[Turn]:
+    """Split an HH dialogue into turns (content stripped). Text before the first marker becomes a system turn."""
+    text = normalise_hh_start(text)
+    parts = _MARKER_RE.split(text)
+    turns: list[Turn] = []
+    if parts[0].strip():
+        turns.append(("system", parts[0].strip()))
+    for name, content in zip(parts[1::2], parts[2::2], strict=True):
+        turns.append(("user" if name == "Human" else "assistant", content.strip()))
+    return turns
+
+
+def hh_segments(text: str, assistant_turns: Literal["all", "last"] = "all") -> list[tuple[str, bool]]:
+    """Cut an HH dialogue ending with an assistant response into ``(text, trainable)`` segments, verbatim.
+
+    Trainable segments are the assistant contents (the text after each ``"\\n\\nAssistant:"``, leading space
+    included), all of them or only the last; everything else (markers, human turns) is context. The
+    concatenation of the segments is exactly ``text``.
+    """
+    text = normalise_hh_start(text)
+    marks = [(m.start(), m.end(), m.group(1)) for m in _MARKER_RE.finditer(text)]
+    spans: list[tuple[int, int]] = []  # [start, end) of each assistant content
+    for k, (_, end, role) in enumerate(marks):
+        if role == "Assistant":
+            stop = marks[k + 1][0] if k + 1 < len(marks) else len(text)
+            spans.append((end, stop))
+    if assistant_turns == "last":
+        spans = spans[-1:]
+    segments: list[tuple[str, bool]] = []
+    pos = 0
+    for start, stop in spans:
+        if start > pos:
+            segments.append((text[pos:start], False))
+        if stop > start:
+            segments.append((text[start:stop], True))
+        pos = stop
+    if pos < len(text):
+        segments.append((text[pos:], False))
+    return _merge(segments)
+
+
+def _merge(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    out: list[tuple[str, bool]] = []
+    for seg, flag in segments:
+        if out and out[-1][1] == flag:
+            out[-1] = (out[-1][0] + seg, flag)
+        elif seg:
+            out.append((seg, flag))
+    return out
+
+
+def turns_from_messages(messages: list[Any], what: str) -> list[Turn]:
+    """``[{"role": ..., "content": ...}, ...]`` to turns; role aliases human/gpt/bot/model are accepted."""
+    turns: list[Turn] = []
+    for k, m in enumerate(messages, start=1):
+        if not isinstance(m, dict) or "content" not in m or ("role" not in m):
+            raise FormatError(f"turn {k} of '{what}' is not a {{'role', 'content'}} object")
+        role = _ROLE_ALIASES.get(str(m["role"]).lower())
+        if role is None:
+            raise FormatError(
+                f"unknown role {m['role']!r} in turn {k} of '{what}'", "use user, assistant or system"
+            )
+        content = m["content"]
+        if not isinstance(content, str):
+            raise FormatError(
+                f"content of turn {k} of '{what}' must be a string, got {type(content).__name__}"
+            )
+        if not content.strip():
+            raise FormatError(f"empty turn {k} in '{what}'")
+        turns.append((role, content))
+    return turns
+
+
+def turns_from_strings(items: list[Any], what: str, last_role: str | None = None) -> list[Turn]:
+    """MOSS-RLHF turn list (strings, alternating) to turns.
+
+    ``last_role=None``: human first (index 0 is the user). ``last_role="user"`` / ``"assistant"``: roles are
+    aligned from the end so that the last turn has that role (MOSS-RLHF's convention for prompts and for the
+    context of preference pairs; a history truncated at the front may then start with an assistant turn).
+    """
+    for k, s in enumerate(items, start=1):
+        if not isinstance(s, str):
+            raise FormatError(f"turn {k} of '{what}' must be a string, got {type(s).__name__}")
+        if not s.strip():
+            raise FormatError(f"empty turn {k} in '{what}'")
+    n = len(items)
+    if last_role is None:
+        first_user = True
+    else:
+        # the last index n-1 has role last_role; alternate backwards
+        last_is_user = last_role == "user"
+        first_user = last_is_user == ((n - 1) % 2 == 0)
+    roles = ("user", "assistant") if first_user else ("assistant", "user")
+    return [(roles[k % 2], s) for k, s in enumerate(items)]
+
+
+class Renderer:
+    """Renders turns into prompt / response / SFT segments in one chat format."""
+
+    def __init__(self, fmt: ChatFormat = "hh", tokenizer: Any = None) -> None:
+        if fmt not in ("hh", "chat_template"):
+            raise ValueError(f"format must be 'hh' or 'chat_template', got {fmt!r}")
+        if fmt == "chat_template":
+            if tokenizer is None:
+                raise ValueError("format='chat_template' needs the tokenizer: pass tokenizer=...")
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError(
+                    "format='chat_template' but this tokenizer has no chat template; use format='hh' or set "
+                    "tokenizer.chat_template"
+                )
+        self.fmt = fmt
+        self.tokenizer = tokenizer
+
+    # -- chat template -------------------------------------------------------------------------------------
+    def _apply(self, turns: list[Turn], generation_prompt: bool) -> str:
+        msgs = [{"role": r, "content": c} for r, c in turns]
+        try:
+            out = self.tokenizer.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except Exception as e:  # templates raise arbitrary errors (jinja's TemplateError, ...)
+            raise FormatError(
+                "the tokenizer's chat template rejected this dialogue", f"{type(e).__name__}: {e}"
+            ) from e
+        return out if isinstance(out, str) else str(out)
+
+    def _assistant_text(self, turns: list[Turn], content: str) -> tuple[str, str]:
+        """(prompt, response) where response is what the template adds for an assistant turn after ``turns``."""
+        prompt = self._apply(turns, True)
+        full = self._apply([*turns, ("assistant", content)], False)
+        if not full.startswith(prompt):
+            raise FormatError(
+                "the chat template does not render a dialogue as its prefix plus the new turn",
+                "cannot separate the response; use format='hh'",
+            )
+        resp = full[len(prompt) :]
+        eos = getattr(self.tokenizer, "eos_token", None)
+        if eos and resp.rstrip().endswith(eos):
+            resp = resp.rstrip()
+        return prompt, resp
+
+    # -- public --------------------------------------------------------------------------------------------
+    def prompt(self, turns: list[Turn]) -> str:
+        """A prompt for the assistant's next turn; ``turns`` must end with a user turn."""
+        if self.fmt == "chat_template":
+            return self._apply(turns, True)
+        return _hh_context(turns) + ASSISTANT
+
+    def response(self, context: list[Turn], content: str) -> str:
+        """The text of an assistant response after ``context`` (see the module docstring for spacing)."""
+        if self.fmt == "chat_template":
+            return self._assistant_text(context, content)[1]
+        return hh_response(content)
+
+    def segments(
+        self, turns: list[Turn], assistant_turns: Literal["all", "last"] = "all"
+    ) -> list[tuple[str, bool]]:
+        """``(text, trainable)`` segments of a dialogue ending with an assistant turn."""
+        if self.fmt == "hh":
+            return hh_segments(_hh_context(turns), assistant_turns)
+        segs: list[tuple[str, bool]] = []
+        done = ""
+        last = max(k for k, (r, _) in enumerate(turns) if r == "assistant")
+        for k, (role, content) in enumerate(turns):
+            if role != "assistant":
+                continue
+            prompt, resp = self._assistant_text(turns[:k], content)
+            if not prompt.startswith(done):
+                raise FormatError(
+                    "the chat template does not render a dialogue as its prefix plus the new turn",
+                    "cannot separate assistant turns; use format='hh'",
+                )
+            segs.append((prompt[len(done) :], False))
+            segs.append((resp, assistant_turns == "all" or k == last))
+            done = prompt + resp
+        return _merge(segs)
+
+
+def _hh_context(turns: list[Turn]) -> str:
+    out = []
+    for role, content in turns:
+        if role == "system":
+            out.append(content.strip())
+        elif role == "user":
+            out.append(f"{HUMAN} {content.strip()}")
+        else:
+            out.append(f"{ASSISTANT}{hh_response(content)}")
+    return "".join(out)

@@ -1,0 +1,244 @@
+"""Reading records from disk, and the error/statistics plumbing every loader shares.
+
+Supported inputs (DESIGN.md section 3):
+
+* ``.jsonl`` / ``.jsonl.gz``: one JSON value per line; blank lines are ignored. ``line`` is the 1-based
+  physical line of the file.
+* ``.json`` / ``.json.gz``: a list of records, or a dict of equal-length column lists
+  (``{"chosen": [...], "rejected": [...]}``). ``line`` is the 1-based *record index* (``json`` does not report
+  positions). A ``.json`` file that is really JSON Lines (several top-level values) is read as JSON Lines.
+* a Hugging Face ``datasets`` directory written by ``save_to_disk`` (needs the optional extra
+  ``pip install ppomax[datasets]``). ``line`` is the 1-based row index. A ``DatasetDict`` directory must be
+  given one split deeper (``DIR/train``).
+
+Every problem with the data is a :class:`DataError` whose message is ``path:line: what is wrong``. Loaders take
+``on_error="fail"`` (default: raise the first error) or ``"skip"`` (drop the record and count the reason in
+:class:`LoadStats`). Problems with the file as a whole (missing, unreadable, not JSON at all) always raise.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ppomax.errors import UserError
+
+logger = logging.getLogger("ppomax.data")
+
+OnError = Literal["fail", "skip"]
+#: how many skip messages a LoadStats keeps verbatim (the rest are only counted)
+MAX_EXAMPLES = 20
+
+
+class DataError(UserError):
+    """A problem with input data; ``str(err)`` is always ``"path:line: what is wrong"``.
+
+    ``reason`` is the short, record-independent part (used as the key of ``LoadStats.skip_reasons``);
+    ``detail`` adds record-specific information to the message only.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], line: int | None, reason: str, detail: str = "") -> None:
+        self.path = str(path)
+        self.line = line
+        self.reason = reason
+        self.detail = detail
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {reason}{f' ({detail})' if detail else ''}")
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}" if self.line is not None else self.path
+
+
+@dataclass
+class LoadStats:
+    """What a loader (and later the tokenisation) did to the data; pass one instance through the pipeline.
+
+    ``skip_reasons`` counts skipped records by reason; ``examples`` keeps the first few full
+    ``path:line: ...`` messages so that a log can point at them. ``truncated_prompts`` /
+    ``truncated_responses`` are filled by :mod:`ppomax.data.tokenize`. ``notes`` counts non-fatal
+    normalisations (e.g. a trailing assistant turn moved out of a PPO prompt).
+    """
+
+    loaded: int = 0
+    skipped: int = 0
+    skip_reasons: Counter[str] = field(default_factory=Counter)
+    truncated_prompts: int = 0
+    truncated_responses: int = 0
+    notes: Counter[str] = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def record_skip(self, err: DataError) -> None:
+        self.skipped += 1
+        self.skip_reasons[err.reason] += 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(str(err))
+
+    def summary(self) -> str:
+        """One line for a log: counts, then reasons, most frequent first."""
+        parts = [f"loaded {self.loaded}", f"skipped {self.skipped}"]
+        if self.truncated_prompts:
+            parts.append(f"truncated prompts {self.truncated_prompts}")
+        if self.truncated_responses:
+            parts.append(f"truncated responses {self.truncated_responses}")
+        text = ", ".join(parts)
+        if self.skip_reasons:
+            text += "; skip reasons: " + "; ".join(f"{r} x{n}" for r, n in self.skip_reasons.most_common())
+        if self.notes:
+            text += "; notes: " + "; ".join(f"{r} x{n}" for r, n in self.notes.most_common())
+        return text
+
+
+def check_on_error(on_error: str) -> None:
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+
+
+def handle_error(err: DataError, on_error: OnError, stats: LoadStats | None) -> None:
+    """Raise ``err`` (fail-fast) or count it (skip mode)."""
+    if on_error == "fail":
+        raise err
+    if stats is not None:
+        stats.record_skip(err)
+
+
+def read_records(
+    path: str | os.PathLike[str], on_error: OnError = "fail", stats: LoadStats | None = None
+) -> Iterator[tuple[str, int, Any]]:
+    """Yield ``(path, line, record)`` for every record of a file or ``datasets`` directory.
+
+    A malformed JSON line of a ``.jsonl`` file is a record-level error (skippable); a ``.json`` file that does
+    not parse is a file-level error and always raises.
+    """
+    check_on_error(on_error)
+    p = Path(path)
+    spath = str(path)
+    if not p.exists():
+        raise DataError(spath, None, "no such file or directory")
+    if p.is_dir():
+        yield from _read_datasets_dir(p, spath)
+        return
+    name = p.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        yield from _read_jsonl(p, spath, on_error, stats)
+    elif name.endswith((".json", ".json.gz")):
+        yield from _read_json(p, spath, on_error, stats)
+    else:
+        raise DataError(
+            spath,
+            None,
+            "unsupported file type",
+            "expected .jsonl, .jsonl.gz, .json, .json.gz or a datasets directory saved with save_to_disk",
+        )
+
+
+def _open_text(p: Path, spath: str):
+    try:
+        if p.name.lower().endswith(".gz"):
+            return gzip.open(p, "rt", encoding="utf-8")
+        return open(p, encoding="utf-8")
+    except OSError as e:
+        raise DataError(spath, None, "cannot open file", str(e)) from e
+
+
+def _read_jsonl(
+    p: Path, spath: str, on_error: OnError, stats: LoadStats | None
+) -> Iterator[tuple[str, int, Any]]:
+    with _open_text(p, spath) as fh:
+        lineno = 0
+        try:
+            for lineno, raw in enumerate(fh, start=1):  # lineno is reported on read errors
+                if not raw.strip():
+                    continue
+                try:
+                    rec = json.loads(raw.rstrip("\r\n"))
+                except json.JSONDecodeError as e:
+                    handle_error(
+                        DataError(spath, lineno, "malformed JSON", f"{e.msg} at column {e.colno}"),
+                        on_error,
+                        stats,
+                    )
+                    continue
+                yield spath, lineno, rec
+        except (OSError, EOFError, UnicodeDecodeError) as e:
+            # a truncated or corrupt .gz, or bytes that are not UTF-8: the rest of the file is unreadable
+            raise DataError(spath, lineno + 1, "unreadable data", f"{type(e).__name__}: {e}") from e
+
+
+def _read_json(
+    p: Path, spath: str, on_error: OnError, stats: LoadStats | None
+) -> Iterator[tuple[str, int, Any]]:
+    with _open_text(p, spath) as fh:
+        try:
+            text = fh.read()
+        except (OSError, EOFError, UnicodeDecodeError) as e:
+            raise DataError(spath, None, "unreadable data", f"{type(e).__name__}: {e}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and _looks_like_jsonl(text):
+            logger.info("%s: several top-level JSON values; reading it as JSON Lines", spath)
+            yield from _read_jsonl(p, spath, on_error, stats)
+            return
+        raise DataError(spath, e.lineno, "malformed JSON", f"{e.msg} at column {e.colno}") from e
+    if isinstance(data, list):
+        for i, rec in enumerate(data, start=1):
+            yield spath, i, rec
+    elif isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+        lengths = {k: len(v) for k, v in data.items()}
+        if len(set(lengths.values())) != 1:
+            raise DataError(spath, None, "column lists of different lengths", str(lengths))
+        keys = list(data)
+        for i in range(next(iter(lengths.values()))):
+            yield spath, i + 1, {k: data[k][i] for k in keys}
+    else:
+        raise DataError(
+            spath,
+            None,
+            "unexpected JSON top level",
+            f"expected a list of records or a dict of equal-length column lists, got {type(data).__name__}",
+        )
+
+
+def _looks_like_jsonl(text: str) -> bool:
+    first = text.lstrip().split("\n", 1)[0]
+    try:
+        json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _read_datasets_dir(p: Path, spath: str) -> Iterator[tuple[str, int, Any]]:
+    try:
+        import datasets  # optional extra
+    except ImportError as e:
+        raise DataError(
+            spath,
+            None,
+            "reading a datasets directory needs the optional 'datasets' package",
+            "pip install 'ppomax[datasets]'",
+        ) from e
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise DataError(
+            spath, None, "not a datasets directory (expected one written by Dataset.save_to_disk)", str(e)
+        ) from e
+    if isinstance(ds, datasets.DatasetDict):
+        splits = ", ".join(ds)
+        raise DataError(
+            spath,
+            None,
+            "is a DatasetDict; pass one split's directory",
+            f"splits: {splits}; e.g. {spath}/{next(iter(ds))}",
+        )
+    for i, row in enumerate(ds, start=1):
+        yield spath, i, row

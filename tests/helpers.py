@@ -1,0 +1,72 @@
+"""Test helpers shared by the test files (import as ``from helpers import make_tiny_tokenizer``).
+
+Nothing here downloads anything: tokenizers are trained on a few strings in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+DEFAULT_TEXTS = [
+    "\n\nHuman: What is the capital of France?\n\nAssistant: The capital of France is Paris.",
+    "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour, water, salt and yeast, knead, let it rise, bake.",
+    "\n\nHuman: Tell me a joke.\n\nAssistant: I'm sorry, I can't help with that. Here is a safer idea instead.",
+    "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 + - = ? ! , .",
+]
+
+#: a small ChatML-style template (same shape as Qwen's) for chat_template tests
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tiny_tokenizer(
+    tmp_path: Path,
+    texts: list[str] | None = None,
+    *,
+    vocab_size: int = 400,
+    add_bos: bool = False,
+    style: Literal["byte_level", "metaspace"] = "byte_level",
+    chat_template: str | None = None,
+    name: str = "tiny-tokenizer",
+) -> Path:
+    """Train a tiny BPE tokenizer, save it with ``save_pretrained`` under ``tmp_path/name`` and return that path.
+
+    Special tokens: ``<pad>`` (0), ``<s>`` (1, BOS), ``</s>`` (2, EOS), plus ``<|im_start|>``/``<|im_end|>``.
+    ``add_bos=True`` makes encoding add BOS like Llama tokenizers do. ``style="metaspace"`` mimics SentencePiece
+    (a word-start marker put in front of every encoded string). Load it back with
+    ``transformers.AutoTokenizer.from_pretrained(path)``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token=None if style == "byte_level" else "<pad>"))
+    if style == "byte_level":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+        alphabet = sorted(set("".join(texts or DEFAULT_TEXTS)) | {"▁"})
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet)
+    tok.train_from_iterator(texts or DEFAULT_TEXTS, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    if chat_template is not None:
+        wrapped.chat_template = chat_template
+    out = Path(tmp_path) / name
+    wrapped.save_pretrained(out)
+    return out

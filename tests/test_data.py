@@ -1,0 +1,410 @@
+"""Data layer: file formats, record shapes and `file:line: what is wrong` errors (DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from ppomax.data import (
+    DataError,
+    LoadStats,
+    load_preference_pairs,
+    load_prompts,
+    load_sft_examples,
+    read_records,
+)
+
+A = "\n\nAssistant:"
+H = "\n\nHuman:"
+
+HH_PAIRS = [
+    {"chosen": f"{H} Hi there{A} Hello! How can I help?", "rejected": f"{H} Hi there{A} Go away."},
+    {
+        "chosen": f"{H} What is 2+2?{A} Let me think.{H} Well?{A} 4",
+        "rejected": f"{H} What is 2+2?{A} Let me think.{H} Well?{A} 5",
+    },
+]
+
+
+def write_jsonl(path: Path, rows: list, gz: bool = False) -> Path:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# file formats
+
+
+@pytest.mark.parametrize(
+    "kind", ["jsonl", "jsonl.gz", "json", "json.gz", "json-columns", "json-as-jsonl", "datasets"]
+)
+def test_every_file_format_gives_the_same_pairs(tmp_path: Path, kind: str) -> None:
+    if kind == "jsonl":
+        path = write_jsonl(tmp_path / "p.jsonl", HH_PAIRS)
+    elif kind == "jsonl.gz":
+        path = write_jsonl(tmp_path / "p.jsonl.gz", HH_PAIRS, gz=True)
+    elif kind == "json":
+        path = tmp_path / "p.json"
+        path.write_text(json.dumps(HH_PAIRS, indent=2))
+    elif kind == "json-columns":
+        path = tmp_path / "p.json"
+        path.write_text(json.dumps({k: [r[k] for r in HH_PAIRS] for k in ("chosen", "rejected")}))
+    elif kind == "json-as-jsonl":  # JSON Lines content under a .json name
+        path = write_jsonl(tmp_path / "p.json", HH_PAIRS)
+    elif kind == "json.gz":
+        path = tmp_path / "p.json.gz"
+        path.write_bytes(gzip.compress(json.dumps(HH_PAIRS).encode()))
+    else:
+        datasets = pytest.importorskip("datasets", reason="the optional 'datasets' package is not installed")
+        path = tmp_path / "ds"
+        datasets.Dataset.from_list(HH_PAIRS).save_to_disk(str(path))
+    pairs = load_preference_pairs(path)
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
+        (f"{H} Hi there{A}", " Hello! How can I help?", " Go away."),
+        (f"{H} What is 2+2?{A} Let me think.{H} Well?{A}", " 4", " 5"),
+    ]
+    assert pairs[1].where == f"{path}:2"
+
+
+def test_jsonl_line_numbers_are_physical_lines_and_blank_lines_are_ignored(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "r.jsonl", ["", json.dumps({"a": 1}), "   ", json.dumps({"a": 2})])
+    assert list(read_records(path)) == [(str(path), 2, {"a": 1}), (str(path), 4, {"a": 2})]
+
+
+def test_datasets_dict_directory_asks_for_a_split(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets", reason="the optional 'datasets' package is not installed")
+    path = tmp_path / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(HH_PAIRS)}).save_to_disk(str(path))
+    with pytest.raises(
+        DataError, match=r"is a DatasetDict; pass one split's directory \(splits: train; e.g. .*dd/train\)"
+    ):
+        load_preference_pairs(path)
+    assert len(load_preference_pairs(path / "train")) == 2
+
+
+def test_file_level_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"nope\.jsonl: no such file or directory$"):
+        load_prompts(tmp_path / "nope.jsonl")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"x\.csv: unsupported file type"):
+        load_prompts(tmp_path / "x.csv")
+    (tmp_path / "bad.json").write_text('[{"prompt": "a"},\n {"prompt": "b"\n]')
+    # a .json that does not parse is fatal even in skip mode: nothing after the error can be read
+    with pytest.raises(
+        DataError, match=r"bad\.json:3: malformed JSON \(Expecting ',' delimiter at column 1\)"
+    ):
+        load_prompts(tmp_path / "bad.json", on_error="skip")
+    (tmp_path / "obj.json").write_text('{"prompt": "a"}')
+    with pytest.raises(DataError, match=r"obj\.json: unexpected JSON top level"):
+        load_prompts(tmp_path / "obj.json")
+    (tmp_path / "trunc.jsonl.gz").write_bytes(gzip.compress(b'{"prompt": "a"}\n' * 50)[:-12])
+    with pytest.raises(DataError, match=r"trunc\.jsonl\.gz:\d+: unreadable data"):
+        load_prompts(tmp_path / "trunc.jsonl.gz")
+    write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(DataError, match=r"empty\.jsonl: no usable prompts in this file"):
+        load_prompts(tmp_path / "empty.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# preference pair shapes
+
+
+def test_prompt_chosen_rejected_records(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "subset": "math"},
+        {"prompt": f"{H} Hi{A}", "chosen": "  Hello", "rejected": "Bye"},
+        # the prompt repeated inside the responses (some dumps do this) is removed once
+        {"prompt": f"{H} Hi{A}", "chosen": f"{H} Hi{A} Hello", "rejected": f"{H} Hi{A} Bye"},
+    ]
+    stats = LoadStats()
+    pairs = load_preference_pairs(write_jsonl(tmp_path / "p.jsonl", rows), stats=stats)
+    # plain-text prompts become one human turn; responses get exactly one leading space unless they have one
+    assert (pairs[0].prompt, pairs[0].chosen, pairs[0].rejected) == (f"{H} What is 2+2?{A}", " 4", " 5")
+    assert pairs[0].meta == {"subset": "math"}
+    assert (pairs[1].chosen, pairs[1].rejected) == ("  Hello", " Bye")
+    assert (pairs[2].prompt, pairs[2].chosen, pairs[2].rejected) == (f"{H} Hi{A}", " Hello", " Bye")
+    assert stats.notes["prompt repeated inside chosen/rejected: removed"] == 1
+
+
+def test_moss_turn_list_pairs_align_roles_from_the_end(tmp_path: Path) -> None:
+    rows = [
+        {"chosen": ["q1", "a1", "q2", "good"], "rejected": ["q1", "a1", "q2", "bad"]},
+        {"chosen": ["q", "good"], "rejected": ["q", "bad"]},
+        # a history truncated at the front starts with an assistant turn (MOSS-RLHF's convention)
+        {"chosen": ["a0", "q", "good"], "rejected": ["a0", "q", "bad"]},
+    ]
+    pairs = load_preference_pairs(write_jsonl(tmp_path / "m.jsonl", rows))
+    assert (pairs[0].prompt, pairs[0].chosen, pairs[0].rejected) == (
+        f"{H} q1{A} a1{H} q2{A}",
+        " good",
+        " bad",
+    )
+    assert pairs[1].prompt == f"{H} q{A}"
+    assert pairs[2].prompt == f"{A} a0{H} q{A}"
+
+
+def test_message_pairs_full_conversations_and_trl_prompt_form(tmp_path: Path) -> None:
+    u = {"role": "user", "content": "Hi"}
+    rows = [
+        {
+            "chosen": [u, {"role": "assistant", "content": "Hello"}],
+            "rejected": [u, {"role": "assistant", "content": "No"}],
+        },
+        {
+            "prompt": [u],
+            "chosen": [{"role": "assistant", "content": "Hello"}],
+            "rejected": [{"role": "assistant", "content": "No"}],
+        },
+    ]
+    pairs = load_preference_pairs(write_jsonl(tmp_path / "m.jsonl", rows))
+    for p in pairs:
+        assert (p.prompt, p.chosen, p.rejected) == (f"{H} Hi{A}", " Hello", " No")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# broken input: each message names file:line and the problem
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            '{"chosen": "x", ',
+            "malformed JSON (Expecting property name enclosed in double quotes at column 17)",
+        ),
+        (json.dumps({"chosen": f"{H} a{A} b"}), "missing field 'rejected' (record has: chosen)"),
+        (json.dumps({"chosen": "  ", "rejected": f"{H} a{A} b"}), "empty field 'chosen'"),
+        (
+            json.dumps({"chosen": f"{H} a{A} b", "rejected": f"{H} a{A}  b "}),
+            "chosen and rejected responses are identical",
+        ),
+        (json.dumps({"chosen": f"{H} a{A} ", "rejected": f"{H} a{A} b"}), "empty chosen response"),
+        (
+            json.dumps({"chosen": f"{H} a{A} b", "rejected": f"{H} a"}),
+            "no '\\n\\nAssistant:' turn in 'rejected'",
+        ),
+        (
+            json.dumps({"chosen": f"{H} a{A} b{H} c", "rejected": f"{H} a{A} d"}),
+            "'chosen' ends with a human turn, not an assistant response",
+        ),
+        (
+            json.dumps({"chosen": f"{H} a{A} b{H} c{A} x", "rejected": f"{H} a{A} B{H} c{A} y"}),
+            "chosen and rejected differ before their last '\\n\\nAssistant:' "
+            "(different prompts; first difference at character 24, in turn 2)",
+        ),
+        (
+            json.dumps({"prompt": "q", "chosen": 3, "rejected": "b"}),
+            "fields 'chosen' and 'rejected' must both be strings or both be lists of turns (got int and str)",
+        ),
+        (
+            json.dumps({"prompt": f"{H} q", "chosen": "a", "rejected": "b"}),
+            "prompt does not end with '\\n\\nAssistant:' (the assistant turn the model should write)",
+        ),
+        (
+            json.dumps({"chosen": ["q", "a"], "rejected": ["q", "x", "b"]}),
+            "chosen and rejected turn lists differ in length (2 vs 3 turns)",
+        ),
+        (json.dumps({"chosen": ["q", ""], "rejected": ["q", "b"]}), "empty turn 2 in 'chosen'"),
+        (json.dumps(["q", "a"]), "record must be a JSON object with 'chosen' and 'rejected', got list"),
+    ],
+)
+def test_broken_pair_records_name_file_line_and_problem(tmp_path: Path, line: str, expected: str) -> None:
+    good = json.dumps(HH_PAIRS[0])
+    path = write_lines(tmp_path / "broken.jsonl", [good, "", line, good])
+    with pytest.raises(DataError) as info:
+        load_preference_pairs(path)
+    assert str(info.value) == f"{path}:3: {expected}"
+    stats = LoadStats()
+    pairs = load_preference_pairs(path, on_error="skip", stats=stats)
+    assert len(pairs) == 2 and stats.loaded == 2 and stats.skipped == 1
+    assert sum(stats.skip_reasons.values()) == 1 and stats.examples == [f"{path}:3: {expected}"]
+
+
+def test_json_list_errors_use_the_record_index(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([HH_PAIRS[0], HH_PAIRS[1], {"chosen": HH_PAIRS[0]["chosen"]}], indent=2))
+    with pytest.raises(DataError, match=r"p\.json:3: missing field 'rejected'"):
+        load_preference_pairs(path)
+
+
+def test_skip_mode_counts_each_reason(tmp_path: Path) -> None:
+    rows = [
+        json.dumps(HH_PAIRS[0]),
+        "{oops",
+        json.dumps({"chosen": f"{H} a{A} b"}),
+        json.dumps({"chosen": f"{H} a{A} b", "rejected": f"{H} a{A} b"}),
+        json.dumps({"chosen": f"{H} a{A} b", "rejected": f"{H} a{A} b"}),
+        json.dumps(HH_PAIRS[1]),
+    ]
+    stats = LoadStats()
+    pairs = load_preference_pairs(write_lines(tmp_path / "s.jsonl", rows), on_error="skip", stats=stats)
+    assert len(pairs) == 2
+    assert (stats.loaded, stats.skipped) == (2, 4)
+    assert dict(stats.skip_reasons) == {
+        "malformed JSON": 1,
+        "missing field 'rejected'": 1,
+        "chosen and rejected responses are identical": 2,
+    }
+    assert "skipped 4" in stats.summary()
+    with pytest.raises(ValueError, match="on_error must be 'fail' or 'skip'"):
+        load_preference_pairs(tmp_path / "s.jsonl", on_error="ignore")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prompts
+
+
+def test_prompt_shapes(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "  Plain question?\n", "subset": "helpful"},
+        {"prompt": f"{H} a{A} b{H} c{A}  "},  # trailing spaces after the cue are dropped
+        {"prompt": "Human: old style start\n\nAssistant:"},
+        {"messages": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "hey"}]},
+        HH_PAIRS[1],
+        "bare string prompt",
+        ["q1", "a1", "q2"],
+    ]
+    prompts = load_prompts(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert [p.prompt for p in prompts] == [
+        f"{H} Plain question?{A}",
+        f"{H} a{A} b{H} c{A}",
+        f"{H} old style start{A}",
+        f"Be nice.{H} hey{A}",
+        f"{H} What is 2+2?{A} Let me think.{H} Well?{A}",
+        f"{H} bare string prompt{A}",
+        f"{H} q1{A} a1{H} q2{A}",
+    ]
+    assert prompts[0].meta == {"subset": "helpful"} and prompts[4].meta == {}
+    assert all(p.prompt.endswith(A) for p in prompts)
+
+
+def test_prompt_errors(tmp_path: Path) -> None:
+    rows = [
+        json.dumps({"prompt": f"{H} a{A} b"}),
+        json.dumps({"text": "x"}),
+        json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+        json.dumps({"prompt": [{"role": "narrator", "content": "a"}]}),
+    ]
+    path = write_lines(tmp_path / "e.jsonl", rows)
+    stats = LoadStats()
+    with pytest.raises(DataError, match="no usable prompts"):
+        load_prompts(path, on_error="skip", stats=stats)
+    assert stats.examples == [
+        f"{path}:1: prompt does not end with '\\n\\nAssistant:' (the assistant turn the model should write)",
+        f"{path}:2: missing field 'prompt' (record has: text)",
+        f"{path}:3: prompt does not end with a human turn (the model must answer the last turn)",
+        f"{path}:4: unknown role 'narrator' in turn 1 of 'prompt' (use user, assistant or system)",
+    ]
+
+
+def test_moss_prompt_roles(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "m.json", [["instruction", "answer"], ["q"], ["q1", "a1", "q2"]])
+    stats = LoadStats()
+    human_first = load_prompts(path, stats=stats)
+    assert [p.prompt for p in human_first] == [f"{H} instruction{A}", f"{H} q{A}", f"{H} q1{A} a1{H} q2{A}"]
+    assert human_first[0].meta == {"response": "answer"}
+    assert stats.notes["turn list ends with an assistant turn: moved to meta['response']"] == 1
+    moss = load_prompts(path, moss_roles="last_is_human")  # MOSS-RLHF's OnlyPromptDataset
+    assert [p.prompt for p in moss] == [
+        f"{A} instruction{H} answer{A}",
+        f"{H} q{A}",
+        f"{H} q1{A} a1{H} q2{A}",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SFT
+
+
+def test_sft_prompt_response_and_hh_dialogue_segments(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "Say hi", "response": "Hi!"},
+        {"prompt": "Say hi", "completion": "Hi!"},
+        {"text": f"{H} a{A} b{H} c{A}  d"},
+        {"chosen": HH_PAIRS[0]["chosen"], "rejected": HH_PAIRS[0]["rejected"]},
+        ["q1", "a1", "q2", "a2"],
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]},
+    ]
+    ex = load_sft_examples(write_jsonl(tmp_path / "s.jsonl", rows))
+    assert (ex[0].prompt, ex[0].response, ex[0].segments) == (
+        f"{H} Say hi{A}",
+        " Hi!",
+        [(f"{H} Say hi{A}", False), (" Hi!", True)],
+    )
+    assert (ex[1].prompt, ex[1].response) == (ex[0].prompt, ex[0].response)
+    assert ex[2].segments == [(f"{H} a{A}", False), (" b", True), (f"{H} c{A}", False), ("  d", True)]
+    assert (ex[2].prompt, ex[2].response) == (f"{H} a{A} b{H} c{A}", "  d")
+    assert ex[3].response == " Hello! How can I help?"
+    assert ex[4].segments == [(f"{H} q1{A}", False), (" a1", True), (f"{H} q2{A}", False), (" a2", True)]
+    assert ex[5].segments == [(f"{H} q{A}", False), (" r", True)]
+    for e in ex:
+        assert "".join(s for s, _ in e.segments) == e.prompt + e.response
+    last_only = load_sft_examples(tmp_path / "s.jsonl", assistant_turns="last")
+    assert last_only[2].segments == [(f"{H} a{A} b{H} c{A}", False), ("  d", True)]
+
+
+def test_sft_errors(tmp_path: Path) -> None:
+    rows = [
+        json.dumps({"prompt": "q"}),
+        json.dumps(["q1", "a1", "q2"]),
+        json.dumps({"text": "no markers here"}),
+        json.dumps({"text": f"{H} a{A}"}),
+    ]
+    path = write_lines(tmp_path / "e.jsonl", rows)
+    stats = LoadStats()
+    with pytest.raises(DataError):
+        load_sft_examples(path, on_error="skip", stats=stats)
+    assert stats.examples == [
+        f"{path}:1: missing field 'response' (record has: prompt)",
+        f"{path}:2: dialogue does not end with an assistant turn (3 turns, human first; SFT needs the response last)",
+        f"{path}:3: field 'text' is not an HH dialogue ('\\n\\nHuman: ...\\n\\nAssistant: ...')",
+        f"{path}:4: empty text response",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# chat templates
+
+
+def test_chat_template_format(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from helpers import CHATML_TEMPLATE, make_tiny_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path, chat_template=CHATML_TEMPLATE))
+    tok.eos_token = "<|im_end|>"
+    path = write_jsonl(tmp_path / "p.jsonl", [HH_PAIRS[1], {"chosen": ["q", "a"], "rejected": ["q", "b"]}])
+    pairs = load_preference_pairs(path, format="chat_template", tokenizer=tok)
+    assert pairs[0].prompt == (
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\nLet me think.<|im_end|>\n"
+        "<|im_start|>user\nWell?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    # the response carries the end-of-turn marker; whitespace after the EOS string is dropped
+    assert (pairs[0].chosen, pairs[0].rejected) == ("4<|im_end|>", "5<|im_end|>")
+    assert pairs[1].prompt == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    sft = load_sft_examples(tmp_path / "p.jsonl", format="chat_template", tokenizer=tok)
+    assert sft[1].segments == [
+        ("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n", False),
+        ("a<|im_end|>", True),
+    ]
+    assert [s for s, t in sft[0].segments if t] == ["Let me think.<|im_end|>", "4<|im_end|>"]
+    prompts = load_prompts(tmp_path / "p.jsonl", format="chat_template", tokenizer=tok)
+    assert prompts[0].prompt == pairs[0].prompt
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        load_prompts(path, format="chat_template")
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="has no chat template"):
+        load_prompts(path, format="chat_template", tokenizer=tok)

@@ -1,0 +1,176 @@
+"""Padding, collators' masks, and token-balanced dynamic batching (paper section 4.2)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from ppomax.data import (
+    IGNORE_INDEX,
+    PreferenceCollator,
+    PromptCollator,
+    SFTCollator,
+    TokenBalancedBatchSampler,
+    feature_length,
+    pad_id_of,
+    pad_left,
+    pad_right,
+    token_balanced_batches,
+)
+
+
+def test_pad_left_and_right() -> None:
+    ids, mask = pad_left([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids.dtype == torch.long and mask.dtype == torch.long
+    ids, mask = pad_right([[5, 6, 7], [8]], pad_id=9)
+    assert ids.tolist() == [[5, 6, 7], [8, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_pad_id_of() -> None:
+    class T:
+        pad_token_id = None
+        eos_token_id = 7
+
+    assert pad_id_of(T()) == 7
+    T.eos_token_id = None
+    with pytest.raises(ValueError, match="neither a pad nor an EOS"):
+        pad_id_of(T())
+
+
+def test_preference_collator_rows_and_masks() -> None:
+    feats = [
+        {"prompt_ids": [1, 2], "chosen_ids": [3, 4, 99], "rejected_ids": [5]},
+        {"prompt_ids": [6], "chosen_ids": [7], "rejected_ids": [8, 9, 10, 99]},
+    ]
+    b = PreferenceCollator(pad_id=0)(feats)
+    assert b["num_pairs"] == 2
+    assert b["input_ids"].tolist() == [
+        [1, 2, 3, 4, 99],  # chosen of pair 0
+        [6, 7, 0, 0, 0],  # chosen of pair 1
+        [1, 2, 5, 0, 0],  # rejected of pair 0
+        [6, 8, 9, 10, 99],  # rejected of pair 1
+    ]
+    assert b["attention_mask"].tolist() == [[1] * 5, [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1] * 5]
+    assert b["response_mask"].tolist() == [
+        [False, False, True, True, True],
+        [False, True, False, False, False],
+        [False, False, True, False, False],
+        [False, True, True, True, True],
+    ]
+    assert b["lm_mask"].tolist() == [
+        [False, False, True, True, True],
+        [False, True, False, False, False],
+        [False] * 5,
+        [False] * 5,
+    ]
+    assert b["lm_labels"].tolist() == [
+        [-100, -100, 3, 4, 99],
+        [-100, 7, -100, -100, -100],
+        [-100] * 5,
+        [-100] * 5,
+    ]
+    assert b["last_index"].tolist() == [4, 1, 2, 4]
+    # reading at last_index gives each row's final real token
+    assert b["input_ids"].gather(1, b["last_index"][:, None]).squeeze(1).tolist() == [99, 7, 5, 99]
+
+
+def test_feature_length() -> None:
+    assert feature_length({"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5, 6]}) == 5
+    assert feature_length({"input_ids": [1, 2, 3], "labels": [1, 2, 3]}) == 3
+    assert feature_length([1, 2]) == 2
+
+
+def test_sft_collator_labels() -> None:
+    feats = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}]
+    b = SFTCollator(pad_id=0)(feats)
+    assert b["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["labels"].tolist() == [[IGNORE_INDEX, 2, 3], [4, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_prompt_collator_left_pads_and_passes_extras() -> None:
+    b = PromptCollator(pad_id=0)([{"input_ids": [1, 2, 3], "prompt": "a"}, {"input_ids": [4], "prompt": "b"}])
+    assert b["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert b["prompt"] == ["a", "b"]
+    assert PromptCollator(pad_id=0)([[1], [2, 3]])["input_ids"].tolist() == [[0, 1], [2, 3]]
+
+
+def check_batches(
+    batches: list[list[int]], lengths: list[int], max_tokens: int, max_batch_size: int | None = None
+) -> None:
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(len(lengths)))  # every index exactly once
+    for b in batches:
+        assert b
+        padded = max(lengths[i] for i in b) * len(b)
+        if len(b) > 1:
+            assert padded <= max_tokens
+        else:
+            assert lengths[b[0]] > 0
+        if max_batch_size is not None:
+            assert len(b) <= max_batch_size
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("pool_size", [None, 37])
+def test_token_balanced_batches_invariants(seed: int, shuffle: bool, pool_size: int | None) -> None:
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 400))]
+    lengths += [2000]  # longer than the budget: gets a batch of its own
+    batches = token_balanced_batches(lengths, 1024, shuffle, seed, pool_size=pool_size)
+    check_batches(batches, lengths, 1024)
+    over = [b for b in batches if max(lengths[i] for i in b) * len(b) > 1024]
+    assert over == [[len(lengths) - 1]]
+    capped = token_balanced_batches(lengths, 1024, shuffle, seed, max_batch_size=4, pool_size=pool_size)
+    check_batches(capped, lengths, 1024, max_batch_size=4)
+
+
+def test_token_balanced_batches_are_tight_and_deterministic() -> None:
+    # sorted greedy packing: 8 x 100 tokens then 2 x 400 under a 800-token budget
+    lengths = [100] * 8 + [400] * 2
+    batches = token_balanced_batches(lengths, 800, shuffle=False)
+    assert batches == [list(range(8)), [8, 9]]
+    # the number of sequences per batch follows their length (the paper's dynamic batch size)
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 500) for _ in range(1000)]
+    batches = token_balanced_batches(lengths, 4096, shuffle=True, seed=3)
+    assert batches == token_balanced_batches(lengths, 4096, shuffle=True, seed=3)
+    assert batches != token_balanced_batches(lengths, 4096, shuffle=True, seed=4)
+    sizes = {len(b) for b in batches}
+    # long sequences: few per batch; short ones: many
+    assert min(sizes) <= 4096 // 450 and max(sizes) >= 4096 // 60
+    waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    assert waste / sum(lengths) < 0.05  # sorting keeps padding small
+
+
+def test_token_balanced_batches_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="max_tokens must be positive"):
+        token_balanced_batches([1], 0)
+    with pytest.raises(ValueError, match="non-negative"):
+        token_balanced_batches([-1], 10)
+    assert token_balanced_batches([], 10) == []
+
+
+def test_batch_sampler_epochs_and_ranks() -> None:
+    rng = random.Random(1)
+    lengths = [rng.randint(1, 100) for _ in range(200)]
+    s = TokenBalancedBatchSampler(lengths, 512, seed=0)
+    first = list(s)
+    assert len(s) == len(first)
+    s.set_epoch(1)
+    assert list(s) != first
+    check_batches(list(s), lengths, 512)
+    ranks = [TokenBalancedBatchSampler(lengths, 512, seed=0, num_replicas=3, rank=r) for r in range(3)]
+    per_rank = [list(r) for r in ranks]
+    assert len({len(b) for b in per_rank}) == 1  # same number of steps on every rank
+    seen = [i for b in per_rank for batch in b for i in batch]
+    assert len(seen) == len(set(seen))  # no index on two ranks
+    dropped = len(first) % 3
+    assert sum(len(b) for b in per_rank) == len(first) - dropped
+    loader = torch.utils.data.DataLoader(list(range(200)), batch_sampler=s, collate_fn=lambda x: x)
+    assert sorted(i for b in loader for i in b) == list(range(200))
