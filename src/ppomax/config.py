@@ -125,6 +125,9 @@ class PPODataConfig(_DataCommon):
     prompts: str | None = Field(None, description="Training prompts.")
     valid_prompts: str | None = Field(None, description="Prompts for periodic evaluation.")
     ptx: str | None = Field(None, description="SFT/pretraining examples for the PPO-ptx loss (eq. 17).")
+    max_ptx_response_tokens: int = Field(
+        256, gt=0, description="PPO-ptx examples: response tokens kept (cut from the right), as in SFT."
+    )
 
 
 class RewardFunctionConfig(_Section):
@@ -191,6 +194,12 @@ class PPOSettings(_Section):
     rollout_batch_size: int = Field(32, gt=0, description="Prompts per generate() call.")
     buffer_size: int = Field(128, gt=0, description="Samples collected per iteration before updating.")
     minibatch_size: int = Field(32, gt=0)
+    micro_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Rows per forward/backward inside a minibatch (gradient accumulation, to bound memory); "
+        "null = the whole minibatch at once. One optimiser step per minibatch either way.",
+    )
     ppo_epochs: int = Field(1, gt=0)
     max_nonfinite_in_row: int = Field(
         3, gt=0, description="Consecutive skipped non-finite updates that stop the run."
@@ -222,9 +231,23 @@ class SFTConfig(_RunConfig):
     data: DataConfig = Field(default_factory=DataConfig)
 
     epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, description="Sequences per step and process.")
     grad_accum: int = Field(1, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
+    objective: Literal["sft", "pretrain"] = Field(
+        "sft",
+        description="sft: loss on response / assistant tokens only; pretrain: records {'text': ...} as plain "
+        "text (HH dialogues included), loss on every token, long texts split into blocks of "
+        "max_prompt_tokens + max_response_tokens.",
+    )
+    init_from_config: bool = Field(
+        False,
+        description="Start from random (seeded) weights built from model.policy's config.json (pretraining "
+        "from scratch); model.policy then needs only config.json and the tokenizer.",
+    )
+    max_nonfinite_in_row: int = Field(
+        3, gt=0, description="Consecutive skipped non-finite updates that stop the run."
+    )
 
 
 class RMConfig(_RunConfig):
@@ -243,7 +266,9 @@ class RMConfig(_RunConfig):
     )
     rm_lambda: float = Field(1.0, gt=0, description="Weight of the pairwise ranking loss (eq. 2).")
     max_grad_norm: float | None = Field(1.0, gt=0)
-    eval_every: int = Field(100, ge=0)
+    max_nonfinite_in_row: int = Field(
+        3, gt=0, description="Consecutive skipped non-finite updates that stop the run."
+    )
 
 
 class PPOConfig(_RunConfig):
@@ -272,6 +297,8 @@ class PPOConfig(_RunConfig):
             )
         if self.ppo.ptx_coef > 0 and not self.data.ptx:
             problems.append("ppo.ptx_coef > 0 needs data.ptx (SFT or pretraining examples)")
+        if self.logging.eval_every > 0 and not self.data.valid_prompts:
+            problems.append("logging.eval_every > 0 needs data.valid_prompts (held-out prompts to evaluate on)")
         if problems:
             raise ConfigError("config cannot run:\n  " + "\n  ".join(problems))
 

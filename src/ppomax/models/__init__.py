@@ -1,0 +1,46 @@
+"""Models: tokenizer and causal-LM loading (local paths only) and the value-head model (RM / critic).
+
+See DESIGN.md section 4. Typical use::
+
+    tok = load_tokenizer("sft/final")                       # pad token ensured, padding_side="left"
+    policy = load_causal_lm("sft/final", dtype="bfloat16")
+    rm = ValueHeadModel.from_pretrained("rm/best")          # trained reward model
+    critic = ValueHeadModel.from_causal_lm("rm/best")       # fresh head on the RM's backbone
+    rewards = rm.score(input_ids, attention_mask)           # [B], value at the last non-pad token
+"""
+
+from .loading import (
+    DTYPES,
+    check_model_dir,
+    init_causal_lm_from_config,
+    load_causal_lm,
+    load_tokenizer,
+    model_summary,
+    to_dtype,
+)
+from .value_head import (
+    HEAD_META,
+    HEAD_WEIGHTS,
+    ValueHeadModel,
+    ValueHeadOutput,
+    is_value_head_model,
+    last_token_index,
+    position_ids_from_mask,
+)
+
+__all__ = [
+    "DTYPES",
+    "HEAD_META",
+    "HEAD_WEIGHTS",
+    "ValueHeadModel",
+    "ValueHeadOutput",
+    "check_model_dir",
+    "init_causal_lm_from_config",
+    "is_value_head_model",
+    "last_token_index",
+    "load_causal_lm",
+    "load_tokenizer",
+    "model_summary",
+    "position_ids_from_mask",
+    "to_dtype",
+]

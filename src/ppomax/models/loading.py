@@ -1,0 +1,148 @@
+"""Loading tokenizers and causal LMs from local paths, with errors a user can act on.
+
+Nothing here downloads: every ``from_pretrained`` call passes ``local_files_only=True``. A path that is
+not a directory is still tried against the local Hugging Face cache (so ``org/name`` works once it has
+been downloaded with ``hf download``), and otherwise fails with a :class:`ModelPathError` that names
+the path and says what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from ppomax.errors import ModelPathError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32" | "bfloat16" | "float16"`` (or a torch dtype) -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ModelPathError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}") from None
+
+
+def _not_found(path: str | Path, what: str) -> ModelPathError:
+    return ModelPathError(
+        f"{what} not found: {path} (expected a local directory written by save_pretrained; "
+        "ppomax never downloads: fetch Hub models first, e.g. `hf download ORG/NAME --local-dir DIR`)"
+    )
+
+
+def check_model_dir(path: str | Path, what: str = "model", need_weights: bool = True) -> None:
+    """Raise :class:`ModelPathError` if a local ``path`` is not a Hugging Face model directory.
+
+    Paths that do not exist locally are left to ``from_pretrained(local_files_only=True)`` (HF cache).
+    """
+    p = Path(path)
+    if not p.exists():
+        return
+    if not p.is_dir():
+        raise ModelPathError(f"{what} path {p} is a file; expected a directory written by save_pretrained")
+    if not (p / "config.json").is_file():
+        raise ModelPathError(f"{what} directory {p} has no config.json: not a Hugging Face model directory")
+    if need_weights and not any((p / f).is_file() for f in _WEIGHT_FILES):
+        raise ModelPathError(
+            f"{what} directory {p} has a config.json but no weights (model.safetensors); "
+            "to start from random weights (pretraining from scratch) set init_from_config: true"
+        )
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local directory, with a pad token (EOS if it has none) and left padding.
+
+    Left padding is what generation needs; trainers that pad on the right do it themselves
+    (the data collators pad explicitly), so this default never silently changes training.
+    """
+    p = Path(path)
+    if p.exists() and p.is_dir() and not any((p / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelPathError(
+            f"tokenizer directory {p} holds no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
+            "save one there with tokenizer.save_pretrained or set model.tokenizer"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        if not p.exists():
+            raise _not_found(path, "tokenizer") from None
+        raise ModelPathError(f"cannot load a tokenizer from {path}: {exc}") from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelPathError(
+                f"tokenizer at {path} has neither a pad token nor an EOS token; add one "
+                "(tokenizer.add_special_tokens({'pad_token': ...})) and save it again"
+            )
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_causal_lm(
+    path: str | Path, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` from a local path (no downloads)."""
+    check_model_dir(path, "model")
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=to_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as exc:
+        if not Path(path).exists():
+            raise _not_found(path, "model") from None
+        raise ModelPathError(f"cannot load a causal LM from {path}: {exc}") from None
+    except ValueError as exc:  # e.g. an architecture AutoModelForCausalLM does not know
+        raise ModelPathError(f"cannot load a causal LM from {path}: {exc}") from None
+
+
+def init_causal_lm_from_config(
+    path: str | Path, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False, seed: int = 0
+) -> PreTrainedModel:
+    """A causal LM with random (seeded) weights from ``path/config.json``: pretraining from scratch."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        if not p.exists():
+            raise _not_found(path, "model config")
+        raise ModelPathError(f"{p} has no config.json to build a model from")
+    try:
+        config = AutoConfig.from_pretrained(
+            str(p), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise ModelPathError(f"cannot read the model config in {p}: {exc}") from None
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    finally:
+        torch.random.set_rng_state(state)
+    return model.to(to_dtype(dtype))
+
+
+def model_summary(model: torch.nn.Module) -> dict[str, Any]:
+    """Parameter counts (total, trainable) for logs and reports."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"params": total, "trainable_params": trainable}

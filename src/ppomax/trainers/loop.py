@@ -1,0 +1,230 @@
+"""The optimisation loop shared by the SFT and reward-model trainers (see :mod:`ppomax.trainers.common`)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from tqdm.auto import tqdm
+
+from ppomax.errors import UserError
+from ppomax.optim import build_optimizer, build_scheduler
+
+from .common import (
+    RunContext,
+    StopFlag,
+    TrainingError,
+    _TrainerState,
+    micro_batches,
+    micro_batches_per_epoch,
+    save_checkpoint,
+    try_resume,
+)
+
+logger = logging.getLogger("ppomax.train")
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class LoopSpec:
+    """What a trainer plugs into :func:`train_loop`.
+
+    ``loss_fn(model, batch) -> (loss, metrics, n_tokens)`` with detached scalar metrics (averaged over
+    micro-batches and ranks when logged); ``make_batch(indices) -> batch on device``; ``evaluate(model) ->
+    metrics`` (called on every rank under no_grad, returns already-reduced numbers, may be None);
+    ``on_eval(step, metrics, model)`` runs after each evaluation (e.g. to keep the best model). ``model`` is
+    the prepared (possibly wrapped) model.
+    """
+
+    lengths: Sequence[int]
+    make_batch: Callable[[list[int]], dict[str, Any]]
+    loss_fn: Callable[
+        [torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]
+    ]
+    batch_size: int | None
+    max_tokens: int | None
+    epochs: float
+    grad_accum: int
+    max_grad_norm: float | None
+    max_nonfinite_in_row: int
+    eval_every: int
+    evaluate: Callable[[torch.nn.Module], dict[str, float] | None] | None = None
+    on_eval: Callable[[int, dict[str, float], torch.nn.Module], None] | None = None
+    extra_state: dict[str, Any] = field(default_factory=dict)
+
+
+def total_optimizer_steps(spec: LoopSpec, world: int, seed: int) -> int:
+    per_epoch = micro_batches_per_epoch(spec.lengths, world, seed, spec.batch_size, spec.max_tokens)
+    if per_epoch == 0:
+        raise UserError(
+            f"not enough training examples ({len(spec.lengths)}) for one batch on {world} process(es)"
+        )
+    return max(1, math.ceil(spec.epochs * per_epoch / spec.grad_accum))
+
+
+def train_loop(
+    ctx: RunContext, model: torch.nn.Module, spec: LoopSpec, resume: bool = False
+) -> tuple[torch.nn.Module, _TrainerState]:
+    """Optimise ``model`` (not yet prepared) with AdamW and the configured schedule.
+
+    Returns the prepared model (pass it to :func:`save_model`) and the final state.
+
+    One optimiser step = ``grad_accum`` micro-batches per rank. A step whose gradient norm is not finite is
+    skipped (gradients dropped) and counted; ``max_nonfinite_in_row`` such steps in a row stop the run with the
+    last checkpoint intact. Metrics are logged every ``logging.log_every`` steps, evaluation runs every
+    ``eval_every`` steps and at the end, checkpoints every ``logging.checkpoint_every`` steps and on SIGINT/SIGTERM.
+    """
+    cfg, acc = ctx.cfg, ctx.accelerator
+    total = total_optimizer_steps(spec, ctx.world, cfg.seed)
+    optimizer = build_optimizer(model.parameters(), cfg.optim.lr, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total)
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        # No dataloader goes through prepare() (ranks shard batches themselves), so DeepSpeed cannot infer
+        # its micro-batch size; it only uses it for bookkeeping (token-balanced batches vary anyway).
+        plugin = acc.state.deepspeed_plugin
+        if plugin.is_auto("train_micro_batch_size_per_gpu"):
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = spec.batch_size or 1
+    model, optimizer = acc.prepare(model, optimizer)
+    # Not prepared: accelerate would step it once per process; this schedule counts optimiser steps.
+    state = _TrainerState()
+    state.extra = dict(spec.extra_state)
+    acc.register_for_checkpointing(scheduler, state)
+    if resume:
+        try_resume(ctx, state)
+        spec.extra_state.update(state.extra)
+    if state.step >= total:
+        ctx.print(f"already trained for {state.step} of {total} steps")
+        return model, state
+
+    log_every = cfg.logging.log_every
+    ckpt_every = cfg.logging.checkpoint_every
+    bar = tqdm(
+        total=total, initial=state.step, disable=not (ctx.is_main and cfg.logging.progress), desc="train"
+    )
+    sums: dict[str, torch.Tensor] = {}
+    n_micro = 0
+    tokens = torch.zeros((), device=ctx.device)
+    t_log = time.perf_counter()
+    nonfinite_in_row, skipped_total = 0, 0
+    grad_norms: list[float] = []
+    batches = micro_batches(
+        spec.lengths,
+        ctx,
+        cfg.seed,
+        spec.batch_size,
+        spec.max_tokens,
+        start_micro=state.step * spec.grad_accum,
+    )
+    model.train()
+    with StopFlag() as stop:
+        while state.step < total:
+            for _ in range(spec.grad_accum):
+                epoch, idx = next(batches)
+                batch = spec.make_batch(idx)
+                with acc.accumulate(model):
+                    loss, metrics, n_tok = spec.loss_fn(model, batch)
+                    acc.backward(loss)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+                tokens += n_tok
+                n_micro += 1
+            grad_norm = _clip(acc, model, spec.max_grad_norm)
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite_in_row += 1
+                skipped_total += 1
+                logger.warning("step %d: non-finite gradient norm; update skipped", state.step + 1)
+                if nonfinite_in_row >= spec.max_nonfinite_in_row:
+                    raise TrainingError(
+                        f"{nonfinite_in_row} non-finite updates in a row at step {state.step + 1}: lower optim.lr, "
+                        "check the data, or use float32; the last checkpoint under "
+                        f"{ctx.out_dir / 'checkpoints'} is intact"
+                    )
+            else:
+                nonfinite_in_row = 0
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if grad_norm is not None:
+                    grad_norms.append(grad_norm)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+            with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                scheduler.step()
+            state.step += 1
+            bar.update(1)
+
+            if state.step % log_every == 0 or state.step == total:
+                record = _reduce_means(acc, sums, n_micro)
+                elapsed = max(time.perf_counter() - t_log, 1e-9)
+                all_tokens = acc.reduce(tokens.clone(), "sum").item() if ctx.world > 1 else tokens.item()
+                record.update(
+                    lr=lr,
+                    epoch=epoch,
+                    tokens_per_s=all_tokens / elapsed,
+                    skipped_updates=skipped_total,
+                )
+                if grad_norms:
+                    record["grad_norm"] = sum(grad_norms) / len(grad_norms)
+                ctx.metrics.log(state.step, record, prefix="train/")
+                bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
+                sums, n_micro, grad_norms = {}, 0, []
+                tokens.zero_()
+                t_log = time.perf_counter()
+
+            t_pause = time.perf_counter()  # evaluation and checkpoints do not count against tokens/s
+            if spec.evaluate and spec.eval_every and state.step % spec.eval_every == 0 and state.step < total:
+                _run_eval(ctx, model, spec, state.step)
+            stop_now = stop.agreed(acc)
+            if (ckpt_every and state.step % ckpt_every == 0 and state.step < total) or stop_now:
+                state.extra = dict(spec.extra_state)
+                save_checkpoint(ctx, state)
+            t_log += time.perf_counter() - t_pause
+            if stop_now:
+                bar.close()
+                raise KeyboardInterrupt
+    bar.close()
+    if spec.evaluate:
+        _run_eval(ctx, model, spec, state.step)
+    state.extra = dict(spec.extra_state)
+    return model, state
+
+
+def _run_eval(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec, step: int) -> None:
+    model.eval()
+    try:
+        with torch.no_grad():
+            result = spec.evaluate(model) if spec.evaluate else None
+    finally:
+        model.train()
+    if result:
+        ctx.metrics.log(step, result, prefix="eval/")
+        ctx.print("step " + str(step) + ": " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
+        if spec.on_eval:
+            spec.on_eval(step, result, model)
+
+
+def _clip(acc: Accelerator, model: torch.nn.Module, max_norm: float | None) -> float | None:
+    """Global gradient-norm clipping (app. C.2); returns the pre-clip norm (None where the engine owns it)."""
+    norm = acc.clip_grad_norm_(model.parameters(), max_norm if max_norm is not None else float("inf"))
+    if norm is None:
+        return None
+    return float(norm)
+
+
+def _reduce_means(acc: Accelerator, sums: dict[str, torch.Tensor], n: int) -> dict[str, float]:
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    stacked = torch.stack([torch.as_tensor(sums[k], device=acc.device).float() for k in keys]) / max(n, 1)
+    if acc.num_processes > 1:
+        stacked = acc.reduce(stacked, "mean")
+    return dict(zip(keys, stacked.tolist(), strict=True))

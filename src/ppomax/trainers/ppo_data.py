@@ -1,0 +1,143 @@
+"""PPO inputs: prompt and PPO-ptx example streams with a resumable position.
+
+Each stream walks a seeded permutation of its examples, a new one every epoch (``seed + epoch``), and hands out
+``k`` examples per call; its whole state is ``(epoch, pos)``, saved in checkpoints, so a resumed run sees exactly
+the prompts it would have seen. With several processes each rank takes an interleaved share of the same global
+batch, so together they consume the global order once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ppomax.config import PPOConfig
+from ppomax.data import (
+    LoadStats,
+    PromptCollator,
+    SFTCollator,
+    load_prompts,
+    load_sft_examples,
+    pad_id_of,
+    tokenize_prompt,
+    tokenize_sft,
+)
+from ppomax.errors import ConfigError
+
+
+class IndexStream:
+    """Seeded, epoch-wise shuffled indices ``0..n-1`` with a resumable position."""
+
+    def __init__(self, n: int, seed: int, *, rank: int = 0, world: int = 1) -> None:
+        if n <= 0:
+            raise ConfigError("no examples to draw from")
+        self.n = n
+        self.seed = seed
+        self.rank = rank
+        self.world = world
+        self.epoch = 0
+        self.pos = 0
+        self._order = self._perm(0)
+
+    def _perm(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def take(self, k: int) -> list[int]:
+        """This rank's ``k`` indices of the next global batch of ``k * world``."""
+        out: list[int] = []
+        need = k * self.world
+        while len(out) < need:
+            if self.pos >= self.n:
+                self.epoch += 1
+                self.pos = 0
+                self._order = self._perm(self.epoch)
+            grab = min(need - len(out), self.n - self.pos)
+            out.extend(self._order[self.pos : self.pos + grab])
+            self.pos += grab
+        return out[self.rank :: self.world]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos, "n": self.n}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if int(state["n"]) != self.n:
+            raise ConfigError(
+                f"the checkpoint was taken with {state['n']} examples in this stream, the data now has {self.n}; "
+                "resume with the same data files"
+            )
+        self.epoch = int(state["epoch"])
+        self.pos = int(state["pos"])
+        self._order = self._perm(self.epoch)
+
+
+@dataclass
+class PromptSet:
+    """Tokenised prompts (ids, left truncated) with their texts and metadata."""
+
+    ids: list[list[int]]
+    texts: list[str]
+    meta: list[dict[str, Any]]
+    stats: LoadStats
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, indices: list[int], pad_id: int, device: torch.device) -> dict[str, Any]:
+        """Left-padded ``input_ids`` / ``attention_mask`` [B, P] on ``device`` plus ``prompts`` and ``meta``."""
+        b = PromptCollator(pad_id)([self.ids[i] for i in indices])
+        return {
+            "input_ids": b["input_ids"].to(device),
+            "attention_mask": b["attention_mask"].to(device),
+            "prompts": [self.texts[i] for i in indices],
+            "meta": [self.meta[i] for i in indices],
+        }
+
+
+def load_prompt_set(path: str, cfg: PPOConfig, tokenizer: Any) -> PromptSet:
+    """Load and tokenise a prompts file (formats of DESIGN.md section 3); bad lines per ``data.on_bad_line``."""
+    d = cfg.data
+    stats = LoadStats()
+    examples = load_prompts(
+        path, on_error=d.on_bad_line, stats=stats, format=d.chat_format, tokenizer=tokenizer
+    )
+    if not examples:
+        raise ConfigError(f"{path}: no usable prompts ({stats.summary()})")
+    ids = [tokenize_prompt(tokenizer, ex.prompt, d.max_prompt_tokens, stats) for ex in examples]
+    return PromptSet(ids, [ex.prompt for ex in examples], [dict(ex.meta) for ex in examples], stats)
+
+
+@dataclass
+class PTXSet:
+    """Tokenised SFT/pretraining examples for the PPO-ptx loss (paper eq. 17)."""
+
+    features: list[dict[str, Any]]
+    stats: LoadStats
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def batch(self, indices: list[int], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 off the trained tokens)."""
+        b = SFTCollator(pad_id)([self.features[i] for i in indices])
+        return {k: v.to(device) for k, v in b.items()}
+
+
+def load_ptx_set(path: str, cfg: PPOConfig, tokenizer: Any) -> PTXSet:
+    """SFT examples (any SFT format); the LM loss covers their response tokens, as in SFT."""
+    d = cfg.data
+    stats = LoadStats()
+    examples = load_sft_examples(
+        path, on_error=d.on_bad_line, stats=stats, format=d.chat_format, tokenizer=tokenizer
+    )
+    if not examples:
+        raise ConfigError(f"{path}: no usable PPO-ptx examples ({stats.summary()})")
+    feats = [
+        tokenize_sft(tokenizer, ex, d.max_prompt_tokens, d.max_ptx_response_tokens, stats) for ex in examples
+    ]
+    return PTXSet(feats, stats)
+
+
+__all__ = ["IndexStream", "PTXSet", "PromptSet", "load_prompt_set", "load_ptx_set", "pad_id_of"]

@@ -1,0 +1,167 @@
+"""The four PPO models (policy, reference, critic, reward model) and the forward passes the trainer runs on them.
+
+* Policy: ``model.policy`` (the SFT model; paper 5.3.3: a policy initialised without SFT fails).
+* Reference: a separate frozen copy, from ``model.reference`` or the policy's path.
+* Critic (paper 5.3.3, ``ppo.critic_init``): an explicit ``model.critic`` value-head checkpoint, else a copy of the
+  reward model (``reward_model``), the SFT backbone with a fresh head (``sft``), or a freshly initialised backbone
+  of the policy's architecture with a fresh head (``random``).
+* Reward model: a trained value-head model (``model.reward``), frozen; optional when reward functions are set.
+
+Dropout is switched off in policy and critic: the PPO ratio of the first minibatch must be exactly 1, and the old
+log-probs/values of the scoring pass must be those the update sees.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ppomax.algos import entropy_from_logits, logprobs_from_logits
+from ppomax.config import PPOConfig
+from ppomax.models import (
+    ValueHeadModel,
+    init_causal_lm_from_config,
+    load_causal_lm,
+    load_tokenizer,
+    position_ids_from_mask,
+)
+
+
+@dataclass
+class PPOModels:
+    tokenizer: Any
+    policy: Any
+    reference: Any
+    critic: ValueHeadModel
+    reward_model: ValueHeadModel | None
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Zero every dropout probability (modules and the ``*dropout``/``*pdrop`` config fields HF attention reads)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        cfg = getattr(m, "config", None)
+        if cfg is not None:
+            for key in list(vars(cfg)):
+                if (key.endswith("dropout") or key.endswith("pdrop")) and isinstance(
+                    getattr(cfg, key), float
+                ):
+                    setattr(cfg, key, 0.0)
+        for attr in ("attention_dropout", "dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+
+
+def _freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def build_critic(cfg: PPOConfig, policy_path: str, critic_path: str | None) -> ValueHeadModel:
+    """The critic per ``model.critic`` / ``ppo.critic_init`` (see the module docstring)."""
+    m, seed = cfg.model, cfg.seed
+    kw = {"dtype": m.dtype, "trust_remote_code": m.trust_remote_code}
+    if critic_path:
+        return ValueHeadModel.from_pretrained(critic_path, **kw)
+    init = cfg.ppo.critic_init
+    if init == "reward_model":
+        assert m.reward, "check_runnable guarantees model.reward for critic_init=reward_model"
+        return ValueHeadModel.from_pretrained(m.reward, **kw)
+    if init == "sft":
+        return ValueHeadModel.from_causal_lm(policy_path, seed=seed, **kw)
+    backbone = init_causal_lm_from_config(policy_path, seed=seed, **kw)
+    return ValueHeadModel(backbone, seed=seed)
+
+
+def load_models(cfg: PPOConfig, resume_dir: Any = None) -> PPOModels:
+    """Load everything ``cfg.model`` names. With ``resume_dir`` (a checkpoint), policy and critic come from it;
+    the reference and the reward model always come from the config (the reference is the *original* policy)."""
+    m = cfg.model
+    kw = {"dtype": m.dtype, "trust_remote_code": m.trust_remote_code}
+    assert m.policy
+    tokenizer = load_tokenizer(m.tokenizer or m.policy, trust_remote_code=m.trust_remote_code)
+    policy_path = str(resume_dir / "policy") if resume_dir else m.policy
+    critic_path = str(resume_dir / "critic") if resume_dir else m.critic
+    policy = load_causal_lm(policy_path, **kw)
+    reference = _freeze(load_causal_lm(m.reference or m.policy, **kw))
+    critic = build_critic(cfg, m.policy, critic_path)
+    reward_model = _freeze(ValueHeadModel.from_pretrained(m.reward, **kw)) if m.reward else None
+    for model in (policy, critic):
+        disable_dropout(model)
+        if m.gradient_checkpointing:
+            # transformers 5 renamed it; ValueHeadModel forwards the old name to its backbone
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+            model.train()  # HF checkpoints only in train mode; dropout is already off
+        else:
+            model.eval()
+    return PPOModels(tokenizer, policy, reference, critic, reward_model)
+
+
+def _accepts(model: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class Forward:
+    """Forward passes over a batch laid out as in :class:`~ppomax.experience.Experience`.
+
+    Every call passes position ids counted from the attention mask (as ``generate`` did), so a row's outputs
+    do not depend on the padding around it, and asks the LM head only for the ``R + 1`` last positions when the
+    model supports ``logits_to_keep`` (the prompt's logits are never needed).
+    """
+
+    def __init__(self, policy_unwrapped: Any, temperature: float) -> None:
+        self.temperature = temperature
+        self.keep_logits = _accepts(policy_unwrapped, "logits_to_keep")
+
+    def response_logits(
+        self, model: Any, sequences: Tensor, attention_mask: Tensor, prompt_width: int
+    ) -> Tensor:
+        """[B, R, V] logits predicting response tokens 0..R-1 (from columns P-1 .. P+R-2)."""
+        r = sequences.shape[1] - prompt_width
+        kwargs: dict[str, Any] = {}
+        if self.keep_logits:
+            kwargs["logits_to_keep"] = r + 1
+        out = model(
+            input_ids=sequences,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+            **kwargs,
+        )
+        return out.logits[:, -(r + 1) : -1]
+
+    def logprobs(self, logits: Tensor, labels: Tensor, raw: bool = False) -> Tensor:
+        """Log-probs of ``labels`` under the logits the ratio/KL use (temperature-scaled unless ``raw``)."""
+        return logprobs_from_logits(logits, labels, 1.0 if raw else self.temperature)
+
+    def entropy(self, logits: Tensor) -> Tensor:
+        return entropy_from_logits(logits if self.temperature == 1.0 else logits / self.temperature)
+
+    @staticmethod
+    def values(critic: Any, sequences: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
+        """[B, R] critic values V(s_j): the value read at the column before response token j."""
+        v = critic(sequences, attention_mask).values
+        return v[:, prompt_width - 1 : -1]
+
+    @staticmethod
+    def lm_loss_inputs(model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(logits [B, T-1, V], labels [B, T-1], mask [B, T-1]) of a right-padded SFT batch (PPO-ptx)."""
+        mask = batch["attention_mask"]
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=False,
+        )
+        labels = batch["labels"][:, 1:]
+        return out.logits[:, :-1], labels, labels != -100

@@ -1,0 +1,281 @@
+"""One PPO iteration's work after generation: the scoring pass, advantages, and the minibatch updates.
+
+The math is in :mod:`ppomax.algos`; this module only decides which tensors go where, following DESIGN.md
+section 1 and the switches of ``ppo``:
+
+1. scoring (no gradient): old log-probs, entropy and values from the policy and critic, reference log-probs,
+   raw scores from the reward sources; each computed once per iteration and reused by every epoch;
+2. advantages: running reward moments updated with the raw scores (eq. 18), the score re-parameterised
+   (``reward_norm``/``reward_clip`` or ``reward_scaling``; a truncated response may get ``truncated_penalty``),
+   token-level rewards ``-kl_coef * KL_t`` + score at the last token (eq. 19), GAE (eq. 9-11);
+3. updates: ``ppo_epochs`` passes over shuffled minibatches; advantages whitened/clipped per minibatch; clipped
+   surrogate (eq. 15) against the sampling policy, or the reference when ``importance_sampling`` is off;
+   entropy bonus with clip; PPO-ptx LM loss (eq. 17); clipped value loss; global gradient clipping per model; a
+   non-finite loss or gradient skips the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ppomax.algos import (
+    AllReduce,
+    RunningMoments,
+    entropy_bonus_loss,
+    gae,
+    kl_per_token,
+    lm_nll,
+    normalize_advantages,
+    normalize_rewards,
+    policy_loss,
+    scale_rewards,
+    token_level_rewards,
+    value_loss,
+)
+from ppomax.config import GenerationConfig, PPOSettings
+from ppomax.experience import Experience
+from ppomax.rewards import RewardSources
+
+from .ppo_models import Forward
+
+
+@torch.no_grad()
+def score_experience(
+    exp: Experience,
+    *,
+    policy: Any,
+    reference: Any,
+    critic: Any | None,
+    fwd: Forward,
+    rewards: RewardSources,
+    eos_ids: list[int],
+    chunk_size: int | None = None,
+) -> None:
+    """Fill the scoring-pass fields of ``exp`` in place (see :class:`Experience`). ``critic=None`` skips values
+    (evaluation). Models are used as given (pass unwrapped ones: no gradient, no DDP synchronisation).
+    ``chunk_size`` rows per forward bound the [rows, R, V] logits in memory (``ppo.micro_batch_size``)."""
+    width, n = exp.prompt_width, exp.batch_size
+    step = chunk_size or n
+    out: dict[str, list[Tensor]] = {}
+    for lo in range(0, n, step):
+        seqs, mask = exp.sequences[lo : lo + step], exp.attention_mask[lo : lo + step]
+        labels = seqs[:, width:]
+        for name, model in (("", policy), ("ref_", reference)):
+            logits = fwd.response_logits(model, seqs, mask, width)
+            lp = fwd.logprobs(logits, labels)
+            out.setdefault(f"{name}logprobs", []).append(lp)
+            out.setdefault(f"{name}raw_logprobs", []).append(
+                lp if fwd.temperature == 1.0 else fwd.logprobs(logits, labels, raw=True)
+            )
+            if model is policy:
+                out.setdefault("entropy", []).append(fwd.entropy(logits))
+            del logits
+        if critic is not None:
+            out.setdefault("values", []).append(fwd.values(critic, seqs, mask, width))
+    for name, parts in out.items():
+        setattr(exp, name, torch.cat(parts))
+    exp.scores, exp.score_parts = rewards(exp, eos_ids)
+
+
+def reparameterize_scores(
+    raw: Tensor, truncated: Tensor, ppo: PPOSettings, gen: GenerationConfig, moments: RunningMoments
+) -> Tensor:
+    """The score added at the last token (paper 5.3.1), from raw scores [B] and running moments already
+    updated with this batch: ``reward_norm`` -> ``clip((r - mean) / std, -c, c)`` (eq. 18); else
+    ``reward_scaling`` -> ``r / std``; ``reward_clip`` clips whichever applies (or the raw score). With
+    ``truncated_response: penalty`` a response without EOS gets ``truncated_penalty`` instead."""
+    if ppo.reward_norm:
+        out = normalize_rewards(raw, moments.mean, moments.std, ppo.reward_clip)
+    else:
+        out = scale_rewards(raw, moments) if ppo.reward_scaling else raw
+        if ppo.reward_clip is not None:
+            out = out.clamp(-ppo.reward_clip, ppo.reward_clip)
+    if gen.truncated_response == "penalty":
+        out = torch.where(truncated, torch.full_like(out, gen.truncated_penalty), out)
+    return out
+
+
+@torch.no_grad()
+def compute_advantages(exp: Experience, ppo: PPOSettings, gen: GenerationConfig, moments: RunningMoments) -> None:
+    """Fill ``final_scores``, ``kl``, ``rewards``, ``advantages``, ``returns`` of ``exp`` in place.
+
+    The running moments always track the raw scores (so they can be monitored), but are *used* only by the
+    switches that ask for them. Non-finite scores never enter the moments (one NaN would poison them for the rest
+    of the run); with ``truncated_response: penalty`` the truncated responses' scores do not either, since
+    those are replaced.
+    """
+    raw, mask = exp.scores, exp.response_mask
+    use = torch.isfinite(raw)
+    if gen.truncated_response == "penalty":
+        use = use & ~exp.truncated
+    moments.update(raw, mask=use)
+    exp.final_scores = reparameterize_scores(raw, exp.truncated, ppo, gen, moments)
+    kl = kl_per_token(exp.logprobs, exp.ref_logprobs, ppo.kl_estimator)
+    exp.kl = torch.where(mask, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
+    exp.rewards = token_level_rewards(exp.final_scores, exp.kl, mask, ppo.kl_coef)
+    exp.advantages, exp.returns = gae(exp.rewards, exp.values, mask, ppo.gamma, ppo.lam)
+
+
+@dataclasses.dataclass
+class Updater:
+    """Minibatch updates of policy and critic (one optimiser step per minibatch, per model)."""
+
+    ppo: PPOSettings
+    accelerator: Any
+    fwd: Forward
+    policy: Any
+    critic: Any
+    policy_opt: Any
+    critic_opt: Any
+    policy_sched: Any
+    critic_sched: Any
+    seed: int
+    all_reduce: AllReduce | None = None
+    ptx_batch: Callable[[int], dict[str, Tensor]] | None = None
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+
+    def update(self, exp: Experience, step: int, critic_only: bool) -> dict[str, Tensor]:
+        """``ppo_epochs`` passes over shuffled minibatches of ``exp``; returns metrics averaged over minibatches
+        (``ratio_max`` is the max). Stops early once ``max_nonfinite_in_row`` updates in a row were skipped."""
+        p = self.ppo
+        acc: dict[str, list[Tensor]] = {}
+        skipped = 0
+        for epoch in range(p.ppo_epochs):
+            # Seeded by (seed, step, epoch), not by the global RNG: resuming needs no extra state.
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1_009 + epoch)
+            perm = torch.randperm(exp.batch_size, generator=g)
+            for start in range(0, exp.batch_size, p.minibatch_size):
+                mb = exp.select(perm[start : start + p.minibatch_size])
+                metrics, ok = self._minibatch(mb, critic_only)
+                skipped += int(not ok)
+                for k, v in metrics.items():
+                    acc.setdefault(k, []).append(v)
+                if self.nonfinite_in_row >= p.max_nonfinite_in_row:
+                    break
+            if self.nonfinite_in_row >= p.max_nonfinite_in_row:
+                break
+        out = {
+            k: (torch.stack(v).max() if k.endswith("_max") else torch.stack(v).mean()) for k, v in acc.items()
+        }
+        out["nonfinite/skipped"] = torch.tensor(float(skipped))
+        return out
+
+    def _minibatch(self, mb: Experience, critic_only: bool) -> tuple[dict[str, Tensor], bool]:
+        p = self.ppo
+        mb = dataclasses.replace(
+            mb,
+            advantages=normalize_advantages(
+                mb.advantages, mb.response_mask, p.advantage_norm, p.advantage_clip, self.all_reduce
+            ),
+        )
+        # Micro-batches (gradient accumulation): the minibatch loss is the mean of their token-mean losses.
+        size = p.micro_batch_size or mb.batch_size
+        chunks = [list(range(i, min(i + size, mb.batch_size))) for i in range(0, mb.batch_size, size)]
+        ptx = None
+        if not critic_only and p.ptx_coef > 0 and self.ptx_batch is not None:
+            ptx = self.ptx_batch(p.ptx_batch_size)
+        metrics: dict[str, list[Tensor]] = {}
+        total_loss = torch.zeros((), device=mb.sequences.device)
+        for i, rows in enumerate(chunks):
+            chunk = mb if len(chunks) == 1 else mb.select(rows)
+            last = i == len(chunks) - 1
+            if ptx is not None:
+                # Its own backward, before the main one: DDP allows one forward per backward, and the last
+                # backward of a minibatch (the one that synchronises gradients) must involve both models.
+                lo, hi = (
+                    i * len(ptx["input_ids"]) // len(chunks),
+                    (i + 1) * len(ptx["input_ids"]) // len(chunks),
+                )
+                if hi > lo:
+                    with self._no_sync(True):
+                        logits, labels, lmask = self.fwd.lm_loss_inputs(
+                            self.policy, {k: v[lo:hi] for k, v in ptx.items()}
+                        )
+                        ptx_loss = lm_nll(logits, labels, lmask)
+                        self.accelerator.backward(p.ptx_coef * ptx_loss / len(chunks))
+                    metrics.setdefault("loss/ptx", []).append(ptx_loss.detach())
+                    total_loss = total_loss + p.ptx_coef * ptx_loss.detach() / len(chunks)
+            with self._no_sync(not last):
+                loss, m = self._loss(chunk, critic_only)
+                self.accelerator.backward(loss / len(chunks))
+            total_loss = total_loss + loss.detach() / len(chunks)
+            for k, v in m.items():
+                metrics.setdefault(k, []).append(v)
+        ok = self._step(total_loss, critic_only, metrics)
+        out = {
+            k: torch.stack(v).max() if k.endswith("_max") else torch.stack(v).mean()
+            for k, v in metrics.items()
+        }
+        out["loss/total"] = total_loss
+        return out, ok
+
+    def _loss(self, mb: Experience, critic_only: bool) -> tuple[Tensor, dict[str, Tensor]]:
+        p = self.ppo
+        seqs, attn, width, mask = mb.sequences, mb.attention_mask, mb.prompt_width, mb.response_mask
+        metrics: dict[str, Tensor] = {}
+        loss = torch.zeros((), device=seqs.device)
+        if not critic_only:
+            logits = self.fwd.response_logits(self.policy, seqs, attn, width)
+            logprobs = self.fwd.logprobs(logits, mb.responses_ids)
+            old = mb.logprobs if p.importance_sampling else mb.ref_logprobs
+            pg, pm = policy_loss(logprobs, old, mb.advantages, mask, p.clip_ratio)
+            loss = loss + pg
+            metrics.update({
+                "loss/pg": pm["pg_loss"], "policy/pg_clipfrac": pm["pg_clipfrac"],
+                "policy/approx_kl": pm["approx_kl"], "policy/ratio_mean": pm["ratio_mean"],
+                "policy/ratio_max": pm["ratio_max"],
+            })  # fmt: skip
+            if p.entropy_coef > 0:
+                ent, em = entropy_bonus_loss(self.fwd.entropy(logits), mask, p.entropy_coef, p.entropy_clip)
+                loss = loss + ent
+                metrics.update(
+                    {"loss/entropy": em["entropy_loss"], "policy/entropy_clipfrac": em["entropy_clipfrac"]}
+                )
+        values = self.fwd.values(self.critic, seqs, attn, width)
+        vf, vm = value_loss(values, mb.values, mb.returns, mask, p.value_clip)
+        loss = loss + p.vf_coef * vf
+        metrics.update({"loss/vf": vm["vf_loss"], "critic/vf_clipfrac": vm["vf_clipfrac"]})
+        return loss, metrics
+
+    def _step(self, loss: Tensor, critic_only: bool, metrics: dict[str, list[Tensor]]) -> bool:
+        """Clip, check finiteness (one host sync per minibatch), step or skip; returns whether it stepped."""
+        max_norm = self.ppo.max_grad_norm if self.ppo.max_grad_norm is not None else float("inf")
+        norms = [self.accelerator.clip_grad_norm_(self.critic.parameters(), max_norm)]
+        if not critic_only:
+            norms.append(self.accelerator.clip_grad_norm_(self.policy.parameters(), max_norm))
+            metrics.setdefault("grad_norm/policy", []).append(norms[-1].detach().float())
+        metrics.setdefault("grad_norm/critic", []).append(norms[0].detach().float())
+        finite = torch.isfinite(
+            torch.stack([loss.float(), *(n.float().to(loss.device) for n in norms)])
+        ).all()
+        if self.all_reduce is not None:  # every rank must take the same decision
+            finite = self.all_reduce((~finite).float()) == 0
+        ok = bool(finite)
+        if ok:
+            if not critic_only:
+                self.policy_opt.step()
+                self.policy_sched.step()
+            self.critic_opt.step()
+            self.critic_sched.step()
+            self.nonfinite_in_row = 0
+        else:
+            self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
+        self.policy_opt.zero_grad(set_to_none=True)
+        self.critic_opt.zero_grad(set_to_none=True)
+        return ok
+
+    def _no_sync(self, skip_sync: bool) -> contextlib.AbstractContextManager[Any]:
+        if not skip_sync or self.accelerator.num_processes == 1:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.accelerator.no_sync(self.policy))
+        stack.enter_context(self.accelerator.no_sync(self.critic))
+        return stack

@@ -1,0 +1,212 @@
+"""Reward-model training (paper section 4, eq. 2).
+
+``L = -lambda * E[log sigmoid(r(x, y_w) - r(x, y_l))] + beta_rm * NLL(y_w | x)``: the pairwise ranking loss
+plus an LM (imitation) loss on the preferred response through the same trunk (``beta_rm: 0`` turns it off;
+the paper uses 1). The reward is the value head's output at the last token of prompt + response
+(:class:`ppomax.models.ValueHeadModel`). Batches are fixed-size (``batch_size`` pairs per process) or
+token-balanced (``max_tokens_per_batch`` padded tokens per process, both rows of each pair counted; paper 4.2).
+
+Every ``logging.eval_every`` steps and at the end: validation accuracy, mean margin and ranking loss. The model with
+the best validation accuracy is kept in ``out_dir/best``, the last one in ``out_dir/final`` (what
+:func:`train_rm` returns: the paper (4.4) found accuracy alone a poor criterion for the RM PPO should use).
+At the end the test split (``data.test``, else the validation split) is scored and
+``rm_margins_<split>.png`` (paper fig. 2) and ``rm_eval_<split>.json`` are written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+
+from ppomax.algos import lm_nll, pairwise_rm_loss
+from ppomax.config import RMConfig
+from ppomax.data import (
+    LoadStats,
+    PreferenceCollator,
+    feature_length,
+    load_preference_pairs,
+    pad_id_of,
+    tokenize_pair,
+)
+from ppomax.errors import ConfigError
+from ppomax.models import ValueHeadModel, load_tokenizer, model_summary
+from ppomax.report_rm import margin_summary, write_rm_eval
+
+from .common import (
+    RunContext,
+    check_vocab,
+    eval_shards,
+    log_load_stats,
+    save_model,
+    setup_run,
+    split_validation,
+    to_device,
+)
+from .loop import LoopSpec, train_loop
+
+
+def rm_features(path: str, tokenizer: Any, cfg: RMConfig, stats: LoadStats) -> list[dict[str, Any]]:
+    d = cfg.data
+    pairs = load_preference_pairs(path, d.on_bad_line, stats, format=d.chat_format, tokenizer=tokenizer)
+    return [tokenize_pair(tokenizer, p, d.max_prompt_tokens, d.max_response_tokens, stats) for p in pairs]
+
+
+def rm_forward(
+    model: torch.nn.Module, batch: dict[str, Any], beta_rm: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(chosen scores [B], rejected scores [B], chosen-response NLL or None) of a PreferenceCollator batch."""
+    n = batch["num_pairs"]
+    out = model(batch["input_ids"], batch["attention_mask"], return_lm_logits=beta_rm > 0)
+    nll = None
+    if beta_rm > 0:
+        # logits at t predict token t + 1; lm_mask marks the chosen response's target tokens
+        nll = lm_nll(out.lm_logits[:n, :-1], batch["input_ids"][:n, 1:], batch["lm_mask"][:n, 1:])
+    return out.scores[:n], out.scores[n:], nll
+
+
+def make_rm_loss(beta_rm: float, lam: float):
+    def rm_loss(model: torch.nn.Module, batch: dict[str, Any]):
+        chosen, rejected, nll = rm_forward(model, batch, beta_rm)
+        loss, metrics = pairwise_rm_loss(chosen, rejected, nll, beta_rm=beta_rm, lam=lam)
+        metrics = {**metrics, "loss": loss.detach(), "pairs": torch.tensor(float(batch["num_pairs"]))}
+        return loss, metrics, batch["attention_mask"].sum()
+
+    return rm_loss
+
+
+def rm_margins(
+    ctx: RunContext,
+    model: torch.nn.Module,
+    feats: list[dict[str, Any]],
+    collate: PreferenceCollator,
+    batch_size: int,
+) -> list[float]:
+    """r(chosen) - r(rejected) of every pair (all ranks' shards gathered, in example order)."""
+    local: list[tuple[int, float]] = []
+    for idx, real in eval_shards(len(feats), batch_size, ctx):
+        batch = to_device(collate([feats[i] for i in idx]), ctx.device)
+        chosen, rejected, _ = rm_forward(model, batch, beta_rm=0.0)
+        if real:
+            local += list(zip(idx, (chosen - rejected).float().cpu().tolist(), strict=True))
+    pairs = gather_object(local) if ctx.world > 1 else local
+    return [m for _, m in sorted(pairs)]
+
+
+def evaluate_rm(
+    ctx: RunContext,
+    model: torch.nn.Module,
+    feats: list[dict[str, Any]],
+    collate: PreferenceCollator,
+    batch_size: int,
+) -> dict[str, float]:
+    margins = rm_margins(ctx, model, feats, collate, batch_size)
+    s = margin_summary(margins)
+    m = torch.tensor(margins, dtype=torch.float64)
+    rm_loss = float(-torch.nn.functional.logsigmoid(m).mean()) if len(margins) else float("nan")
+    return {
+        "accuracy": s["accuracy"],
+        "margin_mean": s["margin_mean"],
+        "rm_loss": rm_loss,
+        "pairs": s["pairs"],
+    }
+
+
+def _freeze_unused_lm_head(model: ValueHeadModel) -> None:
+    """Without the LM term the LM head takes no part in the loss: freeze it (unless tied to the input
+    embeddings) so DDP sees no unused parameters and AdamW keeps no state for it."""
+    out_emb = model.backbone.get_output_embeddings()
+    in_emb = model.backbone.get_input_embeddings()
+    if out_emb is not None and out_emb.weight.data_ptr() != in_emb.weight.data_ptr():
+        for p in out_emb.parameters():
+            p.requires_grad_(False)
+
+
+def train_rm(cfg: RMConfig, resume: bool = False) -> Path:
+    """Train a reward model as configured; returns the last model's directory ``out_dir/final``."""
+    if not cfg.model.policy:
+        raise ConfigError("model.policy: required (the SFT / base model the reward model starts from)")
+    if not cfg.data.train:
+        raise ConfigError("data.train: required (preference pairs)")
+    ctx = setup_run(cfg, grad_accum=cfg.grad_accum)
+    m = cfg.model
+    tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
+    model = ValueHeadModel.from_causal_lm(m.policy, m.dtype, m.trust_remote_code, seed=cfg.seed)
+    check_vocab(model.backbone, tokenizer, "model.policy / model.tokenizer")
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.beta_rm == 0:
+        _freeze_unused_lm_head(model)
+    ctx.print(f"reward model on {m.policy} ({model_summary(model)['params']:,} parameters)")
+
+    stats = LoadStats()
+    train = rm_features(cfg.data.train, tokenizer, cfg, stats)
+    log_load_stats(ctx, f"train pairs {cfg.data.train}", stats)
+    if cfg.data.valid:
+        vstats = LoadStats()
+        valid = rm_features(cfg.data.valid, tokenizer, cfg, vstats)
+        log_load_stats(ctx, f"valid pairs {cfg.data.valid}", vstats)
+    else:
+        train, valid = split_validation(train, cfg.data.valid_fraction, cfg.seed)
+    test, test_name = valid, "valid"
+    if cfg.data.test:
+        tstats = LoadStats()
+        test, test_name = rm_features(cfg.data.test, tokenizer, cfg, tstats), "test"
+        log_load_stats(ctx, f"test pairs {cfg.data.test}", tstats)
+    ctx.print(
+        f"{len(train)} training, {len(valid)} validation, {len(test) if cfg.data.test else 0} test pairs"
+    )
+
+    collate = PreferenceCollator(pad_id_of(tokenizer))
+    eval_bs = cfg.batch_size
+    best_dir = ctx.out_dir / "best"
+    extra: dict[str, Any] = {"best_accuracy": -1.0, "best_step": 0}
+
+    def on_eval(step: int, result: dict[str, float], mdl: torch.nn.Module) -> None:
+        if result["accuracy"] > extra["best_accuracy"]:
+            extra.update(best_accuracy=result["accuracy"], best_step=step)
+            save_model(ctx, mdl, tokenizer, best_dir)
+            if ctx.is_main:
+                info = {"step": step, **result}
+                (best_dir / "ppomax_eval.json").write_text(
+                    json.dumps(info, indent=2) + "\n", encoding="utf-8"
+                )
+
+    spec = LoopSpec(
+        lengths=[feature_length(f) for f in train],
+        make_batch=lambda idx: to_device(collate([train[i] for i in idx]), ctx.device),
+        loss_fn=make_rm_loss(cfg.beta_rm, cfg.rm_lambda),
+        batch_size=cfg.batch_size,
+        # the budget counts both rows of a pair; token_balanced_batches sees one (the longer) per pair
+        max_tokens=max(1, cfg.max_tokens_per_batch // 2) if cfg.max_tokens_per_batch else None,
+        epochs=cfg.epochs,
+        grad_accum=cfg.grad_accum,
+        max_grad_norm=cfg.max_grad_norm,
+        max_nonfinite_in_row=cfg.max_nonfinite_in_row,
+        eval_every=cfg.logging.eval_every,
+        evaluate=(lambda mdl: evaluate_rm(ctx, mdl, valid, collate, eval_bs)) if valid else None,
+        on_eval=on_eval,
+        extra_state=extra,
+    )
+    model, _state = train_loop(ctx, model, spec, resume=resume)
+    final = save_model(ctx, model, tokenizer, ctx.out_dir / "final")
+
+    if test:
+        model.eval()
+        with torch.no_grad():
+            margins = rm_margins(ctx, model, test, collate, eval_bs)
+        summary = margin_summary(margins)
+        ctx.metrics.log(
+            _state.step, {k: v for k, v in summary.items() if k != "pairs"}, prefix=f"{test_name}_final/"
+        )
+        if ctx.is_main:
+            write_rm_eval(ctx.out_dir, test_name, margins, {"model": str(final)})
+        ctx.print(
+            f"{test_name}: accuracy {summary['accuracy']:.4f}, mean margin {summary['margin_mean']:.4f}"
+        )
+    ctx.metrics.close()
+    ctx.print(f"saved {final}" + (f" (best: {best_dir}, step {extra['best_step']})" if valid else ""))
+    return final

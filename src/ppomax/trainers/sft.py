@@ -1,0 +1,188 @@
+"""Supervised fine-tuning (and plain causal-LM pretraining) of a Hugging Face causal LM.
+
+``objective: sft`` (default): the loss is the mean negative log-likelihood of the response tokens only; the
+prompt, the human turns of an HH dialogue and padding carry label ``-100`` (:func:`ppomax.data.tokenize_sft`).
+``objective: pretrain``: records ``{"text": ...}`` are plain text (HH dialogues included, as text), the loss
+covers every token, and each text is split into blocks of ``max_prompt_tokens + max_response_tokens`` tokens.
+``init_from_config: true`` starts from random weights built from ``model.policy/config.json`` (the demo
+pretrains a tiny Llama from scratch this way); otherwise ``model.policy`` must hold trained weights.
+
+The paper's SFT recipe (5.1) is a cosine schedule decaying to 10% of the peak learning rate: set
+``optim.schedule: cosine`` (``optim.min_lr_ratio`` defaults to 0.1). Validation loss and perplexity are logged
+every ``logging.eval_every`` steps and at the end, on ``data.valid`` or a ``data.valid_fraction`` hold-out.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ppomax.algos import lm_nll, logprobs_from_logits
+from ppomax.config import SFTConfig
+from ppomax.data import (
+    IGNORE_INDEX,
+    DataError,
+    LoadStats,
+    SFTCollator,
+    load_sft_examples,
+    pad_id_of,
+    read_records,
+    special_prefix,
+    tokenize_sft,
+)
+from ppomax.data.io import handle_error
+from ppomax.errors import ConfigError
+from ppomax.models import init_causal_lm_from_config, load_causal_lm, load_tokenizer, model_summary
+
+from .common import (
+    RunContext,
+    check_vocab,
+    eval_shards,
+    log_load_stats,
+    reduce_sums,
+    save_model,
+    setup_run,
+    split_validation,
+    to_device,
+)
+from .loop import LoopSpec, train_loop
+
+
+def sft_features(path: str, tokenizer: Any, cfg: SFTConfig, stats: LoadStats) -> list[dict[str, Any]]:
+    """Tokenised examples ``{"input_ids", "labels"}`` of a file, for the configured objective."""
+    d = cfg.data
+    if cfg.objective == "pretrain":
+        return pretrain_features(
+            path, tokenizer, d.max_prompt_tokens + d.max_response_tokens, d.on_bad_line, stats
+        )
+    examples = load_sft_examples(path, d.on_bad_line, stats, format=d.chat_format, tokenizer=tokenizer)
+    return [tokenize_sft(tokenizer, ex, d.max_prompt_tokens, d.max_response_tokens, stats) for ex in examples]
+
+
+def pretrain_features(
+    path: str, tokenizer: Any, block: int, on_error: str = "fail", stats: LoadStats | None = None
+) -> list[dict[str, Any]]:
+    """Plain-text records ``{"text": str}``: BOS (if the tokenizer adds one) + text + EOS, cut into blocks of
+    ``block`` tokens (no packing across texts, so no example attends to another); loss on every token."""
+    stats = stats if stats is not None else LoadStats()
+    texts: list[str] = []
+    for spath, line, rec in read_records(path, on_error, stats):  # type: ignore[arg-type]
+        text = rec.get("text") if isinstance(rec, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            handle_error(
+                DataError(spath, line, "pretraining record needs a non-empty string field 'text'"),
+                on_error,
+                stats,
+            )  # type: ignore[arg-type]
+            continue
+        texts.append(text)
+        stats.loaded += 1
+    if not texts:
+        raise DataError(path, None, "no usable pretraining texts in this file", stats.summary())
+    prefix = special_prefix(tokenizer)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    feats = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        seq = [*prefix, *ids, *eos]
+        if len(seq) > block:
+            stats.notes["text split into blocks"] += 1
+        for start in range(0, len(seq), block):
+            chunk = seq[start : start + block]
+            if len(chunk) >= 2:  # one token predicts nothing
+                feats.append({"input_ids": chunk, "labels": list(chunk)})
+    return feats
+
+
+def sft_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Mean NLL over the trainable target tokens; logits at t predict the token at t + 1."""
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    loss = lm_nll(logits[:, :-1], labels, mask)
+    metrics = {"loss": loss.detach(), "target_tokens": mask.sum().float()}
+    return loss, metrics, batch["attention_mask"].sum()
+
+
+def evaluate_lm(
+    ctx: RunContext,
+    model: torch.nn.Module,
+    feats: list[dict[str, Any]],
+    collate: SFTCollator,
+    batch_size: int,
+) -> dict[str, float]:
+    """Token-weighted validation NLL over all ranks (every example exactly once) and its perplexity."""
+    nll, count = 0.0, 0.0
+    for idx, real in eval_shards(len(feats), batch_size, ctx):
+        batch = to_device(collate([feats[i] for i in idx]), ctx.device)
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
+        labels = batch["labels"][:, 1:]
+        mask = (labels != IGNORE_INDEX).float()
+        lp = logprobs_from_logits(logits[:, :-1], labels)
+        if real:
+            nll += float(-(lp * mask).sum())
+            count += float(mask.sum())
+    tot = reduce_sums(ctx.accelerator, {"nll": nll, "count": count})
+    loss = tot["nll"] / max(tot["count"], 1.0)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": tot["count"]}
+
+
+def _load_model(cfg: SFTConfig):
+    m = cfg.model
+    if cfg.init_from_config:
+        return init_causal_lm_from_config(m.policy, m.dtype, m.trust_remote_code, seed=cfg.seed)
+    return load_causal_lm(m.policy, m.dtype, m.trust_remote_code)
+
+
+def train_sft(cfg: SFTConfig, resume: bool = False) -> Path:
+    """Run SFT (or pretraining) as configured; returns the final model directory ``out_dir/final``."""
+    if not cfg.model.policy:
+        raise ConfigError("model.policy: required (the base model directory to fine-tune)")
+    if not cfg.data.train:
+        raise ConfigError("data.train: required (SFT examples, or {'text'} records with objective: pretrain)")
+    ctx = setup_run(cfg, grad_accum=cfg.grad_accum)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy, cfg.model.trust_remote_code)
+    model = _load_model(cfg)
+    check_vocab(model, tokenizer, "model.policy / model.tokenizer")
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    ctx.print(f"model: {cfg.model.policy} ({model_summary(model)['params']:,} parameters)")
+
+    stats = LoadStats()
+    train = sft_features(cfg.data.train, tokenizer, cfg, stats)
+    log_load_stats(ctx, f"train data {cfg.data.train}", stats)
+    if cfg.data.valid:
+        vstats = LoadStats()
+        valid = sft_features(cfg.data.valid, tokenizer, cfg, vstats)
+        log_load_stats(ctx, f"valid data {cfg.data.valid}", vstats)
+    else:
+        train, valid = split_validation(train, cfg.data.valid_fraction, cfg.seed)
+    ctx.print(f"{len(train)} training and {len(valid)} validation examples")
+
+    collate = SFTCollator(pad_id_of(tokenizer))
+    spec = LoopSpec(
+        lengths=[len(f["input_ids"]) for f in train],
+        make_batch=lambda idx: to_device(collate([train[i] for i in idx]), ctx.device),
+        loss_fn=sft_loss,
+        batch_size=cfg.batch_size,
+        max_tokens=None,
+        epochs=cfg.epochs,
+        grad_accum=cfg.grad_accum,
+        max_grad_norm=cfg.max_grad_norm,
+        max_nonfinite_in_row=cfg.max_nonfinite_in_row,
+        eval_every=cfg.logging.eval_every,
+        evaluate=(lambda mdl: evaluate_lm(ctx, mdl, valid, collate, cfg.batch_size)) if valid else None,
+    )
+    model, _state = train_loop(ctx, model, spec, resume=resume)
+    final = save_model(ctx, model, tokenizer, ctx.out_dir / "final")
+    ctx.metrics.close()
+    ctx.print(f"saved {final}")
+    return final

@@ -1,0 +1,260 @@
+"""ppomax.models: loading, the value-head model, save/load round trips on tiny Llama, GPT-2, Qwen2, GPT-NeoX."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    Qwen2Config,
+)
+
+from helpers import make_tiny_tokenizer
+from ppomax.errors import ModelPathError
+from ppomax.models import (
+    HEAD_META,
+    ValueHeadModel,
+    init_causal_lm_from_config,
+    is_value_head_model,
+    last_token_index,
+    load_causal_lm,
+    load_tokenizer,
+    position_ids_from_mask,
+)
+
+VOCAB = 64
+
+
+def tiny_config(arch: str):
+    common = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    if arch == "llama":
+        return LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+            **common,
+        )
+    if arch == "gpt2":
+        return GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=64, **common)
+    if arch == "qwen2":
+        return Qwen2Config(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+            **common,
+        )
+    if arch == "neox":
+        return GPTNeoXConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            **common,
+        )
+    raise ValueError(arch)
+
+
+def save_tiny_lm(tmp_path, arch: str = "llama", name: str = "lm"):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    out = tmp_path / name
+    model.save_pretrained(out)
+    return out
+
+
+ARCHS = ["llama", "gpt2", "qwen2", "neox"]
+
+
+def _batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (3, 7), generator=g)
+    lengths = torch.tensor([7, 4, 5])
+    return ids, lengths
+
+
+def _pad(ids, lengths, side: str, width: int = 9):
+    b = ids.shape[0]
+    out = torch.zeros(b, width, dtype=torch.long)
+    mask = torch.zeros(b, width, dtype=torch.long)
+    for i, n in enumerate(lengths.tolist()):
+        if side == "left":
+            out[i, width - n :] = ids[i, :n]
+            mask[i, width - n :] = 1
+        else:
+            out[i, :n] = ids[i, :n]
+            mask[i, :n] = 1
+    return out, mask
+
+
+def test_last_token_index_left_right_and_holes():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+    assert last_token_index(mask).tolist() == [3, 1, 2, 0, 3]
+    assert last_token_index(mask.bool()).tolist() == [3, 1, 2, 0, 3]
+
+
+def test_position_ids_from_mask():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_score_equal_under_left_and_right_padding(tmp_path, arch):
+    vh = ValueHeadModel.from_causal_lm(save_tiny_lm(tmp_path, arch)).eval()
+    ids, lengths = _batch()
+    with torch.no_grad():
+        left = vh.score(*_pad(ids, lengths, "left"))
+        right = vh.score(*_pad(ids, lengths, "right"))
+        # each row alone, unpadded: the independent reference
+        alone = torch.stack(
+            [
+                vh.score(ids[i : i + 1, :n], torch.ones(1, n, dtype=torch.long))[0]
+                for i, n in enumerate(lengths.tolist())
+            ]
+        )
+    assert left.shape == (3,) and left.dtype == torch.float32
+    torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(right, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_values_match_head_on_last_hidden_state_and_lm_logits_match_backbone(tmp_path, arch):
+    path = save_tiny_lm(tmp_path, arch)
+    vh = ValueHeadModel.from_causal_lm(path).eval()
+    ids, lengths = _batch(1)
+    x, m = _pad(ids, lengths, "right")
+    with torch.no_grad():
+        out = vh(x, m, return_lm_logits=True)
+        plain = AutoModelForCausalLM.from_pretrained(path).eval()
+        ref = plain(input_ids=x, attention_mask=m, output_hidden_states=True)
+        ref_values = ref.hidden_states[-1] @ vh.value_head.weight[0] + vh.value_head.bias[0]
+        no_logits = vh(x, m)
+    assert out.values.shape == (3, 9) and out.lm_logits.shape == (3, 9, VOCAB)
+    assert no_logits.lm_logits is None
+    # right padding: HF's default positions equal ours on real tokens
+    real = m.bool()
+    torch.testing.assert_close(out.lm_logits[real], ref.logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.values[real], ref_values[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(no_logits.values, out.values, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.scores, out.values[torch.arange(3), lengths - 1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_save_load_round_trip_and_plain_transformers_loads_backbone(tmp_path, arch):
+    vh = ValueHeadModel.from_causal_lm(save_tiny_lm(tmp_path, arch), seed=3).eval()
+    with torch.no_grad():
+        vh.value_head.bias.fill_(0.25)  # a non-default head, so the round trip has something to prove
+    out_dir = tmp_path / "rm"
+    vh.save_pretrained(out_dir)
+    assert is_value_head_model(out_dir)
+    assert json.loads((out_dir / HEAD_META).read_text())["hidden_size"] == 16
+    assert (out_dir / "model.safetensors").is_file()
+    loaded = ValueHeadModel.from_pretrained(out_dir).eval()
+    x, m = _pad(*_batch(2), "left")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(x, m, return_lm_logits=True).values, vh(x, m, return_lm_logits=True).values, atol=0, rtol=0
+        )
+        plain = AutoModelForCausalLM.from_pretrained(out_dir).eval()
+        torch.testing.assert_close(plain(input_ids=x).logits, vh.backbone(input_ids=x).logits, atol=0, rtol=0)
+
+
+def test_from_causal_lm_on_saved_rm_keeps_backbone_and_gives_fresh_seeded_head(tmp_path):
+    vh = ValueHeadModel.from_causal_lm(save_tiny_lm(tmp_path), seed=0)
+    with torch.no_grad():
+        vh.value_head.weight.fill_(1.0)
+    vh.save_pretrained(tmp_path / "rm")
+    a = ValueHeadModel.from_causal_lm(tmp_path / "rm", seed=7)
+    b = ValueHeadModel.from_causal_lm(tmp_path / "rm", seed=7)
+    c = ValueHeadModel.from_causal_lm(tmp_path / "rm", seed=8)
+    for (name, p), q in zip(a.backbone.named_parameters(), vh.backbone.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert not torch.equal(a.value_head.weight, vh.value_head.weight)
+    assert torch.equal(a.value_head.weight, b.value_head.weight)
+    assert not torch.equal(a.value_head.weight, c.value_head.weight)
+    std = a.value_head.weight.std().item()
+    assert 0.5 / 17**0.5 < std < 2.0 / 17**0.5
+    assert torch.all(a.value_head.bias == 0)
+
+
+def test_fresh_head_does_not_touch_global_rng(tmp_path):
+    path = save_tiny_lm(tmp_path)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    ValueHeadModel.from_causal_lm(path, seed=5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_gradients_flow_to_backbone_and_head(tmp_path):
+    vh = ValueHeadModel.from_causal_lm(save_tiny_lm(tmp_path))
+    x, m = _pad(*_batch(), "left")
+    vh.score(x, m).sum().backward()
+    assert vh.value_head.weight.grad is not None and vh.value_head.weight.grad.abs().sum() > 0
+    emb = vh.backbone.get_input_embeddings().weight
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+
+
+def test_bfloat16_backbone_gives_float32_values(tmp_path):
+    vh = ValueHeadModel.from_causal_lm(save_tiny_lm(tmp_path), dtype="bfloat16")
+    assert next(vh.backbone.parameters()).dtype == torch.bfloat16
+    assert vh.value_head.weight.dtype == torch.float32
+    x, m = _pad(*_batch(), "right")
+    with torch.no_grad():
+        assert vh(x, m).values.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- errors and tokenizer
+
+
+def test_missing_model_path_names_the_path(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(ModelPathError, match=str(missing)):
+        load_causal_lm(missing)
+    with pytest.raises(ModelPathError, match="not found"):
+        ValueHeadModel.from_pretrained(missing)
+    with pytest.raises(ModelPathError, match=str(missing)):
+        load_tokenizer(missing)
+
+
+def test_directory_without_config_or_weights(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelPathError, match=r"no config\.json"):
+        load_causal_lm(tmp_path / "empty")
+    cfg_only = tmp_path / "cfg"
+    tiny_config("llama").save_pretrained(cfg_only)
+    with pytest.raises(ModelPathError, match="init_from_config"):
+        load_causal_lm(cfg_only)
+    model = init_causal_lm_from_config(cfg_only, seed=1)
+    again = init_causal_lm_from_config(cfg_only, seed=1)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters(), strict=True))
+
+
+def test_from_pretrained_on_plain_lm_explains(tmp_path):
+    with pytest.raises(ModelPathError, match="not a value-head model"):
+        ValueHeadModel.from_pretrained(save_tiny_lm(tmp_path))
+
+
+def test_load_tokenizer_pads_left_and_falls_back_to_eos(tmp_path):
+    path = make_tiny_tokenizer(tmp_path)
+    tok = load_tokenizer(path)
+    assert tok.padding_side == "left" and tok.pad_token == "<pad>"
+    # a tokenizer saved without a pad token gets EOS as pad
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "nopad")
+    tok2 = load_tokenizer(tmp_path / "nopad")
+    assert tok2.pad_token == tok2.eos_token == "</s>"
+    (tmp_path / "notok").mkdir()
+    with pytest.raises(ModelPathError, match="no tokenizer files"):
+        load_tokenizer(tmp_path / "notok")

@@ -1,0 +1,274 @@
+"""train-sft end to end on a tiny Llama, the response-only loss checked directly, pretraining from a config, resume."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ppomax.cli import main
+from ppomax.config import load_config
+from ppomax.data import IGNORE_INDEX, LoadStats, SFTCollator, SFTExample, pad_id_of, tokenize_sft
+from ppomax.monitor import read_metrics
+from ppomax.trainers.sft import pretrain_features, sft_features, sft_loss
+from tiny_lm import make_tiny_lm, write_jsonl, write_yaml
+
+WORDS = ["apple", "river", "stone", "cloud", "green", "seven", "table", "music"]
+RECORDS = [{"prompt": f"Repeat the word {w}.", "response": f"{w} {w} {w}"} for w in WORDS]
+TEXTS = [f"\n\nHuman: {r['prompt']}\n\nAssistant: {r['response']}" for r in RECORDS]
+
+
+@pytest.fixture
+def sft_setup(tmp_path):
+    model = make_tiny_lm(tmp_path, TEXTS)
+    train = write_jsonl(tmp_path / "train.jsonl", RECORDS)
+    cfg = {
+        "model": {"policy": str(model)},
+        "data": {"train": str(train), "valid": str(train)},
+        "optim": {"lr": 3e-3, "schedule": "cosine"},
+        "epochs": 4,
+        "batch_size": 4,
+        "logging": {"out_dir": str(tmp_path / "run"), "eval_every": 4, "progress": False},
+    }
+    return tmp_path, cfg
+
+
+def _losses(records, key):
+    return [r[key] for r in records if key in r]
+
+
+def test_train_sft_cli_end_to_end(sft_setup, capsys):
+    tmp_path, cfg = sft_setup
+    path = write_yaml(tmp_path / "sft.yaml", cfg)
+    assert main(["train-sft", "--config", str(path), "--set", "seed=3"]) == 0
+    run = tmp_path / "run"
+    assert capsys.readouterr().out.strip().endswith(str(run / "final"))
+    assert load_config("sft", run / "config.yaml").seed == 3  # the resolved config, overrides included
+    records = read_metrics(run / "metrics.jsonl")
+    train = _losses(records, "train/loss")
+    assert len(train) == 8  # 8 examples / batch 4 * 4 epochs
+    assert sum(train[-2:]) < sum(train[:2]) - 0.5
+    evals = _losses(records, "eval/loss")
+    assert len(evals) == 2 and evals[-1] < evals[0]  # at step 4 and at the end
+    ppl = [r["eval/ppl"] for r in records if "eval/ppl" in r]
+    assert ppl[-1] == pytest.approx(math.exp(evals[-1]), rel=1e-6)
+    # cosine schedule decaying to 10% of the peak at the end of training (paper 5.1)
+    lrs = _losses(records, "train/lr")
+    expected = [3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 8))) for k in range(8)]
+    assert lrs == pytest.approx(expected, rel=1e-6)
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    tok = AutoTokenizer.from_pretrained(run / "final")
+    assert model.get_input_embeddings().num_embeddings == len(tok)
+
+
+def test_sft_loss_is_response_only(tmp_path):
+    """Labels are -100 on the prompt; the loss equals a hand loop over response tokens; logits at positions
+    that predict prompt tokens get exactly zero gradient."""
+    model_dir = make_tiny_lm(tmp_path, TEXTS)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ex = SFTExample("\n\nHuman: Repeat the word apple.\n\nAssistant:", " apple apple apple")
+    ex2 = SFTExample("\n\nHuman: Repeat the word stone, please.\n\nAssistant:", " stone")
+    feats = [tokenize_sft(tok, e, 64, 64) for e in (ex, ex2)]
+    for f, e in zip(feats, (ex, ex2), strict=True):
+        n_prompt = f["prompt_length"]
+        assert all(label == IGNORE_INDEX for label in f["labels"][:n_prompt])
+        assert f["labels"][n_prompt:] == f["input_ids"][n_prompt:]
+        assert tok.decode(f["input_ids"][n_prompt:], skip_special_tokens=True) == e.response
+    batch = SFTCollator(pad_id_of(tok))(feats)
+
+    torch.manual_seed(0)
+    vocab = len(tok)
+    logits = torch.randn(*batch["input_ids"].shape, vocab, requires_grad=True)
+
+    class FakeLM(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, use_cache=False):
+            return type("Out", (), {"logits": logits})()
+
+    loss, metrics, _ = sft_loss(FakeLM(), batch)
+    # independent: plain loop over rows and positions
+    total, count = 0.0, 0
+    for b, f in enumerate(feats):
+        for t in range(f["prompt_length"], len(f["input_ids"])):
+            total -= torch.log_softmax(logits[b, t - 1].detach(), -1)[f["input_ids"][t]].item()
+            count += 1
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+    assert metrics["target_tokens"].item() == count
+    loss.backward()
+    grad_rows = logits.grad.abs().sum(-1)
+    for b, f in enumerate(feats):
+        for t in range(logits.shape[1]):
+            trains = f["prompt_length"] <= t + 1 < len(f["input_ids"])  # logit t predicts token t + 1
+            assert (grad_rows[b, t] > 0).item() == trains, (b, t)
+
+
+def test_hh_dialogue_trains_assistant_turns_only(tmp_path):
+    model_dir = make_tiny_lm(tmp_path, TEXTS)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    dialogue = "\n\nHuman: Say apple.\n\nAssistant: apple\n\nHuman: Now river.\n\nAssistant: river"
+    path = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": dialogue}])
+    cfg = load_config("sft", overrides=[f"model.policy={model_dir}", f"data.train={path}"])
+    (f,) = sft_features(str(path), tok, cfg, LoadStats())
+    trained = tok.decode(
+        [i for i, lab in zip(f["input_ids"], f["labels"], strict=True) if lab != IGNORE_INDEX]
+    )
+    assert "apple" in trained and "river" in trained
+    assert "Human" not in trained and "Say" not in trained and "Now" not in trained
+
+
+def test_pretrain_from_config_only_directory(tmp_path, capsys):
+    """objective=pretrain + init_from_config: a directory with config.json and a tokenizer, no weights."""
+    model_dir = make_tiny_lm(tmp_path, TEXTS, weights=False)
+    assert not (model_dir / "model.safetensors").exists()
+    data = write_jsonl(tmp_path / "pretrain.jsonl", [{"text": t} for t in TEXTS] + [{"text": "apple " * 40}])
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    feats = pretrain_features(str(data), tok, block=16)
+    assert all(f["labels"] == f["input_ids"] and 2 <= len(f["input_ids"]) <= 16 for f in feats)
+    assert len(feats) > len(TEXTS) + 1  # long texts were split into blocks
+    assert feats[0]["input_ids"][-1] != tok.eos_token_id or len(feats[0]["input_ids"]) < 16
+    overrides = [
+        f"model.policy={model_dir}",
+        f"data.train={data}",
+        "objective=pretrain",
+        "init_from_config=true",
+        "optim.lr=3e-3",
+        "epochs=6",
+        "batch_size=4",
+        f"logging.out_dir={tmp_path / 'run'}",
+        "logging.progress=false",
+    ]
+    args = ["train-sft"] + [a for o in overrides for a in ("--set", o)]
+    assert main(args) == 0
+    losses = _losses(read_metrics(tmp_path / "run" / "metrics.jsonl"), "train/loss")
+    assert losses[0] > math.log(len(tok)) - 1.0  # random init: about uniform
+    assert losses[-1] < losses[0] - 1.0
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    # without init_from_config the weightless directory is refused with a hint
+    again = [o for o in overrides if not o.startswith(("init_from_config", "logging.out_dir"))]
+    again.append(f"logging.out_dir={tmp_path / 'r2'}")
+    assert main(["train-sft"] + [a for o in again for a in ("--set", o)]) == 2
+    assert "init_from_config" in capsys.readouterr().err
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", RECORDS)
+    missing = tmp_path / "no-such-model"
+    rc = main(["train-sft", "--set", f"model.policy={missing}", "--set", f"data.train={train}",
+               "--set", f"logging.out_dir={tmp_path / 'run'}"])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "Traceback" not in err
+
+
+def test_missing_data_file_is_a_clear_error(sft_setup, capsys):
+    tmp_path, cfg = sft_setup
+    cfg["data"]["train"] = str(tmp_path / "nope.jsonl")
+    assert main(["train-sft", "--config", str(write_yaml(tmp_path / "c.yaml", cfg))]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_resume_continues_as_if_uninterrupted(sft_setup):
+    """A run resumed from its step-4 checkpoint logs the same metrics and ends with the same weights."""
+    tmp_path, cfg = sft_setup
+    cfg["logging"].update(checkpoint_every=4, eval_every=0)
+    cfg["epochs"] = 3
+    cfg["optim"]["schedule"] = "linear"
+    a = write_yaml(tmp_path / "a.yaml", cfg)
+    assert main(["train-sft", "--config", str(a)]) == 0
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "step-4" / "trainer_state.json").is_file()
+    # "crash" after step 4: a copy of the run dir without the final model and with the later log lines
+    crashed = tmp_path / "crashed"
+    shutil.copytree(run, crashed)
+    shutil.rmtree(crashed / "final")
+    assert main(["train-sft", "--config", str(a), "--set", f"logging.out_dir={crashed}", "--resume"]) == 0
+    full = read_metrics(run / "metrics.jsonl")
+    resumed = read_metrics(crashed / "metrics.jsonl")
+    assert [sorted(r) for r in resumed] == [sorted(r) for r in full]
+    for x, y in zip(full, resumed, strict=True):
+        for key in ("train/loss", "train/lr", "train/grad_norm", "eval/loss"):
+            if key in x:
+                assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key)
+    m1 = AutoModelForCausalLM.from_pretrained(run / "final")
+    m2 = AutoModelForCausalLM.from_pretrained(crashed / "final")
+    for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes_identically(sft_setup, monkeypatch):
+    """SIGTERM mid-run: a checkpoint at the current step, exit code 130; --resume ends where an uninterrupted
+    run ends (same weights)."""
+    import signal
+
+    import ppomax.trainers.sft as sft_mod
+
+    tmp_path, cfg = sft_setup
+    cfg["logging"]["eval_every"] = 0
+    cfg["epochs"] = 2  # 4 steps
+    path = write_yaml(tmp_path / "c.yaml", cfg)
+    assert main(["train-sft", "--config", str(path), "--set", f"logging.out_dir={tmp_path / 'ref'}"]) == 0
+
+    calls = {"n": 0}
+    real_loss = sft_mod.sft_loss
+
+    def loss_then_sigterm(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            signal.raise_signal(signal.SIGTERM)  # handled: the step finishes, then checkpoint + stop
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(sft_mod, "sft_loss", loss_then_sigterm)
+    assert main(["train-sft", "--config", str(path)]) == 130
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "step-3").is_dir() and not (run / "final").exists()
+    monkeypatch.setattr(sft_mod, "sft_loss", real_loss)
+    assert main(["train-sft", "--config", str(path), "--resume"]) == 0
+    m1 = AutoModelForCausalLM.from_pretrained(tmp_path / "ref" / "final")
+    m2 = AutoModelForCausalLM.from_pretrained(run / "final")
+    for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_nonfinite_updates_are_skipped_then_stop_the_run(sft_setup, monkeypatch, capsys):
+    import ppomax.trainers.sft as sft_mod
+
+    tmp_path, cfg = sft_setup
+    cfg["logging"]["eval_every"] = 0
+    path = write_yaml(tmp_path / "c.yaml", cfg)
+    real_loss = sft_mod.sft_loss
+    bad_calls = {1, 3, 4}  # one isolated bad step, then two in a row (limit 2)
+
+    def sometimes_nan(model, batch):
+        sometimes_nan.n += 1
+        loss, metrics, n = real_loss(model, batch)
+        return (loss * float("nan") if sometimes_nan.n in bad_calls else loss), metrics, n
+
+    sometimes_nan.n = 0
+    monkeypatch.setattr(sft_mod, "sft_loss", sometimes_nan)
+    before = AutoModelForCausalLM.from_pretrained(cfg["model"]["policy"]).state_dict()
+    assert main(["train-sft", "--config", str(path), "--set", "max_nonfinite_in_row=2"]) == 2
+    assert "2 non-finite updates in a row at step 4" in capsys.readouterr().err
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["train/skipped_updates"] for r in records] == [1, 1, 2]
+    assert all(math.isfinite(r["train/grad_norm"]) for r in records[1:2])
+    # an isolated skipped step leaves the weights as they were: run only the first step with a NaN
+    bad_calls.clear()
+    bad_calls.add(1)
+    sometimes_nan.n = 0
+    cfg["epochs"] = 0.5  # one step
+    cfg["logging"]["out_dir"] = str(tmp_path / "one")
+    assert main(["train-sft", "--config", str(write_yaml(tmp_path / "one.yaml", cfg))]) == 0
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "final").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_grad_accum_counts_optimizer_steps(sft_setup):
+    tmp_path, cfg = sft_setup
+    cfg.update(batch_size=2, grad_accum=2, epochs=2)
+    cfg["logging"]["eval_every"] = 0
+    assert main(["train-sft", "--config", str(write_yaml(tmp_path / "c.yaml", cfg))]) == 0
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # 8 examples / (2 * 2) * 2 epochs
