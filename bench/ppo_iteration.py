@@ -1,0 +1,137 @@
+"""Time PPO iterations of ppomax's trainer on a tiny model: generation, scoring (policy, reference, critic and reward
+model forwards plus advantages) and training, with samples/s and tokens/s (DESIGN.md section 8).
+
+Everything is built in a temporary directory (nothing downloaded): a BPE tokenizer trained on synthetic text, a
+random Llama of the requested size saved with ``save_pretrained``, a value-head reward model on the same backbone
+(the critic is a copy of it: ``critic_init: reward_model``), and synthetic HH-style prompts. The iterations run
+through the real code path (``PPOTrainer.iteration``) with the ``ppo_max`` preset; the first ``--warmup``
+iterations are not timed.
+
+    python bench/ppo_iteration.py                         # defaults below, CPU, prints a markdown table
+    python bench/ppo_iteration.py --hidden 256 --layers 4 --batch 64 --new-tokens 128 --device cuda
+
+Rows: one per run; ``tokens/s`` counts generated response tokens per second of the whole iteration, ``gen tok/s``
+per second of generation only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+WORDS = ["the", "a", "of", "to", "and", "in", "is", "it", "you", "that", "he", "was", "for", "on", "are", "with", "as", "his", "they", "be", "at", "one", "have", "this", "from", "or", "had", "by", "word", "but", "what", "some", "we", "can", "out", "other", "were", "all", "there", "when", "up", "use", "your", "how", "said", "an", "each", "she", "which", "do", "their", "time", "if", "will", "way", "about", "many", "then", "them", "write", "would", "like", "so", "these", "her", "long", "make", "thing", "see", "him", "two", "has", "look", "more", "day", "could", "go", "come", "did", "number", "sound", "no", "most", "people", "my", "over", "know", "water", "than", "call", "first", "who", "may", "down", "side", "been", "now", "find", "paris", "bread", "joke", "capital", "france", "count", "five", "colour", "dog", "sky", "blue", "nice"]  # fmt: skip
+
+
+def build(root: Path, hidden: int, layers: int, vocab: int, seed: int) -> tuple[Path, Path, Path, int]:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from ppomax.models import ValueHeadModel
+
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(400)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    heads = max(1, hidden // 32)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    policy = root / "policy"
+    model.save_pretrained(policy)
+    fast.save_pretrained(policy)
+    ValueHeadModel.from_causal_lm(policy, seed=seed).save_pretrained(root / "rm")
+    prompts = root / "prompts.jsonl"
+    with prompts.open("w") as fh:
+        for _ in range(512):
+            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 24)))
+            fh.write(json.dumps({"prompt": f"\n\nHuman: {q}?\n\nAssistant:"}) + "\n")
+    return policy, root / "rm", prompts, n_params
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=32, help="rollout batch = buffer = minibatch (one update)")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--iterations", type=int, default=5, help="timed iterations")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (sets ACCELERATE_USE_CPU for cpu)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--header", action="store_true", help="print the table header too")
+    ap.add_argument("--json", action="store_true", help="also print the raw numbers as JSON")
+    args = ap.parse_args(argv)
+
+    import os
+
+    if args.device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from transformers.utils import logging as hf_logging
+
+    from ppomax.config import load_config
+    from ppomax.trainers.ppo import PPOTrainer
+
+    hf_logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        policy, rm, prompts, n_params = build(root, args.hidden, args.layers, args.vocab, seed=0)
+        b = args.batch
+        cfg = load_config("ppo", preset="ppo_max", overrides=[
+            f"model.policy={policy}", f"model.reward={rm}", f"data.prompts={prompts}", f"model.dtype={args.dtype}",
+            f"generation.max_new_tokens={args.new_tokens}", "ppo.critic_pretrain_steps=0",
+            f"ppo.iterations={args.warmup + args.iterations}", f"ppo.rollout_batch_size={b}",
+            f"ppo.buffer_size={b}", f"ppo.minibatch_size={b}", "ppo.ppo_epochs=1",
+            f"logging.out_dir={root / 'run'}", "logging.tensorboard=false", "logging.progress=false",
+        ])  # fmt: skip
+        trainer = PPOTrainer(cfg)
+        rows = []
+        for step in range(1, args.warmup + args.iterations + 1):
+            m = trainer.iteration(step)
+            if step > args.warmup:
+                rows.append(m)
+
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in rows)
+
+    length = med("response/length_mean")
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
+    threads = torch.get_num_threads() if args.device == "cpu" else "-"
+    header = ("| model | params | layers | hidden | vocab | device | threads | batch | new tokens (mean len) | "
+              "gen s | score s | train s | iter s | samples/s | tokens/s | gen tok/s |")  # fmt: skip
+    if args.header:
+        print(header)
+        print("|" + "---|" * (header.count("|") - 1))
+    print(f"| tiny Llama | {n_params / 1e6:.2f}M | {args.layers} | {args.hidden} | {args.vocab} | {device} | {threads} "
+          f"| {b} | {args.new_tokens} ({length:.0f}) | {med('time/generation'):.3f} | {med('time/scoring'):.3f} "
+          f"| {med('time/training'):.3f} | {med('time/iteration'):.3f} | {med('perf/samples_per_s'):.1f} "
+          f"| {med('perf/tokens_per_s'):.0f} | {med('perf/generation_tokens_per_s'):.0f} |")  # fmt: skip
+    if args.json:
+        print(json.dumps({"params": n_params, "args": vars(args), "median": {k: med(k) for k in rows[0]
+                          if k.startswith(("time/", "perf/"))}, "when": time.strftime("%Y-%m-%d %H:%M")}))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

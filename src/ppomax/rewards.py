@@ -1,0 +1,186 @@
+"""Reward sources for PPO: a trained value-head reward model and programmatic reward functions, summed with weights.
+
+The total raw score of a response is ``reward.model_weight * RM(prompt + response)`` (when ``model.reward`` is set)
+plus ``sum_i reward.functions[i].weight * f_i(...)``. It is what the paper calls r(x, y); the trainer then applies
+the score re-parameterisation of section 5.3.1 (scaling or normalisation and clipping) before it enters the
+token-level rewards.
+
+A reward function is named ``"package.module:function"`` and called as::
+
+    f(prompts, responses, prompt_ids=..., response_ids=..., **kwargs) -> list[float] | Tensor  # one score each
+
+* ``prompts``, ``responses``: lists of B strings (responses decoded without special tokens);
+* ``prompt_ids``: B lists of prompt token ids (no padding); ``response_ids``: B lists of generated token ids, no
+  padding and without the final EOS, i.e. the tokens of the response text;
+* ``kwargs``: the config's ``kwargs`` mapping for that function;
+* a function without ``prompt_ids``/``response_ids`` parameters and without ``**kwargs`` is called without them;
+* if the function has a parameter named ``meta``, it also receives ``meta=``: the B metadata dicts of the prompts
+  (the fields of each prompt record other than the prompt itself), for rewards that need a ground truth.
+
+Non-finite scores are not rejected here: they make that update non-finite, which the trainer skips and counts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ppomax.config import RewardConfig
+from ppomax.errors import ConfigError, UserError
+
+RM_KEY = "rm"
+
+
+class RewardError(UserError):
+    """A reward function that cannot be called or returns something other than one score per response."""
+
+
+def load_reward_function(spec: str) -> Callable[..., Any]:
+    """Import ``"package.module:function"``; errors name the spec and what failed."""
+    if spec.count(":") != 1:
+        raise ConfigError(f"reward function {spec!r}: expected 'package.module:function'")
+    module_name, attr = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"reward function {spec!r}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?"
+        ) from None
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        raise ConfigError(f"reward function {spec!r}: module {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+@dataclass
+class RewardFunction:
+    """One programmatic reward with its weight and keyword arguments."""
+
+    name: str
+    fn: Callable[..., Any]
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            params = inspect.signature(self.fn).parameters
+        except (TypeError, ValueError):  # builtins without a signature
+            params = {}
+        var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        # The ids go to every function that can take them (named or **kwargs); a plain f(prompts, responses)
+        # works too. ``meta`` only to functions that name it.
+        self.wants_ids = var_kw or ("prompt_ids" in params and "response_ids" in params)
+        self.wants_meta = "meta" in params
+
+    def __call__(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        prompt_ids: list[list[int]],
+        response_ids: list[list[int]],
+        meta: list[dict[str, Any]],
+    ) -> Tensor:
+        """Scores as a float32 [B] tensor on the CPU."""
+        extra: dict[str, Any] = {"meta": meta} if self.wants_meta else {}
+        if self.wants_ids:
+            extra.update(prompt_ids=prompt_ids, response_ids=response_ids)
+        try:
+            out = self.fn(prompts, responses, **extra, **self.kwargs)
+        except TypeError as exc:
+            raise RewardError(
+                f"reward function {self.name!r} could not be called as "
+                f"f(prompts, responses, prompt_ids=..., response_ids=..., **kwargs): {exc}"
+            ) from exc
+        try:
+            scores = torch.as_tensor(out.detach().cpu() if isinstance(out, Tensor) else out, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise RewardError(f"reward function {self.name!r} returned {type(out).__name__}, not numbers") from exc
+        scores = scores.reshape(-1) if scores.dim() > 1 and scores.numel() == len(responses) else scores
+        if scores.shape != (len(responses),):
+            raise RewardError(
+                f"reward function {self.name!r} returned {tuple(scores.shape)} scores for {len(responses)} responses"
+            )
+        return scores
+
+
+def build_reward_functions(cfg: RewardConfig) -> list[RewardFunction]:
+    """The configured ``reward.functions``, imported and checked."""
+    out = []
+    for i, spec in enumerate(cfg.functions):
+        try:
+            fn = load_reward_function(spec.function)
+        except ConfigError as exc:
+            raise ConfigError(f"reward.functions[{i}]: {exc}") from None
+        out.append(RewardFunction(spec.function, fn, spec.weight, dict(spec.kwargs)))
+    return out
+
+
+def part_names(functions: Sequence[RewardFunction]) -> list[str]:
+    """Metric-friendly, unique names of the function sources: ``fn0_<function>``, ``fn1_<function>``..."""
+    return [f"fn{i}_{f.name.split(':')[-1]}" for i, f in enumerate(functions)]
+
+
+class RewardSources:
+    """Scores responses with every configured source and sums them with their weights.
+
+    ``model`` is a value-head reward model with ``score(input_ids, attention_mask) -> [B]`` (or None); its inputs
+    are the rollout's full sequences (left-padded prompt + response up to EOS), so the reward is read at the
+    response's last token, as in RM training.
+    """
+
+    def __init__(
+        self, model: Any | None, model_weight: float, functions: Sequence[RewardFunction]
+    ) -> None:
+        if model is None and not functions:
+            raise ConfigError("no reward source: set model.reward and/or reward.functions")
+        self.model = model
+        self.model_weight = model_weight
+        self.functions = list(functions)
+        self.names = part_names(self.functions)
+
+    @torch.no_grad()
+    def score_model(self, sequences: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B] float32 reward-model scores of full sequences."""
+        return self.model.score(sequences, attention_mask).float()
+
+    @staticmethod
+    def split_ids(exp: Any, eos_ids: Sequence[int]) -> tuple[list[list[int]], list[list[int]]]:
+        """Prompt ids (no padding) and response ids (no padding, final EOS dropped) of an Experience."""
+        seqs = exp.sequences.tolist()
+        width = exp.prompt_width
+        eos = set(eos_ids)
+        prompt_ids, response_ids = [], []
+        for row, p, r, trunc in zip(
+            seqs, exp.prompt_lens.tolist(), exp.response_lens.tolist(), exp.truncated.tolist(), strict=True
+        ):
+            prompt_ids.append(row[width - p : width])
+            resp = row[width : width + r]
+            if not trunc and resp and resp[-1] in eos:
+                resp = resp[:-1]
+            response_ids.append(resp)
+        return prompt_ids, response_ids
+
+    def __call__(self, exp: Any, eos_ids: Sequence[int]) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(total [B], parts)`` for an Experience with sequences and texts; ``parts`` maps ``"rm"`` and each
+        function's name to its unweighted [B] scores (all float32 on the sequences' device)."""
+        device = exp.sequences.device
+        total = torch.zeros(exp.batch_size, dtype=torch.float32, device=device)
+        parts: dict[str, Tensor] = {}
+        if self.model is not None:
+            s = self.score_model(exp.sequences, exp.attention_mask)
+            parts[RM_KEY] = s
+            total = total + self.model_weight * s
+        if self.functions:
+            prompt_ids, response_ids = self.split_ids(exp, eos_ids)
+            meta = exp.meta or [{} for _ in range(exp.batch_size)]
+            for name, fn in zip(self.names, self.functions, strict=True):
+                s = fn(exp.prompts, exp.responses, prompt_ids, response_ids, meta).to(device)
+                parts[name] = s
+                total = total + fn.weight * s
+        return total, parts

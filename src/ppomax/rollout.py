@@ -1,0 +1,151 @@
+"""Rollouts: sample responses to a batch of left-padded prompts and package them as an :class:`Experience`.
+
+Generation goes through a pluggable :class:`RolloutEngine`; the default, :class:`HFGenerateEngine`, calls Hugging
+Face ``generate`` with the KV cache on (top-p, top-k, temperature, repetition penalty, ``max_new_tokens``,
+stopping at EOS). Another engine (vLLM, a compiled loop, a test double) only has to return the prompt followed by
+the generated tokens. Whatever the engine returns, :func:`finish_rollout` applies the same rule: a response ends at
+its first EOS (EOS included); everything after it is replaced by padding and masked out, and a response without
+EOS is marked ``truncated``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from ppomax.config import GenerationConfig
+from ppomax.experience import Experience
+
+
+class RolloutEngine(Protocol):
+    """Anything that continues prompts: returns ``[B, P + R']`` ids, the ``[B, P]`` prompts then up to
+    ``max_new_tokens`` new tokens (any padding after EOS is fine: :func:`finish_rollout` masks it)."""
+
+    def generate(self, model: Any, input_ids: Tensor, attention_mask: Tensor, *, greedy: bool = False) -> Tensor: ...
+
+
+def eos_ids_of(tokenizer: Any, model: Any | None = None) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS plus the model's ``generation_config`` EOS ids
+    (chat models often list several, e.g. Llama 3's end-of-turn token)."""
+    ids: list[int] = []
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    for e in [extra] if isinstance(extra, int) else (extra or []):
+        if int(e) not in ids:
+            ids.append(int(e))
+    if not ids:
+        raise ValueError("the tokenizer has no EOS token: responses could never end; set tokenizer.eos_token")
+    return ids
+
+
+class HFGenerateEngine:
+    """Hugging Face ``generate`` with the KV cache. Sampling settings come from ``generation`` (section of
+    :class:`~ppomax.config.PPOConfig`); ``greedy=True`` (evaluation) decodes greedily with the same length limit
+    and repetition penalty."""
+
+    def __init__(self, gen: GenerationConfig, eos_ids: Sequence[int], pad_id: int) -> None:
+        self.gen = gen
+        self.eos_ids = list(eos_ids)
+        self.pad_id = pad_id
+
+    def generation_config(self, greedy: bool) -> Any:
+        from transformers import GenerationConfig as HFGenerationConfig
+
+        g = self.gen
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=g.max_new_tokens,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            repetition_penalty=g.repetition_penalty,
+            use_cache=True,
+        )
+        if greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(
+                do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k if g.top_k > 0 else None
+            )
+        return HFGenerationConfig(**kwargs)
+
+    @torch.no_grad()
+    def generate(self, model: Any, input_ids: Tensor, attention_mask: Tensor, *, greedy: bool = False) -> Tensor:
+        return model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config(greedy)
+        )
+
+
+def finish_rollout(
+    prompt_ids: Tensor, prompt_mask: Tensor, sequences: Tensor, eos_ids: Sequence[int], pad_id: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Cut every response at its first EOS and trim the batch to its longest response.
+
+    prompt_ids, prompt_mask: [B, P] left-padded prompts; sequences: [B, P + R'] from an engine.
+    Returns ``(sequences [B, P+R], attention_mask [B, P+R], response_mask [B, R] bool, truncated [B] bool,
+    response_lens [B] long on the CPU)`` with R = the longest response (at least 1 column). Vectorised: the first
+    EOS is found with a cumulative sum, not a loop over tokens.
+    """
+    width = prompt_ids.shape[1]
+    response = sequences[:, width:]
+    if response.shape[1] == 0:
+        response = response.new_full((response.shape[0], 1), pad_id)
+        is_eos = torch.zeros_like(response, dtype=torch.bool)
+        keep = torch.zeros_like(is_eos)
+    else:
+        is_eos = torch.isin(response, torch.as_tensor(list(eos_ids), device=response.device))
+        seen = is_eos.long().cumsum(dim=1)
+        # Keep tokens up to and including the first EOS: before it nothing is counted, at it exactly one.
+        keep = (seen - is_eos.long()) == 0
+    truncated = ~is_eos.any(dim=1)
+    lens = keep.sum(dim=1).cpu()
+    r = max(int(lens.max()), 1) if len(lens) else 1
+    keep = keep[:, :r]
+    response = response[:, :r].masked_fill(~keep, pad_id)
+    full = torch.cat([prompt_ids, response], dim=1)
+    mask = torch.cat([prompt_mask.long(), keep.long()], dim=1)
+    return full, mask, keep, truncated, lens
+
+
+def rollout(
+    engine: RolloutEngine,
+    model: Any,
+    tokenizer: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    prompts: list[str] | None = None,
+    meta: list[dict[str, Any]] | None = None,
+    greedy: bool = False,
+) -> Experience:
+    """Generate responses for left-padded prompts ``input_ids`` / ``attention_mask`` ([B, P]) and return the
+    first stage of an :class:`Experience` (tokens, masks, lengths, texts). ``model`` is the unwrapped policy."""
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        out = engine.generate(model, input_ids, attention_mask, greedy=greedy)
+    finally:
+        if was_training:
+            model.train()
+    seqs, mask, resp_mask, truncated, lens = finish_rollout(input_ids, attention_mask, out, eos_ids, pad_id)
+    width = input_ids.shape[1]
+    rows = seqs[:, width:].tolist()
+    texts = tokenizer.batch_decode([row[:n] for row, n in zip(rows, lens.tolist(), strict=True)],
+                                   skip_special_tokens=True)
+    return Experience(
+        sequences=seqs,
+        attention_mask=mask,
+        response_mask=resp_mask,
+        prompt_width=width,
+        prompt_lens=attention_mask.sum(dim=1).cpu(),
+        response_lens=lens,
+        truncated=truncated,
+        prompts=list(prompts) if prompts is not None else [],
+        responses=texts,
+        meta=list(meta) if meta is not None else [{} for _ in texts],
+    )

@@ -1,0 +1,378 @@
+"""The PPO trainer's parts, one switch of DESIGN.md's table at a time, each against an independent computation or
+an observable change of behaviour. Tiny models (see ppo_helpers); one iteration takes tens of milliseconds."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ppo_helpers import config, make_setup, reward_fn
+from ppomax.algos import RunningMoments
+from ppomax.config import load_config
+from ppomax.experience import Experience
+from ppomax.trainers import ppo_step
+from ppomax.trainers.ppo import PPOTrainer
+from ppomax.trainers.ppo_step import compute_advantages
+
+TARGET = reward_fn("ppo_helpers:target_tokens")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_setup(tmp_path_factory.mktemp("ppo"), reference_seed=5)
+
+
+def make(setup, tmp_path, *overrides, preset="ppo_max", rm=True) -> PPOTrainer:
+    return PPOTrainer(config(setup, TARGET, *overrides, preset=preset, rm=rm, out=str(tmp_path / "run")))
+
+
+def flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+# ------------------------------------------------------------------------------------------ scoring pass
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["sampling", "raw"])
+def test_scoring_pass_matches_unpadded_forward_passes(setup, tmp_path, mode):
+    """Old log-probs (from temperature-scaled or raw logits: generation.logprobs_from), reference log-probs,
+    entropy and critic values of every padded row equal those of the row run alone: the logit at t-1 scores
+    token t, and the value of response token j is read before it is emitted."""
+    tr = make(setup, tmp_path, f"generation.logprobs_from={mode}", f"model.reference={setup.root / 'reference'}",
+              "generation.temperature=0.7")  # fmt: skip
+    exp = tr.generate([0, 1, 2, 3], tr.prompts)
+    tr.score(exp)
+    temp = 0.7 if mode == "sampling" else 1.0
+    policy, ref, critic = tr.unwrapped(tr.policy), tr.reference, tr.unwrapped(tr.critic)
+    for i in range(exp.batch_size):
+        ids = exp.sequences[i][exp.attention_mask[i].bool()].unsqueeze(0)
+        p, r = int(exp.prompt_lens[i]), int(exp.response_lens[i])
+        tokens = ids[0, p:]
+        for model, lp, raw in ((policy, exp.logprobs, exp.raw_logprobs), (ref, exp.ref_logprobs, exp.ref_raw_logprobs)):
+            logits = model(ids).logits[0, p - 1 : -1]
+            expect = F.log_softmax(logits / temp, -1).gather(1, tokens[:, None])[:, 0]
+            torch.testing.assert_close(lp[i, :r], expect, atol=1e-5, rtol=1e-5)
+            expect_raw = F.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
+            torch.testing.assert_close(raw[i, :r], expect_raw, atol=1e-5, rtol=1e-5)
+            if model is policy:
+                probs = F.softmax(logits / temp, -1)
+                torch.testing.assert_close(exp.entropy[i, :r], -(probs * probs.log()).sum(-1), atol=1e-4, rtol=1e-4)
+        values = critic(ids, torch.ones_like(ids)).values[0, p - 1 : -1]
+        torch.testing.assert_close(exp.values[i, :r], values, atol=1e-5, rtol=1e-5)
+    assert (exp.logprobs != exp.raw_logprobs).any() == (mode == "sampling")
+    assert not torch.allclose(exp.logprobs, exp.ref_logprobs)  # the reference is another model here
+
+
+def test_reward_sources_are_weighted_in_the_trainer(setup, tmp_path):
+    tr = make(setup, tmp_path, "reward.model_weight=0.5")
+    exp = tr.generate([0, 1, 2, 3], tr.prompts)
+    tr.score(exp)
+    parts = exp.score_parts
+    assert set(parts) == {"rm", "fn0_target_tokens"}
+    torch.testing.assert_close(exp.scores, 0.5 * parts["rm"] + parts["fn0_target_tokens"])
+
+
+# ------------------------------------------------------------------------------------------ advantages
+
+
+def _synthetic(scores, truncated=None, seed=0) -> Experience:
+    g = torch.Generator().manual_seed(seed)
+    b, r = len(scores), 5
+    rmask = torch.ones(b, r, dtype=torch.bool)
+    rmask[0, 3:] = False  # a short response
+    seq = torch.randint(3, 50, (b, 2 + r), generator=g)
+    att = torch.cat([torch.ones(b, 2, dtype=torch.long), rmask.long()], 1)
+    return Experience(
+        seq, att, rmask, 2, torch.full((b,), 2), rmask.sum(1),
+        torch.tensor(truncated or [False] * b), logprobs=-torch.rand(b, r, generator=g) * 3,
+        ref_logprobs=-torch.rand(b, r, generator=g) * 3, values=torch.randn(b, r, generator=g),
+        scores=torch.tensor(scores, dtype=torch.float32),
+    )  # fmt: skip
+
+
+def _settings(*overrides):
+    cfg = load_config("ppo", preset="ppo_max", overrides=list(overrides))
+    return cfg.ppo, cfg.generation
+
+
+def _gae_loop(rewards, values, n, gamma, lam):
+    adv = [0.0] * n
+    nxt_v, nxt_a = 0.0, 0.0
+    for t in reversed(range(n)):
+        delta = rewards[t] + gamma * nxt_v - values[t]
+        nxt_a = delta + gamma * lam * nxt_a
+        adv[t], nxt_v = nxt_a, values[t]
+    return adv
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize(("kl_coef", "gamma", "lam"), [(0.0, 1.0, 0.95), (0.2, 0.9, 0.0), (0.05, 1.0, 1.0)])
+def test_token_rewards_kl_and_gae_follow_the_switches(kl_coef, gamma, lam, estimator):
+    ppo, gen = _settings(f"ppo.kl_coef={kl_coef}", f"ppo.gamma={gamma}", f"ppo.lam={lam}",
+                         f"ppo.kl_estimator={estimator}", "ppo.reward_norm=false", "ppo.reward_clip=null")  # fmt: skip
+    exp = _synthetic([1.5, -0.5, 2.0])
+    compute_advantages(exp, ppo, gen, RunningMoments())
+    for i in range(exp.batch_size):
+        n = int(exp.response_lens[i])
+        log_r = exp.ref_logprobs[i, :n] - exp.logprobs[i, :n]
+        kl = {"k1": -log_r, "k2": 0.5 * log_r**2, "k3": log_r.exp() - 1 - log_r}[estimator]
+        torch.testing.assert_close(exp.kl[i, :n], kl)
+        expect = -kl_coef * kl
+        expect[-1] += exp.scores[i]  # the raw score: no re-parameterisation switched on
+        torch.testing.assert_close(exp.rewards[i, :n], expect)
+        if kl_coef == 0:
+            assert (exp.rewards[i, : n - 1] == 0).all()
+        adv = _gae_loop(exp.rewards[i, :n].tolist(), exp.values[i, :n].tolist(), n, gamma, lam)
+        torch.testing.assert_close(exp.advantages[i, :n], torch.tensor(adv), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(exp.returns[i, :n], torch.tensor(adv) + exp.values[i, :n], atol=1e-5, rtol=1e-5)
+        assert (exp.advantages[i, n:] == 0).all()
+
+
+@pytest.mark.parametrize("switch", ["norm_clip", "norm", "scaling", "clip_only", "raw", "penalty"])
+def test_score_reparameterisation_switches(switch):
+    """reward_norm/reward_clip (eq. 18), reward_scaling, truncated_response: penalty; the running statistics
+    cover every raw score seen so far (two batches here), computed independently with torch.mean/std."""
+    over = {
+        "norm_clip": ["ppo.reward_norm=true", "ppo.reward_clip=0.8"],
+        "norm": ["ppo.reward_norm=true", "ppo.reward_clip=null"],
+        "scaling": ["ppo.reward_norm=false", "ppo.reward_scaling=true", "ppo.reward_clip=null"],
+        "clip_only": ["ppo.reward_norm=false", "ppo.reward_clip=1.0"],
+        "raw": ["ppo.reward_norm=false", "ppo.reward_clip=null"],
+        "penalty": ["ppo.reward_norm=true", "ppo.reward_clip=null", "generation.truncated_response=penalty",
+                    "generation.truncated_penalty=-3.0"],
+    }[switch]  # fmt: skip
+    ppo, gen = _settings("ppo.kl_coef=0", *over)
+    moments = RunningMoments()
+    first = _synthetic([1.0, 4.0, -2.0])
+    compute_advantages(first, ppo, gen, moments)
+    second = _synthetic([3.0, 0.5, 7.0], truncated=[False, False, True], seed=1)
+    compute_advantages(second, ppo, gen, moments)
+    seen = torch.tensor([1.0, 4.0, -2.0, 3.0, 0.5] + ([] if switch == "penalty" else [7.0]))
+    mean, std = seen.mean(), seen.std()
+    raw = second.scores
+    expect = {
+        "norm_clip": ((raw - mean) / std).clamp(-0.8, 0.8),
+        "norm": (raw - mean) / std,
+        "scaling": raw / std,
+        "clip_only": raw.clamp(-1.0, 1.0),
+        "raw": raw,
+        "penalty": torch.tensor([(3.0 - mean) / std, (0.5 - mean) / std, -3.0]),
+    }[switch]
+    torch.testing.assert_close(second.final_scores, expect.float(), atol=1e-5, rtol=1e-5)
+    last = second.response_lens - 1
+    torch.testing.assert_close(second.rewards[torch.arange(3), last], expect.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_nonfinite_scores_never_enter_the_running_moments():
+    ppo, gen = _settings()
+    moments = RunningMoments()
+    compute_advantages(_synthetic([1.0, float("nan"), 3.0]), ppo, gen, moments)
+    assert moments.count == 2 and moments.mean == 2.0
+
+
+# ------------------------------------------------------------------------------------------ updates
+
+
+def test_importance_sampling_off_uses_the_reference_as_old_policy(setup, tmp_path):
+    """With a reference different from the policy: the first minibatch's ratio is exactly 1 against the sampling
+    policy (importance_sampling: true), and pi/pi_ref (not 1) when the reference is the old policy."""
+    common = [f"model.reference={setup.root / 'reference'}", "ppo.minibatch_size=8", "ppo.buffer_size=8"]
+    on = make(setup, tmp_path / "on", *common).iteration(1)
+    off = make(setup, tmp_path / "off", *common, "ppo.importance_sampling=false").iteration(1)
+    assert on["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6) and on["policy/approx_kl"] < 1e-9
+    assert abs(off["policy/ratio_mean"] - 1.0) > 1e-3 and off["policy/approx_kl"] > 1e-3
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("init", ["reward_model", "sft", "random", "explicit"])
+def test_critic_initialisation(setup, tmp_path, init):
+    from ppomax.models import ValueHeadModel, load_causal_lm
+
+    over = [f"ppo.critic_init={init if init != 'explicit' else 'sft'}"]
+    if init == "explicit":
+        over.append(f"model.critic={setup.reward}")
+    tr = make(setup, tmp_path, *over)
+    critic = tr.unwrapped(tr.critic)
+    rm = ValueHeadModel.from_pretrained(setup.reward)
+    sft = load_causal_lm(setup.policy)
+    same_backbone = torch.equal(flat(critic.backbone.model), flat(sft.model))
+    same_as_rm = torch.equal(flat(critic), flat(rm))
+    if init in ("reward_model", "explicit"):
+        assert same_as_rm
+        assert critic is not tr.reward_model  # a copy: training the critic never moves the reward model
+    elif init == "sft":
+        assert same_backbone and not torch.equal(critic.value_head.weight, rm.value_head.weight)
+    else:
+        assert not same_backbone and not same_as_rm
+        assert critic.backbone.config.num_hidden_layers == sft.config.num_hidden_layers
+
+
+def test_critic_pretraining_trains_only_the_critic_first(setup, tmp_path):
+    tr = make(setup, tmp_path, "ppo.critic_pretrain_steps=2", "ppo.iterations=1")
+    policy0, critic0 = flat(tr.policy), flat(tr.critic)
+    m1 = tr.iteration(1)
+    m2 = tr.iteration(2)
+    policy2, critic2 = flat(tr.policy), flat(tr.critic)
+    assert torch.equal(policy0, policy2) and not torch.equal(critic0, critic2)
+    assert m1["train/critic_only"] == m2["train/critic_only"] == 1 and "loss/pg" not in m2
+    m3 = tr.iteration(3)
+    assert m3["train/critic_only"] == 0 and "loss/pg" in m3
+    assert not torch.equal(policy2, flat(tr.policy))
+    assert tr.total_steps == 3
+
+
+class _Spy:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("norm", "clip"), [(True, None), (True, 0.5), (False, None), (False, 0.05)])
+def test_advantage_normalisation_and_clipping_per_minibatch(setup, tmp_path, monkeypatch, norm, clip):
+    spy = _Spy(ppo_step.policy_loss)
+    monkeypatch.setattr(ppo_step, "policy_loss", spy)
+    tr = make(setup, tmp_path, f"ppo.advantage_norm={str(norm).lower()}", f"ppo.advantage_clip={clip or 'null'}",
+              "ppo.minibatch_size=4")  # fmt: skip
+    captured = {}
+    orig = tr.updater.update
+
+    def grab(exp, step, critic_only):
+        captured["exp"] = exp
+        return orig(exp, step, critic_only)
+
+    tr.updater.update = grab
+    tr.iteration(1)
+    assert len(spy.calls) == 2  # two minibatches of 4
+    raw_values = set(captured["exp"].advantages[captured["exp"].response_mask].tolist())
+    for args, _ in spy.calls:
+        adv, mask = args[2], args[3]
+        a = adv[mask]
+        if norm and clip is None:
+            assert a.mean().abs() < 1e-5 and (a.var() - 1).abs() < 1e-4
+        if clip is not None:
+            assert a.abs().max() <= clip + 1e-6
+        if not norm and clip is None:
+            assert set(a.tolist()) <= raw_values  # the GAE advantages themselves
+        assert (adv[~mask] == 0).all()
+
+
+def _two_epochs(setup, tmp_path, *over):
+    return make(setup, tmp_path, "ppo.ppo_epochs=3", "optim.policy_lr=0.05", "optim.critic_lr=0.05", *over).iteration(1)
+
+
+def test_value_clip_switch(setup, tmp_path):
+    clipped = _two_epochs(setup, tmp_path / "a", "ppo.value_clip=0.001")
+    free = _two_epochs(setup, tmp_path / "b", "ppo.value_clip=null")
+    assert clipped["critic/vf_clipfrac"] > 0.05 and free["critic/vf_clipfrac"] == 0.0
+
+
+def test_clip_ratio_switch(setup, tmp_path):
+    clipped = _two_epochs(setup, tmp_path / "a", "ppo.clip_ratio=0.001")
+    free = _two_epochs(setup, tmp_path / "b", "ppo.clip_ratio=null")
+    assert clipped["policy/pg_clipfrac"] > 0.05 and free["policy/pg_clipfrac"] == 0.0
+    assert free["policy/approx_kl"] > 0  # the policy did move in the later epochs
+
+
+def test_entropy_bonus_and_its_clip(setup, tmp_path):
+    """The bonus changes the update; a clip below the policy's entropy (~5.7 nats here) stops its gradient on
+    every token, so the update is exactly the one without bonus (paper app. B.3)."""
+    def policy_after(tag, *over):
+        tr = make(setup, tmp_path / tag, *over)
+        m = tr.iteration(1)
+        return flat(tr.policy), m
+
+    base, m0 = policy_after("base", "ppo.entropy_coef=0")
+    bonus, m1 = policy_after("bonus", "ppo.entropy_coef=0.5")
+    clipped, m2 = policy_after("clipped", "ppo.entropy_coef=0.5", "ppo.entropy_clip=1.0")
+    assert not torch.equal(base, bonus) and torch.equal(base, clipped)
+    assert "loss/entropy" not in m0 and m1["loss/entropy"] < 0 and m2["policy/entropy_clipfrac"] == 1.0
+
+
+def test_ptx_loss_mixes_sft_batches_into_the_policy_update(setup, tmp_path, monkeypatch):
+    spy = _Spy(ppo_step.lm_nll)
+    monkeypatch.setattr(ppo_step, "lm_nll", spy)
+    tr0 = make(setup, tmp_path / "off", "ppo.ptx_coef=0")
+    m0 = tr0.iteration(1)
+    tr = make(setup, tmp_path / "on", "ppo.ptx_coef=0.5", f"data.ptx={setup.ptx}", "ppo.ptx_batch_size=3")
+    before = flat(tr.policy)
+    batch = tr.ptx.batch(list(tr.ptx_stream._order[:3]), tr.pad_id, tr.acc.device)
+    with torch.no_grad():  # independent NLL of the first PTX batch under the initial policy
+        logits = tr.unwrapped(tr.policy)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        expect = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    m1 = tr.iteration(1)
+    assert "loss/ptx" not in m0 and len(spy.calls) == 1
+    assert m1["loss/ptx"] == pytest.approx(float(expect), rel=1e-5)
+    assert tr.ptx_stream.pos == 3
+    assert not torch.equal(before, flat(tr.policy))
+    # the same rollouts with and without the LM term give different policies
+    assert not torch.equal(flat(tr0.policy), flat(tr.policy))
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, None])
+def test_global_gradient_clipping(setup, tmp_path, max_norm):
+    tr = make(setup, tmp_path, f"ppo.max_grad_norm={max_norm or 'null'}")
+    seen = []
+    for opt in (tr.policy_opt, tr.critic_opt):
+        inner = opt.step
+
+        def step(*a, _inner=inner, _opt=opt, **k):
+            grads = [p.grad for g in _opt.param_groups for p in g["params"] if p.grad is not None]
+            seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+            return _inner(*a, **k)
+
+        opt.step = step
+    m = tr.iteration(1)
+    policy_norm, critic_norm = seen
+    if max_norm:
+        assert policy_norm <= max_norm * 1.001 and critic_norm <= max_norm * 1.001
+        assert m["grad_norm/policy"] > 10 * max_norm  # the logged norm is the one before clipping
+    else:
+        assert policy_norm == pytest.approx(m["grad_norm/policy"], rel=1e-4) and policy_norm > 1e-2
+
+
+@torch.no_grad()
+def test_scoring_in_micro_batches_gives_the_same_experience(setup, tmp_path):
+    tr = make(setup, tmp_path, "ppo.micro_batch_size=3")
+    exp = tr.generate([0, 1, 2, 3, 4, 5, 6, 7], tr.prompts)
+    tr.score(exp)
+    whole = dataclasses.replace(exp, logprobs=None, ref_logprobs=None, values=None, scores=None)
+    ppo_step.score_experience(whole, policy=tr.unwrapped(tr.policy), reference=tr.reference,
+                              critic=tr.unwrapped(tr.critic), fwd=tr.fwd, rewards=tr.rewards, eos_ids=tr.eos_ids)  # fmt: skip
+    for name in ("logprobs", "ref_logprobs", "raw_logprobs", "entropy", "values", "scores"):
+        torch.testing.assert_close(getattr(exp, name), getattr(whole, name), atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_update(setup, tmp_path):
+    """Checkpointing needs train mode; dropout is off, so the first ratio is still exactly 1 and the update the
+    same as without checkpointing."""
+    plain = make(setup, tmp_path / "a")
+    m0 = plain.iteration(1)  # (the global RNG is seeded when a trainer is built: build, then run)
+    ckpt = make(setup, tmp_path / "b", "model.gradient_checkpointing=true")
+    m1 = ckpt.iteration(1)
+    assert ckpt.unwrapped(ckpt.policy).training and m1["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert m1["loss/vf"] == pytest.approx(m0["loss/vf"], rel=1e-5)
+    torch.testing.assert_close(flat(plain.policy), flat(ckpt.policy), atol=1e-6, rtol=1e-5)
+
+
+def test_minibatches_micro_batches_and_epochs(setup, tmp_path):
+    """buffer 8 / minibatch 4 / 2 epochs = 4 optimiser steps; micro-batches of 3 rows change nothing else."""
+    tr = make(setup, tmp_path, "ppo.minibatch_size=4", "ppo.ppo_epochs=2", "ppo.micro_batch_size=3")
+    m = tr.iteration(1)
+    assert tr.policy_sched.last_epoch == 4 and tr.critic_sched.last_epoch == 4
+    assert math.isfinite(m["loss/total"]) and m["nonfinite/skipped"] == 0

@@ -1,0 +1,94 @@
+"""Reward sources: programmatic `module:function` rewards (interface, weights, errors) and the value-head RM score
+of a rollout's (left- and right-padded) sequences against scoring each text alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ppo_helpers import make_setup
+from ppomax.config import RewardConfig
+from ppomax.errors import ConfigError
+from ppomax.experience import Experience
+from ppomax.models import ValueHeadModel, load_tokenizer
+from ppomax.rewards import RewardError, RewardFunction, RewardSources, build_reward_functions
+
+EOS = 2
+
+
+def _exp() -> Experience:
+    # two rows: prompt [5, 6] + response [7, 8, EOS]; prompt [9] + response [10, 11, 12, 13] (no EOS: truncated)
+    seq = torch.tensor([[5, 6, 7, 8, EOS, 0], [0, 9, 10, 11, 12, 13]])
+    att = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]])
+    rmask = att[:, 2:].bool()
+    return Experience(seq, att, rmask, 2, torch.tensor([2, 1]), torch.tensor([3, 4]), torch.tensor([False, True]),
+                      prompts=["p0", "p1"], responses=["r0", "r1"], meta=[{"id": 0}, {"id": 1}])  # fmt: skip
+
+
+def plain(prompts, responses):
+    return [float(len(r)) for r in responses]
+
+
+def constant(prompts, responses, *, prompt_ids, response_ids, value=1.0):
+    return torch.full((len(prompts),), value)
+
+
+def wrong_length(prompts, responses, **_):
+    return [1.0]
+
+
+def test_functions_get_texts_ids_meta_and_kwargs(tmp_path):
+    path = tmp_path / "seen.json"
+    cfg = RewardConfig(functions=[{"function": "ppo_helpers:echo_inputs", "kwargs": {"path": str(path)}}])
+    sources = RewardSources(None, 1.0, build_reward_functions(cfg))
+    total, parts = sources(_exp(), [EOS])
+    seen = json.loads(path.read_text())
+    assert seen["prompts"] == ["p0", "p1"] and seen["responses"] == ["r0", "r1"]
+    assert seen["prompt_ids"] == [[5, 6], [9]]  # no padding
+    assert seen["response_ids"] == [[7, 8], [10, 11, 12, 13]]  # no padding, the final EOS dropped
+    assert seen["meta"] == [{"id": 0}, {"id": 1}]
+    assert total.tolist() == [1.0, 1.0] and list(parts) == ["fn0_echo_inputs"]
+
+
+def test_several_functions_are_summed_with_weights():
+    fns = [
+        RewardFunction("test_rewards:plain", plain, weight=0.5),
+        RewardFunction("test_rewards:constant", constant, weight=-2.0, kwargs={"value": 3.0}),
+    ]
+    exp = _exp()
+    exp.responses = ["abcd", "xy"]
+    total, parts = RewardSources(None, 1.0, fns)(exp, [EOS])
+    assert parts["fn0_plain"].tolist() == [4.0, 2.0]  # a plain f(prompts, responses) works: no ids passed
+    assert parts["fn1_constant"].tolist() == [3.0, 3.0]
+    assert total.tolist() == [0.5 * 4 - 2 * 3, 0.5 * 2 - 2 * 3]
+
+
+def test_bad_reward_functions_are_reported_with_their_name():
+    with pytest.raises(ConfigError, match=r"reward.functions\[0\].*cannot import module 'no_such_module_xyz'"):
+        build_reward_functions(RewardConfig(functions=[{"function": "no_such_module_xyz:f"}]))
+    with pytest.raises(ConfigError, match="has no callable 'nope'"):
+        build_reward_functions(RewardConfig(functions=[{"function": "ppo_helpers:nope"}]))
+    with pytest.raises(RewardError, match=r"returned \(1,\) scores for 2 responses"):
+        RewardSources(None, 1.0, [RewardFunction("w", wrong_length)])(_exp(), [EOS])
+    with pytest.raises(ConfigError, match="no reward source"):
+        RewardSources(None, 1.0, [])
+
+
+@torch.no_grad()
+def test_reward_model_scores_padded_rollouts_like_single_texts(tmp_path):
+    setup = make_setup(tmp_path)
+    rm = ValueHeadModel.from_pretrained(setup.reward).eval()
+    tok = load_tokenizer(setup.policy)
+    exp = _exp()
+    fn = RewardFunction("test_rewards:constant", constant, weight=0.25, kwargs={"value": 2.0})
+    total, parts = RewardSources(rm, 3.0, [fn])(exp, [EOS])
+    # independent: each row's real tokens alone, unpadded; the reward is the value at the last token
+    alone = []
+    for row, m in zip(exp.sequences, exp.attention_mask, strict=True):
+        ids = row[m.bool()].unsqueeze(0)
+        alone.append(float(rm(ids, torch.ones_like(ids)).values[0, -1]))
+    torch.testing.assert_close(parts["rm"], torch.tensor(alone), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(total, 3.0 * torch.tensor(alone) + 0.25 * 2.0, rtol=1e-5, atol=1e-5)
+    assert tok.eos_token_id == EOS

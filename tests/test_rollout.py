@@ -1,0 +1,201 @@
+"""Rollouts: EOS handling and trimming, HF generation with the KV cache against a plain no-cache loop, the sampling
+switches (top-k, temperature, repetition penalty, max_new_tokens, stop at EOS), and Experience merging/slicing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ppo_helpers import make_setup
+from ppomax.config import GenerationConfig
+from ppomax.data import pad_left
+from ppomax.experience import Experience
+from ppomax.models import load_causal_lm, load_tokenizer
+from ppomax.rollout import HFGenerateEngine, eos_ids_of, finish_rollout, rollout
+
+PAD, EOS = 0, 2
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models on a shared 2-core machine: one intra-op thread is ~20x faster than two contending ones.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    setup = make_setup(tmp_path_factory.mktemp("rollout"))
+    tok = load_tokenizer(setup.policy)
+    model = load_causal_lm(setup.policy).eval()
+    prompts = ["\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: What is the capital of France?\n\nAssistant:"]
+    ids, mask = pad_left([tok(p)["input_ids"] for p in prompts], tok.pad_token_id)
+    return tok, model, ids, mask, prompts
+
+
+# ------------------------------------------------------------------------------------------ finish_rollout
+
+
+def test_finish_rollout_cuts_at_the_first_eos_and_trims():
+    prompt = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    pmask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    # row 0: EOS at response position 1 then junk (another EOS, tokens); row 1: no EOS in 4 tokens
+    seqs = torch.cat([prompt, torch.tensor([[11, EOS, 12, EOS, 0], [13, 14, 15, 16, 0]])], dim=1)
+    full, mask, resp_mask, truncated, lens = finish_rollout(prompt, pmask, seqs, [EOS], PAD)
+    assert lens.tolist() == [2, 5]  # row 1 kept all 5 columns (the last token happened to be id 0)
+    assert truncated.tolist() == [False, True]
+    assert resp_mask.tolist() == [[True, True, False, False, False], [True] * 5]
+    assert full[0].tolist() == [0, 5, 6, 11, EOS, PAD, PAD, PAD]
+    assert mask[0].tolist() == [0, 1, 1, 1, 1, 0, 0, 0]
+    # trimming: when every response ends early, the batch is cut to the longest one
+    seqs2 = torch.cat([prompt, torch.tensor([[EOS, 3, 3, 3], [4, EOS, 3, 3]])], dim=1)
+    full2, _, resp2, trunc2, lens2 = finish_rollout(prompt, pmask, seqs2, [EOS], PAD)
+    assert full2.shape == (2, 5) and resp2.shape == (2, 2)
+    assert lens2.tolist() == [1, 2] and not trunc2.any()
+
+
+def test_finish_rollout_any_of_several_eos_ids_ends_a_response():
+    prompt, pmask = torch.tensor([[5]]), torch.tensor([[1]])
+    seqs = torch.tensor([[5, 9, 42, 9, 9]])
+    _, _, resp_mask, truncated, lens = finish_rollout(prompt, pmask, seqs, [EOS, 42], PAD)
+    assert lens.tolist() == [2] and not truncated.any() and resp_mask.shape == (1, 2)
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def _greedy_no_cache(model, ids: list[int], n: int, eos: int, penalty: float = 1.0) -> list[int]:
+    """Reference: plain argmax loop over full forward passes, no cache, no padding."""
+    seq = list(ids)
+    out = []
+    for _ in range(n):
+        logits = model(torch.tensor([seq])).logits[0, -1].clone()
+        if penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq)))
+            vals = logits[seen]
+            logits[seen] = torch.where(vals > 0, vals / penalty, vals * penalty)
+        t = int(logits.argmax())
+        out.append(t)
+        seq.append(t)
+        if t == eos:
+            break
+    return out
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_generation_with_kv_cache_and_left_padding_matches_a_plain_loop(tiny, penalty):
+    _tok, model, ids, mask, _ = tiny
+    gen = GenerationConfig(max_new_tokens=6, repetition_penalty=penalty)
+    out = HFGenerateEngine(gen, [EOS], PAD).generate(model, ids, mask, greedy=True)
+    for row in range(ids.shape[0]):
+        real = ids[row][mask[row].bool()].tolist()
+        expected = _greedy_no_cache(model, real, 6, EOS, penalty)
+        assert out[row, ids.shape[1] : ids.shape[1] + len(expected)].tolist() == expected
+
+
+@torch.no_grad()
+def test_sampling_switches_change_generation(tiny):
+    _tok, model, ids, mask, _ = tiny
+    greedy = HFGenerateEngine(GenerationConfig(max_new_tokens=6, repetition_penalty=1.0), [EOS], PAD)
+    ref = greedy.generate(model, ids, mask, greedy=True)
+    # top_k=1 sampling is greedy; a tiny temperature too
+    for gen in (GenerationConfig(max_new_tokens=6, top_k=1, repetition_penalty=1.0),
+                GenerationConfig(max_new_tokens=6, temperature=1e-4, top_p=1.0, repetition_penalty=1.0)):  # fmt: skip
+        torch.manual_seed(0)
+        assert torch.equal(HFGenerateEngine(gen, [EOS], PAD).generate(model, ids, mask), ref)
+    # plain sampling from a near-uniform tiny model differs from greedy
+    torch.manual_seed(0)
+    sampled = HFGenerateEngine(GenerationConfig(max_new_tokens=6, top_p=1.0), [EOS], PAD).generate(model, ids, mask)
+    assert not torch.equal(sampled, ref)
+    # top_k=0 means "off" (HF would otherwise treat 0 as a value)
+    assert greedy.generation_config(False).top_k is None
+    # a strong repetition penalty forbids repeating any token already in prompt or response
+    strong = HFGenerateEngine(GenerationConfig(max_new_tokens=8, repetition_penalty=1e6), [EOS], PAD)
+    out = strong.generate(model, ids, mask, greedy=True)
+    for row in range(ids.shape[0]):
+        real = set(ids[row][mask[row].bool()].tolist())
+        resp = out[row, ids.shape[1] :].tolist()
+        assert not real & set(resp) and len(set(resp)) == len(resp)
+
+
+@torch.no_grad()
+def test_rollout_stops_at_eos_masks_after_it_and_respects_max_new_tokens(tiny):
+    tok, model, ids, mask, prompts = tiny
+    gen = GenerationConfig(max_new_tokens=5, repetition_penalty=1.0)
+    free = rollout(HFGenerateEngine(gen, [EOS], PAD), model, tok, ids, mask, eos_ids=[EOS], pad_id=PAD,
+                   prompts=prompts, greedy=True)  # fmt: skip
+    assert free.response_width <= 5 and free.truncated.all()  # a random model never picks EOS greedily here
+    # Declare row 0's second greedy token an EOS: row 0 must stop after 2 tokens, row 1 runs on.
+    stop = int(free.responses_ids[0, 1])
+    exp = rollout(HFGenerateEngine(gen, [stop], PAD), model, tok, ids, mask, eos_ids=[stop], pad_id=PAD,
+                  prompts=prompts, greedy=True)  # fmt: skip
+    first = free.responses_ids[1].tolist()
+    n1 = first.index(stop) + 1 if stop in first else 5
+    assert exp.response_lens.tolist() == [2, n1]
+    assert exp.truncated.tolist() == [False, stop not in first]
+    assert exp.response_mask[0].tolist()[:2] == [True, True] and not exp.response_mask[0, 2:].any()
+    assert (exp.responses_ids[0, 2:] == PAD).all()
+    assert exp.attention_mask.shape == exp.sequences.shape
+    assert exp.prompt_lens.tolist() == mask.sum(1).tolist()
+    # texts are the decoded response tokens, specials skipped
+    for row in range(2):
+        n = int(exp.response_lens[row])
+        assert exp.responses[row] == tok.decode(exp.responses_ids[row, :n].tolist(), skip_special_tokens=True)
+    assert exp.prompts == prompts
+
+
+def test_eos_ids_include_the_models_generation_config(tiny):
+    tok, model, *_ = tiny
+    model.generation_config.eos_token_id = [EOS, 7]
+    try:
+        assert eos_ids_of(tok, model) == [EOS, 7]
+    finally:
+        model.generation_config.eos_token_id = EOS
+
+
+# ------------------------------------------------------------------------------------------ Experience
+
+
+def _exp(prompts: list[list[int]], responses: list[list[int]]) -> Experience:
+    p = max(map(len, prompts))
+    r = max(map(len, responses))
+    seq = torch.zeros(len(prompts), p + r, dtype=torch.long)
+    att = torch.zeros_like(seq)
+    rmask = torch.zeros(len(prompts), r, dtype=torch.bool)
+    for i, (a, b) in enumerate(zip(prompts, responses, strict=True)):
+        seq[i, p - len(a) : p] = torch.tensor(a)
+        seq[i, p : p + len(b)] = torch.tensor(b)
+        att[i, p - len(a) : p + len(b)] = 1
+        rmask[i, : len(b)] = True
+    lp = torch.where(rmask, seq[:, p:].float(), 0.0)  # a per-token field that encodes the token itself
+    return Experience(seq, att, rmask, p, torch.tensor(list(map(len, prompts))), torch.tensor(list(map(len, responses))),
+                      torch.zeros(len(prompts), dtype=torch.bool), logprobs=lp,
+                      scores=torch.arange(len(prompts), dtype=torch.float32))  # fmt: skip
+
+
+def _rows(exp: Experience) -> list[tuple[list[int], list[int], list[float]]]:
+    out = []
+    for i in range(exp.batch_size):
+        p, r = int(exp.prompt_lens[i]), int(exp.response_lens[i])
+        seq = exp.sequences[i].tolist()
+        assert exp.attention_mask[i].sum() == p + r
+        out.append((seq[exp.prompt_width - p : exp.prompt_width], seq[exp.prompt_width : exp.prompt_width + r],
+                    exp.logprobs[i, :r].tolist()))  # fmt: skip
+    return out
+
+
+def test_experience_cat_and_select_keep_rows_and_trim_padding():
+    a = _exp([[5, 6], [7]], [[10, 11, 12], [13]])
+    b = _exp([[8, 9, 10, 11]], [[14, 15]])
+    both = Experience.cat([a, b], PAD)
+    assert both.prompt_width == 4 and both.response_width == 3
+    assert _rows(both) == _rows(a) + _rows(b)
+    assert both.scores.tolist() == [0.0, 1.0, 0.0]
+    sub = both.select([1, 2])  # prompts of length 1 and 4, responses of 1 and 2
+    assert sub.prompt_width == 4 and sub.response_width == 2
+    assert _rows(sub) == [_rows(a)[1], _rows(b)[0]]
+    small = both.select([1])
+    assert small.sequences.shape == (1, 2) and _rows(small) == [_rows(a)[1]]
