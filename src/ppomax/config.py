@@ -99,6 +99,18 @@ class LoggingConfig(_Section):
     progress: bool = True
 
 
+class CollapseConfig(_Section):
+    """Pattern-collapse monitor (paper 5.2): length up, perplexity down and KL up together. Thresholds are ours."""
+
+    action: Literal["off", "warn", "stop"] = Field(
+        "warn", description="warn: log and print; stop: also end the run, keeping the checkpoints saved before it."
+    )
+    window: int = Field(5, gt=0, description="Policy iterations in the baseline and in the current mean.")
+    length_ratio: float = Field(1.3, gt=1, description="Response length at least this x its baseline.")
+    ppl_ratio: float = Field(0.9, gt=0, lt=1, description="Policy perplexity at most this x its baseline.")
+    kl_per_token: float = Field(0.1, ge=0, description="KL(policy||reference) per token at least this (nats).")
+
+
 class _DataCommon(_Section):
     max_prompt_tokens: int = Field(
         256, gt=0, description="Longer prompts are cut from the left (latest turns kept)."
@@ -281,6 +293,7 @@ class PPOConfig(_RunConfig):
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOSettings = Field(default_factory=PPOSettings)
+    collapse: CollapseConfig = Field(default_factory=CollapseConfig)
 
     def check_runnable(self) -> None:
         """What `train-ppo` needs beyond a valid config; raises :class:`ConfigError` naming the keys."""

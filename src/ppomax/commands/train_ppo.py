@@ -41,6 +41,13 @@ def _run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     trainer = PPOTrainer(cfg, resume=args.resume)
     out = trainer.train()
+    if trainer.collapse_stopped:
+        print(
+            f"ppomax: stopped at step {trainer.step} by the collapse monitor (collapse.action=stop); the last "
+            f"checkpoint before it is {trainer.last_checkpoint or 'none (set logging.checkpoint_every)'}",
+            file=sys.stderr,
+        )
+        return 3
     if trainer.stopped_by is not None:
         name = signal.Signals(trainer.stopped_by).name
         print(

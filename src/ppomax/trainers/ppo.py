@@ -43,6 +43,7 @@ from torch import Tensor
 
 from ppomax.algos import RunningMoments, masked_mean
 from ppomax.checkpoint import atomic_dir
+from ppomax.collapse import CollapseMonitor
 from ppomax.config import PPOConfig, to_yaml
 from ppomax.errors import UserError
 from ppomax.experience import Experience
@@ -126,6 +127,8 @@ class PPOTrainer:
         self.fwd = Forward(acc.unwrap_model(self.policy), temperature)
         self.engine = engine or HFGenerateEngine(cfg.generation, self.eos_ids, self.pad_id)
         self.moments = RunningMoments(self.all_reduce)
+        c = cfg.collapse
+        self.collapse = CollapseMonitor(c.window, c.length_ratio, c.ppl_ratio, c.kl_per_token)
         self.updater = Updater(
             ppo=p, accelerator=acc, fwd=self.fwd, policy=self.policy, critic=self.critic,
             policy_opt=self.policy_opt, critic_opt=self.critic_opt, policy_sched=self.policy_sched,
@@ -134,6 +137,7 @@ class PPOTrainer:
         )  # fmt: skip
         self.step = 0
         self.stopped_by: int | None = None
+        self.collapse_stopped = False
         self.last_checkpoint: Path | None = None
         self.logger = MetricsLogger(self.out_dir, cfg.logging.tensorboard, enabled=acc.is_main_process)
         if self.ckpt is not None:
@@ -280,6 +284,7 @@ class PPOTrainer:
                     step = self.step + 1
                     metrics = self.iteration(step)
                     self.step = step
+                    collapsed = self._check_collapse(step, metrics)
                     if step % log.log_every == 0 or step == self.total_steps:
                         self.logger.log(step, metrics)
                     bar.update(1)
@@ -287,6 +292,9 @@ class PPOTrainer:
                         reward=f"{metrics['reward/raw_mean']:.3g}", kl=f"{metrics['kl/per_token']:.3g}",
                         len=f"{metrics['response/length_mean']:.3g}", ppl=f"{metrics['ppl/policy']:.3g}",
                     )  # fmt: skip
+                    if collapsed and cfg.collapse.action == "stop":
+                        self.collapse_stopped = True  # the collapsing state is not checkpointed
+                        return self.out_dir
                     if log.eval_every and step % log.eval_every == 0:
                         self.logger.log(step, evaluate(self, step), prefix="eval/")
                     if self.updater.nonfinite_in_row >= cfg.ppo.max_nonfinite_in_row:
@@ -307,6 +315,18 @@ class PPOTrainer:
         finally:
             bar.close()
             self.logger.close()
+
+    def _check_collapse(self, step: int, metrics: dict[str, Any]) -> bool:
+        """Feed the collapse monitor (policy iterations only); warn on the main process when it fires."""
+        if self.cfg.collapse.action == "off" or metrics["train/critic_only"]:
+            return False
+        signal = self.collapse.update(step, metrics)
+        metrics["collapse/firing"] = int(self.collapse.firing)
+        if signal is not None and self.acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"ppomax: WARNING {signal.message()}")
+        return signal is not None
 
     def _any_rank(self, flag: bool) -> bool:
         """True if ``flag`` is set on any process (a signal may reach only some ranks; all must stop together)."""
@@ -344,6 +364,7 @@ class PPOTrainer:
                     "moments": self.moments.state_dict(), "prompt_stream": self.prompt_stream.state_dict(),
                     "ptx_stream": self.ptx_stream.state_dict() if self.ptx_stream else None,
                     "nonfinite_total": self.updater.nonfinite_total, "world_size": self.acc.num_processes,
+                    "collapse": self.collapse.state_dict(),
                 },
             )  # fmt: skip
             (path / "config.yaml").write_text(to_yaml(self.cfg), encoding="utf-8")
@@ -366,6 +387,8 @@ class PPOTrainer:
         if self.ptx_stream is not None and state.get("ptx_stream"):
             self.ptx_stream.load_state_dict(state["ptx_stream"])
         self.updater.nonfinite_total = int(state.get("nonfinite_total", 0))
+        if state.get("collapse"):
+            self.collapse.load_state_dict(state["collapse"])
         self.policy_opt.load_state_dict(optim["policy"])
         self.critic_opt.load_state_dict(optim["critic"])
         self.policy_sched.load_state_dict(optim["policy_sched"])

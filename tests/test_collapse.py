@@ -1,0 +1,84 @@
+"""The pattern-collapse monitor (paper 5.2) and its wiring into the PPO trainer."""
+
+from __future__ import annotations
+
+import pytest
+
+from ppomax.collapse import KL, LENGTH, PPL, CollapseMonitor
+
+
+def _m(length: float, ppl: float, kl: float) -> dict[str, float]:
+    return {LENGTH: length, PPL: ppl, KL: kl}
+
+
+def _run(monitor: CollapseMonitor, points: list[dict[str, float]]) -> list[int]:
+    return [step for step, p in enumerate(points, 1) if monitor.update(step, p) is not None]
+
+
+def test_fires_once_when_length_ppl_and_kl_move_together():
+    mon = CollapseMonitor(window=3, length_ratio=1.3, ppl_ratio=0.9, kl_per_token=0.1)
+    stable = [_m(20, 3.0, 0.01)] * 3
+    drifting = [_m(20 + 4 * i, 3.0 - 0.2 * i, 0.02 + 0.04 * i) for i in range(1, 10)]
+    fired = _run(mon, stable + drifting)
+    # recent-3 means at step 3+k: length 20+4(k-1), ppl 3.0-0.2(k-1), kl 0.02+0.04(k-1); all hold first at k=4
+    assert fired == [7]
+    assert mon.fired == 1 and mon.firing
+
+
+@pytest.mark.parametrize(
+    "drift",
+    [
+        lambda i: _m(20 + 4 * i, 3.0 - 0.2 * i, 0.01),  # no KL growth: the reference still explains it
+        lambda i: _m(20, 3.0 - 0.2 * i, 0.02 + 0.04 * i),  # length flat
+        lambda i: _m(20 + 4 * i, 3.0, 0.02 + 0.04 * i),  # perplexity flat
+    ],
+)
+def test_one_signal_alone_is_not_collapse(drift):
+    mon = CollapseMonitor(window=3, length_ratio=1.3, ppl_ratio=0.9, kl_per_token=0.1)
+    assert _run(mon, [_m(20, 3.0, 0.01)] * 3 + [drift(i) for i in range(1, 12)]) == []
+
+
+def test_rearms_after_recovery_and_state_round_trips():
+    mon = CollapseMonitor(window=2, length_ratio=1.3, ppl_ratio=0.9, kl_per_token=0.1)
+    bad, good = _m(40, 2.0, 0.5), _m(20, 3.0, 0.0)
+    points = [good, good, bad, bad, bad, good, good, bad, bad]
+    assert _run(mon, points) == [4, 8]  # step 8: the mean of (good, bad) already shows the signature
+    clone = CollapseMonitor(window=2, length_ratio=1.3, ppl_ratio=0.9, kl_per_token=0.1)
+    clone.load_state_dict(mon.state_dict())
+    assert clone.state_dict() == mon.state_dict()
+
+
+def test_trainer_feeds_the_monitor_and_stop_ends_the_run(tmp_path, monkeypatch):
+    import torch
+
+    from ppo_helpers import make_setup
+    from ppomax.cli import main
+    from ppomax.collapse import CollapseSignal
+    from ppomax.monitor import read_metrics
+
+    torch.set_num_threads(1)
+    setup = make_setup(tmp_path)
+    seen: list[int] = []
+
+    def fake_update(self, step, metrics):
+        seen.append(step)
+        assert {LENGTH, PPL, KL} <= set(metrics)
+        self.firing = step >= 2
+        return CollapseSignal(step, 2.0, 0.5, 1.0) if step == 3 else None
+
+    monkeypatch.setattr(CollapseMonitor, "update", fake_update)
+    argv = ["train-ppo", "--preset", "ppo_max", "--set", "collapse.action=stop"]
+    for item in (f"model.policy={setup.policy}", f"model.reward={setup.reward}", f"data.prompts={setup.prompts}",
+                 f"logging.out_dir={tmp_path / 'run'}", "ppo.iterations=4", "ppo.critic_pretrain_steps=1",
+                 "logging.checkpoint_every=1", "generation.max_new_tokens=8", "ppo.rollout_batch_size=4",
+                 "ppo.buffer_size=8", "ppo.minibatch_size=8", "logging.tensorboard=false",
+                 "logging.progress=false"):  # fmt: skip
+        argv += ["--set", item]
+    assert main(argv) == 3
+    # critic pre-training (step 1) is not fed; the policy steps are, until the signal at policy step 2 = step 3
+    assert seen == [2, 3]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["collapse/firing"] == 1
+    assert not (tmp_path / "run" / "final").exists()
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "step-2").is_dir() and not (ckpts / "step-3").exists()  # the collapsing state is not kept
