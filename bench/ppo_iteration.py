@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import statistics
 import sys
 import tempfile
@@ -27,42 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-
-WORDS = ["the", "a", "of", "to", "and", "in", "is", "it", "you", "that", "he", "was", "for", "on", "are", "with", "as", "his", "they", "be", "at", "one", "have", "this", "from", "or", "had", "by", "word", "but", "what", "some", "we", "can", "out", "other", "were", "all", "there", "when", "up", "use", "your", "how", "said", "an", "each", "she", "which", "do", "their", "time", "if", "will", "way", "about", "many", "then", "them", "write", "would", "like", "so", "these", "her", "long", "make", "thing", "see", "him", "two", "has", "look", "more", "day", "could", "go", "come", "did", "number", "sound", "no", "most", "people", "my", "over", "know", "water", "than", "call", "first", "who", "may", "down", "side", "been", "now", "find", "paris", "bread", "joke", "capital", "france", "count", "five", "colour", "dog", "sky", "blue", "nice"]  # fmt: skip
-
-
-def build(root: Path, hidden: int, layers: int, vocab: int, seed: int) -> tuple[Path, Path, Path, int]:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from ppomax.models import ValueHeadModel
-
-    rng = random.Random(seed)
-    texts = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(400)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    heads = max(1, hidden // 32)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=4 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    n_params = sum(p.numel() for p in model.parameters())
-    policy = root / "policy"
-    model.save_pretrained(policy)
-    fast.save_pretrained(policy)
-    ValueHeadModel.from_causal_lm(policy, seed=seed).save_pretrained(root / "rm")
-    prompts = root / "prompts.jsonl"
-    with prompts.open("w") as fh:
-        for _ in range(512):
-            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 24)))
-            fh.write(json.dumps({"prompt": f"\n\nHuman: {q}?\n\nAssistant:"}) + "\n")
-    return policy, root / "rm", prompts, n_params
+from _tiny import build  # bench/ is on sys.path when this file runs as a script
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,75 @@
+"""Tiny models and prompts for the benches, built from scratch in a directory (nothing downloaded).
+
+Shared by ``ppo_iteration.py`` and ``trl_compare.py`` so that both time the very same models: a byte-level BPE
+tokenizer trained on synthetic text, a random Llama saved with ``save_pretrained``, and a value-head reward model
+on that backbone (:class:`ppomax.models.ValueHeadModel`, fresh seeded head), plus synthetic HH-style prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+WORDS = ["the", "a", "of", "to", "and", "in", "is", "it", "you", "that", "he", "was", "for", "on", "are", "with", "as", "his", "they", "be", "at", "one", "have", "this", "from", "or", "had", "by", "word", "but", "what", "some", "we", "can", "out", "other", "were", "all", "there", "when", "up", "use", "your", "how", "said", "an", "each", "she", "which", "do", "their", "time", "if", "will", "way", "about", "many", "then", "them", "write", "would", "like", "so", "these", "her", "long", "make", "thing", "see", "him", "two", "has", "look", "more", "day", "could", "go", "come", "did", "number", "sound", "no", "most", "people", "my", "over", "know", "water", "than", "call", "first", "who", "may", "down", "side", "been", "now", "find", "paris", "bread", "joke", "capital", "france", "count", "five", "colour", "dog", "sky", "blue", "nice"]  # fmt: skip
+
+
+def build_models(
+    root: Path, hidden: int, layers: int, vocab: int, seed: int, rng: random.Random | None = None
+) -> tuple[Path, Path, int]:
+    """Tokenizer + random Llama in ``root/policy``, value-head RM on the same backbone in ``root/rm``.
+
+    ``rng`` draws the tokenizer's corpus (default ``Random(seed)``). Returns ``(policy_dir, rm_dir, n_params)``
+    (parameters of the policy)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from ppomax.models import ValueHeadModel
+
+    rng = rng or random.Random(seed)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(400)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    heads = max(1, hidden // 32)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    policy = root / "policy"
+    model.save_pretrained(policy)
+    fast.save_pretrained(policy)
+    ValueHeadModel.from_causal_lm(policy, seed=seed).save_pretrained(root / "rm")
+    return policy, root / "rm", n_params
+
+
+def random_prompt(rng: random.Random, words: int) -> str:
+    """An HH-style single-turn prompt of ``words`` random words."""
+    q = " ".join(rng.choice(WORDS) for _ in range(words))
+    return f"\n\nHuman: {q}?\n\nAssistant:"
+
+
+def write_prompts(path: Path, prompts: list[str]) -> Path:
+    """``{"prompt": ...}`` JSON lines (a format ``data.prompts`` reads)."""
+    with path.open("w") as fh:
+        for p in prompts:
+            fh.write(json.dumps({"prompt": p}) + "\n")
+    return path
+
+
+def build(root: Path, hidden: int, layers: int, vocab: int, seed: int) -> tuple[Path, Path, Path, int]:
+    """Models as :func:`build_models` plus 512 prompts of 8-24 words in ``root/prompts.jsonl``.
+
+    Returns ``(policy_dir, rm_dir, prompts_file, n_params)``."""
+    rng = random.Random(seed)
+    policy, rm, n_params = build_models(root, hidden, layers, vocab, seed, rng)
+    prompts = [random_prompt(rng, rng.randint(8, 24)) for _ in range(512)]
+    return policy, rm, write_prompts(root / "prompts.jsonl", prompts), n_params

@@ -1,0 +1,517 @@
+"""ppomax's PPO next to Hugging Face TRL's (``trl.experimental.ppo``), in one run, on identical tiny models and
+settings (DESIGN.md section 8).
+
+    .venv/bin/python bench/trl_compare.py                  # 64x2 and 256x4 tiny Llamas, CPU, 1 thread, ~3 min
+    .venv/bin/python bench/trl_compare.py --sizes 128x2 --batch 16 --new-tokens 32 --iterations 3
+
+TRL is never installed into the project's virtualenv: the first run creates ``bench/.venv-trl`` with
+``python3.11 -m venv`` and installs ``torch==2.13.0`` first (the local CPU wheel; a plain ``torch`` would pull a
+CUDA build), then ``trl==1.12.*`` (or, if that cannot be installed, the newest 1.x; the table says which) with
+transformers and accelerate pinned to this venv's versions. Later runs reuse it (``--reinstall`` rebuilds it).
+
+What is shared, built once here (bench/_tiny.py): the tokenizer, the random Llama policy (also the reference),
+the value-head reward model (also the critic's initial weights, ``critic_init: reward_model`` on both sides;
+TRL gets it as a ``LlamaForSequenceClassification`` with the same backbone and the head copied into ``score``,
+checked to give the same scores), and the prompts: token ids computed once by ppomax's prompt tokenizer, all
+prompts of the same length, so neither side pads them. Each side runs in its own fresh process with
+``torch.set_num_threads(--threads)``: ppomax with this interpreter, TRL with the one in ``bench/.venv-trl``.
+
+Settings on both sides: batch B rollouts = one minibatch = one optimiser step, one PPO epoch, ``max_new_tokens``
+N, sampling at temperature 0.8 with no top-p/top-k/repetition penalty (TRL's generation has none of them, so
+ppomax's ``ppo_max`` preset is overridden to match), stop at EOS, float32, no gradient checkpointing (TRL's
+defaults, bf16 mixed precision and gradient checkpointing, are switched off), KL coefficient 0.05 (k1), clip
+0.2, value clip 0.2, gamma 1, lambda 0.95, vf coefficient 1, AdamW (non-fused) with betas (0.9, 0.95). ppomax
+runs the rest of ``ppo_max`` (reward normalisation/clipping, advantage whitening, gradient clipping).
+
+Timing, in two clocks (two tables): wall time, and the process's CPU time (one thread: close to the wall time
+on an idle machine and far less disturbed by other processes on a shared one). ppomax: its trainer's
+``generate``, ``score``, ``compute_advantages`` and ``updater.update`` are wrapped (the wall numbers agree with
+``PPOTrainer.iteration``'s own ``time/*`` metrics, kept in the JSON as ``own``). TRL's ``train()`` is one loop,
+so the bench wraps two of its module functions: ``batch_generation`` (generation) and ``masked_whiten`` (the last
+call before the updates: generation end -> its return = scoring and advantages); a callback's ``on_step_end``
+closes the iteration (training = the rest, metric logging included). ``other`` is the rest of the iteration
+(TRL: fetching the prompt batch and the ``gc.collect()`` it runs after each iteration; ppomax: merging batches and
+reducing metrics). TRL also calls ``gc.collect()`` at the end of scoring: the bench times both calls and prints
+their share. ``tokens/s`` counts response tokens up to and including the first EOS per second of the iteration,
+``gen tok/s`` per second of generation. Medians over the timed iterations after ``--warmup`` in each process;
+``--rounds`` processes per side and size, alternating which side goes first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TRL_VENV = HERE / ".venv-trl"
+TRL_SPEC = "trl==1.12.*"
+TRL_FALLBACK = "trl>=1.0,<2"
+TORCH_SPEC = "torch==2.13.0"  # the local CPU wheel; must go in before trl, which would pull a CUDA torch
+TEMPERATURE = 0.8
+
+
+def _pin_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+    torch.set_num_interop_threads(n)
+
+
+def _thread_env(n: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n), TOKENIZERS_PARALLELISM="false",
+               ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONWARNINGS="ignore")  # fmt: skip
+    return env
+
+
+# ---------------------------------------------------------------------------------------------- the TRL venv
+
+
+def _pip(py: Path, *args: str) -> bool:
+    cmd = [str(py), "-m", "pip", "install", "-q", *args]
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    return subprocess.run(cmd, stdout=sys.stderr).returncode == 0
+
+
+def ensure_trl_venv(venv: Path, reinstall: bool) -> Path:
+    """The TRL interpreter, creating and filling ``venv`` if needed (never touches this interpreter's venv)."""
+    from importlib.metadata import version
+
+    py = venv / "bin" / "python"
+    probe = [str(py), "-c", "import trl, torch; print(trl.__version__)"]
+    if not reinstall and py.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return py
+    if reinstall or not py.exists():
+        subprocess.run(["python3.11", "-m", "venv", "--clear", str(venv)], check=True)
+    if not _pip(py, TORCH_SPEC):
+        raise SystemExit(f"cannot install {TORCH_SPEC} into {venv}")
+    pins = [f"transformers=={version('transformers')}", f"accelerate=={version('accelerate')}"]
+    for spec in ([TRL_SPEC, *pins], [TRL_FALLBACK, *pins], [TRL_FALLBACK]):
+        if _pip(py, *spec):
+            break
+    else:
+        raise SystemExit(f"cannot install TRL into {venv} (tried {TRL_SPEC} and {TRL_FALLBACK})")
+    subprocess.run(probe, check=True, capture_output=True)
+    return py
+
+
+# ---------------------------------------------------------------------------------------------- shared inputs
+
+
+def prepare(
+    root: Path, hidden: int, layers: int, vocab: int, seed: int, n_prompts: int = 256
+) -> dict[str, Any]:
+    """Models, TRL's converted reward model and equal-length prompts in ``root``; returns the spec both sides read."""
+    import torch
+    from _tiny import build_models, random_prompt, write_prompts
+    from transformers import LlamaForSequenceClassification
+
+    from ppomax.data import tokenize_prompt
+    from ppomax.models import ValueHeadModel, load_tokenizer
+
+    rng = random.Random(seed)
+    policy, rm, n_params = build_models(root, hidden, layers, vocab, seed, rng)
+    tok = load_tokenizer(str(policy))
+    # Prompts of one token length: no padding on either side, so both see the same [B, P] work every iteration.
+    cands = [random_prompt(rng, 12) for _ in range(8 * n_prompts)]
+    ids = [tokenize_prompt(tok, p, None) for p in cands]
+    length = Counter(len(i) for i in ids).most_common(1)[0][0]
+    keep = [(p, i) for p, i in zip(cands, ids, strict=True) if len(i) == length][:n_prompts]
+    prompts = write_prompts(root / "prompts.jsonl", [p for p, _ in keep])
+
+    # TRL's reward/value model: a sequence classifier on the same backbone, the value head copied into `score`.
+    vh = ValueHeadModel.from_pretrained(rm).eval()
+    fields = {k: v for k, v in vh.backbone.config.to_dict().items() if k not in ("id2label", "label2id")}
+    cfg = vh.backbone.config.__class__.from_dict({**fields, "num_labels": 1})
+    seq = LlamaForSequenceClassification(cfg).eval()
+    seq.model.load_state_dict(vh.backbone.model.state_dict())
+    with torch.no_grad():
+        seq.score.weight.copy_(vh.value_head.weight)
+    rm_trl = root / "rm_trl"
+    seq.save_pretrained(rm_trl)
+    tok.save_pretrained(rm_trl)
+    # Check rows for the TRL side: the same sequences must score the same there (padding after the response).
+    g = torch.Generator().manual_seed(seed)
+    resp = torch.randint(3, len(tok), (4, 10), generator=g)
+    resp[1, 6:] = tok.pad_token_id
+    seqs = torch.cat([torch.tensor([i for _, i in keep[:4]]), resp], dim=1)
+    with torch.no_grad():
+        scores = vh.score(seqs, (seqs != tok.pad_token_id).long()).tolist()
+    return {
+        "policy": str(policy), "rm": str(rm), "rm_trl": str(rm_trl), "prompts": str(prompts),
+        "prompt_ids": [i for _, i in keep], "prompt_len": length, "n_params": n_params,
+        "score_bias": float(vh.value_head.bias.item()), "check_seqs": seqs.tolist(), "check_scores": scores,
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- the two sides
+
+
+PHASES = ("gen", "score", "train", "other", "iter")
+
+
+def now() -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds)."""
+    return time.perf_counter(), time.process_time()
+
+
+def split(marks: dict[str, tuple[float, float]], start: str) -> dict[str, dict[str, float]]:
+    """Phase durations in both clocks from the marks of one iteration (``start`` = the previous iteration's end)."""
+    out = {}
+    for c, clock in enumerate(("wall", "cpu")):
+        m = {k: v[c] for k, v in marks.items()}
+        d = {"gen": m["gen_end"] - m["gen_start"], "score": m["score_end"] - m["gen_end"],
+             "train": m["end"] - m["score_end"], "iter": m["end"] - m[start]}  # fmt: skip
+        d["other"] = d["iter"] - d["gen"] - d["score"] - d["train"]
+        out[clock] = d
+    return out
+
+
+class Phases:
+    """Adds up both clocks over calls of wrapped functions, per phase, between :meth:`take` calls."""
+
+    def __init__(self) -> None:
+        self.acc: dict[str, list[float]] = {}
+
+    def wrap(self, key: str, fn: Any) -> Any:
+        def timed(*args: Any, **kw: Any) -> Any:
+            w0, c0 = now()
+            try:
+                return fn(*args, **kw)
+            finally:
+                w1, c1 = now()
+                tot = self.acc.setdefault(key, [0.0, 0.0])
+                tot[0] += w1 - w0
+                tot[1] += c1 - c0
+
+        return timed
+
+    def take(self, start: tuple[float, float], end: tuple[float, float]) -> dict[str, dict[str, float]]:
+        out = {}
+        for c, clock in enumerate(("wall", "cpu")):
+            d = {k: self.acc.get(k, [0.0, 0.0])[c] for k in ("gen", "score", "train")}
+            d["iter"] = end[c] - start[c]
+            d["other"] = d["iter"] - d["gen"] - d["score"] - d["train"]
+            out[clock] = d
+        self.acc = {}
+        return out
+
+    def total(self) -> dict[str, float]:
+        """Both clocks summed over every phase since the last call, then reset."""
+        out = {c: sum(v[i] for v in self.acc.values()) for i, c in enumerate(("wall", "cpu"))}
+        self.acc = {}
+        return out
+
+
+def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
+    """``PPOTrainer.iteration`` with the ppo_max preset and the shared settings, its phases timed in both clocks
+    by wrapping the trainer's ``generate``, ``score``, ``compute_advantages`` and ``updater.update``."""
+    import accelerate
+    import torch
+    import transformers
+
+    import ppomax.trainers.ppo as ppo_mod
+    from ppomax.config import load_config
+    from ppomax.trainers.ppo import PPOTrainer
+
+    b, total = a.batch, a.warmup + a.iterations
+    cfg = load_config("ppo", preset="ppo_max", overrides=[
+        f"model.policy={spec['policy']}", f"model.reward={spec['rm']}", f"data.prompts={spec['prompts']}",
+        "model.dtype=float32", f"generation.max_new_tokens={a.new_tokens}", f"generation.temperature={TEMPERATURE}",
+        "generation.top_p=1.0", "generation.top_k=0", "generation.repetition_penalty=1.0",
+        "ppo.critic_pretrain_steps=0", f"ppo.iterations={total}", f"ppo.rollout_batch_size={b}",
+        f"ppo.buffer_size={b}", f"ppo.minibatch_size={b}", "ppo.ppo_epochs=1", "ppo.vf_coef=1.0",
+        "ppo.kl_coef=0.05", "ppo.kl_estimator=k1", "ppo.clip_ratio=0.2", "ppo.value_clip=0.2",
+        f"logging.out_dir={Path(a.out).with_suffix('.run')}", "logging.tensorboard=false", "logging.progress=false",
+    ])  # fmt: skip
+    trainer = PPOTrainer(cfg)
+    clock = Phases()
+    trainer.generate = clock.wrap("gen", trainer.generate)  # type: ignore[method-assign]
+    trainer.score = clock.wrap("score", trainer.score)  # type: ignore[method-assign]
+    ppo_mod.compute_advantages = clock.wrap("score", ppo_mod.compute_advantages)  # looked up at call time
+    trainer.updater.update = clock.wrap("train", trainer.updater.update)  # type: ignore[method-assign]
+    rows = []
+    for step in range(1, total + 1):
+        t0 = now()
+        m = trainer.iteration(step)
+        row: dict[str, Any] = clock.take(t0, now())
+        it = m["time/iteration"]
+        row.update(tokens=m["perf/tokens_per_s"] * it, len=m["response/length_mean"], width=a.new_tokens,
+                   own={k: m[f"time/{k}"] for k in ("generation", "scoring", "training", "iteration")})  # fmt: skip
+        rows.append(row)
+    return {"rows": rows, "threads": torch.get_num_threads(), "mixed_precision": trainer.acc.mixed_precision,
+            "versions": {"ppomax": "src", "torch": torch.__version__, "transformers": transformers.__version__,
+                         "accelerate": accelerate.__version__}}  # fmt: skip
+
+
+def run_trl(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
+    """TRL's ``PPOTrainer.train`` for warmup + iterations updates, timed through two wrapped functions."""
+    import accelerate
+    import torch
+    import transformers
+    import trl
+    import trl.experimental.ppo.ppo_trainer as pt
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.trainer_callback import PrinterCallback, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.utils import get_reward
+
+    tok = AutoTokenizer.from_pretrained(spec["policy"], padding_side="left")
+    load_lm = lambda: AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32)  # noqa: E731
+
+    def load_rm() -> Any:
+        m = AutoModelForSequenceClassification.from_pretrained(
+            spec["rm_trl"], num_labels=1, dtype=torch.float32
+        )
+        if spec["score_bias"] != 0.0:  # Llama's classifier head has no bias; ppomax's value head has one
+            head = torch.nn.Linear(m.score.in_features, 1)
+            with torch.no_grad():
+                head.weight.copy_(m.score.weight)
+                head.bias.fill_(spec["score_bias"])
+            m.score = head
+        return m.eval()
+
+    policy, ref, rm, value = load_lm(), load_lm(), load_rm(), load_rm()
+    seqs = torch.tensor(spec["check_seqs"])
+    with torch.no_grad():
+        _, got, _ = get_reward(rm, seqs, tok.pad_token_id, spec["prompt_len"])
+    score_err = (got - torch.tensor(spec["check_scores"])).abs().max().item()
+
+    b, total = a.batch, a.warmup + a.iterations
+    ds = Dataset.from_dict({"input_ids": spec["prompt_ids"]})
+    args = PPOConfig(
+        output_dir=str(Path(a.out).with_suffix(".run")), report_to="none", save_strategy="no", logging_steps=1,
+        disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, seed=42,
+        per_device_train_batch_size=b, gradient_accumulation_steps=1, num_mini_batches=1,
+        local_rollout_forward_batch_size=b, num_ppo_epochs=1, total_episodes=b * total,
+        response_length=a.new_tokens, stop_token="eos", temperature=TEMPERATURE, num_sample_generations=0,
+        kl_coef=0.05, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, vf_coef=1.0, gamma=1.0, lam=0.95,
+        optim="adamw_torch", learning_rate=5e-7, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-6,
+        lr_scheduler_type="constant", dataloader_num_workers=0,
+    )  # fmt: skip
+    marks: list[dict[str, Any]] = []
+    gc = Phases()  # TRL calls gc.collect() twice per iteration: report how much of its time that is
+    eos = tok.eos_token_id
+    orig_gen, orig_whiten = pt.batch_generation, pt.masked_whiten
+
+    def timed_gen(model: Any, queries: Any, *args: Any, **kw: Any) -> Any:
+        t0 = now()
+        out = orig_gen(model, queries, *args, **kw)
+        t1 = now()
+        resp = out[0][:, queries.shape[1] :]
+        is_eos = resp == eos
+        first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, resp.shape[1])  # up to and incl. EOS
+        marks.append({"gen_start": t0, "gen_end": t1, "tokens": float(first.sum()),
+                      "len": float(first.float().mean()), "width": resp.shape[1]})  # fmt: skip
+        return out
+
+    def timed_whiten(*args: Any, **kw: Any) -> Any:  # the advantages' whitening ends the scoring phase
+        out = orig_whiten(*args, **kw)
+        marks[-1]["score_end"] = now()
+        return out
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *_: Any, **__: Any) -> None:
+            marks.append({"end": now()})
+
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            marks[-1]["end"] = now()
+            marks[-1]["gc"] = gc.total()  # both calls inside this iteration's window (see below)
+
+    pt.batch_generation, pt.masked_whiten = timed_gen, timed_whiten
+    # The trainer module's `gc` name only (the gc module itself is untouched).
+    pt.gc = types.SimpleNamespace(collect=gc.wrap("collect", pt.gc.collect))
+    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
+                         value_model=value, train_dataset=ds, eval_dataset=ds.select(range(b)))  # fmt: skip
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(Clock())
+    trainer.train()
+    rows = []
+    for prev, m in itertools.pairwise(marks):
+        # An iteration runs from the previous on_step_end to its own: its window holds the previous iteration's
+        # trailing gc.collect() (TRL calls it after on_step_end) and its own one at the end of scoring.
+        times = {k: m[k] for k in ("gen_start", "gen_end", "score_end", "end")}
+        row: dict[str, Any] = split({**times, "start": prev["end"]}, "start")
+        row.update(tokens=m["tokens"], len=m["len"], width=m["width"], gc=m["gc"])
+        rows.append(row)
+    return {"rows": rows, "threads": torch.get_num_threads(), "score_check_max_abs_err": score_err,
+            "mixed_precision": trainer.accelerator.mixed_precision,
+            "gradient_checkpointing": bool(policy.is_gradient_checkpointing),
+            "versions": {"trl": trl.__version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__, "accelerate": accelerate.__version__}}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def summarise(rows: list[dict[str, Any]], batch: int, clock: str) -> dict[str, float]:
+    """Medians over the timed iterations in ``clock`` (``wall`` or ``cpu``); rates are per-iteration medians."""
+    med = {k: statistics.median(r[clock][k] for r in rows) for k in PHASES}
+    med["len"] = statistics.median(r["len"] for r in rows)
+    med["samples_s"] = statistics.median(batch / r[clock]["iter"] for r in rows)
+    med["tok_s"] = statistics.median(r["tokens"] / r[clock]["iter"] for r in rows)
+    med["gen_tok_s"] = statistics.median(r["tokens"] / r[clock]["gen"] for r in rows)
+    if "gc" in rows[0]:
+        med["gc"] = statistics.median(r["gc"][clock] for r in rows)
+        med["iter_no_gc"] = statistics.median(r[clock]["iter"] - r["gc"][clock] for r in rows)
+    return med
+
+
+def table(results: list[Any], a: argparse.Namespace, clock: str) -> list[str]:
+    """Markdown rows, ppomax then TRL for each model size."""
+    lines = ["| trainer | model (params) | prompt tok | resp len (of N) | gen s | score s | train s | other s "
+             "| iter s | samples/s | tokens/s | gen tok/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for hidden, layers, spec, sides in results:
+        for name in ("ppomax", "trl"):
+            res = sides[name]
+            s = summarise(res["rows"], a.batch, clock)
+            label = "ppomax (ppo_max)" if name == "ppomax" else f"TRL {res['versions']['trl']} PPOTrainer"
+            lines.append(
+                f"| {label} | Llama {hidden}x{layers} ({spec['n_params'] / 1e6:.2f}M) | {spec['prompt_len']} "
+                f"| {s['len']:.1f} ({a.new_tokens}) | {s['gen']:.3f} | {s['score']:.3f} | {s['train']:.3f} "
+                f"| {s['other']:.3f} | {s['iter']:.3f} | {s['samples_s']:.1f} | {s['tok_s']:.0f} "
+                f"| {s['gen_tok_s']:.0f} |"
+            )
+    return lines
+
+
+def run_side(side: str, py: Path, spec_path: Path, a: argparse.Namespace, tag: str) -> dict[str, Any]:
+    """One side in a fresh process (``py``: its venv's interpreter); its JSON result plus ``wall_s``."""
+    out = spec_path.with_name(f"result-{tag}.json")
+    cmd = [str(py), str(Path(__file__).resolve()), "--worker", side, "--spec", str(spec_path), "--out", str(out),
+           *a.passthrough]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=_thread_env(a.threads), cwd=str(REPO), capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"the {side} side failed (exit {proc.returncode}); its output is above")
+    res = json.loads(out.read_text())
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="64x2,256x4", help="comma-separated HIDDENxLAYERS tiny Llamas")
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=32, help="rollouts per iteration = minibatch (one update)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="max_new_tokens (both stop at EOS)")
+    ap.add_argument("--iterations", type=int, default=4, help="timed iterations per process")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed iterations at the start of every process")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="processes per side and size, alternating which side goes first; rows are pooled",
+    )
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reinstall", action="store_true", help="rebuild bench/.venv-trl")
+    ap.add_argument("--json", action="store_true", help="also print every per-iteration number as JSON")
+    ap.add_argument("--worker", choices=["ppomax", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    a.passthrough = [f"--batch={a.batch}", f"--new-tokens={a.new_tokens}", f"--iterations={a.iterations}",
+                     f"--warmup={a.warmup}", f"--threads={a.threads}"]  # fmt: skip
+
+    if a.worker:  # inside a side's own process (the TRL one cannot import ppomax)
+        _pin_threads(a.threads)
+        if a.worker == "ppomax":
+            sys.path.insert(0, str(REPO / "src"))
+        spec = json.loads(Path(a.spec).read_text())
+        res = (run_ppomax if a.worker == "ppomax" else run_trl)(spec, a)
+        Path(a.out).write_text(json.dumps(res))
+        return 0
+
+    t_start = time.perf_counter()
+    trl_py = ensure_trl_venv(TRL_VENV, a.reinstall)
+    sys.path.insert(0, str(REPO / "src"))
+    _pin_threads(a.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    pythons = {"ppomax": Path(sys.executable), "trl": trl_py}
+    results: list[tuple[int, int, dict[str, Any], dict[str, dict[str, Any]]]] = []
+    for size in a.sizes.split(","):
+        hidden, layers = (int(x) for x in size.lower().split("x"))
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            spec = prepare(root, hidden, layers, a.vocab, a.seed)
+            spec["root"] = str(root)
+            spec_path = root / "spec.json"
+            spec_path.write_text(json.dumps(spec))
+            sides: dict[str, dict[str, Any]] = {}
+            for r in range(a.rounds):  # alternate who goes first: the other worker's load drifts over time
+                order = ["ppomax", "trl"] if (len(results) + r) % 2 == 0 else ["trl", "ppomax"]
+                for side in order:
+                    res = run_side(side, pythons[side], spec_path, a, tag=f"{side}-{r}")
+                    merged = sides.setdefault(side, {"rows": [], "wall_s": 0.0})
+                    merged["rows"] += res.pop("rows")[a.warmup :]
+                    merged["wall_s"] += res.pop("wall_s")
+                    merged.update(res)
+        results.append((hidden, layers, spec, sides))
+        print(
+            f"done {size}: " + ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in sides.items()),
+            file=sys.stderr,
+        )
+
+    trl_v, pm_v = results[0][3]["trl"]["versions"], results[0][3]["ppomax"]["versions"]
+    diff = [f"{k} {pm_v[k]}" for k in ("torch", "transformers", "accelerate") if pm_v[k] != trl_v[k]]
+    same = "same versions" if not diff else ", ".join(diff)
+    cmd = " ".join(
+        [".venv/bin/python", "bench/trl_compare.py", *(argv if argv is not None else sys.argv[1:])]
+    )
+    print(f"\nCommand: `{cmd}`  \nMachine: {machine()}; torch threads {a.threads} on both sides; "
+          f"date {time.strftime('%Y-%m-%d %H:%M %Z')}; total {time.perf_counter() - t_start:.0f} s  \n"
+          f"Versions: TRL {trl_v['trl']} (bench/.venv-trl), torch {trl_v['torch']}, transformers "
+          f"{trl_v['transformers']}, accelerate {trl_v['accelerate']}; ppomax's venv: {same}  \n"
+          f"Settings: batch {a.batch} (one minibatch, one PPO epoch), max_new_tokens {a.new_tokens}, stop at EOS, "
+          f"temperature {TEMPERATURE}, float32, CPU; {a.rounds} process(es) per side x {a.iterations} timed iterations after {a.warmup} warmup")  # fmt: skip
+    for clock, title in (
+        ("wall", "Wall clock"),
+        ("cpu", "CPU time of the process (1 thread: robust to other load)"),
+    ):
+        print(f"\n{title}, medians per PPO iteration:\n")
+        print("\n".join(table(results, a, clock)))
+    print()
+    for hidden, layers, _spec, sides in results:
+        t, p = sides["trl"], sides["ppomax"]
+        w, c = summarise(t["rows"], a.batch, "wall"), summarise(t["rows"], a.batch, "cpu")
+        print(f"- {hidden}x{layers}: TRL's two gc.collect() per iteration: {w['gc']:.3f} s wall / {c['gc']:.3f} s CPU "
+              f"(its iteration without them: {w['iter_no_gc']:.3f} s wall / {c['iter_no_gc']:.3f} s CPU). "
+              f"TRL reward model vs ppomax value head: max |score diff| {t['score_check_max_abs_err']:.1e}. "
+              f"Mixed precision: ppomax {p['mixed_precision']}, TRL {t['mixed_precision']}; TRL gradient "
+              f"checkpointing {t['gradient_checkpointing']}; torch threads ppomax {p['threads']}, TRL {t['threads']}.")  # fmt: skip
+    if a.json:
+        print(json.dumps([{"hidden": h, "layers": n, "sides": s} for h, n, _, s in results]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
