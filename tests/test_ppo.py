@@ -21,12 +21,7 @@ from ppomax.trainers.ppo_step import compute_advantages
 TARGET = reward_fn("ppo_helpers:target_tokens")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ paper's 5e-7 is for 7B models). Observed on the reference machine (seeds 0-3): p
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ppo_helpers import config, make_setup, reward_fn
 from ppomax.monitor import read_metrics
@@ -23,12 +22,7 @@ LEARN = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

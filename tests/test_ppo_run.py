@@ -29,12 +29,7 @@ MONITORING = [
 EVAL = ["reward_mean", "ppl_policy", "ppl_reference", "kl_per_token", "kl_per_sequence", "length_mean"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

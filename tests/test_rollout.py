@@ -16,13 +16,7 @@ from ppomax.rollout import HFGenerateEngine, eos_ids_of, finish_rollout, rollout
 PAD, EOS = 0, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core machine: one intra-op thread is ~20x faster than two contending ones.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -104,6 +104,24 @@ def log_load_stats(ctx: RunContext, name: str, stats: LoadStats) -> None:
     ctx.print(f"{name}: {stats.summary()}")
 
 
+def load_features(ctx: RunContext, featurize: Any, path: str, tokenizer: Any, cfg: Any, name: str) -> list[Any]:
+    """``featurize(path, tokenizer, cfg, stats)`` with its load statistics printed as ``name path: ...``."""
+    stats = LoadStats()
+    features = featurize(path, tokenizer, cfg, stats)
+    log_load_stats(ctx, f"{name} {path}", stats)
+    return features
+
+
+def load_train_valid(
+    ctx: RunContext, featurize: Any, tokenizer: Any, cfg: Any, what: str
+) -> tuple[list[Any], list[Any]]:
+    """Featurised ``data.train`` and ``data.valid``, or a seeded ``data.valid_fraction`` of train when no valid."""
+    train = load_features(ctx, featurize, cfg.data.train, tokenizer, cfg, f"train {what}")
+    if cfg.data.valid:
+        return train, load_features(ctx, featurize, cfg.data.valid, tokenizer, cfg, f"valid {what}")
+    return split_validation(train, cfg.data.valid_fraction, cfg.seed)
+
+
 def split_validation(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
     """Hold out ``fraction`` of ``items`` (at least one when fraction > 0) with a seeded shuffle."""
     if fraction <= 0 or len(items) < 2:

@@ -40,10 +40,10 @@ from .common import (
     RunContext,
     check_vocab,
     eval_shards,
-    log_load_stats,
+    load_features,
+    load_train_valid,
     save_model,
     setup_run,
-    split_validation,
     to_device,
 )
 from .loop import LoopSpec, train_loop
@@ -142,20 +142,10 @@ def train_rm(cfg: RMConfig, resume: bool = False) -> Path:
         _freeze_unused_lm_head(model)
     ctx.print(f"reward model on {m.policy} ({model_summary(model)['params']:,} parameters)")
 
-    stats = LoadStats()
-    train = rm_features(cfg.data.train, tokenizer, cfg, stats)
-    log_load_stats(ctx, f"train pairs {cfg.data.train}", stats)
-    if cfg.data.valid:
-        vstats = LoadStats()
-        valid = rm_features(cfg.data.valid, tokenizer, cfg, vstats)
-        log_load_stats(ctx, f"valid pairs {cfg.data.valid}", vstats)
-    else:
-        train, valid = split_validation(train, cfg.data.valid_fraction, cfg.seed)
+    train, valid = load_train_valid(ctx, rm_features, tokenizer, cfg, "pairs")
     test, test_name = valid, "valid"
     if cfg.data.test:
-        tstats = LoadStats()
-        test, test_name = rm_features(cfg.data.test, tokenizer, cfg, tstats), "test"
-        log_load_stats(ctx, f"test pairs {cfg.data.test}", tstats)
+        test, test_name = load_features(ctx, rm_features, cfg.data.test, tokenizer, cfg, "test pairs"), "test"
     ctx.print(
         f"{len(train)} training, {len(valid)} validation, {len(test) if cfg.data.test else 0} test pairs"
     )

@@ -41,11 +41,10 @@ from .common import (
     RunContext,
     check_vocab,
     eval_shards,
-    log_load_stats,
+    load_train_valid,
     reduce_sums,
     save_model,
     setup_run,
-    split_validation,
     to_device,
 )
 from .loop import LoopSpec, train_loop
@@ -156,15 +155,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> Path:
         model.gradient_checkpointing_enable()
     ctx.print(f"model: {cfg.model.policy} ({model_summary(model)['params']:,} parameters)")
 
-    stats = LoadStats()
-    train = sft_features(cfg.data.train, tokenizer, cfg, stats)
-    log_load_stats(ctx, f"train data {cfg.data.train}", stats)
-    if cfg.data.valid:
-        vstats = LoadStats()
-        valid = sft_features(cfg.data.valid, tokenizer, cfg, vstats)
-        log_load_stats(ctx, f"valid data {cfg.data.valid}", vstats)
-    else:
-        train, valid = split_validation(train, cfg.data.valid_fraction, cfg.seed)
+    train, valid = load_train_valid(ctx, sft_features, tokenizer, cfg, "data")
     ctx.print(f"{len(train)} training and {len(valid)} validation examples")
 
     collate = SFTCollator(pad_id_of(tokenizer))
