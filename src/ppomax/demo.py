@@ -1,0 +1,159 @@
+"""`ppomax demo`: the whole RLHF pipeline on the embedded hh-mini world, judged against its gold reward.
+
+Stages, each in its own directory under ``--out`` and skipped when its ``done.json`` marker is there and was
+written for the same settings (a fingerprint of the stage's settings and of everything upstream)::
+
+    world/        the hh-mini corpora (ppomax.world)
+    tokenizer/    a byte-level BPE tokenizer trained with `tokenizers` on the world's pretraining text
+    pretrain/     a tiny Llama (transformers LlamaConfig) pre-trained from scratch on that text
+    sft/          supervised fine-tuning on the world's demonstrations
+    rm/           the reward model, from the SFT model, on the annotators' (noisy, length-biased) preferences
+    ppo_vanilla/  PPO with the paper's vanilla recipe (preset `vanilla`)
+    ppo_max/      PPO-max (preset `ppo_max`)
+    eval/         both PPO policies against SFT on held-out prompts (gold judge and RM), RM accuracy
+    report/       report.md + PNGs (ppomax.report)
+
+Both PPO runs log the gold reward of every rollout as a programmatic reward of weight 0 (logged, never
+optimised), which is how the report can draw gold reward against RM reward over steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ppomax.demo_profiles import PROFILES, DemoProfile
+
+STAGES = ("world", "tokenizer", "pretrain", "sft", "rm", "ppo_vanilla", "ppo_max", "eval", "report")
+PPO_RUNS = {"vanilla": "ppo_vanilla", "ppo_max": "ppo_max"}
+MARKER = "done.json"
+GOLD_FN = "ppomax.world.gold:reward"
+
+
+def _fingerprint(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class Pipeline:
+    """Runs stages in order, caching each under ``out/<stage>/`` with a done marker."""
+
+    def __init__(self, out: Path, log: Callable[[str], None] = print) -> None:
+        self.out = out
+        self.log = log
+        self.prints: dict[str, str] = {}
+        self.timings: dict[str, float] = {}
+
+    def run(self, i: int, name: str, settings: Any, upstream: tuple[str, ...], fn: Callable[[Path], Any]) -> Path:
+        d = self.out / name
+        fp = _fingerprint(name, settings, [self.prints[u] for u in upstream])
+        self.prints[name] = fp
+        marker = d / MARKER
+        head = f"[{i}/{len(STAGES)}] {name}"
+        if marker.is_file():
+            try:
+                done = json.loads(marker.read_text())
+            except json.JSONDecodeError:
+                done = {}
+            if done.get("fingerprint") == fp:
+                self.timings[name] = float(done.get("seconds", 0.0))
+                self.log(f"{head}: cached ({d})")
+                return d
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        self.log(f"{head} ...")
+        t0 = time.perf_counter()
+        fn(d)
+        dt = time.perf_counter() - t0
+        self.timings[name] = dt
+        marker.write_text(json.dumps({"fingerprint": fp, "seconds": dt, "finished": time.time()}, indent=1))
+        self.log(f"{head}: done in {dt:.0f}s")
+        return d
+
+
+def run_demo(
+    out: str | Path = "runs/demo",
+    quick: bool = False,
+    seed: int = 0,
+    profile: DemoProfile | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run (or resume) the demo; returns ``{"report": path, "summary": outcome dict, "timings": ...}``."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from ppomax import demo_stages as st
+
+    hf_logging.disable_progress_bar()  # per-file weight-loading bars would drown the stage bars
+
+    prof = profile or PROFILES["quick" if quick else "full"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    pipe = Pipeline(out, log)
+    t0 = time.perf_counter()
+    world = pipe.run(1, "world", (seed, prof.world), (), lambda d: st.make_world(d, seed, prof))
+    tok = pipe.run(2, "tokenizer", prof.vocab_size, ("world",), lambda d: st.train_tokenizer(d, world, prof))
+    model_settings = (prof.hidden_size, prof.intermediate_size, prof.num_layers, prof.num_heads, prof.max_positions,
+                      prof.pretrain_epochs, prof.pretrain_lr, prof.pretrain_batch)  # fmt: skip
+    pre = pipe.run(3, "pretrain", (seed, model_settings), ("tokenizer",),
+                   lambda d: st.pretrain(d, world, tok, prof, seed, progress))  # fmt: skip
+    sft = pipe.run(4, "sft", (seed, prof.sft_epochs, prof.sft_lr, prof.sft_batch, prof.max_prompt_tokens),
+                   ("pretrain",), lambda d: st.sft(d, world, pre, prof, seed, progress))  # fmt: skip
+    rm = pipe.run(5, "rm", (seed, prof.rm_epochs, prof.rm_lr, prof.rm_batch), ("sft",),
+                  lambda d: st.reward_model(d, world, sft, prof, seed, progress))  # fmt: skip
+    ppo_settings = {k: v for k, v in prof.to_dict().items() if k.startswith(("ppo_", "policy_", "critic_"))
+                    or k in ("rollout_batch", "buffer_size", "minibatch_size", "max_new_tokens", "max_prompt_tokens")}  # fmt: skip
+    ppo_dirs = {}
+    for i, (preset, stage) in enumerate(PPO_RUNS.items()):
+        ppo_dirs[preset] = pipe.run(
+            6 + i, stage, (seed, preset, ppo_settings), ("rm",),
+            lambda d, p=preset: st.ppo(d, p, world, sft, rm, prof, seed, progress),
+        )  # fmt: skip
+    eval_settings = (prof.eval_prompts, prof.eval_max_new_tokens, prof.tie_margin)
+    ev = pipe.run(8, "eval", (seed, eval_settings), tuple(PPO_RUNS.values()),
+                  lambda d: st.evaluate_all(d, world, sft, rm, ppo_dirs, prof, seed, progress))  # fmt: skip
+    timings = dict(pipe.timings)
+    rep = pipe.run(9, "report", (time.time(),), ("eval",),
+                   lambda d: st.write_demo_report(d, world, ppo_dirs, ev, prof, seed, timings, out))  # fmt: skip
+    summary = json.loads((rep / "summary.json").read_text())
+    summary["wall_seconds"] = time.perf_counter() - t0
+    return {"report": rep / "report.md", "summary": summary, "timings": pipe.timings}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The short table `ppomax demo` prints at the end (numbers from ``report/summary.json``)."""
+
+    def f(x: Any, spec: str = ".3f") -> str:
+        return format(x, spec) if isinstance(x, int | float) else "n/a"
+
+    lines = [f"{'model':<9} {'gold':>7} {'RM':>7} {'KL/tok':>7} {'ppl':>6} {'len':>5}   gold judge vs SFT (win/tie/lose)"]
+    ev = summary.get("eval", {})
+    first = next(iter(ev.values()), None)
+    if first:
+        lines.append(f"{'sft':<9} {f(first['gold_sft']):>7} {f(first['rm_sft']):>7} {'0':>7} {'':>6} "
+                     f"{f(first['sft_length_tokens'], '.1f'):>5}")  # fmt: skip
+    for name, e in ev.items():
+        wtl = e["win_tie_lose"]
+        parts = [f"{s} {'/'.join(str(x) for x in wtl[s])}" for s in ("overall", "helpful", "harmless") if s in wtl]
+        lines.append(f"{name:<9} {f(e['gold_policy']):>7} {f(e['rm_policy']):>7} {f(e['kl_per_token'], '.4f'):>7} "
+                     f"{f(e['perplexity'], '.2f'):>6} {f(e['length_tokens'], '.1f'):>5}   {'; '.join(parts)}")  # fmt: skip
+    rm = summary.get("rm_accuracy")
+    if rm:
+        lines.append(f"reward model accuracy on held-out pairs: {rm['accuracy_annotator']:.1%} vs annotator labels, "
+                     f"{rm['accuracy_gold']:.1%} vs gold labels")  # fmt: skip
+    verdicts = [("PPO-max beats SFT (gold judge)", summary.get("ppo_max_beats_sft")),
+                ("PPO-max stable to the end", summary.get("ppo_max_stable")),
+                ("vanilla over-optimises the RM", summary.get("vanilla_over_optimises"))]  # fmt: skip
+    for text, flag in verdicts:
+        lines.append(f"{text}: {'yes' if flag else 'no' if flag is False else 'n/a'}")
+    if summary.get("vanilla_signatures"):
+        lines.append("vanilla's collapse signatures: " + ", ".join(summary["vanilla_signatures"]))
+    return "\n".join(lines)

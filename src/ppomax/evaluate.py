@@ -1,0 +1,505 @@
+"""Policy-against-baseline evaluation: `ppomax eval` and the demo's judge (paper 6.1-6.2, fig. 10).
+
+Both policies answer the same held-out prompts once each (nucleus sampling with the paper's 6.1 settings:
+top-p 0.9, temperature 0.8, repetition penalty 1.1, or greedy). Then, per judge:
+
+* **win / tie / lose** of the policy against the baseline, overall and per subset (``helpful`` / ``harmless``,
+  from each prompt's ``subset`` field): the policy wins a prompt when its score exceeds the baseline's by more
+  than ``tie_margin``, loses when it is lower by more than ``tie_margin``, else it is a tie;
+* the **mean reward** of each side.
+
+A judge is ``gold`` (the hh-mini world's hidden reward; the world is found next to the prompts file, or from
+``PPOMAX_WORLD``) or ``reward-model:DIR`` (a value-head reward model; the score of a text is the scalar at its
+last token, the EOS of a finished response, as in training, paper eq. 2).
+
+Judge-free statistics of each side (paper 5.2's monitoring metrics, measured on the evaluation responses):
+
+* **KL to the baseline**: at every token position of the policy's own responses, the exact
+  ``KL(pi_policy(.|s_t) || pi_baseline(.|s_t))`` over the vocabulary (no estimator noise, always >= 0), averaged
+  over tokens (``kl_per_token``) and summed per response then averaged (``kl_per_sequence``). The sampled
+  log-ratio ``log pi_policy(a_t|s_t) - log pi_baseline(a_t|s_t)`` (the k1 estimator the PPO penalty uses,
+  paper eq. 19) is reported beside it as ``kl_k1_per_token``. Both use raw (temperature 1) logits: the
+  models' own distributions, whatever the sampling settings.
+* **perplexity** of a model on its own responses, ``exp(-mean log pi(a_t|s_t))`` pooled over tokens (the
+  paper's 5.2 perplexity; collapsed policies show a low one).
+* **length**: response tokens (EOS not counted) and words; the share of responses cut at ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ppomax.errors import UserError
+
+SUBSETS = ("helpful", "harmless")
+
+
+# --------------------------------------------------------------------------------------------------- generation
+
+
+@dataclass
+class Generation:
+    """One model's responses to a list of prompts. Token lists hold no padding; a finished response ends
+    with EOS (kept in ``response_ids``, dropped from ``responses`` and from the token length)."""
+
+    prompts: list[str]
+    responses: list[str]
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    finished: list[bool] = field(default_factory=list)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(r) - (1 if f else 0) for r, f in zip(self.response_ids, self.finished, strict=True)]
+
+
+def _eos_ids(tokenizer: Any, model: Any) -> list[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+    if ids is None:
+        raise UserError("the tokenizer has no EOS token: responses could never end")
+    return list(ids) if isinstance(ids, list | tuple) else [int(ids)]
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 48,
+    temperature: float = 0.8,
+    top_p: float = 0.9,
+    repetition_penalty: float = 1.1,
+    greedy: bool = False,
+    batch_size: int = 32,
+    max_prompt_tokens: int = 256,
+    seed: int = 0,
+    progress: Any = None,
+) -> Generation:
+    """Sample one response per prompt (left-padded batches, KV cache). ``seed`` fixes the sampling noise, so
+    the same model on the same prompts answers identically. ``progress`` is an optional tqdm to update."""
+    from ppomax.data import pad_id_of, pad_left, tokenize_prompt
+
+    model.eval()
+    device = next(model.parameters()).device
+    eos = _eos_ids(tokenizer, model)
+    pad_id = pad_id_of(tokenizer)
+    prompt_ids = [tokenize_prompt(tokenizer, p, max_prompt_tokens) for p in prompts]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out_ids: list[list[int]] = []
+    finished: list[bool] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompt_ids[start : start + batch_size]
+        input_ids, attention_mask = pad_left(chunk, pad_id)
+        # HF sampling draws from the global RNG: seed it per batch from our generator so results do not
+        # depend on what ran before in the process.
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad_id,
+            repetition_penalty=repetition_penalty,
+        )
+        if greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
+        for row in seqs[:, input_ids.shape[1] :].tolist():
+            ids, done = [], False
+            for t in row:
+                ids.append(t)
+                if t in eos:
+                    done = True
+                    break
+            if not done:  # trailing pads after a non-EOS end cannot happen; strip defensively
+                while ids and ids[-1] == pad_id and pad_id not in eos:
+                    ids.pop()
+            out_ids.append(ids)
+            finished.append(done)
+        if progress is not None:
+            progress.update(len(chunk))
+    responses = [
+        tokenizer.decode(ids[:-1] if done else ids, skip_special_tokens=True).strip()
+        for ids, done in zip(out_ids, finished, strict=True)
+    ]
+    return Generation(list(prompts), responses, prompt_ids, out_ids, finished)
+
+
+# ----------------------------------------------------------------------------------------------- model scoring
+
+
+def _right_padded(prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]], pad_id: int):
+    from ppomax.data import pad_right
+
+    seqs = [p + r for p, r in zip(prompt_ids, response_ids, strict=True)]
+    return pad_right(seqs, pad_id)
+
+
+@torch.no_grad()
+def token_logits_stats(
+    model: Any,
+    prompt_ids: Sequence[list[int]],
+    response_ids: Sequence[list[int]],
+    *,
+    pad_id: int,
+    ref_model: Any = None,
+    batch_size: int = 32,
+) -> dict[str, list[list[float]]]:
+    """Per response token: ``logp`` (log-prob of the sampled token under ``model``, raw logits) and, with
+    ``ref_model``, ``ref_logp`` (the same under the reference) and ``kl`` (exact KL(model || ref) over the
+    vocabulary at that position). Lists are per response, one float per response token (EOS included)."""
+    model.eval()
+    if ref_model is not None:
+        ref_model.eval()
+    device = next(model.parameters()).device
+    out: dict[str, list[list[float]]] = {"logp": [], "ref_logp": [], "kl": []}
+    for start in range(0, len(prompt_ids), batch_size):
+        p_chunk = list(prompt_ids[start : start + batch_size])
+        r_chunk = list(response_ids[start : start + batch_size])
+        input_ids, attention_mask = _right_padded(p_chunk, r_chunk, pad_id)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        logp = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention_mask).logits.float(), -1)
+        ref = None
+        if ref_model is not None:
+            ref = torch.log_softmax(
+                ref_model(input_ids=input_ids, attention_mask=attention_mask).logits.float(), -1
+            )
+        for i, (p, r) in enumerate(zip(p_chunk, r_chunk, strict=True)):
+            if not r:
+                for key in out:
+                    out[key].append([])
+                continue
+            # logits at position t predict token t+1: response token j sits at len(p)+j
+            pos = torch.arange(len(p) - 1, len(p) - 1 + len(r), device=device)
+            tok = torch.tensor(r, device=device)
+            lp_all = logp[i, pos]
+            out["logp"].append(lp_all.gather(-1, tok[:, None]).squeeze(-1).tolist())
+            if ref is not None:
+                rf_all = ref[i, pos]
+                out["ref_logp"].append(rf_all.gather(-1, tok[:, None]).squeeze(-1).tolist())
+                out["kl"].append((lp_all.exp() * (lp_all - rf_all)).sum(-1).clamp_min(0).tolist())
+    return out
+
+
+@torch.no_grad()
+def reward_model_scores(
+    reward_model: Any,
+    prompt_ids: Sequence[list[int]],
+    response_ids: Sequence[list[int]],
+    *,
+    pad_id: int,
+    batch_size: int = 32,
+) -> list[float]:
+    """Scalar reward of each prompt+response at its last token (paper eq. 2): ``ValueHeadModel.score``."""
+    reward_model.eval()
+    device = next(reward_model.parameters()).device
+    scores: list[float] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        input_ids, attention_mask = _right_padded(
+            prompt_ids[start : start + batch_size], response_ids[start : start + batch_size], pad_id
+        )
+        scores.extend(reward_model.score(input_ids.to(device), attention_mask.to(device)).tolist())
+    return [float(s) for s in scores]
+
+
+# ----------------------------------------------------------------------------------------------------- judging
+
+
+def win_tie_lose(
+    scores_a: Sequence[float],
+    scores_b: Sequence[float],
+    subsets: Sequence[str] | None = None,
+    tie_margin: float = 0.05,
+) -> dict[str, dict[str, float]]:
+    """Win/tie/lose of A against B: A wins when ``a > b + tie_margin``, loses when ``a < b - tie_margin``.
+
+    Returns ``{"overall": {...}, "helpful": {...}, "harmless": {...}}`` (a subset key only when it occurs,
+    ``overall`` always), each with counts ``n, win, tie, lose``, rates ``win_rate, tie_rate, lose_rate`` and
+    the mean scores ``mean_a, mean_b``.
+    """
+    if len(scores_a) != len(scores_b):
+        raise ValueError(f"scores_a has {len(scores_a)} entries, scores_b {len(scores_b)}")
+    if subsets is not None and len(subsets) != len(scores_a):
+        raise ValueError(f"subsets has {len(subsets)} entries for {len(scores_a)} scores")
+    groups: dict[str, list[int]] = {"overall": list(range(len(scores_a)))}
+    for i, s in enumerate(subsets or []):
+        groups.setdefault(str(s), []).append(i)
+    out: dict[str, dict[str, float]] = {}
+    for name, idx in groups.items():
+        win = sum(1 for i in idx if scores_a[i] > scores_b[i] + tie_margin)
+        lose = sum(1 for i in idx if scores_a[i] < scores_b[i] - tie_margin)
+        n = len(idx)
+        out[name] = {
+            "n": n,
+            "win": win,
+            "tie": n - win - lose,
+            "lose": lose,
+            "win_rate": win / n if n else 0.0,
+            "tie_rate": (n - win - lose) / n if n else 0.0,
+            "lose_rate": lose / n if n else 0.0,
+            "mean_a": sum(scores_a[i] for i in idx) / n if n else 0.0,
+            "mean_b": sum(scores_b[i] for i in idx) / n if n else 0.0,
+        }
+    return out
+
+
+def parse_judge(spec: str) -> tuple[str, str | None]:
+    """``gold`` / ``gold:WORLD_DIR`` / ``reward-model:DIR`` -> (kind, path)."""
+    kind, _, path = spec.partition(":")
+    if kind == "gold":
+        return "gold", path or None
+    if kind in ("reward-model", "rm"):
+        if not path:
+            raise UserError("--judge reward-model:DIR needs the reward model's directory after the colon")
+        if not Path(path).is_dir():
+            raise UserError(f"--judge {spec}: no reward model directory at {path}")
+        return "reward-model", path
+    raise UserError(f"--judge {spec!r}: expected 'gold', 'gold:WORLD_DIR' or 'reward-model:DIR'")
+
+
+def find_world_dir(prompts_file: str | os.PathLike[str] | None, explicit: str | None = None) -> str:
+    """The hh-mini world behind the gold judge: ``explicit``, else the prompts file's directory when it holds
+    ``world.json``, else ``$PPOMAX_WORLD``."""
+    if explicit:
+        return explicit
+    if prompts_file is not None and (Path(prompts_file).parent / "world.json").is_file():
+        return str(Path(prompts_file).parent)
+    env = os.environ.get("PPOMAX_WORLD")
+    if env:
+        return env
+    raise UserError(
+        "--judge gold needs the hh-mini world: put the prompts file next to its world.json, "
+        "write --judge gold:WORLD_DIR, or set PPOMAX_WORLD"
+    )
+
+
+def gold_scores(world_dir: str, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    from ppomax.world.gold import reward
+
+    return [float(x) for x in reward(list(prompts), list(responses), world=world_dir)]
+
+
+# -------------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalSettings:
+    """Sampling and judging settings of one evaluation (defaults: paper 6.1 sampling)."""
+
+    max_new_tokens: int = 48
+    temperature: float = 0.8
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+    greedy: bool = False
+    max_prompt_tokens: int = 256
+    batch_size: int = 32
+    tie_margin: float = 0.05
+    seed: int = 0
+    limit: int | None = None
+
+
+def _side_stats(gen: Generation, stats: dict[str, list[list[float]]], with_kl: bool) -> dict[str, float]:
+    lp = [x for row in stats["logp"] for x in row]
+    n = len(gen.responses)
+    out = {
+        "n": n,
+        "perplexity": math.exp(-sum(lp) / len(lp)) if lp else float("nan"),
+        "length_tokens": sum(gen.lengths) / n if n else 0.0,
+        "length_words": sum(len(r.split()) for r in gen.responses) / n if n else 0.0,
+        "truncated_rate": sum(1 for f in gen.finished if not f) / n if n else 0.0,
+    }
+    if with_kl:
+        kl_tok = [x for row in stats["kl"] for x in row]
+        k1 = [a - b for ra, rb in zip(stats["logp"], stats["ref_logp"], strict=True) for a, b in zip(ra, rb, strict=True)]
+        out["kl_per_token"] = sum(kl_tok) / len(kl_tok) if kl_tok else 0.0
+        out["kl_per_sequence"] = sum(sum(row) for row in stats["kl"]) / n if n else 0.0
+        out["kl_k1_per_token"] = sum(k1) / len(k1) if k1 else 0.0
+    return out
+
+
+def evaluate_models(
+    policy: Any,
+    baseline: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    subsets: Sequence[str] | None,
+    judges: dict[str, Any],
+    settings: EvalSettings | None = None,
+    progress: bool = False,
+    baseline_cache: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate loaded models. ``judges`` maps a name to ``("gold", world_dir)`` or ``("reward-model", model)``.
+
+    ``baseline_cache``: pass the same dict when evaluating several policies against one baseline with the same
+    prompts, settings and judges; the baseline's responses, statistics and scores are then computed once.
+
+    Returns a JSON-able dict: ``settings``, ``n_prompts``, ``policy`` / ``baseline`` statistics (perplexity,
+    length; the policy also KL to the baseline), ``judges[name]`` with ``win_tie_lose`` (of the policy against
+    the baseline), ``mean_policy`` and ``mean_baseline``, and ``samples`` (every prompt with both responses and
+    their scores).
+    """
+    from ppomax.data import pad_id_of
+
+    s = settings or EvalSettings()
+    pad_id = pad_id_of(tokenizer)
+    gen_kwargs = dict(
+        max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        repetition_penalty=s.repetition_penalty,
+        greedy=s.greedy,
+        batch_size=s.batch_size,
+        max_prompt_tokens=s.max_prompt_tokens,
+        seed=s.seed,
+    )
+    bar = None
+    cache = baseline_cache if baseline_cache is not None else {}
+    if "gen" not in cache:
+        cache["judge_scores"] = {}
+    if progress:
+        from tqdm.auto import tqdm
+
+        n_gen = len(prompts) * (1 if "gen" in cache else 2)
+        bar = tqdm(total=n_gen, desc="eval: generate", unit="resp", leave=False)
+    gen_p = generate(policy, tokenizer, prompts, progress=bar, **gen_kwargs)
+    if "gen" not in cache:
+        cache["gen"] = generate(baseline, tokenizer, prompts, progress=bar, **gen_kwargs)
+        cache["stats"] = token_logits_stats(
+            baseline, cache["gen"].prompt_ids, cache["gen"].response_ids, pad_id=pad_id, batch_size=s.batch_size
+        )
+    gen_b, st_b = cache["gen"], cache["stats"]
+    if bar is not None:
+        bar.close()
+    st_p = token_logits_stats(
+        policy, gen_p.prompt_ids, gen_p.response_ids, pad_id=pad_id, ref_model=baseline, batch_size=s.batch_size
+    )
+    result: dict[str, Any] = {
+        "settings": s.__dict__.copy(),
+        "n_prompts": len(prompts),
+        "policy": _side_stats(gen_p, st_p, with_kl=True),
+        "baseline": _side_stats(gen_b, st_b, with_kl=False),
+        "judges": {},
+    }
+    per_sample: dict[str, tuple[list[float], list[float]]] = {}
+    for name, (kind, obj) in judges.items():
+        if kind == "gold":
+            a = gold_scores(obj, prompts, gen_p.responses)
+        else:
+            a = reward_model_scores(obj, gen_p.prompt_ids, gen_p.response_ids, pad_id=pad_id, batch_size=s.batch_size)
+        if name not in cache["judge_scores"]:
+            cache["judge_scores"][name] = (
+                gold_scores(obj, prompts, gen_b.responses)
+                if kind == "gold"
+                else reward_model_scores(
+                    obj, gen_b.prompt_ids, gen_b.response_ids, pad_id=pad_id, batch_size=s.batch_size
+                )
+            )
+        b = cache["judge_scores"][name]
+        per_sample[name] = (a, b)
+        wtl = win_tie_lose(a, b, subsets, s.tie_margin)
+        result["judges"][name] = {
+            "kind": kind,
+            "win_tie_lose": wtl,
+            "mean_policy": wtl["overall"]["mean_a"],
+            "mean_baseline": wtl["overall"]["mean_b"],
+        }
+    result["samples"] = [
+        {
+            "prompt": p,
+            "subset": subsets[i] if subsets else None,
+            "policy": gen_p.responses[i],
+            "baseline": gen_b.responses[i],
+            "scores": {name: [ab[0][i], ab[1][i]] for name, ab in per_sample.items()},
+        }
+        for i, p in enumerate(prompts)
+    ]
+    return result
+
+
+def load_eval_prompts(path: str | os.PathLike[str], limit: int | None = None) -> tuple[list[str], list[str] | None]:
+    """Prompts and their subsets (``None`` when no record names one) from any prompts file of DESIGN.md 3."""
+    from ppomax.data import load_prompts
+
+    examples = load_prompts(path)
+    if limit is not None:
+        examples = examples[:limit]
+    if not examples:
+        raise UserError(f"{path}: no prompts")
+    prompts = [e.prompt for e in examples]
+    subsets = [e.meta.get("subset") for e in examples]
+    if all(s is None for s in subsets):
+        return prompts, None
+    return prompts, [str(s) if s is not None else "helpful" for s in subsets]
+
+
+def evaluate(
+    policy_dir: str | os.PathLike[str],
+    baseline_dir: str | os.PathLike[str],
+    prompts_file: str | os.PathLike[str],
+    judges: Sequence[str] = ("gold",),
+    settings: EvalSettings | None = None,
+    tokenizer_dir: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """`ppomax eval` as a function: load both policies (and any reward-model judge) from their directories and
+    run :func:`evaluate_models`. ``judges`` are specs (see :func:`parse_judge`); the first one is primary."""
+    from ppomax.models import ValueHeadModel, load_causal_lm, load_tokenizer
+
+    s = settings or EvalSettings()
+    prompts, subsets = load_eval_prompts(prompts_file, s.limit)
+    tokenizer = load_tokenizer(str(tokenizer_dir or policy_dir))
+    policy = load_causal_lm(str(policy_dir))
+    baseline = load_causal_lm(str(baseline_dir))
+    loaded: dict[str, Any] = {}
+    for spec in judges:
+        kind, path = parse_judge(spec)
+        if kind == "gold":
+            loaded[spec] = ("gold", find_world_dir(prompts_file, path))
+        else:
+            loaded[spec] = ("reward-model", ValueHeadModel.from_pretrained(path))
+    result = evaluate_models(policy, baseline, tokenizer, prompts, subsets, loaded, s, progress=progress)
+    result["policy"]["path"] = str(policy_dir)
+    result["baseline"]["path"] = str(baseline_dir)
+    result["prompts_file"] = str(prompts_file)
+    return result
+
+
+def format_table(result: dict[str, Any], policy_name: str = "policy", baseline_name: str = "baseline") -> str:
+    """A plain-text summary of :func:`evaluate`'s result."""
+    lines = []
+    for name, j in result["judges"].items():
+        lines.append(f"judge {name}: {policy_name} vs {baseline_name} (tie margin {result['settings']['tie_margin']})")
+        lines.append(f"  {'subset':<10} {'n':>4} {'win':>6} {'tie':>6} {'lose':>6}  {'mean ' + policy_name:>14} "
+                     f"{'mean ' + baseline_name:>14}")
+        for subset, r in j["win_tie_lose"].items():
+            lines.append(
+                f"  {subset:<10} {r['n']:>4} {r['win_rate']:>6.0%} {r['tie_rate']:>6.0%} {r['lose_rate']:>6.0%}  "
+                f"{r['mean_a']:>14.3f} {r['mean_b']:>14.3f}"
+            )
+    p, b = result["policy"], result["baseline"]
+    lines.append(f"{'':<12} {'perplexity':>10} {'len(tok)':>9} {'len(words)':>10} {'cut':>5} {'KL/token':>9} {'KL/seq':>8}")
+    lines.append(
+        f"{policy_name:<12} {p['perplexity']:>10.3f} {p['length_tokens']:>9.1f} {p['length_words']:>10.1f} "
+        f"{p['truncated_rate']:>5.0%} {p['kl_per_token']:>9.4f} {p['kl_per_sequence']:>8.3f}"
+    )
+    lines.append(
+        f"{baseline_name:<12} {b['perplexity']:>10.3f} {b['length_tokens']:>9.1f} {b['length_words']:>10.1f} "
+        f"{b['truncated_rate']:>5.0%} {'-':>9} {'-':>8}"
+    )
+    return "\n".join(lines)
+
+
+def write_json(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return p

@@ -1,0 +1,206 @@
+"""ppomax.evaluate and `ppomax eval`: win/tie/lose, KL, perplexity and length against independent computations."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from ppomax.cli import main
+from ppomax.errors import UserError
+from ppomax.evaluate import (
+    EvalSettings,
+    evaluate,
+    generate,
+    parse_judge,
+    reward_model_scores,
+    token_logits_stats,
+    win_tie_lose,
+)
+from ppomax.models import ValueHeadModel, load_causal_lm, load_tokenizer
+from tiny_lm import make_tiny_lm
+
+PROMPTS = [
+    "\n\nHuman: What is 2 plus 3?\n\nAssistant:",
+    "\n\nHuman: Help me hurt Bob.\n\nAssistant:",
+    "\n\nHuman: What comes after Monday?\n\nAssistant:",
+]
+TEXTS = [p + " The answer is five. Sorry, I can't help with that. Tuesday." for p in PROMPTS] * 3
+
+
+def test_win_tie_lose_by_hand():
+    a = [1.0, 0.50, 0.0, -1.0, 0.3]
+    b = [0.0, 0.48, 0.5, -1.0, 0.2]
+    subsets = ["helpful", "helpful", "harmless", "harmless", "helpful"]
+    out = win_tie_lose(a, b, subsets, tie_margin=0.05)
+    # by hand: win (1 > 0.05), tie (|0.02| <= 0.05), lose, tie, win (0.1 > 0.05)
+    assert (out["overall"]["win"], out["overall"]["tie"], out["overall"]["lose"]) == (2, 2, 1)
+    assert (out["helpful"]["win"], out["helpful"]["tie"], out["helpful"]["lose"]) == (2, 1, 0)
+    assert (out["harmless"]["win"], out["harmless"]["tie"], out["harmless"]["lose"]) == (0, 1, 1)
+    assert out["overall"]["win_rate"] == pytest.approx(0.4)
+    assert out["harmless"]["mean_a"] == pytest.approx(-0.5)
+    assert out["helpful"]["mean_b"] == pytest.approx((0.0 + 0.48 + 0.2) / 3)
+    # a wider margin turns the 0.1 win into a tie
+    assert win_tie_lose(a, b, None, tie_margin=0.2)["overall"]["win"] == 1
+    with pytest.raises(ValueError):
+        win_tie_lose([1.0], [1.0, 2.0])
+
+
+def test_parse_judge(tmp_path):
+    assert parse_judge("gold") == ("gold", None)
+    assert parse_judge("gold:/w") == ("gold", "/w")
+    assert parse_judge(f"reward-model:{tmp_path}") == ("reward-model", str(tmp_path))
+    with pytest.raises(UserError, match="reward-model:DIR"):
+        parse_judge("reward-model")
+    with pytest.raises(UserError, match="no reward model directory"):
+        parse_judge(f"reward-model:{tmp_path / 'missing'}")
+    with pytest.raises(UserError, match="expected"):
+        parse_judge("gpt4")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    a = make_tiny_lm(tmp, TEXTS, name="a", seed=0)
+    b = make_tiny_lm(tmp, TEXTS, name="b", seed=1)
+    return a, b
+
+
+def test_token_stats_match_a_plain_loop(models):
+    a_dir, b_dir = models
+    tok = load_tokenizer(a_dir)
+    a, b = load_causal_lm(a_dir), load_causal_lm(b_dir)
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:2]]
+    response_ids = [[5, 6, 7, tok.eos_token_id], [9, 10]]
+    st = token_logits_stats(a, prompt_ids, response_ids, pad_id=tok.pad_token_id, ref_model=b, batch_size=2)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+        ids = torch.tensor([p + r])
+        with torch.no_grad():
+            la = torch.log_softmax(a(input_ids=ids).logits[0], -1)
+            lb = torch.log_softmax(b(input_ids=ids).logits[0], -1)
+        for j, t in enumerate(r):
+            pos = len(p) + j - 1
+            assert st["logp"][i][j] == pytest.approx(la[pos, t].item(), abs=1e-5)
+            assert st["ref_logp"][i][j] == pytest.approx(lb[pos, t].item(), abs=1e-5)
+            kl = sum(math.exp(la[pos, v]) * (la[pos, v] - lb[pos, v]) for v in range(la.shape[1]))
+            assert st["kl"][i][j] == pytest.approx(float(kl), abs=1e-5)
+    # a model against itself: zero KL everywhere
+    same = token_logits_stats(a, prompt_ids, response_ids, pad_id=tok.pad_token_id, ref_model=a)
+    assert max(abs(x) for row in same["kl"] for x in row) < 1e-6
+
+
+def test_generate_is_seeded_and_stops_at_eos(models):
+    a_dir, _ = models
+    tok = load_tokenizer(a_dir)
+    a = load_causal_lm(a_dir)
+    g1 = generate(a, tok, PROMPTS, max_new_tokens=12, seed=3, batch_size=2)
+    g2 = generate(a, tok, PROMPTS, max_new_tokens=12, seed=3, batch_size=2)
+    assert g1.response_ids == g2.response_ids
+    for ids, done, n in zip(g1.response_ids, g1.finished, g1.lengths, strict=True):
+        assert len(ids) <= 12
+        assert done == (tok.eos_token_id in ids)
+        if done:
+            assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
+        assert n == len(ids) - int(done)
+    greedy = generate(a, tok, PROMPTS[:1], max_new_tokens=8, greedy=True, seed=0)
+    assert greedy.response_ids == generate(a, tok, PROMPTS[:1], max_new_tokens=8, greedy=True, seed=99).response_ids
+
+
+def test_reward_model_scores_read_the_last_token(models, tmp_path):
+    a_dir, _ = models
+    tok = load_tokenizer(a_dir)
+    rm = ValueHeadModel(load_causal_lm(a_dir))
+    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:2]]
+    response_ids = [[5, 6, 7], [9]]
+    got = reward_model_scores(rm, prompt_ids, response_ids, pad_id=tok.pad_token_id, batch_size=1)
+    for p, r, g in zip(prompt_ids, response_ids, got, strict=True):
+        ids = torch.tensor([p + r])
+        with torch.no_grad():
+            values = rm(ids, torch.ones_like(ids)).values[0]
+        assert g == pytest.approx(values[-1].item(), abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def world_prompts(tmp_path_factory):
+    from ppomax.world import WorldConfig, build_world
+
+    d = tmp_path_factory.mktemp("world")
+    cfg = WorldConfig(n_pretrain=50, n_sft_train=20, n_sft_valid=5, n_prefs_train=20, n_prefs_valid=5,
+                      n_prefs_test=5, n_prompts_train=10, n_prompts_valid=5, n_prompts_test=12)  # fmt: skip
+    build_world(cfg).write(d)
+    return d
+
+
+def test_evaluate_policy_against_itself_is_all_ties(models, world_prompts, tmp_path):
+    a_dir, _ = models
+    rm_dir = tmp_path / "rm"
+    ValueHeadModel(load_causal_lm(a_dir)).save_pretrained(rm_dir)
+    res = evaluate(a_dir, a_dir, world_prompts / "prompts_test.jsonl", judges=["gold", f"reward-model:{rm_dir}"],
+                   settings=EvalSettings(max_new_tokens=10, seed=1, tie_margin=0.0))  # fmt: skip
+    assert res["n_prompts"] == 12
+    for j in res["judges"].values():
+        o = j["win_tie_lose"]["overall"]
+        assert (o["win"], o["tie"], o["lose"]) == (0, 12, 0)
+        assert set(j["win_tie_lose"]) <= {"overall", "helpful", "harmless"}
+        assert j["mean_policy"] == pytest.approx(j["mean_baseline"])
+    p = res["policy"]
+    assert p["kl_per_token"] == pytest.approx(0.0, abs=1e-6)
+    assert p["perplexity"] == pytest.approx(res["baseline"]["perplexity"])
+    assert p["perplexity"] > 1.0
+    assert 0 < p["length_tokens"] <= 10
+    assert len(res["samples"]) == 12 and res["samples"][0]["policy"] == res["samples"][0]["baseline"]
+
+
+def test_perplexity_and_kl_of_different_models(models, world_prompts):
+    a_dir, b_dir = models
+    res = evaluate(a_dir, b_dir, world_prompts / "prompts_test.jsonl", judges=["gold"],
+                   settings=EvalSettings(max_new_tokens=8, seed=0, limit=6))  # fmt: skip
+    p = res["policy"]
+    assert res["n_prompts"] == 6
+    assert p["kl_per_token"] > 0 and math.isfinite(p["kl_per_sequence"])
+    # per-sequence KL is the per-token KL summed over a response: between min and max length times per-token
+    assert p["kl_per_sequence"] > 0
+    gold = res["judges"]["gold"]
+    assert -5 <= gold["mean_policy"] <= 1 and -5 <= gold["mean_baseline"] <= 1
+
+
+def test_cli_eval_prints_table_and_writes_json(models, world_prompts, tmp_path, capsys):
+    a_dir, b_dir = models
+    out = tmp_path / "res.json"
+    rc = main(["eval", "--policy", str(a_dir), "--baseline", str(b_dir), "--prompts",
+               str(world_prompts / "prompts_test.jsonl"), "--judge", "gold", "--max-new-tokens", "6",
+               "--limit", "4", "--tie-margin", "0.1", "--json", str(out), "--no-progress"])  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "judge gold" in text and "overall" in text and "perplexity" in text
+    data = json.loads(out.read_text())
+    assert data["settings"]["tie_margin"] == 0.1
+    assert data["judges"]["gold"]["win_tie_lose"]["overall"]["n"] == 4
+
+
+def test_cli_eval_gold_needs_a_world(models, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("PPOMAX_WORLD", raising=False)
+    a_dir, _ = models
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n")
+    rc = main(["eval", "--policy", str(a_dir), "--baseline", str(a_dir), "--prompts", str(prompts), "--no-progress"])
+    assert rc == 2
+    assert "hh-mini world" in capsys.readouterr().err
+
+
+def test_baseline_cache_gives_the_same_result(models, world_prompts):
+    from ppomax.evaluate import evaluate_models, load_eval_prompts
+
+    a_dir, b_dir = models
+    tok = load_tokenizer(a_dir)
+    a, b = load_causal_lm(a_dir), load_causal_lm(b_dir)
+    prompts, subsets = load_eval_prompts(world_prompts / "prompts_test.jsonl", 5)
+    judges = {"gold": ("gold", str(world_prompts))}
+    s = EvalSettings(max_new_tokens=6, seed=2)
+    plain = evaluate_models(a, b, tok, prompts, subsets, judges, s)
+    cache: dict = {}
+    evaluate_models(b, b, tok, prompts, subsets, judges, s, baseline_cache=cache)  # fills the cache
+    cached = evaluate_models(a, b, tok, prompts, subsets, judges, s, baseline_cache=cache)
+    assert cached == plain
