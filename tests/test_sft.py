@@ -57,8 +57,9 @@ def test_train_sft_cli_end_to_end(sft_setup, capsys):
     assert ppl[-1] == pytest.approx(math.exp(evals[-1]), rel=1e-6)
     # cosine schedule decaying to 10% of the peak at the end of training (paper 5.1)
     lrs = _losses(records, "train/lr")
-    expected = [3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 8))) for k in range(8)]
+    expected = [3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 7))) for k in range(8)]
     assert lrs == pytest.approx(expected, rel=1e-6)
+    assert lrs[-1] == pytest.approx(3e-4, rel=1e-6)
     assert list((run / "tb").glob("events.out.tfevents.*"))
     model = AutoModelForCausalLM.from_pretrained(run / "final")
     tok = AutoTokenizer.from_pretrained(run / "final")

@@ -34,13 +34,13 @@ def lr_multiplier(step: int, total_steps: int, warmup: int, schedule: str, min_r
     """Multiplier of the peak LR at optimiser step ``step`` (0-based).
 
     Linear warmup over ``warmup`` steps, then ``constant``, ``linear`` or ``cosine`` decay reaching
-    ``min_ratio`` of the peak at ``total_steps`` (paper 5.1: SFT decays with cosine to 10% of peak).
+    ``min_ratio`` of the peak on the last step, ``total_steps - 1`` (paper 5.1: SFT decays with cosine to 10% of peak).
     """
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
-    span = max(1, total_steps - warmup)
+    span = max(1, total_steps - warmup - 1)  # the last step (total_steps - 1) runs at exactly min_ratio
     progress = min(1.0, (step - warmup) / span)
     if schedule == "linear":
         return 1.0 - (1.0 - min_ratio) * progress
