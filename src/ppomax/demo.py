@@ -105,9 +105,10 @@ def run_demo(
                       prof.pretrain_epochs, prof.pretrain_lr, prof.pretrain_batch)  # fmt: skip
     pre = pipe.run(3, "pretrain", (seed, model_settings), ("tokenizer",),
                    lambda d: st.pretrain(d, world, tok, prof, seed, progress))  # fmt: skip
-    sft = pipe.run(4, "sft", (seed, prof.sft_epochs, prof.sft_lr, prof.sft_batch, prof.max_prompt_tokens),
+    lengths = (prof.max_prompt_tokens, prof.max_new_tokens)
+    sft = pipe.run(4, "sft", (seed, prof.sft_epochs, prof.sft_lr, prof.sft_batch, lengths),
                    ("pretrain",), lambda d: st.sft(d, world, pre, prof, seed, progress))  # fmt: skip
-    rm = pipe.run(5, "rm", (seed, prof.rm_epochs, prof.rm_lr, prof.rm_batch), ("sft",),
+    rm = pipe.run(5, "rm", (seed, prof.rm_epochs, prof.rm_lr, prof.rm_batch, lengths), ("sft",),
                   lambda d: st.reward_model(d, world, sft, prof, seed, progress))  # fmt: skip
     ppo_settings = {k: v for k, v in prof.to_dict().items() if k.startswith(("ppo_", "policy_", "critic_"))
                     or k in ("rollout_batch", "buffer_size", "minibatch_size", "max_new_tokens", "max_prompt_tokens")}  # fmt: skip
@@ -117,7 +118,7 @@ def run_demo(
             6 + i, stage, (seed, preset, ppo_settings), ("rm",),
             lambda d, p=preset: st.ppo(d, p, world, sft, rm, prof, seed, progress),
         )  # fmt: skip
-    eval_settings = (prof.eval_prompts, prof.eval_max_new_tokens, prof.tie_margin)
+    eval_settings = (prof.eval_prompts, prof.eval_max_new_tokens, prof.tie_margin, prof.max_prompt_tokens)
     ev = pipe.run(8, "eval", (seed, eval_settings), tuple(PPO_RUNS.values()),
                   lambda d: st.evaluate_all(d, world, sft, rm, ppo_dirs, prof, seed, progress))  # fmt: skip
     timings = dict(pipe.timings)

@@ -1,11 +1,26 @@
 """Settings of `ppomax demo`: the full profile and the `--quick` one.
 
 The paper's numbers are for 7B models trained for days; a ~1M-parameter Llama on the hh-mini world needs
-learning rates two to three orders of magnitude larger and a few hundred PPO samples per run instead of
+learning rates two to three orders of magnitude larger and a few thousand PPO samples per run instead of
 millions. Every number below is ours (chosen for this world and this model size, on 2 CPU cores) unless its
-comment names the paper. The PPO runs start from the shipped `vanilla` and `ppo_max` presets and override only
-sizes, lengths and learning rates (the same overrides for both), so the two runs differ exactly by the paper's
-tricks.
+comment names the paper. The PPO runs start from the shipped `vanilla` and `ppo_max` presets; both get the same
+sizes, lengths and learning rates, so they differ by the paper's tricks, with one documented exception:
+
+==========================  =============  ==========  ==========================================================
+setting                     paper / preset  demo        why
+==========================  =============  ==========  ==========================================================
+policy_lr / critic_lr       5e-7 / 1.5e-6  1e-4/2e-4   a ~1M model; 80 iterations must show vanilla's drift
+ppo_epochs, buffer          1, 128         2, 64       few samples per run on 2 CPU cores
+max_new_tokens              128            40          hh-mini answers are 5-30 tokens
+ppo_max kl_coef             0.05 (fig. 7)  0.5         measured on seed 0: at this learning rate 0.05 and 0.2 let
+                                                        PPO-max drift into the RM's length bias (0.2: length
+                                                        9.6 -> 17 tokens, gold 0.62 -> 0.43, loses to SFT
+                                                        54/139); 0.3 wins 100/47, 0.5 wins 77/19 with KL
+                                                        0.04/token. The penalty must scale with how fast the
+                                                        policy moves; the paper's 0.05 is tuned for lr 5e-7.
+world.sft_noise             (world: 0.15)  0.3         SFT with flaws an RM can see (harmful compliance, refusing
+                                                        harmless requests), as real SFT models have
+==========================  =============  ==========  ==========================================================
 """
 
 from __future__ import annotations
