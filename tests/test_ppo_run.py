@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from launch_helpers import accelerate_launch
 from ppo_helpers import FAST, config, make_setup, reward_fn
 from ppomax.cli import main
 from ppomax.errors import UserError
@@ -186,13 +187,10 @@ def test_two_process_cpu_ddp_with_resume(setup, tmp_path):
     (each rank scores its own 8 samples per iteration), PPO-ptx and evaluation run, and --resume continues."""
     import os
     import subprocess
-    import sys
     from pathlib import Path
 
     out = tmp_path / "run"
-    accelerate = Path(sys.executable).with_name("accelerate")
-    launch = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ppomax.cli", "train-ppo"]  # fmt: skip
+    launch = [*accelerate_launch(2), "train-ppo"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
     first = [*launch, "--preset", "ppo_ptx", *_sets(
         f"model.policy={setup.policy}", f"model.reward={setup.reward}", f"data.prompts={setup.prompts}",
@@ -204,6 +202,7 @@ def test_two_process_cpu_ddp_with_resume(setup, tmp_path):
     state = json.loads((out / "checkpoints" / "step-3" / "state.json").read_text())
     assert state["moments"]["count"] == 3 * 8 * 2  # 3 iterations x 8 samples x 2 ranks
     assert state["prompt_stream"]["epoch"] * 12 + state["prompt_stream"]["pos"] == 3 * 8 * 2
+    launch = [*accelerate_launch(2), "train-ppo"]
     proc = subprocess.run([*launch, "--resume", str(out), "--set", "ppo.iterations=3"], capture_output=True,
                           text=True, timeout=300, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,13 +6,12 @@ import json
 import math
 import random
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from launch_helpers import accelerate_launch
 from ppomax.cli import main
 from ppomax.config import load_config
 from ppomax.data import PreferenceCollator, load_preference_pairs, pad_id_of, tokenize_pair
@@ -230,12 +229,8 @@ def test_two_process_cpu_ddp(rm_setup):
     tmp_path, cfg = rm_setup
     cfg["epochs"] = 1
     path = write_yaml(tmp_path / "rm.yaml", cfg)
-    accelerate = Path(sys.executable).with_name("accelerate")
-    proc = subprocess.run(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-         "no", "--dynamo_backend", "no", "-m", "ppomax.cli", "train-rm", "--config", str(path)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = subprocess.run([*accelerate_launch(2), "train-rm", "--config", str(path)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     train = [r for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]

@@ -36,6 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ppomax: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Under `accelerate launch`, tear the process group down before exit: left to interpreter shutdown, gloo's
+    threads can abort a rank ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

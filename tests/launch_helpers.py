@@ -1,0 +1,22 @@
+"""The `accelerate launch` command line the multi-process tests run ppomax under."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(num_processes: int = 2) -> list[str]:
+    """CPU processes (gloo) on a fresh rendezvous port: back-to-back launches on the default port 29500 can meet
+    the previous run's socket still closing."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    return [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+            "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "ppomax.cli"]  # fmt: skip
