@@ -1,7 +1,7 @@
 """`ppomax demo`: the whole RLHF pipeline on the embedded hh-mini world, judged against its gold reward.
 
 Stages, each in its own directory under ``--out`` and skipped when its ``done.json`` marker is there and was
-written for the same settings (a fingerprint of the stage's settings and of everything upstream)::
+written for the same settings (a fingerprint of the ppomax version, the stage's settings and everything upstream)::
 
     world/        the hh-mini corpora (ppomax.world)
     tokenizer/    a byte-level BPE tokenizer trained with `tokenizers` on the world's pretraining text
@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ppomax import __version__
 from ppomax.demo_profiles import PROFILES, DemoProfile
 
 STAGES = ("world", "tokenizer", "pretrain", "sft", "rm", "ppo_vanilla", "ppo_max", "eval", "report")
@@ -36,7 +37,8 @@ GOLD_FN = "ppomax.world.gold:reward"
 
 
 def _fingerprint(*parts: Any) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    # the version too: a stage cached by another ppomax release may have been computed differently
+    blob = json.dumps([__version__, *parts], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
