@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.out)
     summaries: dict[int, dict[str, Any]] = {}
     for seed in args.seeds:
-        t0 = time.perf_counter()
         res = run_demo(root / f"seed-{seed}", quick=args.quick, seed=seed, progress=args.progress,
                        log=lambda m, seed=seed: print(f"  [seed {seed}] {m}", file=sys.stderr))  # fmt: skip
         s = res["summary"]
-        s["wall_seconds"] = time.perf_counter() - t0
         summaries[seed] = s
         print("\n".join(seed_lines(seed, s)), flush=True)
     keys = ("ppo_max_beats_sft", "ppo_max_stable", "vanilla_over_optimises")

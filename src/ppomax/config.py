@@ -380,7 +380,7 @@ def read_preset(name: str) -> dict[str, Any]:
     data = read_yaml(preset_path(name))
     parent = data.pop("inherit", None)
     if parent:
-        data = _deep_merge(read_preset(parent), data)
+        data = deep_merge(read_preset(parent), data)
     data["preset"] = name
     return data
 
@@ -418,7 +418,7 @@ def load_config(
             raise ConfigError(f"presets are PPO configs; `{kind}` takes --config FILE")
         data = read_preset(preset)
         origin.append(f"preset {preset}")
-    data = _deep_merge(data, file_data)
+    data = deep_merge(data, file_data)
     if path:
         origin.append(str(path))
     data = apply_overrides(data, overrides or [])
@@ -430,11 +430,12 @@ def load_config(
         raise ConfigError(_format_validation_error(err, " + ".join(origin) or "defaults")) from None
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``top`` merged in, nested dicts key by key (``top`` wins)."""
     out = copy.deepcopy(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out

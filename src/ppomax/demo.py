@@ -33,7 +33,6 @@ from ppomax.demo_profiles import PROFILES, DemoProfile
 STAGES = ("world", "tokenizer", "pretrain", "sft", "rm", "ppo_vanilla", "ppo_max", "eval", "report")
 PPO_RUNS = {"vanilla": "ppo_vanilla", "ppo_max": "ppo_max"}
 MARKER = "done.json"
-GOLD_FN = "ppomax.world.gold:reward"
 
 
 def _fingerprint(*parts: Any) -> str:

@@ -4,7 +4,6 @@ directories, and leaves a trained artefact there. They call the same trainers an
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -12,14 +11,9 @@ from typing import Any
 
 from ppomax.demo_profiles import DemoProfile
 
+GOLD_FN = "ppomax.world.gold:reward"  # logged as reward/fn0_* (the first reward function)
+
 SPECIALS = ("<pad>", "<s>", "</s>")
-
-
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
 
 
 def _dotted(flat: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +180,7 @@ def ppo_config(d: Path, preset: str, world: Path, sft_dir: Path, rm_dir: Path, p
                progress: bool) -> Any:  # fmt: skip
     """The preset with the demo's sizes and learning rates (same for both presets) and the gold reward as a
     weight-0 reward function (logged, not optimised)."""
-    from ppomax.config import PPOConfig, read_preset
+    from ppomax.config import PPOConfig, deep_merge, read_preset
 
     overrides = {
         "seed": seed,
@@ -194,7 +188,7 @@ def ppo_config(d: Path, preset: str, world: Path, sft_dir: Path, rm_dir: Path, p
         "data": {"prompts": str(world / "prompts_train.jsonl"), "max_prompt_tokens": prof.max_prompt_tokens},
         "generation": {"max_new_tokens": prof.max_new_tokens},
         "reward": {"model_weight": 1.0,
-                   "functions": [{"function": "ppomax.world.gold:reward", "weight": 0.0,
+                   "functions": [{"function": GOLD_FN, "weight": 0.0,
                                   "kwargs": {"world": str(world)}}]},
         "optim": {"policy_lr": prof.policy_lr, "critic_lr": prof.critic_lr},
         "ppo": {"iterations": prof.ppo_iterations, "rollout_batch_size": prof.rollout_batch,
@@ -203,8 +197,8 @@ def ppo_config(d: Path, preset: str, world: Path, sft_dir: Path, rm_dir: Path, p
         "logging": _logging(d, progress),
         "collapse": {"action": "warn"},  # vanilla is expected to collapse: let it run to the end and show it
     }  # fmt: skip
-    data = _deep_merge(read_preset(preset), overrides)
-    data = _deep_merge(data, _dotted(prof.ppo_overrides.get(preset, {})))
+    data = deep_merge(read_preset(preset), overrides)
+    data = deep_merge(data, _dotted(prof.ppo_overrides.get(preset, {})))
     return PPOConfig.model_validate(data)
 
 
@@ -221,16 +215,14 @@ def ppo(d: Path, preset: str, world: Path, sft_dir: Path, rm_dir: Path, prof: De
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def rm_accuracy(rm_dir: Path, world: Path, prof: DemoProfile, batch_size: int = 64) -> dict[str, Any]:
+def rm_accuracy(rm: Any, tok: Any, world: Path, prof: DemoProfile, batch_size: int = 64) -> dict[str, Any]:
     """The RM's pairwise accuracy on held-out pairs against the annotators' labels and the gold labels, and
     the margins r(chosen) - r(rejected) (paper fig. 2)."""
     import torch
 
     from ppomax.data import load_preference_pairs, pad_id_of, pad_right, tokenize_pair
-    from ppomax.models import ValueHeadModel, load_tokenizer
 
-    tok = load_tokenizer(rm_dir / "final")
-    rm = ValueHeadModel.from_pretrained(rm_dir / "final").eval()
+    rm.eval()
     pairs = load_preference_pairs(world / "prefs_test.jsonl")
     labels = [json.loads(x) for x in (world / "gold_labels_test.jsonl").read_text().splitlines() if x]
     feats = [tokenize_pair(tok, p, max_prompt_tokens=prof.max_prompt_tokens, max_response_tokens=prof.max_new_tokens)
@@ -287,7 +279,7 @@ def evaluate_all(d: Path, world: Path, sft_dir: Path, rm_dir: Path, ppo_dirs: di
         res = evaluate_models(policy, base, tok, prompts, subsets, judges, settings, progress=progress,
                               baseline_cache=cache)  # fmt: skip
         write_json(res, d / f"{name}_vs_sft.json")
-    write_json(rm_accuracy(rm_dir, world, prof), d / "rm_accuracy.json")
+    write_json(rm_accuracy(rm, tok, world, prof), d / "rm_accuracy.json")
 
 
 def _finite(x: Any) -> bool:

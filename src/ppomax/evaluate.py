@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ppomax.errors import UserError
+from ppomax.rollout import eos_ids_of, finish_rollout
 
 SUBSETS = ("helpful", "harmless")
 
@@ -59,13 +60,6 @@ class Generation:
     @property
     def lengths(self) -> list[int]:
         return [len(r) - (1 if f else 0) for r, f in zip(self.response_ids, self.finished, strict=True)]
-
-
-def _eos_ids(tokenizer: Any, model: Any) -> list[int]:
-    ids = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
-    if ids is None:
-        raise UserError("the tokenizer has no EOS token: responses could never end")
-    return list(ids) if isinstance(ids, list | tuple) else [int(ids)]
 
 
 @torch.no_grad()
@@ -90,7 +84,7 @@ def generate(
 
     model.eval()
     device = next(model.parameters()).device
-    eos = _eos_ids(tokenizer, model)
+    eos = eos_ids_of(tokenizer, model)
     pad_id = pad_id_of(tokenizer)
     prompt_ids = [tokenize_prompt(tokenizer, p, max_prompt_tokens) for p in prompts]
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -112,19 +106,13 @@ def generate(
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-        seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
-        for row in seqs[:, input_ids.shape[1] :].tolist():
-            ids, done = [], False
-            for t in row:
-                ids.append(t)
-                if t in eos:
-                    done = True
-                    break
-            if not done:  # trailing pads after a non-EOS end cannot happen; strip defensively
-                while ids and ids[-1] == pad_id and pad_id not in eos:
-                    ids.pop()
-            out_ids.append(ids)
-            finished.append(done)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        seqs = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        seqs, _, _, truncated, lens = finish_rollout(input_ids, attention_mask, seqs, eos, pad_id)
+        rows = seqs[:, input_ids.shape[1] :].tolist()
+        for row, n, cut in zip(rows, lens.tolist(), truncated.tolist(), strict=True):
+            out_ids.append(row[:n])  # up to and including the first EOS, as in training rollouts
+            finished.append(not cut)
         if progress is not None:
             progress.update(len(chunk))
     responses = [

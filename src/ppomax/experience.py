@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# Per-token fields ([B, R], response columns) and per-row fields ([B]) that cat/select handle.
+# Optional per-token fields ([B, R], response columns) and per-row fields ([B]) that cat/select handle.
 _TOKEN_FIELDS = (
     "logprobs",
     "ref_logprobs",
@@ -34,7 +34,7 @@ _TOKEN_FIELDS = (
     "raw_logprobs",
     "ref_raw_logprobs",
 )
-_ROW_FIELDS = ("scores", "truncated")
+_ROW_FIELDS = ("scores", "final_scores")
 
 
 @dataclass
@@ -153,7 +153,7 @@ class Experience:
             v = getattr(self, name)
             if v is not None:
                 setattr(out, name, v[dev_idx, :r_new])
-        for name in ("scores", "final_scores"):
+        for name in _ROW_FIELDS:
             v = getattr(self, name)
             if v is not None:
                 setattr(out, name, v[dev_idx])
@@ -205,7 +205,7 @@ class Experience:
         )
         for name in _TOKEN_FIELDS:
             setattr(out, name, tokens(name))
-        for name in ("scores", "final_scores"):
+        for name in _ROW_FIELDS:
             setattr(out, name, rows(name))
         keys = batches[0].score_parts.keys()
         out.score_parts = {k: torch.cat([b.score_parts[k] for b in batches]) for k in keys}

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ppomax.config import GenerationConfig
+from ppomax.errors import UserError
 from ppomax.experience import Experience
 
 
@@ -39,7 +40,7 @@ def eos_ids_of(tokenizer: Any, model: Any | None = None) -> list[int]:
         if int(e) not in ids:
             ids.append(int(e))
     if not ids:
-        raise ValueError("the tokenizer has no EOS token: responses could never end; set tokenizer.eos_token")
+        raise UserError("the tokenizer has no EOS token: responses could never end; set tokenizer.eos_token")
     return ids
 
 

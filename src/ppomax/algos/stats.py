@@ -75,11 +75,17 @@ def masked_var(
     n / (n - 1) with n the (global, when `all_reduce` is given) number of masked tokens. With n <= 1 the
     result is 0 instead of NaN.
     """
+    return _masked_mean_var(x, mask, unbiased, all_reduce, dim)[1]
+
+
+def _masked_mean_var(
+    x: Tensor, mask: Tensor, unbiased: bool, all_reduce: AllReduce | None, dim: int | None = None
+) -> tuple[Tensor, Tensor]:
     mean = masked_mean(x, mask, dim, all_reduce)
     centred = x - (mean if dim is None else mean.unsqueeze(dim))
     sq_sum, count = _sum_and_count(centred.square(), mask, dim, all_reduce)
     denom = count - 1 if unbiased else count
-    return sq_sum / denom.clamp(min=1)
+    return mean, sq_sum / denom.clamp(min=1)
 
 
 def masked_whiten(
@@ -95,8 +101,7 @@ def masked_whiten(
     batch (all ranks with `all_reduce`). shift_mean=False keeps the original mean (only rescales), the
     usual choice when whitening rewards rather than advantages.
     """
-    mean = masked_mean(x, mask, all_reduce=all_reduce)
-    var = masked_var(x, mask, unbiased=True, all_reduce=all_reduce)
+    mean, var = _masked_mean_var(x, mask, unbiased=True, all_reduce=all_reduce)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -49,8 +49,7 @@ class DataError(UserError):
         self.line = line
         self.reason = reason
         self.detail = detail
-        where = f"{self.path}:{line}" if line is not None else self.path
-        super().__init__(f"{where}: {reason}{f' ({detail})' if detail else ''}")
+        super().__init__(f"{self.where}: {reason}{f' ({detail})' if detail else ''}")
 
     @property
     def where(self) -> str:

@@ -152,6 +152,14 @@ class ValueHeadModel(torch.nn.Module):
         scores = values.gather(1, idx.unsqueeze(1)).squeeze(1)
         return ValueHeadOutput(values=values, scores=scores, lm_logits=logits)
 
+    def freeze_lm_head(self) -> None:
+        """Freeze the backbone's LM head unless it is tied to the input embeddings: a critic, or an RM trained
+        without the LM term, never uses it, so it gets no gradient, no optimiser state and no DDP "unused
+        parameter" error."""
+        out, inp = self.backbone.get_output_embeddings(), self.backbone.get_input_embeddings()
+        if out is not None and (inp is None or out.weight is not inp.weight):
+            out.requires_grad_(False)
+
     def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Scalar reward per row: the value at the last non-pad token, [B] float32 (paper 3.1)."""
         return self.forward(input_ids, attention_mask).scores

@@ -213,7 +213,7 @@ def eval_shards(n: int, batch_size: int, ctx: RunContext) -> list[tuple[list[int
     out = [(b, True) for b in batches]
     filler = batches[-1] if batches else [0]
     out += [(filler, False)] * (most - len(batches))
-    return out if n else []
+    return out
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -94,7 +94,7 @@ class PPOTrainer:
         self.tokenizer = m.tokenizer
         self.pad_id = pad_id_of(m.tokenizer)
         self.eos_ids = eos_ids_of(m.tokenizer, m.policy)
-        self._freeze_unused_lm_head(m.critic)
+        m.critic.freeze_lm_head()
 
         d = cfg.data
         assert d.prompts
@@ -151,14 +151,6 @@ class PPOTrainer:
 
     def unwrapped(self, model: Any) -> Any:
         return self.acc.unwrap_model(model)
-
-    @staticmethod
-    def _freeze_unused_lm_head(critic: Any) -> None:
-        # The critic never uses its LM head (unless tied to the input embeddings): no gradient, no optimiser
-        # state, and no "unused parameter" error under DDP.
-        out, inp = critic.backbone.get_output_embeddings(), critic.backbone.get_input_embeddings()
-        if out is not None and (inp is None or out.weight is not inp.weight):
-            out.requires_grad_(False)
 
     def _next_ptx(self, k: int) -> dict[str, Tensor]:
         assert self.ptx is not None and self.ptx_stream is not None

@@ -115,16 +115,6 @@ def evaluate_rm(
     }
 
 
-def _freeze_unused_lm_head(model: ValueHeadModel) -> None:
-    """Without the LM term the LM head takes no part in the loss: freeze it (unless tied to the input
-    embeddings) so DDP sees no unused parameters and AdamW keeps no state for it."""
-    out_emb = model.backbone.get_output_embeddings()
-    in_emb = model.backbone.get_input_embeddings()
-    if out_emb is not None and out_emb.weight.data_ptr() != in_emb.weight.data_ptr():
-        for p in out_emb.parameters():
-            p.requires_grad_(False)
-
-
 def train_rm(cfg: RMConfig, resume: bool = False) -> Path:
     """Train a reward model as configured; returns the last model's directory ``out_dir/final``."""
     if not cfg.model.policy:
@@ -139,7 +129,7 @@ def train_rm(cfg: RMConfig, resume: bool = False) -> Path:
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.beta_rm == 0:
-        _freeze_unused_lm_head(model)
+        model.freeze_lm_head()
     ctx.print(f"reward model on {m.policy} ({model_summary(model)['params']:,} parameters)")
 
     train, valid = load_train_valid(ctx, rm_features, tokenizer, cfg, "pairs")
