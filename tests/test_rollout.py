@@ -1,7 +1,10 @@
 """Rollouts: EOS handling and trimming, HF generation with the KV cache against a plain no-cache loop, the sampling
-switches (top-k, temperature, repetition penalty, max_new_tokens, stop at EOS), and Experience merging/slicing."""
+switches (top-k, temperature, repetition penalty, max_new_tokens, stop at EOS) as HF applies them, whatever the
+model's own generation_config says, and Experience merging/slicing."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -104,8 +107,6 @@ def test_sampling_switches_change_generation(tiny):
     torch.manual_seed(0)
     sampled = HFGenerateEngine(GenerationConfig(max_new_tokens=6, top_p=1.0), [EOS], PAD).generate(model, ids, mask)
     assert not torch.equal(sampled, ref)
-    # top_k=0 means "off" (HF would otherwise treat 0 as a value)
-    assert greedy.generation_config(False).top_k is None
     # a strong repetition penalty forbids repeating any token already in prompt or response
     strong = HFGenerateEngine(GenerationConfig(max_new_tokens=8, repetition_penalty=1e6), [EOS], PAD)
     out = strong.generate(model, ids, mask, greedy=True)
@@ -113,6 +114,118 @@ def test_sampling_switches_change_generation(tiny):
         real = set(ids[row][mask[row].bool()].tolist())
         resp = out[row, ids.shape[1] :].tolist()
         assert not real & set(resp) and len(set(resp)) == len(resp)
+
+
+# ----------------------------------------------------------------------------------------- effective sampling
+# What HF builds inside generate() (processors, stopping criteria), not what ppomax hands it: HF fills every
+# unset field from the model's generation_config, then from its global defaults (top_k 50).
+
+# A model's generation_config that sets every sampling knob HF has: none of it may reach PPO's sampling.
+POLLUTED = dict(
+    do_sample=True, temperature=0.3, top_k=3, top_p=0.5, repetition_penalty=3.0, min_length=40,
+    min_new_tokens=5, no_repeat_ngram_size=1, bad_words_ids=[[5]], typical_p=0.5, min_p=0.2, top_h=0.5,
+    epsilon_cutoff=0.01, eta_cutoff=0.01, suppress_tokens=[6], begin_suppress_tokens=[7],
+    forced_bos_token_id=3, forced_eos_token_id=9, exponential_decay_length_penalty=(2, 1.5),
+    renormalize_logits=True, remove_invalid_values=True, max_length=7, max_time=1e-6, stop_strings=["Hi"],
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def polluted(tiny):
+    model = copy.deepcopy(tiny[1])
+    for key, value in POLLUTED.items():
+        setattr(model.generation_config, key, value)
+    return model
+
+
+def _capture(monkeypatch, model) -> dict:
+    """Record the logits processors and stopping criteria HF builds in ``model.generate``."""
+    seen: dict = {}
+    for name in ("_get_logits_processor", "_get_stopping_criteria"):
+        orig = getattr(model, name)
+
+        def wrapped(*a, _orig=orig, _name=name, **k):
+            seen[_name] = out = _orig(*a, **k)
+            return out
+
+        monkeypatch.setattr(model, name, wrapped)
+    return seen
+
+
+def _describe(procs) -> list[tuple]:
+    params = {"RepetitionPenaltyLogitsProcessor": ("penalty", "prompt_ignore_length"),
+              "TemperatureLogitsWarper": ("temperature",), "TopKLogitsWarper": ("top_k",),
+              "TopPLogitsWarper": ("top_p",), "MaxLengthCriteria": ("max_length",)}  # fmt: skip
+    return [(type(p).__name__, *(getattr(p, a) for a in params.get(type(p).__name__, ()))) for p in procs]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    ("gen", "expected"),
+    [
+        # every value equal to HF's global default ("off"): nothing may act on the logits
+        (dict(temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0), []),
+        (dict(temperature=0.8, top_p=0.9, top_k=0, repetition_penalty=1.0),
+         [("TemperatureLogitsWarper", 0.8), ("TopPLogitsWarper", 0.9)]),
+        (dict(temperature=1.0, top_p=1.0, top_k=4, repetition_penalty=1.0), [("TopKLogitsWarper", 4)]),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("model_config", ["default", "polluted"])
+def test_the_effective_sampling_processors_are_exactly_the_configs(tiny, polluted, monkeypatch, gen, expected,
+                                                                   model_config):  # fmt: skip
+    _tok, clean, ids, mask, _ = tiny
+    model = polluted if model_config == "polluted" else clean
+    seen = _capture(monkeypatch, model)
+    width = ids.shape[1]
+    HFGenerateEngine(GenerationConfig(max_new_tokens=3, **gen), [EOS], PAD).generate(model, ids, mask)
+    want = [tuple(width if v == "P" else v for v in e) for e in expected]
+    assert _describe(seen["_get_logits_processor"]) == want
+    # the length rule is max_new_tokens and EOS only: no max_time, stop strings or max_length of the model's
+    stops = _describe(seen["_get_stopping_criteria"])
+    assert stops == [("MaxLengthCriteria", width + 3), ("EosTokenCriteria",)]
+    # applied to logits, the "all off" setting is the identity: PPO samples from softmax(logits) itself
+    if not expected:
+        scores = torch.randn(ids.shape[0], model.config.vocab_size)
+        assert torch.equal(seen["_get_logits_processor"](ids, scores.clone()), scores)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model_config", ["default", "polluted"])
+def test_greedy_decoding_applies_only_the_repetition_penalty(tiny, polluted, monkeypatch, model_config):
+    _tok, clean, ids, mask, _ = tiny
+    model = polluted if model_config == "polluted" else clean
+    seen = _capture(monkeypatch, model)
+    gen = GenerationConfig(max_new_tokens=3, temperature=0.5, top_p=0.5, top_k=2, repetition_penalty=1.0)
+    HFGenerateEngine(gen, [EOS], PAD).generate(model, ids, mask, greedy=True)
+    assert _describe(seen["_get_logits_processor"]) == []
+
+
+@torch.no_grad()
+def test_top_k_zero_samples_from_the_whole_vocabulary(tiny, polluted):
+    """top_k: 0 is off: neither HF's default top-k 50 nor a model's own top_k (here 3) truncates sampling."""
+    _tok, clean, ids, mask, _ = tiny
+    gen = GenerationConfig(max_new_tokens=1, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
+    many = ids[:1].repeat(3000, 1), mask[:1].repeat(3000, 1)
+    for model in (clean, polluted):
+        torch.manual_seed(0)
+        first = HFGenerateEngine(gen, [EOS], PAD).generate(model, *many)[:, ids.shape[1]]
+        # a random tiny model is near uniform over ~300 tokens: 3000 draws hit far more than 50 of them
+        assert len(set(first.tolist())) > 100
+
+
+@torch.no_grad()
+def test_evaluation_generation_follows_the_same_rules(tiny, polluted, monkeypatch):
+    """`ppomax eval` samples with the rollout engine's rules: no top-k, the model's own settings ignored."""
+    from ppomax.evaluate import generate
+
+    tok, *_ = tiny
+    seen = _capture(monkeypatch, polluted)
+    generate(polluted, tok, ["Hi there"], max_new_tokens=2, temperature=0.8, top_p=0.9,
+             repetition_penalty=1.1)  # fmt: skip
+    procs = _describe(seen["_get_logits_processor"])
+    assert [p[0] for p in procs] == ["RepetitionPenaltyLogitsProcessor", "TemperatureLogitsWarper",
+                                     "TopPLogitsWarper"]  # fmt: skip
+    assert procs[1][1] == 0.8 and procs[2][1] == 0.9
 
 
 @torch.no_grad()
