@@ -64,13 +64,14 @@ def test_finish_rollout_any_of_several_eos_ids_ends_a_response():
 
 
 def _greedy_no_cache(model, ids: list[int], n: int, eos: int, penalty: float = 1.0) -> list[int]:
-    """Reference: plain argmax loop over full forward passes, no cache, no padding."""
+    """Reference: plain argmax loop over full forward passes, no cache, no padding; the repetition penalty
+    acts on the tokens generated so far only (MOSS-RLHF), never on the prompt's."""
     seq = list(ids)
-    out = []
+    out: list[int] = []
     for _ in range(n):
         logits = model(torch.tensor([seq])).logits[0, -1].clone()
-        if penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq)))
+        if penalty != 1.0 and out:
+            seen = torch.tensor(sorted(set(out)))
             vals = logits[seen]
             logits[seen] = torch.where(vals > 0, vals / penalty, vals * penalty)
         t = int(logits.argmax())
@@ -107,13 +108,12 @@ def test_sampling_switches_change_generation(tiny):
     torch.manual_seed(0)
     sampled = HFGenerateEngine(GenerationConfig(max_new_tokens=6, top_p=1.0), [EOS], PAD).generate(model, ids, mask)
     assert not torch.equal(sampled, ref)
-    # a strong repetition penalty forbids repeating any token already in prompt or response
+    # a strong repetition penalty forbids repeating a token of the response
     strong = HFGenerateEngine(GenerationConfig(max_new_tokens=8, repetition_penalty=1e6), [EOS], PAD)
     out = strong.generate(model, ids, mask, greedy=True)
     for row in range(ids.shape[0]):
-        real = set(ids[row][mask[row].bool()].tolist())
         resp = out[row, ids.shape[1] :].tolist()
-        assert not real & set(resp) and len(set(resp)) == len(resp)
+        assert len(set(resp)) == len(resp)
 
 
 # ----------------------------------------------------------------------------------------- effective sampling
@@ -165,8 +165,9 @@ def _describe(procs) -> list[tuple]:
     [
         # every value equal to HF's global default ("off"): nothing may act on the logits
         (dict(temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0), []),
-        (dict(temperature=0.8, top_p=0.9, top_k=0, repetition_penalty=1.0),
-         [("TemperatureLogitsWarper", 0.8), ("TopPLogitsWarper", 0.9)]),
+        (dict(temperature=0.8, top_p=0.9, top_k=0, repetition_penalty=1.1),
+         [("RepetitionPenaltyLogitsProcessor", 1.1, "P"), ("TemperatureLogitsWarper", 0.8),
+          ("TopPLogitsWarper", 0.9)]),
         (dict(temperature=1.0, top_p=1.0, top_k=4, repetition_penalty=1.0), [("TopKLogitsWarper", 4)]),
     ],
 )  # fmt: skip
@@ -195,9 +196,10 @@ def test_greedy_decoding_applies_only_the_repetition_penalty(tiny, polluted, mon
     _tok, clean, ids, mask, _ = tiny
     model = polluted if model_config == "polluted" else clean
     seen = _capture(monkeypatch, model)
-    gen = GenerationConfig(max_new_tokens=3, temperature=0.5, top_p=0.5, top_k=2, repetition_penalty=1.0)
+    gen = GenerationConfig(max_new_tokens=3, temperature=0.5, top_p=0.5, top_k=2, repetition_penalty=1.2)
     HFGenerateEngine(gen, [EOS], PAD).generate(model, ids, mask, greedy=True)
-    assert _describe(seen["_get_logits_processor"]) == []
+    procs = _describe(seen["_get_logits_processor"])
+    assert procs == [("RepetitionPenaltyLogitsProcessor", 1.2, ids.shape[1])]
 
 
 @torch.no_grad()
@@ -211,6 +213,56 @@ def test_top_k_zero_samples_from_the_whole_vocabulary(tiny, polluted):
         first = HFGenerateEngine(gen, [EOS], PAD).generate(model, *many)[:, ids.shape[1]]
         # a random tiny model is near uniform over ~300 tokens: 3000 draws hit far more than 50 of them
         assert len(set(first.tolist())) > 100
+
+
+@torch.no_grad()
+def test_repetition_penalty_acts_on_response_tokens_only(tiny, monkeypatch):
+    """MOSS-RLHF penalises generated tokens only: a token that is only in the prompt keeps its logit."""
+    _tok, model, ids, mask, _ = tiny
+    seen = _capture(monkeypatch, model)
+    gen = GenerationConfig(max_new_tokens=2, temperature=1.0, top_p=1.0, repetition_penalty=2.0)
+    HFGenerateEngine(gen, [EOS], PAD).generate(model, ids, mask)
+    procs = seen["_get_logits_processor"]
+    scores = torch.randn(ids.shape[0], model.config.vocab_size)
+    # before the first new token nothing is penalised, whatever the prompt holds
+    assert torch.equal(procs(ids, scores.clone()), scores)
+    prompt_tokens = set(ids[0][mask[0].bool()].tolist())
+    fresh = next(t for t in range(3, model.config.vocab_size) if t not in prompt_tokens)
+    ids2 = torch.cat([ids, torch.full((ids.shape[0], 1), fresh)], dim=1)
+    out = procs(ids2, scores.clone())
+    changed = (out != scores).any(dim=0).nonzero().flatten().tolist()
+    assert changed == [fresh]  # the one generated token, and no prompt token
+    s = scores[:, fresh]
+    assert torch.allclose(out[:, fresh], torch.where(s > 0, s / 2.0, s * 2.0))
+
+
+@torch.no_grad()
+def test_identical_prompts_padded_differently_get_identical_logits_and_continuations(tiny, monkeypatch):
+    """Padding (here pad = EOS, as for many chat tokenizers) is never penalised, so how much a prompt is
+    padded changes neither its processed logits nor its greedy continuation."""
+    tok, model, *_ = tiny
+    short = tok("\n\nHuman: Hi\n\nAssistant:")["input_ids"]
+    long = tok("\n\nHuman: What is the capital of France and why?\n\nAssistant:")["input_ids"]
+    engine = HFGenerateEngine(GenerationConfig(max_new_tokens=6, repetition_penalty=1.5), [EOS], EOS)
+    seen = _capture(monkeypatch, model)
+    runs = []
+    for batch, row in (([short], 0), ([long, short], 1)):
+        ids, mask = pad_left(batch, EOS)
+        exp = rollout(engine, model, tok, ids, mask, eos_ids=[EOS], pad_id=EOS, greedy=True)
+        runs.append((ids, row, seen["_get_logits_processor"], exp.responses_ids[row].tolist()))
+    (ids_a, row_a, procs_a, resp_a), (ids_b, row_b, procs_b, resp_b) = runs
+    assert ids_b.shape[1] > ids_a.shape[1] and (ids_b[row_b, : ids_b.shape[1] - len(short)] == EOS).all()
+    assert resp_a[: len(resp_b)] == resp_b[: len(resp_a)] and len(resp_a) > 1
+    # the same response so far, with an EOS and a repeated token in it, after either padding
+    gen = torch.tensor([EOS, 7, 7, 11])
+    scores = torch.randn(1, model.config.vocab_size)
+    out = []
+    for ids, row, procs in ((ids_a, row_a, procs_a), (ids_b, row_b, procs_b)):
+        batch = torch.cat([ids, gen.expand(ids.shape[0], -1)], dim=1)
+        out.append(procs(batch, scores.expand(ids.shape[0], -1).clone())[row : row + 1])
+    out_a, out_b = out
+    assert torch.equal(out_a, out_b)
+    assert ((out_a != scores).any(dim=0).nonzero().flatten().tolist()) == sorted({EOS, 7, 11})
 
 
 @torch.no_grad()
