@@ -1,7 +1,10 @@
 """Rollouts: EOS handling and trimming, HF generation with the KV cache against a plain no-cache loop, the sampling
-switches (top-k, temperature, repetition penalty, max_new_tokens, stop at EOS), and Experience merging/slicing."""
+switches (top-k, temperature, repetition penalty, max_new_tokens, stop at EOS) as HF applies them, whatever the
+model's own generation_config says, and Experience merging/slicing."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -61,13 +64,14 @@ def test_finish_rollout_any_of_several_eos_ids_ends_a_response():
 
 
 def _greedy_no_cache(model, ids: list[int], n: int, eos: int, penalty: float = 1.0) -> list[int]:
-    """Reference: plain argmax loop over full forward passes, no cache, no padding."""
+    """Reference: plain argmax loop over full forward passes, no cache, no padding; the repetition penalty
+    acts on the tokens generated so far only (MOSS-RLHF), never on the prompt's."""
     seq = list(ids)
-    out = []
+    out: list[int] = []
     for _ in range(n):
         logits = model(torch.tensor([seq])).logits[0, -1].clone()
-        if penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq)))
+        if penalty != 1.0 and out:
+            seen = torch.tensor(sorted(set(out)))
             vals = logits[seen]
             logits[seen] = torch.where(vals > 0, vals / penalty, vals * penalty)
         t = int(logits.argmax())
@@ -104,15 +108,176 @@ def test_sampling_switches_change_generation(tiny):
     torch.manual_seed(0)
     sampled = HFGenerateEngine(GenerationConfig(max_new_tokens=6, top_p=1.0), [EOS], PAD).generate(model, ids, mask)
     assert not torch.equal(sampled, ref)
-    # top_k=0 means "off" (HF would otherwise treat 0 as a value)
-    assert greedy.generation_config(False).top_k is None
-    # a strong repetition penalty forbids repeating any token already in prompt or response
+    # a strong repetition penalty forbids repeating a token of the response
     strong = HFGenerateEngine(GenerationConfig(max_new_tokens=8, repetition_penalty=1e6), [EOS], PAD)
     out = strong.generate(model, ids, mask, greedy=True)
     for row in range(ids.shape[0]):
-        real = set(ids[row][mask[row].bool()].tolist())
         resp = out[row, ids.shape[1] :].tolist()
-        assert not real & set(resp) and len(set(resp)) == len(resp)
+        assert len(set(resp)) == len(resp)
+
+
+# ----------------------------------------------------------------------------------------- effective sampling
+# What HF builds inside generate() (processors, stopping criteria), not what ppomax hands it: HF fills every
+# unset field from the model's generation_config, then from its global defaults (top_k 50).
+
+# A model's generation_config that sets every sampling knob HF has: none of it may reach PPO's sampling.
+POLLUTED = dict(
+    do_sample=True, temperature=0.3, top_k=3, top_p=0.5, repetition_penalty=3.0, min_length=40,
+    min_new_tokens=5, no_repeat_ngram_size=1, bad_words_ids=[[5]], typical_p=0.5, min_p=0.2, top_h=0.5,
+    epsilon_cutoff=0.01, eta_cutoff=0.01, suppress_tokens=[6], begin_suppress_tokens=[7],
+    forced_bos_token_id=3, forced_eos_token_id=9, exponential_decay_length_penalty=(2, 1.5),
+    renormalize_logits=True, remove_invalid_values=True, max_length=7, max_time=1e-6, stop_strings=["Hi"],
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def polluted(tiny):
+    model = copy.deepcopy(tiny[1])
+    for key, value in POLLUTED.items():
+        setattr(model.generation_config, key, value)
+    return model
+
+
+def _capture(monkeypatch, model) -> dict:
+    """Record the logits processors and stopping criteria HF builds in ``model.generate``."""
+    seen: dict = {}
+    for name in ("_get_logits_processor", "_get_stopping_criteria"):
+        orig = getattr(model, name)
+
+        def wrapped(*a, _orig=orig, _name=name, **k):
+            seen[_name] = out = _orig(*a, **k)
+            return out
+
+        monkeypatch.setattr(model, name, wrapped)
+    return seen
+
+
+def _describe(procs) -> list[tuple]:
+    params = {"RepetitionPenaltyLogitsProcessor": ("penalty", "prompt_ignore_length"),
+              "TemperatureLogitsWarper": ("temperature",), "TopKLogitsWarper": ("top_k",),
+              "TopPLogitsWarper": ("top_p",), "MaxLengthCriteria": ("max_length",)}  # fmt: skip
+    return [(type(p).__name__, *(getattr(p, a) for a in params.get(type(p).__name__, ()))) for p in procs]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    ("gen", "expected"),
+    [
+        # every value equal to HF's global default ("off"): nothing may act on the logits
+        (dict(temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0), []),
+        (dict(temperature=0.8, top_p=0.9, top_k=0, repetition_penalty=1.1),
+         [("RepetitionPenaltyLogitsProcessor", 1.1, "P"), ("TemperatureLogitsWarper", 0.8),
+          ("TopPLogitsWarper", 0.9)]),
+        (dict(temperature=1.0, top_p=1.0, top_k=4, repetition_penalty=1.0), [("TopKLogitsWarper", 4)]),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("model_config", ["default", "polluted"])
+def test_the_effective_sampling_processors_are_exactly_the_configs(tiny, polluted, monkeypatch, gen, expected,
+                                                                   model_config):  # fmt: skip
+    _tok, clean, ids, mask, _ = tiny
+    model = polluted if model_config == "polluted" else clean
+    seen = _capture(monkeypatch, model)
+    width = ids.shape[1]
+    HFGenerateEngine(GenerationConfig(max_new_tokens=3, **gen), [EOS], PAD).generate(model, ids, mask)
+    want = [tuple(width if v == "P" else v for v in e) for e in expected]
+    assert _describe(seen["_get_logits_processor"]) == want
+    # the length rule is max_new_tokens and EOS only: no max_time, stop strings or max_length of the model's
+    stops = _describe(seen["_get_stopping_criteria"])
+    assert stops == [("MaxLengthCriteria", width + 3), ("EosTokenCriteria",)]
+    # applied to logits, the "all off" setting is the identity: PPO samples from softmax(logits) itself
+    if not expected:
+        scores = torch.randn(ids.shape[0], model.config.vocab_size)
+        assert torch.equal(seen["_get_logits_processor"](ids, scores.clone()), scores)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model_config", ["default", "polluted"])
+def test_greedy_decoding_applies_only_the_repetition_penalty(tiny, polluted, monkeypatch, model_config):
+    _tok, clean, ids, mask, _ = tiny
+    model = polluted if model_config == "polluted" else clean
+    seen = _capture(monkeypatch, model)
+    gen = GenerationConfig(max_new_tokens=3, temperature=0.5, top_p=0.5, top_k=2, repetition_penalty=1.2)
+    HFGenerateEngine(gen, [EOS], PAD).generate(model, ids, mask, greedy=True)
+    procs = _describe(seen["_get_logits_processor"])
+    assert procs == [("RepetitionPenaltyLogitsProcessor", 1.2, ids.shape[1])]
+
+
+@torch.no_grad()
+def test_top_k_zero_samples_from_the_whole_vocabulary(tiny, polluted):
+    """top_k: 0 is off: neither HF's default top-k 50 nor a model's own top_k (here 3) truncates sampling."""
+    _tok, clean, ids, mask, _ = tiny
+    gen = GenerationConfig(max_new_tokens=1, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
+    many = ids[:1].repeat(3000, 1), mask[:1].repeat(3000, 1)
+    for model in (clean, polluted):
+        torch.manual_seed(0)
+        first = HFGenerateEngine(gen, [EOS], PAD).generate(model, *many)[:, ids.shape[1]]
+        # a random tiny model is near uniform over ~300 tokens: 3000 draws hit far more than 50 of them
+        assert len(set(first.tolist())) > 100
+
+
+@torch.no_grad()
+def test_repetition_penalty_acts_on_response_tokens_only(tiny, monkeypatch):
+    """MOSS-RLHF penalises generated tokens only: a token that is only in the prompt keeps its logit."""
+    _tok, model, ids, mask, _ = tiny
+    seen = _capture(monkeypatch, model)
+    gen = GenerationConfig(max_new_tokens=2, temperature=1.0, top_p=1.0, repetition_penalty=2.0)
+    HFGenerateEngine(gen, [EOS], PAD).generate(model, ids, mask)
+    procs = seen["_get_logits_processor"]
+    scores = torch.randn(ids.shape[0], model.config.vocab_size)
+    # before the first new token nothing is penalised, whatever the prompt holds
+    assert torch.equal(procs(ids, scores.clone()), scores)
+    prompt_tokens = set(ids[0][mask[0].bool()].tolist())
+    fresh = next(t for t in range(3, model.config.vocab_size) if t not in prompt_tokens)
+    ids2 = torch.cat([ids, torch.full((ids.shape[0], 1), fresh)], dim=1)
+    out = procs(ids2, scores.clone())
+    changed = (out != scores).any(dim=0).nonzero().flatten().tolist()
+    assert changed == [fresh]  # the one generated token, and no prompt token
+    s = scores[:, fresh]
+    assert torch.allclose(out[:, fresh], torch.where(s > 0, s / 2.0, s * 2.0))
+
+
+@torch.no_grad()
+def test_identical_prompts_padded_differently_get_identical_logits_and_continuations(tiny, monkeypatch):
+    """Padding (here pad = EOS, as for many chat tokenizers) is never penalised, so how much a prompt is
+    padded changes neither its processed logits nor its greedy continuation."""
+    tok, model, *_ = tiny
+    short = tok("\n\nHuman: Hi\n\nAssistant:")["input_ids"]
+    long = tok("\n\nHuman: What is the capital of France and why?\n\nAssistant:")["input_ids"]
+    engine = HFGenerateEngine(GenerationConfig(max_new_tokens=6, repetition_penalty=1.5), [EOS], EOS)
+    seen = _capture(monkeypatch, model)
+    runs = []
+    for batch, row in (([short], 0), ([long, short], 1)):
+        ids, mask = pad_left(batch, EOS)
+        exp = rollout(engine, model, tok, ids, mask, eos_ids=[EOS], pad_id=EOS, greedy=True)
+        runs.append((ids, row, seen["_get_logits_processor"], exp.responses_ids[row].tolist()))
+    (ids_a, row_a, procs_a, resp_a), (ids_b, row_b, procs_b, resp_b) = runs
+    assert ids_b.shape[1] > ids_a.shape[1] and (ids_b[row_b, : ids_b.shape[1] - len(short)] == EOS).all()
+    assert resp_a[: len(resp_b)] == resp_b[: len(resp_a)] and len(resp_a) > 1
+    # the same response so far, with an EOS and a repeated token in it, after either padding
+    gen = torch.tensor([EOS, 7, 7, 11])
+    scores = torch.randn(1, model.config.vocab_size)
+    out = []
+    for ids, row, procs in ((ids_a, row_a, procs_a), (ids_b, row_b, procs_b)):
+        batch = torch.cat([ids, gen.expand(ids.shape[0], -1)], dim=1)
+        out.append(procs(batch, scores.expand(ids.shape[0], -1).clone())[row : row + 1])
+    out_a, out_b = out
+    assert torch.equal(out_a, out_b)
+    assert ((out_a != scores).any(dim=0).nonzero().flatten().tolist()) == sorted({EOS, 7, 11})
+
+
+@torch.no_grad()
+def test_evaluation_generation_follows_the_same_rules(tiny, polluted, monkeypatch):
+    """`ppomax eval` samples with the rollout engine's rules: no top-k, the model's own settings ignored."""
+    from ppomax.evaluate import generate
+
+    tok, *_ = tiny
+    seen = _capture(monkeypatch, polluted)
+    generate(polluted, tok, ["Hi there"], max_new_tokens=2, temperature=0.8, top_p=0.9,
+             repetition_penalty=1.1)  # fmt: skip
+    procs = _describe(seen["_get_logits_processor"])
+    assert [p[0] for p in procs] == ["RepetitionPenaltyLogitsProcessor", "TemperatureLogitsWarper",
+                                     "TopPLogitsWarper"]  # fmt: skip
+    assert procs[1][1] == 0.8 and procs[2][1] == 0.9
 
 
 @torch.no_grad()

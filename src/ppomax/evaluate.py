@@ -36,9 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
+from ppomax.config import GenerationConfig
 from ppomax.errors import UserError
-from ppomax.rollout import eos_ids_of, finish_rollout
+from ppomax.rollout import HFGenerateEngine, eos_ids_of, finish_rollout
 
 SUBSETS = ("helpful", "harmless")
 
@@ -88,6 +90,17 @@ def generate(
     pad_id = pad_id_of(tokenizer)
     prompt_ids = [tokenize_prompt(tokenizer, p, max_prompt_tokens) for p in prompts]
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    # The rollout engine's sampling rules (top-k off, the model's own generation_config ignored).
+    try:
+        settings = GenerationConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=0,
+            repetition_penalty=repetition_penalty,
+        )  # fmt: skip
+    except ValidationError as err:
+        bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
+                        for e in err.errors())  # fmt: skip
+        raise UserError(f"invalid sampling settings: {bad}") from None
+    engine = HFGenerateEngine(settings, eos, pad_id)
     out_ids: list[list[int]] = []
     finished: list[bool] = []
     for start in range(0, len(prompts), batch_size):
@@ -96,18 +109,8 @@ def generate(
         # HF sampling draws from the global RNG: seed it per batch from our generator so results do not
         # depend on what ran before in the process.
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=pad_id,
-            repetition_penalty=repetition_penalty,
-        )
-        if greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        seqs = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        seqs = engine.generate(model, input_ids, attention_mask, greedy=greedy)
         seqs, _, _, truncated, lens = finish_rollout(input_ids, attention_mask, seqs, eos, pad_id)
         rows = seqs[:, input_ids.shape[1] :].tolist()
         for row, n, cut in zip(rows, lens.tolist(), truncated.tolist(), strict=True):

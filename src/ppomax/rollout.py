@@ -1,16 +1,20 @@
 """Rollouts: sample responses to a batch of left-padded prompts and package them as an :class:`Experience`.
 
 Generation goes through a pluggable :class:`RolloutEngine`; the default, :class:`HFGenerateEngine`, calls Hugging
-Face ``generate`` with the KV cache on (top-p, top-k, temperature, repetition penalty, ``max_new_tokens``,
-stopping at EOS). Another engine (vLLM, a compiled loop, a test double) only has to return the prompt followed by
-the generated tokens. Whatever the engine returns, :func:`finish_rollout` applies the same rule: a response ends at
-its first EOS (EOS included); everything after it is replaced by padding and masked out, and a response without
-EOS is marked ``truncated``.
+Face ``generate`` with the KV cache on. It samples from exactly the distribution ``generation`` describes: the
+repetition penalty (on the tokens generated so far only, never on the prompt or its padding, as in MOSS-RLHF),
+then temperature, top-k (0 = off) and top-p, nothing else; a response stops at EOS or ``max_new_tokens``. The
+model's own ``generation_config`` (a checkpoint's top_k, temperature, min_length, bad words, stop strings...)
+takes no part. Greedy decoding (evaluation) applies the same repetition penalty. Another engine (vLLM, a
+compiled loop, a test double) only has to return the prompt followed by the generated tokens. Whatever the
+engine returns, :func:`finish_rollout` applies the same rule: a response ends at its first EOS (EOS included);
+everything after it is replaced by padding and masked out, and a response without EOS is marked ``truncated``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
@@ -55,6 +59,9 @@ class HFGenerateEngine:
         self.pad_id = pad_id
 
     def generation_config(self, greedy: bool) -> Any:
+        """HF settings with every knob ppomax controls set explicitly, to HF's own "off" values where the
+        config says off (top_k 0, top_p 1, temperature 1). HF's built-in repetition penalty stays off (1.0):
+        it would also penalise the prompt; :meth:`logits_processors` applies the penalty instead."""
         from transformers import GenerationConfig as HFGenerationConfig
 
         g = self.gen
@@ -62,22 +69,57 @@ class HFGenerateEngine:
             max_new_tokens=g.max_new_tokens,
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
-            repetition_penalty=g.repetition_penalty,
+            num_beams=1,
+            num_return_sequences=1,
+            repetition_penalty=1.0,
             use_cache=True,
+            do_sample=not greedy,
         )
-        if greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(
-                do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k if g.top_k > 0 else None
-            )
+        if not greedy:
+            kwargs.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
         return HFGenerationConfig(**kwargs)
+
+    def logits_processors(self, prompt_width: int) -> list[Any]:
+        """The repetition penalty on the response only: HF's processor ignores the first ``prompt_width``
+        columns (the left-padded prompts), so neither a prompt's tokens nor its padding (often = EOS) are
+        penalised and a prompt's padding cannot change its continuation."""
+        if self.gen.repetition_penalty == 1.0:
+            return []
+        from transformers import RepetitionPenaltyLogitsProcessor
+
+        penalty = float(self.gen.repetition_penalty)
+        return [RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=prompt_width)]
 
     @torch.no_grad()
     def generate(self, model: Any, input_ids: Tensor, attention_mask: Tensor, *, greedy: bool = False) -> Tensor:
-        return model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config(greedy)
-        )
+        from transformers import LogitsProcessorList
+
+        with _without_model_generation_config(model):
+            return model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=self.generation_config(greedy),
+                logits_processor=LogitsProcessorList(self.logits_processors(input_ids.shape[1])),
+            )
+
+
+@contextmanager
+def _without_model_generation_config(model: Any) -> Iterator[None]:
+    """Hide the model's ``generation_config`` from ``generate`` for the duration of one call.
+
+    HF fills every field our settings leave unset (``None``) from the model's ``generation_config``, and many
+    knobs (min_p, suppress_tokens, stop_strings, max_time, sequence_bias...) can only be "off" as ``None``:
+    a checkpoint's ``generation_config.json`` would silently change what PPO samples. With a blank one in its
+    place, unset fields fall back to HF's global defaults, which are all "off" (top_k 50 aside, which
+    :meth:`HFGenerateEngine.generation_config` sets whenever it samples)."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    own = model.generation_config
+    model.generation_config = HFGenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = own
 
 
 def finish_rollout(
