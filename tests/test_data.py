@@ -16,6 +16,7 @@ from ppomax.data import (
     load_sft_examples,
     read_records,
 )
+from ppomax.errors import ConfigError
 
 A = "\n\nAssistant:"
 H = "\n\nHuman:"
@@ -406,5 +407,11 @@ def test_chat_template_format(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs the tokenizer"):
         load_prompts(path, format="chat_template")
     tok.chat_template = None
-    with pytest.raises(ValueError, match="has no chat template"):
+    with pytest.raises(
+        ConfigError, match=r"^data\.chat_format: 'chat_template' but the tokenizer .* has no chat"
+    ):
         load_prompts(path, format="chat_template", tokenizer=tok)
+    with pytest.raises(
+        ConfigError, match=r"^data\.chat_format: must be 'hh' or 'chat_template', got 'chatml'"
+    ):
+        load_prompts(path, format="chatml")  # type: ignore[arg-type]
