@@ -311,6 +311,30 @@ def test_prompt_errors(tmp_path: Path) -> None:
     ]
 
 
+def test_prompts_do_not_validate_the_response(tmp_path: Path) -> None:
+    """PPO needs only the prompt: an empty answer rejects an SFT/RM record, never a prompt (issue 9 item 12)."""
+    rows = [
+        # an HH-RLHF pair whose chosen answer is empty
+        {"chosen": f"{H} Hi{A}", "rejected": f"{H} Hi{A} Go away."},
+        {"chosen": f"{H} a{A} b{H} Well?{A}  ", "rejected": f"{H} a{A} b{H} Well?{A} c"},
+        ["instruction", ""],  # MOSS [instruction, answer] with an empty answer
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    prompts = load_prompts(path)
+    assert [p.prompt for p in prompts] == [f"{H} Hi{A}", f"{H} a{A} b{H} Well?{A}", f"{H} instruction{A}"]
+    assert prompts[2].meta == {"response": ""}
+    stats = LoadStats()
+    with pytest.raises(DataError, match="no usable SFT examples"):
+        load_sft_examples(path, on_error="skip", stats=stats)
+    assert stats.examples == [
+        f"{path}:1: empty chosen response",
+        f"{path}:2: empty chosen response",
+        f"{path}:3: empty turn 2 in 'turns'",
+    ]
+    with pytest.raises(DataError, match=r"p\.jsonl:1: empty chosen response$"):
+        load_preference_pairs(path)
+
+
 def test_moss_prompt_roles(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "m.json", [["instruction", "answer"], ["q"], ["q1", "a1", "q2"]])
     stats = LoadStats()
