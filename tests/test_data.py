@@ -401,6 +401,72 @@ def test_sft_errors(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# TRL's conversational formats (https://huggingface.co/docs/trl/dataset_formats)
+
+SYSTEM = {"role": "system", "content": "Be brief."}
+USER = {"role": "user", "content": "What color is the sky?"}
+EARLIER = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+BLUE = {"role": "assistant", "content": "It is blue."}
+
+
+@pytest.mark.parametrize("fmt", ["hh", "chat_template"])
+def test_trl_conversational_formats_render_like_messages(tmp_path: Path, fmt: str) -> None:
+    """TRL's prompt-completion (SFT), preference (RM) and prompt-only (PPO) records with message lists are read
+    through the same chat path as ``{"messages": [...]}`` (issue 9 item 13)."""
+    from transformers import AutoTokenizer
+
+    from helpers import CHATML_TEMPLATE, make_tiny_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path, chat_template=CHATML_TEMPLATE))
+    tok.eos_token = "<|im_end|>"
+    kw = {"format": fmt, "tokenizer": tok}
+    prompts = [[USER], [SYSTEM, *EARLIER, USER]]
+    trl_sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": p, "completion": [BLUE]} for p in prompts])
+    msgs = write_jsonl(tmp_path / "msgs.jsonl", [{"messages": [*p, BLUE]} for p in prompts])
+    got = load_sft_examples(trl_sft, **kw)
+    # loss on the completion only, as TRL's prompt-completion training: the messages form with its last turn
+    want = load_sft_examples(msgs, assistant_turns="last", **kw)
+    assert [(e.prompt, e.response) for e in got] == [(e.prompt, e.response) for e in want]
+    assert [e.segments for e in got] == [e.segments for e in want]
+    if fmt == "hh":
+        assert (got[0].prompt, got[0].response) == (f"{H} What color is the sky?{A}", " It is blue.")
+        assert got[1].prompt == f"Be brief.{H} Hi{A} Hello!{H} What color is the sky?{A}"
+    else:
+        assert got[0].response == "It is blue.<|im_end|>"
+    green = {"role": "assistant", "content": "It is green."}
+    trl_rm = write_jsonl(
+        tmp_path / "rm.jsonl", [{"prompt": p, "chosen": [BLUE], "rejected": [green]} for p in prompts]
+    )
+    pairs = load_preference_pairs(trl_rm, **kw)
+    assert [(p.prompt, p.chosen) for p in pairs] == [(e.prompt, e.response) for e in want]
+    assert pairs[0].rejected == (" It is green." if fmt == "hh" else "It is green.<|im_end|>")
+    trl_ppo = write_jsonl(tmp_path / "ppo.jsonl", [{"prompt": p} for p in prompts])
+    assert [p.prompt for p in load_prompts(trl_ppo, **kw)] == [e.prompt for e in want]
+    # the prompt file of TRL's prompt-completion SFT data is usable for PPO as it is
+    assert [p.prompt for p in load_prompts(trl_sft, **kw)] == [e.prompt for e in want]
+
+
+def test_trl_completion_errors(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": [USER], "completion": [BLUE, USER]},
+        {"prompt": [USER], "completion": [USER]},
+        {"prompt": [USER], "completion": 3},
+        {"prompt": [BLUE], "completion": [BLUE]},
+    ]
+    path = write_jsonl(tmp_path / "e.jsonl", rows)
+    stats = LoadStats()
+    with pytest.raises(DataError, match="no usable SFT examples"):
+        load_sft_examples(path, on_error="skip", stats=stats)
+    one = "'completion' must hold exactly one assistant message when 'prompt' is given"
+    assert stats.examples == [
+        f"{path}:1: {one}",
+        f"{path}:2: {one}",
+        f"{path}:3: field 'completion' must be a string or a list with one assistant message, got int",
+        f"{path}:4: prompt does not end with a human turn (the model must answer the last turn)",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # chat templates
 
 

@@ -1,4 +1,4 @@
-"""Loaders for preference pairs, PPO prompts and SFT examples (DESIGN.md section 3).
+"""Loaders for preference pairs, PPO prompts and SFT examples (summed up in the README's Data section).
 
 Record shapes each loader accepts (any file type of :func:`ppomax.data.io.read_records`):
 
@@ -24,7 +24,8 @@ PPO prompts (:func:`load_prompts`)
     ``Assistant: instruction / Human: answer``.
 
 SFT examples (:func:`load_sft_examples`)
-  * ``{"prompt", "response"}`` (or ``"completion"``): loss on the response only.
+  * ``{"prompt", "response"}`` (or ``"completion"``): loss on the response only. TRL's conversational
+    prompt-completion ``{"prompt": [messages], "completion": [assistant message]}`` too.
   * an HH dialogue in ``"text"`` or ``"chosen"``, ``{"messages": [...]}``, or a MOSS list of strings (human
     first, MOSS-RLHF's SFT convention): it must end with an assistant turn; loss on assistant turns only,
     represented by ``SFTExample.segments`` (``assistant_turns="all"`` trains every assistant turn,
@@ -428,7 +429,7 @@ def _parse_sft(rec: Any, r: Renderer, assistant_turns: Literal["all", "last"]) -
         raise FormatError(f"record must be a JSON object or a list of turns, got {type(rec).__name__}")
     if "prompt" in rec:
         resp_key = "completion" if "completion" in rec and "response" not in rec else "response"
-        response = _text_field(rec, resp_key)
+        response = _response_field(rec, resp_key)
         prompt_value = _field(rec, "prompt")
         if isinstance(prompt_value, list):
             turns = _turns(prompt_value, "prompt", last_role="user")
@@ -465,6 +466,18 @@ def _parse_sft(rec: Any, r: Renderer, assistant_turns: Literal["all", "last"]) -
         "missing field 'prompt' (with 'response') or 'messages' or 'text'",
         "record has: " + (", ".join(map(str, rec)) or "no fields"),
     )
+
+
+def _response_field(rec: dict[str, Any], name: str) -> str:
+    """A response: text, or TRL's conversational ``[{"role": "assistant", "content": ...}]``."""
+    value = _field(rec, name)
+    if isinstance(value, list):
+        return _single_response(value, name)
+    if not isinstance(value, str):
+        raise FormatError(
+            f"field '{name}' must be a string or a list with one assistant message, got {type(value).__name__}"
+        )
+    return value
 
 
 def _sft_from_turns(turns: list[Turn], r: Renderer, assistant_turns: Literal["all", "last"]) -> SFTExample:

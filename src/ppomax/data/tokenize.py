@@ -1,4 +1,4 @@
-"""Tokenisation with the truncation rules of DESIGN.md section 3.
+"""Tokenisation and its truncation rules.
 
 * Prompts are truncated from the **left**, keeping the latest turns: first whole turns are dropped (cutting just
   before a ``"\\n\\nHuman:"`` marker, oldest first, as few as needed); only if the latest human turn alone is still
