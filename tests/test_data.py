@@ -212,7 +212,9 @@ def test_message_pairs_full_conversations_and_trl_prompt_form(tmp_path: Path) ->
         ),
         (
             json.dumps({"prompt": f"{H} q", "chosen": "a", "rejected": "b"}),
-            "prompt does not end with '\\n\\nAssistant:' (the assistant turn the model should write)",
+            "prompt does not end with '\\n\\nAssistant:' (it starts with '\\n\\nHuman:', so it is read as an HH "
+            "dialogue, which must end with the assistant cue '\\n\\nAssistant:', every marker after a blank line; "
+            "a prompt with no HH marker is taken literally as one human turn)",
         ),
         (
             json.dumps({"chosen": ["q", "a"], "rejected": ["q", "x", "b"]}),
@@ -304,7 +306,9 @@ def test_prompt_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no usable prompts"):
         load_prompts(path, on_error="skip", stats=stats)
     assert stats.examples == [
-        f"{path}:1: prompt does not end with '\\n\\nAssistant:' (the assistant turn the model should write)",
+        f"{path}:1: prompt does not end with '\\n\\nAssistant:' (it starts with '\\n\\nHuman:', so it is read as "
+        "an HH dialogue, which must end with the assistant cue '\\n\\nAssistant:', every marker after a blank "
+        "line; a prompt with no HH marker is taken literally as one human turn)",
         f"{path}:2: missing field 'prompt' (record has: text)",
         f"{path}:3: prompt does not end with a human turn (the model must answer the last turn)",
         f"{path}:4: unknown role 'narrator' in turn 1 of 'prompt' (use user, assistant or system)",
@@ -333,6 +337,34 @@ def test_prompts_do_not_validate_the_response(tmp_path: Path) -> None:
     ]
     with pytest.raises(DataError, match=r"p\.jsonl:1: empty chosen response$"):
         load_preference_pairs(path)
+
+
+def test_a_prompt_error_says_how_the_prompt_was_read(tmp_path: Path) -> None:
+    """Plain text is one human turn; text with an HH marker is an HH dialogue. An HH look-alike without the blank
+    lines is the second kind, and the message says which rule hit it (issue 9 item 16)."""
+    rows = [
+        {"prompt": "Human: hi Assistant:"},
+        {"prompt": f"Context.{H} hi{A} hello"},
+        {"prompt": "hi Assistant:"},
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    stats = LoadStats()
+    prompts = load_prompts(path, on_error="skip", stats=stats)
+    rule = (
+        "so it is read as an HH dialogue, which must end with the assistant cue '\\n\\nAssistant:', every "
+        "marker after a blank line; a prompt with no HH marker is taken literally as one human turn"
+    )
+    assert stats.examples == [
+        f"{path}:1: prompt does not end with '\\n\\nAssistant:' (it starts with 'Human:', {rule})",
+        f"{path}:2: prompt does not end with '\\n\\nAssistant:' (it contains '\\n\\nHuman:', {rule})",
+    ]
+    assert [p.prompt for p in prompts] == [f"{H} hi Assistant:{A}"]  # no marker: literal text
+    with pytest.raises(
+        DataError, match=r"s\.jsonl:1: prompt does not end with .* \(it starts with 'Human:', so "
+    ):
+        load_sft_examples(
+            write_jsonl(tmp_path / "s.jsonl", [{"prompt": "Human: hi Assistant:", "response": "x"}])
+        )
 
 
 def test_moss_prompt_roles(tmp_path: Path) -> None:

@@ -48,9 +48,24 @@ class FormatError(ValueError):
         super().__init__(reason + (f" ({detail})" if detail else ""))
 
 
+def hh_marker(text: str) -> str | None:
+    """Why ``text`` counts as an HH dialogue (e.g. ``"it starts with 'Human:'"``), or None for plain text.
+
+    The one rule for reading a prompt: text with a turn marker (``"\\n\\nHuman:"`` or ``"\\n\\nAssistant:"``
+    anywhere, or ``"Human:"`` / ``"Assistant:"`` at the very start) is an HH dialogue; anything else is literal text.
+    """
+    for start in (HUMAN, ASSISTANT, "Human:", "Assistant:"):
+        if text.startswith(start):
+            return f"it starts with {start!r}"
+    for marker in (HUMAN, ASSISTANT):
+        if marker in text:
+            return f"it contains {marker!r}"
+    return None
+
+
 def is_hh_text(text: str) -> bool:
-    """Whether ``text`` is written in the HH template (has a Human/Assistant turn marker)."""
-    return HUMAN in text or ASSISTANT in text or text.startswith(("Human:", "Assistant:"))
+    """Whether ``text`` is written in the HH template (has a Human/Assistant turn marker, see :func:`hh_marker`)."""
+    return hh_marker(text) is not None
 
 
 def normalise_hh_start(text: str) -> str:

@@ -50,6 +50,7 @@ from .chat import (
     FormatError,
     Renderer,
     Turn,
+    hh_marker,
     hh_segments,
     is_hh_text,
     normalise_hh_start,
@@ -143,12 +144,16 @@ def _check_ends_with_user(turns: list[Turn], what: str) -> None:
 
 def _hh_prompt(text: str) -> str:
     """A prompt string in the HH format: plain text becomes one human turn; HH text must end with the cue."""
-    if not is_hh_text(text):
+    why = hh_marker(text)
+    if why is None:
         return f"{HUMAN} {text.strip()}{ASSISTANT}"
     text = normalise_hh_start(text).rstrip()
     if not text.endswith(ASSISTANT):
+        # say which reading applied: an HH look-alike ("Human: hi Assistant:") is not taken literally
         raise FormatError(
-            f"prompt does not end with {_ASSISTANT_REPR}", "the assistant turn the model should write"
+            f"prompt does not end with {_ASSISTANT_REPR}",
+            f"{why}, so it is read as an HH dialogue, which must end with the assistant cue {_ASSISTANT_REPR}, "
+            "every marker after a blank line; a prompt with no HH marker is taken literally as one human turn",
         )
     return text
 
