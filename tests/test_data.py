@@ -1,4 +1,4 @@
-"""Data layer: file formats, record shapes and `file:line: what is wrong` errors (DESIGN.md section 3)."""
+"""Data layer: file formats, record shapes and `file:line: what is wrong` errors (README, Data section)."""
 
 from __future__ import annotations
 
