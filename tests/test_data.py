@@ -1,4 +1,4 @@
-"""Data layer: file formats, record shapes and `file:line: what is wrong` errors (DESIGN.md section 3)."""
+"""Data layer: file formats, record shapes and `file:line: what is wrong` errors (README, Data section)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from ppomax.data import (
     load_sft_examples,
     read_records,
 )
+from ppomax.errors import ConfigError
 
 A = "\n\nAssistant:"
 H = "\n\nHuman:"
@@ -211,7 +212,9 @@ def test_message_pairs_full_conversations_and_trl_prompt_form(tmp_path: Path) ->
         ),
         (
             json.dumps({"prompt": f"{H} q", "chosen": "a", "rejected": "b"}),
-            "prompt does not end with '\\n\\nAssistant:' (the assistant turn the model should write)",
+            "prompt does not end with '\\n\\nAssistant:' (it starts with '\\n\\nHuman:', so it is read as an HH "
+            "dialogue, which must end with the assistant cue '\\n\\nAssistant:', every marker after a blank line; "
+            "a prompt with no HH marker is taken literally as one human turn)",
         ),
         (
             json.dumps({"chosen": ["q", "a"], "rejected": ["q", "x", "b"]}),
@@ -303,11 +306,65 @@ def test_prompt_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no usable prompts"):
         load_prompts(path, on_error="skip", stats=stats)
     assert stats.examples == [
-        f"{path}:1: prompt does not end with '\\n\\nAssistant:' (the assistant turn the model should write)",
+        f"{path}:1: prompt does not end with '\\n\\nAssistant:' (it starts with '\\n\\nHuman:', so it is read as "
+        "an HH dialogue, which must end with the assistant cue '\\n\\nAssistant:', every marker after a blank "
+        "line; a prompt with no HH marker is taken literally as one human turn)",
         f"{path}:2: missing field 'prompt' (record has: text)",
         f"{path}:3: prompt does not end with a human turn (the model must answer the last turn)",
         f"{path}:4: unknown role 'narrator' in turn 1 of 'prompt' (use user, assistant or system)",
     ]
+
+
+def test_prompts_do_not_validate_the_response(tmp_path: Path) -> None:
+    """PPO needs only the prompt: an empty answer rejects an SFT/RM record, never a prompt (issue 9 item 12)."""
+    rows = [
+        # an HH-RLHF pair whose chosen answer is empty
+        {"chosen": f"{H} Hi{A}", "rejected": f"{H} Hi{A} Go away."},
+        {"chosen": f"{H} a{A} b{H} Well?{A}  ", "rejected": f"{H} a{A} b{H} Well?{A} c"},
+        ["instruction", ""],  # MOSS [instruction, answer] with an empty answer
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    prompts = load_prompts(path)
+    assert [p.prompt for p in prompts] == [f"{H} Hi{A}", f"{H} a{A} b{H} Well?{A}", f"{H} instruction{A}"]
+    assert prompts[2].meta == {"response": ""}
+    stats = LoadStats()
+    with pytest.raises(DataError, match="no usable SFT examples"):
+        load_sft_examples(path, on_error="skip", stats=stats)
+    assert stats.examples == [
+        f"{path}:1: empty chosen response",
+        f"{path}:2: empty chosen response",
+        f"{path}:3: empty turn 2 in 'turns'",
+    ]
+    with pytest.raises(DataError, match=r"p\.jsonl:1: empty chosen response$"):
+        load_preference_pairs(path)
+
+
+def test_a_prompt_error_says_how_the_prompt_was_read(tmp_path: Path) -> None:
+    """Plain text is one human turn; text with an HH marker is an HH dialogue. An HH look-alike without the blank
+    lines is the second kind, and the message says which rule hit it (issue 9 item 16)."""
+    rows = [
+        {"prompt": "Human: hi Assistant:"},
+        {"prompt": f"Context.{H} hi{A} hello"},
+        {"prompt": "hi Assistant:"},
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    stats = LoadStats()
+    prompts = load_prompts(path, on_error="skip", stats=stats)
+    rule = (
+        "so it is read as an HH dialogue, which must end with the assistant cue '\\n\\nAssistant:', every "
+        "marker after a blank line; a prompt with no HH marker is taken literally as one human turn"
+    )
+    assert stats.examples == [
+        f"{path}:1: prompt does not end with '\\n\\nAssistant:' (it starts with 'Human:', {rule})",
+        f"{path}:2: prompt does not end with '\\n\\nAssistant:' (it contains '\\n\\nHuman:', {rule})",
+    ]
+    assert [p.prompt for p in prompts] == [f"{H} hi Assistant:{A}"]  # no marker: literal text
+    with pytest.raises(
+        DataError, match=r"s\.jsonl:1: prompt does not end with .* \(it starts with 'Human:', so "
+    ):
+        load_sft_examples(
+            write_jsonl(tmp_path / "s.jsonl", [{"prompt": "Human: hi Assistant:", "response": "x"}])
+        )
 
 
 def test_moss_prompt_roles(tmp_path: Path) -> None:
@@ -376,6 +433,72 @@ def test_sft_errors(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# TRL's conversational formats (https://huggingface.co/docs/trl/dataset_formats)
+
+SYSTEM = {"role": "system", "content": "Be brief."}
+USER = {"role": "user", "content": "What color is the sky?"}
+EARLIER = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+BLUE = {"role": "assistant", "content": "It is blue."}
+
+
+@pytest.mark.parametrize("fmt", ["hh", "chat_template"])
+def test_trl_conversational_formats_render_like_messages(tmp_path: Path, fmt: str) -> None:
+    """TRL's prompt-completion (SFT), preference (RM) and prompt-only (PPO) records with message lists are read
+    through the same chat path as ``{"messages": [...]}`` (issue 9 item 13)."""
+    from transformers import AutoTokenizer
+
+    from helpers import CHATML_TEMPLATE, make_tiny_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path, chat_template=CHATML_TEMPLATE))
+    tok.eos_token = "<|im_end|>"
+    kw = {"format": fmt, "tokenizer": tok}
+    prompts = [[USER], [SYSTEM, *EARLIER, USER]]
+    trl_sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": p, "completion": [BLUE]} for p in prompts])
+    msgs = write_jsonl(tmp_path / "msgs.jsonl", [{"messages": [*p, BLUE]} for p in prompts])
+    got = load_sft_examples(trl_sft, **kw)
+    # loss on the completion only, as TRL's prompt-completion training: the messages form with its last turn
+    want = load_sft_examples(msgs, assistant_turns="last", **kw)
+    assert [(e.prompt, e.response) for e in got] == [(e.prompt, e.response) for e in want]
+    assert [e.segments for e in got] == [e.segments for e in want]
+    if fmt == "hh":
+        assert (got[0].prompt, got[0].response) == (f"{H} What color is the sky?{A}", " It is blue.")
+        assert got[1].prompt == f"Be brief.{H} Hi{A} Hello!{H} What color is the sky?{A}"
+    else:
+        assert got[0].response == "It is blue.<|im_end|>"
+    green = {"role": "assistant", "content": "It is green."}
+    trl_rm = write_jsonl(
+        tmp_path / "rm.jsonl", [{"prompt": p, "chosen": [BLUE], "rejected": [green]} for p in prompts]
+    )
+    pairs = load_preference_pairs(trl_rm, **kw)
+    assert [(p.prompt, p.chosen) for p in pairs] == [(e.prompt, e.response) for e in want]
+    assert pairs[0].rejected == (" It is green." if fmt == "hh" else "It is green.<|im_end|>")
+    trl_ppo = write_jsonl(tmp_path / "ppo.jsonl", [{"prompt": p} for p in prompts])
+    assert [p.prompt for p in load_prompts(trl_ppo, **kw)] == [e.prompt for e in want]
+    # the prompt file of TRL's prompt-completion SFT data is usable for PPO as it is
+    assert [p.prompt for p in load_prompts(trl_sft, **kw)] == [e.prompt for e in want]
+
+
+def test_trl_completion_errors(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": [USER], "completion": [BLUE, USER]},
+        {"prompt": [USER], "completion": [USER]},
+        {"prompt": [USER], "completion": 3},
+        {"prompt": [BLUE], "completion": [BLUE]},
+    ]
+    path = write_jsonl(tmp_path / "e.jsonl", rows)
+    stats = LoadStats()
+    with pytest.raises(DataError, match="no usable SFT examples"):
+        load_sft_examples(path, on_error="skip", stats=stats)
+    one = "'completion' must hold exactly one assistant message when 'prompt' is given"
+    assert stats.examples == [
+        f"{path}:1: {one}",
+        f"{path}:2: {one}",
+        f"{path}:3: field 'completion' must be a string or a list with one assistant message, got int",
+        f"{path}:4: prompt does not end with a human turn (the model must answer the last turn)",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # chat templates
 
 
@@ -406,5 +529,11 @@ def test_chat_template_format(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs the tokenizer"):
         load_prompts(path, format="chat_template")
     tok.chat_template = None
-    with pytest.raises(ValueError, match="has no chat template"):
+    with pytest.raises(
+        ConfigError, match=r"^data\.chat_format: 'chat_template' but the tokenizer .* has no chat"
+    ):
         load_prompts(path, format="chat_template", tokenizer=tok)
+    with pytest.raises(
+        ConfigError, match=r"^data\.chat_format: must be 'hh' or 'chat_template', got 'chatml'"
+    ):
+        load_prompts(path, format="chatml")  # type: ignore[arg-type]

@@ -92,11 +92,19 @@ def test_hh_fail_fast_stops_at_the_first_bad_record() -> None:
 
 @needs_hh
 def test_hh_as_prompts_and_sft() -> None:
+    # PPO needs only the prompt: an empty chosen answer does not reject it, even fail-fast (issue 9 item 12)
     stats = LoadStats()
-    prompts = load_prompts(HH, on_error="skip", stats=stats)
-    assert len(prompts) == 2312 - len(HH_EMPTY_CHOSEN) and all(p.prompt.endswith(A) for p in prompts)
-    sft = load_sft_examples(HH, on_error="skip")
+    prompts = load_prompts(HH, stats=stats)
+    assert len(prompts) == 2312 and stats.skipped == 0 and all(p.prompt.endswith(A) for p in prompts)
+    with gzip.open(HH, "rt", encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh]
+    for line in HH_EMPTY_CHOSEN:  # the prompt is the dialogue up to its last assistant cue, verbatim
+        chosen = rows[line - 1]["chosen"]
+        assert prompts[line - 1].prompt == chosen[: chosen.rfind(A) + len(A)]
+    sft_stats = LoadStats()
+    sft = load_sft_examples(HH, on_error="skip", stats=sft_stats)
     assert len(sft) == 2312 - len(HH_EMPTY_CHOSEN)
+    assert dict(sft_stats.skip_reasons) == {"empty chosen response": len(HH_EMPTY_CHOSEN)}
     for e in sft:
         assert "".join(s for s, _ in e.segments) == e.prompt + e.response
         assert e.segments[-1] == (e.response, True)

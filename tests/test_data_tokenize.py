@@ -20,6 +20,7 @@ from ppomax.data import (
     tokenize_response,
     tokenize_sft,
 )
+from ppomax.errors import ConfigError, UserError
 
 A = "\n\nAssistant:"
 H = "\n\nHuman:"
@@ -83,7 +84,10 @@ def test_bos_is_kept_in_front_and_counted_in_the_budget(bos_tok) -> None:
     assert ids[0] == bos and ids.count(bos) == 1 and len(ids) <= 30
     # a text that already starts with the BOS string (chat templates write it) gets no second one
     assert tokenize_prompt(bos_tok, "<s>" + f"{H} a{A}", 100).count(bos) == 1
-    with pytest.raises(ValueError, match="max_tokens must be at least 2"):
+    # a user error naming the config key the budget comes from (issue 9 item 11)
+    with pytest.raises(
+        ConfigError, match=r"^data\.max_prompt_tokens: must be at least 2 \(the tokenizer puts 1 "
+    ):
         tokenize_prompt(bos_tok, prompt, 1)
 
 
@@ -99,6 +103,16 @@ def test_response_truncation_and_eos(tok) -> None:
     assert ids == encode(tok, " Paris.") and truncated
     ids, _ = tokenize_response(tok, " Paris.", 100, add_eos=False)
     assert ids == encode(tok, " Paris.")
+
+
+def test_a_tokenizer_without_eos_is_a_user_error(tmp_path: Path) -> None:
+    no_eos = AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path))
+    no_eos.eos_token = None
+    with pytest.raises(
+        UserError, match=r"^the tokenizer .*tiny-tokenizer has no EOS token to end responses with; add "
+    ):
+        tokenize_response(no_eos, " Paris.", 100)
+    assert tokenize_response(no_eos, " Paris.", 100, add_eos=False)[0] == encode(no_eos, " Paris.")
 
 
 def test_tokenize_pair(tok) -> None:

@@ -204,3 +204,18 @@ def test_baseline_cache_gives_the_same_result(models, world_prompts):
     evaluate_models(b, b, tok, prompts, subsets, judges, s, baseline_cache=cache)  # fills the cache
     cached = evaluate_models(a, b, tok, prompts, subsets, judges, s, baseline_cache=cache)
     assert cached == plain
+
+
+def test_cli_help_points_to_files_in_the_repo(capsys):
+    """`ppomax eval --help` named DESIGN.md, which ships outside the repo: help points to the README (issue 9)."""
+    from ppomax.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name in sub.choices:
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "DESIGN.md" not in text, name
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "README's Data section" in " ".join(capsys.readouterr().out.split())

@@ -417,7 +417,7 @@ def evaluate_models(
 
 
 def load_eval_prompts(path: str | os.PathLike[str], limit: int | None = None) -> tuple[list[str], list[str] | None]:
-    """Prompts and their subsets (``None`` when no record names one) from any prompts file of DESIGN.md 3."""
+    """Prompts and their subsets (``None`` when no record names one) from any prompts file of ppomax.data."""
     from ppomax.data import load_prompts
 
     examples = load_prompts(path)

@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--policy", required=True, help="the policy's model directory (e.g. a PPO run's final/)")
     p.add_argument("--baseline", required=True, help="the baseline's model directory (e.g. the SFT model)")
-    p.add_argument("--prompts", required=True, help="prompts file (any format of DESIGN.md section 3; "
+    p.add_argument("--prompts", required=True, help="prompts file (any prompts format of the README's Data section; "
                    "a 'subset' field splits the table into helpful / harmless)")  # fmt: skip
     p.add_argument("--judge", action="append", metavar="SPEC",
                    help="gold (hh-mini's gold reward; the world is found next to --prompts or in $PPOMAX_WORLD), "

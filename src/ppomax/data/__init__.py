@@ -1,6 +1,6 @@
 """Data layer: loaders for preference pairs, PPO prompts and SFT examples; tokenisation; batching.
 
-See DESIGN.md section 3. Typical use::
+Record shapes: :mod:`ppomax.data.formats` and the README's Data section. Typical use::
 
     stats = LoadStats()
     pairs = load_preference_pairs("hh.jsonl.gz", on_error="skip", stats=stats)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
+from ppomax.errors import ConfigError
+
 ChatFormat = Literal["hh", "chat_template"]
 Turn = tuple[str, str]
 
@@ -46,9 +48,24 @@ class FormatError(ValueError):
         super().__init__(reason + (f" ({detail})" if detail else ""))
 
 
+def hh_marker(text: str) -> str | None:
+    """Why ``text`` counts as an HH dialogue (e.g. ``"it starts with 'Human:'"``), or None for plain text.
+
+    The one rule for reading a prompt: text with a turn marker (``"\\n\\nHuman:"`` or ``"\\n\\nAssistant:"``
+    anywhere, or ``"Human:"`` / ``"Assistant:"`` at the very start) is an HH dialogue; anything else is literal text.
+    """
+    for start in (HUMAN, ASSISTANT, "Human:", "Assistant:"):
+        if text.startswith(start):
+            return f"it starts with {start!r}"
+    for marker in (HUMAN, ASSISTANT):
+        if marker in text:
+            return f"it contains {marker!r}"
+    return None
+
+
 def is_hh_text(text: str) -> bool:
-    """Whether ``text`` is written in the HH template (has a Human/Assistant turn marker)."""
-    return HUMAN in text or ASSISTANT in text or text.startswith(("Human:", "Assistant:"))
+    """Whether ``text`` is written in the HH template (has a Human/Assistant turn marker, see :func:`hh_marker`)."""
+    return hh_marker(text) is not None
 
 
 def normalise_hh_start(text: str) -> str:
@@ -163,15 +180,17 @@ class Renderer:
     """Renders turns into prompt / response / SFT segments in one chat format."""
 
     def __init__(self, fmt: ChatFormat = "hh", tokenizer: Any = None) -> None:
+        # the format is the config key data.chat_format, so the errors a user can meet name that key
         if fmt not in ("hh", "chat_template"):
-            raise ValueError(f"format must be 'hh' or 'chat_template', got {fmt!r}")
+            raise ConfigError(f"data.chat_format: must be 'hh' or 'chat_template', got {fmt!r}")
         if fmt == "chat_template":
             if tokenizer is None:
                 raise ValueError("format='chat_template' needs the tokenizer: pass tokenizer=...")
             if not getattr(tokenizer, "chat_template", None):
-                raise ValueError(
-                    "format='chat_template' but this tokenizer has no chat template; use format='hh' or set "
-                    "tokenizer.chat_template"
+                where = getattr(tokenizer, "name_or_path", "") or "this tokenizer"
+                raise ConfigError(
+                    f"data.chat_format: 'chat_template' but the tokenizer {where} has no chat template; use "
+                    "data.chat_format=hh, or a tokenizer whose tokenizer_config.json has a chat_template"
                 )
         self.fmt = fmt
         self.tokenizer = tokenizer

@@ -1,4 +1,4 @@
-"""Loaders for preference pairs, PPO prompts and SFT examples (DESIGN.md section 3).
+"""Loaders for preference pairs, PPO prompts and SFT examples (summed up in the README's Data section).
 
 Record shapes each loader accepts (any file type of :func:`ppomax.data.io.read_records`):
 
@@ -15,7 +15,8 @@ Preference pairs (:func:`load_preference_pairs`)
 PPO prompts (:func:`load_prompts`)
   * ``{"prompt": str}`` (plain text or HH dialogue ending with ``"\\n\\nAssistant:"``), ``{"prompt": [turns]}``,
     ``{"messages": [...]}``, an HH pair (the shared prompt of ``"chosen"``), a bare string, or a MOSS-RLHF
-    list of strings. Fields other than the text go to ``PromptExample.meta``.
+    list of strings. Fields other than the text go to ``PromptExample.meta``. Only the prompt is read: the
+    answer of an HH pair or of a MOSS list is not validated (HH-RLHF has pairs whose chosen answer is empty).
   * MOSS turn lists: ``moss_roles="human_first"`` (default): turn 0 is the human's; a list ending with an
     assistant turn (even length) has that turn moved to ``meta["response"]`` and counted in
     ``stats.notes``. ``moss_roles="last_is_human"`` reproduces MOSS-RLHF's own ``OnlyPromptDataset``: the last
@@ -23,7 +24,8 @@ PPO prompts (:func:`load_prompts`)
     ``Assistant: instruction / Human: answer``.
 
 SFT examples (:func:`load_sft_examples`)
-  * ``{"prompt", "response"}`` (or ``"completion"``): loss on the response only.
+  * ``{"prompt", "response"}`` (or ``"completion"``): loss on the response only. TRL's conversational
+    prompt-completion ``{"prompt": [messages], "completion": [assistant message]}`` too.
   * an HH dialogue in ``"text"`` or ``"chosen"``, ``{"messages": [...]}``, or a MOSS list of strings (human
     first, MOSS-RLHF's SFT convention): it must end with an assistant turn; loss on assistant turns only,
     represented by ``SFTExample.segments`` (``assistant_turns="all"`` trains every assistant turn,
@@ -48,6 +50,7 @@ from .chat import (
     FormatError,
     Renderer,
     Turn,
+    hh_marker,
     hh_segments,
     is_hh_text,
     normalise_hh_start,
@@ -141,12 +144,16 @@ def _check_ends_with_user(turns: list[Turn], what: str) -> None:
 
 def _hh_prompt(text: str) -> str:
     """A prompt string in the HH format: plain text becomes one human turn; HH text must end with the cue."""
-    if not is_hh_text(text):
+    why = hh_marker(text)
+    if why is None:
         return f"{HUMAN} {text.strip()}{ASSISTANT}"
     text = normalise_hh_start(text).rstrip()
     if not text.endswith(ASSISTANT):
+        # say which reading applied: an HH look-alike ("Human: hi Assistant:") is not taken literally
         raise FormatError(
-            f"prompt does not end with {_ASSISTANT_REPR}", "the assistant turn the model should write"
+            f"prompt does not end with {_ASSISTANT_REPR}",
+            f"{why}, so it is read as an HH dialogue, which must end with the assistant cue {_ASSISTANT_REPR}, "
+            "every marker after a blank line; a prompt with no HH marker is taken literally as one human turn",
         )
     return text
 
@@ -163,7 +170,11 @@ def _prompt_turns(text: str) -> list[Turn]:
 
 
 def _split_hh(dialogue: str, what: str) -> tuple[str, str]:
-    """(prompt, response) of an HH dialogue, split after its last ``"\\n\\nAssistant:"``."""
+    """(prompt, response) of an HH dialogue, split after its last ``"\\n\\nAssistant:"``.
+
+    The response is not validated: a PPO prompt needs only the split (HH-RLHF has records whose chosen answer is
+    empty). Records that train on the response go through :func:`_split_hh_answer`.
+    """
     dialogue = normalise_hh_start(dialogue)
     i = dialogue.rfind(ASSISTANT)
     if i < 0:
@@ -171,6 +182,12 @@ def _split_hh(dialogue: str, what: str) -> tuple[str, str]:
     prompt, response = dialogue[: i + len(ASSISTANT)], dialogue[i + len(ASSISTANT) :]
     if HUMAN in response:
         raise FormatError(f"'{what}' ends with a human turn, not an assistant response")
+    return prompt, response
+
+
+def _split_hh_answer(dialogue: str, what: str) -> tuple[str, str]:
+    """:func:`_split_hh` for SFT and preference records, whose response is trained on: it must not be empty."""
+    prompt, response = _split_hh(dialogue, what)
     if not response.strip():
         raise FormatError(f"empty {what} response")
     return prompt, response
@@ -242,8 +259,8 @@ def _parse_pair(rec: Any, r: Renderer, stats: LoadStats) -> PreferencePair:
             prompt_text = _text_field(rec, "prompt")
             if is_hh_text(prompt_text) and chosen.startswith(_hh_prompt(prompt_text)):
                 # some dumps repeat the prompt inside chosen/rejected; keep the responses only
-                _, chosen = _split_hh(chosen, "chosen")
-                _, rejected = _split_hh(rejected, "rejected")
+                _, chosen = _split_hh_answer(chosen, "chosen")
+                _, rejected = _split_hh_answer(rejected, "rejected")
                 stats.notes["prompt repeated inside chosen/rejected: removed"] += 1
             _check_distinct(chosen, rejected)
             if r.fmt == "hh":
@@ -255,8 +272,8 @@ def _parse_pair(rec: Any, r: Renderer, stats: LoadStats) -> PreferencePair:
                 r.prompt(turns), r.response(turns, chosen), r.response(turns, rejected), meta=meta
             )
         # HH-RLHF: two full dialogues
-        p_c, resp_c = _split_hh(chosen, "chosen")
-        p_r, resp_r = _split_hh(rejected, "rejected")
+        p_c, resp_c = _split_hh_answer(chosen, "chosen")
+        p_r, resp_r = _split_hh_answer(rejected, "rejected")
         if p_c != p_r:
             at = next(
                 (k for k, (a, b) in enumerate(zip(p_c, p_r, strict=False)) if a != b), min(len(p_c), len(p_r))
@@ -370,14 +387,21 @@ def _prompt_from_list(
     value: list[Any], what: str, r: Renderer, moss_roles: str, meta: dict[str, Any], stats: LoadStats
 ) -> PromptExample:
     last_role = "user" if moss_roles == "last_is_human" else None
+    strings = not all(isinstance(v, dict) for v in value)
+    answer: Any = None
+    if strings and last_role is None and len(value) >= 2 and len(value) % 2 == 0:
+        # human first and an even length: the list ends with the assistant's answer, which a PPO prompt does not
+        # need, so it is not validated (it may be empty) and goes to meta
+        *value, answer = value
+        if not isinstance(answer, str):
+            raise FormatError(
+                f"turn {len(value) + 1} of '{what}' must be a string, got {type(answer).__name__}"
+            )
     turns = _turns(value, what, last_role)
-    if turns[-1][0] == "assistant" and not all(isinstance(v, dict) for v in value):
-        meta = {**meta, "response": turns[-1][1]}
-        turns = turns[:-1]
-        stats.notes["turn list ends with an assistant turn: moved to meta['response']"] += 1
-    if not turns:
-        raise FormatError(f"'{what}' holds no human turn")
     _check_ends_with_user(turns, "prompt")
+    if answer is not None:
+        meta = {**meta, "response": answer}
+        stats.notes["turn list ends with an assistant turn: moved to meta['response']"] += 1
     return PromptExample(r.prompt(turns), meta)
 
 
@@ -410,7 +434,7 @@ def _parse_sft(rec: Any, r: Renderer, assistant_turns: Literal["all", "last"]) -
         raise FormatError(f"record must be a JSON object or a list of turns, got {type(rec).__name__}")
     if "prompt" in rec:
         resp_key = "completion" if "completion" in rec and "response" not in rec else "response"
-        response = _text_field(rec, resp_key)
+        response = _response_field(rec, resp_key)
         prompt_value = _field(rec, "prompt")
         if isinstance(prompt_value, list):
             turns = _turns(prompt_value, "prompt", last_role="user")
@@ -438,7 +462,7 @@ def _parse_sft(rec: Any, r: Renderer, assistant_turns: Literal["all", "last"]) -
                 raise FormatError(
                     f"field '{key}' is not an HH dialogue ('\\n\\nHuman: ...\\n\\nAssistant: ...')"
                 )
-            _split_hh(value, key)  # validates: ends with a non-empty assistant response
+            _split_hh_answer(value, key)  # validates: ends with a non-empty assistant response
             if r.fmt == "hh":
                 segs = hh_segments(value, assistant_turns)
                 return SFTExample("".join(s for s, _ in segs[:-1]), segs[-1][0], segs)
@@ -447,6 +471,18 @@ def _parse_sft(rec: Any, r: Renderer, assistant_turns: Literal["all", "last"]) -
         "missing field 'prompt' (with 'response') or 'messages' or 'text'",
         "record has: " + (", ".join(map(str, rec)) or "no fields"),
     )
+
+
+def _response_field(rec: dict[str, Any], name: str) -> str:
+    """A response: text, or TRL's conversational ``[{"role": "assistant", "content": ...}]``."""
+    value = _field(rec, name)
+    if isinstance(value, list):
+        return _single_response(value, name)
+    if not isinstance(value, str):
+        raise FormatError(
+            f"field '{name}' must be a string or a list with one assistant message, got {type(value).__name__}"
+        )
+    return value
 
 
 def _sft_from_turns(turns: list[Turn], r: Renderer, assistant_turns: Literal["all", "last"]) -> SFTExample:

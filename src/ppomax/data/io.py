@@ -1,6 +1,6 @@
 """Reading records from disk, and the error/statistics plumbing every loader shares.
 
-Supported inputs (DESIGN.md section 3):
+Supported inputs (summed up in the README's Data section):
 
 * ``.jsonl`` / ``.jsonl.gz``: one JSON value per line; blank lines are ignored. ``line`` is the 1-based
   physical line of the file.

@@ -1,4 +1,4 @@
-"""Tokenisation with the truncation rules of DESIGN.md section 3.
+"""Tokenisation and its truncation rules.
 
 * Prompts are truncated from the **left**, keeping the latest turns: first whole turns are dropped (cutting just
   before a ``"\\n\\nHuman:"`` marker, oldest first, as few as needed); only if the latest human turn alone is still
@@ -23,6 +23,8 @@ import contextlib
 import re
 import weakref
 from typing import Any
+
+from ppomax.errors import ConfigError, ModelPathError
 
 from .chat import HUMAN
 from .formats import PreferencePair, SFTExample
@@ -77,9 +79,12 @@ def encode_continuation(tokenizer: Any, context: str, text: str) -> list[int]:
     return encode(tokenizer, text)
 
 
-def _check_budget(name: str, value: int | None, minimum: int) -> None:
+def _check_budget(key: str, value: int | None, minimum: int) -> None:
+    """``key`` is the config key the budget comes from: the trainers pass ``data.*`` values straight through."""
     if value is not None and value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+        n = minimum - 1
+        why = f" (the tokenizer puts {n} special token{'s' * (n > 1)} in front of every text)" if n else ""
+        raise ConfigError(f"{key}: must be at least {minimum}{why}, got {value}")
 
 
 def tokenize_prompt(
@@ -96,7 +101,7 @@ def tokenize_prompt(
     template's user-turn opener to cut templated prompts at turn boundaries, else they are cut by tokens.
     """
     prefix = _prefix_for(tokenizer, prompt)
-    _check_budget("max_tokens", max_tokens, len(prefix) + 1)
+    _check_budget("data.max_prompt_tokens", max_tokens, len(prefix) + 1)
     ids = prefix + encode(tokenizer, prompt)
     if max_tokens is None or len(ids) <= max_tokens:
         return ids
@@ -126,14 +131,16 @@ def tokenize_response(
     add_eos: bool = True,
 ) -> tuple[list[int], bool]:
     """``(ids, truncated)`` for a response after ``context``: EOS appended when complete (see module doc)."""
-    _check_budget("max_response_tokens", max_tokens, 1)
+    _check_budget("data.max_response_tokens", max_tokens, 1)
     ids = encode_continuation(tokenizer, context, response)
     eos_id = getattr(tokenizer, "eos_token_id", None)
     eos = getattr(tokenizer, "eos_token", None)
     if add_eos and not (eos and response.rstrip().endswith(eos)):
         if eos_id is None:
-            raise ValueError(
-                "the tokenizer has no EOS token to end responses with; set one or pass add_eos=False"
+            where = getattr(tokenizer, "name_or_path", "") or "this tokenizer"
+            raise ModelPathError(
+                f"the tokenizer {where} has no EOS token to end responses with; add one "
+                "(tokenizer.add_special_tokens({'eos_token': ...})) and save it again"
             )
         full = [*ids, eos_id]
     else:
@@ -188,7 +195,7 @@ def tokenize_sft(
     context_segs, (resp_text, _) = segs[:-1], segs[-1]
     context_text = "".join(s for s, _ in context_segs)
     prefix = _prefix_for(tokenizer, context_text or resp_text)
-    _check_budget("max_prompt_tokens", max_prompt_tokens, len(prefix) + 1)
+    _check_budget("data.max_prompt_tokens", max_prompt_tokens, len(prefix) + 1)
     pieces: list[tuple[list[int], bool]] = []
     done = ""
     for text, flag in context_segs:

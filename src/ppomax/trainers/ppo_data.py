@@ -97,7 +97,7 @@ class PromptSet:
 
 
 def load_prompt_set(path: str, cfg: PPOConfig, tokenizer: Any) -> PromptSet:
-    """Load and tokenise a prompts file (formats of DESIGN.md section 3); bad lines per ``data.on_bad_line``."""
+    """Load and tokenise a prompts file (formats of :mod:`ppomax.data.formats`); bad lines per ``data.on_bad_line``."""
     d = cfg.data
     stats = LoadStats()
     examples = load_prompts(

@@ -1,0 +1,91 @@
+"""Data problems reached through the commands users run: one line naming the config key or `file:line`, exit code 2,
+no traceback (issue 9)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ppo_helpers import FAST, make_setup
+from ppomax.cli import main
+from tiny_lm import make_tiny_lm, write_jsonl
+
+RECORDS = [{"prompt": f"Repeat {w}.", "response": f"{w} {w}"} for w in ("apple", "river", "stone", "cloud")]
+PAIRS = [{"prompt": f"Say {w}.", "chosen": w, "rejected": "no"} for w in ("apple", "river", "stone", "cloud")]
+
+
+@pytest.fixture(autouse=True)
+def _no_progress_bars():
+    """In a fresh interpreter the CLI hides transformers' weight bars; here transformers is already imported."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    yield
+    hf_logging.enable_progress_bar()
+
+
+def _one_line_error(err: str, *needles: str) -> None:
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ppomax: "), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_chat_template_without_template_train_sft_subprocess(tmp_path: Path) -> None:
+    """The real command line (a fresh interpreter, as a user runs it): exit code 2 and one line on stderr."""
+    model = make_tiny_lm(tmp_path)  # its tokenizer has no chat template
+    train = write_jsonl(tmp_path / "train.jsonl", RECORDS)
+    cmd = [sys.executable, "-m", "ppomax.cli", "train-sft", "--set", f"model.policy={model}",
+           "--set", f"data.train={train}", "--set", f"logging.out_dir={tmp_path / 'run'}",
+           "--set", "logging.progress=false", "--set", "data.chat_format=chat_template"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr
+    _one_line_error(proc.stderr, "data.chat_format", "no chat template", str(model))
+
+
+def test_chat_template_without_template_train_rm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = make_tiny_lm(tmp_path)
+    train = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    capsys.readouterr()  # the setup's own output (transformers' save bars)
+    rc = main(["train-rm", "--set", f"model.policy={model}", "--set", f"data.train={train}",
+               "--set", f"logging.out_dir={tmp_path / 'run'}", "--set", "logging.progress=false",
+               "--set", "data.chat_format=chat_template"])  # fmt: skip
+    assert rc == 2
+    _one_line_error(capsys.readouterr().err, "data.chat_format", "no chat template")
+
+
+def test_chat_template_without_template_train_ppo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    s = make_setup(tmp_path)
+    sets = [f"model.policy={s.policy}", f"model.reward={s.reward}", f"data.prompts={s.prompts}",
+            f"logging.out_dir={tmp_path / 'run'}", *FAST, "data.chat_format=chat_template"]  # fmt: skip
+    capsys.readouterr()  # the setup's own output (transformers' save bars)
+    rc = main(["train-ppo", "--preset", "ppo_max", *[a for o in sets for a in ("--set", o)]])
+    assert rc == 2
+    _one_line_error(capsys.readouterr().err, "data.chat_format", "no chat template")
+
+
+def test_prompt_budget_below_the_special_prefix_names_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tokenizer that puts BOS in front of every text leaves no room in a 1-token prompt budget."""
+    from transformers import AutoTokenizer
+
+    from helpers import make_tiny_tokenizer
+
+    model = make_tiny_lm(tmp_path)
+    AutoTokenizer.from_pretrained(
+        make_tiny_tokenizer(tmp_path, add_bos=True, vocab_size=300)
+    ).save_pretrained(model)
+    train = write_jsonl(tmp_path / "train.jsonl", RECORDS)
+    capsys.readouterr()  # the setup's own output (transformers' save bars)
+    rc = main(["train-sft", "--set", f"model.policy={model}", "--set", f"data.train={train}",
+               "--set", f"logging.out_dir={tmp_path / 'run'}", "--set", "logging.progress=false",
+               "--set", "data.max_prompt_tokens=1"])  # fmt: skip
+    assert rc == 2
+    _one_line_error(capsys.readouterr().err, "data.max_prompt_tokens", "at least 2")
