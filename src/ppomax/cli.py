@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import os
 import pkgutil
 import sys
 
+import ppomax
 import ppomax.commands
 from ppomax.errors import UserError
 
@@ -16,12 +18,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ppomax", description="RLHF for Hugging Face causal LMs: SFT, reward models and PPO-max."
     )
+    parser.add_argument("--version", action="version", version=f"ppomax {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(ppomax.commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"ppomax.commands.{info.name}")
         if hasattr(module, "register"):
             module.register(sub)
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ppomax")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+        return ppomax.__version__
 
 
 def main(argv: list[str] | None = None) -> int:
