@@ -13,10 +13,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(num_processes: int = 2) -> list[str]:
+def accelerate_launch(num_processes: int = 2, mode: str = "--multi_gpu") -> list[str]:
     """CPU processes (gloo) on a fresh rendezvous port: back-to-back launches on the default port 29500 can meet
-    the previous run's socket still closing."""
+    the previous run's socket still closing. ``mode="--cpu"`` is the form that starts only one process (without
+    mpirun), which ppomax warns about."""
     accelerate = Path(sys.executable).with_name("accelerate")
-    return [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+    return [str(accelerate), "launch", mode, "--num_processes", str(num_processes), "--num_machines", "1",
             "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
             "-m", "ppomax.cli"]  # fmt: skip

@@ -9,9 +9,11 @@ import json
 import math
 
 import pytest
+import torch
 
+from ppomax import demo_stages
 from ppomax.cli import main
-from ppomax.demo import STAGES, Pipeline
+from ppomax.demo import STAGES, Pipeline, files_digest, run_demo
 
 
 def _finite_numbers(obj, path="summary"):
@@ -45,6 +47,60 @@ def test_pipeline_caches_by_fingerprint(tmp_path):
     assert calls == ["a", "b", "a", "b"]
 
 
+@pytest.fixture
+def stub_stages(monkeypatch):
+    """Every demo stage replaced by a stub writing a token output (the pipeline's wiring without training)."""
+    ran = []
+
+    def stub(name, write):
+        def fn(d, *args, **kwargs):
+            ran.append(name)
+            write(d)
+
+        monkeypatch.setattr(demo_stages, name, fn)
+
+    for name in ("make_world", "train_tokenizer", "pretrain", "sft", "reward_model"):
+        stub(name, lambda d: (d / "out.txt").write_text("x"))
+    stub("ppo", lambda d: (d / "metrics.jsonl").write_text('{"step": 1}\n'))
+    evals = ("vanilla_vs_sft.json", "ppo_max_vs_sft.json", "rm_accuracy.json")
+    stub("evaluate_all", lambda d: [(d / f).write_text("{}") for f in evals])
+    stub("write_demo_report", lambda d: (d / "summary.json").write_text("{}"))
+    return ran
+
+
+def test_demo_rerun_hits_every_cache_and_leaves_torch_threads_alone(tmp_path, stub_stages):
+    """The report's cache key is its inputs (the eval and PPO outputs it reads, its settings, the report code),
+    not the clock; and run_demo, library code, does not change the process's torch thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(6)
+    try:
+        run_demo(tmp_path, quick=True, progress=False, log=lambda m: None)
+        assert torch.get_num_threads() == 6
+    finally:
+        torch.set_num_threads(n)
+    assert stub_stages == ["make_world", "train_tokenizer", "pretrain", "sft", "reward_model", "ppo", "ppo",
+                           "evaluate_all", "write_demo_report"]  # fmt: skip
+    logged = []
+    run_demo(tmp_path, quick=True, progress=False, log=logged.append)
+    assert len(stub_stages) == len(STAGES)  # nothing ran again
+    assert sum(": cached" in m for m in logged) == len(STAGES)
+    # an input of the report changed behind the pipeline's back (e.g. an eval file rewritten): the report is stale
+    (tmp_path / "eval" / "vanilla_vs_sft.json").write_text('{"changed": 1}')
+    run_demo(tmp_path, quick=True, progress=False, log=lambda m: None)
+    assert stub_stages[len(STAGES) :] == ["write_demo_report"]
+
+
+def test_files_digest(tmp_path):
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("x = 1\n")
+    b.write_text("y = 2\n")
+    first = files_digest([a, b])
+    assert files_digest([a, b]) == first
+    a.write_text("x = 3\n")  # the report code changed: its cached output is stale
+    assert files_digest([a, b]) != first
+    assert files_digest([b, a]) != files_digest([a, b])  # names are part of it: swapped contents are a change
+
+
 def test_quick_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
@@ -72,10 +128,10 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         assert sum(wtl) == json.loads((out / "eval" / f"{name}_vs_sft.json").read_text())["n_prompts"]
     assert isinstance(summary["ppo_max_beats_sft"], bool)
 
-    # a second run reuses every stage but the report
+    # a second run with nothing changed reuses every stage, the report too
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count(": cached") == len(STAGES) - 1
+    assert printed.count(": cached") == len(STAGES)
 
 
 @pytest.mark.parametrize("bad", [["demo", "--out"]])

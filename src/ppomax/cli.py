@@ -4,24 +4,49 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import os
 import pkgutil
 import sys
 
+import ppomax
 import ppomax.commands
 from ppomax.errors import UserError
+from ppomax.threads import command_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ppomax", description="RLHF for Hugging Face causal LMs: SFT, reward models and PPO-max."
     )
+    parser.add_argument("--version", action="version", version=f"ppomax {_version()}")
+    parser.add_argument("--threads", type=_thread_count, default=None, metavar="N", help=THREADS_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(ppomax.commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"ppomax.commands.{info.name}")
         if hasattr(module, "register"):
             module.register(sub)
+    for command in sub.choices.values():  # also after the command: `ppomax demo --threads 1`
+        command.add_argument("--threads", type=_thread_count, default=argparse.SUPPRESS, metavar="N",
+                             help=THREADS_HELP)  # fmt: skip
     return parser
+
+
+THREADS_HELP = ("torch threads (default: PPOMAX_THREADS, else OMP_NUM_THREADS, else the CPUs this process may use "
+                "divided among a launch's local processes)")  # fmt: skip
+
+
+def _thread_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ppomax")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+        return ppomax.__version__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with command_threads(args.threads):
+            return int(args.func(args) or 0)
     except UserError as exc:
         print(f"ppomax: {exc}", file=sys.stderr)
         return 2

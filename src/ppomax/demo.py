@@ -1,7 +1,8 @@
 """`ppomax demo`: the whole RLHF pipeline on the embedded hh-mini world, judged against its gold reward.
 
 Stages, each in its own directory under ``--out`` and skipped when its ``done.json`` marker is there and was
-written for the same settings (a fingerprint of the ppomax version, the stage's settings and everything upstream)::
+written for the same settings (a fingerprint of the ppomax version, the stage's settings and everything upstream;
+the report's also covers the files it reads and the report code, :func:`report_inputs`)::
 
     world/        the hh-mini corpora (ppomax.world)
     tokenizer/    a byte-level BPE tokenizer trained with `tokenizers` on the world's pretraining text
@@ -20,10 +21,11 @@ optimised), which is how the report can draw gold reward against RM reward over 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +35,43 @@ from ppomax.demo_profiles import PROFILES, DemoProfile
 STAGES = ("world", "tokenizer", "pretrain", "sft", "rm", "ppo_vanilla", "ppo_max", "eval", "report")
 PPO_RUNS = {"vanilla": "ppo_vanilla", "ppo_max": "ppo_max"}
 MARKER = "done.json"
+# The code that turns the eval and PPO outputs into report/: a change to it makes a cached report stale even
+# within one ppomax version (the other stages are keyed by the version and their settings).
+REPORT_CODE = ("ppomax.report", "ppomax.monitor", "ppomax.demo_stages")
 
 
 def _fingerprint(*parts: Any) -> str:
     # the version too: a stage cached by another ppomax release may have been computed differently
     blob = json.dumps([__version__, *parts], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def files_digest(paths: Iterable[Path]) -> str:
+    """sha256 of the files' names and contents, in order (a missing file counts as empty)."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode() + b"\0")
+        h.update(p.read_bytes() if p.is_file() else b"")
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _module_file(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.origin is not None, name
+    return Path(spec.origin)
+
+
+def report_inputs(ev: Path, ppo_dirs: dict[str, Path]) -> dict[str, str]:
+    """What the report is computed from, as digests: the eval stage's outputs, the PPO runs' metrics (the
+    training curves) and the report code. The stage timings it also shows are deliberately not in it: they
+    describe the runs that made the inputs, and a re-run with nothing changed must reuse the report."""
+    metrics = [ppo_dirs[name] / "metrics.jsonl" for name in sorted(ppo_dirs)]
+    return {
+        "eval": files_digest(sorted(p for p in ev.iterdir() if p.name != MARKER)),
+        "metrics": files_digest(metrics),
+        "code": files_digest(_module_file(m) for m in REPORT_CODE),
+    }
 
 
 class Pipeline:
@@ -86,8 +119,9 @@ def run_demo(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run (or resume) the demo; returns ``{"report": path, "summary": outcome dict, "timings": ...}``."""
-    import torch
+    """Run (or resume) the demo; returns ``{"report": path, "summary": outcome dict, "timings": ...}``.
+
+    Runs with the caller's torch thread count (``ppomax demo`` sets it, see :mod:`ppomax.threads`)."""
     from transformers.utils import logging as hf_logging
 
     from ppomax import demo_stages as st
@@ -97,7 +131,6 @@ def run_demo(
     prof = profile or PROFILES["quick" if quick else "full"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     pipe = Pipeline(out, log)
     t0 = time.perf_counter()
     world = pipe.run(1, "world", (seed, prof.world), (), lambda d: st.make_world(d, seed, prof))
@@ -123,7 +156,8 @@ def run_demo(
     ev = pipe.run(8, "eval", (seed, eval_settings), tuple(PPO_RUNS.values()),
                   lambda d: st.evaluate_all(d, world, sft, rm, ppo_dirs, prof, seed, progress))  # fmt: skip
     timings = dict(pipe.timings)
-    rep = pipe.run(9, "report", (time.time(),), ("eval",),
+    report_settings = (seed, prof.to_dict(), str(out), report_inputs(ev, ppo_dirs))
+    rep = pipe.run(9, "report", report_settings, ("eval",),
                    lambda d: st.write_demo_report(d, world, ppo_dirs, ev, prof, seed, timings, out))  # fmt: skip
     summary = json.loads((rep / "summary.json").read_text())
     summary["wall_seconds"] = time.perf_counter() - t0

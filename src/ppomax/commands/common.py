@@ -20,3 +20,12 @@ def add_config_args(p: argparse.ArgumentParser, presets: bool = False) -> None:
         metavar="KEY=VALUE",
         help="override one key, e.g. --set ppo.kl_coef=0.1 (repeatable)",
     )
+
+
+def print_result(text: str) -> None:
+    """A command's result line (e.g. the final model directory, for scripts): once per run, not once per rank
+    under ``accelerate launch``."""
+    from accelerate import PartialState  # the trainer has set it up; a single process is the main one
+
+    if PartialState().is_main_process:
+        print(text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ppomax.commands.common import add_config_args
+from ppomax.commands.common import add_config_args, print_result
 from ppomax.config import load_config
 
 
@@ -13,7 +13,7 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = load_config("rm", path=args.config, overrides=args.overrides)
     final = train_rm(cfg, resume=args.resume)
-    print(final)
+    print_result(str(final))
     return 0
 
 

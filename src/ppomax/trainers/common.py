@@ -12,7 +12,8 @@ Distributed runs (``accelerate launch``) shard the data themselves: every epoch 
 built from ``seed + epoch`` identically on every rank and rank ``r`` takes every ``world``-th batch, so a resumed
 run replays exactly the same order and skips what it has already seen. Metrics are reduced across ranks before
 they are logged; only the main process writes files. Without a GPU, ``accelerate launch --multi_gpu
---num_processes N`` (or ``torchrun``) runs CPU DDP with gloo; ``accelerate launch --cpu`` starts one process.
+--num_processes N`` (or ``torchrun``, or mpirun) runs CPU DDP with gloo; ``accelerate launch --cpu --num_processes
+N`` starts ONE process (its multi-CPU mode needs mpirun), which :func:`launch_mismatch` warns about.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import os
 import random
 import shutil
 import signal
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,10 +82,48 @@ class RunContext:
             tqdm.write(" ".join(str(a) for a in args))
 
 
+# How many processes a launcher started: torchrun / accelerate (WORLD_SIZE), MPICH/Intel MPI, Open MPI, MVAPICH
+# (the variables accelerate itself reads, accelerate.utils.environment.get_cpu_distributed_information).
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_warned: set[str] = set()
+
+
+def _launched_world(env: Mapping[str, str]) -> int:
+    for var in WORLD_SIZE_VARS:
+        if env.get(var, "").strip().isdigit():
+            return int(env[var])
+    return 1
+
+
+def launch_mismatch(env: Mapping[str, str]) -> str | None:
+    """The one-line warning for a launch that asked for several processes but started only this one, else None.
+
+    ``accelerate launch --cpu --num_processes N`` (or ``--num_machines N``, or an accelerate config with
+    ``use_cpu``) takes accelerate's simple launcher: without ``--mpirun_hostfile`` it starts one process, handing it
+    ``ACCELERATE_USE_CPU`` and a rendezvous address (``MASTER_ADDR``, set only when N > 1) but no world size, so
+    torch.distributed sees one process and the run silently trains alone. ``--multi_gpu`` goes through torchrun,
+    which sets ``WORLD_SIZE`` in every process; mpirun sets its own size variables.
+    """
+    use_cpu = env.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "y", "on")
+    if use_cpu and env.get("MASTER_ADDR") and _launched_world(env) == 1:
+        return (
+            "`accelerate launch --cpu` with more than one process starts one process only (it needs mpirun, "
+            "--mpirun_hostfile), so this run trains alone; for N processes on this machine's CPUs use "
+            "`accelerate launch --multi_gpu --num_processes N -m ppomax ...` (gloo DDP, no GPU needed)"
+        )
+    return None
+
+
 def _cpu_distributed() -> bool:
-    """A multi-process launch (torchrun / ``accelerate launch --multi_gpu``) on a machine without CUDA: tell
-    accelerate to run DDP on CPU with gloo (it would otherwise start independent single processes)."""
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("LOCAL_RANK") is not None
+    """Whether to build the Accelerator with ``cpu=True``: a multi-process launch (torchrun, ``accelerate launch
+    --multi_gpu``, mpirun) on a machine without CUDA, so accelerate runs DDP on CPU with gloo (it would otherwise
+    start independent single processes). Every trainer builds its Accelerator from this, so this is also where a
+    launch that started fewer processes than asked is reported (:func:`launch_mismatch`), once per process."""
+    warning = launch_mismatch(os.environ)
+    if warning is not None and warning not in _warned:
+        _warned.add(warning)
+        tqdm.write(f"ppomax: warning: {warning}", file=sys.stderr)
+    launched = _launched_world(os.environ) > 1 or os.environ.get("LOCAL_RANK") is not None
     return launched and not torch.cuda.is_available()
 
 

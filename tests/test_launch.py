@@ -1,0 +1,120 @@
+"""Launching several processes: what `accelerate launch` hands each process in each mode, the warning when a
+launch that asked for several processes runs one, and one result line per run (not one per rank)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from launch_helpers import accelerate_launch
+from ppomax.cli import main
+from ppomax.trainers import common
+from ppomax.trainers.common import launch_mismatch
+from tiny_lm import make_tiny_lm, write_jsonl, write_yaml
+
+# The variables accelerate 1.15 sets in the launched process (accelerate/utils/launch.py), trimmed to those that
+# matter here. `--cpu --num_processes 2` takes the "simple launcher": ONE process, with a rendezvous address but
+# no rank or world size (it expects mpirun, --mpirun_hostfile, to start the others).
+CPU_SIMPLE_2 = {
+    "ACCELERATE_USE_CPU": "True",
+    "MASTER_ADDR": "127.0.0.1",
+    "MASTER_PORT": "29500",
+    "OMP_NUM_THREADS": "1",
+}
+CPU_SIMPLE_1 = {"ACCELERATE_USE_CPU": "True", "OMP_NUM_THREADS": "1"}
+# `--multi_gpu --num_processes 2` runs torchrun's agent: every process gets its rank and the world size.
+MULTI_GPU_2 = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "RANK": "1", "LOCAL_RANK": "1",
+               "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}  # fmt: skip
+# `--cpu --mpirun_hostfile H --num_processes 2`: mpirun's own variables say how many there are.
+MPIRUN_2 = {**CPU_SIMPLE_2, "PMI_SIZE": "2", "PMI_RANK": "0"}
+
+LAUNCH_VARS = ("ACCELERATE_USE_CPU", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+               "LOCAL_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "env", [{}, CPU_SIMPLE_1, MULTI_GPU_2, MPIRUN_2], ids=["plain", "cpu-1", "multi_gpu-2", "mpirun-2"]
+)
+def test_no_warning_when_the_processes_are_there(env):
+    assert launch_mismatch(env) is None
+
+
+def test_cpu_launch_of_several_processes_is_named():
+    msg = launch_mismatch(CPU_SIMPLE_2)
+    assert msg is not None and "\n" not in msg
+    assert "accelerate launch --cpu" in msg and "one process" in msg
+    assert "accelerate launch --multi_gpu --num_processes N" in msg  # the command that works
+
+
+@pytest.fixture
+def launch_env(monkeypatch):
+    def set_env(env):
+        for k in LAUNCH_VARS:
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(common, "_warned", set())
+    return set_env
+
+
+def test_accelerator_setup_warns_once_on_stderr(launch_env, capsys):
+    """Every trainer builds its Accelerator from `_cpu_distributed()`: that is where the launch is read."""
+    launch_env(CPU_SIMPLE_2)
+    assert common._cpu_distributed() is False
+    assert common._cpu_distributed() is False
+    err = capsys.readouterr().err
+    assert err.count("ppomax: warning: ") == 1 and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(("env", "cpu"), [({}, False), (CPU_SIMPLE_2, False), (MULTI_GPU_2, True), (MPIRUN_2, True),
+                                          ({"OMPI_COMM_WORLD_SIZE": "4"}, True)])  # fmt: skip
+def test_cpu_ddp_without_cuda_for_every_multi_process_launcher(launch_env, env, cpu):
+    """torchrun/accelerate set WORLD_SIZE, mpirun its own size variables: any of them means gloo DDP on CPU
+    (left to accelerate without cpu=True, a plain mpirun launch would give N independent runs)."""
+    launch_env(env)
+    assert common._cpu_distributed() is cpu
+
+
+@pytest.mark.parametrize("command", ["train-sft", "train-rm"])
+@pytest.mark.parametrize("main_process", [True, False])
+def test_result_path_printed_by_the_main_process_only(monkeypatch, capsys, tmp_path, command, main_process):
+    import ppomax.trainers.reward
+    import ppomax.trainers.sft
+
+    final = tmp_path / "run" / "final"
+    monkeypatch.setattr(ppomax.trainers.sft, "train_sft", lambda cfg, resume: final)
+    monkeypatch.setattr(ppomax.trainers.reward, "train_rm", lambda cfg, resume: final)
+    monkeypatch.setattr("accelerate.PartialState", lambda: SimpleNamespace(is_main_process=main_process))
+    assert (
+        main([command, "--set", f"model.policy={tmp_path}", "--set", f"data.train={tmp_path / 'x.jsonl'}"])
+        == 0
+    )
+    assert capsys.readouterr().out == (f"{final}\n" if main_process else "")
+
+
+@pytest.mark.slow
+def test_real_launches_train_sft(tmp_path):
+    """`--multi_gpu --num_processes 2` on CPU: two ranks, the final path printed once; `--cpu --num_processes 2`:
+    one process and the warning naming the command that works."""
+    words = ["apple", "river", "stone", "cloud"]
+    records = [{"prompt": f"Repeat {w}.", "response": f"{w} {w}"} for w in words]
+    model = make_tiny_lm(tmp_path, [r["prompt"] + " " + r["response"] for r in records])
+    train = write_jsonl(tmp_path / "train.jsonl", records)
+    for mode, ranks in (("--multi_gpu", 2), ("--cpu", 1)):
+        out = tmp_path / mode.strip("-")
+        cfg = {"model": {"policy": str(model)}, "data": {"train": str(train)}, "epochs": 1, "batch_size": 1,
+               "logging": {"out_dir": str(out), "progress": False, "tensorboard": False}}  # fmt: skip
+        path = write_yaml(tmp_path / f"{mode.strip('-')}.yaml", cfg)
+        proc = subprocess.run([*accelerate_launch(2, mode), "train-sft", "--config", str(path)],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.splitlines().count(str(Path(out) / "final")) == 1, proc.stdout
+        train_steps = sum('"train/loss"' in line for line in (out / "metrics.jsonl").read_text().splitlines())
+        assert train_steps == len(records) // ranks  # batch 1 per rank
+        warned = "ppomax: warning: " in proc.stderr
+        assert warned is (ranks == 1), proc.stderr[-3000:]
