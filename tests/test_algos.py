@@ -480,6 +480,7 @@ def test_policy_loss_clipped_vs_loop_and_gradients() -> None:
     assert metrics["ratio_mean"].item() == pytest.approx(sum(ratios) / 7)
     assert metrics["ratio_max"].item() == pytest.approx(3.0)  # the padded ratio e^5 is ignored
     assert metrics["approx_kl"].item() == pytest.approx(sum(x - 1 - math.log(x) for x in ratios) / 7)
+    assert metrics["ratio_clamped"].item() == 0.0
 
     loss.backward()
     torch.testing.assert_close(new.grad[0, :7], torch.tensor(grads, dtype=torch.float64))
@@ -503,6 +504,26 @@ def test_policy_loss_unclipped() -> None:
     loss, m = policy_loss(ratios.log(), torch.zeros(1, 3), adv, torch.ones(1, 3), clip_ratio=None)
     assert loss.item() == pytest.approx(-(1.5 * 1 + 0.5 * -2 + 3 * 0.5) / 3)
     assert m["pg_clipfrac"].item() == 0.0
+
+
+def test_policy_loss_huge_log_ratio_is_clamped_finite_and_counted() -> None:
+    """exp(200) overflows float32 before the clip: the log-ratio is clamped to +-20 first, so loss, gradient
+    and metrics stay finite and the clamped tokens are counted (a padded huge ratio is neither counted nor
+    allowed to poison the gradient)."""
+    log_ratio = torch.tensor([[0.1, 200.0, -200.0, 30.0, 20.0, 500.0]])
+    adv = torch.tensor([[1.0, -1.0, 1.0, 1.0, -1.0, 1.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.float32)
+    for clip in (0.2, None):
+        new = log_ratio.clone().requires_grad_(True)
+        loss, m = policy_loss(new, torch.zeros(1, 6), adv, mask, clip_ratio=clip)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(new.grad).all()
+        assert all(torch.isfinite(v) for v in m.values())
+        assert m["ratio_clamped"].item() == 3.0  # 200, -200, 30; 20 sits on the bound; 500 is padding
+        assert m["ratio_max"].item() == pytest.approx(math.exp(20.0), rel=1e-6)
+        # the clamped tokens carry no gradient; the in-range ones keep the exact one
+        assert new.grad[0, 1].item() == new.grad[0, 2].item() == new.grad[0, 3].item() == 0.0
+        assert new.grad[0, 0].item() == pytest.approx(-math.exp(0.1) / 5)
 
 
 def test_value_loss_vs_loop_and_gradients() -> None:

@@ -284,6 +284,24 @@ def test_clip_ratio_switch(setup, tmp_path):
     assert free["policy/approx_kl"] > 0  # the policy did move in the later epochs
 
 
+def test_a_huge_log_ratio_is_clamped_and_counted_not_a_skipped_update(setup, tmp_path):
+    """Old log-probs 100 nats below the new ones overflow exp(log-ratio) in float32: the update must still be
+    finite (not skipped) and log how many tokens had their log-ratio clamped, summed over the iteration."""
+    tr = make(setup, tmp_path)
+    inner, seen = tr.updater.update, []
+
+    def update(exp, step, critic_only):
+        seen.append(float(exp.response_mask.sum()))
+        return inner(dataclasses.replace(exp, logprobs=exp.logprobs - 100.0), step, critic_only)
+
+    tr.updater.update = update
+    m = tr.iteration(1)
+    assert m["nonfinite/skipped"] == 0
+    assert math.isfinite(m["loss/pg"]) and math.isfinite(m["policy/approx_kl"])
+    assert m["policy/ratio_clamped_count"] == seen[0] > 0  # every response token, one epoch
+    assert make(setup, tmp_path / "plain").iteration(1)["policy/ratio_clamped_count"] == 0
+
+
 def test_entropy_bonus_and_its_clip(setup, tmp_path):
     """The bonus changes the update; a clip below the policy's entropy (~5.7 nats here) stops its gradient on
     every token, so the update is exactly the one without bonus (paper app. B.3)."""

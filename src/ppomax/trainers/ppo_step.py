@@ -143,7 +143,7 @@ class Updater:
 
     def update(self, exp: Experience, step: int, critic_only: bool) -> dict[str, Tensor]:
         """``ppo_epochs`` passes over shuffled minibatches of ``exp``; returns metrics averaged over minibatches
-        (``ratio_max`` is the max). Stops early once ``max_nonfinite_in_row`` updates in a row were skipped."""
+        (``*_max`` are maxed, ``*_count`` summed). Stops early once ``max_nonfinite_in_row`` updates in a row were skipped."""
         p = self.ppo
         acc: dict[str, list[Tensor]] = {}
         skipped = 0
@@ -161,9 +161,7 @@ class Updater:
                     break
             if self.nonfinite_in_row >= p.max_nonfinite_in_row:
                 break
-        out = {
-            k: (torch.stack(v).max() if k.endswith("_max") else torch.stack(v).mean()) for k, v in acc.items()
-        }
+        out = {k: _combine(k, v) for k, v in acc.items()}
         out["nonfinite/skipped"] = torch.tensor(float(skipped))
         return out
 
@@ -209,10 +207,7 @@ class Updater:
             for k, v in m.items():
                 metrics.setdefault(k, []).append(v)
         ok = self._step(total_loss, critic_only, metrics)
-        out = {
-            k: torch.stack(v).max() if k.endswith("_max") else torch.stack(v).mean()
-            for k, v in metrics.items()
-        }
+        out = {k: _combine(k, v) for k, v in metrics.items()}
         out["loss/total"] = total_loss
         return out, ok
 
@@ -230,7 +225,7 @@ class Updater:
             metrics.update({
                 "loss/pg": pm["pg_loss"], "policy/pg_clipfrac": pm["pg_clipfrac"],
                 "policy/approx_kl": pm["approx_kl"], "policy/ratio_mean": pm["ratio_mean"],
-                "policy/ratio_max": pm["ratio_max"],
+                "policy/ratio_max": pm["ratio_max"], "policy/ratio_clamped_count": pm["ratio_clamped"],
             })  # fmt: skip
             if p.entropy_coef > 0:
                 ent, em = entropy_bonus_loss(self.fwd.entropy(logits), mask, p.entropy_coef, p.entropy_clip)
@@ -279,3 +274,10 @@ class Updater:
         stack.enter_context(self.accelerator.no_sync(self.policy))
         stack.enter_context(self.accelerator.no_sync(self.critic))
         return stack
+
+
+def _combine(name: str, values: list[Tensor]) -> Tensor:
+    """One value of a metric seen several times (micro-batches, minibatches): ``*_max`` the max, ``*_count``
+    the sum (events counted over the whole iteration), anything else the mean."""
+    t = torch.stack(values)
+    return t.max() if name.endswith("_max") else t.sum() if name.endswith("_count") else t.mean()
