@@ -183,12 +183,20 @@ def test_nonfinite_scores_never_enter_the_running_moments():
 
 def test_importance_sampling_off_uses_the_reference_as_old_policy(setup, tmp_path):
     """With a reference different from the policy: the first minibatch's ratio is exactly 1 against the sampling
-    policy (importance_sampling: true), and pi/pi_ref (not 1) when the reference is the old policy."""
+    policy (importance_sampling: true), and pi/pi_ref (not 1) when the reference is the old policy. The ratio
+    metrics then say so in their names (``*_vs_ref``): a dashboard must not show a KL to the reference under
+    the name of the KL to the sampling policy."""
     common = [f"model.reference={setup.root / 'reference'}", "ppo.minibatch_size=8", "ppo.buffer_size=8"]
     on = make(setup, tmp_path / "on", *common).iteration(1)
     off = make(setup, tmp_path / "off", *common, "ppo.importance_sampling=false").iteration(1)
     assert on["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6) and on["policy/approx_kl"] < 1e-9
-    assert abs(off["policy/ratio_mean"] - 1.0) > 1e-3 and off["policy/approx_kl"] > 1e-3
+    assert abs(off["policy/ratio_vs_ref_mean"] - 1.0) > 1e-3 and off["policy/approx_kl_vs_ref"] > 1e-3
+    plain = ["policy/approx_kl", "policy/pg_clipfrac", "policy/ratio_mean", "policy/ratio_max",
+             "policy/ratio_clamped_count"]  # fmt: skip
+    vs_ref = ["policy/approx_kl_vs_ref", "policy/pg_clipfrac_vs_ref", "policy/ratio_vs_ref_mean",
+              "policy/ratio_vs_ref_max", "policy/ratio_vs_ref_clamped_count"]  # fmt: skip
+    assert set(plain) <= set(on) and not set(vs_ref) & set(on)
+    assert set(vs_ref) <= set(off) and not set(plain) & set(off)
 
 
 @torch.no_grad()

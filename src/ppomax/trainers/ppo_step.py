@@ -222,10 +222,13 @@ class Updater:
             old = mb.logprobs if p.importance_sampling else mb.ref_logprobs
             pg, pm = policy_loss(logprobs, old, mb.advantages, mask, p.clip_ratio)
             loss = loss + pg
+            # Without importance sampling the ratio is pi/pi_ref: its metrics measure the distance to the
+            # reference, so they carry "_vs_ref" and never the names of the distance to the sampling policy.
+            vs = "" if p.importance_sampling else "_vs_ref"
             metrics.update({
-                "loss/pg": pm["pg_loss"], "policy/pg_clipfrac": pm["pg_clipfrac"],
-                "policy/approx_kl": pm["approx_kl"], "policy/ratio_mean": pm["ratio_mean"],
-                "policy/ratio_max": pm["ratio_max"], "policy/ratio_clamped_count": pm["ratio_clamped"],
+                "loss/pg": pm["pg_loss"], f"policy/pg_clipfrac{vs}": pm["pg_clipfrac"],
+                f"policy/approx_kl{vs}": pm["approx_kl"], f"policy/ratio{vs}_mean": pm["ratio_mean"],
+                f"policy/ratio{vs}_max": pm["ratio_max"], f"policy/ratio{vs}_clamped_count": pm["ratio_clamped"],
             })  # fmt: skip
             if p.entropy_coef > 0:
                 ent, em = entropy_bonus_loss(self.fwd.entropy(logits), mask, p.entropy_coef, p.entropy_clip)
