@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 
 import pytest
 import torch
@@ -397,3 +398,42 @@ def test_minibatches_micro_batches_and_epochs(setup, tmp_path):
     m = tr.iteration(1)
     assert tr.policy_sched.last_epoch == 4 and tr.critic_sched.last_epoch == 4
     assert math.isfinite(m["loss/total"]) and m["nonfinite/skipped"] == 0
+
+
+# ------------------------------------------------------------------------------------------ metric reduction
+
+
+def test_metrics_reduce_across_ranks_by_kind():
+    """Two ranks (threads, with a reduce that really combines both ranks' tensors): ``*_max`` metrics are the
+    max over ranks (a rank's outlier ratio must not be averaged away), ``*_count`` and the named sums are summed,
+    the rest averaged; the trainer's reduction is this function."""
+    from ppomax.trainers import ppo as ppo_module
+    from ppomax.trainers.reduce import reduce_metrics
+
+    ranks = [
+        {"policy/ratio_max": 1.5, "loss/pg": 1.0, "policy/ratio_clamped_count": 2.0, "response/truncated": 3.0},
+        {"policy/ratio_max": 9.0, "loss/pg": 3.0, "policy/ratio_clamped_count": 0.0, "response/truncated": 1.0},
+    ]
+    barrier, slots, results = threading.Barrier(2), [None, None], [None, None]
+
+    def worker(rank):
+        def reduce(t, op):
+            slots[rank] = t.clone()
+            barrier.wait()
+            both = torch.stack([slots[0], slots[1]])
+            barrier.wait()
+            return {"mean": both.mean(0), "sum": both.sum(0), "max": both.amax(0)}[op]
+
+        metrics = {k: torch.tensor(v) for k, v in ranks[rank].items()}
+        results[rank] = reduce_metrics(metrics, reduce, sums=("response/truncated",))
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    expect = {"policy/ratio_max": 9.0, "loss/pg": 2.0, "policy/ratio_clamped_count": 2.0, "response/truncated": 4.0}
+    assert results[0] == results[1] == expect
+    assert list(results[0]) == list(ranks[0])  # the caller's order
+    assert reduce_metrics({"a_max": torch.tensor(2.0), "b": 1}, None) == {"a_max": 2.0, "b": 1.0}
+    assert ppo_module.reduce_metrics is reduce_metrics
