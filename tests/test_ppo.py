@@ -392,6 +392,41 @@ def test_gradient_checkpointing_gives_the_same_update(setup, tmp_path):
     torch.testing.assert_close(flat(plain.policy), flat(ckpt.policy), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # the optimisers' step is stubbed
+@pytest.mark.parametrize("micro", [3, 1])
+def test_micro_batches_give_the_whole_minibatch_gradient(setup, tmp_path, micro):
+    """ppo.micro_batch_size only bounds memory: 4 rows with different response lengths split 3 + 1 (or 1 + 1 + 1
+    + 1), with the entropy bonus and PPO-ptx (3 LM rows of different lengths, split 1 + 2), give the gradients of
+    the whole minibatch within 1e-6 (policy and critic), and the same token-mean metrics."""
+    tr = make(setup, tmp_path, "ppo.buffer_size=4", "ppo.rollout_batch_size=4", "ppo.minibatch_size=4",
+              "ppo.entropy_coef=0.01", "ppo.entropy_clip=null", "ppo.max_grad_norm=null", "ppo.ptx_coef=0.5",
+              f"data.ptx={setup.ptx}", "ppo.ptx_batch_size=3")  # fmt: skip
+    exp = tr.generate([0, 1, 2, 3], tr.prompts)
+    tr.score(exp)
+    compute_advantages(exp, tr.cfg.ppo, tr.cfg.generation, tr.moments)
+    keep = torch.arange(exp.response_mask.shape[1]) < torch.tensor([[8], [2], [5], [1]])
+    exp = dataclasses.replace(exp, response_mask=exp.response_mask & keep)  # ragged response lengths
+    ptx = tr.ptx.batch([0, 1, 2], tr.pad_id, tr.acc.device)
+    assert len(set((ptx["labels"][:, 1:] != -100).sum(1).tolist())) == 3
+    tr.updater.ptx_batch = lambda k: ptx
+    grads = []
+    for opt in (tr.policy_opt, tr.critic_opt):
+        opt.step = lambda *a, _opt=opt, **k: grads.append(
+            [p.grad.clone() for g in _opt.param_groups for p in g["params"] if p.grad is not None]
+        )
+    runs = {}
+    for size in (None, micro):
+        tr.updater.ppo = tr.cfg.ppo.model_copy(update={"micro_batch_size": size})
+        runs[size], ok = tr.updater._minibatch(exp, critic_only=False)
+        assert ok
+    (p_whole, c_whole, p_micro, c_micro) = grads
+    for a, b in zip(p_whole + c_whole, p_micro + c_micro, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert set(runs[None]) == set(runs[micro])
+    for k, v in runs[None].items():
+        assert float(runs[micro][k]) == pytest.approx(float(v), rel=1e-5, abs=1e-7), k
+
+
 def test_minibatches_micro_batches_and_epochs(setup, tmp_path):
     """buffer 8 / minibatch 4 / 2 epochs = 4 optimiser steps; micro-batches of 3 rows change nothing else."""
     tr = make(setup, tmp_path, "ppo.minibatch_size=4", "ppo.ppo_epochs=2", "ppo.micro_batch_size=3")

@@ -199,8 +199,15 @@ def pairwise_rm_loss(
     chosen_lm_nll: Tensor | None = None,
     beta_rm: float = 1.0,
     lam: float = 1.0,
+    pair_weight: Tensor | float = 1.0,
+    lm_weight: Tensor | float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Reward-model loss (paper eq. 1-2): -lam * mean log sigmoid(r_w - r_l) + beta_rm * NLL(y_w | x).
+
+    Under gradient accumulation the two means are over different units, so each has its own weight:
+    ``pair_weight * lam * ranking + lm_weight * beta_rm * NLL`` (the micro-batch's share of the step's pairs
+    and of its chosen-response tokens, :func:`ppomax.algos.token_weights`; 1 for a batch on its own).
+    The metrics are the batch's own, unweighted.
 
     chosen_rewards, rejected_rewards: [B] scalar rewards of the preferred / dispreferred answers;
     chosen_lm_nll: scalar masked-mean NLL of the chosen response tokens (see `lm_nll`), or None.
@@ -214,9 +221,9 @@ def pairwise_rm_loss(
     """
     margin = chosen_rewards - rejected_rewards
     rm = -F.logsigmoid(margin).mean()
-    loss = lam * rm
+    loss = pair_weight * lam * rm
     if chosen_lm_nll is not None and beta_rm != 0:
-        loss = loss + beta_rm * chosen_lm_nll
+        loss = loss + lm_weight * beta_rm * chosen_lm_nll
     with torch.no_grad():
         metrics = {
             "rm_loss": rm.detach(),
