@@ -83,8 +83,10 @@ class PPOTrainer:
         self.acc = acc = Accelerator(cpu=_cpu_distributed())  # CPU DDP (gloo) under `accelerate launch`
         # Statistics that define the training targets (running reward moments, advantage whitening) are global
         # through this hook: per-rank ones would make the objective depend on how the buffer is sharded. The
-        # losses themselves are not all-reduced: DDP averages the gradients over ranks, which is what the
-        # update needs; their values are reduced for logging only (reduce_metrics).
+        # losses themselves are not all-reduced: DDP averages the gradients over ranks, and the Updater weights
+        # each micro-batch by its share of all ranks' tokens (token_weights, through this hook), so that
+        # average is the gradient of the token mean over every rank's minibatch; loss values are reduced for
+        # logging only (reduce_metrics).
         self.all_reduce = None if acc.num_processes == 1 else (lambda t: acc.reduce(t, reduction="sum"))
         self._reduce = None if acc.num_processes == 1 else (lambda t, op: acc.reduce(t, reduction=op))
         self.out_dir = Path(cfg.logging.out_dir)
