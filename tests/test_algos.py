@@ -27,6 +27,7 @@ from ppomax.algos import (
     policy_loss,
     scale_rewards,
     token_level_rewards,
+    token_weights,
     value_loss,
 )
 
@@ -228,6 +229,48 @@ def test_masked_mean_all_reduce_keeps_local_gradient() -> None:
 # ---------------------------------------------------------------------------------------------------------
 # RunningMoments
 # ---------------------------------------------------------------------------------------------------------
+
+
+def test_token_weights_make_micro_batch_means_the_whole_batch_mean() -> None:
+    """Rows split 3 + 1 (and 1 + 2 + 1, and with an empty chunk), ragged masks: sum_i w_i * masked_mean(chunk_i)
+    equals masked_mean of the whole batch, value and gradient; equal weights (the naive mean of means) do not."""
+    g = _gen(21)
+    x = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = _ragged_mask([7, 1, 4, 2], 7, "holes", g)
+    whole = masked_mean(x, mask)
+    (g_whole,) = torch.autograd.grad(whole, x)
+    for splits in ([[0, 1, 2], [3]], [[0], [1, 2], [3]], [[0, 1], [], [2, 3]]):
+        counts = torch.stack([mask[rows].sum() for rows in splits]).double()
+        w = token_weights(counts)
+        parts = [masked_mean(x[rows], mask[rows]) for rows in splits]
+        acc = sum(wi * p for wi, p in zip(w, parts, strict=True))
+        (g_acc,) = torch.autograd.grad(acc, x)
+        assert acc.item() == pytest.approx(whole.item(), rel=1e-12)
+        torch.testing.assert_close(g_acc, g_whole)
+        assert w.sum().item() == pytest.approx(1.0)
+    naive = sum(masked_mean(x[rows], mask[rows]) for rows in ([0, 1, 2], [3])) / 2
+    assert abs(naive.item() - whole.item()) > 1e-3
+    assert torch.equal(token_weights(torch.zeros(3)), torch.zeros(3))
+    # several kinds of unit at once: one row each
+    two = token_weights(torch.tensor([[3.0, 1.0], [1.0, 1.0]]))
+    torch.testing.assert_close(two, torch.tensor([[0.75, 0.25], [0.5, 0.5]], dtype=torch.float32))
+
+
+def test_token_weights_across_two_ranks_average_to_the_global_mean() -> None:
+    """Each rank weights its micro-batches by their share of all ranks' tokens times R: the mean over ranks of
+    sum_i w_i * mean_i (what DDP's gradient averaging computes) is the mean over every token."""
+    g = _gen(22)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    mask = _ragged_mask([5, 1, 3, 2, 4, 1], 5, "right", g)
+    shards = [([[0, 1], [2]], x[:3], mask[:3]), ([[0], [1, 2]], x[3:], mask[3:])]
+
+    def rank_value(shard, hook):
+        splits, xs, ms = shard
+        w = token_weights(torch.stack([ms[rows].sum() for rows in splits]).double(), hook)
+        return sum(wi * masked_mean(xs[rows], ms[rows]) for wi, rows in zip(w, splits, strict=True))
+
+    values = _run_two_ranks(rank_value, shards)
+    assert (values[0] + values[1]).item() / 2 == pytest.approx(masked_mean(x, mask).item(), rel=1e-12)
 
 
 def test_running_moments_matches_var_of_concatenation() -> None:
@@ -480,6 +523,7 @@ def test_policy_loss_clipped_vs_loop_and_gradients() -> None:
     assert metrics["ratio_mean"].item() == pytest.approx(sum(ratios) / 7)
     assert metrics["ratio_max"].item() == pytest.approx(3.0)  # the padded ratio e^5 is ignored
     assert metrics["approx_kl"].item() == pytest.approx(sum(x - 1 - math.log(x) for x in ratios) / 7)
+    assert metrics["ratio_clamped"].item() == 0.0
 
     loss.backward()
     torch.testing.assert_close(new.grad[0, :7], torch.tensor(grads, dtype=torch.float64))
@@ -503,6 +547,26 @@ def test_policy_loss_unclipped() -> None:
     loss, m = policy_loss(ratios.log(), torch.zeros(1, 3), adv, torch.ones(1, 3), clip_ratio=None)
     assert loss.item() == pytest.approx(-(1.5 * 1 + 0.5 * -2 + 3 * 0.5) / 3)
     assert m["pg_clipfrac"].item() == 0.0
+
+
+def test_policy_loss_huge_log_ratio_is_clamped_finite_and_counted() -> None:
+    """exp(200) overflows float32 before the clip: the log-ratio is clamped to +-20 first, so loss, gradient
+    and metrics stay finite and the clamped tokens are counted (a padded huge ratio is neither counted nor
+    allowed to poison the gradient)."""
+    log_ratio = torch.tensor([[0.1, 200.0, -200.0, 30.0, 20.0, 500.0]])
+    adv = torch.tensor([[1.0, -1.0, 1.0, 1.0, -1.0, 1.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.float32)
+    for clip in (0.2, None):
+        new = log_ratio.clone().requires_grad_(True)
+        loss, m = policy_loss(new, torch.zeros(1, 6), adv, mask, clip_ratio=clip)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(new.grad).all()
+        assert all(torch.isfinite(v) for v in m.values())
+        assert m["ratio_clamped"].item() == 3.0  # 200, -200, 30; 20 sits on the bound; 500 is padding
+        assert m["ratio_max"].item() == pytest.approx(math.exp(20.0), rel=1e-6)
+        # the clamped tokens carry no gradient; the in-range ones keep the exact one
+        assert new.grad[0, 1].item() == new.grad[0, 2].item() == new.grad[0, 3].item() == 0.0
+        assert new.grad[0, 0].item() == pytest.approx(-math.exp(0.1) / 5)
 
 
 def test_value_loss_vs_loop_and_gradients() -> None:

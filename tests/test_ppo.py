@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 
 import pytest
 import torch
@@ -183,12 +184,20 @@ def test_nonfinite_scores_never_enter_the_running_moments():
 
 def test_importance_sampling_off_uses_the_reference_as_old_policy(setup, tmp_path):
     """With a reference different from the policy: the first minibatch's ratio is exactly 1 against the sampling
-    policy (importance_sampling: true), and pi/pi_ref (not 1) when the reference is the old policy."""
+    policy (importance_sampling: true), and pi/pi_ref (not 1) when the reference is the old policy. The ratio
+    metrics then say so in their names (``*_vs_ref``): a dashboard must not show a KL to the reference under
+    the name of the KL to the sampling policy."""
     common = [f"model.reference={setup.root / 'reference'}", "ppo.minibatch_size=8", "ppo.buffer_size=8"]
     on = make(setup, tmp_path / "on", *common).iteration(1)
     off = make(setup, tmp_path / "off", *common, "ppo.importance_sampling=false").iteration(1)
     assert on["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6) and on["policy/approx_kl"] < 1e-9
-    assert abs(off["policy/ratio_mean"] - 1.0) > 1e-3 and off["policy/approx_kl"] > 1e-3
+    assert abs(off["policy/ratio_vs_ref_mean"] - 1.0) > 1e-3 and off["policy/approx_kl_vs_ref"] > 1e-3
+    plain = ["policy/approx_kl", "policy/pg_clipfrac", "policy/ratio_mean", "policy/ratio_max",
+             "policy/ratio_clamped_count"]  # fmt: skip
+    vs_ref = ["policy/approx_kl_vs_ref", "policy/pg_clipfrac_vs_ref", "policy/ratio_vs_ref_mean",
+              "policy/ratio_vs_ref_max", "policy/ratio_vs_ref_clamped_count"]  # fmt: skip
+    assert set(plain) <= set(on) and not set(vs_ref) & set(on)
+    assert set(vs_ref) <= set(off) and not set(plain) & set(off)
 
 
 @torch.no_grad()
@@ -284,6 +293,24 @@ def test_clip_ratio_switch(setup, tmp_path):
     assert free["policy/approx_kl"] > 0  # the policy did move in the later epochs
 
 
+def test_a_huge_log_ratio_is_clamped_and_counted_not_a_skipped_update(setup, tmp_path):
+    """Old log-probs 100 nats below the new ones overflow exp(log-ratio) in float32: the update must still be
+    finite (not skipped) and log how many tokens had their log-ratio clamped, summed over the iteration."""
+    tr = make(setup, tmp_path)
+    inner, seen = tr.updater.update, []
+
+    def update(exp, step, critic_only):
+        seen.append(float(exp.response_mask.sum()))
+        return inner(dataclasses.replace(exp, logprobs=exp.logprobs - 100.0), step, critic_only)
+
+    tr.updater.update = update
+    m = tr.iteration(1)
+    assert m["nonfinite/skipped"] == 0
+    assert math.isfinite(m["loss/pg"]) and math.isfinite(m["policy/approx_kl"])
+    assert m["policy/ratio_clamped_count"] == seen[0] > 0  # every response token, one epoch
+    assert make(setup, tmp_path / "plain").iteration(1)["policy/ratio_clamped_count"] == 0
+
+
 def test_entropy_bonus_and_its_clip(setup, tmp_path):
     """The bonus changes the update; a clip below the policy's entropy (~5.7 nats here) stops its gradient on
     every token, so the update is exactly the one without bonus (paper app. B.3)."""
@@ -365,9 +392,83 @@ def test_gradient_checkpointing_gives_the_same_update(setup, tmp_path):
     torch.testing.assert_close(flat(plain.policy), flat(ckpt.policy), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # the optimisers' step is stubbed
+@pytest.mark.parametrize("micro", [3, 1])
+def test_micro_batches_give_the_whole_minibatch_gradient(setup, tmp_path, micro):
+    """ppo.micro_batch_size only bounds memory: 4 rows with different response lengths split 3 + 1 (or 1 + 1 + 1
+    + 1), with the entropy bonus and PPO-ptx (3 LM rows of different lengths, split 1 + 2), give the gradients of
+    the whole minibatch within 1e-6 (policy and critic), and the same token-mean metrics."""
+    tr = make(setup, tmp_path, "ppo.buffer_size=4", "ppo.rollout_batch_size=4", "ppo.minibatch_size=4",
+              "ppo.entropy_coef=0.01", "ppo.entropy_clip=null", "ppo.max_grad_norm=null", "ppo.ptx_coef=0.5",
+              f"data.ptx={setup.ptx}", "ppo.ptx_batch_size=3")  # fmt: skip
+    exp = tr.generate([0, 1, 2, 3], tr.prompts)
+    tr.score(exp)
+    compute_advantages(exp, tr.cfg.ppo, tr.cfg.generation, tr.moments)
+    keep = torch.arange(exp.response_mask.shape[1]) < torch.tensor([[8], [2], [5], [1]])
+    exp = dataclasses.replace(exp, response_mask=exp.response_mask & keep)  # ragged response lengths
+    ptx = tr.ptx.batch([0, 1, 2], tr.pad_id, tr.acc.device)
+    assert len(set((ptx["labels"][:, 1:] != -100).sum(1).tolist())) == 3
+    tr.updater.ptx_batch = lambda k: ptx
+    grads = []
+    for opt in (tr.policy_opt, tr.critic_opt):
+        opt.step = lambda *a, _opt=opt, **k: grads.append(
+            [p.grad.clone() for g in _opt.param_groups for p in g["params"] if p.grad is not None]
+        )
+    runs = {}
+    for size in (None, micro):
+        tr.updater.ppo = tr.cfg.ppo.model_copy(update={"micro_batch_size": size})
+        runs[size], ok = tr.updater._minibatch(exp, critic_only=False)
+        assert ok
+    (p_whole, c_whole, p_micro, c_micro) = grads
+    for a, b in zip(p_whole + c_whole, p_micro + c_micro, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert set(runs[None]) == set(runs[micro])
+    for k, v in runs[None].items():
+        assert float(runs[micro][k]) == pytest.approx(float(v), rel=1e-5, abs=1e-7), k
+
+
 def test_minibatches_micro_batches_and_epochs(setup, tmp_path):
     """buffer 8 / minibatch 4 / 2 epochs = 4 optimiser steps; micro-batches of 3 rows change nothing else."""
     tr = make(setup, tmp_path, "ppo.minibatch_size=4", "ppo.ppo_epochs=2", "ppo.micro_batch_size=3")
     m = tr.iteration(1)
     assert tr.policy_sched.last_epoch == 4 and tr.critic_sched.last_epoch == 4
     assert math.isfinite(m["loss/total"]) and m["nonfinite/skipped"] == 0
+
+
+# ------------------------------------------------------------------------------------------ metric reduction
+
+
+def test_metrics_reduce_across_ranks_by_kind():
+    """Two ranks (threads, with a reduce that really combines both ranks' tensors): ``*_max`` metrics are the
+    max over ranks (a rank's outlier ratio must not be averaged away), ``*_count`` and the named sums are summed,
+    the rest averaged; the trainer's reduction is this function."""
+    from ppomax.trainers import ppo as ppo_module
+    from ppomax.trainers.reduce import reduce_metrics
+
+    ranks = [
+        {"policy/ratio_max": 1.5, "loss/pg": 1.0, "policy/ratio_clamped_count": 2.0, "response/truncated": 3.0},
+        {"policy/ratio_max": 9.0, "loss/pg": 3.0, "policy/ratio_clamped_count": 0.0, "response/truncated": 1.0},
+    ]
+    barrier, slots, results = threading.Barrier(2), [None, None], [None, None]
+
+    def worker(rank):
+        def reduce(t, op):
+            slots[rank] = t.clone()
+            barrier.wait()
+            both = torch.stack([slots[0], slots[1]])
+            barrier.wait()
+            return {"mean": both.mean(0), "sum": both.sum(0), "max": both.amax(0)}[op]
+
+        metrics = {k: torch.tensor(v) for k, v in ranks[rank].items()}
+        results[rank] = reduce_metrics(metrics, reduce, sums=("response/truncated",))
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    expect = {"policy/ratio_max": 9.0, "loss/pg": 2.0, "policy/ratio_clamped_count": 2.0, "response/truncated": 4.0}
+    assert results[0] == results[1] == expect
+    assert list(results[0]) == list(ranks[0])  # the caller's order
+    assert reduce_metrics({"a_max": torch.tensor(2.0), "b": 1}, None) == {"a_max": 2.0, "b": 1.0}
+    assert ppo_module.reduce_metrics is reduce_metrics

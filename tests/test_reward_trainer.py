@@ -19,7 +19,8 @@ from ppomax.models import ValueHeadModel
 from ppomax.monitor import read_metrics
 from ppomax.report_rm import margin_summary
 from ppomax.trainers.common import eval_shards, global_batches
-from ppomax.trainers.reward import make_rm_loss
+from ppomax.trainers.loop import accumulate
+from ppomax.trainers.reward import make_rm_loss, rm_counts
 from tiny_lm import make_tiny_lm, write_jsonl, write_yaml
 
 WORDS = [
@@ -165,6 +166,36 @@ def test_rm_loss_matches_eq2_by_hand(tmp_path):
     assert loss.item() == pytest.approx(expected, rel=1e-4)
     assert metrics["rm_loss"].item() == pytest.approx(rank, rel=1e-4)
     assert metrics["lm_loss"].item() == pytest.approx(nll_sum / nll_count, rel=1e-4)
+
+
+def test_grad_accum_gives_the_gradient_of_one_big_batch(tmp_path):
+    """4 pairs of different lengths as 3 + 1 micro-batches (as token-balanced batches give varying pair counts):
+    the pairwise term is a mean over the step's pairs and the LM term over its chosen tokens, so the gradient
+    equals that of the 4 pairs at once within 1e-6, and so do the logged means."""
+    from accelerate import Accelerator
+
+    pairs = rule_pairs(4, 7)
+    for p, n in zip(pairs, [1, 6, 2, 4], strict=True):
+        p["chosen"] = " ".join([p["chosen"]] * n)
+    model_dir = make_tiny_lm(tmp_path, _texts(pairs))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = ValueHeadModel.from_causal_lm(model_dir, seed=1)
+    feats = [
+        tokenize_pair(tok, p, 64, 64) for p in load_preference_pairs(write_jsonl(tmp_path / "p.jsonl", pairs))
+    ]
+    collate = PreferenceCollator(pad_id_of(tok))
+    out = {}
+    for split in ([feats], [feats[:3], feats[3:]]):
+        acc = Accelerator(cpu=True, gradient_accumulation_steps=len(split))
+        metrics, _ = accumulate(acc, model, [collate(b) for b in split], make_rm_loss(0.7, 1.3), rm_counts)
+        out[len(split)] = [p.grad.clone() for p in model.parameters() if p.grad is not None], metrics
+        model.zero_grad(set_to_none=True)
+    (whole, m1), (micro, m2) = out[1], out[2]
+    assert len(whole) == len(micro) > 0
+    for a, b in zip(whole, micro, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    for k in ("loss", "rm_loss", "lm_loss", "accuracy", "margin_mean"):
+        assert m2[k].item() == pytest.approx(m1[k].item(), rel=1e-5, abs=1e-7), k
 
 
 def test_beta_zero_freezes_unused_lm_head_and_token_balanced_batches(rm_setup):

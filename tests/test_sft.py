@@ -13,7 +13,8 @@ from ppomax.cli import main
 from ppomax.config import load_config
 from ppomax.data import IGNORE_INDEX, LoadStats, SFTCollator, SFTExample, pad_id_of, tokenize_sft
 from ppomax.monitor import read_metrics
-from ppomax.trainers.sft import pretrain_features, sft_features, sft_loss
+from ppomax.trainers.loop import accumulate
+from ppomax.trainers.sft import pretrain_features, sft_counts, sft_features, sft_loss
 from tiny_lm import make_tiny_lm, write_jsonl, write_yaml
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "seven", "table", "music"]
@@ -215,11 +216,11 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_identically(sft_setup, m
     calls = {"n": 0}
     real_loss = sft_mod.sft_loss
 
-    def loss_then_sigterm(model, batch):
+    def loss_then_sigterm(model, batch, weights=None):
         calls["n"] += 1
         if calls["n"] == 3:
             signal.raise_signal(signal.SIGTERM)  # handled: the step finishes, then checkpoint + stop
-        return real_loss(model, batch)
+        return real_loss(model, batch, weights)
 
     monkeypatch.setattr(sft_mod, "sft_loss", loss_then_sigterm)
     assert main(["train-sft", "--config", str(path)]) == 130
@@ -242,9 +243,9 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(sft_setup, monkeypatch,
     real_loss = sft_mod.sft_loss
     bad_calls = {1, 3, 4}  # one isolated bad step, then two in a row (limit 2)
 
-    def sometimes_nan(model, batch):
+    def sometimes_nan(model, batch, weights=None):
         sometimes_nan.n += 1
-        loss, metrics, n = real_loss(model, batch)
+        loss, metrics, n = real_loss(model, batch, weights)
         return (loss * float("nan") if sometimes_nan.n in bad_calls else loss), metrics, n
 
     sometimes_nan.n = 0
@@ -273,3 +274,31 @@ def test_grad_accum_counts_optimizer_steps(sft_setup):
     assert main(["train-sft", "--config", str(write_yaml(tmp_path / "c.yaml", cfg))]) == 0
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # 8 examples / (2 * 2) * 2 epochs
+
+
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_grad_accum_gives_the_gradient_of_one_big_batch(tmp_path):
+    """grad_accum only bounds memory: 4 examples with different response lengths as 3 + 1 micro-batches give the
+    gradient of the 4 at once within 1e-6 (the loss is the token mean over the whole step), and the same loss."""
+    from accelerate import Accelerator
+
+    model_dir = make_tiny_lm(tmp_path, TEXTS)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    lengths = zip(WORDS[:4], [5, 1, 3, 2], strict=True)
+    examples = [SFTExample(f"Repeat the word {w}.", " " + " ".join([w] * n)) for w, n in lengths]
+    feats = [tokenize_sft(tok, e, 64, 64) for e in examples]
+    collate = SFTCollator(pad_id_of(tok))
+    out = {}
+    for split in ([feats], [feats[:3], feats[3:]]):
+        acc = Accelerator(cpu=True, gradient_accumulation_steps=len(split))
+        metrics, _ = accumulate(acc, model, [collate(b) for b in split], sft_loss, sft_counts)
+        out[len(split)] = _grads(model), metrics
+        model.zero_grad(set_to_none=True)
+    (whole, m1), (micro, m2) = out[1], out[2]
+    for a, b in zip(whole, micro, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert m2["loss"].item() == pytest.approx(m1["loss"].item(), rel=1e-6)

@@ -37,7 +37,15 @@ from .rewards import (
     scale_rewards,
     token_level_rewards,
 )
-from .stats import AllReduce, RunningMoments, masked_mean, masked_sum, masked_var, masked_whiten
+from .stats import (
+    AllReduce,
+    RunningMoments,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    token_weights,
+)
 
 __all__ = [
     "AllReduce",
@@ -59,5 +67,6 @@ __all__ = [
     "policy_loss",
     "scale_rewards",
     "token_level_rewards",
+    "token_weights",
     "value_loss",
 ]

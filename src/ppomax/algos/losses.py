@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .stats import _bool_mask, masked_mean
+from .stats import _bool_mask, masked_mean, masked_sum
 
 
 def _masked_max(x: Tensor, mask: Tensor) -> Tensor:
@@ -24,21 +24,28 @@ def policy_loss(
     advantages: Tensor,
     mask: Tensor,
     clip_ratio: float | None,
+    max_log_ratio: float = 20.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate (paper eq. 15, app. C.1), negated for minimisation.
 
     logprobs: [B, T] log pi_theta(a_t|s_t) with gradient; old_logprobs: [B, T] of the sampling policy
     (or the reference when importance sampling is off); advantages: [B, T]; mask: [B, T].
-    ratio = exp(logprobs - old_logprobs);
+    ratio = exp(clamp(logprobs - old_logprobs, -max_log_ratio, max_log_ratio)): without the clamp a
+    log-ratio above ~88 overflows float32 ``exp`` to inf before the clip can act, and inf * 0 in the
+    backward makes the whole gradient NaN (even from a padded position). The bound (e^20 ~ 5e8) is far
+    outside any ratio the clip lets through, so the objective is exact wherever it was finite; a clamped
+    token carries no gradient and is counted in ``ratio_clamped``.
     ``loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))`` over masked tokens.
     clip_ratio=None gives the unclipped surrogate ``mean_t -A_t * ratio_t``. old_logprobs and advantages
     are detached: no gradient flows into them.
 
     Metrics: pg_loss; pg_clipfrac = fraction of tokens where the clipped branch is strictly larger (the
     token's gradient is zeroed by the clip); approx_kl = KL(old || new) by the k3 estimator with samples
-    from old: mean((ratio - 1) - log ratio) (>= 0, unbiased); ratio_mean, ratio_max (masked).
+    from old: mean((ratio - 1) - log ratio) (>= 0, unbiased); ratio_mean, ratio_max (masked, of the clamped
+    ratio); ratio_clamped = number of masked tokens whose log-ratio was clamped (a count, not a mean).
     """
-    log_ratio = logprobs - old_logprobs.detach()
+    raw_log_ratio = logprobs - old_logprobs.detach()
+    log_ratio = raw_log_ratio.clamp(-max_log_ratio, max_log_ratio)
     ratio = torch.exp(log_ratio)
     adv = advantages.detach()
     unclipped = -adv * ratio
@@ -57,6 +64,7 @@ def policy_loss(
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
             "ratio_mean": masked_mean(ratio, mask),
             "ratio_max": _masked_max(ratio, mask),
+            "ratio_clamped": masked_sum((raw_log_ratio.abs() > max_log_ratio).to(ratio.dtype), mask),
         }
     return loss, metrics
 
@@ -191,8 +199,15 @@ def pairwise_rm_loss(
     chosen_lm_nll: Tensor | None = None,
     beta_rm: float = 1.0,
     lam: float = 1.0,
+    pair_weight: Tensor | float = 1.0,
+    lm_weight: Tensor | float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Reward-model loss (paper eq. 1-2): -lam * mean log sigmoid(r_w - r_l) + beta_rm * NLL(y_w | x).
+
+    Under gradient accumulation the two means are over different units, so each has its own weight:
+    ``pair_weight * lam * ranking + lm_weight * beta_rm * NLL`` (the micro-batch's share of the step's pairs
+    and of its chosen-response tokens, :func:`ppomax.algos.token_weights`; 1 for a batch on its own).
+    The metrics are the batch's own, unweighted.
 
     chosen_rewards, rejected_rewards: [B] scalar rewards of the preferred / dispreferred answers;
     chosen_lm_nll: scalar masked-mean NLL of the chosen response tokens (see `lm_nll`), or None.
@@ -206,9 +221,9 @@ def pairwise_rm_loss(
     """
     margin = chosen_rewards - rejected_rewards
     rm = -F.logsigmoid(margin).mean()
-    loss = lam * rm
+    loss = pair_weight * lam * rm
     if chosen_lm_nll is not None and beta_rm != 0:
-        loss = loss + beta_rm * chosen_lm_nll
+        loss = loss + lm_weight * beta_rm * chosen_lm_nll
     with torch.no_grad():
         metrics = {
             "rm_loss": rm.detach(),

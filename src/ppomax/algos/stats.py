@@ -61,6 +61,26 @@ def masked_mean(
     return total / count.clamp(min=1)
 
 
+def token_weights(counts: Tensor, all_reduce: AllReduce | None = None) -> Tensor:
+    """Weights that turn a sum of micro-batch means into the mean over all of their units (tokens, pairs).
+
+    counts: [..., K] how many units each of this rank's K micro-batches averages over (one row per kind of
+    unit). With N the total over the K micro-batches of all R ranks (``all_reduce``; N and R are 1 call),
+    ``w_i = R * n_i / N``, so ``sum_i w_i * mean_i = R * sum_i s_i / N`` (s_i the micro-batch's sum) and,
+    once data-parallel training averages the R ranks' gradients, the update is that of the mean over all N
+    units at once, however they were split into micro-batches and ranks (gradient accumulation that changes
+    only memory, not the update). A mean of equally weighted micro-batch means would instead over-weight the
+    units of small micro-batches. One rank: ``w_i = n_i / N`` (summing to 1). N = 0 gives zeros.
+    """
+    counts = counts.detach().to(_acc_dtype(counts.dtype))
+    total = counts.sum(dim=-1, keepdim=True)
+    ranks = torch.ones((), dtype=counts.dtype, device=counts.device)
+    if all_reduce is not None:
+        packed = all_reduce(torch.cat([total.flatten(), ranks.reshape(1)]))
+        total, ranks = packed[:-1].reshape(total.shape), packed[-1]
+    return counts * ranks / total.clamp(min=1)
+
+
 def masked_var(
     x: Tensor,
     mask: Tensor,

@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
+from ppomax.algos import AllReduce, token_weights
 from ppomax.errors import UserError
 from ppomax.optim import build_optimizer, build_scheduler
 
@@ -28,18 +29,29 @@ from .common import (
     save_checkpoint,
     try_resume,
 )
+from .reduce import reduce_metrics
 
 logger = logging.getLogger("ppomax.train")
 
 # --------------------------------------------------------------------------- the loop
 
 
+LossFn = Callable[
+    [torch.nn.Module, dict[str, Any], dict[str, torch.Tensor] | None],
+    tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor],
+]
+
+
 @dataclass
 class LoopSpec:
     """What a trainer plugs into :func:`train_loop`.
 
-    ``loss_fn(model, batch) -> (loss, metrics, n_tokens)`` with detached scalar metrics (averaged over
-    micro-batches and ranks when logged); ``make_batch(indices) -> batch on device``; ``evaluate(model) ->
+    ``counts(batch) -> {unit: count}``: how many units (target tokens, pairs...) each of the loss's means is
+    over; ``loss_fn(model, batch, weights) -> (loss, metrics, n_tokens)``: each mean over a unit multiplied by
+    ``weights[unit]``, the micro-batch's share of that unit in the optimiser step (:func:`accumulate`; the unit
+    ``batches`` counts micro-batches, for plain averages), and the metrics as such weighted, detached scalar
+    contributions (summed over the step's micro-batches, averaged over steps and ranks when logged);
+    ``weights=None`` means the batch alone. ``make_batch(indices) -> batch on device``; ``evaluate(model) ->
     metrics`` (called on every rank under no_grad, returns already-reduced numbers, may be None);
     ``on_eval(step, metrics, model)`` runs after each evaluation (e.g. to keep the best model). ``model`` is
     the prepared (possibly wrapped) model.
@@ -47,9 +59,8 @@ class LoopSpec:
 
     lengths: Sequence[int]
     make_batch: Callable[[list[int]], dict[str, Any]]
-    loss_fn: Callable[
-        [torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]
-    ]
+    loss_fn: LossFn
+    counts: Callable[[dict[str, Any]], dict[str, torch.Tensor]]
     batch_size: int | None
     max_tokens: int | None
     epochs: float
@@ -111,7 +122,8 @@ def train_loop(
         total=total, initial=state.step, disable=not (ctx.is_main and cfg.logging.progress), desc="train"
     )
     sums: dict[str, torch.Tensor] = {}
-    n_micro = 0
+    n_steps = 0
+    all_reduce = None if ctx.world == 1 else (lambda t: acc.reduce(t, "sum"))
     tokens = torch.zeros((), device=ctx.device)
     t_log = time.perf_counter()
     nonfinite_in_row, skipped_total = 0, 0
@@ -127,16 +139,15 @@ def train_loop(
     model.train()
     with StopFlag() as stop:
         while state.step < total:
+            step_batches = []
             for _ in range(spec.grad_accum):
                 epoch, idx = next(batches)
-                batch = spec.make_batch(idx)
-                with acc.accumulate(model):
-                    loss, metrics, n_tok = spec.loss_fn(model, batch)
-                    acc.backward(loss)
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float()
-                tokens += n_tok
-                n_micro += 1
+                step_batches.append(spec.make_batch(idx))
+            metrics, n_tok = accumulate(acc, model, step_batches, spec.loss_fn, spec.counts, all_reduce)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v
+            tokens += n_tok
+            n_steps += 1
             grad_norm = _clip(acc, model, spec.max_grad_norm)
             if grad_norm is not None and not math.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
@@ -163,7 +174,8 @@ def train_loop(
             bar.update(1)
 
             if state.step % log_every == 0 or state.step == total:
-                record = _reduce_means(acc, sums, n_micro)
+                reduce = None if ctx.world == 1 else (lambda t, op: acc.reduce(t, op))
+                record = reduce_metrics({k: v / n_steps for k, v in sums.items()}, reduce, acc.device)
                 elapsed = max(time.perf_counter() - t_log, 1e-9)
                 all_tokens = acc.reduce(tokens.clone(), "sum").item() if ctx.world > 1 else tokens.item()
                 record.update(
@@ -176,7 +188,7 @@ def train_loop(
                     record["grad_norm"] = sum(grad_norms) / len(grad_norms)
                 ctx.metrics.log(state.step, record, prefix="train/")
                 bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
-                sums, n_micro, grad_norms = {}, 0, []
+                sums, n_steps, grad_norms = {}, 0, []
                 tokens.zero_()
                 t_log = time.perf_counter()
 
@@ -196,6 +208,45 @@ def train_loop(
         _run_eval(ctx, model, spec, state.step)
     state.extra = dict(spec.extra_state)
     return model, state
+
+
+def accumulate(
+    acc: Accelerator,
+    model: torch.nn.Module,
+    batches: Sequence[dict[str, Any]],
+    loss_fn: LossFn,
+    counts: Callable[[dict[str, Any]], dict[str, torch.Tensor]],
+    all_reduce: AllReduce | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Forward and backward of one optimiser step's micro-batches (this rank's); returns the summed metric
+    contributions and the number of input tokens.
+
+    Accumulation changes memory, not the update: each mean in the loss is weighted by the micro-batch's share
+    of its units in the whole step over all ranks (:func:`ppomax.algos.token_weights` on ``counts``), so the
+    accumulated gradient is that of the step's batches at once, and DDP's average over ranks that of every
+    rank's units together (token-balanced batches with varying pair or token counts weigh each unit alike).
+    """
+    per = [{**counts(b), "batches": 1} for b in batches]
+    units = sorted(per[0])
+    table = torch.stack(
+        [
+            torch.stack([torch.as_tensor(c[u], dtype=torch.float32, device=acc.device) for c in per])
+            for u in units
+        ]
+    )
+    weights = token_weights(table, all_reduce)
+    sums: dict[str, torch.Tensor] = {}
+    tokens = torch.zeros((), device=acc.device)
+    for i, batch in enumerate(batches):
+        with acc.accumulate(model):
+            loss, metrics, n_tok = loss_fn(model, batch, {u: weights[j, i] for j, u in enumerate(units)})
+            # accelerate (and DeepSpeed) divide every backward by gradient_accumulation_steps: the weights
+            # already make the micro-batches add up to the step's mean.
+            acc.backward(loss * acc.gradient_accumulation_steps)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0) + v.detach().float()
+        tokens += n_tok
+    return sums, tokens
 
 
 def _run_eval(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec, step: int) -> None:
@@ -218,13 +269,3 @@ def _clip(acc: Accelerator, model: torch.nn.Module, max_norm: float | None) -> f
     if norm is None:
         return None
     return float(norm)
-
-
-def _reduce_means(acc: Accelerator, sums: dict[str, torch.Tensor], n: int) -> dict[str, float]:
-    if not sums:
-        return {}
-    keys = sorted(sums)
-    stacked = torch.stack([torch.as_tensor(sums[k], device=acc.device).float() for k in keys]) / max(n, 1)
-    if acc.num_processes > 1:
-        stacked = acc.reduce(stacked, "mean")
-    return dict(zip(keys, stacked.tolist(), strict=True))

@@ -58,6 +58,7 @@ from .ppo_eval import evaluate
 from .ppo_models import Forward, load_models
 from .ppo_state import StopRequest, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .ppo_step import Updater, compute_advantages, score_experience
+from .reduce import reduce_metrics
 
 
 class TrainingDiverged(TrainingError):
@@ -80,7 +81,14 @@ class PPOTrainer:
         self.cfg = cfg
         p = cfg.ppo
         self.acc = acc = Accelerator(cpu=_cpu_distributed())  # CPU DDP (gloo) under `accelerate launch`
+        # Statistics that define the training targets (running reward moments, advantage whitening) are global
+        # through this hook: per-rank ones would make the objective depend on how the buffer is sharded. The
+        # losses themselves are not all-reduced: DDP averages the gradients over ranks, and the Updater weights
+        # each micro-batch by its share of all ranks' tokens (token_weights, through this hook), so that
+        # average is the gradient of the token mean over every rank's minibatch; loss values are reduced for
+        # logging only (reduce_metrics).
         self.all_reduce = None if acc.num_processes == 1 else (lambda t: acc.reduce(t, reduction="sum"))
+        self._reduce = None if acc.num_processes == 1 else (lambda t, op: acc.reduce(t, reduction=op))
         self.out_dir = Path(cfg.logging.out_dir)
         self.ckpt = resolve_resume(resume) if resume else None
         if self.ckpt is None and (self.out_dir / "metrics.jsonl").exists():
@@ -203,9 +211,9 @@ class PPOTrainer:
         world = self.acc.num_processes
         metrics["_tokens"] = exp.response_lens.sum().float()
         metrics["response/truncated"] = exp.truncated.sum().float()
-        metrics = self._reduce_mean(metrics)
-        tokens = metrics.pop("_tokens") * world  # mean over ranks x ranks = global sum
-        metrics["response/truncated"] *= world
+        counts = ("_tokens", "response/truncated")
+        metrics = reduce_metrics(metrics, self._reduce, self.acc.device, sums=counts)
+        tokens = metrics.pop("_tokens")
         samples = exp.batch_size * world
         metrics.update({
             "train/critic_only": int(critic_only),
@@ -242,16 +250,6 @@ class PPOTrainer:
         for name, s in exp.score_parts.items():
             out[f"reward/{name}_mean"] = masked_mean(s, torch.isfinite(s), all_reduce=ar)
         return out
-
-    def _reduce_mean(self, metrics: dict[str, Tensor]) -> dict[str, float]:
-        """Tensors -> floats in one transfer; per-rank scalars averaged over ranks (global ones are equal)."""
-        keys = list(metrics)
-        stacked = torch.stack(
-            [torch.as_tensor(metrics[k], dtype=torch.float32).to(self.acc.device) for k in keys]
-        )
-        if self.acc.num_processes > 1:
-            stacked = self.acc.reduce(stacked, reduction="mean")
-        return dict(zip(keys, stacked.cpu().tolist(), strict=True))
 
     # ------------------------------------------------------------------ the loop
 

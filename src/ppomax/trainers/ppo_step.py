@@ -11,7 +11,8 @@ section 1 and the switches of ``ppo``:
 3. updates: ``ppo_epochs`` passes over shuffled minibatches; advantages whitened/clipped per minibatch; clipped
    surrogate (eq. 15) against the sampling policy, or the reference when ``importance_sampling`` is off;
    entropy bonus with clip; PPO-ptx LM loss (eq. 17); clipped value loss; global gradient clipping per model; a
-   non-finite loss or gradient skips the step.
+   non-finite loss or gradient skips the step. ``micro_batch_size`` chunks are weighted by their token share, so
+   they give the whole minibatch's gradient.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ from ppomax.algos import (
     policy_loss,
     scale_rewards,
     token_level_rewards,
+    token_weights,
     value_loss,
 )
 from ppomax.config import GenerationConfig, PPOSettings
+from ppomax.data import IGNORE_INDEX
 from ppomax.experience import Experience
 from ppomax.rewards import RewardSources
 
@@ -143,7 +146,7 @@ class Updater:
 
     def update(self, exp: Experience, step: int, critic_only: bool) -> dict[str, Tensor]:
         """``ppo_epochs`` passes over shuffled minibatches of ``exp``; returns metrics averaged over minibatches
-        (``ratio_max`` is the max). Stops early once ``max_nonfinite_in_row`` updates in a row were skipped."""
+        (``*_max`` are maxed, ``*_count`` summed). Stops early once ``max_nonfinite_in_row`` updates in a row were skipped."""
         p = self.ppo
         acc: dict[str, list[Tensor]] = {}
         skipped = 0
@@ -161,9 +164,7 @@ class Updater:
                     break
             if self.nonfinite_in_row >= p.max_nonfinite_in_row:
                 break
-        out = {
-            k: (torch.stack(v).max() if k.endswith("_max") else torch.stack(v).mean()) for k, v in acc.items()
-        }
+        out = {k: _combine(k, v) for k, v in acc.items()}
         out["nonfinite/skipped"] = torch.tensor(float(skipped))
         return out
 
@@ -175,13 +176,23 @@ class Updater:
                 mb.advantages, mb.response_mask, p.advantage_norm, p.advantage_clip, self.all_reduce
             ),
         )
-        # Micro-batches (gradient accumulation): the minibatch loss is the mean of their token-mean losses.
+        # Micro-batches (gradient accumulation) change memory, not the update: each chunk's token means are
+        # weighted by its share of the minibatch's response tokens, over all ranks (token_weights), so the
+        # accumulated gradient is that of the whole minibatch's token means and DDP's average over ranks that
+        # of the token means over every rank's minibatch (the ranks' tokens weigh alike, however the buffer was
+        # sharded). PPO-ptx rows are weighted by their own target tokens in the same way.
         size = p.micro_batch_size or mb.batch_size
         chunks = [list(range(i, min(i + size, mb.batch_size))) for i in range(0, mb.batch_size, size)]
+        ar, n_chunks = self.all_reduce, len(chunks)
+        weights = token_weights(torch.stack([mb.response_mask[rows].sum() for rows in chunks]), ar)
         ptx = None
         if not critic_only and p.ptx_coef > 0 and self.ptx_batch is not None:
             ptx = self.ptx_batch(p.ptx_batch_size)
-        metrics: dict[str, list[Tensor]] = {}
+            n_ptx = len(ptx["input_ids"])
+            ptx_rows = [(i * n_ptx // n_chunks, (i + 1) * n_ptx // n_chunks) for i in range(n_chunks)]
+            targets = ptx["labels"][:, 1:] != IGNORE_INDEX
+            ptx_weights = token_weights(torch.stack([targets[lo:hi].sum() for lo, hi in ptx_rows]), ar)
+        metrics: dict[str, Tensor] = {}
         total_loss = torch.zeros((), device=mb.sequences.device)
         for i, rows in enumerate(chunks):
             chunk = mb if len(chunks) == 1 else mb.select(rows)
@@ -189,32 +200,24 @@ class Updater:
             if ptx is not None:
                 # Its own backward, before the main one: DDP allows one forward per backward, and the last
                 # backward of a minibatch (the one that synchronises gradients) must involve both models.
-                lo, hi = (
-                    i * len(ptx["input_ids"]) // len(chunks),
-                    (i + 1) * len(ptx["input_ids"]) // len(chunks),
-                )
+                lo, hi = ptx_rows[i]
                 if hi > lo:
                     with self._no_sync(True):
                         logits, labels, lmask = self.fwd.lm_loss_inputs(
                             self.policy, {k: v[lo:hi] for k, v in ptx.items()}
                         )
-                        ptx_loss = lm_nll(logits, labels, lmask)
-                        self.accelerator.backward(p.ptx_coef * ptx_loss / len(chunks))
-                    metrics.setdefault("loss/ptx", []).append(ptx_loss.detach())
-                    total_loss = total_loss + p.ptx_coef * ptx_loss.detach() / len(chunks)
+                        ptx_loss = p.ptx_coef * ptx_weights[i] * lm_nll(logits, labels, lmask)
+                        self.accelerator.backward(ptx_loss)
+                    total_loss = total_loss + ptx_loss.detach()
+                    _accumulate(metrics, {"loss/ptx": ptx_loss.detach() / p.ptx_coef}, 1.0)
             with self._no_sync(not last):
                 loss, m = self._loss(chunk, critic_only)
-                self.accelerator.backward(loss / len(chunks))
-            total_loss = total_loss + loss.detach() / len(chunks)
-            for k, v in m.items():
-                metrics.setdefault(k, []).append(v)
+                self.accelerator.backward(weights[i] * loss)
+            total_loss = total_loss + weights[i] * loss.detach()
+            _accumulate(metrics, m, weights[i])
         ok = self._step(total_loss, critic_only, metrics)
-        out = {
-            k: torch.stack(v).max() if k.endswith("_max") else torch.stack(v).mean()
-            for k, v in metrics.items()
-        }
-        out["loss/total"] = total_loss
-        return out, ok
+        metrics["loss/total"] = total_loss
+        return metrics, ok
 
     def _loss(self, mb: Experience, critic_only: bool) -> tuple[Tensor, dict[str, Tensor]]:
         p = self.ppo
@@ -227,10 +230,13 @@ class Updater:
             old = mb.logprobs if p.importance_sampling else mb.ref_logprobs
             pg, pm = policy_loss(logprobs, old, mb.advantages, mask, p.clip_ratio)
             loss = loss + pg
+            # Without importance sampling the ratio is pi/pi_ref: its metrics measure the distance to the
+            # reference, so they carry "_vs_ref" and never the names of the distance to the sampling policy.
+            vs = "" if p.importance_sampling else "_vs_ref"
             metrics.update({
-                "loss/pg": pm["pg_loss"], "policy/pg_clipfrac": pm["pg_clipfrac"],
-                "policy/approx_kl": pm["approx_kl"], "policy/ratio_mean": pm["ratio_mean"],
-                "policy/ratio_max": pm["ratio_max"],
+                "loss/pg": pm["pg_loss"], f"policy/pg_clipfrac{vs}": pm["pg_clipfrac"],
+                f"policy/approx_kl{vs}": pm["approx_kl"], f"policy/ratio{vs}_mean": pm["ratio_mean"],
+                f"policy/ratio{vs}_max": pm["ratio_max"], f"policy/ratio{vs}_clamped_count": pm["ratio_clamped"],
             })  # fmt: skip
             if p.entropy_coef > 0:
                 ent, em = entropy_bonus_loss(self.fwd.entropy(logits), mask, p.entropy_coef, p.entropy_clip)
@@ -244,14 +250,14 @@ class Updater:
         metrics.update({"loss/vf": vm["vf_loss"], "critic/vf_clipfrac": vm["vf_clipfrac"]})
         return loss, metrics
 
-    def _step(self, loss: Tensor, critic_only: bool, metrics: dict[str, list[Tensor]]) -> bool:
+    def _step(self, loss: Tensor, critic_only: bool, metrics: dict[str, Tensor]) -> bool:
         """Clip, check finiteness (one host sync per minibatch), step or skip; returns whether it stepped."""
         max_norm = self.ppo.max_grad_norm if self.ppo.max_grad_norm is not None else float("inf")
         norms = [self.accelerator.clip_grad_norm_(self.critic.parameters(), max_norm)]
         if not critic_only:
             norms.append(self.accelerator.clip_grad_norm_(self.policy.parameters(), max_norm))
-            metrics.setdefault("grad_norm/policy", []).append(norms[-1].detach().float())
-        metrics.setdefault("grad_norm/critic", []).append(norms[0].detach().float())
+            metrics["grad_norm/policy"] = norms[-1].detach().float()
+        metrics["grad_norm/critic"] = norms[0].detach().float()
         finite = torch.isfinite(
             torch.stack([loss.float(), *(n.float().to(loss.device) for n in norms)])
         ).all()
@@ -279,3 +285,22 @@ class Updater:
         stack.enter_context(self.accelerator.no_sync(self.policy))
         stack.enter_context(self.accelerator.no_sync(self.critic))
         return stack
+
+
+def _accumulate(into: dict[str, Tensor], metrics: dict[str, Tensor], weight: Tensor | float) -> None:
+    """Fold one micro-batch's metrics into the minibatch's: token means by their ``weight`` (token_weights:
+    the weighted sum is the minibatch's token mean), ``*_max`` by max, ``*_count`` by sum."""
+    for k, v in metrics.items():
+        if k.endswith("_max"):
+            into[k] = torch.maximum(into[k], v) if k in into else v
+        elif k.endswith("_count"):
+            into[k] = into[k] + v if k in into else v
+        else:
+            into[k] = into[k] + weight * v if k in into else weight * v
+
+
+def _combine(name: str, values: list[Tensor]) -> Tensor:
+    """One value of a metric seen several times (micro-batches, minibatches): ``*_max`` the max, ``*_count``
+    the sum (events counted over the whole iteration), anything else the mean."""
+    t = torch.stack(values)
+    return t.max() if name.endswith("_max") else t.sum() if name.endswith("_count") else t.mean()

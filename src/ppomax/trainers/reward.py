@@ -63,17 +63,42 @@ def rm_forward(
     out = model(batch["input_ids"], batch["attention_mask"], return_lm_logits=beta_rm > 0)
     nll = None
     if beta_rm > 0:
-        # logits at t predict token t + 1; lm_mask marks the chosen response's target tokens
-        nll = lm_nll(out.lm_logits[:n, :-1], batch["input_ids"][:n, 1:], batch["lm_mask"][:n, 1:])
+        # logits at t predict token t + 1
+        nll = lm_nll(out.lm_logits[:n, :-1], batch["input_ids"][:n, 1:], _lm_targets(batch))
     return out.scores[:n], out.scores[n:], nll
 
 
+def _lm_targets(batch: dict[str, Any]) -> torch.Tensor:
+    """[B, T-1] mask of the chosen responses' target tokens (the LM term's tokens)."""
+    return batch["lm_mask"][: batch["num_pairs"], 1:]
+
+
+def rm_counts(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The units of eq. 2's two means: pairs (ranking term) and chosen-response tokens (LM term)."""
+    return {"pairs": torch.tensor(float(batch["num_pairs"])), "lm_tokens": _lm_targets(batch).sum()}
+
+
+# Which unit each pairwise_rm_loss metric is a mean over (its weight under accumulation).
+_RM_METRIC_UNITS = {"rm_loss": "pairs", "accuracy": "pairs", "margin_mean": "pairs", "lm_loss": "lm_tokens"}
+
+
 def make_rm_loss(beta_rm: float, lam: float):
-    def rm_loss(model: torch.nn.Module, batch: dict[str, Any]):
+    """Eq. 2 on a PreferenceCollator batch; with ``weights`` (see :func:`ppomax.trainers.loop.accumulate`) the
+    ranking term is weighted by the batch's share of the step's pairs and the LM term by its share of the
+    chosen tokens. Metrics: pairwise_rm_loss's, ``loss``, ``pairs`` (per micro-batch)."""
+
+    def rm_loss(
+        model: torch.nn.Module, batch: dict[str, Any], weights: dict[str, torch.Tensor] | None = None
+    ):
+        w = weights or {}
         chosen, rejected, nll = rm_forward(model, batch, beta_rm)
-        loss, metrics = pairwise_rm_loss(chosen, rejected, nll, beta_rm=beta_rm, lam=lam)
-        metrics = {**metrics, "loss": loss.detach(), "pairs": torch.tensor(float(batch["num_pairs"]))}
-        return loss, metrics, batch["attention_mask"].sum()
+        loss, metrics = pairwise_rm_loss(
+            chosen, rejected, nll, beta_rm=beta_rm, lam=lam,
+            pair_weight=w.get("pairs", 1.0), lm_weight=w.get("lm_tokens", 1.0),
+        )  # fmt: skip
+        metrics = {k: v * w.get(_RM_METRIC_UNITS[k], 1.0) for k, v in metrics.items()}
+        pairs = torch.tensor(float(batch["num_pairs"]), device=loss.device) * w.get("batches", 1.0)
+        return loss, {**metrics, "loss": loss.detach(), "pairs": pairs}, batch["attention_mask"].sum()
 
     return rm_loss
 
@@ -159,6 +184,7 @@ def train_rm(cfg: RMConfig, resume: bool = False) -> Path:
         lengths=[feature_length(f) for f in train],
         make_batch=lambda idx: to_device(collate([train[i] for i in idx]), ctx.device),
         loss_fn=make_rm_loss(cfg.beta_rm, cfg.rm_lambda),
+        counts=rm_counts,
         batch_size=cfg.batch_size,
         # the budget counts both rows of a pair; token_balanced_batches sees one (the longer) per pair
         max_tokens=max(1, cfg.max_tokens_per_batch // 2) if cfg.max_tokens_per_batch else None,

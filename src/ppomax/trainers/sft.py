@@ -95,17 +95,29 @@ def pretrain_features(
     return feats
 
 
+def _targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels [B, T-1], mask of the trained ones): logits at t predict the token at t + 1."""
+    labels = batch["labels"][:, 1:]
+    return labels, labels != IGNORE_INDEX
+
+
+def sft_counts(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The unit of the SFT loss's mean: target tokens (see :func:`ppomax.trainers.loop.accumulate`)."""
+    return {"tokens": _targets(batch)[1].sum()}
+
+
 def sft_loss(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """Mean NLL over the trainable target tokens; logits at t predict the token at t + 1."""
+    """Mean NLL over the trainable target tokens, times ``weights["tokens"]`` (this micro-batch's share of the
+    step's target tokens; 1 alone). Metrics: ``loss``; ``target_tokens`` (per micro-batch)."""
+    w = weights or {}
     logits = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).logits
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE_INDEX
-    loss = lm_nll(logits[:, :-1], labels, mask)
-    metrics = {"loss": loss.detach(), "target_tokens": mask.sum().float()}
+    labels, mask = _targets(batch)
+    loss = w.get("tokens", 1.0) * lm_nll(logits[:, :-1], labels, mask)
+    metrics = {"loss": loss.detach(), "target_tokens": mask.sum().float() * w.get("batches", 1.0)}
     return loss, metrics, batch["attention_mask"].sum()
 
 
@@ -163,6 +175,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> Path:
         lengths=[len(f["input_ids"]) for f in train],
         make_batch=lambda idx: to_device(collate([train[i] for i in idx]), ctx.device),
         loss_fn=sft_loss,
+        counts=sft_counts,
         batch_size=cfg.batch_size,
         max_tokens=None,
         epochs=cfg.epochs,
