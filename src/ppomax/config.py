@@ -7,6 +7,12 @@ never rewritten behind the user's back; derived values (e.g. the reference model
 are resolved by the code that needs them through explicit helper properties.
 
 Each PPO trick has one field that can say "off" (``null`` or ``0``), never a boolean beside a number.
+
+PPO-max is defined once, here: the defaults of the PPO sections (:class:`GenerationConfig`,
+:class:`PPOOptimConfig`, :class:`PPOSettings`) are the recipe, each field's description naming its source (a paper
+section, the MOSS-RLHF code, or "ours"). The preset ``ppo_max`` sets nothing and the other presets inherit it and
+set only what differs, so a preset and the defaults cannot drift apart. SFT and RM keep their own optimiser
+defaults (:class:`OptimConfig`).
 """
 
 from __future__ import annotations
@@ -48,23 +54,24 @@ class ModelConfig(_Section):
 
 
 class GenerationConfig(_Section):
-    """Sampling settings for rollouts (paper 5.1 / MOSS-RLHF defaults)."""
+    """Sampling settings for rollouts. Defaults are PPO-max's; each description names its source."""
 
-    max_new_tokens: int = Field(128, gt=0)
-    temperature: float = Field(0.8, gt=0)
-    top_p: float = Field(0.9, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="0 = off.")
-    repetition_penalty: float = Field(1.1, gt=0, description="1.0 = off.")
+    max_new_tokens: int = Field(128, gt=0, description="Ours (MOSS-RLHF code: maxlen_res 128 by default).")
+    temperature: float = Field(0.8, gt=0, description="Paper 5.1 / MOSS-RLHF code.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Paper 5.1 / MOSS-RLHF code.")
+    top_k: int = Field(0, ge=0, description="0 = off. Ours: off.")
+    repetition_penalty: float = Field(1.1, gt=0, description="1.0 = off. Paper 5.1 / MOSS-RLHF code.")
     logprobs_from: Literal["sampling", "raw"] = Field(
         "sampling",
         description="Log-probs for the ratio and KL from temperature-scaled logits (the distribution actually "
-        "sampled from) or from raw logits.",
+        "sampled from) or from raw logits. Ours: sampling.",
     )
     truncated_response: Literal["score", "penalty"] = Field(
         "score",
-        description="A response that hits max_new_tokens without EOS: scored as is, or given `truncated_penalty`.",
+        description="A response that hits max_new_tokens without EOS: scored as is, or given `truncated_penalty`. "
+        "Ours: score.",
     )
-    truncated_penalty: float = -1.0
+    truncated_penalty: float = Field(-1.0, description="Ours: used only with truncated_response: penalty.")
 
 
 class OptimConfig(_Section):
@@ -83,6 +90,23 @@ class OptimConfig(_Section):
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.95, ge=0, lt=1)
     adam_eps: float = Field(1e-8, gt=0)
+
+
+class PPOOptimConfig(OptimConfig):
+    """PPO's optimiser settings: PPO-max's defaults, each naming its source. A subclass, so that SFT and RM keep
+    their own defaults (`OptimConfig`) while PPO's are PPO-max's."""
+
+    policy_lr: float = Field(5e-7, gt=0, description="MOSS-RLHF code (train_ppo scripts).")
+    critic_lr: float = Field(1.5e-6, gt=0, description="MOSS-RLHF code.")
+    warmup_steps: int | None = Field(
+        10,
+        ge=0,
+        description="Absolute warmup; overrides warmup_ratio. Ours (MOSS-RLHF uses 100 of 1000 steps: 10%).",
+    )
+    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="Ours.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="MOSS-RLHF code.")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="MOSS-RLHF code.")
+    adam_eps: float = Field(1e-6, gt=0, description="MOSS-RLHF code.")
 
 
 class LoggingConfig(_Section):
@@ -165,56 +189,98 @@ class RewardConfig(_Section):
 
 
 class PPOSettings(_Section):
-    """The paper's implementation details (fig. 5), one field per trick. Defaults are PPO-max."""
+    """The paper's implementation details (fig. 5), one field per trick. Defaults are PPO-max (paper 5.4); each
+    description names the value's source: a paper section, the MOSS-RLHF code released with the paper, or "ours"."""
 
     # 1. token-level KL penalty (5.3.2)
-    kl_coef: float = Field(0.05, ge=0, description="0 = no KL penalty.")
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_coef: float = Field(
+        0.05,
+        ge=0,
+        description="0 = no KL penalty. Paper 5.3.2, fig. 7 (token-level KL penalty, lambda = 0.05).",
+    )
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k1", description="Paper eq. 19: log pi_RL - log pi_SFT per token."
+    )
     # 2. importance sampling against the sampling policy; false = ratio against the reference
-    importance_sampling: bool = True
+    importance_sampling: bool = Field(True, description="Paper 5.3.2.")
     # 3. entropy bonus with clip (5.3.2, app. B.3)
-    entropy_coef: float = Field(0.0, ge=0, description="0 = no entropy bonus.")
+    entropy_coef: float = Field(
+        0.0, ge=0, description="0 = no entropy bonus. Paper 5.3.2 / app. B.3: not recommended, off."
+    )
     entropy_clip: float | None = Field(
-        None, gt=0, description="Entropy above this earns no bonus; null = no clip."
+        None,
+        gt=0,
+        description="Entropy above this earns no bonus; null = no clip. Paper app. B.3 (only with entropy_coef > 0).",
     )
     # 4. reward scaling by running std (5.3.1)
-    reward_scaling: bool = False
+    reward_scaling: bool = Field(False, description="Paper 5.3.1: no benefit found.")
     # 5. reward normalisation and clipping (5.3.1, eq. 18)
-    reward_norm: bool = True
-    reward_clip: float | None = Field(5.0, gt=0, description="null = no clip.")
+    reward_norm: bool = Field(True, description="Paper 5.3.1, eq. 18 (running mean/std of the RM score).")
+    reward_clip: float | None = Field(
+        5.0,
+        gt=0,
+        description='null = no clip. Paper 5.3.1 advises a "relaxed" bound; ours: 5 running std (clips outliers '
+        "only; fig. 6 shows tight bounds 0.3/0.8 over-constrain; MOSS-RLHF code default is 10).",
+    )
     # 6. advantage normalisation and clipping (5.3.1)
-    advantage_norm: bool = True
-    advantage_clip: float | None = Field(None, gt=0, description="null = no clip.")
+    advantage_norm: bool = Field(True, description="Paper 5.3.1 (minibatch whitening).")
+    advantage_clip: float | None = Field(
+        None, gt=0, description="null = no clip. Paper 5.3.1: constrain at the reward level instead."
+    )
     # 7. value-function loss clipping (app. B.1)
-    value_clip: float | None = Field(0.2, gt=0, description="null = unclipped value loss.")
+    value_clip: float | None = Field(
+        0.2, gt=0, description="null = unclipped value loss. Paper 5.4 and app. B.1 / MOSS-RLHF code."
+    )
     # 8. critic initialisation (5.3.3)
-    critic_init: Literal["reward_model", "sft", "random"] = "reward_model"
-    critic_pretrain_steps: int = Field(0, ge=0, description="Critic-only iterations before policy updates.")
+    critic_init: Literal["reward_model", "sft", "random"] = Field(
+        "reward_model", description="Paper 5.3.3 / 5.4."
+    )
+    critic_pretrain_steps: int = Field(
+        10,
+        ge=0,
+        description="Critic-only iterations before policy updates. Paper 5.3.3 / 5.4 pre-trains the critic; ours: "
+        "10 critic-only iterations.",
+    )
     # 10. GAE (app. C.3)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
+    gamma: float = Field(1.0, ge=0, le=1, description="Paper app. C.3 / MOSS-RLHF code.")
+    lam: float = Field(0.95, ge=0, le=1, description="Paper app. C.3 / MOSS-RLHF code.")
     # 11. clipped surrogate (app. C.1)
-    clip_ratio: float | None = Field(0.2, gt=0, description="null = unclipped surrogate.")
+    clip_ratio: float | None = Field(
+        0.2, gt=0, description="null = unclipped surrogate. Paper eq. 15, app. C.1."
+    )
     # 12. global gradient clipping (app. C.2)
-    max_grad_norm: float | None = Field(1.0, gt=0, description="null = no clipping.")
+    max_grad_norm: float | None = Field(
+        1.0,
+        gt=0,
+        description="null = no clipping. Paper app. C.2 (global gradient clipping); ours: the norm.",
+    )
     # PPO-ptx (eq. 17)
-    ptx_coef: float = Field(0.0, ge=0, description="0 = no pretraining loss.")
-    ptx_batch_size: int = Field(8, gt=0)
-    vf_coef: float = Field(1.0, ge=0)
+    ptx_coef: float = Field(
+        0.0, ge=0, description="0 = no pretraining loss. PPO-ptx off here; see preset ppo_ptx."
+    )
+    ptx_batch_size: int = Field(8, gt=0, description="Ours: ptx sequences mixed into each minibatch update.")
+    vf_coef: float = Field(1.0, ge=0, description="MOSS-RLHF code (vf_loss_weight).")
     # Experience and updates (5.4: a small buffer)
-    iterations: int = Field(100, gt=0, description="Rollout + update cycles.")
-    rollout_batch_size: int = Field(32, gt=0, description="Prompts per generate() call.")
-    buffer_size: int = Field(128, gt=0, description="Samples collected per iteration before updating.")
-    minibatch_size: int = Field(32, gt=0)
+    iterations: int = Field(100, gt=0, description="Rollout + update cycles. Ours.")
+    rollout_batch_size: int = Field(32, gt=0, description="Prompts per generate() call. MOSS-RLHF code.")
+    buffer_size: int = Field(
+        128,
+        gt=0,
+        description="Samples collected per iteration before updating. Paper 5.4: a small experience buffer; "
+        "MOSS-RLHF code num_rollouts 128.",
+    )
+    minibatch_size: int = Field(32, gt=0, description="MOSS-RLHF code (batch_size).")
     micro_batch_size: int | None = Field(
         None,
         gt=0,
         description="Rows per forward/backward inside a minibatch (gradient accumulation, to bound memory); "
-        "null = the whole minibatch at once. One optimiser step per minibatch either way.",
+        "null = the whole minibatch at once. One optimiser step per minibatch either way. Ours.",
     )
-    ppo_epochs: int = Field(1, gt=0)
+    ppo_epochs: int = Field(
+        1, gt=0, description="Ours: one pass over a small buffer keeps updates on-policy."
+    )
     max_nonfinite_in_row: int = Field(
-        3, gt=0, description="Consecutive skipped non-finite updates that stop the run."
+        3, gt=0, description="Consecutive skipped non-finite updates that stop the run. Ours."
     )
 
     @model_validator(mode="after")
@@ -290,6 +356,7 @@ class PPOConfig(_RunConfig):
         None, description="Name of the preset this config started from (informational)."
     )
     data: PPODataConfig = Field(default_factory=PPODataConfig)
+    optim: PPOOptimConfig = Field(default_factory=PPOOptimConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOSettings = Field(default_factory=PPOSettings)
