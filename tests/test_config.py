@@ -144,3 +144,35 @@ def test_console_script_entry_point():
         [sys.executable, "-m", "ppomax.cli", "config", "--preset", "vanilla"], capture_output=True, text=True
     )
     assert out.returncode == 0 and "kl_coef: 0.0" in out.stdout
+
+
+# --------------------------------------------------------------------------- issue 9 item 13: cross-key errors
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["ppo.buffer_size=100", "ppo.minibatch_size=4"],
+         "  ppo.buffer_size, ppo.rollout_batch_size: buffer_size (100) must be a multiple of rollout_batch_size (32)"),
+        (["ppo.buffer_size=96", "ppo.rollout_batch_size=64"],
+         "  ppo.buffer_size, ppo.rollout_batch_size: buffer_size (96) must be a multiple of rollout_batch_size (64)"),
+        (["ppo.buffer_size=96", "ppo.minibatch_size=64"],
+         "  ppo.buffer_size, ppo.minibatch_size: buffer_size (96) must be a multiple of minibatch_size (64)"),
+    ],
+)  # fmt: skip
+def test_cross_key_errors_name_exactly_the_keys_involved(overrides, line):
+    with pytest.raises(ConfigError) as err:
+        load_config("ppo", preset="ppo_max", overrides=overrides)
+    lines = str(err.value).splitlines()
+    assert lines == ["invalid config (preset ppo_max + --set):", line]
+
+
+def test_cross_key_errors_are_all_reported_one_line_each(capsys):
+    over = ["--set", "ppo.buffer_size=100", "--set", "ppo.minibatch_size=64"]
+    assert main(["config", "--preset", "ppo_max", *over]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[1:] == [
+        "  ppo.buffer_size, ppo.rollout_batch_size: buffer_size (100) must be a multiple of rollout_batch_size (32)",
+        "  ppo.buffer_size, ppo.minibatch_size: buffer_size (100) must be a multiple of minibatch_size (64)",
+    ]
+    assert "kl_coef" not in "\n".join(err)  # not the whole section

@@ -30,6 +30,17 @@ from ppomax.errors import ConfigError
 PRESET_NAMES = ("vanilla", "ppo_max", "ppo_ptx")
 
 
+class KeyConflicts(ValueError):
+    """Raised by a model-level check: each problem names the keys it involves (relative to the section).
+
+    ``_format_validation_error`` prints one line per problem, ``section.key_a, section.key_b: message``, instead of
+    pydantic's "Value error" with the whole section as its input."""
+
+    def __init__(self, problems: list[tuple[tuple[str, ...], str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{', '.join(keys)}: {msg}" for keys, msg in problems))
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -284,15 +295,16 @@ class PPOSettings(_Section):
     )
 
     @model_validator(mode="after")
-    def _sizes_fit(self) -> PPOSettings:
-        if self.buffer_size % self.rollout_batch_size:
-            raise ValueError(
-                f"buffer_size ({self.buffer_size}) must be a multiple of rollout_batch_size ({self.rollout_batch_size})"
-            )
-        if self.buffer_size % self.minibatch_size:
-            raise ValueError(
-                f"buffer_size ({self.buffer_size}) must be a multiple of minibatch_size ({self.minibatch_size})"
-            )
+    def _consistent(self) -> PPOSettings:
+        problems: list[tuple[tuple[str, ...], str]] = []
+        for size in ("rollout_batch_size", "minibatch_size"):
+            if self.buffer_size % getattr(self, size):
+                problems.append((
+                    ("buffer_size", size),
+                    f"buffer_size ({self.buffer_size}) must be a multiple of {size} ({getattr(self, size)})",
+                ))  # fmt: skip
+        if problems:
+            raise KeyConflicts(problems)
         return self
 
 
@@ -393,6 +405,11 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        conflicts = e.get("ctx", {}).get("error")
+        if isinstance(conflicts, KeyConflicts):
+            prefix = "".join(f"{p}." for p in e["loc"])
+            lines.extend(f"  {', '.join(prefix + k for k in keys)}: {msg}" for keys, msg in conflicts.problems)
+            continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif e["type"] == "literal_error":
