@@ -201,7 +201,18 @@ class RewardConfig(_Section):
 
 class PPOSettings(_Section):
     """The paper's implementation details (fig. 5), one field per trick. Defaults are PPO-max (paper 5.4); each
-    description names the value's source: a paper section, the MOSS-RLHF code released with the paper, or "ours"."""
+    description names the value's source: a paper section, the MOSS-RLHF code released with the paper, or "ours".
+
+    Score re-parameterisation (paper 5.3.1) keeps fig. 5's two switches, ``reward_scaling`` (trick 4) and
+    ``reward_norm`` (trick 5, eq. 18), plus ``reward_clip`` (eq. 18's delta), because the paper, DESIGN.md and
+    MOSS-RLHF name them so and every variant of fig. 6 / fig. 14 is then a preset plus ``--set`` overrides. The
+    combinations that have no single meaning are errors naming both keys, never a silent precedence:
+    ``reward_norm`` with ``reward_scaling`` (normalisation already divides by the running std); ``reward_clip``
+    without either (the clip acts on the re-parameterised score, in units of the running std of the raw scores,
+    so with the raw score it would silently change units to the RM's); ``entropy_clip`` with ``entropy_coef: 0``
+    (a clip on a bonus that is off). :attr:`reward_transform` is the one resulting choice, applied by
+    :func:`ppomax.algos.reparameterize_scores`.
+    """
 
     # 1. token-level KL penalty (5.3.2)
     kl_coef: float = Field(
@@ -230,7 +241,9 @@ class PPOSettings(_Section):
     reward_clip: float | None = Field(
         5.0,
         gt=0,
-        description='null = no clip. Paper 5.3.1 advises a "relaxed" bound; ours: 5 running std (clips outliers '
+        description="Bound on the re-parameterised score, in running-std units (eq. 18's delta); needs "
+        "reward_norm or reward_scaling; null = no clip. "
+        'Paper 5.3.1 advises a "relaxed" bound; ours: 5 running std (clips outliers '
         "only; fig. 6 shows tight bounds 0.3/0.8 over-constrain; MOSS-RLHF code default is 10).",
     )
     # 6. advantage normalisation and clipping (5.3.1)
@@ -294,9 +307,31 @@ class PPOSettings(_Section):
         3, gt=0, description="Consecutive skipped non-finite updates that stop the run. Ours."
     )
 
+    @property
+    def reward_transform(self) -> Literal["none", "scale", "normalize"]:
+        """What ``reward_norm`` / ``reward_scaling`` ask for (validated: at most one of them is on)."""
+        return "normalize" if self.reward_norm else "scale" if self.reward_scaling else "none"
+
     @model_validator(mode="after")
     def _consistent(self) -> PPOSettings:
         problems: list[tuple[tuple[str, ...], str]] = []
+        if self.reward_norm and self.reward_scaling:
+            problems.append((
+                ("reward_norm", "reward_scaling"),
+                "choose one (reward_norm divides by the running std too); set the other to false",
+            ))  # fmt: skip
+        if self.reward_clip is not None and self.reward_transform == "none":
+            problems.append((
+                ("reward_clip", "reward_norm"),
+                "reward_clip is in running-std units and needs reward_norm or reward_scaling: true; "
+                "set reward_clip: null to use the raw score",
+            ))  # fmt: skip
+        if self.entropy_clip is not None and self.entropy_coef == 0:
+            problems.append((
+                ("entropy_clip", "entropy_coef"),
+                "entropy_clip bounds the entropy bonus, which entropy_coef: 0 turns off; "
+                "set entropy_coef > 0 or entropy_clip: null",
+            ))  # fmt: skip
         for size in ("rollout_batch_size", "minibatch_size"):
             if self.buffer_size % getattr(self, size):
                 problems.append((
@@ -408,7 +443,9 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
         conflicts = e.get("ctx", {}).get("error")
         if isinstance(conflicts, KeyConflicts):
             prefix = "".join(f"{p}." for p in e["loc"])
-            lines.extend(f"  {', '.join(prefix + k for k in keys)}: {msg}" for keys, msg in conflicts.problems)
+            lines.extend(
+                f"  {', '.join(prefix + k for k in keys)}: {msg}" for keys, msg in conflicts.problems
+            )
             continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
