@@ -216,5 +216,7 @@ def test_conflicting_score_and_bonus_settings_are_errors_naming_both_keys(overri
 def test_every_paper_variant_is_a_preset_plus_overrides(overrides, transform, clip):
     ppo = load_config("ppo", preset="ppo_max", overrides=overrides).ppo
     assert (ppo.reward_transform, ppo.reward_clip) == (transform, clip)
-    fig6_adv = load_config("ppo", preset="vanilla", overrides=["ppo.advantage_norm=true", "ppo.advantage_clip=0.5"])
+    fig6_adv = load_config(
+        "ppo", preset="vanilla", overrides=["ppo.advantage_norm=true", "ppo.advantage_clip=0.5"]
+    )
     assert fig6_adv.ppo.reward_transform == "none" and fig6_adv.ppo.advantage_clip == 0.5

@@ -67,15 +67,27 @@ class ModelConfig(_Section):
 class GenerationConfig(_Section):
     """Sampling settings for rollouts. Defaults are PPO-max's; each description names its source."""
 
-    max_new_tokens: int = Field(128, gt=0, description="Ours (MOSS-RLHF code: maxlen_res 128 by default).")
-    temperature: float = Field(0.8, gt=0, description="Paper 5.1 / MOSS-RLHF code.")
-    top_p: float = Field(0.9, gt=0, le=1, description="Paper 5.1 / MOSS-RLHF code.")
-    top_k: int = Field(0, ge=0, description="0 = off. Ours: off.")
-    repetition_penalty: float = Field(1.1, gt=0, description="1.0 = off. Paper 5.1 / MOSS-RLHF code.")
+    max_new_tokens: int = Field(
+        128,
+        gt=0,
+        description="MOSS-RLHF code (maxlen_res default 128; the paper evaluates with up to 2048, 6.1).",
+    )
+    temperature: float = Field(0.8, gt=0, description="Paper 6.1 (its generation settings) / MOSS-RLHF code.")
+    top_p: float = Field(
+        0.9, gt=0, le=1, description="Paper 6.1 (nucleus sampling, p = 0.9) / MOSS-RLHF code."
+    )
+    top_k: int = Field(
+        0, ge=0, description="0 = off. Ours: off (neither the paper nor MOSS-RLHF code uses it)."
+    )
+    repetition_penalty: float = Field(
+        1.1,
+        gt=0,
+        description="1.0 = off. Paper 6.1 (beta = 1.1, on previously generated tokens) / MOSS-RLHF code.",
+    )
     logprobs_from: Literal["sampling", "raw"] = Field(
         "sampling",
         description="Log-probs for the ratio and KL from temperature-scaled logits (the distribution actually "
-        "sampled from) or from raw logits. Ours: sampling.",
+        "sampled from) or from raw logits. Ours: sampling (MOSS-RLHF code uses raw logits).",
     )
     truncated_response: Literal["score", "penalty"] = Field(
         "score",
@@ -86,11 +98,9 @@ class GenerationConfig(_Section):
 
 
 class OptimConfig(_Section):
-    """AdamW with warmup and a schedule. PPO uses separate policy/critic learning rates."""
+    """AdamW with warmup and a schedule (SFT and reward-model training; PPO's is :class:`PPOOptimConfig`)."""
 
     lr: float = Field(1e-5, gt=0, description="Learning rate of SFT / reward-model training.")
-    policy_lr: float = Field(5e-7, gt=0)
-    critic_lr: float = Field(1.5e-6, gt=0)
     warmup_steps: int | None = Field(None, ge=0, description="Absolute warmup; overrides warmup_ratio.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     schedule: Literal["constant", "linear", "cosine"] = "constant"
@@ -104,20 +114,36 @@ class OptimConfig(_Section):
 
 
 class PPOOptimConfig(OptimConfig):
-    """PPO's optimiser settings: PPO-max's defaults, each naming its source. A subclass, so that SFT and RM keep
-    their own defaults (`OptimConfig`) while PPO's are PPO-max's."""
+    """PPO's optimiser settings, one AdamW per model (policy, critic) with its own learning rate: PPO-max's
+    defaults, each naming its source. A subclass, so that SFT and RM keep their own defaults (:class:`OptimConfig`)
+    while PPO's are PPO-max's. ``lr`` is not used by PPO."""
 
-    policy_lr: float = Field(5e-7, gt=0, description="MOSS-RLHF code (train_ppo scripts).")
-    critic_lr: float = Field(1.5e-6, gt=0, description="MOSS-RLHF code.")
+    policy_lr: float = Field(5e-7, gt=0, description="Paper 5.1 / MOSS-RLHF code (lr 5e-7).")
+    critic_lr: float = Field(
+        1.5e-6, gt=0, description="MOSS-RLHF code (critic_lr 15e-7); paper 5.1 says 1.65e-6."
+    )
     warmup_steps: int | None = Field(
         10,
         ge=0,
-        description="Absolute warmup; overrides warmup_ratio. Ours (MOSS-RLHF uses 100 of 1000 steps: 10%).",
+        description="Absolute warmup; overrides warmup_ratio. Ours: 10 optimiser steps (paper 5.1 warms up over "
+        "the first 10% of steps, MOSS-RLHF code 500 of 5000; paper 5.3.3 recommends critic pre-training instead).",
     )
-    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="Ours.")
-    adam_beta1: float = Field(0.9, ge=0, lt=1, description="MOSS-RLHF code.")
-    adam_beta2: float = Field(0.95, ge=0, lt=1, description="MOSS-RLHF code.")
-    adam_eps: float = Field(1e-6, gt=0, description="MOSS-RLHF code.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Ours: unused while warmup_steps is set.")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Ours (MOSS-RLHF code decays as 1/sqrt(step) after warmup)."
+    )
+    min_lr_ratio: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Cosine/linear decay floor as a fraction of peak. Ours (unused with constant).",
+    )
+    weight_decay: float = Field(0.0, ge=0, description="MOSS-RLHF code (weight_decay 0.0).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="MOSS-RLHF code (beta1).")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="MOSS-RLHF code (beta2).")
+    adam_eps: float = Field(
+        1e-6, gt=0, description="MOSS-RLHF code (eps 1e-6 for the policy; its critic uses 1e-8)."
+    )
 
 
 class LoggingConfig(_Section):
@@ -218,82 +244,117 @@ class PPOSettings(_Section):
     kl_coef: float = Field(
         0.05,
         ge=0,
-        description="0 = no KL penalty. Paper 5.3.2, fig. 7 (token-level KL penalty, lambda = 0.05).",
+        description='0 = no KL penalty. Paper 5.3.2 / fig. 7 ("setting lambda to 0.05"; eta of eq. 19).',
     )
     kl_estimator: Literal["k1", "k2", "k3"] = Field(
-        "k1", description="Paper eq. 19: log pi_RL - log pi_SFT per token."
+        "k1",
+        description="Paper eq. 19 (an empirical per-token KL); k1 = log pi_RL - log pi_SFT, as MOSS-RLHF code.",
     )
     # 2. importance sampling against the sampling policy; false = ratio against the reference
-    importance_sampling: bool = Field(True, description="Paper 5.3.2.")
+    importance_sampling: bool = Field(
+        True,
+        description="true: ratio against the sampling (old) policy, standard PPO (MOSS-RLHF code). false: against "
+        'the reference, paper 5.3.2\'s "fixing the policy distribution to observations of reference model" (an '
+        'infinite buffer), which is the curve fig. 7 calls "Importance Sample" (with kl_coef > 0: "KL '
+        'Penalty+Importance Sample"). Paper 5.3.2: more stable, lower final performance; so true here.',
+    )
     # 3. entropy bonus with clip (5.3.2, app. B.3)
     entropy_coef: float = Field(
-        0.0, ge=0, description="0 = no entropy bonus. Paper 5.3.2 / app. B.3: not recommended, off."
+        0.0,
+        ge=0,
+        description="0 = no entropy bonus. Paper 5.3.2 / app. B.3: not recommended, off (MOSS-RLHF code: 0).",
     )
     entropy_clip: float | None = Field(
         None,
         gt=0,
-        description="Entropy above this earns no bonus; null = no clip. Paper app. B.3 (only with entropy_coef > 0).",
+        description="Entropy above this earns no bonus; null = no clip; needs entropy_coef > 0. Paper app. B.3 "
+        "(fig. 16: delta = 30; MOSS-RLHF code default 35).",
     )
     # 4. reward scaling by running std (5.3.1)
-    reward_scaling: bool = Field(False, description="Paper 5.3.1: no benefit found.")
+    reward_scaling: bool = Field(
+        False, description='Paper 5.3.1: "reward scaling doesn\'t guide proper policy optimization"; off.'
+    )
     # 5. reward normalisation and clipping (5.3.1, eq. 18)
-    reward_norm: bool = Field(True, description="Paper 5.3.1, eq. 18 (running mean/std of the RM score).")
+    reward_norm: bool = Field(
+        True,
+        description="Paper 5.4 / eq. 18: normalised with the historical (running) mean and std of the RM score.",
+    )
     reward_clip: float | None = Field(
         5.0,
         gt=0,
         description="Bound on the re-parameterised score, in running-std units (eq. 18's delta); needs "
         "reward_norm or reward_scaling; null = no clip. "
-        'Paper 5.3.1 advises a "relaxed" bound; ours: 5 running std (clips outliers '
-        "only; fig. 6 shows tight bounds 0.3/0.8 over-constrain; MOSS-RLHF code default is 10).",
+        'Paper 5.3.1 advises "a relaxed clipping strategy" without a number (fig. 6 tries 0.3 and 0.8; even 0.3 '
+        "only delays collapse); ours: 5, which clips outliers only (MOSS-RLHF code default 10).",
     )
     # 6. advantage normalisation and clipping (5.3.1)
-    advantage_norm: bool = Field(True, description="Paper 5.3.1 (minibatch whitening).")
+    advantage_norm: bool = Field(
+        True,
+        description="Minibatch whitening, paper 5.3.1 / app. B.1 (fig. 14). Ours: on, as DESIGN.md's PPO-max; paper "
+        "5.4 does not list it and MOSS-RLHF code has it off unless --use_advantage_norm.",
+    )
     advantage_clip: float | None = Field(
-        None, gt=0, description="null = no clip. Paper 5.3.1: constrain at the reward level instead."
+        None, gt=0, description='null = no clip. Paper 5.3.1: "constraining ... on the reward level" instead.'
     )
     # 7. value-function loss clipping (app. B.1)
     value_clip: float | None = Field(
-        0.2, gt=0, description="null = unclipped value loss. Paper 5.4 and app. B.1 / MOSS-RLHF code."
+        0.2,
+        gt=0,
+        description="null = unclipped value loss. Paper 5.4 (clipped), app. B.1 (fig. 14: 0.2) / MOSS-RLHF code.",
     )
     # 8. critic initialisation (5.3.3)
     critic_init: Literal["reward_model", "sft", "random"] = Field(
-        "reward_model", description="Paper 5.3.3 / 5.4."
+        "reward_model", description="Paper 5.1 / 5.4 (critic initialised from the reward model)."
     )
     critic_pretrain_steps: int = Field(
         10,
         ge=0,
-        description="Critic-only iterations before policy updates. Paper 5.3.3 / 5.4 pre-trains the critic; ours: "
-        "10 critic-only iterations.",
+        description="Critic-only iterations before policy updates. Paper 5.3.3 / 5.4 pre-trains the critic and gives "
+        "no length; ours: 10.",
     )
     # 10. GAE (app. C.3)
-    gamma: float = Field(1.0, ge=0, le=1, description="Paper app. C.3 / MOSS-RLHF code.")
-    lam: float = Field(0.95, ge=0, le=1, description="Paper app. C.3 / MOSS-RLHF code.")
+    gamma: float = Field(1.0, ge=0, le=1, description="MOSS-RLHF code (gamma 1); the paper gives no gamma.")
+    lam: float = Field(
+        0.95, ge=0, le=1, description="MOSS-RLHF code (lam 0.95); paper app. C.3 uses 0.9 in its experiments."
+    )
     # 11. clipped surrogate (app. C.1)
     clip_ratio: float | None = Field(
-        0.2, gt=0, description="null = unclipped surrogate. Paper eq. 15, app. C.1."
+        0.2,
+        gt=0,
+        description="null = unclipped surrogate. Paper eq. 15 / app. C.1 give no epsilon; 0.2: MOSS-RLHF code.",
     )
     # 12. global gradient clipping (app. C.2)
     max_grad_norm: float | None = Field(
         1.0,
         gt=0,
-        description="null = no clipping. Paper app. C.2 (global gradient clipping); ours: the norm.",
+        description="null = no clipping. Paper app. C.2 (on in PPO-max; fig. 18 compares 0, 0.5, 1.0) / MOSS-RLHF code "
+        "(accelerate config gradient_clipping 1.0).",
     )
     # PPO-ptx (eq. 17)
     ptx_coef: float = Field(
-        0.0, ge=0, description="0 = no pretraining loss. PPO-ptx off here; see preset ppo_ptx."
+        0.0,
+        ge=0,
+        description="0 = no pretraining loss. Ours: off, since it needs data.ptx (preset ppo_ptx turns it on); paper "
+        "5.4 adds it to PPO-max without a number, MOSS-RLHF code default 0.",
     )
     ptx_batch_size: int = Field(8, gt=0, description="Ours: ptx sequences mixed into each minibatch update.")
-    vf_coef: float = Field(1.0, ge=0, description="MOSS-RLHF code (vf_loss_weight).")
+    vf_coef: float = Field(1.0, ge=0, description="MOSS-RLHF code (vf_loss_weight 1).")
     # Experience and updates (5.4: a small buffer)
     iterations: int = Field(100, gt=0, description="Rollout + update cycles. Ours.")
-    rollout_batch_size: int = Field(32, gt=0, description="Prompts per generate() call. MOSS-RLHF code.")
+    rollout_batch_size: int = Field(
+        32, gt=0, description="Prompts per generate() call. MOSS-RLHF code (rollout_batch_size 32)."
+    )
     buffer_size: int = Field(
         128,
         gt=0,
-        description="Samples collected per iteration before updating. Paper 5.4: a small experience buffer; "
-        "MOSS-RLHF code num_rollouts 128.",
+        description='Samples collected per iteration before updating. Paper 5.1 ("a batch size of 128 for sampling") '
+        "and 5.4 (a small experience buffer) / MOSS-RLHF code (num_rollouts 128).",
     )
-    minibatch_size: int = Field(32, gt=0, description="MOSS-RLHF code (batch_size).")
+    minibatch_size: int = Field(
+        32,
+        gt=0,
+        description='Paper 5.1 ("a batch size of 32 for training") / MOSS-RLHF code (batch_size 32).',
+    )
     micro_batch_size: int | None = Field(
         None,
         gt=0,
@@ -301,7 +362,7 @@ class PPOSettings(_Section):
         "null = the whole minibatch at once. One optimiser step per minibatch either way. Ours.",
     )
     ppo_epochs: int = Field(
-        1, gt=0, description="Ours: one pass over a small buffer keeps updates on-policy."
+        1, gt=0, description="One pass over a small buffer keeps updates on-policy: ours, as MOSS-RLHF code."
     )
     max_nonfinite_in_row: int = Field(
         3, gt=0, description="Consecutive skipped non-finite updates that stop the run. Ours."
