@@ -6,7 +6,8 @@ section 1 and the switches of ``ppo``:
 1. scoring (no gradient): old log-probs, entropy and values from the policy and critic, reference log-probs,
    raw scores from the reward sources; each computed once per iteration and reused by every epoch;
 2. advantages: running reward moments updated with the raw scores (eq. 18), the score re-parameterised
-   (``reward_norm`` or ``reward_scaling``, then ``reward_clip``; a truncated response may get ``truncated_penalty``),
+   (``reward_norm`` or ``reward_scaling``, then ``reward_clip``; a truncated response may get
+   ``truncated_penalty``),
    token-level rewards ``-kl_coef * KL_t`` + score at the last token (eq. 19), GAE (eq. 9-11);
 3. updates: ``ppo_epochs`` passes over shuffled minibatches; advantages whitened/clipped per minibatch; clipped
    surrogate (eq. 15) against the sampling policy, or the reference when ``importance_sampling`` is off;
