@@ -22,10 +22,9 @@ from ppomax.algos import (
     masked_var,
     masked_whiten,
     normalize_advantages,
-    normalize_rewards,
     pairwise_rm_loss,
     policy_loss,
-    scale_rewards,
+    reparameterize_scores,
     token_level_rewards,
     token_weights,
     value_loss,
@@ -328,21 +327,6 @@ def test_running_moments_two_ranks() -> None:
         assert rm.count == allv.numel()
         assert rm.mean == pytest.approx(allv.mean().item())
         assert rm.var == pytest.approx(allv.var().item())
-
-
-def test_scale_and_normalize_rewards() -> None:
-    rm = RunningMoments()
-    hist = torch.tensor([1.0, 3.0, 5.0, 7.0])
-    rm.update(hist)
-    scores = torch.tensor([2.0, -4.0])
-    std = _sample_std([1.0, 3.0, 5.0, 7.0])
-    torch.testing.assert_close(scale_rewards(scores, rm), scores / std)
-    # eq. 18 by hand: mean 4, std = sqrt(20/3)
-    out = normalize_rewards(torch.tensor([4.0, 20.0, -20.0, 5.0]), rm.mean, rm.std, clip=2.0)
-    expect = [0.0, 2.0, -2.0, 1 / std]
-    torch.testing.assert_close(out, torch.tensor(expect))
-    unclipped = normalize_rewards(torch.tensor([20.0]), 4.0, std, clip=None)
-    assert unclipped.item() == pytest.approx(16 / std)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -710,3 +694,56 @@ def test_pairwise_rm_loss_by_hand() -> None:
     assert m2["lm_loss"].item() == 0.0
     beta0, _ = pairwise_rm_loss(rw.detach(), rl, torch.tensor(9.0), beta_rm=0.0)
     assert beta0.item() == pytest.approx(rm_term)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# score re-parameterisation (paper 5.3.1, eq. 18): issue 9 item 7
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _reparam_by_hand(
+    scores: list[float], seen: list[float], transform: str, clip: float | None
+) -> list[float]:
+    """Eq. 18 and reward scaling written out with the statistics module, one score at a time."""
+    import statistics
+
+    mean, std = statistics.fmean(seen), statistics.stdev(seen)
+    out = []
+    for r in scores:
+        x = {"none": r, "scale": r / std, "normalize": (r - mean) / std}[transform]
+        if clip is not None:
+            x = min(max(x, -clip), clip)
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("transform", "clip"),
+    [("none", None), ("scale", None), ("scale", 1.0), ("normalize", None), ("normalize", 0.8)],
+)
+def test_reparameterize_scores_against_eq_18_by_hand(transform: str, clip: float | None) -> None:
+    seen = [1.0, 3.0, 5.0, 7.0, -2.0, 11.0]
+    moments = RunningMoments()
+    moments.update(torch.tensor(seen[:3]))
+    moments.update(torch.tensor(seen[3:]))
+    scores = [4.0, 20.0, -20.0, 5.0, 0.0]
+    out = reparameterize_scores(torch.tensor(scores), moments.mean, moments.std, transform, clip)
+    expect = _reparam_by_hand(scores, seen, transform, clip)
+    torch.testing.assert_close(out, torch.tensor(expect), atol=1e-6, rtol=1e-6)
+    if clip is not None:
+        assert out.abs().max().item() == pytest.approx(clip)  # the outliers hit the bound in std units
+
+
+def test_reparameterize_scores_before_any_statistics_is_the_identity() -> None:
+    """Before two scores were seen the running moments are mean 0, std 1 (RunningMoments' documented start)."""
+    fresh = RunningMoments()
+    x = torch.tensor([3.0, -1.5])
+    for transform in ("none", "scale", "normalize"):
+        torch.testing.assert_close(reparameterize_scores(x, fresh.mean, fresh.std, transform, None), x)
+
+
+def test_reparameterize_scores_refuses_a_clip_in_raw_units() -> None:
+    with pytest.raises(ValueError, match="running-std units"):
+        reparameterize_scores(torch.tensor([1.0]), 0.0, 1.0, "none", 1.0)
+    with pytest.raises(ValueError, match="transform"):
+        reparameterize_scores(torch.tensor([1.0]), 0.0, 1.0, "whiten", None)  # type: ignore[arg-type]

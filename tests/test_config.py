@@ -144,3 +144,79 @@ def test_console_script_entry_point():
         [sys.executable, "-m", "ppomax.cli", "config", "--preset", "vanilla"], capture_output=True, text=True
     )
     assert out.returncode == 0 and "kl_coef: 0.0" in out.stdout
+
+
+# --------------------------------------------------------------------------- issue 9 item 13: cross-key errors
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["ppo.buffer_size=100", "ppo.minibatch_size=4"],
+         "  ppo.buffer_size, ppo.rollout_batch_size: buffer_size (100) must be a multiple of rollout_batch_size (32)"),
+        (["ppo.buffer_size=96", "ppo.rollout_batch_size=64"],
+         "  ppo.buffer_size, ppo.rollout_batch_size: buffer_size (96) must be a multiple of rollout_batch_size (64)"),
+        (["ppo.buffer_size=96", "ppo.minibatch_size=64"],
+         "  ppo.buffer_size, ppo.minibatch_size: buffer_size (96) must be a multiple of minibatch_size (64)"),
+    ],
+)  # fmt: skip
+def test_cross_key_errors_name_exactly_the_keys_involved(overrides, line):
+    with pytest.raises(ConfigError) as err:
+        load_config("ppo", preset="ppo_max", overrides=overrides)
+    lines = str(err.value).splitlines()
+    assert lines == ["invalid config (preset ppo_max + --set):", line]
+
+
+def test_cross_key_errors_are_all_reported_one_line_each(capsys):
+    over = ["--set", "ppo.buffer_size=100", "--set", "ppo.minibatch_size=64"]
+    assert main(["config", "--preset", "ppo_max", *over]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[1:] == [
+        "  ppo.buffer_size, ppo.rollout_batch_size: buffer_size (100) must be a multiple of rollout_batch_size (32)",
+        "  ppo.buffer_size, ppo.minibatch_size: buffer_size (100) must be a multiple of minibatch_size (64)",
+    ]
+    assert "kl_coef" not in "\n".join(err)  # not the whole section
+
+
+# --------------------------------------------------------------------------- issue 9 item 7: score re-parameterisation
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["ppo.reward_scaling=true"],
+         "  ppo.reward_norm, ppo.reward_scaling: choose one (reward_norm divides by the running std too); "
+         "set the other to false"),
+        (["ppo.reward_norm=false"],
+         "  ppo.reward_clip, ppo.reward_norm: reward_clip is in running-std units and needs reward_norm or "
+         "reward_scaling: true; set reward_clip: null to use the raw score"),
+        (["ppo.entropy_clip=30"],
+         "  ppo.entropy_clip, ppo.entropy_coef: entropy_clip bounds the entropy bonus, which entropy_coef: 0 "
+         "turns off; set entropy_coef > 0 or entropy_clip: null"),
+    ],
+)  # fmt: skip
+def test_conflicting_score_and_bonus_settings_are_errors_naming_both_keys(overrides, line):
+    with pytest.raises(ConfigError) as err:
+        load_config("ppo", preset="ppo_max", overrides=overrides)
+    assert str(err.value).splitlines() == ["invalid config (preset ppo_max + --set):", line]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "transform", "clip"),
+    [
+        ([], "normalize", 5.0),  # PPO-max
+        (["ppo.reward_clip=0.3"], "normalize", 0.3),  # fig. 6 "reward normalize, delta = 0.3"
+        # fig. 6 "reward scale"
+        (["ppo.reward_norm=false", "ppo.reward_scaling=true", "ppo.reward_clip=null"], "scale", None),
+        (["ppo.reward_norm=false", "ppo.reward_scaling=true"], "scale", 5.0),
+        (["ppo.reward_norm=false", "ppo.reward_clip=null"], "none", None),
+        (["ppo.entropy_coef=0.01", "ppo.entropy_clip=30"], "normalize", 5.0),  # app. B.3
+    ],
+)
+def test_every_paper_variant_is_a_preset_plus_overrides(overrides, transform, clip):
+    ppo = load_config("ppo", preset="ppo_max", overrides=overrides).ppo
+    assert (ppo.reward_transform, ppo.reward_clip) == (transform, clip)
+    fig6_adv = load_config(
+        "ppo", preset="vanilla", overrides=["ppo.advantage_norm=true", "ppo.advantage_clip=0.5"]
+    )
+    assert fig6_adv.ppo.reward_transform == "none" and fig6_adv.ppo.advantage_clip == 0.5

@@ -137,7 +137,7 @@ def test_token_rewards_kl_and_gae_follow_the_switches(kl_coef, gamma, lam, estim
         assert (exp.advantages[i, n:] == 0).all()
 
 
-@pytest.mark.parametrize("switch", ["norm_clip", "norm", "scaling", "clip_only", "raw", "penalty"])
+@pytest.mark.parametrize("switch", ["norm_clip", "norm", "scaling", "scaling_clip", "raw", "penalty"])
 def test_score_reparameterisation_switches(switch):
     """reward_norm/reward_clip (eq. 18), reward_scaling, truncated_response: penalty; the running statistics
     cover every raw score seen so far (two batches here), computed independently with torch.mean/std."""
@@ -145,7 +145,7 @@ def test_score_reparameterisation_switches(switch):
         "norm_clip": ["ppo.reward_norm=true", "ppo.reward_clip=0.8"],
         "norm": ["ppo.reward_norm=true", "ppo.reward_clip=null"],
         "scaling": ["ppo.reward_norm=false", "ppo.reward_scaling=true", "ppo.reward_clip=null"],
-        "clip_only": ["ppo.reward_norm=false", "ppo.reward_clip=1.0"],
+        "scaling_clip": ["ppo.reward_norm=false", "ppo.reward_scaling=true", "ppo.reward_clip=1.0"],
         "raw": ["ppo.reward_norm=false", "ppo.reward_clip=null"],
         "penalty": ["ppo.reward_norm=true", "ppo.reward_clip=null", "generation.truncated_response=penalty",
                     "generation.truncated_penalty=-3.0"],
@@ -163,7 +163,7 @@ def test_score_reparameterisation_switches(switch):
         "norm_clip": ((raw - mean) / std).clamp(-0.8, 0.8),
         "norm": (raw - mean) / std,
         "scaling": raw / std,
-        "clip_only": raw.clamp(-1.0, 1.0),
+        "scaling_clip": (raw / std).clamp(-1.0, 1.0),
         "raw": raw,
         "penalty": torch.tensor([(3.0 - mean) / std, (0.5 - mean) / std, -3.0]),
     }[switch]

@@ -7,6 +7,12 @@ never rewritten behind the user's back; derived values (e.g. the reference model
 are resolved by the code that needs them through explicit helper properties.
 
 Each PPO trick has one field that can say "off" (``null`` or ``0``), never a boolean beside a number.
+
+PPO-max is defined once, here: the defaults of the PPO sections (:class:`GenerationConfig`,
+:class:`PPOOptimConfig`, :class:`PPOSettings`) are the recipe, each field's description naming its source (a paper
+section, the MOSS-RLHF code, or "ours"). The preset ``ppo_max`` sets nothing and the other presets inherit it and
+set only what differs, so a preset and the defaults cannot drift apart. SFT and RM keep their own optimiser
+defaults (:class:`OptimConfig`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ppomax.errors import ConfigError
 
 PRESET_NAMES = ("vanilla", "ppo_max", "ppo_ptx")
+
+
+class KeyConflicts(ValueError):
+    """Raised by a model-level check: each problem names the keys it involves (relative to the section).
+
+    ``_format_validation_error`` prints one line per problem, ``section.key_a, section.key_b: message``, instead of
+    pydantic's "Value error" with the whole section as its input."""
+
+    def __init__(self, problems: list[tuple[tuple[str, ...], str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{', '.join(keys)}: {msg}" for keys, msg in problems))
 
 
 class _Section(BaseModel):
@@ -48,31 +65,42 @@ class ModelConfig(_Section):
 
 
 class GenerationConfig(_Section):
-    """Sampling settings for rollouts (paper 5.1 / MOSS-RLHF defaults)."""
+    """Sampling settings for rollouts. Defaults are PPO-max's; each description names its source."""
 
-    max_new_tokens: int = Field(128, gt=0)
-    temperature: float = Field(0.8, gt=0)
-    top_p: float = Field(0.9, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="0 = off.")
-    repetition_penalty: float = Field(1.1, gt=0, description="1.0 = off.")
+    max_new_tokens: int = Field(
+        128,
+        gt=0,
+        description="MOSS-RLHF code (maxlen_res default 128; the paper evaluates with up to 2048, 6.1).",
+    )
+    temperature: float = Field(0.8, gt=0, description="Paper 6.1 (its generation settings) / MOSS-RLHF code.")
+    top_p: float = Field(
+        0.9, gt=0, le=1, description="Paper 6.1 (nucleus sampling, p = 0.9) / MOSS-RLHF code."
+    )
+    top_k: int = Field(
+        0, ge=0, description="0 = off. Ours: off (neither the paper nor MOSS-RLHF code uses it)."
+    )
+    repetition_penalty: float = Field(
+        1.1,
+        gt=0,
+        description="1.0 = off. Paper 6.1 (beta = 1.1, on previously generated tokens) / MOSS-RLHF code.",
+    )
     logprobs_from: Literal["sampling", "raw"] = Field(
         "sampling",
         description="Log-probs for the ratio and KL from temperature-scaled logits (the distribution actually "
-        "sampled from) or from raw logits.",
+        "sampled from) or from raw logits. Ours: sampling (MOSS-RLHF code uses raw logits).",
     )
     truncated_response: Literal["score", "penalty"] = Field(
         "score",
-        description="A response that hits max_new_tokens without EOS: scored as is, or given `truncated_penalty`.",
+        description="A response that hits max_new_tokens without EOS: scored as is, or given `truncated_penalty`. "
+        "Ours: score.",
     )
-    truncated_penalty: float = -1.0
+    truncated_penalty: float = Field(-1.0, description="Ours: used only with truncated_response: penalty.")
 
 
 class OptimConfig(_Section):
-    """AdamW with warmup and a schedule. PPO uses separate policy/critic learning rates."""
+    """AdamW with warmup and a schedule (SFT and reward-model training; PPO's is :class:`PPOOptimConfig`)."""
 
     lr: float = Field(1e-5, gt=0, description="Learning rate of SFT / reward-model training.")
-    policy_lr: float = Field(5e-7, gt=0)
-    critic_lr: float = Field(1.5e-6, gt=0)
     warmup_steps: int | None = Field(None, ge=0, description="Absolute warmup; overrides warmup_ratio.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     schedule: Literal["constant", "linear", "cosine"] = "constant"
@@ -83,6 +111,39 @@ class OptimConfig(_Section):
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.95, ge=0, lt=1)
     adam_eps: float = Field(1e-8, gt=0)
+
+
+class PPOOptimConfig(OptimConfig):
+    """PPO's optimiser settings, one AdamW per model (policy, critic) with its own learning rate: PPO-max's
+    defaults, each naming its source. A subclass, so that SFT and RM keep their own defaults (:class:`OptimConfig`)
+    while PPO's are PPO-max's. ``lr`` is not used by PPO."""
+
+    policy_lr: float = Field(5e-7, gt=0, description="Paper 5.1 / MOSS-RLHF code (lr 5e-7).")
+    critic_lr: float = Field(
+        1.5e-6, gt=0, description="MOSS-RLHF code (critic_lr 15e-7); paper 5.1 says 1.65e-6."
+    )
+    warmup_steps: int | None = Field(
+        10,
+        ge=0,
+        description="Absolute warmup; overrides warmup_ratio. Ours: 10 optimiser steps (paper 5.1 warms up over "
+        "the first 10% of steps, MOSS-RLHF code 500 of 5000; paper 5.3.3 recommends critic pre-training instead).",
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Ours: unused while warmup_steps is set.")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Ours (MOSS-RLHF code decays as 1/sqrt(step) after warmup)."
+    )
+    min_lr_ratio: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Cosine/linear decay floor as a fraction of peak. Ours (unused with constant).",
+    )
+    weight_decay: float = Field(0.0, ge=0, description="MOSS-RLHF code (weight_decay 0.0).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="MOSS-RLHF code (beta1).")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="MOSS-RLHF code (beta2).")
+    adam_eps: float = Field(
+        1e-6, gt=0, description="MOSS-RLHF code (eps 1e-6 for the policy; its critic uses 1e-8)."
+    )
 
 
 class LoggingConfig(_Section):
@@ -165,68 +226,181 @@ class RewardConfig(_Section):
 
 
 class PPOSettings(_Section):
-    """The paper's implementation details (fig. 5), one field per trick. Defaults are PPO-max."""
+    """The paper's implementation details (fig. 5), one field per trick. Defaults are PPO-max (paper 5.4); each
+    description names the value's source: a paper section, the MOSS-RLHF code released with the paper, or "ours".
+
+    Score re-parameterisation (paper 5.3.1) keeps fig. 5's two switches, ``reward_scaling`` (trick 4) and
+    ``reward_norm`` (trick 5, eq. 18), plus ``reward_clip`` (eq. 18's delta), because the paper, DESIGN.md and
+    MOSS-RLHF name them so and every variant of fig. 6 / fig. 14 is then a preset plus ``--set`` overrides. The
+    combinations that have no single meaning are errors naming both keys, never a silent precedence:
+    ``reward_norm`` with ``reward_scaling`` (normalisation already divides by the running std); ``reward_clip``
+    without either (the clip acts on the re-parameterised score, in units of the running std of the raw scores,
+    so with the raw score it would silently change units to the RM's); ``entropy_clip`` with ``entropy_coef: 0``
+    (a clip on a bonus that is off). :attr:`reward_transform` is the one resulting choice, applied by
+    :func:`ppomax.algos.reparameterize_scores`.
+    """
 
     # 1. token-level KL penalty (5.3.2)
-    kl_coef: float = Field(0.05, ge=0, description="0 = no KL penalty.")
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_coef: float = Field(
+        0.05,
+        ge=0,
+        description='0 = no KL penalty. Paper 5.3.2 / fig. 7 ("setting lambda to 0.05"; eta of eq. 19).',
+    )
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k1",
+        description="Paper eq. 19 (an empirical per-token KL); k1 = log pi_RL - log pi_SFT, as MOSS-RLHF code.",
+    )
     # 2. importance sampling against the sampling policy; false = ratio against the reference
-    importance_sampling: bool = True
+    importance_sampling: bool = Field(
+        True,
+        description="true: ratio against the sampling (old) policy, standard PPO (MOSS-RLHF code). false: against "
+        'the reference, paper 5.3.2\'s "fixing the policy distribution to observations of reference model" (an '
+        'infinite buffer), which is the curve fig. 7 calls "Importance Sample" (with kl_coef > 0: "KL '
+        'Penalty+Importance Sample"). Paper 5.3.2: more stable, lower final performance; so true here.',
+    )
     # 3. entropy bonus with clip (5.3.2, app. B.3)
-    entropy_coef: float = Field(0.0, ge=0, description="0 = no entropy bonus.")
+    entropy_coef: float = Field(
+        0.0,
+        ge=0,
+        description="0 = no entropy bonus. Paper 5.3.2 / app. B.3: not recommended, off (MOSS-RLHF code: 0).",
+    )
     entropy_clip: float | None = Field(
-        None, gt=0, description="Entropy above this earns no bonus; null = no clip."
+        None,
+        gt=0,
+        description="Entropy above this earns no bonus; null = no clip; needs entropy_coef > 0. Paper app. B.3 "
+        "(fig. 16: delta = 30; MOSS-RLHF code default 35).",
     )
     # 4. reward scaling by running std (5.3.1)
-    reward_scaling: bool = False
+    reward_scaling: bool = Field(
+        False, description='Paper 5.3.1: "reward scaling doesn\'t guide proper policy optimization"; off.'
+    )
     # 5. reward normalisation and clipping (5.3.1, eq. 18)
-    reward_norm: bool = True
-    reward_clip: float | None = Field(5.0, gt=0, description="null = no clip.")
+    reward_norm: bool = Field(
+        True,
+        description="Paper 5.4 / eq. 18: normalised with the historical (running) mean and std of the RM score.",
+    )
+    reward_clip: float | None = Field(
+        5.0,
+        gt=0,
+        description="Bound on the re-parameterised score, in running-std units (eq. 18's delta); needs "
+        "reward_norm or reward_scaling; null = no clip. "
+        'Paper 5.3.1 advises "a relaxed clipping strategy" without a number (fig. 6 tries 0.3 and 0.8; even 0.3 '
+        "only delays collapse); ours: 5, which clips outliers only (MOSS-RLHF code default 10).",
+    )
     # 6. advantage normalisation and clipping (5.3.1)
-    advantage_norm: bool = True
-    advantage_clip: float | None = Field(None, gt=0, description="null = no clip.")
+    advantage_norm: bool = Field(
+        True,
+        description="Minibatch whitening, paper 5.3.1 / app. B.1 (fig. 14). Ours: on, as DESIGN.md's PPO-max; paper "
+        "5.4 does not list it and MOSS-RLHF code has it off unless --use_advantage_norm.",
+    )
+    advantage_clip: float | None = Field(
+        None, gt=0, description='null = no clip. Paper 5.3.1: "constraining ... on the reward level" instead.'
+    )
     # 7. value-function loss clipping (app. B.1)
-    value_clip: float | None = Field(0.2, gt=0, description="null = unclipped value loss.")
+    value_clip: float | None = Field(
+        0.2,
+        gt=0,
+        description="null = unclipped value loss. Paper 5.4 (clipped), app. B.1 (fig. 14: 0.2) / MOSS-RLHF code.",
+    )
     # 8. critic initialisation (5.3.3)
-    critic_init: Literal["reward_model", "sft", "random"] = "reward_model"
-    critic_pretrain_steps: int = Field(0, ge=0, description="Critic-only iterations before policy updates.")
+    critic_init: Literal["reward_model", "sft", "random"] = Field(
+        "reward_model", description="Paper 5.1 / 5.4 (critic initialised from the reward model)."
+    )
+    critic_pretrain_steps: int = Field(
+        10,
+        ge=0,
+        description="Critic-only iterations before policy updates. Paper 5.3.3 / 5.4 pre-trains the critic and gives "
+        "no length; ours: 10.",
+    )
     # 10. GAE (app. C.3)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
+    gamma: float = Field(1.0, ge=0, le=1, description="MOSS-RLHF code (gamma 1); the paper gives no gamma.")
+    lam: float = Field(
+        0.95, ge=0, le=1, description="MOSS-RLHF code (lam 0.95); paper app. C.3 uses 0.9 in its experiments."
+    )
     # 11. clipped surrogate (app. C.1)
-    clip_ratio: float | None = Field(0.2, gt=0, description="null = unclipped surrogate.")
+    clip_ratio: float | None = Field(
+        0.2,
+        gt=0,
+        description="null = unclipped surrogate. Paper eq. 15 / app. C.1 give no epsilon; 0.2: MOSS-RLHF code.",
+    )
     # 12. global gradient clipping (app. C.2)
-    max_grad_norm: float | None = Field(1.0, gt=0, description="null = no clipping.")
+    max_grad_norm: float | None = Field(
+        1.0,
+        gt=0,
+        description="null = no clipping. Paper app. C.2 (on in PPO-max; fig. 18 compares 0, 0.5, 1.0) / MOSS-RLHF code "
+        "(accelerate config gradient_clipping 1.0).",
+    )
     # PPO-ptx (eq. 17)
-    ptx_coef: float = Field(0.0, ge=0, description="0 = no pretraining loss.")
-    ptx_batch_size: int = Field(8, gt=0)
-    vf_coef: float = Field(1.0, ge=0)
+    ptx_coef: float = Field(
+        0.0,
+        ge=0,
+        description="0 = no pretraining loss. Ours: off, since it needs data.ptx (preset ppo_ptx turns it on); paper "
+        "5.4 adds it to PPO-max without a number, MOSS-RLHF code default 0.",
+    )
+    ptx_batch_size: int = Field(8, gt=0, description="Ours: ptx sequences mixed into each minibatch update.")
+    vf_coef: float = Field(1.0, ge=0, description="MOSS-RLHF code (vf_loss_weight 1).")
     # Experience and updates (5.4: a small buffer)
-    iterations: int = Field(100, gt=0, description="Rollout + update cycles.")
-    rollout_batch_size: int = Field(32, gt=0, description="Prompts per generate() call.")
-    buffer_size: int = Field(128, gt=0, description="Samples collected per iteration before updating.")
-    minibatch_size: int = Field(32, gt=0)
+    iterations: int = Field(100, gt=0, description="Rollout + update cycles. Ours.")
+    rollout_batch_size: int = Field(
+        32, gt=0, description="Prompts per generate() call. MOSS-RLHF code (rollout_batch_size 32)."
+    )
+    buffer_size: int = Field(
+        128,
+        gt=0,
+        description='Samples collected per iteration before updating. Paper 5.1 ("a batch size of 128 for sampling") '
+        "and 5.4 (a small experience buffer) / MOSS-RLHF code (num_rollouts 128).",
+    )
+    minibatch_size: int = Field(
+        32,
+        gt=0,
+        description='Paper 5.1 ("a batch size of 32 for training") / MOSS-RLHF code (batch_size 32).',
+    )
     micro_batch_size: int | None = Field(
         None,
         gt=0,
         description="Rows per forward/backward inside a minibatch (gradient accumulation, to bound memory); "
-        "null = the whole minibatch at once. One optimiser step per minibatch either way.",
+        "null = the whole minibatch at once. One optimiser step per minibatch either way. Ours.",
     )
-    ppo_epochs: int = Field(1, gt=0)
+    ppo_epochs: int = Field(
+        1, gt=0, description="One pass over a small buffer keeps updates on-policy: ours, as MOSS-RLHF code."
+    )
     max_nonfinite_in_row: int = Field(
-        3, gt=0, description="Consecutive skipped non-finite updates that stop the run."
+        3, gt=0, description="Consecutive skipped non-finite updates that stop the run. Ours."
     )
 
+    @property
+    def reward_transform(self) -> Literal["none", "scale", "normalize"]:
+        """What ``reward_norm`` / ``reward_scaling`` ask for (validated: at most one of them is on)."""
+        return "normalize" if self.reward_norm else "scale" if self.reward_scaling else "none"
+
     @model_validator(mode="after")
-    def _sizes_fit(self) -> PPOSettings:
-        if self.buffer_size % self.rollout_batch_size:
-            raise ValueError(
-                f"buffer_size ({self.buffer_size}) must be a multiple of rollout_batch_size ({self.rollout_batch_size})"
-            )
-        if self.buffer_size % self.minibatch_size:
-            raise ValueError(
-                f"buffer_size ({self.buffer_size}) must be a multiple of minibatch_size ({self.minibatch_size})"
-            )
+    def _consistent(self) -> PPOSettings:
+        problems: list[tuple[tuple[str, ...], str]] = []
+        if self.reward_norm and self.reward_scaling:
+            problems.append((
+                ("reward_norm", "reward_scaling"),
+                "choose one (reward_norm divides by the running std too); set the other to false",
+            ))  # fmt: skip
+        if self.reward_clip is not None and self.reward_transform == "none":
+            problems.append((
+                ("reward_clip", "reward_norm"),
+                "reward_clip is in running-std units and needs reward_norm or reward_scaling: true; "
+                "set reward_clip: null to use the raw score",
+            ))  # fmt: skip
+        if self.entropy_clip is not None and self.entropy_coef == 0:
+            problems.append((
+                ("entropy_clip", "entropy_coef"),
+                "entropy_clip bounds the entropy bonus, which entropy_coef: 0 turns off; "
+                "set entropy_coef > 0 or entropy_clip: null",
+            ))  # fmt: skip
+        for size in ("rollout_batch_size", "minibatch_size"):
+            if self.buffer_size % getattr(self, size):
+                problems.append((
+                    ("buffer_size", size),
+                    f"buffer_size ({self.buffer_size}) must be a multiple of {size} ({getattr(self, size)})",
+                ))  # fmt: skip
+        if problems:
+            raise KeyConflicts(problems)
         return self
 
 
@@ -290,6 +464,7 @@ class PPOConfig(_RunConfig):
         None, description="Name of the preset this config started from (informational)."
     )
     data: PPODataConfig = Field(default_factory=PPODataConfig)
+    optim: PPOOptimConfig = Field(default_factory=PPOOptimConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOSettings = Field(default_factory=PPOSettings)
@@ -326,6 +501,13 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        conflicts = e.get("ctx", {}).get("error")
+        if isinstance(conflicts, KeyConflicts):
+            prefix = "".join(f"{p}." for p in e["loc"])
+            lines.extend(
+                f"  {', '.join(prefix + k for k in keys)}: {msg}" for keys, msg in conflicts.problems
+            )
+            continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif e["type"] == "literal_error":

@@ -4,7 +4,7 @@ Every function here is a function of tensors (plus one small stateful class, `Ru
 package imports only torch, so each formula has a unit test against an independent computation
 (tests/test_algos.py). Equation numbers refer to "Secrets of RLHF in Large Language Models Part I: PPO"
 (arXiv 2307.04964). Modules: `stats` (masked statistics, running moments), `rewards` (KL estimators,
-token-level rewards, GAE, reward/advantage normalisation), `losses` (PPO, critic, entropy, LM, RM losses).
+token-level rewards, GAE, score re-parameterisation, advantage normalisation), `losses` (PPO, critic, entropy, LM, RM losses).
 Import from `ppomax.algos` directly; the split is for reading, not for the API.
 
 Conventions:
@@ -30,11 +30,11 @@ from .losses import (
 )
 from .rewards import (
     KLEstimator,
+    ScoreTransform,
     gae,
     kl_per_token,
     normalize_advantages,
-    normalize_rewards,
-    scale_rewards,
+    reparameterize_scores,
     token_level_rewards,
 )
 from .stats import (
@@ -51,6 +51,7 @@ __all__ = [
     "AllReduce",
     "KLEstimator",
     "RunningMoments",
+    "ScoreTransform",
     "entropy_bonus_loss",
     "entropy_from_logits",
     "gae",
@@ -62,10 +63,9 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "normalize_advantages",
-    "normalize_rewards",
     "pairwise_rm_loss",
     "policy_loss",
-    "scale_rewards",
+    "reparameterize_scores",
     "token_level_rewards",
     "token_weights",
     "value_loss",

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .stats import AllReduce, RunningMoments, _bool_mask, masked_whiten
+from .stats import AllReduce, _bool_mask, masked_whiten
 
 KLEstimator = Literal["k1", "k2", "k3"]
 
@@ -96,25 +96,41 @@ def gae(
     return advantages, returns
 
 
-def scale_rewards(scores: Tensor, moments: RunningMoments, eps: float = 1e-8) -> Tensor:
-    """Reward scaling (paper 5.3.1): r_n / sigma(r), sigma the running std of the scores seen so far.
-
-    scores: [B] -> [B]. Does not update `moments`; the caller updates them with the batch first, so the
-    batch is included in its own statistics. (The paper's "std of a rolling discounted sum" equals the
-    std of scores here: one reward per episode, gamma = 1 at the sequence level.)
-    """
-    return scores / (moments.std + eps)
+ScoreTransform = Literal["none", "scale", "normalize"]
 
 
-def normalize_rewards(
-    scores: Tensor, mean: float | Tensor, std: float | Tensor, clip: float | None, eps: float = 1e-8
+def reparameterize_scores(
+    scores: Tensor,
+    mean: float | Tensor,
+    std: float | Tensor,
+    transform: ScoreTransform,
+    clip: float | None,
+    eps: float = 1e-8,
 ) -> Tensor:
-    """Reward normalisation and clipping (paper eq. 18): clip((r - mean) / std, -clip, clip).
+    """Score re-parameterisation of the RM score (paper 5.3.1): the one place it is computed.
 
-    scores: [B] -> [B]; mean/std: running statistics (e.g. `RunningMoments.mean/.std`). clip=None
-    normalises without clipping.
+    scores: [B] -> [B]; mean/std: running statistics of the raw scores seen so far, this batch included
+    (`RunningMoments.mean/.std`, updated by the caller first).
+
+    - ``"none"``: the raw score.
+    - ``"scale"`` (reward scaling): ``r / sigma``. The paper's "std of a rolling discounted sum" is the std of
+      the scores here: one reward per episode, gamma = 1 at the sequence level.
+    - ``"normalize"`` (reward normalisation, eq. 18): ``(r - mean) / sigma``.
+
+    ``clip`` then bounds the result to [-clip, clip] (eq. 18's delta; None = no clip). It acts on the
+    re-parameterised score, so it is in running-std units; a clip on the raw score (RM units) is refused,
+    since the same number would then mean something else.
     """
-    out = (scores - mean) / (std + eps)
+    if transform == "none":
+        if clip is not None:
+            raise ValueError("clip is in running-std units: it needs transform 'scale' or 'normalize'")
+        return scores
+    if transform == "scale":
+        out = scores / (std + eps)
+    elif transform == "normalize":
+        out = (scores - mean) / (std + eps)
+    else:
+        raise ValueError(f"unknown transform {transform!r}; expected 'none', 'scale' or 'normalize'")
     return out if clip is None else out.clamp(-clip, clip)
 
 

@@ -6,7 +6,8 @@ section 1 and the switches of ``ppo``:
 1. scoring (no gradient): old log-probs, entropy and values from the policy and critic, reference log-probs,
    raw scores from the reward sources; each computed once per iteration and reused by every epoch;
 2. advantages: running reward moments updated with the raw scores (eq. 18), the score re-parameterised
-   (``reward_norm``/``reward_clip`` or ``reward_scaling``; a truncated response may get ``truncated_penalty``),
+   (``reward_norm`` or ``reward_scaling``, then ``reward_clip``; a truncated response may get
+   ``truncated_penalty``),
    token-level rewards ``-kl_coef * KL_t`` + score at the last token (eq. 19), GAE (eq. 9-11);
 3. updates: ``ppo_epochs`` passes over shuffled minibatches; advantages whitened/clipped per minibatch; clipped
    surrogate (eq. 15) against the sampling policy, or the reference when ``importance_sampling`` is off;
@@ -33,9 +34,8 @@ from ppomax.algos import (
     kl_per_token,
     lm_nll,
     normalize_advantages,
-    normalize_rewards,
     policy_loss,
-    scale_rewards,
+    reparameterize_scores,
     token_level_rewards,
     token_weights,
     value_loss,
@@ -86,19 +86,13 @@ def score_experience(
     exp.scores, exp.score_parts = rewards(exp, eos_ids)
 
 
-def reparameterize_scores(
+def final_scores(
     raw: Tensor, truncated: Tensor, ppo: PPOSettings, gen: GenerationConfig, moments: RunningMoments
 ) -> Tensor:
-    """The score added at the last token (paper 5.3.1), from raw scores [B] and running moments already
-    updated with this batch: ``reward_norm`` -> ``clip((r - mean) / std, -c, c)`` (eq. 18); else
-    ``reward_scaling`` -> ``r / std``; ``reward_clip`` clips whichever applies (or the raw score). With
+    """The score added at the last token, from raw scores [B] and running moments already updated with this batch:
+    re-parameterised as ``ppo`` asks (paper 5.3.1, :func:`ppomax.algos.reparameterize_scores`); with
     ``truncated_response: penalty`` a response without EOS gets ``truncated_penalty`` instead."""
-    if ppo.reward_norm:
-        out = normalize_rewards(raw, moments.mean, moments.std, ppo.reward_clip)
-    else:
-        out = scale_rewards(raw, moments) if ppo.reward_scaling else raw
-        if ppo.reward_clip is not None:
-            out = out.clamp(-ppo.reward_clip, ppo.reward_clip)
+    out = reparameterize_scores(raw, moments.mean, moments.std, ppo.reward_transform, ppo.reward_clip)
     if gen.truncated_response == "penalty":
         out = torch.where(truncated, torch.full_like(out, gen.truncated_penalty), out)
     return out
@@ -118,7 +112,7 @@ def compute_advantages(exp: Experience, ppo: PPOSettings, gen: GenerationConfig,
     if gen.truncated_response == "penalty":
         use = use & ~exp.truncated
     moments.update(raw, mask=use)
-    exp.final_scores = reparameterize_scores(raw, exp.truncated, ppo, gen, moments)
+    exp.final_scores = final_scores(raw, exp.truncated, ppo, gen, moments)
     kl = kl_per_token(exp.logprobs, exp.ref_logprobs, ppo.kl_estimator)
     exp.kl = torch.where(mask, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
     exp.rewards = token_level_rewards(exp.final_scores, exp.kl, mask, ppo.kl_coef)
