@@ -4,8 +4,10 @@ stated number of iterations, and the KL penalty keeps the policy near the refere
 Setup (ppo_helpers): tiny random Llama (2 layers, hidden 32, vocab 300, ~40k parameters) as the "SFT" policy and
 reference; reward = fraction of response tokens whose id is a multiple of 10 (a random policy scores ~0.1, the
 best policy 1.0); 32 prompts per iteration, minibatches of 16, 2 epochs, 12 new tokens; learning rates 1e-3 (the
-paper's 5e-7 is for 7B models). Observed on the reference machine (seeds 0-3): ppo_max goes from ~0.08 to
-~0.6 in 16 iterations with KL <= ~0.75 nats/token; vanilla and ppo_max reach ~0.9 in 30.
+paper's 5e-7 is for 7B models); sampling as the preset says (temperature 0.8, top-p 0.9, no top-k). Observed
+(seed 42): ppo_max goes from ~0.11 to ~0.49 in 30 iterations with KL <= ~0.73 nats/token; vanilla to ~0.5 in 58;
+with kl_coef 1.0, ~0.21 in 58. Until `top_k: 0` really meant "off" (HF sampled with top-k 50) the same rewards
+came in about half the iterations: a truncated sampler concentrates on the tokens the policy already favours.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ def mean(records: list[dict], key: str) -> float:
     return sum(r[key] for r in records) / len(records)
 
 
-def test_ppo_max_raises_the_reward_within_16_iterations_with_bounded_kl(setup, tmp_path):
-    rec = run(setup, tmp_path, "ppo_max", 14)  # + 2 critic pre-training iterations = 16
+def test_ppo_max_raises_the_reward_within_30_iterations_with_bounded_kl(setup, tmp_path):
+    rec = run(setup, tmp_path, "ppo_max", 28)  # + 2 critic pre-training iterations = 30
     before, after = mean(rec[:3], "reward/raw_mean"), mean(rec[-3:], "reward/raw_mean")
     assert before < 0.15
     assert after >= before + 0.3, (before, after)
@@ -54,7 +56,7 @@ def test_ppo_max_raises_the_reward_within_16_iterations_with_bounded_kl(setup, t
 
 @pytest.mark.slow
 def test_vanilla_also_learns(setup, tmp_path):
-    rec = run(setup, tmp_path, "vanilla", 28)
+    rec = run(setup, tmp_path, "vanilla", 56)
     before, after = mean(rec[:3], "reward/raw_mean"), mean(rec[-3:], "reward/raw_mean")
     assert after >= before + 0.4, (before, after)
 
@@ -62,9 +64,9 @@ def test_vanilla_also_learns(setup, tmp_path):
 @pytest.mark.slow
 def test_a_stronger_kl_penalty_keeps_the_policy_closer(setup, tmp_path):
     """Paper fig. 15's hierarchy: a larger kl_coef gives a smaller KL to the reference (and a lower reward)."""
-    free = run(setup, tmp_path / "free", "ppo_max", 28, "ppo.kl_coef=0")
-    tight = run(setup, tmp_path / "tight", "ppo_max", 28, "ppo.kl_coef=1.0")
+    free = run(setup, tmp_path / "free", "ppo_max", 56, "ppo.kl_coef=0")
+    tight = run(setup, tmp_path / "tight", "ppo_max", 56, "ppo.kl_coef=1.0")
     kl_free, kl_tight = mean(free[-3:], "kl/per_sequence"), mean(tight[-3:], "kl/per_sequence")
     assert kl_tight < 0.5 * kl_free, (kl_tight, kl_free)
-    assert mean(tight[-3:], "reward/raw_mean") >= mean(tight[:3], "reward/raw_mean") + 0.2  # still learns
+    assert mean(tight[-3:], "reward/raw_mean") >= mean(tight[:3], "reward/raw_mean") + 0.05  # still learns, slowly
     assert mean(free[-3:], "reward/raw_mean") > mean(tight[-3:], "reward/raw_mean")
