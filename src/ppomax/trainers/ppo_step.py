@@ -46,6 +46,7 @@ from ppomax.experience import Experience
 from ppomax.rewards import RewardSources
 
 from .ppo_models import Forward
+from .reduce import reduction_of
 
 
 @torch.no_grad()
@@ -282,19 +283,22 @@ class Updater:
 
 
 def _accumulate(into: dict[str, Tensor], metrics: dict[str, Tensor], weight: Tensor | float) -> None:
-    """Fold one micro-batch's metrics into the minibatch's: token means by their ``weight`` (token_weights:
-    the weighted sum is the minibatch's token mean), ``*_max`` by max, ``*_count`` by sum."""
+    """Fold one micro-batch's metrics into the minibatch's by :func:`reduction_of`: ``*_max`` by max,
+    ``*_count`` by sum, token means by their ``weight`` (token_weights: the weighted sum is the minibatch's
+    token mean)."""
     for k, v in metrics.items():
-        if k.endswith("_max"):
-            into[k] = torch.maximum(into[k], v) if k in into else v
-        elif k.endswith("_count"):
-            into[k] = into[k] + v if k in into else v
+        op = reduction_of(k)
+        if k not in into:
+            into[k] = v if op != "mean" else weight * v
+        elif op == "max":
+            into[k] = torch.maximum(into[k], v)
         else:
-            into[k] = into[k] + weight * v if k in into else weight * v
+            into[k] = into[k] + (v if op == "sum" else weight * v)
 
 
 def _combine(name: str, values: list[Tensor]) -> Tensor:
-    """One value of a metric seen several times (micro-batches, minibatches): ``*_max`` the max, ``*_count``
-    the sum (events counted over the whole iteration), anything else the mean."""
+    """One value of a metric seen several times (minibatches, epochs) by :func:`reduction_of`; events
+    (``*_count``) are counted over the whole iteration."""
     t = torch.stack(values)
-    return t.max() if name.endswith("_max") else t.sum() if name.endswith("_count") else t.mean()
+    op = reduction_of(name)
+    return t.max() if op == "max" else t.sum() if op == "sum" else t.mean()
