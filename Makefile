@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH_CPU_WHEEL ?= torch==2.13.0
 
-.PHONY: demo demo-quick test test-all lint bench clean
+.PHONY: demo demo-quick test test-all lint format bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -21,7 +21,10 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(BIN)/ppomax demo --quick $(ARGS)
 
+# CI runs this: lint and format checks first (they take a second), then the default suite.
 test: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 test-all: $(STAMP)
@@ -29,6 +32,11 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
 
 bench: $(STAMP)
 	$(BIN)/python bench/ppo_iteration.py $(ARGS)
