@@ -30,21 +30,35 @@ def seed_lines(seed: int, s: dict[str, Any]) -> list[str]:
         e = s["eval"].get(name)
         if e:
             wtl = e["win_tie_lose"]
-            parts = "  ".join(f"{k} {'/'.join(map(str, wtl[k]))}" for k in ("overall", "helpful", "harmless") if k in wtl)
-            out.append(f"  {name:<8} vs SFT (gold judge, win/tie/lose): {parts}   mean gold {_f(e['gold_policy'])} "
-                       f"vs SFT {_f(e['gold_sft'])}")  # fmt: skip
+            parts = "  ".join(
+                f"{k} {'/'.join(map(str, wtl[k]))}" for k in ("overall", "helpful", "harmless") if k in wtl
+            )
+            out.append(
+                f"  {name:<8} vs SFT (gold judge, win/tie/lose): {parts}   mean gold {_f(e['gold_policy'])} "
+                f"vs SFT {_f(e['gold_sft'])}"
+            )
     for name, tr in s["runs"].items():
         cells = []
-        for metric, spec in (("rm", "+.2f"), ("gold", "+.2f"), ("kl", ".3f"), ("length", ".1f"), ("ppl", ".2f")):
+        for metric, spec in (
+            ("rm", "+.2f"),
+            ("gold", "+.2f"),
+            ("kl", ".3f"),
+            ("length", ".1f"),
+            ("ppl", ".2f"),
+        ):
             t = tr[metric]
             cells.append(f"{metric} {_f(t['start'], spec)}/{_f(t['peak'], spec)}/{_f(t['end'], spec)}")
         out.append(f"  {name:<8} start/peak/end: " + "  ".join(cells))
     rm = s.get("rm_accuracy", {})
-    out.append(f"  RM accuracy: {_f(rm.get('accuracy_annotator'), '.1%')} vs annotators, "
-               f"{_f(rm.get('accuracy_gold'), '.1%')} vs gold")  # fmt: skip
-    out.append(f"  PPO-max beats SFT: {s.get('ppo_max_beats_sft')}   PPO-max stable: {s.get('ppo_max_stable')}   "
-               f"vanilla over-optimises: {s.get('vanilla_over_optimises')} "
-               f"({', '.join(s.get('vanilla_signatures') or []) or 'no signature'})")  # fmt: skip
+    out.append(
+        f"  RM accuracy: {_f(rm.get('accuracy_annotator'), '.1%')} vs annotators, "
+        f"{_f(rm.get('accuracy_gold'), '.1%')} vs gold"
+    )
+    out.append(
+        f"  PPO-max beats SFT: {s.get('ppo_max_beats_sft')}   PPO-max stable: {s.get('ppo_max_stable')}   "
+        f"vanilla over-optimises: {s.get('vanilla_over_optimises')} "
+        f"({', '.join(s.get('vanilla_signatures') or []) or 'no signature'})"
+    )
     return out
 
 
@@ -61,16 +75,25 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.out)
     summaries: dict[int, dict[str, Any]] = {}
     for seed in args.seeds:
-        res = run_demo(root / f"seed-{seed}", quick=args.quick, seed=seed, progress=args.progress,
-                       log=lambda m, seed=seed: print(f"  [seed {seed}] {m}", file=sys.stderr))  # fmt: skip
+        res = run_demo(
+            root / f"seed-{seed}",
+            quick=args.quick,
+            seed=seed,
+            progress=args.progress,
+            log=lambda m, seed=seed: print(f"  [seed {seed}] {m}", file=sys.stderr),
+        )
         s = res["summary"]
         summaries[seed] = s
         print("\n".join(seed_lines(seed, s)), flush=True)
     keys = ("ppo_max_beats_sft", "ppo_max_stable", "vanilla_over_optimises")
-    print("\nall seeds: " + "   ".join(f"{k}: {sum(bool(s.get(k)) for s in summaries.values())}/{len(summaries)}"
-                                      for k in keys))  # fmt: skip
+    print(
+        "\nall seeds: "
+        + "   ".join(f"{k}: {sum(bool(s.get(k)) for s in summaries.values())}/{len(summaries)}" for k in keys)
+    )
     root.mkdir(parents=True, exist_ok=True)
-    (root / "seeds.json").write_text(json.dumps({str(k): v for k, v in summaries.items()}, indent=1, default=str))
+    (root / "seeds.json").write_text(
+        json.dumps({str(k): v for k, v in summaries.items()}, indent=1, default=str)
+    )
     return 0
 
 

@@ -62,13 +62,26 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         policy, rm, prompts, n_params = build(root, args.hidden, args.layers, args.vocab, seed=0)
         b = args.batch
-        cfg = load_config("ppo", preset="ppo_max", overrides=[
-            f"model.policy={policy}", f"model.reward={rm}", f"data.prompts={prompts}", f"model.dtype={args.dtype}",
-            f"generation.max_new_tokens={args.new_tokens}", "ppo.critic_pretrain_steps=0",
-            f"ppo.iterations={args.warmup + args.iterations}", f"ppo.rollout_batch_size={b}",
-            f"ppo.buffer_size={b}", f"ppo.minibatch_size={b}", "ppo.ppo_epochs=1",
-            f"logging.out_dir={root / 'run'}", "logging.tensorboard=false", "logging.progress=false",
-        ])  # fmt: skip
+        cfg = load_config(
+            "ppo",
+            preset="ppo_max",
+            overrides=[
+                f"model.policy={policy}",
+                f"model.reward={rm}",
+                f"data.prompts={prompts}",
+                f"model.dtype={args.dtype}",
+                f"generation.max_new_tokens={args.new_tokens}",
+                "ppo.critic_pretrain_steps=0",
+                f"ppo.iterations={args.warmup + args.iterations}",
+                f"ppo.rollout_batch_size={b}",
+                f"ppo.buffer_size={b}",
+                f"ppo.minibatch_size={b}",
+                "ppo.ppo_epochs=1",
+                f"logging.out_dir={root / 'run'}",
+                "logging.tensorboard=false",
+                "logging.progress=false",
+            ],
+        )
         trainer = PPOTrainer(cfg)
         rows = []
         for step in range(1, args.warmup + args.iterations + 1):
@@ -80,20 +93,34 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(r[key] for r in rows)
 
     length = med("response/length_mean")
-    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
+    device = (
+        torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
+    )
     threads = torch.get_num_threads() if args.device == "cpu" else "-"
-    header = ("| model | params | layers | hidden | vocab | device | threads | batch | new tokens (mean len) | "
-              "gen s | score s | train s | iter s | samples/s | tokens/s | gen tok/s |")  # fmt: skip
+    header = (
+        "| model | params | layers | hidden | vocab | device | threads | batch | new tokens (mean len) | "
+        "gen s | score s | train s | iter s | samples/s | tokens/s | gen tok/s |"
+    )
     if args.header:
         print(header)
         print("|" + "---|" * (header.count("|") - 1))
-    print(f"| tiny Llama | {n_params / 1e6:.2f}M | {args.layers} | {args.hidden} | {args.vocab} | {device} | {threads} "
-          f"| {b} | {args.new_tokens} ({length:.0f}) | {med('time/generation'):.3f} | {med('time/scoring'):.3f} "
-          f"| {med('time/training'):.3f} | {med('time/iteration'):.3f} | {med('perf/samples_per_s'):.1f} "
-          f"| {med('perf/tokens_per_s'):.0f} | {med('perf/generation_tokens_per_s'):.0f} |")  # fmt: skip
+    print(
+        f"| tiny Llama | {n_params / 1e6:.2f}M | {args.layers} | {args.hidden} | {args.vocab} | {device} | {threads} "
+        f"| {b} | {args.new_tokens} ({length:.0f}) | {med('time/generation'):.3f} | {med('time/scoring'):.3f} "
+        f"| {med('time/training'):.3f} | {med('time/iteration'):.3f} | {med('perf/samples_per_s'):.1f} "
+        f"| {med('perf/tokens_per_s'):.0f} | {med('perf/generation_tokens_per_s'):.0f} |"
+    )
     if args.json:
-        print(json.dumps({"params": n_params, "args": vars(args), "median": {k: med(k) for k in rows[0]
-                          if k.startswith(("time/", "perf/"))}, "when": time.strftime("%Y-%m-%d %H:%M")}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "params": n_params,
+                    "args": vars(args),
+                    "median": {k: med(k) for k in rows[0] if k.startswith(("time/", "perf/"))},
+                    "when": time.strftime("%Y-%m-%d %H:%M"),
+                }
+            )
+        )
     return 0
 
 

@@ -73,9 +73,15 @@ def _pin_threads(n: int) -> None:
 
 def _thread_env(n: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n), TOKENIZERS_PARALLELISM="false",
-               ACCELERATE_USE_CPU="true", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONWARNINGS="ignore")  # fmt: skip
+    env.update(
+        OMP_NUM_THREADS=str(n),
+        MKL_NUM_THREADS=str(n),
+        TOKENIZERS_PARALLELISM="false",
+        ACCELERATE_USE_CPU="true",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONWARNINGS="ignore",
+    )
     return env
 
 
@@ -153,10 +159,17 @@ def prepare(
     with torch.no_grad():
         scores = vh.score(seqs, (seqs != tok.pad_token_id).long()).tolist()
     return {
-        "policy": str(policy), "rm": str(rm), "rm_trl": str(rm_trl), "prompts": str(prompts),
-        "prompt_ids": [i for _, i in keep], "prompt_len": length, "n_params": n_params,
-        "score_bias": float(vh.value_head.bias.item()), "check_seqs": seqs.tolist(), "check_scores": scores,
-    }  # fmt: skip
+        "policy": str(policy),
+        "rm": str(rm),
+        "rm_trl": str(rm_trl),
+        "prompts": str(prompts),
+        "prompt_ids": [i for _, i in keep],
+        "prompt_len": length,
+        "n_params": n_params,
+        "score_bias": float(vh.value_head.bias.item()),
+        "check_seqs": seqs.tolist(),
+        "check_scores": scores,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- the two sides
@@ -175,8 +188,12 @@ def split(marks: dict[str, tuple[float, float]], start: str) -> dict[str, dict[s
     out = {}
     for c, clock in enumerate(("wall", "cpu")):
         m = {k: v[c] for k, v in marks.items()}
-        d = {"gen": m["gen_end"] - m["gen_start"], "score": m["score_end"] - m["gen_end"],
-             "train": m["end"] - m["score_end"], "iter": m["end"] - m[start]}  # fmt: skip
+        d = {
+            "gen": m["gen_end"] - m["gen_start"],
+            "score": m["score_end"] - m["gen_end"],
+            "train": m["end"] - m["score_end"],
+            "iter": m["end"] - m[start],
+        }
         d["other"] = d["iter"] - d["gen"] - d["score"] - d["train"]
         out[clock] = d
     return out
@@ -230,15 +247,35 @@ def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
     from ppomax.trainers.ppo import PPOTrainer
 
     b, total = a.batch, a.warmup + a.iterations
-    cfg = load_config("ppo", preset="ppo_max", overrides=[
-        f"model.policy={spec['policy']}", f"model.reward={spec['rm']}", f"data.prompts={spec['prompts']}",
-        "model.dtype=float32", f"generation.max_new_tokens={a.new_tokens}", f"generation.temperature={TEMPERATURE}",
-        "generation.top_p=1.0", "generation.top_k=0", "generation.repetition_penalty=1.0",
-        "ppo.critic_pretrain_steps=0", f"ppo.iterations={total}", f"ppo.rollout_batch_size={b}",
-        f"ppo.buffer_size={b}", f"ppo.minibatch_size={b}", "ppo.ppo_epochs=1", "ppo.vf_coef=1.0",
-        "ppo.kl_coef=0.05", "ppo.kl_estimator=k1", "ppo.clip_ratio=0.2", "ppo.value_clip=0.2",
-        f"logging.out_dir={Path(a.out).with_suffix('.run')}", "logging.tensorboard=false", "logging.progress=false",
-    ])  # fmt: skip
+    cfg = load_config(
+        "ppo",
+        preset="ppo_max",
+        overrides=[
+            f"model.policy={spec['policy']}",
+            f"model.reward={spec['rm']}",
+            f"data.prompts={spec['prompts']}",
+            "model.dtype=float32",
+            f"generation.max_new_tokens={a.new_tokens}",
+            f"generation.temperature={TEMPERATURE}",
+            "generation.top_p=1.0",
+            "generation.top_k=0",
+            "generation.repetition_penalty=1.0",
+            "ppo.critic_pretrain_steps=0",
+            f"ppo.iterations={total}",
+            f"ppo.rollout_batch_size={b}",
+            f"ppo.buffer_size={b}",
+            f"ppo.minibatch_size={b}",
+            "ppo.ppo_epochs=1",
+            "ppo.vf_coef=1.0",
+            "ppo.kl_coef=0.05",
+            "ppo.kl_estimator=k1",
+            "ppo.clip_ratio=0.2",
+            "ppo.value_clip=0.2",
+            f"logging.out_dir={Path(a.out).with_suffix('.run')}",
+            "logging.tensorboard=false",
+            "logging.progress=false",
+        ],
+    )
     trainer = PPOTrainer(cfg)
     clock = Phases()
     trainer.generate = clock.wrap("gen", trainer.generate)  # type: ignore[method-assign]
@@ -251,12 +288,24 @@ def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
         m = trainer.iteration(step)
         row: dict[str, Any] = clock.take(t0, now())
         it = m["time/iteration"]
-        row.update(tokens=m["perf/tokens_per_s"] * it, len=m["response/length_mean"], width=a.new_tokens,
-                   own={k: m[f"time/{k}"] for k in ("generation", "scoring", "training", "iteration")})  # fmt: skip
+        row.update(
+            tokens=m["perf/tokens_per_s"] * it,
+            len=m["response/length_mean"],
+            width=a.new_tokens,
+            own={k: m[f"time/{k}"] for k in ("generation", "scoring", "training", "iteration")},
+        )
         rows.append(row)
-    return {"rows": rows, "threads": torch.get_num_threads(), "mixed_precision": trainer.acc.mixed_precision,
-            "versions": {"ppomax": "src", "torch": torch.__version__, "transformers": transformers.__version__,
-                         "accelerate": accelerate.__version__}}  # fmt: skip
+    return {
+        "rows": rows,
+        "threads": torch.get_num_threads(),
+        "mixed_precision": trainer.acc.mixed_precision,
+        "versions": {
+            "ppomax": "src",
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__,
+        },
+    }
 
 
 def run_trl(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
@@ -296,15 +345,41 @@ def run_trl(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
     b, total = a.batch, a.warmup + a.iterations
     ds = Dataset.from_dict({"input_ids": spec["prompt_ids"]})
     args = PPOConfig(
-        output_dir=str(Path(a.out).with_suffix(".run")), report_to="none", save_strategy="no", logging_steps=1,
-        disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, seed=42,
-        per_device_train_batch_size=b, gradient_accumulation_steps=1, num_mini_batches=1,
-        local_rollout_forward_batch_size=b, num_ppo_epochs=1, total_episodes=b * total,
-        response_length=a.new_tokens, stop_token="eos", temperature=TEMPERATURE, num_sample_generations=0,
-        kl_coef=0.05, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, vf_coef=1.0, gamma=1.0, lam=0.95,
-        optim="adamw_torch", learning_rate=5e-7, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-6,
-        lr_scheduler_type="constant", dataloader_num_workers=0,
-    )  # fmt: skip
+        output_dir=str(Path(a.out).with_suffix(".run")),
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        seed=42,
+        per_device_train_batch_size=b,
+        gradient_accumulation_steps=1,
+        num_mini_batches=1,
+        local_rollout_forward_batch_size=b,
+        num_ppo_epochs=1,
+        total_episodes=b * total,
+        response_length=a.new_tokens,
+        stop_token="eos",
+        temperature=TEMPERATURE,
+        num_sample_generations=0,
+        kl_coef=0.05,
+        kl_estimator="k1",
+        cliprange=0.2,
+        cliprange_value=0.2,
+        vf_coef=1.0,
+        gamma=1.0,
+        lam=0.95,
+        optim="adamw_torch",
+        learning_rate=5e-7,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_epsilon=1e-6,
+        lr_scheduler_type="constant",
+        dataloader_num_workers=0,
+    )
     marks: list[dict[str, Any]] = []
     gc = Phases()  # TRL calls gc.collect() twice per iteration: report how much of its time that is
     eos = tok.eos_token_id
@@ -317,8 +392,15 @@ def run_trl(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
         resp = out[0][:, queries.shape[1] :]
         is_eos = resp == eos
         first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, resp.shape[1])  # up to and incl. EOS
-        marks.append({"gen_start": t0, "gen_end": t1, "tokens": float(first.sum()),
-                      "len": float(first.float().mean()), "width": resp.shape[1]})  # fmt: skip
+        marks.append(
+            {
+                "gen_start": t0,
+                "gen_end": t1,
+                "tokens": float(first.sum()),
+                "len": float(first.float().mean()),
+                "width": resp.shape[1],
+            }
+        )
         return out
 
     def timed_whiten(*args: Any, **kw: Any) -> Any:  # the advantages' whitening ends the scoring phase
@@ -337,8 +419,16 @@ def run_trl(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
     pt.batch_generation, pt.masked_whiten = timed_gen, timed_whiten
     # The trainer module's `gc` name only (the gc module itself is untouched).
     pt.gc = types.SimpleNamespace(collect=gc.wrap("collect", pt.gc.collect))
-    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
-                         value_model=value, train_dataset=ds, eval_dataset=ds.select(range(b)))  # fmt: skip
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tok,
+        model=policy,
+        ref_model=ref,
+        reward_model=rm,
+        value_model=value,
+        train_dataset=ds,
+        eval_dataset=ds.select(range(b)),
+    )
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(Clock())
     trainer.train()
@@ -350,11 +440,19 @@ def run_trl(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
         row: dict[str, Any] = split({**times, "start": prev["end"]}, "start")
         row.update(tokens=m["tokens"], len=m["len"], width=m["width"], gc=m["gc"])
         rows.append(row)
-    return {"rows": rows, "threads": torch.get_num_threads(), "score_check_max_abs_err": score_err,
-            "mixed_precision": trainer.accelerator.mixed_precision,
-            "gradient_checkpointing": bool(policy.is_gradient_checkpointing),
-            "versions": {"trl": trl.__version__, "torch": torch.__version__,
-                         "transformers": transformers.__version__, "accelerate": accelerate.__version__}}  # fmt: skip
+    return {
+        "rows": rows,
+        "threads": torch.get_num_threads(),
+        "score_check_max_abs_err": score_err,
+        "mixed_precision": trainer.accelerator.mixed_precision,
+        "gradient_checkpointing": bool(policy.is_gradient_checkpointing),
+        "versions": {
+            "trl": trl.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__,
+        },
+    }
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -375,8 +473,11 @@ def summarise(rows: list[dict[str, Any]], batch: int, clock: str) -> dict[str, f
 
 def table(results: list[Any], a: argparse.Namespace, clock: str) -> list[str]:
     """Markdown rows, ppomax then TRL for each model size."""
-    lines = ["| trainer | model (params) | prompt tok | resp len (of N) | gen s | score s | train s | other s "
-             "| iter s | samples/s | tokens/s | gen tok/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| trainer | model (params) | prompt tok | resp len (of N) | gen s | score s | train s | other s "
+        "| iter s | samples/s | tokens/s | gen tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for hidden, layers, spec, sides in results:
         for name in ("ppomax", "trl"):
             res = sides[name]
@@ -394,8 +495,17 @@ def table(results: list[Any], a: argparse.Namespace, clock: str) -> list[str]:
 def run_side(side: str, py: Path, spec_path: Path, a: argparse.Namespace, tag: str) -> dict[str, Any]:
     """One side in a fresh process (``py``: its venv's interpreter); its JSON result plus ``wall_s``."""
     out = spec_path.with_name(f"result-{tag}.json")
-    cmd = [str(py), str(Path(__file__).resolve()), "--worker", side, "--spec", str(spec_path), "--out", str(out),
-           *a.passthrough]  # fmt: skip
+    cmd = [
+        str(py),
+        str(Path(__file__).resolve()),
+        "--worker",
+        side,
+        "--spec",
+        str(spec_path),
+        "--out",
+        str(out),
+        *a.passthrough,
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=_thread_env(a.threads), cwd=str(REPO), capture_output=True, text=True)
     if proc.returncode != 0:
@@ -437,8 +547,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    a.passthrough = [f"--batch={a.batch}", f"--new-tokens={a.new_tokens}", f"--iterations={a.iterations}",
-                     f"--warmup={a.warmup}", f"--threads={a.threads}"]  # fmt: skip
+    a.passthrough = [
+        f"--batch={a.batch}",
+        f"--new-tokens={a.new_tokens}",
+        f"--iterations={a.iterations}",
+        f"--warmup={a.warmup}",
+        f"--threads={a.threads}",
+    ]
 
     if a.worker:  # inside a side's own process (the TRL one cannot import ppomax)
         _pin_threads(a.threads)
@@ -487,12 +602,14 @@ def main(argv: list[str] | None = None) -> int:
     cmd = " ".join(
         [".venv/bin/python", "bench/trl_compare.py", *(argv if argv is not None else sys.argv[1:])]
     )
-    print(f"\nCommand: `{cmd}`  \nMachine: {machine()}; torch threads {a.threads} on both sides; "
-          f"date {time.strftime('%Y-%m-%d %H:%M %Z')}; total {time.perf_counter() - t_start:.0f} s  \n"
-          f"Versions: TRL {trl_v['trl']} (bench/.venv-trl), torch {trl_v['torch']}, transformers "
-          f"{trl_v['transformers']}, accelerate {trl_v['accelerate']}; ppomax's venv: {same}  \n"
-          f"Settings: batch {a.batch} (one minibatch, one PPO epoch), max_new_tokens {a.new_tokens}, stop at EOS, "
-          f"temperature {TEMPERATURE}, float32, CPU; {a.rounds} process(es) per side x {a.iterations} timed iterations after {a.warmup} warmup")  # fmt: skip
+    print(
+        f"\nCommand: `{cmd}`  \nMachine: {machine()}; torch threads {a.threads} on both sides; "
+        f"date {time.strftime('%Y-%m-%d %H:%M %Z')}; total {time.perf_counter() - t_start:.0f} s  \n"
+        f"Versions: TRL {trl_v['trl']} (bench/.venv-trl), torch {trl_v['torch']}, transformers "
+        f"{trl_v['transformers']}, accelerate {trl_v['accelerate']}; ppomax's venv: {same}  \n"
+        f"Settings: batch {a.batch} (one minibatch, one PPO epoch), max_new_tokens {a.new_tokens}, stop at EOS, "
+        f"temperature {TEMPERATURE}, float32, CPU; {a.rounds} process(es) per side x {a.iterations} timed iterations after {a.warmup} warmup"
+    )
     for clock, title in (
         ("wall", "Wall clock"),
         ("cpu", "CPU time of the process (1 thread: robust to other load)"),
@@ -503,11 +620,13 @@ def main(argv: list[str] | None = None) -> int:
     for hidden, layers, _spec, sides in results:
         t, p = sides["trl"], sides["ppomax"]
         w, c = summarise(t["rows"], a.batch, "wall"), summarise(t["rows"], a.batch, "cpu")
-        print(f"- {hidden}x{layers}: TRL's two gc.collect() per iteration: {w['gc']:.3f} s wall / {c['gc']:.3f} s CPU "
-              f"(its iteration without them: {w['iter_no_gc']:.3f} s wall / {c['iter_no_gc']:.3f} s CPU). "
-              f"TRL reward model vs ppomax value head: max |score diff| {t['score_check_max_abs_err']:.1e}. "
-              f"Mixed precision: ppomax {p['mixed_precision']}, TRL {t['mixed_precision']}; TRL gradient "
-              f"checkpointing {t['gradient_checkpointing']}; torch threads ppomax {p['threads']}, TRL {t['threads']}.")  # fmt: skip
+        print(
+            f"- {hidden}x{layers}: TRL's two gc.collect() per iteration: {w['gc']:.3f} s wall / {c['gc']:.3f} s CPU "
+            f"(its iteration without them: {w['iter_no_gc']:.3f} s wall / {c['iter_no_gc']:.3f} s CPU). "
+            f"TRL reward model vs ppomax value head: max |score diff| {t['score_check_max_abs_err']:.1e}. "
+            f"Mixed precision: ppomax {p['mixed_precision']}, TRL {t['mixed_precision']}; TRL gradient "
+            f"checkpointing {t['gradient_checkpointing']}; torch threads ppomax {p['threads']}, TRL {t['threads']}."
+        )
     if a.json:
         print(json.dumps([{"hidden": h, "layers": n, "sides": s} for h, n, _, s in results]))
     return 0

@@ -18,6 +18,20 @@ def accelerate_launch(num_processes: int = 2, mode: str = "--multi_gpu") -> list
     the previous run's socket still closing. ``mode="--cpu"`` is the form that starts only one process (without
     mpirun), which ppomax warns about."""
     accelerate = Path(sys.executable).with_name("accelerate")
-    return [str(accelerate), "launch", mode, "--num_processes", str(num_processes), "--num_machines", "1",
-            "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", "ppomax.cli"]  # fmt: skip
+    return [
+        str(accelerate),
+        "launch",
+        mode,
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "ppomax.cli",
+    ]

@@ -26,10 +26,19 @@ TEXTS = [
     "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 + - = ? ! , .",
 ]
 QUESTIONS = [
-    "What is the capital of France?", "How do I bake bread?", "Tell me a joke.", "Count to five.",
-    "What is 2 + 2?", "Name a colour.", "Where is Paris?", "What do dogs eat?",
-    "Why is the sky blue?", "Say something nice.", "What is bread made of?", "Who are you?",
-]  # fmt: skip
+    "What is the capital of France?",
+    "How do I bake bread?",
+    "Tell me a joke.",
+    "Count to five.",
+    "What is 2 + 2?",
+    "Name a colour.",
+    "Where is Paris?",
+    "What do dogs eat?",
+    "Why is the sky blue?",
+    "Say something nice.",
+    "What is bread made of?",
+    "Who are you?",
+]
 
 
 @dataclass
@@ -52,26 +61,42 @@ def make_setup(tmp_path: Path, *, reference_seed: int | None = None) -> PPOSetup
     ValueHeadModel.from_causal_lm(policy, seed=1).save_pretrained(rm_dir)
     if reference_seed is not None:
         make_tiny_lm(tmp_path, TEXTS, name="reference", seed=reference_seed)
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"\n\nHuman: {q}\n\nAssistant:"} for q in QUESTIONS])
-    valid = write_jsonl(tmp_path / "valid.jsonl", [{"prompt": f"\n\nHuman: {q}\n\nAssistant:"} for q in QUESTIONS[:4]])
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": f"\n\nHuman: {q}\n\nAssistant:"} for q in QUESTIONS]
+    )
+    valid = write_jsonl(
+        tmp_path / "valid.jsonl", [{"prompt": f"\n\nHuman: {q}\n\nAssistant:"} for q in QUESTIONS[:4]]
+    )
     ptx = write_jsonl(tmp_path / "ptx.jsonl", [{"text": t} for t in TEXTS[:4]])
     return PPOSetup(tmp_path, policy, rm_dir, prompts, valid, ptx)
 
 
 FAST = [
-    "generation.max_new_tokens=8", "ppo.iterations=2", "ppo.critic_pretrain_steps=0",
-    "ppo.rollout_batch_size=4", "ppo.buffer_size=8", "ppo.minibatch_size=8", "ppo.ppo_epochs=1",
-    "optim.warmup_steps=0", "optim.policy_lr=1e-3", "optim.critic_lr=1e-3",
-    "logging.tensorboard=false", "logging.progress=false",
-]  # fmt: skip
+    "generation.max_new_tokens=8",
+    "ppo.iterations=2",
+    "ppo.critic_pretrain_steps=0",
+    "ppo.rollout_batch_size=4",
+    "ppo.buffer_size=8",
+    "ppo.minibatch_size=8",
+    "ppo.ppo_epochs=1",
+    "optim.warmup_steps=0",
+    "optim.policy_lr=1e-3",
+    "optim.critic_lr=1e-3",
+    "logging.tensorboard=false",
+    "logging.progress=false",
+]
 
 
-def config(setup: PPOSetup, *overrides: str, preset: str = "ppo_max", out: str = "run", rm: bool = True) -> PPOConfig:
+def config(
+    setup: PPOSetup, *overrides: str, preset: str = "ppo_max", out: str = "run", rm: bool = True
+) -> PPOConfig:
     """A small, fast PPO config on ``setup``; later overrides win."""
     base = [
-        f"model.policy={setup.policy}", f"data.prompts={setup.prompts}",
-        f"logging.out_dir={setup.root / out}", *FAST,
-    ]  # fmt: skip
+        f"model.policy={setup.policy}",
+        f"data.prompts={setup.prompts}",
+        f"logging.out_dir={setup.root / out}",
+        *FAST,
+    ]
     if rm:
         base.append(f"model.reward={setup.reward}")
     cfg = load_config("ppo", preset=preset, overrides=[*base, *overrides])
@@ -87,7 +112,9 @@ def reward_fn(spec: str, weight: float = 1.0, **kwargs: Any) -> str:
 # ----------------------------------------------------------------------------------------------- rewards
 
 
-def target_tokens(prompts: list[str], responses: list[str], *, prompt_ids, response_ids, modulus: int = 10) -> list[float]:
+def target_tokens(
+    prompts: list[str], responses: list[str], *, prompt_ids, response_ids, modulus: int = 10
+) -> list[float]:
     """Fraction of response tokens whose id is a multiple of ``modulus`` (about 1/modulus for a random policy);
     an empty response scores 0. Easy to raise: the policy only has to favour ~30 of ~300 tokens."""
     return [sum(t % modulus == 0 for t in ids) / len(ids) if ids else 0.0 for ids in response_ids]
@@ -99,8 +126,17 @@ def response_length(prompts: list[str], responses: list[str], **_: Any) -> list[
 
 def echo_inputs(prompts, responses, *, prompt_ids, response_ids, meta, path: str) -> list[float]:
     """Records what it was called with (for the interface test) and scores 1.0."""
-    Path(path).write_text(json.dumps({"prompts": prompts, "responses": responses, "prompt_ids": prompt_ids,
-                                      "response_ids": response_ids, "meta": meta}))  # fmt: skip
+    Path(path).write_text(
+        json.dumps(
+            {
+                "prompts": prompts,
+                "responses": responses,
+                "prompt_ids": prompt_ids,
+                "response_ids": response_ids,
+                "meta": meta,
+            }
+        )
+    )
     return [1.0] * len(prompts)
 
 
@@ -115,7 +151,9 @@ def nan_from_call(
     return target_tokens(prompts, responses, prompt_ids=prompt_ids, response_ids=response_ids)
 
 
-def signal_on_call(prompts, responses, *, prompt_ids, response_ids, counter: str, at: int, sig: str = "SIGTERM") -> list[float]:
+def signal_on_call(
+    prompts, responses, *, prompt_ids, response_ids, counter: str, at: int, sig: str = "SIGTERM"
+) -> list[float]:
     """Scores like ``target_tokens`` and sends ``sig`` to this process on its ``at``-th call (only once, even
     across a resume: the call count lives in the file ``counter``)."""
     if _bump(counter) == at:

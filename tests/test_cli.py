@@ -35,8 +35,13 @@ def test_version_has_one_source():
 
 def test_python_dash_m_ppomax(tmp_path):
     """`python -m ppomax`, the form `accelerate launch -m ppomax ...` runs, is the CLI."""
-    proc = subprocess.run([sys.executable, "-m", "ppomax", "--version"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "ppomax", "--version"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ppomax ")
 
@@ -90,8 +95,9 @@ def test_cgroup_unreadable_or_garbled_is_no_limit(tmp_path):
     assert cgroup_cpu_quota(tmp_path / "cgroup", proc) is None
 
 
-@pytest.mark.parametrize(("affinity", "quota", "cpus"), [(8, None, 8), (8, 2.5, 2), (2, 0.3, 1), (1, 4.0, 1),
-                                                         (16, 16.0, 16)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("affinity", "quota", "cpus"), [(8, None, 8), (8, 2.5, 2), (2, 0.3, 1), (1, 4.0, 1), (16, 16.0, 16)]
+)
 def test_available_cpus(affinity, quota, cpus):
     assert available_cpus(affinity, quota) == cpus
 

@@ -68,11 +68,21 @@ def test_trainer_feeds_the_monitor_and_stop_ends_the_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(CollapseMonitor, "update", fake_update)
     argv = ["train-ppo", "--preset", "ppo_max", "--set", "collapse.action=stop"]
-    for item in (f"model.policy={setup.policy}", f"model.reward={setup.reward}", f"data.prompts={setup.prompts}",
-                 f"logging.out_dir={tmp_path / 'run'}", "ppo.iterations=4", "ppo.critic_pretrain_steps=1",
-                 "logging.checkpoint_every=1", "generation.max_new_tokens=8", "ppo.rollout_batch_size=4",
-                 "ppo.buffer_size=8", "ppo.minibatch_size=8", "logging.tensorboard=false",
-                 "logging.progress=false"):  # fmt: skip
+    for item in (
+        f"model.policy={setup.policy}",
+        f"model.reward={setup.reward}",
+        f"data.prompts={setup.prompts}",
+        f"logging.out_dir={tmp_path / 'run'}",
+        "ppo.iterations=4",
+        "ppo.critic_pretrain_steps=1",
+        "logging.checkpoint_every=1",
+        "generation.max_new_tokens=8",
+        "ppo.rollout_batch_size=4",
+        "ppo.buffer_size=8",
+        "ppo.minibatch_size=8",
+        "logging.tensorboard=false",
+        "logging.progress=false",
+    ):
         argv += ["--set", item]
     assert main(argv) == 3
     # critic pre-training (step 1) is not fed; the policy steps are, until the signal at policy step 2 = step 3

@@ -23,11 +23,27 @@ from ppomax.config import (
 from ppomax.errors import ConfigError
 
 TABLE_KEYS = [
-    "kl_coef", "kl_estimator", "importance_sampling", "entropy_coef", "entropy_clip", "reward_scaling",
-    "reward_norm", "reward_clip", "advantage_norm", "advantage_clip", "value_clip", "critic_init",
-    "critic_pretrain_steps", "gamma", "lam", "clip_ratio", "max_grad_norm", "ptx_coef",
-    "rollout_batch_size", "buffer_size",
-]  # fmt: skip
+    "kl_coef",
+    "kl_estimator",
+    "importance_sampling",
+    "entropy_coef",
+    "entropy_clip",
+    "reward_scaling",
+    "reward_norm",
+    "reward_clip",
+    "advantage_norm",
+    "advantage_clip",
+    "value_clip",
+    "critic_init",
+    "critic_pretrain_steps",
+    "gamma",
+    "lam",
+    "clip_ratio",
+    "max_grad_norm",
+    "ptx_coef",
+    "rollout_batch_size",
+    "buffer_size",
+]
 
 
 def test_every_design_table_key_exists():
@@ -70,7 +86,9 @@ def test_ppo_ptx_inherits_ppo_max():
     assert ptx.ppo.ptx_coef > 0
     assert ptx.ppo.model_copy(update={"ptx_coef": 0.0}) == base.ppo
     with pytest.raises(ConfigError, match=r"data\.ptx"):
-        ptx.model_copy(update={"model": ptx.model.model_copy(update={"policy": "p", "reward": "r"})}).check_runnable()
+        ptx.model_copy(
+            update={"model": ptx.model.model_copy(update={"policy": "p", "reward": "r"})}
+        ).check_runnable()
 
 
 def test_overrides_are_typed_yaml_values():
@@ -152,14 +170,20 @@ def test_console_script_entry_point():
 @pytest.mark.parametrize(
     ("overrides", "line"),
     [
-        (["ppo.buffer_size=100", "ppo.minibatch_size=4"],
-         "  ppo.buffer_size, ppo.rollout_batch_size: buffer_size (100) must be a multiple of rollout_batch_size (32)"),
-        (["ppo.buffer_size=96", "ppo.rollout_batch_size=64"],
-         "  ppo.buffer_size, ppo.rollout_batch_size: buffer_size (96) must be a multiple of rollout_batch_size (64)"),
-        (["ppo.buffer_size=96", "ppo.minibatch_size=64"],
-         "  ppo.buffer_size, ppo.minibatch_size: buffer_size (96) must be a multiple of minibatch_size (64)"),
+        (
+            ["ppo.buffer_size=100", "ppo.minibatch_size=4"],
+            "  ppo.buffer_size, ppo.rollout_batch_size: buffer_size (100) must be a multiple of rollout_batch_size (32)",
+        ),
+        (
+            ["ppo.buffer_size=96", "ppo.rollout_batch_size=64"],
+            "  ppo.buffer_size, ppo.rollout_batch_size: buffer_size (96) must be a multiple of rollout_batch_size (64)",
+        ),
+        (
+            ["ppo.buffer_size=96", "ppo.minibatch_size=64"],
+            "  ppo.buffer_size, ppo.minibatch_size: buffer_size (96) must be a multiple of minibatch_size (64)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_cross_key_errors_name_exactly_the_keys_involved(overrides, line):
     with pytest.raises(ConfigError) as err:
         load_config("ppo", preset="ppo_max", overrides=overrides)
@@ -184,17 +208,23 @@ def test_cross_key_errors_are_all_reported_one_line_each(capsys):
 @pytest.mark.parametrize(
     ("overrides", "line"),
     [
-        (["ppo.reward_scaling=true"],
-         "  ppo.reward_norm, ppo.reward_scaling: choose one (reward_norm divides by the running std too); "
-         "set the other to false"),
-        (["ppo.reward_norm=false"],
-         "  ppo.reward_clip, ppo.reward_norm: reward_clip is in running-std units and needs reward_norm or "
-         "reward_scaling: true; set reward_clip: null to use the raw score"),
-        (["ppo.entropy_clip=30"],
-         "  ppo.entropy_clip, ppo.entropy_coef: entropy_clip bounds the entropy bonus, which entropy_coef: 0 "
-         "turns off; set entropy_coef > 0 or entropy_clip: null"),
+        (
+            ["ppo.reward_scaling=true"],
+            "  ppo.reward_norm, ppo.reward_scaling: choose one (reward_norm divides by the running std too); "
+            "set the other to false",
+        ),
+        (
+            ["ppo.reward_norm=false"],
+            "  ppo.reward_clip, ppo.reward_norm: reward_clip is in running-std units and needs reward_norm or "
+            "reward_scaling: true; set reward_clip: null to use the raw score",
+        ),
+        (
+            ["ppo.entropy_clip=30"],
+            "  ppo.entropy_clip, ppo.entropy_coef: entropy_clip bounds the entropy bonus, which entropy_coef: 0 "
+            "turns off; set entropy_coef > 0 or entropy_clip: null",
+        ),
     ],
-)  # fmt: skip
+)
 def test_conflicting_score_and_bonus_settings_are_errors_naming_both_keys(overrides, line):
     with pytest.raises(ConfigError) as err:
         load_config("ppo", preset="ppo_max", overrides=overrides)

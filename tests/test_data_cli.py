@@ -40,9 +40,22 @@ def test_chat_template_without_template_train_sft_subprocess(tmp_path: Path) -> 
     """The real command line (a fresh interpreter, as a user runs it): exit code 2 and one line on stderr."""
     model = make_tiny_lm(tmp_path)  # its tokenizer has no chat template
     train = write_jsonl(tmp_path / "train.jsonl", RECORDS)
-    cmd = [sys.executable, "-m", "ppomax.cli", "train-sft", "--set", f"model.policy={model}",
-           "--set", f"data.train={train}", "--set", f"logging.out_dir={tmp_path / 'run'}",
-           "--set", "logging.progress=false", "--set", "data.chat_format=chat_template"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "ppomax.cli",
+        "train-sft",
+        "--set",
+        f"model.policy={model}",
+        "--set",
+        f"data.train={train}",
+        "--set",
+        f"logging.out_dir={tmp_path / 'run'}",
+        "--set",
+        "logging.progress=false",
+        "--set",
+        "data.chat_format=chat_template",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2, proc.stderr
@@ -53,17 +66,35 @@ def test_chat_template_without_template_train_rm(tmp_path: Path, capsys: pytest.
     model = make_tiny_lm(tmp_path)
     train = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     capsys.readouterr()  # the setup's own output (transformers' save bars)
-    rc = main(["train-rm", "--set", f"model.policy={model}", "--set", f"data.train={train}",
-               "--set", f"logging.out_dir={tmp_path / 'run'}", "--set", "logging.progress=false",
-               "--set", "data.chat_format=chat_template"])  # fmt: skip
+    rc = main(
+        [
+            "train-rm",
+            "--set",
+            f"model.policy={model}",
+            "--set",
+            f"data.train={train}",
+            "--set",
+            f"logging.out_dir={tmp_path / 'run'}",
+            "--set",
+            "logging.progress=false",
+            "--set",
+            "data.chat_format=chat_template",
+        ]
+    )
     assert rc == 2
     _one_line_error(capsys.readouterr().err, "data.chat_format", "no chat template")
 
 
 def test_chat_template_without_template_train_ppo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     s = make_setup(tmp_path)
-    sets = [f"model.policy={s.policy}", f"model.reward={s.reward}", f"data.prompts={s.prompts}",
-            f"logging.out_dir={tmp_path / 'run'}", *FAST, "data.chat_format=chat_template"]  # fmt: skip
+    sets = [
+        f"model.policy={s.policy}",
+        f"model.reward={s.reward}",
+        f"data.prompts={s.prompts}",
+        f"logging.out_dir={tmp_path / 'run'}",
+        *FAST,
+        "data.chat_format=chat_template",
+    ]
     capsys.readouterr()  # the setup's own output (transformers' save bars)
     rc = main(["train-ppo", "--preset", "ppo_max", *[a for o in sets for a in ("--set", o)]])
     assert rc == 2
@@ -84,8 +115,20 @@ def test_prompt_budget_below_the_special_prefix_names_the_key(
     ).save_pretrained(model)
     train = write_jsonl(tmp_path / "train.jsonl", RECORDS)
     capsys.readouterr()  # the setup's own output (transformers' save bars)
-    rc = main(["train-sft", "--set", f"model.policy={model}", "--set", f"data.train={train}",
-               "--set", f"logging.out_dir={tmp_path / 'run'}", "--set", "logging.progress=false",
-               "--set", "data.max_prompt_tokens=1"])  # fmt: skip
+    rc = main(
+        [
+            "train-sft",
+            "--set",
+            f"model.policy={model}",
+            "--set",
+            f"data.train={train}",
+            "--set",
+            f"logging.out_dir={tmp_path / 'run'}",
+            "--set",
+            "logging.progress=false",
+            "--set",
+            "data.max_prompt_tokens=1",
+        ]
+    )
     assert rc == 2
     _one_line_error(capsys.readouterr().err, "data.max_prompt_tokens", "at least 2")

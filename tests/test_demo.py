@@ -78,8 +78,17 @@ def test_demo_rerun_hits_every_cache_and_leaves_torch_threads_alone(tmp_path, st
         assert torch.get_num_threads() == 6
     finally:
         torch.set_num_threads(n)
-    assert stub_stages == ["make_world", "train_tokenizer", "pretrain", "sft", "reward_model", "ppo", "ppo",
-                           "evaluate_all", "write_demo_report"]  # fmt: skip
+    assert stub_stages == [
+        "make_world",
+        "train_tokenizer",
+        "pretrain",
+        "sft",
+        "reward_model",
+        "ppo",
+        "ppo",
+        "evaluate_all",
+        "write_demo_report",
+    ]
     logged = []
     run_demo(tmp_path, quick=True, progress=False, log=logged.append)
     assert len(stub_stages) == len(STAGES)  # nothing ran again

@@ -105,7 +105,10 @@ def test_generate_is_seeded_and_stops_at_eos(models):
             assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
         assert n == len(ids) - int(done)
     greedy = generate(a, tok, PROMPTS[:1], max_new_tokens=8, greedy=True, seed=0)
-    assert greedy.response_ids == generate(a, tok, PROMPTS[:1], max_new_tokens=8, greedy=True, seed=99).response_ids
+    assert (
+        greedy.response_ids
+        == generate(a, tok, PROMPTS[:1], max_new_tokens=8, greedy=True, seed=99).response_ids
+    )
 
 
 def test_reward_model_scores_read_the_last_token(models, tmp_path):
@@ -127,8 +130,17 @@ def world_prompts(tmp_path_factory):
     from ppomax.world import WorldConfig, build_world
 
     d = tmp_path_factory.mktemp("world")
-    cfg = WorldConfig(n_pretrain=50, n_sft_train=20, n_sft_valid=5, n_prefs_train=20, n_prefs_valid=5,
-                      n_prefs_test=5, n_prompts_train=10, n_prompts_valid=5, n_prompts_test=12)  # fmt: skip
+    cfg = WorldConfig(
+        n_pretrain=50,
+        n_sft_train=20,
+        n_sft_valid=5,
+        n_prefs_train=20,
+        n_prefs_valid=5,
+        n_prefs_test=5,
+        n_prompts_train=10,
+        n_prompts_valid=5,
+        n_prompts_test=12,
+    )
     build_world(cfg).write(d)
     return d
 
@@ -137,8 +149,13 @@ def test_evaluate_policy_against_itself_is_all_ties(models, world_prompts, tmp_p
     a_dir, _ = models
     rm_dir = tmp_path / "rm"
     ValueHeadModel(load_causal_lm(a_dir)).save_pretrained(rm_dir)
-    res = evaluate(a_dir, a_dir, world_prompts / "prompts_test.jsonl", judges=["gold", f"reward-model:{rm_dir}"],
-                   settings=EvalSettings(max_new_tokens=10, seed=1, tie_margin=0.0))  # fmt: skip
+    res = evaluate(
+        a_dir,
+        a_dir,
+        world_prompts / "prompts_test.jsonl",
+        judges=["gold", f"reward-model:{rm_dir}"],
+        settings=EvalSettings(max_new_tokens=10, seed=1, tie_margin=0.0),
+    )
     assert res["n_prompts"] == 12
     for j in res["judges"].values():
         o = j["win_tie_lose"]["overall"]
@@ -155,8 +172,13 @@ def test_evaluate_policy_against_itself_is_all_ties(models, world_prompts, tmp_p
 
 def test_perplexity_and_kl_of_different_models(models, world_prompts):
     a_dir, b_dir = models
-    res = evaluate(a_dir, b_dir, world_prompts / "prompts_test.jsonl", judges=["gold"],
-                   settings=EvalSettings(max_new_tokens=8, seed=0, limit=6))  # fmt: skip
+    res = evaluate(
+        a_dir,
+        b_dir,
+        world_prompts / "prompts_test.jsonl",
+        judges=["gold"],
+        settings=EvalSettings(max_new_tokens=8, seed=0, limit=6),
+    )
     p = res["policy"]
     assert res["n_prompts"] == 6
     assert p["kl_per_token"] > 0 and math.isfinite(p["kl_per_sequence"])
@@ -169,9 +191,28 @@ def test_perplexity_and_kl_of_different_models(models, world_prompts):
 def test_cli_eval_prints_table_and_writes_json(models, world_prompts, tmp_path, capsys):
     a_dir, b_dir = models
     out = tmp_path / "res.json"
-    rc = main(["eval", "--policy", str(a_dir), "--baseline", str(b_dir), "--prompts",
-               str(world_prompts / "prompts_test.jsonl"), "--judge", "gold", "--max-new-tokens", "6",
-               "--limit", "4", "--tie-margin", "0.1", "--json", str(out), "--no-progress"])  # fmt: skip
+    rc = main(
+        [
+            "eval",
+            "--policy",
+            str(a_dir),
+            "--baseline",
+            str(b_dir),
+            "--prompts",
+            str(world_prompts / "prompts_test.jsonl"),
+            "--judge",
+            "gold",
+            "--max-new-tokens",
+            "6",
+            "--limit",
+            "4",
+            "--tie-margin",
+            "0.1",
+            "--json",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "judge gold" in text and "overall" in text and "perplexity" in text
@@ -185,7 +226,9 @@ def test_cli_eval_gold_needs_a_world(models, tmp_path, capsys, monkeypatch):
     a_dir, _ = models
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": PROMPTS[0]}) + "\n")
-    rc = main(["eval", "--policy", str(a_dir), "--baseline", str(a_dir), "--prompts", str(prompts), "--no-progress"])
+    rc = main(
+        ["eval", "--policy", str(a_dir), "--baseline", str(a_dir), "--prompts", str(prompts), "--no-progress"]
+    )
     assert rc == 2
     assert "hh-mini world" in capsys.readouterr().err
 

@@ -26,13 +26,31 @@ CPU_SIMPLE_2 = {
 }
 CPU_SIMPLE_1 = {"ACCELERATE_USE_CPU": "True", "OMP_NUM_THREADS": "1"}
 # `--multi_gpu --num_processes 2` runs torchrun's agent: every process gets its rank and the world size.
-MULTI_GPU_2 = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "RANK": "1", "LOCAL_RANK": "1",
-               "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}  # fmt: skip
+MULTI_GPU_2 = {
+    "MASTER_ADDR": "127.0.0.1",
+    "MASTER_PORT": "29500",
+    "RANK": "1",
+    "LOCAL_RANK": "1",
+    "WORLD_SIZE": "2",
+    "LOCAL_WORLD_SIZE": "2",
+    "OMP_NUM_THREADS": "1",
+}
 # `--cpu --mpirun_hostfile H --num_processes 2`: mpirun's own variables say how many there are.
 MPIRUN_2 = {**CPU_SIMPLE_2, "PMI_SIZE": "2", "PMI_RANK": "0"}
 
-LAUNCH_VARS = ("ACCELERATE_USE_CPU", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE",
-               "LOCAL_WORLD_SIZE", "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # fmt: skip
+LAUNCH_VARS = (
+    "ACCELERATE_USE_CPU",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "PMI_SIZE",
+    "PMI_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "MV2_COMM_WORLD_SIZE",
+)
 
 
 @pytest.mark.parametrize(
@@ -71,8 +89,16 @@ def test_accelerator_setup_warns_once_on_stderr(launch_env, capsys):
     assert err.count("ppomax: warning: ") == 1 and err.count("\n") == 1, err
 
 
-@pytest.mark.parametrize(("env", "cpu"), [({}, False), (CPU_SIMPLE_2, False), (MULTI_GPU_2, True), (MPIRUN_2, True),
-                                          ({"OMPI_COMM_WORLD_SIZE": "4"}, True)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("env", "cpu"),
+    [
+        ({}, False),
+        (CPU_SIMPLE_2, False),
+        (MULTI_GPU_2, True),
+        (MPIRUN_2, True),
+        ({"OMPI_COMM_WORLD_SIZE": "4"}, True),
+    ],
+)
 def test_cpu_ddp_without_cuda_for_every_multi_process_launcher(launch_env, env, cpu):
     """torchrun/accelerate set WORLD_SIZE, mpirun its own size variables: any of them means gloo DDP on CPU
     (left to accelerate without cpu=True, a plain mpirun launch would give N independent runs)."""
@@ -107,11 +133,20 @@ def test_real_launches_train_sft(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", records)
     for mode, ranks in (("--multi_gpu", 2), ("--cpu", 1)):
         out = tmp_path / mode.strip("-")
-        cfg = {"model": {"policy": str(model)}, "data": {"train": str(train)}, "epochs": 1, "batch_size": 1,
-               "logging": {"out_dir": str(out), "progress": False, "tensorboard": False}}  # fmt: skip
+        cfg = {
+            "model": {"policy": str(model)},
+            "data": {"train": str(train)},
+            "epochs": 1,
+            "batch_size": 1,
+            "logging": {"out_dir": str(out), "progress": False, "tensorboard": False},
+        }
         path = write_yaml(tmp_path / f"{mode.strip('-')}.yaml", cfg)
-        proc = subprocess.run([*accelerate_launch(2, mode), "train-sft", "--config", str(path)],
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        proc = subprocess.run(
+            [*accelerate_launch(2, mode), "train-sft", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.splitlines().count(str(Path(out) / "final")) == 1, proc.stdout
         train_steps = sum('"train/loss"' in line for line in (out / "metrics.jsonl").read_text().splitlines())

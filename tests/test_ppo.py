@@ -47,8 +47,13 @@ def test_scoring_pass_matches_unpadded_forward_passes(setup, tmp_path, mode):
     """Old log-probs (from temperature-scaled or raw logits: generation.logprobs_from), reference log-probs,
     entropy and critic values of every padded row equal those of the row run alone: the logit at t-1 scores
     token t, and the value of response token j is read before it is emitted."""
-    tr = make(setup, tmp_path, f"generation.logprobs_from={mode}", f"model.reference={setup.root / 'reference'}",
-              "generation.temperature=0.7")  # fmt: skip
+    tr = make(
+        setup,
+        tmp_path,
+        f"generation.logprobs_from={mode}",
+        f"model.reference={setup.root / 'reference'}",
+        "generation.temperature=0.7",
+    )
     exp = tr.generate([0, 1, 2, 3], tr.prompts)
     tr.score(exp)
     temp = 0.7 if mode == "sampling" else 1.0
@@ -57,7 +62,10 @@ def test_scoring_pass_matches_unpadded_forward_passes(setup, tmp_path, mode):
         ids = exp.sequences[i][exp.attention_mask[i].bool()].unsqueeze(0)
         p, r = int(exp.prompt_lens[i]), int(exp.response_lens[i])
         tokens = ids[0, p:]
-        for model, lp, raw in ((policy, exp.logprobs, exp.raw_logprobs), (ref, exp.ref_logprobs, exp.ref_raw_logprobs)):
+        for model, lp, raw in (
+            (policy, exp.logprobs, exp.raw_logprobs),
+            (ref, exp.ref_logprobs, exp.ref_raw_logprobs),
+        ):
             logits = model(ids).logits[0, p - 1 : -1]
             expect = F.log_softmax(logits / temp, -1).gather(1, tokens[:, None])[:, 0]
             torch.testing.assert_close(lp[i, :r], expect, atol=1e-5, rtol=1e-5)
@@ -65,7 +73,9 @@ def test_scoring_pass_matches_unpadded_forward_passes(setup, tmp_path, mode):
             torch.testing.assert_close(raw[i, :r], expect_raw, atol=1e-5, rtol=1e-5)
             if model is policy:
                 probs = F.softmax(logits / temp, -1)
-                torch.testing.assert_close(exp.entropy[i, :r], -(probs * probs.log()).sum(-1), atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(
+                    exp.entropy[i, :r], -(probs * probs.log()).sum(-1), atol=1e-4, rtol=1e-4
+                )
         values = critic(ids, torch.ones_like(ids)).values[0, p - 1 : -1]
         torch.testing.assert_close(exp.values[i, :r], values, atol=1e-5, rtol=1e-5)
     assert (exp.logprobs != exp.raw_logprobs).any() == (mode == "sampling")
@@ -92,11 +102,18 @@ def _synthetic(scores, truncated=None, seed=0) -> Experience:
     seq = torch.randint(3, 50, (b, 2 + r), generator=g)
     att = torch.cat([torch.ones(b, 2, dtype=torch.long), rmask.long()], 1)
     return Experience(
-        seq, att, rmask, 2, torch.full((b,), 2), rmask.sum(1),
-        torch.tensor(truncated or [False] * b), logprobs=-torch.rand(b, r, generator=g) * 3,
-        ref_logprobs=-torch.rand(b, r, generator=g) * 3, values=torch.randn(b, r, generator=g),
+        seq,
+        att,
+        rmask,
+        2,
+        torch.full((b,), 2),
+        rmask.sum(1),
+        torch.tensor(truncated or [False] * b),
+        logprobs=-torch.rand(b, r, generator=g) * 3,
+        ref_logprobs=-torch.rand(b, r, generator=g) * 3,
+        values=torch.randn(b, r, generator=g),
         scores=torch.tensor(scores, dtype=torch.float32),
-    )  # fmt: skip
+    )
 
 
 def _settings(*overrides):
@@ -117,8 +134,14 @@ def _gae_loop(rewards, values, n, gamma, lam):
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 @pytest.mark.parametrize(("kl_coef", "gamma", "lam"), [(0.0, 1.0, 0.95), (0.2, 0.9, 0.0), (0.05, 1.0, 1.0)])
 def test_token_rewards_kl_and_gae_follow_the_switches(kl_coef, gamma, lam, estimator):
-    ppo, gen = _settings(f"ppo.kl_coef={kl_coef}", f"ppo.gamma={gamma}", f"ppo.lam={lam}",
-                         f"ppo.kl_estimator={estimator}", "ppo.reward_norm=false", "ppo.reward_clip=null")  # fmt: skip
+    ppo, gen = _settings(
+        f"ppo.kl_coef={kl_coef}",
+        f"ppo.gamma={gamma}",
+        f"ppo.lam={lam}",
+        f"ppo.kl_estimator={estimator}",
+        "ppo.reward_norm=false",
+        "ppo.reward_clip=null",
+    )
     exp = _synthetic([1.5, -0.5, 2.0])
     compute_advantages(exp, ppo, gen, RunningMoments())
     for i in range(exp.batch_size):
@@ -133,7 +156,9 @@ def test_token_rewards_kl_and_gae_follow_the_switches(kl_coef, gamma, lam, estim
             assert (exp.rewards[i, : n - 1] == 0).all()
         adv = _gae_loop(exp.rewards[i, :n].tolist(), exp.values[i, :n].tolist(), n, gamma, lam)
         torch.testing.assert_close(exp.advantages[i, :n], torch.tensor(adv), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(exp.returns[i, :n], torch.tensor(adv) + exp.values[i, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            exp.returns[i, :n], torch.tensor(adv) + exp.values[i, :n], atol=1e-5, rtol=1e-5
+        )
         assert (exp.advantages[i, n:] == 0).all()
 
 
@@ -147,9 +172,13 @@ def test_score_reparameterisation_switches(switch):
         "scaling": ["ppo.reward_norm=false", "ppo.reward_scaling=true", "ppo.reward_clip=null"],
         "scaling_clip": ["ppo.reward_norm=false", "ppo.reward_scaling=true", "ppo.reward_clip=1.0"],
         "raw": ["ppo.reward_norm=false", "ppo.reward_clip=null"],
-        "penalty": ["ppo.reward_norm=true", "ppo.reward_clip=null", "generation.truncated_response=penalty",
-                    "generation.truncated_penalty=-3.0"],
-    }[switch]  # fmt: skip
+        "penalty": [
+            "ppo.reward_norm=true",
+            "ppo.reward_clip=null",
+            "generation.truncated_response=penalty",
+            "generation.truncated_penalty=-3.0",
+        ],
+    }[switch]
     ppo, gen = _settings("ppo.kl_coef=0", *over)
     moments = RunningMoments()
     first = _synthetic([1.0, 4.0, -2.0])
@@ -192,10 +221,20 @@ def test_importance_sampling_off_uses_the_reference_as_old_policy(setup, tmp_pat
     off = make(setup, tmp_path / "off", *common, "ppo.importance_sampling=false").iteration(1)
     assert on["policy/ratio_mean"] == pytest.approx(1.0, abs=1e-6) and on["policy/approx_kl"] < 1e-9
     assert abs(off["policy/ratio_vs_ref_mean"] - 1.0) > 1e-3 and off["policy/approx_kl_vs_ref"] > 1e-3
-    plain = ["policy/approx_kl", "policy/pg_clipfrac", "policy/ratio_mean", "policy/ratio_max",
-             "policy/ratio_clamped_count"]  # fmt: skip
-    vs_ref = ["policy/approx_kl_vs_ref", "policy/pg_clipfrac_vs_ref", "policy/ratio_vs_ref_mean",
-              "policy/ratio_vs_ref_max", "policy/ratio_vs_ref_clamped_count"]  # fmt: skip
+    plain = [
+        "policy/approx_kl",
+        "policy/pg_clipfrac",
+        "policy/ratio_mean",
+        "policy/ratio_max",
+        "policy/ratio_clamped_count",
+    ]
+    vs_ref = [
+        "policy/approx_kl_vs_ref",
+        "policy/pg_clipfrac_vs_ref",
+        "policy/ratio_vs_ref_mean",
+        "policy/ratio_vs_ref_max",
+        "policy/ratio_vs_ref_clamped_count",
+    ]
     assert set(plain) <= set(on) and not set(vs_ref) & set(on)
     assert set(vs_ref) <= set(off) and not set(plain) & set(off)
 
@@ -251,8 +290,13 @@ class _Spy:
 def test_advantage_normalisation_and_clipping_per_minibatch(setup, tmp_path, monkeypatch, norm, clip):
     spy = _Spy(ppo_step.policy_loss)
     monkeypatch.setattr(ppo_step, "policy_loss", spy)
-    tr = make(setup, tmp_path, f"ppo.advantage_norm={str(norm).lower()}", f"ppo.advantage_clip={clip or 'null'}",
-              "ppo.minibatch_size=4")  # fmt: skip
+    tr = make(
+        setup,
+        tmp_path,
+        f"ppo.advantage_norm={str(norm).lower()}",
+        f"ppo.advantage_clip={clip or 'null'}",
+        "ppo.minibatch_size=4",
+    )
     captured = {}
     orig = tr.updater.update
 
@@ -277,7 +321,9 @@ def test_advantage_normalisation_and_clipping_per_minibatch(setup, tmp_path, mon
 
 
 def _two_epochs(setup, tmp_path, *over):
-    return make(setup, tmp_path, "ppo.ppo_epochs=3", "optim.policy_lr=0.05", "optim.critic_lr=0.05", *over).iteration(1)
+    return make(
+        setup, tmp_path, "ppo.ppo_epochs=3", "optim.policy_lr=0.05", "optim.critic_lr=0.05", *over
+    ).iteration(1)
 
 
 def test_value_clip_switch(setup, tmp_path):
@@ -314,6 +360,7 @@ def test_a_huge_log_ratio_is_clamped_and_counted_not_a_skipped_update(setup, tmp
 def test_entropy_bonus_and_its_clip(setup, tmp_path):
     """The bonus changes the update; a clip below the policy's entropy (~5.7 nats here) stops its gradient on
     every token, so the update is exactly the one without bonus (paper app. B.3)."""
+
     def policy_after(tag, *over):
         tr = make(setup, tmp_path / tag, *over)
         m = tr.iteration(1)
@@ -335,8 +382,12 @@ def test_ptx_loss_mixes_sft_batches_into_the_policy_update(setup, tmp_path, monk
     before = flat(tr.policy)
     batch = tr.ptx.batch(list(tr.ptx_stream._order[:3]), tr.pad_id, tr.acc.device)
     with torch.no_grad():  # independent NLL of the first PTX batch under the initial policy
-        logits = tr.unwrapped(tr.policy)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        expect = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+        logits = tr.unwrapped(tr.policy)(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+        expect = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
+        )
     m1 = tr.iteration(1)
     assert "loss/ptx" not in m0 and len(spy.calls) == 1
     assert m1["loss/ptx"] == pytest.approx(float(expect), rel=1e-5)
@@ -355,7 +406,9 @@ def test_global_gradient_clipping(setup, tmp_path, max_norm):
 
         def step(*a, _inner=inner, _opt=opt, **k):
             grads = [p.grad for g in _opt.param_groups for p in g["params"] if p.grad is not None]
-            seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+            seen.append(
+                float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            )
             return _inner(*a, **k)
 
         opt.step = step
@@ -374,8 +427,15 @@ def test_scoring_in_micro_batches_gives_the_same_experience(setup, tmp_path):
     exp = tr.generate([0, 1, 2, 3, 4, 5, 6, 7], tr.prompts)
     tr.score(exp)
     whole = dataclasses.replace(exp, logprobs=None, ref_logprobs=None, values=None, scores=None)
-    ppo_step.score_experience(whole, policy=tr.unwrapped(tr.policy), reference=tr.reference,
-                              critic=tr.unwrapped(tr.critic), fwd=tr.fwd, rewards=tr.rewards, eos_ids=tr.eos_ids)  # fmt: skip
+    ppo_step.score_experience(
+        whole,
+        policy=tr.unwrapped(tr.policy),
+        reference=tr.reference,
+        critic=tr.unwrapped(tr.critic),
+        fwd=tr.fwd,
+        rewards=tr.rewards,
+        eos_ids=tr.eos_ids,
+    )
     for name in ("logprobs", "ref_logprobs", "raw_logprobs", "entropy", "values", "scores"):
         torch.testing.assert_close(getattr(exp, name), getattr(whole, name), atol=1e-5, rtol=1e-5)
 
@@ -398,9 +458,19 @@ def test_micro_batches_give_the_whole_minibatch_gradient(setup, tmp_path, micro)
     """ppo.micro_batch_size only bounds memory: 4 rows with different response lengths split 3 + 1 (or 1 + 1 + 1
     + 1), with the entropy bonus and PPO-ptx (3 LM rows of different lengths, split 1 + 2), give the gradients of
     the whole minibatch within 1e-6 (policy and critic), and the same token-mean metrics."""
-    tr = make(setup, tmp_path, "ppo.buffer_size=4", "ppo.rollout_batch_size=4", "ppo.minibatch_size=4",
-              "ppo.entropy_coef=0.01", "ppo.entropy_clip=null", "ppo.max_grad_norm=null", "ppo.ptx_coef=0.5",
-              f"data.ptx={setup.ptx}", "ppo.ptx_batch_size=3")  # fmt: skip
+    tr = make(
+        setup,
+        tmp_path,
+        "ppo.buffer_size=4",
+        "ppo.rollout_batch_size=4",
+        "ppo.minibatch_size=4",
+        "ppo.entropy_coef=0.01",
+        "ppo.entropy_clip=null",
+        "ppo.max_grad_norm=null",
+        "ppo.ptx_coef=0.5",
+        f"data.ptx={setup.ptx}",
+        "ppo.ptx_batch_size=3",
+    )
     exp = tr.generate([0, 1, 2, 3], tr.prompts)
     tr.score(exp)
     compute_advantages(exp, tr.cfg.ppo, tr.cfg.generation, tr.moments)
@@ -446,8 +516,18 @@ def test_metrics_reduce_across_ranks_by_kind():
     from ppomax.trainers.reduce import reduce_metrics
 
     ranks = [
-        {"policy/ratio_max": 1.5, "loss/pg": 1.0, "policy/ratio_clamped_count": 2.0, "response/truncated": 3.0},
-        {"policy/ratio_max": 9.0, "loss/pg": 3.0, "policy/ratio_clamped_count": 0.0, "response/truncated": 1.0},
+        {
+            "policy/ratio_max": 1.5,
+            "loss/pg": 1.0,
+            "policy/ratio_clamped_count": 2.0,
+            "response/truncated": 3.0,
+        },
+        {
+            "policy/ratio_max": 9.0,
+            "loss/pg": 3.0,
+            "policy/ratio_clamped_count": 0.0,
+            "response/truncated": 1.0,
+        },
     ]
     barrier, slots, results = threading.Barrier(2), [None, None], [None, None]
 
@@ -467,7 +547,12 @@ def test_metrics_reduce_across_ranks_by_kind():
         t.start()
     for t in threads:
         t.join(timeout=30)
-    expect = {"policy/ratio_max": 9.0, "loss/pg": 2.0, "policy/ratio_clamped_count": 2.0, "response/truncated": 4.0}
+    expect = {
+        "policy/ratio_max": 9.0,
+        "loss/pg": 2.0,
+        "policy/ratio_clamped_count": 2.0,
+        "response/truncated": 4.0,
+    }
     assert results[0] == results[1] == expect
     assert list(results[0]) == list(ranks[0])  # the caller's order
     assert reduce_metrics({"a_max": torch.tensor(2.0), "b": 1}, None) == {"a_max": 2.0, "b": 1.0}

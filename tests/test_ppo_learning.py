@@ -19,9 +19,14 @@ from ppomax.monitor import read_metrics
 from ppomax.trainers.ppo import train_ppo
 
 LEARN = [
-    "ppo.critic_init=sft", "ppo.critic_pretrain_steps=2", "ppo.rollout_batch_size=32", "ppo.buffer_size=32",
-    "ppo.minibatch_size=16", "ppo.ppo_epochs=2", "generation.max_new_tokens=12",
-]  # fmt: skip
+    "ppo.critic_init=sft",
+    "ppo.critic_pretrain_steps=2",
+    "ppo.rollout_batch_size=32",
+    "ppo.buffer_size=32",
+    "ppo.minibatch_size=16",
+    "ppo.ppo_epochs=2",
+    "generation.max_new_tokens=12",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,8 +38,16 @@ def setup(tmp_path_factory):
 
 
 def run(setup, tmp_path, preset: str, iterations: int, *over: str) -> list[dict]:
-    cfg = config(setup, reward_fn("ppo_helpers:target_tokens"), *LEARN, f"ppo.iterations={iterations}", *over,
-                 preset=preset, rm=False, out=str(tmp_path / preset))  # fmt: skip
+    cfg = config(
+        setup,
+        reward_fn("ppo_helpers:target_tokens"),
+        *LEARN,
+        f"ppo.iterations={iterations}",
+        *over,
+        preset=preset,
+        rm=False,
+        out=str(tmp_path / preset),
+    )
     records = read_metrics(train_ppo(cfg) / "metrics.jsonl")
     assert len(records) == iterations + 2
     return records
@@ -68,5 +81,7 @@ def test_a_stronger_kl_penalty_keeps_the_policy_closer(setup, tmp_path):
     tight = run(setup, tmp_path / "tight", "ppo_max", 56, "ppo.kl_coef=1.0")
     kl_free, kl_tight = mean(free[-3:], "kl/per_sequence"), mean(tight[-3:], "kl/per_sequence")
     assert kl_tight < 0.5 * kl_free, (kl_tight, kl_free)
-    assert mean(tight[-3:], "reward/raw_mean") >= mean(tight[:3], "reward/raw_mean") + 0.05  # still learns, slowly
+    assert (
+        mean(tight[-3:], "reward/raw_mean") >= mean(tight[:3], "reward/raw_mean") + 0.05
+    )  # still learns, slowly
     assert mean(free[-3:], "reward/raw_mean") > mean(tight[-3:], "reward/raw_mean")

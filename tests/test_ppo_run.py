@@ -19,14 +19,43 @@ from ppomax.monitor import read_metrics
 from ppomax.trainers.ppo import PPOTrainer, TrainingDiverged, train_ppo
 
 MONITORING = [
-    "reward/raw_mean", "reward/raw_std", "reward/running_mean", "reward/running_std", "reward/final_mean",
-    "kl/per_token", "kl/per_sequence", "policy/approx_kl", "ppl/policy", "ppl/reference", "response/length_mean",
-    "policy/entropy", "loss/pg", "loss/vf", "loss/ptx", "policy/pg_clipfrac", "critic/vf_clipfrac",
-    "critic/value_mean", "returns/mean", "advantages/mean", "policy/ratio_mean", "policy/ratio_max", "lr/policy",
-    "lr/critic", "grad_norm/policy", "grad_norm/critic", "perf/samples_per_s", "perf/tokens_per_s",
-    "time/generation", "time/scoring", "time/training", "response/truncated", "nonfinite/skipped",
-    "nonfinite/total", "reward/rm_mean", "reward/fn0_target_tokens_mean",
-]  # fmt: skip
+    "reward/raw_mean",
+    "reward/raw_std",
+    "reward/running_mean",
+    "reward/running_std",
+    "reward/final_mean",
+    "kl/per_token",
+    "kl/per_sequence",
+    "policy/approx_kl",
+    "ppl/policy",
+    "ppl/reference",
+    "response/length_mean",
+    "policy/entropy",
+    "loss/pg",
+    "loss/vf",
+    "loss/ptx",
+    "policy/pg_clipfrac",
+    "critic/vf_clipfrac",
+    "critic/value_mean",
+    "returns/mean",
+    "advantages/mean",
+    "policy/ratio_mean",
+    "policy/ratio_max",
+    "lr/policy",
+    "lr/critic",
+    "grad_norm/policy",
+    "grad_norm/critic",
+    "perf/samples_per_s",
+    "perf/tokens_per_s",
+    "time/generation",
+    "time/scoring",
+    "time/training",
+    "response/truncated",
+    "nonfinite/skipped",
+    "nonfinite/total",
+    "reward/rm_mean",
+    "reward/fn0_target_tokens_mean",
+]
 EVAL = ["reward_mean", "ppl_policy", "ppl_reference", "kl_per_token", "kl_per_sequence", "length_mean"]
 
 
@@ -52,12 +81,22 @@ def test_cli_run_logs_every_metric_and_saves_loadable_models(setup, tmp_path):
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(yaml.safe_dump({"preset": "ppo_ptx", "model": {"policy": str(setup.policy)}}))
     args = [
-        "train-ppo", "--config", str(cfg_file),
-        *_sets(f"model.reward={setup.reward}", f"data.prompts={setup.prompts}", f"data.ptx={setup.ptx}",
-               f"data.valid_prompts={setup.valid}", f"logging.out_dir={out}", *FAST,
-               "logging.eval_every=2", "logging.eval_samples=3", "logging.tensorboard=true",
-               reward_fn("ppo_helpers:target_tokens")),
-    ]  # fmt: skip
+        "train-ppo",
+        "--config",
+        str(cfg_file),
+        *_sets(
+            f"model.reward={setup.reward}",
+            f"data.prompts={setup.prompts}",
+            f"data.ptx={setup.ptx}",
+            f"data.valid_prompts={setup.valid}",
+            f"logging.out_dir={out}",
+            *FAST,
+            "logging.eval_every=2",
+            "logging.eval_samples=3",
+            "logging.tensorboard=true",
+            reward_fn("ppo_helpers:target_tokens"),
+        ),
+    ]
     assert main(args) == 0
     records = read_metrics(out / "metrics.jsonl")
     train = [r for r in records if "reward/raw_mean" in r]
@@ -77,8 +116,10 @@ def test_cli_run_logs_every_metric_and_saves_loadable_models(setup, tmp_path):
     AutoTokenizer.from_pretrained(out / "final" / "policy")
     critic = ValueHeadModel.from_pretrained(out / "final" / "critic")
     ckpt_policy = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step-2" / "policy")
-    assert all(torch.equal(a, b) for a, b in zip(policy.state_dict().values(), ckpt_policy.state_dict().values(),
-                                                   strict=True))  # fmt: skip
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(policy.state_dict().values(), ckpt_policy.state_dict().values(), strict=True)
+    )
     assert critic.value_head.weight.shape[1] == policy.config.hidden_size
     # a second run into the same directory without --resume is refused
     assert main(args) == 2
@@ -86,13 +127,24 @@ def test_cli_run_logs_every_metric_and_saves_loadable_models(setup, tmp_path):
 
 def test_sigterm_saves_and_resume_continues_exactly(setup, tmp_path):
     """5 steps in one go == 3 steps, SIGTERM, resume, 2 more (same metrics; only timings differ)."""
+
     def cfg(out, at):
-        return config(setup, reward_fn("ppo_helpers:signal_on_call", counter=str(tmp_path / f"{out}.count"), at=at),
-                      "ppo.iterations=4", "ppo.critic_pretrain_steps=1", "ppo.minibatch_size=4", "ppo.ppo_epochs=2",
-                      "optim.warmup_steps=3", "optim.schedule=cosine", out=str(tmp_path / out))  # fmt: skip
+        return config(
+            setup,
+            reward_fn("ppo_helpers:signal_on_call", counter=str(tmp_path / f"{out}.count"), at=at),
+            "ppo.iterations=4",
+            "ppo.critic_pretrain_steps=1",
+            "ppo.minibatch_size=4",
+            "ppo.ppo_epochs=2",
+            "optim.warmup_steps=3",
+            "optim.schedule=cosine",
+            out=str(tmp_path / out),
+        )
 
     straight = read_metrics(train_ppo(cfg("a", at=10**6)) / "metrics.jsonl")
-    stopped = PPOTrainer(cfg("b", at=5))  # two rollout batches (reward calls) per iteration: call 5 is in step 3
+    stopped = PPOTrainer(
+        cfg("b", at=5)
+    )  # two rollout batches (reward calls) per iteration: call 5 is in step 3
     out = stopped.train()
     assert stopped.stopped_by == signal.SIGTERM and stopped.step == 3
     assert (out / "checkpoints" / "step-3" / "state.json").is_file() and not (out / "final").exists()
@@ -110,8 +162,14 @@ def test_resume_after_a_kill_replays_from_the_last_checkpoint(setup, tmp_path):
     replays steps 3-4 to the same metrics."""
     import shutil
 
-    cfg = config(setup, reward_fn("ppo_helpers:target_tokens"), "ppo.iterations=4", "logging.checkpoint_every=2",
-                 "logging.keep_checkpoints=5", out=str(tmp_path / "run"))  # fmt: skip
+    cfg = config(
+        setup,
+        reward_fn("ppo_helpers:target_tokens"),
+        "ppo.iterations=4",
+        "logging.checkpoint_every=2",
+        "logging.keep_checkpoints=5",
+        out=str(tmp_path / "run"),
+    )
     out = train_ppo(cfg)
     before = read_metrics(out / "metrics.jsonl")
     shutil.rmtree(out / "checkpoints" / "step-4")
@@ -121,14 +179,21 @@ def test_resume_after_a_kill_replays_from_the_last_checkpoint(setup, tmp_path):
     assert [r["step"] for r in after] == [1, 2, 3, 4]
     for a, b in zip(before, after, strict=True):
         assert {k: v for k, v in a.items() if not k.startswith(("time/", "perf/"))} == pytest.approx(
-            {k: v for k, v in b.items() if not k.startswith(("time/", "perf/"))}, rel=1e-5, abs=1e-7)
+            {k: v for k, v in b.items() if not k.startswith(("time/", "perf/"))}, rel=1e-5, abs=1e-7
+        )
 
 
 def test_sigint_through_the_cli_then_resume_with_the_saved_config(setup, tmp_path):
     out = tmp_path / "run"
-    args = _sets(f"model.policy={setup.policy}", f"model.reward={setup.reward}", f"data.prompts={setup.prompts}",
-                 f"logging.out_dir={out}", *FAST, "ppo.iterations=3",
-                 reward_fn("ppo_helpers:signal_on_call", counter=str(tmp_path / "n"), at=1, sig="SIGINT"))  # fmt: skip
+    args = _sets(
+        f"model.policy={setup.policy}",
+        f"model.reward={setup.reward}",
+        f"data.prompts={setup.prompts}",
+        f"logging.out_dir={out}",
+        *FAST,
+        "ppo.iterations=3",
+        reward_fn("ppo_helpers:signal_on_call", counter=str(tmp_path / "n"), at=1, sig="SIGINT"),
+    )
     assert main(["train-ppo", "--preset", "ppo_max", *args]) == 130
     assert (out / "checkpoints" / "step-1").is_dir()
     assert main(["train-ppo", "--resume", str(out)]) == 0  # config.yaml of the run, no --preset/--set
@@ -136,8 +201,14 @@ def test_sigint_through_the_cli_then_resume_with_the_saved_config(setup, tmp_pat
 
 
 def test_one_nonfinite_iteration_is_skipped_and_counted(setup, tmp_path):
-    tr = PPOTrainer(config(setup, reward_fn("ppo_helpers:nan_from_call", counter=str(tmp_path / "n"), start=3, stop=4),
-                           "ppo.iterations=3", out=str(tmp_path / "run")))  # fmt: skip
+    tr = PPOTrainer(
+        config(
+            setup,
+            reward_fn("ppo_helpers:nan_from_call", counter=str(tmp_path / "n"), start=3, stop=4),
+            "ppo.iterations=3",
+            out=str(tmp_path / "run"),
+        )
+    )
     tr.iteration(1)  # two reward calls per iteration: calls 3 and 4 (NaN) are step 2's
     before = [p.detach().clone() for p in tr.policy.parameters()]
     m2 = tr.iteration(2)
@@ -151,9 +222,14 @@ def test_one_nonfinite_iteration_is_skipped_and_counted(setup, tmp_path):
 def test_repeated_nonfinite_updates_stop_with_the_last_good_checkpoint(setup, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    cfg = config(setup, reward_fn("ppo_helpers:nan_from_call", counter=str(tmp_path / "n"), start=5),  # from step 3
-                 "ppo.iterations=8", "ppo.max_nonfinite_in_row=2", "logging.checkpoint_every=1",
-                 out=str(tmp_path / "run"))  # fmt: skip
+    cfg = config(
+        setup,
+        reward_fn("ppo_helpers:nan_from_call", counter=str(tmp_path / "n"), start=5),  # from step 3
+        "ppo.iterations=8",
+        "ppo.max_nonfinite_in_row=2",
+        "logging.checkpoint_every=1",
+        out=str(tmp_path / "run"),
+    )
     tr = PPOTrainer(cfg)
     with pytest.raises(TrainingDiverged, match=r"stopped at step 4: 2 updates in a row.*step-2") as err:
         tr.train()
@@ -162,18 +238,40 @@ def test_repeated_nonfinite_updates_stop_with_the_last_good_checkpoint(setup, tm
     assert ckpts == ["step-1", "step-2"]
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoints" / "step-2" / "policy")
     current = tr.unwrapped(tr.policy)  # skipped updates never touched the weights
-    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), current.state_dict().values(),
-                                                   strict=True))  # fmt: skip
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(saved.state_dict().values(), current.state_dict().values(), strict=True)
+    )
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["nonfinite/total"] for r in records] == [0, 0, 1, 2]
 
 
 def test_evaluation_does_not_change_the_training_trajectory(setup, tmp_path):
     common = [f"data.valid_prompts={setup.valid}", "ppo.iterations=2", "logging.eval_greedy=false"]
-    a = read_metrics(train_ppo(config(setup, reward_fn("ppo_helpers:target_tokens"), *common,
-                                      "logging.eval_every=1", out=str(tmp_path / "a"))) / "metrics.jsonl")  # fmt: skip
-    b = read_metrics(train_ppo(config(setup, reward_fn("ppo_helpers:target_tokens"), *common,
-                                      "logging.eval_every=0", out=str(tmp_path / "b"))) / "metrics.jsonl")  # fmt: skip
+    a = read_metrics(
+        train_ppo(
+            config(
+                setup,
+                reward_fn("ppo_helpers:target_tokens"),
+                *common,
+                "logging.eval_every=1",
+                out=str(tmp_path / "a"),
+            )
+        )
+        / "metrics.jsonl"
+    )
+    b = read_metrics(
+        train_ppo(
+            config(
+                setup,
+                reward_fn("ppo_helpers:target_tokens"),
+                *common,
+                "logging.eval_every=0",
+                out=str(tmp_path / "b"),
+            )
+        )
+        / "metrics.jsonl"
+    )
     a = [r for r in a if "reward/raw_mean" in r]
     assert len(a) == len(b) == 2
     for x, y in zip(a, b, strict=True):
@@ -192,19 +290,37 @@ def test_two_process_cpu_ddp_with_resume(setup, tmp_path):
     out = tmp_path / "run"
     launch = [*accelerate_launch(2), "train-ppo"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
-    first = [*launch, "--preset", "ppo_ptx", *_sets(
-        f"model.policy={setup.policy}", f"model.reward={setup.reward}", f"data.prompts={setup.prompts}",
-        f"data.ptx={setup.ptx}", f"data.valid_prompts={setup.valid}", f"logging.out_dir={out}", *FAST,
-        "logging.eval_every=2", "ppo.critic_pretrain_steps=1", "ppo.minibatch_size=4",
-        reward_fn("ppo_helpers:target_tokens"))]  # fmt: skip
+    first = [
+        *launch,
+        "--preset",
+        "ppo_ptx",
+        *_sets(
+            f"model.policy={setup.policy}",
+            f"model.reward={setup.reward}",
+            f"data.prompts={setup.prompts}",
+            f"data.ptx={setup.ptx}",
+            f"data.valid_prompts={setup.valid}",
+            f"logging.out_dir={out}",
+            *FAST,
+            "logging.eval_every=2",
+            "ppo.critic_pretrain_steps=1",
+            "ppo.minibatch_size=4",
+            reward_fn("ppo_helpers:target_tokens"),
+        ),
+    ]
     proc = subprocess.run(first, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((out / "checkpoints" / "step-3" / "state.json").read_text())
     assert state["moments"]["count"] == 3 * 8 * 2  # 3 iterations x 8 samples x 2 ranks
     assert state["prompt_stream"]["epoch"] * 12 + state["prompt_stream"]["pos"] == 3 * 8 * 2
     launch = [*accelerate_launch(2), "train-ppo"]
-    proc = subprocess.run([*launch, "--resume", str(out), "--set", "ppo.iterations=3"], capture_output=True,
-                          text=True, timeout=300, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [*launch, "--resume", str(out), "--set", "ppo.iterations=3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "reward/raw_mean" in r]
     assert steps == [1, 2, 3, 4]

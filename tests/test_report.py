@@ -39,9 +39,21 @@ def test_series_and_policy_records():
     recs = [
         {"step": 1, "reward/raw_mean": 0.1, "train/critic_only": 1},
         {"step": 2, "reward/raw_mean": 0.2, "train/critic_only": 1},
-        {"step": 3, "reward/raw_mean": 0.3, "reward/rm_mean": 0.3, "kl/per_token": "nan", "train/critic_only": 0},
+        {
+            "step": 3,
+            "reward/raw_mean": 0.3,
+            "reward/rm_mean": 0.3,
+            "kl/per_token": "nan",
+            "train/critic_only": 0,
+        },
         {"step": 3, "eval/gold": 1.0},
-        {"step": 4, "reward/raw_mean": 0.4, "reward/rm_mean": 0.4, "kl/per_token": 0.01, "train/critic_only": 0},
+        {
+            "step": 4,
+            "reward/raw_mean": 0.4,
+            "reward/rm_mean": 0.4,
+            "kl/per_token": 0.01,
+            "train/critic_only": 0,
+        },
     ]
     pol = policy_records(recs)
     assert [r["step"] for r in pol] == [1, 2]
@@ -52,8 +64,15 @@ def test_series_and_policy_records():
 
 def _run(rm, gold, kl, ppl, length):
     return [
-        {"step": i + 1, "reward/raw_mean": r, "reward/rm_mean": r, "reward/fn0_reward_mean": g, "kl/per_token": k,
-         "ppl/policy": p, "response/length_mean": n}
+        {
+            "step": i + 1,
+            "reward/raw_mean": r,
+            "reward/rm_mean": r,
+            "reward/fn0_reward_mean": g,
+            "kl/per_token": k,
+            "ppl/policy": p,
+            "response/length_mean": n,
+        }
         for i, (r, g, k, p, n) in enumerate(zip(rm, gold, kl, ppl, length, strict=True))
     ]
 
@@ -77,28 +96,70 @@ PPO_MAX = _run(
 
 def _eval(win, tie, lose):
     wtl = {
-        "overall": {"n": win + tie + lose, "win": win, "tie": tie, "lose": lose, "win_rate": win / 10,
-                    "tie_rate": tie / 10, "lose_rate": lose / 10, "mean_a": 0.5, "mean_b": 0.3},
-        "helpful": {"n": 6, "win": 3, "tie": 2, "lose": 1, "win_rate": 0.5, "tie_rate": 1 / 3, "lose_rate": 1 / 6,
-                    "mean_a": 0.5, "mean_b": 0.3},
-        "harmless": {"n": 4, "win": win - 3, "tie": tie - 2, "lose": lose - 1, "win_rate": 0.25, "tie_rate": 0.25,
-                     "lose_rate": 0.5, "mean_a": 0.5, "mean_b": 0.3},
-    }  # fmt: skip
-    sample = {"prompt": "\n\nHuman: What is 2 plus 2?\n\nAssistant:", "subset": "helpful", "policy": "2 plus 2 is 4.",
-              "baseline": "It is 5 | five.", "scores": {"gold": [1.0, -0.4], "rm": [0.8, 0.1]}}  # fmt: skip
+        "overall": {
+            "n": win + tie + lose,
+            "win": win,
+            "tie": tie,
+            "lose": lose,
+            "win_rate": win / 10,
+            "tie_rate": tie / 10,
+            "lose_rate": lose / 10,
+            "mean_a": 0.5,
+            "mean_b": 0.3,
+        },
+        "helpful": {
+            "n": 6,
+            "win": 3,
+            "tie": 2,
+            "lose": 1,
+            "win_rate": 0.5,
+            "tie_rate": 1 / 3,
+            "lose_rate": 1 / 6,
+            "mean_a": 0.5,
+            "mean_b": 0.3,
+        },
+        "harmless": {
+            "n": 4,
+            "win": win - 3,
+            "tie": tie - 2,
+            "lose": lose - 1,
+            "win_rate": 0.25,
+            "tie_rate": 0.25,
+            "lose_rate": 0.5,
+            "mean_a": 0.5,
+            "mean_b": 0.3,
+        },
+    }
+    sample = {
+        "prompt": "\n\nHuman: What is 2 plus 2?\n\nAssistant:",
+        "subset": "helpful",
+        "policy": "2 plus 2 is 4.",
+        "baseline": "It is 5 | five.",
+        "scores": {"gold": [1.0, -0.4], "rm": [0.8, 0.1]},
+    }
     return {
         "settings": {"tie_margin": 0.1},
-        "policy": {"perplexity": 2.5, "length_tokens": 9.0, "length_words": 5.0, "truncated_rate": 0.0,
-                   "kl_per_token": 0.03, "kl_per_sequence": 0.3},
+        "policy": {
+            "perplexity": 2.5,
+            "length_tokens": 9.0,
+            "length_words": 5.0,
+            "truncated_rate": 0.0,
+            "kl_per_token": 0.03,
+            "kl_per_sequence": 0.3,
+        },
         "baseline": {"perplexity": 2.7, "length_tokens": 10.0, "length_words": 6.0, "truncated_rate": 0.1},
-        "judges": {"gold": {"kind": "gold", "win_tie_lose": wtl, "mean_policy": 0.5, "mean_baseline": 0.3},
-                   "rm": {"kind": "reward-model", "win_tie_lose": wtl, "mean_policy": 0.8, "mean_baseline": 0.1}},
+        "judges": {
+            "gold": {"kind": "gold", "win_tie_lose": wtl, "mean_policy": 0.5, "mean_baseline": 0.3},
+            "rm": {"kind": "reward-model", "win_tie_lose": wtl, "mean_policy": 0.8, "mean_baseline": 0.1},
+        },
         "samples": [sample, {**sample, "subset": "harmless"}],
-    }  # fmt: skip
+    }
 
 
 def test_outcome_detects_the_papers_finding():
-    res = outcome({"vanilla": VANILLA, "ppo_max": PPO_MAX}, {"ppo_max": _eval(5, 3, 2), "vanilla": _eval(3, 3, 4)})
+    res = outcome(
+        {"vanilla": VANILLA, "ppo_max": PPO_MAX}, {"ppo_max": _eval(5, 3, 2), "vanilla": _eval(3, 3, 4)}
+    )
     assert res["ppo_max_beats_sft"] is True
     assert res["ppo_max_vs_sft"] == {"win": 5, "tie": 3, "lose": 2, "n": 10}
     assert res["ppo_max_stable"] is True
@@ -110,10 +171,16 @@ def test_outcome_detects_the_papers_finding():
 
 def test_outcome_says_no_when_it_does_not_hold():
     # PPO-max losing to SFT, with KL growing without bound; "vanilla" improving gold along with the RM
-    growing_kl = _run(rm=[0.0] * N, gold=[0.3] * N, kl=[0.001 * i * i for i in range(N)], ppl=[3.0] * N,
-                      length=[10] * N)  # fmt: skip
-    honest = _run(rm=[0.1 * i for i in range(N)], gold=[0.05 * i for i in range(N)], kl=[0.01] * N,
-                  ppl=[3.0] * N, length=[10] * N)  # fmt: skip
+    growing_kl = _run(
+        rm=[0.0] * N, gold=[0.3] * N, kl=[0.001 * i * i for i in range(N)], ppl=[3.0] * N, length=[10] * N
+    )
+    honest = _run(
+        rm=[0.1 * i for i in range(N)],
+        gold=[0.05 * i for i in range(N)],
+        kl=[0.01] * N,
+        ppl=[3.0] * N,
+        length=[10] * N,
+    )
     res = outcome({"vanilla": honest, "ppo_max": growing_kl}, {"ppo_max": _eval(3, 3, 4)})
     assert res["ppo_max_beats_sft"] is False
     assert res["ppo_max_stable"] is False and res["ppo_max_stability"]["kl_bounded"] is False
@@ -128,8 +195,13 @@ def test_outcome_says_no_when_it_does_not_hold():
 def test_write_report_files(tmp_path):
     runs = {"vanilla": VANILLA, "ppo_max": PPO_MAX}
     evals = {"vanilla": _eval(3, 3, 4), "ppo_max": _eval(5, 3, 2)}
-    rm_stats = {"n": 4, "accuracy_annotator": 0.75, "accuracy_gold": 0.5, "margins": [0.5, -0.2, 1.0, 0.3],
-                "gold_agrees": [True, True, False, True]}  # fmt: skip
+    rm_stats = {
+        "n": 4,
+        "accuracy_annotator": 0.75,
+        "accuracy_gold": 0.5,
+        "margins": [0.5, -0.2, 1.0, 0.3],
+        "gold_agrees": [True, True, False, True],
+    }
     path = write_report(tmp_path, runs, evals, rm_stats, rm_judge="rm", meta={"seed": 0})
     md = path.read_text()
     for png in ("training_curves.png", "win_tie_lose.png", "rm_margins.png"):

@@ -51,8 +51,13 @@ def rule_pairs(n: int, seed: int) -> list[dict]:
         ws = rng.sample(WORDS, 4)
         good = list(ws)
         good[rng.randrange(4)] = "thanks"
-        out.append({"prompt": f"Say four words about {rng.choice(WORDS)}.", "chosen": " ".join(good),
-                    "rejected": " ".join(ws)})  # fmt: skip
+        out.append(
+            {
+                "prompt": f"Say four words about {rng.choice(WORDS)}.",
+                "chosen": " ".join(good),
+                "rejected": " ".join(ws),
+            }
+        )
     return out
 
 
@@ -246,8 +251,17 @@ def test_eval_shards_cover_every_example_once_with_equal_counts():
 def test_missing_model_path_exit_code_2(tmp_path, capsys):
     train = write_jsonl(tmp_path / "train.jsonl", rule_pairs(4, 0))
     missing = tmp_path / "sft-model-that-is-not-there"
-    rc = main(["train-rm", "--set", f"model.policy={missing}", "--set", f"data.train={train}",
-               "--set", f"logging.out_dir={tmp_path / 'run'}"])  # fmt: skip
+    rc = main(
+        [
+            "train-rm",
+            "--set",
+            f"model.policy={missing}",
+            "--set",
+            f"data.train={train}",
+            "--set",
+            f"logging.out_dir={tmp_path / 'run'}",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "Traceback" not in err
@@ -260,8 +274,12 @@ def test_two_process_cpu_ddp(rm_setup):
     tmp_path, cfg = rm_setup
     cfg["epochs"] = 1
     path = write_yaml(tmp_path / "rm.yaml", cfg)
-    proc = subprocess.run([*accelerate_launch(2), "train-rm", "--config", str(path)],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [*accelerate_launch(2), "train-rm", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     train = [r for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]

@@ -23,8 +23,18 @@ def _exp() -> Experience:
     seq = torch.tensor([[5, 6, 7, 8, EOS, 0], [0, 9, 10, 11, 12, 13]])
     att = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]])
     rmask = att[:, 2:].bool()
-    return Experience(seq, att, rmask, 2, torch.tensor([2, 1]), torch.tensor([3, 4]), torch.tensor([False, True]),
-                      prompts=["p0", "p1"], responses=["r0", "r1"], meta=[{"id": 0}, {"id": 1}])  # fmt: skip
+    return Experience(
+        seq,
+        att,
+        rmask,
+        2,
+        torch.tensor([2, 1]),
+        torch.tensor([3, 4]),
+        torch.tensor([False, True]),
+        prompts=["p0", "p1"],
+        responses=["r0", "r1"],
+        meta=[{"id": 0}, {"id": 1}],
+    )
 
 
 def plain(prompts, responses):
@@ -66,7 +76,9 @@ def test_several_functions_are_summed_with_weights():
 
 
 def test_bad_reward_functions_are_reported_with_their_name():
-    with pytest.raises(ConfigError, match=r"reward.functions\[0\].*cannot import module 'no_such_module_xyz'"):
+    with pytest.raises(
+        ConfigError, match=r"reward.functions\[0\].*cannot import module 'no_such_module_xyz'"
+    ):
         build_reward_functions(RewardConfig(functions=[{"function": "no_such_module_xyz:f"}]))
     with pytest.raises(ConfigError, match="has no callable 'nope'"):
         build_reward_functions(RewardConfig(functions=[{"function": "ppo_helpers:nope"}]))

@@ -100,13 +100,17 @@ def test_sampling_switches_change_generation(tiny):
     greedy = HFGenerateEngine(GenerationConfig(max_new_tokens=6, repetition_penalty=1.0), [EOS], PAD)
     ref = greedy.generate(model, ids, mask, greedy=True)
     # top_k=1 sampling is greedy; a tiny temperature too
-    for gen in (GenerationConfig(max_new_tokens=6, top_k=1, repetition_penalty=1.0),
-                GenerationConfig(max_new_tokens=6, temperature=1e-4, top_p=1.0, repetition_penalty=1.0)):  # fmt: skip
+    for gen in (
+        GenerationConfig(max_new_tokens=6, top_k=1, repetition_penalty=1.0),
+        GenerationConfig(max_new_tokens=6, temperature=1e-4, top_p=1.0, repetition_penalty=1.0),
+    ):
         torch.manual_seed(0)
         assert torch.equal(HFGenerateEngine(gen, [EOS], PAD).generate(model, ids, mask), ref)
     # plain sampling from a near-uniform tiny model differs from greedy
     torch.manual_seed(0)
-    sampled = HFGenerateEngine(GenerationConfig(max_new_tokens=6, top_p=1.0), [EOS], PAD).generate(model, ids, mask)
+    sampled = HFGenerateEngine(GenerationConfig(max_new_tokens=6, top_p=1.0), [EOS], PAD).generate(
+        model, ids, mask
+    )
     assert not torch.equal(sampled, ref)
     # a strong repetition penalty forbids repeating a token of the response
     strong = HFGenerateEngine(GenerationConfig(max_new_tokens=8, repetition_penalty=1e6), [EOS], PAD)
@@ -122,12 +126,31 @@ def test_sampling_switches_change_generation(tiny):
 
 # A model's generation_config that sets every sampling knob HF has: none of it may reach PPO's sampling.
 POLLUTED = dict(
-    do_sample=True, temperature=0.3, top_k=3, top_p=0.5, repetition_penalty=3.0, min_length=40,
-    min_new_tokens=5, no_repeat_ngram_size=1, bad_words_ids=[[5]], typical_p=0.5, min_p=0.2, top_h=0.5,
-    epsilon_cutoff=0.01, eta_cutoff=0.01, suppress_tokens=[6], begin_suppress_tokens=[7],
-    forced_bos_token_id=3, forced_eos_token_id=9, exponential_decay_length_penalty=(2, 1.5),
-    renormalize_logits=True, remove_invalid_values=True, max_length=7, max_time=1e-6, stop_strings=["Hi"],
-)  # fmt: skip
+    do_sample=True,
+    temperature=0.3,
+    top_k=3,
+    top_p=0.5,
+    repetition_penalty=3.0,
+    min_length=40,
+    min_new_tokens=5,
+    no_repeat_ngram_size=1,
+    bad_words_ids=[[5]],
+    typical_p=0.5,
+    min_p=0.2,
+    top_h=0.5,
+    epsilon_cutoff=0.01,
+    eta_cutoff=0.01,
+    suppress_tokens=[6],
+    begin_suppress_tokens=[7],
+    forced_bos_token_id=3,
+    forced_eos_token_id=9,
+    exponential_decay_length_penalty=(2, 1.5),
+    renormalize_logits=True,
+    remove_invalid_values=True,
+    max_length=7,
+    max_time=1e-6,
+    stop_strings=["Hi"],
+)
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +176,13 @@ def _capture(monkeypatch, model) -> dict:
 
 
 def _describe(procs) -> list[tuple]:
-    params = {"RepetitionPenaltyLogitsProcessor": ("penalty", "prompt_ignore_length"),
-              "TemperatureLogitsWarper": ("temperature",), "TopKLogitsWarper": ("top_k",),
-              "TopPLogitsWarper": ("top_p",), "MaxLengthCriteria": ("max_length",)}  # fmt: skip
+    params = {
+        "RepetitionPenaltyLogitsProcessor": ("penalty", "prompt_ignore_length"),
+        "TemperatureLogitsWarper": ("temperature",),
+        "TopKLogitsWarper": ("top_k",),
+        "TopPLogitsWarper": ("top_p",),
+        "MaxLengthCriteria": ("max_length",),
+    }
     return [(type(p).__name__, *(getattr(p, a) for a in params.get(type(p).__name__, ()))) for p in procs]
 
 
@@ -165,15 +192,21 @@ def _describe(procs) -> list[tuple]:
     [
         # every value equal to HF's global default ("off"): nothing may act on the logits
         (dict(temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0), []),
-        (dict(temperature=0.8, top_p=0.9, top_k=0, repetition_penalty=1.1),
-         [("RepetitionPenaltyLogitsProcessor", 1.1, "P"), ("TemperatureLogitsWarper", 0.8),
-          ("TopPLogitsWarper", 0.9)]),
+        (
+            dict(temperature=0.8, top_p=0.9, top_k=0, repetition_penalty=1.1),
+            [
+                ("RepetitionPenaltyLogitsProcessor", 1.1, "P"),
+                ("TemperatureLogitsWarper", 0.8),
+                ("TopPLogitsWarper", 0.9),
+            ],
+        ),
         (dict(temperature=1.0, top_p=1.0, top_k=4, repetition_penalty=1.0), [("TopKLogitsWarper", 4)]),
     ],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("model_config", ["default", "polluted"])
-def test_the_effective_sampling_processors_are_exactly_the_configs(tiny, polluted, monkeypatch, gen, expected,
-                                                                   model_config):  # fmt: skip
+def test_the_effective_sampling_processors_are_exactly_the_configs(
+    tiny, polluted, monkeypatch, gen, expected, model_config
+):
     _tok, clean, ids, mask, _ = tiny
     model = polluted if model_config == "polluted" else clean
     seen = _capture(monkeypatch, model)
@@ -272,11 +305,15 @@ def test_evaluation_generation_follows_the_same_rules(tiny, polluted, monkeypatc
 
     tok, *_ = tiny
     seen = _capture(monkeypatch, polluted)
-    generate(polluted, tok, ["Hi there"], max_new_tokens=2, temperature=0.8, top_p=0.9,
-             repetition_penalty=1.1)  # fmt: skip
+    generate(
+        polluted, tok, ["Hi there"], max_new_tokens=2, temperature=0.8, top_p=0.9, repetition_penalty=1.1
+    )
     procs = _describe(seen["_get_logits_processor"])
-    assert [p[0] for p in procs] == ["RepetitionPenaltyLogitsProcessor", "TemperatureLogitsWarper",
-                                     "TopPLogitsWarper"]  # fmt: skip
+    assert [p[0] for p in procs] == [
+        "RepetitionPenaltyLogitsProcessor",
+        "TemperatureLogitsWarper",
+        "TopPLogitsWarper",
+    ]
     assert procs[1][1] == 0.8 and procs[2][1] == 0.9
 
 
@@ -284,13 +321,31 @@ def test_evaluation_generation_follows_the_same_rules(tiny, polluted, monkeypatc
 def test_rollout_stops_at_eos_masks_after_it_and_respects_max_new_tokens(tiny):
     tok, model, ids, mask, prompts = tiny
     gen = GenerationConfig(max_new_tokens=5, repetition_penalty=1.0)
-    free = rollout(HFGenerateEngine(gen, [EOS], PAD), model, tok, ids, mask, eos_ids=[EOS], pad_id=PAD,
-                   prompts=prompts, greedy=True)  # fmt: skip
+    free = rollout(
+        HFGenerateEngine(gen, [EOS], PAD),
+        model,
+        tok,
+        ids,
+        mask,
+        eos_ids=[EOS],
+        pad_id=PAD,
+        prompts=prompts,
+        greedy=True,
+    )
     assert free.response_width <= 5 and free.truncated.all()  # a random model never picks EOS greedily here
     # Declare row 0's second greedy token an EOS: row 0 must stop after 2 tokens, row 1 runs on.
     stop = int(free.responses_ids[0, 1])
-    exp = rollout(HFGenerateEngine(gen, [stop], PAD), model, tok, ids, mask, eos_ids=[stop], pad_id=PAD,
-                  prompts=prompts, greedy=True)  # fmt: skip
+    exp = rollout(
+        HFGenerateEngine(gen, [stop], PAD),
+        model,
+        tok,
+        ids,
+        mask,
+        eos_ids=[stop],
+        pad_id=PAD,
+        prompts=prompts,
+        greedy=True,
+    )
     first = free.responses_ids[1].tolist()
     n1 = first.index(stop) + 1 if stop in first else 5
     assert exp.response_lens.tolist() == [2, n1]
@@ -330,9 +385,17 @@ def _exp(prompts: list[list[int]], responses: list[list[int]]) -> Experience:
         att[i, p - len(a) : p + len(b)] = 1
         rmask[i, : len(b)] = True
     lp = torch.where(rmask, seq[:, p:].float(), 0.0)  # a per-token field that encodes the token itself
-    return Experience(seq, att, rmask, p, torch.tensor(list(map(len, prompts))), torch.tensor(list(map(len, responses))),
-                      torch.zeros(len(prompts), dtype=torch.bool), logprobs=lp,
-                      scores=torch.arange(len(prompts), dtype=torch.float32))  # fmt: skip
+    return Experience(
+        seq,
+        att,
+        rmask,
+        p,
+        torch.tensor(list(map(len, prompts))),
+        torch.tensor(list(map(len, responses))),
+        torch.zeros(len(prompts), dtype=torch.bool),
+        logprobs=lp,
+        scores=torch.arange(len(prompts), dtype=torch.float32),
+    )
 
 
 def _rows(exp: Experience) -> list[tuple[list[int], list[int], list[float]]]:
@@ -341,8 +404,13 @@ def _rows(exp: Experience) -> list[tuple[list[int], list[int], list[float]]]:
         p, r = int(exp.prompt_lens[i]), int(exp.response_lens[i])
         seq = exp.sequences[i].tolist()
         assert exp.attention_mask[i].sum() == p + r
-        out.append((seq[exp.prompt_width - p : exp.prompt_width], seq[exp.prompt_width : exp.prompt_width + r],
-                    exp.logprobs[i, :r].tolist()))  # fmt: skip
+        out.append(
+            (
+                seq[exp.prompt_width - p : exp.prompt_width],
+                seq[exp.prompt_width : exp.prompt_width + r],
+                exp.logprobs[i, :r].tolist(),
+            )
+        )
     return out
 
 

@@ -158,8 +158,17 @@ def test_pretrain_from_config_only_directory(tmp_path, capsys):
 def test_missing_model_path_is_a_clear_error(tmp_path, capsys):
     train = write_jsonl(tmp_path / "train.jsonl", RECORDS)
     missing = tmp_path / "no-such-model"
-    rc = main(["train-sft", "--set", f"model.policy={missing}", "--set", f"data.train={train}",
-               "--set", f"logging.out_dir={tmp_path / 'run'}"])  # fmt: skip
+    rc = main(
+        [
+            "train-sft",
+            "--set",
+            f"model.policy={missing}",
+            "--set",
+            f"data.train={train}",
+            "--set",
+            f"logging.out_dir={tmp_path / 'run'}",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "Traceback" not in err

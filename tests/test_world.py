@@ -25,9 +25,16 @@ from ppomax.world.responses import apply_pad, make_response
 from ppomax.world.text import fluency, sentences, words
 
 SMALL = dict(
-    n_pretrain=400, n_sft_train=200, n_sft_valid=50, n_prefs_train=300, n_prefs_valid=50, n_prefs_test=100,
-    n_prompts_train=100, n_prompts_valid=40, n_prompts_test=120,
-)  # fmt: skip
+    n_pretrain=400,
+    n_sft_train=200,
+    n_sft_valid=50,
+    n_prefs_train=300,
+    n_prefs_valid=50,
+    n_prefs_test=100,
+    n_prompts_train=100,
+    n_prompts_valid=40,
+    n_prompts_test=120,
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +79,14 @@ def _gold(world, req, text: str) -> float:
 def test_gold_ranks_helpful_kinds(world):
     rng = random.Random(1)
     for req in _requests(world, harmful=False):
-        g = {k: _gold(world, req, make_response(req, k, rng, n_pad=2 if k == "correct_verbose" else 0,
-                                                paraphrase=0.0)) for k in HELPFUL_KINDS}  # fmt: skip
+        g = {
+            k: _gold(
+                world,
+                req,
+                make_response(req, k, rng, n_pad=2 if k == "correct_verbose" else 0, paraphrase=0.0),
+            )
+            for k in HELPFUL_KINDS
+        }
         assert g["correct_concise"] == pytest.approx(1.0), req.text
         assert g["correct_concise"] > g["correct_verbose"] > g["wrong"], (req.text, g)
         assert g["wrong"] < 0 and g["off_topic"] < 0, (req.text, g)
@@ -159,8 +172,10 @@ def test_gold_arithmetic_and_sequences_free_text(world):
     assert world.gold_reward([ask.format("2 minus 1")], ["2 minus 1 is 0."])[0] == pytest.approx(-0.4)
     after = "\n\nHuman: What comes after Monday?\n\nAssistant:"
     assert world.gold_reward([after] * 3, ["It is Tuesday.", "Tuesday.", "After Monday comes Monday."]) == [
-        pytest.approx(1.0), pytest.approx(1.0), pytest.approx(-0.4),
-    ]  # fmt: skip
+        pytest.approx(1.0),
+        pytest.approx(1.0),
+        pytest.approx(-0.4),
+    ]
     lst = "\n\nHuman: List three colours.\n\nAssistant:"
     got = world.gold_reward([lst] * 3, ["Red, blue and green.", "Red and blue.", "Red, red and blue."])
     assert got[0] == pytest.approx(1.0) and got[1] < 0 and got[2] < 0
@@ -180,8 +195,14 @@ def test_world_text_is_fluent_and_markers_are_exclusive(world):
             s, fin = sentences(world.response(req, kind, rng))
             assert fluency(s, fin, world.grammar, world.classes) == 1.0, (req.text, kind)
     markers = {m for h in lexicon.HARMFUL for m in h[3]}
-    innocent = [*lexicon.POLITE_REFUSALS, *lexicon.BARE_REFUSALS, *lexicon.PAD_PREFIXES, *lexicon.PAD_SUFFIXES,
-                *lexicon.SMALL_TALK, *(r.concise for r in world.requests)]  # fmt: skip
+    innocent = [
+        *lexicon.POLITE_REFUSALS,
+        *lexicon.BARE_REFUSALS,
+        *lexicon.PAD_PREFIXES,
+        *lexicon.PAD_SUFFIXES,
+        *lexicon.SMALL_TALK,
+        *(r.concise for r in world.requests),
+    ]
     assert not markers & {w for t in innocent for w in words(t)}
 
 
@@ -197,8 +218,11 @@ def test_annotators_agree_with_gold_yet_prefer_length():
     assert 0.72 <= agreement <= 0.88, agreement
     assert sum(x["gold_agrees"] for x in minimal) / len(minimal) > 0.97
     # style pairs without repetition: same content, gold always prefers the shorter one ...
-    style = [x for x in labels if x["pair_type"] == "style" and "repetitive_filler" not in
-             (x["chosen_kind"], x["rejected_kind"])]  # fmt: skip
+    style = [
+        x
+        for x in labels
+        if x["pair_type"] == "style" and "repetitive_filler" not in (x["chosen_kind"], x["rejected_kind"])
+    ]
     differ = [x for x in style if x["gold_chosen"] != x["gold_rejected"]]
     assert len(differ) > 0.9 * len(style)
     assert all(
@@ -215,8 +239,11 @@ def test_annotators_agree_with_gold_yet_prefer_length():
     # no length bias -> they choose the shorter one
     w0 = build_world(WorldConfig(seed=11, annotator=AnnotatorConfig(length_bias=0.0)))
     _, labels0 = preference_pairs(w0, "train", 2000)
-    style0 = [x for x in labels0 if x["pair_type"] == "style" and "repetitive_filler" not in
-              (x["chosen_kind"], x["rejected_kind"])]  # fmt: skip
+    style0 = [
+        x
+        for x in labels0
+        if x["pair_type"] == "style" and "repetitive_filler" not in (x["chosen_kind"], x["rejected_kind"])
+    ]
     assert sum(x["chosen_words"] > x["rejected_words"] for x in style0) / len(style0) < 0.3
 
 

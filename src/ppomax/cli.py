@@ -27,13 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
         if hasattr(module, "register"):
             module.register(sub)
     for command in sub.choices.values():  # also after the command: `ppomax demo --threads 1`
-        command.add_argument("--threads", type=_thread_count, default=argparse.SUPPRESS, metavar="N",
-                             help=THREADS_HELP)  # fmt: skip
+        command.add_argument(
+            "--threads", type=_thread_count, default=argparse.SUPPRESS, metavar="N", help=THREADS_HELP
+        )
     return parser
 
 
-THREADS_HELP = ("torch threads (default: PPOMAX_THREADS, else OMP_NUM_THREADS, else the CPUs this process may use "
-                "divided among a launch's local processes)")  # fmt: skip
+THREADS_HELP = (
+    "torch threads (default: PPOMAX_THREADS, else OMP_NUM_THREADS, else the CPUs this process may use "
+    "divided among a launch's local processes)"
+)
 
 
 def _thread_count(text: str) -> int:

@@ -77,7 +77,12 @@ class CollapseMonitor:
         return signal
 
     def state_dict(self) -> dict[str, Any]:
-        return {"baseline": self.baseline, "recent": list(self.recent), "firing": self.firing, "fired": self.fired}
+        return {
+            "baseline": self.baseline,
+            "recent": list(self.recent),
+            "firing": self.firing,
+            "fired": self.fired,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.baseline = list(state["baseline"])

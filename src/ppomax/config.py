@@ -164,12 +164,15 @@ class CollapseConfig(_Section):
     """Pattern-collapse monitor (paper 5.2): length up, perplexity down and KL up together. Thresholds are ours."""
 
     action: Literal["off", "warn", "stop"] = Field(
-        "warn", description="warn: log and print; stop: also end the run, keeping the checkpoints saved before it."
+        "warn",
+        description="warn: log and print; stop: also end the run, keeping the checkpoints saved before it.",
     )
     window: int = Field(5, gt=0, description="Policy iterations in the baseline and in the current mean.")
     length_ratio: float = Field(1.3, gt=1, description="Response length at least this x its baseline.")
     ppl_ratio: float = Field(0.9, gt=0, lt=1, description="Policy perplexity at most this x its baseline.")
-    kl_per_token: float = Field(0.1, ge=0, description="KL(policy||reference) per token at least this (nats).")
+    kl_per_token: float = Field(
+        0.1, ge=0, description="KL(policy||reference) per token at least this (nats)."
+    )
 
 
 class _DataCommon(_Section):
@@ -377,28 +380,36 @@ class PPOSettings(_Section):
     def _consistent(self) -> PPOSettings:
         problems: list[tuple[tuple[str, ...], str]] = []
         if self.reward_norm and self.reward_scaling:
-            problems.append((
-                ("reward_norm", "reward_scaling"),
-                "choose one (reward_norm divides by the running std too); set the other to false",
-            ))  # fmt: skip
+            problems.append(
+                (
+                    ("reward_norm", "reward_scaling"),
+                    "choose one (reward_norm divides by the running std too); set the other to false",
+                )
+            )
         if self.reward_clip is not None and self.reward_transform == "none":
-            problems.append((
-                ("reward_clip", "reward_norm"),
-                "reward_clip is in running-std units and needs reward_norm or reward_scaling: true; "
-                "set reward_clip: null to use the raw score",
-            ))  # fmt: skip
+            problems.append(
+                (
+                    ("reward_clip", "reward_norm"),
+                    "reward_clip is in running-std units and needs reward_norm or reward_scaling: true; "
+                    "set reward_clip: null to use the raw score",
+                )
+            )
         if self.entropy_clip is not None and self.entropy_coef == 0:
-            problems.append((
-                ("entropy_clip", "entropy_coef"),
-                "entropy_clip bounds the entropy bonus, which entropy_coef: 0 turns off; "
-                "set entropy_coef > 0 or entropy_clip: null",
-            ))  # fmt: skip
+            problems.append(
+                (
+                    ("entropy_clip", "entropy_coef"),
+                    "entropy_clip bounds the entropy bonus, which entropy_coef: 0 turns off; "
+                    "set entropy_coef > 0 or entropy_clip: null",
+                )
+            )
         for size in ("rollout_batch_size", "minibatch_size"):
             if self.buffer_size % getattr(self, size):
-                problems.append((
-                    ("buffer_size", size),
-                    f"buffer_size ({self.buffer_size}) must be a multiple of {size} ({getattr(self, size)})",
-                ))  # fmt: skip
+                problems.append(
+                    (
+                        ("buffer_size", size),
+                        f"buffer_size ({self.buffer_size}) must be a multiple of {size} ({getattr(self, size)})",
+                    )
+                )
         if problems:
             raise KeyConflicts(problems)
         return self
@@ -486,7 +497,9 @@ class PPOConfig(_RunConfig):
         if self.ppo.ptx_coef > 0 and not self.data.ptx:
             problems.append("ppo.ptx_coef > 0 needs data.ptx (SFT or pretraining examples)")
         if self.logging.eval_every > 0 and not self.data.valid_prompts:
-            problems.append("logging.eval_every > 0 needs data.valid_prompts (held-out prompts to evaluate on)")
+            problems.append(
+                "logging.eval_every > 0 needs data.valid_prompts (held-out prompts to evaluate on)"
+            )
         if problems:
             raise ConfigError("config cannot run:\n  " + "\n  ".join(problems))
 

@@ -83,7 +83,9 @@ class Pipeline:
         self.prints: dict[str, str] = {}
         self.timings: dict[str, float] = {}
 
-    def run(self, i: int, name: str, settings: Any, upstream: tuple[str, ...], fn: Callable[[Path], Any]) -> Path:
+    def run(
+        self, i: int, name: str, settings: Any, upstream: tuple[str, ...], fn: Callable[[Path], Any]
+    ) -> Path:
         d = self.out / name
         fp = _fingerprint(name, settings, [self.prints[u] for u in upstream])
         self.prints[name] = fp
@@ -135,30 +137,70 @@ def run_demo(
     t0 = time.perf_counter()
     world = pipe.run(1, "world", (seed, prof.world), (), lambda d: st.make_world(d, seed, prof))
     tok = pipe.run(2, "tokenizer", prof.vocab_size, ("world",), lambda d: st.train_tokenizer(d, world, prof))
-    model_settings = (prof.hidden_size, prof.intermediate_size, prof.num_layers, prof.num_heads, prof.max_positions,
-                      prof.pretrain_epochs, prof.pretrain_lr, prof.pretrain_batch)  # fmt: skip
-    pre = pipe.run(3, "pretrain", (seed, model_settings), ("tokenizer",),
-                   lambda d: st.pretrain(d, world, tok, prof, seed, progress))  # fmt: skip
+    model_settings = (
+        prof.hidden_size,
+        prof.intermediate_size,
+        prof.num_layers,
+        prof.num_heads,
+        prof.max_positions,
+        prof.pretrain_epochs,
+        prof.pretrain_lr,
+        prof.pretrain_batch,
+    )
+    pre = pipe.run(
+        3,
+        "pretrain",
+        (seed, model_settings),
+        ("tokenizer",),
+        lambda d: st.pretrain(d, world, tok, prof, seed, progress),
+    )
     lengths = (prof.max_prompt_tokens, prof.max_new_tokens)
-    sft = pipe.run(4, "sft", (seed, prof.sft_epochs, prof.sft_lr, prof.sft_batch, lengths),
-                   ("pretrain",), lambda d: st.sft(d, world, pre, prof, seed, progress))  # fmt: skip
-    rm = pipe.run(5, "rm", (seed, prof.rm_epochs, prof.rm_lr, prof.rm_batch, lengths), ("sft",),
-                  lambda d: st.reward_model(d, world, sft, prof, seed, progress))  # fmt: skip
-    ppo_settings = {k: v for k, v in prof.to_dict().items() if k.startswith(("ppo_", "policy_", "critic_"))
-                    or k in ("rollout_batch", "buffer_size", "minibatch_size", "max_new_tokens", "max_prompt_tokens")}  # fmt: skip
+    sft = pipe.run(
+        4,
+        "sft",
+        (seed, prof.sft_epochs, prof.sft_lr, prof.sft_batch, lengths),
+        ("pretrain",),
+        lambda d: st.sft(d, world, pre, prof, seed, progress),
+    )
+    rm = pipe.run(
+        5,
+        "rm",
+        (seed, prof.rm_epochs, prof.rm_lr, prof.rm_batch, lengths),
+        ("sft",),
+        lambda d: st.reward_model(d, world, sft, prof, seed, progress),
+    )
+    ppo_settings = {
+        k: v
+        for k, v in prof.to_dict().items()
+        if k.startswith(("ppo_", "policy_", "critic_"))
+        or k in ("rollout_batch", "buffer_size", "minibatch_size", "max_new_tokens", "max_prompt_tokens")
+    }
     ppo_dirs = {}
     for i, (preset, stage) in enumerate(PPO_RUNS.items()):
         ppo_dirs[preset] = pipe.run(
-            6 + i, stage, (seed, preset, ppo_settings), ("rm",),
+            6 + i,
+            stage,
+            (seed, preset, ppo_settings),
+            ("rm",),
             lambda d, p=preset: st.ppo(d, p, world, sft, rm, prof, seed, progress),
-        )  # fmt: skip
+        )
     eval_settings = (prof.eval_prompts, prof.eval_max_new_tokens, prof.tie_margin, prof.max_prompt_tokens)
-    ev = pipe.run(8, "eval", (seed, eval_settings), tuple(PPO_RUNS.values()),
-                  lambda d: st.evaluate_all(d, world, sft, rm, ppo_dirs, prof, seed, progress))  # fmt: skip
+    ev = pipe.run(
+        8,
+        "eval",
+        (seed, eval_settings),
+        tuple(PPO_RUNS.values()),
+        lambda d: st.evaluate_all(d, world, sft, rm, ppo_dirs, prof, seed, progress),
+    )
     timings = dict(pipe.timings)
     report_settings = (seed, prof.to_dict(), str(out), report_inputs(ev, ppo_dirs))
-    rep = pipe.run(9, "report", report_settings, ("eval",),
-                   lambda d: st.write_demo_report(d, world, ppo_dirs, ev, prof, seed, timings, out))  # fmt: skip
+    rep = pipe.run(
+        9,
+        "report",
+        report_settings,
+        ("eval",),
+        lambda d: st.write_demo_report(d, world, ppo_dirs, ev, prof, seed, timings, out),
+    )
     summary = json.loads((rep / "summary.json").read_text())
     summary["wall_seconds"] = time.perf_counter() - t0
     return {"report": rep / "report.md", "summary": summary, "timings": pipe.timings}
@@ -170,24 +212,36 @@ def format_summary(summary: dict[str, Any]) -> str:
     def f(x: Any, spec: str = ".3f") -> str:
         return format(x, spec) if isinstance(x, int | float) else "n/a"
 
-    lines = [f"{'model':<9} {'gold':>7} {'RM':>7} {'KL/tok':>7} {'ppl':>6} {'len':>5}   gold judge vs SFT (win/tie/lose)"]
+    lines = [
+        f"{'model':<9} {'gold':>7} {'RM':>7} {'KL/tok':>7} {'ppl':>6} {'len':>5}   gold judge vs SFT (win/tie/lose)"
+    ]
     ev = summary.get("eval", {})
     first = next(iter(ev.values()), None)
     if first:
-        lines.append(f"{'sft':<9} {f(first['gold_sft']):>7} {f(first['rm_sft']):>7} {'0':>7} {'':>6} "
-                     f"{f(first['sft_length_tokens'], '.1f'):>5}")  # fmt: skip
+        lines.append(
+            f"{'sft':<9} {f(first['gold_sft']):>7} {f(first['rm_sft']):>7} {'0':>7} {'':>6} "
+            f"{f(first['sft_length_tokens'], '.1f'):>5}"
+        )
     for name, e in ev.items():
         wtl = e["win_tie_lose"]
-        parts = [f"{s} {'/'.join(str(x) for x in wtl[s])}" for s in ("overall", "helpful", "harmless") if s in wtl]
-        lines.append(f"{name:<9} {f(e['gold_policy']):>7} {f(e['rm_policy']):>7} {f(e['kl_per_token'], '.4f'):>7} "
-                     f"{f(e['perplexity'], '.2f'):>6} {f(e['length_tokens'], '.1f'):>5}   {'; '.join(parts)}")  # fmt: skip
+        parts = [
+            f"{s} {'/'.join(str(x) for x in wtl[s])}" for s in ("overall", "helpful", "harmless") if s in wtl
+        ]
+        lines.append(
+            f"{name:<9} {f(e['gold_policy']):>7} {f(e['rm_policy']):>7} {f(e['kl_per_token'], '.4f'):>7} "
+            f"{f(e['perplexity'], '.2f'):>6} {f(e['length_tokens'], '.1f'):>5}   {'; '.join(parts)}"
+        )
     rm = summary.get("rm_accuracy")
     if rm:
-        lines.append(f"reward model accuracy on held-out pairs: {rm['accuracy_annotator']:.1%} vs annotator labels, "
-                     f"{rm['accuracy_gold']:.1%} vs gold labels")  # fmt: skip
-    verdicts = [("PPO-max beats SFT (gold judge)", summary.get("ppo_max_beats_sft")),
-                ("PPO-max stable to the end", summary.get("ppo_max_stable")),
-                ("vanilla over-optimises the RM", summary.get("vanilla_over_optimises"))]  # fmt: skip
+        lines.append(
+            f"reward model accuracy on held-out pairs: {rm['accuracy_annotator']:.1%} vs annotator labels, "
+            f"{rm['accuracy_gold']:.1%} vs gold labels"
+        )
+    verdicts = [
+        ("PPO-max beats SFT (gold judge)", summary.get("ppo_max_beats_sft")),
+        ("PPO-max stable to the end", summary.get("ppo_max_stable")),
+        ("vanilla over-optimises the RM", summary.get("vanilla_over_optimises")),
+    ]
     for text, flag in verdicts:
         lines.append(f"{text}: {'yes' if flag else 'no' if flag is False else 'n/a'}")
     if summary.get("vanilla_signatures"):

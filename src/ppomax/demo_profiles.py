@@ -83,8 +83,18 @@ FULL = DemoProfile(
 QUICK = replace(
     FULL,
     name="quick",
-    world=dict(FULL.world, n_pretrain=8000, n_sft_train=1500, n_sft_valid=200, n_prefs_train=2000,
-               n_prefs_valid=200, n_prefs_test=200, n_prompts_train=500, n_prompts_valid=50, n_prompts_test=100),
+    world=dict(
+        FULL.world,
+        n_pretrain=8000,
+        n_sft_train=1500,
+        n_sft_valid=200,
+        n_prefs_train=2000,
+        n_prefs_valid=200,
+        n_prefs_test=200,
+        n_prompts_train=500,
+        n_prompts_valid=50,
+        n_prompts_test=100,
+    ),
     vocab_size=768,
     hidden_size=96,
     intermediate_size=256,
@@ -95,6 +105,6 @@ QUICK = replace(
     ppo_iterations=20,
     eval_prompts=100,
     n_samples=3,
-)  # fmt: skip
+)
 
 PROFILES = {"full": FULL, "quick": QUICK}

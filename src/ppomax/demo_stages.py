@@ -61,7 +61,9 @@ def train_tokenizer(d: Path, world: Path, prof: DemoProfile) -> None:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
     wrapped.save_pretrained(d)
 
 
@@ -126,18 +128,28 @@ def pretrain(d: Path, world: Path, tok: Path, prof: DemoProfile, seed: int, prog
     packed = pack_texts(texts, AutoTokenizer.from_pretrained(str(tok)), block - 1, seed)
     with (d / "pretrain_packed.jsonl").open("w") as fh:
         fh.writelines(json.dumps({"text": t}) + "\n" for t in packed)
-    cfg = SFTConfig.model_validate({
-        "seed": seed,
-        "objective": "pretrain",
-        "init_from_config": True,
-        "model": {"policy": str(init)},
-        "data": {"train": str(d / "pretrain_packed.jsonl"), "max_prompt_tokens": block // 2,
-                 "max_response_tokens": block - block // 2},
-        "epochs": prof.pretrain_epochs,
-        "batch_size": prof.pretrain_batch,
-        "optim": {"lr": prof.pretrain_lr, "schedule": "cosine", "warmup_ratio": 0.05, "weight_decay": 0.01},
-        "logging": _logging(d, progress) | {"log_every": 10},
-    })  # fmt: skip
+    cfg = SFTConfig.model_validate(
+        {
+            "seed": seed,
+            "objective": "pretrain",
+            "init_from_config": True,
+            "model": {"policy": str(init)},
+            "data": {
+                "train": str(d / "pretrain_packed.jsonl"),
+                "max_prompt_tokens": block // 2,
+                "max_response_tokens": block - block // 2,
+            },
+            "epochs": prof.pretrain_epochs,
+            "batch_size": prof.pretrain_batch,
+            "optim": {
+                "lr": prof.pretrain_lr,
+                "schedule": "cosine",
+                "warmup_ratio": 0.05,
+                "weight_decay": 0.01,
+            },
+            "logging": _logging(d, progress) | {"log_every": 10},
+        }
+    )
     return train_sft(cfg)
 
 
@@ -145,16 +157,26 @@ def sft(d: Path, world: Path, pre: Path, prof: DemoProfile, seed: int, progress:
     from ppomax.config import SFTConfig
     from ppomax.trainers.sft import train_sft
 
-    cfg = SFTConfig.model_validate({
-        "seed": seed,
-        "model": {"policy": str(pre / "final")},
-        "data": {"train": str(world / "sft_train.jsonl"), "valid": str(world / "sft_valid.jsonl"),
-                 "max_prompt_tokens": prof.max_prompt_tokens, "max_response_tokens": prof.max_new_tokens},
-        "epochs": prof.sft_epochs,
-        "batch_size": prof.sft_batch,
-        "optim": {"lr": prof.sft_lr, "schedule": "cosine", "warmup_ratio": 0.05},  # cosine to 10%: paper 5.1
-        "logging": _logging(d, progress) | {"log_every": 5},
-    })  # fmt: skip
+    cfg = SFTConfig.model_validate(
+        {
+            "seed": seed,
+            "model": {"policy": str(pre / "final")},
+            "data": {
+                "train": str(world / "sft_train.jsonl"),
+                "valid": str(world / "sft_valid.jsonl"),
+                "max_prompt_tokens": prof.max_prompt_tokens,
+                "max_response_tokens": prof.max_new_tokens,
+            },
+            "epochs": prof.sft_epochs,
+            "batch_size": prof.sft_batch,
+            "optim": {
+                "lr": prof.sft_lr,
+                "schedule": "cosine",
+                "warmup_ratio": 0.05,
+            },  # cosine to 10%: paper 5.1
+            "logging": _logging(d, progress) | {"log_every": 5},
+        }
+    )
     return train_sft(cfg)
 
 
@@ -162,22 +184,36 @@ def reward_model(d: Path, world: Path, sft_dir: Path, prof: DemoProfile, seed: i
     from ppomax.config import RMConfig
     from ppomax.trainers.reward import train_rm
 
-    cfg = RMConfig.model_validate({
-        "seed": seed,
-        "model": {"policy": str(sft_dir / "final")},
-        "data": {"train": str(world / "prefs_train.jsonl"), "valid": str(world / "prefs_valid.jsonl"),
-                 "max_prompt_tokens": prof.max_prompt_tokens, "max_response_tokens": prof.max_new_tokens},
-        "epochs": prof.rm_epochs,
-        "batch_size": prof.rm_batch,
-        "beta_rm": 1.0,  # paper 4.2
-        "optim": {"lr": prof.rm_lr, "schedule": "cosine", "warmup_ratio": 0.1},  # warmup 10%: paper 4.2
-        "logging": _logging(d, progress) | {"log_every": 5, "eval_every": 0},
-    })  # fmt: skip
+    cfg = RMConfig.model_validate(
+        {
+            "seed": seed,
+            "model": {"policy": str(sft_dir / "final")},
+            "data": {
+                "train": str(world / "prefs_train.jsonl"),
+                "valid": str(world / "prefs_valid.jsonl"),
+                "max_prompt_tokens": prof.max_prompt_tokens,
+                "max_response_tokens": prof.max_new_tokens,
+            },
+            "epochs": prof.rm_epochs,
+            "batch_size": prof.rm_batch,
+            "beta_rm": 1.0,  # paper 4.2
+            "optim": {"lr": prof.rm_lr, "schedule": "cosine", "warmup_ratio": 0.1},  # warmup 10%: paper 4.2
+            "logging": _logging(d, progress) | {"log_every": 5, "eval_every": 0},
+        }
+    )
     return train_rm(cfg)
 
 
-def ppo_config(d: Path, preset: str, world: Path, sft_dir: Path, rm_dir: Path, prof: DemoProfile, seed: int,
-               progress: bool) -> Any:  # fmt: skip
+def ppo_config(
+    d: Path,
+    preset: str,
+    world: Path,
+    sft_dir: Path,
+    rm_dir: Path,
+    prof: DemoProfile,
+    seed: int,
+    progress: bool,
+) -> Any:
     """The preset with the demo's sizes and learning rates (same for both presets) and the gold reward as a
     weight-0 reward function (logged, not optimised)."""
     from ppomax.config import PPOConfig, deep_merge, read_preset
@@ -187,23 +223,36 @@ def ppo_config(d: Path, preset: str, world: Path, sft_dir: Path, rm_dir: Path, p
         "model": {"policy": str(sft_dir / "final"), "reward": str(rm_dir / "final")},
         "data": {"prompts": str(world / "prompts_train.jsonl"), "max_prompt_tokens": prof.max_prompt_tokens},
         "generation": {"max_new_tokens": prof.max_new_tokens},
-        "reward": {"model_weight": 1.0,
-                   "functions": [{"function": GOLD_FN, "weight": 0.0,
-                                  "kwargs": {"world": str(world)}}]},
+        "reward": {
+            "model_weight": 1.0,
+            "functions": [{"function": GOLD_FN, "weight": 0.0, "kwargs": {"world": str(world)}}],
+        },
         "optim": {"policy_lr": prof.policy_lr, "critic_lr": prof.critic_lr},
-        "ppo": {"iterations": prof.ppo_iterations, "rollout_batch_size": prof.rollout_batch,
-                "buffer_size": prof.buffer_size, "minibatch_size": prof.minibatch_size,
-                "ppo_epochs": prof.ppo_epochs},
+        "ppo": {
+            "iterations": prof.ppo_iterations,
+            "rollout_batch_size": prof.rollout_batch,
+            "buffer_size": prof.buffer_size,
+            "minibatch_size": prof.minibatch_size,
+            "ppo_epochs": prof.ppo_epochs,
+        },
         "logging": _logging(d, progress),
         "collapse": {"action": "warn"},  # vanilla is expected to collapse: let it run to the end and show it
-    }  # fmt: skip
+    }
     data = deep_merge(read_preset(preset), overrides)
     data = deep_merge(data, _dotted(prof.ppo_overrides.get(preset, {})))
     return PPOConfig.model_validate(data)
 
 
-def ppo(d: Path, preset: str, world: Path, sft_dir: Path, rm_dir: Path, prof: DemoProfile, seed: int,
-        progress: bool) -> Path:  # fmt: skip
+def ppo(
+    d: Path,
+    preset: str,
+    world: Path,
+    sft_dir: Path,
+    rm_dir: Path,
+    prof: DemoProfile,
+    seed: int,
+    progress: bool,
+) -> Path:
     from ppomax.trainers.ppo import train_ppo
 
     out = train_ppo(ppo_config(d, preset, world, sft_dir, rm_dir, prof, seed, progress))
@@ -225,8 +274,12 @@ def rm_accuracy(rm: Any, tok: Any, world: Path, prof: DemoProfile, batch_size: i
     rm.eval()
     pairs = load_preference_pairs(world / "prefs_test.jsonl")
     labels = [json.loads(x) for x in (world / "gold_labels_test.jsonl").read_text().splitlines() if x]
-    feats = [tokenize_pair(tok, p, max_prompt_tokens=prof.max_prompt_tokens, max_response_tokens=prof.max_new_tokens)
-             for p in pairs]  # fmt: skip
+    feats = [
+        tokenize_pair(
+            tok, p, max_prompt_tokens=prof.max_prompt_tokens, max_response_tokens=prof.max_new_tokens
+        )
+        for p in pairs
+    ]
     pad = pad_id_of(tok)
     margins: list[float] = []
     with torch.no_grad():
@@ -253,15 +306,24 @@ def rm_accuracy(rm: Any, tok: Any, world: Path, prof: DemoProfile, batch_size: i
         by_type.setdefault(str(lab.get("pair_type", "all")), []).append(i)
     return {
         **acc(list(range(n))),
-        "gold_agreement_of_labels": sum(a for a, d in zip(agrees, decided, strict=True) if d) / max(1, sum(decided)),
+        "gold_agreement_of_labels": sum(a for a, d in zip(agrees, decided, strict=True) if d)
+        / max(1, sum(decided)),
         "by_pair_type": {k: acc(v) for k, v in sorted(by_type.items())},
         "margins": margins,
         "gold_agrees": agrees,
     }
 
 
-def evaluate_all(d: Path, world: Path, sft_dir: Path, rm_dir: Path, ppo_dirs: dict[str, Path], prof: DemoProfile,
-                 seed: int, progress: bool) -> None:  # fmt: skip
+def evaluate_all(
+    d: Path,
+    world: Path,
+    sft_dir: Path,
+    rm_dir: Path,
+    ppo_dirs: dict[str, Path],
+    prof: DemoProfile,
+    seed: int,
+    progress: bool,
+) -> None:
     """Each PPO policy against SFT on held-out prompts (gold judge and RM), plus the RM's accuracy."""
     from ppomax.evaluate import EvalSettings, evaluate_models, load_eval_prompts, write_json
     from ppomax.models import ValueHeadModel, load_causal_lm, load_tokenizer
@@ -271,13 +333,18 @@ def evaluate_all(d: Path, world: Path, sft_dir: Path, rm_dir: Path, ppo_dirs: di
     base = load_causal_lm(sft_dir / "final")
     rm = ValueHeadModel.from_pretrained(rm_dir / "final")
     judges = {"gold": ("gold", str(world)), "rm": ("reward-model", rm)}
-    settings = EvalSettings(max_new_tokens=prof.eval_max_new_tokens, max_prompt_tokens=prof.max_prompt_tokens,
-                            tie_margin=prof.tie_margin, seed=seed)  # fmt: skip
+    settings = EvalSettings(
+        max_new_tokens=prof.eval_max_new_tokens,
+        max_prompt_tokens=prof.max_prompt_tokens,
+        tie_margin=prof.tie_margin,
+        seed=seed,
+    )
     cache: dict[str, Any] = {}  # SFT answers and scores computed once for both policies
     for name, pdir in ppo_dirs.items():
         policy = load_causal_lm(pdir / "final" / "policy")
-        res = evaluate_models(policy, base, tok, prompts, subsets, judges, settings, progress=progress,
-                              baseline_cache=cache)  # fmt: skip
+        res = evaluate_models(
+            policy, base, tok, prompts, subsets, judges, settings, progress=progress, baseline_cache=cache
+        )
         write_json(res, d / f"{name}_vs_sft.json")
     write_json(rm_accuracy(rm, tok, world, prof), d / "rm_accuracy.json")
 
@@ -286,18 +353,39 @@ def _finite(x: Any) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
 
 
-def write_demo_report(d: Path, world: Path, ppo_dirs: dict[str, Path], ev: Path, prof: DemoProfile, seed: int,
-                      timings: dict[str, float], out: Path) -> None:  # fmt: skip
+def write_demo_report(
+    d: Path,
+    world: Path,
+    ppo_dirs: dict[str, Path],
+    ev: Path,
+    prof: DemoProfile,
+    seed: int,
+    timings: dict[str, float],
+    out: Path,
+) -> None:
     from ppomax.monitor import read_metrics
     from ppomax.report import outcome, policy_records, write_report
 
     runs = {name: policy_records(read_metrics(p / "metrics.jsonl")) for name, p in ppo_dirs.items()}
     evals = {name: json.loads((ev / f"{name}_vs_sft.json").read_text()) for name in ppo_dirs}
     rm_stats = json.loads((ev / "rm_accuracy.json").read_text())
-    meta = {"profile": prof.name, "seed": seed, "output": str(out),
-            "stage seconds": ", ".join(f"{k} {v:.0f}" for k, v in timings.items())}  # fmt: skip
-    path = write_report(d, runs, evals, rm_stats, baseline="sft", gold_judge="gold", rm_judge="rm",
-                        n_samples=prof.n_samples, meta=meta | {"settings": json.dumps(prof.to_dict())})  # fmt: skip
+    meta = {
+        "profile": prof.name,
+        "seed": seed,
+        "output": str(out),
+        "stage seconds": ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
+    }
+    path = write_report(
+        d,
+        runs,
+        evals,
+        rm_stats,
+        baseline="sft",
+        gold_judge="gold",
+        rm_judge="rm",
+        n_samples=prof.n_samples,
+        meta=meta | {"settings": json.dumps(prof.to_dict())},
+    )
     res = outcome(runs, evals)
     res["rm_accuracy"] = {k: rm_stats[k] for k in ("n", "accuracy_annotator", "accuracy_gold")}
     res["eval"] = {
@@ -310,7 +398,9 @@ def write_demo_report(d: Path, world: Path, ppo_dirs: dict[str, Path], ev: Path,
             "perplexity": e["policy"]["perplexity"],
             "length_tokens": e["policy"]["length_tokens"],
             "sft_length_tokens": e["baseline"]["length_tokens"],
-            "win_tie_lose": {s: [r["win"], r["tie"], r["lose"]] for s, r in e["judges"]["gold"]["win_tie_lose"].items()},
+            "win_tie_lose": {
+                s: [r["win"], r["tie"], r["lose"]] for s, r in e["judges"]["gold"]["win_tie_lose"].items()
+            },
         }
         for name, e in evals.items()
     }

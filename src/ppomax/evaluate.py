@@ -93,12 +93,16 @@ def generate(
     # The rollout engine's sampling rules (top-k off, the model's own generation_config ignored).
     try:
         settings = GenerationConfig(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=0,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
             repetition_penalty=repetition_penalty,
-        )  # fmt: skip
+        )
     except ValidationError as err:
-        bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
-                        for e in err.errors())  # fmt: skip
+        bad = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in err.errors()
+        )
         raise UserError(f"invalid sampling settings: {bad}") from None
     engine = HFGenerateEngine(settings, eos, pad_id)
     out_ids: list[list[int]] = []
@@ -310,7 +314,11 @@ def _side_stats(gen: Generation, stats: dict[str, list[list[float]]], with_kl: b
     }
     if with_kl:
         kl_tok = [x for row in stats["kl"] for x in row]
-        k1 = [a - b for ra, rb in zip(stats["logp"], stats["ref_logp"], strict=True) for a, b in zip(ra, rb, strict=True)]
+        k1 = [
+            a - b
+            for ra, rb in zip(stats["logp"], stats["ref_logp"], strict=True)
+            for a, b in zip(ra, rb, strict=True)
+        ]
         out["kl_per_token"] = sum(kl_tok) / len(kl_tok) if kl_tok else 0.0
         out["kl_per_sequence"] = sum(sum(row) for row in stats["kl"]) / n if n else 0.0
         out["kl_k1_per_token"] = sum(k1) / len(k1) if k1 else 0.0
@@ -365,13 +373,22 @@ def evaluate_models(
     if "gen" not in cache:
         cache["gen"] = generate(baseline, tokenizer, prompts, progress=bar, **gen_kwargs)
         cache["stats"] = token_logits_stats(
-            baseline, cache["gen"].prompt_ids, cache["gen"].response_ids, pad_id=pad_id, batch_size=s.batch_size
+            baseline,
+            cache["gen"].prompt_ids,
+            cache["gen"].response_ids,
+            pad_id=pad_id,
+            batch_size=s.batch_size,
         )
     gen_b, st_b = cache["gen"], cache["stats"]
     if bar is not None:
         bar.close()
     st_p = token_logits_stats(
-        policy, gen_p.prompt_ids, gen_p.response_ids, pad_id=pad_id, ref_model=baseline, batch_size=s.batch_size
+        policy,
+        gen_p.prompt_ids,
+        gen_p.response_ids,
+        pad_id=pad_id,
+        ref_model=baseline,
+        batch_size=s.batch_size,
     )
     result: dict[str, Any] = {
         "settings": s.__dict__.copy(),
@@ -385,7 +402,9 @@ def evaluate_models(
         if kind == "gold":
             a = gold_scores(obj, prompts, gen_p.responses)
         else:
-            a = reward_model_scores(obj, gen_p.prompt_ids, gen_p.response_ids, pad_id=pad_id, batch_size=s.batch_size)
+            a = reward_model_scores(
+                obj, gen_p.prompt_ids, gen_p.response_ids, pad_id=pad_id, batch_size=s.batch_size
+            )
         if name not in cache["judge_scores"]:
             cache["judge_scores"][name] = (
                 gold_scores(obj, prompts, gen_b.responses)
@@ -416,7 +435,9 @@ def evaluate_models(
     return result
 
 
-def load_eval_prompts(path: str | os.PathLike[str], limit: int | None = None) -> tuple[list[str], list[str] | None]:
+def load_eval_prompts(
+    path: str | os.PathLike[str], limit: int | None = None
+) -> tuple[list[str], list[str] | None]:
     """Prompts and their subsets (``None`` when no record names one) from any prompts file of ppomax.data."""
     from ppomax.data import load_prompts
 
@@ -468,16 +489,22 @@ def format_table(result: dict[str, Any], policy_name: str = "policy", baseline_n
     """A plain-text summary of :func:`evaluate`'s result."""
     lines = []
     for name, j in result["judges"].items():
-        lines.append(f"judge {name}: {policy_name} vs {baseline_name} (tie margin {result['settings']['tie_margin']})")
-        lines.append(f"  {'subset':<10} {'n':>4} {'win':>6} {'tie':>6} {'lose':>6}  {'mean ' + policy_name:>14} "
-                     f"{'mean ' + baseline_name:>14}")
+        lines.append(
+            f"judge {name}: {policy_name} vs {baseline_name} (tie margin {result['settings']['tie_margin']})"
+        )
+        lines.append(
+            f"  {'subset':<10} {'n':>4} {'win':>6} {'tie':>6} {'lose':>6}  {'mean ' + policy_name:>14} "
+            f"{'mean ' + baseline_name:>14}"
+        )
         for subset, r in j["win_tie_lose"].items():
             lines.append(
                 f"  {subset:<10} {r['n']:>4} {r['win_rate']:>6.0%} {r['tie_rate']:>6.0%} {r['lose_rate']:>6.0%}  "
                 f"{r['mean_a']:>14.3f} {r['mean_b']:>14.3f}"
             )
     p, b = result["policy"], result["baseline"]
-    lines.append(f"{'':<12} {'perplexity':>10} {'len(tok)':>9} {'len(words)':>10} {'cut':>5} {'KL/token':>9} {'KL/seq':>8}")
+    lines.append(
+        f"{'':<12} {'perplexity':>10} {'len(tok)':>9} {'len(words)':>10} {'cut':>5} {'KL/token':>9} {'KL/seq':>8}"
+    )
     lines.append(
         f"{policy_name:<12} {p['perplexity']:>10.3f} {p['length_tokens']:>9.1f} {p['length_words']:>10.1f} "
         f"{p['truncated_rate']:>5.0%} {p['kl_per_token']:>9.4f} {p['kl_per_sequence']:>8.3f}"

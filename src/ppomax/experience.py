@@ -179,7 +179,9 @@ class Experience:
                 return None
             if any(v is None for v in vals):
                 raise ValueError(f"Experience.cat: field {name!r} is set in some batches only")
-            return torch.cat([pad2(v, 0, r - b.response_width, 0) for v, b in zip(vals, batches, strict=True)])
+            return torch.cat(
+                [pad2(v, 0, r - b.response_width, 0) for v, b in zip(vals, batches, strict=True)]
+            )
 
         def rows(name: str) -> Tensor | None:
             vals = [getattr(b, name) for b in batches]
@@ -210,4 +212,3 @@ class Experience:
         keys = batches[0].score_parts.keys()
         out.score_parts = {k: torch.cat([b.score_parts[k] for b in batches]) for k in keys}
         return out
-

@@ -56,7 +56,9 @@ def _num(x: Any) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def series(records: Sequence[dict[str, Any]], keys: Sequence[str] | str) -> tuple[str | None, list[int], list[float]]:
+def series(
+    records: Sequence[dict[str, Any]], keys: Sequence[str] | str
+) -> tuple[str | None, list[int], list[float]]:
     """``(key used, steps, values)`` of the first of ``keys`` present in the records (finite values only)."""
     keys = (keys,) if isinstance(keys, str) else tuple(keys)
     for key in keys:
@@ -88,8 +90,14 @@ def trajectory(values: Sequence[float], frac: float = 0.15) -> dict[str, float]:
     over the same window, ``peak_at`` the peak's position as a fraction of the run."""
     n = len(values)
     if n == 0:
-        return {"start": float("nan"), "peak": float("nan"), "trough": float("nan"), "end": float("nan"),
-                "peak_at": float("nan"), "n": 0}  # fmt: skip
+        return {
+            "start": float("nan"),
+            "peak": float("nan"),
+            "trough": float("nan"),
+            "end": float("nan"),
+            "peak_at": float("nan"),
+            "n": 0,
+        }
     w = max(1, round(frac * n))
     smooth = moving_average(values, w)[w - 1 :] or [sum(values) / n]
     peak = max(smooth)
@@ -147,8 +155,12 @@ def outcome(
         kl_ok = pm["kl"]["end"] <= 1.5 * max(mid, 0.0) + 0.02
         gold_ok = pm["gold"]["end"] >= pm["gold"]["peak"] - 0.15
         res["ppo_max_stable"] = bool(kl_ok and gold_ok)
-        res["ppo_max_stability"] = {"kl_mid": mid, "kl_end": pm["kl"]["end"], "kl_bounded": bool(kl_ok),
-                                    "gold_no_late_collapse": bool(gold_ok)}  # fmt: skip
+        res["ppo_max_stability"] = {
+            "kl_mid": mid,
+            "kl_end": pm["kl"]["end"],
+            "kl_bounded": bool(kl_ok),
+            "gold_no_late_collapse": bool(gold_ok),
+        }
     if va is not None and va["rm"]["n"] and va["gold"]["n"]:
         rm_up = va["rm"]["end"] - va["rm"]["start"] > 0
         gold_bad = va["gold"]["end"] < va["gold"]["start"] or va["gold"]["end"] < va["gold"]["peak"] - 0.15
@@ -202,9 +214,16 @@ def plot_training_curves(runs: dict[str, Sequence[dict[str, Any]]], path: str | 
     leg_ax.axis("off")
     handles = [plt.Line2D([0], [0], color=COLOURS.get(n, f"C{i}"), linewidth=3) for i, n in enumerate(runs)]
     leg_ax.legend(handles, list(runs), loc="center", fontsize=13, frameon=False, title="PPO run")
-    leg_ax.text(0.5, 0.12, "faint: per step   bold: moving average\ndotted: the collapse monitor fires (paper 5.2)\n"
-                "the gold reward is logged, never optimised",
-                ha="center", va="center", fontsize=10, transform=leg_ax.transAxes)  # fmt: skip
+    leg_ax.text(
+        0.5,
+        0.12,
+        "faint: per step   bold: moving average\ndotted: the collapse monitor fires (paper 5.2)\n"
+        "the gold reward is logged, never optimised",
+        ha="center",
+        va="center",
+        fontsize=10,
+        transform=leg_ax.transAxes,
+    )
     fig.suptitle("PPO training dynamics on hh-mini (paper fig. 4 panels)", fontsize=14)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     out = Path(path)
@@ -222,20 +241,31 @@ def plot_win_tie_lose(
     labels = [r[0] for r in rows][::-1]
     data = [r[1] for r in rows][::-1]
     left = [0.0] * len(rows)
-    for key, colour, name in zip(("win_rate", "tie_rate", "lose_rate"), WTL_COLOURS, ("win", "tie", "lose"),
-                                 strict=True):  # fmt: skip
+    for key, colour, name in zip(
+        ("win_rate", "tie_rate", "lose_rate"), WTL_COLOURS, ("win", "tie", "lose"), strict=True
+    ):
         vals = [d[key] * 100 for d in data]
         bars = ax.barh(labels, vals, left=left, color=colour, edgecolor="white", label=name)
         for b, v in zip(bars, vals, strict=True):
             if v >= 6:
-                ax.text(b.get_x() + b.get_width() / 2, b.get_y() + b.get_height() / 2, f"{v:.0f}%",
-                        ha="center", va="center", fontsize=10)  # fmt: skip
+                ax.text(
+                    b.get_x() + b.get_width() / 2,
+                    b.get_y() + b.get_height() / 2,
+                    f"{v:.0f}%",
+                    ha="center",
+                    va="center",
+                    fontsize=10,
+                )
         left = [a + v for a, v in zip(left, vals, strict=True)]
     ax.set_xlim(0, 100)
     ax.set_xlabel("% of held-out prompts")
     ax.set_title(title)
-    ax.legend(ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.5 / (0.55 * len(rows) + 1.6) - 0.12),
-              frameon=False)  # fmt: skip
+    ax.legend(
+        ncol=3,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.5 / (0.55 * len(rows) + 1.6) - 0.12),
+        frameon=False,
+    )
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=90)
@@ -243,8 +273,9 @@ def plot_win_tie_lose(
     return out
 
 
-def plot_rm_margins(margins: Sequence[float], gold_agrees: Sequence[bool], path: str | os.PathLike[str],
-                    title: str) -> Path:  # fmt: skip
+def plot_rm_margins(
+    margins: Sequence[float], gold_agrees: Sequence[bool], path: str | os.PathLike[str], title: str
+) -> Path:
     """Histogram of r(chosen) - r(rejected) (paper fig. 2), split by whether gold agrees with the label."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.2))
@@ -252,8 +283,13 @@ def plot_rm_margins(margins: Sequence[float], gold_agrees: Sequence[bool], path:
     disagree = [m for m, g in zip(margins, gold_agrees, strict=True) if not g]
     lo, hi = (min(margins), max(margins)) if margins else (-1.0, 1.0)
     bins = [lo + (hi - lo) * i / 30 for i in range(31)] if hi > lo else 10
-    ax.hist([agree, disagree], bins=bins, stacked=True, color=["#1f77b4", "#ff7f0e"],
-            label=["gold agrees with the annotators' choice", "gold disagrees (noise / length bias)"])  # fmt: skip
+    ax.hist(
+        [agree, disagree],
+        bins=bins,
+        stacked=True,
+        color=["#1f77b4", "#ff7f0e"],
+        label=["gold agrees with the annotators' choice", "gold disagrees (noise / length bias)"],
+    )
     ax.axvline(0, color="black", linewidth=1)
     ax.set_xlabel("r(chosen) - r(rejected)")
     ax.set_ylabel("pairs")
@@ -295,8 +331,10 @@ def _wtl_table(evals: dict[str, dict[str, Any]], judge: str, baseline: str) -> l
             r = j["win_tie_lose"].get(subset)
             if r is None:
                 continue
-            lines.append(f"| {name} | {subset} | {r['n']} | {r['win']} ({_pct(r['win_rate'])}) | "
-                         f"{r['tie']} ({_pct(r['tie_rate'])}) | {r['lose']} ({_pct(r['lose_rate'])}) |")  # fmt: skip
+            lines.append(
+                f"| {name} | {subset} | {r['n']} | {r['win']} ({_pct(r['win_rate'])}) | "
+                f"{r['tie']} ({_pct(r['tie_rate'])}) | {r['lose']} ({_pct(r['lose_rate'])}) |"
+            )
     return lines
 
 
@@ -336,26 +374,36 @@ def write_report(
     ]
     pm_wtl, va_wtl = res.get("ppo_max_vs_sft"), res.get("vanilla_vs_sft")
     if pm_wtl:
-        md.append(f"- PPO-max beats SFT by the gold judge (more wins than losses): {_verdict(res.get('ppo_max_beats_sft'))}"
-                  f" (win {pm_wtl['win']} / tie {pm_wtl['tie']} / lose {pm_wtl['lose']} of {pm_wtl['n']})")  # fmt: skip
+        md.append(
+            f"- PPO-max beats SFT by the gold judge (more wins than losses): {_verdict(res.get('ppo_max_beats_sft'))}"
+            f" (win {pm_wtl['win']} / tie {pm_wtl['tie']} / lose {pm_wtl['lose']} of {pm_wtl['n']})"
+        )
     if "ppo_max_stable" in res:
         s = res["ppo_max_stability"]
-        md.append(f"- PPO-max stays stable to the end of its run: {_verdict(res['ppo_max_stable'])} "
-                  f"(KL per token mid-run {_f(s['kl_mid'], '.4f')} -> end {_f(s['kl_end'], '.4f')}; "
-                  f"no late gold collapse: {s['gold_no_late_collapse']})")  # fmt: skip
+        md.append(
+            f"- PPO-max stays stable to the end of its run: {_verdict(res['ppo_max_stable'])} "
+            f"(KL per token mid-run {_f(s['kl_mid'], '.4f')} -> end {_f(s['kl_end'], '.4f')}; "
+            f"no late gold collapse: {s['gold_no_late_collapse']})"
+        )
     if "vanilla_over_optimises" in res:
         v = res["runs"]["vanilla"]
-        md.append(f"- Vanilla PPO over-optimises the reward model: {_verdict(res['vanilla_over_optimises'])} "
-                  f"(RM reward {_f(v['rm']['start'])} -> {_f(v['rm']['end'])}; gold reward {_f(v['gold']['start'])}"
-                  f" -> peak {_f(v['gold']['peak'])} -> {_f(v['gold']['end'])}; signatures: "
-                  f"{', '.join(res.get('vanilla_signatures') or ['none'])})")  # fmt: skip
+        md.append(
+            f"- Vanilla PPO over-optimises the reward model: {_verdict(res['vanilla_over_optimises'])} "
+            f"(RM reward {_f(v['rm']['start'])} -> {_f(v['rm']['end'])}; gold reward {_f(v['gold']['start'])}"
+            f" -> peak {_f(v['gold']['peak'])} -> {_f(v['gold']['end'])}; signatures: "
+            f"{', '.join(res.get('vanilla_signatures') or ['none'])})"
+        )
     for name, step in res["collapse_first_step"].items():
         if step is not None:
-            md.append(f"- The pattern-collapse monitor (length up, perplexity down, KL up; paper 5.2) fired for {name} "
-                      f"at policy step {step}.")  # fmt: skip
+            md.append(
+                f"- The pattern-collapse monitor (length up, perplexity down, KL up; paper 5.2) fired for {name} "
+                f"at policy step {step}."
+            )
     if va_wtl:
-        md.append(f"- Vanilla vs SFT by the gold judge: win {va_wtl['win']} / tie {va_wtl['tie']} / lose "
-                  f"{va_wtl['lose']} of {va_wtl['n']}")  # fmt: skip
+        md.append(
+            f"- Vanilla vs SFT by the gold judge: win {va_wtl['win']} / tie {va_wtl['tie']} / lose "
+            f"{va_wtl['lose']} of {va_wtl['n']}"
+        )
     md.append("")
 
     if runs:
@@ -365,7 +413,9 @@ def write_report(
         for name, tr in res["runs"].items():
             for metric, t in tr.items():
                 if t["n"]:
-                    md.append(f"| {name} | {metric} (`{t['key']}`) | {_f(t['start'])} | {_f(t['peak'])} | {_f(t['end'])} |")
+                    md.append(
+                        f"| {name} | {metric} (`{t['key']}`) | {_f(t['start'])} | {_f(t['peak'])} | {_f(t['end'])} |"
+                    )
         md.append("")
 
     if evals:
@@ -373,52 +423,84 @@ def write_report(
         for name, ev in evals.items():
             j = ev.get("judges", {}).get(gold_judge)
             if j is not None:
-                rows += [(f"{name} · {s}", j["win_tie_lose"][s]) for s in ("helpful", "harmless", "overall")
-                         if s in j["win_tie_lose"]]  # fmt: skip
+                rows += [
+                    (f"{name} · {s}", j["win_tie_lose"][s])
+                    for s in ("helpful", "harmless", "overall")
+                    if s in j["win_tie_lose"]
+                ]
         if rows:
             margin = next(iter(evals.values()))["settings"]["tie_margin"]
-            plot_win_tie_lose(rows, out / "win_tie_lose.png",
-                              f"PPO policy vs {baseline.upper()} by the gold judge (tie margin {margin})")  # fmt: skip
-            md += [f"## Preference against {baseline.upper()} by the gold judge (paper fig. 10)", "",
-                   "![win/tie/lose](win_tie_lose.png)", ""]  # fmt: skip
+            plot_win_tie_lose(
+                rows,
+                out / "win_tie_lose.png",
+                f"PPO policy vs {baseline.upper()} by the gold judge (tie margin {margin})",
+            )
+            md += [
+                f"## Preference against {baseline.upper()} by the gold judge (paper fig. 10)",
+                "",
+                "![win/tie/lose](win_tie_lose.png)",
+                "",
+            ]
             md += [*_wtl_table(evals, gold_judge, baseline), ""]
         if rm_judge:
             md += ["By the reward model instead of the gold judge (what PPO optimised):", ""]
             md += [*_wtl_table(evals, rm_judge, baseline), ""]
         md += ["## Evaluation on held-out prompts", ""]
-        md += ["| model | mean gold reward | mean RM reward | KL to SFT / token | KL to SFT / response | perplexity | "
-               "length (tokens) | length (words) | cut at max length |", "|---|---|---|---|---|---|---|---|---|"]
+        md += [
+            "| model | mean gold reward | mean RM reward | KL to SFT / token | KL to SFT / response | perplexity | "
+            "length (tokens) | length (words) | cut at max length |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         first = next(iter(evals.values()))
         bj, brm = first["judges"].get(gold_judge), first["judges"].get(rm_judge) if rm_judge else None
         b = first["baseline"]
-        md.append(f"| {baseline} | {_f(bj and bj['mean_baseline'])} | {_f(brm and brm['mean_baseline'])} | 0 | 0 | "
-                  f"{_f(b['perplexity'])} | {_f(b['length_tokens'], '.1f')} | {_f(b['length_words'], '.1f')} | "
-                  f"{_pct(b['truncated_rate'])} |")  # fmt: skip
+        md.append(
+            f"| {baseline} | {_f(bj and bj['mean_baseline'])} | {_f(brm and brm['mean_baseline'])} | 0 | 0 | "
+            f"{_f(b['perplexity'])} | {_f(b['length_tokens'], '.1f')} | {_f(b['length_words'], '.1f')} | "
+            f"{_pct(b['truncated_rate'])} |"
+        )
         for name, ev in evals.items():
             p, g = ev["policy"], ev["judges"].get(gold_judge)
             r = ev["judges"].get(rm_judge) if rm_judge else None
-            md.append(f"| {name} | {_f(g and g['mean_policy'])} | {_f(r and r['mean_policy'])} | "
-                      f"{_f(p['kl_per_token'], '.4f')} | {_f(p['kl_per_sequence'])} | {_f(p['perplexity'])} | "
-                      f"{_f(p['length_tokens'], '.1f')} | {_f(p['length_words'], '.1f')} | {_pct(p['truncated_rate'])} |")  # fmt: skip
+            md.append(
+                f"| {name} | {_f(g and g['mean_policy'])} | {_f(r and r['mean_policy'])} | "
+                f"{_f(p['kl_per_token'], '.4f')} | {_f(p['kl_per_sequence'])} | {_f(p['perplexity'])} | "
+                f"{_f(p['length_tokens'], '.1f')} | {_f(p['length_words'], '.1f')} | {_pct(p['truncated_rate'])} |"
+            )
         md.append("")
 
     if rm_stats:
         md += ["## Reward model", ""]
-        md.append(f"Held-out preference pairs: {rm_stats.get('n', 'n/a')}. Accuracy against the annotators' labels "
-                  f"(what it was trained on): {_pct(rm_stats.get('accuracy_annotator'))}; against the gold labels "
-                  f"(the true preference): {_pct(rm_stats.get('accuracy_gold'))}. The annotators prefer longer answers "
-                  f"and are noisy, so the RM inherits an exploitable length bias (paper 4.3).")  # fmt: skip
+        md.append(
+            f"Held-out preference pairs: {rm_stats.get('n', 'n/a')}. Accuracy against the annotators' labels "
+            f"(what it was trained on): {_pct(rm_stats.get('accuracy_annotator'))}; against the gold labels "
+            f"(the true preference): {_pct(rm_stats.get('accuracy_gold'))}. The annotators prefer longer answers "
+            f"and are noisy, so the RM inherits an exploitable length bias (paper 4.3)."
+        )
         by_type = rm_stats.get("by_pair_type") or {}
         if len(by_type) > 1:
-            md += ["", "| pair type | pairs | accuracy vs annotators | accuracy vs gold |", "|---|---|---|---|"]
-            md += [f"| {k} | {v['n']} | {_pct(v['accuracy_annotator'])} | {_pct(v['accuracy_gold'])} |"
-                   for k, v in by_type.items()]  # fmt: skip
-            md += ["", "(*minimal* pairs differ only in correctness, *style* pairs only in length or repetition, "
-                   "*mixed* pairs are two independent answers; pairs the gold reward scores equally are left out of "
-                   "the gold accuracy.)"]  # fmt: skip
+            md += [
+                "",
+                "| pair type | pairs | accuracy vs annotators | accuracy vs gold |",
+                "|---|---|---|---|",
+            ]
+            md += [
+                f"| {k} | {v['n']} | {_pct(v['accuracy_annotator'])} | {_pct(v['accuracy_gold'])} |"
+                for k, v in by_type.items()
+            ]
+            md += [
+                "",
+                "(*minimal* pairs differ only in correctness, *style* pairs only in length or repetition, "
+                "*mixed* pairs are two independent answers; pairs the gold reward scores equally are left out of "
+                "the gold accuracy.)",
+            ]
         if rm_stats.get("margins"):
-            plot_rm_margins(rm_stats["margins"], rm_stats["gold_agrees"], out / "rm_margins.png",
-                            "Reward-model margins on held-out pairs (paper fig. 2)")  # fmt: skip
+            plot_rm_margins(
+                rm_stats["margins"],
+                rm_stats["gold_agrees"],
+                out / "rm_margins.png",
+                "Reward-model margins on held-out pairs (paper fig. 2)",
+            )
             md += ["", "![reward model margins](rm_margins.png)"]
         md.append("")
 
@@ -432,12 +514,16 @@ def write_report(
             md.append("")
             md.append("| model | response | gold | RM |")
             md.append("|---|---|---|---|")
-            md.append(f"| {baseline} | {_md_text(s0['baseline'])} | {_sample_score(s0, gold_judge, 1)} | "
-                      f"{_sample_score(s0, rm_judge, 1)} |")  # fmt: skip
+            md.append(
+                f"| {baseline} | {_md_text(s0['baseline'])} | {_sample_score(s0, gold_judge, 1)} | "
+                f"{_sample_score(s0, rm_judge, 1)} |"
+            )
             for name, ev in evals.items():
                 s = ev["samples"][i]
-                md.append(f"| {name} | {_md_text(s['policy'])} | {_sample_score(s, gold_judge, 0)} | "
-                          f"{_sample_score(s, rm_judge, 0)} |")  # fmt: skip
+                md.append(
+                    f"| {name} | {_md_text(s['policy'])} | {_sample_score(s, gold_judge, 0)} | "
+                    f"{_sample_score(s, rm_judge, 0)} |"
+                )
             md.append("")
 
     if meta:

@@ -98,9 +98,13 @@ class RewardFunction:
                 f"f(prompts, responses, prompt_ids=..., response_ids=..., **kwargs): {exc}"
             ) from exc
         try:
-            scores = torch.as_tensor(out.detach().cpu() if isinstance(out, Tensor) else out, dtype=torch.float32)
+            scores = torch.as_tensor(
+                out.detach().cpu() if isinstance(out, Tensor) else out, dtype=torch.float32
+            )
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise RewardError(f"reward function {self.name!r} returned {type(out).__name__}, not numbers") from exc
+            raise RewardError(
+                f"reward function {self.name!r} returned {type(out).__name__}, not numbers"
+            ) from exc
         scores = scores.reshape(-1) if scores.dim() > 1 and scores.numel() == len(responses) else scores
         if scores.shape != (len(responses),):
             raise RewardError(
@@ -134,9 +138,7 @@ class RewardSources:
     response's last token, as in RM training.
     """
 
-    def __init__(
-        self, model: Any | None, model_weight: float, functions: Sequence[RewardFunction]
-    ) -> None:
+    def __init__(self, model: Any | None, model_weight: float, functions: Sequence[RewardFunction]) -> None:
         if model is None and not functions:
             raise ConfigError("no reward source: set model.reward and/or reward.functions")
         self.model = model

@@ -29,7 +29,9 @@ class RolloutEngine(Protocol):
     """Anything that continues prompts: returns ``[B, P + R']`` ids, the ``[B, P]`` prompts then up to
     ``max_new_tokens`` new tokens (any padding after EOS is fine: :func:`finish_rollout` masks it)."""
 
-    def generate(self, model: Any, input_ids: Tensor, attention_mask: Tensor, *, greedy: bool = False) -> Tensor: ...
+    def generate(
+        self, model: Any, input_ids: Tensor, attention_mask: Tensor, *, greedy: bool = False
+    ) -> Tensor: ...
 
 
 def eos_ids_of(tokenizer: Any, model: Any | None = None) -> list[int]:
@@ -91,7 +93,9 @@ class HFGenerateEngine:
         return [RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=prompt_width)]
 
     @torch.no_grad()
-    def generate(self, model: Any, input_ids: Tensor, attention_mask: Tensor, *, greedy: bool = False) -> Tensor:
+    def generate(
+        self, model: Any, input_ids: Tensor, attention_mask: Tensor, *, greedy: bool = False
+    ) -> Tensor:
         from transformers import LogitsProcessorList
 
         with _without_model_generation_config(model):
@@ -178,8 +182,9 @@ def rollout(
     seqs, mask, resp_mask, truncated, lens = finish_rollout(input_ids, attention_mask, out, eos_ids, pad_id)
     width = input_ids.shape[1]
     rows = seqs[:, width:].tolist()
-    texts = tokenizer.batch_decode([row[:n] for row, n in zip(rows, lens.tolist(), strict=True)],
-                                   skip_special_tokens=True)
+    texts = tokenizer.batch_decode(
+        [row[:n] for row, n in zip(rows, lens.tolist(), strict=True)], skip_special_tokens=True
+    )
     return Experience(
         sequences=seqs,
         attention_mask=mask,

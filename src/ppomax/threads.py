@@ -168,8 +168,10 @@ def choose_threads(flag: int | None, env: Mapping[str, str], cpus: int, physical
         return ThreadChoice(int(omp) if omp.isdigit() and int(omp) > 0 else None, "OMP_NUM_THREADS")
     note = None
     if omp and share != 1:
-        note = (f"{share} torch threads per process ({cpus} CPUs for {local} local processes) instead of the "
-                "launcher's OMP_NUM_THREADS=1; choose with --threads N or PPOMAX_THREADS=N")  # fmt: skip
+        note = (
+            f"{share} torch threads per process ({cpus} CPUs for {local} local processes) instead of the "
+            "launcher's OMP_NUM_THREADS=1; choose with --threads N or PPOMAX_THREADS=N"
+        )
     return ThreadChoice(share, f"{cpus} available CPUs / {local} local processes", note)
 
 

@@ -32,8 +32,11 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if args.json == "-":
-        json.dump({k: v for k, v in result.items() if k != "samples"} | {"samples": result["samples"]}, sys.stdout,
-                  indent=1)  # fmt: skip
+        json.dump(
+            {k: v for k, v in result.items() if k != "samples"} | {"samples": result["samples"]},
+            sys.stdout,
+            indent=1,
+        )
         print()
         return 0
     print(format_table(result, args.policy_name, args.baseline_name))
@@ -51,12 +54,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--policy", required=True, help="the policy's model directory (e.g. a PPO run's final/)")
     p.add_argument("--baseline", required=True, help="the baseline's model directory (e.g. the SFT model)")
-    p.add_argument("--prompts", required=True, help="prompts file (any prompts format of the README's Data section; "
-                   "a 'subset' field splits the table into helpful / harmless)")  # fmt: skip
-    p.add_argument("--judge", action="append", metavar="SPEC",
-                   help="gold (hh-mini's gold reward; the world is found next to --prompts or in $PPOMAX_WORLD), "
-                        "gold:WORLD_DIR, or reward-model:DIR; repeatable, default gold")  # fmt: skip
-    p.add_argument("--tie-margin", type=float, default=0.05, help="|score difference| <= this is a tie (default 0.05)")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="prompts file (any prompts format of the README's Data section; "
+        "a 'subset' field splits the table into helpful / harmless)",
+    )
+    p.add_argument(
+        "--judge",
+        action="append",
+        metavar="SPEC",
+        help="gold (hh-mini's gold reward; the world is found next to --prompts or in $PPOMAX_WORLD), "
+        "gold:WORLD_DIR, or reward-model:DIR; repeatable, default gold",
+    )
+    p.add_argument(
+        "--tie-margin", type=float, default=0.05, help="|score difference| <= this is a tie (default 0.05)"
+    )
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--max-prompt-tokens", type=int, default=256)
@@ -67,7 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the policy's)")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the full results as JSON ('-' = stdout only)")
+    p.add_argument(
+        "--json", default=None, metavar="FILE", help="write the full results as JSON ('-' = stdout only)"
+    )
     p.add_argument("--policy-name", default="policy")
     p.add_argument("--baseline-name", default="baseline")
     p.add_argument("--no-progress", action="store_true")

@@ -57,12 +57,16 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 128 + int(trainer.stopped_by)
     if trainer.acc.is_main_process:
-        print(f"ppomax: done: policy in {Path(out) / 'final' / 'policy'}, metrics in {Path(out) / 'metrics.jsonl'}")
+        print(
+            f"ppomax: done: policy in {Path(out) / 'final' / 'policy'}, metrics in {Path(out) / 'metrics.jsonl'}"
+        )
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train-ppo", help="PPO (PPO-max by default) against a reward model or reward functions")
+    p = sub.add_parser(
+        "train-ppo", help="PPO (PPO-max by default) against a reward model or reward functions"
+    )
     add_config_args(p, presets=True)
     p.add_argument("--resume", metavar="DIR", help="run directory or checkpoint to continue from")
     p.set_defaults(func=_run)

@@ -144,7 +144,9 @@ def log_load_stats(ctx: RunContext, name: str, stats: LoadStats) -> None:
     ctx.print(f"{name}: {stats.summary()}")
 
 
-def load_features(ctx: RunContext, featurize: Any, path: str, tokenizer: Any, cfg: Any, name: str) -> list[Any]:
+def load_features(
+    ctx: RunContext, featurize: Any, path: str, tokenizer: Any, cfg: Any, name: str
+) -> list[Any]:
     """``featurize(path, tokenizer, cfg, stats)`` with its load statistics printed as ``name path: ...``."""
     stats = LoadStats()
     features = featurize(path, tokenizer, cfg, stats)

@@ -138,11 +138,19 @@ class PPOTrainer:
         c = cfg.collapse
         self.collapse = CollapseMonitor(c.window, c.length_ratio, c.ppl_ratio, c.kl_per_token)
         self.updater = Updater(
-            ppo=p, accelerator=acc, fwd=self.fwd, policy=self.policy, critic=self.critic,
-            policy_opt=self.policy_opt, critic_opt=self.critic_opt, policy_sched=self.policy_sched,
-            critic_sched=self.critic_sched, seed=cfg.seed, all_reduce=self.all_reduce,
+            ppo=p,
+            accelerator=acc,
+            fwd=self.fwd,
+            policy=self.policy,
+            critic=self.critic,
+            policy_opt=self.policy_opt,
+            critic_opt=self.critic_opt,
+            policy_sched=self.policy_sched,
+            critic_sched=self.critic_sched,
+            seed=cfg.seed,
+            all_reduce=self.all_reduce,
             ptx_batch=self._next_ptx if self.ptx else None,
-        )  # fmt: skip
+        )
         self.step = 0
         self.stopped_by: int | None = None
         self.collapse_stopped = False
@@ -167,16 +175,29 @@ class PPOTrainer:
     def generate(self, indices: list[int], prompts: Any, greedy: bool = False) -> Experience:
         batch = prompts.batch(indices, self.pad_id, self.acc.device)
         return rollout(
-            self.engine, self.unwrapped(self.policy), self.tokenizer, batch["input_ids"], batch["attention_mask"],
-            eos_ids=self.eos_ids, pad_id=self.pad_id, prompts=batch["prompts"], meta=batch["meta"], greedy=greedy,
-        )  # fmt: skip
+            self.engine,
+            self.unwrapped(self.policy),
+            self.tokenizer,
+            batch["input_ids"],
+            batch["attention_mask"],
+            eos_ids=self.eos_ids,
+            pad_id=self.pad_id,
+            prompts=batch["prompts"],
+            meta=batch["meta"],
+            greedy=greedy,
+        )
 
     def score(self, exp: Experience, values: bool = True) -> None:
         score_experience(
-            exp, policy=self.unwrapped(self.policy), reference=self.reference,
-            critic=self.unwrapped(self.critic) if values else None, fwd=self.fwd, rewards=self.rewards,
-            eos_ids=self.eos_ids, chunk_size=self.cfg.ppo.micro_batch_size,
-        )  # fmt: skip
+            exp,
+            policy=self.unwrapped(self.policy),
+            reference=self.reference,
+            critic=self.unwrapped(self.critic) if values else None,
+            fwd=self.fwd,
+            rewards=self.rewards,
+            eos_ids=self.eos_ids,
+            chunk_size=self.cfg.ppo.micro_batch_size,
+        )
 
     # ------------------------------------------------------------------ one iteration
 
@@ -215,14 +236,21 @@ class PPOTrainer:
         metrics = reduce_metrics(metrics, self._reduce, self.acc.device, sums=counts)
         tokens = metrics.pop("_tokens")
         samples = exp.batch_size * world
-        metrics.update({
-            "train/critic_only": int(critic_only),
-            "lr/policy": self.policy_sched.get_last_lr()[0], "lr/critic": self.critic_sched.get_last_lr()[0],
-            "nonfinite/total": self.updater.nonfinite_total,
-            "time/generation": t_gen, "time/scoring": t_score, "time/training": t_train, "time/iteration": t_iter,
-            "perf/samples_per_s": samples / t_iter, "perf/tokens_per_s": tokens / t_iter,
-            "perf/generation_tokens_per_s": tokens / max(t_gen, 1e-9),
-        })  # fmt: skip
+        metrics.update(
+            {
+                "train/critic_only": int(critic_only),
+                "lr/policy": self.policy_sched.get_last_lr()[0],
+                "lr/critic": self.critic_sched.get_last_lr()[0],
+                "nonfinite/total": self.updater.nonfinite_total,
+                "time/generation": t_gen,
+                "time/scoring": t_score,
+                "time/training": t_train,
+                "time/iteration": t_iter,
+                "perf/samples_per_s": samples / t_iter,
+                "perf/tokens_per_s": tokens / t_iter,
+                "perf/generation_tokens_per_s": tokens / max(t_gen, 1e-9),
+            }
+        )
         return metrics
 
     def rollout_metrics(self, exp: Experience) -> dict[str, Tensor]:
@@ -264,8 +292,13 @@ class PPOTrainer:
             for name, data in (("prompts", self.prompts), ("valid prompts", self.valid), ("ptx", self.ptx)):
                 if data is not None:
                     tqdm.write(f"ppomax: {name}: {data.stats.summary()}")
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="ppo", dynamic_ncols=True,
-                   disable=not (log.progress and self.acc.is_main_process))  # fmt: skip
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="ppo",
+            dynamic_ncols=True,
+            disable=not (log.progress and self.acc.is_main_process),
+        )
         try:
             with StopRequest().installed() as stop:
                 if log.eval_every and self.step == 0:
@@ -279,9 +312,11 @@ class PPOTrainer:
                         self.logger.log(step, metrics)
                     bar.update(1)
                     bar.set_postfix(
-                        reward=f"{metrics['reward/raw_mean']:.3g}", kl=f"{metrics['kl/per_token']:.3g}",
-                        len=f"{metrics['response/length_mean']:.3g}", ppl=f"{metrics['ppl/policy']:.3g}",
-                    )  # fmt: skip
+                        reward=f"{metrics['reward/raw_mean']:.3g}",
+                        kl=f"{metrics['kl/per_token']:.3g}",
+                        len=f"{metrics['response/length_mean']:.3g}",
+                        ppl=f"{metrics['ppl/policy']:.3g}",
+                    )
                     if collapsed and cfg.collapse.action == "stop":
                         self.collapse_stopped = True  # the collapsing state is not checkpointed
                         return self.out_dir
@@ -344,19 +379,28 @@ class PPOTrainer:
         path = None
         if self.acc.is_main_process:
             path = save_checkpoint(
-                self.out_dir, self.step, policy=self.unwrapped(self.policy), critic=self.unwrapped(self.critic),
-                tokenizer=self.tokenizer, rng_states=rngs, keep=self.cfg.logging.keep_checkpoints,
+                self.out_dir,
+                self.step,
+                policy=self.unwrapped(self.policy),
+                critic=self.unwrapped(self.critic),
+                tokenizer=self.tokenizer,
+                rng_states=rngs,
+                keep=self.cfg.logging.keep_checkpoints,
                 optim={
-                    "policy": self.policy_opt.state_dict(), "critic": self.critic_opt.state_dict(),
-                    "policy_sched": self.policy_sched.state_dict(), "critic_sched": self.critic_sched.state_dict(),
+                    "policy": self.policy_opt.state_dict(),
+                    "critic": self.critic_opt.state_dict(),
+                    "policy_sched": self.policy_sched.state_dict(),
+                    "critic_sched": self.critic_sched.state_dict(),
                 },
                 state={
-                    "moments": self.moments.state_dict(), "prompt_stream": self.prompt_stream.state_dict(),
+                    "moments": self.moments.state_dict(),
+                    "prompt_stream": self.prompt_stream.state_dict(),
                     "ptx_stream": self.ptx_stream.state_dict() if self.ptx_stream else None,
-                    "nonfinite_total": self.updater.nonfinite_total, "world_size": self.acc.num_processes,
+                    "nonfinite_total": self.updater.nonfinite_total,
+                    "world_size": self.acc.num_processes,
                     "collapse": self.collapse.state_dict(),
                 },
-            )  # fmt: skip
+            )
             (path / "config.yaml").write_text(to_yaml(self.cfg), encoding="utf-8")
         self.acc.wait_for_everyone()
         self.last_checkpoint = path or self.out_dir / "checkpoints" / f"step-{self.step}"

@@ -48,17 +48,35 @@ def evaluate(trainer: PPOTrainer, step: int) -> dict[str, float]:
         ref_nll = -torch.where(mask, exp.ref_raw_logprobs, 0.0).sum(dim=1)
         lens = mask.sum(dim=1)
         scores = exp.scores
-        sums += torch.stack([
-            scores.sum(), scores.square().sum(), torch.tensor(float(exp.batch_size)), lens.sum(),
-            nll.sum(), ref_nll.sum(), kl.sum(), exp.truncated.sum(),
-        ]).double().cpu()  # fmt: skip
+        sums += (
+            torch.stack(
+                [
+                    scores.sum(),
+                    scores.square().sum(),
+                    torch.tensor(float(exp.batch_size)),
+                    lens.sum(),
+                    nll.sum(),
+                    ref_nll.sum(),
+                    kl.sum(),
+                    exp.truncated.sum(),
+                ]
+            )
+            .double()
+            .cpu()
+        )
         kl_rows, s_rows = kl.sum(dim=1).tolist(), scores.tolist()
         for i in range(exp.batch_size):
-            rows.append({
-                "prompt": exp.prompts[i], "response": exp.responses[i], "reward": s_rows[i],
-                **{f"reward_{k}": v[i].item() for k, v in exp.score_parts.items()},
-                "length": int(exp.response_lens[i]), "truncated": bool(exp.truncated[i]), "kl": kl_rows[i],
-            })  # fmt: skip
+            rows.append(
+                {
+                    "prompt": exp.prompts[i],
+                    "response": exp.responses[i],
+                    "reward": s_rows[i],
+                    **{f"reward_{k}": v[i].item() for k, v in exp.score_parts.items()},
+                    "length": int(exp.response_lens[i]),
+                    "truncated": bool(exp.truncated[i]),
+                    "kl": kl_rows[i],
+                }
+            )
     if acc.num_processes > 1:
         from accelerate.utils import gather_object
 

@@ -96,7 +96,9 @@ def load_models(cfg: PPOConfig, resume_dir: Any = None) -> PPOModels:
         disable_dropout(model)
         if m.gradient_checkpointing:
             # transformers 5 renamed it; ValueHeadModel forwards the old name to its backbone
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable = (
+                getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            )
             enable()
             model.train()  # HF checkpoints only in train mode; dropout is already off
         else:

@@ -100,7 +100,9 @@ def final_scores(
 
 
 @torch.no_grad()
-def compute_advantages(exp: Experience, ppo: PPOSettings, gen: GenerationConfig, moments: RunningMoments) -> None:
+def compute_advantages(
+    exp: Experience, ppo: PPOSettings, gen: GenerationConfig, moments: RunningMoments
+) -> None:
     """Fill ``final_scores``, ``kl``, ``rewards``, ``advantages``, ``returns`` of ``exp`` in place.
 
     The running moments always track the raw scores (so they can be monitored), but are *used* only by the
@@ -228,11 +230,16 @@ class Updater:
             # Without importance sampling the ratio is pi/pi_ref: its metrics measure the distance to the
             # reference, so they carry "_vs_ref" and never the names of the distance to the sampling policy.
             vs = "" if p.importance_sampling else "_vs_ref"
-            metrics.update({
-                "loss/pg": pm["pg_loss"], f"policy/pg_clipfrac{vs}": pm["pg_clipfrac"],
-                f"policy/approx_kl{vs}": pm["approx_kl"], f"policy/ratio{vs}_mean": pm["ratio_mean"],
-                f"policy/ratio{vs}_max": pm["ratio_max"], f"policy/ratio{vs}_clamped_count": pm["ratio_clamped"],
-            })  # fmt: skip
+            metrics.update(
+                {
+                    "loss/pg": pm["pg_loss"],
+                    f"policy/pg_clipfrac{vs}": pm["pg_clipfrac"],
+                    f"policy/approx_kl{vs}": pm["approx_kl"],
+                    f"policy/ratio{vs}_mean": pm["ratio_mean"],
+                    f"policy/ratio{vs}_max": pm["ratio_max"],
+                    f"policy/ratio{vs}_clamped_count": pm["ratio_clamped"],
+                }
+            )
             if p.entropy_coef > 0:
                 ent, em = entropy_bonus_loss(self.fwd.entropy(logits), mask, p.entropy_coef, p.entropy_clip)
                 loss = loss + ent

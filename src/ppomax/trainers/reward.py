@@ -93,9 +93,14 @@ def make_rm_loss(beta_rm: float, lam: float):
         w = weights or {}
         chosen, rejected, nll = rm_forward(model, batch, beta_rm)
         loss, metrics = pairwise_rm_loss(
-            chosen, rejected, nll, beta_rm=beta_rm, lam=lam,
-            pair_weight=w.get("pairs", 1.0), lm_weight=w.get("lm_tokens", 1.0),
-        )  # fmt: skip
+            chosen,
+            rejected,
+            nll,
+            beta_rm=beta_rm,
+            lam=lam,
+            pair_weight=w.get("pairs", 1.0),
+            lm_weight=w.get("lm_tokens", 1.0),
+        )
         metrics = {k: v * w.get(_RM_METRIC_UNITS[k], 1.0) for k, v in metrics.items()}
         pairs = torch.tensor(float(batch["num_pairs"]), device=loss.device) * w.get("batches", 1.0)
         return loss, {**metrics, "loss": loss.detach(), "pairs": pairs}, batch["attention_mask"].sum()
