@@ -15,6 +15,7 @@ from ppomax.algos import (
     entropy_from_logits,
     gae,
     kl_per_token,
+    last_token_index,
     lm_nll,
     logprobs_from_logits,
     masked_mean,
@@ -372,6 +373,15 @@ def test_kl_estimators_monte_carlo_vs_exact_categorical_kl() -> None:
 # ---------------------------------------------------------------------------------------------------------
 # token-level rewards and GAE
 # ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["right", "left", "holes"])
+def test_last_token_index_vs_loop(layout: str) -> None:
+    mask = _ragged_mask([5, 1, 0, 3, 6], 6, layout, _gen(7))
+    expect = [max((j for j in range(6) if mask[i, j]), default=0) for i in range(5)]  # empty row: 0
+    for m in (mask, mask.long(), mask.float()):
+        out = last_token_index(m)
+        assert out.dtype == torch.long and out.tolist() == expect
 
 
 @pytest.mark.parametrize("layout", ["right", "left", "holes"])

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from ppomax.algos import last_token_index
 from ppomax.data import (
     IGNORE_INDEX,
     IndexStream,
@@ -57,27 +58,16 @@ def test_preference_collator_rows_and_masks() -> None:
         [6, 8, 9, 10, 99],  # rejected of pair 1
     ]
     assert b["attention_mask"].tolist() == [[1] * 5, [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1] * 5]
-    assert b["response_mask"].tolist() == [
-        [False, False, True, True, True],
-        [False, True, False, False, False],
-        [False, False, True, False, False],
-        [False, True, True, True, True],
-    ]
     assert b["lm_mask"].tolist() == [
         [False, False, True, True, True],
         [False, True, False, False, False],
         [False] * 5,
         [False] * 5,
     ]
-    assert b["lm_labels"].tolist() == [
-        [-100, -100, 3, 4, 99],
-        [-100, 7, -100, -100, -100],
-        [-100] * 5,
-        [-100] * 5,
-    ]
-    assert b["last_index"].tolist() == [4, 1, 2, 4]
-    # reading at last_index gives each row's final real token
-    assert b["input_ids"].gather(1, b["last_index"][:, None]).squeeze(1).tolist() == [99, 7, 5, 99]
+    assert set(b) == {"input_ids", "attention_mask", "lm_mask", "num_pairs"}
+    # the reward is read at each row's last real token
+    last = last_token_index(b["attention_mask"])
+    assert b["input_ids"].gather(1, last[:, None]).squeeze(1).tolist() == [99, 7, 5, 99]
 
 
 def test_feature_length() -> None:

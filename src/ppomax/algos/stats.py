@@ -1,4 +1,5 @@
-"""Masked statistics (sum, mean, variance, whitening) and running moments, all rank-aware."""
+"""Masked statistics (sum, mean, variance, whitening) and running moments, all rank-aware, and the last-token
+index."""
 
 from __future__ import annotations
 
@@ -20,6 +21,19 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     # Sums and counts of bf16/fp16 tensors are accumulated and returned in float32: a bf16 count is
     # already inexact above 256 tokens.
     return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else torch.float32
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """Index of the last set position of every row: mask [B, T] -> LongTensor [B].
+
+    Where a sequence's one number is read or placed: the reward model's score (the value at the last real
+    token, paper 3.1) and the score added at the last response token (eq. 3). Padding may sit left, right
+    or both (the position of the rightmost set entry). A row with nothing set gives 0; callers that care
+    test ``mask.any(dim=1)``.
+    """
+    m = _bool_mask(mask)
+    positions = torch.arange(m.shape[-1], device=m.device).expand_as(m)
+    return torch.where(m, positions, torch.full_like(positions, -1)).amax(dim=-1).clamp(min=0)
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:

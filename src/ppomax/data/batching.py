@@ -68,15 +68,13 @@ class PreferenceCollator:
     """Batches :func:`~ppomax.data.tokenize.tokenize_pair` outputs for the reward model (paper eq. 2).
 
     For ``B`` pairs the batch has ``2B`` rows: rows ``0..B-1`` are ``prompt + chosen``, rows ``B..2B-1`` are
-    ``prompt + rejected`` (same pair order), right-padded. Returned tensors, all ``(2B, T)`` unless stated:
+    ``prompt + rejected`` (same pair order), right-padded. Returned tensors, all ``(2B, T)``:
 
-    * ``input_ids``, ``attention_mask``
-    * ``response_mask`` (bool): the response tokens of every row (EOS included)
-    * ``lm_mask`` (bool): the chosen response tokens only (rejected rows all False): the tokens of the
-      ``beta_rm * LM_NLL(y_w | x)`` term. Masks mark *target* tokens; the logit that predicts token ``t`` is at
-      ``t - 1``.
-    * ``lm_labels`` (long): ``input_ids`` where ``lm_mask``, else ``-100`` (HF ``labels=`` convention, which shifts)
-    * ``last_index`` ``(2B,)``: index of each row's last real token, where the reward is read
+    * ``input_ids``, ``attention_mask`` (the reward is read at each row's last real token,
+      :func:`ppomax.algos.last_token_index`)
+    * ``lm_mask`` (bool): the chosen response tokens only, EOS included (rejected rows all False): the tokens of
+      the ``beta_rm * LM_NLL(y_w | x)`` term. Masks mark *target* tokens; the logit that predicts token ``t`` is
+      at ``t - 1``.
     * ``num_pairs``: ``B`` (int)
     """
 
@@ -91,19 +89,10 @@ class PreferenceCollator:
                 rows.append([*f["prompt_ids"], *f[f"{side}_ids"]])
                 masks.append([0] * len(f["prompt_ids"]) + [1] * len(f[f"{side}_ids"]))
         input_ids, attention_mask = pad_right(rows, self.pad_id)
-        response_mask = _pad(masks, 0, left=False).bool()
         n = len(features)
-        lm_mask = response_mask.clone()
+        lm_mask = _pad(masks, 0, left=False).bool()
         lm_mask[n:] = False
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "response_mask": response_mask,
-            "lm_mask": lm_mask,
-            "lm_labels": input_ids.masked_fill(~lm_mask, IGNORE_INDEX),
-            "last_index": attention_mask.sum(dim=1) - 1,
-            "num_pairs": n,
-        }
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "lm_mask": lm_mask, "num_pairs": n}
 
 
 class SFTCollator:
