@@ -44,7 +44,6 @@ from .stats import (
     last_token_index,
     masked_mean,
     masked_sum,
-    masked_var,
     masked_whiten,
     token_weights,
 )
@@ -63,7 +62,6 @@ __all__ = [
     "logprobs_from_logits",
     "masked_mean",
     "masked_sum",
-    "masked_var",
     "masked_whiten",
     "normalize_advantages",
     "pairwise_rm_loss",
