@@ -663,6 +663,9 @@ def test_lm_nll_vs_cross_entropy() -> None:
         logits.reshape(-1, 11), labels.masked_fill(~mask, -100).reshape(-1), ignore_index=-100
     )
     assert lm_nll(logits, labels, mask).item() == pytest.approx(ce.item(), rel=1e-6)
+    # the sum (a mean over several batches adds sums and counts) is the mean times the token count
+    total = lm_nll(logits, labels, mask, reduction="sum")
+    assert total.item() == pytest.approx(ce.item() * int(mask.sum()), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -162,14 +163,20 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
     return z.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
 
-def lm_nll(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
-    """Masked mean token negative log-likelihood: -mean_t log p(y_t) (scalar).
+def lm_nll(
+    logits: Tensor, labels: Tensor, mask: Tensor, reduction: Literal["mean", "sum"] = "mean"
+) -> Tensor:
+    """Masked token negative log-likelihood: -mean_t log p(y_t) (scalar), or -sum_t with ``reduction="sum"``
+    (for a mean over several batches: add the sums, divide by the total count of masked tokens).
 
-    logits: [B, T, V] aligned with labels: [B, T]; mask: [B, T]. Used for the reward model's LM term
-    (eq. 2, beta_rm) and the PPO-ptx pretraining loss (eq. 17, which the paper writes as a
-    log-likelihood to maximise; this is its negation, to minimise).
+    logits: [B, T, V] aligned with labels: [B, T]; mask: [B, T]. Used for the SFT loss and its validation
+    loss, the reward model's LM term (eq. 2, beta_rm) and the PPO-ptx pretraining loss (eq. 17, which the
+    paper writes as a log-likelihood to maximise; this is its negation, to minimise).
     """
-    return -masked_mean(logprobs_from_logits(logits, labels), mask)
+    logprobs = logprobs_from_logits(logits, labels)
+    if reduction == "sum":
+        return -masked_sum(logprobs, mask)
+    return -masked_mean(logprobs, mask)
 
 
 def pairwise_rm_loss(
