@@ -1,4 +1,5 @@
-"""Padding, collators' masks, and token-balanced dynamic batching (paper section 4.2)."""
+"""Padding, collators' masks, token-balanced dynamic batching (paper section 4.2) and the sharding of batches
+across ranks."""
 
 from __future__ import annotations
 
@@ -7,18 +8,21 @@ import random
 import pytest
 import torch
 
+from ppomax.algos import last_token_index
 from ppomax.data import (
     IGNORE_INDEX,
+    IndexStream,
     PreferenceCollator,
     PromptCollator,
     SFTCollator,
-    TokenBalancedBatchSampler,
     feature_length,
+    global_batches,
     pad_id_of,
     pad_left,
     pad_right,
     token_balanced_batches,
 )
+from ppomax.errors import ConfigError
 
 
 def test_pad_left_and_right() -> None:
@@ -54,27 +58,16 @@ def test_preference_collator_rows_and_masks() -> None:
         [6, 8, 9, 10, 99],  # rejected of pair 1
     ]
     assert b["attention_mask"].tolist() == [[1] * 5, [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1] * 5]
-    assert b["response_mask"].tolist() == [
-        [False, False, True, True, True],
-        [False, True, False, False, False],
-        [False, False, True, False, False],
-        [False, True, True, True, True],
-    ]
     assert b["lm_mask"].tolist() == [
         [False, False, True, True, True],
         [False, True, False, False, False],
         [False] * 5,
         [False] * 5,
     ]
-    assert b["lm_labels"].tolist() == [
-        [-100, -100, 3, 4, 99],
-        [-100, 7, -100, -100, -100],
-        [-100] * 5,
-        [-100] * 5,
-    ]
-    assert b["last_index"].tolist() == [4, 1, 2, 4]
-    # reading at last_index gives each row's final real token
-    assert b["input_ids"].gather(1, b["last_index"][:, None]).squeeze(1).tolist() == [99, 7, 5, 99]
+    assert set(b) == {"input_ids", "attention_mask", "lm_mask", "num_pairs"}
+    # the reward is read at each row's last real token
+    last = last_token_index(b["attention_mask"])
+    assert b["input_ids"].gather(1, last[:, None]).squeeze(1).tolist() == [99, 7, 5, 99]
 
 
 def test_feature_length() -> None:
@@ -156,21 +149,82 @@ def test_token_balanced_batches_rejects_bad_arguments() -> None:
     assert token_balanced_batches([], 10) == []
 
 
-def test_batch_sampler_epochs_and_ranks() -> None:
+# ---------------------------------------------------------------------------------------------------------
+# sharding across ranks: global_batches (SFT, RM) and IndexStream (PPO)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_global_batches_token_balanced_epochs_and_ranks() -> None:
     rng = random.Random(1)
     lengths = [rng.randint(1, 100) for _ in range(200)]
-    s = TokenBalancedBatchSampler(lengths, 512, seed=0)
-    first = list(s)
-    assert len(s) == len(first)
-    s.set_epoch(1)
-    assert list(s) != first
-    check_batches(list(s), lengths, 512)
-    ranks = [TokenBalancedBatchSampler(lengths, 512, seed=0, num_replicas=3, rank=r) for r in range(3)]
-    per_rank = [list(r) for r in ranks]
-    assert len({len(b) for b in per_rank}) == 1  # same number of steps on every rank
-    seen = [i for b in per_rank for batch in b for i in batch]
+    first = [step[0] for step in global_batches(lengths, 1, 0, 0, max_tokens=512)]
+    check_batches(first, lengths, 512)
+    second = [step[0] for step in global_batches(lengths, 1, 1, 0, max_tokens=512)]
+    assert second != first
+    check_batches(second, lengths, 512)
+    steps = global_batches(lengths, 3, 0, 0, max_tokens=512)
+    assert all(len(step) == 3 for step in steps)  # every rank has a batch at every step
+    seen = [i for step in steps for batch in step for i in batch]
     assert len(seen) == len(set(seen))  # no index on two ranks
-    dropped = len(first) % 3
-    assert sum(len(b) for b in per_rank) == len(first) - dropped
-    loader = torch.utils.data.DataLoader(list(range(200)), batch_sampler=s, collate_fn=lambda x: x)
-    assert sorted(i for b in loader for i in b) == list(range(200))
+    assert len(steps) == len(first) // 3  # the last len % world batches are dropped
+    with pytest.raises(ValueError, match="batch_size or max_tokens"):
+        global_batches(lengths, 1, 0, 0)
+
+
+# The orders the three implementations gave before they became these two (captured from commit cea1380's
+# trainers/common.py global_batches, data/batching.py TokenBalancedBatchSampler and trainers/ppo_data.py
+# IndexStream). Resuming a run, and every result made so far, depend on exactly these indices.
+LENGTHS = [4, 10, 9, 3, 6, 10, 8, 11, 10, 2, 10, 1, 8, 5]
+# (n, batch_size, world, seed, epoch) -> global_batches([1] * n, world, epoch, seed, batch_size=batch_size)
+FIXED = {
+    (7, 3, 1, 0, 0): [[[4, 2, 1]], [[0, 5, 3]], [[6]]],
+    (9, 4, 2, 1, 0): [[[5, 6, 7, 4], [3, 0, 8, 1]]],
+    (10, 2, 3, 5, 1): [[[5, 8], [3, 4], [0, 2]], [[6, 9], [7], [1]]],
+    (11, 3, 2, 2, 3): [[[10, 2, 8], [7, 1, 3]], [[6, 0, 5], [4, 9]]],
+}
+# (world, seed, epoch) -> global_batches(LENGTHS, world, epoch, seed, max_tokens=20)
+TOKENS = {
+    (1, 0, 0): [[[7]], [[2, 1]], [[11, 9, 3, 0]], [[8]], [[12, 6]], [[13, 4]], [[10, 5]]],
+    (2, 3, 1): [[[13, 4], [2, 5]], [[11, 9, 3, 0], [1]], [[12, 6], [7]]],
+    (3, 4, 2): [[[5, 8], [13, 4], [1]], [[2, 10], [7], [11, 9, 3, 0]]],
+}
+# (world, seed, epoch) -> per rank: TokenBalancedBatchSampler(LENGTHS, 20, seed=seed, num_replicas=world, rank=r)
+# after set_epoch(epoch)
+SAMPLER = {
+    (1, 0, 0): [[[7], [2, 1], [11, 9, 3, 0], [8], [12, 6], [13, 4], [10, 5]]],
+    (2, 3, 1): [[[13, 4], [11, 9, 3, 0], [12, 6]], [[2, 5], [1], [7]]],
+    (3, 4, 2): [[[5, 8], [2, 10]], [[13, 4], [7]], [[1], [11, 9, 3, 0]]],
+}
+# (n, seed, world, k, calls) -> per rank: [IndexStream(n, seed, rank=r, world=world).take(k) for each call]
+STREAM = {
+    (5, 0, 1, 2, 4): [[[4, 0], [1, 3], [2, 0], [4, 2]]],
+    (5, 3, 2, 2, 3): [[[1, 3], [2, 3], [4, 1]], [[0, 4], [0, 1], [2, 3]]],
+    (7, 11, 3, 1, 4): [[[4], [6], [5], [4]], [[0], [3], [5], [1]], [[2], [1], [2], [0]]],
+}
+
+
+def test_global_batches_fixed_size_order_is_unchanged() -> None:
+    for (n, batch_size, world, seed, epoch), expect in FIXED.items():
+        assert global_batches([1] * n, world, epoch, seed, batch_size=batch_size) == expect
+
+
+def test_global_batches_token_balanced_order_is_unchanged() -> None:
+    for (world, seed, epoch), expect in TOKENS.items():
+        steps = global_batches(LENGTHS, world, epoch, seed, max_tokens=20)
+        assert steps == expect
+        # rank r's batches are exactly what the removed per-rank sampler gave rank r
+        assert [[step[r] for step in steps] for r in range(world)] == SAMPLER[(world, seed, epoch)]
+
+
+def test_index_stream_order_is_unchanged_and_resumes() -> None:
+    for (n, seed, world, k, calls), expect in STREAM.items():
+        for r in range(world):
+            s = IndexStream(n, seed, rank=r, world=world)
+            head = [s.take(k) for _ in range(2)]
+            resumed = IndexStream(n, seed, rank=r, world=world)
+            resumed.load_state_dict(s.state_dict())
+            assert head + [resumed.take(k) for _ in range(calls - 2)] == expect[r]
+    with pytest.raises(ConfigError, match="same data files"):
+        IndexStream(4, 0).load_state_dict({"epoch": 0, "pos": 0, "n": 5})
+    with pytest.raises(ConfigError, match="no examples"):
+        IndexStream(0, 0)

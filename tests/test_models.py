@@ -21,7 +21,6 @@ from ppomax.models import (
     ValueHeadModel,
     init_causal_lm_from_config,
     is_value_head_model,
-    last_token_index,
     load_causal_lm,
     load_tokenizer,
     position_ids_from_mask,
@@ -96,12 +95,6 @@ def _pad(ids, lengths, side: str, width: int = 9):
             out[i, :n] = ids[i, :n]
             mask[i, :n] = 1
     return out, mask
-
-
-def test_last_token_index_left_right_and_holes():
-    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
-    assert last_token_index(mask).tolist() == [3, 1, 2, 0, 3]
-    assert last_token_index(mask.bool()).tolist() == [3, 1, 2, 0, 3]
 
 
 def test_position_ids_from_mask():

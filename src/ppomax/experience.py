@@ -116,12 +116,6 @@ class Experience:
         """[B, R] long: the response columns of ``sequences``."""
         return self.sequences[:, self.prompt_width :]
 
-    @property
-    def full_response_mask(self) -> Tensor:
-        """[B, P+R] bool: ``response_mask`` placed on the full sequence (False on prompt columns)."""
-        pad = self.response_mask.new_zeros(self.batch_size, self.prompt_width)
-        return torch.cat([pad, self.response_mask], dim=1)
-
     # ------------------------------------------------------------------ merging and slicing
 
     def select(self, index: Tensor | list[int]) -> Experience:

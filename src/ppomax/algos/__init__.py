@@ -3,8 +3,9 @@
 Every function here is a function of tensors (plus one small stateful class, `RunningMoments`) and the
 package imports only torch, so each formula has a unit test against an independent computation
 (tests/test_algos.py). Equation numbers refer to "Secrets of RLHF in Large Language Models Part I: PPO"
-(arXiv 2307.04964). Modules: `stats` (masked statistics, running moments), `rewards` (KL estimators,
-token-level rewards, GAE, score re-parameterisation, advantage normalisation), `losses` (PPO, critic, entropy, LM, RM losses).
+(arXiv 2307.04964). Modules: `stats` (masked statistics, running moments, last-token index), `rewards`
+(KL estimators, token-level rewards, GAE, score re-parameterisation, advantage normalisation), `losses` (PPO,
+critic, entropy, LM, RM losses).
 Import from `ppomax.algos` directly; the split is for reading, not for the API.
 
 Conventions:
@@ -40,9 +41,9 @@ from .rewards import (
 from .stats import (
     AllReduce,
     RunningMoments,
+    last_token_index,
     masked_mean,
     masked_sum,
-    masked_var,
     masked_whiten,
     token_weights,
 )
@@ -56,11 +57,11 @@ __all__ = [
     "entropy_from_logits",
     "gae",
     "kl_per_token",
+    "last_token_index",
     "lm_nll",
     "logprobs_from_logits",
     "masked_mean",
     "masked_sum",
-    "masked_var",
     "masked_whiten",
     "normalize_advantages",
     "pairwise_rm_loss",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -106,28 +107,16 @@ def value_loss(
     return loss, metrics
 
 
-def _row_chunks(n: int, chunk_size: int | None) -> list[tuple[int, int]]:
-    step = chunk_size if chunk_size and chunk_size > 0 else max(n, 1)
-    return [(i, min(i + step, n)) for i in range(0, n, step)]
-
-
-def entropy_from_logits(logits: Tensor, chunk_size: int | None = None) -> Tensor:
+def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of the softmax distribution at every position: [B, T, V] -> [B, T] (float32 or wider).
 
     H = logsumexp(z) - sum_v softmax(z)_v * z_v, which equals -sum p log p without forming log p and is
-    stable for large logits. Computed in float32 (bf16/fp16 logits are upcast chunk by chunk);
-    `chunk_size` rows of B at a time bound the temporary [chunk, T, V] copies. -inf logits (masked
-    vocabulary) contribute 0. Differentiable.
+    stable for large logits. Computed in float32 (bf16/fp16 logits are upcast). -inf logits (masked
+    vocabulary) contribute 0. Differentiable. (The caller bounds the [B, T, V] memory by passing fewer rows.)
     """
-    out = []
-    for lo, hi in _row_chunks(logits.shape[0], chunk_size):
-        z = logits[lo:hi].to(torch.promote_types(logits.dtype, torch.float32))
-        z = z.clamp(min=torch.finfo(z.dtype).min)
-        lse = torch.logsumexp(z, dim=-1)
-        out.append(lse - (torch.softmax(z, dim=-1) * z).sum(dim=-1))
-    if not out:
-        return logits.new_zeros(logits.shape[:-1], dtype=torch.promote_types(logits.dtype, torch.float32))
-    return torch.cat(out, dim=0)
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    z = z.clamp(min=torch.finfo(z.dtype).min)
+    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
 
 
 def entropy_bonus_loss(
@@ -160,37 +149,34 @@ def entropy_bonus_loss(
     return loss, metrics
 
 
-def logprobs_from_logits(
-    logits: Tensor, labels: Tensor, temperature: float = 1.0, chunk_size: int | None = None
-) -> Tensor:
+def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
     """Log-probability of `labels` under softmax(logits / temperature): [B, T, V], [B, T] -> [B, T].
 
     ``log p(y_t) = z_{y_t} - logsumexp(z)`` with z = logits / temperature, computed in float32 (or wider)
-    without materialising a full log_softmax tensor; `chunk_size` rows of B at a time bound the
-    temporaries. logits[:, t] must already be aligned with labels[:, t] (the caller shifts by one).
-    Negative labels (e.g. -100 padding) are read as token 0; mask those positions downstream.
-    Differentiable w.r.t. logits.
+    without materialising a full log_softmax tensor. logits[:, t] must already be aligned with labels[:, t]
+    (the caller shifts by one). Negative labels (e.g. -100 padding) are read as token 0; mask those positions
+    downstream. Differentiable w.r.t. logits.
     """
-    labels = labels.clamp(min=0).unsqueeze(-1)
-    out = []
-    for lo, hi in _row_chunks(logits.shape[0], chunk_size):
-        z = logits[lo:hi].to(torch.promote_types(logits.dtype, torch.float32))
-        if temperature != 1.0:
-            z = z / temperature
-        out.append(z.gather(-1, labels[lo:hi]).squeeze(-1) - torch.logsumexp(z, dim=-1))
-    if not out:
-        return logits.new_zeros(labels.shape[:-1], dtype=torch.promote_types(logits.dtype, torch.float32))
-    return torch.cat(out, dim=0)
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if temperature != 1.0:
+        z = z / temperature
+    return z.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
 
-def lm_nll(logits: Tensor, labels: Tensor, mask: Tensor, chunk_size: int | None = None) -> Tensor:
-    """Masked mean token negative log-likelihood: -mean_t log p(y_t) (scalar).
+def lm_nll(
+    logits: Tensor, labels: Tensor, mask: Tensor, reduction: Literal["mean", "sum"] = "mean"
+) -> Tensor:
+    """Masked token negative log-likelihood: -mean_t log p(y_t) (scalar), or -sum_t with ``reduction="sum"``
+    (for a mean over several batches: add the sums, divide by the total count of masked tokens).
 
-    logits: [B, T, V] aligned with labels: [B, T]; mask: [B, T]. Used for the reward model's LM term
-    (eq. 2, beta_rm) and the PPO-ptx pretraining loss (eq. 17, which the paper writes as a
-    log-likelihood to maximise; this is its negation, to minimise).
+    logits: [B, T, V] aligned with labels: [B, T]; mask: [B, T]. Used for the SFT loss and its validation
+    loss, the reward model's LM term (eq. 2, beta_rm) and the PPO-ptx pretraining loss (eq. 17, which the
+    paper writes as a log-likelihood to maximise; this is its negation, to minimise).
     """
-    return -masked_mean(logprobs_from_logits(logits, labels, chunk_size=chunk_size), mask)
+    logprobs = logprobs_from_logits(logits, labels)
+    if reduction == "sum":
+        return -masked_sum(logprobs, mask)
+    return -masked_mean(logprobs, mask)
 
 
 def pairwise_rm_loss(

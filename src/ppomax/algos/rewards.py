@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .stats import AllReduce, _bool_mask, masked_whiten
+from .stats import AllReduce, _bool_mask, last_token_index, masked_whiten
 
 KLEstimator = Literal["k1", "k2", "k3"]
 
@@ -36,14 +36,6 @@ def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator 
     raise ValueError(f"unknown kl_estimator {estimator!r}; expected 'k1', 'k2' or 'k3'")
 
 
-def _last_true_index(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Index of the last set position per row of `mask` [B, T] -> ([B] long, [B] bool has-any)."""
-    m = _bool_mask(mask)
-    positions = torch.arange(m.shape[1], device=m.device).expand_as(m)
-    last = torch.where(m, positions, torch.full_like(positions, -1)).max(dim=1).values
-    return last.clamp(min=0), last >= 0
-
-
 def token_level_rewards(scores: Tensor, kl: Tensor, response_mask: Tensor, kl_coef: float) -> Tensor:
     """Token-level reward with KL penalty (paper eq. 3 / 19, DESIGN 1).
 
@@ -55,8 +47,8 @@ def token_level_rewards(scores: Tensor, kl: Tensor, response_mask: Tensor, kl_co
     m = _bool_mask(response_mask)
     zero = torch.zeros((), dtype=kl.dtype, device=kl.device)
     rewards = torch.where(m, -kl_coef * kl, zero)
-    last, has_any = _last_true_index(m)
-    bonus = torch.where(has_any, scores.to(rewards.dtype), zero)
+    last = last_token_index(m)
+    bonus = torch.where(m.any(dim=1), scores.to(rewards.dtype), zero)
     return rewards.scatter_add(1, last.unsqueeze(1), bonus.unsqueeze(1))
 
 

@@ -1,4 +1,4 @@
-"""Masked statistics (sum, mean, variance, whitening) and running moments, all rank-aware."""
+"""Masked statistics (sum, mean, whitening) and running moments, all rank-aware, and the last-token index."""
 
 from __future__ import annotations
 
@@ -20,6 +20,19 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     # Sums and counts of bf16/fp16 tensors are accumulated and returned in float32: a bf16 count is
     # already inexact above 256 tokens.
     return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else torch.float32
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """Index of the last set position of every row: mask [B, T] -> LongTensor [B].
+
+    Where a sequence's one number is read or placed: the reward model's score (the value at the last real
+    token, paper 3.1) and the score added at the last response token (eq. 3). Padding may sit left, right
+    or both (the position of the rightmost set entry). A row with nothing set gives 0; callers that care
+    test ``mask.any(dim=1)``.
+    """
+    m = _bool_mask(mask)
+    positions = torch.arange(m.shape[-1], device=m.device).expand_as(m)
+    return torch.where(m, positions, torch.full_like(positions, -1)).amax(dim=-1).clamp(min=0)
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -81,33 +94,6 @@ def token_weights(counts: Tensor, all_reduce: AllReduce | None = None) -> Tensor
     return counts * ranks / total.clamp(min=1)
 
 
-def masked_var(
-    x: Tensor,
-    mask: Tensor,
-    unbiased: bool = True,
-    all_reduce: AllReduce | None = None,
-    *,
-    dim: int | None = None,
-) -> Tensor:
-    """Variance of `x` over masked positions (two-pass: mean first, then squared deviations).
-
-    x, mask: [B, T]; returns a scalar (or per `dim`). unbiased=True applies Bessel's correction
-    n / (n - 1) with n the (global, when `all_reduce` is given) number of masked tokens. With n <= 1 the
-    result is 0 instead of NaN.
-    """
-    return _masked_mean_var(x, mask, unbiased, all_reduce, dim)[1]
-
-
-def _masked_mean_var(
-    x: Tensor, mask: Tensor, unbiased: bool, all_reduce: AllReduce | None, dim: int | None = None
-) -> tuple[Tensor, Tensor]:
-    mean = masked_mean(x, mask, dim, all_reduce)
-    centred = x - (mean if dim is None else mean.unsqueeze(dim))
-    sq_sum, count = _sum_and_count(centred.square(), mask, dim, all_reduce)
-    denom = count - 1 if unbiased else count
-    return mean, sq_sum / denom.clamp(min=1)
-
-
 def masked_whiten(
     x: Tensor,
     mask: Tensor,
@@ -117,11 +103,14 @@ def masked_whiten(
 ) -> Tensor:
     """Whiten `x` under the mask: (x - mean) / sqrt(var + eps), zero outside the mask.
 
-    x, mask: [B, T] -> [B, T]. Mean and (unbiased) variance are taken over masked tokens of the whole
-    batch (all ranks with `all_reduce`). shift_mean=False keeps the original mean (only rescales), the
-    usual choice when whitening rewards rather than advantages.
+    x, mask: [B, T] -> [B, T]. Mean and unbiased variance (two-pass: the mean first, then the squared
+    deviations, with Bessel's correction n / (n - 1); 0 when n <= 1) are taken over the masked tokens of the
+    whole batch (all ranks with `all_reduce`, n the global count). shift_mean=False keeps the original mean
+    (only rescales), the usual choice when whitening rewards rather than advantages.
     """
-    mean, var = _masked_mean_var(x, mask, unbiased=True, all_reduce=all_reduce)
+    mean = masked_mean(x, mask, all_reduce=all_reduce)
+    sq_sum, count = _sum_and_count((x - mean).square(), mask, None, all_reduce)
+    var = sq_sum / (count - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -11,11 +11,12 @@ Record shapes: :mod:`ppomax.data.formats` and the README's Data section. Typical
 """
 
 from .batching import (
+    IndexStream,
     PreferenceCollator,
     PromptCollator,
     SFTCollator,
-    TokenBalancedBatchSampler,
     feature_length,
+    global_batches,
     pad_id_of,
     pad_left,
     pad_right,
@@ -47,6 +48,7 @@ __all__ = [
     "IGNORE_INDEX",
     "ChatFormat",
     "DataError",
+    "IndexStream",
     "LoadStats",
     "PreferenceCollator",
     "PreferencePair",
@@ -55,9 +57,9 @@ __all__ = [
     "Renderer",
     "SFTCollator",
     "SFTExample",
-    "TokenBalancedBatchSampler",
     "encode",
     "feature_length",
+    "global_batches",
     "load_preference_pairs",
     "load_prompts",
     "load_sft_examples",

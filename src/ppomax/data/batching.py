@@ -1,4 +1,5 @@
-"""Padding, collators for the trainers, and token-balanced dynamic batching (paper section 4.2).
+"""Padding, collators for the trainers, token-balanced dynamic batching (paper section 4.2), and the sharding of
+batches across data-parallel ranks (every index order a trainer draws from).
 
 Padding sides: training batches (SFT, reward model) are padded on the **right**, so that the position ids a
 causal LM assumes by default (0, 1, 2, ...) are those of the real tokens; prompts for generation are padded on
@@ -7,11 +8,14 @@ the **left**, so that every row's next token is at the last position.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from ppomax.errors import ConfigError
 
 from .tokenize import IGNORE_INDEX
 
@@ -64,15 +68,13 @@ class PreferenceCollator:
     """Batches :func:`~ppomax.data.tokenize.tokenize_pair` outputs for the reward model (paper eq. 2).
 
     For ``B`` pairs the batch has ``2B`` rows: rows ``0..B-1`` are ``prompt + chosen``, rows ``B..2B-1`` are
-    ``prompt + rejected`` (same pair order), right-padded. Returned tensors, all ``(2B, T)`` unless stated:
+    ``prompt + rejected`` (same pair order), right-padded. Returned tensors, all ``(2B, T)``:
 
-    * ``input_ids``, ``attention_mask``
-    * ``response_mask`` (bool): the response tokens of every row (EOS included)
-    * ``lm_mask`` (bool): the chosen response tokens only (rejected rows all False): the tokens of the
-      ``beta_rm * LM_NLL(y_w | x)`` term. Masks mark *target* tokens; the logit that predicts token ``t`` is at
-      ``t - 1``.
-    * ``lm_labels`` (long): ``input_ids`` where ``lm_mask``, else ``-100`` (HF ``labels=`` convention, which shifts)
-    * ``last_index`` ``(2B,)``: index of each row's last real token, where the reward is read
+    * ``input_ids``, ``attention_mask`` (the reward is read at each row's last real token,
+      :func:`ppomax.algos.last_token_index`)
+    * ``lm_mask`` (bool): the chosen response tokens only, EOS included (rejected rows all False): the tokens of
+      the ``beta_rm * LM_NLL(y_w | x)`` term. Masks mark *target* tokens; the logit that predicts token ``t`` is
+      at ``t - 1``.
     * ``num_pairs``: ``B`` (int)
     """
 
@@ -87,19 +89,10 @@ class PreferenceCollator:
                 rows.append([*f["prompt_ids"], *f[f"{side}_ids"]])
                 masks.append([0] * len(f["prompt_ids"]) + [1] * len(f[f"{side}_ids"]))
         input_ids, attention_mask = pad_right(rows, self.pad_id)
-        response_mask = _pad(masks, 0, left=False).bool()
         n = len(features)
-        lm_mask = response_mask.clone()
+        lm_mask = _pad(masks, 0, left=False).bool()
         lm_mask[n:] = False
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "response_mask": response_mask,
-            "lm_mask": lm_mask,
-            "lm_labels": input_ids.masked_fill(~lm_mask, IGNORE_INDEX),
-            "last_index": attention_mask.sum(dim=1) - 1,
-            "num_pairs": n,
-        }
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "lm_mask": lm_mask, "num_pairs": n}
 
 
 class SFTCollator:
@@ -185,55 +178,106 @@ def token_balanced_batches(
     return batches
 
 
-class TokenBalancedBatchSampler:
-    """A ``batch_sampler`` for ``torch.utils.data.DataLoader`` built on :func:`token_balanced_batches`.
+# --------------------------------------------------------------------------- sharding across ranks
+#
+# Data-parallel ranks never exchange indices: every rank builds the same global order from the seed and takes
+# its share of each global batch. Two orders exist, and each keeps the random stream it has always had (a
+# resumed run, and every result made so far, depend on these exact indices):
+#
+# * global_batches (SFT, reward model): epochs of steps, reshuffled with Python's ``random.Random(seed + epoch)``
+#   (fixed-size batches) or grouped by token_balanced_batches; no step spans two epochs; the resume position is
+#   the number of micro-batches already seen.
+# * IndexStream (PPO prompts and PPO-ptx examples): an endless walk over ``torch.randperm`` permutations seeded
+#   ``seed + epoch``; every global batch is full, so one may span two epochs; the resume position is
+#   ``(epoch, pos)``.
 
-    Call ``set_epoch(e)`` each epoch for a new shuffle (seed ``seed + e``). With ``num_replicas > 1`` each rank
-    takes every ``num_replicas``-th batch of the same global list; the last ``len % num_replicas`` batches are
-    dropped so that all ranks run the same number of steps.
+
+def global_batches(
+    lengths: Sequence[int],
+    world: int,
+    epoch: int,
+    seed: int,
+    batch_size: int | None = None,
+    max_tokens: int | None = None,
+    shuffle: bool = True,
+) -> list[list[list[int]]]:
+    """One epoch as a list of steps; each step is a list of ``world`` index lists (one micro-batch per rank).
+
+    Fixed size: a seeded shuffle cut into ``batch_size`` per rank, each rank a contiguous slice of the step (a
+    ragged tail is dropped only if it cannot give every rank one example). Token-balanced (``max_tokens``):
+    :func:`token_balanced_batches` per rank budget, dealt round-robin (step ``s`` gives rank ``r`` batch
+    ``s * world + r``), and the last ``len % world`` batches dropped so every rank runs the same steps.
+    """
+    n = len(lengths)
+    if max_tokens is not None:
+        batches = token_balanced_batches(lengths, max_tokens, shuffle=shuffle, seed=seed + epoch)
+        usable = len(batches) - len(batches) % world
+        return [batches[i : i + world] for i in range(0, usable, world)]
+    if batch_size is None:
+        raise ValueError("global_batches needs batch_size or max_tokens")
+    order = list(range(n))
+    if shuffle:
+        random.Random(seed + epoch).shuffle(order)
+    steps = []
+    per_step = batch_size * world
+    for start in range(0, n, per_step):
+        chunk = order[start : start + per_step]
+        if len(chunk) < world:
+            break
+        per_rank = math.ceil(len(chunk) / world)
+        parts = [chunk[r * per_rank : (r + 1) * per_rank] for r in range(world)]
+        if any(not p for p in parts):  # very ragged tail: deal one by one so every rank gets some
+            parts = [chunk[r::world] for r in range(world)]
+        steps.append(parts)
+    return steps
+
+
+class IndexStream:
+    """Seeded, epoch-wise shuffled indices ``0..n-1`` with a resumable position.
+
+    Each call to :meth:`take` hands out the next ``k * world`` indices of the global order, and this rank keeps
+    every ``world``-th of them (rank ``r`` the ones at ``r, r + world, ...``), so together the ranks consume the
+    global order once. The whole state is ``(epoch, pos)`` (:meth:`state_dict`).
     """
 
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        max_tokens: int,
-        shuffle: bool = True,
-        seed: int = 0,
-        *,
-        max_batch_size: int | None = None,
-        pool_size: int | None = None,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ) -> None:
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
-        self.lengths = list(lengths)
-        self.max_tokens = max_tokens
-        self.shuffle = shuffle
+    def __init__(self, n: int, seed: int, *, rank: int = 0, world: int = 1) -> None:
+        if n <= 0:
+            raise ConfigError("no examples to draw from")
+        self.n = n
         self.seed = seed
-        self.max_batch_size = max_batch_size
-        self.pool_size = pool_size
-        self.num_replicas = num_replicas
         self.rank = rank
+        self.world = world
         self.epoch = 0
+        self.pos = 0
+        self._order = self._perm(0)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def _perm(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
 
-    def _batches(self) -> list[list[int]]:
-        batches = token_balanced_batches(
-            self.lengths,
-            self.max_tokens,
-            self.shuffle,
-            self.seed + self.epoch,
-            max_batch_size=self.max_batch_size,
-            pool_size=self.pool_size,
-        )
-        usable = len(batches) - len(batches) % self.num_replicas
-        return batches[:usable][self.rank :: self.num_replicas]
+    def take(self, k: int) -> list[int]:
+        """This rank's ``k`` indices of the next global batch of ``k * world``."""
+        out: list[int] = []
+        need = k * self.world
+        while len(out) < need:
+            if self.pos >= self.n:
+                self.epoch += 1
+                self.pos = 0
+                self._order = self._perm(self.epoch)
+            grab = min(need - len(out), self.n - self.pos)
+            out.extend(self._order[self.pos : self.pos + grab])
+            self.pos += grab
+        return out[self.rank :: self.world]
 
-    def __iter__(self):
-        return iter(self._batches())
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos, "n": self.n}
 
-    def __len__(self) -> int:
-        return len(self._batches())
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if int(state["n"]) != self.n:
+            raise ConfigError(
+                f"the checkpoint was taken with {state['n']} examples in this stream, the data now has {self.n}; "
+                "resume with the same data files"
+            )
+        self.epoch = int(state["epoch"])
+        self.pos = int(state["pos"])
+        self._order = self._perm(self.epoch)

@@ -24,7 +24,6 @@ from .value_head import (
     ValueHeadModel,
     ValueHeadOutput,
     is_value_head_model,
-    last_token_index,
     position_ids_from_mask,
 )
 
@@ -37,7 +36,6 @@ __all__ = [
     "check_model_dir",
     "init_causal_lm_from_config",
     "is_value_head_model",
-    "last_token_index",
     "load_causal_lm",
     "load_tokenizer",
     "model_summary",

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from ppomax.algos import last_token_index
 from ppomax.errors import ModelPathError
 
 from .loading import load_causal_lm, to_dtype
@@ -45,17 +46,6 @@ class ValueHeadOutput:
     values: Tensor
     scores: Tensor
     lm_logits: Tensor | None = None
-
-
-def last_token_index(attention_mask: Tensor) -> Tensor:
-    """Index of the last non-pad token of every row: [B, T] -> LongTensor [B].
-
-    Works for left padding, right padding and both (the position of the rightmost 1). A row with no
-    token at all gives index 0.
-    """
-    mask = attention_mask.to(torch.long)
-    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
-    return (positions * mask).amax(dim=-1)
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

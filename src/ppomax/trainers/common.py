@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 
 from ppomax.checkpoint import latest_checkpoint, prune_checkpoints
 from ppomax.config import to_yaml
-from ppomax.data import LoadStats, token_balanced_batches
+from ppomax.data import LoadStats
+from ppomax.data.batching import global_batches
 from ppomax.errors import UserError
 from ppomax.monitor import MetricsLogger
 
@@ -176,44 +177,6 @@ def split_validation(items: list[Any], fraction: float, seed: int) -> tuple[list
 
 
 # --------------------------------------------------------------------------- batching
-
-
-def global_batches(
-    lengths: Sequence[int],
-    world: int,
-    epoch: int,
-    seed: int,
-    batch_size: int | None = None,
-    max_tokens: int | None = None,
-    shuffle: bool = True,
-) -> list[list[list[int]]]:
-    """One epoch as a list of steps; each step is a list of ``world`` index lists (one micro-batch per rank).
-
-    Fixed size: a seeded shuffle cut into ``batch_size`` per rank (a ragged tail is dropped only if it cannot
-    give every rank one example). Token-balanced (``max_tokens``): :func:`token_balanced_batches` per rank
-    budget, dealt round-robin, and the last ``len % world`` batches dropped so every rank runs the same steps.
-    """
-    n = len(lengths)
-    if max_tokens is not None:
-        batches = token_balanced_batches(lengths, max_tokens, shuffle=shuffle, seed=seed + epoch)
-        usable = len(batches) - len(batches) % world
-        return [batches[i : i + world] for i in range(0, usable, world)]
-    assert batch_size is not None
-    order = list(range(n))
-    if shuffle:
-        random.Random(seed + epoch).shuffle(order)
-    steps = []
-    per_step = batch_size * world
-    for start in range(0, n, per_step):
-        chunk = order[start : start + per_step]
-        if len(chunk) < world:
-            break
-        per_rank = math.ceil(len(chunk) / world)
-        parts = [chunk[r * per_rank : (r + 1) * per_rank] for r in range(world)]
-        if any(not p for p in parts):  # very ragged tail: deal one by one so every rank gets some
-            parts = [chunk[r::world] for r in range(world)]
-        steps.append(parts)
-    return steps
 
 
 def micro_batches(

@@ -24,53 +24,8 @@ from ppomax.data import (
     tokenize_prompt,
     tokenize_sft,
 )
+from ppomax.data.batching import IndexStream
 from ppomax.errors import ConfigError
-
-
-class IndexStream:
-    """Seeded, epoch-wise shuffled indices ``0..n-1`` with a resumable position."""
-
-    def __init__(self, n: int, seed: int, *, rank: int = 0, world: int = 1) -> None:
-        if n <= 0:
-            raise ConfigError("no examples to draw from")
-        self.n = n
-        self.seed = seed
-        self.rank = rank
-        self.world = world
-        self.epoch = 0
-        self.pos = 0
-        self._order = self._perm(0)
-
-    def _perm(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def take(self, k: int) -> list[int]:
-        """This rank's ``k`` indices of the next global batch of ``k * world``."""
-        out: list[int] = []
-        need = k * self.world
-        while len(out) < need:
-            if self.pos >= self.n:
-                self.epoch += 1
-                self.pos = 0
-                self._order = self._perm(self.epoch)
-            grab = min(need - len(out), self.n - self.pos)
-            out.extend(self._order[self.pos : self.pos + grab])
-            self.pos += grab
-        return out[self.rank :: self.world]
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos, "n": self.n}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if int(state["n"]) != self.n:
-            raise ConfigError(
-                f"the checkpoint was taken with {state['n']} examples in this stream, the data now has {self.n}; "
-                "resume with the same data files"
-            )
-        self.epoch = int(state["epoch"])
-        self.pos = int(state["pos"])
-        self._order = self._perm(self.epoch)
 
 
 @dataclass

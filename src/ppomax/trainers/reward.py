@@ -136,7 +136,8 @@ def evaluate_rm(
     margins = rm_margins(ctx, model, feats, collate, batch_size)
     s = margin_summary(margins)
     m = torch.tensor(margins, dtype=torch.float64)
-    rm_loss = float(-torch.nn.functional.logsigmoid(m).mean()) if len(margins) else float("nan")
+    # the margins are r_w - r_l already: the ranking term of eq. 2 against a zero "rejected" reward
+    rm_loss = float(pairwise_rm_loss(m, torch.zeros_like(m))[1]["rm_loss"]) if len(margins) else float("nan")
     return {
         "accuracy": s["accuracy"],
         "margin_mean": s["margin_mean"],

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ppomax.algos import lm_nll, logprobs_from_logits
+from ppomax.algos import lm_nll
 from ppomax.config import SFTConfig
 from ppomax.data import (
     IGNORE_INDEX,
@@ -135,11 +135,9 @@ def evaluate_lm(
         logits = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         ).logits
-        labels = batch["labels"][:, 1:]
-        mask = (labels != IGNORE_INDEX).float()
-        lp = logprobs_from_logits(logits[:, :-1], labels)
+        labels, mask = _targets(batch)
         if real:
-            nll += float(-(lp * mask).sum())
+            nll += float(lm_nll(logits[:, :-1], labels, mask, reduction="sum"))
             count += float(mask.sum())
     tot = reduce_sums(ctx.accelerator, {"nll": nll, "count": count})
     loss = tot["nll"] / max(tot["count"], 1.0)
