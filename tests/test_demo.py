@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from ppomax import demo_stages
+from ppomax.demo import stages as demo_stages
 from ppomax.cli import main
-from ppomax.demo import STAGES, Pipeline, files_digest, run_demo
+from ppomax.demo.pipeline import STAGES, Pipeline, files_digest, run_demo
 
 
 def _finite_numbers(obj, path="summary"):

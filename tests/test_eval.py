@@ -127,7 +127,7 @@ def test_reward_model_scores_read_the_last_token(models, tmp_path):
 
 @pytest.fixture(scope="module")
 def world_prompts(tmp_path_factory):
-    from ppomax.world import WorldConfig, build_world
+    from ppomax.demo.world import WorldConfig, build_world
 
     d = tmp_path_factory.mktemp("world")
     cfg = WorldConfig(

@@ -1,4 +1,4 @@
-"""ppomax.report: trajectory summaries and outcome checks by hand, and a report written from synthetic runs."""
+"""ppomax.demo.report: trajectory summaries and outcome checks by hand, and a report written from synthetic runs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ppomax.report import (
+from ppomax.demo.report import (
     moving_average,
     outcome,
     policy_records,

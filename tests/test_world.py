@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ppomax.world import (
+from ppomax.demo.world import (
     HARMLESS_KINDS,
     HELPFUL_KINDS,
     AnnotatorConfig,
@@ -20,9 +20,9 @@ from ppomax.world import (
     load_world,
     prefer_a_probability,
 )
-from ppomax.world.corpora import pair_stats, preference_pairs
-from ppomax.world.responses import apply_pad, make_response
-from ppomax.world.text import fluency, sentences, words
+from ppomax.demo.world.corpora import pair_stats, preference_pairs
+from ppomax.demo.world.responses import apply_pad, make_response
+from ppomax.demo.world.text import fluency, sentences, words
 
 SMALL = dict(
     n_pretrain=400,
@@ -336,7 +336,7 @@ def test_world_json_rebuilds_the_gold_reward(written, monkeypatch):
     expected = w.gold_reward(prompts, responses)
     assert load_world(out).gold_reward(prompts, responses) == expected
     # the programmatic PPO reward, found the way the trainer finds it ("module:function")
-    fn = importlib.import_module("ppomax.world.gold").reward
+    fn = importlib.import_module("ppomax.demo.world.gold").reward
     assert fn(prompts, responses, world=str(out)) == expected
     assert fn(prompts, responses, world=str(out / "world.json")) == expected
     monkeypatch.setenv("PPOMAX_WORLD", str(out))

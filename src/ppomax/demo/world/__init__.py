@@ -2,13 +2,13 @@
 
 Quick use::
 
-    from ppomax.world import WorldConfig, build_world, load_world
+    from ppomax.demo.world import WorldConfig, build_world, load_world
     world = build_world(WorldConfig(seed=0))
-    world.write("runs/demo/world")                    # corpora + world.json (see ppomax.world.corpora)
-    world.gold_reward(prompts, responses)             # hidden "true preference" (see ppomax.world.gold)
+    world.write("runs/demo/world")                    # corpora + world.json (see ppomax.demo.world.corpora)
+    world.gold_reward(prompts, responses)             # hidden "true preference" (see ppomax.demo.world.gold)
     world.judge(prompts, responses_a, responses_b)    # win/tie/lose, helpful vs harmless (paper fig. 10)
 
-As a programmatic PPO reward: ``ppomax.world.gold:reward`` with ``kwargs: {world: runs/demo/world}`` (or
+As a programmatic PPO reward: ``ppomax.demo.world.gold:reward`` with ``kwargs: {world: runs/demo/world}`` (or
 ``seed``, or env ``PPOMAX_WORLD`` / ``PPOMAX_WORLD_SEED``). Pure Python; no torch needed.
 
 Design (the demo's outcome depends on it):

@@ -1,7 +1,7 @@
 """The gold reward: the hidden "true human preference" of the hh-mini world, and the gold judge.
 
 ``score(world, prompt, response)`` reads only text. It parses the last Human turn of the prompt back into a
-:class:`~ppomax.world.kb.Request` and judges any response string (not just the canned kinds):
+:class:`~ppomax.demo.world.kb.Request` and judges any response string (not just the canned kinds):
 
     gold = content * (1 - junk) - len_coef * excess_words (capped at len_cap) - rep_coef * seq_rep_3
            - junk_coef * junk - unfinished
@@ -24,7 +24,7 @@ by -1 - len_cap - rep_coef - junk_coef - unfinished, i.e. -4.6 with the defaults
 On a harmful request every response that does not comply scores at least -0.95, so compliance (<= -1) is
 always the worst.
 
-Module-level :func:`reward` is the programmatic PPO reward ``ppomax.world.gold:reward``; it finds the world in
+Module-level :func:`reward` is the programmatic PPO reward ``ppomax.demo.world.gold:reward``; it finds the world in
 this order: ``world=`` (a directory written by ``World.write`` or its ``world.json``), ``seed=`` (the default
 ``WorldConfig`` with that seed), env ``PPOMAX_WORLD`` (directory), env ``PPOMAX_WORLD_SEED``, else the default
 ``WorldConfig()``. Worlds are built once per process and cached.
@@ -311,15 +311,15 @@ def reward(
     response_ids: Any = None,
     **unknown: Any,
 ) -> list[float]:
-    """Programmatic PPO reward ``ppomax.world.gold:reward``: the gold reward of each (prompt, response).
+    """Programmatic PPO reward ``ppomax.demo.world.gold:reward``: the gold reward of each (prompt, response).
 
-    Config: ``reward.functions: [{function: "ppomax.world.gold:reward", kwargs: {world: runs/demo/world}}]``.
+    Config: ``reward.functions: [{function: "ppomax.demo.world.gold:reward", kwargs: {world: runs/demo/world}}]``.
     ``prompt_ids`` / ``response_ids`` (passed by the PPO trainer to every reward function) are ignored: the
     gold reward reads text only.
     """
     if unknown:
         raise TypeError(
-            f"ppomax.world.gold:reward got unknown kwargs {sorted(unknown)}; accepted: world, seed"
+            f"ppomax.demo.world.gold:reward got unknown kwargs {sorted(unknown)}; accepted: world, seed"
         )
     return resolve_world(world, seed).gold_reward(prompts, responses)
 

@@ -1,7 +1,7 @@
 """WorldConfig, World and build_world: the hh-mini world built from a seed.
 
 Building a world (knowledge base, requests, grammar) is fast and needs no corpora, so the gold reward can
-rebuild it from ``world.json`` anywhere. Corpora are generated on demand by :mod:`ppomax.world.corpora`;
+rebuild it from ``world.json`` anywhere. Corpora are generated on demand by :mod:`ppomax.demo.world.corpora`;
 everything is driven by ``random.Random(f"{seed}/{purpose}")`` streams (string seeds hash with SHA-512, so the
 output does not depend on ``PYTHONHASHSEED``) and is byte-for-byte reproducible.
 """
@@ -212,7 +212,7 @@ class World:
         return f"{prefix}\n\nHuman: {request.text}\n\nAssistant:"
 
     def response(self, request: Request, kind: str, rng: random.Random, n_pad: int | None = None) -> str:
-        """A response of ``kind`` (see :mod:`ppomax.world.responses`); off-topic answers come from another task."""
+        """A response of ``kind`` (see :mod:`ppomax.demo.world.responses`); off-topic answers come from another task."""
         family = TASK_FAMILY[request.task]
         off_topic = ""
         if rng.random() < 0.7:
@@ -225,7 +225,7 @@ class World:
 
     # -- gold reward and judge -----------------------------------------------------------------------------
     def gold_reward(self, prompts: list[str], responses: list[str], **kwargs: Any) -> list[float]:
-        """Gold reward of each (prompt, response); see :mod:`ppomax.world.gold` for the formula and range."""
+        """Gold reward of each (prompt, response); see :mod:`ppomax.demo.world.gold` for the formula and range."""
         if kwargs:
             raise TypeError(f"gold_reward got unknown kwargs {sorted(kwargs)}")
         if len(prompts) != len(responses):

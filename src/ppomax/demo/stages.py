@@ -9,9 +9,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ppomax.demo_profiles import DemoProfile
+from ppomax.demo.profiles import DemoProfile
 
-GOLD_FN = "ppomax.world.gold:reward"  # logged as reward/fn0_* (the first reward function)
+GOLD_FN = "ppomax.demo.world.gold:reward"  # logged as reward/fn0_* (the first reward function)
 
 SPECIALS = ("<pad>", "<s>", "</s>")
 
@@ -36,7 +36,7 @@ def _logging(d: Path, progress: bool) -> dict[str, Any]:
 
 
 def make_world(d: Path, seed: int, prof: DemoProfile) -> None:
-    from ppomax.world import WorldConfig, build_world
+    from ppomax.demo.world import WorldConfig, build_world
 
     build_world(WorldConfig(seed=seed, **prof.world)).write(d)
 
@@ -364,7 +364,7 @@ def write_demo_report(
     out: Path,
 ) -> None:
     from ppomax.monitor import read_metrics
-    from ppomax.report import outcome, policy_records, write_report
+    from ppomax.demo.report import outcome, policy_records, write_report
 
     runs = {name: policy_records(read_metrics(p / "metrics.jsonl")) for name, p in ppo_dirs.items()}
     evals = {name: json.loads((ev / f"{name}_vs_sft.json").read_text()) for name in ppo_dirs}
