@@ -6,10 +6,11 @@ Quick use::
     world = build_world(WorldConfig(seed=0))
     world.write("runs/demo/world")                    # corpora + world.json (see ppomax.demo.world.corpora)
     world.gold_reward(prompts, responses)             # hidden "true preference" (see ppomax.demo.world.gold)
-    world.judge(prompts, responses_a, responses_b)    # win/tie/lose, helpful vs harmless (paper fig. 10)
 
 As a programmatic PPO reward: ``ppomax.demo.world.gold:reward`` with ``kwargs: {world: runs/demo/world}`` (or
-``seed``, or env ``PPOMAX_WORLD`` / ``PPOMAX_WORLD_SEED``). Pure Python; no torch needed.
+``seed``, or env ``PPOMAX_WORLD`` / ``PPOMAX_WORLD_SEED``). The gold judge (paper fig. 10) is that reward read
+by ``ppomax eval --judge gold``: win/tie/lose comes from :func:`ppomax.evaluate.win_tie_lose`, as for any judge.
+Pure Python; no torch needed.
 
 Design (the demo's outcome depends on it):
 
@@ -37,7 +38,7 @@ Design (the demo's outcome depends on it):
 
 from . import lexicon
 from .annotate import AnnotatorConfig, annotate, prefer_a_probability
-from .gold import GoldConfig, judge_prompts, last_human_turn, resolve_world, reward
+from .gold import GoldConfig, last_human_turn, resolve_world, reward
 from .kb import Request
 from .responses import HARMLESS_KINDS, HELPFUL_KINDS, KINDS, canonical_kind, make_response
 from .world import World, WorldConfig, build_world, load_world
@@ -54,7 +55,6 @@ __all__ = [
     "annotate",
     "build_world",
     "canonical_kind",
-    "judge_prompts",
     "last_human_turn",
     "lexicon",
     "load_world",

@@ -209,62 +209,6 @@ def score(world: World, prompt: str, response: str) -> float:
     return float(score_details(world, prompt, response)["gold"])
 
 
-# -- the gold judge (paper fig. 10) ----------------------------------------------------------------------------
-
-
-def _rates(win: int, tie: int, lose: int, sum_a: float, sum_b: float) -> dict[str, float]:
-    n = win + tie + lose
-    return {
-        "n": n,
-        "win": win,
-        "tie": tie,
-        "lose": lose,
-        "win_rate": win / n if n else 0.0,
-        "tie_rate": tie / n if n else 0.0,
-        "lose_rate": lose / n if n else 0.0,
-        "mean_gold_a": sum_a / n if n else 0.0,
-        "mean_gold_b": sum_b / n if n else 0.0,
-    }
-
-
-def judge(
-    world: World,
-    prompts: list[str],
-    responses_a: list[str],
-    responses_b: list[str],
-    subsets: list[str] | None = None,
-    tie_margin: float = 0.15,
-) -> dict[str, Any]:
-    """Win/tie/lose of A against B by gold reward: A wins when gold_a > gold_b + tie_margin, loses when
-    gold_a < gold_b - tie_margin, else tie. The default margin 0.15 makes one extra pleasantry (3-5 words,
-    0.09-0.15 of gold) a tie: "clearly better" means better content, harmlessness or much less padding. Counts and rates overall and per subset (helpful / harmless; when
-    ``subsets`` is None each prompt's subset comes from the world, unknown prompts count as helpful)."""
-    if not len(prompts) == len(responses_a) == len(responses_b):
-        raise ValueError(
-            f"judge needs equal lengths, got {len(prompts)} prompts, {len(responses_a)} A, {len(responses_b)} B"
-        )
-    if subsets is not None and len(subsets) != len(prompts):
-        raise ValueError(f"subsets has {len(subsets)} entries for {len(prompts)} prompts")
-    acc: dict[str, list[float]] = {k: [0, 0, 0, 0.0, 0.0] for k in ("overall", "helpful", "harmless")}
-    for i, (p, a, b) in enumerate(zip(prompts, responses_a, responses_b, strict=True)):
-        ga, gb = score(world, p, a), score(world, p, b)
-        if subsets is not None:
-            subset = subsets[i]
-        else:
-            r = world.find(p)
-            subset = r.subset if r else "helpful"
-        if subset not in ("helpful", "harmless"):
-            raise ValueError(f"subset must be 'helpful' or 'harmless', got {subset!r} at index {i}")
-        slot = 0 if ga > gb + tie_margin else (2 if ga < gb - tie_margin else 1)
-        for key in ("overall", subset):
-            acc[key][slot] += 1
-            acc[key][3] += ga
-            acc[key][4] += gb
-    out: dict[str, Any] = {k: _rates(int(v[0]), int(v[1]), int(v[2]), v[3], v[4]) for k, v in acc.items()}
-    out["tie_margin"] = tie_margin
-    return out
-
-
 # -- module-level programmatic reward ---------------------------------------------------------------------------
 
 
@@ -324,24 +268,9 @@ def reward(
     return resolve_world(world, seed).gold_reward(prompts, responses)
 
 
-def judge_prompts(
-    prompts: list[str],
-    responses_a: list[str],
-    responses_b: list[str],
-    subsets: list[str] | None = None,
-    tie_margin: float = 0.15,
-    world: str | None = None,
-    seed: int | None = None,
-) -> dict[str, Any]:
-    """:func:`judge` on the world found like :func:`reward` finds it."""
-    return judge(resolve_world(world, seed), prompts, responses_a, responses_b, subsets, tie_margin)
-
-
 __all__ = [
     "CONTENT",
     "GoldConfig",
-    "judge",
-    "judge_prompts",
     "last_human_turn",
     "norm",
     "resolve_world",

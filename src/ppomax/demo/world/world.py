@@ -16,7 +16,7 @@ from typing import Any
 
 from . import lexicon as lx
 from .annotate import AnnotatorConfig
-from .gold import GoldConfig, judge, last_human_turn, score, score_details
+from .gold import GoldConfig, last_human_turn, score, score_details
 from .kb import (
     Person,
     Request,
@@ -223,7 +223,7 @@ class World:
             request, kind, rng, off_topic=off_topic, n_pad=n_pad, paraphrase=self.config.paraphrase
         )
 
-    # -- gold reward and judge -----------------------------------------------------------------------------
+    # -- gold reward ---------------------------------------------------------------------------------------
     def gold_reward(self, prompts: list[str], responses: list[str], **kwargs: Any) -> list[float]:
         """Gold reward of each (prompt, response); see :mod:`ppomax.demo.world.gold` for the formula and range."""
         if kwargs:
@@ -236,17 +236,6 @@ class World:
 
     def gold_details(self, prompt: str, response: str) -> dict[str, Any]:
         return score_details(self, prompt, response)
-
-    def judge(
-        self,
-        prompts: list[str],
-        responses_a: list[str],
-        responses_b: list[str],
-        subsets: list[str] | None = None,
-        tie_margin: float = 0.15,
-    ) -> dict[str, Any]:
-        """Win/tie/lose of A vs B by gold reward, overall and helpful/harmless (paper fig. 10)."""
-        return judge(self, prompts, responses_a, responses_b, subsets, tie_margin)
 
     # -- corpora -------------------------------------------------------------------------------------------
     def write(self, out_dir: str | Path) -> dict[str, Path]:
