@@ -127,7 +127,7 @@ def test_reward_model_scores_read_the_last_token(models, tmp_path):
 
 @pytest.fixture(scope="module")
 def world_prompts(tmp_path_factory):
-    from ppomax.demo.world import WorldConfig, build_world
+    from ppomax.demo.world import WorldConfig, build_world, write_world
 
     d = tmp_path_factory.mktemp("world")
     cfg = WorldConfig(
@@ -141,7 +141,7 @@ def world_prompts(tmp_path_factory):
         n_prompts_valid=5,
         n_prompts_test=12,
     )
-    build_world(cfg).write(d)
+    write_world(build_world(cfg), d)
     return d
 
 

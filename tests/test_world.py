@@ -19,6 +19,7 @@ from ppomax.demo.world import (
     lexicon,
     load_world,
     prefer_a_probability,
+    write_world,
 )
 from ppomax.demo.world.corpora import pair_stats, preference_pairs
 from ppomax.demo.world.responses import apply_pad, make_response
@@ -46,7 +47,7 @@ def world():
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("hhmini")
     w = build_world(WorldConfig(seed=5, **SMALL))
-    w.write(out)
+    write_world(w, out)
     return w, out
 
 
@@ -322,10 +323,10 @@ def test_splits_hold_out_test_entities(written):
 
 def test_deterministic_bytes(tmp_path, written):
     _, out = written
-    build_world(WorldConfig(seed=5, **SMALL)).write(tmp_path / "again")
+    write_world(build_world(WorldConfig(seed=5, **SMALL)), tmp_path / "again")
     for f in sorted(out.iterdir()):
         assert (tmp_path / "again" / f.name).read_bytes() == f.read_bytes(), f.name
-    build_world(WorldConfig(seed=6, **SMALL)).write(tmp_path / "other")
+    write_world(build_world(WorldConfig(seed=6, **SMALL)), tmp_path / "other")
     assert (tmp_path / "other" / "sft_train.jsonl").read_bytes() != (out / "sft_train.jsonl").read_bytes()
 
 
@@ -336,7 +337,7 @@ def test_world_json_rebuilds_the_gold_reward(written, monkeypatch):
     expected = w.gold_reward(prompts, responses)
     assert load_world(out).gold_reward(prompts, responses) == expected
     # the programmatic PPO reward, found the way the trainer finds it ("module:function")
-    fn = importlib.import_module("ppomax.demo.world.gold").reward
+    fn = importlib.import_module("ppomax.demo.world.reward").gold
     assert fn(prompts, responses, world=str(out)) == expected
     assert fn(prompts, responses, world=str(out / "world.json")) == expected
     monkeypatch.setenv("PPOMAX_WORLD", str(out))

@@ -278,7 +278,7 @@ def find_world_dir(prompts_file: str | os.PathLike[str] | None, explicit: str | 
 
 
 def gold_scores(world_dir: str, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-    from ppomax.demo.world.gold import reward
+    from ppomax.demo.world.reward import gold as reward
 
     return [float(x) for x in reward(list(prompts), list(responses), world=world_dir)]
 

@@ -24,7 +24,7 @@ from typing import Any
 # Fig. 4 panels: (title, candidate metric keys in a PPO run's metrics.jsonl; the first present is used).
 PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("RM reward (raw)", ("reward/rm_mean", "reward/raw_mean")),
-    ("gold reward (not optimised)", ("reward/fn0_reward_mean",)),
+    ("gold reward (not optimised)", ("reward/fn0_gold_mean",)),
     ("KL(policy || reference) per token", ("kl/per_token",)),
     ("policy perplexity", ("ppl/policy",)),
     ("response length (tokens)", ("response/length_mean",)),

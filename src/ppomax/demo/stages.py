@@ -11,7 +11,7 @@ from typing import Any
 
 from ppomax.demo.profiles import DemoProfile
 
-GOLD_FN = "ppomax.demo.world.gold:reward"  # logged as reward/fn0_* (the first reward function)
+GOLD_FN = "ppomax.demo.world.reward:gold"  # logged as reward/fn0_gold_mean (the first reward function)
 
 SPECIALS = ("<pad>", "<s>", "</s>")
 
@@ -36,9 +36,9 @@ def _logging(d: Path, progress: bool) -> dict[str, Any]:
 
 
 def make_world(d: Path, seed: int, prof: DemoProfile) -> None:
-    from ppomax.demo.world import WorldConfig, build_world
+    from ppomax.demo.world import WorldConfig, build_world, write_world
 
-    build_world(WorldConfig(seed=seed, **prof.world)).write(d)
+    write_world(build_world(WorldConfig(seed=seed, **prof.world)), d)
 
 
 # -------------------------------------------------------------------------------------------- tokenizer

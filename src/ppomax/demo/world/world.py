@@ -16,7 +16,7 @@ from typing import Any
 
 from . import lexicon as lx
 from .annotate import AnnotatorConfig
-from .gold import GoldConfig, last_human_turn, score, score_details
+from .gold import GoldConfig, last_human_turn, score_details
 from .kb import (
     Person,
     Request,
@@ -232,36 +232,31 @@ class World:
             raise ValueError(
                 f"gold_reward needs as many prompts as responses ({len(prompts)} != {len(responses)})"
             )
-        return [score(self, p, r) for p, r in zip(prompts, responses, strict=True)]
+        return [float(self.gold_details(p, r)["gold"]) for p, r in zip(prompts, responses, strict=True)]
 
     def gold_details(self, prompt: str, response: str) -> dict[str, Any]:
-        return score_details(self, prompt, response)
-
-    # -- corpora -------------------------------------------------------------------------------------------
-    def write(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write every corpus and world.json into ``out_dir``; returns name -> path (see corpora.write_world)."""
-        from .corpora import write_world
-
-        return write_world(self, Path(out_dir))
+        """The gold reward of one (prompt, response) with every component (:func:`.gold.score_details`)."""
+        return score_details(self.find(prompt), response, self.config.gold, self.grammar, self.classes)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "config": self.config.to_dict()}
 
 
 def build_world(cfg: WorldConfig | None = None) -> World:
-    """Build the world of ``cfg`` (default ``WorldConfig()``). Fast: corpora are generated only by ``write``."""
+    """Build the world of ``cfg`` (default ``WorldConfig()``). Fast: corpora are generated only by
+    :func:`.corpora.write_world`."""
     return World(cfg or WorldConfig())
 
 
 def load_world(path: str | Path) -> World:
-    """Rebuild the world from a directory written by :meth:`World.write` (or its ``world.json``)."""
+    """Rebuild the world from a directory written by :func:`.corpora.write_world` (or its ``world.json``)."""
     p = Path(path)
     if p.is_dir():
         p = p / "world.json"
     try:
         data = json.loads(p.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{p}: no world.json; write one with World.write(dir)") from None
+        raise FileNotFoundError(f"{p}: no world.json; write one with ppomax.demo.world.write_world(world, dir)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}: not valid JSON ({e})") from None
     if data.get("format") != FORMAT:
