@@ -10,11 +10,11 @@ import torch
 
 from ppomax.cli import main
 from ppomax.errors import UserError
+from ppomax.commands.eval import load_judges, parse_judge
 from ppomax.evaluate import (
     EvalSettings,
     evaluate,
     generate,
-    parse_judge,
     reward_model_scores,
     token_logits_stats,
     win_tie_lose,
@@ -153,7 +153,7 @@ def test_evaluate_policy_against_itself_is_all_ties(models, world_prompts, tmp_p
         a_dir,
         a_dir,
         world_prompts / "prompts_test.jsonl",
-        judges=["gold", f"reward-model:{rm_dir}"],
+        judges=load_judges(["gold", f"reward-model:{rm_dir}"], str(world_prompts / "prompts_test.jsonl")),
         settings=EvalSettings(max_new_tokens=10, seed=1, tie_margin=0.0),
     )
     assert res["n_prompts"] == 12
@@ -176,7 +176,7 @@ def test_perplexity_and_kl_of_different_models(models, world_prompts):
         a_dir,
         b_dir,
         world_prompts / "prompts_test.jsonl",
-        judges=["gold"],
+        judges=load_judges(["gold"], str(world_prompts / "prompts_test.jsonl")),
         settings=EvalSettings(max_new_tokens=8, seed=0, limit=6),
     )
     p = res["policy"]
@@ -234,13 +234,14 @@ def test_cli_eval_gold_needs_a_world(models, tmp_path, capsys, monkeypatch):
 
 
 def test_baseline_cache_gives_the_same_result(models, world_prompts):
+    from ppomax.demo.world.reward import gold_judge
     from ppomax.evaluate import evaluate_models, load_eval_prompts
 
     a_dir, b_dir = models
     tok = load_tokenizer(a_dir)
     a, b = load_causal_lm(a_dir), load_causal_lm(b_dir)
     prompts, subsets = load_eval_prompts(world_prompts / "prompts_test.jsonl", 5)
-    judges = {"gold": ("gold", str(world_prompts))}
+    judges = {"gold": ("gold", gold_judge(str(world_prompts)))}
     s = EvalSettings(max_new_tokens=6, seed=2)
     plain = evaluate_models(a, b, tok, prompts, subsets, judges, s)
     cache: dict = {}

@@ -325,6 +325,7 @@ def evaluate_all(
     progress: bool,
 ) -> None:
     """Each PPO policy against SFT on held-out prompts (gold judge and RM), plus the RM's accuracy."""
+    from ppomax.demo.world.reward import gold_judge
     from ppomax.evaluate import EvalSettings, evaluate_models, load_eval_prompts, write_json
     from ppomax.models import ValueHeadModel, load_causal_lm, load_tokenizer
 
@@ -332,7 +333,7 @@ def evaluate_all(
     tok = load_tokenizer(sft_dir / "final")
     base = load_causal_lm(sft_dir / "final")
     rm = ValueHeadModel.from_pretrained(rm_dir / "final")
-    judges = {"gold": ("gold", str(world)), "rm": ("reward-model", rm)}
+    judges = {"gold": ("gold", gold_judge(str(world))), "rm": ("reward-model", rm)}
     settings = EvalSettings(
         max_new_tokens=prof.eval_max_new_tokens,
         max_prompt_tokens=prof.max_prompt_tokens,

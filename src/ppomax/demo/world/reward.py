@@ -1,4 +1,5 @@
-"""The gold reward as a programmatic PPO reward function: ``ppomax.demo.world.reward:gold``.
+"""The gold reward as a programmatic PPO reward function (``ppomax.demo.world.reward:gold``) and as the
+``ppomax eval --judge gold`` judge (:func:`gold_judge`, :func:`find_world_dir`).
 
 It finds the world in this order: ``world=`` (a directory written by :func:`~.corpora.write_world` or its
 ``world.json``), ``seed=`` (the default ``WorldConfig`` with that seed), env ``PPOMAX_WORLD`` (directory), env
@@ -8,9 +9,12 @@ It finds the world in this order: ``world=`` (a directory written by :func:`~.co
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from ppomax.errors import UserError
 
 from .world import World, WorldConfig, build_world, load_world
 
@@ -65,3 +69,29 @@ def gold(
     if unknown:
         raise TypeError(f"{SPEC} got unknown kwargs {sorted(unknown)}; accepted: world, seed")
     return resolve_world(world, seed).gold_reward(prompts, responses)
+
+
+def find_world_dir(prompts_file: str | os.PathLike[str] | None, explicit: str | None = None) -> str:
+    """The hh-mini world behind ``--judge gold``: ``explicit``, else the prompts file's directory when it holds
+    ``world.json``, else ``$PPOMAX_WORLD``."""
+    if explicit:
+        return explicit
+    if prompts_file is not None and (Path(prompts_file).parent / "world.json").is_file():
+        return str(Path(prompts_file).parent)
+    env = os.environ.get("PPOMAX_WORLD")
+    if env:
+        return env
+    raise UserError(
+        "--judge gold needs the hh-mini world: put the prompts file next to its world.json, "
+        "write --judge gold:WORLD_DIR, or set PPOMAX_WORLD"
+    )
+
+
+def gold_judge(world_dir: str) -> Callable[[list[str], list[str]], list[float]]:
+    """The gold judge of :func:`ppomax.evaluate.evaluate_models` (kind ``gold``): the gold reward of each
+    (prompt, response) in the world at ``world_dir``."""
+
+    def score(prompts: list[str], responses: list[str]) -> list[float]:
+        return gold(prompts, responses, world=world_dir)
+
+    return score
