@@ -176,11 +176,12 @@ def run_demo(
         or k in ("rollout_batch", "buffer_size", "minibatch_size", "max_new_tokens", "max_prompt_tokens")
     }
     ppo_dirs = {}
+    # the gold reward function is in the key: its spec and name decide the metric the report reads
     for i, (preset, stage) in enumerate(PPO_RUNS.items()):
         ppo_dirs[preset] = pipe.run(
             6 + i,
             stage,
-            (seed, preset, ppo_settings),
+            (seed, preset, ppo_settings, st.GOLD_FUNCTION),
             ("rm",),
             lambda d, p=preset: st.ppo(d, p, world, sft, rm, prof, seed, progress),
         )

@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from ppomax.demo.profiles import DemoProfile
+from ppomax.demo.report import GOLD_REWARD
 
-GOLD_FN = "ppomax.demo.world.reward:gold"  # logged as reward/fn0_gold_mean (the first reward function)
+# The gold reward as a PPO reward function of weight 0 (logged as reward/gold_mean, never optimised); the world
+# directory is added as its kwargs.
+GOLD_FUNCTION = {"function": "ppomax.demo.world.reward:gold", "name": GOLD_REWARD, "weight": 0.0}
 
 SPECIALS = ("<pad>", "<s>", "</s>")
 
@@ -225,7 +228,7 @@ def ppo_config(
         "generation": {"max_new_tokens": prof.max_new_tokens},
         "reward": {
             "model_weight": 1.0,
-            "functions": [{"function": GOLD_FN, "weight": 0.0, "kwargs": {"world": str(world)}}],
+            "functions": [{**GOLD_FUNCTION, "kwargs": {"world": str(world)}}],
         },
         "optim": {"policy_lr": prof.policy_lr, "critic_lr": prof.critic_lr},
         "ppo": {
