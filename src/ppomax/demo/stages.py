@@ -19,18 +19,6 @@ GOLD_FUNCTION = {"function": "ppomax.demo.world.reward:gold", "name": GOLD_REWAR
 SPECIALS = ("<pad>", "<s>", "</s>")
 
 
-def _dotted(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{"ppo.kl_coef": 0.1}`` -> ``{"ppo": {"kl_coef": 0.1}}``."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = out
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return out
-
-
 def _logging(d: Path, progress: bool) -> dict[str, Any]:
     return {"out_dir": str(d), "tensorboard": False, "progress": progress, "log_every": 1}
 
@@ -219,7 +207,7 @@ def ppo_config(
 ) -> Any:
     """The preset with the demo's sizes and learning rates (same for both presets) and the gold reward as a
     weight-0 reward function (logged, not optimised)."""
-    from ppomax.config import PPOConfig, deep_merge, read_preset
+    from ppomax.config import PPOConfig, apply_overrides, deep_merge, read_preset
 
     overrides = {
         "seed": seed,
@@ -242,7 +230,7 @@ def ppo_config(
         "collapse": {"action": "warn"},  # vanilla is expected to collapse: let it run to the end and show it
     }
     data = deep_merge(read_preset(preset), overrides)
-    data = deep_merge(data, _dotted(prof.ppo_overrides.get(preset, {})))
+    data = apply_overrides(data, list(prof.ppo_overrides.get(preset, ())))
     return PPOConfig.model_validate(data)
 
 
