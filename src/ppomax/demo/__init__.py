@@ -9,6 +9,8 @@ no cycle).
 * :mod:`.profiles`: the full and ``--quick`` settings, with why each number differs from the paper's;
 * :mod:`.report`: the plots, ``report.md`` and the outcome checks (does PPO-max beat SFT, does vanilla
   over-optimise);
+* :mod:`.tokenizer`: the byte-level BPE tokenizer trained from scratch (the tests and benchmarks build
+  their tiny tokenizers with it too);
 * :mod:`.world`: the hh-mini world, its corpora and its gold reward (:mod:`.world.reward` is the gold reward
   as a PPO reward function and as the ``ppomax eval --judge gold`` judge).
 """

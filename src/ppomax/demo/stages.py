@@ -11,12 +11,11 @@ from typing import Any
 
 from ppomax.demo.profiles import DemoProfile
 from ppomax.demo.report import GOLD_REWARD
+from ppomax.demo.tokenizer import train_bpe_tokenizer
 
 # The gold reward as a PPO reward function of weight 0 (logged as reward/gold_mean, never optimised); the world
 # directory is added as its kwargs.
 GOLD_FUNCTION = {"function": "ppomax.demo.world.reward:gold", "name": GOLD_REWARD, "weight": 0.0}
-
-SPECIALS = ("<pad>", "<s>", "</s>")
 
 
 def _logging(d: Path, progress: bool) -> dict[str, Any]:
@@ -36,26 +35,10 @@ def make_world(d: Path, seed: int, prof: DemoProfile) -> None:
 
 
 def train_tokenizer(d: Path, world: Path, prof: DemoProfile) -> None:
-    """Byte-level BPE (GPT-2 style, so any text round-trips) trained on the world's pretraining text, wrapped in
-    ``PreTrainedTokenizerFast`` with ``<pad>``, ``<s>`` (BOS, not added automatically) and ``</s>`` (EOS)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
+    """Byte-level BPE (GPT-2 style, so any text round-trips) trained on the world's pretraining text, with
+    ``<pad>``, ``<s>`` (BOS, not added automatically) and ``</s>`` (EOS)."""
     texts = [json.loads(line)["text"] for line in (world / "pretrain.jsonl").read_text().splitlines() if line]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=prof.vocab_size,
-        special_tokens=list(SPECIALS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
-    wrapped.save_pretrained(d)
+    train_bpe_tokenizer(texts, prof.vocab_size).save_pretrained(d)
 
 
 # ---------------------------------------------------------------------------------------------- models
