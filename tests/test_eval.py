@@ -111,6 +111,22 @@ def test_generate_is_seeded_and_stops_at_eos(models):
     )
 
 
+def test_generate_gives_the_rollouts_texts(models):
+    """Evaluation samples through the PPO rollout, so a judge reads the text PPO's rewards read: with end tokens
+    that are ordinary tokens (the model's generation_config may list any), the text keeps the final one, as the
+    rollout's does (evaluate used to cut responses and decode them its own way, dropping it)."""
+    a_dir, _ = models
+    tok = load_tokenizer(a_dir)
+    a = load_causal_lm(a_dir)
+    a.generation_config.eos_token_id = [tok.eos_token_id, *range(3, len(tok) // 2)]  # half the vocabulary
+    g = generate(a, tok, PROMPTS * 2, max_new_tokens=12, seed=5, batch_size=3)
+    ended_on_a_word = 0
+    for ids, done, text in zip(g.response_ids, g.finished, g.responses, strict=True):
+        assert text == tok.decode(ids, skip_special_tokens=True).strip()
+        ended_on_a_word += done and tok.decode(ids[-1:], skip_special_tokens=True).strip() != ""
+    assert ended_on_a_word > 0  # the case this test is about happened
+
+
 def test_reward_model_scores_read_the_last_token(models, tmp_path):
     a_dir, _ = models
     tok = load_tokenizer(a_dir)

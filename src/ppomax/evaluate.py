@@ -41,7 +41,7 @@ from pydantic import ValidationError
 
 from ppomax.config import GenerationConfig
 from ppomax.errors import UserError
-from ppomax.rollout import HFGenerateEngine, eos_ids_of, finish_rollout
+from ppomax.rollout import HFGenerateEngine, eos_ids_of, rollout
 
 SUBSETS = ("helpful", "harmless")
 
@@ -52,7 +52,8 @@ SUBSETS = ("helpful", "harmless")
 @dataclass
 class Generation:
     """One model's responses to a list of prompts. Token lists hold no padding; a finished response ends
-    with EOS (kept in ``response_ids``, dropped from ``responses`` and from the token length)."""
+    with EOS (kept in ``response_ids``, not counted in the token length); ``responses`` are the rollout's texts
+    (special tokens skipped), stripped."""
 
     prompts: list[str]
     responses: list[str]
@@ -81,8 +82,9 @@ def generate(
     seed: int = 0,
     progress: Any = None,
 ) -> Generation:
-    """Sample one response per prompt (left-padded batches, KV cache). ``seed`` fixes the sampling noise, so
-    the same model on the same prompts answers identically. ``progress`` is an optional tqdm to update."""
+    """Sample one response per prompt with the PPO rollout (:func:`ppomax.rollout.rollout`: left-padded batches,
+    KV cache, cut at the first EOS). ``seed`` fixes the sampling noise, so the same model on the same prompts
+    answers identically. ``progress`` is an optional tqdm to update."""
     from ppomax.data import pad_id_of, pad_left, tokenize_prompt
 
     model.eval()
@@ -108,25 +110,33 @@ def generate(
     engine = HFGenerateEngine(settings, eos, pad_id)
     out_ids: list[list[int]] = []
     finished: list[bool] = []
+    responses: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompt_ids[start : start + batch_size]
         input_ids, attention_mask = pad_left(chunk, pad_id)
         # HF sampling draws from the global RNG: seed it per batch from our generator so results do not
         # depend on what ran before in the process.
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        seqs = engine.generate(model, input_ids, attention_mask, greedy=greedy)
-        seqs, _, _, truncated, lens = finish_rollout(input_ids, attention_mask, seqs, eos, pad_id)
-        rows = seqs[:, input_ids.shape[1] :].tolist()
-        for row, n, cut in zip(rows, lens.tolist(), truncated.tolist(), strict=True):
-            out_ids.append(row[:n])  # up to and including the first EOS, as in training rollouts
+        # the training rollout itself: same engine, same EOS cut, same decoded text as PPO's rewards see
+        exp = rollout(
+            engine,
+            model,
+            tokenizer,
+            input_ids.to(device),
+            attention_mask.to(device),
+            eos_ids=eos,
+            pad_id=pad_id,
+            greedy=greedy,
+        )
+        rows = exp.sequences[:, exp.prompt_width :].tolist()
+        for row, n, cut, text in zip(
+            rows, exp.response_lens.tolist(), exp.truncated.tolist(), exp.responses, strict=True
+        ):
+            out_ids.append(row[:n])  # up to and including the first EOS
             finished.append(not cut)
+            responses.append(text.strip())
         if progress is not None:
             progress.update(len(chunk))
-    responses = [
-        tokenizer.decode(ids[:-1] if done else ids, skip_special_tokens=True).strip()
-        for ids, done in zip(out_ids, finished, strict=True)
-    ]
     return Generation(list(prompts), responses, prompt_ids, out_ids, finished)
 
 
