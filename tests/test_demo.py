@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from ppomax.demo import stages as demo_stages
 from ppomax.cli import main
+from ppomax.demo import stages as demo_stages
 from ppomax.demo.pipeline import STAGES, Pipeline, files_digest, run_demo
 
 
@@ -118,7 +118,14 @@ def test_ppo_config_takes_the_profiles_overrides_as_set_overrides(tmp_path):
 
     def cfg(preset):
         return demo_stages.ppo_config(
-            tmp_path, preset, tmp_path / "world", tmp_path / "sft", tmp_path / "rm", PROFILES["quick"], 0, False
+            tmp_path,
+            preset,
+            tmp_path / "world",
+            tmp_path / "sft",
+            tmp_path / "rm",
+            PROFILES["quick"],
+            0,
+            False,
         )
 
     assert cfg("ppo_max").ppo.kl_coef == 0.5

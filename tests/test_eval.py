@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ppomax.cli import main
-from ppomax.errors import UserError
 from ppomax.commands.eval import load_judges, parse_judge
+from ppomax.errors import UserError
 from ppomax.evaluate import (
     EvalSettings,
     evaluate,

@@ -93,7 +93,9 @@ def test_functions_are_named_by_their_config_not_their_position():
     swapped = RewardConfig(functions=list(reversed(cfg.functions)))
     assert [f.name for f in build_reward_functions(swapped)] == ["plain", "gold"]
     twice = RewardConfig(functions=[{"function": "test_rewards:plain"}, {"function": "test_rewards:plain"}])
-    with pytest.raises(ConfigError, match=r"reward.functions\[1\].name: 'plain' is also the name of reward.functions\[0\]"):
+    with pytest.raises(
+        ConfigError, match=r"reward.functions\[1\].name: 'plain' is also the name of reward.functions\[0\]"
+    ):
         build_reward_functions(twice)
     with pytest.raises(ConfigError, match=r"reward.functions\[0\].name: 'raw' is taken"):
         build_reward_functions(RewardConfig(functions=[{"function": "test_rewards:plain", "name": "raw"}]))

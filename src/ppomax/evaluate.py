@@ -374,6 +374,7 @@ def evaluate_models(
         "baseline": _side_stats(gen_b, st_b, with_kl=False),
         "judges": {},
     }
+
     def judge_scores(kind: str, judge: Any, gen: Generation) -> list[float]:
         if kind == "reward-model":
             return reward_model_scores(

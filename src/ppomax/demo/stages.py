@@ -338,8 +338,8 @@ def write_demo_report(
     timings: dict[str, float],
     out: Path,
 ) -> None:
-    from ppomax.monitor import read_metrics
     from ppomax.demo.report import outcome, policy_records, write_report
+    from ppomax.monitor import read_metrics
 
     runs = {name: policy_records(read_metrics(p / "metrics.jsonl")) for name, p in ppo_dirs.items()}
     evals = {name: json.loads((ev / f"{name}_vs_sft.json").read_text()) for name in ppo_dirs}

@@ -256,7 +256,9 @@ def load_world(path: str | Path) -> World:
     try:
         data = json.loads(p.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{p}: no world.json; write one with ppomax.demo.world.write_world(world, dir)") from None
+        raise FileNotFoundError(
+            f"{p}: no world.json; write one with ppomax.demo.world.write_world(world, dir)"
+        ) from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}: not valid JSON ({e})") from None
     if data.get("format") != FORMAT:
