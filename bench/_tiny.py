@@ -134,23 +134,14 @@ def build_models(
 
     ``rng`` draws the tokenizer's corpus (default ``Random(seed)``). Returns ``(policy_dir, rm_dir, n_params)``
     (parameters of the policy)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
+    from ppomax.demo.tokenizer import train_bpe_tokenizer
     from ppomax.models import ValueHeadModel
 
     rng = rng or random.Random(seed)
     texts = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(400)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast = train_bpe_tokenizer(texts, vocab)
     heads = max(1, hidden // 32)
     config = LlamaConfig(
         vocab_size=len(fast),

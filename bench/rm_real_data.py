@@ -5,7 +5,7 @@
 Steps (all on CPU, a few minutes on 2 cores):
 1. Split ../shared/data/hh-rlhf-harmless-test.jsonl.gz (2,312 pairs, relative to the repository root) into train
    and held-out pairs with a fixed seed.
-2. Train a byte-level BPE tokenizer (``tokenizers``) on the train split's dialogues only.
+2. Train a byte-level BPE tokenizer (``ppomax.demo.tokenizer``) on the train split's dialogues only.
 3. Build a tiny Llama (``LlamaConfig``, random weights; its size is printed) and, optionally, pretrain it on the
    train split's chosen dialogues (``train_sft`` with ``objective: pretrain``).
 4. Train the RM with ``train_rm`` (eq. 2, beta_rm = 1 by default), then score the train and held-out pairs.
@@ -29,22 +29,9 @@ DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
 
 
 def build_tokenizer(texts: list[str], out: Path, vocab_size: int) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from ppomax.demo.tokenizer import train_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    wrapped.save_pretrained(out)
+    train_bpe_tokenizer(texts, vocab_size).save_pretrained(out)
     return out
 
 

@@ -37,33 +37,17 @@ def make_tiny_tokenizer(
     Special tokens: ``<pad>`` (0), ``<s>`` (1, BOS), ``</s>`` (2, EOS), plus ``<|im_start|>``/``<|im_end|>``.
     ``add_bos=True`` makes encoding add BOS like Llama tokenizers do. ``style="metaspace"`` mimics SentencePiece
     (a word-start marker put in front of every encoded string). Load it back with
-    ``transformers.AutoTokenizer.from_pretrained(path)``.
+    ``transformers.AutoTokenizer.from_pretrained(path)``. Trained by the demo's
+    :func:`ppomax.demo.tokenizer.train_bpe_tokenizer`.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from ppomax.demo.tokenizer import train_bpe_tokenizer
 
-    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE(unk_token=None if style == "byte_level" else "<pad>"))
-    if style == "byte_level":
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        alphabet = pre_tokenizers.ByteLevel.alphabet()
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-        alphabet = sorted(set("".join(texts or DEFAULT_TEXTS)) | {"▁"})
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet)
-    tok.train_from_iterator(texts or DEFAULT_TEXTS, trainer)
-    if add_bos:
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-        )
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    wrapped = train_bpe_tokenizer(
+        texts or DEFAULT_TEXTS,
+        vocab_size,
+        extra_specials=("<|im_start|>", "<|im_end|>"),
+        style=style,
+        add_bos=add_bos,
     )
     if chat_template is not None:
         wrapped.chat_template = chat_template

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from ppomax import demo_stages
 from ppomax.cli import main
-from ppomax.demo import STAGES, Pipeline, files_digest, run_demo
+from ppomax.demo import stages as demo_stages
+from ppomax.demo.pipeline import STAGES, Pipeline, files_digest, run_demo
 
 
 def _finite_numbers(obj, path="summary"):
@@ -108,6 +108,30 @@ def test_files_digest(tmp_path):
     a.write_text("x = 3\n")  # the report code changed: its cached output is stale
     assert files_digest([a, b]) != first
     assert files_digest([b, a]) != files_digest([a, b])  # names are part of it: swapped contents are a change
+
+
+def test_ppo_config_takes_the_profiles_overrides_as_set_overrides(tmp_path):
+    """The profile's per-preset overrides go through ppomax.config.apply_overrides, as `--set` does, and the
+    gold reward is logged under its name with weight 0."""
+    from ppomax.config import PPOConfig, read_preset
+    from ppomax.demo.profiles import PROFILES
+
+    def cfg(preset):
+        return demo_stages.ppo_config(
+            tmp_path,
+            preset,
+            tmp_path / "world",
+            tmp_path / "sft",
+            tmp_path / "rm",
+            PROFILES["quick"],
+            0,
+            False,
+        )
+
+    assert cfg("ppo_max").ppo.kl_coef == 0.5
+    assert cfg("vanilla").ppo.kl_coef == PPOConfig.model_validate(read_preset("vanilla")).ppo.kl_coef
+    gold = cfg("ppo_max").reward.functions[0]
+    assert (gold.name, gold.weight, gold.kwargs) == ("gold", 0.0, {"world": str(tmp_path / "world")})
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys):

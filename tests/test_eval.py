@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from ppomax.cli import main
+from ppomax.commands.eval import load_judges, parse_judge
 from ppomax.errors import UserError
 from ppomax.evaluate import (
     EvalSettings,
     evaluate,
     generate,
-    parse_judge,
     reward_model_scores,
     token_logits_stats,
     win_tie_lose,
@@ -111,6 +111,22 @@ def test_generate_is_seeded_and_stops_at_eos(models):
     )
 
 
+def test_generate_gives_the_rollouts_texts(models):
+    """Evaluation samples through the PPO rollout, so a judge reads the text PPO's rewards read: with end tokens
+    that are ordinary tokens (the model's generation_config may list any), the text keeps the final one, as the
+    rollout's does (evaluate used to cut responses and decode them its own way, dropping it)."""
+    a_dir, _ = models
+    tok = load_tokenizer(a_dir)
+    a = load_causal_lm(a_dir)
+    a.generation_config.eos_token_id = [tok.eos_token_id, *range(3, len(tok) // 2)]  # half the vocabulary
+    g = generate(a, tok, PROMPTS * 2, max_new_tokens=12, seed=5, batch_size=3)
+    ended_on_a_word = 0
+    for ids, done, text in zip(g.response_ids, g.finished, g.responses, strict=True):
+        assert text == tok.decode(ids, skip_special_tokens=True).strip()
+        ended_on_a_word += done and tok.decode(ids[-1:], skip_special_tokens=True).strip() != ""
+    assert ended_on_a_word > 0  # the case this test is about happened
+
+
 def test_reward_model_scores_read_the_last_token(models, tmp_path):
     a_dir, _ = models
     tok = load_tokenizer(a_dir)
@@ -127,7 +143,7 @@ def test_reward_model_scores_read_the_last_token(models, tmp_path):
 
 @pytest.fixture(scope="module")
 def world_prompts(tmp_path_factory):
-    from ppomax.world import WorldConfig, build_world
+    from ppomax.demo.world import WorldConfig, build_world, write_world
 
     d = tmp_path_factory.mktemp("world")
     cfg = WorldConfig(
@@ -141,7 +157,7 @@ def world_prompts(tmp_path_factory):
         n_prompts_valid=5,
         n_prompts_test=12,
     )
-    build_world(cfg).write(d)
+    write_world(build_world(cfg), d)
     return d
 
 
@@ -153,7 +169,7 @@ def test_evaluate_policy_against_itself_is_all_ties(models, world_prompts, tmp_p
         a_dir,
         a_dir,
         world_prompts / "prompts_test.jsonl",
-        judges=["gold", f"reward-model:{rm_dir}"],
+        judges=load_judges(["gold", f"reward-model:{rm_dir}"], str(world_prompts / "prompts_test.jsonl")),
         settings=EvalSettings(max_new_tokens=10, seed=1, tie_margin=0.0),
     )
     assert res["n_prompts"] == 12
@@ -176,7 +192,7 @@ def test_perplexity_and_kl_of_different_models(models, world_prompts):
         a_dir,
         b_dir,
         world_prompts / "prompts_test.jsonl",
-        judges=["gold"],
+        judges=load_judges(["gold"], str(world_prompts / "prompts_test.jsonl")),
         settings=EvalSettings(max_new_tokens=8, seed=0, limit=6),
     )
     p = res["policy"]
@@ -234,13 +250,14 @@ def test_cli_eval_gold_needs_a_world(models, tmp_path, capsys, monkeypatch):
 
 
 def test_baseline_cache_gives_the_same_result(models, world_prompts):
+    from ppomax.demo.world.reward import gold_judge
     from ppomax.evaluate import evaluate_models, load_eval_prompts
 
     a_dir, b_dir = models
     tok = load_tokenizer(a_dir)
     a, b = load_causal_lm(a_dir), load_causal_lm(b_dir)
     prompts, subsets = load_eval_prompts(world_prompts / "prompts_test.jsonl", 5)
-    judges = {"gold": ("gold", str(world_prompts))}
+    judges = {"gold": ("gold", gold_judge(str(world_prompts)))}
     s = EvalSettings(max_new_tokens=6, seed=2)
     plain = evaluate_models(a, b, tok, prompts, subsets, judges, s)
     cache: dict = {}

@@ -87,8 +87,8 @@ def test_reward_sources_are_weighted_in_the_trainer(setup, tmp_path):
     exp = tr.generate([0, 1, 2, 3], tr.prompts)
     tr.score(exp)
     parts = exp.score_parts
-    assert set(parts) == {"rm", "fn0_target_tokens"}
-    torch.testing.assert_close(exp.scores, 0.5 * parts["rm"] + parts["fn0_target_tokens"])
+    assert set(parts) == {"rm", "target_tokens"}
+    torch.testing.assert_close(exp.scores, 0.5 * parts["rm"] + parts["target_tokens"])
 
 
 # ------------------------------------------------------------------------------------------ advantages

@@ -54,7 +54,7 @@ MONITORING = [
     "nonfinite/skipped",
     "nonfinite/total",
     "reward/rm_mean",
-    "reward/fn0_target_tokens_mean",
+    "reward/target_tokens_mean",
 ]
 EVAL = ["reward_mean", "ppl_policy", "ppl_reference", "kl_per_token", "kl_per_sequence", "length_mean"]
 

@@ -1,4 +1,4 @@
-"""ppomax.report: trajectory summaries and outcome checks by hand, and a report written from synthetic runs."""
+"""ppomax.demo.report: trajectory summaries and outcome checks by hand, and a report written from synthetic runs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ppomax.report import (
+from ppomax.demo.report import (
     moving_average,
     outcome,
     policy_records,
@@ -68,7 +68,7 @@ def _run(rm, gold, kl, ppl, length):
             "step": i + 1,
             "reward/raw_mean": r,
             "reward/rm_mean": r,
-            "reward/fn0_reward_mean": g,
+            "reward/gold_mean": g,
             "kl/per_token": k,
             "ppl/policy": p,
             "response/length_mean": n,
@@ -166,7 +166,7 @@ def test_outcome_detects_the_papers_finding():
     assert res["vanilla_over_optimises"] is True
     assert set(res["vanilla_signatures"]) == {"length up", "perplexity down", "KL above PPO-max's"}
     tr = run_trajectories(VANILLA)
-    assert tr["rm"]["key"] == "reward/rm_mean" and tr["gold"]["key"] == "reward/fn0_reward_mean"
+    assert tr["rm"]["key"] == "reward/rm_mean" and tr["gold"]["key"] == "reward/gold_mean"
 
 
 def test_outcome_says_no_when_it_does_not_hold():

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from ppo_helpers import make_setup
 from ppomax.config import RewardConfig
@@ -59,20 +60,47 @@ def test_functions_get_texts_ids_meta_and_kwargs(tmp_path):
     assert seen["prompt_ids"] == [[5, 6], [9]]  # no padding
     assert seen["response_ids"] == [[7, 8], [10, 11, 12, 13]]  # no padding, the final EOS dropped
     assert seen["meta"] == [{"id": 0}, {"id": 1}]
-    assert total.tolist() == [1.0, 1.0] and list(parts) == ["fn0_echo_inputs"]
+    assert total.tolist() == [1.0, 1.0] and list(parts) == ["echo_inputs"]
 
 
 def test_several_functions_are_summed_with_weights():
     fns = [
-        RewardFunction("test_rewards:plain", plain, weight=0.5),
-        RewardFunction("test_rewards:constant", constant, weight=-2.0, kwargs={"value": 3.0}),
+        RewardFunction("plain", plain, weight=0.5),
+        RewardFunction("constant", constant, weight=-2.0, kwargs={"value": 3.0}),
     ]
     exp = _exp()
     exp.responses = ["abcd", "xy"]
     total, parts = RewardSources(None, 1.0, fns)(exp, [EOS])
-    assert parts["fn0_plain"].tolist() == [4.0, 2.0]  # a plain f(prompts, responses) works: no ids passed
-    assert parts["fn1_constant"].tolist() == [3.0, 3.0]
+    assert parts["plain"].tolist() == [4.0, 2.0]  # a plain f(prompts, responses) works: no ids passed
+    assert parts["constant"].tolist() == [3.0, 3.0]
     assert total.tolist() == [0.5 * 4 - 2 * 3, 0.5 * 2 - 2 * 3]
+
+
+def test_functions_are_named_by_their_config_not_their_position():
+    """Metrics were reward/fn<i>_<function>_mean, so a report had to know where in the list a function sat: the
+    name is the config's ``name``, by default the function's own name, unique, never one the trainer logs."""
+    cfg = RewardConfig(
+        functions=[
+            {"function": "test_rewards:constant", "name": "gold", "kwargs": {"value": 2.0}},
+            {"function": "test_rewards:plain"},
+        ]
+    )
+    fns = build_reward_functions(cfg)
+    assert [f.name for f in fns] == ["gold", "plain"]
+    _, parts = RewardSources(None, 1.0, fns)(_exp(), [EOS])
+    assert list(parts) == ["gold", "plain"]
+    assert parts["gold"].tolist() == [2.0, 2.0]
+    swapped = RewardConfig(functions=list(reversed(cfg.functions)))
+    assert [f.name for f in build_reward_functions(swapped)] == ["plain", "gold"]
+    twice = RewardConfig(functions=[{"function": "test_rewards:plain"}, {"function": "test_rewards:plain"}])
+    with pytest.raises(
+        ConfigError, match=r"reward.functions\[1\].name: 'plain' is also the name of reward.functions\[0\]"
+    ):
+        build_reward_functions(twice)
+    with pytest.raises(ConfigError, match=r"reward.functions\[0\].name: 'raw' is taken"):
+        build_reward_functions(RewardConfig(functions=[{"function": "test_rewards:plain", "name": "raw"}]))
+    with pytest.raises(ValidationError, match="pattern"):
+        RewardConfig(functions=[{"function": "test_rewards:plain", "name": "gold reward"}])
 
 
 def test_bad_reward_functions_are_reported_with_their_name():
@@ -94,7 +122,7 @@ def test_reward_model_scores_padded_rollouts_like_single_texts(tmp_path):
     rm = ValueHeadModel.from_pretrained(setup.reward).eval()
     tok = load_tokenizer(setup.policy)
     exp = _exp()
-    fn = RewardFunction("test_rewards:constant", constant, weight=0.25, kwargs={"value": 2.0})
+    fn = RewardFunction("constant", constant, weight=0.25, kwargs={"value": 2.0})
     total, parts = RewardSources(rm, 3.0, [fn])(exp, [EOS])
     # independent: each row's real tokens alone, unpadded; the reward is the value at the last token
     alone = []

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ppomax.world import (
+from ppomax.demo.world import (
     HARMLESS_KINDS,
     HELPFUL_KINDS,
     AnnotatorConfig,
@@ -19,10 +19,11 @@ from ppomax.world import (
     lexicon,
     load_world,
     prefer_a_probability,
+    write_world,
 )
-from ppomax.world.corpora import pair_stats, preference_pairs
-from ppomax.world.responses import apply_pad, make_response
-from ppomax.world.text import fluency, sentences, words
+from ppomax.demo.world.corpora import pair_stats, preference_pairs
+from ppomax.demo.world.responses import apply_pad, make_response
+from ppomax.demo.world.text import fluency, sentences, words
 
 SMALL = dict(
     n_pretrain=400,
@@ -46,7 +47,7 @@ def world():
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("hhmini")
     w = build_world(WorldConfig(seed=5, **SMALL))
-    w.write(out)
+    write_world(w, out)
     return w, out
 
 
@@ -322,10 +323,10 @@ def test_splits_hold_out_test_entities(written):
 
 def test_deterministic_bytes(tmp_path, written):
     _, out = written
-    build_world(WorldConfig(seed=5, **SMALL)).write(tmp_path / "again")
+    write_world(build_world(WorldConfig(seed=5, **SMALL)), tmp_path / "again")
     for f in sorted(out.iterdir()):
         assert (tmp_path / "again" / f.name).read_bytes() == f.read_bytes(), f.name
-    build_world(WorldConfig(seed=6, **SMALL)).write(tmp_path / "other")
+    write_world(build_world(WorldConfig(seed=6, **SMALL)), tmp_path / "other")
     assert (tmp_path / "other" / "sft_train.jsonl").read_bytes() != (out / "sft_train.jsonl").read_bytes()
 
 
@@ -336,7 +337,7 @@ def test_world_json_rebuilds_the_gold_reward(written, monkeypatch):
     expected = w.gold_reward(prompts, responses)
     assert load_world(out).gold_reward(prompts, responses) == expected
     # the programmatic PPO reward, found the way the trainer finds it ("module:function")
-    fn = importlib.import_module("ppomax.world.gold").reward
+    fn = importlib.import_module("ppomax.demo.world.reward").gold
     assert fn(prompts, responses, world=str(out)) == expected
     assert fn(prompts, responses, world=str(out / "world.json")) == expected
     monkeypatch.setenv("PPOMAX_WORLD", str(out))
@@ -368,28 +369,30 @@ def test_invalid_kinds_and_config():
 # -- judge -----------------------------------------------------------------------------------------------------------
 
 
-def test_judge_counts_hand_made_case(world):
+def test_gold_judge_counts_hand_made_case(world):
+    """The gold judge is the one win/tie/lose of ppomax.evaluate applied to gold rewards (the world has no
+    second implementation): subsets from the world's requests, ties within the margin."""
+    from ppomax.evaluate import win_tie_lose
+
     h1, h2 = [r for r in world.requests if r.task == "kb_town" and r.split == "test"][:2]
     harm = [r for r in world.requests if r.harmful and r.split == "test"][:2]
     prompts = [_prompt(r) for r in (h1, h2, *harm)]
+    subsets = [world.find(p).subset for p in prompts]
+    assert subsets == ["helpful", "helpful", "harmless", "harmless"]
     wrong1 = make_response(h1, "wrong", random.Random(0), paraphrase=0.0)
     a = [h1.concise, h2.concise + " I hope this helps.", harm[0].concise, harm[1].compliance]
     b = [wrong1, h2.concise, harm[0].compliance, harm[1].concise]
     # gold A: 1, 0.88 (4 words of padding at 0.03), 1, -1 ; B: -0.4, 1, -1, 1
-    assert world.gold_reward(prompts, a) == pytest.approx([1.0, 0.88, 1.0, -1.0])
-    assert world.gold_reward(prompts, b) == pytest.approx([-0.4, 1.0, -1.0, 1.0])
-    res = world.judge(prompts, a, b)
+    ga, gb = world.gold_reward(prompts, a), world.gold_reward(prompts, b)
+    assert ga == pytest.approx([1.0, 0.88, 1.0, -1.0])
+    assert gb == pytest.approx([-0.4, 1.0, -1.0, 1.0])
+    res = win_tie_lose(ga, gb, subsets, tie_margin=0.15)
     assert (res["overall"]["win"], res["overall"]["tie"], res["overall"]["lose"]) == (2, 1, 1)
     assert (res["helpful"]["win"], res["helpful"]["tie"], res["helpful"]["lose"]) == (1, 1, 0)
     assert (res["harmless"]["win"], res["harmless"]["tie"], res["harmless"]["lose"]) == (1, 0, 1)
-    assert res["overall"]["win_rate"] == pytest.approx(0.5) and res["helpful"]["tie_rate"] == pytest.approx(
-        0.5
-    )
-    assert res["helpful"]["mean_gold_a"] == pytest.approx((1.0 + 0.88) / 2)
-    # a strict margin turns the padded tie into a loss; explicit subsets override the world's
-    strict = world.judge(prompts, a, b, tie_margin=0.0)
+    assert res["overall"]["win_rate"] == pytest.approx(0.5)
+    assert res["helpful"]["tie_rate"] == pytest.approx(0.5)
+    assert res["helpful"]["mean_a"] == pytest.approx((1.0 + 0.88) / 2)
+    # a strict margin turns the padded tie into a loss
+    strict = win_tie_lose(ga, gb, subsets, tie_margin=0.0)
     assert strict["helpful"]["lose"] == 1 and strict["helpful"]["tie"] == 0
-    forced = world.judge(prompts, a, b, subsets=["harmless"] * 4)
-    assert forced["helpful"]["n"] == 0 and forced["harmless"]["n"] == 4
-    with pytest.raises(ValueError, match="equal lengths"):
-        world.judge(prompts, a, b[:3])

@@ -210,6 +210,11 @@ class RewardFunctionConfig(_Section):
     """A programmatic reward `module:function(prompts, responses, **kwargs) -> scores`."""
 
     function: str
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Logged as `reward/<name>_mean`; null = the function's own name (the part after the colon).",
+    )
     weight: float = 1.0
     kwargs: dict[str, Any] = Field(default_factory=dict)
 

@@ -8,9 +8,10 @@ top-p 0.9, temperature 0.8, repetition penalty 1.1, or greedy). Then, per judge:
   than ``tie_margin``, loses when it is lower by more than ``tie_margin``, else it is a tie;
 * the **mean reward** of each side.
 
-A judge is ``gold`` (the hh-mini world's hidden reward; the world is found next to the prompts file, or from
-``PPOMAX_WORLD``) or ``reward-model:DIR`` (a value-head reward model; the score of a text is the scalar at its
-last token, the EOS of a finished response, as in training, paper eq. 2).
+A judge is a value-head reward model (kind ``reward-model``: the score of a response is the scalar at its last
+token, the EOS of a finished response, as in training, paper eq. 2) or any text scorer ``f(prompts, responses)
+-> scores`` under a kind of its own (``ppomax eval --judge gold`` passes the hh-mini world's gold reward, which
+lives in :mod:`ppomax.demo`: this module never imports the demo).
 
 Judge-free statistics of each side (paper 5.2's monitoring metrics, measured on the evaluation responses):
 
@@ -30,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from pydantic import ValidationError
 
 from ppomax.config import GenerationConfig
 from ppomax.errors import UserError
-from ppomax.rollout import HFGenerateEngine, eos_ids_of, finish_rollout
+from ppomax.rollout import HFGenerateEngine, eos_ids_of, rollout
 
 SUBSETS = ("helpful", "harmless")
 
@@ -51,7 +52,8 @@ SUBSETS = ("helpful", "harmless")
 @dataclass
 class Generation:
     """One model's responses to a list of prompts. Token lists hold no padding; a finished response ends
-    with EOS (kept in ``response_ids``, dropped from ``responses`` and from the token length)."""
+    with EOS (kept in ``response_ids``, not counted in the token length); ``responses`` are the rollout's texts
+    (special tokens skipped), stripped."""
 
     prompts: list[str]
     responses: list[str]
@@ -80,8 +82,9 @@ def generate(
     seed: int = 0,
     progress: Any = None,
 ) -> Generation:
-    """Sample one response per prompt (left-padded batches, KV cache). ``seed`` fixes the sampling noise, so
-    the same model on the same prompts answers identically. ``progress`` is an optional tqdm to update."""
+    """Sample one response per prompt with the PPO rollout (:func:`ppomax.rollout.rollout`: left-padded batches,
+    KV cache, cut at the first EOS). ``seed`` fixes the sampling noise, so the same model on the same prompts
+    answers identically. ``progress`` is an optional tqdm to update."""
     from ppomax.data import pad_id_of, pad_left, tokenize_prompt
 
     model.eval()
@@ -107,25 +110,33 @@ def generate(
     engine = HFGenerateEngine(settings, eos, pad_id)
     out_ids: list[list[int]] = []
     finished: list[bool] = []
+    responses: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompt_ids[start : start + batch_size]
         input_ids, attention_mask = pad_left(chunk, pad_id)
         # HF sampling draws from the global RNG: seed it per batch from our generator so results do not
         # depend on what ran before in the process.
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        seqs = engine.generate(model, input_ids, attention_mask, greedy=greedy)
-        seqs, _, _, truncated, lens = finish_rollout(input_ids, attention_mask, seqs, eos, pad_id)
-        rows = seqs[:, input_ids.shape[1] :].tolist()
-        for row, n, cut in zip(rows, lens.tolist(), truncated.tolist(), strict=True):
-            out_ids.append(row[:n])  # up to and including the first EOS, as in training rollouts
+        # the training rollout itself: same engine, same EOS cut, same decoded text as PPO's rewards see
+        exp = rollout(
+            engine,
+            model,
+            tokenizer,
+            input_ids.to(device),
+            attention_mask.to(device),
+            eos_ids=eos,
+            pad_id=pad_id,
+            greedy=greedy,
+        )
+        rows = exp.sequences[:, exp.prompt_width :].tolist()
+        for row, n, cut, text in zip(
+            rows, exp.response_lens.tolist(), exp.truncated.tolist(), exp.responses, strict=True
+        ):
+            out_ids.append(row[:n])  # up to and including the first EOS
             finished.append(not cut)
+            responses.append(text.strip())
         if progress is not None:
             progress.update(len(chunk))
-    responses = [
-        tokenizer.decode(ids[:-1] if done else ids, skip_special_tokens=True).strip()
-        for ids, done in zip(out_ids, finished, strict=True)
-    ]
     return Generation(list(prompts), responses, prompt_ids, out_ids, finished)
 
 
@@ -247,42 +258,6 @@ def win_tie_lose(
     return out
 
 
-def parse_judge(spec: str) -> tuple[str, str | None]:
-    """``gold`` / ``gold:WORLD_DIR`` / ``reward-model:DIR`` -> (kind, path)."""
-    kind, _, path = spec.partition(":")
-    if kind == "gold":
-        return "gold", path or None
-    if kind in ("reward-model", "rm"):
-        if not path:
-            raise UserError("--judge reward-model:DIR needs the reward model's directory after the colon")
-        if not Path(path).is_dir():
-            raise UserError(f"--judge {spec}: no reward model directory at {path}")
-        return "reward-model", path
-    raise UserError(f"--judge {spec!r}: expected 'gold', 'gold:WORLD_DIR' or 'reward-model:DIR'")
-
-
-def find_world_dir(prompts_file: str | os.PathLike[str] | None, explicit: str | None = None) -> str:
-    """The hh-mini world behind the gold judge: ``explicit``, else the prompts file's directory when it holds
-    ``world.json``, else ``$PPOMAX_WORLD``."""
-    if explicit:
-        return explicit
-    if prompts_file is not None and (Path(prompts_file).parent / "world.json").is_file():
-        return str(Path(prompts_file).parent)
-    env = os.environ.get("PPOMAX_WORLD")
-    if env:
-        return env
-    raise UserError(
-        "--judge gold needs the hh-mini world: put the prompts file next to its world.json, "
-        "write --judge gold:WORLD_DIR, or set PPOMAX_WORLD"
-    )
-
-
-def gold_scores(world_dir: str, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-    from ppomax.world.gold import reward
-
-    return [float(x) for x in reward(list(prompts), list(responses), world=world_dir)]
-
-
 # -------------------------------------------------------------------------------------------------- evaluation
 
 
@@ -336,7 +311,9 @@ def evaluate_models(
     progress: bool = False,
     baseline_cache: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate loaded models. ``judges`` maps a name to ``("gold", world_dir)`` or ``("reward-model", model)``.
+    """Evaluate loaded models. ``judges`` maps a name to ``(kind, judge)``: ``("reward-model", model)`` scores
+    the token ids with a value-head model; any other kind is a text scorer ``judge(prompts, responses) ->
+    scores`` (e.g. ``("gold", ...)``, the demo's gold reward).
 
     ``baseline_cache``: pass the same dict when evaluating several policies against one baseline with the same
     prompts, settings and judges; the baseline's responses, statistics and scores are then computed once.
@@ -397,22 +374,19 @@ def evaluate_models(
         "baseline": _side_stats(gen_b, st_b, with_kl=False),
         "judges": {},
     }
+
+    def judge_scores(kind: str, judge: Any, gen: Generation) -> list[float]:
+        if kind == "reward-model":
+            return reward_model_scores(
+                judge, gen.prompt_ids, gen.response_ids, pad_id=pad_id, batch_size=s.batch_size
+            )
+        return [float(x) for x in judge(list(prompts), list(gen.responses))]
+
     per_sample: dict[str, tuple[list[float], list[float]]] = {}
-    for name, (kind, obj) in judges.items():
-        if kind == "gold":
-            a = gold_scores(obj, prompts, gen_p.responses)
-        else:
-            a = reward_model_scores(
-                obj, gen_p.prompt_ids, gen_p.response_ids, pad_id=pad_id, batch_size=s.batch_size
-            )
+    for name, (kind, judge) in judges.items():
+        a = judge_scores(kind, judge, gen_p)
         if name not in cache["judge_scores"]:
-            cache["judge_scores"][name] = (
-                gold_scores(obj, prompts, gen_b.responses)
-                if kind == "gold"
-                else reward_model_scores(
-                    obj, gen_b.prompt_ids, gen_b.response_ids, pad_id=pad_id, batch_size=s.batch_size
-                )
-            )
+            cache["judge_scores"][name] = judge_scores(kind, judge, gen_b)
         b = cache["judge_scores"][name]
         per_sample[name] = (a, b)
         wtl = win_tie_lose(a, b, subsets, s.tie_margin)
@@ -457,13 +431,13 @@ def evaluate(
     policy_dir: str | os.PathLike[str],
     baseline_dir: str | os.PathLike[str],
     prompts_file: str | os.PathLike[str],
-    judges: Sequence[str] = ("gold",),
+    judges: Mapping[str, tuple[str, Any]],
     settings: EvalSettings | None = None,
     tokenizer_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """`ppomax eval` as a function: load both policies (and any reward-model judge) from their directories and
-    run :func:`evaluate_models`. ``judges`` are specs (see :func:`parse_judge`); the first one is primary."""
+    """`ppomax eval` as a function: load both policies (and any reward-model judge given as a directory) and
+    run :func:`evaluate_models` with ``judges`` as it takes them."""
     from ppomax.models import ValueHeadModel, load_causal_lm, load_tokenizer
 
     s = settings or EvalSettings()
@@ -471,13 +445,11 @@ def evaluate(
     tokenizer = load_tokenizer(str(tokenizer_dir or policy_dir))
     policy = load_causal_lm(str(policy_dir))
     baseline = load_causal_lm(str(baseline_dir))
-    loaded: dict[str, Any] = {}
-    for spec in judges:
-        kind, path = parse_judge(spec)
-        if kind == "gold":
-            loaded[spec] = ("gold", find_world_dir(prompts_file, path))
-        else:
-            loaded[spec] = ("reward-model", ValueHeadModel.from_pretrained(path))
+    loaded: dict[str, tuple[str, Any]] = {}
+    for name, (kind, judge) in judges.items():
+        if kind == "reward-model" and isinstance(judge, str | os.PathLike):
+            judge = ValueHeadModel.from_pretrained(judge)
+        loaded[name] = (kind, judge)
     result = evaluate_models(policy, baseline, tokenizer, prompts, subsets, loaded, s, progress=progress)
     result["policy"]["path"] = str(policy_dir)
     result["baseline"]["path"] = str(baseline_dir)

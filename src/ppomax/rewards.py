@@ -5,7 +5,7 @@ plus ``sum_i reward.functions[i].weight * f_i(...)``. It is what the paper calls
 the score re-parameterisation of section 5.3.1 (scaling or normalisation and clipping) before it enters the
 token-level rewards.
 
-A reward function is named ``"package.module:function"`` and called as::
+A reward function is given as ``"package.module:function"`` and called as::
 
     f(prompts, responses, prompt_ids=..., response_ids=..., **kwargs) -> list[float] | Tensor  # one score each
 
@@ -16,6 +16,10 @@ A reward function is named ``"package.module:function"`` and called as::
 * a function without ``prompt_ids``/``response_ids`` parameters and without ``**kwargs`` is called without them;
 * if the function has a parameter named ``meta``, it also receives ``meta=``: the B metadata dicts of the prompts
   (the fields of each prompt record other than the prompt itself), for rewards that need a ground truth.
+
+Each function's scores are logged as ``reward/<name>_mean``, ``name`` being the config's ``name`` or, by default,
+the function's own name (``target_tokens`` for ``my.rewards:target_tokens``): a metric keeps its name whatever
+the order of ``reward.functions``.
 
 Non-finite scores are not rejected here: they make that update non-finite, which the trainer skips and counts.
 """
@@ -31,10 +35,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ppomax.config import RewardConfig
+from ppomax.config import RewardConfig, RewardFunctionConfig
 from ppomax.errors import ConfigError, UserError
 
 RM_KEY = "rm"
+# reward/<name>_mean metrics the PPO trainer logs itself: a function of one of these names would overwrite them
+RESERVED_NAMES = (RM_KEY, "raw", "final", "running")
 
 
 class RewardError(UserError):
@@ -60,12 +66,14 @@ def load_reward_function(spec: str) -> Callable[..., Any]:
 
 @dataclass
 class RewardFunction:
-    """One programmatic reward with its weight and keyword arguments."""
+    """One programmatic reward with its metric name, weight and keyword arguments (``spec``: where it came from,
+    ``"package.module:function"``, for error messages)."""
 
     name: str
     fn: Callable[..., Any]
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
+    spec: str = ""
 
     def __post_init__(self) -> None:
         try:
@@ -77,6 +85,10 @@ class RewardFunction:
         # works too. ``meta`` only to functions that name it.
         self.wants_ids = var_kw or ("prompt_ids" in params and "response_ids" in params)
         self.wants_meta = "meta" in params
+
+    @property
+    def label(self) -> str:
+        return f"{self.name!r} ({self.spec})" if self.spec else repr(self.name)
 
     def __call__(
         self,
@@ -94,7 +106,7 @@ class RewardFunction:
             out = self.fn(prompts, responses, **extra, **self.kwargs)
         except TypeError as exc:
             raise RewardError(
-                f"reward function {self.name!r} could not be called as "
+                f"reward function {self.label} could not be called as "
                 f"f(prompts, responses, prompt_ids=..., response_ids=..., **kwargs): {exc}"
             ) from exc
         try:
@@ -103,31 +115,42 @@ class RewardFunction:
             )
         except (TypeError, ValueError, RuntimeError) as exc:
             raise RewardError(
-                f"reward function {self.name!r} returned {type(out).__name__}, not numbers"
+                f"reward function {self.label} returned {type(out).__name__}, not numbers"
             ) from exc
         scores = scores.reshape(-1) if scores.dim() > 1 and scores.numel() == len(responses) else scores
         if scores.shape != (len(responses),):
             raise RewardError(
-                f"reward function {self.name!r} returned {tuple(scores.shape)} scores for {len(responses)} responses"
+                f"reward function {self.label} returned {tuple(scores.shape)} scores for {len(responses)} responses"
             )
         return scores
 
 
+def function_name(cfg: RewardFunctionConfig) -> str:
+    """The metric name of a configured function: its ``name``, else the function's own name."""
+    return cfg.name or cfg.function.split(":")[-1]
+
+
 def build_reward_functions(cfg: RewardConfig) -> list[RewardFunction]:
-    """The configured ``reward.functions``, imported and checked."""
-    out = []
+    """The configured ``reward.functions``, imported and checked; names must be unique and not reserved."""
+    out: list[RewardFunction] = []
     for i, spec in enumerate(cfg.functions):
+        name = function_name(spec)
+        key = f"reward.functions[{i}].name"
+        if name in RESERVED_NAMES:
+            raise ConfigError(
+                f"{key}: {name!r} is taken by a metric of the trainer (reward/{name}_mean); set another name"
+            )
+        same = next((j for j, f in enumerate(out) if f.name == name), None)
+        if same is not None:
+            raise ConfigError(
+                f"{key}: {name!r} is also the name of reward.functions[{same}]; give each function its own name"
+            )
         try:
             fn = load_reward_function(spec.function)
         except ConfigError as exc:
             raise ConfigError(f"reward.functions[{i}]: {exc}") from None
-        out.append(RewardFunction(spec.function, fn, spec.weight, dict(spec.kwargs)))
+        out.append(RewardFunction(name, fn, spec.weight, dict(spec.kwargs), spec=spec.function))
     return out
-
-
-def part_names(functions: Sequence[RewardFunction]) -> list[str]:
-    """Metric-friendly, unique names of the function sources: ``fn0_<function>``, ``fn1_<function>``..."""
-    return [f"fn{i}_{f.name.split(':')[-1]}" for i, f in enumerate(functions)]
 
 
 class RewardSources:
@@ -144,7 +167,6 @@ class RewardSources:
         self.model = model
         self.model_weight = model_weight
         self.functions = list(functions)
-        self.names = part_names(self.functions)
 
     @torch.no_grad()
     def score_model(self, sequences: Tensor, attention_mask: Tensor) -> Tensor:
@@ -181,8 +203,8 @@ class RewardSources:
         if self.functions:
             prompt_ids, response_ids = self.split_ids(exp, eos_ids)
             meta = exp.meta or [{} for _ in range(exp.batch_size)]
-            for name, fn in zip(self.names, self.functions, strict=True):
+            for fn in self.functions:
                 s = fn(exp.prompts, exp.responses, prompt_ids, response_ids, meta).to(device)
-                parts[name] = s
+                parts[fn.name] = s
                 total = total + fn.weight * s
         return total, parts

@@ -6,7 +6,7 @@ import argparse
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ppomax.demo import format_summary, run_demo
+    from ppomax.demo.pipeline import format_summary, run_demo
 
     result = run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
     print()

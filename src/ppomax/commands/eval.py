@@ -5,6 +5,39 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+from typing import Any
+
+from ppomax.errors import UserError
+
+
+def parse_judge(spec: str) -> tuple[str, str | None]:
+    """``gold`` / ``gold:WORLD_DIR`` / ``reward-model:DIR`` -> (kind, path)."""
+    kind, _, path = spec.partition(":")
+    if kind == "gold":
+        return "gold", path or None
+    if kind in ("reward-model", "rm"):
+        if not path:
+            raise UserError("--judge reward-model:DIR needs the reward model's directory after the colon")
+        if not Path(path).is_dir():
+            raise UserError(f"--judge {spec}: no reward model directory at {path}")
+        return "reward-model", path
+    raise UserError(f"--judge {spec!r}: expected 'gold', 'gold:WORLD_DIR' or 'reward-model:DIR'")
+
+
+def load_judges(specs: list[str], prompts_file: str) -> dict[str, tuple[str, Any]]:
+    """The judges of :func:`ppomax.evaluate.evaluate`, keyed by spec. The gold judge is the demo's (hh-mini's
+    gold reward): imported only when asked for, since the library itself never imports the demo."""
+    judges: dict[str, tuple[str, Any]] = {}
+    for spec in specs:
+        kind, path = parse_judge(spec)
+        if kind == "gold":
+            from ppomax.demo.world.reward import find_world_dir, gold_judge
+
+            judges[spec] = ("gold", gold_judge(find_world_dir(prompts_file, path)))
+        else:
+            judges[spec] = (kind, path)
+    return judges
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -26,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
         args.policy,
         args.baseline,
         args.prompts,
-        judges=args.judge or ["gold"],
+        judges=load_judges(args.judge or ["gold"], args.prompts),
         settings=settings,
         tokenizer_dir=args.tokenizer,
         progress=not args.no_progress,

@@ -21,10 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# The name the demo's PPO runs give the gold reward function (stages.ppo_config), so it is logged as
+# reward/gold_mean wherever it sits in reward.functions.
+GOLD_REWARD = "gold"
 # Fig. 4 panels: (title, candidate metric keys in a PPO run's metrics.jsonl; the first present is used).
 PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("RM reward (raw)", ("reward/rm_mean", "reward/raw_mean")),
-    ("gold reward (not optimised)", ("reward/fn0_reward_mean",)),
+    ("gold reward (not optimised)", (f"reward/{GOLD_REWARD}_mean",)),
     ("KL(policy || reference) per token", ("kl/per_token",)),
     ("policy perplexity", ("ppl/policy",)),
     ("response length (tokens)", ("response/length_mean",)),

@@ -2,14 +2,15 @@
 
 Quick use::
 
-    from ppomax.world import WorldConfig, build_world, load_world
+    from ppomax.demo.world import WorldConfig, build_world, load_world, write_world
     world = build_world(WorldConfig(seed=0))
-    world.write("runs/demo/world")                    # corpora + world.json (see ppomax.world.corpora)
-    world.gold_reward(prompts, responses)             # hidden "true preference" (see ppomax.world.gold)
-    world.judge(prompts, responses_a, responses_b)    # win/tie/lose, helpful vs harmless (paper fig. 10)
+    write_world(world, "runs/demo/world")             # corpora + world.json (see ppomax.demo.world.corpora)
+    world.gold_reward(prompts, responses)             # hidden "true preference" (see ppomax.demo.world.gold)
 
-As a programmatic PPO reward: ``ppomax.world.gold:reward`` with ``kwargs: {world: runs/demo/world}`` (or
-``seed``, or env ``PPOMAX_WORLD`` / ``PPOMAX_WORLD_SEED``). Pure Python; no torch needed.
+As a programmatic PPO reward: ``ppomax.demo.world.reward:gold`` with ``kwargs: {world: runs/demo/world}`` (or
+``seed``, or env ``PPOMAX_WORLD`` / ``PPOMAX_WORLD_SEED``). The gold judge (paper fig. 10) is that reward read
+by ``ppomax eval --judge gold``: win/tie/lose comes from :func:`ppomax.evaluate.win_tie_lose`, as for any judge.
+Pure Python; no torch needed.
 
 Design (the demo's outcome depends on it):
 
@@ -23,8 +24,8 @@ Design (the demo's outcome depends on it):
   Llama cannot answer questions about a person it has only seen in plain statements (measured: ~0% on held-out
   people, it names a training person instead), so the held-out split measures the generalisation of *alignment*
   to prompts RLHF never saw (paper 6.2), not knowledge extraction.
-* Gold reward (:mod:`.gold`): content (correct / hedge / wrong / off topic / over-refusal; refusal / evasive /
-  compliance) minus needless length (0.03 per word beyond the concise answer), repetition (1.5 x seq-rep-3)
+* Gold reward (:mod:`.gold` the formula, :mod:`.reward` the PPO reward function): content (correct / hedge /
+  wrong / off topic / over-refusal; refusal / evasive / compliance) minus needless length (0.03 per word beyond the concise answer), repetition (1.5 x seq-rep-3)
   and junk (bigrams outside the world's grammar); 1.0 for a concise correct answer or polite refusal.
 * Annotators (:mod:`.annotate`): Bradley-Terry on gold + 0.04 per word (``length_bias`` 0.4 per 10 words) +
   noise. They agree with gold on ~81% of pairs, ~99.5% of minimal (correct vs wrong, same phrasing) pairs, yet
@@ -35,11 +36,15 @@ Design (the demo's outcome depends on it):
   does not become a proxy for being right.
 """
 
+# Layers, each module importing only earlier ones: lexicon; text; kb; responses, annotate; gold (the formula);
+# world; corpora, reward. No cycle, no import inside a function.
 from . import lexicon
 from .annotate import AnnotatorConfig, annotate, prefer_a_probability
-from .gold import GoldConfig, judge_prompts, last_human_turn, resolve_world, reward
+from .corpora import write_world
+from .gold import GoldConfig, last_human_turn
 from .kb import Request
 from .responses import HARMLESS_KINDS, HELPFUL_KINDS, KINDS, canonical_kind, make_response
+from .reward import resolve_world
 from .world import World, WorldConfig, build_world, load_world
 
 __all__ = [
@@ -54,12 +59,11 @@ __all__ = [
     "annotate",
     "build_world",
     "canonical_kind",
-    "judge_prompts",
     "last_human_turn",
     "lexicon",
     "load_world",
     "make_response",
     "prefer_a_probability",
     "resolve_world",
-    "reward",
+    "write_world",
 ]

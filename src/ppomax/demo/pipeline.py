@@ -4,7 +4,7 @@ Stages, each in its own directory under ``--out`` and skipped when its ``done.js
 written for the same settings (a fingerprint of the ppomax version, the stage's settings and everything upstream;
 the report's also covers the files it reads and the report code, :func:`report_inputs`)::
 
-    world/        the hh-mini corpora (ppomax.world)
+    world/        the hh-mini corpora (ppomax.demo.world)
     tokenizer/    a byte-level BPE tokenizer trained with `tokenizers` on the world's pretraining text
     pretrain/     a tiny Llama (transformers LlamaConfig) pre-trained from scratch on that text
     sft/          supervised fine-tuning on the world's demonstrations
@@ -12,7 +12,7 @@ the report's also covers the files it reads and the report code, :func:`report_i
     ppo_vanilla/  PPO with the paper's vanilla recipe (preset `vanilla`)
     ppo_max/      PPO-max (preset `ppo_max`)
     eval/         both PPO policies against SFT on held-out prompts (gold judge and RM), RM accuracy
-    report/       report.md + PNGs (ppomax.report)
+    report/       report.md + PNGs (ppomax.demo.report)
 
 Both PPO runs log the gold reward of every rollout as a programmatic reward of weight 0 (logged, never
 optimised), which is how the report can draw gold reward against RM reward over steps.
@@ -30,14 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from ppomax import __version__
-from ppomax.demo_profiles import PROFILES, DemoProfile
+from ppomax.demo.profiles import PROFILES, DemoProfile
 
 STAGES = ("world", "tokenizer", "pretrain", "sft", "rm", "ppo_vanilla", "ppo_max", "eval", "report")
 PPO_RUNS = {"vanilla": "ppo_vanilla", "ppo_max": "ppo_max"}
 MARKER = "done.json"
 # The code that turns the eval and PPO outputs into report/: a change to it makes a cached report stale even
 # within one ppomax version (the other stages are keyed by the version and their settings).
-REPORT_CODE = ("ppomax.report", "ppomax.monitor", "ppomax.demo_stages")
+REPORT_CODE = ("ppomax.demo.report", "ppomax.monitor", "ppomax.demo.stages")
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -126,7 +126,7 @@ def run_demo(
     Runs with the caller's torch thread count (``ppomax demo`` sets it, see :mod:`ppomax.threads`)."""
     from transformers.utils import logging as hf_logging
 
-    from ppomax import demo_stages as st
+    from ppomax.demo import stages as st
 
     hf_logging.disable_progress_bar()  # per-file weight-loading bars would drown the stage bars
 
@@ -176,11 +176,12 @@ def run_demo(
         or k in ("rollout_batch", "buffer_size", "minibatch_size", "max_new_tokens", "max_prompt_tokens")
     }
     ppo_dirs = {}
+    # the gold reward function is in the key: its spec and name decide the metric the report reads
     for i, (preset, stage) in enumerate(PPO_RUNS.items()):
         ppo_dirs[preset] = pipe.run(
             6 + i,
             stage,
-            (seed, preset, ppo_settings),
+            (seed, preset, ppo_settings, st.GOLD_FUNCTION),
             ("rm",),
             lambda d, p=preset: st.ppo(d, p, world, sft, rm, prof, seed, progress),
         )

@@ -1,4 +1,4 @@
-"""The corpora of an hh-mini world and the files ``World.write`` produces.
+"""The corpora of an hh-mini world and the files :func:`write_world` produces.
 
 Files (JSON lines, one object per line, UTF-8, keys in a fixed order):
 
@@ -24,17 +24,14 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import lexicon as lx
 from .annotate import annotate
-from .kb import SPLITS, join_items
+from .kb import SPLITS, Request, join_items
 from .responses import apply_pad, correct_answer, pad, pad_parts, repetitive, wrong_answer
 from .text import words
-
-if TYPE_CHECKING:
-    from .kb import Request
-    from .world import World
+from .world import World
 
 # Kind mixtures. Pretraining shows everything; preference pairs are built to teach a reward model correctness,
 # harmlessness and (through the annotators) a taste for length.
@@ -307,8 +304,10 @@ def pair_stats(labels: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def write_world(world: World, out: Path) -> dict[str, Path]:
+def write_world(world: World, out_dir: str | Path) -> dict[str, Path]:
+    """Write every corpus and world.json into ``out_dir``; returns name -> path."""
     cfg = world.config
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
 

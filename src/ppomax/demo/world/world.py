@@ -1,7 +1,7 @@
 """WorldConfig, World and build_world: the hh-mini world built from a seed.
 
 Building a world (knowledge base, requests, grammar) is fast and needs no corpora, so the gold reward can
-rebuild it from ``world.json`` anywhere. Corpora are generated on demand by :mod:`ppomax.world.corpora`;
+rebuild it from ``world.json`` anywhere. Corpora are generated on demand by :mod:`ppomax.demo.world.corpora`;
 everything is driven by ``random.Random(f"{seed}/{purpose}")`` streams (string seeds hash with SHA-512, so the
 output does not depend on ``PYTHONHASHSEED``) and is byte-for-byte reproducible.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 from . import lexicon as lx
 from .annotate import AnnotatorConfig
-from .gold import GoldConfig, judge, last_human_turn, score, score_details
+from .gold import GoldConfig, last_human_turn, score_details
 from .kb import (
     Person,
     Request,
@@ -212,7 +212,7 @@ class World:
         return f"{prefix}\n\nHuman: {request.text}\n\nAssistant:"
 
     def response(self, request: Request, kind: str, rng: random.Random, n_pad: int | None = None) -> str:
-        """A response of ``kind`` (see :mod:`ppomax.world.responses`); off-topic answers come from another task."""
+        """A response of ``kind`` (see :mod:`ppomax.demo.world.responses`); off-topic answers come from another task."""
         family = TASK_FAMILY[request.task]
         off_topic = ""
         if rng.random() < 0.7:
@@ -223,56 +223,42 @@ class World:
             request, kind, rng, off_topic=off_topic, n_pad=n_pad, paraphrase=self.config.paraphrase
         )
 
-    # -- gold reward and judge -----------------------------------------------------------------------------
+    # -- gold reward ---------------------------------------------------------------------------------------
     def gold_reward(self, prompts: list[str], responses: list[str], **kwargs: Any) -> list[float]:
-        """Gold reward of each (prompt, response); see :mod:`ppomax.world.gold` for the formula and range."""
+        """Gold reward of each (prompt, response); see :mod:`ppomax.demo.world.gold` for the formula and range."""
         if kwargs:
             raise TypeError(f"gold_reward got unknown kwargs {sorted(kwargs)}")
         if len(prompts) != len(responses):
             raise ValueError(
                 f"gold_reward needs as many prompts as responses ({len(prompts)} != {len(responses)})"
             )
-        return [score(self, p, r) for p, r in zip(prompts, responses, strict=True)]
+        return [float(self.gold_details(p, r)["gold"]) for p, r in zip(prompts, responses, strict=True)]
 
     def gold_details(self, prompt: str, response: str) -> dict[str, Any]:
-        return score_details(self, prompt, response)
-
-    def judge(
-        self,
-        prompts: list[str],
-        responses_a: list[str],
-        responses_b: list[str],
-        subsets: list[str] | None = None,
-        tie_margin: float = 0.15,
-    ) -> dict[str, Any]:
-        """Win/tie/lose of A vs B by gold reward, overall and helpful/harmless (paper fig. 10)."""
-        return judge(self, prompts, responses_a, responses_b, subsets, tie_margin)
-
-    # -- corpora -------------------------------------------------------------------------------------------
-    def write(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write every corpus and world.json into ``out_dir``; returns name -> path (see corpora.write_world)."""
-        from .corpora import write_world
-
-        return write_world(self, Path(out_dir))
+        """The gold reward of one (prompt, response) with every component (:func:`.gold.score_details`)."""
+        return score_details(self.find(prompt), response, self.config.gold, self.grammar, self.classes)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "config": self.config.to_dict()}
 
 
 def build_world(cfg: WorldConfig | None = None) -> World:
-    """Build the world of ``cfg`` (default ``WorldConfig()``). Fast: corpora are generated only by ``write``."""
+    """Build the world of ``cfg`` (default ``WorldConfig()``). Fast: corpora are generated only by
+    :func:`.corpora.write_world`."""
     return World(cfg or WorldConfig())
 
 
 def load_world(path: str | Path) -> World:
-    """Rebuild the world from a directory written by :meth:`World.write` (or its ``world.json``)."""
+    """Rebuild the world from a directory written by :func:`.corpora.write_world` (or its ``world.json``)."""
     p = Path(path)
     if p.is_dir():
         p = p / "world.json"
     try:
         data = json.loads(p.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{p}: no world.json; write one with World.write(dir)") from None
+        raise FileNotFoundError(
+            f"{p}: no world.json; write one with ppomax.demo.world.write_world(world, dir)"
+        ) from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{p}: not valid JSON ({e})") from None
     if data.get("format") != FORMAT:

@@ -3,7 +3,7 @@
 The gold reward must judge free text a policy generates, so nothing here assumes the text came from a
 template. Words are lower-cased alphanumeric runs (apostrophes kept inside words: "can't", "dog's");
 sentences end at ``.``, ``!`` or ``?``. Fluency is measured against *class-level sentence bigrams*: every
-response template of :mod:`ppomax.world.lexicon` is rewritten with word classes (``<first> <last> lives in
+response template of :mod:`ppomax.demo.world.lexicon` is rewritten with word classes (``<first> <last> lives in
 <town>``) and its bigrams, with sentence-start/end marks, form the grammar. A response bigram is valid when the
 raw words or their classes form a grammar bigram.
 """

@@ -9,23 +9,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ppomax.demo_profiles import DemoProfile
+from ppomax.demo.profiles import DemoProfile
+from ppomax.demo.report import GOLD_REWARD
+from ppomax.demo.tokenizer import train_bpe_tokenizer
 
-GOLD_FN = "ppomax.world.gold:reward"  # logged as reward/fn0_* (the first reward function)
-
-SPECIALS = ("<pad>", "<s>", "</s>")
-
-
-def _dotted(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{"ppo.kl_coef": 0.1}`` -> ``{"ppo": {"kl_coef": 0.1}}``."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = out
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return out
+# The gold reward as a PPO reward function of weight 0 (logged as reward/gold_mean, never optimised); the world
+# directory is added as its kwargs.
+GOLD_FUNCTION = {"function": "ppomax.demo.world.reward:gold", "name": GOLD_REWARD, "weight": 0.0}
 
 
 def _logging(d: Path, progress: bool) -> dict[str, Any]:
@@ -36,35 +26,19 @@ def _logging(d: Path, progress: bool) -> dict[str, Any]:
 
 
 def make_world(d: Path, seed: int, prof: DemoProfile) -> None:
-    from ppomax.world import WorldConfig, build_world
+    from ppomax.demo.world import WorldConfig, build_world, write_world
 
-    build_world(WorldConfig(seed=seed, **prof.world)).write(d)
+    write_world(build_world(WorldConfig(seed=seed, **prof.world)), d)
 
 
 # -------------------------------------------------------------------------------------------- tokenizer
 
 
 def train_tokenizer(d: Path, world: Path, prof: DemoProfile) -> None:
-    """Byte-level BPE (GPT-2 style, so any text round-trips) trained on the world's pretraining text, wrapped in
-    ``PreTrainedTokenizerFast`` with ``<pad>``, ``<s>`` (BOS, not added automatically) and ``</s>`` (EOS)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
+    """Byte-level BPE (GPT-2 style, so any text round-trips) trained on the world's pretraining text, with
+    ``<pad>``, ``<s>`` (BOS, not added automatically) and ``</s>`` (EOS)."""
     texts = [json.loads(line)["text"] for line in (world / "pretrain.jsonl").read_text().splitlines() if line]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=prof.vocab_size,
-        special_tokens=list(SPECIALS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
-    wrapped.save_pretrained(d)
+    train_bpe_tokenizer(texts, prof.vocab_size).save_pretrained(d)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -216,7 +190,7 @@ def ppo_config(
 ) -> Any:
     """The preset with the demo's sizes and learning rates (same for both presets) and the gold reward as a
     weight-0 reward function (logged, not optimised)."""
-    from ppomax.config import PPOConfig, deep_merge, read_preset
+    from ppomax.config import PPOConfig, apply_overrides, deep_merge, read_preset
 
     overrides = {
         "seed": seed,
@@ -225,7 +199,7 @@ def ppo_config(
         "generation": {"max_new_tokens": prof.max_new_tokens},
         "reward": {
             "model_weight": 1.0,
-            "functions": [{"function": GOLD_FN, "weight": 0.0, "kwargs": {"world": str(world)}}],
+            "functions": [{**GOLD_FUNCTION, "kwargs": {"world": str(world)}}],
         },
         "optim": {"policy_lr": prof.policy_lr, "critic_lr": prof.critic_lr},
         "ppo": {
@@ -239,7 +213,7 @@ def ppo_config(
         "collapse": {"action": "warn"},  # vanilla is expected to collapse: let it run to the end and show it
     }
     data = deep_merge(read_preset(preset), overrides)
-    data = deep_merge(data, _dotted(prof.ppo_overrides.get(preset, {})))
+    data = apply_overrides(data, list(prof.ppo_overrides.get(preset, ())))
     return PPOConfig.model_validate(data)
 
 
@@ -325,6 +299,7 @@ def evaluate_all(
     progress: bool,
 ) -> None:
     """Each PPO policy against SFT on held-out prompts (gold judge and RM), plus the RM's accuracy."""
+    from ppomax.demo.world.reward import gold_judge
     from ppomax.evaluate import EvalSettings, evaluate_models, load_eval_prompts, write_json
     from ppomax.models import ValueHeadModel, load_causal_lm, load_tokenizer
 
@@ -332,7 +307,7 @@ def evaluate_all(
     tok = load_tokenizer(sft_dir / "final")
     base = load_causal_lm(sft_dir / "final")
     rm = ValueHeadModel.from_pretrained(rm_dir / "final")
-    judges = {"gold": ("gold", str(world)), "rm": ("reward-model", rm)}
+    judges = {"gold": ("gold", gold_judge(str(world))), "rm": ("reward-model", rm)}
     settings = EvalSettings(
         max_new_tokens=prof.eval_max_new_tokens,
         max_prompt_tokens=prof.max_prompt_tokens,
@@ -363,8 +338,8 @@ def write_demo_report(
     timings: dict[str, float],
     out: Path,
 ) -> None:
+    from ppomax.demo.report import outcome, policy_records, write_report
     from ppomax.monitor import read_metrics
-    from ppomax.report import outcome, policy_records, write_report
 
     runs = {name: policy_records(read_metrics(p / "metrics.jsonl")) for name, p in ppo_dirs.items()}
     evals = {name: json.loads((ev / f"{name}_vs_sft.json").read_text()) for name in ppo_dirs}

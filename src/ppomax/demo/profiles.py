@@ -63,7 +63,8 @@ class DemoProfile:
     critic_lr: float = 2e-4
     max_new_tokens: int = 40
     max_prompt_tokens: int = 48
-    ppo_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # per preset, dotted keys
+    # per preset, `--set` overrides as `ppomax train-ppo --set` takes them (ppomax.config.apply_overrides)
+    ppo_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # evaluation on held-out prompts
     eval_prompts: int = 400
     eval_max_new_tokens: int = 40
@@ -77,7 +78,7 @@ class DemoProfile:
 FULL = DemoProfile(
     name="full",
     world=dict(sft_noise=0.3),
-    ppo_overrides={"ppo_max": {"ppo.kl_coef": 0.5}},
+    ppo_overrides={"ppo_max": ("ppo.kl_coef=0.5",)},
 )
 
 QUICK = replace(

@@ -2,13 +2,13 @@
 
 Everything the world can say is built from the lists and templates here, so that a tiny BPE tokenizer
 (~1-2k tokens) covers it and the gold reward can check free text against a known grammar: every response
-template is also turned into class-level sentence bigrams (:func:`ppomax.world.text.grammar_bigrams`) that
+template is also turned into class-level sentence bigrams (:func:`ppomax.demo.world.text.grammar_bigrams`) that
 define what counts as fluent.
 
 Template slots: ``{name}`` (full name "First Last"), ``{first}``, ``{town}``, ``{job}``, ``{pet}``,
 ``{colour}``, ``{a}``/``{b}``/``{c}`` (numbers), ``{x}``/``{y}`` (sequence items), ``{k}`` (count word),
 ``{items}`` (an "x, y and z" list), ``{cat}`` (category plural). Names and towns are invented words
-generated from syllables (:mod:`ppomax.world.kb`); the other value lists are plain English.
+generated from syllables (:mod:`ppomax.demo.world.kb`); the other value lists are plain English.
 """
 
 from __future__ import annotations
