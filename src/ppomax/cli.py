@@ -11,7 +11,7 @@ import sys
 
 import ppomax
 import ppomax.commands
-from ppomax.errors import UserError
+from ppomax.errors import STOPPED_EXIT_CODE, RunStopped, UserError
 from ppomax.threads import command_threads
 
 
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"ppomax: {exc}", file=sys.stderr)
         return 2
+    except RunStopped:  # the trainer said where it saved and how to resume
+        return STOPPED_EXIT_CODE
     except KeyboardInterrupt:
         print("ppomax: interrupted", file=sys.stderr)
         return 130

@@ -33,32 +33,29 @@ Python API: :func:`train_ppo`. CLI: ``ppomax train-ppo`` (:mod:`ppomax.commands.
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ppomax.algos import RunningMoments, masked_mean
-from ppomax.checkpoint import atomic_dir
 from ppomax.collapse import CollapseMonitor
-from ppomax.config import PPOConfig, to_yaml
-from ppomax.errors import UserError
+from ppomax.config import PPOConfig
 from ppomax.experience import Experience
-from ppomax.monitor import MetricsLogger
 from ppomax.optim import build_optimizer, build_scheduler
 from ppomax.rewards import RewardSources, build_reward_functions
 from ppomax.rollout import HFGenerateEngine, RolloutEngine, eos_ids_of, rollout
 
-from .common import TrainingError, _cpu_distributed
+from .common import TrainingError
 from .ppo_data import IndexStream, load_prompt_set, load_ptx_set, pad_id_of
 from .ppo_eval import evaluate
 from .ppo_models import Forward, load_models
-from .ppo_state import StopRequest, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from .ppo_step import Updater, compute_advantages, score_experience
 from .reduce import reduce_metrics
+from .run import StopFlag, open_run
 
 
 class TrainingDiverged(TrainingError):
@@ -71,16 +68,21 @@ def _sync(device: torch.device) -> None:
 
 
 class PPOTrainer:
-    """Builds everything from a :class:`PPOConfig` (and optionally a checkpoint) and runs :meth:`train`."""
+    """Builds everything from a :class:`PPOConfig` on the run engine and runs :meth:`train`."""
 
-    def __init__(self, cfg: PPOConfig, resume: str | Path | None = None, engine: RolloutEngine | None = None):
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
+    def __init__(
+        self,
+        cfg: PPOConfig,
+        resume: bool = False,
+        overwrite: bool = False,
+        engine: RolloutEngine | None = None,
+    ):
         cfg.check_runnable()
         self.cfg = cfg
         p = cfg.ppo
-        self.acc = acc = Accelerator(cpu=_cpu_distributed())  # CPU DDP (gloo) under `accelerate launch`
+        # the run directory is checked (and a resumed run's config compared) before any model is loaded
+        self.run = run = open_run(cfg, "ppo", resume=resume, overwrite=overwrite)
+        self.acc = acc = run.accelerator  # CPU DDP (gloo) under `accelerate launch`
         # Statistics that define the training targets (running reward moments, advantage whitening) are global
         # through this hook: per-rank ones would make the objective depend on how the buffer is sharded. The
         # losses themselves are not all-reduced: DDP averages the gradients over ranks, and the Updater weights
@@ -89,16 +91,9 @@ class PPOTrainer:
         # logging only (reduce_metrics).
         self.all_reduce = None if acc.num_processes == 1 else (lambda t: acc.reduce(t, reduction="sum"))
         self._reduce = None if acc.num_processes == 1 else (lambda t, op: acc.reduce(t, reduction=op))
-        self.out_dir = Path(cfg.logging.out_dir)
-        self.ckpt = resolve_resume(resume) if resume else None
-        if self.ckpt is None and (self.out_dir / "metrics.jsonl").exists():
-            raise UserError(
-                f"{self.out_dir} already holds a run (metrics.jsonl); continue it with --resume {self.out_dir} "
-                "or set logging.out_dir to a new directory"
-            )
-        set_seed(cfg.seed)
+        self.out_dir = run.out_dir
 
-        m = load_models(cfg, self.ckpt)
+        m = load_models(cfg)
         self.tokenizer = m.tokenizer
         self.pad_id = pad_id_of(m.tokenizer)
         self.eos_ids = eos_ids_of(m.tokenizer, m.policy)
@@ -122,6 +117,7 @@ class PPOTrainer:
         self.critic_sched = build_scheduler(
             critic_opt, cfg.optim, (p.iterations + p.critic_pretrain_steps) * updates
         )
+        # both models and both optimisers in one Accelerator: save_state/load_state keep them in this order
         self.policy, self.policy_opt, self.critic, self.critic_opt = acc.prepare(
             m.policy, policy_opt, m.critic, critic_opt
         )
@@ -151,13 +147,17 @@ class PPOTrainer:
             all_reduce=self.all_reduce,
             ptx_batch=self._next_ptx if self.ptx else None,
         )
-        self.step = 0
-        self.stopped_by: int | None = None
         self.collapse_stopped = False
-        self.last_checkpoint: Path | None = None
-        self.logger = MetricsLogger(self.out_dir, cfg.logging.tensorboard, enabled=acc.is_main_process)
-        if self.ckpt is not None:
-            self._restore(self.ckpt)
+        run.track(
+            policy_schedule=self.policy_sched,
+            critic_schedule=self.critic_sched,
+            moments=self.moments,
+            prompt_stream=self.prompt_stream,
+            ptx_stream=self.ptx_stream,
+            collapse=self.collapse,
+            updater=self.updater,
+        )
+        self.step = run.restore()
 
     # ------------------------------------------------------------------ pieces
 
@@ -282,16 +282,12 @@ class PPOTrainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> Path:
-        """Run to ``critic_pretrain_steps + iterations`` (or until a signal); returns the output directory."""
-        from tqdm.auto import tqdm
-
-        cfg, log = self.cfg, self.cfg.logging
-        if self.acc.is_main_process:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-            for name, data in (("prompts", self.prompts), ("valid prompts", self.valid), ("ptx", self.ptx)):
-                if data is not None:
-                    tqdm.write(f"ppomax: {name}: {data.stats.summary()}")
+        """Run to ``critic_pretrain_steps + iterations``; returns the output directory. A SIGINT/SIGTERM saves a
+        checkpoint and raises :class:`ppomax.errors.RunStopped`."""
+        cfg, log, run = self.cfg, self.cfg.logging, self.run
+        for name, data in (("prompts", self.prompts), ("valid prompts", self.valid), ("ptx", self.ptx)):
+            if data is not None:
+                run.print(f"{name}: {data.stats.summary()}")
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -300,16 +296,16 @@ class PPOTrainer:
             disable=not (log.progress and self.acc.is_main_process),
         )
         try:
-            with StopRequest().installed() as stop:
+            with StopFlag() as stop:
                 if log.eval_every and self.step == 0:
-                    self.logger.log(0, evaluate(self, 0), prefix="eval/")
+                    run.metrics.log(0, evaluate(self, 0), prefix="eval/")
                 while self.step < self.total_steps:
                     step = self.step + 1
                     metrics = self.iteration(step)
                     self.step = step
                     collapsed = self._check_collapse(step, metrics)
                     if step % log.log_every == 0 or step == self.total_steps:
-                        self.logger.log(step, metrics)
+                        run.metrics.log(step, metrics)
                     bar.update(1)
                     bar.set_postfix(
                         reward=f"{metrics['reward/raw_mean']:.3g}",
@@ -321,25 +317,25 @@ class PPOTrainer:
                         self.collapse_stopped = True  # the collapsing state is not checkpointed
                         return self.out_dir
                     if log.eval_every and step % log.eval_every == 0:
-                        self.logger.log(step, evaluate(self, step), prefix="eval/")
+                        run.metrics.log(step, evaluate(self, step), prefix="eval/")
                     if self.updater.nonfinite_in_row >= cfg.ppo.max_nonfinite_in_row:
                         raise TrainingDiverged(self._diverged_message())
                     healthy = self.updater.nonfinite_in_row == 0
-                    if healthy and log.checkpoint_every and step % log.checkpoint_every == 0:
-                        self.save_checkpoint()
-                    if self._any_rank(stop.requested):
-                        self.stopped_by = stop.signum or signal.SIGTERM
-                        self.save_checkpoint()
-                        return self.out_dir
-            if self.updater.nonfinite_in_row == 0 and (
-                self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step}"
-            ):
-                self.save_checkpoint()
+                    signum = stop.agreed(self.acc)
+                    if signum is not None or (
+                        healthy and log.checkpoint_every and step % log.checkpoint_every == 0
+                    ):
+                        run.save_checkpoint(step)
+                    if signum is not None:
+                        raise run.stopped(signum, step)
+            last = run.last_checkpoint
+            if self.updater.nonfinite_in_row == 0 and (last is None or last.name != f"step-{self.step}"):
+                run.save_checkpoint(self.step)
             self.save_final()
             return self.out_dir
         finally:
             bar.close()
-            self.logger.close()
+            run.close()
 
     def _check_collapse(self, step: int, metrics: dict[str, Any]) -> bool:
         """Feed the collapse monitor (policy iterations only); warn on the main process when it fires."""
@@ -347,109 +343,41 @@ class PPOTrainer:
             return False
         signal = self.collapse.update(step, metrics)
         metrics["collapse/firing"] = int(self.collapse.firing)
-        if signal is not None and self.acc.is_main_process:
-            from tqdm.auto import tqdm
-
-            tqdm.write(f"ppomax: WARNING {signal.message()}")
+        if signal is not None:
+            self.run.warn(signal.message())
         return signal is not None
-
-    def _any_rank(self, flag: bool) -> bool:
-        """True if ``flag`` is set on any process (a signal may reach only some ranks; all must stop together)."""
-        if self.acc.num_processes == 1:
-            return flag
-        return bool(self.acc.reduce(torch.tensor([float(flag)], device=self.acc.device), reduction="sum") > 0)
 
     def _diverged_message(self) -> str:
         k = self.cfg.ppo.max_nonfinite_in_row
-        where = (
-            f"last good checkpoint: {self.last_checkpoint}"
-            if self.last_checkpoint
-            else "no checkpoint was saved"
-        )
+        last = self.run.last_checkpoint
+        where = f"last good checkpoint: {last}" if last else "no checkpoint was saved"
         return (
             f"stopped at step {self.step}: {k} updates in a row had a non-finite loss or gradient "
             f"(ppo.max_nonfinite_in_row = {k}); {where}. Look for NaN/inf reward scores or an overflowing dtype "
             "(try model.dtype: float32 or a lower learning rate), then resume from the checkpoint."
         )
 
-    # ------------------------------------------------------------------ saving and resuming
-
-    def save_checkpoint(self) -> Path | None:
-        rngs = self._gather([rng_state()])
-        path = None
-        if self.acc.is_main_process:
-            path = save_checkpoint(
-                self.out_dir,
-                self.step,
-                policy=self.unwrapped(self.policy),
-                critic=self.unwrapped(self.critic),
-                tokenizer=self.tokenizer,
-                rng_states=rngs,
-                keep=self.cfg.logging.keep_checkpoints,
-                optim={
-                    "policy": self.policy_opt.state_dict(),
-                    "critic": self.critic_opt.state_dict(),
-                    "policy_sched": self.policy_sched.state_dict(),
-                    "critic_sched": self.critic_sched.state_dict(),
-                },
-                state={
-                    "moments": self.moments.state_dict(),
-                    "prompt_stream": self.prompt_stream.state_dict(),
-                    "ptx_stream": self.ptx_stream.state_dict() if self.ptx_stream else None,
-                    "nonfinite_total": self.updater.nonfinite_total,
-                    "world_size": self.acc.num_processes,
-                    "collapse": self.collapse.state_dict(),
-                },
-            )
-            (path / "config.yaml").write_text(to_yaml(self.cfg), encoding="utf-8")
-        self.acc.wait_for_everyone()
-        self.last_checkpoint = path or self.out_dir / "checkpoints" / f"step-{self.step}"
-        return path
-
-    def _gather(self, obj: list[Any]) -> list[Any]:
-        if self.acc.num_processes == 1:
-            return obj
-        from accelerate.utils import gather_object
-
-        return gather_object(obj)
-
-    def _restore(self, ckpt: Path) -> None:
-        state, optim, rngs = load_checkpoint(ckpt)
-        self.step = int(state["step"])
-        self.moments.load_state_dict(state["moments"])
-        self.prompt_stream.load_state_dict(state["prompt_stream"])
-        if self.ptx_stream is not None and state.get("ptx_stream"):
-            self.ptx_stream.load_state_dict(state["ptx_stream"])
-        self.updater.nonfinite_total = int(state.get("nonfinite_total", 0))
-        if state.get("collapse"):
-            self.collapse.load_state_dict(state["collapse"])
-        self.policy_opt.load_state_dict(optim["policy"])
-        self.critic_opt.load_state_dict(optim["critic"])
-        self.policy_sched.load_state_dict(optim["policy_sched"])
-        self.critic_sched.load_state_dict(optim["critic_sched"])
-        set_rng_state(rngs[self.acc.process_index] if len(rngs) == self.acc.num_processes else rngs[0])
-        self.logger.truncate_after(self.step)
-        self.last_checkpoint = ckpt
+    # ------------------------------------------------------------------ saving
 
     def save_final(self) -> None:
-        """``out_dir/final/policy`` (with the tokenizer: loads with AutoModelForCausalLM) and ``final/critic``."""
-        if self.acc.is_main_process:
-            with atomic_dir(self.out_dir / "final") as tmp:
-                self.unwrapped(self.policy).save_pretrained(tmp / "policy", safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp / "policy")
-                self.unwrapped(self.critic).save_pretrained(tmp / "critic")
-        self.acc.wait_for_everyone()
+        """``out_dir/final/policy`` (with the tokenizer: loads with AutoModelForCausalLM) and ``final/critic``,
+        gathered under ZeRO-3/FSDP, written atomically as one directory."""
+        self.run.save_models(
+            self.out_dir / "final", {"policy": (self.policy, self.tokenizer), "critic": (self.critic, None)}
+        )
 
 
-def train_ppo(cfg: PPOConfig, resume: str | Path | None = None, engine: RolloutEngine | None = None) -> Path:
+def train_ppo(
+    cfg: PPOConfig, resume: bool = False, overwrite: bool = False, engine: RolloutEngine | None = None
+) -> Path:
     """Train a policy with PPO as ``cfg`` says; returns the output directory (``cfg.logging.out_dir``).
 
-    ``resume``: a run directory or one of its ``checkpoints/step-N`` directories. The final policy is in
-    ``out_dir/final/policy``, the critic in ``out_dir/final/critic``, metrics in ``out_dir/metrics.jsonl``. A
-    SIGINT/SIGTERM saves a checkpoint and returns early (no ``final/``); use :class:`PPOTrainer` directly to
-    tell (``trainer.stopped_by`` holds the signal), as the CLI does.
+    ``resume``: continue the run in ``logging.out_dir``; ``overwrite``: replace the run there (see
+    :mod:`ppomax.trainers.run`). The final policy is in ``out_dir/final/policy``, the critic in
+    ``out_dir/final/critic``, metrics in ``out_dir/metrics.jsonl``. A SIGINT/SIGTERM saves a checkpoint and
+    raises :class:`ppomax.errors.RunStopped`.
     """
-    return PPOTrainer(cfg, resume=resume, engine=engine).train()
+    return PPOTrainer(cfg, resume=resume, overwrite=overwrite, engine=engine).train()
 
 
 __all__ = ["PPOTrainer", "TrainingDiverged", "train_ppo"]

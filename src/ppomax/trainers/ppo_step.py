@@ -141,6 +141,13 @@ class Updater:
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
 
+    def state_dict(self) -> dict[str, int]:
+        """The counter a checkpoint keeps (a checkpoint is only taken after a good update: none in a row)."""
+        return {"nonfinite_total": self.nonfinite_total}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.nonfinite_total = int(state["nonfinite_total"])
+
     def update(self, exp: Experience, step: int, critic_only: bool) -> dict[str, Tensor]:
         """``ppo_epochs`` passes over shuffled minibatches of ``exp``; returns metrics averaged over minibatches
         (``*_max`` are maxed, ``*_count`` summed). Stops early once ``max_nonfinite_in_row`` updates in a row were skipped."""

@@ -36,17 +36,9 @@ from ppomax.errors import ConfigError
 from ppomax.models import ValueHeadModel, load_tokenizer, model_summary
 from ppomax.report_rm import margin_summary, write_rm_eval
 
-from .common import (
-    RunContext,
-    check_vocab,
-    eval_shards,
-    load_features,
-    load_train_valid,
-    save_model,
-    setup_run,
-    to_device,
-)
+from .common import check_vocab, eval_shards, load_features, load_train_valid, to_device
 from .loop import LoopSpec, train_loop
+from .run import RunContext, open_run
 
 
 def rm_features(path: str, tokenizer: Any, cfg: RMConfig, stats: LoadStats) -> list[dict[str, Any]]:
@@ -145,13 +137,16 @@ def evaluate_rm(
     }
 
 
-def train_rm(cfg: RMConfig, resume: bool = False) -> Path:
-    """Train a reward model as configured; returns the last model's directory ``out_dir/final``."""
+def train_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train a reward model as configured; returns the last model's directory ``out_dir/final``.
+
+    ``resume``: continue the run in ``logging.out_dir``; ``overwrite``: replace the run there (see
+    :mod:`ppomax.trainers.run` for the rules)."""
     if not cfg.model.policy:
         raise ConfigError("model.policy: required (the SFT / base model the reward model starts from)")
     if not cfg.data.train:
         raise ConfigError("data.train: required (preference pairs)")
-    ctx = setup_run(cfg, grad_accum=cfg.grad_accum)
+    ctx = open_run(cfg, "rm", resume=resume, overwrite=overwrite, grad_accum=cfg.grad_accum)
     m = cfg.model
     tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
     model = ValueHeadModel.from_causal_lm(m.policy, m.dtype, m.trust_remote_code, seed=cfg.seed)
@@ -178,7 +173,7 @@ def train_rm(cfg: RMConfig, resume: bool = False) -> Path:
     def on_eval(step: int, result: dict[str, float], mdl: torch.nn.Module) -> None:
         if result["accuracy"] > extra["best_accuracy"]:
             extra.update(best_accuracy=result["accuracy"], best_step=step)
-            save_model(ctx, mdl, tokenizer, best_dir)
+            ctx.save_model(mdl, tokenizer, best_dir)
             if ctx.is_main:
                 info = {"step": step, **result}
                 (best_dir / "ppomax_eval.json").write_text(
@@ -202,8 +197,8 @@ def train_rm(cfg: RMConfig, resume: bool = False) -> Path:
         on_eval=on_eval,
         extra_state=extra,
     )
-    model, _state = train_loop(ctx, model, spec, resume=resume)
-    final = save_model(ctx, model, tokenizer, ctx.out_dir / "final")
+    model, last_step = train_loop(ctx, model, spec)
+    final = ctx.save_model(model, tokenizer, ctx.out_dir / "final")
 
     if test:
         model.eval()
@@ -211,13 +206,13 @@ def train_rm(cfg: RMConfig, resume: bool = False) -> Path:
             margins = rm_margins(ctx, model, test, collate, eval_bs)
         summary = margin_summary(margins)
         ctx.metrics.log(
-            _state.step, {k: v for k, v in summary.items() if k != "pairs"}, prefix=f"{test_name}_final/"
+            last_step, {k: v for k, v in summary.items() if k != "pairs"}, prefix=f"{test_name}_final/"
         )
         if ctx.is_main:
             write_rm_eval(ctx.out_dir, test_name, margins, {"model": str(final)})
         ctx.print(
             f"{test_name}: accuracy {summary['accuracy']:.4f}, mean margin {summary['margin_mean']:.4f}"
         )
-    ctx.metrics.close()
+    ctx.close()
     ctx.print(f"saved {final}" + (f" (best: {best_dir}, step {extra['best_step']})" if valid else ""))
     return final
