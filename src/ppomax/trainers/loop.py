@@ -44,7 +44,8 @@ class LoopSpec:
     ``weights=None`` means the batch alone. ``make_batch(indices) -> batch on device``; ``evaluate(model) ->
     metrics`` (called on every rank under no_grad, returns already-reduced numbers, may be None);
     ``on_eval(step, metrics, model)`` runs after each evaluation (e.g. to keep the best model). ``model`` is
-    the prepared (possibly wrapped) model.
+    the prepared (possibly wrapped) model. The run's own settings (``epochs``, ``grad_accum``, ``max_grad_norm``,
+    ``max_nonfinite_in_row``, ``logging.eval_every``) are read from the run's config (``ctx.cfg``).
     """
 
     lengths: Sequence[int]
@@ -53,23 +54,18 @@ class LoopSpec:
     counts: Callable[[dict[str, Any]], dict[str, torch.Tensor]]
     batch_size: int | None
     max_tokens: int | None
-    epochs: float
-    grad_accum: int
-    max_grad_norm: float | None
-    max_nonfinite_in_row: int
-    eval_every: int
     evaluate: Callable[[torch.nn.Module], dict[str, float] | None] | None = None
     on_eval: Callable[[int, dict[str, float], torch.nn.Module], None] | None = None
     extra_state: dict[str, Any] = field(default_factory=dict)
 
 
-def total_optimizer_steps(spec: LoopSpec, world: int, seed: int) -> int:
-    per_epoch = micro_batches_per_epoch(spec.lengths, world, seed, spec.batch_size, spec.max_tokens)
+def total_optimizer_steps(spec: LoopSpec, cfg: Any, world: int) -> int:
+    per_epoch = micro_batches_per_epoch(spec.lengths, world, cfg.seed, spec.batch_size, spec.max_tokens)
     if per_epoch == 0:
         raise UserError(
             f"not enough training examples ({len(spec.lengths)}) for one batch on {world} process(es)"
         )
-    return max(1, math.ceil(spec.epochs * per_epoch / spec.grad_accum))
+    return max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
 
 
 def train_loop(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec) -> tuple[torch.nn.Module, int]:
@@ -85,7 +81,7 @@ def train_loop(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec) -> tuple
     on SIGINT/SIGTERM (which then raises :class:`ppomax.errors.RunStopped`).
     """
     cfg, acc = ctx.cfg, ctx.accelerator
-    total = total_optimizer_steps(spec, ctx.world, cfg.seed)
+    total = total_optimizer_steps(spec, cfg, ctx.world)
     optimizer = build_optimizer(model.parameters(), cfg.optim.lr, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     if acc.distributed_type == DistributedType.DEEPSPEED:
@@ -118,13 +114,13 @@ def train_loop(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec) -> tuple
         cfg.seed,
         spec.batch_size,
         spec.max_tokens,
-        start_micro=step * spec.grad_accum,
+        start_micro=step * cfg.grad_accum,
     )
     model.train()
     with StopFlag() as stop:
         while step < total:
             step_batches = []
-            for _ in range(spec.grad_accum):
+            for _ in range(cfg.grad_accum):
                 epoch, idx = next(batches)
                 step_batches.append(spec.make_batch(idx))
             metrics, n_tok = accumulate(acc, model, step_batches, spec.loss_fn, spec.counts, all_reduce)
@@ -132,13 +128,13 @@ def train_loop(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec) -> tuple
                 sums[k] = sums.get(k, 0) + v
             tokens += n_tok
             n_steps += 1
-            grad_norm = _clip(acc, model, spec.max_grad_norm)
+            grad_norm = _clip(acc, model, cfg.max_grad_norm)
             if grad_norm is not None and not math.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite_in_row += 1
                 skipped_total += 1
                 ctx.warn(f"step {step + 1}: non-finite gradient norm; update skipped")
-                if nonfinite_in_row >= spec.max_nonfinite_in_row:
+                if nonfinite_in_row >= cfg.max_nonfinite_in_row:
                     raise TrainingError(
                         f"{nonfinite_in_row} non-finite updates in a row at step {step + 1}: lower optim.lr, "
                         "check the data, or use float32; the last checkpoint under "
@@ -177,7 +173,12 @@ def train_loop(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec) -> tuple
                 t_log = time.perf_counter()
 
             t_pause = time.perf_counter()  # evaluation and checkpoints do not count against tokens/s
-            if spec.evaluate and spec.eval_every and step % spec.eval_every == 0 and step < total:
+            if (
+                spec.evaluate
+                and cfg.logging.eval_every
+                and step % cfg.logging.eval_every == 0
+                and step < total
+            ):
                 _run_eval(ctx, model, spec, step)
             signum = stop.agreed(acc)
             if (ckpt_every and step % ckpt_every == 0) or step == total or signum is not None:

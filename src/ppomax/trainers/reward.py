@@ -188,11 +188,6 @@ def train_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Pa
         batch_size=cfg.batch_size,
         # the budget counts both rows of a pair; token_balanced_batches sees one (the longer) per pair
         max_tokens=max(1, cfg.max_tokens_per_batch // 2) if cfg.max_tokens_per_batch else None,
-        epochs=cfg.epochs,
-        grad_accum=cfg.grad_accum,
-        max_grad_norm=cfg.max_grad_norm,
-        max_nonfinite_in_row=cfg.max_nonfinite_in_row,
-        eval_every=cfg.logging.eval_every,
         evaluate=(lambda mdl: evaluate_rm(ctx, mdl, valid, collate, eval_bs)) if valid else None,
         on_eval=on_eval,
         extra_state=extra,

@@ -173,11 +173,6 @@ def train_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> 
         counts=sft_counts,
         batch_size=cfg.batch_size,
         max_tokens=None,
-        epochs=cfg.epochs,
-        grad_accum=cfg.grad_accum,
-        max_grad_norm=cfg.max_grad_norm,
-        max_nonfinite_in_row=cfg.max_nonfinite_in_row,
-        eval_every=cfg.logging.eval_every,
         evaluate=(lambda mdl: evaluate_lm(ctx, mdl, valid, collate, cfg.batch_size)) if valid else None,
     )
     model, _step = train_loop(ctx, model, spec)
