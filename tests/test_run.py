@@ -285,3 +285,29 @@ def test_resume_never_unpickles_a_checkpoints_custom_objects(sft, capsys):
     err = capsys.readouterr().err
     assert "custom_checkpoint_0.pkl, which ppomax never writes or loads" in err
     assert not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------------------------------- one way to print
+
+
+def test_every_message_goes_through_the_ppomax_logger(sft, capsys):
+    """Trainer messages and the one-line error alike: records of the `ppomax` logger (stderr), stdout free
+    for the result."""
+    import logging
+
+    tmp_path, _cfg, path = sft
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("ppomax")
+    logger.addHandler(handler)
+    try:
+        assert main(["train-sft", "--config", str(path)]) == 0
+        assert main(["train-sft", "--config", str(path)]) == 2  # refused: the run is there
+    finally:
+        logger.removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert any(m.startswith("model: ") for m in messages)
+    assert any("already holds a run" in r.getMessage() and r.levelno == logging.ERROR for r in records)
+    out = capsys.readouterr()
+    assert out.out == f"{tmp_path / 'run' / 'final'}\n" and "ppomax: model: " in out.err
