@@ -331,3 +331,7 @@ def test_sigterm_saves_and_resume_ends_with_the_same_model(rm_setup, monkeypatch
     assert best[0] == best[1]
     ref_steps = [r["step"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")]
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == ref_steps
+    # resuming the finished run changes nothing: no step (nor the test-split record) logged twice
+    text = (run / "metrics.jsonl").read_text()
+    assert main(["train-rm", "--resume", str(run)]) == 0
+    assert (run / "metrics.jsonl").read_text() == text

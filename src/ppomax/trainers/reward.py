@@ -195,7 +195,7 @@ def train_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Pa
     model, last_step = train_loop(ctx, model, spec)
     final = ctx.save_model(model, tokenizer, ctx.out_dir / "final")
 
-    if test:
+    if test and last_step > ctx.start_step:  # a resumed run that was already done has scored its test split
         model.eval()
         with torch.no_grad():
             margins = rm_margins(ctx, model, test, collate, eval_bs)

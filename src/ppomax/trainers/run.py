@@ -103,8 +103,8 @@ class DictState:
 class RunContext:
     """One run in progress: its accelerator, directory, metrics and checkpoints (see the module docstring).
 
-    ``resume_from`` is the checkpoint :meth:`restore` loads (None: a fresh run); ``tracked`` the trainer's own
-    state saved with every checkpoint."""
+    ``resume_from`` is the checkpoint :meth:`restore` loads (None: a fresh run) and ``start_step`` its step;
+    ``tracked`` the trainer's own state saved with every checkpoint."""
 
     accelerator: Accelerator
     out_dir: Path
@@ -113,6 +113,7 @@ class RunContext:
     kind: str
     resume_from: Path | None = None
     last_checkpoint: Path | None = None
+    start_step: int = 0
     tracked: dict[str, Stateful] = field(default_factory=dict)
 
     @property
@@ -187,8 +188,9 @@ class RunContext:
         for name, obj in self.tracked.items():
             obj.load_state_dict(state[name])
         self.last_checkpoint = ckpt
-        self.print(f"resumed from {ckpt} (step {state['step']})")
-        return int(state["step"])
+        self.start_step = int(state["step"])
+        self.print(f"resumed from {ckpt} (step {self.start_step})")
+        return self.start_step
 
     # ------------------------------------------------------------------ saving
 
