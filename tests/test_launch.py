@@ -113,8 +113,8 @@ def test_result_path_printed_by_the_main_process_only(monkeypatch, capsys, tmp_p
     import ppomax.trainers.sft
 
     final = tmp_path / "run" / "final"
-    monkeypatch.setattr(ppomax.trainers.sft, "train_sft", lambda cfg, resume: final)
-    monkeypatch.setattr(ppomax.trainers.reward, "train_rm", lambda cfg, resume: final)
+    monkeypatch.setattr(ppomax.trainers.sft, "train_sft", lambda cfg, **run: final)
+    monkeypatch.setattr(ppomax.trainers.reward, "train_rm", lambda cfg, **run: final)
     monkeypatch.setattr("accelerate.PartialState", lambda: SimpleNamespace(is_main_process=main_process))
     assert (
         main([command, "--set", f"model.policy={tmp_path}", "--set", f"data.train={tmp_path / 'x.jsonl'}"])

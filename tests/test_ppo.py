@@ -54,10 +54,10 @@ def test_scoring_pass_matches_unpadded_forward_passes(setup, tmp_path, mode):
         f"model.reference={setup.root / 'reference'}",
         "generation.temperature=0.7",
     )
-    exp = tr.generate([0, 1, 2, 3], tr.prompts)
+    exp = tr.generate([0, 1, 2, 3], tr.data.prompts)
     tr.score(exp)
     temp = 0.7 if mode == "sampling" else 1.0
-    policy, ref, critic = tr.unwrapped(tr.policy), tr.reference, tr.unwrapped(tr.critic)
+    policy, ref, critic = tr.unwrapped(tr.policy), tr.models.reference, tr.unwrapped(tr.critic)
     for i in range(exp.batch_size):
         ids = exp.sequences[i][exp.attention_mask[i].bool()].unsqueeze(0)
         p, r = int(exp.prompt_lens[i]), int(exp.response_lens[i])
@@ -84,7 +84,7 @@ def test_scoring_pass_matches_unpadded_forward_passes(setup, tmp_path, mode):
 
 def test_reward_sources_are_weighted_in_the_trainer(setup, tmp_path):
     tr = make(setup, tmp_path, "reward.model_weight=0.5")
-    exp = tr.generate([0, 1, 2, 3], tr.prompts)
+    exp = tr.generate([0, 1, 2, 3], tr.data.prompts)
     tr.score(exp)
     parts = exp.score_parts
     assert set(parts) == {"rm", "target_tokens"}
@@ -255,7 +255,9 @@ def test_critic_initialisation(setup, tmp_path, init):
     same_as_rm = torch.equal(flat(critic), flat(rm))
     if init in ("reward_model", "explicit"):
         assert same_as_rm
-        assert critic is not tr.reward_model  # a copy: training the critic never moves the reward model
+        assert (
+            critic is not tr.models.reward_model
+        )  # a copy: training the critic never moves the reward model
     elif init == "sft":
         assert same_backbone and not torch.equal(critic.value_head.weight, rm.value_head.weight)
     else:
@@ -380,7 +382,7 @@ def test_ptx_loss_mixes_sft_batches_into_the_policy_update(setup, tmp_path, monk
     m0 = tr0.iteration(1)
     tr = make(setup, tmp_path / "on", "ppo.ptx_coef=0.5", f"data.ptx={setup.ptx}", "ppo.ptx_batch_size=3")
     before = flat(tr.policy)
-    batch = tr.ptx.batch(list(tr.ptx_stream._order[:3]), tr.pad_id, tr.acc.device)
+    batch = tr.data.ptx.batch(list(tr.data.ptx_stream._order[:3]), tr.data.pad_id, tr.acc.device)
     with torch.no_grad():  # independent NLL of the first PTX batch under the initial policy
         logits = tr.unwrapped(tr.policy)(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
@@ -391,7 +393,7 @@ def test_ptx_loss_mixes_sft_batches_into_the_policy_update(setup, tmp_path, monk
     m1 = tr.iteration(1)
     assert "loss/ptx" not in m0 and len(spy.calls) == 1
     assert m1["loss/ptx"] == pytest.approx(float(expect), rel=1e-5)
-    assert tr.ptx_stream.pos == 3
+    assert tr.data.ptx_stream.pos == 3
     assert not torch.equal(before, flat(tr.policy))
     # the same rollouts with and without the LM term give different policies
     assert not torch.equal(flat(tr0.policy), flat(tr.policy))
@@ -401,7 +403,7 @@ def test_ptx_loss_mixes_sft_batches_into_the_policy_update(setup, tmp_path, monk
 def test_global_gradient_clipping(setup, tmp_path, max_norm):
     tr = make(setup, tmp_path, f"ppo.max_grad_norm={max_norm or 'null'}")
     seen = []
-    for opt in (tr.policy_opt, tr.critic_opt):
+    for opt in (tr.updater.policy.optimizer, tr.updater.critic.optimizer):
         inner = opt.step
 
         def step(*a, _inner=inner, _opt=opt, **k):
@@ -424,17 +426,17 @@ def test_global_gradient_clipping(setup, tmp_path, max_norm):
 @torch.no_grad()
 def test_scoring_in_micro_batches_gives_the_same_experience(setup, tmp_path):
     tr = make(setup, tmp_path, "ppo.micro_batch_size=3")
-    exp = tr.generate([0, 1, 2, 3, 4, 5, 6, 7], tr.prompts)
+    exp = tr.generate([0, 1, 2, 3, 4, 5, 6, 7], tr.data.prompts)
     tr.score(exp)
     whole = dataclasses.replace(exp, logprobs=None, ref_logprobs=None, values=None, scores=None)
     ppo_step.score_experience(
         whole,
         policy=tr.unwrapped(tr.policy),
-        reference=tr.reference,
+        reference=tr.models.reference,
         critic=tr.unwrapped(tr.critic),
-        fwd=tr.fwd,
-        rewards=tr.rewards,
-        eos_ids=tr.eos_ids,
+        fwd=tr.rollouts.fwd,
+        rewards=tr.rollouts.rewards,
+        eos_ids=tr.rollouts.eos_ids,
     )
     for name in ("logprobs", "ref_logprobs", "raw_logprobs", "entropy", "values", "scores"):
         torch.testing.assert_close(getattr(exp, name), getattr(whole, name), atol=1e-5, rtol=1e-5)
@@ -471,16 +473,16 @@ def test_micro_batches_give_the_whole_minibatch_gradient(setup, tmp_path, micro)
         f"data.ptx={setup.ptx}",
         "ppo.ptx_batch_size=3",
     )
-    exp = tr.generate([0, 1, 2, 3], tr.prompts)
+    exp = tr.generate([0, 1, 2, 3], tr.data.prompts)
     tr.score(exp)
     compute_advantages(exp, tr.cfg.ppo, tr.cfg.generation, tr.moments)
     keep = torch.arange(exp.response_mask.shape[1]) < torch.tensor([[8], [2], [5], [1]])
     exp = dataclasses.replace(exp, response_mask=exp.response_mask & keep)  # ragged response lengths
-    ptx = tr.ptx.batch([0, 1, 2], tr.pad_id, tr.acc.device)
+    ptx = tr.data.ptx.batch([0, 1, 2], tr.data.pad_id, tr.acc.device)
     assert len(set((ptx["labels"][:, 1:] != -100).sum(1).tolist())) == 3
     tr.updater.ptx_batch = lambda k: ptx
     grads = []
-    for opt in (tr.policy_opt, tr.critic_opt):
+    for opt in (tr.updater.policy.optimizer, tr.updater.critic.optimizer):
         opt.step = lambda *a, _opt=opt, **k: grads.append(
             [p.grad.clone() for g in _opt.param_groups for p in g["params"] if p.grad is not None]
         )
@@ -501,7 +503,7 @@ def test_minibatches_micro_batches_and_epochs(setup, tmp_path):
     """buffer 8 / minibatch 4 / 2 epochs = 4 optimiser steps; micro-batches of 3 rows change nothing else."""
     tr = make(setup, tmp_path, "ppo.minibatch_size=4", "ppo.ppo_epochs=2", "ppo.micro_batch_size=3")
     m = tr.iteration(1)
-    assert tr.policy_sched.last_epoch == 4 and tr.critic_sched.last_epoch == 4
+    assert tr.updater.policy.schedule.last_epoch == 4 and tr.updater.critic.schedule.last_epoch == 4
     assert math.isfinite(m["loss/total"]) and m["nonfinite/skipped"] == 0
 
 
@@ -557,3 +559,16 @@ def test_metrics_reduce_across_ranks_by_kind():
     assert list(results[0]) == list(ranks[0])  # the caller's order
     assert reduce_metrics({"a_max": torch.tensor(2.0), "b": 1}, None) == {"a_max": 2.0, "b": 1.0}
     assert ppo_module.reduce_metrics is reduce_metrics
+
+
+def test_the_trainer_is_a_few_explicit_collaborators(setup, tmp_path):
+    """No object with more than about 12 attributes; evaluation gets what it uses, not the trainer."""
+    import inspect
+
+    from ppomax.trainers import ppo_eval
+
+    tr = make(setup, tmp_path)
+    for obj in (tr, tr.run, tr.data, tr.models, tr.rollouts, tr.updater, tr.collapse):
+        assert len(vars(obj)) <= 12, (type(obj).__name__, sorted(vars(obj)))
+    params = inspect.signature(ppo_eval.evaluate).parameters
+    assert "trainer" not in params and {"rollouts", "prompts"} <= set(params)

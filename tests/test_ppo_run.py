@@ -5,16 +5,16 @@ updates (skipped and counted; K in a row stop the run with the last good checkpo
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from launch_helpers import accelerate_launch
 from ppo_helpers import FAST, config, make_setup, reward_fn
 from ppomax.cli import main
-from ppomax.errors import UserError
+from ppomax.errors import STOPPED_EXIT_CODE, RunStopped, UserError
 from ppomax.monitor import read_metrics
 from ppomax.trainers.ppo import PPOTrainer, TrainingDiverged, train_ppo
 
@@ -71,6 +71,12 @@ def _sets(*items: str) -> list[str]:
     return [a for item in items for a in ("--set", item)]
 
 
+def _same_weights(model, safetensors_file) -> bool:
+    """The model's weights equal a checkpoint's (accelerate saves tied weights once)."""
+    saved, own = load_file(str(safetensors_file)), model.state_dict()
+    return bool(saved) and all(torch.equal(v, own[k]) for k, v in saved.items())
+
+
 def test_cli_run_logs_every_metric_and_saves_loadable_models(setup, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -115,11 +121,13 @@ def test_cli_run_logs_every_metric_and_saves_loadable_models(setup, tmp_path):
     policy = AutoModelForCausalLM.from_pretrained(out / "final" / "policy")
     AutoTokenizer.from_pretrained(out / "final" / "policy")
     critic = ValueHeadModel.from_pretrained(out / "final" / "critic")
-    ckpt_policy = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step-2" / "policy")
-    assert all(
-        torch.equal(a, b)
-        for a, b in zip(policy.state_dict().values(), ckpt_policy.state_dict().values(), strict=True)
-    )
+    # the last step is checkpointed: both models and both optimisers in accelerate's files, ppomax's own state
+    # as JSON, nothing pickled by ppomax
+    ckpt = out / "checkpoints" / "step-2"
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin"} <= names
+    assert "ppomax_state.json" in names and not [n for n in names if n.startswith("custom_checkpoint")]
+    assert _same_weights(policy, ckpt / "model.safetensors")
     assert critic.value_head.weight.shape[1] == policy.config.hidden_size
     # a second run into the same directory without --resume is refused
     assert main(args) == 2
@@ -145,10 +153,12 @@ def test_sigterm_saves_and_resume_continues_exactly(setup, tmp_path):
     stopped = PPOTrainer(
         cfg("b", at=5)
     )  # two rollout batches (reward calls) per iteration: call 5 is in step 3
-    out = stopped.train()
-    assert stopped.stopped_by == signal.SIGTERM and stopped.step == 3
-    assert (out / "checkpoints" / "step-3" / "state.json").is_file() and not (out / "final").exists()
-    assert train_ppo(cfg("b", at=5), resume=out) == out
+    with pytest.raises(RunStopped, match="SIGTERM: stopped at step 3"):
+        stopped.train()
+    out = tmp_path / "b"
+    assert stopped.step == 3
+    assert (out / "checkpoints" / "step-3" / "ppomax_state.json").is_file() and not (out / "final").exists()
+    assert train_ppo(cfg("b", at=5), resume=True) == out
     resumed = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
     for a, b in zip(straight, resumed, strict=True):
@@ -158,8 +168,9 @@ def test_sigterm_saves_and_resume_continues_exactly(setup, tmp_path):
 
 
 def test_resume_after_a_kill_replays_from_the_last_checkpoint(setup, tmp_path):
-    """SIGKILL after step 4 was logged but only step 2 was checkpointed: resuming truncates the log to step 2 and
-    replays steps 3-4 to the same metrics."""
+    """SIGKILL after step 4 was logged but only step 2 was checkpointed, and the run directory then moved:
+    `--resume DIR` truncates DIR's log to step 2, replays steps 3-4 to the same metrics, and writes into DIR,
+    not into the out_dir its config.yaml names."""
     import shutil
 
     cfg = config(
@@ -172,10 +183,16 @@ def test_resume_after_a_kill_replays_from_the_last_checkpoint(setup, tmp_path):
     )
     out = train_ppo(cfg)
     before = read_metrics(out / "metrics.jsonl")
-    shutil.rmtree(out / "checkpoints" / "step-4")
-    shutil.rmtree(out / "final")
-    train_ppo(cfg, resume=out)
-    after = read_metrics(out / "metrics.jsonl")
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    shutil.rmtree(moved / "checkpoints" / "step-4")
+    shutil.rmtree(moved / "final")
+    (moved / "checkpoints" / "step-4.tmp-12345").mkdir()  # what a kill during a save leaves
+    original = (out / "metrics.jsonl").read_text()
+    assert main(["train-ppo", "--resume", str(moved)]) == 0
+    assert (out / "metrics.jsonl").read_text() == original
+    assert sorted(p.name for p in (moved / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    after = read_metrics(moved / "metrics.jsonl")
     assert [r["step"] for r in after] == [1, 2, 3, 4]
     for a, b in zip(before, after, strict=True):
         assert {k: v for k, v in a.items() if not k.startswith(("time/", "perf/"))} == pytest.approx(
@@ -194,7 +211,7 @@ def test_sigint_through_the_cli_then_resume_with_the_saved_config(setup, tmp_pat
         "ppo.iterations=3",
         reward_fn("ppo_helpers:signal_on_call", counter=str(tmp_path / "n"), at=1, sig="SIGINT"),
     )
-    assert main(["train-ppo", "--preset", "ppo_max", *args]) == 130
+    assert main(["train-ppo", "--preset", "ppo_max", *args]) == STOPPED_EXIT_CODE
     assert (out / "checkpoints" / "step-1").is_dir()
     assert main(["train-ppo", "--resume", str(out)]) == 0  # config.yaml of the run, no --preset/--set
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
@@ -220,7 +237,6 @@ def test_one_nonfinite_iteration_is_skipped_and_counted(setup, tmp_path):
 
 
 def test_repeated_nonfinite_updates_stop_with_the_last_good_checkpoint(setup, tmp_path):
-    from transformers import AutoModelForCausalLM
 
     cfg = config(
         setup,
@@ -236,12 +252,8 @@ def test_repeated_nonfinite_updates_stop_with_the_last_good_checkpoint(setup, tm
     assert isinstance(err.value, UserError)  # the CLI prints it without a traceback
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["step-1", "step-2"]
-    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoints" / "step-2" / "policy")
     current = tr.unwrapped(tr.policy)  # skipped updates never touched the weights
-    assert all(
-        torch.equal(a, b)
-        for a, b in zip(saved.state_dict().values(), current.state_dict().values(), strict=True)
-    )
+    assert _same_weights(current, tmp_path / "run" / "checkpoints" / "step-2" / "model.safetensors")
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["nonfinite/total"] for r in records] == [0, 0, 1, 2]
 
@@ -289,7 +301,11 @@ def test_two_process_cpu_ddp_with_resume(setup, tmp_path):
 
     out = tmp_path / "run"
     launch = [*accelerate_launch(2), "train-ppo"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), str(Path(__file__).parent)]),
+        "OMP_NUM_THREADS": "1",
+    }
     first = [
         *launch,
         "--preset",
@@ -310,7 +326,7 @@ def test_two_process_cpu_ddp_with_resume(setup, tmp_path):
     ]
     proc = subprocess.run(first, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    state = json.loads((out / "checkpoints" / "step-3" / "state.json").read_text())
+    state = json.loads((out / "checkpoints" / "step-3" / "ppomax_state.json").read_text())
     assert state["moments"]["count"] == 3 * 8 * 2  # 3 iterations x 8 samples x 2 ranks
     assert state["prompt_stream"]["epoch"] * 12 + state["prompt_stream"]["pos"] == 3 * 8 * 2
     launch = [*accelerate_launch(2), "train-ppo"]
@@ -324,4 +340,7 @@ def test_two_process_cpu_ddp_with_resume(setup, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "reward/raw_mean" in r]
     assert steps == [1, 2, 3, 4]
-    assert json.loads((out / "checkpoints" / "step-4" / "state.json").read_text())["moments"]["count"] == 64
+    assert (
+        json.loads((out / "checkpoints" / "step-4" / "ppomax_state.json").read_text())["moments"]["count"]
+        == 64
+    )

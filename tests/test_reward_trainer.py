@@ -286,3 +286,52 @@ def test_two_process_cpu_ddp(rm_setup):
     assert len(train) == 4  # 128 pairs / (16 per rank * 2 ranks)
     assert json.loads((run / "rm_eval_test.json").read_text())["pairs"] == 32
     ValueHeadModel.from_pretrained(run / "final")
+
+
+def test_sigterm_saves_and_resume_ends_with_the_same_model(rm_setup, monkeypatch, capsys):
+    """SIGTERM mid-run: checkpoint, the exit code every trainer uses, where and how to resume; --resume DIR
+    then ends with the weights and best-model record of an uninterrupted run (2N == N + N)."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    import ppomax.trainers.reward as reward_mod
+    from ppomax.errors import STOPPED_EXIT_CODE
+
+    tmp_path, cfg = rm_setup
+    cfg["epochs"] = 1  # 8 steps, evaluated at steps 4 and 8
+    cfg["logging"].update(eval_every=4, tensorboard=False)
+    path = write_yaml(tmp_path / "rm.yaml", cfg)
+    assert main(["train-rm", "--config", str(path), "--set", f"logging.out_dir={tmp_path / 'ref'}"]) == 0
+    real = reward_mod.make_rm_loss
+
+    def make_loss_then_sigterm(beta_rm, lam):
+        inner, calls = real(beta_rm, lam), {"n": 0}
+
+        def loss(model, batch, weights=None):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                signal.raise_signal(signal.SIGTERM)
+            return inner(model, batch, weights)
+
+        return loss
+
+    monkeypatch.setattr(reward_mod, "make_rm_loss", make_loss_then_sigterm)
+    capsys.readouterr()
+    assert main(["train-rm", "--config", str(path)]) == STOPPED_EXIT_CODE
+    run = tmp_path / "run"
+    assert f"ppomax train-rm --resume {run}" in capsys.readouterr().err
+    assert (run / "checkpoints" / "step-5").is_dir() and not (run / "final").exists()
+    monkeypatch.setattr(reward_mod, "make_rm_loss", real)
+    assert main(["train-rm", "--resume", str(run)]) == 0
+    for name in ("model.safetensors", "value_head.safetensors"):
+        a, b = load_file(str(tmp_path / "ref" / "final" / name)), load_file(str(run / "final" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    best = [json.loads((d / "best" / "ppomax_eval.json").read_text()) for d in (tmp_path / "ref", run)]
+    assert best[0] == best[1]
+    ref_steps = [r["step"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")]
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == ref_steps
+    # resuming the finished run changes nothing: no step (nor the test-split record) logged twice
+    text = (run / "metrics.jsonl").read_text()
+    assert main(["train-rm", "--resume", str(run)]) == 0
+    assert (run / "metrics.jsonl").read_text() == text

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ppomax.cli import main
 from ppomax.config import load_config
 from ppomax.data import IGNORE_INDEX, LoadStats, SFTCollator, SFTExample, pad_id_of, tokenize_sft
+from ppomax.errors import STOPPED_EXIT_CODE
 from ppomax.monitor import read_metrics
 from ppomax.trainers.loop import accumulate
 from ppomax.trainers.sft import pretrain_features, sft_counts, sft_features, sft_loss
@@ -46,7 +47,9 @@ def test_train_sft_cli_end_to_end(sft_setup, capsys):
     path = write_yaml(tmp_path / "sft.yaml", cfg)
     assert main(["train-sft", "--config", str(path), "--set", "seed=3"]) == 0
     run = tmp_path / "run"
-    assert capsys.readouterr().out.strip().endswith(str(run / "final"))
+    out = capsys.readouterr()
+    assert out.out == f"{run / 'final'}\n"  # the result alone on stdout; messages on stderr, one way
+    assert "ppomax: model: " in out.err and f"ppomax: saved {run / 'final'}" in out.err
     assert load_config("sft", run / "config.yaml").seed == 3  # the resolved config, overrides included
     records = read_metrics(run / "metrics.jsonl")
     train = _losses(records, "train/loss")
@@ -65,6 +68,15 @@ def test_train_sft_cli_end_to_end(sft_setup, capsys):
     model = AutoModelForCausalLM.from_pretrained(run / "final")
     tok = AutoTokenizer.from_pretrained(run / "final")
     assert model.get_input_embeddings().num_embeddings == len(tok)
+    # the same command again is refused (it would append to this run), and nothing is touched
+    before = (run / "metrics.jsonl").read_text()
+    assert main(["train-sft", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run} already holds a run" in err and "--overwrite" in err and f"--resume {run}" in err
+    assert (run / "metrics.jsonl").read_text() == before
+    # --overwrite replaces it: one run's steps, not two
+    assert main(["train-sft", "--config", str(path), "--overwrite"]) == 0
+    assert len(_losses(read_metrics(run / "metrics.jsonl"), "train/loss")) == 8
 
 
 def test_sft_loss_is_response_only(tmp_path):
@@ -182,7 +194,8 @@ def test_missing_data_file_is_a_clear_error(sft_setup, capsys):
 
 
 def test_resume_continues_as_if_uninterrupted(sft_setup):
-    """A run resumed from its step-4 checkpoint logs the same metrics and ends with the same weights."""
+    """A run resumed from its step-4 checkpoint logs the same metrics and ends with the same weights. The
+    resumed directory is a copy: `--resume DIR` writes into DIR, never into the out_dir its config.yaml names."""
     tmp_path, cfg = sft_setup
     cfg["logging"].update(checkpoint_every=4, eval_every=0)
     cfg["epochs"] = 3
@@ -190,12 +203,18 @@ def test_resume_continues_as_if_uninterrupted(sft_setup):
     a = write_yaml(tmp_path / "a.yaml", cfg)
     assert main(["train-sft", "--config", str(a)]) == 0
     run = tmp_path / "run"
-    assert (run / "checkpoints" / "step-4" / "trainer_state.json").is_file()
-    # "crash" after step 4: a copy of the run dir without the final model and with the later log lines
+    # the last step (6) is checkpointed too, so resuming a finished run has nothing left to do
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4", "step-6"]
+    assert (run / "checkpoints" / "step-4" / "ppomax_state.json").is_file()
+    # "crash" after step 4: a copy of the run dir without the final model, the step-6 checkpoint and with the
+    # later log lines
     crashed = tmp_path / "crashed"
     shutil.copytree(run, crashed)
     shutil.rmtree(crashed / "final")
-    assert main(["train-sft", "--config", str(a), "--set", f"logging.out_dir={crashed}", "--resume"]) == 0
+    shutil.rmtree(crashed / "checkpoints" / "step-6")
+    full_text = (run / "metrics.jsonl").read_text()
+    assert main(["train-sft", "--resume", str(crashed)]) == 0
+    assert (run / "metrics.jsonl").read_text() == full_text  # the original run was not touched
     full = read_metrics(run / "metrics.jsonl")
     resumed = read_metrics(crashed / "metrics.jsonl")
     assert [sorted(r) for r in resumed] == [sorted(r) for r in full]
@@ -207,11 +226,14 @@ def test_resume_continues_as_if_uninterrupted(sft_setup):
     m2 = AutoModelForCausalLM.from_pretrained(crashed / "final")
     for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    # resuming the finished run: nothing to do, nothing logged twice
+    assert main(["train-sft", "--resume", str(run)]) == 0
+    assert (run / "metrics.jsonl").read_text() == full_text
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_finishes_identically(sft_setup, monkeypatch):
-    """SIGTERM mid-run: a checkpoint at the current step, exit code 130; --resume ends where an uninterrupted
-    run ends (same weights)."""
+def test_sigterm_saves_a_checkpoint_and_resume_finishes_identically(sft_setup, monkeypatch, capsys):
+    """SIGTERM mid-run: a checkpoint at the current step, the documented exit code and a message saying where
+    and how to resume; --resume DIR ends where an uninterrupted run ends (same weights)."""
     import signal
 
     import ppomax.trainers.sft as sft_mod
@@ -232,11 +254,15 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_identically(sft_setup, m
         return real_loss(model, batch, weights)
 
     monkeypatch.setattr(sft_mod, "sft_loss", loss_then_sigterm)
-    assert main(["train-sft", "--config", str(path)]) == 130
+    capsys.readouterr()
+    assert main(["train-sft", "--config", str(path)]) == STOPPED_EXIT_CODE
     run = tmp_path / "run"
+    err = capsys.readouterr().err
+    assert f"checkpoint saved in {run / 'checkpoints' / 'step-3'}" in err
+    assert f"ppomax train-sft --resume {run}" in err and "Traceback" not in err
     assert (run / "checkpoints" / "step-3").is_dir() and not (run / "final").exists()
     monkeypatch.setattr(sft_mod, "sft_loss", real_loss)
-    assert main(["train-sft", "--config", str(path), "--resume"]) == 0
+    assert main(["train-sft", "--resume", str(run)]) == 0
     m1 = AutoModelForCausalLM.from_pretrained(tmp_path / "ref" / "final")
     m2 = AutoModelForCausalLM.from_pretrained(run / "final")
     for p, q in zip(m1.parameters(), m2.parameters(), strict=True):

@@ -11,7 +11,8 @@ import sys
 
 import ppomax
 import ppomax.commands
-from ppomax.errors import UserError
+from ppomax.console import console
+from ppomax.errors import STOPPED_EXIT_CODE, RunStopped, UserError
 from ppomax.threads import command_threads
 
 
@@ -60,10 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         with command_threads(args.threads):
             return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"ppomax: {exc}", file=sys.stderr)
+        console().error("%s", exc)
         return 2
+    except RunStopped:  # the trainer said where it saved and how to resume
+        return STOPPED_EXIT_CODE
     except KeyboardInterrupt:
-        print("ppomax: interrupted", file=sys.stderr)
+        console().error("interrupted")
         return 130
     finally:
         _close_process_group()

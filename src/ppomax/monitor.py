@@ -1,7 +1,7 @@
-"""Run metrics: one JSON line per step in `metrics.jsonl`, the same scalars to TensorBoard.
+"""Run metrics: one JSON line per step in ``metrics.jsonl``, the same scalars to TensorBoard.
 
-Every trainer logs through :class:`MetricsLogger`, so every run directory has the same layout:
-``config.yaml`` (resolved), ``metrics.jsonl``, ``tb/`` (TensorBoard events).
+Every trainer logs through :class:`MetricsLogger`, so every run directory has the same layout: ``config.yaml``
+(resolved), ``metrics.jsonl``, ``tb/`` (TensorBoard events).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ppomax.errors import UserError
 
 
 def to_scalar(value: Any) -> float | int | str | None:
@@ -34,25 +36,35 @@ def to_scalar(value: Any) -> float | int | str | None:
 class MetricsLogger:
     """Appends step metrics to ``out_dir/metrics.jsonl`` and TensorBoard (``out_dir/tb``).
 
-    Only the main process writes (pass ``enabled=False`` on other ranks). On resume the JSONL file is
-    truncated to the steps at or before the checkpoint's step, so a resumed run's log reads as one run.
+    Only the main process writes (pass ``enabled=False`` on other ranks). ``resume_step``: the run continues
+    from a checkpoint at that step, so the JSONL lines after it are dropped and TensorBoard purges the events
+    after it (``purge_step``): a resumed run's log reads as one run, each step once.
     """
 
-    def __init__(self, out_dir: str | Path, tensorboard: bool = True, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        tensorboard: bool = True,
+        enabled: bool = True,
+        resume_step: int | None = None,
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self.path = self.out_dir / "metrics.jsonl"
         self._tb = None
         if enabled:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                self._truncate_after(resume_step)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(self.out_dir / "tb"))
+                purge = None if resume_step is None else resume_step + 1
+                self._tb = SummaryWriter(log_dir=str(self.out_dir / "tb"), purge_step=purge)
 
-    def truncate_after(self, step: int) -> None:
-        """Drop logged lines whose step is greater than ``step`` (used when resuming)."""
-        if not self.enabled or not self.path.exists():
+    def _truncate_after(self, step: int) -> None:
+        """Drop logged lines whose step is greater than ``step``."""
+        if not self.path.exists():
             return
         kept = [
             line
@@ -67,8 +79,11 @@ class MetricsLogger:
         for key, value in metrics.items():
             record[f"{prefix}{key}"] = to_scalar(value)
         if self.enabled:
-            with self.path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
+            try:
+                with self.path.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            except OSError as exc:
+                raise UserError(f"{self.path}: cannot write the metrics: {exc.strerror or exc}") from None
             if self._tb is not None:
                 for key, value in record.items():
                     if key != "step" and isinstance(value, int | float):

@@ -5,7 +5,7 @@ package imports only torch, so each formula has a unit test against an independe
 (tests/test_algos.py). Equation numbers refer to "Secrets of RLHF in Large Language Models Part I: PPO"
 (arXiv 2307.04964). Modules: `stats` (masked statistics, running moments, last-token index), `rewards`
 (KL estimators, token-level rewards, GAE, score re-parameterisation, advantage normalisation), `losses` (PPO,
-critic, entropy, LM, RM losses).
+critic, entropy, LM, RM losses), `metrics` (the monitoring statistics of a batch of rollouts, paper 5.2).
 Import from `ppomax.algos` directly; the split is for reading, not for the API.
 
 Conventions:
@@ -29,6 +29,7 @@ from .losses import (
     policy_loss,
     value_loss,
 )
+from .metrics import RESPONSE_SUMS, response_statistics, response_sums, rollout_statistics
 from .rewards import (
     KLEstimator,
     ScoreTransform,
@@ -49,6 +50,7 @@ from .stats import (
 )
 
 __all__ = [
+    "RESPONSE_SUMS",
     "AllReduce",
     "KLEstimator",
     "RunningMoments",
@@ -67,6 +69,9 @@ __all__ = [
     "pairwise_rm_loss",
     "policy_loss",
     "reparameterize_scores",
+    "response_statistics",
+    "response_sums",
+    "rollout_statistics",
     "token_level_rewards",
     "token_weights",
     "value_loss",

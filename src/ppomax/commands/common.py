@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from ppomax.config import PRESET_NAMES
+from ppomax.errors import STOPPED_EXIT_CODE
 
 
 def add_config_args(p: argparse.ArgumentParser, presets: bool = False) -> None:
@@ -29,3 +31,37 @@ def print_result(text: str) -> None:
 
     if PartialState().is_main_process:
         print(text)
+
+
+RUN_EPILOG = (
+    "A new run into a directory that holds one (a checkpoint or final/) is refused unless --overwrite. "
+    "--resume DIR continues the run in DIR from its newest checkpoint, with DIR's config.yaml (or --config, which "
+    "may differ only in the run length), and writes into DIR. SIGINT/SIGTERM save a checkpoint and exit with "
+    f"status {STOPPED_EXIT_CODE}; 0 = done, 2 = a user error (one line on stderr)."
+)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """``--resume DIR`` and ``--overwrite``, the same for every training command (:mod:`ppomax.trainers.run`)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR (its config.yaml unless --config; only the run length may change)",
+    )
+    group.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in logging.out_dir, if any"
+    )
+
+
+def run_config(kind: str, args: argparse.Namespace) -> Any:
+    """The config a training command runs: ``--config``/``--preset``/``--set``, or with ``--resume DIR`` the
+    run's own config (see :func:`ppomax.trainers.run.resume_config`)."""
+    from ppomax.config import load_config
+
+    preset = getattr(args, "preset", None)
+    if args.resume:
+        from ppomax.trainers.run import resume_config
+
+        return resume_config(kind, args.resume, args.config, preset, args.overrides)
+    return load_config(kind, path=args.config, preset=preset, overrides=args.overrides)  # type: ignore[arg-type]

@@ -4,69 +4,48 @@
     ppomax train-ppo --config run.yaml [--set ppo.kl_coef=0.1]
     ppomax train-ppo --resume runs/ppo            # continue from the newest checkpoint, with the run's config
 
-Exit status: 0 when done, 2 on a user error (bad config/data/model path, diverged run), 130/143 when stopped by
-SIGINT/SIGTERM after saving a checkpoint.
+Exit status: 0 when done, 2 on a user error (bad config/data/model path, diverged run), 3 when the collapse
+monitor stopped the run (collapse.action: stop), 75 when stopped by SIGINT/SIGTERM after saving a checkpoint
+(the same for every training command, :data:`ppomax.errors.STOPPED_EXIT_CODE`).
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
 from pathlib import Path
 
-from ppomax.commands.common import add_config_args
-from ppomax.config import PPOConfig, load_config
+from ppomax.commands.common import RUN_EPILOG, add_config_args, add_run_args, print_result, run_config
+from ppomax.config import PPOConfig
 
-
-def _config(args: argparse.Namespace) -> PPOConfig:
-    path = args.config
-    if args.resume and not args.config and not args.preset:
-        # The resolved config the run saved: in the checkpoint itself, else in the run directory.
-        from ppomax.trainers.ppo_state import resolve_resume
-
-        ckpt = resolve_resume(args.resume)
-        for candidate in (ckpt / "config.yaml", ckpt.parent.parent / "config.yaml"):
-            if candidate.is_file():
-                path = str(candidate)
-                break
-    cfg = load_config("ppo", path=path, preset=args.preset, overrides=args.overrides)
-    assert isinstance(cfg, PPOConfig)
-    return cfg
+COLLAPSE_EXIT_CODE = 3
 
 
 def _run(args: argparse.Namespace) -> int:
     from ppomax.trainers.ppo import PPOTrainer
 
-    cfg = _config(args)
-    trainer = PPOTrainer(cfg, resume=args.resume)
+    cfg = run_config("ppo", args)
+    assert isinstance(cfg, PPOConfig)
+    trainer = PPOTrainer(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     out = trainer.train()
     if trainer.collapse_stopped:
-        print(
-            f"ppomax: stopped at step {trainer.step} by the collapse monitor (collapse.action=stop); the last "
-            f"checkpoint before it is {trainer.last_checkpoint or 'none (set logging.checkpoint_every)'}",
-            file=sys.stderr,
+        last = trainer.run.last_checkpoint
+        trainer.run.warn(
+            f"stopped at step {trainer.step} by the collapse monitor (collapse.action=stop); the last "
+            f"checkpoint before it is {last or 'none (set logging.checkpoint_every)'}"
         )
-        return 3
-    if trainer.stopped_by is not None:
-        name = signal.Signals(trainer.stopped_by).name
-        print(
-            f"ppomax: {name} received: checkpoint saved at step {trainer.step} in {trainer.last_checkpoint}; "
-            f"continue with: ppomax train-ppo --resume {out}",
-            file=sys.stderr,
-        )
-        return 128 + int(trainer.stopped_by)
-    if trainer.acc.is_main_process:
-        print(
-            f"ppomax: done: policy in {Path(out) / 'final' / 'policy'}, metrics in {Path(out) / 'metrics.jsonl'}"
-        )
+        return COLLAPSE_EXIT_CODE
+    print_result(str(Path(out) / "final" / "policy"))
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train-ppo", help="PPO (PPO-max by default) against a reward model or reward functions"
+        "train-ppo",
+        help="PPO (PPO-max by default) against a reward model or reward functions",
+        description="PPO on a policy against a reward model and/or reward functions; prints the final policy "
+        "directory. Exit status 3: stopped by the collapse monitor (collapse.action: stop).",
+        epilog=RUN_EPILOG,
     )
     add_config_args(p, presets=True)
-    p.add_argument("--resume", metavar="DIR", help="run directory or checkpoint to continue from")
+    add_run_args(p)
     p.set_defaults(func=_run)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from ppomax.commands.common import add_config_args, print_result
-from ppomax.config import load_config
+from ppomax.commands.common import RUN_EPILOG, add_config_args, add_run_args, print_result, run_config
 
 
 def _run(args: argparse.Namespace) -> int:
     from ppomax.trainers.reward import train_rm  # heavy imports only when the command runs
 
-    cfg = load_config("rm", path=args.config, overrides=args.overrides)
-    final = train_rm(cfg, resume=args.resume)
+    cfg = run_config("rm", args)
+    final = train_rm(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     print_result(str(final))
     return 0
 
@@ -24,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train a value-head reward model with the pairwise loss plus beta_rm * LM loss on the "
         "chosen response (paper eq. 2). Writes best/ and final/, metrics and a margin histogram; prints the "
         "final model directory.",
+        epilog=RUN_EPILOG,
     )
     add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    add_run_args(p)
     p.set_defaults(func=_run)

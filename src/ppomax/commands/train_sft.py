@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from ppomax.commands.common import add_config_args, print_result
-from ppomax.config import load_config
+from ppomax.commands.common import RUN_EPILOG, add_config_args, add_run_args, print_result, run_config
 
 
 def _run(args: argparse.Namespace) -> int:
     from ppomax.trainers.sft import train_sft  # heavy imports only when the command runs
 
-    cfg = load_config("sft", path=args.config, overrides=args.overrides)
-    final = train_sft(cfg, resume=args.resume)
+    cfg = run_config("sft", args)
+    final = train_sft(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     print_result(str(final))
     return 0
 
@@ -23,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="supervised fine-tuning on responses only (or pretraining on plain text)",
         description="Fine-tune a causal LM on SFT examples (loss on response / assistant tokens only), or "
         "pretrain on {'text'} records with --set objective=pretrain. Prints the final model directory.",
+        epilog=RUN_EPILOG,
     )
     add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    add_run_args(p)
     p.set_defaults(func=_run)

@@ -1,7 +1,8 @@
 """Training loops: SFT / pretraining (:func:`train_sft`) and reward models (:func:`train_rm`), built on accelerate.
 
-Each runs unchanged on one CPU or under ``accelerate launch`` (DDP, DeepSpeed, FSDP); see
-:mod:`ppomax.trainers.common` for the run-directory layout, batching across ranks and resume.
+Each runs unchanged on one CPU or under ``accelerate launch`` (DDP, DeepSpeed, FSDP) on one run engine,
+:mod:`ppomax.trainers.run` (run directory, checkpoints, resume, signals); :mod:`ppomax.trainers.common` batches
+across ranks.
 """
 
 from .reward import train_rm

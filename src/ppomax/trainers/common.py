@@ -1,12 +1,6 @@
-"""What the SFT and reward-model trainers share: run setup, batching across ranks, checkpoints and resume
-(the optimisation loop itself is :mod:`ppomax.trainers.loop`).
-
-Layout of a run directory (``logging.out_dir``)::
-
-    config.yaml            the resolved config (written by the main process)
-    metrics.jsonl, tb/     one record per logged step (ppomax.monitor.MetricsLogger)
-    checkpoints/step-N/    periodic resumable state (accelerate save_state + trainer_state.json), atomic
-    final/                 the trained model: save_pretrained + tokenizer
+"""What the trainers share besides the run engine (:mod:`ppomax.trainers.run`): how a launch is read, loading
+the training data, batching across ranks and evaluation shards (the SFT/RM optimisation loop itself is
+:mod:`ppomax.trainers.loop`).
 
 Distributed runs (``accelerate launch``) shard the data themselves: every epoch the global list of batches is
 built from ``seed + epoch`` identically on every rank and rank ``r`` takes every ``world``-th batch, so a resumed
@@ -18,69 +12,29 @@ N`` starts ONE process (its multi-CPU mode needs mpirun), which :func:`launch_mi
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
 import math
 import os
 import random
-import shutil
-import signal
-import sys
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
-from tqdm.auto import tqdm
 
-from ppomax.checkpoint import latest_checkpoint, prune_checkpoints
-from ppomax.config import to_yaml
+from ppomax.console import console
 from ppomax.data import LoadStats
 from ppomax.data.batching import global_batches
 from ppomax.errors import UserError
-from ppomax.monitor import MetricsLogger
 
-logger = logging.getLogger("ppomax.train")
+if TYPE_CHECKING:
+    from .run import RunContext
 
 
 class TrainingError(UserError):
     """A run that cannot continue (e.g. repeated non-finite updates); the message says what to do."""
 
 
-# --------------------------------------------------------------------------- setup
-
-
-@dataclass
-class RunContext:
-    accelerator: Accelerator
-    out_dir: Path
-    metrics: MetricsLogger
-    cfg: Any
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-    @property
-    def world(self) -> int:
-        return self.accelerator.num_processes
-
-    @property
-    def rank(self) -> int:
-        return self.accelerator.process_index
-
-    def print(self, *args: Any) -> None:
-        if self.is_main:
-            tqdm.write(" ".join(str(a) for a in args))
+# --------------------------------------------------------------------------- launch
 
 
 # How many processes a launcher started: torchrun / accelerate (WORLD_SIZE), MPICH/Intel MPI, Open MPI, MVAPICH
@@ -123,22 +77,9 @@ def _cpu_distributed() -> bool:
     warning = launch_mismatch(os.environ)
     if warning is not None and warning not in _warned:
         _warned.add(warning)
-        tqdm.write(f"ppomax: warning: {warning}", file=sys.stderr)
+        console().warning("warning: %s", warning)
     launched = _launched_world(os.environ) > 1 or os.environ.get("LOCAL_RANK") is not None
     return launched and not torch.cuda.is_available()
-
-
-def setup_run(cfg: Any, grad_accum: int = 1) -> RunContext:
-    """Accelerator (CPU when there is no GPU, or what ``accelerate launch`` configured), seeds, run directory
-    with the resolved ``config.yaml``, metrics logger."""
-    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, cpu=_cpu_distributed())
-    set_seed(cfg.seed)
-    out_dir = Path(cfg.logging.out_dir)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-    metrics = MetricsLogger(out_dir, tensorboard=cfg.logging.tensorboard, enabled=accelerator.is_main_process)
-    return RunContext(accelerator, out_dir, metrics, cfg)
 
 
 def log_load_stats(ctx: RunContext, name: str, stats: LoadStats) -> None:
@@ -225,123 +166,6 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {
         k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
     }
-
-
-# --------------------------------------------------------------------------- saving
-
-
-def _distributed_weights(accelerator: Accelerator) -> bool:
-    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-
-
-@contextmanager
-def atomic_run_dir(ctx: RunContext, final: Path) -> Iterator[Path]:
-    """Like :func:`ppomax.checkpoint.atomic_dir`, but coordinated across ranks: every rank may write into the same
-    temporary directory; the main process renames it into place when all are done."""
-    acc = ctx.accelerator
-    tmp = final.with_name(f"{final.name}.tmp")
-    if ctx.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    yield tmp
-    acc.wait_for_everyone()
-    if ctx.is_main:
-        old = final.with_name(f"{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
-
-
-def save_model(ctx: RunContext, model: torch.nn.Module, tokenizer: Any, final: Path) -> Path:
-    """``save_pretrained`` of the unwrapped model (full weights gathered under ZeRO-3/FSDP) + tokenizer, atomic."""
-    acc = ctx.accelerator
-    state_dict = acc.get_state_dict(model) if _distributed_weights(acc) else None
-    with atomic_run_dir(ctx, final) as tmp:
-        if ctx.is_main:
-            acc.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
-            tokenizer.save_pretrained(tmp)
-    return final
-
-
-class _TrainerState:
-    """Counters that ride along in ``accelerator.save_state`` (registered for checkpointing)."""
-
-    def __init__(self) -> None:
-        self.step = 0
-        self.extra: dict[str, Any] = {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "extra": json.dumps(self.extra)}
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.step = int(sd["step"])
-        self.extra = json.loads(sd["extra"])
-
-
-def save_checkpoint(ctx: RunContext, state: _TrainerState) -> Path:
-    """Resumable state at ``checkpoints/step-N`` (model, optimiser, scheduler, RNG, step), then prune old ones."""
-    root = ctx.out_dir / "checkpoints"
-    final = root / f"step-{state.step}"
-    with atomic_run_dir(ctx, final) as tmp:
-        ctx.accelerator.save_state(str(tmp))
-        if ctx.is_main:
-            info = {"step": state.step, **state.extra}
-            (tmp / "trainer_state.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    if ctx.is_main:
-        prune_checkpoints(root, ctx.cfg.logging.keep_checkpoints)
-    ctx.accelerator.wait_for_everyone()
-    return final
-
-
-def try_resume(ctx: RunContext, state: _TrainerState) -> bool:
-    """Load the newest ``checkpoints/step-N`` if there is one; truncate metrics logged after it."""
-    ckpt = latest_checkpoint(ctx.out_dir / "checkpoints")
-    if ckpt is None:
-        ctx.print(f"resume: no checkpoint under {ctx.out_dir / 'checkpoints'}; starting from scratch")
-        return False
-    ctx.accelerator.load_state(str(ckpt))
-    ctx.metrics.truncate_after(state.step)
-    ctx.print(f"resumed from {ckpt} (step {state.step})")
-    return True
-
-
-# --------------------------------------------------------------------------- signals
-
-
-class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and stops cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            # not the main thread: no handlers, hence no graceful stop
-            with contextlib.suppress(ValueError):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        if self.requested:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("signal %d: saving a checkpoint at the end of this step, then stopping", signum)
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def agreed(self, accelerator: Accelerator) -> bool:
-        """True when any rank was asked to stop (all ranks must stop at the same step)."""
-        if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
-        return bool(accelerator.gather(flag).max().item() > 0)
 
 
 def reduce_sums(acc: Accelerator, values: dict[str, float]) -> dict[str, float]:

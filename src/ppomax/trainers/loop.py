@@ -1,8 +1,8 @@
-"""The optimisation loop shared by the SFT and reward-model trainers (see :mod:`ppomax.trainers.common`)."""
+"""The optimisation loop shared by the SFT and reward-model trainers, on the run engine
+(:mod:`ppomax.trainers.run`: directory, checkpoints, signals) and the batching of :mod:`ppomax.trainers.common`."""
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 import warnings
@@ -19,19 +19,9 @@ from ppomax.algos import AllReduce, token_weights
 from ppomax.errors import UserError
 from ppomax.optim import build_optimizer, build_scheduler
 
-from .common import (
-    RunContext,
-    StopFlag,
-    TrainingError,
-    _TrainerState,
-    micro_batches,
-    micro_batches_per_epoch,
-    save_checkpoint,
-    try_resume,
-)
+from .common import TrainingError, micro_batches, micro_batches_per_epoch
 from .reduce import reduce_metrics
-
-logger = logging.getLogger("ppomax.train")
+from .run import DictState, RunContext, StopFlag
 
 # --------------------------------------------------------------------------- the loop
 
@@ -54,7 +44,8 @@ class LoopSpec:
     ``weights=None`` means the batch alone. ``make_batch(indices) -> batch on device``; ``evaluate(model) ->
     metrics`` (called on every rank under no_grad, returns already-reduced numbers, may be None);
     ``on_eval(step, metrics, model)`` runs after each evaluation (e.g. to keep the best model). ``model`` is
-    the prepared (possibly wrapped) model.
+    the prepared (possibly wrapped) model. The run's own settings (``epochs``, ``grad_accum``, ``max_grad_norm``,
+    ``max_nonfinite_in_row``, ``logging.eval_every``) are read from the run's config (``ctx.cfg``).
     """
 
     lengths: Sequence[int]
@@ -63,39 +54,34 @@ class LoopSpec:
     counts: Callable[[dict[str, Any]], dict[str, torch.Tensor]]
     batch_size: int | None
     max_tokens: int | None
-    epochs: float
-    grad_accum: int
-    max_grad_norm: float | None
-    max_nonfinite_in_row: int
-    eval_every: int
     evaluate: Callable[[torch.nn.Module], dict[str, float] | None] | None = None
     on_eval: Callable[[int, dict[str, float], torch.nn.Module], None] | None = None
     extra_state: dict[str, Any] = field(default_factory=dict)
 
 
-def total_optimizer_steps(spec: LoopSpec, world: int, seed: int) -> int:
-    per_epoch = micro_batches_per_epoch(spec.lengths, world, seed, spec.batch_size, spec.max_tokens)
+def total_optimizer_steps(spec: LoopSpec, cfg: Any, world: int) -> int:
+    per_epoch = micro_batches_per_epoch(spec.lengths, world, cfg.seed, spec.batch_size, spec.max_tokens)
     if per_epoch == 0:
         raise UserError(
             f"not enough training examples ({len(spec.lengths)}) for one batch on {world} process(es)"
         )
-    return max(1, math.ceil(spec.epochs * per_epoch / spec.grad_accum))
+    return max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
 
 
-def train_loop(
-    ctx: RunContext, model: torch.nn.Module, spec: LoopSpec, resume: bool = False
-) -> tuple[torch.nn.Module, _TrainerState]:
-    """Optimise ``model`` (not yet prepared) with AdamW and the configured schedule.
+def train_loop(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec) -> tuple[torch.nn.Module, int]:
+    """Optimise ``model`` (not yet prepared) with AdamW and the configured schedule, from the run's checkpoint
+    when it resumes (:meth:`RunContext.restore`).
 
-    Returns the prepared model (pass it to :func:`save_model`) and the final state.
+    Returns the prepared model (pass it to :meth:`RunContext.save_model`) and the last step.
 
     One optimiser step = ``grad_accum`` micro-batches per rank. A step whose gradient norm is not finite is
     skipped (gradients dropped) and counted; ``max_nonfinite_in_row`` such steps in a row stop the run with the
     last checkpoint intact. Metrics are logged every ``logging.log_every`` steps, evaluation runs every
-    ``eval_every`` steps and at the end, checkpoints every ``logging.checkpoint_every`` steps and on SIGINT/SIGTERM.
+    ``eval_every`` steps and at the end, checkpoints every ``logging.checkpoint_every`` steps, at the last step and
+    on SIGINT/SIGTERM (which then raises :class:`ppomax.errors.RunStopped`).
     """
     cfg, acc = ctx.cfg, ctx.accelerator
-    total = total_optimizer_steps(spec, ctx.world, cfg.seed)
+    total = total_optimizer_steps(spec, cfg, ctx.world)
     optimizer = build_optimizer(model.parameters(), cfg.optim.lr, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     if acc.distributed_type == DistributedType.DEEPSPEED:
@@ -106,21 +92,15 @@ def train_loop(
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = spec.batch_size or 1
     model, optimizer = acc.prepare(model, optimizer)
     # Not prepared: accelerate would step it once per process; this schedule counts optimiser steps.
-    state = _TrainerState()
-    state.extra = dict(spec.extra_state)
-    acc.register_for_checkpointing(scheduler, state)
-    if resume:
-        try_resume(ctx, state)
-        spec.extra_state.update(state.extra)
-    if state.step >= total:
-        ctx.print(f"already trained for {state.step} of {total} steps")
-        return model, state
+    ctx.track(schedule=scheduler, extra=DictState(spec.extra_state))
+    step = ctx.restore()
+    if step >= total:
+        ctx.print(f"already trained for {step} of {total} steps")
+        return model, step
 
     log_every = cfg.logging.log_every
     ckpt_every = cfg.logging.checkpoint_every
-    bar = tqdm(
-        total=total, initial=state.step, disable=not (ctx.is_main and cfg.logging.progress), desc="train"
-    )
+    bar = tqdm(total=total, initial=step, disable=not (ctx.is_main and cfg.logging.progress), desc="train")
     sums: dict[str, torch.Tensor] = {}
     n_steps = 0
     all_reduce = None if ctx.world == 1 else (lambda t: acc.reduce(t, "sum"))
@@ -134,13 +114,13 @@ def train_loop(
         cfg.seed,
         spec.batch_size,
         spec.max_tokens,
-        start_micro=state.step * spec.grad_accum,
+        start_micro=step * cfg.grad_accum,
     )
     model.train()
     with StopFlag() as stop:
-        while state.step < total:
+        while step < total:
             step_batches = []
-            for _ in range(spec.grad_accum):
+            for _ in range(cfg.grad_accum):
                 epoch, idx = next(batches)
                 step_batches.append(spec.make_batch(idx))
             metrics, n_tok = accumulate(acc, model, step_batches, spec.loss_fn, spec.counts, all_reduce)
@@ -148,15 +128,15 @@ def train_loop(
                 sums[k] = sums.get(k, 0) + v
             tokens += n_tok
             n_steps += 1
-            grad_norm = _clip(acc, model, spec.max_grad_norm)
+            grad_norm = _clip(acc, model, cfg.max_grad_norm)
             if grad_norm is not None and not math.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite_in_row += 1
                 skipped_total += 1
-                logger.warning("step %d: non-finite gradient norm; update skipped", state.step + 1)
-                if nonfinite_in_row >= spec.max_nonfinite_in_row:
+                ctx.warn(f"step {step + 1}: non-finite gradient norm; update skipped")
+                if nonfinite_in_row >= cfg.max_nonfinite_in_row:
                     raise TrainingError(
-                        f"{nonfinite_in_row} non-finite updates in a row at step {state.step + 1}: lower optim.lr, "
+                        f"{nonfinite_in_row} non-finite updates in a row at step {step + 1}: lower optim.lr, "
                         "check the data, or use float32; the last checkpoint under "
                         f"{ctx.out_dir / 'checkpoints'} is intact"
                     )
@@ -170,10 +150,10 @@ def train_loop(
             with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                 scheduler.step()
-            state.step += 1
+            step += 1
             bar.update(1)
 
-            if state.step % log_every == 0 or state.step == total:
+            if step % log_every == 0 or step == total:
                 reduce = None if ctx.world == 1 else (lambda t, op: acc.reduce(t, op))
                 record = reduce_metrics({k: v / n_steps for k, v in sums.items()}, reduce, acc.device)
                 elapsed = max(time.perf_counter() - t_log, 1e-9)
@@ -186,28 +166,31 @@ def train_loop(
                 )
                 if grad_norms:
                     record["grad_norm"] = sum(grad_norms) / len(grad_norms)
-                ctx.metrics.log(state.step, record, prefix="train/")
+                ctx.metrics.log(step, record, prefix="train/")
                 bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
                 sums, n_steps, grad_norms = {}, 0, []
                 tokens.zero_()
                 t_log = time.perf_counter()
 
             t_pause = time.perf_counter()  # evaluation and checkpoints do not count against tokens/s
-            if spec.evaluate and spec.eval_every and state.step % spec.eval_every == 0 and state.step < total:
-                _run_eval(ctx, model, spec, state.step)
-            stop_now = stop.agreed(acc)
-            if (ckpt_every and state.step % ckpt_every == 0 and state.step < total) or stop_now:
-                state.extra = dict(spec.extra_state)
-                save_checkpoint(ctx, state)
+            if (
+                spec.evaluate
+                and cfg.logging.eval_every
+                and step % cfg.logging.eval_every == 0
+                and step < total
+            ):
+                _run_eval(ctx, model, spec, step)
+            signum = stop.agreed(acc)
+            if (ckpt_every and step % ckpt_every == 0) or step == total or signum is not None:
+                ctx.save_checkpoint(step)
             t_log += time.perf_counter() - t_pause
-            if stop_now:
+            if signum is not None:
                 bar.close()
-                raise KeyboardInterrupt
+                raise ctx.stopped(signum, step)
     bar.close()
     if spec.evaluate:
-        _run_eval(ctx, model, spec, state.step)
-    state.extra = dict(spec.extra_state)
-    return model, state
+        _run_eval(ctx, model, spec, step)
+    return model, step
 
 
 def accumulate(

@@ -79,18 +79,17 @@ def build_critic(cfg: PPOConfig, policy_path: str, critic_path: str | None) -> V
     return ValueHeadModel(backbone, seed=seed)
 
 
-def load_models(cfg: PPOConfig, resume_dir: Any = None) -> PPOModels:
-    """Load everything ``cfg.model`` names. With ``resume_dir`` (a checkpoint), policy and critic come from it;
-    the reference and the reward model always come from the config (the reference is the *original* policy)."""
+def load_models(cfg: PPOConfig) -> PPOModels:
+    """Load everything ``cfg.model`` names (a resumed run then loads its checkpoint's weights into policy and
+    critic; the reference and the reward model always come from the config: the reference is the *original*
+    policy)."""
     m = cfg.model
     kw = {"dtype": m.dtype, "trust_remote_code": m.trust_remote_code}
     assert m.policy
     tokenizer = load_tokenizer(m.tokenizer or m.policy, trust_remote_code=m.trust_remote_code)
-    policy_path = str(resume_dir / "policy") if resume_dir else m.policy
-    critic_path = str(resume_dir / "critic") if resume_dir else m.critic
-    policy = load_causal_lm(policy_path, **kw)
+    policy = load_causal_lm(m.policy, **kw)
     reference = _freeze(load_causal_lm(m.reference or m.policy, **kw))
-    critic = build_critic(cfg, m.policy, critic_path)
+    critic = build_critic(cfg, m.policy, m.critic)
     reward_model = _freeze(ValueHeadModel.from_pretrained(m.reward, **kw)) if m.reward else None
     for model in (policy, critic):
         disable_dropout(model)

@@ -1,4 +1,5 @@
-"""One PPO iteration's work after generation: the scoring pass, advantages, and the minibatch updates.
+"""One PPO iteration's work: generation and the scoring pass (:class:`Rollouts`), advantages, and the minibatch
+updates (:class:`Updater`, each model with its optimiser and schedule as an :class:`Optimised`).
 
 The math is in :mod:`ppomax.algos`; this module only decides which tensors go where, following DESIGN.md
 section 1 and the switches of ``ppo``:
@@ -44,7 +45,9 @@ from ppomax.config import GenerationConfig, PPOSettings
 from ppomax.data import IGNORE_INDEX
 from ppomax.experience import Experience
 from ppomax.rewards import RewardSources
+from ppomax.rollout import RolloutEngine, rollout
 
+from .ppo_data import PromptSet
 from .ppo_models import Forward
 from .reduce import reduction_of
 
@@ -123,23 +126,87 @@ def compute_advantages(
 
 
 @dataclasses.dataclass
+class Rollouts:
+    """Generation and the scoring pass of the PPO buffer (and of evaluation), on unwrapped models: no gradient,
+    no DDP synchronisation."""
+
+    engine: RolloutEngine
+    fwd: Forward
+    rewards: RewardSources
+    tokenizer: Any
+    eos_ids: list[int]
+    pad_id: int
+    device: torch.device
+    policy: Any
+    reference: Any
+    critic: Any
+    chunk_size: int | None = None
+    """Rows per scoring forward (``ppo.micro_batch_size``): bounds the [rows, R, V] logits in memory."""
+
+    def generate(self, prompts: PromptSet, indices: list[int], greedy: bool = False) -> Experience:
+        """Responses to ``prompts[indices]`` (sampled as ``generation`` says, or greedy)."""
+        batch = prompts.batch(indices, self.pad_id, self.device)
+        return rollout(
+            self.engine,
+            self.policy,
+            self.tokenizer,
+            batch["input_ids"],
+            batch["attention_mask"],
+            eos_ids=self.eos_ids,
+            pad_id=self.pad_id,
+            prompts=batch["prompts"],
+            meta=batch["meta"],
+            greedy=greedy,
+        )
+
+    def score(self, exp: Experience, values: bool = True) -> None:
+        """The scoring pass (:func:`score_experience`); ``values=False`` skips the critic (evaluation)."""
+        score_experience(
+            exp,
+            policy=self.policy,
+            reference=self.reference,
+            critic=self.critic if values else None,
+            fwd=self.fwd,
+            rewards=self.rewards,
+            eos_ids=self.eos_ids,
+            chunk_size=self.chunk_size,
+        )
+
+
+@dataclasses.dataclass
+class Optimised:
+    """A trained model (as prepared by accelerate) with its optimiser and learning-rate schedule."""
+
+    model: Any
+    optimizer: Any
+    schedule: Any
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.schedule.step()
+
+
+@dataclasses.dataclass
 class Updater:
     """Minibatch updates of policy and critic (one optimiser step per minibatch, per model)."""
 
     ppo: PPOSettings
     accelerator: Any
     fwd: Forward
-    policy: Any
-    critic: Any
-    policy_opt: Any
-    critic_opt: Any
-    policy_sched: Any
-    critic_sched: Any
+    policy: Optimised
+    critic: Optimised
     seed: int
     all_reduce: AllReduce | None = None
     ptx_batch: Callable[[int], dict[str, Tensor]] | None = None
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """The counter a checkpoint keeps (a checkpoint is only taken after a good update: none in a row)."""
+        return {"nonfinite_total": self.nonfinite_total}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.nonfinite_total = int(state["nonfinite_total"])
 
     def update(self, exp: Experience, step: int, critic_only: bool) -> dict[str, Tensor]:
         """``ppo_epochs`` passes over shuffled minibatches of ``exp``; returns metrics averaged over minibatches
@@ -201,7 +268,7 @@ class Updater:
                 if hi > lo:
                     with self._no_sync(True):
                         logits, labels, lmask = self.fwd.lm_loss_inputs(
-                            self.policy, {k: v[lo:hi] for k, v in ptx.items()}
+                            self.policy.model, {k: v[lo:hi] for k, v in ptx.items()}
                         )
                         ptx_loss = p.ptx_coef * ptx_weights[i] * lm_nll(logits, labels, lmask)
                         self.accelerator.backward(ptx_loss)
@@ -222,7 +289,7 @@ class Updater:
         metrics: dict[str, Tensor] = {}
         loss = torch.zeros((), device=seqs.device)
         if not critic_only:
-            logits = self.fwd.response_logits(self.policy, seqs, attn, width)
+            logits = self.fwd.response_logits(self.policy.model, seqs, attn, width)
             logprobs = self.fwd.logprobs(logits, mb.responses_ids)
             old = mb.logprobs if p.importance_sampling else mb.ref_logprobs
             pg, pm = policy_loss(logprobs, old, mb.advantages, mask, p.clip_ratio)
@@ -246,7 +313,7 @@ class Updater:
                 metrics.update(
                     {"loss/entropy": em["entropy_loss"], "policy/entropy_clipfrac": em["entropy_clipfrac"]}
                 )
-        values = self.fwd.values(self.critic, seqs, attn, width)
+        values = self.fwd.values(self.critic.model, seqs, attn, width)
         vf, vm = value_loss(values, mb.values, mb.returns, mask, p.value_clip)
         loss = loss + p.vf_coef * vf
         metrics.update({"loss/vf": vm["vf_loss"], "critic/vf_clipfrac": vm["vf_clipfrac"]})
@@ -255,9 +322,9 @@ class Updater:
     def _step(self, loss: Tensor, critic_only: bool, metrics: dict[str, Tensor]) -> bool:
         """Clip, check finiteness (one host sync per minibatch), step or skip; returns whether it stepped."""
         max_norm = self.ppo.max_grad_norm if self.ppo.max_grad_norm is not None else float("inf")
-        norms = [self.accelerator.clip_grad_norm_(self.critic.parameters(), max_norm)]
+        norms = [self.accelerator.clip_grad_norm_(self.critic.model.parameters(), max_norm)]
         if not critic_only:
-            norms.append(self.accelerator.clip_grad_norm_(self.policy.parameters(), max_norm))
+            norms.append(self.accelerator.clip_grad_norm_(self.policy.model.parameters(), max_norm))
             metrics["grad_norm/policy"] = norms[-1].detach().float()
         metrics["grad_norm/critic"] = norms[0].detach().float()
         finite = torch.isfinite(
@@ -268,24 +335,22 @@ class Updater:
         ok = bool(finite)
         if ok:
             if not critic_only:
-                self.policy_opt.step()
-                self.policy_sched.step()
-            self.critic_opt.step()
-            self.critic_sched.step()
+                self.policy.step()
+            self.critic.step()
             self.nonfinite_in_row = 0
         else:
             self.nonfinite_in_row += 1
             self.nonfinite_total += 1
-        self.policy_opt.zero_grad(set_to_none=True)
-        self.critic_opt.zero_grad(set_to_none=True)
+        self.policy.optimizer.zero_grad(set_to_none=True)
+        self.critic.optimizer.zero_grad(set_to_none=True)
         return ok
 
     def _no_sync(self, skip_sync: bool) -> contextlib.AbstractContextManager[Any]:
         if not skip_sync or self.accelerator.num_processes == 1:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
-        stack.enter_context(self.accelerator.no_sync(self.policy))
-        stack.enter_context(self.accelerator.no_sync(self.critic))
+        stack.enter_context(self.accelerator.no_sync(self.policy.model))
+        stack.enter_context(self.accelerator.no_sync(self.critic.model))
         return stack
 
 

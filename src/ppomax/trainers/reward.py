@@ -36,17 +36,9 @@ from ppomax.errors import ConfigError
 from ppomax.models import ValueHeadModel, load_tokenizer, model_summary
 from ppomax.report_rm import margin_summary, write_rm_eval
 
-from .common import (
-    RunContext,
-    check_vocab,
-    eval_shards,
-    load_features,
-    load_train_valid,
-    save_model,
-    setup_run,
-    to_device,
-)
+from .common import check_vocab, eval_shards, load_features, load_train_valid, to_device
 from .loop import LoopSpec, train_loop
+from .run import RunContext, open_run
 
 
 def rm_features(path: str, tokenizer: Any, cfg: RMConfig, stats: LoadStats) -> list[dict[str, Any]]:
@@ -146,13 +138,16 @@ def evaluate_rm(
     }
 
 
-def train_rm(cfg: RMConfig, resume: bool = False) -> Path:
-    """Train a reward model as configured; returns the last model's directory ``out_dir/final``."""
+def train_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train a reward model as configured; returns the last model's directory ``out_dir/final``.
+
+    ``resume``: continue the run in ``logging.out_dir``; ``overwrite``: replace the run there (see
+    :mod:`ppomax.trainers.run` for the rules)."""
     if not cfg.model.policy:
         raise ConfigError("model.policy: required (the SFT / base model the reward model starts from)")
     if not cfg.data.train:
         raise ConfigError("data.train: required (preference pairs)")
-    ctx = setup_run(cfg, grad_accum=cfg.grad_accum)
+    ctx = open_run(cfg, "rm", resume=resume, overwrite=overwrite, grad_accum=cfg.grad_accum)
     m = cfg.model
     tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
     model = ValueHeadModel.from_causal_lm(m.policy, m.dtype, m.trust_remote_code, seed=cfg.seed)
@@ -179,7 +174,7 @@ def train_rm(cfg: RMConfig, resume: bool = False) -> Path:
     def on_eval(step: int, result: dict[str, float], mdl: torch.nn.Module) -> None:
         if result["accuracy"] > extra["best_accuracy"]:
             extra.update(best_accuracy=result["accuracy"], best_step=step)
-            save_model(ctx, mdl, tokenizer, best_dir)
+            ctx.save_model(mdl, tokenizer, best_dir)
             if ctx.is_main:
                 info = {"step": step, **result}
                 (best_dir / "ppomax_eval.json").write_text(
@@ -194,31 +189,26 @@ def train_rm(cfg: RMConfig, resume: bool = False) -> Path:
         batch_size=cfg.batch_size,
         # the budget counts both rows of a pair; token_balanced_batches sees one (the longer) per pair
         max_tokens=max(1, cfg.max_tokens_per_batch // 2) if cfg.max_tokens_per_batch else None,
-        epochs=cfg.epochs,
-        grad_accum=cfg.grad_accum,
-        max_grad_norm=cfg.max_grad_norm,
-        max_nonfinite_in_row=cfg.max_nonfinite_in_row,
-        eval_every=cfg.logging.eval_every,
         evaluate=(lambda mdl: evaluate_rm(ctx, mdl, valid, collate, eval_bs)) if valid else None,
         on_eval=on_eval,
         extra_state=extra,
     )
-    model, _state = train_loop(ctx, model, spec, resume=resume)
-    final = save_model(ctx, model, tokenizer, ctx.out_dir / "final")
+    model, last_step = train_loop(ctx, model, spec)
+    final = ctx.save_model(model, tokenizer, ctx.out_dir / "final")
 
-    if test:
+    if test and last_step > ctx.start_step:  # a resumed run that was already done has scored its test split
         model.eval()
         with torch.no_grad():
             margins = rm_margins(ctx, model, test, collate, eval_bs)
         summary = margin_summary(margins)
         ctx.metrics.log(
-            _state.step, {k: v for k, v in summary.items() if k != "pairs"}, prefix=f"{test_name}_final/"
+            last_step, {k: v for k, v in summary.items() if k != "pairs"}, prefix=f"{test_name}_final/"
         )
         if ctx.is_main:
             write_rm_eval(ctx.out_dir, test_name, margins, {"model": str(final)})
         ctx.print(
             f"{test_name}: accuracy {summary['accuracy']:.4f}, mean margin {summary['margin_mean']:.4f}"
         )
-    ctx.metrics.close()
+    ctx.close()
     ctx.print(f"saved {final}" + (f" (best: {best_dir}, step {extra['best_step']})" if valid else ""))
     return final

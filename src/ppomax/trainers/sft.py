@@ -37,17 +37,9 @@ from ppomax.data.io import handle_error
 from ppomax.errors import ConfigError
 from ppomax.models import init_causal_lm_from_config, load_causal_lm, load_tokenizer, model_summary
 
-from .common import (
-    RunContext,
-    check_vocab,
-    eval_shards,
-    load_train_valid,
-    reduce_sums,
-    save_model,
-    setup_run,
-    to_device,
-)
+from .common import check_vocab, eval_shards, load_train_valid, reduce_sums, to_device
 from .loop import LoopSpec, train_loop
+from .run import RunContext, open_run
 
 
 def sft_features(path: str, tokenizer: Any, cfg: SFTConfig, stats: LoadStats) -> list[dict[str, Any]]:
@@ -151,13 +143,16 @@ def _load_model(cfg: SFTConfig):
     return load_causal_lm(m.policy, m.dtype, m.trust_remote_code)
 
 
-def train_sft(cfg: SFTConfig, resume: bool = False) -> Path:
-    """Run SFT (or pretraining) as configured; returns the final model directory ``out_dir/final``."""
+def train_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run SFT (or pretraining) as configured; returns the final model directory ``out_dir/final``.
+
+    ``resume``: continue the run in ``logging.out_dir``; ``overwrite``: replace the run there (see
+    :mod:`ppomax.trainers.run` for the rules)."""
     if not cfg.model.policy:
         raise ConfigError("model.policy: required (the base model directory to fine-tune)")
     if not cfg.data.train:
         raise ConfigError("data.train: required (SFT examples, or {'text'} records with objective: pretrain)")
-    ctx = setup_run(cfg, grad_accum=cfg.grad_accum)
+    ctx = open_run(cfg, "sft", resume=resume, overwrite=overwrite, grad_accum=cfg.grad_accum)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy, cfg.model.trust_remote_code)
     model = _load_model(cfg)
     check_vocab(model, tokenizer, "model.policy / model.tokenizer")
@@ -176,15 +171,10 @@ def train_sft(cfg: SFTConfig, resume: bool = False) -> Path:
         counts=sft_counts,
         batch_size=cfg.batch_size,
         max_tokens=None,
-        epochs=cfg.epochs,
-        grad_accum=cfg.grad_accum,
-        max_grad_norm=cfg.max_grad_norm,
-        max_nonfinite_in_row=cfg.max_nonfinite_in_row,
-        eval_every=cfg.logging.eval_every,
         evaluate=(lambda mdl: evaluate_lm(ctx, mdl, valid, collate, cfg.batch_size)) if valid else None,
     )
-    model, _state = train_loop(ctx, model, spec, resume=resume)
-    final = save_model(ctx, model, tokenizer, ctx.out_dir / "final")
-    ctx.metrics.close()
+    model, _step = train_loop(ctx, model, spec)
+    final = ctx.save_model(model, tokenizer, ctx.out_dir / "final")
+    ctx.close()
     ctx.print(f"saved {final}")
     return final

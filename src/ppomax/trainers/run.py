@@ -1,0 +1,521 @@
+"""The run engine every trainer (SFT, RM, PPO) runs on: its directory, config, metrics, checkpoints, signals and
+final save. The trainers own only their optimisation step.
+
+Layout of a run directory (``logging.out_dir``)::
+
+    config.yaml            the resolved config (written by the main process, atomically)
+    metrics.jsonl, tb/     one record per logged step (:class:`ppomax.monitor.MetricsLogger`)
+    checkpoints/step-N/    accelerate ``save_state`` (model*.safetensors, optimizer*.bin, random_states_R.pkl)
+                           + ppomax_state.json (step, schedules, the trainer's own state); atomic
+    final/ (best/)         the trained model(s): ``save_pretrained`` + tokenizer, gathered under ZeRO-3/FSDP
+    samples/               PPO evaluation samples
+
+The rules, the same for all three trainers (:func:`open_run`):
+
+* a new run into a directory that holds a run (a complete checkpoint or ``final/``) is refused unless
+  ``overwrite`` (``--overwrite``), which deletes that run's files (only the names above);
+* ``resume`` (``--resume DIR``) continues the run in ``logging.out_dir`` from its newest complete checkpoint, and
+  refuses a config that differs from the run's ``config.yaml`` in anything but :data:`RESUMABLE_KEYS` (the run
+  length; the directory itself, which may have been moved; the progress bar), naming the differing keys;
+* a directory whose run died before its first complete checkpoint holds no run: a new run or a resume starts it
+  afresh (its old metrics are removed), no ``rm -rf`` needed; temporary ``*.tmp-PID`` directories that a killed
+  save left behind are removed on every start;
+* an output directory that cannot be written is reported before any model is loaded; a write that fails
+  (disk full, read-only) is one line naming the path and the cause, and the previous checkpoint stays intact;
+* SIGINT/SIGTERM: the step finishes, a checkpoint is saved, the run says where and how to resume and raises
+  :class:`ppomax.errors.RunStopped` (the CLI exits with :data:`ppomax.errors.STOPPED_EXIT_CODE`); a second signal
+  interrupts at once (exit 130, no checkpoint);
+* the last step is always checkpointed, so resuming a finished run has nothing left to do.
+
+No resume path unpickles arbitrary objects. accelerate's ``load_state`` reads its own files with
+``torch.load(weights_only=True)`` but the objects given to ``register_for_checkpointing`` with
+``weights_only=False`` (accelerate.checkpointing.load_custom_state), so a crafted ``custom_checkpoint_*.pkl`` would
+run code: ppomax registers nothing there and keeps its own state (learning-rate schedules, running moments, data
+positions, collapse monitor, counters: the objects given to :meth:`RunContext.track`) as JSON in
+``ppomax_state.json``; a checkpoint that holds custom pickles is refused. RNG states (python, numpy, torch, CUDA,
+one file per process) are accelerate's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+
+from ppomax.checkpoint import prune_checkpoints, step_dirs
+from ppomax.config import load_config, to_yaml
+from ppomax.console import console
+from ppomax.errors import ConfigError, RunStopped, UserError
+from ppomax.monitor import MetricsLogger
+
+from .common import _cpu_distributed
+
+STATE_FILE = "ppomax_state.json"
+CONFIG_FILE = "config.yaml"
+# What a run writes into its directory: what --overwrite (or restarting a run that died early) deletes.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "final", "best", "samples")
+RUN_GLOBS = ("rm_eval_*.json", "rm_margins_*.png")
+# Config keys a resume may change: the run length, where the run lives (a moved run), the progress bar.
+RESUMABLE_KEYS = ("epochs", "ppo.iterations", "logging.out_dir", "logging.progress")
+COMMANDS = {"sft": "train-sft", "rm": "train-rm", "ppo": "train-ppo"}
+
+log = console()
+
+
+class Stateful(Protocol):
+    """What :meth:`RunContext.track` saves: ``state_dict()`` of JSON values, and its inverse."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class DictState:
+    """A plain dict of JSON values (e.g. the RM trainer's best accuracy) as a :class:`Stateful`, updated in place."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.data)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.data.clear()
+        self.data.update(state)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class RunContext:
+    """One run in progress: its accelerator, directory, metrics and checkpoints (see the module docstring).
+
+    ``resume_from`` is the checkpoint :meth:`restore` loads (None: a fresh run) and ``start_step`` its step;
+    ``tracked`` the trainer's own state saved with every checkpoint."""
+
+    accelerator: Accelerator
+    out_dir: Path
+    metrics: MetricsLogger
+    cfg: Any
+    kind: str
+    resume_from: Path | None = None
+    last_checkpoint: Path | None = None
+    start_step: int = 0
+    tracked: dict[str, Stateful] = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    def print(self, *args: Any) -> None:
+        """One message on the console (main process only), through the ppomax logger."""
+        if self.is_main:
+            log.info(" ".join(str(a) for a in args))
+
+    def warn(self, message: str) -> None:
+        if self.is_main:
+            log.warning("warning: %s", message)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def track(self, **objects: Stateful | None) -> None:
+        """Save these objects' ``state_dict()`` (JSON) with every checkpoint and restore them on resume."""
+        self.tracked.update({k: v for k, v in objects.items() if v is not None})
+
+    def save_checkpoint(self, step: int) -> Path:
+        """``checkpoints/step-N``: accelerate ``save_state`` (models, optimisers, RNG; sharded engines write
+        their own shards) + ``ppomax_state.json``, atomically; then prune to ``logging.keep_checkpoints``."""
+        root = self.out_dir / "checkpoints"
+        final = root / f"step-{step}"
+        # serialised first: a state that is not JSON is a bug, found before anything is written
+        text = json.dumps({"step": step, **{k: v.state_dict() for k, v in self.tracked.items()}}, indent=1)
+        with self.atomic_dir(final, what="a checkpoint") as tmp:
+            self.accelerator.save_state(str(tmp))
+            if self.is_main:
+                (tmp / STATE_FILE).write_text(text + "\n", encoding="utf-8")
+        if self.is_main:
+            prune_checkpoints(root, self.cfg.logging.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        self.last_checkpoint = final
+        return final
+
+    def restore(self) -> int:
+        """Load ``resume_from`` (models, optimisers, RNG, tracked state); returns its step (0 for a fresh run).
+        Call it after ``accelerator.prepare`` and :meth:`track`."""
+        ckpt = self.resume_from
+        if ckpt is None:
+            return 0
+        pickles = sorted(p.name for p in ckpt.glob("custom_checkpoint_*.pkl"))
+        if pickles or not (ckpt / STATE_FILE).is_file():
+            raise UserError(
+                f"{ckpt}: not a checkpoint of this ppomax version ("
+                + (f"it holds {', '.join(pickles)}, which ppomax never writes or loads" if pickles else "")
+                + ("" if pickles else f"no {STATE_FILE}")
+                + "); start again with --overwrite, or resume with the ppomax version that wrote it"
+            )
+        state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+        missing = sorted(set(self.tracked) - set(state))
+        if missing:
+            raise UserError(
+                f"{ckpt}: {STATE_FILE} lacks {', '.join(missing)}; it was written by another trainer"
+            )
+        self.accelerator.load_state(str(ckpt))
+        for name, obj in self.tracked.items():
+            obj.load_state_dict(state[name])
+        self.last_checkpoint = ckpt
+        self.start_step = int(state["step"])
+        self.print(f"resumed from {ckpt} (step {self.start_step})")
+        return self.start_step
+
+    # ------------------------------------------------------------------ saving
+
+    @contextmanager
+    def atomic_dir(self, final: Path, what: str = "") -> Iterator[Path]:
+        """A temporary ``<final>.tmp-PID`` every rank may write into; the main process renames it into place
+        once all are done, so a good name never holds a half-written directory. A failed write (disk full,
+        read-only) removes the temporary and raises one :class:`UserError` line naming the path and cause."""
+        acc = self.accelerator
+        tmp = final.with_name(f"{final.name}.tmp-{_main_pid(acc)}")
+        try:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            try:
+                yield tmp
+            except BaseException as exc:
+                cause = write_failure(exc, tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
+                if cause is None:
+                    raise
+                kept = (
+                    f"; the last checkpoint {self.last_checkpoint} is intact" if self.last_checkpoint else ""
+                )
+                raise UserError(f"{final}: cannot write {what or 'it'}: {cause}{kept}") from None
+            acc.wait_for_everyone()
+            if self.is_main:
+                _replace_dir(tmp, final)
+        except OSError as exc:  # mkdir or rename
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"{final}: cannot write {what or 'it'}: {_cause(exc)}") from None
+        acc.wait_for_everyone()
+
+    def save_model(self, model: torch.nn.Module, tokenizer: Any, final: Path) -> Path:
+        """``save_pretrained`` of the unwrapped (prepared) model + tokenizer into ``final``, atomically."""
+        return self.save_models(final, {"": (model, tokenizer)})
+
+    def save_models(self, final: Path, models: dict[str, tuple[torch.nn.Module, Any]]) -> Path:
+        """``{subdir: (prepared model, tokenizer or None)}`` saved with ``save_pretrained`` under ``final/subdir``
+        (``""``: ``final`` itself), all in one atomic directory. Under ZeRO-3/FSDP the full weights are gathered
+        first (``accelerator.get_state_dict``, a collective: every rank calls this)."""
+        acc = self.accelerator
+        distributed = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        states = {name: acc.get_state_dict(m) if distributed else None for name, (m, _) in models.items()}
+        with self.atomic_dir(final, what="the model") as tmp:
+            if self.is_main:
+                for name, (model, tokenizer) in models.items():
+                    acc.unwrap_model(model).save_pretrained(tmp / name, state_dict=states[name])
+                    if tokenizer is not None:
+                        tokenizer.save_pretrained(tmp / name)
+        return final
+
+    # ------------------------------------------------------------------ stopping
+
+    def stopped(self, signum: int, step: int) -> RunStopped:
+        """The exception that ends a run stopped by ``signum`` after its checkpoint at ``step`` (message printed)."""
+        name = signal.Signals(signum).name
+        message = (
+            f"{name}: stopped at step {step}, checkpoint saved in {self.last_checkpoint}; continue with: "
+            f"ppomax {COMMANDS[self.kind]} --resume {self.out_dir}"
+        )
+        self.print(message)
+        return RunStopped(message)
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def _main_pid(acc: Accelerator) -> int:
+    """The main process's pid (the name of temporaries every rank writes into)."""
+    if acc.num_processes == 1:
+        return os.getpid()
+    from accelerate.utils import broadcast_object_list
+
+    return int(broadcast_object_list([os.getpid()])[0])
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    old = final.with_name(f"{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+_WRITE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _cause(exc: OSError) -> str:
+    if exc.errno in _WRITE_ERRNOS:
+        return _WRITE_ERRNOS[exc.errno]
+    return exc.strerror or str(exc)
+
+
+def write_failure(exc: BaseException, where: Path) -> str | None:
+    """Why a write under ``where`` failed, if it failed for lack of space or permission (not a bug).
+
+    torch.save and safetensors report a full disk as RuntimeError/SafetensorError, not OSError; the free space
+    at the moment of the failure (before the temporary is removed) tells it apart."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return _cause(exc)
+    if not isinstance(exc, Exception) or isinstance(exc, UserError):
+        return None
+    text = str(exc)
+    if "No space left" in text or "StorageFull" in text:
+        return "no space left on device"
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(where if where.exists() else where.parent).free < 1 << 20:
+            return "no space left on device"
+    if "Read-only file system" in text or "ReadOnlyFilesystem" in text:
+        return "read-only file system"
+    return None
+
+
+# --------------------------------------------------------------------------- opening a run
+
+
+def open_run(
+    cfg: Any, kind: str, *, resume: bool = False, overwrite: bool = False, grad_accum: int = 1
+) -> RunContext:
+    """Accelerator (CPU when there is no GPU, or what ``accelerate launch`` configured), seeds, and the run
+    directory ``cfg.logging.out_dir`` prepared by the rules of the module docstring, with the resolved
+    ``config.yaml`` and the metrics logger (truncated to the checkpoint when resuming). Nothing here loads a
+    model, so an unusable directory is reported first."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other (continue the run, or replace it)")
+    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, cpu=_cpu_distributed())
+    set_seed(cfg.seed)
+    out_dir = Path(cfg.logging.out_dir)
+    ckpt: Path | None = None
+    step = 0
+    if accelerator.is_main_process:
+        ckpt, step = _prepare_dir(out_dir, cfg, kind, resume, overwrite)
+        _write_text(out_dir / CONFIG_FILE, to_yaml(cfg))
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        ckpt, step = broadcast_object_list([ckpt, step])
+    metrics = MetricsLogger(
+        out_dir,
+        tensorboard=cfg.logging.tensorboard,
+        enabled=accelerator.is_main_process,
+        resume_step=step if ckpt is not None else None,
+    )
+    return RunContext(accelerator, out_dir, metrics, cfg, kind, resume_from=ckpt)
+
+
+def _prepare_dir(out: Path, cfg: Any, kind: str, resume: bool, overwrite: bool) -> tuple[Path | None, int]:
+    """Apply the directory rules (main process); returns the checkpoint to resume from and its step."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".ppomax-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write the run directory (logging.out_dir): {_cause(exc)}") from None
+    remove_stale_temporaries(out)
+    done = step_dirs(out / "checkpoints")
+    holds = [f"checkpoints/{done[-1][1].name}"] if done else []
+    holds += ["final/"] if (out / "final").is_dir() else []
+    if overwrite:
+        _remove_run_files(out)
+        return None, 0
+    if not resume:
+        if holds:
+            raise UserError(
+                f"{out} already holds a run ({', '.join(holds)}): continue it with `ppomax {COMMANDS[kind]} "
+                f"--resume {out}`, replace it with --overwrite, or set logging.out_dir to a new directory"
+            )
+        _remove_run_files(out)  # what a run that died before its first checkpoint left
+        return None, 0
+    if not done:  # nothing to carry over, so nothing to compare either
+        log.info("resume: no complete checkpoint in %s yet; starting the run from the beginning", out)
+        _remove_run_files(out)
+        return None, 0
+    check_resumable(cfg, kind, out / CONFIG_FILE)
+    step, ckpt = done[-1]
+    return ckpt, step
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete the ``*.tmp-PID`` directories of saves a kill interrupted; an ``X.old-PID`` whose ``X`` is missing
+    (a kill between the two renames of a replacement) is put back as ``X``."""
+    for parent in (out, out / "checkpoints"):
+        if not parent.is_dir():
+            continue
+        for child in list(parent.iterdir()):
+            base, sep, pid = child.name.rpartition(".old-")
+            if sep and pid.isdigit() and child.is_dir():
+                target = parent / base
+                if target.exists():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.rename(target)
+        for child in list(parent.iterdir()):
+            _, sep, pid = child.name.rpartition(".tmp-")
+            if sep and pid.isdigit() and child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def _remove_run_files(out: Path) -> None:
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    for pattern in RUN_GLOBS:
+        for path in out.glob(pattern):
+            path.unlink()
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write: {_cause(exc)}") from None
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(saved: Any, current: Any) -> list[str]:
+    """The dotted keys whose values differ between two configs of one kind, except :data:`RESUMABLE_KEYS`."""
+    a = _flatten(saved.model_dump(mode="json"))
+    b = _flatten(current.model_dump(mode="json"))
+    return sorted(k for k in set(a) | set(b) if k not in RESUMABLE_KEYS and a.get(k) != b.get(k))
+
+
+def check_resumable(cfg: Any, kind: str, saved_path: Path) -> None:
+    """Refuse to resume with a config that differs from the run's own (``config.yaml``) in anything that
+    changes what the run computes."""
+    if not saved_path.is_file():
+        raise UserError(f"{saved_path.parent}: no {CONFIG_FILE}, so not a ppomax run directory to resume")
+    saved = load_config(kind, path=saved_path)  # type: ignore[arg-type]
+    differ = config_differences(saved, cfg)
+    if differ:
+        shown = ", ".join(f"{k} ({_short(_get(saved, k))} -> {_short(_get(cfg, k))})" for k in differ[:8])
+        more = f" and {len(differ) - 8} more" if len(differ) > 8 else ""
+        raise ConfigError(
+            f"--resume {saved_path.parent}: the config differs from the run's {CONFIG_FILE} in {shown}{more}; "
+            f"a resumed run may change only {', '.join(RESUMABLE_KEYS)} (start a new run for the rest)"
+        )
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    return _flatten(cfg.model_dump(mode="json")).get(dotted)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def resume_config(
+    kind: str,
+    run_dir: str | Path,
+    path: str | Path | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+) -> Any:
+    """The config of ``--resume DIR``: the run's own ``config.yaml`` (or ``path`` / ``preset`` when given) with
+    ``overrides`` on top, and ``logging.out_dir`` set to ``run_dir``, so a moved or copied run writes where it
+    is now. Whether it may resume that run is checked by :func:`open_run`."""
+    run_dir = Path(run_dir)
+    saved = run_dir / CONFIG_FILE
+    if not saved.is_file():
+        hint = ""
+        if run_dir.name.startswith("step-") and run_dir.parent.name == "checkpoints":
+            hint = f"; pass the run directory {run_dir.parent.parent} (it resumes from its newest checkpoint)"
+        raise UserError(f"--resume {run_dir}: no {CONFIG_FILE} there, so not a ppomax run directory{hint}")
+    if path is None:  # a --preset then only fills what the saved config leaves out (nothing)
+        path = saved
+    cfg = load_config(kind, path=path, preset=preset, overrides=overrides)  # type: ignore[arg-type]
+    cfg.logging = cfg.logging.model_copy(update={"out_dir": str(run_dir)})
+    return cfg
+
+
+# --------------------------------------------------------------------------- signals
+
+
+class StopFlag:
+    """The first SIGINT/SIGTERM sets a flag the loop checks at each step boundary (it then checkpoints and raises
+    :class:`RunStopped`); a second one interrupts at once. Handlers are installed only in the main thread."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: no graceful stop
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None:  # a second signal: stop now
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning(
+            "%s: saving a checkpoint at the end of this step, then stopping (signal again to stop at once)",
+            signal.Signals(signum).name,
+        )
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def agreed(self, accelerator: Accelerator) -> int | None:
+        """The signal when any rank got one, else None (all ranks must stop at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        flag = torch.tensor([float(self.signum or 0)], device=accelerator.device)
+        got = int(accelerator.gather(flag).max().item())
+        return got or None

@@ -1,0 +1,313 @@
+"""The run engine's rules (ppomax.trainers.run), the same for train-sft, train-rm and train-ppo: a directory that
+holds a run is never appended to, `--resume DIR` continues DIR with DIR's config, a run that died before its
+first checkpoint is no dead end, stale temporaries go, TensorBoard resumes without duplicate steps, failed writes
+are one line with the previous checkpoint intact, and no resume path unpickles a checkpoint's custom objects."""
+
+from __future__ import annotations
+
+import errno
+import json
+import pathlib
+import pickle
+import shutil
+
+import pytest
+import yaml
+
+from ppomax.cli import main
+from ppomax.config import load_config
+from ppomax.monitor import read_metrics
+from ppomax.trainers.run import config_differences, remove_stale_temporaries, resume_config
+from tiny_lm import make_tiny_lm, write_jsonl, write_yaml
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WORDS = ["apple", "river", "stone", "cloud", "green", "seven", "table", "music"]
+RECORDS = [{"prompt": f"Repeat the word {w}.", "response": f"{w} {w} {w}"} for w in WORDS]
+TEXTS = [f"\n\nHuman: {r['prompt']}\n\nAssistant: {r['response']}" for r in RECORDS]
+
+
+@pytest.fixture
+def sft(tmp_path):
+    """A 4-step SFT config (8 examples, batch 4, 2 epochs) checkpointing every 2 steps, and its file."""
+    model = make_tiny_lm(tmp_path, TEXTS)
+    cfg = {
+        "model": {"policy": str(model)},
+        "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", RECORDS))},
+        "optim": {"lr": 3e-3},
+        "epochs": 2,
+        "batch_size": 4,
+        "logging": {
+            "out_dir": str(tmp_path / "run"),
+            "progress": False,
+            "tensorboard": False,
+            "checkpoint_every": 2,
+            "keep_checkpoints": 5,
+        },
+    }
+    return tmp_path, cfg, write_yaml(tmp_path / "sft.yaml", cfg)
+
+
+def _steps(run):
+    return [r["step"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]
+
+
+# ---------------------------------------------------------------------------------------- new run / overwrite
+
+ARGS = {
+    "sft": ["train-sft", "--set", "model.policy=nowhere", "--set", "data.train=nowhere.jsonl"],
+    "rm": ["train-rm", "--set", "model.policy=nowhere", "--set", "data.train=nowhere.jsonl"],
+    "ppo": [
+        "train-ppo",
+        "--set",
+        "model.policy=nowhere",
+        "--set",
+        "model.reward=nowhere",
+        "--set",
+        "data.prompts=nowhere.jsonl",
+    ],
+}
+
+
+@pytest.mark.parametrize("kind", ["sft", "rm", "ppo"])
+@pytest.mark.parametrize("holds", ["final", "checkpoints/step-3"])
+def test_a_new_run_into_a_directory_holding_a_run_is_refused_by_every_trainer(tmp_path, capsys, kind, holds):
+    """Refused before any model is loaded (the model paths here do not exist), the run untouched."""
+    out = tmp_path / "run"
+    (out / holds).mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert main([*ARGS[kind], "--set", f"logging.out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} already holds a run ({holds}" in err and "--overwrite" in err
+    assert f"ppomax train-{kind} --resume {out}" in err
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_overwrite_replaces_only_the_runs_own_files(sft):
+    tmp_path, _cfg, path = sft
+    out = tmp_path / "run"
+    assert main(["train-sft", "--config", str(path)]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main(["train-sft", "--config", str(path), "--overwrite"]) == 0
+    assert _steps(out) == [1, 2, 3, 4]
+    assert (out / "notes.txt").read_text() == "mine"
+    with pytest.raises(SystemExit):  # argparse: the two exclude each other
+        main(["train-sft", "--config", str(path), "--overwrite", "--resume", str(out)])
+
+
+# ---------------------------------------------------------------------------------------- --resume DIR
+
+
+def test_resume_reads_the_runs_config_and_writes_where_the_run_is_now(tmp_path):
+    run = tmp_path / "moved"
+    run.mkdir()
+    cfg = load_config("sft", overrides=["logging.out_dir=/somewhere/else", "epochs=3"])
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    resumed = resume_config("sft", run, overrides=["epochs=5"])
+    assert resumed.logging.out_dir == str(run) and resumed.epochs == 5
+    with pytest.raises(Exception, match="not a ppomax run directory; pass the run directory"):
+        resume_config("sft", run / "checkpoints" / "step-2")
+
+
+def test_only_the_run_length_may_change_on_resume():
+    a = load_config("ppo", preset="ppo_max")
+    b = load_config(
+        "ppo",
+        preset="ppo_max",
+        overrides=["ppo.iterations=7", "logging.out_dir=x", "ppo.kl_coef=0.2", "optim.policy_lr=1e-4"],
+    )
+    assert config_differences(a, b) == ["optim.policy_lr", "ppo.kl_coef"]
+
+
+def test_resume_with_a_different_config_is_refused_naming_the_keys(sft, capsys):
+    """Today's failure: it printed "already trained for 65 of 25 steps" and saved the other run's weights."""
+    tmp_path, cfg, path = sft
+    out = tmp_path / "run"
+    assert main(["train-sft", "--config", str(path)]) == 0
+    final = (out / "final" / "model.safetensors").read_bytes()
+    cfg["batch_size"] = 2
+    cfg["optim"]["lr"] = 1e-3
+    other = write_yaml(tmp_path / "other.yaml", cfg)
+    capsys.readouterr()
+    assert main(["train-sft", "--config", str(other), "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "batch_size (4 -> 2)" in err and "optim.lr (0.003 -> 0.001)" in err
+    assert (out / "final" / "model.safetensors").read_bytes() == final
+    # the run length may change: two more epochs continue from the step-4 checkpoint
+    assert main(["train-sft", "--resume", str(out), "--set", "epochs=3"]) == 0
+    assert _steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------------------------------- a run that died early
+
+
+@pytest.mark.parametrize("again", [[], ["--resume"]])
+def test_a_run_that_died_before_its_first_checkpoint_is_no_dead_end(sft, again):
+    """config.yaml, metrics and TensorBoard written, only a half-written checkpoint: a plain re-run and a
+    --resume both start the run afresh (no rm -rf), and the stale temporary is gone."""
+    tmp_path, _cfg, path = sft
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(pathlib.Path(path).read_text())
+    (out / "metrics.jsonl").write_text('{"step": 1, "train/loss": 9.0}\n')
+    (out / "checkpoints" / "step-2.tmp-4242").mkdir(parents=True)
+    args = ["--resume", str(out)] if again else ["--config", str(path)]
+    assert main(["train-sft", *args]) == 0
+    assert _steps(out) == [1, 2, 3, 4] and read_metrics(out / "metrics.jsonl")[0]["train/loss"] != 9.0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+
+
+def test_stale_temporaries_are_removed_and_an_interrupted_replacement_is_undone(tmp_path):
+    (tmp_path / "checkpoints" / "step-4.tmp-77").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-2").mkdir()
+    (tmp_path / "final.tmp-77").mkdir()
+    (tmp_path / "best.old-77").mkdir()  # killed between "best -> best.old" and "best.tmp -> best"
+    (tmp_path / "final.old-78").mkdir()
+    (tmp_path / "final").mkdir()
+    remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "checkpoints", "final"]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-2"]
+
+
+# ---------------------------------------------------------------------------------------- metrics
+
+
+def _tb_steps(tb_dir):
+    """(tag, step) of every scalar a TensorBoard reader keeps: events after a purge marker (a writer opened
+    with purge_step) replace the earlier ones from that step on."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    kept: list[tuple[str, int]] = []
+    for path in sorted(tb_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
+        for event in EventFileLoader(str(path)).Load():
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+                kept = [(t, s) for t, s in kept if s < event.step]
+            for value in event.summary.value:
+                kept.append((value.tag, event.step))
+    return kept
+
+
+def test_tensorboard_and_metrics_resume_without_duplicate_steps(sft):
+    tmp_path, _cfg, path = sft
+    out = tmp_path / "run"
+    assert main(["train-sft", "--config", str(path), "--set", "logging.tensorboard=true"]) == 0
+    shutil.rmtree(out / "checkpoints" / "step-4")  # killed after logging step 4, before its checkpoint
+    shutil.rmtree(out / "final")
+    assert main(["train-sft", "--resume", str(out)]) == 0
+    assert _steps(out) == [1, 2, 3, 4]
+    loss = [s for t, s in _tb_steps(out / "tb") if t == "train/loss"]
+    assert loss == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------- failed writes
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        # what torch.save and safetensors raise on a full disk
+        RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 0 vs 128: No space left"),
+    ],
+)
+def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(sft, monkeypatch, capsys, failure):
+    from accelerate import Accelerator
+
+    tmp_path, _cfg, path = sft
+    out = tmp_path / "run"
+    real = Accelerator.save_state
+    calls = {"n": 0}
+
+    def save_state(self, output_dir=None, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the step-4 checkpoint
+            pathlib.Path(output_dir, "model.safetensors").write_bytes(b"half")
+            raise failure
+        return real(self, output_dir, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    assert main(["train-sft", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"{out / 'checkpoints' / 'step-4'}: cannot write a checkpoint: no space left on device" in err
+    assert f"the last checkpoint {out / 'checkpoints' / 'step-2'} is intact" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    monkeypatch.setattr(Accelerator, "save_state", real)
+    assert main(["train-sft", "--resume", str(out)]) == 0  # the kept checkpoint resumes
+    assert _steps(out) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("kind", ["sft", "ppo"])
+def test_a_read_only_output_directory_is_found_before_any_model_is_loaded(
+    tmp_path, monkeypatch, capsys, kind
+):
+    """As root (CI containers) permissions do not stop writes, so the read-only filesystem is simulated where
+    ppomax probes it; the model paths do not exist, so reaching a loader would be a different error."""
+    real_touch = pathlib.Path.touch
+
+    def touch(self, *a, **kw):
+        if self.name.startswith(".ppomax-write-test"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_touch(self, *a, **kw)
+
+    monkeypatch.setattr(pathlib.Path, "touch", touch)
+    out = tmp_path / "ro"
+    assert main([*ARGS[kind], "--set", f"logging.out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    line = f"ppomax: {out}: cannot write the run directory (logging.out_dir): Read-only file system"
+    assert line in err.splitlines() and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------- no unpickling
+
+
+class _Payload:
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(_Payload.marker),))
+
+
+def test_resume_never_unpickles_a_checkpoints_custom_objects(sft, capsys):
+    """A crafted custom_checkpoint_0.pkl (accelerate would load it with weights_only=False) is refused in one
+    line and never opened."""
+    tmp_path, _cfg, path = sft
+    out = tmp_path / "run"
+    assert main(["train-sft", "--config", str(path)]) == 0
+    shutil.rmtree(out / "final")
+    ckpt = out / "checkpoints" / "step-4"
+    assert (
+        not list(ckpt.glob("custom_checkpoint_*"))
+        and json.loads((ckpt / "ppomax_state.json").read_text())["step"] == 4
+    )
+    _Payload.marker = str(tmp_path / "pwned")
+    (ckpt / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Payload()))
+    capsys.readouterr()
+    assert main(["train-sft", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "custom_checkpoint_0.pkl, which ppomax never writes or loads" in err
+    assert not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------------------------------- one way to print
+
+
+def test_every_message_goes_through_the_ppomax_logger(sft, capsys):
+    """Trainer messages and the one-line error alike: records of the `ppomax` logger (stderr), stdout free
+    for the result."""
+    import logging
+
+    tmp_path, _cfg, path = sft
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("ppomax")
+    logger.addHandler(handler)
+    try:
+        assert main(["train-sft", "--config", str(path)]) == 0
+        assert main(["train-sft", "--config", str(path)]) == 2  # refused: the run is there
+    finally:
+        logger.removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert any(m.startswith("model: ") for m in messages)
+    assert any("already holds a run" in r.getMessage() and r.levelno == logging.ERROR for r in records)
+    out = capsys.readouterr()
+    assert out.out == f"{tmp_path / 'run' / 'final'}\n" and "ppomax: model: " in out.err
