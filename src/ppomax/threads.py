@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ppomax.console import console
 from ppomax.errors import UserError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -185,7 +185,7 @@ def command_threads(flag: int | None) -> Iterator[ThreadChoice]:
         flag, os.environ, available_cpus(affinity_cpus(), cgroup_cpu_quota()), physical_cores()
     )
     if choice.note and os.environ.get("RANK", "0") == "0":  # the same line from every rank would be noise
-        print(f"ppomax: {choice.note}", file=sys.stderr)
+        console().info("%s", choice.note)
     before = torch.get_num_threads()
     # accelerate's multi-CPU setup sets its own count when OMP_NUM_THREADS is unset (accelerate/state.py)
     set_omp = choice.threads is not None and "OMP_NUM_THREADS" not in os.environ
