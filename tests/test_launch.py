@@ -11,8 +11,8 @@ import pytest
 
 from launch_helpers import accelerate_launch
 from ppomax.cli import main
-from ppomax.trainers import common
-from ppomax.trainers.common import launch_mismatch
+from ppomax.trainers import launch as common
+from ppomax.trainers.launch import launch_mismatch
 from tiny_lm import make_tiny_lm, write_jsonl, write_yaml
 
 # The variables accelerate 1.15 sets in the launched process (accelerate/utils/launch.py), trimmed to those that
@@ -153,3 +153,28 @@ def test_real_launches_train_sft(tmp_path):
         assert train_steps == len(records) // ranks  # batch 1 per rank
         warned = "ppomax: warning: " in proc.stderr
         assert warned is (ranks == 1), proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "launched", "expect"),
+    [
+        ("float32", None, "no"),
+        ("bfloat16", None, "bf16"),
+        ("bfloat16", "no", "bf16"),
+        ("bfloat16", "bf16", "bf16"),
+        ("float16", "fp16", "fp16"),
+        ("float32", "bf16", None),
+        ("bfloat16", "fp16", None),
+    ],
+)
+def test_mixed_precision_follows_model_dtype_and_refuses_a_conflicting_launch(dtype, launched, expect):
+    """model.dtype decides; a launch's --mixed_precision may only agree (or say no, accelerate's default)."""
+    from ppomax.errors import ConfigError
+    from ppomax.trainers.launch import mixed_precision
+
+    env = {} if launched is None else {"ACCELERATE_MIXED_PRECISION": launched}
+    if expect is None:
+        with pytest.raises(ConfigError, match=r"model\.dtype"):
+            mixed_precision(dtype, env)
+    else:
+        assert mixed_precision(dtype, env) == expect

@@ -53,12 +53,16 @@ def eos_ids_of(tokenizer: Any, model: Any | None = None) -> list[int]:
 class HFGenerateEngine:
     """Hugging Face ``generate`` with the KV cache. Sampling settings come from ``generation`` (section of
     :class:`~ppomax.config.PPOConfig`); ``greedy=True`` (evaluation) decodes greedily with the same length limit
-    and repetition penalty."""
+    and repetition penalty. ``synced``: the model's forward is a collective (ZeRO-3 or FSDP over several
+    processes), so every rank keeps stepping until all ranks are done (``synced_gpus``)."""
 
-    def __init__(self, gen: GenerationConfig, eos_ids: Sequence[int], pad_id: int) -> None:
+    def __init__(
+        self, gen: GenerationConfig, eos_ids: Sequence[int], pad_id: int, synced: bool = False
+    ) -> None:
         self.gen = gen
         self.eos_ids = list(eos_ids)
         self.pad_id = pad_id
+        self.synced = synced
 
     def generation_config(self, greedy: bool) -> Any:
         """HF settings with every knob ppomax controls set explicitly, to HF's own "off" values where the
@@ -104,6 +108,7 @@ class HFGenerateEngine:
                 attention_mask=attention_mask,
                 generation_config=self.generation_config(greedy),
                 logits_processor=LogitsProcessorList(self.logits_processors(input_ids.shape[1])),
+                synced_gpus=self.synced,
             )
 
 

@@ -19,8 +19,8 @@ row right-padded (absolute-position models such as GPT-2 would otherwise shift e
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -37,11 +37,12 @@ HEAD_META = "ppomax_value_head.json"
 _FORMAT = "ppomax-value-head"
 
 
-@dataclass
-class ValueHeadOutput:
+class ValueHeadOutput(NamedTuple):
     """values: [B, T] float32, one per position (the value of the prefix ending there);
     scores: [B] float32, the value at each row's last non-pad token (the reward r(x, y));
-    lm_logits: [B, T, V] when asked for, else None."""
+    lm_logits: [B, T, V] when asked for, else None.
+
+    A named tuple, so engines that hook module outputs find its tensors (ZeRO-3 registers backward hooks there)."""
 
     values: Tensor
     scores: Tensor

@@ -1,5 +1,5 @@
-"""What the trainers share besides the run engine (:mod:`ppomax.trainers.run`): how a launch is read, loading
-the training data, batching across ranks and evaluation shards (the SFT/RM optimisation loop itself is
+"""What the trainers share besides the run engine (:mod:`ppomax.trainers.run`) and the launch
+(:mod:`ppomax.trainers.launch`): loading the training data, batching across ranks and evaluation shards (the SFT/RM optimisation loop itself is
 :mod:`ppomax.trainers.loop`).
 
 Distributed runs (``accelerate launch``) shard the data themselves: every epoch the global list of batches is
@@ -7,21 +7,20 @@ built from ``seed + epoch`` identically on every rank and rank ``r`` takes every
 run replays exactly the same order and skips what it has already seen. Metrics are reduced across ranks before
 they are logged; only the main process writes files. Without a GPU, ``accelerate launch --multi_gpu
 --num_processes N`` (or ``torchrun``, or mpirun) runs CPU DDP with gloo; ``accelerate launch --cpu --num_processes
-N`` starts ONE process (its multi-CPU mode needs mpirun), which :func:`launch_mismatch` warns about.
+N`` starts ONE process (its multi-CPU mode needs mpirun), which :func:`~ppomax.trainers.launch.launch_mismatch`
+warns about.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
 
-from ppomax.console import console
 from ppomax.data import LoadStats
 from ppomax.data.batching import global_batches
 from ppomax.errors import UserError
@@ -32,54 +31,6 @@ if TYPE_CHECKING:
 
 class TrainingError(UserError):
     """A run that cannot continue (e.g. repeated non-finite updates); the message says what to do."""
-
-
-# --------------------------------------------------------------------------- launch
-
-
-# How many processes a launcher started: torchrun / accelerate (WORLD_SIZE), MPICH/Intel MPI, Open MPI, MVAPICH
-# (the variables accelerate itself reads, accelerate.utils.environment.get_cpu_distributed_information).
-WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-_warned: set[str] = set()
-
-
-def _launched_world(env: Mapping[str, str]) -> int:
-    for var in WORLD_SIZE_VARS:
-        if env.get(var, "").strip().isdigit():
-            return int(env[var])
-    return 1
-
-
-def launch_mismatch(env: Mapping[str, str]) -> str | None:
-    """The one-line warning for a launch that asked for several processes but started only this one, else None.
-
-    ``accelerate launch --cpu --num_processes N`` (or ``--num_machines N``, or an accelerate config with
-    ``use_cpu``) takes accelerate's simple launcher: without ``--mpirun_hostfile`` it starts one process, handing it
-    ``ACCELERATE_USE_CPU`` and a rendezvous address (``MASTER_ADDR``, set only when N > 1) but no world size, so
-    torch.distributed sees one process and the run silently trains alone. ``--multi_gpu`` goes through torchrun,
-    which sets ``WORLD_SIZE`` in every process; mpirun sets its own size variables.
-    """
-    use_cpu = env.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "y", "on")
-    if use_cpu and env.get("MASTER_ADDR") and _launched_world(env) == 1:
-        return (
-            "`accelerate launch --cpu` with more than one process starts one process only (it needs mpirun, "
-            "--mpirun_hostfile), so this run trains alone; for N processes on this machine's CPUs use "
-            "`accelerate launch --multi_gpu --num_processes N -m ppomax ...` (gloo DDP, no GPU needed)"
-        )
-    return None
-
-
-def _cpu_distributed() -> bool:
-    """Whether to build the Accelerator with ``cpu=True``: a multi-process launch (torchrun, ``accelerate launch
-    --multi_gpu``, mpirun) on a machine without CUDA, so accelerate runs DDP on CPU with gloo (it would otherwise
-    start independent single processes). Every trainer builds its Accelerator from this, so this is also where a
-    launch that started fewer processes than asked is reported (:func:`launch_mismatch`), once per process."""
-    warning = launch_mismatch(os.environ)
-    if warning is not None and warning not in _warned:
-        _warned.add(warning)
-        console().warning("warning: %s", warning)
-    launched = _launched_world(os.environ) > 1 or os.environ.get("LOCAL_RANK") is not None
-    return launched and not torch.cuda.is_available()
 
 
 def log_load_stats(ctx: RunContext, name: str, stats: LoadStats) -> None:

@@ -20,6 +20,7 @@ from ppomax.errors import UserError
 from ppomax.optim import build_optimizer, build_scheduler
 
 from .common import TrainingError, micro_batches, micro_batches_per_epoch
+from .launch import configure_deepspeed
 from .reduce import reduce_metrics
 from .run import DictState, RunContext, StopFlag
 
@@ -85,11 +86,14 @@ def train_loop(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec) -> tuple
     optimizer = build_optimizer(model.parameters(), cfg.optim.lr, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
     if acc.distributed_type == DistributedType.DEEPSPEED:
-        # No dataloader goes through prepare() (ranks shard batches themselves), so DeepSpeed cannot infer
-        # its micro-batch size; it only uses it for bookkeeping (token-balanced batches vary anyway).
-        plugin = acc.state.deepspeed_plugin
-        if plugin.is_auto("train_micro_batch_size_per_gpu"):
-            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = spec.batch_size or 1
+        # token-balanced batches vary in size: DeepSpeed's micro-batch size is bookkeeping only
+        configure_deepspeed(
+            acc.state.deepspeed_plugin,
+            spec.batch_size or 1,
+            cfg.max_grad_norm,
+            "max_grad_norm",
+            caller_steps=False,
+        )
     model, optimizer = acc.prepare(model, optimizer)
     # Not prepared: accelerate would step it once per process; this schedule counts optimiser steps.
     ctx.track(schedule=scheduler, extra=DictState(spec.extra_state))

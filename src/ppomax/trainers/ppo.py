@@ -57,6 +57,7 @@ from ppomax.rewards import RewardSources, build_reward_functions
 from ppomax.rollout import HFGenerateEngine, RolloutEngine, eos_ids_of
 
 from .common import TrainingError
+from .launch import prepare_frozen, prepare_trained, sharded_forward
 from .ppo_data import IndexStream, PromptSet, PTXSet, load_prompt_set, load_ptx_set, pad_id_of
 from .ppo_eval import evaluate
 from .ppo_models import Forward, load_models
@@ -140,8 +141,10 @@ class PPOTrainer:
         cfg.check_runnable()
         self.cfg, p = cfg, cfg.ppo
         # the run directory is checked (and a resumed run's config compared) before any model is loaded
-        self.run = run = open_run(cfg, "ppo", resume=resume, overwrite=overwrite)
-        acc = run.accelerator  # CPU DDP (gloo) under `accelerate launch`
+        self.run = run = open_run(
+            cfg, "ppo", resume=resume, overwrite=overwrite, trained=("policy", "critic")
+        )
+        acc = run.accelerator  # DDP, DeepSpeed or FSDP as `accelerate launch` configured (trainers/launch.py)
         # Statistics that define the training targets (running reward moments, advantage whitening) are global
         # through this hook: per-rank ones would make the objective depend on how the buffer is sharded. The
         # losses themselves are not all-reduced: DDP averages the gradients over ranks, and the Updater weights
@@ -160,18 +163,32 @@ class PPOTrainer:
         critic_sched = build_scheduler(
             critic_opt, cfg.optim, (p.iterations + p.critic_pretrain_steps) * updates
         )
-        # both models and both optimisers in one Accelerator: save_state/load_state keep them in this order
-        policy, policy_opt, critic, critic_opt = acc.prepare(m.policy, policy_opt, m.critic, critic_opt)
-        reward_model = m.reward_model.to(acc.device) if m.reward_model is not None else None
+        # one Accelerator for both trained models (save_state/load_state keep them in this order), each with its
+        # own optimiser, learning rate and, under DeepSpeed, its own engine
+        micro = p.micro_batch_size or p.minibatch_size
+        prepared = prepare_trained(
+            acc,
+            {"policy": (m.policy, policy_opt), "critic": (m.critic, critic_opt)},
+            micro,
+            p.max_grad_norm,
+            "ppo.max_grad_norm",
+        )
+        (policy, policy_opt), (critic, critic_opt) = prepared["policy"], prepared["critic"]
+        reward_model = prepare_frozen(acc, m.reward_model, micro) if m.reward_model is not None else None
         self.models = models = replace(
-            m, policy=policy, critic=critic, reference=m.reference.to(acc.device), reward_model=reward_model
+            m,
+            policy=policy,
+            critic=critic,
+            reference=prepare_frozen(acc, m.reference, micro),
+            reward_model=reward_model,
         )
 
         temperature = cfg.generation.temperature if cfg.generation.logprobs_from == "sampling" else 1.0
         fwd = Forward(acc.unwrap_model(policy), temperature)
         eos_ids = eos_ids_of(m.tokenizer, m.policy)
         self.rollouts = Rollouts(
-            engine=engine or HFGenerateEngine(cfg.generation, eos_ids, data.pad_id),
+            engine=engine
+            or HFGenerateEngine(cfg.generation, eos_ids, data.pad_id, synced=sharded_forward(acc)),
             fwd=fwd,
             rewards=RewardSources(reward_model, cfg.reward.model_weight, build_reward_functions(cfg.reward)),
             tokenizer=m.tokenizer,
@@ -190,8 +207,8 @@ class PPOTrainer:
             ppo=p,
             accelerator=acc,
             fwd=fwd,
-            policy=Optimised(policy, policy_opt, policy_sched),
-            critic=Optimised(critic, critic_opt, critic_sched),
+            policy=Optimised(policy, policy_opt, policy_sched, acc),
+            critic=Optimised(critic, critic_opt, critic_sched, acc),
             seed=cfg.seed,
             all_reduce=all_reduce,
             ptx_batch=(lambda k: data.next_ptx(k, acc.device)) if data.ptx else None,
@@ -304,6 +321,8 @@ class PPOTrainer:
                 "perf/generation_tokens_per_s": tokens / max(t_gen, 1e-9),
             }
         )
+        if acc.device.type == "cuda":  # this process's peak since the start (what `ppomax plan` estimates)
+            metrics["perf/peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         return metrics
 
     def evaluate(self, step: int) -> dict[str, float]:

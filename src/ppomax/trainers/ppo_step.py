@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from torch import Tensor
 
 from ppomax.algos import (
@@ -175,15 +176,55 @@ class Rollouts:
 
 @dataclasses.dataclass
 class Optimised:
-    """A trained model (as prepared by accelerate) with its optimiser and learning-rate schedule."""
+    """A trained model (as prepared by accelerate) with its optimiser and learning-rate schedule: its backward,
+    gradient clip and optimiser step on the launch's engine.
+
+    Under DeepSpeed the prepared model is the model's own engine: its ``backward`` accumulates (ppomax ends each
+    optimiser step: unmanaged gradient accumulation, see trainers/launch.py), its ``step`` clips by
+    ``ppo.max_grad_norm`` (the engine's gradient_clipping) and steps; the gradient norm is known only after it."""
 
     model: Any
     optimizer: Any
     schedule: Any
+    accelerator: Any
 
-    def step(self) -> None:
+    @property
+    def engine(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    def backward(self, loss: Tensor) -> None:
+        if self.engine:
+            self.model.backward(loss)
+        else:
+            self.accelerator.backward(loss)
+
+    def clip(self, max_norm: float) -> Tensor | None:
+        """Clip the gradient's global norm (app. C.2); returns the pre-clip norm, or None where the engine clips
+        inside :meth:`step`."""
+        if self.engine:
+            return None
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        return torch.as_tensor(norm).detach().float()
+
+    def step(self) -> Tensor | None:
+        """Optimiser and schedule step; returns the pre-clip gradient norm where the engine measured it."""
+        if self.engine:
+            self.model.step()
+            self.schedule.step()
+            norm = self.model.get_global_grad_norm()
+            return None if norm is None else torch.as_tensor(float(norm))
         self.optimizer.step()
         self.schedule.step()
+        return None
+
+    def zero_grad(self) -> None:
+        if self.engine:
+            # accelerate's DeepSpeed optimiser wrapper leaves zeroing to the engine's step; a skipped step must
+            # drop the accumulated (partitioned) gradients itself
+            self.model.optimizer.zero_grad()
+            self.model.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
 
 
 @dataclasses.dataclass
@@ -271,19 +312,24 @@ class Updater:
                             self.policy.model, {k: v[lo:hi] for k, v in ptx.items()}
                         )
                         ptx_loss = p.ptx_coef * ptx_weights[i] * lm_nll(logits, labels, lmask)
-                        self.accelerator.backward(ptx_loss)
+                        self.policy.backward(ptx_loss)
                     total_loss = total_loss + ptx_loss.detach()
                     _accumulate(metrics, {"loss/ptx": ptx_loss.detach() / p.ptx_coef}, 1.0)
             with self._no_sync(not last):
-                loss, m = self._loss(chunk, critic_only)
-                self.accelerator.backward(weights[i] * loss)
-            total_loss = total_loss + weights[i] * loss.detach()
+                policy_loss, critic_loss, m = self._loss(chunk, critic_only)
+                # one backward per model (the two graphs share nothing): each engine owns its own gradients
+                if not critic_only:
+                    self.policy.backward(weights[i] * policy_loss)
+                self.critic.backward(weights[i] * critic_loss)
+            loss = policy_loss.detach() + critic_loss.detach()
+            total_loss = total_loss + weights[i] * loss
             _accumulate(metrics, m, weights[i])
         ok = self._step(total_loss, critic_only, metrics)
         metrics["loss/total"] = total_loss
         return metrics, ok
 
-    def _loss(self, mb: Experience, critic_only: bool) -> tuple[Tensor, dict[str, Tensor]]:
+    def _loss(self, mb: Experience, critic_only: bool) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(policy loss: clipped surrogate + entropy bonus, critic loss: vf_coef x value loss, metrics)."""
         p = self.ppo
         seqs, attn, width, mask = mb.sequences, mb.attention_mask, mb.prompt_width, mb.response_mask
         metrics: dict[str, Tensor] = {}
@@ -315,38 +361,40 @@ class Updater:
                 )
         values = self.fwd.values(self.critic.model, seqs, attn, width)
         vf, vm = value_loss(values, mb.values, mb.returns, mask, p.value_clip)
-        loss = loss + p.vf_coef * vf
         metrics.update({"loss/vf": vm["vf_loss"], "critic/vf_clipfrac": vm["vf_clipfrac"]})
-        return loss, metrics
+        return loss, p.vf_coef * vf, metrics
 
     def _step(self, loss: Tensor, critic_only: bool, metrics: dict[str, Tensor]) -> bool:
-        """Clip, check finiteness (one host sync per minibatch), step or skip; returns whether it stepped."""
+        """Clip, check finiteness (one host sync per minibatch), step or skip; returns whether it stepped.
+        Where the engine clips inside its step (DeepSpeed) only the loss is checked before it."""
         max_norm = self.ppo.max_grad_norm if self.ppo.max_grad_norm is not None else float("inf")
-        norms = [self.accelerator.clip_grad_norm_(self.critic.model.parameters(), max_norm)]
-        if not critic_only:
-            norms.append(self.accelerator.clip_grad_norm_(self.policy.model.parameters(), max_norm))
-            metrics["grad_norm/policy"] = norms[-1].detach().float()
-        metrics["grad_norm/critic"] = norms[0].detach().float()
-        finite = torch.isfinite(
-            torch.stack([loss.float(), *(n.float().to(loss.device) for n in norms)])
-        ).all()
+        models = {"critic": self.critic} if critic_only else {"critic": self.critic, "policy": self.policy}
+        norms = {name: m.clip(max_norm) for name, m in models.items()}
+        checked = [loss.float(), *(n.to(loss.device) for n in norms.values() if n is not None)]
+        finite = torch.isfinite(torch.stack(checked)).all()
         if self.all_reduce is not None:  # every rank must take the same decision
             finite = self.all_reduce((~finite).float()) == 0
         ok = bool(finite)
         if ok:
-            if not critic_only:
-                self.policy.step()
-            self.critic.step()
+            for name in ("policy", "critic"):
+                if name in models:
+                    measured = models[name].step()
+                    norms[name] = norms[name] if measured is None else measured
             self.nonfinite_in_row = 0
         else:
             self.nonfinite_in_row += 1
             self.nonfinite_total += 1
-        self.policy.optimizer.zero_grad(set_to_none=True)
-        self.critic.optimizer.zero_grad(set_to_none=True)
+        for name in ("policy", "critic"):
+            if norms.get(name) is not None:
+                metrics[f"grad_norm/{name}"] = norms[name]
+        self.policy.zero_grad()
+        self.critic.zero_grad()
         return ok
 
     def _no_sync(self, skip_sync: bool) -> contextlib.AbstractContextManager[Any]:
-        if not skip_sync or self.accelerator.num_processes == 1:
+        """DDP's gradient sync skipped on all but a minibatch's last micro-batch (DeepSpeed engines reduce at
+        their step anyway)."""
+        if not skip_sync or self.accelerator.num_processes == 1 or self.policy.engine:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
         stack.enter_context(self.accelerator.no_sync(self.policy.model))

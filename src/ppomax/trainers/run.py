@@ -60,7 +60,7 @@ from ppomax.console import console
 from ppomax.errors import ConfigError, RunStopped, UserError
 from ppomax.monitor import MetricsLogger
 
-from .common import _cpu_distributed
+from .launch import build_accelerator
 
 STATE_FILE = "ppomax_state.json"
 CONFIG_FILE = "config.yaml"
@@ -310,15 +310,22 @@ def write_failure(exc: BaseException, where: Path) -> str | None:
 
 
 def open_run(
-    cfg: Any, kind: str, *, resume: bool = False, overwrite: bool = False, grad_accum: int = 1
+    cfg: Any,
+    kind: str,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    grad_accum: int = 1,
+    trained: tuple[str, ...] = ("model",),
 ) -> RunContext:
-    """Accelerator (CPU when there is no GPU, or what ``accelerate launch`` configured), seeds, and the run
+    """Accelerator (:func:`~ppomax.trainers.launch.build_accelerator`: what ``accelerate launch`` configured, for
+    the models named in ``trained``), seeds, and the run
     directory ``cfg.logging.out_dir`` prepared by the rules of the module docstring, with the resolved
     ``config.yaml`` and the metrics logger (truncated to the checkpoint when resuming). Nothing here loads a
     model, so an unusable directory is reported first."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other (continue the run, or replace it)")
-    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, cpu=_cpu_distributed())
+    accelerator = build_accelerator(grad_accum, trained, cfg.model.dtype)
     set_seed(cfg.seed)
     out_dir = Path(cfg.logging.out_dir)
     ckpt: Path | None = None

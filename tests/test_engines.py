@@ -1,0 +1,236 @@
+"""PPO, SFT and RM under the shipped accelerate configs (configs/accelerate/) with 2 CPU processes over gloo.
+
+What runs on this CPU: DDP (``--multi_gpu``) and DeepSpeed ZeRO-2/ZeRO-3 (its CPU accelerator), launched exactly
+as a user launches them on GPUs. FSDP does not: accelerate enables it only on GPU devices, and ppomax refuses
+the config on a machine without one (tested here) instead of running plain DDP under an FSDP name.
+
+The equivalence test: a 1-process run and a 2-process run with the same global batch (8 prompts, one minibatch)
+and seed must agree on the first update. Rollouts are sampled with ``top_k=1`` so both draw the same responses
+whatever their random streams; the prompt stream, running reward moments, advantage whitening and the token
+weighting of the loss are global, so the update differs only by floating-point reduction order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from launch_helpers import free_port
+from ppo_helpers import FAST, make_setup
+from tiny_lm import make_tiny_lm, write_jsonl
+
+CONFIGS = Path(__file__).parents[1] / "src" / "ppomax" / "configs" / "accelerate"
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), str(Path(__file__).parent)]),
+    "OMP_NUM_THREADS": "1",
+}
+pytest.importorskip("deepspeed")
+
+
+def launch(engine: str | None, processes: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """``accelerate launch --config_file configs/accelerate/<engine>.yaml`` (DDP on CPU: ``--multi_gpu``), or a
+    plain single process when ``engine`` is None."""
+    if engine is None:
+        cmd = [sys.executable, "-m", "ppomax.cli", *args]
+    else:
+        accelerate = str(Path(sys.executable).with_name("accelerate"))
+        where = ["--multi_gpu"] if engine == "ddp" else ["--config_file", str(CONFIGS / f"{engine}.yaml")]
+        cmd = [
+            accelerate,
+            "launch",
+            *where,
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            str(free_port()),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "ppomax.cli",
+            *args,
+        ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+
+
+def sets(*overrides: str) -> list[str]:
+    return [x for o in overrides for x in ("--set", o)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_setup(tmp_path_factory.mktemp("engines"))
+
+
+def ppo_args(setup, out: Path, per_rank: int, *extra: str) -> list[str]:
+    return [
+        "train-ppo",
+        *sets(
+            f"model.policy={setup.policy}",
+            f"model.reward={setup.reward}",
+            f"data.prompts={setup.prompts}",
+            f"logging.out_dir={out}",
+            *FAST,
+            "generation.top_k=1",
+            "ppo.iterations=1",
+            f"ppo.rollout_batch_size={per_rank}",
+            f"ppo.buffer_size={per_rank}",
+            f"ppo.minibatch_size={per_rank}",
+            *extra,
+        ),
+    ]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_process(setup):
+    out = setup.root / "single"
+    proc = launch(None, 1, *ppo_args(setup, out, 8))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _assert_same_first_update(setup, one: Path, two: Path) -> None:
+    before = weights(setup.policy)
+    a, b = weights(one / "final" / "policy"), weights(two / "final" / "policy")
+    moved = max((a[k] - before[k]).abs().max().item() for k in a)
+    assert moved > 1e-4  # the update did something
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-6, rtol=1e-4, msg=k)
+    ca, cb = weights(one / "final" / "critic"), weights(two / "final" / "critic")
+    for k in ca:
+        torch.testing.assert_close(cb[k], ca[k], atol=2e-6, rtol=1e-4, msg=k)
+    ma, mb = metrics(one)[0], metrics(two)[0]
+    for key in ("reward/raw_mean", "loss/pg", "loss/vf", "grad_norm/policy", "grad_norm/critic"):
+        assert mb[key] == pytest.approx(ma[key], rel=1e-4, abs=1e-6), key
+
+
+def test_zero3_two_processes_match_one_process(setup, one_process):
+    """ZeRO-3 (parameters of policy and critic partitioned, reference and reward model as ZeRO-3 inference
+    engines, generation with synced ranks) gives the one-process update; final/ holds gathered full weights."""
+    out = setup.root / "zero3"
+    proc = launch("zero3", 2, *ppo_args(setup, out, 4))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the launcher itself may log (DeepSpeed to stdout); ppomax's processes print only the result, once
+    assert proc.stdout.splitlines()[-1] == str(out / "final" / "policy")
+    assert proc.stdout.count("final/policy") == 1
+    _assert_same_first_update(setup, one_process, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_two_processes_match_one_process(setup, one_process, engine):
+    out = setup.root / engine
+    proc = launch(engine, 2, *ppo_args(setup, out, 4))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_first_update(setup, one_process, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_deepspeed_resume_is_exact(setup, engine):
+    """2N iterations == N + N under DeepSpeed with 2 processes (engines' checkpoints, ppomax_state.json, RNG)."""
+    common = ["generation.top_k=0", "ppo.critic_pretrain_steps=1", "ppo.minibatch_size=2"]
+    whole, part = setup.root / f"{engine}-whole", setup.root / f"{engine}-part"
+    proc = launch(engine, 2, *ppo_args(setup, whole, 4, *common, "ppo.iterations=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch(engine, 2, *ppo_args(setup, part, 4, *common, "ppo.iterations=1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch(engine, 2, "train-ppo", "--resume", str(part), *sets("ppo.iterations=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    drop = ("time/", "perf/")
+    clean = [
+        [{k: v for k, v in r.items() if not k.startswith(drop)} for r in metrics(out)]
+        for out in (whole, part)
+    ]
+    assert clean[0] == clean[1]
+    a, b = weights(whole / "final" / "policy"), weights(part / "final" / "policy")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_sft_and_rm_under_deepspeed(tmp_path, engine):
+    """SFT (with gradient accumulation) and RM training under DeepSpeed with 2 processes, final weights saved."""
+    words = ["apple", "river", "stone", "cloud", "green", "light", "sound", "water"]
+    records = [{"prompt": f"Repeat {w}.", "response": f"{w} {w}"} for w in words]
+    model = make_tiny_lm(tmp_path, [r["prompt"] + " " + r["response"] for r in records])
+    train = write_jsonl(tmp_path / "sft.jsonl", records)
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [{"prompt": r["prompt"], "chosen": r["response"], "rejected": "no"} for r in records],
+    )
+    base = [f"model.policy={model}", "epochs=1", "batch_size=1", "logging.progress=false"]
+    base += ["logging.tensorboard=false"]
+    for command, data, extra in (("train-sft", train, ["grad_accum=2"]), ("train-rm", pairs, [])):
+        out = tmp_path / command
+        proc = launch(
+            engine,
+            2,
+            command,
+            *sets(*base, *extra, f"data.train={data}", f"logging.out_dir={out}", "data.valid_fraction=0"),
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (out / "final" / "model.safetensors").is_file()
+        assert any("train/loss" in r for r in metrics(out))
+
+
+def test_fsdp_without_cuda_is_refused_not_downgraded(monkeypatch):
+    """What `accelerate launch --config_file configs/accelerate/fsdp.yaml` hands every process, on a machine
+    without CUDA: one line naming what runs instead, before any model is loaded (not a DDP run under an FSDP name)."""
+    from ppomax.errors import ConfigError
+    from ppomax.trainers.launch import build_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="FSDP accelerate config needs CUDA GPUs") as err:
+        build_accelerator(1, ("policy", "critic"))
+    assert "\n" not in str(err.value)
+
+
+def test_each_engine_prepares_the_trained_models_as_it_must():
+    """ppomax's side of FSDP, which cannot run on this CPU (accelerate's FSDP2 takes one model and its optimiser
+    per `prepare`): a fake accelerator records the calls. DDP prepares everything in one call, in order."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from ppomax.trainers.launch import prepare_frozen, prepare_trained
+
+    policy, critic, frozen = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1), torch.nn.Linear(2, 2)
+    p_opt, c_opt = torch.optim.SGD(policy.parameters(), 0.1), torch.optim.SGD(critic.parameters(), 0.1)
+    for kind, expect in (
+        (DistributedType.FSDP, [(policy, p_opt), (critic, c_opt)]),
+        (DistributedType.MULTI_CPU, [(policy, p_opt, critic, c_opt)]),
+    ):
+        calls: list[tuple] = []
+        acc = SimpleNamespace(
+            distributed_type=kind,
+            device=torch.device("cpu"),
+            prepare=lambda *o, calls=calls: calls.append(o) or o,
+        )
+        out = prepare_trained(acc, {"policy": (policy, p_opt), "critic": (critic, c_opt)}, 1, 1.0, "k")
+        assert calls == expect
+        assert out == {"policy": (policy, p_opt), "critic": (critic, c_opt)}
+        assert (
+            prepare_frozen(acc, frozen, 1) is frozen
+        )  # replicated, never given to FSDP without an optimiser
