@@ -60,7 +60,12 @@ class ModelConfig(_Section):
     )
     tokenizer: str | None = Field(None, description="Tokenizer directory; null = the policy's directory.")
     trust_remote_code: bool = False
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Compute dtype. bfloat16/float16: mixed precision (trained models keep float32 master weights "
+        "and optimiser states and run under autocast, or the engine's bf16/fp16 mode); frozen models (reference, "
+        "reward) are stored in it.",
+    )
     gradient_checkpointing: bool = False
 
 

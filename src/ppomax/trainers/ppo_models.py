@@ -29,6 +29,7 @@ from ppomax.models import (
     load_tokenizer,
     position_ids_from_mask,
 )
+from ppomax.trainers.launch import TRAINED_DTYPE
 
 
 @dataclass
@@ -66,7 +67,7 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
 def build_critic(cfg: PPOConfig, policy_path: str, critic_path: str | None) -> ValueHeadModel:
     """The critic per ``model.critic`` / ``ppo.critic_init`` (see the module docstring)."""
     m, seed = cfg.model, cfg.seed
-    kw = {"dtype": m.dtype, "trust_remote_code": m.trust_remote_code}
+    kw = {"dtype": TRAINED_DTYPE, "trust_remote_code": m.trust_remote_code}
     if critic_path:
         return ValueHeadModel.from_pretrained(critic_path, **kw)
     init = cfg.ppo.critic_init
@@ -84,10 +85,12 @@ def load_models(cfg: PPOConfig) -> PPOModels:
     critic; the reference and the reward model always come from the config: the reference is the *original*
     policy)."""
     m = cfg.model
+    # trained models in float32 (master weights; model.dtype is their autocast dtype), frozen ones in model.dtype
     kw = {"dtype": m.dtype, "trust_remote_code": m.trust_remote_code}
+    trained = {**kw, "dtype": TRAINED_DTYPE}
     assert m.policy
     tokenizer = load_tokenizer(m.tokenizer or m.policy, trust_remote_code=m.trust_remote_code)
-    policy = load_causal_lm(m.policy, **kw)
+    policy = load_causal_lm(m.policy, **trained)
     reference = _freeze(load_causal_lm(m.reference or m.policy, **kw))
     critic = build_critic(cfg, m.policy, m.critic)
     reward_model = _freeze(ValueHeadModel.from_pretrained(m.reward, **kw)) if m.reward else None

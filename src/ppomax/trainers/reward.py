@@ -35,6 +35,7 @@ from ppomax.data import (
 from ppomax.errors import ConfigError
 from ppomax.models import ValueHeadModel, load_tokenizer, model_summary
 from ppomax.report_rm import margin_summary, write_rm_eval
+from ppomax.trainers.launch import TRAINED_DTYPE
 
 from .common import check_vocab, eval_shards, load_features, load_train_valid, to_device
 from .loop import LoopSpec, train_loop
@@ -150,7 +151,7 @@ def train_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Pa
     ctx = open_run(cfg, "rm", resume=resume, overwrite=overwrite, grad_accum=cfg.grad_accum)
     m = cfg.model
     tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
-    model = ValueHeadModel.from_causal_lm(m.policy, m.dtype, m.trust_remote_code, seed=cfg.seed)
+    model = ValueHeadModel.from_causal_lm(m.policy, TRAINED_DTYPE, m.trust_remote_code, seed=cfg.seed)
     check_vocab(model.backbone, tokenizer, "model.policy / model.tokenizer")
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -36,6 +36,7 @@ from ppomax.data import (
 from ppomax.data.io import handle_error
 from ppomax.errors import ConfigError
 from ppomax.models import init_causal_lm_from_config, load_causal_lm, load_tokenizer, model_summary
+from ppomax.trainers.launch import TRAINED_DTYPE
 
 from .common import check_vocab, eval_shards, load_train_valid, reduce_sums, to_device
 from .loop import LoopSpec, train_loop
@@ -139,8 +140,8 @@ def evaluate_lm(
 def _load_model(cfg: SFTConfig):
     m = cfg.model
     if cfg.init_from_config:
-        return init_causal_lm_from_config(m.policy, m.dtype, m.trust_remote_code, seed=cfg.seed)
-    return load_causal_lm(m.policy, m.dtype, m.trust_remote_code)
+        return init_causal_lm_from_config(m.policy, TRAINED_DTYPE, m.trust_remote_code, seed=cfg.seed)
+    return load_causal_lm(m.policy, TRAINED_DTYPE, m.trust_remote_code)
 
 
 def train_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
