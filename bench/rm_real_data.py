@@ -66,8 +66,8 @@ def main() -> int:
     from ppomax.data import PreferenceCollator, load_preference_pairs, pad_id_of, tokenize_pair
     from ppomax.models import ValueHeadModel, load_tokenizer
     from ppomax.monitor import read_metrics
-    from ppomax.report_rm import margin_summary
     from ppomax.trainers import train_rm, train_sft
+    from ppomax.trainers.reward_report import margin_summary
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -14,6 +14,7 @@ from ppomax.algos import (
     entropy_bonus_loss,
     entropy_from_logits,
     gae,
+    kl_from_logits,
     kl_per_token,
     last_token_index,
     lm_nll,
@@ -364,6 +365,32 @@ def test_kl_estimators_monte_carlo_vs_exact_categorical_kl() -> None:
     # the other direction, KL(ref || pi), is far from the estimates: the test tells the two apart
     reverse = sum(q * math.log(q / p) for p, q in zip(pi.tolist(), ref.tolist(), strict=True))
     assert abs(reverse - exact) > 0.1
+
+
+def test_kl_from_logits_vs_categorical_sums() -> None:
+    """The exact KL at each position against sum_v p log(p / q) over plain Python probabilities."""
+    g = _gen(5)
+    logits = torch.randn(2, 3, 6, generator=g, dtype=torch.float64) * 2
+    ref = torch.randn(2, 3, 6, generator=g, dtype=torch.float64) * 2
+    got = kl_from_logits(logits, ref)
+    assert got.shape == (2, 3) and got.dtype == torch.float64
+    for b in range(2):
+        for t in range(3):
+            zp, zq = logits[b, t].tolist(), ref[b, t].tolist()
+            sp, sq = sum(math.exp(z) for z in zp), sum(math.exp(z) for z in zq)
+            p, q = [math.exp(z) / sp for z in zp], [math.exp(z) / sq for z in zq]
+            expect = sum(pv * math.log(pv / qv) for pv, qv in zip(p, q, strict=True))
+            assert got[b, t].item() == pytest.approx(expect, rel=1e-10, abs=1e-12)
+    # identical distributions (even shifted logits): exactly 0 after the clamp, never negative
+    assert kl_from_logits(logits, logits + 3.0).abs().max().item() < 1e-12
+    assert bool((kl_from_logits(logits.float(), logits.float()) >= 0).all())
+    # a token pi rules out contributes nothing; one only ref rules out makes the KL infinite
+    masked = kl_from_logits(torch.tensor([[[0.0, 0.0, -math.inf]]]), torch.tensor([[[0.0, 1.0, 0.0]]]))
+    expect = 0.5 * math.log(0.5 / (1 / (2 + math.e))) + 0.5 * math.log(0.5 / (math.e / (2 + math.e)))
+    assert masked.item() == pytest.approx(expect, rel=1e-6)
+    assert math.isinf(kl_from_logits(torch.zeros(1, 1, 2), torch.tensor([[[0.0, -math.inf]]])).item())
+    # bf16 logits give a float32 result
+    assert kl_from_logits(logits.bfloat16(), ref.bfloat16()).dtype == torch.float32
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -92,3 +92,13 @@ def test_response_sums_and_statistics_values():
     assert stats["length_mean"] == pytest.approx(2.0) and stats["truncated_frac"] == pytest.approx(1 / 3)
     empty = response_statistics([0.0] * 8)
     assert all(math.isfinite(v) for v in empty.values())
+
+
+def test_response_statistics_perplexity_keeps_float64():
+    """The totals are float64: the perplexity was exp of a float32-rounded mean (2e-7 off at a mean NLL of 5.7),
+    while a huge mean NLL still gives inf, not an OverflowError."""
+    sums = [0.0, 0.0, 12.0, 1000.0, 5675.123456789, 5000.0, 0.0, 0.0]
+    stats = response_statistics(sums)
+    assert stats["ppl_policy"] == pytest.approx(math.exp(5.675123456789), rel=1e-12)
+    assert stats["ppl_reference"] == pytest.approx(math.exp(5.0), rel=1e-12)
+    assert math.isinf(response_statistics([0.0, 0.0, 1.0, 1.0, 1e6, 0.0, 0.0, 0.0])["ppl_policy"])

@@ -20,9 +20,11 @@ from ppomax.data import (
     pad_id_of,
     pad_left,
     pad_right,
+    rank_share,
     token_balanced_batches,
 )
 from ppomax.errors import ConfigError
+from ppomax.trainers.common import eval_shards
 
 
 def test_pad_left_and_right() -> None:
@@ -204,8 +206,59 @@ STREAM = {
 
 
 def test_global_batches_fixed_size_order_is_unchanged() -> None:
+    """On one process, exactly the old steps. On several, each step holds the same examples as before (the same
+    global batch of the seeded shuffle), each rank now taking its rank_share of it rather than a contiguous
+    slice."""
     for (n, batch_size, world, seed, epoch), expect in FIXED.items():
-        assert global_batches([1] * n, world, epoch, seed, batch_size=batch_size) == expect
+        got = global_batches([1] * n, world, epoch, seed, batch_size=batch_size)
+        if world == 1:
+            assert got == expect
+        assert [sorted(i for p in step for i in p) for step in got] == [
+            sorted(i for p in step for i in p) for step in expect
+        ]
+        order = list(range(n))
+        random.Random(seed + epoch).shuffle(order)
+        glob = [order[i : i + batch_size * world] for i in range(0, n, batch_size * world)]
+        assert got == [[g[r::world] for r in range(world)] for g in glob if len(g) >= world]
+
+
+def test_rank_share_is_every_world_th_item() -> None:
+    items = list(range(10))
+    assert rank_share(items, 0, 1) == items
+    assert [rank_share(items, r, 4) for r in range(4)] == [[0, 4, 8], [1, 5, 9], [2, 6], [3, 7]]
+    assert rank_share(range(3), 2, 4) == [2] and rank_share(range(3), 3, 4) == []
+    with pytest.raises(ValueError, match="rank 2"):
+        rank_share(items, 2, 2)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_every_sharding_is_the_rank_share_of_its_global_batch(world: int) -> None:
+    """One rule for what a rank takes of a global batch: the fixed-size training steps (whose ragged last step
+    gave, say, 3, 3, 3 and 1 examples to 4 ranks: now 3, 3, 2, 2), the PPO prompt stream and the evaluation
+    splits."""
+    n, batch_size, seed = 22, 3, 4
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    per_step = batch_size * world
+    glob = [order[i : i + per_step] for i in range(0, n, per_step)]
+    steps = global_batches([1] * n, world, 0, seed, batch_size=batch_size)
+    assert steps == [[g[r::world] for r in range(world)] for g in glob if len(g) >= world]
+    for parts in steps:
+        sizes = [len(p) for p in parts]
+        assert max(sizes) - min(sizes) <= 1
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    for r in range(world):
+        assert IndexStream(n, seed, rank=r, world=world).take(2) == perm[: 2 * world][r::world]
+
+    class Ctx:
+        pass
+
+    ctx = Ctx()
+    ctx.world = world
+    for r in range(world):
+        ctx.rank = r
+        mine = [i for idx, real in eval_shards(n, 4, ctx) if real for i in idx]  # type: ignore[arg-type]
+        assert mine == list(range(n))[r::world]
 
 
 def test_global_batches_token_balanced_order_is_unchanged() -> None:

@@ -74,7 +74,8 @@ def test_token_stats_match_a_plain_loop(models):
     a, b = load_causal_lm(a_dir), load_causal_lm(b_dir)
     prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:2]]
     response_ids = [[5, 6, 7, tok.eos_token_id], [9, 10]]
-    st = token_logits_stats(a, prompt_ids, response_ids, pad_id=tok.pad_token_id, ref_model=b, batch_size=2)
+    st = token_logits_stats(a, prompt_ids, response_ids, pad_id=tok.pad_token_id, ref_model=b, batch_size=1)
+    assert st.mask.tolist() == [[True] * 4, [True, True, False, False]]
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
         ids = torch.tensor([p + r])
         with torch.no_grad():
@@ -82,13 +83,21 @@ def test_token_stats_match_a_plain_loop(models):
             lb = torch.log_softmax(b(input_ids=ids).logits[0], -1)
         for j, t in enumerate(r):
             pos = len(p) + j - 1
-            assert st["logp"][i][j] == pytest.approx(la[pos, t].item(), abs=1e-5)
-            assert st["ref_logp"][i][j] == pytest.approx(lb[pos, t].item(), abs=1e-5)
+            assert st.logp[i, j].item() == pytest.approx(la[pos, t].item(), abs=1e-5)
+            assert st.ref_logp[i, j].item() == pytest.approx(lb[pos, t].item(), abs=1e-5)
             kl = sum(math.exp(la[pos, v]) * (la[pos, v] - lb[pos, v]) for v in range(la.shape[1]))
-            assert st["kl"][i][j] == pytest.approx(float(kl), abs=1e-5)
-    # a model against itself: zero KL everywhere
+            assert st.kl[i, j].item() == pytest.approx(float(kl), abs=1e-5)
+    # padding is zero, and batching (one batch of two rows of different widths) changes nothing
+    assert st.logp[1, 2:].tolist() == [0.0, 0.0] and st.kl[1, 2:].tolist() == [0.0, 0.0]
+    two = token_logits_stats(a, prompt_ids, response_ids, pad_id=tok.pad_token_id, ref_model=b, batch_size=2)
+    for got, want in ((two.logp, st.logp), (two.ref_logp, st.ref_logp), (two.kl, st.kl)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # a model against itself: zero KL everywhere; no reference: log-probs only
     same = token_logits_stats(a, prompt_ids, response_ids, pad_id=tok.pad_token_id, ref_model=a)
-    assert max(abs(x) for row in same["kl"] for x in row) < 1e-6
+    assert same.kl.abs().max().item() < 1e-6
+    alone = token_logits_stats(a, prompt_ids, response_ids, pad_id=tok.pad_token_id)
+    assert alone.kl is None and alone.ref_logp is None
+    torch.testing.assert_close(alone.logp, same.logp)
 
 
 def test_generate_is_seeded_and_stops_at_eos(models):

@@ -3,6 +3,8 @@
 * The library (every module of ``ppomax`` but the demo package and the CLI) never imports ``ppomax.demo``: not
   at the top, not inside a function, not as a side effect of importing something else.
 * The demo package has no import cycle (hidden inside functions or not).
+* The top level of ``ppomax`` holds the library's modules and one demo package: a module of the demo (or of
+  one trainer, like the reward model's report) does not sit beside them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,33 @@ SRC = Path(ppomax.__file__).resolve().parent
 DEMO = "ppomax.demo"
 # The CLI may import the demo: `ppomax demo` runs it and `ppomax eval --judge gold` uses its gold reward.
 NOT_LIBRARY = (DEMO, "ppomax.commands", "ppomax.cli", "ppomax.__main__")
+
+
+# What README's Layout paragraph names at the top of src/ppomax/ (a new entry here needs a line there).
+TOP_LEVEL = {
+    "__init__.py",
+    "__main__.py",
+    "algos",
+    "checkpoint.py",
+    "cli.py",
+    "collapse.py",
+    "commands",
+    "config.py",
+    "configs",
+    "console.py",
+    "data",
+    "demo",
+    "errors.py",
+    "evaluate.py",
+    "experience.py",
+    "models",
+    "monitor.py",
+    "optim.py",
+    "rewards.py",
+    "rollout.py",
+    "threads.py",
+    "trainers",
+}
 
 
 def _module_name(path: Path) -> str:
@@ -98,3 +127,10 @@ def test_the_demo_has_no_import_cycle():
         if n not in state:
             visit(n, [n])
     assert "ppomax.demo.world.world" in graph  # the graph is the real one
+
+
+def test_the_top_level_holds_the_library_and_one_demo_package():
+    """The reward model's report (report_rm.py) sat beside the library modules; it is the RM trainer's
+    (trainers/reward_report.py), and the demo's modules are in demo/."""
+    here = {p.name for p in SRC.iterdir() if p.name != "__pycache__" and (p.suffix == ".py" or p.is_dir())}
+    assert here == TOP_LEVEL

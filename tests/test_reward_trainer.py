@@ -17,10 +17,10 @@ from ppomax.config import load_config
 from ppomax.data import PreferenceCollator, load_preference_pairs, pad_id_of, tokenize_pair
 from ppomax.models import ValueHeadModel
 from ppomax.monitor import read_metrics
-from ppomax.report_rm import margin_summary
 from ppomax.trainers.common import eval_shards, global_batches
 from ppomax.trainers.loop import accumulate
 from ppomax.trainers.reward import make_rm_loss, rm_counts
+from ppomax.trainers.reward_report import margin_summary
 from tiny_lm import make_tiny_lm, write_jsonl, write_yaml
 
 WORDS = [

@@ -29,7 +29,6 @@ Judge-free statistics of each side (paper 5.2's monitoring metrics, measured on 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,14 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from ppomax.algos import (
+    kl_from_logits,
+    kl_per_token,
+    logprobs_from_logits,
+    masked_mean,
+    response_statistics,
+    response_sums,
+)
 from ppomax.config import GenerationConfig
 from ppomax.errors import UserError
 from ppomax.rollout import HFGenerateEngine, eos_ids_of, rollout
@@ -150,6 +157,38 @@ def _right_padded(prompt_ids: Sequence[list[int]], response_ids: Sequence[list[i
     return pad_right(seqs, pad_id)
 
 
+@dataclass
+class TokenStats:
+    """Per response token of one model's responses, right-padded to the longest: [N, R] CPU tensors.
+
+    ``mask`` marks the response tokens (EOS included); ``logp`` is the log-prob of each sampled token under the
+    model (raw logits); with a reference model, ``ref_logp`` is the same under the reference and ``kl`` the exact
+    KL(model || reference) over the vocabulary at that position. Off the mask all three are 0."""
+
+    mask: torch.Tensor
+    logp: torch.Tensor
+    ref_logp: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+
+
+def _response_positions(
+    prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pos, mask)`` [B, R]: the position of the logits that predict response token j of row i in the
+    right-padded ``prompt + response`` rows (``len(prompt_i) - 1 + j``), and whether that token exists."""
+    width = max((len(r) for r in response_ids), default=0)
+    j = torch.arange(width, device=device)
+    starts = torch.tensor([len(p) - 1 for p in prompt_ids], device=device)
+    ends = torch.tensor([len(r) for r in response_ids], device=device)
+    mask = j[None, :] < ends[:, None]
+    pos = torch.where(mask, starts[:, None] + j[None, :], 0)
+    return pos, mask
+
+
+def _at(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    return logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+
+
 @torch.no_grad()
 def token_logits_stats(
     model: Any,
@@ -159,41 +198,38 @@ def token_logits_stats(
     pad_id: int,
     ref_model: Any = None,
     batch_size: int = 32,
-) -> dict[str, list[list[float]]]:
-    """Per response token: ``logp`` (log-prob of the sampled token under ``model``, raw logits) and, with
-    ``ref_model``, ``ref_logp`` (the same under the reference) and ``kl`` (exact KL(model || ref) over the
-    vocabulary at that position). Lists are per response, one float per response token (EOS included)."""
+) -> TokenStats:
+    """The :class:`TokenStats` of ``model`` (and, with ``ref_model``, against it) on the given responses: the
+    log-probs are :func:`ppomax.algos.logprobs_from_logits`, the KL :func:`ppomax.algos.kl_from_logits`."""
     model.eval()
     if ref_model is not None:
         ref_model.eval()
     device = next(model.parameters()).device
-    out: dict[str, list[list[float]]] = {"logp": [], "ref_logp": [], "kl": []}
+    from ppomax.data import pad_right
+
+    width = max((len(r) for r in response_ids), default=0)
+    parts: dict[str, list[torch.Tensor]] = {"mask": [], "logp": [], "ref_logp": [], "kl": []}
     for start in range(0, len(prompt_ids), batch_size):
         p_chunk = list(prompt_ids[start : start + batch_size])
         r_chunk = list(response_ids[start : start + batch_size])
         input_ids, attention_mask = _right_padded(p_chunk, r_chunk, pad_id)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        logp = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention_mask).logits.float(), -1)
-        ref = None
+        pos, mask = _response_positions(p_chunk, r_chunk, device)
+        labels = pad_right(r_chunk, 0)[0].to(device)
+        logits = _at(model(input_ids=input_ids, attention_mask=attention_mask).logits, pos)
+        got = {"logp": logprobs_from_logits(logits, labels)}
         if ref_model is not None:
-            ref = torch.log_softmax(
-                ref_model(input_ids=input_ids, attention_mask=attention_mask).logits.float(), -1
-            )
-        for i, (p, r) in enumerate(zip(p_chunk, r_chunk, strict=True)):
-            if not r:
-                for key in out:
-                    out[key].append([])
-                continue
-            # logits at position t predict token t+1: response token j sits at len(p)+j
-            pos = torch.arange(len(p) - 1, len(p) - 1 + len(r), device=device)
-            tok = torch.tensor(r, device=device)
-            lp_all = logp[i, pos]
-            out["logp"].append(lp_all.gather(-1, tok[:, None]).squeeze(-1).tolist())
-            if ref is not None:
-                rf_all = ref[i, pos]
-                out["ref_logp"].append(rf_all.gather(-1, tok[:, None]).squeeze(-1).tolist())
-                out["kl"].append((lp_all.exp() * (lp_all - rf_all)).sum(-1).clamp_min(0).tolist())
-    return out
+            ref = _at(ref_model(input_ids=input_ids, attention_mask=attention_mask).logits, pos)
+            got["ref_logp"] = logprobs_from_logits(ref, labels)
+            got["kl"] = kl_from_logits(logits, ref)
+        got = {k: torch.where(mask, v, 0.0) for k, v in got.items()}
+        # every batch padded to the longest response of all, so that the batches stack
+        for key, value in {"mask": mask, **got}.items():
+            parts[key].append(torch.nn.functional.pad(value, (0, width - value.shape[1])).cpu())
+    if not parts["mask"]:
+        return TokenStats(torch.zeros(0, 0, dtype=torch.bool), torch.zeros(0, 0))
+    out = {k: torch.cat(v) if v else None for k, v in parts.items()}
+    return TokenStats(out["mask"], out["logp"], out["ref_logp"], out["kl"])
 
 
 @torch.no_grad()
@@ -277,26 +313,31 @@ class EvalSettings:
     limit: int | None = None
 
 
-def _side_stats(gen: Generation, stats: dict[str, list[list[float]]], with_kl: bool) -> dict[str, float]:
-    lp = [x for row in stats["logp"] for x in row]
+def _side_stats(gen: Generation, stats: TokenStats) -> dict[str, float]:
+    """Paper 5.2's statistics of one side, through the same sums as PPO's periodic evaluation
+    (:func:`ppomax.algos.response_sums`, :func:`ppomax.algos.response_statistics`), in float64 over the whole
+    evaluation; the KL ones when ``stats`` has a reference. Lengths and words are the responses' own (EOS not
+    counted)."""
     n = len(gen.responses)
+    logp = stats.logp.double()
+    with_kl = stats.kl is not None and stats.ref_logp is not None
+    ref = stats.ref_logp.double() if with_kl else logp
+    kl = stats.kl.double() if with_kl else torch.zeros_like(logp)
+    truncated = torch.tensor([not f for f in gen.finished], dtype=torch.bool)
+    no_scores = torch.zeros(n, dtype=torch.float64)  # the judges score the responses on their own
+    m = response_statistics(response_sums(no_scores, kl, logp, ref, stats.mask, truncated).tolist())
     out = {
         "n": n,
-        "perplexity": math.exp(-sum(lp) / len(lp)) if lp else float("nan"),
+        "perplexity": m["ppl_policy"],
         "length_tokens": sum(gen.lengths) / n if n else 0.0,
         "length_words": sum(len(r.split()) for r in gen.responses) / n if n else 0.0,
-        "truncated_rate": sum(1 for f in gen.finished if not f) / n if n else 0.0,
+        "truncated_rate": m["truncated_frac"],
     }
     if with_kl:
-        kl_tok = [x for row in stats["kl"] for x in row]
-        k1 = [
-            a - b
-            for ra, rb in zip(stats["logp"], stats["ref_logp"], strict=True)
-            for a, b in zip(ra, rb, strict=True)
-        ]
-        out["kl_per_token"] = sum(kl_tok) / len(kl_tok) if kl_tok else 0.0
-        out["kl_per_sequence"] = sum(sum(row) for row in stats["kl"]) / n if n else 0.0
-        out["kl_k1_per_token"] = sum(k1) / len(k1) if k1 else 0.0
+        out["kl_per_token"] = m["kl_per_token"]
+        out["kl_per_sequence"] = m["kl_per_sequence"]
+        # the sampled log-ratio log pi - log pi_baseline (the k1 estimator, paper eq. 19), per token
+        out["kl_k1_per_token"] = float(masked_mean(kl_per_token(logp, ref, "k1"), stats.mask))
     return out
 
 
@@ -370,8 +411,8 @@ def evaluate_models(
     result: dict[str, Any] = {
         "settings": s.__dict__.copy(),
         "n_prompts": len(prompts),
-        "policy": _side_stats(gen_p, st_p, with_kl=True),
-        "baseline": _side_stats(gen_b, st_b, with_kl=False),
+        "policy": _side_stats(gen_p, st_p),
+        "baseline": _side_stats(gen_b, st_b),
         "judges": {},
     }
 

@@ -5,7 +5,8 @@ package imports only torch, so each formula has a unit test against an independe
 (tests/test_algos.py). Equation numbers refer to "Secrets of RLHF in Large Language Models Part I: PPO"
 (arXiv 2307.04964). Modules: `stats` (masked statistics, running moments, last-token index), `rewards`
 (KL estimators, token-level rewards, GAE, score re-parameterisation, advantage normalisation), `losses` (PPO,
-critic, entropy, LM, RM losses), `metrics` (the monitoring statistics of a batch of rollouts, paper 5.2).
+critic, entropy, LM, RM losses; per-token log-probs, entropy and exact KL from logits), `metrics` (the
+monitoring statistics of a batch of rollouts, paper 5.2).
 Import from `ppomax.algos` directly; the split is for reading, not for the API.
 
 Conventions:
@@ -23,6 +24,7 @@ Conventions:
 from .losses import (
     entropy_bonus_loss,
     entropy_from_logits,
+    kl_from_logits,
     lm_nll,
     logprobs_from_logits,
     pairwise_rm_loss,
@@ -58,6 +60,7 @@ __all__ = [
     "entropy_bonus_loss",
     "entropy_from_logits",
     "gae",
+    "kl_from_logits",
     "kl_per_token",
     "last_token_index",
     "lm_nll",

@@ -119,6 +119,23 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
 
 
+def kl_from_logits(logits: Tensor, ref_logits: Tensor) -> Tensor:
+    """Exact ``KL(pi || ref)`` over the vocabulary at every position: [B, T, V], [B, T, V] -> [B, T].
+
+    ``KL_t = sum_v pi(v|s_t) * (log pi(v|s_t) - log ref(v|s_t))`` with pi = softmax(logits), ref =
+    softmax(ref_logits): the quantity the sampled estimators of :func:`ppomax.algos.kl_per_token` (paper eq. 3 /
+    19) estimate, without their noise. Computed in float32 (or wider). A token pi gives probability 0 (a -inf
+    logit, or underflow) contributes 0; one that ref rules out and pi does not gives inf. Where the two
+    distributions agree, rounding can put the sum a hair below 0: it is clamped at 0, as a KL is.
+    """
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    logp = torch.log_softmax(logits.to(acc), dim=-1)
+    ref = torch.log_softmax(ref_logits.to(acc), dim=-1)
+    p = logp.exp()
+    terms = torch.where(p > 0, p * (logp - ref), torch.zeros((), dtype=acc, device=p.device))
+    return terms.sum(dim=-1).clamp_min(0)
+
+
 def entropy_bonus_loss(
     entropy: Tensor, mask: Tensor, coef: float, clip: float | None
 ) -> tuple[Tensor, dict[str, Tensor]]:

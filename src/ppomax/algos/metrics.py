@@ -101,8 +101,9 @@ def response_statistics(sums: Sequence[float]) -> dict[str, float]:
     return {
         "reward_mean": mean,
         "reward_std": max(sq / count - mean * mean, 0.0) ** 0.5,
-        "ppl_policy": float(torch.exp(torch.tensor(nll / tokens))),
-        "ppl_reference": float(torch.exp(torch.tensor(ref_nll / tokens))),
+        # float64 like the totals; torch's exp gives inf where math.exp would raise
+        "ppl_policy": float(torch.exp(torch.tensor(nll / tokens, dtype=torch.float64))),
+        "ppl_reference": float(torch.exp(torch.tensor(ref_nll / tokens, dtype=torch.float64))),
         "kl_per_token": kl / tokens,
         "kl_per_sequence": kl / count,
         "length_mean": tokens / count,

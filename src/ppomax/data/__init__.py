@@ -20,6 +20,7 @@ from .batching import (
     pad_id_of,
     pad_left,
     pad_right,
+    rank_share,
     token_balanced_batches,
 )
 from .chat import ASSISTANT, HUMAN, ChatFormat, Renderer, parse_hh
@@ -67,6 +68,7 @@ __all__ = [
     "pad_left",
     "pad_right",
     "parse_hh",
+    "rank_share",
     "read_records",
     "special_prefix",
     "token_balanced_batches",

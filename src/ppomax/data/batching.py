@@ -8,10 +8,9 @@ the **left**, so that every row's next token is at the last position.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -180,16 +179,35 @@ def token_balanced_batches(
 
 # --------------------------------------------------------------------------- sharding across ranks
 #
-# Data-parallel ranks never exchange indices: every rank builds the same global order from the seed and takes
-# its share of each global batch. Two orders exist, and each keeps the random stream it has always had (a
-# resumed run, and every result made so far, depend on these exact indices):
+# Data-parallel ranks never exchange indices: every rank builds the same global batches from the seed, and
+# rank_share decides what each rank takes of one (the one sharding rule: training batches, PPO prompts, the
+# evaluation splits). What forms the global batches differs between the trainers, and each keeps the stream it has
+# always had on one process (a resumed run, and every single-process result made so far, depend on those exact
+# indices), so they are two orders, not one:
 #
 # * global_batches (SFT, reward model): epochs of steps, reshuffled with Python's ``random.Random(seed + epoch)``
-#   (fixed-size batches) or grouped by token_balanced_batches; no step spans two epochs; the resume position is
-#   the number of micro-batches already seen.
+#   (fixed-size batches) or grouped by token_balanced_batches (a global batch is then ``world`` micro-batches of
+#   different sizes); no step spans two epochs, so an epoch's last step may be short; the resume position is the
+#   number of micro-batches already seen (the trainer re-derives the epoch's steps and skips them).
 # * IndexStream (PPO prompts and PPO-ptx examples): an endless walk over ``torch.randperm`` permutations seeded
-#   ``seed + epoch``; every global batch is full, so one may span two epochs; the resume position is
-#   ``(epoch, pos)``.
+#   ``seed + epoch``; every global batch is full (a rollout batch has a fixed size), so one may span two epochs;
+#   the resume position is ``(epoch, pos)``.
+#
+# Making either order the other's would change which examples one process sees at which step (another RNG's
+# permutation; an epoch's short last step against a full batch spanning the epoch boundary; no fixed count of
+# indices per token-balanced step), i.e. every single-process SFT, RM or PPO run made so far.
+
+T = TypeVar("T")
+
+
+def rank_share(items: Sequence[T], rank: int, world: int) -> list[T]:
+    """Rank ``rank``'s share of one global batch: the items at positions ``rank, rank + world, ...``.
+
+    Every rank gets ``len(items) // world`` or one more (a ragged batch of at least ``world`` items leaves no rank
+    empty), the shares together are ``items`` once, and one process (``world == 1``) takes everything in order."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not one of {world} process(es)")
+    return list(items[rank::world])
 
 
 def global_batches(
@@ -201,43 +219,36 @@ def global_batches(
     max_tokens: int | None = None,
     shuffle: bool = True,
 ) -> list[list[list[int]]]:
-    """One epoch as a list of steps; each step is a list of ``world`` index lists (one micro-batch per rank).
+    """One epoch as a list of steps; each step is a list of ``world`` index lists (one micro-batch per rank,
+    :func:`rank_share` of the step's global batch).
 
-    Fixed size: a seeded shuffle cut into ``batch_size`` per rank, each rank a contiguous slice of the step (a
-    ragged tail is dropped only if it cannot give every rank one example). Token-balanced (``max_tokens``):
-    :func:`token_balanced_batches` per rank budget, dealt round-robin (step ``s`` gives rank ``r`` batch
+    Fixed size: a seeded shuffle cut into global batches of ``batch_size * world`` (a ragged tail is dropped only
+    if it cannot give every rank one example). Token-balanced (``max_tokens``): :func:`token_balanced_batches` per
+    rank budget, ``world`` consecutive ones a global batch of micro-batches (step ``s`` gives rank ``r`` batch
     ``s * world + r``), and the last ``len % world`` batches dropped so every rank runs the same steps.
     """
     n = len(lengths)
     if max_tokens is not None:
         batches = token_balanced_batches(lengths, max_tokens, shuffle=shuffle, seed=seed + epoch)
         usable = len(batches) - len(batches) % world
-        return [batches[i : i + world] for i in range(0, usable, world)]
+        groups = [batches[i : i + world] for i in range(0, usable, world)]
+        return [[rank_share(g, r, world)[0] for r in range(world)] for g in groups]
     if batch_size is None:
         raise ValueError("global_batches needs batch_size or max_tokens")
     order = list(range(n))
     if shuffle:
         random.Random(seed + epoch).shuffle(order)
-    steps = []
     per_step = batch_size * world
-    for start in range(0, n, per_step):
-        chunk = order[start : start + per_step]
-        if len(chunk) < world:
-            break
-        per_rank = math.ceil(len(chunk) / world)
-        parts = [chunk[r * per_rank : (r + 1) * per_rank] for r in range(world)]
-        if any(not p for p in parts):  # very ragged tail: deal one by one so every rank gets some
-            parts = [chunk[r::world] for r in range(world)]
-        steps.append(parts)
-    return steps
+    chunks = [order[start : start + per_step] for start in range(0, n, per_step)]
+    return [[rank_share(c, r, world) for r in range(world)] for c in chunks if len(c) >= world]
 
 
 class IndexStream:
     """Seeded, epoch-wise shuffled indices ``0..n-1`` with a resumable position.
 
-    Each call to :meth:`take` hands out the next ``k * world`` indices of the global order, and this rank keeps
-    every ``world``-th of them (rank ``r`` the ones at ``r, r + world, ...``), so together the ranks consume the
-    global order once. The whole state is ``(epoch, pos)`` (:meth:`state_dict`).
+    Each call to :meth:`take` hands out the next ``k * world`` indices of the global order, a global batch, and
+    this rank keeps its :func:`rank_share` of them, so together the ranks consume the global order once. The
+    whole state is ``(epoch, pos)`` (:meth:`state_dict`).
     """
 
     def __init__(self, n: int, seed: int, *, rank: int = 0, world: int = 1) -> None:
@@ -267,7 +278,7 @@ class IndexStream:
             grab = min(need - len(out), self.n - self.pos)
             out.extend(self._order[self.pos : self.pos + grab])
             self.pos += grab
-        return out[self.rank :: self.world]
+        return rank_share(out, self.rank, self.world)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos, "n": self.n}

@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 
 from ppomax.data import LoadStats
-from ppomax.data.batching import global_batches
+from ppomax.data.batching import global_batches, rank_share
 from ppomax.errors import UserError
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def eval_shards(n: int, batch_size: int, ctx: RunContext) -> list[tuple[list[int
     """This rank's evaluation batches ``(indices, real)``: every example once over all ranks, and the same number
     of batches on every rank (a rank short of data repeats a batch marked ``real=False``), because sharded
     models need every rank in every forward."""
-    mine = list(range(ctx.rank, n, ctx.world))
+    mine = rank_share(range(n), ctx.rank, ctx.world)
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     most = math.ceil(math.ceil(n / ctx.world) / batch_size) if n else 0
     out = [(b, True) for b in batches]

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ppomax.algos import KLEstimator, kl_per_token, response_statistics, response_sums
+from ppomax.data import rank_share
 from ppomax.experience import Experience
 
 from .ppo_data import PromptSet
@@ -41,7 +42,7 @@ def evaluate(
     (to be logged with the ``eval/`` prefix) and writes the responses under ``samples_dir`` (None: not this
     process)."""
     n = min(samples, len(prompts))
-    mine = list(range(n))[acc.process_index :: acc.num_processes]
+    mine = rank_share(range(n), acc.process_index, acc.num_processes)
     batches: list[Experience] = []
     devices = [acc.device] if acc.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):

@@ -10,7 +10,8 @@ Every ``logging.eval_every`` steps and at the end: validation accuracy, mean mar
 the best validation accuracy is kept in ``out_dir/best``, the last one in ``out_dir/final`` (what
 :func:`train_rm` returns: the paper (4.4) found accuracy alone a poor criterion for the RM PPO should use).
 At the end the test split (``data.test``, else the validation split) is scored and
-``rm_margins_<split>.png`` (paper fig. 2) and ``rm_eval_<split>.json`` are written.
+``rm_margins_<split>.png`` (paper fig. 2) and ``rm_eval_<split>.json`` are written
+(:mod:`ppomax.trainers.reward_report`).
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ from ppomax.data import (
 )
 from ppomax.errors import ConfigError
 from ppomax.models import ValueHeadModel, load_tokenizer, model_summary
-from ppomax.report_rm import margin_summary, write_rm_eval
 from ppomax.trainers.launch import TRAINED_DTYPE
 
 from .common import check_vocab, eval_shards, load_features, load_train_valid, to_device
 from .loop import LoopSpec, train_loop
+from .reward_report import margin_summary, write_rm_eval
 from .run import RunContext, open_run
 
 

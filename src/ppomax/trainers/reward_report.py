@@ -1,4 +1,7 @@
-"""Reward-model evaluation artefacts: the histogram of r(chosen) - r(rejected) (paper fig. 2) and its summary."""
+"""The reward-model evaluation report `ppomax train-rm` writes for any run: the margins r(chosen) - r(rejected)
+of a held-out split, their summary (accuracy, mean, median, std) and their histogram (paper fig. 2), as
+``rm_eval_<split>.json`` and ``rm_margins_<split>.png`` in the run directory. (The demo's report draws its own
+figure, split by whether the gold reward agrees, in :mod:`ppomax.demo.report`.)"""
 
 from __future__ import annotations
 
