@@ -19,6 +19,8 @@ from ppomax.plan import (
     Shape,
     StrategyMemory,
     Workload,
+    generation_bytes,
+    inference_bytes,
     kv_cache_bytes,
     layer_saved_elements,
     logits_bytes,
@@ -72,6 +74,19 @@ def test_kv_cache_bytes():
     assert kv_cache_bytes(3, 4, 8, 10, 2) == 2 * 3 * 4 * 8 * 10 * 2 == 3840
     # Llama-2-7B, one 4096-token sequence in fp16: the well-known 2 GiB
     assert kv_cache_bytes(32, 32, 128, 4096, 2) == 2 * 1024**3
+
+
+def test_generation_peak_by_hand():
+    # full cache: 2 * 2 layers * 1 kv head * 4 head dim * 4 rows * 10 tokens * 2 bytes = 1280, plus one layer's
+    # K and V during DynamicCache's concatenation (640)
+    assert kv_cache_bytes(2, 1, 4, 40, 2) == 1280
+    # prefill: the prompt's cache (768) + one layer's working set 4 * 6 tokens * (2 * 8 + max(16 + 8, 3 * 16)) * 2
+    # + the last position's logits 4 * 50 * (2 + 4 + 4 + 4)
+    assert inference_bytes(SHAPE, 4, 6, 1, 2, True) == 4 * 6 * 64 * 2 + 4 * 50 * 14 == 5872
+    assert generation_bytes(SHAPE, 4, 6, 4, 2) == max(1280 + 640, 768 + 5872) == 6640
+    assert (
+        generation_bytes(SHAPE, 4, 6, 400, 2) == 2 * 2 * 4 * 4 * 406 * 2 * 3 // 2
+    )  # long responses: the cache
 
 
 def test_activation_counts_by_hand():
