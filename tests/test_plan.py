@@ -235,9 +235,12 @@ def test_cli_json_and_table(tmp_path, capsys, one_thread):
     assert doc["strategies"]["lora"]["roles"]["reference"]["weights"] == 0
     assert all(isinstance(s["fits"], bool) for s in doc["strategies"].values())
 
-    assert main(["plan", "--model", str(model), "--kind", "sft", "--gpu-memory", "80"]) == 0
+    config = tmp_path / "sft.yaml"  # the model from the config's model.policy
+    config.write_text(f"model:\n  policy: {model}\nbatch_size: 2\n", encoding="utf-8")
+    assert main(["plan", "--kind", "sft", "--config", str(config), "--gpu-memory", "80"]) == 0
     text = capsys.readouterr().out
     assert "DeepSpeed ZeRO-3 with CPU offload" in text and "fits in 80 GiB" in text
+    assert "2 rows x 512 tokens" in text
     assert "model " in text and "critic" not in text
 
 

@@ -357,8 +357,8 @@ def format_plan(
         value, source = sm.transient
         verdict = ""
         if gpu_memory_gib is not None:
-            ok = gib(sm.peak) <= gpu_memory_gib
-            verdict = f": {'fits' if ok else 'does NOT fit'} in {gpu_memory_gib:g} GiB"
+            spare = gpu_memory_gib - gib(sm.peak)
+            verdict = f": {'fits' if spare >= 0 else 'does NOT fit'} in {gpu_memory_gib:g} GiB ({spare:+.1f})"
         lines.append(
             f"  peak {gib(sm.peak):.3f} GiB = model states {gib(sm.states):.3f} + largest transient "
             f"{gib(value):.3f} ({source}){verdict}"
