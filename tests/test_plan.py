@@ -255,3 +255,20 @@ def test_cli_errors_are_one_line(tmp_path, capsys, one_thread):
     assert len(err) == 1 and "config.json" in err[0]
     assert main(["plan"]) == 2
     assert "--model DIR or model.policy" in capsys.readouterr().err
+
+
+def test_lora_settings_from_flags_over_model_lora():
+    """model.lora (r, target_modules) when the config has it; --lora-r / --lora-targets win."""
+    from types import SimpleNamespace
+
+    from ppomax.commands.plan import DEFAULT_LORA_R, _lora_settings
+
+    flags = SimpleNamespace(lora_r=None, lora_targets=None)
+    bare = SimpleNamespace(model=SimpleNamespace())  # a config from before model.lora existed
+    assert _lora_settings(bare, flags) == (DEFAULT_LORA_R, None, "defaults")
+    cfg = SimpleNamespace(
+        model=SimpleNamespace(lora=SimpleNamespace(r=16, target_modules=["q_proj", "k_proj"]))
+    )
+    assert _lora_settings(cfg, flags) == (16, ["q_proj", "k_proj"], "model.lora")
+    both = SimpleNamespace(lora_r=4, lora_targets="all-linear")
+    assert _lora_settings(cfg, both) == (4, "all-linear", "flags")
