@@ -1,0 +1,338 @@
+"""`ppomax plan`: memory per device of each role under DDP, ZeRO-2, ZeRO-3, ZeRO-3 with offload and LoRA, from a
+model's config.json (parameters counted exactly on the meta device: no weights are read) and a run's config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ppomax.commands.common import add_config_args
+from ppomax.errors import ConfigError, ModelPathError
+
+DEFAULT_LORA_R = 8
+
+
+def _meta_model(path: str, trust_remote_code: bool) -> Any:
+    """The model of ``path/config.json`` built on the meta device: exact parameter shapes, no memory, no weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ModelPathError(f"{p}: no config.json (ppomax plan reads a model directory's config.json only)")
+    try:
+        config = AutoConfig.from_pretrained(
+            str(p), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelPathError(f"{p}: cannot build a causal LM from its config.json: {exc}") from None
+
+
+def shape_of(model: Any) -> Any:
+    """:class:`ppomax.plan.Shape` of a (meta) causal LM: counts from its parameters, dimensions from its config."""
+    from ppomax.plan import Shape
+
+    cfg = model.config.get_text_config()
+    hidden = int(cfg.hidden_size)
+    heads = int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
+    params = list(model.parameters())  # tied parameters once
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    untied = out_emb is not None and (in_emb is None or out_emb.weight is not in_emb.weight)
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return Shape(
+        params=sum(p.numel() for p in params),
+        layers=int(cfg.num_hidden_layers),
+        hidden=hidden,
+        intermediate=int(inter),
+        heads=heads,
+        kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+        head_dim=head_dim,
+        vocab=int(cfg.vocab_size),
+        gated_mlp=any("gate" in name for name, _ in model.named_parameters()),
+        lm_head_params=sum(p.numel() for p in out_emb.parameters()) if untied else 0,
+        largest_module_params=int(largest),
+        small_params=sum(p.numel() for p in params if p.numel() <= 10 * hidden),
+    )
+
+
+def _linear_dims(module: Any) -> tuple[int, int] | None:
+    """(in, out) of a linear layer LoRA can adapt: torch Linear or GPT-2's Conv1D (weight [in, out])."""
+    import torch
+
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        n_in, n_out = module.weight.shape
+        return int(n_in), int(n_out)
+    return None
+
+
+def default_lora_targets(model: Any) -> list[str] | str:
+    """PEFT's default target modules for the architecture, else every linear layer."""
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAPPING
+    except ImportError:
+        return "all-linear"
+    return list(MAPPING.get(model.config.model_type, [])) or "all-linear"
+
+
+def lora_params(model: Any, r: int, targets: list[str] | str, what: str) -> int:
+    """Trainable LoRA parameters, r * (in + out) per adapted layer, matching modules as PEFT does: a name equal
+    to a target or ending in ``.target``; a string is a regular expression (full match), ``all-linear`` every
+    linear layer but the output embedding."""
+    out_emb = model.get_output_embeddings()
+    total, matched, names = 0, 0, set()
+    for name, module in model.named_modules():
+        dims = _linear_dims(module)
+        if dims is None or module is out_emb:
+            continue
+        names.add(name.rsplit(".", 1)[-1])
+        if targets == "all-linear":
+            hit = True
+        elif isinstance(targets, str):
+            hit = re.fullmatch(targets, name) is not None
+        else:
+            hit = any(name == t or name.endswith("." + t) for t in targets)
+        if hit:
+            total += r * (dims[0] + dims[1])
+            matched += 1
+    if not matched:
+        raise ConfigError(
+            f"{what}: no linear layer of the model matches {targets!r}; its linear layers are named "
+            f"{', '.join(sorted(names))}"
+        )
+    return total
+
+
+def workload_of(cfg: Any, kind: str) -> Any:
+    """Per-device batch shapes of each phase, read from the config (see :class:`ppomax.plan.Workload`)."""
+    from ppomax.plan import Workload
+
+    m, d = cfg.model, cfg.data
+    common = {"kind": kind, "dtype": m.dtype, "gradient_checkpointing": m.gradient_checkpointing}
+    if kind == "ppo":
+        p, g = cfg.ppo, cfg.generation
+        rows = min(p.micro_batch_size or p.minibatch_size, p.minibatch_size)
+        ptx_rows = 0
+        if p.ptx_coef > 0:  # the PPO-ptx batch is split over the minibatch's micro-batches
+            ptx_rows = math.ceil(p.ptx_batch_size / math.ceil(p.minibatch_size / rows))
+        return Workload(
+            **common,
+            train_rows=rows,
+            train_seq=d.max_prompt_tokens + g.max_new_tokens,
+            logit_positions=g.max_new_tokens + 1,
+            temperature_scaled=g.logprobs_from == "sampling" and g.temperature != 1.0,
+            rollout_rows=p.rollout_batch_size,
+            prompt_tokens=d.max_prompt_tokens,
+            response_tokens=g.max_new_tokens,
+            score_rows=min(p.micro_batch_size or p.rollout_batch_size, p.rollout_batch_size),
+            ptx_rows=ptx_rows,
+            ptx_seq=d.max_prompt_tokens + d.max_ptx_response_tokens,
+        )
+    seq = d.max_prompt_tokens + d.max_response_tokens
+    if kind == "sft":
+        return Workload(**common, train_rows=cfg.batch_size, train_seq=seq, logit_positions=seq - 1)
+    rows = 2 * cfg.batch_size  # chosen and rejected in one forward
+    if cfg.max_tokens_per_batch:
+        rows = max(2, cfg.max_tokens_per_batch // seq)
+    return Workload(
+        **common, train_rows=rows, train_seq=seq, logit_positions=seq - 1 if cfg.beta_rm > 0 else 0
+    )
+
+
+class _Models:
+    """Meta models and shapes by directory (a directory named twice is built once)."""
+
+    def __init__(self, trust_remote_code: bool) -> None:
+        self.trust = trust_remote_code
+        self.cache: dict[str, tuple[Any, Any]] = {}
+
+    def get(self, path: str) -> tuple[Any, Any]:
+        key = str(Path(path).resolve())
+        if key not in self.cache:
+            model = _meta_model(path, self.trust)
+            self.cache[key] = (model, shape_of(model))
+        return self.cache[key]
+
+
+def build_roles(
+    cfg: Any, kind: str, model_dir: str, lora_r: int, lora_targets: Any
+) -> tuple[list, list[str]]:
+    """The roles of the run and header lines saying where each shape came from."""
+    from ppomax.plan import Lora, Role
+
+    models = _Models(cfg.model.trust_remote_code)
+    policy_model, ps = models.get(model_dir)
+    notes: list[str] = []
+    what = "--lora-targets / model.lora.target_modules"
+
+    def lora(model: Any) -> Lora:
+        targets = lora_targets if lora_targets is not None else default_lora_targets(model)
+        n = lora_params(model, lora_r, targets, what)
+        return Lora(lora_r, tuple([targets] if isinstance(targets, str) else targets), n)
+
+    def other(path: str | None) -> tuple[Any, Any, str]:
+        if path and (Path(path) / "config.json").is_file():
+            model, shape = models.get(path)
+            return model, shape, ""
+        if path:
+            return policy_model, ps, f"{path} has no config.json here: assumed the policy's shape"
+        return policy_model, ps, ""
+
+    if kind == "sft":
+        return [Role("model", ps, True, ps.params, True, lora=lora(policy_model))], notes
+    if kind == "rm":
+        frozen_head = ps.lm_head_params if cfg.beta_rm == 0 else 0
+        vh = ps.hidden + 1
+        role = Role("reward", ps, True, ps.params + vh - frozen_head, cfg.beta_rm > 0, vh, lora(policy_model))
+        return [role], notes
+    m = cfg.model
+    roles = [Role("policy", ps, True, ps.params, True, lora=lora(policy_model))]
+    same_base = not m.reference or Path(m.reference).resolve() == Path(model_dir).resolve()
+    _, rs, note = other(m.reference)
+    roles.append(
+        Role("reference", rs, False, 0, True, shares_policy_base=same_base, phase="score", note=note)
+    )
+    critic_path = m.critic or (m.reward if cfg.ppo.critic_init == "reward_model" else None)
+    cm, cs, note = other(critic_path)
+    vh = cs.hidden + 1
+    # the critic never uses its LM head: frozen unless tied (ValueHeadModel.freeze_lm_head)
+    roles.append(Role("critic", cs, True, cs.params - cs.lm_head_params + vh, False, vh, lora(cm), note=note))
+    if m.reward:
+        _, ws, note = other(m.reward)
+        roles.append(Role("reward", ws, False, 0, False, ws.hidden + 1, phase="score", note=note))
+    return roles, notes
+
+
+def _lora_settings(cfg: Any, args: argparse.Namespace) -> tuple[int, Any, str]:
+    """(r, targets or None for the architecture's default, where they came from): flags over ``model.lora``."""
+    section = getattr(cfg.model, "lora", None)  # the config field exists once LoRA training does
+    r = getattr(section, "r", None) if section is not None else None
+    targets = getattr(section, "target_modules", None) if section is not None else None
+    source = "model.lora" if section is not None else "defaults"
+    if args.lora_r is not None:
+        r, source = args.lora_r, "flags"
+    if args.lora_targets:
+        targets, source = [t.strip() for t in args.lora_targets.split(",") if t.strip()], "flags"
+    if isinstance(targets, list | tuple) and list(targets) == ["all-linear"]:
+        targets = "all-linear"
+    return int(r or DEFAULT_LORA_R), (list(targets) if isinstance(targets, list | tuple) else targets), source
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ppomax.config import load_config
+    from ppomax.plan import format_plan, plan, plan_json
+
+    cfg = load_config(args.kind, path=args.config, preset=args.preset, overrides=args.overrides)
+    model_dir = args.model or cfg.model.policy
+    if not model_dir:
+        raise ConfigError("--model DIR or model.policy: required (a directory with the model's config.json)")
+    lora_r, lora_targets, lora_source = _lora_settings(cfg, args)
+    roles, notes = build_roles(cfg, args.kind, model_dir, lora_r, lora_targets)
+    workload = workload_of(cfg, args.kind)
+    plans = plan(roles, workload, args.devices)
+    if args.json:
+        doc = {
+            "model": model_dir,
+            "kind": args.kind,
+            "devices": args.devices,
+            "gpu_memory_gib": args.gpu_memory,
+            "roles": {
+                r.name: {"params": r.shape.params + r.value_head, "trainable": r.trainable} for r in roles
+            },
+            "shapes": {r.name: asdict(r.shape) for r in roles},
+            "lora": {r.name: asdict(r.lora) for r in roles if r.lora is not None},
+            "workload": asdict(workload),
+            "strategies": plan_json(plans, args.gpu_memory),
+        }
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return 0
+    w = workload
+    header = [f"ppomax plan: {args.kind} run of {model_dir} on {args.devices} device(s), {w.dtype}"]
+    for r in roles:
+        trained = f", {r.trainable:,} trained" if r.trained else ", frozen"
+        lora = (
+            f", LoRA r={r.lora.r} on {','.join(r.lora.targets)}: {r.lora.params:,} adapter params"
+            if r.lora
+            else ""
+        )
+        header.append(f"  {r.name}: {r.shape.params + r.value_head:,} params{trained}{lora}")
+    header.append(f"  LoRA settings from {lora_source} (--lora-r, --lora-targets or model.lora)")
+    tokens = f"{w.train_rows} rows x {w.train_seq} tokens per micro-batch"
+    if w.kind == "ppo":
+        tokens = (
+            f"rollout {w.rollout_rows} rows x ({w.prompt_tokens} prompt + {w.response_tokens} new) tokens, "
+            f"scoring {w.score_rows} rows, updates {tokens}"
+        )
+    header.append(
+        f"  batches per device: {tokens}{', gradient checkpointing' if w.gradient_checkpointing else ''}"
+    )
+    header += [f"  {n}" for n in notes]
+    text = format_plan(plans, header, args.gpu_memory)
+    text += (
+        "\nActivations and KV cache are estimates (ppomax.plan); add ~1-2 GiB per device for the CUDA context, "
+        "allocator fragmentation and communication buffers.\n"
+    )
+    sys.stdout.write(text)
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB > 0, got {text!r}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="memory per device of each model under DDP, ZeRO-2/3, offload and LoRA (before renting GPUs)",
+        description="Memory per device each role (policy, critic, reference, reward model; or the model SFT/RM "
+        "trains) needs under DDP, ZeRO-2, ZeRO-3, ZeRO-3 with CPU offload and LoRA, for the config's batch "
+        "sizes and lengths. Reads only config.json files: no weights are loaded.",
+    )
+    p.add_argument(
+        "--model", metavar="DIR", help="the policy's (SFT/RM: the model's) directory; default model.policy"
+    )
+    p.add_argument("--kind", choices=("ppo", "sft", "rm"), default="ppo", help="which command's config")
+    add_config_args(p, presets=True)
+    p.add_argument(
+        "--devices", type=_positive_int, default=1, metavar="N", help="devices the run shards over"
+    )
+    p.add_argument(
+        "--gpu-memory", type=_positive_float, metavar="GIB", help="say whether the peak fits in GIB"
+    )
+    p.add_argument(
+        "--lora-r",
+        type=_positive_int,
+        metavar="R",
+        help=f"LoRA rank (default model.lora.r, else {DEFAULT_LORA_R})",
+    )
+    p.add_argument(
+        "--lora-targets",
+        metavar="A,B",
+        help="LoRA target modules, comma-separated, or all-linear (default model.lora.target_modules, else "
+        "PEFT's default for the architecture)",
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes per device)")
+    p.set_defaults(func=_run)
