@@ -8,6 +8,7 @@ tokenizer trained on a few sentences), about 40k parameters.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import signal
@@ -149,6 +150,19 @@ def nan_from_call(
     if start <= n <= stop:
         return [float("nan")] * len(prompts)
     return target_tokens(prompts, responses, prompt_ids=prompt_ids, response_ids=response_ids)
+
+
+def some_nonfinite(prompts, responses, *, prompt_ids, response_ids, finite: int = 2) -> list[float]:
+    """Scores like ``target_tokens`` for the first ``finite`` responses of each call; NaN, +inf, -inf, NaN, ...
+    for the others."""
+    good = target_tokens(prompts, responses, prompt_ids=prompt_ids, response_ids=response_ids)
+    bad = [float("nan"), float("inf"), float("-inf")]
+    return [s if i < finite else bad[(i - finite) % 3] for i, s in enumerate(good)]
+
+
+def raises(prompts, responses, *, prompt_ids, response_ids, kind: str = "ValueError") -> list[float]:
+    """Raises the builtin exception ``kind`` from inside the function (not a calling-convention error)."""
+    raise getattr(builtins, kind)("the scorer broke\nsecond line")
 
 
 def signal_on_call(

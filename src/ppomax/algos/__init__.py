@@ -38,6 +38,7 @@ from .rewards import (
     normalize_advantages,
     reparameterize_scores,
     token_level_rewards,
+    trainable_rows,
 )
 from .stats import (
     AllReduce,
@@ -74,5 +75,6 @@ __all__ = [
     "rollout_statistics",
     "token_level_rewards",
     "token_weights",
+    "trainable_rows",
     "value_loss",
 ]
