@@ -237,6 +237,40 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(sft, monkeypa
     assert _steps(out) == [1, 2, 3, 4]
 
 
+def open_files_under(root: pathlib.Path) -> list[str]:
+    """The files under ``root`` this process holds open (deleted ones too: they still take their space)."""
+    fds = pathlib.Path("/proc/self/fd")
+    if not fds.is_dir():
+        pytest.skip("no /proc/self/fd to list open files")
+    out = []
+    for fd in fds.iterdir():
+        try:
+            target = str(fd.readlink())
+        except OSError:
+            continue
+        if target.startswith(str(root)):
+            out.append(target)
+    return out
+
+
+def test_a_failed_checkpoint_write_leaves_no_file_open(sft, monkeypatch):
+    """The writer's open file (torch.save's, safetensors') lived on in the frames of the exception chained to
+    the one-line error, so a full disk stayed full, with deleted files, for as long as the process lived."""
+    from accelerate import Accelerator
+
+    tmp_path, _cfg, path = sft
+
+    def save_state(self, output_dir=None, **kw):
+        # open when the disk fills up, as torch.save's file is
+        fh = pathlib.Path(output_dir, "optimizer.bin").open("wb")  # noqa: SIM115
+        fh.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    assert main(["train-sft", "--config", str(path)]) == 2
+    assert open_files_under(tmp_path / "run") == []
+
+
 @pytest.mark.parametrize("kind", ["sft", "ppo"])
 def test_a_read_only_output_directory_is_found_before_any_model_is_loaded(
     tmp_path, monkeypatch, capsys, kind
