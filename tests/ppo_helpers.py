@@ -165,6 +165,13 @@ def raises(prompts, responses, *, prompt_ids, response_ids, kind: str = "ValueEr
     raise getattr(builtins, kind)("the scorer broke\nsecond line")
 
 
+def counted(prompts, responses, *, prompt_ids, response_ids, counter: str) -> list[float]:
+    """Scores like ``target_tokens`` and counts its calls in the file ``counter`` (a moment another process
+    can see)."""
+    _bump(counter)
+    return target_tokens(prompts, responses, prompt_ids=prompt_ids, response_ids=response_ids)
+
+
 def signal_on_call(
     prompts, responses, *, prompt_ids, response_ids, counter: str, at: int, sig: str = "SIGTERM"
 ) -> list[float]:
@@ -178,5 +185,7 @@ def signal_on_call(
 def _bump(counter: str) -> int:
     p = Path(counter)
     n = int(p.read_text()) + 1 if p.exists() else 1
-    p.write_text(str(n))
+    tmp = p.with_name(f"{p.name}.{os.getpid()}")
+    tmp.write_text(str(n))
+    os.replace(tmp, p)  # atomic: a process killed here leaves the old count, never an empty file
     return n

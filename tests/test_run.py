@@ -14,6 +14,7 @@ import shutil
 import pytest
 import yaml
 
+from helpers import open_files_under
 from ppomax.cli import main
 from ppomax.config import load_config
 from ppomax.monitor import read_metrics
@@ -235,22 +236,6 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(sft, monkeypa
     monkeypatch.setattr(Accelerator, "save_state", real)
     assert main(["train-sft", "--resume", str(out)]) == 0  # the kept checkpoint resumes
     assert _steps(out) == [1, 2, 3, 4]
-
-
-def open_files_under(root: pathlib.Path) -> list[str]:
-    """The files under ``root`` this process holds open (deleted ones too: they still take their space)."""
-    fds = pathlib.Path("/proc/self/fd")
-    if not fds.is_dir():
-        pytest.skip("no /proc/self/fd to list open files")
-    out = []
-    for fd in fds.iterdir():
-        try:
-            target = str(fd.readlink())
-        except OSError:
-            continue
-        if target.startswith(str(root)):
-            out.append(target)
-    return out
 
 
 def test_a_failed_checkpoint_write_leaves_no_file_open(sft, monkeypatch):
