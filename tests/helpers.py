@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import pytest
+
 DEFAULT_TEXTS = [
     "\n\nHuman: What is the capital of France?\n\nAssistant: The capital of France is Paris.",
     "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour, water, salt and yeast, knead, let it rise, bake.",
@@ -53,4 +55,20 @@ def make_tiny_tokenizer(
         wrapped.chat_template = chat_template
     out = Path(tmp_path) / name
     wrapped.save_pretrained(out)
+    return out
+
+
+def open_files_under(root: Path) -> list[str]:
+    """The files under ``root`` this process holds open (deleted ones too: they still take their space)."""
+    fds = Path("/proc/self/fd")
+    if not fds.is_dir():
+        pytest.skip("no /proc/self/fd to list open files")
+    out = []
+    for fd in fds.iterdir():
+        try:
+            target = str(fd.readlink())
+        except OSError:
+            continue
+        if target.startswith(str(root)):
+            out.append(target)
     return out

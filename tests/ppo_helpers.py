@@ -8,6 +8,7 @@ tokenizer trained on a few sentences), about 40k parameters.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import signal
@@ -151,6 +152,26 @@ def nan_from_call(
     return target_tokens(prompts, responses, prompt_ids=prompt_ids, response_ids=response_ids)
 
 
+def some_nonfinite(prompts, responses, *, prompt_ids, response_ids, finite: int = 2) -> list[float]:
+    """Scores like ``target_tokens`` for the first ``finite`` responses of each call; NaN, +inf, -inf, NaN, ...
+    for the others."""
+    good = target_tokens(prompts, responses, prompt_ids=prompt_ids, response_ids=response_ids)
+    bad = [float("nan"), float("inf"), float("-inf")]
+    return [s if i < finite else bad[(i - finite) % 3] for i, s in enumerate(good)]
+
+
+def raises(prompts, responses, *, prompt_ids, response_ids, kind: str = "ValueError") -> list[float]:
+    """Raises the builtin exception ``kind`` from inside the function (not a calling-convention error)."""
+    raise getattr(builtins, kind)("the scorer broke\nsecond line")
+
+
+def counted(prompts, responses, *, prompt_ids, response_ids, counter: str) -> list[float]:
+    """Scores like ``target_tokens`` and counts its calls in the file ``counter`` (a moment another process
+    can see)."""
+    _bump(counter)
+    return target_tokens(prompts, responses, prompt_ids=prompt_ids, response_ids=response_ids)
+
+
 def signal_on_call(
     prompts, responses, *, prompt_ids, response_ids, counter: str, at: int, sig: str = "SIGTERM"
 ) -> list[float]:
@@ -164,5 +185,7 @@ def signal_on_call(
 def _bump(counter: str) -> int:
     p = Path(counter)
     n = int(p.read_text()) + 1 if p.exists() else 1
-    p.write_text(str(n))
+    tmp = p.with_name(f"{p.name}.{os.getpid()}")
+    tmp.write_text(str(n))
+    os.replace(tmp, p)  # atomic: a process killed here leaves the old count, never an empty file
     return n

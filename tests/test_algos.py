@@ -28,6 +28,7 @@ from ppomax.algos import (
     reparameterize_scores,
     token_level_rewards,
     token_weights,
+    trainable_rows,
     value_loss,
 )
 
@@ -781,3 +782,11 @@ def test_reparameterize_scores_refuses_a_clip_in_raw_units() -> None:
         reparameterize_scores(torch.tensor([1.0]), 0.0, 1.0, "none", 1.0)
     with pytest.raises(ValueError, match="transform"):
         reparameterize_scores(torch.tensor([1.0]), 0.0, 1.0, "whiten", None)  # type: ignore[arg-type]
+
+
+def test_trainable_rows_by_hand() -> None:
+    nan, inf = float("nan"), float("inf")
+    scores = torch.tensor([1.0, nan, inf, -inf, -3.0])
+    assert trainable_rows(scores).tolist() == [True, False, False, False, True]
+    replaced = torch.tensor([False, True, False, True, False])
+    assert trainable_rows(scores, replaced).tolist() == [True, True, False, True, True]

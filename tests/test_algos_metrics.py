@@ -64,6 +64,21 @@ def test_rollout_statistics_values():
     assert out["reward/fn_mean"].item() == pytest.approx(2.0)
 
 
+def test_rows_left_out_of_training_are_counted_and_enter_only_the_generation_statistics():
+    """A NaN final score (compute_advantages' mark of a row left out): counted; out of the final score, returns
+    and advantages; still in what describes the generations (length, KL)."""
+    args, out = _stats(final_scores=torch.tensor([0.5, float("nan"), -1.0]))
+    _, full = _stats()
+    assert out["nonfinite/samples_count"].item() == 1 and full["nonfinite/samples_count"].item() == 0
+    assert out["reward/final_mean"].item() == pytest.approx(-0.25)
+    lp = args["raw_logprobs"]
+    kept = [lp[i, j].item() for i in (0, 2) for j in range(4) if MASK[i, j]]
+    assert out["returns/mean"].item() == pytest.approx(3 * sum(kept) / len(kept))
+    assert out["advantages/mean"].item() == pytest.approx(4 * sum(kept) / len(kept))
+    for key in ("response/length_mean", "kl/per_token", "kl/per_sequence", "ppl/policy", "critic/value_mean"):
+        assert out[key].item() == full[key].item(), key
+
+
 def test_rollout_statistics_are_global_through_all_reduce():
     """Two identical ranks (a hook that doubles sums and counts) give the one-rank values."""
     _, one = _stats()

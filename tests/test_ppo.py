@@ -208,6 +208,41 @@ def test_nonfinite_scores_never_enter_the_running_moments():
     assert moments.count == 2 and moments.mean == 2.0
 
 
+def test_samples_with_nonfinite_scores_are_left_out_as_if_absent():
+    """NaN, +inf and -inf scores alike: the row leaves the moments, the token rewards, the advantages and the
+    losses (its response mask is zeroed), and the other rows get exactly what they get without it. +inf used to
+    be clamped to reward_clip and trained on as the best possible reward."""
+    nan, inf = float("nan"), float("inf")
+    ppo, gen = _settings()
+    full = _synthetic([1.0, nan, inf, -inf, 3.0, 0.5])
+    keep = [0, 4, 5]
+    alone = full.select(keep)
+    m_full, m_alone = RunningMoments(), RunningMoments()
+    compute_advantages(full, ppo, gen, m_full)
+    compute_advantages(alone, ppo, gen, m_alone)
+    assert (m_full.count, m_full.mean, m_full.std) == (m_alone.count, m_alone.mean, m_alone.std)
+    bad = torch.tensor([1, 2, 3])
+    for name in ("rewards", "advantages", "returns"):
+        assert torch.equal(getattr(full, name)[bad], torch.zeros_like(getattr(full, name)[bad])), name
+    for name in ("rewards", "advantages", "returns", "kl"):
+        torch.testing.assert_close(getattr(full, name)[keep], getattr(alone, name), atol=0, rtol=0)
+    assert torch.isnan(full.final_scores[bad]).all()  # no score was added to them
+    torch.testing.assert_close(full.final_scores[keep], alone.final_scores, atol=0, rtol=0)
+    trained = ppo_step.trainable_part(full)  # what the updates see: no token of theirs
+    assert not trained.response_mask[bad].any() and torch.equal(
+        trained.response_mask[keep], alone.response_mask
+    )
+
+
+def test_a_truncated_response_under_penalty_keeps_its_row_whatever_its_score():
+    ppo, gen = _settings("generation.truncated_response=penalty", "generation.truncated_penalty=-2")
+    exp = _synthetic([1.0, float("nan"), float("inf")], truncated=[False, True, False])
+    compute_advantages(exp, ppo, gen, RunningMoments())
+    assert exp.final_scores[1] == -2.0 and torch.isnan(exp.final_scores[2])
+    mask = ppo_step.trainable_part(exp).response_mask
+    assert mask[1].any() and not mask[2].any()
+
+
 # ------------------------------------------------------------------------------------------ updates
 
 

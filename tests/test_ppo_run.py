@@ -53,6 +53,7 @@ MONITORING = [
     "response/truncated",
     "nonfinite/skipped",
     "nonfinite/total",
+    "nonfinite/samples_count",
     "reward/rm_mean",
     "reward/target_tokens_mean",
 ]
@@ -256,6 +257,63 @@ def test_repeated_nonfinite_updates_stop_with_the_last_good_checkpoint(setup, tm
     assert _same_weights(current, tmp_path / "run" / "checkpoints" / "step-2" / "model.safetensors")
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["nonfinite/total"] for r in records] == [0, 0, 1, 2]
+
+
+def test_nonfinite_scores_skip_their_samples_and_the_run_goes_on(setup, tmp_path):
+    """Each reward call gives NaN, +inf and -inf for half of its responses: those samples are left out and
+    counted, the others train (one NaN used to make every update non-finite and stop the run at step 3)."""
+    out = tmp_path / "run"
+    records = read_metrics(
+        train_ppo(config(setup, reward_fn("ppo_helpers:some_nonfinite"), "ppo.iterations=4", out=str(out)))
+        / "metrics.jsonl"
+    )
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["nonfinite/samples_count"] == 4 for r in records)  # 2 calls of 4 responses, 2 bad each
+    assert all(r["nonfinite/skipped"] == 0 and r["nonfinite/total"] == 0 for r in records)
+    for r in records:  # every logged number is finite: the bad scores reach no statistic
+        assert all(v == v and abs(v) != float("inf") for v in r.values() if isinstance(v, float)), r
+
+
+def test_a_minibatch_without_a_finite_score_is_no_update_and_no_divergence(setup, tmp_path):
+    """One minibatch per sample, one finite score per reward call: most minibatches are empty. They step no
+    optimiser (Adam would move the weights even on a zero gradient) and are not non-finite updates."""
+    tr = PPOTrainer(
+        config(
+            setup,
+            reward_fn("ppo_helpers:some_nonfinite", finite=1),
+            "ppo.minibatch_size=1",
+            "ppo.max_nonfinite_in_row=1",
+            out=str(tmp_path / "run"),
+        )
+    )
+    stepped = []
+    real_step = tr.updater.policy.step
+    tr.updater.policy.step = lambda: (stepped.append(1), real_step())[1]
+    m = tr.iteration(1)
+    assert len(stepped) == 2 and m["nonfinite/samples_count"] == 6  # 8 minibatches, 2 with a finite score
+    assert m["nonfinite/skipped"] == 0 and tr.updater.nonfinite_in_row == 0
+
+
+def test_a_reward_function_that_raises_is_one_line_with_its_name_and_step(setup, tmp_path, capsys):
+    for kind in ("ValueError", "TypeError"):  # a TypeError from inside was "could not be called"
+        args = _sets(
+            f"model.policy={setup.policy}",
+            f"model.reward={setup.reward}",
+            f"data.prompts={setup.prompts}",
+            f"logging.out_dir={tmp_path / kind}",
+            *FAST,
+            reward_fn("ppo_helpers:raises", kind=kind),
+        )
+        assert main(["train-ppo", "--preset", "ppo_max", *args]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert (
+            err.strip()
+            .splitlines()[-1]
+            .endswith(
+                f"step 1: reward function 'raises' (ppo_helpers:raises) raised {kind}: the scorer broke"
+            )
+        ), err
 
 
 def test_evaluation_does_not_change_the_training_trajectory(setup, tmp_path):

@@ -132,3 +132,23 @@ def test_reward_model_scores_padded_rollouts_like_single_texts(tmp_path):
     torch.testing.assert_close(parts["rm"], torch.tensor(alone), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(total, 3.0 * torch.tensor(alone) + 0.25 * 2.0, rtol=1e-5, atol=1e-5)
     assert tok.eos_token_id == EOS
+
+
+def needs_a_key(prompts, responses, *, prompt_ids, response_ids, key):
+    return [1.0] * len(prompts)
+
+
+def test_a_function_that_cannot_be_called_so_is_a_config_error_before_training():
+    """A calling-convention mismatch is found when the functions are built, naming the config entry; an
+    exception raised inside a function is reported as raised, whatever its type."""
+    cfg = RewardConfig(functions=[{"function": "test_rewards:needs_a_key", "kwargs": {"kee": 1}}])
+    with pytest.raises(
+        ConfigError, match=r"reward.functions\[0\]: .*needs_a_key.* could not be called .*'key'"
+    ):
+        build_reward_functions(cfg)
+
+    def broken(prompts, responses):
+        return [len(None)]  # a TypeError from inside
+
+    with pytest.raises(RewardError, match=r"^reward function 'b' raised TypeError: object of type"):
+        RewardSources(None, 1.0, [RewardFunction("b", broken)])(_exp(), [EOS])

@@ -14,6 +14,7 @@ import shutil
 import pytest
 import yaml
 
+from helpers import open_files_under
 from ppomax.cli import main
 from ppomax.config import load_config
 from ppomax.monitor import read_metrics
@@ -235,6 +236,24 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(sft, monkeypa
     monkeypatch.setattr(Accelerator, "save_state", real)
     assert main(["train-sft", "--resume", str(out)]) == 0  # the kept checkpoint resumes
     assert _steps(out) == [1, 2, 3, 4]
+
+
+def test_a_failed_checkpoint_write_leaves_no_file_open(sft, monkeypatch):
+    """The writer's open file (torch.save's, safetensors') lived on in the frames of the exception chained to
+    the one-line error, so a full disk stayed full, with deleted files, for as long as the process lived."""
+    from accelerate import Accelerator
+
+    tmp_path, _cfg, path = sft
+
+    def save_state(self, output_dir=None, **kw):
+        # open when the disk fills up, as torch.save's file is
+        fh = pathlib.Path(output_dir, "optimizer.bin").open("wb")  # noqa: SIM115
+        fh.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    assert main(["train-sft", "--config", str(path)]) == 2
+    assert open_files_under(tmp_path / "run") == []
 
 
 @pytest.mark.parametrize("kind", ["sft", "ppo"])

@@ -21,7 +21,9 @@ Each function's scores are logged as ``reward/<name>_mean``, ``name`` being the 
 the function's own name (``target_tokens`` for ``my.rewards:target_tokens``): a metric keeps its name whatever
 the order of ``reward.functions``.
 
-Non-finite scores are not rejected here: they make that update non-finite, which the trainer skips and counts.
+A function that raises stops the run with one line naming it, the exception and the step. Non-finite scores
+(NaN, +inf, -inf) are not rejected here: the trainer leaves those samples out of training and counts them
+(``nonfinite/samples_count``; :func:`ppomax.trainers.ppo_step.compute_advantages`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ RESERVED_NAMES = (RM_KEY, "raw", "final", "running")
 
 
 class RewardError(UserError):
-    """A reward function that cannot be called or returns something other than one score per response."""
+    """A reward function that cannot be called, raises, or returns something other than one score per
+    response."""
 
 
 def load_reward_function(spec: str) -> Callable[..., Any]:
@@ -85,6 +88,17 @@ class RewardFunction:
         # works too. ``meta`` only to functions that name it.
         self.wants_ids = var_kw or ("prompt_ids" in params and "response_ids" in params)
         self.wants_meta = "meta" in params
+        if params:  # a calling-convention mismatch is found here, not as an error raised inside the function
+            extra = dict.fromkeys(
+                ["meta"] * self.wants_meta + ["prompt_ids", "response_ids"] * self.wants_ids
+            )
+            try:
+                inspect.signature(self.fn).bind([], [], **extra, **self.kwargs)
+            except TypeError as exc:
+                raise RewardError(
+                    f"reward function {self.label} could not be called as "
+                    f"f(prompts, responses, prompt_ids=..., response_ids=..., **kwargs): {exc}"
+                ) from None
 
     @property
     def label(self) -> str:
@@ -104,10 +118,11 @@ class RewardFunction:
             extra.update(prompt_ids=prompt_ids, response_ids=response_ids)
         try:
             out = self.fn(prompts, responses, **extra, **self.kwargs)
-        except TypeError as exc:
+        except Exception as exc:  # whatever it raises, the user sees which function and what, in one line
+            lines = str(exc).strip().splitlines()
             raise RewardError(
-                f"reward function {self.label} could not be called as "
-                f"f(prompts, responses, prompt_ids=..., response_ids=..., **kwargs): {exc}"
+                f"reward function {self.label} raised {type(exc).__name__}"
+                + (f": {lines[0]}" if lines else "")
             ) from exc
         try:
             scores = torch.as_tensor(
@@ -147,9 +162,9 @@ def build_reward_functions(cfg: RewardConfig) -> list[RewardFunction]:
             )
         try:
             fn = load_reward_function(spec.function)
-        except ConfigError as exc:
+            out.append(RewardFunction(name, fn, spec.weight, dict(spec.kwargs), spec=spec.function))
+        except (ConfigError, RewardError) as exc:
             raise ConfigError(f"reward.functions[{i}]: {exc}") from None
-        out.append(RewardFunction(name, fn, spec.weight, dict(spec.kwargs), spec=spec.function))
     return out
 
 

@@ -40,6 +40,7 @@ from .rewards import (
     normalize_advantages,
     reparameterize_scores,
     token_level_rewards,
+    trainable_rows,
 )
 from .stats import (
     AllReduce,
@@ -77,5 +78,6 @@ __all__ = [
     "rollout_statistics",
     "token_level_rewards",
     "token_weights",
+    "trainable_rows",
     "value_loss",
 ]

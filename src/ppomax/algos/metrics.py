@@ -39,11 +39,16 @@ def rollout_statistics(
     ``reward/<name>_mean``); ``reward/final_mean`` is the mean score actually added at the last token (eq. 18,
     19). Token means (``kl/per_token``, ``policy/entropy``, ``critic/value_mean``, ``returns/mean``,
     ``advantages/mean``) are over response tokens; ``kl/per_sequence`` sums a row's KL, then averages rows.
+    Rows left out of training for a non-finite score (a NaN ``final_scores``) are counted by
+    ``nonfinite/samples_count``; they enter the statistics of what was generated (KL, perplexity, entropy,
+    length, values) but not those of what was trained on (``reward/final_mean``, returns, advantages).
     Perplexities are ``exp`` of the mean negative log-prob per response token under each model (raw logits).
     ``running_*``: the running moments of the raw scores (eq. 18), reported as they are.
     """
     ar, mask = all_reduce, response_mask
     rows = torch.ones_like(scores, dtype=torch.bool)
+    trained = torch.isfinite(final_scores)
+    train_mask = mask & trained.unsqueeze(1)
     finite = torch.isfinite(scores)
     raw_mean = masked_mean(scores, finite, all_reduce=ar)
     out = {
@@ -51,7 +56,7 @@ def rollout_statistics(
         "reward/raw_std": (masked_mean((scores - raw_mean).square(), finite, all_reduce=ar)).sqrt(),
         "reward/running_mean": torch.tensor(running_mean),
         "reward/running_std": torch.tensor(running_std),
-        "reward/final_mean": masked_mean(final_scores, rows, all_reduce=ar),
+        "reward/final_mean": masked_mean(final_scores, trained, all_reduce=ar),
         "kl/per_token": masked_mean(kl, mask, all_reduce=ar),
         "kl/per_sequence": masked_mean(kl.sum(dim=1), rows, all_reduce=ar),
         "ppl/policy": torch.exp(-masked_mean(raw_logprobs, mask, all_reduce=ar)),
@@ -59,8 +64,9 @@ def rollout_statistics(
         "response/length_mean": masked_mean(mask.sum(dim=1).float(), rows, all_reduce=ar),
         "policy/entropy": masked_mean(entropy, mask, all_reduce=ar),
         "critic/value_mean": masked_mean(values, mask, all_reduce=ar),
-        "returns/mean": masked_mean(returns, mask, all_reduce=ar),
-        "advantages/mean": masked_mean(advantages, mask, all_reduce=ar),
+        "returns/mean": masked_mean(returns, train_mask, all_reduce=ar),
+        "advantages/mean": masked_mean(advantages, train_mask, all_reduce=ar),
+        "nonfinite/samples_count": (~trained).sum().float(),
     }
     for name, s in score_parts.items():
         out[f"reward/{name}_mean"] = masked_mean(s, torch.isfinite(s), all_reduce=ar)

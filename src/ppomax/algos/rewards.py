@@ -88,6 +88,18 @@ def gae(
     return advantages, returns
 
 
+def trainable_rows(scores: Tensor, replaced: Tensor | None = None) -> Tensor:
+    """Rows whose raw score r(x, y) can enter eq. 18 and eq. 19: scores [B] -> [B] bool.
+
+    NaN, +inf and -inf are no reward: a clip would turn +inf into the best possible score, and one of them in
+    the running moments or in a whitened minibatch would poison every other row. Such a row is left out of
+    training (the caller zeroes its response mask). ``replaced`` [B] bool marks rows whose score is replaced
+    anyway (``truncated_penalty``): those stay, whatever their raw score.
+    """
+    ok = torch.isfinite(scores)
+    return ok if replaced is None else ok | replaced
+
+
 ScoreTransform = Literal["none", "scale", "normalize"]
 
 

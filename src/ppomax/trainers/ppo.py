@@ -254,8 +254,8 @@ class PPOTrainer:
     def generate(self, indices: list[int], prompts: PromptSet, greedy: bool = False) -> Experience:
         return self.rollouts.generate(prompts, indices, greedy=greedy)
 
-    def score(self, exp: Experience, values: bool = True) -> None:
-        self.rollouts.score(exp, values=values)
+    def score(self, exp: Experience, values: bool = True, step: int | None = None) -> None:
+        self.rollouts.score(exp, values=values, step=step)
 
     # ------------------------------------------------------------------ one iteration
 
@@ -269,7 +269,7 @@ class PPOTrainer:
             with clock("generation"):
                 exp = self.generate(self.data.prompt_stream.take(p.rollout_batch_size), self.data.prompts)
             with clock("scoring"):
-                self.score(exp)
+                self.score(exp, step=step)
             batches.append(exp)
         exp = Experience.cat(batches, self.data.pad_id)
         with clock("scoring"):
@@ -419,9 +419,10 @@ class PPOTrainer:
         last = self.run.last_checkpoint
         where = f"last good checkpoint: {last}" if last else "no checkpoint was saved"
         return (
-            f"stopped at step {self.step}: {k} updates in a row had a non-finite loss or gradient "
-            f"(ppo.max_nonfinite_in_row = {k}); {where}. Look for NaN/inf reward scores or an overflowing dtype "
-            "(try model.dtype: float32 or a lower learning rate), then resume from the checkpoint."
+            f"stopped at step {self.step}: {k} updates in a row were skipped for a non-finite loss or gradient "
+            f"or a buffer without one finite reward score (ppo.max_nonfinite_in_row = {k}; see "
+            f"nonfinite/samples_count in metrics.jsonl); {where}. Look for NaN/inf reward scores or an "
+            "overflowing dtype (try model.dtype: float32 or a lower learning rate), then resume from the checkpoint."
         )
 
     # ------------------------------------------------------------------ saving

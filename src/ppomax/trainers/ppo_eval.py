@@ -49,7 +49,7 @@ def evaluate(
         torch.manual_seed(seed + 7919 * (step + 1))
         for lo in range(0, len(mine), batch_size):
             exp = rollouts.generate(prompts, mine[lo : lo + batch_size], greedy=greedy)
-            rollouts.score(exp, values=False)
+            rollouts.score(exp, values=False, step=step)
             batches.append(exp)
 
     rows: list[dict[str, Any]] = []

@@ -40,12 +40,13 @@ from ppomax.algos import (
     reparameterize_scores,
     token_level_rewards,
     token_weights,
+    trainable_rows,
     value_loss,
 )
 from ppomax.config import GenerationConfig, PPOSettings
 from ppomax.data import IGNORE_INDEX
 from ppomax.experience import Experience
-from ppomax.rewards import RewardSources
+from ppomax.rewards import RewardError, RewardSources
 from ppomax.rollout import RolloutEngine, rollout
 
 from .ppo_data import PromptSet
@@ -110,20 +111,31 @@ def compute_advantages(
     """Fill ``final_scores``, ``kl``, ``rewards``, ``advantages``, ``returns`` of ``exp`` in place.
 
     The running moments always track the raw scores (so they can be monitored), but are *used* only by the
-    switches that ask for them. Non-finite scores never enter the moments (one NaN would poison them for the rest
-    of the run); with ``truncated_response: penalty`` the truncated responses' scores do not either, since
+    switches that ask for them. A sample whose score is NaN or +-inf is left out of training as if it were not
+    in the buffer (:func:`ppomax.algos.trainable_rows`): it enters neither the moments nor the token rewards and
+    advantages (zero), its final score is NaN (none was added), and :func:`trainable_part` drops it from the
+    updates. Its KL and the rest of the scoring pass still describe what the policy generated. With
+    ``truncated_response: penalty`` the truncated responses' raw scores stay out of the moments too, since
     those are replaced.
     """
     raw, mask = exp.scores, exp.response_mask
-    use = torch.isfinite(raw)
-    if gen.truncated_response == "penalty":
-        use = use & ~exp.truncated
-    moments.update(raw, mask=use)
-    exp.final_scores = final_scores(raw, exp.truncated, ppo, gen, moments)
+    penalised = exp.truncated if gen.truncated_response == "penalty" else None
+    keep = trainable_rows(raw, penalised)
+    moments.update(raw, mask=keep if penalised is None else keep & ~penalised)
+    scores = final_scores(torch.where(keep, raw, torch.zeros_like(raw)), exp.truncated, ppo, gen, moments)
+    exp.final_scores = torch.where(keep, scores, torch.full_like(scores, float("nan")))
     kl = kl_per_token(exp.logprobs, exp.ref_logprobs, ppo.kl_estimator)
     exp.kl = torch.where(mask, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
-    exp.rewards = token_level_rewards(exp.final_scores, exp.kl, mask, ppo.kl_coef)
-    exp.advantages, exp.returns = gae(exp.rewards, exp.values, mask, ppo.gamma, ppo.lam)
+    train = mask & keep.unsqueeze(1)
+    exp.rewards = token_level_rewards(exp.final_scores, exp.kl, train, ppo.kl_coef)
+    exp.advantages, exp.returns = gae(exp.rewards, exp.values, train, ppo.gamma, ppo.lam)
+
+
+def trainable_part(exp: Experience) -> Experience:
+    """``exp`` as the updates see it: the response mask of the rows left out of training (a NaN final score,
+    see :func:`compute_advantages`) zeroed, so they weigh nothing in the whitening and the losses."""
+    keep = torch.isfinite(exp.final_scores)
+    return dataclasses.replace(exp, response_mask=exp.response_mask & keep.unsqueeze(1))
 
 
 @dataclasses.dataclass
@@ -160,18 +172,24 @@ class Rollouts:
             greedy=greedy,
         )
 
-    def score(self, exp: Experience, values: bool = True) -> None:
-        """The scoring pass (:func:`score_experience`); ``values=False`` skips the critic (evaluation)."""
-        score_experience(
-            exp,
-            policy=self.policy,
-            reference=self.reference,
-            critic=self.critic if values else None,
-            fwd=self.fwd,
-            rewards=self.rewards,
-            eos_ids=self.eos_ids,
-            chunk_size=self.chunk_size,
-        )
+    def score(self, exp: Experience, values: bool = True, step: int | None = None) -> None:
+        """The scoring pass (:func:`score_experience`); ``values=False`` skips the critic (evaluation). A reward
+        function's error names the iteration ``step``."""
+        try:
+            score_experience(
+                exp,
+                policy=self.policy,
+                reference=self.reference,
+                critic=self.critic if values else None,
+                fwd=self.fwd,
+                rewards=self.rewards,
+                eos_ids=self.eos_ids,
+                chunk_size=self.chunk_size,
+            )
+        except RewardError as exc:
+            if step is None:
+                raise
+            raise RewardError(f"step {step}: {exc}") from exc.__cause__
 
 
 @dataclasses.dataclass
@@ -251,16 +269,22 @@ class Updater:
 
     def update(self, exp: Experience, step: int, critic_only: bool) -> dict[str, Tensor]:
         """``ppo_epochs`` passes over shuffled minibatches of ``exp``; returns metrics averaged over minibatches
-        (``*_max`` are maxed, ``*_count`` summed). Stops early once ``max_nonfinite_in_row`` updates in a row were skipped."""
+        (``*_max`` are maxed, ``*_count`` summed). Stops early once ``max_nonfinite_in_row`` updates in a row were skipped.
+        Rows without a finite score are left out (:func:`trainable_part`); a minibatch of such rows only is passed
+        over, and a buffer of them only counts as one skipped update."""
         p = self.ppo
         acc: dict[str, list[Tensor]] = {}
-        skipped = 0
+        skipped, trained = 0, False
+        exp = trainable_part(exp)
         for epoch in range(p.ppo_epochs):
             # Seeded by (seed, step, epoch), not by the global RNG: resuming needs no extra state.
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1_009 + epoch)
             perm = torch.randperm(exp.batch_size, generator=g)
             for start in range(0, exp.batch_size, p.minibatch_size):
                 mb = exp.select(perm[start : start + p.minibatch_size])
+                if not self._has_tokens(mb):  # no finite score in it: no step (Adam moves even on zero grads)
+                    continue
+                trained = True
                 metrics, ok = self._minibatch(mb, critic_only)
                 skipped += int(not ok)
                 for k, v in metrics.items():
@@ -269,9 +293,18 @@ class Updater:
                     break
             if self.nonfinite_in_row >= p.max_nonfinite_in_row:
                 break
+        if not trained:  # not one finite score in the buffer: a skipped update, towards max_nonfinite_in_row
+            skipped += 1
+            self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
         out = {k: _combine(k, v) for k, v in acc.items()}
         out["nonfinite/skipped"] = torch.tensor(float(skipped))
         return out
+
+    def _has_tokens(self, mb: Experience) -> bool:
+        """Whether the minibatch has a response token to train on, on any rank (all ranks decide alike)."""
+        n = mb.response_mask.sum().float()
+        return bool((self.all_reduce(n) if self.all_reduce is not None else n) > 0)
 
     def _minibatch(self, mb: Experience, critic_only: bool) -> tuple[dict[str, Tensor], bool]:
         p = self.ppo

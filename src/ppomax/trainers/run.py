@@ -44,6 +44,7 @@ import json
 import os
 import shutil
 import signal
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -210,6 +211,8 @@ class RunContext:
                 yield tmp
             except BaseException as exc:
                 cause = write_failure(exc, tmp)
+                if cause is not None:
+                    _release_frames(exc)
                 shutil.rmtree(tmp, ignore_errors=True)
                 if cause is None:
                     raise
@@ -275,6 +278,21 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _release_frames(exc: BaseException) -> None:
+    """Clear the finished frames of ``exc`` and of the exceptions chained to it: a failed writer's frames hold
+    its open file (torch.save's zip writer, safetensors'), which the exception chained to our one-line error
+    would keep, with the space of its deleted file, for as long as the process lives."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        todo += [e.__cause__, e.__context__]
 
 
 _WRITE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}

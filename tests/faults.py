@@ -1,0 +1,380 @@
+"""The fault-injection harness of tests/test_faults.py: a trainer run as a child process that is SIGKILLed at a
+chosen moment, then resumed until it finishes, and the finished run compared with an uninterrupted one.
+
+ppomax has no fault hook, so the moments are found from outside, from what the run writes (polled every
+millisecond or so) or from the wall clock:
+
+* ``random``: a uniform delay within the length of an uninterrupted run (any phase: start, model loading,
+  a step, a checkpoint, the final save);
+* ``first_checkpoint``: the first checkpoint's temporary directory (``checkpoints/step-1.tmp-PID``) appears;
+* ``checkpoint``: the temporary directory of a later checkpoint appears, or holds 1-3 files (mid-write);
+* ``generation`` (PPO): just after a checkpoint is complete, when the next iteration starts generating;
+* ``update``: PPO: just after the iteration's last reward call, when advantages and minibatch updates run; SFT
+  and RM: a few milliseconds after a step is logged, inside a later step.
+
+A child is a fork of the test process (no interpreter start, no import: a kill costs only the run's own time);
+it runs :func:`ppomax.cli.main` with its output in a log file and exits with its return code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+# Fields that differ between two runs of the same computation (seconds, and rates per second).
+TIMING_PREFIXES = ("time/", "perf/")
+TIMING_SUFFIXES = ("_per_s",)
+MOMENTS = ("random", "first_checkpoint", "checkpoint", "generation", "update")
+HANG_S = 120.0  # a child that runs this long is killed and reported, never waited for forever
+
+
+@dataclass
+class Child:
+    pid: int
+    log: Path
+    started: float
+
+
+def spawn(args: list[str], log: Path) -> Child:
+    """Fork a child that runs ``ppomax args`` with stdout and stderr appended to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        rc = 97
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            from ppomax.cli import main
+
+            rc = main(args)
+        except BaseException:
+            traceback.print_exc()
+            rc = 98
+        finally:
+            with_flush = getattr(sys.stdout, "flush", None)
+            if with_flush is not None:
+                with_flush()
+            os._exit(rc)
+    return Child(pid, log, started)
+
+
+def _poll(child: Child) -> int | None:
+    pid, status = os.waitpid(child.pid, os.WNOHANG)
+    return None if pid == 0 else os.waitstatus_to_exitcode(status)
+
+
+def _kill(child: Child) -> int:
+    os.kill(child.pid, signal.SIGKILL)
+    _, status = os.waitpid(child.pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+# --------------------------------------------------------------------------------------------- kill triggers
+
+
+def _complete_steps(out: Path) -> list[int]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    steps = []
+    for p in root.iterdir():
+        name = p.name
+        if name.startswith("step-") and name[5:].isdigit():
+            steps.append(int(name[5:]))
+    return sorted(steps)
+
+
+def _temporaries(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    try:
+        return [p for p in root.iterdir() if ".tmp-" in p.name]
+    except OSError:
+        return []
+
+
+def _lines(path: Path) -> int:
+    try:
+        with path.open("rb") as fh:
+            return sum(1 for _ in fh)
+    except OSError:
+        return 0
+
+
+def _counter(path: Path) -> int:
+    try:
+        return int(path.read_text() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+@dataclass
+class Trigger:
+    """When to kill a child: ``due()`` is polled; ``what`` says where the kill was aimed."""
+
+    what: str
+    due: Callable[[], bool]
+
+
+def make_trigger(
+    moment: str, out: Path, rng: random.Random, *, span: float, kind: str, reward_calls: Path | None
+) -> Trigger:
+    """A trigger for ``moment`` (see the module docstring) in the run writing ``out``; ``span``: the length of
+    an uninterrupted run (seconds), ``reward_calls``: the PPO reward function's call-count file."""
+    t0 = time.monotonic()
+    if moment == "random":
+        at = rng.uniform(0.0, span)
+        return Trigger(f"random at {at:.2f}s", lambda: time.monotonic() - t0 >= at)
+    if moment == "first_checkpoint":
+        return Trigger(
+            "first checkpoint write", lambda: any(p.name.startswith("step-1.") for p in _temporaries(out))
+        )
+    if moment == "checkpoint":
+        after = max(_complete_steps(out), default=0) + rng.randint(0, 2)
+        files = rng.randint(0, 3)
+
+        def in_checkpoint() -> bool:
+            for p in _temporaries(out):
+                step = p.name[5:].split(".")[0]
+                if step.isdigit() and int(step) > after:
+                    try:
+                        if len(list(p.iterdir())) >= files:
+                            return True
+                    except OSError:
+                        pass
+            return False
+
+        return Trigger(f"checkpoint write after step {after} ({files}+ files in)", in_checkpoint)
+    if moment == "generation":
+        after = max(_complete_steps(out), default=0) + rng.randint(1, 2)
+        delay = rng.uniform(0.0, 0.02)
+        seen: dict[str, float] = {}
+
+        def generating() -> bool:
+            if "t" not in seen and max(_complete_steps(out), default=0) >= after:
+                seen["t"] = time.monotonic()
+            return "t" in seen and time.monotonic() - seen["t"] >= delay
+
+        return Trigger(f"generation after checkpoint step-{after}", generating)
+    if moment == "update":
+        delay = rng.uniform(0.0, 0.02)
+        seen = {}
+        if kind == "ppo":
+            assert reward_calls is not None
+            # Two reward calls per iteration (buffer 8, rollout batches of 4), counted from this process's start
+            # (run_chain resets the count): call 2k ends the scoring of its k-th iteration.
+            target = 2 * rng.randint(1, 2)
+
+            def updating() -> bool:
+                if "t" not in seen and _counter(reward_calls) >= target:
+                    seen["t"] = time.monotonic()
+                return "t" in seen and time.monotonic() - seen["t"] >= delay
+
+            return Trigger(f"update after reward call {target}", updating)
+        metrics = out / "metrics.jsonl"
+        base = _lines(metrics) + rng.randint(1, 3)
+
+        def stepping() -> bool:
+            if "t" not in seen and _lines(metrics) >= base:
+                seen["t"] = time.monotonic()
+            return "t" in seen and time.monotonic() - seen["t"] >= delay
+
+        return Trigger(f"training step after metrics line {base}", stepping)
+    raise ValueError(moment)
+
+
+# --------------------------------------------------------------------------------------------- one run
+
+
+@dataclass
+class Attempt:
+    moment: str
+    aimed: str
+    fired: bool
+    rc: int | None
+    mid_write: bool = False
+    """A checkpoint's temporary directory existed when the kill landed."""
+
+
+def run_once(args: list[str], log: Path, trigger: Trigger | None = None, out: Path | None = None) -> Attempt:
+    """One child until it exits, or until ``trigger`` fires (then SIGKILL; ``out``: the run directory, to tell
+    whether the kill landed in a checkpoint write)."""
+    child = spawn(args, log)
+    while True:
+        rc = _poll(child)
+        if rc is not None:
+            return Attempt("", trigger.what if trigger else "", False, rc)
+        if trigger is not None and trigger.due():
+            rc = _kill(child)
+            return Attempt("", trigger.what, True, rc, mid_write=out is not None and bool(_temporaries(out)))
+        if time.monotonic() - child.started > HANG_S:
+            _kill(child)
+            raise AssertionError(f"{args}: no exit after {HANG_S:.0f}s (see {log})")
+        time.sleep(0.001)
+
+
+def last_line(log: Path) -> str:
+    try:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+# --------------------------------------------------------------------------------------------- comparison
+
+
+def comparable_metrics(path: Path) -> list[dict]:
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            records.append(
+                {
+                    k: v
+                    for k, v in rec.items()
+                    if not k.startswith(TIMING_PREFIXES) and not k.endswith(TIMING_SUFFIXES)
+                }
+            )
+    return records
+
+
+def differences(ref: Path, run: Path) -> str | None:
+    """None when ``run`` finished exactly as ``ref``: its metrics (all but timing fields), its final (and best)
+    weights and evaluation record; else the first difference found."""
+    a, b = comparable_metrics(ref / "metrics.jsonl"), comparable_metrics(run / "metrics.jsonl")
+    if [r.get("step") for r in a] != [r.get("step") for r in b]:
+        return f"metrics steps {[r.get('step') for r in b]} != {[r.get('step') for r in a]}"
+    for ra, rb in zip(a, b, strict=True):
+        if ra != rb:
+            keys = sorted(k for k in set(ra) | set(rb) if ra.get(k) != rb.get(k))
+            k = keys[0]
+            return f"metrics at step {ra.get('step')}: {k} {rb.get(k)!r} != {ra.get(k)!r} ({len(keys)} keys)"
+    for sub in ("final", "best"):
+        if not (ref / sub).exists():
+            continue
+        for f in sorted((ref / sub).rglob("*.safetensors")):
+            other = run / f.relative_to(ref)
+            if not other.is_file():
+                return f"{other.relative_to(run)} missing"
+            ta, tb = load_file(str(f)), load_file(str(other))
+            if ta.keys() != tb.keys():
+                return f"{other.relative_to(run)}: tensor names differ"
+            for k in ta:
+                if not torch.equal(ta[k], tb[k]):
+                    return f"{other.relative_to(run)}: {k} differs"
+        for f in sorted((ref / sub).rglob("ppomax_eval.json")):
+            other = run / f.relative_to(ref)
+            if not other.is_file() or json.loads(other.read_text()) != json.loads(f.read_text()):
+                return f"{other.relative_to(run)} differs"
+    if not (run / "final").is_dir():
+        return "no final/"
+    return None
+
+
+# --------------------------------------------------------------------------------------------- a chain
+
+
+@dataclass
+class Chain:
+    """One run killed at each of ``moments`` in turn (a moment that never came is not a kill), resumed until it
+    finished, then compared with the uninterrupted run."""
+
+    kind: str
+    moments: list[str]
+    attempts: list[Attempt] = field(default_factory=list)
+    exact: bool = False
+    reason: str = ""
+
+
+def run_chain(
+    chain: Chain,
+    command: list[str],
+    out: Path,
+    ref: Path,
+    rng: random.Random,
+    *,
+    span: float,
+    reward_calls: Path | None = None,
+    max_resumes: int = 12,
+) -> Chain:
+    """Run ``command`` (which writes ``out``) with the kills of ``chain``, resume (``--resume out``; the first
+    command again while the run has not written its config) until exit 0, compare with ``ref``."""
+    logs = out.parent / f"{out.name}-logs"
+    pending = list(chain.moments)
+    rc: int | None = None
+    for i in range(len(pending) + max_resumes):
+        args = command if not (out / "config.yaml").is_file() else [command[0], "--resume", str(out)]
+        moment = pending.pop(0) if pending else None
+        trigger = (
+            make_trigger(moment, out, rng, span=span, kind=chain.kind, reward_calls=reward_calls)
+            if moment
+            else None
+        )
+        if reward_calls is not None:
+            reward_calls.write_text("0")
+        attempt = run_once(args, logs / f"{i}.log", trigger, out)
+        attempt.moment = moment or ""
+        if moment:
+            chain.attempts.append(attempt)
+        rc = attempt.rc
+        if not attempt.fired and rc != 0:
+            chain.reason = f"exit {rc} on {'resume' if i else 'start'}: {last_line(logs / f'{i}.log')}"
+            return chain
+        if not attempt.fired and rc == 0 and not pending:
+            break
+    else:
+        chain.reason = "did not finish"
+        return chain
+    diff = differences(ref, out)
+    chain.exact = diff is None
+    chain.reason = diff or ""
+    return chain
+
+
+def report(chains: list[Chain], faults: list[str]) -> str:
+    """The suite's report: kills tried (fired), runs resumed exactly, the reason for each that was not."""
+    kills = [a for c in chains for a in c.attempts if a.fired]
+    missed = [a for c in chains for a in c.attempts if not a.fired]
+    lines = ["fault injection report"]
+    for kind in ("sft", "rm", "ppo"):
+        mine = [c for c in chains if c.kind == kind]
+        if not mine:
+            continue
+        k = sum(a.fired for c in mine for a in c.attempts)
+        ok = sum(c.exact for c in mine)
+        by = {}
+        for c in mine:
+            for a in c.attempts:
+                if a.fired:
+                    by[a.moment] = by.get(a.moment, 0) + 1
+        lines.append(
+            f"  {kind}: {k} kills ({', '.join(f'{m} {n}' for m, n in sorted(by.items()))}) in {len(mine)} runs; "
+            f"{ok}/{len(mine)} runs resumed exactly"
+        )
+    exact_kills = sum(sum(a.fired for a in c.attempts) for c in chains if c.exact)
+    lines.append(
+        f"  total: {len(kills)} kills tried ({sum(a.mid_write for a in kills)} during a checkpoint write), "
+        f"{exact_kills} resumed exactly (runs {sum(c.exact for c in chains)}/{len(chains)}); "
+        f"{len(missed)} aimed moments never came (the run had ended)"
+    )
+    for c in chains:
+        if not c.exact:
+            lines.append(f"  NOT EXACT {c.kind} {c.moments}: {c.reason}")
+    lines += [f"  fault: {f}" for f in faults]
+    return "\n".join(lines)
