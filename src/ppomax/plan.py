@@ -283,7 +283,10 @@ def role_memory(role: Role, strategy: str, devices: int, w: Workload) -> RoleMem
     else:
         full = state_bytes(params, trainable, w.dtype)
         if strategy in ("ddp", "lora"):
-            out.weights, out.grads, out.optim = full["weights"], full["grads"], full["optim"]
+            # DDP/FSDP mixed precision is accelerate's autocast over float32 parameters (ppomax loads trained
+            # models in float32): 4 + 4 + 8 bytes; the DeepSpeed engines hold bf16/fp16 weights (2 + 2 + 12)
+            kept = state_bytes(params, trainable, "float32") if trainable else full
+            out.weights, out.grads, out.optim = kept["weights"], kept["grads"], kept["optim"]
         elif strategy == "zero2":
             out.weights, out.grads, out.optim = (
                 full["weights"],
