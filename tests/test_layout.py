@@ -43,6 +43,7 @@ TOP_LEVEL = {
     "models",
     "monitor.py",
     "optim.py",
+    "plan.py",
     "rewards.py",
     "rollout.py",
     "threads.py",
