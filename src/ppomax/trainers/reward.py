@@ -33,7 +33,7 @@ from ppomax.data import (
     tokenize_pair,
 )
 from ppomax.errors import ConfigError
-from ppomax.models import ValueHeadModel, load_tokenizer, model_summary
+from ppomax.models import ValueHeadModel, load_tokenizer, model_summary, with_adapters
 from ppomax.report_rm import margin_summary, write_rm_eval
 
 from .common import check_vocab, eval_shards, load_features, load_train_valid, to_device
@@ -152,11 +152,15 @@ def train_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Pa
     tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
     model = ValueHeadModel.from_causal_lm(m.policy, m.dtype, m.trust_remote_code, seed=cfg.seed)
     check_vocab(model.backbone, tokenizer, "model.policy / model.tokenizer")
+    model = with_adapters(model, m.lora, m.policy, seed=cfg.seed)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.beta_rm == 0:
         model.freeze_lm_head()
-    ctx.print(f"reward model on {m.policy} ({model_summary(model)['params']:,} parameters)")
+    size = model_summary(model)
+    ctx.print(
+        f"reward model on {m.policy} ({size['params']:,} parameters, {size['trainable_params']:,} trained)"
+    )
 
     train, valid = load_train_valid(ctx, rm_features, tokenizer, cfg, "pairs")
     test, test_name = valid, "valid"
