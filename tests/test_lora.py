@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from ppo_helpers import config, make_setup, reward_fn
+from ppo_helpers import FAST, config, make_setup, reward_fn
 from ppomax.config import load_config
 from ppomax.errors import ConfigError
 from ppomax.models import AdaptersOff, ValueHeadModel, load_causal_lm, model_summary
@@ -67,6 +67,7 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
         ("model.lora={alpha: 0}", "model.lora.alpha: Input should be greater than 0"),
         ("model.lora={dropout: 1.0}", "model.lora.dropout: Input should be less than 1"),
         ("model.lora={target_modules: []}", "model.lora.target_modules: Value error, a non-empty list"),
+        ("model.lora={target_modules: q_proj}", "model.lora.target_modules: Value error, a non-empty list"),
         ("model.lora={rank: 4}", "model.lora.rank: unknown key"),
         ("model.lora={}\nppo.critic_init=random", "model.lora.critic, ppo.critic_init: critic_init: random"),
     ],
@@ -287,3 +288,41 @@ def test_lora_ppo_learns(tmp_path):
     assert max(r["kl/per_token"] for r in rec) < 2.0
     assert all(r["nonfinite/total"] == 0 for r in rec)
     assert rec[-1]["ppl/policy"] < rec[0]["ppl/policy"]
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_lora_with_resume(setup, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): DDP over the adapters (the frozen base has no gradient to
+    synchronise), --resume continues, and the final merged policy loads with plain transformers."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from launch_helpers import accelerate_launch
+
+    out = tmp_path / "run"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), str(Path(__file__).parent)]),
+        "OMP_NUM_THREADS": "1",
+    }
+    sets = [
+        f"model.policy={setup.policy}",
+        f"model.reward={setup.reward}",
+        f"data.prompts={setup.prompts}",
+        f"logging.out_dir={out}",
+        *FAST,
+        "model.lora={r: 4, save_merged: true}",
+        "ppo.minibatch_size=4",
+        TARGET,
+    ]
+    first = [*accelerate_launch(2), "train-ppo", *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.run(first, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = [*accelerate_launch(2), "train-ppo", "--resume", str(out), "--set", "ppo.iterations=3"]
+    proc = subprocess.run(again, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+    merged = AutoModelForCausalLM.from_pretrained(out / "final" / "policy" / "merged")
+    ids = torch.tensor([[1, 5, 17, 42]])
+    torch.testing.assert_close(logits(merged, ids), logits(load_causal_lm(out / "final" / "policy"), ids))

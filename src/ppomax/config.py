@@ -55,7 +55,7 @@ class LoraSettings(_Section):
     dropout: float = Field(
         0.0, ge=0, lt=1, description="Dropout on the adapter's input (SFT/RM; PPO turns every dropout off)."
     )
-    target_modules: list[str] | Literal["all-linear"] = Field(
+    target_modules: list[str] | str = Field(
         "all-linear",
         description="Module names to adapt (name suffixes, e.g. [q_proj, v_proj]), or all-linear: every linear "
         "layer except the LM head.",
@@ -72,9 +72,9 @@ class LoraSettings(_Section):
     @field_validator("target_modules")
     @classmethod
     def _names(cls, v: list[str] | str) -> list[str] | str:
-        if isinstance(v, list) and (not v or not all(isinstance(n, str) and n.strip() for n in v)):
-            raise ValueError("a non-empty list of module names, or all-linear")
-        return v
+        if v == "all-linear" or (isinstance(v, list) and v and all(n.strip() for n in v)):
+            return v
+        raise ValueError("a non-empty list of module names, or all-linear")
 
 
 class ModelConfig(_Section):
