@@ -27,6 +27,8 @@ from torch import Tensor
 
 from ppomax.errors import ConfigError, ModelPathError
 
+from .value_head import ValueHeadModel
+
 if TYPE_CHECKING:
     from ppomax.config import LoraSettings
 
@@ -50,7 +52,7 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 def has_adapters(model: torch.nn.Module) -> bool:
     """A PEFT model, or a value-head model whose backbone is one."""
-    return hasattr(getattr(model, "backbone", model), "peft_config")
+    return hasattr(model.backbone if isinstance(model, ValueHeadModel) else model, "peft_config")
 
 
 def with_adapters(model: Any, lora: LoraSettings | None, base_path: str | Path, seed: int = 0) -> Any:
@@ -62,7 +64,7 @@ def with_adapters(model: Any, lora: LoraSettings | None, base_path: str | Path, 
     random init draws from a generator seeded with ``seed``, leaving the global RNG (sampling) untouched."""
     if lora is None:
         return model
-    if hasattr(model, "backbone") and hasattr(model, "value_head"):
+    if isinstance(model, ValueHeadModel):
         model.backbone = with_adapters(model.backbone, lora, base_path, seed)
         model.value_head.requires_grad_(True)
         return model
@@ -156,7 +158,7 @@ def merged_state_dict(peft_model: Any, state_dict: dict[str, Tensor] | None = No
 def save_merged(model: Any, out_dir: Path, state_dict: dict[str, Tensor] | None = None) -> None:
     """Base + adapters as plain weights in ``out_dir``: a causal LM, or a value-head model (merged backbone + its
     head). ``state_dict``: the gathered weights of ``model`` (sharded training), else its own."""
-    if hasattr(model, "backbone") and hasattr(model, "value_head"):
+    if isinstance(model, ValueHeadModel):
         backbone_sd = head_sd = None
         if state_dict is not None:
             backbone_sd = {k[9:]: v for k, v in state_dict.items() if k.startswith("backbone.")}

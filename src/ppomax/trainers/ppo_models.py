@@ -12,8 +12,8 @@
   policy); its value head is always fully trained.
 * Reward model: a trained value-head model (``model.reward``), frozen; optional when reward functions are set.
 
-Dropout is switched off in policy and critic (LoRA's adapter dropout included): the PPO ratio of the first minibatch must be exactly 1, and the old
-log-probs/values of the scoring pass must be those the update sees.
+Dropout is switched off in policy and critic (LoRA's adapter dropout included): the PPO ratio of the first
+minibatch must be exactly 1, and the old log-probs/values of the scoring pass must be those the update sees.
 """
 
 from __future__ import annotations
