@@ -6,7 +6,9 @@ trainer (policy, reference, critic, reward model, both optimisers) with the ``pp
 optimiser steps allocate AdamW's states), and reports ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after
 building and at the end. Full fine-tuning holds four copies of the weights plus gradients and two AdamW moments
 for policy and critic; LoRA holds three (no reference copy: the policy's base with adapters off) and trains only
-the adapters and the critic's value head.
+the adapters and the critic's value head. The weights load lazily (safetensors mappings), so the RSS after
+building is the same in both modes; the peak, after the first updates, is where gradients and AdamW states show.
+Peaks vary by ~10% from run to run (allocator high-water marks): compare several runs.
 
     python bench/lora_memory.py                            # ~38M-parameter Llama, CPU, markdown table
     python bench/lora_memory.py --hidden 512 --layers 8 --vocab 4096 --r 8
