@@ -45,6 +45,38 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
+class LoraSettings(_Section):
+    """LoRA adapters through PEFT (``model.lora``; null = train every weight). The base weights stay frozen; the
+    value head of an RM or critic is always fully trained. Under PPO the reference is the policy's base with its
+    adapters disabled (no second copy) unless ``model.reference`` names another model."""
+
+    r: int = Field(8, gt=0, description="Rank of the adapter matrices.")
+    alpha: float = Field(16.0, gt=0, description="Scaling numerator: the update is (alpha / r) * B A.")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on the adapter's input (SFT/RM; PPO turns every dropout off)."
+    )
+    target_modules: list[str] | str = Field(
+        "all-linear",
+        description="Module names to adapt (name suffixes, e.g. [q_proj, v_proj]), or all-linear: every linear "
+        "layer except the LM head.",
+    )
+    critic: bool = Field(
+        True,
+        description="PPO: adapters on the critic's backbone too (false: the whole critic is trained).",
+    )
+    save_merged: bool = Field(
+        False,
+        description="Also save the merged weights (base + adapters) as a plain model under <model dir>/merged.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, v: list[str] | str) -> list[str] | str:
+        if v == "all-linear" or (isinstance(v, list) and v and all(n.strip() for n in v)):
+            return v
+        raise ValueError("a non-empty list of module names, or all-linear")
+
+
 class ModelConfig(_Section):
     """Where the models come from. Paths are local directories written by ``save_pretrained``."""
 
@@ -67,6 +99,7 @@ class ModelConfig(_Section):
         "reward) are stored in it.",
     )
     gradient_checkpointing: bool = False
+    lora: LoraSettings | None = Field(None, description="LoRA adapters (see LoraSettings); null = off.")
 
 
 class GenerationConfig(_Section):
@@ -456,6 +489,20 @@ class SFTConfig(_RunConfig):
         3, gt=0, description="Consecutive skipped non-finite updates that stop the run."
     )
 
+    @model_validator(mode="after")
+    def _lora_needs_weights(self) -> SFTConfig:
+        if self.init_from_config and self.model.lora is not None:
+            raise KeyConflicts(
+                [
+                    (
+                        ("init_from_config", "model.lora"),
+                        "adapters on random weights could not be loaded again (their base is nowhere on "
+                        "disk); pretrain without model.lora, then fine-tune the result with it",
+                    )
+                ]
+            )
+        return self
+
 
 class RMConfig(_RunConfig):
     """`ppomax train-rm`: paper eq. 2 with the optional LM term."""
@@ -490,6 +537,22 @@ class PPOConfig(_RunConfig):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOSettings = Field(default_factory=PPOSettings)
     collapse: CollapseConfig = Field(default_factory=CollapseConfig)
+
+    @model_validator(mode="after")
+    def _lora_critic_needs_weights(self) -> PPOConfig:
+        lora = self.model.lora
+        if lora is not None and lora.critic and self.ppo.critic_init == "random" and not self.model.critic:
+            raise KeyConflicts(
+                [
+                    (
+                        ("model.lora.critic", "ppo.critic_init"),
+                        "critic_init: random builds a randomly initialised backbone, whose adapters could not "
+                        "be loaded again; set model.lora.critic: false (train the whole random critic) or "
+                        "critic_init: sft / reward_model",
+                    )
+                ]
+            )
+        return self
 
     def check_runnable(self) -> None:
         """What `train-ppo` needs beyond a valid config; raises :class:`ConfigError` naming the keys."""

@@ -6,6 +6,7 @@ See DESIGN.md section 4. Typical use::
     policy = load_causal_lm("sft/final", dtype="bfloat16")
     rm = ValueHeadModel.from_pretrained("rm/best")          # trained reward model
     critic = ValueHeadModel.from_causal_lm("rm/best")       # fresh head on the RM's backbone
+    policy = with_adapters(policy, cfg.model.lora, "sft/final")  # LoRA (cfg.model.lora: null = unchanged)
     rewards = rm.score(input_ids, attention_mask)           # [B], value at the last non-pad token
 """
 
@@ -18,6 +19,7 @@ from .loading import (
     model_summary,
     to_dtype,
 )
+from .lora import MERGED_DIR, AdaptersOff, has_adapters, is_adapter_dir, save_trained, with_adapters
 from .value_head import (
     HEAD_META,
     HEAD_WEIGHTS,
@@ -31,14 +33,20 @@ __all__ = [
     "DTYPES",
     "HEAD_META",
     "HEAD_WEIGHTS",
+    "MERGED_DIR",
+    "AdaptersOff",
     "ValueHeadModel",
     "ValueHeadOutput",
     "check_model_dir",
+    "has_adapters",
     "init_causal_lm_from_config",
+    "is_adapter_dir",
     "is_value_head_model",
     "load_causal_lm",
     "load_tokenizer",
     "model_summary",
     "position_ids_from_mask",
+    "save_trained",
     "to_dtype",
+    "with_adapters",
 ]

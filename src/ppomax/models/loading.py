@@ -103,7 +103,12 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
 def load_causal_lm(
     path: str | Path, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False
 ) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained`` from a local path (no downloads)."""
+    """``AutoModelForCausalLM.from_pretrained`` from a local path (no downloads); a directory of LoRA adapters
+    loads as its base with the adapters merged in (:func:`ppomax.models.lora.load_adapter_dir`)."""
+    from .lora import is_adapter_dir, load_adapter_dir
+
+    if is_adapter_dir(path):
+        return load_adapter_dir(path, dtype, trust_remote_code)
     check_model_dir(path, "model")
     try:
         return AutoModelForCausalLM.from_pretrained(

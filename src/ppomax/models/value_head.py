@@ -65,6 +65,13 @@ def is_value_head_model(path: str | Path) -> bool:
     return (p / HEAD_META).is_file() and (p / HEAD_WEIGHTS).is_file()
 
 
+def _decoder(backbone: PreTrainedModel) -> torch.nn.Module:
+    """The decoder stack without the LM head; under a PEFT wrapper (LoRA), the wrapped model's (its adapted
+    layers are injected in place, so they run)."""
+    inner = backbone.get_base_model() if hasattr(backbone, "peft_config") else backbone
+    return inner.base_model
+
+
 def _hidden_size(backbone: PreTrainedModel) -> int:
     emb = backbone.get_input_embeddings()
     if emb is not None and hasattr(emb, "embedding_dim"):
@@ -113,7 +120,7 @@ class ValueHeadModel(torch.nn.Module):
         position_ids = position_ids_from_mask(attention_mask)
         if not return_lm_logits:
             # The decoder alone: no [B, T, V] logits and no per-layer hidden states materialised.
-            base = self.backbone.base_model
+            base = _decoder(self.backbone)
             out = base(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             )
@@ -179,6 +186,11 @@ class ValueHeadModel(torch.nn.Module):
                 k[len("value_head.") :]: v for k, v in state_dict.items() if k.startswith("value_head.")
             }
         self.backbone.save_pretrained(out, state_dict=backbone_sd, safe_serialization=safe_serialization)
+        self.save_head(out, head_sd)
+
+    def save_head(self, out_dir: str | Path, head_sd: dict[str, Tensor] | None = None) -> None:
+        """The head's weights (``head_sd``, else its own) and the marker file, beside a saved backbone."""
+        out = Path(out_dir)
         head_sd = head_sd or self.value_head.state_dict()
         save_file(
             {k: v.detach().cpu().float().contiguous() for k, v in head_sd.items()}, str(out / HEAD_WEIGHTS)

@@ -83,6 +83,12 @@ def launch_mismatch(env: Mapping[str, str]) -> str | None:
     return None
 
 
+def trained_dtype(dtype: str, adapters: bool) -> str:
+    """The dtype a trained model is loaded in: float32 master weights when it is trained in full (``dtype`` is
+    then its autocast dtype); a LoRA base is frozen and stays in ``dtype`` (PEFT keeps the adapters in float32)."""
+    return dtype if adapters else TRAINED_DTYPE
+
+
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)

@@ -1,20 +1,26 @@
 """The four PPO models (policy, reference, critic, reward model) and the forward passes the trainer runs on them.
 
-* Policy: ``model.policy`` (the SFT model; paper 5.3.3: a policy initialised without SFT fails).
-* Reference: a separate frozen copy, from ``model.reference`` or the policy's path.
+* Policy: ``model.policy`` (the SFT model; paper 5.3.3: a policy initialised without SFT fails), with LoRA
+  adapters when ``model.lora`` is set.
+* Reference: a separate frozen copy, from ``model.reference`` or the policy's path. Under LoRA, when
+  ``model.reference`` is unset or the policy's own path, no copy is loaded: the reference is the policy's base
+  with its adapters disabled (:class:`ppomax.models.AdaptersOff`), called like any model.
 * Critic (paper 5.3.3, ``ppo.critic_init``): an explicit ``model.critic`` value-head checkpoint, else a copy of the
   reward model (``reward_model``), the SFT backbone with a fresh head (``sft``), or a freshly initialised backbone
   of the policy's architecture with a fresh head (``random``).
+  Under LoRA with ``model.lora.critic``, adapters go on the critic's own backbone (it shares nothing with the
+  policy); its value head is always fully trained.
 * Reward model: a trained value-head model (``model.reward``), frozen; optional when reward functions are set.
 
-Dropout is switched off in policy and critic: the PPO ratio of the first minibatch must be exactly 1, and the old
-log-probs/values of the scoring pass must be those the update sees.
+Dropout is switched off in policy and critic (LoRA's adapter dropout included): the PPO ratio of the first
+minibatch must be exactly 1, and the old log-probs/values of the scoring pass must be those the update sees.
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,13 +29,15 @@ from torch import Tensor
 from ppomax.algos import entropy_from_logits, logprobs_from_logits
 from ppomax.config import PPOConfig
 from ppomax.models import (
+    AdaptersOff,
     ValueHeadModel,
     init_causal_lm_from_config,
     load_causal_lm,
     load_tokenizer,
     position_ids_from_mask,
+    with_adapters,
 )
-from ppomax.trainers.launch import TRAINED_DTYPE
+from ppomax.trainers.launch import trained_dtype
 
 
 @dataclass
@@ -67,17 +75,34 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
 def build_critic(cfg: PPOConfig, policy_path: str, critic_path: str | None) -> ValueHeadModel:
     """The critic per ``model.critic`` / ``ppo.critic_init`` (see the module docstring)."""
     m, seed = cfg.model, cfg.seed
-    kw = {"dtype": TRAINED_DTYPE, "trust_remote_code": m.trust_remote_code}
-    if critic_path:
-        return ValueHeadModel.from_pretrained(critic_path, **kw)
+    lora = m.lora if m.lora is not None and m.lora.critic else None
+    # trained in full: float32 master weights; under LoRA the frozen base stays in model.dtype
+    kw = {"dtype": trained_dtype(m.dtype, lora is not None), "trust_remote_code": m.trust_remote_code}
     init = cfg.ppo.critic_init
-    if init == "reward_model":
+    if critic_path:
+        base, critic = critic_path, ValueHeadModel.from_pretrained(critic_path, **kw)
+    elif init == "reward_model":
         assert m.reward, "check_runnable guarantees model.reward for critic_init=reward_model"
-        return ValueHeadModel.from_pretrained(m.reward, **kw)
-    if init == "sft":
-        return ValueHeadModel.from_causal_lm(policy_path, seed=seed, **kw)
-    backbone = init_causal_lm_from_config(policy_path, seed=seed, **kw)
-    return ValueHeadModel(backbone, seed=seed)
+        base, critic = m.reward, ValueHeadModel.from_pretrained(m.reward, **kw)
+    elif init == "sft":
+        base, critic = policy_path, ValueHeadModel.from_causal_lm(policy_path, seed=seed, **kw)
+    else:  # config validation refuses adapters on this random backbone
+        backbone = init_causal_lm_from_config(policy_path, seed=seed, **kw)
+        base, critic = policy_path, ValueHeadModel(backbone, seed=seed)
+    return with_adapters(critic, lora, base, seed=seed + 1)
+
+
+def build_reference(cfg: PPOConfig, policy: Any) -> Any:
+    """The frozen reference: the policy's base with adapters off (LoRA, and ``model.reference`` unset or the
+    policy's path), else a model loaded from ``model.reference`` or the policy's path."""
+    m = cfg.model
+    assert m.policy
+    same = m.reference is None or Path(m.reference).resolve() == Path(m.policy).resolve()
+    if m.lora is not None and same:
+        return AdaptersOff(policy)
+    return _freeze(
+        load_causal_lm(m.reference or m.policy, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+    )
 
 
 def load_models(cfg: PPOConfig) -> PPOModels:
@@ -85,13 +110,14 @@ def load_models(cfg: PPOConfig) -> PPOModels:
     critic; the reference and the reward model always come from the config: the reference is the *original*
     policy)."""
     m = cfg.model
-    # trained models in float32 (master weights; model.dtype is their autocast dtype), frozen ones in model.dtype
+    # trained models in float32 (master weights; model.dtype is their autocast dtype), frozen ones (and a LoRA
+    # base) in model.dtype
     kw = {"dtype": m.dtype, "trust_remote_code": m.trust_remote_code}
-    trained = {**kw, "dtype": TRAINED_DTYPE}
+    trained = {**kw, "dtype": trained_dtype(m.dtype, m.lora is not None)}
     assert m.policy
     tokenizer = load_tokenizer(m.tokenizer or m.policy, trust_remote_code=m.trust_remote_code)
-    policy = load_causal_lm(m.policy, **trained)
-    reference = _freeze(load_causal_lm(m.reference or m.policy, **kw))
+    policy = with_adapters(load_causal_lm(m.policy, **trained), m.lora, m.policy, seed=cfg.seed)
+    reference = build_reference(cfg, policy)
     critic = build_critic(cfg, m.policy, m.critic)
     reward_model = _freeze(ValueHeadModel.from_pretrained(m.reward, **kw)) if m.reward else None
     for model in (policy, critic):
@@ -109,6 +135,8 @@ def load_models(cfg: PPOConfig) -> PPOModels:
 
 
 def _accepts(model: Any, name: str) -> bool:
+    if hasattr(model, "peft_config"):  # PEFT passes unknown keyword arguments on to the model it wraps
+        model = model.get_base_model()
     try:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):

@@ -34,8 +34,8 @@ from ppomax.data import (
     tokenize_pair,
 )
 from ppomax.errors import ConfigError
-from ppomax.models import ValueHeadModel, load_tokenizer, model_summary
-from ppomax.trainers.launch import TRAINED_DTYPE
+from ppomax.models import ValueHeadModel, load_tokenizer, model_summary, with_adapters
+from ppomax.trainers.launch import trained_dtype
 
 from .common import check_vocab, eval_shards, load_features, load_train_valid, to_device
 from .loop import LoopSpec, train_loop
@@ -152,13 +152,19 @@ def train_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Pa
     ctx = open_run(cfg, "rm", resume=resume, overwrite=overwrite, grad_accum=cfg.grad_accum)
     m = cfg.model
     tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
-    model = ValueHeadModel.from_causal_lm(m.policy, TRAINED_DTYPE, m.trust_remote_code, seed=cfg.seed)
+    model = ValueHeadModel.from_causal_lm(
+        m.policy, trained_dtype(m.dtype, m.lora is not None), m.trust_remote_code, seed=cfg.seed
+    )
     check_vocab(model.backbone, tokenizer, "model.policy / model.tokenizer")
+    model = with_adapters(model, m.lora, m.policy, seed=cfg.seed)
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.beta_rm == 0:
         model.freeze_lm_head()
-    ctx.print(f"reward model on {m.policy} ({model_summary(model)['params']:,} parameters)")
+    size = model_summary(model)
+    ctx.print(
+        f"reward model on {m.policy} ({size['params']:,} parameters, {size['trainable_params']:,} trained)"
+    )
 
     train, valid = load_train_valid(ctx, rm_features, tokenizer, cfg, "pairs")
     test, test_name = valid, "valid"

@@ -8,6 +8,7 @@ Layout of a run directory (``logging.out_dir``)::
     checkpoints/step-N/    accelerate ``save_state`` (model*.safetensors, optimizer*.bin, random_states_R.pkl)
                            + ppomax_state.json (step, schedules, the trainer's own state); atomic
     final/ (best/)         the trained model(s): ``save_pretrained`` + tokenizer, gathered under ZeRO-3/FSDP
+                           (LoRA: the adapters, and the merged model in merged/ on request; models.lora)
     samples/               PPO evaluation samples
 
 The rules, the same for all three trainers (:func:`open_run`):
@@ -59,6 +60,7 @@ from ppomax.checkpoint import prune_checkpoints, step_dirs
 from ppomax.config import load_config, to_yaml
 from ppomax.console import console
 from ppomax.errors import ConfigError, RunStopped, UserError
+from ppomax.models import save_trained
 from ppomax.monitor import MetricsLogger
 
 from .launch import build_accelerator
@@ -242,9 +244,8 @@ class RunContext:
         with self.atomic_dir(final, what="the model") as tmp:
             if self.is_main:
                 for name, (model, tokenizer) in models.items():
-                    acc.unwrap_model(model).save_pretrained(tmp / name, state_dict=states[name])
-                    if tokenizer is not None:
-                        tokenizer.save_pretrained(tmp / name)
+                    unwrapped, lora = acc.unwrap_model(model), self.cfg.model.lora
+                    save_trained(unwrapped, tmp / name, states[name], tokenizer, lora)
         return final
 
     # ------------------------------------------------------------------ stopping

@@ -35,8 +35,14 @@ from ppomax.data import (
 )
 from ppomax.data.io import handle_error
 from ppomax.errors import ConfigError
-from ppomax.models import init_causal_lm_from_config, load_causal_lm, load_tokenizer, model_summary
-from ppomax.trainers.launch import TRAINED_DTYPE
+from ppomax.models import (
+    init_causal_lm_from_config,
+    load_causal_lm,
+    load_tokenizer,
+    model_summary,
+    with_adapters,
+)
+from ppomax.trainers.launch import TRAINED_DTYPE, trained_dtype
 
 from .common import check_vocab, eval_shards, load_train_valid, reduce_sums, to_device
 from .loop import LoopSpec, train_loop
@@ -141,7 +147,7 @@ def _load_model(cfg: SFTConfig):
     m = cfg.model
     if cfg.init_from_config:
         return init_causal_lm_from_config(m.policy, TRAINED_DTYPE, m.trust_remote_code, seed=cfg.seed)
-    return load_causal_lm(m.policy, TRAINED_DTYPE, m.trust_remote_code)
+    return load_causal_lm(m.policy, trained_dtype(m.dtype, m.lora is not None), m.trust_remote_code)
 
 
 def train_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
@@ -157,9 +163,13 @@ def train_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy, cfg.model.trust_remote_code)
     model = _load_model(cfg)
     check_vocab(model, tokenizer, "model.policy / model.tokenizer")
+    model = with_adapters(model, cfg.model.lora, cfg.model.policy, seed=cfg.seed)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    ctx.print(f"model: {cfg.model.policy} ({model_summary(model)['params']:,} parameters)")
+    size = model_summary(model)
+    ctx.print(
+        f"model: {cfg.model.policy} ({size['params']:,} parameters, {size['trainable_params']:,} trained)"
+    )
 
     train, valid = load_train_valid(ctx, sft_features, tokenizer, cfg, "data")
     ctx.print(f"{len(train)} training and {len(valid)} validation examples")

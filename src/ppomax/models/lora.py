@@ -1,0 +1,214 @@
+"""LoRA adapters through PEFT (``model.lora``) for the SFT model, the reward model, and the PPO policy and critic.
+
+* :func:`with_adapters` puts adapters on a causal LM (or on a value-head model's backbone, whose head stays fully
+  trained) and freezes everything else; ``model.lora: null`` returns the model unchanged, so trainers call it
+  unconditionally.
+* :class:`AdaptersOff` is the PPO reference under LoRA: the policy's own base, called with its adapters disabled,
+  so the frozen weights exist once (the paper's setup holds four full models; this holds one base for two).
+* :func:`save_trained` is the one save every trainer's final/best model goes through: ``save_pretrained`` (PEFT
+  writes only ``adapter_config.json`` + ``adapter_model.safetensors``, a value-head model adds its head) and, with
+  ``model.lora.save_merged``, ``<dir>/merged``: base + adapters merged into plain weights that load with
+  ``AutoModelForCausalLM.from_pretrained`` (or :meth:`ValueHeadModel.from_pretrained`) without PEFT.
+* :func:`load_adapter_dir` makes an adapter directory a model path like any other: :func:`load_causal_lm` loads
+  its base (``base_model_name_or_path``, written as an absolute path) and merges the adapters in, so an SFT run
+  with LoRA feeds an RM or PPO run directly.
+
+PEFT is imported only when LoRA is used (``pip install 'ppomax[lora]'``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ppomax.errors import ConfigError, ModelPathError
+
+from .value_head import ValueHeadModel
+
+if TYPE_CHECKING:
+    from ppomax.config import LoraSettings
+
+ADAPTER_CONFIG = "adapter_config.json"
+MERGED_DIR = "merged"
+
+
+def _peft() -> Any:
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("model.lora needs PEFT: pip install 'ppomax[lora]'") from None
+    return peft
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """True for a directory PEFT's ``save_pretrained`` wrote (adapters only, no full ``config.json``)."""
+    p = Path(path)
+    return (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file()
+
+
+def has_adapters(model: torch.nn.Module) -> bool:
+    """A PEFT model, or a value-head model whose backbone is one."""
+    return hasattr(model.backbone if isinstance(model, ValueHeadModel) else model, "peft_config")
+
+
+def with_adapters(model: Any, lora: LoraSettings | None, base_path: str | Path, seed: int = 0) -> Any:
+    """``model`` with LoRA adapters (``lora``; None: ``model`` itself): a ``PeftModel`` for a causal LM, the same
+    :class:`~ppomax.models.ValueHeadModel` with a ``PeftModel`` backbone for a value-head model.
+
+    Only the adapters (and a value head) are trainable afterwards. ``base_path`` is where the base weights are
+    on disk (recorded, absolute, in the saved adapter config so the adapters load again). The adapters'
+    random init draws from a generator seeded with ``seed``, leaving the global RNG (sampling) untouched."""
+    if lora is None:
+        return model
+    if isinstance(model, ValueHeadModel):
+        model.backbone = with_adapters(model.backbone, lora, base_path, seed)
+        model.value_head.requires_grad_(True)
+        return model
+    peft = _peft()
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    config = peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            wrapped = peft.get_peft_model(model, config)
+        except ValueError as exc:  # PEFT: "Target modules {...} not found in the base model"
+            linear = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+            )
+            raise ConfigError(
+                f"model.lora.target_modules: {exc}".rstrip(".")
+                + f" ({base_path}; its linear layers: {', '.join(linear)})"
+            ) from None
+    p = Path(base_path)
+    wrapped.peft_config["default"].base_model_name_or_path = str(p.resolve() if p.exists() else base_path)
+    return wrapped
+
+
+class AdaptersOff:
+    """A PEFT model's base as a model of its own: every call runs with the adapters disabled.
+
+    The PPO reference under LoRA (see the module docstring). ``to``/``eval``/``requires_grad_`` are no-ops: the
+    policy it wraps is placed and trained by its own trainer, and its base is frozen already."""
+
+    def __init__(self, peft_model: Any) -> None:
+        self.model = peft_model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.model.disable_adapter():
+            return self.model(*args, **kwargs)
+
+    def to(self, *_args: Any, **_kwargs: Any) -> AdaptersOff:
+        return self
+
+    def eval(self) -> AdaptersOff:
+        return self
+
+    def requires_grad_(self, _flag: bool = True) -> AdaptersOff:
+        return self
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def merged_state_dict(peft_model: Any, state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The base model's state dict with every LoRA layer's update merged in: ``W + scaling * B A`` (transposed
+    for ``fan_in_fan_out`` layers such as GPT-2's Conv1D), keys as the plain model names them.
+
+    Computed from ``state_dict`` (the gathered full weights under ZeRO-3/FSDP, keys as ``peft_model.state_dict()``
+    names them) or the model's own; the model itself is not touched (PEFT's merge/unmerge would leave its
+    weights off by rounding)."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    sd = dict(peft_model.state_dict() if state_dict is None else state_dict)
+    out: dict[str, Tensor] = {}
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if not isinstance(module, LoraLinear):
+            raise ConfigError(
+                f"model.lora.save_merged: {name} is a {type(module).__name__} adapter; only linear layers merge "
+                "(restrict model.lora.target_modules to linear layers)"
+            )
+        base_w = sd.pop(f"{name}.base_layer.weight")
+        merged = base_w.float()
+        for adapter in module.active_adapters:
+            a = sd.pop(f"{name}.lora_A.{adapter}.weight").float()
+            b = sd.pop(f"{name}.lora_B.{adapter}.weight").float()
+            delta = b @ a
+            merged = merged + (delta.T if module.fan_in_fan_out else delta) * module.scaling[adapter]
+        out[f"{name}.weight"] = merged.to(base_w.dtype)
+        if f"{name}.base_layer.bias" in sd:
+            out[f"{name}.bias"] = sd.pop(f"{name}.base_layer.bias")
+    out.update({k: v for k, v in sd.items() if ".lora_" not in k})
+    prefix = "base_model.model."
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in out.items()}
+
+
+def save_merged(model: Any, out_dir: Path, state_dict: dict[str, Tensor] | None = None) -> None:
+    """Base + adapters as plain weights in ``out_dir``: a causal LM, or a value-head model (merged backbone + its
+    head). ``state_dict``: the gathered weights of ``model`` (sharded training), else its own."""
+    if isinstance(model, ValueHeadModel):
+        backbone_sd = head_sd = None
+        if state_dict is not None:
+            backbone_sd = {k[9:]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+            head_sd = {k[11:]: v for k, v in state_dict.items() if k.startswith("value_head.")}
+        save_merged(model.backbone, out_dir, backbone_sd)
+        model.save_head(out_dir, head_sd)
+        return
+    sd = merged_state_dict(model, state_dict)
+    model.get_base_model().save_pretrained(out_dir, state_dict=sd)
+
+
+def save_trained(
+    model: Any,
+    out_dir: Path,
+    state_dict: dict[str, Tensor] | None,
+    tokenizer: Any,
+    lora: LoraSettings | None,
+) -> None:
+    """A trained model's ``save_pretrained`` (+ tokenizer) into ``out_dir``; with ``lora.save_merged`` and adapters
+    on the model, also the merged plain model (+ tokenizer) into ``out_dir/merged``."""
+    model.save_pretrained(out_dir, state_dict=state_dict)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    if lora is not None and lora.save_merged and has_adapters(model):
+        save_merged(model, out_dir / MERGED_DIR, state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir / MERGED_DIR)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_adapter_dir(path: str | Path, dtype: Any, trust_remote_code: bool = False) -> Any:
+    """A plain causal LM from an adapter directory: its base (``base_model_name_or_path``) with the adapters
+    merged in."""
+    from .loading import load_causal_lm
+
+    p = Path(path)
+    try:
+        base_path = json.loads((p / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelPathError(f"{p / ADAPTER_CONFIG}: not a readable PEFT adapter config ({exc})") from None
+    if not base_path:
+        raise ModelPathError(f"{p / ADAPTER_CONFIG}: base_model_name_or_path is empty: no base to load")
+    try:
+        base = load_causal_lm(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except ModelPathError as exc:
+        raise ModelPathError(f"{p}: LoRA adapters whose base model cannot be loaded: {exc}") from None
+    peft = _peft()
+    try:
+        return peft.PeftModel.from_pretrained(base, str(p)).merge_and_unload()
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelPathError(f"{p}: cannot load the LoRA adapters onto {base_path}: {exc}") from None
