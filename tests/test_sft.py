@@ -302,6 +302,19 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(sft_setup, monkeypatch,
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_bf16_trains_float32_masters_and_saves_bf16(sft_setup):
+    """model.dtype bfloat16 is mixed precision: the loss falls as in float32 (pure bf16 weights lose small
+    updates), and final/ holds bf16 weights that load with plain transformers."""
+    tmp_path, cfg = sft_setup
+    cfg["model"]["dtype"] = "bfloat16"
+    cfg["logging"]["eval_every"] = 0
+    assert main(["train-sft", "--config", str(write_yaml(tmp_path / "bf16.yaml", cfg))]) == 0
+    train = _losses(read_metrics(tmp_path / "run" / "metrics.jsonl"), "train/loss")
+    assert sum(train[-2:]) < sum(train[:2]) - 0.5
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final", dtype="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
 def test_grad_accum_counts_optimizer_steps(sft_setup):
     tmp_path, cfg = sft_setup
     cfg.update(batch_size=2, grad_accum=2, epochs=2)
