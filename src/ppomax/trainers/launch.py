@@ -251,8 +251,8 @@ def prepare_frozen(accelerator: Accelerator, model: torch.nn.Module, micro_batch
     """An inference-only model (PPO's reference and reward model) on the launch's engine: under ZeRO-3 a DeepSpeed
     inference engine with partitioned parameters (no optimiser, not checkpointed: it never changes), else the
     model itself on this process's device (replicated; FSDP shards only models prepared with an optimiser)."""
-    if zero_stage(accelerator) != 3:
-        return model.to(accelerator.device)
+    if zero_stage(accelerator) != 3 or not isinstance(model, torch.nn.Module):
+        return model.to(accelerator.device)  # (not a module: a LoRA policy's base with adapters off)
     import deepspeed
 
     plugin = accelerator.state.deepspeed_plugins[FROZEN]
