@@ -234,3 +234,19 @@ def test_each_engine_prepares_the_trained_models_as_it_must():
         assert (
             prepare_frozen(acc, frozen, 1) is frozen
         )  # replicated, never given to FSDP without an optimiser
+
+
+@pytest.mark.slow
+def test_lora_ppo_under_zero3(setup):
+    """LoRA under ZeRO-3 with 2 processes: the reference is the policy's base with adapters off (inside the
+    policy's engine), adapters and merged weights are saved from the gathered state."""
+    from transformers import AutoModelForCausalLM
+
+    out = setup.root / "lora-zero3"
+    proc = launch("zero3", 2, *ppo_args(setup, out, 4, "model.lora.r=4", "model.lora.save_merged=true"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "final" / "policy" / "adapter_model.safetensors").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out / "final" / "policy" / "merged")
+    before = weights(setup.policy)
+    after = merged.state_dict()
+    assert max((after[k] - before[k]).abs().max().item() for k in before if k in after) > 0  # it trained
