@@ -20,10 +20,18 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ppomax.errors import ConfigError
 
@@ -42,7 +50,27 @@ class KeyConflicts(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan=False: YAML's .inf/.nan are no setting of any float here (an infinite KL coefficient or
+    # temperature "validates" against gt=0 and then wrecks training); _no_bool_for_numbers: YAML's true/false are
+    # not the numbers 1/0 (pydantic's lax mode would take `iterations: true` as 1)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name is not None:
+            types = _leaf_types(cls.model_fields[info.field_name].annotation)
+            if bool not in types and types & {int, float}:
+                raise ValueError(f"must be a number, not {str(value).lower()}")
+        return value
+
+
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The types a field's annotation admits (``int | None`` -> ``{int, NoneType}``)."""
+    args = get_args(annotation)
+    if not args or get_origin(annotation) is Literal:
+        return {annotation}
+    return set().union(*(_leaf_types(a) for a in args))
 
 
 class ModelConfig(_Section):
@@ -532,6 +560,8 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
             msg = f"must be one of {e['ctx']['expected']} (got {e.get('input')!r})"
         elif not e["loc"]:
             msg = e["msg"]
+        elif e["type"] == "value_error":  # our own validators' messages, without pydantic's "Value error, "
+            msg = f"{e['ctx']['error']} (got {e.get('input')!r})"
         else:
             msg = f"{e['msg']} (got {e.get('input')!r})"
         lines.append(f"  {key}: {msg}")
