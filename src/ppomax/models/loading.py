@@ -8,11 +8,14 @@ the path and says what was expected.
 
 from __future__ import annotations
 
+import itertools
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -106,15 +109,58 @@ def load_causal_lm(
     """``AutoModelForCausalLM.from_pretrained`` from a local path (no downloads)."""
     check_model_dir(path, "model")
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=to_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code
         )
+    except pickle.UnpicklingError:
+        # torch.load(weights_only=True), transformers' default, refused objects other than tensors
+        raise ModelPathError(
+            f"{_weights_file(path)}: refused: this pickle holds objects other than tensors, which could run code "
+            "(weights are only ever read as plain tensors); re-save the model as safetensors from a copy you trust"
+        ) from None
+    except (SafetensorError, EOFError) as exc:  # a truncated, empty or corrupt weight file
+        raise ModelPathError(
+            f"{_weights_file(path)}: unreadable weights, truncated or corrupt ({_first_line(exc)})"
+        ) from None
+    except RuntimeError as exc:  # torch.load on a broken zip, tensors that do not fit config.json, ...
+        raise ModelPathError(f"{_weights_file(path)}: cannot load the weights ({_first_line(exc)})") from None
     except OSError as exc:
         if not Path(path).exists():
             raise _not_found(path, "model") from None
-        raise ModelPathError(f"cannot load a causal LM from {path}: {exc}") from None
+        raise ModelPathError(f"cannot load a causal LM from {path}: {_first_line(exc)}") from None
     except ValueError as exc:  # e.g. an architecture AutoModelForCausalLM does not know
-        raise ModelPathError(f"cannot load a causal LM from {path}: {exc}") from None
+        raise ModelPathError(f"cannot load a causal LM from {path}: {_first_line(exc)}") from None
+    check_finite(model, path)
+    return model
+
+
+def check_finite(model: torch.nn.Module, path: str | Path) -> None:
+    """Raise :class:`ModelPathError` if a parameter or buffer holds NaN/inf (e.g. saved by a run that diverged).
+
+    One pass over the weights at load time, so that such a model stops here with its path, not at its first
+    forward pass (``torch.multinomial`` on NaN probabilities) or, worse, after training on NaN scores."""
+    bad = [
+        name
+        for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        more = f" and {len(bad) - 1} other tensors" if len(bad) > 1 else ""
+        raise ModelPathError(
+            f"{path}: the weights hold NaN or inf values ({bad[0]}{more}): not a usable model "
+            "(saved by a run that diverged?); use an earlier checkpoint"
+        )
+
+
+def _weights_file(path: str | Path) -> Path:
+    """The weight file ``from_pretrained`` reads first (the index of a sharded checkpoint: one of its shards)."""
+    p = Path(path)
+    return next((p / f for f in _WEIGHT_FILES if (p / f).is_file()), p)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def init_causal_lm_from_config(
