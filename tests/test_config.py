@@ -311,3 +311,24 @@ def test_booleans_stay_booleans_and_finite_numbers_stay_numbers():
     )
     assert cfg.model.trust_remote_code is True and cfg.ppo.kl_coef == 1e-3 and cfg.ppo.iterations == 3
     assert cfg.seed == 0 and type(cfg.seed) is int
+
+
+def test_yaml_syntax_errors_are_one_line_with_the_line(tmp_path):
+    """Found by tests/test_fuzz_config.py: PyYAML's messages span lines (a copy of the input with a caret)."""
+    with pytest.raises(ConfigError) as err:
+        load_config("ppo", overrides=["ppo.kl_coef=!!python/object/apply:os.system ['true']"])
+    assert str(err.value) == (
+        "--set \"ppo.kl_coef=!!python/object/apply:os.system ['true']\": value is not valid YAML: could not "
+        "determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system' (line 1, column 1)"
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ppo:\n  kl_coef: 0.1\n  iterations: [1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config("ppo", path=bad)
+    assert str(err.value) == (
+        f"{bad}:4: not valid YAML: while parsing a flow sequence: expected ',' or ']', but got '<stream end>' "
+        "(line 4, column 1)"
+    )
+    bad.write_bytes(b"ppo:\n  kl_coef: 0.1 # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not UTF-8 text \(byte 0xe9\)$"):
+        load_config("ppo", path=bad)

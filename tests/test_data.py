@@ -651,3 +651,12 @@ def test_an_empty_hh_turn_is_an_error_at_its_line(tmp_path: Path, kind: str, rec
         LOADERS[kind](path)
     stats = LoadStats()
     assert len(LOADERS[kind](path, on_error="skip", stats=stats)) == 1 and stats.skipped == 1
+
+
+def test_an_error_quoting_the_data_stays_one_line(tmp_path: Path) -> None:
+    """Found by tests/test_fuzz_data.py: a field name with a line break made a two-line error."""
+    path = tmp_path / "nl.jsonl"
+    path.write_text(json.dumps({"a\nb\u2028c": 1}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        load_prompts(path)
+    assert str(err.value) == f"{path}:1: missing field 'prompt' (record has: a\\nb\\u2028c)"

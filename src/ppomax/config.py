@@ -579,7 +579,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from None
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {_yaml_problem(exc)[1]}") from None
     return parts, value
 
 
@@ -615,6 +615,17 @@ def read_preset(name: str) -> dict[str, Any]:
     return data
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> tuple[int | None, str]:
+    """``(1-based line or None, one-line description)`` of a YAML error (PyYAML's own text spans lines, with a
+    caret drawing under a copy of the input)."""
+    mark = getattr(exc, "problem_mark", None)
+    what = ": ".join(str(x) for x in (getattr(exc, "context", None), getattr(exc, "problem", None)) if x)
+    what = " ".join((what or str(exc)).split())
+    if mark is None:
+        return None, what
+    return mark.line + 1, f"{what} (line {mark.line + 1}, column {mark.column + 1})"
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -622,7 +633,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        line, problem = _yaml_problem(exc)
+        raise ConfigError(f"{p}{f':{line}' if line else ''}: not valid YAML: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.object[exc.start]:#04x})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections")
     return data

@@ -22,6 +22,7 @@ import gzip
 import json
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,13 +48,22 @@ class DataError(UserError):
     def __init__(self, path: str | os.PathLike[str], line: int | None, reason: str, detail: str = "") -> None:
         self.path = str(path)
         self.line = line
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{self.where}: {reason}{f' ({detail})' if detail else ''}")
+        self.reason = _one_line(reason)
+        self.detail = _one_line(detail)
+        super().__init__(f"{self.where}: {self.reason}{f' ({self.detail})' if self.detail else ''}")
 
     @property
     def where(self) -> str:
         return f"{self.path}:{self.line}" if self.line is not None else self.path
+
+
+_LINE_BREAKS = re.compile("[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its line breaks escaped: parts of a message may quote the data (a field name, an
+    exception's text), and a message is one line."""
+    return _LINE_BREAKS.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 @dataclass
