@@ -302,7 +302,7 @@ def test_a_malicious_pickle_is_refused_naming_the_file_and_never_run(tmp_path):
     for load in (load_causal_lm, ValueHeadModel.from_causal_lm):
         with pytest.raises(ModelPathError) as err:
             load(path)
-        assert _one_line(err.value).startswith(f"{path / 'pytorch_model.bin'}: refused: this pickle holds")
+        assert _one_line(err.value).startswith(f"{path / 'pytorch_model.bin'}: refused: a pickle that holds")
     assert not marker.exists()
 
 
@@ -364,3 +364,91 @@ def test_a_nan_policy_stops_before_sampling_with_one_line(tmp_path, capsys, one_
         f"ppomax: {s.policy}: the weights hold NaN or inf values (model.embed_tokens.weight): not a usable model "
         "(saved by a run that diverged?); use an earlier checkpoint"
     )
+
+
+# ---------------------------------------------------------------- hostile pickles in a run's checkpoint (issue 12)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """A finished 4-step SFT run checkpointed at steps 2 and 4 (resuming it with epochs=3 has work left)."""
+    import os
+
+    from ppomax.cli import main
+    from tiny_lm import make_tiny_lm, write_jsonl, write_yaml
+
+    root = tmp_path_factory.mktemp("sft-run")
+    records = [
+        {"prompt": f"Repeat {w}.", "response": f"{w} {w}"} for w in ("apple", "river", "stone", "cloud")
+    ]
+    model = make_tiny_lm(root, [f"\n\nHuman: {r['prompt']}\n\nAssistant: {r['response']}" for r in records])
+    cfg = {
+        "model": {"policy": str(model)},
+        "data": {"train": str(write_jsonl(root / "train.jsonl", records))},
+        "epochs": 2,
+        "batch_size": 2,
+        "logging": {
+            "out_dir": str(root / "run"),
+            "progress": False,
+            "tensorboard": False,
+            "checkpoint_every": 2,
+        },
+    }
+    threads, os.environ["PPOMAX_THREADS"] = os.environ.get("PPOMAX_THREADS"), "1"
+    try:
+        assert main(["train-sft", "--config", str(write_yaml(root / "sft.yaml", cfg))]) == 0
+    finally:
+        os.environ.pop("PPOMAX_THREADS") if threads is None else os.environ.update(PPOMAX_THREADS=threads)
+    assert sorted(p.name for p in (root / "run" / "checkpoints" / "step-4").iterdir()) == [
+        "model.safetensors",
+        "optimizer.bin",
+        "ppomax_state.json",
+        "random_states_0.pkl",
+    ]
+    return root / "run"
+
+
+@pytest.mark.parametrize(
+    "planted", ["custom_checkpoint_0.pkl", "optimizer.bin", "pytorch_model.bin", "random_states_0.pkl"]
+)
+def test_resume_never_runs_a_pickle_planted_in_a_checkpoint(sft_run, tmp_path, capsys, one_thread, planted):
+    """Each file a resume may read, replaced by a pickle whose unpickling would create a marker file: nothing
+    runs, and the user gets one line (or the file is ignored: accelerate skips RNG states it cannot load)."""
+    import pickle
+    import shutil
+
+    from transformers.utils import logging as hf_logging
+
+    from ppomax.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(sft_run, run)
+    ckpt = run / "checkpoints" / "step-4"
+    marker = tmp_path / "PWNED"
+    if planted == "custom_checkpoint_0.pkl":  # accelerate would load it with weights_only=False
+        (ckpt / planted).write_bytes(pickle.dumps(_Hostile(marker)))
+    else:
+        if planted == "pytorch_model.bin":
+            (ckpt / "model.safetensors").unlink()
+        write_hostile_pickle(ckpt / planted, marker)
+    capsys.readouterr()
+    hf_logging.disable_progress_bar()
+    try:
+        rc = main(["train-sft", "--resume", str(run), "--set", "epochs=3"])
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) refused it, but as a traceback
+        rc = None
+    finally:
+        hf_logging.enable_progress_bar()
+    assert not marker.exists()
+    if rc is None:
+        pytest.xfail(
+            "trainers/run.py RunContext.restore lets load_state's UnpicklingError through (no one line)"
+        )
+    err = capsys.readouterr().err
+    if planted == "random_states_0.pkl":
+        assert rc == 0  # accelerate logs "Could not load random states" and goes on
+        return
+    assert rc == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err and all(ln.startswith("ppomax: ") for ln in lines), err
+    assert str(ckpt) in lines[-1] and ("refused" in lines[-1] or "never writes or loads" in lines[-1])

@@ -11,12 +11,14 @@ See DESIGN.md section 4. Typical use::
 
 from .loading import (
     DTYPES,
+    check_finite,
     check_model_dir,
     init_causal_lm_from_config,
     load_causal_lm,
     load_tokenizer,
     model_summary,
     to_dtype,
+    weights_error,
 )
 from .value_head import (
     HEAD_META,
@@ -33,6 +35,7 @@ __all__ = [
     "HEAD_WEIGHTS",
     "ValueHeadModel",
     "ValueHeadOutput",
+    "check_finite",
     "check_model_dir",
     "init_causal_lm_from_config",
     "is_value_head_model",
@@ -41,4 +44,5 @@ __all__ = [
     "model_summary",
     "position_ids_from_mask",
     "to_dtype",
+    "weights_error",
 ]

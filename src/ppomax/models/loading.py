@@ -112,18 +112,8 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=to_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code
         )
-    except pickle.UnpicklingError:
-        # torch.load(weights_only=True), transformers' default, refused objects other than tensors
-        raise ModelPathError(
-            f"{_weights_file(path)}: refused: this pickle holds objects other than tensors, which could run code "
-            "(weights are only ever read as plain tensors); re-save the model as safetensors from a copy you trust"
-        ) from None
-    except (SafetensorError, EOFError) as exc:  # a truncated, empty or corrupt weight file
-        raise ModelPathError(
-            f"{_weights_file(path)}: unreadable weights, truncated or corrupt ({_first_line(exc)})"
-        ) from None
-    except RuntimeError as exc:  # torch.load on a broken zip, tensors that do not fit config.json, ...
-        raise ModelPathError(f"{_weights_file(path)}: cannot load the weights ({_first_line(exc)})") from None
+    except (pickle.UnpicklingError, SafetensorError, EOFError, RuntimeError) as exc:
+        raise weights_error(_weights_file(path), exc) from None
     except OSError as exc:
         if not Path(path).exists():
             raise _not_found(path, "model") from None
@@ -156,6 +146,34 @@ def _weights_file(path: str | Path) -> Path:
     """The weight file ``from_pretrained`` reads first (the index of a sharded checkpoint: one of its shards)."""
     p = Path(path)
     return next((p / f for f in _WEIGHT_FILES if (p / f).is_file()), p)
+
+
+def weights_error(where: str | Path, exc: BaseException) -> ModelPathError:
+    """The one-line error for ``exc`` raised while reading weights from ``where``: a weight file, or a directory
+    (a run's checkpoint, whose reader does not say which of its files failed: its pickles or safetensors are named).
+
+    :class:`pickle.UnpicklingError` is ``torch.load(weights_only=True)`` (transformers' and accelerate's default)
+    refusing objects other than tensors: such a file is never unpickled, and says so."""
+    p = Path(where)
+    hostile = isinstance(exc, pickle.UnpicklingError)
+    if p.is_dir():
+        suffixes = (
+            (".bin", ".pkl", ".pt")
+            if hostile
+            else (".safetensors",)
+            if isinstance(exc, SafetensorError)
+            else ()
+        )
+        files = sorted(f.name for f in p.iterdir() if f.name.endswith(suffixes)) if suffixes else []
+        p = Path(f"{p} ({', '.join(files)})") if files else p
+    if hostile:
+        return ModelPathError(
+            f"{p}: refused: a pickle that holds objects other than tensors, which could run code (weights are only "
+            "ever read as plain tensors); use safetensors files from a copy you trust"
+        )
+    if isinstance(exc, SafetensorError | EOFError):
+        return ModelPathError(f"{p}: unreadable weights, truncated or corrupt ({_first_line(exc)})")
+    return ModelPathError(f"{p}: cannot load the weights ({_first_line(exc)})")
 
 
 def _first_line(exc: BaseException) -> str:
