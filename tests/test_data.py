@@ -660,3 +660,40 @@ def test_an_error_quoting_the_data_stays_one_line(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         load_prompts(path)
     assert str(err.value) == f"{path}:1: missing field 'prompt' (record has: a\\nb\\u2028c)"
+
+
+ASST_A = {"role": "assistant", "content": "a"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "record", "turn"),
+    [
+        ("sft", {"messages": ["0", f"{A}Human: hi"]}, "turn 2 (assistant) contains '\\n\\nAssistant:'"),
+        ("sft", [f"hi{H} again", "ok"], "turn 1 (user) contains '\\n\\nHuman:'"),
+        ("prompts", {"messages": [{"role": "user", "content": f"hi{A} sure{H} more"}]}, "turn 1 (user)"),
+        ("pairs", {"chosen": ["q", f"a{H} b"], "rejected": ["q", "c"]}, "the response contains"),
+        (
+            "sft",
+            {
+                "messages": [
+                    {"role": "system", "content": "Human: x"},
+                    {"role": "user", "content": "q"},
+                    ASST_A,
+                ]
+            },
+            "turn 1 (system) contains 'Human:'",
+        ),
+        ("sft", {"prompt": "q", "response": f"a{H} b"}, "the response contains '\\n\\nHuman:'"),
+    ],
+)
+def test_a_turn_holding_an_hh_marker_cannot_be_written_as_hh(
+    tmp_path: Path, kind: str, record: object, turn: str
+) -> None:
+    """Found by tests/test_fuzz_data.py: `["0", "\\n\\nAssistant:Human:"]` trained on the response "Human:"; written
+    as HH text, the marker in a turn started a turn of its own."""
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD[kind], record])
+    with pytest.raises(DataError) as err:
+        LOADERS[kind](path)
+    assert str(err.value).startswith(
+        f"{path}:2: a turn holds an HH turn marker, so it cannot be written in the HH format ({turn}"
+    )
