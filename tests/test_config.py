@@ -332,3 +332,17 @@ def test_yaml_syntax_errors_are_one_line_with_the_line(tmp_path):
     bad.write_bytes(b"ppo:\n  kl_coef: 0.1 # caf\xe9\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: not UTF-8 text \(byte 0xe9\)$"):
         load_config("ppo", path=bad)
+
+
+def test_odd_keys_are_one_line_errors():
+    """Found by tests/test_fuzz_config.py: a key holding a line break printed on two lines, and `. .` was the
+    blank key ' '."""
+    with pytest.raises(ConfigError) as err:
+        load_config("sft", overrides=["a\nb=1"])
+    assert str(err.value) == "invalid config (--set):\n  'a\\nb': unknown key"
+    with pytest.raises(ConfigError, match=r"^--set '\. \.=1': empty key$"):
+        load_config("ppo", overrides=[". .=1"])
+    for key in ("ppo..kl_coef", ".seed", "ppo. .kl_coef"):
+        with pytest.raises(ConfigError) as err:
+            load_config("ppo", overrides=[f"{key}=1"])
+        assert str(err.value) == f"--set '{key}=1': empty part in the key {key!r}"

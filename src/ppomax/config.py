@@ -547,6 +547,8 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if not key.isprintable() or key != key.strip():  # an unknown key may hold a line break or blanks
+            key = repr(key)
         conflicts = e.get("ctx", {}).get("error")
         if isinstance(conflicts, KeyConflicts):
             prefix = "".join(f"{p}." for p in e["loc"])
@@ -573,9 +575,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. ppo.kl_coef=0.1")
     key, raw = text.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
+    parts = [p.strip() for p in key.split(".")]
+    if not "".join(parts):
         raise ConfigError(f"--set {text!r}: empty key")
+    if not all(parts):  # `a..b`, `.a`, `a. .b`: a typo, not a key
+        raise ConfigError(f"--set {text!r}: empty part in the key {key.strip()!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
