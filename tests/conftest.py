@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +16,13 @@ FUZZ_FULL = os.environ.get("PPOMAX_FUZZ", "").lower() == "full"
 
 try:
     from hypothesis import HealthCheck, settings
+    from hypothesis.configuration import set_hypothesis_home_dir
 except ImportError:  # hypothesis is a dev extra: the fuzz tests skip themselves without it
     pass
 else:
-    # database=None: no example database is written into the repository (a failure prints its reproduction blob)
+    # Nothing is written into the repository: database=None (a failure prints its reproduction blob instead), and
+    # hypothesis' other caches go to the temporary directory, not ./.hypothesis
+    set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "ppomax-hypothesis")
     common = {"database": None, "deadline": None, "print_blob": True}
     settings.register_profile("ppomax-ci", derandomize=True, **common)
     settings.register_profile(

@@ -163,12 +163,12 @@ def test_fuzz_set_overrides(kind, fuzz_cases):
             want, got = (yaml.safe_load(raw) if raw.strip() else ""), _get(cfg, key)
             if isinstance(want, bool) or isinstance(got, bool):
                 assert got is want, (key, raw, got)
-            elif isinstance(got, int | float | str) and not isinstance(got, BaseModel):
-                assert got == want or (isinstance(want, str) and isinstance(got, int | float)), (
-                    key,
-                    raw,
-                    got,
-                )
+            elif isinstance(got, float) and isinstance(want, int | float):
+                assert got == float(want), (key, raw, got)  # an int given for a float: the nearest float
+            elif isinstance(got, int | float) and isinstance(want, str):
+                assert got == float(want), (key, raw, got)  # a number written as a string, e.g. '5'
+            elif isinstance(got, int | str):
+                assert got == want, (key, raw, got)
         assert type(cfg).model_validate(yaml.safe_load(to_yaml(cfg))) == cfg
 
     run()

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -510,7 +509,3 @@ def test_fuzz_whole_files_of_arbitrary_bytes(workdir, fuzz_cases):
         fuzz_cases["arbitrary bytes"] += 1
 
     run()
-
-
-def test_the_counter_counts(fuzz_cases):
-    assert isinstance(fuzz_cases, Counter)
