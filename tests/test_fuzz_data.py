@@ -361,7 +361,8 @@ def load_and_check(kind: str, path: Path, rows: list[tuple[int, Any]], on_error:
     """Load ``path``; check the outcome against ``rows`` (``(line, record)``; record None: a line that must not
     load); returns how many items were loaded and checked (-1: the load failed with a DataError)."""
     stats = LoadStats()
-    by_line = dict(rows)
+    # the source text's meaning: JSON reads the escapes of a surrogate pair ("\\ud800\\udfff") as one character
+    by_line = {line: None if rec is None else json.loads(json.dumps(rec)) for line, rec in rows}
     try:
         items = LOADERS[kind](path, on_error=on_error, stats=stats)
     except DataError as e:
