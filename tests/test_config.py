@@ -340,6 +340,12 @@ def test_odd_keys_are_one_line_errors():
     with pytest.raises(ConfigError) as err:
         load_config("sft", overrides=["a\nb=1"])
     assert str(err.value) == "invalid config (--set):\n  'a\\nb': unknown key"
+    with pytest.raises(ConfigError) as err:
+        load_config("sft", overrides=[":x=1", "batch_size=true"])
+    assert str(err.value).splitlines()[1:] == [
+        "  batch_size: must be a number, not true (got True)",
+        "  ':x': unknown key",
+    ]
     with pytest.raises(ConfigError, match=r"^--set '\. \.=1': empty key$"):
         load_config("ppo", overrides=[". .=1"])
     for key in ("ppo..kl_coef", ".seed", "ppo. .kl_coef"):

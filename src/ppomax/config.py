@@ -18,6 +18,7 @@ defaults (:class:`OptimConfig`).
 from __future__ import annotations
 
 import copy
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -547,7 +548,9 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if not key.isprintable() or key != key.strip():  # an unknown key may hold a line break or blanks
+        if e["loc"] and not re.fullmatch(
+            r"[\w.-]+", key
+        ):  # an unknown key may hold a line break, blanks, a colon
             key = repr(key)
         conflicts = e.get("ctx", {}).get("error")
         if isinstance(conflicts, KeyConflicts):
