@@ -159,7 +159,16 @@ PROMPT_RECORD = st.one_of(
     TURN_LIST,
     JSON_ANY,
 )
-RECORDS = {"sft": SFT_RECORD, "pairs": PAIR_RECORD, "prompts": PROMPT_RECORD, "ptx": SFT_RECORD}
+TEXT_RECORD = st.one_of(
+    st.builds(lambda t: {"text": t}, TEXTISH), st.builds(lambda t: {"text": t}, TEXTISH), JSON_ANY
+)
+RECORDS = {
+    "sft": SFT_RECORD,
+    "pairs": PAIR_RECORD,
+    "prompts": PROMPT_RECORD,
+    "ptx": SFT_RECORD,
+    "text": TEXT_RECORD,
+}
 LOADERS = {
     "sft": load_sft_examples,
     "pairs": load_preference_pairs,
@@ -508,5 +517,29 @@ def test_fuzz_whole_files_of_arbitrary_bytes(workdir, fuzz_cases):
         except DataError as e:
             assert "\n" not in str(e) and str(e).startswith(str(path)), str(e)
         fuzz_cases["arbitrary bytes"] += 1
+
+    run()
+
+
+def test_fuzz_pretraining_text(tokenizer, workdir, fuzz_cases):
+    """`objective: pretrain` records ``{"text": ...}`` (read by trainers/sft.py through the same reader): each is a
+    loaded text cut into blocks, a counted skip or one DataError line."""
+    from ppomax.trainers.sft import pretrain_features
+
+    @budget(ci=20, full=800)
+    @given(jsonl_file("text"), st.sampled_from(["fail", "skip"]))
+    def run(file, on_error):
+        rows, data = file
+        path = workdir / "text.jsonl"
+        _write(path, data)
+        stats = LoadStats()
+        try:
+            feats = pretrain_features(str(path), tokenizer, 16, on_error, stats)
+        except DataError as e:
+            assert "\n" not in str(e) and str(e).startswith(str(path)), str(e)
+        else:
+            assert stats.loaded + stats.skipped == len(rows)
+            assert all(2 <= len(f["input_ids"]) <= 16 and f["labels"] == f["input_ids"] for f in feats)
+        fuzz_cases["pretraining text"] += 1
 
     run()
