@@ -143,7 +143,7 @@ def _check_error(err: ConfigError, keys: list[str]) -> None:
 
 @pytest.mark.parametrize("kind", ["sft", "rm", "ppo"])
 def test_fuzz_set_overrides(kind, fuzz_cases):
-    @budget(ci=150, full=2500)
+    @budget(ci=100, full=2500)
     @given(st.lists(OVERRIDE, min_size=1, max_size=3), st.sampled_from([None, "ppo_max", "vanilla"]))
     def run(overrides, preset):
         fuzz_cases[f"--set {kind}"] += 1
@@ -189,7 +189,7 @@ def test_fuzz_yaml_files(kind, tmp_path_factory, fuzz_cases):
         max_size=3,
     )
 
-    @budget(ci=60, full=1000)
+    @budget(ci=40, full=1000)
     @given(sections.map(lambda d: yaml.safe_dump(d, allow_unicode=True)) | st.text(max_size=40))
     def run(text):
         fuzz_cases[f"yaml file {kind}"] += 1

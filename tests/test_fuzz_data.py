@@ -422,7 +422,7 @@ def _write(path: Path, data: bytes) -> None:
 @pytest.mark.parametrize("kind", list(LOADERS))
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
 def test_fuzz_jsonl(kind, suffix, tokenizer, workdir, fuzz_cases):
-    @budget(ci=40, full=1200)
+    @budget(ci=25, full=1200)
     @given(jsonl_file(kind), st.sampled_from(["fail", "skip"]))
     def run(file, on_error):
         rows, data = file
@@ -438,7 +438,7 @@ def test_fuzz_jsonl(kind, suffix, tokenizer, workdir, fuzz_cases):
 def test_fuzz_json(kind, tokenizer, workdir, fuzz_cases):
     """.json / .json.gz: a list of records or a dict of columns; ``line`` is the record index."""
 
-    @budget(ci=30, full=600)
+    @budget(ci=20, full=600)
     @given(
         st.lists(RECORDS[kind], min_size=1, max_size=5),
         st.sampled_from(["list", "columns"]),
@@ -484,7 +484,7 @@ def test_fuzz_datasets_dir(kind, tokenizer, fuzz_cases):
     else:
         rows = st.fixed_dictionaries({k: clean for k in keys})
 
-    @budget(ci=4, full=120)
+    @budget(ci=3, full=120)
     @given(st.lists(rows, min_size=1, max_size=4), st.sampled_from(["fail", "skip"]))
     def run(records, on_error):
         with tempfile.TemporaryDirectory() as tmp:
@@ -500,7 +500,7 @@ def test_fuzz_datasets_dir(kind, tokenizer, fuzz_cases):
 def test_fuzz_whole_files_of_arbitrary_bytes(workdir, fuzz_cases):
     """Any bytes under any supported name: a DataError line or loaded items, nothing else."""
 
-    @budget(ci=60, full=1500)
+    @budget(ci=40, full=1500)
     @given(
         st.binary(max_size=200)
         | st.lists(st.sampled_from([*JUNK_LINES, b'{"prompt": "hi"}', b"[", b"]"])).map(b"\n".join),
@@ -526,7 +526,7 @@ def test_fuzz_pretraining_text(tokenizer, workdir, fuzz_cases):
     loaded text cut into blocks, a counted skip or one DataError line."""
     from ppomax.trainers.sft import pretrain_features
 
-    @budget(ci=20, full=800)
+    @budget(ci=15, full=800)
     @given(jsonl_file("text"), st.sampled_from(["fail", "skip"]))
     def run(file, on_error):
         rows, data = file
