@@ -250,3 +250,105 @@ def test_every_paper_variant_is_a_preset_plus_overrides(overrides, transform, cl
         "ppo", preset="vanilla", overrides=["ppo.advantage_norm=true", "ppo.advantage_clip=0.5"]
     )
     assert fig6_adv.ppo.reward_transform == "none" and fig6_adv.ppo.advantage_clip == 0.5
+
+
+# --------------------------------------------------------------------------- non-finite and boolean numbers (issue 12)
+
+
+def _numeric_keys(cls, prefix: str = "") -> list[tuple[str, type]]:
+    """Every dotted key whose field takes an int or a float (``int | None`` too), found independently of the
+    config module: from the annotations pydantic resolved."""
+    from typing import Union, get_args, get_origin
+
+    from pydantic import BaseModel
+
+    keys = []
+    for name, info in cls.model_fields.items():
+        ann = info.annotation
+        args = get_args(ann) if get_origin(ann) in (Union, type(int | None)) else (ann,)
+        sub = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if sub:
+            keys += _numeric_keys(sub[0], f"{prefix}{name}.")
+        elif float in args or (int in args and bool not in args):
+            keys.append((f"{prefix}{name}", float if float in args else int))
+    return keys
+
+
+NUMERIC = sorted(
+    {
+        (kind, key, t)
+        for kind, cls in (("sft", SFTConfig), ("rm", RMConfig), ("ppo", PPOConfig))
+        for key, t in _numeric_keys(cls)
+    }
+)
+
+
+def test_the_numeric_keys_are_found():
+    keys = {(kind, key) for kind, key, _ in NUMERIC}
+    assert {("ppo", "ppo.iterations"), ("ppo", "ppo.kl_coef"), ("ppo", "generation.temperature")} <= keys
+    assert {("sft", "epochs"), ("rm", "optim.lr"), ("ppo", "seed")} <= keys
+    assert len(NUMERIC) > 60
+
+
+@pytest.mark.parametrize(("kind", "key", "type_"), NUMERIC)
+def test_non_finite_floats_and_booleans_for_numbers_are_errors_naming_the_key(kind, key, type_):
+    """`ppo.iterations=true` was taken as 1, `ppo.kl_coef=.inf` died at step 1 with a misleading message and
+    `generation.temperature=.inf` trained on uniform samples."""
+    values = ["true", "false"] + ([".inf", "-.inf", ".nan", "1e999"] if type_ is float else [])
+    for value in values:
+        with pytest.raises(ConfigError) as err:
+            load_config(kind, overrides=[f"{key}={value}"])
+        line = next(ln for ln in str(err.value).splitlines() if ln.strip().startswith(f"{key}:"))
+        expected = (
+            "must be a number, not " if value in ("true", "false") else "Input should be a finite number"
+        )
+        assert expected in line, (key, value, str(err.value))
+
+
+def test_booleans_stay_booleans_and_finite_numbers_stay_numbers():
+    cfg = load_config(
+        "ppo", overrides=["model.trust_remote_code=true", "ppo.kl_coef=1e-3", "ppo.iterations=3", "seed=0"]
+    )
+    assert cfg.model.trust_remote_code is True and cfg.ppo.kl_coef == 1e-3 and cfg.ppo.iterations == 3
+    assert cfg.seed == 0 and type(cfg.seed) is int
+
+
+def test_yaml_syntax_errors_are_one_line_with_the_line(tmp_path):
+    """Found by tests/test_fuzz_config.py: PyYAML's messages span lines (a copy of the input with a caret)."""
+    with pytest.raises(ConfigError) as err:
+        load_config("ppo", overrides=["ppo.kl_coef=!!python/object/apply:os.system ['true']"])
+    assert str(err.value) == (
+        "--set \"ppo.kl_coef=!!python/object/apply:os.system ['true']\": value is not valid YAML: could not "
+        "determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system' (line 1, column 1)"
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ppo:\n  kl_coef: 0.1\n  iterations: [1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config("ppo", path=bad)
+    assert str(err.value) == (
+        f"{bad}:4: not valid YAML: while parsing a flow sequence: expected ',' or ']', but got '<stream end>' "
+        "(line 4, column 1)"
+    )
+    bad.write_bytes(b"ppo:\n  kl_coef: 0.1 # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not UTF-8 text \(byte 0xe9\)$"):
+        load_config("ppo", path=bad)
+
+
+def test_odd_keys_are_one_line_errors():
+    """Found by tests/test_fuzz_config.py: a key holding a line break printed on two lines, and `. .` was the
+    blank key ' '."""
+    with pytest.raises(ConfigError) as err:
+        load_config("sft", overrides=["a\nb=1"])
+    assert str(err.value) == "invalid config (--set):\n  'a\\nb': unknown key"
+    with pytest.raises(ConfigError) as err:
+        load_config("sft", overrides=[":x=1", "batch_size=true"])
+    assert str(err.value).splitlines()[1:] == [
+        "  batch_size: must be a number, not true (got True)",
+        "  ':x': unknown key",
+    ]
+    with pytest.raises(ConfigError, match=r"^--set '\. \.=1': empty key$"):
+        load_config("ppo", overrides=[". .=1"])
+    for key in ("ppo..kl_coef", ".seed", "ppo. .kl_coef"):
+        with pytest.raises(ConfigError) as err:
+            load_config("ppo", overrides=[f"{key}=1"])
+        assert str(err.value) == f"--set '{key}=1': empty part in the key {key!r}"

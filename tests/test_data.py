@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -537,3 +538,162 @@ def test_chat_template_format(tmp_path: Path) -> None:
         ConfigError, match=r"^data\.chat_format: must be 'hh' or 'chat_template', got 'chatml'"
     ):
         load_prompts(path, format="chatml")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# text that is not Unicode, bytes that are not UTF-8, empty HH turns (issue 12)
+
+LOADERS = {"sft": load_sft_examples, "pairs": load_preference_pairs, "prompts": load_prompts}
+GOOD = {
+    "sft": {"prompt": "Say hi.", "response": "hi"},
+    "pairs": {"prompt": "Say hi.", "chosen": "hi", "rejected": "no"},
+    "prompts": {"prompt": "Say hi."},
+}
+
+
+@pytest.mark.parametrize("kind", list(LOADERS))
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_a_lone_surrogate_is_an_error_at_its_line_or_a_counted_skip(
+    tmp_path: Path, kind: str, fmt: str
+) -> None:
+    """JSON can write a lone UTF-16 surrogate ("\\ud800"), which is no Unicode text: the tokenizer raised a
+    TypeError traceback on it, outside the loaders' error handling."""
+    bad = {**GOOD[kind], "prompt": "Say \ud800 hi."}
+    rows = [GOOD[kind], GOOD[kind], bad, GOOD[kind]]
+    path = tmp_path / f"d.{fmt}"
+    if fmt == "json":
+        path.write_text(json.dumps(rows, indent=1), encoding="ascii")
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="ascii")
+    with pytest.raises(DataError) as err:
+        LOADERS[kind](path)
+    assert str(err.value) == (
+        f"{path}:3: lone surrogate in a string (not Unicode text) ('\\ud800' in field 'prompt')"
+    )
+    stats = LoadStats()
+    assert len(LOADERS[kind](path, on_error="skip", stats=stats)) == 3
+    assert stats.skip_reasons == {"lone surrogate in a string (not Unicode text)": 1}
+
+
+def test_a_lone_surrogate_deep_in_a_record_is_found(tmp_path: Path) -> None:
+    path = tmp_path / "m.jsonl"
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b\udfff"}]
+    path.write_text(json.dumps({"messages": msgs}) + "\n", encoding="ascii")
+    with pytest.raises(
+        DataError, match=r"m\.jsonl:1: .* \('\\udfff' in field 'content' of item 2 of field 'messages'\)$"
+    ):
+        load_sft_examples(path)
+    # a surrogate *pair* is one valid character
+    (tmp_path / "ok.jsonl").write_text('{"prompt": "smile \\ud83d\\ude00", "response": "ok"}\n')
+    assert load_sft_examples(tmp_path / "ok.jsonl")[0].prompt == f"{H} smile \U0001f600{A}"
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_byte_that_is_not_utf8_is_reported_at_its_line_and_skip_skips_only_it(
+    tmp_path: Path, gz: bool
+) -> None:
+    """The reader decoded in chunks: a bad byte on line 7 was reported at line 1 and failed the whole file even in
+    skip mode."""
+    lines = [json.dumps({"prompt": f"question {i}"}).encode() for i in range(1, 11)]
+    lines[6] = lines[6].replace(b"question", b"qu\xe9stion")  # Latin-1, not UTF-8
+    data = b"\n".join(lines) + b"\n"
+    path = tmp_path / ("p.jsonl.gz" if gz else "p.jsonl")
+    path.write_bytes(gzip.compress(data) if gz else data)
+    with pytest.raises(DataError) as err:
+        load_prompts(path)
+    assert str(err.value) == f"{path}:7: not UTF-8 text (byte 0xe9 at byte 15 of the line)"
+    stats = LoadStats()
+    prompts = load_prompts(path, on_error="skip", stats=stats)
+    assert [p.where for p in prompts] == [f"{path}:{i}" for i in (1, 2, 3, 4, 5, 6, 8, 9, 10)]
+    assert stats.skip_reasons == {"not UTF-8 text": 1}
+
+
+def test_a_byte_that_is_not_utf8_in_a_json_file_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    path.write_bytes(
+        json.dumps([{"prompt": f"q{i}"} for i in range(5)], indent=1)
+        .replace("q3", "q\xff3")
+        .encode("latin-1")
+    )
+    with pytest.raises(DataError, match=r"p\.json:12: not UTF-8 text \(byte 0xff at byte 15 of the line\)"):
+        load_prompts(path, on_error="skip")  # one JSON value: nothing after the bad byte can be trusted
+
+
+def test_a_utf8_bom_is_not_an_error(tmp_path: Path) -> None:
+    (tmp_path / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "hi"}).encode() + b"\n")
+    (tmp_path / "b.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([{"prompt": "hi"}]).encode())
+    for name in ("b.jsonl", "b.json"):
+        assert [p.prompt for p in load_prompts(tmp_path / name)] == [f"{H} hi{A}"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "record", "what"),
+    [
+        ("prompts", {"prompt": f"{H} {A}"}, "turn 1 (Human)"),
+        ("prompts", {"prompt": f"{H} hi{A} yes{H}   {A}"}, "turn 3 (Human)"),
+        ("prompts", {"chosen": f"{H}{A} a"}, "turn 1 (Human)"),
+        ("pairs", {"chosen": f"{H} {A} a", "rejected": f"{H} {A} b"}, "turn 1 (Human)"),
+        (
+            "pairs",
+            {"prompt": f"{H} hi{A} {H} again{A}", "chosen": "a", "rejected": "b"},
+            "turn 2 (Assistant)",
+        ),
+        ("sft", {"text": f"{H} \n{A} a"}, "turn 1 (Human)"),
+        ("sft", {"prompt": f"Human: {A}", "response": "a"}, "turn 1 (Human)"),
+    ],
+)
+def test_an_empty_hh_turn_is_an_error_at_its_line(tmp_path: Path, kind: str, record: dict, what: str) -> None:
+    """`"\\n\\nHuman: \\n\\nAssistant:"` trained silently; turn lists already refuse empty turns."""
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD[kind], record])
+    with pytest.raises(
+        DataError, match=rf"d\.jsonl:2: empty turn in '\w+' \({re.escape(what)} has no text\)$"
+    ):
+        LOADERS[kind](path)
+    stats = LoadStats()
+    assert len(LOADERS[kind](path, on_error="skip", stats=stats)) == 1 and stats.skipped == 1
+
+
+def test_an_error_quoting_the_data_stays_one_line(tmp_path: Path) -> None:
+    """Found by tests/test_fuzz_data.py: a field name with a line break made a two-line error."""
+    path = tmp_path / "nl.jsonl"
+    path.write_text(json.dumps({"a\nb\u2028c": 1}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        load_prompts(path)
+    assert str(err.value) == f"{path}:1: missing field 'prompt' (record has: a\\nb\\u2028c)"
+
+
+ASST_A = {"role": "assistant", "content": "a"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "record", "turn"),
+    [
+        ("sft", {"messages": ["0", f"{A}Human: hi"]}, "turn 2 (assistant) contains '\\n\\nAssistant:'"),
+        ("sft", [f"hi{H} again", "ok"], "turn 1 (user) contains '\\n\\nHuman:'"),
+        ("prompts", {"messages": [{"role": "user", "content": f"hi{A} sure{H} more"}]}, "turn 1 (user)"),
+        ("pairs", {"chosen": ["q", f"a{H} b"], "rejected": ["q", "c"]}, "the response contains"),
+        (
+            "sft",
+            {
+                "messages": [
+                    {"role": "system", "content": "Human: x"},
+                    {"role": "user", "content": "q"},
+                    ASST_A,
+                ]
+            },
+            "turn 1 (system) contains 'Human:'",
+        ),
+        ("sft", {"prompt": "q", "response": f"a{H} b"}, "the response contains '\\n\\nHuman:'"),
+    ],
+)
+def test_a_turn_holding_an_hh_marker_cannot_be_written_as_hh(
+    tmp_path: Path, kind: str, record: object, turn: str
+) -> None:
+    """Found by tests/test_fuzz_data.py: `["0", "\\n\\nAssistant:Human:"]` trained on the response "Human:"; written
+    as HH text, the marker in a turn started a turn of its own."""
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD[kind], record])
+    with pytest.raises(DataError) as err:
+        LOADERS[kind](path)
+    assert str(err.value).startswith(
+        f"{path}:2: a turn holds an HH turn marker, so it cannot be written in the HH format ({turn}"
+    )

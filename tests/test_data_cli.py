@@ -3,6 +3,7 @@ no traceback (issue 9)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -134,3 +135,26 @@ def test_prompt_budget_below_the_special_prefix_names_the_key(
     )
     assert rc == 2
     _one_line_error(capsys.readouterr().err, "data.max_prompt_tokens", "at least 2")
+
+
+@pytest.mark.parametrize("on_bad_line", ["fail", "skip"])
+def test_a_lone_surrogate_in_the_data_is_one_line_or_a_counted_skip(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], on_bad_line: str
+) -> None:
+    """A JSON lone surrogate reached the tokenizer, outside the loader's error handling: a TypeError traceback
+    (issue 12)."""
+    model = make_tiny_lm(tmp_path)
+    train = tmp_path / "train.jsonl"
+    rows = [*RECORDS[:2], {"prompt": "Repeat \ud800.", "response": "x"}, *RECORDS[2:]]
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="ascii")
+    capsys.readouterr()  # the setup's own output (transformers' save bars)
+    sets = [f"model.policy={model}", f"data.train={train}", f"logging.out_dir={tmp_path / 'run'}"]
+    sets += ["logging.progress=false", "logging.tensorboard=false", f"data.on_bad_line={on_bad_line}"]
+    rc = main(["train-sft", *[a for o in sets for a in ("--set", o)]])
+    err = capsys.readouterr().err
+    if on_bad_line == "fail":
+        assert rc == 2
+        _one_line_error(err, f"{train}:3: lone surrogate in a string (not Unicode text)")
+    else:
+        assert rc == 0, err
+        assert "loaded 4, skipped 1; skip reasons: lone surrogate in a string (not Unicode text) x1" in err

@@ -251,3 +251,204 @@ def test_load_tokenizer_pads_left_and_falls_back_to_eos(tmp_path):
     (tmp_path / "notok").mkdir()
     with pytest.raises(ModelPathError, match="no tokenizer files"):
         load_tokenizer(tmp_path / "notok")
+
+
+# ---------------------------------------------------------------- broken, hostile and NaN weight files (issue 12)
+
+
+class _Hostile:
+    """Unpickling this would run ``touch MARKER``: a weight file must never be unpickled as objects."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_hostile_pickle(path, marker) -> None:
+    """A ``torch.save``-style file (a zip holding a pickle) whose unpickling would create ``marker``."""
+    torch.save({"model.embed_tokens.weight": _Hostile(marker)}, path)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err)
+    assert "\n" not in text and "Traceback" not in text, text
+    return text
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+@pytest.mark.parametrize("loader", ["causal_lm", "value_head"])
+def test_a_broken_safetensors_file_is_one_line_naming_the_file(tmp_path, damage, loader):
+    path = save_tiny_lm(tmp_path)
+    if loader == "value_head":
+        ValueHeadModel.from_causal_lm(path).save_pretrained(tmp_path / "rm")
+        path = tmp_path / "rm"
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"\xff" * 64}[damage])
+    with pytest.raises(ModelPathError) as err:
+        (load_causal_lm if loader == "causal_lm" else ValueHeadModel.from_pretrained)(path)
+    assert _one_line(err.value).startswith(f"{weights}: unreadable weights, truncated or corrupt")
+
+
+def test_a_malicious_pickle_is_refused_naming_the_file_and_never_run(tmp_path):
+    path = save_tiny_lm(tmp_path)
+    (path / "model.safetensors").unlink()
+    marker = tmp_path / "PWNED"
+    write_hostile_pickle(path / "pytorch_model.bin", marker)
+    for load in (load_causal_lm, ValueHeadModel.from_causal_lm):
+        with pytest.raises(ModelPathError) as err:
+            load(path)
+        assert _one_line(err.value).startswith(f"{path / 'pytorch_model.bin'}: refused: a pickle that holds")
+    assert not marker.exists()
+
+
+def _nan_model(tmp_path, name: str = "lm"):
+    path = save_tiny_lm(tmp_path, name=name)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    model.save_pretrained(path)
+    return path
+
+
+def test_nan_weights_stop_at_load_naming_the_model(tmp_path):
+    path = _nan_model(tmp_path)
+    with pytest.raises(ModelPathError) as err:
+        load_causal_lm(path)
+    assert _one_line(err.value).startswith(f"{path}: the weights hold NaN or inf values (model.embed_tokens")
+    vh = ValueHeadModel.from_causal_lm(save_tiny_lm(tmp_path, name="ok"))
+    with torch.no_grad():
+        vh.value_head.bias.fill_(float("inf"))
+    vh.save_pretrained(tmp_path / "rm")
+    with pytest.raises(
+        ModelPathError, match=r"value_head\.safetensors: the weights hold NaN or inf values \(bias\)"
+    ):
+        ValueHeadModel.from_pretrained(tmp_path / "rm")
+
+
+@pytest.mark.parametrize("command", ["train-ppo", "eval"])
+def test_a_nan_policy_stops_before_sampling_with_one_line(tmp_path, capsys, one_thread, command):
+    """Through the commands users run (today: a RuntimeError traceback from torch.multinomial)."""
+    from transformers.utils import logging as hf_logging
+
+    from ppo_helpers import FAST, make_setup
+    from ppomax.cli import main
+
+    s = make_setup(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(s.policy)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[5] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    (tmp_path / "nan" / "model.safetensors").replace(s.policy / "model.safetensors")
+    if command == "train-ppo":
+        sets = [f"model.policy={s.policy}", f"model.reward={s.reward}", f"data.prompts={s.prompts}"]
+        sets += [f"logging.out_dir={tmp_path / 'run'}", *FAST]
+        argv = ["train-ppo", *[a for o in sets for a in ("--set", o)]]
+    else:
+        argv = ["eval", "--policy", str(s.policy), "--baseline", str(s.policy), "--prompts", str(s.prompts)]
+        argv += ["--judge", f"reward-model:{s.reward}", "--no-progress", "--max-new-tokens", "4"]
+    capsys.readouterr()
+    hf_logging.disable_progress_bar()  # in a fresh interpreter the CLI hides transformers' weight bars
+    try:
+        assert main(argv) == 2
+    finally:
+        hf_logging.enable_progress_bar()
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err and all(ln.startswith("ppomax: ") for ln in lines), err
+    assert lines[-1] == (
+        f"ppomax: {s.policy}: the weights hold NaN or inf values (model.embed_tokens.weight): not a usable model "
+        "(saved by a run that diverged?); use an earlier checkpoint"
+    )
+
+
+# ---------------------------------------------------------------- hostile pickles in a run's checkpoint (issue 12)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """A finished 4-step SFT run checkpointed at steps 2 and 4 (resuming it with epochs=3 has work left)."""
+    import os
+
+    from ppomax.cli import main
+    from tiny_lm import make_tiny_lm, write_jsonl, write_yaml
+
+    root = tmp_path_factory.mktemp("sft-run")
+    records = [
+        {"prompt": f"Repeat {w}.", "response": f"{w} {w}"} for w in ("apple", "river", "stone", "cloud")
+    ]
+    model = make_tiny_lm(root, [f"\n\nHuman: {r['prompt']}\n\nAssistant: {r['response']}" for r in records])
+    cfg = {
+        "model": {"policy": str(model)},
+        "data": {"train": str(write_jsonl(root / "train.jsonl", records))},
+        "epochs": 2,
+        "batch_size": 2,
+        "logging": {
+            "out_dir": str(root / "run"),
+            "progress": False,
+            "tensorboard": False,
+            "checkpoint_every": 2,
+        },
+    }
+    threads, os.environ["PPOMAX_THREADS"] = os.environ.get("PPOMAX_THREADS"), "1"
+    try:
+        assert main(["train-sft", "--config", str(write_yaml(root / "sft.yaml", cfg))]) == 0
+    finally:
+        os.environ.pop("PPOMAX_THREADS") if threads is None else os.environ.update(PPOMAX_THREADS=threads)
+    assert sorted(p.name for p in (root / "run" / "checkpoints" / "step-4").iterdir()) == [
+        "model.safetensors",
+        "optimizer.bin",
+        "ppomax_state.json",
+        "random_states_0.pkl",
+    ]
+    return root / "run"
+
+
+@pytest.mark.parametrize(
+    "planted", ["custom_checkpoint_0.pkl", "optimizer.bin", "pytorch_model.bin", "random_states_0.pkl"]
+)
+def test_resume_never_runs_a_pickle_planted_in_a_checkpoint(sft_run, tmp_path, capsys, one_thread, planted):
+    """Each file a resume may read, replaced by a pickle whose unpickling would create a marker file: nothing
+    runs, and the user gets one line (or the file is ignored: accelerate skips RNG states it cannot load)."""
+    import pickle
+    import shutil
+
+    from transformers.utils import logging as hf_logging
+
+    from ppomax.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(sft_run, run)
+    ckpt = run / "checkpoints" / "step-4"
+    marker = tmp_path / "PWNED"
+    if planted == "custom_checkpoint_0.pkl":  # accelerate would load it with weights_only=False
+        (ckpt / planted).write_bytes(pickle.dumps(_Hostile(marker)))
+    else:
+        if planted == "pytorch_model.bin":
+            (ckpt / "model.safetensors").unlink()
+        write_hostile_pickle(ckpt / planted, marker)
+    capsys.readouterr()
+    hf_logging.disable_progress_bar()
+    try:
+        rc = main(["train-sft", "--resume", str(run), "--set", "epochs=3"])
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) refused it, but as a traceback
+        rc = None
+    finally:
+        hf_logging.enable_progress_bar()
+    assert not marker.exists()
+    if rc is None:
+        pytest.xfail(
+            "trainers/run.py RunContext.restore lets load_state's UnpicklingError through (no one line)"
+        )
+    err = capsys.readouterr().err
+    if planted == "random_states_0.pkl":
+        assert rc == 0  # accelerate logs "Could not load random states" and goes on
+        return
+    assert rc == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err and all(ln.startswith("ppomax: ") for ln in lines), err
+    assert str(ckpt) in lines[-1] and ("refused" in lines[-1] or "never writes or loads" in lines[-1])

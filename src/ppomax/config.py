@@ -18,12 +18,21 @@ defaults (:class:`OptimConfig`).
 from __future__ import annotations
 
 import copy
+import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ppomax.errors import ConfigError
 
@@ -42,7 +51,27 @@ class KeyConflicts(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan=False: YAML's .inf/.nan are no setting of any float here (an infinite KL coefficient or
+    # temperature "validates" against gt=0 and then wrecks training); _no_bool_for_numbers: YAML's true/false are
+    # not the numbers 1/0 (pydantic's lax mode would take `iterations: true` as 1)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name is not None:
+            types = _leaf_types(cls.model_fields[info.field_name].annotation)
+            if bool not in types and types & {int, float}:
+                raise ValueError(f"must be a number, not {str(value).lower()}")
+        return value
+
+
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The types a field's annotation admits (``int | None`` -> ``{int, NoneType}``)."""
+    args = get_args(annotation)
+    if not args or get_origin(annotation) is Literal:
+        return {annotation}
+    return set().union(*(_leaf_types(a) for a in args))
 
 
 class LoraSettings(_Section):
@@ -587,6 +616,10 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["loc"] and not re.fullmatch(
+            r"[\w.-]+", key
+        ):  # an unknown key may hold a line break, blanks, a colon
+            key = repr(key)
         conflicts = e.get("ctx", {}).get("error")
         if isinstance(conflicts, KeyConflicts):
             prefix = "".join(f"{p}." for p in e["loc"])
@@ -600,6 +633,8 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
             msg = f"must be one of {e['ctx']['expected']} (got {e.get('input')!r})"
         elif not e["loc"]:
             msg = e["msg"]
+        elif e["type"] == "value_error":  # our own validators' messages, without pydantic's "Value error, "
+            msg = f"{e['ctx']['error']} (got {e.get('input')!r})"
         else:
             msg = f"{e['msg']} (got {e.get('input')!r})"
         lines.append(f"  {key}: {msg}")
@@ -611,13 +646,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. ppo.kl_coef=0.1")
     key, raw = text.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
+    parts = [p.strip() for p in key.split(".")]
+    if not "".join(parts):
         raise ConfigError(f"--set {text!r}: empty key")
+    if not all(parts):  # `a..b`, `.a`, `a. .b`: a typo, not a key
+        raise ConfigError(f"--set {text!r}: empty part in the key {key.strip()!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from None
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {_yaml_problem(exc)[1]}") from None
     return parts, value
 
 
@@ -653,6 +690,17 @@ def read_preset(name: str) -> dict[str, Any]:
     return data
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> tuple[int | None, str]:
+    """``(1-based line or None, one-line description)`` of a YAML error (PyYAML's own text spans lines, with a
+    caret drawing under a copy of the input)."""
+    mark = getattr(exc, "problem_mark", None)
+    what = ": ".join(str(x) for x in (getattr(exc, "context", None), getattr(exc, "problem", None)) if x)
+    what = " ".join((what or str(exc)).split())
+    if mark is None:
+        return None, what
+    return mark.line + 1, f"{what} (line {mark.line + 1}, column {mark.column + 1})"
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -660,7 +708,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        line, problem = _yaml_problem(exc)
+        raise ConfigError(f"{p}{f':{line}' if line else ''}: not valid YAML: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.object[exc.start]:#04x})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections")
     return data

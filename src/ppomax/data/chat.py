@@ -234,6 +234,7 @@ class Renderer:
         """The text of an assistant response after ``context`` (see the module docstring for spacing)."""
         if self.fmt == "chat_template":
             return self._assistant_text(context, content)[1]
+        _check_hh_writable([("assistant", content)], "the response")
         return hh_response(content)
 
     def segments(
@@ -261,6 +262,7 @@ class Renderer:
 
 
 def _hh_context(turns: list[Turn]) -> str:
+    _check_hh_writable(turns)
     out = []
     for role, content in turns:
         if role == "system":
@@ -270,3 +272,23 @@ def _hh_context(turns: list[Turn]) -> str:
         else:
             out.append(f"{ASSISTANT}{hh_response(content)}")
     return "".join(out)
+
+
+def _check_hh_writable(turns: list[Turn], what: str = "") -> None:
+    """A turn whose text holds an HH turn marker cannot be written in the HH format: read back, the marker would
+    start a turn of its own (an assistant answer ``"...\\n\\nHuman: ..."`` would train on a fake human turn)."""
+    for k, (role, content) in enumerate(turns, start=1):
+        marker = next((m for m in (HUMAN, ASSISTANT) if m in content), None)
+        if (
+            marker is None
+            and k == 1
+            and role == "system"
+            and content.strip().startswith(("Human:", "Assistant:"))
+        ):
+            marker = content.strip().split(":", 1)[0] + ":"  # text before the first turn that reads as a turn
+        if marker is not None:
+            raise FormatError(
+                "a turn holds an HH turn marker, so it cannot be written in the HH format",
+                f"{what or f'turn {k} ({role})'} contains {marker!r}; use data.chat_format: chat_template, or "
+                "remove the marker",
+            )

@@ -155,7 +155,18 @@ def _hh_prompt(text: str) -> str:
             f"{why}, so it is read as an HH dialogue, which must end with the assistant cue {_ASSISTANT_REPR}, "
             "every marker after a blank line; a prompt with no HH marker is taken literally as one human turn",
         )
+    _check_hh_turns(text, "prompt")
     return text
+
+
+def _check_hh_turns(context: str, what: str) -> None:
+    """Every turn of an HH context (ending with the assistant cue) has text, as in turn lists: an empty turn, e.g.
+    the prompt ``"\\n\\nHuman: \\n\\nAssistant:"``, asks nothing and would be trained on silently."""
+    turns = [t for t in parse_hh(context) if t[0] != "system"][:-1]  # the last is the cue itself
+    for k, (role, content) in enumerate(turns, start=1):
+        if not content:
+            name = "Human" if role == "user" else "Assistant"
+            raise FormatError(f"empty turn in '{what}'", f"turn {k} ({name}) has no text")
 
 
 def _prompt_turns(text: str) -> list[Turn]:
@@ -182,6 +193,7 @@ def _split_hh(dialogue: str, what: str) -> tuple[str, str]:
     prompt, response = dialogue[: i + len(ASSISTANT)], dialogue[i + len(ASSISTANT) :]
     if HUMAN in response:
         raise FormatError(f"'{what}' ends with a human turn, not an assistant response")
+    _check_hh_turns(prompt, what)
     return prompt, response
 
 

@@ -22,6 +22,7 @@ import gzip
 import json
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,13 +48,22 @@ class DataError(UserError):
     def __init__(self, path: str | os.PathLike[str], line: int | None, reason: str, detail: str = "") -> None:
         self.path = str(path)
         self.line = line
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{self.where}: {reason}{f' ({detail})' if detail else ''}")
+        self.reason = _one_line(reason)
+        self.detail = _one_line(detail)
+        super().__init__(f"{self.where}: {self.reason}{f' ({self.detail})' if self.detail else ''}")
 
     @property
     def where(self) -> str:
         return f"{self.path}:{self.line}" if self.line is not None else self.path
+
+
+_LINE_BREAKS = re.compile("[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its line breaks escaped: parts of a message may quote the data (a field name, an
+    exception's text), and a message is one line."""
+    return _LINE_BREAKS.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 @dataclass
@@ -138,11 +148,9 @@ def read_records(
         )
 
 
-def _open_text(p: Path, spath: str):
+def _open_binary(p: Path, spath: str):
     try:
-        if p.name.lower().endswith(".gz"):
-            return gzip.open(p, "rt", encoding="utf-8")
-        return open(p, encoding="utf-8")
+        return gzip.open(p, "rb") if p.name.lower().endswith(".gz") else open(p, "rb")
     except OSError as e:
         raise DataError(spath, None, "cannot open file", str(e)) from e
 
@@ -150,14 +158,21 @@ def _open_text(p: Path, spath: str):
 def _read_jsonl(
     p: Path, spath: str, on_error: OnError, stats: LoadStats | None
 ) -> Iterator[tuple[str, int, Any]]:
-    with _open_text(p, spath) as fh:
+    # Bytes are decoded line by line, not by a text stream in chunks: a byte that is not UTF-8 is then a problem
+    # of its own line (reported there, skippable), not of the whole file from the chunk it fell in.
+    with _open_binary(p, spath) as fh:
         lineno = 0
         try:
             for lineno, raw in enumerate(fh, start=1):  # lineno is reported on read errors
                 if not raw.strip():
                     continue
                 try:
-                    rec = json.loads(raw.rstrip("\r\n"))
+                    text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    handle_error(_not_utf8(spath, raw, e, lineno), on_error, stats)
+                    continue
+                try:
+                    rec = json.loads(text)
                 except json.JSONDecodeError as e:
                     handle_error(
                         DataError(spath, lineno, "malformed JSON", f"{e.msg} at column {e.colno}"),
@@ -165,20 +180,73 @@ def _read_jsonl(
                         stats,
                     )
                     continue
+                bad = _surrogate_error(spath, lineno, rec) if "\\u" in text else None
+                if bad is not None:  # only a \u escape can write a lone surrogate
+                    handle_error(bad, on_error, stats)
+                    continue
                 yield spath, lineno, rec
-        except (OSError, EOFError, UnicodeDecodeError) as e:
-            # a truncated or corrupt .gz, or bytes that are not UTF-8: the rest of the file is unreadable
+        except (OSError, EOFError) as e:
+            # a truncated or corrupt .gz: the rest of the file is unreadable
             raise DataError(spath, lineno + 1, "unreadable data", f"{type(e).__name__}: {e}") from e
+
+
+def _not_utf8(spath: str, data: bytes, e: UnicodeDecodeError, first_line: int = 1) -> DataError:
+    """The error for a byte that is not UTF-8 at ``e.start`` of ``data`` (text starting at line ``first_line``)."""
+    line = first_line + data.count(b"\n", 0, e.start)
+    column = e.start - data.rfind(b"\n", 0, e.start)
+    return DataError(spath, line, "not UTF-8 text", f"byte {data[e.start]:#04x} at byte {column} of the line")
+
+
+def _surrogate_error(spath: str, line: int, rec: Any) -> DataError | None:
+    """A record holding a lone UTF-16 surrogate (JSON ``"\\ud800"``) is not Unicode text: tokenizers (and any UTF-8
+    writer) reject it, so it is refused here, where its ``path:line`` is known."""
+    found = _find_surrogate(rec, "the record")
+    if found is None:
+        return None
+    where, char = found
+    return DataError(spath, line, "lone surrogate in a string (not Unicode text)", f"{char!r} in {where}")
+
+
+def _find_surrogate(value: Any, where: str) -> tuple[str, str] | None:
+    """``(where, char)`` of the first lone surrogate in a JSON value, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return where, value[e.start]
+        return None
+    found = None
+    inside = "" if where == "the record" else f" of {where}"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _find_surrogate(k, f"a field name{inside}") or _find_surrogate(v, f"field {k!r}{inside}")
+            if found:
+                break
+    elif isinstance(value, list):
+        for i, v in enumerate(value, start=1):
+            found = _find_surrogate(v, f"item {i}{inside}")
+            if found:
+                break
+    return found
 
 
 def _read_json(
     p: Path, spath: str, on_error: OnError, stats: LoadStats | None
 ) -> Iterator[tuple[str, int, Any]]:
-    with _open_text(p, spath) as fh:
+    with _open_binary(p, spath) as fh:
         try:
-            text = fh.read()
-        except (OSError, EOFError, UnicodeDecodeError) as e:
+            raw = fh.read()
+        except (OSError, EOFError) as e:
             raise DataError(spath, None, "unreadable data", f"{type(e).__name__}: {e}") from e
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        first = raw.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace")
+        if _looks_like_jsonl(first):  # JSON Lines under a .json name: only the line with the bad byte is bad
+            logger.info("%s: several top-level JSON values; reading it as JSON Lines", spath)
+            yield from _read_jsonl(p, spath, on_error, stats)
+            return
+        raise _not_utf8(spath, raw, e) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -187,16 +255,15 @@ def _read_json(
             yield from _read_jsonl(p, spath, on_error, stats)
             return
         raise DataError(spath, e.lineno, "malformed JSON", f"{e.msg} at column {e.colno}") from e
+    check = "\\u" in text  # only a \u escape can write a lone surrogate
     if isinstance(data, list):
-        for i, rec in enumerate(data, start=1):
-            yield spath, i, rec
+        records: Iterator[Any] = iter(data)
     elif isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
         lengths = {k: len(v) for k, v in data.items()}
         if len(set(lengths.values())) != 1:
             raise DataError(spath, None, "column lists of different lengths", str(lengths))
         keys = list(data)
-        for i in range(next(iter(lengths.values()))):
-            yield spath, i + 1, {k: data[k][i] for k in keys}
+        records = ({k: data[k][i] for k in keys} for i in range(next(iter(lengths.values()))))
     else:
         raise DataError(
             spath,
@@ -204,6 +271,12 @@ def _read_json(
             "unexpected JSON top level",
             f"expected a list of records or a dict of equal-length column lists, got {type(data).__name__}",
         )
+    for i, rec in enumerate(records, start=1):
+        bad = _surrogate_error(spath, i, rec) if check else None
+        if bad is not None:
+            handle_error(bad, on_error, stats)
+            continue
+        yield spath, i, rec
 
 
 def _looks_like_jsonl(text: str) -> bool:

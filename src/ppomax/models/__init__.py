@@ -12,12 +12,14 @@ See DESIGN.md section 4. Typical use::
 
 from .loading import (
     DTYPES,
+    check_finite,
     check_model_dir,
     init_causal_lm_from_config,
     load_causal_lm,
     load_tokenizer,
     model_summary,
     to_dtype,
+    weights_error,
 )
 from .lora import MERGED_DIR, AdaptersOff, has_adapters, is_adapter_dir, save_trained, with_adapters
 from .value_head import (
@@ -37,6 +39,7 @@ __all__ = [
     "AdaptersOff",
     "ValueHeadModel",
     "ValueHeadOutput",
+    "check_finite",
     "check_model_dir",
     "has_adapters",
     "init_causal_lm_from_config",
@@ -48,5 +51,6 @@ __all__ = [
     "position_ids_from_mask",
     "save_trained",
     "to_dtype",
+    "weights_error",
     "with_adapters",
 ]

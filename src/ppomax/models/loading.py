@@ -8,11 +8,14 @@ the path and says what was expected.
 
 from __future__ import annotations
 
+import itertools
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -111,15 +114,76 @@ def load_causal_lm(
         return load_adapter_dir(path, dtype, trust_remote_code)
     check_model_dir(path, "model")
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=to_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code
         )
+    except (pickle.UnpicklingError, SafetensorError, EOFError, RuntimeError) as exc:
+        raise weights_error(_weights_file(path), exc) from None
     except OSError as exc:
         if not Path(path).exists():
             raise _not_found(path, "model") from None
-        raise ModelPathError(f"cannot load a causal LM from {path}: {exc}") from None
+        raise ModelPathError(f"cannot load a causal LM from {path}: {_first_line(exc)}") from None
     except ValueError as exc:  # e.g. an architecture AutoModelForCausalLM does not know
-        raise ModelPathError(f"cannot load a causal LM from {path}: {exc}") from None
+        raise ModelPathError(f"cannot load a causal LM from {path}: {_first_line(exc)}") from None
+    check_finite(model, path)
+    return model
+
+
+def check_finite(model: torch.nn.Module, path: str | Path) -> None:
+    """Raise :class:`ModelPathError` if a parameter or buffer holds NaN/inf (e.g. saved by a run that diverged).
+
+    One pass over the weights at load time, so that such a model stops here with its path, not at its first
+    forward pass (``torch.multinomial`` on NaN probabilities) or, worse, after training on NaN scores."""
+    bad = [
+        name
+        for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        more = f" and {len(bad) - 1} other tensors" if len(bad) > 1 else ""
+        raise ModelPathError(
+            f"{path}: the weights hold NaN or inf values ({bad[0]}{more}): not a usable model "
+            "(saved by a run that diverged?); use an earlier checkpoint"
+        )
+
+
+def _weights_file(path: str | Path) -> Path:
+    """The weight file ``from_pretrained`` reads first (the index of a sharded checkpoint: one of its shards)."""
+    p = Path(path)
+    return next((p / f for f in _WEIGHT_FILES if (p / f).is_file()), p)
+
+
+def weights_error(where: str | Path, exc: BaseException) -> ModelPathError:
+    """The one-line error for ``exc`` raised while reading weights from ``where``: a weight file, or a directory
+    (a run's checkpoint, whose reader does not say which of its files failed: its pickles or safetensors are named).
+
+    :class:`pickle.UnpicklingError` is ``torch.load(weights_only=True)`` (transformers' and accelerate's default)
+    refusing objects other than tensors: such a file is never unpickled, and says so."""
+    p = Path(where)
+    hostile = isinstance(exc, pickle.UnpicklingError)
+    if p.is_dir():
+        suffixes = (
+            (".bin", ".pkl", ".pt")
+            if hostile
+            else (".safetensors",)
+            if isinstance(exc, SafetensorError)
+            else ()
+        )
+        files = sorted(f.name for f in p.iterdir() if f.name.endswith(suffixes)) if suffixes else []
+        p = Path(f"{p} ({', '.join(files)})") if files else p
+    if hostile:
+        return ModelPathError(
+            f"{p}: refused: a pickle that holds objects other than tensors, which could run code (weights are only "
+            "ever read as plain tensors); use safetensors files from a copy you trust"
+        )
+    if isinstance(exc, SafetensorError | EOFError):
+        return ModelPathError(f"{p}: unreadable weights, truncated or corrupt ({_first_line(exc)})")
+    return ModelPathError(f"{p}: cannot load the weights ({_first_line(exc)})")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def init_causal_lm_from_config(

@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 from ppomax.algos import last_token_index
 from ppomax.errors import ModelPathError
 
-from .loading import load_causal_lm, to_dtype
+from .loading import check_finite, load_causal_lm, to_dtype
 
 HEAD_WEIGHTS = "value_head.safetensors"
 HEAD_META = "ppomax_value_head.json"
@@ -220,6 +220,7 @@ class ValueHeadModel(torch.nn.Module):
             head.load_state_dict(sd)
         except Exception as exc:  # a corrupt or mismatched head file: say which file, not a deep traceback
             raise ModelPathError(f"{p / HEAD_WEIGHTS}: cannot load the value head ({exc})") from None
+        check_finite(head, p / HEAD_WEIGHTS)
         return cls(backbone, head)
 
     @classmethod
