@@ -440,7 +440,10 @@ class PPOSettings(_Section):
         1, gt=0, description="One pass over a small buffer keeps updates on-policy: ours, as MOSS-RLHF code."
     )
     max_nonfinite_in_row: int = Field(
-        3, gt=0, description="Consecutive skipped non-finite updates that stop the run. Ours."
+        3,
+        gt=0,
+        description="Consecutive skipped updates (a non-finite loss or gradient, or a buffer without one finite "
+        "reward score) that stop the run; its last good checkpoint is kept. Ours.",
     )
 
     @property

@@ -43,6 +43,7 @@ import contextlib
 import errno
 import json
 import os
+import pickle
 import shutil
 import signal
 import traceback
@@ -55,12 +56,13 @@ from typing import Any, Protocol
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from safetensors import SafetensorError
 
 from ppomax.checkpoint import prune_checkpoints, step_dirs
 from ppomax.config import load_config, to_yaml
 from ppomax.console import console
 from ppomax.errors import ConfigError, RunStopped, UserError
-from ppomax.models import has_adapters, save_trained
+from ppomax.models import has_adapters, save_trained, weights_error
 from ppomax.monitor import MetricsLogger
 
 from .launch import TRAINED_DTYPE, build_accelerator
@@ -187,7 +189,16 @@ class RunContext:
             raise UserError(
                 f"{ckpt}: {STATE_FILE} lacks {', '.join(missing)}; it was written by another trainer"
             )
-        self.accelerator.load_state(str(ckpt))
+        try:
+            self.accelerator.load_state(str(ckpt))
+        except (pickle.UnpicklingError, SafetensorError, EOFError) as exc:  # hostile or broken files
+            raise weights_error(ckpt, exc) from None
+        except RuntimeError as exc:
+            if "PytorchStreamReader" not in str(
+                exc
+            ):  # torch.load of a truncated file; anything else is a bug
+                raise
+            raise weights_error(ckpt, exc) from None
         for name, obj in self.tracked.items():
             obj.load_state_dict(state[name])
         self.last_checkpoint = ckpt
