@@ -288,3 +288,27 @@ def test_cli_help_points_to_files_in_the_repo(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     assert "README's Data section" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("flag", ["--tie-margin", "--temperature", "--top-p", "--repetition-penalty"])
+@pytest.mark.parametrize("value", ["inf", "nan", "1e999"])
+def test_eval_number_flags_refuse_non_finite_values_in_one_line(tmp_path, capsys, flag, value):
+    from ppomax.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                "eval",
+                "--policy",
+                str(tmp_path),
+                "--baseline",
+                str(tmp_path),
+                "--prompts",
+                "p.jsonl",
+                flag,
+                value,
+            ]
+        )
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "must be a finite number" in err[-1] and flag in err[-1]

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from ppomax.config import PRESET_NAMES
 from ppomax.errors import STOPPED_EXIT_CODE
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (``inf``/``nan`` parse as floats but are never a usable setting)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
 
 
 def add_config_args(p: argparse.ArgumentParser, presets: bool = False) -> None:

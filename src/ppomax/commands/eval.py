@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ppomax.commands.common import finite_float
 from ppomax.errors import UserError
 
 
@@ -101,14 +102,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "gold:WORLD_DIR, or reward-model:DIR; repeatable, default gold",
     )
     p.add_argument(
-        "--tie-margin", type=float, default=0.05, help="|score difference| <= this is a tie (default 0.05)"
+        "--tie-margin",
+        type=finite_float,
+        default=0.05,
+        help="|score difference| <= this is a tie (default 0.05)",
     )
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--max-prompt-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--temperature", type=finite_float, default=0.8)
+    p.add_argument("--top-p", type=finite_float, default=0.9)
+    p.add_argument("--repetition-penalty", type=finite_float, default=1.1)
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
