@@ -250,3 +250,22 @@ def test_lora_ppo_under_zero3(setup):
     before = weights(setup.policy)
     after = merged.state_dict()
     assert max((after[k] - before[k]).abs().max().item() for k in before if k in after) > 0  # it trained
+
+
+@pytest.mark.slow
+def test_deepspeed_resume_never_runs_a_planted_pickle(setup, tmp_path):
+    """DeepSpeed reads its checkpoints with torch.load(weights_only=False); ppomax makes it read tensors only: a
+    crafted optimiser-states file is refused in one line and nothing in it runs."""
+    from test_models import write_hostile_pickle
+
+    out = tmp_path / "run"
+    proc = launch("zero2", 2, *ppo_args(setup, out, 4))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    states = sorted((out / "checkpoints" / "step-1" / "pytorch_model").glob("*optim_states.pt"))
+    marker = tmp_path / "PWNED"
+    write_hostile_pickle(states[0], marker)
+    proc = launch("zero2", 2, "train-ppo", "--resume", str(out), *sets("ppo.iterations=2"))
+    assert not marker.exists()
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ppomax: ") and "refused" in ln]
+    assert errors and "step-1" in errors[0], proc.stderr[-3000:]

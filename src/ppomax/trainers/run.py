@@ -65,7 +65,7 @@ from ppomax.errors import ConfigError, RunStopped, UserError
 from ppomax.models import has_adapters, save_trained, weights_error
 from ppomax.monitor import MetricsLogger
 
-from .launch import TRAINED_DTYPE, build_accelerator
+from .launch import TRAINED_DTYPE, build_accelerator, deepspeed_loads_tensors_only
 
 STATE_FILE = "ppomax_state.json"
 CONFIG_FILE = "config.yaml"
@@ -190,7 +190,8 @@ class RunContext:
                 f"{ckpt}: {STATE_FILE} lacks {', '.join(missing)}; it was written by another trainer"
             )
         try:
-            self.accelerator.load_state(str(ckpt))
+            with deepspeed_loads_tensors_only(self.accelerator):
+                self.accelerator.load_state(str(ckpt))
         except (pickle.UnpicklingError, SafetensorError, EOFError) as exc:  # hostile or broken files
             raise weights_error(ckpt, exc) from None
         except RuntimeError as exc:
