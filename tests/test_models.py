@@ -439,10 +439,21 @@ def test_resume_never_runs_a_pickle_planted_in_a_checkpoint(sft_run, tmp_path, c
         hf_logging.enable_progress_bar()
     assert not marker.exists()
     err = capsys.readouterr().err
-    if planted == "random_states_0.pkl":
-        assert rc == 0  # accelerate logs "Could not load random states" and goes on
-        return
     assert rc == 2
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert "Traceback" not in err and all(ln.startswith("ppomax: ") for ln in lines), err
     assert str(ckpt) in lines[-1] and ("refused" in lines[-1] or "never writes or loads" in lines[-1])
+
+
+def test_a_checkpoint_without_its_random_states_is_refused_not_resumed_inexactly(sft_run, tmp_path, capsys):
+    """accelerate skips RNG states it cannot load and resumes with fresh random streams: not the run it continues."""
+    import shutil
+
+    from ppomax.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(sft_run, run)
+    (run / "checkpoints" / "step-4" / "random_states_0.pkl").unlink()
+    capsys.readouterr()
+    assert main(["train-sft", "--resume", str(run), "--set", "epochs=3"]) == 2
+    assert "random_states_0.pkl: missing" in capsys.readouterr().err

@@ -190,6 +190,7 @@ class RunContext:
                 f"{ckpt}: {STATE_FILE} lacks {', '.join(missing)}; it was written by another trainer"
             )
         try:
+            _check_random_states(ckpt, self.rank)
             with deepspeed_loads_tensors_only(self.accelerator):
                 self.accelerator.load_state(str(ckpt))
         except (pickle.UnpicklingError, SafetensorError, EOFError) as exc:  # hostile or broken files
@@ -291,6 +292,21 @@ class RunContext:
 
     def close(self) -> None:
         self.metrics.close()
+
+
+def _check_random_states(ckpt: Path, rank: int) -> None:
+    """This rank's RNG states must load: accelerate skips a file it cannot read with one INFO log line and resumes
+    anyway, with fresh random streams, i.e. silently not the run it continues."""
+    from accelerate.utils import load
+
+    path = ckpt / f"random_states_{rank}.pkl"
+    if not path.is_file():
+        raise UserError(
+            f"{path}: missing, so the run cannot continue exactly; resume from another checkpoint"
+        )
+    states = load(path)
+    if not isinstance(states, dict) or not {"random_state", "torch_manual_seed"} <= set(states):
+        raise UserError(f"{path}: not accelerate's random states; resume from another checkpoint")
 
 
 def _record_dtype(config_file: Path, dtype: str) -> None:
