@@ -110,6 +110,8 @@ OVERRIDE = st.builds(lambda k, v, sep: f"{k}{sep}{v}", KEY, VALUE, st.sampled_fr
 def _get(cfg: BaseModel, key: str) -> Any:
     node: Any = cfg
     for part in key.split("."):
+        if node is None:  # an optional section that is off (model.lora)
+            return None
         node = getattr(node, part)
     return node
 
