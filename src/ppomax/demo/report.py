@@ -191,19 +191,23 @@ def _plt():
     return plt
 
 
-def plot_training_curves(runs: dict[str, Sequence[dict[str, Any]]], path: str | os.PathLike[str]) -> Path:
+def plot_training_curves(
+    runs: dict[str, Sequence[dict[str, Any]]],
+    path: str | os.PathLike[str],
+    title: str = "PPO training dynamics on hh-mini (paper fig. 4 panels)",
+) -> Path:
     """Fig. 4 panels for every run on shared axes (one PNG, 2x3 grid; the sixth cell holds the legend)."""
     plt = _plt()
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.2))
     flat = axes.ravel()
     for ax, (title, keys) in zip(flat, PANELS, strict=False):
         used = None
-        for name, recs in runs.items():
+        for i, (name, recs) in enumerate(runs.items()):
             key, steps, vals = series(recs, keys)
             if not vals:
                 continue
             used = key
-            colour = COLOURS.get(name)
+            colour = COLOURS.get(name, f"C{i}")
             fired = first_collapse_step(recs)
             if fired is not None:
                 ax.axvline(fired, color=colour, linestyle=":", linewidth=1.5)
@@ -227,7 +231,7 @@ def plot_training_curves(runs: dict[str, Sequence[dict[str, Any]]], path: str | 
         fontsize=10,
         transform=leg_ax.transAxes,
     )
-    fig.suptitle("PPO training dynamics on hh-mini (paper fig. 4 panels)", fontsize=14)
+    fig.suptitle(title, fontsize=14)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     out = Path(path)
     fig.savefig(out, dpi=90)
