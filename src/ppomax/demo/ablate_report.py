@@ -574,8 +574,18 @@ def write_ablate_report(
             f"After: on the over-optimised runs it caught, the monitor fired {_f(fmean(leads), '.1f')} steps "
             f"(min {min(leads)}, max {max(leads)}) before gold had fallen by 0.1 (negative: after).",
         ]
-    md += ["", "## Timings", "", "| run | stage seconds |", "|---|---|"]
-    md += [f"| {k} | {', '.join(f'{n} {t:.0f}' for n, t in v.items())} |" for k, v in timings.items()]
+    # stage seconds as each stage's done.json recorded them when it ran (a cached stage keeps its old time)
+    base = ("world", "tokenizer", "pretrain", "sft", "rm")
+    md += ["", "## Timings", "", "| seed | run | stage seconds |", "|---|---|---|"]
+    seen: set[str] = set()
+    for k, v in timings.items():
+        seed = k.split("/")[0]
+        if seed not in seen:
+            seen.add(seed)
+            md.append(f"| {seed} | base stages | {', '.join(f'{n} {v[n]:.0f}' for n in base if n in v)} |")
+        md.append(
+            f"| {seed} | {k.split('/', 1)[1]} | {', '.join(f'{n} {t:.0f}' for n, t in v.items() if n not in base)} |"
+        )
     md.append("")
     (rep / "ablate.md").write_text("\n".join(md), encoding="utf-8")
     summary = {

@@ -200,7 +200,7 @@ def plot_training_curves(
     plt = _plt()
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.2))
     flat = axes.ravel()
-    for ax, (title, keys) in zip(flat, PANELS, strict=False):
+    for ax, (panel, keys) in zip(flat, PANELS, strict=False):
         used = None
         for i, (name, recs) in enumerate(runs.items()):
             key, steps, vals = series(recs, keys)
@@ -214,7 +214,7 @@ def plot_training_curves(
             w = max(1, len(vals) // 12)
             ax.plot(steps, vals, color=colour, alpha=0.25, linewidth=1)
             ax.plot(steps, moving_average(vals, w), color=colour, linewidth=2.2, label=name)
-        ax.set_title(title if used else f"{title}\n(not logged)", fontsize=11)
+        ax.set_title(panel if used else f"{panel}\n(not logged)", fontsize=11)
         ax.set_xlabel("PPO step")
         ax.grid(alpha=0.3)
     leg_ax = flat[-1]
@@ -403,8 +403,8 @@ def write_report(
     for name, step in res["collapse_first_step"].items():
         if step is not None:
             md.append(
-                f"- The pattern-collapse monitor (length up, perplexity down, KL up; paper 5.2) fired for {name} "
-                f"at policy step {step}."
+                f"- The collapse monitor (paper 5.2's length up, perplexity down, KL up; or KL still rising past "
+                f"collapse.drift_kl_per_token while the reward rises) fired for {name} at policy step {step}."
             )
     if va_wtl:
         md.append(
