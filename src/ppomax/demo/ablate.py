@@ -153,8 +153,18 @@ BY_NAME = {v.name: v for v in VARIANTS}
 # the demo's own stage names for its two runs: an ablation into a demo's directory reuses them
 STAGE_NAMES = {v.name: PPO_RUNS.get(v.name, f"ppo_{v.name}") for v in VARIANTS}
 
-# `--quick`: the quick demo's profile with shorter PPO runs and a smaller evaluation (a smoke run, not evidence)
-QUICK = replace(PROFILES["quick"], name="ablate-quick", ppo_iterations=10, eval_prompts=60)
+# `--quick`: the quick demo's profile with shorter PPO runs (10 policy iterations after 3 critic-only ones instead
+# of PPO-max's 10) and a smaller evaluation: a smoke run of the whole machinery, not evidence for the verdicts.
+QUICK = replace(
+    PROFILES["quick"],
+    name="ablate-quick",
+    ppo_iterations=10,
+    eval_prompts=60,
+    ppo_overrides={
+        "ppo_max": (*PROFILES["quick"].ppo_overrides["ppo_max"], "ppo.critic_pretrain_steps=3"),
+        "ppo_ptx": ("ppo.critic_pretrain_steps=3",),
+    },
+)
 HELDOUT_TEXTS = {"full": 500, "ablate-quick": 100}  # held-out pretraining texts for the alignment tax
 
 

@@ -201,7 +201,7 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
             for x, y in zip(va, vb, strict=True)
             if isinstance(x, int | float) and isinstance(y, int | float)
         ]
-        return _majority(ok), f"{key} {a} {_list(va)} vs {b} {_list(vb)} (seeds {_list(seeds, 'd')})"
+        return _majority(ok), f"{key} {a} {_list(va)} vs {b} {_list(vb)} (seeds {'/'.join(map(str, seeds))})"
 
     def verdict(claim: str, figure: str, checks: list[tuple[bool, str]], explain: str) -> None:
         ok = all(c[0] for c in checks)
@@ -235,13 +235,19 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
         for v in names[1:]:
             checks.append(cmp(v, "vanilla", "kl_mid"))
             checks.append(cmp(v, "vanilla", "gold_drop_early"))
+        seeds = common(*names)
+        lengths = {n: [nums[n][s]["trajectories"]["length"]["end"] for s in seeds] for n in names}
+        checks.append(
+            (True, "(context) length end " + ", ".join(f"{n} {_list(x, '.1f')}" for n, x in lengths.items()))
+        )
         verdict(
             claim,
             "fig. 6",
             checks,
-            "on hh-mini the first half of a vanilla run is already the drift the tricks should prevent; a trick that "
-            "only rescales the score changes the step size of the same drift (no KL term pulls back), so it delays "
-            "or hastens it rather than removing it; the paper's 'early' is ~100 of 1000 steps.",
+            "without a KL term nothing pulls the policy back, and re-scaling the score (reward normalisation) or "
+            "the advantages makes the RM's length bias, the largest part of its score's variance, a unit-scale "
+            "signal: see the lengths; the tricks lower KL but the gold reward falls as fast or faster. The paper's "
+            "'early' is ~100 of 1000 steps at lr 5e-7; hh-mini's runs drift within 20 of 80 at lr 1e-4.",
         )
     else:
         not_run(claim, "fig. 6", names)
@@ -562,18 +568,19 @@ def write_ablate_report(
         f"| {k} | {t['fired_oo']} | {t['fired_ok']} | {t['silent_oo']} | {t['silent_ok']} |"
         for k, t in tables.items()
     ]
-    leads = [
-        r["gold_fall_step"] - r["monitor_after"]
-        for runs in nums.values()
-        for r in runs.values()
-        if r["over_optimised"] and r["monitor_after"] is not None and r["gold_fall_step"] is not None
-    ]
-    if leads:
-        md += [
-            "",
-            f"After: on the over-optimised runs it caught, the monitor fired {_f(fmean(leads), '.1f')} steps "
-            f"(min {min(leads)}, max {max(leads)}) before gold had fallen by 0.1 (negative: after).",
+    for rule in ("before", "after"):
+        leads = [
+            r["gold_fall_step"] - r[f"monitor_{rule}"]
+            for runs in nums.values()
+            for r in runs.values()
+            if r["over_optimised"] and r[f"monitor_{rule}"] is not None and r["gold_fall_step"] is not None
         ]
+        if leads:
+            md.append(
+                f"\n{rule.capitalize()}: on the over-optimised runs it caught, the monitor fired "
+                f"{_f(fmean(leads), '.1f')} steps (min {min(leads)}, max {max(leads)}) before gold had fallen by "
+                f"{GOLD_NOISE} (negative: after)."
+            )
     # stage seconds as each stage's done.json recorded them when it ran (a cached stage keeps its old time)
     base = ("world", "tokenizer", "pretrain", "sft", "rm")
     md += ["", "## Timings", "", "| seed | run | stage seconds |", "|---|---|---|"]
