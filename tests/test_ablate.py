@@ -156,3 +156,35 @@ def test_quick_ablate_end_to_end(tmp_path, capsys):
     for rule in ("before", "after"):
         t = summary["collapse_monitor"][rule]
         assert sum(t.values()) == len(quick) and f"| {rule} |" in md
+
+
+def test_every_claim_gets_a_verdict_with_its_numbers():
+    """verdicts() on synthetic per-run numbers for every variant and two seeds (the quick run leaves most claims
+    "not run", so this is where their comparisons and formatting are exercised)."""
+    from ppomax.demo.ablate_report import verdicts
+
+    def run(i: int) -> dict:
+        t = {
+            k: {"start": 0.1 * i, "peak": 0.2 * i, "end": 0.15 * i}
+            for k in ("rm", "gold", "kl", "ppl", "length")
+        }
+        return {
+            "trajectories": t,
+            "kl_mid": 0.01 * i,
+            "gold_drop_early": 0.02 * i,
+            "rm_roughness_early": 0.03 * i,
+            "gold_fall": 0.04 * i,
+            "over_optimised": i % 2 == 0,
+            "eval_gold_policy": 0.05 * i,
+            "win_tie_lose": [i, 10, 5],
+            "heldout_loss": 1.0 + 0.01 * i,
+            "heldout_loss_sft": 1.0,
+        }
+
+    nums = {v.name: {s: run(i + s) for s in (0, 1)} for i, v in enumerate(VARIANTS)}
+    out = verdicts(nums)
+    assert [v["claim"][:3] for v in out[:4]] == ["(a)", "(b)", "(c)", "(d)"] and len(out) == 6
+    for v in out:
+        assert v["verdict"] in ("reproduced", "not reproduced"), v
+        assert "seeds 0/1" in v["numbers"] or "/" in v["numbers"]
+        assert (v["verdict"] == "reproduced") == (v["explanation"] == "")

@@ -343,7 +343,8 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
                     f"over-optimised per seed {_list(oo)}; gold fall {_list(_per_seed(nums, 'vanilla', 'gold_fall'))}",
                 )
             ],
-            "",
+            "in this run length the policy found no exploit of this seed's RM that lowers the gold reward "
+            "(compare its KL and length: a vanilla run that barely moved has nothing to over-optimise with).",
         )
     if have("ppo_max"):
         seeds = sorted(nums["ppo_max"])
