@@ -33,6 +33,16 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("response length (tokens)", ("response/length_mean",)),
 )
 COLOURS = {"vanilla": "#d62728", "ppo_max": "#1f77b4", "sft": "#7f7f7f"}
+# other runs (`ppomax ablate`'s variants), in order: matplotlib's tab10 without the colours above
+OTHER_COLOURS = ("#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#000000")
+
+
+def run_colours(names: Sequence[str]) -> dict[str, str]:
+    """A colour per run: the fixed ones of :data:`COLOURS`, the others from :data:`OTHER_COLOURS` in order."""
+    others = iter(OTHER_COLOURS * (1 + len(names) // len(OTHER_COLOURS)))
+    return {n: COLOURS[n] if n in COLOURS else next(others) for n in names}
+
+
 WTL_COLOURS = ("#2ca02c", "#c7c7c7", "#d62728")
 
 
@@ -200,14 +210,15 @@ def plot_training_curves(
     plt = _plt()
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.2))
     flat = axes.ravel()
+    colours = run_colours(list(runs))
     for ax, (panel, keys) in zip(flat, PANELS, strict=False):
         used = None
-        for i, (name, recs) in enumerate(runs.items()):
+        for name, recs in runs.items():
             key, steps, vals = series(recs, keys)
             if not vals:
                 continue
             used = key
-            colour = COLOURS.get(name, f"C{i}")
+            colour = colours[name]
             fired = first_collapse_step(recs)
             if fired is not None:
                 ax.axvline(fired, color=colour, linestyle=":", linewidth=1.5)
@@ -219,7 +230,7 @@ def plot_training_curves(
         ax.grid(alpha=0.3)
     leg_ax = flat[-1]
     leg_ax.axis("off")
-    handles = [plt.Line2D([0], [0], color=COLOURS.get(n, f"C{i}"), linewidth=3) for i, n in enumerate(runs)]
+    handles = [plt.Line2D([0], [0], color=colours[n], linewidth=3) for n in runs]
     leg_ax.legend(handles, list(runs), loc="center", fontsize=13, frameon=False, title="PPO run")
     leg_ax.text(
         0.5,
