@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ppomax.collapse import KL, LENGTH, PPL, CollapseMonitor
+from ppomax.collapse import KL, LENGTH, PPL, REWARD, CollapseMonitor
 
 
 def _m(length: float, ppl: float, kl: float) -> dict[str, float]:
@@ -46,6 +46,31 @@ def test_rearms_after_recovery_and_state_round_trips():
     clone = CollapseMonitor(window=2, length_ratio=1.3, ppl_ratio=0.9, kl_per_token=0.1)
     clone.load_state_dict(mon.state_dict())
     assert clone.state_dict() == mon.state_dict()
+
+
+def _drift(kl: float, reward: float) -> dict[str, float]:
+    return {LENGTH: 20.0, PPL: 3.0, KL: kl, REWARD: reward}
+
+
+def test_drift_fires_on_rising_kl_with_rising_reward_without_the_joint_signature():
+    """Over-optimisation on hh-mini: length and perplexity flat, KL climbing while the reward climbs. The paper's
+    signature alone never fires; the drift rule does, once KL's mean passes the threshold while still rising."""
+    points = [_drift(0.0, 1.0)] * 3 + [_drift(0.05 * i, 1.0 + 0.1 * i) for i in range(1, 12)]
+    assert _run(CollapseMonitor(3, 1.3, 0.9, 0.1), points) == []
+    # the trend needs the window before the current one: from step 9 (current KL mean 0.25 > 0.10 before it)
+    assert _run(CollapseMonitor(3, 1.3, 0.9, 0.1, drift_kl_per_token=0.15), points) == [9]
+
+
+@pytest.mark.parametrize(
+    "points",
+    [
+        [_drift(0.0, 1.0)] * 3 + [_drift(0.3, 1.0 - 0.1 * i) for i in range(1, 12)],  # reward falling
+        [_drift(0.0, 1.0)] * 3 + [_drift(0.3, 2.0)] * 11,  # KL high but no longer rising: settled
+        [_drift(0.0, 1.0)] * 3 + [_drift(0.01 * i, 1.0 + 0.1 * i) for i in range(1, 12)],  # KL small
+    ],
+)
+def test_drift_needs_rising_kl_above_the_threshold_and_reward_up(points):
+    assert _run(CollapseMonitor(3, 1.3, 0.9, 0.1, drift_kl_per_token=0.15), points) == []
 
 
 def test_trainer_feeds_the_monitor_and_stop_ends_the_run(tmp_path, monkeypatch):

@@ -11,6 +11,20 @@ generative patterns" while its KL to the reference grows. This module watches ex
 The baseline is the mean over the first ``window`` policy iterations, the current value the mean over the last
 ``window``. A warning fires when all three signals hold (the paper's signature), once per episode: it re-arms when
 the signature goes away. Thresholds are ours (the paper gives curves, not numbers) and are config keys.
+
+On hh-mini the joint signature comes late or never: a policy that games the reward model there often keeps its
+length (the RM's length bias is only one of the things it can exploit), so over-optimisation shows first as *drift*,
+which fires too (``drift_kl_per_token``, null = off):
+
+* KL(policy || reference) per token (current mean) at least ``drift_kl_per_token`` and still rising (above the mean
+  of the ``window`` iterations before the current ones), while
+* the RM reward (``reward/raw_mean``, what PPO maximises) is above its baseline.
+
+That is the policy still moving away from the reference to buy reward, the regime in which, in the paper's fig. 6
+and in every vanilla run of the demo, the true quality falls while the RM reward keeps rising. The default 0.15
+nats/token was chosen on the demo's ten full-profile runs (5 seeds x vanilla / PPO-max): the vanilla runs pass it
+at steps 16-19 of 80, at or before the step their gold reward had fallen 0.1 below its peak (17-41); PPO-max's KL
+stays under 0.07. `ppomax ablate` judges the rule on its other runs against the gold reward.
 """
 
 from __future__ import annotations
@@ -21,6 +35,9 @@ from statistics import fmean
 from typing import Any
 
 LENGTH, PPL, KL = "response/length_mean", "ppl/policy", "kl/per_token"
+REWARD = (
+    "reward/raw_mean"  # the score PPO maximises (reward model plus weighted functions), before the KL term
+)
 
 
 @dataclass(frozen=True)
@@ -31,10 +48,16 @@ class CollapseSignal:
     length_ratio: float
     ppl_ratio: float
     kl_per_token: float
+    kind: str = "signature"  # "signature": the paper's joint movement; "drift": KL still rising, reward up
 
     def message(self) -> str:
+        what = (
+            "possible pattern collapse (paper 5.2)"
+            if self.kind == "signature"
+            else "the policy keeps drifting from the reference while the reward rises (over-optimisation)"
+        )
         return (
-            f"step {self.step}: possible pattern collapse (paper 5.2): response length x{self.length_ratio:.2f}, "
+            f"step {self.step}: {what}: response length x{self.length_ratio:.2f}, "
             f"policy perplexity x{self.ppl_ratio:.2f} of their first iterations, KL {self.kl_per_token:.3g} "
             "nats/token. The reward model is probably being exploited; compare samples, or raise ppo.kl_coef."
         )
@@ -43,36 +66,53 @@ class CollapseSignal:
 class CollapseMonitor:
     """Feed it each iteration's metrics with :meth:`update`; it returns a :class:`CollapseSignal` when it fires."""
 
-    def __init__(self, window: int, length_ratio: float, ppl_ratio: float, kl_per_token: float) -> None:
+    def __init__(
+        self,
+        window: int,
+        length_ratio: float,
+        ppl_ratio: float,
+        kl_per_token: float,
+        drift_kl_per_token: float | None = None,
+    ) -> None:
         self.window = window
         self.length_ratio = length_ratio
         self.ppl_ratio = ppl_ratio
         self.kl_per_token = kl_per_token
+        self.drift_kl_per_token = drift_kl_per_token
         self.baseline: list[dict[str, float]] = []
-        self.recent: deque[dict[str, float]] = deque(maxlen=window)
+        # the current window and, for the drift rule's trend, the one before it
+        self.recent: deque[dict[str, float]] = deque(maxlen=2 * window)
         self.firing = False
         self.fired = 0
 
     def update(self, step: int, metrics: dict[str, Any]) -> CollapseSignal | None:
-        """Record one policy iteration; return a signal the first time the collapse signature holds."""
-        point = {k: float(metrics[k]) for k in (LENGTH, PPL, KL)}
+        """Record one policy iteration; return a signal the first time the collapse signature (or drift) holds."""
+        keys = (LENGTH, PPL, KL) + ((REWARD,) if self.drift_kl_per_token is not None else ())
+        point = {k: float(metrics[k]) for k in keys}
         if len(self.baseline) < self.window:
             self.baseline.append(point)
             return None
         self.recent.append(point)
         if len(self.recent) < self.window:
             return None
+        current = list(self.recent)[-self.window :]
         base = {k: fmean(p[k] for p in self.baseline) for k in point}
-        now = {k: fmean(p[k] for p in self.recent) for k in point}
+        now = {k: fmean(p[k] for p in current) for k in point}
         length_ratio = now[LENGTH] / max(base[LENGTH], 1e-9)
         ppl_ratio = now[PPL] / max(base[PPL], 1e-9)
-        collapsing = (
+        signature = (
             length_ratio >= self.length_ratio and ppl_ratio <= self.ppl_ratio and now[KL] >= self.kl_per_token
         )
+        drift = False
+        if self.drift_kl_per_token is not None and len(self.recent) == 2 * self.window:
+            before = fmean(p[KL] for p in list(self.recent)[: self.window])
+            drift = now[KL] >= self.drift_kl_per_token and now[KL] > before and now[REWARD] > base[REWARD]
+        collapsing = signature or drift
         signal = None
         if collapsing and not self.firing:
             self.fired += 1
-            signal = CollapseSignal(step, length_ratio, ppl_ratio, now[KL])
+            kind = "signature" if signature else "drift"
+            signal = CollapseSignal(step, length_ratio, ppl_ratio, now[KL], kind)
         self.firing = collapsing
         return signal
 
@@ -86,6 +126,6 @@ class CollapseMonitor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.baseline = list(state["baseline"])
-        self.recent = deque(state["recent"], maxlen=self.window)
+        self.recent = deque(state["recent"], maxlen=2 * self.window)
         self.firing = bool(state["firing"])
         self.fired = int(state["fired"])

@@ -240,6 +240,13 @@ class CollapseConfig(_Section):
     kl_per_token: float = Field(
         0.1, ge=0, description="KL(policy||reference) per token at least this (nats)."
     )
+    drift_kl_per_token: float | None = Field(
+        0.15,
+        gt=0,
+        description="Also fire on drift: KL per token at least this and still rising while the reward is above "
+        "its baseline (ppomax.collapse); null = the paper's joint signature only. Ours: 0.15 (measured on the "
+        "demo's runs, see ppomax.collapse).",
+    )
 
 
 class _DataCommon(_Section):

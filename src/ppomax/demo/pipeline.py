@@ -77,9 +77,10 @@ def report_inputs(ev: Path, ppo_dirs: dict[str, Path]) -> dict[str, str]:
 class Pipeline:
     """Runs stages in order, caching each under ``out/<stage>/`` with a done marker."""
 
-    def __init__(self, out: Path, log: Callable[[str], None] = print) -> None:
+    def __init__(self, out: Path, log: Callable[[str], None] = print, total: int = len(STAGES)) -> None:
         self.out = out
         self.log = log
+        self.total = total  # stages in the progress heading "[i/total]"
         self.prints: dict[str, str] = {}
         self.timings: dict[str, float] = {}
 
@@ -90,7 +91,7 @@ class Pipeline:
         fp = _fingerprint(name, settings, [self.prints[u] for u in upstream])
         self.prints[name] = fp
         marker = d / MARKER
-        head = f"[{i}/{len(STAGES)}] {name}"
+        head = f"[{i}/{self.total}] {name}"
         if marker.is_file():
             try:
                 done = json.loads(marker.read_text())
@@ -135,56 +136,12 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline(out, log)
     t0 = time.perf_counter()
-    world = pipe.run(1, "world", (seed, prof.world), (), lambda d: st.make_world(d, seed, prof))
-    tok = pipe.run(2, "tokenizer", prof.vocab_size, ("world",), lambda d: st.train_tokenizer(d, world, prof))
-    model_settings = (
-        prof.hidden_size,
-        prof.intermediate_size,
-        prof.num_layers,
-        prof.num_heads,
-        prof.max_positions,
-        prof.pretrain_epochs,
-        prof.pretrain_lr,
-        prof.pretrain_batch,
-    )
-    pre = pipe.run(
-        3,
-        "pretrain",
-        (seed, model_settings),
-        ("tokenizer",),
-        lambda d: st.pretrain(d, world, tok, prof, seed, progress),
-    )
-    lengths = (prof.max_prompt_tokens, prof.max_new_tokens)
-    sft = pipe.run(
-        4,
-        "sft",
-        (seed, prof.sft_epochs, prof.sft_lr, prof.sft_batch, lengths),
-        ("pretrain",),
-        lambda d: st.sft(d, world, pre, prof, seed, progress),
-    )
-    rm = pipe.run(
-        5,
-        "rm",
-        (seed, prof.rm_epochs, prof.rm_lr, prof.rm_batch, lengths),
-        ("sft",),
-        lambda d: st.reward_model(d, world, sft, prof, seed, progress),
-    )
-    ppo_settings = {
-        k: v
-        for k, v in prof.to_dict().items()
-        if k.startswith(("ppo_", "policy_", "critic_"))
-        or k in ("rollout_batch", "buffer_size", "minibatch_size", "max_new_tokens", "max_prompt_tokens")
+    dirs = base_stages(pipe, prof, seed, progress)
+    world, sft, rm = dirs["world"], dirs["sft"], dirs["rm"]
+    ppo_dirs = {
+        preset: ppo_stage(pipe, 6 + i, stage, preset, dirs, prof, seed, progress)
+        for i, (preset, stage) in enumerate(PPO_RUNS.items())
     }
-    ppo_dirs = {}
-    # the gold reward function is in the key: its spec and name decide the metric the report reads
-    for i, (preset, stage) in enumerate(PPO_RUNS.items()):
-        ppo_dirs[preset] = pipe.run(
-            6 + i,
-            stage,
-            (seed, preset, ppo_settings, st.GOLD_FUNCTION),
-            ("rm",),
-            lambda d, p=preset: st.ppo(d, p, world, sft, rm, prof, seed, progress),
-        )
     eval_settings = (prof.eval_prompts, prof.eval_max_new_tokens, prof.tie_margin, prof.max_prompt_tokens)
     ev = pipe.run(
         8,
@@ -248,3 +205,91 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("vanilla_signatures"):
         lines.append("vanilla's collapse signatures: " + ", ".join(summary["vanilla_signatures"]))
     return "\n".join(lines)
+
+
+def base_stages(pipe: Pipeline, prof: DemoProfile, seed: int, progress: bool) -> dict[str, Path]:
+    """Stages 1-5 (world, tokenizer, pre-training, SFT, RM) in ``pipe``: what every PPO run of the demo and of
+    `ppomax ablate` starts from. Returns their directories by stage name."""
+    from ppomax.demo import stages as st
+
+    world = pipe.run(1, "world", (seed, prof.world), (), lambda d: st.make_world(d, seed, prof))
+    tok = pipe.run(2, "tokenizer", prof.vocab_size, ("world",), lambda d: st.train_tokenizer(d, world, prof))
+    model_settings = (
+        prof.hidden_size,
+        prof.intermediate_size,
+        prof.num_layers,
+        prof.num_heads,
+        prof.max_positions,
+        prof.pretrain_epochs,
+        prof.pretrain_lr,
+        prof.pretrain_batch,
+    )
+    pre = pipe.run(
+        3,
+        "pretrain",
+        (seed, model_settings),
+        ("tokenizer",),
+        lambda d: st.pretrain(d, world, tok, prof, seed, progress),
+    )
+    lengths = (prof.max_prompt_tokens, prof.max_new_tokens)
+    sft = pipe.run(
+        4,
+        "sft",
+        (seed, prof.sft_epochs, prof.sft_lr, prof.sft_batch, lengths),
+        ("pretrain",),
+        lambda d: st.sft(d, world, pre, prof, seed, progress),
+    )
+    rm = pipe.run(
+        5,
+        "rm",
+        (seed, prof.rm_epochs, prof.rm_lr, prof.rm_batch, lengths),
+        ("sft",),
+        lambda d: st.reward_model(d, world, sft, prof, seed, progress),
+    )
+    return {"world": world, "tokenizer": tok, "pretrain": pre, "sft": sft, "rm": rm}
+
+
+def ppo_stage(
+    pipe: Pipeline,
+    i: int,
+    stage: str,
+    preset: str,
+    dirs: dict[str, Path],
+    prof: DemoProfile,
+    seed: int,
+    progress: bool,
+    overrides: tuple[str, ...] = (),
+) -> Path:
+    """One PPO run of ``preset`` (plus ``overrides``, see :func:`ppomax.demo.stages.ppo_config`) from the base
+    stages' ``dirs``, cached as stage ``stage``. Without overrides the key is the demo's, so `ppomax ablate` into
+    a demo's directory reuses its two PPO runs."""
+    from ppomax.demo import stages as st
+
+    settings = {
+        k: v
+        for k, v in prof.to_dict().items()
+        if k.startswith(("ppo_", "policy_", "critic_"))
+        or k in ("rollout_batch", "buffer_size", "minibatch_size", "max_new_tokens", "max_prompt_tokens")
+    }
+    # the gold reward function is in the key: its spec and name decide the metric the report reads
+    key: tuple[Any, ...] = (seed, preset, settings, st.GOLD_FUNCTION)
+    if overrides:
+        key += (list(overrides),)
+    return pipe.run(
+        i,
+        stage,
+        key,
+        ("rm",),
+        lambda d: st.ppo(
+            d,
+            preset,
+            dirs["world"],
+            dirs["sft"],
+            dirs["rm"],
+            prof,
+            seed,
+            progress,
+            overrides,
+            dirs["pretrain"],
+        ),
+    )

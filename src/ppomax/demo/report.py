@@ -33,6 +33,16 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("response length (tokens)", ("response/length_mean",)),
 )
 COLOURS = {"vanilla": "#d62728", "ppo_max": "#1f77b4", "sft": "#7f7f7f"}
+# other runs (`ppomax ablate`'s variants), in order: matplotlib's tab10 without the colours above
+OTHER_COLOURS = ("#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#000000")
+
+
+def run_colours(names: Sequence[str]) -> dict[str, str]:
+    """A colour per run: the fixed ones of :data:`COLOURS`, the others from :data:`OTHER_COLOURS` in order."""
+    others = iter(OTHER_COLOURS * (1 + len(names) // len(OTHER_COLOURS)))
+    return {n: COLOURS[n] if n in COLOURS else next(others) for n in names}
+
+
 WTL_COLOURS = ("#2ca02c", "#c7c7c7", "#d62728")
 
 
@@ -191,31 +201,36 @@ def _plt():
     return plt
 
 
-def plot_training_curves(runs: dict[str, Sequence[dict[str, Any]]], path: str | os.PathLike[str]) -> Path:
+def plot_training_curves(
+    runs: dict[str, Sequence[dict[str, Any]]],
+    path: str | os.PathLike[str],
+    title: str = "PPO training dynamics on hh-mini (paper fig. 4 panels)",
+) -> Path:
     """Fig. 4 panels for every run on shared axes (one PNG, 2x3 grid; the sixth cell holds the legend)."""
     plt = _plt()
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.2))
     flat = axes.ravel()
-    for ax, (title, keys) in zip(flat, PANELS, strict=False):
+    colours = run_colours(list(runs))
+    for ax, (panel, keys) in zip(flat, PANELS, strict=False):
         used = None
         for name, recs in runs.items():
             key, steps, vals = series(recs, keys)
             if not vals:
                 continue
             used = key
-            colour = COLOURS.get(name)
+            colour = colours[name]
             fired = first_collapse_step(recs)
             if fired is not None:
                 ax.axvline(fired, color=colour, linestyle=":", linewidth=1.5)
             w = max(1, len(vals) // 12)
             ax.plot(steps, vals, color=colour, alpha=0.25, linewidth=1)
             ax.plot(steps, moving_average(vals, w), color=colour, linewidth=2.2, label=name)
-        ax.set_title(title if used else f"{title}\n(not logged)", fontsize=11)
+        ax.set_title(panel if used else f"{panel}\n(not logged)", fontsize=11)
         ax.set_xlabel("PPO step")
         ax.grid(alpha=0.3)
     leg_ax = flat[-1]
     leg_ax.axis("off")
-    handles = [plt.Line2D([0], [0], color=COLOURS.get(n, f"C{i}"), linewidth=3) for i, n in enumerate(runs)]
+    handles = [plt.Line2D([0], [0], color=colours[n], linewidth=3) for n in runs]
     leg_ax.legend(handles, list(runs), loc="center", fontsize=13, frameon=False, title="PPO run")
     leg_ax.text(
         0.5,
@@ -227,7 +242,7 @@ def plot_training_curves(runs: dict[str, Sequence[dict[str, Any]]], path: str | 
         fontsize=10,
         transform=leg_ax.transAxes,
     )
-    fig.suptitle("PPO training dynamics on hh-mini (paper fig. 4 panels)", fontsize=14)
+    fig.suptitle(title, fontsize=14)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     out = Path(path)
     fig.savefig(out, dpi=90)
@@ -399,8 +414,8 @@ def write_report(
     for name, step in res["collapse_first_step"].items():
         if step is not None:
             md.append(
-                f"- The pattern-collapse monitor (length up, perplexity down, KL up; paper 5.2) fired for {name} "
-                f"at policy step {step}."
+                f"- The collapse monitor (paper 5.2's length up, perplexity down, KL up; or KL still rising past "
+                f"collapse.drift_kl_per_token while the reward rises) fired for {name} at policy step {step}."
             )
     if va_wtl:
         md.append(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,9 +188,15 @@ def ppo_config(
     prof: DemoProfile,
     seed: int,
     progress: bool,
+    extra: Sequence[str] = (),
+    pretrain_dir: Path | None = None,
 ) -> Any:
     """The preset with the demo's sizes and learning rates (same for both presets) and the gold reward as a
-    weight-0 reward function (logged, not optimised)."""
+    weight-0 reward function (logged, not optimised).
+
+    ``extra``: further ``--set`` overrides after the profile's (the variants of `ppomax ablate`); in their values
+    ``{world}``, ``{sft}``, ``{rm}`` and ``{pretrain}`` stand for those stages' model or data paths
+    (:data:`PLACEHOLDERS`)."""
     from ppomax.config import PPOConfig, apply_overrides, deep_merge, read_preset
 
     overrides = {
@@ -214,7 +221,34 @@ def ppo_config(
     }
     data = deep_merge(read_preset(preset), overrides)
     data = apply_overrides(data, list(prof.ppo_overrides.get(preset, ())))
+    paths = {
+        "world": str(world),
+        "sft": str(sft_dir / "final"),
+        "rm": str(rm_dir / "final"),
+        "pretrain": str(pretrain_dir / "final") if pretrain_dir else "",
+    }
+    data = apply_overrides(data, [fill_placeholders(o, paths) for o in extra])
     return PPOConfig.model_validate(data)
+
+
+# What an override of `ppomax ablate`'s variant table may name, as ``{name}`` in its value.
+PLACEHOLDERS = {
+    "world": "the hh-mini world directory (its data files: {world}/sft_train.jsonl)",
+    "sft": "the SFT model",
+    "rm": "the reward model",
+    "pretrain": "the pre-trained model (before SFT)",
+}
+
+
+def fill_placeholders(override: str, paths: dict[str, str]) -> str:
+    """``override`` with each ``{name}`` of :data:`PLACEHOLDERS` replaced by its path."""
+    for name in PLACEHOLDERS:
+        token = "{" + name + "}"
+        if token in override:
+            if not paths.get(name):
+                raise ValueError(f"{override}: no path for {token}")
+            override = override.replace(token, paths[name])
+    return override
 
 
 def ppo(
@@ -226,10 +260,12 @@ def ppo(
     prof: DemoProfile,
     seed: int,
     progress: bool,
+    extra: Sequence[str] = (),
+    pretrain_dir: Path | None = None,
 ) -> Path:
     from ppomax.trainers.ppo import train_ppo
 
-    out = train_ppo(ppo_config(d, preset, world, sft_dir, rm_dir, prof, seed, progress))
+    out = train_ppo(ppo_config(d, preset, world, sft_dir, rm_dir, prof, seed, progress, extra, pretrain_dir))
     if not (d / "final" / "policy").is_dir():  # stopped by a signal: checkpoint saved, stage not done
         raise KeyboardInterrupt
     return out

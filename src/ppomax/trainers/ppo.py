@@ -202,7 +202,9 @@ class PPOTrainer:
         )
         self.moments = RunningMoments(all_reduce)
         c = cfg.collapse
-        self.collapse = CollapseMonitor(c.window, c.length_ratio, c.ppl_ratio, c.kl_per_token)
+        self.collapse = CollapseMonitor(
+            c.window, c.length_ratio, c.ppl_ratio, c.kl_per_token, c.drift_kl_per_token
+        )
         self.updater = Updater(
             ppo=p,
             accelerator=acc,

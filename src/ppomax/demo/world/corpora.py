@@ -112,11 +112,13 @@ def _list_fact(rng: random.Random) -> str:
     )
 
 
-def pretrain_texts(world: World) -> list[str]:
-    cfg, rng = world.config, world.rng("pretrain")
+def pretrain_texts(world: World, n: int | None = None, stream: str = "pretrain") -> list[str]:
+    """``n`` (default ``n_pretrain``) pretraining texts; another ``stream`` draws other texts of the same
+    distribution (held-out text, e.g. for measuring an alignment tax)."""
+    cfg, rng = world.config, world.rng(stream)
     split = "all" if cfg.pretrain_heldout_dialogues else "train"
     out = []
-    for _ in range(cfg.n_pretrain):
+    for _ in range(cfg.n_pretrain if n is None else n):
         if rng.random() < cfg.pretrain_fact_fraction:
             u = rng.random()
             if u < 0.5:

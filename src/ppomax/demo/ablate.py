@@ -1,0 +1,386 @@
+"""`ppomax ablate`: the paper's ablations (fig. 6, 7, 8 and 12) reproduced on hh-mini, judged by its gold reward.
+
+Per seed, the demo's cached base stages (world, tokenizer, pre-training, SFT, RM: :func:`ppomax.demo.pipeline.
+base_stages`) are built or reused, then every variant of :data:`VARIANTS` is a PPO run from them, followed by its
+evaluation against SFT on held-out prompts (the demo's gold judge and RM judge) and its language-modelling loss on
+held-out pretraining text (the alignment tax of fig. 12). The layout of one seed is the demo's, so `ppomax demo
+--out DIR/seed-0` and `ppomax ablate --out DIR` share the base stages and the two runs ``ppo_max`` and
+``ppo_vanilla``::
+
+    DIR/seed-N/{world,tokenizer,pretrain,sft,rm}/   the demo's stages
+    DIR/seed-N/ppo_vanilla/, ppo_max/                the demo's two PPO runs (variants vanilla and ppo_max)
+    DIR/seed-N/ppo_<variant>/                        the other variants' PPO runs
+    DIR/seed-N/eval_<variant>/                       vs_sft.json (ppomax.evaluate) and heldout_lm.json
+    DIR/report/                                      ablate.md, summary.json, one PNG per figure
+
+The report and its verdicts are :mod:`ppomax.demo.ablate_report`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ppomax.demo.pipeline import PPO_RUNS, Pipeline, base_stages, ppo_stage
+from ppomax.demo.profiles import PROFILES, DemoProfile
+from ppomax.errors import UserError
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One PPO run of the ablation: a preset plus ``--set`` overrides (after the profile's own for the preset,
+    :func:`ppomax.demo.stages.ppo_config`; ``{pretrain}``, ``{sft}``, ``{rm}``, ``{world}`` in a value are those
+    stages' paths)."""
+
+    name: str
+    figure: str  # the paper's figure it reproduces a curve of
+    preset: str
+    overrides: tuple[str, ...]
+    what: str
+    quick: bool = False  # part of `--quick`
+
+
+# The KL coefficient of every KL-penalised run is the demo profile's PPO-max value (profiles.FULL: 0.5, measured for
+# this learning rate; the paper's 0.05 of fig. 7 is tuned for lr 5e-7), so "KL penalty" here means PPO-max's.
+KL_ON = "ppo.kl_coef=0.5"
+
+# The variants, in report order. Fig. 6 and fig. 7 vary vanilla PPO (the paper compares each trick "to vanilla
+# PPO" and fig. 7's constraints against fig. 6), fig. 8's critic pre-training too ("conducted on the basis of
+# vanilla PPO setup"), fig. 8's initialisations vary PPO-max, and fig. 12 compares PPO-ptx with PPO-max.
+VARIANTS: tuple[Variant, ...] = (
+    Variant("ppo_max", "fig. 5", "ppo_max", (), "PPO-max (paper 5.4), the demo's run", quick=True),
+    Variant(
+        "vanilla",
+        "fig. 4",
+        "vanilla",
+        (),
+        "vanilla PPO (paper 5.2), the demo's run; 'none' of fig. 6-8",
+        True,
+    ),
+    # fig. 6: score reparameterisation (paper 5.3.1)
+    Variant(
+        "reward_scale", "fig. 6", "vanilla", ("ppo.reward_scaling=true",), "reward scaling (running std)"
+    ),
+    Variant(
+        "reward_norm_0.3",
+        "fig. 6",
+        "vanilla",
+        ("ppo.reward_norm=true", "ppo.reward_clip=0.3"),
+        "reward normalisation + clipping, tight bound delta = 0.3 (eq. 18)",
+        quick=True,
+    ),
+    Variant(
+        "reward_norm_0.8",
+        "fig. 6",
+        "vanilla",
+        ("ppo.reward_norm=true", "ppo.reward_clip=0.8"),
+        "reward normalisation + clipping, relaxed bound delta = 0.8 (eq. 18)",
+    ),
+    Variant(
+        "adv_norm", "fig. 6", "vanilla", ("ppo.advantage_norm=true",), "advantage normalisation (minibatch)"
+    ),
+    Variant(
+        "adv_norm_0.12",
+        "fig. 6",
+        "vanilla",
+        ("ppo.advantage_norm=true", "ppo.advantage_clip=0.12"),
+        "advantage normalisation + clipping at delta = 0.12",
+    ),
+    # fig. 7: policy constraints (paper 5.3.2)
+    Variant("kl_penalty", "fig. 7", "vanilla", (KL_ON,), "token-level KL penalty (eq. 19)", quick=True),
+    Variant(
+        "entropy_bonus",
+        "fig. 7",
+        "vanilla",
+        ("ppo.entropy_coef=0.01",),
+        "entropy bonus, coefficient 0.01 (ours: the paper gives no number in 5.3.2)",
+    ),
+    Variant(
+        "reference_as_old",
+        "fig. 7",
+        "vanilla",
+        ("ppo.importance_sampling=false",),
+        "'Importance Sample': the ratio against the reference (an infinite buffer)",
+    ),
+    Variant(
+        "kl_reference_as_old",
+        "fig. 7",
+        "vanilla",
+        (KL_ON, "ppo.importance_sampling=false"),
+        "'KL Penalty + Importance Sample'",
+    ),
+    # fig. 8: initialisation (paper 5.3.3)
+    Variant(
+        "critic_pretrain",
+        "fig. 8",
+        "vanilla",
+        ("ppo.critic_pretrain_steps=10",),
+        "vanilla PPO with 10 critic-only iterations first (PPO-max's)",
+    ),
+    Variant(
+        "critic_from_sft", "fig. 8", "ppo_max", ("ppo.critic_init=sft",), "PPO-max, critic from the SFT model"
+    ),
+    Variant(
+        "critic_random",
+        "fig. 8",
+        "ppo_max",
+        ("ppo.critic_init=random",),
+        "PPO-max, critic randomly initialised",
+    ),
+    Variant(
+        "policy_pretrained",
+        "fig. 8",
+        "ppo_max",
+        ("model.policy={pretrain}",),
+        "PPO-max from the pre-trained model without SFT (policy and reference)",
+        quick=True,
+    ),
+    # fig. 12: alignment tax (paper 6.4)
+    Variant(
+        "ppo_ptx",
+        "fig. 12",
+        "ppo_ptx",
+        (KL_ON, "data.ptx={world}/sft_train.jsonl"),
+        "PPO-ptx: PPO-max plus the LM loss of eq. 17 on the SFT demonstrations",
+        quick=True,
+    ),
+)
+BY_NAME = {v.name: v for v in VARIANTS}
+# the demo's own stage names for its two runs: an ablation into a demo's directory reuses them
+STAGE_NAMES = {v.name: PPO_RUNS.get(v.name, f"ppo_{v.name}") for v in VARIANTS}
+
+# `--quick`: the quick demo's profile with shorter PPO runs (10 policy iterations after 3 critic-only ones instead
+# of PPO-max's 10) and a smaller evaluation: a smoke run of the whole machinery, not evidence for the verdicts.
+QUICK = replace(
+    PROFILES["quick"],
+    name="ablate-quick",
+    ppo_iterations=10,
+    eval_prompts=60,
+    ppo_overrides={
+        "ppo_max": (*PROFILES["quick"].ppo_overrides["ppo_max"], "ppo.critic_pretrain_steps=3"),
+        "ppo_ptx": ("ppo.critic_pretrain_steps=3",),
+    },
+)
+HELDOUT_TEXTS = {"full": 500, "ablate-quick": 100}  # held-out pretraining texts for the alignment tax
+
+
+def select(only: Sequence[str] | None, quick: bool) -> list[Variant]:
+    """The variants to run: ``only`` (names, or figures such as ``fig. 6`` / ``fig6``), else all (``--quick``: the
+    quick ones). Unknown names are a one-line error."""
+    pool = [v for v in VARIANTS if v.quick] if quick and not only else list(VARIANTS)
+    if not only:
+        return pool
+    figures = {v.figure.replace(" ", "").replace(".", ""): v.figure for v in VARIANTS}
+    chosen: list[Variant] = []
+    for item in only:
+        key = item.replace(" ", "").replace(".", "")
+        if item in BY_NAME:
+            picked = [BY_NAME[item]]
+        elif key in figures:
+            picked = [v for v in VARIANTS if v.figure == figures[key]]
+        else:
+            raise UserError(
+                f"--only {item}: unknown variant; choose from {', '.join(BY_NAME)} or a figure "
+                f"({', '.join(sorted(set(figures.values())))})"
+            )
+        chosen += [v for v in picked if v not in chosen]
+    return [v for v in VARIANTS if v in chosen]  # table order
+
+
+def heldout_texts(world: Path, n: int) -> list[str]:
+    """``n`` pretraining texts of the world drawn from a stream the pre-training corpus never used."""
+    from ppomax.demo.world import load_world
+    from ppomax.demo.world.corpora import pretrain_texts
+
+    return pretrain_texts(load_world(world), n=n, stream="pretrain-heldout")
+
+
+def lm_loss(model: Any, tokenizer: Any, texts: Sequence[str], max_tokens: int, batch_size: int = 64) -> float:
+    """Mean negative log-likelihood per token (nats) of ``texts`` (each after BOS, with EOS) under ``model``:
+    the pre-training objective on held-out text, through :func:`ppomax.evaluate.token_logits_stats`."""
+    from ppomax.data import pad_id_of
+    from ppomax.evaluate import token_logits_stats
+
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    rows = [[*x[: max_tokens - 2], tokenizer.eos_token_id] for x in ids]
+    st = token_logits_stats(
+        model, [[bos]] * len(rows), rows, pad_id=pad_id_of(tokenizer), batch_size=batch_size
+    )
+    return float(-(st.logp.double() * st.mask).sum() / st.mask.sum())
+
+
+def evaluate_variant(
+    d: Path,
+    dirs: dict[str, Path],
+    ppo_dir: Path,
+    prof: DemoProfile,
+    seed: int,
+    progress: bool,
+    cache: dict[str, Any],
+) -> None:
+    """The variant's policy against SFT on held-out prompts (the demo's judges and settings) and the held-out
+    pretraining-text loss of both (``cache``: SFT's side, computed once per process and seed)."""
+    from ppomax.demo.world.reward import gold_judge
+    from ppomax.evaluate import EvalSettings, evaluate_models, load_eval_prompts, write_json
+    from ppomax.models import ValueHeadModel, load_causal_lm, load_tokenizer
+
+    world, sft = dirs["world"], dirs["sft"] / "final"
+    prompts, subsets = load_eval_prompts(world / "prompts_test.jsonl", prof.eval_prompts)
+    tok = load_tokenizer(sft)
+    if "sft" not in cache:
+        cache["sft"] = load_causal_lm(sft)
+        cache["rm"] = ValueHeadModel.from_pretrained(dirs["rm"] / "final")
+        cache["texts"] = heldout_texts(world, HELDOUT_TEXTS.get(prof.name, 500))
+        cache["sft_loss"] = lm_loss(cache["sft"], tok, cache["texts"], prof.max_positions)
+        cache["baseline"] = {}
+    judges = {"gold": ("gold", gold_judge(str(world))), "rm": ("reward-model", cache["rm"])}
+    settings = EvalSettings(
+        max_new_tokens=prof.eval_max_new_tokens,
+        max_prompt_tokens=prof.max_prompt_tokens,
+        tie_margin=prof.tie_margin,
+        seed=seed,
+    )
+    policy = load_causal_lm(ppo_dir / "final" / "policy")
+    res = evaluate_models(
+        policy,
+        cache["sft"],
+        tok,
+        prompts,
+        subsets,
+        judges,
+        settings,
+        progress=progress,
+        baseline_cache=cache["baseline"],
+    )
+    res["samples"] = res["samples"][:8]  # the report shows none; keep a few for reading
+    write_json(res, d / "vs_sft.json")
+    heldout = {
+        "n_texts": len(cache["texts"]),
+        "sft": cache["sft_loss"],
+        "policy": lm_loss(policy, tok, cache["texts"], prof.max_positions),
+    }
+    (d / "heldout_lm.json").write_text(json.dumps(heldout, indent=1))
+
+
+def _seed_pipeline(out: Path, seed: int, log: Callable[[str], None], total: int) -> Pipeline:
+    return Pipeline(out / f"seed-{seed}", log, total=total)
+
+
+def run_variant(
+    out: Path,
+    seed: int,
+    variant: Variant,
+    prof: DemoProfile,
+    progress: bool,
+    log: Callable[[str], None],
+    index: int = 6,
+    total: int = 6,
+    cache: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train (or reuse) one variant of one seed and evaluate it; the base stages must be done (they are reused,
+    never rebuilt here, so that parallel workers never race on them). Returns its directories and timings."""
+    pipe = _seed_pipeline(out, seed, lambda m: None, total)
+    dirs = base_stages(pipe, prof, seed, progress)
+    pipe.log = log
+    stage = STAGE_NAMES[variant.name]
+    ppo_dir = ppo_stage(pipe, index, stage, variant.preset, dirs, prof, seed, progress, variant.overrides)
+    ev = pipe.run(
+        index,
+        f"eval_{variant.name}",
+        (
+            seed,
+            prof.eval_prompts,
+            prof.eval_max_new_tokens,
+            prof.tie_margin,
+            HELDOUT_TEXTS.get(prof.name, 500),
+        ),
+        (stage,),
+        lambda d: evaluate_variant(
+            d, dirs, ppo_dir, prof, seed, progress, cache if cache is not None else {}
+        ),
+    )
+    return {
+        "seed": seed,
+        "variant": variant.name,
+        "ppo": str(ppo_dir),
+        "eval": str(ev),
+        "timings": pipe.timings,
+    }
+
+
+def _one_thread() -> None:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()
+
+
+def _base_worker(args: tuple[Any, ...]) -> None:
+    """A ``--jobs`` worker process building one seed's base stages with one torch thread."""
+    _one_thread()
+    out, seed, prof, total = args
+    base_stages(_seed_pipeline(Path(out), seed, print, total), prof, seed, False)
+
+
+def _worker(args: tuple[Any, ...]) -> dict[str, Any]:
+    """A ``--jobs`` worker process: one torch thread (two one-thread runs beat one two-thread run of a model this
+    small on two cores), one variant."""
+    _one_thread()
+    out, seed, name, prof, index, total = args
+    return run_variant(Path(out), seed, BY_NAME[name], prof, False, print, index, total)
+
+
+def run_ablate(
+    out: str | Path = "runs/ablate",
+    seeds: Sequence[int] = (0, 1, 2),
+    quick: bool = False,
+    only: Sequence[str] | None = None,
+    jobs: int = 1,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    profile: DemoProfile | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the ablation and write ``out/report``; returns ``{"report": path, "summary": dict}``.
+
+    ``jobs`` > 1 runs that many variants at once, each in its own process with one torch thread; the base stages
+    of a seed always run first, in this process, with the caller's thread count."""
+    from transformers.utils import logging as hf_logging
+
+    from ppomax.demo.ablate_report import write_ablate_report
+
+    hf_logging.disable_progress_bar()
+    prof = profile or (QUICK if quick else PROFILES["full"])
+    seeds = list(seeds[:1] if quick and len(seeds) > 1 and not profile else seeds)
+    variants = select(only, quick)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    total = 5 + len(variants)
+    tasks = [(seed, i, v) for seed in seeds for i, v in enumerate(variants, 6)]
+    done: list[dict[str, Any]] = []
+    if jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            list(pool.map(_base_worker, [(str(out), s, prof, total) for s in seeds]))
+            done = list(pool.map(_worker, [(str(out), s, v.name, prof, i, total) for s, i, v in tasks]))
+    else:
+        for seed in seeds:
+            log(f"seed {seed}: base stages")
+            base_stages(_seed_pipeline(out, seed, log, total), prof, seed, progress)
+        caches: dict[int, dict[str, Any]] = {}
+        for seed, i, v in tasks:
+            log(f"seed {seed}: variant {v.name} ({v.figure}: {v.what})")
+            done.append(run_variant(out, seed, v, prof, progress, log, i, total, caches.setdefault(seed, {})))
+    wall = time.perf_counter() - t0
+    timings = {f"{r['seed']}/{r['variant']}": r["timings"] for r in done}
+    rep = write_ablate_report(out, seeds, variants, STAGE_NAMES, prof, timings, wall)
+    summary = json.loads((rep / "summary.json").read_text())
+    return {"report": rep / "ablate.md", "summary": summary, "wall_seconds": wall}

@@ -1,0 +1,610 @@
+"""The report of `ppomax ablate` (:mod:`ppomax.demo.ablate`): per-run numbers, one verdict per claim, the PNGs.
+
+Every criterion is a plain function of a run's ``metrics.jsonl`` records (policy iterations, as
+:func:`ppomax.demo.report.policy_records` renumbers them) and its evaluation files, so the numbers in
+``ablate.md`` can be recomputed from the run directories:
+
+* :func:`run_numbers`: fig. 4's panels' start / peak / end (:func:`ppomax.demo.report.run_trajectories`), the
+  early-training numbers (first half of the run), over-optimisation and collapse, the step gold started to fall,
+  the collapse monitor's first firing (as logged, and replayed with the rule before and after issue 13).
+* :func:`verdicts`: the claims of the paper's fig. 6, 7, 8 and 12 and the demo's two, each decided on the seeds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+from ppomax.demo.report import (
+    PANELS,
+    _f,
+    _plt,
+    first_collapse_step,
+    moving_average,
+    plot_training_curves,
+    plot_win_tie_lose,
+    policy_records,
+    run_trajectories,
+    series,
+)
+
+# A gold fall smaller than this is noise: the sd of one rollout's gold mean is ~0.07 on this world, so a peak of a
+# 12-step moving average sits up to ~0.05 above the level it fluctuates around.
+GOLD_NOISE = 0.1
+OVER_OPT_FRACTION = 0.1  # the issue's "gold fell by >= 10% of its rise from its peak"
+
+
+def _gold(records: Sequence[dict[str, Any]]) -> list[float]:
+    return series(records, PANELS[1][1])[2]
+
+
+def _rm(records: Sequence[dict[str, Any]]) -> list[float]:
+    return series(records, PANELS[0][1])[2]
+
+
+def gold_fall_step(records: Sequence[dict[str, Any]], window: int | None = None) -> int | None:
+    """The first policy step at which gold's moving average (window 15% of the run) is :data:`GOLD_NOISE` below
+    its peak so far: when the gold reward has measurably started to fall. ``None``: it never did."""
+    gold = _gold(records)
+    if not gold:
+        return None
+    w = window or max(1, round(0.15 * len(gold)))
+    peak = float("-inf")
+    for i, v in enumerate(moving_average(gold, w)):
+        if i < w - 1:
+            continue
+        peak = max(peak, v)
+        if peak - v >= GOLD_NOISE:
+            return i + 1
+    return None
+
+
+def over_optimised(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's definition: gold fell from its peak by at least 10% of its rise (start -> peak), and by at
+    least :data:`GOLD_NOISE`, while the RM reward kept rising (its end above its value at gold's peak). Start, peak
+    and end as :func:`ppomax.demo.report.trajectory` (15% windows of the smoothed curve)."""
+    gold, rm = _gold(records), _rm(records)
+    if not gold or not rm:
+        return {"over_optimised": None}
+    n = len(gold)
+    w = max(1, round(0.15 * n))
+    smooth_g = moving_average(gold, w)[w - 1 :]
+    smooth_r = moving_average(rm, w)[w - 1 :]
+    start, end = fmean(gold[:w]), fmean(gold[-w:])
+    at = max(range(len(smooth_g)), key=smooth_g.__getitem__)
+    peak = smooth_g[at]
+    fall, rise = peak - end, peak - start
+    rm_end, rm_at_peak = fmean(rm[-w:]), smooth_r[at]
+    flag = fall >= max(OVER_OPT_FRACTION * max(rise, 0.0), GOLD_NOISE) and rm_end > rm_at_peak
+    return {
+        "over_optimised": bool(flag),
+        "gold_peak_step": at + w,
+        "gold_fall": fall,
+        "gold_rise": rise,
+        "rm_end_minus_at_gold_peak": rm_end - rm_at_peak,
+    }
+
+
+def early(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The first half of the run: KL per token at its end (mean of its last 15% of steps), gold's largest fall
+    within it (peak of the moving average minus its end), and the RM reward's roughness (sd of its step-to-step
+    changes: the fluctuation a better-trained critic should damp)."""
+    out: dict[str, float] = {}
+    half = max(2, len(records) // 2)
+    part = records[:half]
+    w = max(1, round(0.15 * half))
+    _, _, kl = series(part, PANELS[2][1])
+    out["kl_mid"] = fmean(kl[-w:]) if kl else float("nan")
+    gold = _gold(part)
+    if gold:
+        smooth = moving_average(gold, w)[w - 1 :]
+        out["gold_drop_early"] = max(smooth) - fmean(gold[-w:])
+    rm = _rm(part)
+    if len(rm) > 2:
+        diffs = [b - a for a, b in itertools.pairwise(rm)]
+        mu = fmean(diffs)
+        out["rm_roughness_early"] = (sum((d - mu) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5
+    return out
+
+
+def replay_monitor(records: Sequence[dict[str, Any]], drift: bool) -> int | None:
+    """The first step the collapse monitor fires on these records, with the default thresholds, with
+    (``drift``: the rule since issue 13) or without (the paper's joint signature only, the rule before) drift."""
+    from ppomax.collapse import KL, LENGTH, PPL, REWARD, CollapseMonitor
+    from ppomax.config import CollapseConfig
+
+    c = CollapseConfig()
+    mon = CollapseMonitor(
+        c.window, c.length_ratio, c.ppl_ratio, c.kl_per_token, c.drift_kl_per_token if drift else None
+    )
+    for r in records:
+        if not all(k in r for k in (KL, LENGTH, PPL, REWARD)):
+            continue
+        if mon.update(int(r["step"]), r) is not None:
+            return int(r["step"])
+    return None
+
+
+def run_numbers(
+    records: Sequence[dict[str, Any]], ev: dict[str, Any], heldout: dict[str, Any]
+) -> dict[str, Any]:
+    """Everything the report says about one run (see the module docstring)."""
+    tr = run_trajectories(records)
+    oo = over_optimised(records)
+    wtl = ev["judges"]["gold"]["win_tie_lose"]["overall"]
+    res: dict[str, Any] = {
+        "n_steps": len(records),
+        "trajectories": {k: {m: t[m] for m in ("start", "peak", "end")} for k, t in tr.items()},
+        **oo,
+        **early(records),
+        "gold_fall_step": gold_fall_step(records),
+        "monitor_logged": first_collapse_step(records),
+        "monitor_before": replay_monitor(records, drift=False),
+        "monitor_after": replay_monitor(records, drift=True),
+        "win_tie_lose": [wtl["win"], wtl["tie"], wtl["lose"]],
+        "eval_gold_policy": ev["judges"]["gold"]["mean_policy"],
+        "eval_gold_sft": ev["judges"]["gold"]["mean_baseline"],
+        "eval_kl_per_token": ev["policy"].get("kl_per_token"),
+        "heldout_loss": heldout["policy"],
+        "heldout_loss_sft": heldout["sft"],
+    }
+    # collapsed: the policy ends worse than SFT on most held-out prompts (it lost what SFT had)
+    res["collapsed"] = bool(wtl["lose"] > wtl["n"] / 2)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ verdicts
+
+
+def _mean(xs: Sequence[Any]) -> float:
+    vals = [float(x) for x in xs if isinstance(x, int | float) and not isinstance(x, bool)]
+    return fmean(vals) if vals else float("nan")
+
+
+def _majority(flags: Sequence[bool]) -> bool:
+    return sum(flags) * 2 > len(flags)
+
+
+def _per_seed(nums: dict[str, dict[int, dict[str, Any]]], name: str, key: str) -> list[Any]:
+    return [nums[name][s].get(key) for s in sorted(nums.get(name, {}))]
+
+
+def _list(xs: Sequence[Any], fmt: str = ".3f") -> str:
+    return "/".join(_f(x, fmt) if not isinstance(x, bool) else str(x) for x in xs)
+
+
+def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One verdict per claim, from the runs present (a claim whose variants did not run is "not run").
+
+    A comparison holds on a seed when the variant is better than its baseline there; a claim is "reproduced" when
+    every comparison it makes holds on a majority of the seeds that ran both sides."""
+    out: list[dict[str, Any]] = []
+
+    def have(*names: str) -> bool:
+        return all(n in nums and nums[n] for n in names)
+
+    def common(*names: str) -> list[int]:
+        seeds = set.intersection(*(set(nums[n]) for n in names))
+        return sorted(seeds)
+
+    def cmp(a: str, b: str, key: str, better: str = "lower") -> tuple[bool, str]:
+        seeds = common(a, b)
+        va = [nums[a][s].get(key) for s in seeds]
+        vb = [nums[b][s].get(key) for s in seeds]
+        ok = [
+            (x < y if better == "lower" else x > y)
+            for x, y in zip(va, vb, strict=True)
+            if isinstance(x, int | float) and isinstance(y, int | float)
+        ]
+        return _majority(ok), f"{key} {a} {_list(va)} vs {b} {_list(vb)} (seeds {'/'.join(map(str, seeds))})"
+
+    def verdict(claim: str, figure: str, checks: list[tuple[bool, str]], explain: str) -> None:
+        ok = all(c[0] for c in checks)
+        out.append(
+            {
+                "claim": claim,
+                "figure": figure,
+                "verdict": "reproduced" if ok else "not reproduced",
+                "numbers": "; ".join(c[1] for c in checks),
+                "explanation": "" if ok else explain,
+            }
+        )
+
+    def not_run(claim: str, figure: str, names: Sequence[str]) -> None:
+        missing = [n for n in names if not have(n)]
+        out.append(
+            {
+                "claim": claim,
+                "figure": figure,
+                "verdict": "not run",
+                "numbers": f"missing: {', '.join(missing)}",
+                "explanation": "",
+            }
+        )
+
+    # (a) fig. 6
+    names = ("vanilla", "reward_norm_0.3", "reward_norm_0.8", "adv_norm")
+    claim = "(a) reward normalisation + clipping and advantage normalisation stabilise early training"
+    if have(*names):
+        checks = []
+        for v in names[1:]:
+            checks.append(cmp(v, "vanilla", "kl_mid"))
+            checks.append(cmp(v, "vanilla", "gold_drop_early"))
+        seeds = common(*names)
+        lengths = {n: [nums[n][s]["trajectories"]["length"]["end"] for s in seeds] for n in names}
+        checks.append(
+            (True, "(context) length end " + ", ".join(f"{n} {_list(x, '.1f')}" for n, x in lengths.items()))
+        )
+        verdict(
+            claim,
+            "fig. 6",
+            checks,
+            "without a KL term nothing pulls the policy back, and re-scaling the score (reward normalisation) or "
+            "the advantages makes the RM's length bias, the largest part of its score's variance, a unit-scale "
+            "signal: see the lengths; the tricks lower KL but the gold reward falls as fast or faster. The paper's "
+            "'early' is ~100 of 1000 steps at lr 5e-7; hh-mini's runs drift within 20 of 80 at lr 1e-4.",
+        )
+    else:
+        not_run(claim, "fig. 6", names)
+    # (b) fig. 7
+    names = ("vanilla", "kl_penalty", "kl_reference_as_old")
+    claim = "(b) the KL penalty gives long-lasting stability; importance sampling (reference as old policy) trades reward for stability"
+    if have(*names):
+        seeds = common(*names)
+        kl_oo = [nums["kl_penalty"][s]["over_optimised"] for s in seeds]
+        va_oo = [nums["vanilla"][s]["over_optimised"] for s in seeds]
+        checks = [
+            (
+                _majority([not x for x in kl_oo]) and _majority(va_oo),
+                f"over-optimised: kl_penalty {_list(kl_oo)} vs vanilla {_list(va_oo)}",
+            ),
+            cmp("kl_penalty", "vanilla", "gold_fall"),
+        ]
+        rm_kl = [nums["kl_penalty"][s]["trajectories"]["rm"]["end"] for s in seeds]
+        rm_is = [nums["kl_reference_as_old"][s]["trajectories"]["rm"]["end"] for s in seeds]
+        checks.append(
+            (
+                _majority([a < b for a, b in zip(rm_is, rm_kl, strict=True)]),
+                f"RM reward end kl_reference_as_old {_list(rm_is)} vs kl_penalty {_list(rm_kl)}",
+            )
+        )
+        checks.append(cmp("kl_reference_as_old", "kl_penalty", "kl_mid"))
+        verdict(
+            claim,
+            "fig. 7",
+            checks,
+            "see the numbers: a comparison that fails names which half of the claim does not hold here; with the "
+            "reference as the old policy every ratio is pi/pi_ref, so the clip bounds the distance to the reference "
+            "itself, which at this learning rate may already be the binding constraint with or without the penalty.",
+        )
+    else:
+        not_run(claim, "fig. 7", names)
+    # (c) fig. 8
+    names = ("vanilla", "critic_pretrain", "ppo_max", "policy_pretrained")
+    claim = "(c) critic pre-training smooths early training; a policy without SFT fails"
+    if have(*names):
+        seeds = common(*names)
+        wl = [nums["policy_pretrained"][s]["win_tie_lose"] for s in seeds]
+        checks = [
+            cmp("critic_pretrain", "vanilla", "rm_roughness_early"),
+            cmp("critic_pretrain", "vanilla", "kl_mid"),
+            cmp("policy_pretrained", "ppo_max", "eval_gold_policy", better="lower"),
+            (
+                _majority([w[2] > w[0] for w in wl]),
+                f"policy_pretrained vs SFT win/tie/lose {', '.join('/'.join(map(str, w)) for w in wl)}",
+            ),
+        ]
+        verdict(
+            claim,
+            "fig. 8",
+            checks,
+            "hh-mini's critic starts from the RM, which already predicts the score at the last token, and 80 "
+            "iterations on a 1M model leave little 'early' phase to smooth; and the pre-trained model answers "
+            "dialogues too (its corpus holds dialogues), so it is a weaker but not an incapable policy.",
+        )
+    else:
+        not_run(claim, "fig. 8", names)
+    # (d) fig. 12
+    names = ("ppo_max", "ppo_ptx")
+    claim = "(d) PPO-ptx lowers the alignment tax (held-out pretraining-text loss)"
+    if have(*names):
+        seeds = common(*names)
+        tax_max = [nums["ppo_max"][s]["heldout_loss"] - nums["ppo_max"][s]["heldout_loss_sft"] for s in seeds]
+        tax_ptx = [nums["ppo_ptx"][s]["heldout_loss"] - nums["ppo_ptx"][s]["heldout_loss_sft"] for s in seeds]
+        verdict(
+            claim,
+            "fig. 12",
+            [
+                (
+                    _majority([a < b for a, b in zip(tax_ptx, tax_max, strict=True)]),
+                    f"loss - SFT's (nats/token): ppo_ptx {_list(tax_ptx, '+.4f')} vs ppo_max {_list(tax_max, '+.4f')}",
+                )
+            ],
+            "PPO-max's KL penalty (0.5) already keeps the policy so close to SFT that there is little tax to lower, "
+            "and the ptx loss here is on SFT demonstrations, not on the pretraining corpus the loss is measured on.",
+        )
+    else:
+        not_run(claim, "fig. 12", names)
+    # the demo's two
+    if have("vanilla"):
+        seeds = sorted(nums["vanilla"])
+        oo = [nums["vanilla"][s]["over_optimised"] for s in seeds]
+        verdict(
+            "(demo) vanilla PPO over-optimises the reward model",
+            "fig. 4",
+            [
+                (
+                    _majority(oo),
+                    f"over-optimised per seed {_list(oo)}; gold fall {_list(_per_seed(nums, 'vanilla', 'gold_fall'))}",
+                )
+            ],
+            "in this run length the policy found no exploit of this seed's RM that lowers the gold reward "
+            "(compare its KL and length: a vanilla run that barely moved has nothing to over-optimise with).",
+        )
+    if have("ppo_max"):
+        seeds = sorted(nums["ppo_max"])
+        wl = [nums["ppo_max"][s]["win_tie_lose"] for s in seeds]
+        verdict(
+            "(demo) PPO-max beats SFT by the gold judge",
+            "fig. 10",
+            [
+                (
+                    _majority([w[0] > w[2] for w in wl]),
+                    f"win/tie/lose {', '.join('/'.join(map(str, w)) for w in wl)}",
+                )
+            ],
+            "PPO-max's gains over SFT are small on this world (a few hundredths of gold reward): one sampled answer "
+            "per prompt and a tie margin of 0.1 make the count noisy.",
+        )
+    return out
+
+
+def confusion(nums: dict[str, dict[int, dict[str, Any]]], key: str) -> dict[str, int]:
+    """Fired (``key``: monitor_before / monitor_after / monitor_logged) x over-optimised, over all runs."""
+    t = {"fired_oo": 0, "fired_ok": 0, "silent_oo": 0, "silent_ok": 0}
+    for runs in nums.values():
+        for r in runs.values():
+            if r.get("over_optimised") is None:
+                continue
+            fired = r.get(key) is not None
+            t[("fired" if fired else "silent") + ("_oo" if r["over_optimised"] else "_ok")] += 1
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------- plots
+
+
+def mean_records(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Step-wise mean over seeds of the fig. 4 panels' metrics (steps present in every run)."""
+    n = min((len(r) for r in runs), default=0)
+    keys = {k for _, ks in PANELS for k in ks}
+    out = []
+    for i in range(n):
+        row: dict[str, Any] = {"step": i + 1}
+        for k in keys:
+            vals = [r[i][k] for r in runs if isinstance(r[i].get(k), int | float)]
+            if len(vals) == len(runs):
+                row[k] = fmean(vals)
+        out.append(row)
+    return out
+
+
+def plot_heldout(rows: Sequence[tuple[str, list[float]]], path: str | os.PathLike[str]) -> Path:
+    """Fig. 12's comparison on hh-mini: held-out pretraining-text loss per model (bar: mean over seeds; dots: seeds)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for i, (_name, vals) in enumerate(rows):
+        ax.bar(i, fmean(vals), color=f"C{i}", alpha=0.7)
+        ax.scatter([i] * len(vals), vals, color="black", s=12, zorder=3)
+    ax.set_xticks(range(len(rows)), [r[0] for r in rows])
+    lo = min(min(v) for _, v in rows)
+    hi = max(max(v) for _, v in rows)
+    ax.set_ylim(lo - 0.2 * (hi - lo + 1e-3), hi + 0.2 * (hi - lo + 1e-3))
+    ax.set_ylabel("NLL per token on held-out pretraining text")
+    ax.set_title("Alignment tax (paper fig. 12: language ability after PPO)")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- report
+
+
+def _load(
+    out: Path, seeds: Sequence[int], variants: Sequence[Any], stage_names: dict[str, str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    from ppomax.monitor import read_metrics
+
+    records: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    nums: dict[str, dict[int, dict[str, Any]]] = {}
+    for v in variants:
+        for s in seeds:
+            d = out / f"seed-{s}"
+            recs = policy_records(read_metrics(d / stage_names[v.name] / "metrics.jsonl"))
+            ev = json.loads((d / f"eval_{v.name}" / "vs_sft.json").read_text())
+            held = json.loads((d / f"eval_{v.name}" / "heldout_lm.json").read_text())
+            records.setdefault(v.name, {})[s] = recs
+            nums.setdefault(v.name, {})[s] = run_numbers(recs, ev, held)
+    return records, nums
+
+
+def _step(x: Any) -> str:
+    return "never" if x is None else str(x)
+
+
+def write_ablate_report(
+    out: Path,
+    seeds: Sequence[int],
+    variants: Sequence[Any],
+    stage_names: dict[str, str],
+    prof: Any,
+    timings: dict[str, Any],
+    wall: float,
+) -> Path:
+    """``out/report/``: ablate.md, summary.json and the PNGs; returns the report directory."""
+    rep = out / "report"
+    rep.mkdir(parents=True, exist_ok=True)
+    records, nums = _load(out, seeds, variants, stage_names)
+    figures: dict[str, list[Any]] = {}
+    for v in variants:
+        # PPO-max is drawn in every figure that compares against it; fig. 4 is vanilla against PPO-max
+        if v.figure != "fig. 5":
+            figures.setdefault(v.figure, []).append(v)
+    pngs = {}
+    for fig_name, vs in figures.items():
+        names = [v.name for v in vs]
+        # each figure is drawn against its baseline, as the paper draws it
+        base = "ppo_max" if fig_name in ("fig. 12",) or all(v.preset != "vanilla" for v in vs) else "vanilla"
+        if base in records and base not in names:
+            names = [base, *names]
+        if fig_name in ("fig. 4", "fig. 8") and "ppo_max" in records and "ppo_max" not in names:
+            names.append("ppo_max")
+        runs = {n: mean_records(list(records[n].values())) for n in names if n in records}
+        png = f"fig{fig_name.split()[-1]}.png"
+        title = f"hh-mini, paper {fig_name} variants (mean over seeds {', '.join(map(str, seeds))})"
+        plot_training_curves(runs, rep / png, title=title)
+        pngs[fig_name] = png
+    wtl_rows = []
+    for v in variants:
+        w = [sum(nums[v.name][s]["win_tie_lose"][i] for s in seeds) for i in range(3)]
+        n = sum(w)
+        wtl_rows.append((v.name, {"win_rate": w[0] / n, "tie_rate": w[1] / n, "lose_rate": w[2] / n}))
+    plot_win_tie_lose(wtl_rows, rep / "win_tie_lose.png", "Each variant vs SFT by the gold judge (all seeds)")
+    held_rows = [("sft", [nums[variants[0].name][s]["heldout_loss_sft"] for s in seeds])]
+    held_rows += [
+        (v.name, [nums[v.name][s]["heldout_loss"] for s in seeds])
+        for v in variants
+        if v.name in ("ppo_max", "ppo_ptx", "vanilla")
+    ]
+    plot_heldout(held_rows, rep / "alignment_tax.png")
+    vs = verdicts(nums)
+
+    md = ["# `ppomax ablate`: the paper's ablations on hh-mini", ""]
+    md += [
+        f"Profile `{prof.name}` ({prof.ppo_iterations} PPO iterations per run), seeds {', '.join(map(str, seeds))}, "
+        f"{len(variants)} variants; wall time of this invocation {wall:.0f} s (cached stages count 0).",
+        "Each variant is a preset plus `--set` overrides (`ppomax.demo.ablate.VARIANTS`); the gold reward is logged "
+        "during PPO, never optimised. Numbers per run are in `summary.json`.",
+        "",
+        "## Verdicts",
+        "",
+        "| claim | paper | verdict | numbers | likely explanation (when not reproduced) |",
+        "|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {v['claim']} | {v['figure']} | **{v['verdict']}** | {v['numbers']} | {v['explanation']} |"
+        for v in vs
+    ]
+    md += [
+        "",
+        "Criteria: *early* = the first half of a run; `kl_mid` = KL per token at its end, `gold_drop_early` = gold's "
+        "fall from its peak within it, `rm_roughness_early` = sd of the RM reward's step-to-step changes in it; "
+        f"*over-optimised* = gold fell from its peak by >= 10% of its rise and >= {GOLD_NOISE} while the RM reward "
+        "ended above its value at gold's peak; *collapsed* = loses to SFT on more than half the held-out prompts. "
+        "A comparison holds when it holds on a majority of seeds.",
+        "",
+        "## Variants",
+        "",
+        "| variant | paper | preset | overrides | what |",
+        "|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {v.name} | {v.figure} | {v.preset} | {' '.join(f'`{o}`' for o in v.overrides) or '-'} | {v.what} |"
+        for v in variants
+    ]
+    md += ["", "## Per run", ""]
+    md += [
+        "| variant | seed | RM start/peak/end | gold start/peak/end | KL/token end | ppl end | length end | "
+        "over-optimised | collapsed | gold vs SFT w/t/l | held-out loss (SFT) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in variants:
+        for s in seeds:
+            r = nums[v.name][s]
+            t = r["trajectories"]
+            md.append(
+                f"| {v.name} | {s} | {_f(t['rm']['start'], '.2f')}/{_f(t['rm']['peak'], '.2f')}/{_f(t['rm']['end'], '.2f')} | "
+                f"{_f(t['gold']['start'], '.2f')}/{_f(t['gold']['peak'], '.2f')}/{_f(t['gold']['end'], '.2f')} | "
+                f"{_f(t['kl']['end'], '.3f')} | {_f(t['ppl']['end'], '.3f')} | {_f(t['length']['end'], '.1f')} | "
+                f"{'yes' if r['over_optimised'] else 'no'} | {'yes' if r['collapsed'] else 'no'} | "
+                f"{'/'.join(map(str, r['win_tie_lose']))} | {_f(r['heldout_loss'], '.4f')} ({_f(r['heldout_loss_sft'], '.4f')}) |"
+            )
+    md += ["", "## Training curves (paper fig. 4's panels, one figure per paper figure)", ""]
+    md += [f"### {k}\n\n![{k}]({p})\n" for k, p in pngs.items()]
+    md += ["## Against SFT by the gold judge", "", "![win/tie/lose](win_tie_lose.png)", ""]
+    md += ["## Alignment tax (fig. 12)", "", "![alignment tax](alignment_tax.png)", ""]
+    md += [
+        "## The collapse monitor against the gold truth",
+        "",
+        "Per run: the step gold started to fall (its moving average 0.1 below its peak so far), and the first step "
+        "the monitor fires with the rule before issue 13 (the paper's joint signature: length up, perplexity down, "
+        "KL up) and after (also drift: KL per token >= `collapse.drift_kl_per_token` and still rising while the "
+        "reward is above its baseline), replayed on the run's metrics with the default thresholds; `logged` is "
+        "what the run itself logged.",
+        "",
+        "| variant | seed | over-optimised | gold starts falling | monitor before | monitor after | logged |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for v in variants:
+        for s in seeds:
+            r = nums[v.name][s]
+            md.append(
+                f"| {v.name} | {s} | {'yes' if r['over_optimised'] else 'no'} | {_step(r['gold_fall_step'])} | "
+                f"{_step(r['monitor_before'])} | {_step(r['monitor_after'])} | {_step(r['monitor_logged'])} |"
+            )
+    tables = {k: confusion(nums, f"monitor_{k}") for k in ("before", "after")}
+    md += [
+        "",
+        "| rule | fired & over-optimised | fired & healthy | silent & over-optimised | silent & healthy |",
+        "|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {k} | {t['fired_oo']} | {t['fired_ok']} | {t['silent_oo']} | {t['silent_ok']} |"
+        for k, t in tables.items()
+    ]
+    for rule in ("before", "after"):
+        leads = [
+            r["gold_fall_step"] - r[f"monitor_{rule}"]
+            for runs in nums.values()
+            for r in runs.values()
+            if r["over_optimised"] and r[f"monitor_{rule}"] is not None and r["gold_fall_step"] is not None
+        ]
+        if leads:
+            md.append(
+                f"\n{rule.capitalize()}: on the over-optimised runs it caught, the monitor fired "
+                f"{_f(fmean(leads), '.1f')} steps (min {min(leads)}, max {max(leads)}) before gold had fallen by "
+                f"{GOLD_NOISE} (negative: after)."
+            )
+    # stage seconds as each stage's done.json recorded them when it ran (a cached stage keeps its old time)
+    base = ("world", "tokenizer", "pretrain", "sft", "rm")
+    md += ["", "## Timings", "", "| seed | run | stage seconds |", "|---|---|---|"]
+    seen: set[str] = set()
+    for k, v in timings.items():
+        seed = k.split("/")[0]
+        if seed not in seen:
+            seen.add(seed)
+            md.append(f"| {seed} | base stages | {', '.join(f'{n} {v[n]:.0f}' for n in base if n in v)} |")
+        md.append(
+            f"| {seed} | {k.split('/', 1)[1]} | {', '.join(f'{n} {t:.0f}' for n, t in v.items() if n not in base)} |"
+        )
+    md.append("")
+    (rep / "ablate.md").write_text("\n".join(md), encoding="utf-8")
+    summary = {
+        "profile": prof.name,
+        "seeds": list(seeds),
+        "variants": [v.name for v in variants],
+        "verdicts": vs,
+        "collapse_monitor": tables,
+        "runs": {k: {str(s): r for s, r in v.items()} for k, v in nums.items()},
+        "timings": timings,
+        "wall_seconds": wall,
+    }
+    (rep / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return rep
