@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from torch import Tensor
 
@@ -69,11 +70,15 @@ def score_experience(
     """Fill the scoring-pass fields of ``exp`` in place (see :class:`Experience`). ``critic=None`` skips values
     (evaluation). Models are used as given (pass unwrapped ones: no gradient, no DDP synchronisation).
     ``chunk_size`` rows per forward bound the [rows, R, V] logits in memory (``ppo.micro_batch_size``)."""
-    width, n = exp.prompt_width, exp.batch_size
+    n, r_all = exp.batch_size, exp.response_width
     step = chunk_size or n
     out: dict[str, list[Tensor]] = {}
     for lo in range(0, n, step):
-        seqs, mask = exp.sequences[lo : lo + step], exp.attention_mask[lo : lo + step]
+        # A chunk drops the columns that are padding in all its rows (Experience.select): position ids come
+        # from the mask, so a row's outputs are those of the whole batch (to float rounding); its per-token
+        # outputs are padded back to the batch's R with zeros (off the response mask, never read).
+        chunk = exp if step >= n else exp.select(list(range(lo, min(lo + step, n))))
+        seqs, mask, width = chunk.sequences, chunk.attention_mask, chunk.prompt_width
         labels = seqs[:, width:]
         for name, model in (("", policy), ("ref_", reference)):
             logits = fwd.response_logits(model, seqs, mask, width)
@@ -88,8 +93,13 @@ def score_experience(
         if critic is not None:
             out.setdefault("values", []).append(fwd.values(critic, seqs, mask, width))
     for name, parts in out.items():
-        setattr(exp, name, torch.cat(parts))
+        setattr(exp, name, torch.cat([_pad_right(t, r_all) for t in parts]))
     exp.scores, exp.score_parts = rewards(exp, eos_ids)
+
+
+def _pad_right(t: Tensor, width: int) -> Tensor:
+    """[B, r] -> [B, width], zeros on the right (the tensor itself when it is that wide already)."""
+    return t if t.shape[1] == width else F.pad(t, (0, width - t.shape[1]))
 
 
 def final_scores(
