@@ -28,8 +28,122 @@ def flat(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+class CountForwards:
+    """Counts ``Forward.response_logits`` calls per model (the scoring pass's and the update's policy/reference
+    forwards; generation does not go through it)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[int] = []
+        real = ppo_step.Forward.response_logits
+
+        def spy(fwd, model, *args, **kwargs):
+            self.calls.append(id(model))
+            return real(fwd, model, *args, **kwargs)
+
+        monkeypatch.setattr(ppo_step.Forward, "response_logits", spy)
+
+    def of(self, model) -> int:
+        return self.calls.count(id(model))
+
+
 def _metrics(m: dict) -> dict:
     return {k: v for k, v in m.items() if not k.startswith(("time/", "perf/"))}
+
+
+# ------------------------------------------------------------------------- old log-probs from the update
+
+
+def _fused_and_apart(setup, tmp_path, monkeypatch, *over):
+    """(metrics of two iterations, policy weights, critic weights) with the fused scoring and without it."""
+    runs = []
+    for fused in (True, False):
+        with monkeypatch.context() as mp:
+            if not fused:
+                mp.setattr(ppo_step.Updater, "fuses_scoring", lambda self: False)
+            count = CountForwards(mp)
+            tr = make(setup, tmp_path / str(fused), *over)
+            assert tr.updater.fuses_scoring() == fused
+            metrics = [_metrics(tr.iteration(step)) for step in (1, 2)]
+            p = tr.cfg.ppo
+            batches, pretrain = p.buffer_size // p.rollout_batch_size, p.critic_pretrain_steps
+            # the update's policy forwards (none in critic pre-training), and the scoring pass's: all of them
+            # apart, those of critic pre-training only when fused
+            scoring = 2 * batches if not fused else pretrain * batches
+            assert count.of(tr.policy) == (2 - pretrain) + scoring
+            runs.append((metrics, flat(tr.policy), flat(tr.critic)))
+    return runs
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        (),
+        ("ppo.critic_pretrain_steps=1",),
+        ("generation.temperature=0.7", "ppo.entropy_coef=0.01", "ppo.kl_estimator=k3"),
+        ("ppo.importance_sampling=false", "model.reference=REF"),
+        (reward_fn("ppo_helpers:some_nonfinite", finite=5),),
+    ],
+    ids=["ppo_max", "critic_pretrain", "temperature_entropy_k3", "no_importance_sampling", "some_nan_scores"],
+)
+def test_one_epoch_over_one_minibatch_takes_the_old_logprobs_from_the_update(
+    setup, tmp_path, monkeypatch, over
+):
+    """ppo_epochs 1, minibatch = buffer, one micro-batch: the scoring pass runs neither the policy nor the critic
+    (the update's first forward gives them). One rollout batch per buffer: the update's forward runs the same
+    ops on the same rows (permuted) as the scoring pass would, so two iterations give bit for bit the metrics and
+    weights of the run that scores apart."""
+    over = tuple(o.replace("REF", str(setup.root / "reference")) for o in over)
+    (m_fused, p_fused, c_fused), (m_apart, p_apart, c_apart) = _fused_and_apart(
+        setup, tmp_path, monkeypatch, "ppo.rollout_batch_size=8", *over
+    )
+    diff = {
+        (i, k): (a[k], b[k])
+        for i, (a, b) in enumerate(zip(m_fused, m_apart, strict=True))
+        for k in a
+        if a[k] != b[k] and not (a[k] != a[k] and b[k] != b[k])  # NaN == NaN here
+    }
+    assert not diff, diff
+    assert torch.equal(p_fused, p_apart) and torch.equal(c_fused, c_apart)
+
+
+def test_fused_scoring_over_several_rollout_batches_differs_by_rounding_only(setup, tmp_path, monkeypatch):
+    """Two rollout batches of 4: the scoring pass would run each batch at its own width, the update runs the
+    merged buffer at the widest one; the outputs of a row do not depend on its padding (position ids from the
+    mask), so the two runs differ only by float rounding: metrics and weights within 1e-5 after two iterations
+    (observed: ~1e-7 relative)."""
+    (m_fused, p_fused, c_fused), (m_apart, p_apart, c_apart) = _fused_and_apart(setup, tmp_path, monkeypatch)
+    for a, b in zip(m_fused, m_apart, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    torch.testing.assert_close(p_fused, p_apart, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c_fused, c_apart, rtol=1e-5, atol=1e-6)
+
+
+def test_no_fusion_where_the_update_cannot_give_the_old_logprobs(setup, tmp_path):
+    """Two epochs, two minibatches or two micro-batches: the old log-probs must exist before the first step, or
+    before the first micro-batch's loss (the minibatch's advantages are whitened together)."""
+    for over in ("ppo.ppo_epochs=2", "ppo.minibatch_size=4", "ppo.micro_batch_size=4"):
+        assert not make(setup, tmp_path / over, over).updater.fuses_scoring()
+    assert make(setup, tmp_path / "one", "ppo.micro_batch_size=8").updater.fuses_scoring()
+
+
+def test_a_fused_buffer_without_a_finite_score_still_gets_its_logprobs_and_values(setup, tmp_path):
+    """No finite score: no update, but the metrics (KL, entropy, values) still describe what was generated."""
+    tr = PPOTrainer(
+        config(
+            setup,
+            reward_fn("ppo_helpers:some_nonfinite", finite=0),
+            "ppo.critic_init=sft",
+            rm=False,
+            out=str(tmp_path / "run"),
+        )
+    )
+    assert tr.updater.fuses_scoring()
+    m = tr.iteration(1)
+    assert m["nonfinite/skipped"] == 1
+    for key in ("kl/per_token", "policy/entropy", "critic/value_mean"):
+        assert torch.isfinite(torch.as_tensor(m[key])), key
 
 
 # ------------------------------------------------------------------------- padding not computed

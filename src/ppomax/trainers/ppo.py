@@ -7,6 +7,10 @@ One iteration (:meth:`PPOTrainer.iteration`, ``step``)::
     merge the batches into one Experience                                    experience.py
     moments, score re-parameterisation, token rewards, GAE                   ppo_step.compute_advantages
     ppo_epochs x minibatches: losses, clip, step                             ppo_step.Updater
+
+With one epoch over one minibatch (the whole buffer, one micro-batch) the scoring pass skips policy and critic:
+their old log-probs, entropy and values are the update's first forward's, detached, and the token rewards and
+GAE are computed between that forward and its loss (``Updater.fuses_scoring``: exact, the ratio is 1).
     metrics (paper 5.2), reduced over ranks                                  algos.rollout_statistics
 
 then (:meth:`PPOTrainer.train`) log; maybe evaluate (ppo_eval.evaluate), checkpoint, stop, on the run engine
@@ -61,7 +65,7 @@ from .launch import prepare_frozen, prepare_trained, sharded_forward
 from .ppo_data import IndexStream, PromptSet, PTXSet, load_prompt_set, load_ptx_set, pad_id_of
 from .ppo_eval import evaluate
 from .ppo_models import Forward, load_models
-from .ppo_step import Optimised, Rollouts, Updater, compute_advantages
+from .ppo_step import Optimised, Rollouts, Updater, compute_advantages, score_targets
 from .reduce import reduce_metrics
 from .run import StopFlag, open_run
 
@@ -254,8 +258,10 @@ class PPOTrainer:
     def generate(self, indices: list[int], prompts: PromptSet, greedy: bool = False) -> Experience:
         return self.rollouts.generate(prompts, indices, greedy=greedy)
 
-    def score(self, exp: Experience, values: bool = True, step: int | None = None) -> None:
-        self.rollouts.score(exp, values=values, step=step)
+    def score(
+        self, exp: Experience, values: bool = True, step: int | None = None, policy: bool = True
+    ) -> None:
+        self.rollouts.score(exp, values=values, step=step, policy=policy)
 
     # ------------------------------------------------------------------ one iteration
 
@@ -263,19 +269,24 @@ class PPOTrainer:
         """Rollout, scoring, advantages and updates for iteration ``step`` (1-based); returns its metrics."""
         p = self.cfg.ppo
         critic_only = step <= p.critic_pretrain_steps
+        # one epoch over one minibatch: the update's forwards give the old log-probs and values (exactly)
+        fused = self.updater.fuses_scoring()
         clock = Stopwatch(self.acc.device)
         batches = []
         for _ in range(p.buffer_size // p.rollout_batch_size):
             with clock("generation"):
                 exp = self.generate(self.data.prompt_stream.take(p.rollout_batch_size), self.data.prompts)
             with clock("scoring"):
-                self.score(exp, step=step)
+                self.score(exp, step=step, values=not fused, policy=critic_only or not fused)
             batches.append(exp)
         exp = Experience.cat(batches, self.data.pad_id)
         with clock("scoring"):
-            compute_advantages(exp, p, self.cfg.generation, self.moments)
+            if fused:
+                score_targets(exp, p, self.cfg.generation, self.moments)
+            else:
+                compute_advantages(exp, p, self.cfg.generation, self.moments)
         with clock("training"):
-            train_metrics = self.updater.update(exp, step, critic_only)
+            train_metrics = self.updater.update(exp, step, critic_only, fused=fused)
         return self.iteration_metrics(exp, train_metrics, critic_only, clock)
 
     def iteration_metrics(
