@@ -234,3 +234,48 @@ def test_update_micro_batches_of_uneven_lengths_give_the_same_iteration(setup, t
         assert m1[k] == pytest.approx(m0[k], rel=1e-5, abs=1e-6), k
     torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- no logits nobody reads
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_no_forward_computes_logits_nobody_reads(setup, tmp_path, fused):
+    """Over an iteration and an evaluation: the critic's and the reward model's LM heads never run (values and
+    scores read the final hidden state), and the policy's and the reference's run on at most the R + 1 last
+    positions of a batch (response scoring: logits_to_keep) or on one position per step (generation)."""
+    over = () if fused else ("ppo.minibatch_size=4",)
+    tr = make(
+        setup,
+        tmp_path,
+        f"model.reference={setup.root / 'reference'}",
+        f"data.valid_prompts={setup.valid}",
+        *over,
+    )
+    assert tr.updater.fuses_scoring() == fused
+    seen: dict[str, list[int]] = {}
+    heads = {
+        "policy": tr.unwrapped(tr.policy).get_output_embeddings(),
+        "reference": tr.models.reference.get_output_embeddings(),
+        "critic": tr.unwrapped(tr.critic).backbone.get_output_embeddings(),
+        "reward": tr.models.reward_model.backbone.get_output_embeddings(),
+    }
+    for name, head in heads.items():
+        head.register_forward_hook(
+            lambda _m, inputs, _o, name=name: seen.setdefault(name, []).append(inputs[0].shape[1])
+        )
+    widths: list[int] = []
+    real = tr.score
+
+    def score(exp, **kw):
+        widths.append(exp.response_width)
+        return real(exp, **kw)
+
+    tr.score = score
+    tr.iteration(1)
+    tr.evaluate(1)
+    assert "critic" not in seen and "reward" not in seen
+    r = max(widths)
+    assert seen["policy"] and seen["reference"]
+    assert max(seen["policy"]) <= r + 1 and max(seen["reference"]) <= r + 1
+    assert sorted(set(seen["policy"]))[0] == 1  # generation: the last position only, prefill included
