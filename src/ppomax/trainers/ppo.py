@@ -28,6 +28,10 @@ Two decisions DESIGN.md asks to make explicit:
   the same way). Top-p/top-k truncation and the repetition penalty are *not* applied: they are sampling-time
   heuristics whose truncated distributions have no gradient outside the nucleus. ``raw`` uses temperature-1
   logits (the model's own distribution), as some implementations do. Perplexities are always from raw logits.
+  ``generate`` is ``sampling`` with the policy's log-probs (and entropy) taken from the logits of the sampling
+  pass itself (KV-cached) instead of a second forward; the reference is still scored. The two differ by float
+  rounding only; ``policy/logprob_mismatch_{max,mean}`` log that gap every iteration, free: the update's
+  first minibatch's forward (before any step) is the recompute. Evaluation (greedy) always recomputes.
 * ``generation.truncated_response``: a response that hits ``max_new_tokens`` without EOS is ``score``-d as is
   (default: the RM sees a cut text, as in MOSS-RLHF), or gets ``truncated_penalty`` as its final score
   (``penalty``, in the units of the re-parameterised score; such scores stay out of the running moments).
@@ -187,7 +191,8 @@ class PPOTrainer:
             reward_model=reward_model,
         )
 
-        temperature = cfg.generation.temperature if cfg.generation.logprobs_from == "sampling" else 1.0
+        from_generate = cfg.generation.logprobs_from == "generate"
+        temperature = cfg.generation.temperature if cfg.generation.logprobs_from != "raw" else 1.0
         fwd = Forward(acc.unwrap_model(policy), temperature)
         eos_ids = eos_ids_of(m.tokenizer, m.policy)
         self.rollouts = Rollouts(
@@ -203,6 +208,7 @@ class PPOTrainer:
             reference=models.reference,
             critic=acc.unwrap_model(critic),
             chunk_size=p.micro_batch_size,
+            logprobs_from_generate=from_generate,
         )
         self.moments = RunningMoments(all_reduce)
         c = cfg.collapse
@@ -216,6 +222,7 @@ class PPOTrainer:
             seed=cfg.seed,
             all_reduce=all_reduce,
             ptx_batch=(lambda k: data.next_ptx(k, acc.device)) if data.ptx else None,
+            measure_mismatch=from_generate,
         )
         self.collapse_stopped = False
         run.track(

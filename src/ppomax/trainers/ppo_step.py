@@ -183,6 +183,9 @@ class Rollouts:
     critic: Any
     chunk_size: int | None = None
     """Rows per scoring forward (``ppo.micro_batch_size``): bounds the [rows, R, V] logits in memory."""
+    logprobs_from_generate: bool = False
+    """``generation.logprobs_from: generate``: sampled rollouts carry the policy's log-probs and entropy from
+    the sampling pass's logits, and the scoring pass does not run the policy on them."""
 
     def generate(self, prompts: PromptSet, indices: list[int], greedy: bool = False) -> Experience:
         """Responses to ``prompts[indices]`` (sampled as ``generation`` says, or greedy)."""
@@ -198,6 +201,8 @@ class Rollouts:
             prompts=batch["prompts"],
             meta=batch["meta"],
             greedy=greedy,
+            # evaluation (greedy) recomputes: its KL and perplexity stay comparable across settings
+            logprobs_temperature=self.fwd.temperature if self.logprobs_from_generate and not greedy else None,
         )
 
     def score(
@@ -209,7 +214,7 @@ class Rollouts:
         try:
             score_experience(
                 exp,
-                policy=self.policy if policy else None,
+                policy=self.policy if policy and exp.logprobs is None else None,
                 reference=self.reference,
                 critic=self.critic if values else None,
                 fwd=self.fwd,
@@ -288,6 +293,9 @@ class Updater:
     seed: int
     all_reduce: AllReduce | None = None
     ptx_batch: Callable[[int], dict[str, Tensor]] | None = None
+    measure_mismatch: bool = False
+    """Log ``policy/logprob_mismatch_{max,mean}``: |old log-prob - the update's first forward's| over the first
+    minibatch's response tokens (before any step: the old log-probs' error, e.g. from the sampling pass)."""
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
 
@@ -339,8 +347,10 @@ class Updater:
                         with torch.no_grad():
                             fill(self._forward(mb, critic_only))
                     continue
+                self._measuring = self.measure_mismatch and not trained and not critic_only
                 trained = True
                 metrics, ok = self._minibatch(mb, critic_only, fill)
+                self._measuring = False
                 skipped += int(not ok)
                 for k, v in metrics.items():
                     acc.setdefault(k, []).append(v)
@@ -373,7 +383,10 @@ class Updater:
         def fill(outputs: tuple[Tensor | None, Tensor]) -> Experience:
             logits, values = outputs
             rows = full.select(perm)  # all rows (the KL of a row left out of training is still monitored)
-            if logits is not None:
+            names = ["values", "kl", "rewards", "advantages", "returns"]
+            if rows.logprobs is None:  # else from the sampling pass (generation.logprobs_from: generate)
+                assert logits is not None, "critic-only iterations score the policy in the scoring pass"
+                names += ["logprobs", "raw_logprobs", "entropy"]
                 logits, labels = logits.detach(), rows.responses_ids
                 rows.logprobs = fwd.logprobs(logits, labels)
                 rows.raw_logprobs = (
@@ -382,8 +395,7 @@ class Updater:
                 rows.entropy = fwd.entropy(logits)
             rows.values = values.detach()
             token_advantages(rows, self.ppo)
-            names = ("values", "kl", "rewards", "advantages", "returns")
-            for name in names if critic_only else ("logprobs", "raw_logprobs", "entropy", *names):
+            for name in names:
                 part = getattr(rows, name)
                 into = torch.zeros(full.response_mask.shape, dtype=part.dtype, device=part.device)
                 into[perm.to(part.device), : part.shape[1]] = part
@@ -483,6 +495,12 @@ class Updater:
             logprobs = self.fwd.logprobs(logits, mb.responses_ids)
             old = mb.logprobs if p.importance_sampling else mb.ref_logprobs
             pg, pm = policy_loss(logprobs, old, mb.advantages, mask, p.clip_ratio)
+            if getattr(self, "_measuring", False):
+                gap = torch.where(mask, (logprobs.detach() - mb.logprobs).abs(), 0.0)
+                n = mask.sum().clamp(min=1)
+                metrics.update(
+                    {"policy/logprob_mismatch_max": gap.max(), "policy/logprob_mismatch_mean": gap.sum() / n}
+                )
             loss = loss + pg
             # Without importance sampling the ratio is pi/pi_ref: its metrics measure the distance to the
             # reference, so they carry "_vs_ref" and never the names of the distance to the sampling policy.
