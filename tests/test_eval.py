@@ -100,21 +100,6 @@ def test_token_stats_match_a_plain_loop(models):
     torch.testing.assert_close(alone.logp, same.logp)
 
 
-def test_token_stats_compute_no_logits_for_the_prompt_columns_of_every_row(models):
-    """The LM heads run on the columns from the shortest prompt's last token on, not on every column."""
-    a_dir, b_dir = models
-    tok = load_tokenizer(a_dir)
-    a, b = load_causal_lm(a_dir), load_causal_lm(b_dir)
-    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:2]]
-    response_ids = [[5, 6, 7, tok.eos_token_id], [9, 10]]
-    seen = []
-    for m in (a, b):
-        m.get_output_embeddings().register_forward_hook(lambda _m, i, _o: seen.append(i[0].shape[1]))
-    token_logits_stats(a, prompt_ids, response_ids, pad_id=tok.pad_token_id, ref_model=b, batch_size=2)
-    width = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True))
-    assert seen == [width - min(len(p) for p in prompt_ids) + 1] * 2
-
-
 def test_generate_is_seeded_and_stops_at_eos(models):
     a_dir, _ = models
     tok = load_tokenizer(a_dir)

@@ -185,18 +185,6 @@ def _response_positions(
     return pos, mask
 
 
-def _logits_from(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int
-) -> torch.Tensor:
-    """[B, T - first, V]: the logits at positions ``first`` .. T-1 (the LM head runs on those only where the
-    model takes ``logits_to_keep``)."""
-    from ppomax.models import accepts_argument
-
-    keep = input_ids.shape[1] - first
-    kwargs = {"logits_to_keep": keep} if accepts_argument(model, "logits_to_keep") else {}
-    return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits[:, -keep:]
-
-
 def _at(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
 
@@ -228,14 +216,10 @@ def token_logits_stats(
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         pos, mask = _response_positions(p_chunk, r_chunk, device)
         labels = pad_right(r_chunk, 0)[0].to(device)
-        # no logits for the prompt columns every row has (right-padded: the first response logit is at
-        # len(prompt) - 1)
-        first = max(min(len(p) for p in p_chunk) - 1, 0)
-        pos = (pos - first).clamp(min=0)  # (0 off the mask, where nothing is read)
-        logits = _at(_logits_from(model, input_ids, attention_mask, first), pos)
+        logits = _at(model(input_ids=input_ids, attention_mask=attention_mask).logits, pos)
         got = {"logp": logprobs_from_logits(logits, labels)}
         if ref_model is not None:
-            ref = _at(_logits_from(ref_model, input_ids, attention_mask, first), pos)
+            ref = _at(ref_model(input_ids=input_ids, attention_mask=attention_mask).logits, pos)
             got["ref_logp"] = logprobs_from_logits(ref, labels)
             got["kl"] = kl_from_logits(logits, ref)
         got = {k: torch.where(mask, v, 0.0) for k, v in got.items()}

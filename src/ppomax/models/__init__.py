@@ -12,7 +12,6 @@ See DESIGN.md section 4. Typical use::
 
 from .loading import (
     DTYPES,
-    accepts_argument,
     check_model_dir,
     init_causal_lm_from_config,
     load_causal_lm,
@@ -38,7 +37,6 @@ __all__ = [
     "AdaptersOff",
     "ValueHeadModel",
     "ValueHeadOutput",
-    "accepts_argument",
     "check_model_dir",
     "has_adapters",
     "init_causal_lm_from_config",

@@ -8,7 +8,6 @@ the path and says what was expected.
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -145,18 +144,6 @@ def init_causal_lm_from_config(
     finally:
         torch.random.set_rng_state(state)
     return model.to(to_dtype(dtype))
-
-
-def accepts_argument(model: Any, name: str) -> bool:
-    """Whether ``model``'s forward takes the keyword ``name`` (e.g. ``logits_to_keep``), looking through a PEFT
-    wrapper (it passes unknown keywords on to the model it wraps) and :class:`~ppomax.models.AdaptersOff`."""
-    model = getattr(model, "model", model) if type(model).__name__ == "AdaptersOff" else model
-    if hasattr(model, "peft_config"):
-        model = model.get_base_model()
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (AttributeError, TypeError, ValueError):
-        return False
 
 
 def model_summary(model: torch.nn.Module) -> dict[str, Any]:

@@ -18,6 +18,7 @@ minibatch must be exactly 1, and the old log-probs/values of the scoring pass mu
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,6 @@ from ppomax.config import PPOConfig
 from ppomax.models import (
     AdaptersOff,
     ValueHeadModel,
-    accepts_argument,
     init_causal_lm_from_config,
     load_causal_lm,
     load_tokenizer,
@@ -134,6 +134,15 @@ def load_models(cfg: PPOConfig) -> PPOModels:
     return PPOModels(tokenizer, policy, reference, critic, reward_model)
 
 
+def _accepts(model: Any, name: str) -> bool:
+    if hasattr(model, "peft_config"):  # PEFT passes unknown keyword arguments on to the model it wraps
+        model = model.get_base_model()
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class Forward:
     """Forward passes over a batch laid out as in :class:`~ppomax.experience.Experience`.
 
@@ -144,7 +153,7 @@ class Forward:
 
     def __init__(self, policy_unwrapped: Any, temperature: float) -> None:
         self.temperature = temperature
-        self.keep_logits = accepts_argument(policy_unwrapped, "logits_to_keep")
+        self.keep_logits = _accepts(policy_unwrapped, "logits_to_keep")
 
     def response_logits(
         self, model: Any, sequences: Tensor, attention_mask: Tensor, prompt_width: int
