@@ -68,7 +68,8 @@ def score_experience(
     chunk_size: int | None = None,
 ) -> None:
     """Fill the scoring-pass fields of ``exp`` in place (see :class:`Experience`). ``critic=None`` skips values
-    (evaluation), ``policy=None`` the policy's log-probs and entropy (:meth:`Updater.fuses_scoring`). Models are used as given (pass unwrapped ones: no gradient, no DDP synchronisation).
+    (evaluation), ``policy=None`` the policy's log-probs and entropy (:meth:`Updater.fuses_scoring`). Models
+    are used as given (pass unwrapped ones: no gradient, no DDP synchronisation).
     ``chunk_size`` rows per forward bound the [rows, R, V] logits in memory (``ppo.micro_batch_size``)."""
     n, r_all = exp.batch_size, exp.response_width
     step = chunk_size or n
@@ -297,6 +298,7 @@ class Updater:
     """Log ``policy/logprob_mismatch_{max,mean}``: |old log-prob - the update's first forward's| over the first
     minibatch's response tokens (before any step: the old log-probs' error, e.g. from the sampling pass)."""
     nonfinite_in_row: int = 0
+    _measuring: bool = dataclasses.field(default=False, init=False, repr=False)
     nonfinite_total: int = 0
 
     def state_dict(self) -> dict[str, int]:
@@ -495,7 +497,7 @@ class Updater:
             logprobs = self.fwd.logprobs(logits, mb.responses_ids)
             old = mb.logprobs if p.importance_sampling else mb.ref_logprobs
             pg, pm = policy_loss(logprobs, old, mb.advantages, mask, p.clip_ratio)
-            if getattr(self, "_measuring", False):
+            if self._measuring:
                 gap = torch.where(mask, (logprobs.detach() - mb.logprobs).abs(), 0.0)
                 n = mask.sum().clamp(min=1)
                 metrics.update(
