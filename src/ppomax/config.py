@@ -151,10 +151,11 @@ class GenerationConfig(_Section):
         gt=0,
         description="1.0 = off. Paper 6.1 (beta = 1.1, on previously generated tokens) / MOSS-RLHF code.",
     )
-    logprobs_from: Literal["sampling", "raw"] = Field(
+    logprobs_from: Literal["sampling", "raw", "generate"] = Field(
         "sampling",
         description="Log-probs for the ratio and KL from temperature-scaled logits (the distribution actually "
-        "sampled from) or from raw logits. Ours: sampling (MOSS-RLHF code uses raw logits).",
+        "sampled from) or from raw logits; generate: as sampling, the policy's taken from the sampling pass's "
+        "logits (no second forward). Ours: sampling (MOSS-RLHF code uses raw logits).",
     )
     truncated_response: Literal["score", "penalty"] = Field(
         "score",

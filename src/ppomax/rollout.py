@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from ppomax.algos import entropy_from_logits, logprobs_from_logits
 from ppomax.config import GenerationConfig
 from ppomax.errors import UserError
 from ppomax.experience import Experience
@@ -27,7 +28,11 @@ from ppomax.experience import Experience
 
 class RolloutEngine(Protocol):
     """Anything that continues prompts: returns ``[B, P + R']`` ids, the ``[B, P]`` prompts then up to
-    ``max_new_tokens`` new tokens (any padding after EOS is fine: :func:`finish_rollout` masks it)."""
+    ``max_new_tokens`` new tokens (any padding after EOS is fine: :func:`finish_rollout` masks it).
+
+    For ``generation.logprobs_from: generate`` an engine also needs ``generate_with_logits`` (same arguments),
+    returning ``(ids, logits)``: ``logits`` [B, R', V] the model's raw logits at each generated token's step
+    (before any sampling processor), as :class:`HFGenerateEngine` does."""
 
     def generate(
         self, model: Any, input_ids: Tensor, attention_mask: Tensor, *, greedy: bool = False
@@ -100,13 +105,30 @@ class HFGenerateEngine:
     def generate(
         self, model: Any, input_ids: Tensor, attention_mask: Tensor, *, greedy: bool = False
     ) -> Tensor:
+        return self._generate(model, input_ids, attention_mask, greedy)
+
+    @torch.no_grad()
+    def generate_with_logits(
+        self, model: Any, input_ids: Tensor, attention_mask: Tensor, *, greedy: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`generate`, plus the [B, R', V] float32 raw logits HF ``generate`` saw at each step (its
+        ``output_logits``: before the repetition penalty, temperature and top-p)."""
+        out = self._generate(model, input_ids, attention_mask, greedy, with_logits=True)
+        return out.sequences, torch.stack(out.logits, dim=1)
+
+    def _generate(
+        self, model: Any, input_ids: Tensor, attention_mask: Tensor, greedy: bool, with_logits: bool = False
+    ) -> Any:
         from transformers import LogitsProcessorList
 
+        config = self.generation_config(greedy)
+        if with_logits:
+            config.return_dict_in_generate = config.output_logits = True
         with _without_model_generation_config(model):
             return model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                generation_config=self.generation_config(greedy),
+                generation_config=config,
                 logits_processor=LogitsProcessorList(self.logits_processors(input_ids.shape[1])),
                 synced_gpus=self.synced,
             )
@@ -174,18 +196,36 @@ def rollout(
     prompts: list[str] | None = None,
     meta: list[dict[str, Any]] | None = None,
     greedy: bool = False,
+    logprobs_temperature: float | None = None,
 ) -> Experience:
     """Generate responses for left-padded prompts ``input_ids`` / ``attention_mask`` ([B, P]) and return the
-    first stage of an :class:`Experience` (tokens, masks, lengths, texts). ``model`` is the unwrapped policy."""
+    first stage of an :class:`Experience` (tokens, masks, lengths, texts). ``model`` is the unwrapped policy.
+
+    ``logprobs_temperature`` (``generation.logprobs_from: generate``): the policy's scoring fields (``logprobs``
+    and ``entropy`` from ``logits / logprobs_temperature``, ``raw_logprobs``) are filled from the logits of the
+    sampling pass itself (``engine.generate_with_logits``), so the scoring pass need not run the policy."""
     was_training = getattr(model, "training", False)
     model.eval()
+    logits = None
     try:
-        out = engine.generate(model, input_ids, attention_mask, greedy=greedy)
+        if logprobs_temperature is None:
+            out = engine.generate(model, input_ids, attention_mask, greedy=greedy)
+        else:
+            with_logits = getattr(engine, "generate_with_logits", None)
+            if with_logits is None:
+                raise UserError(
+                    f"generation.logprobs_from: generate needs a rollout engine that returns the sampling "
+                    f"logits (generate_with_logits); {type(engine).__name__} does not: use sampling"
+                )
+            out, logits = with_logits(model, input_ids, attention_mask, greedy=greedy)
     finally:
         if was_training:
             model.train()
     seqs, mask, resp_mask, truncated, lens = finish_rollout(input_ids, attention_mask, out, eos_ids, pad_id)
     width = input_ids.shape[1]
+    scored: dict[str, Tensor] = {}
+    if logits is not None and logprobs_temperature is not None:
+        scored = _logprobs_from_sampling(logits, seqs[:, width:], resp_mask, logprobs_temperature)
     rows = seqs[:, width:].tolist()
     texts = tokenizer.batch_decode(
         [row[:n] for row, n in zip(rows, lens.tolist(), strict=True)], skip_special_tokens=True
@@ -201,4 +241,22 @@ def rollout(
         prompts=list(prompts) if prompts is not None else [],
         responses=texts,
         meta=list(meta) if meta is not None else [{} for _ in texts],
+        **scored,
     )
+
+
+def _logprobs_from_sampling(
+    logits: Tensor, labels: Tensor, mask: Tensor, temperature: float
+) -> dict[str, Tensor]:
+    """``logprobs``, ``raw_logprobs`` and ``entropy`` [B, R] of the response ``labels`` [B, R] from the sampling
+    pass's raw ``logits`` [B, R', V] (R <= R'; 0 off the response ``mask``), as the scoring pass computes them."""
+    r = labels.shape[1]
+    if logits.shape[1] < r:  # a zero-width response (finish_rollout keeps one pad column)
+        logits = torch.nn.functional.pad(logits, (0, 0, 0, r - logits.shape[1]))
+    logits = logits[:, :r]
+    zero = torch.zeros((), device=logits.device)
+    scaled = logits if temperature == 1.0 else logits / temperature
+    lp = torch.where(mask, logprobs_from_logits(logits, labels, temperature), zero)
+    raw = lp if temperature == 1.0 else torch.where(mask, logprobs_from_logits(logits, labels), zero)
+    ent = torch.where(mask, entropy_from_logits(scaled), zero)
+    return {"logprobs": lp, "raw_logprobs": raw, "entropy": ent}

@@ -7,6 +7,10 @@ One iteration (:meth:`PPOTrainer.iteration`, ``step``)::
     merge the batches into one Experience                                    experience.py
     moments, score re-parameterisation, token rewards, GAE                   ppo_step.compute_advantages
     ppo_epochs x minibatches: losses, clip, step                             ppo_step.Updater
+
+With one epoch over one minibatch (the whole buffer, one micro-batch) the scoring pass skips policy and critic:
+their old log-probs, entropy and values are the update's first forward's, detached, and the token rewards and
+GAE are computed between that forward and its loss (``Updater.fuses_scoring``: exact, the ratio is 1).
     metrics (paper 5.2), reduced over ranks                                  algos.rollout_statistics
 
 then (:meth:`PPOTrainer.train`) log; maybe evaluate (ppo_eval.evaluate), checkpoint, stop, on the run engine
@@ -24,6 +28,10 @@ Two decisions DESIGN.md asks to make explicit:
   the same way). Top-p/top-k truncation and the repetition penalty are *not* applied: they are sampling-time
   heuristics whose truncated distributions have no gradient outside the nucleus. ``raw`` uses temperature-1
   logits (the model's own distribution), as some implementations do. Perplexities are always from raw logits.
+  ``generate`` is ``sampling`` with the policy's log-probs (and entropy) taken from the logits of the sampling
+  pass itself (KV-cached) instead of a second forward; the reference is still scored. The two differ by float
+  rounding only; ``policy/logprob_mismatch_{max,mean}`` log that gap every iteration, free: the update's
+  first minibatch's forward (before any step) is the recompute. Evaluation (greedy) always recomputes.
 * ``generation.truncated_response``: a response that hits ``max_new_tokens`` without EOS is ``score``-d as is
   (default: the RM sees a cut text, as in MOSS-RLHF), or gets ``truncated_penalty`` as its final score
   (``penalty``, in the units of the re-parameterised score; such scores stay out of the running moments).
@@ -61,7 +69,7 @@ from .launch import prepare_frozen, prepare_trained, sharded_forward
 from .ppo_data import IndexStream, PromptSet, PTXSet, load_prompt_set, load_ptx_set, pad_id_of
 from .ppo_eval import evaluate
 from .ppo_models import Forward, load_models
-from .ppo_step import Optimised, Rollouts, Updater, compute_advantages
+from .ppo_step import Optimised, Rollouts, Updater, compute_advantages, score_targets
 from .reduce import reduce_metrics
 from .run import StopFlag, open_run
 
@@ -183,7 +191,8 @@ class PPOTrainer:
             reward_model=reward_model,
         )
 
-        temperature = cfg.generation.temperature if cfg.generation.logprobs_from == "sampling" else 1.0
+        from_generate = cfg.generation.logprobs_from == "generate"
+        temperature = cfg.generation.temperature if cfg.generation.logprobs_from != "raw" else 1.0
         fwd = Forward(acc.unwrap_model(policy), temperature)
         eos_ids = eos_ids_of(m.tokenizer, m.policy)
         self.rollouts = Rollouts(
@@ -199,6 +208,7 @@ class PPOTrainer:
             reference=models.reference,
             critic=acc.unwrap_model(critic),
             chunk_size=p.micro_batch_size,
+            logprobs_from_generate=from_generate,
         )
         self.moments = RunningMoments(all_reduce)
         c = cfg.collapse
@@ -214,6 +224,7 @@ class PPOTrainer:
             seed=cfg.seed,
             all_reduce=all_reduce,
             ptx_batch=(lambda k: data.next_ptx(k, acc.device)) if data.ptx else None,
+            measure_mismatch=from_generate,
         )
         self.collapse_stopped = False
         run.track(
@@ -256,8 +267,10 @@ class PPOTrainer:
     def generate(self, indices: list[int], prompts: PromptSet, greedy: bool = False) -> Experience:
         return self.rollouts.generate(prompts, indices, greedy=greedy)
 
-    def score(self, exp: Experience, values: bool = True, step: int | None = None) -> None:
-        self.rollouts.score(exp, values=values, step=step)
+    def score(
+        self, exp: Experience, values: bool = True, step: int | None = None, policy: bool = True
+    ) -> None:
+        self.rollouts.score(exp, values=values, step=step, policy=policy)
 
     # ------------------------------------------------------------------ one iteration
 
@@ -265,19 +278,24 @@ class PPOTrainer:
         """Rollout, scoring, advantages and updates for iteration ``step`` (1-based); returns its metrics."""
         p = self.cfg.ppo
         critic_only = step <= p.critic_pretrain_steps
+        # one epoch over one minibatch: the update's forwards give the old log-probs and values (exactly)
+        fused = self.updater.fuses_scoring()
         clock = Stopwatch(self.acc.device)
         batches = []
         for _ in range(p.buffer_size // p.rollout_batch_size):
             with clock("generation"):
                 exp = self.generate(self.data.prompt_stream.take(p.rollout_batch_size), self.data.prompts)
             with clock("scoring"):
-                self.score(exp, step=step)
+                self.score(exp, step=step, values=not fused, policy=critic_only or not fused)
             batches.append(exp)
         exp = Experience.cat(batches, self.data.pad_id)
         with clock("scoring"):
-            compute_advantages(exp, p, self.cfg.generation, self.moments)
+            if fused:
+                score_targets(exp, p, self.cfg.generation, self.moments)
+            else:
+                compute_advantages(exp, p, self.cfg.generation, self.moments)
         with clock("training"):
-            train_metrics = self.updater.update(exp, step, critic_only)
+            train_metrics = self.updater.update(exp, step, critic_only, fused=fused)
         return self.iteration_metrics(exp, train_metrics, critic_only, clock)
 
     def iteration_metrics(

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from torch import Tensor
 
@@ -58,7 +59,7 @@ from .reduce import reduction_of
 def score_experience(
     exp: Experience,
     *,
-    policy: Any,
+    policy: Any | None,
     reference: Any,
     critic: Any | None,
     fwd: Forward,
@@ -67,15 +68,22 @@ def score_experience(
     chunk_size: int | None = None,
 ) -> None:
     """Fill the scoring-pass fields of ``exp`` in place (see :class:`Experience`). ``critic=None`` skips values
-    (evaluation). Models are used as given (pass unwrapped ones: no gradient, no DDP synchronisation).
+    (evaluation), ``policy=None`` the policy's log-probs and entropy (:meth:`Updater.fuses_scoring`). Models
+    are used as given (pass unwrapped ones: no gradient, no DDP synchronisation).
     ``chunk_size`` rows per forward bound the [rows, R, V] logits in memory (``ppo.micro_batch_size``)."""
-    width, n = exp.prompt_width, exp.batch_size
+    n, r_all = exp.batch_size, exp.response_width
     step = chunk_size or n
     out: dict[str, list[Tensor]] = {}
     for lo in range(0, n, step):
-        seqs, mask = exp.sequences[lo : lo + step], exp.attention_mask[lo : lo + step]
+        # A chunk drops the columns that are padding in all its rows (Experience.select): position ids come
+        # from the mask, so a row's outputs are those of the whole batch (to float rounding); its per-token
+        # outputs are padded back to the batch's R with zeros (off the response mask, never read).
+        chunk = exp if step >= n else exp.select(list(range(lo, min(lo + step, n))))
+        seqs, mask, width = chunk.sequences, chunk.attention_mask, chunk.prompt_width
         labels = seqs[:, width:]
         for name, model in (("", policy), ("ref_", reference)):
+            if model is None:
+                continue
             logits = fwd.response_logits(model, seqs, mask, width)
             lp = fwd.logprobs(logits, labels)
             out.setdefault(f"{name}logprobs", []).append(lp)
@@ -88,8 +96,13 @@ def score_experience(
         if critic is not None:
             out.setdefault("values", []).append(fwd.values(critic, seqs, mask, width))
     for name, parts in out.items():
-        setattr(exp, name, torch.cat(parts))
+        setattr(exp, name, torch.cat([_pad_right(t, r_all) for t in parts]))
     exp.scores, exp.score_parts = rewards(exp, eos_ids)
+
+
+def _pad_right(t: Tensor, width: int) -> Tensor:
+    """[B, r] -> [B, width], zeros on the right (the tensor itself when it is that wide already)."""
+    return t if t.shape[1] == width else F.pad(t, (0, width - t.shape[1]))
 
 
 def final_scores(
@@ -118,15 +131,31 @@ def compute_advantages(
     ``truncated_response: penalty`` the truncated responses' raw scores stay out of the moments too, since
     those are replaced.
     """
-    raw, mask = exp.scores, exp.response_mask
+    score_targets(exp, ppo, gen, moments)
+    token_advantages(exp, ppo)
+
+
+@torch.no_grad()
+def score_targets(exp: Experience, ppo: PPOSettings, gen: GenerationConfig, moments: RunningMoments) -> None:
+    """The first half of :func:`compute_advantages`, which needs no log-prob or value: the running moments
+    updated with the raw scores and ``final_scores`` filled (NaN for a row left out of training)."""
+    raw = exp.scores
     penalised = exp.truncated if gen.truncated_response == "penalty" else None
     keep = trainable_rows(raw, penalised)
     moments.update(raw, mask=keep if penalised is None else keep & ~penalised)
     scores = final_scores(torch.where(keep, raw, torch.zeros_like(raw)), exp.truncated, ppo, gen, moments)
     exp.final_scores = torch.where(keep, scores, torch.full_like(scores, float("nan")))
+
+
+@torch.no_grad()
+def token_advantages(exp: Experience, ppo: PPOSettings) -> None:
+    """The second half of :func:`compute_advantages`, from ``final_scores`` and the scoring pass's log-probs and
+    values: ``kl``, ``rewards``, ``advantages``, ``returns``. Row by row: any selection of rows gives the same
+    rows' values."""
+    mask = exp.response_mask
     kl = kl_per_token(exp.logprobs, exp.ref_logprobs, ppo.kl_estimator)
     exp.kl = torch.where(mask, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
-    train = mask & keep.unsqueeze(1)
+    train = mask & torch.isfinite(exp.final_scores).unsqueeze(1)
     exp.rewards = token_level_rewards(exp.final_scores, exp.kl, train, ppo.kl_coef)
     exp.advantages, exp.returns = gae(exp.rewards, exp.values, train, ppo.gamma, ppo.lam)
 
@@ -155,6 +184,9 @@ class Rollouts:
     critic: Any
     chunk_size: int | None = None
     """Rows per scoring forward (``ppo.micro_batch_size``): bounds the [rows, R, V] logits in memory."""
+    logprobs_from_generate: bool = False
+    """``generation.logprobs_from: generate``: sampled rollouts carry the policy's log-probs and entropy from
+    the sampling pass's logits, and the scoring pass does not run the policy on them."""
 
     def generate(self, prompts: PromptSet, indices: list[int], greedy: bool = False) -> Experience:
         """Responses to ``prompts[indices]`` (sampled as ``generation`` says, or greedy)."""
@@ -170,15 +202,20 @@ class Rollouts:
             prompts=batch["prompts"],
             meta=batch["meta"],
             greedy=greedy,
+            # evaluation (greedy) recomputes: its KL and perplexity stay comparable across settings
+            logprobs_temperature=self.fwd.temperature if self.logprobs_from_generate and not greedy else None,
         )
 
-    def score(self, exp: Experience, values: bool = True, step: int | None = None) -> None:
-        """The scoring pass (:func:`score_experience`); ``values=False`` skips the critic (evaluation). A reward
-        function's error names the iteration ``step``."""
+    def score(
+        self, exp: Experience, values: bool = True, step: int | None = None, policy: bool = True
+    ) -> None:
+        """The scoring pass (:func:`score_experience`); ``values=False`` skips the critic (evaluation),
+        ``policy=False`` the policy (its old log-probs come from the update: :meth:`Updater.fuses_scoring`). A
+        reward function's error names the iteration ``step``."""
         try:
             score_experience(
                 exp,
-                policy=self.policy,
+                policy=self.policy if policy and exp.logprobs is None else None,
                 reference=self.reference,
                 critic=self.critic if values else None,
                 fwd=self.fwd,
@@ -257,7 +294,11 @@ class Updater:
     seed: int
     all_reduce: AllReduce | None = None
     ptx_batch: Callable[[int], dict[str, Tensor]] | None = None
+    measure_mismatch: bool = False
+    """Log ``policy/logprob_mismatch_{max,mean}``: |old log-prob - the update's first forward's| over the first
+    minibatch's response tokens (before any step: the old log-probs' error, e.g. from the sampling pass)."""
     nonfinite_in_row: int = 0
+    _measuring: bool = dataclasses.field(default=False, init=False, repr=False)
     nonfinite_total: int = 0
 
     def state_dict(self) -> dict[str, int]:
@@ -267,25 +308,51 @@ class Updater:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.nonfinite_total = int(state["nonfinite_total"])
 
-    def update(self, exp: Experience, step: int, critic_only: bool) -> dict[str, Tensor]:
+    def fuses_scoring(self) -> bool:
+        """Whether the update's own forwards give the scoring pass's old log-probs, entropy and values exactly,
+        so that the scoring pass skips the policy (unless ``critic_only``) and the critic: one epoch over one
+        minibatch that is the whole buffer, in one micro-batch. The first forward of an update runs on the
+        weights the scoring pass would have used (nothing has stepped yet; dropout is off), on the same rows, so
+        its detached outputs are the old ones (the ratio is exactly 1), and the KL penalty and GAE, which need
+        them before any loss, are computed between that forward and its loss. With micro-batches, the whole
+        minibatch's advantages (whitened together) would need every micro-batch's graph alive at once."""
+        p = self.ppo
+        one_chunk = p.micro_batch_size is None or p.micro_batch_size >= p.minibatch_size
+        return p.ppo_epochs == 1 and p.minibatch_size >= p.buffer_size and one_chunk
+
+    def update(self, exp: Experience, step: int, critic_only: bool, fused: bool = False) -> dict[str, Tensor]:
         """``ppo_epochs`` passes over shuffled minibatches of ``exp``; returns metrics averaged over minibatches
         (``*_max`` are maxed, ``*_count`` summed). Stops early once ``max_nonfinite_in_row`` updates in a row were skipped.
         Rows without a finite score are left out (:func:`trainable_part`); a minibatch of such rows only is passed
-        over, and a buffer of them only counts as one skipped update."""
+        over, and a buffer of them only counts as one skipped update.
+
+        ``fused`` (only where :meth:`fuses_scoring`): ``exp`` has final scores but none of the old log-probs,
+        entropy (unless ``critic_only``: then from the scoring pass) and values; they come from the update's
+        forward, which then computes the token advantages (:func:`token_advantages`), and are filled into ``exp``
+        in place, as :func:`compute_advantages` would have."""
         p = self.ppo
         acc: dict[str, list[Tensor]] = {}
         skipped, trained = 0, False
-        exp = trainable_part(exp)
+        full, exp = exp, trainable_part(exp)
         for epoch in range(p.ppo_epochs):
             # Seeded by (seed, step, epoch), not by the global RNG: resuming needs no extra state.
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1_009 + epoch)
             perm = torch.randperm(exp.batch_size, generator=g)
             for start in range(0, exp.batch_size, p.minibatch_size):
                 mb = exp.select(perm[start : start + p.minibatch_size])
+                fill = None
+                if fused:  # one minibatch: the whole buffer
+                    assert self.fuses_scoring() and len(perm) <= p.minibatch_size
+                    fill = self._filler(full, perm, critic_only)
                 if not self._has_tokens(mb):  # no finite score in it: no step (Adam moves even on zero grads)
+                    if fill is not None:
+                        with torch.no_grad():
+                            fill(self._forward(mb, critic_only))
                     continue
+                self._measuring = self.measure_mismatch and not trained and not critic_only
                 trained = True
-                metrics, ok = self._minibatch(mb, critic_only)
+                metrics, ok = self._minibatch(mb, critic_only, fill)
+                self._measuring = False
                 skipped += int(not ok)
                 for k, v in metrics.items():
                     acc.setdefault(k, []).append(v)
@@ -306,14 +373,50 @@ class Updater:
         n = mb.response_mask.sum().float()
         return bool((self.all_reduce(n) if self.all_reduce is not None else n) > 0)
 
-    def _minibatch(self, mb: Experience, critic_only: bool) -> tuple[dict[str, Tensor], bool]:
+    def _filler(
+        self, full: Experience, perm: Tensor, critic_only: bool
+    ) -> Callable[[tuple[Tensor | None, Tensor]], Experience]:
+        """For a fused update (:meth:`update`): a function of the update's forward outputs on ``full``'s rows
+        ``perm`` that fills the old log-probs, entropy, values and token advantages of those rows (in ``full``,
+        in place, in its row order) and returns the rows as the losses see them (:func:`trainable_part`)."""
+        fwd = self.fwd
+
+        @torch.no_grad()
+        def fill(outputs: tuple[Tensor | None, Tensor]) -> Experience:
+            logits, values = outputs
+            rows = full.select(perm)  # all rows (the KL of a row left out of training is still monitored)
+            names = ["values", "kl", "rewards", "advantages", "returns"]
+            if rows.logprobs is None:  # else from the sampling pass (generation.logprobs_from: generate)
+                assert logits is not None, "critic-only iterations score the policy in the scoring pass"
+                names += ["logprobs", "raw_logprobs", "entropy"]
+                logits, labels = logits.detach(), rows.responses_ids
+                rows.logprobs = fwd.logprobs(logits, labels)
+                rows.raw_logprobs = (
+                    rows.logprobs if fwd.temperature == 1.0 else fwd.logprobs(logits, labels, raw=True)
+                )
+                rows.entropy = fwd.entropy(logits)
+            rows.values = values.detach()
+            token_advantages(rows, self.ppo)
+            for name in names:
+                part = getattr(rows, name)
+                into = torch.zeros(full.response_mask.shape, dtype=part.dtype, device=part.device)
+                into[perm.to(part.device), : part.shape[1]] = part
+                setattr(full, name, into)
+            return trainable_part(rows)
+
+        return fill
+
+    def _minibatch(
+        self,
+        mb: Experience,
+        critic_only: bool,
+        fill: Callable[[tuple[Tensor | None, Tensor]], Experience] | None = None,
+    ) -> tuple[dict[str, Tensor], bool]:
+        """One optimiser step per model on minibatch ``mb``. ``fill`` (a fused update, one micro-batch): ``mb``
+        has no old log-probs/values/advantages yet; they come from its forward (:meth:`_filler`)."""
         p = self.ppo
-        mb = dataclasses.replace(
-            mb,
-            advantages=normalize_advantages(
-                mb.advantages, mb.response_mask, p.advantage_norm, p.advantage_clip, self.all_reduce
-            ),
-        )
+        if fill is None:
+            mb = self._normalized(mb)
         # Micro-batches (gradient accumulation) change memory, not the update: each chunk's token means are
         # weighted by its share of the minibatch's response tokens, over all ranks (token_weights), so the
         # accumulated gradient is that of the whole minibatch's token means and DDP's average over ranks that
@@ -349,7 +452,10 @@ class Updater:
                     total_loss = total_loss + ptx_loss.detach()
                     _accumulate(metrics, {"loss/ptx": ptx_loss.detach() / p.ptx_coef}, 1.0)
             with self._no_sync(not last):
-                policy_loss, critic_loss, m = self._loss(chunk, critic_only)
+                outputs = self._forward(chunk, critic_only)
+                if fill is not None:  # one chunk: the minibatch itself
+                    chunk = self._normalized(fill(outputs))
+                policy_loss, critic_loss, m = self._loss(chunk, critic_only, outputs)
                 # one backward per model (the two graphs share nothing): each engine owns its own gradients
                 if not critic_only:
                     self.policy.backward(weights[i] * policy_loss)
@@ -361,17 +467,42 @@ class Updater:
         metrics["loss/total"] = total_loss
         return metrics, ok
 
-    def _loss(self, mb: Experience, critic_only: bool) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(policy loss: clipped surrogate + entropy bonus, critic loss: vf_coef x value loss, metrics)."""
+    def _normalized(self, mb: Experience) -> Experience:
+        """``mb`` with its advantages whitened/clipped as ``ppo`` asks (per minibatch, over all ranks)."""
         p = self.ppo
-        seqs, attn, width, mask = mb.sequences, mb.attention_mask, mb.prompt_width, mb.response_mask
+        return dataclasses.replace(
+            mb,
+            advantages=normalize_advantages(
+                mb.advantages, mb.response_mask, p.advantage_norm, p.advantage_clip, self.all_reduce
+            ),
+        )
+
+    def _forward(self, mb: Experience, critic_only: bool) -> tuple[Tensor | None, Tensor]:
+        """The trained models' forwards on ``mb``: (policy response logits, None if ``critic_only``; values)."""
+        seqs, attn, width = mb.sequences, mb.attention_mask, mb.prompt_width
+        logits = None if critic_only else self.fwd.response_logits(self.policy.model, seqs, attn, width)
+        return logits, self.fwd.values(self.critic.model, seqs, attn, width)
+
+    def _loss(
+        self, mb: Experience, critic_only: bool, outputs: tuple[Tensor | None, Tensor]
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(policy loss: clipped surrogate + entropy bonus, critic loss: vf_coef x value loss, metrics), from
+        the forward ``outputs`` of :meth:`_forward` on ``mb``."""
+        p = self.ppo
+        mask = mb.response_mask
+        logits, values = outputs
         metrics: dict[str, Tensor] = {}
-        loss = torch.zeros((), device=seqs.device)
-        if not critic_only:
-            logits = self.fwd.response_logits(self.policy.model, seqs, attn, width)
+        loss = torch.zeros((), device=mb.sequences.device)
+        if logits is not None:
             logprobs = self.fwd.logprobs(logits, mb.responses_ids)
             old = mb.logprobs if p.importance_sampling else mb.ref_logprobs
             pg, pm = policy_loss(logprobs, old, mb.advantages, mask, p.clip_ratio)
+            if self._measuring:
+                gap = torch.where(mask, (logprobs.detach() - mb.logprobs).abs(), 0.0)
+                n = mask.sum().clamp(min=1)
+                metrics.update(
+                    {"policy/logprob_mismatch_max": gap.max(), "policy/logprob_mismatch_mean": gap.sum() / n}
+                )
             loss = loss + pg
             # Without importance sampling the ratio is pi/pi_ref: its metrics measure the distance to the
             # reference, so they carry "_vs_ref" and never the names of the distance to the sampling policy.
@@ -392,7 +523,6 @@ class Updater:
                 metrics.update(
                     {"loss/entropy": em["entropy_loss"], "policy/entropy_clipfrac": em["entropy_clipfrac"]}
                 )
-        values = self.fwd.values(self.critic.model, seqs, attn, width)
         vf, vm = value_loss(values, mb.values, mb.returns, mask, p.value_clip)
         metrics.update({"loss/vf": vm["vf_loss"], "critic/vf_clipfrac": vm["vf_clipfrac"]})
         return loss, p.vf_coef * vf, metrics

@@ -1,0 +1,342 @@
+"""No work that is not needed: forwards the PPO iteration can skip or narrow give the same run. Tiny models (see
+ppo_helpers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ppo_helpers import config, make_setup, reward_fn
+from ppomax.errors import UserError
+from ppomax.trainers import ppo_step
+from ppomax.trainers.ppo import PPOTrainer
+
+TARGET = reward_fn("ppo_helpers:target_tokens")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_setup(tmp_path_factory.mktemp("ppo_work"), reference_seed=5)
+
+
+def make(setup, tmp_path, *overrides, engine=None) -> PPOTrainer:
+    return PPOTrainer(config(setup, TARGET, *overrides, out=str(tmp_path / "run")), engine=engine)
+
+
+def flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+class CountForwards:
+    """Counts ``Forward.response_logits`` calls per model (the scoring pass's and the update's policy/reference
+    forwards; generation does not go through it)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[int] = []
+        real = ppo_step.Forward.response_logits
+
+        def spy(fwd, model, *args, **kwargs):
+            self.calls.append(id(model))
+            return real(fwd, model, *args, **kwargs)
+
+        monkeypatch.setattr(ppo_step.Forward, "response_logits", spy)
+
+    def of(self, model) -> int:
+        return self.calls.count(id(model))
+
+
+def _metrics(m: dict) -> dict:
+    return {k: v for k, v in m.items() if not k.startswith(("time/", "perf/"))}
+
+
+# ------------------------------------------------------------------------- old log-probs from the update
+
+
+def _fused_and_apart(setup, tmp_path, monkeypatch, *over):
+    """(metrics of two iterations, policy weights, critic weights) with the fused scoring and without it."""
+    runs = []
+    for fused in (True, False):
+        with monkeypatch.context() as mp:
+            if not fused:
+                mp.setattr(ppo_step.Updater, "fuses_scoring", lambda self: False)
+            count = CountForwards(mp)
+            tr = make(setup, tmp_path / str(fused), *over)
+            assert tr.updater.fuses_scoring() == fused
+            metrics = [_metrics(tr.iteration(step)) for step in (1, 2)]
+            p = tr.cfg.ppo
+            batches, pretrain = p.buffer_size // p.rollout_batch_size, p.critic_pretrain_steps
+            # the update's policy forwards (none in critic pre-training), and the scoring pass's: all of them
+            # apart, those of critic pre-training only when fused
+            scoring = 2 * batches if not fused else pretrain * batches
+            assert count.of(tr.policy) == (2 - pretrain) + scoring
+            runs.append((metrics, flat(tr.policy), flat(tr.critic)))
+    return runs
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        (),
+        ("ppo.critic_pretrain_steps=1",),
+        ("generation.temperature=0.7", "ppo.entropy_coef=0.01", "ppo.kl_estimator=k3"),
+        ("ppo.importance_sampling=false", "model.reference=REF"),
+        (reward_fn("ppo_helpers:some_nonfinite", finite=5),),
+    ],
+    ids=["ppo_max", "critic_pretrain", "temperature_entropy_k3", "no_importance_sampling", "some_nan_scores"],
+)
+def test_one_epoch_over_one_minibatch_takes_the_old_logprobs_from_the_update(
+    setup, tmp_path, monkeypatch, over
+):
+    """ppo_epochs 1, minibatch = buffer, one micro-batch: the scoring pass runs neither the policy nor the critic
+    (the update's first forward gives them). One rollout batch per buffer: the update's forward runs the same
+    ops on the same rows (permuted) as the scoring pass would, so two iterations give bit for bit the metrics and
+    weights of the run that scores apart."""
+    over = tuple(o.replace("REF", str(setup.root / "reference")) for o in over)
+    (m_fused, p_fused, c_fused), (m_apart, p_apart, c_apart) = _fused_and_apart(
+        setup, tmp_path, monkeypatch, "ppo.rollout_batch_size=8", *over
+    )
+    diff = {
+        (i, k): (a[k], b[k])
+        for i, (a, b) in enumerate(zip(m_fused, m_apart, strict=True))
+        for k in a
+        if a[k] != b[k] and not (a[k] != a[k] and b[k] != b[k])  # NaN == NaN here
+    }
+    assert not diff, diff
+    assert torch.equal(p_fused, p_apart) and torch.equal(c_fused, c_apart)
+
+
+def test_fused_scoring_over_several_rollout_batches_differs_by_rounding_only(setup, tmp_path, monkeypatch):
+    """Two rollout batches of 4: the scoring pass would run each batch at its own width, the update runs the
+    merged buffer at the widest one; the outputs of a row do not depend on its padding (position ids from the
+    mask), so the two runs differ only by float rounding: metrics and weights within 1e-5 after two iterations
+    (observed: ~1e-7 relative)."""
+    (m_fused, p_fused, c_fused), (m_apart, p_apart, c_apart) = _fused_and_apart(setup, tmp_path, monkeypatch)
+    for a, b in zip(m_fused, m_apart, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    torch.testing.assert_close(p_fused, p_apart, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c_fused, c_apart, rtol=1e-5, atol=1e-6)
+
+
+def test_no_fusion_where_the_update_cannot_give_the_old_logprobs(setup, tmp_path):
+    """Two epochs, two minibatches or two micro-batches: the old log-probs must exist before the first step, or
+    before the first micro-batch's loss (the minibatch's advantages are whitened together)."""
+    for over in ("ppo.ppo_epochs=2", "ppo.minibatch_size=4", "ppo.micro_batch_size=4"):
+        assert not make(setup, tmp_path / over, over).updater.fuses_scoring()
+    assert make(setup, tmp_path / "one", "ppo.micro_batch_size=8").updater.fuses_scoring()
+
+
+def test_a_fused_buffer_without_a_finite_score_still_gets_its_logprobs_and_values(setup, tmp_path):
+    """No finite score: no update, but the metrics (KL, entropy, values) still describe what was generated."""
+    tr = PPOTrainer(
+        config(
+            setup,
+            reward_fn("ppo_helpers:some_nonfinite", finite=0),
+            "ppo.critic_init=sft",
+            rm=False,
+            out=str(tmp_path / "run"),
+        )
+    )
+    assert tr.updater.fuses_scoring()
+    m = tr.iteration(1)
+    assert m["nonfinite/skipped"] == 1
+    for key in ("kl/per_token", "policy/entropy", "critic/value_mean"):
+        assert torch.isfinite(torch.as_tensor(m[key])), key
+
+
+# ------------------------------------------------------------------------- padding not computed
+
+
+class FixedLengths:
+    """A rollout engine that continues row i of each call with ``lengths[i]`` tokens, then EOS: responses of
+    chosen, very different lengths."""
+
+    def __init__(self, lengths: list[int], eos: int) -> None:
+        self.lengths, self.eos = lengths, eos
+
+    def generate(self, model, input_ids, attention_mask, *, greedy=False):
+        out = torch.full((len(input_ids), max(self.lengths) + 1), self.eos)
+        for i, n in enumerate(self.lengths[: len(input_ids)]):
+            out[i, :n] = 10 + (torch.arange(n) * 7) % 200
+        return torch.cat([input_ids, out], dim=1)
+
+
+def _uneven(setup, tmp_path, *over):
+    """8 rows: a short prompt with a 1-token response first, long prompts with long responses last."""
+    tr = make(setup, tmp_path, "ppo.rollout_batch_size=8", *over)
+    tr.rollouts.engine = FixedLengths([1, 1, 2, 3, 20, 24, 30, 30], tr.rollouts.eos_ids[0])
+    by_length = sorted(range(len(tr.data.prompts.ids)), key=lambda i: len(tr.data.prompts.ids[i]))
+    return tr, by_length[:4] + by_length[-4:]
+
+
+@torch.no_grad()
+def test_scoring_micro_batches_drop_the_columns_that_are_padding_in_all_their_rows(
+    setup, tmp_path, monkeypatch
+):
+    """ppo.micro_batch_size=4 over rows of very uneven lengths: the first chunk's forwards are only as wide as
+    its own longest prompt + response, and every scoring output on the response mask equals the unchunked pass
+    within 1e-6 (only float rounding differs: position ids come from the mask)."""
+    tr, rows = _uneven(setup, tmp_path, "ppo.micro_batch_size=4")
+    widths: list[int] = []
+    real = ppo_step.Forward.response_logits
+    monkeypatch.setattr(
+        ppo_step.Forward,
+        "response_logits",
+        lambda fwd, model, seqs, *a: (widths.append(seqs.shape[1]), real(fwd, model, seqs, *a))[1],
+    )
+    exp = tr.generate(rows, tr.data.prompts)
+    tr.score(exp)
+    full = exp.sequences.shape[1]
+    short = int(exp.prompt_lens[:4].max()) + int(exp.response_lens[:4].max())
+    assert short < full - 20 and widths == [short, short, full, full]  # policy and reference per chunk
+    whole = ppo_step.Experience(
+        **{f: getattr(exp, f) for f in ("sequences", "attention_mask", "response_mask", "prompt_width")},
+        prompt_lens=exp.prompt_lens,
+        response_lens=exp.response_lens,
+        truncated=exp.truncated,
+        prompts=exp.prompts,
+        responses=exp.responses,
+        meta=exp.meta,
+    )
+    ppo_step.score_experience(
+        whole,
+        policy=tr.unwrapped(tr.policy),
+        reference=tr.models.reference,
+        critic=tr.unwrapped(tr.critic),
+        fwd=tr.rollouts.fwd,
+        rewards=tr.rollouts.rewards,
+        eos_ids=tr.rollouts.eos_ids,
+    )
+    mask = exp.response_mask
+    for name in ("logprobs", "ref_logprobs", "raw_logprobs", "entropy", "values"):
+        got, expect = getattr(exp, name), getattr(whole, name)
+        assert got.shape == expect.shape
+        torch.testing.assert_close(got[mask], expect[mask], atol=1e-6, rtol=1e-6)
+        assert (got[:4, int(exp.response_lens[:4].max()) :] == 0).all()  # the dropped columns: zeros
+    torch.testing.assert_close(exp.scores, whole.scores, atol=1e-6, rtol=1e-6)
+
+
+def test_update_micro_batches_of_uneven_lengths_give_the_same_iteration(setup, tmp_path):
+    """The update's micro-batches are trimmed too (Experience.select): an iteration over rows of very uneven
+    lengths in micro-batches of 2 gives the losses, metrics and weights of one without micro-batches, within
+    1e-6 (float rounding of narrower forwards and of the gradient accumulation)."""
+    results = []
+    for over in ((), ("ppo.micro_batch_size=2",)):
+        tr, rows = _uneven(setup, tmp_path / str(len(over)), *over)
+        tr.data.prompt_stream.take = lambda k, rows=rows: rows
+        m = _metrics(tr.iteration(1))
+        results.append((m, flat(tr.policy), flat(tr.critic)))
+    (m0, p0, c0), (m1, p1, c1) = results
+    assert m0.keys() == m1.keys()
+    for k in m0:
+        assert m1[k] == pytest.approx(m0[k], rel=1e-5, abs=1e-6), k
+    torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- no logits nobody reads
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_no_forward_computes_logits_nobody_reads(setup, tmp_path, fused):
+    """Over an iteration and an evaluation: the critic's and the reward model's LM heads never run (values and
+    scores read the final hidden state), and the policy's and the reference's run on at most the R + 1 last
+    positions of a batch (response scoring: logits_to_keep) or on one position per step (generation)."""
+    over = () if fused else ("ppo.minibatch_size=4",)
+    tr = make(
+        setup,
+        tmp_path,
+        f"model.reference={setup.root / 'reference'}",
+        f"data.valid_prompts={setup.valid}",
+        *over,
+    )
+    assert tr.updater.fuses_scoring() == fused
+    seen: dict[str, list[int]] = {}
+    heads = {
+        "policy": tr.unwrapped(tr.policy).get_output_embeddings(),
+        "reference": tr.models.reference.get_output_embeddings(),
+        "critic": tr.unwrapped(tr.critic).backbone.get_output_embeddings(),
+        "reward": tr.models.reward_model.backbone.get_output_embeddings(),
+    }
+    for name, head in heads.items():
+        head.register_forward_hook(
+            lambda _m, inputs, _o, name=name: seen.setdefault(name, []).append(inputs[0].shape[1])
+        )
+    widths: list[int] = []
+    real = tr.score
+
+    def score(exp, **kw):
+        widths.append(exp.response_width)
+        return real(exp, **kw)
+
+    tr.score = score
+    tr.iteration(1)
+    tr.evaluate(1)
+    assert "critic" not in seen and "reward" not in seen
+    r = max(widths)
+    assert seen["policy"] and seen["reference"]
+    assert max(seen["policy"]) <= r + 1 and max(seen["reference"]) <= r + 1
+    assert sorted(set(seen["policy"]))[0] == 1  # generation: the last position only, prefill included
+
+
+# ------------------------------------------------------------------------- log-probs from the sampling pass
+
+
+@torch.no_grad()
+def test_logprobs_from_generate_are_the_recomputed_ones_without_the_policy_forward(
+    setup, tmp_path, monkeypatch
+):
+    """generation.logprobs_from: generate (temperature 0.7, repetition penalty 1.1, top-p 0.9: the raw logits
+    before those processors): the rollout carries the policy's log-probs, raw log-probs and entropy; the scoring
+    pass runs only the reference; they equal the recomputed ones within 1e-5 (observed ~1e-6)."""
+    tr = make(setup, tmp_path, "generation.logprobs_from=generate", "generation.temperature=0.7")
+    assert tr.cfg.generation.repetition_penalty != 1.0 and tr.cfg.generation.top_p < 1.0
+    count = CountForwards(monkeypatch)
+    exp = tr.generate(list(range(8)), tr.data.prompts)
+    assert exp.logprobs is not None
+    tr.score(exp)
+    assert count.of(tr.unwrapped(tr.policy)) == 0 and count.of(tr.models.reference) == 1
+    again = ppo_step.Experience(
+        **{f: getattr(exp, f) for f in ("sequences", "attention_mask", "response_mask", "prompt_width")},
+        prompt_lens=exp.prompt_lens,
+        response_lens=exp.response_lens,
+        truncated=exp.truncated,
+        prompts=exp.prompts,
+        responses=exp.responses,
+        meta=exp.meta,
+    )
+    tr.score(again)
+    mask = exp.response_mask
+    for name in ("logprobs", "raw_logprobs", "entropy"):
+        torch.testing.assert_close(getattr(exp, name)[mask], getattr(again, name)[mask], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(exp.logprobs, exp.raw_logprobs)  # temperature-scaled, as with sampling
+    greedy = tr.generate([0, 1], tr.data.prompts, greedy=True)  # evaluation recomputes
+    assert greedy.logprobs is None
+
+
+@pytest.mark.parametrize("minibatch", [8, 4])
+def test_logprobs_from_generate_logs_its_mismatch_with_the_recompute(setup, tmp_path, minibatch):
+    """Every iteration logs |log-prob from generate - the update's first forward's| (max, mean over the first
+    minibatch's response tokens): free, before any step; under 1e-5 on these fp32 models. Not logged by
+    default (sampling: the old log-probs are the recompute)."""
+    tr = make(setup, tmp_path, "generation.logprobs_from=generate", f"ppo.minibatch_size={minibatch}")
+    assert tr.updater.fuses_scoring() == (minibatch == 8)
+    m = tr.iteration(1)
+    assert 0 <= m["policy/logprob_mismatch_mean"] <= m["policy/logprob_mismatch_max"] < 1e-5
+    if minibatch == 8:  # one minibatch: no step before it, its ratio is the mismatch's exp
+        assert m["policy/ratio_max"] < 1 + 1e-5
+    assert "policy/logprob_mismatch_max" not in make(setup, tmp_path / "default").iteration(1)
+
+
+def test_logprobs_from_generate_needs_an_engine_with_logits(setup, tmp_path):
+    class TokensOnly:
+        def generate(self, model, input_ids, attention_mask, *, greedy=False):
+            return torch.cat([input_ids, torch.full((len(input_ids), 2), 7)], dim=1)
+
+    tr = make(setup, tmp_path, "generation.logprobs_from=generate", engine=TokensOnly())
+    with pytest.raises(UserError, match="logprobs_from: generate needs a rollout engine") as err:
+        tr.iteration(1)
+    assert "\n" not in str(err.value)
