@@ -281,6 +281,9 @@ def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
     trainer.generate = clock.wrap("gen", trainer.generate)  # type: ignore[method-assign]
     trainer.score = clock.wrap("score", trainer.score)  # type: ignore[method-assign]
     ppo_mod.compute_advantages = clock.wrap("score", ppo_mod.compute_advantages)  # looked up at call time
+    # one epoch over one minibatch: the update's first forward scores the policy and critic (ppo_step
+    # Updater.fuses_scoring), so those forwards count as training and only the targets as scoring
+    ppo_mod.score_targets = clock.wrap("score", ppo_mod.score_targets)
     trainer.updater.update = clock.wrap("train", trainer.updater.update)  # type: ignore[method-assign]
     rows = []
     for step in range(1, total + 1):
