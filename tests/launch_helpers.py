@@ -13,15 +13,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(num_processes: int = 2, mode: str = "--multi_gpu") -> list[str]:
+def accelerate_launch(num_processes: int = 2, mode: str | list[str] = "--multi_gpu") -> list[str]:
     """CPU processes (gloo) on a fresh rendezvous port: back-to-back launches on the default port 29500 can meet
     the previous run's socket still closing. ``mode="--cpu"`` is the form that starts only one process (without
-    mpirun), which ppomax warns about."""
+    mpirun), which ppomax warns about. A list is several arguments (``["--config_file", path]``)."""
     accelerate = Path(sys.executable).with_name("accelerate")
     return [
         str(accelerate),
         "launch",
-        mode,
+        *([mode] if isinstance(mode, str) else mode),
         "--num_processes",
         str(num_processes),
         "--num_machines",

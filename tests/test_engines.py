@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch_helpers import free_port
+from launch_helpers import accelerate_launch
 from ppo_helpers import FAST, make_setup
 from tiny_lm import make_tiny_lm, write_jsonl
 
@@ -41,26 +41,8 @@ def launch(engine: str | None, processes: int, *args: str) -> subprocess.Complet
     if engine is None:
         cmd = [sys.executable, "-m", "ppomax.cli", *args]
     else:
-        accelerate = str(Path(sys.executable).with_name("accelerate"))
-        where = ["--multi_gpu"] if engine == "ddp" else ["--config_file", str(CONFIGS / f"{engine}.yaml")]
-        cmd = [
-            accelerate,
-            "launch",
-            *where,
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--main_process_port",
-            str(free_port()),
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "ppomax.cli",
-            *args,
-        ]
+        where = "--multi_gpu" if engine == "ddp" else ["--config_file", str(CONFIGS / f"{engine}.yaml")]
+        cmd = [*accelerate_launch(processes, where), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
 
 
