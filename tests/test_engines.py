@@ -189,6 +189,21 @@ def test_fsdp_without_cuda_is_refused_not_downgraded(monkeypatch):
     assert "\n" not in str(err.value)
 
 
+def test_a_deepspeed_launch_without_deepspeed_installed_is_one_line(monkeypatch):
+    import importlib.util
+
+    from ppomax.errors import ConfigError
+    from ppomax.trainers.launch import build_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"pip install 'ppomax\[deepspeed\]'"):
+        build_accelerator(1, ("policy", "critic"))
+
+
 def test_each_engine_prepares_the_trained_models_as_it_must():
     """ppomax's side of FSDP, which cannot run on this CPU (accelerate's FSDP2 takes one model and its optimiser
     per `prepare`): a fake accelerator records the calls. DDP prepares everything in one call, in order."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import logging
 import os
 import sys
@@ -153,6 +154,8 @@ def build_accelerator(
         return Accelerator(
             gradient_accumulation_steps=grad_accum, cpu=_cpu_distributed(), mixed_precision=precision
         )
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("a DeepSpeed accelerate config needs DeepSpeed: pip install 'ppomax[deepspeed]'")
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
     _deepspeed_logs_to_stderr()
