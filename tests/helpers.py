@@ -72,3 +72,15 @@ def open_files_under(root: Path) -> list[str]:
         if target.startswith(str(root)):
             out.append(target)
     return out
+
+
+def float_leaves(obj, path="summary"):
+    """``(dotted path, value)`` of every float in a nested dict/list (a report's summary.json)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from float_leaves(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from float_leaves(v, f"{path}[{i}]")
+    elif isinstance(obj, float):
+        yield path, obj

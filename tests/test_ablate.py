@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from helpers import float_leaves
 from ppomax.cli import main
 from ppomax.config import PPOConfig, read_preset
 from ppomax.demo import stages as demo_stages
@@ -115,17 +116,6 @@ def test_replayed_monitor_before_and_after():
     assert replay_monitor(recs, drift=True) is not None
 
 
-def _finite_numbers(obj, path="summary"):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _finite_numbers(v, f"{path}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _finite_numbers(v, f"{path}[{i}]")
-    elif isinstance(obj, float):
-        yield path, obj
-
-
 def test_quick_ablate_end_to_end(tmp_path, capsys):
     out = tmp_path / "ablate"
     assert main(["ablate", "--quick", "--out", str(out), "--no-progress"]) == 0
@@ -148,7 +138,7 @@ def test_quick_ablate_end_to_end(tmp_path, capsys):
         assert isinstance(run["over_optimised"], bool) and isinstance(run["collapsed"], bool)
         assert sum(run["win_tie_lose"]) == QUICK.eval_prompts
         assert f"| {v.name} | 0 |" in md
-    bad = {k: x for k, x in _finite_numbers(summary["runs"]) if not math.isfinite(x)}
+    bad = {k: x for k, x in float_leaves(summary["runs"]) if not math.isfinite(x)}
     assert not bad, bad
     for png in ("fig6.png", "fig7.png", "fig8.png", "fig12.png", "win_tie_lose.png", "alignment_tax.png"):
         assert (rep / png).read_bytes()[:4] == b"\x89PNG", png

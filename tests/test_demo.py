@@ -11,20 +11,10 @@ import math
 import pytest
 import torch
 
+from helpers import float_leaves
 from ppomax.cli import main
 from ppomax.demo import stages as demo_stages
 from ppomax.demo.pipeline import STAGES, Pipeline, files_digest, run_demo
-
-
-def _finite_numbers(obj, path="summary"):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _finite_numbers(v, f"{path}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _finite_numbers(v, f"{path}[{i}]")
-    elif isinstance(obj, float):
-        yield path, obj
 
 
 def test_pipeline_caches_by_fingerprint(tmp_path):
@@ -150,7 +140,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert "![training curves](training_curves.png)" in md and "| ppo_max | overall |" in md
 
     summary = json.loads((out / "report" / "summary.json").read_text())
-    nums = dict(_finite_numbers({k: summary[k] for k in ("runs", "eval", "rm_accuracy")}))
+    nums = dict(float_leaves({k: summary[k] for k in ("runs", "eval", "rm_accuracy")}))
     assert nums, "no numbers in the summary"
     bad = {k: v for k, v in nums.items() if not math.isfinite(v)}
     assert not bad, f"non-finite numbers: {bad}"
