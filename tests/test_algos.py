@@ -10,11 +10,13 @@ import torch
 from torch.nn import functional as F
 
 from ppomax.algos import (
+    AdaptiveKLController,
     RunningMoments,
     entropy_bonus_loss,
     entropy_from_logits,
     gae,
     kl_from_logits,
+    kl_loss,
     kl_per_token,
     last_token_index,
     lm_nll,
@@ -585,6 +587,174 @@ def test_policy_loss_huge_log_ratio_is_clamped_finite_and_counted() -> None:
         # the clamped tokens carry no gradient; the in-range ones keep the exact one
         assert new.grad[0, 1].item() == new.grad[0, 2].item() == new.grad[0, 3].item() == 0.0
         assert new.grad[0, 0].item() == pytest.approx(-math.exp(0.1) / 5)
+
+
+def _dual_clip_objective(ratio: float, a: float, eps: float, c: float) -> tuple[float, float, bool]:
+    """(objective, d(-objective)/d log-ratio, whether the dual clip binds) of one token, from Ye et al. 2020:
+    max(min(rA, clip(r)A), cA) for A < 0, min(rA, clip(r)A) otherwise."""
+    surr1, surr2 = ratio * a, max(1 - eps, min(1 + eps, ratio)) * a
+    ppo = min(surr1, surr2)
+    if a < 0 and c * a > ppo:
+        return c * a, 0.0, True
+    return ppo, (-a * ratio if surr1 <= surr2 else 0.0), False
+
+
+def test_policy_loss_dual_clip_vs_loop_and_gradients() -> None:
+    eps, c = 0.2, 3.0
+    g = _gen(3)
+    # ratios from ~0.05 to ~20: below, inside and above the clip band, and above c, with A of both signs
+    log_ratio = torch.linspace(-3.0, 3.0, 25, dtype=torch.float64)
+    adv = torch.randn(25, generator=g, dtype=torch.float64) * 2
+    adv[::4] = -adv[::4].abs()
+    adv[1::4] = adv[1::4].abs()
+    mask = torch.ones(1, 26, dtype=torch.bool)
+    mask[0, -1] = False  # a padded token with a huge ratio and A < 0: neither counted nor in the gradient
+    new = torch.cat([log_ratio, torch.tensor([8.0], dtype=torch.float64)]).unsqueeze(0).requires_grad_(True)
+    a_all = torch.cat([adv, torch.tensor([-5.0], dtype=torch.float64)]).unsqueeze(0)
+
+    loss, m = policy_loss(new, torch.zeros_like(new), a_all, mask, clip_ratio=eps, dual_clip=c)
+    rows = [
+        _dual_clip_objective(math.exp(x), a, eps, c)
+        for x, a in zip(log_ratio.tolist(), adv.tolist(), strict=True)
+    ]
+    binds = sum(b for _, _, b in rows)
+    assert 0 < binds < 25 and any(a < 0 and not b for (_, _, b), a in zip(rows, adv.tolist(), strict=True))
+    assert loss.item() == pytest.approx(-sum(o for o, _, _ in rows) / 25)
+    assert m["dual_clip_frac"].item() == pytest.approx(binds / 25)
+    loss.backward()
+    torch.testing.assert_close(
+        new.grad[0, :25], torch.tensor([d / 25 for _, d, _ in rows], dtype=torch.float64)
+    )
+    assert new.grad[0, 25].item() == 0.0
+    # A >= 0 and the tokens where it does not bind: the ordinary clipped surrogate, token by token
+    plain, pm = policy_loss(new.detach(), torch.zeros_like(new), a_all, mask, clip_ratio=eps)
+    assert pm["dual_clip_frac"].item() == 0.0 and pm["pg_clipfrac"].item() == m["pg_clipfrac"].item()
+    assert loss.item() <= plain.item() + 1e-12  # a lower bound on the objective: the loss can only fall
+    assert binds == sum(
+        a < 0 and math.exp(x) > c for x, a in zip(log_ratio.tolist(), adv.tolist(), strict=True)
+    )
+
+
+def test_policy_loss_dual_clip_by_hand() -> None:
+    """eps 0.2, c 3: (r 5, A -1) binds: objective max(min(-5, -1.2), -3) = -3, no gradient; (r 2, A -1) does
+    not: -2; (r 5, A +1) is clipped as usual: 1.2; (r 0.5, A -1): clipped, -0.8."""
+    ratios = torch.tensor([[5.0, 2.0, 5.0, 0.5]], dtype=torch.float64)
+    adv = torch.tensor([[-1.0, -1.0, 1.0, -1.0]], dtype=torch.float64)
+    new = ratios.log().requires_grad_(True)
+    loss, m = policy_loss(new, torch.zeros_like(new), adv, torch.ones(1, 4), clip_ratio=0.2, dual_clip=3.0)
+    assert loss.item() == pytest.approx(-(-3.0 - 2.0 + 1.2 - 0.8) / 4)
+    assert m["dual_clip_frac"].item() == pytest.approx(1 / 4)
+    assert m["pg_clipfrac"].item() == pytest.approx(2 / 4)  # disjoint from the dual clip
+    loss.backward()
+    torch.testing.assert_close(new.grad, torch.tensor([[0.0, 2.0 / 4, 0.0, 0.0]], dtype=torch.float64))
+
+
+def test_policy_loss_dual_clip_needs_a_clip_and_c_above_1() -> None:
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="dual_clip"):
+        policy_loss(x, x, x, torch.ones(1, 2), clip_ratio=None, dual_clip=3.0)
+    with pytest.raises(ValueError, match="dual_clip"):
+        policy_loss(x, x, x, torch.ones(1, 2), clip_ratio=0.2, dual_clip=1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KL control: the adaptive coefficient and KL as a loss term
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_adaptive_kl_controller_hand_computed_sequence() -> None:
+    """Ziegler et al. 2019 sec. 2.2, target 6 nats, horizon 10000, 64 responses an iteration (K = 0.0064):
+    KL 12 -> error +1 clipped to +0.2; 6 -> 0; 3 -> -0.5 clipped to -0.2; 6.6 -> +0.1; inf -> +0.2."""
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    k = 64 / 10000
+    expected, beta = [], 0.1
+    for err in (0.2, 0.0, -0.2, 0.1, 0.2):
+        beta *= 1 + k * err
+        expected.append(beta)
+    got = [ctl.update(kl, 64) for kl in (12.0, 6.0, 3.0, 6.6, math.inf)]
+    assert got == pytest.approx(expected, rel=1e-12) and ctl.value == got[-1]
+    assert expected[0] == pytest.approx(0.100128)
+    assert ctl.update(math.nan, 64) == got[-1]  # nothing measured: unchanged
+    # above target beta rises, below it falls, monotonically
+    up, down = AdaptiveKLController(1.0, 1.0, 100), AdaptiveKLController(1.0, 1.0, 100)
+    ups = [up.update(2.0, 10) for _ in range(5)]
+    downs = [down.update(0.5, 10) for _ in range(5)]
+    assert ups == sorted(ups) and ups[0] > 1.0 and downs == sorted(downs, reverse=True) and downs[0] < 1.0
+
+
+def test_adaptive_kl_controller_state_round_trip_and_bounds() -> None:
+    a = AdaptiveKLController(0.05, 2.0, 1000)
+    for kl in (5.0, 1.0, 2.5):
+        a.update(kl, 128)
+    b = AdaptiveKLController(0.05, 2.0, 1000)
+    b.load_state_dict(a.state_dict())
+    assert [a.update(kl, 128) for kl in (0.3, 9.0)] == [b.update(kl, 128) for kl in (0.3, 9.0)]
+    with pytest.raises(ValueError):
+        AdaptiveKLController(0.0, 2.0, 1000)  # a multiplicative controller cannot leave 0
+    with pytest.raises(ValueError, match="n_steps / horizon"):
+        a.update(1.0, 5000)  # K = 5: beta could reach 0 in one step
+
+
+def _kl_estimate_by_formula(lp: torch.Tensor, ref: torch.Tensor, estimator: str) -> torch.Tensor:
+    r = torch.exp(ref) / torch.exp(lp)
+    return {"k1": torch.log(1 / r), "k2": 0.5 * torch.log(r) ** 2, "k3": r - 1 - torch.log(r)}[estimator]
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_loss_value_and_gradient_vs_an_independent_formula(estimator: str) -> None:
+    g = _gen(7)
+    lp0 = -torch.rand(3, 6, generator=g, dtype=torch.float64) * 3
+    ref = -torch.rand(3, 6, generator=g, dtype=torch.float64) * 3
+    mask = _ragged_mask([6, 2, 4], 6, "holes", g)
+    lp = lp0.clone().requires_grad_(True)
+    ref_leaf = ref.clone().requires_grad_(True)
+    loss, m = kl_loss(lp, ref_leaf, mask, 0.3, estimator)
+    loss.backward()
+    # independent: the per-token formula from probabilities, summed over the selected tokens by a loop
+    leaf = lp0.clone().requires_grad_(True)
+    k = _kl_estimate_by_formula(leaf, ref, estimator)
+    picked = [k[i, j] for i in range(3) for j in range(6) if mask[i, j]]
+    expect = 0.3 * sum(picked) / len(picked)
+    expect.backward()
+    assert loss.item() == pytest.approx(expect.item(), rel=1e-12)
+    assert m["kl_loss"].item() == pytest.approx(expect.item()) and m["kl_mean"].item() == pytest.approx(
+        expect.item() / 0.3
+    )
+    torch.testing.assert_close(lp.grad, leaf.grad)
+    # and by hand: d k1 = 1, d k2 = log pi - log ref, d k3 = 1 - ref/pi, over the masked tokens' mean
+    by_hand = {"k1": torch.ones_like(lp0), "k2": lp0 - ref, "k3": 1 - torch.exp(ref - lp0)}[estimator]
+    torch.testing.assert_close(lp.grad, torch.where(mask, 0.3 * by_hand / len(picked), 0.0))
+    assert ref_leaf.grad is None  # the reference is detached
+
+
+def test_kl_loss_expected_gradients_by_exact_enumeration() -> None:
+    """What each estimator's gradient means on-policy (the docstring of kl_loss), exactly on a categorical
+    pi = softmax(theta) over 6 tokens: sum_y pi(y) grad k(y) (the sampling distribution held fixed) is 0 for
+    k1, grad KL(pi || ref) for k2 and grad KL(ref || pi) for k3."""
+    g = _gen(11)
+    theta0 = torch.randn(6, generator=g, dtype=torch.float64)
+    ref = torch.log_softmax(torch.randn(6, generator=g, dtype=torch.float64), -1)
+    pi = torch.softmax(theta0, -1)
+    expected = {}
+    for est in ("k1", "k2", "k3"):
+        theta = theta0.clone().requires_grad_(True)
+        lp = torch.log_softmax(theta, -1)
+        # each token y is one sample, weighted by its (fixed) probability: E_{y~pi}[grad kl_loss(y)]
+        weighted = sum(
+            pi[y] * kl_loss(lp[y].view(1, 1), ref[y].view(1, 1), torch.ones(1, 1), 1.0, est)[0]
+            for y in range(6)
+        )
+        (expected[est],) = torch.autograd.grad(weighted, theta)
+    theta = theta0.clone().requires_grad_(True)
+    lp = torch.log_softmax(theta, -1)
+    (reverse,) = torch.autograd.grad((lp.exp() * (lp - ref)).sum(), theta)  # KL(pi || ref)
+    theta = theta0.clone().requires_grad_(True)
+    lp = torch.log_softmax(theta, -1)
+    (forward,) = torch.autograd.grad((ref.exp() * (ref - lp)).sum(), theta)  # KL(ref || pi)
+    torch.testing.assert_close(expected["k1"], torch.zeros(6, dtype=torch.float64))
+    torch.testing.assert_close(expected["k2"], reverse)
+    torch.testing.assert_close(expected["k3"], forward)
+    assert not torch.allclose(reverse, forward)
 
 
 def test_value_loss_vs_loop_and_gradients() -> None:

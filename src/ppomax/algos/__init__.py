@@ -1,12 +1,13 @@
 """Pure PPO-max math: masked statistics, running moments, KL estimators, GAE and the losses.
 
-Every function here is a function of tensors (plus one small stateful class, `RunningMoments`) and the
-package imports only torch, so each formula has a unit test against an independent computation
-(tests/test_algos.py). Equation numbers refer to "Secrets of RLHF in Large Language Models Part I: PPO"
-(arXiv 2307.04964). Modules: `stats` (masked statistics, running moments, last-token index), `rewards`
-(KL estimators, token-level rewards, GAE, score re-parameterisation, advantage normalisation), `losses` (PPO,
-critic, entropy, LM, RM losses; per-token log-probs, entropy and exact KL from logits), `metrics` (the
-monitoring statistics of a batch of rollouts, paper 5.2).
+Every function here is a function of tensors (plus two small stateful classes, `RunningMoments` and
+`AdaptiveKLController`) and the package imports only torch, so each formula has a unit test against an
+independent computation (tests/test_algos.py). Equation numbers refer to "Secrets of RLHF in Large Language
+Models Part I: PPO" (arXiv 2307.04964). Modules: `stats` (masked statistics, running moments, last-token
+index), `rewards` (KL estimators, token-level rewards, the adaptive KL coefficient, GAE, score
+re-parameterisation, advantage normalisation), `losses` (PPO with its dual clip, KL as a loss term, critic,
+entropy, LM, RM losses; per-token log-probs, entropy and exact KL from logits), `metrics` (the monitoring
+statistics of a batch of rollouts, paper 5.2).
 Import from `ppomax.algos` directly; the split is for reading, not for the API.
 
 Conventions:
@@ -25,6 +26,7 @@ from .losses import (
     entropy_bonus_loss,
     entropy_from_logits,
     kl_from_logits,
+    kl_loss,
     lm_nll,
     logprobs_from_logits,
     pairwise_rm_loss,
@@ -33,6 +35,7 @@ from .losses import (
 )
 from .metrics import RESPONSE_SUMS, response_statistics, response_sums, rollout_statistics
 from .rewards import (
+    AdaptiveKLController,
     KLEstimator,
     ScoreTransform,
     gae,
@@ -54,6 +57,7 @@ from .stats import (
 
 __all__ = [
     "RESPONSE_SUMS",
+    "AdaptiveKLController",
     "AllReduce",
     "KLEstimator",
     "RunningMoments",
@@ -62,6 +66,7 @@ __all__ = [
     "entropy_from_logits",
     "gae",
     "kl_from_logits",
+    "kl_loss",
     "kl_per_token",
     "last_token_index",
     "lm_nll",

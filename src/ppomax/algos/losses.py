@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from .rewards import KLEstimator, kl_per_token
 from .stats import _bool_mask, masked_mean, masked_sum
 
 
@@ -26,8 +27,9 @@ def policy_loss(
     mask: Tensor,
     clip_ratio: float | None,
     max_log_ratio: float = 20.0,
+    dual_clip: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate (paper eq. 15, app. C.1), negated for minimisation.
+    """PPO clipped surrogate (paper eq. 15, app. C.1), negated for minimisation, optionally dual-clipped.
 
     logprobs: [B, T] log pi_theta(a_t|s_t) with gradient; old_logprobs: [B, T] of the sampling policy
     (or the reference when importance sampling is off); advantages: [B, T]; mask: [B, T].
@@ -40,8 +42,17 @@ def policy_loss(
     clip_ratio=None gives the unclipped surrogate ``mean_t -A_t * ratio_t``. old_logprobs and advantages
     are detached: no gradient flows into them.
 
+    Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep Reinforcement Learning",
+    dual-clip PPO), ``dual_clip`` = c > 1, needs a clip_ratio. For A_t < 0 the objective is
+    ``max(min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t), c A_t)``: the clipped surrogate alone is
+    unbounded below in r_t (a token the sampling policy found unlikely and the new one likely, with a
+    negative advantage, could dominate the minibatch), the bound c A_t caps it, and it binds exactly where
+    r_t > c (its gradient is then 0). For A_t >= 0 it is the ordinary clipped surrogate. Negated here:
+    ``loss_t = min(max(-A_t r_t, -A_t clip(r_t)), -c A_t)`` where A_t < 0.
+
     Metrics: pg_loss; pg_clipfrac = fraction of tokens where the clipped branch is strictly larger (the
-    token's gradient is zeroed by the clip); approx_kl = KL(old || new) by the k3 estimator with samples
+    token's gradient is zeroed by the clip); dual_clip_frac = fraction of tokens where the dual clip binds
+    (A_t < 0 and the bound strictly smaller; disjoint from pg_clipfrac; 0 without dual_clip); approx_kl = KL(old || new) by the k3 estimator with samples
     from old: mean((ratio - 1) - log ratio) (>= 0, unbiased); ratio_mean, ratio_max (masked, of the clamped
     ratio); ratio_clamped = number of masked tokens whose log-ratio was clamped (a count, not a mean).
     """
@@ -57,17 +68,62 @@ def policy_loss(
         clipped = -adv * ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
         per_token = torch.maximum(unclipped, clipped)
         clipfrac = masked_mean((clipped > unclipped).to(ratio.dtype), mask).detach()
+    dual_frac = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
+    if dual_clip is not None:
+        if clip_ratio is None or not dual_clip > 1:
+            raise ValueError(f"dual_clip needs a clip_ratio and c > 1; got {dual_clip=}, {clip_ratio=}")
+        negative = adv < 0
+        bound = -dual_clip * adv
+        binds = negative & (bound < per_token)
+        per_token = torch.where(negative, torch.minimum(per_token, bound), per_token)
+        dual_frac = masked_mean(binds.to(ratio.dtype), mask).detach()
     loss = masked_mean(per_token, mask)
     with torch.no_grad():
         metrics = {
             "pg_loss": loss.detach(),
             "pg_clipfrac": clipfrac,
+            "dual_clip_frac": dual_frac,
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
             "ratio_mean": masked_mean(ratio, mask),
             "ratio_max": _masked_max(ratio, mask),
             "ratio_clamped": masked_sum((raw_log_ratio.abs() > max_log_ratio).to(ratio.dtype), mask),
         }
     return loss, metrics
+
+
+def kl_loss(
+    logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kl_coef: float, estimator: KLEstimator
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """KL to the reference as a loss term instead of a reward penalty (``ppo.kl_in: loss``).
+
+    logprobs: [B, T] log pi_theta(y_t) with gradient, of tokens sampled from the rollout's policy;
+    ref_logprobs: [B, T] of the reference (detached); mask: [B, T].
+    ``loss = kl_coef * masked_mean(k(logprobs, ref_logprobs))`` with the per-token estimator k of
+    :func:`ppomax.algos.kl_per_token` (Schulman 2020, "Approximating KL divergence"), a token mean like the
+    surrogate's. GRPO (Shao et al. 2024, "DeepSeekMath", eq. 3-4) subtracts ``beta * D_KL`` from its
+    objective per token, with eq. 4's k3 ``ref/pi - log(ref/pi) - 1`` between the current policy and the
+    reference on tokens from the old policy (no importance weight on this term).
+
+    What each estimator's gradient is as a loss, per token (prefix held fixed), y ~ pi_theta, r = ref/pi:
+
+    - k1 = log pi - log ref: gradient grad log pi, whose expectation E_pi[grad log pi] is 0. As a loss it
+      only adds noise (on-policy), so ``ppo.kl_in: loss`` refuses it (a config error naming both keys).
+    - k2 = (log r)^2 / 2: gradient (log pi - log ref) grad log pi, whose expectation is grad KL(pi || ref),
+      the gradient of the reverse KL that the reward penalty targets.
+    - k3 = (r - 1) - log r (GRPO's): gradient (1 - r) grad log pi, whose expectation is
+      -sum_y ref(y) grad log pi(y) = grad KL(ref || pi), the forward KL's. The two KLs agree to second order
+      near the reference, so their gradients agree to first order there; far from it k3 pulls towards
+      covering the reference's mass.
+
+    Off the sampling policy (later epochs or minibatches) these hold approximately. A token the reference
+    finds far likelier than the policy gives k3 an exponentially large value (no clamp, as in the reward);
+    a non-finite loss skips the step like any other.
+
+    Metrics: kl_loss (the term, kl_coef included), kl_mean (the masked mean of the estimator).
+    """
+    mean = masked_mean(kl_per_token(logprobs, ref_logprobs.detach(), estimator), mask)
+    loss = kl_coef * mean
+    return loss, {"kl_loss": loss.detach(), "kl_mean": mean.detach()}
 
 
 def value_loss(

@@ -1,4 +1,5 @@
-"""Token-level rewards, KL estimators, GAE and the score re-parameterisations of paper 5.3.1."""
+"""Token-level rewards, KL estimators and the adaptive KL coefficient, GAE and the score re-parameterisations of
+paper 5.3.1."""
 
 from __future__ import annotations
 
@@ -50,6 +51,46 @@ def token_level_rewards(scores: Tensor, kl: Tensor, response_mask: Tensor, kl_co
     last = last_token_index(m)
     bonus = torch.where(m.any(dim=1), scores.to(rewards.dtype), zero)
     return rewards.scatter_add(1, last.unsqueeze(1), bonus.unsqueeze(1))
+
+
+class AdaptiveKLController:
+    """The adaptive KL coefficient of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
+    Preferences", sec. 2.2), as in their code (lm-human-preferences, ``train_policy.AdaptiveKLController``).
+
+    A proportional controller in log space that moves beta towards the value at which the policy's KL to
+    the reference is ``target``::
+
+        e_t = clip(KL_t / target - 1, -0.2, 0.2)
+        beta_{t+1} = beta_t * (1 + K_beta * e_t),   K_beta = n_steps / horizon
+
+    with ``n_steps`` the responses (episodes) of the iteration and ``horizon`` in responses, so that the
+    speed of the controller does not depend on the batch size. KL_t is what the iteration's rollout spent:
+    the mean over responses of the summed per-token KL estimate (Ziegler: ``mean(sum_t (log pi - log
+    ref))``); beta_t is the value its rewards (or loss) used, and :meth:`update` gives beta_{t+1} after the
+    iteration. The error clip bounds each step to a factor in [1 - 0.2 K_beta, 1 + 0.2 K_beta]; K_beta must
+    be below 5 so that beta stays positive. A NaN KL (nothing measured) leaves beta unchanged.
+    """
+
+    def __init__(self, init: float, target: float, horizon: int) -> None:
+        if not (init > 0 and target > 0 and horizon > 0):
+            raise ValueError(f"need init, target, horizon > 0; got {init=}, {target=}, {horizon=}")
+        self.value, self.target, self.horizon = float(init), float(target), int(horizon)
+
+    def update(self, current: float, n_steps: int) -> float:
+        """beta after an iteration of ``n_steps`` responses whose KL was ``current``; returns it."""
+        gain = n_steps / self.horizon
+        if not 0 <= gain < 5:
+            raise ValueError(f"n_steps / horizon = {n_steps}/{self.horizon} must be in [0, 5)")
+        if current == current:  # not NaN
+            error = min(max(current / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + gain * error
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
 
 
 @torch.no_grad()
