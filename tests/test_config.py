@@ -352,3 +352,76 @@ def test_odd_keys_are_one_line_errors():
         with pytest.raises(ConfigError) as err:
             load_config("ppo", overrides=[f"{key}=1"])
         assert str(err.value) == f"--set '{key}=1': empty part in the key {key!r}"
+
+
+# --------------------------------------------------------------------------- issue 15 item 2: dual clip, KL control
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (
+            ["ppo.dual_clip=3", "ppo.clip_ratio=null"],
+            "  ppo.dual_clip, ppo.clip_ratio: the dual clip bounds the clipped surrogate, which clip_ratio: null "
+            "turns off; set clip_ratio or dual_clip: null",
+        ),
+        (
+            ["ppo.kl_target=6", "ppo.kl_coef=0"],
+            "  ppo.kl_target, ppo.kl_coef: the adaptive KL coefficient starts from kl_coef and multiplies it, so "
+            "from 0 it stays 0; set kl_coef > 0 (its initial value) or kl_target: null",
+        ),
+        (
+            ["ppo.kl_horizon=500"],
+            "  ppo.kl_horizon, ppo.kl_target: kl_horizon sets the speed of the adaptive KL coefficient, which "
+            "kl_target: null turns off; set kl_target or leave kl_horizon at its default",
+        ),
+        (
+            ["ppo.kl_in=loss"],
+            "  ppo.kl_in, ppo.kl_estimator: k1 as a loss has zero expected gradient (E[grad log pi] = 0): it would "
+            "add noise, not a KL penalty; set kl_estimator: k3 (GRPO) or k2",
+        ),
+    ],
+)
+def test_dual_clip_and_kl_control_conflicts_name_both_keys(overrides, line):
+    with pytest.raises(ConfigError) as err:
+        load_config("ppo", preset="ppo_max", overrides=overrides)
+    assert str(err.value).splitlines() == ["invalid config (preset ppo_max + --set):", line]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("ppo.dual_clip=1", r"ppo\.dual_clip: .*greater than 1"),
+        ("ppo.kl_target=0", r"ppo\.kl_target: .*greater than 0"),
+        ("ppo.kl_horizon=0", r"ppo\.kl_horizon: .*greater than 0"),
+        ("ppo.kl_in=both", r"ppo\.kl_in: must be one of 'reward' or 'loss'"),
+    ],
+)
+def test_dual_clip_and_kl_control_bad_values_name_the_key(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config("ppo", preset="ppo_max", overrides=[override])
+
+
+def test_dual_clip_and_kl_control_defaults_are_off_and_combine():
+    ppo = load_config("ppo", preset="ppo_max").ppo
+    assert (
+        ppo.dual_clip is None and ppo.kl_target is None and ppo.kl_horizon == 10000 and ppo.kl_in == "reward"
+    )
+    ppo = load_config(
+        "ppo",
+        preset="ppo_max",
+        overrides=[
+            "ppo.dual_clip=3",
+            "ppo.kl_target=6",
+            "ppo.kl_horizon=500",
+            "ppo.kl_in=loss",
+            "ppo.kl_estimator=k3",
+        ],
+    ).ppo
+    assert (ppo.dual_clip, ppo.kl_target, ppo.kl_horizon, ppo.kl_in, ppo.kl_estimator) == (
+        3,
+        6,
+        500,
+        "loss",
+        "k3",
+    )

@@ -406,6 +406,36 @@ class PPOSettings(_Section):
         gt=0,
         description="null = unclipped surrogate. Paper eq. 15 / app. C.1 give no epsilon; 0.2: MOSS-RLHF code.",
     )
+    # Beyond the paper: dual clip, adaptive KL coefficient, KL as a loss term (issue 15)
+    dual_clip: float | None = Field(
+        None,
+        gt=1,
+        description="c > 1: for negative advantages the clipped objective is bounded below by c * A (dual-clip PPO, "
+        'Ye et al. 2020 "Mastering Complex Control in MOBA Games with Deep Reinforcement Learning"; they use '
+        "c = 3); needs clip_ratio. null = off: ours, as the paper (fig. 5 has no dual clip).",
+    )
+    kl_target: float | None = Field(
+        None,
+        gt=0,
+        description="Target KL per response (nats, the logged kl/per_sequence) of the adaptive KL coefficient of "
+        'Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences", sec. 2.2), which starts from '
+        "kl_coef and is updated after every iteration (logged as ppo/kl_coef). null = a fixed kl_coef: ours, as "
+        "the paper (5.3.2 fixes it).",
+    )
+    kl_horizon: int = Field(
+        10000,
+        gt=0,
+        description="Responses over which the adaptive coefficient responds: it moves by a factor 1 + e * n / "
+        "kl_horizon per iteration of n responses (all processes), e in [-0.2, 0.2]; needs kl_target. Ziegler et "
+        "al. 2019's code (horizon 10000 episodes); ours: the same.",
+    )
+    kl_in: Literal["reward", "loss"] = Field(
+        "reward",
+        description="Where the KL to the reference acts. reward: -kl_coef * KL_t in the token rewards (paper eq. "
+        "19). loss: kl_coef * the token mean of kl_estimator is added to the policy loss instead (GRPO: Shao et "
+        'al. 2024 "DeepSeekMath" eq. 3-4, with k3); needs kl_estimator k2 or k3 (k1 as a loss has zero expected '
+        "gradient). Ours: reward, as the paper.",
+    )
     # 12. global gradient clipping (app. C.2)
     max_grad_norm: float | None = Field(
         1.0,
@@ -483,6 +513,38 @@ class PPOSettings(_Section):
                     ("entropy_clip", "entropy_coef"),
                     "entropy_clip bounds the entropy bonus, which entropy_coef: 0 turns off; "
                     "set entropy_coef > 0 or entropy_clip: null",
+                )
+            )
+        if self.dual_clip is not None and self.clip_ratio is None:
+            problems.append(
+                (
+                    ("dual_clip", "clip_ratio"),
+                    "the dual clip bounds the clipped surrogate, which clip_ratio: null turns off; "
+                    "set clip_ratio or dual_clip: null",
+                )
+            )
+        if self.kl_target is not None and self.kl_coef == 0:
+            problems.append(
+                (
+                    ("kl_target", "kl_coef"),
+                    "the adaptive KL coefficient starts from kl_coef and multiplies it, so from 0 it stays 0; "
+                    "set kl_coef > 0 (its initial value) or kl_target: null",
+                )
+            )
+        if self.kl_target is None and self.kl_horizon != type(self).model_fields["kl_horizon"].default:
+            problems.append(
+                (
+                    ("kl_horizon", "kl_target"),
+                    "kl_horizon sets the speed of the adaptive KL coefficient, which kl_target: null turns off; "
+                    "set kl_target or leave kl_horizon at its default",
+                )
+            )
+        if self.kl_in == "loss" and self.kl_estimator == "k1":
+            problems.append(
+                (
+                    ("kl_in", "kl_estimator"),
+                    "k1 as a loss has zero expected gradient (E[grad log pi] = 0): it would add noise, not a KL "
+                    "penalty; set kl_estimator: k3 (GRPO) or k2",
                 )
             )
         for size in ("rollout_batch_size", "minibatch_size"):
