@@ -83,8 +83,24 @@ def _fused_and_apart(setup, tmp_path, monkeypatch, *over):
         ("generation.temperature=0.7", "ppo.entropy_coef=0.01", "ppo.kl_estimator=k3"),
         ("ppo.importance_sampling=false", "model.reference=REF"),
         (reward_fn("ppo_helpers:some_nonfinite", finite=5),),
+        ("ppo.kl_target=0.5", "ppo.kl_horizon=80", "model.reference=REF"),
+        (
+            "ppo.kl_in=loss",
+            "ppo.kl_estimator=k3",
+            "ppo.kl_target=0.5",
+            "ppo.kl_horizon=80",
+            "ppo.dual_clip=3",
+        ),
     ],
-    ids=["ppo_max", "critic_pretrain", "temperature_entropy_k3", "no_importance_sampling", "some_nan_scores"],
+    ids=[
+        "ppo_max",
+        "critic_pretrain",
+        "temperature_entropy_k3",
+        "no_importance_sampling",
+        "some_nan_scores",
+        "adaptive_kl_in_reward",
+        "adaptive_kl_in_loss_dual_clip",
+    ],
 )
 def test_one_epoch_over_one_minibatch_takes_the_old_logprobs_from_the_update(
     setup, tmp_path, monkeypatch, over

@@ -56,9 +56,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ppomax.algos import RunningMoments, rollout_statistics
+from ppomax.algos import AdaptiveKLController, RunningMoments, rollout_statistics
 from ppomax.collapse import CollapseMonitor
 from ppomax.config import PPOConfig
+from ppomax.errors import ConfigError
 from ppomax.experience import Experience
 from ppomax.optim import build_optimizer, build_scheduler
 from ppomax.rewards import RewardSources, build_reward_functions
@@ -153,6 +154,17 @@ class PPOTrainer:
             cfg, "ppo", resume=resume, overwrite=overwrite, trained=("policy", "critic")
         )
         acc = run.accelerator  # DDP, DeepSpeed or FSDP as `accelerate launch` configured (trainers/launch.py)
+        # The adaptive KL coefficient (ppo.kl_target) counts the responses of all processes, as Ziegler et al.'s
+        # code counts its batch; a step of n responses moves it by a factor in [1 - 0.2 n/h, 1 + 0.2 n/h].
+        self.kl_control = None
+        if p.kl_target is not None:
+            if p.buffer_size * acc.num_processes >= 5 * p.kl_horizon:
+                raise ConfigError(
+                    f"ppo.kl_horizon, ppo.buffer_size: kl_horizon ({p.kl_horizon}) must exceed a fifth of the "
+                    f"responses of one iteration (buffer_size {p.buffer_size} x {acc.num_processes} process(es)), "
+                    "or one step of the adaptive KL coefficient could take it to 0 or below"
+                )
+            self.kl_control = AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
         # Statistics that define the training targets (running reward moments, advantage whitening) are global
         # through this hook: per-rank ones would make the objective depend on how the buffer is sharded. The
         # losses themselves are not all-reduced: DDP averages the gradients over ranks, and the Updater weights
@@ -235,6 +247,7 @@ class PPOTrainer:
             ptx_stream=data.ptx_stream,
             collapse=self.collapse,
             updater=self.updater,
+            kl_control=self.kl_control,
         )
         self.step = run.restore()
 
@@ -275,9 +288,16 @@ class PPOTrainer:
     # ------------------------------------------------------------------ one iteration
 
     def iteration(self, step: int) -> dict[str, Any]:
-        """Rollout, scoring, advantages and updates for iteration ``step`` (1-based); returns its metrics."""
+        """Rollout, scoring, advantages and updates for iteration ``step`` (1-based); returns its metrics.
+
+        With ``ppo.kl_target`` the iteration uses the adaptive KL coefficient as it stands (logged as
+        ``ppo/kl_coef``), then updates it from the KL its rollout spent (``kl/per_sequence``: the mean over
+        responses of the summed per-token estimate, as Ziegler et al.), after policy iterations only: in critic
+        pre-training the policy cannot move its KL, and the coefficient would drift on an error nothing
+        corrects."""
         p = self.cfg.ppo
         critic_only = step <= p.critic_pretrain_steps
+        kl_coef = p.kl_coef if self.kl_control is None else self.kl_control.value
         # one epoch over one minibatch: the update's forwards give the old log-probs and values (exactly)
         fused = self.updater.fuses_scoring()
         clock = Stopwatch(self.acc.device)
@@ -293,10 +313,15 @@ class PPOTrainer:
             if fused:
                 score_targets(exp, p, self.cfg.generation, self.moments)
             else:
-                compute_advantages(exp, p, self.cfg.generation, self.moments)
+                compute_advantages(exp, p, self.cfg.generation, self.moments, kl_coef)
         with clock("training"):
-            train_metrics = self.updater.update(exp, step, critic_only, fused=fused)
-        return self.iteration_metrics(exp, train_metrics, critic_only, clock)
+            train_metrics = self.updater.update(exp, step, critic_only, fused=fused, kl_coef=kl_coef)
+        metrics = self.iteration_metrics(exp, train_metrics, critic_only, clock)
+        if self.kl_control is not None:
+            metrics["ppo/kl_coef"] = kl_coef
+            if not critic_only:
+                self.kl_control.update(metrics["kl/per_sequence"], p.buffer_size * self.acc.num_processes)
+        return metrics
 
     def iteration_metrics(
         self, exp: Experience, train_metrics: dict[str, Tensor], critic_only: bool, clock: Stopwatch

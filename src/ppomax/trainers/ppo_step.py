@@ -11,7 +11,8 @@ section 1 and the switches of ``ppo``:
    ``truncated_penalty``),
    token-level rewards ``-kl_coef * KL_t`` + score at the last token (eq. 19), GAE (eq. 9-11);
 3. updates: ``ppo_epochs`` passes over shuffled minibatches; advantages whitened/clipped per minibatch; clipped
-   surrogate (eq. 15) against the sampling policy, or the reference when ``importance_sampling`` is off;
+   surrogate (eq. 15) against the sampling policy, or the reference when ``importance_sampling`` is off, with
+   the ``dual_clip`` bound; the KL term ``kl_coef * KL`` here instead of in the rewards with ``kl_in: loss``;
    entropy bonus with clip; PPO-ptx LM loss (eq. 17); clipped value loss; global gradient clipping per model; a
    non-finite loss or gradient skips the step. ``micro_batch_size`` chunks are weighted by their token share, so
    they give the whole minibatch's gradient.
@@ -34,6 +35,7 @@ from ppomax.algos import (
     RunningMoments,
     entropy_bonus_loss,
     gae,
+    kl_loss,
     kl_per_token,
     lm_nll,
     normalize_advantages,
@@ -119,7 +121,11 @@ def final_scores(
 
 @torch.no_grad()
 def compute_advantages(
-    exp: Experience, ppo: PPOSettings, gen: GenerationConfig, moments: RunningMoments
+    exp: Experience,
+    ppo: PPOSettings,
+    gen: GenerationConfig,
+    moments: RunningMoments,
+    kl_coef: float | None = None,
 ) -> None:
     """Fill ``final_scores``, ``kl``, ``rewards``, ``advantages``, ``returns`` of ``exp`` in place.
 
@@ -129,10 +135,11 @@ def compute_advantages(
     advantages (zero), its final score is NaN (none was added), and :func:`trainable_part` drops it from the
     updates. Its KL and the rest of the scoring pass still describe what the policy generated. With
     ``truncated_response: penalty`` the truncated responses' raw scores stay out of the moments too, since
-    those are replaced.
+    those are replaced. ``kl_coef``: the iteration's KL coefficient (the adaptive one of ``ppo.kl_target``; None:
+    ``ppo.kl_coef``).
     """
     score_targets(exp, ppo, gen, moments)
-    token_advantages(exp, ppo)
+    token_advantages(exp, ppo, kl_coef)
 
 
 @torch.no_grad()
@@ -148,15 +155,18 @@ def score_targets(exp: Experience, ppo: PPOSettings, gen: GenerationConfig, mome
 
 
 @torch.no_grad()
-def token_advantages(exp: Experience, ppo: PPOSettings) -> None:
+def token_advantages(exp: Experience, ppo: PPOSettings, kl_coef: float | None = None) -> None:
     """The second half of :func:`compute_advantages`, from ``final_scores`` and the scoring pass's log-probs and
     values: ``kl``, ``rewards``, ``advantages``, ``returns``. Row by row: any selection of rows gives the same
-    rows' values."""
+    rows' values. With ``kl_in: loss`` the rewards carry no KL term (the policy loss does, :func:`kl_loss`);
+    ``kl`` is filled either way (it is what the rollout spent, and what the adaptive coefficient measures)."""
     mask = exp.response_mask
     kl = kl_per_token(exp.logprobs, exp.ref_logprobs, ppo.kl_estimator)
     exp.kl = torch.where(mask, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
     train = mask & torch.isfinite(exp.final_scores).unsqueeze(1)
-    exp.rewards = token_level_rewards(exp.final_scores, exp.kl, train, ppo.kl_coef)
+    penalised = exp.kl if ppo.kl_in == "reward" else torch.zeros_like(exp.kl)
+    coef = ppo.kl_coef if kl_coef is None else kl_coef
+    exp.rewards = token_level_rewards(exp.final_scores, penalised, train, coef)
     exp.advantages, exp.returns = gae(exp.rewards, exp.values, train, ppo.gamma, ppo.lam)
 
 
@@ -320,7 +330,9 @@ class Updater:
         one_chunk = p.micro_batch_size is None or p.micro_batch_size >= p.minibatch_size
         return p.ppo_epochs == 1 and p.minibatch_size >= p.buffer_size and one_chunk
 
-    def update(self, exp: Experience, step: int, critic_only: bool, fused: bool = False) -> dict[str, Tensor]:
+    def update(
+        self, exp: Experience, step: int, critic_only: bool, fused: bool = False, kl_coef: float | None = None
+    ) -> dict[str, Tensor]:
         """``ppo_epochs`` passes over shuffled minibatches of ``exp``; returns metrics averaged over minibatches
         (``*_max`` are maxed, ``*_count`` summed). Stops early once ``max_nonfinite_in_row`` updates in a row were skipped.
         Rows without a finite score are left out (:func:`trainable_part`); a minibatch of such rows only is passed
@@ -329,8 +341,12 @@ class Updater:
         ``fused`` (only where :meth:`fuses_scoring`): ``exp`` has final scores but none of the old log-probs,
         entropy (unless ``critic_only``: then from the scoring pass) and values; they come from the update's
         forward, which then computes the token advantages (:func:`token_advantages`), and are filled into ``exp``
-        in place, as :func:`compute_advantages` would have."""
+        in place, as :func:`compute_advantages` would have.
+
+        ``kl_coef``: the iteration's KL coefficient (the adaptive one of ``ppo.kl_target``; None: ``ppo.kl_coef``),
+        in the fused token rewards or in the loss (``ppo.kl_in``)."""
         p = self.ppo
+        kl_coef = p.kl_coef if kl_coef is None else kl_coef
         acc: dict[str, list[Tensor]] = {}
         skipped, trained = 0, False
         full, exp = exp, trainable_part(exp)
@@ -343,7 +359,7 @@ class Updater:
                 fill = None
                 if fused:  # one minibatch: the whole buffer
                     assert self.fuses_scoring() and len(perm) <= p.minibatch_size
-                    fill = self._filler(full, perm, critic_only)
+                    fill = self._filler(full, perm, critic_only, kl_coef)
                 if not self._has_tokens(mb):  # no finite score in it: no step (Adam moves even on zero grads)
                     if fill is not None:
                         with torch.no_grad():
@@ -351,7 +367,7 @@ class Updater:
                     continue
                 self._measuring = self.measure_mismatch and not trained and not critic_only
                 trained = True
-                metrics, ok = self._minibatch(mb, critic_only, fill)
+                metrics, ok = self._minibatch(mb, critic_only, kl_coef, fill)
                 self._measuring = False
                 skipped += int(not ok)
                 for k, v in metrics.items():
@@ -374,7 +390,7 @@ class Updater:
         return bool((self.all_reduce(n) if self.all_reduce is not None else n) > 0)
 
     def _filler(
-        self, full: Experience, perm: Tensor, critic_only: bool
+        self, full: Experience, perm: Tensor, critic_only: bool, kl_coef: float
     ) -> Callable[[tuple[Tensor | None, Tensor]], Experience]:
         """For a fused update (:meth:`update`): a function of the update's forward outputs on ``full``'s rows
         ``perm`` that fills the old log-probs, entropy, values and token advantages of those rows (in ``full``,
@@ -396,7 +412,7 @@ class Updater:
                 )
                 rows.entropy = fwd.entropy(logits)
             rows.values = values.detach()
-            token_advantages(rows, self.ppo)
+            token_advantages(rows, self.ppo, kl_coef)
             for name in names:
                 part = getattr(rows, name)
                 into = torch.zeros(full.response_mask.shape, dtype=part.dtype, device=part.device)
@@ -410,6 +426,7 @@ class Updater:
         self,
         mb: Experience,
         critic_only: bool,
+        kl_coef: float,
         fill: Callable[[tuple[Tensor | None, Tensor]], Experience] | None = None,
     ) -> tuple[dict[str, Tensor], bool]:
         """One optimiser step per model on minibatch ``mb``. ``fill`` (a fused update, one micro-batch): ``mb``
@@ -455,7 +472,7 @@ class Updater:
                 outputs = self._forward(chunk, critic_only)
                 if fill is not None:  # one chunk: the minibatch itself
                     chunk = self._normalized(fill(outputs))
-                policy_loss, critic_loss, m = self._loss(chunk, critic_only, outputs)
+                policy_loss, critic_loss, m = self._loss(chunk, critic_only, outputs, kl_coef)
                 # one backward per model (the two graphs share nothing): each engine owns its own gradients
                 if not critic_only:
                     self.policy.backward(weights[i] * policy_loss)
@@ -484,10 +501,12 @@ class Updater:
         return logits, self.fwd.values(self.critic.model, seqs, attn, width)
 
     def _loss(
-        self, mb: Experience, critic_only: bool, outputs: tuple[Tensor | None, Tensor]
+        self, mb: Experience, critic_only: bool, outputs: tuple[Tensor | None, Tensor], kl_coef: float
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(policy loss: clipped surrogate + entropy bonus, critic loss: vf_coef x value loss, metrics), from
-        the forward ``outputs`` of :meth:`_forward` on ``mb``."""
+        """(policy loss: clipped surrogate (dual-clipped with ``dual_clip``) + the KL term with ``kl_in: loss`` +
+        entropy bonus, critic loss: vf_coef x value loss, metrics), from the forward ``outputs`` of
+        :meth:`_forward` on ``mb``. The KL term compares the policy with the reference log-probs of the scoring
+        pass, on the rollout's tokens, as the reward penalty would."""
         p = self.ppo
         mask = mb.response_mask
         logits, values = outputs
@@ -496,7 +515,7 @@ class Updater:
         if logits is not None:
             logprobs = self.fwd.logprobs(logits, mb.responses_ids)
             old = mb.logprobs if p.importance_sampling else mb.ref_logprobs
-            pg, pm = policy_loss(logprobs, old, mb.advantages, mask, p.clip_ratio)
+            pg, pm = policy_loss(logprobs, old, mb.advantages, mask, p.clip_ratio, dual_clip=p.dual_clip)
             if self._measuring:
                 gap = torch.where(mask, (logprobs.detach() - mb.logprobs).abs(), 0.0)
                 n = mask.sum().clamp(min=1)
@@ -517,6 +536,12 @@ class Updater:
                     f"policy/ratio{vs}_clamped_count": pm["ratio_clamped"],
                 }
             )
+            if p.dual_clip is not None:
+                metrics[f"policy/dual_clip_frac{vs}"] = pm["dual_clip_frac"]
+            if p.kl_in == "loss" and kl_coef > 0:
+                kl, km = kl_loss(logprobs, mb.ref_logprobs, mask, kl_coef, p.kl_estimator)
+                loss = loss + kl
+                metrics["loss/kl"] = km["kl_loss"]
             if p.entropy_coef > 0:
                 ent, em = entropy_bonus_loss(self.fwd.entropy(logits), mask, p.entropy_coef, p.entropy_clip)
                 loss = loss + ent

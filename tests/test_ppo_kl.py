@@ -1,0 +1,271 @@
+"""Beyond the paper, in the PPO trainer: the dual clip (``ppo.dual_clip``), the adaptive KL coefficient
+(``ppo.kl_target`` / ``kl_horizon``) and KL as a loss term (``ppo.kl_in: loss``), one switch at a time, each
+against an observable change of behaviour or an independent computation. Tiny models (see ppo_helpers)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ppo_helpers import config, make_setup, reward_fn
+from ppomax.algos import RunningMoments
+from ppomax.config import load_config
+from ppomax.errors import ConfigError, RunStopped
+from ppomax.experience import Experience
+from ppomax.monitor import read_metrics
+from ppomax.trainers import ppo_step
+from ppomax.trainers.ppo import PPOTrainer, train_ppo
+from ppomax.trainers.ppo_step import compute_advantages
+
+TARGET = reward_fn("ppo_helpers:target_tokens")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_setup(tmp_path_factory.mktemp("ppo_kl"), reference_seed=5)
+
+
+def make(setup, tmp_path, *overrides) -> PPOTrainer:
+    return PPOTrainer(config(setup, TARGET, *overrides, out=str(tmp_path / "run")))
+
+
+def reference(setup) -> str:
+    """The override that makes the reference a model other than the policy (the KL is then > 0 from the start)."""
+    return f"model.reference={setup.root / 'reference'}"
+
+
+def flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _timeless(m: dict) -> dict:
+    return {k: v for k, v in m.items() if not k.startswith(("time/", "perf/"))}
+
+
+# ------------------------------------------------------------------------------------------------ dual clip
+
+
+def test_dual_clip_binds_where_the_ratio_exceeds_c_and_zeroes_those_gradients(setup, tmp_path):
+    """Old log-probs 3 nats below the new ones: every ratio is e^3 ~ 20. Tokens with A > 0 are clipped as usual;
+    with the dual clip (c = 3) every token with A < 0 is bounded by c * A, so no token has a gradient and the
+    policy does not move (no weight decay: Adam steps by 0). Without it the A < 0 tokens push the policy."""
+
+    def run(tag, *over):
+        tr = make(setup, tmp_path / tag, "ppo.minibatch_size=4", *over)  # two minibatches: not fused
+        before, inner = flat(tr.policy), tr.updater.update
+
+        def update(exp, step, critic_only, **kw):
+            return inner(dataclasses.replace(exp, logprobs=exp.logprobs - 3.0), step, critic_only, **kw)
+
+        tr.updater.update = update
+        m = tr.iteration(1)
+        return before, flat(tr.policy), m
+
+    before, after, m = run("dual", "ppo.dual_clip=3")
+    assert torch.equal(before, after)
+    assert 0.1 < m["policy/dual_clip_frac"] < 0.9  # the tokens whose whitened advantage is negative
+    assert m["policy/pg_clipfrac"] + m["policy/dual_clip_frac"] == pytest.approx(1.0)
+    before, after, plain = run("plain")
+    assert not torch.equal(before, after) and "policy/dual_clip_frac" not in plain
+    assert plain["policy/pg_clipfrac"] == pytest.approx(m["policy/pg_clipfrac"])
+
+
+def test_dual_clip_never_binds_on_policy(setup, tmp_path):
+    """One fused update: the ratio is exactly 1 < c, so the dual clip changes nothing, bit for bit."""
+    tr = make(setup, tmp_path / "a", "ppo.dual_clip=3")
+    m = _timeless(tr.iteration(1))
+    ref = make(setup, tmp_path / "b")
+    m_ref = _timeless(ref.iteration(1))
+    assert m.pop("policy/dual_clip_frac") == 0.0 and m == m_ref
+    assert torch.equal(flat(tr.policy), flat(ref.policy))
+
+
+# ------------------------------------------------------------------------------------------------ KL as a loss
+
+
+def _synthetic(scores) -> Experience:
+    g = torch.Generator().manual_seed(0)
+    b, r = len(scores), 5
+    rmask = torch.ones(b, r, dtype=torch.bool)
+    rmask[0, 3:] = False
+    return Experience(
+        torch.randint(3, 50, (b, 2 + r), generator=g),
+        torch.cat([torch.ones(b, 2, dtype=torch.long), rmask.long()], 1),
+        rmask,
+        2,
+        torch.full((b,), 2),
+        rmask.sum(1),
+        torch.zeros(b, dtype=torch.bool),
+        logprobs=-torch.rand(b, r, generator=g) * 3,
+        ref_logprobs=-torch.rand(b, r, generator=g) * 3,
+        values=torch.randn(b, r, generator=g),
+        scores=torch.tensor(scores, dtype=torch.float32),
+    )
+
+
+def test_kl_in_loss_takes_the_kl_out_of_the_token_rewards():
+    over = ["ppo.kl_coef=0.5", "ppo.kl_estimator=k3", "ppo.reward_norm=false", "ppo.reward_clip=null"]
+    cfg = load_config("ppo", preset="ppo_max", overrides=[*over, "ppo.kl_in=loss"])
+    exp = _synthetic([1.5, -0.5, 2.0])
+    compute_advantages(exp, cfg.ppo, cfg.generation, RunningMoments())
+    in_reward = load_config("ppo", preset="ppo_max", overrides=over)
+    exp_r = _synthetic([1.5, -0.5, 2.0])
+    compute_advantages(exp_r, in_reward.ppo, in_reward.generation, RunningMoments())
+    torch.testing.assert_close(exp.kl, exp_r.kl)  # still measured (monitoring, the adaptive coefficient)
+    assert exp.kl[exp.response_mask].abs().sum() > 0
+    for i in range(exp.batch_size):
+        n = int(exp.response_lens[i])
+        expect = torch.zeros(n)
+        expect[-1] = exp.scores[i]
+        assert torch.equal(exp.rewards[i, :n], expect)
+        assert not torch.equal(exp_r.rewards[i, :n], expect)
+
+
+def test_kl_in_loss_adds_the_kl_term_to_the_policy_loss(setup, tmp_path):
+    """One fused update (the first forward is the old policy): the KL term is kl_coef x the token mean of k3
+    between the update's log-probs and the scoring pass's reference log-probs, i.e. kl_coef x kl/per_token; and
+    it changes the update (the reference differs from the policy)."""
+    common = [reference(setup), "ppo.kl_estimator=k3"]
+    tr = make(setup, tmp_path / "loss", *common, "ppo.kl_in=loss", "ppo.kl_coef=0.5")
+    m = tr.iteration(1)
+    assert m["loss/kl"] == pytest.approx(0.5 * m["kl/per_token"], rel=1e-5) and m["kl/per_token"] > 1e-3
+    off = make(setup, tmp_path / "off", *common, "ppo.kl_in=loss", "ppo.kl_coef=0")
+    m_off = off.iteration(1)
+    assert "loss/kl" not in m_off and "loss/kl" not in make(setup, tmp_path / "r", *common).iteration(1)
+    assert not torch.equal(flat(tr.policy), flat(off.policy))
+
+
+def test_kl_in_loss_with_kl_coef_0_is_the_update_of_kl_in_reward_with_kl_coef_0(setup, tmp_path):
+    common = [reference(setup), "ppo.kl_estimator=k3", "ppo.kl_coef=0"]
+    runs = []
+    for where in ("reward", "loss"):
+        tr = make(setup, tmp_path / where, *common, f"ppo.kl_in={where}", "ppo.minibatch_size=4")
+        runs.append(([_timeless(tr.iteration(s)) for s in (1, 2)], flat(tr.policy), flat(tr.critic)))
+    (m_r, p_r, c_r), (m_l, p_l, c_l) = runs
+    assert m_r == m_l and torch.equal(p_r, p_l) and torch.equal(c_r, c_l)
+
+
+def test_kl_in_loss_holds_the_policy_near_the_reference(setup, tmp_path):
+    """Three epochs an iteration, the reward off (weight 0), a reference other than the policy: the updates move
+    the policy (the critic's advantages are noise here) and the KL to the reference grows; with the KL loss it
+    grows far less (observed: 0.017 -> 0.019 with kl_coef 2, -> 0.054 without)."""
+    common = [
+        reference(setup),
+        "ppo.critic_init=sft",
+        "ppo.kl_estimator=k3",
+        "ppo.kl_in=loss",
+        "ppo.ppo_epochs=3",
+        "optim.policy_lr=0.01",
+        reward_fn("ppo_helpers:target_tokens", weight=0.0),
+    ]
+
+    def kl_after(tag, coef):
+        tr = PPOTrainer(config(setup, *common, f"ppo.kl_coef={coef}", out=str(tmp_path / tag), rm=False))
+        first = tr.iteration(1)["kl/per_token"]
+        return first, tr.iteration(2)["kl/per_token"]
+
+    start, pulled = kl_after("on", 2.0)
+    start_off, free = kl_after("off", 0.0)
+    assert start == start_off and pulled < 0.5 * free
+
+
+# ------------------------------------------------------------------------------------------------ adaptive KL
+
+
+def test_adaptive_kl_coefficient_moves_towards_its_target_and_is_what_the_rewards_use(
+    setup, tmp_path, monkeypatch
+):
+    """n = 8 responses an iteration, horizon 80: K = 0.1. The coefficient of iteration t + 1 is that of t times
+    1 + K * clip(KL_t / target - 1, -0.2, 0.2), KL_t the logged kl/per_sequence; a target far below the KL raises
+    it by 2% an iteration, one far above lowers it by 2%; critic pre-training leaves it alone. The token rewards
+    use the logged value. (A reference other than the policy: the KL is far above 1e-6 from the start.)"""
+    used = []
+    real = ppo_step.token_level_rewards
+
+    def spy(scores, kl, mask, kl_coef):
+        used.append(kl_coef)
+        return real(scores, kl, mask, kl_coef)
+
+    monkeypatch.setattr(ppo_step, "token_level_rewards", spy)
+
+    def coefs(tag, target, *over):
+        used.clear()
+        adaptive = [f"ppo.kl_target={target}", "ppo.kl_horizon=80", "ppo.kl_coef=0.1"]
+        tr = make(setup, tmp_path / tag, reference(setup), *adaptive, *over)
+        ms = [tr.iteration(s) for s in range(1, 4)]
+        assert used == [m["ppo/kl_coef"] for m in ms]
+        return [m["ppo/kl_coef"] for m in ms], [m["kl/per_sequence"] for m in ms], tr
+
+    up, _, _ = coefs("up", 1e-6)
+    assert up == pytest.approx([0.1, 0.1 * 1.02, 0.1 * 1.02**2], rel=1e-12)
+    down, _, _ = coefs("down", 1e6)
+    assert down == pytest.approx([0.1, 0.1 * 0.98, 0.1 * 0.98**2], rel=1e-12)
+    mid, kls, tr = coefs("mid", 1.0)
+    for t in range(2):
+        error = min(max(kls[t] / 1.0 - 1, -0.2), 0.2)
+        assert mid[t + 1] == pytest.approx(mid[t] * (1 + 0.1 * error), rel=1e-12)
+    assert tr.kl_control.value == pytest.approx(mid[2] * (1 + 0.1 * min(max(kls[2] - 1, -0.2), 0.2)))
+    pre, _, _ = coefs("pre", 1e-6, "ppo.critic_pretrain_steps=1")
+    assert pre == pytest.approx([0.1, 0.1, 0.1 * 1.02], rel=1e-12)
+
+
+def test_adaptive_kl_coefficient_in_the_kl_loss(setup, tmp_path, monkeypatch):
+    used = []
+    real = ppo_step.kl_loss
+
+    def spy(logprobs, ref_logprobs, mask, kl_coef, estimator):
+        used.append(kl_coef)
+        return real(logprobs, ref_logprobs, mask, kl_coef, estimator)
+
+    monkeypatch.setattr(ppo_step, "kl_loss", spy)
+    over = ["ppo.kl_target=1e-6", "ppo.kl_horizon=80", "ppo.kl_in=loss", "ppo.kl_estimator=k3"]
+    tr = make(setup, tmp_path, reference(setup), *over, "ppo.minibatch_size=4")
+    ms = [tr.iteration(s) for s in (1, 2)]
+    assert used == pytest.approx([0.05, 0.05, 0.05 * 1.02, 0.05 * 1.02], rel=1e-12)  # two minibatches each
+    assert [m["ppo/kl_coef"] for m in ms] == [used[0], used[2]]
+
+
+def test_a_horizon_shorter_than_a_fifth_of_an_iteration_is_a_config_error(setup, tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"^ppo\.kl_horizon, ppo\.buffer_size: kl_horizon \(1\) must exceed"
+    ):
+        make(setup, tmp_path, "ppo.kl_target=1", "ppo.kl_horizon=1")
+
+
+def test_resume_with_the_adaptive_kl_coefficient_continues_exactly(setup, tmp_path):
+    """5 steps in one go == 3 steps, SIGTERM, resume, 2 more, with every switch of this file on: the coefficient
+    is checkpointed (ppomax_state.json) and continues as if uninterrupted."""
+
+    def cfg(out, at):
+        return config(
+            setup,
+            reward_fn("ppo_helpers:signal_on_call", counter=str(tmp_path / f"{out}.count"), at=at),
+            "ppo.iterations=4",
+            "ppo.critic_pretrain_steps=1",
+            "ppo.minibatch_size=4",
+            "ppo.kl_target=0.5",
+            "ppo.kl_horizon=80",
+            "ppo.kl_in=loss",
+            "ppo.kl_estimator=k3",
+            "ppo.dual_clip=3",
+            out=str(tmp_path / out),
+        )
+
+    straight = read_metrics(train_ppo(cfg("a", at=10**6)) / "metrics.jsonl")
+    stopped = PPOTrainer(cfg("b", at=5))  # two reward calls per iteration: call 5 is in step 3
+    with pytest.raises(RunStopped, match="stopped at step 3"):
+        stopped.train()
+    state = (tmp_path / "b" / "checkpoints" / "step-3" / "ppomax_state.json").read_text()
+    assert '"kl_control"' in state
+    train_ppo(cfg("b", at=5), resume=True)
+    resumed = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
+    coefs = [r["ppo/kl_coef"] for r in straight]
+    assert coefs[0] == coefs[1] == 0.05 and len(set(coefs[1:])) == 4  # it moved every policy iteration
+    for a, b in zip(straight, resumed, strict=True):
+        for key, value in _timeless(a).items():
+            assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (a["step"], key)
