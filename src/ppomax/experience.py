@@ -95,7 +95,8 @@ class Experience:
     kl: Tensor | None = None
     """[B, R] float32: per-token KL(pi_old || pi_ref) estimate (``ppo.kl_estimator``)."""
     rewards: Tensor | None = None
-    """[B, R] float32: token-level rewards ``-kl_coef * kl`` plus the final score at the last response token."""
+    """[B, R] float32: token-level rewards ``-kl_coef * kl`` (no KL term with ``ppo.kl_in: loss``) plus the final
+    score at the last response token."""
     advantages: Tensor | None = None
     """[B, R] float32: GAE advantages (not normalised; minibatch normalisation happens in the update)."""
     returns: Tensor | None = None
