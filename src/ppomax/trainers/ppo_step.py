@@ -346,7 +346,6 @@ class Updater:
         ``kl_coef``: the iteration's KL coefficient (the adaptive one of ``ppo.kl_target``; None: ``ppo.kl_coef``),
         in the fused token rewards or in the loss (``ppo.kl_in``)."""
         p = self.ppo
-        kl_coef = p.kl_coef if kl_coef is None else kl_coef
         acc: dict[str, list[Tensor]] = {}
         skipped, trained = 0, False
         full, exp = exp, trainable_part(exp)
@@ -367,7 +366,7 @@ class Updater:
                     continue
                 self._measuring = self.measure_mismatch and not trained and not critic_only
                 trained = True
-                metrics, ok = self._minibatch(mb, critic_only, kl_coef, fill)
+                metrics, ok = self._minibatch(mb, critic_only, fill, kl_coef)
                 self._measuring = False
                 skipped += int(not ok)
                 for k, v in metrics.items():
@@ -390,7 +389,7 @@ class Updater:
         return bool((self.all_reduce(n) if self.all_reduce is not None else n) > 0)
 
     def _filler(
-        self, full: Experience, perm: Tensor, critic_only: bool, kl_coef: float
+        self, full: Experience, perm: Tensor, critic_only: bool, kl_coef: float | None
     ) -> Callable[[tuple[Tensor | None, Tensor]], Experience]:
         """For a fused update (:meth:`update`): a function of the update's forward outputs on ``full``'s rows
         ``perm`` that fills the old log-probs, entropy, values and token advantages of those rows (in ``full``,
@@ -426,11 +425,12 @@ class Updater:
         self,
         mb: Experience,
         critic_only: bool,
-        kl_coef: float,
         fill: Callable[[tuple[Tensor | None, Tensor]], Experience] | None = None,
+        kl_coef: float | None = None,
     ) -> tuple[dict[str, Tensor], bool]:
         """One optimiser step per model on minibatch ``mb``. ``fill`` (a fused update, one micro-batch): ``mb``
-        has no old log-probs/values/advantages yet; they come from its forward (:meth:`_filler`)."""
+        has no old log-probs/values/advantages yet; they come from its forward (:meth:`_filler`). ``kl_coef``: as
+        in :meth:`update`."""
         p = self.ppo
         if fill is None:
             mb = self._normalized(mb)
@@ -501,7 +501,7 @@ class Updater:
         return logits, self.fwd.values(self.critic.model, seqs, attn, width)
 
     def _loss(
-        self, mb: Experience, critic_only: bool, outputs: tuple[Tensor | None, Tensor], kl_coef: float
+        self, mb: Experience, critic_only: bool, outputs: tuple[Tensor | None, Tensor], kl_coef: float | None
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """(policy loss: clipped surrogate (dual-clipped with ``dual_clip``) + the KL term with ``kl_in: loss`` +
         entropy bonus, critic loss: vf_coef x value loss, metrics), from the forward ``outputs`` of
@@ -538,6 +538,7 @@ class Updater:
             )
             if p.dual_clip is not None:
                 metrics[f"policy/dual_clip_frac{vs}"] = pm["dual_clip_frac"]
+            kl_coef = p.kl_coef if kl_coef is None else kl_coef
             if p.kl_in == "loss" and kl_coef > 0:
                 kl, km = kl_loss(logprobs, mb.ref_logprobs, mask, kl_coef, p.kl_estimator)
                 loss = loss + kl
