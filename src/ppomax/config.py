@@ -36,7 +36,7 @@ from pydantic import (
 
 from ppomax.errors import ConfigError
 
-PRESET_NAMES = ("vanilla", "ppo_max", "ppo_ptx")
+PRESET_NAMES = ("vanilla", "ppo_max", "ppo_ptx", "grpo", "rloo", "reinforce_pp")
 
 
 class KeyConflicts(ValueError):
