@@ -262,3 +262,46 @@ def test_critic_free_estimators_raise_the_reward(setup, tmp_path, preset):
     assert before < 0.15
     assert after >= before + 0.3, (before, after)
     assert all(r["nonfinite/total"] == 0 for r in rec)
+
+
+@pytest.mark.parametrize(
+    ("preset", "extra"), [("grpo", ("generation.samples_per_prompt=2",)), ("reinforce_pp", ())]
+)
+def test_fused_scoring_gives_the_advantages_of_the_scoring_pass(setup, tmp_path, monkeypatch, preset, extra):
+    """One epoch over one minibatch: the group (or global-batch) advantages computed inside the update's forward
+    (Updater.fuses_scoring, on the shuffled buffer) are those computed after a separate scoring pass. GRPO's
+    groups are row sums and group means in group order: bit for bit; REINFORCE++ whitens over the shuffled
+    tokens: equal up to the summation order."""
+    runs = []
+    for fused in (True, False):
+        with monkeypatch.context() as mp:
+            if not fused:
+                mp.setattr(Updater, "fuses_scoring", lambda self: False)
+            cfg = config(
+                setup,
+                reward_fn("ppo_helpers:target_tokens"),
+                "ppo.rollout_batch_size=8",
+                *extra,
+                preset=preset,
+                rm=False,
+                out=str(tmp_path / str(fused)),
+            )
+            tr = PPOTrainer(cfg)
+            assert tr.updater.fuses_scoring() == fused
+            metrics = [tr.iteration(step) for step in (1, 2)]
+            runs.append(
+                (
+                    [{k: v for k, v in m.items() if not k.startswith(("time/", "perf/"))} for m in metrics],
+                    flat(tr.policy),
+                )
+            )
+    (m_fused, p_fused), (m_apart, p_apart) = runs
+    exact = preset == "grpo"
+    for a, b in zip(m_fused, m_apart, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == (b[k] if exact else pytest.approx(b[k], rel=1e-5, abs=1e-6)), k
+    if exact:
+        assert torch.equal(p_fused, p_apart)
+    else:
+        torch.testing.assert_close(p_fused, p_apart, rtol=1e-5, atol=1e-6)
