@@ -84,7 +84,7 @@ def grpo_advantages(rewards: Tensor, mask: Tensor, group_size: int, eps: float =
 @torch.no_grad()
 def rloo_advantages(rewards: Tensor, mask: Tensor, group_size: int) -> Tensor:
     """RLOO's leave-one-out advantage (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style
-    Optimization for Learning from Human Feedback in LLMs", sec. 3, the RLOO estimator).
+    Optimization for Learning from Human Feedback in LLMs", the RLOO estimator).
 
     rewards, mask: [B, T], B = G groups x ``group_size`` rows -> [B, T] advantages, no gradient. Each response's
     baseline is the mean sequence reward of the other members of its group (:func:`sequence_rewards`: the
