@@ -46,7 +46,7 @@ def test_ppo_max_preset_sets_nothing_the_defaults_do_not():
     assert read_yaml(preset_path("ppo_max")) == {}
 
 
-@pytest.mark.parametrize("name", ["vanilla", "ppo_ptx"])
+@pytest.mark.parametrize("name", ["vanilla", "ppo_ptx", "grpo", "rloo", "reinforce_pp"])
 def test_presets_inherit_ppo_max_and_set_only_what_differs(name):
     own = read_yaml(preset_path(name))
     assert own.pop("inherit") == "ppo_max"
@@ -106,6 +106,35 @@ def test_every_preset_value_names_its_source(name):
         code, _, comment = line.partition("#")
         if code.strip() and not code.strip().endswith(":") and not code.startswith("inherit:"):
             assert SOURCE.search(comment), f"{name}: no source in the comment of {line!r}"
+
+
+BEYOND = {  # the critic-free presets cite their own papers (issue 15 item 3)
+    "grpo": re.compile(r"\b(Shao et al\.|ours)"),
+    "rloo": re.compile(r"\b(Ahmadian et al\.|ours)"),
+    "reinforce_pp": re.compile(r"\b(Hu 2025|ours)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BEYOND))
+def test_every_critic_free_preset_value_names_its_source(name):
+    text = preset_path(name).read_text()
+    assert re.search(r"arXiv|DeepSeekMath|Back to Basics", text)  # the header names the paper
+    for line in text.splitlines():
+        code, _, comment = line.partition("#")
+        if code.strip() and not code.strip().endswith(":") and not code.startswith("inherit:"):
+            assert BEYOND[name].search(comment), f"{name}: no source in the comment of {line!r}"
+
+
+@pytest.mark.parametrize("name", sorted(BEYOND))
+def test_cli_prints_the_resolved_critic_free_presets(name, capsys):
+    from ppomax.cli import main
+
+    assert main(["config", "--preset", name]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["preset"] == name and printed["ppo"]["advantage_estimator"] == name
+    assert printed["ppo"]["critic_pretrain_steps"] == 0
+    assert printed["generation"]["samples_per_prompt"] == (1 if name == "reinforce_pp" else 4)
+    assert printed["optim"]["adam_eps"] == 1e-6  # inherited from ppo_max
 
 
 def test_citations_checked_against_the_paper_text():

@@ -36,7 +36,7 @@ from pydantic import (
 
 from ppomax.errors import ConfigError
 
-PRESET_NAMES = ("vanilla", "ppo_max", "ppo_ptx")
+PRESET_NAMES = ("vanilla", "ppo_max", "ppo_ptx", "grpo", "rloo", "reinforce_pp")
 
 
 class KeyConflicts(ValueError):
@@ -163,6 +163,13 @@ class GenerationConfig(_Section):
         "Ours: score.",
     )
     truncated_penalty: float = Field(-1.0, description="Ours: used only with truncated_response: penalty.")
+    samples_per_prompt: int = Field(
+        1,
+        ge=1,
+        description="Responses sampled per prompt, generated and trained on together as a group (the n of GRPO and "
+        "RLOO, ppo.advantage_estimator); ppo.rollout_batch_size, buffer_size and minibatch_size count responses "
+        "and must be multiples of it. Ours: 1, one response per prompt as in the paper.",
+    )
 
 
 class OptimConfig(_Section):
@@ -400,6 +407,21 @@ class PPOSettings(_Section):
     lam: float = Field(
         0.95, ge=0, le=1, description="MOSS-RLHF code (lam 0.95); paper app. C.3 uses 0.9 in its experiments."
     )
+    # advantage estimator (beyond the paper): GAE with a critic, or a critic-free estimator
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = Field(
+        "gae",
+        description="gae: GAE with a critic (paper eq. 9-11 / app. C.3; PPO-max). The others train no critic "
+        "(ppomax.algos.estimators): grpo, the group-normalised sequence reward (Shao et al. 2024, DeepSeekMath "
+        "4.1.2); rloo, the leave-one-out baseline (Ahmadian et al. 2024); both need "
+        "generation.samples_per_prompt >= 2; reinforce_pp, the return of the token-level rewards whitened over "
+        "the global batch (Hu 2025, REINFORCE++). Ours: gae.",
+    )
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether a critic is built, trained and saved: only GAE needs values."""
+        return self.advantage_estimator == "gae"
+
     # 11. clipped surrogate (app. C.1)
     clip_ratio: float | None = Field(
         0.2,
@@ -579,6 +601,58 @@ class PPOConfig(_RunConfig):
     collapse: CollapseConfig = Field(default_factory=CollapseConfig)
 
     @model_validator(mode="after")
+    def _groups_and_critic(self) -> PPOConfig:
+        """Group sampling and the critic-free estimators, against the keys they constrain."""
+        p, n = self.ppo, self.generation.samples_per_prompt
+        spp = "generation.samples_per_prompt"
+        problems: list[tuple[tuple[str, ...], str]] = []
+        for size in ("rollout_batch_size", "buffer_size", "minibatch_size"):
+            if getattr(p, size) % n:
+                problems.append(
+                    (
+                        (f"ppo.{size}", spp),
+                        f"{size} counts responses ({getattr(p, size)}) and must be a multiple of "
+                        f"samples_per_prompt ({n}), so that every prompt's responses stay together",
+                    )
+                )
+        est = p.advantage_estimator
+        if est in ("grpo", "rloo") and n < 2:
+            problems.append(
+                (
+                    ("ppo.advantage_estimator", spp),
+                    f"{est} compares the responses to one prompt and needs samples_per_prompt >= 2 (got {n})",
+                )
+            )
+        if not p.uses_critic:
+            no_critic = f"advantage_estimator {est} trains no critic"
+            if p.critic_pretrain_steps > 0:
+                problems.append(
+                    (
+                        ("ppo.advantage_estimator", "ppo.critic_pretrain_steps"),
+                        f"{no_critic} to pre-train; set critic_pretrain_steps: 0 or advantage_estimator: gae",
+                    )
+                )
+            if self.model.critic:
+                problems.append(
+                    (
+                        ("ppo.advantage_estimator", "model.critic"),
+                        f"{no_critic} to load; remove model.critic or set advantage_estimator: gae",
+                    )
+                )
+            default_init = PPOSettings.model_fields["critic_init"].default
+            if p.critic_init != default_init:
+                problems.append(
+                    (
+                        ("ppo.advantage_estimator", "ppo.critic_init"),
+                        f"{no_critic} to initialise; leave critic_init at {default_init} or set "
+                        "advantage_estimator: gae",
+                    )
+                )
+        if problems:
+            raise KeyConflicts(problems)
+        return self
+
+    @model_validator(mode="after")
     def _lora_critic_needs_weights(self) -> PPOConfig:
         lora = self.model.lora
         if lora is not None and lora.critic and self.ppo.critic_init == "random" and not self.model.critic:
@@ -603,7 +677,11 @@ class PPOConfig(_RunConfig):
             problems.append("data.prompts: required (a prompts file)")
         if not self.model.reward and not self.reward.functions:
             problems.append("model.reward or reward.functions: at least one reward source is required")
-        if self.ppo.critic_init == "reward_model" and not (self.model.reward or self.model.critic):
+        if (
+            self.ppo.uses_critic
+            and self.ppo.critic_init == "reward_model"
+            and not (self.model.reward or self.model.critic)
+        ):
             problems.append(
                 "ppo.critic_init=reward_model needs model.reward (or set model.critic / critic_init: sft)"
             )

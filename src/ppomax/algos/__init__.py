@@ -4,7 +4,8 @@ Every function here is a function of tensors (plus one small stateful class, `Ru
 package imports only torch, so each formula has a unit test against an independent computation
 (tests/test_algos.py). Equation numbers refer to "Secrets of RLHF in Large Language Models Part I: PPO"
 (arXiv 2307.04964). Modules: `stats` (masked statistics, running moments, last-token index), `rewards`
-(KL estimators, token-level rewards, GAE, score re-parameterisation, advantage normalisation), `losses` (PPO,
+(KL estimators, token-level rewards, GAE, score re-parameterisation, advantage normalisation), `estimators`
+(the critic-free advantage estimators GRPO, RLOO and REINFORCE++), `losses` (PPO,
 critic, entropy, LM, RM losses; per-token log-probs, entropy and exact KL from logits), `metrics` (the
 monitoring statistics of a batch of rollouts, paper 5.2).
 Import from `ppomax.algos` directly; the split is for reading, not for the API.
@@ -21,6 +22,13 @@ Conventions:
   statistic is used in a differentiable mean, only the local rank's terms carry gradient.
 """
 
+from .estimators import (
+    discounted_returns,
+    grpo_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    sequence_rewards,
+)
 from .losses import (
     entropy_bonus_loss,
     entropy_from_logits,
@@ -58,9 +66,11 @@ __all__ = [
     "KLEstimator",
     "RunningMoments",
     "ScoreTransform",
+    "discounted_returns",
     "entropy_bonus_loss",
     "entropy_from_logits",
     "gae",
+    "grpo_advantages",
     "kl_from_logits",
     "kl_per_token",
     "last_token_index",
@@ -72,10 +82,13 @@ __all__ = [
     "normalize_advantages",
     "pairwise_rm_loss",
     "policy_loss",
+    "reinforce_pp_advantages",
     "reparameterize_scores",
     "response_statistics",
     "response_sums",
+    "rloo_advantages",
     "rollout_statistics",
+    "sequence_rewards",
     "token_level_rewards",
     "token_weights",
     "trainable_rows",

@@ -25,7 +25,7 @@ def rollout_statistics(
     raw_logprobs: Tensor,
     ref_raw_logprobs: Tensor,
     entropy: Tensor,
-    values: Tensor,
+    values: Tensor | None,
     returns: Tensor,
     advantages: Tensor,
     score_parts: Mapping[str, Tensor],
@@ -43,7 +43,8 @@ def rollout_statistics(
     ``nonfinite/samples_count``; they enter the statistics of what was generated (KL, perplexity, entropy,
     length, values) but not those of what was trained on (``reward/final_mean``, returns, advantages).
     Perplexities are ``exp`` of the mean negative log-prob per response token under each model (raw logits).
-    ``running_*``: the running moments of the raw scores (eq. 18), reported as they are.
+    ``running_*``: the running moments of the raw scores (eq. 18), reported as they are. ``values=None`` (no
+    critic: a critic-free advantage estimator) logs no ``critic/value_mean``.
     """
     ar, mask = all_reduce, response_mask
     rows = torch.ones_like(scores, dtype=torch.bool)
@@ -63,7 +64,7 @@ def rollout_statistics(
         "ppl/reference": torch.exp(-masked_mean(ref_raw_logprobs, mask, all_reduce=ar)),
         "response/length_mean": masked_mean(mask.sum(dim=1).float(), rows, all_reduce=ar),
         "policy/entropy": masked_mean(entropy, mask, all_reduce=ar),
-        "critic/value_mean": masked_mean(values, mask, all_reduce=ar),
+        **({} if values is None else {"critic/value_mean": masked_mean(values, mask, all_reduce=ar)}),
         "returns/mean": masked_mean(returns, train_mask, all_reduce=ar),
         "advantages/mean": masked_mean(advantages, train_mask, all_reduce=ar),
         "nonfinite/samples_count": (~trained).sum().float(),

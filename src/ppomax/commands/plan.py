@@ -203,11 +203,13 @@ def build_roles(
     roles.append(
         Role("reference", rs, False, 0, True, shares_policy_base=same_base, phase="score", note=note)
     )
-    critic_path = m.critic or (m.reward if cfg.ppo.critic_init == "reward_model" else None)
-    cm, cs, note = other(critic_path)
-    vh = cs.hidden + 1
-    # the critic never uses its LM head: frozen unless tied (ValueHeadModel.freeze_lm_head)
-    roles.append(Role("critic", cs, True, cs.params - cs.lm_head_params + vh, False, vh, lora(cm), note=note))
+    if cfg.ppo.uses_critic:  # a critic-free advantage estimator builds no critic
+        critic_path = m.critic or (m.reward if cfg.ppo.critic_init == "reward_model" else None)
+        cm, cs, note = other(critic_path)
+        vh = cs.hidden + 1
+        # the critic never uses its LM head: frozen unless tied (ValueHeadModel.freeze_lm_head)
+        trainable = cs.params - cs.lm_head_params + vh
+        roles.append(Role("critic", cs, True, trainable, False, vh, lora(cm), note=note))
     if m.reward:
         _, ws, note = other(m.reward)
         roles.append(Role("reward", ws, False, 0, False, ws.hidden + 1, phase="score", note=note))

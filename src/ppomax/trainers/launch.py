@@ -136,10 +136,12 @@ def _forget_other_precision(precision: str) -> None:
 
 
 def build_accelerator(
-    grad_accum: int = 1, trained: Sequence[str] = ("model",), dtype: str = "float32"
+    grad_accum: int = 1, trained: Sequence[str] = ("model",), dtype: str = "float32", frozen: bool = False
 ) -> Accelerator:
     """The Accelerator of a run that trains the models named in ``trained`` (one per optimiser), on the engine
-    the launch asked for (:func:`launch_engine`; see the module docstring), in ``dtype``'s mixed precision."""
+    the launch asked for (:func:`launch_engine`; see the module docstring), in ``dtype``'s mixed precision.
+    ``frozen``: the run also has inference-only models (PPO's reference), which under DeepSpeed get a plugin of
+    their own (:func:`prepare_frozen`) even beside a single trained model."""
     engine = launch_engine(os.environ)
     precision = mixed_precision(dtype, os.environ)
     _forget_other_precision(precision)
@@ -162,7 +164,7 @@ def build_accelerator(
     kwargs: dict[str, Any] = {"gradient_accumulation_steps": grad_accum, "mixed_precision": precision}
     if not cuda:
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
-    if len(trained) > 1:
+    if len(trained) > 1 or frozen:
         base = DeepSpeedPlugin()  # the launch's DeepSpeed settings (accelerate config or its json file)
         names = [*trained, FROZEN]
         kwargs["deepspeed_plugins"] = {name: copy.deepcopy(base) for name in names}

@@ -17,7 +17,14 @@ then (:meth:`PPOTrainer.train`) log; maybe evaluate (ppo_eval.evaluate), checkpo
 (:mod:`ppomax.trainers.run`).
 
 The first ``ppo.critic_pretrain_steps`` iterations train the critic only (paper 5.3.3); ``ppo.iterations`` policy
-iterations follow, so switching critic pre-training on does not shorten the policy's training. Learning-rate
+iterations follow, so switching critic pre-training on does not shorten the policy's training. A critic-free
+``ppo.advantage_estimator`` (GRPO, RLOO, REINFORCE++) has no critic at all: none is built, prepared, trained,
+checkpointed, saved or logged.
+
+Group sampling (``generation.samples_per_prompt`` n): each generate call draws ``rollout_batch_size / n`` prompts
+(this rank's share of the global batch) and repeats each prompt's row n times, so a prompt's n responses are n
+consecutive rows on one rank; the buffer keeps them so and the minibatch shuffle moves whole groups
+(``Updater.group_size``). Learning-rate
 schedules count optimiser steps of their own model (the policy's warmup starts with its first update).
 
 Two decisions DESIGN.md asks to make explicit:
@@ -149,8 +156,9 @@ class PPOTrainer:
         cfg.check_runnable()
         self.cfg, p = cfg, cfg.ppo
         # the run directory is checked (and a resumed run's config compared) before any model is loaded
+        trained = ("policy", "critic") if p.uses_critic else ("policy",)
         self.run = run = open_run(
-            cfg, "ppo", resume=resume, overwrite=overwrite, trained=("policy", "critic")
+            cfg, "ppo", resume=resume, overwrite=overwrite, trained=trained, frozen=True
         )
         acc = run.accelerator  # DDP, DeepSpeed or FSDP as `accelerate launch` configured (trainers/launch.py)
         # Statistics that define the training targets (running reward moments, advantage whitening) are global
@@ -161,27 +169,27 @@ class PPOTrainer:
         # logging only (reduce_metrics).
         all_reduce = None if acc.num_processes == 1 else (lambda t: acc.reduce(t, reduction="sum"))
         m = load_models(cfg)
-        m.critic.freeze_lm_head()
+        if m.critic is not None:
+            m.critic.freeze_lm_head()
         self.data = data = load_data(cfg, m.tokenizer, acc.process_index, acc.num_processes)
 
         updates = p.ppo_epochs * (p.buffer_size // p.minibatch_size)
         policy_opt = build_optimizer(m.policy.parameters(), cfg.optim.policy_lr, cfg.optim)
-        critic_opt = build_optimizer(m.critic.parameters(), cfg.optim.critic_lr, cfg.optim)
+        models_to_train = {"policy": (m.policy, policy_opt)}
         policy_sched = build_scheduler(policy_opt, cfg.optim, p.iterations * updates)
-        critic_sched = build_scheduler(
-            critic_opt, cfg.optim, (p.iterations + p.critic_pretrain_steps) * updates
-        )
+        critic_sched = None
+        if m.critic is not None:
+            critic_opt = build_optimizer(m.critic.parameters(), cfg.optim.critic_lr, cfg.optim)
+            models_to_train["critic"] = (m.critic, critic_opt)
+            critic_sched = build_scheduler(
+                critic_opt, cfg.optim, (p.iterations + p.critic_pretrain_steps) * updates
+            )
         # one Accelerator for both trained models (save_state/load_state keep them in this order), each with its
         # own optimiser, learning rate and, under DeepSpeed, its own engine
         micro = p.micro_batch_size or p.minibatch_size
-        prepared = prepare_trained(
-            acc,
-            {"policy": (m.policy, policy_opt), "critic": (m.critic, critic_opt)},
-            micro,
-            p.max_grad_norm,
-            "ppo.max_grad_norm",
-        )
-        (policy, policy_opt), (critic, critic_opt) = prepared["policy"], prepared["critic"]
+        prepared = prepare_trained(acc, models_to_train, micro, p.max_grad_norm, "ppo.max_grad_norm")
+        policy, policy_opt = prepared["policy"]
+        critic, critic_opt = prepared.get("critic", (None, None))
         reward_model = prepare_frozen(acc, m.reward_model, micro) if m.reward_model is not None else None
         self.models = models = replace(
             m,
@@ -206,7 +214,7 @@ class PPOTrainer:
             device=acc.device,
             policy=acc.unwrap_model(policy),
             reference=models.reference,
-            critic=acc.unwrap_model(critic),
+            critic=acc.unwrap_model(critic) if critic is not None else None,
             chunk_size=p.micro_batch_size,
             logprobs_from_generate=from_generate,
         )
@@ -220,9 +228,10 @@ class PPOTrainer:
             accelerator=acc,
             fwd=fwd,
             policy=Optimised(policy, policy_opt, policy_sched, acc),
-            critic=Optimised(critic, critic_opt, critic_sched, acc),
+            critic=Optimised(critic, critic_opt, critic_sched, acc) if critic is not None else None,
             seed=cfg.seed,
             all_reduce=all_reduce,
+            group_size=cfg.generation.samples_per_prompt,
             ptx_batch=(lambda k: data.next_ptx(k, acc.device)) if data.ptx else None,
             measure_mismatch=from_generate,
         )
@@ -251,6 +260,7 @@ class PPOTrainer:
 
     @property
     def critic(self) -> Any:
+        """The critic as prepared by accelerate; None without one (a critic-free advantage estimator)."""
         return self.models.critic
 
     @property
@@ -282,9 +292,12 @@ class PPOTrainer:
         fused = self.updater.fuses_scoring()
         clock = Stopwatch(self.acc.device)
         batches = []
+        n = self.cfg.generation.samples_per_prompt
         for _ in range(p.buffer_size // p.rollout_batch_size):
             with clock("generation"):
-                exp = self.generate(self.data.prompt_stream.take(p.rollout_batch_size), self.data.prompts)
+                # this rank's prompts, then each one's n rows (its group stays on this rank, in order)
+                prompts = self.data.prompt_stream.take(p.rollout_batch_size // n)
+                exp = self.generate([i for i in prompts for _ in range(n)], self.data.prompts)
             with clock("scoring"):
                 self.score(exp, step=step, values=not fused, policy=critic_only or not fused)
             batches.append(exp)
@@ -293,7 +306,7 @@ class PPOTrainer:
             if fused:
                 score_targets(exp, p, self.cfg.generation, self.moments)
             else:
-                compute_advantages(exp, p, self.cfg.generation, self.moments)
+                compute_advantages(exp, p, self.cfg.generation, self.moments, self.moments.all_reduce)
         with clock("training"):
             train_metrics = self.updater.update(exp, step, critic_only, fused=fused)
         return self.iteration_metrics(exp, train_metrics, critic_only, clock)
@@ -326,11 +339,12 @@ class PPOTrainer:
         metrics = reduce_metrics(metrics, reduce, acc.device, sums=("_tokens", "response/truncated"))
         tokens = metrics.pop("_tokens")
         t_iter, t_gen = clock.total(), clock.seconds["generation"]
+        critic = self.updater.critic
         metrics.update(
             {
                 "train/critic_only": int(critic_only),
                 "lr/policy": self.updater.policy.schedule.get_last_lr()[0],
-                "lr/critic": self.updater.critic.schedule.get_last_lr()[0],
+                **({} if critic is None else {"lr/critic": critic.schedule.get_last_lr()[0]}),
                 "nonfinite/total": self.updater.nonfinite_total,
                 "time/generation": t_gen,
                 "time/scoring": clock.seconds["scoring"],
@@ -448,12 +462,12 @@ class PPOTrainer:
     # ------------------------------------------------------------------ saving
 
     def save_final(self) -> None:
-        """``out_dir/final/policy`` (with the tokenizer: loads with AutoModelForCausalLM) and ``final/critic``,
-        gathered under ZeRO-3/FSDP, written atomically as one directory."""
-        self.run.save_models(
-            self.out_dir / "final",
-            {"policy": (self.policy, self.models.tokenizer), "critic": (self.critic, None)},
-        )
+        """``out_dir/final/policy`` (with the tokenizer: loads with AutoModelForCausalLM) and ``final/critic``
+        (none without a critic), gathered under ZeRO-3/FSDP, written atomically as one directory."""
+        models = {"policy": (self.policy, self.models.tokenizer)}
+        if self.critic is not None:
+            models["critic"] = (self.critic, None)
+        self.run.save_models(self.out_dir / "final", models)
 
 
 def train_ppo(
@@ -464,7 +478,7 @@ def train_ppo(
     ``resume``: continue the run in ``logging.out_dir``; ``overwrite``: replace the run there (see
     :mod:`ppomax.trainers.run`). The final policy is in ``out_dir/final/policy``, the critic in
     ``out_dir/final/critic``, metrics in ``out_dir/metrics.jsonl``. A SIGINT/SIGTERM saves a checkpoint and
-    raises :class:`ppomax.errors.RunStopped`.
+    raises :class:`ppomax.errors.RunStopped`. A critic-free ``ppo.advantage_estimator`` saves no critic.
     """
     return PPOTrainer(cfg, resume=resume, overwrite=overwrite, engine=engine).train()
 

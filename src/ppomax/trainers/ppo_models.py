@@ -5,7 +5,7 @@
 * Reference: a separate frozen copy, from ``model.reference`` or the policy's path. Under LoRA, when
   ``model.reference`` is unset or the policy's own path, no copy is loaded: the reference is the policy's base
   with its adapters disabled (:class:`ppomax.models.AdaptersOff`), called like any model.
-* Critic (paper 5.3.3, ``ppo.critic_init``): an explicit ``model.critic`` value-head checkpoint, else a copy of the
+* Critic (paper 5.3.3, ``ppo.critic_init``; none at all with a critic-free ``ppo.advantage_estimator``): an explicit ``model.critic`` value-head checkpoint, else a copy of the
   reward model (``reward_model``), the SFT backbone with a fresh head (``sft``), or a freshly initialised backbone
   of the policy's architecture with a fresh head (``random``).
   Under LoRA with ``model.lora.critic``, adapters go on the critic's own backbone (it shares nothing with the
@@ -45,7 +45,8 @@ class PPOModels:
     tokenizer: Any
     policy: Any
     reference: Any
-    critic: ValueHeadModel
+    critic: ValueHeadModel | None
+    """None without a critic (``ppo.advantage_estimator`` other than gae)."""
     reward_model: ValueHeadModel | None
 
 
@@ -106,7 +107,7 @@ def build_reference(cfg: PPOConfig, policy: Any) -> Any:
 
 
 def load_models(cfg: PPOConfig) -> PPOModels:
-    """Load everything ``cfg.model`` names (a resumed run then loads its checkpoint's weights into policy and
+    """Load everything ``cfg.model`` names, the critic only where ``ppo.advantage_estimator`` needs one (a resumed run then loads its checkpoint's weights into policy and
     critic; the reference and the reward model always come from the config: the reference is the *original*
     policy)."""
     m = cfg.model
@@ -118,9 +119,9 @@ def load_models(cfg: PPOConfig) -> PPOModels:
     tokenizer = load_tokenizer(m.tokenizer or m.policy, trust_remote_code=m.trust_remote_code)
     policy = with_adapters(load_causal_lm(m.policy, **trained), m.lora, m.policy, seed=cfg.seed)
     reference = build_reference(cfg, policy)
-    critic = build_critic(cfg, m.policy, m.critic)
+    critic = build_critic(cfg, m.policy, m.critic) if cfg.ppo.uses_critic else None
     reward_model = _freeze(ValueHeadModel.from_pretrained(m.reward, **kw)) if m.reward else None
-    for model in (policy, critic):
+    for model in (policy, critic) if critic is not None else (policy,):
         disable_dropout(model)
         if m.gradient_checkpointing:
             # transformers 5 renamed it; ValueHeadModel forwards the old name to its backbone

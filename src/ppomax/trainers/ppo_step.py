@@ -9,7 +9,9 @@ section 1 and the switches of ``ppo``:
 2. advantages: running reward moments updated with the raw scores (eq. 18), the score re-parameterised
    (``reward_norm`` or ``reward_scaling``, then ``reward_clip``; a truncated response may get
    ``truncated_penalty``),
-   token-level rewards ``-kl_coef * KL_t`` + score at the last token (eq. 19), GAE (eq. 9-11);
+   token-level rewards ``-kl_coef * KL_t`` + score at the last token (eq. 19), GAE (eq. 9-11), or a critic-free
+   estimator (``advantage_estimator``: GRPO, RLOO, REINFORCE++; :mod:`ppomax.algos.estimators`), which
+   then needs no values (no critic exists);
 3. updates: ``ppo_epochs`` passes over shuffled minibatches; advantages whitened/clipped per minibatch; clipped
    surrogate (eq. 15) against the sampling policy, or the reference when ``importance_sampling`` is off;
    entropy bonus with clip; PPO-ptx LM loss (eq. 17); clipped value loss; global gradient clipping per model; a
@@ -32,13 +34,17 @@ from torch import Tensor
 from ppomax.algos import (
     AllReduce,
     RunningMoments,
+    discounted_returns,
     entropy_bonus_loss,
     gae,
+    grpo_advantages,
     kl_per_token,
     lm_nll,
     normalize_advantages,
     policy_loss,
+    reinforce_pp_advantages,
     reparameterize_scores,
+    rloo_advantages,
     token_level_rewards,
     token_weights,
     trainable_rows,
@@ -119,7 +125,11 @@ def final_scores(
 
 @torch.no_grad()
 def compute_advantages(
-    exp: Experience, ppo: PPOSettings, gen: GenerationConfig, moments: RunningMoments
+    exp: Experience,
+    ppo: PPOSettings,
+    gen: GenerationConfig,
+    moments: RunningMoments,
+    all_reduce: AllReduce | None = None,
 ) -> None:
     """Fill ``final_scores``, ``kl``, ``rewards``, ``advantages``, ``returns`` of ``exp`` in place.
 
@@ -129,10 +139,10 @@ def compute_advantages(
     advantages (zero), its final score is NaN (none was added), and :func:`trainable_part` drops it from the
     updates. Its KL and the rest of the scoring pass still describe what the policy generated. With
     ``truncated_response: penalty`` the truncated responses' raw scores stay out of the moments too, since
-    those are replaced.
+    those are replaced. ``all_reduce``: the estimators' global statistics (REINFORCE++'s whitening) over ranks.
     """
     score_targets(exp, ppo, gen, moments)
-    token_advantages(exp, ppo)
+    token_advantages(exp, ppo, gen.samples_per_prompt, all_reduce)
 
 
 @torch.no_grad()
@@ -148,16 +158,28 @@ def score_targets(exp: Experience, ppo: PPOSettings, gen: GenerationConfig, mome
 
 
 @torch.no_grad()
-def token_advantages(exp: Experience, ppo: PPOSettings) -> None:
+def token_advantages(
+    exp: Experience, ppo: PPOSettings, group_size: int = 1, all_reduce: AllReduce | None = None
+) -> None:
     """The second half of :func:`compute_advantages`, from ``final_scores`` and the scoring pass's log-probs and
-    values: ``kl``, ``rewards``, ``advantages``, ``returns``. Row by row: any selection of rows gives the same
-    rows' values."""
+    values: ``kl``, ``rewards``, ``advantages``, ``returns``. GAE works row by row (any selection of rows gives
+    the same rows' values); GRPO and RLOO group by group (the ``group_size`` responses to a prompt are
+    consecutive rows, as :class:`Updater`'s shuffle keeps them); REINFORCE++ whitens over the whole batch, all
+    ranks through ``all_reduce``. Without a critic ``returns`` is the reward-to-go (``gamma``-discounted)."""
     mask = exp.response_mask
     kl = kl_per_token(exp.logprobs, exp.ref_logprobs, ppo.kl_estimator)
     exp.kl = torch.where(mask, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
     train = mask & torch.isfinite(exp.final_scores).unsqueeze(1)
     exp.rewards = token_level_rewards(exp.final_scores, exp.kl, train, ppo.kl_coef)
-    exp.advantages, exp.returns = gae(exp.rewards, exp.values, train, ppo.gamma, ppo.lam)
+    est = ppo.advantage_estimator
+    if est == "gae":
+        exp.advantages, exp.returns = gae(exp.rewards, exp.values, train, ppo.gamma, ppo.lam)
+    elif est == "reinforce_pp":
+        exp.advantages, exp.returns = reinforce_pp_advantages(exp.rewards, train, ppo.gamma, all_reduce)
+    else:
+        group = grpo_advantages if est == "grpo" else rloo_advantages
+        exp.advantages = group(exp.rewards, train, group_size)
+        exp.returns = discounted_returns(exp.rewards, train, ppo.gamma)
 
 
 def trainable_part(exp: Experience) -> Experience:
@@ -182,6 +204,7 @@ class Rollouts:
     policy: Any
     reference: Any
     critic: Any
+    """None without a critic (a critic-free ``ppo.advantage_estimator``)."""
     chunk_size: int | None = None
     """Rows per scoring forward (``ppo.micro_batch_size``): bounds the [rows, R, V] logits in memory."""
     logprobs_from_generate: bool = False
@@ -284,15 +307,19 @@ class Optimised:
 
 @dataclasses.dataclass
 class Updater:
-    """Minibatch updates of policy and critic (one optimiser step per minibatch, per model)."""
+    """Minibatch updates of policy and critic (one optimiser step per minibatch, per model); ``critic`` None
+    without a critic (a critic-free ``ppo.advantage_estimator``: no values, no value loss)."""
 
     ppo: PPOSettings
     accelerator: Any
     fwd: Forward
     policy: Optimised
-    critic: Optimised
+    critic: Optimised | None
     seed: int
     all_reduce: AllReduce | None = None
+    group_size: int = 1
+    """``generation.samples_per_prompt``: the responses to one prompt are this many consecutive rows of the
+    buffer, and the minibatch shuffle moves whole groups."""
     ptx_batch: Callable[[int], dict[str, Tensor]] | None = None
     measure_mismatch: bool = False
     """Log ``policy/logprob_mismatch_{max,mean}``: |old log-prob - the update's first forward's| over the first
@@ -337,7 +364,7 @@ class Updater:
         for epoch in range(p.ppo_epochs):
             # Seeded by (seed, step, epoch), not by the global RNG: resuming needs no extra state.
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1_009 + epoch)
-            perm = torch.randperm(exp.batch_size, generator=g)
+            perm = self._shuffle(exp.batch_size, g)
             for start in range(0, exp.batch_size, p.minibatch_size):
                 mb = exp.select(perm[start : start + p.minibatch_size])
                 fill = None
@@ -368,6 +395,14 @@ class Updater:
         out["nonfinite/skipped"] = torch.tensor(float(skipped))
         return out
 
+    def _shuffle(self, rows: int, g: torch.Generator) -> Tensor:
+        """A seeded permutation of the buffer's rows that keeps each group (``group_size`` consecutive rows, one
+        prompt's responses) together and in order: the groups are shuffled, not the rows, so a minibatch (a
+        multiple of the group size) holds whole groups. Group size 1: ``randperm(rows)`` itself."""
+        n = self.group_size
+        perm = torch.randperm(rows // n, generator=g)
+        return perm if n == 1 else (perm.unsqueeze(1) * n + torch.arange(n)).flatten()
+
     def _has_tokens(self, mb: Experience) -> bool:
         """Whether the minibatch has a response token to train on, on any rank (all ranks decide alike)."""
         n = mb.response_mask.sum().float()
@@ -375,14 +410,14 @@ class Updater:
 
     def _filler(
         self, full: Experience, perm: Tensor, critic_only: bool
-    ) -> Callable[[tuple[Tensor | None, Tensor]], Experience]:
+    ) -> Callable[[tuple[Tensor | None, Tensor | None]], Experience]:
         """For a fused update (:meth:`update`): a function of the update's forward outputs on ``full``'s rows
         ``perm`` that fills the old log-probs, entropy, values and token advantages of those rows (in ``full``,
         in place, in its row order) and returns the rows as the losses see them (:func:`trainable_part`)."""
         fwd = self.fwd
 
         @torch.no_grad()
-        def fill(outputs: tuple[Tensor | None, Tensor]) -> Experience:
+        def fill(outputs: tuple[Tensor | None, Tensor | None]) -> Experience:
             logits, values = outputs
             rows = full.select(perm)  # all rows (the KL of a row left out of training is still monitored)
             names = ["values", "kl", "rewards", "advantages", "returns"]
@@ -395,8 +430,11 @@ class Updater:
                     rows.logprobs if fwd.temperature == 1.0 else fwd.logprobs(logits, labels, raw=True)
                 )
                 rows.entropy = fwd.entropy(logits)
-            rows.values = values.detach()
-            token_advantages(rows, self.ppo)
+            if values is not None:
+                rows.values = values.detach()
+            else:  # no critic
+                names.remove("values")
+            token_advantages(rows, self.ppo, self.group_size, self.all_reduce)
             for name in names:
                 part = getattr(rows, name)
                 into = torch.zeros(full.response_mask.shape, dtype=part.dtype, device=part.device)
@@ -410,7 +448,7 @@ class Updater:
         self,
         mb: Experience,
         critic_only: bool,
-        fill: Callable[[tuple[Tensor | None, Tensor]], Experience] | None = None,
+        fill: Callable[[tuple[Tensor | None, Tensor | None]], Experience] | None = None,
     ) -> tuple[dict[str, Tensor], bool]:
         """One optimiser step per model on minibatch ``mb``. ``fill`` (a fused update, one micro-batch): ``mb``
         has no old log-probs/values/advantages yet; they come from its forward (:meth:`_filler`)."""
@@ -459,7 +497,8 @@ class Updater:
                 # one backward per model (the two graphs share nothing): each engine owns its own gradients
                 if not critic_only:
                     self.policy.backward(weights[i] * policy_loss)
-                self.critic.backward(weights[i] * critic_loss)
+                if self.critic is not None:
+                    self.critic.backward(weights[i] * critic_loss)
             loss = policy_loss.detach() + critic_loss.detach()
             total_loss = total_loss + weights[i] * loss
             _accumulate(metrics, m, weights[i])
@@ -477,17 +516,19 @@ class Updater:
             ),
         )
 
-    def _forward(self, mb: Experience, critic_only: bool) -> tuple[Tensor | None, Tensor]:
-        """The trained models' forwards on ``mb``: (policy response logits, None if ``critic_only``; values)."""
+    def _forward(self, mb: Experience, critic_only: bool) -> tuple[Tensor | None, Tensor | None]:
+        """The trained models' forwards on ``mb``: (policy response logits, None if ``critic_only``; values,
+        None without a critic)."""
         seqs, attn, width = mb.sequences, mb.attention_mask, mb.prompt_width
         logits = None if critic_only else self.fwd.response_logits(self.policy.model, seqs, attn, width)
-        return logits, self.fwd.values(self.critic.model, seqs, attn, width)
+        values = None if self.critic is None else self.fwd.values(self.critic.model, seqs, attn, width)
+        return logits, values
 
     def _loss(
-        self, mb: Experience, critic_only: bool, outputs: tuple[Tensor | None, Tensor]
+        self, mb: Experience, critic_only: bool, outputs: tuple[Tensor | None, Tensor | None]
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(policy loss: clipped surrogate + entropy bonus, critic loss: vf_coef x value loss, metrics), from
-        the forward ``outputs`` of :meth:`_forward` on ``mb``."""
+        """(policy loss: clipped surrogate + entropy bonus, critic loss: vf_coef x value loss (0 without a
+        critic), metrics), from the forward ``outputs`` of :meth:`_forward` on ``mb``."""
         p = self.ppo
         mask = mb.response_mask
         logits, values = outputs
@@ -523,6 +564,8 @@ class Updater:
                 metrics.update(
                     {"loss/entropy": em["entropy_loss"], "policy/entropy_clipfrac": em["entropy_clipfrac"]}
                 )
+        if values is None:
+            return loss, torch.zeros((), device=mb.sequences.device), metrics
         vf, vm = value_loss(values, mb.values, mb.returns, mask, p.value_clip)
         metrics.update({"loss/vf": vm["vf_loss"], "critic/vf_clipfrac": vm["vf_clipfrac"]})
         return loss, p.vf_coef * vf, metrics
@@ -531,7 +574,9 @@ class Updater:
         """Clip, check finiteness (one host sync per minibatch), step or skip; returns whether it stepped.
         Where the engine clips inside its step (DeepSpeed) only the loss is checked before it."""
         max_norm = self.ppo.max_grad_norm if self.ppo.max_grad_norm is not None else float("inf")
-        models = {"critic": self.critic} if critic_only else {"critic": self.critic, "policy": self.policy}
+        models = {} if self.critic is None else {"critic": self.critic}
+        if not critic_only:
+            models["policy"] = self.policy
         norms = {name: m.clip(max_norm) for name, m in models.items()}
         checked = [loss.float(), *(n.to(loss.device) for n in norms.values() if n is not None)]
         finite = torch.isfinite(torch.stack(checked)).all()
@@ -551,7 +596,8 @@ class Updater:
             if norms.get(name) is not None:
                 metrics[f"grad_norm/{name}"] = norms[name]
         self.policy.zero_grad()
-        self.critic.zero_grad()
+        if self.critic is not None:
+            self.critic.zero_grad()
         return ok
 
     def _no_sync(self, skip_sync: bool) -> contextlib.AbstractContextManager[Any]:
@@ -561,7 +607,8 @@ class Updater:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
         stack.enter_context(self.accelerator.no_sync(self.policy.model))
-        stack.enter_context(self.accelerator.no_sync(self.critic.model))
+        if self.critic is not None:
+            stack.enter_context(self.accelerator.no_sync(self.critic.model))
         return stack
 
 

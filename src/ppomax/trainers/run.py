@@ -387,15 +387,16 @@ def open_run(
     overwrite: bool = False,
     grad_accum: int = 1,
     trained: tuple[str, ...] = ("model",),
+    frozen: bool = False,
 ) -> RunContext:
     """Accelerator (:func:`~ppomax.trainers.launch.build_accelerator`: what ``accelerate launch`` configured, for
-    the models named in ``trained``), seeds, and the run
+    the models named in ``trained``, and ``frozen`` ones beside them), seeds, and the run
     directory ``cfg.logging.out_dir`` prepared by the rules of the module docstring, with the resolved
     ``config.yaml`` and the metrics logger (truncated to the checkpoint when resuming). Nothing here loads a
     model, so an unusable directory is reported first."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other (continue the run, or replace it)")
-    accelerator = build_accelerator(grad_accum, trained, cfg.model.dtype)
+    accelerator = build_accelerator(grad_accum, trained, cfg.model.dtype, frozen=frozen)
     set_seed(cfg.seed)
     out_dir = Path(cfg.logging.out_dir)
     ckpt: Path | None = None

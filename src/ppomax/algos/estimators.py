@@ -1,0 +1,123 @@
+"""Critic-free advantage estimators (beyond the paper): GRPO, RLOO and REINFORCE++.
+
+Each takes the token-level rewards of :func:`ppomax.algos.token_level_rewards` (``-kl_coef * KL_t`` on every
+response token, the re-parameterised score added at the last one) and the response mask, and returns token
+advantages [B, T] (zero off the mask) for the same clipped surrogate as GAE's (:func:`ppomax.algos.policy_loss`).
+
+The sequence reward of a response is the sum of its token rewards, ``R_i = score_i - kl_coef * sum_t KL_t``:
+the score plus the response's KL penalty (with ``kl_coef 0``, or the KL moved out of the rewards, the score
+alone). With the k1 estimator ``sum_t KL_t`` is the log-ratio ``log pi(y|x) / pi_ref(y|x)`` of the whole
+response, the KL-penalised sequence reward of RLOO (Ahmadian et al. 2024).
+
+Groups (GRPO, RLOO): the ``n`` responses to one prompt are ``n`` consecutive rows, so rows ``g*n .. g*n+n-1`` form
+group ``g`` (the trainer keeps them so through the buffer and the minibatches). A row without a masked token
+(a response left out of training, or an empty one) is no member of its group: the group's statistics are over
+its other rows, and its own advantage is 0. A group with fewer than two members has no baseline: all its
+advantages are 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .rewards import gae
+from .stats import AllReduce, _bool_mask, masked_whiten
+
+
+def sequence_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
+    """``R_i = sum_t r_{i,t}`` over each row's masked tokens: rewards, mask [B, T] -> [B] (float32 or wider)."""
+    m = _bool_mask(mask)
+    dtype = torch.promote_types(rewards.dtype, torch.float32)
+    return torch.where(m, rewards.to(dtype), torch.zeros((), dtype=dtype, device=rewards.device)).sum(dim=1)
+
+
+def _groups(rewards: Tensor, mask: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(R [G, n], member [G, n] bool, members per group [G, 1], whether the group compares anything [G, 1]) of a
+    batch of ``G * n`` rows. A group compares when it has two members whose rewards differ: a mean of equal
+    values need not round back to them, so "all equal" is tested exactly, not through a std that rounding
+    leaves a hair above 0."""
+    b = rewards.shape[0]
+    if group_size < 1 or b % group_size:
+        raise ValueError(f"{b} rows do not split into groups of {group_size}")
+    m = _bool_mask(mask)
+    member = m.any(dim=1).view(-1, group_size)
+    seq = sequence_rewards(rewards, m).view(-1, group_size)
+    seq = torch.where(member, seq, torch.zeros((), dtype=seq.dtype, device=seq.device))
+    inf = torch.full((), math.inf, dtype=seq.dtype, device=seq.device)
+    spread = torch.where(member, seq, -inf).amax(dim=1, keepdim=True) > torch.where(member, seq, inf).amin(
+        dim=1, keepdim=True
+    )
+    return seq, member, member.sum(dim=1, keepdim=True).to(seq.dtype), spread
+
+
+def _on_tokens(advantages: Tensor, member: Tensor, mask: Tensor) -> Tensor:
+    """Row advantages [G, n] (0 for non-members) on every masked token of their row: [B, T]."""
+    adv = torch.where(member, advantages, torch.zeros((), dtype=advantages.dtype, device=advantages.device))
+    m = _bool_mask(mask)
+    return torch.where(m, adv.reshape(-1, 1), torch.zeros((), dtype=adv.dtype, device=adv.device))
+
+
+@torch.no_grad()
+def grpo_advantages(rewards: Tensor, mask: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """GRPO's outcome-supervised advantage (Shao et al. 2024, "DeepSeekMath", sec. 4.1.2).
+
+    rewards, mask: [B, T] token-level rewards and response mask, B = G groups x ``group_size`` rows -> [B, T]
+    advantages, no gradient. With ``R_i`` the sequence reward (:func:`sequence_rewards`: the score plus the
+    response's KL penalty, see the module docstring) of the group's members 1..n:
+    ``A_i = (R_i - mean(R)) / (std(R) + eps)`` on every response token of row i ("the advantages of all tokens
+    in the output" are the normalised reward). ``std`` is the sample standard deviation (n - 1), as TRL's
+    GRPOTrainer computes it, and ``eps = 1e-4`` as there: the paper says neither. A group whose rewards are all
+    equal gets advantage 0 exactly (no comparison, no signal; std 0 never divides), and so does one with fewer
+    than two members.
+    """
+    seq, member, count, spread = _groups(rewards, mask, group_size)
+    mean = seq.sum(dim=1, keepdim=True) / count.clamp(min=1)
+    dev = torch.where(member, seq - mean, torch.zeros((), dtype=seq.dtype, device=seq.device))
+    std = (dev.square().sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+    adv = torch.where(spread, dev / (std + eps), torch.zeros((), dtype=seq.dtype, device=seq.device))
+    return _on_tokens(adv, member, mask)
+
+
+@torch.no_grad()
+def rloo_advantages(rewards: Tensor, mask: Tensor, group_size: int) -> Tensor:
+    """RLOO's leave-one-out advantage (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style
+    Optimization for Learning from Human Feedback in LLMs", sec. 3, the RLOO estimator).
+
+    rewards, mask: [B, T], B = G groups x ``group_size`` rows -> [B, T] advantages, no gradient. Each response's
+    baseline is the mean sequence reward of the other members of its group (:func:`sequence_rewards`: the
+    score plus the response's KL penalty, the paper's KL-shaped sequence reward with kl_estimator k1):
+    ``A_i = R_i - 1/(n-1) * sum_{j != i} R_j`` (= ``n/(n-1) * (R_i - mean(R))``) on every response token of row
+    i. A group with fewer than two members has no baseline, and one whose rewards are all equal no signal:
+    advantage 0 (exactly, whatever the rounding of the sums).
+    """
+    seq, member, count, spread = _groups(rewards, mask, group_size)
+    others = (seq.sum(dim=1, keepdim=True) - seq) / (count - 1).clamp(min=1)
+    adv = torch.where(spread, seq - others, torch.zeros((), dtype=seq.dtype, device=seq.device))
+    return _on_tokens(adv, member, mask)
+
+
+@torch.no_grad()
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """Reward-to-go ``G_t = sum_{s >= t} gamma^(s - t) r_s`` over each row's masked tokens (padding skipped, as in
+    :func:`ppomax.algos.gae`, which this is with values 0 and lambda 1): rewards, mask [B, T] -> [B, T]."""
+    return gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)[0]
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(
+    rewards: Tensor, mask: Tensor, gamma: float, all_reduce: AllReduce | None = None
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE++ (Hu 2025, "REINFORCE++: Stabilizing Critic-Free Policy Optimization with Global Advantage
+    Normalization", arXiv 2501.03262): (advantages, returns), both [B, T], no gradient.
+
+    rewards, mask: [B, T]: the token-level rewards ``r_t = 1[t = last] * score - kl_coef * KL_t``, the paper's
+    token-level KL penalty. The return ``G_t = sum_{s >= t} gamma^(s - t) r_s`` (:func:`discounted_returns`) is
+    whitened over every masked token of the global batch, all ranks through ``all_reduce``:
+    ``A_t = (G_t - mean(G)) / std(G)`` (:func:`ppomax.algos.masked_whiten`), with no critic and no per-prompt
+    baseline. Returns ``(A, G)``.
+    """
+    returns = discounted_returns(rewards, mask, gamma)
+    return masked_whiten(returns, mask, shift_mean=True, all_reduce=all_reduce), returns
