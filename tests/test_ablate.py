@@ -146,6 +146,20 @@ def test_quick_ablate_end_to_end(tmp_path, capsys):
     for rule in ("before", "after"):
         t = summary["collapse_monitor"][rule]
         assert sum(t.values()) == len(quick) and f"| {rule} |" in md
+    # the estimators comparison: PPO-max against the quick set's critic-free method, memory probed
+    cmp = summary["estimators"]
+    assert list(cmp["methods"]) == ["ppo_max", "grpo"] and math.isfinite(cmp["budget"])
+    for name, m in cmp["methods"].items():
+        r = m["seeds"]["0"]
+        assert r["gold_at_budget"] is not None and r["peak_rss_mib"] > 0 and r["seconds_per_iteration"] > 0
+        assert f"| {name} | {m['settings']['advantage_estimator']} |" in md
+    assert cmp["methods"]["grpo"]["settings"]["samples_per_prompt"] == 4
+    assert len(cmp["verdicts"]) == 5 and all(v["answer"] and v["numbers"] for v in cmp["verdicts"])
+    for png in ("estimators.png", "estimators_frontier.png"):
+        assert (rep / png).read_bytes()[:4] == b"\x89PNG", png
+        assert f"]({png})" in md
+    assert json.loads((out / "seed-0" / "probe_grpo" / "memory.json").read_text())["policy_iterations"] == 3
+    assert not (out / "seed-0" / "probe_grpo" / "run" / "final").exists()  # only the probe's metrics stay
 
 
 def test_every_claim_gets_a_verdict_with_its_numbers():
@@ -365,3 +379,47 @@ def test_no_estimators_section_without_the_group(tmp_path):
     from ppomax.demo.ablate import comparison, select
 
     assert comparison(select(["fig7"], False)) == []
+
+
+def test_estimators_group_is_ppo_max_and_the_critic_free_presets_at_equal_samples(tmp_path):
+    from ppomax.demo.ablate import BY_NAME, comparison
+
+    chosen = select(["estimators"], False)
+    assert [v.name for v in chosen] == ["ppo_max", "grpo", "rloo", "reinforce_pp"]
+    assert comparison(chosen) == ["ppo_max", "grpo", "rloo", "reinforce_pp"]
+    assert comparison(select(None, True))[:2] == [
+        "ppo_max",
+        "grpo",
+    ]  # --quick compares one critic-free method
+
+    def cfg(name):
+        v = BY_NAME[name]
+        dirs = [tmp_path / x for x in ("world", "sft", "rm")]
+        return demo_stages.ppo_config(
+            tmp_path, v.preset, *dirs, PROFILES["full"], 0, False, v.overrides, tmp_path / "pretrain"
+        )
+
+    base = cfg("ppo_max")
+    assert base.ppo.uses_critic
+    for name in ("grpo", "rloo", "reinforce_pp"):
+        c = cfg(name)
+        assert (
+            not c.ppo.uses_critic and c.ppo.critic_pretrain_steps == 0 and c.ppo.advantage_estimator == name
+        )
+        for key in (
+            "rollout_batch_size",
+            "buffer_size",
+            "minibatch_size",
+            "ppo_epochs",
+            "iterations",
+            "kl_coef",
+        ):
+            assert getattr(c.ppo, key) == getattr(base.ppo, key), (
+                name,
+                key,
+            )  # equal samples and KL coefficient
+        assert c.optim.policy_lr == base.optim.policy_lr
+    assert (
+        cfg("grpo").generation.samples_per_prompt == 4
+        and cfg("reinforce_pp").generation.samples_per_prompt == 1
+    )
