@@ -158,7 +158,9 @@ def test_quick_ablate_end_to_end(tmp_path, capsys):
     for png in ("estimators.png", "estimators_frontier.png"):
         assert (rep / png).read_bytes()[:4] == b"\x89PNG", png
         assert f"]({png})" in md
-    assert json.loads((out / "seed-0" / "probe_grpo" / "memory.json").read_text())["policy_iterations"] == 3
+    for name in ("ppo_max", "grpo"):
+        probe = json.loads((out / "seed-0" / f"probe_{name}" / "memory.json").read_text())
+        assert probe["policy_iterations"] == 3 and probe["critic_only_iterations"] == 0, probe
     assert not (out / "seed-0" / "probe_grpo" / "run" / "final").exists()  # only the probe's metrics stay
 
 

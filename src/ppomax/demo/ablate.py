@@ -369,6 +369,13 @@ def comparison(variants: Sequence[Variant]) -> list[str]:
 PROBE_ITERATIONS = 3
 
 
+def probe_overrides(variant: Variant) -> tuple[str, ...]:
+    """The variant's overrides for its memory probe: :data:`PROBE_ITERATIONS` policy iterations and no critic-only
+    ones (they hold the same models and optimisers and update less, so they do not set the peak; a no-op for a
+    critic-free preset, which has none)."""
+    return (*variant.overrides, f"ppo.iterations={PROBE_ITERATIONS}", "ppo.critic_pretrain_steps=0")
+
+
 def memory_mib() -> dict[str, float | None]:
     """This process's resident memory now and its peak (MiB): Linux's VmRSS and VmHWM. The peak is the process's
     own since its start, so a fresh process measures one run."""
@@ -401,7 +408,7 @@ def _probe_child(d: str, dirs: dict[str, str], prof: DemoProfile, seed: int, nam
     _one_thread()
     v, run = BY_NAME[name], Path(d) / "run"
     p = {k: Path(x) for k, x in dirs.items()}
-    extra = (*v.overrides, f"ppo.iterations={PROBE_ITERATIONS}")
+    extra = probe_overrides(v)
     cfg = ppo_config(run, v.preset, p["world"], p["sft"], p["rm"], prof, seed, False, extra, p["pretrain"])
     start = memory_mib()
     train_ppo(cfg)
@@ -436,7 +443,7 @@ def probe_stage(
     index: int,
     total: int,
 ) -> Path:
-    """A short run of ``variant`` (:data:`PROBE_ITERATIONS` policy iterations after its critic-only ones, its
+    """A short run of ``variant`` (:func:`probe_overrides`: :data:`PROBE_ITERATIONS` policy iterations, its
     settings otherwise) in a fresh process with one torch thread, cached as stage ``probe_<variant>``; its
     ``memory.json`` holds the process's peak resident memory. A process of its own, because a process's peak
     counts everything it ever held (an earlier run in the same `--jobs` worker, the evaluation's models), and a
@@ -445,7 +452,7 @@ def probe_stage(
     pipe = _seed_pipeline(out, seed, lambda m: None, total)
     dirs = base_stages(pipe, prof, seed, False)
     pipe.log = log
-    key = (seed, variant.preset, list(variant.overrides), prof.to_dict(), PROBE_ITERATIONS)
+    key = (seed, variant.preset, list(probe_overrides(variant)), prof.to_dict())
     return pipe.run(
         index,
         PROBE_STAGE.format(variant.name),

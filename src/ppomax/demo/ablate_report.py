@@ -713,9 +713,10 @@ def _conditions(cmp: dict[str, Any], jobs: int) -> str:
     )
     if probed:
         text += (
-            f" Probe: a separate short run of each method and seed ({probed[0]} policy iterations after its "
-            "critic-only ones) in a fresh process, one at a time, with one torch thread; peak RSS is that training "
-            "process's peak resident memory (Linux VmHWM: Python, torch and the method's models included)."
+            f" Probe: a separate short run of each method and seed ({probed[0]} policy iterations, no critic-only "
+            "ones) in a fresh process, one at a time, with one torch thread; peak RSS is that training process's "
+            "peak resident memory (Linux VmHWM: Python, torch and the method's models included), at the response "
+            "lengths of the start of training."
         )
     return text
 
