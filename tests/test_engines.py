@@ -266,3 +266,26 @@ def test_deepspeed_resume_never_runs_a_planted_pickle(setup, tmp_path):
     assert proc.returncode != 0
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ppomax: ") and "refused" in ln]
     assert errors and "step-1" in errors[0], proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_critic_free_zero3_two_processes_match_one_process(setup):
+    """REINFORCE++ with groups of 2 and no critic (one trained model beside the frozen ones, each with its own
+    DeepSpeed plugin): ZeRO-3 over 2 ranks (each with its prompts' whole groups) gives the one-process update.
+    Its advantages are whitened over the global batch, all ranks: a per-rank normalisation would differ."""
+    extra = ("--preset", "reinforce_pp", "--set", "generation.samples_per_prompt=2")
+    one, two = setup.root / "rpp-single", setup.root / "rpp-zero3"
+    proc = launch(None, 1, *ppo_args(setup, one, 8), *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch("zero3", 2, *ppo_args(setup, two, 4), *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = weights(setup.policy)
+    a, b = weights(one / "final" / "policy"), weights(two / "final" / "policy")
+    assert max((a[k] - before[k]).abs().max().item() for k in a) > 1e-4  # the update did something
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-6, rtol=1e-4, msg=k)
+    assert sorted(p.name for p in (two / "final").iterdir()) == ["policy"]
+    ma, mb = metrics(one)[0], metrics(two)[0]
+    for key in ("reward/raw_mean", "loss/pg", "advantages/mean", "grad_norm/policy"):
+        assert mb[key] == pytest.approx(ma[key], rel=1e-4, abs=1e-6), key
+    assert not [k for k in mb if k.startswith(("critic/", "loss/vf", "lr/critic", "grad_norm/critic"))]

@@ -233,11 +233,20 @@ def test_plan_counts_no_critic(tmp_path, capsys):
 # --------------------------------------------------------------------------- learning
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("preset", ["grpo", "rloo"])
+@pytest.mark.parametrize(
+    "preset",
+    [
+        "grpo",
+        pytest.param("rloo", marks=pytest.mark.slow),
+        pytest.param("reinforce_pp", marks=pytest.mark.slow),
+    ],
+)
 def test_critic_free_estimators_raise_the_reward(setup, tmp_path, preset):
-    """The learning test of test_ppo_learning.py for GRPO and RLOO: 32 responses per iteration (8 prompts x 4),
-    minibatches of 16, 2 epochs, 12 new tokens, lr 1e-3, reward = share of token ids divisible by 10."""
+    """The learning test of test_ppo_learning.py for the critic-free presets: 32 responses per iteration (grpo and
+    rloo: 8 prompts x 4), minibatches of 16, 2 epochs, 12 new tokens, lr 1e-3, reward = share of token ids
+    divisible by 10 (a random policy ~0.1). Observed (seed 42, 30 iterations): grpo 0.11 -> 0.45 with KL <= 0.43
+    nats/token, rloo 0.11 -> 0.47 (KL <= 0.69), reinforce_pp 0.11 -> 0.53 (KL <= 0.82); ppo_max 0.11 -> 0.54
+    (KL <= 0.84) in 28 iterations after 2 of critic pre-training."""
     iterations = 30
     cfg = config(
         setup,
@@ -260,7 +269,8 @@ def test_critic_free_estimators_raise_the_reward(setup, tmp_path, preset):
 
     before, after = mean(rec[:3], "reward/raw_mean"), mean(rec[-3:], "reward/raw_mean")
     assert before < 0.15
-    assert after >= before + 0.3, (before, after)
+    assert after >= before + 0.25, (before, after)
+    assert max(r["kl/per_token"] for r in rec) < 1.0
     assert all(r["nonfinite/total"] == 0 for r in rec)
 
 

@@ -97,9 +97,10 @@ class Experience:
     rewards: Tensor | None = None
     """[B, R] float32: token-level rewards ``-kl_coef * kl`` plus the final score at the last response token."""
     advantages: Tensor | None = None
-    """[B, R] float32: GAE advantages (not normalised; minibatch normalisation happens in the update)."""
+    """[B, R] float32: GAE advantages, or those of the critic-free ``ppo.advantage_estimator`` (not normalised by
+    ``advantage_norm``; minibatch normalisation happens in the update)."""
     returns: Tensor | None = None
-    """[B, R] float32: advantages + values, the critic's targets."""
+    """[B, R] float32: advantages + values, the critic's targets; without a critic the reward-to-go."""
 
     # ------------------------------------------------------------------ shape helpers
 

@@ -12,8 +12,8 @@ response, the KL-penalised sequence reward of RLOO (Ahmadian et al. 2024).
 Groups (GRPO, RLOO): the ``n`` responses to one prompt are ``n`` consecutive rows, so rows ``g*n .. g*n+n-1`` form
 group ``g`` (the trainer keeps them so through the buffer and the minibatches). A row without a masked token
 (a response left out of training, or an empty one) is no member of its group: the group's statistics are over
-its other rows, and its own advantage is 0. A group with fewer than two members has no baseline: all its
-advantages are 0.
+its other rows, and its own advantage is 0. A group with fewer than two members has no baseline, and one whose
+members' rewards are all equal no signal: all its advantages are 0.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def grpo_advantages(rewards: Tensor, mask: Tensor, group_size: int, eps: float =
 @torch.no_grad()
 def rloo_advantages(rewards: Tensor, mask: Tensor, group_size: int) -> Tensor:
     """RLOO's leave-one-out advantage (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style
-    Optimization for Learning from Human Feedback in LLMs", sec. 3, the RLOO estimator).
+    Optimization for Learning from Human Feedback in LLMs", the RLOO estimator).
 
     rewards, mask: [B, T], B = G groups x ``group_size`` rows -> [B, T] advantages, no gradient. Each response's
     baseline is the mean sequence reward of the other members of its group (:func:`sequence_rewards`: the

@@ -17,15 +17,14 @@ then (:meth:`PPOTrainer.train`) log; maybe evaluate (ppo_eval.evaluate), checkpo
 (:mod:`ppomax.trainers.run`).
 
 The first ``ppo.critic_pretrain_steps`` iterations train the critic only (paper 5.3.3); ``ppo.iterations`` policy
-iterations follow, so switching critic pre-training on does not shorten the policy's training. A critic-free
-``ppo.advantage_estimator`` (GRPO, RLOO, REINFORCE++) has no critic at all: none is built, prepared, trained,
-checkpointed, saved or logged.
-
-Group sampling (``generation.samples_per_prompt`` n): each generate call draws ``rollout_batch_size / n`` prompts
-(this rank's share of the global batch) and repeats each prompt's row n times, so a prompt's n responses are n
-consecutive rows on one rank; the buffer keeps them so and the minibatch shuffle moves whole groups
-(``Updater.group_size``). Learning-rate
+iterations follow, so switching critic pre-training on does not shorten the policy's training. Learning-rate
 schedules count optimiser steps of their own model (the policy's warmup starts with its first update).
+
+A critic-free ``ppo.advantage_estimator`` (GRPO, RLOO, REINFORCE++) has no critic at all: none is built, prepared,
+trained, checkpointed, saved or logged. Group sampling (``generation.samples_per_prompt`` n): each generate call
+draws ``rollout_batch_size / n`` prompts (this rank's share of the global batch) and repeats each prompt's row n
+times, so a prompt's n responses are n consecutive rows on one rank; the buffer keeps them so and the minibatch
+shuffle moves whole groups (``Updater.group_size``).
 
 Two decisions DESIGN.md asks to make explicit:
 

@@ -5,11 +5,11 @@
 * Reference: a separate frozen copy, from ``model.reference`` or the policy's path. Under LoRA, when
   ``model.reference`` is unset or the policy's own path, no copy is loaded: the reference is the policy's base
   with its adapters disabled (:class:`ppomax.models.AdaptersOff`), called like any model.
-* Critic (paper 5.3.3, ``ppo.critic_init``; none at all with a critic-free ``ppo.advantage_estimator``): an explicit ``model.critic`` value-head checkpoint, else a copy of the
+* Critic (paper 5.3.3, ``ppo.critic_init``): an explicit ``model.critic`` value-head checkpoint, else a copy of the
   reward model (``reward_model``), the SFT backbone with a fresh head (``sft``), or a freshly initialised backbone
   of the policy's architecture with a fresh head (``random``).
   Under LoRA with ``model.lora.critic``, adapters go on the critic's own backbone (it shares nothing with the
-  policy); its value head is always fully trained.
+  policy); its value head is always fully trained. None at all with a critic-free ``ppo.advantage_estimator``.
 * Reward model: a trained value-head model (``model.reward``), frozen; optional when reward functions are set.
 
 Dropout is switched off in policy and critic (LoRA's adapter dropout included): the PPO ratio of the first
@@ -107,9 +107,9 @@ def build_reference(cfg: PPOConfig, policy: Any) -> Any:
 
 
 def load_models(cfg: PPOConfig) -> PPOModels:
-    """Load everything ``cfg.model`` names, the critic only where ``ppo.advantage_estimator`` needs one (a resumed run then loads its checkpoint's weights into policy and
-    critic; the reference and the reward model always come from the config: the reference is the *original*
-    policy)."""
+    """Load everything ``cfg.model`` names, the critic only where ``ppo.advantage_estimator`` needs one (a resumed
+    run then loads its checkpoint's weights into policy and critic; the reference and the reward model always come
+    from the config: the reference is the *original* policy)."""
     m = cfg.model
     # trained models in float32 (master weights; model.dtype is their autocast dtype), frozen ones (and a LoRA
     # base) in model.dtype
