@@ -146,6 +146,22 @@ def test_quick_ablate_end_to_end(tmp_path, capsys):
     for rule in ("before", "after"):
         t = summary["collapse_monitor"][rule]
         assert sum(t.values()) == len(quick) and f"| {rule} |" in md
+    # the estimators comparison: PPO-max against the quick set's critic-free method, memory probed
+    cmp = summary["estimators"]
+    assert list(cmp["methods"]) == ["ppo_max", "grpo"] and math.isfinite(cmp["budget"])
+    for name, m in cmp["methods"].items():
+        r = m["seeds"]["0"]
+        assert r["gold_at_budget"] is not None and r["peak_rss_mib"] > 0 and r["seconds_per_iteration"] > 0
+        assert f"| {name} | {m['settings']['advantage_estimator']} |" in md
+    assert cmp["methods"]["grpo"]["settings"]["samples_per_prompt"] == 4
+    assert len(cmp["verdicts"]) == 5 and all(v["answer"] and v["numbers"] for v in cmp["verdicts"])
+    for png in ("estimators.png", "estimators_frontier.png"):
+        assert (rep / png).read_bytes()[:4] == b"\x89PNG", png
+        assert f"]({png})" in md
+    for name in ("ppo_max", "grpo"):
+        probe = json.loads((out / "seed-0" / f"probe_{name}" / "memory.json").read_text())
+        assert probe["policy_iterations"] == 3 and probe["critic_only_iterations"] == 0, probe
+    assert not (out / "seed-0" / "probe_grpo" / "run" / "final").exists()  # only the probe's metrics stay
 
 
 def test_every_claim_gets_a_verdict_with_its_numbers():
@@ -178,3 +194,234 @@ def test_every_claim_gets_a_verdict_with_its_numbers():
         assert v["verdict"] in ("reproduced", "not reproduced"), v
         assert "seeds 0/1" in v["numbers"] or "/" in v["numbers"]
         assert (v["verdict"] == "reproduced") == (v["explanation"] == "")
+
+
+# ------------------------------------------------------------------ critic-free estimators vs PPO-max
+
+
+def _est_recs(gold, rm, kl_seq, seconds=1.0, critic_only=0):
+    """Training records of a run: ``critic_only`` critic-only iterations first, then one per gold value."""
+    head = [
+        {"step": i + 1, "reward/raw_mean": 0.0, "train/critic_only": 1, "time/iteration": 2 * seconds}
+        for i in range(critic_only)
+    ]
+    body = _recs(gold, rm)
+    for r, k in zip(body, kl_seq, strict=True):
+        r.update({"kl/per_sequence": k, "train/critic_only": 0, "time/iteration": seconds})
+    return head + body
+
+
+def test_gold_at_kl_interpolates_at_the_first_crossing():
+    from ppomax.demo.ablate_report import gold_at_kl
+
+    kl, gold = [0.0, 0.5, 1.0, 2.0, 1.5, 3.0], [0.0, 1.0, 2.0, 3.0, 9.0, 4.0]
+    assert gold_at_kl(kl, gold, 0.75) == pytest.approx(1.5)
+    assert gold_at_kl(kl, gold, 1.75) == pytest.approx(2.75)  # the first time, not the later 1.5 -> 3.0 pass
+    assert gold_at_kl(kl, gold, -1.0) == 0.0
+    assert gold_at_kl(kl, gold, 3.5) is None  # never spent that much
+
+
+def test_frontier_and_costs_from_records():
+    from ppomax.demo.ablate_report import frontier, iteration_costs, method_settings
+
+    recs = _est_recs([0.1 * i for i in range(20)], [1.0] * 20, [0.2 * i for i in range(20)], critic_only=3)
+    del recs[5]["kl/per_sequence"]  # a step without KL drops out of the frontier
+    kl, gold = frontier(recs[3:])
+    assert len(kl) == len(gold) == 19 and kl[0] == 0.0 and kl == sorted(kl)
+    costs = iteration_costs(recs)
+    assert costs == {"seconds_per_iteration": 1.0, "train_seconds": 26.0, "critic_only_iterations": 3}
+    st = method_settings({"ppo": {"kl_coef": 0.5, "kl_estimator": "k1"}})  # a run made before the switches
+    assert st["advantage_estimator"] == "gae" and st["samples_per_prompt"] == 1 and st["kl_in"] == "reward"
+
+
+def _method_recs(fast: bool, over: bool, seconds: float, seed: int) -> list[dict]:
+    """A synthetic run of a method: ``fast``: it spends KL twice as fast and its gold rises four times as fast
+    (twice as much gold per unit of KL); ``over``: its gold falls back in the second half while the RM reward keeps
+    rising (over-optimisation)."""
+    n = 40
+    kl = [(0.1 if fast else 0.05) * i for i in range(n)]
+    slope = (0.04 if fast else 0.01) + 0.001 * seed
+    gold = [0.3 + slope * i for i in range(n)]
+    if over:
+        gold = gold[:20] + [gold[19] - 0.05 * (i - 19) for i in range(20, n)]
+    return _est_recs(gold, [1.0 + 0.05 * i for i in range(n)], kl, seconds)
+
+
+def _eval_result(wtl=(5, 3, 2)) -> dict:
+    overall = {"win": wtl[0], "tie": wtl[1], "lose": wtl[2], "n": sum(wtl)}
+    gold = {"win_tie_lose": {"overall": overall}, "mean_policy": 0.5, "mean_baseline": 0.4}
+    return {"judges": {"gold": gold}, "policy": {"kl_per_token": 0.01}}
+
+
+def _method_runs(fast: bool, over: bool, seconds: float, seeds=(0, 1)):
+    """:func:`_method_recs` per seed, as the report's frontier curves and per-run numbers."""
+    from ppomax.demo.ablate_report import frontier, iteration_costs, run_numbers
+
+    out_curves, out_nums = {}, {}
+    for s in seeds:
+        recs = _method_recs(fast, over, seconds, s)
+        out_curves[s] = frontier(recs)
+        out_nums[s] = {
+            **run_numbers(recs, _eval_result(), {"policy": 1.0, "sft": 1.0}),
+            **iteration_costs(recs),
+        }
+    return out_curves, out_nums
+
+
+@pytest.mark.parametrize("winner", ["ppo_max", "grpo"])
+def test_estimator_verdicts_name_whichever_method_wins(winner):
+    """The same synthetic world both ways round: the method whose gold rises faster per KL wins at equal KL
+    even when it over-optimises later (and then loses at the end); nothing about a method's name decides."""
+    from ppomax.demo.ablate_report import compare_estimators
+
+    loser = "grpo" if winner == "ppo_max" else "ppo_max"
+    curves, nums = {}, {}
+    curves[winner], nums[winner] = _method_runs(fast=True, over=True, seconds=2.0)
+    curves[loser], nums[loser] = _method_runs(fast=False, over=False, seconds=1.0)
+    memory = {
+        winner: {0: {"peak_rss_mib": 500.0, "policy_iterations": 3}},
+        loser: {0: {"peak_rss_mib": 600.0, "policy_iterations": 3}},
+    }
+    names = ["ppo_max", "grpo"]
+    cmp = compare_estimators(names, {n: curves[n] for n in names}, nums, memory)
+    assert cmp["budget"] == pytest.approx(max(curves[loser][0][0]))  # the smaller of the runs' largest KL
+    v = {x["question"].split(" (")[0]: x for x in cmp["verdicts"]}
+    at_kl = v["most gold reward at equal KL"]
+    assert at_kl["answer"] == winner and at_kl["holds"] is True
+    assert f"{winner} " in at_kl["numbers"] and f"{loser} " in at_kl["numbers"]
+    assert v["most gold reward at the end of training"]["answer"] == loser
+    assert v["over-optimises"]["answer"] == winner
+    assert v["least wall time per policy iteration"]["answer"] == loser
+    assert v["least memory"]["answer"] == winner
+    m = cmp["methods"][winner]["seeds"][0]
+    assert m["gold_at_budget"] > cmp["methods"][loser]["seeds"][0]["gold_at_budget"]
+    assert cmp["methods"][loser]["seeds"][1]["peak_rss_mib"] is None  # no probe on that seed: n/a, not 0
+
+
+def test_a_win_on_the_mean_only_is_reported_as_such():
+    from ppomax.demo.ablate_report import estimator_verdicts
+
+    def seeds_of(golds):
+        keys = ("gold_end", "over_optimised", "gold_fall", "seconds_per_iteration", "peak_rss_mib")
+        return {s: {"gold_at_budget": g, **dict.fromkeys(keys)} for s, g in enumerate(golds)}
+
+    methods = {"a": {"seeds": seeds_of([1.0, 0.1, 0.1])}, "b": {"seeds": seeds_of([0.2, 0.2, 0.2])}}
+    out = estimator_verdicts({"budget": 1.0, "methods": methods})
+    assert (
+        out[0]["answer"] == "a on the mean, not on a majority of seeds against b" and out[0]["holds"] is False
+    )
+    assert out[1]["answer"] == "n/a"  # no end gold logged
+
+
+def test_memory_of_this_process():
+    from ppomax.demo.ablate import memory_mib
+
+    m = memory_mib()
+    assert m["peak"] > 0 and (m["rss"] is None or m["peak"] >= m["rss"] > 0)
+
+
+def test_report_has_the_estimators_section(tmp_path):
+    """write_ablate_report on synthetic run directories (no training): the comparison's table, verdicts, frontier
+    PNG and summary entry, with the memory probes' numbers and the runs' settings."""
+    from ppomax.demo.ablate import Variant
+    from ppomax.demo.ablate_report import ESTIMATORS, PROBE_STAGE, write_ablate_report
+    from ppomax.demo.profiles import PROFILES
+
+    variants = [
+        Variant("ppo_max", "fig. 5", "ppo_max", (), "PPO-max"),
+        Variant("grpo", ESTIMATORS, "grpo", ("ppo.kl_coef=0.5",), "GRPO"),
+    ]
+    stages = {"ppo_max": "ppo_max", "grpo": "ppo_grpo"}
+    settings = {"ppo_max": ("gae", 1), "grpo": ("grpo", 4)}
+    for s in (0, 1):
+        for name in ("ppo_max", "grpo"):
+            d = tmp_path / f"seed-{s}"
+            run = d / stages[name]
+            run.mkdir(parents=True)
+            fast = name == "grpo"  # grpo: more gold per KL, then over-optimises
+            recs = _method_recs(fast, over=fast, seconds=0.8 if fast else 1.0, seed=s)
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+            est, spp = settings[name]
+            (run / "config.yaml").write_text(
+                f"ppo:\n  advantage_estimator: {est}\n  kl_coef: 0.5\n  kl_estimator: k1\n"
+                f"generation:\n  samples_per_prompt: {spp}\n"
+            )
+            ev = d / f"eval_{name}"
+            ev.mkdir()
+            (ev / "vs_sft.json").write_text(json.dumps(_eval_result((6, 3, 1))))
+            (ev / "heldout_lm.json").write_text(json.dumps({"policy": 1.1, "sft": 1.0, "n_texts": 5}))
+            probe = d / PROBE_STAGE.format(name)
+            probe.mkdir()
+            mem = {
+                "peak_rss_mib": 600.0 if fast else 650.0,
+                "policy_iterations": 3,
+                "seconds_per_iteration": 0.5,
+            }
+            (probe / "memory.json").write_text(json.dumps(mem))
+    timings = {f"{s}/{v.name}": {"world": 1.0, stages[v.name]: 2.0} for s in (0, 1) for v in variants}
+    rep = write_ablate_report(
+        tmp_path, [0, 1], variants, stages, PROFILES["full"], timings, 1.0, ["ppo_max", "grpo"], 2
+    )
+    md = (rep / "ablate.md").read_text()
+    summary = json.loads((rep / "summary.json").read_text())
+    assert "## Critic-free estimators against PPO-max" in md and "](estimators_frontier.png)" in md
+    assert (rep / "estimators_frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert (rep / "estimators.png").read_bytes()[:4] == b"\x89PNG"  # the group's training curves
+    assert "| grpo | grpo | 4 | 0.5 (reward, k1) |" in md and "| ppo_max | gae | 1 |" in md
+    cmp = summary["estimators"]
+    assert list(cmp["methods"]) == ["ppo_max", "grpo"]
+    answers = {v["question"].split(" (")[0]: v["answer"] for v in cmp["verdicts"]}
+    assert answers["most gold reward at equal KL"] == "grpo" and answers["over-optimises"] == "grpo"
+    assert answers["least memory"] == "grpo" and "| **grpo** |" in md
+    assert cmp["methods"]["grpo"]["seeds"]["1"]["peak_rss_mib"] == 600.0
+    assert "2 at once" in md and "3 policy iterations" in md
+
+
+def test_no_estimators_section_without_the_group(tmp_path):
+    from ppomax.demo.ablate import comparison, select
+
+    assert comparison(select(["fig7"], False)) == []
+
+
+def test_estimators_group_is_ppo_max_and_the_critic_free_presets_at_equal_samples(tmp_path):
+    from ppomax.demo.ablate import BY_NAME, comparison
+
+    chosen = select(["estimators"], False)
+    assert [v.name for v in chosen] == ["ppo_max", "grpo", "rloo", "reinforce_pp"]
+    assert comparison(chosen) == ["ppo_max", "grpo", "rloo", "reinforce_pp"]
+    assert comparison(select(None, True))[:2] == [
+        "ppo_max",
+        "grpo",
+    ]  # --quick compares one critic-free method
+
+    def cfg(name):
+        v = BY_NAME[name]
+        dirs = [tmp_path / x for x in ("world", "sft", "rm")]
+        return demo_stages.ppo_config(
+            tmp_path, v.preset, *dirs, PROFILES["full"], 0, False, v.overrides, tmp_path / "pretrain"
+        )
+
+    base = cfg("ppo_max")
+    assert base.ppo.uses_critic
+    for name in ("grpo", "rloo", "reinforce_pp"):
+        c = cfg(name)
+        assert (
+            not c.ppo.uses_critic and c.ppo.critic_pretrain_steps == 0 and c.ppo.advantage_estimator == name
+        )
+        for key in (
+            "rollout_batch_size",
+            "buffer_size",
+            "minibatch_size",
+            "ppo_epochs",
+            "iterations",
+            "kl_coef",
+        ):
+            assert getattr(c.ppo, key) == getattr(base.ppo, key), (
+                name,
+                key,
+            )  # equal samples and KL coefficient
+        assert c.optim.policy_lr == base.optim.policy_lr
+    assert (
+        cfg("grpo").generation.samples_per_prompt == 4
+        and cfg("reinforce_pp").generation.samples_per_prompt == 1
+    )

@@ -1,4 +1,5 @@
-"""`ppomax ablate`: the paper's ablations (fig. 6, 7, 8, 12) on hh-mini, with a verdict per claim."""
+"""`ppomax ablate`: the paper's ablations (fig. 6, 7, 8, 12) on hh-mini, with a verdict per claim, and the
+critic-free advantage estimators against PPO-max."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ def _run(args: argparse.Namespace) -> int:
     print()
     for v in result["summary"]["verdicts"]:
         print(f"{v['verdict']:>15}: {v['claim']} ({v['figure']})")
+    cmp = result["summary"].get("estimators")
+    if cmp:
+        print()
+        for v in cmp["verdicts"]:
+            print(f"{v['question']}: {v['answer']}")
     print()
     print(f"report: {result['report']}")
     return 0
@@ -35,12 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "ablate",
-        help="the paper's PPO ablations (fig. 6, 7, 8, 12) on hh-mini, judged by its gold reward",
+        help="the paper's PPO ablations (fig. 6, 7, 8, 12) and the critic-free estimators on hh-mini, judged by "
+        "its gold reward",
         description="Run PPO variants (each a preset plus --set overrides) from the demo's cached stages for each "
         "seed, evaluate each against SFT by the gold judge, and write DIR/report/ablate.md with one verdict per "
-        "claim of the paper and the collapse monitor judged against the gold reward. Variants: "
-        + ", ".join(f"{v.name} ({v.figure})" for v in VARIANTS)
-        + ".",
+        "claim of the paper, the collapse monitor judged against the gold reward, and (group estimators) GRPO, "
+        "RLOO and REINFORCE++ against PPO-max: gold reward against KL spent, wall time and memory per iteration. "
+        "Variants: " + ", ".join(f"{v.name} ({v.figure})" for v in VARIANTS) + ".",
     )
     p.add_argument("--out", default="runs/ablate", help="output directory (default: runs/ablate)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED", help="default: 0 1 2")
@@ -53,7 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--only",
         nargs="+",
         metavar="NAME",
-        help="only these variants (names, or figures: fig6 fig7 fig8 fig12)",
+        help="only these variants (names, or figures: fig6 fig7 fig8 fig12, or the group estimators, which "
+        "includes ppo_max)",
     )
     p.add_argument(
         "--jobs",

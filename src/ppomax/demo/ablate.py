@@ -11,6 +11,7 @@ held-out pretraining text (the alignment tax of fig. 12). The layout of one seed
     DIR/seed-N/ppo_vanilla/, ppo_max/                the demo's two PPO runs (variants vanilla and ppo_max)
     DIR/seed-N/ppo_<variant>/                        the other variants' PPO runs
     DIR/seed-N/eval_<variant>/                       vs_sft.json (ppomax.evaluate) and heldout_lm.json
+    DIR/seed-N/probe_<variant>/                      memory.json: the estimators comparison's memory probes
     DIR/report/                                      ablate.md, summary.json, one PNG per figure
 
 The report and its verdicts are :mod:`ppomax.demo.ablate_report`.
@@ -25,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ppomax.demo.ablate_report import ESTIMATORS, PROBE_STAGE
 from ppomax.demo.pipeline import PPO_RUNS, Pipeline, base_stages, ppo_stage
 from ppomax.demo.profiles import PROFILES, DemoProfile
 from ppomax.errors import UserError
@@ -148,8 +150,45 @@ VARIANTS: tuple[Variant, ...] = (
         "PPO-ptx: PPO-max plus the LM loss of eq. 17 on the SFT demonstrations",
         quick=True,
     ),
+    # beyond the paper: the critic-free advantage estimators against PPO-max (ppo_max above is the comparison's
+    # baseline, its run reused). Each is its shipped preset, which inherits ppo_max and changes the estimator and
+    # what the estimator's paper sets with it (see its yaml). The profile gives every preset the same sizes,
+    # learning rate and iterations (stages.ppo_config): 80 policy iterations of 64 responses (two rollouts of 32,
+    # minibatches of 32), counted in responses, so a 4-sample group preset trains on 16 prompts x 4 per
+    # iteration where PPO-max does 64 x 1: equal samples, the generation cost that dominates here. The profile's
+    # per-preset overrides (profiles.FULL) name only ppo_max, so a critic-free preset gets no critic setting
+    # (the presets set critic_pretrain_steps: 0; PPO-max's 10 critic-only iterations are its own cost, counted
+    # in its wall time). KL coefficient: PPO-max's demo value, 0.5, for all, instead of each paper's (GRPO's
+    # 0.04, the 0.05 the others inherit): those are tuned for learning rates ~100x smaller than the demo's
+    # (profiles.py measured 0.05 letting PPO-max drift at this one). One coefficient still constrains each
+    # method differently (in the reward or as a loss, k1 or k3), which is why the report compares gold at equal
+    # KL rather than at equal coefficient.
+    Variant(
+        "grpo",
+        ESTIMATORS,
+        "grpo",
+        (KL_ON,),
+        "GRPO (Shao et al. 2024): group-normalised sequence reward, 4 samples per prompt, no critic",
+        quick=True,
+    ),
+    Variant(
+        "rloo",
+        ESTIMATORS,
+        "rloo",
+        (KL_ON,),
+        "RLOO (Ahmadian et al. 2024): leave-one-out baseline over 4 samples per prompt, no critic",
+    ),
+    Variant(
+        "reinforce_pp",
+        ESTIMATORS,
+        "reinforce_pp",
+        (KL_ON,),
+        "REINFORCE++ (Hu 2025): token-level KL reward, global-batch advantage normalisation, no critic",
+    ),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
+# What a group of variants is compared against: `--only GROUP` runs it too (the group's report needs it).
+COMPARED_WITH = {ESTIMATORS: ("ppo_max",)}
 # the demo's own stage names for its two runs: an ablation into a demo's directory reuses them
 STAGE_NAMES = {v.name: PPO_RUNS.get(v.name, f"ppo_{v.name}") for v in VARIANTS}
 
@@ -181,7 +220,8 @@ def select(only: Sequence[str] | None, quick: bool) -> list[Variant]:
         if item in BY_NAME:
             picked = [BY_NAME[item]]
         elif key in figures:
-            picked = [v for v in VARIANTS if v.figure == figures[key]]
+            picked = [BY_NAME[b] for b in COMPARED_WITH.get(figures[key], ())]
+            picked += [v for v in VARIANTS if v.figure == figures[key]]
         else:
             raise UserError(
                 f"--only {item}: unknown variant; choose from {', '.join(BY_NAME)} or a figure "
@@ -313,6 +353,117 @@ def run_variant(
     }
 
 
+def comparison(variants: Sequence[Variant]) -> list[str]:
+    """The methods of the estimators comparison among ``variants``, baseline first: none unless an estimator of
+    the group is among them (then its baseline too, when it is)."""
+    group = [v.name for v in variants if v.figure == ESTIMATORS]
+    if not group:
+        return []
+    chosen = {v.name for v in variants}
+    return [b for b in COMPARED_WITH[ESTIMATORS] if b in chosen] + group
+
+
+# Policy iterations of a memory probe: enough for the first updates to allocate the optimisers' states (each later
+# iteration allocates and frees buffers of the same sizes), few enough to cost little. It measures at the response
+# lengths of the start of training, the same for every method; a run whose answers grow peaks higher later.
+PROBE_ITERATIONS = 3
+
+
+def probe_overrides(variant: Variant) -> tuple[str, ...]:
+    """The variant's overrides for its memory probe: :data:`PROBE_ITERATIONS` policy iterations and no critic-only
+    ones (they hold the same models and optimisers and update less, so they do not set the peak; a no-op for a
+    critic-free preset, which has none)."""
+    return (*variant.overrides, f"ppo.iterations={PROBE_ITERATIONS}", "ppo.critic_pretrain_steps=0")
+
+
+def memory_mib() -> dict[str, float | None]:
+    """This process's resident memory now and its peak (MiB): Linux's VmRSS and VmHWM. The peak is the process's
+    own since its start, so a fresh process measures one run."""
+    status = Path("/proc/self/status")
+    if not status.is_file():  # not Linux: ru_maxrss (KiB on Linux, bytes on macOS) is the peak, no current
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
+            2**20 if sys.platform == "darwin" else 2**10
+        )
+        return {"rss": None, "peak": peak}
+    out: dict[str, float | None] = {}
+    for line in status.read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out["rss" if key == "VmRSS" else "peak"] = int(value.split()[0]) / 1024  # kB
+    return out
+
+
+def _probe_child(d: str, dirs: dict[str, str], prof: DemoProfile, seed: int, name: str) -> None:
+    """The memory probe's run, in a fresh process (see :func:`probe_stage`)."""
+    import shutil
+
+    from ppomax.demo.ablate_report import iteration_costs
+    from ppomax.demo.stages import ppo_config
+    from ppomax.monitor import read_metrics
+    from ppomax.trainers.ppo import train_ppo
+
+    _one_thread()
+    v, run = BY_NAME[name], Path(d) / "run"
+    p = {k: Path(x) for k, x in dirs.items()}
+    extra = probe_overrides(v)
+    cfg = ppo_config(run, v.preset, p["world"], p["sft"], p["rm"], prof, seed, False, extra, p["pretrain"])
+    start = memory_mib()
+    train_ppo(cfg)
+    peak = memory_mib()["peak"]
+    costs = iteration_costs(read_metrics(run / "metrics.jsonl"))
+    for sub in ("final", "checkpoints"):  # the probe's models are not used: only its metrics stay
+        shutil.rmtree(run / sub, ignore_errors=True)
+    res = {
+        "peak_rss_mib": peak,
+        "start_rss_mib": start["rss"],
+        "policy_iterations": PROBE_ITERATIONS,
+        "critic_only_iterations": costs["critic_only_iterations"],
+        "seconds_per_iteration": costs["seconds_per_iteration"],
+    }
+    (Path(d) / "memory.json").write_text(json.dumps(res, indent=1))
+
+
+def _in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def probe_stage(
+    out: Path,
+    seed: int,
+    variant: Variant,
+    prof: DemoProfile,
+    log: Callable[[str], None],
+    index: int,
+    total: int,
+) -> Path:
+    """A short run of ``variant`` (:func:`probe_overrides`: :data:`PROBE_ITERATIONS` policy iterations, its
+    settings otherwise) in a fresh process with one torch thread, cached as stage ``probe_<variant>``; its
+    ``memory.json`` holds the process's peak resident memory. A process of its own, because a process's peak
+    counts everything it ever held (an earlier run in the same `--jobs` worker, the evaluation's models), and a
+    short run of its own, because a cached run (PPO-max's, reused from an earlier invocation) has no such number.
+    Probes run one at a time, so that their wall times are uncontended too."""
+    pipe = _seed_pipeline(out, seed, lambda m: None, total)
+    dirs = base_stages(pipe, prof, seed, False)
+    pipe.log = log
+    key = (seed, variant.preset, list(probe_overrides(variant)), prof.to_dict())
+    return pipe.run(
+        index,
+        PROBE_STAGE.format(variant.name),
+        key,
+        ("rm",),
+        lambda d: _in_fresh_process(
+            _probe_child, str(d), {k: str(x) for k, x in dirs.items()}, prof, seed, variant.name
+        ),
+    )
+
+
 def _one_thread() -> None:
     import torch
     from transformers.utils import logging as hf_logging
@@ -358,10 +509,11 @@ def run_ablate(
     prof = profile or (QUICK if quick else PROFILES["full"])
     seeds = list(seeds[:1] if quick and len(seeds) > 1 and not profile else seeds)
     variants = select(only, quick)
+    compare = comparison(variants)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    total = 5 + len(variants)
+    total = 5 + len(variants) + len(compare)
     tasks = [(seed, i, v) for seed in seeds for i, v in enumerate(variants, 6)]
     done: list[dict[str, Any]] = []
     if jobs > 1:
@@ -379,8 +531,12 @@ def run_ablate(
         for seed, i, v in tasks:
             log(f"seed {seed}: variant {v.name} ({v.figure}: {v.what})")
             done.append(run_variant(out, seed, v, prof, progress, log, i, total, caches.setdefault(seed, {})))
+    for seed in seeds:
+        for i, name in enumerate(compare, 6 + len(variants)):
+            log(f"seed {seed}: memory probe of {name}")
+            probe_stage(out, seed, BY_NAME[name], prof, log, i, total)
     wall = time.perf_counter() - t0
     timings = {f"{r['seed']}/{r['variant']}": r["timings"] for r in done}
-    rep = write_ablate_report(out, seeds, variants, STAGE_NAMES, prof, timings, wall)
+    rep = write_ablate_report(out, seeds, variants, STAGE_NAMES, prof, timings, wall, compare, jobs)
     summary = json.loads((rep / "summary.json").read_text())
     return {"report": rep / "ablate.md", "summary": summary, "wall_seconds": wall}

@@ -23,12 +23,14 @@ from typing import Any
 from ppomax.demo.report import (
     PANELS,
     _f,
+    _num,
     _plt,
     first_collapse_step,
     moving_average,
     plot_training_curves,
     plot_win_tie_lose,
     policy_records,
+    run_colours,
     run_trajectories,
     series,
 )
@@ -376,6 +378,254 @@ def confusion(nums: dict[str, dict[int, dict[str, Any]]], key: str) -> dict[str,
     return t
 
 
+# ------------------------------------------------------------------ critic-free estimators vs PPO-max (beyond)
+
+ESTIMATORS = "estimators"  # the variant group (Variant.figure) of the comparison
+# The frontier's x: the KL of a whole response to the reference's (nats; Gao et al. 2022, "Scaling Laws for
+# Reward Model Overoptimization", plot gold reward against it). Per token it would credit a method that spends its
+# divergence on longer answers, which is how this world's RM is exploited. Logged with each run's own
+# `ppo.kl_estimator` (k1 or k3): both are unbiased estimates of the same KL (Schulman 2020), so the axis is shared.
+KL_FRONTIER = "kl/per_sequence"
+PROBE_STAGE = "probe_{}"  # a method's memory probe, a stage of its seed's directory
+
+
+def frontier(records: Sequence[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """``(KL, gold)`` per policy step where both are logged, each a trailing moving average over 15% of the run
+    (the report's window; the first points average what exists so far, so the curve starts near KL 0)."""
+    kl, gold = [], []
+    for r in records:
+        k, g = _num(r.get(KL_FRONTIER)), _num(r.get(PANELS[1][1][0]))
+        if k is not None and g is not None:
+            kl.append(k)
+            gold.append(g)
+    w = max(1, round(0.15 * len(kl)))
+    return moving_average(kl, w), moving_average(gold, w)
+
+
+def gold_at_kl(kl: Sequence[float], gold: Sequence[float], budget: float) -> float | None:
+    """The (smoothed) gold reward when the run's KL first reached ``budget``, linearly interpolated between the
+    two steps around the crossing; ``None`` when its KL never reached it."""
+    for i, k in enumerate(kl):
+        if k >= budget:
+            if i == 0:
+                return gold[0]
+            t = (budget - kl[i - 1]) / (k - kl[i - 1])  # kl[i - 1] < budget <= k
+            return gold[i - 1] + t * (gold[i] - gold[i - 1])
+    return None
+
+
+def iteration_costs(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Wall time from a run's ``time/iteration`` (all its training records, critic-only ones included: PPO-max's
+    critic pre-training is part of what it costs): mean seconds per policy iteration, and the training total."""
+    train = [r for r in records if "reward/raw_mean" in r and _num(r.get("time/iteration")) is not None]
+    policy = [float(r["time/iteration"]) for r in train if not r.get("train/critic_only")]
+    return {
+        "seconds_per_iteration": fmean(policy) if policy else None,
+        "train_seconds": sum(float(r["time/iteration"]) for r in train) if train else None,
+        "critic_only_iterations": sum(1 for r in train if r.get("train/critic_only")),
+    }
+
+
+def method_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """What tells the methods apart, from a run's resolved ``config.yaml`` (a run made before a key existed has
+    its default)."""
+    ppo, gen = config.get("ppo", {}), config.get("generation", {})
+    return {
+        "advantage_estimator": ppo.get("advantage_estimator", "gae"),
+        "samples_per_prompt": gen.get("samples_per_prompt", 1),
+        "kl_coef": ppo.get("kl_coef"),
+        "kl_in": ppo.get("kl_in", "reward"),
+        "kl_estimator": ppo.get("kl_estimator"),
+        "rollout_batch_size": ppo.get("rollout_batch_size"),
+        "buffer_size": ppo.get("buffer_size"),
+    }
+
+
+def compare_estimators(
+    names: Sequence[str],
+    curves: dict[str, dict[int, tuple[list[float], list[float]]]],
+    nums: dict[str, dict[int, dict[str, Any]]],
+    memory: dict[str, dict[int, dict[str, Any] | None]],
+) -> dict[str, Any]:
+    """The comparison's numbers per method and seed (``memory``: the probes' ``memory.json`` per method and seed).
+    The KL budget is the smallest, over all the runs, of a run's largest (smoothed) KL, so that every run reached
+    it: gold at that budget compares the methods at equal KL."""
+    budget = min((max(k) for n in names for k, _ in curves[n].values() if k), default=None)
+    methods: dict[str, Any] = {}
+    for n in names:
+        seeds = {}
+        for s, (kl, gold) in sorted(curves[n].items()):
+            r = nums[n][s]
+            probe = memory.get(n, {}).get(s) or {}
+            seeds[s] = {
+                "gold_at_budget": gold_at_kl(kl, gold, budget) if kl and budget is not None else None,
+                "kl_max": max(kl) if kl else None,
+                "kl_end": kl[-1] if kl else None,
+                "gold_end": r["trajectories"]["gold"]["end"],
+                "gold_peak": r["trajectories"]["gold"]["peak"],
+                "over_optimised": r["over_optimised"],
+                "gold_fall": r.get("gold_fall"),
+                "win_tie_lose": r["win_tie_lose"],
+                "seconds_per_iteration": r.get("seconds_per_iteration"),
+                "train_seconds": r.get("train_seconds"),
+                "peak_rss_mib": probe.get("peak_rss_mib"),
+                "probe_seconds_per_iteration": probe.get("seconds_per_iteration"),
+            }
+        probes = [p for p in memory.get(n, {}).values() if p]
+        methods[n] = {
+            "seeds": seeds,
+            "probe_policy_iterations": probes[0]["policy_iterations"] if probes else None,
+            "settings": nums[n][min(nums[n])].get("settings"),
+        }
+    out = {"kl_metric": KL_FRONTIER, "budget": budget, "methods": methods}
+    out["verdicts"] = estimator_verdicts(out)
+    return out
+
+
+def _stats(xs: Sequence[Any]) -> dict[str, float] | None:
+    vals = [float(x) for x in xs if _num(x) is not None]
+    return {"mean": fmean(vals), "min": min(vals), "max": max(vals), "n": len(vals)} if vals else None
+
+
+def _spread(st: dict[str, float] | None, fmt: str = ".3f") -> str:
+    """``mean [min, max]`` over seeds (one seed: its value)."""
+    if st is None:
+        return "n/a"
+    if st["n"] == 1:
+        return format(st["mean"], fmt)
+    return f"{format(st['mean'], fmt)} [{format(st['min'], fmt)}, {format(st['max'], fmt)}]"
+
+
+def estimator_verdicts(cmp: dict[str, Any]) -> list[dict[str, Any]]:
+    """Which method reaches the most gold reward at equal KL, the most at the end, which over-optimise, which is
+    cheapest per iteration in time and memory: each answered from the numbers, whichever method that is.
+
+    The best method is the highest mean over seeds; it "holds" when it also beats every other method on a
+    majority of the seeds both ran (else the answer says against which it does not: a difference within the seed
+    spread). A method over-optimises when the issue 13 rule flags it on a majority of its seeds."""
+    methods: dict[str, Any] = cmp["methods"]
+    out: list[dict[str, Any]] = []
+
+    def best(key: str, higher: bool, question: str, fmt: str = ".3f") -> None:
+        per = {
+            n: {s: r[key] for s, r in m["seeds"].items() if _num(r[key]) is not None}
+            for n, m in methods.items()
+        }
+        means = {n: fmean(v.values()) for n, v in per.items() if v}
+        numbers = ", ".join(f"{n} {_spread(_stats(list(per[n].values())), fmt)}" for n in methods)
+        if not means:
+            out.append({"question": question, "answer": "n/a", "holds": None, "numbers": numbers})
+            return
+        win = (max if higher else min)(means, key=means.__getitem__)
+        weak = []
+        for n in means:
+            common = sorted(set(per[win]) & set(per[n]))
+            if n == win or not common:
+                continue
+            beats = [(per[win][s] > per[n][s]) if higher else (per[win][s] < per[n][s]) for s in common]
+            if not _majority(beats):
+                weak.append(n)
+        answer = (
+            win if not weak else f"{win} on the mean, not on a majority of seeds against {', '.join(weak)}"
+        )
+        out.append({"question": question, "answer": answer, "holds": not weak, "numbers": numbers})
+
+    budget = cmp["budget"]
+    best("gold_at_budget", True, f"most gold reward at equal KL ({_f(budget)} nats per response)")
+    best("gold_end", True, "most gold reward at the end of training (each at its own KL)")
+    flags = {n: [r["over_optimised"] for _, r in sorted(m["seeds"].items())] for n, m in methods.items()}
+    over = [n for n, f in flags.items() if f and _majority([bool(x) for x in f])]
+    out.append(
+        {
+            "question": "over-optimises (gold falls from its peak while the RM reward rises)",
+            "answer": ", ".join(over) if over else "none",
+            "holds": None,
+            "numbers": "; ".join(
+                f"{n} {'/'.join('yes' if x else 'no' for x in f)} (gold fall "
+                f"{_list([r['gold_fall'] for _, r in sorted(methods[n]['seeds'].items())])})"
+                for n, f in flags.items()
+            ),
+        }
+    )
+    best("seconds_per_iteration", False, "least wall time per policy iteration (s, the runs)", ".2f")
+    best("peak_rss_mib", False, "least memory (peak RSS of the training process, MiB, the probes)", ".0f")
+    return out
+
+
+def plot_frontier(
+    curves: dict[str, dict[int, tuple[list[float], list[float]]]], budget: float, path: str | os.PathLike[str]
+) -> Path:
+    """Gold reward against KL spent (the over-optimisation frontier), every method on shared axes: one faint line
+    per seed, a bold one for the step-wise mean over seeds, the common KL budget dashed."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    colours = run_colours(list(curves))
+    for name, runs in curves.items():
+        c = colours[name]
+        for kl, gold in runs.values():
+            ax.plot(kl, gold, color=c, alpha=0.3, linewidth=1)
+        n = min((len(k) for k, _ in runs.values()), default=0)
+        if n:
+            mk = [fmean(k[i] for k, _ in runs.values()) for i in range(n)]
+            mg = [fmean(g[i] for _, g in runs.values()) for i in range(n)]
+            ax.plot(mk, mg, color=c, linewidth=2.4, label=name)
+            ax.scatter([mk[-1]], [mg[-1]], color=c, s=30, zorder=3)
+    if budget == budget:  # not NaN
+        ax.axvline(budget, color="black", linestyle="--", linewidth=1, label=f"equal-KL budget {budget:.3g}")
+    ax.set_xlabel("KL(policy || reference) per response, nats (kl/per_sequence, 15% moving average)")
+    ax.set_ylabel("gold reward (rollout mean, not optimised)")
+    ax.set_title(
+        "Over-optimisation frontier on hh-mini: gold reward against KL spent\n(faint: seeds; dot: end)"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=10)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def estimators_markdown(cmp: dict[str, Any], png: str, jobs_note: str) -> list[str]:
+    """The report's section of the comparison (its tables and figure)."""
+    methods = cmp["methods"]
+    md = [
+        "## Critic-free estimators against PPO-max (beyond the paper)",
+        "",
+        "Every method is its preset (`ppomax.demo.ablate.VARIANTS`) on the same seeds and base stages, with equal "
+        "samples (responses) per iteration, learning rate and iterations. *Gold at equal KL*: each run's gold "
+        f"reward when its KL first reached the budget, the smallest of the runs' largest KL ({_f(cmp['budget'])} "
+        f"nats per response, `{cmp['kl_metric']}`), interpolated on the 15% moving averages; mean [min, max] over "
+        f"seeds. {jobs_note}",
+        "",
+        f"![gold against KL]({png})",
+        "",
+        "| method | estimator | samples/prompt | KL coef (in) | gold at equal KL | max KL | end gold | end KL | "
+        "gold vs SFT w/t/l | over-optimised | s / policy iteration | training s | probe s / iteration | "
+        "peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n, m in methods.items():
+        rs = [r for _, r in sorted(m["seeds"].items())]
+        st = m.get("settings") or {}
+        wtl = [sum(r["win_tie_lose"][i] for r in rs) for i in range(3)]
+        md.append(
+            f"| {n} | {st.get('advantage_estimator', 'n/a')} | {st.get('samples_per_prompt', 'n/a')} | "
+            f"{_f(st.get('kl_coef'), 'g')} ({st.get('kl_in', 'n/a')}, {st.get('kl_estimator', 'n/a')}) | "
+            f"{_spread(_stats([r['gold_at_budget'] for r in rs]))} | {_spread(_stats([r['kl_max'] for r in rs]), '.2f')} | "
+            f"{_spread(_stats([r['gold_end'] for r in rs]))} | {_spread(_stats([r['kl_end'] for r in rs]), '.2f')} | "
+            f"{'/'.join(map(str, wtl))} | {'/'.join('yes' if r['over_optimised'] else 'no' for r in rs)} | "
+            f"{_spread(_stats([r['seconds_per_iteration'] for r in rs]), '.2f')} | "
+            f"{_spread(_stats([r['train_seconds'] for r in rs]), '.0f')} | "
+            f"{_spread(_stats([r['probe_seconds_per_iteration'] for r in rs]), '.2f')} | "
+            f"{_spread(_stats([r['peak_rss_mib'] for r in rs]), '.0f')} |"
+        )
+    md += ["", "| question | answer | numbers |", "|---|---|---|"]
+    md += [f"| {v['question']} | **{v['answer']}** | {v['numbers']} |" for v in cmp["verdicts"]]
+    md.append("")
+    return md
+
+
 # ----------------------------------------------------------------------------------------------------- plots
 
 
@@ -420,6 +670,8 @@ def plot_heldout(rows: Sequence[tuple[str, list[float]]], path: str | os.PathLik
 def _load(
     out: Path, seeds: Sequence[int], variants: Sequence[Any], stage_names: dict[str, str]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    import yaml
+
     from ppomax.monitor import read_metrics
 
     records: dict[str, dict[int, list[dict[str, Any]]]] = {}
@@ -427,16 +679,46 @@ def _load(
     for v in variants:
         for s in seeds:
             d = out / f"seed-{s}"
-            recs = policy_records(read_metrics(d / stage_names[v.name] / "metrics.jsonl"))
+            raw = read_metrics(d / stage_names[v.name] / "metrics.jsonl")
+            recs = policy_records(raw)
             ev = json.loads((d / f"eval_{v.name}" / "vs_sft.json").read_text())
             held = json.loads((d / f"eval_{v.name}" / "heldout_lm.json").read_text())
+            config = yaml.safe_load((d / stage_names[v.name] / "config.yaml").read_text()) or {}
             records.setdefault(v.name, {})[s] = recs
-            nums.setdefault(v.name, {})[s] = run_numbers(recs, ev, held)
+            nums.setdefault(v.name, {})[s] = {
+                **run_numbers(recs, ev, held),
+                **iteration_costs(raw),
+                "settings": method_settings(config),
+            }
     return records, nums
+
+
+def probe_memory(out: Path, seed: int, name: str) -> dict[str, Any] | None:
+    """The memory probe of ``name`` on ``seed`` (:func:`ppomax.demo.ablate.probe_stage`), if it ran."""
+    f = out / f"seed-{seed}" / PROBE_STAGE.format(name) / "memory.json"
+    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def _step(x: Any) -> str:
     return "never" if x is None else str(x)
+
+
+def _conditions(cmp: dict[str, Any], jobs: int) -> str:
+    """How the wall times and memory were measured (the table's last three columns)."""
+    probed = [m["probe_policy_iterations"] for m in cmp["methods"].values() if m["probe_policy_iterations"]]
+    text = (
+        "Wall time: the runs' `time/iteration` (policy iterations; training s also counts critic-only ones), "
+        f"{'one run per process with one torch thread, ' + str(jobs) + ' at once' if jobs > 1 else 'one run at a time'} "
+        "when they were trained (a cached run keeps the time of the invocation that trained it)."
+    )
+    if probed:
+        text += (
+            f" Probe: a separate short run of each method and seed ({probed[0]} policy iterations, no critic-only "
+            "ones) in a fresh process, one at a time, with one torch thread; peak RSS is that training process's "
+            "peak resident memory (Linux VmHWM: Python, torch and the method's models included), at the response "
+            "lengths of the start of training."
+        )
+    return text
 
 
 def write_ablate_report(
@@ -447,8 +729,11 @@ def write_ablate_report(
     prof: Any,
     timings: dict[str, Any],
     wall: float,
+    compare: Sequence[str] = (),
+    jobs: int = 1,
 ) -> Path:
-    """``out/report/``: ablate.md, summary.json and the PNGs; returns the report directory."""
+    """``out/report/``: ablate.md, summary.json and the PNGs; returns the report directory. ``compare``: the
+    methods of the estimators comparison (:func:`ppomax.demo.ablate.comparison`), none: no such section."""
     rep = out / "report"
     rep.mkdir(parents=True, exist_ok=True)
     records, nums = _load(out, seeds, variants, stage_names)
@@ -467,7 +752,7 @@ def write_ablate_report(
         if fig_name in ("fig. 4", "fig. 8") and "ppo_max" in records and "ppo_max" not in names:
             names.append("ppo_max")
         runs = {n: mean_records(list(records[n].values())) for n in names if n in records}
-        png = f"fig{fig_name.split()[-1]}.png"
+        png = f"fig{fig_name.split()[-1]}.png" if fig_name.startswith("fig.") else f"{fig_name}.png"
         title = f"hh-mini, paper {fig_name} variants (mean over seeds {', '.join(map(str, seeds))})"
         plot_training_curves(runs, rep / png, title=title)
         pngs[fig_name] = png
@@ -485,6 +770,13 @@ def write_ablate_report(
     ]
     plot_heldout(held_rows, rep / "alignment_tax.png")
     vs = verdicts(nums)
+    cmp = None
+    if len(compare) >= 2:
+        curves = {n: {s: frontier(records[n][s]) for s in seeds} for n in compare}
+        cmp = compare_estimators(
+            compare, curves, nums, {n: {s: probe_memory(out, s, n) for s in seeds} for n in compare}
+        )
+        plot_frontier(curves, cmp["budget"], rep / "estimators_frontier.png")
 
     md = ["# `ppomax ablate`: the paper's ablations on hh-mini", ""]
     md += [
@@ -510,6 +802,10 @@ def write_ablate_report(
         "ended above its value at gold's peak; *collapsed* = loses to SFT on more than half the held-out prompts. "
         "A comparison holds when it holds on a majority of seeds.",
         "",
+    ]
+    if cmp is not None:
+        md += estimators_markdown(cmp, "estimators_frontier.png", _conditions(cmp, jobs))
+    md += [
         "## Variants",
         "",
         "| variant | paper | preset | overrides | what |",
@@ -602,6 +898,7 @@ def write_ablate_report(
         "variants": [v.name for v in variants],
         "verdicts": vs,
         "collapse_monitor": tables,
+        "estimators": cmp,
         "runs": {k: {str(s): r for s, r in v.items()} for k, v in nums.items()},
         "timings": timings,
         "wall_seconds": wall,
