@@ -425,3 +425,41 @@ def test_estimators_group_is_ppo_max_and_the_critic_free_presets_at_equal_sample
         cfg("grpo").generation.samples_per_prompt == 4
         and cfg("reinforce_pp").generation.samples_per_prompt == 1
     )
+
+
+def test_report_only_writes_a_report_from_a_partial_ablation(tmp_path):
+    """An interrupted ablation (one evaluation never written, one PPO run never started) still gets its report
+    with `--report-only`: the runs present are reported, the others listed as missing; nothing is trained."""
+    from ppomax.demo.ablate import run_ablate
+
+    variants = ["ppo_max", "vanilla", "kl_penalty"]
+    for s in (0, 1):
+        d = tmp_path / f"seed-{s}"
+        for name, stage in (
+            ("ppo_max", "ppo_max"),
+            ("vanilla", "ppo_vanilla"),
+            ("kl_penalty", "ppo_kl_penalty"),
+        ):
+            if (name, s) == ("kl_penalty", 1):
+                continue  # never started
+            run = d / stage
+            run.mkdir(parents=True)
+            recs = _method_recs(fast=name == "vanilla", over=name == "vanilla", seconds=1.0, seed=s)
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+            (run / "config.yaml").write_text("ppo:\n  advantage_estimator: gae\n  kl_coef: 0.0\n")
+            if (name, s) == ("vanilla", 1):
+                continue  # trained, evaluation interrupted
+            ev = d / f"eval_{name}"
+            ev.mkdir()
+            (ev / "vs_sft.json").write_text(json.dumps(_eval_result((6, 3, 1))))
+            (ev / "heldout_lm.json").write_text(json.dumps({"policy": 1.1, "sft": 1.0, "n_texts": 5}))
+    res = run_ablate(
+        tmp_path, seeds=[0, 1], only=variants, report_only=True, progress=False, log=lambda m: None
+    )
+    md = res["report"].read_text()
+    assert "Runs not in this report (not trained or not finished): vanilla/1, kl_penalty/1." in md
+    assert res["summary"]["missing_runs"] == ["vanilla/1", "kl_penalty/1"]
+    assert set(res["summary"]["runs"]["ppo_max"]) == {"0", "1"} and set(
+        res["summary"]["runs"]["vanilla"]
+    ) == {"0"}
+    assert not (tmp_path / "seed-0" / "world").exists()  # nothing trained

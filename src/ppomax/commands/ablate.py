@@ -16,6 +16,7 @@ def _run(args: argparse.Namespace) -> int:
         only=args.only,
         jobs=args.jobs,
         progress=not args.no_progress,
+        report_only=args.report_only,
     )
     print()
     for v in result["summary"]["verdicts"]:
@@ -71,4 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="variants trained at once, one torch thread each (default 1)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write DIR/report from the runs already there (missing or unfinished ones are listed)",
+    )
     p.set_defaults(func=_run)

@@ -487,6 +487,27 @@ def _worker(args: tuple[Any, ...]) -> dict[str, Any]:
     return run_variant(Path(out), seed, BY_NAME[name], prof, False, print, index, total)
 
 
+def recorded_timings(out: Path, seed: int, variant: Variant) -> dict[str, Any]:
+    """What :func:`run_variant` returns, from the stages' markers alone (no training): the seconds each finished
+    stage of ``variant`` on ``seed`` recorded when it ran."""
+    from ppomax.demo.pipeline import MARKER
+
+    d = out / f"seed-{seed}"
+    stage = STAGE_NAMES[variant.name]
+    timings: dict[str, float] = {}
+    for name in ("world", "tokenizer", "pretrain", "sft", "rm", stage, f"eval_{variant.name}"):
+        marker = d / name / MARKER
+        if marker.is_file():
+            timings[name] = float(json.loads(marker.read_text()).get("seconds", 0.0))
+    return {
+        "seed": seed,
+        "variant": variant.name,
+        "ppo": str(d / stage),
+        "eval": str(d / f"eval_{variant.name}"),
+        "timings": timings,
+    }
+
+
 def run_ablate(
     out: str | Path = "runs/ablate",
     seeds: Sequence[int] = (0, 1, 2),
@@ -496,11 +517,14 @@ def run_ablate(
     progress: bool = True,
     log: Callable[[str], None] = print,
     profile: DemoProfile | None = None,
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) the ablation and write ``out/report``; returns ``{"report": path, "summary": dict}``.
 
     ``jobs`` > 1 runs that many variants at once, each in its own process with one torch thread; the base stages
-    of a seed always run first, in this process, with the caller's thread count."""
+    of a seed always run first, in this process, with the caller's thread count. ``report_only``: train nothing,
+    write the report from the runs already in ``out`` (a run not there, or not finished, is listed as missing;
+    timings are the ones the stages recorded)."""
     from transformers.utils import logging as hf_logging
 
     from ppomax.demo.ablate_report import write_ablate_report
@@ -516,7 +540,9 @@ def run_ablate(
     total = 5 + len(variants) + len(compare)
     tasks = [(seed, i, v) for seed in seeds for i, v in enumerate(variants, 6)]
     done: list[dict[str, Any]] = []
-    if jobs > 1:
+    if report_only:
+        done = [recorded_timings(out, seed, v) for seed, _, v in tasks]
+    elif jobs > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
@@ -531,7 +557,7 @@ def run_ablate(
         for seed, i, v in tasks:
             log(f"seed {seed}: variant {v.name} ({v.figure}: {v.what})")
             done.append(run_variant(out, seed, v, prof, progress, log, i, total, caches.setdefault(seed, {})))
-    for seed in seeds:
+    for seed in [] if report_only else seeds:
         for i, name in enumerate(compare, 6 + len(variants)):
             log(f"seed {seed}: memory probe of {name}")
             probe_stage(out, seed, BY_NAME[name], prof, log, i, total)

@@ -669,16 +669,28 @@ def plot_heldout(rows: Sequence[tuple[str, list[float]]], path: str | os.PathLik
 
 def _load(
     out: Path, seeds: Sequence[int], variants: Sequence[Any], stage_names: dict[str, str]
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """The runs' metrics and numbers, and the ``variant/seed`` runs left out because their PPO run or its
+    evaluation is not there (never trained, or interrupted): a partial ablation still gets a report."""
     import yaml
 
     from ppomax.monitor import read_metrics
 
     records: dict[str, dict[int, list[dict[str, Any]]]] = {}
     nums: dict[str, dict[int, dict[str, Any]]] = {}
+    missing: list[str] = []
     for v in variants:
         for s in seeds:
             d = out / f"seed-{s}"
+            needed = (
+                d / stage_names[v.name] / "metrics.jsonl",
+                d / stage_names[v.name] / "config.yaml",
+                d / f"eval_{v.name}" / "vs_sft.json",
+                d / f"eval_{v.name}" / "heldout_lm.json",
+            )
+            if not all(f.is_file() for f in needed):
+                missing.append(f"{v.name}/{s}")
+                continue
             raw = read_metrics(d / stage_names[v.name] / "metrics.jsonl")
             recs = policy_records(raw)
             ev = json.loads((d / f"eval_{v.name}" / "vs_sft.json").read_text())
@@ -690,7 +702,7 @@ def _load(
                 **iteration_costs(raw),
                 "settings": method_settings(config),
             }
-    return records, nums
+    return records, nums, missing
 
 
 def probe_memory(out: Path, seed: int, name: str) -> dict[str, Any] | None:
@@ -736,7 +748,7 @@ def write_ablate_report(
     methods of the estimators comparison (:func:`ppomax.demo.ablate.comparison`), none: no such section."""
     rep = out / "report"
     rep.mkdir(parents=True, exist_ok=True)
-    records, nums = _load(out, seeds, variants, stage_names)
+    records, nums, missing = _load(out, seeds, variants, stage_names)
     figures: dict[str, list[Any]] = {}
     for v in variants:
         # PPO-max is drawn in every figure that compares against it; fig. 4 is vanilla against PPO-max
@@ -756,23 +768,26 @@ def write_ablate_report(
         title = f"hh-mini, paper {fig_name} variants (mean over seeds {', '.join(map(str, seeds))})"
         plot_training_curves(runs, rep / png, title=title)
         pngs[fig_name] = png
+    ran = {v.name: sorted(nums.get(v.name, {})) for v in variants}  # the seeds each variant has runs of
     wtl_rows = []
     for v in variants:
-        w = [sum(nums[v.name][s]["win_tie_lose"][i] for s in seeds) for i in range(3)]
+        w = [sum(nums[v.name][s]["win_tie_lose"][i] for s in ran[v.name]) for i in range(3)]
         n = sum(w)
-        wtl_rows.append((v.name, {"win_rate": w[0] / n, "tie_rate": w[1] / n, "lose_rate": w[2] / n}))
+        if n:
+            wtl_rows.append((v.name, {"win_rate": w[0] / n, "tie_rate": w[1] / n, "lose_rate": w[2] / n}))
     plot_win_tie_lose(wtl_rows, rep / "win_tie_lose.png", "Each variant vs SFT by the gold judge (all seeds)")
-    held_rows = [("sft", [nums[variants[0].name][s]["heldout_loss_sft"] for s in seeds])]
+    sft_loss = {s: r["heldout_loss_sft"] for runs in nums.values() for s, r in runs.items()}
+    held_rows = [("sft", [sft_loss[s] for s in sorted(sft_loss)])]
     held_rows += [
-        (v.name, [nums[v.name][s]["heldout_loss"] for s in seeds])
+        (v.name, [nums[v.name][s]["heldout_loss"] for s in ran[v.name]])
         for v in variants
-        if v.name in ("ppo_max", "ppo_ptx", "vanilla")
+        if v.name in ("ppo_max", "ppo_ptx", "vanilla") and ran[v.name]
     ]
     plot_heldout(held_rows, rep / "alignment_tax.png")
     vs = verdicts(nums)
     cmp = None
     if len(compare) >= 2:
-        curves = {n: {s: frontier(records[n][s]) for s in seeds} for n in compare}
+        curves = {n: {s: frontier(r) for s, r in records.get(n, {}).items()} for n in compare}
         cmp = compare_estimators(
             compare, curves, nums, {n: {s: probe_memory(out, s, n) for s in seeds} for n in compare}
         )
@@ -781,7 +796,12 @@ def write_ablate_report(
     md = ["# `ppomax ablate`: the paper's ablations on hh-mini", ""]
     md += [
         f"Profile `{prof.name}` ({prof.ppo_iterations} PPO iterations per run), seeds {', '.join(map(str, seeds))}, "
-        f"{len(variants)} variants; wall time of this invocation {wall:.0f} s (cached stages count 0).",
+        f"{len(variants)} variants; wall time of this invocation {wall:.0f} s (cached stages count 0)."
+        + (
+            f" Runs not in this report (not trained or not finished): {', '.join(missing)}."
+            if missing
+            else ""
+        ),
         "Each variant is a preset plus `--set` overrides (`ppomax.demo.ablate.VARIANTS`); the gold reward is logged "
         "during PPO, never optimised. Numbers per run are in `summary.json`.",
         "",
@@ -822,7 +842,7 @@ def write_ablate_report(
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in variants:
-        for s in seeds:
+        for s in ran[v.name]:
             r = nums[v.name][s]
             t = r["trajectories"]
             md.append(
@@ -849,7 +869,7 @@ def write_ablate_report(
         "|---|---|---|---|---|---|---|",
     ]
     for v in variants:
-        for s in seeds:
+        for s in ran[v.name]:
             r = nums[v.name][s]
             md.append(
                 f"| {v.name} | {s} | {'yes' if r['over_optimised'] else 'no'} | {_step(r['gold_fall_step'])} | "
@@ -896,6 +916,7 @@ def write_ablate_report(
         "profile": prof.name,
         "seeds": list(seeds),
         "variants": [v.name for v in variants],
+        "missing_runs": missing,
         "verdicts": vs,
         "collapse_monitor": tables,
         "estimators": cmp,
