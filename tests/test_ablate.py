@@ -432,7 +432,7 @@ def test_report_only_writes_a_report_from_a_partial_ablation(tmp_path):
     with `--report-only`: the runs present are reported, the others listed as missing; nothing is trained."""
     from ppomax.demo.ablate import run_ablate
 
-    variants = ["ppo_max", "vanilla", "kl_penalty"]
+    variants = ["ppo_max", "vanilla", "kl_penalty", "grpo", "rloo"]  # no estimator run at all
     for s in (0, 1):
         d = tmp_path / f"seed-{s}"
         for name, stage in (
@@ -457,8 +457,9 @@ def test_report_only_writes_a_report_from_a_partial_ablation(tmp_path):
         tmp_path, seeds=[0, 1], only=variants, report_only=True, progress=False, log=lambda m: None
     )
     md = res["report"].read_text()
-    assert "Runs not in this report (not trained or not finished): vanilla/1, kl_penalty/1." in md
-    assert res["summary"]["missing_runs"] == ["vanilla/1", "kl_penalty/1"]
+    missing = ["vanilla/1", "kl_penalty/1", "grpo/0", "grpo/1", "rloo/0", "rloo/1"]
+    assert f"Runs not in this report (not trained or not finished): {', '.join(missing)}." in md
+    assert res["summary"]["missing_runs"] == missing and res["summary"]["estimators"] is None
     assert set(res["summary"]["runs"]["ppo_max"]) == {"0", "1"} and set(
         res["summary"]["runs"]["vanilla"]
     ) == {"0"}

@@ -786,8 +786,9 @@ def write_ablate_report(
     plot_heldout(held_rows, rep / "alignment_tax.png")
     vs = verdicts(nums)
     cmp = None
+    compare = [n for n in compare if records.get(n)]  # methods with at least one run
     if len(compare) >= 2:
-        curves = {n: {s: frontier(r) for s, r in records.get(n, {}).items()} for n in compare}
+        curves = {n: {s: frontier(r) for s, r in records[n].items()} for n in compare}
         cmp = compare_estimators(
             compare, curves, nums, {n: {s: probe_memory(out, s, n) for s in seeds} for n in compare}
         )
