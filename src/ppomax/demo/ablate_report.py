@@ -765,7 +765,8 @@ def write_ablate_report(
             names.append("ppo_max")
         runs = {n: mean_records(list(records[n].values())) for n in names if n in records}
         png = f"fig{fig_name.split()[-1]}.png" if fig_name.startswith("fig.") else f"{fig_name}.png"
-        title = f"hh-mini, paper {fig_name} variants (mean over seeds {', '.join(map(str, seeds))})"
+        shown = sorted({s for n in runs for s in records[n]})
+        title = f"hh-mini, paper {fig_name} variants (mean over seeds {', '.join(map(str, shown))})"
         plot_training_curves(runs, rep / png, title=title)
         pngs[fig_name] = png
     ran = {v.name: sorted(nums.get(v.name, {})) for v in variants}  # the seeds each variant has runs of
