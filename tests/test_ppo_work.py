@@ -16,6 +16,19 @@ TARGET = reward_fn("ppo_helpers:target_tokens")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def generated_only(exp):
+    """A copy of ``exp`` with what generation fills and none of the scoring pass's fields."""
+    return ppo_step.Experience(
+        **{f: getattr(exp, f) for f in ("sequences", "attention_mask", "response_mask", "prompt_width")},
+        prompt_lens=exp.prompt_lens,
+        response_lens=exp.response_lens,
+        truncated=exp.truncated,
+        prompts=exp.prompts,
+        responses=exp.responses,
+        meta=exp.meta,
+    )
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return make_setup(tmp_path_factory.mktemp("ppo_work"), reference_seed=5)
@@ -208,15 +221,7 @@ def test_scoring_micro_batches_drop_the_columns_that_are_padding_in_all_their_ro
     full = exp.sequences.shape[1]
     short = int(exp.prompt_lens[:4].max()) + int(exp.response_lens[:4].max())
     assert short < full - 20 and widths == [short, short, full, full]  # policy and reference per chunk
-    whole = ppo_step.Experience(
-        **{f: getattr(exp, f) for f in ("sequences", "attention_mask", "response_mask", "prompt_width")},
-        prompt_lens=exp.prompt_lens,
-        response_lens=exp.response_lens,
-        truncated=exp.truncated,
-        prompts=exp.prompts,
-        responses=exp.responses,
-        meta=exp.meta,
-    )
+    whole = generated_only(exp)
     ppo_step.score_experience(
         whole,
         policy=tr.unwrapped(tr.policy),
@@ -315,15 +320,7 @@ def test_logprobs_from_generate_are_the_recomputed_ones_without_the_policy_forwa
     assert exp.logprobs is not None
     tr.score(exp)
     assert count.of(tr.unwrapped(tr.policy)) == 0 and count.of(tr.models.reference) == 1
-    again = ppo_step.Experience(
-        **{f: getattr(exp, f) for f in ("sequences", "attention_mask", "response_mask", "prompt_width")},
-        prompt_lens=exp.prompt_lens,
-        response_lens=exp.response_lens,
-        truncated=exp.truncated,
-        prompts=exp.prompts,
-        responses=exp.responses,
-        meta=exp.meta,
-    )
+    again = generated_only(exp)
     tr.score(again)
     mask = exp.response_mask
     for name in ("logprobs", "raw_logprobs", "entropy"):
