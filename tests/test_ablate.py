@@ -12,7 +12,7 @@ from helpers import float_leaves
 from ppomax.cli import main
 from ppomax.config import PPOConfig, read_preset
 from ppomax.demo import stages as demo_stages
-from ppomax.demo.ablate import QUICK, STAGE_NAMES, VARIANTS, select
+from ppomax.demo.ablate import BY_NAME, QUICK, STAGE_NAMES, VARIANTS, select
 from ppomax.demo.ablate_report import gold_fall_step, over_optimised, replay_monitor
 from ppomax.demo.profiles import PROFILES
 from ppomax.errors import UserError
@@ -464,3 +464,67 @@ def test_report_only_writes_a_report_from_a_partial_ablation(tmp_path):
         res["summary"]["runs"]["vanilla"]
     ) == {"0"}
     assert not (tmp_path / "seed-0" / "world").exists()  # nothing trained
+
+
+def _record(events, name, wait_for=None):
+    """A job for :func:`run_seeds_in_parallel` on threads: logs its start and end; ``wait_for`` blocks it until
+    that event is set (a timeout fails the test instead of hanging it)."""
+    events.append(("start", name))
+    if wait_for is not None:
+        assert wait_for.wait(timeout=10), f"{name} waited for a job that never started"
+    events.append(("end", name))
+    return name
+
+
+def test_parallel_seeds_start_a_seeds_variants_while_another_seed_builds_its_base():
+    import functools
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ppomax.demo.ablate import run_seeds_in_parallel
+
+    events: list[tuple[str, str]] = []
+    variant_of_seed_1_started = threading.Event()
+
+    def base(s):
+        # seed 3's base ends only once a variant of seed 1 runs: with two workers, that happens only if seed 1's
+        # variants go to the worker that finished seed 1's base, not after every seed's base
+        return functools.partial(
+            _record, events, wait_for=variant_of_seed_1_started if s == 3 else None
+        ), f"base{s}"
+
+    def variant(s, i, v):
+        def job(name):
+            if s == 1:
+                variant_of_seed_1_started.set()
+            return _record(events, name)
+
+        return job, f"{v.name}@{s}"
+
+    vs = [BY_NAME["ppo_max"], BY_NAME["vanilla"]]
+    tasks = [(s, i, v) for s in (1, 2, 3) for i, v in enumerate(vs, 6)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = run_seeds_in_parallel(pool, [1, 2, 3], tasks, base, variant)
+    assert results == [f"{v.name}@{s}" for s, _, v in tasks]  # task order, whatever order they finished in
+    for s, _, v in tasks:  # a variant starts after its own seed's base stages end
+        assert events.index(("end", f"base{s}")) < events.index(("start", f"{v.name}@{s}"))
+    assert events.index(("start", "ppo_max@1")) < events.index(("end", "base3"))
+
+
+def test_parallel_seeds_raise_a_failure_and_cancel_what_has_not_started():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ppomax.demo.ablate import run_seeds_in_parallel
+
+    ran: list[str] = []
+
+    def broken(name):
+        raise UserError(f"{name}: broken")
+
+    def base(s):
+        return (broken, f"base{s}") if s == 1 else (ran.append, f"base{s}")
+
+    tasks = [(s, 6, BY_NAME["ppo_max"]) for s in (1, 2)]
+    with ThreadPoolExecutor(max_workers=1) as pool, pytest.raises(UserError, match="base1: broken"):
+        run_seeds_in_parallel(pool, [1, 2], tasks, base, lambda s, i, v: (ran.append, f"run{s}"))
+    assert "run1" not in ran and "run2" not in ran

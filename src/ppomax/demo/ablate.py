@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -487,6 +488,43 @@ def _worker(args: tuple[Any, ...]) -> dict[str, Any]:
     return run_variant(Path(out), seed, BY_NAME[name], prof, False, print, index, total)
 
 
+Job = tuple[Callable[..., Any], Any]  # a picklable function and its one argument, for an executor
+
+
+def run_seeds_in_parallel(
+    pool: Executor,
+    seeds: Sequence[int],
+    tasks: Sequence[tuple[int, int, Variant]],
+    base_job: Callable[[int], Job],
+    variant_job: Callable[[int, int, Variant], Job],
+) -> list[Any]:
+    """Run every seed's base stages and every task ``(seed, index, variant)`` on ``pool``; returns the tasks'
+    results in task order. A seed's variants are submitted as soon as its own base stages are done, not after
+    every seed's: with more seeds than workers, a worker that finished a seed's base trains its variants while
+    another seed's base is still being built, instead of idling. A failure cancels what has not started and is
+    raised."""
+    bases = {pool.submit(*base_job(s)): s for s in seeds}
+    order: dict[Future[Any], int] = {}
+    pending: set[Future[Any]] = set(bases)
+    try:
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                fut.result()  # a failure first, before anything new is submitted
+            for fut in finished:
+                if fut in bases:
+                    for k, (s, i, v) in enumerate(tasks):
+                        if s == bases[fut]:
+                            run = pool.submit(*variant_job(s, i, v))
+                            order[run] = k
+                            pending.add(run)
+    except BaseException:
+        for fut in pending:
+            fut.cancel()
+        raise
+    return [fut.result() for fut in sorted(order, key=order.__getitem__)]
+
+
 def recorded_timings(out: Path, seed: int, variant: Variant) -> dict[str, Any]:
     """What :func:`run_variant` returns, from the stages' markers alone (no training): the seconds each finished
     stage of ``variant`` on ``seed`` recorded when it ran."""
@@ -521,8 +559,9 @@ def run_ablate(
 ) -> dict[str, Any]:
     """Run (or resume) the ablation and write ``out/report``; returns ``{"report": path, "summary": dict}``.
 
-    ``jobs`` > 1 runs that many variants at once, each in its own process with one torch thread; the base stages
-    of a seed always run first, in this process, with the caller's thread count. ``report_only``: train nothing,
+    ``jobs`` > 1 runs that many stages at once, each in a worker process with one torch thread: a seed's base
+    stages first, then its variants (:func:`run_seeds_in_parallel`); ``jobs`` 1 runs everything in this process
+    with the caller's thread count. The memory probes run after, one at a time. ``report_only``: train nothing,
     write the report from the runs already in ``out`` (a run not there, or not finished, is listed as missing;
     timings are the ones the stages recorded)."""
     from transformers.utils import logging as hf_logging
@@ -547,8 +586,13 @@ def run_ablate(
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            list(pool.map(_base_worker, [(str(out), s, prof, total) for s in seeds]))
-            done = list(pool.map(_worker, [(str(out), s, v.name, prof, i, total) for s, i, v in tasks]))
+            done = run_seeds_in_parallel(
+                pool,
+                seeds,
+                tasks,
+                lambda s: (_base_worker, (str(out), s, prof, total)),
+                lambda s, i, v: (_worker, (str(out), s, v.name, prof, i, total)),
+            )
     else:
         for seed in seeds:
             log(f"seed {seed}: base stages")
