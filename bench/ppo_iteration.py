@@ -24,9 +24,43 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from _tiny import build  # bench/ is on sys.path when this file runs as a script
+
+
+def profiled_iteration(trainer: Any, step: int, top: int) -> dict[str, float]:
+    """``trainer.iteration(step)`` under torch.profiler; prints the ``top`` ops by self CPU time, with a
+    ``phase::*`` row per phase (generation, scoring, training: the trainer's methods wrapped in record_function)
+    whose CPU total is that phase's."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    import ppomax.trainers.ppo as ppo_mod
+
+    def labelled(name: str, fn: Any) -> Any:
+        def run(*a: Any, **kw: Any) -> Any:
+            with record_function(f"phase::{name}"):
+                return fn(*a, **kw)
+
+        return run
+
+    saved = trainer.generate, trainer.score, trainer.updater.update, ppo_mod.score_targets
+    trainer.generate = labelled("generation", trainer.generate)
+    trainer.score = labelled("scoring", trainer.score)
+    ppo_mod.score_targets = labelled("scoring_targets", ppo_mod.score_targets)
+    trainer.updater.update = labelled("training", trainer.updater.update)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            m = trainer.iteration(step)
+    finally:
+        trainer.generate, trainer.score, trainer.updater.update, ppo_mod.score_targets = saved
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)
+    print(
+        f"profile of iteration {step} (self CPU time; phase::* rows are the phases' totals)", file=sys.stderr
+    )
+    print(table, file=sys.stderr)
+    return m
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--header", action="store_true", help="print the table header too")
     ap.add_argument("--json", action="store_true", help="also print the raw numbers as JSON")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="profile the last iteration with torch.profiler and print its N most expensive ops to stderr",
+    )
     args = ap.parse_args(argv)
 
     import os
@@ -84,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         trainer = PPOTrainer(cfg)
         rows = []
-        for step in range(1, args.warmup + args.iterations + 1):
-            m = trainer.iteration(step)
+        last = args.warmup + args.iterations
+        for step in range(1, last + 1):
+            if args.profile and step == last:
+                m = profiled_iteration(trainer, step, args.profile)
+            else:
+                m = trainer.iteration(step)
             if step > args.warmup:
                 rows.append(m)
 

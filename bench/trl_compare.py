@@ -1,7 +1,7 @@
 """ppomax's PPO next to Hugging Face TRL's (``trl.experimental.ppo``), in one run, on identical tiny models and
 settings (DESIGN.md section 8).
 
-    .venv/bin/python bench/trl_compare.py                  # 64x2 and 256x4 tiny Llamas, CPU, 1 thread, ~3 min
+    .venv/bin/python bench/trl_compare.py                  # 256x4 and 512x5 Llamas, fp32 and bf16, 1 thread
     .venv/bin/python bench/trl_compare.py --sizes 128x2 --batch 16 --new-tokens 32 --iterations 3
 
 TRL is never installed into the project's virtualenv: the first run creates ``bench/.venv-trl`` with
@@ -18,8 +18,10 @@ prompts of the same length, so neither side pads them. Each side runs in its own
 
 Settings on both sides: batch B rollouts = one minibatch = one optimiser step, one PPO epoch, ``max_new_tokens``
 N, sampling at temperature 0.8 with no top-p/top-k/repetition penalty (TRL's generation has none of them, so
-ppomax's ``ppo_max`` preset is overridden to match), stop at EOS, float32, no gradient checkpointing (TRL's
-defaults, bf16 mixed precision and gradient checkpointing, are switched off), KL coefficient 0.05 (k1), clip
+ppomax's ``ppo_max`` preset is overridden to match), stop at EOS, no gradient checkpointing (TRL's default, switched
+off), each ``--dtypes`` precision on both sides: float32, or bfloat16 mixed precision (float32 trained models
+under autocast: ppomax's ``model.dtype: bfloat16``, which also stores its frozen reference and reward model in
+bf16; TRL's ``bf16=True``, accelerate's autocast), KL coefficient 0.05 (k1), clip
 0.2, value clip 0.2, gamma 1, lambda 0.95, vf coefficient 1, AdamW (non-fused) with betas (0.9, 0.95). ppomax
 runs the rest of ``ppo_max`` (reward normalisation/clipping, advantage whitening, gradient clipping).
 
@@ -35,6 +37,10 @@ reducing metrics). TRL also calls ``gc.collect()`` at the end of scoring: the be
 their share. ``tokens/s`` counts response tokens up to and including the first EOS per second of the iteration,
 ``gen tok/s`` per second of generation. Medians over the timed iterations after ``--warmup`` in each process;
 ``--rounds`` processes per side and size, alternating which side goes first.
+
+Also per side: its process's peak resident memory (VmHWM), and each phase's utilisation of this machine's measured
+dense matmul FLOP/s at the run's precision (bench/hardware.py, measured first on the same thread count): the
+model FLOPs the phase needs over its wall time x that bound.
 """
 
 from __future__ import annotations
@@ -57,6 +63,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from hardware import bounds, model_shape, phase_flops, utilisation  # noqa: E402
+
 TRL_VENV = HERE / ".venv-trl"
 TRL_SPEC = "trl==1.12.*"
 TRL_FALLBACK = "trl>=1.0,<2"
@@ -166,6 +175,7 @@ def prepare(
         "prompt_ids": [i for _, i in keep],
         "prompt_len": length,
         "n_params": n_params,
+        "shape": model_shape(policy),  # for the FLOP counts (the model directory is gone by report time)
         "score_bias": float(vh.value_head.bias.item()),
         "check_seqs": seqs.tolist(),
         "check_scores": scores,
@@ -176,6 +186,19 @@ def prepare(
 
 
 PHASES = ("gen", "score", "train", "other", "iter")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux VmHWM; ru_maxrss elsewhere), MiB: each side runs in a fresh
+    process, so it is that side's whole run (models, optimisers, generation, activations)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def now() -> tuple[float, float]:
@@ -254,7 +277,7 @@ def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
             f"model.policy={spec['policy']}",
             f"model.reward={spec['rm']}",
             f"data.prompts={spec['prompts']}",
-            "model.dtype=float32",
+            f"model.dtype={a.dtype}",  # bfloat16: mixed precision (float32 masters under autocast)
             f"generation.max_new_tokens={a.new_tokens}",
             f"generation.temperature={TEMPERATURE}",
             "generation.top_p=1.0",
@@ -300,6 +323,7 @@ def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
         rows.append(row)
     return {
         "rows": rows,
+        "peak_rss_mib": peak_rss_mib(),
         "threads": torch.get_num_threads(),
         "mixed_precision": trainer.acc.mixed_precision,
         "versions": {
@@ -354,7 +378,7 @@ def run_trl(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
         logging_steps=1,
         disable_tqdm=True,
         use_cpu=True,
-        bf16=False,
+        bf16=a.dtype == "bfloat16",  # mixed precision: accelerate's autocast over the float32 models
         fp16=False,
         gradient_checkpointing=False,
         seed=42,
@@ -445,6 +469,7 @@ def run_trl(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
         rows.append(row)
     return {
         "rows": rows,
+        "peak_rss_mib": peak_rss_mib(),
         "threads": torch.get_num_threads(),
         "score_check_max_abs_err": score_err,
         "mixed_precision": trainer.accelerator.mixed_precision,
@@ -474,25 +499,58 @@ def summarise(rows: list[dict[str, Any]], batch: int, clock: str) -> dict[str, f
     return med
 
 
-def table(results: list[Any], a: argparse.Namespace, clock: str) -> list[str]:
-    """Markdown rows, ppomax then TRL for each model size."""
+Result = tuple[int, int, str, dict[str, Any], dict[str, dict[str, Any]]]  # hidden, layers, dtype, spec, sides
+
+
+def needs(spec: dict[str, Any], s: dict[str, float], batch: int) -> dict[str, float]:
+    """The model FLOPs each phase of one iteration needs (bench/hardware.py) at the side's median length."""
+    return phase_flops(spec["shape"], batch, spec["prompt_len"], s["len"])
+
+
+def table(results: list[Result], a: argparse.Namespace, clock: str, bound: dict[str, Any]) -> list[str]:
+    """Markdown rows, ppomax then TRL for each model size and precision; utilisation of the measured 2048^3
+    matmul FLOP/s of that precision (wall clock only: the bound is a wall-clock rate)."""
+    util = clock == "wall"
     lines = [
-        "| trainer | model (params) | prompt tok | resp len (of N) | gen s | score s | train s | other s "
-        "| iter s | samples/s | tokens/s | gen tok/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| trainer | dtype | model (params) | resp len (of N) | gen s | score s | train s | other s "
+        "| iter s | samples/s | tokens/s | gen tok/s |"
+        + (" util gen / score / train | peak RSS MiB |" if util else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if util else ""),
     ]
-    for hidden, layers, spec, sides in results:
+    for hidden, layers, dtype, spec, sides in results:
         for name in ("ppomax", "trl"):
             res = sides[name]
             s = summarise(res["rows"], a.batch, clock)
             label = "ppomax (ppo_max)" if name == "ppomax" else f"TRL {res['versions']['trl']} PPOTrainer"
-            lines.append(
-                f"| {label} | Llama {hidden}x{layers} ({spec['n_params'] / 1e6:.2f}M) | {spec['prompt_len']} "
+            row = (
+                f"| {label} | {dtype} | Llama {hidden}x{layers} ({spec['n_params'] / 1e6:.2f}M) "
                 f"| {s['len']:.1f} ({a.new_tokens}) | {s['gen']:.3f} | {s['score']:.3f} | {s['train']:.3f} "
                 f"| {s['other']:.3f} | {s['iter']:.3f} | {s['samples_s']:.1f} | {s['tok_s']:.0f} "
                 f"| {s['gen_tok_s']:.0f} |"
             )
+            if util:
+                u = utilisation(needs(spec, s, a.batch), s, bound[dtype])
+                row += f" {u['gen']:.0%} / {u['score']:.0%} / {u['train']:.0%} | {res['peak_rss_mib']:.0f} |"
+            lines.append(row)
     return lines
+
+
+def ratios(results: list[Result], a: argparse.Namespace) -> list[str]:
+    """ppomax's samples/s over TRL's (wall clock) per size: at equal precision, and each side at its fastest."""
+    by_size: dict[tuple[int, int], dict[str, dict[str, float]]] = {}
+    for hidden, layers, dtype, _spec, sides in results:
+        for name in ("ppomax", "trl"):
+            rate = summarise(sides[name]["rows"], a.batch, "wall")["samples_s"]
+            by_size.setdefault((hidden, layers), {}).setdefault(name, {})[dtype] = rate
+    out = []
+    for (hidden, layers), r in by_size.items():
+        same = ", ".join(f"{d} {r['ppomax'][d] / r['trl'][d]:.2f}x" for d in r["ppomax"] if d in r["trl"])
+        bp, bt = max(r["ppomax"], key=r["ppomax"].get), max(r["trl"], key=r["trl"].get)
+        out.append(
+            f"- {hidden}x{layers}: ppomax / TRL samples/s at equal precision: {same}; each at its fastest "
+            f"(ppomax {bp}, TRL {bt}): {r['ppomax'][bp] / r['trl'][bt]:.2f}x"
+        )
+    return out
 
 
 def run_side(side: str, py: Path, spec_path: Path, a: argparse.Namespace, tag: str) -> dict[str, Any]:
@@ -508,6 +566,7 @@ def run_side(side: str, py: Path, spec_path: Path, a: argparse.Namespace, tag: s
         "--out",
         str(out),
         *a.passthrough,
+        f"--dtype={a.dtype}",
     ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=_thread_env(a.threads), cwd=str(REPO), capture_output=True, text=True)
@@ -530,7 +589,12 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="64x2,256x4", help="comma-separated HIDDENxLAYERS tiny Llamas")
+    ap.add_argument("--sizes", default="256x4,512x5", help="comma-separated HIDDENxLAYERS tiny Llamas")
+    ap.add_argument(
+        "--dtypes",
+        default="float32,bfloat16",
+        help="precisions, each on both sides: float32, or bfloat16 mixed precision (float32 masters, autocast)",
+    )
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--batch", type=int, default=32, help="rollouts per iteration = minibatch (one update)")
     ap.add_argument("--new-tokens", type=int, default=64, help="max_new_tokens (both stop at EOS)")
@@ -549,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", choices=["ppomax", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)  # a worker's precision
     a = ap.parse_args(argv)
     a.passthrough = [
         f"--batch={a.batch}",
@@ -574,8 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    bound = bounds(a.threads, dtypes=tuple(a.dtypes.split(",")))  # before the sides, same thread count
     pythons = {"ppomax": Path(sys.executable), "trl": trl_py}
-    results: list[tuple[int, int, dict[str, Any], dict[str, dict[str, Any]]]] = []
+    results: list[Result] = []
     for size in a.sizes.split(","):
         hidden, layers = (int(x) for x in size.lower().split("x"))
         with tempfile.TemporaryDirectory() as tmp:
@@ -584,22 +650,28 @@ def main(argv: list[str] | None = None) -> int:
             spec["root"] = str(root)
             spec_path = root / "spec.json"
             spec_path.write_text(json.dumps(spec))
-            sides: dict[str, dict[str, Any]] = {}
-            for r in range(a.rounds):  # alternate who goes first: the other worker's load drifts over time
-                order = ["ppomax", "trl"] if (len(results) + r) % 2 == 0 else ["trl", "ppomax"]
-                for side in order:
-                    res = run_side(side, pythons[side], spec_path, a, tag=f"{side}-{r}")
-                    merged = sides.setdefault(side, {"rows": [], "wall_s": 0.0})
-                    merged["rows"] += res.pop("rows")[a.warmup :]
-                    merged["wall_s"] += res.pop("wall_s")
-                    merged.update(res)
-        results.append((hidden, layers, spec, sides))
-        print(
-            f"done {size}: " + ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in sides.items()),
-            file=sys.stderr,
-        )
+            for dtype in a.dtypes.split(","):
+                a.dtype = dtype
+                sides: dict[str, dict[str, Any]] = {}
+                for r in range(
+                    a.rounds
+                ):  # alternate who goes first: the other worker's load drifts over time
+                    order = ["ppomax", "trl"] if (len(results) + r) % 2 == 0 else ["trl", "ppomax"]
+                    for side in order:
+                        res = run_side(side, pythons[side], spec_path, a, tag=f"{side}-{dtype}-{r}")
+                        merged = sides.setdefault(side, {"rows": [], "wall_s": 0.0, "peak_rss_mib": 0.0})
+                        merged["rows"] += res.pop("rows")[a.warmup :]
+                        merged["wall_s"] += res.pop("wall_s")
+                        merged["peak_rss_mib"] = max(merged["peak_rss_mib"], res.pop("peak_rss_mib"))
+                        merged.update(res)
+                results.append((hidden, layers, dtype, spec, sides))
+                print(
+                    f"done {size} {dtype}: "
+                    + ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in sides.items()),
+                    file=sys.stderr,
+                )
 
-    trl_v, pm_v = results[0][3]["trl"]["versions"], results[0][3]["ppomax"]["versions"]
+    trl_v, pm_v = results[0][4]["trl"]["versions"], results[0][4]["ppomax"]["versions"]
     diff = [f"{k} {pm_v[k]}" for k in ("torch", "transformers", "accelerate") if pm_v[k] != trl_v[k]]
     same = "same versions" if not diff else ", ".join(diff)
     cmd = " ".join(
@@ -611,27 +683,43 @@ def main(argv: list[str] | None = None) -> int:
         f"Versions: TRL {trl_v['trl']} (bench/.venv-trl), torch {trl_v['torch']}, transformers "
         f"{trl_v['transformers']}, accelerate {trl_v['accelerate']}; ppomax's venv: {same}  \n"
         f"Settings: batch {a.batch} (one minibatch, one PPO epoch), max_new_tokens {a.new_tokens}, stop at EOS, "
-        f"temperature {TEMPERATURE}, float32, CPU; {a.rounds} process(es) per side x {a.iterations} timed iterations after {a.warmup} warmup"
+        f"temperature {TEMPERATURE}, CPU; {a.rounds} process(es) per side x {a.iterations} timed iterations "
+        f"after {a.warmup} warmup  \n"
+        f"Bound: dense 2048^3 matmul with {a.threads} thread(s): "
+        + ", ".join(f"{d} {bound[d] / 1e9:.1f} GFLOP/s" for d in a.dtypes.split(","))
+        + " (bench/hardware.py; utilisation = a phase's needed "
+        "model FLOPs / (its wall time x the bound of its precision))"
     )
     for clock, title in (
         ("wall", "Wall clock"),
         ("cpu", "CPU time of the process (1 thread: robust to other load)"),
     ):
         print(f"\n{title}, medians per PPO iteration:\n")
-        print("\n".join(table(results, a, clock)))
+        print("\n".join(table(results, a, clock, bound)))
     print()
-    for hidden, layers, _spec, sides in results:
+    print("\n".join(ratios(results, a)))
+    for hidden, layers, dtype, _spec, sides in results:
         t, p = sides["trl"], sides["ppomax"]
         w, c = summarise(t["rows"], a.batch, "wall"), summarise(t["rows"], a.batch, "cpu")
         print(
-            f"- {hidden}x{layers}: TRL's two gc.collect() per iteration: {w['gc']:.3f} s wall / {c['gc']:.3f} s CPU "
-            f"(its iteration without them: {w['iter_no_gc']:.3f} s wall / {c['iter_no_gc']:.3f} s CPU). "
-            f"TRL reward model vs ppomax value head: max |score diff| {t['score_check_max_abs_err']:.1e}. "
-            f"Mixed precision: ppomax {p['mixed_precision']}, TRL {t['mixed_precision']}; TRL gradient "
-            f"checkpointing {t['gradient_checkpointing']}; torch threads ppomax {p['threads']}, TRL {t['threads']}."
+            f"- {hidden}x{layers} {dtype}: TRL's two gc.collect() per iteration: {w['gc']:.3f} s wall / "
+            f"{c['gc']:.3f} s CPU (its iteration without them: {w['iter_no_gc']:.3f} s wall / "
+            f"{c['iter_no_gc']:.3f} s CPU). TRL reward model vs ppomax value head: max |score diff| "
+            f"{t['score_check_max_abs_err']:.1e}. Mixed precision: ppomax {p['mixed_precision']}, TRL "
+            f"{t['mixed_precision']}; TRL gradient checkpointing {t['gradient_checkpointing']}; torch threads "
+            f"ppomax {p['threads']}, TRL {t['threads']}."
         )
     if a.json:
-        print(json.dumps([{"hidden": h, "layers": n, "sides": s} for h, n, _, s in results]))
+        print(
+            json.dumps(
+                {
+                    "bound": bound,
+                    "results": [
+                        {"hidden": h, "layers": n, "dtype": d, "sides": s} for h, n, d, _, s in results
+                    ],
+                }
+            )
+        )
     return 0
 
 

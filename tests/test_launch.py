@@ -227,3 +227,32 @@ def test_two_process_sft_resume_continues_as_if_uninterrupted(tmp_path):
     m2 = AutoModelForCausalLM.from_pretrained(crashed / "final")
     for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "cuda", "native", "warns"),
+    [
+        ("float32", False, {}, False),
+        ("bfloat16", True, {}, False),  # GPUs have native bf16
+        ("bfloat16", False, {}, True),  # an AVX2 CPU: emulated
+        ("bfloat16", False, {"avx512_bf16": True}, False),
+        ("bfloat16", False, {"amx_tile": True}, False),
+        ("float16", False, {"amx_tile": True, "avx512_bf16": True}, True),  # bf16 hardware is not fp16 hardware
+        ("float16", False, {"amx_fp16": True}, False),
+    ],
+)
+def test_half_precision_on_a_cpu_without_its_matmuls_is_a_warning_naming_the_key(dtype, cuda, native, warns):
+    from ppomax.trainers.launch import emulated_precision_warning
+
+    got = emulated_precision_warning(dtype, cuda, native)
+    if not warns:
+        assert got is None
+    else:
+        assert got is not None and f"model.dtype: {dtype}" in got and "float32" in got and "\n" not in got
+
+
+def test_this_cpus_half_precision_support_is_read_from_torch():
+    from ppomax.trainers.launch import cpu_half_precision_support
+
+    got = cpu_half_precision_support()
+    assert set(got) == {"avx512_bf16", "amx_tile", "amx_fp16"} and all(isinstance(v, bool) for v in got.values())

@@ -124,6 +124,36 @@ def mixed_precision(dtype: str, env: Mapping[str, str]) -> str:
     return wanted
 
 
+def emulated_precision_warning(dtype: str, cuda: bool, native: Mapping[str, bool]) -> str | None:
+    """The one-line warning for ``model.dtype`` bfloat16/float16 on a CPU whose matmuls in that dtype are not
+    native, else None. ``native``: the CPU's ``avx512_bf16``, ``amx_tile`` and ``amx_fp16`` (torch.cpu). Without
+    them torch falls back to slow generic kernels: on a 2-core AVX2 CPU a 512^3 bf16 matmul measured 1.3
+    GFLOP/s against 93 in float32 (BENCHMARKS.md), so half precision there makes training ~50x slower, not
+    faster."""
+    if cuda or dtype == "float32":
+        return None
+    if dtype == "bfloat16" and (native.get("avx512_bf16") or native.get("amx_tile")):
+        return None
+    if dtype == "float16" and native.get("amx_fp16"):
+        return None
+    extension = "AVX512-BF16 or AMX" if dtype == "bfloat16" else "AMX-FP16"
+    return (
+        f"model.dtype: {dtype} on a CPU without native {dtype} matmuls (no {extension}): torch emulates them, "
+        "many times slower than float32 (BENCHMARKS.md: ~70x on an AVX2 CPU); use model.dtype: float32 here"
+    )
+
+
+def cpu_half_precision_support() -> dict[str, bool]:
+    """This CPU's native half-precision matmul extensions, as torch sees them."""
+    cpu = torch.cpu
+    checks = {
+        "avx512_bf16": "_is_avx512_bf16_supported",
+        "amx_tile": "_is_amx_tile_supported",
+        "amx_fp16": "_is_amx_fp16_supported",
+    }
+    return {k: bool(getattr(cpu, fn, lambda: False)()) for k, fn in checks.items()}
+
+
 def _forget_other_precision(precision: str) -> None:
     """accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another mixed
     precision; a process that runs several trainings one after another (a notebook, the demo, the tests) starts
@@ -146,6 +176,9 @@ def build_accelerator(
     precision = mixed_precision(dtype, os.environ)
     _forget_other_precision(precision)
     cuda = torch.cuda.is_available()
+    slow = emulated_precision_warning(dtype, cuda, {} if cuda else cpu_half_precision_support())
+    if slow is not None:
+        _warn_once(slow)
     if engine == "fsdp" and not cuda:
         raise ConfigError(
             "an FSDP accelerate config needs CUDA GPUs (accelerate runs FSDP only on GPU devices, so on this "

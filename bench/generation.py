@@ -1,0 +1,202 @@
+"""Generation of PPO rollouts with Hugging Face ``generate``: today's dynamic KV cache against a static cache and a
+static cache with ``torch.compile`` (CPU inductor), on the same tiny Llama, prompts and sampling settings.
+
+    .venv/bin/python bench/generation.py                       # 256x4 and 512x5 Llamas, fp32 and bf16, ~10 min
+    .venv/bin/python bench/generation.py --sizes 256x4 --dtypes float32 --calls 4
+
+Every call goes through ppomax's own engine (:class:`ppomax.rollout.HFGenerateEngine`: the ``ppo_max`` preset's
+sampling, temperature 0.8, top-p 0.9, the response-only repetition penalty 1.1) with the HF generation config it
+builds, plus the variant's cache settings: ``dynamic`` (today: ``DynamicCache``), ``static``
+(``cache_implementation="static"``) and ``static+compile`` (the same with HF's ``CompileConfig``, which compiles
+the decoding step's forward; on CPU it must be asked for with ``_compile_all_devices``). bf16 is the trained
+policy's mixed precision as PPO runs it: float32 weights under ``torch.autocast``. As in PPO, successive calls get
+prompt batches of different widths (left-padded to the longest prompt of the batch), so a compiled variant
+recompiles or reuses graphs as a real run would. Each variant runs in its own fresh process with one torch
+thread and an empty inductor cache; the first ``--warmup`` calls (a cold compilation included) are timed
+separately, then ``--calls`` timed calls;
+medians. Processes alternate variants over ``--rounds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+VARIANTS = ("dynamic", "static", "static+compile")
+
+
+def worker(a: argparse.Namespace) -> dict[str, Any]:
+    """One variant in this process: ``--warmup`` + ``--calls`` generate calls; per call wall and CPU seconds."""
+    import torch
+
+    torch.set_num_threads(a.threads)
+    sys.path.insert(0, str(REPO / "src"))
+    from transformers import AutoModelForCausalLM, CompileConfig
+
+    from ppomax.config import GenerationConfig as PPOGeneration
+    from ppomax.data import tokenize_prompt
+    from ppomax.models import load_tokenizer
+    from ppomax.rollout import HFGenerateEngine, eos_ids_of
+
+    spec = json.loads(Path(a.spec).read_text())
+    tok = load_tokenizer(spec["policy"])
+    model = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32).eval()
+    gen = PPOGeneration(max_new_tokens=a.new_tokens)  # the defaults are PPO-max's sampling
+    engine = HFGenerateEngine(gen, eos_ids_of(tok, model), tok.pad_token_id)
+    base_config = engine.generation_config
+
+    def config(greedy: bool) -> Any:
+        c = base_config(greedy)
+        if a.variant != "dynamic":
+            c.cache_implementation = "static"
+        if a.variant == "static+compile":
+            c.compile_config = CompileConfig(fullgraph=False, dynamic=None, mode="default")
+            c.compile_config._compile_all_devices = True
+        else:
+            c.disable_compile = True
+        return c
+
+    engine.generation_config = config  # type: ignore[method-assign]
+    rng = random.Random(a.seed)
+    prompts = spec["prompts"]
+    rows = []
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "bfloat16")
+    torch.manual_seed(a.seed)
+    for _ in range(a.warmup + a.calls):
+        batch = [tokenize_prompt(tok, p, None) for p in rng.sample(prompts, a.batch)]
+        width = max(len(b) for b in batch)
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(b)) + b for b in batch])
+        mask = (torch.arange(width) >= torch.tensor([width - len(b) for b in batch])[:, None]).long()
+        w0, c0 = time.perf_counter(), time.process_time()
+        with autocast:
+            out = engine.generate(model, ids, mask)
+        w1, c1 = time.perf_counter(), time.process_time()
+        resp = out[:, width:]
+        eos = torch.isin(resp, torch.tensor(engine.eos_ids))
+        lens = torch.where(eos.any(1), eos.int().argmax(1) + 1, resp.shape[1])
+        rows.append({"wall": w1 - w0, "cpu": c1 - c0, "width": width, "tokens": int(lens.sum())})
+    return {"rows": rows}
+
+
+def build(root: Path, hidden: int, layers: int, vocab: int, seed: int) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO / "src"))
+    from _tiny import build as build_tiny
+
+    policy, _rm, prompts, n_params = build_tiny(root, hidden, layers, vocab, seed)
+    texts = [json.loads(line)["prompt"] for line in prompts.read_text().splitlines()]
+    return {"policy": str(policy), "prompts": texts, "n_params": n_params}
+
+
+def run_variant(spec_path: Path, variant: str, dtype: str, a: argparse.Namespace) -> dict[str, Any]:
+    out = spec_path.with_name(f"gen-{variant}-{dtype}.json".replace("+", "_"))
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        variant,
+        "--spec",
+        str(spec_path),
+        "--out",
+        str(out),
+        f"--dtype={dtype}",
+        f"--batch={a.batch}",
+        f"--new-tokens={a.new_tokens}",
+        f"--calls={a.calls}",
+        f"--warmup={a.warmup}",
+        f"--threads={a.threads}",
+        f"--seed={a.seed}",
+    ]
+    # a fresh inductor cache per process: the first calls' time is a cold compilation, as a new run's would be
+    inductor = spec_path.with_name(f"inductor-{variant}-{dtype}-{time.monotonic_ns()}".replace("+", "_"))
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(a.threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "TORCHINDUCTOR_CACHE_DIR": str(inductor),
+    }
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="256x4,512x5", help="comma-separated HIDDENxLAYERS tiny Llamas")
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--calls", type=int, default=5, help="timed generate calls per process")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed first calls (compilation happens here)")
+    ap.add_argument("--rounds", type=int, default=2, help="processes per variant, alternating the order")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        a.variant = a.worker
+        Path(a.out).write_text(json.dumps(worker(a)))
+        return 0
+
+    variants = a.variants.split(",")
+    print(
+        "| model (params) | dtype | cache | first calls s (compile) | s / call | tok/s | CPU s / call | vs dynamic |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    t_start = time.perf_counter()
+    for size in a.sizes.split(","):
+        hidden, layers = (int(x) for x in size.split("x"))
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = build(Path(tmp), hidden, layers, a.vocab, a.seed)
+            spec_path = Path(tmp) / "spec.json"
+            spec_path.write_text(json.dumps(spec))
+            for dtype in a.dtypes.split(","):
+                got: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+                for r in range(a.rounds):
+                    for v in variants if r % 2 == 0 else variants[::-1]:
+                        got[v].append(run_variant(spec_path, v, dtype, a))
+                base = None
+                for v in variants:
+                    errors = [g["error"] for g in got[v] if "error" in g]
+                    if errors:
+                        print(f"| {size} | {dtype} | {v} | failed: {errors[0]} | | | | |")
+                        continue
+                    first = [row["wall"] for g in got[v] for row in g["rows"][: a.warmup]]
+                    timed = [row for g in got[v] for row in g["rows"][a.warmup :]]
+                    wall = statistics.median(r["wall"] for r in timed)
+                    cpu = statistics.median(r["cpu"] for r in timed)
+                    tok_s = statistics.median(r["tokens"] / r["wall"] for r in timed)
+                    base = wall if v == "dynamic" else base
+                    rel = f"{base / wall:.2f}x" if base else ""
+                    print(
+                        f"| Llama {size} ({spec['n_params'] / 1e6:.2f}M) | {dtype} | {v} | "
+                        f"{statistics.median(first):.2f} | {wall:.3f} | {tok_s:.0f} | {cpu:.3f} | {rel} |",
+                        flush=True,
+                    )
+    cmd = " ".join([".venv/bin/python", "bench/generation.py", *(argv if argv is not None else sys.argv[1:])])
+    print(
+        f"\nCommand: `{cmd}`; batch {a.batch}, max_new_tokens {a.new_tokens}, {a.threads} torch thread(s), "
+        f"{a.rounds} processes x {a.calls} timed calls after {a.warmup} per variant; date "
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}; total {time.perf_counter() - t_start:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
