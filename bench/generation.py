@@ -6,9 +6,9 @@ static cache with ``torch.compile`` (CPU inductor), on the same tiny Llama, prom
 
 Every call goes through ppomax's own engine (:class:`ppomax.rollout.HFGenerateEngine`: the ``ppo_max`` preset's
 sampling, temperature 0.8, top-p 0.9, the response-only repetition penalty 1.1) with the HF generation config it
-builds, plus the variant's cache settings: ``dynamic`` (today: ``DynamicCache``), ``static``
-(``cache_implementation="static"``) and ``static+compile`` (the same with HF's ``CompileConfig``, which compiles
-the decoding step's forward; on CPU it must be asked for with ``_compile_all_devices``). bf16 is the trained
+builds: ``dynamic`` (the default: ``DynamicCache``), ``static`` (the same plus ``cache_implementation="static"``)
+and ``static+compile`` (``generation.compile: true``: a static cache and HF's ``CompileConfig``, which compiles the
+decoding step's forward). bf16 is the trained
 policy's mixed precision as PPO runs it: float32 weights under ``torch.autocast``. As in PPO, successive calls get
 prompt batches of different widths (left-padded to the longest prompt of the batch), so a compiled variant
 recompiles or reuses graphs as a real run would. Each variant runs in its own fresh process with one torch
@@ -42,7 +42,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(a.threads)
     sys.path.insert(0, str(REPO / "src"))
-    from transformers import AutoModelForCausalLM, CompileConfig
+    from transformers import AutoModelForCausalLM
 
     from ppomax.config import GenerationConfig as PPOGeneration
     from ppomax.data import tokenize_prompt
@@ -52,22 +52,18 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     spec = json.loads(Path(a.spec).read_text())
     tok = load_tokenizer(spec["policy"])
     model = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32).eval()
-    gen = PPOGeneration(max_new_tokens=a.new_tokens)  # the defaults are PPO-max's sampling
+    # the defaults are PPO-max's sampling; static+compile is ppomax's generation.compile
+    gen = PPOGeneration(max_new_tokens=a.new_tokens, compile=a.variant == "static+compile")
     engine = HFGenerateEngine(gen, eos_ids_of(tok, model), tok.pad_token_id)
-    base_config = engine.generation_config
+    if a.variant == "static":  # the static cache alone, not an option of ppomax's (it loses)
+        base_config = engine.generation_config
 
-    def config(greedy: bool) -> Any:
-        c = base_config(greedy)
-        if a.variant != "dynamic":
+        def static(greedy: bool, device_type: str = "cpu") -> Any:
+            c = base_config(greedy, device_type)
             c.cache_implementation = "static"
-        if a.variant == "static+compile":
-            c.compile_config = CompileConfig(fullgraph=False, dynamic=None, mode="default")
-            c.compile_config._compile_all_devices = True
-        else:
-            c.disable_compile = True
-        return c
+            return c
 
-    engine.generation_config = config  # type: ignore[method-assign]
+        engine.generation_config = static  # type: ignore[method-assign]
     rng = random.Random(a.seed)
     prompts = spec["prompts"]
     rows = []

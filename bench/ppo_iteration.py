@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--header", action="store_true", help="print the table header too")
     ap.add_argument("--json", action="store_true", help="also print the raw numbers as JSON")
     ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override (repeatable)"
+    )
+    ap.add_argument(
         "--profile",
         type=int,
         default=0,
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"logging.out_dir={root / 'run'}",
                 "logging.tensorboard=false",
                 "logging.progress=false",
+                *args.set,
             ],
         )
         trainer = PPOTrainer(cfg)
@@ -162,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                     "params": n_params,
                     "args": vars(args),
                     "median": {k: med(k) for k in rows[0] if k.startswith(("time/", "perf/"))},
+                    "max": {k: max(r[k] for r in rows) for k in rows[0] if "mismatch" in k},
                     "when": time.strftime("%Y-%m-%d %H:%M"),
                 }
             )

@@ -237,7 +237,12 @@ def test_two_process_sft_resume_continues_as_if_uninterrupted(tmp_path):
         ("bfloat16", False, {}, True),  # an AVX2 CPU: emulated
         ("bfloat16", False, {"avx512_bf16": True}, False),
         ("bfloat16", False, {"amx_tile": True}, False),
-        ("float16", False, {"amx_tile": True, "avx512_bf16": True}, True),  # bf16 hardware is not fp16 hardware
+        (
+            "float16",
+            False,
+            {"amx_tile": True, "avx512_bf16": True},
+            True,
+        ),  # bf16 hardware is not fp16 hardware
         ("float16", False, {"amx_fp16": True}, False),
     ],
 )
@@ -255,4 +260,6 @@ def test_this_cpus_half_precision_support_is_read_from_torch():
     from ppomax.trainers.launch import cpu_half_precision_support
 
     got = cpu_half_precision_support()
-    assert set(got) == {"avx512_bf16", "amx_tile", "amx_fp16"} and all(isinstance(v, bool) for v in got.values())
+    assert set(got) == {"avx512_bf16", "amx_tile", "amx_fp16"} and all(
+        isinstance(v, bool) for v in got.values()
+    )

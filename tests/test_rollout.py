@@ -12,6 +12,7 @@ import torch
 from ppo_helpers import make_setup
 from ppomax.config import GenerationConfig
 from ppomax.data import pad_left
+from ppomax.errors import UserError
 from ppomax.experience import Experience
 from ppomax.models import load_causal_lm, load_tokenizer
 from ppomax.rollout import HFGenerateEngine, eos_ids_of, finish_rollout, rollout
@@ -426,3 +427,37 @@ def test_experience_cat_and_select_keep_rows_and_trim_padding():
     assert _rows(sub) == [_rows(a)[1], _rows(b)[0]]
     small = both.select([1])
     assert small.sequences.shape == (1, 2) and _rows(small) == [_rows(a)[1]]
+
+
+# ------------------------------------------------------------------------------------------ generation.compile
+
+
+def test_compile_asks_hf_for_a_static_cache_and_a_compiled_step_on_any_device():
+    engine = HFGenerateEngine(GenerationConfig(max_new_tokens=4, compile=True), [EOS], PAD)
+    for greedy in (False, True):
+        cpu = engine.generation_config(greedy, "cpu")
+        assert cpu.cache_implementation == "static" and not cpu.disable_compile
+        assert cpu.compile_config._compile_all_devices and cpu.compile_config.mode == "default"
+    assert engine.generation_config(False, "cuda").compile_config.mode == "reduce-overhead"  # CUDA graphs
+    plain = HFGenerateEngine(GenerationConfig(max_new_tokens=4), [EOS], PAD).generation_config(False, "cpu")
+    assert plain.disable_compile and plain.cache_implementation is None and plain.compile_config is None
+
+
+def test_compile_with_a_sharded_policy_is_an_error_naming_the_key():
+    with pytest.raises(UserError, match=r"generation\.compile: true needs an unsharded policy"):
+        HFGenerateEngine(GenerationConfig(max_new_tokens=4, compile=True), [EOS], PAD, synced=True)
+
+
+@torch.no_grad()
+def test_compiled_generation_decodes_as_the_dynamic_cache_does(tiny):
+    """Greedy decoding (ties aside, deterministic) with the compiled static-cache step gives the same tokens as
+    the default engine, with the repetition penalty on, and the model's forward really was compiled."""
+    _tok, model, ids, mask, _ = tiny
+    model = copy.deepcopy(model)  # the compiled call is cached on the model: keep the module's fixture clean
+    settings = dict(max_new_tokens=6, repetition_penalty=1.3)
+    want = HFGenerateEngine(GenerationConfig(**settings), [EOS], PAD).generate(model, ids, mask, greedy=True)
+    assert not hasattr(model, "_compiled_call")
+    engine = HFGenerateEngine(GenerationConfig(**settings, compile=True), [EOS], PAD)
+    got = engine.generate(model, ids, mask, greedy=True)
+    assert hasattr(model, "_compiled_call")  # HF's compiled forward (PreTrainedModel.get_compiled_call)
+    assert torch.equal(got, want)

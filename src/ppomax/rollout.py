@@ -64,15 +64,24 @@ class HFGenerateEngine:
     def __init__(
         self, gen: GenerationConfig, eos_ids: Sequence[int], pad_id: int, synced: bool = False
     ) -> None:
+        if gen.compile and synced:
+            raise UserError(
+                "generation.compile: true needs an unsharded policy; under ZeRO-3 or FSDP over several "
+                "processes its forward is a collective that cannot be compiled here: set generation.compile: false"
+            )
         self.gen = gen
         self.eos_ids = list(eos_ids)
         self.pad_id = pad_id
         self.synced = synced
 
-    def generation_config(self, greedy: bool) -> Any:
+    def generation_config(self, greedy: bool, device_type: str = "cpu") -> Any:
         """HF settings with every knob ppomax controls set explicitly, to HF's own "off" values where the
         config says off (top_k 0, top_p 1, temperature 1). HF's built-in repetition penalty stays off (1.0):
-        it would also penalise the prompt; :meth:`logits_processors` applies the penalty instead."""
+        it would also penalise the prompt; :meth:`logits_processors` applies the penalty instead.
+        ``generation.compile``: a static cache and HF's compiled decoding step, on any device (HF compiles only
+        on accelerators unless told), CUDA graphs on CUDA (HF's default mode), inductor's default mode on CPU;
+        otherwise HF never compiles."""
+        from transformers import CompileConfig
         from transformers import GenerationConfig as HFGenerationConfig
 
         g = self.gen
@@ -88,6 +97,12 @@ class HFGenerateEngine:
         )
         if not greedy:
             kwargs.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
+        if g.compile:
+            compiled = CompileConfig() if device_type == "cuda" else CompileConfig(mode="default")
+            compiled._compile_all_devices = True
+            kwargs.update(cache_implementation="static", compile_config=compiled)
+        else:
+            kwargs.update(disable_compile=True)
         return HFGenerationConfig(**kwargs)
 
     def logits_processors(self, prompt_width: int) -> list[Any]:
@@ -121,7 +136,7 @@ class HFGenerateEngine:
     ) -> Any:
         from transformers import LogitsProcessorList
 
-        config = self.generation_config(greedy)
+        config = self.generation_config(greedy, input_ids.device.type)
         if with_logits:
             config.return_dict_in_generate = config.output_logits = True
         with _without_model_generation_config(model):
