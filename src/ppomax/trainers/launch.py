@@ -128,8 +128,8 @@ def emulated_precision_warning(dtype: str, cuda: bool, native: Mapping[str, bool
     """The one-line warning for ``model.dtype`` bfloat16/float16 on a CPU whose matmuls in that dtype are not
     native, else None. ``native``: the CPU's ``avx512_bf16``, ``amx_tile`` and ``amx_fp16`` (torch.cpu). Without
     them torch falls back to slow generic kernels: on a 2-core AVX2 CPU a 512^3 bf16 matmul measured 1.3
-    GFLOP/s against 93 in float32 (BENCHMARKS.md), so half precision there makes training ~50x slower, not
-    faster."""
+    GFLOP/s against 93 in float32 (BENCHMARKS.md), so half precision there slows every phase down instead of
+    speeding it up."""
     if cuda or dtype == "float32":
         return None
     if dtype == "bfloat16" and (native.get("avx512_bf16") or native.get("amx_tile")):
