@@ -187,3 +187,26 @@ def build(root: Path, hidden: int, layers: int, vocab: int, seed: int) -> tuple[
     policy, rm, n_params = build_models(root, hidden, layers, vocab, seed, rng)
     prompts = [random_prompt(rng, rng.randint(8, 24)) for _ in range(512)]
     return policy, rm, write_prompts(root / "prompts.jsonl", prompts), n_params
+
+
+def one_update_overrides(
+    policy: Path, rm: Path, prompts: Path, out_dir: Path, batch: int, new_tokens: int, iterations: int
+) -> list[str]:
+    """``--set`` overrides of the ``ppo_max`` preset for the PPO-iteration benches: these models and prompts, no
+    critic pre-training, ``batch`` rollouts per iteration trained as one minibatch in one epoch (one update of
+    each model), ``new_tokens`` at most, quiet logging into ``out_dir``."""
+    return [
+        f"model.policy={policy}",
+        f"model.reward={rm}",
+        f"data.prompts={prompts}",
+        f"generation.max_new_tokens={new_tokens}",
+        "ppo.critic_pretrain_steps=0",
+        f"ppo.iterations={iterations}",
+        f"ppo.rollout_batch_size={batch}",
+        f"ppo.buffer_size={batch}",
+        f"ppo.minibatch_size={batch}",
+        "ppo.ppo_epochs=1",
+        f"logging.out_dir={out_dir}",
+        "logging.tensorboard=false",
+        "logging.progress=false",
+    ]

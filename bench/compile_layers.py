@@ -30,7 +30,7 @@ def worker(a: argparse.Namespace) -> dict[str, float]:
 
     torch.set_num_threads(1)
     sys.path.insert(0, str(HERE.parent / "src"))
-    from _tiny import build
+    from _tiny import build, one_update_overrides
 
     from ppomax.config import load_config
     from ppomax.trainers.ppo import PPOTrainer
@@ -38,26 +38,9 @@ def worker(a: argparse.Namespace) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         policy, rm, prompts, _ = build(root, a.hidden, a.layers, 512, seed=0)
-        b = a.batch
-        cfg = load_config(
-            "ppo",
-            preset="ppo_max",
-            overrides=[
-                f"model.policy={policy}",
-                f"model.reward={rm}",
-                f"data.prompts={prompts}",
-                "generation.max_new_tokens=64",
-                "ppo.critic_pretrain_steps=0",
-                f"ppo.iterations={a.warmup + a.iterations}",
-                f"ppo.rollout_batch_size={b}",
-                f"ppo.buffer_size={b}",
-                f"ppo.minibatch_size={b}",
-                "ppo.ppo_epochs=1",
-                f"logging.out_dir={root / 'run'}",
-                "logging.tensorboard=false",
-                "logging.progress=false",
-            ],
-        )
+        iterations = a.warmup + a.iterations
+        overrides = one_update_overrides(policy, rm, prompts, root / "run", a.batch, 64, iterations)
+        cfg = load_config("ppo", preset="ppo_max", overrides=overrides)
         trainer = PPOTrainer(cfg)
         if a.worker == "compiled":
             for model in (trainer.models.policy, trainer.models.critic):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _tiny import build  # bench/ is on sys.path when this file runs as a script
+from _tiny import build, one_update_overrides  # bench/ is on sys.path when run as a script
 
 
 def profiled_iteration(trainer: Any, step: int, top: int) -> dict[str, float]:
@@ -106,26 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         policy, rm, prompts, n_params = build(root, args.hidden, args.layers, args.vocab, seed=0)
         b = args.batch
+        iterations = args.warmup + args.iterations
+        overrides = one_update_overrides(policy, rm, prompts, root / "run", b, args.new_tokens, iterations)
         cfg = load_config(
-            "ppo",
-            preset="ppo_max",
-            overrides=[
-                f"model.policy={policy}",
-                f"model.reward={rm}",
-                f"data.prompts={prompts}",
-                f"model.dtype={args.dtype}",
-                f"generation.max_new_tokens={args.new_tokens}",
-                "ppo.critic_pretrain_steps=0",
-                f"ppo.iterations={args.warmup + args.iterations}",
-                f"ppo.rollout_batch_size={b}",
-                f"ppo.buffer_size={b}",
-                f"ppo.minibatch_size={b}",
-                "ppo.ppo_epochs=1",
-                f"logging.out_dir={root / 'run'}",
-                "logging.tensorboard=false",
-                "logging.progress=false",
-                *args.set,
-            ],
+            "ppo", preset="ppo_max", overrides=[*overrides, f"model.dtype={args.dtype}", *args.set]
         )
         trainer = PPOTrainer(cfg)
         rows = []
