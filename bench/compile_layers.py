@@ -48,7 +48,7 @@ def worker(a: argparse.Namespace) -> dict[str, float]:
                 backbone = inner.model if hasattr(inner, "model") else inner.backbone.model
                 for layer in backbone.layers:
                     layer.compile(dynamic=True)
-        rows = [trainer.iteration(s) for s in range(1, a.warmup + a.iterations + 1)][a.warmup :]
+        rows = [trainer.iteration(s) for s in range(1, iterations + 1)][a.warmup :]
     return {k: statistics.median(r[k] for r in rows) for k in PHASES}
 
 

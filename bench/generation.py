@@ -8,13 +8,12 @@ Every call goes through ppomax's own engine (:class:`ppomax.rollout.HFGenerateEn
 sampling, temperature 0.8, top-p 0.9, the response-only repetition penalty 1.1) with the HF generation config it
 builds: ``dynamic`` (the default: ``DynamicCache``), ``static`` (the same plus ``cache_implementation="static"``)
 and ``static+compile`` (``generation.compile: true``: a static cache and HF's ``CompileConfig``, which compiles the
-decoding step's forward). bf16 is the trained
-policy's mixed precision as PPO runs it: float32 weights under ``torch.autocast``. As in PPO, successive calls get
-prompt batches of different widths (left-padded to the longest prompt of the batch), so a compiled variant
-recompiles or reuses graphs as a real run would. Each variant runs in its own fresh process with one torch
-thread and an empty inductor cache; the first ``--warmup`` calls (a cold compilation included) are timed
-separately, then ``--calls`` timed calls;
-medians. Processes alternate variants over ``--rounds``.
+decoding step's forward). bf16 is the trained policy's mixed precision as PPO runs it: float32 weights under
+``torch.autocast``. As in PPO, successive calls get prompt batches of different widths (left-padded to the longest
+prompt of the batch), so a compiled variant recompiles or reuses graphs as a real run would. Each variant runs in
+its own fresh process with one torch thread and an empty inductor cache; the first ``--warmup`` calls (a cold
+compilation included) are timed separately, then ``--calls`` timed calls; medians. Processes alternate variants
+over ``--rounds``. Response tokens are counted up to and including the first EOS (``finish_rollout``).
 """
 
 from __future__ import annotations
@@ -45,9 +44,9 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from ppomax.config import GenerationConfig as PPOGeneration
-    from ppomax.data import tokenize_prompt
+    from ppomax.data import pad_left, tokenize_prompt
     from ppomax.models import load_tokenizer
-    from ppomax.rollout import HFGenerateEngine, eos_ids_of
+    from ppomax.rollout import HFGenerateEngine, eos_ids_of, finish_rollout
 
     spec = json.loads(Path(a.spec).read_text())
     tok = load_tokenizer(spec["policy"])
@@ -70,18 +69,15 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "bfloat16")
     torch.manual_seed(a.seed)
     for _ in range(a.warmup + a.calls):
-        batch = [tokenize_prompt(tok, p, None) for p in rng.sample(prompts, a.batch)]
-        width = max(len(b) for b in batch)
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(b)) + b for b in batch])
-        mask = (torch.arange(width) >= torch.tensor([width - len(b) for b in batch])[:, None]).long()
+        ids, mask = pad_left(
+            [tokenize_prompt(tok, p, None) for p in rng.sample(prompts, a.batch)], engine.pad_id
+        )
         w0, c0 = time.perf_counter(), time.process_time()
         with autocast:
             out = engine.generate(model, ids, mask)
         w1, c1 = time.perf_counter(), time.process_time()
-        resp = out[:, width:]
-        eos = torch.isin(resp, torch.tensor(engine.eos_ids))
-        lens = torch.where(eos.any(1), eos.int().argmax(1) + 1, resp.shape[1])
-        rows.append({"wall": w1 - w0, "cpu": c1 - c0, "width": width, "tokens": int(lens.sum())})
+        lens = finish_rollout(ids, mask, out, engine.eos_ids, engine.pad_id)[4]
+        rows.append({"wall": w1 - w0, "cpu": c1 - c0, "tokens": int(lens.sum())})
     return {"rows": rows}
 
 

@@ -190,7 +190,8 @@ PHASES = ("gen", "score", "train", "other", "iter")
 
 def peak_rss_mib() -> float:
     """This process's peak resident memory (Linux VmHWM; ru_maxrss elsewhere), MiB: each side runs in a fresh
-    process, so it is that side's whole run (models, optimisers, generation, activations)."""
+    process, so it is that side's whole run (models, optimisers, generation, activations). The TRL side cannot
+    import ppomax, so this is not ``ppomax.demo.ablate.memory_mib``."""
     status = Path("/proc/self/status")
     if status.is_file():
         for line in status.read_text().splitlines():
@@ -198,7 +199,8 @@ def peak_rss_mib() -> float:
                 return int(line.split()[1]) / 1024
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def now() -> tuple[float, float]:
@@ -653,9 +655,8 @@ def main(argv: list[str] | None = None) -> int:
             for dtype in a.dtypes.split(","):
                 a.dtype = dtype
                 sides: dict[str, dict[str, Any]] = {}
-                for r in range(
-                    a.rounds
-                ):  # alternate who goes first: the other worker's load drifts over time
+                # alternate who goes first: the other worker's load drifts over time
+                for r in range(a.rounds):
                     order = ["ppomax", "trl"] if (len(results) + r) % 2 == 0 else ["trl", "ppomax"]
                     for side in order:
                         res = run_side(side, pythons[side], spec_path, a, tag=f"{side}-{dtype}-{r}")
