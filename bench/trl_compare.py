@@ -373,6 +373,11 @@ def run_trl(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
 
     b, total = a.batch, a.warmup + a.iterations
     ds = Dataset.from_dict({"input_ids": spec["prompt_ids"]})
+    if a.dtype == "bfloat16":
+        # TRL's PPOTrainer builds Accelerator() without mixed_precision and transformers 5 no longer exports
+        # bf16=True to the environment, so the flag alone leaves TRL in float32 (measured: mixed_precision "no");
+        # accelerate reads this variable, which gives TRL the bf16 autocast it asks for.
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
     args = PPOConfig(
         output_dir=str(Path(a.out).with_suffix(".run")),
         report_to="none",
