@@ -21,7 +21,8 @@ N, sampling at temperature 0.8 with no top-p/top-k/repetition penalty (TRL's gen
 ppomax's ``ppo_max`` preset is overridden to match), stop at EOS, no gradient checkpointing (TRL's default, switched
 off), each ``--dtypes`` precision on both sides: float32, or bfloat16 mixed precision (float32 trained models
 under autocast: ppomax's ``model.dtype: bfloat16``, which also stores its frozen reference and reward model in
-bf16; TRL's ``bf16=True``, accelerate's autocast), KL coefficient 0.05 (k1), clip
+bf16; TRL's ``bf16=True`` plus ``ACCELERATE_MIXED_PRECISION=bf16``, without which its PPOTrainer stays in
+float32: accelerate's autocast), KL coefficient 0.05 (k1), clip
 0.2, value clip 0.2, gamma 1, lambda 0.95, vf coefficient 1, AdamW (non-fused) with betas (0.9, 0.95). ppomax
 runs the rest of ``ppo_max`` (reward normalisation/clipping, advantage whitening, gradient clipping).
 
