@@ -21,6 +21,8 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ppomax.errors import ModelPathError
 
+from .attention import use_cpu_float32_attention
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -126,7 +128,7 @@ def load_causal_lm(
     except ValueError as exc:  # e.g. an architecture AutoModelForCausalLM does not know
         raise ModelPathError(f"cannot load a causal LM from {path}: {_first_line(exc)}") from None
     check_finite(model, path)
-    return model
+    return use_cpu_float32_attention(model)
 
 
 def check_finite(model: torch.nn.Module, path: str | Path) -> None:
@@ -207,7 +209,7 @@ def init_causal_lm_from_config(
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     finally:
         torch.random.set_rng_state(state)
-    return model.to(to_dtype(dtype))
+    return use_cpu_float32_attention(model.to(to_dtype(dtype)))
 
 
 def model_summary(model: torch.nn.Module) -> dict[str, Any]:

@@ -1,0 +1,82 @@
+"""Attention in float32 where a CPU model computes in bfloat16.
+
+On CPU, torch's scaled-dot-product attention is slower in bfloat16 than in float32, while the matmuls around it
+are 2.4x (AVX512-BF16) to 7x (AMX) faster in bf16. Measured with torch 2.13 on a 2-core AMD EPYC with
+AVX512-BF16, one thread (BENCHMARKS.md, issue 14): the flash kernel's backward for [32, 8, 85, 64] takes 66-76 ms
+in bf16 against 27-35 ms in float32; a decode step over a 106-token cache 3.0 ms against 1.2 ms. Under bf16
+autocast (how ppomax trains with ``model.dtype: bfloat16``), or training bf16 weights (DeepSpeed's bf16 mode),
+ppomax therefore computes attention in float32 on CPU and returns its output in bf16, as the bf16 kernel would:
+a PPO iteration's training phase ran 18% faster per model and generation 23% faster, and the result is closer to
+float32's, not further. Anywhere else (float32, CUDA, a frozen bf16 model's no-grad forward, where the bf16
+kernel is as fast) it is Hugging Face's own SDPA, unchanged.
+
+It is installed through transformers' attention interface (:func:`use_cpu_float32_attention`) on every model
+ppomax loads whose attention is SDPA. The mask function is registered under the same name: without it
+transformers builds no padding mask for a custom attention function and left-padded rows would attend to their
+padding. The choice is not saved with a model (``save_pretrained`` writes no attention implementation).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+NAME = "ppomax_cpu_float32_sdpa"
+
+
+def _computes_in_bf16(query: Tensor, key: Tensor, value: Tensor) -> bool:
+    """Whether SDPA would run in bf16 on CPU here: under CPU bf16 autocast (which casts its inputs to bf16), or
+    with bf16 inputs while training (their backward is the slow kernel)."""
+    if query.device.type != "cpu":
+        return False
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        return True
+    return torch.is_grad_enabled() and torch.bfloat16 in (query.dtype, key.dtype, value.dtype)
+
+
+def cpu_float32_sdpa(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    **kwargs: Any,
+) -> tuple[Tensor, Any]:
+    """transformers' ``sdpa_attention_forward`` (same arguments and result), computed in float32 and returned
+    in bf16 where it would otherwise run in bf16 on CPU (:func:`_computes_in_bf16`)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not _computes_in_bf16(query, key, value):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False):
+        out, weights = sdpa_attention_forward(
+            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
+        )
+    return out.to(torch.bfloat16), weights
+
+
+def _register() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(NAME, cpu_float32_sdpa)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def use_cpu_float32_attention(model: Any) -> Any:
+    """Switch a transformers model whose attention is SDPA to :func:`cpu_float32_sdpa`; any other model (eager or
+    flash attention asked for, an architecture without transformers' attention interface) is left as it is.
+    Returns ``model``."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return model
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if can_set is None or not can_set():
+        return model
+    _register()
+    model.set_attn_implementation(NAME)
+    return model
