@@ -33,7 +33,7 @@ from _tiny import build, one_update_overrides  # bench/ is on sys.path when run 
 def profiled_iteration(trainer: Any, step: int, top: int) -> dict[str, float]:
     """``trainer.iteration(step)`` under torch.profiler; prints the ``top`` ops by self CPU time, with a
     ``phase::*`` row per phase (generation, scoring, training: the trainer's methods wrapped in record_function)
-    whose CPU total is that phase's."""
+    whose CPU total is that phase's, then each phase's own breakdown (:func:`phase_breakdown`)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     import ppomax.trainers.ppo as ppo_mod
@@ -60,7 +60,37 @@ def profiled_iteration(trainer: Any, step: int, top: int) -> dict[str, float]:
         f"profile of iteration {step} (self CPU time; phase::* rows are the phases' totals)", file=sys.stderr
     )
     print(table, file=sys.stderr)
+    print(phase_breakdown(prof.events(), share=0.02), file=sys.stderr)
     return m
+
+
+def phase_breakdown(events: Any, share: float) -> str:
+    """Self CPU time per phase and, within each, every op taking at least ``share`` of it: an op belongs to the
+    innermost ``phase::*`` record_function above it (scoring_targets counts as scoring)."""
+    import collections
+
+    per_op: dict[tuple[str, str], float] = collections.defaultdict(float)
+    per_phase: dict[str, float] = collections.defaultdict(float)
+    calls: dict[tuple[str, str], int] = collections.Counter()
+    for e in events:
+        parent, phase = e, "other"
+        while parent is not None:
+            if parent.name.startswith("phase::"):
+                phase = parent.name.removeprefix("phase::").removesuffix("_targets")
+                break
+            parent = parent.cpu_parent
+        per_op[phase, e.name] += e.self_cpu_time_total / 1e6
+        per_phase[phase] += e.self_cpu_time_total / 1e6
+        calls[phase, e.name] += 1
+    lines = []
+    for phase in ("generation", "scoring", "training"):
+        lines.append(f"{phase}: {per_phase[phase]:.3f} s self CPU")
+        ops = sorted(((t, op) for (p, op), t in per_op.items() if p == phase), reverse=True)
+        for t, op in ops:
+            if t >= share * per_phase[phase]:
+                pct = 100 * t / per_phase[phase]
+                lines.append(f"  {op[:60]:60s} {t:7.3f} s {pct:4.0f}%  {calls[phase, op]} calls")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

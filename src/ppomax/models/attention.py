@@ -1,14 +1,13 @@
 """Attention in float32 where a CPU model computes in bfloat16.
 
-On CPU, torch's scaled-dot-product attention is slower in bfloat16 than in float32, while the matmuls around it
-are 2.4x (AVX512-BF16) to 7x (AMX) faster in bf16. Measured with torch 2.13 on a 2-core AMD EPYC with
-AVX512-BF16, one thread (BENCHMARKS.md, issue 14): the flash kernel's backward for [32, 8, 85, 64] takes 66-76 ms
-in bf16 against 27-35 ms in float32; a decode step over a 106-token cache 3.0 ms against 1.2 ms. Under bf16
-autocast (how ppomax trains with ``model.dtype: bfloat16``), or training bf16 weights (DeepSpeed's bf16 mode),
-ppomax therefore computes attention in float32 on CPU and returns its output in bf16, as the bf16 kernel would:
-a PPO iteration's training phase ran 18% faster per model and generation 23% faster, and the result is closer to
-float32's, not further. Anywhere else (float32, CUDA, a frozen bf16 model's no-grad forward, where the bf16
-kernel is as fast) it is Hugging Face's own SDPA, unchanged.
+On CPU, torch's scaled-dot-product attention is slower in bfloat16 than in float32 (its flash kernel's backward
+and its decode steps), while the matmuls around it are 2.4x (AVX512-BF16) to 7x (AMX) faster in bf16
+(``bench/attention.py``). Under bf16 autocast (how ppomax trains with ``model.dtype: bfloat16``), or training
+bf16 weights (DeepSpeed's bf16 mode), ppomax therefore computes attention in float32 on CPU and returns its output
+in bf16, as the bf16 kernel would: a bf16 PPO iteration of a 21.5M-parameter Llama ran 14% faster (generation
+-22%, training -13%; BENCHMARKS.md, issue 14), and its gradients are as close to float32's or closer. Anywhere
+else (float32, CUDA, a frozen bf16 model's no-grad forward, where the bf16 kernel is as fast) it is transformers'
+own SDPA, unchanged.
 
 It is installed through transformers' attention interface (:func:`use_cpu_float32_attention`) on every model
 ppomax loads whose attention is SDPA. The mask function is registered under the same name: without it
