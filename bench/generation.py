@@ -41,16 +41,17 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(a.threads)
     sys.path.insert(0, str(REPO / "src"))
-    from transformers import AutoModelForCausalLM
 
     from ppomax.config import GenerationConfig as PPOGeneration
     from ppomax.data import pad_left, tokenize_prompt
-    from ppomax.models import load_tokenizer
+    from ppomax.models import load_causal_lm, load_tokenizer
     from ppomax.rollout import HFGenerateEngine, eos_ids_of, finish_rollout
 
     spec = json.loads(Path(a.spec).read_text())
     tok = load_tokenizer(spec["policy"])
-    model = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32).eval()
+    model = load_causal_lm(
+        spec["policy"]
+    ).eval()  # as ppomax loads a trained policy (its attention choice too)
     # the defaults are PPO-max's sampling; static+compile is ppomax's generation.compile
     gen = PPOGeneration(max_new_tokens=a.new_tokens, compile=a.variant == "static+compile")
     engine = HFGenerateEngine(gen, eos_ids_of(tok, model), tok.pad_token_id)
