@@ -8,9 +8,13 @@ Every call goes through ppomax's own engine (:class:`ppomax.rollout.HFGenerateEn
 sampling, temperature 0.8, top-p 0.9, the response-only repetition penalty 1.1) with the HF generation config it
 builds: ``dynamic`` (the default: ``DynamicCache``), ``static`` (the same plus ``cache_implementation="static"``)
 and ``static+compile`` (``generation.compile: true``: a static cache and HF's ``CompileConfig``, which compiles the
-decoding step's forward). bf16 is the trained policy's mixed precision as PPO runs it: float32 weights under
-``torch.autocast``. As in PPO, successive calls get prompt batches of different widths (left-padded to the longest
-prompt of the batch), so a compiled variant recompiles or reuses graphs as a real run would. Each variant runs in
+decoding step's forward). bf16 is the trained policy's mixed precision as PPO runs it: float32 weights, each
+forward wrapped in ``torch.autocast`` as accelerate wraps it, so every decode step casts the weights again. The
+extra variant ``dynamic+call-autocast`` (``--variants dynamic,dynamic+call-autocast``) instead opens one autocast
+region around each call, whose cast cache casts each weight once per call (not what the trainer does: the cache
+would hold a bf16 copy of the policy through generation). As in PPO, successive calls get prompt batches of
+different widths (left-padded to the longest prompt of the batch), so a compiled variant recompiles or reuses
+graphs as a real run would. Each variant runs in
 its own fresh process with one torch thread and an empty inductor cache; the first ``--warmup`` calls (a cold
 compilation included) are timed separately, then ``--calls`` timed calls; medians. Processes alternate variants
 over ``--rounds``. Response tokens are counted up to and including the first EOS (``finish_rollout``).
@@ -67,7 +71,11 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(a.seed)
     prompts = spec["prompts"]
     rows = []
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "bfloat16")
+    bf16 = a.dtype == "bfloat16"
+    per_call = bf16 and a.variant == "dynamic+call-autocast"
+    if bf16 and not per_call:  # accelerate's wrapping of a trained model's forward, as the trainer generates
+        model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=per_call)
     torch.manual_seed(a.seed)
     for _ in range(a.warmup + a.calls):
         ids, mask = pad_left(
