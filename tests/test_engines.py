@@ -13,6 +13,7 @@ weighting of the loss are global, so the update differs only by floating-point r
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -115,6 +116,21 @@ def test_zero3_two_processes_match_one_process(setup, one_process):
     assert proc.stdout.splitlines()[-1] == str(out / "final" / "policy")
     assert proc.stdout.count("final/policy") == 1
     _assert_same_first_update(setup, one_process, out)
+
+
+def test_bf16_under_zero2_trains_with_bf16_weights(setup):
+    """DeepSpeed's bf16 mode trains bf16 weights (no autocast), so attention takes ppomax's float32 path with
+    gradients (ppomax/models/attention.py): two iterations with 2 processes, finite losses, the policy moved."""
+    out = setup.root / "zero2-bf16"
+    proc = launch("zero2", 2, *ppo_args(setup, out, 4, "model.dtype=bfloat16", "ppo.iterations=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = metrics(out)
+    assert len(rows) == 2
+    for row in rows:
+        for key in ("loss/pg", "loss/vf", "grad_norm/policy"):
+            assert math.isfinite(row[key]), (key, row[key])
+    before, after = weights(setup.policy), weights(out / "final" / "policy")
+    assert max((after[k].float() - before[k].float()).abs().max().item() for k in after) > 1e-4
 
 
 @pytest.mark.slow
