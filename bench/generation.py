@@ -14,10 +14,9 @@ extra variant ``dynamic+call-autocast`` (``--variants dynamic,dynamic+call-autoc
 region around each call, whose cast cache casts each weight once per call (not what the trainer does: the cache
 would hold a bf16 copy of the policy through generation). As in PPO, successive calls get prompt batches of
 different widths (left-padded to the longest prompt of the batch), so a compiled variant recompiles or reuses
-graphs as a real run would. Each variant runs in
-its own fresh process with one torch thread and an empty inductor cache; the first ``--warmup`` calls (a cold
-compilation included) are timed separately, then ``--calls`` timed calls; medians. Processes alternate variants
-over ``--rounds``. Response tokens are counted up to and including the first EOS (``finish_rollout``).
+graphs as a real run would. Each variant runs in its own fresh process with one torch thread and an empty
+inductor cache; the first ``--warmup`` calls (a cold compilation included) are timed separately, then ``--calls``
+timed calls; medians. Processes alternate variants over ``--rounds``. Response tokens are counted up to and including the first EOS (``finish_rollout``).
 """
 
 from __future__ import annotations
@@ -53,9 +52,8 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
 
     spec = json.loads(Path(a.spec).read_text())
     tok = load_tokenizer(spec["policy"])
-    model = load_causal_lm(
-        spec["policy"]
-    ).eval()  # as ppomax loads a trained policy (its attention choice too)
+    # as ppomax loads a trained policy (its attention choice included)
+    model = load_causal_lm(spec["policy"]).eval()
     # the defaults are PPO-max's sampling; static+compile is ppomax's generation.compile
     gen = PPOGeneration(max_new_tokens=a.new_tokens, compile=a.variant == "static+compile")
     engine = HFGenerateEngine(gen, eos_ids_of(tok, model), tok.pad_token_id)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ppomax.models import load_causal_lm
-from ppomax.models.attention import NAME, _computes_in_bf16, cpu_float32_sdpa
+from ppomax.models.attention import NAME, _computes_in_bf16, cpu_float32_sdpa, use_cpu_float32_attention
 from tiny_lm import make_tiny_lm, tiny_config
 
 
@@ -110,6 +110,4 @@ def test_the_choice_is_not_saved_and_other_attentions_are_left_alone(lm_dir, tmp
     assert NAME not in (tmp_path / "saved" / "config.json").read_text()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved").config._attn_implementation == "sdpa"
     eager = AutoModelForCausalLM.from_config(tiny_config(300), attn_implementation="eager")
-    from ppomax.models.attention import use_cpu_float32_attention
-
     assert use_cpu_float32_attention(eager).config._attn_implementation == "eager"
