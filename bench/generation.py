@@ -16,7 +16,8 @@ would hold a bf16 copy of the policy through generation). As in PPO, successive 
 different widths (left-padded to the longest prompt of the batch), so a compiled variant recompiles or reuses
 graphs as a real run would. Each variant runs in its own fresh process with one torch thread and an empty
 inductor cache; the first ``--warmup`` calls (a cold compilation included) are timed separately, then ``--calls``
-timed calls; medians. Processes alternate variants over ``--rounds``. Response tokens are counted up to and including the first EOS (``finish_rollout``).
+timed calls; medians. Processes alternate variants over ``--rounds``. Response tokens are counted up to and
+including the first EOS (``finish_rollout``).
 """
 
 from __future__ import annotations
