@@ -180,6 +180,19 @@ def test_mixed_precision_follows_model_dtype_and_refuses_a_conflicting_launch(dt
         assert mixed_precision(dtype, env) == expect
 
 
+@pytest.mark.parametrize(
+    ("dtype", "adapters", "engine", "expect"),
+    [
+        ("bfloat16", False, "ddp", "float32"),  # float32 masters under autocast, as the policy
+        ("bfloat16", True, "ddp", "bfloat16"),  # a LoRA base stays in model.dtype
+        ("bfloat16", False, "deepspeed", "bfloat16"),  # the engine holds bf16 parameters, no autocast
+        ("float32", False, "fsdp", "float32"),
+    ],
+)
+def test_the_reference_is_held_in_the_dtype_the_policy_reads_its_weights_in(dtype, adapters, engine, expect):
+    assert common.reference_dtype(dtype, adapters, engine) == expect
+
+
 @pytest.mark.slow
 def test_two_process_sft_resume_continues_as_if_uninterrupted(tmp_path):
     """Two ranks (gloo) with a ragged last step per epoch (8 examples, 3 per rank: shares of 3/3 then 1/1): a

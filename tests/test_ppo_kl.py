@@ -269,3 +269,34 @@ def test_resume_with_the_adaptive_kl_coefficient_continues_exactly(setup, tmp_pa
     for a, b in zip(straight, resumed, strict=True):
         for key, value in _timeless(a).items():
             assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+# ------------------------------------------------------------------------------- precision of the reference
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param([], id="full"),
+        # LoRA with a reference of its own (a copy of the policy elsewhere): loaded, not the policy's base
+        pytest.param(["model.lora={r: 4}", "COPY"], id="lora-own-reference"),
+    ],
+)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "scored"])
+def test_identical_policy_and_reference_give_a_kl_of_exactly_0_in_bfloat16(setup, tmp_path, extra, fused):
+    """With model.dtype bfloat16 the policy runs under autocast; the reference, a copy of the same weights, must
+    run the same precision path (its weights in the dtype the policy reads its own in, under the same autocast):
+    the first iteration's log-probs are then bit-identical and the KL is exactly 0, not rounding noise."""
+    import shutil
+
+    over = ["model.dtype=bfloat16", "generation.max_new_tokens=4"]
+    if "COPY" in extra:
+        copy = tmp_path / "reference-copy"
+        shutil.copytree(setup.policy, copy)
+        over += [f"model.reference={copy}", *(e for e in extra if e != "COPY")]
+    if not fused:
+        over.append("ppo.minibatch_size=4")
+    tr = make(setup, tmp_path / "run", *over)
+    assert tr.updater.fuses_scoring() == fused
+    m = tr.iteration(1)
+    assert m["kl/per_token"] == 0.0 and m["kl/per_sequence"] == 0.0

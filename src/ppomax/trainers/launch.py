@@ -91,6 +91,14 @@ def trained_dtype(dtype: str, adapters: bool) -> str:
     return dtype if adapters else TRAINED_DTYPE
 
 
+def reference_dtype(dtype: str, adapters: bool, engine: str) -> str:
+    """The dtype PPO's reference is loaded in: the one the policy's forward reads its own weights in, so that the
+    two forwards (under the same autocast: :func:`prepare_frozen`) are bit-identical while the policy is the
+    reference. Float32 masters for a policy trained in full under accelerate's autocast, ``dtype`` for a LoRA
+    base and under DeepSpeed, whose engines hold ``dtype`` parameters and run without autocast."""
+    return dtype if engine == "deepspeed" else trained_dtype(dtype, adapters)
+
+
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
@@ -289,9 +297,13 @@ def prepare_trained(
 def prepare_frozen(accelerator: Accelerator, model: torch.nn.Module, micro_batch_size: int) -> Any:
     """An inference-only model (PPO's reference and reward model) on the launch's engine: under ZeRO-3 a DeepSpeed
     inference engine with partitioned parameters (no optimiser, not checkpointed: it never changes), else the
-    model itself on this process's device (replicated; FSDP shards only models prepared with an optimiser)."""
-    if zero_stage(accelerator) != 3 or not isinstance(model, torch.nn.Module):
-        return model.to(accelerator.device)  # (not a module: a LoRA policy's base with adapters off)
+    model itself on this process's device (replicated; FSDP shards only models prepared with an optimiser),
+    its forward under the autocast accelerate runs the trained models' forwards in (:func:`autocast_like_trained`).
+    """
+    if not isinstance(model, torch.nn.Module):  # a LoRA policy's base with adapters off: already the policy's
+        return model.to(accelerator.device)
+    if zero_stage(accelerator) != 3:
+        return autocast_like_trained(accelerator, model.to(accelerator.device))
     import deepspeed
 
     plugin = accelerator.state.deepspeed_plugins[FROZEN]
@@ -311,6 +323,19 @@ def prepare_frozen(accelerator: Accelerator, model: torch.nn.Module, micro_batch
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine
+
+
+def autocast_like_trained(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its forward wrapped as accelerate's ``prepare`` wraps a trained model's under native mixed
+    precision (autocast, outputs converted to float32), so that a frozen model computes in the same precision
+    path as the trained ones; unchanged without native mixed precision (float32, DeepSpeed)."""
+    if not accelerator.native_amp:
+        return model
+    from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
+
+    autocast = get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler)
+    model.forward = convert_outputs_to_fp32(autocast(model.forward))
+    return model
 
 
 def sharded_forward(accelerator: Accelerator) -> bool:

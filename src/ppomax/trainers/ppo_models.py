@@ -19,6 +19,7 @@ minibatch must be exactly 1, and the old log-probs/values of the scoring pass mu
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from ppomax.models import (
     position_ids_from_mask,
     with_adapters,
 )
-from ppomax.trainers.launch import trained_dtype
+from ppomax.trainers.launch import launch_engine, reference_dtype, trained_dtype
 
 
 @dataclass
@@ -95,14 +96,16 @@ def build_critic(cfg: PPOConfig, policy_path: str, critic_path: str | None) -> V
 
 def build_reference(cfg: PPOConfig, policy: Any) -> Any:
     """The frozen reference: the policy's base with adapters off (LoRA, and ``model.reference`` unset or the
-    policy's path), else a model loaded from ``model.reference`` or the policy's path."""
+    policy's path), else a model loaded from ``model.reference`` or the policy's path, in the dtype the policy
+    reads its weights in (:func:`~ppomax.trainers.launch.reference_dtype`: identical weights, identical log-probs)."""
     m = cfg.model
     assert m.policy
     same = m.reference is None or Path(m.reference).resolve() == Path(m.policy).resolve()
     if m.lora is not None and same:
         return AdaptersOff(policy)
+    dtype = reference_dtype(m.dtype, m.lora is not None, launch_engine(os.environ))
     return _freeze(
-        load_causal_lm(m.reference or m.policy, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+        load_causal_lm(m.reference or m.policy, dtype=dtype, trust_remote_code=m.trust_remote_code)
     )
 
 
@@ -111,8 +114,8 @@ def load_models(cfg: PPOConfig) -> PPOModels:
     run then loads its checkpoint's weights into policy and critic; the reference and the reward model always come
     from the config: the reference is the *original* policy)."""
     m = cfg.model
-    # trained models in float32 (master weights; model.dtype is their autocast dtype), frozen ones (and a LoRA
-    # base) in model.dtype
+    # trained models in float32 (master weights; model.dtype is their autocast dtype), the reward model (and a
+    # LoRA base) in model.dtype, the reference in the policy's (build_reference)
     kw = {"dtype": m.dtype, "trust_remote_code": m.trust_remote_code}
     trained = {**kw, "dtype": trained_dtype(m.dtype, m.lora is not None)}
     assert m.policy
