@@ -303,6 +303,45 @@ def test_no_forward_computes_logits_nobody_reads(setup, tmp_path, fused):
     assert sorted(set(seen["policy"]))[0] == 1  # generation: the last position only, prefill included
 
 
+# ------------------------------------------------------------------------- one model's activations at a time
+
+
+def test_unfused_updates_free_one_models_graph_before_the_other_models_forward(setup, tmp_path, monkeypatch):
+    """The update's forwards hold their activations until their backward: without fusion each model's backward
+    comes right after its own forward, so the policy's and the critic's activations never coexist (on a 135M
+    Llama they are each ~2.5x the model's weights). Two minibatches of two micro-batches each."""
+    tr = make(setup, tmp_path, "ppo.minibatch_size=4", "ppo.micro_batch_size=2")
+    assert not tr.updater.fuses_scoring()
+    events: list[str] = []
+    names = {id(tr.policy): "policy", id(tr.critic): "critic"}
+    logits, values, backward = (
+        ppo_step.Forward.response_logits,
+        ppo_step.Forward.values,
+        ppo_step.Optimised.backward,
+    )
+
+    def spy_logits(fwd, model, *args, **kwargs):
+        if torch.is_grad_enabled():
+            events.append("policy forward")
+        return logits(fwd, model, *args, **kwargs)
+
+    def spy_values(critic, *args, **kwargs):
+        if torch.is_grad_enabled():
+            events.append("critic forward")
+        return values(critic, *args, **kwargs)
+
+    def spy_backward(self, loss):
+        events.append(f"{names[id(self.model)]} backward")
+        return backward(self, loss)
+
+    monkeypatch.setattr(ppo_step.Forward, "response_logits", spy_logits)
+    monkeypatch.setattr(ppo_step.Forward, "values", staticmethod(spy_values))
+    monkeypatch.setattr(ppo_step.Optimised, "backward", spy_backward)
+    tr.iteration(1)
+    one = ["policy forward", "policy backward", "critic forward", "critic backward"]
+    assert events == one * 4
+
+
 # ------------------------------------------------------------------------- log-probs from the sampling pass
 
 

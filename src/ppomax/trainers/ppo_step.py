@@ -509,15 +509,7 @@ class Updater:
                     total_loss = total_loss + ptx_loss.detach()
                     _accumulate(metrics, {"loss/ptx": ptx_loss.detach() / p.ptx_coef}, 1.0)
             with self._no_sync(not last):
-                outputs = self._forward(chunk, critic_only)
-                if fill is not None:  # one chunk: the minibatch itself
-                    chunk = self._normalized(fill(outputs))
-                policy_loss, critic_loss, m = self._loss(chunk, critic_only, outputs, kl_coef)
-                # one backward per model (the two graphs share nothing): each engine owns its own gradients
-                if not critic_only:
-                    self.policy.backward(weights[i] * policy_loss)
-                if self.critic is not None:
-                    self.critic.backward(weights[i] * critic_loss)
+                policy_loss, critic_loss, m = self._losses(chunk, critic_only, fill, kl_coef, weights[i])
             loss = policy_loss.detach() + critic_loss.detach()
             total_loss = total_loss + weights[i] * loss
             _accumulate(metrics, m, weights[i])
@@ -543,64 +535,96 @@ class Updater:
         values = None if self.critic is None else self.fwd.values(self.critic.model, seqs, attn, width)
         return logits, values
 
-    def _loss(
+    def _losses(
         self,
         mb: Experience,
         critic_only: bool,
-        outputs: tuple[Tensor | None, Tensor | None],
+        fill: Callable[[tuple[Tensor | None, Tensor | None]], Experience] | None,
         kl_coef: float | None,
+        weight: Tensor,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """(policy loss: clipped surrogate (dual-clipped with ``dual_clip``) + the KL term with ``kl_in: loss`` +
-        entropy bonus, critic loss: vf_coef x value loss (0 without a critic), metrics), from the forward
-        ``outputs`` of :meth:`_forward` on ``mb``. The KL term compares the policy with the reference log-probs of
-        the scoring pass, on the rollout's tokens, as the reward penalty would."""
+        """Forward, loss and backward (of the loss times ``weight``) of each trained model on the micro-batch
+        ``mb``: (policy loss, 0 if ``critic_only``; critic loss, 0 without a critic; metrics).
+
+        Without ``fill`` the models go one after the other, each backward right after its forward, which frees
+        that model's graph: the activations of one model are held at a time, not of both. A fused update
+        (``fill``) needs both forwards before any loss (the advantages depend on the policy's log-probs and on
+        the values), so there both graphs coexist."""
+        logits = values = None
+        if fill is not None:  # one chunk: the minibatch itself
+            logits, values = self._forward(mb, critic_only)
+            mb = self._normalized(fill((logits, values)))
+        seqs, attn, width = mb.sequences, mb.attention_mask, mb.prompt_width
+        zero = torch.zeros((), device=seqs.device)
+        policy_loss, critic_loss, metrics = zero, zero, {}
+        # one backward per model (the two graphs share nothing): each engine owns its own gradients
+        if not critic_only:
+            if logits is None:
+                logits = self.fwd.response_logits(self.policy.model, seqs, attn, width)
+            policy_loss, metrics = self._policy_loss(mb, logits, kl_coef)
+            self.policy.backward(weight * policy_loss)
+            del logits
+        if self.critic is not None:
+            if values is None:
+                values = self.fwd.values(self.critic.model, seqs, attn, width)
+            critic_loss, critic_metrics = self._critic_loss(mb, values)
+            self.critic.backward(weight * critic_loss)
+            metrics.update(critic_metrics)
+        return policy_loss, critic_loss, metrics
+
+    def _policy_loss(
+        self, mb: Experience, logits: Tensor, kl_coef: float | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """(clipped surrogate (dual-clipped with ``dual_clip``) + the KL term with ``kl_in: loss`` + entropy bonus,
+        metrics) from the policy's response ``logits`` on ``mb``. The KL term compares the policy with the
+        reference log-probs of the scoring pass, on the rollout's tokens, as the reward penalty would."""
         p = self.ppo
         mask = mb.response_mask
-        logits, values = outputs
         metrics: dict[str, Tensor] = {}
-        loss = torch.zeros((), device=mb.sequences.device)
-        if logits is not None:
-            logprobs = self.fwd.logprobs(logits, mb.responses_ids)
-            old = mb.logprobs if p.importance_sampling else mb.ref_logprobs
-            pg, pm = policy_loss(logprobs, old, mb.advantages, mask, p.clip_ratio, dual_clip=p.dual_clip)
-            if self._measuring:
-                gap = torch.where(mask, (logprobs.detach() - mb.logprobs).abs(), 0.0)
-                n = mask.sum().clamp(min=1)
-                metrics.update(
-                    {"policy/logprob_mismatch_max": gap.max(), "policy/logprob_mismatch_mean": gap.sum() / n}
-                )
-            loss = loss + pg
-            # Without importance sampling the ratio is pi/pi_ref: its metrics measure the distance to the
-            # reference, so they carry "_vs_ref" and never the names of the distance to the sampling policy.
-            vs = "" if p.importance_sampling else "_vs_ref"
+        logprobs = self.fwd.logprobs(logits, mb.responses_ids)
+        old = mb.logprobs if p.importance_sampling else mb.ref_logprobs
+        pg, pm = policy_loss(logprobs, old, mb.advantages, mask, p.clip_ratio, dual_clip=p.dual_clip)
+        if self._measuring:
+            gap = torch.where(mask, (logprobs.detach() - mb.logprobs).abs(), 0.0)
+            n = mask.sum().clamp(min=1)
             metrics.update(
-                {
-                    "loss/pg": pm["pg_loss"],
-                    f"policy/pg_clipfrac{vs}": pm["pg_clipfrac"],
-                    f"policy/approx_kl{vs}": pm["approx_kl"],
-                    f"policy/ratio{vs}_mean": pm["ratio_mean"],
-                    f"policy/ratio{vs}_max": pm["ratio_max"],
-                    f"policy/ratio{vs}_clamped_count": pm["ratio_clamped"],
-                }
+                {"policy/logprob_mismatch_max": gap.max(), "policy/logprob_mismatch_mean": gap.sum() / n}
             )
-            if p.dual_clip is not None:
-                metrics[f"policy/dual_clip_frac{vs}"] = pm["dual_clip_frac"]
-            kl_coef = p.kl_coef if kl_coef is None else kl_coef
-            if p.kl_in == "loss" and kl_coef > 0:
-                kl, km = kl_loss(logprobs, mb.ref_logprobs, mask, kl_coef, p.kl_estimator)
-                loss = loss + kl
-                metrics["loss/kl"] = km["kl_loss"]
-            if p.entropy_coef > 0:
-                ent, em = entropy_bonus_loss(self.fwd.entropy(logits), mask, p.entropy_coef, p.entropy_clip)
-                loss = loss + ent
-                metrics.update(
-                    {"loss/entropy": em["entropy_loss"], "policy/entropy_clipfrac": em["entropy_clipfrac"]}
-                )
-        if values is None:
-            return loss, torch.zeros((), device=mb.sequences.device), metrics
-        vf, vm = value_loss(values, mb.values, mb.returns, mask, p.value_clip)
-        metrics.update({"loss/vf": vm["vf_loss"], "critic/vf_clipfrac": vm["vf_clipfrac"]})
-        return loss, p.vf_coef * vf, metrics
+        loss = pg
+        # Without importance sampling the ratio is pi/pi_ref: its metrics measure the distance to the
+        # reference, so they carry "_vs_ref" and never the names of the distance to the sampling policy.
+        vs = "" if p.importance_sampling else "_vs_ref"
+        metrics.update(
+            {
+                "loss/pg": pm["pg_loss"],
+                f"policy/pg_clipfrac{vs}": pm["pg_clipfrac"],
+                f"policy/approx_kl{vs}": pm["approx_kl"],
+                f"policy/ratio{vs}_mean": pm["ratio_mean"],
+                f"policy/ratio{vs}_max": pm["ratio_max"],
+                f"policy/ratio{vs}_clamped_count": pm["ratio_clamped"],
+            }
+        )
+        if p.dual_clip is not None:
+            metrics[f"policy/dual_clip_frac{vs}"] = pm["dual_clip_frac"]
+        kl_coef = p.kl_coef if kl_coef is None else kl_coef
+        if p.kl_in == "loss" and kl_coef > 0:
+            kl, km = kl_loss(logprobs, mb.ref_logprobs, mask, kl_coef, p.kl_estimator)
+            loss = loss + kl
+            metrics["loss/kl"] = km["kl_loss"]
+        if p.entropy_coef > 0:
+            ent, em = entropy_bonus_loss(self.fwd.entropy(logits), mask, p.entropy_coef, p.entropy_clip)
+            loss = loss + ent
+            metrics.update(
+                {"loss/entropy": em["entropy_loss"], "policy/entropy_clipfrac": em["entropy_clipfrac"]}
+            )
+        return loss, metrics
+
+    def _critic_loss(self, mb: Experience, values: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(vf_coef x value loss, metrics) from the critic's ``values`` on ``mb``."""
+        p = self.ppo
+        vf, vm = value_loss(values, mb.values, mb.returns, mb.response_mask, p.value_clip)
+        metrics = {"loss/vf": vm["vf_loss"], "critic/vf_clipfrac": vm["vf_clipfrac"]}
+        return p.vf_coef * vf, metrics
 
     def _step(self, loss: Tensor, critic_only: bool, metrics: dict[str, Tensor]) -> bool:
         """Clip, check finiteness (one host sync per minibatch), step or skip; returns whether it stepped.
