@@ -125,6 +125,37 @@ def test_an_explicit_other_reference_is_loaded(setup, tmp_path):
     assert isinstance(same.models.reference, AdaptersOff)  # the policy's own path: no copy either
 
 
+def test_the_reward_model_is_the_lora_critics_base_not_a_second_copy(setup, tmp_path, monkeypatch):
+    """The critic starts from the reward model (critic_init reward_model) with adapters: the reward model's
+    backbone is loaded once, as the critic's frozen base; the reward model reads it with the adapters off and its
+    own head, so its scores stay those of the reward model, bit for bit, while the critic's adapters and head
+    train. With LoRA off the critic (model.lora.critic false) the critic's weights move: two copies then."""
+    loads = []
+    real = ValueHeadModel.from_pretrained.__func__
+
+    def counted(cls, path, **kw):
+        loads.append(path)
+        return real(cls, path, **kw)
+
+    monkeypatch.setattr(ValueHeadModel, "from_pretrained", classmethod(counted))
+    tr = make(setup, tmp_path, "ppo.critic_init=reward_model", "ppo.minibatch_size=4")
+    assert loads == [str(setup.reward)]
+    critic = tr.unwrapped(tr.critic)
+    ids = torch.tensor([[1, 5, 17, 42, 7, 99], [0, 0, 3, 8, 250, 2]])
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        expected = real(ValueHeadModel, setup.reward).score(ids, mask)
+        before = critic(ids, mask).scores
+        assert torch.equal(tr.models.reward_model.score(ids, mask), expected)
+    tr.iteration(1)
+    with torch.no_grad():
+        assert not torch.equal(critic(ids, mask).scores, before)  # the critic trained ...
+        assert torch.equal(tr.models.reward_model.score(ids, mask), expected)  # ... the reward model did not
+    loads.clear()
+    make(setup, tmp_path / "full-critic", "ppo.critic_init=reward_model", lora="{r: 4, critic: false}")
+    assert loads == [str(setup.reward)] * 2
+
+
 def test_adapter_dropout_is_off_so_the_first_ratio_is_one(setup, tmp_path):
     """LoRA dropout 0.5 in train mode (gradient checkpointing keeps the models in train mode): switched off like
     every dropout, so the first minibatch's ratio is 1 and its approximate KL 0."""

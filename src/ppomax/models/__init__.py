@@ -21,7 +21,15 @@ from .loading import (
     to_dtype,
     weights_error,
 )
-from .lora import MERGED_DIR, AdaptersOff, has_adapters, is_adapter_dir, save_trained, with_adapters
+from .lora import (
+    MERGED_DIR,
+    AdaptersOff,
+    RewardOnCriticBase,
+    has_adapters,
+    is_adapter_dir,
+    save_trained,
+    with_adapters,
+)
 from .value_head import (
     HEAD_META,
     HEAD_WEIGHTS,
@@ -37,6 +45,7 @@ __all__ = [
     "HEAD_WEIGHTS",
     "MERGED_DIR",
     "AdaptersOff",
+    "RewardOnCriticBase",
     "ValueHeadModel",
     "ValueHeadOutput",
     "check_finite",

@@ -117,6 +117,34 @@ class AdaptersOff:
         return self
 
 
+class RewardOnCriticBase:
+    """The reward model as the frozen base of a LoRA critic that starts from it: the critic's backbone with its
+    adapters disabled, read by the reward model's own value head (``head``, a frozen copy taken before the
+    critic's head trains), so the reward model's backbone weights exist once.
+
+    Called through the critic itself (as prepared by accelerate: the same precision path); ``to`` places the head
+    only (the critic is placed by its own trainer), ``eval``/``requires_grad_`` are no-ops."""
+
+    def __init__(self, critic: ValueHeadModel, head: torch.nn.Linear) -> None:
+        self.critic = critic
+        self.head = head.requires_grad_(False)
+
+    def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B] float32 rewards (:meth:`ValueHeadModel.score`)."""
+        with self.critic.backbone.disable_adapter():
+            return self.critic(input_ids, attention_mask, value_head=self.head).scores
+
+    def to(self, *args: Any, **kwargs: Any) -> RewardOnCriticBase:
+        self.head.to(*args, **kwargs)
+        return self
+
+    def eval(self) -> RewardOnCriticBase:
+        return self
+
+    def requires_grad_(self, _flag: bool = True) -> RewardOnCriticBase:
+        return self
+
+
 # --------------------------------------------------------------------------- saving
 
 

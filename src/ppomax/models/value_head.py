@@ -140,11 +140,16 @@ class ValueHeadModel(torch.nn.Module):
         return captured[-1], out.logits
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, return_lm_logits: bool = False
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        return_lm_logits: bool = False,
+        value_head: torch.nn.Linear | None = None,
     ) -> ValueHeadOutput:
-        """input_ids, attention_mask: [B, T] (any padding side) -> values [B, T], scores [B], lm_logits."""
+        """input_ids, attention_mask: [B, T] (any padding side) -> values [B, T], scores [B], lm_logits.
+        ``value_head``: another head to read the backbone with (:class:`ppomax.models.lora.RewardOnCriticBase`)."""
         hidden, logits = self._hidden_and_logits(input_ids, attention_mask, return_lm_logits)
-        head = self.value_head
+        head = self.value_head if value_head is None else value_head
         values = head(hidden.to(head.weight.dtype)).squeeze(-1).float()
         idx = last_token_index(attention_mask)
         scores = values.gather(1, idx.unsqueeze(1)).squeeze(1)

@@ -11,6 +11,8 @@
   Under LoRA with ``model.lora.critic``, adapters go on the critic's own backbone (it shares nothing with the
   policy); its value head is always fully trained. None at all with a critic-free ``ppo.advantage_estimator``.
 * Reward model: a trained value-head model (``model.reward``), frozen; optional when reward functions are set.
+  Under LoRA, when the critic is the reward model plus adapters, the reward model is the critic's base with its
+  adapters disabled and a frozen copy of the reward model's head (:class:`ppomax.models.RewardOnCriticBase`).
 
 Dropout is switched off in policy and critic (LoRA's adapter dropout included): the PPO ratio of the first
 minibatch must be exactly 1, and the old log-probs/values of the scoring pass must be those the update sees.
@@ -18,6 +20,7 @@ minibatch must be exactly 1, and the old log-probs/values of the scoring pass mu
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ from ppomax.algos import entropy_from_logits, logprobs_from_logits
 from ppomax.config import PPOConfig
 from ppomax.models import (
     AdaptersOff,
+    RewardOnCriticBase,
     ValueHeadModel,
     init_causal_lm_from_config,
     load_causal_lm,
@@ -48,7 +52,7 @@ class PPOModels:
     reference: Any
     critic: ValueHeadModel | None
     """None without a critic (``ppo.advantage_estimator`` other than gae)."""
-    reward_model: ValueHeadModel | None
+    reward_model: ValueHeadModel | RewardOnCriticBase | None
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -94,6 +98,17 @@ def build_critic(cfg: PPOConfig, policy_path: str, critic_path: str | None) -> V
     return with_adapters(critic, lora, base, seed=seed + 1)
 
 
+def critic_base_is_reward_model(cfg: PPOConfig) -> bool:
+    """Whether the critic is the reward model plus LoRA adapters (``model.lora.critic``, the critic loaded from
+    ``model.reward``): its frozen base is then the reward model's backbone, which is not loaded a second time
+    (:class:`~ppomax.models.RewardOnCriticBase`)."""
+    m = cfg.model
+    if m.reward is None or m.lora is None or not m.lora.critic or not cfg.ppo.uses_critic:
+        return False
+    source = m.critic or (m.reward if cfg.ppo.critic_init == "reward_model" else None)
+    return source is not None and Path(source).resolve() == Path(m.reward).resolve()
+
+
 def build_reference(cfg: PPOConfig, policy: Any) -> Any:
     """The frozen reference: the policy's base with adapters off (LoRA, and ``model.reference`` unset or the
     policy's path), else a model loaded from ``model.reference`` or the policy's path, in the dtype the policy
@@ -123,7 +138,12 @@ def load_models(cfg: PPOConfig) -> PPOModels:
     policy = with_adapters(load_causal_lm(m.policy, **trained), m.lora, m.policy, seed=cfg.seed)
     reference = build_reference(cfg, policy)
     critic = build_critic(cfg, m.policy, m.critic) if cfg.ppo.uses_critic else None
-    reward_model = _freeze(ValueHeadModel.from_pretrained(m.reward, **kw)) if m.reward else None
+    reward_model: Any = None
+    if critic is not None and critic_base_is_reward_model(cfg):
+        # the head is copied before any update: the critic's own head trains away from it
+        reward_model = RewardOnCriticBase(critic, copy.deepcopy(critic.value_head))
+    elif m.reward:
+        reward_model = _freeze(ValueHeadModel.from_pretrained(m.reward, **kw))
     for model in (policy, critic) if critic is not None else (policy,):
         disable_dropout(model)
         if m.gradient_checkpointing:
