@@ -11,6 +11,7 @@ import sys
 
 import ppomax
 import ppomax.commands
+from ppomax.allocator import pin_mmap_threshold
 from ppomax.console import console
 from ppomax.errors import STOPPED_EXIT_CODE, RunStopped, UserError
 from ppomax.threads import command_threads
@@ -56,6 +57,7 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     # transformers' per-file "Loading weights" bars would interleave with ours; set to 0 to see them
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    pin_mmap_threshold()  # freed tensors go back to the system (ppomax.allocator)
     args = build_parser().parse_args(argv)
     try:
         with command_threads(args.threads):
