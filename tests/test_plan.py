@@ -273,3 +273,35 @@ def test_lora_settings_from_flags_over_model_lora():
     assert _lora_settings(cfg, flags) == (16, ["q_proj", "k_proj"], "model.lora")
     both = SimpleNamespace(lora_r=4, lora_targets="all-linear")
     assert _lora_settings(cfg, both) == (4, "all-linear", "flags")
+
+
+def test_a_lora_run_directory_is_read_as_its_base_with_its_adapter_settings(tmp_path, capsys, one_thread):
+    """A LoRA run's model directory holds PEFT adapters, no config.json: plan reads its base's config.json (the
+    model the adapters load onto) and, unless flags or model.lora say otherwise, its rank and target modules."""
+    from ppomax.config import LoraSettings
+    from ppomax.models import ValueHeadModel, with_adapters
+
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(_llama()).save_pretrained(base)
+    sft = tmp_path / "sft-lora"
+    lora = LoraSettings(r=2, target_modules=["q_proj", "v_proj"])
+    with_adapters(AutoModelForCausalLM.from_pretrained(base), lora, base).save_pretrained(sft)
+    rm = tmp_path / "rm-lora"  # a value-head model trained with LoRA: adapters and the head
+    with_adapters(ValueHeadModel.from_causal_lm(base), lora, base).save_pretrained(rm)
+    capsys.readouterr()
+    assert main(["plan", "--model", str(sft), "--set", f"model.reward={rm}", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_config(_llama()).parameters())
+    assert doc["roles"]["policy"]["params"] == params
+    assert doc["roles"]["reward"]["params"] == params + 33  # the reward model's base too, plus its head
+    assert doc["lora"]["policy"] == {
+        "r": 2,
+        "targets": ["q_proj", "v_proj"],
+        "params": 2 * ((32 + 32) + (32 + 16)) * 2,
+    }
+    assert main(["plan", "--model", str(sft), "--lora-r", "4"]) == 0
+    text = capsys.readouterr().out
+    assert f"run of {sft} (LoRA adapters on {base})" in text and "LoRA r=4" in text
+    assert "LoRA settings from flags" in text
+    assert main(["plan", "--model", str(sft)]) == 0
+    assert f"LoRA settings from {sft}/adapter_config.json" in capsys.readouterr().out

@@ -18,12 +18,44 @@ from ppomax.errors import ConfigError, ModelPathError
 DEFAULT_LORA_R = 8
 
 
+def adapter_settings(path: str | Path) -> dict[str, Any] | None:
+    """The ``adapter_config.json`` of a LoRA run's model directory (PEFT adapters, no config.json of their own:
+    :func:`ppomax.models.lora.is_adapter_dir`), None for any other directory."""
+    from ppomax.models.lora import ADAPTER_CONFIG, is_adapter_dir
+
+    p = Path(path)
+    if not is_adapter_dir(p):
+        return None
+    try:
+        settings = json.loads((p / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        base = settings["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelPathError(f"{p / ADAPTER_CONFIG}: not a readable PEFT adapter config ({exc})") from None
+    if not base:
+        raise ModelPathError(f"{p / ADAPTER_CONFIG}: base_model_name_or_path is empty: no base to read")
+    return settings
+
+
+def config_dir(path: str | Path) -> Path:
+    """The directory whose config.json describes the model at ``path``: ``path`` itself, or for LoRA adapters
+    their base (``base_model_name_or_path``, the model ppomax loads them onto)."""
+    p = Path(path)
+    adapters = adapter_settings(p)
+    if adapters is None:
+        return p
+    base = Path(adapters["base_model_name_or_path"])
+    if not (base / "config.json").is_file():
+        raise ModelPathError(f"{p}: LoRA adapters whose base model {base} has no config.json here")
+    return base
+
+
 def _meta_model(path: str, trust_remote_code: bool) -> Any:
-    """The model of ``path/config.json`` built on the meta device: exact parameter shapes, no memory, no weights."""
+    """The model of ``path/config.json`` (of an adapter directory's base) built on the meta device: exact
+    parameter shapes, no memory, no weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    p = Path(path)
+    p = config_dir(path)
     if not (p / "config.json").is_file():
         raise ModelPathError(f"{p}: no config.json (ppomax plan reads a model directory's config.json only)")
     try:
@@ -182,7 +214,7 @@ def build_roles(
         return Lora(lora_r, tuple([targets] if isinstance(targets, str) else targets), n)
 
     def other(path: str | None) -> tuple[Any, Any, str]:
-        if path and (Path(path) / "config.json").is_file():
+        if path and ((Path(path) / "config.json").is_file() or adapter_settings(path) is not None):
             model, shape = models.get(path)
             return model, shape, ""
         if path:
@@ -216,12 +248,19 @@ def build_roles(
     return roles, notes
 
 
-def _lora_settings(cfg: Any, args: argparse.Namespace) -> tuple[int, Any, str]:
-    """(r, targets or None for the architecture's default, where they came from): flags over ``model.lora``."""
+def _lora_settings(
+    cfg: Any, args: argparse.Namespace, adapters: tuple[str, dict[str, Any]] | None = None
+) -> tuple[int, Any, str]:
+    """(r, targets or None for the architecture's default, where they came from): flags over ``model.lora`` over
+    ``adapters`` (the model directory's own LoRA adapters: (its path, its adapter_config.json))."""
     section = getattr(cfg.model, "lora", None)  # the config field exists once LoRA training does
     r = getattr(section, "r", None) if section is not None else None
     targets = getattr(section, "target_modules", None) if section is not None else None
     source = "model.lora" if section is not None else "defaults"
+    if section is None and adapters is not None:
+        path, settings = adapters
+        r, targets, source = settings.get("r"), settings.get("target_modules"), f"{path}/adapter_config.json"
+        targets = sorted(targets) if isinstance(targets, list) else targets  # PEFT writes a set as a list
     if args.lora_r is not None:
         r, source = args.lora_r, "flags"
     if args.lora_targets:
@@ -239,7 +278,10 @@ def _run(args: argparse.Namespace) -> int:
     model_dir = args.model or cfg.model.policy
     if not model_dir:
         raise ConfigError("--model DIR or model.policy: required (a directory with the model's config.json)")
-    lora_r, lora_targets, lora_source = _lora_settings(cfg, args)
+    adapters = adapter_settings(model_dir)
+    lora_r, lora_targets, lora_source = _lora_settings(
+        cfg, args, (model_dir, adapters) if adapters is not None else None
+    )
     roles, notes = build_roles(cfg, args.kind, model_dir, lora_r, lora_targets)
     workload = workload_of(cfg, args.kind)
     plans = plan(roles, workload, args.devices)
@@ -260,7 +302,8 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
         return 0
     w = workload
-    header = [f"ppomax plan: {args.kind} run of {model_dir} on {args.devices} device(s), {w.dtype}"]
+    of = f"{model_dir} (LoRA adapters on {config_dir(model_dir)})" if adapters is not None else model_dir
+    header = [f"ppomax plan: {args.kind} run of {of} on {args.devices} device(s), {w.dtype}"]
     for r in roles:
         trained = f", {r.trainable:,} trained" if r.trained else ", frozen"
         lora = (
