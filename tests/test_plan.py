@@ -3,6 +3,7 @@ counts against real models, and one CLI run on a tiny saved model directory."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -305,3 +306,69 @@ def test_a_lora_run_directory_is_read_as_its_base_with_its_adapter_settings(tmp_
     assert "LoRA settings from flags" in text
     assert main(["plan", "--model", str(sft)]) == 0
     assert f"LoRA settings from {sft}/adapter_config.json" in capsys.readouterr().out
+
+
+def test_a_fused_ppo_update_holds_the_policys_and_the_critics_activations_at_once():
+    """One epoch over one minibatch in one micro-batch (Updater.fuses_scoring): both forwards run before either
+    backward, so the transient is the sum of both models' activations; otherwise the larger of the two."""
+    critic = Role("critic", SHAPE, True, SHAPE.params, False, 9)
+    apart = plan([_policy(), critic], WORK, 1)["ddp"]
+    fused = plan([_policy(), critic], dataclasses.replace(WORK, fused_update=True), 1)["ddp"]
+    pol, cri = fused.roles
+    assert apart.transient == (max(pol.activations, cri.activations, pol.kv_cache), "policy activations")
+    assert fused.transient == (pol.activations + cri.activations, "policy + critic activations")
+    small = ["ppo.rollout_batch_size=8", "ppo.buffer_size=8", "ppo.minibatch_size=8"]
+    assert workload_of(load_config("ppo", overrides=small), "ppo").fused_update
+    assert not workload_of(
+        load_config("ppo", overrides=[*small, "ppo.micro_batch_size=4"]), "ppo"
+    ).fused_update
+    assert not workload_of(load_config("ppo", overrides=[*small, "ppo.ppo_epochs=2"]), "ppo").fused_update
+    assert not workload_of(load_config("ppo"), "ppo").fused_update  # PPO-max: 4 minibatches a buffer
+    assert not workload_of(
+        load_config("ppo", preset="grpo", overrides=small), "ppo"
+    ).fused_update  # no critic
+
+
+def test_the_reference_is_held_as_the_policy_reads_its_weights():
+    """bf16 under DDP: the policy's float32 masters run under autocast, and so does the reference (4 bytes per
+    parameter); the DeepSpeed engines hold bf16 weights, the reference too (2 bytes)."""
+    ref = Role("reference", SHAPE, False, 0, True, policy_precision=True, phase="score")
+    assert role_memory(ref, "ddp", 1, WORK).weights == 4 * SHAPE.params
+    assert role_memory(ref, "zero2", 1, WORK).weights == 2 * SHAPE.params
+    assert role_memory(dataclasses.replace(ref, policy_precision=False), "ddp", 1, WORK).weights == 2000
+
+
+def test_under_lora_the_reward_model_is_the_critics_base_when_the_critic_starts_from_it(tmp_path):
+    from ppomax.commands.plan import build_roles
+
+    model = _tiny_dir(tmp_path)
+    base = [f"model.policy={model}", f"model.reward={model}", "model.lora={r: 4}"]
+
+    def reward_role(*over):
+        roles, _ = build_roles(
+            load_config("ppo", overrides=[*base, *over]), "ppo", str(model), 4, "all-linear"
+        )
+        return next(r for r in roles if r.name == "reward")
+
+    shared = reward_role()
+    assert shared.shares_critic_base
+    lora = role_memory(shared, "lora", 1, WORK)
+    assert lora.weights == 0 and "critic's base" in lora.note
+    assert role_memory(shared, "ddp", 1, WORK).weights > 0  # a full critic trains away from it
+    assert not reward_role("model.lora={r: 4, critic: false}", "ppo.critic_init=sft").shares_critic_base
+    assert not reward_role("ppo.critic_init=sft").shares_critic_base
+
+
+def test_the_cpu_run_adds_the_processs_runtime_to_its_strategys_peak(tmp_path, capsys, one_thread):
+    from ppomax.plan import CPU_RUNTIME
+
+    model = _tiny_dir(tmp_path)
+    capsys.readouterr()
+    for over, strategy in (([], "ddp"), (["--set", "model.lora={r: 4}"], "lora")):
+        assert main(["plan", "--model", str(model), *over, "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        run = doc["cpu_run"]
+        assert run["strategy"] == strategy and run["runtime"] == CPU_RUNTIME
+        assert run["peak"] == doc["strategies"][strategy]["peak"] + CPU_RUNTIME
+    assert main(["plan", "--model", str(model)]) == 0
+    assert "CPU run of this config (one process, ddp as above)" in capsys.readouterr().out

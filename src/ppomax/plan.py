@@ -20,8 +20,10 @@ model states to within 1%, activations and the generation peak to within about 1
 
 Model states stay allocated for the whole run; activations, the KV cache and inference working sets come and
 go phase by phase (generation, scoring, the policy update, the critic update), so the peak of a device is all
-roles' model states plus the largest transient (:func:`peak`). CUDA context, allocator fragmentation and
-communication buffers (DDP's gradient buckets, up to one more gradient copy) come on top.
+roles' model states plus the largest transient (:attr:`StrategyMemory.peak`); a fused PPO update (one epoch over
+one minibatch) holds the policy's and the critic's activations at once. CUDA context, allocator fragmentation and
+communication buffers (DDP's gradient buckets, up to one more gradient copy) come on top; a CPU run's host memory
+is that peak plus the process's own runtime (:func:`cpu_run`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ STRATEGY_TITLES = {
 }
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FP32 = 4
+CPU_RUNTIME = int(0.45 * GIB)
+"""Host memory a ppomax process holds besides models and tensors: Python, torch, transformers, accelerate, PEFT
+and a tokenizer. Measured: the resident set of the CLI after its imports and SmolLM2's 49k-token tokenizer,
+before any weights, 0.43 GiB (torch 2.13, transformers 5.25). A CPU run's line only (:func:`cpu_run`); on a GPU
+the CUDA context takes device memory instead."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,9 @@ class Workload:
     ptx_rows: int = 0
     ptx_seq: int = 0
     """PPO-ptx rows added to each policy micro-batch, and their length (full logits)."""
+    fused_update: bool = False
+    """PPO's update is fused with the scoring pass (one epoch over one minibatch, one micro-batch): the policy's
+    and the critic's forwards both run before either backward, so their activations coexist."""
 
 
 def state_bytes(params: int, trainable: int, dtype: str) -> dict[str, int]:
@@ -199,6 +209,10 @@ class Role:
     """Adapters when the strategy is LoRA (policy and critic)."""
     shares_policy_base: bool = False
     """The reference under LoRA: the policy's base with its adapters disabled, no weights of its own."""
+    shares_critic_base: bool = False
+    """The reward model under LoRA when the critic starts from it: the critic's base with its adapters disabled."""
+    policy_precision: bool = False
+    """The reference: held in the dtype the policy reads its weights in (float32 masters under DDP's autocast)."""
     phase: str = "train"
     """train (activations of a training micro-batch), score (a no-gradient forward) or generate (KV cache)."""
     note: str = ""
@@ -232,6 +246,8 @@ class StrategyMemory:
     strategy: str
     devices: int
     roles: list[RoleMemory] = field(default_factory=list)
+    together: tuple[str, ...] = ()
+    """Roles whose activations coexist (a fused PPO update: policy and critic, :attr:`Workload.fused_update`)."""
 
     @property
     def states(self) -> int:
@@ -245,6 +261,9 @@ class StrategyMemory:
             for name, value in (("activations", r.activations), ("kv cache", r.kv_cache)):
                 if value > best[0]:
                     best = (value, f"{r.role} {name}")
+        both = [r for r in self.roles if r.role in self.together]
+        if len(both) > 1 and sum(r.activations for r in both) > best[0]:
+            best = (sum(r.activations for r in both), " + ".join(r.role for r in both) + " activations")
         return best
 
     @property
@@ -272,8 +291,9 @@ def role_memory(role: Role, strategy: str, devices: int, w: Workload) -> RoleMem
     params = s.params + role.value_head
     trainable = role.trainable if role.trained else 0
     out = RoleMemory(role.name, note=role.note)
-    if strategy == "lora" and role.shares_policy_base:
-        out.note = "the policy's base with adapters disabled: no weights of its own"
+    if strategy == "lora" and (role.shares_policy_base or role.shares_critic_base):
+        whose = "policy" if role.shares_policy_base else "critic"
+        out.note = f"the {whose}'s base with adapters disabled: no weights of its own"
     elif strategy == "lora" and role.trained and role.lora is not None:
         # PEFT keeps adapters in fp32 (autocast_adapter_dtype) whatever the base dtype: 4 + 4 + 8 bytes each.
         adapters = role.lora.params + role.value_head
@@ -285,7 +305,8 @@ def role_memory(role: Role, strategy: str, devices: int, w: Workload) -> RoleMem
         if strategy in ("ddp", "lora"):
             # DDP/FSDP mixed precision is accelerate's autocast over float32 parameters (ppomax loads trained
             # models in float32): 4 + 4 + 8 bytes; the DeepSpeed engines hold bf16/fp16 weights (2 + 2 + 12)
-            kept = state_bytes(params, trainable, "float32") if trainable else full
+            # (the reference as its policy: ppomax.trainers.launch.reference_dtype)
+            kept = state_bytes(params, trainable, "float32") if trainable or role.policy_precision else full
             out.weights, out.grads, out.optim = kept["weights"], kept["grads"], kept["optim"]
         elif strategy == "zero2":
             out.weights, out.grads, out.optim = (
@@ -332,10 +353,28 @@ def plan(roles: list[Role], workload: Workload, devices: int) -> dict[str, Strat
     """Every strategy of :data:`STRATEGIES` for ``roles``: bytes per device."""
     if devices < 1:
         raise ValueError("devices must be >= 1")
+    together = tuple(r.name for r in roles if r.trained) if workload.fused_update else ()
     return {
-        st: StrategyMemory(st, devices, [role_memory(r, st, devices, workload) for r in roles])
+        st: StrategyMemory(st, devices, [role_memory(r, st, devices, workload) for r in roles], together)
         for st in STRATEGIES
     }
+
+
+def cpu_run(plans: dict[str, StrategyMemory], strategy: str) -> dict[str, int | str]:
+    """Host memory of a one-process CPU run under ``strategy`` (``ddp``, or ``lora`` with ``model.lora``): its
+    models' peak (:attr:`StrategyMemory.peak`) plus the process's own runtime (:data:`CPU_RUNTIME`)."""
+    sm = plans[strategy]
+    return {"strategy": strategy, "models": sm.peak, "runtime": CPU_RUNTIME, "peak": sm.peak + CPU_RUNTIME}
+
+
+def format_cpu_run(run: dict[str, int | str]) -> str:
+    """The CPU line of ``ppomax plan``'s table."""
+    models, runtime, peak = (int(run[k]) for k in ("models", "runtime", "peak"))
+    return (
+        f"CPU run of this config (one process, {run['strategy']} as above): {gib(peak):.2f} GiB of host memory = "
+        f"{gib(models):.2f} (peak above) + {gib(runtime):.2f} the process's own runtime (Python, torch, "
+        "transformers, the tokenizer)\n"
+    )
 
 
 def gib(n: int) -> float:

@@ -170,6 +170,11 @@ def workload_of(cfg: Any, kind: str) -> Any:
             score_rows=min(p.micro_batch_size or p.rollout_batch_size, p.rollout_batch_size),
             ptx_rows=ptx_rows,
             ptx_seq=d.max_prompt_tokens + d.max_ptx_response_tokens,
+            # as ppomax.trainers.ppo_step.Updater.fuses_scoring, with a critic to fuse
+            fused_update=p.uses_critic
+            and p.ppo_epochs == 1
+            and p.minibatch_size >= p.buffer_size
+            and (p.micro_batch_size is None or p.micro_batch_size >= p.minibatch_size),
         )
     seq = d.max_prompt_tokens + d.max_response_tokens
     if kind == "sft":
@@ -233,10 +238,20 @@ def build_roles(
     same_base = not m.reference or Path(m.reference).resolve() == Path(model_dir).resolve()
     _, rs, note = other(m.reference)
     roles.append(
-        Role("reference", rs, False, 0, True, shares_policy_base=same_base, phase="score", note=note)
+        Role(
+            "reference",
+            rs,
+            False,
+            0,
+            True,
+            shares_policy_base=same_base,
+            policy_precision=True,
+            phase="score",
+            note=note,
+        )
     )
+    critic_path = m.critic or (m.reward if cfg.ppo.critic_init == "reward_model" else None)
     if cfg.ppo.uses_critic:  # a critic-free advantage estimator builds no critic
-        critic_path = m.critic or (m.reward if cfg.ppo.critic_init == "reward_model" else None)
         cm, cs, note = other(critic_path)
         vh = cs.hidden + 1
         # the critic never uses its LM head: frozen unless tied (ValueHeadModel.freeze_lm_head)
@@ -244,7 +259,28 @@ def build_roles(
         roles.append(Role("critic", cs, True, trainable, False, vh, lora(cm), note=note))
     if m.reward:
         _, ws, note = other(m.reward)
-        roles.append(Role("reward", ws, False, 0, False, ws.hidden + 1, phase="score", note=note))
+        # under LoRA, a critic that is the reward model plus adapters holds the reward model's backbone
+        # (ppomax.trainers.ppo_models.critic_base_is_reward_model)
+        lora_critic = m.lora.critic if getattr(m, "lora", None) is not None else True
+        shared = (
+            cfg.ppo.uses_critic
+            and lora_critic
+            and critic_path is not None
+            and Path(critic_path).resolve() == Path(m.reward).resolve()
+        )
+        roles.append(
+            Role(
+                "reward",
+                ws,
+                False,
+                0,
+                False,
+                ws.hidden + 1,
+                shares_critic_base=shared,
+                phase="score",
+                note=note,
+            )
+        )
     return roles, notes
 
 
@@ -272,7 +308,7 @@ def _lora_settings(
 
 def _run(args: argparse.Namespace) -> int:
     from ppomax.config import load_config
-    from ppomax.plan import format_plan, plan, plan_json
+    from ppomax.plan import cpu_run, format_cpu_run, format_plan, plan, plan_json
 
     cfg = load_config(args.kind, path=args.config, preset=args.preset, overrides=args.overrides)
     model_dir = args.model or cfg.model.policy
@@ -285,6 +321,7 @@ def _run(args: argparse.Namespace) -> int:
     roles, notes = build_roles(cfg, args.kind, model_dir, lora_r, lora_targets)
     workload = workload_of(cfg, args.kind)
     plans = plan(roles, workload, args.devices)
+    cpu = cpu_run(plans, "lora" if getattr(cfg.model, "lora", None) is not None else "ddp")
     if args.json:
         doc = {
             "model": model_dir,
@@ -298,6 +335,7 @@ def _run(args: argparse.Namespace) -> int:
             "lora": {r.name: asdict(r.lora) for r in roles if r.lora is not None},
             "workload": asdict(workload),
             "strategies": plan_json(plans, args.gpu_memory),
+            "cpu_run": cpu,
         }
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
         return 0
@@ -328,6 +366,8 @@ def _run(args: argparse.Namespace) -> int:
         "\nActivations and KV cache are estimates (ppomax.plan); add ~1-2 GiB per device for the CUDA context, "
         "allocator fragmentation and communication buffers.\n"
     )
+    if args.devices == 1:
+        text += format_cpu_run(cpu)
     sys.stdout.write(text)
     return 0
 
