@@ -17,7 +17,8 @@ section 1 and the switches of ``ppo``:
    the ``dual_clip`` bound; the KL term ``kl_coef * KL`` here instead of in the rewards with ``kl_in: loss``;
    entropy bonus with clip; PPO-ptx LM loss (eq. 17); clipped value loss; global gradient clipping per model; a
    non-finite loss or gradient skips the step. ``micro_batch_size`` chunks are weighted by their token share, so
-   they give the whole minibatch's gradient.
+   they give the whole minibatch's gradient. Each model's backward follows its own forward, so one model's
+   activations are held at a time (except in an update fused with the scoring pass, :meth:`Updater.fuses_scoring`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,73 @@
+"""``ppomax plan`` against the measured peak host memory of real runs on CPU: SmolLM2-135M-Instruct
+(bench/real_model.py) on the real HH-RLHF harmless prompts and pairs, five cases, each a ppomax command in a fresh
+process through the CLI (bench/_real_runs.py):
+
+* full PPO and LoRA PPO (preset ppo_max; the reward model, and the critic it initialises, a value head on the
+  real model), GRPO (preset grpo: no critic, 4 responses per prompt);
+* full and LoRA reward-model training (train-rm, beta_rm 1: the LM term on the chosen responses).
+
+Measured: the process's ``ru_maxrss`` (the resident set's high-water mark, the runtime included). Planned:
+``ppomax plan --json``'s ``cpu_run.peak`` for the same config (the strategy a one-process CPU run uses, plus the
+process's runtime). The check: every ratio within 0.8-1.2 (exit status 1 otherwise).
+
+    python bench/plan_real.py                            # ~20 min on one core; a markdown table
+    python bench/plan_real.py --cases ppo lora_ppo --buffer 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from _real_runs import GIB, PPOShape, measure, planned, ppo_args, real_inputs, rm_args
+
+CASES = ("ppo", "lora_ppo", "grpo", "rm", "lora_rm")
+TOLERANCE = 0.2
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    ap.add_argument("--rollout", type=int, default=8, help="PPO rollout batch = minibatch (responses)")
+    ap.add_argument("--buffer", type=int, default=8, help="PPO buffer (= rollout: one fused update)")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--iterations", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=8, help="reward-model pairs per step")
+    ap.add_argument("--rm-epochs", type=float, default=0.01, help="of the 2,303 pairs (0.01: 3 steps)")
+    ap.add_argument("--json", metavar="FILE")
+    args = ap.parse_args(argv)
+    shape = PPOShape(args.rollout, args.buffer, args.new_tokens, args.iterations)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model, rm = real_inputs(Path(tmp))
+        for case in args.cases:
+            out = Path(tmp) / case
+            if case.endswith("rm"):
+                kind, cmd = "rm", rm_args(model, out, args.pairs, args.rm_epochs, lora=case == "lora_rm")
+            else:
+                preset = "grpo" if case == "grpo" else "ppo_max"
+                kind, cmd = "ppo", ppo_args(model, rm, out, shape, preset, lora=case == "lora_ppo")
+            rows.append({"case": case, **measure(cmd), "plan": planned(kind, cmd)})
+    print(
+        f"SmolLM2-135M-Instruct, CPU fp32, one thread; PPO: rollout {args.rollout}, buffer {args.buffer}, "
+        f"{args.new_tokens} new tokens, {args.iterations} iterations; RM: {args.pairs} pairs per step\n"
+    )
+    print("| case | plan GiB (runtime included) | measured peak RSS GiB | measured / plan | CPU s |")
+    print("|---|---:|---:|---:|---:|")
+    ok = True
+    for r in rows:
+        p, m = r["plan"]["peak"], r["peak"]
+        ok = ok and abs(m / p - 1) <= TOLERANCE
+        print(
+            f"| {r['case']} | {p / GIB:.2f} | {m / GIB:.2f} | {m / p:.2f} | {r['user_s'] + r['sys_s']:.0f} |"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
