@@ -69,12 +69,17 @@ def ppo_args(model: Path, rm: Path, out: Path, shape: PPOShape, preset: str, lor
 
 
 def rm_args(model: Path, out: Path, pairs: int, epochs: float, lora: bool) -> list[str]:
-    """``train-rm`` on the HH pairs (beta_rm 1: the LM term on the chosen responses)."""
+    """``train-rm`` on the HH pairs (beta_rm 1: the LM term on the chosen responses), at most 128 prompt and 64
+    response tokens: lengths that most batches of the HH pairs fill (median prompt 92 tokens, 90th percentile
+    258; responses 28 and 83), so that a few steps meet the full-length batch ``ppomax plan`` assumes."""
     over = [
         f"model.policy={model}",
         f"data.train={HH}",
+        "data.max_prompt_tokens=128",
+        "data.max_response_tokens=64",
         f"epochs={epochs}",
         f"batch_size={pairs}",
+        "data.on_bad_line=skip",  # 9 of the 2,312 pairs (an empty chosen response, diverging dialogues)
         *(["model.lora={r: 16}"] if lora else []),
         *_quiet(out),
     ]

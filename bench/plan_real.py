@@ -40,7 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     shape = PPOShape(args.rollout, args.buffer, args.new_tokens, args.iterations)
-    rows = []
+    print(
+        f"SmolLM2-135M-Instruct, CPU fp32, one thread; PPO: rollout {args.rollout}, buffer {args.buffer}, "
+        f"{args.new_tokens} new tokens, {args.iterations} iterations; RM: {args.pairs} pairs per step\n"
+    )
+    print("| case | plan GiB (runtime included) | measured peak RSS GiB | measured / plan | CPU s |")
+    print("|---|---:|---:|---:|---:|", flush=True)
+    rows, ok = [], True
     with tempfile.TemporaryDirectory() as tmp:
         model, rm = real_inputs(Path(tmp))
         for case in args.cases:
@@ -50,20 +56,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 preset = "grpo" if case == "grpo" else "ppo_max"
                 kind, cmd = "ppo", ppo_args(model, rm, out, shape, preset, lora=case == "lora_ppo")
-            rows.append({"case": case, **measure(cmd), "plan": planned(kind, cmd)})
-    print(
-        f"SmolLM2-135M-Instruct, CPU fp32, one thread; PPO: rollout {args.rollout}, buffer {args.buffer}, "
-        f"{args.new_tokens} new tokens, {args.iterations} iterations; RM: {args.pairs} pairs per step\n"
-    )
-    print("| case | plan GiB (runtime included) | measured peak RSS GiB | measured / plan | CPU s |")
-    print("|---|---:|---:|---:|---:|")
-    ok = True
-    for r in rows:
-        p, m = r["plan"]["peak"], r["peak"]
-        ok = ok and abs(m / p - 1) <= TOLERANCE
-        print(
-            f"| {r['case']} | {p / GIB:.2f} | {m / GIB:.2f} | {m / p:.2f} | {r['user_s'] + r['sys_s']:.0f} |"
-        )
+            r = {"case": case, **measure(cmd), "plan": planned(kind, cmd)}
+            rows.append(r)
+            p, m = r["plan"]["peak"], r["peak"]
+            ok = ok and abs(m / p - 1) <= TOLERANCE
+            cpu = r["user_s"] + r["sys_s"]
+            print(f"| {case} | {p / GIB:.2f} | {m / GIB:.2f} | {m / p:.2f} | {cpu:.0f} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     return 0 if ok else 1
