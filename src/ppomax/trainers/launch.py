@@ -300,7 +300,7 @@ def prepare_frozen(accelerator: Accelerator, model: torch.nn.Module, micro_batch
     model itself on this process's device (replicated; FSDP shards only models prepared with an optimiser),
     its forward under the autocast accelerate runs the trained models' forwards in (:func:`autocast_like_trained`).
     """
-    if not isinstance(model, torch.nn.Module):  # a LoRA policy's base with adapters off: already the policy's
+    if not isinstance(model, torch.nn.Module):  # a LoRA base with adapters off, run by its trained model
         return model.to(accelerator.device)
     if zero_stage(accelerator) != 3:
         return autocast_like_trained(accelerator, model.to(accelerator.device))
