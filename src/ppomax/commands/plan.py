@@ -250,8 +250,8 @@ def build_roles(
             note=note,
         )
     )
-    critic_path = m.critic or (m.reward if cfg.ppo.critic_init == "reward_model" else None)
     if cfg.ppo.uses_critic:  # a critic-free advantage estimator builds no critic
+        critic_path = m.critic or (m.reward if cfg.ppo.critic_init == "reward_model" else None)
         cm, cs, note = other(critic_path)
         vh = cs.hidden + 1
         # the critic never uses its LM head: frozen unless tied (ValueHeadModel.freeze_lm_head)
@@ -259,15 +259,13 @@ def build_roles(
         roles.append(Role("critic", cs, True, trainable, False, vh, lora(cm), note=note))
     if m.reward:
         _, ws, note = other(m.reward)
-        # under LoRA, a critic that is the reward model plus adapters holds the reward model's backbone
-        # (ppomax.trainers.ppo_models.critic_base_is_reward_model)
-        lora_critic = m.lora.critic if getattr(m, "lora", None) is not None else True
-        shared = (
-            cfg.ppo.uses_critic
-            and lora_critic
-            and critic_path is not None
-            and Path(critic_path).resolve() == Path(m.reward).resolve()
-        )
+        # under LoRA (model.lora's, else the defaults), a critic that is the reward model plus adapters holds the
+        # reward model's backbone
+        from ppomax.config import LoraSettings
+        from ppomax.trainers.ppo_models import critic_base_is_reward_model
+
+        with_lora = cfg.model_copy(update={"model": m.model_copy(update={"lora": m.lora or LoraSettings()})})
+        shared = critic_base_is_reward_model(with_lora)
         roles.append(
             Role(
                 "reward",
