@@ -79,6 +79,18 @@ def _poll(child: Child) -> int | None:
     return None if pid == 0 else os.waitstatus_to_exitcode(status)
 
 
+def wait(child: Child) -> int:
+    """The child's exit code, once it exits (a hang past :data:`HANG_S` is killed and reported)."""
+    while True:
+        rc = _poll(child)
+        if rc is not None:
+            return rc
+        if time.monotonic() - child.started > HANG_S:
+            _kill(child)
+            raise AssertionError(f"no exit after {HANG_S:.0f}s (see {child.log})")
+        time.sleep(0.005)
+
+
 def _kill(child: Child) -> int:
     os.kill(child.pid, signal.SIGKILL)
     _, status = os.waitpid(child.pid, 0)

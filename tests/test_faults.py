@@ -14,6 +14,7 @@ import os
 import pathlib
 import random
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from faults import Chain, differences, last_line, report, run_chain, run_once, spawn
+from faults import Chain, differences, last_line, report, run_chain, run_once, spawn, wait
 from helpers import DEFAULT_TEXTS, open_files_under
 from ppo_helpers import FAST, make_setup, reward_fn
 from ppomax.cli import main
@@ -177,6 +178,45 @@ def test_kills_anywhere_in_every_trainer_resume_exactly(trainers, tmp_path, caps
         print("\n" + text)
     assert sum(a.fired for c in chains for a in c.attempts) >= 30, text
     assert all(c.exact for c in chains), text
+
+
+# ------------------------------------------------------------------------------------------------- two writers
+
+
+def test_two_runs_started_together_into_one_directory_give_one_run(trainers, tmp_path):
+    """Started at once into a directory neither has made yet: one runs to the uninterrupted result, the other
+    exits 2 in one line (the first run writing there, by PID, or the run it left), the metrics one run's."""
+    t = trainers["sft"]
+    out = tmp_path / "run"
+    children = [spawn(t.args(out), tmp_path / f"{name}.log") for name in ("a", "b")]
+    codes = [wait(c) for c in children]
+    assert sorted(codes) == [0, 2], codes
+    refused = children[codes.index(2)]
+    line = last_line(refused.log)
+    assert "another ppomax run (PID " in line or "already holds a run" in line, line
+    assert differences(t.ref, out) is None
+
+
+def test_a_second_writer_into_a_live_run_is_refused_naming_it(trainers, tmp_path, capsys):
+    """While a run is alive (stopped with SIGSTOP after its first checkpoint), a new run, --resume and
+    --overwrite into its directory exit 2 naming its PID and change nothing; it then finishes as if alone."""
+    t = trainers["sft"]
+    out = tmp_path / "run"
+    child = spawn(t.args(out), tmp_path / "live.log")
+    while not (out / "checkpoints" / "step-1").is_dir():
+        assert os.waitpid(child.pid, os.WNOHANG)[0] == 0, last_line(child.log)
+        time.sleep(0.001)
+    os.kill(child.pid, signal.SIGSTOP)
+    try:
+        for args in (t.args(out), t.args(out, "--overwrite"), [t.command[0], "--resume", str(out)]):
+            capsys.readouterr()
+            assert main(args) == 2, args
+            line = _one_line(capsys.readouterr().err)
+            assert f"{out}: another ppomax run (PID {child.pid}) is writing here" in line, line
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+    assert wait(child) == 0, last_line(child.log)
+    assert differences(t.ref, out) is None
 
 
 # ------------------------------------------------------------------------------------------------- full disk

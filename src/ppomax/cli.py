@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         console().error("interrupted")
         return 130
     finally:
+        locks = sys.modules.get("ppomax.trainers.run_lock")  # loaded by a command that opened a run
+        if locks is not None:
+            locks.release_run_locks()
         _close_process_group()
 
 

@@ -479,17 +479,21 @@ def evaluate(
 ) -> dict[str, Any]:
     """`ppomax eval` as a function: load both policies (and any reward-model judge given as a directory) and
     run :func:`evaluate_models` with ``judges`` as it takes them."""
-    from ppomax.models import ValueHeadModel, load_causal_lm, load_tokenizer
+    from ppomax.models import ValueHeadModel, check_vocab, load_causal_lm, load_tokenizer
 
     s = settings or EvalSettings()
     prompts, subsets = load_eval_prompts(prompts_file, s.limit)
-    tokenizer = load_tokenizer(str(tokenizer_dir or policy_dir))
-    policy = load_causal_lm(str(policy_dir))
-    baseline = load_causal_lm(str(baseline_dir))
+    tokenizer_key = "--tokenizer" if tokenizer_dir else "--policy"
+    tokenizer = load_tokenizer(str(tokenizer_dir or policy_dir), key=tokenizer_key)
+    policy = load_causal_lm(str(policy_dir), key="--policy")
+    check_vocab(policy, tokenizer, "--policy", tokenizer_key)
+    baseline = load_causal_lm(str(baseline_dir), key="--baseline")
+    check_vocab(baseline, tokenizer, "--baseline", tokenizer_key)
     loaded: dict[str, tuple[str, Any]] = {}
     for name, (kind, judge) in judges.items():
         if kind == "reward-model" and isinstance(judge, str | os.PathLike):
-            judge = ValueHeadModel.from_pretrained(judge)
+            judge = ValueHeadModel.from_pretrained(judge, key=f"--judge {name}")
+            check_vocab(judge, tokenizer, f"--judge {name}", tokenizer_key)
         loaded[name] = (kind, judge)
     result = evaluate_models(policy, baseline, tokenizer, prompts, subsets, loaded, s, progress=progress)
     result["policy"]["path"] = str(policy_dir)
