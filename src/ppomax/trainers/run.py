@@ -6,18 +6,25 @@ Layout of a run directory (``logging.out_dir``)::
     config.yaml            the resolved config (written by the main process, atomically)
     metrics.jsonl, tb/     one record per logged step (:class:`ppomax.monitor.MetricsLogger`)
     checkpoints/step-N/    accelerate ``save_state`` (model*.safetensors, optimizer*.bin, random_states_R.pkl)
-                           + ppomax_state.json (step, schedules, the trainer's own state); atomic
+                           + ppomax_state.json (step, schedules, the trainer's own state, the data files'
+                           fingerprints); atomic
+    .ppomax.lock           the lock of the run writing here (its PID)
     final/ (best/)         the trained model(s): ``save_pretrained`` + tokenizer, gathered under ZeRO-3/FSDP
                            (LoRA: the adapters, and the merged model in merged/ on request; models.lora)
     samples/               PPO evaluation samples
 
-The rules, the same for all three trainers (:func:`open_run`):
+The rules, the same for all three trainers (:func:`open_run`, :meth:`RunContext.restore`):
 
+* one run writes into a directory at a time: its main process locks it (:mod:`ppomax.trainers.run_lock`), and
+  another run into it is refused naming the PID of the one writing;
+* nothing is written into the directory before the trainer has loaded its config, data and models: it is first
+  written when :meth:`RunContext.restore` starts the run, so a run that cannot start leaves it as it was;
 * a new run into a directory that holds a run (a complete checkpoint or ``final/``) is refused unless
   ``overwrite`` (``--overwrite``), which deletes that run's files (only the names above);
 * ``resume`` (``--resume DIR``) continues the run in ``logging.out_dir`` from its newest complete checkpoint, and
   refuses a config that differs from the run's ``config.yaml`` in anything but :data:`RESUMABLE_KEYS` (the run
-  length; the directory itself, which may have been moved; the progress bar), naming the differing keys;
+  length; the directory itself, which may have been moved; the progress bar), naming the differing keys, and a
+  data file whose fingerprint (size, SHA-256) differs from the checkpoint's unless ``allow_data_change``;
 * a directory whose run died before its first complete checkpoint holds no run: a new run or a resume starts it
   afresh (its old metrics are removed), no ``rm -rf`` needed; temporary ``*.tmp-PID`` directories that a killed
   save left behind are removed on every start;
