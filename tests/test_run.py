@@ -543,7 +543,8 @@ def test_a_config_whose_vocab_size_disagrees_with_the_weights_is_one_line(small_
 
 def test_a_ppo_resume_refuses_prompts_with_other_text(tmp_path, capsys):
     """The same number of prompts with other text (the prompt stream's size check cannot see it): refused,
-    naming data.prompts."""
+    naming data.prompts; with --allow-data-change it continues, on more prompts too (the stream keeps its
+    epoch)."""
     from ppo_helpers import QUESTIONS, config, make_setup
 
     setup = make_setup(tmp_path)
@@ -556,3 +557,8 @@ def test_a_ppo_resume_refuses_prompts_with_other_text(tmp_path, capsys):
     assert main(["train-ppo", "--resume", str(out), "--set", "ppo.iterations=2"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"data.prompts ({setup.prompts}: " in line and "--allow-data-change" in line, line
+    write_jsonl(setup.prompts, [{"prompt": f"\n\nHuman: {q}\n\nAssistant:"} for q in [*QUESTIONS, "Why?"]])
+    resume = ["train-ppo", "--resume", str(out), "--set", "ppo.iterations=2"]
+    assert main(resume) == 2
+    assert main([*resume, "--allow-data-change"]) == 0
+    assert "data.prompts" in capsys.readouterr().err
