@@ -132,9 +132,11 @@ def load_models(cfg: PPOConfig) -> PPOModels:
         _freeze(ValueHeadModel.from_pretrained(m.reward, key="model.reward", **kw)) if m.reward else None
     )
     # every model reads the policy's token ids (those loaded from model.policy's files are checked once)
-    others = {"model.reference": m.reference and reference, "model.critic": m.critic and critic}
-    for key, model in {"model.policy": policy, **others, "model.reward": reward_model}.items():
-        if model and not isinstance(model, AdaptersOff):
+    checked = {"model.policy": policy, "model.reward": reward_model}
+    checked |= {"model.reference": reference} if m.reference else {}
+    checked |= {"model.critic": critic} if m.critic else {}
+    for key, model in checked.items():
+        if model is not None and not isinstance(model, AdaptersOff):
             check_vocab(model, tokenizer, key, tokenizer_key)
     for model in (policy, critic) if critic is not None else (policy,):
         disable_dropout(model)
