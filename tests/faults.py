@@ -32,6 +32,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections import Counter
@@ -70,6 +71,11 @@ def spawn(args: list[str], log: Path) -> Child:
             sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            # tqdm's write lock is a multiprocessing semaphore, shared by every fork: a child killed while it held
+            # it (a weight-loading bar) would stall the parent and every later child for good
+            from tqdm.std import tqdm as std_tqdm
+
+            std_tqdm.set_lock(threading.RLock())
             from ppomax.cli import main
 
             rc = main(args)
