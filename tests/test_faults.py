@@ -489,6 +489,9 @@ def _read_only(out: Path, how: str) -> str | None:
             p.chmod(0o755)
         return "permissions do not stop this user's writes (root): chmod cannot make a directory read-only"
     res = subprocess.run(["mount", "-o", "remount,ro", str(out.parent)], capture_output=True, text=True)
+    # the tmpfs is the test's own: only a file the run holds open for writing makes it busy (the run's lock
+    # file, opened read-write, did)
+    assert "busy" not in res.stderr, f"the run holds a file open for writing: {res.stderr.strip()}"
     return None if res.returncode == 0 else f"cannot remount read-only ({res.stderr.strip()})"
 
 
@@ -513,8 +516,10 @@ def test_an_output_directory_turning_read_only_is_one_line_and_the_checkpoint_st
                 break
             if "r" not in made and (out / "checkpoints" / "step-1").is_dir():
                 os.kill(child.pid, 19)  # SIGSTOP while the directory changes
-                made["r"] = _read_only(out, how)
-                os.kill(child.pid, 18)  # SIGCONT
+                try:
+                    made["r"] = _read_only(out, how)
+                finally:
+                    os.kill(child.pid, 18)  # SIGCONT
             time.sleep(0.001)
         if made.get("r"):
             pytest.skip(made["r"])

@@ -52,7 +52,8 @@ class RunLock:
             earlier.release()
         path = directory / LOCK_FILE
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            # read-only: an open write descriptor would keep the filesystem from being remounted read-only
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
         except OSError as exc:
             raise UserError(
                 f"{directory}: cannot write the run directory (logging.out_dir): {exc.strerror or exc}"
@@ -77,8 +78,7 @@ class RunLock:
                 "another logging.out_dir"
             ) from None
         with contextlib.suppress(OSError):  # the PID is for the message of a run refused here
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            path.write_text(f"{os.getpid()}\n", encoding="utf-8")
         lock = cls(directory, fd)
         _held[key] = lock
         return lock
