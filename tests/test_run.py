@@ -562,3 +562,47 @@ def test_a_ppo_resume_refuses_prompts_with_other_text(tmp_path, capsys):
     assert main(resume) == 2
     assert main([*resume, "--allow-data-change"]) == 0
     assert "data.prompts" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- killed after the last checkpoint
+
+
+@pytest.mark.parametrize("kind", ["sft", "rm"])
+@pytest.mark.parametrize("logged", [False, True])
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_same_end(tmp_path, kind, logged):
+    """Killed between the last step's checkpoint and the end of the run (final evaluation, RM test scoring, final
+    save): the resume does that end, so metrics and final/ are the uninterrupted run's, with no record twice
+    (``logged``: the killed run had written the final evaluation's records already)."""
+    from faults import comparable_metrics
+    from test_reward_trainer import _texts, rule_pairs
+
+    if kind == "sft":
+        model = make_tiny_lm(tmp_path, TEXTS)
+        train = write_jsonl(tmp_path / "train.jsonl", RECORDS)
+        data = {"train": str(train), "valid_fraction": 0.25}
+        extra = {"batch_size": 2}
+    else:
+        pairs = rule_pairs(16, 0)
+        model = make_tiny_lm(tmp_path, _texts(pairs))
+        data = {
+            "train": str(write_jsonl(tmp_path / "train.jsonl", pairs)),
+            "valid": str(write_jsonl(tmp_path / "valid.jsonl", rule_pairs(8, 1))),
+        }
+        extra = {"batch_size": 4}
+    logging_cfg = {"progress": False, "tensorboard": False, "checkpoint_every": 1, "eval_every": 0}
+    cfg = {"model": {"policy": str(model)}, "data": data, "epochs": 1, "logging": logging_cfg, **extra}
+    path = write_yaml(tmp_path / "cfg.yaml", cfg)
+    command = f"train-{kind}"
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main([command, "--config", str(path), "--set", f"logging.out_dir={ref}"]) == 0
+    assert main([command, "--config", str(path), "--set", f"logging.out_dir={run}"]) == 0
+    records = read_metrics(run / "metrics.jsonl")
+    last = max(r["step"] for r in records)
+    assert any(k.startswith("eval/") for r in records if r["step"] == last for k in r)  # the end's records
+    kept = [r for r in records if "train/loss" in r or r["step"] < last] if not logged else records
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    shutil.rmtree(run / "final")
+    assert main([command, "--resume", str(run)]) == 0
+    assert comparable_metrics(run / "metrics.jsonl") == comparable_metrics(ref / "metrics.jsonl")
+    for f in sorted((ref / "final").glob("*.safetensors")):
+        assert (run / "final" / f.name).read_bytes() == f.read_bytes()

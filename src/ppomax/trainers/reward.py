@@ -219,7 +219,7 @@ def train_rm(
     model, last_step = train_loop(ctx, model, spec)
     final = ctx.save_model(model, tokenizer, ctx.out_dir / "final")
 
-    if test and last_step > ctx.start_step:  # a resumed run that was already done has scored its test split
+    if test:  # also in a run resumed after its last checkpoint (its end is done again, from the checkpoint)
         model.eval()
         with torch.no_grad():
             margins = rm_margins(ctx, model, test, collate, eval_bs)

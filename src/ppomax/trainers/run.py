@@ -33,7 +33,9 @@ The rules, the same for all three trainers (:func:`open_run`, :meth:`RunContext.
 * SIGINT/SIGTERM: the step finishes, a checkpoint is saved, the run says where and how to resume and raises
   :class:`ppomax.errors.RunStopped` (the CLI exits with :data:`ppomax.errors.STOPPED_EXIT_CODE`); a second signal
   interrupts at once (exit 130, no checkpoint);
-* the last step is always checkpointed, so resuming a finished run has nothing left to do.
+* the last step is always checkpointed, so a run resumed after it (killed in its final evaluation or save, or
+  finished) does only the run's end again: the metrics are cut back to the records logged when that checkpoint
+  was saved, and the end logs its own again.
 
 No resume path unpickles arbitrary objects. accelerate's ``load_state`` reads its own files with
 ``torch.load(weights_only=True)`` but the objects given to ``register_for_checkpointing`` with
@@ -77,8 +79,10 @@ from .launch import TRAINED_DTYPE, build_accelerator, deepspeed_loads_tensors_on
 from .run_lock import RunLock
 
 STATE_FILE = "ppomax_state.json"
-# The key of ppomax_state.json that holds the fingerprints of the run's data files.
+# The keys of ppomax_state.json that hold the fingerprints of the run's data files, and the number of records
+# metrics.jsonl held at the checkpoint (what a resume keeps of it).
 DATA_KEY = "data_files"
+METRICS_KEY = "metrics_records"
 CONFIG_FILE = "config.yaml"
 # What a run writes into its directory: what --overwrite (or restarting a run that died early) deletes.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "final", "best", "samples")
@@ -183,7 +187,8 @@ class RunContext:
         final = root / f"step-{step}"
         # serialised first: a state that is not JSON is a bug, found before anything is written
         state = {k: v.state_dict() for k, v in self.tracked.items()}
-        text = json.dumps({"step": step, DATA_KEY: self.data.fingerprints, **state}, indent=1)
+        ppomax = {"step": step, DATA_KEY: self.data.fingerprints, METRICS_KEY: self.metrics.records}
+        text = json.dumps({**ppomax, **state}, indent=1)
         with self.atomic_dir(final, what="a checkpoint") as tmp:
             self.accelerator.save_state(str(tmp))
             if self.is_main:
@@ -228,6 +233,7 @@ class RunContext:
             tensorboard=self.cfg.logging.tensorboard,
             enabled=self.is_main,
             resume_step=self.start_step if ckpt is not None else None,
+            resume_records=(state or {}).get(METRICS_KEY),
         )
         if ckpt is not None:
             self.print(f"resumed from {ckpt} (step {self.start_step})")
