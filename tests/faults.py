@@ -71,11 +71,7 @@ def spawn(args: list[str], log: Path) -> Child:
             sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            # tqdm's write lock is a multiprocessing semaphore, shared by every fork: a child killed while it held
-            # it (a weight-loading bar) would stall the parent and every later child for good
-            from tqdm.std import tqdm as std_tqdm
-
-            std_tqdm.set_lock(threading.RLock())
+            _own_tqdm_locks()
             from ppomax.cli import main
 
             rc = main(args)
@@ -88,6 +84,20 @@ def spawn(args: list[str], log: Path) -> Child:
                 with_flush()
             os._exit(rc)
     return Child(pid, log, started)
+
+
+def _own_tqdm_locks() -> None:
+    """A forked child's own progress-bar locks. tqdm's write lock holds a multiprocessing semaphore that every
+    fork shares: a child killed while it held it (drawing a weight-loading bar, or creating any bar) stalled the
+    parent and every later child for good. Each bar class that made its lock before the fork has its own."""
+    from tqdm.std import tqdm
+
+    todo = [tqdm]
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if cls is tqdm or "_lock" in vars(cls):
+            cls._lock = threading.RLock()
 
 
 def _poll(child: Child) -> int | None:
