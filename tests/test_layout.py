@@ -33,6 +33,7 @@ TOP_LEVEL = {
     "collapse.py",
     "commands",
     "config.py",
+    "config_keys.py",
     "configs",
     "console.py",
     "data",

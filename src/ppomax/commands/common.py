@@ -45,12 +45,16 @@ def print_result(text: str) -> None:
         print(text)
 
 
-RUN_EPILOG = (
-    "A new run into a directory that holds one (a checkpoint or final/) is refused unless --overwrite. "
-    "--resume DIR continues the run in DIR from its newest checkpoint, with DIR's config.yaml (or --config, which "
-    "may differ only in the run length), and writes into DIR. SIGINT/SIGTERM save a checkpoint and exit with "
-    f"status {STOPPED_EXIT_CODE}; 0 = done, 2 = a user error (one line on stderr)."
-)
+def run_epilog(kind: str) -> str:
+    """The help epilog of a training command: where its config keys are listed, and the run rules."""
+    return (
+        f"Config keys: `ppomax config --explain --kind {kind}` lists every key with its default, allowed values and "
+        "description; set them in --config FILE (YAML) or with --set KEY=VALUE. "
+        "A new run into a directory that holds one (a checkpoint or final/) is refused unless --overwrite. "
+        "--resume DIR continues the run in DIR from its newest checkpoint, with DIR's config.yaml (or --config, "
+        "which may differ only in the run length), and writes into DIR. SIGINT/SIGTERM save a checkpoint and exit "
+        f"with status {STOPPED_EXIT_CODE}; 0 = done, 2 = a user error (one line on stderr)."
+    )
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:

@@ -67,7 +67,7 @@ from ppomax.collapse import CollapseMonitor
 from ppomax.config import PPOConfig
 from ppomax.errors import ConfigError
 from ppomax.experience import Experience
-from ppomax.optim import build_optimizer, build_scheduler
+from ppomax.optim import build_optimizer, build_scheduler, warmup_steps
 from ppomax.rewards import RewardSources, build_reward_functions
 from ppomax.rollout import HFGenerateEngine, RolloutEngine, eos_ids_of
 
@@ -115,6 +115,39 @@ def load_data(cfg: PPOConfig, tokenizer: Any, rank: int, world: int) -> PPOData:
         ptx_stream=IndexStream(len(ptx), cfg.seed + 1, rank=rank, world=world) if ptx else None,
         pad_id=pad_id_of(tokenizer),
     )
+
+
+def schedule_notes(cfg: PPOConfig) -> tuple[str, list[str]]:
+    """The run's schedule in one start-up line, and warnings for a run too short for it: a policy that trains mostly
+    or only at a warming-up learning rate, a collapse monitor that cannot fire before the run ends."""
+    p, window = cfg.ppo, cfg.collapse.window
+    updates = p.ppo_epochs * (p.buffer_size // p.minibatch_size)
+    steps = p.iterations * updates
+    warmup = warmup_steps(cfg.optim, steps)
+    line = (
+        f"schedule: {p.critic_pretrain_steps} critic-only iterations (ppo.critic_pretrain_steps), then "
+        f"{p.iterations} policy iterations (ppo.iterations) of {updates} optimiser steps each: {steps} policy "
+        f"steps, the first {min(warmup, steps)} warming up (optim.warmup_steps / warmup_ratio)"
+    )
+    warnings = []
+    if warmup >= steps:
+        warnings.append(
+            f"the policy's learning rate warms up over {warmup} optimiser steps but the run makes {steps}: it never "
+            "trains at optim.policy_lr; raise ppo.iterations or lower optim.warmup_steps"
+        )
+    elif 2 * warmup > steps:
+        warnings.append(
+            f"{warmup} of the policy's {steps} optimiser steps are warm-up (optim.warmup_steps): most of the run "
+            "trains below optim.policy_lr; raise ppo.iterations or lower optim.warmup_steps"
+        )
+    if cfg.collapse.action != "off":
+        line += f"; the collapse monitor can fire from policy iteration {2 * window} (2 x collapse.window)"
+        if p.iterations < 2 * window:
+            warnings.append(
+                f"the collapse monitor needs {2 * window} policy iterations (2 x collapse.window) before it can "
+                f"fire and this run has {p.iterations}: it is not armed in this run"
+            )
+    return line, warnings
 
 
 class Stopwatch:
@@ -415,6 +448,10 @@ class PPOTrainer:
         ):
             if data is not None:
                 run.print(f"{name}: {data.stats.summary()}")
+        schedule, too_short = schedule_notes(cfg)
+        run.print(schedule)
+        for warning in too_short:
+            run.warn(warning)
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -469,7 +506,9 @@ class PPOTrainer:
         if self.cfg.collapse.action == "off" or metrics["train/critic_only"]:
             return False
         signal = self.collapse.update(step, metrics)
-        metrics["collapse/firing"] = int(self.collapse.firing)
+        metrics["collapse/armed"] = int(self.collapse.armed)
+        if self.collapse.armed:  # before, it cannot fire: a 0 would read as "no collapse seen"
+            metrics["collapse/firing"] = int(self.collapse.firing)
         if signal is not None:
             self.run.warn(signal.message())
         return signal is not None
