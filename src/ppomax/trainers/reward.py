@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 
 from ppomax.algos import lm_nll, pairwise_rm_loss
 from ppomax.config import RMConfig
@@ -108,10 +109,14 @@ def rm_margins(
     feats: list[dict[str, Any]],
     collate: PreferenceCollator,
     batch_size: int,
+    desc: str = "eval",
 ) -> list[float]:
-    """r(chosen) - r(rejected) of every pair (all ranks' shards gathered, in example order)."""
+    """r(chosen) - r(rejected) of every pair (all ranks' shards gathered, in example order), with a progress bar
+    (``desc``) on the main process when ``logging.progress``."""
     local: list[tuple[int, float]] = []
-    for idx, real in eval_shards(len(feats), batch_size, ctx):
+    shards = eval_shards(len(feats), batch_size, ctx)
+    show = ctx.is_main and ctx.cfg.logging.progress
+    for idx, real in tqdm(shards, desc=desc, unit="batch", leave=False, disable=not show):
         batch = to_device(collate([feats[i] for i in idx]), ctx.device)
         chosen, rejected, _ = rm_forward(model, batch, beta_rm=0.0)
         if real:
@@ -120,14 +125,8 @@ def rm_margins(
     return [m for _, m in sorted(pairs)]
 
 
-def evaluate_rm(
-    ctx: RunContext,
-    model: torch.nn.Module,
-    feats: list[dict[str, Any]],
-    collate: PreferenceCollator,
-    batch_size: int,
-) -> dict[str, float]:
-    margins = rm_margins(ctx, model, feats, collate, batch_size)
+def evaluate_rm(margins: list[float]) -> dict[str, float]:
+    """Validation accuracy, mean margin and ranking loss of eq. 2 from the pairs' margins (:func:`rm_margins`)."""
     s = margin_summary(margins)
     m = torch.tensor(margins, dtype=torch.float64)
     # the margins are r_w - r_l already: the ranking term of eq. 2 against a zero "rejected" reward
@@ -178,6 +177,13 @@ def train_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Pa
     eval_bs = cfg.batch_size
     best_dir = ctx.out_dir / "best"
     extra: dict[str, Any] = {"best_accuracy": -1.0, "best_step": 0}
+    # the latest evaluation's margins: train_loop's last one scores the final model, which is then the test
+    # split's score too when there is no data.test (the validation pairs are not scored twice)
+    last_valid: list[list[float]] = []
+
+    def evaluate(mdl: torch.nn.Module) -> dict[str, float]:
+        last_valid[:] = [rm_margins(ctx, mdl, valid, collate, eval_bs, desc="valid")]
+        return evaluate_rm(last_valid[0])
 
     def on_eval(step: int, result: dict[str, float], mdl: torch.nn.Module) -> None:
         if result["accuracy"] > extra["best_accuracy"]:
@@ -197,7 +203,7 @@ def train_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Pa
         batch_size=cfg.batch_size,
         # the budget counts both rows of a pair; token_balanced_batches sees one (the longer) per pair
         max_tokens=max(1, cfg.max_tokens_per_batch // 2) if cfg.max_tokens_per_batch else None,
-        evaluate=(lambda mdl: evaluate_rm(ctx, mdl, valid, collate, eval_bs)) if valid else None,
+        evaluate=evaluate if valid else None,
         on_eval=on_eval,
         extra_state=extra,
     )
@@ -205,9 +211,12 @@ def train_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Pa
     final = ctx.save_model(model, tokenizer, ctx.out_dir / "final")
 
     if test and last_step > ctx.start_step:  # a resumed run that was already done has scored its test split
-        model.eval()
-        with torch.no_grad():
-            margins = rm_margins(ctx, model, test, collate, eval_bs)
+        if test_name == "valid":
+            margins = last_valid[0]
+        else:
+            model.eval()
+            with torch.no_grad():
+                margins = rm_margins(ctx, model, test, collate, eval_bs, desc="test")
         summary = margin_summary(margins)
         ctx.metrics.log(
             last_step, {k: v for k, v in summary.items() if k != "pairs"}, prefix=f"{test_name}_final/"
