@@ -455,8 +455,8 @@ class PPOSettings(_Section):
     description names the value's source: a paper section, the MOSS-RLHF code released with the paper, or "ours".
 
     Score re-parameterisation (paper 5.3.1) keeps fig. 5's two switches, ``reward_scaling`` (trick 4) and
-    ``reward_norm`` (trick 5, eq. 18), plus ``reward_clip`` (eq. 18's delta), because the paper, DESIGN.md and
-    MOSS-RLHF name them so and every variant of fig. 6 / fig. 14 is then a preset plus ``--set`` overrides. The
+    ``reward_norm`` (trick 5, eq. 18), plus ``reward_clip`` (eq. 18's delta), because the paper and MOSS-RLHF name
+    them so and every variant of fig. 6 / fig. 14 is then a preset plus ``--set`` overrides. The
     combinations that have no single meaning are errors naming both keys, never a silent precedence:
     ``reward_norm`` with ``reward_scaling`` (normalisation already divides by the running std); ``reward_clip``
     without either (the clip acts on the re-parameterised score, in units of the running std of the raw scores,
@@ -515,8 +515,8 @@ class PPOSettings(_Section):
     # 6. advantage normalisation and clipping (5.3.1)
     advantage_norm: bool = Field(
         True,
-        description="Minibatch whitening, paper 5.3.1 / app. B.1 (fig. 14). Ours: on, as DESIGN.md's PPO-max; paper "
-        "5.4 does not list it and MOSS-RLHF code has it off unless --use_advantage_norm.",
+        description="Minibatch whitening, paper 5.3.1 / app. B.1 (fig. 14). Ours: on; paper 5.4 does not list it "
+        "among PPO-max's tricks and MOSS-RLHF code has it off unless --use_advantage_norm.",
     )
     advantage_clip: float | None = Field(
         None, gt=0, description='null = no clip. Paper 5.3.1: "constraining ... on the reward level" instead.'

@@ -1,6 +1,6 @@
 """Models: tokenizer and causal-LM loading (local paths only) and the value-head model (RM / critic).
 
-See DESIGN.md section 4. Typical use::
+Typical use::
 
     tok = load_tokenizer("sft/final")                       # pad token ensured, padding_side="left"
     policy = load_causal_lm("sft/final", dtype="bfloat16")

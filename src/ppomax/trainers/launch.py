@@ -1,4 +1,4 @@
-"""How a launch is read and its Accelerator built: one process, DDP, DeepSpeed ZeRO or FSDP (DESIGN.md section 7).
+"""How a launch is read and its Accelerator built: one process, DDP, DeepSpeed ZeRO or FSDP.
 
 ``accelerate launch --config_file configs/accelerate/<engine>.yaml`` tells every process which engine to use
 through environment variables (``ACCELERATE_USE_DEEPSPEED``, ``ACCELERATE_USE_FSDP``, the DeepSpeed fields);

@@ -1,4 +1,4 @@
-"""The PPO trainer (DESIGN.md section 1): rollout -> scoring -> advantages -> minibatch updates, repeated.
+"""The PPO trainer: rollout -> scoring -> advantages -> minibatch updates, repeated.
 
 One iteration (:meth:`PPOTrainer.iteration`, ``step``)::
 
@@ -26,7 +26,7 @@ draws ``rollout_batch_size / n`` prompts (this rank's share of the global batch)
 times, so a prompt's n responses are n consecutive rows on one rank; the buffer keeps them so and the minibatch
 shuffle moves whole groups (``Updater.group_size``).
 
-Two decisions DESIGN.md asks to make explicit:
+Two decisions made explicit:
 
 * ``generation.logprobs_from``: ``sampling`` (default) takes the log-probs of the ratio, the KL penalty and the
   entropy from ``logits / temperature``, the distribution the tokens were drawn from, so the first ratio of an
