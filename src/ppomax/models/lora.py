@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ppomax.errors import ConfigError, ModelPathError
 
+from .saving import save_generation_config, share_tied_weights
 from .value_head import ValueHeadModel
 
 if TYPE_CHECKING:
@@ -166,8 +167,8 @@ def save_merged(model: Any, out_dir: Path, state_dict: dict[str, Tensor] | None 
         save_merged(model.backbone, out_dir, backbone_sd)
         model.save_head(out_dir, head_sd)
         return
-    sd = merged_state_dict(model, state_dict)
-    model.get_base_model().save_pretrained(out_dir, state_dict=sd)
+    base = model.get_base_model()
+    base.save_pretrained(out_dir, state_dict=share_tied_weights(merged_state_dict(model, state_dict), base))
 
 
 def save_trained(
@@ -177,15 +178,22 @@ def save_trained(
     tokenizer: Any,
     lora: LoraSettings | None,
 ) -> None:
-    """A trained model's ``save_pretrained`` (+ tokenizer) into ``out_dir``; with ``lora.save_merged`` and adapters
-    on the model, also the merged plain model (+ tokenizer) into ``out_dir/merged``."""
+    """A trained model's ``save_pretrained`` into ``out_dir`` (with ``lora.save_merged`` and adapters on the model,
+    also the merged plain model into ``out_dir/merged``), each directory with the tokenizer and the base model's
+    generation config (:func:`~ppomax.models.saving.save_generation_config`). ``state_dict``: the gathered weights
+    of ``model`` (sharded training), else its own."""
+    adapters = has_adapters(model)
+    if state_dict is not None and not adapters:
+        state_dict = share_tied_weights(state_dict, model)
     model.save_pretrained(out_dir, state_dict=state_dict)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    if lora is not None and lora.save_merged and has_adapters(model):
+    dirs = [out_dir]
+    if lora is not None and lora.save_merged and adapters:
         save_merged(model, out_dir / MERGED_DIR, state_dict)
+        dirs.append(out_dir / MERGED_DIR)
+    for path in dirs:
         if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir / MERGED_DIR)
+            tokenizer.save_pretrained(path)
+        save_generation_config(model, path, tokenizer)
 
 
 # --------------------------------------------------------------------------- loading
