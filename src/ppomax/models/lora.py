@@ -19,6 +19,9 @@ PEFT is imported only when LoRA is used (``pip install 'ppomax[lora]'``).
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +46,17 @@ def _peft() -> Any:
     except ImportError:
         raise ConfigError("model.lora needs PEFT: pip install 'ppomax[lora]'") from None
     return peft
+
+
+@contextmanager
+def _peft_reads_deprecated_names() -> Iterator[None]:
+    """PEFT reads ``model.is_gradient_checkpointing`` whenever it wraps a model, a name transformers 5 deprecated: a
+    FutureWarning on every LoRA run that says nothing about the user's code. Only that warning is ignored."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -81,7 +95,8 @@ def with_adapters(model: Any, lora: LoraSettings | None, base_path: str | Path, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            wrapped = peft.get_peft_model(model, config)
+            with _peft_reads_deprecated_names():
+                wrapped = peft.get_peft_model(model, config)
         except ValueError as exc:  # PEFT: "Target modules {...} not found in the base model"
             linear = sorted(
                 {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -185,7 +200,11 @@ def save_trained(
     adapters = has_adapters(model)
     if state_dict is not None and not adapters:
         state_dict = share_tied_weights(state_dict, model)
-    model.save_pretrained(out_dir, state_dict=state_dict)
+    # ppomax never resizes embeddings, so PEFT's "auto" check of the base's vocabulary (the base's config.json, else
+    # a Hub lookup: a warning or a network call when the base is an adapter directory or a Hub id) can only answer
+    # "unchanged": adapters are saved without copies of frozen base layers.
+    extra = {"save_embedding_layers": False} if adapters else {}
+    model.save_pretrained(out_dir, state_dict=state_dict, **extra)
     dirs = [out_dir]
     if lora is not None and lora.save_merged and adapters:
         save_merged(model, out_dir / MERGED_DIR, state_dict)
@@ -217,6 +236,7 @@ def load_adapter_dir(path: str | Path, dtype: Any, trust_remote_code: bool = Fal
         raise ModelPathError(f"{p}: LoRA adapters whose base model cannot be loaded: {exc}") from None
     peft = _peft()
     try:
-        return peft.PeftModel.from_pretrained(base, str(p)).merge_and_unload()
+        with _peft_reads_deprecated_names():
+            return peft.PeftModel.from_pretrained(base, str(p)).merge_and_unload()
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelPathError(f"{p}: cannot load the LoRA adapters onto {base_path}: {exc}") from None
