@@ -527,11 +527,13 @@ class PPOTrainer:
     # ------------------------------------------------------------------ saving
 
     def save_final(self) -> None:
-        """``out_dir/final/policy`` (with the tokenizer: loads with AutoModelForCausalLM) and ``final/critic``
-        (none without a critic), gathered under ZeRO-3/FSDP, written atomically as one directory."""
-        models = {"policy": (self.policy, self.models.tokenizer)}
+        """``out_dir/final/policy`` (loads with AutoModelForCausalLM) and ``final/critic`` (none without a critic),
+        each with the tokenizer (the critic reads the policy's tokens), gathered under ZeRO-3/FSDP, written
+        atomically as one directory."""
+        tokenizer = self.models.tokenizer
+        models = {"policy": (self.policy, tokenizer)}
         if self.critic is not None:
-            models["critic"] = (self.critic, None)
+            models["critic"] = (self.critic, tokenizer)
         self.run.save_models(self.out_dir / "final", models)
 
 

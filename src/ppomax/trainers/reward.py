@@ -35,7 +35,13 @@ from ppomax.data import (
     tokenize_pair,
 )
 from ppomax.errors import ConfigError
-from ppomax.models import ValueHeadModel, load_tokenizer, model_summary, with_adapters
+from ppomax.models import (
+    ValueHeadModel,
+    enable_activation_checkpointing,
+    load_tokenizer,
+    model_summary,
+    with_adapters,
+)
 from ppomax.trainers.launch import trained_dtype
 
 from .common import check_vocab, eval_shards, load_features, load_train_valid, to_device
@@ -157,7 +163,7 @@ def train_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Pa
     check_vocab(model.backbone, tokenizer, "model.policy / model.tokenizer")
     model = with_adapters(model, m.lora, m.policy, seed=cfg.seed)
     if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     if cfg.beta_rm == 0:
         model.freeze_lm_head()
     size = model_summary(model)

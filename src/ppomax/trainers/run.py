@@ -62,10 +62,10 @@ from ppomax.checkpoint import prune_checkpoints, step_dirs
 from ppomax.config import load_config, to_yaml
 from ppomax.console import console
 from ppomax.errors import ConfigError, RunStopped, UserError
-from ppomax.models import has_adapters, save_trained, weights_error
+from ppomax.models import save_trained, weights_error
 from ppomax.monitor import MetricsLogger
 
-from .launch import TRAINED_DTYPE, build_accelerator, deepspeed_loads_tensors_only
+from .launch import build_accelerator, deepspeed_loads_tensors_only
 
 STATE_FILE = "ppomax_state.json"
 CONFIG_FILE = "config.yaml"
@@ -248,34 +248,19 @@ class RunContext:
         return self.save_models(final, {"": (model, tokenizer)})
 
     def save_models(self, final: Path, models: dict[str, tuple[torch.nn.Module, Any]]) -> Path:
-        """``{subdir: (prepared model, tokenizer or None)}`` saved with ``save_pretrained`` under ``final/subdir``
-        (``""``: ``final`` itself), all in one atomic directory. Under ZeRO-3/FSDP the full weights are gathered
-        first (``accelerator.get_state_dict``, a collective: every rank calls this). A model trained in full is
-        written in ``model.dtype`` (mixed precision trains float32 masters; the checkpoint keeps the dtype the
-        user's model came in); LoRA adapters stay float32."""
+        """``{subdir: (prepared model, tokenizer)}`` saved with ``save_pretrained`` under ``final/subdir`` (``""``:
+        ``final`` itself), all in one atomic directory. Under ZeRO-3/FSDP the full weights are gathered first
+        (``accelerator.get_state_dict``, a collective: every rank calls this). Weights are written as the run holds
+        them, never cast: a model trained in full under mixed precision is its float32 master weights (config.json
+        says float32), so the saved model computes exactly what the trained one did."""
         acc = self.accelerator
         distributed = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
         states = {name: acc.get_state_dict(m) if distributed else None for name, (m, _) in models.items()}
-        dtype = self.cfg.model.dtype
-        cast = {
-            name
-            for name, (m, _) in models.items()
-            if dtype != TRAINED_DTYPE and not has_adapters(acc.unwrap_model(m))
-        }
-        for name in cast:
-            state = (
-                states[name] if states[name] is not None else acc.unwrap_model(models[name][0]).state_dict()
-            )
-            states[name] = {
-                k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in state.items()
-            }
         with self.atomic_dir(final, what="the model") as tmp:
             if self.is_main:
                 for name, (model, tokenizer) in models.items():
                     unwrapped, lora = acc.unwrap_model(model), self.cfg.model.lora
                     save_trained(unwrapped, tmp / name, states[name], tokenizer, lora)
-                    if name in cast:  # save_pretrained records the live (float32) parameters' dtype
-                        _record_dtype(tmp / name / "config.json", dtype)
         return final
 
     # ------------------------------------------------------------------ stopping
@@ -307,12 +292,6 @@ def _check_random_states(ckpt: Path, rank: int) -> None:
     states = load(path)
     if not isinstance(states, dict) or not {"random_state", "torch_manual_seed"} <= set(states):
         raise UserError(f"{path}: not accelerate's random states; resume from another checkpoint")
-
-
-def _record_dtype(config_file: Path, dtype: str) -> None:
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    config["dtype"] = dtype
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _main_pid(acc: Accelerator) -> int:

@@ -36,6 +36,7 @@ from ppomax.data import (
 from ppomax.data.io import handle_error
 from ppomax.errors import ConfigError
 from ppomax.models import (
+    enable_activation_checkpointing,
     init_causal_lm_from_config,
     load_causal_lm,
     load_tokenizer,
@@ -165,7 +166,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> 
     check_vocab(model, tokenizer, "model.policy / model.tokenizer")
     model = with_adapters(model, cfg.model.lora, cfg.model.policy, seed=cfg.seed)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     size = model_summary(model)
     ctx.print(
         f"model: {cfg.model.policy} ({size['params']:,} parameters, {size['trainable_params']:,} trained)"
