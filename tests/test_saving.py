@@ -169,3 +169,27 @@ def test_a_base_without_special_ids_gets_the_tokenizers(tmp_path):
     save_trained(model, tmp_path / "saved", None, tok, None)
     gen = GenerationConfig.from_pretrained(tmp_path / "saved")
     assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (1, 2, 0)
+
+
+def test_a_bf16_lora_merged_export_keeps_the_update_in_float32(tmp_path):
+    """Under model.dtype bfloat16 the LoRA base is frozen in bf16 and the adapters train in float32: the merged
+    export is W + scaling * B A in float32 (config.json says so); cast back to bf16, the sum loses most of the
+    adapters' update (the same rounding as a bf16 final/ of full training)."""
+    setup = make_setup(tmp_path)
+    lora = "model.lora={r: 4, save_merged: true}"
+    tr = PPOTrainer(config(setup, LENGTH, lora, "model.dtype=bfloat16", "optim.policy_lr=1e-2"))
+    final = tr.train() / "final" / "policy" / "merged"
+    assert config_dtype(final) == "float32"
+    saved = load_file(str(final / "model.safetensors"))
+    policy = tr.unwrapped(tr.policy)
+    layer = policy.get_base_model().model.layers[0].self_attn.q_proj
+    base_w = layer.base_layer.weight
+    assert base_w.dtype == torch.bfloat16
+    delta = (layer.lora_B["default"].weight.float() @ layer.lora_A["default"].weight.float()) * layer.scaling[
+        "default"
+    ]
+    assert delta.abs().max() > 0
+    expected = base_w.float() + delta
+    assert torch.equal(saved["model.layers.0.self_attn.q_proj.weight"], expected)
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    assert AutoModelForCausalLM.from_pretrained(final).dtype == torch.float32

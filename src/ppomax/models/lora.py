@@ -138,7 +138,9 @@ class AdaptersOff:
 
 def merged_state_dict(peft_model: Any, state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """The base model's state dict with every LoRA layer's update merged in: ``W + scaling * B A`` (transposed
-    for ``fan_in_fan_out`` layers such as GPT-2's Conv1D), keys as the plain model names them.
+    for ``fan_in_fan_out`` layers such as GPT-2's Conv1D), keys as the plain model names them, every floating
+    tensor in float32: the adapters' update is mostly below a bf16 base weight's rounding step, so casting the sum
+    back to a bf16 base's dtype would throw most of the training away.
 
     Computed from ``state_dict`` (the gathered full weights under ZeRO-3/FSDP, keys as ``peft_model.state_dict()``
     names them) or the model's own; the model itself is not touched (PEFT's merge/unmerge would leave its
@@ -163,10 +165,10 @@ def merged_state_dict(peft_model: Any, state_dict: dict[str, Tensor] | None = No
             b = sd.pop(f"{name}.lora_B.{adapter}.weight").float()
             delta = b @ a
             merged = merged + (delta.T if module.fan_in_fan_out else delta) * module.scaling[adapter]
-        out[f"{name}.weight"] = merged.to(base_w.dtype)
+        out[f"{name}.weight"] = merged
         if f"{name}.base_layer.bias" in sd:
             out[f"{name}.bias"] = sd.pop(f"{name}.base_layer.bias")
-    out.update({k: v for k, v in sd.items() if ".lora_" not in k})
+    out.update({k: v.float() if v.is_floating_point() else v for k, v in sd.items() if ".lora_" not in k})
     prefix = "base_model.model."
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in out.items()}
 
@@ -184,6 +186,9 @@ def save_merged(model: Any, out_dir: Path, state_dict: dict[str, Tensor] | None 
         return
     base = model.get_base_model()
     base.save_pretrained(out_dir, state_dict=share_tied_weights(merged_state_dict(model, state_dict), base))
+    # save_pretrained writes the live model's dtype (a bf16 base's); the merged weights are float32
+    config = out_dir / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": "float32"}, indent=2) + "\n")
 
 
 def save_trained(
