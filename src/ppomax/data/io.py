@@ -36,21 +36,28 @@ logger = logging.getLogger("ppomax.data")
 OnError = Literal["fail", "skip"]
 #: how many skip messages a LoadStats keeps verbatim (the rest are only counted)
 MAX_EXAMPLES = 20
+#: the end of the message of a record-level error that stops a load (``on_error="fail"``)
+SKIP_HINT = "data.on_bad_line: skip skips and counts such records"
 
 
 class DataError(UserError):
     """A problem with input data; ``str(err)`` is always ``"path:line: what is wrong"``.
 
     ``reason`` is the short, record-independent part (used as the key of ``LoadStats.skip_reasons``);
-    ``detail`` adds record-specific information to the message only.
+    ``detail`` adds record-specific information to the message only; ``hint`` ends the message (e.g.
+    :data:`SKIP_HINT`).
     """
 
-    def __init__(self, path: str | os.PathLike[str], line: int | None, reason: str, detail: str = "") -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], line: int | None, reason: str, detail: str = "", hint: str = ""
+    ) -> None:
         self.path = str(path)
         self.line = line
         self.reason = _one_line(reason)
         self.detail = _one_line(detail)
-        super().__init__(f"{self.where}: {self.reason}{f' ({self.detail})' if self.detail else ''}")
+        self.hint = _one_line(hint)
+        extra = "".join(f" ({part})" for part in (self.detail, self.hint) if part)
+        super().__init__(f"{self.where}: {self.reason}{extra}")
 
     @property
     def where(self) -> str:
@@ -111,9 +118,9 @@ def check_on_error(on_error: str) -> None:
 
 
 def handle_error(err: DataError, on_error: OnError, stats: LoadStats | None) -> None:
-    """Raise ``err`` (fail-fast) or count it (skip mode)."""
+    """Raise ``err`` (fail-fast; its message then says how to skip such records) or count it (skip mode)."""
     if on_error == "fail":
-        raise err
+        raise DataError(err.path, err.line, err.reason, err.detail, SKIP_HINT)
     if stats is not None:
         stats.record_skip(err)
 
