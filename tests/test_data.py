@@ -537,7 +537,7 @@ def test_chat_template_format(tmp_path: Path) -> None:
     ):
         load_prompts(path, format="chat_template", tokenizer=tok)
     with pytest.raises(
-        ConfigError, match=r"^data\.chat_format: must be 'hh' or 'chat_template', got 'chatml'"
+        ConfigError, match=r"^data\.chat_format: must be 'auto', 'hh' or 'chat_template', got 'chatml'"
     ):
         load_prompts(path, format="chatml")  # type: ignore[arg-type]
 

@@ -79,14 +79,19 @@ class LoadStats:
 
     ``skip_reasons`` counts skipped records by reason; ``examples`` keeps the first few full
     ``path:line: ...`` messages so that a log can point at them. ``truncated_prompts`` /
-    ``truncated_responses`` are filled by :mod:`ppomax.data.tokenize`. ``notes`` counts non-fatal
-    normalisations (e.g. a trailing assistant turn moved out of a PPO prompt).
+    ``truncated_responses`` are filled by :mod:`ppomax.data.tokenize`: prompts (SFT contexts) shortened to
+    ``data.max_prompt_tokens``, with ``prompt_cuts`` counting the prompts by how they were shortened (e.g.
+    ``"lost their oldest turns"``, ``"cut inside their latest user turn"``) and ``dropped_turns`` the turns
+    dropped in all; responses cut to their token budget. ``notes`` counts non-fatal normalisations (e.g. a
+    trailing assistant turn moved out of a PPO prompt).
     """
 
     loaded: int = 0
     skipped: int = 0
     skip_reasons: Counter[str] = field(default_factory=Counter)
     truncated_prompts: int = 0
+    prompt_cuts: Counter[str] = field(default_factory=Counter)
+    dropped_turns: int = 0
     truncated_responses: int = 0
     notes: Counter[str] = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
@@ -101,7 +106,14 @@ class LoadStats:
         """One line for a log: counts, then reasons, most frequent first."""
         parts = [f"loaded {self.loaded}", f"skipped {self.skipped}"]
         if self.truncated_prompts:
-            parts.append(f"truncated prompts {self.truncated_prompts}")
+            how = [
+                f"{n} {why}"
+                + (f", {self.dropped_turns} turns dropped in all" if why == "lost their oldest turns" else "")
+                for why, n in self.prompt_cuts.most_common()
+            ]
+            parts.append(
+                f"truncated prompts {self.truncated_prompts}" + (f" ({'; '.join(how)})" if how else "")
+            )
         if self.truncated_responses:
             parts.append(f"truncated responses {self.truncated_responses}")
         text = ", ".join(parts)
