@@ -542,6 +542,40 @@ def test_chat_template_format(tmp_path: Path) -> None:
         load_prompts(path, format="chatml")  # type: ignore[arg-type]
 
 
+def test_the_default_chat_format_is_the_tokenizers_template_when_it_has_one(tmp_path: Path) -> None:
+    """The default was hh: a chat model was trained on '\\n\\nHuman:' text without a word."""
+    from transformers import AutoTokenizer
+
+    from helpers import CHATML_TEMPLATE, make_tiny_tokenizer
+    from ppomax.config import PPOConfig, RMConfig, SFTConfig
+
+    chat = AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path, chat_template=CHATML_TEMPLATE))
+    plain = AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path, name="plain"))
+    assert {c().data.chat_format for c in (SFTConfig, RMConfig, PPOConfig)} == {"auto"}
+    path = write_jsonl(tmp_path / "p.jsonl", [HH_PAIRS[1]])
+    # an HH record parsed into turns and rendered with the template (what the template itself writes)
+    turns = [("user", "What is 2+2?"), ("assistant", "Let me think."), ("user", "Well?")]
+    templated = chat.apply_chat_template(
+        [{"role": r, "content": c} for r, c in turns], tokenize=False, add_generation_prompt=True
+    )
+    assert load_prompts(path, tokenizer=chat)[0].prompt == templated
+    assert load_preference_pairs(path, tokenizer=chat)[0].prompt == templated
+    # without a template: HH, verbatim
+    assert load_prompts(path, tokenizer=plain)[0].prompt == HH_PAIRS[1]["chosen"][: -len(" 4")]
+    # the start-up lines of the trainers say which format was chosen and why
+    from ppomax.data import resolve_chat_format
+
+    assert resolve_chat_format("auto", chat) == (
+        "chat_template",
+        "the tokenizer has a chat template; data.chat_format: auto",
+    )
+    assert resolve_chat_format("auto", plain) == (
+        "hh",
+        "the tokenizer has no chat template; data.chat_format: auto",
+    )
+    assert resolve_chat_format("hh", chat) == ("hh", "data.chat_format: hh")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # text that is not Unicode, bytes that are not UTF-8, empty HH turns (issue 12)
 

@@ -187,3 +187,23 @@ def test_a_bad_record_that_stops_train_rm_says_how_to_skip_such_records(
     err = capsys.readouterr().err
     _one_line_error(err, f"{pairs}:2: empty chosen response")
     assert err.rstrip().endswith("(data.on_bad_line: skip skips and counts such records)")
+
+
+def test_train_rm_says_which_chat_format_it_chose(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """data.chat_format: auto (the default) takes the tokenizer's chat template, and the start-up line says so."""
+    from transformers import AutoTokenizer
+
+    from helpers import CHATML_TEMPLATE
+
+    model = make_tiny_lm(tmp_path)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = CHATML_TEMPLATE
+    tok.save_pretrained(model)
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl", HH_EMPTY_CHOSEN
+    )  # the bad record ends the run after start-up
+    capsys.readouterr()
+    assert _train_rm(tmp_path, model, pairs) == 2
+    err = capsys.readouterr().err
+    line = "ppomax: chat format: chat_template (the tokenizer has a chat template; data.chat_format: auto)"
+    assert line in err.splitlines(), err

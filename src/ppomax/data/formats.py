@@ -46,7 +46,7 @@ from typing import Any, Literal, TypeVar
 from .chat import (
     ASSISTANT,
     HUMAN,
-    ChatFormat,
+    ChatFormatSetting,
     Dialogue,
     FormatError,
     Renderer,
@@ -269,7 +269,7 @@ def load_preference_pairs(
     on_error: OnError = "fail",
     stats: LoadStats | None = None,
     *,
-    format: ChatFormat = "hh",
+    format: ChatFormatSetting = "auto",
     tokenizer: Any = None,
 ) -> list[PreferencePair]:
     """Load preference pairs from any supported file (see the module docstring for record shapes)."""
@@ -368,7 +368,7 @@ def load_prompts(
     on_error: OnError = "fail",
     stats: LoadStats | None = None,
     *,
-    format: ChatFormat = "hh",
+    format: ChatFormatSetting = "auto",
     tokenizer: Any = None,
     moss_roles: Literal["human_first", "last_is_human"] = "human_first",
 ) -> list[PromptExample]:
@@ -450,7 +450,7 @@ def load_sft_examples(
     on_error: OnError = "fail",
     stats: LoadStats | None = None,
     *,
-    format: ChatFormat = "hh",
+    format: ChatFormatSetting = "auto",
     tokenizer: Any = None,
     assistant_turns: Literal["all", "last"] = "all",
 ) -> list[SFTExample]:
