@@ -21,6 +21,8 @@ from ppomax.errors import ConfigError
 
 A = "\n\nAssistant:"
 H = "\n\nHuman:"
+#: the end of the message of a record-level error when data.on_bad_line is fail
+SKIP = " (data.on_bad_line: skip skips and counts such records)"
 
 HH_PAIRS = [
     {"chosen": f"{H} Hi there{A} Hello! How can I help?", "rejected": f"{H} Hi there{A} Go away."},
@@ -230,7 +232,7 @@ def test_broken_pair_records_name_file_line_and_problem(tmp_path: Path, line: st
     path = write_lines(tmp_path / "broken.jsonl", [good, "", line, good])
     with pytest.raises(DataError) as info:
         load_preference_pairs(path)
-    assert str(info.value) == f"{path}:3: {expected}"
+    assert str(info.value) == f"{path}:3: {expected}{SKIP}"
     stats = LoadStats()
     pairs = load_preference_pairs(path, on_error="skip", stats=stats)
     assert len(pairs) == 2 and stats.loaded == 2 and stats.skipped == 1
@@ -336,7 +338,7 @@ def test_prompts_do_not_validate_the_response(tmp_path: Path) -> None:
         f"{path}:2: empty chosen response",
         f"{path}:3: empty turn 2 in 'turns'",
     ]
-    with pytest.raises(DataError, match=r"p\.jsonl:1: empty chosen response$"):
+    with pytest.raises(DataError, match=rf"p\.jsonl:1: empty chosen response{re.escape(SKIP)}$"):
         load_preference_pairs(path)
 
 
@@ -535,9 +537,43 @@ def test_chat_template_format(tmp_path: Path) -> None:
     ):
         load_prompts(path, format="chat_template", tokenizer=tok)
     with pytest.raises(
-        ConfigError, match=r"^data\.chat_format: must be 'hh' or 'chat_template', got 'chatml'"
+        ConfigError, match=r"^data\.chat_format: must be 'auto', 'hh' or 'chat_template', got 'chatml'"
     ):
         load_prompts(path, format="chatml")  # type: ignore[arg-type]
+
+
+def test_the_default_chat_format_is_the_tokenizers_template_when_it_has_one(tmp_path: Path) -> None:
+    """The default was hh: a chat model was trained on '\\n\\nHuman:' text without a word."""
+    from transformers import AutoTokenizer
+
+    from helpers import CHATML_TEMPLATE, make_tiny_tokenizer
+    from ppomax.config import PPOConfig, RMConfig, SFTConfig
+
+    chat = AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path, chat_template=CHATML_TEMPLATE))
+    plain = AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path, name="plain"))
+    assert {c().data.chat_format for c in (SFTConfig, RMConfig, PPOConfig)} == {"auto"}
+    path = write_jsonl(tmp_path / "p.jsonl", [HH_PAIRS[1]])
+    # an HH record parsed into turns and rendered with the template (what the template itself writes)
+    turns = [("user", "What is 2+2?"), ("assistant", "Let me think."), ("user", "Well?")]
+    templated = chat.apply_chat_template(
+        [{"role": r, "content": c} for r, c in turns], tokenize=False, add_generation_prompt=True
+    )
+    assert load_prompts(path, tokenizer=chat)[0].prompt == templated
+    assert load_preference_pairs(path, tokenizer=chat)[0].prompt == templated
+    # without a template: HH, verbatim
+    assert load_prompts(path, tokenizer=plain)[0].prompt == HH_PAIRS[1]["chosen"][: -len(" 4")]
+    # the start-up lines of the trainers say which format was chosen and why
+    from ppomax.data import resolve_chat_format
+
+    assert resolve_chat_format("auto", chat) == (
+        "chat_template",
+        "the tokenizer has a chat template; data.chat_format: auto",
+    )
+    assert resolve_chat_format("auto", plain) == (
+        "hh",
+        "the tokenizer has no chat template; data.chat_format: auto",
+    )
+    assert resolve_chat_format("hh", chat) == ("hh", "data.chat_format: hh")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -568,7 +604,7 @@ def test_a_lone_surrogate_is_an_error_at_its_line_or_a_counted_skip(
     with pytest.raises(DataError) as err:
         LOADERS[kind](path)
     assert str(err.value) == (
-        f"{path}:3: lone surrogate in a string (not Unicode text) ('\\ud800' in field 'prompt')"
+        f"{path}:3: lone surrogate in a string (not Unicode text) ('\\ud800' in field 'prompt'){SKIP}"
     )
     stats = LoadStats()
     assert len(LOADERS[kind](path, on_error="skip", stats=stats)) == 3
@@ -580,7 +616,9 @@ def test_a_lone_surrogate_deep_in_a_record_is_found(tmp_path: Path) -> None:
     msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b\udfff"}]
     path.write_text(json.dumps({"messages": msgs}) + "\n", encoding="ascii")
     with pytest.raises(
-        DataError, match=r"m\.jsonl:1: .* \('\\udfff' in field 'content' of item 2 of field 'messages'\)$"
+        DataError,
+        match=r"m\.jsonl:1: .* \('\\udfff' in field 'content' of item 2 of field 'messages'\)"
+        + re.escape(SKIP),
     ):
         load_sft_examples(path)
     # a surrogate *pair* is one valid character
@@ -601,7 +639,7 @@ def test_a_byte_that_is_not_utf8_is_reported_at_its_line_and_skip_skips_only_it(
     path.write_bytes(gzip.compress(data) if gz else data)
     with pytest.raises(DataError) as err:
         load_prompts(path)
-    assert str(err.value) == f"{path}:7: not UTF-8 text (byte 0xe9 at byte 15 of the line)"
+    assert str(err.value) == f"{path}:7: not UTF-8 text (byte 0xe9 at byte 15 of the line){SKIP}"
     stats = LoadStats()
     prompts = load_prompts(path, on_error="skip", stats=stats)
     assert [p.where for p in prompts] == [f"{path}:{i}" for i in (1, 2, 3, 4, 5, 6, 8, 9, 10)]
@@ -646,7 +684,8 @@ def test_an_empty_hh_turn_is_an_error_at_its_line(tmp_path: Path, kind: str, rec
     """`"\\n\\nHuman: \\n\\nAssistant:"` trained silently; turn lists already refuse empty turns."""
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD[kind], record])
     with pytest.raises(
-        DataError, match=rf"d\.jsonl:2: empty turn in '\w+' \({re.escape(what)} has no text\)$"
+        DataError,
+        match=rf"d\.jsonl:2: empty turn in '\w+' \({re.escape(what)} has no text\){re.escape(SKIP)}$",
     ):
         LOADERS[kind](path)
     stats = LoadStats()
@@ -659,7 +698,7 @@ def test_an_error_quoting_the_data_stays_one_line(tmp_path: Path) -> None:
     path.write_text(json.dumps({"a\nb\u2028c": 1}) + "\n", encoding="utf-8")
     with pytest.raises(DataError) as err:
         load_prompts(path)
-    assert str(err.value) == f"{path}:1: missing field 'prompt' (record has: a\\nb\\u2028c)"
+    assert str(err.value) == f"{path}:1: missing field 'prompt' (record has: a\\nb\\u2028c){SKIP}"
 
 
 ASST_A = {"role": "assistant", "content": "a"}

@@ -374,14 +374,15 @@ class CollapseConfig(_Section):
 
 class _DataCommon(_Section):
     max_prompt_tokens: int = Field(
-        256, gt=0, description="Longer prompts are cut from the left (latest turns kept)."
+        256, gt=0, description="Longer prompts lose their oldest turns (system and latest turn kept)."
     )
     on_bad_line: Literal["fail", "skip"] = Field(
         "fail", description="Bad input line: stop, or skip and count."
     )
-    chat_format: Literal["hh", "chat_template"] = Field(
-        "hh",
-        description="How dialogues become text: HH-RLHF's Human/Assistant markers, or the tokenizer's template.",
+    chat_format: Literal["auto", "hh", "chat_template"] = Field(
+        "auto",
+        description="Prompt format: the tokenizer's chat template, HH-RLHF's Human/Assistant text, or auto (the "
+        "chat template when the tokenizer has one, else hh).",
     )
 
 

@@ -64,7 +64,9 @@ def _run(args: argparse.Namespace) -> int:
         settings=settings,
         tokenizer_dir=args.tokenizer,
         progress=not args.no_progress,
+        chat_format=args.chat_format,
     )
+    print(f"chat format: {result['chat_format']} ({result['chat_format_reason']})", file=sys.stderr)
     if args.json == "-":
         json.dump(
             {k: v for k, v in result.items() if k != "samples"} | {"samples": result["samples"]},
@@ -117,6 +119,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the policy's)")
+    p.add_argument(
+        "--chat-format",
+        choices=("auto", "hh", "chat_template"),
+        default=None,
+        help="how prompts are rendered (default: data.chat_format of the policy's run, read from the "
+        "config.yaml at or up to two levels above --policy, as PPO's own evaluation rendered them; without one, "
+        "auto: the tokenizer's chat template when it has one, else hh)",
+    )
     p.add_argument(
         "--json", default=None, metavar="FILE", help="write the full results as JSON ('-' = stdout only)"
     )

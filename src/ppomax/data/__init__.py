@@ -23,7 +23,7 @@ from .batching import (
     rank_share,
     token_balanced_batches,
 )
-from .chat import ASSISTANT, HUMAN, ChatFormat, Renderer, parse_hh
+from .chat import ASSISTANT, HUMAN, ChatFormat, Dialogue, Renderer, parse_hh, resolve_chat_format
 from .formats import (
     PreferencePair,
     PromptExample,
@@ -36,6 +36,7 @@ from .io import DataError, LoadStats, read_records
 from .tokenize import (
     IGNORE_INDEX,
     encode,
+    fit_prompt,
     special_prefix,
     tokenize_pair,
     tokenize_prompt,
@@ -49,6 +50,7 @@ __all__ = [
     "IGNORE_INDEX",
     "ChatFormat",
     "DataError",
+    "Dialogue",
     "IndexStream",
     "LoadStats",
     "PreferenceCollator",
@@ -60,6 +62,7 @@ __all__ = [
     "SFTExample",
     "encode",
     "feature_length",
+    "fit_prompt",
     "global_batches",
     "load_preference_pairs",
     "load_prompts",
@@ -70,6 +73,7 @@ __all__ = [
     "parse_hh",
     "rank_share",
     "read_records",
+    "resolve_chat_format",
     "special_prefix",
     "token_balanced_batches",
     "tokenize_pair",

@@ -46,11 +46,13 @@ from typing import Any, Literal, TypeVar
 from .chat import (
     ASSISTANT,
     HUMAN,
-    ChatFormat,
+    ChatFormatSetting,
+    Dialogue,
     FormatError,
     Renderer,
     Turn,
     hh_marker,
+    hh_prompt_dialogue,
     hh_segments,
     is_hh_text,
     normalise_hh_start,
@@ -68,40 +70,56 @@ _ASSISTANT_REPR = repr(ASSISTANT)
 @dataclass
 class PreferencePair:
     """One comparison. ``prompt`` ends with the assistant cue (``"\\n\\nAssistant:"`` in the HH format);
-    ``chosen``/``rejected`` are the responses only (see :mod:`ppomax.data.chat` for leading spaces)."""
+    ``chosen``/``rejected`` are the responses only (see :mod:`ppomax.data.chat` for leading spaces).
+    ``dialogue``: the prompt's turns, for truncation (derived from an HH prompt when not given)."""
 
     prompt: str
     chosen: str
     rejected: str
     where: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    dialogue: Dialogue | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.dialogue is None:
+            self.dialogue = hh_prompt_dialogue(self.prompt)
 
 
 @dataclass
 class PromptExample:
-    """A PPO prompt ending with the assistant cue; ``meta`` keeps the record's other fields (e.g. ``subset``)."""
+    """A PPO prompt ending with the assistant cue; ``meta`` keeps the record's other fields (e.g. ``subset``).
+    ``dialogue``: the prompt's turns, for truncation (derived from an HH prompt when not given)."""
 
     prompt: str
     meta: dict[str, Any] = field(default_factory=dict)
     where: str = ""
+    dialogue: Dialogue | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.dialogue is None:
+            self.dialogue = hh_prompt_dialogue(self.prompt)
 
 
 @dataclass
 class SFTExample:
     """A demonstration. ``segments`` are ``(text, trainable)`` pieces whose concatenation is
     ``prompt + response``; the last one is ``(response, True)``. Multi-turn dialogues mark every assistant
-    turn trainable (loss on assistant turns only); ``prompt`` is everything before the final response."""
+    turn trainable (loss on assistant turns only); ``prompt`` is everything before the final response.
+    ``dialogue``: the turns of ``prompt``, for truncation (derived from an HH prompt when not given)."""
 
     prompt: str
     response: str
     segments: list[tuple[str, bool]] = field(default_factory=list)
     where: str = ""
+    dialogue: Dialogue | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.segments:
             self.segments = (
                 [(self.prompt, False), (self.response, True)] if self.prompt else [(self.response, True)]
             )
+        if self.dialogue is None:
+            self.dialogue = hh_prompt_dialogue(self.prompt)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,7 +269,7 @@ def load_preference_pairs(
     on_error: OnError = "fail",
     stats: LoadStats | None = None,
     *,
-    format: ChatFormat = "hh",
+    format: ChatFormatSetting = "auto",
     tokenizer: Any = None,
 ) -> list[PreferencePair]:
     """Load preference pairs from any supported file (see the module docstring for record shapes)."""
@@ -280,8 +298,9 @@ def _parse_pair(rec: Any, r: Renderer, stats: LoadStats) -> PreferencePair:
                     _hh_prompt(prompt_text), r.response([], chosen), r.response([], rejected), meta=meta
                 )
             turns = _prompt_turns(prompt_text)
+            d = r.dialogue(turns)
             return PreferencePair(
-                r.prompt(turns), r.response(turns, chosen), r.response(turns, rejected), meta=meta
+                d.text, r.response(turns, chosen), r.response(turns, rejected), meta=meta, dialogue=d
             )
         # HH-RLHF: two full dialogues
         p_c, resp_c = _split_hh_answer(chosen, "chosen")
@@ -299,9 +318,9 @@ def _parse_pair(rec: Any, r: Renderer, stats: LoadStats) -> PreferencePair:
         if r.fmt == "hh":
             return PreferencePair(p_c, resp_c, resp_r, meta=meta)
         turns = _prompt_turns(p_c)
-        return PreferencePair(
-            r.prompt(turns), r.response(turns, resp_c.strip()), r.response(turns, resp_r.strip()), meta=meta
-        )
+        d = r.dialogue(turns)
+        chosen_text, rejected_text = r.response(turns, resp_c.strip()), r.response(turns, resp_r.strip())
+        return PreferencePair(d.text, chosen_text, rejected_text, meta=meta, dialogue=d)
     if isinstance(chosen, list) and isinstance(rejected, list):
         if "prompt" in rec:  # TRL conversational: prompt messages + one assistant message each
             context = _turns(rec["prompt"], "prompt", last_role="user")
@@ -323,8 +342,9 @@ def _parse_pair(rec: Any, r: Renderer, stats: LoadStats) -> PreferencePair:
             context, resp_c, resp_r = tc[:-1], tc[-1][1], tr[-1][1]
         _check_ends_with_user(context, "the context of chosen/rejected")
         _check_distinct(resp_c, resp_r)
+        d = r.dialogue(context)
         return PreferencePair(
-            r.prompt(context), r.response(context, resp_c), r.response(context, resp_r), meta=meta
+            d.text, r.response(context, resp_c), r.response(context, resp_r), meta=meta, dialogue=d
         )
     raise FormatError(
         "fields 'chosen' and 'rejected' must both be strings or both be lists of turns",
@@ -348,7 +368,7 @@ def load_prompts(
     on_error: OnError = "fail",
     stats: LoadStats | None = None,
     *,
-    format: ChatFormat = "hh",
+    format: ChatFormatSetting = "auto",
     tokenizer: Any = None,
     moss_roles: Literal["human_first", "last_is_human"] = "human_first",
 ) -> list[PromptExample]:
@@ -392,7 +412,7 @@ def _parse_prompt(rec: Any, r: Renderer, moss_roles: str, stats: LoadStats) -> P
 def _prompt_from_text(text: str, r: Renderer, meta: dict[str, Any]) -> PromptExample:
     if r.fmt == "hh":
         return PromptExample(_hh_prompt(text), meta)
-    return PromptExample(r.prompt(_prompt_turns(text)), meta)
+    return _prompt_example(r.dialogue(_prompt_turns(text)), meta)
 
 
 def _prompt_from_list(
@@ -414,7 +434,11 @@ def _prompt_from_list(
     if answer is not None:
         meta = {**meta, "response": answer}
         stats.notes["turn list ends with an assistant turn: moved to meta['response']"] += 1
-    return PromptExample(r.prompt(turns), meta)
+    return _prompt_example(r.dialogue(turns), meta)
+
+
+def _prompt_example(d: Dialogue, meta: dict[str, Any]) -> PromptExample:
+    return PromptExample(d.text, meta, dialogue=d)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -426,7 +450,7 @@ def load_sft_examples(
     on_error: OnError = "fail",
     stats: LoadStats | None = None,
     *,
-    format: ChatFormat = "hh",
+    format: ChatFormatSetting = "auto",
     tokenizer: Any = None,
     assistant_turns: Literal["all", "last"] = "all",
 ) -> list[SFTExample]:
@@ -451,8 +475,8 @@ def _parse_sft(rec: Any, r: Renderer, assistant_turns: Literal["all", "last"]) -
         if isinstance(prompt_value, list):
             turns = _turns(prompt_value, "prompt", last_role="user")
             _check_ends_with_user(turns, "prompt")
-            prompt = r.prompt(turns)
-            return SFTExample(prompt, r.response(turns, response))
+            d = r.dialogue(turns)
+            return SFTExample(d.text, r.response(turns, response), dialogue=d)
         if not isinstance(prompt_value, str):
             raise FormatError(
                 f"field 'prompt' must be a string or a list of turns, got {type(prompt_value).__name__}"
@@ -460,7 +484,8 @@ def _parse_sft(rec: Any, r: Renderer, assistant_turns: Literal["all", "last"]) -
         if r.fmt == "hh":
             return SFTExample(_hh_prompt(prompt_value), r.response([], response))
         turns = _prompt_turns(prompt_value)
-        return SFTExample(r.prompt(turns), r.response(turns, response))
+        d = r.dialogue(turns)
+        return SFTExample(d.text, r.response(turns, response), dialogue=d)
     for key in ("messages", "text", "chosen"):
         if key in rec:
             value = _field(rec, key)
@@ -508,4 +533,4 @@ def _sft_from_turns(turns: list[Turn], r: Renderer, assistant_turns: Literal["al
     segs = r.segments(turns, assistant_turns)
     if not segs or not segs[-1][1]:
         raise FormatError("empty final assistant response")
-    return SFTExample("".join(s for s, _ in segs[:-1]), segs[-1][0], segs)
+    return SFTExample("".join(s for s, _ in segs[:-1]), segs[-1][0], segs, dialogue=r.dialogue(turns[:-1]))

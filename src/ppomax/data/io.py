@@ -36,21 +36,28 @@ logger = logging.getLogger("ppomax.data")
 OnError = Literal["fail", "skip"]
 #: how many skip messages a LoadStats keeps verbatim (the rest are only counted)
 MAX_EXAMPLES = 20
+#: the end of the message of a record-level error that stops a load (``on_error="fail"``)
+SKIP_HINT = "data.on_bad_line: skip skips and counts such records"
 
 
 class DataError(UserError):
     """A problem with input data; ``str(err)`` is always ``"path:line: what is wrong"``.
 
     ``reason`` is the short, record-independent part (used as the key of ``LoadStats.skip_reasons``);
-    ``detail`` adds record-specific information to the message only.
+    ``detail`` adds record-specific information to the message only; ``hint`` ends the message (e.g.
+    :data:`SKIP_HINT`).
     """
 
-    def __init__(self, path: str | os.PathLike[str], line: int | None, reason: str, detail: str = "") -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], line: int | None, reason: str, detail: str = "", hint: str = ""
+    ) -> None:
         self.path = str(path)
         self.line = line
         self.reason = _one_line(reason)
         self.detail = _one_line(detail)
-        super().__init__(f"{self.where}: {self.reason}{f' ({self.detail})' if self.detail else ''}")
+        self.hint = _one_line(hint)
+        extra = "".join(f" ({part})" for part in (self.detail, self.hint) if part)
+        super().__init__(f"{self.where}: {self.reason}{extra}")
 
     @property
     def where(self) -> str:
@@ -72,14 +79,19 @@ class LoadStats:
 
     ``skip_reasons`` counts skipped records by reason; ``examples`` keeps the first few full
     ``path:line: ...`` messages so that a log can point at them. ``truncated_prompts`` /
-    ``truncated_responses`` are filled by :mod:`ppomax.data.tokenize`. ``notes`` counts non-fatal
-    normalisations (e.g. a trailing assistant turn moved out of a PPO prompt).
+    ``truncated_responses`` are filled by :mod:`ppomax.data.tokenize`: prompts (SFT contexts) shortened to
+    ``data.max_prompt_tokens``, with ``prompt_cuts`` counting the prompts by how they were shortened (e.g.
+    ``"lost their oldest turns"``, ``"cut inside their latest user turn"``) and ``dropped_turns`` the turns
+    dropped in all; responses cut to their token budget. ``notes`` counts non-fatal normalisations (e.g. a
+    trailing assistant turn moved out of a PPO prompt).
     """
 
     loaded: int = 0
     skipped: int = 0
     skip_reasons: Counter[str] = field(default_factory=Counter)
     truncated_prompts: int = 0
+    prompt_cuts: Counter[str] = field(default_factory=Counter)
+    dropped_turns: int = 0
     truncated_responses: int = 0
     notes: Counter[str] = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
@@ -94,7 +106,14 @@ class LoadStats:
         """One line for a log: counts, then reasons, most frequent first."""
         parts = [f"loaded {self.loaded}", f"skipped {self.skipped}"]
         if self.truncated_prompts:
-            parts.append(f"truncated prompts {self.truncated_prompts}")
+            how = [
+                f"{n} {why}"
+                + (f", {self.dropped_turns} turns dropped in all" if why == "lost their oldest turns" else "")
+                for why, n in self.prompt_cuts.most_common()
+            ]
+            parts.append(
+                f"truncated prompts {self.truncated_prompts}" + (f" ({'; '.join(how)})" if how else "")
+            )
         if self.truncated_responses:
             parts.append(f"truncated responses {self.truncated_responses}")
         text = ", ".join(parts)
@@ -111,9 +130,9 @@ def check_on_error(on_error: str) -> None:
 
 
 def handle_error(err: DataError, on_error: OnError, stats: LoadStats | None) -> None:
-    """Raise ``err`` (fail-fast) or count it (skip mode)."""
+    """Raise ``err`` (fail-fast; its message then says how to skip such records) or count it (skip mode)."""
     if on_error == "fail":
-        raise err
+        raise DataError(err.path, err.line, err.reason, err.detail, SKIP_HINT)
     if stats is not None:
         stats.record_skip(err)
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from accelerate import Accelerator
 
-from ppomax.data import LoadStats
+from ppomax.data import LoadStats, resolve_chat_format
 from ppomax.data.batching import global_batches, rank_share
 from ppomax.errors import UserError
 
@@ -35,6 +35,12 @@ class TrainingError(UserError):
 
 def log_load_stats(ctx: RunContext, name: str, stats: LoadStats) -> None:
     ctx.print(f"{name}: {stats.summary()}")
+
+
+def log_chat_format(ctx: RunContext, setting: str, tokenizer: Any) -> None:
+    """The start-up line saying which chat format the prompts are rendered in, and why."""
+    fmt, why = resolve_chat_format(setting, tokenizer)
+    ctx.print(f"chat format: {fmt} ({why})")
 
 
 def load_features(

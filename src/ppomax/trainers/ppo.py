@@ -71,7 +71,7 @@ from ppomax.optim import build_optimizer, build_scheduler, warmup_steps
 from ppomax.rewards import RewardSources, build_reward_functions
 from ppomax.rollout import HFGenerateEngine, RolloutEngine, eos_ids_of
 
-from .common import TrainingError
+from .common import TrainingError, log_chat_format
 from .launch import prepare_frozen, prepare_trained, sharded_forward
 from .ppo_data import IndexStream, PromptSet, PTXSet, load_prompt_set, load_ptx_set, pad_id_of
 from .ppo_eval import evaluate
@@ -215,6 +215,7 @@ class PPOTrainer:
         m = load_models(cfg)
         if m.critic is not None:
             m.critic.freeze_lm_head()
+        log_chat_format(run, cfg.data.chat_format, m.tokenizer)
         self.data = data = load_data(cfg, m.tokenizer, acc.process_index, acc.num_processes)
 
         updates = p.ppo_epochs * (p.buffer_size // p.minibatch_size)

@@ -60,7 +60,9 @@ def load_prompt_set(path: str, cfg: PPOConfig, tokenizer: Any) -> PromptSet:
     )
     if not examples:
         raise ConfigError(f"{path}: no usable prompts ({stats.summary()})")
-    ids = [tokenize_prompt(tokenizer, ex.prompt, d.max_prompt_tokens, stats) for ex in examples]
+    ids = [
+        tokenize_prompt(tokenizer, ex.dialogue or ex.prompt, d.max_prompt_tokens, stats) for ex in examples
+    ]
     return PromptSet(ids, [ex.prompt for ex in examples], [dict(ex.meta) for ex in examples], stats)
 
 

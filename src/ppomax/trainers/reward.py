@@ -44,7 +44,7 @@ from ppomax.models import (
 )
 from ppomax.trainers.launch import trained_dtype
 
-from .common import check_vocab, eval_shards, load_features, load_train_valid, to_device
+from .common import check_vocab, eval_shards, load_features, load_train_valid, log_chat_format, to_device
 from .loop import LoopSpec, train_loop
 from .reward_report import margin_summary, write_rm_eval
 from .run import RunContext, open_run
@@ -170,6 +170,7 @@ def train_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Pa
     ctx.print(
         f"reward model on {m.policy} ({size['params']:,} parameters, {size['trainable_params']:,} trained)"
     )
+    log_chat_format(ctx, cfg.data.chat_format, tokenizer)
 
     train, valid = load_train_valid(ctx, rm_features, tokenizer, cfg, "pairs")
     test, test_name = valid, "valid"

@@ -45,7 +45,7 @@ from ppomax.models import (
 )
 from ppomax.trainers.launch import TRAINED_DTYPE, trained_dtype
 
-from .common import check_vocab, eval_shards, load_train_valid, reduce_sums, to_device
+from .common import check_vocab, eval_shards, load_train_valid, log_chat_format, reduce_sums, to_device
 from .loop import LoopSpec, train_loop
 from .run import RunContext, open_run
 
@@ -171,6 +171,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> 
     ctx.print(
         f"model: {cfg.model.policy} ({size['params']:,} parameters, {size['trainable_params']:,} trained)"
     )
+    if cfg.objective != "pretrain":
+        log_chat_format(ctx, cfg.data.chat_format, tokenizer)
 
     train, valid = load_train_valid(ctx, sft_features, tokenizer, cfg, "data")
     ctx.print(f"{len(train)} training and {len(valid)} validation examples")
