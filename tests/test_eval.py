@@ -378,6 +378,29 @@ def test_cli_eval_renders_prompts_in_the_chat_format_of_the_policys_run(chat_run
     assert texts == PROMPTS and "chat format: hh (--chat-format: hh)" in err
 
 
+def test_cli_eval_cuts_prompts_to_the_policy_runs_budget(chat_run, tmp_path):
+    """The prompt budget defaults to the policy run's data.max_prompt_tokens (it was 256 whatever the run used,
+    so the ids differed from PPO's own evaluation), and --max-prompt-tokens overrides it."""
+    import shutil
+
+    import yaml
+
+    run, _, rm, prompts = chat_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg["data"]["max_prompt_tokens"] = 20
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "res.json"
+    args = ["eval", "--policy", str(copy / "final" / "policy"), "--baseline", str(copy / "final" / "policy")]
+    args += ["--prompts", str(prompts), "--judge", f"reward-model:{rm}", "--max-new-tokens", "2"]
+    args += ["--json", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert json.loads(out.read_text())["settings"]["max_prompt_tokens"] == 20
+    assert main([*args, "--max-prompt-tokens", "30"]) == 0
+    assert json.loads(out.read_text())["settings"]["max_prompt_tokens"] == 30
+
+
 def test_eval_prompt_ids_are_those_of_ppos_own_evaluation(chat_run, tmp_path):
     """Truncated by turns, as PPO truncates its prompts: the same ids for the same budget."""
     from ppomax.config import PPOConfig

@@ -28,6 +28,7 @@ Judge-free statistics of each side (paper 5.2's monitoring metrics, measured on 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -52,6 +53,7 @@ from ppomax.errors import UserError
 from ppomax.rollout import HFGenerateEngine, eos_ids_of, rollout
 
 SUBSETS = ("helpful", "harmless")
+DEFAULT_MAX_PROMPT_TOKENS = 256  # data.max_prompt_tokens' default
 
 
 # --------------------------------------------------------------------------------------------------- generation
@@ -313,7 +315,8 @@ class EvalSettings:
     top_p: float = 0.9
     repetition_penalty: float = 1.1
     greedy: bool = False
-    max_prompt_tokens: int = 256
+    max_prompt_tokens: int | None = None
+    """None: the policy run's data.max_prompt_tokens (:func:`run_data_config`), else 256."""
     batch_size: int = 32
     tie_margin: float = 0.05
     seed: int = 0
@@ -382,7 +385,7 @@ def evaluate_models(
         repetition_penalty=s.repetition_penalty,
         greedy=s.greedy,
         batch_size=s.batch_size,
-        max_prompt_tokens=s.max_prompt_tokens,
+        max_prompt_tokens=s.max_prompt_tokens or DEFAULT_MAX_PROMPT_TOKENS,
         seed=s.seed,
     )
     bar = None
@@ -480,10 +483,10 @@ def load_eval_prompts(
     return prompts, [str(s) if s is not None else "helpful" for s in subsets]
 
 
-def run_chat_format(model_dir: str | os.PathLike[str]) -> tuple[str, Path] | None:
-    """``(data.chat_format, config path)`` of the run that saved ``model_dir`` (``<run>/final``,
+def run_data_config(model_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Path] | None:
+    """``(data section, config path)`` of the run that saved ``model_dir`` (``<run>/final``,
     ``<run>/final/policy``, ...): its ``config.yaml`` in ``model_dir`` or up to two levels above; None without
-    one."""
+    one. Evaluation renders and cuts prompts as that run did (``chat_format``, ``max_prompt_tokens``)."""
     import yaml
 
     start = Path(model_dir).absolute()
@@ -496,8 +499,8 @@ def run_chat_format(model_dir: str | os.PathLike[str]) -> tuple[str, Path] | Non
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise UserError(f"{path}: cannot read the run's config: {type(e).__name__}") from None
         data = cfg.get("data") if isinstance(cfg, dict) else None
-        if isinstance(data, dict) and "chat_format" in data:
-            return str(data["chat_format"]), path
+        if isinstance(data, dict):
+            return data, path
     return None
 
 
@@ -505,13 +508,13 @@ def eval_chat_format(
     policy_dir: str | os.PathLike[str], tokenizer: Any, override: str | None = None
 ) -> tuple[ChatFormat, str]:
     """The chat format of an evaluation and why: ``override`` (``--chat-format``), else the policy's run config
-    (:func:`run_chat_format`: the format PPO's own evaluation used), else ``auto``; ``auto`` resolved with
+    (:func:`run_data_config`: the format PPO's own evaluation used), else ``auto``; ``auto`` resolved with
     ``tokenizer`` (:func:`ppomax.data.resolve_chat_format`)."""
     if override is not None:
         return resolve_chat_format(override, tokenizer, "--chat-format")
-    found = run_chat_format(policy_dir)
-    if found is not None:
-        return resolve_chat_format(found[0], tokenizer, f"data.chat_format in {found[1]}")
+    found = run_data_config(policy_dir)
+    if found is not None and "chat_format" in found[0]:
+        return resolve_chat_format(str(found[0]["chat_format"]), tokenizer, f"data.chat_format in {found[1]}")
     fmt, why = resolve_chat_format("auto", tokenizer, "--chat-format")
     return fmt, f"{why} (default: no run config.yaml at or above the policy)"
 
@@ -533,6 +536,10 @@ def evaluate(
     from ppomax.models import ValueHeadModel, load_causal_lm, load_tokenizer
 
     s = settings or EvalSettings()
+    if s.max_prompt_tokens is None:  # cut as the policy's run cut its prompts
+        found = run_data_config(policy_dir)
+        budget = found[0].get("max_prompt_tokens") if found is not None else None
+        s = dataclasses.replace(s, max_prompt_tokens=int(budget or DEFAULT_MAX_PROMPT_TOKENS))
     tokenizer = load_tokenizer(str(tokenizer_dir or policy_dir))
     fmt, why = eval_chat_format(policy_dir, tokenizer, chat_format)
     prompts, subsets = load_eval_prompts(prompts_file, s.limit, chat_format=fmt, tokenizer=tokenizer)

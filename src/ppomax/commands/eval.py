@@ -111,7 +111,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--max-prompt-tokens", type=int, default=256)
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="prompt budget (default: the policy run's data.max_prompt_tokens, else 256)",
+    )
     p.add_argument("--temperature", type=finite_float, default=0.8)
     p.add_argument("--top-p", type=finite_float, default=0.9)
     p.add_argument("--repetition-penalty", type=finite_float, default=1.1)
