@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         with command_threads(args.threads):
             return int(args.func(args) or 0)
     except UserError as exc:
-        console().error("%s", exc)
+        if _reports_errors():
+            console().error("%s", exc)
         return 2
     except RunStopped:  # the trainer said where it saved and how to resume
         return STOPPED_EXIT_CODE
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         console().error("interrupted")
         return 130
     finally:
+        locks = sys.modules.get("ppomax.trainers.run_lock")  # loaded by a command that opened a run
+        if locks is not None:
+            locks.release_run_locks()
         _close_process_group()
 
 
@@ -92,6 +96,29 @@ def _config_key_hint(args: argparse.Namespace, extra: list[str]) -> str | None:
 
     kind = getattr(args, "kind", None) or CONFIG_COMMANDS[args.command]
     return flag_hint(extra, CONFIG_CLASSES[kind], args.command, kind)
+
+
+# A launcher's rank of this process: torchrun / accelerate, MPICH / Intel MPI, Open MPI, MVAPICH (the variables
+# beside ppomax.trainers.launch.WORLD_SIZE_VARS).
+RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def _reports_errors() -> bool:
+    """Whether this process prints the user error it exits with. Under a launcher every rank fails, mostly with
+    the same error: once the ranks are connected, the first to fail prints (a counter in the process group's
+    store); before that (a config error, found alike on every rank), rank 0. Every rank still exits 2."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        try:
+            from datetime import timedelta
+
+            store = dist.distributed_c10d._get_default_store()
+            store.set_timeout(timedelta(seconds=10))  # a store whose host has exited: print rather than wait
+            return store.add("ppomax/user_error", 1) == 1
+        except Exception:  # no store to ask: print, twice rather than never
+            return True
+    rank = next((os.environ[v] for v in RANK_VARS if os.environ.get(v, "").strip().isdigit()), "0")
+    return int(rank) == 0
 
 
 def _close_process_group() -> None:

@@ -533,22 +533,26 @@ def evaluate(
     run :func:`evaluate_models` with ``judges`` as it takes them. Prompts are rendered in the chat format of
     :func:`eval_chat_format` (``chat_format``: the override), recorded in the result as ``chat_format`` and
     ``chat_format_reason``."""
-    from ppomax.models import ValueHeadModel, load_causal_lm, load_tokenizer
+    from ppomax.models import ValueHeadModel, check_vocab, load_causal_lm, load_tokenizer
 
     s = settings or EvalSettings()
     if s.max_prompt_tokens is None:  # cut as the policy's run cut its prompts
         found = run_data_config(policy_dir)
         budget = found[0].get("max_prompt_tokens") if found is not None else None
         s = dataclasses.replace(s, max_prompt_tokens=int(budget or DEFAULT_MAX_PROMPT_TOKENS))
-    tokenizer = load_tokenizer(str(tokenizer_dir or policy_dir))
+    tokenizer_key = "--tokenizer" if tokenizer_dir else "--policy"
+    tokenizer = load_tokenizer(str(tokenizer_dir or policy_dir), key=tokenizer_key)
     fmt, why = eval_chat_format(policy_dir, tokenizer, chat_format)
     prompts, subsets = load_eval_prompts(prompts_file, s.limit, chat_format=fmt, tokenizer=tokenizer)
-    policy = load_causal_lm(str(policy_dir))
-    baseline = load_causal_lm(str(baseline_dir))
+    policy = load_causal_lm(str(policy_dir), key="--policy")
+    check_vocab(policy, tokenizer, "--policy", tokenizer_key)
+    baseline = load_causal_lm(str(baseline_dir), key="--baseline")
+    check_vocab(baseline, tokenizer, "--baseline", tokenizer_key)
     loaded: dict[str, tuple[str, Any]] = {}
     for name, (kind, judge) in judges.items():
         if kind == "reward-model" and isinstance(judge, str | os.PathLike):
-            judge = ValueHeadModel.from_pretrained(judge)
+            judge = ValueHeadModel.from_pretrained(judge, key=f"--judge {name}")
+            check_vocab(judge, tokenizer, f"--judge {name}", tokenizer_key)
         loaded[name] = (kind, judge)
     result = evaluate_models(policy, baseline, tokenizer, prompts, subsets, loaded, s, progress=progress)
     result["policy"]["path"] = str(policy_dir)

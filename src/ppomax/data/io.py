@@ -19,6 +19,7 @@ Every problem with the data is a :class:`DataError` whose message is ``path:line
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -333,3 +334,23 @@ def _read_datasets_dir(p: Path, spath: str) -> Iterator[tuple[str, int, Any]]:
         )
     for i, row in enumerate(ds, start=1):
         yield spath, i, row
+
+
+def fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``{"path", "size", "sha256"}`` of a data file as it is on disk (a ``datasets`` directory: all its files,
+    by name, in order), read in chunks: what a checkpoint keeps to tell whether its data changed. A path that
+    cannot be read has no size and no hash (the loader reports it)."""
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    digest, size = hashlib.sha256(), 0
+    try:
+        for f in files:
+            if p.is_dir():
+                digest.update(f.relative_to(p).as_posix().encode() + b"\0")
+            with f.open("rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
+                    size += len(chunk)
+    except OSError:
+        return {"path": str(path), "size": None, "sha256": None}
+    return {"path": str(path), "size": size, "sha256": digest.hexdigest()}

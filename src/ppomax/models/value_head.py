@@ -206,18 +206,23 @@ class ValueHeadModel(torch.nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False
+        cls,
+        path: str | Path,
+        dtype: str | torch.dtype = "float32",
+        trust_remote_code: bool = False,
+        key: str | None = None,
     ) -> ValueHeadModel:
-        """Load a value-head model (a trained RM or critic) saved by :meth:`save_pretrained`."""
-        p = Path(path)
+        """Load a value-head model (a trained RM or critic) saved by :meth:`save_pretrained`; ``key``: the config
+        key that named ``path`` (errors name it)."""
+        p, lead = Path(path), f"{key}: " if key else ""
         if not is_value_head_model(p):
             if not p.exists():
-                raise ModelPathError(f"reward/critic model not found: {p}")
+                raise ModelPathError(f"{lead}reward/critic model not found: {p}")
             raise ModelPathError(
-                f"{p} is not a value-head model (no {HEAD_META} / {HEAD_WEIGHTS}): train one with "
+                f"{lead}{p} is not a value-head model (no {HEAD_META} / {HEAD_WEIGHTS}): train one with "
                 "`ppomax train-rm`, or start a fresh head on a causal LM (e.g. ppo.critic_init: sft)"
             )
-        backbone = load_causal_lm(p, dtype=dtype, trust_remote_code=trust_remote_code)
+        backbone = load_causal_lm(p, dtype=dtype, trust_remote_code=trust_remote_code, key=key)
         hidden = _hidden_size(backbone)
         try:
             sd = load_file(str(p / HEAD_WEIGHTS))
@@ -236,7 +241,8 @@ class ValueHeadModel(torch.nn.Module):
         dtype: str | torch.dtype = "float32",
         trust_remote_code: bool = False,
         seed: int = 0,
+        key: str | None = None,
     ) -> ValueHeadModel:
         """A fresh seeded head on a causal-LM checkpoint (an SFT model, or a saved RM's backbone)."""
-        backbone = load_causal_lm(path, dtype=to_dtype(dtype), trust_remote_code=trust_remote_code)
+        backbone = load_causal_lm(path, dtype=to_dtype(dtype), trust_remote_code=trust_remote_code, key=key)
         return cls(backbone, seed=seed)

@@ -33,6 +33,12 @@ class TrainingError(UserError):
     """A run that cannot continue (e.g. repeated non-finite updates); the message says what to do."""
 
 
+def data_files(cfg: Any, *names: str) -> dict[str, str]:
+    """``{"data.NAME": path}`` of the data files (``cfg.data.NAME``, those set) a run reads: what its checkpoints
+    fingerprint (:func:`~ppomax.trainers.run.open_run`)."""
+    return {f"data.{name}": str(getattr(cfg.data, name)) for name in names if getattr(cfg.data, name)}
+
+
 def log_load_stats(ctx: RunContext, name: str, stats: LoadStats) -> None:
     ctx.print(f"{name}: {stats.summary()}")
 
@@ -132,13 +138,3 @@ def reduce_sums(acc: Accelerator, values: dict[str, float]) -> dict[str, float]:
     if acc.num_processes > 1:
         t = acc.reduce(t, "sum")
     return dict(zip(keys, t.tolist(), strict=True))
-
-
-def check_vocab(model: Any, tokenizer: Any, where: str) -> None:
-    """The tokenizer's ids must fit the model's embedding table (else an index error deep in torch)."""
-    emb = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > emb:
-        raise UserError(
-            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding table has {emb}; "
-            "use the tokenizer the model was trained with (model.tokenizer) or resize the model"
-        )

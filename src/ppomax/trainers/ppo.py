@@ -71,7 +71,7 @@ from ppomax.optim import build_optimizer, build_scheduler, warmup_steps
 from ppomax.rewards import RewardSources, build_reward_functions
 from ppomax.rollout import HFGenerateEngine, RolloutEngine, eos_ids_of
 
-from .common import TrainingError, log_chat_format
+from .common import TrainingError, data_files, log_chat_format
 from .launch import prepare_frozen, prepare_trained, sharded_forward
 from .ppo_data import IndexStream, PromptSet, PTXSet, load_prompt_set, load_ptx_set, pad_id_of
 from .ppo_eval import evaluate
@@ -101,7 +101,9 @@ class PPOData:
         return self.ptx.batch(self.ptx_stream.take(k), self.pad_id, device)
 
 
-def load_data(cfg: PPOConfig, tokenizer: Any, rank: int, world: int) -> PPOData:
+def load_data(cfg: PPOConfig, tokenizer: Any, rank: int, world: int, resizable: bool = False) -> PPOData:
+    """The PPO data; ``resizable``: a resumed run may continue its streams on data of another size
+    (``--allow-data-change``)."""
     d, p = cfg.data, cfg.ppo
     assert d.prompts
     prompts = load_prompt_set(d.prompts, cfg, tokenizer)
@@ -109,10 +111,12 @@ def load_data(cfg: PPOConfig, tokenizer: Any, rank: int, world: int) -> PPOData:
     ptx = load_ptx_set(d.ptx, cfg, tokenizer) if (p.ptx_coef > 0 and d.ptx) else None
     return PPOData(
         prompts=prompts,
-        prompt_stream=IndexStream(len(prompts), cfg.seed, rank=rank, world=world),
+        prompt_stream=IndexStream(len(prompts), cfg.seed, rank=rank, world=world, resizable=resizable),
         valid=valid,
         ptx=ptx,
-        ptx_stream=IndexStream(len(ptx), cfg.seed + 1, rank=rank, world=world) if ptx else None,
+        ptx_stream=(
+            IndexStream(len(ptx), cfg.seed + 1, rank=rank, world=world, resizable=resizable) if ptx else None
+        ),
         pad_id=pad_id_of(tokenizer),
     )
 
@@ -185,13 +189,23 @@ class PPOTrainer:
         resume: bool = False,
         overwrite: bool = False,
         engine: RolloutEngine | None = None,
+        allow_data_change: bool = False,
     ):
         cfg.check_runnable()
         self.cfg, p = cfg, cfg.ppo
-        # the run directory is checked (and a resumed run's config compared) before any model is loaded
+        # the run directory is checked (and a resumed run's config compared) before any model is loaded; it is
+        # first written by run.restore(), once everything below has loaded
         trained = ("policy", "critic") if p.uses_critic else ("policy",)
+        data = ("prompts", "valid_prompts", *(("ptx",) if p.ptx_coef > 0 else ()))
         self.run = run = open_run(
-            cfg, "ppo", resume=resume, overwrite=overwrite, trained=trained, frozen=True
+            cfg,
+            "ppo",
+            resume=resume,
+            overwrite=overwrite,
+            allow_data_change=allow_data_change,
+            data=data_files(cfg, *data),
+            trained=trained,
+            frozen=True,
         )
         acc = run.accelerator  # DDP, DeepSpeed or FSDP as `accelerate launch` configured (trainers/launch.py)
         # The adaptive KL coefficient (ppo.kl_target) counts the responses of all processes, as Ziegler et al.'s
@@ -216,7 +230,9 @@ class PPOTrainer:
         if m.critic is not None:
             m.critic.freeze_lm_head()
         log_chat_format(run, cfg.data.chat_format, m.tokenizer)
-        self.data = data = load_data(cfg, m.tokenizer, acc.process_index, acc.num_processes)
+        self.data = data = load_data(
+            cfg, m.tokenizer, acc.process_index, acc.num_processes, resizable=allow_data_change
+        )
 
         updates = p.ppo_epochs * (p.buffer_size // p.minibatch_size)
         policy_opt = build_optimizer(m.policy.parameters(), cfg.optim.policy_lr, cfg.optim)
@@ -539,16 +555,23 @@ class PPOTrainer:
 
 
 def train_ppo(
-    cfg: PPOConfig, resume: bool = False, overwrite: bool = False, engine: RolloutEngine | None = None
+    cfg: PPOConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    engine: RolloutEngine | None = None,
+    allow_data_change: bool = False,
 ) -> Path:
     """Train a policy with PPO as ``cfg`` says; returns the output directory (``cfg.logging.out_dir``).
 
-    ``resume``: continue the run in ``logging.out_dir``; ``overwrite``: replace the run there (see
-    :mod:`ppomax.trainers.run`). The final policy is in ``out_dir/final/policy``, the critic in
+    ``resume``: continue the run in ``logging.out_dir`` (``allow_data_change``: even if its data files changed);
+    ``overwrite``: replace the run there (see :mod:`ppomax.trainers.run`). The final policy is in ``out_dir/final/policy``, the critic in
     ``out_dir/final/critic``, metrics in ``out_dir/metrics.jsonl``. A SIGINT/SIGTERM saves a checkpoint and
     raises :class:`ppomax.errors.RunStopped`. A critic-free ``ppo.advantage_estimator`` saves no critic.
     """
-    return PPOTrainer(cfg, resume=resume, overwrite=overwrite, engine=engine).train()
+    trainer = PPOTrainer(
+        cfg, resume=resume, overwrite=overwrite, engine=engine, allow_data_change=allow_data_change
+    )
+    return trainer.train()
 
 
 __all__ = ["PPOTrainer", "TrainingDiverged", "train_ppo"]

@@ -37,6 +37,7 @@ from ppomax.data import (
 from ppomax.errors import ConfigError
 from ppomax.models import (
     ValueHeadModel,
+    check_vocab,
     enable_activation_checkpointing,
     load_tokenizer,
     model_summary,
@@ -44,7 +45,7 @@ from ppomax.models import (
 )
 from ppomax.trainers.launch import trained_dtype
 
-from .common import check_vocab, eval_shards, load_features, load_train_valid, log_chat_format, to_device
+from .common import data_files, eval_shards, load_features, load_train_valid, log_chat_format, to_device
 from .loop import LoopSpec, train_loop
 from .reward_report import margin_summary, write_rm_eval
 from .run import RunContext, open_run
@@ -145,22 +146,37 @@ def evaluate_rm(margins: list[float]) -> dict[str, float]:
     }
 
 
-def train_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
+def train_rm(
+    cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_data_change: bool = False
+) -> Path:
     """Train a reward model as configured; returns the last model's directory ``out_dir/final``.
 
-    ``resume``: continue the run in ``logging.out_dir``; ``overwrite``: replace the run there (see
-    :mod:`ppomax.trainers.run` for the rules)."""
+    ``resume``: continue the run in ``logging.out_dir`` (``allow_data_change``: even if its data files changed);
+    ``overwrite``: replace the run there (see :mod:`ppomax.trainers.run` for the rules)."""
     if not cfg.model.policy:
         raise ConfigError("model.policy: required (the SFT / base model the reward model starts from)")
     if not cfg.data.train:
         raise ConfigError("data.train: required (preference pairs)")
-    ctx = open_run(cfg, "rm", resume=resume, overwrite=overwrite, grad_accum=cfg.grad_accum)
-    m = cfg.model
-    tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
-    model = ValueHeadModel.from_causal_lm(
-        m.policy, trained_dtype(m.dtype, m.lora is not None), m.trust_remote_code, seed=cfg.seed
+    ctx = open_run(
+        cfg,
+        "rm",
+        resume=resume,
+        overwrite=overwrite,
+        allow_data_change=allow_data_change,
+        data=data_files(cfg, "train", "valid", "test"),
+        grad_accum=cfg.grad_accum,
     )
-    check_vocab(model.backbone, tokenizer, "model.policy / model.tokenizer")
+    m = cfg.model
+    tokenizer_key = "model.tokenizer" if m.tokenizer else "model.policy"
+    tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code, key=tokenizer_key)
+    model = ValueHeadModel.from_causal_lm(
+        m.policy,
+        trained_dtype(m.dtype, m.lora is not None),
+        m.trust_remote_code,
+        seed=cfg.seed,
+        key="model.policy",
+    )
+    check_vocab(model, tokenizer, "model.policy", tokenizer_key)
     model = with_adapters(model, m.lora, m.policy, seed=cfg.seed)
     if m.gradient_checkpointing:
         enable_activation_checkpointing(model)

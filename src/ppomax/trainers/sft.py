@@ -36,6 +36,7 @@ from ppomax.data import (
 from ppomax.data.io import handle_error
 from ppomax.errors import ConfigError
 from ppomax.models import (
+    check_vocab,
     enable_activation_checkpointing,
     init_causal_lm_from_config,
     load_causal_lm,
@@ -45,7 +46,7 @@ from ppomax.models import (
 )
 from ppomax.trainers.launch import TRAINED_DTYPE, trained_dtype
 
-from .common import check_vocab, eval_shards, load_train_valid, log_chat_format, reduce_sums, to_device
+from .common import data_files, eval_shards, load_train_valid, log_chat_format, reduce_sums, to_device
 from .loop import LoopSpec, train_loop
 from .run import RunContext, open_run
 
@@ -147,23 +148,39 @@ def evaluate_lm(
 def _load_model(cfg: SFTConfig):
     m = cfg.model
     if cfg.init_from_config:
-        return init_causal_lm_from_config(m.policy, TRAINED_DTYPE, m.trust_remote_code, seed=cfg.seed)
-    return load_causal_lm(m.policy, trained_dtype(m.dtype, m.lora is not None), m.trust_remote_code)
+        return init_causal_lm_from_config(
+            m.policy, TRAINED_DTYPE, m.trust_remote_code, seed=cfg.seed, key="model.policy"
+        )
+    dtype = trained_dtype(m.dtype, m.lora is not None)
+    return load_causal_lm(m.policy, dtype, m.trust_remote_code, key="model.policy")
 
 
-def train_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
+def train_sft(
+    cfg: SFTConfig, resume: bool = False, overwrite: bool = False, allow_data_change: bool = False
+) -> Path:
     """Run SFT (or pretraining) as configured; returns the final model directory ``out_dir/final``.
 
-    ``resume``: continue the run in ``logging.out_dir``; ``overwrite``: replace the run there (see
-    :mod:`ppomax.trainers.run` for the rules)."""
+    ``resume``: continue the run in ``logging.out_dir`` (``allow_data_change``: even if its data files changed);
+    ``overwrite``: replace the run there (see :mod:`ppomax.trainers.run` for the rules)."""
     if not cfg.model.policy:
         raise ConfigError("model.policy: required (the base model directory to fine-tune)")
     if not cfg.data.train:
         raise ConfigError("data.train: required (SFT examples, or {'text'} records with objective: pretrain)")
-    ctx = open_run(cfg, "sft", resume=resume, overwrite=overwrite, grad_accum=cfg.grad_accum)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy, cfg.model.trust_remote_code)
+    ctx = open_run(
+        cfg,
+        "sft",
+        resume=resume,
+        overwrite=overwrite,
+        allow_data_change=allow_data_change,
+        data=data_files(cfg, "train", "valid"),
+        grad_accum=cfg.grad_accum,
+    )
+    tokenizer_key = "model.tokenizer" if cfg.model.tokenizer else "model.policy"
+    tokenizer = load_tokenizer(
+        cfg.model.tokenizer or cfg.model.policy, cfg.model.trust_remote_code, key=tokenizer_key
+    )
     model = _load_model(cfg)
-    check_vocab(model, tokenizer, "model.policy / model.tokenizer")
+    check_vocab(model, tokenizer, "model.policy", tokenizer_key)
     model = with_adapters(model, cfg.model.lora, cfg.model.policy, seed=cfg.seed)
     if cfg.model.gradient_checkpointing:
         enable_activation_checkpointing(model)
