@@ -129,3 +129,41 @@ def test_every_key_is_reachable_by_set():
                 continue
             default = next(d.default for d in key_docs(cls) if d.key == key)
             load_config(kind, overrides=[f"{key}={default}"])  # type: ignore[arg-type]
+
+
+def test_a_data_source_is_a_path_a_list_or_a_mapping_of_load_dataset_arguments(tmp_path, capsys):
+    hub = "{path: Anthropic/hh-rlhf, data_dir: harmless-base, split: test}"
+    cfg = load_config(
+        "rm",
+        overrides=["data.train=Anthropic/hh-rlhf", f"data.valid={hub}", "data.test=[a.jsonl, 'b-*.parquet']"],
+    )
+    assert cfg.data.train == "Anthropic/hh-rlhf" and cfg.data.test == ["a.jsonl", "b-*.parquet"]
+    assert cfg.data.valid.model_dump(exclude_none=True) == {  # type: ignore[union-attr]
+        "path": "Anthropic/hh-rlhf",
+        "data_dir": "harmless-base",
+        "split": "test",
+    }
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(to_yaml(cfg))
+    assert (
+        load_config("rm", path=saved) == cfg
+    )  # what a run saves reads back the same (a resume compares them)
+    mapping = "a mapping has path, name, data_dir, data_files, split, revision"
+    assert f"data.train: splits: unknown key ({mapping})" in _error(
+        "rm", "data.train={path: x, splits: test}"
+    )
+    assert f"data.train: path: Field required ({mapping})" in _error("sft", "data.train={split: test}")
+    assert "data.prompts: must be a path, a list of paths or a mapping {path, " in _error(
+        "ppo", "data.prompts=3"
+    )
+    assert "data.valid_prompts: a list source holds file paths or globs" in _error(
+        "ppo", "data.valid_prompts=[]"
+    )
+    assert main(["config", "--explain", "--kind", "ppo"]) == 0
+    out = capsys.readouterr().out
+    allowed = (
+        "[text or a list of text or a mapping {path, name, data_dir, data_files, split, revision} or null]"
+    )
+    assert f"data.prompts = null    {allowed}" in out
+    assert "data.prompts.path" not in out and "data.num_proc = 1    [integer (> 0)]" in out
+    assert nearest_keys("dataset_name", CONFIG_CLASSES["rm"]) == ["data.train"]

@@ -80,31 +80,40 @@ def test_every_file_format_gives_the_same_pairs(tmp_path: Path, kind: str) -> No
         (f"{H} Hi there{A}", " Hello! How can I help?", " Go away."),
         (f"{H} What is 2+2?{A} Let me think.{H} Well?{A}", " 4", " 5"),
     ]
-    assert pairs[1].where == f"{path}:2"
+    assert pairs[1].where == (f"{path} row 2" if kind == "datasets" else f"{path}:2")
 
 
 def test_jsonl_line_numbers_are_physical_lines_and_blank_lines_are_ignored(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "r.jsonl", ["", json.dumps({"a": 1}), "   ", json.dumps({"a": 2})])
-    assert list(read_records(path)) == [(str(path), 2, {"a": 1}), (str(path), 4, {"a": 2})]
+    records = list(read_records(path))
+    assert [(r.source, r.number, r.value, r.row) for r in records] == [
+        (str(path), 2, {"a": 1}, False),
+        (str(path), 4, {"a": 2}, False),
+    ]
+    assert records[1].where == f"{path}:4"
 
 
-def test_datasets_dict_directory_asks_for_a_split(tmp_path: Path) -> None:
+def test_a_dataset_dict_directory_is_read_at_its_train_split_or_the_named_one(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets", reason="the optional 'datasets' package is not installed")
     path = tmp_path / "dd"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(HH_PAIRS)}).save_to_disk(str(path))
-    with pytest.raises(
-        DataError, match=r"is a DatasetDict; pass one split's directory \(splits: train; e.g. .*dd/train\)"
-    ):
-        load_preference_pairs(path)
-    assert len(load_preference_pairs(path / "train")) == 2
+    splits = {"train": HH_PAIRS, "test": HH_PAIRS[:1]}
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(
+        str(path)
+    )
+    assert len(load_preference_pairs(path)) == 2
+    assert len(load_preference_pairs(path / "train")) == 2  # one split's own directory
+    test = load_preference_pairs({"path": str(path), "split": "test"})
+    assert len(test) == 1 and test[0].where == f"{path}[test] row 1"
+    with pytest.raises(DataError, match=r"dd: no split 'valid' \(splits: train, test\)$"):
+        load_preference_pairs({"path": str(path), "split": "valid"})
 
 
 def test_file_level_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"nope\.jsonl: no such file or directory$"):
         load_prompts(tmp_path / "nope.jsonl")
-    (tmp_path / "x.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match=r"x\.csv: unsupported file type"):
-        load_prompts(tmp_path / "x.csv")
+    (tmp_path / "x.txt").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"x\.txt: unsupported file type"):
+        load_prompts(tmp_path / "x.txt")
     (tmp_path / "bad.json").write_text('[{"prompt": "a"},\n {"prompt": "b"\n]')
     # a .json that does not parse is fatal even in skip mode: nothing after the error can be read
     with pytest.raises(
@@ -118,7 +127,7 @@ def test_file_level_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"trunc\.jsonl\.gz:\d+: unreadable data"):
         load_prompts(tmp_path / "trunc.jsonl.gz")
     write_jsonl(tmp_path / "empty.jsonl", [])
-    with pytest.raises(DataError, match=r"empty\.jsonl: no usable prompts in this file"):
+    with pytest.raises(DataError, match=r"empty\.jsonl: no usable prompts \(loaded 0, skipped 0\)$"):
         load_prompts(tmp_path / "empty.jsonl")
 
 

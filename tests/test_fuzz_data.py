@@ -377,21 +377,24 @@ def load_and_check(kind: str, path: Path, rows: list[tuple[int, Any]], on_error:
     except DataError as e:
         msg = str(e)
         assert "\n" not in msg and "\r" not in msg, msg
-        m = re.match(rf"{re.escape(str(path))}(?::(\d+))?: \S", msg)
+        # a line of a file is PATH:N, a row of a datasets directory PATH row N
+        m = re.match(rf"{re.escape(str(path))}(?::(\d+)| row (\d+))?: \S", msg)
         assert m, msg
+        number = m.group(1) or m.group(2)
         # a .json file is one JSON value: a byte or syntax error in it names the physical line and fails the file
         whole = path.name.endswith((".json", ".json.gz")) and (
             "not UTF-8 text" in msg or "malformed JSON" in msg
         )
-        if m.group(1) is not None and not whole:
-            assert int(m.group(1)) in by_line, msg
+        if number is not None and not whole:
+            assert int(number) in by_line, msg
         if on_error == "skip":  # only a problem of the whole file fails a skipping load
-            assert m.group(1) is None or whole, msg
+            assert number is None or whole, msg
         return -1
     assert stats.loaded == len(items) and stats.loaded + stats.skipped == len(rows), (stats, rows)
     for item in items:
-        line = int(item.where.rsplit(":", 1)[1])
-        assert item.where == f"{path}:{line}"
+        m = re.fullmatch(rf"{re.escape(str(path))}(:| row )(\d+)", item.where)
+        assert m and (m.group(1) == " row ") == path.is_dir(), item.where
+        line = int(m.group(2))
         rec = by_line[line]
         assert rec is not None, f"junk line {line} loaded"
         check_item("sft" if kind == "ptx" else kind, item, rec)

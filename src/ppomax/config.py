@@ -22,11 +22,12 @@ import json
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -372,17 +373,79 @@ class CollapseConfig(_Section):
     )
 
 
+class DatasetArgs(_Section):
+    """A data source given as ``datasets.load_dataset``'s own arguments (README: Data)."""
+
+    path: str = Field(
+        description="A Hub dataset id, a local directory, or a builder name (json, parquet, csv, arrow) with "
+        "data_files."
+    )
+    name: str | None = Field(None, description="The dataset's configuration (load_dataset's `name`).")
+    data_dir: str | None = Field(None, description="A directory of the dataset's repository to read.")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="Data files (paths or globs), or a mapping split -> files."
+    )
+    split: str | None = Field(
+        None,
+        description="The split to read (a slice too, e.g. train[:1000]); null = train, or for a held-out set the "
+        "only split of a local source.",
+    )
+    revision: str | None = Field(None, description="A Hub revision: a branch, tag or commit.")
+
+
+def _source(value: Any) -> Any:
+    """A data source: a non-empty path/glob/Hub id, a non-empty list of them, or a :class:`DatasetArgs` mapping;
+    anything else is one error naming what is allowed (not pydantic's error for each member of the union)."""
+    if value is None or isinstance(value, DatasetArgs):
+        return value
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("an empty path")
+        return value
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ValueError("a list source holds file paths or globs (non-empty strings)")
+        return value
+    if isinstance(value, dict):
+        try:
+            return DatasetArgs.model_validate(value)
+        except ValidationError as err:
+            e = err.errors()[0]
+            key = ".".join(str(p) for p in e["loc"])
+            what = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            raise ValueError(f"{key}: {what} (a mapping has {', '.join(DatasetArgs.model_fields)})") from None
+    raise ValueError(
+        f"must be a path, a list of paths or a mapping {{{', '.join(DatasetArgs.model_fields)}}}, "
+        f"not {type(value).__name__}"
+    )
+
+
+#: a data key's value (:mod:`ppomax.data.sources`)
+DataSource = Annotated[str | list[str] | DatasetArgs | None, BeforeValidator(_source)]
+_SOURCE_HELP = (
+    "a file (.jsonl/.json/.gz, .parquet, .csv, .arrow), directory, glob, list of files, Hub dataset id or "
+    "mapping {path, name, data_dir, data_files, split, revision} (README: Data)"
+)
+_HELD_OUT_HELP = "; a Hub dataset needs the mapping with its split"
+
+
 class _DataCommon(_Section):
     max_prompt_tokens: int = Field(
         256, gt=0, description="Longer prompts lose their oldest turns (system and latest turn kept)."
     )
     on_bad_line: Literal["fail", "skip"] = Field(
-        "fail", description="Bad input line: stop, or skip and count."
+        "fail", description="A bad record (a line of a file, a row of a dataset): stop, or skip and count."
     )
     chat_format: Literal["auto", "hh", "chat_template"] = Field(
         "auto",
         description="Prompt format: the tokenizer's chat template, HH-RLHF's Human/Assistant text, or auto (the "
         "chat template when the tokenizer has one, else hh).",
+    )
+    num_proc: int = Field(
+        1,
+        gt=0,
+        description="Processes that parse and tokenise the data (1 = the training process); the data is the same "
+        "for any value.",
     )
 
 
@@ -391,8 +454,11 @@ class DataConfig(_DataCommon):
 
     _retired = {"test": (None, "used by train-rm only")}
 
-    train: str | None = Field(None, description="Training examples.")
-    valid: str | None = Field(None, description="Validation examples; null = valid_fraction of train.")
+    train: DataSource = Field(None, description=f"Training examples: {_SOURCE_HELP}.")
+    valid: DataSource = Field(
+        None,
+        description=f"Validation examples, a data source{_HELD_OUT_HELP}; null = valid_fraction of train.",
+    )
     valid_fraction: float = Field(0.0, ge=0, lt=1, description="Held out from `train` when `valid` is null.")
     max_response_tokens: int = Field(256, gt=0, description="Longer responses are cut from the right.")
 
@@ -402,17 +468,26 @@ class RMDataConfig(DataConfig):
 
     _retired = {}
 
-    train: str | None = Field(None, description="Training preference pairs.")
-    valid: str | None = Field(None, description="Validation pairs; null = valid_fraction of train.")
-    test: str | None = Field(None, description="Test pairs scored at the end; null = the validation split.")
+    train: DataSource = Field(None, description=f"Training preference pairs: {_SOURCE_HELP}.")
+    valid: DataSource = Field(
+        None, description=f"Validation pairs, a data source{_HELD_OUT_HELP}; null = valid_fraction of train."
+    )
+    test: DataSource = Field(
+        None,
+        description=f"Test pairs scored at the end, a data source{_HELD_OUT_HELP}; null = the validation split.",
+    )
 
 
 class PPODataConfig(_DataCommon):
     """PPO inputs: prompts, evaluation prompts and the PPO-ptx corpus."""
 
-    prompts: str | None = Field(None, description="Training prompts.")
-    valid_prompts: str | None = Field(None, description="Prompts for periodic evaluation.")
-    ptx: str | None = Field(None, description="SFT/pretraining examples for the PPO-ptx loss (eq. 17).")
+    prompts: DataSource = Field(None, description=f"Training prompts: {_SOURCE_HELP}.")
+    valid_prompts: DataSource = Field(
+        None, description=f"Prompts for periodic evaluation, a data source{_HELD_OUT_HELP}."
+    )
+    ptx: DataSource = Field(
+        None, description="SFT/pretraining examples for the PPO-ptx loss (eq. 17), a data source."
+    )
     max_ptx_response_tokens: int = Field(
         256, gt=0, description="PPO-ptx examples: response tokens kept (cut from the right), as in SFT."
     )

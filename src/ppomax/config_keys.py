@@ -39,6 +39,11 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "max_completion_length": ("generation.max_new_tokens",),
     "num_generations": ("generation.samples_per_prompt",),
     "max_prompt_length": ("data.max_prompt_tokens",),
+    "dataset_name": ("data.train", "data.prompts"),
+    "dataset_config": ("data.train", "data.prompts"),
+    "dataset_train_split": ("data.train", "data.prompts"),
+    "dataset_test_split": ("data.valid", "data.test", "data.valid_prompts"),
+    "dataset_num_proc": ("data.num_proc",),
     "logging_steps": ("logging.log_every",),
     "save_steps": ("logging.checkpoint_every",),
     "eval_steps": ("logging.eval_every",),
@@ -60,11 +65,13 @@ class KeyDoc:
 
 
 def _sections(annotation: Any) -> list[type[BaseModel]]:
-    """The pydantic models an annotation admits (``LoraSettings | None`` -> ``[LoraSettings]``); not lists."""
+    """The pydantic models an annotation admits (``LoraSettings | None`` -> ``[LoraSettings]``); not lists, and not
+    a union that admits other values too (a data source: a path, a list or a mapping), which is one key."""
     if get_origin(annotation) is list:
         return []
     args = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
-    return [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+    models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models if len(models) == len([a for a in args if a is not NoneType]) else []
 
 
 def _type_name(annotation: Any) -> str:
@@ -79,7 +86,7 @@ def _type_name(annotation: Any) -> str:
     if get_origin(annotation) is dict:
         return "a mapping"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return "a section"
+        return f"a mapping {{{', '.join(annotation.model_fields)}}}"
     names = {bool: "true/false", int: "integer", float: "number", str: "text"}
     return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
 

@@ -49,6 +49,7 @@ from ppomax.algos import (
 )
 from ppomax.config import GenerationConfig
 from ppomax.data.chat import ChatFormat, Dialogue, resolve_chat_format
+from ppomax.data.sources import Source, describe
 from ppomax.errors import UserError
 from ppomax.rollout import HFGenerateEngine, eos_ids_of, rollout
 
@@ -461,21 +462,22 @@ def evaluate_models(
 
 
 def load_eval_prompts(
-    path: str | os.PathLike[str],
+    path: Any,
     limit: int | None = None,
     *,
     chat_format: str = "auto",
     tokenizer: Any = None,
 ) -> tuple[list[Dialogue | str], list[str] | None]:
     """Prompts (dialogues, rendered in ``chat_format`` with ``tokenizer``: :func:`ppomax.data.load_prompts`) and
-    their subsets (``None`` when no record names one) from any prompts file of ppomax.data."""
+    their subsets (``None`` when no record names one) from any prompts source of ppomax.data (a file, a
+    directory, a glob, a Hub dataset, a mapping of load_dataset's arguments: :mod:`ppomax.data.sources`)."""
     from ppomax.data import load_prompts
 
     examples = load_prompts(path, format=chat_format, tokenizer=tokenizer)
     if limit is not None:
         examples = examples[:limit]
     if not examples:
-        raise UserError(f"{path}: no prompts")
+        raise UserError(f"{describe(path)}: no prompts")
     prompts = [e.dialogue or e.prompt for e in examples]
     subsets = [e.meta.get("subset") for e in examples]
     if all(s is None for s in subsets):
@@ -522,7 +524,7 @@ def eval_chat_format(
 def evaluate(
     policy_dir: str | os.PathLike[str],
     baseline_dir: str | os.PathLike[str],
-    prompts_file: str | os.PathLike[str],
+    prompts_file: Any,
     judges: Mapping[str, tuple[str, Any]],
     settings: EvalSettings | None = None,
     tokenizer_dir: str | os.PathLike[str] | None = None,
@@ -543,7 +545,11 @@ def evaluate(
     tokenizer_key = "--tokenizer" if tokenizer_dir else "--policy"
     tokenizer = load_tokenizer(str(tokenizer_dir or policy_dir), key=tokenizer_key)
     fmt, why = eval_chat_format(policy_dir, tokenizer, chat_format)
-    prompts, subsets = load_eval_prompts(prompts_file, s.limit, chat_format=fmt, tokenizer=tokenizer)
+    # held-out prompts: a Hub dataset (or a source with several splits) names its split
+    source = (
+        prompts_file if isinstance(prompts_file, Source) else Source(prompts_file, "--prompts", held_out=True)
+    )
+    prompts, subsets = load_eval_prompts(source, s.limit, chat_format=fmt, tokenizer=tokenizer)
     policy = load_causal_lm(str(policy_dir), key="--policy")
     check_vocab(policy, tokenizer, "--policy", tokenizer_key)
     baseline = load_causal_lm(str(baseline_dir), key="--baseline")
@@ -557,7 +563,7 @@ def evaluate(
     result = evaluate_models(policy, baseline, tokenizer, prompts, subsets, loaded, s, progress=progress)
     result["policy"]["path"] = str(policy_dir)
     result["baseline"]["path"] = str(baseline_dir)
-    result["prompts_file"] = str(prompts_file)
+    result["prompts_file"] = source.name
     result["chat_format"] = fmt
     result["chat_format_reason"] = why
     return result

@@ -41,6 +41,26 @@ def load_judges(specs: list[str], prompts_file: str) -> dict[str, tuple[str, Any
     return judges
 
 
+def prompts_source(text: str) -> Any:
+    """``--prompts``: a path, glob or Hub dataset id, or (text starting with ``{``) a YAML mapping of load_dataset's
+    arguments, e.g. ``{path: Anthropic/hh-rlhf, data_dir: harmless-base, split: test}``."""
+    if not text.lstrip().startswith("{"):
+        return text
+    import yaml
+    from pydantic import ValidationError
+
+    from ppomax.config import DatasetArgs
+
+    try:
+        return DatasetArgs.model_validate(yaml.safe_load(text))
+    except yaml.YAMLError:
+        what = "not valid YAML"
+    except ValidationError as e:
+        first = e.errors()[0]
+        what = f"{'.'.join(map(str, first['loc'])) or 'the value'}: {first['msg']}"
+    raise UserError(f"--prompts {text!r}: not a mapping of load_dataset's arguments ({what})")
+
+
 def _run(args: argparse.Namespace) -> int:
     from ppomax.evaluate import EvalSettings, evaluate, format_table, write_json
 
@@ -59,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
     result = evaluate(
         args.policy,
         args.baseline,
-        args.prompts,
+        prompts_source(args.prompts),
         judges=load_judges(args.judge or ["gold"], args.prompts),
         settings=settings,
         tokenizer_dir=args.tokenizer,
@@ -93,8 +113,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prompts",
         required=True,
-        help="prompts file (any prompts format of the README's Data section; "
-        "a 'subset' field splits the table into helpful / harmless)",
+        help="held-out prompts: a file, directory or glob, or a mapping of load_dataset's arguments such as "
+        "'{path: Anthropic/hh-rlhf, data_dir: harmless-base, split: test}' (any prompts format of the README's "
+        "Data section; a 'subset' field splits the table into helpful / harmless)",
     )
     p.add_argument(
         "--judge",

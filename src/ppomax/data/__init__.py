@@ -1,4 +1,5 @@
-"""Data layer: loaders for preference pairs, PPO prompts and SFT examples; tokenisation; batching.
+"""Data layer: sources (files, directories, globs, Hub datasets: :mod:`ppomax.data.sources`); loaders for
+preference pairs, PPO prompts and SFT examples; tokenisation; batching.
 
 Record shapes: :mod:`ppomax.data.formats` and the README's Data section. Typical use::
 
@@ -24,6 +25,7 @@ from .batching import (
     token_balanced_batches,
 )
 from .chat import ASSISTANT, HUMAN, ChatFormat, Dialogue, Renderer, parse_hh, resolve_chat_format
+from .features import pair_features, prompt_features, sft_features
 from .formats import (
     PreferencePair,
     PromptExample,
@@ -32,7 +34,8 @@ from .formats import (
     load_prompts,
     load_sft_examples,
 )
-from .io import DataError, LoadStats, read_records
+from .io import DataError, LoadStats, Record
+from .sources import Source, fingerprint, read_records
 from .tokenize import (
     IGNORE_INDEX,
     encode,
@@ -57,11 +60,14 @@ __all__ = [
     "PreferencePair",
     "PromptCollator",
     "PromptExample",
+    "Record",
     "Renderer",
     "SFTCollator",
     "SFTExample",
+    "Source",
     "encode",
     "feature_length",
+    "fingerprint",
     "fit_prompt",
     "global_batches",
     "load_preference_pairs",
@@ -70,10 +76,13 @@ __all__ = [
     "pad_id_of",
     "pad_left",
     "pad_right",
+    "pair_features",
     "parse_hh",
+    "prompt_features",
     "rank_share",
     "read_records",
     "resolve_chat_format",
+    "sft_features",
     "special_prefix",
     "token_balanced_batches",
     "tokenize_pair",

@@ -1,6 +1,6 @@
 """Loaders for preference pairs, PPO prompts and SFT examples (summed up in the README's Data section).
 
-Record shapes each loader accepts (any file type of :func:`ppomax.data.io.read_records`):
+Record shapes each loader accepts (from any source of :mod:`ppomax.data.sources`):
 
 Preference pairs (:func:`load_preference_pairs`)
   * HH-RLHF: ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: A", "rejected": "...\\n\\nAssistant: B"}``; each
@@ -38,7 +38,6 @@ rejected, chosen and rejected with different prompts, a prompt that does not end
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -60,7 +59,9 @@ from .chat import (
     turns_from_messages,
     turns_from_strings,
 )
-from .io import DataError, LoadStats, OnError, check_on_error, handle_error, read_records
+from .io import DataError, LoadStats, OnError, check_on_error
+from .pipeline import map_records
+from .sources import SourceSpec, as_source
 
 logger = logging.getLogger("ppomax.data")
 T = TypeVar("T")
@@ -229,7 +230,7 @@ def _check_distinct(chosen: str, rejected: str) -> None:
 
 
 def _load(
-    path: str | os.PathLike[str],
+    source: Any,
     on_error: OnError,
     stats: LoadStats | None,
     parse: Callable[[Any, LoadStats], T],
@@ -238,25 +239,14 @@ def _load(
     check_on_error(on_error)
     own = stats if stats is not None else LoadStats()
     out: list[T] = []
-    for spath, line, rec in read_records(path, on_error, own):
-        try:
-            item = parse(rec, own)
-        except FormatError as e:
-            handle_error(DataError(spath, line, e.reason, e.detail), on_error, own)
-            continue
-        except (TypeError, KeyError, AttributeError, ValueError) as e:  # a shape no check above foresaw
-            handle_error(
-                DataError(spath, line, "unexpected record shape", f"{type(e).__name__}: {e}"), on_error, own
-            )
-            continue
+    for rec, item in map_records(source, parse, on_error=on_error, stats=own):
         if hasattr(item, "where"):
-            item.where = f"{spath}:{line}"  # type: ignore[attr-defined]
+            item.where = rec.where  # type: ignore[attr-defined]
         out.append(item)
-        own.loaded += 1
     if not out:
-        raise DataError(str(path), None, f"no usable {kind} in this file", own.summary())
+        raise DataError(as_source(source).name, None, f"no usable {kind}", own.summary())
     if own.skipped:
-        logger.warning("%s: %s", path, own.summary())
+        logger.warning("%s: %s", as_source(source).name, own.summary())
     return out
 
 
@@ -265,14 +255,15 @@ def _load(
 
 
 def load_preference_pairs(
-    path: str | os.PathLike[str],
+    path: SourceSpec,
     on_error: OnError = "fail",
     stats: LoadStats | None = None,
     *,
     format: ChatFormatSetting = "auto",
     tokenizer: Any = None,
 ) -> list[PreferencePair]:
-    """Load preference pairs from any supported file (see the module docstring for record shapes)."""
+    """Load preference pairs from any source (:mod:`ppomax.data.sources`; the module docstring has the record
+    shapes)."""
     renderer = Renderer(format, tokenizer)
     return _load(path, on_error, stats, lambda rec, st: _parse_pair(rec, renderer, st), "preference pairs")
 
@@ -364,7 +355,7 @@ def _single_response(value: list[Any], what: str) -> str:
 
 
 def load_prompts(
-    path: str | os.PathLike[str],
+    path: SourceSpec,
     on_error: OnError = "fail",
     stats: LoadStats | None = None,
     *,
@@ -446,7 +437,7 @@ def _prompt_example(d: Dialogue, meta: dict[str, Any]) -> PromptExample:
 
 
 def load_sft_examples(
-    path: str | os.PathLike[str],
+    path: SourceSpec,
     on_error: OnError = "fail",
     stats: LoadStats | None = None,
     *,
@@ -459,11 +450,13 @@ def load_sft_examples(
         raise ValueError(f"assistant_turns must be 'all' or 'last', got {assistant_turns!r}")
     renderer = Renderer(format, tokenizer)
     return _load(
-        path, on_error, stats, lambda rec, st: _parse_sft(rec, renderer, assistant_turns), "SFT examples"
+        path, on_error, stats, lambda rec, st: _parse_sft(rec, renderer, assistant_turns, st), "SFT examples"
     )
 
 
-def _parse_sft(rec: Any, r: Renderer, assistant_turns: Literal["all", "last"]) -> SFTExample:
+def _parse_sft(
+    rec: Any, r: Renderer, assistant_turns: Literal["all", "last"], stats: LoadStats | None = None
+) -> SFTExample:
     if isinstance(rec, list):
         return _sft_from_turns(_turns(rec, "turns"), r, assistant_turns)
     if not isinstance(rec, dict):

@@ -71,7 +71,7 @@ from ppomax.optim import build_optimizer, build_scheduler, warmup_steps
 from ppomax.rewards import RewardSources, build_reward_functions
 from ppomax.rollout import HFGenerateEngine, RolloutEngine, eos_ids_of
 
-from .common import TrainingError, data_files, log_chat_format
+from .common import TrainingError, data_files, data_source, log_chat_format
 from .launch import prepare_frozen, prepare_trained, sharded_forward
 from .ppo_data import IndexStream, PromptSet, PTXSet, load_prompt_set, load_ptx_set, pad_id_of
 from .ppo_eval import evaluate
@@ -106,9 +106,21 @@ def load_data(cfg: PPOConfig, tokenizer: Any, rank: int, world: int, resizable: 
     (``--allow-data-change``)."""
     d, p = cfg.data, cfg.ppo
     assert d.prompts
-    prompts = load_prompt_set(d.prompts, cfg, tokenizer)
-    valid = load_prompt_set(d.valid_prompts, cfg, tokenizer) if d.valid_prompts else None
-    ptx = load_ptx_set(d.ptx, cfg, tokenizer) if (p.ptx_coef > 0 and d.ptx) else None
+
+    def progress(what: str) -> str | None:  # a progress bar on the main process
+        return what if rank == 0 and cfg.logging.progress else None
+
+    prompts = load_prompt_set(data_source(cfg, "prompts"), cfg, tokenizer, progress("prompts"))
+    valid = (
+        load_prompt_set(data_source(cfg, "valid_prompts"), cfg, tokenizer, progress("valid prompts"))
+        if d.valid_prompts
+        else None
+    )
+    ptx = (
+        load_ptx_set(data_source(cfg, "ptx"), cfg, tokenizer, progress("ptx"))
+        if (p.ptx_coef > 0 and d.ptx)
+        else None
+    )
     return PPOData(
         prompts=prompts,
         prompt_stream=IndexStream(len(prompts), cfg.seed, rank=rank, world=world, resizable=resizable),

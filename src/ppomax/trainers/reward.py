@@ -26,14 +26,7 @@ from tqdm.auto import tqdm
 
 from ppomax.algos import lm_nll, pairwise_rm_loss
 from ppomax.config import RMConfig
-from ppomax.data import (
-    LoadStats,
-    PreferenceCollator,
-    feature_length,
-    load_preference_pairs,
-    pad_id_of,
-    tokenize_pair,
-)
+from ppomax.data import LoadStats, PreferenceCollator, Source, feature_length, pad_id_of, pair_features
 from ppomax.errors import ConfigError
 from ppomax.models import (
     ValueHeadModel,
@@ -51,10 +44,21 @@ from .reward_report import margin_summary, write_rm_eval
 from .run import RunContext, open_run
 
 
-def rm_features(path: str, tokenizer: Any, cfg: RMConfig, stats: LoadStats) -> list[dict[str, Any]]:
+def rm_features(
+    source: Source, tokenizer: Any, cfg: RMConfig, stats: LoadStats, progress: str | None = None
+) -> list[dict[str, Any]]:
     d = cfg.data
-    pairs = load_preference_pairs(path, d.on_bad_line, stats, format=d.chat_format, tokenizer=tokenizer)
-    return [tokenize_pair(tokenizer, p, d.max_prompt_tokens, d.max_response_tokens, stats) for p in pairs]
+    return pair_features(
+        source,
+        tokenizer,
+        format=d.chat_format,
+        max_prompt_tokens=d.max_prompt_tokens,
+        max_response_tokens=d.max_response_tokens,
+        on_error=d.on_bad_line,
+        stats=stats,
+        num_proc=d.num_proc,
+        progress=progress,
+    )
 
 
 def rm_forward(
@@ -191,7 +195,7 @@ def train_rm(
     train, valid = load_train_valid(ctx, rm_features, tokenizer, cfg, "pairs")
     test, test_name = valid, "valid"
     if cfg.data.test:
-        test, test_name = load_features(ctx, rm_features, cfg.data.test, tokenizer, cfg, "test pairs"), "test"
+        test, test_name = load_features(ctx, rm_features, "test", tokenizer, cfg, "test pairs"), "test"
     ctx.print(
         f"{len(train)} training, {len(valid)} validation, {len(test) if cfg.data.test else 0} test pairs"
     )

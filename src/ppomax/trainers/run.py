@@ -23,8 +23,9 @@ The rules, the same for all three trainers (:func:`open_run`, :meth:`RunContext.
   ``overwrite`` (``--overwrite``), which deletes that run's files (only the names above);
 * ``resume`` (``--resume DIR``) continues the run in ``logging.out_dir`` from its newest complete checkpoint, and
   refuses a config that differs from the run's ``config.yaml`` in anything but :data:`RESUMABLE_KEYS` (the run
-  length; the directory itself, which may have been moved; the progress bar), naming the differing keys, and a
-  data file whose fingerprint (size, SHA-256) differs from the checkpoint's unless ``allow_data_change``;
+  length; the directory itself, which may have been moved; the progress bar; the data preparation's processes),
+  naming the differing keys, and a data source whose fingerprint (size, SHA-256) differs from the checkpoint's
+  unless ``allow_data_change``;
 * a directory whose run died before its first complete checkpoint holds no run: a new run or a resume starts it
   afresh (its old metrics are removed), no ``rm -rf`` needed; temporary ``*.tmp-PID`` directories that a killed
   save left behind are removed on every start;
@@ -68,7 +69,7 @@ from safetensors import SafetensorError
 from ppomax.checkpoint import prune_checkpoints, step_dirs
 from ppomax.config import load_config, to_yaml
 from ppomax.console import console
-from ppomax.data.io import fingerprint
+from ppomax.data.sources import fingerprint
 from ppomax.errors import ConfigError, RunStopped, UserError
 from ppomax.models import save_trained, weights_error
 from ppomax.monitor import MetricsLogger
@@ -84,7 +85,7 @@ CONFIG_FILE = "config.yaml"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "final", "best", "samples")
 RUN_GLOBS = ("rm_eval_*.json", "rm_margins_*.png")
 # Config keys a resume may change: the run length, where the run lives (a moved run), the progress bar.
-RESUMABLE_KEYS = ("epochs", "ppo.iterations", "logging.out_dir", "logging.progress")
+RESUMABLE_KEYS = ("epochs", "ppo.iterations", "logging.out_dir", "logging.progress", "data.num_proc")
 COMMANDS = {"sft": "train-sft", "rm": "train-rm", "ppo": "train-ppo"}
 
 log = console()
@@ -236,7 +237,7 @@ class RunContext:
     def _fingerprint_data(self, state: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
         """The fingerprints of the run's data files (main process); on resume, a data file that changed since
         the checkpoint is refused, or with ``data.allow_change`` named in a warning."""
-        now = {key: fingerprint(path) for key, path in self.data.files.items()}
+        now = {key: fingerprint(source) for key, source in self.data.files.items()}
         before = (state or {}).get(DATA_KEY) or {}
         changed = [key for key in now if key in before and _content(before[key]) != _content(now[key])]
         if changed and self.resume_from is not None:
@@ -461,7 +462,7 @@ def open_run(
     resume: bool = False,
     overwrite: bool = False,
     allow_data_change: bool = False,
-    data: dict[str, str] | None = None,
+    data: dict[str, Any] | None = None,
     grad_accum: int = 1,
     trained: tuple[str, ...] = ("model",),
     frozen: bool = False,
@@ -507,10 +508,10 @@ class RunPlan:
 
 @dataclass
 class RunData:
-    """The data files a run reads (``{config key: path}``), their fingerprints (:func:`ppomax.data.io.fingerprint`)
+    """The data a run reads (``{config key: source}``), their fingerprints (:func:`ppomax.data.sources.fingerprint`)
     from the start of the run on, and whether a resume may continue on files that changed since its checkpoint."""
 
-    files: dict[str, str]
+    files: dict[str, Any]
     allow_change: bool = False
     fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict)
 
