@@ -429,7 +429,8 @@ def test_sft_errors(tmp_path: Path) -> None:
     rows = [
         json.dumps({"prompt": "q"}),
         json.dumps(["q1", "a1", "q2"]),
-        json.dumps({"text": "no markers here"}),
+        # plain text is language modelling in "text", not in "chosen"
+        json.dumps({"chosen": "no markers here"}),
         json.dumps({"text": f"{H} a{A}"}),
     ]
     path = write_lines(tmp_path / "e.jsonl", rows)
@@ -439,7 +440,7 @@ def test_sft_errors(tmp_path: Path) -> None:
     assert stats.examples == [
         f"{path}:1: missing field 'response' (record has: prompt)",
         f"{path}:2: dialogue does not end with an assistant turn (3 turns, human first; SFT needs the response last)",
-        f"{path}:3: field 'text' is not an HH dialogue ('\\n\\nHuman: ...\\n\\nAssistant: ...')",
+        f"{path}:3: field 'chosen' is not an HH dialogue ('\\n\\nHuman: ...\\n\\nAssistant: ...')",
         f"{path}:4: empty text response",
     ]
 
@@ -508,6 +509,107 @@ def test_trl_completion_errors(tmp_path: Path) -> None:
         f"{path}:3: field 'completion' must be a string or a list with one assistant message, got int",
         f"{path}:4: prompt does not end with a human turn (the model must answer the last turn)",
     ]
+
+
+@pytest.mark.parametrize(
+    ("chosen", "rejected", "prompt", "responses"),
+    [
+        # TRL's own example (dataset_formats): the space before the difference starts the responses
+        ("The sky is blue.", "The sky is green.", "The sky is", (" blue.", " green.")),
+        # the difference inside a word: the cut moves back to the last whitespace (TRL's would keep "bl")
+        ("The sky is blue.", "The sky is black.", "The sky is", (" blue.", " black.")),
+        ("Q: 2+2?\n\nA: 4", "Q: 2+2?\n\nA: 5", "Q: 2+2?\n\nA:", (" 4", " 5")),
+        # no whitespace: cut where they differ (the hh format puts a space before a response)
+        ("天空是蓝色的", "天空是绿色的", "天空是", (" 蓝色的", " 绿色的")),
+        (
+            "It is blue",
+            "It is blue, really",
+            "It is",
+            (" blue", " blue, really"),
+        ),  # one the other's beginning
+    ],
+)
+def test_trl_implicit_prompt_is_the_common_beginning(
+    tmp_path: Path, chosen, rejected, prompt, responses
+) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", [{"chosen": chosen, "rejected": rejected}])
+    stats = LoadStats()
+    (pair,) = load_preference_pairs(path, stats=stats)
+    assert (pair.prompt, pair.chosen, pair.rejected) == (f"{H} {prompt}{A}", *responses)
+    assert stats.notes == {"implicit prompt: the common beginning of chosen and rejected": 1}
+
+
+def test_trl_implicit_prompt_errors(tmp_path: Path) -> None:
+    rows = [
+        {"chosen": "Blue sky.", "rejected": "Green sky."},
+        {"chosen": "Same text.", "rejected": "Same text."},
+        {"chosen": "Sky", "rejected": "Sky is blue."},
+        {"chosen": f"{H} q{A} a", "rejected": "no markers"},  # one HH dialogue: read as HH, not implicitly
+    ]
+    path = write_jsonl(tmp_path / "e.jsonl", rows)
+    stats = LoadStats()
+    with pytest.raises(DataError, match="no usable preference pairs"):
+        load_preference_pairs(path, on_error="skip", stats=stats)
+    assert (
+        stats.examples
+        == [
+            f"{path}:1: chosen and rejected have no common beginning to take as the prompt (TRL's implicit prompt; "
+            "give 'prompt' with the responses, or HH dialogues)",
+            f"{path}:2: chosen and rejected responses are identical",
+            f"{path}:3: empty chosen response ('chosen' is the implicit prompt and nothing more)",  # no space to cut at
+            f"{path}:4: no '\\n\\nAssistant:' turn in 'rejected'",
+        ]
+    )
+
+
+def test_trl_conversational_implicit_prompt_is_the_shared_turns(tmp_path: Path) -> None:
+    green = {"role": "assistant", "content": "It is green."}
+    path = write_jsonl(tmp_path / "c.jsonl", [{"chosen": [USER, BLUE], "rejected": [USER, green]}])
+    (pair,) = load_preference_pairs(path, format="hh")
+    assert (pair.prompt, pair.chosen, pair.rejected) == (
+        f"{H} What color is the sky?{A}",
+        " It is blue.",
+        " It is green.",
+    )
+
+
+def test_trl_language_modelling_text_trains_every_token(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from helpers import make_tiny_tokenizer
+    from ppomax.data import IGNORE_INDEX, tokenize_sft
+
+    tok = AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path))
+    text = "The sky is blue. Grass is green."
+    path = write_jsonl(tmp_path / "lm.jsonl", [{"text": text}, {"text": f"{H} Hi{A} Hello"}])
+    stats = LoadStats()
+    lm, hh = load_sft_examples(path, stats=stats, format="hh")
+    assert (lm.prompt, lm.response, lm.segments) == ("", text, [(text, True)])
+    assert hh.prompt == f"{H} Hi{A}"  # an HH dialogue in "text" still trains on the assistant turns only
+    assert stats.notes == {"plain text ('text' without HH markers): loss on every token": 1}
+    feats = tokenize_sft(tok, lm, 64, 64)
+    assert IGNORE_INDEX not in feats["labels"] and feats["labels"] == feats["input_ids"]
+    assert tok.decode(feats["input_ids"], skip_special_tokens=True) == text
+
+
+@pytest.mark.parametrize(
+    ("record", "what"),
+    [
+        ({"prompt": "Hi", "completion": " Hello", "label": True}, "unpaired preference record"),
+        ({"prompt": "Hi", "completion": " Go away", "label": False}, "unpaired preference record"),
+        ({"prompt": "2+2?", "completions": ["4"], "labels": [True]}, "stepwise supervision record"),
+    ],
+)
+def test_other_trl_types_are_refused_not_trained_as_sft(tmp_path: Path, record, what) -> None:
+    """A KTO row labelled false must not become an SFT demonstration; the message says what the record is. PPO
+    reads its prompt (a prompt-only use of the data)."""
+    path = write_jsonl(tmp_path / "k.jsonl", [record])
+    for load in (load_sft_examples, load_preference_pairs):
+        with pytest.raises(DataError) as err:
+            load(path)
+        assert str(err.value).startswith(f"{path}:1: {what}") and "has no" in str(err.value)
+    (prompt,) = load_prompts(path, format="hh")
+    assert prompt.prompt == f"{H} {record['prompt']}{A}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

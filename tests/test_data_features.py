@@ -46,6 +46,8 @@ def records(n: int) -> list:
         long = " and so on" * (i % 7) * 5
         if i % 37 == 36:
             out.append({"chosen": f"{H} q{i}{A} same", "rejected": f"{H} q{i}{A} same"})
+        elif i % 4 == 3:  # TRL's implicit prompt
+            out.append({"chosen": f"The number {i} is even", "rejected": f"The number {i} is odd{long}"})
         elif i % 3 == 0:
             out.append(
                 {"chosen": f"{H} question {i}{long}{A} yes {i}", "rejected": f"{H} question {i}{long}{A} no"}
@@ -87,7 +89,7 @@ def test_pair_features_are_the_loader_then_the_tokeniser_for_any_num_proc(tmp_pa
 
 def test_sft_and_prompt_features_for_any_num_proc(tmp_path, tok):
     rows = [{"prompt": f"Count to {i}.", "response": " ".join(map(str, range(i)))} for i in range(1, 150)]
-    rows[40] = {"prompt": "q"}  # a bad record, counted
+    rows[40] = {"prompt": "q", "completion": "a", "label": False}  # KTO: refused, counted
     path = write(tmp_path / "s.jsonl", rows)
     want_stats = LoadStats()
     want = [

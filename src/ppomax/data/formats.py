@@ -1,10 +1,14 @@
 """Loaders for preference pairs, PPO prompts and SFT examples (summed up in the README's Data section).
 
-Record shapes each loader accepts (from any source of :mod:`ppomax.data.sources`):
+Record shapes each loader accepts (from any source of :mod:`ppomax.data.sources`); TRL's dataset types
+(https://huggingface.co/docs/trl/dataset_formats) are among them:
 
 Preference pairs (:func:`load_preference_pairs`)
   * HH-RLHF: ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: A", "rejected": "...\\n\\nAssistant: B"}``; each
     dialogue is split at its last ``"\\n\\nAssistant:"`` and both halves before it must be identical.
+  * TRL's implicit prompt, ``{"chosen": "The sky is blue.", "rejected": "The sky is green."}`` (strings without HH
+    markers): their common beginning is the prompt (plain text: one human turn), the rest the responses
+    (:func:`implicit_prompt`).
   * ``{"prompt": str, "chosen": str, "rejected": str}``: the prompt is plain text (wrapped as one human turn) or
     an HH dialogue ending with ``"\\n\\nAssistant:"``; chosen/rejected are the responses.
   * MOSS-RLHF: ``{"chosen": [turn, ..., A], "rejected": [turn, ..., B]}`` (lists of strings with the same
@@ -30,6 +34,12 @@ SFT examples (:func:`load_sft_examples`)
     first, MOSS-RLHF's SFT convention): it must end with an assistant turn; loss on assistant turns only,
     represented by ``SFTExample.segments`` (``assistant_turns="all"`` trains every assistant turn,
     ``"last"`` only the final one).
+  * TRL's language modelling ``{"text": ...}`` that is not an HH dialogue: plain text, the loss on every token
+    (counted in ``stats.notes``); it is cut to the response budget.
+
+TRL's unpaired preference (``{"prompt", "completion", "label"}``, KTO) and stepwise supervision
+(``{"prompt", "completions", "labels"}``) records are refused by the SFT and preference loaders with a message
+saying what they are (ppomax trains neither KTO nor a process reward model); the prompt loader reads their prompt.
 
 Errors name ``path:line`` and the problem: malformed JSON, missing/empty/mistyped field, chosen identical to
 rejected, chosen and rejected with different prompts, a prompt that does not end with an assistant turn.
@@ -250,6 +260,22 @@ def _load(
     return out
 
 
+def refuse_other_trl_types(rec: dict[str, Any]) -> None:
+    """TRL's record types that ppomax has no trainer for, named instead of being read as another type."""
+    if "label" in rec and "completion" in rec:
+        raise FormatError(
+            "unpaired preference record ('prompt', 'completion', 'label': TRL's KTO format); ppomax has no KTO "
+            "trainer",
+            "a reward model needs pairs {'prompt', 'chosen', 'rejected'}; for SFT keep the wanted completions and "
+            "drop 'label'",
+        )
+    if "completions" in rec and "labels" in rec:
+        raise FormatError(
+            "stepwise supervision record ('completions', 'labels': TRL's PRM format); ppomax has no process "
+            "reward model trainer"
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # preference pairs
 
@@ -273,11 +299,17 @@ def _parse_pair(rec: Any, r: Renderer, stats: LoadStats) -> PreferencePair:
         raise FormatError(
             f"record must be a JSON object with 'chosen' and 'rejected', got {type(rec).__name__}"
         )
+    refuse_other_trl_types(rec)
     chosen, rejected = _field(rec, "chosen"), _field(rec, "rejected")
     meta = {k: v for k, v in rec.items() if k not in ("prompt", "chosen", "rejected")}
     if isinstance(chosen, str) and isinstance(rejected, str):
-        if "prompt" in rec:
-            prompt_text = _text_field(rec, "prompt")
+        implicit = "prompt" not in rec and not is_hh_text(chosen) and not is_hh_text(rejected)
+        if "prompt" in rec or implicit:
+            if implicit:
+                prompt_text, chosen, rejected = implicit_prompt(chosen, rejected)
+                stats.notes["implicit prompt: the common beginning of chosen and rejected"] += 1
+            else:
+                prompt_text = _text_field(rec, "prompt")
             if is_hh_text(prompt_text) and chosen.startswith(_hh_prompt(prompt_text)):
                 # some dumps repeat the prompt inside chosen/rejected; keep the responses only
                 _, chosen = _split_hh_answer(chosen, "chosen")
@@ -341,6 +373,30 @@ def _parse_pair(rec: Any, r: Renderer, stats: LoadStats) -> PreferencePair:
         "fields 'chosen' and 'rejected' must both be strings or both be lists of turns",
         f"got {type(chosen).__name__} and {type(rejected).__name__}",
     )
+
+
+def implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """``(prompt, chosen response, rejected response)`` of TRL's preference type "with implicit prompt": the prompt
+    is the longest common prefix of the two texts (TRL's ``maybe_extract_prompt`` / ``extract_prompt``, dataset
+    formats doc). The cut never falls inside a word: it moves back to the last whitespace of the common prefix,
+    which then starts both responses (TRL moves back over one space only, so "blue" / "black" would leave "bl" in
+    its prompt, and "blue" / "blue, really" would leave "blu"); a common prefix without whitespace is cut where the
+    texts differ."""
+    differ = (k for k, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b)
+    common = chosen[: next(differ, min(len(chosen), len(rejected)))]
+    last_space = max((k for k, c in enumerate(common) if c.isspace()), default=-1)
+    cut = len(common[: last_space + 1].rstrip()) if last_space >= 0 else len(common)
+    prompt = chosen[:cut]
+    if not prompt.strip():
+        raise FormatError(
+            "chosen and rejected have no common beginning to take as the prompt",
+            "TRL's implicit prompt; give 'prompt' with the responses, or HH dialogues",
+        )
+    _check_distinct(chosen[cut:], rejected[cut:])
+    for what, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text[cut:].strip():
+            raise FormatError(f"empty {what} response", f"'{what}' is the implicit prompt and nothing more")
+    return prompt, chosen[cut:], rejected[cut:]
 
 
 def _single_response(value: list[Any], what: str) -> str:
@@ -461,6 +517,7 @@ def _parse_sft(
         return _sft_from_turns(_turns(rec, "turns"), r, assistant_turns)
     if not isinstance(rec, dict):
         raise FormatError(f"record must be a JSON object or a list of turns, got {type(rec).__name__}")
+    refuse_other_trl_types(rec)
     if "prompt" in rec:
         resp_key = "completion" if "completion" in rec and "response" not in rec else "response"
         response = _response_field(rec, resp_key)
@@ -489,6 +546,10 @@ def _parse_sft(
                     f"field '{key}' must be a string or a list of turns, got {type(value).__name__}"
                 )
             if not is_hh_text(value):
+                if key == "text":  # TRL's language modelling type: plain text, trained on every token
+                    if stats is not None:
+                        stats.notes["plain text ('text' without HH markers): loss on every token"] += 1
+                    return SFTExample("", value, [(value, True)])
                 raise FormatError(
                     f"field '{key}' is not an HH dialogue ('\\n\\nHuman: ...\\n\\nAssistant: ...')"
                 )
