@@ -185,8 +185,8 @@ def test_split_rules(tmp_path):
     assert (
         len(load_preference_pairs(Source(str(only_test), "data.valid", held_out=True))) == 3
     )  # its one split
+    ds.save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(DataError, match=r"saved: has no splits \(a Dataset written by save_to_disk\)"):
-        ds.save_to_disk(str(tmp_path / "saved"))
         load_preference_pairs({"path": str(tmp_path / "saved"), "split": "train"})
 
 
@@ -217,8 +217,8 @@ def test_a_hub_dataset_id_is_read_through_load_dataset_offline(tmp_path):
 def test_strings_that_name_nothing(tmp_path):
     with pytest.raises(DataError, match=r"nope\.parquet: no such file or directory$"):
         load_preference_pairs(str(tmp_path / "nope.parquet"))
+    (tmp_path / "x.txt").write_text("hello\n")
     with pytest.raises(DataError, match=r"x\.txt: unsupported file type \(expected \.jsonl, .*\.parquet"):
-        (tmp_path / "x.txt").write_text("hello\n")
         load_preference_pairs(str(tmp_path / "x.txt"))
     with pytest.raises(DataError, match=r"unknown key 'splits' \(a source mapping has path, name, data_dir"):
         load_preference_pairs({"path": str(tmp_path), "splits": "train"})
