@@ -411,7 +411,7 @@ def test_resume_refuses_changed_data_naming_the_file_unless_allowed(sft, capsys)
 
 
 def test_the_fingerprint_of_a_data_file_and_of_a_datasets_directory(tmp_path):
-    from ppomax.data.io import fingerprint
+    from ppomax.data.sources import fingerprint
 
     f = tmp_path / "a.jsonl"
     f.write_text('{"x": 1}\n')

@@ -56,7 +56,14 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     # transformers' per-file "Loading weights" bars would interleave with ours; set to 0 to see them
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        hint = _config_key_hint(args, extra)
+        if hint is None:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        console().error("%s", hint)
+        return 2
     try:
         with command_threads(args.threads):
             return int(args.func(args) or 0)
@@ -74,6 +81,21 @@ def main(argv: list[str] | None = None) -> int:
         if locks is not None:
             locks.release_run_locks()
         _close_process_group()
+
+
+#: The commands that take a config, and its kind (``ppomax config`` says its own with --kind).
+CONFIG_COMMANDS = {"train-sft": "sft", "train-rm": "rm", "train-ppo": "ppo", "plan": "ppo", "config": "ppo"}
+
+
+def _config_key_hint(args: argparse.Namespace, extra: list[str]) -> str | None:
+    """The one-line hint for a config key given as a flag (``--learning_rate 1e-5``) or as ``key=value``."""
+    if args.command not in CONFIG_COMMANDS:
+        return None
+    from ppomax.config import CONFIG_CLASSES
+    from ppomax.config_keys import flag_hint
+
+    kind = getattr(args, "kind", None) or CONFIG_COMMANDS[args.command]
+    return flag_hint(extra, CONFIG_CLASSES[kind], args.command, kind)
 
 
 # A launcher's rank of this process: torchrun / accelerate, MPICH / Intel MPI, Open MPI, MVAPICH (the variables

@@ -15,11 +15,11 @@ import argparse
 from pathlib import Path
 
 from ppomax.commands.common import (
-    RUN_EPILOG,
     add_config_args,
     add_run_args,
     print_result,
     run_config,
+    run_epilog,
     run_options,
 )
 from ppomax.config import PPOConfig
@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="PPO (PPO-max by default) against a reward model or reward functions",
         description="PPO on a policy against a reward model and/or reward functions; prints the final policy "
         "directory. Exit status 3: stopped by the collapse monitor (collapse.action: stop).",
-        epilog=RUN_EPILOG,
+        epilog=run_epilog("ppo"),
     )
     add_config_args(p, presets=True)
     add_run_args(p)

@@ -312,6 +312,13 @@ def init_causal_lm_from_config(
     return use_cpu_float32_attention(model.to(to_dtype(dtype)))
 
 
+def enable_activation_checkpointing(model: Any, **kwargs: Any) -> None:
+    """Activation (gradient) checkpointing on ``model`` under transformers' current name
+    (``activation_checkpointing_enable``; ``gradient_checkpointing_enable`` is its deprecated alias, which warns)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(**kwargs)
+
+
 def model_summary(model: torch.nn.Module) -> dict[str, Any]:
     """Parameter counts (total, trainable) for logs and reports; under DeepSpeed ZeRO-3 the full sizes of the
     partitioned parameters (``ds_numel``: their local tensors are empty)."""

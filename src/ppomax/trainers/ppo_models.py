@@ -32,6 +32,7 @@ from ppomax.models import (
     AdaptersOff,
     ValueHeadModel,
     check_vocab,
+    enable_activation_checkpointing,
     init_causal_lm_from_config,
     load_causal_lm,
     load_tokenizer,
@@ -141,11 +142,7 @@ def load_models(cfg: PPOConfig) -> PPOModels:
     for model in (policy, critic) if critic is not None else (policy,):
         disable_dropout(model)
         if m.gradient_checkpointing:
-            # transformers 5 renamed it; ValueHeadModel forwards the old name to its backbone
-            enable = (
-                getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            )
-            enable()
+            enable_activation_checkpointing(model)
             model.train()  # HF checkpoints only in train mode; dropout is already off
         else:
             model.eval()

@@ -23,8 +23,9 @@ The rules, the same for all three trainers (:func:`open_run`, :meth:`RunContext.
   ``overwrite`` (``--overwrite``), which deletes that run's files (only the names above);
 * ``resume`` (``--resume DIR``) continues the run in ``logging.out_dir`` from its newest complete checkpoint, and
   refuses a config that differs from the run's ``config.yaml`` in anything but :data:`RESUMABLE_KEYS` (the run
-  length; the directory itself, which may have been moved; the progress bar), naming the differing keys, and a
-  data file whose fingerprint (size, SHA-256) differs from the checkpoint's unless ``allow_data_change``;
+  length; the directory itself, which may have been moved; the progress bar; the data preparation's processes),
+  naming the differing keys, and a data source whose fingerprint (size, SHA-256) differs from the checkpoint's
+  unless ``allow_data_change``;
 * a directory whose run died before its first complete checkpoint holds no run: a new run or a resume starts it
   afresh (its old metrics are removed), no ``rm -rf`` needed; temporary ``*.tmp-PID`` directories that a killed
   save left behind are removed on every start;
@@ -70,12 +71,12 @@ from safetensors import SafetensorError
 from ppomax.checkpoint import prune_checkpoints, step_dirs
 from ppomax.config import load_config, to_yaml
 from ppomax.console import console
-from ppomax.data.io import fingerprint
+from ppomax.data.sources import fingerprint
 from ppomax.errors import ConfigError, RunStopped, UserError
-from ppomax.models import has_adapters, save_trained, weights_error
+from ppomax.models import save_trained, weights_error
 from ppomax.monitor import MetricsLogger
 
-from .launch import TRAINED_DTYPE, build_accelerator, deepspeed_loads_tensors_only
+from .launch import build_accelerator, deepspeed_loads_tensors_only
 from .run_lock import RunLock
 
 STATE_FILE = "ppomax_state.json"
@@ -88,7 +89,7 @@ CONFIG_FILE = "config.yaml"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "final", "best", "samples")
 RUN_GLOBS = ("rm_eval_*.json", "rm_margins_*.png")
 # Config keys a resume may change: the run length, where the run lives (a moved run), the progress bar.
-RESUMABLE_KEYS = ("epochs", "ppo.iterations", "logging.out_dir", "logging.progress")
+RESUMABLE_KEYS = ("epochs", "ppo.iterations", "logging.out_dir", "logging.progress", "data.num_proc")
 COMMANDS = {"sft": "train-sft", "rm": "train-rm", "ppo": "train-ppo"}
 
 log = console()
@@ -242,7 +243,7 @@ class RunContext:
     def _fingerprint_data(self, state: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
         """The fingerprints of the run's data files (main process); on resume, a data file that changed since
         the checkpoint is refused, or with ``data.allow_change`` named in a warning."""
-        now = {key: fingerprint(path) for key, path in self.data.files.items()}
+        now = {key: fingerprint(source) for key, source in self.data.files.items()}
         before = (state or {}).get(DATA_KEY) or {}
         changed = [key for key in now if key in before and _content(before[key]) != _content(now[key])]
         if changed and self.resume_from is not None:
@@ -318,34 +319,19 @@ class RunContext:
         return self.save_models(final, {"": (model, tokenizer)})
 
     def save_models(self, final: Path, models: dict[str, tuple[torch.nn.Module, Any]]) -> Path:
-        """``{subdir: (prepared model, tokenizer or None)}`` saved with ``save_pretrained`` under ``final/subdir``
-        (``""``: ``final`` itself), all in one atomic directory. Under ZeRO-3/FSDP the full weights are gathered
-        first (``accelerator.get_state_dict``, a collective: every rank calls this). A model trained in full is
-        written in ``model.dtype`` (mixed precision trains float32 masters; the checkpoint keeps the dtype the
-        user's model came in); LoRA adapters stay float32."""
+        """``{subdir: (prepared model, tokenizer)}`` saved with ``save_pretrained`` under ``final/subdir`` (``""``:
+        ``final`` itself), all in one atomic directory. Under ZeRO-3/FSDP the full weights are gathered first
+        (``accelerator.get_state_dict``, a collective: every rank calls this). Weights are written as the run holds
+        them, never cast: a model trained in full under mixed precision is its float32 master weights (config.json
+        says float32), so the saved model computes exactly what the trained one did."""
         acc = self.accelerator
         distributed = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
         states = {name: acc.get_state_dict(m) if distributed else None for name, (m, _) in models.items()}
-        dtype = self.cfg.model.dtype
-        cast = {
-            name
-            for name, (m, _) in models.items()
-            if dtype != TRAINED_DTYPE and not has_adapters(acc.unwrap_model(m))
-        }
-        for name in cast:
-            state = (
-                states[name] if states[name] is not None else acc.unwrap_model(models[name][0]).state_dict()
-            )
-            states[name] = {
-                k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in state.items()
-            }
         with self.atomic_dir(final, what="the model") as tmp:
             if self.is_main:
                 for name, (model, tokenizer) in models.items():
                     unwrapped, lora = acc.unwrap_model(model), self.cfg.model.lora
                     save_trained(unwrapped, tmp / name, states[name], tokenizer, lora)
-                    if name in cast:  # save_pretrained records the live (float32) parameters' dtype
-                        _record_dtype(tmp / name / "config.json", dtype)
         return final
 
     # ------------------------------------------------------------------ stopping
@@ -409,12 +395,6 @@ def _check_random_states(ckpt: Path, rank: int) -> None:
     states = load(path)
     if not isinstance(states, dict) or not {"random_state", "torch_manual_seed"} <= set(states):
         raise UserError(f"{path}: not accelerate's random states; resume from another checkpoint")
-
-
-def _record_dtype(config_file: Path, dtype: str) -> None:
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    config["dtype"] = dtype
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _main_pid(acc: Accelerator) -> int:
@@ -488,7 +468,7 @@ def open_run(
     resume: bool = False,
     overwrite: bool = False,
     allow_data_change: bool = False,
-    data: dict[str, str] | None = None,
+    data: dict[str, Any] | None = None,
     grad_accum: int = 1,
     trained: tuple[str, ...] = ("model",),
     frozen: bool = False,
@@ -534,10 +514,10 @@ class RunPlan:
 
 @dataclass
 class RunData:
-    """The data files a run reads (``{config key: path}``), their fingerprints (:func:`ppomax.data.io.fingerprint`)
+    """The data a run reads (``{config key: source}``), their fingerprints (:func:`ppomax.data.sources.fingerprint`)
     from the start of the run on, and whether a resume may continue on files that changed since its checkpoint."""
 
-    files: dict[str, str]
+    files: dict[str, Any]
     allow_change: bool = False
     fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict)
 
