@@ -1,5 +1,5 @@
 """Time PPO iterations of ppomax's trainer on a tiny model: generation, scoring (policy, reference, critic and reward
-model forwards plus advantages) and training, with samples/s and tokens/s (DESIGN.md section 8).
+model forwards plus advantages) and training, with samples/s and tokens/s.
 
 Everything is built in a temporary directory (nothing downloaded): a BPE tokenizer trained on synthetic text, a
 random Llama of the requested size saved with ``save_pretrained``, a value-head reward model on the same backbone

@@ -1,5 +1,5 @@
 """ppomax's PPO next to Hugging Face TRL's (``trl.experimental.ppo``), in one run, on identical tiny models and
-settings (DESIGN.md section 8).
+settings.
 
     .venv/bin/python bench/trl_compare.py                  # 256x4 and 512x5 Llamas, fp32 and bf16, 1 thread
     .venv/bin/python bench/trl_compare.py --sizes 128x2 --batch 16 --new-tokens 32 --iterations 3

@@ -52,12 +52,13 @@ class PPOSetup:
     ptx: Path
 
 
-def make_setup(tmp_path: Path, *, reference_seed: int | None = None) -> PPOSetup:
+def make_setup(tmp_path: Path, *, reference_seed: int | None = None, tie: bool | None = None) -> PPOSetup:
     """Policy (random tiny Llama), a value-head RM on the same backbone, prompt files and PTX examples.
-    ``reference_seed`` also writes a *different* tiny model as ``root/reference``."""
+    ``reference_seed`` also writes a *different* tiny model as ``root/reference``; ``tie``: the policy's LM head
+    is tied to its input embeddings."""
     from ppomax.models import ValueHeadModel
 
-    policy = make_tiny_lm(tmp_path, TEXTS, name="policy", seed=0)
+    policy = make_tiny_lm(tmp_path, TEXTS, name="policy", seed=0, tie=tie)
     rm_dir = tmp_path / "rm"
     ValueHeadModel.from_causal_lm(policy, seed=1).save_pretrained(rm_dir)
     if reference_seed is not None:

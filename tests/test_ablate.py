@@ -466,6 +466,21 @@ def test_report_only_writes_a_report_from_a_partial_ablation(tmp_path):
     assert not (tmp_path / "seed-0" / "world").exists()  # nothing trained
 
 
+def test_report_only_without_runs_lists_them_in_one_line(tmp_path, capsys):
+    """`ablate --report-only` on a directory without one finished run: one line listing the missing runs and how to
+    train them, exit 2 (it crashed in a plot's mean of no values); a directory that does not exist is one line too."""
+    from ppomax.cli import main
+
+    assert main(["ablate", "--report-only", "--out", str(tmp_path), "--only", "ppo_max", "vanilla"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "missing: ppo_max/0, ppo_max/1, ppo_max/2, vanilla/0, vanilla/1, vanilla/2" in err
+    assert f"ppomax ablate --out {tmp_path}" in err
+    assert main(["ablate", "--report-only", "--out", str(tmp_path / "nope")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert not (tmp_path / "nope").exists()
+
+
 def _record(events, name, wait_for=None):
     """A job for :func:`run_seeds_in_parallel` on threads: logs its start and end; ``wait_for`` blocks it until
     that event is set (a timeout fails the test instead of hanging it)."""

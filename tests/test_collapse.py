@@ -92,6 +92,7 @@ def test_trainer_feeds_the_monitor_and_stop_ends_the_run(tmp_path, monkeypatch):
         return CollapseSignal(step, 2.0, 0.5, 1.0) if step == 3 else None
 
     monkeypatch.setattr(CollapseMonitor, "update", fake_update)
+    monkeypatch.setattr(CollapseMonitor, "armed", property(lambda self: True))
     argv = ["train-ppo", "--preset", "ppo_max", "--set", "collapse.action=stop"]
     for item in (
         f"model.policy={setup.policy}",
@@ -117,3 +118,73 @@ def test_trainer_feeds_the_monitor_and_stop_ends_the_run(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "final").exists()
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / "step-2").is_dir() and not (ckpts / "step-3").exists()  # the collapsing state is not kept
+
+
+def test_armed_once_the_baseline_and_a_current_window_are_in():
+    mon = CollapseMonitor(window=2, length_ratio=1.3, ppl_ratio=0.9, kl_per_token=0.1)
+    armed = []
+    for step in range(1, 6):
+        mon.update(step, _m(20, 3.0, 0.01))
+        armed.append(mon.armed)
+    assert armed == [False, False, False, True, True]
+
+
+def test_a_run_logs_the_monitor_as_not_armed_until_it_can_fire_and_says_so_at_start(tmp_path, caplog):
+    """Before the monitor has its baseline and a current window it cannot fire: `collapse/firing 0` there read as
+    "no collapse seen"; it logs `collapse/armed 0` instead, and a run shorter than 2 x collapse.window says at start
+    that the monitor is not armed in it."""
+    import logging
+
+    import torch
+
+    from ppo_helpers import FAST, make_setup
+    from ppomax.cli import main
+    from ppomax.monitor import read_metrics
+
+    torch.set_num_threads(1)
+    setup = make_setup(tmp_path)
+    argv = ["train-ppo", "--preset", "ppo_max"]
+    for item in (
+        *FAST,
+        f"model.policy={setup.policy}",
+        f"model.reward={setup.reward}",
+        f"data.prompts={setup.prompts}",
+        f"logging.out_dir={tmp_path / 'run'}",
+        "ppo.iterations=3",
+        "collapse.window=2",
+        "logging.tensorboard=false",
+        "logging.progress=false",
+    ):
+        argv += ["--set", item]
+    with caplog.at_level(logging.INFO, logger="ppomax"):
+        assert main(argv) == 0
+    text = caplog.text
+    assert "the collapse monitor can fire from policy iteration 4" in text
+    assert "needs 4 policy iterations (2 x collapse.window) before it can fire and this run has 3" in text
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["collapse/armed"] for r in rows] == [0, 0, 0]
+    assert not any("collapse/firing" in r for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            {"ppo": {"iterations": 2, "buffer_size": 32, "minibatch_size": 32}},
+            "never trains at optim.policy_lr",
+        ),
+        (
+            {"ppo": {"iterations": 15, "buffer_size": 32, "minibatch_size": 32}},
+            "most of the run trains below",
+        ),
+        ({"ppo": {"iterations": 100}}, None),
+    ],
+)
+def test_schedule_notes_warn_when_the_run_is_too_short_for_its_warmup(overrides, expected):
+    from ppomax.config import PPOConfig
+    from ppomax.trainers.ppo import schedule_notes
+
+    line, warnings = schedule_notes(PPOConfig.model_validate(overrides))
+    assert "10 critic-only iterations" in line
+    warmup = [w for w in warnings if "warm" in w]
+    assert (warmup == []) if expected is None else (expected in warmup[0])

@@ -21,6 +21,8 @@ from ppomax.errors import ConfigError
 
 A = "\n\nAssistant:"
 H = "\n\nHuman:"
+#: the end of the message of a record-level error when data.on_bad_line is fail
+SKIP = " (data.on_bad_line: skip skips and counts such records)"
 
 HH_PAIRS = [
     {"chosen": f"{H} Hi there{A} Hello! How can I help?", "rejected": f"{H} Hi there{A} Go away."},
@@ -78,31 +80,40 @@ def test_every_file_format_gives_the_same_pairs(tmp_path: Path, kind: str) -> No
         (f"{H} Hi there{A}", " Hello! How can I help?", " Go away."),
         (f"{H} What is 2+2?{A} Let me think.{H} Well?{A}", " 4", " 5"),
     ]
-    assert pairs[1].where == f"{path}:2"
+    assert pairs[1].where == (f"{path} row 2" if kind == "datasets" else f"{path}:2")
 
 
 def test_jsonl_line_numbers_are_physical_lines_and_blank_lines_are_ignored(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "r.jsonl", ["", json.dumps({"a": 1}), "   ", json.dumps({"a": 2})])
-    assert list(read_records(path)) == [(str(path), 2, {"a": 1}), (str(path), 4, {"a": 2})]
+    records = list(read_records(path))
+    assert [(r.source, r.number, r.value, r.row) for r in records] == [
+        (str(path), 2, {"a": 1}, False),
+        (str(path), 4, {"a": 2}, False),
+    ]
+    assert records[1].where == f"{path}:4"
 
 
-def test_datasets_dict_directory_asks_for_a_split(tmp_path: Path) -> None:
+def test_a_dataset_dict_directory_is_read_at_its_train_split_or_the_named_one(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets", reason="the optional 'datasets' package is not installed")
     path = tmp_path / "dd"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(HH_PAIRS)}).save_to_disk(str(path))
-    with pytest.raises(
-        DataError, match=r"is a DatasetDict; pass one split's directory \(splits: train; e.g. .*dd/train\)"
-    ):
-        load_preference_pairs(path)
-    assert len(load_preference_pairs(path / "train")) == 2
+    splits = {"train": HH_PAIRS, "test": HH_PAIRS[:1]}
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(
+        str(path)
+    )
+    assert len(load_preference_pairs(path)) == 2
+    assert len(load_preference_pairs(path / "train")) == 2  # one split's own directory
+    test = load_preference_pairs({"path": str(path), "split": "test"})
+    assert len(test) == 1 and test[0].where == f"{path}[test] row 1"
+    with pytest.raises(DataError, match=r"dd: no split 'valid' \(splits: train, test\)$"):
+        load_preference_pairs({"path": str(path), "split": "valid"})
 
 
 def test_file_level_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"nope\.jsonl: no such file or directory$"):
         load_prompts(tmp_path / "nope.jsonl")
-    (tmp_path / "x.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match=r"x\.csv: unsupported file type"):
-        load_prompts(tmp_path / "x.csv")
+    (tmp_path / "x.txt").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"x\.txt: unsupported file type"):
+        load_prompts(tmp_path / "x.txt")
     (tmp_path / "bad.json").write_text('[{"prompt": "a"},\n {"prompt": "b"\n]')
     # a .json that does not parse is fatal even in skip mode: nothing after the error can be read
     with pytest.raises(
@@ -116,7 +127,7 @@ def test_file_level_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"trunc\.jsonl\.gz:\d+: unreadable data"):
         load_prompts(tmp_path / "trunc.jsonl.gz")
     write_jsonl(tmp_path / "empty.jsonl", [])
-    with pytest.raises(DataError, match=r"empty\.jsonl: no usable prompts in this file"):
+    with pytest.raises(DataError, match=r"empty\.jsonl: no usable prompts \(loaded 0, skipped 0\)$"):
         load_prompts(tmp_path / "empty.jsonl")
 
 
@@ -230,7 +241,7 @@ def test_broken_pair_records_name_file_line_and_problem(tmp_path: Path, line: st
     path = write_lines(tmp_path / "broken.jsonl", [good, "", line, good])
     with pytest.raises(DataError) as info:
         load_preference_pairs(path)
-    assert str(info.value) == f"{path}:3: {expected}"
+    assert str(info.value) == f"{path}:3: {expected}{SKIP}"
     stats = LoadStats()
     pairs = load_preference_pairs(path, on_error="skip", stats=stats)
     assert len(pairs) == 2 and stats.loaded == 2 and stats.skipped == 1
@@ -336,7 +347,7 @@ def test_prompts_do_not_validate_the_response(tmp_path: Path) -> None:
         f"{path}:2: empty chosen response",
         f"{path}:3: empty turn 2 in 'turns'",
     ]
-    with pytest.raises(DataError, match=r"p\.jsonl:1: empty chosen response$"):
+    with pytest.raises(DataError, match=rf"p\.jsonl:1: empty chosen response{re.escape(SKIP)}$"):
         load_preference_pairs(path)
 
 
@@ -418,7 +429,8 @@ def test_sft_errors(tmp_path: Path) -> None:
     rows = [
         json.dumps({"prompt": "q"}),
         json.dumps(["q1", "a1", "q2"]),
-        json.dumps({"text": "no markers here"}),
+        # plain text is language modelling in "text", not in "chosen"
+        json.dumps({"chosen": "no markers here"}),
         json.dumps({"text": f"{H} a{A}"}),
     ]
     path = write_lines(tmp_path / "e.jsonl", rows)
@@ -428,7 +440,7 @@ def test_sft_errors(tmp_path: Path) -> None:
     assert stats.examples == [
         f"{path}:1: missing field 'response' (record has: prompt)",
         f"{path}:2: dialogue does not end with an assistant turn (3 turns, human first; SFT needs the response last)",
-        f"{path}:3: field 'text' is not an HH dialogue ('\\n\\nHuman: ...\\n\\nAssistant: ...')",
+        f"{path}:3: field 'chosen' is not an HH dialogue ('\\n\\nHuman: ...\\n\\nAssistant: ...')",
         f"{path}:4: empty text response",
     ]
 
@@ -499,6 +511,107 @@ def test_trl_completion_errors(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("chosen", "rejected", "prompt", "responses"),
+    [
+        # TRL's own example (dataset_formats): the space before the difference starts the responses
+        ("The sky is blue.", "The sky is green.", "The sky is", (" blue.", " green.")),
+        # the difference inside a word: the cut moves back to the last whitespace (TRL's would keep "bl")
+        ("The sky is blue.", "The sky is black.", "The sky is", (" blue.", " black.")),
+        ("Q: 2+2?\n\nA: 4", "Q: 2+2?\n\nA: 5", "Q: 2+2?\n\nA:", (" 4", " 5")),
+        # no whitespace: cut where they differ (the hh format puts a space before a response)
+        ("天空是蓝色的", "天空是绿色的", "天空是", (" 蓝色的", " 绿色的")),
+        (
+            "It is blue",
+            "It is blue, really",
+            "It is",
+            (" blue", " blue, really"),
+        ),  # one the other's beginning
+    ],
+)
+def test_trl_implicit_prompt_is_the_common_beginning(
+    tmp_path: Path, chosen, rejected, prompt, responses
+) -> None:
+    path = write_jsonl(tmp_path / "p.jsonl", [{"chosen": chosen, "rejected": rejected}])
+    stats = LoadStats()
+    (pair,) = load_preference_pairs(path, stats=stats)
+    assert (pair.prompt, pair.chosen, pair.rejected) == (f"{H} {prompt}{A}", *responses)
+    assert stats.notes == {"implicit prompt: the common beginning of chosen and rejected": 1}
+
+
+def test_trl_implicit_prompt_errors(tmp_path: Path) -> None:
+    rows = [
+        {"chosen": "Blue sky.", "rejected": "Green sky."},
+        {"chosen": "Same text.", "rejected": "Same text."},
+        {"chosen": "Sky", "rejected": "Sky is blue."},
+        {"chosen": f"{H} q{A} a", "rejected": "no markers"},  # one HH dialogue: read as HH, not implicitly
+    ]
+    path = write_jsonl(tmp_path / "e.jsonl", rows)
+    stats = LoadStats()
+    with pytest.raises(DataError, match="no usable preference pairs"):
+        load_preference_pairs(path, on_error="skip", stats=stats)
+    assert (
+        stats.examples
+        == [
+            f"{path}:1: chosen and rejected have no common beginning to take as the prompt (TRL's implicit prompt; "
+            "give 'prompt' with the responses, or HH dialogues)",
+            f"{path}:2: chosen and rejected responses are identical",
+            f"{path}:3: empty chosen response ('chosen' is the implicit prompt and nothing more)",  # no space to cut at
+            f"{path}:4: no '\\n\\nAssistant:' turn in 'rejected'",
+        ]
+    )
+
+
+def test_trl_conversational_implicit_prompt_is_the_shared_turns(tmp_path: Path) -> None:
+    green = {"role": "assistant", "content": "It is green."}
+    path = write_jsonl(tmp_path / "c.jsonl", [{"chosen": [USER, BLUE], "rejected": [USER, green]}])
+    (pair,) = load_preference_pairs(path, format="hh")
+    assert (pair.prompt, pair.chosen, pair.rejected) == (
+        f"{H} What color is the sky?{A}",
+        " It is blue.",
+        " It is green.",
+    )
+
+
+def test_trl_language_modelling_text_trains_every_token(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from helpers import make_tiny_tokenizer
+    from ppomax.data import IGNORE_INDEX, tokenize_sft
+
+    tok = AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path))
+    text = "The sky is blue. Grass is green."
+    path = write_jsonl(tmp_path / "lm.jsonl", [{"text": text}, {"text": f"{H} Hi{A} Hello"}])
+    stats = LoadStats()
+    lm, hh = load_sft_examples(path, stats=stats, format="hh")
+    assert (lm.prompt, lm.response, lm.segments) == ("", text, [(text, True)])
+    assert hh.prompt == f"{H} Hi{A}"  # an HH dialogue in "text" still trains on the assistant turns only
+    assert stats.notes == {"plain text ('text' without HH markers): loss on every token": 1}
+    feats = tokenize_sft(tok, lm, 64, 64)
+    assert IGNORE_INDEX not in feats["labels"] and feats["labels"] == feats["input_ids"]
+    assert tok.decode(feats["input_ids"], skip_special_tokens=True) == text
+
+
+@pytest.mark.parametrize(
+    ("record", "what"),
+    [
+        ({"prompt": "Hi", "completion": " Hello", "label": True}, "unpaired preference record"),
+        ({"prompt": "Hi", "completion": " Go away", "label": False}, "unpaired preference record"),
+        ({"prompt": "2+2?", "completions": ["4"], "labels": [True]}, "stepwise supervision record"),
+    ],
+)
+def test_other_trl_types_are_refused_not_trained_as_sft(tmp_path: Path, record, what) -> None:
+    """A KTO row labelled false must not become an SFT demonstration; the message says what the record is. PPO
+    reads its prompt (a prompt-only use of the data)."""
+    path = write_jsonl(tmp_path / "k.jsonl", [record])
+    for load in (load_sft_examples, load_preference_pairs):
+        with pytest.raises(DataError) as err:
+            load(path)
+        assert str(err.value).startswith(f"{path}:1: {what}") and "has no" in str(err.value)
+    (prompt,) = load_prompts(path, format="hh")
+    assert prompt.prompt == f"{H} {record['prompt']}{A}"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # chat templates
 
@@ -535,9 +648,43 @@ def test_chat_template_format(tmp_path: Path) -> None:
     ):
         load_prompts(path, format="chat_template", tokenizer=tok)
     with pytest.raises(
-        ConfigError, match=r"^data\.chat_format: must be 'hh' or 'chat_template', got 'chatml'"
+        ConfigError, match=r"^data\.chat_format: must be 'auto', 'hh' or 'chat_template', got 'chatml'"
     ):
         load_prompts(path, format="chatml")  # type: ignore[arg-type]
+
+
+def test_the_default_chat_format_is_the_tokenizers_template_when_it_has_one(tmp_path: Path) -> None:
+    """The default was hh: a chat model was trained on '\\n\\nHuman:' text without a word."""
+    from transformers import AutoTokenizer
+
+    from helpers import CHATML_TEMPLATE, make_tiny_tokenizer
+    from ppomax.config import PPOConfig, RMConfig, SFTConfig
+
+    chat = AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path, chat_template=CHATML_TEMPLATE))
+    plain = AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path, name="plain"))
+    assert {c().data.chat_format for c in (SFTConfig, RMConfig, PPOConfig)} == {"auto"}
+    path = write_jsonl(tmp_path / "p.jsonl", [HH_PAIRS[1]])
+    # an HH record parsed into turns and rendered with the template (what the template itself writes)
+    turns = [("user", "What is 2+2?"), ("assistant", "Let me think."), ("user", "Well?")]
+    templated = chat.apply_chat_template(
+        [{"role": r, "content": c} for r, c in turns], tokenize=False, add_generation_prompt=True
+    )
+    assert load_prompts(path, tokenizer=chat)[0].prompt == templated
+    assert load_preference_pairs(path, tokenizer=chat)[0].prompt == templated
+    # without a template: HH, verbatim
+    assert load_prompts(path, tokenizer=plain)[0].prompt == HH_PAIRS[1]["chosen"][: -len(" 4")]
+    # the start-up lines of the trainers say which format was chosen and why
+    from ppomax.data import resolve_chat_format
+
+    assert resolve_chat_format("auto", chat) == (
+        "chat_template",
+        "the tokenizer has a chat template; data.chat_format: auto",
+    )
+    assert resolve_chat_format("auto", plain) == (
+        "hh",
+        "the tokenizer has no chat template; data.chat_format: auto",
+    )
+    assert resolve_chat_format("hh", chat) == ("hh", "data.chat_format: hh")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -568,7 +715,7 @@ def test_a_lone_surrogate_is_an_error_at_its_line_or_a_counted_skip(
     with pytest.raises(DataError) as err:
         LOADERS[kind](path)
     assert str(err.value) == (
-        f"{path}:3: lone surrogate in a string (not Unicode text) ('\\ud800' in field 'prompt')"
+        f"{path}:3: lone surrogate in a string (not Unicode text) ('\\ud800' in field 'prompt'){SKIP}"
     )
     stats = LoadStats()
     assert len(LOADERS[kind](path, on_error="skip", stats=stats)) == 3
@@ -580,7 +727,9 @@ def test_a_lone_surrogate_deep_in_a_record_is_found(tmp_path: Path) -> None:
     msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b\udfff"}]
     path.write_text(json.dumps({"messages": msgs}) + "\n", encoding="ascii")
     with pytest.raises(
-        DataError, match=r"m\.jsonl:1: .* \('\\udfff' in field 'content' of item 2 of field 'messages'\)$"
+        DataError,
+        match=r"m\.jsonl:1: .* \('\\udfff' in field 'content' of item 2 of field 'messages'\)"
+        + re.escape(SKIP),
     ):
         load_sft_examples(path)
     # a surrogate *pair* is one valid character
@@ -601,7 +750,7 @@ def test_a_byte_that_is_not_utf8_is_reported_at_its_line_and_skip_skips_only_it(
     path.write_bytes(gzip.compress(data) if gz else data)
     with pytest.raises(DataError) as err:
         load_prompts(path)
-    assert str(err.value) == f"{path}:7: not UTF-8 text (byte 0xe9 at byte 15 of the line)"
+    assert str(err.value) == f"{path}:7: not UTF-8 text (byte 0xe9 at byte 15 of the line){SKIP}"
     stats = LoadStats()
     prompts = load_prompts(path, on_error="skip", stats=stats)
     assert [p.where for p in prompts] == [f"{path}:{i}" for i in (1, 2, 3, 4, 5, 6, 8, 9, 10)]
@@ -646,7 +795,8 @@ def test_an_empty_hh_turn_is_an_error_at_its_line(tmp_path: Path, kind: str, rec
     """`"\\n\\nHuman: \\n\\nAssistant:"` trained silently; turn lists already refuse empty turns."""
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD[kind], record])
     with pytest.raises(
-        DataError, match=rf"d\.jsonl:2: empty turn in '\w+' \({re.escape(what)} has no text\)$"
+        DataError,
+        match=rf"d\.jsonl:2: empty turn in '\w+' \({re.escape(what)} has no text\){re.escape(SKIP)}$",
     ):
         LOADERS[kind](path)
     stats = LoadStats()
@@ -659,7 +809,7 @@ def test_an_error_quoting_the_data_stays_one_line(tmp_path: Path) -> None:
     path.write_text(json.dumps({"a\nb\u2028c": 1}) + "\n", encoding="utf-8")
     with pytest.raises(DataError) as err:
         load_prompts(path)
-    assert str(err.value) == f"{path}:1: missing field 'prompt' (record has: a\\nb\\u2028c)"
+    assert str(err.value) == f"{path}:1: missing field 'prompt' (record has: a\\nb\\u2028c){SKIP}"
 
 
 ASST_A = {"role": "assistant", "content": "a"}

@@ -158,3 +158,52 @@ def test_a_lone_surrogate_in_the_data_is_one_line_or_a_counted_skip(
     else:
         assert rc == 0, err
         assert "loaded 4, skipped 1; skip reasons: lone surrogate in a string (not Unicode text) x1" in err
+
+
+def _train_rm(tmp_path: Path, model: Path, pairs: Path) -> int:
+    sets = [f"model.policy={model}", f"data.train={pairs}", f"logging.out_dir={tmp_path / 'run'}"]
+    sets += ["logging.progress=false", "logging.tensorboard=false"]
+    return main(["train-rm", *[a for o in sets for a in ("--set", o)]])
+
+
+HH_EMPTY_CHOSEN = [
+    {
+        "chosen": "\n\nHuman: Say apple.\n\nAssistant: apple",
+        "rejected": "\n\nHuman: Say apple.\n\nAssistant: no",
+    },
+    {"chosen": "\n\nHuman: Say river.\n\nAssistant:", "rejected": "\n\nHuman: Say river.\n\nAssistant: no"},
+]
+
+
+def test_a_bad_record_that_stops_train_rm_says_how_to_skip_such_records(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Real HH-RLHF has pairs whose chosen answer is empty: the run stopped with a clear line, which did not say
+    that data.on_bad_line: skip would skip and count them."""
+    model = make_tiny_lm(tmp_path)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", HH_EMPTY_CHOSEN)
+    capsys.readouterr()  # the setup's own output (transformers' save bars)
+    assert _train_rm(tmp_path, model, pairs) == 2
+    err = capsys.readouterr().err
+    _one_line_error(err, f"{pairs}:2: empty chosen response")
+    assert err.rstrip().endswith("(data.on_bad_line: skip skips and counts such records)")
+
+
+def test_train_rm_says_which_chat_format_it_chose(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """data.chat_format: auto (the default) takes the tokenizer's chat template, and the start-up line says so."""
+    from transformers import AutoTokenizer
+
+    from helpers import CHATML_TEMPLATE
+
+    model = make_tiny_lm(tmp_path)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = CHATML_TEMPLATE
+    tok.save_pretrained(model)
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl", HH_EMPTY_CHOSEN
+    )  # the bad record ends the run after start-up
+    capsys.readouterr()
+    assert _train_rm(tmp_path, model, pairs) == 2
+    err = capsys.readouterr().err
+    line = "ppomax: chat format: chat_template (the tokenizer has a chat template; data.chat_format: auto)"
+    assert line in err.splitlines(), err

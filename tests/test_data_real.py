@@ -87,7 +87,10 @@ def test_hh_skips_match_an_independent_scan() -> None:
 def test_hh_fail_fast_stops_at_the_first_bad_record() -> None:
     with pytest.raises(DataError) as info:
         load_preference_pairs(HH)
-    assert str(info.value) == f"{HH}:87: empty chosen response"
+    assert (
+        str(info.value)
+        == f"{HH}:87: empty chosen response (data.on_bad_line: skip skips and counts such records)"
+    )
 
 
 @needs_hh

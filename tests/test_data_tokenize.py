@@ -14,6 +14,8 @@ from ppomax.data import (
     PreferencePair,
     SFTExample,
     encode,
+    load_preference_pairs,
+    load_sft_examples,
     special_prefix,
     tokenize_pair,
     tokenize_prompt,
@@ -21,6 +23,7 @@ from ppomax.data import (
     tokenize_sft,
 )
 from ppomax.errors import ConfigError, UserError
+from tiny_lm import write_jsonl
 
 A = "\n\nAssistant:"
 H = "\n\nHuman:"
@@ -64,16 +67,24 @@ def test_left_truncation_drops_the_fewest_oldest_whole_turns(tok) -> None:
     assert stats.truncated_prompts == 1 and not stats.notes
 
 
-def test_left_truncation_cuts_tokens_inside_the_latest_turn_when_it_alone_is_too_long(tok) -> None:
-    long_q = " ".join(["bread"] * 200)
-    prompt = f"{H} old{A} old answer{H} {long_q}{A}"
+def test_left_truncation_cuts_inside_the_latest_turn_under_its_marker_when_it_alone_is_too_long(tok) -> None:
+    prompt = f"{H} old{A} old answer{H} {' '.join(['bread'] * 200)}{A}"
     stats = LoadStats()
     ids = tokenize_prompt(tok, prompt, 50, stats)
-    last = encode(tok, f"{H} {long_q}{A}")
-    assert ids == last[-50:]  # the most recent tokens, the assistant cue included
-    assert tok.decode(ids).endswith(A)
-    assert stats.truncated_prompts == 1
-    assert stats.notes["prompt cut inside its latest turn (no whole-turn cut fits)"] == 1
+    # an independent search: the most words of the latest turn that fit under its markers
+    k = max(k for k in range(200) if len(encode(tok, f"{H} {' '.join(['bread'] * k)}{A}")) <= 50)
+    assert k > 10 and ids == encode(tok, f"{H} {' '.join(['bread'] * k)}{A}")
+    assert stats.truncated_prompts == 1 and stats.dropped_turns == 2
+    assert stats.prompt_cuts == {"lost their oldest turns": 1, "cut inside their latest user turn": 1}
+
+
+def test_hh_text_before_the_first_turn_is_kept_when_old_turns_are_dropped(tok) -> None:
+    """The system text of an HH prompt (before its first marker) was dropped with the oldest turn."""
+    prompt = "Be brief." + dialogue(4) + f"{H} last{A}"
+    kept = "Be brief." + dialogue(4)[dialogue(4).index(f"{H} question number 3") :] + f"{H} last{A}"
+    stats = LoadStats()
+    assert tokenize_prompt(tok, prompt, len(encode(tok, kept)), stats) == encode(tok, kept)
+    assert (stats.dropped_turns, stats.prompt_cuts) == (6, {"lost their oldest turns": 1})
 
 
 def test_bos_is_kept_in_front_and_counted_in_the_budget(bos_tok) -> None:
@@ -158,10 +169,21 @@ def test_tokenize_sft_truncates_context_at_turn_starts_then_tokens(tok) -> None:
     assert ids[:budget] == [t for p in ctx_pieces[-3:] for t in p]
     assert labels[: len(ctx_pieces[-3])] == [IGNORE_INDEX] * len(ctx_pieces[-3])
     assert labels[len(ctx_pieces[-3]) : len(ctx_pieces[-3]) + len(ctx_pieces[-2])] == ctx_pieces[-2]
-    # a budget smaller than the last human turn: token cut from the left, flags kept per token
-    out = tokenize_sft(tok, ex, 5, 100, stats)
-    assert out["input_ids"][:5] == ctx_pieces[-1][-5:] and out["labels"][:5] == [IGNORE_INDEX] * 5
-    assert stats.notes["prompt cut inside its latest turn (no whole-turn cut fits)"] == 1
+    assert stats.prompt_cuts == {"lost their oldest turns": 1} and stats.dropped_turns == 6
+    # a budget smaller than the last human turn: its text is cut from the left, under its markers
+    stats = LoadStats()
+    budget = len(encode(tok, f"{H} about bread{A}"))
+    out = tokenize_sft(tok, ex, budget, 100, stats)
+    assert out["input_ids"][: out["prompt_length"]] == encode(tok, f"{H} about bread{A}")
+    assert out["labels"][: out["prompt_length"]] == [IGNORE_INDEX] * budget
+    assert stats.prompt_cuts == {"lost their oldest turns": 1, "cut inside their latest user turn": 1}
+    # a budget that does not hold the markers themselves is a config error
+    with pytest.raises(
+        ConfigError,
+        match=r"^data\.max_prompt_tokens: 5 is too small for the chat format's role headers and assistant cue: a "
+        r"prompt cut to the last character of its latest turn takes \d+ tokens$",
+    ):
+        tokenize_sft(tok, ex, 5, 100)
 
 
 def test_sentencepiece_style_tokenizer_gets_no_spurious_word_start_at_boundaries(tmp_path: Path) -> None:
@@ -188,5 +210,120 @@ def test_chat_template_text_is_tokenised_with_its_special_tokens(tmp_path: Path)
     assert f["prompt_ids"][0] == start and f["prompt_ids"].count(end) == 1
     # the response already ends with the EOS string: no second EOS appended
     assert f["chosen_ids"][-1] == end and f["chosen_ids"].count(end) == 1
-    ids = tokenize_prompt(tok, prompt * 6, 20, turn_marker="<|im_start|>user")
-    assert ids == encode(tok, prompt)
+    # text given as a string that is not an HH dialogue has no turns to drop: its latest tokens are kept
+    stats = LoadStats()
+    assert tokenize_prompt(tok, prompt * 6, 20, stats) == encode(tok, prompt * 6)[-20:]
+    assert stats.prompt_cuts == {"cut by tokens (not a dialogue)": 1}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prompts in a chat template are cut at its turns, re-rendered, system turn and role headers kept
+
+SYSTEM = "You are brief."
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tmp_path_factory: pytest.TempPathFactory):
+    tok = AutoTokenizer.from_pretrained(
+        make_tiny_tokenizer(tmp_path_factory.mktemp("chat"), chat_template=CHATML_TEMPLATE)
+    )
+    tok.eos_token = "<|im_end|>"
+    return tok
+
+
+def chat(system: str | None = SYSTEM, exchanges: int = 3, last: str = "the final question") -> list[dict]:
+    msgs = [{"role": "system", "content": system}] if system is not None else []
+    for k in range(exchanges):
+        msgs += [
+            {"role": "user", "content": f"question number {k} about bread"},
+            {"role": "assistant", "content": f"answer number {k} about France"},
+        ]
+    return [*msgs, {"role": "user", "content": last}]
+
+
+def render(tok, msgs: list[dict]) -> str:
+    """The template's own rendering, independent of ppomax."""
+    return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def chat_pair(tok, tmp_path: Path, msgs: list[dict]) -> PreferencePair:
+    record = {"prompt": msgs, "chosen": [{"role": "assistant", "content": "yes"}], "rejected": [ASST_NO]}
+    (pair,) = load_preference_pairs(
+        write_jsonl(tmp_path / "p.jsonl", [record]), format="chat_template", tokenizer=tok
+    )
+    return pair
+
+
+ASST_NO = {"role": "assistant", "content": "no"}
+
+
+def test_chat_template_prompts_lose_their_oldest_turns_and_keep_the_system_turn(chat_tok, tmp_path) -> None:
+    msgs = chat()
+    keep = [msgs[0], *msgs[-3:]]  # the system turn, the last exchange, the final question
+    budget = len(encode(chat_tok, render(chat_tok, keep)))
+    assert len(encode(chat_tok, render(chat_tok, [msgs[0], *msgs[-5:]]))) > budget  # no room for one more
+    stats = LoadStats()
+    f = tokenize_pair(chat_tok, chat_pair(chat_tok, tmp_path, msgs), budget, None, stats)
+    assert f["prompt_ids"] == encode(chat_tok, render(chat_tok, keep))
+    assert (stats.truncated_prompts, stats.dropped_turns) == (1, 4)
+    assert stats.prompt_cuts == {"lost their oldest turns": 1}
+    assert "truncated prompts 1 (1 lost their oldest turns, 4 turns dropped in all)" in stats.summary()
+
+
+def test_a_chat_template_turn_too_long_alone_is_cut_inside_its_content(chat_tok, tmp_path) -> None:
+    msgs = chat(exchanges=1, last=" ".join(["bread"] * 100))
+    budget = 60
+    stats = LoadStats()
+    f = tokenize_pair(chat_tok, chat_pair(chat_tok, tmp_path, msgs), budget, None, stats)
+
+    def kept(k: int) -> list[int]:  # the system turn and k words of the latest turn, rendered by the template
+        return encode(
+            chat_tok, render(chat_tok, [msgs[0], {"role": "user", "content": " ".join(["bread"] * k)}])
+        )
+
+    k = max(k for k in range(100) if len(kept(k)) <= budget)
+    assert k > 5 and f["prompt_ids"] == kept(k)
+    assert stats.prompt_cuts == {"lost their oldest turns": 1, "cut inside their latest user turn": 1}
+    assert "1 cut inside their latest user turn" in stats.summary()
+
+
+def test_a_system_turn_too_long_alone_is_cut_from_its_left(chat_tok, tmp_path) -> None:
+    msgs = chat(system=" ".join(["France"] * 100), exchanges=1, last="bread")
+    stats = LoadStats()
+    f = tokenize_pair(chat_tok, chat_pair(chat_tok, tmp_path, msgs), 50, None, stats)
+
+    def kept(k: int) -> list[int]:  # k words of the system turn and the whole latest turn
+        system = {"role": "system", "content": " ".join(["France"] * k)}
+        return encode(chat_tok, render(chat_tok, [system, msgs[-1]]))
+
+    k = max(k for k in range(100) if len(kept(k)) <= 50)
+    assert k > 5 and f["prompt_ids"] == kept(k)
+    assert stats.prompt_cuts == {"lost their oldest turns": 1, "cut inside their system turn": 1}
+    # the latest turn too long as well: the system turn is emptied and the latest turn cut
+    msgs = chat(system=" ".join(["France"] * 100), exchanges=0, last=" ".join(["bread"] * 100))
+    stats = LoadStats()
+    f = tokenize_pair(chat_tok, chat_pair(chat_tok, tmp_path, msgs), 50, None, stats)
+
+    def latest(k: int) -> list[int]:
+        user = {"role": "user", "content": " ".join(["bread"] * k)}
+        return encode(chat_tok, render(chat_tok, [{"role": "system", "content": ""}, user]))
+
+    k = max(k for k in range(100) if len(latest(k)) <= 50)
+    assert k > 5 and f["prompt_ids"] == latest(k)
+    assert stats.prompt_cuts == {"cut inside their system turn": 1, "cut inside their latest user turn": 1}
+
+
+def test_sft_chat_context_loses_its_oldest_turns_and_trains_on_the_kept_assistant_turns(
+    chat_tok, tmp_path
+) -> None:
+    msgs = [*chat(), {"role": "assistant", "content": "the final answer"}]
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": msgs}])
+    (ex,) = load_sft_examples(path, format="chat_template", tokenizer=chat_tok)
+    keep = [msgs[0], *msgs[-4:-1]]  # the system turn, the last exchange, the final question
+    budget = len(encode(chat_tok, render(chat_tok, keep)))
+    stats = LoadStats()
+    out = tokenize_sft(chat_tok, ex, budget, None, stats)
+    assert out["input_ids"][: out["prompt_length"]] == encode(chat_tok, render(chat_tok, keep))
+    trained = [t for t, label in zip(out["input_ids"], out["labels"], strict=True) if label != IGNORE_INDEX]
+    assert chat_tok.decode(trained) == "answer number 2 about France<|im_end|>the final answer<|im_end|>"
+    assert (stats.dropped_turns, stats.prompt_cuts) == (4, {"lost their oldest turns": 1})

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -190,6 +191,24 @@ def test_sft_and_rm_under_deepspeed(tmp_path, engine):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (out / "final" / "model.safetensors").is_file()
         assert any("train/loss" in r for r in metrics(out))
+        # the start-up line counts ZeRO-3's partitioned parameters in full
+        counts = re.findall(r"\(([\d,]+) parameters, ([\d,]+) trained\)", proc.stderr)
+        assert counts and all(int(n.replace(",", "")) > 38_000 for c in counts for n in c), counts
+
+
+def test_parameter_counts_of_a_zero3_partitioned_model_are_its_full_sizes(tmp_path):
+    """Under ZeRO-3 (zero.Init) every parameter's local tensor is empty and ``ds_numel`` holds its size."""
+    from transformers import AutoModelForCausalLM
+
+    from ppomax.models import model_summary
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_lm(tmp_path))
+    model.lm_head.requires_grad_(False)
+    full = model_summary(model)
+    for param in model.parameters():
+        param.ds_numel = param.numel()
+        param.data = torch.empty(0)
+    assert model_summary(model) == full and full["trainable_params"] < full["params"]
 
 
 def test_fsdp_without_cuda_is_refused_not_downgraded(monkeypatch):

@@ -312,3 +312,119 @@ def test_eval_number_flags_refuse_non_finite_values_in_one_line(tmp_path, capsys
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "must be a finite number" in err[-1] and flag in err[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the chat format of the prompts: the policy run's (PPO's own evaluation), or --chat-format
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    """A PPO run directory whose policy (``run/final/policy``) has a ChatML chat template, its config.yaml saying
+    ``data.chat_format: auto`` (the default), and a reward model."""
+    import yaml
+    from transformers import AutoTokenizer
+
+    from helpers import CHATML_TEMPLATE
+    from ppomax.config import PPOConfig
+
+    tmp = tmp_path_factory.mktemp("chat")
+    policy = make_tiny_lm(tmp / "run" / "final", TEXTS, name="policy")
+    tok = AutoTokenizer.from_pretrained(policy)
+    tok.chat_template = CHATML_TEMPLATE
+    tok.save_pretrained(policy)
+    (tmp / "run" / "config.yaml").write_text(yaml.safe_dump(PPOConfig().model_dump(mode="json")))
+    ValueHeadModel(load_causal_lm(policy)).save_pretrained(tmp / "rm")
+    prompts = tmp / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return tmp / "run", policy, tmp / "rm", prompts
+
+
+def test_cli_eval_renders_prompts_in_the_chat_format_of_the_policys_run(chat_run, tmp_path, capsys):
+    """`ppomax eval` rendered every prompt as HH, whatever the policy was trained on."""
+    from ppomax.config import PPOConfig
+    from ppomax.trainers.ppo_data import load_prompt_set
+
+    run, policy, rm, prompts = chat_run
+    out = tmp_path / "res.json"
+
+    def evaluate_cli(*flags: str) -> tuple[list[str], str]:
+        args = ["eval", "--policy", str(policy), "--baseline", str(policy), "--prompts", str(prompts)]
+        args += [
+            "--judge",
+            f"reward-model:{rm}",
+            "--max-new-tokens",
+            "3",
+            "--json",
+            str(out),
+            "--no-progress",
+        ]
+        assert main([*args, *flags]) == 0
+        return [s["prompt"] for s in json.loads(out.read_text())["samples"]], capsys.readouterr().err
+
+    tok = load_tokenizer(policy)
+    questions = [p.split("Human: ")[1].split("\n")[0] for p in PROMPTS]
+    templated = [
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in questions
+    ]
+    texts, err = evaluate_cli()
+    assert texts == templated
+    # what PPO's own evaluation renders for this policy
+    assert texts == load_prompt_set(str(prompts), PPOConfig(), tok).texts
+    why = f"the tokenizer has a chat template; data.chat_format in {run / 'config.yaml'}: auto"
+    assert f"chat format: chat_template ({why})" in err
+    texts, err = evaluate_cli("--chat-format", "hh")
+    assert texts == PROMPTS and "chat format: hh (--chat-format: hh)" in err
+
+
+def test_cli_eval_cuts_prompts_to_the_policy_runs_budget(chat_run, tmp_path):
+    """The prompt budget defaults to the policy run's data.max_prompt_tokens (it was 256 whatever the run used,
+    so the ids differed from PPO's own evaluation), and --max-prompt-tokens overrides it."""
+    import shutil
+
+    import yaml
+
+    run, _, rm, prompts = chat_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg["data"]["max_prompt_tokens"] = 20
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "res.json"
+    args = ["eval", "--policy", str(copy / "final" / "policy"), "--baseline", str(copy / "final" / "policy")]
+    args += ["--prompts", str(prompts), "--judge", f"reward-model:{rm}", "--max-new-tokens", "2"]
+    args += ["--json", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert json.loads(out.read_text())["settings"]["max_prompt_tokens"] == 20
+    assert main([*args, "--max-prompt-tokens", "30"]) == 0
+    assert json.loads(out.read_text())["settings"]["max_prompt_tokens"] == 30
+
+
+def test_eval_prompt_ids_are_those_of_ppos_own_evaluation(chat_run, tmp_path):
+    """Truncated by turns, as PPO truncates its prompts: the same ids for the same budget."""
+    from ppomax.config import PPOConfig
+    from ppomax.evaluate import load_eval_prompts
+    from ppomax.trainers.ppo_data import load_prompt_set
+
+    _, policy, _, _ = chat_run
+    msgs = [{"role": "system", "content": "Be brief."}]
+    for k in range(4):
+        msgs += [
+            {"role": "user", "content": f"What is {k} plus 3?"},
+            {"role": "assistant", "content": "Five."},
+        ]
+    msgs.append({"role": "user", "content": "What comes after Monday?"})
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"messages": msgs}) + "\n")
+    tok = load_tokenizer(policy)
+    budget = 60
+    prompts, _ = load_eval_prompts(path, chat_format="chat_template", tokenizer=tok)
+    assert len(tok(prompts[0].text)["input_ids"]) > budget
+    gen = generate(load_causal_lm(policy), tok, prompts, max_prompt_tokens=budget, max_new_tokens=2)
+    assert (
+        gen.prompt_ids == load_prompt_set(str(path), PPOConfig(data={"max_prompt_tokens": budget}), tok).ids
+    )
+    kept = tok.decode(gen.prompt_ids[0])
+    assert len(gen.prompt_ids[0]) <= budget and kept.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    assert kept.endswith("<|im_start|>user\nWhat comes after Monday?<|im_end|>\n<|im_start|>assistant\n")

@@ -130,6 +130,10 @@ def _with(record: Any, extra: dict[str, Any]) -> Any:
     return {**record, **extra}
 
 
+# TRL's unpaired preference type: refused by the SFT and pair loaders, never read as another type
+KTO_RECORD = st.builds(
+    lambda p, c, ok: {"prompt": p, "completion": c, "label": ok}, TEXTISH, TEXTISH, st.booleans()
+)
 SFT_RECORD = st.one_of(
     st.builds(lambda p, r, x: {"prompt": p, "response": r, **x}, TEXTISH, TEXTISH, _extra()),
     st.builds(
@@ -139,6 +143,7 @@ SFT_RECORD = st.one_of(
     st.builds(lambda t: {"chosen": t, "rejected": "x"}, hh_dialogue()),
     st.builds(lambda m: {"messages": m}, MESSAGES | TURN_LIST),
     TURN_LIST,
+    KTO_RECORD,
     JSON_ANY,
 )
 PAIR_RECORD = st.one_of(
@@ -146,6 +151,9 @@ PAIR_RECORD = st.one_of(
     hh_pair(),
     st.builds(lambda p, c, r: {"prompt": p, "chosen": c, "rejected": r}, TEXTISH, TEXTISH, TEXTISH),
     st.builds(lambda c, r: {"chosen": c, "rejected": r}, TURN_LIST | MESSAGES, TURN_LIST | MESSAGES),
+    # TRL's implicit prompt: a shared beginning, then the responses
+    st.builds(lambda p, c, r: {"chosen": p + c, "rejected": p + r}, TEXTISH, TEXTISH, TEXTISH),
+    KTO_RECORD,
     st.builds(
         lambda p, c, r: {"prompt": p, "chosen": c, "rejected": r}, MESSAGES | TURN_LIST, MESSAGES, MESSAGES
     ),
@@ -258,6 +266,9 @@ def expected_pair(rec: dict[str, Any]) -> tuple[str, str, str, dict[str, Any]]:
     chosen, rejected = rec["chosen"], rec["rejected"]
     meta = {k: v for k, v in rec.items() if k not in ("prompt", "chosen", "rejected")}
     if isinstance(chosen, str):
+        if "prompt" not in rec and not _is_hh(chosen) and not _is_hh(rejected):
+            prompt, c, r = _implicit(chosen, rejected)
+            return _prompt_text(prompt), _response(c), _response(r), meta
         if "prompt" not in rec:
             (p, c), (_, r) = _split(chosen), _split(rejected)
             return p, c, r, meta
@@ -274,6 +285,14 @@ def expected_pair(rec: dict[str, Any]) -> tuple[str, str, str, dict[str, Any]]:
     return _render(context) + A, _response(c), _response(r), meta
 
 
+def _implicit(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """TRL's implicit prompt: the common prefix, less its last partial word and the whitespace before it."""
+    common = os.path.commonprefix([chosen, rejected])  # noqa: RUF071 (characters are what is compared)
+    if re.search(r"\s", common):
+        common = re.match(r"(?s)(.*?)\s*\S*\Z", common).group(1)  # type: ignore[union-attr]
+    return common, chosen[len(common) :], rejected[len(common) :]
+
+
 def _content(turn: Any) -> str:
     return turn if isinstance(turn, str) else turn["content"]
 
@@ -288,14 +307,19 @@ def expected_sft(rec: Any) -> tuple[str, str]:
         p = rec["prompt"]
         prompt = _render(_turns(p, "user")) + A if isinstance(p, list) else _prompt_text(p)
         return prompt + _response(response), _response(response)
-    value = next(rec[k] for k in ("messages", "text", "chosen") if k in rec)
+    key = next(k for k in ("messages", "text", "chosen") if k in rec)
+    value = rec[key]
     if isinstance(value, list):
         return _render(_turns(value)), _response(_content(value[-1]))
+    if key == "text" and not _is_hh(value):  # language modelling: the whole text is the response
+        return value, value
     return _norm(value), _split(value)[1]
 
 
 def check_item(kind: str, item: Any, rec: Any) -> None:
     """The loaded item equals the independent reading of its record, and its text is Unicode."""
+    kto = isinstance(rec, dict) and "label" in rec and "completion" in rec
+    assert kind == "prompts" or not kto, "an unpaired preference (KTO) record was loaded"
     if kind == "prompts":
         assert isinstance(item, PromptExample)
         prompt, meta = expected_prompt(rec)
@@ -377,21 +401,24 @@ def load_and_check(kind: str, path: Path, rows: list[tuple[int, Any]], on_error:
     except DataError as e:
         msg = str(e)
         assert "\n" not in msg and "\r" not in msg, msg
-        m = re.match(rf"{re.escape(str(path))}(?::(\d+))?: \S", msg)
+        # a line of a file is PATH:N, a row of a datasets directory PATH row N
+        m = re.match(rf"{re.escape(str(path))}(?::(\d+)| row (\d+))?: \S", msg)
         assert m, msg
+        number = m.group(1) or m.group(2)
         # a .json file is one JSON value: a byte or syntax error in it names the physical line and fails the file
         whole = path.name.endswith((".json", ".json.gz")) and (
             "not UTF-8 text" in msg or "malformed JSON" in msg
         )
-        if m.group(1) is not None and not whole:
-            assert int(m.group(1)) in by_line, msg
+        if number is not None and not whole:
+            assert int(number) in by_line, msg
         if on_error == "skip":  # only a problem of the whole file fails a skipping load
-            assert m.group(1) is None or whole, msg
+            assert number is None or whole, msg
         return -1
     assert stats.loaded == len(items) and stats.loaded + stats.skipped == len(rows), (stats, rows)
     for item in items:
-        line = int(item.where.rsplit(":", 1)[1])
-        assert item.where == f"{path}:{line}"
+        m = re.fullmatch(rf"{re.escape(str(path))}(:| row )(\d+)", item.where)
+        assert m and (m.group(1) == " row ") == path.is_dir(), item.where
+        line = int(m.group(2))
         rec = by_line[line]
         assert rec is not None, f"junk line {line} loaded"
         check_item("sft" if kind == "ptx" else kind, item, rec)

@@ -155,6 +155,49 @@ def test_real_launches_train_sft(tmp_path):
         assert warned is (ranks == 1), proc.stderr[-3000:]
 
 
+@pytest.mark.parametrize(("rank", "printed"), [("0", True), ("1", False)])
+def test_a_user_error_before_the_ranks_connect_is_printed_by_rank_0_only(monkeypatch, capsys, rank, printed):
+    """Every rank finds a config error alike: one line from rank 0, exit 2 on every rank."""
+    monkeypatch.setenv("RANK", rank)
+    assert main(["train-sft", "--set", "model.policy=somewhere"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == "ppomax: data.train: required (SFT examples, or {'text'} records with objective: pretrain)\n"
+    ) is printed
+    assert printed or err == ""
+
+
+@pytest.mark.slow
+def test_a_user_error_under_a_launcher_is_one_line_and_every_rank_exits_2(tmp_path):
+    """Two ranks failing alike (a bad data file), and a refusal the main process finds (a directory holding a
+    run) that every rank then raises: the line is printed once, both ranks exit 2 (torchrun's summary says so;
+    the launcher itself exits 1, with ``--quiet`` without a traceback), and no rank is left waiting."""
+    records = [{"prompt": f"Repeat {w}.", "response": f"{w} {w}"} for w in ("apple", "river")]
+    model = make_tiny_lm(tmp_path, [r["prompt"] + " " + r["response"] for r in records])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": \n')
+    held = tmp_path / "held"
+    (held / "final").mkdir(parents=True)
+    cases = {
+        f"{bad}:1: malformed JSON": (bad, tmp_path / "run"),
+        f"{held} already holds a run (final/)": (write_jsonl(tmp_path / "train.jsonl", records), held),
+    }
+    for line, (data, out) in cases.items():
+        proc = subprocess.run(
+            [
+                *accelerate_launch(2, ["--quiet", "--multi_gpu"]),
+                *("train-sft", "--set", f"model.policy={model}", "--set", f"data.train={data}"),
+                *("--set", f"logging.out_dir={out}"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert proc.stderr.count(line) == 1, proc.stderr[-3000:]
+        assert proc.stderr.count("exitcode  : 2") == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     ("dtype", "launched", "expect"),
     [

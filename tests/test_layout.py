@@ -33,6 +33,7 @@ TOP_LEVEL = {
     "collapse.py",
     "commands",
     "config.py",
+    "config_keys.py",
     "configs",
     "console.py",
     "data",
@@ -135,3 +136,11 @@ def test_the_top_level_holds_the_library_and_one_demo_package():
     (trainers/reward_report.py), and the demo's modules are in demo/."""
     here = {p.name for p in SRC.iterdir() if p.name != "__pycache__" and (p.suffix == ".py" or p.is_dir())}
     assert here == TOP_LEVEL
+
+
+def test_nothing_shipped_cites_a_document_outside_the_package():
+    """DESIGN.md, the project's original notes, is not in the repository or the wheel: code, presets and help cite
+    the paper, the MOSS-RLHF code or the README instead."""
+    shipped = [p for p in SRC.rglob("*") if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts]
+    citing = [str(p.relative_to(SRC)) for p in shipped if "DESIGN" in p.read_text(encoding="utf-8")]
+    assert not citing, citing

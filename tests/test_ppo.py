@@ -1,4 +1,4 @@
-"""The PPO trainer's parts, one switch of DESIGN.md's table at a time, each against an independent computation or
+"""The PPO trainer's parts, one switch of the paper's fig. 5 at a time, each against an independent computation or
 an observable change of behaviour. Tiny models (see ppo_helpers); one iteration takes tens of milliseconds."""
 
 from __future__ import annotations

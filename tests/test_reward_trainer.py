@@ -96,6 +96,40 @@ def _accuracy(model_dir_or_model, feats, tok) -> float:
     return margin_summary((s[:n] - s[n:]).tolist())["accuracy"]
 
 
+def test_without_a_test_split_the_validation_pairs_are_scored_once_at_the_end(rm_setup, monkeypatch):
+    """With no data.test the final model's validation evaluation is the test split's score too: the held-out
+    pairs are not run through the model a second time (on a 135M model that second pass took minutes)."""
+    import ppomax.trainers.reward as reward
+
+    tmp_path, cfg = rm_setup
+    del cfg["data"]["test"]
+    cfg["epochs"], cfg["logging"]["eval_every"] = 1, 0
+    calls: list[str] = []
+    real = reward.rm_margins
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("desc", "eval"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reward, "rm_margins", counted)
+    torch.set_num_threads(1)
+    assert main(["train-rm", "--config", str(write_yaml(tmp_path / "rm.yaml", cfg))]) == 0
+    assert calls == ["valid"]
+    run = tmp_path / "run"
+    final_eval = json.loads((run / "rm_eval_valid.json").read_text())
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval/accuracy" in r]
+    assert final_eval["pairs"] == 32 and final_eval["accuracy"] == pytest.approx(evals[-1]["eval/accuracy"])
+    assert final_eval["accuracy"] == pytest.approx(_accuracy(run / "final", _feats(cfg, "valid"), _tok(cfg)))
+
+
+def _tok(cfg):
+    return AutoTokenizer.from_pretrained(cfg["model"]["policy"])
+
+
+def _feats(cfg, split):
+    return [tokenize_pair(_tok(cfg), p, 64, 32) for p in load_preference_pairs(cfg["data"][split])]
+
+
 def test_rm_learns_a_rule_and_writes_its_artefacts(rm_setup, capsys):
     """Held-out accuracy >= 0.9 on pairs where the preferred answer contains "thanks" (untrained: far lower)."""
     tmp_path, cfg = rm_setup

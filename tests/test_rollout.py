@@ -237,6 +237,24 @@ def test_greedy_decoding_applies_only_the_repetition_penalty(tiny, polluted, mon
 
 
 @torch.no_grad()
+def test_a_lora_policy_samples_without_its_generation_config_and_keeps_it(tiny, polluted, monkeypatch):
+    """PEFT's generate copies the wrapper's generation_config onto its base: the model's own config must neither
+    reach sampling nor be replaced by the blank one (a LoRA policy's merged export would save it)."""
+    peft = pytest.importorskip("peft")
+    _tok, _clean, ids, mask, _ = tiny
+    model = peft.get_peft_model(
+        copy.deepcopy(polluted), peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    )
+    base = model.get_base_model()
+    own = base.generation_config
+    seen = _capture(monkeypatch, base)
+    gen = GenerationConfig(max_new_tokens=3, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
+    HFGenerateEngine(gen, [EOS], PAD).generate(model, ids, mask)
+    assert _describe(seen["_get_logits_processor"]) == []
+    assert base.generation_config is own and model.generation_config is own
+
+
+@torch.no_grad()
 def test_top_k_zero_samples_from_the_whole_vocabulary(tiny, polluted):
     """top_k: 0 is off: neither HF's default top-k 50 nor a model's own top_k (here 3) truncates sampling."""
     _tok, clean, ids, mask, _ = tiny

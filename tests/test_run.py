@@ -330,3 +330,279 @@ def test_every_message_goes_through_the_ppomax_logger(sft, capsys):
     assert any("already holds a run" in r.getMessage() and r.levelno == logging.ERROR for r in records)
     out = capsys.readouterr()
     assert out.out == f"{tmp_path / 'run' / 'final'}\n" and "ppomax: model: " in out.err
+
+
+# ---------------------------------------------------------------------------------------- nothing before validation
+
+
+def _snapshot(run: pathlib.Path) -> dict[str, bytes]:
+    """Every file of a run directory and its bytes (the lock file aside: it only holds a PID)."""
+    return {
+        str(p.relative_to(run)): p.read_bytes()
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and p.name != ".ppomax.lock"
+    }
+
+
+def test_a_resume_that_cannot_start_leaves_the_run_byte_identical(sft, capsys):
+    """`--resume DIR --set epochs=3` with a broken data file: config.yaml (epochs), metrics, checkpoints and
+    final/ are as they were; the one line names the file."""
+    tmp_path, _cfg, path = sft
+    out = tmp_path / "run"
+    assert main(["train-sft", "--config", str(path)]) == 0
+    before = _snapshot(out)
+    (tmp_path / "train.jsonl").write_text('{"prompt": "x", "response": \n', encoding="utf-8")
+    capsys.readouterr()
+    assert main(["train-sft", "--resume", str(out), "--set", "epochs=3"]) == 2
+    assert f"{tmp_path / 'train.jsonl'}:1: malformed JSON" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("command", ["train-sft", "train-rm", "train-ppo"])
+def test_a_model_path_that_is_not_there_names_its_key_and_writes_nothing(tmp_path, capsys, command):
+    """A Hub id that is not in the local cache (or any missing path): one line naming the config key, and no
+    run directory (no config.yaml, no tb/)."""
+    out = tmp_path / "run"
+    data = write_jsonl(
+        tmp_path / "data.jsonl", [{"prompt": "p", "response": "r", "chosen": "a", "rejected": "b"}]
+    )
+    sets = [
+        "model.policy=HuggingFaceTB/not-in-the-cache",
+        f"logging.out_dir={out}",
+        *(
+            [f"data.train={data}"]
+            if command != "train-ppo"
+            else [f"data.prompts={data}", "model.reward=nowhere"]
+        ),
+    ]
+    assert main([command, *(x for s in sets for x in ("--set", s))]) == 2
+    err = capsys.readouterr().err
+    assert "ppomax: model.policy: HuggingFaceTB/not-in-the-cache not found" in err, err
+    assert "tokenizer not found" not in err and "Traceback" not in err
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------- changed data
+
+
+def test_resume_refuses_changed_data_naming_the_file_unless_allowed(sft, capsys):
+    """Other records in place of the training file (same count, other text): the resume is refused naming
+    data.train and the way on, the run untouched; with --allow-data-change it continues, one warning naming
+    the file."""
+    tmp_path, _cfg, path = sft
+    out = tmp_path / "run"
+    assert main(["train-sft", "--config", str(path)]) == 0
+    before = _snapshot(out)
+    other = [{"prompt": f"Say {w}.", "response": w} for w in WORDS]
+    write_jsonl(tmp_path / "train.jsonl", other)
+    capsys.readouterr()
+    assert main(["train-sft", "--resume", str(out), "--set", "epochs=3"]) == 2
+    err = capsys.readouterr().err
+    line = [ln for ln in err.splitlines() if ln.startswith("ppomax: ")][-1]
+    assert f"data.train ({tmp_path / 'train.jsonl'}: " in line and "--allow-data-change" in line, line
+    assert _snapshot(out) == before
+    assert main(["train-sft", "--resume", str(out), "--set", "epochs=3", "--allow-data-change"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: the data changed since checkpoint step-4: data.train") == 1, err
+    assert _steps(out) == [1, 2, 3, 4, 5, 6]
+    state = json.loads((out / "checkpoints" / "step-6" / "ppomax_state.json").read_text())
+    assert state["data_files"]["data.train"]["path"] == str(tmp_path / "train.jsonl")
+    assert main(["train-sft", "--config", str(path), "--overwrite", "--allow-data-change"]) == 2
+
+
+def test_the_fingerprint_of_a_data_file_and_of_a_datasets_directory(tmp_path):
+    from ppomax.data.sources import fingerprint
+
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"x": 1}\n')
+    first = fingerprint(f)
+    f.write_text('{"x": 2}\n')  # same size, other bytes
+    assert first["size"] == fingerprint(f)["size"] and first["sha256"] != fingerprint(f)["sha256"]
+    d = tmp_path / "ds"
+    d.mkdir()
+    (d / "data-00000.arrow").write_bytes(b"abc")
+    (d / "state.json").write_text("{}")
+    before = fingerprint(d)
+    assert before["size"] == 5
+    (d / "data-00000.arrow").write_bytes(b"abd")
+    assert fingerprint(d)["sha256"] != before["sha256"]
+    assert fingerprint(tmp_path / "missing.jsonl")["sha256"] is None
+
+
+# ---------------------------------------------------------------------------------------- killed before config.yaml
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_resume_of_a_directory_without_config_gives_the_command_that_starts_it(sft, capsys, exists):
+    """What a run killed in its first seconds leaves (an empty directory, or none): --resume alone says how to
+    start it afresh, and that command (with --config) does."""
+    tmp_path, _cfg, path = sft
+    out = tmp_path / "run"
+    if exists:
+        out.mkdir()
+    assert main(["train-sft", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"`ppomax train-sft --resume {out} --config FILE`" in err, err
+    assert main(["train-sft", "--resume", str(out), "--config", str(path)]) == 0
+    assert _steps(out) == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------- vocabulary
+
+
+@pytest.fixture
+def small_model(tmp_path):
+    """A model whose embedding table (100 rows) is smaller than its tokenizer (~280 tokens), and a model whose
+    config.json says a larger vocab_size than its weights hold."""
+    import json as js
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tiny_lm import tiny_config
+
+    base = make_tiny_lm(tmp_path, TEXTS)
+    small = tmp_path / "small"
+    AutoModelForCausalLM.from_config(tiny_config(100)).save_pretrained(small)
+    AutoTokenizer.from_pretrained(base).save_pretrained(small)
+    wrong = tmp_path / "wrong-config"
+    shutil.copytree(base, wrong)
+    config = js.loads((wrong / "config.json").read_text())
+    rows = config["vocab_size"]
+    config["vocab_size"] = rows + 50
+    (wrong / "config.json").write_text(js.dumps(config))
+    return base, small, wrong, rows
+
+
+def _only_line(err: str) -> str:
+    """stderr's one line (transformers' weight-loading bars aside: the CLI turns them off, a test process not)."""
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and "it/s]" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("ppomax: "), err
+    return lines[0]
+
+
+def test_a_tokenizer_larger_than_the_embeddings_is_one_line_in_every_command(small_model, tmp_path, capsys):
+    from ppomax.models import ValueHeadModel
+
+    base, small, _wrong, _rows = small_model
+    judge = tmp_path / "rm"
+    ValueHeadModel.from_causal_lm(base).save_pretrained(judge)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in RECORDS])
+    train = tmp_path / "train.jsonl"
+    write_jsonl(train, RECORDS)
+    runs = {
+        "sft": ["train-sft", "--set", f"model.policy={small}", "--set", f"data.train={train}"],
+        "ppo": [
+            "train-ppo",
+            "--set",
+            f"model.policy={small}",
+            "--set",
+            f"data.prompts={prompts}",
+            "--set",
+            "reward.functions=[{function: 'ppo_helpers:response_length'}]",
+            "--set",
+            "ppo.critic_init=sft",
+        ],
+        "eval": [
+            *("eval", "--policy", str(small), "--baseline", str(base), "--prompts", str(prompts)),
+            *("--judge", f"reward-model:{judge}"),
+        ],
+    }
+    for kind, args in runs.items():
+        extra = [] if kind == "eval" else ["--set", f"logging.out_dir={tmp_path / kind}"]
+        capsys.readouterr()
+        assert main([*args, *extra]) == 2, kind
+        line = _only_line(capsys.readouterr().err)
+        assert "tokenizer has 300 tokens" in line and "embedding table has 100 rows" in line, line
+        assert line.startswith("ppomax: --policy: " if kind == "eval" else "ppomax: model.policy: "), line
+
+
+def test_a_config_whose_vocab_size_disagrees_with_the_weights_is_one_line(small_model, tmp_path, capsys):
+    """Not transformers' load report (8 coloured lines) then an error: one line, the file and both sizes."""
+    _base, _small, wrong, rows = small_model
+    train = write_jsonl(tmp_path / "train.jsonl", RECORDS)
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train-sft",
+                "--set",
+                f"model.policy={wrong}",
+                "--set",
+                f"data.train={train}",
+                "--set",
+                f"logging.out_dir={out}",
+            ]
+        )
+        == 2
+    )
+    line = _only_line(capsys.readouterr().err)
+    assert f"{wrong / 'config.json'}: vocab_size is {rows + 50}" in line, line
+    assert f"({wrong / 'model.safetensors'}) have {rows} rows" in line, line
+    assert not out.exists()
+
+
+def test_a_ppo_resume_refuses_prompts_with_other_text(tmp_path, capsys):
+    """The same number of prompts with other text (the prompt stream's size check cannot see it): refused,
+    naming data.prompts; with --allow-data-change it continues, on more prompts too (the stream keeps its
+    epoch)."""
+    from ppo_helpers import QUESTIONS, config, make_setup
+
+    setup = make_setup(tmp_path)
+    cfg = config(setup, "ppo.iterations=1", "logging.checkpoint_every=1", out="run")
+    path = write_yaml(tmp_path / "ppo.yaml", cfg.model_dump(mode="json"))
+    out = tmp_path / "run"
+    assert main(["train-ppo", "--config", str(path)]) == 0
+    write_jsonl(setup.prompts, [{"prompt": f"\n\nHuman: {q} Please.\n\nAssistant:"} for q in QUESTIONS])
+    capsys.readouterr()
+    assert main(["train-ppo", "--resume", str(out), "--set", "ppo.iterations=2"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"data.prompts ({setup.prompts}: " in line and "--allow-data-change" in line, line
+    write_jsonl(setup.prompts, [{"prompt": f"\n\nHuman: {q}\n\nAssistant:"} for q in [*QUESTIONS, "Why?"]])
+    resume = ["train-ppo", "--resume", str(out), "--set", "ppo.iterations=2"]
+    assert main(resume) == 2
+    assert main([*resume, "--allow-data-change"]) == 0
+    assert "data.prompts" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- killed after the last checkpoint
+
+
+@pytest.mark.parametrize("kind", ["sft", "rm"])
+@pytest.mark.parametrize("logged", [False, True])
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_same_end(tmp_path, kind, logged):
+    """Killed between the last step's checkpoint and the end of the run (final evaluation, RM test scoring, final
+    save): the resume does that end, so metrics and final/ are the uninterrupted run's, with no record twice
+    (``logged``: the killed run had written the final evaluation's records already)."""
+    from faults import comparable_metrics
+    from test_reward_trainer import _texts, rule_pairs
+
+    if kind == "sft":
+        model = make_tiny_lm(tmp_path, TEXTS)
+        train = write_jsonl(tmp_path / "train.jsonl", RECORDS)
+        data = {"train": str(train), "valid_fraction": 0.25}
+        extra = {"batch_size": 2}
+    else:
+        pairs = rule_pairs(16, 0)
+        model = make_tiny_lm(tmp_path, _texts(pairs))
+        data = {
+            "train": str(write_jsonl(tmp_path / "train.jsonl", pairs)),
+            "valid": str(write_jsonl(tmp_path / "valid.jsonl", rule_pairs(8, 1))),
+        }
+        extra = {"batch_size": 4}
+    logging_cfg = {"progress": False, "tensorboard": False, "checkpoint_every": 1, "eval_every": 0}
+    cfg = {"model": {"policy": str(model)}, "data": data, "epochs": 1, "logging": logging_cfg, **extra}
+    path = write_yaml(tmp_path / "cfg.yaml", cfg)
+    command = f"train-{kind}"
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main([command, "--config", str(path), "--set", f"logging.out_dir={ref}"]) == 0
+    assert main([command, "--config", str(path), "--set", f"logging.out_dir={run}"]) == 0
+    records = read_metrics(run / "metrics.jsonl")
+    last = max(r["step"] for r in records)
+    assert any(k.startswith("eval/") for r in records if r["step"] == last for k in r)  # the end's records
+    kept = [r for r in records if "train/loss" in r or r["step"] < last] if not logged else records
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    shutil.rmtree(run / "final")
+    assert main([command, "--resume", str(run)]) == 0
+    assert comparable_metrics(run / "metrics.jsonl") == comparable_metrics(ref / "metrics.jsonl")
+    for f in sorted((ref / "final").glob("*.safetensors")):
+        assert (run / "final" / f.name).read_bytes() == f.read_bytes()

@@ -302,9 +302,9 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(sft_setup, monkeypatch,
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_bf16_trains_float32_masters_and_saves_bf16(sft_setup):
+def test_bf16_trains_float32_masters_and_saves_them(sft_setup):
     """model.dtype bfloat16 is mixed precision: the loss falls as in float32 (pure bf16 weights lose small
-    updates), and final/ holds bf16 weights that load with plain transformers."""
+    updates), and final/ holds the float32 masters, which load with plain transformers (tests/test_saving.py)."""
     tmp_path, cfg = sft_setup
     cfg["model"]["dtype"] = "bfloat16"
     cfg["logging"]["eval_every"] = 0
@@ -312,7 +312,7 @@ def test_bf16_trains_float32_masters_and_saves_bf16(sft_setup):
     train = _losses(read_metrics(tmp_path / "run" / "metrics.jsonl"), "train/loss")
     assert sum(train[-2:]) < sum(train[:2]) - 0.5
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final", dtype="auto")
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 def test_grad_accum_counts_optimizer_steps(sft_setup):

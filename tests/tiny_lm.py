@@ -12,8 +12,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaC
 from helpers import make_tiny_tokenizer
 
 
-def tiny_config(vocab_size: int, arch: str = "llama", hidden: int = 32, layers: int = 2, max_pos: int = 256):
+def tiny_config(
+    vocab_size: int,
+    arch: str = "llama",
+    hidden: int = 32,
+    layers: int = 2,
+    max_pos: int = 256,
+    tie: bool | None = None,
+):
+    """``tie``: whether the LM head shares the input embeddings' weight (``tie_word_embeddings``, as in SmolLM2);
+    None: the architecture's default (Llama unties, GPT-2 ties)."""
     ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    if tie is not None:
+        ids["tie_word_embeddings"] = tie
     if arch == "gpt2":
         return GPT2Config(
             vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=2, n_positions=max_pos, **ids
@@ -39,12 +50,14 @@ def make_tiny_lm(
     weights: bool = True,
     vocab_size: int = 300,
     seed: int = 0,
+    tie: bool | None = None,
 ) -> Path:
-    """A model directory (config, weights unless ``weights=False``, tokenizer) under ``tmp_path/name``."""
+    """A model directory (config, weights unless ``weights=False``, tokenizer) under ``tmp_path/name``; ``tie``:
+    see :func:`tiny_config`."""
     tok_dir = make_tiny_tokenizer(tmp_path, texts, vocab_size=vocab_size, name=f"{name}-tok")
     tok = AutoTokenizer.from_pretrained(tok_dir)
     out = tmp_path / name
-    config = tiny_config(len(tok), arch)
+    config = tiny_config(len(tok), arch, tie=tie)
     if weights:
         torch.manual_seed(seed)
         AutoModelForCausalLM.from_config(config).save_pretrained(out)

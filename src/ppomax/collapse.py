@@ -85,6 +85,12 @@ class CollapseMonitor:
         self.firing = False
         self.fired = 0
 
+    @property
+    def armed(self) -> bool:
+        """Whether the signature is checked yet: after ``window`` baseline iterations and ``window`` current ones
+        (the drift rule needs ``window`` more for its trend)."""
+        return len(self.baseline) == self.window and len(self.recent) >= self.window
+
     def update(self, step: int, metrics: dict[str, Any]) -> CollapseSignal | None:
         """Record one policy iteration; return a signal the first time the collapse signature (or drift) holds."""
         keys = (LENGTH, PPL, KL) + ((REWARD,) if self.drift_kl_per_token is not None else ())

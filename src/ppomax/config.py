@@ -18,14 +18,16 @@ defaults (:class:`OptimConfig`).
 from __future__ import annotations
 
 import copy
+import json
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -55,6 +57,24 @@ class _Section(BaseModel):
     # temperature "validates" against gt=0 and then wrecks training); _no_bool_for_numbers: YAML's true/false are
     # not the numbers 1/0 (pydantic's lax mode would take `iterations: true` as 1)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+    #: Keys a section does not have (its command never reads them) that configs written by earlier ppomax versions
+    #: hold, each with the value those versions wrote by default: that value is dropped on load (it never had an
+    #: effect), any other value is an error naming the key and the command that does read it.
+    _retired: ClassVar[dict[str, tuple[Any, str]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_retired_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not cls._retired:
+            return data
+        out, problems = dict(data), []
+        for key, (written_by_default, why) in cls._retired.items():
+            if key in out and out.pop(key) != written_by_default:
+                problems.append(((key,), f"{why}; remove it (got {data[key]!r})"))
+        if problems:
+            raise KeyConflicts(problems)
+        return out
 
     @field_validator("*", mode="before")
     @classmethod
@@ -89,10 +109,6 @@ class LoraSettings(_Section):
         description="Module names to adapt (name suffixes, e.g. [q_proj, v_proj]), or all-linear: every linear "
         "layer except the LM head.",
     )
-    critic: bool = Field(
-        True,
-        description="PPO: adapters on the critic's backbone too (false: the whole critic is trained).",
-    )
     save_merged: bool = Field(
         False,
         description="Also save the merged weights (base + adapters) as a plain model under <model dir>/merged.",
@@ -106,29 +122,70 @@ class LoraSettings(_Section):
         raise ValueError("a non-empty list of module names, or all-linear")
 
 
+class PPOLoraSettings(LoraSettings):
+    """PPO's LoRA settings: :class:`LoraSettings` plus whether the critic gets adapters too."""
+
+    critic: bool = Field(
+        True,
+        description="Adapters on the critic's backbone too (false: the whole critic is trained).",
+    )
+
+
 class ModelConfig(_Section):
-    """Where the models come from. Paths are local directories written by ``save_pretrained``."""
+    """Where the model comes from (SFT, RM). Paths are local directories written by ``save_pretrained``."""
+
+    _retired = {
+        k: (None, "used by train-ppo only")  # the PPO-only keys an earlier SFT/RM config.yaml held
+        for k in ("reference", "reward", "critic")
+    }
 
     policy: str | None = Field(
-        None, description="SFT model the policy starts from (PPO), or base model (SFT/RM)."
-    )
-    reference: str | None = Field(
-        None, description="Frozen reference policy; null = same weights as `policy`."
-    )
-    reward: str | None = Field(None, description="Trained value-head reward model directory (PPO).")
-    critic: str | None = Field(
-        None, description="Explicit critic checkpoint; null = chosen by `ppo.critic_init` from reward/policy."
+        None, description="The model to train: a base model (SFT) or an SFT model (RM)."
     )
     tokenizer: str | None = Field(None, description="Tokenizer directory; null = the policy's directory.")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="Run the Python files shipped in a model directory (as transformers does)."
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32",
         description="Compute dtype. bfloat16/float16: mixed precision (trained models keep float32 master weights "
         "and optimiser states and run under autocast, or the engine's bf16/fp16 mode); frozen models (reference, "
         "reward) are stored in it.",
     )
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in the backward pass: less memory, about a third more compute.",
+    )
     lora: LoraSettings | None = Field(None, description="LoRA adapters (see LoraSettings); null = off.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_critic_is_ppos(cls, data: Any) -> Any:
+        """``model.lora.critic`` (PPO's) in an earlier SFT/RM config.yaml: its default dropped, else an error."""
+        lora = data.get("lora") if isinstance(data, dict) else None
+        if cls is ModelConfig and isinstance(lora, dict) and "critic" in lora:
+            if lora["critic"] is not True:
+                raise KeyConflicts(
+                    [(("lora.critic",), f"used by train-ppo only; remove it (got {lora['critic']!r})")]
+                )
+            data = {**data, "lora": {k: v for k, v in lora.items() if k != "critic"}}
+        return data
+
+
+class PPOModelConfig(ModelConfig):
+    """PPO's four models. Paths are local directories written by ``save_pretrained``."""
+
+    _retired = {}
+
+    policy: str | None = Field(None, description="The SFT model the policy starts from.")
+    reference: str | None = Field(
+        None, description="Frozen reference policy; null = same weights as `policy`."
+    )
+    reward: str | None = Field(None, description="Trained value-head reward model directory.")
+    critic: str | None = Field(
+        None, description="Explicit critic checkpoint; null = chosen by `ppo.critic_init` from reward/policy."
+    )
+    lora: PPOLoraSettings | None = Field(None, description="LoRA adapters (see PPOLoraSettings); null = off.")
 
 
 class GenerationConfig(_Section):
@@ -180,26 +237,52 @@ class GenerationConfig(_Section):
     )
 
 
-class OptimConfig(_Section):
-    """AdamW with warmup and a schedule (SFT and reward-model training; PPO's is :class:`PPOOptimConfig`)."""
+class _AdamWConfig(_Section):
+    """AdamW with warmup and a schedule: what SFT, RM and PPO share (:class:`OptimConfig`, :class:`PPOOptimConfig`)."""
 
-    lr: float = Field(1e-5, gt=0, description="Learning rate of SFT / reward-model training.")
-    warmup_steps: int | None = Field(None, ge=0, description="Absolute warmup; overrides warmup_ratio.")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int | None = Field(
+        None,
+        ge=0,
+        description="Absolute warmup (optimiser steps); null = warmup_ratio. Not with warmup_ratio > 0.",
+    )
+    warmup_ratio: float = Field(
+        0.0, ge=0, lt=1, description="Warmup as a fraction of the optimiser steps; needs warmup_steps: null."
+    )
+    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="Decay after warmup.")
     min_lr_ratio: float = Field(
         0.1, ge=0, le=1, description="Cosine/linear decay floor as a fraction of peak."
     )
-    weight_decay: float = Field(0.0, ge=0)
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.95, ge=0, lt=1)
-    adam_eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW's beta1.")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW's beta2.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW's epsilon.")
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> _AdamWConfig:
+        if self.warmup_steps is not None and self.warmup_ratio > 0:
+            raise KeyConflicts(
+                [
+                    (
+                        ("warmup_steps", "warmup_ratio"),
+                        "two warmups: set warmup_steps (absolute) or warmup_ratio (with warmup_steps: null), not both",
+                    )
+                ]
+            )
+        return self
 
 
-class PPOOptimConfig(OptimConfig):
+class OptimConfig(_AdamWConfig):
+    """SFT's and reward-model training's optimiser (PPO's is :class:`PPOOptimConfig`)."""
+
+    lr: float = Field(1e-5, gt=0, description="Learning rate of SFT / reward-model training.")
+
+
+class PPOOptimConfig(_AdamWConfig):
     """PPO's optimiser settings, one AdamW per model (policy, critic) with its own learning rate: PPO-max's
-    defaults, each naming its source. A subclass, so that SFT and RM keep their own defaults (:class:`OptimConfig`)
-    while PPO's are PPO-max's. ``lr`` is not used by PPO."""
+    defaults, each naming its source. SFT and RM keep their own defaults (:class:`OptimConfig`)."""
+
+    # `lr` (SFT/RM's) was accepted and ignored by PPO up to ppomax 0.1; saved configs hold its default
+    _retired = {"lr": (1e-5, "PPO has one learning rate per model: set optim.policy_lr and optim.critic_lr")}
 
     policy_lr: float = Field(5e-7, gt=0, description="Paper 5.1 / MOSS-RLHF code (lr 5e-7).")
     critic_lr: float = Field(
@@ -208,10 +291,12 @@ class PPOOptimConfig(OptimConfig):
     warmup_steps: int | None = Field(
         10,
         ge=0,
-        description="Absolute warmup; overrides warmup_ratio. Ours: 10 optimiser steps (paper 5.1 warms up over "
+        description="Absolute warmup (optimiser steps of each model); null = warmup_ratio. Ours: 10 optimiser steps (paper 5.1 warms up over "
         "the first 10% of steps, MOSS-RLHF code 500 of 5000; paper 5.3.3 recommends critic pre-training instead).",
     )
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Ours: unused while warmup_steps is set.")
+    warmup_ratio: float = Field(
+        0.0, ge=0, lt=1, description="Ours: 0 (warmup_steps is set); needs warmup_steps: null."
+    )
     schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="Ours (MOSS-RLHF code decays as 1/sqrt(step) after warmup)."
     )
@@ -232,15 +317,38 @@ class PPOOptimConfig(OptimConfig):
 class LoggingConfig(_Section):
     """Where a run writes and how often."""
 
-    out_dir: str = "runs/ppomax"
-    log_every: int = Field(1, gt=0)
-    eval_every: int = Field(0, ge=0, description="0 = no periodic evaluation.")
-    eval_samples: int = Field(32, gt=0)
-    eval_greedy: bool = True
+    _retired = {
+        "eval_samples": (32, "used by train-ppo only"),
+        "eval_greedy": (True, "used by train-ppo only"),
+    }
+
+    out_dir: str = Field(
+        "runs/ppomax", description="The run directory (config.yaml, metrics, checkpoints, final/)."
+    )
+    log_every: int = Field(1, gt=0, description="Steps between metrics records.")
+    eval_every: int = Field(
+        0, ge=0, description="Steps between evaluations on held-out data; 0 = only at the end."
+    )
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end (and on SIGINT/SIGTERM).")
-    keep_checkpoints: int = Field(2, gt=0)
-    tensorboard: bool = True
-    progress: bool = True
+    keep_checkpoints: int = Field(2, gt=0, description="The newest checkpoints kept.")
+    tensorboard: bool = Field(True, description="Also write TensorBoard events (tb/).")
+    progress: bool = Field(True, description="A progress bar on the console.")
+
+
+class PPOLoggingConfig(LoggingConfig):
+    """PPO's logging: :class:`LoggingConfig` plus its periodic evaluation's samples."""
+
+    _retired = {}
+
+    eval_every: int = Field(
+        0,
+        ge=0,
+        description="Iterations between evaluations on data.valid_prompts; 0 = no periodic evaluation.",
+    )
+    eval_samples: int = Field(32, gt=0, description="Held-out prompts answered at each evaluation.")
+    eval_greedy: bool = Field(
+        True, description="Greedy answers at evaluation (false: sampled as in rollouts)."
+    )
 
 
 class CollapseConfig(_Section):
@@ -265,32 +373,121 @@ class CollapseConfig(_Section):
     )
 
 
+class DatasetArgs(_Section):
+    """A data source given as ``datasets.load_dataset``'s own arguments (README: Data)."""
+
+    path: str = Field(
+        description="A Hub dataset id, a local directory, or a builder name (json, parquet, csv, arrow) with "
+        "data_files."
+    )
+    name: str | None = Field(None, description="The dataset's configuration (load_dataset's `name`).")
+    data_dir: str | None = Field(None, description="A directory of the dataset's repository to read.")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="Data files (paths or globs), or a mapping split -> files."
+    )
+    split: str | None = Field(
+        None,
+        description="The split to read (a slice too, e.g. train[:1000]); null = train, or for a held-out set the "
+        "only split of a local source.",
+    )
+    revision: str | None = Field(None, description="A Hub revision: a branch, tag or commit.")
+
+
+def _source(value: Any) -> Any:
+    """A data source: a non-empty path/glob/Hub id, a non-empty list of them, or a :class:`DatasetArgs` mapping;
+    anything else is one error naming what is allowed (not pydantic's error for each member of the union)."""
+    if value is None or isinstance(value, DatasetArgs):
+        return value
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("an empty path")
+        return value
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ValueError("a list source holds file paths or globs (non-empty strings)")
+        return value
+    if isinstance(value, dict):
+        try:
+            return DatasetArgs.model_validate(value)
+        except ValidationError as err:
+            e = err.errors()[0]
+            key = ".".join(str(p) for p in e["loc"])
+            what = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            raise ValueError(f"{key}: {what} (a mapping has {', '.join(DatasetArgs.model_fields)})") from None
+    raise ValueError(
+        f"must be a path, a list of paths or a mapping {{{', '.join(DatasetArgs.model_fields)}}}, "
+        f"not {type(value).__name__}"
+    )
+
+
+#: a data key's value (:mod:`ppomax.data.sources`)
+DataSource = Annotated[str | list[str] | DatasetArgs | None, BeforeValidator(_source)]
+_SOURCE_HELP = (
+    "a file (.jsonl/.json/.gz, .parquet, .csv, .arrow), directory, glob, list of files, Hub dataset id or "
+    "mapping {path, name, data_dir, data_files, split, revision} (README: Data)"
+)
+_HELD_OUT_HELP = "; a Hub dataset needs the mapping with its split"
+
+
 class _DataCommon(_Section):
     max_prompt_tokens: int = Field(
-        256, gt=0, description="Longer prompts are cut from the left (latest turns kept)."
+        256, gt=0, description="Longer prompts lose their oldest turns (system and latest turn kept)."
     )
     on_bad_line: Literal["fail", "skip"] = Field(
-        "fail", description="Bad input line: stop, or skip and count."
+        "fail", description="A bad record (a line of a file, a row of a dataset): stop, or skip and count."
     )
-    chat_format: Literal["hh", "chat_template"] = "hh"
+    chat_format: Literal["auto", "hh", "chat_template"] = Field(
+        "auto",
+        description="Prompt format: the tokenizer's chat template, HH-RLHF's Human/Assistant text, or auto (the "
+        "chat template when the tokenizer has one, else hh).",
+    )
+    num_proc: int = Field(
+        1,
+        gt=0,
+        description="Processes that parse and tokenise the data (1 = the training process); the data is the same "
+        "for any value.",
+    )
 
 
 class DataConfig(_DataCommon):
-    """SFT / reward-model inputs (any format of DESIGN.md section 3)."""
+    """SFT inputs (the record shapes of the README's Data section)."""
 
-    train: str | None = Field(None, description="SFT examples or preference pairs.")
-    valid: str | None = None
-    test: str | None = None
+    _retired = {"test": (None, "used by train-rm only")}
+
+    train: DataSource = Field(None, description=f"Training examples: {_SOURCE_HELP}.")
+    valid: DataSource = Field(
+        None,
+        description=f"Validation examples, a data source{_HELD_OUT_HELP}; null = valid_fraction of train.",
+    )
     valid_fraction: float = Field(0.0, ge=0, lt=1, description="Held out from `train` when `valid` is null.")
-    max_response_tokens: int = Field(256, gt=0)
+    max_response_tokens: int = Field(256, gt=0, description="Longer responses are cut from the right.")
+
+
+class RMDataConfig(DataConfig):
+    """Reward-model inputs: preference pairs, with a test split scored at the end."""
+
+    _retired = {}
+
+    train: DataSource = Field(None, description=f"Training preference pairs: {_SOURCE_HELP}.")
+    valid: DataSource = Field(
+        None, description=f"Validation pairs, a data source{_HELD_OUT_HELP}; null = valid_fraction of train."
+    )
+    test: DataSource = Field(
+        None,
+        description=f"Test pairs scored at the end, a data source{_HELD_OUT_HELP}; null = the validation split.",
+    )
 
 
 class PPODataConfig(_DataCommon):
     """PPO inputs: prompts, evaluation prompts and the PPO-ptx corpus."""
 
-    prompts: str | None = Field(None, description="Training prompts.")
-    valid_prompts: str | None = Field(None, description="Prompts for periodic evaluation.")
-    ptx: str | None = Field(None, description="SFT/pretraining examples for the PPO-ptx loss (eq. 17).")
+    prompts: DataSource = Field(None, description=f"Training prompts: {_SOURCE_HELP}.")
+    valid_prompts: DataSource = Field(
+        None, description=f"Prompts for periodic evaluation, a data source{_HELD_OUT_HELP}."
+    )
+    ptx: DataSource = Field(
+        None, description="SFT/pretraining examples for the PPO-ptx loss (eq. 17), a data source."
+    )
     max_ptx_response_tokens: int = Field(
         256, gt=0, description="PPO-ptx examples: response tokens kept (cut from the right), as in SFT."
     )
@@ -299,14 +496,16 @@ class PPODataConfig(_DataCommon):
 class RewardFunctionConfig(_Section):
     """A programmatic reward `module:function(prompts, responses, **kwargs) -> scores`."""
 
-    function: str
+    function: str = Field(
+        description="'package.module:function', called with (prompts, responses, **kwargs)."
+    )
     name: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9_-]+$",
         description="Logged as `reward/<name>_mean`; null = the function's own name (the part after the colon).",
     )
-    weight: float = 1.0
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    weight: float = Field(1.0, description="Its weight in the summed reward.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments of every call.")
 
     @field_validator("function")
     @classmethod
@@ -319,8 +518,12 @@ class RewardFunctionConfig(_Section):
 class RewardConfig(_Section):
     """Reward sources summed with weights: the value-head RM (`model.reward`) and programmatic functions."""
 
-    model_weight: float = 1.0
-    functions: list[RewardFunctionConfig] = Field(default_factory=list)
+    model_weight: float = Field(1.0, description="Weight of model.reward's score in the summed reward.")
+    functions: list[RewardFunctionConfig] = Field(
+        default_factory=list,
+        description="Programmatic rewards, each {function: 'module:fn', name, weight, kwargs}; summed with "
+        "model_weight x the reward model's score.",
+    )
 
 
 class PPOSettings(_Section):
@@ -328,8 +531,8 @@ class PPOSettings(_Section):
     description names the value's source: a paper section, the MOSS-RLHF code released with the paper, or "ours".
 
     Score re-parameterisation (paper 5.3.1) keeps fig. 5's two switches, ``reward_scaling`` (trick 4) and
-    ``reward_norm`` (trick 5, eq. 18), plus ``reward_clip`` (eq. 18's delta), because the paper, DESIGN.md and
-    MOSS-RLHF name them so and every variant of fig. 6 / fig. 14 is then a preset plus ``--set`` overrides. The
+    ``reward_norm`` (trick 5, eq. 18), plus ``reward_clip`` (eq. 18's delta), because the paper and MOSS-RLHF name
+    them so and every variant of fig. 6 / fig. 14 is then a preset plus ``--set`` overrides. The
     combinations that have no single meaning are errors naming both keys, never a silent precedence:
     ``reward_norm`` with ``reward_scaling`` (normalisation already divides by the running std); ``reward_clip``
     without either (the clip acts on the re-parameterised score, in units of the running std of the raw scores,
@@ -388,8 +591,8 @@ class PPOSettings(_Section):
     # 6. advantage normalisation and clipping (5.3.1)
     advantage_norm: bool = Field(
         True,
-        description="Minibatch whitening, paper 5.3.1 / app. B.1 (fig. 14). Ours: on, as DESIGN.md's PPO-max; paper "
-        "5.4 does not list it and MOSS-RLHF code has it off unless --use_advantage_norm.",
+        description="Minibatch whitening, paper 5.3.1 / app. B.1 (fig. 14). Ours: on; paper 5.4 does not list it "
+        "among PPO-max's tricks and MOSS-RLHF code has it off unless --use_advantage_norm.",
     )
     advantage_clip: float | None = Field(
         None, gt=0, description='null = no clip. Paper 5.3.1: "constraining ... on the reward level" instead.'
@@ -591,7 +794,7 @@ class PPOSettings(_Section):
 
 
 class _RunConfig(_Section):
-    seed: int = 42
+    seed: int = Field(42, description="Seeds data order, initialisation and sampling.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -602,10 +805,12 @@ class SFTConfig(_RunConfig):
 
     data: DataConfig = Field(default_factory=DataConfig)
 
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (a fraction stops part-way).")
     batch_size: int = Field(8, gt=0, description="Sequences per step and process.")
-    grad_accum: int = Field(1, gt=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    grad_accum: int = Field(1, gt=0, description="Batches accumulated into one optimiser step.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Global gradient-norm clip; null = no clipping."
+    )
     objective: Literal["sft", "pretrain"] = Field(
         "sft",
         description="sft: loss on response / assistant tokens only; pretrain: records {'text': ...} as plain "
@@ -639,19 +844,21 @@ class SFTConfig(_RunConfig):
 class RMConfig(_RunConfig):
     """`ppomax train-rm`: paper eq. 2 with the optional LM term."""
 
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: RMDataConfig = Field(default_factory=RMDataConfig)
 
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (a fraction stops part-way).")
     batch_size: int = Field(8, gt=0, description="Pairs per step (ignored when max_tokens_per_batch is set).")
     max_tokens_per_batch: int | None = Field(
         None, gt=0, description="Token-balanced dynamic batches (paper 4.2); null = fixed batch_size."
     )
-    grad_accum: int = Field(1, gt=0)
+    grad_accum: int = Field(1, gt=0, description="Batches accumulated into one optimiser step.")
     beta_rm: float = Field(
         1.0, ge=0, description="Weight of the LM loss on the chosen response; 0 = off (eq. 2)."
     )
     rm_lambda: float = Field(1.0, gt=0, description="Weight of the pairwise ranking loss (eq. 2).")
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Global gradient-norm clip; null = no clipping."
+    )
     max_nonfinite_in_row: int = Field(
         3, gt=0, description="Consecutive skipped non-finite updates that stop the run."
     )
@@ -663,8 +870,10 @@ class PPOConfig(_RunConfig):
     preset: str | None = Field(
         None, description="Name of the preset this config started from (informational)."
     )
+    model: PPOModelConfig = Field(default_factory=PPOModelConfig)
     data: PPODataConfig = Field(default_factory=PPODataConfig)
     optim: PPOOptimConfig = Field(default_factory=PPOOptimConfig)
+    logging: PPOLoggingConfig = Field(default_factory=PPOLoggingConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOSettings = Field(default_factory=PPOSettings)
@@ -771,7 +980,9 @@ CONFIG_CLASSES: dict[str, type[_RunConfig]] = {"sft": SFTConfig, "rm": RMConfig,
 # --------------------------------------------------------------------------- loading
 
 
-def _format_validation_error(err: ValidationError, origin: str) -> str:
+def _format_validation_error(err: ValidationError, origin: str, cls: type[BaseModel]) -> str:
+    from ppomax.config_keys import did_you_mean
+
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
@@ -787,7 +998,13 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
             )
             continue
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + did_you_mean(key, cls)
+        elif e["type"] == "string_type" and isinstance(e.get("input"), bool | int | float):
+            what = f"the {'boolean' if isinstance(e['input'], bool) else 'number'} {json.dumps(e['input'])}"
+            msg = (
+                f"must be text, but YAML read the unquoted value as {what} (yes/no/on/off/true/false are booleans, "
+                f'digits numbers): quote it, e.g. --set \'{key}="..."\' or {key.rsplit(".", 1)[-1]}: "..." in a file'
+            )
         elif e["type"] == "literal_error":
             msg = f"must be one of {e['ctx']['expected']} (got {e.get('input')!r})"
         elif not e["loc"]:
@@ -905,7 +1122,7 @@ def load_config(
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, " + ".join(origin) or "defaults")) from None
+        raise ConfigError(_format_validation_error(err, " + ".join(origin) or "defaults", cls)) from None
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

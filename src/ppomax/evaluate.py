@@ -28,6 +28,7 @@ Judge-free statistics of each side (paper 5.2's monitoring metrics, measured on 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -47,10 +48,13 @@ from ppomax.algos import (
     response_sums,
 )
 from ppomax.config import GenerationConfig
+from ppomax.data.chat import ChatFormat, Dialogue, resolve_chat_format
+from ppomax.data.sources import Source, describe
 from ppomax.errors import UserError
 from ppomax.rollout import HFGenerateEngine, eos_ids_of, rollout
 
 SUBSETS = ("helpful", "harmless")
+DEFAULT_MAX_PROMPT_TOKENS = 256  # data.max_prompt_tokens' default
 
 
 # --------------------------------------------------------------------------------------------------- generation
@@ -77,7 +81,7 @@ class Generation:
 def generate(
     model: Any,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Dialogue],
     *,
     max_new_tokens: int = 48,
     temperature: float = 0.8,
@@ -91,7 +95,8 @@ def generate(
 ) -> Generation:
     """Sample one response per prompt with the PPO rollout (:func:`ppomax.rollout.rollout`: left-padded batches,
     KV cache, cut at the first EOS). ``seed`` fixes the sampling noise, so the same model on the same prompts
-    answers identically. ``progress`` is an optional tqdm to update."""
+    answers identically. ``progress`` is an optional tqdm to update. ``prompts``: dialogues (what
+    :func:`load_eval_prompts` returns; truncated by turns to ``max_prompt_tokens``) or texts."""
     from ppomax.data import pad_id_of, pad_left, tokenize_prompt
 
     model.eval()
@@ -144,7 +149,12 @@ def generate(
             responses.append(text.strip())
         if progress is not None:
             progress.update(len(chunk))
-    return Generation(list(prompts), responses, prompt_ids, out_ids, finished)
+    return Generation(prompt_texts(prompts), responses, prompt_ids, out_ids, finished)
+
+
+def prompt_texts(prompts: Sequence[str | Dialogue]) -> list[str]:
+    """The texts of prompts given as dialogues or texts."""
+    return [p.text if isinstance(p, Dialogue) else p for p in prompts]
 
 
 # ----------------------------------------------------------------------------------------------- model scoring
@@ -306,7 +316,8 @@ class EvalSettings:
     top_p: float = 0.9
     repetition_penalty: float = 1.1
     greedy: bool = False
-    max_prompt_tokens: int = 256
+    max_prompt_tokens: int | None = None
+    """None: the policy run's data.max_prompt_tokens (:func:`run_data_config`), else 256."""
     batch_size: int = 32
     tie_margin: float = 0.05
     seed: int = 0
@@ -345,7 +356,7 @@ def evaluate_models(
     policy: Any,
     baseline: Any,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Dialogue],
     subsets: Sequence[str] | None,
     judges: dict[str, Any],
     settings: EvalSettings | None = None,
@@ -375,7 +386,7 @@ def evaluate_models(
         repetition_penalty=s.repetition_penalty,
         greedy=s.greedy,
         batch_size=s.batch_size,
-        max_prompt_tokens=s.max_prompt_tokens,
+        max_prompt_tokens=s.max_prompt_tokens or DEFAULT_MAX_PROMPT_TOKENS,
         seed=s.seed,
     )
     bar = None
@@ -421,7 +432,7 @@ def evaluate_models(
             return reward_model_scores(
                 judge, gen.prompt_ids, gen.response_ids, pad_id=pad_id, batch_size=s.batch_size
             )
-        return [float(x) for x in judge(list(prompts), list(gen.responses))]
+        return [float(x) for x in judge(list(gen.prompts), list(gen.responses))]
 
     per_sample: dict[str, tuple[list[float], list[float]]] = {}
     for name, (kind, judge) in judges.items():
@@ -445,56 +456,116 @@ def evaluate_models(
             "baseline": gen_b.responses[i],
             "scores": {name: [ab[0][i], ab[1][i]] for name, ab in per_sample.items()},
         }
-        for i, p in enumerate(prompts)
+        for i, p in enumerate(gen_p.prompts)
     ]
     return result
 
 
 def load_eval_prompts(
-    path: str | os.PathLike[str], limit: int | None = None
-) -> tuple[list[str], list[str] | None]:
-    """Prompts and their subsets (``None`` when no record names one) from any prompts file of ppomax.data."""
+    path: Any,
+    limit: int | None = None,
+    *,
+    chat_format: str = "auto",
+    tokenizer: Any = None,
+) -> tuple[list[Dialogue | str], list[str] | None]:
+    """Prompts (dialogues, rendered in ``chat_format`` with ``tokenizer``: :func:`ppomax.data.load_prompts`) and
+    their subsets (``None`` when no record names one) from any prompts source of ppomax.data (a file, a
+    directory, a glob, a Hub dataset, a mapping of load_dataset's arguments: :mod:`ppomax.data.sources`)."""
     from ppomax.data import load_prompts
 
-    examples = load_prompts(path)
+    examples = load_prompts(path, format=chat_format, tokenizer=tokenizer)
     if limit is not None:
         examples = examples[:limit]
     if not examples:
-        raise UserError(f"{path}: no prompts")
-    prompts = [e.prompt for e in examples]
+        raise UserError(f"{describe(path)}: no prompts")
+    prompts = [e.dialogue or e.prompt for e in examples]
     subsets = [e.meta.get("subset") for e in examples]
     if all(s is None for s in subsets):
         return prompts, None
     return prompts, [str(s) if s is not None else "helpful" for s in subsets]
 
 
+def run_data_config(model_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Path] | None:
+    """``(data section, config path)`` of the run that saved ``model_dir`` (``<run>/final``,
+    ``<run>/final/policy``, ...): its ``config.yaml`` in ``model_dir`` or up to two levels above; None without
+    one. Evaluation renders and cuts prompts as that run did (``chat_format``, ``max_prompt_tokens``)."""
+    import yaml
+
+    start = Path(model_dir).absolute()
+    for d in (start, start.parent, start.parent.parent):
+        path = d / "config.yaml"
+        if not path.is_file():
+            continue
+        try:
+            cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise UserError(f"{path}: cannot read the run's config: {type(e).__name__}") from None
+        data = cfg.get("data") if isinstance(cfg, dict) else None
+        if isinstance(data, dict):
+            return data, path
+    return None
+
+
+def eval_chat_format(
+    policy_dir: str | os.PathLike[str], tokenizer: Any, override: str | None = None
+) -> tuple[ChatFormat, str]:
+    """The chat format of an evaluation and why: ``override`` (``--chat-format``), else the policy's run config
+    (:func:`run_data_config`: the format PPO's own evaluation used), else ``auto``; ``auto`` resolved with
+    ``tokenizer`` (:func:`ppomax.data.resolve_chat_format`)."""
+    if override is not None:
+        return resolve_chat_format(override, tokenizer, "--chat-format")
+    found = run_data_config(policy_dir)
+    if found is not None and "chat_format" in found[0]:
+        return resolve_chat_format(str(found[0]["chat_format"]), tokenizer, f"data.chat_format in {found[1]}")
+    fmt, why = resolve_chat_format("auto", tokenizer, "--chat-format")
+    return fmt, f"{why} (default: no run config.yaml at or above the policy)"
+
+
 def evaluate(
     policy_dir: str | os.PathLike[str],
     baseline_dir: str | os.PathLike[str],
-    prompts_file: str | os.PathLike[str],
+    prompts_file: Any,
     judges: Mapping[str, tuple[str, Any]],
     settings: EvalSettings | None = None,
     tokenizer_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    chat_format: str | None = None,
 ) -> dict[str, Any]:
     """`ppomax eval` as a function: load both policies (and any reward-model judge given as a directory) and
-    run :func:`evaluate_models` with ``judges`` as it takes them."""
-    from ppomax.models import ValueHeadModel, load_causal_lm, load_tokenizer
+    run :func:`evaluate_models` with ``judges`` as it takes them. Prompts are rendered in the chat format of
+    :func:`eval_chat_format` (``chat_format``: the override), recorded in the result as ``chat_format`` and
+    ``chat_format_reason``."""
+    from ppomax.models import ValueHeadModel, check_vocab, load_causal_lm, load_tokenizer
 
     s = settings or EvalSettings()
-    prompts, subsets = load_eval_prompts(prompts_file, s.limit)
-    tokenizer = load_tokenizer(str(tokenizer_dir or policy_dir))
-    policy = load_causal_lm(str(policy_dir))
-    baseline = load_causal_lm(str(baseline_dir))
+    if s.max_prompt_tokens is None:  # cut as the policy's run cut its prompts
+        found = run_data_config(policy_dir)
+        budget = found[0].get("max_prompt_tokens") if found is not None else None
+        s = dataclasses.replace(s, max_prompt_tokens=int(budget or DEFAULT_MAX_PROMPT_TOKENS))
+    tokenizer_key = "--tokenizer" if tokenizer_dir else "--policy"
+    tokenizer = load_tokenizer(str(tokenizer_dir or policy_dir), key=tokenizer_key)
+    fmt, why = eval_chat_format(policy_dir, tokenizer, chat_format)
+    # held-out prompts: a Hub dataset (or a source with several splits) names its split
+    source = (
+        prompts_file if isinstance(prompts_file, Source) else Source(prompts_file, "--prompts", held_out=True)
+    )
+    prompts, subsets = load_eval_prompts(source, s.limit, chat_format=fmt, tokenizer=tokenizer)
+    policy = load_causal_lm(str(policy_dir), key="--policy")
+    check_vocab(policy, tokenizer, "--policy", tokenizer_key)
+    baseline = load_causal_lm(str(baseline_dir), key="--baseline")
+    check_vocab(baseline, tokenizer, "--baseline", tokenizer_key)
     loaded: dict[str, tuple[str, Any]] = {}
     for name, (kind, judge) in judges.items():
         if kind == "reward-model" and isinstance(judge, str | os.PathLike):
-            judge = ValueHeadModel.from_pretrained(judge)
+            judge = ValueHeadModel.from_pretrained(judge, key=f"--judge {name}")
+            check_vocab(judge, tokenizer, f"--judge {name}", tokenizer_key)
         loaded[name] = (kind, judge)
     result = evaluate_models(policy, baseline, tokenizer, prompts, subsets, loaded, s, progress=progress)
     result["policy"]["path"] = str(policy_dir)
     result["baseline"]["path"] = str(baseline_dir)
-    result["prompts_file"] = str(prompts_file)
+    result["prompts_file"] = source.name
+    result["chat_format"] = fmt
+    result["chat_format_reason"] = why
     return result
 
 

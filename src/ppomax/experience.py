@@ -1,6 +1,6 @@
 """The PPO experience buffer: one :class:`Experience` holds a batch of rollouts and what was computed on them.
 
-Layout (DESIGN.md section 2): a row is ``[prompt, left-padded | response, right-padded]``. Every prompt of a batch
+Layout: a row is ``[prompt, left-padded | response, right-padded]``. Every prompt of a batch
 ends at column ``P = prompt_width`` and every response starts there, so per-token quantities are stored only for
 the ``R`` response columns: response token ``j`` is ``sequences[:, P + j]``; its log-prob comes from the logits at
 column ``P + j - 1`` and its value ``V(s_j)`` from the critic's hidden state at the same column (the state before

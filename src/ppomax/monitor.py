@@ -38,7 +38,10 @@ class MetricsLogger:
 
     Only the main process writes (pass ``enabled=False`` on other ranks). ``resume_step``: the run continues
     from a checkpoint at that step, so the JSONL lines after it are dropped and TensorBoard purges the events
-    after it (``purge_step``): a resumed run's log reads as one run, each step once.
+    after it (``purge_step``): a resumed run's log reads as one run, each step once. ``resume_records``: the
+    number of records the log held when that checkpoint was saved (:attr:`records`), which then decides instead
+    of the step: records of the checkpoint's own step logged after it (a final evaluation) go too, and are
+    logged again by the resumed run.
     """
 
     def __init__(
@@ -47,31 +50,36 @@ class MetricsLogger:
         tensorboard: bool = True,
         enabled: bool = True,
         resume_step: int | None = None,
+        resume_records: int | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self.path = self.out_dir / "metrics.jsonl"
         self._tb = None
+        self.records = 0
+        """Records in the log (main process)."""
         if enabled:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if resume_step is not None:
-                self._truncate_after(resume_step)
+                self._truncate_after(resume_step, resume_records)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
                 purge = None if resume_step is None else resume_step + 1
                 self._tb = SummaryWriter(log_dir=str(self.out_dir / "tb"), purge_step=purge)
 
-    def _truncate_after(self, step: int) -> None:
-        """Drop logged lines whose step is greater than ``step``."""
+    def _truncate_after(self, step: int, records: int | None = None) -> None:
+        """Keep the first ``records`` logged lines, or (None) those whose step is at most ``step``."""
         if not self.path.exists():
             return
-        kept = [
-            line
-            for line in self.path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
+        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = (
+            lines[:records]
+            if records is not None
+            else [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+        )
         self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        self.records = len(kept)
 
     def log(self, step: int, metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         """Write one record; returns it (scalars converted)."""
@@ -84,6 +92,7 @@ class MetricsLogger:
                     fh.write(json.dumps(record) + "\n")
             except OSError as exc:
                 raise UserError(f"{self.path}: cannot write the metrics: {exc.strerror or exc}") from None
+            self.records += 1
             if self._tb is not None:
                 for key, value in record.items():
                     if key != "step" and isinstance(value, int | float):

@@ -157,15 +157,20 @@ def _without_model_generation_config(model: Any) -> Iterator[None]:
     knobs (min_p, suppress_tokens, stop_strings, max_time, sequence_bias...) can only be "off" as ``None``:
     a checkpoint's ``generation_config.json`` would silently change what PPO samples. With a blank one in its
     place, unset fields fall back to HF's global defaults, which are all "off" (top_k 50 aside, which
-    :meth:`HFGenerateEngine.generation_config` sets whenever it samples)."""
+    :meth:`HFGenerateEngine.generation_config` sets whenever it samples).
+
+    A PEFT model's ``generate`` copies its ``generation_config`` (its base's, unless set on the wrapper) onto its
+    base, so it is swapped on the base: swapped on the wrapper, the blank one would stay on the base, and be saved
+    with it."""
     from transformers import GenerationConfig as HFGenerationConfig
 
-    own = model.generation_config
-    model.generation_config = HFGenerationConfig()
+    target = model.get_base_model() if hasattr(model, "peft_config") else model
+    own = target.generation_config
+    target.generation_config = HFGenerationConfig()
     try:
         yield
     finally:
-        model.generation_config = own
+        target.generation_config = own
 
 
 def finish_rollout(

@@ -38,7 +38,7 @@ def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator 
 
 
 def token_level_rewards(scores: Tensor, kl: Tensor, response_mask: Tensor, kl_coef: float) -> Tensor:
-    """Token-level reward with KL penalty (paper eq. 3 / 19, DESIGN 1).
+    """Token-level reward with KL penalty (paper eq. 3 / 19).
 
     scores: [B] sequence score (already re-parameterised: scaled or normalised/clipped);
     kl: [B, T] per-token KL estimate; response_mask: [B, T] -> rewards [B, T] with

@@ -45,12 +45,18 @@ def print_result(text: str) -> None:
         print(text)
 
 
-RUN_EPILOG = (
-    "A new run into a directory that holds one (a checkpoint or final/) is refused unless --overwrite. "
-    "--resume DIR continues the run in DIR from its newest checkpoint, with DIR's config.yaml (or --config, which "
-    "may differ only in the run length), and writes into DIR. SIGINT/SIGTERM save a checkpoint and exit with "
-    f"status {STOPPED_EXIT_CODE}; 0 = done, 2 = a user error (one line on stderr)."
-)
+def run_epilog(kind: str) -> str:
+    """The help epilog of a training command: where its config keys are listed, and the run rules."""
+    return (
+        f"Config keys: `ppomax config --explain --kind {kind}` lists every key with its default, allowed values and "
+        "description; set them in --config FILE (YAML) or with --set KEY=VALUE. "
+        "A new run into a directory that holds one (a checkpoint or final/) is refused unless --overwrite, and so "
+        "is any run into a directory another run is writing. --resume DIR continues the run in DIR from its newest "
+        "checkpoint, with DIR's config.yaml (or --config, which may differ only in the run length) and the data it "
+        "was trained on (--allow-data-change: continue on changed data files), and writes into DIR. SIGINT/SIGTERM "
+        f"save a checkpoint and exit with status {STOPPED_EXIT_CODE}; 0 = done, 2 = a user error (one line on "
+        "stderr)."
+    )
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -64,6 +70,20 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--overwrite", action="store_true", help="replace the run already in logging.out_dir, if any"
     )
+    p.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="with --resume: continue even though a data file changed since the checkpoint (named in a warning)",
+    )
+
+
+def run_options(args: argparse.Namespace) -> dict[str, bool]:
+    """The trainers' run keywords (``resume``, ``overwrite``, ``allow_data_change``) from :func:`add_run_args`."""
+    return {
+        "resume": bool(args.resume),
+        "overwrite": bool(args.overwrite),
+        "allow_data_change": bool(args.allow_data_change),
+    }
 
 
 def run_config(kind: str, args: argparse.Namespace) -> Any:

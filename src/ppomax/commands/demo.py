@@ -1,4 +1,4 @@
-"""`ppomax demo`: the whole pipeline on the embedded hh-mini world, with a report (DESIGN.md section 6)."""
+"""`ppomax demo`: the whole pipeline on the embedded hh-mini world, with a report."""
 
 from __future__ import annotations
 

@@ -41,6 +41,26 @@ def load_judges(specs: list[str], prompts_file: str) -> dict[str, tuple[str, Any
     return judges
 
 
+def prompts_source(text: str) -> Any:
+    """``--prompts``: a path, glob or Hub dataset id, or (text starting with ``{``) a YAML mapping of load_dataset's
+    arguments, e.g. ``{path: Anthropic/hh-rlhf, data_dir: harmless-base, split: test}``."""
+    if not text.lstrip().startswith("{"):
+        return text
+    import yaml
+    from pydantic import ValidationError
+
+    from ppomax.config import DatasetArgs
+
+    try:
+        return DatasetArgs.model_validate(yaml.safe_load(text))
+    except yaml.YAMLError:
+        what = "not valid YAML"
+    except ValidationError as e:
+        first = e.errors()[0]
+        what = f"{'.'.join(map(str, first['loc'])) or 'the value'}: {first['msg']}"
+    raise UserError(f"--prompts {text!r}: not a mapping of load_dataset's arguments ({what})")
+
+
 def _run(args: argparse.Namespace) -> int:
     from ppomax.evaluate import EvalSettings, evaluate, format_table, write_json
 
@@ -59,12 +79,14 @@ def _run(args: argparse.Namespace) -> int:
     result = evaluate(
         args.policy,
         args.baseline,
-        args.prompts,
+        prompts_source(args.prompts),
         judges=load_judges(args.judge or ["gold"], args.prompts),
         settings=settings,
         tokenizer_dir=args.tokenizer,
         progress=not args.no_progress,
+        chat_format=args.chat_format,
     )
+    print(f"chat format: {result['chat_format']} ({result['chat_format_reason']})", file=sys.stderr)
     if args.json == "-":
         json.dump(
             {k: v for k, v in result.items() if k != "samples"} | {"samples": result["samples"]},
@@ -91,8 +113,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prompts",
         required=True,
-        help="prompts file (any prompts format of the README's Data section; "
-        "a 'subset' field splits the table into helpful / harmless)",
+        help="held-out prompts: a file, directory or glob, or a mapping of load_dataset's arguments such as "
+        "'{path: Anthropic/hh-rlhf, data_dir: harmless-base, split: test}' (any prompts format of the README's "
+        "Data section; a 'subset' field splits the table into helpful / harmless)",
     )
     p.add_argument(
         "--judge",
@@ -109,7 +132,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--max-prompt-tokens", type=int, default=256)
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="prompt budget (default: the policy run's data.max_prompt_tokens, else 256)",
+    )
     p.add_argument("--temperature", type=finite_float, default=0.8)
     p.add_argument("--top-p", type=finite_float, default=0.9)
     p.add_argument("--repetition-penalty", type=finite_float, default=1.1)
@@ -117,6 +145,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the policy's)")
+    p.add_argument(
+        "--chat-format",
+        choices=("auto", "hh", "chat_template"),
+        default=None,
+        help="how prompts are rendered (default: data.chat_format of the policy's run, read from the "
+        "config.yaml at or up to two levels above --policy, as PPO's own evaluation rendered them; without one, "
+        "auto: the tokenizer's chat template when it has one, else hh)",
+    )
     p.add_argument(
         "--json", default=None, metavar="FILE", help="write the full results as JSON ('-' = stdout only)"
     )

@@ -261,10 +261,12 @@ def build_roles(
         _, ws, note = other(m.reward)
         # under LoRA (model.lora's, else the defaults), a critic that is the reward model plus adapters holds the
         # reward model's backbone
-        from ppomax.config import LoraSettings
+        from ppomax.config import PPOLoraSettings
         from ppomax.trainers.ppo_models import critic_base_is_reward_model
 
-        with_lora = cfg.model_copy(update={"model": m.model_copy(update={"lora": m.lora or LoraSettings()})})
+        with_lora = cfg.model_copy(
+            update={"model": m.model_copy(update={"lora": m.lora or PPOLoraSettings()})}
+        )
         shared = critic_base_is_reward_model(with_lora)
         roles.append(
             Role(

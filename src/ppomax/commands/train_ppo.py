@@ -14,7 +14,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ppomax.commands.common import RUN_EPILOG, add_config_args, add_run_args, print_result, run_config
+from ppomax.commands.common import (
+    add_config_args,
+    add_run_args,
+    print_result,
+    run_config,
+    run_epilog,
+    run_options,
+)
 from ppomax.config import PPOConfig
 
 COLLAPSE_EXIT_CODE = 3
@@ -25,7 +32,7 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = run_config("ppo", args)
     assert isinstance(cfg, PPOConfig)
-    trainer = PPOTrainer(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    trainer = PPOTrainer(cfg, **run_options(args))
     out = trainer.train()
     if trainer.collapse_stopped:
         last = trainer.run.last_checkpoint
@@ -44,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="PPO (PPO-max by default) against a reward model or reward functions",
         description="PPO on a policy against a reward model and/or reward functions; prints the final policy "
         "directory. Exit status 3: stopped by the collapse monitor (collapse.action: stop).",
-        epilog=RUN_EPILOG,
+        epilog=run_epilog("ppo"),
     )
     add_config_args(p, presets=True)
     add_run_args(p)

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import argparse
 
-from ppomax.commands.common import RUN_EPILOG, add_config_args, add_run_args, print_result, run_config
+from ppomax.commands.common import (
+    add_config_args,
+    add_run_args,
+    print_result,
+    run_config,
+    run_epilog,
+    run_options,
+)
 
 
 def _run(args: argparse.Namespace) -> int:
     from ppomax.trainers.reward import train_rm  # heavy imports only when the command runs
 
     cfg = run_config("rm", args)
-    final = train_rm(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    final = train_rm(cfg, **run_options(args))
     print_result(str(final))
     return 0
 
@@ -23,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train a value-head reward model with the pairwise loss plus beta_rm * LM loss on the "
         "chosen response (paper eq. 2). Writes best/ and final/, metrics and a margin histogram; prints the "
         "final model directory.",
-        epilog=RUN_EPILOG,
+        epilog=run_epilog("rm"),
     )
     add_config_args(p)
     add_run_args(p)

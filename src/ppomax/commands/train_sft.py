@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import argparse
 
-from ppomax.commands.common import RUN_EPILOG, add_config_args, add_run_args, print_result, run_config
+from ppomax.commands.common import (
+    add_config_args,
+    add_run_args,
+    print_result,
+    run_config,
+    run_epilog,
+    run_options,
+)
 
 
 def _run(args: argparse.Namespace) -> int:
     from ppomax.trainers.sft import train_sft  # heavy imports only when the command runs
 
     cfg = run_config("sft", args)
-    final = train_sft(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    final = train_sft(cfg, **run_options(args))
     print_result(str(final))
     return 0
 
@@ -22,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="supervised fine-tuning on responses only (or pretraining on plain text)",
         description="Fine-tune a causal LM on SFT examples (loss on response / assistant tokens only), or "
         "pretrain on {'text'} records with --set objective=pretrain. Prints the final model directory.",
-        epilog=RUN_EPILOG,
+        epilog=run_epilog("sft"),
     )
     add_config_args(p)
     add_run_args(p)

@@ -1,4 +1,5 @@
-"""Data layer: loaders for preference pairs, PPO prompts and SFT examples; tokenisation; batching.
+"""Data layer: sources (files, directories, globs, Hub datasets: :mod:`ppomax.data.sources`); loaders for
+preference pairs, PPO prompts and SFT examples; tokenisation; batching.
 
 Record shapes: :mod:`ppomax.data.formats` and the README's Data section. Typical use::
 
@@ -23,7 +24,8 @@ from .batching import (
     rank_share,
     token_balanced_batches,
 )
-from .chat import ASSISTANT, HUMAN, ChatFormat, Renderer, parse_hh
+from .chat import ASSISTANT, HUMAN, ChatFormat, Dialogue, Renderer, parse_hh, resolve_chat_format
+from .features import pair_features, prompt_features, sft_features
 from .formats import (
     PreferencePair,
     PromptExample,
@@ -32,10 +34,12 @@ from .formats import (
     load_prompts,
     load_sft_examples,
 )
-from .io import DataError, LoadStats, read_records
+from .io import DataError, LoadStats, Record
+from .sources import Source, fingerprint, read_records
 from .tokenize import (
     IGNORE_INDEX,
     encode,
+    fit_prompt,
     special_prefix,
     tokenize_pair,
     tokenize_prompt,
@@ -49,17 +53,22 @@ __all__ = [
     "IGNORE_INDEX",
     "ChatFormat",
     "DataError",
+    "Dialogue",
     "IndexStream",
     "LoadStats",
     "PreferenceCollator",
     "PreferencePair",
     "PromptCollator",
     "PromptExample",
+    "Record",
     "Renderer",
     "SFTCollator",
     "SFTExample",
+    "Source",
     "encode",
     "feature_length",
+    "fingerprint",
+    "fit_prompt",
     "global_batches",
     "load_preference_pairs",
     "load_prompts",
@@ -67,9 +76,13 @@ __all__ = [
     "pad_id_of",
     "pad_left",
     "pad_right",
+    "pair_features",
     "parse_hh",
+    "prompt_features",
     "rank_share",
     "read_records",
+    "resolve_chat_format",
+    "sft_features",
     "special_prefix",
     "token_balanced_batches",
     "tokenize_pair",

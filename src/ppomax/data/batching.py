@@ -248,13 +248,15 @@ class IndexStream:
 
     Each call to :meth:`take` hands out the next ``k * world`` indices of the global order, a global batch, and
     this rank keeps its :func:`rank_share` of them, so together the ranks consume the global order once. The
-    whole state is ``(epoch, pos)`` (:meth:`state_dict`).
+    whole state is ``(epoch, pos)`` (:meth:`state_dict`). A state saved with another ``n`` (the data changed) is
+    refused unless ``resizable``.
     """
 
-    def __init__(self, n: int, seed: int, *, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, n: int, seed: int, *, rank: int = 0, world: int = 1, resizable: bool = False) -> None:
         if n <= 0:
             raise ConfigError("no examples to draw from")
         self.n = n
+        self.resizable = resizable
         self.seed = seed
         self.rank = rank
         self.world = world
@@ -284,11 +286,13 @@ class IndexStream:
         return {"epoch": self.epoch, "pos": self.pos, "n": self.n}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if int(state["n"]) != self.n:
+        if int(state["n"]) != self.n and not self.resizable:
             raise ConfigError(
                 f"the checkpoint was taken with {state['n']} examples in this stream, the data now has {self.n}; "
                 "resume with the same data files"
             )
         self.epoch = int(state["epoch"])
-        self.pos = int(state["pos"])
+        self.pos = min(
+            int(state["pos"]), self.n
+        )  # on data of another size: the same epoch, as far as it goes
         self._order = self._perm(self.epoch)

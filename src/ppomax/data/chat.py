@@ -1,9 +1,10 @@
 """Dialogue representation and chat formatting.
 
 Internally a dialogue is a list of ``(role, content)`` turns with roles ``"system"``, ``"user"`` and
-``"assistant"``. It is rendered to text in one of two formats:
+``"assistant"``. It is rendered to text in one of two formats (``data.chat_format``; its default ``"auto"`` is
+the tokenizer's chat template when it has one, else HH: :func:`resolve_chat_format`):
 
-* ``"hh"`` (default): Anthropic HH-RLHF's ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``. A prompt ends with
+* ``"hh"``: Anthropic HH-RLHF's ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``. A prompt ends with
   ``"\\n\\nAssistant:"`` (no trailing space) and a response is the exact text that follows it, so a response
   starts with a space: ``prompt + response`` is the dialogue. Responses from sources without that space
   (``{"prompt", "chosen", "rejected"}`` files, turn lists) get one space prepended; responses that already start
@@ -13,16 +14,24 @@ Internally a dialogue is a list of ``(role, content)`` turns with roles ``"syste
   rendering with ``add_generation_prompt=True``; a response is what the template adds for the assistant turn
   (its end-of-turn marker included; trailing whitespace after the EOS token is dropped so that it matches what
   generation stopping at EOS produces).
+
+A prompt is kept as a :class:`Dialogue` (its system turn, its other turns, its renderer) besides its text, so
+that truncation (:mod:`ppomax.data.tokenize`) can drop whole turns and re-render instead of cutting text.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 from ppomax.errors import ConfigError
 
 ChatFormat = Literal["hh", "chat_template"]
+#: what ``data.chat_format`` may say: a format, or ``"auto"`` (:func:`resolve_chat_format`)
+ChatFormatSetting = Literal["auto", "hh", "chat_template"]
+CHAT_FORMAT_SETTINGS = ("auto", "hh", "chat_template")
 Turn = tuple[str, str]
 
 HUMAN = "\n\nHuman:"
@@ -176,13 +185,50 @@ def turns_from_strings(items: list[Any], what: str, last_role: str | None = None
     return [(roles[k % 2], s) for k, s in enumerate(items)]
 
 
+def resolve_chat_format(
+    setting: str, tokenizer: Any, source: str = "data.chat_format"
+) -> tuple[ChatFormat, str]:
+    """The format that ``setting`` (``"auto"``, ``"hh"`` or ``"chat_template"``) means with ``tokenizer``, and why,
+    e.g. ``("chat_template", "the tokenizer has a chat template; data.chat_format: auto")``.
+
+    ``"auto"`` is the tokenizer's chat template when it has one (HH dialogues are then parsed into turns and
+    rendered with it), else HH. ``source`` names where the setting came from, for the reason and the errors.
+    """
+    if setting not in CHAT_FORMAT_SETTINGS:
+        raise ConfigError(f"{source}: must be 'auto', 'hh' or 'chat_template', got {setting!r}")
+    if setting != "auto":
+        return setting, f"{source}: {setting}"  # type: ignore[return-value]
+    if getattr(tokenizer, "chat_template", None):
+        return "chat_template", f"the tokenizer has a chat template; {source}: auto"
+    return "hh", f"the tokenizer has no chat template; {source}: auto"
+
+
+@dataclass(frozen=True)
+class Dialogue:
+    """A prompt as turns, rendered by ``renderer``: ``system`` is its leading system turn's content (None: none),
+    ``turns`` the user and assistant turns after it, the last one the turn the model answers (a user turn).
+
+    In the HH format the contents are the text verbatim (what follows each ``"\\n\\nHuman:"`` /
+    ``"\\n\\nAssistant:"`` marker, leading space included; ``system`` is the text before the first marker), so
+    that an HH-RLHF prompt, whole or shortened by whole turns, is rendered byte for byte as written.
+    """
+
+    system: str | None
+    turns: tuple[Turn, ...]
+    renderer: Renderer = field(repr=False, compare=False)
+
+    @cached_property
+    def text(self) -> str:
+        """The prompt text, ending with the assistant cue (HH) or the template's generation prompt."""
+        return self.renderer.render(self)
+
+
 class Renderer:
     """Renders turns into prompt / response / SFT segments in one chat format."""
 
-    def __init__(self, fmt: ChatFormat = "hh", tokenizer: Any = None) -> None:
+    def __init__(self, fmt: str = "hh", tokenizer: Any = None) -> None:
         # the format is the config key data.chat_format, so the errors a user can meet name that key
-        if fmt not in ("hh", "chat_template"):
-            raise ConfigError(f"data.chat_format: must be 'hh' or 'chat_template', got {fmt!r}")
+        fmt, _ = resolve_chat_format(fmt, tokenizer)
         if fmt == "chat_template":
             if tokenizer is None:
                 raise ValueError("format='chat_template' needs the tokenizer: pass tokenizer=...")
@@ -224,11 +270,56 @@ class Renderer:
         return prompt, resp
 
     # -- public --------------------------------------------------------------------------------------------
+    def dialogue(self, turns: list[Turn]) -> Dialogue:
+        """The prompt for the assistant's next turn after ``turns`` (which end with a user turn)."""
+        if self.fmt == "hh":
+            return hh_dialogue(_hh_context(turns) + ASSISTANT)
+        if turns and turns[0][0] == "system":
+            return Dialogue(turns[0][1], tuple(turns[1:]), self)
+        return Dialogue(None, tuple(turns), self)
+
     def prompt(self, turns: list[Turn]) -> str:
         """A prompt for the assistant's next turn; ``turns`` must end with a user turn."""
-        if self.fmt == "chat_template":
-            return self._apply(turns, True)
-        return _hh_context(turns) + ASSISTANT
+        return self.dialogue(turns).text
+
+    def render(self, dialogue: Dialogue) -> str:
+        """The text of a prompt (:attr:`Dialogue.text`)."""
+        if self.fmt == "hh":
+            markers = {"user": HUMAN, "assistant": ASSISTANT}
+            return (dialogue.system or "") + "".join(markers[r] + c for r, c in dialogue.turns) + ASSISTANT
+        system = [] if dialogue.system is None else [("system", dialogue.system)]
+        return self._apply([*system, *dialogue.turns], True)
+
+    def prompt_segments(
+        self, dialogue: Dialogue, assistant_turns: Literal["all", "last"] = "all"
+    ) -> list[tuple[str, bool]]:
+        """``(text, trainable)`` segments of a prompt (an SFT example's context): the assistant turns in it are
+        trainable with ``assistant_turns="all"`` (``"last"`` trains only the response that follows the prompt)."""
+        if self.fmt == "hh":
+            return hh_segments(dialogue.text, assistant_turns)
+        turns = [*([] if dialogue.system is None else [("system", dialogue.system)]), *dialogue.turns]
+        segs: list[tuple[str, bool]] = []
+        done = ""
+        for k, (role, content) in enumerate(turns):
+            if role != "assistant":
+                continue
+            prompt, resp = self._assistant_text(turns[:k], content)
+            if not prompt.startswith(done):
+                raise FormatError(
+                    "the chat template does not render a dialogue as its prefix plus the new turn",
+                    "cannot separate assistant turns; use format='hh'",
+                )
+            segs.append((prompt[len(done) :], False))
+            segs.append((resp, assistant_turns == "all"))
+            done = prompt + resp
+        text = self.render(dialogue)
+        if not text.startswith(done):
+            raise FormatError(
+                "the chat template does not render a dialogue as its prefix plus the new turn",
+                "cannot separate assistant turns; use format='hh'",
+            )
+        segs.append((text[len(done) :], False))
+        return _merge(segs)
 
     def response(self, context: list[Turn], content: str) -> str:
         """The text of an assistant response after ``context`` (see the module docstring for spacing)."""
@@ -243,22 +334,30 @@ class Renderer:
         """``(text, trainable)`` segments of a dialogue ending with an assistant turn."""
         if self.fmt == "hh":
             return hh_segments(_hh_context(turns), assistant_turns)
-        segs: list[tuple[str, bool]] = []
-        done = ""
         last = max(k for k, (r, _) in enumerate(turns) if r == "assistant")
-        for k, (role, content) in enumerate(turns):
-            if role != "assistant":
-                continue
-            prompt, resp = self._assistant_text(turns[:k], content)
-            if not prompt.startswith(done):
-                raise FormatError(
-                    "the chat template does not render a dialogue as its prefix plus the new turn",
-                    "cannot separate assistant turns; use format='hh'",
-                )
-            segs.append((prompt[len(done) :], False))
-            segs.append((resp, assistant_turns == "all" or k == last))
-            done = prompt + resp
-        return _merge(segs)
+        resp = self._assistant_text(turns[:last], turns[last][1])[1]
+        return _merge([*self.prompt_segments(self.dialogue(turns[:last]), assistant_turns), (resp, True)])
+
+
+def hh_dialogue(text: str) -> Dialogue:
+    """An HH prompt (text ending with ``"\\n\\nAssistant:"``) as a :class:`Dialogue` whose contents are the text
+    verbatim (its :attr:`~Dialogue.text` is ``text`` itself)."""
+    text = normalise_hh_start(text)
+    if not text.endswith(ASSISTANT):
+        raise ValueError(f"an HH prompt ends with {ASSISTANT!r}")
+    parts = _MARKER_RE.split(text[: -len(ASSISTANT)])
+    turns = tuple(
+        ("user" if name == "Human" else "assistant", content)
+        for name, content in zip(parts[1::2], parts[2::2], strict=True)
+    )
+    return Dialogue(parts[0] or None, turns, _HH)
+
+
+def hh_prompt_dialogue(text: str) -> Dialogue | None:
+    """:func:`hh_dialogue` of ``text`` if it is an HH prompt (a dialogue ending with the assistant cue), else None."""
+    if is_hh_text(text) and normalise_hh_start(text).endswith(ASSISTANT):
+        return hh_dialogue(text)
+    return None
 
 
 def _hh_context(turns: list[Turn]) -> str:
@@ -292,3 +391,6 @@ def _check_hh_writable(turns: list[Turn], what: str = "") -> None:
                 f"{what or f'turn {k} ({role})'} contains {marker!r}; use data.chat_format: chat_template, or "
                 "remove the marker",
             )
+
+
+_HH = Renderer("hh")

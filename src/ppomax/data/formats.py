@@ -1,10 +1,14 @@
 """Loaders for preference pairs, PPO prompts and SFT examples (summed up in the README's Data section).
 
-Record shapes each loader accepts (any file type of :func:`ppomax.data.io.read_records`):
+Record shapes each loader accepts (from any source of :mod:`ppomax.data.sources`); TRL's dataset types
+(https://huggingface.co/docs/trl/dataset_formats) are among them:
 
 Preference pairs (:func:`load_preference_pairs`)
   * HH-RLHF: ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: A", "rejected": "...\\n\\nAssistant: B"}``; each
     dialogue is split at its last ``"\\n\\nAssistant:"`` and both halves before it must be identical.
+  * TRL's implicit prompt, ``{"chosen": "The sky is blue.", "rejected": "The sky is green."}`` (strings without HH
+    markers): their common beginning is the prompt (plain text: one human turn), the rest the responses
+    (:func:`implicit_prompt`).
   * ``{"prompt": str, "chosen": str, "rejected": str}``: the prompt is plain text (wrapped as one human turn) or
     an HH dialogue ending with ``"\\n\\nAssistant:"``; chosen/rejected are the responses.
   * MOSS-RLHF: ``{"chosen": [turn, ..., A], "rejected": [turn, ..., B]}`` (lists of strings with the same
@@ -30,6 +34,12 @@ SFT examples (:func:`load_sft_examples`)
     first, MOSS-RLHF's SFT convention): it must end with an assistant turn; loss on assistant turns only,
     represented by ``SFTExample.segments`` (``assistant_turns="all"`` trains every assistant turn,
     ``"last"`` only the final one).
+  * TRL's language modelling ``{"text": ...}`` that is not an HH dialogue: plain text, the loss on every token
+    (counted in ``stats.notes``); it is cut to the response budget.
+
+TRL's unpaired preference (``{"prompt", "completion", "label"}``, KTO) and stepwise supervision
+(``{"prompt", "completions", "labels"}``) records are refused by the SFT and preference loaders with a message
+saying what they are (ppomax trains neither KTO nor a process reward model); the prompt loader reads their prompt.
 
 Errors name ``path:line`` and the problem: malformed JSON, missing/empty/mistyped field, chosen identical to
 rejected, chosen and rejected with different prompts, a prompt that does not end with an assistant turn.
@@ -38,7 +48,6 @@ rejected, chosen and rejected with different prompts, a prompt that does not end
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -46,11 +55,13 @@ from typing import Any, Literal, TypeVar
 from .chat import (
     ASSISTANT,
     HUMAN,
-    ChatFormat,
+    ChatFormatSetting,
+    Dialogue,
     FormatError,
     Renderer,
     Turn,
     hh_marker,
+    hh_prompt_dialogue,
     hh_segments,
     is_hh_text,
     normalise_hh_start,
@@ -58,7 +69,9 @@ from .chat import (
     turns_from_messages,
     turns_from_strings,
 )
-from .io import DataError, LoadStats, OnError, check_on_error, handle_error, read_records
+from .io import DataError, LoadStats, OnError, check_on_error
+from .pipeline import map_records
+from .sources import SourceSpec, as_source
 
 logger = logging.getLogger("ppomax.data")
 T = TypeVar("T")
@@ -68,40 +81,56 @@ _ASSISTANT_REPR = repr(ASSISTANT)
 @dataclass
 class PreferencePair:
     """One comparison. ``prompt`` ends with the assistant cue (``"\\n\\nAssistant:"`` in the HH format);
-    ``chosen``/``rejected`` are the responses only (see :mod:`ppomax.data.chat` for leading spaces)."""
+    ``chosen``/``rejected`` are the responses only (see :mod:`ppomax.data.chat` for leading spaces).
+    ``dialogue``: the prompt's turns, for truncation (derived from an HH prompt when not given)."""
 
     prompt: str
     chosen: str
     rejected: str
     where: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    dialogue: Dialogue | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.dialogue is None:
+            self.dialogue = hh_prompt_dialogue(self.prompt)
 
 
 @dataclass
 class PromptExample:
-    """A PPO prompt ending with the assistant cue; ``meta`` keeps the record's other fields (e.g. ``subset``)."""
+    """A PPO prompt ending with the assistant cue; ``meta`` keeps the record's other fields (e.g. ``subset``).
+    ``dialogue``: the prompt's turns, for truncation (derived from an HH prompt when not given)."""
 
     prompt: str
     meta: dict[str, Any] = field(default_factory=dict)
     where: str = ""
+    dialogue: Dialogue | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.dialogue is None:
+            self.dialogue = hh_prompt_dialogue(self.prompt)
 
 
 @dataclass
 class SFTExample:
     """A demonstration. ``segments`` are ``(text, trainable)`` pieces whose concatenation is
     ``prompt + response``; the last one is ``(response, True)``. Multi-turn dialogues mark every assistant
-    turn trainable (loss on assistant turns only); ``prompt`` is everything before the final response."""
+    turn trainable (loss on assistant turns only); ``prompt`` is everything before the final response.
+    ``dialogue``: the turns of ``prompt``, for truncation (derived from an HH prompt when not given)."""
 
     prompt: str
     response: str
     segments: list[tuple[str, bool]] = field(default_factory=list)
     where: str = ""
+    dialogue: Dialogue | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.segments:
             self.segments = (
                 [(self.prompt, False), (self.response, True)] if self.prompt else [(self.response, True)]
             )
+        if self.dialogue is None:
+            self.dialogue = hh_prompt_dialogue(self.prompt)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,7 +240,7 @@ def _check_distinct(chosen: str, rejected: str) -> None:
 
 
 def _load(
-    path: str | os.PathLike[str],
+    source: Any,
     on_error: OnError,
     stats: LoadStats | None,
     parse: Callable[[Any, LoadStats], T],
@@ -220,26 +249,31 @@ def _load(
     check_on_error(on_error)
     own = stats if stats is not None else LoadStats()
     out: list[T] = []
-    for spath, line, rec in read_records(path, on_error, own):
-        try:
-            item = parse(rec, own)
-        except FormatError as e:
-            handle_error(DataError(spath, line, e.reason, e.detail), on_error, own)
-            continue
-        except (TypeError, KeyError, AttributeError, ValueError) as e:  # a shape no check above foresaw
-            handle_error(
-                DataError(spath, line, "unexpected record shape", f"{type(e).__name__}: {e}"), on_error, own
-            )
-            continue
+    for rec, item in map_records(source, parse, on_error=on_error, stats=own):
         if hasattr(item, "where"):
-            item.where = f"{spath}:{line}"  # type: ignore[attr-defined]
+            item.where = rec.where  # type: ignore[attr-defined]
         out.append(item)
-        own.loaded += 1
     if not out:
-        raise DataError(str(path), None, f"no usable {kind} in this file", own.summary())
+        raise DataError(as_source(source).name, None, f"no usable {kind}", own.summary())
     if own.skipped:
-        logger.warning("%s: %s", path, own.summary())
+        logger.warning("%s: %s", as_source(source).name, own.summary())
     return out
+
+
+def refuse_other_trl_types(rec: dict[str, Any]) -> None:
+    """TRL's record types that ppomax has no trainer for, named instead of being read as another type."""
+    if "label" in rec and "completion" in rec:
+        raise FormatError(
+            "unpaired preference record ('prompt', 'completion', 'label': TRL's KTO format); ppomax has no KTO "
+            "trainer",
+            "a reward model needs pairs {'prompt', 'chosen', 'rejected'}; for SFT keep the wanted completions and "
+            "drop 'label'",
+        )
+    if "completions" in rec and "labels" in rec:
+        raise FormatError(
+            "stepwise supervision record ('completions', 'labels': TRL's PRM format); ppomax has no process "
+            "reward model trainer"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,14 +281,15 @@ def _load(
 
 
 def load_preference_pairs(
-    path: str | os.PathLike[str],
+    path: SourceSpec,
     on_error: OnError = "fail",
     stats: LoadStats | None = None,
     *,
-    format: ChatFormat = "hh",
+    format: ChatFormatSetting = "auto",
     tokenizer: Any = None,
 ) -> list[PreferencePair]:
-    """Load preference pairs from any supported file (see the module docstring for record shapes)."""
+    """Load preference pairs from any source (:mod:`ppomax.data.sources`; the module docstring has the record
+    shapes)."""
     renderer = Renderer(format, tokenizer)
     return _load(path, on_error, stats, lambda rec, st: _parse_pair(rec, renderer, st), "preference pairs")
 
@@ -264,11 +299,17 @@ def _parse_pair(rec: Any, r: Renderer, stats: LoadStats) -> PreferencePair:
         raise FormatError(
             f"record must be a JSON object with 'chosen' and 'rejected', got {type(rec).__name__}"
         )
+    refuse_other_trl_types(rec)
     chosen, rejected = _field(rec, "chosen"), _field(rec, "rejected")
     meta = {k: v for k, v in rec.items() if k not in ("prompt", "chosen", "rejected")}
     if isinstance(chosen, str) and isinstance(rejected, str):
-        if "prompt" in rec:
-            prompt_text = _text_field(rec, "prompt")
+        implicit = "prompt" not in rec and not is_hh_text(chosen) and not is_hh_text(rejected)
+        if "prompt" in rec or implicit:
+            if implicit:
+                prompt_text, chosen, rejected = implicit_prompt(chosen, rejected)
+                stats.notes["implicit prompt: the common beginning of chosen and rejected"] += 1
+            else:
+                prompt_text = _text_field(rec, "prompt")
             if is_hh_text(prompt_text) and chosen.startswith(_hh_prompt(prompt_text)):
                 # some dumps repeat the prompt inside chosen/rejected; keep the responses only
                 _, chosen = _split_hh_answer(chosen, "chosen")
@@ -280,8 +321,9 @@ def _parse_pair(rec: Any, r: Renderer, stats: LoadStats) -> PreferencePair:
                     _hh_prompt(prompt_text), r.response([], chosen), r.response([], rejected), meta=meta
                 )
             turns = _prompt_turns(prompt_text)
+            d = r.dialogue(turns)
             return PreferencePair(
-                r.prompt(turns), r.response(turns, chosen), r.response(turns, rejected), meta=meta
+                d.text, r.response(turns, chosen), r.response(turns, rejected), meta=meta, dialogue=d
             )
         # HH-RLHF: two full dialogues
         p_c, resp_c = _split_hh_answer(chosen, "chosen")
@@ -299,9 +341,9 @@ def _parse_pair(rec: Any, r: Renderer, stats: LoadStats) -> PreferencePair:
         if r.fmt == "hh":
             return PreferencePair(p_c, resp_c, resp_r, meta=meta)
         turns = _prompt_turns(p_c)
-        return PreferencePair(
-            r.prompt(turns), r.response(turns, resp_c.strip()), r.response(turns, resp_r.strip()), meta=meta
-        )
+        d = r.dialogue(turns)
+        chosen_text, rejected_text = r.response(turns, resp_c.strip()), r.response(turns, resp_r.strip())
+        return PreferencePair(d.text, chosen_text, rejected_text, meta=meta, dialogue=d)
     if isinstance(chosen, list) and isinstance(rejected, list):
         if "prompt" in rec:  # TRL conversational: prompt messages + one assistant message each
             context = _turns(rec["prompt"], "prompt", last_role="user")
@@ -323,13 +365,38 @@ def _parse_pair(rec: Any, r: Renderer, stats: LoadStats) -> PreferencePair:
             context, resp_c, resp_r = tc[:-1], tc[-1][1], tr[-1][1]
         _check_ends_with_user(context, "the context of chosen/rejected")
         _check_distinct(resp_c, resp_r)
+        d = r.dialogue(context)
         return PreferencePair(
-            r.prompt(context), r.response(context, resp_c), r.response(context, resp_r), meta=meta
+            d.text, r.response(context, resp_c), r.response(context, resp_r), meta=meta, dialogue=d
         )
     raise FormatError(
         "fields 'chosen' and 'rejected' must both be strings or both be lists of turns",
         f"got {type(chosen).__name__} and {type(rejected).__name__}",
     )
+
+
+def implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """``(prompt, chosen response, rejected response)`` of TRL's preference type "with implicit prompt": the prompt
+    is the longest common prefix of the two texts (TRL's ``maybe_extract_prompt`` / ``extract_prompt``, dataset
+    formats doc). The cut never falls inside a word: it moves back to the last whitespace of the common prefix,
+    which then starts both responses (TRL moves back over one space only, so "blue" / "black" would leave "bl" in
+    its prompt, and "blue" / "blue, really" would leave "blu"); a common prefix without whitespace is cut where the
+    texts differ."""
+    differ = (k for k, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b)
+    common = chosen[: next(differ, min(len(chosen), len(rejected)))]
+    last_space = max((k for k, c in enumerate(common) if c.isspace()), default=-1)
+    cut = len(common[: last_space + 1].rstrip()) if last_space >= 0 else len(common)
+    prompt = chosen[:cut]
+    if not prompt.strip():
+        raise FormatError(
+            "chosen and rejected have no common beginning to take as the prompt",
+            "TRL's implicit prompt; give 'prompt' with the responses, or HH dialogues",
+        )
+    _check_distinct(chosen[cut:], rejected[cut:])
+    for what, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text[cut:].strip():
+            raise FormatError(f"empty {what} response", f"'{what}' is the implicit prompt and nothing more")
+    return prompt, chosen[cut:], rejected[cut:]
 
 
 def _single_response(value: list[Any], what: str) -> str:
@@ -344,11 +411,11 @@ def _single_response(value: list[Any], what: str) -> str:
 
 
 def load_prompts(
-    path: str | os.PathLike[str],
+    path: SourceSpec,
     on_error: OnError = "fail",
     stats: LoadStats | None = None,
     *,
-    format: ChatFormat = "hh",
+    format: ChatFormatSetting = "auto",
     tokenizer: Any = None,
     moss_roles: Literal["human_first", "last_is_human"] = "human_first",
 ) -> list[PromptExample]:
@@ -392,7 +459,7 @@ def _parse_prompt(rec: Any, r: Renderer, moss_roles: str, stats: LoadStats) -> P
 def _prompt_from_text(text: str, r: Renderer, meta: dict[str, Any]) -> PromptExample:
     if r.fmt == "hh":
         return PromptExample(_hh_prompt(text), meta)
-    return PromptExample(r.prompt(_prompt_turns(text)), meta)
+    return _prompt_example(r.dialogue(_prompt_turns(text)), meta)
 
 
 def _prompt_from_list(
@@ -414,7 +481,11 @@ def _prompt_from_list(
     if answer is not None:
         meta = {**meta, "response": answer}
         stats.notes["turn list ends with an assistant turn: moved to meta['response']"] += 1
-    return PromptExample(r.prompt(turns), meta)
+    return _prompt_example(r.dialogue(turns), meta)
+
+
+def _prompt_example(d: Dialogue, meta: dict[str, Any]) -> PromptExample:
+    return PromptExample(d.text, meta, dialogue=d)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -422,11 +493,11 @@ def _prompt_from_list(
 
 
 def load_sft_examples(
-    path: str | os.PathLike[str],
+    path: SourceSpec,
     on_error: OnError = "fail",
     stats: LoadStats | None = None,
     *,
-    format: ChatFormat = "hh",
+    format: ChatFormatSetting = "auto",
     tokenizer: Any = None,
     assistant_turns: Literal["all", "last"] = "all",
 ) -> list[SFTExample]:
@@ -435,15 +506,18 @@ def load_sft_examples(
         raise ValueError(f"assistant_turns must be 'all' or 'last', got {assistant_turns!r}")
     renderer = Renderer(format, tokenizer)
     return _load(
-        path, on_error, stats, lambda rec, st: _parse_sft(rec, renderer, assistant_turns), "SFT examples"
+        path, on_error, stats, lambda rec, st: _parse_sft(rec, renderer, assistant_turns, st), "SFT examples"
     )
 
 
-def _parse_sft(rec: Any, r: Renderer, assistant_turns: Literal["all", "last"]) -> SFTExample:
+def _parse_sft(
+    rec: Any, r: Renderer, assistant_turns: Literal["all", "last"], stats: LoadStats | None = None
+) -> SFTExample:
     if isinstance(rec, list):
         return _sft_from_turns(_turns(rec, "turns"), r, assistant_turns)
     if not isinstance(rec, dict):
         raise FormatError(f"record must be a JSON object or a list of turns, got {type(rec).__name__}")
+    refuse_other_trl_types(rec)
     if "prompt" in rec:
         resp_key = "completion" if "completion" in rec and "response" not in rec else "response"
         response = _response_field(rec, resp_key)
@@ -451,8 +525,8 @@ def _parse_sft(rec: Any, r: Renderer, assistant_turns: Literal["all", "last"]) -
         if isinstance(prompt_value, list):
             turns = _turns(prompt_value, "prompt", last_role="user")
             _check_ends_with_user(turns, "prompt")
-            prompt = r.prompt(turns)
-            return SFTExample(prompt, r.response(turns, response))
+            d = r.dialogue(turns)
+            return SFTExample(d.text, r.response(turns, response), dialogue=d)
         if not isinstance(prompt_value, str):
             raise FormatError(
                 f"field 'prompt' must be a string or a list of turns, got {type(prompt_value).__name__}"
@@ -460,7 +534,8 @@ def _parse_sft(rec: Any, r: Renderer, assistant_turns: Literal["all", "last"]) -
         if r.fmt == "hh":
             return SFTExample(_hh_prompt(prompt_value), r.response([], response))
         turns = _prompt_turns(prompt_value)
-        return SFTExample(r.prompt(turns), r.response(turns, response))
+        d = r.dialogue(turns)
+        return SFTExample(d.text, r.response(turns, response), dialogue=d)
     for key in ("messages", "text", "chosen"):
         if key in rec:
             value = _field(rec, key)
@@ -471,6 +546,10 @@ def _parse_sft(rec: Any, r: Renderer, assistant_turns: Literal["all", "last"]) -
                     f"field '{key}' must be a string or a list of turns, got {type(value).__name__}"
                 )
             if not is_hh_text(value):
+                if key == "text":  # TRL's language modelling type: plain text, trained on every token
+                    if stats is not None:
+                        stats.notes["plain text ('text' without HH markers): loss on every token"] += 1
+                    return SFTExample("", value, [(value, True)])
                 raise FormatError(
                     f"field '{key}' is not an HH dialogue ('\\n\\nHuman: ...\\n\\nAssistant: ...')"
                 )
@@ -508,4 +587,4 @@ def _sft_from_turns(turns: list[Turn], r: Renderer, assistant_turns: Literal["al
     segs = r.segments(turns, assistant_turns)
     if not segs or not segs[-1][1]:
         raise FormatError("empty final assistant response")
-    return SFTExample("".join(s for s, _ in segs[:-1]), segs[-1][0], segs)
+    return SFTExample("".join(s for s, _ in segs[:-1]), segs[-1][0], segs, dialogue=r.dialogue(turns[:-1]))

@@ -1,19 +1,18 @@
-"""Reading records from disk, and the error/statistics plumbing every loader shares.
+"""Reading records from local JSON files, and the error/statistics plumbing every loader shares.
 
-Supported inputs (summed up in the README's Data section):
+Supported files (summed up in the README's Data section; :mod:`ppomax.data.sources` reads every other kind of
+source, through ``datasets``):
 
 * ``.jsonl`` / ``.jsonl.gz``: one JSON value per line; blank lines are ignored. ``line`` is the 1-based
   physical line of the file.
 * ``.json`` / ``.json.gz``: a list of records, or a dict of equal-length column lists
   (``{"chosen": [...], "rejected": [...]}``). ``line`` is the 1-based *record index* (``json`` does not report
   positions). A ``.json`` file that is really JSON Lines (several top-level values) is read as JSON Lines.
-* a Hugging Face ``datasets`` directory written by ``save_to_disk`` (needs the optional extra
-  ``pip install ppomax[datasets]``). ``line`` is the 1-based row index. A ``DatasetDict`` directory must be
-  given one split deeper (``DIR/train``).
 
-Every problem with the data is a :class:`DataError` whose message is ``path:line: what is wrong``. Loaders take
-``on_error="fail"`` (default: raise the first error) or ``"skip"`` (drop the record and count the reason in
-:class:`LoadStats`). Problems with the file as a whole (missing, unreadable, not JSON at all) always raise.
+Every problem with the data is a :class:`DataError` whose message is ``path:line: what is wrong`` (a row of a
+``datasets`` source: ``SOURCE[split] row N: what is wrong``). Loaders take ``on_error="fail"`` (default: raise the
+first error) or ``"skip"`` (drop the record and count the reason in :class:`LoadStats`). Problems with the file as a
+whole (missing, unreadable, not JSON at all) always raise.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from ppomax.errors import UserError
 
@@ -36,25 +35,70 @@ logger = logging.getLogger("ppomax.data")
 OnError = Literal["fail", "skip"]
 #: how many skip messages a LoadStats keeps verbatim (the rest are only counted)
 MAX_EXAMPLES = 20
+#: the end of the message of a record-level error that stops a load (``on_error="fail"``)
+SKIP_HINT = "data.on_bad_line: skip skips and counts such records"
 
 
 class DataError(UserError):
-    """A problem with input data; ``str(err)`` is always ``"path:line: what is wrong"``.
+    """A problem with input data; ``str(err)`` is always ``"path:line: what is wrong"`` (``row=True``, a row of a
+    ``datasets`` source: ``"SOURCE[split] row N: what is wrong"``).
 
     ``reason`` is the short, record-independent part (used as the key of ``LoadStats.skip_reasons``);
-    ``detail`` adds record-specific information to the message only.
+    ``detail`` adds record-specific information to the message only; ``hint`` ends the message (e.g.
+    :data:`SKIP_HINT`).
     """
 
-    def __init__(self, path: str | os.PathLike[str], line: int | None, reason: str, detail: str = "") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        line: int | None,
+        reason: str,
+        detail: str = "",
+        hint: str = "",
+        *,
+        row: bool = False,
+    ) -> None:
         self.path = str(path)
         self.line = line
+        self.row = row
         self.reason = _one_line(reason)
         self.detail = _one_line(detail)
-        super().__init__(f"{self.where}: {self.reason}{f' ({self.detail})' if self.detail else ''}")
+        self.hint = _one_line(hint)
+        extra = "".join(f" ({part})" for part in (self.detail, self.hint) if part)
+        super().__init__(f"{self.where}: {self.reason}{extra}")
 
     @property
     def where(self) -> str:
-        return f"{self.path}:{self.line}" if self.line is not None else self.path
+        return where(self.path, self.line, self.row) if self.line is not None else self.path
+
+    def __reduce__(self) -> tuple[Any, ...]:  # rebuilt from its parts when it crosses processes
+        return (_data_error, (self.path, self.line, self.reason, self.detail, self.hint, self.row))
+
+
+def _data_error(path: str, line: int | None, reason: str, detail: str, hint: str, row: bool) -> DataError:
+    return DataError(path, line, reason, detail, hint, row=row)
+
+
+def where(source: str, number: int, row: bool = False) -> str:
+    """How a record is named in messages: ``path:line`` (a line of a file), ``SOURCE row N`` (a row of a dataset)."""
+    return f"{source} row {number}" if row else f"{source}:{number}"
+
+
+class Record(NamedTuple):
+    """One record and where it is: line ``number`` of the file ``source``, or (``row``) the 1-based row
+    ``number`` of a ``datasets`` source named ``source`` (``SOURCE[split]``)."""
+
+    source: str
+    number: int
+    value: Any
+    row: bool = False
+
+    @property
+    def where(self) -> str:
+        return where(self.source, self.number, self.row)
+
+    def error(self, reason: str, detail: str = "") -> DataError:
+        return DataError(self.source, self.number, reason, detail, row=self.row)
 
 
 _LINE_BREAKS = re.compile("[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
@@ -72,14 +116,19 @@ class LoadStats:
 
     ``skip_reasons`` counts skipped records by reason; ``examples`` keeps the first few full
     ``path:line: ...`` messages so that a log can point at them. ``truncated_prompts`` /
-    ``truncated_responses`` are filled by :mod:`ppomax.data.tokenize`. ``notes`` counts non-fatal
-    normalisations (e.g. a trailing assistant turn moved out of a PPO prompt).
+    ``truncated_responses`` are filled by :mod:`ppomax.data.tokenize`: prompts (SFT contexts) shortened to
+    ``data.max_prompt_tokens``, with ``prompt_cuts`` counting the prompts by how they were shortened (e.g.
+    ``"lost their oldest turns"``, ``"cut inside their latest user turn"``) and ``dropped_turns`` the turns
+    dropped in all; responses cut to their token budget. ``notes`` counts non-fatal normalisations (e.g. a
+    trailing assistant turn moved out of a PPO prompt).
     """
 
     loaded: int = 0
     skipped: int = 0
     skip_reasons: Counter[str] = field(default_factory=Counter)
     truncated_prompts: int = 0
+    prompt_cuts: Counter[str] = field(default_factory=Counter)
+    dropped_turns: int = 0
     truncated_responses: int = 0
     notes: Counter[str] = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
@@ -90,11 +139,30 @@ class LoadStats:
         if len(self.examples) < MAX_EXAMPLES:
             self.examples.append(str(err))
 
+    def add(self, other: LoadStats) -> None:
+        """Add the counts of ``other`` (the statistics of a share of the records, e.g. from a worker process)."""
+        self.loaded += other.loaded
+        self.skipped += other.skipped
+        self.skip_reasons.update(other.skip_reasons)
+        self.truncated_prompts += other.truncated_prompts
+        self.prompt_cuts.update(other.prompt_cuts)
+        self.dropped_turns += other.dropped_turns
+        self.truncated_responses += other.truncated_responses
+        self.notes.update(other.notes)
+        self.examples.extend(other.examples[: max(0, MAX_EXAMPLES - len(self.examples))])
+
     def summary(self) -> str:
         """One line for a log: counts, then reasons, most frequent first."""
         parts = [f"loaded {self.loaded}", f"skipped {self.skipped}"]
         if self.truncated_prompts:
-            parts.append(f"truncated prompts {self.truncated_prompts}")
+            how = [
+                f"{n} {why}"
+                + (f", {self.dropped_turns} turns dropped in all" if why == "lost their oldest turns" else "")
+                for why, n in self.prompt_cuts.most_common()
+            ]
+            parts.append(
+                f"truncated prompts {self.truncated_prompts}" + (f" ({'; '.join(how)})" if how else "")
+            )
         if self.truncated_responses:
             parts.append(f"truncated responses {self.truncated_responses}")
         text = ", ".join(parts)
@@ -111,41 +179,31 @@ def check_on_error(on_error: str) -> None:
 
 
 def handle_error(err: DataError, on_error: OnError, stats: LoadStats | None) -> None:
-    """Raise ``err`` (fail-fast) or count it (skip mode)."""
+    """Raise ``err`` (fail-fast; its message then says how to skip such records) or count it (skip mode)."""
     if on_error == "fail":
-        raise err
+        raise DataError(err.path, err.line, err.reason, err.detail, SKIP_HINT, row=err.row)
     if stats is not None:
         stats.record_skip(err)
 
 
-def read_records(
-    path: str | os.PathLike[str], on_error: OnError = "fail", stats: LoadStats | None = None
-) -> Iterator[tuple[str, int, Any]]:
-    """Yield ``(path, line, record)`` for every record of a file or ``datasets`` directory.
+#: the file names the JSON readers of this module read (others go to ``datasets``: :mod:`ppomax.data.sources`)
+JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
+
+
+def read_json_file(p: Path, on_error: OnError = "fail", stats: LoadStats | None = None) -> Iterator[Record]:
+    """Every record of a JSON Lines / JSON file (:data:`JSON_SUFFIXES`; see the module docstring).
 
     A malformed JSON line of a ``.jsonl`` file is a record-level error (skippable); a ``.json`` file that does
     not parse is a file-level error and always raises.
     """
     check_on_error(on_error)
-    p = Path(path)
-    spath = str(path)
-    if not p.exists():
-        raise DataError(spath, None, "no such file or directory")
-    if p.is_dir():
-        yield from _read_datasets_dir(p, spath)
-        return
-    name = p.name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        yield from _read_jsonl(p, spath, on_error, stats)
-    elif name.endswith((".json", ".json.gz")):
-        yield from _read_json(p, spath, on_error, stats)
+    spath = str(p)
+    if p.name.lower().endswith((".jsonl", ".jsonl.gz")):
+        rows = _read_jsonl(p, spath, on_error, stats)
     else:
-        raise DataError(
-            spath,
-            None,
-            "unsupported file type",
-            "expected .jsonl, .jsonl.gz, .json, .json.gz or a datasets directory saved with save_to_disk",
-        )
+        rows = _read_json(p, spath, on_error, stats)
+    for source, line, rec in rows:
+        yield Record(source, line, rec)
 
 
 def _open_binary(p: Path, spath: str):
@@ -286,31 +344,3 @@ def _looks_like_jsonl(text: str) -> bool:
     except json.JSONDecodeError:
         return False
     return True
-
-
-def _read_datasets_dir(p: Path, spath: str) -> Iterator[tuple[str, int, Any]]:
-    try:
-        import datasets  # optional extra
-    except ImportError as e:
-        raise DataError(
-            spath,
-            None,
-            "reading a datasets directory needs the optional 'datasets' package",
-            "pip install 'ppomax[datasets]'",
-        ) from e
-    try:
-        ds = datasets.load_from_disk(str(p))
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise DataError(
-            spath, None, "not a datasets directory (expected one written by Dataset.save_to_disk)", str(e)
-        ) from e
-    if isinstance(ds, datasets.DatasetDict):
-        splits = ", ".join(ds)
-        raise DataError(
-            spath,
-            None,
-            "is a DatasetDict; pass one split's directory",
-            f"splits: {splits}; e.g. {spath}/{next(iter(ds))}",
-        )
-    for i, row in enumerate(ds, start=1):
-        yield spath, i, row

@@ -1,9 +1,14 @@
 """Tokenisation and its truncation rules.
 
-* Prompts are truncated from the **left**, keeping the latest turns: first whole turns are dropped (cutting just
-  before a ``"\\n\\nHuman:"`` marker, oldest first, as few as needed); only if the latest human turn alone is still
-  too long are tokens cut from its left. The end of the prompt (the assistant cue) is always kept. Every truncated
-  prompt is counted in ``LoadStats.truncated_prompts``; cuts inside a turn are also counted in ``notes``.
+* Prompts are truncated to ``max_prompt_tokens`` by turns, re-rendered in their chat format
+  (:class:`ppomax.data.chat.Dialogue`; :func:`fit_prompt`): first the oldest turns are dropped, whole exchanges
+  (cutting before a user turn), as few as needed; the system turn and the latest user turn with the assistant
+  cue (HH) or the generation prompt (chat template) are always kept. Only if [system turn + latest turn] alone
+  is too long is the latest turn's *content* cut from its left, at a token boundary, its role header kept; only
+  if the system turn alone is too long is its content cut from the left too. HH text stays verbatim: dropping
+  whole turns cuts it just before a ``"\\n\\nHuman:"`` marker. Every truncated prompt is counted in
+  ``LoadStats.truncated_prompts``, and how it was cut in ``LoadStats.prompt_cuts`` / ``dropped_turns``. A prompt
+  given as plain text that is not a dialogue keeps its latest tokens.
 * Responses are truncated from the **right** to ``max_response_tokens``. EOS is appended to a complete response
   (and counts toward the budget); a truncated response gets no EOS, as a generation that hits
   ``max_new_tokens`` has none. Counted in ``LoadStats.truncated_responses``.
@@ -20,13 +25,14 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import weakref
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from ppomax.errors import ConfigError, ModelPathError
 
-from .chat import HUMAN
+from .chat import Dialogue, FormatError, hh_prompt_dialogue
 from .formats import PreferencePair, SFTExample
 from .io import LoadStats
 
@@ -89,37 +95,138 @@ def _check_budget(key: str, value: int | None, minimum: int) -> None:
 
 def tokenize_prompt(
     tokenizer: Any,
-    prompt: str,
+    prompt: str | Dialogue,
     max_tokens: int | None,
     stats: LoadStats | None = None,
-    *,
-    turn_marker: str = HUMAN,
 ) -> list[int]:
-    """Prompt ids of at most ``max_tokens`` tokens, left-truncated keeping the latest turns.
+    """Prompt ids of at most ``max_tokens`` tokens, truncated by turns (see the module docstring).
 
-    ``turn_marker`` is the string a turn starts with (the HH ``"\\n\\nHuman:"`` by default); pass your chat
-    template's user-turn opener to cut templated prompts at turn boundaries, else they are cut by tokens.
-    """
-    prefix = _prefix_for(tokenizer, prompt)
+    ``prompt``: a :class:`Dialogue` (what the loaders keep), or text: an HH prompt is read as its dialogue, any
+    other text is cut by tokens from its left."""
+    text = prompt.text if isinstance(prompt, Dialogue) else prompt
+    prefix = _prefix_for(tokenizer, text)
     _check_budget("data.max_prompt_tokens", max_tokens, len(prefix) + 1)
-    ids = prefix + encode(tokenizer, prompt)
+    ids = prefix + encode(tokenizer, text)
     if max_tokens is None or len(ids) <= max_tokens:
         return ids
-    if stats is not None:
-        stats.truncated_prompts += 1
-    starts = (
-        [m.start() for m in re.finditer(re.escape(turn_marker), prompt) if m.start() > 0]
-        if turn_marker
-        else []
+    dialogue = prompt if isinstance(prompt, Dialogue) else hh_prompt_dialogue(prompt)
+    if dialogue is None:
+        _count_cut(stats, 0, "cut by tokens (not a dialogue)")
+        return prefix + ids[len(prefix) :][len(ids) - max_tokens :]
+    text = fit_prompt(tokenizer, dialogue, max_tokens, stats).text
+    return _prefix_for(tokenizer, text) + encode(tokenizer, text)
+
+
+def prompt_length(tokenizer: Any, text: str) -> int:
+    """Tokens of a prompt text, the tokenizer's leading special tokens included."""
+    return len(_prefix_for(tokenizer, text)) + len(encode(tokenizer, text))
+
+
+def fit_prompt(
+    tokenizer: Any,
+    dialogue: Dialogue,
+    max_tokens: int,
+    stats: LoadStats | None = None,
+    *,
+    length: Callable[[Dialogue], int] | None = None,
+) -> Dialogue:
+    """``dialogue`` shortened until ``length(dialogue) <= max_tokens`` (default: :func:`prompt_length` of its
+    text) by the rule of the module docstring; counted in ``stats`` when shortened.
+
+    Raises ConfigError when no shortening fits: the budget does not hold the format's role headers and cue."""
+    measure = length or (lambda d: prompt_length(tokenizer, d.text))
+
+    def fits(d: Dialogue) -> bool:
+        try:
+            return measure(d) <= max_tokens
+        except FormatError:  # a shortening the chat template refuses is no way to shorten this prompt
+            return False
+
+    if fits(dialogue):
+        return dialogue
+    turns, n = dialogue.turns, len(dialogue.turns)
+    # whole turns: cut before a user turn (whole exchanges), oldest first, down to the latest turn alone
+    starts = [k for k in range(1, n) if turns[k][0] == "user"]
+    if n > 1 and starts[-1:] != [n - 1]:
+        starts.append(n - 1)
+    k = _first_fitting(starts, lambda k: replace(dialogue, turns=turns[k:]), fits)
+    if k is not None:
+        _count_cut(stats, k)
+        return replace(dialogue, turns=turns[k:])
+    role, content = turns[-1] if n else ("user", "")
+    latest = replace(dialogue, turns=turns[-1:])
+    if n:  # the latest turn's content, cut from its left
+        shorter = _keep_tail(tokenizer, content, lambda c: replace(latest, turns=((role, c),)), fits)
+        if shorter is not None:
+            _count_cut(stats, n - 1, f"cut inside their latest {role} turn")
+            return shorter
+    if dialogue.system:  # the system turn alone is too long: cut it too, the latest turn first kept whole
+        hows = ["cut inside their system turn"]
+        shorter = _keep_tail(tokenizer, dialogue.system, lambda s: replace(latest, system=s), fits)
+        if shorter is None and n:
+            emptied = replace(latest, system="")
+            shorter = _keep_tail(tokenizer, content, lambda c: replace(emptied, turns=((role, c),)), fits)
+            hows.append(f"cut inside their latest {role} turn")
+        if shorter is not None:
+            _count_cut(stats, n - 1, *hows)
+            return shorter
+    shortest = replace(latest, system="" if dialogue.system else dialogue.system)
+    shortest = replace(shortest, turns=((role, content.rstrip()[-1:]),) if n else ())
+    try:
+        least = f"takes {measure(shortest)} tokens"
+    except FormatError:
+        least = "is refused by the chat template"
+    raise ConfigError(
+        f"data.max_prompt_tokens: {max_tokens} is too small for the chat format's role headers and assistant cue: "
+        f"a prompt cut to the last character of its latest turn{' and an empty system turn' * bool(dialogue.system)} "
+        f"{least}"
     )
-    for s in starts:  # oldest first: the first cut that fits drops the fewest turns
-        cut = prefix + encode(tokenizer, prompt[s:])
-        if len(cut) <= max_tokens:
-            return cut
-    if stats is not None:
-        stats.notes["prompt cut inside its latest turn (no whole-turn cut fits)"] += 1
-    tail = encode(tokenizer, prompt[starts[-1] :]) if starts else ids[len(prefix) :]
-    return prefix + tail[len(tail) - (max_tokens - len(prefix)) :]
+
+
+def _keep_tail(
+    tokenizer: Any, text: str, make: Callable[[str], Dialogue], fits: Callable[[Dialogue], bool]
+) -> Dialogue | None:
+    """``make(tail)`` for the longest tail of ``text`` that fits, cut at a token start (its leading whitespace
+    kept), or None."""
+    lead = text[: len(text) - len(text.lstrip())]
+    starts = [s for s in _token_starts(tokenizer, text) if s > len(lead) and text[s:].strip()]
+    s = _first_fitting(starts, lambda s: make(lead + text[s:].lstrip()), fits)
+    return None if s is None else make(lead + text[s:].lstrip())
+
+
+def _first_fitting(
+    cuts: list[int], make: Callable[[int], Dialogue], fits: Callable[[Dialogue], bool]
+) -> int | None:
+    """The first of ``cuts`` (ascending, each shortening more than the one before) whose ``make(cut)`` fits, by
+    binary search; None if none does."""
+    lo, hi = 0, len(cuts)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(make(cuts[mid])):
+            hi = mid
+        else:
+            lo = mid + 1
+    return cuts[lo] if lo < len(cuts) else None
+
+
+def _token_starts(tokenizer: Any, text: str) -> list[int]:
+    """Character offsets where the tokens of ``text`` start (fast tokenizers); any character for slow ones."""
+    if getattr(tokenizer, "is_fast", False):
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return sorted({s for s, e in offsets if e > s})
+    return list(range(len(text)))
+
+
+def _count_cut(stats: LoadStats | None, dropped: int, *hows: str) -> None:
+    """Count one truncated prompt: its ``dropped`` oldest turns, and ``hows`` it was cut besides."""
+    if stats is None:
+        return
+    stats.truncated_prompts += 1
+    if dropped:
+        stats.prompt_cuts["lost their oldest turns"] += 1
+        stats.dropped_turns += dropped
+    for how in hows:
+        stats.prompt_cuts[how] += 1
 
 
 def tokenize_response(
@@ -162,7 +269,7 @@ def tokenize_pair(
     """Ids of a preference pair: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (responses only, EOS
     included when complete), ``chosen_truncated``, ``rejected_truncated``. The sequences the RM scores are
     ``prompt_ids + chosen_ids`` and ``prompt_ids + rejected_ids`` (built by ``PreferenceCollator``)."""
-    prompt_ids = tokenize_prompt(tokenizer, pair.prompt, max_prompt_tokens, stats)
+    prompt_ids = tokenize_prompt(tokenizer, pair.dialogue or pair.prompt, max_prompt_tokens, stats)
     out: dict[str, Any] = {"prompt_ids": prompt_ids}
     for name, text in (("chosen", pair.chosen), ("rejected", pair.rejected)):
         ids, truncated = tokenize_response(
@@ -188,26 +295,37 @@ def tokenize_sft(
     before the final response) of an SFT example.
 
     The context (all segments but the final response, earlier assistant turns keep their trainable flag) is
-    limited to ``max_prompt_tokens`` by dropping whole leading segments at context-segment starts (turn
-    boundaries), then by cutting tokens from the left; the final response follows :func:`tokenize_response`.
+    limited to ``max_prompt_tokens`` as prompts are (:func:`fit_prompt` on ``example.dialogue``, re-rendered
+    into segments; a context that is not a dialogue keeps its latest tokens); the final response follows
+    :func:`tokenize_response`.
     """
     segs = example.segments
     context_segs, (resp_text, _) = segs[:-1], segs[-1]
     context_text = "".join(s for s, _ in context_segs)
     prefix = _prefix_for(tokenizer, context_text or resp_text)
     _check_budget("data.max_prompt_tokens", max_prompt_tokens, len(prefix) + 1)
-    pieces: list[tuple[list[int], bool]] = []
-    done = ""
-    for text, flag in context_segs:
-        pieces.append((encode_continuation(tokenizer, done, text), flag))
-        done += text
+    pieces = _encode_segments(tokenizer, context_segs)
     total = len(prefix) + sum(len(ids) for ids, _ in pieces)
     if max_prompt_tokens is not None and total > max_prompt_tokens:
-        if stats is not None:
-            stats.truncated_prompts += 1
-        pieces = _truncate_context(tokenizer, context_segs, pieces, max_prompt_tokens - len(prefix), stats)
+        if example.dialogue is None:
+            _count_cut(stats, 0, "cut by tokens (not a dialogue)")
+            pieces = _keep_last_tokens(pieces, max_prompt_tokens - len(prefix))
+        else:
+            # earlier assistant turns are trained on when the context has trainable segments (SFT's "all")
+            mode = "all" if any(flag for _, flag in context_segs) else "last"
+
+            def length(d: Dialogue) -> int:
+                d_segs = d.renderer.prompt_segments(d, mode)
+                d_prefix = _prefix_for(tokenizer, "".join(s for s, _ in d_segs))
+                return len(d_prefix) + sum(len(ids) for ids, _ in _encode_segments(tokenizer, d_segs))
+
+            short = fit_prompt(tokenizer, example.dialogue, max_prompt_tokens, stats, length=length)
+            context_segs = short.renderer.prompt_segments(short, mode)
+            context_text = "".join(s for s, _ in context_segs)
+            prefix = _prefix_for(tokenizer, context_text or resp_text)
+            pieces = _encode_segments(tokenizer, context_segs)
     resp_ids, truncated = tokenize_response(
-        tokenizer, resp_text, max_response_tokens, context=done, add_eos=add_eos
+        tokenizer, resp_text, max_response_tokens, context=context_text, add_eos=add_eos
     )
     if truncated and stats is not None:
         stats.truncated_responses += 1
@@ -219,27 +337,19 @@ def tokenize_sft(
     return {"input_ids": input_ids, "labels": labels, "prompt_length": len(input_ids) - len(resp_ids)}
 
 
-def _truncate_context(
-    tokenizer: Any,
-    segs: list[tuple[str, bool]],
-    pieces: list[tuple[list[int], bool]],
-    budget: int,
-    stats: LoadStats | None,
-) -> list[tuple[list[int], bool]]:
-    """Drop the oldest segments (cutting only before a non-trainable segment, i.e. a turn start) until the
-    context fits ``budget`` tokens; the new first segment is re-encoded as the start of a text."""
-    for k in range(1, len(segs)):
-        if segs[k][1]:
-            continue
-        first = encode(tokenizer, segs[k][0])
-        if len(first) + sum(len(ids) for ids, _ in pieces[k + 1 :]) <= budget:
-            return [(first, segs[k][1]), *pieces[k + 1 :]]
-    if stats is not None:
-        stats.notes["prompt cut inside its latest turn (no whole-turn cut fits)"] += 1
-    # keep the last `budget` tokens of the latest context turn, flags kept per token
-    last_start = max((k for k in range(len(segs)) if not segs[k][1]), default=0)
-    kept = [(encode(tokenizer, segs[last_start][0]), segs[last_start][1]), *pieces[last_start + 1 :]]
-    flat = [(t, flag) for ids, flag in kept for t in ids][-budget:]
+def _encode_segments(tokenizer: Any, segs: list[tuple[str, bool]]) -> list[tuple[list[int], bool]]:
+    """``(ids, trainable)`` of consecutive segments, each tokenised as the continuation of those before it."""
+    pieces: list[tuple[list[int], bool]] = []
+    done = ""
+    for text, flag in segs:
+        pieces.append((encode_continuation(tokenizer, done, text), flag))
+        done += text
+    return pieces
+
+
+def _keep_last_tokens(pieces: list[tuple[list[int], bool]], budget: int) -> list[tuple[list[int], bool]]:
+    """The last ``budget`` tokens of ``pieces``, each keeping its piece's flag."""
+    flat = [(t, flag) for ids, flag in pieces for t in ids][-budget:]
     out: list[tuple[list[int], bool]] = []
     for t, flag in flat:
         if out and out[-1][1] == flag:

@@ -574,6 +574,8 @@ def run_ablate(
     variants = select(only, quick)
     compare = comparison(variants)
     out = Path(out)
+    if report_only and not out.is_dir():
+        raise UserError(f"--report-only --out {out}: no such directory (the ablation's output directory)")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     total = 5 + len(variants) + len(compare)

@@ -34,6 +34,7 @@ from ppomax.demo.report import (
     run_trajectories,
     series,
 )
+from ppomax.errors import UserError
 
 # A gold fall smaller than this is noise: the sd of one rollout's gold mean is ~0.07 on this world, so a peak of a
 # 12-step moving average sits up to ~0.05 above the level it fluctuates around.
@@ -749,6 +750,11 @@ def write_ablate_report(
     rep = out / "report"
     rep.mkdir(parents=True, exist_ok=True)
     records, nums, missing = _load(out, seeds, variants, stage_names)
+    if not nums:  # nothing to judge or draw: say what a report would need instead of an empty one
+        raise UserError(
+            f"{out}: no finished ablation run to report (each needs its PPO run and its evaluation); missing: "
+            f"{', '.join(missing)}; train them with `ppomax ablate --out {out}` (the same --seeds and --only)"
+        )
     figures: dict[str, list[Any]] = {}
     for v in variants:
         # PPO-max is drawn in every figure that compares against it; fig. 4 is vanilla against PPO-max

@@ -1,6 +1,6 @@
 """Models: tokenizer and causal-LM loading (local paths only) and the value-head model (RM / critic).
 
-See DESIGN.md section 4. Typical use::
+Typical use::
 
     tok = load_tokenizer("sft/final")                       # pad token ensured, padding_side="left"
     policy = load_causal_lm("sft/final", dtype="bfloat16")
@@ -14,6 +14,8 @@ from .loading import (
     DTYPES,
     check_finite,
     check_model_dir,
+    check_vocab,
+    enable_activation_checkpointing,
     init_causal_lm_from_config,
     load_causal_lm,
     load_tokenizer,
@@ -50,6 +52,8 @@ __all__ = [
     "ValueHeadOutput",
     "check_finite",
     "check_model_dir",
+    "check_vocab",
+    "enable_activation_checkpointing",
     "has_adapters",
     "init_causal_lm_from_config",
     "is_adapter_dir",

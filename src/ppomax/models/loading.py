@@ -8,9 +8,12 @@ the path and says what was expected.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import logging
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,42 +51,58 @@ def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ModelPathError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}") from None
 
 
-def _not_found(path: str | Path, what: str) -> ModelPathError:
+def _not_found(path: str | Path, what: str, key: str | None = None) -> ModelPathError:
+    """``key`` (the config key or option that named ``path``, e.g. ``model.policy``) leads the message."""
+    lead = f"{key}: {path} not found" if key else f"{what} not found: {path}"
     return ModelPathError(
-        f"{what} not found: {path} (expected a local directory written by save_pretrained; "
-        "ppomax never downloads: fetch Hub models first, e.g. `hf download ORG/NAME --local-dir DIR`)"
+        f"{lead} (expected a local directory written by save_pretrained, or a Hub id already in the local "
+        "Hugging Face cache; ppomax never downloads: fetch Hub models first, e.g. `hf download ORG/NAME "
+        "--local-dir DIR`)"
     )
 
 
-def check_model_dir(path: str | Path, what: str = "model", need_weights: bool = True) -> None:
+def _lead(key: str | None) -> str:
+    return f"{key}: " if key else ""
+
+
+def check_model_dir(
+    path: str | Path, what: str = "model", need_weights: bool = True, key: str | None = None
+) -> None:
     """Raise :class:`ModelPathError` if a local ``path`` is not a Hugging Face model directory.
 
     Paths that do not exist locally are left to ``from_pretrained(local_files_only=True)`` (HF cache).
     """
-    p = Path(path)
+    p, lead = Path(path), _lead(key)
     if not p.exists():
         return
     if not p.is_dir():
-        raise ModelPathError(f"{what} path {p} is a file; expected a directory written by save_pretrained")
+        raise ModelPathError(
+            f"{lead}{what} path {p} is a file; expected a directory written by save_pretrained"
+        )
     if not (p / "config.json").is_file():
-        raise ModelPathError(f"{what} directory {p} has no config.json: not a Hugging Face model directory")
+        raise ModelPathError(
+            f"{lead}{what} directory {p} has no config.json: not a Hugging Face model directory"
+        )
     if need_weights and not any((p / f).is_file() for f in _WEIGHT_FILES):
         raise ModelPathError(
-            f"{what} directory {p} has a config.json but no weights (model.safetensors); "
+            f"{lead}{what} directory {p} has a config.json but no weights (model.safetensors); "
             "to start from random weights (pretraining from scratch) set init_from_config: true"
         )
 
 
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    path: str | Path, trust_remote_code: bool = False, key: str | None = None
+) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a local directory, with a pad token (EOS if it has none) and left padding.
+    ``key``: the config key (or option) that named ``path``, which every error names.
 
     Left padding is what generation needs; trainers that pad on the right do it themselves
     (the data collators pad explicitly), so this default never silently changes training.
     """
-    p = Path(path)
+    p, lead = Path(path), _lead(key)
     if p.exists() and p.is_dir() and not any((p / f).is_file() for f in _TOKENIZER_FILES):
         raise ModelPathError(
-            f"tokenizer directory {p} holds no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
+            f"{lead}tokenizer directory {p} holds no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
             "save one there with tokenizer.save_pretrained or set model.tokenizer"
         )
     try:
@@ -92,12 +111,12 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
         )
     except (OSError, ValueError) as exc:
         if not p.exists():
-            raise _not_found(path, "tokenizer") from None
-        raise ModelPathError(f"cannot load a tokenizer from {path}: {exc}") from None
+            raise _not_found(path, "tokenizer", key) from None
+        raise ModelPathError(f"{lead}cannot load a tokenizer from {path}: {_first_line(exc)}") from None
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ModelPathError(
-                f"tokenizer at {path} has neither a pad token nor an EOS token; add one "
+                f"{lead}tokenizer at {path} has neither a pad token nor an EOS token; add one "
                 "(tokenizer.add_special_tokens({'pad_token': ...})) and save it again"
             )
         tok.pad_token = tok.eos_token
@@ -106,29 +125,106 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
 
 
 def load_causal_lm(
-    path: str | Path, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False
+    path: str | Path,
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+    key: str | None = None,
 ) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` from a local path (no downloads); a directory of LoRA adapters
-    loads as its base with the adapters merged in (:func:`ppomax.models.lora.load_adapter_dir`)."""
+    loads as its base with the adapters merged in (:func:`ppomax.models.lora.load_adapter_dir`). ``key``: the
+    config key (or option) that named ``path``, which every error names.
+
+    Weights whose shapes disagree with ``config.json`` (e.g. its ``vocab_size``) are one line naming the file
+    and both shapes, instead of transformers' load report and error; the report of a load that succeeds (keys
+    missing from the weights, or unexpected) is logged as transformers logs it."""
     from .lora import is_adapter_dir, load_adapter_dir
 
     if is_adapter_dir(path):
         return load_adapter_dir(path, dtype, trust_remote_code)
-    check_model_dir(path, "model")
+    lead = _lead(key)
+    check_model_dir(path, "model", key=key)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=to_dtype(dtype), local_files_only=True, trust_remote_code=trust_remote_code
-        )
+        with _held_load_reports() as reports:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(path),
+                dtype=to_dtype(dtype),
+                local_files_only=True,
+                trust_remote_code=trust_remote_code,
+                ignore_mismatched_sizes=True,  # reported below, in one line
+                output_loading_info=True,
+            )
     except (pickle.UnpicklingError, SafetensorError, EOFError, RuntimeError) as exc:
         raise weights_error(_weights_file(path), exc) from None
     except OSError as exc:
         if not Path(path).exists():
-            raise _not_found(path, "model") from None
-        raise ModelPathError(f"cannot load a causal LM from {path}: {_first_line(exc)}") from None
+            raise _not_found(path, "model", key) from None
+        raise ModelPathError(f"{lead}cannot load a causal LM from {path}: {_first_line(exc)}") from None
     except ValueError as exc:  # e.g. an architecture AutoModelForCausalLM does not know
-        raise ModelPathError(f"cannot load a causal LM from {path}: {_first_line(exc)}") from None
+        raise ModelPathError(f"{lead}cannot load a causal LM from {path}: {_first_line(exc)}") from None
+    mismatched = info.get("mismatched_keys") or ()
+    if mismatched:
+        embedding = model.get_input_embeddings().weight  # named first: its rows are the vocabulary
+        first = {n for n, t in model.named_parameters() if t is embedding}
+        ordered = sorted(mismatched, key=lambda m: (m[0] not in first, m[0]))
+        raise ModelPathError(lead + _shape_mismatch(path, model.config, ordered))
+    reports.replay()
     check_finite(model, path)
     return use_cpu_float32_attention(model)
+
+
+class _HeldReports(logging.Filter):
+    """Holds transformers' "LOAD REPORT" log records back until the load is known to have succeeded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.records.append(record)
+            return False
+        return True
+
+    def replay(self) -> None:
+        for record in self.records:
+            logging.getLogger(record.name).handle(record)
+        self.records.clear()
+
+
+# transformers logs its load report through the logger of the module that loads (modeling_utils)
+_REPORT_LOGGERS = ("transformers.modeling_utils", "transformers.utils.loading_report")
+
+
+@contextlib.contextmanager
+def _held_load_reports() -> Iterator[_HeldReports]:
+    held = _HeldReports()
+    loggers = [logging.getLogger(name) for name in _REPORT_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(held)
+    try:
+        yield held
+    finally:
+        for logger in loggers:
+            logger.removeFilter(held)
+
+
+def _shape_mismatch(path: str | Path, config: Any, mismatched: list[tuple[str, Any, Any]]) -> str:
+    """One line for weights whose shapes disagree with ``config.json``: the first tensor, both shapes (the
+    vocabulary sizes when its rows are the vocabulary)."""
+    name, saved, built = mismatched[0]
+    saved, built = list(saved), list(built)
+    weights = _weights_file(path)
+    more = f" (and {len(mismatched) - 1} more tensors)" if len(mismatched) > 1 else ""
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and built and built[0] == vocab and saved and saved[0] != vocab:
+        return (
+            f"{Path(path) / 'config.json'}: vocab_size is {vocab} but the weights ({weights}) have {saved[0]} rows "
+            f"in {name}{more}; set vocab_size to {saved[0]}, or use the config.json saved with these weights"
+        )
+    return (
+        f"{Path(path) / 'config.json'} does not match the weights ({weights}): {name} is {saved} there, {built} by "
+        f"config.json{more}; use the config.json saved with these weights"
+    )
 
 
 def check_finite(model: torch.nn.Module, path: str | Path) -> None:
@@ -189,20 +285,24 @@ def _first_line(exc: BaseException) -> str:
 
 
 def init_causal_lm_from_config(
-    path: str | Path, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False, seed: int = 0
+    path: str | Path,
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+    seed: int = 0,
+    key: str | None = None,
 ) -> PreTrainedModel:
     """A causal LM with random (seeded) weights from ``path/config.json``: pretraining from scratch."""
-    p = Path(path)
+    p, lead = Path(path), _lead(key)
     if not (p / "config.json").is_file():
         if not p.exists():
-            raise _not_found(path, "model config")
-        raise ModelPathError(f"{p} has no config.json to build a model from")
+            raise _not_found(path, "model config", key)
+        raise ModelPathError(f"{lead}{p} has no config.json to build a model from")
     try:
         config = AutoConfig.from_pretrained(
             str(p), local_files_only=True, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise ModelPathError(f"cannot read the model config in {p}: {exc}") from None
+        raise ModelPathError(f"{lead}cannot read the model config in {p}: {_first_line(exc)}") from None
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -212,8 +312,28 @@ def init_causal_lm_from_config(
     return use_cpu_float32_attention(model.to(to_dtype(dtype)))
 
 
+def enable_activation_checkpointing(model: Any, **kwargs: Any) -> None:
+    """Activation (gradient) checkpointing on ``model`` under transformers' current name
+    (``activation_checkpointing_enable``; ``gradient_checkpointing_enable`` is its deprecated alias, which warns)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(**kwargs)
+
+
 def model_summary(model: torch.nn.Module) -> dict[str, Any]:
-    """Parameter counts (total, trainable) for logs and reports."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"params": total, "trainable_params": trainable}
+    """Parameter counts (total, trainable) for logs and reports; under DeepSpeed ZeRO-3 the full sizes of the
+    partitioned parameters (``ds_numel``: their local tensors are empty)."""
+    sizes = [(getattr(p, "ds_numel", None) or p.numel(), p.requires_grad) for p in model.parameters()]
+    return {"params": sum(n for n, _ in sizes), "trainable_params": sum(n for n, trained in sizes if trained)}
+
+
+def check_vocab(model: Any, tokenizer: Any, model_key: str, tokenizer_key: str) -> None:
+    """Every id of the tokenizer must index the model's embedding table (a value-head model's: its backbone's),
+    else training or generation dies in an index error deep in torch. The check every command runs where it
+    pairs a model with a tokenizer; ``model_key``/``tokenizer_key`` name where each came from."""
+    emb = getattr(model, "backbone", model).get_input_embeddings().num_embeddings
+    if len(tokenizer) > emb:
+        source = "its tokenizer" if model_key == tokenizer_key else f"the tokenizer ({tokenizer_key})"
+        raise ModelPathError(
+            f"{model_key}: {source} has {len(tokenizer)} tokens but the model's embedding table has {emb} rows; "
+            "use the tokenizer the model was trained with (model.tokenizer) or resize the model's embeddings"
+        )

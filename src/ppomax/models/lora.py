@@ -19,6 +19,9 @@ PEFT is imported only when LoRA is used (``pip install 'ppomax[lora]'``).
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +30,7 @@ from torch import Tensor
 
 from ppomax.errors import ConfigError, ModelPathError
 
+from .saving import save_generation_config, share_tied_weights
 from .value_head import ValueHeadModel
 
 if TYPE_CHECKING:
@@ -42,6 +46,17 @@ def _peft() -> Any:
     except ImportError:
         raise ConfigError("model.lora needs PEFT: pip install 'ppomax[lora]'") from None
     return peft
+
+
+@contextmanager
+def _peft_reads_deprecated_names() -> Iterator[None]:
+    """PEFT reads ``model.is_gradient_checkpointing`` whenever it wraps a model, a name transformers 5 deprecated: a
+    FutureWarning on every LoRA run that says nothing about the user's code. Only that warning is ignored."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -80,7 +95,8 @@ def with_adapters(model: Any, lora: LoraSettings | None, base_path: str | Path, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            wrapped = peft.get_peft_model(model, config)
+            with _peft_reads_deprecated_names():
+                wrapped = peft.get_peft_model(model, config)
         except ValueError as exc:  # PEFT: "Target modules {...} not found in the base model"
             linear = sorted(
                 {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -150,7 +166,9 @@ class RewardOnCriticBase:
 
 def merged_state_dict(peft_model: Any, state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """The base model's state dict with every LoRA layer's update merged in: ``W + scaling * B A`` (transposed
-    for ``fan_in_fan_out`` layers such as GPT-2's Conv1D), keys as the plain model names them.
+    for ``fan_in_fan_out`` layers such as GPT-2's Conv1D), keys as the plain model names them, every floating
+    tensor in float32: the adapters' update is mostly below a bf16 base weight's rounding step, so casting the sum
+    back to a bf16 base's dtype would throw most of the training away.
 
     Computed from ``state_dict`` (the gathered full weights under ZeRO-3/FSDP, keys as ``peft_model.state_dict()``
     names them) or the model's own; the model itself is not touched (PEFT's merge/unmerge would leave its
@@ -175,10 +193,10 @@ def merged_state_dict(peft_model: Any, state_dict: dict[str, Tensor] | None = No
             b = sd.pop(f"{name}.lora_B.{adapter}.weight").float()
             delta = b @ a
             merged = merged + (delta.T if module.fan_in_fan_out else delta) * module.scaling[adapter]
-        out[f"{name}.weight"] = merged.to(base_w.dtype)
+        out[f"{name}.weight"] = merged
         if f"{name}.base_layer.bias" in sd:
             out[f"{name}.bias"] = sd.pop(f"{name}.base_layer.bias")
-    out.update({k: v for k, v in sd.items() if ".lora_" not in k})
+    out.update({k: v.float() if v.is_floating_point() else v for k, v in sd.items() if ".lora_" not in k})
     prefix = "base_model.model."
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in out.items()}
 
@@ -194,8 +212,11 @@ def save_merged(model: Any, out_dir: Path, state_dict: dict[str, Tensor] | None 
         save_merged(model.backbone, out_dir, backbone_sd)
         model.save_head(out_dir, head_sd)
         return
-    sd = merged_state_dict(model, state_dict)
-    model.get_base_model().save_pretrained(out_dir, state_dict=sd)
+    base = model.get_base_model()
+    base.save_pretrained(out_dir, state_dict=share_tied_weights(merged_state_dict(model, state_dict), base))
+    # save_pretrained writes the live model's dtype (a bf16 base's); the merged weights are float32
+    config = out_dir / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": "float32"}, indent=2) + "\n")
 
 
 def save_trained(
@@ -205,15 +226,26 @@ def save_trained(
     tokenizer: Any,
     lora: LoraSettings | None,
 ) -> None:
-    """A trained model's ``save_pretrained`` (+ tokenizer) into ``out_dir``; with ``lora.save_merged`` and adapters
-    on the model, also the merged plain model (+ tokenizer) into ``out_dir/merged``."""
-    model.save_pretrained(out_dir, state_dict=state_dict)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    if lora is not None and lora.save_merged and has_adapters(model):
+    """A trained model's ``save_pretrained`` into ``out_dir`` (with ``lora.save_merged`` and adapters on the model,
+    also the merged plain model into ``out_dir/merged``), each directory with the tokenizer and the base model's
+    generation config (:func:`~ppomax.models.saving.save_generation_config`). ``state_dict``: the gathered weights
+    of ``model`` (sharded training), else its own."""
+    adapters = has_adapters(model)
+    if state_dict is not None and not adapters:
+        state_dict = share_tied_weights(state_dict, model)
+    # ppomax never resizes embeddings, so PEFT's "auto" check of the base's vocabulary (the base's config.json, else
+    # a Hub lookup: a warning or a network call when the base is an adapter directory or a Hub id) can only answer
+    # "unchanged": adapters are saved without copies of frozen base layers.
+    extra = {"save_embedding_layers": False} if adapters else {}
+    model.save_pretrained(out_dir, state_dict=state_dict, **extra)
+    dirs = [out_dir]
+    if lora is not None and lora.save_merged and adapters:
         save_merged(model, out_dir / MERGED_DIR, state_dict)
+        dirs.append(out_dir / MERGED_DIR)
+    for path in dirs:
         if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir / MERGED_DIR)
+            tokenizer.save_pretrained(path)
+        save_generation_config(model, path, tokenizer)
 
 
 # --------------------------------------------------------------------------- loading
@@ -237,6 +269,7 @@ def load_adapter_dir(path: str | Path, dtype: Any, trust_remote_code: bool = Fal
         raise ModelPathError(f"{p}: LoRA adapters whose base model cannot be loaded: {exc}") from None
     peft = _peft()
     try:
-        return peft.PeftModel.from_pretrained(base, str(p)).merge_and_unload()
+        with _peft_reads_deprecated_names():
+            return peft.PeftModel.from_pretrained(base, str(p)).merge_and_unload()
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelPathError(f"{p}: cannot load the LoRA adapters onto {base_path}: {exc}") from None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 from ppomax.algos import last_token_index
 from ppomax.errors import ModelPathError
 
-from .loading import check_finite, load_causal_lm, to_dtype
+from .loading import check_finite, enable_activation_checkpointing, load_causal_lm, to_dtype
 
 HEAD_WEIGHTS = "value_head.safetensors"
 HEAD_META = "ppomax_value_head.json"
@@ -109,8 +109,10 @@ class ValueHeadModel(torch.nn.Module):
     def config(self):  # the backbone's HF config (used by accelerate/DeepSpeed auto settings)
         return self.backbone.config
 
-    def gradient_checkpointing_enable(self, **kwargs) -> None:
-        self.backbone.gradient_checkpointing_enable(**kwargs)
+    def activation_checkpointing_enable(self, **kwargs) -> None:
+        enable_activation_checkpointing(self.backbone, **kwargs)
+
+    gradient_checkpointing_enable = activation_checkpointing_enable  # its name before transformers 5
 
     # ------------------------------------------------------------------ forward
 
@@ -174,8 +176,10 @@ class ValueHeadModel(torch.nn.Module):
         out_dir: str | Path,
         state_dict: dict[str, Tensor] | None = None,
         safe_serialization: bool = True,
+        **backbone_kwargs: Any,
     ) -> None:
-        """Backbone via ``save_pretrained`` (safetensors) + the head's weights and a marker file.
+        """Backbone via ``save_pretrained`` (safetensors; ``backbone_kwargs`` passed on) + the head's weights and a
+        marker file.
 
         ``state_dict`` (keys ``backbone.*`` / ``value_head.*``) is for sharded training, where the caller
         gathered the full weights (e.g. ``accelerator.get_state_dict``).
@@ -190,7 +194,9 @@ class ValueHeadModel(torch.nn.Module):
             head_sd = {
                 k[len("value_head.") :]: v for k, v in state_dict.items() if k.startswith("value_head.")
             }
-        self.backbone.save_pretrained(out, state_dict=backbone_sd, safe_serialization=safe_serialization)
+        self.backbone.save_pretrained(
+            out, state_dict=backbone_sd, safe_serialization=safe_serialization, **backbone_kwargs
+        )
         self.save_head(out, head_sd)
 
     def save_head(self, out_dir: str | Path, head_sd: dict[str, Tensor] | None = None) -> None:
@@ -205,18 +211,23 @@ class ValueHeadModel(torch.nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype: str | torch.dtype = "float32", trust_remote_code: bool = False
+        cls,
+        path: str | Path,
+        dtype: str | torch.dtype = "float32",
+        trust_remote_code: bool = False,
+        key: str | None = None,
     ) -> ValueHeadModel:
-        """Load a value-head model (a trained RM or critic) saved by :meth:`save_pretrained`."""
-        p = Path(path)
+        """Load a value-head model (a trained RM or critic) saved by :meth:`save_pretrained`; ``key``: the config
+        key that named ``path`` (errors name it)."""
+        p, lead = Path(path), f"{key}: " if key else ""
         if not is_value_head_model(p):
             if not p.exists():
-                raise ModelPathError(f"reward/critic model not found: {p}")
+                raise ModelPathError(f"{lead}reward/critic model not found: {p}")
             raise ModelPathError(
-                f"{p} is not a value-head model (no {HEAD_META} / {HEAD_WEIGHTS}): train one with "
+                f"{lead}{p} is not a value-head model (no {HEAD_META} / {HEAD_WEIGHTS}): train one with "
                 "`ppomax train-rm`, or start a fresh head on a causal LM (e.g. ppo.critic_init: sft)"
             )
-        backbone = load_causal_lm(p, dtype=dtype, trust_remote_code=trust_remote_code)
+        backbone = load_causal_lm(p, dtype=dtype, trust_remote_code=trust_remote_code, key=key)
         hidden = _hidden_size(backbone)
         try:
             sd = load_file(str(p / HEAD_WEIGHTS))
@@ -235,7 +246,8 @@ class ValueHeadModel(torch.nn.Module):
         dtype: str | torch.dtype = "float32",
         trust_remote_code: bool = False,
         seed: int = 0,
+        key: str | None = None,
     ) -> ValueHeadModel:
         """A fresh seeded head on a causal-LM checkpoint (an SFT model, or a saved RM's backbone)."""
-        backbone = load_causal_lm(path, dtype=to_dtype(dtype), trust_remote_code=trust_remote_code)
+        backbone = load_causal_lm(path, dtype=to_dtype(dtype), trust_remote_code=trust_remote_code, key=key)
         return cls(backbone, seed=seed)

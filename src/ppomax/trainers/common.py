@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from accelerate import Accelerator
 
-from ppomax.data import LoadStats
+from ppomax.data import LoadStats, Source, resolve_chat_format
 from ppomax.data.batching import global_batches, rank_share
 from ppomax.errors import UserError
 
@@ -33,17 +33,41 @@ class TrainingError(UserError):
     """A run that cannot continue (e.g. repeated non-finite updates); the message says what to do."""
 
 
+#: the data keys of held-out sets: a Hub dataset (or a source with several splits) there must name its split
+HELD_OUT_KEYS = ("valid", "test", "valid_prompts")
+
+
+def data_source(cfg: Any, name: str) -> Source:
+    """The source ``cfg.data.NAME`` as the data layer reads it, with its key (for messages)."""
+    return Source(getattr(cfg.data, name), key=f"data.{name}", held_out=name in HELD_OUT_KEYS)
+
+
+def data_files(cfg: Any, *names: str) -> dict[str, Source]:
+    """``{"data.NAME": source}`` of the data sources (``cfg.data.NAME``, those set) a run reads: what its
+    checkpoints fingerprint (:func:`~ppomax.trainers.run.open_run`)."""
+    return {f"data.{name}": data_source(cfg, name) for name in names if getattr(cfg.data, name)}
+
+
 def log_load_stats(ctx: RunContext, name: str, stats: LoadStats) -> None:
     ctx.print(f"{name}: {stats.summary()}")
 
 
+def log_chat_format(ctx: RunContext, setting: str, tokenizer: Any) -> None:
+    """The start-up line saying which chat format the prompts are rendered in, and why."""
+    fmt, why = resolve_chat_format(setting, tokenizer)
+    ctx.print(f"chat format: {fmt} ({why})")
+
+
 def load_features(
-    ctx: RunContext, featurize: Any, path: str, tokenizer: Any, cfg: Any, name: str
+    ctx: RunContext, featurize: Any, name: str, tokenizer: Any, cfg: Any, what: str
 ) -> list[Any]:
-    """``featurize(path, tokenizer, cfg, stats)`` with its load statistics printed as ``name path: ...``."""
+    """``featurize(source, tokenizer, cfg, stats, progress)`` of the source ``cfg.data.NAME``, with a progress bar
+    labelled ``what`` (main process, ``logging.progress``) and its load statistics printed as ``what SOURCE: ...``."""
+    source = data_source(cfg, name)
     stats = LoadStats()
-    features = featurize(path, tokenizer, cfg, stats)
-    log_load_stats(ctx, f"{name} {path}", stats)
+    progress = what if ctx.is_main and cfg.logging.progress else None
+    features = featurize(source, tokenizer, cfg, stats, progress)
+    log_load_stats(ctx, f"{what} {source.name}", stats)
     return features
 
 
@@ -51,9 +75,9 @@ def load_train_valid(
     ctx: RunContext, featurize: Any, tokenizer: Any, cfg: Any, what: str
 ) -> tuple[list[Any], list[Any]]:
     """Featurised ``data.train`` and ``data.valid``, or a seeded ``data.valid_fraction`` of train when no valid."""
-    train = load_features(ctx, featurize, cfg.data.train, tokenizer, cfg, f"train {what}")
+    train = load_features(ctx, featurize, "train", tokenizer, cfg, f"train {what}")
     if cfg.data.valid:
-        return train, load_features(ctx, featurize, cfg.data.valid, tokenizer, cfg, f"valid {what}")
+        return train, load_features(ctx, featurize, "valid", tokenizer, cfg, f"valid {what}")
     return split_validation(train, cfg.data.valid_fraction, cfg.seed)
 
 
@@ -126,13 +150,3 @@ def reduce_sums(acc: Accelerator, values: dict[str, float]) -> dict[str, float]:
     if acc.num_processes > 1:
         t = acc.reduce(t, "sum")
     return dict(zip(keys, t.tolist(), strict=True))
-
-
-def check_vocab(model: Any, tokenizer: Any, where: str) -> None:
-    """The tokenizer's ids must fit the model's embedding table (else an index error deep in torch)."""
-    emb = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > emb:
-        raise UserError(
-            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's embedding table has {emb}; "
-            "use the tokenizer the model was trained with (model.tokenizer) or resize the model"
-        )

@@ -1,4 +1,4 @@
-"""How a launch is read and its Accelerator built: one process, DDP, DeepSpeed ZeRO or FSDP (DESIGN.md section 7).
+"""How a launch is read and its Accelerator built: one process, DDP, DeepSpeed ZeRO or FSDP.
 
 ``accelerate launch --config_file configs/accelerate/<engine>.yaml`` tells every process which engine to use
 through environment variables (``ACCELERATE_USE_DEEPSPEED``, ``ACCELERATE_USE_FSDP``, the DeepSpeed fields);
@@ -35,6 +35,8 @@ from accelerate import Accelerator
 
 from ppomax.console import console
 from ppomax.errors import ConfigError
+
+from .quiet import quiet_known_library_messages
 
 # How many processes a launcher started: torchrun / accelerate (WORLD_SIZE), MPICH/Intel MPI, Open MPI, MVAPICH
 # (the variables accelerate itself reads, accelerate.utils.environment.get_cpu_distributed_information).
@@ -180,6 +182,7 @@ def build_accelerator(
     the launch asked for (:func:`launch_engine`; see the module docstring), in ``dtype``'s mixed precision.
     ``frozen``: the run also has inference-only models (PPO's reference), which under DeepSpeed get a plugin of
     their own (:func:`prepare_frozen`) even beside a single trained model."""
+    quiet_known_library_messages()
     engine = launch_engine(os.environ)
     precision = mixed_precision(dtype, os.environ)
     _forget_other_precision(precision)
@@ -214,9 +217,7 @@ def build_accelerator(
 
 def _deepspeed_logs_to_stderr() -> None:
     """DeepSpeed logs to stdout; ppomax's stdout carries only results (the final path), so send them to stderr.
-    Without CUDA, name its CPU accelerator instead of letting it warn that it found no GPU."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    (Its accelerator is named before it is first imported: :func:`quiet_known_library_messages`.)"""
     from deepspeed.utils import logger
 
     for handler in logger.handlers:

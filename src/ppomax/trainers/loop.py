@@ -98,8 +98,10 @@ def train_loop(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec) -> tuple
     # Not prepared: accelerate would step it once per process; this schedule counts optimiser steps.
     ctx.track(schedule=scheduler, extra=DictState(spec.extra_state))
     step = ctx.restore()
-    if step >= total:
+    if step >= total:  # a run resumed after its last checkpoint: only its end is left
         ctx.print(f"already trained for {step} of {total} steps")
+        if spec.evaluate:
+            _run_eval(ctx, model, spec, step)
         return model, step
 
     log_every = cfg.logging.log_every

@@ -1,4 +1,4 @@
-"""The PPO trainer (DESIGN.md section 1): rollout -> scoring -> advantages -> minibatch updates, repeated.
+"""The PPO trainer: rollout -> scoring -> advantages -> minibatch updates, repeated.
 
 One iteration (:meth:`PPOTrainer.iteration`, ``step``)::
 
@@ -26,7 +26,7 @@ draws ``rollout_batch_size / n`` prompts (this rank's share of the global batch)
 times, so a prompt's n responses are n consecutive rows on one rank; the buffer keeps them so and the minibatch
 shuffle moves whole groups (``Updater.group_size``).
 
-Two decisions DESIGN.md asks to make explicit:
+Two decisions made explicit:
 
 * ``generation.logprobs_from``: ``sampling`` (default) takes the log-probs of the ratio, the KL penalty and the
   entropy from ``logits / temperature``, the distribution the tokens were drawn from, so the first ratio of an
@@ -67,11 +67,11 @@ from ppomax.collapse import CollapseMonitor
 from ppomax.config import PPOConfig
 from ppomax.errors import ConfigError
 from ppomax.experience import Experience
-from ppomax.optim import build_optimizer, build_scheduler
+from ppomax.optim import build_optimizer, build_scheduler, warmup_steps
 from ppomax.rewards import RewardSources, build_reward_functions
 from ppomax.rollout import HFGenerateEngine, RolloutEngine, eos_ids_of
 
-from .common import TrainingError
+from .common import TrainingError, data_files, data_source, log_chat_format
 from .launch import prepare_frozen, prepare_trained, sharded_forward
 from .ppo_data import IndexStream, PromptSet, PTXSet, load_prompt_set, load_ptx_set, pad_id_of
 from .ppo_eval import evaluate
@@ -101,20 +101,69 @@ class PPOData:
         return self.ptx.batch(self.ptx_stream.take(k), self.pad_id, device)
 
 
-def load_data(cfg: PPOConfig, tokenizer: Any, rank: int, world: int) -> PPOData:
+def load_data(cfg: PPOConfig, tokenizer: Any, rank: int, world: int, resizable: bool = False) -> PPOData:
+    """The PPO data; ``resizable``: a resumed run may continue its streams on data of another size
+    (``--allow-data-change``)."""
     d, p = cfg.data, cfg.ppo
     assert d.prompts
-    prompts = load_prompt_set(d.prompts, cfg, tokenizer)
-    valid = load_prompt_set(d.valid_prompts, cfg, tokenizer) if d.valid_prompts else None
-    ptx = load_ptx_set(d.ptx, cfg, tokenizer) if (p.ptx_coef > 0 and d.ptx) else None
+
+    def progress(what: str) -> str | None:  # a progress bar on the main process
+        return what if rank == 0 and cfg.logging.progress else None
+
+    prompts = load_prompt_set(data_source(cfg, "prompts"), cfg, tokenizer, progress("prompts"))
+    valid = (
+        load_prompt_set(data_source(cfg, "valid_prompts"), cfg, tokenizer, progress("valid prompts"))
+        if d.valid_prompts
+        else None
+    )
+    ptx = (
+        load_ptx_set(data_source(cfg, "ptx"), cfg, tokenizer, progress("ptx"))
+        if (p.ptx_coef > 0 and d.ptx)
+        else None
+    )
     return PPOData(
         prompts=prompts,
-        prompt_stream=IndexStream(len(prompts), cfg.seed, rank=rank, world=world),
+        prompt_stream=IndexStream(len(prompts), cfg.seed, rank=rank, world=world, resizable=resizable),
         valid=valid,
         ptx=ptx,
-        ptx_stream=IndexStream(len(ptx), cfg.seed + 1, rank=rank, world=world) if ptx else None,
+        ptx_stream=(
+            IndexStream(len(ptx), cfg.seed + 1, rank=rank, world=world, resizable=resizable) if ptx else None
+        ),
         pad_id=pad_id_of(tokenizer),
     )
+
+
+def schedule_notes(cfg: PPOConfig) -> tuple[str, list[str]]:
+    """The run's schedule in one start-up line, and warnings for a run too short for it: a policy that trains mostly
+    or only at a warming-up learning rate, a collapse monitor that cannot fire before the run ends."""
+    p, window = cfg.ppo, cfg.collapse.window
+    updates = p.ppo_epochs * (p.buffer_size // p.minibatch_size)
+    steps = p.iterations * updates
+    warmup = warmup_steps(cfg.optim, steps)
+    line = (
+        f"schedule: {p.critic_pretrain_steps} critic-only iterations (ppo.critic_pretrain_steps), then "
+        f"{p.iterations} policy iterations (ppo.iterations) of {updates} optimiser steps each: {steps} policy "
+        f"steps, the first {min(warmup, steps)} warming up (optim.warmup_steps / warmup_ratio)"
+    )
+    warnings = []
+    if warmup >= steps:
+        warnings.append(
+            f"the policy's learning rate warms up over {warmup} optimiser steps but the run makes {steps}: it never "
+            "trains at optim.policy_lr; raise ppo.iterations or lower optim.warmup_steps"
+        )
+    elif 2 * warmup > steps:
+        warnings.append(
+            f"{warmup} of the policy's {steps} optimiser steps are warm-up (optim.warmup_steps): most of the run "
+            "trains below optim.policy_lr; raise ppo.iterations or lower optim.warmup_steps"
+        )
+    if cfg.collapse.action != "off":
+        line += f"; the collapse monitor can fire from policy iteration {2 * window} (2 x collapse.window)"
+        if p.iterations < 2 * window:
+            warnings.append(
+                f"the collapse monitor needs {2 * window} policy iterations (2 x collapse.window) before it can "
+                f"fire and this run has {p.iterations}: it is not armed in this run"
+            )
+    return line, warnings
 
 
 class Stopwatch:
@@ -152,13 +201,23 @@ class PPOTrainer:
         resume: bool = False,
         overwrite: bool = False,
         engine: RolloutEngine | None = None,
+        allow_data_change: bool = False,
     ):
         cfg.check_runnable()
         self.cfg, p = cfg, cfg.ppo
-        # the run directory is checked (and a resumed run's config compared) before any model is loaded
+        # the run directory is checked (and a resumed run's config compared) before any model is loaded; it is
+        # first written by run.restore(), once everything below has loaded
         trained = ("policy", "critic") if p.uses_critic else ("policy",)
+        data = ("prompts", "valid_prompts", *(("ptx",) if p.ptx_coef > 0 else ()))
         self.run = run = open_run(
-            cfg, "ppo", resume=resume, overwrite=overwrite, trained=trained, frozen=True
+            cfg,
+            "ppo",
+            resume=resume,
+            overwrite=overwrite,
+            allow_data_change=allow_data_change,
+            data=data_files(cfg, *data),
+            trained=trained,
+            frozen=True,
         )
         acc = run.accelerator  # DDP, DeepSpeed or FSDP as `accelerate launch` configured (trainers/launch.py)
         # The adaptive KL coefficient (ppo.kl_target) counts the responses of all processes, as Ziegler et al.'s
@@ -182,7 +241,10 @@ class PPOTrainer:
         m = load_models(cfg)
         if m.critic is not None:
             m.critic.freeze_lm_head()
-        self.data = data = load_data(cfg, m.tokenizer, acc.process_index, acc.num_processes)
+        log_chat_format(run, cfg.data.chat_format, m.tokenizer)
+        self.data = data = load_data(
+            cfg, m.tokenizer, acc.process_index, acc.num_processes, resizable=allow_data_change
+        )
 
         updates = p.ppo_epochs * (p.buffer_size // p.minibatch_size)
         policy_opt = build_optimizer(m.policy.parameters(), cfg.optim.policy_lr, cfg.optim)
@@ -415,6 +477,10 @@ class PPOTrainer:
         ):
             if data is not None:
                 run.print(f"{name}: {data.stats.summary()}")
+        schedule, too_short = schedule_notes(cfg)
+        run.print(schedule)
+        for warning in too_short:
+            run.warn(warning)
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -469,7 +535,9 @@ class PPOTrainer:
         if self.cfg.collapse.action == "off" or metrics["train/critic_only"]:
             return False
         signal = self.collapse.update(step, metrics)
-        metrics["collapse/firing"] = int(self.collapse.firing)
+        metrics["collapse/armed"] = int(self.collapse.armed)
+        if self.collapse.armed:  # before, it cannot fire: a 0 would read as "no collapse seen"
+            metrics["collapse/firing"] = int(self.collapse.firing)
         if signal is not None:
             self.run.warn(signal.message())
         return signal is not None
@@ -488,25 +556,34 @@ class PPOTrainer:
     # ------------------------------------------------------------------ saving
 
     def save_final(self) -> None:
-        """``out_dir/final/policy`` (with the tokenizer: loads with AutoModelForCausalLM) and ``final/critic``
-        (none without a critic), gathered under ZeRO-3/FSDP, written atomically as one directory."""
-        models = {"policy": (self.policy, self.models.tokenizer)}
+        """``out_dir/final/policy`` (loads with AutoModelForCausalLM) and ``final/critic`` (none without a critic),
+        each with the tokenizer (the critic reads the policy's tokens), gathered under ZeRO-3/FSDP, written
+        atomically as one directory."""
+        tokenizer = self.models.tokenizer
+        models = {"policy": (self.policy, tokenizer)}
         if self.critic is not None:
-            models["critic"] = (self.critic, None)
+            models["critic"] = (self.critic, tokenizer)
         self.run.save_models(self.out_dir / "final", models)
 
 
 def train_ppo(
-    cfg: PPOConfig, resume: bool = False, overwrite: bool = False, engine: RolloutEngine | None = None
+    cfg: PPOConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    engine: RolloutEngine | None = None,
+    allow_data_change: bool = False,
 ) -> Path:
     """Train a policy with PPO as ``cfg`` says; returns the output directory (``cfg.logging.out_dir``).
 
-    ``resume``: continue the run in ``logging.out_dir``; ``overwrite``: replace the run there (see
-    :mod:`ppomax.trainers.run`). The final policy is in ``out_dir/final/policy``, the critic in
+    ``resume``: continue the run in ``logging.out_dir`` (``allow_data_change``: even if its data files changed);
+    ``overwrite``: replace the run there (see :mod:`ppomax.trainers.run`). The final policy is in ``out_dir/final/policy``, the critic in
     ``out_dir/final/critic``, metrics in ``out_dir/metrics.jsonl``. A SIGINT/SIGTERM saves a checkpoint and
     raises :class:`ppomax.errors.RunStopped`. A critic-free ``ppo.advantage_estimator`` saves no critic.
     """
-    return PPOTrainer(cfg, resume=resume, overwrite=overwrite, engine=engine).train()
+    trainer = PPOTrainer(
+        cfg, resume=resume, overwrite=overwrite, engine=engine, allow_data_change=allow_data_change
+    )
+    return trainer.train()
 
 
 __all__ = ["PPOTrainer", "TrainingDiverged", "train_ppo"]

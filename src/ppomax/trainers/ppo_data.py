@@ -18,14 +18,12 @@ from ppomax.data import (
     LoadStats,
     PromptCollator,
     SFTCollator,
-    load_prompts,
-    load_sft_examples,
+    Source,
     pad_id_of,
-    tokenize_prompt,
-    tokenize_sft,
+    prompt_features,
+    sft_features,
 )
 from ppomax.data.batching import IndexStream
-from ppomax.errors import ConfigError
 
 
 @dataclass
@@ -51,17 +49,21 @@ class PromptSet:
         }
 
 
-def load_prompt_set(path: str, cfg: PPOConfig, tokenizer: Any) -> PromptSet:
-    """Load and tokenise a prompts file (formats of :mod:`ppomax.data.formats`); bad lines per ``data.on_bad_line``."""
+def load_prompt_set(source: Source, cfg: PPOConfig, tokenizer: Any, progress: str | None = None) -> PromptSet:
+    """Tokenised prompts of a source (formats of :mod:`ppomax.data.formats`); bad records per ``data.on_bad_line``."""
     d = cfg.data
     stats = LoadStats()
-    examples = load_prompts(
-        path, on_error=d.on_bad_line, stats=stats, format=d.chat_format, tokenizer=tokenizer
+    rows = prompt_features(
+        source,
+        tokenizer,
+        format=d.chat_format,
+        max_prompt_tokens=d.max_prompt_tokens,
+        on_error=d.on_bad_line,
+        stats=stats,
+        num_proc=d.num_proc,
+        progress=progress,
     )
-    if not examples:
-        raise ConfigError(f"{path}: no usable prompts ({stats.summary()})")
-    ids = [tokenize_prompt(tokenizer, ex.prompt, d.max_prompt_tokens, stats) for ex in examples]
-    return PromptSet(ids, [ex.prompt for ex in examples], [dict(ex.meta) for ex in examples], stats)
+    return PromptSet([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], stats)
 
 
 @dataclass
@@ -80,18 +82,21 @@ class PTXSet:
         return {k: v.to(device) for k, v in b.items()}
 
 
-def load_ptx_set(path: str, cfg: PPOConfig, tokenizer: Any) -> PTXSet:
+def load_ptx_set(source: Source, cfg: PPOConfig, tokenizer: Any, progress: str | None = None) -> PTXSet:
     """SFT examples (any SFT format); the LM loss covers their response tokens, as in SFT."""
     d = cfg.data
     stats = LoadStats()
-    examples = load_sft_examples(
-        path, on_error=d.on_bad_line, stats=stats, format=d.chat_format, tokenizer=tokenizer
+    feats = sft_features(
+        source,
+        tokenizer,
+        format=d.chat_format,
+        max_prompt_tokens=d.max_prompt_tokens,
+        max_response_tokens=d.max_ptx_response_tokens,
+        on_error=d.on_bad_line,
+        stats=stats,
+        num_proc=d.num_proc,
+        progress=progress,
     )
-    if not examples:
-        raise ConfigError(f"{path}: no usable PPO-ptx examples ({stats.summary()})")
-    feats = [
-        tokenize_sft(tokenizer, ex, d.max_prompt_tokens, d.max_ptx_response_tokens, stats) for ex in examples
-    ]
     return PTXSet(feats, stats)
 
 

@@ -36,6 +36,8 @@ from ppomax.models import (
     AdaptersOff,
     RewardOnCriticBase,
     ValueHeadModel,
+    check_vocab,
+    enable_activation_checkpointing,
     init_causal_lm_from_config,
     load_causal_lm,
     load_tokenizer,
@@ -86,14 +88,15 @@ def build_critic(cfg: PPOConfig, policy_path: str, critic_path: str | None) -> V
     kw = {"dtype": trained_dtype(m.dtype, lora is not None), "trust_remote_code": m.trust_remote_code}
     init = cfg.ppo.critic_init
     if critic_path:
-        base, critic = critic_path, ValueHeadModel.from_pretrained(critic_path, **kw)
+        base, critic = critic_path, ValueHeadModel.from_pretrained(critic_path, key="model.critic", **kw)
     elif init == "reward_model":
         assert m.reward, "check_runnable guarantees model.reward for critic_init=reward_model"
-        base, critic = m.reward, ValueHeadModel.from_pretrained(m.reward, **kw)
+        base, critic = m.reward, ValueHeadModel.from_pretrained(m.reward, key="model.reward", **kw)
     elif init == "sft":
-        base, critic = policy_path, ValueHeadModel.from_causal_lm(policy_path, seed=seed, **kw)
+        base = policy_path
+        critic = ValueHeadModel.from_causal_lm(policy_path, seed=seed, key="model.policy", **kw)
     else:  # config validation refuses adapters on this random backbone
-        backbone = init_causal_lm_from_config(policy_path, seed=seed, **kw)
+        backbone = init_causal_lm_from_config(policy_path, seed=seed, key="model.policy", **kw)
         base, critic = policy_path, ValueHeadModel(backbone, seed=seed)
     return with_adapters(critic, lora, base, seed=seed + 1)
 
@@ -119,8 +122,9 @@ def build_reference(cfg: PPOConfig, policy: Any) -> Any:
     if m.lora is not None and same:
         return AdaptersOff(policy)
     dtype = reference_dtype(m.dtype, m.lora is not None, launch_engine(os.environ))
+    key = "model.reference" if m.reference else "model.policy"
     return _freeze(
-        load_causal_lm(m.reference or m.policy, dtype=dtype, trust_remote_code=m.trust_remote_code)
+        load_causal_lm(m.reference or m.policy, dtype=dtype, trust_remote_code=m.trust_remote_code, key=key)
     )
 
 
@@ -134,8 +138,13 @@ def load_models(cfg: PPOConfig) -> PPOModels:
     kw = {"dtype": m.dtype, "trust_remote_code": m.trust_remote_code}
     trained = {**kw, "dtype": trained_dtype(m.dtype, m.lora is not None)}
     assert m.policy
-    tokenizer = load_tokenizer(m.tokenizer or m.policy, trust_remote_code=m.trust_remote_code)
-    policy = with_adapters(load_causal_lm(m.policy, **trained), m.lora, m.policy, seed=cfg.seed)
+    tokenizer_key = "model.tokenizer" if m.tokenizer else "model.policy"
+    tokenizer = load_tokenizer(
+        m.tokenizer or m.policy, trust_remote_code=m.trust_remote_code, key=tokenizer_key
+    )
+    policy = with_adapters(
+        load_causal_lm(m.policy, **trained, key="model.policy"), m.lora, m.policy, seed=cfg.seed
+    )
     reference = build_reference(cfg, policy)
     critic = build_critic(cfg, m.policy, m.critic) if cfg.ppo.uses_critic else None
     reward_model: Any = None
@@ -143,15 +152,20 @@ def load_models(cfg: PPOConfig) -> PPOModels:
         # the head is copied before any update: the critic's own head trains away from it
         reward_model = RewardOnCriticBase(critic, copy.deepcopy(critic.value_head))
     elif m.reward:
-        reward_model = _freeze(ValueHeadModel.from_pretrained(m.reward, **kw))
+        reward_model = _freeze(ValueHeadModel.from_pretrained(m.reward, key="model.reward", **kw))
+    # every model reads the policy's token ids (those loaded from model.policy's files are checked once); the
+    # reward model on the critic's base is checked as the critic, loaded from model.reward
+    reward_weights = reward_model.critic if isinstance(reward_model, RewardOnCriticBase) else reward_model
+    checked = {"model.policy": policy, "model.reward": reward_weights}
+    checked |= {"model.reference": reference} if m.reference else {}
+    checked |= {"model.critic": critic} if m.critic else {}
+    for key, model in checked.items():
+        if model is not None and not isinstance(model, AdaptersOff):
+            check_vocab(model, tokenizer, key, tokenizer_key)
     for model in (policy, critic) if critic is not None else (policy,):
         disable_dropout(model)
         if m.gradient_checkpointing:
-            # transformers 5 renamed it; ValueHeadModel forwards the old name to its backbone
-            enable = (
-                getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            )
-            enable()
+            enable_activation_checkpointing(model)
             model.train()  # HF checkpoints only in train mode; dropout is already off
         else:
             model.eval()

@@ -1,8 +1,8 @@
 """One PPO iteration's work: generation and the scoring pass (:class:`Rollouts`), advantages, and the minibatch
 updates (:class:`Updater`, each model with its optimiser and schedule as an :class:`Optimised`).
 
-The math is in :mod:`ppomax.algos`; this module only decides which tensors go where, following DESIGN.md
-section 1 and the switches of ``ppo``:
+The math is in :mod:`ppomax.algos`; this module only decides which tensors go where, following the paper's
+PPO (section 3.2, fig. 5) and the switches of ``ppo``:
 
 1. scoring (no gradient): old log-probs, entropy and values from the policy and critic, reference log-probs,
    raw scores from the reward sources; each computed once per iteration and reused by every epoch;

@@ -22,31 +22,43 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 
 from ppomax.algos import lm_nll, pairwise_rm_loss
 from ppomax.config import RMConfig
-from ppomax.data import (
-    LoadStats,
-    PreferenceCollator,
-    feature_length,
-    load_preference_pairs,
-    pad_id_of,
-    tokenize_pair,
-)
+from ppomax.data import LoadStats, PreferenceCollator, Source, feature_length, pad_id_of, pair_features
 from ppomax.errors import ConfigError
-from ppomax.models import ValueHeadModel, load_tokenizer, model_summary, with_adapters
+from ppomax.models import (
+    ValueHeadModel,
+    check_vocab,
+    enable_activation_checkpointing,
+    load_tokenizer,
+    model_summary,
+    with_adapters,
+)
 from ppomax.trainers.launch import trained_dtype
 
-from .common import check_vocab, eval_shards, load_features, load_train_valid, to_device
+from .common import data_files, eval_shards, load_features, load_train_valid, log_chat_format, to_device
 from .loop import LoopSpec, train_loop
 from .reward_report import margin_summary, write_rm_eval
 from .run import RunContext, open_run
 
 
-def rm_features(path: str, tokenizer: Any, cfg: RMConfig, stats: LoadStats) -> list[dict[str, Any]]:
+def rm_features(
+    source: Source, tokenizer: Any, cfg: RMConfig, stats: LoadStats, progress: str | None = None
+) -> list[dict[str, Any]]:
     d = cfg.data
-    pairs = load_preference_pairs(path, d.on_bad_line, stats, format=d.chat_format, tokenizer=tokenizer)
-    return [tokenize_pair(tokenizer, p, d.max_prompt_tokens, d.max_response_tokens, stats) for p in pairs]
+    return pair_features(
+        source,
+        tokenizer,
+        format=d.chat_format,
+        max_prompt_tokens=d.max_prompt_tokens,
+        max_response_tokens=d.max_response_tokens,
+        on_error=d.on_bad_line,
+        stats=stats,
+        num_proc=d.num_proc,
+        progress=progress,
+    )
 
 
 def rm_forward(
@@ -108,10 +120,14 @@ def rm_margins(
     feats: list[dict[str, Any]],
     collate: PreferenceCollator,
     batch_size: int,
+    desc: str = "eval",
 ) -> list[float]:
-    """r(chosen) - r(rejected) of every pair (all ranks' shards gathered, in example order)."""
+    """r(chosen) - r(rejected) of every pair (all ranks' shards gathered, in example order), with a progress bar
+    (``desc``) on the main process when ``logging.progress``."""
     local: list[tuple[int, float]] = []
-    for idx, real in eval_shards(len(feats), batch_size, ctx):
+    shards = eval_shards(len(feats), batch_size, ctx)
+    show = ctx.is_main and ctx.cfg.logging.progress
+    for idx, real in tqdm(shards, desc=desc, unit="batch", leave=False, disable=not show):
         batch = to_device(collate([feats[i] for i in idx]), ctx.device)
         chosen, rejected, _ = rm_forward(model, batch, beta_rm=0.0)
         if real:
@@ -120,14 +136,8 @@ def rm_margins(
     return [m for _, m in sorted(pairs)]
 
 
-def evaluate_rm(
-    ctx: RunContext,
-    model: torch.nn.Module,
-    feats: list[dict[str, Any]],
-    collate: PreferenceCollator,
-    batch_size: int,
-) -> dict[str, float]:
-    margins = rm_margins(ctx, model, feats, collate, batch_size)
+def evaluate_rm(margins: list[float]) -> dict[str, float]:
+    """Validation accuracy, mean margin and ranking loss of eq. 2 from the pairs' margins (:func:`rm_margins`)."""
     s = margin_summary(margins)
     m = torch.tensor(margins, dtype=torch.float64)
     # the margins are r_w - r_l already: the ranking term of eq. 2 against a zero "rejected" reward
@@ -140,36 +150,52 @@ def evaluate_rm(
     }
 
 
-def train_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Path:
+def train_rm(
+    cfg: RMConfig, resume: bool = False, overwrite: bool = False, allow_data_change: bool = False
+) -> Path:
     """Train a reward model as configured; returns the last model's directory ``out_dir/final``.
 
-    ``resume``: continue the run in ``logging.out_dir``; ``overwrite``: replace the run there (see
-    :mod:`ppomax.trainers.run` for the rules)."""
+    ``resume``: continue the run in ``logging.out_dir`` (``allow_data_change``: even if its data files changed);
+    ``overwrite``: replace the run there (see :mod:`ppomax.trainers.run` for the rules)."""
     if not cfg.model.policy:
         raise ConfigError("model.policy: required (the SFT / base model the reward model starts from)")
     if not cfg.data.train:
         raise ConfigError("data.train: required (preference pairs)")
-    ctx = open_run(cfg, "rm", resume=resume, overwrite=overwrite, grad_accum=cfg.grad_accum)
-    m = cfg.model
-    tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code)
-    model = ValueHeadModel.from_causal_lm(
-        m.policy, trained_dtype(m.dtype, m.lora is not None), m.trust_remote_code, seed=cfg.seed
+    ctx = open_run(
+        cfg,
+        "rm",
+        resume=resume,
+        overwrite=overwrite,
+        allow_data_change=allow_data_change,
+        data=data_files(cfg, "train", "valid", "test"),
+        grad_accum=cfg.grad_accum,
     )
-    check_vocab(model.backbone, tokenizer, "model.policy / model.tokenizer")
+    m = cfg.model
+    tokenizer_key = "model.tokenizer" if m.tokenizer else "model.policy"
+    tokenizer = load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code, key=tokenizer_key)
+    model = ValueHeadModel.from_causal_lm(
+        m.policy,
+        trained_dtype(m.dtype, m.lora is not None),
+        m.trust_remote_code,
+        seed=cfg.seed,
+        key="model.policy",
+    )
+    check_vocab(model, tokenizer, "model.policy", tokenizer_key)
     model = with_adapters(model, m.lora, m.policy, seed=cfg.seed)
     if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     if cfg.beta_rm == 0:
         model.freeze_lm_head()
     size = model_summary(model)
     ctx.print(
         f"reward model on {m.policy} ({size['params']:,} parameters, {size['trainable_params']:,} trained)"
     )
+    log_chat_format(ctx, cfg.data.chat_format, tokenizer)
 
     train, valid = load_train_valid(ctx, rm_features, tokenizer, cfg, "pairs")
     test, test_name = valid, "valid"
     if cfg.data.test:
-        test, test_name = load_features(ctx, rm_features, cfg.data.test, tokenizer, cfg, "test pairs"), "test"
+        test, test_name = load_features(ctx, rm_features, "test", tokenizer, cfg, "test pairs"), "test"
     ctx.print(
         f"{len(train)} training, {len(valid)} validation, {len(test) if cfg.data.test else 0} test pairs"
     )
@@ -178,6 +204,13 @@ def train_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Pa
     eval_bs = cfg.batch_size
     best_dir = ctx.out_dir / "best"
     extra: dict[str, Any] = {"best_accuracy": -1.0, "best_step": 0}
+    # the latest evaluation's margins: train_loop's last one scores the final model, which is then the test
+    # split's score too when there is no data.test (the validation pairs are not scored twice)
+    last_valid: list[list[float]] = []
+
+    def evaluate(mdl: torch.nn.Module) -> dict[str, float]:
+        last_valid[:] = [rm_margins(ctx, mdl, valid, collate, eval_bs, desc="valid")]
+        return evaluate_rm(last_valid[0])
 
     def on_eval(step: int, result: dict[str, float], mdl: torch.nn.Module) -> None:
         if result["accuracy"] > extra["best_accuracy"]:
@@ -197,17 +230,20 @@ def train_rm(cfg: RMConfig, resume: bool = False, overwrite: bool = False) -> Pa
         batch_size=cfg.batch_size,
         # the budget counts both rows of a pair; token_balanced_batches sees one (the longer) per pair
         max_tokens=max(1, cfg.max_tokens_per_batch // 2) if cfg.max_tokens_per_batch else None,
-        evaluate=(lambda mdl: evaluate_rm(ctx, mdl, valid, collate, eval_bs)) if valid else None,
+        evaluate=evaluate if valid else None,
         on_eval=on_eval,
         extra_state=extra,
     )
     model, last_step = train_loop(ctx, model, spec)
     final = ctx.save_model(model, tokenizer, ctx.out_dir / "final")
 
-    if test and last_step > ctx.start_step:  # a resumed run that was already done has scored its test split
-        model.eval()
-        with torch.no_grad():
-            margins = rm_margins(ctx, model, test, collate, eval_bs)
+    if test:  # also in a run resumed after its last checkpoint (its end is done again, from the checkpoint)
+        if test_name == "valid":  # the final evaluation has just scored it
+            margins = last_valid[0]
+        else:
+            model.eval()
+            with torch.no_grad():
+                margins = rm_margins(ctx, model, test, collate, eval_bs, desc="test")
         summary = margin_summary(margins)
         ctx.metrics.log(
             last_step, {k: v for k, v in summary.items() if k != "pairs"}, prefix=f"{test_name}_final/"

@@ -6,18 +6,26 @@ Layout of a run directory (``logging.out_dir``)::
     config.yaml            the resolved config (written by the main process, atomically)
     metrics.jsonl, tb/     one record per logged step (:class:`ppomax.monitor.MetricsLogger`)
     checkpoints/step-N/    accelerate ``save_state`` (model*.safetensors, optimizer*.bin, random_states_R.pkl)
-                           + ppomax_state.json (step, schedules, the trainer's own state); atomic
+                           + ppomax_state.json (step, schedules, the trainer's own state, the data files'
+                           fingerprints); atomic
+    .ppomax.lock           the lock of the run writing here (its PID)
     final/ (best/)         the trained model(s): ``save_pretrained`` + tokenizer, gathered under ZeRO-3/FSDP
                            (LoRA: the adapters, and the merged model in merged/ on request; models.lora)
     samples/               PPO evaluation samples
 
-The rules, the same for all three trainers (:func:`open_run`):
+The rules, the same for all three trainers (:func:`open_run`, :meth:`RunContext.restore`):
 
+* one run writes into a directory at a time: its main process locks it (:mod:`ppomax.trainers.run_lock`), and
+  another run into it is refused naming the PID of the one writing;
+* nothing is written into the directory before the trainer has loaded its config, data and models: it is first
+  written when :meth:`RunContext.restore` starts the run, so a run that cannot start leaves it as it was;
 * a new run into a directory that holds a run (a complete checkpoint or ``final/``) is refused unless
   ``overwrite`` (``--overwrite``), which deletes that run's files (only the names above);
 * ``resume`` (``--resume DIR``) continues the run in ``logging.out_dir`` from its newest complete checkpoint, and
   refuses a config that differs from the run's ``config.yaml`` in anything but :data:`RESUMABLE_KEYS` (the run
-  length; the directory itself, which may have been moved; the progress bar), naming the differing keys;
+  length; the directory itself, which may have been moved; the progress bar; the data preparation's processes),
+  naming the differing keys, and a data source whose fingerprint (size, SHA-256) differs from the checkpoint's
+  unless ``allow_data_change``;
 * a directory whose run died before its first complete checkpoint holds no run: a new run or a resume starts it
   afresh (its old metrics are removed), no ``rm -rf`` needed; temporary ``*.tmp-PID`` directories that a killed
   save left behind are removed on every start;
@@ -26,7 +34,9 @@ The rules, the same for all three trainers (:func:`open_run`):
 * SIGINT/SIGTERM: the step finishes, a checkpoint is saved, the run says where and how to resume and raises
   :class:`ppomax.errors.RunStopped` (the CLI exits with :data:`ppomax.errors.STOPPED_EXIT_CODE`); a second signal
   interrupts at once (exit 130, no checkpoint);
-* the last step is always checkpointed, so resuming a finished run has nothing left to do.
+* the last step is always checkpointed, so a run resumed after it (killed in its final evaluation or save, or
+  finished) does only the run's end again: the metrics are cut back to the records logged when that checkpoint
+  was saved, and the end logs its own again.
 
 No resume path unpickles arbitrary objects. accelerate's ``load_state`` reads its own files with
 ``torch.load(weights_only=True)`` but the objects given to ``register_for_checkpointing`` with
@@ -49,7 +59,7 @@ import signal
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,19 +71,25 @@ from safetensors import SafetensorError
 from ppomax.checkpoint import prune_checkpoints, step_dirs
 from ppomax.config import load_config, to_yaml
 from ppomax.console import console
+from ppomax.data.sources import fingerprint
 from ppomax.errors import ConfigError, RunStopped, UserError
-from ppomax.models import has_adapters, save_trained, weights_error
+from ppomax.models import save_trained, weights_error
 from ppomax.monitor import MetricsLogger
 
-from .launch import TRAINED_DTYPE, build_accelerator, deepspeed_loads_tensors_only
+from .launch import build_accelerator, deepspeed_loads_tensors_only
+from .run_lock import RunLock
 
 STATE_FILE = "ppomax_state.json"
+# The keys of ppomax_state.json that hold the fingerprints of the run's data files, and the number of records
+# metrics.jsonl held at the checkpoint (what a resume keeps of it).
+DATA_KEY = "data_files"
+METRICS_KEY = "metrics_records"
 CONFIG_FILE = "config.yaml"
 # What a run writes into its directory: what --overwrite (or restarting a run that died early) deletes.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "final", "best", "samples")
 RUN_GLOBS = ("rm_eval_*.json", "rm_margins_*.png")
 # Config keys a resume may change: the run length, where the run lives (a moved run), the progress bar.
-RESUMABLE_KEYS = ("epochs", "ppo.iterations", "logging.out_dir", "logging.progress")
+RESUMABLE_KEYS = ("epochs", "ppo.iterations", "logging.out_dir", "logging.progress", "data.num_proc")
 COMMANDS = {"sft": "train-sft", "rm": "train-rm", "ppo": "train-ppo"}
 
 log = console()
@@ -106,20 +122,33 @@ class DictState:
 
 @dataclass
 class RunContext:
-    """One run in progress: its accelerator, directory, metrics and checkpoints (see the module docstring).
+    """One run: its accelerator, directory, metrics and checkpoints (see the module docstring).
 
-    ``resume_from`` is the checkpoint :meth:`restore` loads (None: a fresh run) and ``start_step`` its step;
-    ``tracked`` the trainer's own state saved with every checkpoint."""
+    Opened by :func:`open_run`, which writes nothing into the directory but its lock; :meth:`restore` starts
+    it (the first write), once the trainer has loaded and checked everything. ``resume_from`` is the
+    checkpoint :meth:`restore` loads (None: a fresh run) and ``start_step`` its step; ``tracked`` the trainer's
+    own state saved with every checkpoint; ``data`` the data files it reads, whose fingerprints every
+    checkpoint keeps."""
 
     accelerator: Accelerator
     out_dir: Path
-    metrics: MetricsLogger
     cfg: Any
     kind: str
     resume_from: Path | None = None
     last_checkpoint: Path | None = None
     start_step: int = 0
     tracked: dict[str, Stateful] = field(default_factory=dict)
+    data: RunData = field(default_factory=lambda: RunData({}))
+    plan: RunPlan | None = None
+    """What the main process found in the directory, and its lock (None on the other ranks)."""
+    _metrics: MetricsLogger | None = None
+
+    @property
+    def metrics(self) -> MetricsLogger:
+        """The run's metrics logger (from :meth:`restore` on)."""
+        if self._metrics is None:
+            raise RuntimeError("the run has not started: call restore() first")
+        return self._metrics
 
     @property
     def is_main(self) -> bool:
@@ -158,7 +187,9 @@ class RunContext:
         root = self.out_dir / "checkpoints"
         final = root / f"step-{step}"
         # serialised first: a state that is not JSON is a bug, found before anything is written
-        text = json.dumps({"step": step, **{k: v.state_dict() for k, v in self.tracked.items()}}, indent=1)
+        state = {k: v.state_dict() for k, v in self.tracked.items()}
+        ppomax = {"step": step, DATA_KEY: self.data.fingerprints, METRICS_KEY: self.metrics.records}
+        text = json.dumps({**ppomax, **state}, indent=1)
         with self.atomic_dir(final, what="a checkpoint") as tmp:
             self.accelerator.save_state(str(tmp))
             if self.is_main:
@@ -170,43 +201,83 @@ class RunContext:
         return final
 
     def restore(self) -> int:
-        """Load ``resume_from`` (models, optimisers, RNG, tracked state); returns its step (0 for a fresh run).
-        Call it after ``accelerator.prepare`` and :meth:`track`."""
+        """Start the run, from ``resume_from`` when it resumes (models, optimisers, RNG, tracked state); returns
+        its step (0 for a fresh run). Call it after ``accelerator.prepare`` and :meth:`track`: the trainer has
+        then loaded and checked its config, data and models, so a run that cannot start has changed nothing in
+        its directory. Here the data files are fingerprinted (and compared with the checkpoint's), the checkpoint
+        loaded, and only then the directory written: the files of a run it replaces removed, ``config.yaml``
+        written, the metrics opened (truncated to the checkpoint's step)."""
         ckpt = self.resume_from
-        if ckpt is None:
-            return 0
-        pickles = sorted(p.name for p in ckpt.glob("custom_checkpoint_*.pkl"))
-        if pickles or not (ckpt / STATE_FILE).is_file():
-            raise UserError(
-                f"{ckpt}: not a checkpoint of this ppomax version ("
-                + (f"it holds {', '.join(pickles)}, which ppomax never writes or loads" if pickles else "")
-                + ("" if pickles else f"no {STATE_FILE}")
-                + "); start again with --overwrite, or resume with the ppomax version that wrote it"
-            )
-        state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
-        missing = sorted(set(self.tracked) - set(state))
-        if missing:
-            raise UserError(
-                f"{ckpt}: {STATE_FILE} lacks {', '.join(missing)}; it was written by another trainer"
-            )
-        try:
-            _check_random_states(ckpt, self.rank)
-            with deepspeed_loads_tensors_only(self.accelerator):
-                self.accelerator.load_state(str(ckpt))
-        except (pickle.UnpicklingError, SafetensorError, EOFError) as exc:  # hostile or broken files
-            raise weights_error(ckpt, exc) from None
-        except RuntimeError as exc:
-            if "PytorchStreamReader" not in str(
-                exc
-            ):  # torch.load of a truncated file; anything else is a bug
-                raise
-            raise weights_error(ckpt, exc) from None
-        for name, obj in self.tracked.items():
-            obj.load_state_dict(state[name])
-        self.last_checkpoint = ckpt
-        self.start_step = int(state["step"])
-        self.print(f"resumed from {ckpt} (step {self.start_step})")
+        state = _checkpoint_state(ckpt, self.tracked) if ckpt is not None else None
+        acc = self.accelerator
+        self.data.fingerprints = on_main(acc, lambda: self._fingerprint_data(state)) or {}
+        if ckpt is not None and state is not None:
+            try:
+                _check_random_states(ckpt, self.rank)
+                with deepspeed_loads_tensors_only(acc):
+                    acc.load_state(str(ckpt))
+            except (pickle.UnpicklingError, SafetensorError, EOFError) as exc:  # hostile or broken files
+                raise weights_error(ckpt, exc) from None
+            except RuntimeError as exc:
+                if "PytorchStreamReader" not in str(
+                    exc
+                ):  # torch.load of a truncated file; anything else is a bug
+                    raise
+                raise weights_error(ckpt, exc) from None
+            for name, obj in self.tracked.items():
+                obj.load_state_dict(state[name])
+            self.last_checkpoint = ckpt
+            self.start_step = int(state["step"])
+        on_main(acc, self._start_dir)
+        self._metrics = MetricsLogger(
+            self.out_dir,
+            tensorboard=self.cfg.logging.tensorboard,
+            enabled=self.is_main,
+            resume_step=self.start_step if ckpt is not None else None,
+            resume_records=(state or {}).get(METRICS_KEY),
+        )
+        if ckpt is not None:
+            self.print(f"resumed from {ckpt} (step {self.start_step})")
         return self.start_step
+
+    def _fingerprint_data(self, state: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+        """The fingerprints of the run's data files (main process); on resume, a data file that changed since
+        the checkpoint is refused, or with ``data.allow_change`` named in a warning."""
+        now = {key: fingerprint(source) for key, source in self.data.files.items()}
+        before = (state or {}).get(DATA_KEY) or {}
+        changed = [key for key in now if key in before and _content(before[key]) != _content(now[key])]
+        if changed and self.resume_from is not None:
+            files = ", ".join(f"{k} ({now[k]['path']}: {_change(before[k], now[k])})" for k in changed)
+            if not self.data.allow_change:
+                raise UserError(
+                    f"--resume {self.out_dir}: the data changed since checkpoint {self.resume_from.name} was "
+                    f"written: {files}; resume with the data the run was trained on, start a new run, or add "
+                    "--allow-data-change to continue this one on the new data"
+                )
+            self.warn(
+                f"the data changed since checkpoint {self.resume_from.name}: {files}; continuing on it "
+                "(--allow-data-change)"
+            )
+        return now
+
+    def _start_dir(self) -> None:
+        """The first writes into the run directory (main process), under its lock."""
+        out, plan = self.out_dir, self.plan
+        assert plan is not None
+        if not plan.existed:
+            # the directory did not exist when the run was opened: another run may have made it since
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(
+                    f"{out}: cannot write the run directory (logging.out_dir): {_cause(exc)}"
+                ) from None
+            plan.lock = RunLock.take(out)
+            remove_stale_temporaries(out)
+            inspect_dir(out, self.cfg, self.kind, resume=False, overwrite=False)
+        if plan.clear:
+            _remove_run_files(out)
+        _write_text(out / CONFIG_FILE, to_yaml(self.cfg))
 
     # ------------------------------------------------------------------ saving
 
@@ -248,34 +319,19 @@ class RunContext:
         return self.save_models(final, {"": (model, tokenizer)})
 
     def save_models(self, final: Path, models: dict[str, tuple[torch.nn.Module, Any]]) -> Path:
-        """``{subdir: (prepared model, tokenizer or None)}`` saved with ``save_pretrained`` under ``final/subdir``
-        (``""``: ``final`` itself), all in one atomic directory. Under ZeRO-3/FSDP the full weights are gathered
-        first (``accelerator.get_state_dict``, a collective: every rank calls this). A model trained in full is
-        written in ``model.dtype`` (mixed precision trains float32 masters; the checkpoint keeps the dtype the
-        user's model came in); LoRA adapters stay float32."""
+        """``{subdir: (prepared model, tokenizer)}`` saved with ``save_pretrained`` under ``final/subdir`` (``""``:
+        ``final`` itself), all in one atomic directory. Under ZeRO-3/FSDP the full weights are gathered first
+        (``accelerator.get_state_dict``, a collective: every rank calls this). Weights are written as the run holds
+        them, never cast: a model trained in full under mixed precision is its float32 master weights (config.json
+        says float32), so the saved model computes exactly what the trained one did."""
         acc = self.accelerator
         distributed = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
         states = {name: acc.get_state_dict(m) if distributed else None for name, (m, _) in models.items()}
-        dtype = self.cfg.model.dtype
-        cast = {
-            name
-            for name, (m, _) in models.items()
-            if dtype != TRAINED_DTYPE and not has_adapters(acc.unwrap_model(m))
-        }
-        for name in cast:
-            state = (
-                states[name] if states[name] is not None else acc.unwrap_model(models[name][0]).state_dict()
-            )
-            states[name] = {
-                k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in state.items()
-            }
         with self.atomic_dir(final, what="the model") as tmp:
             if self.is_main:
                 for name, (model, tokenizer) in models.items():
                     unwrapped, lora = acc.unwrap_model(model), self.cfg.model.lora
                     save_trained(unwrapped, tmp / name, states[name], tokenizer, lora)
-                    if name in cast:  # save_pretrained records the live (float32) parameters' dtype
-                        _record_dtype(tmp / name / "config.json", dtype)
         return final
 
     # ------------------------------------------------------------------ stopping
@@ -291,7 +347,39 @@ class RunContext:
         return RunStopped(message)
 
     def close(self) -> None:
-        self.metrics.close()
+        """Close the metrics and release the directory's lock."""
+        if self._metrics is not None:
+            self._metrics.close()
+        if self.plan is not None and self.plan.lock is not None:
+            self.plan.lock.release()
+
+
+def _checkpoint_state(ckpt: Path, tracked: dict[str, Stateful]) -> dict[str, Any]:
+    """The checkpoint's ``ppomax_state.json``; a checkpoint with pickles ppomax never writes, or without the
+    state of every tracked object, is refused."""
+    pickles = sorted(p.name for p in ckpt.glob("custom_checkpoint_*.pkl"))
+    if pickles or not (ckpt / STATE_FILE).is_file():
+        raise UserError(
+            f"{ckpt}: not a checkpoint of this ppomax version ("
+            + (f"it holds {', '.join(pickles)}, which ppomax never writes or loads" if pickles else "")
+            + ("" if pickles else f"no {STATE_FILE}")
+            + "); start again with --overwrite, or resume with the ppomax version that wrote it"
+        )
+    state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    missing = sorted(set(tracked) - set(state))
+    if missing:
+        raise UserError(f"{ckpt}: {STATE_FILE} lacks {', '.join(missing)}; it was written by another trainer")
+    return state
+
+
+def _content(fp: dict[str, Any]) -> tuple[Any, Any]:
+    return fp.get("size"), fp.get("sha256")
+
+
+def _change(before: dict[str, Any], now: dict[str, Any]) -> str:
+    if before.get("size") != now.get("size"):
+        return f"{before.get('size')} -> {now.get('size')} bytes"
+    return "same size, other content"
 
 
 def _check_random_states(ckpt: Path, rank: int) -> None:
@@ -307,12 +395,6 @@ def _check_random_states(ckpt: Path, rank: int) -> None:
     states = load(path)
     if not isinstance(states, dict) or not {"random_state", "torch_manual_seed"} <= set(states):
         raise UserError(f"{path}: not accelerate's random states; resume from another checkpoint")
-
-
-def _record_dtype(config_file: Path, dtype: str) -> None:
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    config["dtype"] = dtype
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _main_pid(acc: Accelerator) -> int:
@@ -385,69 +467,132 @@ def open_run(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    allow_data_change: bool = False,
+    data: dict[str, Any] | None = None,
     grad_accum: int = 1,
     trained: tuple[str, ...] = ("model",),
     frozen: bool = False,
 ) -> RunContext:
     """Accelerator (:func:`~ppomax.trainers.launch.build_accelerator`: what ``accelerate launch`` configured, for
-    the models named in ``trained``, and ``frozen`` ones beside them), seeds, and the run
-    directory ``cfg.logging.out_dir`` prepared by the rules of the module docstring, with the resolved
-    ``config.yaml`` and the metrics logger (truncated to the checkpoint when resuming). Nothing here loads a
-    model, so an unusable directory is reported first."""
+    the models named in ``trained``, and ``frozen`` ones beside them), seeds, and the run directory
+    ``cfg.logging.out_dir`` checked by the rules of the module docstring: locked (when it exists), a run there
+    refused unless resumed or overwritten, a resumed run's config compared. Nothing is written into it yet:
+    :meth:`RunContext.restore` starts the run once the trainer has loaded everything. ``data``: the data files
+    the run reads, ``{config key: path}``, fingerprinted in every checkpoint (a resume refuses changed ones
+    unless ``allow_data_change``). Nothing here loads a model, so an unusable directory is reported first."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other (continue the run, or replace it)")
+    if allow_data_change and not resume:
+        raise ConfigError("--allow-data-change goes with --resume (a new run reads its data as it is)")
     accelerator = build_accelerator(grad_accum, trained, cfg.model.dtype, frozen=frozen)
     set_seed(cfg.seed)
-    out_dir = Path(cfg.logging.out_dir)
-    ckpt: Path | None = None
-    step = 0
-    if accelerator.is_main_process:
-        ckpt, step = _prepare_dir(out_dir, cfg, kind, resume, overwrite)
-        _write_text(out_dir / CONFIG_FILE, to_yaml(cfg))
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        ckpt, step = broadcast_object_list([ckpt, step])
-    metrics = MetricsLogger(
-        out_dir,
-        tensorboard=cfg.logging.tensorboard,
-        enabled=accelerator.is_main_process,
-        resume_step=step if ckpt is not None else None,
+    ctx = RunContext(
+        accelerator, Path(cfg.logging.out_dir), cfg, kind, data=RunData(dict(data or {}), allow_data_change)
     )
-    return RunContext(accelerator, out_dir, metrics, cfg, kind, resume_from=ckpt)
+
+    def open_dir() -> tuple[Path | None, int]:
+        ctx.plan = _open_dir(ctx.out_dir, cfg, kind, resume, overwrite)
+        return ctx.plan.checkpoint, ctx.plan.step
+
+    ctx.resume_from, _ = on_main(accelerator, open_dir)
+    return ctx
 
 
-def _prepare_dir(out: Path, cfg: Any, kind: str, resume: bool, overwrite: bool) -> tuple[Path | None, int]:
-    """Apply the directory rules (main process); returns the checkpoint to resume from and its step."""
+@dataclass
+class RunPlan:
+    """What opening a run found in its directory: the checkpoint it resumes from (None: a fresh run) and its
+    step; whether the files of an earlier run go when it starts (``--overwrite``, or a run that died before its
+    first checkpoint); whether the directory existed (else it is made and locked when the run starts); the
+    directory's lock (:mod:`ppomax.trainers.run_lock`) once taken."""
+
+    checkpoint: Path | None = None
+    step: int = 0
+    clear: bool = False
+    existed: bool = True
+    lock: RunLock | None = None
+
+
+@dataclass
+class RunData:
+    """The data a run reads (``{config key: source}``), their fingerprints (:func:`ppomax.data.sources.fingerprint`)
+    from the start of the run on, and whether a resume may continue on files that changed since its checkpoint."""
+
+    files: dict[str, Any]
+    allow_change: bool = False
+    fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def on_main(acc: Accelerator, fn: Any) -> Any:
+    """``fn()`` on the main process, and its result on every rank; a :class:`UserError` it raises is raised on
+    every rank (the other ranks would otherwise wait for the main process forever)."""
+    if acc.num_processes == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    result, error = None, None
+    if acc.is_main_process:
+        try:
+            result = fn()
+        except UserError as exc:
+            error = exc
+    result, message = broadcast_object_list([result, None if error is None else str(error)])
+    if error is not None:
+        raise error
+    if message is not None:
+        raise UserError(message)
+    return result
+
+
+def _open_dir(out: Path, cfg: Any, kind: str, resume: bool, overwrite: bool) -> RunPlan:
+    """Check the run directory (main process): writable, locked, its run continued, replaced or refused. An
+    existing directory is locked (and the temporaries of killed saves removed); a missing one is left to
+    :meth:`RunContext.restore` to make."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: cannot write the run directory (logging.out_dir): not a directory")
+    if not out.exists():
+        _probe_writable(out, next(p for p in out.parents if p.exists()))
+        return replace(inspect_dir(out, cfg, kind, resume, overwrite), existed=False)
+    _probe_writable(out, out)
+    lock = RunLock.take(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".ppomax-write-test-{os.getpid()}"
+        remove_stale_temporaries(out)
+        return replace(inspect_dir(out, cfg, kind, resume, overwrite), lock=lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _probe_writable(out: Path, where: Path) -> None:
+    """``out`` (the run directory, or its nearest existing parent ``where``) can be written: one line if not."""
+    try:
+        probe = where / f".ppomax-write-test-{os.getpid()}"
         probe.touch()
         probe.unlink()
     except OSError as exc:
         raise UserError(f"{out}: cannot write the run directory (logging.out_dir): {_cause(exc)}") from None
-    remove_stale_temporaries(out)
+
+
+def inspect_dir(out: Path, cfg: Any, kind: str, resume: bool, overwrite: bool) -> RunPlan:
+    """The directory rules (module docstring), read-only: the plan of a run into ``out``, or the refusal."""
     done = step_dirs(out / "checkpoints")
     holds = [f"checkpoints/{done[-1][1].name}"] if done else []
     holds += ["final/"] if (out / "final").is_dir() else []
     if overwrite:
-        _remove_run_files(out)
-        return None, 0
+        return RunPlan(clear=True)
     if not resume:
         if holds:
             raise UserError(
                 f"{out} already holds a run ({', '.join(holds)}): continue it with `ppomax {COMMANDS[kind]} "
                 f"--resume {out}`, replace it with --overwrite, or set logging.out_dir to a new directory"
             )
-        _remove_run_files(out)  # what a run that died before its first checkpoint left
-        return None, 0
+        return RunPlan(clear=True)  # what a run that died before its first checkpoint left goes
     if not done:  # nothing to carry over, so nothing to compare either
         log.info("resume: no complete checkpoint in %s yet; starting the run from the beginning", out)
-        _remove_run_files(out)
-        return None, 0
+        return RunPlan(clear=True)
     check_resumable(cfg, kind, out / CONFIG_FILE)
     step, ckpt = done[-1]
-    return ckpt, step
+    return RunPlan(ckpt, step)
 
 
 def remove_stale_temporaries(out: Path) -> None:
@@ -543,15 +688,27 @@ def resume_config(
 ) -> Any:
     """The config of ``--resume DIR``: the run's own ``config.yaml`` (or ``path`` / ``preset`` when given) with
     ``overrides`` on top, and ``logging.out_dir`` set to ``run_dir``, so a moved or copied run writes where it
-    is now. Whether it may resume that run is checked by :func:`open_run`."""
+    is now. Whether it may resume that run is checked by :func:`open_run`.
+
+    A directory without ``config.yaml`` (none at all, or a run killed in its first seconds, before it wrote
+    one) holds nothing to continue: with ``path``, ``preset`` or ``overrides`` (the arguments that started the
+    run) the run starts there afresh; without them the error gives that command."""
     run_dir = Path(run_dir)
     saved = run_dir / CONFIG_FILE
+    if not saved.is_file() and run_dir.name.startswith("step-") and run_dir.parent.name == "checkpoints":
+        raise UserError(
+            f"--resume {run_dir}: no {CONFIG_FILE} there, so not a ppomax run directory; pass the run "
+            f"directory {run_dir.parent.parent} (it resumes from its newest checkpoint)"
+        )
     if not saved.is_file():
-        hint = ""
-        if run_dir.name.startswith("step-") and run_dir.parent.name == "checkpoints":
-            hint = f"; pass the run directory {run_dir.parent.parent} (it resumes from its newest checkpoint)"
-        raise UserError(f"--resume {run_dir}: no {CONFIG_FILE} there, so not a ppomax run directory{hint}")
-    if path is None:  # a --preset then only fills what the saved config leaves out (nothing)
+        if path is None and preset is None and not overrides:
+            what = f"no {CONFIG_FILE} there" if run_dir.is_dir() else "no such directory"
+            raise UserError(
+                f"--resume {run_dir}: {what}, so no run to continue (a run killed in its first seconds has not "
+                "written one); start it afresh there with the arguments that started it: "
+                f"`ppomax {COMMANDS[kind]} --resume {run_dir} --config FILE` (or its --preset / --set arguments)"
+            )
+    elif path is None:  # a --preset then only fills what the saved config leaves out (nothing)
         path = saved
     cfg = load_config(kind, path=path, preset=preset, overrides=overrides)  # type: ignore[arg-type]
     cfg.logging = cfg.logging.model_copy(update={"out_dir": str(run_dir)})

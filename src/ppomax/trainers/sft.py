@@ -27,15 +27,18 @@ from ppomax.data import (
     DataError,
     LoadStats,
     SFTCollator,
-    load_sft_examples,
+    Source,
     pad_id_of,
     read_records,
     special_prefix,
-    tokenize_sft,
 )
+from ppomax.data import sft_features as data_sft_features
 from ppomax.data.io import handle_error
+from ppomax.data.sources import as_source
 from ppomax.errors import ConfigError
 from ppomax.models import (
+    check_vocab,
+    enable_activation_checkpointing,
     init_causal_lm_from_config,
     load_causal_lm,
     load_tokenizer,
@@ -44,42 +47,51 @@ from ppomax.models import (
 )
 from ppomax.trainers.launch import TRAINED_DTYPE, trained_dtype
 
-from .common import check_vocab, eval_shards, load_train_valid, reduce_sums, to_device
+from .common import data_files, eval_shards, load_train_valid, log_chat_format, reduce_sums, to_device
 from .loop import LoopSpec, train_loop
 from .run import RunContext, open_run
 
 
-def sft_features(path: str, tokenizer: Any, cfg: SFTConfig, stats: LoadStats) -> list[dict[str, Any]]:
-    """Tokenised examples ``{"input_ids", "labels"}`` of a file, for the configured objective."""
+def sft_features(
+    source: Source, tokenizer: Any, cfg: SFTConfig, stats: LoadStats, progress: str | None = None
+) -> list[dict[str, Any]]:
+    """Tokenised examples ``{"input_ids", "labels"}`` of a source, for the configured objective."""
     d = cfg.data
     if cfg.objective == "pretrain":
         return pretrain_features(
-            path, tokenizer, d.max_prompt_tokens + d.max_response_tokens, d.on_bad_line, stats
+            source, tokenizer, d.max_prompt_tokens + d.max_response_tokens, d.on_bad_line, stats
         )
-    examples = load_sft_examples(path, d.on_bad_line, stats, format=d.chat_format, tokenizer=tokenizer)
-    return [tokenize_sft(tokenizer, ex, d.max_prompt_tokens, d.max_response_tokens, stats) for ex in examples]
+    return data_sft_features(
+        source,
+        tokenizer,
+        format=d.chat_format,
+        max_prompt_tokens=d.max_prompt_tokens,
+        max_response_tokens=d.max_response_tokens,
+        on_error=d.on_bad_line,
+        stats=stats,
+        num_proc=d.num_proc,
+        progress=progress,
+    )
 
 
 def pretrain_features(
-    path: str, tokenizer: Any, block: int, on_error: str = "fail", stats: LoadStats | None = None
+    source: Any, tokenizer: Any, block: int, on_error: str = "fail", stats: LoadStats | None = None
 ) -> list[dict[str, Any]]:
     """Plain-text records ``{"text": str}``: BOS (if the tokenizer adds one) + text + EOS, cut into blocks of
     ``block`` tokens (no packing across texts, so no example attends to another); loss on every token."""
     stats = stats if stats is not None else LoadStats()
     texts: list[str] = []
-    for spath, line, rec in read_records(path, on_error, stats):  # type: ignore[arg-type]
-        text = rec.get("text") if isinstance(rec, dict) else None
+    for rec in read_records(source, on_error, stats):  # type: ignore[arg-type]
+        text = rec.value.get("text") if isinstance(rec.value, dict) else None
         if not isinstance(text, str) or not text.strip():
             handle_error(
-                DataError(spath, line, "pretraining record needs a non-empty string field 'text'"),
-                on_error,
-                stats,
+                rec.error("pretraining record needs a non-empty string field 'text'"), on_error, stats
             )  # type: ignore[arg-type]
             continue
         texts.append(text)
         stats.loaded += 1
     if not texts:
-        raise DataError(path, None, "no usable pretraining texts in this file", stats.summary())
+        raise DataError(as_source(source).name, None, "no usable pretraining texts", stats.summary())
     prefix = special_prefix(tokenizer)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     feats = []
@@ -146,30 +158,48 @@ def evaluate_lm(
 def _load_model(cfg: SFTConfig):
     m = cfg.model
     if cfg.init_from_config:
-        return init_causal_lm_from_config(m.policy, TRAINED_DTYPE, m.trust_remote_code, seed=cfg.seed)
-    return load_causal_lm(m.policy, trained_dtype(m.dtype, m.lora is not None), m.trust_remote_code)
+        return init_causal_lm_from_config(
+            m.policy, TRAINED_DTYPE, m.trust_remote_code, seed=cfg.seed, key="model.policy"
+        )
+    dtype = trained_dtype(m.dtype, m.lora is not None)
+    return load_causal_lm(m.policy, dtype, m.trust_remote_code, key="model.policy")
 
 
-def train_sft(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
+def train_sft(
+    cfg: SFTConfig, resume: bool = False, overwrite: bool = False, allow_data_change: bool = False
+) -> Path:
     """Run SFT (or pretraining) as configured; returns the final model directory ``out_dir/final``.
 
-    ``resume``: continue the run in ``logging.out_dir``; ``overwrite``: replace the run there (see
-    :mod:`ppomax.trainers.run` for the rules)."""
+    ``resume``: continue the run in ``logging.out_dir`` (``allow_data_change``: even if its data files changed);
+    ``overwrite``: replace the run there (see :mod:`ppomax.trainers.run` for the rules)."""
     if not cfg.model.policy:
         raise ConfigError("model.policy: required (the base model directory to fine-tune)")
     if not cfg.data.train:
         raise ConfigError("data.train: required (SFT examples, or {'text'} records with objective: pretrain)")
-    ctx = open_run(cfg, "sft", resume=resume, overwrite=overwrite, grad_accum=cfg.grad_accum)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy, cfg.model.trust_remote_code)
+    ctx = open_run(
+        cfg,
+        "sft",
+        resume=resume,
+        overwrite=overwrite,
+        allow_data_change=allow_data_change,
+        data=data_files(cfg, "train", "valid"),
+        grad_accum=cfg.grad_accum,
+    )
+    tokenizer_key = "model.tokenizer" if cfg.model.tokenizer else "model.policy"
+    tokenizer = load_tokenizer(
+        cfg.model.tokenizer or cfg.model.policy, cfg.model.trust_remote_code, key=tokenizer_key
+    )
     model = _load_model(cfg)
-    check_vocab(model, tokenizer, "model.policy / model.tokenizer")
+    check_vocab(model, tokenizer, "model.policy", tokenizer_key)
     model = with_adapters(model, cfg.model.lora, cfg.model.policy, seed=cfg.seed)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     size = model_summary(model)
     ctx.print(
         f"model: {cfg.model.policy} ({size['params']:,} parameters, {size['trainable_params']:,} trained)"
     )
+    if cfg.objective != "pretrain":
+        log_chat_format(ctx, cfg.data.chat_format, tokenizer)
 
     train, valid = load_train_valid(ctx, sft_features, tokenizer, cfg, "data")
     ctx.print(f"{len(train)} training and {len(valid)} validation examples")

@@ -1,0 +1,158 @@
+"""On a real pretrained instruct model (SmolLM2-135M-Instruct: a chat template, EOS = pad = its end-of-turn token)
+and real HH-RLHF pairs: what random test models cannot show. Slow; skipped with the reason where the model's
+package cannot be fetched (bench/real_model.py) or the data is not beside the repository.
+
+* prompts are rendered with the model's chat template by default and cut at its turn boundaries, the system turn
+  and the user header kept;
+* a bf16 PPO run saves weights that reload with plain transformers and generate exactly as the trained model,
+  stopping at the end-of-turn token, and its first iteration measures a KL of exactly 0 (policy = reference);
+* the real-model benchmark's short version runs every command end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from real_model import HH_HARMLESS, RealModelUnavailable, real_model_dir  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    try:
+        return real_model_dir()
+    except RealModelUnavailable as exc:
+        pytest.skip(f"real model unavailable: {exc}")
+
+
+@pytest.fixture(scope="module")
+def hh_pairs(tmp_path_factory) -> Path:
+    if not HH_HARMLESS.is_file():
+        pytest.skip(f"no real data at {HH_HARMLESS}")
+    import gzip
+
+    with gzip.open(HH_HARMLESS, "rt", encoding="utf-8") as fh:
+        lines = [line for line in fh if line.strip()][:200]
+    out = tmp_path_factory.mktemp("hh") / "pairs.jsonl"
+    out.write_text("".join(lines), encoding="utf-8")
+    return out
+
+
+def test_prompts_are_rendered_and_cut_in_the_models_chat_format(model_dir, hh_pairs):
+    from ppomax.config import PPOConfig
+    from ppomax.models import load_tokenizer
+    from ppomax.trainers.ppo_data import load_prompt_set
+
+    tok = load_tokenizer(model_dir)
+    cfg = PPOConfig.model_validate({"data": {"max_prompt_tokens": 96, "on_bad_line": "skip"}})
+    prompts = load_prompt_set(str(hh_pairs), cfg, tok)
+    system = "<|im_start|>system\n"
+    assert all(t.startswith(system) and t.endswith("<|im_start|>assistant\n") for t in prompts.texts)
+    assert all(len(ids) <= 96 for ids in prompts.ids)
+    cut = [
+        tok.decode(ids)
+        for ids, text in zip(prompts.ids, prompts.texts, strict=True)
+        if len(ids) < len(tok(text)["input_ids"])
+    ]
+    assert cut, "no prompt of these 200 needed cutting at 96 tokens"
+    for text in cut:
+        assert text.startswith(system) and "<|im_start|>user\n" in text
+    summary = prompts.stats.summary()
+    assert "lost their oldest turns" in summary, summary
+
+
+def _ppo_config(model_dir: Path, hh_pairs: Path, out: Path, *extra: str):
+    from ppomax.config import load_config
+
+    return load_config(
+        "ppo",
+        preset="ppo_max",
+        overrides=[
+            f"model.policy={model_dir}",
+            "model.dtype=bfloat16",
+            f"data.prompts={hh_pairs}",
+            "data.on_bad_line=skip",
+            "data.max_prompt_tokens=128",
+            "reward.functions=[{function: ppo_helpers:response_length, weight: 1.0}]",
+            "ppo.critic_init=sft",
+            "ppo.critic_pretrain_steps=0",
+            "ppo.iterations=1",
+            "ppo.rollout_batch_size=2",
+            "ppo.buffer_size=2",
+            "ppo.minibatch_size=2",
+            "optim.warmup_steps=0",
+            "generation.max_new_tokens=12",
+            f"logging.out_dir={out}",
+            "logging.tensorboard=false",
+            "logging.progress=false",
+            *extra,
+        ],
+    )
+
+
+def test_bf16_ppo_measures_kl_0_at_start_and_saves_a_model_that_generates_as_trained(
+    model_dir, hh_pairs, tmp_path
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ppomax.trainers.ppo import PPOTrainer
+
+    trainer = PPOTrainer(_ppo_config(model_dir, hh_pairs, tmp_path / "run"))
+    first = trainer.iteration(1)
+    assert first["kl/per_token"] == 0.0  # the policy is the reference before its first update
+    trainer.step = 1
+    trainer.save_final()
+    final = tmp_path / "run" / "final" / "policy"
+    assert json.loads((final / "config.json").read_text())["dtype"] == "float32"
+    saved = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    trained = trainer.acc.unwrap_model(trainer.policy, keep_fp32_wrapper=False)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": QUESTION}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad():
+        out = saved.generate(**ids, max_new_tokens=24, do_sample=False)
+        again = trained.generate(**ids, max_new_tokens=24, do_sample=False)
+    assert torch.equal(out, again)
+    answer = tok.decode(out[0, ids["input_ids"].shape[1] :])
+    assert "Paris" in answer and answer.endswith("<|im_end|>"), answer  # stops at the end-of-turn token
+
+
+def test_the_real_model_benchmark_runs_end_to_end(model_dir, tmp_path):
+    if not HH_HARMLESS.is_file():
+        pytest.skip(f"no real data at {HH_HARMLESS}")
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "real_model_bench.py"),
+            "--quick",
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.0 <= summary["rm_test_accuracy"] <= 1.0
+    for mode in ("full", "lora"):
+        assert summary[f"ppo_{mode}_metrics"], mode
+        assert summary[f"eval_{mode}"]["win_tie_lose"]["n"] == 8
+    assert all(s.startswith("<|im_start|>system") for s in summary["samples"]["prompts"])
