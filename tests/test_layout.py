@@ -28,6 +28,7 @@ TOP_LEVEL = {
     "__init__.py",
     "__main__.py",
     "algos",
+    "allocator.py",
     "checkpoint.py",
     "cli.py",
     "collapse.py",
