@@ -28,6 +28,7 @@ from ppomax.algos import (
     pairwise_rm_loss,
     policy_loss,
     reparameterize_scores,
+    score_token_index,
     token_level_rewards,
     token_weights,
     trainable_rows,
@@ -408,6 +409,24 @@ def test_last_token_index_vs_loop(layout: str) -> None:
     for m in (mask, mask.long(), mask.float()):
         out = last_token_index(m)
         assert out.dtype == torch.long and out.tolist() == expect
+
+
+@pytest.mark.parametrize("layout", ["right", "left", "holes"])
+@pytest.mark.parametrize("pad", [None, 2])
+def test_score_token_index_is_transformers_pooling_vs_loop(layout: str, pad: int | None) -> None:
+    """The rightmost position that is attended and not the pad id (transformers' sequence-classifier pooling);
+    with EOS as pad (2), rows ending in EOS are read before it."""
+    g = _gen(9)
+    mask = _ragged_mask([6, 4, 1, 0, 5], 6, layout, g)
+    ids = torch.randint(3, 9, (5, 6), generator=g)
+    ids[0, 5] = ids[1, 2] = ids[4, 1] = 2  # EOS: trailing, inside, and anywhere in a row
+    ids[~mask] = 2 if pad is None else pad
+    out = score_token_index(ids, mask.long(), pad)
+    expect = [
+        max((j for j in range(6) if mask[i, j] and (pad is None or ids[i, j] != pad)), default=0)
+        for i in range(5)
+    ]
+    assert out.dtype == torch.long and out.tolist() == expect
 
 
 @pytest.mark.parametrize("layout", ["right", "left", "holes"])

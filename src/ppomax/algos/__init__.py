@@ -60,6 +60,7 @@ from .stats import (
     masked_mean,
     masked_sum,
     masked_whiten,
+    score_token_index,
     token_weights,
 )
 
@@ -93,6 +94,7 @@ __all__ = [
     "response_sums",
     "rloo_advantages",
     "rollout_statistics",
+    "score_token_index",
     "sequence_rewards",
     "token_level_rewards",
     "token_weights",

@@ -35,6 +35,22 @@ def last_token_index(mask: Tensor) -> Tensor:
     return torch.where(m, positions, torch.full_like(positions, -1)).amax(dim=-1).clamp(min=0)
 
 
+def score_token_index(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int | None) -> Tensor:
+    """Where a reward model reads its score: the last attended token that is not ``pad_token_id``, [B].
+
+    This is where transformers' ``*ForSequenceClassification`` pools (the rightmost token whose id is not
+    ``config.pad_token_id``, for right or left padding), so a reward model scores a sequence as plain transformers
+    does. When the pad token is also the EOS token (many chat models), a trailing EOS counts as padding and the score
+    is read at the token before it, as TRL's ``get_reward`` reads it (the token before the first pad of the
+    response). The attention mask also counts: positions it masks out are padding whatever their id. Without a pad
+    token id: the last attended token (paper 3.1).
+    """
+    keep = _bool_mask(attention_mask)
+    if pad_token_id is not None:
+        keep = keep & (input_ids != pad_token_id)
+    return last_token_index(keep)
+
+
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Sum of `x` over positions where `mask` is set.
 
