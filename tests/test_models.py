@@ -6,8 +6,11 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
@@ -74,6 +77,12 @@ def save_tiny_lm(tmp_path, arch: str = "llama", name: str = "lm"):
 
 
 ARCHS = ["llama", "gpt2", "qwen2", "neox"]
+CLASSIFIERS = {
+    "llama": "LlamaForSequenceClassification",
+    "gpt2": "GPT2ForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+    "neox": "GPTNeoXForSequenceClassification",
+}
 
 
 def _batch(seed: int = 0):
@@ -131,7 +140,7 @@ def test_values_match_head_on_last_hidden_state_and_lm_logits_match_backbone(tmp
         out = vh(x, m, return_lm_logits=True)
         plain = AutoModelForCausalLM.from_pretrained(path).eval()
         ref = plain(input_ids=x, attention_mask=m, output_hidden_states=True)
-        ref_values = ref.hidden_states[-1] @ vh.value_head.weight[0] + vh.value_head.bias[0]
+        ref_values = ref.hidden_states[-1] @ vh.value_head.weight[0]
         no_logits = vh(x, m)
     assert out.values.shape == (3, 9) and out.lm_logits.shape == (3, 9, VOCAB)
     assert no_logits.lm_logits is None
@@ -143,27 +152,128 @@ def test_values_match_head_on_last_hidden_state_and_lm_logits_match_backbone(tmp
     torch.testing.assert_close(out.scores, out.values[torch.arange(3), lengths - 1])
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
-def test_save_load_round_trip_and_plain_transformers_loads_backbone(tmp_path, arch):
-    vh = ValueHeadModel.from_causal_lm(save_tiny_lm(tmp_path, arch), seed=3).eval()
+def _classifier_scores(path, x, m, positions: bool = False):
+    """``AutoModelForSequenceClassification(dir)(input_ids, attention_mask).logits[:, 0]``: plain transformers' score
+    (``positions``: with position ids counted from the mask, as TRL's get_reward passes them)."""
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    kwargs = {"position_ids": position_ids_from_mask(m)} if positions else {}
     with torch.no_grad():
-        vh.value_head.bias.fill_(0.25)  # a non-default head, so the round trip has something to prove
+        return model(input_ids=x, attention_mask=m, **kwargs).logits[:, 0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_saved_rm_is_a_sequence_classifier_that_plain_transformers_scores_as_ppomax(tmp_path, arch):
+    vh = ValueHeadModel.from_causal_lm(save_tiny_lm(tmp_path, arch), seed=3).eval()
     out_dir = tmp_path / "rm"
     vh.save_pretrained(out_dir)
-    assert is_value_head_model(out_dir)
-    assert json.loads((out_dir / HEAD_META).read_text())["hidden_size"] == 16
-    assert (out_dir / "model.safetensors").is_file()
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["architectures"] == [CLASSIFIERS[arch]]
+    assert config["id2label"] == {"0": "LABEL_0"} and config["pad_token_id"] == 0
+    with safe_open(str(out_dir / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "score.weight" in keys and not any("lm_head" in k or "embed_out" in k for k in keys)
+    assert not is_value_head_model(out_dir)
     loaded = ValueHeadModel.from_pretrained(out_dir).eval()
-    x, m = _pad(*_batch(2), "left")
-    with torch.no_grad():
+    ids, lengths = _batch(2)
+    for side in ("right", "left"):
+        x, m = _pad(ids, lengths, side)
+        with torch.no_grad():
+            ours = vh.score(x, m)
+            torch.testing.assert_close(loaded(x, m).values, vh(x, m).values, atol=0, rtol=0)
+        # GPT-2 and GPT-NeoX (absolute or partial-rotary positions) need the positions of a left-padded row counted
+        # from the mask, as ppomax and TRL count them; the rotary Llama and Qwen2 give the same scores without
         torch.testing.assert_close(
-            loaded(x, m, return_lm_logits=True).values, vh(x, m, return_lm_logits=True).values, atol=0, rtol=0
+            _classifier_scores(out_dir, x, m, positions=True), ours, atol=1e-5, rtol=1e-5
         )
-        plain = AutoModelForCausalLM.from_pretrained(out_dir).eval()
-        torch.testing.assert_close(plain(input_ids=x).logits, vh.backbone(input_ids=x).logits, atol=0, rtol=0)
+        if side == "right" or arch in ("llama", "qwen2"):
+            torch.testing.assert_close(_classifier_scores(out_dir, x, m), ours, atol=1e-5, rtol=1e-5)
 
 
-def test_from_causal_lm_on_saved_rm_keeps_backbone_and_gives_fresh_seeded_head(tmp_path):
+def test_with_eos_as_pad_the_score_is_read_before_the_trailing_eos_as_transformers_reads_it(tmp_path):
+    """Chat models often pad with their EOS: transformers' classifier then pools at the last token that is not
+    EOS, and so does ppomax (also for the PPO reward of a response)."""
+    path = save_tiny_lm(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "pad_token_id": 2}))
+    vh = ValueHeadModel.from_causal_lm(path, seed=1).eval()
+    vh.save_pretrained(tmp_path / "rm")
+    # rows ending in EOS (2), right- and left-padded with EOS
+    x = torch.tensor([[5, 6, 7, 2, 2, 2], [5, 6, 9, 10, 11, 2], [2, 2, 5, 8, 9, 2]])
+    m = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        out = vh(x, m)
+    before_eos = torch.tensor([2, 4, 4])
+    torch.testing.assert_close(out.scores, out.values[torch.arange(3), before_eos], atol=0, rtol=0)
+    torch.testing.assert_close(_classifier_scores(tmp_path / "rm", x, m), out.scores, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_trl_or_hub_reward_model_loads_with_the_scores_transformers_gives(tmp_path, arch):
+    """A reward model saved by AutoModelForSequenceClassification (num_labels=1), as TRL's RewardTrainer saves one
+    and as every Hub reward model is: read as ppomax's reward model and critic."""
+    torch.manual_seed(0)
+    config = tiny_config(arch)
+    config.num_labels = 1
+    clf = AutoModelForSequenceClassification.from_config(config)
+    clf.save_pretrained(tmp_path / "trl-rm")
+    rm = ValueHeadModel.from_pretrained(tmp_path / "trl-rm").eval()
+    x, m = _pad(*_batch(3), "right")
+    with torch.no_grad():
+        torch.testing.assert_close(rm.score(x, m), clf.eval()(input_ids=x, attention_mask=m).logits[:, 0])
+        # per-token values: the same score head on every position's final hidden state (TRL's value model)
+        hidden = clf.base_model(input_ids=x, attention_mask=m).last_hidden_state
+        torch.testing.assert_close(rm(x, m).values[m.bool()], clf.score(hidden)[..., 0][m.bool()])
+    assert rm.value_head.bias is None
+
+
+def test_a_value_head_directory_of_an_earlier_version_loads_with_its_values(tmp_path):
+    """Earlier ppomax versions saved a causal LM + value_head.safetensors (weight and bias): it loads with the
+    values it was saved with (bias kept when not zero); saved again, it is a sequence classifier."""
+    path = save_tiny_lm(tmp_path)
+    lm = AutoModelForCausalLM.from_pretrained(path)
+    x, m = _pad(*_batch(4), "right")
+    for bias in (0.0, 0.5):
+        old = tmp_path / f"old-{bias}"
+        lm.save_pretrained(old)
+        weight = torch.randn(1, 16, generator=torch.Generator().manual_seed(1))
+        save_file({"weight": weight, "bias": torch.tensor([bias])}, str(old / "value_head.safetensors"))
+        (old / HEAD_META).write_text(
+            json.dumps({"format": "ppomax-value-head", "version": 1, "hidden_size": 16})
+        )
+        vh = ValueHeadModel.from_pretrained(old).eval()
+        assert (vh.value_head.bias is None) == (bias == 0.0)
+        with torch.no_grad():
+            hidden = lm(input_ids=x, attention_mask=m, output_hidden_states=True).hidden_states[-1]
+            real = m.bool()  # right padding: transformers' positions are ppomax's on the real tokens
+            torch.testing.assert_close(vh(x, m).values[real], (hidden @ weight[0] + bias)[real])
+    vh.save_pretrained(tmp_path / "again")  # the bias has no place in a score head: dropped, with a warning
+    again = ValueHeadModel.from_pretrained(tmp_path / "again").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, m).values, vh(x, m).values - 0.5)
+
+
+def test_a_classifier_with_two_labels_or_without_a_decoder_is_one_line(tmp_path):
+    from transformers import BertConfig, DebertaV2Config
+
+    AutoModelForSequenceClassification.from_config(tiny_config("llama")).save_pretrained(tmp_path / "two")
+    with pytest.raises(
+        ModelPathError, match=r"model\.reward: .* 2 labels: a reward model or critic has one output"
+    ):
+        ValueHeadModel.from_pretrained(tmp_path / "two", key="model.reward")
+    # encoder reward models (OpenAssistant's DeBERTa ones): DeBERTa has no causal LM, BERT's needs more than its
+    # encoder
+    small = {"vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2}
+    for name, config in (("deberta", DebertaV2Config(**small)), ("bert", BertConfig(**small))):
+        config.num_hidden_layers, config.num_labels = 1, 1
+        AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / name)
+        with pytest.raises(
+            ModelPathError, match=r"model\.reward: .*ForSequenceClassification.* decoder LMs"
+        ) as err:
+            ValueHeadModel.from_pretrained(tmp_path / name, key="model.reward")
+        assert "\n" not in str(err.value)
+
+
+def test_from_causal_lm_on_saved_rm_keeps_the_decoder_and_gives_fresh_seeded_head(tmp_path):
     vh = ValueHeadModel.from_causal_lm(save_tiny_lm(tmp_path), seed=0)
     with torch.no_grad():
         vh.value_head.weight.fill_(1.0)
@@ -171,14 +281,15 @@ def test_from_causal_lm_on_saved_rm_keeps_backbone_and_gives_fresh_seeded_head(t
     a = ValueHeadModel.from_causal_lm(tmp_path / "rm", seed=7)
     b = ValueHeadModel.from_causal_lm(tmp_path / "rm", seed=7)
     c = ValueHeadModel.from_causal_lm(tmp_path / "rm", seed=8)
-    for (name, p), q in zip(a.backbone.named_parameters(), vh.backbone.parameters(), strict=True):
+    decoder = vh.backbone.base_model.named_parameters()
+    for (name, p), q in zip(decoder, a.backbone.base_model.parameters(), strict=True):
         assert torch.equal(p, q), name
     assert not torch.equal(a.value_head.weight, vh.value_head.weight)
     assert torch.equal(a.value_head.weight, b.value_head.weight)
     assert not torch.equal(a.value_head.weight, c.value_head.weight)
     std = a.value_head.weight.std().item()
     assert 0.5 / 17**0.5 < std < 2.0 / 17**0.5
-    assert torch.all(a.value_head.bias == 0)
+    assert a.value_head.bias is None
 
 
 def test_fresh_head_does_not_touch_global_rng(tmp_path):
@@ -235,8 +346,8 @@ def test_directory_without_config_or_weights(tmp_path):
 
 
 def test_from_pretrained_on_plain_lm_explains(tmp_path):
-    with pytest.raises(ModelPathError, match="not a value-head model"):
-        ValueHeadModel.from_pretrained(save_tiny_lm(tmp_path))
+    with pytest.raises(ModelPathError, match=r"model.critic: .* is not a reward model \(LlamaForCausalLM\)"):
+        ValueHeadModel.from_pretrained(save_tiny_lm(tmp_path), key="model.critic")
 
 
 def test_load_tokenizer_pads_left_and_falls_back_to_eos(tmp_path):
@@ -322,11 +433,9 @@ def test_nan_weights_stop_at_load_naming_the_model(tmp_path):
     assert _one_line(err.value).startswith(f"{path}: the weights hold NaN or inf values (model.embed_tokens")
     vh = ValueHeadModel.from_causal_lm(save_tiny_lm(tmp_path, name="ok"))
     with torch.no_grad():
-        vh.value_head.bias.fill_(float("inf"))
+        vh.value_head.weight[0, 3] = float("inf")
     vh.save_pretrained(tmp_path / "rm")
-    with pytest.raises(
-        ModelPathError, match=r"value_head\.safetensors: the weights hold NaN or inf values \(bias\)"
-    ):
+    with pytest.raises(ModelPathError, match=r"rm: the weights hold NaN or inf values \(score\.weight\)"):
         ValueHeadModel.from_pretrained(tmp_path / "rm")
 
 

@@ -9,9 +9,11 @@ import subprocess
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from launch_helpers import accelerate_launch
+from ppomax.checkpoint import step_dirs
 from ppomax.cli import main
 from ppomax.config import load_config
 from ppomax.data import PreferenceCollator, load_preference_pairs, pad_id_of, tokenize_pair
@@ -247,9 +249,11 @@ def test_beta_zero_freezes_unused_lm_head_and_token_balanced_batches(rm_setup):
     assert all(r["train/loss"] == pytest.approx(r["train/rm_loss"]) for r in records)
     assert len({r["train/pairs"] for r in records}) > 1  # dynamic batch sizes
     base = AutoModelForCausalLM.from_pretrained(cfg["model"]["policy"])
-    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run0" / "final")
-    assert torch.equal(base.lm_head.weight, trained.lm_head.weight)  # frozen: untouched
-    assert not torch.equal(base.model.embed_tokens.weight, trained.model.embed_tokens.weight)
+    # the run's last checkpoint holds the module as trained, LM head included (the saved classifier has none)
+    (_, last), *_ = reversed(step_dirs(tmp_path / "run0" / "checkpoints"))
+    trained = load_file(str(last / "model.safetensors"))
+    assert torch.equal(base.lm_head.weight, trained["backbone.lm_head.weight"])  # frozen: untouched
+    assert not torch.equal(base.model.embed_tokens.weight, trained["backbone.model.embed_tokens.weight"])
 
 
 def test_global_batches_respect_budget_and_shard_evenly():
@@ -327,8 +331,6 @@ def test_sigterm_saves_and_resume_ends_with_the_same_model(rm_setup, monkeypatch
     then ends with the weights and best-model record of an uninterrupted run (2N == N + N)."""
     import signal
 
-    from safetensors.torch import load_file
-
     import ppomax.trainers.reward as reward_mod
     from ppomax.errors import STOPPED_EXIT_CODE
 
@@ -358,9 +360,8 @@ def test_sigterm_saves_and_resume_ends_with_the_same_model(rm_setup, monkeypatch
     assert (run / "checkpoints" / "step-5").is_dir() and not (run / "final").exists()
     monkeypatch.setattr(reward_mod, "make_rm_loss", real)
     assert main(["train-rm", "--resume", str(run)]) == 0
-    for name in ("model.safetensors", "value_head.safetensors"):
-        a, b = load_file(str(tmp_path / "ref" / "final" / name)), load_file(str(run / "final" / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (tmp_path / "ref", run))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     best = [json.loads((d / "best" / "ppomax_eval.json").read_text()) for d in (tmp_path / "ref", run)]
     assert best[0] == best[1]
     ref_steps = [r["step"] for r in read_metrics(tmp_path / "ref" / "metrics.jsonl")]
@@ -369,3 +370,55 @@ def test_sigterm_saves_and_resume_ends_with_the_same_model(rm_setup, monkeypatch
     text = (run / "metrics.jsonl").read_text()
     assert main(["train-rm", "--resume", str(run)]) == 0
     assert (run / "metrics.jsonl").read_text() == text
+
+
+def test_a_run_checkpointed_before_value_heads_lost_their_bias_resumes(rm_setup, monkeypatch):
+    """Earlier versions trained a head with a bias and did not record the layout: such a checkpoint (weights and
+    optimiser state with the bias) resumes, and the run ends as it would have: a sequence classifier with the
+    weights of an uninterrupted run (the ranking loss never moves the bias, so dropping it changes no score)."""
+    import signal
+
+    import ppomax.trainers.reward as reward_mod
+    from ppomax.errors import STOPPED_EXIT_CODE
+    from ppomax.trainers.run import LAYOUT_KEY, STATE_FILE
+
+    def head_with_bias(hidden_size, seed=0):  # the head of earlier versions: a zero bias, trained
+        head = torch.nn.Linear(hidden_size, 1)
+        with torch.no_grad():
+            head.weight.copy_(
+                torch.randn(1, hidden_size, generator=torch.Generator().manual_seed(seed)) * 0.2
+            )
+            head.bias.zero_()
+        return head
+
+    tmp_path, cfg = rm_setup
+    cfg["epochs"] = 1
+    cfg["logging"].update(eval_every=4, tensorboard=False)
+    path = write_yaml(tmp_path / "rm.yaml", cfg)
+    with monkeypatch.context() as old:
+        old.setattr(ValueHeadModel, "new_head", staticmethod(head_with_bias))
+        assert main(["train-rm", "--config", str(path), "--set", f"logging.out_dir={tmp_path / 'ref'}"]) == 0
+        real = reward_mod.make_rm_loss
+
+        def make_loss_then_sigterm(beta_rm, lam):
+            inner, calls = real(beta_rm, lam), {"n": 0}
+
+            def loss(model, batch, weights=None):
+                calls["n"] += 1
+                if calls["n"] == 5:
+                    signal.raise_signal(signal.SIGTERM)
+                return inner(model, batch, weights)
+
+            return loss
+
+        old.setattr(reward_mod, "make_rm_loss", make_loss_then_sigterm)
+        assert main(["train-rm", "--config", str(path)]) == STOPPED_EXIT_CODE
+    run = tmp_path / "run"
+    state_file = run / "checkpoints" / "step-5" / STATE_FILE
+    state = json.loads(state_file.read_text())
+    assert state.pop(LAYOUT_KEY) == {"value_head_bias": True}
+    state_file.write_text(json.dumps(state))  # as an earlier version wrote it
+    assert "value_head.bias" in load_file(str(state_file.parent / "model.safetensors"))
+    assert main(["train-rm", "--resume", str(run)]) == 0
+    a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (tmp_path / "ref", run))
+    assert "score.weight" in b and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

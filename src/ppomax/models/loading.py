@@ -1,9 +1,9 @@
-"""Loading tokenizers and causal LMs from local paths, with errors a user can act on.
+"""Loading tokenizers and causal LMs, with errors a user can act on.
 
-Nothing here downloads: every ``from_pretrained`` call passes ``local_files_only=True``. A path that is
-not a directory is still tried against the local Hugging Face cache (so ``org/name`` works once it has
-been downloaded with ``hf download``), and otherwise fails with a :class:`ModelPathError` that names
-the path and says what was expected.
+A model path is a local directory or a Hub id ``org/name[@revision]``, resolved to a local directory first
+(:func:`ppomax.models.hub.resolve_model`: downloaded into the Hugging Face cache when missing, unless
+``HF_HUB_OFFLINE`` is set); everything here then reads that directory. A path that cannot be loaded fails with a
+:class:`ModelPathError` that names the config key and the path and says what was expected.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from ppomax.errors import ModelPathError
 
 from .attention import use_cpu_float32_attention
+from .hub import first_line as _first_line
+from .hub import resolve_model
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -39,6 +41,9 @@ _WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# from_pretrained arguments transformers keeps in a tokenizer's init_kwargs (and so in the tokenizer_config.json that
+# save_pretrained writes)
+_LOAD_FLAGS = ("local_files_only", "is_local", "trust_remote_code", "revision", "token", "cache_dir")
 
 
 def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -55,9 +60,7 @@ def _not_found(path: str | Path, what: str, key: str | None = None) -> ModelPath
     """``key`` (the config key or option that named ``path``, e.g. ``model.policy``) leads the message."""
     lead = f"{key}: {path} not found" if key else f"{what} not found: {path}"
     return ModelPathError(
-        f"{lead} (expected a local directory written by save_pretrained, or a Hub id already in the local "
-        "Hugging Face cache; ppomax never downloads: fetch Hub models first, e.g. `hf download ORG/NAME "
-        "--local-dir DIR`)"
+        f"{lead} (expected a local directory written by save_pretrained, or a Hub id ORG/NAME[@REVISION])"
     )
 
 
@@ -70,7 +73,7 @@ def check_model_dir(
 ) -> None:
     """Raise :class:`ModelPathError` if a local ``path`` is not a Hugging Face model directory.
 
-    Paths that do not exist locally are left to ``from_pretrained(local_files_only=True)`` (HF cache).
+    A path that does not exist is left to the loader (whose error says so).
     """
     p, lead = Path(path), _lead(key)
     if not p.exists():
@@ -93,25 +96,23 @@ def check_model_dir(
 def load_tokenizer(
     path: str | Path, trust_remote_code: bool = False, key: str | None = None
 ) -> PreTrainedTokenizerBase:
-    """Load a tokenizer from a local directory, with a pad token (EOS if it has none) and left padding.
+    """Load a tokenizer from a local directory or Hub id, with a pad token (EOS if it has none) and left padding.
     ``key``: the config key (or option) that named ``path``, which every error names.
 
     Left padding is what generation needs; trainers that pad on the right do it themselves
     (the data collators pad explicitly), so this default never silently changes training.
     """
-    p, lead = Path(path), _lead(key)
-    if p.exists() and p.is_dir() and not any((p / f).is_file() for f in _TOKENIZER_FILES):
+    p, lead = resolve_model(path, key, files="tokenizer"), _lead(key)
+    if not p.exists():  # never handed to transformers, which would look a bare name up on the Hub
+        raise _not_found(path, "tokenizer", key)
+    if p.is_dir() and not any((p / f).is_file() for f in _TOKENIZER_FILES):
         raise ModelPathError(
             f"{lead}tokenizer directory {p} holds no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
             "save one there with tokenizer.save_pretrained or set model.tokenizer"
         )
     try:
-        tok = AutoTokenizer.from_pretrained(
-            str(path), local_files_only=True, trust_remote_code=trust_remote_code
-        )
+        tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        if not p.exists():
-            raise _not_found(path, "tokenizer", key) from None
         raise ModelPathError(f"{lead}cannot load a tokenizer from {path}: {_first_line(exc)}") from None
     if tok.pad_token is None:
         if tok.eos_token is None:
@@ -121,6 +122,10 @@ def load_tokenizer(
             )
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
+    for (
+        flag
+    ) in _LOAD_FLAGS:  # how it was loaded here, not what it is: never written into a saved tokenizer_config
+        tok.init_kwargs.pop(flag, None)
     return tok
 
 
@@ -129,16 +134,23 @@ def load_causal_lm(
     dtype: str | torch.dtype = "float32",
     trust_remote_code: bool = False,
     key: str | None = None,
+    classifier: str | None = None,
 ) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained`` from a local path (no downloads); a directory of LoRA adapters
-    loads as its base with the adapters merged in (:func:`ppomax.models.lora.load_adapter_dir`). ``key``: the
-    config key (or option) that named ``path``, which every error names.
+    """``AutoModelForCausalLM.from_pretrained`` of a local directory or Hub id
+    (:func:`~ppomax.models.hub.resolve_model`); a directory of LoRA adapters loads as its base with the adapters
+    merged in (:func:`ppomax.models.lora.load_adapter_dir`). ``key``: the config key (or option) that named
+    ``path``, which every error names.
 
     Weights whose shapes disagree with ``config.json`` (e.g. its ``vocab_size``) are one line naming the file
     and both shapes, instead of transformers' load report and error; the report of a load that succeeds (keys
-    missing from the weights, or unexpected) is logged as transformers logs it."""
+    missing from the weights, or unexpected) is logged as transformers logs it. ``classifier``: ``path`` is that
+    sequence classifier (its decoder is loaded: the LM head it lacks and the head it has are expected, any other
+    missing weight is an error)."""
     from .lora import is_adapter_dir, load_adapter_dir
 
+    spec, path = path, resolve_model(path, key)
+    if not path.exists():  # never handed to transformers, which would look a bare name up on the Hub
+        raise _not_found(spec, "model", key)
     if is_adapter_dir(path):
         return load_adapter_dir(path, dtype, trust_remote_code)
     lead = _lead(key)
@@ -148,7 +160,6 @@ def load_causal_lm(
             model, info = AutoModelForCausalLM.from_pretrained(
                 str(path),
                 dtype=to_dtype(dtype),
-                local_files_only=True,
                 trust_remote_code=trust_remote_code,
                 ignore_mismatched_sizes=True,  # reported below, in one line
                 output_loading_info=True,
@@ -156,20 +167,41 @@ def load_causal_lm(
     except (pickle.UnpicklingError, SafetensorError, EOFError, RuntimeError) as exc:
         raise weights_error(_weights_file(path), exc) from None
     except OSError as exc:
-        if not Path(path).exists():
-            raise _not_found(path, "model", key) from None
-        raise ModelPathError(f"{lead}cannot load a causal LM from {path}: {_first_line(exc)}") from None
+        raise ModelPathError(f"{lead}cannot load a causal LM from {spec}: {_first_line(exc)}") from None
     except ValueError as exc:  # e.g. an architecture AutoModelForCausalLM does not know
-        raise ModelPathError(f"{lead}cannot load a causal LM from {path}: {_first_line(exc)}") from None
+        if classifier:
+            raise ModelPathError(
+                f"{lead}{spec} is a {classifier}, which has no causal LM: reward models and critics here are decoder "
+                f"LMs with a score head, reading the policy's token ids ({_first_line(exc)})"
+            ) from None
+        raise ModelPathError(f"{lead}cannot load a causal LM from {spec}: {_first_line(exc)}") from None
     mismatched = info.get("mismatched_keys") or ()
     if mismatched:
         embedding = model.get_input_embeddings().weight  # named first: its rows are the vocabulary
         first = {n for n, t in model.named_parameters() if t is embedding}
         ordered = sorted(mismatched, key=lambda m: (m[0] not in first, m[0]))
         raise ModelPathError(lead + _shape_mismatch(path, model.config, ordered))
+    if classifier:
+        _check_classifier_decoder(model, info, spec, classifier, lead)
+        reports.records.clear()
     reports.replay()
     check_finite(model, path)
     return use_cpu_float32_attention(model)
+
+
+def _check_classifier_decoder(
+    model: Any, info: dict[str, Any], spec: Any, classifier: str, lead: str
+) -> None:
+    """A sequence classifier loaded into its causal LM must fill all of it but the LM head (a classifier has
+    none): anything else missing means it is not a decoder LM with a score head (e.g. an encoder such as BERT)."""
+    lm_head = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), "")
+    missing = sorted(k for k in info.get("missing_keys") or () if not (lm_head and k.startswith(lm_head)))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ModelPathError(
+            f"{lead}{spec} is a {classifier} whose weights do not fill its causal LM ({missing[0]}{more} missing): "
+            "reward models and critics here are decoder LMs with a score head, reading the policy's token ids"
+        )
 
 
 class _HeldReports(logging.Filter):
@@ -279,11 +311,6 @@ def weights_error(where: str | Path, exc: BaseException) -> ModelPathError:
     return ModelPathError(f"{p}: cannot load the weights ({_first_line(exc)})")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def init_causal_lm_from_config(
     path: str | Path,
     dtype: str | torch.dtype = "float32",
@@ -292,15 +319,13 @@ def init_causal_lm_from_config(
     key: str | None = None,
 ) -> PreTrainedModel:
     """A causal LM with random (seeded) weights from ``path/config.json``: pretraining from scratch."""
-    p, lead = Path(path), _lead(key)
+    p, lead = resolve_model(path, key, files="config"), _lead(key)
     if not (p / "config.json").is_file():
         if not p.exists():
             raise _not_found(path, "model config", key)
         raise ModelPathError(f"{lead}{p} has no config.json to build a model from")
     try:
-        config = AutoConfig.from_pretrained(
-            str(p), local_files_only=True, trust_remote_code=trust_remote_code
-        )
+        config = AutoConfig.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise ModelPathError(f"{lead}cannot read the model config in {p}: {_first_line(exc)}") from None
     state = torch.random.get_rng_state()
@@ -336,4 +361,33 @@ def check_vocab(model: Any, tokenizer: Any, model_key: str, tokenizer_key: str) 
         raise ModelPathError(
             f"{model_key}: {source} has {len(tokenizer)} tokens but the model's embedding table has {emb} rows; "
             "use the tokenizer the model was trained with (model.tokenizer) or resize the model's embeddings"
+        )
+
+
+def check_same_tokens(
+    model_path: str | Path,
+    tokenizer: Any,
+    model_key: str,
+    tokenizer_key: str,
+    trust_remote_code: bool = False,
+) -> None:
+    """A reward model or critic scores the policy's token ids, so the tokenizer saved with it (when there is one)
+    must give every token of ``tokenizer`` the same id; a model of another tokenizer (often a Hub reward model of
+    another family) is one line saying so, not scores of garbled text. Without a tokenizer of its own, only
+    :func:`check_vocab`'s size check applies."""
+    p = resolve_model(model_path, model_key, files="tokenizer")
+    if not any((p / f).is_file() for f in _TOKENIZER_FILES):
+        return
+    try:
+        own = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return
+    ours, theirs = tokenizer.get_vocab(), own.get_vocab()
+    differ = sorted((i, t) for t, i in ours.items() if theirs.get(t) != i)
+    if differ:
+        i, token = differ[0]
+        raise ModelPathError(
+            f"{model_key}: its tokenizer is not the one of {tokenizer_key}: {len(differ)} of {len(ours)} tokens have "
+            f"another id there or none (e.g. {token!r}, id {i}); ppomax scores the policy's token ids, so a reward "
+            "model or critic must share the policy's vocabulary (one trained from the same base model)"
         )

@@ -8,10 +8,10 @@
 * :func:`save_trained` is the one save every trainer's final/best model goes through: ``save_pretrained`` (PEFT
   writes only ``adapter_config.json`` + ``adapter_model.safetensors``, a value-head model adds its head) and, with
   ``model.lora.save_merged``, ``<dir>/merged``: base + adapters merged into plain weights that load with
-  ``AutoModelForCausalLM.from_pretrained`` (or :meth:`ValueHeadModel.from_pretrained`) without PEFT.
+  ``AutoModelForCausalLM.from_pretrained`` (a value-head model: ``AutoModelForSequenceClassification``) without PEFT.
 * :func:`load_adapter_dir` makes an adapter directory a model path like any other: :func:`load_causal_lm` loads
-  its base (``base_model_name_or_path``, written as an absolute path) and merges the adapters in, so an SFT run
-  with LoRA feeds an RM or PPO run directly.
+  its base (``base_model_name_or_path``: written as an absolute path, or the Hub id and ``revision`` of a base from
+  the Hub) and merges the adapters in, so an SFT run with LoRA feeds an RM or PPO run directly.
 
 PEFT is imported only when LoRA is used (``pip install 'ppomax[lora]'``).
 """
@@ -30,6 +30,8 @@ from torch import Tensor
 
 from ppomax.errors import ConfigError, ModelPathError
 
+from .classifier import save_classifier
+from .hub import parse_hub_id
 from .saving import save_generation_config, share_tied_weights
 from .value_head import ValueHeadModel
 
@@ -105,8 +107,12 @@ def with_adapters(model: Any, lora: LoraSettings | None, base_path: str | Path, 
                 f"model.lora.target_modules: {exc}".rstrip(".")
                 + f" ({base_path}; its linear layers: {', '.join(linear)})"
             ) from None
-    p = Path(base_path)
-    wrapped.peft_config["default"].base_model_name_or_path = str(p.resolve() if p.exists() else base_path)
+    p, settings = Path(base_path), wrapped.peft_config["default"]
+    hub = None if p.exists() else parse_hub_id(base_path)
+    if hub is not None:  # as PEFT records a Hub base: its id, and the revision apart
+        settings.base_model_name_or_path, settings.revision = hub.repo_id, hub.revision
+    else:
+        settings.base_model_name_or_path = str(p.resolve() if p.exists() else base_path)
     return wrapped
 
 
@@ -202,15 +208,17 @@ def merged_state_dict(peft_model: Any, state_dict: dict[str, Tensor] | None = No
 
 
 def save_merged(model: Any, out_dir: Path, state_dict: dict[str, Tensor] | None = None) -> None:
-    """Base + adapters as plain weights in ``out_dir``: a causal LM, or a value-head model (merged backbone + its
-    head). ``state_dict``: the gathered weights of ``model`` (sharded training), else its own."""
+    """Base + adapters as plain weights in ``out_dir``: a causal LM, or a value-head model as a sequence classifier
+    (:func:`~ppomax.models.classifier.save_classifier`: merged decoder + its head). ``state_dict``: the gathered
+    weights of ``model`` (sharded training), else its own."""
     if isinstance(model, ValueHeadModel):
         backbone_sd = head_sd = None
         if state_dict is not None:
             backbone_sd = {k[9:]: v for k, v in state_dict.items() if k.startswith("backbone.")}
             head_sd = {k[11:]: v for k, v in state_dict.items() if k.startswith("value_head.")}
-        save_merged(model.backbone, out_dir, backbone_sd)
-        model.save_head(out_dir, head_sd)
+        base = model.backbone.get_base_model()
+        merged = share_tied_weights(merged_state_dict(model.backbone, backbone_sd), base)
+        save_classifier(base, merged, head_sd or model.value_head.state_dict(), out_dir)
         return
     base = model.get_base_model()
     base.save_pretrained(out_dir, state_dict=share_tied_weights(merged_state_dict(model, state_dict), base))
@@ -251,6 +259,14 @@ def save_trained(
 # --------------------------------------------------------------------------- loading
 
 
+def adapter_base(base: str, revision: str | None) -> str:
+    """The model path of an adapter config's base: ``base_model_name_or_path``, with its ``revision`` as
+    ``@revision`` when the base is a Hub id."""
+    if revision and not Path(base).exists() and parse_hub_id(base) is not None and "@" not in base:
+        return f"{base}@{revision}"
+    return base
+
+
 def load_adapter_dir(path: str | Path, dtype: Any, trust_remote_code: bool = False) -> Any:
     """A plain causal LM from an adapter directory: its base (``base_model_name_or_path``) with the adapters
     merged in."""
@@ -258,11 +274,13 @@ def load_adapter_dir(path: str | Path, dtype: Any, trust_remote_code: bool = Fal
 
     p = Path(path)
     try:
-        base_path = json.loads((p / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
+        settings = json.loads((p / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        base_path = settings["base_model_name_or_path"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelPathError(f"{p / ADAPTER_CONFIG}: not a readable PEFT adapter config ({exc})") from None
     if not base_path:
         raise ModelPathError(f"{p / ADAPTER_CONFIG}: base_model_name_or_path is empty: no base to load")
+    base_path = adapter_base(base_path, settings.get("revision"))
     try:
         base = load_causal_lm(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
     except ModelPathError as exc:

@@ -1,16 +1,19 @@
 """A causal LM with a scalar value head: the reward model (paper 3.1) and the PPO critic.
 
 The paper's RM is the pretrained transformer "with the last unembedding layer removed" plus a linear layer
-on the final transformer layer, reading the value at the last token. Here the LM head is *kept* (unused
-unless asked) because eq. 2 trains the RM with an LM loss on the chosen answer through the same trunk,
-and because keeping it makes the saved backbone a plain causal-LM checkpoint that loads with
-``AutoModelForCausalLM`` (a critic can start from an RM, an RM from an SFT model, without conversions).
+on the final transformer layer, reading the value at the last token. In memory the LM head is *kept* (unused
+unless asked) because eq. 2 trains the RM with an LM loss on the chosen answer through the same trunk
+(``beta_rm``); the head is transformers' ``score`` head of a ``*ForSequenceClassification`` model:
+``Linear(hidden_size, 1, bias=False)``, kept in float32.
 
-On disk (``save_pretrained``)::
+* values [B, T]: the head on every position's final hidden state (a critic's per-token values, as TRL's value
+  model computes them);
+* scores [B]: the value where transformers' ``*ForSequenceClassification`` pools, the last attended token that is
+  not ``config.pad_token_id`` (:func:`ppomax.algos.score_token_index`), so a reward model scores a sequence exactly
+  as ``AutoModelForSequenceClassification`` does.
 
-    config.json, model.safetensors, ...   the backbone (AutoModelForCausalLM.save_pretrained)
-    value_head.safetensors                 {"weight": [1, H], "bias": [1]}
-    ppomax_value_head.json                 {"format": "ppomax-value-head", "version": 1, "hidden_size": H}
+On disk (:mod:`ppomax.models.classifier`) a reward model or critic is a standard ``*ForSequenceClassification``
+checkpoint with ``num_labels: 1``, which transformers and TRL load as they load any Hub reward model.
 
 Position ids are computed from the attention mask, so a left-padded row gives the same values as the same
 row right-padded (absolute-position models such as GPT-2 would otherwise shift every position).
@@ -18,28 +21,28 @@ row right-padded (absolute-position models such as GPT-2 would otherwise shift e
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from ppomax.algos import last_token_index
-from ppomax.errors import ModelPathError
+from ppomax.algos import score_token_index
 
-from .loading import check_finite, enable_activation_checkpointing, load_causal_lm, to_dtype
+from .loading import enable_activation_checkpointing, load_causal_lm, to_dtype
 
+# the files of the value-head directories earlier ppomax versions wrote (read by ppomax.models.classifier)
 HEAD_WEIGHTS = "value_head.safetensors"
 HEAD_META = "ppomax_value_head.json"
-_FORMAT = "ppomax-value-head"
+# a run's checkpoint layout key (RunContext.layout): whether its value heads have a bias; absent in checkpoints of
+# runs started by earlier ppomax versions, whose heads had one
+HEAD_BIAS = "value_head_bias"
 
 
 class ValueHeadOutput(NamedTuple):
     """values: [B, T] float32, one per position (the value of the prefix ending there);
-    scores: [B] float32, the value at each row's last non-pad token (the reward r(x, y));
+    scores: [B] float32, the value where the sequence is scored (the reward r(x, y));
     lm_logits: [B, T, V] when asked for, else None.
 
     A named tuple, so engines that hook module outputs find its tensors (ZeRO-3 registers backward hooks there)."""
@@ -59,12 +62,6 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def is_value_head_model(path: str | Path) -> bool:
-    """True if ``path`` is a directory saved by :meth:`ValueHeadModel.save_pretrained`."""
-    p = Path(path)
-    return (p / HEAD_META).is_file() and (p / HEAD_WEIGHTS).is_file()
-
-
 def _decoder(backbone: PreTrainedModel) -> torch.nn.Module:
     """The decoder stack without the LM head; under a PEFT wrapper (LoRA), the wrapped model's (its adapted
     layers are injected in place, so they run)."""
@@ -72,42 +69,78 @@ def _decoder(backbone: PreTrainedModel) -> torch.nn.Module:
     return inner.base_model
 
 
-def _hidden_size(backbone: PreTrainedModel) -> int:
+def hidden_size_of(backbone: PreTrainedModel) -> int:
     emb = backbone.get_input_embeddings()
     if emb is not None and hasattr(emb, "embedding_dim"):
         return int(emb.embedding_dim)
-    return int(backbone.config.hidden_size)
+    return int(backbone.config.get_text_config().hidden_size)
 
 
 class ValueHeadModel(torch.nn.Module):
-    """Causal LM backbone + ``Linear(hidden_size, 1)`` value head (kept in float32 for precise values)."""
+    """Causal LM backbone + ``Linear(hidden_size, 1, bias=False)`` value head (float32, for precise values).
+
+    A head with a bias is what value-head directories of earlier ppomax versions hold (kept when it is not zero)
+    and what checkpoints of runs they started hold (:meth:`add_head_bias`)."""
 
     def __init__(self, backbone: PreTrainedModel, value_head: torch.nn.Linear | None = None, seed: int = 0):
         super().__init__()
         self.backbone = backbone
         if value_head is None:
-            value_head = self.new_head(_hidden_size(backbone), seed)
+            value_head = self.new_head(hidden_size_of(backbone), seed)
         self.value_head = value_head
 
     @staticmethod
     def new_head(hidden_size: int, seed: int = 0) -> torch.nn.Linear:
-        """A fresh head: weights N(0, 1/(H+1)) drawn from a seeded generator, zero bias.
+        """A fresh head without bias (transformers' ``score``): weights N(0, 1/(H+1)) from a seeded generator.
 
         The 1/sqrt(H+1) std (as in OpenAI's lm-human-preferences reward head) gives initial values of
         order 1 when the final hidden state has unit-scale features, so the first updates are neither
         saturated nor vanishing; the seeded generator leaves the global RNG untouched.
         """
         with torch.random.fork_rng(devices=[]):  # nn.Linear's own init would draw from the global RNG
-            head = torch.nn.Linear(hidden_size, 1)
+            head = torch.nn.Linear(hidden_size, 1, bias=False)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             head.weight.copy_(torch.randn(1, hidden_size, generator=gen) / (hidden_size + 1) ** 0.5)
-            head.bias.zero_()
         return head
+
+    def add_head_bias(self) -> None:
+        """Give the head a (zero) bias if it has none: the layout of a checkpoint written by a run an earlier ppomax
+        version started (its weights, and its optimiser's state, hold a trained bias), so that run resumes."""
+        head = self.value_head
+        if head.bias is not None:
+            return
+        with torch.random.fork_rng(devices=[]):
+            new = torch.nn.Linear(head.in_features, 1, device=head.weight.device, dtype=head.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(head.weight)
+            new.bias.zero_()
+        new.requires_grad_(head.weight.requires_grad)
+        self.value_head = new
+
+    def match_checkpoint(self, layout: dict[str, Any] | None) -> dict[str, Any]:
+        """Lay the head out as the checkpoint a run resumes from holds it (``layout``: the run's recorded layout,
+        None for a fresh run; a checkpoint without :data:`HEAD_BIAS` has heads with a bias); returns the layout to
+        record with this run's checkpoints."""
+        if layout is not None and layout.get(HEAD_BIAS, True):
+            self.add_head_bias()
+        return {HEAD_BIAS: self.value_head.bias is not None}
 
     @property
     def config(self):  # the backbone's HF config (used by accelerate/DeepSpeed auto settings)
         return self.backbone.config
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """The pad token id of the backbone's config: the token the score is never read at (transformers' pooling)."""
+        value = self.backbone.config.get_text_config().pad_token_id
+        return None if value is None else int(value)
+
+    def use_pad_token(self, pad_token_id: int | None) -> None:
+        """Record the tokenizer's pad token id in the config when it has none (as TRL's reward trainer does): the
+        score is read, and the saved checkpoint pools, as the data is padded."""
+        if self.pad_token_id is None and pad_token_id is not None:
+            self.backbone.config.get_text_config().pad_token_id = int(pad_token_id)
 
     def activation_checkpointing_enable(self, **kwargs) -> None:
         enable_activation_checkpointing(self.backbone, **kwargs)
@@ -153,7 +186,7 @@ class ValueHeadModel(torch.nn.Module):
         hidden, logits = self._hidden_and_logits(input_ids, attention_mask, return_lm_logits)
         head = self.value_head if value_head is None else value_head
         values = head(hidden.to(head.weight.dtype)).squeeze(-1).float()
-        idx = last_token_index(attention_mask)
+        idx = score_token_index(input_ids, attention_mask, self.pad_token_id)
         scores = values.gather(1, idx.unsqueeze(1)).squeeze(1)
         return ValueHeadOutput(values=values, scores=scores, lm_logits=logits)
 
@@ -166,48 +199,22 @@ class ValueHeadModel(torch.nn.Module):
             out.requires_grad_(False)
 
     def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Scalar reward per row: the value at the last non-pad token, [B] float32 (paper 3.1)."""
+        """Scalar reward per row, [B] float32 (paper 3.1): the value where transformers' sequence classifier reads
+        it (:func:`ppomax.algos.score_token_index`)."""
         return self.forward(input_ids, attention_mask).scores
 
     # ------------------------------------------------------------------ save / load
 
     def save_pretrained(
-        self,
-        out_dir: str | Path,
-        state_dict: dict[str, Tensor] | None = None,
-        safe_serialization: bool = True,
-        **backbone_kwargs: Any,
+        self, out_dir: str | Path, state_dict: dict[str, Tensor] | None = None, **kwargs: Any
     ) -> None:
-        """Backbone via ``save_pretrained`` (safetensors; ``backbone_kwargs`` passed on) + the head's weights and a
-        marker file.
+        """A ``*ForSequenceClassification`` checkpoint (:func:`ppomax.models.classifier.save_value_model`); under
+        LoRA the adapters and the head. ``state_dict`` (keys ``backbone.*`` / ``value_head.*``) is for sharded
+        training, where the caller gathered the full weights (e.g. ``accelerator.get_state_dict``); ``kwargs`` go
+        to transformers' ``save_pretrained``."""
+        from .classifier import save_value_model
 
-        ``state_dict`` (keys ``backbone.*`` / ``value_head.*``) is for sharded training, where the caller
-        gathered the full weights (e.g. ``accelerator.get_state_dict``).
-        """
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        backbone_sd = head_sd = None
-        if state_dict is not None:
-            backbone_sd = {
-                k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")
-            }
-            head_sd = {
-                k[len("value_head.") :]: v for k, v in state_dict.items() if k.startswith("value_head.")
-            }
-        self.backbone.save_pretrained(
-            out, state_dict=backbone_sd, safe_serialization=safe_serialization, **backbone_kwargs
-        )
-        self.save_head(out, head_sd)
-
-    def save_head(self, out_dir: str | Path, head_sd: dict[str, Tensor] | None = None) -> None:
-        """The head's weights (``head_sd``, else its own) and the marker file, beside a saved backbone."""
-        out = Path(out_dir)
-        head_sd = head_sd or self.value_head.state_dict()
-        save_file(
-            {k: v.detach().cpu().float().contiguous() for k, v in head_sd.items()}, str(out / HEAD_WEIGHTS)
-        )
-        meta = {"format": _FORMAT, "version": 1, "hidden_size": int(self.value_head.in_features)}
-        (out / HEAD_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        save_value_model(self, Path(out_dir), state_dict, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -217,27 +224,12 @@ class ValueHeadModel(torch.nn.Module):
         trust_remote_code: bool = False,
         key: str | None = None,
     ) -> ValueHeadModel:
-        """Load a value-head model (a trained RM or critic) saved by :meth:`save_pretrained`; ``key``: the config
-        key that named ``path`` (errors name it)."""
-        p, lead = Path(path), f"{key}: " if key else ""
-        if not is_value_head_model(p):
-            if not p.exists():
-                raise ModelPathError(f"{lead}reward/critic model not found: {p}")
-            raise ModelPathError(
-                f"{lead}{p} is not a value-head model (no {HEAD_META} / {HEAD_WEIGHTS}): train one with "
-                "`ppomax train-rm`, or start a fresh head on a causal LM (e.g. ppo.critic_init: sft)"
-            )
-        backbone = load_causal_lm(p, dtype=dtype, trust_remote_code=trust_remote_code, key=key)
-        hidden = _hidden_size(backbone)
-        try:
-            sd = load_file(str(p / HEAD_WEIGHTS))
-            with torch.random.fork_rng(devices=[]):
-                head = torch.nn.Linear(hidden, 1)
-            head.load_state_dict(sd)
-        except Exception as exc:  # a corrupt or mismatched head file: say which file, not a deep traceback
-            raise ModelPathError(f"{p / HEAD_WEIGHTS}: cannot load the value head ({exc})") from None
-        check_finite(head, p / HEAD_WEIGHTS)
-        return cls(backbone, head)
+        """A reward model or critic: a ``*ForSequenceClassification`` checkpoint with one label (ppomax's, TRL's, a
+        Hub reward model's; a local directory or a Hub id), or a value-head directory of an earlier ppomax version.
+        ``key``: the config key that named ``path`` (errors name it)."""
+        from .classifier import load_value_model
+
+        return load_value_model(cls, path, dtype, trust_remote_code, key)
 
     @classmethod
     def from_causal_lm(
@@ -248,6 +240,6 @@ class ValueHeadModel(torch.nn.Module):
         seed: int = 0,
         key: str | None = None,
     ) -> ValueHeadModel:
-        """A fresh seeded head on a causal-LM checkpoint (an SFT model, or a saved RM's backbone)."""
+        """A fresh seeded head on a causal-LM checkpoint (an SFT model; a local directory or a Hub id)."""
         backbone = load_causal_lm(path, dtype=to_dtype(dtype), trust_remote_code=trust_remote_code, key=key)
         return cls(backbone, seed=seed)

@@ -241,6 +241,7 @@ class PPOTrainer:
         m = load_models(cfg)
         if m.critic is not None:
             m.critic.freeze_lm_head()
+            run.layout.update(m.critic.match_checkpoint(run.resumed_layout()))
         log_chat_format(run, cfg.data.chat_format, m.tokenizer)
         self.data = data = load_data(
             cfg, m.tokenizer, acc.process_index, acc.num_processes, resizable=allow_data_change

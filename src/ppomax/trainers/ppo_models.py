@@ -5,12 +5,16 @@
 * Reference: a separate frozen copy, from ``model.reference`` or the policy's path. Under LoRA, when
   ``model.reference`` is unset or the policy's own path, no copy is loaded: the reference is the policy's base
   with its adapters disabled (:class:`ppomax.models.AdaptersOff`), called like any model.
-* Critic (paper 5.3.3, ``ppo.critic_init``): an explicit ``model.critic`` value-head checkpoint, else a copy of the
-  reward model (``reward_model``), the SFT backbone with a fresh head (``sft``), or a freshly initialised backbone
-  of the policy's architecture with a fresh head (``random``).
+* Critic (paper 5.3.3, ``ppo.critic_init``): an explicit ``model.critic`` checkpoint (a sequence classifier with
+  one label: a trained critic or reward model, ppomax's, TRL's or the Hub's), else a copy of the reward model
+  (``reward_model``), the SFT backbone with a fresh head (``sft``), or a freshly initialised backbone of the
+  policy's architecture with a fresh head (``random``). Its values are its head on every position.
   Under LoRA with ``model.lora.critic``, adapters go on the critic's own backbone (it shares nothing with the
   policy); its value head is always fully trained. None at all with a critic-free ``ppo.advantage_estimator``.
-* Reward model: a trained value-head model (``model.reward``), frozen; optional when reward functions are set.
+* Reward model: ``model.reward``, a sequence classifier with one label (ppomax's ``train-rm``, TRL's reward trainer,
+  a Hub reward model), frozen; it scores a response where transformers' classifier pools (before a trailing EOS
+  when EOS is the pad token); optional when reward functions are set. Critic and reward model must share the
+  policy's tokenizer (they read its token ids).
   Under LoRA, when the critic is the reward model plus adapters, the reward model is the critic's base with its
   adapters disabled and a frozen copy of the reward model's head (:class:`ppomax.models.RewardOnCriticBase`).
 
@@ -32,10 +36,12 @@ from torch import Tensor
 
 from ppomax.algos import entropy_from_logits, logprobs_from_logits
 from ppomax.config import PPOConfig
+from ppomax.data import pad_id_of
 from ppomax.models import (
     AdaptersOff,
     RewardOnCriticBase,
     ValueHeadModel,
+    check_same_tokens,
     check_vocab,
     enable_activation_checkpointing,
     init_causal_lm_from_config,
@@ -162,6 +168,12 @@ def load_models(cfg: PPOConfig) -> PPOModels:
     for key, model in checked.items():
         if model is not None and not isinstance(model, AdaptersOff):
             check_vocab(model, tokenizer, key, tokenizer_key)
+    for key in ("model.reward", "model.critic"):
+        path = getattr(m, key.split(".")[1])
+        if path and checked.get(key) is not None:
+            check_same_tokens(path, tokenizer, key, tokenizer_key, m.trust_remote_code)
+    if critic is not None:
+        critic.use_pad_token(pad_id_of(tokenizer))
     for model in (policy, critic) if critic is not None else (policy,):
         disable_dropout(model)
         if m.gradient_checkpointing:

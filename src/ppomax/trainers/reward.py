@@ -3,11 +3,12 @@
 ``L = -lambda * E[log sigmoid(r(x, y_w) - r(x, y_l))] + beta_rm * NLL(y_w | x)``: the pairwise ranking loss
 plus an LM (imitation) loss on the preferred response through the same trunk (``beta_rm: 0`` turns it off;
 the paper uses 1). The reward is the value head's output at the last token of prompt + response
-(:class:`ppomax.models.ValueHeadModel`). Batches are fixed-size (``batch_size`` pairs per process) or
-token-balanced (``max_tokens_per_batch`` padded tokens per process, both rows of each pair counted; paper 4.2).
+(:class:`ppomax.models.ValueHeadModel`: where transformers' sequence classifier reads it). Batches are fixed-size
+(``batch_size`` pairs per process) or token-balanced (``max_tokens_per_batch`` padded tokens per process, both rows of each pair counted; paper 4.2).
 
 Every ``logging.eval_every`` steps and at the end: validation accuracy, mean margin and ranking loss. The model with
-the best validation accuracy is kept in ``out_dir/best``, the last one in ``out_dir/final`` (what
+the best validation accuracy is kept in ``out_dir/best``, the last one in ``out_dir/final`` (both
+``*ForSequenceClassification`` checkpoints that plain transformers and TRL load; what
 :func:`train_rm` returns: the paper (4.4) found accuracy alone a poor criterion for the RM PPO should use).
 At the end the test split (``data.test``, else the validation split) is scored and
 ``rm_margins_<split>.png`` (paper fig. 2) and ``rm_eval_<split>.json`` are written
@@ -181,6 +182,8 @@ def train_rm(
         key="model.policy",
     )
     check_vocab(model, tokenizer, "model.policy", tokenizer_key)
+    model.use_pad_token(pad_id_of(tokenizer))  # the saved classifier pools where training read the scores
+    ctx.layout.update(model.match_checkpoint(ctx.resumed_layout()))
     model = with_adapters(model, m.lora, m.policy, seed=cfg.seed)
     if m.gradient_checkpointing:
         enable_activation_checkpointing(model)

@@ -84,6 +84,7 @@ STATE_FILE = "ppomax_state.json"
 # metrics.jsonl held at the checkpoint (what a resume keeps of it).
 DATA_KEY = "data_files"
 METRICS_KEY = "metrics_records"
+LAYOUT_KEY = "model_layout"
 CONFIG_FILE = "config.yaml"
 # What a run writes into its directory: what --overwrite (or restarting a run that died early) deletes.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "final", "best", "samples")
@@ -141,6 +142,9 @@ class RunContext:
     data: RunData = field(default_factory=lambda: RunData({}))
     plan: RunPlan | None = None
     """What the main process found in the directory, and its lock (None on the other ranks)."""
+    layout: dict[str, Any] = field(default_factory=dict)
+    """How the trained models are laid out where a checkpoint's weights depend on it (e.g. whether value heads have
+    a bias), recorded with every checkpoint: :meth:`resumed_layout`."""
     _metrics: MetricsLogger | None = None
 
     @property
@@ -177,6 +181,18 @@ class RunContext:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def resumed_layout(self) -> dict[str, Any] | None:
+        """The :attr:`layout` recorded in the checkpoint this run resumes from ({} for one written before layouts
+        were recorded), None for a fresh run: the trainer builds its models to match before loading the weights."""
+        if self.resume_from is None:
+            return None
+        try:
+            state = json.loads((self.resume_from / STATE_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}  # restore() says what is wrong with the checkpoint
+        layout = state.get(LAYOUT_KEY) if isinstance(state, dict) else None
+        return dict(layout) if isinstance(layout, dict) else {}
+
     def track(self, **objects: Stateful | None) -> None:
         """Save these objects' ``state_dict()`` (JSON) with every checkpoint and restore them on resume."""
         self.tracked.update({k: v for k, v in objects.items() if v is not None})
@@ -188,7 +204,12 @@ class RunContext:
         final = root / f"step-{step}"
         # serialised first: a state that is not JSON is a bug, found before anything is written
         state = {k: v.state_dict() for k, v in self.tracked.items()}
-        ppomax = {"step": step, DATA_KEY: self.data.fingerprints, METRICS_KEY: self.metrics.records}
+        ppomax = {
+            "step": step,
+            DATA_KEY: self.data.fingerprints,
+            METRICS_KEY: self.metrics.records,
+            LAYOUT_KEY: self.layout,
+        }
         text = json.dumps({**ppomax, **state}, indent=1)
         with self.atomic_dir(final, what="a checkpoint") as tmp:
             self.accelerator.save_state(str(tmp))
