@@ -10,9 +10,9 @@ CUDA build), then ``trl==1.12.*`` (or, if that cannot be installed, the newest 1
 transformers and accelerate pinned to this venv's versions. Later runs reuse it (``--reinstall`` rebuilds it).
 
 What is shared, built once here (bench/_tiny.py): the tokenizer, the random Llama policy (also the reference),
-the value-head reward model (also the critic's initial weights, ``critic_init: reward_model`` on both sides;
-TRL gets it as a ``LlamaForSequenceClassification`` with the same backbone and the head copied into ``score``,
-checked to give the same scores), and the prompts: token ids computed once by ppomax's prompt tokenizer, all
+the reward model (also the critic's initial weights, ``critic_init: reward_model`` on both sides; ppomax saves it
+as a ``LlamaForSequenceClassification``, which TRL loads as it is, checked to give the same scores), and the
+prompts: token ids computed once by ppomax's prompt tokenizer, all
 prompts of the same length, so neither side pads them. Each side runs in its own fresh process with
 ``torch.set_num_threads(--threads)``: ppomax with this interpreter, TRL with the one in ``bench/.venv-trl``.
 
@@ -132,10 +132,9 @@ def ensure_trl_venv(venv: Path, reinstall: bool) -> Path:
 def prepare(
     root: Path, hidden: int, layers: int, vocab: int, seed: int, n_prompts: int = 256
 ) -> dict[str, Any]:
-    """Models, TRL's converted reward model and equal-length prompts in ``root``; returns the spec both sides read."""
+    """Models and equal-length prompts in ``root``; returns the spec both sides read."""
     import torch
     from _tiny import build_models, random_prompt, write_prompts
-    from transformers import LlamaForSequenceClassification
 
     from ppomax.data import tokenize_prompt
     from ppomax.models import ValueHeadModel, load_tokenizer
@@ -150,17 +149,8 @@ def prepare(
     keep = [(p, i) for p, i in zip(cands, ids, strict=True) if len(i) == length][:n_prompts]
     prompts = write_prompts(root / "prompts.jsonl", [p for p, _ in keep])
 
-    # TRL's reward/value model: a sequence classifier on the same backbone, the value head copied into `score`.
+    # TRL's reward/value model is ppomax's saved one (a sequence classifier).
     vh = ValueHeadModel.from_pretrained(rm).eval()
-    fields = {k: v for k, v in vh.backbone.config.to_dict().items() if k not in ("id2label", "label2id")}
-    cfg = vh.backbone.config.__class__.from_dict({**fields, "num_labels": 1})
-    seq = LlamaForSequenceClassification(cfg).eval()
-    seq.model.load_state_dict(vh.backbone.model.state_dict())
-    with torch.no_grad():
-        seq.score.weight.copy_(vh.value_head.weight)
-    rm_trl = root / "rm_trl"
-    seq.save_pretrained(rm_trl)
-    tok.save_pretrained(rm_trl)
     # Check rows for the TRL side: the same sequences must score the same there (padding after the response).
     g = torch.Generator().manual_seed(seed)
     resp = torch.randint(3, len(tok), (4, 10), generator=g)
@@ -171,13 +161,11 @@ def prepare(
     return {
         "policy": str(policy),
         "rm": str(rm),
-        "rm_trl": str(rm_trl),
         "prompts": str(prompts),
         "prompt_ids": [i for _, i in keep],
         "prompt_len": length,
         "n_params": n_params,
         "shape": model_shape(policy),  # for the FLOP counts (the model directory is gone by report time)
-        "score_bias": float(vh.value_head.bias.item()),
         "check_seqs": seqs.tolist(),
         "check_scores": scores,
     }
@@ -355,16 +343,7 @@ def run_trl(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
     load_lm = lambda: AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32)  # noqa: E731
 
     def load_rm() -> Any:
-        m = AutoModelForSequenceClassification.from_pretrained(
-            spec["rm_trl"], num_labels=1, dtype=torch.float32
-        )
-        if spec["score_bias"] != 0.0:  # Llama's classifier head has no bias; ppomax's value head has one
-            head = torch.nn.Linear(m.score.in_features, 1)
-            with torch.no_grad():
-                head.weight.copy_(m.score.weight)
-                head.bias.fill_(spec["score_bias"])
-            m.score = head
-        return m.eval()
+        return AutoModelForSequenceClassification.from_pretrained(spec["rm"], dtype=torch.float32).eval()
 
     policy, ref, rm, value = load_lm(), load_lm(), load_rm(), load_rm()
     seqs = torch.tensor(spec["check_seqs"])

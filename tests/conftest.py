@@ -51,6 +51,13 @@ def pytest_terminal_summary(terminalreporter, config) -> None:
             terminalreporter.write_line(f"  {name}: {n}")
 
 
+@pytest.fixture(autouse=True)
+def _hub_offline(monkeypatch):
+    """Tests never download: every model path that is a Hub id resolves from the (hand-made) Hugging Face cache
+    only, as with HF_HUB_OFFLINE=1 (subprocesses inherit it)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 @pytest.fixture
 def one_thread(monkeypatch):
     """Tiny models on a shared 2-core machine: one intra-op thread is far faster than two contending ones (also

@@ -52,7 +52,7 @@ def test_parse_judge(tmp_path):
     assert parse_judge("gold") == ("gold", None)
     assert parse_judge("gold:/w") == ("gold", "/w")
     assert parse_judge(f"reward-model:{tmp_path}") == ("reward-model", str(tmp_path))
-    with pytest.raises(UserError, match="reward-model:DIR"):
+    with pytest.raises(UserError, match="reward-model:PATH"):
         parse_judge("reward-model")
     with pytest.raises(UserError, match="no reward model directory"):
         parse_judge(f"reward-model:{tmp_path / 'missing'}")

@@ -256,7 +256,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, one_thread):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "config.json" in err[0]
     assert main(["plan"]) == 2
-    assert "--model DIR or model.policy" in capsys.readouterr().err
+    assert "--model PATH or model.policy" in capsys.readouterr().err
 
 
 def test_lora_settings_from_flags_over_model_lora():

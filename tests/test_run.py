@@ -360,8 +360,8 @@ def test_a_resume_that_cannot_start_leaves_the_run_byte_identical(sft, capsys):
 
 @pytest.mark.parametrize("command", ["train-sft", "train-rm", "train-ppo"])
 def test_a_model_path_that_is_not_there_names_its_key_and_writes_nothing(tmp_path, capsys, command):
-    """A Hub id that is not in the local cache (or any missing path): one line naming the config key, and no
-    run directory (no config.yaml, no tb/)."""
+    """A Hub id that is not in the local cache, offline (as every test is): one line naming the config key, and
+    no run directory (no config.yaml, no tb/)."""
     out = tmp_path / "run"
     data = write_jsonl(
         tmp_path / "data.jsonl", [{"prompt": "p", "response": "r", "chosen": "a", "rejected": "b"}]
@@ -377,7 +377,8 @@ def test_a_model_path_that_is_not_there_names_its_key_and_writes_nothing(tmp_pat
     ]
     assert main([command, *(x for s in sets for x in ("--set", s))]) == 2
     err = capsys.readouterr().err
-    assert "ppomax: model.policy: HuggingFaceTB/not-in-the-cache not found" in err, err
+    expected = "ppomax: model.policy: HuggingFaceTB/not-in-the-cache is not in the Hub cache and HF_HUB_OFFLINE is set"
+    assert expected in err, err
     assert "tokenizer not found" not in err and "Traceback" not in err
     assert not out.exists()
 

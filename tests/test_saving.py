@@ -193,3 +193,15 @@ def test_a_bf16_lora_merged_export_keeps_the_update_in_float32(tmp_path):
     assert torch.equal(saved["model.layers.0.self_attn.q_proj.weight"], expected)
     assert all(t.dtype == torch.float32 for t in saved.values())
     assert AutoModelForCausalLM.from_pretrained(final).dtype == torch.float32
+
+
+@pytest.mark.parametrize("value_head", [False, True])
+def test_saved_configs_carry_no_loading_flags(tmp_path, value_head):
+    """How ppomax (or transformers) loaded a model is not what the saved model is: tokenizer_config.json and
+    config.json hold no local_files_only, is_local or trust_remote_code."""
+    base = make_tiny_lm(tmp_path)
+    model = ValueHeadModel.from_causal_lm(base) if value_head else load_causal_lm(base)
+    save_trained(model, tmp_path / "saved", None, load_tokenizer(base, trust_remote_code=False), None)
+    for name in ("tokenizer_config.json", "config.json"):
+        saved = json.loads((tmp_path / "saved" / name).read_text())
+        assert not {"local_files_only", "is_local", "trust_remote_code"} & set(saved), name

@@ -132,7 +132,9 @@ class PPOLoraSettings(LoraSettings):
 
 
 class ModelConfig(_Section):
-    """Where the model comes from (SFT, RM). Paths are local directories written by ``save_pretrained``."""
+    """Where the model comes from (SFT, RM). A model path is a local directory written by ``save_pretrained`` or a
+    Hub id ``org/name`` (a revision as ``org/name@rev``), downloaded into the Hugging Face cache when missing unless
+    ``HF_HUB_OFFLINE`` is set."""
 
     _retired = {
         k: (None, "used by train-ppo only")  # the PPO-only keys an earlier SFT/RM config.yaml held
@@ -142,7 +144,9 @@ class ModelConfig(_Section):
     policy: str | None = Field(
         None, description="The model to train: a base model (SFT) or an SFT model (RM)."
     )
-    tokenizer: str | None = Field(None, description="Tokenizer directory; null = the policy's directory.")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer directory or Hub id; null = the policy's (its directory or Hub id)."
+    )
     trust_remote_code: bool = Field(
         False, description="Run the Python files shipped in a model directory (as transformers does)."
     )
@@ -173,7 +177,7 @@ class ModelConfig(_Section):
 
 
 class PPOModelConfig(ModelConfig):
-    """PPO's four models. Paths are local directories written by ``save_pretrained``."""
+    """PPO's four models. Paths are local directories or Hub ids ``org/name[@rev]`` (see ModelConfig)."""
 
     _retired = {}
 
@@ -181,7 +185,11 @@ class PPOModelConfig(ModelConfig):
     reference: str | None = Field(
         None, description="Frozen reference policy; null = same weights as `policy`."
     )
-    reward: str | None = Field(None, description="Trained value-head reward model directory.")
+    reward: str | None = Field(
+        None,
+        description="Reward model: a *ForSequenceClassification checkpoint with one label (ppomax train-rm's, "
+        "TRL's, a Hub reward model sharing the policy's tokenizer).",
+    )
     critic: str | None = Field(
         None, description="Explicit critic checkpoint; null = chosen by `ppo.critic_init` from reward/policy."
     )
@@ -516,7 +524,7 @@ class RewardFunctionConfig(_Section):
 
 
 class RewardConfig(_Section):
-    """Reward sources summed with weights: the value-head RM (`model.reward`) and programmatic functions."""
+    """Reward sources summed with weights: the reward model (`model.reward`) and programmatic functions."""
 
     model_weight: float = Field(1.0, description="Weight of model.reward's score in the summed reward.")
     functions: list[RewardFunctionConfig] = Field(

@@ -488,9 +488,12 @@ def load_eval_prompts(
 def run_data_config(model_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Path] | None:
     """``(data section, config path)`` of the run that saved ``model_dir`` (``<run>/final``,
     ``<run>/final/policy``, ...): its ``config.yaml`` in ``model_dir`` or up to two levels above; None without
-    one. Evaluation renders and cuts prompts as that run did (``chat_format``, ``max_prompt_tokens``)."""
+    one (a Hub id has none). Evaluation renders and cuts prompts as that run did (``chat_format``,
+    ``max_prompt_tokens``)."""
     import yaml
 
+    if not Path(model_dir).exists():
+        return None
     start = Path(model_dir).absolute()
     for d in (start, start.parent, start.parent.parent):
         path = d / "config.yaml"
@@ -531,11 +534,11 @@ def evaluate(
     progress: bool = False,
     chat_format: str | None = None,
 ) -> dict[str, Any]:
-    """`ppomax eval` as a function: load both policies (and any reward-model judge given as a directory) and
+    """`ppomax eval` as a function: load both policies (and any reward-model judge given as a path) and
     run :func:`evaluate_models` with ``judges`` as it takes them. Prompts are rendered in the chat format of
     :func:`eval_chat_format` (``chat_format``: the override), recorded in the result as ``chat_format`` and
     ``chat_format_reason``."""
-    from ppomax.models import ValueHeadModel, check_vocab, load_causal_lm, load_tokenizer
+    from ppomax.models import ValueHeadModel, check_same_tokens, check_vocab, load_causal_lm, load_tokenizer
 
     s = settings or EvalSettings()
     if s.max_prompt_tokens is None:  # cut as the policy's run cut its prompts
@@ -557,8 +560,9 @@ def evaluate(
     loaded: dict[str, tuple[str, Any]] = {}
     for name, (kind, judge) in judges.items():
         if kind == "reward-model" and isinstance(judge, str | os.PathLike):
-            judge = ValueHeadModel.from_pretrained(judge, key=f"--judge {name}")
+            path, judge = judge, ValueHeadModel.from_pretrained(judge, key=f"--judge {name}")
             check_vocab(judge, tokenizer, f"--judge {name}", tokenizer_key)
+            check_same_tokens(path, tokenizer, f"--judge {name}", tokenizer_key)
         loaded[name] = (kind, judge)
     result = evaluate_models(policy, baseline, tokenizer, prompts, subsets, loaded, s, progress=progress)
     result["policy"]["path"] = str(policy_dir)

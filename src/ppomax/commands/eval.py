@@ -13,17 +13,24 @@ from ppomax.errors import UserError
 
 
 def parse_judge(spec: str) -> tuple[str, str | None]:
-    """``gold`` / ``gold:WORLD_DIR`` / ``reward-model:DIR`` -> (kind, path)."""
+    """``gold`` / ``gold:WORLD_DIR`` / ``reward-model:PATH`` (a directory or a Hub id ``org/name[@revision]``) ->
+    (kind, path)."""
+    from ppomax.models import parse_hub_id
+
     kind, _, path = spec.partition(":")
     if kind == "gold":
         return "gold", path or None
     if kind in ("reward-model", "rm"):
         if not path:
-            raise UserError("--judge reward-model:DIR needs the reward model's directory after the colon")
-        if not Path(path).is_dir():
-            raise UserError(f"--judge {spec}: no reward model directory at {path}")
+            raise UserError(
+                "--judge reward-model:PATH needs the reward model (a directory or Hub id) after the colon"
+            )
+        if not Path(path).is_dir() and (Path(path).exists() or parse_hub_id(path) is None):
+            raise UserError(
+                f"--judge {spec}: no reward model directory at {path} (nor a Hub id ORG/NAME[@REVISION])"
+            )
         return "reward-model", path
-    raise UserError(f"--judge {spec!r}: expected 'gold', 'gold:WORLD_DIR' or 'reward-model:DIR'")
+    raise UserError(f"--judge {spec!r}: expected 'gold', 'gold:WORLD_DIR' or 'reward-model:PATH'")
 
 
 def load_judges(specs: list[str], prompts_file: str) -> dict[str, tuple[str, Any]]:
@@ -108,8 +115,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Both models answer the same prompts once (paper 6.1 sampling unless --greedy); a judge "
         "scores the answers. Prints a table; --json FILE also writes every number and every response.",
     )
-    p.add_argument("--policy", required=True, help="the policy's model directory (e.g. a PPO run's final/)")
-    p.add_argument("--baseline", required=True, help="the baseline's model directory (e.g. the SFT model)")
+    p.add_argument(
+        "--policy",
+        required=True,
+        help="the policy: a model directory (e.g. a PPO run's final/policy) or Hub id",
+    )
+    p.add_argument(
+        "--baseline", required=True, help="the baseline: a model directory (e.g. the SFT model) or Hub id"
+    )
     p.add_argument(
         "--prompts",
         required=True,
@@ -122,7 +135,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         metavar="SPEC",
         help="gold (hh-mini's gold reward; the world is found next to --prompts or in $PPOMAX_WORLD), "
-        "gold:WORLD_DIR, or reward-model:DIR; repeatable, default gold",
+        "gold:WORLD_DIR, or reward-model:PATH (a reward model's directory or Hub id ORG/NAME[@REVISION], "
+        "ppomax's, TRL's or the Hub's, sharing the policy's tokenizer); repeatable, default gold",
     )
     p.add_argument(
         "--tie-margin",
@@ -144,7 +158,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the policy's)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (default: the policy's)")
     p.add_argument(
         "--chat-format",
         choices=("auto", "hh", "chat_template"),

@@ -1,5 +1,6 @@
 """`ppomax plan`: memory per device of each role under DDP, ZeRO-2, ZeRO-3, ZeRO-3 with offload and LoRA, from a
-model's config.json (parameters counted exactly on the meta device: no weights are read) and a run's config."""
+model's config.json (parameters counted exactly on the meta device: no weights are read; a Hub id's config.json is
+downloaded alone) and a run's config."""
 
 from __future__ import annotations
 
@@ -18,12 +19,20 @@ from ppomax.errors import ConfigError, ModelPathError
 DEFAULT_LORA_R = 8
 
 
+def local_config(path: str | Path) -> Path:
+    """The local directory holding the config of ``path``: itself, or a Hub id's snapshot with its config files
+    (:func:`ppomax.models.resolve_model`)."""
+    from ppomax.models import resolve_model
+
+    return resolve_model(path, files="config")
+
+
 def adapter_settings(path: str | Path) -> dict[str, Any] | None:
     """The ``adapter_config.json`` of a LoRA run's model directory (PEFT adapters, no config.json of their own:
     :func:`ppomax.models.lora.is_adapter_dir`), None for any other directory."""
     from ppomax.models.lora import ADAPTER_CONFIG, is_adapter_dir
 
-    p = Path(path)
+    p = local_config(path)
     if not is_adapter_dir(p):
         return None
     try:
@@ -39,11 +48,13 @@ def adapter_settings(path: str | Path) -> dict[str, Any] | None:
 def config_dir(path: str | Path) -> Path:
     """The directory whose config.json describes the model at ``path``: ``path`` itself, or for LoRA adapters
     their base (``base_model_name_or_path``, the model ppomax loads them onto)."""
-    p = Path(path)
+    from ppomax.models.lora import adapter_base
+
+    p = local_config(path)
     adapters = adapter_settings(p)
     if adapters is None:
         return p
-    base = Path(adapters["base_model_name_or_path"])
+    base = local_config(adapter_base(adapters["base_model_name_or_path"], adapters.get("revision")))
     if not (base / "config.json").is_file():
         raise ModelPathError(f"{p}: LoRA adapters whose base model {base} has no config.json here")
     return base
@@ -59,9 +70,7 @@ def _meta_model(path: str, trust_remote_code: bool) -> Any:
     if not (p / "config.json").is_file():
         raise ModelPathError(f"{p}: no config.json (ppomax plan reads a model directory's config.json only)")
     try:
-        config = AutoConfig.from_pretrained(
-            str(p), local_files_only=True, trust_remote_code=trust_remote_code
-        )
+        config = AutoConfig.from_pretrained(str(p), trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
@@ -219,12 +228,16 @@ def build_roles(
         return Lora(lora_r, tuple([targets] if isinstance(targets, str) else targets), n)
 
     def other(path: str | None) -> tuple[Any, Any, str]:
-        if path and ((Path(path) / "config.json").is_file() or adapter_settings(path) is not None):
+        if not path:
+            return policy_model, ps, ""
+        try:
+            local = local_config(path)
+        except ModelPathError as exc:  # a Hub id not in the cache, offline
+            return policy_model, ps, f"{exc}: assumed the policy's shape"
+        if (local / "config.json").is_file() or adapter_settings(local) is not None:
             model, shape = models.get(path)
             return model, shape, ""
-        if path:
-            return policy_model, ps, f"{path} has no config.json here: assumed the policy's shape"
-        return policy_model, ps, ""
+        return policy_model, ps, f"{path} has no config.json here: assumed the policy's shape"
 
     if kind == "sft":
         return [Role("model", ps, True, ps.params, True, lora=lora(policy_model))], notes
@@ -313,7 +326,9 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.kind, path=args.config, preset=args.preset, overrides=args.overrides)
     model_dir = args.model or cfg.model.policy
     if not model_dir:
-        raise ConfigError("--model DIR or model.policy: required (a directory with the model's config.json)")
+        raise ConfigError(
+            "--model PATH or model.policy: required (a directory with the model's config.json, or a Hub id)"
+        )
     adapters = adapter_settings(model_dir)
     lora_r, lora_targets, lora_source = _lora_settings(
         cfg, args, (model_dir, adapters) if adapters is not None else None
@@ -397,7 +412,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "sizes and lengths. Reads only config.json files: no weights are loaded.",
     )
     p.add_argument(
-        "--model", metavar="DIR", help="the policy's (SFT/RM: the model's) directory; default model.policy"
+        "--model",
+        metavar="PATH",
+        help="the policy's (SFT/RM: the model's) directory or Hub id ORG/NAME[@REVISION]; default model.policy",
     )
     p.add_argument("--kind", choices=("ppo", "sft", "rm"), default="ppo", help="which command's config")
     add_config_args(p, presets=True)
