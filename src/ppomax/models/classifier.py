@@ -104,9 +104,8 @@ def save_classifier(
     bias = head_sd.get("bias")
     if bias is not None and bool(bias.ne(0).any()):
         log.warning(
-            "warning: %s: the value head's bias (%.4g, from a value-head model of an earlier ppomax version) has no "
-            "place in a sequence classifier's score head: dropped, the saved values are lower by it",
-            out,
+            "warning: the value head's bias (%.4g; a head of an earlier ppomax version, or of a run it started) has "
+            "no place in a sequence classifier's score head: dropped, the saved values are the trained ones minus it",
             float(bias.reshape(-1)[0]),
         )
     classifier, weights, problem = _classifier_weights(backbone, backbone_sd, head_sd["weight"])
