@@ -6,6 +6,8 @@ package cannot be fetched (bench/real_model.py) or the data is not beside the re
   and the user header kept;
 * a bf16 PPO run saves weights that reload with plain transformers and generate exactly as the trained model,
   stopping at the end-of-turn token, and its first iteration measures a KL of exactly 0 (policy = reference);
+* a reward model saved from it is a LlamaForSequenceClassification that plain transformers scores as ppomax does,
+  read before the trailing end-of-turn token (its pad token), right- or left-padded;
 * the real-model benchmark's short version runs every command end to end.
 """
 
@@ -129,6 +131,42 @@ def test_bf16_ppo_measures_kl_0_at_start_and_saves_a_model_that_generates_as_tra
     assert torch.equal(out, again)
     answer = tok.decode(out[0, ids["input_ids"].shape[1] :])
     assert "Paris" in answer and answer.endswith("<|im_end|>"), answer  # stops at the end-of-turn token
+
+
+def test_a_reward_model_saved_from_it_scores_in_plain_transformers_as_in_ppomax(model_dir, tmp_path):
+    """EOS = pad = <|im_end|>: transformers' classifier pools at the last token that is not the pad token, the one
+    before the answer's trailing <|im_end|>, and ppomax reads the reward there too, whatever the padding side."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ppomax.models import ValueHeadModel, load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    rm = ValueHeadModel.from_causal_lm(model_dir, seed=1).eval()
+    rm.save_pretrained(tmp_path / "rm")
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert config["pad_token_id"] == tok.pad_token_id == tok.eos_token_id
+    chats = [
+        [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "Paris."}],
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello! How can I help you today?"},
+        ],
+    ]
+    texts = [tok.apply_chat_template(c, tokenize=False).rstrip("\n") for c in chats]
+    assert all(t.endswith("<|im_end|>") for t in texts)
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    for side in ("right", "left"):
+        tok.padding_side = side
+        batch = tok(texts, return_tensors="pt", padding=True)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        with torch.no_grad():
+            out = rm(ids, mask)
+            expected = plain(input_ids=ids, attention_mask=mask).logits[:, 0]
+        torch.testing.assert_close(out.scores, expected, atol=1e-4, rtol=1e-4)
+        last = mask.sum(-1) - 1 if side == "right" else torch.full((2,), ids.shape[1] - 1)
+        before_eos = last - 1
+        torch.testing.assert_close(out.scores, out.values[torch.arange(2), before_eos], atol=0, rtol=0)
 
 
 def test_the_real_model_benchmark_runs_end_to_end(model_dir, tmp_path):
