@@ -226,6 +226,29 @@ def test_a_trl_or_hub_reward_model_loads_with_the_scores_transformers_gives(tmp_
     assert rm.value_head.bias is None
 
 
+def test_under_zero3_the_saving_rank_builds_no_model_inside_zero_init(tmp_path, monkeypatch):
+    """Under ZeRO-3 transformers builds models inside deepspeed.zero.Init, a collective every rank must enter; only
+    the main rank saves the final model, so the sequence classifier it writes is built without it (else the run
+    hangs at its final save)."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    vh = ValueHeadModel.from_causal_lm(save_tiny_lm(tmp_path), seed=3).eval()
+
+    def collective(*_args, **_kwargs):
+        raise AssertionError("deepspeed.zero.Init entered on one rank")
+
+    monkeypatch.setattr(deepspeed.zero, "Init", collective)
+    zero3 = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        vh.save_pretrained(tmp_path / "rm")
+    finally:
+        unset_hf_deepspeed_config()
+        del zero3
+    loaded = ValueHeadModel.from_pretrained(tmp_path / "rm")
+    torch.testing.assert_close(loaded.value_head.weight, vh.value_head.weight, atol=0, rtol=0)
+
+
 def test_a_value_head_directory_of_an_earlier_version_loads_with_its_values(tmp_path):
     """Earlier ppomax versions saved a causal LM + value_head.safetensors (weight and bias): it loads with the
     values it was saved with (bias kept when not zero); saved again, it is a sequence classifier."""

@@ -24,6 +24,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,17 @@ def classifier_architectures(path: str | Path) -> list[str]:
 def is_value_model_dir(path: str | Path) -> bool:
     """A directory :func:`load_value_model` reads: a sequence classifier, or a (legacy or LoRA) value-head model."""
     return is_value_head_model(path) or bool(classifier_architectures(path))
+
+
+@contextmanager
+def _skeleton() -> Iterator[None]:
+    """Build a model as an empty plain module (meta tensors), only to read its layout. Under ZeRO-3 transformers
+    builds every model inside ``deepspeed.zero.Init``, a collective: the rank that saves would enter it alone and
+    wait forever. ``set_zero3_state`` is transformers' own way of saying "no zero.Init here"."""
+    from transformers.modeling_utils import set_zero3_state
+
+    with set_zero3_state(), torch.device("meta"):
+        yield
 
 
 # ------------------------------------------------------------------------------------------------- saving
@@ -126,7 +139,7 @@ def _classifier_weights(
     config = copy.deepcopy(backbone.config)
     config.num_labels = 1
     try:
-        with torch.device("meta"):
+        with _skeleton():
             classifier = AutoModelForSequenceClassification.from_config(config)
     except (ValueError, KeyError) as exc:
         return None, {}, f"transformers has no sequence classifier for {type(config).__name__} ({exc})"
@@ -233,7 +246,7 @@ def _classifier_head(path: Path, backbone: Any, arch: str, lead: str) -> torch.n
 
     config = copy.deepcopy(backbone.config)
     config.num_labels = 1
-    with torch.device("meta"):
+    with _skeleton():
         names = _head_keys(AutoModelForSequenceClassification.from_config(config))
     weight_name = next((n for n in names if n.endswith(".weight")), "score.weight")
     tensors = read_tensors(path, [weight_name, weight_name[: -len("weight")] + "bias"])
