@@ -110,8 +110,8 @@ OVERRIDE = st.builds(lambda k, v, sep: f"{k}{sep}{v}", KEY, VALUE, st.sampled_fr
 def _get(cfg: BaseModel, key: str) -> Any:
     node: Any = cfg
     for part in key.split("."):
-        if node is None:  # an optional section that is off (model.lora)
-            return None
+        if not isinstance(node, BaseModel):  # an optional section that is off (model.lora), or a source given
+            return None  # as a plain string where it may also be a section (data.prompts)
         node = getattr(node, part)
     return node
 
