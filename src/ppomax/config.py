@@ -1119,10 +1119,49 @@ def load_config(
     data = apply_overrides(data, overrides or [])
     if overrides:
         origin.append("--set")
+    return validate_config(cls, data, " + ".join(origin) or "defaults")
+
+
+def validate_config(cls: type[_RunConfig], data: dict[str, Any], origin: str) -> _RunConfig:
+    """``cls`` from ``data``; a :class:`ConfigError` naming each bad key and ``origin`` (where the data came from)."""
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, " + ".join(origin) or "defaults", cls)) from None
+        raise ConfigError(_format_validation_error(err, origin, cls)) from None
+
+
+def config_from(kind: Literal["sft", "rm", "ppo"], config: Any = None) -> _RunConfig:
+    """The config of a trainer built from Python: a config object of ``kind`` (a copy: the trainer's changes never
+    reach the caller's), a dict of sections (as a YAML file holds them; ``preset: NAME`` starts from that preset), a
+    YAML file's path, a preset's name (PPO), or None (the defaults)."""
+    cls = CONFIG_CLASSES[kind]
+    if config is None:
+        return cls()
+    if isinstance(config, cls):
+        return config.model_copy(deep=True)
+    if isinstance(config, BaseModel):
+        raise ConfigError(
+            f"config: the {kind} trainer takes its {cls.__name__}, not a {type(config).__name__}"
+        )
+    if isinstance(config, str | Path):
+        if kind == "ppo" and str(config) in PRESET_NAMES:
+            return load_config(kind, preset=str(config))
+        if not Path(config).is_file() and not str(config).endswith((".yaml", ".yml")):
+            names = f"; a preset name is one of {', '.join(PRESET_NAMES)}" if kind == "ppo" else ""
+            raise ConfigError(f"config: {config!r} is no YAML file{names}")
+        return load_config(kind, path=config)
+    if isinstance(config, dict):
+        data = copy.deepcopy(config)
+        preset = data.get("preset")
+        if preset:
+            if kind != "ppo":
+                raise ConfigError(f"config: presets are PPO configs; the {kind} trainer takes its own keys")
+            data = deep_merge(read_preset(preset), data)
+        return validate_config(cls, data, "config dict" + (f" on preset {preset}" if preset else ""))
+    raise ConfigError(
+        f"config: the {kind} trainer takes its {cls.__name__}, a dict, a YAML file path"
+        f"{' or a preset name' if kind == 'ppo' else ''}, not {type(config).__name__}"
+    )
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -58,6 +58,8 @@ class MetricsLogger:
         self._tb = None
         self.records = 0
         """Records in the log (main process)."""
+        self.latest: dict[str, Any] = {}
+        """The newest value of every metric in the log (its records kept on resume included; main process)."""
         if enabled:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if resume_step is not None:
@@ -80,6 +82,8 @@ class MetricsLogger:
         )
         self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
         self.records = len(kept)
+        for line in kept:
+            self.latest.update({k: v for k, v in json.loads(line).items() if k != "step"})
 
     def log(self, step: int, metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         """Write one record; returns it (scalars converted)."""
@@ -93,6 +97,7 @@ class MetricsLogger:
             except OSError as exc:
                 raise UserError(f"{self.path}: cannot write the metrics: {exc.strerror or exc}") from None
             self.records += 1
+            self.latest.update({k: v for k, v in record.items() if k != "step"})
             if self._tb is not None:
                 for key, value in record.items():
                     if key != "step" and isinstance(value, int | float):

@@ -76,6 +76,7 @@ from ppomax.errors import ConfigError, RunStopped, UserError
 from ppomax.models import save_trained, weights_error
 from ppomax.monitor import MetricsLogger
 
+from .inputs import Callbacks
 from .launch import build_accelerator, deepspeed_loads_tensors_only
 from .run_lock import RunLock
 
@@ -141,6 +142,8 @@ class RunContext:
     data: RunData = field(default_factory=lambda: RunData({}))
     plan: RunPlan | None = None
     """What the main process found in the directory, and its lock (None on the other ranks)."""
+    callbacks: Callbacks = field(default_factory=Callbacks)
+    """The callbacks given from Python (:class:`~ppomax.trainers.inputs.Callbacks`; main process)."""
     _metrics: MetricsLogger | None = None
 
     @property
@@ -198,6 +201,7 @@ class RunContext:
             prune_checkpoints(root, self.cfg.logging.keep_checkpoints)
         self.accelerator.wait_for_everyone()
         self.last_checkpoint = final
+        self.callbacks.save(final)
         return final
 
     def restore(self) -> int:
@@ -332,6 +336,7 @@ class RunContext:
                 for name, (model, tokenizer) in models.items():
                     unwrapped, lora = acc.unwrap_model(model), self.cfg.model.lora
                     save_trained(unwrapped, tmp / name, states[name], tokenizer, lora)
+        self.callbacks.save(final)
         return final
 
     # ------------------------------------------------------------------ stopping
@@ -472,6 +477,7 @@ def open_run(
     grad_accum: int = 1,
     trained: tuple[str, ...] = ("model",),
     frozen: bool = False,
+    callbacks: list[Any] | None = None,
 ) -> RunContext:
     """Accelerator (:func:`~ppomax.trainers.launch.build_accelerator`: what ``accelerate launch`` configured, for
     the models named in ``trained``, and ``frozen`` ones beside them), seeds, and the run directory
@@ -479,7 +485,9 @@ def open_run(
     refused unless resumed or overwritten, a resumed run's config compared. Nothing is written into it yet:
     :meth:`RunContext.restore` starts the run once the trainer has loaded everything. ``data``: the data files
     the run reads, ``{config key: path}``, fingerprinted in every checkpoint (a resume refuses changed ones
-    unless ``allow_data_change``). Nothing here loads a model, so an unusable directory is reported first."""
+    unless ``allow_data_change``). ``callbacks``: objects given from Python, called on the main process
+    (:class:`~ppomax.trainers.inputs.Callbacks`). Nothing here loads a model, so an unusable directory is reported
+    first."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other (continue the run, or replace it)")
     if allow_data_change and not resume:
@@ -487,7 +495,12 @@ def open_run(
     accelerator = build_accelerator(grad_accum, trained, cfg.model.dtype, frozen=frozen)
     set_seed(cfg.seed)
     ctx = RunContext(
-        accelerator, Path(cfg.logging.out_dir), cfg, kind, data=RunData(dict(data or {}), allow_data_change)
+        accelerator,
+        Path(cfg.logging.out_dir),
+        cfg,
+        kind,
+        data=RunData(dict(data or {}), allow_data_change),
+        callbacks=Callbacks(callbacks, enabled=accelerator.is_main_process),
     )
 
     def open_dir() -> tuple[Path | None, int]:
