@@ -37,7 +37,7 @@ def base(tmp_path) -> Path:
 
 
 def logging(out: Path, **extra) -> dict:
-    return {"out_dir": str(out), "progress": False, "tensorboard": False, **extra}
+    return {"out_dir": str(out), "progress": False, "report_to": [], **extra}
 
 
 def sft_config(out: Path, **extra) -> dict:

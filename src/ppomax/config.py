@@ -314,6 +314,12 @@ class PPOOptimConfig(_AdamWConfig):
     )
 
 
+#: the experiment trackers of ``logging.report_to``: accelerate's (``accelerate.utils.LoggerType``, but ``all``)
+Tracker = Literal[
+    "tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab"
+]
+
+
 class LoggingConfig(_Section):
     """Where a run writes and how often."""
 
@@ -331,8 +337,55 @@ class LoggingConfig(_Section):
     )
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end (and on SIGINT/SIGTERM).")
     keep_checkpoints: int = Field(2, gt=0, description="The newest checkpoints kept.")
-    tensorboard: bool = Field(True, description="Also write TensorBoard events (tb/).")
+    report_to: list[Tracker] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers that get the metrics too (accelerate's log_with; metrics.jsonl is always "
+        "written): tensorboard (events in tb/), wandb, trackio, mlflow, comet_ml, aim, clearml, dvclive, swanlab; "
+        "[] or none = none. Each but tensorboard needs its package installed.",
+    )
+    project: str = Field(
+        "ppomax",
+        min_length=1,
+        description="The trackers' project (wandb/trackio project, MLflow experiment).",
+    )
+    run_name: str | None = Field(None, description="The run's name in the trackers; null = out_dir's name.")
     progress: bool = Field(True, description="A progress bar on the console.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_is_report_to(cls, data: Any) -> Any:
+        """``tensorboard: true/false`` (configs of earlier versions) is ``report_to`` with or without tensorboard;
+        a string ``report_to`` is a list of one (``none``: no tracker), as transformers' ``report_to`` reads."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if isinstance(data.get("report_to"), str):
+            data["report_to"] = [] if data["report_to"] == "none" else [data["report_to"]]
+        if "tensorboard" not in data:
+            return data
+        tensorboard = data.pop("tensorboard")
+        if not isinstance(tensorboard, bool):
+            raise KeyConflicts([(("tensorboard",), f"must be true or false (got {tensorboard!r})")])
+        if "report_to" not in data:
+            data["report_to"] = ["tensorboard"] if tensorboard else []
+        elif isinstance(data["report_to"], list) and ("tensorboard" in data["report_to"]) != tensorboard:
+            raise KeyConflicts(
+                [
+                    (
+                        ("tensorboard", "report_to"),
+                        f"tensorboard: {str(tensorboard).lower()} disagrees with report_to {data['report_to']}; "
+                        "set report_to only (tensorboard is its earlier spelling)",
+                    )
+                ]
+            )
+        return data
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_tracker_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"names a tracker twice: {v}")
+        return v
 
 
 class PPOLoggingConfig(LoggingConfig):

@@ -531,6 +531,7 @@ class PPOTrainer:
             kl_estimator=cfg.ppo.kl_estimator,
             seed=cfg.seed,
             samples_dir=self.out_dir / "samples" if self.acc.is_main_process else None,
+            on_samples=lambda rows: self.run.metrics.log_table("eval/samples", rows, step),
         )
 
     # ------------------------------------------------------------------ the loop

@@ -4,7 +4,8 @@ final save. The trainers own only their optimisation step.
 Layout of a run directory (``logging.out_dir``)::
 
     config.yaml            the resolved config (written by the main process, atomically)
-    metrics.jsonl, tb/     one record per logged step (:class:`ppomax.monitor.MetricsLogger`)
+    metrics.jsonl, tb/     one record per logged step (:class:`ppomax.monitor.MetricsLogger`; tb/: TensorBoard,
+                           one of the experiment trackers of logging.report_to, :mod:`.trackers`)
     checkpoints/step-N/    accelerate ``save_state`` (model*.safetensors, optimizer*.bin, random_states_R.pkl)
                            + ppomax_state.json (step, schedules, the trainer's own state, the data files'
                            fingerprints); atomic
@@ -23,8 +24,8 @@ The rules, the same for all three trainers (:func:`open_run`, :meth:`RunContext.
   ``overwrite`` (``--overwrite``), which deletes that run's files (only the names above);
 * ``resume`` (``--resume DIR``) continues the run in ``logging.out_dir`` from its newest complete checkpoint, and
   refuses a config that differs from the run's ``config.yaml`` in anything but :data:`RESUMABLE_KEYS` (the run
-  length; the directory itself, which may have been moved; the progress bar; the data preparation's processes),
-  naming the differing keys, and a data source whose fingerprint (size, SHA-256) differs from the checkpoint's
+  length; the directory itself, which may have been moved; the progress bar; the data preparation's processes;
+  the experiment trackers), naming the differing keys, and a data source whose fingerprint (size, SHA-256) differs from the checkpoint's
   unless ``allow_data_change``;
 * a directory whose run died before its first complete checkpoint holds no run: a new run or a resume starts it
   afresh (its old metrics are removed), no ``rm -rf`` needed; temporary ``*.tmp-PID`` directories that a killed
@@ -76,6 +77,7 @@ from ppomax.errors import ConfigError, RunStopped, UserError
 from ppomax.models import save_trained, weights_error
 from ppomax.monitor import MetricsLogger
 
+from . import trackers
 from .inputs import Callbacks
 from .launch import build_accelerator, deepspeed_loads_tensors_only
 from .run_lock import RunLock
@@ -89,8 +91,18 @@ CONFIG_FILE = "config.yaml"
 # What a run writes into its directory: what --overwrite (or restarting a run that died early) deletes.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "final", "best", "samples")
 RUN_GLOBS = ("rm_eval_*.json", "rm_margins_*.png")
-# Config keys a resume may change: the run length, where the run lives (a moved run), the progress bar.
-RESUMABLE_KEYS = ("epochs", "ppo.iterations", "logging.out_dir", "logging.progress", "data.num_proc")
+# Config keys a resume may change: the run length, where the run lives (a moved run), the progress bar, the
+# data preparation's processes, the experiment trackers.
+RESUMABLE_KEYS = (
+    "epochs",
+    "ppo.iterations",
+    "logging.out_dir",
+    "logging.progress",
+    "data.num_proc",
+    "logging.report_to",
+    "logging.project",
+    "logging.run_name",
+)
 COMMANDS = {"sft": "train-sft", "rm": "train-rm", "ppo": "train-ppo"}
 
 log = console()
@@ -233,12 +245,15 @@ class RunContext:
             self.last_checkpoint = ckpt
             self.start_step = int(state["step"])
         on_main(acc, self._start_dir)
+        resume_step = self.start_step if ckpt is not None else None
+        trackers.start(acc, self.cfg, resume_step)
         self._metrics = MetricsLogger(
             self.out_dir,
-            tensorboard=self.cfg.logging.tensorboard,
             enabled=self.is_main,
-            resume_step=self.start_step if ckpt is not None else None,
+            resume_step=resume_step,
             resume_records=(state or {}).get(METRICS_KEY),
+            sink=lambda values, step: acc.log(values, step=step),
+            table_sink=lambda name, rows, step: trackers.log_table(acc, name, rows, step),
         )
         if ckpt is not None:
             self.print(f"resumed from {ckpt} (step {self.start_step})")
@@ -352,9 +367,8 @@ class RunContext:
         return RunStopped(message)
 
     def close(self) -> None:
-        """Close the metrics and release the directory's lock."""
-        if self._metrics is not None:
-            self._metrics.close()
+        """End the run in the experiment trackers and release the directory's lock."""
+        trackers.finish(self.accelerator)
         if self.plan is not None and self.plan.lock is not None:
             self.plan.lock.release()
 
@@ -492,7 +506,8 @@ def open_run(
         raise ConfigError("--resume and --overwrite exclude each other (continue the run, or replace it)")
     if allow_data_change and not resume:
         raise ConfigError("--allow-data-change goes with --resume (a new run reads its data as it is)")
-    accelerator = build_accelerator(grad_accum, trained, cfg.model.dtype, frozen=frozen)
+    log_with = trackers.log_with(cfg.logging, Path(cfg.logging.out_dir))
+    accelerator = build_accelerator(grad_accum, trained, cfg.model.dtype, frozen=frozen, log_with=log_with)
     set_seed(cfg.seed)
     ctx = RunContext(
         accelerator,
