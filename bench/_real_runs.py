@@ -30,6 +30,7 @@ class PPOShape:
     buffer: int = 8
     new_tokens: int = 32
     iterations: int = 2
+    prompt_tokens: int = 256  # data.max_prompt_tokens
 
 
 def real_inputs(tmp: Path) -> tuple[Path, Path]:
@@ -60,6 +61,7 @@ def ppo_args(model: Path, rm: Path, out: Path, shape: PPOShape, preset: str, lor
         f"ppo.buffer_size={shape.buffer}",
         f"ppo.minibatch_size={shape.rollout}",
         f"generation.max_new_tokens={shape.new_tokens}",
+        f"data.max_prompt_tokens={shape.prompt_tokens}",
         f"ppo.iterations={shape.iterations}",
         "ppo.critic_pretrain_steps=0",
         "data.on_bad_line=skip",  # HH pairs whose shared prompt does not end with a human turn (line 1255: two

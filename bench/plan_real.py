@@ -17,6 +17,7 @@ process's runtime). The check: every ratio within 0.8-1.2 (exit status 1 otherwi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -34,15 +35,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rollout", type=int, default=8, help="PPO rollout batch = minibatch (responses)")
     ap.add_argument("--buffer", type=int, default=8, help="PPO buffer (= rollout: one fused update)")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=128,
+        help="data.max_prompt_tokens: a cap most batches of the HH prompts reach (median 92 tokens, 90th "
+        "percentile 258), as the full-length batch plan assumes",
+    )
     ap.add_argument("--iterations", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=8, help="reward-model pairs per step")
     ap.add_argument("--rm-epochs", type=float, default=0.01, help="of the 2,303 pairs (0.01: 3 steps)")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
-    shape = PPOShape(args.rollout, args.buffer, args.new_tokens, args.iterations)
+    shape = PPOShape(args.rollout, args.buffer, args.new_tokens, args.iterations, args.prompt_tokens)
+    # GRPO's rows come 4 to a prompt: twice the rows, so that its batches hold 4 prompts and one of them most
+    # likely reaches the cap (with 2, a batch of two short prompts is half the length plan assumes).
+    grpo_shape = dataclasses.replace(shape, rollout=2 * shape.rollout, buffer=2 * shape.buffer)
     print(
-        f"SmolLM2-135M-Instruct, CPU fp32, one thread; PPO: rollout {args.rollout}, buffer {args.buffer}, "
-        f"{args.new_tokens} new tokens, {args.iterations} iterations; RM: {args.pairs} pairs per step\n"
+        f"SmolLM2-135M-Instruct, CPU fp32, one thread; PPO: rollout {args.rollout} (GRPO {2 * args.rollout}), "
+        f"buffer {args.buffer} (GRPO {2 * args.buffer}), {args.prompt_tokens} prompt + {args.new_tokens} new "
+        f"tokens, {args.iterations} iterations; RM: {args.pairs} pairs per step\n"
     )
     print("| case | plan GiB (runtime included) | measured peak RSS GiB | measured / plan | CPU s |")
     print("|---|---:|---:|---:|---:|", flush=True)
@@ -54,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             if case.endswith("rm"):
                 kind, cmd = "rm", rm_args(model, out, args.pairs, args.rm_epochs, lora=case == "lora_rm")
             else:
-                preset = "grpo" if case == "grpo" else "ppo_max"
-                kind, cmd = "ppo", ppo_args(model, rm, out, shape, preset, lora=case == "lora_ppo")
+                grpo = case == "grpo"
+                preset, case_shape = ("grpo", grpo_shape) if grpo else ("ppo_max", shape)
+                kind, cmd = "ppo", ppo_args(model, rm, out, case_shape, preset, lora=case == "lora_ppo")
             r = {"case": case, **measure(cmd), "plan": planned(kind, cmd)}
             rows.append(r)
             p, m = r["plan"]["peak"], r["peak"]
