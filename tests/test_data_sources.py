@@ -6,6 +6,7 @@ Hub is offline."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -271,6 +272,33 @@ def test_the_fingerprint_of_every_local_source_kind_follows_its_bytes(tmp_path):
     data = (tmp_path / "g-0.jsonl").read_bytes()
     assert fingerprint(str(tmp_path / "g-0.jsonl"))["sha256"] == hashlib.sha256(data).hexdigest()
     assert fingerprint(str(tmp_path / "missing.parquet"))["sha256"] is None
+
+
+def test_data_in_memory_is_a_source_with_named_rows_and_a_content_fingerprint():
+    """A datasets.Dataset or a list of records (what the Python API's train_dataset= takes) reads like a file:
+    the same pairs, rows named in errors and skips, a fingerprint that follows the content."""
+    ds = datasets.Dataset.from_list(PAIRS)
+    assert triples(load_preference_pairs(ds)) == EXPECTED
+    assert triples(load_preference_pairs(list(PAIRS))) == EXPECTED
+    bad = [PAIRS[0], {"chosen": f"{H} q{A} same", "rejected": f"{H} q{A} same"}]
+    with pytest.raises(DataError) as err:
+        load_preference_pairs(bad)
+    assert (
+        str(err.value) == f"list(2 records) row 2: chosen and rejected responses are identical ({SKIP_HINT})"
+    )
+    with pytest.raises(DataError) as err:
+        load_preference_pairs(datasets.Dataset.from_list(bad))
+    assert str(err.value).startswith("Dataset(2 rows) row 2: chosen and rejected")
+    assert fingerprint(ds) == fingerprint(datasets.Dataset.from_list(PAIRS))
+    assert fingerprint(ds)["sha256"] != fingerprint(datasets.Dataset.from_list(PAIRS[:2]))["sha256"]
+    assert fingerprint(list(PAIRS)) == fingerprint([dict(p) for p in PAIRS])
+    assert fingerprint(list(PAIRS))["sha256"] != fingerprint(PAIRS[::-1])["sha256"]
+    for wrong, what in (
+        ([PAIRS[0], 3], "a list source holds file paths (strings) or records (dicts), not a mix"),
+        (datasets.DatasetDict({"train": ds}), "a DatasetDict has several splits (train): pass one"),
+    ):
+        with pytest.raises(DataError, match=re.escape(what)):
+            list(read_records(wrong))
 
 
 # ---------------------------------------------------------------------------------------------- in a run

@@ -110,7 +110,7 @@ def test_each_estimator_trains_two_iterations_without_any_critic(setup, tmp_path
     assert tr.rollouts.critic is None and len(tr.acc._models) == 1 and len(tr.acc._optimizers) == 1
     assert tr.updater.fuses_scoring() == (preset == "rloo")
     policy0 = flat(tr.policy)
-    out = tr.train()
+    out = tr.train().out_dir
     assert not torch.equal(policy0, flat(tr.policy))  # the policy trained
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]

@@ -113,8 +113,12 @@ def test_result_path_printed_by_the_main_process_only(monkeypatch, capsys, tmp_p
     import ppomax.trainers.sft
 
     final = tmp_path / "run" / "final"
-    monkeypatch.setattr(ppomax.trainers.sft, "train_sft", lambda cfg, **run: final)
-    monkeypatch.setattr(ppomax.trainers.reward, "train_rm", lambda cfg, **run: final)
+
+    def trainer(cfg, **run):  # what the commands run: the trainer's train() gives the final model's directory
+        return SimpleNamespace(train=lambda: SimpleNamespace(model_dir=final))
+
+    monkeypatch.setattr(ppomax.trainers.sft, "SFTTrainer", trainer)
+    monkeypatch.setattr(ppomax.trainers.reward, "RewardTrainer", trainer)
     monkeypatch.setattr("accelerate.PartialState", lambda: SimpleNamespace(is_main_process=main_process))
     assert (
         main([command, "--set", f"model.policy={tmp_path}", "--set", f"data.train={tmp_path / 'x.jsonl'}"])

@@ -184,7 +184,7 @@ def test_final_saves_adapters_and_merged_models_that_load_with_plain_transformer
         out=str(tmp_path / "run"),
     )
     tr = PPOTrainer(cfg)
-    out = tr.train()
+    out = tr.train().out_dir
     policy_dir, critic_dir = out / "final" / "policy", out / "final" / "critic"
     names = {p.name for p in policy_dir.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= names

@@ -93,7 +93,7 @@ def test_bf16_ppo_saves_policy_and_critic_as_trained(tmp_path):
     generations), final/critic as its critic; both directories carry the tokenizer and generation config."""
     setup = make_setup(tmp_path, tie=True)
     tr = PPOTrainer(config(setup, LENGTH, "model.dtype=bfloat16", "ppo.critic_init=reward_model"))
-    out = tr.train()
+    out = tr.train().out_dir
     policy_dir, critic_dir = out / "final" / "policy", out / "final" / "critic"
     assert config_dtype(policy_dir) == config_dtype(critic_dir) == "float32"
     assert "lm_head.weight" not in saved_keys(policy_dir)
@@ -148,7 +148,7 @@ def test_lora_saves_keep_the_base_generation_config_and_tokenizer(tmp_path):
     critic_gen = GenerationConfig.from_pretrained(setup.reward)
     lora = "model.lora={r: 4, save_merged: true}"
     tr = PPOTrainer(config(setup, LENGTH, lora, "ppo.critic_init=reward_model"))
-    final = tr.train() / "final"
+    final = tr.train().out_dir / "final"
     tok = load_tokenizer(setup.policy)
     for directory, base_gen in [
         ("policy", policy_gen),
@@ -178,7 +178,7 @@ def test_a_bf16_lora_merged_export_keeps_the_update_in_float32(tmp_path):
     setup = make_setup(tmp_path)
     lora = "model.lora={r: 4, save_merged: true}"
     tr = PPOTrainer(config(setup, LENGTH, lora, "model.dtype=bfloat16", "optim.policy_lr=1e-2"))
-    final = tr.train() / "final" / "policy" / "merged"
+    final = tr.train().out_dir / "final" / "policy" / "merged"
     assert config_dtype(final) == "float32"
     saved = load_file(str(final / "model.safetensors"))
     policy = tr.unwrapped(tr.policy)

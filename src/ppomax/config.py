@@ -322,6 +322,12 @@ class PPOOptimConfig(_AdamWConfig):
     )
 
 
+#: the experiment trackers of ``logging.report_to``: accelerate's (``accelerate.utils.LoggerType``, but ``all``)
+Tracker = Literal[
+    "tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab"
+]
+
+
 class LoggingConfig(_Section):
     """Where a run writes and how often."""
 
@@ -339,8 +345,55 @@ class LoggingConfig(_Section):
     )
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end (and on SIGINT/SIGTERM).")
     keep_checkpoints: int = Field(2, gt=0, description="The newest checkpoints kept.")
-    tensorboard: bool = Field(True, description="Also write TensorBoard events (tb/).")
+    report_to: list[Tracker] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers that get the metrics too (accelerate's log_with; metrics.jsonl is always "
+        "written): tensorboard (events in tb/), wandb, trackio, mlflow, comet_ml, aim, clearml, dvclive, swanlab; "
+        "[] or none = none. Each but tensorboard needs its package installed.",
+    )
+    project: str = Field(
+        "ppomax",
+        min_length=1,
+        description="The trackers' project (wandb/trackio project, MLflow experiment).",
+    )
+    run_name: str | None = Field(None, description="The run's name in the trackers; null = out_dir's name.")
     progress: bool = Field(True, description="A progress bar on the console.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_is_report_to(cls, data: Any) -> Any:
+        """``tensorboard: true/false`` (configs of earlier versions) is ``report_to`` with or without tensorboard;
+        a string ``report_to`` is a list of one (``none``: no tracker), as transformers' ``report_to`` reads."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if isinstance(data.get("report_to"), str):
+            data["report_to"] = [] if data["report_to"] == "none" else [data["report_to"]]
+        if "tensorboard" not in data:
+            return data
+        tensorboard = data.pop("tensorboard")
+        if not isinstance(tensorboard, bool):
+            raise KeyConflicts([(("tensorboard",), f"must be true or false (got {tensorboard!r})")])
+        if "report_to" not in data:
+            data["report_to"] = ["tensorboard"] if tensorboard else []
+        elif isinstance(data["report_to"], list) and ("tensorboard" in data["report_to"]) != tensorboard:
+            raise KeyConflicts(
+                [
+                    (
+                        ("tensorboard", "report_to"),
+                        f"tensorboard: {str(tensorboard).lower()} disagrees with report_to {data['report_to']}; "
+                        "set report_to only (tensorboard is its earlier spelling)",
+                    )
+                ]
+            )
+        return data
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_tracker_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"names a tracker twice: {v}")
+        return v
 
 
 class PPOLoggingConfig(LoggingConfig):
@@ -1127,10 +1180,49 @@ def load_config(
     data = apply_overrides(data, overrides or [])
     if overrides:
         origin.append("--set")
+    return validate_config(cls, data, " + ".join(origin) or "defaults")
+
+
+def validate_config(cls: type[_RunConfig], data: dict[str, Any], origin: str) -> _RunConfig:
+    """``cls`` from ``data``; a :class:`ConfigError` naming each bad key and ``origin`` (where the data came from)."""
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, " + ".join(origin) or "defaults", cls)) from None
+        raise ConfigError(_format_validation_error(err, origin, cls)) from None
+
+
+def config_from(kind: Literal["sft", "rm", "ppo"], config: Any = None) -> _RunConfig:
+    """The config of a trainer built from Python: a config object of ``kind`` (a copy: the trainer's changes never
+    reach the caller's), a dict of sections (as a YAML file holds them; ``preset: NAME`` starts from that preset), a
+    YAML file's path, a preset's name (PPO), or None (the defaults)."""
+    cls = CONFIG_CLASSES[kind]
+    if config is None:
+        return cls()
+    if isinstance(config, cls):
+        return config.model_copy(deep=True)
+    if isinstance(config, BaseModel):
+        raise ConfigError(
+            f"config: the {kind} trainer takes its {cls.__name__}, not a {type(config).__name__}"
+        )
+    if isinstance(config, str | Path):
+        if kind == "ppo" and str(config) in PRESET_NAMES:
+            return load_config(kind, preset=str(config))
+        if not Path(config).is_file() and not str(config).endswith((".yaml", ".yml")):
+            names = f"; a preset name is one of {', '.join(PRESET_NAMES)}" if kind == "ppo" else ""
+            raise ConfigError(f"config: {config!r} is no YAML file{names}")
+        return load_config(kind, path=config)
+    if isinstance(config, dict):
+        data = copy.deepcopy(config)
+        preset = data.get("preset")
+        if preset:
+            if kind != "ppo":
+                raise ConfigError(f"config: presets are PPO configs; the {kind} trainer takes its own keys")
+            data = deep_merge(read_preset(preset), data)
+        return validate_config(cls, data, "config dict" + (f" on preset {preset}" if preset else ""))
+    raise ConfigError(
+        f"config: the {kind} trainer takes its {cls.__name__}, a dict, a YAML file path"
+        f"{' or a preset name' if kind == 'ppo' else ''}, not {type(config).__name__}"
+    )
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
-"""Run metrics: one JSON line per step in ``metrics.jsonl``, the same scalars to TensorBoard.
+"""Run metrics: one JSON line per step in ``metrics.jsonl``, the same numbers to the experiment trackers.
 
 Every trainer logs through :class:`MetricsLogger`, so every run directory has the same layout: ``config.yaml``
-(resolved), ``metrics.jsonl``, ``tb/`` (TensorBoard events).
+(resolved), ``metrics.jsonl``, ``tb/`` (TensorBoard events, with ``logging.report_to: [tensorboard]``; the
+trackers are :mod:`ppomax.trainers.trackers`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,39 +36,40 @@ def to_scalar(value: Any) -> float | int | str | None:
 
 
 class MetricsLogger:
-    """Appends step metrics to ``out_dir/metrics.jsonl`` and TensorBoard (``out_dir/tb``).
+    """Appends step metrics to ``out_dir/metrics.jsonl`` and passes their numbers to ``sink(values, step)`` (the
+    experiment trackers: ``accelerator.log``).
 
     Only the main process writes (pass ``enabled=False`` on other ranks). ``resume_step``: the run continues
-    from a checkpoint at that step, so the JSONL lines after it are dropped and TensorBoard purges the events
-    after it (``purge_step``): a resumed run's log reads as one run, each step once. ``resume_records``: the
-    number of records the log held when that checkpoint was saved (:attr:`records`), which then decides instead
-    of the step: records of the checkpoint's own step logged after it (a final evaluation) go too, and are
-    logged again by the resumed run.
+    from a checkpoint at that step, so the JSONL lines after it are dropped (the trackers drop theirs themselves,
+    :func:`ppomax.trainers.trackers.start`): a resumed run's log reads as one run, each step once.
+    ``resume_records``: the number of records the log held when that checkpoint was saved (:attr:`records`), which
+    then decides instead of the step: records of the checkpoint's own step logged after it (a final evaluation) go
+    too, and are logged again by the resumed run. ``table_sink(name, rows, step)``: where :meth:`log_table` sends a
+    table (the trackers that have tables). :attr:`latest` holds the newest value of every metric logged.
     """
 
     def __init__(
         self,
         out_dir: str | Path,
-        tensorboard: bool = True,
         enabled: bool = True,
         resume_step: int | None = None,
         resume_records: int | None = None,
+        sink: Callable[[dict[str, Any], int], None] | None = None,
+        table_sink: Callable[[str, list[dict[str, Any]], int], None] | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self.path = self.out_dir / "metrics.jsonl"
-        self._tb = None
+        self.sink = sink
+        self.table_sink = table_sink
         self.records = 0
         """Records in the log (main process)."""
+        self.latest: dict[str, Any] = {}
+        """The newest value of every metric in the log (its records kept on resume included; main process)."""
         if enabled:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if resume_step is not None:
                 self._truncate_after(resume_step, resume_records)
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                purge = None if resume_step is None else resume_step + 1
-                self._tb = SummaryWriter(log_dir=str(self.out_dir / "tb"), purge_step=purge)
 
     def _truncate_after(self, step: int, records: int | None = None) -> None:
         """Keep the first ``records`` logged lines, or (None) those whose step is at most ``step``."""
@@ -80,6 +83,8 @@ class MetricsLogger:
         )
         self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
         self.records = len(kept)
+        for line in kept:
+            self.latest.update({k: v for k, v in json.loads(line).items() if k != "step"})
 
     def log(self, step: int, metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         """Write one record; returns it (scalars converted)."""
@@ -93,17 +98,16 @@ class MetricsLogger:
             except OSError as exc:
                 raise UserError(f"{self.path}: cannot write the metrics: {exc.strerror or exc}") from None
             self.records += 1
-            if self._tb is not None:
-                for key, value in record.items():
-                    if key != "step" and isinstance(value, int | float):
-                        self._tb.add_scalar(key, value, global_step=step)
+            self.latest.update({k: v for k, v in record.items() if k != "step"})
+            if self.sink is not None:
+                numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
+                self.sink(numbers, int(step))
         return record
 
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.flush()
-            self._tb.close()
-            self._tb = None
+    def log_table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        """``rows`` as a table in the trackers that have tables (main process)."""
+        if self.enabled and self.table_sink is not None:
+            self.table_sink(name, rows, step)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

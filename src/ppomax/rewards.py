@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,8 +145,11 @@ def function_name(cfg: RewardFunctionConfig) -> str:
     return cfg.name or cfg.function.split(":")[-1]
 
 
-def build_reward_functions(cfg: RewardConfig) -> list[RewardFunction]:
-    """The configured ``reward.functions``, imported and checked; names must be unique and not reserved."""
+def build_reward_functions(
+    cfg: RewardConfig, given: Mapping[str, Callable[..., Any]] | None = None
+) -> list[RewardFunction]:
+    """The configured ``reward.functions``, imported and checked; names must be unique and not reserved. ``given``:
+    the callables passed from Python, by the ``function`` value that records each (``<object module:name>``)."""
     out: list[RewardFunction] = []
     for i, spec in enumerate(cfg.functions):
         name = function_name(spec)
@@ -161,7 +164,11 @@ def build_reward_functions(cfg: RewardConfig) -> list[RewardFunction]:
                 f"{key}: {name!r} is also the name of reward.functions[{same}]; give each function its own name"
             )
         try:
-            fn = load_reward_function(spec.function)
+            fn = (
+                given[spec.function]
+                if given and spec.function in given
+                else load_reward_function(spec.function)
+            )
             out.append(RewardFunction(name, fn, spec.weight, dict(spec.kwargs), spec=spec.function))
         except (ConfigError, RewardError) as exc:
             raise ConfigError(f"reward.functions[{i}]: {exc}") from None

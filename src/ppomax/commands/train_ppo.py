@@ -12,7 +12,6 @@ monitor stopped the run (collapse.action: stop), 75 when stopped by SIGINT/SIGTE
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ppomax.commands.common import (
     add_config_args,
@@ -32,16 +31,16 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = run_config("ppo", args)
     assert isinstance(cfg, PPOConfig)
-    trainer = PPOTrainer(cfg, **run_options(args))
-    out = trainer.train()
-    if trainer.collapse_stopped:
+    trainer = PPOTrainer(cfg, **run_options(args))  # the Python API's trainer, from the config alone
+    result = trainer.train()
+    if result.collapse_stopped:
         last = trainer.run.last_checkpoint
         trainer.run.warn(
             f"stopped at step {trainer.step} by the collapse monitor (collapse.action=stop); the last "
             f"checkpoint before it is {last or 'none (set logging.checkpoint_every)'}"
         )
         return COLLAPSE_EXIT_CODE
-    print_result(str(Path(out) / "final" / "policy"))
+    print_result(str(result.model_dir))
     return 0
 
 

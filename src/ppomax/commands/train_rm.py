@@ -15,11 +15,12 @@ from ppomax.commands.common import (
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ppomax.trainers.reward import train_rm  # heavy imports only when the command runs
+    from ppomax.trainers.reward import RewardTrainer  # heavy imports only when the command runs
 
     cfg = run_config("rm", args)
-    final = train_rm(cfg, **run_options(args))
-    print_result(str(final))
+    # the Python API's trainer, from the config alone
+    result = RewardTrainer(cfg, **run_options(args)).train()
+    print_result(str(result.model_dir))
     return 0
 
 

@@ -15,11 +15,11 @@ from ppomax.commands.common import (
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ppomax.trainers.sft import train_sft  # heavy imports only when the command runs
+    from ppomax.trainers.sft import SFTTrainer  # heavy imports only when the command runs
 
     cfg = run_config("sft", args)
-    final = train_sft(cfg, **run_options(args))
-    print_result(str(final))
+    result = SFTTrainer(cfg, **run_options(args)).train()  # the Python API's trainer, from the config alone
+    print_result(str(result.model_dir))
     return 0
 
 

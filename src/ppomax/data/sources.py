@@ -8,7 +8,12 @@ A source is what ``datasets.load_dataset`` accepts, in three spellings:
   Hugging Face Hub dataset id (``Anthropic/hh-rlhf``);
 * a list of strings: files and globs, read in order as one source;
 * a mapping of ``load_dataset``'s own arguments, :data:`DATASET_ARGS`
-  (``{path: Anthropic/hh-rlhf, data_dir: harmless-base, split: test}``).
+  (``{path: Anthropic/hh-rlhf, data_dir: harmless-base, split: test}``);
+
+or, from Python (the trainers' ``train_dataset=`` and such), the data itself: a ``datasets.Dataset`` or a list of
+records (dicts). Its rows are named ``Dataset(N rows) row I`` / ``list(N records) row I``; its fingerprint is the
+``Dataset``'s own (``datasets`` derives it from the data and every transform applied) or the SHA-256 of the records
+as JSON.
 
 A string is a local path when it exists, a glob when it holds ``*``, ``?`` or ``[``, and otherwise a Hub id when it
 looks like one (``name`` or ``owner/name``, no data file suffix); anything else is "no such file or directory".
@@ -32,8 +37,10 @@ from __future__ import annotations
 
 import glob as globlib
 import hashlib
+import json
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +74,8 @@ class Source:
     @property
     def name(self) -> str:
         """The source in messages (a mapping's split as ``[split]``)."""
+        if in_memory(self.spec):
+            return describe(self.spec)
         spec = normalise(self.spec)
         split = spec.get("split") if isinstance(spec, dict) else None
         return describe(spec) + (f"[{split}]" if split else "")
@@ -92,9 +101,30 @@ def normalise(spec: Any) -> str | list[str] | dict[str, Any]:
     )
 
 
+def in_memory(spec: Any) -> bool:
+    """Whether a source is data held in memory (a ``datasets.Dataset``, or a list of records) rather than where to
+    read it."""
+    datasets = sys.modules.get("datasets")  # a Dataset exists only where datasets was imported
+    if datasets is not None and isinstance(
+        spec, datasets.Dataset | datasets.DatasetDict | datasets.IterableDataset
+    ):
+        return True
+    return (
+        isinstance(spec, list | tuple)
+        and bool(spec)
+        and not any(isinstance(s, str | os.PathLike) for s in spec)
+    )
+
+
 def describe(spec: Any) -> str:
     """A source in messages: the string itself; a list as ``[a, b, c]``; a mapping as its ``path`` with the other
-    arguments but the split in parentheses (the split is written ``[split]`` where rows are named)."""
+    arguments but the split in parentheses (the split is written ``[split]`` where rows are named); data in memory
+    as ``Dataset(N rows)`` or ``list(N records)``."""
+    if in_memory(spec):
+        if isinstance(spec, list | tuple):
+            return f"list({len(spec)} records)"
+        rows = getattr(spec, "num_rows", None)
+        return f"{type(spec).__name__}({rows} rows)" if isinstance(rows, int) else type(spec).__name__
     spec = normalise(spec)
     if isinstance(spec, str):
         return spec
@@ -178,10 +208,37 @@ class _Built:
         return size, hashlib.sha256(f"{ds._fingerprint}\0{self.split}".encode()).hexdigest()
 
 
-_Part = _File | _Saved | _Built
+@dataclass
+class _InMemory:
+    """Data passed from Python: a ``datasets.Dataset`` or a list of records."""
+
+    data: Any
+
+    @property
+    def name(self) -> str:
+        return describe(self.data)
+
+    def records(self, on_error: OnError, stats: LoadStats | None) -> Iterator[Record]:
+        if isinstance(self.data, list | tuple):
+            for number, value in enumerate(self.data, start=1):
+                yield Record(self.name, number, value, row=True)
+            return
+        yield from _rows(self.name, self.data, self.name)
+
+    def digest(self) -> tuple[int, str]:
+        if isinstance(self.data, list | tuple):
+            text = json.dumps(list(self.data), sort_keys=True, ensure_ascii=False, default=repr).encode()
+            return len(text), hashlib.sha256(text).hexdigest()
+        size = int(getattr(self.data.data, "nbytes", 0))
+        return size, hashlib.sha256(f"{self.data._fingerprint}".encode()).hexdigest()
+
+
+_Part = _File | _Saved | _Built | _InMemory
 
 
 def _parts(src: Source) -> list[_Part]:
+    if in_memory(src.spec):
+        return [_memory_part(src.spec)]
     spec = normalise(src.spec)
     if isinstance(spec, dict):
         return _mapping_parts(spec, src)
@@ -192,6 +249,27 @@ def _parts(src: Source) -> list[_Part]:
             )
         return [_File(f) for item in spec for f in _files_of(item)]
     return _string_parts(spec, src)
+
+
+def _memory_part(data: Any) -> _InMemory:
+    name = describe(data)
+    if isinstance(data, list | tuple):
+        if not all(isinstance(r, dict) for r in data):
+            raise DataError(
+                name, None, "a list source holds file paths (strings) or records (dicts), not a mix"
+            )
+        return _InMemory(data)
+    kind = type(data).__name__
+    if kind == "DatasetDict":
+        splits = ", ".join(data)
+        raise DataError(
+            name, None, f"a DatasetDict has several splits ({splits}): pass one, e.g. dataset['train']"
+        )
+    if kind == "IterableDataset":
+        raise DataError(
+            name, None, "an IterableDataset (streaming) is not supported: load it with streaming=False"
+        )
+    return _InMemory(data)
 
 
 def _files_of(item: str) -> list[Path]:
@@ -425,6 +503,8 @@ def fingerprint(source: Any) -> dict[str, Any]:
 
 
 def _label(part: _Part) -> str:
+    if isinstance(part, _InMemory):
+        return part.name
     return str(part.path) if isinstance(part, _File | _Saved) else f"{part.name}[{part.split}]"
 
 

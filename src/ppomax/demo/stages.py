@@ -20,7 +20,7 @@ GOLD_FUNCTION = {"function": "ppomax.demo.world.reward:gold", "name": GOLD_REWAR
 
 
 def _logging(d: Path, progress: bool) -> dict[str, Any]:
-    return {"out_dir": str(d), "tensorboard": False, "progress": progress, "log_every": 1}
+    return {"out_dir": str(d), "report_to": [], "progress": progress, "log_every": 1}
 
 
 # ------------------------------------------------------------------------------------------------ world

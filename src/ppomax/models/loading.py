@@ -114,10 +114,16 @@ def load_tokenizer(
         tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelPathError(f"{lead}cannot load a tokenizer from {path}: {_first_line(exc)}") from None
+    return prepare_tokenizer(tok, path, key)
+
+
+def prepare_tokenizer(tok: Any, where: str | Path, key: str | None = None) -> Any:
+    """A tokenizer as every trainer uses it: with a pad token (EOS if it has none) and left padding (set on
+    ``tok``, which is returned)."""
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ModelPathError(
-                f"{lead}tokenizer at {path} has neither a pad token nor an EOS token; add one "
+                f"{_lead(key)}tokenizer at {where} has neither a pad token nor an EOS token; add one "
                 "(tokenizer.add_special_tokens({'pad_token': ...})) and save it again"
             )
         tok.pad_token = tok.eos_token

@@ -24,6 +24,9 @@ from accelerate import Accelerator
 from ppomax.data import LoadStats, Source, resolve_chat_format
 from ppomax.data.batching import global_batches, rank_share
 from ppomax.errors import UserError
+from ppomax.models import load_tokenizer
+
+from .inputs import Inputs, adopt_tokenizer
 
 if TYPE_CHECKING:
     from .run import RunContext
@@ -37,15 +40,18 @@ class TrainingError(UserError):
 HELD_OUT_KEYS = ("valid", "test", "valid_prompts")
 
 
-def data_source(cfg: Any, name: str) -> Source:
-    """The source ``cfg.data.NAME`` as the data layer reads it, with its key (for messages)."""
-    return Source(getattr(cfg.data, name), key=f"data.{name}", held_out=name in HELD_OUT_KEYS)
+def data_source(cfg: Any, name: str, inputs: Inputs | None = None) -> Source:
+    """The source ``cfg.data.NAME`` as the data layer reads it (the data object given for it, if any), with its
+    key (for messages)."""
+    key = f"data.{name}"
+    spec = getattr(cfg.data, name) if inputs is None else inputs.source(key, getattr(cfg.data, name))
+    return Source(spec, key=key, held_out=name in HELD_OUT_KEYS)
 
 
-def data_files(cfg: Any, *names: str) -> dict[str, Source]:
+def data_files(cfg: Any, *names: str, inputs: Inputs | None = None) -> dict[str, Source]:
     """``{"data.NAME": source}`` of the data sources (``cfg.data.NAME``, those set) a run reads: what its
-    checkpoints fingerprint (:func:`~ppomax.trainers.run.open_run`)."""
-    return {f"data.{name}": data_source(cfg, name) for name in names if getattr(cfg.data, name)}
+    checkpoints fingerprint (:func:`~ppomax.trainers.run.open_run`) and its loaders read (:func:`load_features`)."""
+    return {f"data.{name}": data_source(cfg, name, inputs) for name in names if getattr(cfg.data, name)}
 
 
 def log_load_stats(ctx: RunContext, name: str, stats: LoadStats) -> None:
@@ -58,12 +64,24 @@ def log_chat_format(ctx: RunContext, setting: str, tokenizer: Any) -> None:
     ctx.print(f"chat format: {fmt} ({why})")
 
 
+def load_run_tokenizer(cfg: Any, inputs: Inputs) -> tuple[Any, str]:
+    """The run's tokenizer (the object given, a copy prepared as a loaded one; else ``model.tokenizer`` or the
+    policy's) and the config key it comes from."""
+    m = cfg.model
+    key = "model.tokenizer" if m.tokenizer else "model.policy"
+    given = inputs.get("model.tokenizer")
+    if given is not None:
+        return adopt_tokenizer(given, key), key
+    return load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code, key=key), key
+
+
 def load_features(
     ctx: RunContext, featurize: Any, name: str, tokenizer: Any, cfg: Any, what: str
 ) -> list[Any]:
     """``featurize(source, tokenizer, cfg, stats, progress)`` of the source ``cfg.data.NAME``, with a progress bar
-    labelled ``what`` (main process, ``logging.progress``) and its load statistics printed as ``what SOURCE: ...``."""
-    source = data_source(cfg, name)
+    labelled ``what`` (main process, ``logging.progress``) and its load statistics printed as ``what SOURCE: ...``.
+    The source is the run's (``ctx.data``: a data object given from Python included)."""
+    source = ctx.data.files.get(f"data.{name}") or data_source(cfg, name)
     stats = LoadStats()
     progress = what if ctx.is_main and cfg.logging.progress else None
     features = featurize(source, tokenizer, cfg, stats, progress)

@@ -176,12 +176,17 @@ def _forget_other_precision(precision: str) -> None:
 
 
 def build_accelerator(
-    grad_accum: int = 1, trained: Sequence[str] = ("model",), dtype: str = "float32", frozen: bool = False
+    grad_accum: int = 1,
+    trained: Sequence[str] = ("model",),
+    dtype: str = "float32",
+    frozen: bool = False,
+    log_with: list[Any] | None = None,
 ) -> Accelerator:
     """The Accelerator of a run that trains the models named in ``trained`` (one per optimiser), on the engine
     the launch asked for (:func:`launch_engine`; see the module docstring), in ``dtype``'s mixed precision.
     ``frozen``: the run also has inference-only models (PPO's reference), which under DeepSpeed get a plugin of
-    their own (:func:`prepare_frozen`) even beside a single trained model."""
+    their own (:func:`prepare_frozen`) even beside a single trained model. ``log_with``: the experiment trackers
+    (:func:`ppomax.trainers.trackers.log_with`)."""
     quiet_known_library_messages()
     engine = launch_engine(os.environ)
     precision = mixed_precision(dtype, os.environ)
@@ -198,14 +203,21 @@ def build_accelerator(
         )
     if engine != "deepspeed":
         return Accelerator(
-            gradient_accumulation_steps=grad_accum, cpu=_cpu_distributed(), mixed_precision=precision
+            gradient_accumulation_steps=grad_accum,
+            cpu=_cpu_distributed(),
+            mixed_precision=precision,
+            log_with=log_with or None,
         )
     if importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("a DeepSpeed accelerate config needs DeepSpeed: pip install 'ppomax[deepspeed]'")
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
     _deepspeed_logs_to_stderr()
-    kwargs: dict[str, Any] = {"gradient_accumulation_steps": grad_accum, "mixed_precision": precision}
+    kwargs: dict[str, Any] = {
+        "gradient_accumulation_steps": grad_accum,
+        "mixed_precision": precision,
+        "log_with": log_with or None,
+    }
     if not cuda:
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     if len(trained) > 1 or frozen:

@@ -159,6 +159,7 @@ def train_loop(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec) -> tuple
             step += 1
             bar.update(1)
 
+            logged: dict[str, Any] = {}
             if step % log_every == 0 or step == total:
                 reduce = None if ctx.world == 1 else (lambda t, op: acc.reduce(t, op))
                 record = reduce_metrics({k: v / n_steps for k, v in sums.items()}, reduce, acc.device)
@@ -172,13 +173,15 @@ def train_loop(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec) -> tuple
                 )
                 if grad_norms:
                     record["grad_norm"] = sum(grad_norms) / len(grad_norms)
-                ctx.metrics.log(step, record, prefix="train/")
+                logged = ctx.metrics.log(step, record, prefix="train/")
                 bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
                 sums, n_steps, grad_norms = {}, 0, []
                 tokens.zero_()
                 t_log = time.perf_counter()
 
-            t_pause = time.perf_counter()  # evaluation and checkpoints do not count against tokens/s
+            # callbacks, evaluation and checkpoints do not count against tokens/s
+            t_pause = time.perf_counter()
+            ctx.callbacks.step_end(step, logged)
             if (
                 spec.evaluate
                 and cfg.logging.eval_every
@@ -246,7 +249,7 @@ def _run_eval(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec, step: int
     finally:
         model.train()
     if result:
-        ctx.metrics.log(step, result, prefix="eval/")
+        ctx.callbacks.evaluate(step, ctx.metrics.log(step, result, prefix="eval/"))
         ctx.print("step " + str(step) + ": " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
         if spec.on_eval:
             spec.on_eval(step, result, model)

@@ -45,7 +45,8 @@ Two decisions made explicit:
 Dropout is off in policy and critic (a ratio must compare the same function); statistics that must be global
 (running moments, whitening, metrics) are reduced over ranks; only the main process writes.
 
-Python API: :func:`train_ppo`. CLI: ``ppomax train-ppo`` (:mod:`ppomax.commands.train_ppo`).
+Python API: :class:`PPOTrainer` (``ppomax.PPOTrainer``), :func:`train_ppo`. CLI: ``ppomax train-ppo``
+(:mod:`ppomax.commands.train_ppo`), through :class:`PPOTrainer` too.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from tqdm.auto import tqdm
 from ppomax.algos import AdaptiveKLController, RunningMoments, rollout_statistics
 from ppomax.collapse import CollapseMonitor
 from ppomax.config import PPOConfig
+from ppomax.data import Source
 from ppomax.errors import ConfigError
 from ppomax.experience import Experience
 from ppomax.optim import build_optimizer, build_scheduler, warmup_steps
@@ -72,6 +74,7 @@ from ppomax.rewards import RewardSources, build_reward_functions
 from ppomax.rollout import HFGenerateEngine, RolloutEngine, eos_ids_of
 
 from .common import TrainingError, data_files, data_source, log_chat_format
+from .inputs import TrainResult, bind
 from .launch import prepare_frozen, prepare_trained, sharded_forward
 from .ppo_data import IndexStream, PromptSet, PTXSet, load_prompt_set, load_ptx_set, pad_id_of
 from .ppo_eval import evaluate
@@ -101,26 +104,34 @@ class PPOData:
         return self.ptx.batch(self.ptx_stream.take(k), self.pad_id, device)
 
 
-def load_data(cfg: PPOConfig, tokenizer: Any, rank: int, world: int, resizable: bool = False) -> PPOData:
+def load_data(
+    cfg: PPOConfig,
+    tokenizer: Any,
+    rank: int,
+    world: int,
+    resizable: bool = False,
+    sources: dict[str, Source] | None = None,
+) -> PPOData:
     """The PPO data; ``resizable``: a resumed run may continue its streams on data of another size
-    (``--allow-data-change``)."""
+    (``--allow-data-change``); ``sources``: the run's data sources by key (data objects given from Python
+    included; by default the config's)."""
     d, p = cfg.data, cfg.ppo
     assert d.prompts
+    sources = sources or {}
 
     def progress(what: str) -> str | None:  # a progress bar on the main process
         return what if rank == 0 and cfg.logging.progress else None
 
-    prompts = load_prompt_set(data_source(cfg, "prompts"), cfg, tokenizer, progress("prompts"))
+    def source(name: str) -> Source:
+        return sources.get(f"data.{name}") or data_source(cfg, name)
+
+    prompts = load_prompt_set(source("prompts"), cfg, tokenizer, progress("prompts"))
     valid = (
-        load_prompt_set(data_source(cfg, "valid_prompts"), cfg, tokenizer, progress("valid prompts"))
+        load_prompt_set(source("valid_prompts"), cfg, tokenizer, progress("valid prompts"))
         if d.valid_prompts
         else None
     )
-    ptx = (
-        load_ptx_set(data_source(cfg, "ptx"), cfg, tokenizer, progress("ptx"))
-        if (p.ptx_coef > 0 and d.ptx)
-        else None
-    )
+    ptx = load_ptx_set(source("ptx"), cfg, tokenizer, progress("ptx")) if (p.ptx_coef > 0 and d.ptx) else None
     return PPOData(
         prompts=prompts,
         prompt_stream=IndexStream(len(prompts), cfg.seed, rank=rank, world=world, resizable=resizable),
@@ -188,7 +199,21 @@ class Stopwatch:
 
 
 class PPOTrainer:
-    """Builds everything from a :class:`PPOConfig` on the run engine and runs :meth:`train`.
+    """PPO (PPO-max by default) from Python, as ``ppomax train-ppo`` runs it: builds everything on the run engine
+    here, trains in :meth:`train`.
+
+    ``config``: a :class:`PPOConfig`, a dict of its sections (``preset: NAME`` starts from a preset), a YAML file's
+    path, or a preset's name. The other arguments stand for config keys (:mod:`ppomax.trainers.inputs`): ``model``
+    (the policy: a causal LM object, or its directory / Hub id: ``model.policy``), ``ref_model``
+    (``model.reference``; by default a frozen copy of the policy, or under LoRA the policy with its adapters
+    off), ``reward_model`` (a ``ValueHeadModel``: ``model.reward``), ``value_model`` (the critic, a
+    ``ValueHeadModel``: ``model.critic``; by default per ``ppo.critic_init``), ``processing_class``
+    (``model.tokenizer``), ``train_dataset`` / ``eval_dataset`` / ``ptx_dataset`` (prompts, held-out prompts,
+    PPO-ptx examples: ``data.prompts`` / ``data.valid_prompts`` / ``data.ptx``), ``reward_funcs`` (callables as
+    :mod:`ppomax.rewards` calls them, ``module:function`` strings or mappings ``{function, name, weight,
+    kwargs}``: ``reward.functions``), ``peft_config`` (``model.lora``), ``callbacks``; ``resume``, ``overwrite``,
+    ``allow_data_change`` as :mod:`ppomax.trainers.run` reads them; ``engine``: the rollout engine (default:
+    Hugging Face ``generate``).
 
     Collaborators: ``run`` (directory, metrics, checkpoints, signals), ``data`` (prompts and their streams),
     ``models`` (policy and critic as prepared by accelerate, reference, reward model, tokenizer), ``rollouts``
@@ -197,14 +222,40 @@ class PPOTrainer:
 
     def __init__(
         self,
-        cfg: PPOConfig,
+        config: Any = None,
+        *,
+        model: Any = None,
+        ref_model: Any = None,
+        reward_model: Any = None,
+        value_model: Any = None,
+        processing_class: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        ptx_dataset: Any = None,
+        reward_funcs: Any = None,
+        peft_config: Any = None,
+        callbacks: list[Any] | None = None,
         resume: bool = False,
         overwrite: bool = False,
-        engine: RolloutEngine | None = None,
         allow_data_change: bool = False,
+        engine: RolloutEngine | None = None,
     ):
+        arguments = {
+            "model": model,
+            "ref_model": ref_model,
+            "reward_model": reward_model,
+            "value_model": value_model,
+            "processing_class": processing_class,
+            "train_dataset": train_dataset,
+            "eval_dataset": eval_dataset,
+            "ptx_dataset": ptx_dataset,
+        }
+        cfg, inputs = bind(
+            "ppo", config, arguments, reward_funcs=reward_funcs, peft_config=peft_config, callbacks=callbacks
+        )
+        assert isinstance(cfg, PPOConfig)
         cfg.check_runnable()
-        self.cfg, p = cfg, cfg.ppo
+        self.cfg, p, self.inputs = cfg, cfg.ppo, inputs
         # the run directory is checked (and a resumed run's config compared) before any model is loaded; it is
         # first written by run.restore(), once everything below has loaded
         trained = ("policy", "critic") if p.uses_critic else ("policy",)
@@ -215,10 +266,19 @@ class PPOTrainer:
             resume=resume,
             overwrite=overwrite,
             allow_data_change=allow_data_change,
-            data=data_files(cfg, *data),
+            data=data_files(cfg, *data, inputs=inputs),
             trained=trained,
             frozen=True,
+            callbacks=inputs.callbacks,
         )
+        try:
+            self._build(engine, allow_data_change)
+        except BaseException:
+            run.close()
+            raise
+
+    def _build(self, engine: RolloutEngine | None, allow_data_change: bool) -> None:
+        cfg, p, run = self.cfg, self.cfg.ppo, self.run
         acc = run.accelerator  # DDP, DeepSpeed or FSDP as `accelerate launch` configured (trainers/launch.py)
         # The adaptive KL coefficient (ppo.kl_target) counts the responses of all processes, as Ziegler et al.'s
         # code counts its batch; a step of n responses moves it by a factor in [1 - 0.2 n/h, 1 + 0.2 n/h].
@@ -238,13 +298,18 @@ class PPOTrainer:
         # average is the gradient of the token mean over every rank's minibatch; loss values are reduced for
         # logging only (reduce_metrics).
         all_reduce = None if acc.num_processes == 1 else (lambda t: acc.reduce(t, reduction="sum"))
-        m = load_models(cfg)
+        m = load_models(cfg, self.inputs)
         if m.critic is not None:
             m.critic.freeze_lm_head()
             run.layout.update(m.critic.match_checkpoint(run.resumed_layout()))
         log_chat_format(run, cfg.data.chat_format, m.tokenizer)
         self.data = data = load_data(
-            cfg, m.tokenizer, acc.process_index, acc.num_processes, resizable=allow_data_change
+            cfg,
+            m.tokenizer,
+            acc.process_index,
+            acc.num_processes,
+            resizable=allow_data_change,
+            sources=run.data.files,
         )
 
         updates = p.ppo_epochs * (p.buffer_size // p.minibatch_size)
@@ -281,7 +346,11 @@ class PPOTrainer:
             engine=engine
             or HFGenerateEngine(cfg.generation, eos_ids, data.pad_id, synced=sharded_forward(acc)),
             fwd=fwd,
-            rewards=RewardSources(reward_model, cfg.reward.model_weight, build_reward_functions(cfg.reward)),
+            rewards=RewardSources(
+                reward_model,
+                cfg.reward.model_weight,
+                build_reward_functions(cfg.reward, self.inputs.reward_functions),
+            ),
             tokenizer=m.tokenizer,
             eos_ids=eos_ids,
             pad_id=data.pad_id,
@@ -463,13 +532,16 @@ class PPOTrainer:
             kl_estimator=cfg.ppo.kl_estimator,
             seed=cfg.seed,
             samples_dir=self.out_dir / "samples" if self.acc.is_main_process else None,
+            on_samples=lambda rows: self.run.metrics.log_table("eval/samples", rows, step),
         )
 
     # ------------------------------------------------------------------ the loop
 
-    def train(self) -> Path:
-        """Run to ``critic_pretrain_steps + iterations``; returns the output directory. A SIGINT/SIGTERM saves a
-        checkpoint and raises :class:`ppomax.errors.RunStopped`."""
+    def train(self) -> TrainResult:
+        """Run to ``critic_pretrain_steps + iterations``; the final policy is saved in ``out_dir/final/policy``, the
+        critic in ``out_dir/final/critic``. Returns a :class:`~ppomax.trainers.inputs.TrainResult` (``model``: the
+        policy; ``collapse_stopped`` when the collapse monitor stopped the run, which then saves no final models).
+        A SIGINT/SIGTERM saves a checkpoint and raises :class:`ppomax.errors.RunStopped`."""
         cfg, log, run = self.cfg, self.cfg.logging, self.run
         for name, data in (
             ("prompts", self.data.prompts),
@@ -492,14 +564,16 @@ class PPOTrainer:
         try:
             with StopFlag() as stop:
                 if log.eval_every and self.step == 0:
-                    run.metrics.log(0, self.evaluate(0), prefix="eval/")
+                    run.callbacks.evaluate(0, run.metrics.log(0, self.evaluate(0), prefix="eval/"))
                 while self.step < self.total_steps:
                     step = self.step + 1
                     metrics = self.iteration(step)
                     self.step = step
                     collapsed = self._check_collapse(step, metrics)
+                    logged: dict[str, Any] = {}
                     if step % log.log_every == 0 or step == self.total_steps:
-                        run.metrics.log(step, metrics)
+                        logged = run.metrics.log(step, metrics)
+                    run.callbacks.step_end(step, logged)
                     bar.update(1)
                     bar.set_postfix(
                         reward=f"{metrics['reward/raw_mean']:.3g}",
@@ -509,9 +583,11 @@ class PPOTrainer:
                     )
                     if collapsed and cfg.collapse.action == "stop":
                         self.collapse_stopped = True  # the collapsing state is not checkpointed
-                        return self.out_dir
+                        return self._result(None)
                     if log.eval_every and step % log.eval_every == 0:
-                        run.metrics.log(step, self.evaluate(step), prefix="eval/")
+                        run.callbacks.evaluate(
+                            step, run.metrics.log(step, self.evaluate(step), prefix="eval/")
+                        )
                     if self.updater.nonfinite_in_row >= cfg.ppo.max_nonfinite_in_row:
                         raise TrainingDiverged(self._diverged_message())
                     healthy = self.updater.nonfinite_in_row == 0
@@ -526,10 +602,22 @@ class PPOTrainer:
             if self.updater.nonfinite_in_row == 0 and (last is None or last.name != f"step-{self.step}"):
                 run.save_checkpoint(self.step)
             self.save_final()
-            return self.out_dir
+            return self._result(self.out_dir / "final" / "policy")
         finally:
             bar.close()
             run.close()
+
+    def _result(self, model_dir: Path | None) -> TrainResult:
+        return TrainResult(
+            self.out_dir,
+            model_dir,
+            self.unwrapped(self.policy),
+            self.models.tokenizer,
+            dict(self.run.metrics.latest),
+            self.step,
+            critic=self.unwrapped(self.critic) if self.critic is not None else None,
+            collapse_stopped=self.collapse_stopped,
+        )
 
     def _check_collapse(self, step: int, metrics: dict[str, Any]) -> bool:
         """Feed the collapse monitor (policy iterations only); warn on the main process when it fires."""
@@ -584,7 +672,7 @@ def train_ppo(
     trainer = PPOTrainer(
         cfg, resume=resume, overwrite=overwrite, engine=engine, allow_data_change=allow_data_change
     )
-    return trainer.train()
+    return trainer.train().out_dir
 
 
 __all__ = ["PPOTrainer", "TrainingDiverged", "train_ppo"]

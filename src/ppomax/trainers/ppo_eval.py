@@ -11,6 +11,7 @@ never changes the training trajectory. Each evaluation writes its responses to `
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,11 @@ def evaluate(
     kl_estimator: KLEstimator,
     seed: int,
     samples_dir: Path | None,
+    on_samples: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, float]:
     """Evaluate the current policy on the first ``samples`` of ``prompts`` (shared among ranks); returns metrics
     (to be logged with the ``eval/`` prefix) and writes the responses under ``samples_dir`` (None: not this
-    process)."""
+    process), where ``on_samples(rows)`` also gets them (the trackers' table)."""
     n = min(samples, len(prompts))
     mine = rank_share(range(n), acc.process_index, acc.num_processes)
     batches: list[Experience] = []
@@ -69,6 +71,8 @@ def evaluate(
         with (samples_dir / f"eval-step-{step}.jsonl").open("w", encoding="utf-8") as fh:
             for r in rows:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        if on_samples is not None:
+            on_samples(rows)
     return response_statistics(sums.tolist())
 
 

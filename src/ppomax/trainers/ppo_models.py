@@ -46,11 +46,13 @@ from ppomax.models import (
     enable_activation_checkpointing,
     init_causal_lm_from_config,
     load_causal_lm,
-    load_tokenizer,
     position_ids_from_mask,
     with_adapters,
 )
 from ppomax.trainers.launch import launch_engine, reference_dtype, trained_dtype
+
+from .common import load_run_tokenizer
+from .inputs import Inputs, adopt_causal_lm, adopt_value_head, copy_causal_lm, random_causal_lm_like
 
 
 @dataclass
@@ -86,24 +88,46 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def build_critic(cfg: PPOConfig, policy_path: str, critic_path: str | None) -> ValueHeadModel:
-    """The critic per ``model.critic`` / ``ppo.critic_init`` (see the module docstring)."""
-    m, seed = cfg.model, cfg.seed
+def build_critic(
+    cfg: PPOConfig,
+    policy_path: str,
+    critic_path: str | None,
+    given: Inputs | None = None,
+    untrained: Any = None,
+) -> ValueHeadModel:
+    """The critic per ``model.critic`` / ``ppo.critic_init`` (see the module docstring); from the objects
+    ``given`` where there are (``untrained``: a copy of a policy object, for an SFT-initialised critic)."""
+    m, seed, given = cfg.model, cfg.seed, given or Inputs()
     lora = m.lora if m.lora is not None and m.lora.critic else None
     # trained in full: float32 master weights; under LoRA the frozen base stays in model.dtype
     kw = {"dtype": trained_dtype(m.dtype, lora is not None), "trust_remote_code": m.trust_remote_code}
     init = cfg.ppo.critic_init
     if critic_path:
-        base, critic = critic_path, ValueHeadModel.from_pretrained(critic_path, key="model.critic", **kw)
+        base, obj = given.base_path("model.critic", critic_path), given.get("model.critic")
+        if obj is not None:
+            critic = adopt_value_head(obj, kw["dtype"], "model.critic")
+        else:
+            critic = ValueHeadModel.from_pretrained(critic_path, key="model.critic", **kw)
     elif init == "reward_model":
         assert m.reward, "check_runnable guarantees model.reward for critic_init=reward_model"
-        base, critic = m.reward, ValueHeadModel.from_pretrained(m.reward, key="model.reward", **kw)
+        base, obj = given.base_path("model.reward", m.reward), given.get("model.reward")
+        if obj is not None:  # the critic trains its own copy
+            critic = adopt_value_head(copy.deepcopy(obj), kw["dtype"], "model.reward")
+        else:
+            critic = ValueHeadModel.from_pretrained(m.reward, key="model.reward", **kw)
     elif init == "sft":
-        base = policy_path
-        critic = ValueHeadModel.from_causal_lm(policy_path, seed=seed, key="model.policy", **kw)
+        base = given.base_path("model.policy", policy_path)
+        if untrained is not None:
+            critic = ValueHeadModel(copy_causal_lm(untrained, kw["dtype"], "model.policy"), seed=seed)
+        else:
+            critic = ValueHeadModel.from_causal_lm(policy_path, seed=seed, key="model.policy", **kw)
     else:  # config validation refuses adapters on this random backbone
-        backbone = init_causal_lm_from_config(policy_path, seed=seed, key="model.policy", **kw)
-        base, critic = policy_path, ValueHeadModel(backbone, seed=seed)
+        obj = given.get("model.policy")
+        if obj is not None:
+            backbone = random_causal_lm_like(obj, kw["dtype"], seed)
+        else:
+            backbone = init_causal_lm_from_config(policy_path, seed=seed, key="model.policy", **kw)
+        base, critic = given.base_path("model.policy", policy_path), ValueHeadModel(backbone, seed=seed)
     return with_adapters(critic, lora, base, seed=seed + 1)
 
 
@@ -118,45 +142,54 @@ def critic_base_is_reward_model(cfg: PPOConfig) -> bool:
     return source is not None and Path(source).resolve() == Path(m.reward).resolve()
 
 
-def build_reference(cfg: PPOConfig, policy: Any) -> Any:
+def build_reference(cfg: PPOConfig, policy: Any, given: Inputs | None = None, untrained: Any = None) -> Any:
     """The frozen reference: the policy's base with adapters off (LoRA, and ``model.reference`` unset or the
-    policy's path), else a model loaded from ``model.reference`` or the policy's path, in the dtype the policy
+    policy's path), else a model loaded from ``model.reference`` or the policy's path (or the object given for
+    ``model.reference``; ``untrained``: a copy of the policy object, taken before it trains), in the dtype the policy
     reads its weights in (:func:`~ppomax.trainers.launch.reference_dtype`: identical weights, identical log-probs)."""
-    m = cfg.model
+    m, given = cfg.model, given or Inputs()
     assert m.policy
     same = m.reference is None or Path(m.reference).resolve() == Path(m.policy).resolve()
     if m.lora is not None and same:
         return AdaptersOff(policy)
     dtype = reference_dtype(m.dtype, m.lora is not None, launch_engine(os.environ))
     key = "model.reference" if m.reference else "model.policy"
+    obj = given.get("model.reference") if m.reference else untrained
+    if obj is not None:
+        return _freeze(adopt_causal_lm(obj, dtype, key))
     return _freeze(
         load_causal_lm(m.reference or m.policy, dtype=dtype, trust_remote_code=m.trust_remote_code, key=key)
     )
 
 
-def load_models(cfg: PPOConfig) -> PPOModels:
-    """Load everything ``cfg.model`` names, the critic only where ``ppo.advantage_estimator`` needs one (a resumed
-    run then loads its checkpoint's weights into policy and critic; the reference and the reward model always come
-    from the config: the reference is the *original* policy)."""
-    m = cfg.model
+def load_models(cfg: PPOConfig, given: Inputs | None = None) -> PPOModels:
+    """Load everything ``cfg.model`` names (or take the objects ``given`` for its keys), the critic only where
+    ``ppo.advantage_estimator`` needs one (a resumed run then loads its checkpoint's weights into policy and critic;
+    the reference and the reward model always come from the config: the reference is the *original* policy)."""
+    m, given = cfg.model, given or Inputs()
     # trained models in float32 (master weights; model.dtype is their autocast dtype), the reward model (and a
     # LoRA base) in model.dtype, the reference in the policy's (build_reference)
     kw = {"dtype": m.dtype, "trust_remote_code": m.trust_remote_code}
     trained = {**kw, "dtype": trained_dtype(m.dtype, m.lora is not None)}
     assert m.policy
-    tokenizer_key = "model.tokenizer" if m.tokenizer else "model.policy"
-    tokenizer = load_tokenizer(
-        m.tokenizer or m.policy, trust_remote_code=m.trust_remote_code, key=tokenizer_key
-    )
-    policy = with_adapters(
-        load_causal_lm(m.policy, **trained, key="model.policy"), m.lora, m.policy, seed=cfg.seed
-    )
-    reference = build_reference(cfg, policy)
-    critic = build_critic(cfg, m.policy, m.critic) if cfg.ppo.uses_critic else None
+    tokenizer, tokenizer_key = load_run_tokenizer(cfg, given)
+    policy, untrained = given.get("model.policy"), None
+    if policy is not None:
+        policy = adopt_causal_lm(policy, trained["dtype"], "model.policy")
+        if (m.reference is None and m.lora is None) or (cfg.ppo.uses_critic and _critic_from_sft(cfg)):
+            untrained = copy.deepcopy(policy)  # what the reference or an SFT critic start from
+    else:
+        policy = load_causal_lm(m.policy, **trained, key="model.policy")
+    policy = with_adapters(policy, m.lora, given.base_path("model.policy", m.policy), seed=cfg.seed)
+    critic = build_critic(cfg, m.policy, m.critic, given, untrained) if cfg.ppo.uses_critic else None
+    # after the critic, which copies `untrained`: the reference may keep it itself
+    reference = build_reference(cfg, policy, given, untrained)
     reward_model: Any = None
     if critic is not None and critic_base_is_reward_model(cfg):
         # the head is copied before any update: the critic's own head trains away from it
         reward_model = RewardOnCriticBase(critic, copy.deepcopy(critic.value_head))
+    elif given.get("model.reward") is not None:
+        reward_model = _freeze(adopt_value_head(given.get("model.reward"), m.dtype, "model.reward"))
     elif m.reward:
         reward_model = _freeze(ValueHeadModel.from_pretrained(m.reward, key="model.reward", **kw))
     # every model reads the policy's token ids (those loaded from model.policy's files are checked once); the
@@ -182,6 +215,10 @@ def load_models(cfg: PPOConfig) -> PPOModels:
         else:
             model.eval()
     return PPOModels(tokenizer, policy, reference, critic, reward_model)
+
+
+def _critic_from_sft(cfg: PPOConfig) -> bool:
+    return not cfg.model.critic and cfg.ppo.critic_init == "sft"
 
 
 def _accepts(model: Any, name: str) -> bool:

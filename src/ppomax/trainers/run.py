@@ -4,7 +4,8 @@ final save. The trainers own only their optimisation step.
 Layout of a run directory (``logging.out_dir``)::
 
     config.yaml            the resolved config (written by the main process, atomically)
-    metrics.jsonl, tb/     one record per logged step (:class:`ppomax.monitor.MetricsLogger`)
+    metrics.jsonl, tb/     one record per logged step (:class:`ppomax.monitor.MetricsLogger`; tb/: TensorBoard,
+                           one of the experiment trackers of logging.report_to, :mod:`.trackers`)
     checkpoints/step-N/    accelerate ``save_state`` (model*.safetensors, optimizer*.bin, random_states_R.pkl)
                            + ppomax_state.json (step, schedules, the trainer's own state, the data files'
                            fingerprints); atomic
@@ -23,8 +24,8 @@ The rules, the same for all three trainers (:func:`open_run`, :meth:`RunContext.
   ``overwrite`` (``--overwrite``), which deletes that run's files (only the names above);
 * ``resume`` (``--resume DIR``) continues the run in ``logging.out_dir`` from its newest complete checkpoint, and
   refuses a config that differs from the run's ``config.yaml`` in anything but :data:`RESUMABLE_KEYS` (the run
-  length; the directory itself, which may have been moved; the progress bar; the data preparation's processes),
-  naming the differing keys, and a data source whose fingerprint (size, SHA-256) differs from the checkpoint's
+  length; the directory itself, which may have been moved; the progress bar; the data preparation's processes;
+  the experiment trackers), naming the differing keys, and a data source whose fingerprint (size, SHA-256) differs from the checkpoint's
   unless ``allow_data_change``;
 * a directory whose run died before its first complete checkpoint holds no run: a new run or a resume starts it
   afresh (its old metrics are removed), no ``rm -rf`` needed; temporary ``*.tmp-PID`` directories that a killed
@@ -76,6 +77,8 @@ from ppomax.errors import ConfigError, RunStopped, UserError
 from ppomax.models import save_trained, weights_error
 from ppomax.monitor import MetricsLogger
 
+from . import trackers
+from .inputs import Callbacks
 from .launch import build_accelerator, deepspeed_loads_tensors_only
 from .run_lock import RunLock
 
@@ -89,8 +92,18 @@ CONFIG_FILE = "config.yaml"
 # What a run writes into its directory: what --overwrite (or restarting a run that died early) deletes.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "final", "best", "samples")
 RUN_GLOBS = ("rm_eval_*.json", "rm_margins_*.png")
-# Config keys a resume may change: the run length, where the run lives (a moved run), the progress bar.
-RESUMABLE_KEYS = ("epochs", "ppo.iterations", "logging.out_dir", "logging.progress", "data.num_proc")
+# Config keys a resume may change: the run length, where the run lives (a moved run), the progress bar, the
+# data preparation's processes, the experiment trackers.
+RESUMABLE_KEYS = (
+    "epochs",
+    "ppo.iterations",
+    "logging.out_dir",
+    "logging.progress",
+    "data.num_proc",
+    "logging.report_to",
+    "logging.project",
+    "logging.run_name",
+)
 COMMANDS = {"sft": "train-sft", "rm": "train-rm", "ppo": "train-ppo"}
 
 log = console()
@@ -145,6 +158,8 @@ class RunContext:
     layout: dict[str, Any] = field(default_factory=dict)
     """How the trained models are laid out where a checkpoint's weights depend on it (e.g. whether value heads have
     a bias), recorded with every checkpoint: :meth:`resumed_layout`."""
+    callbacks: Callbacks = field(default_factory=Callbacks)
+    """The callbacks given from Python (:class:`~ppomax.trainers.inputs.Callbacks`; main process)."""
     _metrics: MetricsLogger | None = None
 
     @property
@@ -219,6 +234,7 @@ class RunContext:
             prune_checkpoints(root, self.cfg.logging.keep_checkpoints)
         self.accelerator.wait_for_everyone()
         self.last_checkpoint = final
+        self.callbacks.save(final)
         return final
 
     def restore(self) -> int:
@@ -250,12 +266,15 @@ class RunContext:
             self.last_checkpoint = ckpt
             self.start_step = int(state["step"])
         on_main(acc, self._start_dir)
+        resume_step = self.start_step if ckpt is not None else None
+        trackers.start(acc, self.cfg, resume_step)
         self._metrics = MetricsLogger(
             self.out_dir,
-            tensorboard=self.cfg.logging.tensorboard,
             enabled=self.is_main,
-            resume_step=self.start_step if ckpt is not None else None,
+            resume_step=resume_step,
             resume_records=(state or {}).get(METRICS_KEY),
+            sink=lambda values, step: acc.log(values, step=step),
+            table_sink=lambda name, rows, step: trackers.log_table(acc, name, rows, step),
         )
         if ckpt is not None:
             self.print(f"resumed from {ckpt} (step {self.start_step})")
@@ -353,6 +372,7 @@ class RunContext:
                 for name, (model, tokenizer) in models.items():
                     unwrapped, lora = acc.unwrap_model(model), self.cfg.model.lora
                     save_trained(unwrapped, tmp / name, states[name], tokenizer, lora)
+        self.callbacks.save(final)
         return final
 
     # ------------------------------------------------------------------ stopping
@@ -368,9 +388,8 @@ class RunContext:
         return RunStopped(message)
 
     def close(self) -> None:
-        """Close the metrics and release the directory's lock."""
-        if self._metrics is not None:
-            self._metrics.close()
+        """End the run in the experiment trackers and release the directory's lock."""
+        trackers.finish(self.accelerator)
         if self.plan is not None and self.plan.lock is not None:
             self.plan.lock.release()
 
@@ -493,6 +512,7 @@ def open_run(
     grad_accum: int = 1,
     trained: tuple[str, ...] = ("model",),
     frozen: bool = False,
+    callbacks: list[Any] | None = None,
 ) -> RunContext:
     """Accelerator (:func:`~ppomax.trainers.launch.build_accelerator`: what ``accelerate launch`` configured, for
     the models named in ``trained``, and ``frozen`` ones beside them), seeds, and the run directory
@@ -500,15 +520,23 @@ def open_run(
     refused unless resumed or overwritten, a resumed run's config compared. Nothing is written into it yet:
     :meth:`RunContext.restore` starts the run once the trainer has loaded everything. ``data``: the data files
     the run reads, ``{config key: path}``, fingerprinted in every checkpoint (a resume refuses changed ones
-    unless ``allow_data_change``). Nothing here loads a model, so an unusable directory is reported first."""
+    unless ``allow_data_change``). ``callbacks``: objects given from Python, called on the main process
+    (:class:`~ppomax.trainers.inputs.Callbacks`). Nothing here loads a model, so an unusable directory is reported
+    first."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other (continue the run, or replace it)")
     if allow_data_change and not resume:
         raise ConfigError("--allow-data-change goes with --resume (a new run reads its data as it is)")
-    accelerator = build_accelerator(grad_accum, trained, cfg.model.dtype, frozen=frozen)
+    log_with = trackers.log_with(cfg.logging, Path(cfg.logging.out_dir))
+    accelerator = build_accelerator(grad_accum, trained, cfg.model.dtype, frozen=frozen, log_with=log_with)
     set_seed(cfg.seed)
     ctx = RunContext(
-        accelerator, Path(cfg.logging.out_dir), cfg, kind, data=RunData(dict(data or {}), allow_data_change)
+        accelerator,
+        Path(cfg.logging.out_dir),
+        cfg,
+        kind,
+        data=RunData(dict(data or {}), allow_data_change),
+        callbacks=Callbacks(callbacks, enabled=accelerator.is_main_process),
     )
 
     def open_dir() -> tuple[Path | None, int]:

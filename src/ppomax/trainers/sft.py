@@ -41,13 +41,21 @@ from ppomax.models import (
     enable_activation_checkpointing,
     init_causal_lm_from_config,
     load_causal_lm,
-    load_tokenizer,
     model_summary,
     with_adapters,
 )
 from ppomax.trainers.launch import TRAINED_DTYPE, trained_dtype
 
-from .common import data_files, eval_shards, load_train_valid, log_chat_format, reduce_sums, to_device
+from .common import (
+    data_files,
+    eval_shards,
+    load_run_tokenizer,
+    load_train_valid,
+    log_chat_format,
+    reduce_sums,
+    to_device,
+)
+from .inputs import Inputs, TrainResult, adopt_causal_lm, bind
 from .loop import LoopSpec, train_loop
 from .run import RunContext, open_run
 
@@ -155,8 +163,16 @@ def evaluate_lm(
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": tot["count"]}
 
 
-def _load_model(cfg: SFTConfig):
+def _load_model(cfg: SFTConfig, inputs: Inputs) -> Any:
     m = cfg.model
+    given = inputs.get("model.policy")
+    if given is not None:
+        if cfg.init_from_config:
+            raise ConfigError(
+                "init_from_config, model (argument): init_from_config builds random weights from a config.json, "
+                "and the model object has its own; set init_from_config: false"
+            )
+        return adopt_causal_lm(given, trained_dtype(m.dtype, m.lora is not None), "model.policy")
     if cfg.init_from_config:
         return init_causal_lm_from_config(
             m.policy, TRAINED_DTYPE, m.trust_remote_code, seed=cfg.seed, key="model.policy"
@@ -165,57 +181,127 @@ def _load_model(cfg: SFTConfig):
     return load_causal_lm(m.policy, dtype, m.trust_remote_code, key="model.policy")
 
 
+class SFTTrainer:
+    """Supervised fine-tuning (or pretraining, ``objective: pretrain``) from Python, as ``ppomax train-sft`` runs it.
+
+    ``config``: an :class:`~ppomax.config.SFTConfig`, a dict of its sections, or a YAML file's path (None: the
+    defaults). The other arguments stand for config keys (:mod:`ppomax.trainers.inputs`): ``model`` (a causal LM
+    object, or its directory / Hub id: ``model.policy``), ``processing_class`` (a tokenizer: ``model.tokenizer``;
+    by default the model's), ``train_dataset`` / ``eval_dataset`` (a ``datasets.Dataset``, a list of records, or a
+    data source: ``data.train`` / ``data.valid``), ``peft_config`` (a ``peft.LoraConfig``: ``model.lora``);
+    ``callbacks``: objects with ``on_step_end`` / ``on_evaluate`` / ``on_save``. ``resume``: continue the run in
+    ``logging.out_dir`` (``allow_data_change``: even if its data changed); ``overwrite``: replace the run there
+    (:mod:`ppomax.trainers.run`).
+
+    The run directory is checked and the model and data loaded here; :meth:`train` trains and returns a
+    :class:`~ppomax.trainers.inputs.TrainResult`. A model object is trained in place."""
+
+    def __init__(
+        self,
+        config: Any = None,
+        *,
+        model: Any = None,
+        processing_class: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        peft_config: Any = None,
+        callbacks: list[Any] | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        allow_data_change: bool = False,
+    ) -> None:
+        arguments = {
+            "model": model,
+            "processing_class": processing_class,
+            "train_dataset": train_dataset,
+            "eval_dataset": eval_dataset,
+        }
+        cfg, inputs = bind("sft", config, arguments, peft_config=peft_config, callbacks=callbacks)
+        assert isinstance(cfg, SFTConfig)
+        if not cfg.model.policy:
+            raise ConfigError("model.policy: required (the base model directory to fine-tune)")
+        if not cfg.data.train:
+            raise ConfigError(
+                "data.train: required (SFT examples, or {'text'} records with objective: pretrain)"
+            )
+        self.cfg, self.inputs = cfg, inputs
+        self.ctx = ctx = open_run(
+            cfg,
+            "sft",
+            resume=resume,
+            overwrite=overwrite,
+            allow_data_change=allow_data_change,
+            data=data_files(cfg, "train", "valid", inputs=inputs),
+            grad_accum=cfg.grad_accum,
+            callbacks=inputs.callbacks,
+        )
+        try:
+            self._load()
+        except BaseException:
+            ctx.close()
+            raise
+
+    def _load(self) -> None:
+        cfg, ctx, inputs = self.cfg, self.ctx, self.inputs
+        tokenizer, tokenizer_key = load_run_tokenizer(cfg, inputs)
+        model = _load_model(cfg, inputs)
+        check_vocab(model, tokenizer, "model.policy", tokenizer_key)
+        base = inputs.base_path("model.policy", cfg.model.policy or "")
+        model = with_adapters(model, cfg.model.lora, base, seed=cfg.seed)
+        if cfg.model.gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        size = model_summary(model)
+        ctx.print(
+            f"model: {cfg.model.policy} ({size['params']:,} parameters, {size['trainable_params']:,} trained)"
+        )
+        if cfg.objective != "pretrain":
+            log_chat_format(ctx, cfg.data.chat_format, tokenizer)
+
+        train, valid = load_train_valid(ctx, sft_features, tokenizer, cfg, "data")
+        ctx.print(f"{len(train)} training and {len(valid)} validation examples")
+
+        collate = SFTCollator(pad_id_of(tokenizer))
+        self.model, self.processing_class = model, tokenizer
+        self.train_dataset, self.eval_dataset = train, valid
+        self.spec = LoopSpec(
+            lengths=[len(f["input_ids"]) for f in train],
+            make_batch=lambda idx: to_device(collate([train[i] for i in idx]), ctx.device),
+            loss_fn=sft_loss,
+            counts=sft_counts,
+            batch_size=cfg.batch_size,
+            max_tokens=None,
+            evaluate=(lambda mdl: evaluate_lm(ctx, mdl, valid, collate, cfg.batch_size)) if valid else None,
+        )
+
+    @property
+    def out_dir(self) -> Path:
+        return self.ctx.out_dir
+
+    @property
+    def accelerator(self) -> Any:
+        return self.ctx.accelerator
+
+    def train(self) -> TrainResult:
+        """Train to the end (from the checkpoint when resuming); the final model is saved in ``out_dir/final``. A
+        SIGINT/SIGTERM saves a checkpoint and raises :class:`ppomax.errors.RunStopped`."""
+        ctx = self.ctx
+        try:
+            model, step = train_loop(ctx, self.model, self.spec)
+            final = ctx.save_model(model, self.processing_class, ctx.out_dir / "final")
+        finally:
+            ctx.close()
+        ctx.print(f"saved {final}")
+        self.model = ctx.accelerator.unwrap_model(model)
+        return TrainResult(
+            ctx.out_dir, final, self.model, self.processing_class, dict(ctx.metrics.latest), step
+        )
+
+
 def train_sft(
     cfg: SFTConfig, resume: bool = False, overwrite: bool = False, allow_data_change: bool = False
 ) -> Path:
-    """Run SFT (or pretraining) as configured; returns the final model directory ``out_dir/final``.
-
-    ``resume``: continue the run in ``logging.out_dir`` (``allow_data_change``: even if its data files changed);
-    ``overwrite``: replace the run there (see :mod:`ppomax.trainers.run` for the rules)."""
-    if not cfg.model.policy:
-        raise ConfigError("model.policy: required (the base model directory to fine-tune)")
-    if not cfg.data.train:
-        raise ConfigError("data.train: required (SFT examples, or {'text'} records with objective: pretrain)")
-    ctx = open_run(
-        cfg,
-        "sft",
-        resume=resume,
-        overwrite=overwrite,
-        allow_data_change=allow_data_change,
-        data=data_files(cfg, "train", "valid"),
-        grad_accum=cfg.grad_accum,
-    )
-    tokenizer_key = "model.tokenizer" if cfg.model.tokenizer else "model.policy"
-    tokenizer = load_tokenizer(
-        cfg.model.tokenizer or cfg.model.policy, cfg.model.trust_remote_code, key=tokenizer_key
-    )
-    model = _load_model(cfg)
-    check_vocab(model, tokenizer, "model.policy", tokenizer_key)
-    model = with_adapters(model, cfg.model.lora, cfg.model.policy, seed=cfg.seed)
-    if cfg.model.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    size = model_summary(model)
-    ctx.print(
-        f"model: {cfg.model.policy} ({size['params']:,} parameters, {size['trainable_params']:,} trained)"
-    )
-    if cfg.objective != "pretrain":
-        log_chat_format(ctx, cfg.data.chat_format, tokenizer)
-
-    train, valid = load_train_valid(ctx, sft_features, tokenizer, cfg, "data")
-    ctx.print(f"{len(train)} training and {len(valid)} validation examples")
-
-    collate = SFTCollator(pad_id_of(tokenizer))
-    spec = LoopSpec(
-        lengths=[len(f["input_ids"]) for f in train],
-        make_batch=lambda idx: to_device(collate([train[i] for i in idx]), ctx.device),
-        loss_fn=sft_loss,
-        counts=sft_counts,
-        batch_size=cfg.batch_size,
-        max_tokens=None,
-        evaluate=(lambda mdl: evaluate_lm(ctx, mdl, valid, collate, cfg.batch_size)) if valid else None,
-    )
-    model, _step = train_loop(ctx, model, spec)
-    final = ctx.save_model(model, tokenizer, ctx.out_dir / "final")
-    ctx.close()
-    ctx.print(f"saved {final}")
-    return final
+    """Run SFT (or pretraining) as configured; returns the final model directory ``out_dir/final``
+    (:class:`SFTTrainer` from the config alone)."""
+    result = SFTTrainer(cfg, resume=resume, overwrite=overwrite, allow_data_change=allow_data_change).train()
+    assert result.model_dir is not None
+    return result.model_dir
