@@ -36,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from ppomax.algos.registry import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS
 from ppomax.errors import ConfigError
 
 PRESET_NAMES = ("vanilla", "ppo_max", "ppo_ptx", "grpo", "rloo", "reinforce_pp")
@@ -526,6 +527,11 @@ class RewardConfig(_Section):
     )
 
 
+# The names of ppomax.algos.registry's tables: the config accepts what the update can look up, and nothing else.
+AdvantageEstimatorName = Literal[ADVANTAGE_ESTIMATORS.names()]  # type: ignore[valid-type]
+KLEstimatorName = Literal[KL_ESTIMATORS.names()]  # type: ignore[valid-type]
+
+
 class PPOSettings(_Section):
     """The paper's implementation details (fig. 5), one field per trick. Defaults are PPO-max (paper 5.4); each
     description names the value's source: a paper section, the MOSS-RLHF code released with the paper, or "ours".
@@ -547,7 +553,7 @@ class PPOSettings(_Section):
         ge=0,
         description='0 = no KL penalty. Paper 5.3.2 / fig. 7 ("setting lambda to 0.05"; eta of eq. 19).',
     )
-    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+    kl_estimator: KLEstimatorName = Field(
         "k1",
         description="Paper eq. 19 (an empirical per-token KL); k1 = log pi_RL - log pi_SFT, as MOSS-RLHF code.",
     )
@@ -619,7 +625,7 @@ class PPOSettings(_Section):
         0.95, ge=0, le=1, description="MOSS-RLHF code (lam 0.95); paper app. C.3 uses 0.9 in its experiments."
     )
     # advantage estimator (beyond the paper): GAE with a critic, or a critic-free estimator
-    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = Field(
+    advantage_estimator: AdvantageEstimatorName = Field(
         "gae",
         description="gae: GAE with a critic (paper eq. 9-11 / app. C.3; PPO-max). The others train no critic "
         "(ppomax.algos.estimators): grpo, the group-normalised sequence reward (Shao et al. 2024, DeepSeekMath "
@@ -631,7 +637,7 @@ class PPOSettings(_Section):
     @property
     def uses_critic(self) -> bool:
         """Whether a critic is built, trained and saved: only GAE needs values."""
-        return self.advantage_estimator == "gae"
+        return ADVANTAGE_ESTIMATORS.spec(self.advantage_estimator).critic
 
     # 11. clipped surrogate (app. C.1)
     clip_ratio: float | None = Field(
@@ -772,12 +778,12 @@ class PPOSettings(_Section):
                     "set kl_target or leave kl_horizon at its default",
                 )
             )
-        if self.kl_in == "loss" and self.kl_estimator == "k1":
+        if self.kl_in == "loss" and not KL_ESTIMATORS.spec(self.kl_estimator).as_loss:
             problems.append(
                 (
                     ("kl_in", "kl_estimator"),
-                    "k1 as a loss has zero expected gradient (E[grad log pi] = 0): it would add noise, not a KL "
-                    "penalty; set kl_estimator: k3 (GRPO) or k2",
+                    f"{self.kl_estimator} as a loss has zero expected gradient (E[grad log pi] = 0): it would add "
+                    "noise, not a KL penalty; set kl_estimator: k3 (GRPO) or k2",
                 )
             )
         for size in ("rollout_batch_size", "minibatch_size"):
@@ -895,7 +901,7 @@ class PPOConfig(_RunConfig):
                     )
                 )
         est = p.advantage_estimator
-        if est in ("grpo", "rloo") and n < 2:
+        if ADVANTAGE_ESTIMATORS.spec(est).groups == "required" and n < 2:
             problems.append(
                 (
                     ("ppo.advantage_estimator", spp),

@@ -9,6 +9,9 @@ the score plus the response's KL penalty (with ``kl_coef 0``, or the KL moved ou
 alone). With the k1 estimator ``sum_t KL_t`` is the log-ratio ``log pi(y|x) / pi_ref(y|x)`` of the whole
 response, the KL-penalised sequence reward of RLOO (Ahmadian et al. 2024).
 
+Every estimator of :data:`ppomax.algos.registry.ADVANTAGE_ESTIMATORS` is implemented here as a function of
+:class:`AdvantageInputs` returning ``(advantages, returns)`` (:func:`advantages_of` looks it up by name).
+
 Groups (GRPO, RLOO): the ``n`` responses to one prompt are ``n`` consecutive rows, so rows ``g*n .. g*n+n-1`` form
 group ``g`` (the trainer keeps them so through the buffer and the minibatches). A row without a masked token
 (a response left out of training, or an empty one) is no member of its group: the group's statistics are over
@@ -19,10 +22,12 @@ members' rewards are all equal no signal: all its advantages are 0.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .registry import ADVANTAGE_ESTIMATORS
 from .rewards import gae
 from .stats import AllReduce, _bool_mask, masked_whiten
 
@@ -121,3 +126,49 @@ def reinforce_pp_advantages(
     """
     returns = discounted_returns(rewards, mask, gamma)
     return masked_whiten(returns, mask, shift_mean=True, all_reduce=all_reduce), returns
+
+
+# ------------------------------------------------------------------------------------------ the registered table
+
+
+@dataclass(frozen=True)
+class AdvantageInputs:
+    """What an advantage estimator may use (each takes what it needs): token-level rewards and the response mask
+    [B, T] (:func:`ppomax.algos.token_level_rewards`), the critic's values [B, T] (None without a critic), the
+    discount ``gamma`` and GAE's ``lam``, the responses per prompt ``group_size`` (consecutive rows), and the
+    hook that sums a statistic over ranks."""
+
+    rewards: Tensor
+    mask: Tensor
+    values: Tensor | None = None
+    gamma: float = 1.0
+    lam: float = 1.0
+    group_size: int = 1
+    all_reduce: AllReduce | None = None
+
+
+def advantages_of(name: str, inputs: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    """``(advantages, returns)`` [B, T] of the registered estimator ``name`` (an unknown name is an error)."""
+    return ADVANTAGE_ESTIMATORS.function(name)(inputs)
+
+
+@ADVANTAGE_ESTIMATORS.implements("gae")
+def _gae(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    if x.values is None:
+        raise ValueError("gae needs the critic's values")
+    return gae(x.rewards, x.values, x.mask, x.gamma, x.lam)
+
+
+@ADVANTAGE_ESTIMATORS.implements("grpo")
+def _grpo(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    return grpo_advantages(x.rewards, x.mask, x.group_size), discounted_returns(x.rewards, x.mask, x.gamma)
+
+
+@ADVANTAGE_ESTIMATORS.implements("rloo")
+def _rloo(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    return rloo_advantages(x.rewards, x.mask, x.group_size), discounted_returns(x.rewards, x.mask, x.gamma)
+
+
+@ADVANTAGE_ESTIMATORS.implements("reinforce_pp")
+def _reinforce_pp(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    return reinforce_pp_advantages(x.rewards, x.mask, x.gamma, x.all_reduce)

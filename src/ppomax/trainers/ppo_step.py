@@ -34,20 +34,17 @@ from accelerate.utils import DistributedType
 from torch import Tensor
 
 from ppomax.algos import (
+    AdvantageInputs,
     AllReduce,
     RunningMoments,
-    discounted_returns,
+    advantages_of,
     entropy_bonus_loss,
-    gae,
-    grpo_advantages,
     kl_loss,
     kl_per_token,
     lm_nll,
     normalize_advantages,
     policy_loss,
-    reinforce_pp_advantages,
     reparameterize_scores,
-    rloo_advantages,
     token_level_rewards,
     token_weights,
     trainable_rows,
@@ -184,15 +181,12 @@ def token_advantages(
     penalised = exp.kl if ppo.kl_in == "reward" else torch.zeros_like(exp.kl)
     coef = ppo.kl_coef if kl_coef is None else kl_coef
     exp.rewards = token_level_rewards(exp.final_scores, penalised, train, coef)
-    est = ppo.advantage_estimator
-    if est == "gae":
-        exp.advantages, exp.returns = gae(exp.rewards, exp.values, train, ppo.gamma, ppo.lam)
-    elif est == "reinforce_pp":
-        exp.advantages, exp.returns = reinforce_pp_advantages(exp.rewards, train, ppo.gamma, all_reduce)
-    else:
-        group = grpo_advantages if est == "grpo" else rloo_advantages
-        exp.advantages = group(exp.rewards, train, group_size)
-        exp.returns = discounted_returns(exp.rewards, train, ppo.gamma)
+    exp.advantages, exp.returns = advantages_of(
+        ppo.advantage_estimator,
+        AdvantageInputs(
+            exp.rewards, train, exp.values, ppo.gamma, ppo.lam, group_size=group_size, all_reduce=all_reduce
+        ),
+    )
 
 
 def trainable_part(exp: Experience) -> Experience:
