@@ -347,6 +347,25 @@ def test_kl_estimators_sign_conventions_by_hand() -> None:
         kl_per_token(logp, ref, "k4")  # type: ignore[arg-type]
 
 
+def test_k3_unclamped_reads_its_exp_and_the_clamp_bounds_it_with_a_finite_gradient() -> None:
+    """k3 at a log-ratio log(ref/pi) of 5 is e^5 - 1 - 5 = 142.4 and overflows float32 past 88.7; ``clamp`` (verl's
+    low_var_kl: the log-ratio to +-20, then the estimate to [-c, c]) bounds both, and the gradient stays finite
+    (0 on a clamped token)."""
+    logp = torch.tensor([[-6.0, -100.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, 0.0, -1.5]])
+    raw = kl_per_token(logp, ref, "k3")
+    assert raw[0, 0].item() == pytest.approx(math.exp(5) - 1 - 5, rel=1e-5)
+    assert math.isinf(raw[0, 1].item())
+    clamped = kl_per_token(logp, ref, "k3", clamp=10.0)
+    torch.testing.assert_close(clamped[0, :2], torch.tensor([10.0, 10.0]))
+    assert clamped[0, 2].item() == pytest.approx(raw[0, 2].item())  # inside the bound: unchanged
+    clamped.sum().backward()
+    assert logp.grad is not None and torch.isfinite(logp.grad).all()
+    assert logp.grad[0, :2].abs().sum() == 0 and logp.grad[0, 2] != 0
+    k1 = kl_per_token(torch.tensor([[-30.0]]), torch.tensor([[0.0]]), "k1", clamp=10.0)
+    assert k1.item() == -10.0
+
+
 def test_kl_estimators_monte_carlo_vs_exact_categorical_kl() -> None:
     g = _gen(7)
     pi = torch.tensor([0.6, 0.3, 0.05, 0.05], dtype=torch.float64)

@@ -557,6 +557,14 @@ class PPOSettings(_Section):
         "k1",
         description="Paper eq. 19 (an empirical per-token KL); k1 = log pi_RL - log pi_SFT, as MOSS-RLHF code.",
     )
+    kl_clamp: float | None = Field(
+        None,
+        gt=0,
+        description="Bound on the per-token KL estimate in the penalty (or the KL loss), [-c, c], after bounding "
+        "the log-ratio to +-20; null = unclamped. Ours: null, as paper eq. 19 and MOSS-RLHF code (k3 then reads 142 "
+        "at a log-ratio of 5 and inf in float32 past 88.7: kl/estimator_max logs the largest value); verl's "
+        "low_var_kl clamps k3 to 10.",
+    )
     # 2. importance sampling against the sampling policy; false = ratio against the reference
     importance_sampling: bool = Field(
         True,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -10,14 +9,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .rewards import KLEstimator, kl_per_token
-from .stats import _bool_mask, masked_mean, masked_sum
-
-
-def _masked_max(x: Tensor, mask: Tensor) -> Tensor:
-    m = _bool_mask(mask)
-    # No `if m.any()`: that would force a device sync on every call.
-    top = torch.where(m, x, torch.full((), -math.inf, dtype=x.dtype, device=x.device)).max()
-    return torch.where(m.any(), top, torch.zeros((), dtype=x.dtype, device=x.device))
+from .stats import masked_max, masked_mean, masked_sum
 
 
 def policy_loss(
@@ -85,14 +77,19 @@ def policy_loss(
             "dual_clip_frac": dual_frac,
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
             "ratio_mean": masked_mean(ratio, mask),
-            "ratio_max": _masked_max(ratio, mask),
+            "ratio_max": masked_max(ratio, mask),
             "ratio_clamped": masked_sum((raw_log_ratio.abs() > max_log_ratio).to(ratio.dtype), mask),
         }
     return loss, metrics
 
 
 def kl_loss(
-    logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kl_coef: float, estimator: KLEstimator
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    estimator: KLEstimator,
+    clamp: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """KL to the reference as a loss term instead of a reward penalty (``ppo.kl_in: loss``).
 
@@ -116,12 +113,12 @@ def kl_loss(
       covering the reference's mass.
 
     Off the sampling policy (later epochs or minibatches) these hold approximately. A token the reference
-    finds far likelier than the policy gives k3 an exponentially large value (no clamp, as in the reward);
-    a non-finite loss skips the step like any other.
+    finds far likelier than the policy gives k3 an exponentially large value (no clamp, as in the reward, unless
+    ``clamp``: see :func:`ppomax.algos.kl_per_token`); a non-finite loss skips the step like any other.
 
     Metrics: kl_loss (the term, kl_coef included), kl_mean (the masked mean of the estimator).
     """
-    mean = masked_mean(kl_per_token(logprobs, ref_logprobs.detach(), estimator), mask)
+    mean = masked_mean(kl_per_token(logprobs, ref_logprobs.detach(), estimator, clamp), mask)
     loss = kl_coef * mean
     return loss, {"kl_loss": loss.detach(), "kl_mean": mean.detach()}
 

@@ -14,7 +14,14 @@ from .stats import AllReduce, _bool_mask, last_token_index, masked_whiten
 KLEstimator = str  # a name of KL_ESTIMATORS
 
 
-def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = "k1") -> Tensor:
+# verl's low_var_kl bounds the log-ratio before its exp: k3 and its gradient stay finite in float32 (exp
+# overflows past 88.7) wherever a clamp is asked for.
+CLAMP_LOG_RATIO = 20.0
+
+
+def kl_per_token(
+    logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = "k1", clamp: float | None = None
+) -> Tensor:
     """Per-token estimate of KL(pi || ref) from tokens sampled from pi (paper eq. 3 / 19).
 
     logprobs, ref_logprobs: [B, T] log pi(y_t) and log ref(y_t) of the sampled tokens -> [B, T].
@@ -25,10 +32,17 @@ def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator 
     - k2 = (log r)^2 / 2                          (biased, low variance, >= 0; exact to second order)
     - k3 = (r - 1) - log r                        (unbiased, low variance, >= 0)
 
-    E_pi[k1] = E_pi[k3] = KL(pi || ref). No clamping: with k3 a token where ref is far more likely than pi
-    gives a large (exp) value, which is the honest estimate.
+    E_pi[k1] = E_pi[k3] = KL(pi || ref). ``clamp=None`` (ours, as paper eq. 19): no clamping; with k3 a token
+    where ref is far more likely than pi gives a large (exp) value, the honest estimate: 142 at log r = 5, and
+    inf in float32 past log r = 88.7. ``clamp=c`` bounds the estimate to [-c, c] after bounding log r to
+    +-:data:`CLAMP_LOG_RATIO`, as verl's ``low_var_kl`` (c = 10 there): biased, finite, and a clamped token
+    carries no gradient.
     """
-    return KL_ESTIMATORS.function(estimator)(ref_logprobs - logprobs)
+    log_r = ref_logprobs - logprobs
+    if clamp is None:
+        return KL_ESTIMATORS.function(estimator)(log_r)
+    est = KL_ESTIMATORS.function(estimator)(log_r.clamp(-CLAMP_LOG_RATIO, CLAMP_LOG_RATIO))
+    return est.clamp(-clamp, clamp)
 
 
 @KL_ESTIMATORS.implements("k1")

@@ -419,6 +419,7 @@ class PPOTrainer:
             running_mean=self.moments.mean,
             running_std=self.moments.std,
             all_reduce=self.moments.all_reduce,
+            kl_clamp=self.cfg.ppo.kl_clamp,
         )
         metrics = {**stats, **train_metrics}
         metrics["_tokens"] = exp.response_lens.sum().float()

@@ -173,12 +173,18 @@ def token_advantages(
     consecutive rows, as :class:`Updater`'s shuffle keeps them); REINFORCE++ whitens over the whole batch, all
     ranks through ``all_reduce``. Without a critic ``returns`` is the reward-to-go (``gamma``-discounted).
     With ``kl_in: loss`` the rewards carry no KL term (the policy loss does, :func:`kl_loss`); ``kl`` is filled
-    either way (it is what the rollout spent, and what the adaptive coefficient measures)."""
+    either way (it is what the rollout spent, and what the adaptive coefficient measures), unclamped: ``kl_clamp``
+    bounds the penalty only."""
     mask = exp.response_mask
     kl = kl_per_token(exp.logprobs, exp.ref_logprobs, ppo.kl_estimator)
     exp.kl = torch.where(mask, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
     train = mask & torch.isfinite(exp.final_scores).unsqueeze(1)
-    penalised = exp.kl if ppo.kl_in == "reward" else torch.zeros_like(exp.kl)
+    if ppo.kl_in == "loss":
+        penalised = torch.zeros_like(exp.kl)
+    elif ppo.kl_clamp is None:
+        penalised = exp.kl
+    else:
+        penalised = kl_per_token(exp.logprobs, exp.ref_logprobs, ppo.kl_estimator, ppo.kl_clamp)
     coef = ppo.kl_coef if kl_coef is None else kl_coef
     exp.rewards = token_level_rewards(exp.final_scores, penalised, train, coef)
     exp.advantages, exp.returns = advantages_of(
@@ -603,7 +609,7 @@ class Updater:
             metrics[f"policy/dual_clip_frac{vs}"] = pm["dual_clip_frac"]
         kl_coef = p.kl_coef if kl_coef is None else kl_coef
         if p.kl_in == "loss" and kl_coef > 0:
-            kl, km = kl_loss(logprobs, mb.ref_logprobs, mask, kl_coef, p.kl_estimator)
+            kl, km = kl_loss(logprobs, mb.ref_logprobs, mask, kl_coef, p.kl_estimator, p.kl_clamp)
             loss = loss + kl
             metrics["loss/kl"] = km["kl_loss"]
         if p.entropy_coef > 0:
