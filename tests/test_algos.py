@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from ppomax.algos import (
     AdaptiveKLController,
     RunningMoments,
+    aggregate_loss,
     entropy_bonus_loss,
     entropy_from_logits,
     gae,
@@ -387,6 +388,50 @@ def test_kl_estimators_monte_carlo_vs_exact_categorical_kl() -> None:
     # the other direction, KL(ref || pi), is far from the estimates: the test tells the two apart
     reverse = sum(q * math.log(q / p) for p, q in zip(pi.tolist(), ref.tolist(), strict=True))
     assert abs(reverse - exact) > 0.1
+
+
+@pytest.mark.parametrize("float_mask", [False, True])
+def test_loss_aggregations_vs_loops(float_mask: bool) -> None:
+    """token_mean over all tokens, seq_mean_token_mean (each response's mean, then over responses) and
+    seq_mean_token_sum_norm (each response's sum / the constant, then over responses); an empty row is in no
+    mean, and padding (NaN here) never leaks."""
+    x = torch.tensor(
+        [[1.0, 2.0, 3.0, 9.0], [4.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [-1.0, 1.0, 5.0, 7.0]]
+    )
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    x = torch.where(mask, x, torch.full_like(x, float("nan")))
+    m = mask.float() if float_mask else mask
+    rows = [[x[i, j].item() for j in range(4) if mask[i, j]] for i in range(4)]
+    rows = [r for r in rows if r]
+    flat = [v for r in rows for v in r]
+    assert aggregate_loss(x, m, "token_mean").item() == pytest.approx(sum(flat) / len(flat))
+    expect = sum(sum(r) / len(r) for r in rows) / len(rows)
+    assert aggregate_loss(x, m, "seq_mean_token_mean").item() == pytest.approx(expect)
+    expect = sum(sum(r) / 8 for r in rows) / len(rows)
+    assert aggregate_loss(x, m, "seq_mean_token_sum_norm", horizon=8).item() == pytest.approx(expect)
+    with pytest.raises(ValueError, match="constant length"):
+        aggregate_loss(x, m, "seq_mean_token_sum_norm")
+    with pytest.raises(ValueError, match="unknown loss_aggregation 'seq_mean'"):
+        aggregate_loss(x, m, "seq_mean")
+
+
+def test_policy_kl_and_entropy_losses_use_the_aggregation() -> None:
+    """The surrogate, the KL loss and the entropy bonus are the aggregation of their per-token terms: on-policy
+    (ratio 1) the surrogate's per-token term is -A, so the loss is aggregate(-A)."""
+    g = _gen(11)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    adv = torch.randn(3, 5, generator=g)
+    lp = -torch.rand(3, 5, generator=g)
+    ref = -torch.rand(3, 5, generator=g)
+    for mode in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"):
+        loss, _ = policy_loss(lp, lp, adv, mask, 0.2, aggregation=mode, horizon=10)
+        torch.testing.assert_close(loss, aggregate_loss(-adv, mask, mode, 10))
+        kl, km = kl_loss(lp, ref, mask, 0.5, "k3", aggregation=mode, horizon=10)
+        torch.testing.assert_close(kl, 0.5 * aggregate_loss(kl_per_token(lp, ref, "k3"), mask, mode, 10))
+        torch.testing.assert_close(km["kl_mean"], masked_mean(kl_per_token(lp, ref, "k3"), mask))
+        ent = torch.rand(3, 5, generator=g)
+        eb, _ = entropy_bonus_loss(ent, mask, 0.1, None, aggregation=mode, horizon=10)
+        torch.testing.assert_close(eb, -0.1 * aggregate_loss(ent, mask, mode, 10))
 
 
 def test_kl_from_logits_vs_categorical_sums() -> None:

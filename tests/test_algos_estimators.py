@@ -103,6 +103,32 @@ def test_grpo_rloo_hand_cases() -> None:
     torch.testing.assert_close(grpo, torch.tensor([[a, a], [-a, 0.0], [0.0, 0.0], [0.0, 0.0]]))
 
 
+def test_grpo_std_normalisation_is_a_switch() -> None:
+    """A group of near-ties (rewards spanning 0.003) gets +-1.08 with DeepSeekMath's std normalisation and its
+    centred rewards without it (Dr. GRPO); the sign pattern is the same."""
+    mask = torch.ones(4, 1, dtype=torch.bool)
+    r = torch.tensor([[0.0], [0.001], [0.002], [0.003]], dtype=torch.float64)
+    scaled = grpo_advantages(r, mask, 4)
+    assert scaled[0, 0].item() == pytest.approx(-1.08, abs=0.01) and scaled[3, 0].item() == pytest.approx(
+        1.08, abs=0.01
+    )
+    centred = grpo_advantages(r, mask, 4, scale=False)
+    torch.testing.assert_close(centred, r - 0.0015)
+    rewards, lmask = _batch("right", 3)
+    loop = []
+    for k in range(3):
+        rows = list(range(4 * k, 4 * k + 4))
+        sums = _row_sums(rewards[rows], lmask[rows])
+        members = [bool(lmask[i].any()) for i in rows]
+        vals = [x for x, m in zip(sums, members, strict=True) if m]
+        mean = sum(vals) / len(vals)
+        loop += [x - mean if m and len(vals) > 1 else 0.0 for x, m in zip(sums, members, strict=True)]
+    got = grpo_advantages(rewards, lmask, 4, scale=False)
+    for i in range(12):
+        for j in range(6):
+            assert got[i, j].item() == pytest.approx(loop[i] if lmask[i, j] else 0.0, abs=1e-12)
+
+
 def test_group_std_zero_gives_zero_not_nan() -> None:
     mask = torch.ones(6, 3, dtype=torch.bool)
     r = torch.full((6, 3), 0.7)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ppo_helpers import config, make_setup, reward_fn
-from ppomax.config import load_config
+from ppomax.config import GenerationConfig, load_config
 from ppomax.errors import ConfigError
 from ppomax.monitor import read_metrics
 from ppomax.trainers.ppo import PPOTrainer, train_ppo
@@ -46,6 +46,7 @@ def flat(model) -> torch.Tensor:
             ["ppo.advantage_estimator=rloo", "ppo.critic_pretrain_steps=0"],
             "ppo.advantage_estimator, generation.samples_per_prompt",
         ),
+        (["ppo.group_std_norm=false"], "ppo.group_std_norm, ppo.advantage_estimator"),
         (["generation.samples_per_prompt=3"], "ppo.rollout_batch_size, generation.samples_per_prompt"),
         (["generation.samples_per_prompt=3"], "ppo.buffer_size, generation.samples_per_prompt"),
         (["generation.samples_per_prompt=64"], "ppo.minibatch_size, generation.samples_per_prompt"),
@@ -177,11 +178,11 @@ def test_groups_stay_together_in_buffer_and_minibatches(setup, tmp_path, monkeyp
 def test_group_shuffle_with_group_size_one_is_the_plain_permutation():
     """samples_per_prompt 1 draws exactly the rows' randperm of before (the default run is unchanged)."""
     up = Updater.__new__(Updater)
-    up.group_size = 1
+    up.generation = GenerationConfig(samples_per_prompt=1)
     for seed in (0, 7):
         a = up._shuffle(12, torch.Generator().manual_seed(seed))
         assert torch.equal(a, torch.randperm(12, generator=torch.Generator().manual_seed(seed)))
-    up.group_size = 3
+    up.generation = GenerationConfig(samples_per_prompt=3)
     perm = up._shuffle(12, torch.Generator().manual_seed(1)).view(4, 3)
     assert sorted(perm.flatten().tolist()) == list(range(12))
     assert all(row.tolist() == list(range(row[0], row[0] + 3)) and row[0] % 3 == 0 for row in perm)

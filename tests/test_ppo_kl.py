@@ -236,9 +236,9 @@ def test_adaptive_kl_coefficient_in_the_kl_loss(setup, tmp_path, monkeypatch):
     used = []
     real = ppo_step.kl_loss
 
-    def spy(logprobs, ref_logprobs, mask, kl_coef, estimator):
+    def spy(logprobs, ref_logprobs, mask, kl_coef, *args, **kwargs):
         used.append(kl_coef)
-        return real(logprobs, ref_logprobs, mask, kl_coef, estimator)
+        return real(logprobs, ref_logprobs, mask, kl_coef, *args, **kwargs)
 
     monkeypatch.setattr(ppo_step, "kl_loss", spy)
     over = ["ppo.kl_target=1e-6", "ppo.kl_horizon=80", "ppo.kl_in=loss", "ppo.kl_estimator=k3"]

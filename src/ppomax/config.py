@@ -36,7 +36,7 @@ from pydantic import (
     model_validator,
 )
 
-from ppomax.algos.registry import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS
+from ppomax.algos.registry import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
 from ppomax.errors import ConfigError
 
 PRESET_NAMES = ("vanilla", "ppo_max", "ppo_ptx", "grpo", "rloo", "reinforce_pp")
@@ -530,6 +530,7 @@ class RewardConfig(_Section):
 # The names of ppomax.algos.registry's tables: the config accepts what the update can look up, and nothing else.
 AdvantageEstimatorName = Literal[ADVANTAGE_ESTIMATORS.names()]  # type: ignore[valid-type]
 KLEstimatorName = Literal[KL_ESTIMATORS.names()]  # type: ignore[valid-type]
+LossAggregationName = Literal[LOSS_AGGREGATIONS.names()]  # type: ignore[valid-type]
 
 
 class PPOSettings(_Section):
@@ -640,6 +641,22 @@ class PPOSettings(_Section):
         "4.1.2); rloo, the leave-one-out baseline (Ahmadian et al. 2024); both need "
         "generation.samples_per_prompt >= 2; reinforce_pp, the return of the token-level rewards whitened over "
         "the global batch (Hu 2025, REINFORCE++). Ours: gae.",
+    )
+
+    group_std_norm: bool = Field(
+        True,
+        description="grpo only: divide each group's centred rewards by their std (Shao et al. 2024, DeepSeekMath "
+        "4.1.2), which gives a group of near-ties (rewards spanning 0.003) advantages of +-1.08; false: the centred "
+        "reward alone (Liu et al. 2025, Dr. GRPO; verl norm_adv_by_std_in_grpo, TRL scale_rewards: none). Ours: "
+        "true, GRPO as published.",
+    )
+    loss_aggregation: LossAggregationName = Field(
+        "token_mean",
+        description="How the policy loss (surrogate, KL loss, entropy bonus) averages its tokens. token_mean: over "
+        "every response token of the minibatch (MOSS-RLHF code; DAPO); seq_mean_token_mean: each response's token "
+        "mean, then the mean over responses (Shao et al. 2024, DeepSeekMath eq. 3); seq_mean_token_sum_norm: each "
+        "response's token sum / generation.max_new_tokens, then the mean over responses (Liu et al. 2025, Dr. "
+        "GRPO). verl's loss_agg_mode names. The value loss stays a token mean.",
     )
 
     @property
@@ -794,6 +811,21 @@ class PPOSettings(_Section):
                     "noise, not a KL penalty; set kl_estimator: k3 (GRPO) or k2",
                 )
             )
+        spec = ADVANTAGE_ESTIMATORS.spec(self.advantage_estimator)
+        for key in sorted(
+            {k for n in ADVANTAGE_ESTIMATORS.names() for k in ADVANTAGE_ESTIMATORS.spec(n).reads}
+        ):
+            if key not in spec.reads and getattr(self, key) != type(self).model_fields[key].default:
+                readers = [
+                    n for n in ADVANTAGE_ESTIMATORS.names() if key in ADVANTAGE_ESTIMATORS.spec(n).reads
+                ]
+                problems.append(
+                    (
+                        (key, "advantage_estimator"),
+                        f"{key} is read by advantage_estimator {' / '.join(readers)} only, not by "
+                        f"{self.advantage_estimator}; leave it at its default or change the estimator",
+                    )
+                )
         for size in ("rollout_batch_size", "minibatch_size"):
             if self.buffer_size % getattr(self, size):
                 problems.append(

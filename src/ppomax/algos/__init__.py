@@ -42,6 +42,7 @@ if TYPE_CHECKING:
         sequence_rewards,
     )
     from .losses import (
+        aggregate_loss,
         entropy_bonus_loss,
         entropy_from_logits,
         kl_from_logits,
@@ -77,6 +78,7 @@ if TYPE_CHECKING:
 
 # name -> the module defining it
 _MODULES = {
+    "aggregate_loss": "losses",
     "AdvantageInputs": "estimators",
     "advantages_of": "estimators",
     "AdaptiveKLController": "rewards",
@@ -125,6 +127,7 @@ __all__ = [
     "RunningMoments",
     "ScoreTransform",
     "advantages_of",
+    "aggregate_loss",
     "discounted_returns",
     "entropy_bonus_loss",
     "entropy_from_logits",

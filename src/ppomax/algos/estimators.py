@@ -66,7 +66,9 @@ def _on_tokens(advantages: Tensor, member: Tensor, mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def grpo_advantages(rewards: Tensor, mask: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+def grpo_advantages(
+    rewards: Tensor, mask: Tensor, group_size: int, eps: float = 1e-4, scale: bool = True
+) -> Tensor:
     """GRPO's outcome-supervised advantage (Shao et al. 2024, "DeepSeekMath", sec. 4.1.2).
 
     rewards, mask: [B, T] token-level rewards and response mask, B = G groups x ``group_size`` rows -> [B, T]
@@ -74,15 +76,21 @@ def grpo_advantages(rewards: Tensor, mask: Tensor, group_size: int, eps: float =
     response's KL penalty, see the module docstring) of the group's members 1..n:
     ``A_i = (R_i - mean(R)) / (std(R) + eps)`` on every response token of row i ("the advantages of all tokens
     in the output" are the normalised reward). ``std`` is the sample standard deviation (n - 1), as TRL's
-    GRPOTrainer computes it, and ``eps = 1e-4`` as there: the paper says neither. A group whose rewards are all
+    GRPOTrainer computes it, and ``eps = 1e-4`` as there: the paper says neither. The division makes every
+    group's advantages unit-scale whatever its spread: rewards spanning 0.003 (ties up to rounding) get
+    +-1.08 like rewards spanning 3. ``scale=False`` drops it, ``A_i = R_i - mean(R)``: Dr. GRPO (Liu et al.
+    2025, "Understanding R1-Zero-Like Training", sec. 3.1: the std favours groups whose rewards barely differ),
+    verl's ``norm_adv_by_std_in_grpo: false``, TRL's ``scale_rewards: none``. A group whose rewards are all
     equal gets advantage 0 exactly (no comparison, no signal; std 0 never divides), and so does one with fewer
     than two members.
     """
     seq, member, count, spread = _groups(rewards, mask, group_size)
     mean = seq.sum(dim=1, keepdim=True) / count.clamp(min=1)
     dev = torch.where(member, seq - mean, torch.zeros((), dtype=seq.dtype, device=seq.device))
-    std = (dev.square().sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
-    adv = torch.where(spread, dev / (std + eps), torch.zeros((), dtype=seq.dtype, device=seq.device))
+    if scale:
+        std = (dev.square().sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+        dev = dev / (std + eps)
+    adv = torch.where(spread, dev, torch.zeros((), dtype=seq.dtype, device=seq.device))
     return _on_tokens(adv, member, mask)
 
 
@@ -136,7 +144,7 @@ class AdvantageInputs:
     """What an advantage estimator may use (each takes what it needs): token-level rewards and the response mask
     [B, T] (:func:`ppomax.algos.token_level_rewards`), the critic's values [B, T] (None without a critic), the
     discount ``gamma`` and GAE's ``lam``, the responses per prompt ``group_size`` (consecutive rows), and the
-    hook that sums a statistic over ranks."""
+    hook that sums a statistic over ranks, and the estimators' own switches."""
 
     rewards: Tensor
     mask: Tensor
@@ -145,6 +153,8 @@ class AdvantageInputs:
     lam: float = 1.0
     group_size: int = 1
     all_reduce: AllReduce | None = None
+    group_std_norm: bool = True
+    """GRPO: divide by the group's std (``ppo.group_std_norm``)."""
 
 
 def advantages_of(name: str, inputs: AdvantageInputs) -> tuple[Tensor, Tensor]:
@@ -161,7 +171,8 @@ def _gae(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
 
 @ADVANTAGE_ESTIMATORS.implements("grpo")
 def _grpo(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
-    return grpo_advantages(x.rewards, x.mask, x.group_size), discounted_returns(x.rewards, x.mask, x.gamma)
+    adv = grpo_advantages(x.rewards, x.mask, x.group_size, scale=x.group_std_norm)
+    return adv, discounted_returns(x.rewards, x.mask, x.gamma)
 
 
 @ADVANTAGE_ESTIMATORS.implements("rloo")

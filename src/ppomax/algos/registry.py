@@ -1,4 +1,4 @@
-"""The tables of ppomax's interchangeable parts: advantage estimators and KL estimators.
+"""The tables of ppomax's interchangeable parts: advantage estimators, policy-loss aggregations, KL estimators.
 
 Each table maps a name (the config value) to a spec: the properties the config checks combinations against and the
 trainer acts on (whether the estimator trains a critic, whether it needs groups of responses per prompt, ...) and
@@ -81,6 +81,9 @@ class AdvantageEstimatorSpec:
     """``generation.samples_per_prompt``: ``required`` >= 2 (the estimator compares a prompt's responses),
     ``refused`` = 1 (it would ignore the groups: no baseline from them), ``any``."""
     source: str
+    reads: tuple[str, ...] = ()
+    """The ``ppo`` keys of its own that it reads: another estimator with one of them off its default is a
+    config error naming both keys."""
 
 
 ADVANTAGE_ESTIMATORS: Table[AdvantageEstimatorSpec] = Table(
@@ -92,6 +95,7 @@ ADVANTAGE_ESTIMATORS: Table[AdvantageEstimatorSpec] = Table(
             False,
             "required",
             "group-normalised sequence reward, Shao et al. 2024 (DeepSeekMath) 4.1.2",
+            reads=("group_std_norm",),
         ),
         AdvantageEstimatorSpec("rloo", False, "required", "leave-one-out baseline, Ahmadian et al. 2024"),
         AdvantageEstimatorSpec(
@@ -99,6 +103,40 @@ ADVANTAGE_ESTIMATORS: Table[AdvantageEstimatorSpec] = Table(
         ),
     ),
     "ppomax.algos.estimators",
+)
+
+
+# ------------------------------------------------------------------------------------ policy-loss aggregations
+
+
+@dataclass(frozen=True)
+class LossAggregationSpec:
+    name: str
+    unit: Literal["token", "sequence"]
+    """What the loss averages over last: micro-batches are weighted by their share of it, so that accumulated
+    gradients are those of the whole minibatch."""
+    source: str
+
+
+LOSS_AGGREGATIONS: Table[LossAggregationSpec] = Table(
+    "loss_aggregation",
+    (
+        LossAggregationSpec(
+            "token_mean", "token", "mean over every response token of the minibatch: MOSS-RLHF code, DAPO"
+        ),
+        LossAggregationSpec(
+            "seq_mean_token_mean",
+            "sequence",
+            "mean over responses of each response's token mean: Shao et al. 2024 (DeepSeekMath) eq. 3",
+        ),
+        LossAggregationSpec(
+            "seq_mean_token_sum_norm",
+            "sequence",
+            "mean over responses of each response's token sum / generation.max_new_tokens: Liu et al. 2025 "
+            "(Dr. GRPO)",
+        ),
+    ),
+    "ppomax.algos.losses",
 )
 
 

@@ -304,7 +304,7 @@ class PPOTrainer:
             critic=Optimised(critic, critic_opt, critic_sched, acc) if critic is not None else None,
             seed=cfg.seed,
             all_reduce=all_reduce,
-            group_size=cfg.generation.samples_per_prompt,
+            generation=cfg.generation,
             ptx_batch=(lambda k: data.next_ptx(k, acc.device)) if data.ptx else None,
             measure_mismatch=from_generate,
         )

@@ -50,6 +50,7 @@ from ppomax.algos import (
     trainable_rows,
     value_loss,
 )
+from ppomax.algos.registry import LOSS_AGGREGATIONS
 from ppomax.config import GenerationConfig, PPOSettings
 from ppomax.data import IGNORE_INDEX
 from ppomax.experience import Experience
@@ -190,7 +191,14 @@ def token_advantages(
     exp.advantages, exp.returns = advantages_of(
         ppo.advantage_estimator,
         AdvantageInputs(
-            exp.rewards, train, exp.values, ppo.gamma, ppo.lam, group_size=group_size, all_reduce=all_reduce
+            exp.rewards,
+            train,
+            exp.values,
+            ppo.gamma,
+            ppo.lam,
+            group_size=group_size,
+            all_reduce=all_reduce,
+            group_std_norm=ppo.group_std_norm,
         ),
     )
 
@@ -330,9 +338,10 @@ class Updater:
     critic: Optimised | None
     seed: int
     all_reduce: AllReduce | None = None
-    group_size: int = 1
-    """``generation.samples_per_prompt``: the responses to one prompt are this many consecutive rows of the
-    buffer, and the minibatch shuffle moves whole groups."""
+    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
+    """The sampling settings the updates depend on: ``samples_per_prompt`` responses to one prompt are that many
+    consecutive rows of the buffer (the minibatch shuffle moves whole groups, :attr:`group_size`), and
+    ``max_new_tokens`` is the constant length of ``ppo.loss_aggregation: seq_mean_token_sum_norm``."""
     ptx_batch: Callable[[int], dict[str, Tensor]] | None = None
     measure_mismatch: bool = False
     """Log ``policy/logprob_mismatch_{max,mean}``: |old log-prob - the update's first forward's| over the first
@@ -340,6 +349,10 @@ class Updater:
     nonfinite_in_row: int = 0
     _measuring: bool = dataclasses.field(default=False, init=False, repr=False)
     nonfinite_total: int = 0
+
+    @property
+    def group_size(self) -> int:
+        return self.generation.samples_per_prompt
 
     def state_dict(self) -> dict[str, int]:
         """The counter a checkpoint keeps (a checkpoint is only taken after a good update: none in a row)."""
@@ -480,10 +493,16 @@ class Updater:
         # accumulated gradient is that of the whole minibatch's token means and DDP's average over ranks that
         # of the token means over every rank's minibatch (the ranks' tokens weigh alike, however the buffer was
         # sharded). PPO-ptx rows are weighted by their own target tokens in the same way.
+        # The policy loss's mean (ppo.loss_aggregation) may be over responses rather than tokens: its chunks are
+        # then weighted by their share of the minibatch's responses (those with a token to train on).
         size = p.micro_batch_size or mb.batch_size
         chunks = [list(range(i, min(i + size, mb.batch_size))) for i in range(0, mb.batch_size, size)]
         ar, n_chunks = self.all_reduce, len(chunks)
-        weights = token_weights(torch.stack([mb.response_mask[rows].sum() for rows in chunks]), ar)
+        tokens = torch.stack([mb.response_mask[rows].sum() for rows in chunks])
+        responses = torch.stack([mb.response_mask[rows].any(dim=1).sum() for rows in chunks])
+        by_token, by_response = token_weights(torch.stack([tokens, responses]), ar)
+        per_response = LOSS_AGGREGATIONS.spec(p.loss_aggregation).unit == "sequence"
+        policy_weights = by_response if per_response else by_token
         ptx = None
         if not critic_only and p.ptx_coef > 0 and self.ptx_batch is not None:
             ptx = self.ptx_batch(p.ptx_batch_size)
@@ -510,10 +529,15 @@ class Updater:
                     total_loss = total_loss + ptx_loss.detach()
                     _accumulate(metrics, {"loss/ptx": ptx_loss.detach() / p.ptx_coef}, 1.0)
             with self._no_sync(not last):
-                policy_loss, critic_loss, m = self._losses(chunk, critic_only, fill, kl_coef, weights[i])
-            loss = policy_loss.detach() + critic_loss.detach()
-            total_loss = total_loss + weights[i] * loss
-            _accumulate(metrics, m, weights[i])
+                policy_loss, critic_loss, pm, cm = self._losses(
+                    chunk, critic_only, fill, kl_coef, policy_weights[i], by_token[i]
+                )
+            total_loss = total_loss + policy_weights[i] * policy_loss.detach()
+            total_loss = total_loss + by_token[i] * critic_loss.detach()
+            # the policy's losses are means by its aggregation; every other metric is a token mean
+            _accumulate(metrics, {k: v for k, v in pm.items() if k.startswith("loss/")}, policy_weights[i])
+            _accumulate(metrics, {k: v for k, v in pm.items() if not k.startswith("loss/")}, by_token[i])
+            _accumulate(metrics, cm, by_token[i])
         ok = self._step(total_loss, critic_only, metrics)
         metrics["loss/total"] = total_loss
         return metrics, ok
@@ -542,10 +566,12 @@ class Updater:
         critic_only: bool,
         fill: Callable[[tuple[Tensor | None, Tensor | None]], Experience] | None,
         kl_coef: float | None,
-        weight: Tensor,
-    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Forward, loss and backward (of the loss times ``weight``) of each trained model on the micro-batch
-        ``mb``: (policy loss, 0 if ``critic_only``; critic loss, 0 without a critic; metrics).
+        policy_weight: Tensor,
+        critic_weight: Tensor,
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """Forward, loss and backward (of the loss times its weight) of each trained model on the micro-batch
+        ``mb``: (policy loss, 0 if ``critic_only``; critic loss, 0 without a critic; the policy's metrics; the
+        critic's).
 
         Without ``fill`` the models go one after the other, each backward right after its forward, which frees
         that model's graph: the activations of one model are held at a time, not of both. A fused update
@@ -557,21 +583,22 @@ class Updater:
             mb = self._normalized(fill((logits, values)))
         seqs, attn, width = mb.sequences, mb.attention_mask, mb.prompt_width
         zero = torch.zeros((), device=seqs.device)
-        policy_loss, critic_loss, metrics = zero, zero, {}
+        policy_loss, critic_loss = zero, zero
+        policy_metrics: dict[str, Tensor] = {}
+        critic_metrics: dict[str, Tensor] = {}
         # one backward per model (the two graphs share nothing): each engine owns its own gradients
         if not critic_only:
             if logits is None:
                 logits = self.fwd.response_logits(self.policy.model, seqs, attn, width)
-            policy_loss, metrics = self._policy_loss(mb, logits, kl_coef)
-            self.policy.backward(weight * policy_loss)
+            policy_loss, policy_metrics = self._policy_loss(mb, logits, kl_coef)
+            self.policy.backward(policy_weight * policy_loss)
             del logits
         if self.critic is not None:
             if values is None:
                 values = self.fwd.values(self.critic.model, seqs, attn, width)
             critic_loss, critic_metrics = self._critic_loss(mb, values)
-            self.critic.backward(weight * critic_loss)
-            metrics.update(critic_metrics)
-        return policy_loss, critic_loss, metrics
+            self.critic.backward(critic_weight * critic_loss)
+        return policy_loss, critic_loss, policy_metrics, critic_metrics
 
     def _policy_loss(
         self, mb: Experience, logits: Tensor, kl_coef: float | None
@@ -584,7 +611,8 @@ class Updater:
         metrics: dict[str, Tensor] = {}
         logprobs = self.fwd.logprobs(logits, mb.responses_ids)
         old = mb.logprobs if p.importance_sampling else mb.ref_logprobs
-        pg, pm = policy_loss(logprobs, old, mb.advantages, mask, p.clip_ratio, dual_clip=p.dual_clip)
+        agg = {"aggregation": p.loss_aggregation, "horizon": self.generation.max_new_tokens}
+        pg, pm = policy_loss(logprobs, old, mb.advantages, mask, p.clip_ratio, dual_clip=p.dual_clip, **agg)
         if self._measuring:
             gap = torch.where(mask, (logprobs.detach() - mb.logprobs).abs(), 0.0)
             n = mask.sum().clamp(min=1)
@@ -609,11 +637,13 @@ class Updater:
             metrics[f"policy/dual_clip_frac{vs}"] = pm["dual_clip_frac"]
         kl_coef = p.kl_coef if kl_coef is None else kl_coef
         if p.kl_in == "loss" and kl_coef > 0:
-            kl, km = kl_loss(logprobs, mb.ref_logprobs, mask, kl_coef, p.kl_estimator, p.kl_clamp)
+            kl, km = kl_loss(logprobs, mb.ref_logprobs, mask, kl_coef, p.kl_estimator, p.kl_clamp, **agg)
             loss = loss + kl
             metrics["loss/kl"] = km["kl_loss"]
         if p.entropy_coef > 0:
-            ent, em = entropy_bonus_loss(self.fwd.entropy(logits), mask, p.entropy_coef, p.entropy_clip)
+            ent, em = entropy_bonus_loss(
+                self.fwd.entropy(logits), mask, p.entropy_coef, p.entropy_clip, **agg
+            )
             loss = loss + ent
             metrics.update(
                 {"loss/entropy": em["entropy_loss"], "policy/entropy_clipfrac": em["entropy_clipfrac"]}
