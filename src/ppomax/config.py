@@ -39,7 +39,7 @@ from pydantic import (
 from ppomax.algos.registry import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
 from ppomax.errors import ConfigError
 
-PRESET_NAMES = ("vanilla", "ppo_max", "ppo_ptx", "grpo", "rloo", "reinforce_pp")
+PRESET_NAMES = ("vanilla", "ppo_max", "ppo_ptx", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 
 
 class KeyConflicts(ValueError):
@@ -640,7 +640,9 @@ class PPOSettings(_Section):
         "(ppomax.algos.estimators): grpo, the group-normalised sequence reward (Shao et al. 2024, DeepSeekMath "
         "4.1.2); rloo, the leave-one-out baseline (Ahmadian et al. 2024); both need "
         "generation.samples_per_prompt >= 2; reinforce_pp, the return of the token-level rewards whitened over "
-        "the global batch (Hu 2025, REINFORCE++). Ours: gae.",
+        "the global batch (Hu 2025, REINFORCE++), one response per prompt; reinforce_pp_baseline, the same after "
+        "subtracting the mean score of the prompt's responses (REINFORCE++ w/ baseline), needs samples_per_prompt >= "
+        "2. Each is an entry of ppomax.algos.registry.ADVANTAGE_ESTIMATORS. Ours: gae.",
     )
 
     group_std_norm: bool = Field(
@@ -941,11 +943,23 @@ class PPOConfig(_RunConfig):
                     )
                 )
         est = p.advantage_estimator
-        if ADVANTAGE_ESTIMATORS.spec(est).groups == "required" and n < 2:
+        groups = ADVANTAGE_ESTIMATORS.spec(est).groups
+        if groups == "required" and n < 2:
             problems.append(
                 (
                     ("ppo.advantage_estimator", spp),
                     f"{est} compares the responses to one prompt and needs samples_per_prompt >= 2 (got {n})",
+                )
+            )
+        if groups == "refused" and n > 1:
+            users = [
+                x for x in ADVANTAGE_ESTIMATORS.names() if ADVANTAGE_ESTIMATORS.spec(x).groups == "required"
+            ]
+            problems.append(
+                (
+                    ("ppo.advantage_estimator", spp),
+                    f"{est} would take no baseline from a prompt's {n} responses (it ignores the groups); set "
+                    f"samples_per_prompt: 1, or an estimator that uses them ({', '.join(users)})",
                 )
             )
         if not p.uses_critic:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
         discounted_returns,
         grpo_advantages,
         reinforce_pp_advantages,
+        reinforce_pp_baseline_advantages,
         rloo_advantages,
         sequence_rewards,
     )
@@ -106,6 +107,7 @@ _MODULES = {
     "pairwise_rm_loss": "losses",
     "policy_loss": "losses",
     "reinforce_pp_advantages": "estimators",
+    "reinforce_pp_baseline_advantages": "estimators",
     "reparameterize_scores": "rewards",
     "response_statistics": "metrics",
     "response_sums": "metrics",
@@ -147,6 +149,7 @@ __all__ = [
     "pairwise_rm_loss",
     "policy_loss",
     "reinforce_pp_advantages",
+    "reinforce_pp_baseline_advantages",
     "reparameterize_scores",
     "response_statistics",
     "response_sums",

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .registry import ADVANTAGE_ESTIMATORS
 from .rewards import gae
-from .stats import AllReduce, _bool_mask, masked_whiten
+from .stats import AllReduce, _bool_mask, last_token_index, masked_whiten
 
 
 def sequence_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
@@ -136,6 +136,42 @@ def reinforce_pp_advantages(
     return masked_whiten(returns, mask, shift_mean=True, all_reduce=all_reduce), returns
 
 
+@torch.no_grad()
+def reinforce_pp_baseline_advantages(
+    rewards: Tensor,
+    mask: Tensor,
+    scores: Tensor,
+    group_size: int,
+    gamma: float,
+    all_reduce: AllReduce | None = None,
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE++ with a baseline (Hu 2025, "REINFORCE++", arXiv 2501.03262 v9: the "w/ Baseline" variant for
+    k > 1 responses per prompt): (advantages, returns), both [B, T], no gradient.
+
+    rewards, mask: [B, T] token-level rewards (the score at the last token, ``-kl_coef * KL_t`` on every token);
+    scores: [B] the score each row's rewards carry at its last token (``final_scores``); B = G groups x
+    ``group_size`` rows. Each score is replaced by its deviation from the mean score of its group's members
+    (``s_i - mean_g(s)``), then REINFORCE++ runs on the result (:func:`reinforce_pp_advantages`: the
+    ``gamma``-discounted return whitened over every masked token of the global batch): the group mean is the
+    baseline, the global whitening the only normalisation, no division by the group's std (GRPO's). As
+    OpenRLHF's ``reinforce_baseline`` (by the paper's author), which subtracts the group mean from the reward
+    model's score before adding the per-token KL penalty; verl's ``reinforce_plus_plus_baseline`` subtracts it
+    from the whole sequence reward (score plus KL) and puts that on every token, without the return. A row
+    without a masked token is no member (its score, NaN or not, enters no mean).
+    """
+    m = _bool_mask(mask)
+    member = m.any(dim=1)
+    if group_size < 1 or member.shape[0] % group_size:
+        raise ValueError(f"{member.shape[0]} rows do not split into groups of {group_size}")
+    dtype = torch.promote_types(rewards.dtype, torch.float32)
+    s = torch.where(member, scores.to(dtype), torch.zeros((), dtype=dtype, device=scores.device))
+    grouped, members = s.view(-1, group_size), member.view(-1, group_size)
+    mean = grouped.sum(dim=1, keepdim=True) / members.sum(dim=1, keepdim=True).clamp(min=1)
+    baseline = torch.where(member, mean.expand_as(grouped).reshape(-1), torch.zeros_like(s))
+    shifted = rewards.to(dtype).scatter_add(1, last_token_index(m).unsqueeze(1), -baseline.unsqueeze(1))
+    return reinforce_pp_advantages(shifted, m, gamma, all_reduce)
+
+
 # ------------------------------------------------------------------------------------------ the registered table
 
 
@@ -155,6 +191,8 @@ class AdvantageInputs:
     all_reduce: AllReduce | None = None
     group_std_norm: bool = True
     """GRPO: divide by the group's std (``ppo.group_std_norm``)."""
+    scores: Tensor | None = None
+    """[B] the score each row's rewards carry at its last token (REINFORCE++ w/ baseline centres it)."""
 
 
 def advantages_of(name: str, inputs: AdvantageInputs) -> tuple[Tensor, Tensor]:
@@ -183,3 +221,10 @@ def _rloo(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
 @ADVANTAGE_ESTIMATORS.implements("reinforce_pp")
 def _reinforce_pp(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
     return reinforce_pp_advantages(x.rewards, x.mask, x.gamma, x.all_reduce)
+
+
+@ADVANTAGE_ESTIMATORS.implements("reinforce_pp_baseline")
+def _reinforce_pp_baseline(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    if x.scores is None:
+        raise ValueError("reinforce_pp_baseline needs the scores at the last token")
+    return reinforce_pp_baseline_advantages(x.rewards, x.mask, x.scores, x.group_size, x.gamma, x.all_reduce)

@@ -99,7 +99,14 @@ ADVANTAGE_ESTIMATORS: Table[AdvantageEstimatorSpec] = Table(
         ),
         AdvantageEstimatorSpec("rloo", False, "required", "leave-one-out baseline, Ahmadian et al. 2024"),
         AdvantageEstimatorSpec(
-            "reinforce_pp", False, "any", "return whitened over the global batch, Hu 2025 (REINFORCE++)"
+            "reinforce_pp", False, "refused", "return whitened over the global batch, Hu 2025 (REINFORCE++)"
+        ),
+        AdvantageEstimatorSpec(
+            "reinforce_pp_baseline",
+            False,
+            "required",
+            "the group's mean score subtracted, then the return whitened over the global batch: Hu 2025 "
+            "(REINFORCE++ w/ baseline) as OpenRLHF's reinforce_baseline",
         ),
     ),
     "ppomax.algos.estimators",

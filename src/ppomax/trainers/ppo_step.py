@@ -199,6 +199,7 @@ def token_advantages(
             group_size=group_size,
             all_reduce=all_reduce,
             group_std_norm=ppo.group_std_norm,
+            scores=exp.final_scores,
         ),
     )
 
