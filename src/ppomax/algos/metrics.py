@@ -33,6 +33,7 @@ def rollout_statistics(
     running_std: float,
     all_reduce: AllReduce | None = None,
     kl_clamp: float | None = None,
+    exact_kl: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Paper 5.2's monitoring metrics of one PPO buffer (rows [B], tokens [B, R] under ``response_mask``).
 
@@ -71,6 +72,11 @@ def rollout_statistics(
         "advantages/mean": masked_mean(advantages, train_mask, all_reduce=ar),
         "nonfinite/samples_count": (~trained).sum().float(),
     }
+    if exact_kl is not None:
+        out["kl/exact_per_token"] = masked_mean(exact_kl, mask, all_reduce=ar)
+        out["kl/exact_per_sequence"] = masked_mean(
+            torch.where(mask, exact_kl, torch.zeros((), dtype=exact_kl.dtype)).sum(dim=1), rows, all_reduce=ar
+        )
     if kl_clamp is not None:
         out["kl/estimator_clamped_count"] = (mask & (kl.abs() > kl_clamp)).sum().float()
     for name, s in score_parts.items():

@@ -384,9 +384,12 @@ def confusion(nums: dict[str, dict[int, dict[str, Any]]], key: str) -> dict[str,
 ESTIMATORS = "estimators"  # the variant group (Variant.figure) of the comparison
 # The frontier's x: the KL of a whole response to the reference's (nats; Gao et al. 2022, "Scaling Laws for
 # Reward Model Overoptimization", plot gold reward against it). Per token it would credit a method that spends its
-# divergence on longer answers, which is how this world's RM is exploited. Logged with each run's own
-# `ppo.kl_estimator` (k1 or k3): both are unbiased estimates of the same KL (Schulman 2020), so the axis is shared.
-KL_FRONTIER = "kl/per_sequence"
+# divergence on longer answers, which is how this world's RM is exploited. The exact KL over the vocabulary, the
+# same quantity for every method: the sampled estimators are not (k1 for PPO, k3 for GRPO, on tokens drawn with
+# top-p 0.9 and a repetition penalty, which are no sample of the policy: in a toy case a KL of 1.004 reads 1.220 by
+# k1 and 0.575 by k3). Runs made before it was logged fall back to their estimator's `kl/per_sequence`.
+KL_FRONTIER = "kl/exact_per_sequence"
+KL_FRONTIER_FALLBACK = "kl/per_sequence"
 PROBE_STAGE = "probe_{}"  # a method's memory probe, a stage of its seed's directory
 
 
@@ -394,13 +397,19 @@ def frontier(records: Sequence[dict[str, Any]]) -> tuple[list[float], list[float
     """``(KL, gold)`` per policy step where both are logged, each a trailing moving average over 15% of the run
     (the report's window; the first points average what exists so far, so the curve starts near KL 0)."""
     kl, gold = [], []
+    key = frontier_metric(records)
     for r in records:
-        k, g = _num(r.get(KL_FRONTIER)), _num(r.get(PANELS[1][1][0]))
+        k, g = _num(r.get(key)), _num(r.get(PANELS[1][1][0]))
         if k is not None and g is not None:
             kl.append(k)
             gold.append(g)
     w = max(1, round(0.15 * len(kl)))
     return moving_average(kl, w), moving_average(gold, w)
+
+
+def frontier_metric(records: Sequence[dict[str, Any]]) -> str:
+    """The KL a run's frontier is drawn on: :data:`KL_FRONTIER` where it logged it, else the fallback."""
+    return KL_FRONTIER if any(KL_FRONTIER in r for r in records) else KL_FRONTIER_FALLBACK
 
 
 def gold_at_kl(kl: Sequence[float], gold: Sequence[float], budget: float) -> float | None:
@@ -447,6 +456,7 @@ def compare_estimators(
     curves: dict[str, dict[int, tuple[list[float], list[float]]]],
     nums: dict[str, dict[int, dict[str, Any]]],
     memory: dict[str, dict[int, dict[str, Any] | None]],
+    kl_metric: str = KL_FRONTIER,
 ) -> dict[str, Any]:
     """The comparison's numbers per method and seed (``memory``: the probes' ``memory.json`` per method and seed).
     The KL budget is the smallest, over all the runs, of a run's largest (smoothed) KL, so that every run reached
@@ -478,7 +488,7 @@ def compare_estimators(
             "probe_policy_iterations": probes[0]["policy_iterations"] if probes else None,
             "settings": nums[n][min(nums[n])].get("settings"),
         }
-    out = {"kl_metric": KL_FRONTIER, "budget": budget, "methods": methods}
+    out = {"kl_metric": kl_metric, "budget": budget, "methods": methods}
     out["verdicts"] = estimator_verdicts(out)
     return out
 
@@ -554,7 +564,10 @@ def estimator_verdicts(cmp: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def plot_frontier(
-    curves: dict[str, dict[int, tuple[list[float], list[float]]]], budget: float, path: str | os.PathLike[str]
+    curves: dict[str, dict[int, tuple[list[float], list[float]]]],
+    budget: float,
+    path: str | os.PathLike[str],
+    kl_metric: str = KL_FRONTIER,
 ) -> Path:
     """Gold reward against KL spent (the over-optimisation frontier), every method on shared axes: one faint line
     per seed, a bold one for the step-wise mean over seeds, the common KL budget dashed."""
@@ -573,7 +586,7 @@ def plot_frontier(
             ax.scatter([mk[-1]], [mg[-1]], color=c, s=30, zorder=3)
     if budget == budget:  # not NaN
         ax.axvline(budget, color="black", linestyle="--", linewidth=1, label=f"equal-KL budget {budget:.3g}")
-    ax.set_xlabel("KL(policy || reference) per response, nats (kl/per_sequence, 15% moving average)")
+    ax.set_xlabel(f"KL(policy || reference) per response, nats ({kl_metric}, 15% moving average)")
     ax.set_ylabel("gold reward (rollout mean, not optimised)")
     ax.set_title(
         "Over-optimisation frontier on hh-mini: gold reward against KL spent\n(faint: seeds; dot: end)"
@@ -796,10 +809,16 @@ def write_ablate_report(
     compare = [n for n in compare if records.get(n)]  # methods with at least one run
     if len(compare) >= 2:
         curves = {n: {s: frontier(r) for s, r in records[n].items()} for n in compare}
+        metrics = sorted({frontier_metric(r) for n in compare for r in records[n].values()})
         cmp = compare_estimators(
-            compare, curves, nums, {n: {s: probe_memory(out, s, n) for s in seeds} for n in compare}
+            compare,
+            curves,
+            nums,
+            {n: {s: probe_memory(out, s, n) for s in seeds} for n in compare},
+            " and ".join(metrics)
+            + (" (runs of different versions: not one axis)" if len(metrics) > 1 else ""),
         )
-        plot_frontier(curves, cmp["budget"], rep / "estimators_frontier.png")
+        plot_frontier(curves, cmp["budget"], rep / "estimators_frontier.png", cmp["kl_metric"])
 
     md = ["# `ppomax ablate`: the paper's ablations on hh-mini", ""]
     md += [

@@ -39,6 +39,7 @@ from ppomax.algos import (
     RunningMoments,
     advantages_of,
     entropy_bonus_loss,
+    kl_from_logits,
     kl_loss,
     kl_per_token,
     lm_nll,
@@ -67,7 +68,7 @@ def score_experience(
     exp: Experience,
     *,
     policy: Any | None,
-    reference: Any,
+    reference: Any | None,
     critic: Any | None,
     fwd: Forward,
     rewards: RewardSources,
@@ -75,8 +76,10 @@ def score_experience(
     chunk_size: int | None = None,
 ) -> None:
     """Fill the scoring-pass fields of ``exp`` in place (see :class:`Experience`). ``critic=None`` skips values
-    (evaluation), ``policy=None`` the policy's log-probs and entropy (:meth:`Updater.fuses_scoring`). Models
-    are used as given (pass unwrapped ones: no gradient, no DDP synchronisation).
+    (evaluation), ``policy=None`` the policy's log-probs and entropy and ``reference=None`` the reference's
+    (:meth:`Updater.fuses_scoring`: the update's forward gives them). Where both models run, their logits of a
+    chunk are held together for the exact KL (:func:`exact_kl`). Models are used as given (pass unwrapped ones:
+    no gradient, no DDP synchronisation).
     ``chunk_size`` rows per forward bound the [rows, R, V] logits in memory (``ppo.micro_batch_size``)."""
     n, r_all = exp.batch_size, exp.response_width
     step = chunk_size or n
@@ -88,6 +91,7 @@ def score_experience(
         chunk = exp if step >= n else exp.select(list(range(lo, min(lo + step, n))))
         seqs, mask, width = chunk.sequences, chunk.attention_mask, chunk.prompt_width
         labels = seqs[:, width:]
+        held = None
         for name, model in (("", policy), ("ref_", reference)):
             if model is None:
                 continue
@@ -99,12 +103,38 @@ def score_experience(
             )
             if model is policy:
                 out.setdefault("entropy", []).append(fwd.entropy(logits))
+                held = logits if reference is not None else None
+            elif held is not None:
+                out.setdefault("exact_kl", []).append(exact_kl(fwd, held, logits))
+                held = None
             del logits
         if critic is not None:
             out.setdefault("values", []).append(fwd.values(critic, seqs, mask, width))
     for name, parts in out.items():
         setattr(exp, name, torch.cat([_pad_right(t, r_all) for t in parts]))
     exp.scores, exp.score_parts = rewards(exp, eos_ids)
+
+
+# Response positions per slice of the exact KL: its float32 temporaries (both models' log-softmaxes) are a few
+# [EXACT_KL_TOKENS, V] tensors, whatever the logits they come from.
+EXACT_KL_TOKENS = 256
+
+
+def exact_kl(fwd: Forward, logits: Tensor, ref_logits: Tensor) -> Tensor:
+    """[rows, R] exact KL(pi || ref) over the vocabulary (:func:`ppomax.algos.kl_from_logits`) from the policy's
+    and the reference's response logits [rows, R, V], under the convention of ``fwd.logprobs``
+    (temperature-scaled unless ``generation.logprobs_from: raw``): the quantity the sampled KL estimators
+    estimate, without their noise and without the bias of tokens drawn with top-p and a repetition penalty
+    rather than from the policy. Computed over slices of positions (:data:`EXACT_KL_TOKENS` tokens each)."""
+    step = max(1, EXACT_KL_TOKENS // max(1, logits.shape[0]))
+    t = fwd.temperature
+    parts = []
+    for lo in range(0, logits.shape[1], step):
+        a, b = logits[:, lo : lo + step].detach(), ref_logits[:, lo : lo + step]
+        parts.append(kl_from_logits(a / t, b / t) if t != 1.0 else kl_from_logits(a, b))
+    if not parts:
+        return torch.zeros(logits.shape[:2], dtype=torch.float32, device=logits.device)
+    return torch.cat(parts, dim=1)
 
 
 def _pad_right(t: Tensor, width: int) -> Tensor:
@@ -179,6 +209,8 @@ def token_advantages(
     mask = exp.response_mask
     kl = kl_per_token(exp.logprobs, exp.ref_logprobs, ppo.kl_estimator)
     exp.kl = torch.where(mask, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
+    if exp.exact_kl is not None:
+        exp.exact_kl = torch.where(mask, exp.exact_kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
     train = mask & torch.isfinite(exp.final_scores).unsqueeze(1)
     if ppo.kl_in == "loss":
         penalised = torch.zeros_like(exp.kl)
@@ -252,16 +284,21 @@ class Rollouts:
         )
 
     def score(
-        self, exp: Experience, values: bool = True, step: int | None = None, policy: bool = True
+        self,
+        exp: Experience,
+        values: bool = True,
+        step: int | None = None,
+        policy: bool = True,
+        reference: bool = True,
     ) -> None:
         """The scoring pass (:func:`score_experience`); ``values=False`` skips the critic (evaluation),
-        ``policy=False`` the policy (its old log-probs come from the update: :meth:`Updater.fuses_scoring`). A
-        reward function's error names the iteration ``step``."""
+        ``policy=False`` the policy and ``reference=False`` the reference (their log-probs come from the update:
+        :meth:`Updater.fuses_scoring`). A reward function's error names the iteration ``step``."""
         try:
             score_experience(
                 exp,
                 policy=self.policy if policy and exp.logprobs is None else None,
-                reference=self.reference,
+                reference=self.reference if reference else None,
                 critic=self.critic if values else None,
                 fwd=self.fwd,
                 rewards=self.rewards,
@@ -375,7 +412,13 @@ class Updater:
         return p.ppo_epochs == 1 and p.minibatch_size >= p.buffer_size and one_chunk
 
     def update(
-        self, exp: Experience, step: int, critic_only: bool, fused: bool = False, kl_coef: float | None = None
+        self,
+        exp: Experience,
+        step: int,
+        critic_only: bool,
+        fused: bool = False,
+        kl_coef: float | None = None,
+        reference: Any | None = None,
     ) -> dict[str, Tensor]:
         """``ppo_epochs`` passes over shuffled minibatches of ``exp``; returns metrics averaged over minibatches
         (``*_max`` are maxed, ``*_count`` summed). Stops early once ``max_nonfinite_in_row`` updates in a row were skipped.
@@ -388,7 +431,8 @@ class Updater:
         in place, as :func:`compute_advantages` would have.
 
         ``kl_coef``: the iteration's KL coefficient (the adaptive one of ``ppo.kl_target``; None: ``ppo.kl_coef``),
-        in the fused token rewards or in the loss (``ppo.kl_in``)."""
+        in the fused token rewards or in the loss (``ppo.kl_in``). ``reference`` (unwrapped; fused only): runs
+        beside the update's first forward when ``exp`` has no reference log-probs yet (:meth:`_filler`)."""
         p = self.ppo
         acc: dict[str, list[Tensor]] = {}
         skipped, trained = 0, False
@@ -402,7 +446,7 @@ class Updater:
                 fill = None
                 if fused:  # one minibatch: the whole buffer
                     assert self.fuses_scoring() and len(perm) <= p.minibatch_size
-                    fill = self._filler(full, perm, critic_only, kl_coef)
+                    fill = self._filler(full, perm, critic_only, kl_coef, reference)
                 if not self._has_tokens(mb):  # no finite score in it: no step (Adam moves even on zero grads)
                     if fill is not None:
                         with torch.no_grad():
@@ -441,11 +485,13 @@ class Updater:
         return bool((self.all_reduce(n) if self.all_reduce is not None else n) > 0)
 
     def _filler(
-        self, full: Experience, perm: Tensor, critic_only: bool, kl_coef: float | None
+        self, full: Experience, perm: Tensor, critic_only: bool, kl_coef: float | None, reference: Any | None
     ) -> Callable[[tuple[Tensor | None, Tensor | None]], Experience]:
         """For a fused update (:meth:`update`): a function of the update's forward outputs on ``full``'s rows
         ``perm`` that fills the old log-probs, entropy, values and token advantages of those rows (in ``full``,
-        in place, in its row order) and returns the rows as the losses see them (:func:`trainable_part`)."""
+        in place, in its row order) and returns the rows as the losses see them (:func:`trainable_part`).
+        Without reference log-probs yet, it runs ``reference`` on the rows there, so that its logits meet the
+        policy's for the exact KL."""
         fwd = self.fwd
 
         @torch.no_grad()
@@ -453,6 +499,17 @@ class Updater:
             logits, values = outputs
             rows = full.select(perm)  # all rows (the KL of a row left out of training is still monitored)
             names = ["values", "kl", "rewards", "advantages", "returns"]
+            if rows.ref_logprobs is None:
+                assert logits is not None and reference is not None, "the reference runs beside the policy"
+                names += ["ref_logprobs", "ref_raw_logprobs", "exact_kl"]
+                seqs, labels = rows.sequences, rows.responses_ids
+                ref = fwd.response_logits(reference, seqs, rows.attention_mask, rows.prompt_width)
+                rows.ref_logprobs = fwd.logprobs(ref, labels)
+                rows.ref_raw_logprobs = (
+                    rows.ref_logprobs if fwd.temperature == 1.0 else fwd.logprobs(ref, labels, raw=True)
+                )
+                rows.exact_kl = exact_kl(fwd, logits, ref)
+                del ref
             if rows.logprobs is None:  # else from the sampling pass (generation.logprobs_from: generate)
                 assert logits is not None, "critic-only iterations score the policy in the scoring pass"
                 names += ["logprobs", "raw_logprobs", "entropy"]
