@@ -605,9 +605,12 @@ class PPOSettings(_Section):
     )
     # 6. advantage normalisation and clipping (5.3.1)
     advantage_norm: bool = Field(
-        True,
-        description="Minibatch whitening, paper 5.3.1 / app. B.1 (fig. 14). Ours: on; paper 5.4 does not list it "
-        "among PPO-max's tricks and MOSS-RLHF code has it off unless --use_advantage_norm.",
+        False,
+        description="Minibatch whitening of the advantages (paper 5.3.1, fig. 6; app. B.1). Paper: off in PPO-max: "
+        "5.4 lists reward normalisation and clipping, the KL penalty, the critic's initialisation from the RM and "
+        "its pre-training, global gradient clipping, a small buffer, value-loss clipping and the LM loss, not this; "
+        "fig. 5 marks no pentagram on it; fig. 14's caption finds the operations on the advantage and on the value "
+        "loss in conflict. MOSS-RLHF code: off unless --use_advantage_norm. True is ours to offer, not the paper's.",
     )
     advantage_clip: float | None = Field(
         None, gt=0, description='null = no clip. Paper 5.3.1: "constraining ... on the reward level" instead.'
