@@ -368,9 +368,9 @@ class CollapseConfig(_Section):
     drift_kl_per_token: float | None = Field(
         0.15,
         gt=0,
-        description="Also fire on drift: KL per token at least this and still rising while the reward is above "
-        "its baseline (ppomax.collapse); null = the paper's joint signature only. Ours: 0.15 (measured on the "
-        "demo's runs, see ppomax.collapse).",
+        description="Also fire on drift: KL per token (the exact KL where logged) at least this and still rising "
+        "while the reward is above its baseline (ppomax.collapse); null = the paper's joint signature only. Ours: "
+        "0.15 (measured on the demo's runs, see ppomax.collapse).",
     )
 
 
