@@ -62,6 +62,8 @@ def ppo_args(model: Path, rm: Path, out: Path, shape: PPOShape, preset: str, lor
         f"generation.max_new_tokens={shape.new_tokens}",
         f"ppo.iterations={shape.iterations}",
         "ppo.critic_pretrain_steps=0",
+        "data.on_bad_line=skip",  # HH pairs whose shared prompt does not end with a human turn (line 1255: two
+        # assistant turns in a row, a "Human:" without its blank line)
         *(["model.lora={r: 16}"] if lora else []),
         *_quiet(out),
     ]

@@ -258,6 +258,7 @@ def test_each_engine_prepares_the_trained_models_as_it_must():
         acc = SimpleNamespace(
             distributed_type=kind,
             device=torch.device("cpu"),
+            native_amp=False,
             prepare=lambda *o, calls=calls: calls.append(o) or o,
         )
         out = prepare_trained(acc, {"policy": (policy, p_opt), "critic": (critic, c_opt)}, 1, 1.0, "k")
