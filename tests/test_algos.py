@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from ppomax.algos import (
     AdaptiveKLController,
     RunningMoments,
+    aggregate_loss,
     entropy_bonus_loss,
     entropy_from_logits,
     gae,
@@ -348,6 +349,25 @@ def test_kl_estimators_sign_conventions_by_hand() -> None:
         kl_per_token(logp, ref, "k4")  # type: ignore[arg-type]
 
 
+def test_k3_unclamped_reads_its_exp_and_the_clamp_bounds_it_with_a_finite_gradient() -> None:
+    """k3 at a log-ratio log(ref/pi) of 5 is e^5 - 1 - 5 = 142.4 and overflows float32 past 88.7; ``clamp`` (verl's
+    low_var_kl: the log-ratio to +-20, then the estimate to [-c, c]) bounds both, and the gradient stays finite
+    (0 on a clamped token)."""
+    logp = torch.tensor([[-6.0, -100.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, 0.0, -1.5]])
+    raw = kl_per_token(logp, ref, "k3")
+    assert raw[0, 0].item() == pytest.approx(math.exp(5) - 1 - 5, rel=1e-5)
+    assert math.isinf(raw[0, 1].item())
+    clamped = kl_per_token(logp, ref, "k3", clamp=10.0)
+    torch.testing.assert_close(clamped[0, :2], torch.tensor([10.0, 10.0]))
+    assert clamped[0, 2].item() == pytest.approx(raw[0, 2].item())  # inside the bound: unchanged
+    clamped.sum().backward()
+    assert logp.grad is not None and torch.isfinite(logp.grad).all()
+    assert logp.grad[0, :2].abs().sum() == 0 and logp.grad[0, 2] != 0
+    k1 = kl_per_token(torch.tensor([[-30.0]]), torch.tensor([[0.0]]), "k1", clamp=10.0)
+    assert k1.item() == -10.0
+
+
 def test_kl_estimators_monte_carlo_vs_exact_categorical_kl() -> None:
     g = _gen(7)
     pi = torch.tensor([0.6, 0.3, 0.05, 0.05], dtype=torch.float64)
@@ -369,6 +389,50 @@ def test_kl_estimators_monte_carlo_vs_exact_categorical_kl() -> None:
     # the other direction, KL(ref || pi), is far from the estimates: the test tells the two apart
     reverse = sum(q * math.log(q / p) for p, q in zip(pi.tolist(), ref.tolist(), strict=True))
     assert abs(reverse - exact) > 0.1
+
+
+@pytest.mark.parametrize("float_mask", [False, True])
+def test_loss_aggregations_vs_loops(float_mask: bool) -> None:
+    """token_mean over all tokens, seq_mean_token_mean (each response's mean, then over responses) and
+    seq_mean_token_sum_norm (each response's sum / the constant, then over responses); an empty row is in no
+    mean, and padding (NaN here) never leaks."""
+    x = torch.tensor(
+        [[1.0, 2.0, 3.0, 9.0], [4.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [-1.0, 1.0, 5.0, 7.0]]
+    )
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    x = torch.where(mask, x, torch.full_like(x, float("nan")))
+    m = mask.float() if float_mask else mask
+    rows = [[x[i, j].item() for j in range(4) if mask[i, j]] for i in range(4)]
+    rows = [r for r in rows if r]
+    flat = [v for r in rows for v in r]
+    assert aggregate_loss(x, m, "token_mean").item() == pytest.approx(sum(flat) / len(flat))
+    expect = sum(sum(r) / len(r) for r in rows) / len(rows)
+    assert aggregate_loss(x, m, "seq_mean_token_mean").item() == pytest.approx(expect)
+    expect = sum(sum(r) / 8 for r in rows) / len(rows)
+    assert aggregate_loss(x, m, "seq_mean_token_sum_norm", horizon=8).item() == pytest.approx(expect)
+    with pytest.raises(ValueError, match="constant length"):
+        aggregate_loss(x, m, "seq_mean_token_sum_norm")
+    with pytest.raises(ValueError, match="unknown loss_aggregation 'seq_mean'"):
+        aggregate_loss(x, m, "seq_mean")
+
+
+def test_policy_kl_and_entropy_losses_use_the_aggregation() -> None:
+    """The surrogate, the KL loss and the entropy bonus are the aggregation of their per-token terms: on-policy
+    (ratio 1) the surrogate's per-token term is -A, so the loss is aggregate(-A)."""
+    g = _gen(11)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    adv = torch.randn(3, 5, generator=g)
+    lp = -torch.rand(3, 5, generator=g)
+    ref = -torch.rand(3, 5, generator=g)
+    for mode in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"):
+        loss, _ = policy_loss(lp, lp, adv, mask, 0.2, aggregation=mode, horizon=10)
+        torch.testing.assert_close(loss, aggregate_loss(-adv, mask, mode, 10))
+        kl, km = kl_loss(lp, ref, mask, 0.5, "k3", aggregation=mode, horizon=10)
+        torch.testing.assert_close(kl, 0.5 * aggregate_loss(kl_per_token(lp, ref, "k3"), mask, mode, 10))
+        torch.testing.assert_close(km["kl_mean"], masked_mean(kl_per_token(lp, ref, "k3"), mask))
+        ent = torch.rand(3, 5, generator=g)
+        eb, _ = entropy_bonus_loss(ent, mask, 0.1, None, aggregation=mode, horizon=10)
+        torch.testing.assert_close(eb, -0.1 * aggregate_loss(ent, mask, mode, 10))
 
 
 def test_kl_from_logits_vs_categorical_sums() -> None:

@@ -13,6 +13,7 @@ from ppomax.algos import (
     discounted_returns,
     grpo_advantages,
     reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
     rloo_advantages,
     sequence_rewards,
     token_level_rewards,
@@ -103,6 +104,32 @@ def test_grpo_rloo_hand_cases() -> None:
     torch.testing.assert_close(grpo, torch.tensor([[a, a], [-a, 0.0], [0.0, 0.0], [0.0, 0.0]]))
 
 
+def test_grpo_std_normalisation_is_a_switch() -> None:
+    """A group of near-ties (rewards spanning 0.003) gets +-1.08 with DeepSeekMath's std normalisation and its
+    centred rewards without it (Dr. GRPO); the sign pattern is the same."""
+    mask = torch.ones(4, 1, dtype=torch.bool)
+    r = torch.tensor([[0.0], [0.001], [0.002], [0.003]], dtype=torch.float64)
+    scaled = grpo_advantages(r, mask, 4)
+    assert scaled[0, 0].item() == pytest.approx(-1.08, abs=0.01) and scaled[3, 0].item() == pytest.approx(
+        1.08, abs=0.01
+    )
+    centred = grpo_advantages(r, mask, 4, scale=False)
+    torch.testing.assert_close(centred, r - 0.0015)
+    rewards, lmask = _batch("right", 3)
+    loop = []
+    for k in range(3):
+        rows = list(range(4 * k, 4 * k + 4))
+        sums = _row_sums(rewards[rows], lmask[rows])
+        members = [bool(lmask[i].any()) for i in rows]
+        vals = [x for x, m in zip(sums, members, strict=True) if m]
+        mean = sum(vals) / len(vals)
+        loop += [x - mean if m and len(vals) > 1 else 0.0 for x, m in zip(sums, members, strict=True)]
+    got = grpo_advantages(rewards, lmask, 4, scale=False)
+    for i in range(12):
+        for j in range(6):
+            assert got[i, j].item() == pytest.approx(loop[i] if lmask[i, j] else 0.0, abs=1e-12)
+
+
 def test_group_std_zero_gives_zero_not_nan() -> None:
     mask = torch.ones(6, 3, dtype=torch.bool)
     r = torch.full((6, 3), 0.7)
@@ -185,3 +212,35 @@ def test_reinforce_pp_two_ranks_equal_one_global_batch() -> None:
     shards = [(rewards[:5], mask[:5]), (rewards[5:], mask[5:])]
     parts = _run_two_ranks(lambda s, ar: reinforce_pp_advantages(s[0], s[1], 0.95, all_reduce=ar)[0], shards)
     torch.testing.assert_close(torch.cat(parts), whole)
+
+
+@pytest.mark.parametrize("layout", ["right", "left", "holes"])
+def test_reinforce_pp_baseline_is_reinforce_pp_of_group_centred_scores(layout: str) -> None:
+    """Token rewards = KL penalties + the score at the last token: the baseline variant subtracts each group's
+    mean score (over its members) from its members' scores, then whitens the return over the batch; built here
+    from the penalties and the centred scores with plain loops."""
+    g = _gen(6)
+    lengths = [5, 1, 3, 0, 4, 2, 6, 1]  # 2 groups of 4; row 3 is no member
+    mask = _ragged_mask(lengths, 6, layout, g)
+    kl = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    scores = torch.randn(8, generator=g, dtype=torch.float64)
+    scores[3] = float("nan")  # a row left out of training: in no mean
+    rewards = token_level_rewards(scores, kl, mask, kl_coef=0.1)
+    centred = []
+    for k in range(2):
+        rows = [i for i in range(4 * k, 4 * k + 4) if lengths[i]]
+        mean = sum(scores[i].item() for i in rows) / len(rows)
+        centred += [scores[i].item() - mean if lengths[i] else 0.0 for i in range(4 * k, 4 * k + 4)]
+    expect_rewards = token_level_rewards(torch.tensor(centred, dtype=torch.float64), kl, mask, kl_coef=0.1)
+    adv, ret = reinforce_pp_baseline_advantages(rewards, mask, scores, 4, gamma=0.9)
+    want_adv, want_ret = reinforce_pp_advantages(expect_rewards, mask, gamma=0.9)
+    torch.testing.assert_close(ret, want_ret)
+    torch.testing.assert_close(adv, want_adv)
+    # a shift of every score of one group changes nothing: the baseline removes it
+    shifted = token_level_rewards(
+        scores + torch.tensor([3.0] * 4 + [0.0] * 4, dtype=torch.float64), kl, mask, 0.1
+    )
+    moved = reinforce_pp_baseline_advantages(shifted, mask, scores + 3.0 * (torch.arange(8) < 4), 4, 0.9)[0]
+    torch.testing.assert_close(moved, adv)
+    with pytest.raises(ValueError, match="groups of 3"):
+        reinforce_pp_baseline_advantages(rewards, mask, scores, 3, 1.0)

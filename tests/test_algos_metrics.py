@@ -44,6 +44,14 @@ def _stats(**over):
     return args | over, rollout_statistics(**(args | over))
 
 
+def test_rollout_statistics_logs_the_largest_kl_estimate_and_what_a_clamp_cuts():
+    _, out = _stats()
+    assert out["kl/estimator_max"].item() == pytest.approx(0.5)  # 9.0 sits in padding
+    assert "kl/estimator_clamped_count" not in out
+    _, out = _stats(kl_clamp=0.25)
+    assert out["kl/estimator_clamped_count"].item() == 2  # 0.3 and 0.5
+
+
 def test_rollout_statistics_values():
     args, out = _stats()
     lp = args["raw_logprobs"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ppo_helpers import config, make_setup, reward_fn
-from ppomax.config import load_config
+from ppomax.config import GenerationConfig, load_config
 from ppomax.errors import ConfigError
 from ppomax.monitor import read_metrics
 from ppomax.trainers.ppo import PPOTrainer, train_ppo
@@ -46,6 +46,19 @@ def flat(model) -> torch.Tensor:
             ["ppo.advantage_estimator=rloo", "ppo.critic_pretrain_steps=0"],
             "ppo.advantage_estimator, generation.samples_per_prompt",
         ),
+        (["ppo.group_std_norm=false"], "ppo.group_std_norm, ppo.advantage_estimator"),
+        (
+            [
+                "ppo.advantage_estimator=reinforce_pp",
+                "ppo.critic_pretrain_steps=0",
+                "generation.samples_per_prompt=4",
+            ],
+            "ppo.advantage_estimator, generation.samples_per_prompt",
+        ),
+        (
+            ["ppo.advantage_estimator=reinforce_pp_baseline", "ppo.critic_pretrain_steps=0"],
+            "ppo.advantage_estimator, generation.samples_per_prompt",
+        ),
         (["generation.samples_per_prompt=3"], "ppo.rollout_batch_size, generation.samples_per_prompt"),
         (["generation.samples_per_prompt=3"], "ppo.buffer_size, generation.samples_per_prompt"),
         (["generation.samples_per_prompt=64"], "ppo.minibatch_size, generation.samples_per_prompt"),
@@ -68,7 +81,7 @@ def test_conflicting_keys_are_errors_naming_both(overrides, keys):
 def test_valid_group_settings_and_what_they_mean():
     cfg = load_config("ppo", overrides=["generation.samples_per_prompt=8"])  # gae with groups: allowed
     assert cfg.ppo.uses_critic and cfg.generation.samples_per_prompt == 8
-    for name in ("grpo", "rloo", "reinforce_pp"):
+    for name in ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"):
         p = load_config("ppo", preset=name).ppo
         assert p.advantage_estimator == name and not p.uses_critic and p.critic_pretrain_steps == 0
     # no critic, so critic_init: reward_model (the default) needs no reward model: reward functions suffice
@@ -97,6 +110,8 @@ def test_valid_group_settings_and_what_they_mean():
         ("rloo", ()),
         # the policy's log-probs from the sampling pass, the reward model as a reward source
         ("reinforce_pp", ("generation.logprobs_from=generate", "ppo.minibatch_size=4", "RM")),
+        # groups of 2, the fused scoring
+        ("reinforce_pp_baseline", ("generation.samples_per_prompt=2",)),
     ],
 )
 def test_each_estimator_trains_two_iterations_without_any_critic(setup, tmp_path, preset, extra):
@@ -108,7 +123,7 @@ def test_each_estimator_trains_two_iterations_without_any_critic(setup, tmp_path
     tr = PPOTrainer(cfg)
     assert tr.critic is None and tr.models.critic is None and tr.updater.critic is None
     assert tr.rollouts.critic is None and len(tr.acc._models) == 1 and len(tr.acc._optimizers) == 1
-    assert tr.updater.fuses_scoring() == (preset == "rloo")
+    assert tr.updater.fuses_scoring() == (preset in ("rloo", "reinforce_pp_baseline"))
     policy0 = flat(tr.policy)
     out = tr.train().out_dir
     assert not torch.equal(policy0, flat(tr.policy))  # the policy trained
@@ -177,11 +192,11 @@ def test_groups_stay_together_in_buffer_and_minibatches(setup, tmp_path, monkeyp
 def test_group_shuffle_with_group_size_one_is_the_plain_permutation():
     """samples_per_prompt 1 draws exactly the rows' randperm of before (the default run is unchanged)."""
     up = Updater.__new__(Updater)
-    up.group_size = 1
+    up.generation = GenerationConfig(samples_per_prompt=1)
     for seed in (0, 7):
         a = up._shuffle(12, torch.Generator().manual_seed(seed))
         assert torch.equal(a, torch.randperm(12, generator=torch.Generator().manual_seed(seed)))
-    up.group_size = 3
+    up.generation = GenerationConfig(samples_per_prompt=3)
     perm = up._shuffle(12, torch.Generator().manual_seed(1)).view(4, 3)
     assert sorted(perm.flatten().tolist()) == list(range(12))
     assert all(row.tolist() == list(range(row[0], row[0] + 3)) and row[0] % 3 == 0 for row in perm)

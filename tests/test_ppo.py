@@ -494,14 +494,19 @@ def test_gradient_checkpointing_gives_the_same_update(setup, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")  # the optimisers' step is stubbed
-@pytest.mark.parametrize("micro", [3, 1])
-def test_micro_batches_give_the_whole_minibatch_gradient(setup, tmp_path, micro):
+@pytest.mark.parametrize(
+    ("micro", "aggregation"),
+    [(3, "token_mean"), (1, "token_mean"), (3, "seq_mean_token_mean"), (1, "seq_mean_token_sum_norm")],
+)
+def test_micro_batches_give_the_whole_minibatch_gradient(setup, tmp_path, micro, aggregation):
     """ppo.micro_batch_size only bounds memory: 4 rows with different response lengths split 3 + 1 (or 1 + 1 + 1
     + 1), with the entropy bonus and PPO-ptx (3 LM rows of different lengths, split 1 + 2), give the gradients of
-    the whole minibatch within 1e-6 (policy and critic), and the same token-mean metrics."""
+    the whole minibatch within 1e-6 (policy and critic), and the same metrics, whatever ppo.loss_aggregation
+    (a mean over responses weighs each chunk by its responses, not its tokens)."""
     tr = make(
         setup,
         tmp_path,
+        f"ppo.loss_aggregation={aggregation}",
         "ppo.buffer_size=4",
         "ppo.rollout_batch_size=4",
         "ppo.minibatch_size=4",

@@ -5,6 +5,7 @@ against an observable change of behaviour or an independent computation. Tiny mo
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -125,6 +126,24 @@ def test_kl_in_loss_takes_the_kl_out_of_the_token_rewards():
         assert not torch.equal(exp_r.rewards[i, :n], expect)
 
 
+def test_kl_clamp_bounds_the_penalty_and_the_logged_estimate_stays_unclamped():
+    """``ppo.kl_clamp``: the k3 penalty of a token at log-ratio 5 (142.4) is bounded to the clamp, while ``kl``
+    (what the rollout spent, logged with its largest value) keeps the estimate; without it the penalty is the
+    estimate."""
+    over = ["ppo.kl_coef=0.5", "ppo.kl_estimator=k3", "ppo.reward_norm=false", "ppo.reward_clip=null"]
+    for clamp in (None, 1.0):
+        cfg = load_config(
+            "ppo", preset="ppo_max", overrides=over + ([f"ppo.kl_clamp={clamp}"] if clamp else [])
+        )
+        exp = _synthetic([1.5, -0.5, 2.0])
+        exp.ref_logprobs = exp.logprobs + 5.0
+        compute_advantages(exp, cfg.ppo, cfg.generation, RunningMoments())
+        k3 = math.exp(5) - 1 - 5
+        torch.testing.assert_close(exp.kl[exp.response_mask], torch.full_like(exp.kl[exp.response_mask], k3))
+        first = exp.rewards[1, 0].item()  # not the last token: the penalty alone
+        assert first == pytest.approx(-0.5 * (k3 if clamp is None else clamp), rel=1e-5)
+
+
 def test_kl_in_loss_adds_the_kl_term_to_the_policy_loss(setup, tmp_path):
     """One fused update (the first forward is the old policy): the KL term is kl_coef x the token mean of k3
     between the update's log-probs and the scoring pass's reference log-probs, i.e. kl_coef x kl/per_token; and
@@ -217,9 +236,9 @@ def test_adaptive_kl_coefficient_in_the_kl_loss(setup, tmp_path, monkeypatch):
     used = []
     real = ppo_step.kl_loss
 
-    def spy(logprobs, ref_logprobs, mask, kl_coef, estimator):
+    def spy(logprobs, ref_logprobs, mask, kl_coef, *args, **kwargs):
         used.append(kl_coef)
-        return real(logprobs, ref_logprobs, mask, kl_coef, estimator)
+        return real(logprobs, ref_logprobs, mask, kl_coef, *args, **kwargs)
 
     monkeypatch.setattr(ppo_step, "kl_loss", spy)
     over = ["ppo.kl_target=1e-6", "ppo.kl_horizon=80", "ppo.kl_in=loss", "ppo.kl_estimator=k3"]

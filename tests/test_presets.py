@@ -46,7 +46,9 @@ def test_ppo_max_preset_sets_nothing_the_defaults_do_not():
     assert read_yaml(preset_path("ppo_max")) == {}
 
 
-@pytest.mark.parametrize("name", ["vanilla", "ppo_ptx", "grpo", "rloo", "reinforce_pp"])
+@pytest.mark.parametrize(
+    "name", ["vanilla", "ppo_ptx", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
+)
 def test_presets_inherit_ppo_max_and_set_only_what_differs(name):
     own = read_yaml(preset_path(name))
     assert own.pop("inherit") == "ppo_max"
@@ -112,6 +114,7 @@ BEYOND = {  # the critic-free presets cite their own papers (issue 15 item 3)
     "grpo": re.compile(r"\b(Shao et al\.|ours)"),
     "rloo": re.compile(r"\b(Ahmadian et al\.|ours)"),
     "reinforce_pp": re.compile(r"\b(Hu 2025|ours)"),
+    "reinforce_pp_baseline": re.compile(r"\b(Hu 2025|ours)"),
 }
 
 

@@ -36,9 +36,10 @@ from pydantic import (
     model_validator,
 )
 
+from ppomax.algos.registry import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
 from ppomax.errors import ConfigError
 
-PRESET_NAMES = ("vanilla", "ppo_max", "ppo_ptx", "grpo", "rloo", "reinforce_pp")
+PRESET_NAMES = ("vanilla", "ppo_max", "ppo_ptx", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 
 
 class KeyConflicts(ValueError):
@@ -428,9 +429,9 @@ class CollapseConfig(_Section):
     drift_kl_per_token: float | None = Field(
         0.15,
         gt=0,
-        description="Also fire on drift: KL per token at least this and still rising while the reward is above "
-        "its baseline (ppomax.collapse); null = the paper's joint signature only. Ours: 0.15 (measured on the "
-        "demo's runs, see ppomax.collapse).",
+        description="Also fire on drift: KL per token (the exact KL where logged) at least this and still rising "
+        "while the reward is above its baseline (ppomax.collapse); null = the paper's joint signature only. Ours: "
+        "0.15 (measured on the demo's runs, see ppomax.collapse).",
     )
 
 
@@ -587,6 +588,12 @@ class RewardConfig(_Section):
     )
 
 
+# The names of ppomax.algos.registry's tables: the config accepts what the update can look up, and nothing else.
+AdvantageEstimatorName = Literal[ADVANTAGE_ESTIMATORS.names()]  # type: ignore[valid-type]
+KLEstimatorName = Literal[KL_ESTIMATORS.names()]  # type: ignore[valid-type]
+LossAggregationName = Literal[LOSS_AGGREGATIONS.names()]  # type: ignore[valid-type]
+
+
 class PPOSettings(_Section):
     """The paper's implementation details (fig. 5), one field per trick. Defaults are PPO-max (paper 5.4); each
     description names the value's source: a paper section, the MOSS-RLHF code released with the paper, or "ours".
@@ -608,9 +615,17 @@ class PPOSettings(_Section):
         ge=0,
         description='0 = no KL penalty. Paper 5.3.2 / fig. 7 ("setting lambda to 0.05"; eta of eq. 19).',
     )
-    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+    kl_estimator: KLEstimatorName = Field(
         "k1",
         description="Paper eq. 19 (an empirical per-token KL); k1 = log pi_RL - log pi_SFT, as MOSS-RLHF code.",
+    )
+    kl_clamp: float | None = Field(
+        None,
+        gt=0,
+        description="Bound on the per-token KL estimate in the penalty (or the KL loss), [-c, c], after bounding "
+        "the log-ratio to +-20; null = unclamped. Ours: null, as paper eq. 19 and MOSS-RLHF code (k3 then reads 142 "
+        "at a log-ratio of 5 and inf in float32 past 88.7: kl/estimator_max logs the largest value); verl's "
+        "low_var_kl clamps k3 to 10.",
     )
     # 2. importance sampling against the sampling policy; false = ratio against the reference
     importance_sampling: bool = Field(
@@ -651,9 +666,12 @@ class PPOSettings(_Section):
     )
     # 6. advantage normalisation and clipping (5.3.1)
     advantage_norm: bool = Field(
-        True,
-        description="Minibatch whitening, paper 5.3.1 / app. B.1 (fig. 14). Ours: on; paper 5.4 does not list it "
-        "among PPO-max's tricks and MOSS-RLHF code has it off unless --use_advantage_norm.",
+        False,
+        description="Minibatch whitening of the advantages (paper 5.3.1, fig. 6; app. B.1). Paper: off in PPO-max: "
+        "5.4 lists reward normalisation and clipping, the KL penalty, the critic's initialisation from the RM and "
+        "its pre-training, global gradient clipping, a small buffer, value-loss clipping and the LM loss, not this; "
+        "fig. 5 marks no pentagram on it; fig. 14's caption finds the operations on the advantage and on the value "
+        "loss in conflict. MOSS-RLHF code: off unless --use_advantage_norm. True is ours to offer, not the paper's.",
     )
     advantage_clip: float | None = Field(
         None, gt=0, description='null = no clip. Paper 5.3.1: "constraining ... on the reward level" instead.'
@@ -680,19 +698,37 @@ class PPOSettings(_Section):
         0.95, ge=0, le=1, description="MOSS-RLHF code (lam 0.95); paper app. C.3 uses 0.9 in its experiments."
     )
     # advantage estimator (beyond the paper): GAE with a critic, or a critic-free estimator
-    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = Field(
+    advantage_estimator: AdvantageEstimatorName = Field(
         "gae",
         description="gae: GAE with a critic (paper eq. 9-11 / app. C.3; PPO-max). The others train no critic "
         "(ppomax.algos.estimators): grpo, the group-normalised sequence reward (Shao et al. 2024, DeepSeekMath "
         "4.1.2); rloo, the leave-one-out baseline (Ahmadian et al. 2024); both need "
         "generation.samples_per_prompt >= 2; reinforce_pp, the return of the token-level rewards whitened over "
-        "the global batch (Hu 2025, REINFORCE++). Ours: gae.",
+        "the global batch (Hu 2025, REINFORCE++), one response per prompt; reinforce_pp_baseline, the same after "
+        "subtracting the mean score of the prompt's responses (REINFORCE++ w/ baseline), needs samples_per_prompt >= "
+        "2. Each is an entry of ppomax.algos.registry.ADVANTAGE_ESTIMATORS. Ours: gae.",
+    )
+
+    group_std_norm: bool = Field(
+        True,
+        description="grpo only: divide each group's centred rewards by their std (Shao et al. 2024, DeepSeekMath "
+        "4.1.2), which gives a group of near-ties (rewards spanning 0.003) advantages of +-1.08; false: the centred "
+        "reward alone (Liu et al. 2025, Dr. GRPO; verl norm_adv_by_std_in_grpo, TRL scale_rewards: none). Ours: "
+        "true, GRPO as published.",
+    )
+    loss_aggregation: LossAggregationName = Field(
+        "token_mean",
+        description="How the policy loss (surrogate, KL loss, entropy bonus) averages its tokens. token_mean: over "
+        "every response token of the minibatch (MOSS-RLHF code; DAPO); seq_mean_token_mean: each response's token "
+        "mean, then the mean over responses (Shao et al. 2024, DeepSeekMath eq. 3); seq_mean_token_sum_norm: each "
+        "response's token sum / generation.max_new_tokens, then the mean over responses (Liu et al. 2025, Dr. "
+        "GRPO). verl's loss_agg_mode names. The value loss stays a token mean.",
     )
 
     @property
     def uses_critic(self) -> bool:
         """Whether a critic is built, trained and saved: only GAE needs values."""
-        return self.advantage_estimator == "gae"
+        return ADVANTAGE_ESTIMATORS.spec(self.advantage_estimator).critic
 
     # 11. clipped surrogate (app. C.1)
     clip_ratio: float | None = Field(
@@ -833,14 +869,29 @@ class PPOSettings(_Section):
                     "set kl_target or leave kl_horizon at its default",
                 )
             )
-        if self.kl_in == "loss" and self.kl_estimator == "k1":
+        if self.kl_in == "loss" and not KL_ESTIMATORS.spec(self.kl_estimator).as_loss:
             problems.append(
                 (
                     ("kl_in", "kl_estimator"),
-                    "k1 as a loss has zero expected gradient (E[grad log pi] = 0): it would add noise, not a KL "
-                    "penalty; set kl_estimator: k3 (GRPO) or k2",
+                    f"{self.kl_estimator} as a loss has zero expected gradient (E[grad log pi] = 0): it would add "
+                    "noise, not a KL penalty; set kl_estimator: k3 (GRPO) or k2",
                 )
             )
+        spec = ADVANTAGE_ESTIMATORS.spec(self.advantage_estimator)
+        for key in sorted(
+            {k for n in ADVANTAGE_ESTIMATORS.names() for k in ADVANTAGE_ESTIMATORS.spec(n).reads}
+        ):
+            if key not in spec.reads and getattr(self, key) != type(self).model_fields[key].default:
+                readers = [
+                    n for n in ADVANTAGE_ESTIMATORS.names() if key in ADVANTAGE_ESTIMATORS.spec(n).reads
+                ]
+                problems.append(
+                    (
+                        (key, "advantage_estimator"),
+                        f"{key} is read by advantage_estimator {' / '.join(readers)} only, not by "
+                        f"{self.advantage_estimator}; leave it at its default or change the estimator",
+                    )
+                )
         for size in ("rollout_batch_size", "minibatch_size"):
             if self.buffer_size % getattr(self, size):
                 problems.append(
@@ -956,11 +1007,23 @@ class PPOConfig(_RunConfig):
                     )
                 )
         est = p.advantage_estimator
-        if est in ("grpo", "rloo") and n < 2:
+        groups = ADVANTAGE_ESTIMATORS.spec(est).groups
+        if groups == "required" and n < 2:
             problems.append(
                 (
                     ("ppo.advantage_estimator", spp),
                     f"{est} compares the responses to one prompt and needs samples_per_prompt >= 2 (got {n})",
+                )
+            )
+        if groups == "refused" and n > 1:
+            users = [
+                x for x in ADVANTAGE_ESTIMATORS.names() if ADVANTAGE_ESTIMATORS.spec(x).groups == "required"
+            ]
+            problems.append(
+                (
+                    ("ppo.advantage_estimator", spp),
+                    f"{est} would take no baseline from a prompt's {n} responses (it ignores the groups); set "
+                    f"samples_per_prompt: 1, or an estimator that uses them ({', '.join(users)})",
                 )
             )
         if not p.uses_critic:

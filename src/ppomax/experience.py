@@ -33,6 +33,7 @@ _TOKEN_FIELDS = (
     "entropy",
     "raw_logprobs",
     "ref_raw_logprobs",
+    "exact_kl",
 )
 _ROW_FIELDS = ("scores", "final_scores")
 
@@ -80,6 +81,10 @@ class Experience:
     """[B, R] float32: reference log-probs from raw logits (reference perplexity on the same responses)."""
     entropy: Tensor | None = None
     """[B, R] float32: entropy of the policy's distribution at each response position (monitoring)."""
+    exact_kl: Tensor | None = None
+    """[B, R] float32: the exact KL(pi_old || pi_ref) over the vocabulary at each response position, from the
+    policy's and the reference's logits (the convention of ``logprobs``); None where the policy's logits were not
+    computed (``generation.logprobs_from: generate`` without a fused update)."""
     values: Tensor | None = None
     """[B, R] float32: critic values V(s_j) at rollout time (the "old" values of the clipped value loss)."""
     scores: Tensor | None = None

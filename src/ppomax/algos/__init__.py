@@ -9,7 +9,10 @@ coefficient, GAE, score re-parameterisation, advantage normalisation), `estimato
 estimators GRPO, RLOO and REINFORCE++), `losses` (PPO with its dual clip, KL as a loss term, critic, entropy,
 LM, RM losses; per-token log-probs, entropy and exact KL from logits), `metrics` (the monitoring statistics of
 a batch of rollouts, paper 5.2).
-Import from `ppomax.algos` directly; the split is for reading, not for the API.
+`registry` holds the tables of the interchangeable parts (advantage estimators, policy-loss aggregations, KL
+estimators) that the config validates against and the trainer looks up.
+Import from `ppomax.algos` directly; the split is for reading, not for the API. The package loads its modules
+(and torch) on first use of a name, so that `ppomax.algos.registry`, which the config reads, needs no torch.
 
 Conventions:
 - Shapes: B = batch, T = time (response tokens, or the full sequence with a mask), V = vocabulary.
@@ -23,54 +26,112 @@ Conventions:
   statistic is used in a differentiable mean, only the local rank's terms carry gradient.
 """
 
-from .estimators import (
-    discounted_returns,
-    grpo_advantages,
-    reinforce_pp_advantages,
-    rloo_advantages,
-    sequence_rewards,
-)
-from .losses import (
-    entropy_bonus_loss,
-    entropy_from_logits,
-    kl_from_logits,
-    kl_loss,
-    lm_nll,
-    logprobs_from_logits,
-    pairwise_rm_loss,
-    policy_loss,
-    value_loss,
-)
-from .metrics import RESPONSE_SUMS, response_statistics, response_sums, rollout_statistics
-from .rewards import (
-    AdaptiveKLController,
-    KLEstimator,
-    ScoreTransform,
-    gae,
-    kl_per_token,
-    normalize_advantages,
-    reparameterize_scores,
-    token_level_rewards,
-    trainable_rows,
-)
-from .stats import (
-    AllReduce,
-    RunningMoments,
-    last_token_index,
-    masked_mean,
-    masked_sum,
-    masked_whiten,
-    score_token_index,
-    token_weights,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .estimators import (
+        AdvantageInputs,
+        advantages_of,
+        discounted_returns,
+        grpo_advantages,
+        reinforce_pp_advantages,
+        reinforce_pp_baseline_advantages,
+        rloo_advantages,
+        sequence_rewards,
+    )
+    from .losses import (
+        aggregate_loss,
+        entropy_bonus_loss,
+        entropy_from_logits,
+        kl_from_logits,
+        kl_loss,
+        lm_nll,
+        logprobs_from_logits,
+        pairwise_rm_loss,
+        policy_loss,
+        value_loss,
+    )
+    from .metrics import RESPONSE_SUMS, response_statistics, response_sums, rollout_statistics
+    from .rewards import (
+        AdaptiveKLController,
+        KLEstimator,
+        ScoreTransform,
+        gae,
+        kl_per_token,
+        normalize_advantages,
+        reparameterize_scores,
+        token_level_rewards,
+        trainable_rows,
+    )
+    from .stats import (
+        AllReduce,
+        RunningMoments,
+        last_token_index,
+        masked_max,
+        masked_mean,
+        masked_sum,
+        masked_whiten,
+        score_token_index,
+        token_weights,
+    )
+
+# name -> the module defining it
+_MODULES = {
+    "aggregate_loss": "losses",
+    "AdvantageInputs": "estimators",
+    "advantages_of": "estimators",
+    "AdaptiveKLController": "rewards",
+    "AllReduce": "stats",
+    "KLEstimator": "rewards",
+    "RESPONSE_SUMS": "metrics",
+    "RunningMoments": "stats",
+    "ScoreTransform": "rewards",
+    "discounted_returns": "estimators",
+    "entropy_bonus_loss": "losses",
+    "entropy_from_logits": "losses",
+    "gae": "rewards",
+    "grpo_advantages": "estimators",
+    "kl_from_logits": "losses",
+    "kl_loss": "losses",
+    "kl_per_token": "rewards",
+    "last_token_index": "stats",
+    "lm_nll": "losses",
+    "logprobs_from_logits": "losses",
+    "masked_max": "stats",
+    "masked_mean": "stats",
+    "masked_sum": "stats",
+    "masked_whiten": "stats",
+    "normalize_advantages": "rewards",
+    "pairwise_rm_loss": "losses",
+    "policy_loss": "losses",
+    "reinforce_pp_advantages": "estimators",
+    "reinforce_pp_baseline_advantages": "estimators",
+    "reparameterize_scores": "rewards",
+    "response_statistics": "metrics",
+    "response_sums": "metrics",
+    "rloo_advantages": "estimators",
+    "rollout_statistics": "metrics",
+    "score_token_index": "stats",
+    "sequence_rewards": "estimators",
+    "token_level_rewards": "rewards",
+    "token_weights": "stats",
+    "trainable_rows": "rewards",
+    "value_loss": "losses",
+}
 
 __all__ = [
     "RESPONSE_SUMS",
     "AdaptiveKLController",
+    "AdvantageInputs",
     "AllReduce",
     "KLEstimator",
     "RunningMoments",
     "ScoreTransform",
+    "advantages_of",
+    "aggregate_loss",
     "discounted_returns",
     "entropy_bonus_loss",
     "entropy_from_logits",
@@ -82,6 +143,7 @@ __all__ = [
     "last_token_index",
     "lm_nll",
     "logprobs_from_logits",
+    "masked_max",
     "masked_mean",
     "masked_sum",
     "masked_whiten",
@@ -89,6 +151,7 @@ __all__ = [
     "pairwise_rm_loss",
     "policy_loss",
     "reinforce_pp_advantages",
+    "reinforce_pp_baseline_advantages",
     "reparameterize_scores",
     "response_statistics",
     "response_sums",
@@ -101,3 +164,16 @@ __all__ = [
     "trainable_rows",
     "value_loss",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load the module defining ``name`` on first use (PEP 562)."""
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MODULES))

@@ -9,6 +9,9 @@ the score plus the response's KL penalty (with ``kl_coef 0``, or the KL moved ou
 alone). With the k1 estimator ``sum_t KL_t`` is the log-ratio ``log pi(y|x) / pi_ref(y|x)`` of the whole
 response, the KL-penalised sequence reward of RLOO (Ahmadian et al. 2024).
 
+Every estimator of :data:`ppomax.algos.registry.ADVANTAGE_ESTIMATORS` is implemented here as a function of
+:class:`AdvantageInputs` returning ``(advantages, returns)`` (:func:`advantages_of` looks it up by name).
+
 Groups (GRPO, RLOO): the ``n`` responses to one prompt are ``n`` consecutive rows, so rows ``g*n .. g*n+n-1`` form
 group ``g`` (the trainer keeps them so through the buffer and the minibatches). A row without a masked token
 (a response left out of training, or an empty one) is no member of its group: the group's statistics are over
@@ -19,12 +22,14 @@ members' rewards are all equal no signal: all its advantages are 0.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .registry import ADVANTAGE_ESTIMATORS
 from .rewards import gae
-from .stats import AllReduce, _bool_mask, masked_whiten
+from .stats import AllReduce, _bool_mask, last_token_index, masked_whiten
 
 
 def sequence_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
@@ -61,7 +66,9 @@ def _on_tokens(advantages: Tensor, member: Tensor, mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def grpo_advantages(rewards: Tensor, mask: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+def grpo_advantages(
+    rewards: Tensor, mask: Tensor, group_size: int, eps: float = 1e-4, scale: bool = True
+) -> Tensor:
     """GRPO's outcome-supervised advantage (Shao et al. 2024, "DeepSeekMath", sec. 4.1.2).
 
     rewards, mask: [B, T] token-level rewards and response mask, B = G groups x ``group_size`` rows -> [B, T]
@@ -69,15 +76,21 @@ def grpo_advantages(rewards: Tensor, mask: Tensor, group_size: int, eps: float =
     response's KL penalty, see the module docstring) of the group's members 1..n:
     ``A_i = (R_i - mean(R)) / (std(R) + eps)`` on every response token of row i ("the advantages of all tokens
     in the output" are the normalised reward). ``std`` is the sample standard deviation (n - 1), as TRL's
-    GRPOTrainer computes it, and ``eps = 1e-4`` as there: the paper says neither. A group whose rewards are all
+    GRPOTrainer computes it, and ``eps = 1e-4`` as there: the paper says neither. The division makes every
+    group's advantages unit-scale whatever its spread: rewards spanning 0.003 (ties up to rounding) get
+    +-1.08 like rewards spanning 3. ``scale=False`` drops it, ``A_i = R_i - mean(R)``: Dr. GRPO (Liu et al.
+    2025, "Understanding R1-Zero-Like Training", sec. 3.1: the std favours groups whose rewards barely differ),
+    verl's ``norm_adv_by_std_in_grpo: false``, TRL's ``scale_rewards: none``. A group whose rewards are all
     equal gets advantage 0 exactly (no comparison, no signal; std 0 never divides), and so does one with fewer
     than two members.
     """
     seq, member, count, spread = _groups(rewards, mask, group_size)
     mean = seq.sum(dim=1, keepdim=True) / count.clamp(min=1)
     dev = torch.where(member, seq - mean, torch.zeros((), dtype=seq.dtype, device=seq.device))
-    std = (dev.square().sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
-    adv = torch.where(spread, dev / (std + eps), torch.zeros((), dtype=seq.dtype, device=seq.device))
+    if scale:
+        std = (dev.square().sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+        dev = dev / (std + eps)
+    adv = torch.where(spread, dev, torch.zeros((), dtype=seq.dtype, device=seq.device))
     return _on_tokens(adv, member, mask)
 
 
@@ -121,3 +134,97 @@ def reinforce_pp_advantages(
     """
     returns = discounted_returns(rewards, mask, gamma)
     return masked_whiten(returns, mask, shift_mean=True, all_reduce=all_reduce), returns
+
+
+@torch.no_grad()
+def reinforce_pp_baseline_advantages(
+    rewards: Tensor,
+    mask: Tensor,
+    scores: Tensor,
+    group_size: int,
+    gamma: float,
+    all_reduce: AllReduce | None = None,
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE++ with a baseline (Hu 2025, "REINFORCE++", arXiv 2501.03262 v9: the "w/ Baseline" variant for
+    k > 1 responses per prompt): (advantages, returns), both [B, T], no gradient.
+
+    rewards, mask: [B, T] token-level rewards (the score at the last token, ``-kl_coef * KL_t`` on every token);
+    scores: [B] the score each row's rewards carry at its last token (``final_scores``); B = G groups x
+    ``group_size`` rows. Each score is replaced by its deviation from the mean score of its group's members
+    (``s_i - mean_g(s)``), then REINFORCE++ runs on the result (:func:`reinforce_pp_advantages`: the
+    ``gamma``-discounted return whitened over every masked token of the global batch): the group mean is the
+    baseline, the global whitening the only normalisation, no division by the group's std (GRPO's). As
+    OpenRLHF's ``reinforce_baseline`` (by the paper's author), which subtracts the group mean from the reward
+    model's score before adding the per-token KL penalty; verl's ``reinforce_plus_plus_baseline`` subtracts it
+    from the whole sequence reward (score plus KL) and puts that on every token, without the return. A row
+    without a masked token is no member (its score, NaN or not, enters no mean).
+    """
+    m = _bool_mask(mask)
+    member = m.any(dim=1)
+    if group_size < 1 or member.shape[0] % group_size:
+        raise ValueError(f"{member.shape[0]} rows do not split into groups of {group_size}")
+    dtype = torch.promote_types(rewards.dtype, torch.float32)
+    s = torch.where(member, scores.to(dtype), torch.zeros((), dtype=dtype, device=scores.device))
+    grouped, members = s.view(-1, group_size), member.view(-1, group_size)
+    mean = grouped.sum(dim=1, keepdim=True) / members.sum(dim=1, keepdim=True).clamp(min=1)
+    baseline = torch.where(member, mean.expand_as(grouped).reshape(-1), torch.zeros_like(s))
+    shifted = rewards.to(dtype).scatter_add(1, last_token_index(m).unsqueeze(1), -baseline.unsqueeze(1))
+    return reinforce_pp_advantages(shifted, m, gamma, all_reduce)
+
+
+# ------------------------------------------------------------------------------------------ the registered table
+
+
+@dataclass(frozen=True)
+class AdvantageInputs:
+    """What an advantage estimator may use (each takes what it needs): token-level rewards and the response mask
+    [B, T] (:func:`ppomax.algos.token_level_rewards`), the critic's values [B, T] (None without a critic), the
+    discount ``gamma`` and GAE's ``lam``, the responses per prompt ``group_size`` (consecutive rows), and the
+    hook that sums a statistic over ranks, and the estimators' own switches."""
+
+    rewards: Tensor
+    mask: Tensor
+    values: Tensor | None = None
+    gamma: float = 1.0
+    lam: float = 1.0
+    group_size: int = 1
+    all_reduce: AllReduce | None = None
+    group_std_norm: bool = True
+    """GRPO: divide by the group's std (``ppo.group_std_norm``)."""
+    scores: Tensor | None = None
+    """[B] the score each row's rewards carry at its last token (REINFORCE++ w/ baseline centres it)."""
+
+
+def advantages_of(name: str, inputs: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    """``(advantages, returns)`` [B, T] of the registered estimator ``name`` (an unknown name is an error)."""
+    return ADVANTAGE_ESTIMATORS.function(name)(inputs)
+
+
+@ADVANTAGE_ESTIMATORS.implements("gae")
+def _gae(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    if x.values is None:
+        raise ValueError("gae needs the critic's values")
+    return gae(x.rewards, x.values, x.mask, x.gamma, x.lam)
+
+
+@ADVANTAGE_ESTIMATORS.implements("grpo")
+def _grpo(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    adv = grpo_advantages(x.rewards, x.mask, x.group_size, scale=x.group_std_norm)
+    return adv, discounted_returns(x.rewards, x.mask, x.gamma)
+
+
+@ADVANTAGE_ESTIMATORS.implements("rloo")
+def _rloo(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    return rloo_advantages(x.rewards, x.mask, x.group_size), discounted_returns(x.rewards, x.mask, x.gamma)
+
+
+@ADVANTAGE_ESTIMATORS.implements("reinforce_pp")
+def _reinforce_pp(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    return reinforce_pp_advantages(x.rewards, x.mask, x.gamma, x.all_reduce)
+
+
+@ADVANTAGE_ESTIMATORS.implements("reinforce_pp_baseline")
+def _reinforce_pp_baseline(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    if x.scores is None:
+        raise ValueError("reinforce_pp_baseline needs the scores at the last token")
+    return reinforce_pp_baseline_advantages(x.rewards, x.mask, x.scores, x.group_size, x.gamma, x.all_reduce)

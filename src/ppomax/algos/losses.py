@@ -2,22 +2,56 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from .registry import LOSS_AGGREGATIONS
 from .rewards import KLEstimator, kl_per_token
-from .stats import _bool_mask, masked_mean, masked_sum
+from .stats import _bool_mask, masked_max, masked_mean, masked_sum
 
 
-def _masked_max(x: Tensor, mask: Tensor) -> Tensor:
-    m = _bool_mask(mask)
-    # No `if m.any()`: that would force a device sync on every call.
-    top = torch.where(m, x, torch.full((), -math.inf, dtype=x.dtype, device=x.device)).max()
-    return torch.where(m.any(), top, torch.zeros((), dtype=x.dtype, device=x.device))
+def aggregate_loss(
+    per_token: Tensor, mask: Tensor, aggregation: str = "token_mean", horizon: int | None = None
+) -> Tensor:
+    """A per-token loss [B, T] reduced to a scalar over ``mask``'s tokens as ``aggregation`` (a name of
+    :data:`ppomax.algos.registry.LOSS_AGGREGATIONS`; verl's ``agg_loss`` spells them with dashes):
+
+    - ``token_mean``: ``sum_{i,t} l_it / sum_i |o_i|``, every token of the batch alike (MOSS-RLHF code's PPO;
+      DAPO's "token-level policy gradient loss");
+    - ``seq_mean_token_mean``: ``1/G sum_i 1/|o_i| sum_t l_it``, each response alike whatever its length
+      (DeepSeekMath eq. 3's GRPO objective);
+    - ``seq_mean_token_sum_norm``: ``1/G sum_i 1/L sum_t l_it`` with the constant ``L = horizon`` (the
+      generation's max_new_tokens): Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"), which
+      removes eq. 3's length normalisation. (verl divides the batch's sum by the response width instead: the
+      same direction, G times larger.)
+
+    G counts the rows with at least one masked token: a row without any is in no mean.
+    """
+    return LOSS_AGGREGATIONS.function(aggregation)(per_token, mask, horizon)
+
+
+@LOSS_AGGREGATIONS.implements("token_mean")
+def _token_mean(per_token: Tensor, mask: Tensor, horizon: int | None) -> Tensor:
+    return masked_mean(per_token, mask)
+
+
+def _mean_over_responses(per_response: Tensor, mask: Tensor) -> Tensor:
+    return masked_mean(per_response, _bool_mask(mask).any(dim=1))
+
+
+@LOSS_AGGREGATIONS.implements("seq_mean_token_mean")
+def _seq_mean_token_mean(per_token: Tensor, mask: Tensor, horizon: int | None) -> Tensor:
+    return _mean_over_responses(masked_mean(per_token, mask, dim=1), mask)
+
+
+@LOSS_AGGREGATIONS.implements("seq_mean_token_sum_norm")
+def _seq_mean_token_sum_norm(per_token: Tensor, mask: Tensor, horizon: int | None) -> Tensor:
+    if horizon is None or horizon < 1:
+        raise ValueError(f"seq_mean_token_sum_norm needs the constant length it divides by; got {horizon!r}")
+    return _mean_over_responses(masked_sum(per_token, mask, dim=1) / horizon, mask)
 
 
 def policy_loss(
@@ -28,6 +62,8 @@ def policy_loss(
     clip_ratio: float | None,
     max_log_ratio: float = 20.0,
     dual_clip: float | None = None,
+    aggregation: str = "token_mean",
+    horizon: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate (paper eq. 15, app. C.1), negated for minimisation, optionally dual-clipped.
 
@@ -38,7 +74,8 @@ def policy_loss(
     backward makes the whole gradient NaN (even from a padded position). The bound (e^20 ~ 5e8) is far
     outside any ratio the clip lets through, so the objective is exact wherever it was finite; a clamped
     token carries no gradient and is counted in ``ratio_clamped``.
-    ``loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))`` over masked tokens.
+    ``loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))`` over masked tokens, the mean
+    being ``aggregation``'s (:func:`aggregate_loss`; ``horizon`` its constant length).
     clip_ratio=None gives the unclipped surrogate ``mean_t -A_t * ratio_t``. old_logprobs and advantages
     are detached: no gradient flows into them.
 
@@ -77,7 +114,7 @@ def policy_loss(
         binds = negative & (bound < per_token)
         per_token = torch.where(negative, torch.minimum(per_token, bound), per_token)
         dual_frac = masked_mean(binds.to(ratio.dtype), mask).detach()
-    loss = masked_mean(per_token, mask)
+    loss = aggregate_loss(per_token, mask, aggregation, horizon)
     with torch.no_grad():
         metrics = {
             "pg_loss": loss.detach(),
@@ -85,22 +122,29 @@ def policy_loss(
             "dual_clip_frac": dual_frac,
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
             "ratio_mean": masked_mean(ratio, mask),
-            "ratio_max": _masked_max(ratio, mask),
+            "ratio_max": masked_max(ratio, mask),
             "ratio_clamped": masked_sum((raw_log_ratio.abs() > max_log_ratio).to(ratio.dtype), mask),
         }
     return loss, metrics
 
 
 def kl_loss(
-    logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, kl_coef: float, estimator: KLEstimator
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    estimator: KLEstimator,
+    clamp: float | None = None,
+    aggregation: str = "token_mean",
+    horizon: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """KL to the reference as a loss term instead of a reward penalty (``ppo.kl_in: loss``).
 
     logprobs: [B, T] log pi_theta(y_t) with gradient, of tokens sampled from the rollout's policy;
     ref_logprobs: [B, T] of the reference (detached); mask: [B, T].
-    ``loss = kl_coef * masked_mean(k(logprobs, ref_logprobs))`` with the per-token estimator k of
-    :func:`ppomax.algos.kl_per_token` (Schulman 2020, "Approximating KL divergence"), a token mean like the
-    surrogate's. GRPO (Shao et al. 2024, "DeepSeekMath", eq. 3-4) subtracts ``beta * D_KL`` from its
+    ``loss = kl_coef * mean_t k(logprobs, ref_logprobs)`` with the per-token estimator k of
+    :func:`ppomax.algos.kl_per_token` (Schulman 2020, "Approximating KL divergence"), the mean being the
+    surrogate's (``aggregation``, :func:`aggregate_loss`: eq. 3 puts the KL inside GRPO's per-response mean). GRPO (Shao et al. 2024, "DeepSeekMath", eq. 3-4) subtracts ``beta * D_KL`` from its
     objective per token, with eq. 4's k3 ``ref/pi - log(ref/pi) - 1`` between the current policy and the
     reference on tokens from the old policy (no importance weight on this term).
 
@@ -116,14 +160,14 @@ def kl_loss(
       covering the reference's mass.
 
     Off the sampling policy (later epochs or minibatches) these hold approximately. A token the reference
-    finds far likelier than the policy gives k3 an exponentially large value (no clamp, as in the reward);
-    a non-finite loss skips the step like any other.
+    finds far likelier than the policy gives k3 an exponentially large value (no clamp, as in the reward, unless
+    ``clamp``: see :func:`ppomax.algos.kl_per_token`); a non-finite loss skips the step like any other.
 
-    Metrics: kl_loss (the term, kl_coef included), kl_mean (the masked mean of the estimator).
+    Metrics: kl_loss (the term, kl_coef included), kl_mean (the token mean of the estimator).
     """
-    mean = masked_mean(kl_per_token(logprobs, ref_logprobs.detach(), estimator), mask)
-    loss = kl_coef * mean
-    return loss, {"kl_loss": loss.detach(), "kl_mean": mean.detach()}
+    per_token = kl_per_token(logprobs, ref_logprobs.detach(), estimator, clamp)
+    loss = kl_coef * aggregate_loss(per_token, mask, aggregation, horizon)
+    return loss, {"kl_loss": loss.detach(), "kl_mean": masked_mean(per_token.detach(), mask)}
 
 
 def value_loss(
@@ -193,12 +237,17 @@ def kl_from_logits(logits: Tensor, ref_logits: Tensor) -> Tensor:
 
 
 def entropy_bonus_loss(
-    entropy: Tensor, mask: Tensor, coef: float, clip: float | None
+    entropy: Tensor,
+    mask: Tensor,
+    coef: float,
+    clip: float | None,
+    aggregation: str = "token_mean",
+    horizon: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Entropy bonus with a clip region (paper 5.3.2, app. B.3).
 
     entropy: [B, T] per-token entropy (with gradient); mask: [B, T].
-    ``loss = -coef * masked_mean(clamp(entropy, max=clip))``. Minimising it raises entropy, but once a
+    ``loss = -coef * mean_t clamp(entropy, max=clip)`` (the surrogate's mean, ``aggregation``). Minimising it raises entropy, but once a
     token's entropy exceeds `clip` the clamp stops its gradient, so the bonus cannot blow the entropy
     up (the failure mode of fig. 16). The clip is per token (not on the mean) so that high-entropy tokens
     cannot pay for collapsed ones. clip=None is the plain, unbounded bonus; coef=0 turns it off.
@@ -207,7 +256,7 @@ def entropy_bonus_loss(
     above the clip).
     """
     clipped = entropy if clip is None else entropy.clamp(max=clip)
-    loss = -coef * masked_mean(clipped, mask)
+    loss = -coef * aggregate_loss(clipped, mask, aggregation, horizon)
     with torch.no_grad():
         frac = (
             torch.zeros((), dtype=entropy.dtype, device=entropy.device)

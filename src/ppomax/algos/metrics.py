@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .stats import AllReduce, masked_mean
+from .stats import AllReduce, masked_max, masked_mean
 
 
 def rollout_statistics(
@@ -32,6 +32,8 @@ def rollout_statistics(
     running_mean: float,
     running_std: float,
     all_reduce: AllReduce | None = None,
+    kl_clamp: float | None = None,
+    exact_kl: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Paper 5.2's monitoring metrics of one PPO buffer (rows [B], tokens [B, R] under ``response_mask``).
 
@@ -60,6 +62,7 @@ def rollout_statistics(
         "reward/final_mean": masked_mean(final_scores, trained, all_reduce=ar),
         "kl/per_token": masked_mean(kl, mask, all_reduce=ar),
         "kl/per_sequence": masked_mean(kl.sum(dim=1), rows, all_reduce=ar),
+        "kl/estimator_max": masked_max(kl, mask),
         "ppl/policy": torch.exp(-masked_mean(raw_logprobs, mask, all_reduce=ar)),
         "ppl/reference": torch.exp(-masked_mean(ref_raw_logprobs, mask, all_reduce=ar)),
         "response/length_mean": masked_mean(mask.sum(dim=1).float(), rows, all_reduce=ar),
@@ -69,6 +72,13 @@ def rollout_statistics(
         "advantages/mean": masked_mean(advantages, train_mask, all_reduce=ar),
         "nonfinite/samples_count": (~trained).sum().float(),
     }
+    if exact_kl is not None:
+        out["kl/exact_per_token"] = masked_mean(exact_kl, mask, all_reduce=ar)
+        out["kl/exact_per_sequence"] = masked_mean(
+            torch.where(mask, exact_kl, torch.zeros((), dtype=exact_kl.dtype)).sum(dim=1), rows, all_reduce=ar
+        )
+    if kl_clamp is not None:
+        out["kl/estimator_clamped_count"] = (mask & (kl.abs() > kl_clamp)).sum().float()
     for name, s in score_parts.items():
         out[f"reward/{name}_mean"] = masked_mean(s, torch.isfinite(s), all_reduce=ar)
     return out

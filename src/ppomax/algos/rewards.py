@@ -8,33 +8,56 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .registry import KL_ESTIMATORS
 from .stats import AllReduce, _bool_mask, last_token_index, masked_whiten
 
-KLEstimator = Literal["k1", "k2", "k3"]
+KLEstimator = str  # a name of KL_ESTIMATORS
 
 
-def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = "k1") -> Tensor:
+# verl's low_var_kl bounds the log-ratio before its exp: k3 and its gradient stay finite in float32 (exp
+# overflows past 88.7) wherever a clamp is asked for.
+CLAMP_LOG_RATIO = 20.0
+
+
+def kl_per_token(
+    logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = "k1", clamp: float | None = None
+) -> Tensor:
     """Per-token estimate of KL(pi || ref) from tokens sampled from pi (paper eq. 3 / 19).
 
     logprobs, ref_logprobs: [B, T] log pi(y_t) and log ref(y_t) of the sampled tokens -> [B, T].
     Schulman's estimators ("Approximating KL divergence", 2020) with r = ref(y) / pi(y), y ~ pi, i.e.
-    log r = ref_logprobs - logprobs:
+    log r = ref_logprobs - logprobs, each registered in :data:`ppomax.algos.registry.KL_ESTIMATORS`:
 
     - k1 = -log r = logprobs - ref_logprobs      (unbiased, high variance, can be negative per token)
     - k2 = (log r)^2 / 2                          (biased, low variance, >= 0; exact to second order)
     - k3 = (r - 1) - log r                        (unbiased, low variance, >= 0)
 
-    E_pi[k1] = E_pi[k3] = KL(pi || ref). No clamping: with k3 a token where ref is far more likely than pi
-    gives a large (exp) value, which is the honest estimate.
+    E_pi[k1] = E_pi[k3] = KL(pi || ref). ``clamp=None`` (ours, as paper eq. 19): no clamping; with k3 a token
+    where ref is far more likely than pi gives a large (exp) value, the honest estimate: 142 at log r = 5, and
+    inf in float32 past log r = 88.7. ``clamp=c`` bounds the estimate to [-c, c] after bounding log r to
+    +-:data:`CLAMP_LOG_RATIO`, as verl's ``low_var_kl`` (c = 10 there): biased, finite, and a clamped token
+    carries no gradient.
     """
     log_r = ref_logprobs - logprobs
-    if estimator == "k1":
-        return -log_r
-    if estimator == "k2":
-        return 0.5 * log_r.square()
-    if estimator == "k3":
-        return torch.expm1(log_r) - log_r
-    raise ValueError(f"unknown kl_estimator {estimator!r}; expected 'k1', 'k2' or 'k3'")
+    if clamp is None:
+        return KL_ESTIMATORS.function(estimator)(log_r)
+    est = KL_ESTIMATORS.function(estimator)(log_r.clamp(-CLAMP_LOG_RATIO, CLAMP_LOG_RATIO))
+    return est.clamp(-clamp, clamp)
+
+
+@KL_ESTIMATORS.implements("k1")
+def _k1(log_r: Tensor) -> Tensor:
+    return -log_r
+
+
+@KL_ESTIMATORS.implements("k2")
+def _k2(log_r: Tensor) -> Tensor:
+    return 0.5 * log_r.square()
+
+
+@KL_ESTIMATORS.implements("k3")
+def _k3(log_r: Tensor) -> Tensor:
+    return torch.expm1(log_r) - log_r
 
 
 def token_level_rewards(scores: Tensor, kl: Tensor, response_mask: Tensor, kl_coef: float) -> Tensor:

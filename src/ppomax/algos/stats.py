@@ -63,6 +63,14 @@ def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return x.sum() if dim is None else x.sum(dim=dim)
 
 
+def masked_max(x: Tensor, mask: Tensor) -> Tensor:
+    """Largest ``x`` where ``mask`` is set (a scalar; 0 when nothing is), without a host sync (no ``if
+    mask.any()``)."""
+    m = _bool_mask(mask)
+    top = torch.where(m, x, torch.full((), -math.inf, dtype=x.dtype, device=x.device)).max()
+    return torch.where(m.any(), top, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _sum_and_count(
     x: Tensor, mask: Tensor, dim: int | None, all_reduce: AllReduce | None
 ) -> tuple[Tensor, Tensor]:

@@ -61,8 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--only",
         nargs="+",
         metavar="NAME",
-        help="only these variants (names, or figures: fig6 fig7 fig8 fig12, or the group estimators, which "
-        "includes ppo_max)",
+        help="only these variants (names, or figures: fig6 fig7 fig8 fig12, or the groups estimators (with "
+        "ppo_max), causes (with grpo and rloo), whitening (with ppo_max) and monitor)",
     )
     p.add_argument(
         "--jobs",

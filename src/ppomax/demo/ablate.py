@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ppomax.demo.ablate_report import ESTIMATORS, PROBE_STAGE
+from ppomax.demo.ablate_report import CAUSES, ESTIMATORS, MONITOR, PROBE_STAGE, WHITENING
 from ppomax.demo.pipeline import PPO_RUNS, Pipeline, base_stages, ppo_stage
 from ppomax.demo.profiles import PROFILES, DemoProfile
 from ppomax.errors import UserError
@@ -84,14 +84,25 @@ VARIANTS: tuple[Variant, ...] = (
         "reward normalisation + clipping, relaxed bound delta = 0.8 (eq. 18)",
     ),
     Variant(
-        "adv_norm", "fig. 6", "vanilla", ("ppo.advantage_norm=true",), "advantage normalisation (minibatch)"
+        "adv_norm",
+        "fig. 6",
+        "vanilla",
+        ("ppo.advantage_norm=true",),
+        "advantage normalisation (minibatch) without a clip (ours: not one of fig. 6's curves)",
+    ),
+    Variant(
+        "adv_norm_0.5",
+        "fig. 6",
+        "vanilla",
+        ("ppo.advantage_norm=true", "ppo.advantage_clip=0.5"),
+        "advantage normalisation + clipping at delta = 0.5 (fig. 6)",
     ),
     Variant(
         "adv_norm_0.12",
         "fig. 6",
         "vanilla",
         ("ppo.advantage_norm=true", "ppo.advantage_clip=0.12"),
-        "advantage normalisation + clipping at delta = 0.12",
+        "advantage normalisation + clipping at delta = 0.12 (fig. 6)",
     ),
     # fig. 7: policy constraints (paper 5.3.2)
     Variant("kl_penalty", "fig. 7", "vanilla", (KL_ON,), "token-level KL penalty (eq. 19)", quick=True),
@@ -99,8 +110,9 @@ VARIANTS: tuple[Variant, ...] = (
         "entropy_bonus",
         "fig. 7",
         "vanilla",
-        ("ppo.entropy_coef=0.01",),
-        "entropy bonus, coefficient 0.01 (ours: the paper gives no number in 5.3.2)",
+        ("ppo.entropy_coef=0.01", "ppo.entropy_clip=30"),
+        "entropy bonus with the paper's coefficient 0.01 and clip delta = 30 (fig. 16's caption and legend; a "
+        "token's entropy is at most ln 1024 = 6.9 nats here, so the clip never binds)",
     ),
     Variant(
         "reference_as_old",
@@ -186,10 +198,109 @@ VARIANTS: tuple[Variant, ...] = (
         (KL_ON,),
         "REINFORCE++ (Hu 2025): token-level KL reward, global-batch advantage normalisation, no critic",
     ),
+    Variant(
+        "reinforce_pp_baseline",
+        ESTIMATORS,
+        "reinforce_pp_baseline",
+        (KL_ON,),
+        "REINFORCE++ w/ baseline (Hu 2025): the group's mean score subtracted, then REINFORCE++, 4 samples",
+    ),
+    # beyond the paper: what makes GRPO differ from RLOO. GRPO's preset differs from RLOO's in the division by the
+    # group's std, where the KL acts (a loss) and by which estimator (k3), the reward normalisation (off) and the
+    # loss aggregation (per response); each variant moves one of them to the other side, so that the paired
+    # difference to its preset (same seed) is that cause's effect.
+    Variant(
+        "grpo_kl_reward_k1",
+        CAUSES,
+        "grpo",
+        (KL_ON, "ppo.kl_in=reward", "ppo.kl_estimator=k1"),
+        "GRPO with RLOO's KL: in the reward, by k1",
+    ),
+    Variant(
+        "rloo_kl_loss_k3",
+        CAUSES,
+        "rloo",
+        (KL_ON, "ppo.kl_in=loss", "ppo.kl_estimator=k3"),
+        "RLOO with GRPO's KL: a k3 loss term",
+    ),
+    Variant(
+        "grpo_no_std",
+        CAUSES,
+        "grpo",
+        (KL_ON, "ppo.group_std_norm=false"),
+        "GRPO without the division by the group's std (Dr. GRPO's advantage)",
+    ),
+    Variant(
+        "grpo_token_mean",
+        CAUSES,
+        "grpo",
+        (KL_ON, "ppo.loss_aggregation=token_mean"),
+        "GRPO with RLOO's (and the earlier runs') token-mean loss instead of eq. 3's per-response mean",
+    ),
+    Variant(
+        "grpo_reward_norm",
+        CAUSES,
+        "grpo",
+        (KL_ON, "ppo.reward_norm=true", "ppo.reward_clip=5"),
+        "GRPO with RLOO's (PPO-max's) reward normalisation and clip",
+    ),
+    # ours: PPO-max with minibatch advantage whitening, which the paper's PPO-max does not use (ppo_max above is
+    # the comparison's baseline)
+    Variant(
+        "ppo_max_adv_norm",
+        WHITENING,
+        "ppo_max",
+        ("ppo.advantage_norm=true",),
+        "PPO-max plus minibatch advantage whitening (ours, not the paper's PPO-max)",
+    ),
+    # The collapse monitor out of sample: hard runs its thresholds were not chosen on. KL-penalised runs that may
+    # still over-optimise at the demo's learning rate (profiles.py: 0.05 and 0.2 let PPO-max drift into the RM's
+    # length bias), shorter and longer answers, slower and faster learning. Judged by `ablate_report.
+    # monitor_evidence` with the estimators' runs, the other out-of-sample set.
+    Variant(
+        "mon_kl_0.05", MONITOR, "ppo_max", ("ppo.kl_coef=0.05",), "PPO-max with the paper's KL coefficient"
+    ),
+    Variant("mon_kl_0.1", MONITOR, "ppo_max", ("ppo.kl_coef=0.1",), "PPO-max with KL coefficient 0.1"),
+    Variant("mon_kl_0.2", MONITOR, "ppo_max", ("ppo.kl_coef=0.2",), "PPO-max with KL coefficient 0.2"),
+    Variant(
+        "mon_short",
+        MONITOR,
+        "vanilla",
+        ("generation.max_new_tokens=20",),
+        "vanilla PPO, answers of <= 20 tokens",
+    ),
+    Variant(
+        "mon_long",
+        MONITOR,
+        "vanilla",
+        ("generation.max_new_tokens=80",),
+        "vanilla PPO, answers of <= 80 tokens",
+    ),
+    Variant(
+        "mon_long_kl_0.1",
+        MONITOR,
+        "ppo_max",
+        ("ppo.kl_coef=0.1", "generation.max_new_tokens=80"),
+        "PPO-max with KL coefficient 0.1, answers of <= 80 tokens",
+    ),
+    Variant(
+        "mon_slow_lr",
+        MONITOR,
+        "vanilla",
+        ("optim.policy_lr=3e-5",),
+        "vanilla PPO at a third of the learning rate",
+    ),
+    Variant(
+        "mon_fast_lr",
+        MONITOR,
+        "ppo_max",
+        ("optim.policy_lr=3e-4",),
+        "PPO-max (KL coefficient 0.5) at three times the learning rate",
+    ),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 # What a group of variants is compared against: `--only GROUP` runs it too (the group's report needs it).
-COMPARED_WITH = {ESTIMATORS: ("ppo_max",)}
+COMPARED_WITH = {ESTIMATORS: ("ppo_max",), CAUSES: ("grpo", "rloo"), WHITENING: ("ppo_max",)}
 # the demo's own stage names for its two runs: an ablation into a demo's directory reuses them
 STAGE_NAMES = {v.name: PPO_RUNS.get(v.name, f"ppo_{v.name}") for v in VARIANTS}
 
@@ -355,13 +466,19 @@ def run_variant(
 
 
 def comparison(variants: Sequence[Variant]) -> list[str]:
-    """The methods of the estimators comparison among ``variants``, baseline first: none unless an estimator of
-    the group is among them (then its baseline too, when it is)."""
-    group = [v.name for v in variants if v.figure == ESTIMATORS]
+    """The methods of the estimators comparison among ``variants``, baseline first: none unless an estimator (or
+    one of the causes' variants) is among them (then its baseline too, when it is)."""
+    group = [v.name for v in variants if v.figure in (ESTIMATORS, CAUSES)]
     if not group:
         return []
     chosen = {v.name for v in variants}
     return [b for b in COMPARED_WITH[ESTIMATORS] if b in chosen] + group
+
+
+def probed(compare: Sequence[str]) -> list[str]:
+    """The methods of the comparison whose memory is probed: the shipped presets (a cause's variant costs what its
+    preset does)."""
+    return [n for n in compare if BY_NAME[n].figure != CAUSES]
 
 
 # Policy iterations of a memory probe: enough for the first updates to allocate the optimisers' states (each later
@@ -578,7 +695,7 @@ def run_ablate(
         raise UserError(f"--report-only --out {out}: no such directory (the ablation's output directory)")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    total = 5 + len(variants) + len(compare)
+    total = 5 + len(variants) + len(probed(compare))
     tasks = [(seed, i, v) for seed in seeds for i, v in enumerate(variants, 6)]
     done: list[dict[str, Any]] = []
     if report_only:
@@ -604,7 +721,7 @@ def run_ablate(
             log(f"seed {seed}: variant {v.name} ({v.figure}: {v.what})")
             done.append(run_variant(out, seed, v, prof, progress, log, i, total, caches.setdefault(seed, {})))
     for seed in [] if report_only else seeds:
-        for i, name in enumerate(compare, 6 + len(variants)):
+        for i, name in enumerate(probed(compare), 6 + len(variants)):
             log(f"seed {seed}: memory probe of {name}")
             probe_stage(out, seed, BY_NAME[name], prof, log, i, total)
     wall = time.perf_counter() - t0

@@ -6,8 +6,11 @@ Every criterion is a plain function of a run's ``metrics.jsonl`` records (policy
 
 * :func:`run_numbers`: fig. 4's panels' start / peak / end (:func:`ppomax.demo.report.run_trajectories`), the
   early-training numbers (first half of the run), over-optimisation and collapse, the step gold started to fall,
-  the collapse monitor's first firing (as logged, and replayed with the rule before and after issue 13).
-* :func:`verdicts`: the claims of the paper's fig. 6, 7, 8 and 12 and the demo's two, each decided on the seeds.
+  the collapse monitor's first firing (as logged, and replayed with the paper's signature alone and with drift).
+* :func:`verdicts`: the claims of the paper's fig. 6, 7, 8 and 12 and the demo's two, each decided on the seeds by a
+  paired test (:func:`paired`): reproduced, not reproduced, or within the seeds' noise.
+* :func:`monitor_evidence`: the collapse monitor's rules (:data:`MONITOR_RULES`) against the gold truth, in and out
+  of the sample its thresholds were chosen on, with their lead on gold's fall.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -115,22 +118,103 @@ def early(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def replay_monitor(records: Sequence[dict[str, Any]], drift: bool) -> int | None:
+def replay_monitor(records: Sequence[dict[str, Any]], drift: bool) -> Fired:
     """The first step the collapse monitor fires on these records, with the default thresholds, with
-    (``drift``: the rule since issue 13) or without (the paper's joint signature only, the rule before) drift."""
-    from ppomax.collapse import KL, LENGTH, PPL, REWARD, CollapseMonitor
+    (``drift``: the library's rule) or without (the paper's joint signature only) drift.
+    The monitor reads the exact KL where the run logged it (:func:`ppomax.collapse.kl_of`)."""
     from ppomax.config import CollapseConfig
 
     c = CollapseConfig()
-    mon = CollapseMonitor(
-        c.window, c.length_ratio, c.ppl_ratio, c.kl_per_token, c.drift_kl_per_token if drift else None
-    )
+    return _replay(records, c.drift_kl_per_token if drift else None)
+
+
+NA = "n/a"  # a rule that cannot be replayed on a run (it logged no exact KL)
+Fired = int | str | None  # the step a rule fired at, None (never) or NA
+
+
+def _replay(
+    records: Sequence[dict[str, Any]],
+    drift: float | None,
+    kl_per_token: float | None = None,
+    kl: str | None = None,
+) -> Fired:
+    """The first step :class:`ppomax.collapse.CollapseMonitor` (default window and signature thresholds, drift at
+    ``drift``) fires on the records; ``kl``: the record key it reads as the KL instead of its own choice (:data:`NA`
+    when the run did not log it); ``kl_per_token``: the signature's KL threshold (inf: drift alone)."""
+    from ppomax.collapse import EXACT_KL, KL, LENGTH, PPL, REWARD, CollapseMonitor
+    from ppomax.config import CollapseConfig
+
+    c = CollapseConfig()
+    sig_kl = c.kl_per_token if kl_per_token is None else kl_per_token
+    mon = CollapseMonitor(c.window, c.length_ratio, c.ppl_ratio, sig_kl, drift)
+    if kl is not None and not all(kl in r for r in records if KL in r):
+        return NA
     for r in records:
         if not all(k in r for k in (KL, LENGTH, PPL, REWARD)):
             continue
-        if mon.update(int(r["step"]), r) is not None:
+        point = dict(r)
+        if kl is not None:
+            point.pop(EXACT_KL, None)
+            point[KL] = r[kl]
+        if mon.update(int(r["step"]), point) is not None:
             return int(r["step"])
     return None
+
+
+def _first(*steps: Fired) -> Fired:
+    if NA in steps:
+        return NA
+    real = [s for s in steps if isinstance(s, int)]
+    return min(real) if real else None
+
+
+def _trend_rule(records: Sequence[dict[str, Any]], floor: float = 0.02, windows: int = 3) -> Fired:
+    """Candidate (replayed only): the signature, or the exact KL per token rising from each of ``windows``
+    consecutive windows to the next (window = ``collapse.window`` policy iterations) and at least ``floor``, with
+    the reward above its baseline: the KL's trend rather than its level."""
+    from ppomax.collapse import EXACT_KL, KL, REWARD
+    from ppomax.config import CollapseConfig
+
+    w = CollapseConfig().window
+    pts = [r for r in records if KL in r and REWARD in r]  # the policy iterations, as the monitor sees them
+    if not pts or any(EXACT_KL not in r for r in pts):
+        return NA
+    fired = None
+    for i in range(w + windows * w, len(pts) + 1):
+        means = [
+            fmean(p[EXACT_KL] for p in pts[i - (k + 1) * w : i - k * w]) for k in reversed(range(windows))
+        ]
+        base = fmean(p[REWARD] for p in pts[:w])
+        now = fmean(p[REWARD] for p in pts[i - w : i])
+        if all(a < b for a, b in itertools.pairwise(means)) and means[-1] >= floor and now > base:
+            fired = int(pts[i - 1]["step"])
+            break
+    return _first(_replay(records, None), fired)
+
+
+# The collapse monitor's rules replayed on every run, the library's first: its default (drift 0.15 nats/token on
+# the exact KL where logged), the paper's signature alone, the drift rule as first chosen (on the estimator's KL),
+# and candidates for an out-of-sample campaign to choose from (`ppomax ablate --only monitor estimators causes`):
+# other absolute levels on the exact KL, per response instead of per token, and the KL's trend. A rule a run
+# cannot be replayed with (no exact KL logged) is left out of that run's counts.
+MONITOR_RULES: dict[str, Callable[[Sequence[dict[str, Any]]], Fired]] = {
+    "library (drift 0.15/token, exact KL where logged)": lambda r: replay_monitor(r, drift=True),
+    "signature only (paper 5.2)": lambda r: replay_monitor(r, drift=False),
+    "drift 0.15/token on the estimator's KL (as first chosen)": lambda r: _replay(r, 0.15, kl="kl/per_token"),
+    **{
+        f"drift {t}/token on the exact KL": (lambda r, t=t: _replay(r, t, kl="kl/exact_per_token"))
+        for t in (0.03, 0.05, 0.1, 0.15)
+    },
+    **{
+        f"drift {s}/response on the exact KL": (
+            lambda r, s=s: _first(
+                _replay(r, None), _replay(r, s, kl_per_token=float("inf"), kl="kl/exact_per_sequence")
+            )
+        )
+        for s in (0.5, 1.0)
+    },
+    "trend: exact KL rising over 3 windows, >= 0.02/token": _trend_rule,
+}
 
 
 def run_numbers(
@@ -149,7 +233,9 @@ def run_numbers(
         "monitor_logged": first_collapse_step(records),
         "monitor_before": replay_monitor(records, drift=False),
         "monitor_after": replay_monitor(records, drift=True),
+        "monitor_rules": {name: rule(records) for name, rule in MONITOR_RULES.items()},
         "win_tie_lose": [wtl["win"], wtl["tie"], wtl["lose"]],
+        "gold_end": tr["gold"]["end"],
         "eval_gold_policy": ev["judges"]["gold"]["mean_policy"],
         "eval_gold_sft": ev["judges"]["gold"]["mean_baseline"],
         "eval_kl_per_token": ev["policy"].get("kl_per_token"),
@@ -171,6 +257,59 @@ def _mean(xs: Sequence[Any]) -> float:
 
 def _majority(flags: Sequence[bool]) -> bool:
     return sum(flags) * 2 > len(flags)
+
+
+# One-sided 95% quantiles of Student's t by degrees of freedom: a paired difference over n seeds is decided when
+# its t statistic passes the quantile of n - 1 (with 3 seeds, t >= 2.92: a sign on 3 seeds alone is no verdict).
+T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812}
+HOLDS, FAILS, NOISE, CONTEXT = "holds", "fails", "within noise", "context"
+MORE_SEEDS = "--seeds 1 2 3 4 5"  # what a verdict within the noise asks for
+
+
+def paired(xs: Sequence[Any], ys: Sequence[Any], better: str = "higher") -> dict[str, Any]:
+    """The paired difference of ``xs`` against ``ys`` (the same seeds, in order), signed so that positive means
+    ``xs`` is better (``better``: higher or lower), and its one-sided paired t-test at 95%: ``decision`` is
+    :data:`HOLDS` (better beyond the seed-to-seed noise), :data:`FAILS` (worse beyond it) or :data:`NOISE`.
+    Seeds where either side is missing are dropped; one seed decides nothing."""
+    sign = 1.0 if better == "higher" else -1.0
+    d = [
+        sign * (float(x) - float(y))
+        for x, y in zip(xs, ys, strict=True)
+        if _num(x) is not None and _num(y) is not None
+    ]
+    n = len(d)
+    out: dict[str, Any] = {"n": n, "diffs": d, "mean": fmean(d) if d else float("nan"), "sd": 0.0, "t": None}
+    if n < 2:
+        out["decision"] = NOISE
+        return out
+    sd = (sum((x - out["mean"]) ** 2 for x in d) / (n - 1)) ** 0.5
+    out["sd"] = sd
+    crit = T95.get(n - 1, 1.645)
+    if sd == 0:
+        out["decision"] = HOLDS if out["mean"] > 0 else FAILS if out["mean"] < 0 else NOISE
+        return out
+    out["t"] = out["mean"] / (sd / n**0.5)
+    out["decision"] = HOLDS if out["t"] >= crit else FAILS if out["t"] <= -crit else NOISE
+    return out
+
+
+def unanimous(flags: Sequence[bool]) -> str:
+    """A yes/no comparison over seeds: :data:`HOLDS` when every seed says yes, :data:`FAILS` when most say no,
+    else :data:`NOISE`."""
+    if flags and all(flags):
+        return HOLDS
+    return FAILS if sum(not f for f in flags) * 2 > len(flags) else NOISE
+
+
+def combine(decisions: Sequence[str]) -> str:
+    """A claim's verdict from its comparisons (context lines aside): reproduced when every one holds, not
+    reproduced when one fails, else within the noise."""
+    ds = [d for d in decisions if d != CONTEXT]
+    if ds and all(d == HOLDS for d in ds):
+        return "reproduced"
+    if any(d == FAILS for d in ds):
+        return "not reproduced"
+    return f"within noise (run {MORE_SEEDS})"
 
 
 def _per_seed(nums: dict[str, dict[int, dict[str, Any]]], name: str, key: str) -> list[Any]:
@@ -195,26 +334,26 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
         seeds = set.intersection(*(set(nums[n]) for n in names))
         return sorted(seeds)
 
-    def cmp(a: str, b: str, key: str, better: str = "lower") -> tuple[bool, str]:
+    def cmp(a: str, b: str, key: str, better: str = "lower") -> tuple[str, str]:
         seeds = common(a, b)
         va = [nums[a][s].get(key) for s in seeds]
         vb = [nums[b][s].get(key) for s in seeds]
-        ok = [
-            (x < y if better == "lower" else x > y)
-            for x, y in zip(va, vb, strict=True)
-            if isinstance(x, int | float) and isinstance(y, int | float)
-        ]
-        return _majority(ok), f"{key} {a} {_list(va)} vs {b} {_list(vb)} (seeds {'/'.join(map(str, seeds))})"
+        p = paired(va, vb, better)
+        t = "n/a" if p["t"] is None else f"{p['t']:.2f}"
+        return p["decision"], (
+            f"{key} {a} {_list(va)} vs {b} {_list(vb)} (seeds {'/'.join(map(str, seeds))}; {better} is better, "
+            f"paired difference {_f(p['mean'], '+.3f')} ± {_f(p['sd'], '.3f')} sd, t {t}: {p['decision']})"
+        )
 
-    def verdict(claim: str, figure: str, checks: list[tuple[bool, str]], explain: str) -> None:
-        ok = all(c[0] for c in checks)
+    def verdict(claim: str, figure: str, checks: list[tuple[str, str]], explain: str) -> None:
+        result = combine([c[0] for c in checks])
         out.append(
             {
                 "claim": claim,
                 "figure": figure,
-                "verdict": "reproduced" if ok else "not reproduced",
+                "verdict": result,
                 "numbers": "; ".join(c[1] for c in checks),
-                "explanation": "" if ok else explain,
+                "explanation": explain if result == "not reproduced" else "",
             }
         )
 
@@ -230,8 +369,9 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
             }
         )
 
-    # (a) fig. 6
-    names = ("vanilla", "reward_norm_0.3", "reward_norm_0.8", "adv_norm")
+    # (a) fig. 6: the paper's curves (reward normalisation at delta 0.3 and 0.8, advantage normalisation with its
+    # clip at 0.5 and 0.12); the unclipped advantage normalisation (ours) is context
+    names = ("vanilla", "reward_norm_0.3", "reward_norm_0.8", "adv_norm_0.5", "adv_norm_0.12")
     claim = "(a) reward normalisation + clipping and advantage normalisation stabilise early training"
     if have(*names):
         checks = []
@@ -239,9 +379,15 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
             checks.append(cmp(v, "vanilla", "kl_mid"))
             checks.append(cmp(v, "vanilla", "gold_drop_early"))
         seeds = common(*names)
-        lengths = {n: [nums[n][s]["trajectories"]["length"]["end"] for s in seeds] for n in names}
+        shown = [*names, *(["adv_norm"] if have("adv_norm") else [])]
+        lengths = {
+            n: [nums[n][s]["trajectories"]["length"]["end"] for s in seeds if s in nums[n]] for n in shown
+        }
         checks.append(
-            (True, "(context) length end " + ", ".join(f"{n} {_list(x, '.1f')}" for n, x in lengths.items()))
+            (
+                CONTEXT,
+                "(context) length end " + ", ".join(f"{n} {_list(x, '.1f')}" for n, x in lengths.items()),
+            )
         )
         verdict(
             claim,
@@ -249,31 +395,39 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
             checks,
             "without a KL term nothing pulls the policy back, and re-scaling the score (reward normalisation) or "
             "the advantages makes the RM's length bias, the largest part of its score's variance, a unit-scale "
-            "signal: see the lengths; the tricks lower KL but the gold reward falls as fast or faster. The paper's "
-            "'early' is ~100 of 1000 steps at lr 5e-7; hh-mini's runs drift within 20 of 80 at lr 1e-4.",
+            "signal: see the lengths; the tricks can lower KL, yet gold does not fall less than vanilla's beyond "
+            "the seeds' noise. The paper's 'early' is ~100 of 1000 steps at lr 5e-7; hh-mini's runs drift within "
+            "20 of 80 at lr 1e-4.",
         )
     else:
         not_run(claim, "fig. 6", names)
-    # (b) fig. 7
-    names = ("vanilla", "kl_penalty", "kl_reference_as_old")
-    claim = "(b) the KL penalty gives long-lasting stability; importance sampling (reference as old policy) trades reward for stability"
+    # (b) fig. 7: "only a penalty of the policy entropy or KL divergence can provide a long-lasting stable
+    # optimization" (the entropy bonus at fig. 16's coefficient and clip), and the reference as old policy trades
+    # reward for stability
+    names = ("vanilla", "kl_penalty", "entropy_bonus", "kl_reference_as_old")
+    claim = (
+        "(b) the KL penalty and the entropy bonus give long-lasting stability; importance sampling (reference as "
+        "old policy) trades reward for stability"
+    )
     if have(*names):
         seeds = common(*names)
-        kl_oo = [nums["kl_penalty"][s]["over_optimised"] for s in seeds]
-        va_oo = [nums["vanilla"][s]["over_optimised"] for s in seeds]
-        checks = [
-            (
-                _majority([not x for x in kl_oo]) and _majority(va_oo),
-                f"over-optimised: kl_penalty {_list(kl_oo)} vs vanilla {_list(va_oo)}",
-            ),
-            cmp("kl_penalty", "vanilla", "gold_fall"),
-        ]
+        checks = []
+        for v in ("kl_penalty", "entropy_bonus"):
+            flags = [nums[v][s]["over_optimised"] for s in seeds]
+            va_oo = [nums["vanilla"][s]["over_optimised"] for s in seeds]
+            decision = unanimous([not x for x in flags])
+            checks.append(
+                (decision, f"over-optimised: {v} {_list(flags)} vs vanilla {_list(va_oo)}: {decision}")
+            )
+            checks.append(cmp(v, "vanilla", "gold_fall"))
         rm_kl = [nums["kl_penalty"][s]["trajectories"]["rm"]["end"] for s in seeds]
         rm_is = [nums["kl_reference_as_old"][s]["trajectories"]["rm"]["end"] for s in seeds]
+        p = paired(rm_is, rm_kl, "lower")
         checks.append(
             (
-                _majority([a < b for a, b in zip(rm_is, rm_kl, strict=True)]),
-                f"RM reward end kl_reference_as_old {_list(rm_is)} vs kl_penalty {_list(rm_kl)}",
+                p["decision"],
+                f"RM reward end kl_reference_as_old {_list(rm_is)} vs kl_penalty {_list(rm_kl)} (lower, paired "
+                f"difference {_f(p['mean'], '+.3f')} ± {_f(p['sd'], '.3f')} sd: {p['decision']})",
             )
         )
         checks.append(cmp("kl_reference_as_old", "kl_penalty", "kl_mid"))
@@ -281,9 +435,11 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
             claim,
             "fig. 7",
             checks,
-            "see the numbers: a comparison that fails names which half of the claim does not hold here; with the "
-            "reference as the old policy every ratio is pi/pi_ref, so the clip bounds the distance to the reference "
-            "itself, which at this learning rate may already be the binding constraint with or without the penalty.",
+            "see the numbers: a comparison that fails names which part of the claim does not hold here. The "
+            "entropy bonus constrains no distance to the reference, and on hh-mini the RM's exploit (length) needs "
+            "no low entropy; with the reference as the old policy every ratio is pi/pi_ref, so the clip bounds the "
+            "distance to the reference itself, which at this learning rate may already be the binding constraint "
+            "with or without the penalty.",
         )
     else:
         not_run(claim, "fig. 7", names)
@@ -293,13 +449,14 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
     if have(*names):
         seeds = common(*names)
         wl = [nums["policy_pretrained"][s]["win_tie_lose"] for s in seeds]
+        loses = unanimous([w[2] > w[0] for w in wl])
         checks = [
             cmp("critic_pretrain", "vanilla", "rm_roughness_early"),
             cmp("critic_pretrain", "vanilla", "kl_mid"),
             cmp("policy_pretrained", "ppo_max", "eval_gold_policy", better="lower"),
             (
-                _majority([w[2] > w[0] for w in wl]),
-                f"policy_pretrained vs SFT win/tie/lose {', '.join('/'.join(map(str, w)) for w in wl)}",
+                loses,
+                f"policy_pretrained vs SFT win/tie/lose {', '.join('/'.join(map(str, w)) for w in wl)}: {loses}",
             ),
         ]
         verdict(
@@ -319,13 +476,15 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
         seeds = common(*names)
         tax_max = [nums["ppo_max"][s]["heldout_loss"] - nums["ppo_max"][s]["heldout_loss_sft"] for s in seeds]
         tax_ptx = [nums["ppo_ptx"][s]["heldout_loss"] - nums["ppo_ptx"][s]["heldout_loss_sft"] for s in seeds]
+        p = paired(tax_ptx, tax_max, "lower")
         verdict(
             claim,
             "fig. 12",
             [
                 (
-                    _majority([a < b for a, b in zip(tax_ptx, tax_max, strict=True)]),
-                    f"loss - SFT's (nats/token): ppo_ptx {_list(tax_ptx, '+.4f')} vs ppo_max {_list(tax_max, '+.4f')}",
+                    p["decision"],
+                    f"loss - SFT's (nats/token): ppo_ptx {_list(tax_ptx, '+.4f')} vs ppo_max {_list(tax_max, '+.4f')} "
+                    f"(paired difference {_f(p['mean'], '+.4f')} ± {_f(p['sd'], '.4f')} sd: {p['decision']})",
                 )
             ],
             "PPO-max's KL penalty (0.5) already keeps the policy so close to SFT that there is little tax to lower, "
@@ -342,7 +501,7 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
             "fig. 4",
             [
                 (
-                    _majority(oo),
+                    unanimous(oo),
                     f"over-optimised per seed {_list(oo)}; gold fall {_list(_per_seed(nums, 'vanilla', 'gold_fall'))}",
                 )
             ],
@@ -357,12 +516,23 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
             "fig. 10",
             [
                 (
-                    _majority([w[0] > w[2] for w in wl]),
+                    unanimous([w[0] > w[2] for w in wl]),
                     f"win/tie/lose {', '.join('/'.join(map(str, w)) for w in wl)}",
                 )
             ],
             "PPO-max's gains over SFT are small on this world (a few hundredths of gold reward): one sampled answer "
             "per prompt and a tie margin of 0.1 make the count noisy.",
+        )
+    # ours: advantage whitening on top of the paper's PPO-max
+    if have("ppo_max", "ppo_max_adv_norm"):
+        verdict(
+            "(ours) advantage whitening helps PPO-max (more end gold, less gold fall)",
+            "whitening",
+            [
+                cmp("ppo_max_adv_norm", "ppo_max", "gold_end", "higher"),
+                cmp("ppo_max_adv_norm", "ppo_max", "gold_fall"),
+            ],
+            "whitening does not measurably help PPO-max here: it stays off (the paper's PPO-max has none).",
         )
     return out
 
@@ -382,11 +552,17 @@ def confusion(nums: dict[str, dict[int, dict[str, Any]]], key: str) -> dict[str,
 # ------------------------------------------------------------------ critic-free estimators vs PPO-max (beyond)
 
 ESTIMATORS = "estimators"  # the variant group (Variant.figure) of the comparison
+CAUSES = "causes"  # variants that move one of GRPO's differences from RLOO to the other side
+WHITENING = "whitening"  # PPO-max with advantage whitening (ours)
+MONITOR = "monitor"  # hard runs for the collapse monitor, out of the sample its thresholds were chosen on
 # The frontier's x: the KL of a whole response to the reference's (nats; Gao et al. 2022, "Scaling Laws for
 # Reward Model Overoptimization", plot gold reward against it). Per token it would credit a method that spends its
-# divergence on longer answers, which is how this world's RM is exploited. Logged with each run's own
-# `ppo.kl_estimator` (k1 or k3): both are unbiased estimates of the same KL (Schulman 2020), so the axis is shared.
-KL_FRONTIER = "kl/per_sequence"
+# divergence on longer answers, which is how this world's RM is exploited. The exact KL over the vocabulary, the
+# same quantity for every method: the sampled estimators are not (k1 for PPO, k3 for GRPO, on tokens drawn with
+# top-p 0.9 and a repetition penalty, which are no sample of the policy: in a toy case a KL of 1.004 reads 1.220 by
+# k1 and 0.575 by k3). Runs made before it was logged fall back to their estimator's `kl/per_sequence`.
+KL_FRONTIER = "kl/exact_per_sequence"
+KL_FRONTIER_FALLBACK = "kl/per_sequence"
 PROBE_STAGE = "probe_{}"  # a method's memory probe, a stage of its seed's directory
 
 
@@ -394,13 +570,19 @@ def frontier(records: Sequence[dict[str, Any]]) -> tuple[list[float], list[float
     """``(KL, gold)`` per policy step where both are logged, each a trailing moving average over 15% of the run
     (the report's window; the first points average what exists so far, so the curve starts near KL 0)."""
     kl, gold = [], []
+    key = frontier_metric(records)
     for r in records:
-        k, g = _num(r.get(KL_FRONTIER)), _num(r.get(PANELS[1][1][0]))
+        k, g = _num(r.get(key)), _num(r.get(PANELS[1][1][0]))
         if k is not None and g is not None:
             kl.append(k)
             gold.append(g)
     w = max(1, round(0.15 * len(kl)))
     return moving_average(kl, w), moving_average(gold, w)
+
+
+def frontier_metric(records: Sequence[dict[str, Any]]) -> str:
+    """The KL a run's frontier is drawn on: :data:`KL_FRONTIER` where it logged it, else the fallback."""
+    return KL_FRONTIER if any(KL_FRONTIER in r for r in records) else KL_FRONTIER_FALLBACK
 
 
 def gold_at_kl(kl: Sequence[float], gold: Sequence[float], budget: float) -> float | None:
@@ -447,6 +629,7 @@ def compare_estimators(
     curves: dict[str, dict[int, tuple[list[float], list[float]]]],
     nums: dict[str, dict[int, dict[str, Any]]],
     memory: dict[str, dict[int, dict[str, Any] | None]],
+    kl_metric: str = KL_FRONTIER,
 ) -> dict[str, Any]:
     """The comparison's numbers per method and seed (``memory``: the probes' ``memory.json`` per method and seed).
     The KL budget is the smallest, over all the runs, of a run's largest (smoothed) KL, so that every run reached
@@ -478,7 +661,7 @@ def compare_estimators(
             "probe_policy_iterations": probes[0]["policy_iterations"] if probes else None,
             "settings": nums[n][min(nums[n])].get("settings"),
         }
-    out = {"kl_metric": KL_FRONTIER, "budget": budget, "methods": methods}
+    out = {"kl_metric": kl_metric, "budget": budget, "methods": methods}
     out["verdicts"] = estimator_verdicts(out)
     return out
 
@@ -501,9 +684,10 @@ def estimator_verdicts(cmp: dict[str, Any]) -> list[dict[str, Any]]:
     """Which method reaches the most gold reward at equal KL, the most at the end, which over-optimise, which is
     cheapest per iteration in time and memory: each answered from the numbers, whichever method that is.
 
-    The best method is the highest mean over seeds; it "holds" when it also beats every other method on a
-    majority of the seeds both ran (else the answer says against which it does not: a difference within the seed
-    spread). A method over-optimises when the issue 13 rule flags it on a majority of its seeds."""
+    The best method is the highest mean over seeds; it "holds" when its paired difference to every other method
+    (same seeds) passes the paired t-test (:func:`paired`), else the answer names the methods it is not ahead of
+    beyond the seeds' noise, and the numbers say on how many seeds it is ahead of each. A method over-optimises
+    when the rule of :func:`over_optimised` flags it on a majority of its seeds."""
     methods: dict[str, Any] = cmp["methods"]
     out: list[dict[str, Any]] = []
 
@@ -518,17 +702,22 @@ def estimator_verdicts(cmp: dict[str, Any]) -> list[dict[str, Any]]:
             out.append({"question": question, "answer": "n/a", "holds": None, "numbers": numbers})
             return
         win = (max if higher else min)(means, key=means.__getitem__)
-        weak = []
+        weak, against = [], []
         for n in means:
             common = sorted(set(per[win]) & set(per[n]))
             if n == win or not common:
                 continue
-            beats = [(per[win][s] > per[n][s]) if higher else (per[win][s] < per[n][s]) for s in common]
-            if not _majority(beats):
+            p = paired(
+                [per[win][s] for s in common], [per[n][s] for s in common], "higher" if higher else "lower"
+            )
+            ahead = sum(d > 0 for d in p["diffs"])
+            against.append(
+                f"{ahead}/{p['n']} seeds against {n} ({_f(p['mean'], '+' + fmt)}: {p['decision']})"
+            )
+            if p["decision"] != HOLDS:
                 weak.append(n)
-        answer = (
-            win if not weak else f"{win} on the mean, not on a majority of seeds against {', '.join(weak)}"
-        )
+        answer = win if not weak else f"{win} on the mean, within the seeds' noise against {', '.join(weak)}"
+        numbers += f"; {win} ahead on " + ", ".join(against) if against else ""
         out.append({"question": question, "answer": answer, "holds": not weak, "numbers": numbers})
 
     budget = cmp["budget"]
@@ -554,7 +743,10 @@ def estimator_verdicts(cmp: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def plot_frontier(
-    curves: dict[str, dict[int, tuple[list[float], list[float]]]], budget: float, path: str | os.PathLike[str]
+    curves: dict[str, dict[int, tuple[list[float], list[float]]]],
+    budget: float,
+    path: str | os.PathLike[str],
+    kl_metric: str = KL_FRONTIER,
 ) -> Path:
     """Gold reward against KL spent (the over-optimisation frontier), every method on shared axes: one faint line
     per seed, a bold one for the step-wise mean over seeds, the common KL budget dashed."""
@@ -573,7 +765,7 @@ def plot_frontier(
             ax.scatter([mk[-1]], [mg[-1]], color=c, s=30, zorder=3)
     if budget == budget:  # not NaN
         ax.axvline(budget, color="black", linestyle="--", linewidth=1, label=f"equal-KL budget {budget:.3g}")
-    ax.set_xlabel("KL(policy || reference) per response, nats (kl/per_sequence, 15% moving average)")
+    ax.set_xlabel(f"KL(policy || reference) per response, nats ({kl_metric}, 15% moving average)")
     ax.set_ylabel("gold reward (rollout mean, not optimised)")
     ax.set_title(
         "Over-optimisation frontier on hh-mini: gold reward against KL spent\n(faint: seeds; dot: end)"
@@ -624,6 +816,140 @@ def estimators_markdown(cmp: dict[str, Any], png: str, jobs_note: str) -> list[s
     md += ["", "| question | answer | numbers |", "|---|---|---|"]
     md += [f"| {v['question']} | **{v['answer']}** | {v['numbers']} |" for v in cmp["verdicts"]]
     md.append("")
+    if cmp.get("causes"):
+        md += causes_markdown(cmp["causes"])
+    return md
+
+
+# (key, which is better) of the causes' paired differences
+CAUSE_KEYS = (
+    ("gold_at_budget", "higher"),
+    ("gold_end", "higher"),
+    ("gold_fall", "lower"),
+    ("kl_end", "lower"),
+)
+
+
+def cause_effects(cmp: dict[str, Any], bases: dict[str, str]) -> list[dict[str, Any]]:
+    """Each cause variant against its preset (``bases``: variant -> preset method), paired over the seeds both ran:
+    the difference (variant - preset) of :data:`CAUSE_KEYS`, its spread and the paired test's decision, and both
+    sides' over-optimisation flags."""
+    methods = cmp["methods"]
+    rows = []
+    for name, base in bases.items():
+        if name not in methods or base not in methods:
+            continue
+        a, b = methods[name]["seeds"], methods[base]["seeds"]
+        seeds = sorted(set(a) & set(b))
+        effects = {}
+        for key, better in CAUSE_KEYS:
+            p = paired([a[s][key] for s in seeds], [b[s][key] for s in seeds], better)
+            sign = 1.0 if better == "higher" else -1.0  # back to variant - preset
+            effects[key] = {
+                "diffs": [sign * d for d in p["diffs"]],
+                "mean": sign * p["mean"],
+                "sd": p["sd"],
+                "decision": p["decision"],
+            }
+        rows.append(
+            {
+                "variant": name,
+                "base": base,
+                "seeds": seeds,
+                "effects": effects,
+                "over_optimised": [a[s]["over_optimised"] for s in seeds],
+                "base_over_optimised": [b[s]["over_optimised"] for s in seeds],
+            }
+        )
+    return rows
+
+
+def causes_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
+    md = [
+        "### What makes GRPO differ from RLOO (paired over seeds)",
+        "",
+        "Each variant moves one of the presets' differences to the other side; its effect is its difference to its "
+        "preset on the same seeds (variant - preset): mean ± sd over seeds [per seed], and the paired t-test's "
+        "decision (for gold: *holds* = better, *fails* = worse, beyond the seeds' noise). Gold at equal KL uses the "
+        "comparison's budget.",
+        "",
+        "| variant | vs | gold at equal KL | end gold | gold fall | end KL (nats/response) | over-optimised (variant / preset) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = []
+        for key, _ in CAUSE_KEYS:
+            e = r["effects"][key]
+            cells.append(
+                f"{_f(e['mean'], '+.3f')} ± {_f(e['sd'], '.3f')} [{_list(e['diffs'], '+.3f')}] {e['decision']}"
+            )
+        flags = f"{_list(['yes' if x else 'no' for x in r['over_optimised']])} / " + _list(
+            ["yes" if x else "no" for x in r["base_over_optimised"]]
+        )
+        md.append(f"| {r['variant']} | {r['base']} | {' | '.join(cells)} | {flags} |")
+    md.append("")
+    return md
+
+
+# Variant groups (Variant.figure) whose runs the collapse monitor's thresholds were not chosen on.
+OUT_OF_SAMPLE = (MONITOR, ESTIMATORS, CAUSES, WHITENING)
+
+
+def monitor_evidence(nums: dict[str, dict[int, dict[str, Any]]], figures: dict[str, str]) -> dict[str, Any]:
+    """Every rule of :data:`MONITOR_RULES` against the gold truth, over the runs out of sample (:data:`OUT_OF_SAMPLE`;
+    ``figures``: variant -> its group) and over all: fired / silent x over-optimised / healthy, the runs it cannot
+    be replayed on, and its lead on the over-optimised runs it caught (the step gold had fallen by
+    :data:`GOLD_NOISE` minus the step it fired: negative = after)."""
+    out: dict[str, Any] = {}
+    for sample in ("out of sample", "all"):
+        rows = {}
+        for rule in MONITOR_RULES:
+            t: dict[str, Any] = {
+                "fired_oo": 0,
+                "fired_ok": 0,
+                "silent_oo": 0,
+                "silent_ok": 0,
+                "not_replayable": 0,
+            }
+            leads = []
+            for name, runs in nums.items():
+                if sample == "out of sample" and figures.get(name) not in OUT_OF_SAMPLE:
+                    continue
+                for r in runs.values():
+                    if r.get("over_optimised") is None:
+                        continue
+                    fired = r.get("monitor_rules", {}).get(rule, NA)
+                    if fired == NA:
+                        t["not_replayable"] += 1
+                        continue
+                    oo = r["over_optimised"]
+                    t[("fired" if fired is not None else "silent") + ("_oo" if oo else "_ok")] += 1
+                    if oo and isinstance(fired, int) and r.get("gold_fall_step") is not None:
+                        leads.append(r["gold_fall_step"] - fired)
+            t["leads"] = leads
+            rows[rule] = t
+        out[sample] = rows
+    return out
+
+
+def monitor_markdown(evidence: dict[str, Any]) -> list[str]:
+    md = []
+    for sample, rows in evidence.items():
+        md += [
+            "",
+            f"Rules against the gold truth, runs {sample}:",
+            "",
+            "| rule | fired & over-optimised | fired & healthy (false alarms) | silent & over-optimised (misses) | "
+            "silent & healthy | not replayable | lead in steps: mean [min, max] (negative: after gold fell) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for rule, t in rows.items():
+            leads = t["leads"]
+            lead = f"{_f(fmean(leads), '+.1f')} [{min(leads):+d}, {max(leads):+d}]" if leads else "n/a"
+            md.append(
+                f"| {rule} | {t['fired_oo']} | {t['fired_ok']} | {t['silent_oo']} | {t['silent_ok']} | "
+                f"{t['not_replayable']} | {lead} |"
+            )
     return md
 
 
@@ -796,10 +1122,17 @@ def write_ablate_report(
     compare = [n for n in compare if records.get(n)]  # methods with at least one run
     if len(compare) >= 2:
         curves = {n: {s: frontier(r) for s, r in records[n].items()} for n in compare}
+        metrics = sorted({frontier_metric(r) for n in compare for r in records[n].values()})
         cmp = compare_estimators(
-            compare, curves, nums, {n: {s: probe_memory(out, s, n) for s in seeds} for n in compare}
+            compare,
+            curves,
+            nums,
+            {n: {s: probe_memory(out, s, n) for s in seeds} for n in compare},
+            " and ".join(metrics)
+            + (" (runs of different versions: not one axis)" if len(metrics) > 1 else ""),
         )
-        plot_frontier(curves, cmp["budget"], rep / "estimators_frontier.png")
+        plot_frontier(curves, cmp["budget"], rep / "estimators_frontier.png", cmp["kl_metric"])
+        cmp["causes"] = cause_effects(cmp, {v.name: v.preset for v in variants if v.figure == CAUSES})
 
     md = ["# `ppomax ablate`: the paper's ablations on hh-mini", ""]
     md += [
@@ -828,7 +1161,10 @@ def write_ablate_report(
         "fall from its peak within it, `rm_roughness_early` = sd of the RM reward's step-to-step changes in it; "
         f"*over-optimised* = gold fell from its peak by >= 10% of its rise and >= {GOLD_NOISE} while the RM reward "
         "ended above its value at gold's peak; *collapsed* = loses to SFT on more than half the held-out prompts. "
-        "A comparison holds when it holds on a majority of seeds.",
+        "A comparison of two variants is decided by the paired t-test of their per-seed difference (one-sided, "
+        "95%: with 3 seeds the mean difference must be 2.92 standard errors from 0), a yes/no one (over-optimised) "
+        "when every seed agrees; a claim is reproduced when all its comparisons hold, not reproduced when one "
+        f"fails, and within noise otherwise: rerun it with `{MORE_SEEDS}`.",
         "",
     ]
     if cmp is not None:
@@ -864,48 +1200,41 @@ def write_ablate_report(
     md += [f"### {k}\n\n![{k}]({p})\n" for k, p in pngs.items()]
     md += ["## Against SFT by the gold judge", "", "![win/tie/lose](win_tie_lose.png)", ""]
     md += ["## Alignment tax (fig. 12)", "", "![alignment tax](alignment_tax.png)", ""]
+    figures_of = {v.name: v.figure for v in variants}
+    evidence = monitor_evidence(nums, figures_of)
     md += [
         "## The collapse monitor against the gold truth",
         "",
-        "Per run: the step gold started to fall (its moving average 0.1 below its peak so far), and the first step "
-        "the monitor fires with the rule before issue 13 (the paper's joint signature: length up, perplexity down, "
-        "KL up) and after (also drift: KL per token >= `collapse.drift_kl_per_token` and still rising while the "
-        "reward is above its baseline), replayed on the run's metrics with the default thresholds; `logged` is "
-        "what the run itself logged.",
+        "Per run: the step gold started to fall (its moving average 0.1 below its peak so far) and the first step "
+        "the monitor fires, replayed on the run's metrics: with the library's rule (drift: KL per token >= "
+        "`collapse.drift_kl_per_token` and still rising while the reward is above its baseline, or the paper's "
+        "joint signature; on the exact KL where the run logged it), with the paper's signature alone (length up, "
+        "perplexity down, KL up), and as the run itself logged it. *Out of sample*: the runs of groups "
+        f"{', '.join(OUT_OF_SAMPLE)}, which no threshold was chosen on. Lead = gold's fall step minus the firing "
+        "step (negative: after).",
         "",
-        "| variant | seed | over-optimised | gold starts falling | monitor before | monitor after | logged |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | seed | sample | over-optimised | gold starts falling | library rule | lead | signature only | logged |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    library = next(iter(MONITOR_RULES))
     for v in variants:
         for s in ran[v.name]:
             r = nums[v.name][s]
+            fired = r.get("monitor_rules", {}).get(library, r.get("monitor_after"))
+            lead = (
+                f"{r['gold_fall_step'] - fired:+d}"
+                if r["over_optimised"] and isinstance(fired, int) and r["gold_fall_step"] is not None
+                else ""
+            )
+            sample = "out" if v.figure in OUT_OF_SAMPLE else "in"
             md.append(
-                f"| {v.name} | {s} | {'yes' if r['over_optimised'] else 'no'} | {_step(r['gold_fall_step'])} | "
-                f"{_step(r['monitor_before'])} | {_step(r['monitor_after'])} | {_step(r['monitor_logged'])} |"
+                f"| {v.name} | {s} | {sample} | {'yes' if r['over_optimised'] else 'no'} | "
+                f"{_step(r['gold_fall_step'])} | {_step(fired)} | {lead} | {_step(r['monitor_before'])} | "
+                f"{_step(r['monitor_logged'])} |"
             )
     tables = {k: confusion(nums, f"monitor_{k}") for k in ("before", "after")}
-    md += [
-        "",
-        "| rule | fired & over-optimised | fired & healthy | silent & over-optimised | silent & healthy |",
-        "|---|---|---|---|---|",
-    ]
-    md += [
-        f"| {k} | {t['fired_oo']} | {t['fired_ok']} | {t['silent_oo']} | {t['silent_ok']} |"
-        for k, t in tables.items()
-    ]
-    for rule in ("before", "after"):
-        leads = [
-            r["gold_fall_step"] - r[f"monitor_{rule}"]
-            for runs in nums.values()
-            for r in runs.values()
-            if r["over_optimised"] and r[f"monitor_{rule}"] is not None and r["gold_fall_step"] is not None
-        ]
-        if leads:
-            md.append(
-                f"\n{rule.capitalize()}: on the over-optimised runs it caught, the monitor fired "
-                f"{_f(fmean(leads), '.1f')} steps (min {min(leads)}, max {max(leads)}) before gold had fallen by "
-                f"{GOLD_NOISE} (negative: after)."
-            )
+    md += monitor_markdown(evidence)
+    md.append("")
     # stage seconds as each stage's done.json recorded them when it ran (a cached stage keeps its old time)
     base = ("world", "tokenizer", "pretrain", "sft", "rm")
     md += ["", "## Timings", "", "| seed | run | stage seconds |", "|---|---|---|"]
@@ -927,6 +1256,7 @@ def write_ablate_report(
         "missing_runs": missing,
         "verdicts": vs,
         "collapse_monitor": tables,
+        "collapse_monitor_rules": evidence,
         "estimators": cmp,
         "runs": {k: {str(s): r for s, r in v.items()} for k, v in nums.items()},
         "timings": timings,

@@ -374,7 +374,7 @@ class PPOTrainer:
             critic=Optimised(critic, critic_opt, critic_sched, acc) if critic is not None else None,
             seed=cfg.seed,
             all_reduce=all_reduce,
-            group_size=cfg.generation.samples_per_prompt,
+            generation=cfg.generation,
             ptx_batch=(lambda k: data.next_ptx(k, acc.device)) if data.ptx else None,
             measure_mismatch=from_generate,
         )
@@ -422,9 +422,14 @@ class PPOTrainer:
         return self.rollouts.generate(prompts, indices, greedy=greedy)
 
     def score(
-        self, exp: Experience, values: bool = True, step: int | None = None, policy: bool = True
+        self,
+        exp: Experience,
+        values: bool = True,
+        step: int | None = None,
+        policy: bool = True,
+        reference: bool = True,
     ) -> None:
-        self.rollouts.score(exp, values=values, step=step, policy=policy)
+        self.rollouts.score(exp, values=values, step=step, policy=policy, reference=reference)
 
     # ------------------------------------------------------------------ one iteration
 
@@ -450,7 +455,10 @@ class PPOTrainer:
                 prompts = self.data.prompt_stream.take(p.rollout_batch_size // n)
                 exp = self.generate([i for i in prompts for _ in range(n)], self.data.prompts)
             with clock("scoring"):
-                self.score(exp, step=step, values=not fused, policy=critic_only or not fused)
+                # the reference runs where the policy's logits are (the exact KL needs both): in a fused
+                # policy iteration, beside the update's first forward
+                in_update = fused and not critic_only
+                self.score(exp, step=step, values=not fused, policy=not in_update, reference=not in_update)
             batches.append(exp)
         exp = Experience.cat(batches, self.data.pad_id)
         with clock("scoring"):
@@ -461,7 +469,9 @@ class PPOTrainer:
                     exp, p, self.cfg.generation, self.moments, self.moments.all_reduce, kl_coef=kl_coef
                 )
         with clock("training"):
-            train_metrics = self.updater.update(exp, step, critic_only, fused=fused, kl_coef=kl_coef)
+            train_metrics = self.updater.update(
+                exp, step, critic_only, fused=fused, kl_coef=kl_coef, reference=self.rollouts.reference
+            )
         metrics = self.iteration_metrics(exp, train_metrics, critic_only, clock)
         if self.kl_control is not None:
             metrics["ppo/kl_coef"] = kl_coef
@@ -479,6 +489,7 @@ class PPOTrainer:
             final_scores=exp.final_scores,
             response_mask=exp.response_mask,
             kl=exp.kl,
+            exact_kl=exp.exact_kl,
             raw_logprobs=exp.raw_logprobs,
             ref_raw_logprobs=exp.ref_raw_logprobs,
             entropy=exp.entropy,
@@ -489,6 +500,7 @@ class PPOTrainer:
             running_mean=self.moments.mean,
             running_std=self.moments.std,
             all_reduce=self.moments.all_reduce,
+            kl_clamp=self.cfg.ppo.kl_clamp,
         )
         metrics = {**stats, **train_metrics}
         metrics["_tokens"] = exp.response_lens.sum().float()
@@ -529,7 +541,6 @@ class PPOTrainer:
             samples=cfg.logging.eval_samples,
             batch_size=cfg.ppo.rollout_batch_size,
             greedy=cfg.logging.eval_greedy,
-            kl_estimator=cfg.ppo.kl_estimator,
             seed=cfg.seed,
             samples_dir=self.out_dir / "samples" if self.acc.is_main_process else None,
             on_samples=lambda rows: self.run.metrics.log_table("eval/samples", rows, step),

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ppomax.algos import KLEstimator, kl_per_token, response_statistics, response_sums
+from ppomax.algos import response_statistics, response_sums
 from ppomax.data import rank_share
 from ppomax.experience import Experience
 
@@ -35,7 +35,6 @@ def evaluate(
     samples: int,
     batch_size: int,
     greedy: bool,
-    kl_estimator: KLEstimator,
     seed: int,
     samples_dir: Path | None,
     on_samples: Callable[[list[dict[str, Any]]], None] | None = None,
@@ -58,7 +57,9 @@ def evaluate(
     sums = torch.zeros(8, dtype=torch.float64)
     for exp in batches:
         mask = exp.response_mask
-        kl = torch.where(mask, kl_per_token(exp.logprobs, exp.ref_logprobs, kl_estimator), 0.0)
+        # the exact KL over the vocabulary: greedy (or top-p) tokens are no sample of the policy, so an estimator
+        # evaluated on them would not estimate the KL
+        kl = torch.where(mask, exp.exact_kl, 0.0)
         sums += response_sums(exp.scores, kl, exp.raw_logprobs, exp.ref_raw_logprobs, mask, exp.truncated)
         rows += _sample_rows(exp, kl.sum(dim=1).tolist())
     if acc.num_processes > 1:

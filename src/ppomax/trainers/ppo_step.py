@@ -34,25 +34,24 @@ from accelerate.utils import DistributedType
 from torch import Tensor
 
 from ppomax.algos import (
+    AdvantageInputs,
     AllReduce,
     RunningMoments,
-    discounted_returns,
+    advantages_of,
     entropy_bonus_loss,
-    gae,
-    grpo_advantages,
+    kl_from_logits,
     kl_loss,
     kl_per_token,
     lm_nll,
     normalize_advantages,
     policy_loss,
-    reinforce_pp_advantages,
     reparameterize_scores,
-    rloo_advantages,
     token_level_rewards,
     token_weights,
     trainable_rows,
     value_loss,
 )
+from ppomax.algos.registry import LOSS_AGGREGATIONS
 from ppomax.config import GenerationConfig, PPOSettings
 from ppomax.data import IGNORE_INDEX
 from ppomax.experience import Experience
@@ -69,7 +68,7 @@ def score_experience(
     exp: Experience,
     *,
     policy: Any | None,
-    reference: Any,
+    reference: Any | None,
     critic: Any | None,
     fwd: Forward,
     rewards: RewardSources,
@@ -77,8 +76,10 @@ def score_experience(
     chunk_size: int | None = None,
 ) -> None:
     """Fill the scoring-pass fields of ``exp`` in place (see :class:`Experience`). ``critic=None`` skips values
-    (evaluation), ``policy=None`` the policy's log-probs and entropy (:meth:`Updater.fuses_scoring`). Models
-    are used as given (pass unwrapped ones: no gradient, no DDP synchronisation).
+    (evaluation), ``policy=None`` the policy's log-probs and entropy and ``reference=None`` the reference's
+    (:meth:`Updater.fuses_scoring`: the update's forward gives them). Where both models run, their logits of a
+    chunk are held together for the exact KL (:func:`exact_kl`). Models are used as given (pass unwrapped ones:
+    no gradient, no DDP synchronisation).
     ``chunk_size`` rows per forward bound the [rows, R, V] logits in memory (``ppo.micro_batch_size``)."""
     n, r_all = exp.batch_size, exp.response_width
     step = chunk_size or n
@@ -90,6 +91,7 @@ def score_experience(
         chunk = exp if step >= n else exp.select(list(range(lo, min(lo + step, n))))
         seqs, mask, width = chunk.sequences, chunk.attention_mask, chunk.prompt_width
         labels = seqs[:, width:]
+        held = None
         for name, model in (("", policy), ("ref_", reference)):
             if model is None:
                 continue
@@ -101,12 +103,38 @@ def score_experience(
             )
             if model is policy:
                 out.setdefault("entropy", []).append(fwd.entropy(logits))
+                held = logits if reference is not None else None
+            elif held is not None:
+                out.setdefault("exact_kl", []).append(exact_kl(fwd, held, logits))
+                held = None
             del logits
         if critic is not None:
             out.setdefault("values", []).append(fwd.values(critic, seqs, mask, width))
     for name, parts in out.items():
         setattr(exp, name, torch.cat([_pad_right(t, r_all) for t in parts]))
     exp.scores, exp.score_parts = rewards(exp, eos_ids)
+
+
+# Response positions per slice of the exact KL: its float32 temporaries (both models' log-softmaxes) are a few
+# [EXACT_KL_TOKENS, V] tensors, whatever the logits they come from.
+EXACT_KL_TOKENS = 256
+
+
+def exact_kl(fwd: Forward, logits: Tensor, ref_logits: Tensor) -> Tensor:
+    """[rows, R] exact KL(pi || ref) over the vocabulary (:func:`ppomax.algos.kl_from_logits`) from the policy's
+    and the reference's response logits [rows, R, V], under the convention of ``fwd.logprobs``
+    (temperature-scaled unless ``generation.logprobs_from: raw``): the quantity the sampled KL estimators
+    estimate, without their noise and without the bias of tokens drawn with top-p and a repetition penalty
+    rather than from the policy. Computed over slices of positions (:data:`EXACT_KL_TOKENS` tokens each)."""
+    step = max(1, EXACT_KL_TOKENS // max(1, logits.shape[0]))
+    t = fwd.temperature
+    parts = []
+    for lo in range(0, logits.shape[1], step):
+        a, b = logits[:, lo : lo + step].detach(), ref_logits[:, lo : lo + step]
+        parts.append(kl_from_logits(a / t, b / t) if t != 1.0 else kl_from_logits(a, b))
+    if not parts:
+        return torch.zeros(logits.shape[:2], dtype=torch.float32, device=logits.device)
+    return torch.cat(parts, dim=1)
 
 
 def _pad_right(t: Tensor, width: int) -> Tensor:
@@ -176,23 +204,36 @@ def token_advantages(
     consecutive rows, as :class:`Updater`'s shuffle keeps them); REINFORCE++ whitens over the whole batch, all
     ranks through ``all_reduce``. Without a critic ``returns`` is the reward-to-go (``gamma``-discounted).
     With ``kl_in: loss`` the rewards carry no KL term (the policy loss does, :func:`kl_loss`); ``kl`` is filled
-    either way (it is what the rollout spent, and what the adaptive coefficient measures)."""
+    either way (it is what the rollout spent, and what the adaptive coefficient measures), unclamped: ``kl_clamp``
+    bounds the penalty only."""
     mask = exp.response_mask
     kl = kl_per_token(exp.logprobs, exp.ref_logprobs, ppo.kl_estimator)
     exp.kl = torch.where(mask, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
+    if exp.exact_kl is not None:
+        exp.exact_kl = torch.where(mask, exp.exact_kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
     train = mask & torch.isfinite(exp.final_scores).unsqueeze(1)
-    penalised = exp.kl if ppo.kl_in == "reward" else torch.zeros_like(exp.kl)
+    if ppo.kl_in == "loss":
+        penalised = torch.zeros_like(exp.kl)
+    elif ppo.kl_clamp is None:
+        penalised = exp.kl
+    else:
+        penalised = kl_per_token(exp.logprobs, exp.ref_logprobs, ppo.kl_estimator, ppo.kl_clamp)
     coef = ppo.kl_coef if kl_coef is None else kl_coef
     exp.rewards = token_level_rewards(exp.final_scores, penalised, train, coef)
-    est = ppo.advantage_estimator
-    if est == "gae":
-        exp.advantages, exp.returns = gae(exp.rewards, exp.values, train, ppo.gamma, ppo.lam)
-    elif est == "reinforce_pp":
-        exp.advantages, exp.returns = reinforce_pp_advantages(exp.rewards, train, ppo.gamma, all_reduce)
-    else:
-        group = grpo_advantages if est == "grpo" else rloo_advantages
-        exp.advantages = group(exp.rewards, train, group_size)
-        exp.returns = discounted_returns(exp.rewards, train, ppo.gamma)
+    exp.advantages, exp.returns = advantages_of(
+        ppo.advantage_estimator,
+        AdvantageInputs(
+            exp.rewards,
+            train,
+            exp.values,
+            ppo.gamma,
+            ppo.lam,
+            group_size=group_size,
+            all_reduce=all_reduce,
+            group_std_norm=ppo.group_std_norm,
+            scores=exp.final_scores,
+        ),
+    )
 
 
 def trainable_part(exp: Experience) -> Experience:
@@ -243,16 +284,21 @@ class Rollouts:
         )
 
     def score(
-        self, exp: Experience, values: bool = True, step: int | None = None, policy: bool = True
+        self,
+        exp: Experience,
+        values: bool = True,
+        step: int | None = None,
+        policy: bool = True,
+        reference: bool = True,
     ) -> None:
         """The scoring pass (:func:`score_experience`); ``values=False`` skips the critic (evaluation),
-        ``policy=False`` the policy (its old log-probs come from the update: :meth:`Updater.fuses_scoring`). A
-        reward function's error names the iteration ``step``."""
+        ``policy=False`` the policy and ``reference=False`` the reference (their log-probs come from the update:
+        :meth:`Updater.fuses_scoring`). A reward function's error names the iteration ``step``."""
         try:
             score_experience(
                 exp,
                 policy=self.policy if policy and exp.logprobs is None else None,
-                reference=self.reference,
+                reference=self.reference if reference else None,
                 critic=self.critic if values else None,
                 fwd=self.fwd,
                 rewards=self.rewards,
@@ -330,9 +376,10 @@ class Updater:
     critic: Optimised | None
     seed: int
     all_reduce: AllReduce | None = None
-    group_size: int = 1
-    """``generation.samples_per_prompt``: the responses to one prompt are this many consecutive rows of the
-    buffer, and the minibatch shuffle moves whole groups."""
+    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
+    """The sampling settings the updates depend on: ``samples_per_prompt`` responses to one prompt are that many
+    consecutive rows of the buffer (the minibatch shuffle moves whole groups, :attr:`group_size`), and
+    ``max_new_tokens`` is the constant length of ``ppo.loss_aggregation: seq_mean_token_sum_norm``."""
     ptx_batch: Callable[[int], dict[str, Tensor]] | None = None
     measure_mismatch: bool = False
     """Log ``policy/logprob_mismatch_{max,mean}``: |old log-prob - the update's first forward's| over the first
@@ -340,6 +387,10 @@ class Updater:
     nonfinite_in_row: int = 0
     _measuring: bool = dataclasses.field(default=False, init=False, repr=False)
     nonfinite_total: int = 0
+
+    @property
+    def group_size(self) -> int:
+        return self.generation.samples_per_prompt
 
     def state_dict(self) -> dict[str, int]:
         """The counter a checkpoint keeps (a checkpoint is only taken after a good update: none in a row)."""
@@ -361,7 +412,13 @@ class Updater:
         return p.ppo_epochs == 1 and p.minibatch_size >= p.buffer_size and one_chunk
 
     def update(
-        self, exp: Experience, step: int, critic_only: bool, fused: bool = False, kl_coef: float | None = None
+        self,
+        exp: Experience,
+        step: int,
+        critic_only: bool,
+        fused: bool = False,
+        kl_coef: float | None = None,
+        reference: Any | None = None,
     ) -> dict[str, Tensor]:
         """``ppo_epochs`` passes over shuffled minibatches of ``exp``; returns metrics averaged over minibatches
         (``*_max`` are maxed, ``*_count`` summed). Stops early once ``max_nonfinite_in_row`` updates in a row were skipped.
@@ -374,7 +431,8 @@ class Updater:
         in place, as :func:`compute_advantages` would have.
 
         ``kl_coef``: the iteration's KL coefficient (the adaptive one of ``ppo.kl_target``; None: ``ppo.kl_coef``),
-        in the fused token rewards or in the loss (``ppo.kl_in``)."""
+        in the fused token rewards or in the loss (``ppo.kl_in``). ``reference`` (unwrapped; fused only): runs
+        beside the update's first forward when ``exp`` has no reference log-probs yet (:meth:`_filler`)."""
         p = self.ppo
         acc: dict[str, list[Tensor]] = {}
         skipped, trained = 0, False
@@ -388,7 +446,7 @@ class Updater:
                 fill = None
                 if fused:  # one minibatch: the whole buffer
                     assert self.fuses_scoring() and len(perm) <= p.minibatch_size
-                    fill = self._filler(full, perm, critic_only, kl_coef)
+                    fill = self._filler(full, perm, critic_only, kl_coef, reference)
                 if not self._has_tokens(mb):  # no finite score in it: no step (Adam moves even on zero grads)
                     if fill is not None:
                         with torch.no_grad():
@@ -427,11 +485,13 @@ class Updater:
         return bool((self.all_reduce(n) if self.all_reduce is not None else n) > 0)
 
     def _filler(
-        self, full: Experience, perm: Tensor, critic_only: bool, kl_coef: float | None
+        self, full: Experience, perm: Tensor, critic_only: bool, kl_coef: float | None, reference: Any | None
     ) -> Callable[[tuple[Tensor | None, Tensor | None]], Experience]:
         """For a fused update (:meth:`update`): a function of the update's forward outputs on ``full``'s rows
         ``perm`` that fills the old log-probs, entropy, values and token advantages of those rows (in ``full``,
-        in place, in its row order) and returns the rows as the losses see them (:func:`trainable_part`)."""
+        in place, in its row order) and returns the rows as the losses see them (:func:`trainable_part`).
+        Without reference log-probs yet, it runs ``reference`` on the rows there, so that its logits meet the
+        policy's for the exact KL."""
         fwd = self.fwd
 
         @torch.no_grad()
@@ -439,6 +499,17 @@ class Updater:
             logits, values = outputs
             rows = full.select(perm)  # all rows (the KL of a row left out of training is still monitored)
             names = ["values", "kl", "rewards", "advantages", "returns"]
+            if rows.ref_logprobs is None:
+                assert logits is not None and reference is not None, "the reference runs beside the policy"
+                names += ["ref_logprobs", "ref_raw_logprobs", "exact_kl"]
+                seqs, labels = rows.sequences, rows.responses_ids
+                ref = fwd.response_logits(reference, seqs, rows.attention_mask, rows.prompt_width)
+                rows.ref_logprobs = fwd.logprobs(ref, labels)
+                rows.ref_raw_logprobs = (
+                    rows.ref_logprobs if fwd.temperature == 1.0 else fwd.logprobs(ref, labels, raw=True)
+                )
+                rows.exact_kl = exact_kl(fwd, logits, ref)
+                del ref
             if rows.logprobs is None:  # else from the sampling pass (generation.logprobs_from: generate)
                 assert logits is not None, "critic-only iterations score the policy in the scoring pass"
                 names += ["logprobs", "raw_logprobs", "entropy"]
@@ -480,10 +551,16 @@ class Updater:
         # accumulated gradient is that of the whole minibatch's token means and DDP's average over ranks that
         # of the token means over every rank's minibatch (the ranks' tokens weigh alike, however the buffer was
         # sharded). PPO-ptx rows are weighted by their own target tokens in the same way.
+        # The policy loss's mean (ppo.loss_aggregation) may be over responses rather than tokens: its chunks are
+        # then weighted by their share of the minibatch's responses (those with a token to train on).
         size = p.micro_batch_size or mb.batch_size
         chunks = [list(range(i, min(i + size, mb.batch_size))) for i in range(0, mb.batch_size, size)]
         ar, n_chunks = self.all_reduce, len(chunks)
-        weights = token_weights(torch.stack([mb.response_mask[rows].sum() for rows in chunks]), ar)
+        tokens = torch.stack([mb.response_mask[rows].sum() for rows in chunks])
+        responses = torch.stack([mb.response_mask[rows].any(dim=1).sum() for rows in chunks])
+        by_token, by_response = token_weights(torch.stack([tokens, responses]), ar)
+        per_response = LOSS_AGGREGATIONS.spec(p.loss_aggregation).unit == "sequence"
+        policy_weights = by_response if per_response else by_token
         ptx = None
         if not critic_only and p.ptx_coef > 0 and self.ptx_batch is not None:
             ptx = self.ptx_batch(p.ptx_batch_size)
@@ -510,10 +587,15 @@ class Updater:
                     total_loss = total_loss + ptx_loss.detach()
                     _accumulate(metrics, {"loss/ptx": ptx_loss.detach() / p.ptx_coef}, 1.0)
             with self._no_sync(not last):
-                policy_loss, critic_loss, m = self._losses(chunk, critic_only, fill, kl_coef, weights[i])
-            loss = policy_loss.detach() + critic_loss.detach()
-            total_loss = total_loss + weights[i] * loss
-            _accumulate(metrics, m, weights[i])
+                policy_loss, critic_loss, pm, cm = self._losses(
+                    chunk, critic_only, fill, kl_coef, policy_weights[i], by_token[i]
+                )
+            total_loss = total_loss + policy_weights[i] * policy_loss.detach()
+            total_loss = total_loss + by_token[i] * critic_loss.detach()
+            # the policy's losses are means by its aggregation; every other metric is a token mean
+            _accumulate(metrics, {k: v for k, v in pm.items() if k.startswith("loss/")}, policy_weights[i])
+            _accumulate(metrics, {k: v for k, v in pm.items() if not k.startswith("loss/")}, by_token[i])
+            _accumulate(metrics, cm, by_token[i])
         ok = self._step(total_loss, critic_only, metrics)
         metrics["loss/total"] = total_loss
         return metrics, ok
@@ -542,10 +624,12 @@ class Updater:
         critic_only: bool,
         fill: Callable[[tuple[Tensor | None, Tensor | None]], Experience] | None,
         kl_coef: float | None,
-        weight: Tensor,
-    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Forward, loss and backward (of the loss times ``weight``) of each trained model on the micro-batch
-        ``mb``: (policy loss, 0 if ``critic_only``; critic loss, 0 without a critic; metrics).
+        policy_weight: Tensor,
+        critic_weight: Tensor,
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """Forward, loss and backward (of the loss times its weight) of each trained model on the micro-batch
+        ``mb``: (policy loss, 0 if ``critic_only``; critic loss, 0 without a critic; the policy's metrics; the
+        critic's).
 
         Without ``fill`` the models go one after the other, each backward right after its forward, which frees
         that model's graph: the activations of one model are held at a time, not of both. A fused update
@@ -557,21 +641,22 @@ class Updater:
             mb = self._normalized(fill((logits, values)))
         seqs, attn, width = mb.sequences, mb.attention_mask, mb.prompt_width
         zero = torch.zeros((), device=seqs.device)
-        policy_loss, critic_loss, metrics = zero, zero, {}
+        policy_loss, critic_loss = zero, zero
+        policy_metrics: dict[str, Tensor] = {}
+        critic_metrics: dict[str, Tensor] = {}
         # one backward per model (the two graphs share nothing): each engine owns its own gradients
         if not critic_only:
             if logits is None:
                 logits = self.fwd.response_logits(self.policy.model, seqs, attn, width)
-            policy_loss, metrics = self._policy_loss(mb, logits, kl_coef)
-            self.policy.backward(weight * policy_loss)
+            policy_loss, policy_metrics = self._policy_loss(mb, logits, kl_coef)
+            self.policy.backward(policy_weight * policy_loss)
             del logits
         if self.critic is not None:
             if values is None:
                 values = self.fwd.values(self.critic.model, seqs, attn, width)
             critic_loss, critic_metrics = self._critic_loss(mb, values)
-            self.critic.backward(weight * critic_loss)
-            metrics.update(critic_metrics)
-        return policy_loss, critic_loss, metrics
+            self.critic.backward(critic_weight * critic_loss)
+        return policy_loss, critic_loss, policy_metrics, critic_metrics
 
     def _policy_loss(
         self, mb: Experience, logits: Tensor, kl_coef: float | None
@@ -584,7 +669,8 @@ class Updater:
         metrics: dict[str, Tensor] = {}
         logprobs = self.fwd.logprobs(logits, mb.responses_ids)
         old = mb.logprobs if p.importance_sampling else mb.ref_logprobs
-        pg, pm = policy_loss(logprobs, old, mb.advantages, mask, p.clip_ratio, dual_clip=p.dual_clip)
+        agg = {"aggregation": p.loss_aggregation, "horizon": self.generation.max_new_tokens}
+        pg, pm = policy_loss(logprobs, old, mb.advantages, mask, p.clip_ratio, dual_clip=p.dual_clip, **agg)
         if self._measuring:
             gap = torch.where(mask, (logprobs.detach() - mb.logprobs).abs(), 0.0)
             n = mask.sum().clamp(min=1)
@@ -609,11 +695,13 @@ class Updater:
             metrics[f"policy/dual_clip_frac{vs}"] = pm["dual_clip_frac"]
         kl_coef = p.kl_coef if kl_coef is None else kl_coef
         if p.kl_in == "loss" and kl_coef > 0:
-            kl, km = kl_loss(logprobs, mb.ref_logprobs, mask, kl_coef, p.kl_estimator)
+            kl, km = kl_loss(logprobs, mb.ref_logprobs, mask, kl_coef, p.kl_estimator, p.kl_clamp, **agg)
             loss = loss + kl
             metrics["loss/kl"] = km["kl_loss"]
         if p.entropy_coef > 0:
-            ent, em = entropy_bonus_loss(self.fwd.entropy(logits), mask, p.entropy_coef, p.entropy_clip)
+            ent, em = entropy_bonus_loss(
+                self.fwd.entropy(logits), mask, p.entropy_coef, p.entropy_clip, **agg
+            )
             loss = loss + ent
             metrics.update(
                 {"loss/entropy": em["entropy_loss"], "policy/entropy_clipfrac": em["entropy_clipfrac"]}
