@@ -178,6 +178,7 @@ def test_kl_in_loss_holds_the_policy_near_the_reference(setup, tmp_path):
         "ppo.kl_estimator=k3",
         "ppo.kl_in=loss",
         "ppo.ppo_epochs=3",
+        "ppo.advantage_norm=true",  # whitened noise advantages: updates of a known size, whatever the default
         "optim.policy_lr=0.01",
         reward_fn("ppo_helpers:target_tokens", weight=0.0),
     ]

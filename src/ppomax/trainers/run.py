@@ -70,7 +70,7 @@ from accelerate.utils import DistributedType, set_seed
 from safetensors import SafetensorError
 
 from ppomax.checkpoint import prune_checkpoints, step_dirs
-from ppomax.config import load_config, to_yaml
+from ppomax.config import CONFIG_CLASSES, load_config, to_yaml
 from ppomax.console import console
 from ppomax.data.sources import fingerprint
 from ppomax.errors import ConfigError, RunStopped, UserError
@@ -147,7 +147,6 @@ class RunContext:
     accelerator: Accelerator
     out_dir: Path
     cfg: Any
-    kind: str
     resume_from: Path | None = None
     last_checkpoint: Path | None = None
     start_step: int = 0
@@ -168,6 +167,11 @@ class RunContext:
         if self._metrics is None:
             raise RuntimeError("the run has not started: call restore() first")
         return self._metrics
+
+    @property
+    def kind(self) -> str:
+        """The command whose config the run holds: "sft", "rm" or "ppo"."""
+        return next(kind for kind, cls in CONFIG_CLASSES.items() if isinstance(self.cfg, cls))
 
     @property
     def is_main(self) -> bool:
@@ -534,7 +538,6 @@ def open_run(
         accelerator,
         Path(cfg.logging.out_dir),
         cfg,
-        kind,
         data=RunData(dict(data or {}), allow_data_change),
         callbacks=Callbacks(callbacks, enabled=accelerator.is_main_process),
     )
