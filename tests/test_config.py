@@ -164,7 +164,7 @@ def test_console_script_entry_point():
     assert out.returncode == 0 and "kl_coef: 0.0" in out.stdout
 
 
-# --------------------------------------------------------------------------- issue 9 item 13: cross-key errors
+# --------------------------------------------------------------------------- cross-key errors
 
 
 @pytest.mark.parametrize(
@@ -202,7 +202,7 @@ def test_cross_key_errors_are_all_reported_one_line_each(capsys):
     assert "kl_coef" not in "\n".join(err)  # not the whole section
 
 
-# --------------------------------------------------------------------------- issue 9 item 7: score re-parameterisation
+# --------------------------------------------------------------------------- score re-parameterisation
 
 
 @pytest.mark.parametrize(
@@ -252,7 +252,7 @@ def test_every_paper_variant_is_a_preset_plus_overrides(overrides, transform, cl
     assert fig6_adv.ppo.reward_transform == "none" and fig6_adv.ppo.advantage_clip == 0.5
 
 
-# --------------------------------------------------------------------------- non-finite and boolean numbers (issue 12)
+# --------------------------------------------------------------------------- non-finite and boolean numbers
 
 
 def _numeric_keys(cls, prefix: str = "") -> list[tuple[str, type]]:
@@ -354,7 +354,7 @@ def test_odd_keys_are_one_line_errors():
         assert str(err.value) == f"--set '{key}=1': empty part in the key {key!r}"
 
 
-# --------------------------------------------------------------------------- issue 15 item 2: dual clip, KL control
+# --------------------------------------------------------------------------- dual clip, KL control
 
 
 @pytest.mark.parametrize(

@@ -328,7 +328,7 @@ def test_prompt_errors(tmp_path: Path) -> None:
 
 
 def test_prompts_do_not_validate_the_response(tmp_path: Path) -> None:
-    """PPO needs only the prompt: an empty answer rejects an SFT/RM record, never a prompt (issue 9 item 12)."""
+    """PPO needs only the prompt: an empty answer rejects an SFT/RM record, never a prompt."""
     rows = [
         # an HH-RLHF pair whose chosen answer is empty
         {"chosen": f"{H} Hi{A}", "rejected": f"{H} Hi{A} Go away."},
@@ -353,7 +353,7 @@ def test_prompts_do_not_validate_the_response(tmp_path: Path) -> None:
 
 def test_a_prompt_error_says_how_the_prompt_was_read(tmp_path: Path) -> None:
     """Plain text is one human turn; text with an HH marker is an HH dialogue. An HH look-alike without the blank
-    lines is the second kind, and the message says which rule hit it (issue 9 item 16)."""
+    lines is the second kind, and the message says which rule hit it."""
     rows = [
         {"prompt": "Human: hi Assistant:"},
         {"prompt": f"Context.{H} hi{A} hello"},
@@ -457,7 +457,7 @@ BLUE = {"role": "assistant", "content": "It is blue."}
 @pytest.mark.parametrize("fmt", ["hh", "chat_template"])
 def test_trl_conversational_formats_render_like_messages(tmp_path: Path, fmt: str) -> None:
     """TRL's prompt-completion (SFT), preference (RM) and prompt-only (PPO) records with message lists are read
-    through the same chat path as ``{"messages": [...]}`` (issue 9 item 13)."""
+    through the same chat path as ``{"messages": [...]}``."""
     from transformers import AutoTokenizer
 
     from helpers import CHATML_TEMPLATE, make_tiny_tokenizer
@@ -688,7 +688,7 @@ def test_the_default_chat_format_is_the_tokenizers_template_when_it_has_one(tmp_
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# text that is not Unicode, bytes that are not UTF-8, empty HH turns (issue 12)
+# text that is not Unicode, bytes that are not UTF-8, empty HH turns
 
 LOADERS = {"sft": load_sft_examples, "pairs": load_preference_pairs, "prompts": load_prompts}
 GOOD = {

@@ -1,5 +1,5 @@
 """Data problems reached through the commands users run: one line naming the config key or `file:line`, exit code 2,
-no traceback (issue 9)."""
+no traceback."""
 
 from __future__ import annotations
 
@@ -141,8 +141,7 @@ def test_prompt_budget_below_the_special_prefix_names_the_key(
 def test_a_lone_surrogate_in_the_data_is_one_line_or_a_counted_skip(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], on_bad_line: str
 ) -> None:
-    """A JSON lone surrogate reached the tokenizer, outside the loader's error handling: a TypeError traceback
-    (issue 12)."""
+    """A JSON lone surrogate reached the tokenizer, outside the loader's error handling: a TypeError traceback."""
     model = make_tiny_lm(tmp_path)
     train = tmp_path / "train.jsonl"
     rows = [*RECORDS[:2], {"prompt": "Repeat \ud800.", "response": "x"}, *RECORDS[2:]]

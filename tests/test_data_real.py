@@ -95,7 +95,7 @@ def test_hh_fail_fast_stops_at_the_first_bad_record() -> None:
 
 @needs_hh
 def test_hh_as_prompts_and_sft() -> None:
-    # PPO needs only the prompt: an empty chosen answer does not reject it, even fail-fast (issue 9 item 12)
+    # PPO needs only the prompt: an empty chosen answer does not reject it, even fail-fast
     stats = LoadStats()
     prompts = load_prompts(HH, stats=stats)
     assert len(prompts) == 2312 and stats.skipped == 0 and all(p.prompt.endswith(A) for p in prompts)

@@ -95,7 +95,7 @@ def test_bos_is_kept_in_front_and_counted_in_the_budget(bos_tok) -> None:
     assert ids[0] == bos and ids.count(bos) == 1 and len(ids) <= 30
     # a text that already starts with the BOS string (chat templates write it) gets no second one
     assert tokenize_prompt(bos_tok, "<s>" + f"{H} a{A}", 100).count(bos) == 1
-    # a user error naming the config key the budget comes from (issue 9 item 11)
+    # a user error naming the config key the budget comes from
     with pytest.raises(
         ConfigError, match=r"^data\.max_prompt_tokens: must be at least 2 \(the tokenizer puts 1 "
     ):

@@ -1,4 +1,4 @@
-"""The critic-free advantage estimators in the PPO trainer (issue 15 items 1 and 3): `ppo.advantage_estimator`
+"""The critic-free advantage estimators in the PPO trainer: `ppo.advantage_estimator`
 grpo / rloo / reinforce_pp and group sampling (`generation.samples_per_prompt`) end to end on the tiny models of
 ppo_helpers: no critic exists anywhere (models, optimisers, checkpoints, final models, metrics, `ppomax plan`),
 the n responses of a prompt stay together through the buffer and the minibatches, a resumed GRPO run continues

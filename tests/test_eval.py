@@ -276,7 +276,7 @@ def test_baseline_cache_gives_the_same_result(models, world_prompts):
 
 
 def test_cli_help_points_to_files_in_the_repo(capsys):
-    """`ppomax eval --help` named DESIGN.md, which ships outside the repo: help points to the README (issue 9)."""
+    """`ppomax eval --help` named DESIGN.md, which ships outside the repo: help points to the README."""
     from ppomax.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the config parser (issue 12): ``--set KEY=VALUE`` overrides and YAML files.
+"""Property-based fuzzing of the config parser: ``--set KEY=VALUE`` overrides and YAML files.
 
 Every generated case gives a validated config or a :class:`ConfigError` whose lines name the offending key; never
 another exception. A config that validates holds exactly the value that was written (read as YAML), has no

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of every data loader (issue 12): SFT examples, preference pairs, PPO prompts and PPO-ptx
+"""Property-based fuzzing of every data loader: SFT examples, preference pairs, PPO prompts and PPO-ptx
 text, from .jsonl, .jsonl.gz, .json, .json.gz and `datasets` directories.
 
 Each generated file must give, for every record, a loaded item, a counted skip (``on_error="skip"``) or one

@@ -387,7 +387,7 @@ def test_load_tokenizer_pads_left_and_falls_back_to_eos(tmp_path):
         load_tokenizer(tmp_path / "notok")
 
 
-# ---------------------------------------------------------------- broken, hostile and NaN weight files (issue 12)
+# ---------------------------------------------------------------- broken, hostile and NaN weight files
 
 
 class _Hostile:
@@ -498,7 +498,7 @@ def test_a_nan_policy_stops_before_sampling_with_one_line(tmp_path, capsys, one_
     )
 
 
-# ---------------------------------------------------------------- hostile pickles in a run's checkpoint (issue 12)
+# ---------------------------------------------------------------- hostile pickles in a run's checkpoint
 
 
 @pytest.fixture(scope="module")

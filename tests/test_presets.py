@@ -1,4 +1,4 @@
-"""The shipped presets against the Python defaults, and their citations (issue 9 items 6 and 9)."""
+"""The shipped presets against the Python defaults, and their citations."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_every_preset_value_names_its_source(name):
             assert SOURCE.search(comment), f"{name}: no source in the comment of {line!r}"
 
 
-BEYOND = {  # the critic-free presets cite their own papers (issue 15 item 3)
+BEYOND = {  # the critic-free presets cite their own papers
     "grpo": re.compile(r"\b(Shao et al\.|ours)"),
     "rloo": re.compile(r"\b(Ahmadian et al\.|ours)"),
     "reinforce_pp": re.compile(r"\b(Hu 2025|ours)"),
@@ -141,7 +141,7 @@ def test_cli_prints_the_resolved_critic_free_presets(name, capsys):
 
 
 def test_citations_checked_against_the_paper_text():
-    """Citations that were wrong once (issue 9 item 9), against the paper's text: app. C.3 uses lambda 0.9 (0.95 is
+    """Citations that were wrong once, against the paper's text: app. C.3 uses lambda 0.9 (0.95 is
     MOSS-RLHF's), the sampling settings are given in section 6.1, eq. 15 gives no epsilon, app. C.3 no gamma."""
     desc = dict(_recipe_fields())
     for key in ("temperature", "top_p", "repetition_penalty"):

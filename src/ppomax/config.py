@@ -736,7 +736,7 @@ class PPOSettings(_Section):
         gt=0,
         description="null = unclipped surrogate. Paper eq. 15 / app. C.1 give no epsilon; 0.2: MOSS-RLHF code.",
     )
-    # Beyond the paper: dual clip, adaptive KL coefficient, KL as a loss term (issue 15)
+    # Beyond the paper: dual clip, adaptive KL coefficient, KL as a loss term
     dual_clip: float | None = Field(
         None,
         gt=1,

@@ -42,7 +42,7 @@ from ppomax.errors import UserError
 # A gold fall smaller than this is noise: the sd of one rollout's gold mean is ~0.07 on this world, so a peak of a
 # 12-step moving average sits up to ~0.05 above the level it fluctuates around.
 GOLD_NOISE = 0.1
-OVER_OPT_FRACTION = 0.1  # the issue's "gold fell by >= 10% of its rise from its peak"
+OVER_OPT_FRACTION = 0.1  # over-optimised: gold fell by >= 10% of its rise from its peak
 
 
 def _gold(records: Sequence[dict[str, Any]]) -> list[float]:
@@ -71,7 +71,7 @@ def gold_fall_step(records: Sequence[dict[str, Any]], window: int | None = None)
 
 
 def over_optimised(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's definition: gold fell from its peak by at least 10% of its rise (start -> peak), and by at
+    """Over-optimised: gold fell from its peak by at least 10% of its rise (start -> peak), and by at
     least :data:`GOLD_NOISE`, while the RM reward kept rising (its end above its value at gold's peak). Start, peak
     and end as :func:`ppomax.demo.report.trajectory` (15% windows of the smoothed curve)."""
     gold, rm = _gold(records), _rm(records)
@@ -248,11 +248,6 @@ def run_numbers(
 
 
 # ------------------------------------------------------------------------------------------------ verdicts
-
-
-def _mean(xs: Sequence[Any]) -> float:
-    vals = [float(x) for x in xs if isinstance(x, int | float) and not isinstance(x, bool)]
-    return fmean(vals) if vals else float("nan")
 
 
 def _majority(flags: Sequence[bool]) -> bool:

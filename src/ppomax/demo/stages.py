@@ -5,7 +5,6 @@ directories, and leaves a trained artefact there. They call the same trainers an
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -358,10 +357,6 @@ def evaluate_all(
         )
         write_json(res, d / f"{name}_vs_sft.json")
     write_json(rm_accuracy(rm, tok, world, prof), d / "rm_accuracy.json")
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)
 
 
 def write_demo_report(

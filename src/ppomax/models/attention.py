@@ -5,7 +5,7 @@ and its decode steps), while the matmuls around it are 2.4x (AVX512-BF16) to 7x 
 (``bench/attention.py``). Under bf16 autocast (how ppomax trains with ``model.dtype: bfloat16``), or training
 bf16 weights (DeepSpeed's bf16 mode), ppomax therefore computes attention in float32 on CPU and returns its output
 in bf16, as the bf16 kernel would: a bf16 PPO iteration of a 21.5M-parameter Llama ran 14% faster (generation
--22%, training -13%; BENCHMARKS.md, issue 14), and its gradients are as close to float32's or closer. Anywhere
+-22%, training -13%; BENCHMARKS.md), and its gradients are as close to float32's or closer. Anywhere
 else (float32, CUDA, a frozen bf16 model's no-grad forward, where the bf16 kernel is as fast) it is transformers'
 own SDPA, unchanged.
 

@@ -51,11 +51,6 @@ def number_of(word: str) -> int | None:
     return NUMBER_VALUE.get(word)
 
 
-def numbers_in(ws: Iterable[str]) -> set[int]:
-    """All integers mentioned in a word list."""
-    return {n for n in (number_of(w) for w in ws) if n is not None}
-
-
 def repetition(ws: list[str], n: int = 3) -> float:
     """seq-rep-n: 1 - distinct n-grams / n-grams, in [0, 1). 0 for texts shorter than n + 1 words."""
     grams = [tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)]
