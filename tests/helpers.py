@@ -17,6 +17,12 @@ DEFAULT_TEXTS = [
     "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 + - = ? ! , .",
 ]
 
+
+def set_args(*overrides: str) -> list[str]:
+    """``--set`` before each ``KEY=VALUE``: a train command's arguments for these overrides."""
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
 #: a small ChatML-style template (same shape as Qwen's) for chat_template tests
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import set_args
 from ppo_helpers import FAST, make_setup
 from ppomax.cli import main
 from tiny_lm import make_tiny_lm, write_jsonl
@@ -99,7 +100,7 @@ def test_chat_template_without_template_train_ppo(tmp_path: Path, capsys: pytest
         "data.chat_format=chat_template",
     ]
     capsys.readouterr()  # the setup's own output (transformers' save bars)
-    rc = main(["train-ppo", "--preset", "ppo_max", *[a for o in sets for a in ("--set", o)]])
+    rc = main(["train-ppo", "--preset", "ppo_max", *set_args(*sets)])
     assert rc == 2
     _one_line_error(capsys.readouterr().err, "data.chat_format", "no chat template")
 
@@ -149,7 +150,7 @@ def test_a_lone_surrogate_in_the_data_is_one_line_or_a_counted_skip(
     capsys.readouterr()  # the setup's own output (transformers' save bars)
     sets = [f"model.policy={model}", f"data.train={train}", f"logging.out_dir={tmp_path / 'run'}"]
     sets += ["logging.progress=false", "logging.tensorboard=false", f"data.on_bad_line={on_bad_line}"]
-    rc = main(["train-sft", *[a for o in sets for a in ("--set", o)]])
+    rc = main(["train-sft", *set_args(*sets)])
     err = capsys.readouterr().err
     if on_bad_line == "fail":
         assert rc == 2
@@ -162,7 +163,7 @@ def test_a_lone_surrogate_in_the_data_is_one_line_or_a_counted_skip(
 def _train_rm(tmp_path: Path, model: Path, pairs: Path) -> int:
     sets = [f"model.policy={model}", f"data.train={pairs}", f"logging.out_dir={tmp_path / 'run'}"]
     sets += ["logging.progress=false", "logging.tensorboard=false"]
-    return main(["train-rm", *[a for o in sets for a in ("--set", o)]])
+    return main(["train-rm", *set_args(*sets)])
 
 
 HH_EMPTY_CHOSEN = [

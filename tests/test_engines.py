@@ -24,6 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import set_args
 from launch_helpers import accelerate_launch
 from ppo_helpers import FAST, make_setup
 from tiny_lm import make_tiny_lm, write_jsonl
@@ -48,10 +49,6 @@ def launch(engine: str | None, processes: int, *args: str) -> subprocess.Complet
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
 
 
-def sets(*overrides: str) -> list[str]:
-    return [x for o in overrides for x in ("--set", o)]
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return make_setup(tmp_path_factory.mktemp("engines"))
@@ -60,7 +57,7 @@ def setup(tmp_path_factory):
 def ppo_args(setup, out: Path, per_rank: int, *extra: str) -> list[str]:
     return [
         "train-ppo",
-        *sets(
+        *set_args(
             f"model.policy={setup.policy}",
             f"model.reward={setup.reward}",
             f"data.prompts={setup.prompts}",
@@ -153,7 +150,7 @@ def test_deepspeed_resume_is_exact(setup, engine):
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = launch(engine, 2, *ppo_args(setup, part, 4, *common, "ppo.iterations=1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = launch(engine, 2, "train-ppo", "--resume", str(part), *sets("ppo.iterations=2"))
+    proc = launch(engine, 2, "train-ppo", "--resume", str(part), *set_args("ppo.iterations=2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     drop = ("time/", "perf/")
     clean = [
@@ -186,7 +183,7 @@ def test_sft_and_rm_under_deepspeed(tmp_path, engine):
             engine,
             2,
             command,
-            *sets(*base, *extra, f"data.train={data}", f"logging.out_dir={out}", "data.valid_fraction=0"),
+            *set_args(*base, *extra, f"data.train={data}", f"logging.out_dir={out}", "data.valid_fraction=0"),
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (out / "final" / "model.safetensors").is_file()
@@ -297,7 +294,7 @@ def test_deepspeed_resume_never_runs_a_planted_pickle(setup, tmp_path):
     states = sorted((out / "checkpoints" / "step-1" / "pytorch_model").glob("*optim_states.pt"))
     marker = tmp_path / "PWNED"
     write_hostile_pickle(states[0], marker)
-    proc = launch("zero2", 2, "train-ppo", "--resume", str(out), *sets("ppo.iterations=2"))
+    proc = launch("zero2", 2, "train-ppo", "--resume", str(out), *set_args("ppo.iterations=2"))
     assert not marker.exists()
     assert proc.returncode != 0
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ppomax: ") and "refused" in ln]

@@ -36,7 +36,7 @@ from faults import (
     spawn,
     wait,
 )
-from helpers import DEFAULT_TEXTS, open_files_under
+from helpers import DEFAULT_TEXTS, open_files_under, set_args
 from ppo_helpers import FAST, make_setup, reward_fn
 from ppomax.cli import main
 from test_reward_trainer import _texts, rule_pairs
@@ -146,7 +146,7 @@ def _build(kind: str, root: Path) -> Trainer:
         "logging.keep_checkpoints=2",
         reward_fn("ppo_helpers:counted", counter=str(calls)),
     ]
-    command = ["train-ppo", "--preset", "ppo_max", *(a for s in sets for a in ("--set", s))]
+    command = ["train-ppo", "--preset", "ppo_max", *set_args(*sets)]
     return _reference(kind, command, root, ("data.prompts", setup.prompts), calls)
 
 
@@ -337,7 +337,7 @@ def test_a_zero3_ppo_run_with_2_processes_killed_in_checkpoint_writes_resumes_ex
             *launch,
             "--preset",
             "ppo_max",
-            *(a for s in [*sets, f"logging.out_dir={out}"] for a in ("--set", s)),
+            *set_args(*sets, f"logging.out_dir={out}"),
         ]
 
     ref, out = tmp_path / "ref", tmp_path / "run"

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from helpers import set_args
 from ppo_helpers import FAST, config, make_setup, reward_fn
 from ppomax.config import load_config
 from ppomax.errors import ConfigError
@@ -347,7 +348,7 @@ def test_two_process_cpu_ddp_lora_with_resume(setup, tmp_path):
         "ppo.minibatch_size=4",
         TARGET,
     ]
-    first = [*accelerate_launch(2), "train-ppo", *[a for s in sets for a in ("--set", s)]]
+    first = [*accelerate_launch(2), "train-ppo", *set_args(*sets)]
     proc = subprocess.run(first, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = [*accelerate_launch(2), "train-ppo", "--resume", str(out), "--set", "ppo.iterations=3"]

@@ -17,7 +17,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from helpers import make_tiny_tokenizer
+from helpers import make_tiny_tokenizer, set_args
 from ppomax.errors import ModelPathError
 from ppomax.models import (
     HEAD_META,
@@ -479,7 +479,7 @@ def test_a_nan_policy_stops_before_sampling_with_one_line(tmp_path, capsys, one_
     if command == "train-ppo":
         sets = [f"model.policy={s.policy}", f"model.reward={s.reward}", f"data.prompts={s.prompts}"]
         sets += [f"logging.out_dir={tmp_path / 'run'}", *FAST]
-        argv = ["train-ppo", *[a for o in sets for a in ("--set", o)]]
+        argv = ["train-ppo", *set_args(*sets)]
     else:
         argv = ["eval", "--policy", str(s.policy), "--baseline", str(s.policy), "--prompts", str(s.prompts)]
         argv += ["--judge", f"reward-model:{s.reward}", "--no-progress", "--max-new-tokens", "4"]

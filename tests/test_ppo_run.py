@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers import set_args
 from launch_helpers import accelerate_launch
 from ppo_helpers import FAST, config, make_setup, reward_fn
 from ppomax.cli import main
@@ -68,10 +69,6 @@ def setup(tmp_path_factory):
     return make_setup(tmp_path_factory.mktemp("ppo_run"))
 
 
-def _sets(*items: str) -> list[str]:
-    return [a for item in items for a in ("--set", item)]
-
-
 def _same_weights(model, safetensors_file) -> bool:
     """The model's weights equal a checkpoint's (accelerate saves tied weights once)."""
     saved, own = load_file(str(safetensors_file)), model.state_dict()
@@ -91,7 +88,7 @@ def test_cli_run_logs_every_metric_and_saves_loadable_models(setup, tmp_path):
         "train-ppo",
         "--config",
         str(cfg_file),
-        *_sets(
+        *set_args(
             f"model.reward={setup.reward}",
             f"data.prompts={setup.prompts}",
             f"data.ptx={setup.ptx}",
@@ -203,7 +200,7 @@ def test_resume_after_a_kill_replays_from_the_last_checkpoint(setup, tmp_path):
 
 def test_sigint_through_the_cli_then_resume_with_the_saved_config(setup, tmp_path):
     out = tmp_path / "run"
-    args = _sets(
+    args = set_args(
         f"model.policy={setup.policy}",
         f"model.reward={setup.reward}",
         f"data.prompts={setup.prompts}",
@@ -296,7 +293,7 @@ def test_a_minibatch_without_a_finite_score_is_no_update_and_no_divergence(setup
 
 def test_a_reward_function_that_raises_is_one_line_with_its_name_and_step(setup, tmp_path, capsys):
     for kind in ("ValueError", "TypeError"):  # a TypeError from inside was "could not be called"
-        args = _sets(
+        args = set_args(
             f"model.policy={setup.policy}",
             f"model.reward={setup.reward}",
             f"data.prompts={setup.prompts}",
@@ -368,7 +365,7 @@ def test_two_process_cpu_ddp_with_resume(setup, tmp_path):
         *launch,
         "--preset",
         "ppo_ptx",
-        *_sets(
+        *set_args(
             f"model.policy={setup.policy}",
             f"model.reward={setup.reward}",
             f"data.prompts={setup.prompts}",

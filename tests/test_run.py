@@ -14,7 +14,7 @@ import shutil
 import pytest
 import yaml
 
-from helpers import open_files_under
+from helpers import open_files_under, set_args
 from ppomax.cli import main
 from ppomax.config import load_config
 from ppomax.monitor import read_metrics
@@ -375,7 +375,7 @@ def test_a_model_path_that_is_not_there_names_its_key_and_writes_nothing(tmp_pat
             else [f"data.prompts={data}", "model.reward=nowhere"]
         ),
     ]
-    assert main([command, *(x for s in sets for x in ("--set", s))]) == 2
+    assert main([command, *set_args(*sets)]) == 2
     err = capsys.readouterr().err
     expected = "ppomax: model.policy: HuggingFaceTB/not-in-the-cache is not in the Hub cache and HF_HUB_OFFLINE is set"
     assert expected in err, err

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from helpers import set_args
 from ppomax.cli import main
 from ppomax.config import load_config
 from ppomax.data import IGNORE_INDEX, LoadStats, SFTCollator, SFTExample, pad_id_of, tokenize_sft
@@ -154,7 +155,7 @@ def test_pretrain_from_config_only_directory(tmp_path, capsys):
         f"logging.out_dir={tmp_path / 'run'}",
         "logging.progress=false",
     ]
-    args = ["train-sft"] + [a for o in overrides for a in ("--set", o)]
+    args = ["train-sft", *set_args(*overrides)]
     assert main(args) == 0
     losses = _losses(read_metrics(tmp_path / "run" / "metrics.jsonl"), "train/loss")
     assert losses[0] > math.log(len(tok)) - 1.0  # random init: about uniform
@@ -163,7 +164,7 @@ def test_pretrain_from_config_only_directory(tmp_path, capsys):
     # without init_from_config the weightless directory is refused with a hint
     again = [o for o in overrides if not o.startswith(("init_from_config", "logging.out_dir"))]
     again.append(f"logging.out_dir={tmp_path / 'r2'}")
-    assert main(["train-sft"] + [a for o in again for a in ("--set", o)]) == 2
+    assert main(["train-sft", *set_args(*again)]) == 2
     assert "init_from_config" in capsys.readouterr().err
 
 
