@@ -21,10 +21,12 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(BIN)/ppomax demo --quick $(ARGS)
 
-# CI runs this: lint and format checks first (they take a second), then the default suite.
+# CI runs this: lint, format and type checks first (seconds; mypy's first run about a minute), then the default
+# suite.
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 test-all: $(STAMP)
@@ -33,6 +35,7 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format src tests bench

@@ -251,7 +251,7 @@ def _load(
     out: list[T] = []
     for rec, item in map_records(source, parse, on_error=on_error, stats=own):
         if hasattr(item, "where"):
-            item.where = rec.where  # type: ignore[attr-defined]
+            item.where = rec.where
         out.append(item)
     if not out:
         raise DataError(as_source(source).name, None, f"no usable {kind}", own.summary())
