@@ -119,6 +119,11 @@ def main() -> int:
     ap.add_argument("--test-pairs", type=int, default=300)
     ap.add_argument("--ppo-iterations", type=int, default=10)
     ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument(
+        "--reuse-rm",
+        action="store_true",
+        help="keep the reward model an earlier run of the bench trained in --out (same --rm-pairs, --test-pairs)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.rm_pairs, args.test_pairs, args.ppo_iterations = 16, 8, 2
@@ -165,7 +170,12 @@ def main() -> int:
         "logging.progress=false",
     ]
     cmd = [*py, "train-rm", "--overwrite", *sets(rm_sets)]
-    summary["runs"]["rm"] = run(cmd, out / "rm.log", env)
+    rm_run = out / "rm_run.json"
+    if args.reuse_rm and rm_run.is_file() and (rm_dir / "rm_eval_test.json").is_file():
+        summary["runs"]["rm"] = {**json.loads(rm_run.read_text()), "reused": True}
+    else:
+        summary["runs"]["rm"] = run(cmd, out / "rm.log", env)
+        rm_run.write_text(json.dumps(summary["runs"]["rm"], indent=1))
     rm_eval = json.loads((rm_dir / "rm_eval_test.json").read_text())
     summary["rm_test_accuracy"] = rm_eval["accuracy"]
     summary["rm_test_pairs"] = rm_eval["pairs"]
