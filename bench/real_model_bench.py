@@ -171,8 +171,9 @@ def main() -> int:
     ]
     cmd = [*py, "train-rm", "--overwrite", *sets(rm_sets)]
     rm_run = out / "rm_run.json"
-    if args.reuse_rm and rm_run.is_file() and (rm_dir / "rm_eval_test.json").is_file():
-        summary["runs"]["rm"] = {**json.loads(rm_run.read_text()), "reused": True}
+    if args.reuse_rm and (rm_dir / "rm_eval_test.json").is_file():
+        earlier = json.loads(rm_run.read_text()) if rm_run.is_file() else {}
+        summary["runs"]["rm"] = {**earlier, "reused": True}
     else:
         summary["runs"]["rm"] = run(cmd, out / "rm.log", env)
         rm_run.write_text(json.dumps(summary["runs"]["rm"], indent=1))
