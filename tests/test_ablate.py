@@ -43,7 +43,12 @@ def test_every_variant_is_its_preset_plus_valid_overrides(tmp_path, variant):
         0,
         False,
     )
-    changed = {k for k, v in cfg.ppo.model_dump().items() if base.ppo.model_dump()[k] != v}
+
+    def dotted(ppo):  # the kl group's keys as kl.coef, ...
+        out = ppo.model_dump()
+        return {**{k: v for k, v in out.items() if k != "kl"}, **{f"kl.{k}": v for k, v in out["kl"].items()}}
+
+    changed = {k for k, v in dotted(cfg.ppo).items() if dotted(base.ppo)[k] != v}
     named = {o.split("=")[0].split(".", 1)[1] for o in variant.overrides if o.startswith("ppo.")}
     assert changed <= named, (variant.name, changed - named)  # nothing else moves
     if variant.name == "policy_pretrained":
@@ -51,7 +56,7 @@ def test_every_variant_is_its_preset_plus_valid_overrides(tmp_path, variant):
     if variant.name == "ppo_ptx":
         assert cfg.ppo.ptx_coef > 0 and cfg.data.ptx == f"{tmp_path / 'world'}/sft_train.jsonl"
         assert (
-            cfg.ppo.kl_coef
+            cfg.ppo.kl.coef
             == demo_stages.ppo_config(
                 tmp_path,
                 "ppo_max",
@@ -61,7 +66,7 @@ def test_every_variant_is_its_preset_plus_valid_overrides(tmp_path, variant):
                 PROFILES["full"],
                 0,
                 False,
-            ).ppo.kl_coef
+            ).ppo.kl.coef
         )  # PPO-ptx differs from PPO-max by the ptx term only
     assert read_preset(variant.preset)  # a shipped preset
 
@@ -241,6 +246,7 @@ def test_frontier_and_costs_from_records():
     costs = iteration_costs(recs)
     assert costs == {"seconds_per_iteration": 1.0, "train_seconds": 26.0, "critic_only_iterations": 3}
     st = method_settings({"ppo": {"kl_coef": 0.5, "kl_estimator": "k1"}})  # a run made before the switches
+    assert (st["kl_coef"], st["kl_estimator"]) == (0.5, "k1")  # and before the kl group
     assert st["advantage_estimator"] == "gae" and st["samples_per_prompt"] == 1 and st["kl_in"] == "reward"
 
 
@@ -339,7 +345,7 @@ def test_report_has_the_estimators_section(tmp_path):
 
     variants = [
         Variant("ppo_max", "fig. 5", "ppo_max", (), "PPO-max"),
-        Variant("grpo", ESTIMATORS, "grpo", ("ppo.kl_coef=0.5",), "GRPO"),
+        Variant("grpo", ESTIMATORS, "grpo", ("ppo.kl.coef=0.5",), "GRPO"),
     ]
     stages = {"ppo_max": "ppo_max", "grpo": "ppo_grpo"}
     settings = {"ppo_max": ("gae", 1), "grpo": ("grpo", 4)}
@@ -353,7 +359,7 @@ def test_report_has_the_estimators_section(tmp_path):
             (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
             est, spp = settings[name]
             (run / "config.yaml").write_text(
-                f"ppo:\n  advantage_estimator: {est}\n  kl_coef: 0.5\n  kl_estimator: k1\n"
+                f"ppo:\n  advantage_estimator: {est}\n  kl:\n    coef: 0.5\n    estimator: k1\n"
                 f"generation:\n  samples_per_prompt: {spp}\n"
             )
             ev = d / f"eval_{name}"
@@ -425,12 +431,12 @@ def test_estimators_group_is_ppo_max_and_the_critic_free_presets_at_equal_sample
             "minibatch_size",
             "ppo_epochs",
             "iterations",
-            "kl_coef",
         ):
             assert getattr(c.ppo, key) == getattr(base.ppo, key), (
                 name,
                 key,
-            )  # equal samples and KL coefficient
+            )  # equal samples
+        assert c.ppo.kl.coef == base.ppo.kl.coef, name  # and KL coefficient
         assert c.optim.policy_lr == base.optim.policy_lr
     assert (
         cfg("grpo").generation.samples_per_prompt == 4
@@ -458,7 +464,7 @@ def test_report_only_writes_a_report_from_a_partial_ablation(tmp_path):
             run.mkdir(parents=True)
             recs = _method_recs(fast=name == "vanilla", over=name == "vanilla", seconds=1.0, seed=s)
             (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-            (run / "config.yaml").write_text("ppo:\n  advantage_estimator: gae\n  kl_coef: 0.0\n")
+            (run / "config.yaml").write_text("ppo:\n  advantage_estimator: gae\n  kl:\n    coef: 0.0\n")
             if (name, s) == ("vanilla", 1):
                 continue  # trained, evaluation interrupted
             ev = d / f"eval_{name}"

@@ -345,7 +345,7 @@ def test_kl_estimators_sign_conventions_by_hand() -> None:
     torch.testing.assert_close(kl_per_token(logp, ref, "k2"), torch.tensor([[0.5, 2.0]]))
     k3 = [math.exp(-1) - 1 + 1, math.exp(2) - 1 - 2]
     torch.testing.assert_close(kl_per_token(logp, ref, "k3"), torch.tensor([k3]))
-    with pytest.raises(ValueError, match="kl_estimator"):
+    with pytest.raises(ValueError, match=r"kl\.estimator"):
         kl_per_token(logp, ref, "k4")  # type: ignore[arg-type]
 
 

@@ -33,15 +33,20 @@ def test_every_declared_entry_has_its_function(table):
 
 @pytest.mark.parametrize("table", TABLES, ids=lambda t: t.kind)
 def test_the_config_accepts_exactly_the_declared_names(table):
-    field = PPOSettings.model_fields[table.kind]
-    assert set(get_args(field.annotation)) == set(table.names())
+    *group, key = table.kind.split(".")  # kl.estimator: the key `estimator` of the section ppo.kl
+    section = PPOSettings.model_fields[group[0]].annotation if group else PPOSettings
+    assert set(get_args(section.model_fields[key].annotation)) == set(table.names())
+
+    def settings(name):
+        return PPOSettings(**({group[0]: {key: name}} if group else {key: name}))
+
     for name in table.names():
         try:
-            PPOSettings(**{table.kind: name})
+            settings(name)
         except ValueError as err:  # a combination error is fine; an unknown name is not
             assert "Input should be" not in str(err)
     with pytest.raises(ValueError, match="Input should be"):
-        PPOSettings(**{table.kind: "nonexistent"})
+        settings("nonexistent")
 
 
 @pytest.mark.parametrize("table", TABLES, ids=lambda t: t.kind)
@@ -78,7 +83,7 @@ def test_the_update_never_sends_an_unknown_estimator_to_another():
     """A name that passed no validation (a settings object built without it) reaches the update: an error naming
     the table's entries, not RLOO's advantages."""
     cfg = load_config("ppo", preset="rloo")
-    ppo = PPOSettings.model_construct(**{**cfg.ppo.model_dump(), "advantage_estimator": "rloo_typo"})
+    ppo = PPOSettings.model_construct(**{**dict(cfg.ppo), "advantage_estimator": "rloo_typo"})
     with pytest.raises(ValueError, match="unknown advantage_estimator 'rloo_typo'"):
         compute_advantages(_experience(), ppo, cfg.generation, RunningMoments())
 
@@ -107,11 +112,11 @@ def test_the_specs_decide_the_config_checks():
                     "ppo", overrides=[f"ppo.advantage_estimator={name}", "ppo.critic_pretrain_steps=0"]
                 )
     for name in KL_ESTIMATORS.names():
-        over = [f"ppo.kl_estimator={name}", "ppo.kl_in=loss"]
+        over = [f"ppo.kl.estimator={name}", "ppo.kl.acts_in=loss"]
         if KL_ESTIMATORS.spec(name).as_loss:
             load_config("ppo", overrides=over)
         else:
-            with pytest.raises(ConfigError, match=r"ppo\.kl_in, ppo\.kl_estimator"):
+            with pytest.raises(ConfigError, match=r"ppo\.kl\.acts_in, ppo\.kl\.estimator"):
                 load_config("ppo", overrides=over)
 
 

@@ -23,13 +23,11 @@ from ppomax.config import (
 from ppomax.errors import ConfigError
 
 TABLE_KEYS = [
-    "kl_coef",
-    "kl_estimator",
+    "kl",
     "importance_sampling",
     "entropy_coef",
     "entropy_clip",
-    "reward_scaling",
-    "reward_norm",
+    "reward_transform",
     "reward_clip",
     "advantage_norm",
     "advantage_clip",
@@ -64,18 +62,18 @@ def test_presets_load_and_every_number_is_commented(name):
 
 def test_ppo_max_matches_the_paper_recipe():
     ppo = load_config("ppo", preset="ppo_max").ppo
-    assert ppo.kl_coef == 0.05 and ppo.kl_estimator == "k1"
-    assert ppo.importance_sampling and ppo.reward_norm and ppo.reward_clip is not None
+    assert ppo.kl.coef == 0.05 and ppo.kl.estimator == "k1"
+    assert ppo.importance_sampling and ppo.reward_transform == "normalize" and ppo.reward_clip is not None
     assert not ppo.advantage_norm and ppo.advantage_clip is None  # 5.4 lists it not; fig. 5 marks it not
     assert ppo.value_clip == 0.2 and ppo.clip_ratio == 0.2 and ppo.max_grad_norm == 1.0
     assert ppo.critic_init == "reward_model" and ppo.critic_pretrain_steps > 0
-    assert ppo.entropy_coef == 0 and not ppo.reward_scaling
+    assert ppo.entropy_coef == 0
     assert (ppo.gamma, ppo.lam) == (1.0, 0.95)
 
 
 def test_vanilla_turns_the_tricks_off():
     ppo = load_config("ppo", preset="vanilla").ppo
-    assert ppo.kl_coef == 0 and not ppo.reward_norm and ppo.reward_clip is None
+    assert ppo.kl.coef == 0 and ppo.reward_transform == "none" and ppo.reward_clip is None
     assert not ppo.advantage_norm and ppo.value_clip is None and ppo.critic_pretrain_steps == 0
     assert ppo.clip_ratio == 0.2
 
@@ -93,9 +91,9 @@ def test_ppo_ptx_inherits_ppo_max():
 
 def test_overrides_are_typed_yaml_values():
     assert parse_override("ppo.reward_clip=null") == (["ppo", "reward_clip"], None)
-    assert parse_override("ppo.kl_coef=0.1") == (["ppo", "kl_coef"], 0.1)
-    cfg = load_config("ppo", preset="ppo_max", overrides=["ppo.kl_coef=0.1", "ppo.value_clip=null", "seed=7"])
-    assert cfg.ppo.kl_coef == 0.1 and cfg.ppo.value_clip is None and cfg.seed == 7
+    assert parse_override("ppo.kl.coef=0.1") == (["ppo", "kl", "coef"], 0.1)
+    cfg = load_config("ppo", preset="ppo_max", overrides=["ppo.kl.coef=0.1", "ppo.value_clip=null", "seed=7"])
+    assert cfg.ppo.kl.coef == 0.1 and cfg.ppo.value_clip is None and cfg.seed == 7
     assert apply_overrides({"a": {"b": 1}}, ["a.c=2"]) == {"a": {"b": 1, "c": 2}}
 
 
@@ -103,9 +101,9 @@ def test_overrides_are_typed_yaml_values():
     ("override", "expected"),
     [
         ("ppo.kl_cof=0.1", r"ppo\.kl_cof: unknown key"),
-        ("ppo.kl_estimator=k4", r"ppo\.kl_estimator: must be one of 'k1', 'k2' or 'k3'"),
+        ("ppo.kl.estimator=k4", r"ppo\.kl\.estimator: must be one of 'k1', 'k2' or 'k3'"),
         ("generation.top_p=1.5", r"generation\.top_p: .*less than or equal to 1"),
-        ("ppo.kl_coef=-1", r"ppo\.kl_coef: .*greater than or equal to 0"),
+        ("ppo.kl.coef=-1", r"ppo\.kl\.coef: .*greater than or equal to 0"),
         ("ppo.buffer_size=100", r"multiple of rollout_batch_size"),
         ("nonsense", r"expected KEY=VALUE"),
     ],
@@ -117,9 +115,9 @@ def test_bad_values_name_the_key(override, expected):
 
 def test_yaml_file_on_top_of_preset(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("preset: vanilla\nppo:\n  kl_coef: 0.01\nmodel:\n  policy: /models/sft\n")
+    path.write_text("preset: vanilla\nppo:\n  kl:\n    coef: 0.01\nmodel:\n  policy: /models/sft\n")
     cfg = load_config("ppo", path=path)
-    assert cfg.preset == "vanilla" and cfg.ppo.kl_coef == 0.01 and cfg.model.policy == "/models/sft"
+    assert cfg.preset == "vanilla" and cfg.ppo.kl.coef == 0.01 and cfg.model.policy == "/models/sft"
     assert cfg.ppo.value_clip is None  # inherited from vanilla
 
 
@@ -135,7 +133,7 @@ def test_bad_files(tmp_path):
 
 
 def test_resolved_yaml_round_trips(tmp_path):
-    cfg = load_config("ppo", preset="ppo_max", overrides=["ppo.kl_coef=0.2"])
+    cfg = load_config("ppo", preset="ppo_max", overrides=["ppo.kl.coef=0.2"])
     path = tmp_path / "resolved.yaml"
     path.write_text(to_yaml(cfg))
     assert load_config("ppo", path=path) == cfg
@@ -150,9 +148,9 @@ def test_check_runnable_names_missing_keys():
 
 
 def test_cli_config_prints_resolved_preset(capsys):
-    assert main(["config", "--preset", "ppo_max", "--set", "ppo.kl_coef=0.3"]) == 0
+    assert main(["config", "--preset", "ppo_max", "--set", "ppo.kl.coef=0.3"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["ppo"]["kl_coef"] == 0.3 and printed["preset"] == "ppo_max"
+    assert printed["ppo"]["kl"]["coef"] == 0.3 and printed["preset"] == "ppo_max"
     assert main(["config", "--preset", "ppo_max", "--set", "ppo.nope=1"]) == 2
     assert "ppo.nope: unknown key" in capsys.readouterr().err
 
@@ -161,7 +159,7 @@ def test_console_script_entry_point():
     out = subprocess.run(
         [sys.executable, "-m", "ppomax.cli", "config", "--preset", "vanilla"], capture_output=True, text=True
     )
-    assert out.returncode == 0 and "kl_coef: 0.0" in out.stdout
+    assert out.returncode == 0 and "  kl:\n    coef: 0.0\n" in out.stdout
 
 
 # --------------------------------------------------------------------------- cross-key errors
@@ -199,7 +197,7 @@ def test_cross_key_errors_are_all_reported_one_line_each(capsys):
         "  ppo.buffer_size, ppo.rollout_batch_size: buffer_size (100) must be a multiple of rollout_batch_size (32)",
         "  ppo.buffer_size, ppo.minibatch_size: buffer_size (100) must be a multiple of minibatch_size (64)",
     ]
-    assert "kl_coef" not in "\n".join(err)  # not the whole section
+    assert "importance_sampling" not in "\n".join(err)  # not the whole section
 
 
 # --------------------------------------------------------------------------- score re-parameterisation
@@ -209,14 +207,9 @@ def test_cross_key_errors_are_all_reported_one_line_each(capsys):
     ("overrides", "line"),
     [
         (
-            ["ppo.reward_scaling=true"],
-            "  ppo.reward_norm, ppo.reward_scaling: choose one (reward_norm divides by the running std too); "
-            "set the other to false",
-        ),
-        (
-            ["ppo.reward_norm=false"],
-            "  ppo.reward_clip, ppo.reward_norm: reward_clip is in running-std units and needs reward_norm or "
-            "reward_scaling: true; set reward_clip: null to use the raw score",
+            ["ppo.reward_transform=none"],
+            "  ppo.reward_clip, ppo.reward_transform: reward_clip is in running-std units and needs "
+            "reward_transform normalize or scale; set reward_clip: null to use the raw score",
         ),
         (
             ["ppo.entropy_clip=30"],
@@ -237,9 +230,9 @@ def test_conflicting_score_and_bonus_settings_are_errors_naming_both_keys(overri
         ([], "normalize", 5.0),  # PPO-max
         (["ppo.reward_clip=0.3"], "normalize", 0.3),  # fig. 6 "reward normalize, delta = 0.3"
         # fig. 6 "reward scale"
-        (["ppo.reward_norm=false", "ppo.reward_scaling=true", "ppo.reward_clip=null"], "scale", None),
-        (["ppo.reward_norm=false", "ppo.reward_scaling=true"], "scale", 5.0),
-        (["ppo.reward_norm=false", "ppo.reward_clip=null"], "none", None),
+        (["ppo.reward_transform=scale", "ppo.reward_clip=null"], "scale", None),
+        (["ppo.reward_transform=scale"], "scale", 5.0),
+        (["ppo.reward_transform=none", "ppo.reward_clip=null"], "none", None),
         (["ppo.entropy_coef=0.01", "ppo.entropy_clip=30"], "normalize", 5.0),  # app. B.3
     ],
 )
@@ -285,14 +278,14 @@ NUMERIC = sorted(
 
 def test_the_numeric_keys_are_found():
     keys = {(kind, key) for kind, key, _ in NUMERIC}
-    assert {("ppo", "ppo.iterations"), ("ppo", "ppo.kl_coef"), ("ppo", "generation.temperature")} <= keys
+    assert {("ppo", "ppo.iterations"), ("ppo", "ppo.kl.coef"), ("ppo", "generation.temperature")} <= keys
     assert {("sft", "epochs"), ("rm", "optim.lr"), ("ppo", "seed")} <= keys
     assert len(NUMERIC) > 60
 
 
 @pytest.mark.parametrize(("kind", "key", "type_"), NUMERIC)
 def test_non_finite_floats_and_booleans_for_numbers_are_errors_naming_the_key(kind, key, type_):
-    """`ppo.iterations=true` was taken as 1, `ppo.kl_coef=.inf` died at step 1 with a misleading message and
+    """`ppo.iterations=true` was taken as 1, `ppo.kl.coef=.inf` died at step 1 with a misleading message and
     `generation.temperature=.inf` trained on uniform samples."""
     values = ["true", "false"] + ([".inf", "-.inf", ".nan", "1e999"] if type_ is float else [])
     for value in values:
@@ -307,29 +300,29 @@ def test_non_finite_floats_and_booleans_for_numbers_are_errors_naming_the_key(ki
 
 def test_booleans_stay_booleans_and_finite_numbers_stay_numbers():
     cfg = load_config(
-        "ppo", overrides=["model.trust_remote_code=true", "ppo.kl_coef=1e-3", "ppo.iterations=3", "seed=0"]
+        "ppo", overrides=["model.trust_remote_code=true", "ppo.kl.coef=1e-3", "ppo.iterations=3", "seed=0"]
     )
-    assert cfg.model.trust_remote_code is True and cfg.ppo.kl_coef == 1e-3 and cfg.ppo.iterations == 3
+    assert cfg.model.trust_remote_code is True and cfg.ppo.kl.coef == 1e-3 and cfg.ppo.iterations == 3
     assert cfg.seed == 0 and type(cfg.seed) is int
 
 
 def test_yaml_syntax_errors_are_one_line_with_the_line(tmp_path):
     """Found by tests/test_fuzz_config.py: PyYAML's messages span lines (a copy of the input with a caret)."""
     with pytest.raises(ConfigError) as err:
-        load_config("ppo", overrides=["ppo.kl_coef=!!python/object/apply:os.system ['true']"])
+        load_config("ppo", overrides=["ppo.kl.coef=!!python/object/apply:os.system ['true']"])
     assert str(err.value) == (
-        "--set \"ppo.kl_coef=!!python/object/apply:os.system ['true']\": value is not valid YAML: could not "
+        "--set \"ppo.kl.coef=!!python/object/apply:os.system ['true']\": value is not valid YAML: could not "
         "determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system' (line 1, column 1)"
     )
     bad = tmp_path / "bad.yaml"
-    bad.write_text("ppo:\n  kl_coef: 0.1\n  iterations: [1\n")
+    bad.write_text("ppo:\n  vf_coef: 0.1\n  iterations: [1\n")
     with pytest.raises(ConfigError) as err:
         load_config("ppo", path=bad)
     assert str(err.value) == (
         f"{bad}:4: not valid YAML: while parsing a flow sequence: expected ',' or ']', but got '<stream end>' "
         "(line 4, column 1)"
     )
-    bad.write_bytes(b"ppo:\n  kl_coef: 0.1 # caf\xe9\n")
+    bad.write_bytes(b"ppo:\n  vf_coef: 0.1 # caf\xe9\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: not UTF-8 text \(byte 0xe9\)$"):
         load_config("ppo", path=bad)
 
@@ -348,7 +341,7 @@ def test_odd_keys_are_one_line_errors():
     ]
     with pytest.raises(ConfigError, match=r"^--set '\. \.=1': empty key$"):
         load_config("ppo", overrides=[". .=1"])
-    for key in ("ppo..kl_coef", ".seed", "ppo. .kl_coef"):
+    for key in ("ppo..kl.coef", ".seed", "ppo. .kl.coef"):
         with pytest.raises(ConfigError) as err:
             load_config("ppo", overrides=[f"{key}=1"])
         assert str(err.value) == f"--set '{key}=1': empty part in the key {key!r}"
@@ -366,19 +359,19 @@ def test_odd_keys_are_one_line_errors():
             "turns off; set clip_ratio or dual_clip: null",
         ),
         (
-            ["ppo.kl_target=6", "ppo.kl_coef=0"],
-            "  ppo.kl_target, ppo.kl_coef: the adaptive KL coefficient starts from kl_coef and multiplies it, so "
-            "from 0 it stays 0; set kl_coef > 0 (its initial value) or kl_target: null",
+            ["ppo.kl.target=6", "ppo.kl.coef=0"],
+            "  ppo.kl.target, ppo.kl.coef: the adaptive KL coefficient starts from coef and multiplies it, so "
+            "from 0 it stays 0; set coef > 0 (its initial value) or target: null",
         ),
         (
-            ["ppo.kl_horizon=500"],
-            "  ppo.kl_horizon, ppo.kl_target: kl_horizon sets the speed of the adaptive KL coefficient, which "
-            "kl_target: null turns off; set kl_target or leave kl_horizon at its default",
+            ["ppo.kl.horizon=500"],
+            "  ppo.kl.horizon, ppo.kl.target: horizon sets the speed of the adaptive KL coefficient, which "
+            "target: null turns off; set target or leave horizon at its default",
         ),
         (
-            ["ppo.kl_in=loss"],
-            "  ppo.kl_in, ppo.kl_estimator: k1 as a loss has zero expected gradient (E[grad log pi] = 0): it would "
-            "add noise, not a KL penalty; set kl_estimator: k3 (GRPO) or k2",
+            ["ppo.kl.acts_in=loss"],
+            "  ppo.kl.acts_in, ppo.kl.estimator: k1 as a loss has zero expected gradient (E[grad log pi] = 0): it "
+            "would add noise, not a KL penalty; set estimator: k3 (GRPO) or k2",
         ),
     ],
 )
@@ -392,9 +385,9 @@ def test_dual_clip_and_kl_control_conflicts_name_both_keys(overrides, line):
     ("override", "expected"),
     [
         ("ppo.dual_clip=1", r"ppo\.dual_clip: .*greater than 1"),
-        ("ppo.kl_target=0", r"ppo\.kl_target: .*greater than 0"),
-        ("ppo.kl_horizon=0", r"ppo\.kl_horizon: .*greater than 0"),
-        ("ppo.kl_in=both", r"ppo\.kl_in: must be one of 'reward' or 'loss'"),
+        ("ppo.kl.target=0", r"ppo\.kl\.target: .*greater than 0"),
+        ("ppo.kl.horizon=0", r"ppo\.kl\.horizon: .*greater than 0"),
+        ("ppo.kl.acts_in=both", r"ppo\.kl\.acts_in: must be one of 'reward' or 'loss'"),
     ],
 )
 def test_dual_clip_and_kl_control_bad_values_name_the_key(override, expected):
@@ -405,20 +398,23 @@ def test_dual_clip_and_kl_control_bad_values_name_the_key(override, expected):
 def test_dual_clip_and_kl_control_defaults_are_off_and_combine():
     ppo = load_config("ppo", preset="ppo_max").ppo
     assert (
-        ppo.dual_clip is None and ppo.kl_target is None and ppo.kl_horizon == 10000 and ppo.kl_in == "reward"
+        ppo.dual_clip is None
+        and ppo.kl.target is None
+        and ppo.kl.horizon == 10000
+        and ppo.kl.acts_in == "reward"
     )
     ppo = load_config(
         "ppo",
         preset="ppo_max",
         overrides=[
             "ppo.dual_clip=3",
-            "ppo.kl_target=6",
-            "ppo.kl_horizon=500",
-            "ppo.kl_in=loss",
-            "ppo.kl_estimator=k3",
+            "ppo.kl.target=6",
+            "ppo.kl.horizon=500",
+            "ppo.kl.acts_in=loss",
+            "ppo.kl.estimator=k3",
         ],
     ).ppo
-    assert (ppo.dual_clip, ppo.kl_target, ppo.kl_horizon, ppo.kl_in, ppo.kl_estimator) == (
+    assert (ppo.dual_clip, ppo.kl.target, ppo.kl.horizon, ppo.kl.acts_in, ppo.kl.estimator) == (
         3,
         6,
         500,

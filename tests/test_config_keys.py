@@ -23,7 +23,7 @@ def _error(kind: str, *overrides: str) -> str:
         ("sft", "lr", "optim.lr"),
         ("ppo", "lr", "optim.policy_lr or optim.critic_lr"),
         ("ppo", "learning_rate", "optim.policy_lr or optim.critic_lr"),
-        ("ppo", "kl_coef", "ppo.kl_coef"),
+        ("ppo", "kl_coef", "ppo.kl.coef"),
         ("ppo", "generation.temprature", "generation.temperature"),
         ("sft", "num_train_epochs", "epochs"),
     ],
@@ -98,7 +98,7 @@ def test_explain_lists_every_key_with_default_allowed_values_and_description(cap
             assert f"{doc.key} = {doc.default}    [{doc.allowed}]" in out
             assert doc.description, f"{kind}: {doc.key} has no description"
     assert main(["config", "--explain"]) == 0
-    assert "ppo.kl_coef = 0.05    [number (>= 0)]" in capsys.readouterr().out
+    assert "ppo.kl.coef = 0.05    [number (>= 0)]" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -106,7 +106,7 @@ def test_explain_lists_every_key_with_default_allowed_values_and_description(cap
     [
         (["train-sft", "--learning_rate", "1e-5"], "--set optim.lr=1e-5"),
         (["train-ppo", "--learning_rate=1e-5"], "--set optim.policy_lr=1e-5 or --set optim.critic_lr=1e-5"),
-        (["train-ppo", "ppo.kl_coef=0.1"], "--set ppo.kl_coef=0.1"),
+        (["train-ppo", "ppo.kl.coef=0.1"], "--set ppo.kl.coef=0.1"),
         (["train-rm", "--beta", "0.5"], "--set beta_rm=0.5"),
     ],
 )

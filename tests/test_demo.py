@@ -118,8 +118,8 @@ def test_ppo_config_takes_the_profiles_overrides_as_set_overrides(tmp_path):
             False,
         )
 
-    assert cfg("ppo_max").ppo.kl_coef == 0.5
-    assert cfg("vanilla").ppo.kl_coef == PPOConfig.model_validate(read_preset("vanilla")).ppo.kl_coef
+    assert cfg("ppo_max").ppo.kl.coef == 0.5
+    assert cfg("vanilla").ppo.kl.coef == PPOConfig.model_validate(read_preset("vanilla")).ppo.kl.coef
     gold = cfg("ppo_max").reward.functions[0]
     assert (gold.name, gold.weight, gold.kwargs) == ("gold", 0.0, {"world": str(tmp_path / "world")})
 

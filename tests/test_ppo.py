@@ -135,11 +135,11 @@ def _gae_loop(rewards, values, n, gamma, lam):
 @pytest.mark.parametrize(("kl_coef", "gamma", "lam"), [(0.0, 1.0, 0.95), (0.2, 0.9, 0.0), (0.05, 1.0, 1.0)])
 def test_token_rewards_kl_and_gae_follow_the_switches(kl_coef, gamma, lam, estimator):
     ppo, gen = _settings(
-        f"ppo.kl_coef={kl_coef}",
+        f"ppo.kl.coef={kl_coef}",
         f"ppo.gamma={gamma}",
         f"ppo.lam={lam}",
-        f"ppo.kl_estimator={estimator}",
-        "ppo.reward_norm=false",
+        f"ppo.kl.estimator={estimator}",
+        "ppo.reward_transform=none",
         "ppo.reward_clip=null",
     )
     exp = _synthetic([1.5, -0.5, 2.0])
@@ -164,22 +164,22 @@ def test_token_rewards_kl_and_gae_follow_the_switches(kl_coef, gamma, lam, estim
 
 @pytest.mark.parametrize("switch", ["norm_clip", "norm", "scaling", "scaling_clip", "raw", "penalty"])
 def test_score_reparameterisation_switches(switch):
-    """reward_norm/reward_clip (eq. 18), reward_scaling, truncated_response: penalty; the running statistics
+    """reward_transform normalize/scale, reward_clip (eq. 18), truncated_response: penalty; the running statistics
     cover every raw score seen so far (two batches here), computed independently with torch.mean/std."""
     over = {
-        "norm_clip": ["ppo.reward_norm=true", "ppo.reward_clip=0.8"],
-        "norm": ["ppo.reward_norm=true", "ppo.reward_clip=null"],
-        "scaling": ["ppo.reward_norm=false", "ppo.reward_scaling=true", "ppo.reward_clip=null"],
-        "scaling_clip": ["ppo.reward_norm=false", "ppo.reward_scaling=true", "ppo.reward_clip=1.0"],
-        "raw": ["ppo.reward_norm=false", "ppo.reward_clip=null"],
+        "norm_clip": ["ppo.reward_transform=normalize", "ppo.reward_clip=0.8"],
+        "norm": ["ppo.reward_transform=normalize", "ppo.reward_clip=null"],
+        "scaling": ["ppo.reward_transform=scale", "ppo.reward_clip=null"],
+        "scaling_clip": ["ppo.reward_transform=scale", "ppo.reward_clip=1.0"],
+        "raw": ["ppo.reward_transform=none", "ppo.reward_clip=null"],
         "penalty": [
-            "ppo.reward_norm=true",
+            "ppo.reward_transform=normalize",
             "ppo.reward_clip=null",
             "generation.truncated_response=penalty",
             "generation.truncated_penalty=-3.0",
         ],
     }[switch]
-    ppo, gen = _settings("ppo.kl_coef=0", *over)
+    ppo, gen = _settings("ppo.kl.coef=0", *over)
     moments = RunningMoments()
     first = _synthetic([1.0, 4.0, -2.0])
     compute_advantages(first, ppo, gen, moments)

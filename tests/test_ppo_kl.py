@@ -1,5 +1,5 @@
 """Beyond the paper, in the PPO trainer: the dual clip (``ppo.dual_clip``), the adaptive KL coefficient
-(``ppo.kl_target`` / ``kl_horizon``) and KL as a loss term (``ppo.kl_in: loss``), one switch at a time, each
+(``ppo.kl.target`` / ``horizon``) and KL as a loss term (``ppo.kl.acts_in: loss``), one switch at a time, each
 against an observable change of behaviour or an independent computation. Tiny models (see ppo_helpers)."""
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ def _synthetic(scores) -> Experience:
 
 
 def test_kl_in_loss_takes_the_kl_out_of_the_token_rewards():
-    over = ["ppo.kl_coef=0.5", "ppo.kl_estimator=k3", "ppo.reward_norm=false", "ppo.reward_clip=null"]
-    cfg = load_config("ppo", preset="ppo_max", overrides=[*over, "ppo.kl_in=loss"])
+    over = ["ppo.kl.coef=0.5", "ppo.kl.estimator=k3", "ppo.reward_transform=none", "ppo.reward_clip=null"]
+    cfg = load_config("ppo", preset="ppo_max", overrides=[*over, "ppo.kl.acts_in=loss"])
     exp = _synthetic([1.5, -0.5, 2.0])
     compute_advantages(exp, cfg.ppo, cfg.generation, RunningMoments())
     in_reward = load_config("ppo", preset="ppo_max", overrides=over)
@@ -127,13 +127,13 @@ def test_kl_in_loss_takes_the_kl_out_of_the_token_rewards():
 
 
 def test_kl_clamp_bounds_the_penalty_and_the_logged_estimate_stays_unclamped():
-    """``ppo.kl_clamp``: the k3 penalty of a token at log-ratio 5 (142.4) is bounded to the clamp, while ``kl``
+    """``ppo.kl.clamp``: the k3 penalty of a token at log-ratio 5 (142.4) is bounded to the clamp, while ``kl``
     (what the rollout spent, logged with its largest value) keeps the estimate; without it the penalty is the
     estimate."""
-    over = ["ppo.kl_coef=0.5", "ppo.kl_estimator=k3", "ppo.reward_norm=false", "ppo.reward_clip=null"]
+    over = ["ppo.kl.coef=0.5", "ppo.kl.estimator=k3", "ppo.reward_transform=none", "ppo.reward_clip=null"]
     for clamp in (None, 1.0):
         cfg = load_config(
-            "ppo", preset="ppo_max", overrides=over + ([f"ppo.kl_clamp={clamp}"] if clamp else [])
+            "ppo", preset="ppo_max", overrides=over + ([f"ppo.kl.clamp={clamp}"] if clamp else [])
         )
         exp = _synthetic([1.5, -0.5, 2.0])
         exp.ref_logprobs = exp.logprobs + 5.0
@@ -145,24 +145,24 @@ def test_kl_clamp_bounds_the_penalty_and_the_logged_estimate_stays_unclamped():
 
 
 def test_kl_in_loss_adds_the_kl_term_to_the_policy_loss(setup, tmp_path):
-    """One fused update (the first forward is the old policy): the KL term is kl_coef x the token mean of k3
-    between the update's log-probs and the scoring pass's reference log-probs, i.e. kl_coef x kl/per_token; and
+    """One fused update (the first forward is the old policy): the KL term is kl.coef x the token mean of k3
+    between the update's log-probs and the scoring pass's reference log-probs, i.e. kl.coef x kl/per_token; and
     it changes the update (the reference differs from the policy)."""
-    common = [reference(setup), "ppo.kl_estimator=k3"]
-    tr = make(setup, tmp_path / "loss", *common, "ppo.kl_in=loss", "ppo.kl_coef=0.5")
+    common = [reference(setup), "ppo.kl.estimator=k3"]
+    tr = make(setup, tmp_path / "loss", *common, "ppo.kl.acts_in=loss", "ppo.kl.coef=0.5")
     m = tr.iteration(1)
     assert m["loss/kl"] == pytest.approx(0.5 * m["kl/per_token"], rel=1e-5) and m["kl/per_token"] > 1e-3
-    off = make(setup, tmp_path / "off", *common, "ppo.kl_in=loss", "ppo.kl_coef=0")
+    off = make(setup, tmp_path / "off", *common, "ppo.kl.acts_in=loss", "ppo.kl.coef=0")
     m_off = off.iteration(1)
     assert "loss/kl" not in m_off and "loss/kl" not in make(setup, tmp_path / "r", *common).iteration(1)
     assert not torch.equal(flat(tr.policy), flat(off.policy))
 
 
 def test_kl_in_loss_with_kl_coef_0_is_the_update_of_kl_in_reward_with_kl_coef_0(setup, tmp_path):
-    common = [reference(setup), "ppo.kl_estimator=k3", "ppo.kl_coef=0"]
+    common = [reference(setup), "ppo.kl.estimator=k3", "ppo.kl.coef=0"]
     runs = []
     for where in ("reward", "loss"):
-        tr = make(setup, tmp_path / where, *common, f"ppo.kl_in={where}", "ppo.minibatch_size=4")
+        tr = make(setup, tmp_path / where, *common, f"ppo.kl.acts_in={where}", "ppo.minibatch_size=4")
         runs.append(([_timeless(tr.iteration(s)) for s in (1, 2)], flat(tr.policy), flat(tr.critic)))
     (m_r, p_r, c_r), (m_l, p_l, c_l) = runs
     assert m_r == m_l and torch.equal(p_r, p_l) and torch.equal(c_r, c_l)
@@ -171,12 +171,12 @@ def test_kl_in_loss_with_kl_coef_0_is_the_update_of_kl_in_reward_with_kl_coef_0(
 def test_kl_in_loss_holds_the_policy_near_the_reference(setup, tmp_path):
     """Three epochs an iteration, the reward off (weight 0), a reference other than the policy: the updates move
     the policy (the critic's advantages are noise here) and the KL to the reference grows; with the KL loss it
-    grows far less (observed: 0.017 -> 0.019 with kl_coef 2, -> 0.054 without)."""
+    grows far less (observed: 0.017 -> 0.019 with kl.coef 2, -> 0.054 without)."""
     common = [
         reference(setup),
         "ppo.critic_init=sft",
-        "ppo.kl_estimator=k3",
-        "ppo.kl_in=loss",
+        "ppo.kl.estimator=k3",
+        "ppo.kl.acts_in=loss",
         "ppo.ppo_epochs=3",
         "ppo.advantage_norm=true",  # whitened noise advantages: updates of a known size, whatever the default
         "optim.policy_lr=0.01",
@@ -184,7 +184,7 @@ def test_kl_in_loss_holds_the_policy_near_the_reference(setup, tmp_path):
     ]
 
     def kl_after(tag, coef):
-        tr = PPOTrainer(config(setup, *common, f"ppo.kl_coef={coef}", out=str(tmp_path / tag), rm=False))
+        tr = PPOTrainer(config(setup, *common, f"ppo.kl.coef={coef}", out=str(tmp_path / tag), rm=False))
         first = tr.iteration(1)["kl/per_token"]
         return first, tr.iteration(2)["kl/per_token"]
 
@@ -214,7 +214,7 @@ def test_adaptive_kl_coefficient_moves_towards_its_target_and_is_what_the_reward
 
     def coefs(tag, target, *over):
         used.clear()
-        adaptive = [f"ppo.kl_target={target}", "ppo.kl_horizon=80", "ppo.kl_coef=0.1"]
+        adaptive = [f"ppo.kl.target={target}", "ppo.kl.horizon=80", "ppo.kl.coef=0.1"]
         tr = make(setup, tmp_path / tag, reference(setup), *adaptive, *over)
         ms = [tr.iteration(s) for s in range(1, 4)]
         assert used == [m["ppo/kl_coef"] for m in ms]
@@ -242,7 +242,7 @@ def test_adaptive_kl_coefficient_in_the_kl_loss(setup, tmp_path, monkeypatch):
         return real(logprobs, ref_logprobs, mask, kl_coef, *args, **kwargs)
 
     monkeypatch.setattr(ppo_step, "kl_loss", spy)
-    over = ["ppo.kl_target=1e-6", "ppo.kl_horizon=80", "ppo.kl_in=loss", "ppo.kl_estimator=k3"]
+    over = ["ppo.kl.target=1e-6", "ppo.kl.horizon=80", "ppo.kl.acts_in=loss", "ppo.kl.estimator=k3"]
     tr = make(setup, tmp_path, reference(setup), *over, "ppo.minibatch_size=4")
     ms = [tr.iteration(s) for s in (1, 2)]
     assert used == pytest.approx([0.05, 0.05, 0.05 * 1.02, 0.05 * 1.02], rel=1e-12)  # two minibatches each
@@ -251,9 +251,9 @@ def test_adaptive_kl_coefficient_in_the_kl_loss(setup, tmp_path, monkeypatch):
 
 def test_a_horizon_shorter_than_a_fifth_of_an_iteration_is_a_config_error(setup, tmp_path):
     with pytest.raises(
-        ConfigError, match=r"^ppo\.kl_horizon, ppo\.buffer_size: kl_horizon \(1\) must exceed"
+        ConfigError, match=r"^ppo\.kl\.horizon, ppo\.buffer_size: kl\.horizon \(1\) must exceed"
     ):
-        make(setup, tmp_path, "ppo.kl_target=1", "ppo.kl_horizon=1")
+        make(setup, tmp_path, "ppo.kl.target=1", "ppo.kl.horizon=1")
 
 
 def test_resume_with_the_adaptive_kl_coefficient_continues_exactly(setup, tmp_path):
@@ -267,10 +267,10 @@ def test_resume_with_the_adaptive_kl_coefficient_continues_exactly(setup, tmp_pa
             "ppo.iterations=4",
             "ppo.critic_pretrain_steps=1",
             "ppo.minibatch_size=4",
-            "ppo.kl_target=0.5",
-            "ppo.kl_horizon=80",
-            "ppo.kl_in=loss",
-            "ppo.kl_estimator=k3",
+            "ppo.kl.target=0.5",
+            "ppo.kl.horizon=80",
+            "ppo.kl.acts_in=loss",
+            "ppo.kl.estimator=k3",
             "ppo.dual_clip=3",
             out=str(tmp_path / out),
         )

@@ -6,7 +6,7 @@ reference; reward = fraction of response tokens whose id is a multiple of 10 (a 
 best policy 1.0); 32 prompts per iteration, minibatches of 16, 2 epochs, 12 new tokens; learning rates 1e-3 (the
 paper's 5e-7 is for 7B models); sampling as the preset says (temperature 0.8, top-p 0.9, no top-k). Observed
 (seed 42): ppo_max goes from ~0.11 to ~0.49 in 30 iterations with KL <= ~0.73 nats/token; vanilla to ~0.5 in 58;
-with kl_coef 1.0, ~0.21 in 58. Until `top_k: 0` really meant "off" (HF sampled with top-k 50) the same rewards
+with kl.coef 1.0, ~0.21 in 58. Until `top_k: 0` really meant "off" (HF sampled with top-k 50) the same rewards
 came in about half the iterations: a truncated sampler concentrates on the tokens the policy already favours.
 """
 
@@ -102,9 +102,9 @@ def test_vanilla_also_learns(setup, tmp_path):
 
 @pytest.mark.slow
 def test_a_stronger_kl_penalty_keeps_the_policy_closer(setup, tmp_path):
-    """Paper fig. 15's hierarchy: a larger kl_coef gives a smaller KL to the reference (and a lower reward)."""
-    free = run(setup, tmp_path / "free", "ppo_max", 56, "ppo.kl_coef=0")
-    tight = run(setup, tmp_path / "tight", "ppo_max", 56, "ppo.kl_coef=1.0")
+    """Paper fig. 15's hierarchy: a larger kl.coef gives a smaller KL to the reference (and a lower reward)."""
+    free = run(setup, tmp_path / "free", "ppo_max", 56, "ppo.kl.coef=0")
+    tight = run(setup, tmp_path / "tight", "ppo_max", 56, "ppo.kl.coef=1.0")
     kl_free, kl_tight = mean(free[-3:], "kl/per_sequence"), mean(tight[-3:], "kl/per_sequence")
     assert kl_tight < 0.5 * kl_free, (kl_tight, kl_free)
     assert (

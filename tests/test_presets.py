@@ -76,7 +76,7 @@ def test_cli_prints_the_resolved_ppo_max(capsys):
 
     assert main(["config", "--preset", "ppo_max"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["ppo"]["kl_coef"] == 0.05 and printed["optim"]["adam_eps"] == 1e-6
+    assert printed["ppo"]["kl"]["coef"] == 0.05 and printed["optim"]["adam_eps"] == 1e-6
     assert printed["ppo"]["critic_pretrain_steps"] == 10 and printed["preset"] == "ppo_max"
     assert re.search(r"\bgamma\b", yaml.safe_dump(printed))
 
@@ -87,9 +87,9 @@ SOURCE = re.compile(r"\b(paper|MOSS-RLHF code|ours)\b", re.IGNORECASE)
 
 
 def _recipe_fields():
-    from ppomax.config import GenerationConfig, PPOOptimConfig, PPOSettings
+    from ppomax.config import GenerationConfig, KLSettings, PPOOptimConfig, PPOSettings
 
-    for cls in (GenerationConfig, PPOOptimConfig, PPOSettings):
+    for cls in (GenerationConfig, PPOOptimConfig, PPOSettings, KLSettings):
         for name, field in cls.model_fields.items():
             if cls is PPOOptimConfig and name == "lr":  # SFT/RM's; not used by PPO
                 continue

@@ -115,9 +115,9 @@ def test_only_the_run_length_may_change_on_resume():
     b = load_config(
         "ppo",
         preset="ppo_max",
-        overrides=["ppo.iterations=7", "logging.out_dir=x", "ppo.kl_coef=0.2", "optim.policy_lr=1e-4"],
+        overrides=["ppo.iterations=7", "logging.out_dir=x", "ppo.kl.coef=0.2", "optim.policy_lr=1e-4"],
     )
-    assert config_differences(a, b) == ["optim.policy_lr", "ppo.kl_coef"]
+    assert config_differences(a, b) == ["optim.policy_lr", "ppo.kl.coef"]
 
 
 def test_resume_with_a_different_config_is_refused_naming_the_keys(sft, capsys):

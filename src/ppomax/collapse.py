@@ -74,7 +74,7 @@ class CollapseSignal:
         return (
             f"step {self.step}: {what}: response length x{self.length_ratio:.2f}, "
             f"policy perplexity x{self.ppl_ratio:.2f} of their first iterations, KL {self.kl_per_token:.3g} "
-            "nats/token. The reward model is probably being exploited; compare samples, or raise ppo.kl_coef."
+            "nats/token. The reward model is probably being exploited; compare samples, or raise ppo.kl.coef."
         )
 
 

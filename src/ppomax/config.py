@@ -37,6 +37,7 @@ from pydantic import (
 )
 
 from ppomax.algos.registry import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
+from ppomax.config_compat import OLD_PPO_KEYS, upgrade_ppo_keys, warn_deprecated
 from ppomax.errors import ConfigError
 
 PRESET_NAMES = ("vanilla", "ppo_max", "ppo_ptx", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
@@ -594,32 +595,28 @@ KLEstimatorName = Literal[KL_ESTIMATORS.names()]  # type: ignore[valid-type]
 LossAggregationName = Literal[LOSS_AGGREGATIONS.names()]  # type: ignore[valid-type]
 
 
-class PPOSettings(_Section):
-    """The paper's implementation details (fig. 5), one field per trick. Defaults are PPO-max (paper 5.4); each
-    description names the value's source: a paper section, the MOSS-RLHF code released with the paper, or "ours".
+class KLSettings(_Section):
+    """``ppo.kl``: the KL to the reference policy, one group (as verl's KLControlConfig): how much (``coef``, or
+    an adaptive coefficient toward ``target`` over ``horizon``), which per-token estimate (``estimator``, bounded
+    by ``clamp``) and where it acts (``acts_in``: the token rewards, paper eq. 19, or the policy loss)."""
 
-    Score re-parameterisation (paper 5.3.1) keeps fig. 5's two switches, ``reward_scaling`` (trick 4) and
-    ``reward_norm`` (trick 5, eq. 18), plus ``reward_clip`` (eq. 18's delta), because the paper and MOSS-RLHF name
-    them so and every variant of fig. 6 / fig. 14 is then a preset plus ``--set`` overrides. The
-    combinations that have no single meaning are errors naming both keys, never a silent precedence:
-    ``reward_norm`` with ``reward_scaling`` (normalisation already divides by the running std); ``reward_clip``
-    without either (the clip acts on the re-parameterised score, in units of the running std of the raw scores,
-    so with the raw score it would silently change units to the RM's); ``entropy_clip`` with ``entropy_coef: 0``
-    (a clip on a bonus that is off). :attr:`reward_transform` is the one resulting choice, applied by
-    :func:`ppomax.algos.reparameterize_scores`.
-    """
-
-    # 1. token-level KL penalty (5.3.2)
-    kl_coef: float = Field(
+    coef: float = Field(
         0.05,
         ge=0,
         description='0 = no KL penalty. Paper 5.3.2 / fig. 7 ("setting lambda to 0.05"; eta of eq. 19).',
     )
-    kl_estimator: KLEstimatorName = Field(
+    estimator: KLEstimatorName = Field(
         "k1",
         description="Paper eq. 19 (an empirical per-token KL); k1 = log pi_RL - log pi_SFT, as MOSS-RLHF code.",
     )
-    kl_clamp: float | None = Field(
+    acts_in: Literal["reward", "loss"] = Field(
+        "reward",
+        description="Where the KL to the reference acts. reward: -coef * KL_t in the token rewards (paper eq. "
+        "19). loss: coef * the token mean of the estimator is added to the policy loss instead (GRPO: Shao et "
+        'al. 2024 "DeepSeekMath" eq. 3-4, with k3); needs estimator k2 or k3 (k1 as a loss has zero expected '
+        "gradient). Ours: reward, as the paper.",
+    )
+    clamp: float | None = Field(
         None,
         gt=0,
         description="Bound on the per-token KL estimate in the penalty (or the KL loss), [-c, c], after bounding "
@@ -627,12 +624,82 @@ class PPOSettings(_Section):
         "at a log-ratio of 5 and inf in float32 past 88.7: kl/estimator_max logs the largest value); verl's "
         "low_var_kl clamps k3 to 10.",
     )
+    target: float | None = Field(
+        None,
+        gt=0,
+        description="Target KL per response (nats, the logged kl/per_sequence) of the adaptive KL coefficient of "
+        'Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences", sec. 2.2), which starts from '
+        "coef and is updated after every iteration (logged as ppo/kl_coef). null = a fixed coef: ours, as the "
+        "paper (5.3.2 fixes it).",
+    )
+    horizon: int = Field(
+        10000,
+        gt=0,
+        description="Responses over which the adaptive coefficient responds: it moves by a factor 1 + e * n / "
+        "horizon per iteration of n responses (all processes), e in [-0.2, 0.2]; needs target. Ziegler et al. "
+        "2019's code (horizon 10000 episodes); ours: the same.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KLSettings:
+        problems: list[tuple[tuple[str, ...], str]] = []
+        if self.target is not None and self.coef == 0:
+            problems.append(
+                (
+                    ("target", "coef"),
+                    "the adaptive KL coefficient starts from coef and multiplies it, so from 0 it stays 0; "
+                    "set coef > 0 (its initial value) or target: null",
+                )
+            )
+        if self.target is None and self.horizon != type(self).model_fields["horizon"].default:
+            problems.append(
+                (
+                    ("horizon", "target"),
+                    "horizon sets the speed of the adaptive KL coefficient, which target: null turns off; "
+                    "set target or leave horizon at its default",
+                )
+            )
+        if self.acts_in == "loss" and not KL_ESTIMATORS.spec(self.estimator).as_loss:
+            problems.append(
+                (
+                    ("acts_in", "estimator"),
+                    f"{self.estimator} as a loss has zero expected gradient (E[grad log pi] = 0): it would add "
+                    "noise, not a KL penalty; set estimator: k3 (GRPO) or k2",
+                )
+            )
+        if problems:
+            raise KeyConflicts(problems)
+        return self
+
+
+class PPOSettings(_Section):
+    """The paper's implementation details (fig. 5), one field per trick. Defaults are PPO-max (paper 5.4); each
+    description names the value's source: a paper section, the MOSS-RLHF code released with the paper, or "ours".
+
+    Score re-parameterisation (paper 5.3.1) is one choice, ``reward_transform`` (fig. 5's trick 4, scaling, or
+    trick 5, normalisation, eq. 18: never both, since normalisation divides by the running std too), applied by
+    :func:`ppomax.algos.reparameterize_scores`; ``reward_clip`` (eq. 18's delta) stays its own key, a number whose
+    null is "off" like every other clip here, because it bounds the score under either transform. The KL to the
+    reference is one group, ``kl`` (:class:`KLSettings`). The combinations that have no single meaning are errors
+    naming both keys, never a silent precedence: ``reward_clip`` with ``reward_transform: none`` (the clip acts on
+    the re-parameterised score, in units of the running std of the raw scores, so with the raw score it would
+    silently change units to the RM's); ``entropy_clip`` with ``entropy_coef: 0`` (a clip on a bonus that is
+    off). Keys of earlier versions (``kl_coef``, ``reward_norm``, ...) are read with a deprecation line
+    (:mod:`ppomax.config_compat`).
+    """
+
+    # 1. token-level KL penalty (5.3.2), with the beyond-the-paper KL controls grouped beside it
+    kl: KLSettings = Field(
+        default_factory=KLSettings,
+        description="The KL to the reference policy (paper 5.3.2, eq. 19), one group as verl's KLControlConfig: "
+        "its coefficient, estimator, where it acts, bound and adaptive target (see KLSettings).",
+    )
     # 2. importance sampling against the sampling policy; false = ratio against the reference
     importance_sampling: bool = Field(
         True,
         description="true: ratio against the sampling (old) policy, standard PPO (MOSS-RLHF code). false: against "
         'the reference, paper 5.3.2\'s "fixing the policy distribution to observations of reference model" (an '
-        'infinite buffer), which is the curve fig. 7 calls "Importance Sample" (with kl_coef > 0: "KL '
+        'infinite buffer), which is the curve fig. 7 calls "Importance Sample" (with kl.coef > 0: "KL '
         'Penalty+Importance Sample"). Paper 5.3.2: more stable, lower final performance; so true here.',
     )
     # 3. entropy bonus with clip (5.3.2, app. B.3)
@@ -647,20 +714,19 @@ class PPOSettings(_Section):
         description="Entropy above this earns no bonus; null = no clip; needs entropy_coef > 0. Paper app. B.3 "
         "(fig. 16: delta = 30; MOSS-RLHF code default 35).",
     )
-    # 4. reward scaling by running std (5.3.1)
-    reward_scaling: bool = Field(
-        False, description='Paper 5.3.1: "reward scaling doesn\'t guide proper policy optimization"; off.'
-    )
-    # 5. reward normalisation and clipping (5.3.1, eq. 18)
-    reward_norm: bool = Field(
-        True,
-        description="Paper 5.4 / eq. 18: normalised with the historical (running) mean and std of the RM score.",
+    # 4./5. reward scaling or normalisation (5.3.1, eq. 18), and clipping
+    reward_transform: Literal["none", "scale", "normalize"] = Field(
+        "normalize",
+        description="What the RM score becomes before the KL is added (fig. 5's tricks 4 and 5, one choice since "
+        "normalisation divides by the running std too). normalize: minus the historical (running) mean, over the "
+        'running std (paper 5.4 / eq. 18; PPO-max). scale: over the running std only (paper 5.3.1: "reward '
+        "scaling doesn't guide proper policy optimization\"). none: the raw score (vanilla PPO).",
     )
     reward_clip: float | None = Field(
         5.0,
         gt=0,
         description="Bound on the re-parameterised score, in running-std units (eq. 18's delta); needs "
-        "reward_norm or reward_scaling; null = no clip. "
+        "reward_transform normalize or scale; null = no clip. "
         'Paper 5.3.1 advises "a relaxed clipping strategy" without a number (fig. 6 tries 0.3 and 0.8; even 0.3 '
         "only delays collapse); ours: 5, which clips outliers only (MOSS-RLHF code default 10).",
     )
@@ -736,35 +802,13 @@ class PPOSettings(_Section):
         gt=0,
         description="null = unclipped surrogate. Paper eq. 15 / app. C.1 give no epsilon; 0.2: MOSS-RLHF code.",
     )
-    # Beyond the paper: dual clip, adaptive KL coefficient, KL as a loss term
+    # Beyond the paper: dual clip (the KL controls are in KLSettings)
     dual_clip: float | None = Field(
         None,
         gt=1,
         description="c > 1: for negative advantages the clipped objective is bounded below by c * A (dual-clip PPO, "
         'Ye et al. 2020 "Mastering Complex Control in MOBA Games with Deep Reinforcement Learning"; they use '
         "c = 3); needs clip_ratio. null = off: ours, as the paper (fig. 5 has no dual clip).",
-    )
-    kl_target: float | None = Field(
-        None,
-        gt=0,
-        description="Target KL per response (nats, the logged kl/per_sequence) of the adaptive KL coefficient of "
-        'Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences", sec. 2.2), which starts from '
-        "kl_coef and is updated after every iteration (logged as ppo/kl_coef). null = a fixed kl_coef: ours, as "
-        "the paper (5.3.2 fixes it).",
-    )
-    kl_horizon: int = Field(
-        10000,
-        gt=0,
-        description="Responses over which the adaptive coefficient responds: it moves by a factor 1 + e * n / "
-        "kl_horizon per iteration of n responses (all processes), e in [-0.2, 0.2]; needs kl_target. Ziegler et "
-        "al. 2019's code (horizon 10000 episodes); ours: the same.",
-    )
-    kl_in: Literal["reward", "loss"] = Field(
-        "reward",
-        description="Where the KL to the reference acts. reward: -kl_coef * KL_t in the token rewards (paper eq. "
-        "19). loss: kl_coef * the token mean of kl_estimator is added to the policy loss instead (GRPO: Shao et "
-        'al. 2024 "DeepSeekMath" eq. 3-4, with k3); needs kl_estimator k2 or k3 (k1 as a loss has zero expected '
-        "gradient). Ours: reward, as the paper.",
     )
     # 12. global gradient clipping (app. C.2)
     max_grad_norm: float | None = Field(
@@ -814,26 +858,27 @@ class PPOSettings(_Section):
         "reward score) that stop the run; its last good checkpoint is kept. Ours.",
     )
 
-    @property
-    def reward_transform(self) -> Literal["none", "scale", "normalize"]:
-        """What ``reward_norm`` / ``reward_scaling`` ask for (validated: at most one of them is on)."""
-        return "normalize" if self.reward_norm else "scale" if self.reward_scaling else "none"
+    @model_validator(mode="before")
+    @classmethod
+    def _read_old_keys(cls, data: Any) -> Any:
+        """Keys of earlier versions (a saved run's ``config.yaml``, a dict): see :mod:`ppomax.config_compat`."""
+        if not isinstance(data, dict) or not any(k in data for k in OLD_PPO_KEYS):
+            return data
+        default = cls.model_fields["reward_transform"].default
+        data, notes, problems = upgrade_ppo_keys(data, default)
+        if problems:
+            raise KeyConflicts(problems)
+        warn_deprecated(notes)
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> PPOSettings:
         problems: list[tuple[tuple[str, ...], str]] = []
-        if self.reward_norm and self.reward_scaling:
-            problems.append(
-                (
-                    ("reward_norm", "reward_scaling"),
-                    "choose one (reward_norm divides by the running std too); set the other to false",
-                )
-            )
         if self.reward_clip is not None and self.reward_transform == "none":
             problems.append(
                 (
-                    ("reward_clip", "reward_norm"),
-                    "reward_clip is in running-std units and needs reward_norm or reward_scaling: true; "
+                    ("reward_clip", "reward_transform"),
+                    "reward_clip is in running-std units and needs reward_transform normalize or scale; "
                     "set reward_clip: null to use the raw score",
                 )
             )
@@ -851,30 +896,6 @@ class PPOSettings(_Section):
                     ("dual_clip", "clip_ratio"),
                     "the dual clip bounds the clipped surrogate, which clip_ratio: null turns off; "
                     "set clip_ratio or dual_clip: null",
-                )
-            )
-        if self.kl_target is not None and self.kl_coef == 0:
-            problems.append(
-                (
-                    ("kl_target", "kl_coef"),
-                    "the adaptive KL coefficient starts from kl_coef and multiplies it, so from 0 it stays 0; "
-                    "set kl_coef > 0 (its initial value) or kl_target: null",
-                )
-            )
-        if self.kl_target is None and self.kl_horizon != type(self).model_fields["kl_horizon"].default:
-            problems.append(
-                (
-                    ("kl_horizon", "kl_target"),
-                    "kl_horizon sets the speed of the adaptive KL coefficient, which kl_target: null turns off; "
-                    "set kl_target or leave kl_horizon at its default",
-                )
-            )
-        if self.kl_in == "loss" and not KL_ESTIMATORS.spec(self.kl_estimator).as_loss:
-            problems.append(
-                (
-                    ("kl_in", "kl_estimator"),
-                    f"{self.kl_estimator} as a loss has zero expected gradient (E[grad log pi] = 0): it would add "
-                    "noise, not a KL penalty; set kl_estimator: k3 (GRPO) or k2",
                 )
             )
         spec = ADVANTAGE_ESTIMATORS.spec(self.advantage_estimator)
@@ -1144,7 +1165,7 @@ def _format_validation_error(err: ValidationError, origin: str, cls: type[BaseMo
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Parse one ``--set a.b=value``; the value is read as YAML (numbers, null, true, lists)."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. ppo.kl_coef=0.1")
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. ppo.kl.coef=0.1")
     key, raw = text.split("=", 1)
     parts = [p.strip() for p in key.split(".")]
     if not "".join(parts):
@@ -1159,10 +1180,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``a.b=value`` override set (sections are created as needed)."""
-    data = copy.deepcopy(data)
+    """Return a copy of ``data`` with each ``a.b=value`` override set (sections are created as needed).
+
+    Old PPO keys (:mod:`ppomax.config_compat`) are read into the new ones, the ``--set`` values of the ``ppo``
+    section taken together as one source: an old key and its new key set to different values are an error."""
+    below, data = data, copy.deepcopy(data)
+    old, new_ppo = [], []
     for text in overrides:
         parts, value = parse_override(text)
+        if len(parts) == 2 and parts[0] == "ppo" and parts[1] in OLD_PPO_KEYS:
+            old.append((parts[1], value))
+            continue
+        if parts[0] == "ppo":
+            new_ppo.append(text)
         node = data
         for part in parts[:-1]:
             child = node.setdefault(part, {})
@@ -1170,6 +1200,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError(f"--set {text!r}: {part!r} is not a section")
             node = child
         node[parts[-1]] = value
+    if old:
+        given = apply_overrides({}, new_ppo).get("ppo", {})
+        section = {**(given if isinstance(given, dict) else {}), **dict(old)}
+        data = deep_merge(data, {"ppo": _upgraded_section(section, below, "--set")})
     return data
 
 
@@ -1237,7 +1271,7 @@ def load_config(
             raise ConfigError(f"presets are PPO configs; `{kind}` takes --config FILE")
         data = read_preset(preset)
         origin.append(f"preset {preset}")
-    data = deep_merge(data, file_data)
+    data = _upgraded_merge(data, file_data, str(path))
     if path:
         origin.append(str(path))
     data = apply_overrides(data, overrides or [])
@@ -1280,12 +1314,38 @@ def config_from(kind: Literal["sft", "rm", "ppo"], config: Any = None) -> _RunCo
         if preset:
             if kind != "ppo":
                 raise ConfigError(f"config: presets are PPO configs; the {kind} trainer takes its own keys")
-            data = deep_merge(read_preset(preset), data)
+            data = _upgraded_merge(read_preset(preset), data, "config dict")
         return validate_config(cls, data, "config dict" + (f" on preset {preset}" if preset else ""))
     raise ConfigError(
         f"config: the {kind} trainer takes its {cls.__name__}, a dict, a YAML file path"
         f"{' or a preset name' if kind == 'ppo' else ''}, not {type(config).__name__}"
     )
+
+
+def _upgraded_merge(base: dict[str, Any], top: dict[str, Any], origin: str) -> dict[str, Any]:
+    """``deep_merge(base, top)`` with the old PPO keys of ``top`` read into the new ones first."""
+    section = top.get("ppo")
+    if not isinstance(section, dict) or not any(k in section for k in OLD_PPO_KEYS):
+        return deep_merge(base, top)
+    return deep_merge(base, {**top, "ppo": _upgraded_section(section, base, origin)})
+
+
+def _upgraded_section(section: dict[str, Any], base: dict[str, Any], origin: str) -> dict[str, Any]:
+    """One source's ``ppo`` section with its old keys read into the new ones (one deprecation line each),
+    relative to ``base``, the config it goes on top of: ``ppo.reward_norm: false`` turns off the normalisation
+    ``base`` has."""
+    below = base.get("ppo") if isinstance(base.get("ppo"), dict) else {}
+    transform = below.get("reward_transform", PPOSettings.model_fields["reward_transform"].default)
+    section, notes, problems = upgrade_ppo_keys(section, transform)
+    if problems:
+        raise ConfigError(
+            "\n".join(
+                [f"invalid config ({origin}):"]
+                + [f"  {', '.join('ppo.' + k for k in keys)}: {msg}" for keys, msg in problems]
+            )
+        )
+    warn_deprecated(notes)
+    return section
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -32,7 +32,9 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "reward_model_path": ("model.reward",),
     "lr_scheduler_type": ("optim.schedule",),
     "num_ppo_epochs": ("ppo.ppo_epochs",),
-    "beta": ("ppo.kl_coef", "beta_rm"),
+    "beta": ("ppo.kl.coef", "beta_rm"),
+    "kl_coef": ("ppo.kl.coef",),
+    "kl_estimator": ("ppo.kl.estimator",),
     "cliprange": ("ppo.clip_ratio",),
     "cliprange_value": ("ppo.value_clip",),
     "response_length": ("generation.max_new_tokens",),
@@ -170,7 +172,7 @@ def explain(model: type[BaseModel], command: str) -> str:
 
 def flag_hint(extra: list[str], model: type[BaseModel], command: str, kind: str) -> str | None:
     """The one-line hint for arguments argparse did not know that look like config keys: ``--learning_rate 1e-5``
-    (TRL, transformers) or ``ppo.kl_coef=0.1`` (Hydra); None if the first one does not look like a key."""
+    (TRL, transformers) or ``ppo.kl.coef=0.1`` (Hydra); None if the first one does not look like a key."""
     first = extra[0]
     if first.startswith("--"):
         name, _, value = first[2:].partition("=")

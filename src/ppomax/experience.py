@@ -98,9 +98,9 @@ class Experience:
     """[B] float32: the score actually added at the last token (after scaling / normalisation / clipping and the
     truncation penalty)."""
     kl: Tensor | None = None
-    """[B, R] float32: per-token KL(pi_old || pi_ref) estimate (``ppo.kl_estimator``)."""
+    """[B, R] float32: per-token KL(pi_old || pi_ref) estimate (``ppo.kl.estimator``)."""
     rewards: Tensor | None = None
-    """[B, R] float32: token-level rewards ``-kl_coef * kl`` (no KL term with ``ppo.kl_in: loss``) plus the final
+    """[B, R] float32: token-level rewards ``-kl_coef * kl`` (no KL term with ``ppo.kl.acts_in: loss``) plus the final
     score at the last response token."""
     advantages: Tensor | None = None
     """[B, R] float32: GAE advantages, or those of the critic-free ``ppo.advantage_estimator`` (not normalised by

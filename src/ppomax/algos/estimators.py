@@ -5,7 +5,7 @@ response token, the re-parameterised score added at the last one) and the respon
 advantages [B, T] (zero off the mask) for the same clipped surrogate as GAE's (:func:`ppomax.algos.policy_loss`).
 
 The sequence reward of a response is the sum of its token rewards, ``R_i = score_i - kl_coef * sum_t KL_t``:
-the score plus the response's KL penalty (with ``kl_coef 0``, or the KL moved out of the rewards, the score
+the score plus the response's KL penalty (with ``kl.coef: 0``, or the KL moved out of the rewards, the score
 alone). With the k1 estimator ``sum_t KL_t`` is the log-ratio ``log pi(y|x) / pi_ref(y|x)`` of the whole
 response, the KL-penalised sequence reward of RLOO (Ahmadian et al. 2024).
 

@@ -138,7 +138,7 @@ def kl_loss(
     aggregation: str = "token_mean",
     horizon: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """KL to the reference as a loss term instead of a reward penalty (``ppo.kl_in: loss``).
+    """KL to the reference as a loss term instead of a reward penalty (``ppo.kl.acts_in: loss``).
 
     logprobs: [B, T] log pi_theta(y_t) with gradient, of tokens sampled from the rollout's policy;
     ref_logprobs: [B, T] of the reference (detached); mask: [B, T].
@@ -151,7 +151,7 @@ def kl_loss(
     What each estimator's gradient is as a loss, per token (prefix held fixed), y ~ pi_theta, r = ref/pi:
 
     - k1 = log pi - log ref: gradient grad log pi, whose expectation E_pi[grad log pi] is 0. As a loss it
-      only adds noise (on-policy), so ``ppo.kl_in: loss`` refuses it (a config error naming both keys).
+      only adds noise (on-policy), so ``ppo.kl.acts_in: loss`` refuses it (a config error naming both keys).
     - k2 = (log r)^2 / 2: gradient (log pi - log ref) grad log pi, whose expectation is grad KL(pi || ref),
       the gradient of the reverse KL that the reward penalty targets.
     - k3 = (r - 1) - log r (GRPO's): gradient (1 - r) grad log pi, whose expectation is

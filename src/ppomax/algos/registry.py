@@ -154,12 +154,12 @@ LOSS_AGGREGATIONS: Table[LossAggregationSpec] = Table(
 class KLEstimatorSpec:
     name: str
     as_loss: bool
-    """Usable as a loss term (``ppo.kl_in: loss``): its expected gradient is a KL's."""
+    """Usable as a loss term (``ppo.kl.acts_in: loss``): its expected gradient is a KL's."""
     source: str
 
 
 KL_ESTIMATORS: Table[KLEstimatorSpec] = Table(
-    "kl_estimator",
+    "kl.estimator",
     (
         KLEstimatorSpec("k1", False, "log pi - log ref, Schulman 2020; paper eq. 19, MOSS-RLHF code"),
         KLEstimatorSpec("k2", True, "(log ref - log pi)^2 / 2, Schulman 2020"),

@@ -32,7 +32,7 @@ def add_config_args(p: argparse.ArgumentParser, presets: bool = False) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one key, e.g. --set ppo.kl_coef=0.1 (repeatable)",
+        help="override one key, e.g. --set ppo.kl.coef=0.1 (repeatable)",
     )
 
 

@@ -1,7 +1,7 @@
 """`ppomax train-ppo`: PPO against a reward model and/or programmatic rewards (PPO-max by default).
 
     ppomax train-ppo --preset ppo_max --set model.policy=SFT --set model.reward=RM --set data.prompts=P.jsonl
-    ppomax train-ppo --config run.yaml [--set ppo.kl_coef=0.1]
+    ppomax train-ppo --config run.yaml [--set ppo.kl.coef=0.1]
     ppomax train-ppo --resume runs/ppo            # continue from the newest checkpoint, with the run's config
 
 Exit status: 0 when done, 2 on a user error (bad config/data/model path, diverged run), 3 when the collapse

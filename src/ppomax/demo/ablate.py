@@ -49,7 +49,7 @@ class Variant:
 
 # The KL coefficient of every KL-penalised run is the demo profile's PPO-max value (profiles.FULL: 0.5, measured for
 # this learning rate; the paper's 0.05 of fig. 7 is tuned for lr 5e-7), so "KL penalty" here means PPO-max's.
-KL_ON = "ppo.kl_coef=0.5"
+KL_ON = "ppo.kl.coef=0.5"
 
 # The variants, in report order. Fig. 6 and fig. 7 vary vanilla PPO (the paper compares each trick "to vanilla
 # PPO" and fig. 7's constraints against fig. 6), fig. 8's critic pre-training too ("conducted on the basis of
@@ -66,13 +66,13 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     # fig. 6: score reparameterisation (paper 5.3.1)
     Variant(
-        "reward_scale", "fig. 6", "vanilla", ("ppo.reward_scaling=true",), "reward scaling (running std)"
+        "reward_scale", "fig. 6", "vanilla", ("ppo.reward_transform=scale",), "reward scaling (running std)"
     ),
     Variant(
         "reward_norm_0.3",
         "fig. 6",
         "vanilla",
-        ("ppo.reward_norm=true", "ppo.reward_clip=0.3"),
+        ("ppo.reward_transform=normalize", "ppo.reward_clip=0.3"),
         "reward normalisation + clipping, tight bound delta = 0.3 (eq. 18)",
         quick=True,
     ),
@@ -80,7 +80,7 @@ VARIANTS: tuple[Variant, ...] = (
         "reward_norm_0.8",
         "fig. 6",
         "vanilla",
-        ("ppo.reward_norm=true", "ppo.reward_clip=0.8"),
+        ("ppo.reward_transform=normalize", "ppo.reward_clip=0.8"),
         "reward normalisation + clipping, relaxed bound delta = 0.8 (eq. 18)",
     ),
     Variant(
@@ -213,14 +213,14 @@ VARIANTS: tuple[Variant, ...] = (
         "grpo_kl_reward_k1",
         CAUSES,
         "grpo",
-        (KL_ON, "ppo.kl_in=reward", "ppo.kl_estimator=k1"),
+        (KL_ON, "ppo.kl.acts_in=reward", "ppo.kl.estimator=k1"),
         "GRPO with RLOO's KL: in the reward, by k1",
     ),
     Variant(
         "rloo_kl_loss_k3",
         CAUSES,
         "rloo",
-        (KL_ON, "ppo.kl_in=loss", "ppo.kl_estimator=k3"),
+        (KL_ON, "ppo.kl.acts_in=loss", "ppo.kl.estimator=k3"),
         "RLOO with GRPO's KL: a k3 loss term",
     ),
     Variant(
@@ -241,7 +241,7 @@ VARIANTS: tuple[Variant, ...] = (
         "grpo_reward_norm",
         CAUSES,
         "grpo",
-        (KL_ON, "ppo.reward_norm=true", "ppo.reward_clip=5"),
+        (KL_ON, "ppo.reward_transform=normalize", "ppo.reward_clip=5"),
         "GRPO with RLOO's (PPO-max's) reward normalisation and clip",
     ),
     # ours: PPO-max with minibatch advantage whitening, which the paper's PPO-max does not use (ppo_max above is
@@ -258,10 +258,10 @@ VARIANTS: tuple[Variant, ...] = (
     # length bias), shorter and longer answers, slower and faster learning. Judged by `ablate_report.
     # monitor_evidence` with the estimators' runs, the other out-of-sample set.
     Variant(
-        "mon_kl_0.05", MONITOR, "ppo_max", ("ppo.kl_coef=0.05",), "PPO-max with the paper's KL coefficient"
+        "mon_kl_0.05", MONITOR, "ppo_max", ("ppo.kl.coef=0.05",), "PPO-max with the paper's KL coefficient"
     ),
-    Variant("mon_kl_0.1", MONITOR, "ppo_max", ("ppo.kl_coef=0.1",), "PPO-max with KL coefficient 0.1"),
-    Variant("mon_kl_0.2", MONITOR, "ppo_max", ("ppo.kl_coef=0.2",), "PPO-max with KL coefficient 0.2"),
+    Variant("mon_kl_0.1", MONITOR, "ppo_max", ("ppo.kl.coef=0.1",), "PPO-max with KL coefficient 0.1"),
+    Variant("mon_kl_0.2", MONITOR, "ppo_max", ("ppo.kl.coef=0.2",), "PPO-max with KL coefficient 0.2"),
     Variant(
         "mon_short",
         MONITOR,
@@ -280,7 +280,7 @@ VARIANTS: tuple[Variant, ...] = (
         "mon_long_kl_0.1",
         MONITOR,
         "ppo_max",
-        ("ppo.kl_coef=0.1", "generation.max_new_tokens=80"),
+        ("ppo.kl.coef=0.1", "generation.max_new_tokens=80"),
         "PPO-max with KL coefficient 0.1, answers of <= 80 tokens",
     ),
     Variant(

@@ -23,6 +23,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
+from ppomax.config_compat import upgrade_ppo_keys
 from ppomax.demo.report import (
     PANELS,
     _f,
@@ -606,14 +607,16 @@ def iteration_costs(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def method_settings(config: dict[str, Any]) -> dict[str, Any]:
     """What tells the methods apart, from a run's resolved ``config.yaml`` (a run made before a key existed has
-    its default)."""
+    its default; one made before the ``ppo.kl`` group has its keys read into it)."""
     ppo, gen = config.get("ppo", {}), config.get("generation", {})
+    ppo = upgrade_ppo_keys(ppo, "normalize")[0]
+    kl = ppo.get("kl", {})
     return {
         "advantage_estimator": ppo.get("advantage_estimator", "gae"),
         "samples_per_prompt": gen.get("samples_per_prompt", 1),
-        "kl_coef": ppo.get("kl_coef"),
-        "kl_in": ppo.get("kl_in", "reward"),
-        "kl_estimator": ppo.get("kl_estimator"),
+        "kl_coef": kl.get("coef"),
+        "kl_in": kl.get("acts_in", "reward"),
+        "kl_estimator": kl.get("estimator"),
         "rollout_batch_size": ppo.get("rollout_batch_size"),
         "buffer_size": ppo.get("buffer_size"),
     }

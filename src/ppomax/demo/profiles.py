@@ -12,7 +12,7 @@ setting                     paper / preset  demo        why
 policy_lr / critic_lr       5e-7 / 1.5e-6  1e-4/2e-4   a ~1M model; 80 iterations must show vanilla's drift
 ppo_epochs, buffer          1, 128         2, 64       few samples per run on 2 CPU cores
 max_new_tokens              128            40          hh-mini answers are 5-30 tokens
-ppo_max kl_coef             0.05 (fig. 7)  0.5         measured on seed 0: at this learning rate 0.05 and 0.2 let
+ppo_max kl.coef             0.05 (fig. 7)  0.5         measured on seed 0: at this learning rate 0.05 and 0.2 let
                                                         PPO-max drift into the RM's length bias (0.2: length
                                                         9.6 -> 17 tokens, gold 0.62 -> 0.43, loses to SFT
                                                         54/139); 0.3 wins 100/47, 0.5 wins 77/19 with KL
@@ -78,7 +78,7 @@ class DemoProfile:
 FULL = DemoProfile(
     name="full",
     world=dict(sft_noise=0.3),
-    ppo_overrides={"ppo_max": ("ppo.kl_coef=0.5",)},
+    ppo_overrides={"ppo_max": ("ppo.kl.coef=0.5",)},
 )
 
 QUICK = replace(

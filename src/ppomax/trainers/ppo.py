@@ -280,17 +280,17 @@ class PPOTrainer:
     def _build(self, engine: RolloutEngine | None, allow_data_change: bool) -> None:
         cfg, p, run = self.cfg, self.cfg.ppo, self.run
         acc = run.accelerator  # DDP, DeepSpeed or FSDP as `accelerate launch` configured (trainers/launch.py)
-        # The adaptive KL coefficient (ppo.kl_target) counts the responses of all processes, as Ziegler et al.'s
+        # The adaptive KL coefficient (ppo.kl.target) counts the responses of all processes, as Ziegler et al.'s
         # code counts its batch; a step of n responses moves it by a factor in [1 - 0.2 n/h, 1 + 0.2 n/h].
         self.kl_control = None
-        if p.kl_target is not None:
-            if p.buffer_size * acc.num_processes >= 5 * p.kl_horizon:
+        if p.kl.target is not None:
+            if p.buffer_size * acc.num_processes >= 5 * p.kl.horizon:
                 raise ConfigError(
-                    f"ppo.kl_horizon, ppo.buffer_size: kl_horizon ({p.kl_horizon}) must exceed a fifth of the "
+                    f"ppo.kl.horizon, ppo.buffer_size: kl.horizon ({p.kl.horizon}) must exceed a fifth of the "
                     f"responses of one iteration (buffer_size {p.buffer_size} x {acc.num_processes} process(es)), "
                     "or one step of the adaptive KL coefficient could take it to 0 or below"
                 )
-            self.kl_control = AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
+            self.kl_control = AdaptiveKLController(p.kl.coef, p.kl.target, p.kl.horizon)
         # Statistics that define the training targets (running reward moments, advantage whitening) are global
         # through this hook: per-rank ones would make the objective depend on how the buffer is sharded. The
         # losses themselves are not all-reduced: DDP averages the gradients over ranks, and the Updater weights
@@ -436,14 +436,14 @@ class PPOTrainer:
     def iteration(self, step: int) -> dict[str, Any]:
         """Rollout, scoring, advantages and updates for iteration ``step`` (1-based); returns its metrics.
 
-        With ``ppo.kl_target`` the iteration uses the adaptive KL coefficient as it stands (logged as
+        With ``ppo.kl.target`` the iteration uses the adaptive KL coefficient as it stands (logged as
         ``ppo/kl_coef``), then updates it from the KL its rollout spent (``kl/per_sequence``: the mean over
         responses of the summed per-token estimate, as Ziegler et al.), after policy iterations only: in critic
         pre-training the policy cannot move its KL, and the coefficient would drift on an error nothing
         corrects."""
         p = self.cfg.ppo
         critic_only = step <= p.critic_pretrain_steps
-        kl_coef = p.kl_coef if self.kl_control is None else self.kl_control.value
+        kl_coef = p.kl.coef if self.kl_control is None else self.kl_control.value
         # one epoch over one minibatch: the update's forwards give the old log-probs and values (exactly)
         fused = self.updater.fuses_scoring()
         clock = Stopwatch(self.acc.device)
@@ -500,7 +500,7 @@ class PPOTrainer:
             running_mean=self.moments.mean,
             running_std=self.moments.std,
             all_reduce=self.moments.all_reduce,
-            kl_clamp=self.cfg.ppo.kl_clamp,
+            kl_clamp=self.cfg.ppo.kl.clamp,
         )
         metrics = {**stats, **train_metrics}
         metrics["_tokens"] = exp.response_lens.sum().float()

@@ -7,14 +7,14 @@ PPO (section 3.2, fig. 5) and the switches of ``ppo``:
 1. scoring (no gradient): old log-probs, entropy and values from the policy and critic, reference log-probs,
    raw scores from the reward sources; each computed once per iteration and reused by every epoch;
 2. advantages: running reward moments updated with the raw scores (eq. 18), the score re-parameterised
-   (``reward_norm`` or ``reward_scaling``, then ``reward_clip``; a truncated response may get
+   (``reward_transform``, then ``reward_clip``; a truncated response may get
    ``truncated_penalty``),
    token-level rewards ``-kl_coef * KL_t`` + score at the last token (eq. 19), GAE (eq. 9-11), or a critic-free
    estimator (``advantage_estimator``: GRPO, RLOO, REINFORCE++; :mod:`ppomax.algos.estimators`), which
    then needs no values (no critic exists);
 3. updates: ``ppo_epochs`` passes over shuffled minibatches; advantages whitened/clipped per minibatch; clipped
    surrogate (eq. 15) against the sampling policy, or the reference when ``importance_sampling`` is off, with
-   the ``dual_clip`` bound; the KL term ``kl_coef * KL`` here instead of in the rewards with ``kl_in: loss``;
+   the ``dual_clip`` bound; the KL term ``kl_coef * KL`` here instead of in the rewards with ``kl.acts_in: loss``;
    entropy bonus with clip; PPO-ptx LM loss (eq. 17); clipped value loss; global gradient clipping per model; a
    non-finite loss or gradient skips the step. ``micro_batch_size`` chunks are weighted by their token share, so
    they give the whole minibatch's gradient. Each model's backward follows its own forward, so one model's
@@ -172,7 +172,7 @@ def compute_advantages(
     updates. Its KL and the rest of the scoring pass still describe what the policy generated. With
     ``truncated_response: penalty`` the truncated responses' raw scores stay out of the moments too, since
     those are replaced. ``all_reduce``: the estimators' global statistics (REINFORCE++'s whitening) over ranks.
-    ``kl_coef``: the iteration's KL coefficient (the adaptive one of ``ppo.kl_target``; None: ``ppo.kl_coef``).
+    ``kl_coef``: the iteration's KL coefficient (the adaptive one of ``ppo.kl.target``; None: ``ppo.kl.coef``).
     """
     score_targets(exp, ppo, gen, moments)
     token_advantages(exp, ppo, gen.samples_per_prompt, all_reduce, kl_coef)
@@ -203,22 +203,22 @@ def token_advantages(
     the same rows' values); GRPO and RLOO group by group (the ``group_size`` responses to a prompt are
     consecutive rows, as :class:`Updater`'s shuffle keeps them); REINFORCE++ whitens over the whole batch, all
     ranks through ``all_reduce``. Without a critic ``returns`` is the reward-to-go (``gamma``-discounted).
-    With ``kl_in: loss`` the rewards carry no KL term (the policy loss does, :func:`kl_loss`); ``kl`` is filled
-    either way (it is what the rollout spent, and what the adaptive coefficient measures), unclamped: ``kl_clamp``
+    With ``kl.acts_in: loss`` the rewards carry no KL term (the policy loss does, :func:`kl_loss`); ``kl`` is filled
+    either way (it is what the rollout spent, and what the adaptive coefficient measures), unclamped: ``kl.clamp``
     bounds the penalty only."""
     mask = exp.response_mask
-    kl = kl_per_token(exp.logprobs, exp.ref_logprobs, ppo.kl_estimator)
+    kl = kl_per_token(exp.logprobs, exp.ref_logprobs, ppo.kl.estimator)
     exp.kl = torch.where(mask, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
     if exp.exact_kl is not None:
         exp.exact_kl = torch.where(mask, exp.exact_kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
     train = mask & torch.isfinite(exp.final_scores).unsqueeze(1)
-    if ppo.kl_in == "loss":
+    if ppo.kl.acts_in == "loss":
         penalised = torch.zeros_like(exp.kl)
-    elif ppo.kl_clamp is None:
+    elif ppo.kl.clamp is None:
         penalised = exp.kl
     else:
-        penalised = kl_per_token(exp.logprobs, exp.ref_logprobs, ppo.kl_estimator, ppo.kl_clamp)
-    coef = ppo.kl_coef if kl_coef is None else kl_coef
+        penalised = kl_per_token(exp.logprobs, exp.ref_logprobs, ppo.kl.estimator, ppo.kl.clamp)
+    coef = ppo.kl.coef if kl_coef is None else kl_coef
     exp.rewards = token_level_rewards(exp.final_scores, penalised, train, coef)
     exp.advantages, exp.returns = advantages_of(
         ppo.advantage_estimator,
@@ -430,8 +430,8 @@ class Updater:
         forward, which then computes the token advantages (:func:`token_advantages`), and are filled into ``exp``
         in place, as :func:`compute_advantages` would have.
 
-        ``kl_coef``: the iteration's KL coefficient (the adaptive one of ``ppo.kl_target``; None: ``ppo.kl_coef``),
-        in the fused token rewards or in the loss (``ppo.kl_in``). ``reference`` (unwrapped; fused only): runs
+        ``kl_coef``: the iteration's KL coefficient (the adaptive one of ``ppo.kl.target``; None: ``ppo.kl.coef``),
+        in the fused token rewards or in the loss (``ppo.kl.acts_in``). ``reference`` (unwrapped; fused only): runs
         beside the update's first forward when ``exp`` has no reference log-probs yet (:meth:`_filler`)."""
         p = self.ppo
         acc: dict[str, list[Tensor]] = {}
@@ -661,7 +661,7 @@ class Updater:
     def _policy_loss(
         self, mb: Experience, logits: Tensor, kl_coef: float | None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """(clipped surrogate (dual-clipped with ``dual_clip``) + the KL term with ``kl_in: loss`` + entropy bonus,
+        """(clipped surrogate (dual-clipped with ``dual_clip``) + the KL term with ``kl.acts_in: loss`` + entropy bonus,
         metrics) from the policy's response ``logits`` on ``mb``. The KL term compares the policy with the
         reference log-probs of the scoring pass, on the rollout's tokens, as the reward penalty would."""
         p = self.ppo
@@ -693,9 +693,9 @@ class Updater:
         )
         if p.dual_clip is not None:
             metrics[f"policy/dual_clip_frac{vs}"] = pm["dual_clip_frac"]
-        kl_coef = p.kl_coef if kl_coef is None else kl_coef
-        if p.kl_in == "loss" and kl_coef > 0:
-            kl, km = kl_loss(logprobs, mb.ref_logprobs, mask, kl_coef, p.kl_estimator, p.kl_clamp, **agg)
+        kl_coef = p.kl.coef if kl_coef is None else kl_coef
+        if p.kl.acts_in == "loss" and kl_coef > 0:
+            kl, km = kl_loss(logprobs, mb.ref_logprobs, mask, kl_coef, p.kl.estimator, p.kl.clamp, **agg)
             loss = loss + kl
             metrics["loss/kl"] = km["kl_loss"]
         if p.entropy_coef > 0:
