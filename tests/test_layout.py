@@ -34,6 +34,7 @@ TOP_LEVEL = {
     "collapse.py",
     "commands",
     "config.py",
+    "config_compat.py",
     "config_keys.py",
     "configs",
     "console.py",
