@@ -379,7 +379,7 @@ def test_clip_ratio_switch(setup, tmp_path):
 def test_a_huge_log_ratio_is_clamped_and_counted_not_a_skipped_update(setup, tmp_path):
     """Old log-probs 100 nats below the new ones overflow exp(log-ratio) in float32: the update must still be
     finite (not skipped) and log how many tokens had their log-ratio clamped, summed over the iteration. (Two
-    minibatches: with one, the update computes the old log-probs itself, see test_ppo_work.)"""
+    minibatches: with one, the update computes the old log-probs itself, see test_ppo_skipped_work.)"""
     tr = make(setup, tmp_path, "ppo.minibatch_size=4")
     inner, seen = tr.updater.update, []
 
