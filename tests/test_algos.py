@@ -935,6 +935,63 @@ def test_logprobs_from_logits_padding_labels_and_bf16() -> None:
     assert bf.dtype == torch.float32
 
 
+@pytest.mark.parametrize("slice_elements", [1, 13 * 3, 13 * 10, 13 * 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_vocab_reductions_by_slices_vs_log_softmax(monkeypatch, slice_elements, dtype, temperature) -> None:
+    """Without a gradient the log-probs, entropy and exact KL go through the logits a few rows x positions at
+    a time (one position per slice up to two rows with a remainder, here); each equals the log_softmax of
+    the whole tensor in float64, for non-contiguous bf16/fp32 logits, padding labels and any temperature."""
+    from ppomax.algos import losses
+
+    g = _gen(21)
+    wide = (torch.randn(5, 9, 13, generator=g) * 4).to(dtype)
+    logits, ref_logits = wide[:, 1:8], wide.flip(0)[:, 2:9]  # [5, 7, 13] views, not contiguous
+    labels = torch.randint(0, 13, (5, 7), generator=g)
+    labels[0, 3] = labels[4, 6] = -100
+    z, ref_z = logits.double() / temperature, ref_logits.double() / temperature
+    logp, ref_logp = z.log_softmax(-1), ref_z.log_softmax(-1)
+    want_lp = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    want_ent = -(logp.exp() * logp).sum(-1)
+    want_kl = F.kl_div(ref_logp, logp, log_target=True, reduction="none").sum(-1)
+    seen: list[tuple[int, ...]] = []
+    real = losses._logprobs
+    monkeypatch.setattr(
+        losses, "_logprobs", lambda x, *a, **k: seen.append(tuple(x.shape)) or real(x, *a, **k)
+    )
+    monkeypatch.setattr(losses, "VOCAB_SLICE_ELEMENTS", slice_elements)
+    with torch.no_grad():
+        lp = logprobs_from_logits(logits, labels, temperature)
+        ent = entropy_from_logits(logits, temperature)
+        kl = kl_from_logits(logits, ref_logits, temperature)
+    assert len(seen) > 1 and all(s[0] * s[1] * s[2] <= max(13, slice_elements) for s in seen)
+    tol = {"atol": 1e-5, "rtol": 1e-5}
+    for got, want in ((lp, want_lp), (ent, want_ent), (kl, want_kl)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want.float(), **tol)
+
+
+def test_vocab_reductions_under_autograd_give_the_same_values_and_gradients(monkeypatch) -> None:
+    """With a gradient the reductions run in one go (autograd saves what the backward needs); their values
+    are those of the sliced no-gradient path."""
+    from ppomax.algos import losses
+
+    g = _gen(22)
+    logits = torch.randn(3, 4, 11, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 4), generator=g)
+    monkeypatch.setattr(losses, "VOCAB_SLICE_ELEMENTS", 11)
+    lp, ent = logprobs_from_logits(logits, labels, 0.8), entropy_from_logits(logits, 0.8)
+    with torch.no_grad():
+        torch.testing.assert_close(lp, logprobs_from_logits(logits, labels, 0.8), atol=1e-6, rtol=0)
+        torch.testing.assert_close(ent, entropy_from_logits(logits, 0.8), atol=1e-6, rtol=0)
+    (got,) = torch.autograd.grad((lp + ent).sum(), logits)
+    z = logits / 0.8
+    logp = z.log_softmax(-1)
+    want_loss = logp.gather(-1, labels[..., None]).squeeze(-1) - (logp.exp() * logp).sum(-1)
+    (want,) = torch.autograd.grad(want_loss.sum(), logits)
+    torch.testing.assert_close(got, want)
+
+
 def test_lm_nll_vs_cross_entropy() -> None:
     g = _gen(13)
     logits = torch.randn(2, 6, 11, generator=g)
