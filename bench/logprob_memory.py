@@ -2,18 +2,20 @@
 at the sampling temperature and raw, its entropy, and the exact KL to the reference, from response logits
 [rows, positions, vocab] (:mod:`ppomax.algos.losses`). ``sliced`` is the library as it runs (without a gradient
 the logits go through in slices of ``VOCAB_SLICE_ELEMENTS``); ``whole`` the same functions on the whole tensor at
-once (the computation before the slicing: a full float32 copy, logsumexp's exp, softmax, log-softmaxes). Each
+once (the whole-tensor float32 copy, logsumexp's exp, softmax, log-softmaxes; ``--before`` measures older code). Each
 measurement is a fresh process with one thread: the peak RSS (VmHWM, reset after the inputs are made) above
 what the inputs (the two models' logits and the labels) take, and the CPU seconds (user + system) of the reductions.
 
-``--grad`` measures the update's forward and backward instead: log-probs and entropy of logits that require a
-gradient, then ``backward``; under autograd the reductions run in one go (the backward needs what they save), so
-this shows what the training path costs.
+``--grad`` measures the update's forward and backward instead (``Forward.logprobs``, and ``Forward.entropy``
+with ``all``, of logits that require a gradient, then ``backward``; the peak includes the logits' gradient). The
+log-probs save only the logits and logsumexp and recompute softmax per slice in the backward (``whole``: one
+slice); the entropy runs in one go under autograd.
 
     python bench/logprob_memory.py                          # 8 x 256 x 49,152 (SmolLM2), float32 logits
     python bench/logprob_memory.py --dtype bfloat16 --vocab 128256
     python bench/logprob_memory.py --grad
     python bench/logprob_memory.py --ops scoring --before /path/to/older/checkout/src   # against older code
+    python bench/logprob_memory.py --grad --before /path/to/older/checkout/src
 
 ``scoring`` makes the calls of the scoring pass (``Forward.logprobs`` at the temperature and raw,
 ``Forward.entropy``, ``exact_kl``), which older versions make too; ``all`` the same reductions through
@@ -72,9 +74,10 @@ def measure(rows: int, positions: int, vocab: int, dtype: str, mode: str, op: st
     base = reset_peak_rss()
     cpu = time.process_time()
     if grad:
-        loss = logprobs_from_logits(logits, labels, t).sum()
+        fwd = Forward(torch.nn.Identity(), t)  # the update's calls (the same before the slicing)
+        loss = fwd.logprobs(logits, labels).sum()
         if op == "all":
-            loss = loss + entropy_from_logits(logits, t).sum()
+            loss = loss + fwd.entropy(logits).sum()
         loss.backward()
     else:
         with torch.no_grad():
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for op in ops:
         runs = [("whole", env), ("sliced", env)]
-        if args.before and op == "scoring":
+        if args.before and (op == "scoring" or args.grad):
             runs.insert(0, ("before", {**env, "PYTHONPATH": args.before}))
         for mode, run_env in runs:
             cmd = [sys.executable, __file__, *(argv or sys.argv[1:]), "--one", mode, op]

@@ -971,25 +971,36 @@ def test_vocab_reductions_by_slices_vs_log_softmax(monkeypatch, slice_elements, 
         torch.testing.assert_close(got, want.float(), **tol)
 
 
-def test_vocab_reductions_under_autograd_give_the_same_values_and_gradients(monkeypatch) -> None:
-    """With a gradient the reductions run in one go (autograd saves what the backward needs); their values
-    are those of the sliced no-gradient path."""
+@pytest.mark.parametrize("slice_elements", [11, 11 * 6, 1 << 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_logprobs_under_autograd_by_slices_vs_log_softmax_gather(
+    monkeypatch, slice_elements, dtype, temperature
+) -> None:
+    """Under autograd the log-probs save only the logits and logsumexp and recompute softmax per slice in the
+    backward: their values and gradients are those of log_softmax + gather (float64), for bf16 and fp32
+    logits, non-contiguous, with padding labels; the logits are left as they were."""
     from ppomax.algos import losses
 
+    monkeypatch.setattr(losses, "VOCAB_SLICE_ELEMENTS", slice_elements)
     g = _gen(22)
-    logits = torch.randn(3, 4, 11, generator=g, requires_grad=True)
+    wide = (torch.randn(3, 6, 11, generator=g) * 3).to(dtype).requires_grad_(True)
+    logits = wide[:, 1:5]
     labels = torch.randint(0, 11, (3, 4), generator=g)
-    monkeypatch.setattr(losses, "VOCAB_SLICE_ELEMENTS", 11)
-    lp, ent = logprobs_from_logits(logits, labels, 0.8), entropy_from_logits(logits, 0.8)
-    with torch.no_grad():
-        torch.testing.assert_close(lp, logprobs_from_logits(logits, labels, 0.8), atol=1e-6, rtol=0)
-        torch.testing.assert_close(ent, entropy_from_logits(logits, 0.8), atol=1e-6, rtol=0)
-    (got,) = torch.autograd.grad((lp + ent).sum(), logits)
-    z = logits / 0.8
-    logp = z.log_softmax(-1)
-    want_loss = logp.gather(-1, labels[..., None]).squeeze(-1) - (logp.exp() * logp).sum(-1)
-    (want,) = torch.autograd.grad(want_loss.sum(), logits)
-    torch.testing.assert_close(got, want)
+    labels[1, 2] = -100
+    weights = torch.randn(3, 4, generator=g).double()
+    before = logits.detach().clone()
+    out = logprobs_from_logits(logits, labels, temperature)
+    assert out.dtype == torch.float32
+    (got,) = torch.autograd.grad((out.double() * weights).sum(), wide)
+    assert torch.equal(logits.detach(), before)
+    exact = wide.detach().double().requires_grad_(True)
+    lp = (exact[:, 1:5] / temperature).log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    (want,) = torch.autograd.grad((lp * weights).sum(), exact)
+    torch.testing.assert_close(out, lp.detach().float(), atol=1e-5, rtol=1e-5)
+    assert got.dtype == dtype
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(got.double(), want, **tol)
 
 
 def test_lm_nll_vs_cross_entropy() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -220,6 +220,12 @@ def _float32_or_wider(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+def _slice_steps(positions: int, vocab: int) -> tuple[int, int]:
+    """(rows, positions) per slice of [B, positions, vocab] logits: whole rows while they fit."""
+    tokens = max(1, VOCAB_SLICE_ELEMENTS // max(1, vocab))
+    return (max(1, tokens // positions), positions) if tokens >= positions else (1, tokens)
+
+
 def _by_slices(fn: Callable[..., Tensor], first: Tensor, *rest: Tensor) -> Tensor:
     """``fn(first, *rest)`` -> [B, T] (float32 or wider) for [B, T, V] / [B, T] arguments, computed over
     slices of rows and positions of at most :data:`VOCAB_SLICE_ELEMENTS` logits each when no gradient is
@@ -229,10 +235,7 @@ def _by_slices(fn: Callable[..., Tensor], first: Tensor, *rest: Tensor) -> Tenso
     if tracked or first.dim() != 3 or first.numel() <= VOCAB_SLICE_ELEMENTS:
         return fn(first, *rest)
     rows, positions, vocab = first.shape
-    tokens = max(1, VOCAB_SLICE_ELEMENTS // max(1, vocab))
-    step_rows, step_positions = (
-        (max(1, tokens // positions), positions) if tokens >= positions else (1, tokens)
-    )
+    step_rows, step_positions = _slice_steps(positions, vocab)
     out = torch.empty((rows, positions), dtype=_float32_or_wider(first), device=first.device)
     for r in range(0, rows, step_rows):
         for p in range(0, positions, step_positions):
@@ -330,7 +333,50 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
     labels[:, t] (the caller shifts by one). Negative labels (e.g. -100 padding) are read as token 0; mask
     those positions downstream. Differentiable w.r.t. logits.
     """
+    if torch.is_grad_enabled() and logits.requires_grad and logits.dim() == 3:
+        return _LogprobsBySlices.apply(logits, labels, temperature)
     return _by_slices(partial(_logprobs, temperature=temperature), logits, labels)
+
+
+class _LogprobsBySlices(torch.autograd.Function):
+    """:func:`logprobs_from_logits` under autograd without the float32 tensors autograd would save (the upcast
+    or scaled z for logsumexp) and make in the backward (its exp, the gather's scatter): the forward goes
+    through slices and keeps only the logits (alive anyway) and logsumexp [B, T]; the backward recomputes
+    softmax per slice, ``d log p(y) / d logits_v = (1[v = y] - softmax(z)_v) / temperature``, into the one
+    gradient tensor."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
+        lse = _by_slices(partial(_logsumexp, temperature=temperature), logits)
+        z_y = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).to(lse.dtype)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.temperature = temperature
+        return (z_y / temperature if temperature != 1.0 else z_y) - lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        logits, labels, lse = ctx.saved_tensors
+        t = ctx.temperature
+        out = torch.empty_like(logits)
+        g = grad / t
+        _, positions, vocab = logits.shape
+        step_rows, step_positions = _slice_steps(positions, vocab)
+        for r in range(0, logits.shape[0], step_rows):
+            for p in range(0, positions, step_positions):
+                block = (slice(r, r + step_rows), slice(p, p + step_positions))
+                z = logits[block].to(lse.dtype, copy=True)
+                if t != 1.0:
+                    z.div_(t)
+                part = z.sub_(lse[block].unsqueeze(-1)).exp_().mul_(-g[block].unsqueeze(-1))
+                part.scatter_add_(-1, labels[block].clamp(min=0).unsqueeze(-1), g[block].unsqueeze(-1))
+                out[block] = part
+        return out, None, None
+
+
+def _logsumexp(logits: Tensor, temperature: float) -> Tensor:
+    z = logits.to(_float32_or_wider(logits))
+    return torch.logsumexp(z / temperature if temperature != 1.0 else z, dim=-1)
 
 
 def _logprobs(logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
