@@ -1,6 +1,6 @@
 """Peak host memory (RSS) and CPU time of the vocabulary reductions of PPO's scoring pass: the policy's log-probs
 at the sampling temperature and raw, its entropy, and the exact KL to the reference, from response logits
-[rows, positions, vocab] (:mod:`ppomax.algos.losses`). ``sliced`` is the library as it runs (without a gradient
+[rows, positions, vocab] (:mod:`ppomax.algos.vocab`). ``sliced`` is the library as it runs (without a gradient
 the logits go through in slices of ``VOCAB_SLICE_ELEMENTS``); ``whole`` the same functions on the whole tensor at
 once (the whole-tensor float32 copy, logsumexp's exp, softmax, log-softmaxes; ``--before`` measures older code). Each
 measurement is a fresh process with one thread: the peak RSS (VmHWM, reset after the inputs are made) above
@@ -53,13 +53,15 @@ def peak_rss() -> int:
 def measure(rows: int, positions: int, vocab: int, dtype: str, mode: str, op: str, grad: bool) -> dict:
     import torch
 
-    from ppomax.algos import entropy_from_logits, kl_from_logits, logprobs_from_logits, losses
+    from ppomax.algos import entropy_from_logits, kl_from_logits, logprobs_from_logits
     from ppomax.trainers.ppo_models import Forward
     from ppomax.trainers.ppo_step import exact_kl
 
     torch.set_num_threads(1)
     if mode == "whole":  # (mode "before": the code on PYTHONPATH as it is)
-        losses.VOCAB_SLICE_ELEMENTS = 1 << 62
+        from ppomax.algos import vocab as reductions
+
+        reductions.VOCAB_SLICE_ELEMENTS = 1 << 62
     g = torch.Generator().manual_seed(0)
     dt = getattr(torch, dtype)
     # filled in place: no temporary may raise the peak before the measurement starts

@@ -1,10 +1,8 @@
-"""PPO, critic, entropy, language-model and reward-model losses, and log-prob/entropy helpers."""
+"""PPO, critic, entropy, language-model and reward-model losses."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -13,6 +11,7 @@ from torch.nn import functional as F
 from .registry import LOSS_AGGREGATIONS
 from .rewards import KLEstimator, kl_per_token
 from .stats import _bool_mask, masked_max, masked_mean, masked_sum
+from .vocab import logprobs_from_logits
 
 
 def aggregate_loss(
@@ -209,86 +208,6 @@ def value_loss(
     return loss, metrics
 
 
-# The no-gradient vocabulary reductions (log-probs, entropy, exact KL) work through their logits in slices of
-# at most this many elements (a few rows x positions x V), so that their float32 temporaries (the upcast, the
-# temperature-scaled copy, logsumexp's exp, softmax) are a few 64 MiB blocks whatever the logits' [B, T, V].
-# Under autograd the whole tensor goes through at once (the backward needs its saved tensors either way).
-VOCAB_SLICE_ELEMENTS = 1 << 24
-
-
-def _float32_or_wider(t: Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
-
-
-def _slice_steps(positions: int, vocab: int) -> tuple[int, int]:
-    """(rows, positions) per slice of [B, positions, vocab] logits: whole rows while they fit."""
-    tokens = max(1, VOCAB_SLICE_ELEMENTS // max(1, vocab))
-    return (max(1, tokens // positions), positions) if tokens >= positions else (1, tokens)
-
-
-def _by_slices(fn: Callable[..., Tensor], first: Tensor, *rest: Tensor) -> Tensor:
-    """``fn(first, *rest)`` -> [B, T] (float32 or wider) for [B, T, V] / [B, T] arguments, computed over
-    slices of rows and positions of at most :data:`VOCAB_SLICE_ELEMENTS` logits each when no gradient is
-    recorded (else in one go): equal to the one-go result, as each position's value depends only on its own
-    logits. Slicing dims 0 and 1 makes views, never a copy of non-contiguous logits."""
-    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (first, *rest))
-    if tracked or first.dim() != 3 or first.numel() <= VOCAB_SLICE_ELEMENTS:
-        return fn(first, *rest)
-    rows, positions, vocab = first.shape
-    step_rows, step_positions = _slice_steps(positions, vocab)
-    out = torch.empty((rows, positions), dtype=_float32_or_wider(first), device=first.device)
-    for r in range(0, rows, step_rows):
-        for p in range(0, positions, step_positions):
-            block = (slice(r, r + step_rows), slice(p, p + step_positions))
-            out[block] = fn(*(t[block] for t in (first, *rest)))
-    return out
-
-
-def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Entropy of softmax(logits / temperature) at every position: [B, T, V] -> [B, T] (float32 or wider).
-
-    H = logsumexp(z) - sum_v softmax(z)_v * z_v, which equals -sum p log p without forming log p and is
-    stable for large logits. Computed in float32 (bf16/fp16 logits are upcast). -inf logits (masked
-    vocabulary) contribute 0. Differentiable; without a gradient computed over slices of the logits
-    (:data:`VOCAB_SLICE_ELEMENTS`), so the scaled float32 copy and softmax are never whole [B, T, V] tensors.
-    """
-    return _by_slices(partial(_entropy, temperature=temperature), logits)
-
-
-def _entropy(logits: Tensor, temperature: float) -> Tensor:
-    z = logits.to(_float32_or_wider(logits))
-    if temperature != 1.0:
-        z = z / temperature
-    z = z.clamp(min=torch.finfo(z.dtype).min)
-    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
-
-
-def kl_from_logits(logits: Tensor, ref_logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Exact ``KL(pi || ref)`` over the vocabulary at every position: [B, T, V], [B, T, V] -> [B, T].
-
-    ``KL_t = sum_v pi(v|s_t) * (log pi(v|s_t) - log ref(v|s_t))`` with pi = softmax(logits / temperature),
-    ref = softmax(ref_logits / temperature): the quantity the sampled estimators of :func:`ppomax.algos.kl_per_token` (paper eq. 3 /
-    19) estimate, without their noise. Computed in float32 (or wider). A token pi gives probability 0 (a -inf
-    logit, or underflow) contributes 0; one that ref rules out and pi does not gives inf. Where the two
-    distributions agree, rounding can put the sum a hair below 0: it is clamped at 0, as a KL is. Without a
-    gradient computed over slices of the logits (:data:`VOCAB_SLICE_ELEMENTS`): the log-softmaxes are never
-    whole [B, T, V] tensors.
-    """
-    return _by_slices(partial(_kl, temperature=temperature), logits, ref_logits)
-
-
-def _kl(logits: Tensor, ref_logits: Tensor, temperature: float) -> Tensor:
-    acc = _float32_or_wider(logits)
-    z, ref_z = logits.to(acc), ref_logits.to(acc)
-    if temperature != 1.0:
-        z, ref_z = z / temperature, ref_z / temperature
-    logp = torch.log_softmax(z, dim=-1)
-    ref = torch.log_softmax(ref_z, dim=-1)
-    p = logp.exp()
-    terms = torch.where(p > 0, p * (logp - ref), torch.zeros((), dtype=acc, device=p.device))
-    return terms.sum(dim=-1).clamp_min(0)
-
-
 def entropy_bonus_loss(
     entropy: Tensor,
     mask: Tensor,
@@ -322,68 +241,6 @@ def entropy_bonus_loss(
             "entropy_clipfrac": frac,
         }
     return loss, metrics
-
-
-def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
-    """Log-probability of `labels` under softmax(logits / temperature): [B, T, V], [B, T] -> [B, T].
-
-    ``log p(y_t) = z_{y_t} - logsumexp(z)`` with z = logits / temperature, computed in float32 (or wider)
-    without materialising a full log_softmax tensor; without a gradient over slices of the logits
-    (:data:`VOCAB_SLICE_ELEMENTS`), so neither is the float32 z. logits[:, t] must already be aligned with
-    labels[:, t] (the caller shifts by one). Negative labels (e.g. -100 padding) are read as token 0; mask
-    those positions downstream. Differentiable w.r.t. logits.
-    """
-    if torch.is_grad_enabled() and logits.requires_grad and logits.dim() == 3:
-        return _LogprobsBySlices.apply(logits, labels, temperature)
-    return _by_slices(partial(_logprobs, temperature=temperature), logits, labels)
-
-
-class _LogprobsBySlices(torch.autograd.Function):
-    """:func:`logprobs_from_logits` under autograd without the float32 tensors autograd would save (the upcast
-    or scaled z for logsumexp) and make in the backward (its exp, the gather's scatter): the forward goes
-    through slices and keeps only the logits (alive anyway) and logsumexp [B, T]; the backward recomputes
-    softmax per slice, ``d log p(y) / d logits_v = (1[v = y] - softmax(z)_v) / temperature``, into the one
-    gradient tensor."""
-
-    @staticmethod
-    def forward(ctx: Any, logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
-        lse = _by_slices(partial(_logsumexp, temperature=temperature), logits)
-        z_y = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).to(lse.dtype)
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.temperature = temperature
-        return (z_y / temperature if temperature != 1.0 else z_y) - lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        logits, labels, lse = ctx.saved_tensors
-        t = ctx.temperature
-        out = torch.empty_like(logits)
-        g = grad / t
-        _, positions, vocab = logits.shape
-        step_rows, step_positions = _slice_steps(positions, vocab)
-        for r in range(0, logits.shape[0], step_rows):
-            for p in range(0, positions, step_positions):
-                block = (slice(r, r + step_rows), slice(p, p + step_positions))
-                z = logits[block].to(lse.dtype, copy=True)
-                if t != 1.0:
-                    z.div_(t)
-                part = z.sub_(lse[block].unsqueeze(-1)).exp_().mul_(-g[block].unsqueeze(-1))
-                part.scatter_add_(-1, labels[block].clamp(min=0).unsqueeze(-1), g[block].unsqueeze(-1))
-                out[block] = part
-        return out, None, None
-
-
-def _logsumexp(logits: Tensor, temperature: float) -> Tensor:
-    z = logits.to(_float32_or_wider(logits))
-    return torch.logsumexp(z / temperature if temperature != 1.0 else z, dim=-1)
-
-
-def _logprobs(logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
-    z = logits.to(_float32_or_wider(logits))
-    if temperature != 1.0:
-        z = z / temperature
-    return z.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
 
 def lm_nll(
