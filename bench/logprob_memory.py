@@ -16,6 +16,7 @@ slice); the entropy runs in one go under autograd.
     python bench/logprob_memory.py --grad
     python bench/logprob_memory.py --ops scoring --before /path/to/older/checkout/src   # against older code
     python bench/logprob_memory.py --grad --before /path/to/older/checkout/src
+    python bench/logprob_memory.py --device cuda --dtype bfloat16 --vocab 151936 [--grad]   # on a GPU, alone
 
 ``scoring`` makes the calls of the scoring pass (``Forward.logprobs`` at the temperature and raw,
 ``Forward.entropy``, ``exact_kl``), which older versions make too; ``all`` the same reductions through
@@ -50,7 +51,9 @@ def peak_rss() -> int:
     return _status("VmHWM")
 
 
-def measure(rows: int, positions: int, vocab: int, dtype: str, mode: str, op: str, grad: bool) -> dict:
+def measure(
+    rows: int, positions: int, vocab: int, dtype: str, device: str, mode: str, op: str, grad: bool
+) -> dict:
     import torch
 
     from ppomax.algos import entropy_from_logits, kl_from_logits, logprobs_from_logits
@@ -62,19 +65,25 @@ def measure(rows: int, positions: int, vocab: int, dtype: str, mode: str, op: st
         from ppomax.algos import vocab as reductions
 
         reductions.VOCAB_SLICE_ELEMENTS = 1 << 62
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device).manual_seed(0)
     dt = getattr(torch, dtype)
     # filled in place: no temporary may raise the peak before the measurement starts
-    logits = torch.empty(rows, positions, vocab, dtype=dt).normal_(0, 3, generator=g)
+    logits = torch.empty(rows, positions, vocab, dtype=dt, device=device).normal_(0, 3, generator=g)
     ref = None
     if not grad:
         ref = torch.empty_like(logits).normal_(0, 0.1, generator=g).add_(logits)
-    labels = torch.randint(0, vocab, (rows, positions), generator=g)
+    labels = torch.randint(0, vocab, (rows, positions), generator=g, device=device)
     if grad:
         logits.requires_grad_(True)
     t = 0.8
-    base = reset_peak_rss()
-    cpu = time.process_time()
+    cuda = device.startswith("cuda")
+    if cuda:  # the caching allocator's peak of live tensors; wall seconds of the synchronised work
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base, clock = torch.cuda.memory_allocated(), time.perf_counter
+    else:
+        base, clock = reset_peak_rss(), time.process_time
+    start = clock()
     if grad:
         fwd = Forward(torch.nn.Identity(), t)  # the update's calls (the same before the slicing)
         loss = fwd.logprobs(logits, labels).sum()
@@ -96,9 +105,11 @@ def measure(rows: int, positions: int, vocab: int, dtype: str, mode: str, op: st
                 fwd.logprobs(logits, labels, raw=True)
                 fwd.entropy(logits)
                 exact_kl(fwd, logits, ref)
-    cpu = time.process_time() - cpu
-    peak = peak_rss()
-    return {"extra_peak_mib": (peak - base) / MIB, "inputs_mib": base / MIB, "cpu_s": cpu}
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = clock() - start
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
+    return {"extra_peak_mib": (peak - base) / MIB, "inputs_mib": base / MIB, "seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--positions", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: peak allocated GPU memory, wall seconds")
     ap.add_argument("--grad", action="store_true", help="the update's forward + backward instead")
     ap.add_argument("--ops", nargs="+", default=None, help="logprobs entropy kl all (--grad: logprobs all)")
     ap.add_argument(
@@ -116,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--one", nargs=2, metavar=("MODE", "OP"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    shape = (args.rows, args.positions, args.vocab, args.dtype)
+    shape = (args.rows, args.positions, args.vocab, args.dtype, args.device)
     if args.one:
         print(json.dumps(measure(*shape, args.one[0], args.one[1], args.grad)))
         return 0
@@ -126,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.rows} rows x {args.positions} positions x {args.vocab} vocabulary, {args.dtype} logits"
         f"{', with gradient' if args.grad else ', no gradient'}"
     )
-    print("| reductions | mode | peak RSS above inputs (MiB) | CPU s (1 thread) |")
+    cpu = args.device == "cpu"
+    memory, seconds = ("peak RSS", "CPU s (1 thread)") if cpu else ("peak allocated", "wall s")
+    print(f"| reductions | mode | {memory} above inputs (MiB) | {seconds} |")
     print("|---|---|---|---|")
     for op in ops:
         runs = [("whole", env), ("sliced", env)]
@@ -136,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, *(argv or sys.argv[1:]), "--one", mode, op]
             out = subprocess.run(cmd, env=run_env, check=True, capture_output=True, text=True).stdout
             r = json.loads(out.splitlines()[-1])
-            print(f"| {op} | {mode} | {r['extra_peak_mib']:.0f} | {r['cpu_s']:.2f} |", flush=True)
+            print(f"| {op} | {mode} | {r['extra_peak_mib']:.0f} | {r['seconds']:.3f} |", flush=True)
     return 0
 
 
