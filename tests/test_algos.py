@@ -935,6 +935,125 @@ def test_logprobs_from_logits_padding_labels_and_bf16() -> None:
     assert bf.dtype == torch.float32
 
 
+@pytest.mark.parametrize("slice_elements", [1, 13 * 3, 13 * 10, 13 * 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_vocab_reductions_by_slices_vs_log_softmax(monkeypatch, slice_elements, dtype, temperature) -> None:
+    """Without a gradient the log-probs, entropy and exact KL go through the logits a few rows x positions at
+    a time (one position per slice up to two rows with a remainder, here); each equals the log_softmax of
+    the whole tensor in float64, for non-contiguous bf16/fp32 logits, padding labels and any temperature."""
+    from ppomax.algos import vocab
+
+    g = _gen(21)
+    wide = (torch.randn(5, 9, 13, generator=g) * 4).to(dtype)
+    logits, ref_logits = wide[:, 1:8], wide.flip(0)[:, 2:9]  # [5, 7, 13] views, not contiguous
+    labels = torch.randint(0, 13, (5, 7), generator=g)
+    labels[0, 3] = labels[4, 6] = -100
+    z, ref_z = logits.double() / temperature, ref_logits.double() / temperature
+    logp, ref_logp = z.log_softmax(-1), ref_z.log_softmax(-1)
+    want_lp = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    want_ent = -(logp.exp() * logp).sum(-1)
+    want_kl = F.kl_div(ref_logp, logp, log_target=True, reduction="none").sum(-1)
+    seen: list[tuple[int, ...]] = []
+    real = vocab._logprobs
+    monkeypatch.setattr(
+        vocab, "_logprobs", lambda x, *a, **k: seen.append(tuple(x.shape)) or real(x, *a, **k)
+    )
+    monkeypatch.setattr(vocab, "VOCAB_SLICE_ELEMENTS", slice_elements)
+    with torch.no_grad():
+        lp = logprobs_from_logits(logits, labels, temperature)
+        ent = entropy_from_logits(logits, temperature)
+        kl = kl_from_logits(logits, ref_logits, temperature)
+    assert len(seen) > 1 and all(s[0] * s[1] * s[2] <= max(13, slice_elements) for s in seen)
+    tol = {"atol": 1e-5, "rtol": 1e-5}
+    for got, want in ((lp, want_lp), (ent, want_ent), (kl, want_kl)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want.float(), **tol)
+
+
+@pytest.mark.parametrize("slice_elements", [11, 11 * 6, 1 << 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_logprobs_under_autograd_by_slices_vs_log_softmax_gather(
+    monkeypatch, slice_elements, dtype, temperature
+) -> None:
+    """Under autograd the log-probs save only the logits and logsumexp and recompute softmax per slice in the
+    backward: their values and gradients are those of log_softmax + gather (float64), for bf16 and fp32
+    logits, non-contiguous, with padding labels; the logits are left as they were."""
+    from ppomax.algos import vocab
+
+    monkeypatch.setattr(vocab, "VOCAB_SLICE_ELEMENTS", slice_elements)
+    g = _gen(22)
+    wide = (torch.randn(3, 6, 11, generator=g) * 3).to(dtype).requires_grad_(True)
+    logits = wide[:, 1:5]
+    labels = torch.randint(0, 11, (3, 4), generator=g)
+    labels[1, 2] = -100
+    weights = torch.randn(3, 4, generator=g).double()
+    before = logits.detach().clone()
+    out = logprobs_from_logits(logits, labels, temperature)
+    assert out.dtype == torch.float32
+    (got,) = torch.autograd.grad((out.double() * weights).sum(), wide)
+    assert torch.equal(logits.detach(), before)
+    exact = wide.detach().double().requires_grad_(True)
+    lp = (exact[:, 1:5] / temperature).log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    (want,) = torch.autograd.grad((lp * weights).sum(), exact)
+    torch.testing.assert_close(out, lp.detach().float(), atol=1e-5, rtol=1e-5)
+    assert got.dtype == dtype
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(got.double(), want, **tol)
+
+
+@pytest.mark.parametrize("slice_elements", [11, 11 * 6, 1 << 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_entropy_under_autograd_by_slices_vs_definition(
+    monkeypatch, slice_elements, dtype, temperature
+) -> None:
+    """Under autograd the entropy saves only the logits and two statistics per position and recomputes softmax
+    per slice in the backward: its values and gradients are those of -sum p log p (float64), for bf16 and fp32
+    logits, non-contiguous, with a -inf logit (zero probability: no gradient either)."""
+    from ppomax.algos import vocab
+
+    monkeypatch.setattr(vocab, "VOCAB_SLICE_ELEMENTS", slice_elements)
+    g = _gen(23)
+    data = torch.randn(3, 6, 11, generator=g) * 3
+    data[2, 3, 4] = -math.inf
+    wide = data.to(dtype).requires_grad_(True)
+    logits = wide[:, 1:5]
+    weights = torch.randn(3, 4, generator=g).double()
+    out = entropy_from_logits(logits, temperature)
+    assert out.dtype == torch.float32
+    (got,) = torch.autograd.grad((out.double() * weights).sum(), wide)
+    # -inf as -1e4 in float64: exp underflows to exactly 0, and the reference's gradient stays finite
+    exact = wide.detach().double().nan_to_num(neginf=-1e4).requires_grad_(True)
+    logp = (exact[:, 1:5] / temperature).log_softmax(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    (want,) = torch.autograd.grad((ent * weights).sum(), exact)
+    torch.testing.assert_close(out, ent.detach().float(), atol=1e-5, rtol=1e-5)
+    assert got.dtype == dtype and got[2, 3, 4] == 0
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(got.double(), want, **tol)
+
+
+def test_logprobs_and_entropy_under_autograd_save_no_vocabulary_sized_copy() -> None:
+    """What autograd keeps for the backward of the log-probs and entropy of bf16 logits at a temperature: the
+    logits themselves and per-position tensors, no float32 (upcast, scaled, softmax) [B, T, V] tensor."""
+    logits = torch.randn(2, 3, 50, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 3))
+    saved: list[torch.Tensor] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = logprobs_from_logits(logits, labels, 0.8).sum() + entropy_from_logits(logits, 0.8).sum()
+    big = [t for t in saved if t.numel() >= logits.numel()]
+    assert big and all(t.dtype == torch.bfloat16 and t.data_ptr() == logits.data_ptr() for t in big)
+    loss.backward()
+    assert logits.grad is not None and logits.grad.shape == logits.shape
+
+
 def test_lm_nll_vs_cross_entropy() -> None:
     g = _gen(13)
     logits = torch.randn(2, 6, 11, generator=g)

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from ppo_helpers import config, make_setup, reward_fn
-from ppomax.algos import kl_from_logits
+from ppomax.algos import kl_from_logits, vocab
 from ppomax.collapse import EXACT_KL, KL, LENGTH, PPL, REWARD, CollapseMonitor
-from ppomax.trainers import ppo_step
 from ppomax.trainers.ppo import PPOTrainer
 from ppomax.trainers.ppo_step import Updater, compute_advantages
 
@@ -83,7 +82,7 @@ def test_position_slices_bound_the_memory_not_the_value(setup, tmp_path, monkeyp
     exp = tr.generate(list(range(8)), tr.data.prompts)
     tr.score(exp)
     whole = exp.exact_kl.clone()
-    monkeypatch.setattr(ppo_step, "EXACT_KL_TOKENS", 3)  # 8 rows: one position per slice
+    monkeypatch.setattr(vocab, "VOCAB_SLICE_ELEMENTS", 1)  # one position per slice
     exp.exact_kl = exp.logprobs = None  # score the policy again
     tr.score(exp)
     torch.testing.assert_close(exp.exact_kl, whole, atol=1e-7, rtol=0)

@@ -275,8 +275,7 @@ def _logprobs_from_sampling(
         logits = torch.nn.functional.pad(logits, (0, 0, 0, r - logits.shape[1]))
     logits = logits[:, :r]
     zero = torch.zeros((), device=logits.device)
-    scaled = logits if temperature == 1.0 else logits / temperature
     lp = torch.where(mask, logprobs_from_logits(logits, labels, temperature), zero)
     raw = lp if temperature == 1.0 else torch.where(mask, logprobs_from_logits(logits, labels), zero)
-    ent = torch.where(mask, entropy_from_logits(scaled), zero)
+    ent = torch.where(mask, entropy_from_logits(logits, temperature), zero)
     return {"logprobs": lp, "raw_logprobs": raw, "entropy": ent}

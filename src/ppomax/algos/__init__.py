@@ -7,7 +7,7 @@ independent computation (tests/test_algos.py, tests/test_algos_estimators.py). E
 statistics, running moments, last-token index), `rewards` (KL estimators, token-level rewards, the adaptive KL
 coefficient, GAE, score re-parameterisation, advantage normalisation), `estimators` (the critic-free advantage
 estimators GRPO, RLOO and REINFORCE++), `losses` (PPO with its dual clip, KL as a loss term, critic, entropy,
-LM, RM losses; per-token log-probs, entropy and exact KL from logits), `metrics` (the monitoring statistics of
+LM, RM losses), `vocab` (per-token log-probs, entropy and exact KL from logits, in bounded memory), `metrics` (the monitoring statistics of
 a batch of rollouts, paper 5.2).
 `registry` holds the tables of the interchangeable parts (advantage estimators, policy-loss aggregations, KL
 estimators) that the config validates against and the trainer looks up.
@@ -45,11 +45,8 @@ if TYPE_CHECKING:
     from .losses import (
         aggregate_loss,
         entropy_bonus_loss,
-        entropy_from_logits,
-        kl_from_logits,
         kl_loss,
         lm_nll,
-        logprobs_from_logits,
         pairwise_rm_loss,
         policy_loss,
         value_loss,
@@ -77,6 +74,7 @@ if TYPE_CHECKING:
         score_token_index,
         token_weights,
     )
+    from .vocab import entropy_from_logits, kl_from_logits, logprobs_from_logits
 
 # name -> the module defining it
 _MODULES = {
@@ -91,15 +89,15 @@ _MODULES = {
     "ScoreTransform": "rewards",
     "discounted_returns": "estimators",
     "entropy_bonus_loss": "losses",
-    "entropy_from_logits": "losses",
+    "entropy_from_logits": "vocab",
     "gae": "rewards",
     "grpo_advantages": "estimators",
-    "kl_from_logits": "losses",
+    "kl_from_logits": "vocab",
     "kl_loss": "losses",
     "kl_per_token": "rewards",
     "last_token_index": "stats",
     "lm_nll": "losses",
-    "logprobs_from_logits": "losses",
+    "logprobs_from_logits": "vocab",
     "masked_max": "stats",
     "masked_mean": "stats",
     "masked_sum": "stats",

@@ -1,4 +1,4 @@
-"""PPO, critic, entropy, language-model and reward-model losses, and log-prob/entropy helpers."""
+"""PPO, critic, entropy, language-model and reward-model losses."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from .registry import LOSS_AGGREGATIONS
 from .rewards import KLEstimator, kl_per_token
 from .stats import _bool_mask, masked_max, masked_mean, masked_sum
+from .vocab import logprobs_from_logits
 
 
 def aggregate_loss(
@@ -207,35 +208,6 @@ def value_loss(
     return loss, metrics
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of the softmax distribution at every position: [B, T, V] -> [B, T] (float32 or wider).
-
-    H = logsumexp(z) - sum_v softmax(z)_v * z_v, which equals -sum p log p without forming log p and is
-    stable for large logits. Computed in float32 (bf16/fp16 logits are upcast). -inf logits (masked
-    vocabulary) contribute 0. Differentiable. (The caller bounds the [B, T, V] memory by passing fewer rows.)
-    """
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    z = z.clamp(min=torch.finfo(z.dtype).min)
-    return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
-
-
-def kl_from_logits(logits: Tensor, ref_logits: Tensor) -> Tensor:
-    """Exact ``KL(pi || ref)`` over the vocabulary at every position: [B, T, V], [B, T, V] -> [B, T].
-
-    ``KL_t = sum_v pi(v|s_t) * (log pi(v|s_t) - log ref(v|s_t))`` with pi = softmax(logits), ref =
-    softmax(ref_logits): the quantity the sampled estimators of :func:`ppomax.algos.kl_per_token` (paper eq. 3 /
-    19) estimate, without their noise. Computed in float32 (or wider). A token pi gives probability 0 (a -inf
-    logit, or underflow) contributes 0; one that ref rules out and pi does not gives inf. Where the two
-    distributions agree, rounding can put the sum a hair below 0: it is clamped at 0, as a KL is.
-    """
-    acc = torch.promote_types(logits.dtype, torch.float32)
-    logp = torch.log_softmax(logits.to(acc), dim=-1)
-    ref = torch.log_softmax(ref_logits.to(acc), dim=-1)
-    p = logp.exp()
-    terms = torch.where(p > 0, p * (logp - ref), torch.zeros((), dtype=acc, device=p.device))
-    return terms.sum(dim=-1).clamp_min(0)
-
-
 def entropy_bonus_loss(
     entropy: Tensor,
     mask: Tensor,
@@ -269,20 +241,6 @@ def entropy_bonus_loss(
             "entropy_clipfrac": frac,
         }
     return loss, metrics
-
-
-def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
-    """Log-probability of `labels` under softmax(logits / temperature): [B, T, V], [B, T] -> [B, T].
-
-    ``log p(y_t) = z_{y_t} - logsumexp(z)`` with z = logits / temperature, computed in float32 (or wider)
-    without materialising a full log_softmax tensor. logits[:, t] must already be aligned with labels[:, t]
-    (the caller shifts by one). Negative labels (e.g. -100 padding) are read as token 0; mask those positions
-    downstream. Differentiable w.r.t. logits.
-    """
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if temperature != 1.0:
-        z = z / temperature
-    return z.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
 
 def lm_nll(

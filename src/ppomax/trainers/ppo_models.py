@@ -264,7 +264,7 @@ class Forward:
         return logprobs_from_logits(logits, labels, 1.0 if raw else self.temperature)
 
     def entropy(self, logits: Tensor) -> Tensor:
-        return entropy_from_logits(logits if self.temperature == 1.0 else logits / self.temperature)
+        return entropy_from_logits(logits, self.temperature)
 
     @staticmethod
     def values(critic: Any, sequences: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:

@@ -115,26 +115,13 @@ def score_experience(
     exp.scores, exp.score_parts = rewards(exp, eos_ids)
 
 
-# Response positions per slice of the exact KL: its float32 temporaries (both models' log-softmaxes) are a few
-# [EXACT_KL_TOKENS, V] tensors, whatever the logits they come from.
-EXACT_KL_TOKENS = 256
-
-
 def exact_kl(fwd: Forward, logits: Tensor, ref_logits: Tensor) -> Tensor:
     """[rows, R] exact KL(pi || ref) over the vocabulary (:func:`ppomax.algos.kl_from_logits`) from the policy's
     and the reference's response logits [rows, R, V], under the convention of ``fwd.logprobs``
     (temperature-scaled unless ``generation.logprobs_from: raw``): the quantity the sampled KL estimators
     estimate, without their noise and without the bias of tokens drawn with top-p and a repetition penalty
-    rather than from the policy. Computed over slices of positions (:data:`EXACT_KL_TOKENS` tokens each)."""
-    step = max(1, EXACT_KL_TOKENS // max(1, logits.shape[0]))
-    t = fwd.temperature
-    parts = []
-    for lo in range(0, logits.shape[1], step):
-        a, b = logits[:, lo : lo + step].detach(), ref_logits[:, lo : lo + step]
-        parts.append(kl_from_logits(a / t, b / t) if t != 1.0 else kl_from_logits(a, b))
-    if not parts:
-        return torch.zeros(logits.shape[:2], dtype=torch.float32, device=logits.device)
-    return torch.cat(parts, dim=1)
+    rather than from the policy. Its float32 temporaries are bounded by :func:`kl_from_logits`'s slices."""
+    return kl_from_logits(logits.detach(), ref_logits.detach(), fwd.temperature)
 
 
 def _pad_right(t: Tensor, width: int) -> Tensor:

@@ -1,0 +1,188 @@
+"""Reductions over the vocabulary of LM-head logits [B, T, V]: log-probs of chosen tokens, entropy, exact KL.
+
+At real vocabularies (49k-152k) a float32 [B, T, V] tensor is the largest thing in a PPO step, so none of these
+makes one: without a gradient they go through the logits a few rows x positions at a time
+(:data:`VOCAB_SLICE_ELEMENTS` logits per slice), and under autograd the log-probs and entropy are custom
+functions that save only the logits (alive anyway) and per-position statistics and recompute the softmax per
+slice in the backward, writing straight into the one gradient tensor (as TRL's ``selective_log_softmax`` and
+Liger's fused cross-entropy avoid the full log-softmax).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# At most this many logits per slice: each float32 temporary (upcast, temperature-scaled copy, exp, softmax,
+# log-softmax) is then at most 64 MiB, whatever the logits' [B, T, V].
+VOCAB_SLICE_ELEMENTS = 1 << 24
+
+Block = tuple[slice, slice]
+
+
+def _float32_or_wider(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _scaled(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+    """``logits / temperature`` in ``dtype``, always a new tensor (the caller may work on it in place)."""
+    z = logits.to(dtype, copy=True)
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+def _blocks(logits: Tensor) -> Iterator[Block]:
+    """Slices of rows and positions of [B, T, V] ``logits``, at most :data:`VOCAB_SLICE_ELEMENTS` logits each
+    (whole rows while they fit). Slicing dims 0 and 1 makes views: no copy of non-contiguous logits."""
+    rows, positions, vocab = logits.shape
+    tokens = max(1, VOCAB_SLICE_ELEMENTS // max(1, vocab))
+    step_rows, step_positions = (
+        (max(1, tokens // positions), positions) if tokens >= positions else (1, tokens)
+    )
+    for r in range(0, rows, step_rows):
+        for p in range(0, positions, step_positions):
+            yield slice(r, r + step_rows), slice(p, p + step_positions)
+
+
+def _by_slices(fn: Callable[..., Tensor], first: Tensor, *rest: Tensor) -> Tensor:
+    """``fn(first, *rest)`` -> [B, T, ...] for [B, T, ...] arguments, computed over :func:`_blocks` when no
+    gradient is recorded (else in one go): equal to the one-go result, as each position's value depends only
+    on its own logits."""
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (first, *rest))
+    if tracked or first.dim() != 3 or first.numel() <= VOCAB_SLICE_ELEMENTS:
+        return fn(first, *rest)
+    out: Tensor | None = None
+    for block in _blocks(first):
+        part = fn(*(t[block] for t in (first, *rest)))
+        if out is None:
+            out = part.new_empty((*first.shape[:2], *part.shape[2:]))
+        out[block] = part
+    assert out is not None
+    return out
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-probability of `labels` under softmax(logits / temperature): [B, T, V], [B, T] -> [B, T].
+
+    ``log p(y_t) = z_{y_t} - logsumexp(z)`` with z = logits / temperature, computed in float32 (or wider)
+    without a full log_softmax or float32 z (see the module). logits[:, t] must already be aligned with
+    labels[:, t] (the caller shifts by one). Negative labels (e.g. -100 padding) are read as token 0; mask those
+    positions downstream. Differentiable w.r.t. logits.
+    """
+    if torch.is_grad_enabled() and logits.requires_grad and logits.dim() == 3:
+        return _LogprobsBySlices.apply(logits, labels, temperature)
+    return _by_slices(partial(_logprobs, temperature=temperature), logits, labels)
+
+
+def _logprobs(logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    z = logits.to(_float32_or_wider(logits))
+    if temperature != 1.0:
+        z = z / temperature
+    return z.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+
+def _logsumexp(logits: Tensor, temperature: float) -> Tensor:
+    return torch.logsumexp(_scaled(logits, temperature, _float32_or_wider(logits)), dim=-1)
+
+
+class _LogprobsBySlices(torch.autograd.Function):
+    """:func:`logprobs_from_logits` under autograd. Saves the logits and logsumexp [B, T]; the backward is
+    ``d log p(y) / d logits_v = (1[v = y] - softmax(z)_v) / temperature``, softmax recomputed per slice."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
+        lse = _by_slices(partial(_logsumexp, temperature=temperature), logits)
+        z_y = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).to(lse.dtype)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.temperature = temperature
+        return (z_y / temperature if temperature != 1.0 else z_y) - lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        logits, labels, lse = ctx.saved_tensors
+        t = ctx.temperature
+        out = torch.empty_like(logits)
+        g = (grad / t).unsqueeze(-1)
+        for block in _blocks(logits):
+            p = _scaled(logits[block], t, lse.dtype).sub_(lse[block].unsqueeze(-1)).exp_()
+            part = p.mul_(-g[block])
+            part.scatter_add_(-1, labels[block].clamp(min=0).unsqueeze(-1), g[block])
+            out[block] = part
+        return out, None, None
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy of softmax(logits / temperature) at every position: [B, T, V] -> [B, T] (float32 or wider).
+
+    H = logsumexp(z) - sum_v softmax(z)_v * z_v, which equals -sum p log p without forming log p and is
+    stable for large logits. Computed in float32 (bf16/fp16 logits are upcast), without a whole float32 copy
+    (see the module). -inf logits (masked vocabulary) contribute 0. Differentiable.
+    """
+    if torch.is_grad_enabled() and logits.requires_grad and logits.dim() == 3:
+        return _EntropyBySlices.apply(logits, temperature)
+    stats = _by_slices(partial(_entropy_stats, temperature=temperature), logits)
+    return stats[..., 0] - stats[..., 1]
+
+
+def _entropy_stats(logits: Tensor, temperature: float) -> Tensor:
+    """[..., 2]: logsumexp(z) and the mean of z under softmax(z), whose difference is the entropy."""
+    z = logits.to(_float32_or_wider(logits))
+    if temperature != 1.0:
+        z = z / temperature
+    z = z.clamp(min=torch.finfo(z.dtype).min)
+    return torch.stack((torch.logsumexp(z, dim=-1), (torch.softmax(z, dim=-1) * z).sum(dim=-1)), dim=-1)
+
+
+class _EntropyBySlices(torch.autograd.Function):
+    """:func:`entropy_from_logits` under autograd. Saves the logits, logsumexp and the mean of z [B, T]; the
+    backward is ``dH / d logits_v = -softmax(z)_v (z_v - E[z]) / temperature``, recomputed per slice."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, temperature: float) -> Tensor:
+        stats = _by_slices(partial(_entropy_stats, temperature=temperature), logits)
+        lse, mean = stats.unbind(-1)
+        ctx.save_for_backward(logits, lse, mean)
+        ctx.temperature = temperature
+        return lse - mean
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        logits, lse, mean = ctx.saved_tensors
+        t = ctx.temperature
+        out = torch.empty_like(logits)
+        g = (grad / t).unsqueeze(-1)
+        for block in _blocks(logits):
+            z = _scaled(logits[block], t, lse.dtype).clamp_(min=torch.finfo(lse.dtype).min)
+            p = (z - lse[block].unsqueeze(-1)).exp_()
+            out[block] = p.mul_(z.sub_(mean[block].unsqueeze(-1))).mul_(-g[block])
+        return out, None
+
+
+def kl_from_logits(logits: Tensor, ref_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Exact ``KL(pi || ref)`` over the vocabulary at every position: [B, T, V], [B, T, V] -> [B, T].
+
+    ``KL_t = sum_v pi(v|s_t) * (log pi(v|s_t) - log ref(v|s_t))`` with pi = softmax(logits / temperature),
+    ref = softmax(ref_logits / temperature): the quantity the sampled estimators of
+    :func:`ppomax.algos.kl_per_token` (paper eq. 3 / 19) estimate, without their noise. Computed in float32 (or
+    wider); without a gradient over slices (see the module). A token pi gives probability 0 (a -inf logit, or
+    underflow) contributes 0; one that ref rules out and pi does not gives inf. Where the two distributions
+    agree, rounding can put the sum a hair below 0: it is clamped at 0, as a KL is.
+    """
+    return _by_slices(partial(_kl, temperature=temperature), logits, ref_logits)
+
+
+def _kl(logits: Tensor, ref_logits: Tensor, temperature: float) -> Tensor:
+    acc = _float32_or_wider(logits)
+    z, ref_z = logits.to(acc), ref_logits.to(acc)
+    if temperature != 1.0:
+        z, ref_z = z / temperature, ref_z / temperature
+    logp = torch.log_softmax(z, dim=-1)
+    ref = torch.log_softmax(ref_z, dim=-1)
+    p = logp.exp()
+    terms = torch.where(p > 0, p * (logp - ref), torch.zeros((), dtype=acc, device=p.device))
+    return terms.sum(dim=-1).clamp_min(0)
