@@ -54,7 +54,6 @@ WORK = Workload(
     train_rows=2,
     train_seq=10,
     logit_positions=5,
-    temperature_scaled=True,
     rollout_rows=4,
     prompt_tokens=6,
     response_tokens=4,
@@ -82,9 +81,10 @@ def test_generation_peak_by_hand():
     # K and V during DynamicCache's concatenation (640)
     assert kv_cache_bytes(2, 1, 4, 40, 2) == 1280
     # prefill: the prompt's cache (768) + one layer's working set 4 * 6 tokens * (2 * 8 + max(16 + 8, 3 * 16)) * 2
-    # + the last position's logits 4 * 50 * (2 + 4 + 4 + 4)
-    assert inference_bytes(SHAPE, 4, 6, 1, 2, True) == 4 * 6 * 64 * 2 + 4 * 50 * 14 == 5872
-    assert generation_bytes(SHAPE, 4, 6, 4, 2) == max(1280 + 640, 768 + 5872) == 6640
+    # + the last position's logits 4 * 50 * (2 + 4: bf16 and its float32 copy) + 6 float32 slice temporaries,
+    # each the whole 200 logits here (fewer than a slice)
+    assert inference_bytes(SHAPE, 4, 6, 1, 2) == 4 * 6 * 64 * 2 + 4 * 50 * 6 + 6 * 200 * 4 == 9072
+    assert generation_bytes(SHAPE, 4, 6, 4, 2) == max(1280 + 640, 768 + 9072) == 9840
     assert (
         generation_bytes(SHAPE, 4, 6, 400, 2) == 2 * 2 * 4 * 4 * 406 * 2 * 3 // 2
     )  # long responses: the cache
@@ -99,9 +99,12 @@ def test_activation_counts_by_hand():
     assert trunk_activation_bytes(SHAPE, 20, 2, False) == 20 * (2 * 144 + 32) * 2
     # checkpointing: layer inputs (2 * 8) + one layer recomputed (144) + 32
     assert trunk_activation_bytes(SHAPE, 20, 2, True) == 20 * (16 + 144 + 32) * 2
-    # bf16 logits 2, fp32 upcast 4, temperature copy 4, backward: fp32 gradient 4 + bf16 gradient 2
-    assert logits_bytes(3, 5, 50, 2, True) == 3 * 5 * 50 * 16
-    assert logits_bytes(3, 5, 50, 4, False) == 3 * 5 * 50 * 12  # fp32: no upcast copy
+    # bf16 logits 2, their float32 copy 4, backward: float32 gradient 4 + bf16 gradient 2; plus 2 float32 slice
+    # temporaries of the log-probs, each the whole 750 logits here (fewer than a slice)
+    assert logits_bytes(3, 5, 50, 2) == 3 * 5 * 50 * 12 + 2 * 750 * 4
+    assert logits_bytes(3, 5, 50, 4) == 3 * 5 * 50 * 8 + 2 * 750 * 4  # fp32: no copy, one gradient
+    big = 4096 * 8192  # twice a slice: the temporaries stay a slice each
+    assert logits_bytes(1, 4096, 8192, 4) == big * 8 + 2 * (1 << 24) * 4
 
 
 def _policy(lora: Lora | None = None) -> Role:
@@ -208,7 +211,7 @@ def test_workload_reads_the_config():
     w = workload_of(cfg, "ppo")
     # defaults: minibatch 32, rollout 32, 256 prompt + 128 new tokens; ptx batch 8 over 4 micro-batches
     assert (w.train_rows, w.train_seq, w.logit_positions, w.score_rows) == (8, 384, 129, 8)
-    assert (w.rollout_rows, w.ptx_rows, w.ptx_seq, w.temperature_scaled) == (32, 2, 512, False)
+    assert (w.rollout_rows, w.ptx_rows, w.ptx_seq) == (32, 2, 512)
     rm = workload_of(load_config("rm", overrides=["beta_rm=0", "batch_size=3"]), "rm")
     assert (rm.train_rows, rm.train_seq, rm.logit_positions) == (6, 512, 0)
 

@@ -96,8 +96,6 @@ class Workload:
     logit_positions: int
     """Positions per training row whose LM-head logits are kept for the loss (0: no LM head, a value-head RM
     trained without the LM term)."""
-    temperature_scaled: bool = False
-    """PPO divides the logits by the sampling temperature (one more fp32 copy)."""
     rollout_rows: int = 0
     prompt_tokens: int = 0
     response_tokens: int = 0
@@ -132,7 +130,7 @@ def generation_bytes(s: Shape, rows: int, prompt: int, new: int, act_bytes: int)
     cache plus the prefill's working set (:func:`inference_bytes`, logits of the last position only)."""
     full = kv_cache_bytes(s.layers, s.kv_heads, s.head_dim, rows * (prompt + new), act_bytes)
     prefill = kv_cache_bytes(s.layers, s.kv_heads, s.head_dim, rows * prompt, act_bytes)
-    prefill += inference_bytes(s, rows, prompt, 1, act_bytes, True)
+    prefill += inference_bytes(s, rows, prompt, 1, act_bytes)
     return max(full + full // s.layers, prefill)
 
 
@@ -159,23 +157,41 @@ def trunk_activation_bytes(s: Shape, tokens: int, act_bytes: int, checkpointing:
     return tokens * (per_token + 4 * s.hidden) * act_bytes
 
 
-def logits_bytes(rows: int, positions: int, vocab: int, act_bytes: int, temperature_scaled: bool) -> int:
-    """LM-head logits of a training forward and their backward: the logits (act_bytes), the fp32 upcast
-    :func:`ppomax.algos.logprobs_from_logits` makes unless they are fp32 already, the temperature-scaled copy,
-    and at the start of the backward the gradient of the fp32 logits and of the LM head's output."""
-    upcast = FP32 if act_bytes != FP32 else 0
-    scaled = FP32 if temperature_scaled else 0
-    return rows * positions * vocab * (act_bytes + upcast + scaled + FP32 + act_bytes)
+def vocab_slice_bytes(elements: int, slices: int) -> int:
+    """The float32 temporaries of :mod:`ppomax.algos.vocab`'s reductions over the vocabulary, which work through
+    the logits ``VOCAB_SLICE_ELEMENTS`` at a time: ``slices`` slice-sized tensors (or the whole, when smaller)."""
+    from ppomax.algos.vocab import VOCAB_SLICE_ELEMENTS
+
+    return min(elements, VOCAB_SLICE_ELEMENTS) * FP32 * slices
 
 
-def inference_bytes(s: Shape, rows: int, seq: int, logit_positions: int, act_bytes: int, scaled: bool) -> int:
+TRAIN_SLICES = 2
+"""Slice-sized float32 temporaries of a training forward's log-probs and their backward (the softmax recomputed
+per slice into the gradient; bench/logprob_memory.py --grad: 441 MiB above 384 MiB of logits, 8x256x49152)."""
+SCORE_SLICES = 6
+"""Those of the scoring pass: log-probs at the temperature and raw, the entropy and the exact KL
+(bench/logprob_memory.py --ops scoring: 368 MiB above the logits, 8x256x49152)."""
+
+
+def logits_bytes(rows: int, positions: int, vocab: int, act_bytes: int) -> int:
+    """LM-head logits of a training forward and their backward: the logits (act_bytes), their float32 copy
+    under mixed precision (accelerate converts a model's outputs to float32), the gradient of the float32
+    logits, of the LM head's output when that is narrower, and the slice temporaries of
+    :func:`ppomax.algos.logprobs_from_logits` (no whole float32 copy, exp or softmax of the logits)."""
+    n = rows * positions * vocab
+    narrow = act_bytes != FP32
+    per_logit = act_bytes + FP32 + (FP32 + act_bytes if narrow else 0)
+    return n * per_logit + vocab_slice_bytes(n, TRAIN_SLICES)
+
+
+def inference_bytes(s: Shape, rows: int, seq: int, logit_positions: int, act_bytes: int) -> int:
     """Working set of a no-gradient forward: one layer's live tensors (residual stream and norm output, then
-    q/k/v/output or gate/up/activation) and the logits of ``logit_positions`` per row with their fp32 copies and
-    the exp that logsumexp makes."""
+    q/k/v/output or gate/up/activation) and the logits of ``logit_positions`` per row, their float32 copy under
+    mixed precision and the slice temporaries of the scoring pass's reductions over the vocabulary."""
     kv_dim = s.kv_heads * s.head_dim
     layer = 2 * s.hidden + max(2 * s.hidden + 2 * kv_dim, 3 * s.intermediate)
-    upcast = FP32 if act_bytes != FP32 else 0
-    logits = rows * logit_positions * s.vocab * (act_bytes + upcast + (FP32 if scaled else 0) + FP32)
+    n = rows * logit_positions * s.vocab
+    logits = n * (act_bytes + (FP32 if act_bytes != FP32 else 0)) + vocab_slice_bytes(n, SCORE_SLICES)
     return rows * seq * layer * act_bytes + (logits if logit_positions else 0)
 
 
@@ -186,10 +202,10 @@ def train_activation_bytes(s: Shape, w: Workload, lm_logits: bool) -> int:
     act = DTYPE_BYTES[w.dtype]
     out = trunk_activation_bytes(s, w.train_rows * w.train_seq, act, w.gradient_checkpointing)
     if lm_logits and w.logit_positions:
-        out += logits_bytes(w.train_rows, w.logit_positions, s.vocab, act, w.temperature_scaled)
+        out += logits_bytes(w.train_rows, w.logit_positions, s.vocab, act)
     if lm_logits and w.ptx_rows:
         out += trunk_activation_bytes(s, w.ptx_rows * w.ptx_seq, act, w.gradient_checkpointing)
-        out += logits_bytes(w.ptx_rows, w.ptx_seq, s.vocab, act, False)
+        out += logits_bytes(w.ptx_rows, w.ptx_seq, s.vocab, act)
     return out
 
 
@@ -346,7 +362,7 @@ def _score(role: Role, w: Workload, act: int) -> int:
         return 0
     positions = w.response_tokens + 1 if role.lm_logits else 0
     seq = w.prompt_tokens + w.response_tokens
-    return inference_bytes(role.shape, w.score_rows, seq, positions, act, w.temperature_scaled)
+    return inference_bytes(role.shape, w.score_rows, seq, positions, act)
 
 
 def plan(roles: list[Role], workload: Workload, devices: int) -> dict[str, StrategyMemory]:

@@ -172,7 +172,6 @@ def workload_of(cfg: Any, kind: str) -> Any:
             train_rows=rows,
             train_seq=d.max_prompt_tokens + g.max_new_tokens,
             logit_positions=g.max_new_tokens + 1,
-            temperature_scaled=g.logprobs_from != "raw" and g.temperature != 1.0,
             rollout_rows=p.rollout_batch_size,
             prompt_tokens=d.max_prompt_tokens,
             response_tokens=g.max_new_tokens,
