@@ -29,8 +29,8 @@ def local_config(path: str | Path) -> Path:
 
 def adapter_settings(path: str | Path) -> dict[str, Any] | None:
     """The ``adapter_config.json`` of a LoRA run's model directory (PEFT adapters, no config.json of their own:
-    :func:`ppomax.models.lora.is_adapter_dir`), None for any other directory."""
-    from ppomax.models.lora import ADAPTER_CONFIG, is_adapter_dir
+    :func:`ppomax.models.adapter_dir.is_adapter_dir`), None for any other directory."""
+    from ppomax.models.adapter_dir import ADAPTER_CONFIG, is_adapter_dir
 
     p = local_config(path)
     if not is_adapter_dir(p):
@@ -48,7 +48,7 @@ def adapter_settings(path: str | Path) -> dict[str, Any] | None:
 def config_dir(path: str | Path) -> Path:
     """The directory whose config.json describes the model at ``path``: ``path`` itself, or for LoRA adapters
     their base (``base_model_name_or_path``, the model ppomax loads them onto)."""
-    from ppomax.models.lora import adapter_base
+    from ppomax.models.adapter_dir import adapter_base
 
     p = local_config(path)
     adapters = adapter_settings(p)

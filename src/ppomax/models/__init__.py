@@ -11,7 +11,8 @@ Typical use::
     rewards = rm.score(input_ids, attention_mask)           # [B], value at the last non-pad token
 """
 
-from .classifier import is_value_head_model, is_value_model_dir
+from .adapter_dir import is_adapter_dir
+from .classifier import HEAD_META, HEAD_WEIGHTS, is_value_head_model, is_value_model_dir
 from .hub import is_model_spec, parse_hub_id, resolve_model
 from .loading import (
     DTYPES,
@@ -32,13 +33,10 @@ from .lora import (
     AdaptersOff,
     RewardOnCriticBase,
     has_adapters,
-    is_adapter_dir,
     save_trained,
     with_adapters,
 )
 from .value_head import (
-    HEAD_META,
-    HEAD_WEIGHTS,
     ValueHeadModel,
     ValueHeadOutput,
     position_ids_from_mask,

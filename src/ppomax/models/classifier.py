@@ -38,7 +38,17 @@ from ppomax.errors import ModelPathError
 
 from .hub import resolve_model
 from .loading import check_finite, load_causal_lm, to_dtype, weights_error
-from .value_head import HEAD_META, HEAD_WEIGHTS, ValueHeadModel, hidden_size_of
+
+HEAD_WEIGHTS = "value_head.safetensors"
+HEAD_META = "ppomax_value_head.json"
+
+
+def hidden_size_of(backbone: Any) -> int:
+    emb = backbone.get_input_embeddings()
+    if emb is not None and hasattr(emb, "embedding_dim"):
+        return int(emb.embedding_dim)
+    return int(backbone.config.get_text_config().hidden_size)
+
 
 log = logging.getLogger("ppomax")
 
@@ -89,7 +99,7 @@ def _split(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, 
 
 
 def save_value_model(
-    model: ValueHeadModel, out: Path, state_dict: dict[str, Tensor] | None = None, **kwargs: Any
+    model: torch.nn.Module, out: Path, state_dict: dict[str, Tensor] | None = None, **kwargs: Any
 ) -> None:
     """``model`` (``state_dict``: its gathered weights under sharded training, else its own) as a sequence
     classifier in ``out``; with LoRA adapters on the backbone, the adapters (PEFT's ``save_pretrained``, ``kwargs``
@@ -186,12 +196,12 @@ def save_head(out_dir: Path, head_sd: dict[str, Tensor]) -> None:
 
 
 def load_value_model(
-    cls: type[ValueHeadModel],
+    cls: type[Any],
     path: str | Path,
     dtype: str | torch.dtype = "float32",
     trust_remote_code: bool = False,
     key: str | None = None,
-) -> ValueHeadModel:
+) -> Any:
     """The reward model or critic at ``path`` (a local directory or Hub id; see the module docstring)."""
     lead = f"{key}: " if key else ""
     p = resolve_model(path, key)

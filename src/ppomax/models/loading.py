@@ -24,6 +24,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ppomax.errors import ModelPathError
 
+from .adapter_dir import is_adapter_dir, load_adapter_dir
 from .attention import use_cpu_float32_attention
 from .hub import first_line as _first_line
 from .hub import resolve_model
@@ -144,7 +145,7 @@ def load_causal_lm(
 ) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained`` of a local directory or Hub id
     (:func:`~ppomax.models.hub.resolve_model`); a directory of LoRA adapters loads as its base with the adapters
-    merged in (:func:`ppomax.models.lora.load_adapter_dir`). ``key``: the config key (or option) that named
+    merged in (:func:`ppomax.models.adapter_dir.load_adapter_dir`). ``key``: the config key (or option) that named
     ``path``, which every error names.
 
     Weights whose shapes disagree with ``config.json`` (e.g. its ``vocab_size``) are one line naming the file
@@ -152,13 +153,13 @@ def load_causal_lm(
     missing from the weights, or unexpected) is logged as transformers logs it. ``classifier``: ``path`` is that
     sequence classifier (its decoder is loaded: the LM head it lacks and the head it has are expected, any other
     missing weight is an error)."""
-    from .lora import is_adapter_dir, load_adapter_dir
-
     spec, path = path, resolve_model(path, key)
     if not path.exists():  # never handed to transformers, which would look a bare name up on the Hub
         raise _not_found(spec, "model", key)
     if is_adapter_dir(path):
-        return load_adapter_dir(path, dtype, trust_remote_code)
+        return load_adapter_dir(
+            path, lambda base: load_causal_lm(base, dtype=dtype, trust_remote_code=trust_remote_code)
+        )
     lead = _lead(key)
     check_model_dir(path, "model", key=key)
     try:

@@ -9,9 +9,8 @@
   writes only ``adapter_config.json`` + ``adapter_model.safetensors``, a value-head model adds its head) and, with
   ``model.lora.save_merged``, ``<dir>/merged``: base + adapters merged into plain weights that load with
   ``AutoModelForCausalLM.from_pretrained`` (a value-head model: ``AutoModelForSequenceClassification``) without PEFT.
-* :func:`load_adapter_dir` makes an adapter directory a model path like any other: :func:`load_causal_lm` loads
-  its base (``base_model_name_or_path``: written as an absolute path, or the Hub id and ``revision`` of a base from
-  the Hub) and merges the adapters in, so an SFT run with LoRA feeds an RM or PPO run directly.
+* An adapter directory is a model path like any other (:mod:`ppomax.models.adapter_dir`), so an SFT run with LoRA
+  feeds an RM or PPO run directly.
 
 PEFT is imported only when LoRA is used (``pip install 'ppomax[lora]'``).
 """
@@ -19,17 +18,15 @@ PEFT is imported only when LoRA is used (``pip install 'ppomax[lora]'``).
 from __future__ import annotations
 
 import json
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ppomax.errors import ConfigError, ModelPathError
+from ppomax.errors import ConfigError
 
+from .adapter_dir import peft_module, peft_reads_deprecated_names
 from .classifier import save_classifier
 from .hub import parse_hub_id
 from .saving import save_generation_config, share_tied_weights
@@ -38,33 +35,7 @@ from .value_head import ValueHeadModel
 if TYPE_CHECKING:
     from ppomax.config import LoraSettings
 
-ADAPTER_CONFIG = "adapter_config.json"
 MERGED_DIR = "merged"
-
-
-def _peft() -> Any:
-    try:
-        import peft
-    except ImportError:
-        raise ConfigError("model.lora needs PEFT: pip install 'ppomax[lora]'") from None
-    return peft
-
-
-@contextmanager
-def _peft_reads_deprecated_names() -> Iterator[None]:
-    """PEFT reads ``model.is_gradient_checkpointing`` whenever it wraps a model, a name transformers 5 deprecated: a
-    FutureWarning on every LoRA run that says nothing about the user's code. Only that warning is ignored."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
-        )
-        yield
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    """True for a directory PEFT's ``save_pretrained`` wrote (adapters only, no full ``config.json``)."""
-    p = Path(path)
-    return (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file()
 
 
 def has_adapters(model: torch.nn.Module) -> bool:
@@ -85,7 +56,7 @@ def with_adapters(model: Any, lora: LoraSettings | None, base_path: str | Path, 
         model.backbone = with_adapters(model.backbone, lora, base_path, seed)
         model.value_head.requires_grad_(True)
         return model
-    peft = _peft()
+    peft = peft_module()
     targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
     config = peft.LoraConfig(
         r=lora.r,
@@ -97,7 +68,7 @@ def with_adapters(model: Any, lora: LoraSettings | None, base_path: str | Path, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            with _peft_reads_deprecated_names():
+            with peft_reads_deprecated_names():
                 wrapped = peft.get_peft_model(model, config)
         except ValueError as exc:  # PEFT: "Target modules {...} not found in the base model"
             linear = sorted(
@@ -257,37 +228,3 @@ def save_trained(
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def adapter_base(base: str, revision: str | None) -> str:
-    """The model path of an adapter config's base: ``base_model_name_or_path``, with its ``revision`` as
-    ``@revision`` when the base is a Hub id."""
-    if revision and not Path(base).exists() and parse_hub_id(base) is not None and "@" not in base:
-        return f"{base}@{revision}"
-    return base
-
-
-def load_adapter_dir(path: str | Path, dtype: Any, trust_remote_code: bool = False) -> Any:
-    """A plain causal LM from an adapter directory: its base (``base_model_name_or_path``) with the adapters
-    merged in."""
-    from .loading import load_causal_lm
-
-    p = Path(path)
-    try:
-        settings = json.loads((p / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-        base_path = settings["base_model_name_or_path"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelPathError(f"{p / ADAPTER_CONFIG}: not a readable PEFT adapter config ({exc})") from None
-    if not base_path:
-        raise ModelPathError(f"{p / ADAPTER_CONFIG}: base_model_name_or_path is empty: no base to load")
-    base_path = adapter_base(base_path, settings.get("revision"))
-    try:
-        base = load_causal_lm(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
-    except ModelPathError as exc:
-        raise ModelPathError(f"{p}: LoRA adapters whose base model cannot be loaded: {exc}") from None
-    peft = _peft()
-    try:
-        with _peft_reads_deprecated_names():
-            return peft.PeftModel.from_pretrained(base, str(p)).merge_and_unload()
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ModelPathError(f"{p}: cannot load the LoRA adapters onto {base_path}: {exc}") from None

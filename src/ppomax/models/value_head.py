@@ -30,11 +30,10 @@ from transformers import PreTrainedModel
 
 from ppomax.algos import score_token_index
 
+from .classifier import hidden_size_of, load_value_model, save_value_model
 from .loading import enable_activation_checkpointing, load_causal_lm, to_dtype
 
 # the files of the value-head directories earlier ppomax versions wrote (read by ppomax.models.classifier)
-HEAD_WEIGHTS = "value_head.safetensors"
-HEAD_META = "ppomax_value_head.json"
 # a run's checkpoint layout key (RunContext.layout): whether its value heads have a bias; absent in checkpoints of
 # runs started by earlier ppomax versions, whose heads had one
 HEAD_BIAS = "value_head_bias"
@@ -67,13 +66,6 @@ def _decoder(backbone: PreTrainedModel) -> torch.nn.Module:
     layers are injected in place, so they run)."""
     inner = backbone.get_base_model() if hasattr(backbone, "peft_config") else backbone
     return inner.base_model
-
-
-def hidden_size_of(backbone: PreTrainedModel) -> int:
-    emb = backbone.get_input_embeddings()
-    if emb is not None and hasattr(emb, "embedding_dim"):
-        return int(emb.embedding_dim)
-    return int(backbone.config.get_text_config().hidden_size)
 
 
 class ValueHeadModel(torch.nn.Module):
@@ -212,8 +204,6 @@ class ValueHeadModel(torch.nn.Module):
         LoRA the adapters and the head. ``state_dict`` (keys ``backbone.*`` / ``value_head.*``) is for sharded
         training, where the caller gathered the full weights (e.g. ``accelerator.get_state_dict``); ``kwargs`` go
         to transformers' ``save_pretrained``."""
-        from .classifier import save_value_model
-
         save_value_model(self, Path(out_dir), state_dict, **kwargs)
 
     @classmethod
@@ -227,8 +217,6 @@ class ValueHeadModel(torch.nn.Module):
         """A reward model or critic: a ``*ForSequenceClassification`` checkpoint with one label (ppomax's, TRL's, a
         Hub reward model's; a local directory or a Hub id), or a value-head directory of an earlier ppomax version.
         ``key``: the config key that named ``path`` (errors name it)."""
-        from .classifier import load_value_model
-
         return load_value_model(cls, path, dtype, trust_remote_code, key)
 
     @classmethod
