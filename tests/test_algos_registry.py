@@ -85,14 +85,14 @@ def test_the_update_never_sends_an_unknown_estimator_to_another():
     cfg = load_config("ppo", preset="rloo")
     ppo = PPOSettings.model_construct(**{**dict(cfg.ppo), "advantage_estimator": "rloo_typo"})
     with pytest.raises(ValueError, match="unknown advantage_estimator 'rloo_typo'"):
-        compute_advantages(_experience(), ppo, cfg.generation, RunningMoments())
+        compute_advantages(_experience(), ppo, cfg.generation, RunningMoments(), kl_coef=ppo.kl.coef)
 
 
 @pytest.mark.parametrize("name", ["grpo", "rloo"])
 def test_the_update_dispatches_through_the_table(name):
     cfg = load_config("ppo", preset=name)
     exp = _experience()
-    compute_advantages(exp, cfg.ppo, cfg.generation, RunningMoments())
+    compute_advantages(exp, cfg.ppo, cfg.generation, RunningMoments(), kl_coef=cfg.ppo.kl.coef)
     fn = grpo_advantages if name == "grpo" else rloo_advantages
     train = exp.response_mask & torch.isfinite(exp.final_scores).unsqueeze(1)
     torch.testing.assert_close(exp.advantages, fn(exp.rewards, train, cfg.generation.samples_per_prompt))

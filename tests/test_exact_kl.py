@@ -52,7 +52,7 @@ def test_the_scoring_pass_logs_the_exact_kl_of_both_models_logits(setup, tmp_pat
     tr = make(setup, tmp_path, "ppo.critic_pretrain_steps=0")
     exp = tr.generate(list(range(8)), tr.data.prompts)
     tr.score(exp)
-    compute_advantages(exp, tr.cfg.ppo, tr.cfg.generation, tr.moments)
+    compute_advantages(exp, tr.cfg.ppo, tr.cfg.generation, tr.moments, kl_coef=tr.cfg.ppo.kl.coef)
     fwd, t = tr.updater.fwd, tr.cfg.generation.temperature
     assert t != 1.0
     with torch.no_grad():

@@ -168,9 +168,9 @@ def test_groups_stay_together_in_buffer_and_minibatches(setup, tmp_path, monkeyp
         generated.append(list(indices))
         return orig_generate(indices, prompts, greedy=greedy)
 
-    def minibatch(self, mb, critic_only, fill=None, kl_coef=None):
+    def minibatch(self, mb, critic_only, fill=None, *, kl_coef):
         minibatches.append(list(mb.prompts))
-        return orig_minibatch(self, mb, critic_only, fill, kl_coef)
+        return orig_minibatch(self, mb, critic_only, fill, kl_coef=kl_coef)
 
     monkeypatch.setattr(tr, "generate", generate)
     monkeypatch.setattr(Updater, "_minibatch", minibatch)

@@ -112,10 +112,12 @@ def test_kl_in_loss_takes_the_kl_out_of_the_token_rewards():
     over = ["ppo.kl.coef=0.5", "ppo.kl.estimator=k3", "ppo.reward_transform=none", "ppo.reward_clip=null"]
     cfg = load_config("ppo", preset="ppo_max", overrides=[*over, "ppo.kl.acts_in=loss"])
     exp = _synthetic([1.5, -0.5, 2.0])
-    compute_advantages(exp, cfg.ppo, cfg.generation, RunningMoments())
+    compute_advantages(exp, cfg.ppo, cfg.generation, RunningMoments(), kl_coef=cfg.ppo.kl.coef)
     in_reward = load_config("ppo", preset="ppo_max", overrides=over)
     exp_r = _synthetic([1.5, -0.5, 2.0])
-    compute_advantages(exp_r, in_reward.ppo, in_reward.generation, RunningMoments())
+    compute_advantages(
+        exp_r, in_reward.ppo, in_reward.generation, RunningMoments(), kl_coef=in_reward.ppo.kl.coef
+    )
     torch.testing.assert_close(exp.kl, exp_r.kl)  # still measured (monitoring, the adaptive coefficient)
     assert exp.kl[exp.response_mask].abs().sum() > 0
     for i in range(exp.batch_size):
@@ -137,7 +139,7 @@ def test_kl_clamp_bounds_the_penalty_and_the_logged_estimate_stays_unclamped():
         )
         exp = _synthetic([1.5, -0.5, 2.0])
         exp.ref_logprobs = exp.logprobs + 5.0
-        compute_advantages(exp, cfg.ppo, cfg.generation, RunningMoments())
+        compute_advantages(exp, cfg.ppo, cfg.generation, RunningMoments(), kl_coef=cfg.ppo.kl.coef)
         k3 = math.exp(5) - 1 - 5
         torch.testing.assert_close(exp.kl[exp.response_mask], torch.full_like(exp.kl[exp.response_mask], k3))
         first = exp.rewards[1, 0].item()  # not the last token: the penalty alone

@@ -143,7 +143,7 @@ def test_token_rewards_kl_and_gae_follow_the_switches(kl_coef, gamma, lam, estim
         "ppo.reward_clip=null",
     )
     exp = _synthetic([1.5, -0.5, 2.0])
-    compute_advantages(exp, ppo, gen, RunningMoments())
+    compute_advantages(exp, ppo, gen, RunningMoments(), kl_coef=ppo.kl.coef)
     for i in range(exp.batch_size):
         n = int(exp.response_lens[i])
         log_r = exp.ref_logprobs[i, :n] - exp.logprobs[i, :n]
@@ -182,9 +182,9 @@ def test_score_reparameterisation_switches(switch):
     ppo, gen = _settings("ppo.kl.coef=0", *over)
     moments = RunningMoments()
     first = _synthetic([1.0, 4.0, -2.0])
-    compute_advantages(first, ppo, gen, moments)
+    compute_advantages(first, ppo, gen, moments, kl_coef=ppo.kl.coef)
     second = _synthetic([3.0, 0.5, 7.0], truncated=[False, False, True], seed=1)
-    compute_advantages(second, ppo, gen, moments)
+    compute_advantages(second, ppo, gen, moments, kl_coef=ppo.kl.coef)
     seen = torch.tensor([1.0, 4.0, -2.0, 3.0, 0.5] + ([] if switch == "penalty" else [7.0]))
     mean, std = seen.mean(), seen.std()
     raw = second.scores
@@ -204,7 +204,7 @@ def test_score_reparameterisation_switches(switch):
 def test_nonfinite_scores_never_enter_the_running_moments():
     ppo, gen = _settings()
     moments = RunningMoments()
-    compute_advantages(_synthetic([1.0, float("nan"), 3.0]), ppo, gen, moments)
+    compute_advantages(_synthetic([1.0, float("nan"), 3.0]), ppo, gen, moments, kl_coef=ppo.kl.coef)
     assert moments.count == 2 and moments.mean == 2.0
 
 
@@ -218,8 +218,8 @@ def test_samples_with_nonfinite_scores_are_left_out_as_if_absent():
     keep = [0, 4, 5]
     alone = full.select(keep)
     m_full, m_alone = RunningMoments(), RunningMoments()
-    compute_advantages(full, ppo, gen, m_full)
-    compute_advantages(alone, ppo, gen, m_alone)
+    compute_advantages(full, ppo, gen, m_full, kl_coef=ppo.kl.coef)
+    compute_advantages(alone, ppo, gen, m_alone, kl_coef=ppo.kl.coef)
     assert (m_full.count, m_full.mean, m_full.std) == (m_alone.count, m_alone.mean, m_alone.std)
     bad = torch.tensor([1, 2, 3])
     for name in ("rewards", "advantages", "returns"):
@@ -237,7 +237,7 @@ def test_samples_with_nonfinite_scores_are_left_out_as_if_absent():
 def test_a_truncated_response_under_penalty_keeps_its_row_whatever_its_score():
     ppo, gen = _settings("generation.truncated_response=penalty", "generation.truncated_penalty=-2")
     exp = _synthetic([1.0, float("nan"), float("inf")], truncated=[False, True, False])
-    compute_advantages(exp, ppo, gen, RunningMoments())
+    compute_advantages(exp, ppo, gen, RunningMoments(), kl_coef=ppo.kl.coef)
     assert exp.final_scores[1] == -2.0 and torch.isnan(exp.final_scores[2])
     mask = ppo_step.trainable_part(exp).response_mask
     assert mask[1].any() and not mask[2].any()
@@ -519,7 +519,7 @@ def test_micro_batches_give_the_whole_minibatch_gradient(setup, tmp_path, micro,
     )
     exp = tr.generate([0, 1, 2, 3], tr.data.prompts)
     tr.score(exp)
-    compute_advantages(exp, tr.cfg.ppo, tr.cfg.generation, tr.moments)
+    compute_advantages(exp, tr.cfg.ppo, tr.cfg.generation, tr.moments, kl_coef=tr.cfg.ppo.kl.coef)
     keep = torch.arange(exp.response_mask.shape[1]) < torch.tensor([[8], [2], [5], [1]])
     exp = dataclasses.replace(exp, response_mask=exp.response_mask & keep)  # ragged response lengths
     ptx = tr.data.ptx.batch([0, 1, 2], tr.data.pad_id, tr.acc.device)
@@ -533,7 +533,7 @@ def test_micro_batches_give_the_whole_minibatch_gradient(setup, tmp_path, micro,
     runs = {}
     for size in (None, micro):
         tr.updater.ppo = tr.cfg.ppo.model_copy(update={"micro_batch_size": size})
-        runs[size], ok = tr.updater._minibatch(exp, critic_only=False)
+        runs[size], ok = tr.updater._minibatch(exp, critic_only=False, kl_coef=tr.cfg.ppo.kl.coef)
         assert ok
     (p_whole, c_whole, p_micro, c_micro) = grads
     for a, b in zip(p_whole + c_whole, p_micro + c_micro, strict=True):

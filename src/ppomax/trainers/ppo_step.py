@@ -148,7 +148,8 @@ def compute_advantages(
     gen: GenerationConfig,
     moments: RunningMoments,
     all_reduce: AllReduce | None = None,
-    kl_coef: float | None = None,
+    *,
+    kl_coef: float,
 ) -> None:
     """Fill ``final_scores``, ``kl``, ``rewards``, ``advantages``, ``returns`` of ``exp`` in place.
 
@@ -159,10 +160,11 @@ def compute_advantages(
     updates. Its KL and the rest of the scoring pass still describe what the policy generated. With
     ``truncated_response: penalty`` the truncated responses' raw scores stay out of the moments too, since
     those are replaced. ``all_reduce``: the estimators' global statistics (REINFORCE++'s whitening) over ranks.
-    ``kl_coef``: the iteration's KL coefficient (the adaptive one of ``ppo.kl.target``; None: ``ppo.kl.coef``).
+    ``kl_coef``: the iteration's KL coefficient (``ppo.kl.coef``, or the adaptive one of ``ppo.kl.target``),
+    resolved once per iteration by the trainer.
     """
     score_targets(exp, ppo, gen, moments)
-    token_advantages(exp, ppo, gen.samples_per_prompt, all_reduce, kl_coef)
+    token_advantages(exp, ppo, gen.samples_per_prompt, all_reduce, kl_coef=kl_coef)
 
 
 @torch.no_grad()
@@ -183,7 +185,8 @@ def token_advantages(
     ppo: PPOSettings,
     group_size: int = 1,
     all_reduce: AllReduce | None = None,
-    kl_coef: float | None = None,
+    *,
+    kl_coef: float,
 ) -> None:
     """The second half of :func:`compute_advantages`, from ``final_scores`` and the scoring pass's log-probs and
     values: ``kl``, ``rewards``, ``advantages``, ``returns``. GAE works row by row (any selection of rows gives
@@ -205,8 +208,7 @@ def token_advantages(
         penalised = exp.kl
     else:
         penalised = kl_per_token(exp.logprobs, exp.ref_logprobs, ppo.kl.estimator, ppo.kl.clamp)
-    coef = ppo.kl.coef if kl_coef is None else kl_coef
-    exp.rewards = token_level_rewards(exp.final_scores, penalised, train, coef)
+    exp.rewards = token_level_rewards(exp.final_scores, penalised, train, kl_coef)
     exp.advantages, exp.returns = advantages_of(
         ppo.advantage_estimator,
         AdvantageInputs(
@@ -404,7 +406,8 @@ class Updater:
         step: int,
         critic_only: bool,
         fused: bool = False,
-        kl_coef: float | None = None,
+        *,
+        kl_coef: float,
         reference: Any | None = None,
     ) -> dict[str, Tensor]:
         """``ppo_epochs`` passes over shuffled minibatches of ``exp``; returns metrics averaged over minibatches
@@ -417,8 +420,7 @@ class Updater:
         forward, which then computes the token advantages (:func:`token_advantages`), and are filled into ``exp``
         in place, as :func:`compute_advantages` would have.
 
-        ``kl_coef``: the iteration's KL coefficient (the adaptive one of ``ppo.kl.target``; None: ``ppo.kl.coef``),
-        in the fused token rewards or in the loss (``ppo.kl.acts_in``). ``reference`` (unwrapped; fused only): runs
+        ``kl_coef``: the iteration's KL coefficient (:func:`compute_advantages`), in the fused token rewards or in the loss (``ppo.kl.acts_in``). ``reference`` (unwrapped; fused only): runs
         beside the update's first forward when ``exp`` has no reference log-probs yet (:meth:`_filler`)."""
         p = self.ppo
         acc: dict[str, list[Tensor]] = {}
@@ -441,7 +443,7 @@ class Updater:
                     continue
                 self._measuring = self.measure_mismatch and not trained and not critic_only
                 trained = True
-                metrics, ok = self._minibatch(mb, critic_only, fill, kl_coef)
+                metrics, ok = self._minibatch(mb, critic_only, fill, kl_coef=kl_coef)
                 self._measuring = False
                 skipped += int(not ok)
                 for k, v in metrics.items():
@@ -472,7 +474,7 @@ class Updater:
         return bool((self.all_reduce(n) if self.all_reduce is not None else n) > 0)
 
     def _filler(
-        self, full: Experience, perm: Tensor, critic_only: bool, kl_coef: float | None, reference: Any | None
+        self, full: Experience, perm: Tensor, critic_only: bool, kl_coef: float, reference: Any | None
     ) -> Callable[[tuple[Tensor | None, Tensor | None]], Experience]:
         """For a fused update (:meth:`update`): a function of the update's forward outputs on ``full``'s rows
         ``perm`` that fills the old log-probs, entropy, values and token advantages of those rows (in ``full``,
@@ -510,7 +512,7 @@ class Updater:
                 rows.values = values.detach()
             else:  # no critic
                 names.remove("values")
-            token_advantages(rows, self.ppo, self.group_size, self.all_reduce, kl_coef)
+            token_advantages(rows, self.ppo, self.group_size, self.all_reduce, kl_coef=kl_coef)
             for name in names:
                 part = getattr(rows, name)
                 into = torch.zeros(full.response_mask.shape, dtype=part.dtype, device=part.device)
@@ -525,7 +527,8 @@ class Updater:
         mb: Experience,
         critic_only: bool,
         fill: Callable[[tuple[Tensor | None, Tensor | None]], Experience] | None = None,
-        kl_coef: float | None = None,
+        *,
+        kl_coef: float,
     ) -> tuple[dict[str, Tensor], bool]:
         """One optimiser step per model on minibatch ``mb``. ``fill`` (a fused update, one micro-batch): ``mb``
         has no old log-probs/values/advantages yet; they come from its forward (:meth:`_filler`). ``kl_coef``: as
@@ -610,7 +613,7 @@ class Updater:
         mb: Experience,
         critic_only: bool,
         fill: Callable[[tuple[Tensor | None, Tensor | None]], Experience] | None,
-        kl_coef: float | None,
+        kl_coef: float,
         policy_weight: Tensor,
         critic_weight: Tensor,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
@@ -646,7 +649,7 @@ class Updater:
         return policy_loss, critic_loss, policy_metrics, critic_metrics
 
     def _policy_loss(
-        self, mb: Experience, logits: Tensor, kl_coef: float | None
+        self, mb: Experience, logits: Tensor, kl_coef: float
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """(clipped surrogate (dual-clipped with ``dual_clip``) + the KL term with ``kl.acts_in: loss`` + entropy bonus,
         metrics) from the policy's response ``logits`` on ``mb``. The KL term compares the policy with the
@@ -680,7 +683,6 @@ class Updater:
         )
         if p.dual_clip is not None:
             metrics[f"policy/dual_clip_frac{vs}"] = pm["dual_clip_frac"]
-        kl_coef = p.kl.coef if kl_coef is None else kl_coef
         if p.kl.acts_in == "loss" and kl_coef > 0:
             kl, km = kl_loss(logprobs, mb.ref_logprobs, mask, kl_coef, p.kl.estimator, p.kl.clamp, **agg)
             loss = loss + kl
