@@ -195,6 +195,9 @@ def main() -> int:
         f"ppo.minibatch_size={4 if quick else 16}",
         f"ppo.iterations={args.ppo_iterations}",
         f"ppo.critic_pretrain_steps={0 if quick else 2}",
+        # PPO-max's 10-step warm-up is longer than this budget's policy steps: a run that never reaches its
+        # learning rate shows nothing (ppomax says so at start-up)
+        f"optim.warmup_steps={0 if quick else 2}",
         "logging.progress=false",
     ]
     policies = {"original": model}
