@@ -34,7 +34,9 @@ def _chosen_by_environment(env: Mapping[str, str]) -> bool:
 def is_glibc() -> bool:
     """Whether this process runs on glibc (whose ``mallopt`` :func:`pin_mmap_threshold` calls)."""
     try:
-        return sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+        return sys.platform.startswith("linux") and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith(
+            "glibc"
+        )
     except (ValueError, OSError, AttributeError):
         return False
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any
+from typing import Any, TypedDict
 
 from ppomax.config import PRESET_NAMES
 from ppomax.errors import STOPPED_EXIT_CODE
@@ -77,7 +77,13 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run_options(args: argparse.Namespace) -> dict[str, bool]:
+class RunOptions(TypedDict):
+    resume: bool
+    overwrite: bool
+    allow_data_change: bool
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
     """The trainers' run keywords (``resume``, ``overwrite``, ``allow_data_change``) from :func:`add_run_args`."""
     return {
         "resume": bool(args.resume),

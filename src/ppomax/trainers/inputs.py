@@ -363,7 +363,11 @@ def _bind_lora(cfg: Any, peft_config: Any) -> dict[str, Any]:
                 f"peft_config.{f.name}={getattr(peft_config, f.name)!r}: not supported (ppomax's LoRA, model.lora, "
                 "sets r, lora_alpha, lora_dropout and target_modules; leave the other fields at PEFT's defaults)"
             )
-    lora = {"r": peft_config.r, "alpha": float(peft_config.lora_alpha), "dropout": peft_config.lora_dropout}
+    lora: dict[str, Any] = {
+        "r": peft_config.r,
+        "alpha": float(peft_config.lora_alpha),
+        "dropout": peft_config.lora_dropout,
+    }
     targets = peft_config.target_modules
     if targets is not None:
         lora["target_modules"] = targets if isinstance(targets, str) else sorted(targets)

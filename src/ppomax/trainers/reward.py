@@ -277,7 +277,8 @@ class RewardTrainer:
         self.extra = extra = {"best_accuracy": -1.0, "best_step": 0}
         # the latest evaluation's margins: train_loop's last one scores the final model, which is then the test
         # split's score too when there is no data.test (the validation pairs are not scored twice)
-        self.last_valid = last_valid = []
+        self.last_valid: list[list[float]] = []
+        last_valid = self.last_valid
 
         def evaluate(mdl: torch.nn.Module) -> dict[str, float]:
             last_valid[:] = [rm_margins(ctx, mdl, valid, collate, cfg.batch_size, desc="valid")]
