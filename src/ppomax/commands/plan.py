@@ -30,19 +30,11 @@ def local_config(path: str | Path) -> Path:
 def adapter_settings(path: str | Path) -> dict[str, Any] | None:
     """The ``adapter_config.json`` of a LoRA run's model directory (PEFT adapters, no config.json of their own:
     :func:`ppomax.models.adapter_dir.is_adapter_dir`), None for any other directory."""
-    from ppomax.models.adapter_dir import ADAPTER_CONFIG, is_adapter_dir
+    from ppomax.models.adapter_dir import adapter_settings as read_settings
+    from ppomax.models.adapter_dir import is_adapter_dir
 
     p = local_config(path)
-    if not is_adapter_dir(p):
-        return None
-    try:
-        settings = json.loads((p / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-        base = settings["base_model_name_or_path"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelPathError(f"{p / ADAPTER_CONFIG}: not a readable PEFT adapter config ({exc})") from None
-    if not base:
-        raise ModelPathError(f"{p / ADAPTER_CONFIG}: base_model_name_or_path is empty: no base to read")
-    return settings
+    return read_settings(p) if is_adapter_dir(p) else None
 
 
 def config_dir(path: str | Path) -> Path:

@@ -56,19 +56,26 @@ def adapter_base(base: str, revision: str | None) -> str:
     return base
 
 
+def adapter_settings(path: str | Path) -> dict[str, Any]:
+    """The ``adapter_config.json`` of the adapter directory ``path``, which must name its base model."""
+    file = Path(path) / ADAPTER_CONFIG
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+        base = settings["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelPathError(f"{file}: not a readable PEFT adapter config ({exc})") from None
+    if not base:
+        raise ModelPathError(f"{file}: base_model_name_or_path is empty: no base model")
+    return settings
+
+
 def load_adapter_dir(path: str | Path, load_base: Callable[[str], Any]) -> Any:
     """A plain causal LM from an adapter directory: its base (``base_model_name_or_path``, loaded by
     ``load_base``: :func:`ppomax.models.loading.load_causal_lm`, which calls this for adapter directories) with
     the adapters merged in."""
     p = Path(path)
-    try:
-        settings = json.loads((p / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-        base_path = settings["base_model_name_or_path"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelPathError(f"{p / ADAPTER_CONFIG}: not a readable PEFT adapter config ({exc})") from None
-    if not base_path:
-        raise ModelPathError(f"{p / ADAPTER_CONFIG}: base_model_name_or_path is empty: no base to load")
-    base_path = adapter_base(base_path, settings.get("revision"))
+    settings = adapter_settings(p)
+    base_path = adapter_base(settings["base_model_name_or_path"], settings.get("revision"))
     try:
         base = load_base(base_path)
     except ModelPathError as exc:
