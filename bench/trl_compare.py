@@ -725,7 +725,7 @@ def schedules(a: argparse.Namespace) -> dict[str, Schedule]:
     (:func:`ppo_schedule.trl_fields`) and whose TRL fields replay to the schedule's optimiser steps."""
     from ppomax.config import load_config
 
-    ppo = load_config("ppo", preset="ppo_max").ppo  # type: ignore[attr-defined]
+    ppo = load_config("ppo", preset="ppo_max").ppo
     flags = {k: getattr(a, k) for k in ("rollout", "minibatch", "epochs", "micro_batch", "gen_batch")}
     out = {}
     for name in a.setting.split(","):
