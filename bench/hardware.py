@@ -14,7 +14,8 @@ padding is waste, not need):
 - generation: one KV-cached forward of the policy per prompt and response token, the LM head per response token;
 - scoring: a forward of the reference and of the reward model over prompt + response, plus one of the policy (old
   log-probs) and of the critic (values) unless the schedule is one epoch over one minibatch, where the update's
-  first forward gives them, so they are not needed work;
+  first forward gives them, so they are not needed work (and where a trainer runs the reference beside that
+  forward, its forward counts in training);
 - training: forward + backward (3 forwards) of the policy and of the critic over prompt + response, per epoch.
 """
 
@@ -79,12 +80,14 @@ def phase_flops(
     response_len: float,
     epochs: int = 1,
     fused_scoring: bool = True,
+    reference_in_update: bool = False,
 ) -> dict[str, float]:
     """Model FLOPs an iteration needs per phase (module docstring) for ``batch`` rows of ``prompt_len`` prompt
     and mean ``response_len`` response tokens (contexts from the mean length), trained for ``epochs`` passes.
     ``fused_scoring``: the schedule lets the update's first forward give the old log-probs and values (one epoch
     over one minibatch), so scoring needs only the reference and the reward model; otherwise it also needs a
-    forward of the policy and of the critic."""
+    forward of the policy and of the critic. ``reference_in_update`` (fused only): the trainer runs the
+    reference beside that first forward (ppomax does, for the exact KL), so its forward is training's need."""
     p, n = prompt_len, response_len
     tokens = batch * (p + n)
     # row contexts: 1..P for the prompt, P+1..P+n for the response
@@ -92,12 +95,12 @@ def phase_flops(
     resp = batch * n
     fwd_lm = forward_flops(s, tokens, context, resp)
     fwd_value = forward_flops(s, tokens, context, 0)
-    reference_and_rm = fwd_lm + fwd_value
-    return {
-        "gen": fwd_lm,
-        "score": reference_and_rm if fused_scoring else 2 * reference_and_rm,  # (+ policy and critic)
-        "train": epochs * 3 * (fwd_lm + fwd_value),  # policy + critic, forward and backward, each epoch
-    }
+    train = epochs * 3 * (fwd_lm + fwd_value)  # policy + critic, forward and backward, each epoch
+    if not fused_scoring:  # reference + reward model, then the policy's and the critic's scoring forwards
+        return {"gen": fwd_lm, "score": 2 * (fwd_lm + fwd_value), "train": train}
+    if reference_in_update:
+        return {"gen": fwd_lm, "score": fwd_value, "train": train + fwd_lm}
+    return {"gen": fwd_lm, "score": fwd_lm + fwd_value, "train": train}
 
 
 def utilisation(need: dict[str, float], seconds: dict[str, float], bound: float) -> dict[str, float]:

@@ -627,12 +627,19 @@ def step_problems(schedule: Schedule, side: str, steps: list[dict[str, list[int]
     return out
 
 
-def needs(r: Result, s: dict[str, float]) -> dict[str, float]:
+def needs(r: Result, side: str, s: dict[str, float]) -> dict[str, float]:
     """The model FLOPs each phase of one iteration needs (bench/hardware.py) at the side's median length: the
-    schedule's epochs, and the policy's and critic's scoring forwards unless ppomax's update gave them."""
+    schedule's epochs, and the policy's and critic's scoring forwards unless ppomax's update gave them (then
+    ppomax runs the reference in its update too: that forward is its training's need, TRL's scoring's)."""
     fused = r.sides["ppomax"]["scoring"] == "fused"
     return phase_flops(
-        r.spec["shape"], r.schedule.rollout, r.spec["prompt_len"], s["len"], r.schedule.epochs, fused
+        r.spec["shape"],
+        r.schedule.rollout,
+        r.spec["prompt_len"],
+        s["len"],
+        r.schedule.epochs,
+        fused_scoring=fused,
+        reference_in_update=fused and side == "ppomax",
     )
 
 
@@ -658,7 +665,7 @@ def table(results: list[Result], a: argparse.Namespace, clock: str, bound: dict[
                 f"| {s['samples_s']:.1f} | {s['tok_s']:.0f} | {s['gen_tok_s']:.0f} |"
             )
             if util:
-                u = utilisation(needs(r, s), s, bound[r.dtype])
+                u = utilisation(needs(r, name, s), s, bound[r.dtype])
                 row += f" {u['gen']:.0%} / {u['score']:.0%} / {u['train']:.0%} | {res['peak_rss_mib']:.0f} |"
             lines.append(row)
     return lines

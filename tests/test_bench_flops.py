@@ -59,3 +59,6 @@ def test_phase_flops_at_a_schedule():
     # scoring: the reference and the reward model, plus the policy's old log-probs and the critic's values
     assert got["score"] == 2 * (lm + value)
     assert got["train"] == 3 * 3 * (lm + value)  # forward + backward of policy and critic, 3 epochs
+    # fused, with the reference run beside the update's first forward: its forward moves to training
+    moved = phase_flops(s, batch=2, prompt_len=3, response_len=4, reference_in_update=True)
+    assert moved == {"gen": lm, "score": value, "train": 3 * (lm + value) + lm}
