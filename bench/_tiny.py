@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -127,13 +128,45 @@ WORDS = [
 ]
 
 
-def build_models(
-    root: Path, hidden: int, layers: int, vocab: int, seed: int, rng: random.Random | None = None
-) -> tuple[Path, Path, int]:
-    """Tokenizer + random Llama in ``root/policy``, value-head RM on the same backbone in ``root/rm``.
+# Real models' shapes (random weights of that shape: the benches time the architecture, not the weights).
+SHAPES: dict[str, dict[str, Any]] = {
+    # HuggingFaceTB/SmolLM2-135M-Instruct's config.json (a 134.5M Llama)
+    "smollm2-135m": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+    },
+}
 
-    ``rng`` draws the tokenizer's corpus (default ``Random(seed)``). Returns ``(policy_dir, rm_dir, n_params)``
-    (parameters of the policy)."""
+
+def tiny_shape(hidden: int, layers: int) -> dict[str, Any]:
+    """The benches' tiny Llama of ``hidden`` x ``layers``: heads of 32, an MLP 4x wide."""
+    heads = max(1, hidden // 32)
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": 4 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+    }
+
+
+def build_models(
+    root: Path, shape: dict[str, Any], vocab: int, seed: int, rng: random.Random | None = None
+) -> tuple[Path, Path, int]:
+    """Tokenizer + random Llama of ``shape`` (LlamaConfig fields; its ``vocab_size`` is ignored) in
+    ``root/policy``, value-head RM on the same backbone in ``root/rm``.
+
+    The model has ``vocab`` token rows, or the tokenizer's size if larger (a byte-level BPE has at least 259
+    tokens); the BPE tokenizer trained on the synthetic corpus has at most ``vocab`` (the corpus saturates near
+    600: larger vocabularies leave the rows above unused by the prompts, which generation still samples, as real
+    models' padded vocabularies do). ``rng`` draws the tokenizer's corpus
+    (default ``Random(seed)``). Returns ``(policy_dir, rm_dir, n_params)`` (parameters of the policy)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ppomax.demo.tokenizer import train_bpe_tokenizer
@@ -142,14 +175,8 @@ def build_models(
     rng = rng or random.Random(seed)
     texts = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(400)]
     fast = train_bpe_tokenizer(texts, vocab)
-    heads = max(1, hidden // 32)
     config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
+        **{**shape, "vocab_size": max(vocab, len(fast))},
         max_position_embeddings=1024,
         bos_token_id=1,
         eos_token_id=2,
@@ -184,7 +211,7 @@ def build(root: Path, hidden: int, layers: int, vocab: int, seed: int) -> tuple[
 
     Returns ``(policy_dir, rm_dir, prompts_file, n_params)``."""
     rng = random.Random(seed)
-    policy, rm, n_params = build_models(root, hidden, layers, vocab, seed, rng)
+    policy, rm, n_params = build_models(root, tiny_shape(hidden, layers), vocab, seed, rng)
     prompts = [random_prompt(rng, rng.randint(8, 24)) for _ in range(512)]
     return policy, rm, write_prompts(root / "prompts.jsonl", prompts), n_params
 

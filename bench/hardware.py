@@ -12,10 +12,11 @@ not counted. What each phase needs, for B rows with prompt P and responses of me
 padding is waste, not need):
 
 - generation: one KV-cached forward of the policy per prompt and response token, the LM head per response token;
-- scoring: a forward of the reference and of the reward model over prompt + response (the policy's old log-probs
-  and the critic's values come free from the update's first forward when there is one epoch over one minibatch,
-  so they are not needed work);
-- training: forward + backward (3 forwards) of the policy and of the critic over prompt + response.
+- scoring: a forward of the reference and of the reward model over prompt + response, plus one of the policy (old
+  log-probs) and of the critic (values) unless the schedule is one epoch over one minibatch, where the update's
+  first forward gives them, so they are not needed work (and where a trainer runs the reference beside that
+  forward, its forward counts in training);
+- training: forward + backward (3 forwards) of the policy and of the critic over prompt + response, per epoch.
 """
 
 from __future__ import annotations
@@ -72,9 +73,21 @@ def forward_flops(s: dict[str, int], tokens: float, context_sum: float, head_tok
     return per_token * tokens + 4 * L * h * context_sum + 2 * h * s["V"] * head_tokens
 
 
-def phase_flops(s: dict[str, int], batch: int, prompt_len: float, response_len: float) -> dict[str, float]:
+def phase_flops(
+    s: dict[str, int],
+    batch: int,
+    prompt_len: float,
+    response_len: float,
+    epochs: int = 1,
+    fused_scoring: bool = True,
+    reference_in_update: bool = False,
+) -> dict[str, float]:
     """Model FLOPs an iteration needs per phase (module docstring) for ``batch`` rows of ``prompt_len`` prompt
-    and mean ``response_len`` response tokens (contexts from the mean length)."""
+    and mean ``response_len`` response tokens (contexts from the mean length), trained for ``epochs`` passes.
+    ``fused_scoring``: the schedule lets the update's first forward give the old log-probs and values (one epoch
+    over one minibatch), so scoring needs only the reference and the reward model; otherwise it also needs a
+    forward of the policy and of the critic. ``reference_in_update`` (fused only): the trainer runs the
+    reference beside that first forward (ppomax does, for the exact KL), so its forward is training's need."""
     p, n = prompt_len, response_len
     tokens = batch * (p + n)
     # row contexts: 1..P for the prompt, P+1..P+n for the response
@@ -82,11 +95,12 @@ def phase_flops(s: dict[str, int], batch: int, prompt_len: float, response_len: 
     resp = batch * n
     fwd_lm = forward_flops(s, tokens, context, resp)
     fwd_value = forward_flops(s, tokens, context, 0)
-    return {
-        "gen": fwd_lm,
-        "score": fwd_lm + fwd_value,  # reference + reward model
-        "train": 3 * (fwd_lm + fwd_value),  # policy + critic
-    }
+    train = epochs * 3 * (fwd_lm + fwd_value)  # policy + critic, forward and backward, each epoch
+    if not fused_scoring:  # reference + reward model, then the policy's and the critic's scoring forwards
+        return {"gen": fwd_lm, "score": 2 * (fwd_lm + fwd_value), "train": train}
+    if reference_in_update:
+        return {"gen": fwd_lm, "score": fwd_value, "train": train + fwd_lm}
+    return {"gen": fwd_lm, "score": fwd_lm + fwd_value, "train": train}
 
 
 def utilisation(need: dict[str, float], seconds: dict[str, float], bound: float) -> dict[str, float]:

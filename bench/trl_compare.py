@@ -1,30 +1,51 @@
-"""ppomax's PPO next to Hugging Face TRL's (``trl.experimental.ppo``), in one run, on identical tiny models and
-settings.
+"""ppomax's PPO next to Hugging Face TRL's (``trl.experimental.ppo``), in one run, on identical models and
+settings, at the update schedules users run.
 
-    .venv/bin/python bench/trl_compare.py                  # 256x4 and 512x5 Llamas, fp32 and bf16, 1 thread
-    .venv/bin/python bench/trl_compare.py --sizes 128x2 --batch 16 --new-tokens 32 --iterations 3
+    .venv/bin/python bench/trl_compare.py        # 256x4 and 512x5 Llamas, fp32 and bf16, the three settings, 1 thread
+    .venv/bin/python bench/trl_compare.py --sizes smollm2-135m --setting ppo_max_defaults --dtypes bfloat16
+    .venv/bin/python bench/trl_compare.py --sizes 128x2 --setting one_epoch --rollout 16 --new-tokens 32
 
 TRL is never installed into the project's virtualenv: the first run creates ``bench/.venv-trl`` with
 ``python3.11 -m venv`` and installs ``torch==2.13.0`` first (the local CPU wheel; a plain ``torch`` would pull a
 CUDA build), then ``trl==1.12.*`` (or, if that cannot be installed, the newest 1.x; the table says which) with
 transformers and accelerate pinned to this venv's versions. Later runs reuse it (``--reinstall`` rebuilds it).
 
-What is shared, built once here (bench/_tiny.py): the tokenizer, the random Llama policy (also the reference),
-the reward model (also the critic's initial weights, ``critic_init: reward_model`` on both sides; ppomax saves it
-as a ``LlamaForSequenceClassification``, which TRL loads as it is, checked to give the same scores), and the
-prompts: token ids computed once by ppomax's prompt tokenizer, all
-prompts of the same length, so neither side pads them. Each side runs in its own fresh process with
-``torch.set_num_threads(--threads)``: ppomax with this interpreter, TRL with the one in ``bench/.venv-trl``.
+Models (``--sizes``): tiny random Llamas ``HIDDENxLAYERS`` (heads of 32, MLP 4x) with a ``--vocab`` of 512 by
+default, or a real model's shape by name with random weights (``smollm2-135m``: SmolLM2-135M-Instruct's 576 x
+30 layers, 9 heads / 3 key-value heads, MLP 1536, 49,152 tokens, tied embeddings; bench/_tiny.py ``SHAPES``).
 
-Settings on both sides: batch B rollouts = one minibatch = one optimiser step, one PPO epoch, ``max_new_tokens``
-N, sampling at temperature 0.8 with no top-p/top-k/repetition penalty (TRL's generation has none of them, so
-ppomax's ``ppo_max`` preset is overridden to match), stop at EOS, no gradient checkpointing (TRL's default, switched
-off), each ``--dtypes`` precision on both sides: float32, or bfloat16 mixed precision (float32 trained models
-under autocast: ppomax's ``model.dtype: bfloat16``, which also stores its frozen reference and reward model in
-bf16; TRL's ``bf16=True`` plus ``ACCELERATE_MIXED_PRECISION=bf16``, without which its PPOTrainer stays in
-float32: accelerate's autocast), KL coefficient 0.05 (k1), clip
-0.2, value clip 0.2, gamma 1, lambda 0.95, vf coefficient 1, AdamW (non-fused) with betas (0.9, 0.95). ppomax
-runs the rest of ``ppo_max`` (reward normalisation/clipping, advantage whitening, gradient clipping).
+What is shared, built once here (bench/_tiny.py): the tokenizer, the random policy (also the reference), the
+reward model (also the critic's initial weights, ``critic_init: reward_model`` on both sides; ppomax saves it as a
+``LlamaForSequenceClassification``, which TRL loads as it is, checked to give the same scores), and the prompts:
+token ids computed once by ppomax's prompt tokenizer, all prompts of the same length, so neither side pads them,
+and more of them than the run takes (TRL steps its optimiser at every micro-batch of the iteration that takes
+its dataset's last batch). Each side runs in its own fresh process with ``torch.set_num_threads(--threads)``:
+ppomax with this interpreter, TRL with the one in ``bench/.venv-trl``.
+
+The update schedule (bench/ppo_schedule.py), one per ``--setting`` (several, comma-separated, run in turn):
+``ppo_max_defaults`` (ppomax's ``ppo_max`` preset: 128 rollouts per iteration generated 32 at a time, four
+minibatches of 32, one epoch), ``trl_defaults`` (TRL's PPOConfig: 8 rollouts, one minibatch, 4 epochs) and
+``one_epoch`` (32 rollouts = one minibatch, one epoch: the case where ppomax's update gives the scoring pass's
+policy and critic forwards, "fused" scoring; otherwise "separate"). ``--rollout``, ``--minibatch``, ``--epochs``,
+``--micro-batch`` and ``--gen-batch`` override a setting's numbers. ppomax takes them as ``ppo.buffer_size``,
+``minibatch_size``, ``ppo_epochs``, ``micro_batch_size`` and ``rollout_batch_size``; TRL as
+``per_device_train_batch_size``, ``gradient_accumulation_steps``, ``num_mini_batches``, ``num_ppo_epochs`` and
+``local_rollout_forward_batch_size`` (:func:`ppo_schedule.trl_fields`: TRL steps its optimiser once every
+``gradient_accumulation_steps`` micro-batches, so a schedule with several minibatches per epoch and micro-batches
+smaller than a minibatch is refused, with the reason). Both sides count, per iteration, the optimiser steps of
+the policy and of the critic and the rows each was taken on (a forward pre-hook on each trained model counts
+rows forwarded with gradients; a step post-hook on each torch optimiser closes a step); the bench exits non-zero
+with one line if either side's counts differ from the schedule's (one step per minibatch per epoch).
+
+Other settings on both sides: ``max_new_tokens`` N, sampling at temperature 0.8 with no
+top-p/top-k/repetition penalty (TRL's generation has none of them, so ppomax's ``ppo_max`` preset is overridden
+to match), stop at EOS, no gradient checkpointing (TRL's default, switched off), each ``--dtypes`` precision on
+both sides: float32, or bfloat16 mixed precision (float32 trained models under autocast: ppomax's ``model.dtype:
+bfloat16``, which also stores its frozen reference and reward model in bf16; TRL's ``bf16=True`` plus
+``ACCELERATE_MIXED_PRECISION=bf16``, without which its PPOTrainer stays in float32: accelerate's autocast), KL
+coefficient 0.05 (k1), clip 0.2, value clip 0.2, gamma 1, lambda 0.95, vf coefficient 1, AdamW (non-fused) with
+betas (0.9, 0.95), no critic pre-training. ppomax runs the rest of ``ppo_max`` (reward normalisation and
+clipping, gradient clipping; no advantage whitening, which PPO-max leaves off); TRL whitens its advantages.
 
 Timing, in two clocks (two tables): wall time, and the process's CPU time (one thread: close to the wall time
 on an idle machine and far less disturbed by other processes on a shared one). ppomax: its trainer's
@@ -37,16 +58,18 @@ closes the iteration (training = the rest, metric logging included). ``other`` i
 reducing metrics). TRL also calls ``gc.collect()`` at the end of scoring: the bench times both calls and prints
 their share. ``tokens/s`` counts response tokens up to and including the first EOS per second of the iteration,
 ``gen tok/s`` per second of generation. Medians over the timed iterations after ``--warmup`` in each process;
-``--rounds`` processes per side and size, alternating which side goes first.
+``--rounds`` processes per side, size, precision and setting, alternating which side goes first.
 
 Also per side: its process's peak resident memory (VmHWM), and each phase's utilisation of this machine's measured
 dense matmul FLOP/s at the run's precision (bench/hardware.py, measured first on the same thread count): the
-model FLOPs the phase needs over its wall time x that bound.
+model FLOPs the phase needs at the schedule (its epochs; the policy's and critic's scoring forwards unless
+ppomax fused them) over its wall time x that bound.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -58,7 +81,6 @@ import sys
 import tempfile
 import time
 import types
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +88,16 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from hardware import bounds, model_shape, phase_flops, utilisation  # noqa: E402
+from ppo_schedule import (  # noqa: E402
+    SETTINGS,
+    TRL_DEFAULTS,
+    Schedule,
+    ScheduleError,
+    prompts_needed,
+    setting,
+    trl_fields,
+    trl_steps,
+)
 
 TRL_VENV = HERE / ".venv-trl"
 TRL_SPEC = "trl==1.12.*"
@@ -129,10 +161,25 @@ def ensure_trl_venv(venv: Path, reinstall: bool) -> Path:
 # ---------------------------------------------------------------------------------------------- shared inputs
 
 
-def prepare(
-    root: Path, hidden: int, layers: int, vocab: int, seed: int, n_prompts: int = 256
-) -> dict[str, Any]:
-    """Models and equal-length prompts in ``root``; returns the spec both sides read."""
+def model_spec(size: str, vocab: int | None) -> tuple[str, dict[str, Any], int]:
+    """(label, LlamaConfig shape fields, vocabulary) of a ``--sizes`` entry: ``HIDDENxLAYERS`` (a tiny Llama,
+    vocabulary ``vocab`` or 512) or a name in bench/_tiny.py ``SHAPES`` (its vocabulary unless ``vocab``)."""
+    from _tiny import SHAPES, tiny_shape
+
+    if size in SHAPES:
+        shape = SHAPES[size]
+        return f"{size} shape", shape, vocab or shape["vocab_size"]
+    try:
+        hidden, layers = (int(x) for x in size.lower().split("x"))
+    except ValueError:
+        raise SystemExit(
+            f"--sizes: {size!r} is neither HIDDENxLAYERS nor one of {', '.join(SHAPES)}"
+        ) from None
+    return f"Llama {hidden}x{layers}", tiny_shape(hidden, layers), vocab or 512
+
+
+def prepare(root: Path, shape: dict[str, Any], vocab: int, seed: int, n_prompts: int) -> dict[str, Any]:
+    """Models and ``n_prompts`` equal-length prompts in ``root``; returns the spec both sides read."""
     import torch
     from _tiny import build_models, random_prompt, write_prompts
 
@@ -140,13 +187,17 @@ def prepare(
     from ppomax.models import ValueHeadModel, load_tokenizer
 
     rng = random.Random(seed)
-    policy, rm, n_params = build_models(root, hidden, layers, vocab, seed, rng)
+    policy, rm, n_params = build_models(root, shape, vocab, seed, rng)
     tok = load_tokenizer(str(policy))
     # Prompts of one token length: no padding on either side, so both see the same [B, P] work every iteration.
-    cands = [random_prompt(rng, 12) for _ in range(8 * n_prompts)]
-    ids = [tokenize_prompt(tok, p, None) for p in cands]
-    length = Counter(len(i) for i in ids).most_common(1)[0][0]
-    keep = [(p, i) for p, i in zip(cands, ids, strict=True) if len(i) == length][:n_prompts]
+    by_length: dict[int, list[tuple[str, list[int]]]] = {}
+    while max((len(v) for v in by_length.values()), default=0) < n_prompts:
+        for _ in range(4 * n_prompts):
+            p = random_prompt(rng, 12)
+            ids = tokenize_prompt(tok, p, None)
+            by_length.setdefault(len(ids), []).append((p, ids))
+    length, rows = max(by_length.items(), key=lambda kv: len(kv[1]))
+    keep = rows[:n_prompts]
     prompts = write_prompts(root / "prompts.jsonl", [p for p, _ in keep])
 
     # TRL's reward/value model is ppomax's saved one (a sequence classifier).
@@ -249,9 +300,55 @@ class Phases:
         return out
 
 
+class StepCounter:
+    """Optimiser steps of each trained model and the rows each step was taken on, counted the same way on both
+    sides: a forward pre-hook on each trained model adds the rows of its forwards run with gradients (training;
+    generation and scoring run without), and a step post-hook on each torch optimiser (under accelerate's
+    wrapper, which skips the inner step while it accumulates) closes a step of the models it trains."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, int] = {}
+        self.steps: dict[str, list[int]] = {}
+
+    def model(self, name: str, module: Any) -> None:
+        import torch
+
+        self.pending[name], self.steps[name] = 0, []
+
+        def count(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if torch.is_grad_enabled():
+                ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+                self.pending[name] += int(ids.shape[0])
+
+        module.register_forward_pre_hook(count, with_kwargs=True)
+
+    def optimizer(self, names: tuple[str, ...], optimizer: Any) -> None:
+        while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer -> the torch one
+            optimizer = optimizer.optimizer
+
+        def closed(*_: Any) -> None:
+            for name in names:
+                self.steps[name].append(self.pending[name])
+                self.pending[name] = 0
+
+        optimizer.register_step_post_hook(closed)
+
+    def take(self) -> dict[str, list[int]]:
+        """Each model's steps (rows per step) since the last call."""
+        out, self.steps = self.steps, {name: [] for name in self.steps}
+        return out
+
+
+def scoring_strategy(trainer: Any) -> str:
+    """How ppomax scores this schedule: "fused" (the update's first forward gives the old log-probs and values)
+    or "separate" (a scoring pass of the policy and the critic before the updates)."""
+    return "fused" if trainer.updater.fuses_scoring() else "separate"
+
+
 def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
-    """``PPOTrainer.iteration`` with the ppo_max preset and the shared settings, its phases timed in both clocks
-    by wrapping the trainer's ``generate``, ``score``, ``compute_advantages`` and ``updater.update``."""
+    """``PPOTrainer.iteration`` with the ppo_max preset, the schedule and the shared settings, its phases timed
+    in both clocks by wrapping the trainer's ``generate``, ``score``, ``compute_advantages`` and
+    ``updater.update``, its optimiser steps counted (:class:`StepCounter`)."""
     import accelerate
     import torch
     import transformers
@@ -260,7 +357,7 @@ def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
     from ppomax.config import load_config
     from ppomax.trainers.ppo import PPOTrainer
 
-    b, total = a.batch, a.warmup + a.iterations
+    total = a.warmup + a.iterations
     cfg = load_config(
         "ppo",
         preset="ppo_max",
@@ -276,10 +373,7 @@ def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
             "generation.repetition_penalty=1.0",
             "ppo.critic_pretrain_steps=0",
             f"ppo.iterations={total}",
-            f"ppo.rollout_batch_size={b}",
-            f"ppo.buffer_size={b}",
-            f"ppo.minibatch_size={b}",
-            "ppo.ppo_epochs=1",
+            *a.schedule.ppomax_overrides(),
             "ppo.vf_coef=1.0",
             "ppo.kl.coef=0.05",
             "ppo.kl.estimator=k1",
@@ -295,15 +389,23 @@ def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
     trainer.generate = clock.wrap("gen", trainer.generate)  # type: ignore[method-assign]
     trainer.score = clock.wrap("score", trainer.score)  # type: ignore[method-assign]
     ppo_mod.compute_advantages = clock.wrap("score", ppo_mod.compute_advantages)  # looked up at call time
-    # one epoch over one minibatch: the update's first forward scores the policy and critic (ppo_step
-    # Updater.fuses_scoring), so those forwards count as training and only the targets as scoring
+    # fused scoring (one epoch over one minibatch): the update's first forward scores the policy and critic,
+    # so those forwards count as training and only the targets as scoring
     ppo_mod.score_targets = clock.wrap("score", ppo_mod.score_targets)
     trainer.updater.update = clock.wrap("train", trainer.updater.update)  # type: ignore[method-assign]
-    rows = []
+    counter = StepCounter()
+    unwrap = trainer.acc.unwrap_model
+    counter.model("policy", unwrap(trainer.updater.policy.model))
+    counter.optimizer(("policy",), trainer.updater.policy.optimizer)
+    assert trainer.updater.critic is not None  # GAE: ppo_max trains a critic
+    counter.model("critic", unwrap(trainer.updater.critic.model))
+    counter.optimizer(("critic",), trainer.updater.critic.optimizer)
+    rows, steps = [], []
     for step in range(1, total + 1):
         t0 = now()
         m = trainer.iteration(step)
         row: dict[str, Any] = clock.take(t0, now())
+        steps.append(counter.take())
         it = m["time/iteration"]
         row.update(
             tokens=m["perf/tokens_per_s"] * it,
@@ -314,6 +416,8 @@ def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
         rows.append(row)
     return {
         "rows": rows,
+        "steps": steps,
+        "scoring": scoring_strategy(trainer),
         "peak_rss_mib": peak_rss_mib(),
         "threads": torch.get_num_threads(),
         "mixed_precision": trainer.acc.mixed_precision,
@@ -327,7 +431,8 @@ def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_trl(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
-    """TRL's ``PPOTrainer.train`` for warmup + iterations updates, timed through two wrapped functions."""
+    """TRL's ``PPOTrainer.train`` for warmup + iterations updates at the schedule's PPOConfig fields
+    (:func:`ppo_schedule.trl_fields`), timed through two wrapped functions, its optimiser steps counted."""
     import accelerate
     import torch
     import transformers
@@ -351,7 +456,12 @@ def run_trl(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
         _, got, _ = get_reward(rm, seqs, tok.pad_token_id, spec["prompt_len"])
     score_err = (got - torch.tensor(spec["check_scores"])).abs().max().item()
 
-    b, total = a.batch, a.warmup + a.iterations
+    total = a.warmup + a.iterations
+    fields = trl_fields(a.schedule)
+    stock = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
+    changed = {k: (v, stock[k]) for k, v in TRL_DEFAULTS.items() if stock[k] != v}
+    if changed:  # the trl_defaults setting would no longer be TRL's defaults
+        raise SystemExit(f"this TRL's PPOConfig defaults differ from ppo_schedule.TRL_DEFAULTS: {changed}")
     ds = Dataset.from_dict({"input_ids": spec["prompt_ids"]})
     if a.dtype == "bfloat16":
         # TRL's PPOTrainer builds Accelerator() without mixed_precision and transformers 5 no longer exports
@@ -369,12 +479,8 @@ def run_trl(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
         fp16=False,
         gradient_checkpointing=False,
         seed=42,
-        per_device_train_batch_size=b,
-        gradient_accumulation_steps=1,
-        num_mini_batches=1,
-        local_rollout_forward_batch_size=b,
-        num_ppo_epochs=1,
-        total_episodes=b * total,
+        **fields,
+        total_episodes=a.schedule.rollout * total,
         response_length=a.new_tokens,
         stop_token="eos",
         temperature=TEMPERATURE,
@@ -429,6 +535,7 @@ def run_trl(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
         def on_step_end(self, *_: Any, **__: Any) -> None:
             marks[-1]["end"] = now()
             marks[-1]["gc"] = gc.total()  # both calls inside this iteration's window (see below)
+            steps.append(counter.take())
 
     pt.batch_generation, pt.masked_whiten = timed_gen, timed_whiten
     # The trainer module's `gc` name only (the gc module itself is untouched).
@@ -441,8 +548,14 @@ def run_trl(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
         reward_model=rm,
         value_model=value,
         train_dataset=ds,
-        eval_dataset=ds.select(range(b)),
+        eval_dataset=ds.select(range(a.schedule.rollout)),
     )
+    # One optimiser over the policy and the value model (PolicyAndValueWrapper): each step is both models'.
+    counter, steps = StepCounter(), []
+    wrapper = trainer.accelerator.unwrap_model(trainer.model)
+    counter.model("policy", wrapper.policy)
+    counter.model("critic", wrapper.critic_backbone)
+    counter.optimizer(("policy", "critic"), trainer.optimizer)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(Clock())
     trainer.train()
@@ -456,6 +569,9 @@ def run_trl(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
         rows.append(row)
     return {
         "rows": rows,
+        "steps": steps,
+        "scoring": "separate",
+        "trl_fields": fields,
         "peak_rss_mib": peak_rss_mib(),
         "threads": torch.get_num_threads(),
         "score_check_max_abs_err": score_err,
@@ -486,61 +602,97 @@ def summarise(rows: list[dict[str, Any]], batch: int, clock: str) -> dict[str, f
     return med
 
 
-Result = tuple[int, int, str, dict[str, Any], dict[str, dict[str, Any]]]  # hidden, layers, dtype, spec, sides
+@dataclasses.dataclass
+class Result:
+    model: str  # "Llama 256x4" or "smollm2-135m shape"
+    dtype: str
+    setting: str
+    schedule: Schedule
+    spec: dict[str, Any]
+    sides: dict[str, dict[str, Any]]
 
 
-def needs(spec: dict[str, Any], s: dict[str, float], batch: int) -> dict[str, float]:
-    """The model FLOPs each phase of one iteration needs (bench/hardware.py) at the side's median length."""
-    return phase_flops(spec["shape"], batch, spec["prompt_len"], s["len"])
+def step_problems(schedule: Schedule, side: str, steps: list[dict[str, list[int]]]) -> list[str]:
+    """Where a side's measured optimiser steps (per iteration: each model's rows per step) differ from the
+    schedule's: one step per minibatch per epoch, of ``minibatch`` rows, for the policy and for the critic."""
+    want = schedule.steps()
+    out = []
+    for i, got in enumerate(steps, 1):
+        for model in ("policy", "critic"):
+            if got.get(model) != want:
+                out.append(
+                    f"{side} iteration {i}: {model} took {len(got.get(model, []))} optimiser step(s) on "
+                    f"{got.get(model)} rows; the schedule ({schedule.label()}) is {len(want)} on {want}"
+                )
+    return out
+
+
+def needs(r: Result, side: str, s: dict[str, float]) -> dict[str, float]:
+    """The model FLOPs each phase of one iteration needs (bench/hardware.py) at the side's median length: the
+    schedule's epochs, and the policy's and critic's scoring forwards unless ppomax's update gave them (then
+    ppomax runs the reference in its update too: that forward is its training's need, TRL's scoring's)."""
+    fused = r.sides["ppomax"]["scoring"] == "fused"
+    return phase_flops(
+        r.spec["shape"],
+        r.schedule.rollout,
+        r.spec["prompt_len"],
+        s["len"],
+        r.schedule.epochs,
+        fused_scoring=fused,
+        reference_in_update=fused and side == "ppomax",
+    )
 
 
 def table(results: list[Result], a: argparse.Namespace, clock: str, bound: dict[str, Any]) -> list[str]:
-    """Markdown rows, ppomax then TRL for each model size and precision; utilisation of the measured 2048^3
+    """Markdown rows, ppomax then TRL for each setting, model and precision; utilisation of the measured 2048^3
     matmul FLOP/s of that precision (wall clock only: the bound is a wall-clock rate)."""
     util = clock == "wall"
     lines = [
-        "| trainer | dtype | model (params) | resp len (of N) | gen s | score s | train s | other s "
-        "| iter s | samples/s | tokens/s | gen tok/s |"
+        "| setting | trainer (scoring) | dtype | model, vocabulary (params) | resp len (of N) | gen s | score s | train s "
+        "| other s | iter s | samples/s | tokens/s | gen tok/s |"
         + (" util gen / score / train | peak RSS MiB |" if util else ""),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if util else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if util else ""),
     ]
-    for hidden, layers, dtype, spec, sides in results:
+    for r in results:
         for name in ("ppomax", "trl"):
-            res = sides[name]
-            s = summarise(res["rows"], a.batch, clock)
-            label = "ppomax (ppo_max)" if name == "ppomax" else f"TRL {res['versions']['trl']} PPOTrainer"
+            res = r.sides[name]
+            s = summarise(res["rows"], r.schedule.rollout, clock)
+            label = "ppomax ppo_max" if name == "ppomax" else f"TRL {res['versions']['trl']} PPOTrainer"
             row = (
-                f"| {label} | {dtype} | Llama {hidden}x{layers} ({spec['n_params'] / 1e6:.2f}M) "
-                f"| {s['len']:.1f} ({a.new_tokens}) | {s['gen']:.3f} | {s['score']:.3f} | {s['train']:.3f} "
-                f"| {s['other']:.3f} | {s['iter']:.3f} | {s['samples_s']:.1f} | {s['tok_s']:.0f} "
-                f"| {s['gen_tok_s']:.0f} |"
+                f"| {r.setting} | {label} ({res['scoring']}) | {r.dtype} | {r.model}, vocab {r.spec['shape']['V']} "
+                f"({r.spec['n_params'] / 1e6:.2f}M) | {s['len']:.1f} ({a.new_tokens}) | {s['gen']:.3f} "
+                f"| {s['score']:.3f} | {s['train']:.3f} | {s['other']:.3f} | {s['iter']:.3f} "
+                f"| {s['samples_s']:.1f} | {s['tok_s']:.0f} | {s['gen_tok_s']:.0f} |"
             )
             if util:
-                u = utilisation(needs(spec, s, a.batch), s, bound[dtype])
+                u = utilisation(needs(r, name, s), s, bound[r.dtype])
                 row += f" {u['gen']:.0%} / {u['score']:.0%} / {u['train']:.0%} | {res['peak_rss_mib']:.0f} |"
             lines.append(row)
     return lines
 
 
-def ratios(results: list[Result], a: argparse.Namespace) -> list[str]:
-    """ppomax's samples/s over TRL's (wall clock) per size: at equal precision, and each side at its fastest."""
-    by_size: dict[tuple[int, int], dict[str, dict[str, float]]] = {}
-    for hidden, layers, dtype, _spec, sides in results:
+def ratios(results: list[Result]) -> list[str]:
+    """ppomax's samples/s over TRL's (wall clock) per setting and model: at equal precision, and each side at
+    its fastest."""
+    by_case: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+    for r in results:
         for name in ("ppomax", "trl"):
-            rate = summarise(sides[name]["rows"], a.batch, "wall")["samples_s"]
-            by_size.setdefault((hidden, layers), {}).setdefault(name, {})[dtype] = rate
+            rate = summarise(r.sides[name]["rows"], r.schedule.rollout, "wall")["samples_s"]
+            by_case.setdefault((r.setting, r.model), {}).setdefault(name, {})[r.dtype] = rate
     out = []
-    for (hidden, layers), r in by_size.items():
-        same = ", ".join(f"{d} {r['ppomax'][d] / r['trl'][d]:.2f}x" for d in r["ppomax"] if d in r["trl"])
-        bp, bt = max(r["ppomax"], key=r["ppomax"].get), max(r["trl"], key=r["trl"].get)
+    for (name, model), q in by_case.items():
+        same = ", ".join(f"{d} {q['ppomax'][d] / q['trl'][d]:.2f}x" for d in q["ppomax"] if d in q["trl"])
+        bp, bt = max(q["ppomax"], key=q["ppomax"].get), max(q["trl"], key=q["trl"].get)
         out.append(
-            f"- {hidden}x{layers}: ppomax / TRL samples/s at equal precision: {same}; each at its fastest "
-            f"(ppomax {bp}, TRL {bt}): {r['ppomax'][bp] / r['trl'][bt]:.2f}x"
+            f"- {name}, {model}: ppomax / TRL samples/s at equal precision: {same}; each at its fastest "
+            f"(ppomax {bp}, TRL {bt}): {q['ppomax'][bp] / q['trl'][bt]:.2f}x"
         )
     return out
 
 
-def run_side(side: str, py: Path, spec_path: Path, a: argparse.Namespace, tag: str) -> dict[str, Any]:
+def run_side(
+    side: str, py: Path, spec_path: Path, a: argparse.Namespace, schedule: Schedule, tag: str
+) -> dict[str, Any]:
     """One side in a fresh process (``py``: its venv's interpreter); its JSON result plus ``wall_s``."""
     out = spec_path.with_name(f"result-{tag}.json")
     cmd = [
@@ -554,6 +706,7 @@ def run_side(side: str, py: Path, spec_path: Path, a: argparse.Namespace, tag: s
         str(out),
         *a.passthrough,
         f"--dtype={a.dtype}",
+        f"--schedule={json.dumps(dataclasses.asdict(schedule))}",
     ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=_thread_env(a.threads), cwd=str(REPO), capture_output=True, text=True)
@@ -574,16 +727,55 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
+def schedules(a: argparse.Namespace) -> dict[str, Schedule]:
+    """The ``--setting`` names' schedules with the explicit flags on top, each checked to be one TRL can run
+    (:func:`ppo_schedule.trl_fields`) and whose TRL fields replay to the schedule's optimiser steps."""
+    from ppomax.config import load_config
+
+    ppo = load_config("ppo", preset="ppo_max").ppo
+    flags = {k: getattr(a, k) for k in ("rollout", "minibatch", "epochs", "micro_batch", "gen_batch")}
+    out = {}
+    for name in a.setting.split(","):
+        try:
+            s = setting(name, ppo, **flags)
+            fields = trl_fields(s)
+        except ScheduleError as exc:
+            raise SystemExit(f"--setting {name}: {exc}") from None
+        total = a.warmup + a.iterations
+        replay = trl_steps(fields, total, prompts_needed(s, total))
+        if any(steps != s.steps() for steps in replay):
+            raise SystemExit(
+                f"--setting {name}: TRL's fields {fields} replay to steps {replay}, not {s.steps()}"
+            )
+        out[name] = s
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="256x4,512x5", help="comma-separated HIDDENxLAYERS tiny Llamas")
+    ap.add_argument(
+        "--sizes",
+        default="256x4,512x5",
+        help="comma-separated models: HIDDENxLAYERS tiny Llamas, or smollm2-135m (that real model's shape)",
+    )
     ap.add_argument(
         "--dtypes",
         default="float32,bfloat16",
         help="precisions, each on both sides: float32, or bfloat16 mixed precision (float32 masters, autocast)",
     )
-    ap.add_argument("--vocab", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=32, help="rollouts per iteration = minibatch (one update)")
+    ap.add_argument(
+        "--setting",
+        default=",".join(SETTINGS),
+        help=f"comma-separated update schedules, each run in turn: {', '.join(SETTINGS)}",
+    )
+    ap.add_argument("--rollout", "--batch", type=int, help="rollouts per iteration (overrides the setting's)")
+    ap.add_argument("--minibatch", type=int, help="rollouts per optimiser step (overrides the setting's)")
+    ap.add_argument("--epochs", type=int, help="PPO epochs over each rollout (overrides the setting's)")
+    ap.add_argument("--micro-batch", type=int, help="rows per forward/backward (overrides the setting's)")
+    ap.add_argument(
+        "--gen-batch", type=int, help="rows per generate()/scoring call (overrides the setting's)"
+    )
+    ap.add_argument("--vocab", type=int, help="vocabulary size (default: 512, or the named shape's)")
     ap.add_argument("--new-tokens", type=int, default=64, help="max_new_tokens (both stop at EOS)")
     ap.add_argument("--iterations", type=int, default=4, help="timed iterations per process")
     ap.add_argument("--warmup", type=int, default=2, help="untimed iterations at the start of every process")
@@ -591,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds",
         type=int,
         default=2,
-        help="processes per side and size, alternating which side goes first; rows are pooled",
+        help="processes per side, model, precision and setting, alternating which side goes first; rows pooled",
     )
     ap.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
     ap.add_argument("--seed", type=int, default=0)
@@ -601,9 +793,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)  # a worker's precision
+    ap.add_argument("--schedule", help=argparse.SUPPRESS)  # a worker's schedule (JSON of Schedule's fields)
     a = ap.parse_args(argv)
     a.passthrough = [
-        f"--batch={a.batch}",
         f"--new-tokens={a.new_tokens}",
         f"--iterations={a.iterations}",
         f"--warmup={a.warmup}",
@@ -615,13 +807,15 @@ def main(argv: list[str] | None = None) -> int:
         if a.worker == "ppomax":
             sys.path.insert(0, str(REPO / "src"))
         spec = json.loads(Path(a.spec).read_text())
+        a.schedule = Schedule(**json.loads(a.schedule))
         res = (run_ppomax if a.worker == "ppomax" else run_trl)(spec, a)
         Path(a.out).write_text(json.dumps(res))
         return 0
 
     t_start = time.perf_counter()
-    trl_py = ensure_trl_venv(TRL_VENV, a.reinstall)
     sys.path.insert(0, str(REPO / "src"))
+    plan = schedules(a)  # before anything slow: a schedule TRL cannot run is refused at once
+    trl_py = ensure_trl_venv(TRL_VENV, a.reinstall)
     _pin_threads(a.threads)
     from transformers.utils import logging as hf_logging
 
@@ -629,35 +823,42 @@ def main(argv: list[str] | None = None) -> int:
     bound = bounds(a.threads, dtypes=tuple(a.dtypes.split(",")))  # before the sides, same thread count
     pythons = {"ppomax": Path(sys.executable), "trl": trl_py}
     results: list[Result] = []
+    problems: list[str] = []
+    n_prompts = max(prompts_needed(s, a.warmup + a.iterations) for s in plan.values())
     for size in a.sizes.split(","):
-        hidden, layers = (int(x) for x in size.lower().split("x"))
+        model, shape, vocab = model_spec(size, a.vocab)
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            spec = prepare(root, hidden, layers, a.vocab, a.seed)
+            spec = prepare(root, shape, vocab, a.seed, n_prompts)
             spec["root"] = str(root)
             spec_path = root / "spec.json"
             spec_path.write_text(json.dumps(spec))
-            for dtype in a.dtypes.split(","):
-                a.dtype = dtype
-                sides: dict[str, dict[str, Any]] = {}
-                # alternate who goes first: the other worker's load drifts over time
-                for r in range(a.rounds):
-                    order = ["ppomax", "trl"] if (len(results) + r) % 2 == 0 else ["trl", "ppomax"]
-                    for side in order:
-                        res = run_side(side, pythons[side], spec_path, a, tag=f"{side}-{dtype}-{r}")
-                        merged = sides.setdefault(side, {"rows": [], "wall_s": 0.0, "peak_rss_mib": 0.0})
-                        merged["rows"] += res.pop("rows")[a.warmup :]
-                        merged["wall_s"] += res.pop("wall_s")
-                        merged["peak_rss_mib"] = max(merged["peak_rss_mib"], res.pop("peak_rss_mib"))
-                        merged.update(res)
-                results.append((hidden, layers, dtype, spec, sides))
-                print(
-                    f"done {size} {dtype}: "
-                    + ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in sides.items()),
-                    file=sys.stderr,
-                )
+            for name, schedule in plan.items():
+                for dtype in a.dtypes.split(","):
+                    a.dtype = dtype
+                    sides: dict[str, dict[str, Any]] = {}
+                    # alternate who goes first: the other worker's load drifts over time
+                    for r in range(a.rounds):
+                        order = ["ppomax", "trl"] if (len(results) + r) % 2 == 0 else ["trl", "ppomax"]
+                        for side in order:
+                            tag = f"{side}-{name}-{dtype}-{r}"
+                            res = run_side(side, pythons[side], spec_path, a, schedule, tag)
+                            problems += step_problems(
+                                schedule, f"{side} ({name}, {size}, {dtype})", res["steps"]
+                            )
+                            merged = sides.setdefault(side, {"rows": [], "wall_s": 0.0, "peak_rss_mib": 0.0})
+                            merged["rows"] += res.pop("rows")[a.warmup :]
+                            merged["wall_s"] += res.pop("wall_s")
+                            merged["peak_rss_mib"] = max(merged["peak_rss_mib"], res.pop("peak_rss_mib"))
+                            merged.update(res)
+                    results.append(Result(model, dtype, name, schedule, spec, sides))
+                    print(
+                        f"done {size} {name} {dtype}: "
+                        + ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in sides.items()),
+                        file=sys.stderr,
+                    )
 
-    trl_v, pm_v = results[0][4]["trl"]["versions"], results[0][4]["ppomax"]["versions"]
+    trl_v, pm_v = results[0].sides["trl"]["versions"], results[0].sides["ppomax"]["versions"]
     diff = [f"{k} {pm_v[k]}" for k in ("torch", "transformers", "accelerate") if pm_v[k] != trl_v[k]]
     same = "same versions" if not diff else ", ".join(diff)
     cmd = " ".join(
@@ -668,14 +869,17 @@ def main(argv: list[str] | None = None) -> int:
         f"date {time.strftime('%Y-%m-%d %H:%M %Z')}; total {time.perf_counter() - t_start:.0f} s  \n"
         f"Versions: TRL {trl_v['trl']} (bench/.venv-trl), torch {trl_v['torch']}, transformers "
         f"{trl_v['transformers']}, accelerate {trl_v['accelerate']}; ppomax's venv: {same}  \n"
-        f"Settings: batch {a.batch} (one minibatch, one PPO epoch), max_new_tokens {a.new_tokens}, stop at EOS, "
-        f"temperature {TEMPERATURE}, CPU; {a.rounds} process(es) per side x {a.iterations} timed iterations "
-        f"after {a.warmup} warmup  \n"
+        f"Settings: max_new_tokens {a.new_tokens}, stop at EOS, temperature {TEMPERATURE}, CPU; {a.rounds} "
+        f"process(es) per side x {a.iterations} timed iterations after {a.warmup} warmup  \n"
         f"Bound: dense 2048^3 matmul with {a.threads} thread(s): "
         + ", ".join(f"{d} {bound[d] / 1e9:.1f} GFLOP/s" for d in a.dtypes.split(","))
         + " (bench/hardware.py; utilisation = a phase's needed "
         "model FLOPs / (its wall time x the bound of its precision))"
     )
+    print("\nUpdate schedules (optimiser steps per iteration checked on both sides, policy and critic):\n")
+    for name, schedule in plan.items():
+        fields = ", ".join(f"{k} {v}" for k, v in trl_fields(schedule).items())
+        print(f"- {name}: {schedule.label()}; {len(schedule.steps())} step(s) per iteration; TRL {fields}")
     for clock, title in (
         ("wall", "Wall clock"),
         ("cpu", "CPU time of the process (1 thread: robust to other load)"),
@@ -683,12 +887,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{title}, medians per PPO iteration:\n")
         print("\n".join(table(results, a, clock, bound)))
     print()
-    print("\n".join(ratios(results, a)))
-    for hidden, layers, dtype, _spec, sides in results:
-        t, p = sides["trl"], sides["ppomax"]
-        w, c = summarise(t["rows"], a.batch, "wall"), summarise(t["rows"], a.batch, "cpu")
+    print("\n".join(ratios(results)))
+    for r in results:
+        t, p = r.sides["trl"], r.sides["ppomax"]
+        w, c = (
+            summarise(t["rows"], r.schedule.rollout, "wall"),
+            summarise(t["rows"], r.schedule.rollout, "cpu"),
+        )
         print(
-            f"- {hidden}x{layers} {dtype}: TRL's two gc.collect() per iteration: {w['gc']:.3f} s wall / "
+            f"- {r.setting}, {r.model}, {r.dtype}: TRL's two gc.collect() per iteration: {w['gc']:.3f} s wall / "
             f"{c['gc']:.3f} s CPU (its iteration without them: {w['iter_no_gc']:.3f} s wall / "
             f"{c['iter_no_gc']:.3f} s CPU). TRL reward model vs ppomax value head: max |score diff| "
             f"{t['score_check_max_abs_err']:.1e}. Mixed precision: ppomax {p['mixed_precision']}, TRL "
@@ -701,11 +908,24 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "bound": bound,
                     "results": [
-                        {"hidden": h, "layers": n, "dtype": d, "sides": s} for h, n, d, _, s in results
+                        {
+                            "model": r.model,
+                            "dtype": r.dtype,
+                            "setting": r.setting,
+                            "schedule": dataclasses.asdict(r.schedule),
+                            "sides": r.sides,
+                        }
+                        for r in results
                     ],
                 }
             )
         )
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        print(
+            f"FAILED: the two sides did not take the schedule's optimiser steps ({len(problems)} case(s) above)"
+        )
+        return 1
     return 0
 
 

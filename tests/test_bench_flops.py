@@ -47,3 +47,18 @@ def test_phase_flops_are_forwards_of_the_right_models():
     value = forward_flops(s, 14, ctx, 0)
     assert got == {"gen": lm, "score": lm + value, "train": 3 * (lm + value)}
     assert lm - value == 2 * 8 * 50 * 8  # the LM head on the 8 response tokens only
+
+
+def test_phase_flops_at_a_schedule():
+    s = {"h": 8, "L": 2, "I": 32, "V": 50, "d_kv": 8}
+    fused = phase_flops(s, batch=2, prompt_len=3, response_len=4)
+    got = phase_flops(s, batch=2, prompt_len=3, response_len=4, epochs=3, fused_scoring=False)
+    lm = forward_flops(s, 14, 2 * sum(range(1, 8)), 8)
+    value = forward_flops(s, 14, 2 * sum(range(1, 8)), 0)
+    assert got["gen"] == fused["gen"]
+    # scoring: the reference and the reward model, plus the policy's old log-probs and the critic's values
+    assert got["score"] == 2 * (lm + value)
+    assert got["train"] == 3 * 3 * (lm + value)  # forward + backward of policy and critic, 3 epochs
+    # fused, with the reference run beside the update's first forward: its forward moves to training
+    moved = phase_flops(s, batch=2, prompt_len=3, response_len=4, reference_in_update=True)
+    assert moved == {"gen": lm, "score": value, "train": 3 * (lm + value) + lm}
