@@ -104,6 +104,7 @@ def _fused_and_apart(setup, tmp_path, monkeypatch, *over):
             "ppo.kl.horizon=80",
             "ppo.dual_clip=3",
         ),
+        ("ppo.ptx_coef=0.5", "data.ptx=PTX", "ppo.ptx_batch_size=3", "ppo.critic_pretrain_steps=1"),
     ],
     ids=[
         "ppo_max",
@@ -113,6 +114,7 @@ def _fused_and_apart(setup, tmp_path, monkeypatch, *over):
         "some_nan_scores",
         "adaptive_kl_in_reward",
         "adaptive_kl_in_loss_dual_clip",
+        "ptx_after_critic_pretrain",
     ],
 )
 def test_one_epoch_over_one_minibatch_takes_the_old_logprobs_from_the_update(
@@ -122,7 +124,7 @@ def test_one_epoch_over_one_minibatch_takes_the_old_logprobs_from_the_update(
     (the update's first forward gives them). One rollout batch per buffer: the update's forward runs the same
     ops on the same rows (permuted) as the scoring pass would, so two iterations give bit for bit the metrics and
     weights of the run that scores apart."""
-    over = tuple(o.replace("REF", str(setup.root / "reference")) for o in over)
+    over = tuple(o.replace("REF", str(setup.root / "reference")).replace("PTX", str(setup.ptx)) for o in over)
     (m_fused, p_fused, c_fused), (m_apart, p_apart, c_apart) = _fused_and_apart(
         setup, tmp_path, monkeypatch, "ppo.rollout_batch_size=8", *over
     )
