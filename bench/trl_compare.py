@@ -26,10 +26,15 @@ float32: accelerate's autocast), KL coefficient 0.05 (k1), clip
 0.2, value clip 0.2, gamma 1, lambda 0.95, vf coefficient 1, AdamW (non-fused) with betas (0.9, 0.95). ppomax
 runs the rest of ``ppo_max`` (reward normalisation/clipping, advantage whitening, gradient clipping).
 
+ppomax runs twice (``--scoring``), as its two scoring strategies (``PPOTrainer.scoring``): ``fused``, the one
+it chooses at this setting (one epoch over one minibatch: the update's first forward is the scoring pass,
+trainers/ppo_fused.py), and ``separate``, the default path of every other setting (a scoring pass of the policy,
+reference and critic before the update), forced here for comparison.
+
 Timing, in two clocks (two tables): wall time, and the process's CPU time (one thread: close to the wall time
 on an idle machine and far less disturbed by other processes on a shared one). ppomax: its trainer's
-``generate``, ``score``, ``compute_advantages`` and ``updater.update`` are wrapped (the wall numbers agree with
-``PPOTrainer.iteration``'s own ``time/*`` metrics, kept in the JSON as ``own``). TRL's ``train()`` is one loop,
+``generate`` and its scoring strategy's ``score``, ``advantages`` and ``update`` are wrapped (the wall numbers
+agree with ``PPOTrainer.iteration``'s own ``time/*`` metrics, kept in the JSON as ``own``). TRL's ``train()`` is one loop,
 so the bench wraps two of its module functions: ``batch_generation`` (generation) and ``masked_whiten`` (the last
 call before the updates: generation end -> its return = scoring and advantages); a callback's ``on_step_end``
 closes the iteration (training = the rest, metric logging included). ``other`` is the rest of the iteration
@@ -37,7 +42,7 @@ closes the iteration (training = the rest, metric logging included). ``other`` i
 reducing metrics). TRL also calls ``gc.collect()`` at the end of scoring: the bench times both calls and prints
 their share. ``tokens/s`` counts response tokens up to and including the first EOS per second of the iteration,
 ``gen tok/s`` per second of generation. Medians over the timed iterations after ``--warmup`` in each process;
-``--rounds`` processes per side and size, alternating which side goes first.
+``--rounds`` processes per side and size, rotating which side goes first.
 
 Also per side: its process's peak resident memory (VmHWM), and each phase's utilisation of this machine's measured
 dense matmul FLOP/s at the run's precision (bench/hardware.py, measured first on the same thread count): the
@@ -250,8 +255,9 @@ class Phases:
 
 
 def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
-    """``PPOTrainer.iteration`` with the ppo_max preset and the shared settings, its phases timed in both clocks
-    by wrapping the trainer's ``generate``, ``score``, ``compute_advantages`` and ``updater.update``."""
+    """``PPOTrainer.iteration`` with the ppo_max preset and the shared settings, its scoring strategy forced to
+    ``a.scoring``, its phases timed in both clocks by wrapping the trainer's ``generate`` and its strategy's
+    ``score``, ``advantages`` (scoring) and ``update`` (training)."""
     import accelerate
     import torch
     import transformers
@@ -290,15 +296,17 @@ def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
             "logging.progress=false",
         ],
     )
+    if a.scoring == "separate":  # the strategy every other setting gets (PPOTrainer chooses it when built)
+        ppo_mod.fuses_scoring = lambda ppo: False
     trainer = PPOTrainer(cfg)
+    assert trainer.scoring.name == a.scoring, (trainer.scoring.name, a.scoring)
     clock = Phases()
     trainer.generate = clock.wrap("gen", trainer.generate)  # type: ignore[method-assign]
-    trainer.score = clock.wrap("score", trainer.score)  # type: ignore[method-assign]
-    ppo_mod.compute_advantages = clock.wrap("score", ppo_mod.compute_advantages)  # looked up at call time
-    # one epoch over one minibatch: the update's first forward scores the policy and critic (ppo_step
-    # Updater.fuses_scoring), so those forwards count as training and only the targets as scoring
-    ppo_mod.score_targets = clock.wrap("score", ppo_mod.score_targets)
-    trainer.updater.update = clock.wrap("train", trainer.updater.update)  # type: ignore[method-assign]
+    # fused, the update's first forward scores the policy and the critic: those forwards count as training
+    strategy = trainer.scoring
+    strategy.score = clock.wrap("score", strategy.score)  # type: ignore[method-assign]
+    strategy.advantages = clock.wrap("score", strategy.advantages)  # type: ignore[method-assign]
+    strategy.update = clock.wrap("train", strategy.update)  # type: ignore[method-assign]
     rows = []
     for step in range(1, total + 1):
         t0 = now()
@@ -316,6 +324,7 @@ def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "peak_rss_mib": peak_rss_mib(),
         "threads": torch.get_num_threads(),
+        "scoring": trainer.scoring.name,
         "mixed_precision": trainer.acc.mixed_precision,
         "versions": {
             "ppomax": "src",
@@ -505,10 +514,13 @@ def table(results: list[Result], a: argparse.Namespace, clock: str, bound: dict[
         "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if util else ""),
     ]
     for hidden, layers, dtype, spec, sides in results:
-        for name in ("ppomax", "trl"):
-            res = sides[name]
+        for name, res in sides.items():
             s = summarise(res["rows"], a.batch, clock)
-            label = "ppomax (ppo_max)" if name == "ppomax" else f"TRL {res['versions']['trl']} PPOTrainer"
+            label = (
+                f"TRL {res['versions']['trl']} PPOTrainer"
+                if name == "trl"
+                else f"ppomax (ppo_max, {res['scoring']} scoring)"
+            )
             row = (
                 f"| {label} | {dtype} | Llama {hidden}x{layers} ({spec['n_params'] / 1e6:.2f}M) "
                 f"| {s['len']:.1f} ({a.new_tokens}) | {s['gen']:.3f} | {s['score']:.3f} | {s['train']:.3f} "
@@ -523,31 +535,38 @@ def table(results: list[Result], a: argparse.Namespace, clock: str, bound: dict[
 
 
 def ratios(results: list[Result], a: argparse.Namespace) -> list[str]:
-    """ppomax's samples/s over TRL's (wall clock) per size: at equal precision, and each side at its fastest."""
+    """Each ppomax side's samples/s over TRL's (wall clock) per size: at equal precision, and each side at its
+    fastest."""
     by_size: dict[tuple[int, int], dict[str, dict[str, float]]] = {}
     for hidden, layers, dtype, _spec, sides in results:
-        for name in ("ppomax", "trl"):
-            rate = summarise(sides[name]["rows"], a.batch, "wall")["samples_s"]
+        for name, res in sides.items():
+            rate = summarise(res["rows"], a.batch, "wall")["samples_s"]
             by_size.setdefault((hidden, layers), {}).setdefault(name, {})[dtype] = rate
     out = []
     for (hidden, layers), r in by_size.items():
-        same = ", ".join(f"{d} {r['ppomax'][d] / r['trl'][d]:.2f}x" for d in r["ppomax"] if d in r["trl"])
-        bp, bt = max(r["ppomax"], key=r["ppomax"].get), max(r["trl"], key=r["trl"].get)
-        out.append(
-            f"- {hidden}x{layers}: ppomax / TRL samples/s at equal precision: {same}; each at its fastest "
-            f"(ppomax {bp}, TRL {bt}): {r['ppomax'][bp] / r['trl'][bt]:.2f}x"
-        )
+        t = r["trl"]
+        for name in (n for n in r if n != "trl"):
+            p = r[name]
+            same = ", ".join(f"{d} {p[d] / t[d]:.2f}x" for d in p if d in t)
+            bp, bt = max(p, key=p.get), max(t, key=t.get)
+            out.append(
+                f"- {hidden}x{layers}: {name} / TRL samples/s at equal precision: {same}; each at its fastest "
+                f"({name} {bp}, TRL {bt}): {p[bp] / t[bt]:.2f}x"
+            )
     return out
 
 
 def run_side(side: str, py: Path, spec_path: Path, a: argparse.Namespace, tag: str) -> dict[str, Any]:
-    """One side in a fresh process (``py``: its venv's interpreter); its JSON result plus ``wall_s``."""
+    """One side (``trl``, or ``ppomax-<scoring>``) in a fresh process (``py``: its venv's interpreter); its JSON
+    result plus ``wall_s``."""
     out = spec_path.with_name(f"result-{tag}.json")
+    worker, _, scoring = side.partition("-")
     cmd = [
         str(py),
         str(Path(__file__).resolve()),
         "--worker",
-        side,
+        worker,
+        *([f"--scoring={scoring}"] if scoring else []),
         "--spec",
         str(spec_path),
         "--out",
@@ -591,9 +610,14 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds",
         type=int,
         default=2,
-        help="processes per side and size, alternating which side goes first; rows are pooled",
+        help="processes per side and size, rotating which side goes first; rows are pooled",
     )
     ap.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
+    ap.add_argument(
+        "--scoring",
+        default="fused,separate",
+        help="ppomax's scoring strategies, each its own side: fused (chosen at this setting), separate (forced)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reinstall", action="store_true", help="rebuild bench/.venv-trl")
     ap.add_argument("--json", action="store_true", help="also print every per-iteration number as JSON")
@@ -602,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)  # a worker's precision
     a = ap.parse_args(argv)
+    if not a.worker and not set(a.scoring.split(",")) <= {"fused", "separate"}:
+        ap.error(f"--scoring: fused and/or separate, comma-separated, not {a.scoring!r}")
     a.passthrough = [
         f"--batch={a.batch}",
         f"--new-tokens={a.new_tokens}",
@@ -628,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     bound = bounds(a.threads, dtypes=tuple(a.dtypes.split(",")))  # before the sides, same thread count
     pythons = {"ppomax": Path(sys.executable), "trl": trl_py}
+    side_names = [*(f"ppomax-{s}" for s in a.scoring.split(",")), "trl"]
     results: list[Result] = []
     for size in a.sizes.split(","):
         hidden, layers = (int(x) for x in size.lower().split("x"))
@@ -640,11 +667,12 @@ def main(argv: list[str] | None = None) -> int:
             for dtype in a.dtypes.split(","):
                 a.dtype = dtype
                 sides: dict[str, dict[str, Any]] = {}
-                # alternate who goes first: the other worker's load drifts over time
+                # rotate who goes first: the other workers' load drifts over time
                 for r in range(a.rounds):
-                    order = ["ppomax", "trl"] if (len(results) + r) % 2 == 0 else ["trl", "ppomax"]
-                    for side in order:
-                        res = run_side(side, pythons[side], spec_path, a, tag=f"{side}-{dtype}-{r}")
+                    turn = (len(results) + r) % len(side_names)
+                    for side in side_names[turn:] + side_names[:turn]:
+                        py = pythons[side.partition("-")[0]]
+                        res = run_side(side, py, spec_path, a, tag=f"{side}-{dtype}-{r}")
                         merged = sides.setdefault(side, {"rows": [], "wall_s": 0.0, "peak_rss_mib": 0.0})
                         merged["rows"] += res.pop("rows")[a.warmup :]
                         merged["wall_s"] += res.pop("wall_s")
@@ -657,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
 
-    trl_v, pm_v = results[0][4]["trl"]["versions"], results[0][4]["ppomax"]["versions"]
+    trl_v, pm_v = results[0][4]["trl"]["versions"], results[0][4][side_names[0]]["versions"]
     diff = [f"{k} {pm_v[k]}" for k in ("torch", "transformers", "accelerate") if pm_v[k] != trl_v[k]]
     same = "same versions" if not diff else ", ".join(diff)
     cmd = " ".join(
@@ -685,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("\n".join(ratios(results, a)))
     for hidden, layers, dtype, _spec, sides in results:
-        t, p = sides["trl"], sides["ppomax"]
+        t, p = sides["trl"], sides[side_names[0]]
         w, c = summarise(t["rows"], a.batch, "wall"), summarise(t["rows"], a.batch, "cpu")
         print(
             f"- {hidden}x{layers} {dtype}: TRL's two gc.collect() per iteration: {w['gc']:.3f} s wall / "
