@@ -11,7 +11,10 @@ iterations are not timed.
     python bench/ppo_iteration.py --hidden 256 --layers 4 --batch 64 --new-tokens 128 --device cuda
 
 Rows: one per run; ``tokens/s`` counts generated response tokens per second of the whole iteration, ``gen tok/s``
-per second of generation only.
+per second of generation only; ``scoring`` is the trainer's scoring strategy: ``fused`` at the default setting
+here (one epoch over one minibatch: the policy's and the critic's scoring forwards are the update's first, so they
+count as training), ``separate`` with ``--scoring separate`` (forced) or any setting with several minibatches or
+epochs.
 """
 
 from __future__ import annotations
@@ -32,11 +35,10 @@ from _tiny import build, one_update_overrides  # bench/ is on sys.path when run 
 
 def profiled_iteration(trainer: Any, step: int, top: int) -> dict[str, float]:
     """``trainer.iteration(step)`` under torch.profiler; prints the ``top`` ops by self CPU time, with a
-    ``phase::*`` row per phase (generation, scoring, training: the trainer's methods wrapped in record_function)
+    ``phase::*`` row per phase (generation, scoring, training: the trainer's ``generate`` and its scoring
+    strategy's methods wrapped in record_function)
     whose CPU total is that phase's, then each phase's own breakdown (:func:`phase_breakdown`)."""
     from torch.profiler import ProfilerActivity, profile, record_function
-
-    import ppomax.trainers.ppo as ppo_mod
 
     def labelled(name: str, fn: Any) -> Any:
         def run(*a: Any, **kw: Any) -> Any:
@@ -45,16 +47,17 @@ def profiled_iteration(trainer: Any, step: int, top: int) -> dict[str, float]:
 
         return run
 
-    saved = trainer.generate, trainer.score, trainer.updater.update, ppo_mod.score_targets
+    s = trainer.scoring
+    saved = trainer.generate, s.score, s.advantages, s.update
     trainer.generate = labelled("generation", trainer.generate)
-    trainer.score = labelled("scoring", trainer.score)
-    ppo_mod.score_targets = labelled("scoring_targets", ppo_mod.score_targets)
-    trainer.updater.update = labelled("training", trainer.updater.update)
+    s.score = labelled("scoring", s.score)
+    s.advantages = labelled("scoring_advantages", s.advantages)
+    s.update = labelled("training", s.update)
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             m = trainer.iteration(step)
     finally:
-        trainer.generate, trainer.score, trainer.updater.update, ppo_mod.score_targets = saved
+        trainer.generate, s.score, s.advantages, s.update = saved
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)
     print(
         f"profile of iteration {step} (self CPU time; phase::* rows are the phases' totals)", file=sys.stderr
@@ -66,7 +69,7 @@ def profiled_iteration(trainer: Any, step: int, top: int) -> dict[str, float]:
 
 def phase_breakdown(events: Any, share: float) -> str:
     """Self CPU time per phase and, within each, every op taking at least ``share`` of it: an op belongs to the
-    innermost ``phase::*`` record_function above it (scoring_targets counts as scoring)."""
+    innermost ``phase::*`` record_function above it (scoring_advantages counts as scoring)."""
     import collections
 
     per_op: dict[tuple[str, str], float] = collections.defaultdict(float)
@@ -76,7 +79,7 @@ def phase_breakdown(events: Any, share: float) -> str:
         parent, phase = e, "other"
         while parent is not None:
             if parent.name.startswith("phase::"):
-                phase = parent.name.removeprefix("phase::").removesuffix("_targets")
+                phase = parent.name.removeprefix("phase::").removesuffix("_advantages")
                 break
             parent = parent.cpu_parent
         per_op[phase, e.name] += e.self_cpu_time_total / 1e6
@@ -105,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (sets ACCELERATE_USE_CPU for cpu)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument(
+        "--scoring",
+        choices=["chosen", "separate"],
+        default="chosen",
+        help="chosen: the scoring strategy the trainer picks (fused at one epoch over one minibatch, as by "
+        "default here); separate: a scoring pass before the update, forced (the path of every other setting)",
+    )
     ap.add_argument("--header", action="store_true", help="print the table header too")
     ap.add_argument("--json", action="store_true", help="also print the raw numbers as JSON")
     ap.add_argument(
@@ -128,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from transformers.utils import logging as hf_logging
 
+    import ppomax.trainers.ppo as ppo_mod
     from ppomax.config import load_config
     from ppomax.trainers.ppo import PPOTrainer
 
@@ -141,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(
             "ppo", preset="ppo_max", overrides=[*overrides, f"model.dtype={args.dtype}", *args.set]
         )
+        if args.scoring == "separate":  # PPOTrainer chooses its strategy when built
+            ppo_mod.fuses_scoring = lambda ppo: False
         trainer = PPOTrainer(cfg)
+        scoring = trainer.scoring.name
         rows = []
         last = args.warmup + args.iterations
         for step in range(1, last + 1):
@@ -162,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads() if args.device == "cpu" else "-"
     header = (
         "| model | params | layers | hidden | vocab | device | threads | batch | new tokens (mean len) | "
-        "gen s | score s | train s | iter s | samples/s | tokens/s | gen tok/s |"
+        "gen s | score s | train s | iter s | samples/s | tokens/s | gen tok/s | scoring |"
     )
     if args.header:
         print(header)
@@ -171,13 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         f"| tiny Llama | {n_params / 1e6:.2f}M | {args.layers} | {args.hidden} | {args.vocab} | {device} | {threads} "
         f"| {b} | {args.new_tokens} ({length:.0f}) | {med('time/generation'):.3f} | {med('time/scoring'):.3f} "
         f"| {med('time/training'):.3f} | {med('time/iteration'):.3f} | {med('perf/samples_per_s'):.1f} "
-        f"| {med('perf/tokens_per_s'):.0f} | {med('perf/generation_tokens_per_s'):.0f} |"
+        f"| {med('perf/tokens_per_s'):.0f} | {med('perf/generation_tokens_per_s'):.0f} | {scoring} |"
     )
     if args.json:
         print(
             json.dumps(
                 {
                     "params": n_params,
+                    "scoring": scoring,
                     "args": vars(args),
                     "median": {k: med(k) for k in rows[0] if k.startswith(("time/", "perf/"))},
                     "max": {k: max(r[k] for r in rows) for k in rows[0] if "mismatch" in k},

@@ -58,7 +58,12 @@ closes the iteration (training = the rest, metric logging included). ``other`` i
 reducing metrics). TRL also calls ``gc.collect()`` at the end of scoring: the bench times both calls and prints
 their share. ``tokens/s`` counts response tokens up to and including the first EOS per second of the iteration,
 ``gen tok/s`` per second of generation. Medians over the timed iterations after ``--warmup`` in each process;
-``--rounds`` processes per side, size, precision and setting, alternating which side goes first.
+``--rounds`` processes per side, size, precision and setting, rotating which side goes first.
+
+Where ppomax fuses its scoring (one epoch over one minibatch that is the whole rollout, trainers/ppo_fused.py:
+the update's first forward is the scoring pass), a third side ``ppomax-separate`` runs ppomax with the separate
+scoring forced (a scoring pass of the policy, reference and critic before the update: the path of every other
+schedule), so that the default path's number stands next to the fused one's (``--no-separate`` skips it).
 
 Also per side: its process's peak resident memory (VmHWM), and each phase's utilisation of this machine's measured
 dense matmul FLOP/s at the run's precision (bench/hardware.py, measured first on the same thread count): the
@@ -339,16 +344,22 @@ class StepCounter:
         return out
 
 
-def scoring_strategy(trainer: Any) -> str:
-    """How ppomax scores this schedule: "fused" (the update's first forward gives the old log-probs and values)
-    or "separate" (a scoring pass of the policy and the critic before the updates)."""
-    return "fused" if trainer.updater.fuses_scoring() else "separate"
+def fuses(schedule: Schedule) -> bool:
+    """Whether ppomax chooses its fused scoring at this schedule (trainers/ppo_fused.py's ``fuses_scoring``): one
+    epoch over one minibatch that is the whole rollout, in one micro-batch. There the bench also runs ppomax with
+    the separate scoring forced (side ``ppomax-separate``): the default path's number next to the fused one's."""
+    return (
+        schedule.epochs == 1
+        and schedule.minibatch >= schedule.rollout
+        and schedule.micro_batch >= schedule.minibatch
+    )
 
 
 def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
-    """``PPOTrainer.iteration`` with the ppo_max preset, the schedule and the shared settings, its phases timed
-    in both clocks by wrapping the trainer's ``generate``, ``score``, ``compute_advantages`` and
-    ``updater.update``, its optimiser steps counted (:class:`StepCounter`)."""
+    """``PPOTrainer.iteration`` with the ppo_max preset, the schedule and the shared settings (its scoring strategy
+    forced to the separate one with ``a.scoring == "separate"``), its phases timed in both clocks by wrapping the
+    trainer's ``generate`` and its strategy's ``score``, ``advantages`` (scoring) and ``update`` (training), its
+    optimiser steps counted (:class:`StepCounter`)."""
     import accelerate
     import torch
     import transformers
@@ -384,15 +395,16 @@ def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
             "logging.progress=false",
         ],
     )
+    if a.scoring == "separate":  # the strategy every other schedule gets (PPOTrainer chooses it when built)
+        ppo_mod.fuses_scoring = lambda ppo: False
     trainer = PPOTrainer(cfg)
     clock = Phases()
     trainer.generate = clock.wrap("gen", trainer.generate)  # type: ignore[method-assign]
-    trainer.score = clock.wrap("score", trainer.score)  # type: ignore[method-assign]
-    ppo_mod.compute_advantages = clock.wrap("score", ppo_mod.compute_advantages)  # looked up at call time
-    # fused scoring (one epoch over one minibatch): the update's first forward scores the policy and critic,
-    # so those forwards count as training and only the targets as scoring
-    ppo_mod.score_targets = clock.wrap("score", ppo_mod.score_targets)
-    trainer.updater.update = clock.wrap("train", trainer.updater.update)  # type: ignore[method-assign]
+    # fused, the update's first forward scores the policy and the critic: those forwards count as training
+    strategy = trainer.scoring
+    strategy.score = clock.wrap("score", strategy.score)  # type: ignore[method-assign]
+    strategy.advantages = clock.wrap("score", strategy.advantages)  # type: ignore[method-assign]
+    strategy.update = clock.wrap("train", strategy.update)  # type: ignore[method-assign]
     counter = StepCounter()
     unwrap = trainer.acc.unwrap_model
     counter.model("policy", unwrap(trainer.updater.policy.model))
@@ -417,7 +429,7 @@ def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
     return {
         "rows": rows,
         "steps": steps,
-        "scoring": scoring_strategy(trainer),
+        "scoring": trainer.scoring.name,
         "peak_rss_mib": peak_rss_mib(),
         "threads": torch.get_num_threads(),
         "mixed_precision": trainer.acc.mixed_precision,
@@ -631,7 +643,7 @@ def needs(r: Result, side: str, s: dict[str, float]) -> dict[str, float]:
     """The model FLOPs each phase of one iteration needs (bench/hardware.py) at the side's median length: the
     schedule's epochs, and the policy's and critic's scoring forwards unless ppomax's update gave them (then
     ppomax runs the reference in its update too: that forward is its training's need, TRL's scoring's)."""
-    fused = r.sides["ppomax"]["scoring"] == "fused"
+    fused = r.sides[side].get("scoring") == "fused"
     return phase_flops(
         r.spec["shape"],
         r.schedule.rollout,
@@ -639,7 +651,7 @@ def needs(r: Result, side: str, s: dict[str, float]) -> dict[str, float]:
         s["len"],
         r.schedule.epochs,
         fused_scoring=fused,
-        reference_in_update=fused and side == "ppomax",
+        reference_in_update=fused,
     )
 
 
@@ -654,12 +666,13 @@ def table(results: list[Result], a: argparse.Namespace, clock: str, bound: dict[
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if util else ""),
     ]
     for r in results:
-        for name in ("ppomax", "trl"):
-            res = r.sides[name]
+        for name, res in r.sides.items():
             s = summarise(res["rows"], r.schedule.rollout, clock)
-            label = "ppomax ppo_max" if name == "ppomax" else f"TRL {res['versions']['trl']} PPOTrainer"
+            label = (
+                "ppomax ppo_max" if name.startswith("ppomax") else f"TRL {res['versions']['trl']} PPOTrainer"
+            )
             row = (
-                f"| {r.setting} | {label} ({res['scoring']}) | {r.dtype} | {r.model}, vocab {r.spec['shape']['V']} "
+                f"| {r.setting} | {label} ({res['scoring']}{', forced' if name == 'ppomax-separate' else ''}) | {r.dtype} | {r.model}, vocab {r.spec['shape']['V']} "
                 f"({r.spec['n_params'] / 1e6:.2f}M) | {s['len']:.1f} ({a.new_tokens}) | {s['gen']:.3f} "
                 f"| {s['score']:.3f} | {s['train']:.3f} | {s['other']:.3f} | {s['iter']:.3f} "
                 f"| {s['samples_s']:.1f} | {s['tok_s']:.0f} | {s['gen_tok_s']:.0f} |"
@@ -672,34 +685,40 @@ def table(results: list[Result], a: argparse.Namespace, clock: str, bound: dict[
 
 
 def ratios(results: list[Result]) -> list[str]:
-    """ppomax's samples/s over TRL's (wall clock) per setting and model: at equal precision, and each side at
-    its fastest."""
+    """Each ppomax side's samples/s over TRL's (wall clock) per setting and model: at equal precision, and each
+    side at its fastest."""
     by_case: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
     for r in results:
-        for name in ("ppomax", "trl"):
-            rate = summarise(r.sides[name]["rows"], r.schedule.rollout, "wall")["samples_s"]
+        for name, res in r.sides.items():
+            rate = summarise(res["rows"], r.schedule.rollout, "wall")["samples_s"]
             by_case.setdefault((r.setting, r.model), {}).setdefault(name, {})[r.dtype] = rate
     out = []
-    for (name, model), q in by_case.items():
-        same = ", ".join(f"{d} {q['ppomax'][d] / q['trl'][d]:.2f}x" for d in q["ppomax"] if d in q["trl"])
-        bp, bt = max(q["ppomax"], key=q["ppomax"].get), max(q["trl"], key=q["trl"].get)
-        out.append(
-            f"- {name}, {model}: ppomax / TRL samples/s at equal precision: {same}; each at its fastest "
-            f"(ppomax {bp}, TRL {bt}): {q['ppomax'][bp] / q['trl'][bt]:.2f}x"
-        )
+    for (setting_name, model), q in by_case.items():
+        t = q["trl"]
+        for side in (n for n in q if n != "trl"):
+            pm = q[side]
+            same = ", ".join(f"{d} {pm[d] / t[d]:.2f}x" for d in pm if d in t)
+            bp, bt = max(pm, key=pm.get), max(t, key=t.get)  # type: ignore[arg-type]
+            out.append(
+                f"- {setting_name}, {model}: {side} / TRL samples/s at equal precision: {same}; each at its "
+                f"fastest ({side} {bp}, TRL {bt}): {pm[bp] / t[bt]:.2f}x"
+            )
     return out
 
 
 def run_side(
     side: str, py: Path, spec_path: Path, a: argparse.Namespace, schedule: Schedule, tag: str
 ) -> dict[str, Any]:
-    """One side in a fresh process (``py``: its venv's interpreter); its JSON result plus ``wall_s``."""
+    """One side (``ppomax``, ``ppomax-separate`` or ``trl``) in a fresh process (``py``: its venv's
+    interpreter); its JSON result plus ``wall_s``."""
     out = spec_path.with_name(f"result-{tag}.json")
+    worker, _, scoring = side.partition("-")
     cmd = [
         str(py),
         str(Path(__file__).resolve()),
         "--worker",
-        side,
+        worker,
+        *([f"--scoring={scoring}"] if scoring else []),
         "--spec",
         str(spec_path),
         "--out",
@@ -783,13 +802,21 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds",
         type=int,
         default=2,
-        help="processes per side, model, precision and setting, alternating which side goes first; rows pooled",
+        help="processes per side, model, precision and setting, rotating which side goes first; rows pooled",
     )
     ap.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reinstall", action="store_true", help="rebuild bench/.venv-trl")
     ap.add_argument("--json", action="store_true", help="also print every per-iteration number as JSON")
+    ap.add_argument(
+        "--no-separate",
+        action="store_true",
+        help="where ppomax fuses its scoring (one epoch over one minibatch), do not also run its separate scoring",
+    )
     ap.add_argument("--worker", choices=["ppomax", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--scoring", default="chosen", help=argparse.SUPPRESS
+    )  # a ppomax worker's: chosen, separate
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)  # a worker's precision
@@ -837,12 +864,16 @@ def main(argv: list[str] | None = None) -> int:
                 for dtype in a.dtypes.split(","):
                     a.dtype = dtype
                     sides: dict[str, dict[str, Any]] = {}
-                    # alternate who goes first: the other worker's load drifts over time
+                    names = ["ppomax", "trl"] + (
+                        ["ppomax-separate"] if fuses(schedule) and not a.no_separate else []
+                    )
+                    # rotate who goes first: the other workers' load drifts over time
                     for r in range(a.rounds):
-                        order = ["ppomax", "trl"] if (len(results) + r) % 2 == 0 else ["trl", "ppomax"]
-                        for side in order:
+                        turn = (len(results) + r) % len(names)
+                        for side in names[turn:] + names[:turn]:
                             tag = f"{side}-{name}-{dtype}-{r}"
-                            res = run_side(side, pythons[side], spec_path, a, schedule, tag)
+                            py = pythons[side.partition("-")[0]]
+                            res = run_side(side, py, spec_path, a, schedule, tag)
                             problems += step_problems(
                                 schedule, f"{side} ({name}, {size}, {dtype})", res["steps"]
                             )

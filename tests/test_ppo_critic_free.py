@@ -15,6 +15,7 @@ from ppo_helpers import config, make_setup, reward_fn
 from ppomax.config import GenerationConfig, load_config
 from ppomax.errors import ConfigError
 from ppomax.monitor import read_metrics
+from ppomax.trainers import ppo
 from ppomax.trainers.ppo import PPOTrainer, train_ppo
 from ppomax.trainers.ppo_step import Updater
 
@@ -123,7 +124,7 @@ def test_each_estimator_trains_two_iterations_without_any_critic(setup, tmp_path
     tr = PPOTrainer(cfg)
     assert tr.critic is None and tr.models.critic is None and tr.updater.critic is None
     assert tr.rollouts.critic is None and len(tr.acc._models) == 1 and len(tr.acc._optimizers) == 1
-    assert tr.updater.fuses_scoring() == (preset in ("rloo", "reinforce_pp_baseline"))
+    assert tr.scoring.name == ("fused" if preset in ("rloo", "reinforce_pp_baseline") else "separate")
     policy0 = flat(tr.policy)
     out = tr.train().out_dir
     assert not torch.equal(policy0, flat(tr.policy))  # the policy trained
@@ -168,9 +169,9 @@ def test_groups_stay_together_in_buffer_and_minibatches(setup, tmp_path, monkeyp
         generated.append(list(indices))
         return orig_generate(indices, prompts, greedy=greedy)
 
-    def minibatch(self, mb, critic_only, fill=None, *, kl_coef):
+    def minibatch(self, mb, critic_only, *, kl_coef):
         minibatches.append(list(mb.prompts))
-        return orig_minibatch(self, mb, critic_only, fill, kl_coef=kl_coef)
+        return orig_minibatch(self, mb, critic_only, kl_coef=kl_coef)
 
     monkeypatch.setattr(tr, "generate", generate)
     monkeypatch.setattr(Updater, "_minibatch", minibatch)
@@ -294,14 +295,14 @@ def test_critic_free_estimators_raise_the_reward(setup, tmp_path, preset):
 )
 def test_fused_scoring_gives_the_advantages_of_the_scoring_pass(setup, tmp_path, monkeypatch, preset, extra):
     """One epoch over one minibatch: the group (or global-batch) advantages computed inside the update's forward
-    (Updater.fuses_scoring, on the shuffled buffer) are those computed after a separate scoring pass. GRPO's
+    (ppo_fused.FusedScoring, on the shuffled buffer) are those computed after a separate scoring pass. GRPO's
     groups are row sums and group means in group order: bit for bit; REINFORCE++ whitens over the shuffled
     tokens: equal up to the summation order."""
     runs = []
     for fused in (True, False):
         with monkeypatch.context() as mp:
             if not fused:
-                mp.setattr(Updater, "fuses_scoring", lambda self: False)
+                mp.setattr(ppo, "fuses_scoring", lambda p: False)
             cfg = config(
                 setup,
                 reward_fn("ppo_helpers:target_tokens"),
@@ -312,7 +313,7 @@ def test_fused_scoring_gives_the_advantages_of_the_scoring_pass(setup, tmp_path,
                 out=str(tmp_path / str(fused)),
             )
             tr = PPOTrainer(cfg)
-            assert tr.updater.fuses_scoring() == fused
+            assert tr.scoring.name == ("fused" if fused else "separate")
             metrics = [tr.iteration(step) for step in (1, 2)]
             runs.append(
                 (

@@ -8,7 +8,7 @@ import torch
 
 from ppo_helpers import config, make_setup, reward_fn
 from ppomax.errors import UserError
-from ppomax.trainers import ppo_step
+from ppomax.trainers import ppo, ppo_step
 from ppomax.trainers.ppo import PPOTrainer
 
 TARGET = reward_fn("ppo_helpers:target_tokens")
@@ -73,10 +73,10 @@ def _fused_and_apart(setup, tmp_path, monkeypatch, *over):
     for fused in (True, False):
         with monkeypatch.context() as mp:
             if not fused:
-                mp.setattr(ppo_step.Updater, "fuses_scoring", lambda self: False)
+                mp.setattr(ppo, "fuses_scoring", lambda p: False)
             count = CountForwards(mp)
             tr = make(setup, tmp_path / str(fused), *over)
-            assert tr.updater.fuses_scoring() == fused
+            assert tr.scoring.name == ("fused" if fused else "separate")
             metrics = [_metrics(tr.iteration(step)) for step in (1, 2)]
             p = tr.cfg.ppo
             batches, pretrain = p.buffer_size // p.rollout_batch_size, p.critic_pretrain_steps
@@ -104,6 +104,7 @@ def _fused_and_apart(setup, tmp_path, monkeypatch, *over):
             "ppo.kl.horizon=80",
             "ppo.dual_clip=3",
         ),
+        ("ppo.ptx_coef=0.5", "data.ptx=PTX", "ppo.ptx_batch_size=3", "ppo.critic_pretrain_steps=1"),
     ],
     ids=[
         "ppo_max",
@@ -113,6 +114,7 @@ def _fused_and_apart(setup, tmp_path, monkeypatch, *over):
         "some_nan_scores",
         "adaptive_kl_in_reward",
         "adaptive_kl_in_loss_dual_clip",
+        "ptx_after_critic_pretrain",
     ],
 )
 def test_one_epoch_over_one_minibatch_takes_the_old_logprobs_from_the_update(
@@ -122,7 +124,7 @@ def test_one_epoch_over_one_minibatch_takes_the_old_logprobs_from_the_update(
     (the update's first forward gives them). One rollout batch per buffer: the update's forward runs the same
     ops on the same rows (permuted) as the scoring pass would, so two iterations give bit for bit the metrics and
     weights of the run that scores apart."""
-    over = tuple(o.replace("REF", str(setup.root / "reference")) for o in over)
+    over = tuple(o.replace("REF", str(setup.root / "reference")).replace("PTX", str(setup.ptx)) for o in over)
     (m_fused, p_fused, c_fused), (m_apart, p_apart, c_apart) = _fused_and_apart(
         setup, tmp_path, monkeypatch, "ppo.rollout_batch_size=8", *over
     )
@@ -154,8 +156,8 @@ def test_no_fusion_where_the_update_cannot_give_the_old_logprobs(setup, tmp_path
     """Two epochs, two minibatches or two micro-batches: the old log-probs must exist before the first step, or
     before the first micro-batch's loss (the minibatch's advantages are whitened together)."""
     for over in ("ppo.ppo_epochs=2", "ppo.minibatch_size=4", "ppo.micro_batch_size=4"):
-        assert not make(setup, tmp_path / over, over).updater.fuses_scoring()
-    assert make(setup, tmp_path / "one", "ppo.micro_batch_size=8").updater.fuses_scoring()
+        assert make(setup, tmp_path / over, over).scoring.name == "separate"
+    assert make(setup, tmp_path / "one", "ppo.micro_batch_size=8").scoring.name == "fused"
 
 
 def test_a_fused_buffer_without_a_finite_score_still_gets_its_logprobs_and_values(setup, tmp_path):
@@ -169,7 +171,7 @@ def test_a_fused_buffer_without_a_finite_score_still_gets_its_logprobs_and_value
             out=str(tmp_path / "run"),
         )
     )
-    assert tr.updater.fuses_scoring()
+    assert tr.scoring.name == "fused"
     m = tr.iteration(1)
     assert m["nonfinite/skipped"] == 1
     for key in ("kl/per_token", "policy/entropy", "critic/value_mean"):
@@ -217,7 +219,7 @@ def test_scoring_micro_batches_drop_the_columns_that_are_padding_in_all_their_ro
         lambda fwd, model, seqs, *a: (widths.append(seqs.shape[1]), real(fwd, model, seqs, *a))[1],
     )
     exp = tr.generate(rows, tr.data.prompts)
-    tr.score(exp)
+    tr.rollouts.score(exp)
     full = exp.sequences.shape[1]
     short = int(exp.prompt_lens[:4].max()) + int(exp.response_lens[:4].max())
     assert short < full - 20 and widths == [short, short, full, full]  # policy and reference per chunk
@@ -274,7 +276,7 @@ def test_no_forward_computes_logits_nobody_reads(setup, tmp_path, fused):
         f"data.valid_prompts={setup.valid}",
         *over,
     )
-    assert tr.updater.fuses_scoring() == fused
+    assert tr.scoring.name == ("fused" if fused else "separate")
     seen: dict[str, list[int]] = {}
     heads = {
         "policy": tr.unwrapped(tr.policy).get_output_embeddings(),
@@ -287,13 +289,14 @@ def test_no_forward_computes_logits_nobody_reads(setup, tmp_path, fused):
             lambda _m, inputs, _o, name=name: seen.setdefault(name, []).append(inputs[0].shape[1])
         )
     widths: list[int] = []
-    real = tr.score
+    real = tr.generate
 
-    def score(exp, **kw):
+    def generate(*args, **kw):
+        exp = real(*args, **kw)
         widths.append(exp.response_width)
-        return real(exp, **kw)
+        return exp
 
-    tr.score = score
+    tr.generate = generate
     tr.iteration(1)
     tr.evaluate(1)
     assert "critic" not in seen and "reward" not in seen
@@ -311,7 +314,7 @@ def test_unfused_updates_free_one_models_graph_before_the_other_models_forward(s
     comes right after its own forward, so the policy's and the critic's activations never coexist (on a 135M
     Llama they are each ~2.5x the model's weights). Two minibatches of two micro-batches each."""
     tr = make(setup, tmp_path, "ppo.minibatch_size=4", "ppo.micro_batch_size=2")
-    assert not tr.updater.fuses_scoring()
+    assert tr.scoring.name == "separate"
     events: list[str] = []
     names = {id(tr.policy): "policy", id(tr.critic): "critic"}
     logits, values, backward = (
@@ -357,10 +360,10 @@ def test_logprobs_from_generate_are_the_recomputed_ones_without_the_policy_forwa
     count = CountForwards(monkeypatch)
     exp = tr.generate(list(range(8)), tr.data.prompts)
     assert exp.logprobs is not None
-    tr.score(exp)
+    tr.rollouts.score(exp)
     assert count.of(tr.unwrapped(tr.policy)) == 0 and count.of(tr.models.reference) == 1
     again = generated_only(exp)
-    tr.score(again)
+    tr.rollouts.score(again)
     mask = exp.response_mask
     for name in ("logprobs", "raw_logprobs", "entropy"):
         torch.testing.assert_close(getattr(exp, name)[mask], getattr(again, name)[mask], atol=1e-5, rtol=1e-5)
@@ -375,7 +378,7 @@ def test_logprobs_from_generate_logs_its_mismatch_with_the_recompute(setup, tmp_
     minibatch's response tokens): free, before any step; under 1e-5 on these fp32 models. Not logged by
     default (sampling: the old log-probs are the recompute)."""
     tr = make(setup, tmp_path, "generation.logprobs_from=generate", f"ppo.minibatch_size={minibatch}")
-    assert tr.updater.fuses_scoring() == (minibatch == 8)
+    assert tr.scoring.name == ("fused" if minibatch == 8 else "separate")
     m = tr.iteration(1)
     assert 0 <= m["policy/logprob_mismatch_mean"] <= m["policy/logprob_mismatch_max"] < 1e-5
     if minibatch == 8:  # one minibatch: no step before it, its ratio is the mismatch's exp

@@ -55,7 +55,7 @@ def test_scoring_pass_matches_unpadded_forward_passes(setup, tmp_path, mode):
         "generation.temperature=0.7",
     )
     exp = tr.generate([0, 1, 2, 3], tr.data.prompts)
-    tr.score(exp)
+    tr.rollouts.score(exp)
     temp = 0.7 if mode == "sampling" else 1.0
     policy, ref, critic = tr.unwrapped(tr.policy), tr.models.reference, tr.unwrapped(tr.critic)
     for i in range(exp.batch_size):
@@ -85,7 +85,7 @@ def test_scoring_pass_matches_unpadded_forward_passes(setup, tmp_path, mode):
 def test_reward_sources_are_weighted_in_the_trainer(setup, tmp_path):
     tr = make(setup, tmp_path, "reward.model_weight=0.5")
     exp = tr.generate([0, 1, 2, 3], tr.data.prompts)
-    tr.score(exp)
+    tr.rollouts.score(exp)
     parts = exp.score_parts
     assert set(parts) == {"rm", "target_tokens"}
     torch.testing.assert_close(exp.scores, 0.5 * parts["rm"] + parts["target_tokens"])
@@ -466,7 +466,7 @@ def test_global_gradient_clipping(setup, tmp_path, max_norm):
 def test_scoring_in_micro_batches_gives_the_same_experience(setup, tmp_path):
     tr = make(setup, tmp_path, "ppo.micro_batch_size=3")
     exp = tr.generate([0, 1, 2, 3, 4, 5, 6, 7], tr.data.prompts)
-    tr.score(exp)
+    tr.rollouts.score(exp)
     whole = dataclasses.replace(exp, logprobs=None, ref_logprobs=None, values=None, scores=None)
     ppo_step.score_experience(
         whole,
@@ -518,7 +518,7 @@ def test_micro_batches_give_the_whole_minibatch_gradient(setup, tmp_path, micro,
         "ppo.ptx_batch_size=3",
     )
     exp = tr.generate([0, 1, 2, 3], tr.data.prompts)
-    tr.score(exp)
+    tr.rollouts.score(exp)
     compute_advantages(exp, tr.cfg.ppo, tr.cfg.generation, tr.moments, kl_coef=tr.cfg.ppo.kl.coef)
     keep = torch.arange(exp.response_mask.shape[1]) < torch.tensor([[8], [2], [5], [1]])
     exp = dataclasses.replace(exp, response_mask=exp.response_mask & keep)  # ragged response lengths

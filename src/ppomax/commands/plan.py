@@ -170,7 +170,7 @@ def workload_of(cfg: Any, kind: str) -> Any:
             score_rows=min(p.micro_batch_size or p.rollout_batch_size, p.rollout_batch_size),
             ptx_rows=ptx_rows,
             ptx_seq=d.max_prompt_tokens + d.max_ptx_response_tokens,
-            # as ppomax.trainers.ppo_step.Updater.fuses_scoring, with a critic to fuse
+            # as ppomax.trainers.ppo_fused.fuses_scoring, with a critic to fuse
             fused_update=p.uses_critic
             and p.ppo_epochs == 1
             and p.minibatch_size >= p.buffer_size

@@ -7,11 +7,14 @@ One iteration (:meth:`PPOTrainer.iteration`, ``step``)::
     merge the batches into one Experience                                    experience.py
     moments, score re-parameterisation, token rewards, GAE                   ppo_step.compute_advantages
     ppo_epochs x minibatches: losses, clip, step                             ppo_step.Updater
-
-With one epoch over one minibatch (the whole buffer, one micro-batch) the scoring pass skips policy and critic:
-their old log-probs, entropy and values are the update's first forward's, detached, and the token rewards and
-GAE are computed between that forward and its loss (``Updater.fuses_scoring``: exact, the ratio is 1).
     metrics (paper 5.2), reduced over ranks                                  algos.rollout_statistics
+
+The scoring, advantages and update steps are those of a :class:`~ppomax.trainers.ppo_step.Scoring` chosen once,
+when the trainer is built (``PPOTrainer.scoring``): ``separate`` (:class:`~ppomax.trainers.ppo_step.SeparateScoring`,
+as above), or ``fused`` where one epoch over one minibatch (the whole buffer, one micro-batch) makes the
+update's first forward an exact scoring pass (:mod:`ppomax.trainers.ppo_fused`: the policy and the critic run
+once, their old log-probs, entropy and values are that forward's, detached, and the token rewards and GAE are
+computed between that forward and its loss).
 
 then (:meth:`PPOTrainer.train`) log; maybe evaluate (ppo_eval.evaluate), checkpoint, stop, on the run engine
 (:mod:`ppomax.trainers.run`).
@@ -78,8 +81,9 @@ from .inputs import TrainResult, bind
 from .launch import prepare_frozen, prepare_trained, sharded_forward
 from .ppo_data import IndexStream, PromptSet, PTXSet, load_prompt_set, load_ptx_set, pad_id_of
 from .ppo_eval import evaluate
+from .ppo_fused import FusedScoring, FusedUpdater, fuses_scoring
 from .ppo_models import Forward, load_models
-from .ppo_step import Optimised, Rollouts, Updater, compute_advantages, score_targets
+from .ppo_step import Optimised, Rollouts, Scoring, SeparateScoring, Updater
 from .reduce import reduce_metrics
 from .run import StopFlag, open_run
 
@@ -217,8 +221,9 @@ class PPOTrainer:
 
     Collaborators: ``run`` (directory, metrics, checkpoints, signals), ``data`` (prompts and their streams),
     ``models`` (policy and critic as prepared by accelerate, reference, reward model, tokenizer), ``rollouts``
-    (generation and the scoring pass), ``updater`` (the minibatch updates, with both optimisers), ``moments``
-    (running reward moments) and ``collapse`` (the pattern-collapse monitor)."""
+    (generation and the scoring pass), ``scoring`` (how an iteration scores, computes advantages and updates:
+    ``separate`` or ``fused``, chosen once; its ``updater`` runs the minibatch updates, with both optimisers),
+    ``moments`` (running reward moments) and ``collapse`` (the pattern-collapse monitor)."""
 
     def __init__(
         self,
@@ -366,7 +371,7 @@ class PPOTrainer:
         self.collapse = CollapseMonitor(
             c.window, c.length_ratio, c.ppl_ratio, c.kl_per_token, c.drift_kl_per_token
         )
-        self.updater = Updater(
+        updater: dict[str, Any] = dict(
             ppo=p,
             accelerator=acc,
             fwd=fwd,
@@ -378,6 +383,14 @@ class PPOTrainer:
             ptx_batch=(lambda k: data.next_ptx(k, acc.device)) if data.ptx else None,
             measure_mismatch=from_generate,
         )
+        # the iteration's scoring and update, chosen once (the module's docstring)
+        self.scoring: Scoring
+        if fuses_scoring(p):
+            self.scoring = FusedScoring(
+                self.rollouts, FusedUpdater(**updater), self.moments, p, cfg.generation
+            )
+        else:
+            self.scoring = SeparateScoring(self.rollouts, Updater(**updater), self.moments, p, cfg.generation)
         self.collapse_stopped = False
         run.track(
             policy_schedule=policy_sched,
@@ -396,6 +409,11 @@ class PPOTrainer:
     @property
     def acc(self) -> Any:
         return self.run.accelerator
+
+    @property
+    def updater(self) -> Updater:
+        """The minibatch updates, with both optimisers (:attr:`scoring`'s)."""
+        return self.scoring.updater
 
     @property
     def policy(self) -> Any:
@@ -421,16 +439,6 @@ class PPOTrainer:
     def generate(self, indices: list[int], prompts: PromptSet, greedy: bool = False) -> Experience:
         return self.rollouts.generate(prompts, indices, greedy=greedy)
 
-    def score(
-        self,
-        exp: Experience,
-        values: bool = True,
-        step: int | None = None,
-        policy: bool = True,
-        reference: bool = True,
-    ) -> None:
-        self.rollouts.score(exp, values=values, step=step, policy=policy, reference=reference)
-
     # ------------------------------------------------------------------ one iteration
 
     def iteration(self, step: int) -> dict[str, Any]:
@@ -444,8 +452,6 @@ class PPOTrainer:
         p = self.cfg.ppo
         critic_only = step <= p.critic_pretrain_steps
         kl_coef = p.kl.coef if self.kl_control is None else self.kl_control.value
-        # one epoch over one minibatch: the update's forwards give the old log-probs and values (exactly)
-        fused = self.updater.fuses_scoring()
         clock = Stopwatch(self.acc.device)
         batches = []
         n = self.cfg.generation.samples_per_prompt
@@ -455,23 +461,13 @@ class PPOTrainer:
                 prompts = self.data.prompt_stream.take(p.rollout_batch_size // n)
                 exp = self.generate([i for i in prompts for _ in range(n)], self.data.prompts)
             with clock("scoring"):
-                # the reference runs where the policy's logits are (the exact KL needs both): in a fused
-                # policy iteration, beside the update's first forward
-                in_update = fused and not critic_only
-                self.score(exp, step=step, values=not fused, policy=not in_update, reference=not in_update)
+                self.scoring.score(exp, step, critic_only)
             batches.append(exp)
         exp = Experience.cat(batches, self.data.pad_id)
         with clock("scoring"):
-            if fused:
-                score_targets(exp, p, self.cfg.generation, self.moments)
-            else:
-                compute_advantages(
-                    exp, p, self.cfg.generation, self.moments, self.moments.all_reduce, kl_coef=kl_coef
-                )
+            self.scoring.advantages(exp, kl_coef=kl_coef)
         with clock("training"):
-            train_metrics = self.updater.update(
-                exp, step, critic_only, fused=fused, kl_coef=kl_coef, reference=self.rollouts.reference
-            )
+            train_metrics = self.scoring.update(exp, step, critic_only, kl_coef=kl_coef)
         metrics = self.iteration_metrics(exp, train_metrics, critic_only, clock)
         if self.kl_control is not None:
             metrics["ppo/kl_coef"] = kl_coef

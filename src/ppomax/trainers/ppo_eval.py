@@ -50,7 +50,7 @@ def evaluate(
         torch.manual_seed(seed + 7919 * (step + 1))
         for lo in range(0, len(mine), batch_size):
             exp = rollouts.generate(prompts, mine[lo : lo + batch_size], greedy=greedy)
-            rollouts.score(exp, values=False, step=step)
+            rollouts.score(exp, step, critic=False)
             batches.append(exp)
 
     rows: list[dict[str, Any]] = []

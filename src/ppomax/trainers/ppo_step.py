@@ -18,15 +18,19 @@ PPO (section 3.2, fig. 5) and the switches of ``ppo``:
    entropy bonus with clip; PPO-ptx LM loss (eq. 17); clipped value loss; global gradient clipping per model; a
    non-finite loss or gradient skips the step. ``micro_batch_size`` chunks are weighted by their token share, so
    they give the whole minibatch's gradient. Each model's backward follows its own forward, so one model's
-   activations are held at a time (except in an update fused with the scoring pass, :meth:`Updater.fuses_scoring`).
+   activations are held at a time.
+
+:class:`SeparateScoring` runs these three steps in this order; where one epoch over one minibatch makes the
+update's first forward an exact scoring pass, :mod:`ppomax.trainers.ppo_fused` folds step 1 into step 3 instead
+(the trainer chooses between them once, :class:`Scoring`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -76,10 +80,10 @@ def score_experience(
     chunk_size: int | None = None,
 ) -> None:
     """Fill the scoring-pass fields of ``exp`` in place (see :class:`Experience`). ``critic=None`` skips values
-    (evaluation), ``policy=None`` the policy's log-probs and entropy and ``reference=None`` the reference's
-    (:meth:`Updater.fuses_scoring`: the update's forward gives them). Where both models run, their logits of a
-    chunk are held together for the exact KL (:func:`exact_kl`). Models are used as given (pass unwrapped ones:
-    no gradient, no DDP synchronisation).
+    (evaluation), ``policy=None`` the policy's log-probs and entropy (they come from the sampling pass) and
+    ``reference=None`` the reference's. Where both models run, their logits of a chunk are held together for the
+    exact KL (:func:`exact_kl`). Models are used as given (pass unwrapped ones: no gradient, no DDP
+    synchronisation).
     ``chunk_size`` rows per forward bound the [rows, R, V] logits in memory (``ppo.micro_batch_size``)."""
     n, r_all = exp.batch_size, exp.response_width
     step = chunk_size or n
@@ -272,32 +276,38 @@ class Rollouts:
             logprobs_temperature=self.fwd.temperature if self.logprobs_from_generate and not greedy else None,
         )
 
-    def score(
-        self,
-        exp: Experience,
-        values: bool = True,
-        step: int | None = None,
-        policy: bool = True,
-        reference: bool = True,
-    ) -> None:
-        """The scoring pass (:func:`score_experience`); ``values=False`` skips the critic (evaluation),
-        ``policy=False`` the policy and ``reference=False`` the reference (their log-probs come from the update:
-        :meth:`Updater.fuses_scoring`). A reward function's error names the iteration ``step``."""
-        try:
+    def score(self, exp: Experience, step: int | None = None, *, critic: bool = True) -> None:
+        """The scoring pass (:func:`score_experience`): policy (unless ``exp`` has its log-probs from the sampling
+        pass), reference, critic (``critic=False``: no values, as evaluation needs none) and reward sources. A
+        reward function's error names the iteration ``step``."""
+        with _naming_step(step):
             score_experience(
                 exp,
-                policy=self.policy if policy and exp.logprobs is None else None,
-                reference=self.reference if reference else None,
-                critic=self.critic if values else None,
+                policy=self.policy if exp.logprobs is None else None,
+                reference=self.reference,
+                critic=self.critic if critic else None,
                 fwd=self.fwd,
                 rewards=self.rewards,
                 eos_ids=self.eos_ids,
                 chunk_size=self.chunk_size,
             )
-        except RewardError as exc:
-            if step is None:
-                raise
-            raise RewardError(f"step {step}: {exc}") from exc.__cause__
+
+    def score_rewards(self, exp: Experience, step: int | None = None) -> None:
+        """The reward sources only: ``exp.scores`` and ``exp.score_parts`` (the models' outputs come from
+        elsewhere, :class:`ppomax.trainers.ppo_fused.FusedScoring`). Errors as in :meth:`score`."""
+        with _naming_step(step):
+            exp.scores, exp.score_parts = self.rewards(exp, self.eos_ids)
+
+
+@contextlib.contextmanager
+def _naming_step(step: int | None) -> Iterator[None]:
+    """A reward function's error (:class:`RewardError`) raised again with the iteration ``step`` in front."""
+    try:
+        yield
+    except RewardError as exc:
+        if step is None:
+            raise
+        raise RewardError(f"step {step}: {exc}") from exc.__cause__
 
 
 @dataclasses.dataclass
@@ -388,77 +398,37 @@ class Updater:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.nonfinite_total = int(state["nonfinite_total"])
 
-    def fuses_scoring(self) -> bool:
-        """Whether the update's own forwards give the scoring pass's old log-probs, entropy and values exactly,
-        so that the scoring pass skips the policy (unless ``critic_only``) and the critic: one epoch over one
-        minibatch that is the whole buffer, in one micro-batch. The first forward of an update runs on the
-        weights the scoring pass would have used (nothing has stepped yet; dropout is off), on the same rows, so
-        its detached outputs are the old ones (the ratio is exactly 1), and the KL penalty and GAE, which need
-        them before any loss, are computed between that forward and its loss. With micro-batches, the whole
-        minibatch's advantages (whitened together) would need every micro-batch's graph alive at once."""
+    def update(self, exp: Experience, step: int, critic_only: bool, *, kl_coef: float) -> dict[str, Tensor]:
+        """``ppo_epochs`` passes over shuffled minibatches of ``exp``, one optimiser step per model and minibatch;
+        returns the minibatches' metrics combined (:func:`_combine`). Stops early once ``max_nonfinite_in_row``
+        updates in a row were skipped. Rows without a finite score are left out (:func:`trainable_part`); a
+        minibatch of such rows only is passed over, and a buffer of them only counts as one skipped update.
+        ``kl_coef``: the iteration's KL coefficient (:func:`compute_advantages`), in the loss with
+        ``ppo.kl.acts_in: loss``."""
         p = self.ppo
-        one_chunk = p.micro_batch_size is None or p.micro_batch_size >= p.minibatch_size
-        return p.ppo_epochs == 1 and p.minibatch_size >= p.buffer_size and one_chunk
-
-    def update(
-        self,
-        exp: Experience,
-        step: int,
-        critic_only: bool,
-        fused: bool = False,
-        *,
-        kl_coef: float,
-        reference: Any | None = None,
-    ) -> dict[str, Tensor]:
-        """``ppo_epochs`` passes over shuffled minibatches of ``exp``; returns metrics averaged over minibatches
-        (``*_max`` are maxed, ``*_count`` summed). Stops early once ``max_nonfinite_in_row`` updates in a row were skipped.
-        Rows without a finite score are left out (:func:`trainable_part`); a minibatch of such rows only is passed
-        over, and a buffer of them only counts as one skipped update.
-
-        ``fused`` (only where :meth:`fuses_scoring`): ``exp`` has final scores but none of the old log-probs,
-        entropy (unless ``critic_only``: then from the scoring pass) and values; they come from the update's
-        forward, which then computes the token advantages (:func:`token_advantages`), and are filled into ``exp``
-        in place, as :func:`compute_advantages` would have.
-
-        ``kl_coef``: the iteration's KL coefficient (:func:`compute_advantages`), in the fused token rewards or in the loss (``ppo.kl.acts_in``). ``reference`` (unwrapped; fused only): runs
-        beside the update's first forward when ``exp`` has no reference log-probs yet (:meth:`_filler`)."""
-        p = self.ppo
-        acc: dict[str, list[Tensor]] = {}
-        skipped, trained = 0, False
-        full, exp = exp, trainable_part(exp)
+        exp = trainable_part(exp)
+        steps: list[tuple[dict[str, Tensor], bool]] = []
         for epoch in range(p.ppo_epochs):
-            # Seeded by (seed, step, epoch), not by the global RNG: resuming needs no extra state.
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1_009 + epoch)
-            perm = self._shuffle(exp.batch_size, g)
+            perm = self._epoch_order(exp.batch_size, step, epoch)
             for start in range(0, exp.batch_size, p.minibatch_size):
                 mb = exp.select(perm[start : start + p.minibatch_size])
-                fill = None
-                if fused:  # one minibatch: the whole buffer
-                    assert self.fuses_scoring() and len(perm) <= p.minibatch_size
-                    fill = self._filler(full, perm, critic_only, kl_coef, reference)
                 if not self._has_tokens(mb):  # no finite score in it: no step (Adam moves even on zero grads)
-                    if fill is not None:
-                        with torch.no_grad():
-                            fill(self._forward(mb, critic_only))
                     continue
-                self._measuring = self.measure_mismatch and not trained and not critic_only
-                trained = True
-                metrics, ok = self._minibatch(mb, critic_only, fill, kl_coef=kl_coef)
+                self._measuring = self.measure_mismatch and not steps and not critic_only
+                steps.append(self._minibatch(mb, critic_only, kl_coef=kl_coef))
                 self._measuring = False
-                skipped += int(not ok)
-                for k, v in metrics.items():
-                    acc.setdefault(k, []).append(v)
                 if self.nonfinite_in_row >= p.max_nonfinite_in_row:
                     break
             if self.nonfinite_in_row >= p.max_nonfinite_in_row:
                 break
-        if not trained:  # not one finite score in the buffer: a skipped update, towards max_nonfinite_in_row
-            skipped += 1
-            self.nonfinite_in_row += 1
-            self.nonfinite_total += 1
-        out = {k: _combine(k, v) for k, v in acc.items()}
-        out["nonfinite/skipped"] = torch.tensor(float(skipped))
-        return out
+        return self._summary(steps)
+
+    def _epoch_order(self, rows: int, step: int, epoch: int) -> Tensor:
+        """The buffer's rows in the order of ``epoch`` of iteration ``step`` (:meth:`_shuffle`), seeded by
+        (seed, step, epoch), not by the global RNG: resuming needs no extra state."""
+        return self._shuffle(
+            rows, torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1_009 + epoch)
+        )
 
     def _shuffle(self, rows: int, g: torch.Generator) -> Tensor:
         """A seeded permutation of the buffer's rows that keeps each group (``group_size`` consecutive rows, one
@@ -473,119 +443,45 @@ class Updater:
         n = mb.response_mask.sum().float()
         return bool((self.all_reduce(n) if self.all_reduce is not None else n) > 0)
 
-    def _filler(
-        self, full: Experience, perm: Tensor, critic_only: bool, kl_coef: float, reference: Any | None
-    ) -> Callable[[tuple[Tensor | None, Tensor | None]], Experience]:
-        """For a fused update (:meth:`update`): a function of the update's forward outputs on ``full``'s rows
-        ``perm`` that fills the old log-probs, entropy, values and token advantages of those rows (in ``full``,
-        in place, in its row order) and returns the rows as the losses see them (:func:`trainable_part`).
-        Without reference log-probs yet, it runs ``reference`` on the rows there, so that its logits meet the
-        policy's for the exact KL."""
-        fwd = self.fwd
-
-        @torch.no_grad()
-        def fill(outputs: tuple[Tensor | None, Tensor | None]) -> Experience:
-            logits, values = outputs
-            rows = full.select(perm)  # all rows (the KL of a row left out of training is still monitored)
-            names = ["values", "kl", "rewards", "advantages", "returns"]
-            if rows.ref_logprobs is None:
-                assert logits is not None and reference is not None, "the reference runs beside the policy"
-                names += ["ref_logprobs", "ref_raw_logprobs", "exact_kl"]
-                seqs, labels = rows.sequences, rows.responses_ids
-                ref = fwd.response_logits(reference, seqs, rows.attention_mask, rows.prompt_width)
-                rows.ref_logprobs = fwd.logprobs(ref, labels)
-                rows.ref_raw_logprobs = (
-                    rows.ref_logprobs if fwd.temperature == 1.0 else fwd.logprobs(ref, labels, raw=True)
-                )
-                rows.exact_kl = exact_kl(fwd, logits, ref)
-                del ref
-            if rows.logprobs is None:  # else from the sampling pass (generation.logprobs_from: generate)
-                assert logits is not None, "critic-only iterations score the policy in the scoring pass"
-                names += ["logprobs", "raw_logprobs", "entropy"]
-                logits, labels = logits.detach(), rows.responses_ids
-                rows.logprobs = fwd.logprobs(logits, labels)
-                rows.raw_logprobs = (
-                    rows.logprobs if fwd.temperature == 1.0 else fwd.logprobs(logits, labels, raw=True)
-                )
-                rows.entropy = fwd.entropy(logits)
-            if values is not None:
-                rows.values = values.detach()
-            else:  # no critic
-                names.remove("values")
-            token_advantages(rows, self.ppo, self.group_size, self.all_reduce, kl_coef=kl_coef)
-            for name in names:
-                part = getattr(rows, name)
-                into = torch.zeros(full.response_mask.shape, dtype=part.dtype, device=part.device)
-                into[perm.to(part.device), : part.shape[1]] = part
-                setattr(full, name, into)
-            return trainable_part(rows)
-
-        return fill
+    def _summary(self, steps: list[tuple[dict[str, Tensor], bool]]) -> dict[str, Tensor]:
+        """An update's metrics from its minibatches' (metrics, stepped): each metric combined over them
+        (:func:`_combine`: ``*_max`` maxed, ``*_count`` summed, the rest averaged), and ``nonfinite/skipped``
+        the skipped steps. An update without a minibatch to train on (not one finite score in the buffer)
+        counts as one skipped update, towards ``max_nonfinite_in_row``."""
+        skipped = sum(not ok for _, ok in steps)
+        if not steps:
+            skipped = 1
+            self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
+        by_name: dict[str, list[Tensor]] = {}
+        for metrics, _ in steps:
+            for k, v in metrics.items():
+                by_name.setdefault(k, []).append(v)
+        out = {k: _combine(k, v) for k, v in by_name.items()}
+        out["nonfinite/skipped"] = torch.tensor(float(skipped))
+        return out
 
     def _minibatch(
-        self,
-        mb: Experience,
-        critic_only: bool,
-        fill: Callable[[tuple[Tensor | None, Tensor | None]], Experience] | None = None,
-        *,
-        kl_coef: float,
+        self, mb: Experience, critic_only: bool, *, kl_coef: float
     ) -> tuple[dict[str, Tensor], bool]:
-        """One optimiser step per model on minibatch ``mb``. ``fill`` (a fused update, one micro-batch): ``mb``
-        has no old log-probs/values/advantages yet; they come from its forward (:meth:`_filler`). ``kl_coef``: as
-        in :meth:`update`."""
-        p = self.ppo
-        if fill is None:
-            mb = self._normalized(mb)
-        # Micro-batches (gradient accumulation) change memory, not the update: each chunk's token means are
-        # weighted by its share of the minibatch's response tokens, over all ranks (token_weights), so the
-        # accumulated gradient is that of the whole minibatch's token means and DDP's average over ranks that
-        # of the token means over every rank's minibatch (the ranks' tokens weigh alike, however the buffer was
-        # sharded). PPO-ptx rows are weighted by their own target tokens in the same way.
-        # The policy loss's mean (ppo.loss_aggregation) may be over responses rather than tokens: its chunks are
-        # then weighted by their share of the minibatch's responses (those with a token to train on).
-        size = p.micro_batch_size or mb.batch_size
+        """One optimiser step per model on minibatch ``mb``: its advantages whitened, then each micro-batch's
+        PPO-ptx backward and the trained models' forward, loss and backward (:meth:`_losses`), then the step;
+        returns (metrics, whether it stepped). ``kl_coef``: as in :meth:`update`."""
+        mb = self._normalized(mb)
+        size = self.ppo.micro_batch_size or mb.batch_size
         chunks = [list(range(i, min(i + size, mb.batch_size))) for i in range(0, mb.batch_size, size)]
-        ar, n_chunks = self.all_reduce, len(chunks)
-        tokens = torch.stack([mb.response_mask[rows].sum() for rows in chunks])
-        responses = torch.stack([mb.response_mask[rows].any(dim=1).sum() for rows in chunks])
-        by_token, by_response = token_weights(torch.stack([tokens, responses]), ar)
-        per_response = LOSS_AGGREGATIONS.spec(p.loss_aggregation).unit == "sequence"
-        policy_weights = by_response if per_response else by_token
-        ptx = None
-        if not critic_only and p.ptx_coef > 0 and self.ptx_batch is not None:
-            ptx = self.ptx_batch(p.ptx_batch_size)
-            n_ptx = len(ptx["input_ids"])
-            ptx_rows = [(i * n_ptx // n_chunks, (i + 1) * n_ptx // n_chunks) for i in range(n_chunks)]
-            targets = ptx["labels"][:, 1:] != IGNORE_INDEX
-            ptx_weights = token_weights(torch.stack([targets[lo:hi].sum() for lo, hi in ptx_rows]), ar)
+        policy_weights, critic_weights = self._chunk_weights(mb, chunks)
+        ptx = self._ptx_chunks(len(chunks), critic_only)
         metrics: dict[str, Tensor] = {}
         total_loss = torch.zeros((), device=mb.sequences.device)
         for i, rows in enumerate(chunks):
             chunk = mb if len(chunks) == 1 else mb.select(rows)
-            last = i == len(chunks) - 1
-            if ptx is not None:
-                # Its own backward, before the main one: DDP allows one forward per backward, and the last
-                # backward of a minibatch (the one that synchronises gradients) must involve both models.
-                lo, hi = ptx_rows[i]
-                if hi > lo:
-                    with self._no_sync(True):
-                        logits, labels, lmask = self.fwd.lm_loss_inputs(
-                            self.policy.model, {k: v[lo:hi] for k, v in ptx.items()}
-                        )
-                        ptx_loss = p.ptx_coef * ptx_weights[i] * lm_nll(logits, labels, lmask)
-                        self.policy.backward(ptx_loss)
-                    total_loss = total_loss + ptx_loss.detach()
-                    _accumulate(metrics, {"loss/ptx": ptx_loss.detach() / p.ptx_coef}, 1.0)
-            with self._no_sync(not last):
-                policy_loss, critic_loss, pm, cm = self._losses(
-                    chunk, critic_only, fill, kl_coef, policy_weights[i], by_token[i]
-                )
-            total_loss = total_loss + policy_weights[i] * policy_loss.detach()
-            total_loss = total_loss + by_token[i] * critic_loss.detach()
-            # the policy's losses are means by its aggregation; every other metric is a token mean
-            _accumulate(metrics, {k: v for k, v in pm.items() if k.startswith("loss/")}, policy_weights[i])
-            _accumulate(metrics, {k: v for k, v in pm.items() if not k.startswith("loss/")}, by_token[i])
-            _accumulate(metrics, cm, by_token[i])
+            part = ptx[i]
+            if part is not None:
+                total_loss = total_loss + self._ptx_backward(*part, metrics)
+            with self._no_sync(i < len(chunks) - 1):
+                losses = self._losses(chunk, critic_only, kl_coef, policy_weights[i], critic_weights[i])
+            total_loss = fold_losses(metrics, total_loss, losses, policy_weights[i], critic_weights[i])
         ok = self._step(total_loss, critic_only, metrics)
         metrics["loss/total"] = total_loss
         return metrics, ok
@@ -600,35 +496,60 @@ class Updater:
             ),
         )
 
-    def _forward(self, mb: Experience, critic_only: bool) -> tuple[Tensor | None, Tensor | None]:
-        """The trained models' forwards on ``mb``: (policy response logits, None if ``critic_only``; values,
-        None without a critic)."""
-        seqs, attn, width = mb.sequences, mb.attention_mask, mb.prompt_width
-        logits = None if critic_only else self.fwd.response_logits(self.policy.model, seqs, attn, width)
-        values = None if self.critic is None else self.fwd.values(self.critic.model, seqs, attn, width)
-        return logits, values
+    def _chunk_weights(self, mb: Experience, chunks: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """(policy loss weights, critic loss weights) of the micro-batches ``chunks`` of ``mb``.
+
+        Micro-batches (gradient accumulation) change memory, not the update: each chunk's token means are
+        weighted by its share of the minibatch's response tokens, over all ranks (token_weights), so the
+        accumulated gradient is that of the whole minibatch's token means and DDP's average over ranks that
+        of the token means over every rank's minibatch (the ranks' tokens weigh alike, however the buffer was
+        sharded). The policy loss's mean (``ppo.loss_aggregation``) may be over responses rather than tokens:
+        its chunks are then weighted by their share of the minibatch's responses (those with a token to train
+        on)."""
+        tokens = torch.stack([mb.response_mask[rows].sum() for rows in chunks])
+        responses = torch.stack([mb.response_mask[rows].any(dim=1).sum() for rows in chunks])
+        by_token, by_response = token_weights(torch.stack([tokens, responses]), self.all_reduce)
+        per_response = LOSS_AGGREGATIONS.spec(self.ppo.loss_aggregation).unit == "sequence"
+        return (by_response if per_response else by_token), by_token
+
+    def _ptx_chunks(self, n_chunks: int, critic_only: bool) -> list[tuple[dict[str, Tensor], Tensor] | None]:
+        """A minibatch's PPO-ptx examples (``ptx_batch_size`` of them) split over its ``n_chunks`` micro-batches,
+        each part with its weight: its share of the examples' target tokens over all ranks, as the
+        micro-batches' own (:meth:`_chunk_weights`). None for a micro-batch without examples, and for all of them
+        without PPO-ptx or in critic-only iterations."""
+        p = self.ppo
+        if critic_only or not (p.ptx_coef > 0 and self.ptx_batch is not None):
+            return [None] * n_chunks
+        ptx = self.ptx_batch(p.ptx_batch_size)
+        n_ptx = len(ptx["input_ids"])
+        bounds = [(i * n_ptx // n_chunks, (i + 1) * n_ptx // n_chunks) for i in range(n_chunks)]
+        targets = ptx["labels"][:, 1:] != IGNORE_INDEX
+        weights = token_weights(torch.stack([targets[lo:hi].sum() for lo, hi in bounds]), self.all_reduce)
+        return [
+            ({k: v[lo:hi] for k, v in ptx.items()}, weights[i]) if hi > lo else None
+            for i, (lo, hi) in enumerate(bounds)
+        ]
+
+    def _ptx_backward(self, batch: dict[str, Tensor], weight: Tensor, metrics: dict[str, Tensor]) -> Tensor:
+        """PPO-ptx's LM loss (paper eq. 17) on ``batch``, times ``ptx_coef`` and its ``weight``, backward through
+        the policy; returns it detached and folds it into ``metrics``. Its own backward, before the main one:
+        DDP allows one forward per backward, and the last backward of a minibatch (the one that synchronises
+        gradients) must involve both models."""
+        coef = self.ppo.ptx_coef
+        with self._no_sync(True):
+            logits, labels, lmask = self.fwd.lm_loss_inputs(self.policy.model, batch)
+            loss = coef * weight * lm_nll(logits, labels, lmask)
+            self.policy.backward(loss)
+        _accumulate(metrics, {"loss/ptx": loss.detach() / coef}, 1.0)
+        return loss.detach()
 
     def _losses(
-        self,
-        mb: Experience,
-        critic_only: bool,
-        fill: Callable[[tuple[Tensor | None, Tensor | None]], Experience] | None,
-        kl_coef: float,
-        policy_weight: Tensor,
-        critic_weight: Tensor,
+        self, mb: Experience, critic_only: bool, kl_coef: float, policy_weight: Tensor, critic_weight: Tensor
     ) -> tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """Forward, loss and backward (of the loss times its weight) of each trained model on the micro-batch
         ``mb``: (policy loss, 0 if ``critic_only``; critic loss, 0 without a critic; the policy's metrics; the
-        critic's).
-
-        Without ``fill`` the models go one after the other, each backward right after its forward, which frees
-        that model's graph: the activations of one model are held at a time, not of both. A fused update
-        (``fill``) needs both forwards before any loss (the advantages depend on the policy's log-probs and on
-        the values), so there both graphs coexist."""
-        logits = values = None
-        if fill is not None:  # one chunk: the minibatch itself
-            logits, values = self._forward(mb, critic_only)
-            mb = self._normalized(fill((logits, values)))
+        critic's). The models go one after the other, each backward right after its forward, which frees that
+        model's graph: the activations of one model are held at a time, not of both."""
         seqs, attn, width = mb.sequences, mb.attention_mask, mb.prompt_width
         zero = torch.zeros((), device=seqs.device)
         policy_loss, critic_loss = zero, zero
@@ -636,14 +557,12 @@ class Updater:
         critic_metrics: dict[str, Tensor] = {}
         # one backward per model (the two graphs share nothing): each engine owns its own gradients
         if not critic_only:
-            if logits is None:
-                logits = self.fwd.response_logits(self.policy.model, seqs, attn, width)
+            logits = self.fwd.response_logits(self.policy.model, seqs, attn, width)
             policy_loss, policy_metrics = self._policy_loss(mb, logits, kl_coef)
             self.policy.backward(policy_weight * policy_loss)
             del logits
         if self.critic is not None:
-            if values is None:
-                values = self.fwd.values(self.critic.model, seqs, attn, width)
+            values = self.fwd.values(self.critic.model, seqs, attn, width)
             critic_loss, critic_metrics = self._critic_loss(mb, values)
             self.critic.backward(critic_weight * critic_loss)
         return policy_loss, critic_loss, policy_metrics, critic_metrics
@@ -746,6 +665,52 @@ class Updater:
         return stack
 
 
+class Scoring(Protocol):
+    """How an iteration gets what its update trains on (the old log-probs, entropy, values, reference log-probs
+    and advantages), chosen once when the trainer is built: :class:`SeparateScoring`, the scoring pass before
+    the update (the default), or :class:`ppomax.trainers.ppo_fused.FusedScoring`, the update's first forward as
+    the scoring pass where that is exact. :meth:`ppomax.trainers.ppo.PPOTrainer.iteration` calls, for each
+    rollout batch, :meth:`score`; on the merged buffer, :meth:`advantages` then :meth:`update`."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def updater(self) -> Updater: ...
+
+    def score(self, exp: Experience, step: int, critic_only: bool) -> None: ...
+
+    def advantages(self, exp: Experience, *, kl_coef: float) -> None: ...
+
+    def update(
+        self, exp: Experience, step: int, critic_only: bool, *, kl_coef: float
+    ) -> dict[str, Tensor]: ...
+
+
+@dataclasses.dataclass
+class SeparateScoring:
+    """The scoring pass (policy, reference, critic, reward sources: :meth:`Rollouts.score`) on each rollout batch,
+    the advantages on the buffer (:func:`compute_advantages`), then the updates (:meth:`Updater.update`)."""
+
+    rollouts: Rollouts
+    updater: Updater
+    moments: RunningMoments
+    ppo: PPOSettings
+    generation: GenerationConfig
+    name = "separate"
+
+    def score(self, exp: Experience, step: int, critic_only: bool) -> None:
+        self.rollouts.score(exp, step)
+
+    def advantages(self, exp: Experience, *, kl_coef: float) -> None:
+        compute_advantages(
+            exp, self.ppo, self.generation, self.moments, self.moments.all_reduce, kl_coef=kl_coef
+        )
+
+    def update(self, exp: Experience, step: int, critic_only: bool, *, kl_coef: float) -> dict[str, Tensor]:
+        return self.updater.update(exp, step, critic_only, kl_coef=kl_coef)
+
+
 def _accumulate(into: dict[str, Tensor], metrics: dict[str, Tensor], weight: Tensor | float) -> None:
     """Fold one micro-batch's metrics into the minibatch's by :func:`reduction_of`: ``*_max`` by max,
     ``*_count`` by sum, token means by their ``weight`` (token_weights: the weighted sum is the minibatch's
@@ -758,6 +723,27 @@ def _accumulate(into: dict[str, Tensor], metrics: dict[str, Tensor], weight: Ten
             into[k] = torch.maximum(into[k], v)
         else:
             into[k] = into[k] + (v if op == "sum" else weight * v)
+
+
+def fold_losses(
+    metrics: dict[str, Tensor],
+    total: Tensor,
+    losses: tuple[Tensor, Tensor, dict[str, Tensor], dict[str, Tensor]],
+    policy_weight: Tensor,
+    critic_weight: Tensor,
+) -> Tensor:
+    """``total`` plus one micro-batch's weighted losses (:meth:`Updater._losses`, detached); its metrics folded
+    into ``metrics``: the policy's losses are means by its aggregation (``policy_weight``), every other metric a
+    token mean (``critic_weight``, the token weight)."""
+    policy_loss, critic_loss, policy_metrics, critic_metrics = losses
+    total = total + policy_weight * policy_loss.detach()
+    total = total + critic_weight * critic_loss.detach()
+    _accumulate(metrics, {k: v for k, v in policy_metrics.items() if k.startswith("loss/")}, policy_weight)
+    _accumulate(
+        metrics, {k: v for k, v in policy_metrics.items() if not k.startswith("loss/")}, critic_weight
+    )
+    _accumulate(metrics, critic_metrics, critic_weight)
+    return total
 
 
 def _combine(name: str, values: list[Tensor]) -> Tensor:
