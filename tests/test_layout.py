@@ -33,7 +33,7 @@ TOP_LEVEL = {
     "cli.py",
     "collapse.py",
     "commands",
-    "config.py",
+    "config",
     "config_compat.py",
     "config_keys.py",
     "configs",
