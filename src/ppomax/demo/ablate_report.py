@@ -24,20 +24,18 @@ from statistics import fmean
 from typing import Any
 
 from ppomax.config_compat import upgrade_ppo_keys
-from ppomax.demo.report import (
+from ppomax.demo.markdown import fmt_num as _f
+from ppomax.demo.outcome import (
     PANELS,
-    _f,
-    _num,
-    _plt,
     first_collapse_step,
     moving_average,
-    plot_training_curves,
-    plot_win_tie_lose,
     policy_records,
-    run_colours,
     run_trajectories,
     series,
 )
+from ppomax.demo.outcome import finite as _num
+from ppomax.demo.plots import plot_training_curves, plot_win_tie_lose, run_colours
+from ppomax.demo.plots import pyplot as _plt
 from ppomax.errors import UserError
 
 # A gold fall smaller than this is noise: the sd of one rollout's gold mean is ~0.07 on this world, so a peak of a
