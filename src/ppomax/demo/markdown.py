@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from statistics import fmean
 from typing import Any
 
 from ppomax.demo.outcome import finite
@@ -24,3 +26,19 @@ def md_cell(s: str, limit: int = 220) -> str:
     s = " ".join(s.split())
     s = s if len(s) <= limit else s[: limit - 1] + "…"
     return s.replace("|", "\\|") or "*(empty)*"
+
+
+def fmt_list(xs: Sequence[Any], fmt: str = ".3f") -> str:
+    """Per-seed values joined by ``/`` (a bool as itself)."""
+    return "/".join(fmt_num(x, fmt) if not isinstance(x, bool) else str(x) for x in xs)
+
+
+def fmt_spread(xs: Sequence[Any], fmt: str = ".3f") -> str:
+    """``mean [min, max]`` of the finite values over seeds (one value: itself; none: ``n/a``)."""
+    vals = [float(x) for x in xs if finite(x) is not None]
+    if not vals:
+        return "n/a"
+    mean = fmean(vals)
+    if len(vals) == 1:
+        return format(mean, fmt)
+    return f"{format(mean, fmt)} [{format(min(vals), fmt)}, {format(max(vals), fmt)}]"
