@@ -41,7 +41,7 @@ TOP_LEVEL = {
     "data",
     "demo",
     "errors.py",
-    "evaluate.py",
+    "evaluate",
     "experience.py",
     "models",
     "monitor.py",
