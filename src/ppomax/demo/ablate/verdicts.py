@@ -73,19 +73,30 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
 
     A comparison holds on a seed when the variant is better than its baseline there; a claim is "reproduced" when
     every comparison it makes holds on a majority of the seeds that ran both sides."""
-    out: list[dict[str, Any]] = []
+    c = _Claims(nums)
+    for claim in (_fig6, _fig7, _fig8, _fig12, _demo, _whitening):
+        claim(c)
+    return c.out
 
-    def have(*names: str) -> bool:
-        return all(n in nums and nums[n] for n in names)
 
-    def common(*names: str) -> list[int]:
-        seeds = set.intersection(*(set(nums[n]) for n in names))
+class _Claims:
+    """The verdicts so far (``out``) and how a claim compares the runs of ``nums`` (variant -> seed -> numbers)."""
+
+    def __init__(self, nums: dict[str, dict[int, dict[str, Any]]]) -> None:
+        self.nums = nums
+        self.out: list[dict[str, Any]] = []
+
+    def have(self, *names: str) -> bool:
+        return all(n in self.nums and self.nums[n] for n in names)
+
+    def common(self, *names: str) -> list[int]:
+        seeds = set.intersection(*(set(self.nums[n]) for n in names))
         return sorted(seeds)
 
-    def cmp(a: str, b: str, key: str, better: str = "lower") -> tuple[str, str]:
-        seeds = common(a, b)
-        va = [nums[a][s].get(key) for s in seeds]
-        vb = [nums[b][s].get(key) for s in seeds]
+    def cmp(self, a: str, b: str, key: str, better: str = "lower") -> tuple[str, str]:
+        seeds = self.common(a, b)
+        va = [self.nums[a][s].get(key) for s in seeds]
+        vb = [self.nums[b][s].get(key) for s in seeds]
         p = paired(va, vb, better)
         t = "n/a" if p["t"] is None else f"{p['t']:.2f}"
         return p["decision"], (
@@ -93,9 +104,9 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
             f"paired difference {fmt_num(p['mean'], '+.3f')} ± {fmt_num(p['sd'], '.3f')} sd, t {t}: {p['decision']})"
         )
 
-    def verdict(claim: str, figure: str, checks: list[tuple[str, str]], explain: str) -> None:
+    def verdict(self, claim: str, figure: str, checks: list[tuple[str, str]], explain: str) -> None:
         result = combine([c[0] for c in checks])
-        out.append(
+        self.out.append(
             {
                 "claim": claim,
                 "figure": figure,
@@ -105,9 +116,9 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
             }
         )
 
-    def not_run(claim: str, figure: str, names: Sequence[str]) -> None:
-        missing = [n for n in names if not have(n)]
-        out.append(
+    def not_run(self, claim: str, figure: str, names: Sequence[str]) -> None:
+        missing = [n for n in names if not self.have(n)]
+        self.out.append(
             {
                 "claim": claim,
                 "figure": figure,
@@ -117,19 +128,22 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
             }
         )
 
+
+def _fig6(c: _Claims) -> None:
+    """Fig. 6: reward and advantage normalisation (each with its clip) against vanilla PPO."""
     # (a) fig. 6: the paper's curves (reward normalisation at delta 0.3 and 0.8, advantage normalisation with its
     # clip at 0.5 and 0.12); the unclipped advantage normalisation (ours) is context
     names = ("vanilla", "reward_norm_0.3", "reward_norm_0.8", "adv_norm_0.5", "adv_norm_0.12")
     claim = "(a) reward normalisation + clipping and advantage normalisation stabilise early training"
-    if have(*names):
+    if c.have(*names):
         checks = []
         for v in names[1:]:
-            checks.append(cmp(v, "vanilla", "kl_mid"))
-            checks.append(cmp(v, "vanilla", "gold_drop_early"))
-        seeds = common(*names)
-        shown = [*names, *(["adv_norm"] if have("adv_norm") else [])]
+            checks.append(c.cmp(v, "vanilla", "kl_mid"))
+            checks.append(c.cmp(v, "vanilla", "gold_drop_early"))
+        seeds = c.common(*names)
+        shown = [*names, *(["adv_norm"] if c.have("adv_norm") else [])]
         lengths = {
-            n: [nums[n][s]["trajectories"]["length"]["end"] for s in seeds if s in nums[n]] for n in shown
+            n: [c.nums[n][s]["trajectories"]["length"]["end"] for s in seeds if s in c.nums[n]] for n in shown
         }
         checks.append(
             (
@@ -137,7 +151,7 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
                 "(context) length end " + ", ".join(f"{n} {fmt_list(x, '.1f')}" for n, x in lengths.items()),
             )
         )
-        verdict(
+        c.verdict(
             claim,
             "fig. 6",
             checks,
@@ -148,7 +162,11 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
             "20 of 80 at lr 1e-4.",
         )
     else:
-        not_run(claim, "fig. 6", names)
+        c.not_run(claim, "fig. 6", names)
+
+
+def _fig7(c: _Claims) -> None:
+    """Fig. 7: the KL penalty and the entropy bonus against vanilla; the reference as the old policy."""
     # (b) fig. 7: "only a penalty of the policy entropy or KL divergence can provide a long-lasting stable
     # optimization" (the entropy bonus at fig. 16's coefficient and clip), and the reference as old policy trades
     # reward for stability
@@ -157,19 +175,19 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
         "(b) the KL penalty and the entropy bonus give long-lasting stability; importance sampling (reference as "
         "old policy) trades reward for stability"
     )
-    if have(*names):
-        seeds = common(*names)
+    if c.have(*names):
+        seeds = c.common(*names)
         checks = []
         for v in ("kl_penalty", "entropy_bonus"):
-            flags = [nums[v][s]["over_optimised"] for s in seeds]
-            va_oo = [nums["vanilla"][s]["over_optimised"] for s in seeds]
+            flags = [c.nums[v][s]["over_optimised"] for s in seeds]
+            va_oo = [c.nums["vanilla"][s]["over_optimised"] for s in seeds]
             decision = unanimous([not x for x in flags])
             checks.append(
                 (decision, f"over-optimised: {v} {fmt_list(flags)} vs vanilla {fmt_list(va_oo)}: {decision}")
             )
-            checks.append(cmp(v, "vanilla", "gold_fall"))
-        rm_kl = [nums["kl_penalty"][s]["trajectories"]["rm"]["end"] for s in seeds]
-        rm_is = [nums["kl_reference_as_old"][s]["trajectories"]["rm"]["end"] for s in seeds]
+            checks.append(c.cmp(v, "vanilla", "gold_fall"))
+        rm_kl = [c.nums["kl_penalty"][s]["trajectories"]["rm"]["end"] for s in seeds]
+        rm_is = [c.nums["kl_reference_as_old"][s]["trajectories"]["rm"]["end"] for s in seeds]
         p = paired(rm_is, rm_kl, "lower")
         checks.append(
             (
@@ -178,8 +196,8 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
                 f"difference {fmt_num(p['mean'], '+.3f')} ± {fmt_num(p['sd'], '.3f')} sd: {p['decision']})",
             )
         )
-        checks.append(cmp("kl_reference_as_old", "kl_penalty", "kl_mid"))
-        verdict(
+        checks.append(c.cmp("kl_reference_as_old", "kl_penalty", "kl_mid"))
+        c.verdict(
             claim,
             "fig. 7",
             checks,
@@ -190,24 +208,28 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
             "with or without the penalty.",
         )
     else:
-        not_run(claim, "fig. 7", names)
+        c.not_run(claim, "fig. 7", names)
+
+
+def _fig8(c: _Claims) -> None:
+    """Fig. 8: critic pre-training against vanilla; a policy that skipped SFT against PPO-max."""
     # (c) fig. 8
     names = ("vanilla", "critic_pretrain", "ppo_max", "policy_pretrained")
     claim = "(c) critic pre-training smooths early training; a policy without SFT fails"
-    if have(*names):
-        seeds = common(*names)
-        wl = [nums["policy_pretrained"][s]["win_tie_lose"] for s in seeds]
+    if c.have(*names):
+        seeds = c.common(*names)
+        wl = [c.nums["policy_pretrained"][s]["win_tie_lose"] for s in seeds]
         loses = unanimous([w[2] > w[0] for w in wl])
         checks = [
-            cmp("critic_pretrain", "vanilla", "rm_roughness_early"),
-            cmp("critic_pretrain", "vanilla", "kl_mid"),
-            cmp("policy_pretrained", "ppo_max", "eval_gold_policy", better="lower"),
+            c.cmp("critic_pretrain", "vanilla", "rm_roughness_early"),
+            c.cmp("critic_pretrain", "vanilla", "kl_mid"),
+            c.cmp("policy_pretrained", "ppo_max", "eval_gold_policy", better="lower"),
             (
                 loses,
                 f"policy_pretrained vs SFT win/tie/lose {', '.join('/'.join(map(str, w)) for w in wl)}: {loses}",
             ),
         ]
-        verdict(
+        c.verdict(
             claim,
             "fig. 8",
             checks,
@@ -216,16 +238,24 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
             "dialogues too (its corpus holds dialogues), so it is a weaker but not an incapable policy.",
         )
     else:
-        not_run(claim, "fig. 8", names)
+        c.not_run(claim, "fig. 8", names)
+
+
+def _fig12(c: _Claims) -> None:
+    """Fig. 12: PPO-ptx's alignment tax against PPO-max's."""
     # (d) fig. 12
     names = ("ppo_max", "ppo_ptx")
     claim = "(d) PPO-ptx lowers the alignment tax (held-out pretraining-text loss)"
-    if have(*names):
-        seeds = common(*names)
-        tax_max = [nums["ppo_max"][s]["heldout_loss"] - nums["ppo_max"][s]["heldout_loss_sft"] for s in seeds]
-        tax_ptx = [nums["ppo_ptx"][s]["heldout_loss"] - nums["ppo_ptx"][s]["heldout_loss_sft"] for s in seeds]
+    if c.have(*names):
+        seeds = c.common(*names)
+        tax_max = [
+            c.nums["ppo_max"][s]["heldout_loss"] - c.nums["ppo_max"][s]["heldout_loss_sft"] for s in seeds
+        ]
+        tax_ptx = [
+            c.nums["ppo_ptx"][s]["heldout_loss"] - c.nums["ppo_ptx"][s]["heldout_loss_sft"] for s in seeds
+        ]
         p = paired(tax_ptx, tax_max, "lower")
-        verdict(
+        c.verdict(
             claim,
             "fig. 12",
             [
@@ -239,27 +269,31 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
             "and the ptx loss here is on SFT demonstrations, not on the pretraining corpus the loss is measured on.",
         )
     else:
-        not_run(claim, "fig. 12", names)
+        c.not_run(claim, "fig. 12", names)
+
+
+def _demo(c: _Claims) -> None:
+    """The demo's two: vanilla over-optimises the RM, PPO-max beats SFT."""
     # the demo's two
-    if have("vanilla"):
-        seeds = sorted(nums["vanilla"])
-        oo = [nums["vanilla"][s]["over_optimised"] for s in seeds]
-        verdict(
+    if c.have("vanilla"):
+        seeds = sorted(c.nums["vanilla"])
+        oo = [c.nums["vanilla"][s]["over_optimised"] for s in seeds]
+        c.verdict(
             "(demo) vanilla PPO over-optimises the reward model",
             "fig. 4",
             [
                 (
                     unanimous(oo),
-                    f"over-optimised per seed {fmt_list(oo)}; gold fall {fmt_list(_per_seed(nums, 'vanilla', 'gold_fall'))}",
+                    f"over-optimised per seed {fmt_list(oo)}; gold fall {fmt_list(_per_seed(c.nums, 'vanilla', 'gold_fall'))}",
                 )
             ],
             "in this run length the policy found no exploit of this seed's RM that lowers the gold reward "
             "(compare its KL and length: a vanilla run that barely moved has nothing to over-optimise with).",
         )
-    if have("ppo_max"):
-        seeds = sorted(nums["ppo_max"])
-        wl = [nums["ppo_max"][s]["win_tie_lose"] for s in seeds]
-        verdict(
+    if c.have("ppo_max"):
+        seeds = sorted(c.nums["ppo_max"])
+        wl = [c.nums["ppo_max"][s]["win_tie_lose"] for s in seeds]
+        c.verdict(
             "(demo) PPO-max beats SFT by the gold judge",
             "fig. 10",
             [
@@ -271,15 +305,18 @@ def verdicts(nums: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, Any]]
             "PPO-max's gains over SFT are small on this world (a few hundredths of gold reward): one sampled answer "
             "per prompt and a tie margin of 0.1 make the count noisy.",
         )
+
+
+def _whitening(c: _Claims) -> None:
+    """Ours: advantage whitening on top of PPO-max."""
     # ours: advantage whitening on top of the paper's PPO-max
-    if have("ppo_max", "ppo_max_adv_norm"):
-        verdict(
+    if c.have("ppo_max", "ppo_max_adv_norm"):
+        c.verdict(
             "(ours) advantage whitening helps PPO-max (more end gold, less gold fall)",
             "whitening",
             [
-                cmp("ppo_max_adv_norm", "ppo_max", "gold_end", "higher"),
-                cmp("ppo_max_adv_norm", "ppo_max", "gold_fall"),
+                c.cmp("ppo_max_adv_norm", "ppo_max", "gold_end", "higher"),
+                c.cmp("ppo_max_adv_norm", "ppo_max", "gold_fall"),
             ],
             "whitening does not measurably help PPO-max here: it stays off (the paper's PPO-max has none).",
         )
-    return out
