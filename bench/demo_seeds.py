@@ -6,8 +6,8 @@ outcome numbers.
 
 For every seed (a different world, tokenizer, model initialisation and sampling noise): PPO-max vs SFT
 win/tie/lose by the gold judge (overall, helpful, harmless); the RM and gold reward trajectories of both PPO runs
-(start / peak / end over the run, see ppomax.demo.report.trajectory); KL per token and response length; and the three
-verdicts of ppomax.demo.report.outcome. Stages are cached per seed, so an interrupted sweep resumes where it stopped.
+(start / peak / end over the run, see ppomax.demo.outcome.trajectory); KL per token and response length; and the three
+verdicts of ppomax.demo.outcome.outcome. Stages are cached per seed, so an interrupted sweep resumes where it stopped.
 A JSON file with every seed's summary is written to OUT/seeds.json.
 """
 

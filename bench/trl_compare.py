@@ -236,7 +236,7 @@ PHASES = ("gen", "score", "train", "other", "iter")
 def peak_rss_mib() -> float:
     """This process's peak resident memory (Linux VmHWM; ru_maxrss elsewhere), MiB: each side runs in a fresh
     process, so it is that side's whole run (models, optimisers, generation, activations). The TRL side cannot
-    import ppomax, so this is not ``ppomax.demo.ablate.memory_mib``."""
+    import ppomax, so this is not ``ppomax.demo.ablate.stages.memory_mib``."""
     status = Path("/proc/self/status")
     if status.is_file():
         for line in status.read_text().splitlines():

@@ -13,7 +13,8 @@ from ppomax.cli import main
 from ppomax.config import PPOConfig, read_preset
 from ppomax.demo import stages as demo_stages
 from ppomax.demo.ablate import BY_NAME, QUICK, STAGE_NAMES, VARIANTS, select
-from ppomax.demo.ablate_report import OUT_OF_SAMPLE, gold_fall_step, over_optimised, replay_monitor
+from ppomax.demo.ablate.monitor import OUT_OF_SAMPLE, replay_monitor
+from ppomax.demo.ablate.numbers import gold_fall_step, over_optimised
 from ppomax.demo.profiles import PROFILES
 from ppomax.errors import UserError
 
@@ -180,7 +181,7 @@ def test_quick_ablate_end_to_end(tmp_path, capsys):
 def test_every_claim_gets_a_verdict_with_its_numbers():
     """verdicts() on synthetic per-run numbers for every variant and two seeds (the quick run leaves most claims
     "not run", so this is where their comparisons and formatting are exercised)."""
-    from ppomax.demo.ablate_report import verdicts
+    from ppomax.demo.ablate.verdicts import verdicts
 
     def run(i: int) -> dict:
         t = {
@@ -227,7 +228,7 @@ def _est_recs(gold, rm, kl_seq, seconds=1.0, critic_only=0):
 
 
 def test_gold_at_kl_interpolates_at_the_first_crossing():
-    from ppomax.demo.ablate_report import gold_at_kl
+    from ppomax.demo.ablate.estimators import gold_at_kl
 
     kl, gold = [0.0, 0.5, 1.0, 2.0, 1.5, 3.0], [0.0, 1.0, 2.0, 3.0, 9.0, 4.0]
     assert gold_at_kl(kl, gold, 0.75) == pytest.approx(1.5)
@@ -237,7 +238,8 @@ def test_gold_at_kl_interpolates_at_the_first_crossing():
 
 
 def test_frontier_and_costs_from_records():
-    from ppomax.demo.ablate_report import frontier, iteration_costs, method_settings
+    from ppomax.demo.ablate.estimators import frontier
+    from ppomax.demo.ablate.numbers import iteration_costs, method_settings
 
     recs = _est_recs([0.1 * i for i in range(20)], [1.0] * 20, [0.2 * i for i in range(20)], critic_only=3)
     del recs[5]["kl/per_sequence"]  # a step without KL drops out of the frontier
@@ -271,7 +273,8 @@ def _eval_result(wtl=(5, 3, 2)) -> dict:
 
 def _method_runs(fast: bool, over: bool, seconds: float, seeds=(0, 1)):
     """:func:`_method_recs` per seed, as the report's frontier curves and per-run numbers."""
-    from ppomax.demo.ablate_report import frontier, iteration_costs, run_numbers
+    from ppomax.demo.ablate.estimators import frontier
+    from ppomax.demo.ablate.numbers import iteration_costs, run_numbers
 
     out_curves, out_nums = {}, {}
     for s in seeds:
@@ -288,7 +291,7 @@ def _method_runs(fast: bool, over: bool, seconds: float, seeds=(0, 1)):
 def test_estimator_verdicts_name_whichever_method_wins(winner):
     """The same synthetic world both ways round: the method whose gold rises faster per KL wins at equal KL
     even when it over-optimises later (and then loses at the end); nothing about a method's name decides."""
-    from ppomax.demo.ablate_report import compare_estimators
+    from ppomax.demo.ablate.estimators import compare_estimators
 
     loser = "grpo" if winner == "ppo_max" else "ppo_max"
     curves, nums = {}, {}
@@ -316,7 +319,7 @@ def test_estimator_verdicts_name_whichever_method_wins(winner):
 
 
 def test_a_win_on_the_mean_only_is_reported_as_such():
-    from ppomax.demo.ablate_report import estimator_verdicts
+    from ppomax.demo.ablate.estimators import estimator_verdicts
 
     def seeds_of(golds):
         keys = ("gold_end", "over_optimised", "gold_fall", "seconds_per_iteration", "peak_rss_mib")
@@ -330,7 +333,7 @@ def test_a_win_on_the_mean_only_is_reported_as_such():
 
 
 def test_memory_of_this_process():
-    from ppomax.demo.ablate import memory_mib
+    from ppomax.demo.ablate.stages import memory_mib
 
     m = memory_mib()
     assert m["peak"] > 0 and (m["rss"] is None or m["peak"] >= m["rss"] > 0)
@@ -340,7 +343,9 @@ def test_report_has_the_estimators_section(tmp_path):
     """write_ablate_report on synthetic run directories (no training): the comparison's table, verdicts, frontier
     PNG and summary entry, with the memory probes' numbers and the runs' settings."""
     from ppomax.demo.ablate import Variant
-    from ppomax.demo.ablate_report import ESTIMATORS, PROBE_STAGE, write_ablate_report
+    from ppomax.demo.ablate.report import write_ablate_report
+    from ppomax.demo.ablate.stages import PROBE_STAGE
+    from ppomax.demo.ablate.variants import ESTIMATORS
     from ppomax.demo.profiles import PROFILES
 
     variants = [
@@ -514,7 +519,7 @@ def test_parallel_seeds_start_a_seeds_variants_while_another_seed_builds_its_bas
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from ppomax.demo.ablate import run_seeds_in_parallel
+    from ppomax.demo.ablate.run import run_seeds_in_parallel
 
     events: list[tuple[str, str]] = []
     variant_of_seed_1_started = threading.Event()
@@ -547,7 +552,7 @@ def test_parallel_seeds_start_a_seeds_variants_while_another_seed_builds_its_bas
 def test_parallel_seeds_raise_a_failure_and_cancel_what_has_not_started():
     from concurrent.futures import ThreadPoolExecutor
 
-    from ppomax.demo.ablate import run_seeds_in_parallel
+    from ppomax.demo.ablate.run import run_seeds_in_parallel
 
     ran: list[str] = []
 
@@ -567,7 +572,7 @@ def test_parallel_seeds_raise_a_failure_and_cancel_what_has_not_started():
 
 
 def test_paired_test_decides_beyond_the_seeds_noise_only():
-    from ppomax.demo.ablate_report import FAILS, HOLDS, NOISE, combine, paired, unanimous
+    from ppomax.demo.ablate.verdicts import FAILS, HOLDS, NOISE, combine, paired, unanimous
 
     p = paired([0.6, 0.7, 0.8], [0.5, 0.6, 0.7])  # +0.1 on every seed, no spread
     assert p["decision"] == HOLDS and p["mean"] == pytest.approx(0.1)
@@ -585,7 +590,7 @@ def test_paired_test_decides_beyond_the_seeds_noise_only():
 def test_a_sign_on_three_seeds_is_no_verdict():
     """fig. 12's claim where PPO-ptx's tax is lower on all 3 seeds, once by 0.02 and twice by a hair: within the
     noise (a majority of signs would have called it reproduced), and reproduced with a consistent margin."""
-    from ppomax.demo.ablate_report import verdicts
+    from ppomax.demo.ablate.verdicts import verdicts
 
     def nums_of(ptx):
         base = {"heldout_loss_sft": 1.0, "win_tie_lose": [3, 5, 2]}
@@ -603,7 +608,7 @@ def test_a_sign_on_three_seeds_is_no_verdict():
 def test_fig6_and_fig7_use_the_papers_settings():
     """fig. 6's advantage normalisation is judged with the paper's clips (0.5 and 0.12), fig. 7's entropy half
     with fig. 16's coefficient and clip."""
-    from ppomax.demo.ablate_report import verdicts
+    from ppomax.demo.ablate.verdicts import verdicts
 
     assert BY_NAME["adv_norm_0.5"].overrides == ("ppo.advantage_norm=true", "ppo.advantage_clip=0.5")
     assert BY_NAME["entropy_bonus"].overrides == ("ppo.entropy_coef=0.01", "ppo.entropy_clip=30")
@@ -660,7 +665,8 @@ def _mon_recs(n, kl_token, kl_seq, gold, rm):
 def test_monitor_rules_replay_and_their_evidence():
     """Every rule on a drifting run (exact KL logged) and on a run made before the exact KL (the rules that need
     it: not replayable); the confusion counts with the lead on gold's fall, in and out of sample."""
-    from ppomax.demo.ablate_report import MONITOR_RULES, NA, monitor_evidence, run_numbers
+    from ppomax.demo.ablate.monitor import MONITOR_RULES, NA, monitor_evidence
+    from ppomax.demo.ablate.numbers import run_numbers
 
     n = 40
     gold = [0.5 + 0.02 * i for i in range(10)] + [0.7 - 0.03 * i for i in range(30)]
@@ -693,7 +699,7 @@ def test_monitor_rules_replay_and_their_evidence():
 
 
 def test_cause_effects_are_paired_differences_to_the_preset():
-    from ppomax.demo.ablate_report import cause_effects
+    from ppomax.demo.ablate.estimators import cause_effects
 
     def seeds(gold, fall):
         return {
@@ -746,7 +752,7 @@ def _fig7_nums(entropy_oo, ref_rm_end=(0.5, 0.6, 0.7)):
 def test_fig7_entropy_half_needs_every_seed():
     """The entropy bonus over-optimising on one seed of three leaves fig. 7's claim within the noise (a majority
     of seeds would have called it stable); on none of them, the claim is reproduced; on most, not reproduced."""
-    from ppomax.demo.ablate_report import verdicts
+    from ppomax.demo.ablate.verdicts import verdicts
 
     def fig7(entropy_oo):
         (b,) = [v for v in verdicts(_fig7_nums(entropy_oo)) if v["claim"].startswith("(b)")]
@@ -761,7 +767,7 @@ def test_fig7_entropy_half_needs_every_seed():
 
 
 def test_whitening_is_judged_against_ppo_max_on_paired_seeds():
-    from ppomax.demo.ablate_report import verdicts
+    from ppomax.demo.ablate.verdicts import verdicts
 
     def nums(gold_end, fall):
         def run(g, f):
@@ -788,7 +794,7 @@ def test_whitening_is_judged_against_ppo_max_on_paired_seeds():
 def test_trend_rule_fires_on_a_rising_kl_not_a_flat_one():
     """The candidate trend rule (replayed only): a KL that keeps rising past its floor fires, one that settles at
     a high level with a rising reward does not, a run without the exact KL cannot be judged."""
-    from ppomax.demo.ablate_report import NA, _trend_rule
+    from ppomax.demo.ablate.monitor import NA, _trend_rule
 
     n = 40
     rm = [1.0 + 0.05 * i for i in range(n)]

@@ -42,7 +42,7 @@ def test_python_defaults_are_ppo_max_on_every_key():
 
 
 def test_ppo_max_preset_sets_nothing_the_defaults_do_not():
-    """The recipe lives in config.py (with its sources); the preset file only names it."""
+    """The recipe lives in ppomax.config (with its sources); the preset file only names it."""
     assert read_yaml(preset_path("ppo_max")) == {}
 
 

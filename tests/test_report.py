@@ -1,4 +1,4 @@
-"""ppomax.demo.report: trajectory summaries and outcome checks by hand, and a report written from synthetic runs."""
+"""ppomax.demo.outcome and ppomax.demo.report: trajectory summaries and outcome checks by hand, and a report written from synthetic runs."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import math
 
 import pytest
 
-from ppomax.demo.report import (
+from ppomax.demo.outcome import (
     moving_average,
     outcome,
     policy_records,
     run_trajectories,
     series,
     trajectory,
-    write_report,
 )
+from ppomax.demo.report import write_report
 
 
 def test_moving_average_by_hand():

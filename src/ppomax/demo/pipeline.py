@@ -37,7 +37,14 @@ PPO_RUNS = {"vanilla": "ppo_vanilla", "ppo_max": "ppo_max"}
 MARKER = "done.json"
 # The code that turns the eval and PPO outputs into report/: a change to it makes a cached report stale even
 # within one ppomax version (the other stages are keyed by the version and their settings).
-REPORT_CODE = ("ppomax.demo.report", "ppomax.monitor", "ppomax.demo.stages")
+REPORT_CODE = (
+    "ppomax.demo.report",
+    "ppomax.demo.outcome",
+    "ppomax.demo.plots",
+    "ppomax.demo.markdown",
+    "ppomax.monitor",
+    "ppomax.demo.stages",
+)
 
 
 def _fingerprint(*parts: Any) -> str:

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ppomax.demo.outcome import GOLD_REWARD
 from ppomax.demo.profiles import DemoProfile
-from ppomax.demo.report import GOLD_REWARD
 from ppomax.demo.tokenizer import train_bpe_tokenizer
 
 # The gold reward as a PPO reward function of weight 0 (logged as reward/gold_mean, never optimised); the world
@@ -369,7 +369,8 @@ def write_demo_report(
     timings: dict[str, float],
     out: Path,
 ) -> None:
-    from ppomax.demo.report import outcome, policy_records, write_report
+    from ppomax.demo.outcome import outcome, policy_records
+    from ppomax.demo.report import write_report
     from ppomax.monitor import read_metrics
 
     runs = {name: policy_records(read_metrics(p / "metrics.jsonl")) for name, p in ppo_dirs.items()}
