@@ -421,3 +421,17 @@ def test_dual_clip_and_kl_control_defaults_are_off_and_combine():
         "loss",
         "k3",
     )
+
+
+@pytest.mark.parametrize(
+    "overrides, one_step",
+    [
+        ([], False),  # PPO-max: 4 minibatches of 32
+        (["ppo.buffer_size=32", "ppo.rollout_batch_size=32"], True),
+        (["ppo.buffer_size=32", "ppo.rollout_batch_size=32", "ppo.ppo_epochs=2"], False),
+        (["ppo.buffer_size=32", "ppo.rollout_batch_size=32", "ppo.micro_batch_size=16"], False),
+        (["ppo.buffer_size=32", "ppo.rollout_batch_size=32", "ppo.micro_batch_size=32"], True),
+    ],
+)
+def test_one_step_update_is_one_epoch_over_the_whole_buffer_in_one_forward(overrides, one_step):
+    assert load_config("ppo", preset="ppo_max", overrides=overrides).ppo.one_step_update is one_step

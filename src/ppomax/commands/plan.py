@@ -171,10 +171,7 @@ def workload_of(cfg: Any, kind: str) -> Any:
             ptx_rows=ptx_rows,
             ptx_seq=d.max_prompt_tokens + d.max_ptx_response_tokens,
             # as ppomax.trainers.ppo_fused.fuses_scoring, with a critic to fuse
-            fused_update=p.uses_critic
-            and p.ppo_epochs == 1
-            and p.minibatch_size >= p.buffer_size
-            and (p.micro_batch_size is None or p.micro_batch_size >= p.minibatch_size),
+            fused_update=p.uses_critic and p.one_step_update,
         )
     seq = d.max_prompt_tokens + d.max_response_tokens
     if kind == "sft":

@@ -47,8 +47,7 @@ from .ppo_step import (
 def fuses_scoring(ppo: PPOSettings) -> bool:
     """Whether the update's own forwards give the scoring pass's old log-probs, entropy and values exactly: one
     epoch over one minibatch that is the whole buffer, in one micro-batch (see the module's docstring)."""
-    one_chunk = ppo.micro_batch_size is None or ppo.micro_batch_size >= ppo.minibatch_size
-    return ppo.ppo_epochs == 1 and ppo.minibatch_size >= ppo.buffer_size and one_chunk
+    return ppo.one_step_update
 
 
 @dataclasses.dataclass
