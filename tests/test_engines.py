@@ -143,8 +143,8 @@ def test_two_processes_match_one_process(setup, one_process, engine):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
 def test_deepspeed_resume_is_exact(setup, engine):
-    """2N iterations == N + N under DeepSpeed with 2 processes (engines' checkpoints, ppomax_state.json, RNG): the
-    same metrics, final weights and newest checkpoint (the engines' shards of weights and optimiser states)."""
+    """2N iterations == N + N under DeepSpeed with 2 processes (engines' checkpoints, ppomax_state.json,
+    RNG): the same metrics, final weights and newest checkpoint (the engines' weight and optimiser shards)."""
     common = ["generation.top_k=0", "ppo.critic_pretrain_steps=1", "ppo.minibatch_size=2"]
     whole, part = setup.root / f"{engine}-whole", setup.root / f"{engine}-part"
     proc = launch(engine, 2, *ppo_args(setup, whole, 4, *common, "ppo.iterations=2"))

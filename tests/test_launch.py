@@ -244,7 +244,8 @@ def test_the_reference_is_held_in_the_dtype_the_policy_reads_its_weights_in(dtyp
 @pytest.mark.slow
 def test_two_process_sft_resume_continues_as_if_uninterrupted(tmp_path):
     """Two ranks (gloo) with a ragged last step per epoch (8 examples, 3 per rank: shares of 3/3 then 1/1): a
-    run resumed from its step-4 checkpoint ends exactly as the run that went on (metrics, weights, optimiser), so each rank's share of a step (data.batching.rank_share) is re-derived exactly on resume."""
+    run resumed from its step-4 checkpoint ends exactly as the run that went on (metrics, weights, optimiser),
+    so each rank's share of a step (data.batching.rank_share) is re-derived exactly on resume."""
     import shutil
 
     from ppomax.monitor import read_metrics

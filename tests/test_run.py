@@ -607,8 +607,8 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_same_end(tmp_path
 
 
 def test_run_differences_names_the_first_differing_tensor(tmp_path):
-    """The tests' one comparison of a resumed run with the uninterrupted one (helpers.run_differences): timing
-    fields aside, any difference is found and named by file and key, in the optimiser state as in the weights."""
+    """The tests' one comparison of a resumed run with the uninterrupted one (helpers.run_differences):
+    timing fields aside, any difference is found and named by file and key, in optimiser state as in weights."""
     import torch
     from safetensors.torch import save_file
 
