@@ -26,7 +26,6 @@ run directory byte for byte as it was (the data is then put back).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import signal
@@ -40,12 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
+from helpers import run_differences
 
-# Fields that differ between two runs of the same computation (seconds, and rates per second).
-TIMING_PREFIXES = ("time/", "perf/")
-TIMING_SUFFIXES = ("_per_s",)
 MOMENTS = ("random", "early", "first_checkpoint", "checkpoint", "generation", "update")
 HANG_S = 120.0  # a child that runs this long is killed and reported, never waited for forever
 
@@ -327,57 +322,6 @@ def last_line(log: Path) -> str:
     return lines[-1] if lines else ""
 
 
-# --------------------------------------------------------------------------------------------- comparison
-
-
-def comparable_metrics(path: Path) -> list[dict]:
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            records.append(
-                {
-                    k: v
-                    for k, v in rec.items()
-                    if not k.startswith(TIMING_PREFIXES) and not k.endswith(TIMING_SUFFIXES)
-                }
-            )
-    return records
-
-
-def differences(ref: Path, run: Path) -> str | None:
-    """None when ``run`` finished exactly as ``ref``: its metrics (all but timing fields), its final (and best)
-    weights and evaluation record; else the first difference found."""
-    a, b = comparable_metrics(ref / "metrics.jsonl"), comparable_metrics(run / "metrics.jsonl")
-    if [r.get("step") for r in a] != [r.get("step") for r in b]:
-        return f"metrics steps {[r.get('step') for r in b]} != {[r.get('step') for r in a]}"
-    for ra, rb in zip(a, b, strict=True):
-        if ra != rb:
-            keys = sorted(k for k in set(ra) | set(rb) if ra.get(k) != rb.get(k))
-            k = keys[0]
-            return f"metrics at step {ra.get('step')}: {k} {rb.get(k)!r} != {ra.get(k)!r} ({len(keys)} keys)"
-    for sub in ("final", "best"):
-        if not (ref / sub).exists():
-            continue
-        for f in sorted((ref / sub).rglob("*.safetensors")):
-            other = run / f.relative_to(ref)
-            if not other.is_file():
-                return f"{other.relative_to(run)} missing"
-            ta, tb = load_file(str(f)), load_file(str(other))
-            if ta.keys() != tb.keys():
-                return f"{other.relative_to(run)}: tensor names differ"
-            for k in ta:
-                if not torch.equal(ta[k], tb[k]):
-                    return f"{other.relative_to(run)}: {k} differs"
-        for f in sorted((ref / sub).rglob("ppomax_eval.json")):
-            other = run / f.relative_to(ref)
-            if not other.is_file() or json.loads(other.read_text()) != json.loads(f.read_text()):
-                return f"{other.relative_to(run)} differs"
-    if not (run / "final").is_dir():
-        return "no final/"
-    return None
-
-
 # --------------------------------------------------------------------------------------------- a chain
 
 
@@ -458,7 +402,7 @@ def run_chain(
     else:
         chain.reason = "did not finish"
         return chain
-    diff = differences(ref, out)
+    diff = run_differences(ref, out)
     chain.exact = diff is None
     chain.reason = diff or ""
     return chain

@@ -5,10 +5,17 @@ Nothing here downloads anything: tokenizers are trained on a few strings in a fr
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
+
+from ppomax.checkpoint import step_dirs
 
 DEFAULT_TEXTS = [
     "\n\nHuman: What is the capital of France?\n\nAssistant: The capital of France is Paris.",
@@ -90,3 +97,139 @@ def float_leaves(obj, path="summary"):
             yield from float_leaves(v, f"{path}[{i}]")
     elif isinstance(obj, float):
         yield path, obj
+
+
+# -------------------------------------------------------------------- a run equals the same run uninterrupted
+
+TIMING_PREFIXES = ("time/", "perf/")
+TIMING_SUFFIXES = ("_per_s",)
+
+
+def comparable_metrics(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` without their timing fields (all two equal runs may differ in)."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            records.append(
+                {
+                    k: v
+                    for k, v in json.loads(line).items()
+                    if not k.startswith(TIMING_PREFIXES) and not k.endswith(TIMING_SUFFIXES)
+                }
+            )
+    return records
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if torch.equal(a, b):
+        return True
+    if not a.is_floating_point():
+        return False
+    nan_a, nan_b = a.isnan(), b.isnan()
+    return torch.equal(nan_a, nan_b) and torch.equal(a[~nan_a], b[~nan_b])
+
+
+def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
+    """Where the nested values ``a`` (the reference) and ``b`` first differ, exactly (NaN equals NaN): the
+    dotted key of the first differing tensor or value and how it differs; None when equal."""
+    at = key or "the value"
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if _same_tensor(a, b):
+            return None
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"{at}: {b.dtype}{list(b.shape)} != {a.dtype}{list(a.shape)}"
+        gap = (a.double() - b.double()).abs().nan_to_num(nan=math.inf).max().item()
+        return f"{at} differs (max |difference| {gap:.3g})"
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return None if np.array_equal(a, b) else f"{at} differs"
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            extra, missing = sorted(map(str, b.keys() - a.keys())), sorted(map(str, a.keys() - b.keys()))
+            return f"{at}: keys {extra} not in the reference, {missing} missing"
+        for k in sorted(a, key=str):
+            diff = _first_difference(a[k], b[k], f"{key}.{k}" if key else str(k))
+            if diff:
+                return diff
+        return None
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        if len(a) != len(b):
+            return f"{at}: {len(b)} items != {len(a)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            diff = _first_difference(x, y, f"{key}[{i}]")
+            if diff:
+                return diff
+        return None
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return None
+    if type(a) is type(b) and type(a).__eq__ is object.__eq__ and hasattr(a, "__dict__"):
+        return _first_difference(vars(a), vars(b), key)  # a saved object without equality (a loss scaler)
+    return None if type(a) is type(b) and a == b else f"{at}: {b!r} != {a!r}"
+
+
+def _load(path: Path) -> Any:
+    """A file of a run directory as values to compare: tensors, JSON, torch-saved states (the test's own
+    files, so the RNG states' numpy arrays may be unpickled), else its bytes."""
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    if path.suffix == ".json":
+        return json.loads(path.read_text(encoding="utf-8"))
+    if path.suffix in (".bin", ".pt", ".pkl"):
+        return torch.load(path, map_location="cpu", weights_only=False)
+    return path.read_bytes()
+
+
+def _directory_difference(ref: Path, run: Path, name: str) -> str | None:
+    """The first difference between the files under ``ref`` and ``run`` (``name``: what to call them)."""
+    files = {p.relative_to(ref) for p in ref.rglob("*") if p.is_file()}
+    others = {p.relative_to(run) for p in run.rglob("*") if p.is_file()}
+    if files != others:
+        extra, missing = sorted(map(str, others - files)), sorted(map(str, files - others))
+        return f"{name}: files {extra} not in the reference, {missing} missing"
+    for f in sorted(files):
+        diff = _first_difference(_load(ref / f), _load(run / f))
+        if diff:
+            return f"{name}/{f}: {diff}"
+    return None
+
+
+def _newest_checkpoint(run: Path) -> Path | None:
+    found = step_dirs(run / "checkpoints")
+    return found[-1][1] if found else None
+
+
+def run_differences(ref: Path, run: Path) -> str | None:
+    """None when the run in ``run`` ended exactly as the run in ``ref`` (the same run, uninterrupted): its
+    metrics (all but timing fields), its newest checkpoint (weights, optimiser, scheduler and RNG states,
+    ppomax_state.json) and its final/ and best/ models (weights, configs, tokenizer, evaluation record), each
+    value bit for bit; else the first difference, naming the file and the tensor or key."""
+    a, b = comparable_metrics(ref / "metrics.jsonl"), comparable_metrics(run / "metrics.jsonl")
+    if [r.get("step") for r in a] != [r.get("step") for r in b]:
+        return f"metrics steps {[r.get('step') for r in b]} != {[r.get('step') for r in a]}"
+    for ra, rb in zip(a, b, strict=True):
+        diff = _first_difference(ra, rb)
+        if diff:
+            return f"metrics at step {ra.get('step')}: {diff}"
+    ckpt_a, ckpt_b = _newest_checkpoint(ref), _newest_checkpoint(run)
+    if (ckpt_a and ckpt_a.name) != (ckpt_b and ckpt_b.name):
+        return f"newest checkpoint {ckpt_b and ckpt_b.name} != {ckpt_a and ckpt_a.name}"
+    if ckpt_a and ckpt_b:
+        diff = _directory_difference(ckpt_a, ckpt_b, f"checkpoints/{ckpt_a.name}")
+        if diff:
+            return diff
+    for sub in ("final", "best"):
+        if (ref / sub).is_dir() != (run / sub).is_dir():
+            return f"{sub}/ {'missing' if (ref / sub).is_dir() else 'not in the reference'}"
+        if (ref / sub).is_dir():
+            diff = _directory_difference(ref / sub, run / sub, sub)
+            if diff:
+                return diff
+    return None
+
+
+def assert_same_run(ref: Path, run: Path) -> None:
+    """The run in ``run`` (interrupted and resumed, or moved, or run again) ended exactly as ``ref``
+    (:func:`run_differences`)."""
+    diff = run_differences(ref, run)
+    assert diff is None, diff

@@ -25,7 +25,6 @@ import pytest
 from faults import (
     Chain,
     Trigger,
-    differences,
     last_line,
     make_trigger,
     report,
@@ -36,7 +35,7 @@ from faults import (
     spawn,
     wait,
 )
-from helpers import DEFAULT_TEXTS, open_files_under, set_args
+from helpers import DEFAULT_TEXTS, assert_same_run, open_files_under, run_differences, set_args
 from ppo_helpers import FAST, make_setup, reward_fn
 from ppomax.cli import main
 from test_reward_trainer import _texts, rule_pairs
@@ -233,7 +232,7 @@ def _two_at_once(t: Trainer, out: Path) -> str | None:
     line = last_line(children[codes.index(2)].log)
     if "another ppomax run (PID " not in line and "already holds a run" not in line:
         return f"two at once into {out}: {line}"
-    return differences(t.ref, out)
+    return run_differences(t.ref, out)
 
 
 def _second_writers(t: Trainer, out: Path, capsys) -> str | None:
@@ -259,7 +258,7 @@ def _second_writers(t: Trainer, out: Path, capsys) -> str | None:
     finally:
         os.kill(child.pid, signal.SIGCONT)
     rc = wait(child)
-    return f"the live run exited {rc}: {last_line(child.log)}" if rc else differences(t.ref, out)
+    return f"the live run exited {rc}: {last_line(child.log)}" if rc else run_differences(t.ref, out)
 
 
 def test_two_runs_started_together_into_one_directory_give_one_run(trainers, tmp_path):
@@ -361,7 +360,7 @@ def test_a_zero3_ppo_run_with_2_processes_killed_in_checkpoint_writes_resumes_ex
         f"zero3 ppo, 2 processes: {sum(a.fired for a in attempts)} kills ({sum(a.mid_write for a in attempts)} "
         f"during a checkpoint write: {[a.aimed for a in attempts]})"
     )
-    diff = differences(ref, out)
+    diff = run_differences(ref, out)
     with capsys.disabled():
         print(f"\n{text}; {'resumed exactly' if diff is None else diff}")
     assert diff is None, diff
@@ -414,7 +413,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_resumes_exactly(
         assert kept == [f"step-{failing - 2}", f"step-{failing - 1}"]
     monkeypatch.setattr(Accelerator, "save_state", real)
     assert main([t.command[0], "--resume", str(out)]) == 0
-    assert differences(t.ref, out) is None
+    assert_same_run(t.ref, out)
 
 
 def _mount_tmpfs(where: Path, size: int) -> str | None:
@@ -467,7 +466,7 @@ def test_a_real_full_disk_is_one_line_and_the_run_resumes_elsewhere(trainers, tm
     finally:
         _umount(disk)
     assert main([t.command[0], "--resume", str(moved)]) == 0
-    assert differences(t.ref, moved) is None
+    assert_same_run(t.ref, moved)
 
 
 # ------------------------------------------------------------------------------------------------- read-only
@@ -541,4 +540,4 @@ def test_an_output_directory_turning_read_only_is_one_line_and_the_checkpoint_st
         else:
             _umount(disk)
     assert main([t.command[0], "--resume", str(moved)]) == 0
-    assert differences(t.ref, moved) is None
+    assert_same_run(t.ref, moved)

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from helpers import assert_same_run
 from launch_helpers import accelerate_launch
 from ppomax.cli import main
 from ppomax.trainers import launch as common
@@ -243,12 +244,9 @@ def test_the_reference_is_held_in_the_dtype_the_policy_reads_its_weights_in(dtyp
 @pytest.mark.slow
 def test_two_process_sft_resume_continues_as_if_uninterrupted(tmp_path):
     """Two ranks (gloo) with a ragged last step per epoch (8 examples, 3 per rank: shares of 3/3 then 1/1): a
-    run resumed from its step-4 checkpoint logs the same losses and ends with the same weights as the run that
-    went on, so each rank's share of a step (data.batching.rank_share) is re-derived exactly on resume."""
+    run resumed from its step-4 checkpoint ends exactly as the run that went on (metrics, weights, optimiser),
+    so each rank's share of a step (data.batching.rank_share) is re-derived exactly on resume."""
     import shutil
-
-    import torch
-    from transformers import AutoModelForCausalLM
 
     from ppomax.monitor import read_metrics
 
@@ -278,15 +276,9 @@ def test_two_process_sft_resume_continues_as_if_uninterrupted(tmp_path):
     shutil.rmtree(crashed / "final")
     shutil.rmtree(crashed / "checkpoints" / "step-6")
     launch("--resume", str(crashed))
-    full = [r for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]
-    resumed = [r for r in read_metrics(crashed / "metrics.jsonl") if "train/loss" in r]
-    assert [r["step"] for r in full] == [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
-    for x, y in zip(full, resumed, strict=True):
-        assert x["train/loss"] == pytest.approx(y["train/loss"], rel=1e-5, abs=1e-6), x["step"]
-    m1 = AutoModelForCausalLM.from_pretrained(run / "final")
-    m2 = AutoModelForCausalLM.from_pretrained(crashed / "final")
-    for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    steps = [r["step"] for r in read_metrics(crashed / "metrics.jsonl") if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert_same_run(run, crashed)
 
 
 @pytest.mark.parametrize(

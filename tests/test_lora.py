@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import set_args
+from helpers import assert_same_run, set_args
 from ppo_helpers import FAST, config, make_setup, reward_fn
 from ppomax.config import load_config
 from ppomax.errors import ConfigError
@@ -224,18 +224,12 @@ def test_resume_of_a_lora_run_is_exact(setup, tmp_path):
             out=str(tmp_path / out),
         )
 
-    straight = read_metrics(train_ppo(cfg("a", 3)) / "metrics.jsonl")
+    straight = train_ppo(cfg("a", 3))
     train_ppo(cfg("b", 1))
-    resumed = read_metrics(train_ppo(cfg("b", 3), resume=True) / "metrics.jsonl")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
-    for a, b in zip(straight, resumed, strict=True):
-        assert {k: v for k, v in a.items() if not k.startswith(("time/", "perf/"))} == {
-            k: v for k, v in b.items() if not k.startswith(("time/", "perf/"))
-        }
-    for model in ("policy", "critic"):
-        sa = load_file(str(tmp_path / "a" / "final" / model / "adapter_model.safetensors"))
-        sb = load_file(str(tmp_path / "b" / "final" / model / "adapter_model.safetensors"))
-        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    resumed = train_ppo(cfg("b", 3), resume=True)
+    assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert (resumed / "final" / "policy" / "adapter_model.safetensors").is_file()
+    assert_same_run(straight, resumed)
 
 
 # ------------------------------------------------------------------------------------------- SFT and RM

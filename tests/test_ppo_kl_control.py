@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from helpers import assert_same_run
 from ppo_helpers import config, make_setup, reward_fn
 from ppomax.algos import RunningMoments
 from ppomax.config import load_config
@@ -277,20 +278,17 @@ def test_resume_with_the_adaptive_kl_coefficient_continues_exactly(setup, tmp_pa
             out=str(tmp_path / out),
         )
 
-    straight = read_metrics(train_ppo(cfg("a", at=10**6)) / "metrics.jsonl")
+    straight = train_ppo(cfg("a", at=10**6))
     stopped = PPOTrainer(cfg("b", at=5))  # two reward calls per iteration: call 5 is in step 3
     with pytest.raises(RunStopped, match="stopped at step 3"):
         stopped.train()
     state = (tmp_path / "b" / "checkpoints" / "step-3" / "ppomax_state.json").read_text()
     assert '"kl_control"' in state
-    train_ppo(cfg("b", at=5), resume=True)
-    resumed = read_metrics(tmp_path / "b" / "metrics.jsonl")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
-    coefs = [r["ppo/kl_coef"] for r in straight]
+    resumed = train_ppo(cfg("b", at=5), resume=True)
+    assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    coefs = [r["ppo/kl_coef"] for r in read_metrics(straight / "metrics.jsonl")]
     assert coefs[0] == coefs[1] == 0.05 and len(set(coefs[1:])) == 4  # it moved every policy iteration
-    for a, b in zip(straight, resumed, strict=True):
-        for key, value in _timeless(a).items():
-            assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (a["step"], key)
+    assert_same_run(straight, resumed)
 
 
 # ------------------------------------------------------------------------------- precision of the reference

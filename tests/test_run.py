@@ -14,7 +14,7 @@ import shutil
 import pytest
 import yaml
 
-from helpers import open_files_under, set_args
+from helpers import assert_same_run, open_files_under, run_differences, set_args
 from ppomax.cli import main
 from ppomax.config import load_config
 from ppomax.monitor import read_metrics
@@ -574,7 +574,6 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_same_end(tmp_path
     """Killed between the last step's checkpoint and the end of the run (final evaluation, RM test scoring, final
     save): the resume does that end, so metrics and final/ are the uninterrupted run's, with no record twice
     (``logged``: the killed run had written the final evaluation's records already)."""
-    from faults import comparable_metrics
     from test_reward_trainer import _texts, rule_pairs
 
     if kind == "sft":
@@ -604,6 +603,27 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_same_end(tmp_path
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     shutil.rmtree(run / "final")
     assert main([command, "--resume", str(run)]) == 0
-    assert comparable_metrics(run / "metrics.jsonl") == comparable_metrics(ref / "metrics.jsonl")
-    for f in sorted((ref / "final").glob("*.safetensors")):
-        assert (run / "final" / f.name).read_bytes() == f.read_bytes()
+    assert_same_run(ref, run)
+
+
+def test_run_differences_names_the_first_differing_tensor(tmp_path):
+    """The tests' one comparison of a resumed run with the uninterrupted one (helpers.run_differences):
+    timing fields aside, any difference is found and named by file and key, in optimiser state as in weights."""
+    import torch
+    from safetensors.torch import save_file
+
+    def make_run(out: pathlib.Path, exp_avg: float, weight: float, seconds: float) -> pathlib.Path:
+        ckpt = out / "checkpoints" / "step-2"
+        ckpt.mkdir(parents=True)
+        (out / "final").mkdir()
+        (out / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 0.5, "time/step": seconds}) + "\n")
+        torch.save({"state": {0: {"exp_avg": torch.full((3,), exp_avg)}}}, ckpt / "optimizer.bin")
+        save_file({"w": torch.full((2,), weight)}, str(out / "final" / "model.safetensors"))
+        return out
+
+    ref = make_run(tmp_path / "ref", 0.25, 1.0, seconds=1.0)
+    assert run_differences(ref, make_run(tmp_path / "same", 0.25, 1.0, seconds=9.0)) is None
+    diff = run_differences(ref, make_run(tmp_path / "optim", 0.25 + 2**-20, 1.0, seconds=1.0))
+    assert diff and diff.startswith("checkpoints/step-2/optimizer.bin: state.0.exp_avg differs"), diff
+    diff = run_differences(ref, make_run(tmp_path / "weights", 0.25, 1.5, seconds=1.0))
+    assert diff and diff.startswith("final/model.safetensors: w differs (max |difference| 0.5)"), diff

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import set_args
+from helpers import assert_same_run, set_args
 from ppomax.cli import main
 from ppomax.config import load_config
 from ppomax.data import IGNORE_INDEX, LoadStats, SFTCollator, SFTExample, pad_id_of, tokenize_sft
@@ -216,17 +216,7 @@ def test_resume_continues_as_if_uninterrupted(sft_setup):
     full_text = (run / "metrics.jsonl").read_text()
     assert main(["train-sft", "--resume", str(crashed)]) == 0
     assert (run / "metrics.jsonl").read_text() == full_text  # the original run was not touched
-    full = read_metrics(run / "metrics.jsonl")
-    resumed = read_metrics(crashed / "metrics.jsonl")
-    assert [sorted(r) for r in resumed] == [sorted(r) for r in full]
-    for x, y in zip(full, resumed, strict=True):
-        for key in ("train/loss", "train/lr", "train/grad_norm", "eval/loss"):
-            if key in x:
-                assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key)
-    m1 = AutoModelForCausalLM.from_pretrained(run / "final")
-    m2 = AutoModelForCausalLM.from_pretrained(crashed / "final")
-    for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    assert_same_run(run, crashed)
     # resuming the finished run: nothing to do, nothing logged twice
     assert main(["train-sft", "--resume", str(run)]) == 0
     assert (run / "metrics.jsonl").read_text() == full_text
@@ -264,10 +254,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_identically(sft_setup, m
     assert (run / "checkpoints" / "step-3").is_dir() and not (run / "final").exists()
     monkeypatch.setattr(sft_mod, "sft_loss", real_loss)
     assert main(["train-sft", "--resume", str(run)]) == 0
-    m1 = AutoModelForCausalLM.from_pretrained(tmp_path / "ref" / "final")
-    m2 = AutoModelForCausalLM.from_pretrained(run / "final")
-    for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    assert_same_run(tmp_path / "ref", run)
 
 
 def test_nonfinite_updates_are_skipped_then_stop_the_run(sft_setup, monkeypatch, capsys):

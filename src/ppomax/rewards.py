@@ -32,13 +32,14 @@ import importlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from ppomax.config import RewardConfig, RewardFunctionConfig
 from ppomax.errors import ConfigError, UserError
+from ppomax.experience import Experience
 
 RM_KEY = "rm"
 # reward/<name>_mean metrics the PPO trainer logs itself: a function of one of these names would overwrite them
@@ -79,6 +80,7 @@ class RewardFunction:
     spec: str = ""
 
     def __post_init__(self) -> None:
+        params: Mapping[str, inspect.Parameter]
         try:
             params = inspect.signature(self.fn).parameters
         except (TypeError, ValueError):  # builtins without a signature
@@ -175,6 +177,12 @@ def build_reward_functions(
     return out
 
 
+class ScoringModel(Protocol):
+    """A reward model: a [B] score of each full sequence (:meth:`ppomax.models.ValueHeadModel.score`)."""
+
+    def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
+
+
 class RewardSources:
     """Scores responses with every configured source and sums them with their weights.
 
@@ -183,20 +191,23 @@ class RewardSources:
     response's last token, as in RM training.
     """
 
-    def __init__(self, model: Any | None, model_weight: float, functions: Sequence[RewardFunction]) -> None:
+    def __init__(
+        self, model: ScoringModel | None, model_weight: float, functions: Sequence[RewardFunction]
+    ) -> None:
         if model is None and not functions:
             raise ConfigError("no reward source: set model.reward and/or reward.functions")
         self.model = model
         self.model_weight = model_weight
         self.functions = list(functions)
 
+    @staticmethod
     @torch.no_grad()
-    def score_model(self, sequences: Tensor, attention_mask: Tensor) -> Tensor:
+    def score_model(model: ScoringModel, sequences: Tensor, attention_mask: Tensor) -> Tensor:
         """[B] float32 reward-model scores of full sequences."""
-        return self.model.score(sequences, attention_mask).float()
+        return model.score(sequences, attention_mask).float()
 
     @staticmethod
-    def split_ids(exp: Any, eos_ids: Sequence[int]) -> tuple[list[list[int]], list[list[int]]]:
+    def split_ids(exp: Experience, eos_ids: Sequence[int]) -> tuple[list[list[int]], list[list[int]]]:
         """Prompt ids (no padding) and response ids (no padding, final EOS dropped) of an Experience."""
         seqs = exp.sequences.tolist()
         width = exp.prompt_width
@@ -212,14 +223,14 @@ class RewardSources:
             response_ids.append(resp)
         return prompt_ids, response_ids
 
-    def __call__(self, exp: Any, eos_ids: Sequence[int]) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(self, exp: Experience, eos_ids: Sequence[int]) -> tuple[Tensor, dict[str, Tensor]]:
         """``(total [B], parts)`` for an Experience with sequences and texts; ``parts`` maps ``"rm"`` and each
         function's name to its unweighted [B] scores (all float32 on the sequences' device)."""
         device = exp.sequences.device
         total = torch.zeros(exp.batch_size, dtype=torch.float32, device=device)
         parts: dict[str, Tensor] = {}
         if self.model is not None:
-            s = self.score_model(exp.sequences, exp.attention_mask)
+            s = self.score_model(self.model, exp.sequences, exp.attention_mask)
             parts[RM_KEY] = s
             total = total + self.model_weight * s
         if self.functions:

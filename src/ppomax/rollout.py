@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, cast
 
 import torch
 from torch import Tensor
@@ -24,6 +24,11 @@ from ppomax.algos import entropy_from_logits, logprobs_from_logits
 from ppomax.config import GenerationConfig
 from ppomax.errors import UserError
 from ppomax.experience import Experience
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ppomax.models.adapter_dir import CausalLM
 
 
 class RolloutEngine(Protocol):
@@ -35,11 +40,11 @@ class RolloutEngine(Protocol):
     (before any sampling processor), as :class:`HFGenerateEngine` does."""
 
     def generate(
-        self, model: Any, input_ids: Tensor, attention_mask: Tensor, *, greedy: bool = False
+        self, model: CausalLM, input_ids: Tensor, attention_mask: Tensor, *, greedy: bool = False
     ) -> Tensor: ...
 
 
-def eos_ids_of(tokenizer: Any, model: Any | None = None) -> list[int]:
+def eos_ids_of(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module | None = None) -> list[int]:
     """Every id that ends a response: the tokenizer's EOS plus the model's ``generation_config`` EOS ids
     (chat models often list several, e.g. Llama 3's end-of-turn token)."""
     ids: list[int] = []
@@ -99,7 +104,7 @@ class HFGenerateEngine:
             kwargs.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
         if g.compile:
             compiled = CompileConfig() if device_type == "cuda" else CompileConfig(mode="default")
-            compiled._compile_all_devices = True
+            compiled._compile_all_devices = True  # type: ignore[assignment]  # transformers declares it None
             kwargs.update(cache_implementation="static", compile_config=compiled)
         else:
             kwargs.update(disable_compile=True)
@@ -118,13 +123,13 @@ class HFGenerateEngine:
 
     @torch.no_grad()
     def generate(
-        self, model: Any, input_ids: Tensor, attention_mask: Tensor, *, greedy: bool = False
+        self, model: CausalLM, input_ids: Tensor, attention_mask: Tensor, *, greedy: bool = False
     ) -> Tensor:
         return self._generate(model, input_ids, attention_mask, greedy)
 
     @torch.no_grad()
     def generate_with_logits(
-        self, model: Any, input_ids: Tensor, attention_mask: Tensor, *, greedy: bool = False
+        self, model: CausalLM, input_ids: Tensor, attention_mask: Tensor, *, greedy: bool = False
     ) -> tuple[Tensor, Tensor]:
         """:meth:`generate`, plus the [B, R', V] float32 raw logits HF ``generate`` saw at each step (its
         ``output_logits``: before the repetition penalty, temperature and top-p)."""
@@ -132,7 +137,12 @@ class HFGenerateEngine:
         return out.sequences, torch.stack(out.logits, dim=1)
 
     def _generate(
-        self, model: Any, input_ids: Tensor, attention_mask: Tensor, greedy: bool, with_logits: bool = False
+        self,
+        model: CausalLM,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        greedy: bool,
+        with_logits: bool = False,
     ) -> Any:
         from transformers import LogitsProcessorList
 
@@ -150,7 +160,7 @@ class HFGenerateEngine:
 
 
 @contextmanager
-def _without_model_generation_config(model: Any) -> Iterator[None]:
+def _without_model_generation_config(model: CausalLM) -> Iterator[None]:
     """Hide the model's ``generation_config`` from ``generate`` for the duration of one call.
 
     HF fills every field our settings leave unset (``None``) from the model's ``generation_config``, and many
@@ -164,7 +174,10 @@ def _without_model_generation_config(model: Any) -> Iterator[None]:
     with it."""
     from transformers import GenerationConfig as HFGenerationConfig
 
-    target = model.get_base_model() if hasattr(model, "peft_config") else model
+    from ppomax.models.adapter_dir import is_peft_model
+
+    # PEFT types the model it wraps as any Module: a policy's is a transformers model
+    target = cast("PreTrainedModel", model.get_base_model()) if is_peft_model(model) else model
     own = target.generation_config
     target.generation_config = HFGenerationConfig()
     try:
@@ -206,8 +219,8 @@ def finish_rollout(
 
 def rollout(
     engine: RolloutEngine,
-    model: Any,
-    tokenizer: Any,
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
     input_ids: Tensor,
     attention_mask: Tensor,
     *,
@@ -243,7 +256,7 @@ def rollout(
             model.train()
     seqs, mask, resp_mask, truncated, lens = finish_rollout(input_ids, attention_mask, out, eos_ids, pad_id)
     width = input_ids.shape[1]
-    scored: dict[str, Tensor] = {}
+    scored: SamplingScores = {}
     if logits is not None and logprobs_temperature is not None:
         scored = _logprobs_from_sampling(logits, seqs[:, width:], resp_mask, logprobs_temperature)
     rows = seqs[:, width:].tolist()
@@ -265,9 +278,17 @@ def rollout(
     )
 
 
+class SamplingScores(TypedDict, total=False):
+    """The policy's scoring fields of an :class:`Experience` read from the sampling pass."""
+
+    logprobs: Tensor
+    raw_logprobs: Tensor
+    entropy: Tensor
+
+
 def _logprobs_from_sampling(
     logits: Tensor, labels: Tensor, mask: Tensor, temperature: float
-) -> dict[str, Tensor]:
+) -> SamplingScores:
     """``logprobs``, ``raw_logprobs`` and ``entropy`` [B, R] of the response ``labels`` [B, R] from the sampling
     pass's raw ``logits`` [B, R', V] (R <= R'; 0 off the response ``mask``), as the scoring pass computes them."""
     r = labels.shape[1]

@@ -11,10 +11,18 @@ import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ppomax.commands.common import add_config_args
 from ppomax.errors import ConfigError, ModelPathError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from ppomax.config import PPOConfig, RMConfig, SFTConfig
+    from ppomax.plan import Role, Shape, Workload
+
+    RunConfig = SFTConfig | RMConfig | PPOConfig
 
 DEFAULT_LORA_R = 8
 
@@ -52,7 +60,7 @@ def config_dir(path: str | Path) -> Path:
     return base
 
 
-def _meta_model(path: str, trust_remote_code: bool) -> Any:
+def _meta_model(path: str, trust_remote_code: bool) -> PreTrainedModel:
     """The model of ``path/config.json`` (of an adapter directory's base) built on the meta device: exact
     parameter shapes, no memory, no weights."""
     import torch
@@ -69,7 +77,7 @@ def _meta_model(path: str, trust_remote_code: bool) -> Any:
         raise ModelPathError(f"{p}: cannot build a causal LM from its config.json: {exc}") from None
 
 
-def shape_of(model: Any) -> Any:
+def shape_of(model: PreTrainedModel) -> Shape:
     """:class:`ppomax.plan.Shape` of a (meta) causal LM: counts from its parameters, dimensions from its config."""
     from ppomax.plan import Shape
 
@@ -110,7 +118,7 @@ def _linear_dims(module: Any) -> tuple[int, int] | None:
     return None
 
 
-def default_lora_targets(model: Any) -> list[str] | str:
+def default_lora_targets(model: PreTrainedModel) -> list[str] | str:
     """PEFT's default target modules for the architecture, else every linear layer."""
     try:
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as MAPPING
@@ -119,7 +127,7 @@ def default_lora_targets(model: Any) -> list[str] | str:
     return list(MAPPING.get(model.config.model_type, [])) or "all-linear"
 
 
-def lora_params(model: Any, r: int, targets: list[str] | str, what: str) -> int:
+def lora_params(model: PreTrainedModel, r: int, targets: list[str] | str, what: str) -> int:
     """Trainable LoRA parameters, r * (in + out) per adapted layer, matching modules as PEFT does: a name equal
     to a target or ending in ``.target``; a string is a regular expression (full match), ``all-linear`` every
     linear layer but the output embedding."""
@@ -147,14 +155,19 @@ def lora_params(model: Any, r: int, targets: list[str] | str, what: str) -> int:
     return total
 
 
-def workload_of(cfg: Any, kind: str) -> Any:
+def workload_of(cfg: RunConfig, kind: str) -> Workload:
     """Per-device batch shapes of each phase, read from the config (see :class:`ppomax.plan.Workload`)."""
+    from ppomax.config import PPOConfig, SFTConfig
     from ppomax.plan import Workload
 
-    m, d = cfg.model, cfg.data
-    common = {"kind": kind, "dtype": m.dtype, "gradient_checkpointing": m.gradient_checkpointing}
-    if kind == "ppo":
-        p, g = cfg.ppo, cfg.generation
+    m = cfg.model
+    common: dict[str, Any] = {
+        "kind": kind,
+        "dtype": m.dtype,
+        "gradient_checkpointing": m.gradient_checkpointing,
+    }
+    if isinstance(cfg, PPOConfig):
+        p, g, pd = cfg.ppo, cfg.generation, cfg.data
         rows = min(p.micro_batch_size or p.minibatch_size, p.minibatch_size)
         ptx_rows = 0
         if p.ptx_coef > 0:  # the PPO-ptx batch is split over the minibatch's micro-batches
@@ -162,19 +175,20 @@ def workload_of(cfg: Any, kind: str) -> Any:
         return Workload(
             **common,
             train_rows=rows,
-            train_seq=d.max_prompt_tokens + g.max_new_tokens,
+            train_seq=pd.max_prompt_tokens + g.max_new_tokens,
             logit_positions=g.max_new_tokens + 1,
             rollout_rows=p.rollout_batch_size,
-            prompt_tokens=d.max_prompt_tokens,
+            prompt_tokens=pd.max_prompt_tokens,
             response_tokens=g.max_new_tokens,
             score_rows=min(p.micro_batch_size or p.rollout_batch_size, p.rollout_batch_size),
             ptx_rows=ptx_rows,
-            ptx_seq=d.max_prompt_tokens + d.max_ptx_response_tokens,
+            ptx_seq=pd.max_prompt_tokens + pd.max_ptx_response_tokens,
             # as ppomax.trainers.ppo_fused.fuses_scoring, with a critic to fuse
             fused_update=p.uses_critic and p.one_step_update,
         )
+    d = cfg.data
     seq = d.max_prompt_tokens + d.max_response_tokens
-    if kind == "sft":
+    if isinstance(cfg, SFTConfig):
         return Workload(**common, train_rows=cfg.batch_size, train_seq=seq, logit_positions=seq - 1)
     rows = 2 * cfg.batch_size  # chosen and rejected in one forward
     if cfg.max_tokens_per_batch:
@@ -189,9 +203,9 @@ class _Models:
 
     def __init__(self, trust_remote_code: bool) -> None:
         self.trust = trust_remote_code
-        self.cache: dict[str, tuple[Any, Any]] = {}
+        self.cache: dict[str, tuple[PreTrainedModel, Shape]] = {}
 
-    def get(self, path: str) -> tuple[Any, Any]:
+    def get(self, path: str) -> tuple[PreTrainedModel, Shape]:
         key = str(Path(path).resolve())
         if key not in self.cache:
             model = _meta_model(path, self.trust)
@@ -200,9 +214,10 @@ class _Models:
 
 
 def build_roles(
-    cfg: Any, kind: str, model_dir: str, lora_r: int, lora_targets: Any
-) -> tuple[list, list[str]]:
+    cfg: RunConfig, kind: str, model_dir: str, lora_r: int, lora_targets: list[str] | str | None
+) -> tuple[list[Role], list[str]]:
     """The roles of the run and header lines saying where each shape came from."""
+    from ppomax.config import RMConfig, SFTConfig
     from ppomax.plan import Lora, Role
 
     models = _Models(cfg.model.trust_remote_code)
@@ -210,12 +225,12 @@ def build_roles(
     notes: list[str] = []
     what = "--lora-targets / model.lora.target_modules"
 
-    def lora(model: Any) -> Lora:
+    def lora(model: PreTrainedModel) -> Lora:
         targets = lora_targets if lora_targets is not None else default_lora_targets(model)
         n = lora_params(model, lora_r, targets, what)
         return Lora(lora_r, tuple([targets] if isinstance(targets, str) else targets), n)
 
-    def other(path: str | None) -> tuple[Any, Any, str]:
+    def other(path: str | None) -> tuple[PreTrainedModel, Shape, str]:
         if not path:
             return policy_model, ps, ""
         try:
@@ -227,9 +242,9 @@ def build_roles(
             return model, shape, ""
         return policy_model, ps, f"{path} has no config.json here: assumed the policy's shape"
 
-    if kind == "sft":
+    if isinstance(cfg, SFTConfig):
         return [Role("model", ps, True, ps.params, True, lora=lora(policy_model))], notes
-    if kind == "rm":
+    if isinstance(cfg, RMConfig):
         frozen_head = ps.lm_head_params if cfg.beta_rm == 0 else 0
         vh = ps.hidden + 1
         role = Role("reward", ps, True, ps.params + vh - frozen_head, cfg.beta_rm > 0, vh, lora(policy_model))
@@ -266,7 +281,7 @@ def build_roles(
         from ppomax.trainers.ppo_models import critic_base_is_reward_model
 
         with_lora = cfg.model_copy(
-            update={"model": m.model_copy(update={"lora": m.lora or PPOLoraSettings()})}
+            update={"model": m.model_copy(update={"lora": m.lora or PPOLoraSettings.model_validate({})})}
         )
         shared = critic_base_is_reward_model(with_lora)
         roles.append(
@@ -286,8 +301,8 @@ def build_roles(
 
 
 def _lora_settings(
-    cfg: Any, args: argparse.Namespace, adapters: tuple[str, dict[str, Any]] | None = None
-) -> tuple[int, Any, str]:
+    cfg: RunConfig, args: argparse.Namespace, adapters: tuple[str, dict[str, Any]] | None = None
+) -> tuple[int, list[str] | str | None, str]:
     """(r, targets or None for the architecture's default, where they came from): flags over ``model.lora`` over
     ``adapters`` (the model directory's own LoRA adapters: (its path, its adapter_config.json))."""
     section = getattr(cfg.model, "lora", None)  # the config field exists once LoRA training does
@@ -308,10 +323,11 @@ def _lora_settings(
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ppomax.config import load_config
+    from ppomax.config import PPOConfig, RMConfig, SFTConfig, load_config
     from ppomax.plan import cpu_run, format_cpu_run, format_plan, plan, plan_json
 
     cfg = load_config(args.kind, path=args.config, preset=args.preset, overrides=args.overrides)
+    assert isinstance(cfg, SFTConfig | RMConfig | PPOConfig)  # the class of args.kind
     model_dir = args.model or cfg.model.policy
     if not model_dir:
         raise ConfigError(

@@ -28,7 +28,7 @@ import contextlib
 import weakref
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ppomax.errors import ConfigError, ModelPathError
 
@@ -36,17 +36,20 @@ from .chat import Dialogue, FormatError, hh_prompt_dialogue
 from .formats import PreferencePair, SFTExample
 from .io import LoadStats
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 IGNORE_INDEX = -100
 _CONTEXT_CHARS = 64  # enough text before a boundary to reproduce how the tokenizer treats it
-_prefix_cache: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
+_prefix_cache: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, list[int]] = weakref.WeakKeyDictionary()
 
 
-def encode(tokenizer: Any, text: str) -> list[int]:
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of ``text`` without any special tokens added."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def special_prefix(tokenizer: Any) -> list[int]:
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The special tokens the tokenizer puts in front of a text by default (e.g. ``[bos_id]``), maybe ``[]``."""
     try:
         return _prefix_cache[tokenizer]
@@ -65,14 +68,14 @@ def special_prefix(tokenizer: Any) -> list[int]:
     return prefix
 
 
-def _prefix_for(tokenizer: Any, text: str) -> list[int]:
+def _prefix_for(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     bos = getattr(tokenizer, "bos_token", None)
     if bos and text.startswith(bos):
         return []
     return special_prefix(tokenizer)
 
 
-def encode_continuation(tokenizer: Any, context: str, text: str) -> list[int]:
+def encode_continuation(tokenizer: PreTrainedTokenizerBase, context: str, text: str) -> list[int]:
     """Ids of ``text`` as it is tokenised after ``context`` (see the module docstring); falls back to
     encoding ``text`` alone if the tokens of the context change when ``text`` follows."""
     if not context:
@@ -94,7 +97,7 @@ def _check_budget(key: str, value: int | None, minimum: int) -> None:
 
 
 def tokenize_prompt(
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompt: str | Dialogue,
     max_tokens: int | None,
     stats: LoadStats | None = None,
@@ -117,13 +120,13 @@ def tokenize_prompt(
     return _prefix_for(tokenizer, text) + encode(tokenizer, text)
 
 
-def prompt_length(tokenizer: Any, text: str) -> int:
+def prompt_length(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
     """Tokens of a prompt text, the tokenizer's leading special tokens included."""
     return len(_prefix_for(tokenizer, text)) + len(encode(tokenizer, text))
 
 
 def fit_prompt(
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     dialogue: Dialogue,
     max_tokens: int,
     stats: LoadStats | None = None,
@@ -184,7 +187,10 @@ def fit_prompt(
 
 
 def _keep_tail(
-    tokenizer: Any, text: str, make: Callable[[str], Dialogue], fits: Callable[[Dialogue], bool]
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    make: Callable[[str], Dialogue],
+    fits: Callable[[Dialogue], bool],
 ) -> Dialogue | None:
     """``make(tail)`` for the longest tail of ``text`` that fits, cut at a token start (its leading whitespace
     kept), or None."""
@@ -209,7 +215,7 @@ def _first_fitting(
     return cuts[lo] if lo < len(cuts) else None
 
 
-def _token_starts(tokenizer: Any, text: str) -> list[int]:
+def _token_starts(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Character offsets where the tokens of ``text`` start (fast tokenizers); any character for slow ones."""
     if getattr(tokenizer, "is_fast", False):
         offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
@@ -230,7 +236,7 @@ def _count_cut(stats: LoadStats | None, dropped: int, *hows: str) -> None:
 
 
 def tokenize_response(
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     response: str,
     max_tokens: int | None,
     *,
@@ -258,7 +264,7 @@ def tokenize_response(
 
 
 def tokenize_pair(
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     pair: PreferencePair,
     max_prompt_tokens: int | None,
     max_response_tokens: int | None,
@@ -283,7 +289,7 @@ def tokenize_pair(
 
 
 def tokenize_sft(
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     example: SFTExample,
     max_prompt_tokens: int | None,
     max_response_tokens: int | None,
@@ -312,7 +318,7 @@ def tokenize_sft(
             pieces = _keep_last_tokens(pieces, max_prompt_tokens - len(prefix))
         else:
             # earlier assistant turns are trained on when the context has trainable segments (SFT's "all")
-            mode = "all" if any(flag for _, flag in context_segs) else "last"
+            mode: Literal["all", "last"] = "all" if any(flag for _, flag in context_segs) else "last"
 
             def length(d: Dialogue) -> int:
                 d_segs = d.renderer.prompt_segments(d, mode)
@@ -337,7 +343,9 @@ def tokenize_sft(
     return {"input_ids": input_ids, "labels": labels, "prompt_length": len(input_ids) - len(resp_ids)}
 
 
-def _encode_segments(tokenizer: Any, segs: list[tuple[str, bool]]) -> list[tuple[list[int], bool]]:
+def _encode_segments(
+    tokenizer: PreTrainedTokenizerBase, segs: list[tuple[str, bool]]
+) -> list[tuple[list[int], bool]]:
     """``(ids, trainable)`` of consecutive segments, each tokenised as the continuation of those before it."""
     pieces: list[tuple[list[int], bool]] = []
     done = ""

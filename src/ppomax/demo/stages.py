@@ -7,11 +7,17 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ppomax.demo.outcome import GOLD_REWARD
 from ppomax.demo.profiles import DemoProfile
 from ppomax.demo.tokenizer import train_bpe_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ppomax.config import PPOConfig
+    from ppomax.models import ValueHeadModel
 
 # The gold reward as a PPO reward function of weight 0 (logged as reward/gold_mean, never optimised); the world
 # directory is added as its kwargs.
@@ -68,7 +74,7 @@ def init_model_dir(d: Path, tok_dir: Path, prof: DemoProfile) -> Path:
     return d
 
 
-def pack_texts(texts: list[str], tokenizer: Any, block: int, seed: int) -> list[str]:
+def pack_texts(texts: list[str], tokenizer: PreTrainedTokenizerBase, block: int, seed: int) -> list[str]:
     """Shuffle texts and join them, separated by EOS, into records of at most ``block`` tokens (GPT-style
     packing): fixed-size batches then carry no padding, which halves pre-training time on this corpus of
     short texts. The trainer still appends one EOS per record; a text longer than a block stays alone."""
@@ -78,7 +84,9 @@ def pack_texts(texts: list[str], tokenizer: Any, block: int, seed: int) -> list[
     random.Random(seed).shuffle(order)
     lens = [len(x) + 1 for x in tokenizer([texts[i] for i in order], add_special_tokens=False)["input_ids"]]
     eos = tokenizer.eos_token
-    records, cur, cur_len = [], [], 0
+    records: list[str] = []
+    cur: list[str] = []
+    cur_len = 0
     for i, n in zip(order, lens, strict=True):
         if cur and cur_len + n > block:
             records.append(eos.join(cur))
@@ -189,7 +197,7 @@ def ppo_config(
     progress: bool,
     extra: Sequence[str] = (),
     pretrain_dir: Path | None = None,
-) -> Any:
+) -> PPOConfig:
     """The preset with the demo's sizes and learning rates (same for both presets) and the gold reward as a
     weight-0 reward function (logged, not optimised).
 
@@ -273,7 +281,9 @@ def ppo(
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def rm_accuracy(rm: Any, tok: Any, world: Path, prof: DemoProfile, batch_size: int = 64) -> dict[str, Any]:
+def rm_accuracy(
+    rm: ValueHeadModel, tok: PreTrainedTokenizerBase, world: Path, prof: DemoProfile, batch_size: int = 64
+) -> dict[str, Any]:
     """The RM's pairwise accuracy on held-out pairs against the annotators' labels and the gold labels, and
     the margins r(chosen) - r(rejected) (paper fig. 2)."""
     import torch
@@ -373,7 +383,9 @@ def write_demo_report(
     from ppomax.demo.report import write_report
     from ppomax.monitor import read_metrics
 
-    runs = {name: policy_records(read_metrics(p / "metrics.jsonl")) for name, p in ppo_dirs.items()}
+    runs: dict[str, Sequence[dict[str, Any]]] = {
+        name: policy_records(read_metrics(p / "metrics.jsonl")) for name, p in ppo_dirs.items()
+    }
     evals = {name: json.loads((ev / f"{name}_vs_sft.json").read_text()) for name in ppo_dirs}
     rm_stats = json.loads((ev / "rm_accuracy.json").read_text())
     meta = {

@@ -13,11 +13,22 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ppomax.errors import ConfigError, ModelPathError
 
 from .hub import parse_hub_id
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import GenerationMixin, PreTrainedModel
+    from typing_extensions import TypeIs
+
+    class TransformersLM(PreTrainedModel, GenerationMixin):
+        """A transformers causal LM as ``AutoModelForCausalLM`` builds it: a model with ``generate``."""
+
+    CausalLM: TypeAlias = TransformersLM | PeftModel
+    """A causal LM as trainers hold it: a transformers model, or a PEFT model wrapping one (LoRA)."""
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -29,6 +40,11 @@ def peft_module() -> Any:
     except ImportError:
         raise ConfigError("model.lora needs PEFT: pip install 'ppomax[lora]'") from None
     return peft
+
+
+def is_peft_model(model: object) -> TypeIs[PeftModel]:
+    """``model`` is a PEFT model (told without importing PEFT, which only LoRA runs need)."""
+    return hasattr(model, "peft_config")
 
 
 @contextmanager

@@ -1,7 +1,7 @@
 """Reward models and critics on disk: transformers' ``*ForSequenceClassification`` checkpoints with one label.
 
-:func:`save_value_model` writes a :class:`~ppomax.models.ValueHeadModel` as the sequence classifier of its
-architecture (e.g. ``LlamaForSequenceClassification``)::
+:func:`save_value_model` writes a :class:`~ppomax.models.ValueHeadModel` (its backbone and head) as the
+sequence classifier of its architecture (e.g. ``LlamaForSequenceClassification``)::
 
     config.json         the backbone's config with architectures [<Arch>ForSequenceClassification], num_labels 1
                         (id2label {0: LABEL_0}) and pad_token_id (where the score is read)
@@ -24,10 +24,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -36,17 +36,26 @@ from torch import Tensor
 
 from ppomax.errors import ModelPathError
 
+from .adapter_dir import is_peft_model
 from .hub import resolve_model
 from .loading import check_finite, load_causal_lm, to_dtype, weights_error
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    from .adapter_dir import CausalLM, TransformersLM
+
+_Model = TypeVar("_Model")
 
 HEAD_WEIGHTS = "value_head.safetensors"
 HEAD_META = "ppomax_value_head.json"
 
 
-def hidden_size_of(backbone: Any) -> int:
-    emb = backbone.get_input_embeddings()
-    if emb is not None and hasattr(emb, "embedding_dim"):
-        return int(emb.embedding_dim)
+def hidden_size_of(backbone: PreTrainedModel | PeftModel) -> int:
+    dim = getattr(backbone.get_input_embeddings(), "embedding_dim", None)
+    if dim is not None:
+        return int(dim)
     return int(backbone.config.get_text_config().hidden_size)
 
 
@@ -99,28 +108,37 @@ def _split(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, 
 
 
 def save_value_model(
-    model: torch.nn.Module, out: Path, state_dict: dict[str, Tensor] | None = None, **kwargs: Any
+    backbone: CausalLM,
+    value_head: torch.nn.Linear,
+    out: Path,
+    state_dict: dict[str, Tensor] | None = None,
+    **kwargs: Any,
 ) -> None:
-    """``model`` (``state_dict``: its gathered weights under sharded training, else its own) as a sequence
-    classifier in ``out``; with LoRA adapters on the backbone, the adapters (PEFT's ``save_pretrained``, ``kwargs``
-    passed on) and the head. An architecture transformers has no sequence classifier for is saved as a value-head
+    """A value-head model, ``backbone`` + ``value_head`` (``state_dict``: its gathered weights under
+    sharded training, keys ``backbone.*`` / ``value_head.*``, else their own), as a sequence classifier in
+    ``out``; with LoRA adapters on the backbone, the adapters (PEFT's ``save_pretrained``, ``kwargs`` passed
+    on) and the head. An architecture transformers has no sequence classifier for is saved as a value-head
     directory (the backbone as a causal LM + the head), with a warning."""
     out.mkdir(parents=True, exist_ok=True)
     backbone_sd, head_sd = _split(state_dict) if state_dict is not None else (None, None)
-    head_sd = head_sd or {k: v.detach() for k, v in model.value_head.state_dict().items()}
-    if hasattr(model.backbone, "peft_config"):
-        model.backbone.save_pretrained(out, state_dict=backbone_sd, **kwargs)
+    head_sd = head_sd or {k: v.detach() for k, v in value_head.state_dict().items()}
+    if is_peft_model(backbone):
+        backbone.save_pretrained(str(out), state_dict=backbone_sd, **kwargs)
         save_head(out, head_sd)
         return
     if backbone_sd is None:
-        backbone_sd = model.backbone.state_dict()
-    save_classifier(model.backbone, backbone_sd, head_sd, out, **kwargs)
-    if getattr(model.backbone, "generation_config", None) is not None:  # a classifier's save writes none
-        model.backbone.generation_config.save_pretrained(out)
+        backbone_sd = backbone.state_dict()
+    save_classifier(backbone, backbone_sd, head_sd, out, **kwargs)
+    if getattr(backbone, "generation_config", None) is not None:  # a classifier's save writes none
+        backbone.generation_config.save_pretrained(out)
 
 
 def save_classifier(
-    backbone: Any, backbone_sd: dict[str, Tensor], head_sd: dict[str, Tensor], out: Path, **kwargs: Any
+    backbone: PreTrainedModel,
+    backbone_sd: dict[str, Tensor],
+    head_sd: dict[str, Tensor],
+    out: Path,
+    **kwargs: Any,
 ) -> None:
     """The causal LM ``backbone`` (its weights: ``backbone_sd``) and a value head (``head_sd``) as the
     ``*ForSequenceClassification`` checkpoint of the backbone's architecture."""
@@ -141,8 +159,8 @@ def save_classifier(
 
 
 def _classifier_weights(
-    backbone: Any, backbone_sd: dict[str, Tensor], score: Tensor
-) -> tuple[Any, dict[str, Tensor], str]:
+    backbone: PreTrainedModel, backbone_sd: dict[str, Tensor], score: Tensor
+) -> tuple[PreTrainedModel | None, dict[str, Tensor], str]:
     """(the sequence classifier holding these weights, its state dict, "") or (None, {}, why it cannot be built)."""
     from transformers import AutoModelForSequenceClassification
 
@@ -178,7 +196,7 @@ def _classifier_weights(
     return classifier, weights, ""
 
 
-def _head_keys(classifier: Any) -> list[str]:
+def _head_keys(classifier: PreTrainedModel) -> list[str]:
     """The weights of a sequence classifier outside its decoder: its score head's (``score.weight``)."""
     prefix = f"{classifier.base_model_prefix}."
     return sorted(k for k in classifier.state_dict() if not k.startswith(prefix))
@@ -196,12 +214,12 @@ def save_head(out_dir: Path, head_sd: dict[str, Tensor]) -> None:
 
 
 def load_value_model(
-    cls: type[Any],
+    cls: Callable[[TransformersLM, torch.nn.Linear], _Model],
     path: str | Path,
     dtype: str | torch.dtype = "float32",
     trust_remote_code: bool = False,
     key: str | None = None,
-) -> Any:
+) -> _Model:
     """The reward model or critic at ``path`` (a local directory or Hub id; see the module docstring)."""
     lead = f"{key}: " if key else ""
     p = resolve_model(path, key)
@@ -250,7 +268,7 @@ def _num_labels(path: Path) -> int:
     return len(config.get("id2label") or {0: "LABEL_0", 1: "LABEL_1"})  # transformers' default: 2
 
 
-def _classifier_head(path: Path, backbone: Any, arch: str, lead: str) -> torch.nn.Linear:
+def _classifier_head(path: Path, backbone: PreTrainedModel, arch: str, lead: str) -> torch.nn.Linear:
     """The score head of the sequence classifier at ``path`` as a float32 value head."""
     from transformers import AutoModelForSequenceClassification
 
@@ -328,12 +346,12 @@ def _legacy_head(file: Path, hidden: int) -> torch.nn.Linear:
         raise ModelPathError(
             f"{file}: cannot load the value head (expected weight [1, {hidden}], found {shapes})"
         )
-    keep_bias = bias is not None and bool(bias.ne(0).any())
+    kept_bias = bias if bias is not None and bool(bias.ne(0).any()) else None
     with torch.random.fork_rng(devices=[]):
-        head = torch.nn.Linear(hidden, 1, bias=keep_bias)
+        head = torch.nn.Linear(hidden, 1, bias=kept_bias is not None)
     with torch.no_grad():
         head.weight.copy_(weight.float())
-        if keep_bias:
-            head.bias.copy_(bias.float().reshape(1))
+        if kept_bias is not None:
+            head.bias.copy_(kept_bias.float().reshape(1))
     check_finite(head, file)
     return head

@@ -15,7 +15,7 @@ import logging
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -28,6 +28,10 @@ from .adapter_dir import is_adapter_dir, load_adapter_dir
 from .attention import use_cpu_float32_attention
 from .hub import first_line as _first_line
 from .hub import resolve_model
+from .saving import causal_lm_of
+
+if TYPE_CHECKING:
+    from .adapter_dir import TransformersLM
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -118,7 +122,9 @@ def load_tokenizer(
     return prepare_tokenizer(tok, path, key)
 
 
-def prepare_tokenizer(tok: Any, where: str | Path, key: str | None = None) -> Any:
+def prepare_tokenizer(
+    tok: PreTrainedTokenizerBase, where: str | Path, key: str | None = None
+) -> PreTrainedTokenizerBase:
     """A tokenizer as every trainer uses it: with a pad token (EOS if it has none) and left padding (set on
     ``tok``, which is returned)."""
     if tok.pad_token is None:
@@ -142,7 +148,7 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     key: str | None = None,
     classifier: str | None = None,
-) -> PreTrainedModel:
+) -> TransformersLM:
     """``AutoModelForCausalLM.from_pretrained`` of a local directory or Hub id
     (:func:`~ppomax.models.hub.resolve_model`); a directory of LoRA adapters loads as its base with the adapters
     merged in (:func:`ppomax.models.adapter_dir.load_adapter_dir`). ``key``: the config key (or option) that named
@@ -164,13 +170,15 @@ def load_causal_lm(
     check_model_dir(path, "model", key=key)
     try:
         with _held_load_reports() as reports:
-            model, info = AutoModelForCausalLM.from_pretrained(
+            loaded = AutoModelForCausalLM.from_pretrained(
                 str(path),
                 dtype=to_dtype(dtype),
                 trust_remote_code=trust_remote_code,
                 ignore_mismatched_sizes=True,  # reported below, in one line
                 output_loading_info=True,
             )
+            # output_loading_info: transformers returns (model, loading info); its annotations say model
+            model, info = cast("tuple[TransformersLM, dict[str, Any]]", loaded)
     except (pickle.UnpicklingError, SafetensorError, EOFError, RuntimeError) as exc:
         raise weights_error(_weights_file(path), exc) from None
     except OSError as exc:
@@ -197,7 +205,7 @@ def load_causal_lm(
 
 
 def _check_classifier_decoder(
-    model: Any, info: dict[str, Any], spec: Any, classifier: str, lead: str
+    model: PreTrainedModel, info: dict[str, Any], spec: str | Path, classifier: str, lead: str
 ) -> None:
     """A sequence classifier loaded into its causal LM must fill all of it but the LM head (a classifier has
     none): anything else missing means it is not a decoder LM with a score head (e.g. an encoder such as BERT)."""
@@ -324,7 +332,7 @@ def init_causal_lm_from_config(
     trust_remote_code: bool = False,
     seed: int = 0,
     key: str | None = None,
-) -> PreTrainedModel:
+) -> TransformersLM:
     """A causal LM with random (seeded) weights from ``path/config.json``: pretraining from scratch."""
     p, lead = resolve_model(path, key, files="config"), _lead(key)
     if not (p / "config.json").is_file():
@@ -344,11 +352,11 @@ def init_causal_lm_from_config(
     return use_cpu_float32_attention(model.to(to_dtype(dtype)))
 
 
-def enable_activation_checkpointing(model: Any, **kwargs: Any) -> None:
+def enable_activation_checkpointing(model: torch.nn.Module, **kwargs: Any) -> None:
     """Activation (gradient) checkpointing on ``model`` under transformers' current name
     (``activation_checkpointing_enable``; ``gradient_checkpointing_enable`` is its deprecated alias, which warns)."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable(**kwargs)
+    current = "activation_checkpointing_enable"
+    getattr(model, current if hasattr(model, current) else "gradient_checkpointing_enable")(**kwargs)
 
 
 def model_summary(model: torch.nn.Module) -> dict[str, Any]:
@@ -358,11 +366,14 @@ def model_summary(model: torch.nn.Module) -> dict[str, Any]:
     return {"params": sum(n for n, _ in sizes), "trainable_params": sum(n for n, trained in sizes if trained)}
 
 
-def check_vocab(model: Any, tokenizer: Any, model_key: str, tokenizer_key: str) -> None:
+def check_vocab(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, model_key: str, tokenizer_key: str
+) -> None:
     """Every id of the tokenizer must index the model's embedding table (a value-head model's: its backbone's),
     else training or generation dies in an index error deep in torch. The check every command runs where it
     pairs a model with a tokenizer; ``model_key``/``tokenizer_key`` name where each came from."""
-    emb = getattr(model, "backbone", model).get_input_embeddings().num_embeddings
+    table: Any = causal_lm_of(model).get_input_embeddings()  # an Embedding, or a remote-code model's own
+    emb = table.num_embeddings
     if len(tokenizer) > emb:
         source = "its tokenizer" if model_key == tokenizer_key else f"the tokenizer ({tokenizer_key})"
         raise ModelPathError(
@@ -373,7 +384,7 @@ def check_vocab(model: Any, tokenizer: Any, model_key: str, tokenizer_key: str) 
 
 def check_same_tokens(
     model_path: str | Path,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     model_key: str,
     tokenizer_key: str,
     trust_remote_code: bool = False,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast, overload
 
 import torch
 from torch import Tensor
@@ -29,11 +29,16 @@ from ppomax.errors import ConfigError
 from .adapter_dir import peft_module, peft_reads_deprecated_names
 from .classifier import save_classifier
 from .hub import parse_hub_id
-from .saving import save_generation_config, share_tied_weights
+from .saving import causal_lm_of, save_generation_config, share_tied_weights
 from .value_head import ValueHeadModel
 
 if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
     from ppomax.config import LoraSettings
+
+    from .adapter_dir import CausalLM
 
 MERGED_DIR = "merged"
 
@@ -43,7 +48,17 @@ def has_adapters(model: torch.nn.Module) -> bool:
     return hasattr(model.backbone if isinstance(model, ValueHeadModel) else model, "peft_config")
 
 
-def with_adapters(model: Any, lora: LoraSettings | None, base_path: str | Path, seed: int = 0) -> Any:
+@overload
+def with_adapters(
+    model: ValueHeadModel, lora: LoraSettings | None, base_path: str | Path, seed: int = 0
+) -> ValueHeadModel: ...
+@overload
+def with_adapters(
+    model: CausalLM, lora: LoraSettings | None, base_path: str | Path, seed: int = 0
+) -> CausalLM: ...
+def with_adapters(
+    model: CausalLM | ValueHeadModel, lora: LoraSettings | None, base_path: str | Path, seed: int = 0
+) -> CausalLM | ValueHeadModel:
     """``model`` with LoRA adapters (``lora``; None: ``model`` itself): a ``PeftModel`` for a causal LM, the same
     :class:`~ppomax.models.ValueHeadModel` with a ``PeftModel`` backbone for a value-head model.
 
@@ -93,7 +108,7 @@ class AdaptersOff:
     The PPO reference under LoRA (see the module docstring). ``to``/``eval``/``requires_grad_`` are no-ops: the
     policy it wraps is placed and trained by its own trainer, and its base is frozen already."""
 
-    def __init__(self, peft_model: Any) -> None:
+    def __init__(self, peft_model: PeftModel) -> None:
         self.model = peft_model
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -124,7 +139,8 @@ class RewardOnCriticBase:
 
     def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """[B] float32 rewards (:meth:`ValueHeadModel.score`)."""
-        with self.critic.backbone.disable_adapter():
+        # built on a critic with adapters only (ppomax.trainers.ppo_models.critic_base_is_reward_model)
+        with cast("PeftModel", self.critic.backbone).disable_adapter():
             return self.critic(input_ids, attention_mask, value_head=self.head).scores
 
     def to(self, *args: Any, **kwargs: Any) -> RewardOnCriticBase:
@@ -141,7 +157,9 @@ class RewardOnCriticBase:
 # --------------------------------------------------------------------------- saving
 
 
-def merged_state_dict(peft_model: Any, state_dict: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+def merged_state_dict(
+    peft_model: torch.nn.Module, state_dict: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
     """The base model's state dict with every LoRA layer's update merged in: ``W + scaling * B A`` (transposed
     for ``fan_in_fan_out`` layers such as GPT-2's Conv1D), keys as the plain model names them, every floating
     tensor in float32: the adapters' update is mostly below a bf16 base weight's rounding step, so casting the sum
@@ -178,7 +196,9 @@ def merged_state_dict(peft_model: Any, state_dict: dict[str, Tensor] | None = No
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in out.items()}
 
 
-def save_merged(model: Any, out_dir: Path, state_dict: dict[str, Tensor] | None = None) -> None:
+def save_merged(
+    model: CausalLM | ValueHeadModel, out_dir: Path, state_dict: dict[str, Tensor] | None = None
+) -> None:
     """Base + adapters as plain weights in ``out_dir``: a causal LM, or a value-head model as a sequence classifier
     (:func:`~ppomax.models.classifier.save_classifier`: merged decoder + its head). ``state_dict``: the gathered
     weights of ``model`` (sharded training), else its own."""
@@ -187,11 +207,11 @@ def save_merged(model: Any, out_dir: Path, state_dict: dict[str, Tensor] | None 
         if state_dict is not None:
             backbone_sd = {k[9:]: v for k, v in state_dict.items() if k.startswith("backbone.")}
             head_sd = {k[11:]: v for k, v in state_dict.items() if k.startswith("value_head.")}
-        base = model.backbone.get_base_model()
+        base = causal_lm_of(model)
         merged = share_tied_weights(merged_state_dict(model.backbone, backbone_sd), base)
         save_classifier(base, merged, head_sd or model.value_head.state_dict(), out_dir)
         return
-    base = model.get_base_model()
+    base = causal_lm_of(model)
     base.save_pretrained(out_dir, state_dict=share_tied_weights(merged_state_dict(model, state_dict), base))
     # save_pretrained writes the live model's dtype (a bf16 base's); the merged weights are float32
     config = out_dir / "config.json"
@@ -199,10 +219,10 @@ def save_merged(model: Any, out_dir: Path, state_dict: dict[str, Tensor] | None 
 
 
 def save_trained(
-    model: Any,
+    model: CausalLM | ValueHeadModel,
     out_dir: Path,
     state_dict: dict[str, Tensor] | None,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase | None,
     lora: LoraSettings | None,
 ) -> None:
     """A trained model's ``save_pretrained`` into ``out_dir`` (with ``lora.save_merged`` and adapters on the model,
@@ -215,8 +235,8 @@ def save_trained(
     # ppomax never resizes embeddings, so PEFT's "auto" check of the base's vocabulary (the base's config.json, else
     # a Hub lookup: a warning or a network call when the base is an adapter directory or a Hub id) can only answer
     # "unchanged": adapters are saved without copies of frozen base layers.
-    extra = {"save_embedding_layers": False} if adapters else {}
-    model.save_pretrained(out_dir, state_dict=state_dict, **extra)
+    extra: dict[str, Any] = {"save_embedding_layers": False} if adapters else {}
+    model.save_pretrained(str(out_dir), state_dict=state_dict, **extra)
     dirs = [out_dir]
     if lora is not None and lora.save_merged and adapters:
         save_merged(model, out_dir / MERGED_DIR, state_dict)

@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel
 
+from .adapter_dir import is_peft_model
+
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def causal_lm_of(model: Any) -> Any:
+def causal_lm_of(model: torch.nn.Module) -> PreTrainedModel:
     """The transformers model inside ``model``: a value-head model's backbone, a PEFT model's base."""
     model = getattr(model, "backbone", model)
-    return model.get_base_model() if hasattr(model, "peft_config") else model
+    # PEFT types the model it wraps as any Module: here it is always a transformers model
+    return cast(PreTrainedModel, model.get_base_model() if is_peft_model(model) else model)
 
 
 def save_generation_config(model: Any, out_dir: Path, tokenizer: Any) -> None:

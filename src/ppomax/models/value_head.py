@@ -22,7 +22,7 @@ row right-padded (absolute-position models such as GPT-2 would otherwise shift e
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -30,8 +30,12 @@ from transformers import PreTrainedModel
 
 from ppomax.algos import score_token_index
 
+from .adapter_dir import is_peft_model
 from .classifier import hidden_size_of, load_value_model, save_value_model
 from .loading import enable_activation_checkpointing, load_causal_lm, to_dtype
+
+if TYPE_CHECKING:
+    from .adapter_dir import CausalLM
 
 # the files of the value-head directories earlier ppomax versions wrote (read by ppomax.models.classifier)
 # a run's checkpoint layout key (RunContext.layout): whether its value heads have a bias; absent in checkpoints of
@@ -61,10 +65,11 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _decoder(backbone: PreTrainedModel) -> torch.nn.Module:
+def _decoder(backbone: CausalLM) -> torch.nn.Module:
     """The decoder stack without the LM head; under a PEFT wrapper (LoRA), the wrapped model's (its adapted
     layers are injected in place, so they run)."""
-    inner = backbone.get_base_model() if hasattr(backbone, "peft_config") else backbone
+    # PEFT types its base as a Module; what it wraps here is always a transformers model
+    inner = cast("PreTrainedModel", backbone.get_base_model()) if is_peft_model(backbone) else backbone
     return inner.base_model
 
 
@@ -74,7 +79,7 @@ class ValueHeadModel(torch.nn.Module):
     A head with a bias is what value-head directories of earlier ppomax versions hold (kept when it is not zero)
     and what checkpoints of runs they started hold (:meth:`add_head_bias`)."""
 
-    def __init__(self, backbone: PreTrainedModel, value_head: torch.nn.Linear | None = None, seed: int = 0):
+    def __init__(self, backbone: CausalLM, value_head: torch.nn.Linear | None = None, seed: int = 0):
         super().__init__()
         self.backbone = backbone
         if value_head is None:
@@ -204,7 +209,7 @@ class ValueHeadModel(torch.nn.Module):
         LoRA the adapters and the head. ``state_dict`` (keys ``backbone.*`` / ``value_head.*``) is for sharded
         training, where the caller gathered the full weights (e.g. ``accelerator.get_state_dict``); ``kwargs`` go
         to transformers' ``save_pretrained``."""
-        save_value_model(self, Path(out_dir), state_dict, **kwargs)
+        save_value_model(self.backbone, self.value_head, Path(out_dir), state_dict, **kwargs)
 
     @classmethod
     def from_pretrained(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,12 +24,15 @@ from ppomax.experience import Experience
 from .ppo_data import PromptSet
 from .ppo_step import Rollouts
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 
 @torch.no_grad()
 def evaluate(
     rollouts: Rollouts,
     prompts: PromptSet,
-    acc: Any,
+    acc: Accelerator,
     *,
     step: int,
     samples: int,
@@ -56,12 +59,16 @@ def evaluate(
     rows: list[dict[str, Any]] = []
     sums = torch.zeros(8, dtype=torch.float64)
     for exp in batches:
-        mask = exp.response_mask
+        mask, scores, exact_kl = exp.response_mask, exp.scores, exp.exact_kl
+        raw, ref_raw = exp.raw_logprobs, exp.ref_raw_logprobs
+        assert scores is not None and exact_kl is not None and raw is not None and ref_raw is not None, (
+            "scored"
+        )
         # the exact KL over the vocabulary: greedy (or top-p) tokens are no sample of the policy, so an estimator
         # evaluated on them would not estimate the KL
-        kl = torch.where(mask, exp.exact_kl, 0.0)
-        sums += response_sums(exp.scores, kl, exp.raw_logprobs, exp.ref_raw_logprobs, mask, exp.truncated)
-        rows += _sample_rows(exp, kl.sum(dim=1).tolist())
+        kl = torch.where(mask, exact_kl, 0.0)
+        sums += response_sums(scores, kl, raw, ref_raw, mask, exp.truncated)
+        rows += _sample_rows(exp, scores.tolist(), kl.sum(dim=1).tolist())
     if acc.num_processes > 1:
         from accelerate.utils import gather_object
 
@@ -77,8 +84,7 @@ def evaluate(
     return response_statistics(sums.tolist())
 
 
-def _sample_rows(exp: Experience, kl_rows: list[float]) -> list[dict[str, Any]]:
-    s_rows = exp.scores.tolist()
+def _sample_rows(exp: Experience, s_rows: list[float], kl_rows: list[float]) -> list[dict[str, Any]]:
     return [
         {
             "prompt": exp.prompts[i],

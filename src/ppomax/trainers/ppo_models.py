@@ -29,7 +29,7 @@ import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 import torch
 from torch import Tensor
@@ -49,17 +49,32 @@ from ppomax.models import (
     position_ids_from_mask,
     with_adapters,
 )
+from ppomax.models.adapter_dir import is_peft_model
 from ppomax.trainers.launch import launch_engine, reference_dtype, trained_dtype
 
 from .common import load_run_tokenizer
 from .inputs import Inputs, adopt_causal_lm, adopt_value_head, copy_causal_lm, random_causal_lm_like
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ppomax.models.adapter_dir import CausalLM
+
+_Model = TypeVar("_Model", bound=torch.nn.Module)
+
+
+class _Loading(TypedDict):
+    """How a model is loaded: the dtype of its weights, and whether its repository's own code may run."""
+
+    dtype: str
+    trust_remote_code: bool
+
 
 @dataclass
 class PPOModels:
-    tokenizer: Any
-    policy: Any
-    reference: Any
+    tokenizer: PreTrainedTokenizerBase
+    policy: CausalLM
+    reference: CausalLM | AdaptersOff
     critic: ValueHeadModel | None
     """None without a critic (``ppo.advantage_estimator`` other than gae)."""
     reward_model: ValueHeadModel | RewardOnCriticBase | None
@@ -82,7 +97,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(m, attr, 0.0)
 
 
-def _freeze(model: torch.nn.Module) -> torch.nn.Module:
+def _freeze(model: _Model) -> _Model:
     model.eval()
     model.requires_grad_(False)
     return model
@@ -93,14 +108,17 @@ def build_critic(
     policy_path: str,
     critic_path: str | None,
     given: Inputs | None = None,
-    untrained: Any = None,
+    untrained: CausalLM | None = None,
 ) -> ValueHeadModel:
     """The critic per ``model.critic`` / ``ppo.critic_init`` (see the module docstring); from the objects
     ``given`` where there are (``untrained``: a copy of a policy object, for an SFT-initialised critic)."""
     m, seed, given = cfg.model, cfg.seed, given or Inputs()
     lora = m.lora if m.lora is not None and m.lora.critic else None
     # trained in full: float32 master weights; under LoRA the frozen base stays in model.dtype
-    kw = {"dtype": trained_dtype(m.dtype, lora is not None), "trust_remote_code": m.trust_remote_code}
+    kw: _Loading = {
+        "dtype": trained_dtype(m.dtype, lora is not None),
+        "trust_remote_code": m.trust_remote_code,
+    }
     init = cfg.ppo.critic_init
     if critic_path:
         base, obj = given.base_path("model.critic", critic_path), given.get("model.critic")
@@ -142,7 +160,9 @@ def critic_base_is_reward_model(cfg: PPOConfig) -> bool:
     return source is not None and Path(source).resolve() == Path(m.reward).resolve()
 
 
-def build_reference(cfg: PPOConfig, policy: Any, given: Inputs | None = None, untrained: Any = None) -> Any:
+def build_reference(
+    cfg: PPOConfig, policy: CausalLM, given: Inputs | None = None, untrained: CausalLM | None = None
+) -> CausalLM | AdaptersOff:
     """The frozen reference: the policy's base with adapters off (LoRA, and ``model.reference`` unset or the
     policy's path), else a model loaded from ``model.reference`` or the policy's path (or the object given for
     ``model.reference``; ``untrained``: a copy of the policy object, taken before it trains), in the dtype the policy
@@ -151,6 +171,7 @@ def build_reference(cfg: PPOConfig, policy: Any, given: Inputs | None = None, un
     assert m.policy
     same = m.reference is None or Path(m.reference).resolve() == Path(m.policy).resolve()
     if m.lora is not None and same:
+        assert is_peft_model(policy), "with_adapters put adapters on the policy"
         return AdaptersOff(policy)
     dtype = reference_dtype(m.dtype, m.lora is not None, launch_engine(os.environ))
     key = "model.reference" if m.reference else "model.policy"
@@ -169,8 +190,8 @@ def load_models(cfg: PPOConfig, given: Inputs | None = None) -> PPOModels:
     m, given = cfg.model, given or Inputs()
     # trained models in float32 (master weights; model.dtype is their autocast dtype), the reward model (and a
     # LoRA base) in model.dtype, the reference in the policy's (build_reference)
-    kw = {"dtype": m.dtype, "trust_remote_code": m.trust_remote_code}
-    trained = {**kw, "dtype": trained_dtype(m.dtype, m.lora is not None)}
+    kw: _Loading = {"dtype": m.dtype, "trust_remote_code": m.trust_remote_code}
+    trained: _Loading = {**kw, "dtype": trained_dtype(m.dtype, m.lora is not None)}
     assert m.policy
     tokenizer, tokenizer_key = load_run_tokenizer(cfg, given)
     policy, untrained = given.get("model.policy"), None
@@ -184,7 +205,7 @@ def load_models(cfg: PPOConfig, given: Inputs | None = None) -> PPOModels:
     critic = build_critic(cfg, m.policy, m.critic, given, untrained) if cfg.ppo.uses_critic else None
     # after the critic, which copies `untrained`: the reference may keep it itself
     reference = build_reference(cfg, policy, given, untrained)
-    reward_model: Any = None
+    reward_model: ValueHeadModel | RewardOnCriticBase | None = None
     if critic is not None and critic_base_is_reward_model(cfg):
         # the head is copied before any update: the critic's own head trains away from it
         reward_model = RewardOnCriticBase(critic, copy.deepcopy(critic.value_head))
@@ -195,7 +216,10 @@ def load_models(cfg: PPOConfig, given: Inputs | None = None) -> PPOModels:
     # every model reads the policy's token ids (those loaded from model.policy's files are checked once); the
     # reward model on the critic's base is checked as the critic, loaded from model.reward
     reward_weights = reward_model.critic if isinstance(reward_model, RewardOnCriticBase) else reward_model
-    checked = {"model.policy": policy, "model.reward": reward_weights}
+    checked: dict[str, torch.nn.Module | AdaptersOff | None] = {
+        "model.policy": policy,
+        "model.reward": reward_weights,
+    }
     checked |= {"model.reference": reference} if m.reference else {}
     checked |= {"model.critic": critic} if m.critic else {}
     for key, model in checked.items():
@@ -221,8 +245,8 @@ def _critic_from_sft(cfg: PPOConfig) -> bool:
     return not cfg.model.critic and cfg.ppo.critic_init == "sft"
 
 
-def _accepts(model: Any, name: str) -> bool:
-    if hasattr(model, "peft_config"):  # PEFT passes unknown keyword arguments on to the model it wraps
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    if is_peft_model(model):  # PEFT passes unknown keyword arguments on to the model it wraps
         model = model.get_base_model()
     try:
         return name in inspect.signature(model.forward).parameters
@@ -238,12 +262,16 @@ class Forward:
     model supports ``logits_to_keep`` (the prompt's logits are never needed).
     """
 
-    def __init__(self, policy_unwrapped: Any, temperature: float) -> None:
+    def __init__(self, policy_unwrapped: torch.nn.Module, temperature: float) -> None:
         self.temperature = temperature
         self.keep_logits = _accepts(policy_unwrapped, "logits_to_keep")
 
     def response_logits(
-        self, model: Any, sequences: Tensor, attention_mask: Tensor, prompt_width: int
+        self,
+        model: torch.nn.Module | AdaptersOff,
+        sequences: Tensor,
+        attention_mask: Tensor,
+        prompt_width: int,
     ) -> Tensor:
         """[B, R, V] logits predicting response tokens 0..R-1 (from columns P-1 .. P+R-2)."""
         r = sequences.shape[1] - prompt_width
@@ -267,13 +295,15 @@ class Forward:
         return entropy_from_logits(logits, self.temperature)
 
     @staticmethod
-    def values(critic: Any, sequences: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
+    def values(
+        critic: torch.nn.Module, sequences: Tensor, attention_mask: Tensor, prompt_width: int
+    ) -> Tensor:
         """[B, R] critic values V(s_j): the value read at the column before response token j."""
         v = critic(sequences, attention_mask).values
         return v[:, prompt_width - 1 : -1]
 
     @staticmethod
-    def lm_loss_inputs(model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def lm_loss_inputs(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(logits [B, T-1, V], labels [B, T-1], mask [B, T-1]) of a right-padded SFT batch (PPO-ptx)."""
         mask = batch["attention_mask"]
         out = model(
