@@ -1,7 +1,7 @@
 """The reward-model evaluation report `ppomax train-rm` writes for any run: the margins r(chosen) - r(rejected)
 of a held-out split, their summary (accuracy, mean, median, std) and their histogram (paper fig. 2), as
 ``rm_eval_<split>.json`` and ``rm_margins_<split>.png`` in the run directory. (The demo's report draws its own
-figure, split by whether the gold reward agrees, in :mod:`ppomax.demo.report`.)"""
+figure, split by whether the gold reward agrees, in :func:`ppomax.demo.plots.plot_rm_margins`.)"""
 
 from __future__ import annotations
 
