@@ -159,31 +159,43 @@ def test_deepspeed_resume_is_exact(setup, engine):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
 def test_sft_and_rm_under_deepspeed(tmp_path, engine):
-    """SFT (with gradient accumulation) and RM training under DeepSpeed with 2 processes, final weights saved."""
+    """SFT (with gradient accumulation) and RM training under DeepSpeed with 2 processes, final weights saved; the
+    SFT weights are DDP's (ppomax ends every step, on every engine: trainers/optimised.py)."""
     words = ["apple", "river", "stone", "cloud", "green", "light", "sound", "water"]
     records = [{"prompt": f"Repeat {w}.", "response": f"{w} {w}"} for w in words]
     model = make_tiny_lm(tmp_path, [r["prompt"] + " " + r["response"] for r in records])
-    train = write_jsonl(tmp_path / "sft.jsonl", records)
+    train_file = write_jsonl(tmp_path / "sft.jsonl", records)
     pairs = write_jsonl(
         tmp_path / "pairs.jsonl",
         [{"prompt": r["prompt"], "chosen": r["response"], "rejected": "no"} for r in records],
     )
     base = [f"model.policy={model}", "epochs=1", "batch_size=1", "logging.progress=false"]
     base += ["logging.tensorboard=false"]
-    for command, data, extra in (("train-sft", train, ["grad_accum=2"]), ("train-rm", pairs, [])):
-        out = tmp_path / command
-        proc = launch(
-            engine,
-            2,
-            command,
-            *set_args(*base, *extra, f"data.train={data}", f"logging.out_dir={out}", "data.valid_fraction=0"),
+
+    def train(where: str, command: str, data: Path, *extra: str) -> tuple[Path, str]:
+        out = tmp_path / f"{command}-{where}"
+        args = set_args(
+            *base, *extra, f"data.train={data}", f"logging.out_dir={out}", "data.valid_fraction=0"
         )
+        proc = launch(where, 2, command, *args)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        return out, proc.stderr
+
+    for command, data, extra in (
+        ("train-sft", train_file, ["grad_accum=2", "optim.lr=1e-3"]),
+        ("train-rm", pairs, []),
+    ):
+        out, stderr = train(engine, command, data, *extra)
         assert (out / "final" / "model.safetensors").is_file()
         assert any("train/loss" in r for r in metrics(out))
         # the start-up line counts ZeRO-3's partitioned parameters in full
-        counts = re.findall(r"\(([\d,]+) parameters, ([\d,]+) trained\)", proc.stderr)
+        counts = re.findall(r"\(([\d,]+) parameters, ([\d,]+) trained\)", stderr)
         assert counts and all(int(n.replace(",", "")) > 38_000 for c in counts for n in c), counts
+    ddp = weights(train("ddp", "train-sft", train_file, "grad_accum=2", "optim.lr=1e-3")[0] / "final")
+    deepspeed, before = weights(tmp_path / f"train-sft-{engine}" / "final"), weights(model)
+    assert max((ddp[k] - before[k]).abs().max().item() for k in ddp) > 1e-4  # it trained
+    for k in ddp:
+        torch.testing.assert_close(deepspeed[k], ddp[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
 def test_parameter_counts_of_a_zero3_partitioned_model_are_its_full_sizes(tmp_path):
@@ -210,7 +222,7 @@ def test_fsdp_without_cuda_is_refused_not_downgraded(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="FSDP accelerate config needs CUDA GPUs") as err:
-        build_accelerator(1, ("policy", "critic"))
+        build_accelerator(("policy", "critic"))
     assert "\n" not in str(err.value)
 
 
@@ -226,7 +238,7 @@ def test_a_deepspeed_launch_without_deepspeed_installed_is_one_line(monkeypatch)
         importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a)
     )
     with pytest.raises(ConfigError, match=r"pip install 'ppomax\[deepspeed\]'"):
-        build_accelerator(1, ("policy", "critic"))
+        build_accelerator(("policy", "critic"))
 
 
 def test_each_engine_prepares_the_trained_models_as_it_must():
@@ -234,28 +246,25 @@ def test_each_engine_prepares_the_trained_models_as_it_must():
     per `prepare`): a fake accelerator records the calls. DDP prepares everything in one call, in order."""
     from types import SimpleNamespace
 
-    from accelerate.utils import DistributedType
-
-    from ppomax.trainers.launch import prepare_frozen, prepare_trained
+    from ppomax.trainers.launch import Engine
 
     policy, critic, frozen = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1), torch.nn.Linear(2, 2)
     p_opt, c_opt = torch.optim.SGD(policy.parameters(), 0.1), torch.optim.SGD(critic.parameters(), 0.1)
-    for kind, expect in (
-        (DistributedType.FSDP, [(policy, p_opt), (critic, c_opt)]),
-        (DistributedType.MULTI_CPU, [(policy, p_opt, critic, c_opt)]),
+    for engine, expect in (
+        (Engine("fsdp", 0, 2), [(policy, p_opt), (critic, c_opt)]),
+        (Engine("ddp", 0, 2), [(policy, p_opt, critic, c_opt)]),
     ):
         calls: list[tuple] = []
         acc = SimpleNamespace(
-            distributed_type=kind,
             device=torch.device("cpu"),
             native_amp=False,
             prepare=lambda *o, calls=calls: calls.append(o) or o,
         )
-        out = prepare_trained(acc, {"policy": (policy, p_opt), "critic": (critic, c_opt)}, 1, 1.0, "k")
+        out = engine.prepare_trained(acc, {"policy": (policy, p_opt), "critic": (critic, c_opt)}, 1, 1.0, "k")
         assert calls == expect
         assert out == {"policy": (policy, p_opt), "critic": (critic, c_opt)}
         assert (
-            prepare_frozen(acc, frozen, 1) is frozen
+            engine.prepare_frozen(acc, frozen, 1) is frozen
         )  # replicated, never given to FSDP without an optimiser
 
 

@@ -238,7 +238,7 @@ def test_mixed_precision_follows_model_dtype_and_refuses_a_conflicting_launch(dt
     ],
 )
 def test_the_reference_is_held_in_the_dtype_the_policy_reads_its_weights_in(dtype, adapters, engine, expect):
-    assert common.reference_dtype(dtype, adapters, engine) == expect
+    assert common.reference_dtype(dtype, adapters, common.Engine(engine)) == expect
 
 
 @pytest.mark.slow

@@ -225,6 +225,45 @@ def test_one_nonfinite_iteration_is_skipped_and_counted(setup, tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(before, tr.policy.parameters(), strict=True))
 
 
+def test_a_nonfinite_loss_skips_both_models_update_and_changes_nothing(setup, tmp_path, monkeypatch):
+    """A NaN policy loss (the critic's finite) skips the minibatch's step of both models: the weights, AdamW
+    states and learning-rate schedules of policy and critic are as they were (trainers/optimised.py)."""
+    from ppomax.trainers.ppo_step import Updater
+
+    tr = PPOTrainer(config(setup, reward_fn("ppo_helpers:target_tokens"), out=str(tmp_path / "run")))
+    tr.iteration(1)  # AdamW has state to keep
+
+    def state():
+        models = {"policy": tr.updater.policy, "critic": tr.updater.critic}
+        return {
+            name: (
+                {k: v.clone() for k, v in m.model.state_dict().items()},
+                [{k: v.clone() for k, v in s.items()} for s in m.optimizer.state_dict()["state"].values()],
+                m.schedule.state_dict()["last_epoch"],
+            )
+            for name, m in models.items()
+        }
+
+    before = state()
+    real = Updater._policy_loss
+
+    def nan_policy_loss(self, *args, **kwargs):
+        loss, metrics = real(self, *args, **kwargs)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(Updater, "_policy_loss", nan_policy_loss)
+    m = tr.iteration(2)
+    assert m["nonfinite/skipped"] == 1 and tr.updater.nonfinite_in_row == 1
+    after = state()
+    for name, (weights, optim, last) in before.items():
+        weights_after, optim_after, last_after = after[name]
+        assert all(torch.equal(v, weights_after[k]) for k, v in weights.items()), name
+        assert all(
+            torch.equal(v, b[k]) for a, b in zip(optim, optim_after, strict=True) for k, v in a.items()
+        )
+        assert last == last_after, name
+
+
 def test_repeated_nonfinite_updates_stop_with_the_last_good_checkpoint(setup, tmp_path):
 
     cfg = config(

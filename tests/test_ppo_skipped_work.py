@@ -9,6 +9,7 @@ import torch
 from ppo_helpers import config, make_setup, reward_fn
 from ppomax.errors import UserError
 from ppomax.trainers import ppo, ppo_step
+from ppomax.trainers.optimised import Optimised
 from ppomax.trainers.ppo import PPOTrainer
 
 TARGET = reward_fn("ppo_helpers:target_tokens")
@@ -320,7 +321,7 @@ def test_unfused_updates_free_one_models_graph_before_the_other_models_forward(s
     logits, values, backward = (
         ppo_step.Forward.response_logits,
         ppo_step.Forward.values,
-        ppo_step.Optimised.backward,
+        Optimised.backward,
     )
 
     def spy_logits(fwd, model, *args, **kwargs):
@@ -339,7 +340,7 @@ def test_unfused_updates_free_one_models_graph_before_the_other_models_forward(s
 
     monkeypatch.setattr(ppo_step.Forward, "response_logits", spy_logits)
     monkeypatch.setattr(ppo_step.Forward, "values", staticmethod(spy_values))
-    monkeypatch.setattr(ppo_step.Optimised, "backward", spy_backward)
+    monkeypatch.setattr(Optimised, "backward", spy_backward)
     tr.iteration(1)
     one = ["policy forward", "policy backward", "critic forward", "critic backward"]
     assert events == one * 4

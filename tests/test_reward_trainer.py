@@ -21,7 +21,9 @@ from ppomax.data import PreferenceCollator, load_preference_pairs, pad_id_of, to
 from ppomax.models import ValueHeadModel
 from ppomax.monitor import read_metrics
 from ppomax.trainers.common import eval_shards, global_batches
+from ppomax.trainers.launch import Engine
 from ppomax.trainers.loop import accumulate
+from ppomax.trainers.optimised import Optimised
 from ppomax.trainers.reward import make_rm_loss, rm_counts
 from ppomax.trainers.reward_report import margin_summary
 from tiny_lm import make_tiny_lm, write_jsonl, write_yaml
@@ -228,8 +230,8 @@ def test_grad_accum_gives_the_gradient_of_one_big_batch(tmp_path):
     collate = PreferenceCollator(pad_id_of(tok))
     out = {}
     for split in ([feats], [feats[:3], feats[3:]]):
-        acc = Accelerator(cpu=True, gradient_accumulation_steps=len(split))
-        metrics, _ = accumulate(acc, model, [collate(b) for b in split], make_rm_loss(0.7, 1.3), rm_counts)
+        trained = Optimised(model, None, None, Accelerator(cpu=True), Engine())
+        metrics, *_ = accumulate(trained, [collate(b) for b in split], make_rm_loss(0.7, 1.3), rm_counts)
         out[len(split)] = [p.grad.clone() for p in model.parameters() if p.grad is not None], metrics
         model.zero_grad(set_to_none=True)
     (whole, m1), (micro, m2) = out[1], out[2]

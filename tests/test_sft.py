@@ -15,7 +15,9 @@ from ppomax.config import load_config
 from ppomax.data import IGNORE_INDEX, LoadStats, SFTCollator, SFTExample, pad_id_of, tokenize_sft
 from ppomax.errors import STOPPED_EXIT_CODE
 from ppomax.monitor import read_metrics
+from ppomax.trainers.launch import Engine
 from ppomax.trainers.loop import accumulate
+from ppomax.trainers.optimised import Optimised
 from ppomax.trainers.sft import pretrain_features, sft_counts, sft_features, sft_loss
 from tiny_lm import make_tiny_lm, write_jsonl, write_yaml
 
@@ -290,6 +292,35 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(sft_setup, monkeypatch,
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_skipped_step_leaves_the_learning_rate_schedule_where_it_was(sft_setup, monkeypatch):
+    """A skipped (non-finite) step is no optimiser step: the schedule does not advance, so the step after it
+    runs at the rate the skipped one had, and the rest of the run follows the schedule one step late (as PPO's
+    skipped updates, and on every engine: under DeepSpeed the engine's own skip counts alike)."""
+    import ppomax.trainers.sft as sft_mod
+
+    tmp_path, cfg = sft_setup
+    cfg["logging"]["eval_every"] = 0
+    real_loss = sft_mod.sft_loss
+    calls = {"n": 0, "bad": 0}
+
+    def nan_at(model, batch, weights=None):
+        calls["n"] += 1
+        loss, metrics, n = real_loss(model, batch, weights)
+        return (loss * float("nan") if calls["n"] == calls["bad"] else loss), metrics, n
+
+    monkeypatch.setattr(sft_mod, "sft_loss", nan_at)
+    lrs = {}
+    for name, bad in (("clean", 0), ("skipped", 2)):
+        calls.update(n=0, bad=bad)
+        cfg["logging"]["out_dir"] = str(tmp_path / name)
+        assert main(["train-sft", "--config", str(write_yaml(tmp_path / f"{name}.yaml", cfg))]) == 0
+        records = [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "train/lr" in r]
+        lrs[name] = [r["train/lr"] for r in records]
+    clean, skipped = lrs["clean"], lrs["skipped"]
+    assert len(clean) == len(skipped) == 8 and len(set(clean)) == 8  # cosine: a new rate every step
+    assert skipped == [clean[0], clean[1], *clean[1:-1]]
+
+
 def test_bf16_trains_float32_masters_and_saves_them(sft_setup):
     """model.dtype bfloat16 is mixed precision: the loss falls as in float32 (pure bf16 weights lose small
     updates), and final/ holds the float32 masters, which load with plain transformers (tests/test_saving.py)."""
@@ -330,8 +361,8 @@ def test_grad_accum_gives_the_gradient_of_one_big_batch(tmp_path):
     collate = SFTCollator(pad_id_of(tok))
     out = {}
     for split in ([feats], [feats[:3], feats[3:]]):
-        acc = Accelerator(cpu=True, gradient_accumulation_steps=len(split))
-        metrics, _ = accumulate(acc, model, [collate(b) for b in split], sft_loss, sft_counts)
+        trained = Optimised(model, None, None, Accelerator(cpu=True), Engine())
+        metrics, *_ = accumulate(trained, [collate(b) for b in split], sft_loss, sft_counts)
         out[len(split)] = _grads(model), metrics
         model.zero_grad(set_to_none=True)
     (whole, m1), (micro, m2) = out[1], out[2]

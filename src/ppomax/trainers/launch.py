@@ -3,7 +3,9 @@
 ``accelerate launch --config_file configs/accelerate/<engine>.yaml`` tells every process which engine to use
 through environment variables (``ACCELERATE_USE_DEEPSPEED``, ``ACCELERATE_USE_FSDP``, the DeepSpeed fields);
 :func:`launch_engine` reads them and :func:`build_accelerator` honours them or refuses, never downgrading a
-sharded config to something else in silence. What each engine does on a machine without CUDA:
+sharded config to something else in silence. A run reads its engine from its Accelerator (:class:`Engine`):
+everything that differs between engines (preparing models, who steps, gradient sync, saving, checkpoints) asks
+it. What each engine does on a machine without CUDA:
 
 * DDP: accelerate's CPU mode (``cpu=True``) with gloo; ``accelerate launch --multi_gpu`` (or torchrun, mpirun)
   starts the processes.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -93,12 +96,170 @@ def trained_dtype(dtype: str, adapters: bool) -> str:
     return dtype if adapters else TRAINED_DTYPE
 
 
-def reference_dtype(dtype: str, adapters: bool, engine: str) -> str:
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """The run's engine and what ppomax does differently on it, read from the run's Accelerator
+    (:meth:`of`): the rest of ppomax asks these facts and methods instead of comparing accelerate's
+    ``distributed_type`` or looking for DeepSpeed plugins itself. A new engine is its facts here and its accelerate
+    config (configs/accelerate/).
+
+    ``name``: ``ddp`` (a single process included), ``deepspeed`` or ``fsdp`` (:func:`launch_engine`);
+    ``zero_stage``: DeepSpeed's ZeRO stage (0 elsewhere); ``processes``: the run's number of processes."""
+
+    name: str = "ddp"
+    zero_stage: int = 0
+    processes: int = 1
+
+    @classmethod
+    def of(cls, accelerator: Accelerator) -> Engine:
+        from accelerate.utils import DistributedType
+
+        kind = accelerator.distributed_type
+        if kind == DistributedType.DEEPSPEED:
+            stage = int(accelerator.state.deepspeed_plugin.zero_stage)
+            return cls("deepspeed", stage, accelerator.num_processes)
+        return cls("fsdp" if kind == DistributedType.FSDP else "ddp", 0, accelerator.num_processes)
+
+    @property
+    def owns_step(self) -> bool:
+        """The prepared model is the engine's own (DeepSpeed): its backward accumulates until its step (ppomax
+        ends every optimiser step: unmanaged gradient accumulation, :func:`configure_deepspeed`), and its step
+        clips by its ``gradient_clipping``, measures the global gradient norm and skips a non-finite step itself
+        (weights and optimiser state untouched). Elsewhere accelerate's backward, ppomax's clip, the optimiser's
+        step."""
+        return self.name == "deepspeed"
+
+    @property
+    def autocasts(self) -> bool:
+        """Mixed precision is accelerate's autocast over float32 master weights (DDP, FSDP); DeepSpeed's engines
+        hold ``model.dtype`` parameters and run without autocast."""
+        return self.name != "deepspeed"
+
+    @property
+    def shards_parameters(self) -> bool:
+        """Each process holds a shard of a trained model's parameters (ZeRO-3, FSDP)."""
+        return self.zero_stage == 3 or self.name == "fsdp"
+
+    @property
+    def sharded_forward(self) -> bool:
+        """Every forward is a collective (parameters sharded over several processes): generation must then run
+        the same number of forward passes on every rank (``generate(synced_gpus=True)``)."""
+        return self.processes > 1 and self.shards_parameters
+
+    @property
+    def gathers_for_save(self) -> bool:
+        """A trained model's full weights are the engine's to gather (``accelerator.get_state_dict``, a
+        collective: every rank calls it): DeepSpeed and FSDP hold them their own way."""
+        return self.name in ("deepspeed", "fsdp")
+
+    @property
+    def syncs_each_backward(self) -> bool:
+        """Every backward all-reduces the gradients over the processes (DDP, FSDP) unless inside
+        :meth:`no_sync`; a DeepSpeed engine reduces them at its step."""
+        return self.processes > 1 and not self.owns_step
+
+    def no_sync(self, accelerator: Accelerator, *models: Any) -> contextlib.AbstractContextManager[Any]:
+        """The gradient all-reduce of ``models``' backwards deferred (all but a step's last micro-batch): the
+        gradients accumulate locally and the last backward reduces their sum."""
+        if not self.syncs_each_backward:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for model in models:
+            stack.enter_context(accelerator.no_sync(model))
+        return stack
+
+    def full_state_dict(self, accelerator: Accelerator, model: Any) -> dict[str, torch.Tensor] | None:
+        """The prepared ``model``'s full weights gathered where the engine holds them its own way
+        (:attr:`gathers_for_save`; a collective: call it on every rank), else None (the model's own)."""
+        return accelerator.get_state_dict(model) if self.gathers_for_save else None
+
+    def reading_checkpoint(self) -> contextlib.AbstractContextManager[None]:
+        """The context a checkpoint is loaded in (``accelerator.load_state``): under DeepSpeed, whose checkpoint
+        files are pickles, tensors only (:func:`deepspeed_loads_tensors_only`)."""
+        return deepspeed_loads_tensors_only() if self.name == "deepspeed" else contextlib.nullcontext()
+
+    def discard_gradients(self, model: Any, optimizer: Any) -> None:
+        """Forget the gradients the prepared ``model`` accumulated since its last step, without stepping (a
+        skipped step). A DeepSpeed engine keeps them in its ZeRO optimiser's own buffers, which ``zero_grad``
+        leaves: they are dropped as the engine's own step drops them when it skips a step
+        (:func:`_drop_deepspeed_gradients`)."""
+        if self.owns_step:
+            _drop_deepspeed_gradients(model)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+
+    def prepare_trained(
+        self,
+        accelerator: Accelerator,
+        models: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]],
+        micro_batch_size: int,
+        max_grad_norm: float | None,
+        grad_norm_key: str,
+    ) -> dict[str, tuple[Any, Any]]:
+        """``{name: (model, optimizer)}`` prepared for training, in order (checkpoints keep the models in this
+        order). Under DeepSpeed with several models the names are those given to :func:`build_accelerator`
+        (``trained``).
+
+        DDP: one ``prepare`` call. FSDP2: one call per model (accelerate's FSDP2 takes one model and its optimiser
+        per call). DeepSpeed: one engine per model, each under its own plugin where there are several, with
+        ppomax ending each optimiser step (:func:`configure_deepspeed`)."""
+        if self.name == "deepspeed":
+            state = accelerator.state
+            named = isinstance(state.deepspeed_plugins, dict)  # one plugin per model (build_accelerator)
+            out = {}
+            for name, (model, optimizer) in models.items():
+                if named:
+                    state.select_deepspeed_plugin(name)
+                configure_deepspeed(state.deepspeed_plugin, micro_batch_size, max_grad_norm, grad_norm_key)
+                out[name] = tuple(accelerator.prepare(model, optimizer))
+            if named:
+                state.select_deepspeed_plugin(next(iter(models)))
+            return out
+        if self.name == "fsdp":
+            return {name: tuple(accelerator.prepare(m, o)) for name, (m, o) in models.items()}
+        flat = accelerator.prepare(*(x for pair in models.values() for x in pair))
+        return {name: (flat[2 * i], flat[2 * i + 1]) for i, name in enumerate(models)}
+
+    def prepare_frozen(self, accelerator: Accelerator, model: torch.nn.Module, micro_batch_size: int) -> Any:
+        """An inference-only model (PPO's reference and reward model): under ZeRO-3 a DeepSpeed inference engine
+        with partitioned parameters (no optimiser, not checkpointed: it never changes), else the model itself on
+        this process's device (replicated; FSDP shards only models prepared with an optimiser), its forward under
+        the autocast accelerate runs the trained models' forwards in (:func:`autocast_like_trained`)."""
+        if not isinstance(model, torch.nn.Module):  # a LoRA base with adapters off, run by its trained model
+            return model.to(accelerator.device)
+        if self.zero_stage != 3:
+            return autocast_like_trained(accelerator, model.to(accelerator.device))
+        import deepspeed
+
+        plugin = accelerator.state.deepspeed_plugins[FROZEN]
+        zero = plugin.deepspeed_config.get("zero_optimization", {})
+        config: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": max(1, micro_batch_size),
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 3},
+        }
+        offload = zero.get("offload_param", {})
+        if isinstance(offload, dict) and offload.get("device", "none") not in ("none", None):
+            config["zero_optimization"]["offload_param"] = {"device": offload["device"]}
+        for precision in ("bf16", "fp16"):
+            section = plugin.deepspeed_config.get(precision, {})
+            if isinstance(section, dict) and section.get("enabled") is True:
+                config[precision] = {"enabled": True}
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+        return engine
+
+
+# The engine of a run in one process, without accelerate launch.
+ONE_PROCESS = Engine()
+
+
+def reference_dtype(dtype: str, adapters: bool, engine: Engine) -> str:
     """The dtype PPO's reference is loaded in: the one the policy's forward reads its own weights in, so that the
-    two forwards (under the same autocast: :func:`prepare_frozen`) are bit-identical while the policy is the
-    reference. Float32 masters for a policy trained in full under accelerate's autocast, ``dtype`` for a LoRA
-    base and under DeepSpeed, whose engines hold ``dtype`` parameters and run without autocast."""
-    return dtype if engine == "deepspeed" else trained_dtype(dtype, adapters)
+    two forwards (under the same autocast: :meth:`Engine.prepare_frozen`) are bit-identical while the policy is
+    the reference. Float32 masters for a policy trained in full under accelerate's autocast, ``dtype`` for a LoRA
+    base and where the engine holds ``dtype`` parameters without autocast (:attr:`Engine.autocasts`)."""
+    return trained_dtype(dtype, adapters) if engine.autocasts else dtype
 
 
 def _warn_once(message: str) -> None:
@@ -176,7 +337,6 @@ def _forget_other_precision(precision: str) -> None:
 
 
 def build_accelerator(
-    grad_accum: int = 1,
     trained: Sequence[str] = ("model",),
     dtype: str = "float32",
     frozen: bool = False,
@@ -185,7 +345,7 @@ def build_accelerator(
     """The Accelerator of a run that trains the models named in ``trained`` (one per optimiser), on the engine
     the launch asked for (:func:`launch_engine`; see the module docstring), in ``dtype``'s mixed precision.
     ``frozen``: the run also has inference-only models (PPO's reference), which under DeepSpeed get a plugin of
-    their own (:func:`prepare_frozen`) even beside a single trained model. ``log_with``: the experiment trackers
+    their own (:meth:`Engine.prepare_frozen`) even beside a single trained model. ``log_with``: the experiment trackers
     (:func:`ppomax.trainers.trackers.log_with`)."""
     quiet_known_library_messages()
     engine = launch_engine(os.environ)
@@ -203,7 +363,6 @@ def build_accelerator(
         )
     if engine != "deepspeed":
         return Accelerator(
-            gradient_accumulation_steps=grad_accum,
             cpu=_cpu_distributed(),
             mixed_precision=precision,
             log_with=log_with or None,
@@ -214,7 +373,6 @@ def build_accelerator(
 
     _deepspeed_logs_to_stderr()
     kwargs: dict[str, Any] = {
-        "gradient_accumulation_steps": grad_accum,
         "mixed_precision": precision,
         "log_with": log_with or None,
     }
@@ -238,14 +396,14 @@ def _deepspeed_logs_to_stderr() -> None:
 
 
 def configure_deepspeed(
-    plugin: Any, micro_batch_size: int, max_grad_norm: float | None, grad_norm_key: str, caller_steps: bool
+    plugin: Any, micro_batch_size: int, max_grad_norm: float | None, grad_norm_key: str
 ) -> None:
     """Fill what DeepSpeed needs and cannot infer (no dataloader goes through ``prepare``: ranks shard batches
     themselves): the micro-batch size (bookkeeping only) and the gradient clip, which DeepSpeed applies inside
     its step. A clip the DeepSpeed config sets that differs from ppomax's ``grad_norm_key`` is an error naming
-    both: one of them would be silently ignored. ``caller_steps``: ppomax, not DeepSpeed, decides where an
-    optimiser step ends (PPO's micro-batches, each model its own backward), with DeepSpeed's unmanaged gradient
-    accumulation: every ``step()`` is a boundary."""
+    both: one of them would be silently ignored. ppomax, not DeepSpeed, decides where an optimiser step ends
+    (:mod:`ppomax.trainers.optimised`: a step's micro-batches, each model its own backward), with DeepSpeed's
+    unmanaged gradient accumulation: every ``step()`` is a boundary."""
     cfg = plugin.deepspeed_config
     if plugin.is_auto("train_micro_batch_size_per_gpu") or "train_micro_batch_size_per_gpu" not in cfg:
         cfg["train_micro_batch_size_per_gpu"] = max(1, micro_batch_size)
@@ -257,85 +415,8 @@ def configure_deepspeed(
             f"set {grad_norm_key} and remove gradient_clipping from the DeepSpeed config"
         )
     cfg["gradient_clipping"] = clip
-    if caller_steps:
-        cfg["gradient_accumulation_steps"] = 1
-        cfg["managed_gradient_accumulation"] = False
-
-
-def zero_stage(accelerator: Accelerator) -> int:
-    """The ZeRO stage of the active DeepSpeed plugin (0 when the run is not on DeepSpeed)."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return 0
-    return int(accelerator.state.deepspeed_plugin.zero_stage)
-
-
-def prepare_trained(
-    accelerator: Accelerator,
-    models: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]],
-    micro_batch_size: int,
-    max_grad_norm: float | None,
-    grad_norm_key: str,
-) -> dict[str, tuple[Any, Any]]:
-    """``{name: (model, optimizer)}`` prepared for training on the launch's engine, in order (checkpoints keep
-    the models in this order). The names are those given to :func:`build_accelerator` (``trained``).
-
-    DDP: one ``prepare`` call. FSDP2: one call per model (accelerate's FSDP2 takes one model and its optimiser per
-    call). DeepSpeed: one engine per model, each under its own plugin, with ppomax ending each optimiser step
-    (:func:`configure_deepspeed`: ``caller_steps``)."""
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type
-    if kind == DistributedType.DEEPSPEED:
-        out = {}
-        for name, (model, optimizer) in models.items():
-            accelerator.state.select_deepspeed_plugin(name)
-            configure_deepspeed(
-                accelerator.state.deepspeed_plugin,
-                micro_batch_size,
-                max_grad_norm,
-                grad_norm_key,
-                caller_steps=True,
-            )
-            out[name] = tuple(accelerator.prepare(model, optimizer))
-        accelerator.state.select_deepspeed_plugin(next(iter(models)))
-        return out
-    if kind == DistributedType.FSDP:
-        return {name: tuple(accelerator.prepare(m, o)) for name, (m, o) in models.items()}
-    flat = accelerator.prepare(*(x for pair in models.values() for x in pair))
-    return {name: (flat[2 * i], flat[2 * i + 1]) for i, name in enumerate(models)}
-
-
-def prepare_frozen(accelerator: Accelerator, model: torch.nn.Module, micro_batch_size: int) -> Any:
-    """An inference-only model (PPO's reference and reward model) on the launch's engine: under ZeRO-3 a DeepSpeed
-    inference engine with partitioned parameters (no optimiser, not checkpointed: it never changes), else the
-    model itself on this process's device (replicated; FSDP shards only models prepared with an optimiser),
-    its forward under the autocast accelerate runs the trained models' forwards in (:func:`autocast_like_trained`).
-    """
-    if not isinstance(model, torch.nn.Module):  # a LoRA base with adapters off, run by its trained model
-        return model.to(accelerator.device)
-    if zero_stage(accelerator) != 3:
-        return autocast_like_trained(accelerator, model.to(accelerator.device))
-    import deepspeed
-
-    plugin = accelerator.state.deepspeed_plugins[FROZEN]
-    zero = plugin.deepspeed_config.get("zero_optimization", {})
-    config: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": max(1, micro_batch_size),
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3},
-    }
-    offload = zero.get("offload_param", {})
-    if isinstance(offload, dict) and offload.get("device", "none") not in ("none", None):
-        config["zero_optimization"]["offload_param"] = {"device": offload["device"]}
-    for precision in ("bf16", "fp16"):
-        section = plugin.deepspeed_config.get(precision, {})
-        if isinstance(section, dict) and section.get("enabled") is True:
-            config[precision] = {"enabled": True}
-    engine, *_ = deepspeed.initialize(model=model, config=config)
-    engine.eval()
-    return engine
+    cfg["gradient_accumulation_steps"] = 1
+    cfg["managed_gradient_accumulation"] = False
 
 
 def autocast_like_trained(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
@@ -351,27 +432,41 @@ def autocast_like_trained(accelerator: Accelerator, model: torch.nn.Module) -> t
     return model
 
 
-def sharded_forward(accelerator: Accelerator) -> bool:
-    """Whether every forward is a collective (ZeRO-3 or FSDP over several processes): generation must then run
-    the same number of forward passes on every rank (``generate(synced_gpus=True)``)."""
-    from accelerate.utils import DistributedType
+def _drop_deepspeed_gradients(engine: Any) -> None:
+    """What a DeepSpeed engine's step does with the step's gradients when it skips the step (ZeRO's overflow
+    path in deepspeed/runtime/zero: stage_1_and_2.py and stage3.py ``step``), without the step: DeepSpeed has
+    no public call for it. ZeRO-1/2 accumulate each backward's reduced gradients in ``all_grad_tensors``
+    (``averaged_gradients`` once final) or, offloaded, in CPU buffers counted by ``micro_step_id``; ZeRO-3 in
+    ``averaged_gradients`` and its partitions, overwritten after ``zero_grad`` (``micro_step_id`` 0).
+    tests/test_optimised.py checks that the step after a skipped one holds its own gradient only."""
+    zero = engine.optimizer
+    zero.zero_grad(set_to_none=True)
+    engine.zero_grad()
+    stage = engine.zero_optimization_stage()
+    if stage in (1, 2):
+        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
 
-    if accelerator.num_processes == 1:
-        return False
-    return zero_stage(accelerator) == 3 or accelerator.distributed_type == DistributedType.FSDP
+        zero._release_preflattened_grad_buffers()
+        if zero.cpu_offload:
+            zero.reset_cpu_buffers()
+            zero._offload_accumulated_param_ids = set()
+        for buffers in (zero.averaged_gradients, zero.all_grad_tensors):
+            for key in buffers:
+                buffers[key] = None
+        zero.micro_step_id = INITIAL_MICRO_STEP_ID
+    elif stage == 3:
+        if zero.offload_optimizer:
+            zero.reset_cpu_buffers()
+        else:
+            zero.averaged_gradients = {}
 
 
 @contextlib.contextmanager
-def deepspeed_loads_tensors_only(accelerator: Accelerator) -> Iterator[None]:
+def deepspeed_loads_tensors_only() -> Iterator[None]:
     """Resume never unpickles code: DeepSpeed reads its checkpoint files with ``torch.load(weights_only=False)``
     (a crafted ``*_optim_states.pt`` would run); inside this context it reads them with ``weights_only=True``,
     allowing only the three DeepSpeed classes its own checkpoints hold (found by loading ZeRO-2 and ZeRO-3
     checkpoints of every kind ppomax writes: fp32, bf16, LoRA)."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        yield
-        return
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum

@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from ppomax.algos import AllReduce, token_weights
@@ -20,7 +18,7 @@ from ppomax.errors import UserError
 from ppomax.optim import build_optimizer, build_scheduler
 
 from .common import TrainingError, micro_batches, micro_batches_per_epoch
-from .launch import configure_deepspeed
+from .optimised import Optimised, step_together
 from .reduce import reduce_metrics
 from .run import DictState, RunContext, StopFlag
 
@@ -75,26 +73,23 @@ def train_loop(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec) -> tuple
 
     Returns the prepared model (pass it to :meth:`RunContext.save_model`) and the last step.
 
-    One optimiser step = ``grad_accum`` micro-batches per rank. A step whose gradient norm is not finite is
-    skipped (gradients dropped) and counted; ``max_nonfinite_in_row`` such steps in a row stop the run with the
-    last checkpoint intact. Metrics are logged every ``logging.log_every`` steps, evaluation runs every
-    ``eval_every`` steps and at the end, checkpoints every ``logging.checkpoint_every`` steps, at the last step and
-    on SIGINT/SIGTERM (which then raises :class:`ppomax.errors.RunStopped`).
+    One optimiser step = ``grad_accum`` micro-batches per rank (:mod:`ppomax.trainers.optimised`). A step whose
+    loss or gradient norm is not finite on any rank is skipped (weights, optimiser state and schedule unchanged)
+    and counted; ``max_nonfinite_in_row`` such steps in a row stop the run with the last checkpoint intact.
+    Metrics are logged every ``logging.log_every`` steps, evaluation runs every ``eval_every`` steps and at the
+    end, checkpoints every ``logging.checkpoint_every`` steps, at the last step and on SIGINT/SIGTERM (which then
+    raises :class:`ppomax.errors.RunStopped`).
     """
     cfg, acc = ctx.cfg, ctx.accelerator
     total = total_optimizer_steps(spec, cfg, ctx.world)
     optimizer = build_optimizer(model.parameters(), cfg.optim.lr, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)
-    if acc.distributed_type == DistributedType.DEEPSPEED:
-        # token-balanced batches vary in size: DeepSpeed's micro-batch size is bookkeeping only
-        configure_deepspeed(
-            acc.state.deepspeed_plugin,
-            spec.batch_size or 1,
-            cfg.max_grad_norm,
-            "max_grad_norm",
-            caller_steps=False,
-        )
-    model, optimizer = acc.prepare(model, optimizer)
+    # token-balanced batches vary in size: DeepSpeed's micro-batch size is bookkeeping only
+    prepared = ctx.engine.prepare_trained(
+        acc, {"model": (model, optimizer)}, spec.batch_size or 1, cfg.max_grad_norm, "max_grad_norm"
+    )
+    model, optimizer = prepared["model"]
+    trained = Optimised(model, optimizer, scheduler, acc, ctx.engine)
     # Not prepared: accelerate would step it once per process; this schedule counts optimiser steps.
     ctx.track(schedule=scheduler, extra=DictState(spec.extra_state))
     step = ctx.restore()
@@ -129,17 +124,17 @@ def train_loop(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec) -> tuple
             for _ in range(cfg.grad_accum):
                 epoch, idx = next(batches)
                 step_batches.append(spec.make_batch(idx))
-            metrics, n_tok = accumulate(acc, model, step_batches, spec.loss_fn, spec.counts, all_reduce)
+            metrics, n_tok, loss = accumulate(trained, step_batches, spec.loss_fn, spec.counts, all_reduce)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v
             tokens += n_tok
             n_steps += 1
-            grad_norm = _clip(acc, model, cfg.max_grad_norm)
-            if grad_norm is not None and not math.isfinite(grad_norm):
-                optimizer.zero_grad(set_to_none=True)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+            ok, norms = step_together({"model": trained}, loss, cfg.max_grad_norm, all_reduce)
+            if not ok:
                 nonfinite_in_row += 1
                 skipped_total += 1
-                ctx.warn(f"step {step + 1}: non-finite gradient norm; update skipped")
+                ctx.warn(f"step {step + 1}: non-finite loss or gradient norm; update skipped")
                 if nonfinite_in_row >= cfg.max_nonfinite_in_row:
                     raise TrainingError(
                         f"{nonfinite_in_row} non-finite updates in a row at step {step + 1}: lower optim.lr, "
@@ -148,14 +143,8 @@ def train_loop(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec) -> tuple
                     )
             else:
                 nonfinite_in_row = 0
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if grad_norm is not None:
-                    grad_norms.append(grad_norm)
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-            with warnings.catch_warnings():  # a skipped update still advances the schedule, on purpose
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                scheduler.step()
+                if "model" in norms:
+                    grad_norms.append(float(norms["model"]))
             step += 1
             bar.update(1)
 
@@ -203,42 +192,41 @@ def train_loop(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec) -> tuple
 
 
 def accumulate(
-    acc: Accelerator,
-    model: torch.nn.Module,
+    trained: Optimised,
     batches: Sequence[dict[str, Any]],
     loss_fn: LossFn,
     counts: Callable[[dict[str, Any]], dict[str, torch.Tensor]],
     all_reduce: AllReduce | None = None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Forward and backward of one optimiser step's micro-batches (this rank's); returns the summed metric
-    contributions and the number of input tokens.
+    contributions, the number of input tokens and the step's loss (detached).
 
     Accumulation changes memory, not the update: each mean in the loss is weighted by the micro-batch's share
     of its units in the whole step over all ranks (:func:`ppomax.algos.token_weights` on ``counts``), so the
     accumulated gradient is that of the step's batches at once, and DDP's average over ranks that of every
     rank's units together (token-balanced batches with varying pair or token counts weigh each unit alike).
     """
+    device = trained.accelerator.device
     per = [{**counts(b), "batches": 1} for b in batches]
     units = sorted(per[0])
     table = torch.stack(
-        [
-            torch.stack([torch.as_tensor(c[u], dtype=torch.float32, device=acc.device) for c in per])
-            for u in units
-        ]
+        [torch.stack([torch.as_tensor(c[u], dtype=torch.float32, device=device) for c in per]) for u in units]
     )
     weights = token_weights(table, all_reduce)
     sums: dict[str, torch.Tensor] = {}
-    tokens = torch.zeros((), device=acc.device)
+    tokens = torch.zeros((), device=device)
+    total = torch.zeros((), device=device)
     for i, batch in enumerate(batches):
-        with acc.accumulate(model):
-            loss, metrics, n_tok = loss_fn(model, batch, {u: weights[j, i] for j, u in enumerate(units)})
-            # accelerate (and DeepSpeed) divide every backward by gradient_accumulation_steps: the weights
-            # already make the micro-batches add up to the step's mean.
-            acc.backward(loss * acc.gradient_accumulation_steps)
+        with trained.no_sync() if i < len(batches) - 1 else contextlib.nullcontext():
+            loss, metrics, n_tok = loss_fn(
+                trained.model, batch, {u: weights[j, i] for j, u in enumerate(units)}
+            )
+            trained.backward(loss)
+        total += loss.detach().float()
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0) + v.detach().float()
         tokens += n_tok
-    return sums, tokens
+    return sums, tokens, total
 
 
 def _run_eval(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec, step: int) -> None:
@@ -253,11 +241,3 @@ def _run_eval(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec, step: int
         ctx.print("step " + str(step) + ": " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
         if spec.on_eval:
             spec.on_eval(step, result, model)
-
-
-def _clip(acc: Accelerator, model: torch.nn.Module, max_norm: float | None) -> float | None:
-    """Global gradient-norm clipping (app. C.2); returns the pre-clip norm (None where the engine owns it)."""
-    norm = acc.clip_grad_norm_(model.parameters(), max_norm if max_norm is not None else float("inf"))
-    if norm is None:
-        return None
-    return float(norm)

@@ -78,12 +78,12 @@ from ppomax.rollout import HFGenerateEngine, RolloutEngine, eos_ids_of
 
 from .common import TrainingError, data_files, data_source, log_chat_format
 from .inputs import TrainResult, bind
-from .launch import prepare_frozen, prepare_trained, sharded_forward
+from .optimised import Optimised
 from .ppo_data import IndexStream, PromptSet, PTXSet, load_prompt_set, load_ptx_set, pad_id_of
 from .ppo_eval import evaluate
 from .ppo_fused import FusedScoring, FusedUpdater, fuses_scoring
 from .ppo_models import Forward, load_models
-from .ppo_step import Optimised, Rollouts, Scoring, SeparateScoring, Updater
+from .ppo_step import Rollouts, Scoring, SeparateScoring, Updater
 from .reduce import reduce_metrics
 from .run import StopFlag, open_run
 
@@ -285,6 +285,7 @@ class PPOTrainer:
     def _build(self, engine: RolloutEngine | None, allow_data_change: bool) -> None:
         cfg, p, run = self.cfg, self.cfg.ppo, self.run
         acc = run.accelerator  # DDP, DeepSpeed or FSDP as `accelerate launch` configured (trainers/launch.py)
+        launched = run.engine  # what differs between them (trainers/launch.py: Engine)
         # The adaptive KL coefficient (ppo.kl.target) counts the responses of all processes, as Ziegler et al.'s
         # code counts its batch; a step of n responses moves it by a factor in [1 - 0.2 n/h, 1 + 0.2 n/h].
         self.kl_control = None
@@ -303,7 +304,7 @@ class PPOTrainer:
         # average is the gradient of the token mean over every rank's minibatch; loss values are reduced for
         # logging only (reduce_metrics).
         all_reduce = None if acc.num_processes == 1 else (lambda t: acc.reduce(t, reduction="sum"))
-        m = load_models(cfg, self.inputs)
+        m = load_models(cfg, self.inputs, launched)
         if m.critic is not None:
             m.critic.freeze_lm_head()
             run.layout.update(m.critic.match_checkpoint(run.resumed_layout()))
@@ -331,15 +332,17 @@ class PPOTrainer:
         # one Accelerator for both trained models (save_state/load_state keep them in this order), each with its
         # own optimiser, learning rate and, under DeepSpeed, its own engine
         micro = p.micro_batch_size or p.minibatch_size
-        prepared = prepare_trained(acc, models_to_train, micro, p.max_grad_norm, "ppo.max_grad_norm")
+        prepared = launched.prepare_trained(acc, models_to_train, micro, p.max_grad_norm, "ppo.max_grad_norm")
         policy, policy_opt = prepared["policy"]
         critic, critic_opt = prepared.get("critic", (None, None))
-        reward_model = prepare_frozen(acc, m.reward_model, micro) if m.reward_model is not None else None
+        reward_model = (
+            launched.prepare_frozen(acc, m.reward_model, micro) if m.reward_model is not None else None
+        )
         self.models = models = replace(
             m,
             policy=policy,
             critic=critic,
-            reference=prepare_frozen(acc, m.reference, micro),
+            reference=launched.prepare_frozen(acc, m.reference, micro),
             reward_model=reward_model,
         )
 
@@ -349,7 +352,7 @@ class PPOTrainer:
         eos_ids = eos_ids_of(m.tokenizer, m.policy)
         self.rollouts = Rollouts(
             engine=engine
-            or HFGenerateEngine(cfg.generation, eos_ids, data.pad_id, synced=sharded_forward(acc)),
+            or HFGenerateEngine(cfg.generation, eos_ids, data.pad_id, synced=launched.sharded_forward),
             fwd=fwd,
             rewards=RewardSources(
                 reward_model,
@@ -375,8 +378,8 @@ class PPOTrainer:
             ppo=p,
             accelerator=acc,
             fwd=fwd,
-            policy=Optimised(policy, policy_opt, policy_sched, acc),
-            critic=Optimised(critic, critic_opt, critic_sched, acc) if critic is not None else None,
+            policy=Optimised(policy, policy_opt, policy_sched, acc, launched),
+            critic=Optimised(critic, critic_opt, critic_sched, acc, launched) if critic is not None else None,
             seed=cfg.seed,
             all_reduce=all_reduce,
             generation=cfg.generation,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
@@ -50,7 +49,7 @@ from ppomax.models import (
     with_adapters,
 )
 from ppomax.models.adapter_dir import is_peft_model
-from ppomax.trainers.launch import launch_engine, reference_dtype, trained_dtype
+from ppomax.trainers.launch import ONE_PROCESS, Engine, reference_dtype, trained_dtype
 
 from .common import load_run_tokenizer
 from .inputs import Inputs, adopt_causal_lm, adopt_value_head, copy_causal_lm, random_causal_lm_like
@@ -161,19 +160,24 @@ def critic_base_is_reward_model(cfg: PPOConfig) -> bool:
 
 
 def build_reference(
-    cfg: PPOConfig, policy: CausalLM, given: Inputs | None = None, untrained: CausalLM | None = None
+    cfg: PPOConfig,
+    policy: CausalLM,
+    given: Inputs | None = None,
+    untrained: CausalLM | None = None,
+    engine: Engine = ONE_PROCESS,
 ) -> CausalLM | AdaptersOff:
     """The frozen reference: the policy's base with adapters off (LoRA, and ``model.reference`` unset or the
     policy's path), else a model loaded from ``model.reference`` or the policy's path (or the object given for
     ``model.reference``; ``untrained``: a copy of the policy object, taken before it trains), in the dtype the policy
-    reads its weights in (:func:`~ppomax.trainers.launch.reference_dtype`: identical weights, identical log-probs)."""
+    reads its weights in on the run's ``engine`` (:func:`~ppomax.trainers.launch.reference_dtype`: identical
+    weights, identical log-probs)."""
     m, given = cfg.model, given or Inputs()
     assert m.policy
     same = m.reference is None or Path(m.reference).resolve() == Path(m.policy).resolve()
     if m.lora is not None and same:
         assert is_peft_model(policy), "with_adapters put adapters on the policy"
         return AdaptersOff(policy)
-    dtype = reference_dtype(m.dtype, m.lora is not None, launch_engine(os.environ))
+    dtype = reference_dtype(m.dtype, m.lora is not None, engine)
     key = "model.reference" if m.reference else "model.policy"
     obj = given.get("model.reference") if m.reference else untrained
     if obj is not None:
@@ -183,10 +187,11 @@ def build_reference(
     )
 
 
-def load_models(cfg: PPOConfig, given: Inputs | None = None) -> PPOModels:
+def load_models(cfg: PPOConfig, given: Inputs | None = None, engine: Engine = ONE_PROCESS) -> PPOModels:
     """Load everything ``cfg.model`` names (or take the objects ``given`` for its keys), the critic only where
     ``ppo.advantage_estimator`` needs one (a resumed run then loads its checkpoint's weights into policy and critic;
-    the reference and the reward model always come from the config: the reference is the *original* policy)."""
+    the reference and the reward model always come from the config: the reference is the *original* policy), for
+    the run's ``engine`` (default: one process)."""
     m, given = cfg.model, given or Inputs()
     # trained models in float32 (master weights; model.dtype is their autocast dtype), the reward model (and a
     # LoRA base) in model.dtype, the reference in the policy's (build_reference)
@@ -204,7 +209,7 @@ def load_models(cfg: PPOConfig, given: Inputs | None = None) -> PPOModels:
     policy = with_adapters(policy, m.lora, given.base_path("model.policy", m.policy), seed=cfg.seed)
     critic = build_critic(cfg, m.policy, m.critic, given, untrained) if cfg.ppo.uses_critic else None
     # after the critic, which copies `untrained`: the reference may keep it itself
-    reference = build_reference(cfg, policy, given, untrained)
+    reference = build_reference(cfg, policy, given, untrained, engine)
     reward_model: ValueHeadModel | RewardOnCriticBase | None = None
     if critic is not None and critic_base_is_reward_model(cfg):
         # the head is copied before any update: the critic's own head trains away from it

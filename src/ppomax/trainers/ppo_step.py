@@ -34,7 +34,6 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import DistributedType
 from torch import Tensor
 
 from ppomax.algos import (
@@ -62,6 +61,7 @@ from ppomax.experience import Experience
 from ppomax.rewards import RewardError, RewardSources
 from ppomax.rollout import RolloutEngine, rollout
 
+from .optimised import Optimised, step_together
 from .ppo_data import PromptSet
 from .ppo_models import Forward
 from .reduce import reduction_of
@@ -308,59 +308,6 @@ def _naming_step(step: int | None) -> Iterator[None]:
         if step is None:
             raise
         raise RewardError(f"step {step}: {exc}") from exc.__cause__
-
-
-@dataclasses.dataclass
-class Optimised:
-    """A trained model (as prepared by accelerate) with its optimiser and learning-rate schedule: its backward,
-    gradient clip and optimiser step on the launch's engine.
-
-    Under DeepSpeed the prepared model is the model's own engine: its ``backward`` accumulates (ppomax ends each
-    optimiser step: unmanaged gradient accumulation, see trainers/launch.py), its ``step`` clips by
-    ``ppo.max_grad_norm`` (the engine's gradient_clipping) and steps; the gradient norm is known only after it."""
-
-    model: Any
-    optimizer: Any
-    schedule: Any
-    accelerator: Any
-
-    @property
-    def engine(self) -> bool:
-        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
-
-    def backward(self, loss: Tensor) -> None:
-        if self.engine:
-            self.model.backward(loss)
-        else:
-            self.accelerator.backward(loss)
-
-    def clip(self, max_norm: float) -> Tensor | None:
-        """Clip the gradient's global norm (app. C.2); returns the pre-clip norm, or None where the engine clips
-        inside :meth:`step`."""
-        if self.engine:
-            return None
-        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
-        return torch.as_tensor(norm).detach().float()
-
-    def step(self) -> Tensor | None:
-        """Optimiser and schedule step; returns the pre-clip gradient norm where the engine measured it."""
-        if self.engine:
-            self.model.step()
-            self.schedule.step()
-            norm = self.model.get_global_grad_norm()
-            return None if norm is None else torch.as_tensor(float(norm))
-        self.optimizer.step()
-        self.schedule.step()
-        return None
-
-    def zero_grad(self) -> None:
-        if self.engine:
-            # accelerate's DeepSpeed optimiser wrapper leaves zeroing to the engine's step; a skipped step must
-            # drop the accumulated (partitioned) gradients itself
-            self.model.optimizer.zero_grad()
-            self.model.zero_grad()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
 
 
 @dataclasses.dataclass
@@ -624,45 +571,27 @@ class Updater:
         return p.vf_coef * vf, metrics
 
     def _step(self, loss: Tensor, critic_only: bool, metrics: dict[str, Tensor]) -> bool:
-        """Clip, check finiteness (one host sync per minibatch), step or skip; returns whether it stepped.
-        Where the engine clips inside its step (DeepSpeed) only the loss is checked before it."""
-        max_norm = self.ppo.max_grad_norm if self.ppo.max_grad_norm is not None else float("inf")
-        models = {} if self.critic is None else {"critic": self.critic}
-        if not critic_only:
-            models["policy"] = self.policy
-        norms = {name: m.clip(max_norm) for name, m in models.items()}
-        checked = [loss.float(), *(n.to(loss.device) for n in norms.values() if n is not None)]
-        finite = torch.isfinite(torch.stack(checked)).all()
-        if self.all_reduce is not None:  # every rank must take the same decision
-            finite = self.all_reduce((~finite).float()) == 0
-        ok = bool(finite)
+        """One optimiser step of the models trained on this minibatch, or none (:func:`step_together`: clip,
+        the finiteness check over all ranks, step or skip); returns whether it stepped."""
+        models = {"policy": self.policy} if not critic_only else {}
+        if self.critic is not None:
+            models["critic"] = self.critic
+        ok, norms = step_together(models, loss, self.ppo.max_grad_norm, self.all_reduce)
         if ok:
-            for name in ("policy", "critic"):
-                if name in models:
-                    measured = models[name].step()
-                    norms[name] = norms[name] if measured is None else measured
             self.nonfinite_in_row = 0
         else:
             self.nonfinite_in_row += 1
             self.nonfinite_total += 1
-        for name in ("policy", "critic"):
-            if norms.get(name) is not None:
-                metrics[f"grad_norm/{name}"] = norms[name]
-        self.policy.zero_grad()
-        if self.critic is not None:
-            self.critic.zero_grad()
+        for name, norm in norms.items():
+            metrics[f"grad_norm/{name}"] = norm
         return ok
 
     def _no_sync(self, skip_sync: bool) -> contextlib.AbstractContextManager[Any]:
-        """DDP's gradient sync skipped on all but a minibatch's last micro-batch (DeepSpeed engines reduce at
-        their step anyway)."""
-        if not skip_sync or self.accelerator.num_processes == 1 or self.policy.engine:
+        """The trained models' gradient all-reduce deferred on all but a minibatch's last micro-batch."""
+        if not skip_sync:
             return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(self.accelerator.no_sync(self.policy.model))
-        if self.critic is not None:
-            stack.enter_context(self.accelerator.no_sync(self.critic.model))
-        return stack
+        models = [self.policy.model] + ([self.critic.model] if self.critic is not None else [])
+        return self.policy.engine.no_sync(self.accelerator, *models)
 
 
 class Scoring(Protocol):

@@ -226,7 +226,6 @@ class RewardTrainer:
             overwrite=overwrite,
             allow_data_change=allow_data_change,
             data=data_files(cfg, "train", "valid", "test", inputs=inputs),
-            grad_accum=cfg.grad_accum,
             callbacks=inputs.callbacks,
         )
         try:

@@ -66,7 +66,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 from safetensors import SafetensorError
 
 from ppomax.checkpoint import prune_checkpoints, step_dirs
@@ -79,7 +79,7 @@ from ppomax.monitor import MetricsLogger
 
 from . import trackers
 from .inputs import Callbacks
-from .launch import build_accelerator, deepspeed_loads_tensors_only
+from .launch import Engine, build_accelerator
 from .run_lock import RunLock
 
 STATE_FILE = "ppomax_state.json"
@@ -174,6 +174,11 @@ class RunContext:
         return next(kind for kind, cls in CONFIG_CLASSES.items() if isinstance(self.cfg, cls))
 
     @property
+    def engine(self) -> Engine:
+        """The run's engine (:class:`~ppomax.trainers.launch.Engine`), as its accelerator runs it."""
+        return Engine.of(self.accelerator)
+
+    @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
@@ -255,7 +260,7 @@ class RunContext:
         if ckpt is not None and state is not None:
             try:
                 _check_random_states(ckpt, self.rank)
-                with deepspeed_loads_tensors_only(acc):
+                with self.engine.reading_checkpoint():
                     acc.load_state(str(ckpt))
             except (pickle.UnpicklingError, SafetensorError, EOFError) as exc:  # hostile or broken files
                 raise weights_error(ckpt, exc) from None
@@ -369,8 +374,7 @@ class RunContext:
         them, never cast: a model trained in full under mixed precision is its float32 master weights (config.json
         says float32), so the saved model computes exactly what the trained one did."""
         acc = self.accelerator
-        distributed = acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-        states = {name: acc.get_state_dict(m) if distributed else None for name, (m, _) in models.items()}
+        states = {name: self.engine.full_state_dict(acc, m) for name, (m, _) in models.items()}
         with self.atomic_dir(final, what="the model") as tmp:
             if self.is_main:
                 for name, (model, tokenizer) in models.items():
@@ -513,7 +517,6 @@ def open_run(
     overwrite: bool = False,
     allow_data_change: bool = False,
     data: dict[str, Any] | None = None,
-    grad_accum: int = 1,
     trained: tuple[str, ...] = ("model",),
     frozen: bool = False,
     callbacks: list[Any] | None = None,
@@ -532,7 +535,7 @@ def open_run(
     if allow_data_change and not resume:
         raise ConfigError("--allow-data-change goes with --resume (a new run reads its data as it is)")
     log_with = trackers.log_with(cfg.logging, Path(cfg.logging.out_dir))
-    accelerator = build_accelerator(grad_accum, trained, cfg.model.dtype, frozen=frozen, log_with=log_with)
+    accelerator = build_accelerator(trained, cfg.model.dtype, frozen=frozen, log_with=log_with)
     set_seed(cfg.seed)
     ctx = RunContext(
         accelerator,

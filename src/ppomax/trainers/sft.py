@@ -232,7 +232,6 @@ class SFTTrainer:
             overwrite=overwrite,
             allow_data_change=allow_data_change,
             data=data_files(cfg, "train", "valid", inputs=inputs),
-            grad_accum=cfg.grad_accum,
             callbacks=inputs.callbacks,
         )
         try:

@@ -1,0 +1,118 @@
+"""One optimiser step, taken the same way by every trainer: SFT, the reward model, PPO's policy and critic.
+
+A step is the backward of each of its micro-batches (:meth:`Optimised.backward`; the gradients accumulate, their
+all-reduce over the processes deferred to the step's last micro-batch: :meth:`Optimised.no_sync`), then
+:func:`step_together` for the models trained on them: the global gradient-norm clip (paper app. C.2), the check
+that the step's loss and gradient norms are finite, decided over all ranks (every rank steps or skips alike), the
+optimiser and learning-rate schedule steps, and the gradients zeroed. A skipped step leaves weights, optimiser
+state and schedule as they were; the trainers count skipped steps and stop after ``max_nonfinite_in_row``.
+
+ppomax ends every step itself, on every engine (no accelerate ``accumulate``; DeepSpeed's unmanaged gradient
+accumulation). The engine's part is what :class:`~ppomax.trainers.launch.Engine` says: where it owns the step
+(DeepSpeed) it clips inside that step and knows the gradient norm only there, so the loss is checked before it,
+and a non-finite norm, a step the engine skipped itself, makes the step a skipped one after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ppomax.algos import AllReduce
+
+from .launch import Engine
+
+
+@dataclasses.dataclass
+class Optimised:
+    """A trained model as prepared on the run's ``engine``, with its optimiser and learning-rate schedule."""
+
+    model: Any
+    optimizer: Any
+    schedule: Any
+    accelerator: Any
+    engine: Engine
+
+    def backward(self, loss: Tensor) -> None:
+        """Add ``loss``'s gradient to the step's (one micro-batch)."""
+        if self.engine.owns_step:
+            self.model.backward(loss)
+        else:
+            self.accelerator.backward(loss)
+
+    def no_sync(self) -> AbstractContextManager[Any]:
+        """Forward and backward of a micro-batch that is not the step's last: no gradient all-reduce yet."""
+        return self.engine.no_sync(self.accelerator, self.model)
+
+    def clip(self, max_norm: float) -> Tensor | None:
+        """Clip the gradient's global norm to ``max_norm`` (app. C.2); returns the pre-clip norm, or None where
+        the engine clips inside :meth:`step`."""
+        if self.engine.owns_step:
+            return None
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        return torch.as_tensor(norm).detach().float()
+
+    def step(self) -> Tensor | None:
+        """The optimiser step (not the schedule's); returns the pre-clip gradient norm where the engine measured
+        it inside its step (non-finite: the engine skipped the step)."""
+        if self.engine.owns_step:
+            self.model.step()
+            norm = self.model.get_global_grad_norm()
+            return None if norm is None else torch.as_tensor(float(norm))
+        self.optimizer.step()
+        return None
+
+    def zero_grad(self) -> None:
+        """After :meth:`step`: the gradients cleared for the next step."""
+        if self.engine.owns_step:  # accelerate's DeepSpeed optimiser wrapper leaves it to the engine's step
+            self.model.optimizer.zero_grad()
+            self.model.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def discard(self) -> None:
+        """Instead of :meth:`step`: the step's accumulated gradients dropped, nothing stepped."""
+        self.engine.discard_gradients(self.model, self.optimizer)
+
+
+def step_together(
+    models: Mapping[str, Optimised],
+    loss: Tensor,
+    max_grad_norm: float | None,
+    all_reduce: AllReduce | None = None,
+) -> tuple[bool, dict[str, Tensor]]:
+    """End one optimiser step of ``models`` (their micro-batches' backwards done), all stepping or none: clip
+    each gradient's global norm to ``max_grad_norm`` (None: measured, not clipped), check this rank's step
+    ``loss`` and the norms, and step (optimiser, then schedule) only if they are finite on every rank
+    (``all_reduce``: the sum over ranks; None for one process). Gradients are zeroed either way.
+
+    Returns whether the step was taken and each model's pre-clip gradient norm (where known). Where the engine
+    skipped a model's step itself (a non-finite norm measured inside it) that model's schedule stays and the step
+    counts as skipped; a model stepped before it keeps its step (engines cannot undo one)."""
+    max_norm = max_grad_norm if max_grad_norm is not None else float("inf")
+    clipped = {name: m.clip(max_norm) for name, m in models.items()}
+    checked = [loss.detach().float(), *(n.to(loss.device) for n in clipped.values() if n is not None)]
+    finite = torch.isfinite(torch.stack(checked)).all()
+    if all_reduce is not None:  # every rank must take the same decision
+        finite = all_reduce((~finite).float()) == 0
+    norms = {name: n for name, n in clipped.items() if n is not None}
+    if not bool(finite):
+        for m in models.values():
+            m.discard()
+        return False, norms
+    stepped = True
+    for name, m in models.items():
+        measured = m.step()
+        m.zero_grad()
+        if measured is not None:
+            norms[name] = measured
+            if not torch.isfinite(measured):  # the engine skipped it (the same on every rank)
+                stepped = False
+                continue
+        m.schedule.step()
+    return stepped, norms
