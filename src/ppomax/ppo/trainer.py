@@ -7,7 +7,7 @@ One iteration (:meth:`PPOTrainer.iteration`, ``step``)::
     merge the batches into one Experience                                    experience.py
     moments, score re-parameterisation, token rewards, GAE                   advantages.py
     ppo_epochs x minibatches: losses, clip, step                             update.py (Updater)
-    metrics (paper 5.2), reduced over ranks                                  algos.rollout_statistics
+    metrics (paper 5.2), reduced over ranks                                  metrics.py
 
 The scoring, advantages and update steps are those of a :class:`~ppomax.ppo.update.Scoring` chosen once,
 when the trainer is built (``PPOTrainer.scoring``): ``separate`` (:class:`~ppomax.ppo.update.SeparateScoring`,
