@@ -26,9 +26,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
+from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from torch import Tensor
 
@@ -36,15 +37,18 @@ from ppomax.algos import AllReduce
 
 from .launch import Engine
 
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
 
 @dataclasses.dataclass
 class Optimised:
     """A trained model as prepared on the run's ``engine``, with its optimiser and learning-rate schedule."""
 
-    model: Any
-    optimizer: Any
-    schedule: Any
-    accelerator: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    accelerator: Accelerator
     engine: Engine
 
     @property
@@ -52,6 +56,11 @@ class Optimised:
         """The Accelerator's float16 loss scaler (one for all its models), else None (no float16 autocast, or
         DeepSpeed: its engine scales the loss itself)."""
         return None if self.engine.owns_step else self.accelerator.scaler
+
+    @property
+    def _deepspeed(self) -> DeepSpeedEngine:
+        """The prepared model as the DeepSpeed engine it is where the engine owns the step."""
+        return cast("DeepSpeedEngine", self.model)
 
     @property
     def raw_optimizer(self) -> torch.optim.Optimizer:
@@ -64,7 +73,7 @@ class Optimised:
     def backward(self, loss: Tensor) -> None:
         """Add ``loss``'s gradient to the step's (one micro-batch)."""
         if self.engine.owns_step:
-            self.model.backward(loss)
+            self._deepspeed.backward(loss)
         else:
             self.accelerator.backward(loss)
 
@@ -90,8 +99,8 @@ class Optimised:
         """The optimiser step (not the schedule's); returns the pre-clip gradient norm where the engine measured
         it inside its step (non-finite: the engine skipped the step)."""
         if self.engine.owns_step:
-            self.model.step()
-            norm = self.model.get_global_grad_norm()
+            self._deepspeed.step()
+            norm = self._deepspeed.get_global_grad_norm()
             return None if norm is None else torch.as_tensor(float(norm))
         scaler = self.loss_scaler
         if scaler is not None:  # the gradients :meth:`clip` unscaled; the scale's update is the step's, once
@@ -103,7 +112,7 @@ class Optimised:
     def zero_grad(self) -> None:
         """After :meth:`step`: the gradients cleared for the next step."""
         if self.engine.owns_step:  # accelerate's DeepSpeed optimiser wrapper leaves it to the engine's step
-            self.model.optimizer.zero_grad()
+            self._deepspeed.optimizer.zero_grad()
             self.model.zero_grad()
         else:
             self.optimizer.zero_grad(set_to_none=True)
