@@ -124,6 +124,124 @@ def test_micro_batches_accumulate_into_one_step():
         torch.testing.assert_close(p.grad, q.grad)
 
 
+# ------------------------------------------------------------------------------------------------ float16
+
+
+@pytest.fixture
+def fp16_accelerator():
+    """An Accelerator as accelerate builds it for float16 on a GPU (native AMP, one GradScaler for all models),
+    on this CPU (where accelerate gives float16 no scaler): ``make(init_scale, growth_interval)``. accelerate's
+    process-wide state is reset around it, as accelerate's own tests do, its precision differing from the others'."""
+    from accelerate.state import AcceleratorState
+
+    def make(init_scale: float, growth_interval: int = 2000) -> Accelerator:
+        acc = Accelerator(mixed_precision="fp16", cpu=True)
+        acc.native_amp = True
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=growth_interval)
+        return acc
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield make
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# weights and inputs exact in float16: the autocast forward and backward are exact, as is the float32 reference
+WEIGHTS = (
+    ([[0.5, -0.25, 1.0], [0.75, 0.125, -0.5]], [0.25, -0.5]),
+    ([[-0.5, 0.5, 0.25], [1.0, -0.75, 0.5]], [-0.25, 0.125]),
+)
+X = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.5, 0.5, 0.5]])
+
+
+def exact_linear(index: int) -> torch.nn.Linear:
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor(WEIGHTS[index][0]))
+        model.bias.copy_(torch.tensor(WEIGHTS[index][1]))
+    return model
+
+
+def scaled_models(acc: Accelerator, count: int) -> dict[str, Optimised]:
+    """``count`` models prepared on ``acc`` in one call (as PPO's policy and critic), SGD with momentum: an
+    update proportional to the gradient, so a gradient unscaled twice shows (Adam's first step would hide it)."""
+    models = [exact_linear(i) for i in range(count)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
+    schedules = [build_scheduler(o, OptimConfig(lr=0.1, schedule="cosine"), 10) for o in optimizers]
+    prepared = acc.prepare(*(x for pair in zip(models, optimizers, strict=True) for x in pair))
+    names = ("policy", "critic")[:count]
+    return {
+        name: Optimised(prepared[2 * i], prepared[2 * i + 1], schedules[i], acc, Engine())
+        for i, name in enumerate(names)
+    }
+
+
+def scaled_backward(models: dict[str, Optimised], factor: float = 1.0) -> torch.Tensor:
+    """One backward of all ``models``' losses (PPO's policy and value losses summed); ``factor`` large enough
+    overflows the scaled float16 gradient."""
+    loss = sum((m.model(X).float() * factor).pow(2).mean() for m in models.values())
+    next(iter(models.values())).backward(loss)
+    return loss.detach()
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_float16_models_step_on_their_gradients_unscaled_once(fp16_accelerator, count):
+    """Under a loss scale of 4096 the step's norms and weights are the float32 run's: each gradient unscaled
+    once, by its own optimiser (a second unscale would divide it by 4096 again)."""
+    acc = fp16_accelerator(4096.0)
+    models = scaled_models(acc, count)
+    reference = {name: exact_linear(i) for i, name in enumerate(models)}
+    sum(r(X).pow(2).mean() for r in reference.values()).backward()
+    expected_norms = {n: torch.nn.utils.clip_grad_norm_(r.parameters(), 1.0) for n, r in reference.items()}
+    for r in reference.values():
+        torch.optim.SGD(r.parameters(), lr=0.1, momentum=0.9).step()
+
+    stepped, norms = step_together(models, scaled_backward(models), 1.0)
+    assert stepped
+    assert expected_norms["policy"] > 1.0  # the clip is part of the step
+    for name, m in models.items():
+        torch.testing.assert_close(norms[name], expected_norms[name])
+        for p, q in zip(m.model.parameters(), reference[name].parameters(), strict=True):
+            torch.testing.assert_close(p, q)
+        assert m.schedule.last_epoch == 1
+        assert all(p.grad is None for p in m.model.parameters())
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_float16_overflow_is_skipped_and_backs_the_scale_off_once(fp16_accelerator, count):
+    """The first steps of a float16 run overflow while the scale settles: such a step changes no weight, optimiser
+    state or schedule, halves the scale once (for all models) and the next step is taken at the new scale."""
+    acc = fp16_accelerator(65536.0)
+    models = scaled_models(acc, count)
+    stepped, _ = step_together(models, scaled_backward(models, factor=0.25), 1.0)  # momentum to keep
+    assert stepped and acc.scaler.get_scale() == 65536.0
+    before = {name: snapshot(m) for name, m in models.items()}
+    stepped, norms = step_together(models, scaled_backward(models, factor=64.0), 1.0)
+    assert not stepped and not torch.isfinite(norms["policy"])
+    for name, m in models.items():
+        assert_same(before[name], snapshot(m))
+        assert all(p.grad is None for p in m.model.parameters())
+    assert acc.scaler.get_scale() == 32768.0
+    stepped, _ = step_together(models, scaled_backward(models, factor=0.25), 1.0)
+    assert stepped and acc.scaler.get_scale() == 32768.0
+    for name, m in models.items():
+        assert not torch.equal(before[name][0]["weight"], m.model.weight)
+        assert m.schedule.last_epoch == before[name][2]["last_epoch"] + 1
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_the_float16_scale_is_updated_once_per_step(fp16_accelerator, count):
+    """The scale grows after ``growth_interval`` steps, however many models each step trains."""
+    acc = fp16_accelerator(1024.0, growth_interval=2)
+    models = scaled_models(acc, count)
+    scales = []
+    for _ in range(4):
+        stepped, _ = step_together(models, scaled_backward(models), None)
+        assert stepped
+        scales.append(acc.scaler.get_scale())
+    assert scales == [1024.0, 2048.0, 2048.0, 4096.0]
+    assert all(m.schedule.last_epoch == 4 for m in models.values())
+
+
 # ------------------------------------------------------------------------------------------------ the engine
 
 

@@ -8,6 +8,7 @@ import importlib.metadata
 import os
 import pkgutil
 import sys
+from typing import TYPE_CHECKING
 
 import ppomax
 import ppomax.commands
@@ -15,6 +16,9 @@ from ppomax.allocator import pin_mmap_threshold
 from ppomax.console import console
 from ppomax.errors import STOPPED_EXIT_CODE, RunStopped, UserError
 from ppomax.threads import command_threads
+
+if TYPE_CHECKING:
+    from ppomax.config import RunKind
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +90,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 #: The commands that take a config, and its kind (``ppomax config`` says its own with --kind).
-CONFIG_COMMANDS = {"train-sft": "sft", "train-rm": "rm", "train-ppo": "ppo", "plan": "ppo", "config": "ppo"}
+CONFIG_COMMANDS: dict[str, RunKind] = {
+    "train-sft": "sft",
+    "train-rm": "rm",
+    "train-ppo": "ppo",
+    "plan": "ppo",
+    "config": "ppo",
+}
 
 
 def _config_key_hint(args: argparse.Namespace, extra: list[str]) -> str | None:

@@ -8,10 +8,10 @@ from collections.abc import Iterable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from ppomax.config import OptimConfig
+from ppomax.config import AdamWConfig
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, cfg: AdamWConfig) -> torch.optim.AdamW:
     """AdamW on the trainable parameters with the config's betas, eps and weight decay."""
     trainable = [p for p in params if p.requires_grad]
     return torch.optim.AdamW(
@@ -23,7 +23,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, cfg: OptimC
     )
 
 
-def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+def warmup_steps(cfg: AdamWConfig, total_steps: int) -> int:
     """Absolute warmup if set, else ``warmup_ratio * total_steps``."""
     if cfg.warmup_steps is not None:
         return cfg.warmup_steps
@@ -49,7 +49,7 @@ def lr_multiplier(step: int, total_steps: int, warmup: int, schedule: str, min_r
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: AdamWConfig, total_steps: int) -> LambdaLR:
     """LambdaLR implementing :func:`lr_multiplier` for this config."""
     warm = warmup_steps(cfg, total_steps)
     return LambdaLR(

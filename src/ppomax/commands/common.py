@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any, TypedDict
+from typing import TypedDict
 
-from ppomax.config import PRESET_NAMES
+from ppomax.config import PRESET_NAMES, CommandConfig, RunKind
 from ppomax.errors import STOPPED_EXIT_CODE
 
 
@@ -92,7 +92,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
     }
 
 
-def run_config(kind: str, args: argparse.Namespace) -> Any:
+def run_config(kind: RunKind, args: argparse.Namespace) -> CommandConfig:
     """The config a training command runs: ``--config``/``--preset``/``--set``, or with ``--resume DIR`` the
     run's own config (see :func:`ppomax.trainers.run.resume_config`)."""
     from ppomax.config import load_config
@@ -102,4 +102,4 @@ def run_config(kind: str, args: argparse.Namespace) -> Any:
         from ppomax.trainers.run import resume_config
 
         return resume_config(kind, args.resume, args.config, preset, args.overrides)
-    return load_config(kind, path=args.config, preset=preset, overrides=args.overrides)  # type: ignore[arg-type]
+    return load_config(kind, path=args.config, preset=preset, overrides=args.overrides)

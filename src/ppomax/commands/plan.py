@@ -19,10 +19,8 @@ from ppomax.errors import ConfigError, ModelPathError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from ppomax.config import PPOConfig, RMConfig, SFTConfig
+    from ppomax.config import CommandConfig, RunKind
     from ppomax.plan import Role, Shape, Workload
-
-    RunConfig = SFTConfig | RMConfig | PPOConfig
 
 DEFAULT_LORA_R = 8
 
@@ -155,7 +153,7 @@ def lora_params(model: PreTrainedModel, r: int, targets: list[str] | str, what: 
     return total
 
 
-def workload_of(cfg: RunConfig, kind: str) -> Workload:
+def workload_of(cfg: CommandConfig, kind: str) -> Workload:
     """Per-device batch shapes of each phase, read from the config (see :class:`ppomax.plan.Workload`)."""
     from ppomax.config import PPOConfig, SFTConfig
     from ppomax.plan import Workload
@@ -214,7 +212,7 @@ class _Models:
 
 
 def build_roles(
-    cfg: RunConfig, kind: str, model_dir: str, lora_r: int, lora_targets: list[str] | str | None
+    cfg: CommandConfig, kind: str, model_dir: str, lora_r: int, lora_targets: list[str] | str | None
 ) -> tuple[list[Role], list[str]]:
     """The roles of the run and header lines saying where each shape came from."""
     from ppomax.config import RMConfig, SFTConfig
@@ -301,7 +299,7 @@ def build_roles(
 
 
 def _lora_settings(
-    cfg: RunConfig, args: argparse.Namespace, adapters: tuple[str, dict[str, Any]] | None = None
+    cfg: CommandConfig, args: argparse.Namespace, adapters: tuple[str, dict[str, Any]] | None = None
 ) -> tuple[int, list[str] | str | None, str]:
     """(r, targets or None for the architecture's default, where they came from): flags over ``model.lora`` over
     ``adapters`` (the model directory's own LoRA adapters: (its path, its adapter_config.json))."""
@@ -323,11 +321,11 @@ def _lora_settings(
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ppomax.config import PPOConfig, RMConfig, SFTConfig, load_config
+    from ppomax.config import load_config
     from ppomax.plan import cpu_run, format_cpu_run, format_plan, plan, plan_json
 
-    cfg = load_config(args.kind, path=args.config, preset=args.preset, overrides=args.overrides)
-    assert isinstance(cfg, SFTConfig | RMConfig | PPOConfig)  # the class of args.kind
+    kind: RunKind = args.kind
+    cfg = load_config(kind, path=args.config, preset=args.preset, overrides=args.overrides)
     model_dir = args.model or cfg.model.policy
     if not model_dir:
         raise ConfigError(

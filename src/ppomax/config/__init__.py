@@ -37,7 +37,7 @@ from ppomax.config.loading import (
 )
 from ppomax.config.logging import LoggingConfig, PPOLoggingConfig, Tracker
 from ppomax.config.model import LoraSettings, ModelConfig, PPOLoraSettings, PPOModelConfig
-from ppomax.config.optim import OptimConfig, PPOOptimConfig
+from ppomax.config.optim import AdamWConfig, OptimConfig, PPOOptimConfig
 from ppomax.config.ppo import (
     AdvantageEstimatorName,
     KLEstimatorName,
@@ -46,15 +46,25 @@ from ppomax.config.ppo import (
     PPOSettings,
 )
 from ppomax.config.reward import RewardConfig, RewardFunctionConfig
-from ppomax.config.runs import CONFIG_CLASSES, PPOConfig, RMConfig, RunConfig, SFTConfig
+from ppomax.config.runs import (
+    CONFIG_CLASSES,
+    CommandConfig,
+    PPOConfig,
+    RMConfig,
+    RunConfig,
+    RunKind,
+    SFTConfig,
+)
 from ppomax.config.section import KeyConflicts, Section
 from ppomax.config.validation import validate_config
 
 __all__ = [
     "CONFIG_CLASSES",
     "PRESET_NAMES",
+    "AdamWConfig",
     "AdvantageEstimatorName",
     "CollapseConfig",
+    "CommandConfig",
     "DataConfig",
     "DataSource",
     "DatasetArgs",
@@ -79,6 +89,7 @@ __all__ = [
     "RewardConfig",
     "RewardFunctionConfig",
     "RunConfig",
+    "RunKind",
     "SFTConfig",
     "Section",
     "Tracker",

@@ -7,13 +7,13 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import yaml
 from pydantic import BaseModel
 
 from ppomax.config.ppo import PPOSettings
-from ppomax.config.runs import CONFIG_CLASSES, RunConfig
+from ppomax.config.runs import CONFIG_CLASSES, CommandConfig, PPOConfig, RMConfig, RunKind, SFTConfig
 from ppomax.config.validation import validate_config
 from ppomax.config_compat import OLD_PPO_KEYS, upgrade_ppo_keys, warn_deprecated
 from ppomax.errors import ConfigError
@@ -110,12 +110,48 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+@overload
 def load_config(
-    kind: Literal["sft", "rm", "ppo"],
+    kind: Literal["sft"],
     path: str | Path | None = None,
     preset: str | None = None,
     overrides: list[str] | None = None,
-) -> RunConfig:
+) -> SFTConfig: ...
+
+
+@overload
+def load_config(
+    kind: Literal["rm"],
+    path: str | Path | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+) -> RMConfig: ...
+
+
+@overload
+def load_config(
+    kind: Literal["ppo"],
+    path: str | Path | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+) -> PPOConfig: ...
+
+
+@overload
+def load_config(
+    kind: RunKind,
+    path: str | Path | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+) -> CommandConfig: ...
+
+
+def load_config(
+    kind: RunKind,
+    path: str | Path | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+) -> CommandConfig:
     """Build and validate a config: preset (PPO only), then the YAML file on top, then ``--set`` overrides.
 
     A YAML file may itself name ``preset: NAME``; its keys then override that preset's.
@@ -139,7 +175,23 @@ def load_config(
     return validate_config(cls, data, " + ".join(origin) or "defaults")
 
 
-def config_from(kind: Literal["sft", "rm", "ppo"], config: Any = None) -> RunConfig:
+@overload
+def config_from(kind: Literal["sft"], config: Any = None) -> SFTConfig: ...
+
+
+@overload
+def config_from(kind: Literal["rm"], config: Any = None) -> RMConfig: ...
+
+
+@overload
+def config_from(kind: Literal["ppo"], config: Any = None) -> PPOConfig: ...
+
+
+@overload
+def config_from(kind: RunKind, config: Any = None) -> CommandConfig: ...
+
+
+def config_from(kind: RunKind, config: Any = None) -> CommandConfig:
     """The config of a trainer built from Python: a config object of ``kind`` (a copy: the trainer's changes never
     reach the caller's), a dict of sections (as a YAML file holds them; ``preset: NAME`` starts from that preset), a
     YAML file's path, a preset's name (PPO), or None (the defaults)."""
@@ -185,7 +237,9 @@ def _upgraded_section(section: dict[str, Any], base: dict[str, Any], origin: str
     """One source's ``ppo`` section with its old keys read into the new ones (one deprecation line each),
     relative to ``base``, the config it goes on top of: ``ppo.reward_norm: false`` turns off the normalisation
     ``base`` has."""
-    below = base.get("ppo") if isinstance(base.get("ppo"), dict) else {}
+    below = base.get("ppo")
+    if not isinstance(below, dict):
+        below = {}
     transform = below.get("reward_transform", PPOSettings.model_fields["reward_transform"].default)
     section, notes, problems = upgrade_ppo_keys(section, transform)
     if problems:

@@ -14,6 +14,10 @@ Tracker = Literal[
 ]
 
 
+def _tensorboard_only() -> list[Tracker]:
+    return ["tensorboard"]
+
+
 class LoggingConfig(Section):
     """Where a run writes and how often."""
 
@@ -32,7 +36,7 @@ class LoggingConfig(Section):
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end (and on SIGINT/SIGTERM).")
     keep_checkpoints: int = Field(2, gt=0, description="The newest checkpoints kept.")
     report_to: list[Tracker] = Field(
-        default_factory=lambda: ["tensorboard"],
+        default_factory=_tensorboard_only,
         description="Experiment trackers that get the metrics too (accelerate's log_with; metrics.jsonl is always "
         "written): tensorboard (events in tb/), wandb, trackio, mlflow, comet_ml, aim, clearml, dvclive, swanlab; "
         "[] or none = none. Each but tensorboard needs its package installed.",

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 from ppomax.config.section import KeyConflicts, Retired, Section
 
 
-class _AdamWConfig(Section):
+class AdamWConfig(Section):
     """AdamW with warmup and a schedule: what SFT, RM and PPO share (:class:`OptimConfig`, :class:`PPOOptimConfig`)."""
 
     warmup_steps: int | None = Field(
@@ -32,7 +32,7 @@ class _AdamWConfig(Section):
     adam_eps: float = Field(1e-8, gt=0, description="AdamW's epsilon.")
 
     @model_validator(mode="after")
-    def _one_warmup(self) -> _AdamWConfig:
+    def _one_warmup(self) -> AdamWConfig:
         if self.warmup_steps is not None and self.warmup_ratio > 0:
             raise KeyConflicts(
                 [
@@ -45,13 +45,13 @@ class _AdamWConfig(Section):
         return self
 
 
-class OptimConfig(_AdamWConfig):
+class OptimConfig(AdamWConfig):
     """SFT's and reward-model training's optimiser (PPO's is :class:`PPOOptimConfig`)."""
 
     lr: float = Field(1e-5, gt=0, description="Learning rate of SFT / reward-model training.")
 
 
-class PPOOptimConfig(_AdamWConfig):
+class PPOOptimConfig(AdamWConfig):
     """PPO's optimiser settings, one AdamW per model (policy, critic) with its own learning rate: PPO-max's
     defaults, each naming its source. SFT and RM keep their own defaults (:class:`OptimConfig`)."""
 

@@ -4,7 +4,7 @@ with the KL to the reference as one group, ``ppo.kl`` (:class:`KLSettings`), and
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from pydantic import Field, model_validator
 
@@ -13,9 +13,15 @@ from ppomax.config.section import KeyConflicts, Section
 from ppomax.config_compat import OLD_PPO_KEYS, upgrade_ppo_keys, warn_deprecated
 
 # The names of ppomax.algos.registry's tables: the config accepts what the update can look up, and nothing else.
-AdvantageEstimatorName = Literal[ADVANTAGE_ESTIMATORS.names()]  # type: ignore[valid-type]
-KLEstimatorName = Literal[KL_ESTIMATORS.names()]  # type: ignore[valid-type]
-LossAggregationName = Literal[LOSS_AGGREGATIONS.names()]  # type: ignore[valid-type]
+# The tables are built at import, so a static checker sees a name of one as a str (what their lookups take).
+if TYPE_CHECKING:
+    AdvantageEstimatorName: TypeAlias = str
+    KLEstimatorName: TypeAlias = str
+    LossAggregationName: TypeAlias = str
+else:
+    AdvantageEstimatorName = Literal[ADVANTAGE_ESTIMATORS.names()]
+    KLEstimatorName = Literal[KL_ESTIMATORS.names()]
+    LossAggregationName = Literal[LOSS_AGGREGATIONS.names()]
 
 
 class KLSettings(Section):

@@ -4,7 +4,7 @@ with the rules between keys of different sections and what ``train-ppo`` needs b
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypeAlias
 
 from pydantic import Field, model_validator
 
@@ -14,7 +14,7 @@ from ppomax.config.data import DataConfig, PPODataConfig, RMDataConfig
 from ppomax.config.generation import GenerationConfig
 from ppomax.config.logging import LoggingConfig, PPOLoggingConfig
 from ppomax.config.model import ModelConfig, PPOModelConfig
-from ppomax.config.optim import OptimConfig, PPOOptimConfig
+from ppomax.config.optim import AdamWConfig, OptimConfig, PPOOptimConfig
 from ppomax.config.ppo import PPOSettings
 from ppomax.config.reward import RewardConfig
 from ppomax.config.section import KeyConflicts, Section
@@ -26,13 +26,14 @@ class RunConfig(Section):
 
     seed: int = Field(42, description="Seeds data order, initialisation and sampling.")
     model: ModelConfig = Field(default_factory=ModelConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
+    optim: AdamWConfig = Field(default_factory=AdamWConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
 
 class SFTConfig(RunConfig):
     """`ppomax train-sft`: loss on response tokens only; cosine decay to 10% of peak (paper 5.1)."""
 
+    optim: OptimConfig = Field(default_factory=OptimConfig)
     data: DataConfig = Field(default_factory=DataConfig)
 
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (a fraction stops part-way).")
@@ -74,6 +75,7 @@ class SFTConfig(RunConfig):
 class RMConfig(RunConfig):
     """`ppomax train-rm`: paper eq. 2 with the optional LM term."""
 
+    optim: OptimConfig = Field(default_factory=OptimConfig)
     data: RMDataConfig = Field(default_factory=RMDataConfig)
 
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (a fraction stops part-way).")
@@ -216,4 +218,10 @@ class PPOConfig(RunConfig):
             raise ConfigError("config cannot run:\n  " + "\n  ".join(problems))
 
 
-CONFIG_CLASSES: dict[str, type[RunConfig]] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}
+RunKind: TypeAlias = Literal["sft", "rm", "ppo"]
+"""The trainers, each with its config class (:data:`CONFIG_CLASSES`)."""
+
+CommandConfig: TypeAlias = SFTConfig | RMConfig | PPOConfig
+"""The config of one trainer (what :func:`~ppomax.config.load_config` returns for a kind not known statically)."""
+
+CONFIG_CLASSES: dict[RunKind, type[CommandConfig]] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig}

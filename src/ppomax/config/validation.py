@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -14,8 +14,10 @@ from ppomax.config.runs import RunConfig
 from ppomax.config.section import KeyConflicts
 from ppomax.errors import ConfigError
 
+C = TypeVar("C", bound=RunConfig)
 
-def validate_config(cls: type[RunConfig], data: dict[str, Any], origin: str) -> RunConfig:
+
+def validate_config(cls: type[C], data: dict[str, Any], origin: str) -> C:
     """``cls`` from ``data``; a :class:`ConfigError` naming each bad key and ``origin`` (where the data came from)."""
     try:
         return cls.model_validate(data)

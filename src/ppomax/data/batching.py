@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -18,8 +18,11 @@ from ppomax.errors import ConfigError
 
 from .tokenize import IGNORE_INDEX
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def pad_id_of(tokenizer: Any) -> int:
+
+def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id to pad with: the tokenizer's pad token, else its EOS (masks make the choice invisible)."""
     for name in ("pad_token_id", "eos_token_id"):
         value = getattr(tokenizer, name, None)

@@ -24,9 +24,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ppomax.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ChatFormat = Literal["hh", "chat_template"]
 #: what ``data.chat_format`` may say: a format, or ``"auto"`` (:func:`resolve_chat_format`)
@@ -186,7 +189,7 @@ def turns_from_strings(items: list[Any], what: str, last_role: str | None = None
 
 
 def resolve_chat_format(
-    setting: str, tokenizer: Any, source: str = "data.chat_format"
+    setting: str, tokenizer: PreTrainedTokenizerBase | None, source: str = "data.chat_format"
 ) -> tuple[ChatFormat, str]:
     """The format that ``setting`` (``"auto"``, ``"hh"`` or ``"chat_template"``) means with ``tokenizer``, and why,
     e.g. ``("chat_template", "the tokenizer has a chat template; data.chat_format: auto")``.
@@ -226,7 +229,7 @@ class Dialogue:
 class Renderer:
     """Renders turns into prompt / response / SFT segments in one chat format."""
 
-    def __init__(self, fmt: str = "hh", tokenizer: Any = None) -> None:
+    def __init__(self, fmt: str = "hh", tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         # the format is the config key data.chat_format, so the errors a user can meet name that key
         fmt, _ = resolve_chat_format(fmt, tokenizer)
         if fmt == "chat_template":
@@ -244,6 +247,7 @@ class Renderer:
     # -- chat template -------------------------------------------------------------------------------------
     def _apply(self, turns: list[Turn], generation_prompt: bool) -> str:
         msgs = [{"role": r, "content": c} for r, c in turns]
+        assert self.tokenizer is not None  # the chat_template format has one (__init__)
         try:
             out = self.tokenizer.apply_chat_template(
                 msgs, tokenize=False, add_generation_prompt=generation_prompt

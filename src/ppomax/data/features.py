@@ -6,7 +6,7 @@ any ``num_proc``."""
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .chat import ChatFormatSetting, Renderer
 from .formats import _parse_pair, _parse_prompt, _parse_sft
@@ -15,10 +15,13 @@ from .pipeline import map_records
 from .sources import SourceSpec, as_source
 from .tokenize import tokenize_pair, tokenize_prompt, tokenize_sft
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 def pair_features(
     source: SourceSpec,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     format: ChatFormatSetting = "auto",
     max_prompt_tokens: int | None,
@@ -35,7 +38,7 @@ def pair_features(
 
 def sft_features(
     source: SourceSpec,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     format: ChatFormatSetting = "auto",
     max_prompt_tokens: int | None,
@@ -54,7 +57,7 @@ def sft_features(
 
 def prompt_features(
     source: SourceSpec,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     format: ChatFormatSetting = "auto",
     max_prompt_tokens: int | None,
@@ -96,7 +99,7 @@ def _run(
 
 def _pair(
     renderer: Renderer,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     max_prompt: int | None,
     max_response: int | None,
     rec: Any,
@@ -107,7 +110,7 @@ def _pair(
 
 def _sft(
     renderer: Renderer,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     assistant_turns: Literal["all", "last"],
     max_prompt: int | None,
     max_response: int | None,
@@ -119,7 +122,12 @@ def _sft(
 
 
 def _prompt(
-    renderer: Renderer, tokenizer: Any, moss_roles: str, max_prompt: int | None, rec: Any, stats: LoadStats
+    renderer: Renderer,
+    tokenizer: PreTrainedTokenizerBase,
+    moss_roles: str,
+    max_prompt: int | None,
+    rec: Any,
+    stats: LoadStats,
 ) -> tuple[list[int], str, dict[str, Any]]:
     example = _parse_prompt(rec, renderer, moss_roles, stats)
     return (

@@ -50,7 +50,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .chat import (
     ASSISTANT,
@@ -72,6 +72,9 @@ from .chat import (
 from .io import DataError, LoadStats, OnError, check_on_error
 from .pipeline import map_records
 from .sources import SourceSpec, as_source
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger("ppomax.data")
 T = TypeVar("T")
@@ -286,7 +289,7 @@ def load_preference_pairs(
     stats: LoadStats | None = None,
     *,
     format: ChatFormatSetting = "auto",
-    tokenizer: Any = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> list[PreferencePair]:
     """Load preference pairs from any source (:mod:`ppomax.data.sources`; the module docstring has the record
     shapes)."""
@@ -416,7 +419,7 @@ def load_prompts(
     stats: LoadStats | None = None,
     *,
     format: ChatFormatSetting = "auto",
-    tokenizer: Any = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     moss_roles: Literal["human_first", "last_is_human"] = "human_first",
 ) -> list[PromptExample]:
     """Load PPO prompts; each ends with the assistant cue of ``format``."""
@@ -498,7 +501,7 @@ def load_sft_examples(
     stats: LoadStats | None = None,
     *,
     format: ChatFormatSetting = "auto",
-    tokenizer: Any = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     assistant_turns: Literal["all", "last"] = "all",
 ) -> list[SFTExample]:
     """Load SFT demonstrations; multi-turn dialogues train on assistant turns (all, or only the last)."""

@@ -10,20 +10,23 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ppomax.data.chat import ChatFormat, Dialogue, resolve_chat_format
-from ppomax.data.sources import Source, describe
+from ppomax.data.chat import ChatFormat, ChatFormatSetting, Dialogue, resolve_chat_format
+from ppomax.data.sources import Source, SourceSpec, describe
 from ppomax.errors import UserError
 from ppomax.evaluate.compare import DEFAULT_MAX_PROMPT_TOKENS, EvalSettings, evaluate_models
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 def load_eval_prompts(
-    path: Any,
+    path: SourceSpec,
     limit: int | None = None,
     *,
-    chat_format: str = "auto",
-    tokenizer: Any = None,
+    chat_format: ChatFormatSetting = "auto",
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[list[Dialogue | str], list[str] | None]:
     """Prompts (dialogues, rendered in ``chat_format`` with ``tokenizer``: :func:`ppomax.data.load_prompts`) and
     their subsets (``None`` when no record names one) from any prompts source of ppomax.data (a file, a
@@ -67,7 +70,7 @@ def run_data_config(model_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], 
 
 
 def eval_chat_format(
-    policy_dir: str | os.PathLike[str], tokenizer: Any, override: str | None = None
+    policy_dir: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase, override: str | None = None
 ) -> tuple[ChatFormat, str]:
     """The chat format of an evaluation and why: ``override`` (``--chat-format``), else the policy's run config
     (:func:`run_data_config`: the format PPO's own evaluation used), else ``auto``; ``auto`` resolved with
@@ -117,7 +120,8 @@ def evaluate(
     loaded: dict[str, tuple[str, Any]] = {}
     for name, (kind, judge) in judges.items():
         if kind == "reward-model" and isinstance(judge, str | os.PathLike):
-            path, judge = judge, ValueHeadModel.from_pretrained(judge, key=f"--judge {name}")
+            path = os.fspath(judge)
+            judge = ValueHeadModel.from_pretrained(path, key=f"--judge {name}")
             check_vocab(judge, tokenizer, f"--judge {name}", tokenizer_key)
             check_same_tokens(path, tokenizer, f"--judge {name}", tokenizer_key)
         loaded[name] = (kind, judge)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,6 +15,11 @@ from ppomax.data.chat import Dialogue
 from ppomax.evaluate.generation import Generation, generate
 from ppomax.evaluate.judging import win_tie_lose
 from ppomax.evaluate.scoring import TokenStats, reward_model_scores, token_logits_stats
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ppomax.models.adapter_dir import CausalLM
 
 DEFAULT_MAX_PROMPT_TOKENS = 256  # data.max_prompt_tokens' default
 
@@ -44,8 +49,10 @@ def _side_stats(gen: Generation, stats: TokenStats) -> dict[str, float]:
     n = len(gen.responses)
     logp = stats.logp.double()
     with_kl = stats.kl is not None and stats.ref_logp is not None
-    ref = stats.ref_logp.double() if with_kl else logp
-    kl = stats.kl.double() if with_kl else torch.zeros_like(logp)
+    if stats.kl is not None and stats.ref_logp is not None:
+        ref, kl = stats.ref_logp.double(), stats.kl.double()
+    else:
+        ref, kl = logp, torch.zeros_like(logp)
     truncated = torch.tensor([not f for f in gen.finished], dtype=torch.bool)
     no_scores = torch.zeros(n, dtype=torch.float64)  # the judges score the responses on their own
     m = response_statistics(response_sums(no_scores, kl, logp, ref, stats.mask, truncated).tolist())
@@ -65,9 +72,9 @@ def _side_stats(gen: Generation, stats: TokenStats) -> dict[str, float]:
 
 
 def evaluate_models(
-    policy: Any,
-    baseline: Any,
-    tokenizer: Any,
+    policy: CausalLM,
+    baseline: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str | Dialogue],
     subsets: Sequence[str] | None,
     judges: dict[str, Any],
@@ -91,7 +98,7 @@ def evaluate_models(
 
     s = settings or EvalSettings()
     pad_id = pad_id_of(tokenizer)
-    gen_kwargs = dict(
+    gen_kwargs: dict[str, Any] = dict(
         max_new_tokens=s.max_new_tokens,
         temperature=s.temperature,
         top_p=s.top_p,

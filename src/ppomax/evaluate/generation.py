@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import ValidationError
@@ -15,6 +15,11 @@ from ppomax.config import GenerationConfig
 from ppomax.data.chat import Dialogue
 from ppomax.errors import UserError
 from ppomax.ppo.rollout import HFGenerateEngine, eos_ids_of, rollout
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ppomax.models.adapter_dir import CausalLM
 
 
 @dataclass
@@ -36,8 +41,8 @@ class Generation:
 
 @torch.no_grad()
 def generate(
-    model: Any,
-    tokenizer: Any,
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str | Dialogue],
     *,
     max_new_tokens: int = 48,

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from ppomax.algos import kl_from_logits, logprobs_from_logits
+
+if TYPE_CHECKING:
+    from ppomax.models import ValueHeadModel
+    from ppomax.models.adapter_dir import CausalLM
 
 
 def _right_padded(prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]], pad_id: int):
@@ -55,12 +59,12 @@ def _at(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def token_logits_stats(
-    model: Any,
+    model: CausalLM,
     prompt_ids: Sequence[list[int]],
     response_ids: Sequence[list[int]],
     *,
     pad_id: int,
-    ref_model: Any = None,
+    ref_model: CausalLM | None = None,
     batch_size: int = 32,
 ) -> TokenStats:
     """The :class:`TokenStats` of ``model`` (and, with ``ref_model``, against it) on the given responses: the
@@ -92,13 +96,13 @@ def token_logits_stats(
             parts[key].append(torch.nn.functional.pad(value, (0, width - value.shape[1])).cpu())
     if not parts["mask"]:
         return TokenStats(torch.zeros(0, 0, dtype=torch.bool), torch.zeros(0, 0))
-    out = {k: torch.cat(v) if v else None for k, v in parts.items()}
-    return TokenStats(out["mask"], out["logp"], out["ref_logp"], out["kl"])
+    out = {k: torch.cat(v) for k, v in parts.items() if v}
+    return TokenStats(out["mask"], out["logp"], out.get("ref_logp"), out.get("kl"))
 
 
 @torch.no_grad()
 def reward_model_scores(
-    reward_model: Any,
+    reward_model: ValueHeadModel,
     prompt_ids: Sequence[list[int]],
     response_ids: Sequence[list[int]],
     *,

@@ -17,10 +17,15 @@ padding. The choice is not saved with a model (``save_pretrained`` writes no att
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 NAME = "ppomax_cpu_float32_sdpa"
 
@@ -66,7 +71,7 @@ def _register() -> None:
     AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # the masks SDPA itself gets
 
 
-def use_cpu_float32_attention(model: Any) -> Any:
+def use_cpu_float32_attention(model: M) -> M:
     """Switch a transformers model whose attention is SDPA to :func:`cpu_float32_sdpa`; any other model (eager or
     flash attention asked for, an architecture without transformers' attention interface) is left as it is.
     Returns ``model``."""
@@ -77,5 +82,5 @@ def use_cpu_float32_attention(model: Any) -> Any:
     if can_set is None or not can_set():
         return model
     _register()
-    model.set_attn_implementation(NAME)
+    cast("PreTrainedModel", model).set_attn_implementation(NAME)  # a transformers model: it can set one
     return model

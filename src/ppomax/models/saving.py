@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .adapter_dir import is_peft_model
 
@@ -30,7 +30,9 @@ def causal_lm_of(model: torch.nn.Module) -> PreTrainedModel:
     return cast(PreTrainedModel, model.get_base_model() if is_peft_model(model) else model)
 
 
-def save_generation_config(model: Any, out_dir: Path, tokenizer: Any) -> None:
+def save_generation_config(
+    model: torch.nn.Module, out_dir: Path, tokenizer: PreTrainedTokenizerBase | None
+) -> None:
     """``generation_config.json`` in ``out_dir``: the base model's, with the tokenizer's BOS/EOS/pad ids filled in
     where the base has none."""
     lm = causal_lm_of(model)

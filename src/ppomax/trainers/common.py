@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -29,7 +29,16 @@ from ppomax.models import load_tokenizer
 from .inputs import Inputs, adopt_tokenizer
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ppomax.config import CommandConfig, RMConfig, SFTConfig
+
     from .run import RunContext
+
+    C = TypeVar("C", bound=CommandConfig)
+    TrainConfig = TypeVar("TrainConfig", SFTConfig, RMConfig)
+    Featurize = Callable[[Source, PreTrainedTokenizerBase, C, LoadStats, str | None], list[Any]]
+    """``featurize(source, tokenizer, cfg, stats, progress)``: the features of one data source."""
 
 
 class TrainingError(UserError):
@@ -40,7 +49,7 @@ class TrainingError(UserError):
 HELD_OUT_KEYS = ("valid", "test", "valid_prompts")
 
 
-def data_source(cfg: Any, name: str, inputs: Inputs | None = None) -> Source:
+def data_source(cfg: CommandConfig, name: str, inputs: Inputs | None = None) -> Source:
     """The source ``cfg.data.NAME`` as the data layer reads it (the data object given for it, if any), with its
     key (for messages)."""
     key = f"data.{name}"
@@ -48,7 +57,7 @@ def data_source(cfg: Any, name: str, inputs: Inputs | None = None) -> Source:
     return Source(spec, key=key, held_out=name in HELD_OUT_KEYS)
 
 
-def data_files(cfg: Any, *names: str, inputs: Inputs | None = None) -> dict[str, Source]:
+def data_files(cfg: CommandConfig, *names: str, inputs: Inputs | None = None) -> dict[str, Source]:
     """``{"data.NAME": source}`` of the data sources (``cfg.data.NAME``, those set) a run reads: what its
     checkpoints fingerprint (:func:`~ppomax.trainers.run.open_run`) and its loaders read (:func:`load_features`)."""
     return {f"data.{name}": data_source(cfg, name, inputs) for name in names if getattr(cfg.data, name)}
@@ -58,13 +67,13 @@ def log_load_stats(ctx: RunContext, name: str, stats: LoadStats) -> None:
     ctx.print(f"{name}: {stats.summary()}")
 
 
-def log_chat_format(ctx: RunContext, setting: str, tokenizer: Any) -> None:
+def log_chat_format(ctx: RunContext, setting: str, tokenizer: PreTrainedTokenizerBase) -> None:
     """The start-up line saying which chat format the prompts are rendered in, and why."""
     fmt, why = resolve_chat_format(setting, tokenizer)
     ctx.print(f"chat format: {fmt} ({why})")
 
 
-def load_run_tokenizer(cfg: Any, inputs: Inputs) -> tuple[Any, str]:
+def load_run_tokenizer(cfg: CommandConfig, inputs: Inputs) -> tuple[PreTrainedTokenizerBase, str]:
     """The run's tokenizer (the object given, a copy prepared as a loaded one; else ``model.tokenizer`` or the
     policy's) and the config key it comes from."""
     m = cfg.model
@@ -72,11 +81,18 @@ def load_run_tokenizer(cfg: Any, inputs: Inputs) -> tuple[Any, str]:
     given = inputs.get("model.tokenizer")
     if given is not None:
         return adopt_tokenizer(given, key), key
-    return load_tokenizer(m.tokenizer or m.policy, m.trust_remote_code, key=key), key
+    path = m.tokenizer or m.policy
+    assert path is not None  # every trainer refuses a config without model.policy before it loads anything
+    return load_tokenizer(path, m.trust_remote_code, key=key), key
 
 
 def load_features(
-    ctx: RunContext, featurize: Any, name: str, tokenizer: Any, cfg: Any, what: str
+    ctx: RunContext,
+    featurize: Featurize[C],
+    name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: C,
+    what: str,
 ) -> list[Any]:
     """``featurize(source, tokenizer, cfg, stats, progress)`` of the source ``cfg.data.NAME``, with a progress bar
     labelled ``what`` (main process, ``logging.progress``) and its load statistics printed as ``what SOURCE: ...``.
@@ -90,7 +106,11 @@ def load_features(
 
 
 def load_train_valid(
-    ctx: RunContext, featurize: Any, tokenizer: Any, cfg: Any, what: str
+    ctx: RunContext,
+    featurize: Featurize[TrainConfig],
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: TrainConfig,
+    what: str,
 ) -> tuple[list[Any], list[Any]]:
     """Featurised ``data.train`` and ``data.valid``, or a seeded ``data.valid_fraction`` of train when no valid."""
     train = load_features(ctx, featurize, "train", tokenizer, cfg, f"train {what}")

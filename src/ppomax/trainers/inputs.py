@@ -28,13 +28,31 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import torch
 
-from ppomax.config import CONFIG_CLASSES, config_from, validate_config
+from ppomax.config import (
+    CONFIG_CLASSES,
+    CommandConfig,
+    PPOConfig,
+    RMConfig,
+    RunKind,
+    SFTConfig,
+    config_from,
+    validate_config,
+)
 from ppomax.data.sources import in_memory
 from ppomax.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ppomax.models import ValueHeadModel
+    from ppomax.models.adapter_dir import CausalLM, TransformersLM
+
+LM = TypeVar("LM", bound=torch.nn.Module)
+"""A causal LM (or a model holding one), of whatever class the caller has."""
 
 OBJECT = "<object "
 
@@ -180,17 +198,61 @@ class Inputs:
         return name_or_path(obj) or record_of(obj)  # a model built in memory is found nowhere
 
 
+@overload
 def bind(
-    kind: str,
+    kind: Literal["sft"],
     config: Any,
     arguments: Mapping[str, Any],
     reward_funcs: Any = None,
     peft_config: Any = None,
     callbacks: Sequence[Any] | None = None,
-) -> tuple[Any, Inputs]:
+) -> tuple[SFTConfig, Inputs]: ...
+
+
+@overload
+def bind(
+    kind: Literal["rm"],
+    config: Any,
+    arguments: Mapping[str, Any],
+    reward_funcs: Any = None,
+    peft_config: Any = None,
+    callbacks: Sequence[Any] | None = None,
+) -> tuple[RMConfig, Inputs]: ...
+
+
+@overload
+def bind(
+    kind: Literal["ppo"],
+    config: Any,
+    arguments: Mapping[str, Any],
+    reward_funcs: Any = None,
+    peft_config: Any = None,
+    callbacks: Sequence[Any] | None = None,
+) -> tuple[PPOConfig, Inputs]: ...
+
+
+@overload
+def bind(
+    kind: RunKind,
+    config: Any,
+    arguments: Mapping[str, Any],
+    reward_funcs: Any = None,
+    peft_config: Any = None,
+    callbacks: Sequence[Any] | None = None,
+) -> tuple[CommandConfig, Inputs]: ...
+
+
+def bind(
+    kind: RunKind,
+    config: Any,
+    arguments: Mapping[str, Any],
+    reward_funcs: Any = None,
+    peft_config: Any = None,
+    callbacks: Sequence[Any] | None = None,
+) -> tuple[CommandConfig, Inputs]:
     """The config a trainer runs (``config`` as :func:`ppomax.config.config_from` reads it, with the arguments
     set into their keys) and the objects it was given (see the module docstring)."""
-    cfg = config_from(kind, config)  # type: ignore[arg-type]
+    cfg = config_from(kind, config)
     keys = KEYS[kind]
     updates: dict[str, Any] = {}
     inputs = Inputs(callbacks=list(callbacks or []))
@@ -226,7 +288,7 @@ def bind(
                 "its tokenizer from)"
             )
         updates["model.tokenizer"] = where
-    if kind == "ppo":
+    if isinstance(cfg, PPOConfig):
         updates.update(_bind_reward_funcs(cfg, reward_funcs, inputs))
     if peft_config is not None:
         updates.update(_bind_lora(cfg, peft_config))
@@ -239,7 +301,7 @@ def bind(
     return validate_config(CONFIG_CLASSES[kind], data, "the trainer's arguments"), inputs
 
 
-def _get(cfg: Any, key: str) -> Any:
+def _get(cfg: CommandConfig, key: str) -> Any:
     section, name = key.split(".")
     return getattr(getattr(cfg, section), name)
 
@@ -304,7 +366,7 @@ def _check_model(arg: str, key: str, value: Any, value_head_ok: bool) -> None:
         )
 
 
-def _bind_reward_funcs(cfg: Any, reward_funcs: Any, inputs: Inputs) -> dict[str, Any]:
+def _bind_reward_funcs(cfg: PPOConfig, reward_funcs: Any, inputs: Inputs) -> dict[str, Any]:
     """``reward_funcs``: one or a list of callables, ``module:function`` strings, or mappings {function, name,
     weight, kwargs} whose function is either; as ``reward.functions`` entries (a callable's ``name`` defaults to its
     ``__name__``, ``reward_I`` for a lambda)."""
@@ -344,7 +406,7 @@ def _bind_reward_funcs(cfg: Any, reward_funcs: Any, inputs: Inputs) -> dict[str,
     return {"reward.functions": full}
 
 
-def _bind_lora(cfg: Any, peft_config: Any) -> dict[str, Any]:
+def _bind_lora(cfg: CommandConfig, peft_config: Any) -> dict[str, Any]:
     try:
         import peft
     except ImportError:
@@ -386,7 +448,7 @@ def _bind_lora(cfg: Any, peft_config: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- objects made ready
 
 
-def adopt_causal_lm(model: Any, dtype: Any, key: str) -> Any:
+def adopt_causal_lm(model: LM, dtype: str | torch.dtype, key: str) -> LM:
     """A causal-LM object as a loaded one is: in ``dtype`` (in place: the caller's object is the one trained),
     with ppomax's CPU attention, its weights finite."""
     from ppomax.models import check_finite, to_dtype
@@ -397,19 +459,19 @@ def adopt_causal_lm(model: Any, dtype: Any, key: str) -> Any:
     return use_cpu_float32_attention(model)
 
 
-def adopt_value_head(model: Any, dtype: Any, key: str) -> Any:
+def adopt_value_head(model: Any, dtype: str | torch.dtype, key: str) -> ValueHeadModel:
     """A ValueHeadModel object as a loaded one is: its backbone in ``dtype``, its head in float32."""
     adopt_causal_lm(model.backbone, dtype, key)
     return model
 
 
-def copy_causal_lm(model: Any, dtype: Any, key: str) -> Any:
+def copy_causal_lm(model: LM, dtype: str | torch.dtype, key: str) -> LM:
     """A copy of a (not yet trained) causal-LM object: what the PPO reference or an SFT-initialised critic starts
     from when the policy is an object."""
     return adopt_causal_lm(copy.deepcopy(model), dtype, key)
 
 
-def random_causal_lm_like(model: Any, dtype: Any, seed: int) -> Any:
+def random_causal_lm_like(model: CausalLM, dtype: str | torch.dtype, seed: int) -> TransformersLM:
     """A causal LM of ``model``'s architecture with fresh weights drawn from ``seed`` (the global RNG untouched):
     ``ppo.critic_init: random`` beside a policy object."""
     from transformers import AutoModelForCausalLM
@@ -423,7 +485,7 @@ def random_causal_lm_like(model: Any, dtype: Any, seed: int) -> Any:
     return use_cpu_float32_attention(fresh.to(to_dtype(dtype)))
 
 
-def adopt_tokenizer(tokenizer: Any, key: str) -> Any:
+def adopt_tokenizer(tokenizer: PreTrainedTokenizerBase, key: str) -> PreTrainedTokenizerBase:
     """A copy of a tokenizer object, prepared as a loaded one is (pad token, left padding)."""
     from ppomax.models.loading import prepare_tokenizer
 
@@ -445,11 +507,11 @@ class TrainResult:
 
     out_dir: Path
     model_dir: Path | None
-    model: Any
-    tokenizer: Any
+    model: CausalLM | ValueHeadModel
+    tokenizer: PreTrainedTokenizerBase
     metrics: dict[str, Any]
     step: int
-    critic: Any = None
+    critic: ValueHeadModel | None = None
     """PPO: the trained critic (None without one)."""
     collapse_stopped: bool = False
     """PPO: the collapse monitor stopped the run (``collapse.action: stop``); nothing was saved after it."""

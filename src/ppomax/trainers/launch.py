@@ -168,7 +168,9 @@ class Engine:
             stack.enter_context(accelerator.no_sync(model))
         return stack
 
-    def full_state_dict(self, accelerator: Accelerator, model: Any) -> dict[str, torch.Tensor] | None:
+    def full_state_dict(
+        self, accelerator: Accelerator, model: torch.nn.Module
+    ) -> dict[str, torch.Tensor] | None:
         """The prepared ``model``'s full weights gathered where the engine holds them its own way
         (:attr:`gathers_for_save`; a collective: call it on every rank), else None (the model's own)."""
         return accelerator.get_state_dict(model) if self.gathers_for_save else None
@@ -178,7 +180,7 @@ class Engine:
         files are pickles, tensors only (:func:`deepspeed_loads_tensors_only`)."""
         return deepspeed_loads_tensors_only() if self.name == "deepspeed" else contextlib.nullcontext()
 
-    def discard_gradients(self, model: Any, optimizer: Any) -> None:
+    def discard_gradients(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Forget the gradients the prepared ``model`` accumulated since its last step, without stepping (a
         skipped step). A DeepSpeed engine keeps them in its ZeRO optimiser's own buffers, which ``zero_grad``
         leaves: they are dropped as the engine's own step drops them when it skips a step

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ppomax.algos import AllReduce, token_weights
+from ppomax.config import RMConfig, SFTConfig
 from ppomax.errors import UserError
 from ppomax.optim import build_optimizer, build_scheduler
 
@@ -58,7 +59,7 @@ class LoopSpec:
     extra_state: dict[str, Any] = field(default_factory=dict)
 
 
-def total_optimizer_steps(spec: LoopSpec, cfg: Any, world: int) -> int:
+def total_optimizer_steps(spec: LoopSpec, cfg: SFTConfig | RMConfig, world: int) -> int:
     per_epoch = micro_batches_per_epoch(spec.lengths, world, cfg.seed, spec.batch_size, spec.max_tokens)
     if per_epoch == 0:
         raise UserError(
@@ -81,6 +82,7 @@ def train_loop(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec) -> tuple
     raises :class:`ppomax.errors.RunStopped`).
     """
     cfg, acc = ctx.cfg, ctx.accelerator
+    assert isinstance(cfg, SFTConfig | RMConfig)  # PPO has its own loop
     total = total_optimizer_steps(spec, cfg, ctx.world)
     optimizer = build_optimizer(model.parameters(), cfg.optim.lr, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total)

@@ -11,6 +11,14 @@ ppomax ends every step itself, on every engine (no accelerate ``accumulate``; De
 accumulation). The engine's part is what :class:`~ppomax.trainers.launch.Engine` says: where it owns the step
 (DeepSpeed) it clips inside that step and knows the gradient norm only there, so the loss is checked before it,
 and a non-finite norm, a step the engine skipped itself, makes the step a skipped one after it.
+
+Under float16 autocast (``model.dtype: float16`` on a GPU) accelerate scales the loss by its Accelerator's one
+``GradScaler``, shared by every trained model. accelerate's own clip and optimiser step assume one optimiser: its
+clip unscales every optimiser of the Accelerator (a second model's clip unscales again: an error) and its step
+updates the scale after each optimiser, and a step skipped before it never updates the scale (it cannot back off
+an overflow). So ppomax drives the scaler itself: each model's gradients unscaled once, by its own optimiser, before
+their clip; the models stepped through the scaler; the scale updated once per step, taken or skipped (a skipped
+overflow backs it off, the overflow recorded as the gradients were unscaled).
 """
 
 from __future__ import annotations
@@ -18,30 +26,54 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
+from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
 from torch import Tensor
 
 from ppomax.algos import AllReduce
 
 from .launch import Engine
 
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
 
 @dataclasses.dataclass
 class Optimised:
     """A trained model as prepared on the run's ``engine``, with its optimiser and learning-rate schedule."""
 
-    model: Any
-    optimizer: Any
-    schedule: Any
-    accelerator: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    accelerator: Accelerator
     engine: Engine
+
+    @property
+    def loss_scaler(self) -> torch.amp.GradScaler | None:
+        """The Accelerator's float16 loss scaler (one for all its models), else None (no float16 autocast, or
+        DeepSpeed: its engine scales the loss itself)."""
+        return None if self.engine.owns_step else self.accelerator.scaler
+
+    @property
+    def _deepspeed(self) -> DeepSpeedEngine:
+        """The prepared model as the DeepSpeed engine it is where the engine owns the step."""
+        return cast("DeepSpeedEngine", self.model)
+
+    @property
+    def raw_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimiser under accelerate's wrapper (the one the loss scaler keeps its state for)."""
+        optimizer = self.optimizer
+        while isinstance(optimizer, AcceleratedOptimizer):
+            optimizer = optimizer.optimizer
+        return optimizer
 
     def backward(self, loss: Tensor) -> None:
         """Add ``loss``'s gradient to the step's (one micro-batch)."""
         if self.engine.owns_step:
-            self.model.backward(loss)
+            self._deepspeed.backward(loss)
         else:
             self.accelerator.backward(loss)
 
@@ -54,23 +86,33 @@ class Optimised:
         the engine clips inside :meth:`step`."""
         if self.engine.owns_step:
             return None
-        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        scaler = self.loss_scaler
+        if scaler is None:
+            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        else:
+            # this model's gradients only (and the overflow they hold, for the scale's update)
+            scaler.unscale_(self.raw_optimizer)
+            norm = clip_unscaled(self.model.parameters(), max_norm)
         return torch.as_tensor(norm).detach().float()
 
     def step(self) -> Tensor | None:
         """The optimiser step (not the schedule's); returns the pre-clip gradient norm where the engine measured
         it inside its step (non-finite: the engine skipped the step)."""
         if self.engine.owns_step:
-            self.model.step()
-            norm = self.model.get_global_grad_norm()
+            self._deepspeed.step()
+            norm = self._deepspeed.get_global_grad_norm()
             return None if norm is None else torch.as_tensor(float(norm))
+        scaler = self.loss_scaler
+        if scaler is not None:  # the gradients :meth:`clip` unscaled; the scale's update is the step's, once
+            scaler.step(self.raw_optimizer)
+            return None
         self.optimizer.step()
         return None
 
     def zero_grad(self) -> None:
         """After :meth:`step`: the gradients cleared for the next step."""
         if self.engine.owns_step:  # accelerate's DeepSpeed optimiser wrapper leaves it to the engine's step
-            self.model.optimizer.zero_grad()
+            self._deepspeed.optimizer.zero_grad()
             self.model.zero_grad()
         else:
             self.optimizer.zero_grad(set_to_none=True)
@@ -95,6 +137,7 @@ def step_together(
     skipped a model's step itself (a non-finite norm measured inside it) that model's schedule stays and the step
     counts as skipped; a model stepped before it keeps its step (engines cannot undo one)."""
     max_norm = max_grad_norm if max_grad_norm is not None else float("inf")
+    scaler = next((s for m in models.values() if (s := m.loss_scaler) is not None), None)  # one Accelerator's
     clipped = {name: m.clip(max_norm) for name, m in models.items()}
     checked = [loss.detach().float(), *(n.to(loss.device) for n in clipped.values() if n is not None)]
     finite = torch.isfinite(torch.stack(checked)).all()
@@ -104,6 +147,8 @@ def step_together(
     if not bool(finite):
         for m in models.values():
             m.discard()
+        if scaler is not None:  # an overflow recorded as the gradients were unscaled: the scale backs off
+            scaler.update()
         return False, norms
     stepped = True
     for name, m in models.items():
@@ -115,4 +160,15 @@ def step_together(
                 stepped = False
                 continue
         m.schedule.step()
+    if scaler is not None:
+        scaler.update()
     return stepped, norms
+
+
+def clip_unscaled(parameters: Any, max_norm: float) -> Tensor:
+    """Clip the global norm of ``parameters``' unscaled gradients to ``max_norm`` and return the pre-clip norm:
+    accelerate's ``clip_grad_norm_`` without its unscaling of every optimiser. Sharded gradients (FSDP2's DTensors)
+    give the norm over all shards."""
+    norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+    full_tensor = getattr(norm, "full_tensor", None)
+    return full_tensor() if full_tensor is not None else norm

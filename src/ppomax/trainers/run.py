@@ -62,7 +62,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -70,7 +70,7 @@ from accelerate.utils import set_seed
 from safetensors import SafetensorError
 
 from ppomax.checkpoint import prune_checkpoints, step_dirs
-from ppomax.config import CONFIG_CLASSES, load_config, to_yaml
+from ppomax.config import CONFIG_CLASSES, CommandConfig, RunKind, load_config, to_yaml
 from ppomax.console import console
 from ppomax.data.sources import fingerprint
 from ppomax.errors import ConfigError, RunStopped, UserError
@@ -81,6 +81,9 @@ from . import trackers
 from .inputs import Callbacks
 from .launch import Engine, build_accelerator
 from .run_lock import RunLock
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 STATE_FILE = "ppomax_state.json"
 # The keys of ppomax_state.json that hold the fingerprints of the run's data files, and the number of records
@@ -146,7 +149,7 @@ class RunContext:
 
     accelerator: Accelerator
     out_dir: Path
-    cfg: Any
+    cfg: CommandConfig
     resume_from: Path | None = None
     last_checkpoint: Path | None = None
     start_step: int = 0
@@ -169,7 +172,7 @@ class RunContext:
         return self._metrics
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> RunKind:
         """The command whose config the run holds: "sft", "rm" or "ppo"."""
         return next(kind for kind, cls in CONFIG_CLASSES.items() if isinstance(self.cfg, cls))
 
@@ -363,11 +366,15 @@ class RunContext:
             raise UserError(f"{final}: cannot write {what or 'it'}: {_cause(exc)}") from None
         acc.wait_for_everyone()
 
-    def save_model(self, model: torch.nn.Module, tokenizer: Any, final: Path) -> Path:
+    def save_model(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, final: Path
+    ) -> Path:
         """``save_pretrained`` of the unwrapped (prepared) model + tokenizer into ``final``, atomically."""
         return self.save_models(final, {"": (model, tokenizer)})
 
-    def save_models(self, final: Path, models: dict[str, tuple[torch.nn.Module, Any]]) -> Path:
+    def save_models(
+        self, final: Path, models: dict[str, tuple[torch.nn.Module, PreTrainedTokenizerBase | None]]
+    ) -> Path:
         """``{subdir: (prepared model, tokenizer)}`` saved with ``save_pretrained`` under ``final/subdir`` (``""``:
         ``final`` itself), all in one atomic directory. Under ZeRO-3/FSDP the full weights are gathered first
         (``accelerator.get_state_dict``, a collective: every rank calls this). Weights are written as the run holds
@@ -510,8 +517,8 @@ def write_failure(exc: BaseException, where: Path) -> str | None:
 
 
 def open_run(
-    cfg: Any,
-    kind: str,
+    cfg: CommandConfig,
+    kind: RunKind,
     *,
     resume: bool = False,
     overwrite: bool = False,
@@ -598,7 +605,7 @@ def on_main(acc: Accelerator, fn: Any) -> Any:
     return result
 
 
-def _open_dir(out: Path, cfg: Any, kind: str, resume: bool, overwrite: bool) -> RunPlan:
+def _open_dir(out: Path, cfg: CommandConfig, kind: RunKind, resume: bool, overwrite: bool) -> RunPlan:
     """Check the run directory (main process): writable, locked, its run continued, replaced or refused. An
     existing directory is locked (and the temporaries of killed saves removed); a missing one is left to
     :meth:`RunContext.restore` to make."""
@@ -628,7 +635,7 @@ def _probe_writable(out: Path, where: Path) -> None:
         raise UserError(f"{out}: cannot write the run directory (logging.out_dir): {_cause(exc)}") from None
 
 
-def inspect_dir(out: Path, cfg: Any, kind: str, resume: bool, overwrite: bool) -> RunPlan:
+def inspect_dir(out: Path, cfg: CommandConfig, kind: RunKind, resume: bool, overwrite: bool) -> RunPlan:
     """The directory rules (module docstring), read-only: the plan of a run into ``out``, or the refusal."""
     done = step_dirs(out / "checkpoints")
     holds = [f"checkpoints/{done[-1][1].name}"] if done else []
@@ -702,19 +709,19 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_differences(saved: Any, current: Any) -> list[str]:
+def config_differences(saved: CommandConfig, current: CommandConfig) -> list[str]:
     """The dotted keys whose values differ between two configs of one kind, except :data:`RESUMABLE_KEYS`."""
     a = _flatten(saved.model_dump(mode="json"))
     b = _flatten(current.model_dump(mode="json"))
     return sorted(k for k in set(a) | set(b) if k not in RESUMABLE_KEYS and a.get(k) != b.get(k))
 
 
-def check_resumable(cfg: Any, kind: str, saved_path: Path) -> None:
+def check_resumable(cfg: CommandConfig, kind: RunKind, saved_path: Path) -> None:
     """Refuse to resume with a config that differs from the run's own (``config.yaml``) in anything that
     changes what the run computes."""
     if not saved_path.is_file():
         raise UserError(f"{saved_path.parent}: no {CONFIG_FILE}, so not a ppomax run directory to resume")
-    saved = load_config(kind, path=saved_path)  # type: ignore[arg-type]
+    saved = load_config(kind, path=saved_path)
     differ = config_differences(saved, cfg)
     if differ:
         shown = ", ".join(f"{k} ({_short(_get(saved, k))} -> {_short(_get(cfg, k))})" for k in differ[:8])
@@ -725,7 +732,7 @@ def check_resumable(cfg: Any, kind: str, saved_path: Path) -> None:
         )
 
 
-def _get(cfg: Any, dotted: str) -> Any:
+def _get(cfg: CommandConfig, dotted: str) -> Any:
     return _flatten(cfg.model_dump(mode="json")).get(dotted)
 
 
@@ -735,12 +742,12 @@ def _short(value: Any) -> str:
 
 
 def resume_config(
-    kind: str,
+    kind: RunKind,
     run_dir: str | Path,
     path: str | Path | None = None,
     preset: str | None = None,
     overrides: list[str] | None = None,
-) -> Any:
+) -> CommandConfig:
     """The config of ``--resume DIR``: the run's own ``config.yaml`` (or ``path`` / ``preset`` when given) with
     ``overrides`` on top, and ``logging.out_dir`` set to ``run_dir``, so a moved or copied run writes where it
     is now. Whether it may resume that run is checked by :func:`open_run`.
@@ -765,7 +772,7 @@ def resume_config(
             )
     elif path is None:  # a --preset then only fills what the saved config leaves out (nothing)
         path = saved
-    cfg = load_config(kind, path=path, preset=preset, overrides=overrides)  # type: ignore[arg-type]
+    cfg = load_config(kind, path=path, preset=preset, overrides=overrides)
     cfg.logging = cfg.logging.model_copy(update={"out_dir": str(run_dir)})
     return cfg
 

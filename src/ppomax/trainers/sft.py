@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -59,9 +59,20 @@ from .inputs import Inputs, TrainResult, adopt_causal_lm, bind
 from .loop import LoopSpec, train_loop
 from .run import RunContext, open_run
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ppomax.data.io import OnError
+    from ppomax.data.sources import SourceSpec
+    from ppomax.models.adapter_dir import CausalLM
+
 
 def sft_features(
-    source: Source, tokenizer: Any, cfg: SFTConfig, stats: LoadStats, progress: str | None = None
+    source: Source,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: SFTConfig,
+    stats: LoadStats,
+    progress: str | None = None,
 ) -> list[dict[str, Any]]:
     """Tokenised examples ``{"input_ids", "labels"}`` of a source, for the configured objective."""
     d = cfg.data
@@ -83,18 +94,22 @@ def sft_features(
 
 
 def pretrain_features(
-    source: Any, tokenizer: Any, block: int, on_error: str = "fail", stats: LoadStats | None = None
+    source: SourceSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    block: int,
+    on_error: OnError = "fail",
+    stats: LoadStats | None = None,
 ) -> list[dict[str, Any]]:
     """Plain-text records ``{"text": str}``: BOS (if the tokenizer adds one) + text + EOS, cut into blocks of
     ``block`` tokens (no packing across texts, so no example attends to another); loss on every token."""
     stats = stats if stats is not None else LoadStats()
     texts: list[str] = []
-    for rec in read_records(source, on_error, stats):  # type: ignore[arg-type]
+    for rec in read_records(source, on_error, stats):
         text = rec.value.get("text") if isinstance(rec.value, dict) else None
         if not isinstance(text, str) or not text.strip():
             handle_error(
                 rec.error("pretraining record needs a non-empty string field 'text'"), on_error, stats
-            )  # type: ignore[arg-type]
+            )
             continue
         texts.append(text)
         stats.loaded += 1
@@ -163,8 +178,9 @@ def evaluate_lm(
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": tot["count"]}
 
 
-def _load_model(cfg: SFTConfig, inputs: Inputs) -> Any:
+def _load_model(cfg: SFTConfig, inputs: Inputs) -> CausalLM:
     m = cfg.model
+    assert m.policy is not None  # SFTTrainer refuses a config without it
     given = inputs.get("model.policy")
     if given is not None:
         if cfg.init_from_config:
@@ -200,8 +216,8 @@ class SFTTrainer:
         self,
         config: Any = None,
         *,
-        model: Any = None,
-        processing_class: Any = None,
+        model: str | Path | PreTrainedModel | None = None,
+        processing_class: str | Path | PreTrainedTokenizerBase | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         peft_config: Any = None,
@@ -217,7 +233,6 @@ class SFTTrainer:
             "eval_dataset": eval_dataset,
         }
         cfg, inputs = bind("sft", config, arguments, peft_config=peft_config, callbacks=callbacks)
-        assert isinstance(cfg, SFTConfig)
         if not cfg.model.policy:
             raise ConfigError("model.policy: required (the base model directory to fine-tune)")
         if not cfg.data.train:

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from accelerate import Accelerator
 from accelerate.tracking import TensorBoardTracker
 
 from ppomax.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ppomax.config import LoggingConfig, RunConfig
 
 #: the package to install for each tracker, and the accelerate function telling whether it is there
 _PACKAGES = {
@@ -35,13 +38,13 @@ _PACKAGES = {
 TENSORBOARD_DIR = "tb"
 
 
-def log_with(logging_cfg: Any, out_dir: Path) -> list[Any]:
+def log_with(logging_cfg: LoggingConfig, out_dir: Path) -> list[TensorBoardTracker | str]:
     """``Accelerator(log_with=...)`` for ``logging.report_to``: TensorBoard as a tracker writing into
     ``out_dir/tb``, the others by name. A tracker whose package is missing is an error here, before any model
     loads (accelerate itself would leave it out with a debug message)."""
     import accelerate.utils as available
 
-    out: list[Any] = []
+    out: list[TensorBoardTracker | str] = []
     for name in logging_cfg.report_to:
         if name == "tensorboard":
             out.append(TensorBoardTracker(TENSORBOARD_DIR, out_dir))
@@ -54,7 +57,7 @@ def log_with(logging_cfg: Any, out_dir: Path) -> list[Any]:
     return out
 
 
-def hyperparameters(cfg: Any) -> dict[str, Any]:
+def hyperparameters(cfg: RunConfig) -> dict[str, Any]:
     """The resolved config as one level of dotted keys; lists and mappings as JSON text (TensorBoard's and
     MLflow's parameters are scalars)."""
     flat: dict[str, Any] = {}
@@ -72,7 +75,7 @@ def hyperparameters(cfg: Any) -> dict[str, Any]:
     return flat
 
 
-def start(acc: Accelerator, cfg: Any, resume_step: int | None) -> None:
+def start(acc: Accelerator, cfg: RunConfig, resume_step: int | None) -> None:
     """Start the run in every tracker, with the config as its hyperparameters. ``resume_step``: the run continues
     from a checkpoint at that step (TensorBoard drops its later events)."""
     if not acc.log_with:

@@ -91,7 +91,7 @@ def compare_estimators(
             "probe_policy_iterations": probes[0]["policy_iterations"] if probes else None,
             "settings": nums[n][min(nums[n])].get("settings"),
         }
-    out = {"kl_metric": kl_metric, "budget": budget, "methods": methods}
+    out: dict[str, Any] = {"kl_metric": kl_metric, "budget": budget, "methods": methods}
     out["verdicts"] = estimator_verdicts(out)
     return out
 

@@ -86,6 +86,18 @@ def _trend_rule(records: Sequence[dict[str, Any]], floor: float = 0.02, windows:
     return _first(_replay(records, None), fired)
 
 
+def _drift_per_token(t: float) -> Callable[[Sequence[dict[str, Any]]], Fired]:
+    """Candidate: the drift rule at ``t`` nats/token on the exact KL."""
+    return lambda r: _replay(r, t, kl="kl/exact_per_token")
+
+
+def _drift_per_response(s: float) -> Callable[[Sequence[dict[str, Any]]], Fired]:
+    """Candidate: the signature, or the exact KL per response above ``s`` nats."""
+    return lambda r: _first(
+        _replay(r, None), _replay(r, s, kl_per_token=float("inf"), kl="kl/exact_per_sequence")
+    )
+
+
 # The collapse monitor's rules replayed on every run, the library's first: its default (drift 0.15 nats/token on
 # the exact KL where logged), the paper's signature alone, the drift rule as first chosen (on the estimator's KL),
 # and candidates for an out-of-sample campaign to choose from (`ppomax ablate --only monitor estimators causes`):
@@ -95,18 +107,8 @@ MONITOR_RULES: dict[str, Callable[[Sequence[dict[str, Any]]], Fired]] = {
     "library (drift 0.15/token, exact KL where logged)": lambda r: replay_monitor(r, drift=True),
     "signature only (paper 5.2)": lambda r: replay_monitor(r, drift=False),
     "drift 0.15/token on the estimator's KL (as first chosen)": lambda r: _replay(r, 0.15, kl="kl/per_token"),
-    **{
-        f"drift {t}/token on the exact KL": (lambda r, t=t: _replay(r, t, kl="kl/exact_per_token"))
-        for t in (0.03, 0.05, 0.1, 0.15)
-    },
-    **{
-        f"drift {s}/response on the exact KL": (
-            lambda r, s=s: _first(
-                _replay(r, None), _replay(r, s, kl_per_token=float("inf"), kl="kl/exact_per_sequence")
-            )
-        )
-        for s in (0.5, 1.0)
-    },
+    **{f"drift {t}/token on the exact KL": _drift_per_token(t) for t in (0.03, 0.05, 0.1, 0.15)},
+    **{f"drift {s}/response on the exact KL": _drift_per_response(s) for s in (0.5, 1.0)},
     "trend: exact KL rising over 3 windows, >= 0.02/token": _trend_rule,
 }
 

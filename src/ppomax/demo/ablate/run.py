@@ -37,6 +37,11 @@ def _worker(args: tuple[Any, ...]) -> dict[str, Any]:
 Job = tuple[Callable[..., Any], Any]  # a picklable function and its one argument, for an executor
 
 
+def _submit(pool: Executor, job: Job) -> Future[Any]:
+    fn, arg = job
+    return pool.submit(fn, arg)
+
+
 def run_seeds_in_parallel(
     pool: Executor,
     seeds: Sequence[int],
@@ -49,7 +54,7 @@ def run_seeds_in_parallel(
     every seed's: with more seeds than workers, a worker that finished a seed's base trains its variants while
     another seed's base is still being built, instead of idling. A failure cancels what has not started and is
     raised."""
-    bases = {pool.submit(*base_job(s)): s for s in seeds}
+    bases = {_submit(pool, base_job(s)): s for s in seeds}
     order: dict[Future[Any], int] = {}
     pending: set[Future[Any]] = set(bases)
     try:
@@ -61,7 +66,7 @@ def run_seeds_in_parallel(
                 if fut in bases:
                     for k, (s, i, v) in enumerate(tasks):
                         if s == bases[fut]:
-                            run = pool.submit(*variant_job(s, i, v))
+                            run = _submit(pool, variant_job(s, i, v))
                             order[run] = k
                             pending.add(run)
     except BaseException:

@@ -7,12 +7,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ppomax.demo.ablate.numbers import iteration_costs
 from ppomax.demo.ablate.variants import BY_NAME, STAGE_NAMES, Variant
 from ppomax.demo.pipeline import Pipeline, base_stages, ppo_stage
 from ppomax.demo.profiles import DemoProfile
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ppomax.models.adapter_dir import CausalLM
 
 HELDOUT_TEXTS = {"full": 500, "ablate-quick": 100}  # held-out pretraining texts for the alignment tax
 
@@ -25,7 +30,13 @@ def heldout_texts(world: Path, n: int) -> list[str]:
     return pretrain_texts(load_world(world), n=n, stream="pretrain-heldout")
 
 
-def lm_loss(model: Any, tokenizer: Any, texts: Sequence[str], max_tokens: int, batch_size: int = 64) -> float:
+def lm_loss(
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_tokens: int,
+    batch_size: int = 64,
+) -> float:
     """Mean negative log-likelihood per token (nats) of ``texts`` (each after BOS, with EOS) under ``model``:
     the pre-training objective on held-out text, through :func:`ppomax.evaluate.token_logits_stats`."""
     from ppomax.data import pad_id_of
