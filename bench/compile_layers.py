@@ -33,7 +33,7 @@ def worker(a: argparse.Namespace) -> dict[str, float]:
     from _tiny import build, one_update_overrides
 
     from ppomax.config import load_config
-    from ppomax.trainers.ppo import PPOTrainer
+    from ppomax.ppo import PPOTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -4,7 +4,7 @@ static cache with ``torch.compile`` (CPU inductor), on the same tiny Llama, prom
     .venv/bin/python bench/generation.py                       # 256x4 and 512x5 Llamas, fp32 and bf16, ~10 min
     .venv/bin/python bench/generation.py --sizes 256x4 --dtypes float32 --calls 4
 
-Every call goes through ppomax's own engine (:class:`ppomax.rollout.HFGenerateEngine`: the ``ppo_max`` preset's
+Every call goes through ppomax's own engine (:class:`ppomax.ppo.rollout.HFGenerateEngine`: the ``ppo_max`` preset's
 sampling, temperature 0.8, top-p 0.9, the response-only repetition penalty 1.1) with the HF generation config it
 builds: ``dynamic`` (the default: ``DynamicCache``), ``static`` (the same plus ``cache_implementation="static"``)
 and ``static+compile`` (``generation.compile: true``: a static cache and HF's ``CompileConfig``, which compiles the
@@ -49,7 +49,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     from ppomax.config import GenerationConfig as PPOGeneration
     from ppomax.data import pad_left, tokenize_prompt
     from ppomax.models import load_causal_lm, load_tokenizer
-    from ppomax.rollout import HFGenerateEngine, eos_ids_of, finish_rollout
+    from ppomax.ppo.rollout import HFGenerateEngine, eos_ids_of, finish_rollout
 
     spec = json.loads(Path(a.spec).read_text())
     tok = load_tokenizer(spec["policy"])

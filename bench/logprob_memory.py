@@ -57,8 +57,8 @@ def measure(
     import torch
 
     from ppomax.algos import entropy_from_logits, kl_from_logits, logprobs_from_logits
-    from ppomax.trainers.ppo_models import Forward
-    from ppomax.trainers.ppo_step import exact_kl
+    from ppomax.ppo.models import Forward
+    from ppomax.ppo.scoring import exact_kl
 
     torch.set_num_threads(1)
     if mode == "whole":  # (mode "before": the code on PYTHONPATH as it is)

@@ -138,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from transformers.utils import logging as hf_logging
 
-    import ppomax.trainers.ppo as ppo_mod
+    import ppomax.ppo.trainer as ppo_mod
     from ppomax.config import load_config
-    from ppomax.trainers.ppo import PPOTrainer
+    from ppomax.ppo import PPOTrainer
 
     hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:

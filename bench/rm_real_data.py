@@ -67,7 +67,7 @@ def main() -> int:
     from ppomax.models import ValueHeadModel, load_tokenizer
     from ppomax.monitor import read_metrics
     from ppomax.trainers import train_rm, train_sft
-    from ppomax.trainers.reward_report import margin_summary
+    from ppomax.trainers.reward_model_report import margin_summary
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

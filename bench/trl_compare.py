@@ -60,7 +60,7 @@ their share. ``tokens/s`` counts response tokens up to and including the first E
 ``gen tok/s`` per second of generation. Medians over the timed iterations after ``--warmup`` in each process;
 ``--rounds`` processes per side, size, precision and setting, rotating which side goes first.
 
-Where ppomax fuses its scoring (one epoch over one minibatch that is the whole rollout, trainers/ppo_fused.py:
+Where ppomax fuses its scoring (one epoch over one minibatch that is the whole rollout, ppo/fused.py:
 the update's first forward is the scoring pass), a third side ``ppomax-separate`` runs ppomax with the separate
 scoring forced (a scoring pass of the policy, reference and critic before the update: the path of every other
 schedule), so that the default path's number stands next to the fused one's (``--no-separate`` skips it).
@@ -345,7 +345,7 @@ class StepCounter:
 
 
 def fuses(schedule: Schedule) -> bool:
-    """Whether ppomax chooses its fused scoring at this schedule (trainers/ppo_fused.py's ``fuses_scoring``): one
+    """Whether ppomax chooses its fused scoring at this schedule (ppo/fused.py's ``fuses_scoring``): one
     epoch over one minibatch that is the whole rollout, in one micro-batch. There the bench also runs ppomax with
     the separate scoring forced (side ``ppomax-separate``): the default path's number next to the fused one's."""
     return (
@@ -364,9 +364,9 @@ def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
     import torch
     import transformers
 
-    import ppomax.trainers.ppo as ppo_mod
+    import ppomax.ppo.trainer as ppo_mod
     from ppomax.config import load_config
-    from ppomax.trainers.ppo import PPOTrainer
+    from ppomax.ppo import PPOTrainer
 
     total = a.warmup + a.iterations
     cfg = load_config(

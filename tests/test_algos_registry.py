@@ -17,8 +17,8 @@ from ppomax.algos.estimators import AdvantageInputs, advantages_of, grpo_advanta
 from ppomax.algos.registry import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, AdvantageEstimatorSpec, Table
 from ppomax.config import PPOSettings, load_config
 from ppomax.errors import ConfigError
-from ppomax.experience import Experience
-from ppomax.trainers.ppo_step import compute_advantages
+from ppomax.ppo.advantages import compute_advantages
+from ppomax.ppo.experience import Experience
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TABLES = (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS)

@@ -298,9 +298,10 @@ def test_import_ppomax_is_light_and_exports_the_trainers():
     code = "import sys, ppomax; print('torch' in sys.modules, sorted(ppomax.__all__))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("False ")
-    from ppomax.trainers import inputs, ppo, reward, sft
+    from ppomax import ppo
+    from ppomax.trainers import inputs, reward_model, sft
 
-    assert ppomax.SFTTrainer is sft.SFTTrainer and ppomax.RewardTrainer is reward.RewardTrainer
+    assert ppomax.SFTTrainer is sft.SFTTrainer and ppomax.RewardTrainer is reward_model.RewardTrainer
     assert ppomax.PPOTrainer is ppo.PPOTrainer and ppomax.TrainResult is inputs.TrainResult
     with pytest.raises(AttributeError):
         _ = ppomax.NoSuchThing

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ppomax.collapse import KL, LENGTH, PPL, REWARD, CollapseMonitor
+from ppomax.ppo.collapse import KL, LENGTH, PPL, REWARD, CollapseMonitor
 
 
 def _m(length: float, ppl: float, kl: float) -> dict[str, float]:
@@ -78,8 +78,8 @@ def test_trainer_feeds_the_monitor_and_stop_ends_the_run(tmp_path, monkeypatch):
 
     from ppo_helpers import make_setup
     from ppomax.cli import main
-    from ppomax.collapse import CollapseSignal
     from ppomax.monitor import read_metrics
+    from ppomax.ppo.collapse import CollapseSignal
 
     torch.set_num_threads(1)
     setup = make_setup(tmp_path)
@@ -182,7 +182,7 @@ def test_a_run_logs_the_monitor_as_not_armed_until_it_can_fire_and_says_so_at_st
 )
 def test_schedule_notes_warn_when_the_run_is_too_short_for_its_warmup(overrides, expected):
     from ppomax.config import PPOConfig
-    from ppomax.trainers.ppo import schedule_notes
+    from ppomax.ppo.schedule import schedule_notes
 
     line, warnings = schedule_notes(PPOConfig.model_validate(overrides))
     assert "10 critic-only iterations" in line

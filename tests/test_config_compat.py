@@ -14,7 +14,7 @@ from ppomax import config_compat
 from ppomax.config import PRESET_NAMES, PPOConfig, config_from, load_config, to_yaml
 from ppomax.errors import ConfigError
 from ppomax.monitor import read_metrics
-from ppomax.trainers.ppo import train_ppo
+from ppomax.ppo import train_ppo
 from ppomax.trainers.run import check_resumable, resume_config
 
 #: old key -> its new key, written out here independently of ppomax.config_compat

@@ -174,7 +174,7 @@ def test_global_batches_token_balanced_epochs_and_ranks() -> None:
 
 
 # The orders the three implementations gave before they became these two (captured from commit cea1380's
-# trainers/common.py global_batches, data/batching.py TokenBalancedBatchSampler and trainers/ppo_data.py
+# trainers/common.py global_batches, data/batching.py TokenBalancedBatchSampler and ppo/data.py
 # IndexStream). Resuming a run, and every result made so far, depend on exactly these indices.
 LENGTHS = [4, 10, 9, 3, 6, 10, 8, 11, 10, 2, 10, 1, 8, 5]
 # (n, batch_size, world, seed, epoch) -> global_batches([1] * n, world, epoch, seed, batch_size=batch_size)

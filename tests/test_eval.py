@@ -343,7 +343,7 @@ def chat_run(tmp_path_factory):
 def test_cli_eval_renders_prompts_in_the_chat_format_of_the_policys_run(chat_run, tmp_path, capsys):
     """`ppomax eval` rendered every prompt as HH, whatever the policy was trained on."""
     from ppomax.config import PPOConfig
-    from ppomax.trainers.ppo_data import load_prompt_set
+    from ppomax.ppo.data import load_prompt_set
 
     run, policy, rm, prompts = chat_run
     out = tmp_path / "res.json"
@@ -405,7 +405,7 @@ def test_eval_prompt_ids_are_those_of_ppos_own_evaluation(chat_run, tmp_path):
     """Truncated by turns, as PPO truncates its prompts: the same ids for the same budget."""
     from ppomax.config import PPOConfig
     from ppomax.evaluate import load_eval_prompts
-    from ppomax.trainers.ppo_data import load_prompt_set
+    from ppomax.ppo.data import load_prompt_set
 
     _, policy, _, _ = chat_run
     msgs = [{"role": "system", "content": "Be brief."}]

@@ -181,7 +181,7 @@ LOADERS = {
     "sft": load_sft_examples,
     "pairs": load_preference_pairs,
     "prompts": load_prompts,
-    "ptx": load_sft_examples,  # data.ptx is read by the SFT loader (trainers/ppo_data.py)
+    "ptx": load_sft_examples,  # data.ptx is read by the SFT loader (ppo/data.py)
 }
 JUNK_LINES = [
     b"{",

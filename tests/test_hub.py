@@ -84,7 +84,7 @@ def test_policy_tokenizer_reward_model_and_critic_load_from_the_hub_cache(tmp_pa
         torch.testing.assert_close(ValueHeadModel.from_pretrained("org/rm")(IDS, MASK).values, expected)
     # and the PPO trainer's models, all four named by Hub ids
     from ppo_helpers import PPOSetup
-    from ppomax.trainers.ppo_models import load_models
+    from ppomax.ppo.models import load_models
 
     setup = PPOSetup(tmp_path, Path("org/policy"), Path("org/rm"), tmp_path / "p.jsonl", None, None)
     cfg = config(setup, "model.critic=org/rm", "model.reference=org/policy")
@@ -160,7 +160,7 @@ def test_a_reward_model_of_another_tokenizer_is_one_line(tmp_path):
     """A Hub reward model is often of another model family: same-sized embeddings do not make the ids mean the
     same tokens; the tokenizer saved with it must agree with the policy's."""
     from ppo_helpers import make_setup
-    from ppomax.trainers.ppo_models import load_models
+    from ppomax.ppo.models import load_models
 
     setup = make_setup(tmp_path / "a")
     other = make_tiny_lm(

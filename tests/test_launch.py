@@ -110,7 +110,7 @@ def test_cpu_ddp_without_cuda_for_every_multi_process_launcher(launch_env, env, 
 @pytest.mark.parametrize("command", ["train-sft", "train-rm"])
 @pytest.mark.parametrize("main_process", [True, False])
 def test_result_path_printed_by_the_main_process_only(monkeypatch, capsys, tmp_path, command, main_process):
-    import ppomax.trainers.reward
+    import ppomax.trainers.reward_model
     import ppomax.trainers.sft
 
     final = tmp_path / "run" / "final"
@@ -119,7 +119,7 @@ def test_result_path_printed_by_the_main_process_only(monkeypatch, capsys, tmp_p
         return SimpleNamespace(train=lambda: SimpleNamespace(model_dir=final))
 
     monkeypatch.setattr(ppomax.trainers.sft, "SFTTrainer", trainer)
-    monkeypatch.setattr(ppomax.trainers.reward, "RewardTrainer", trainer)
+    monkeypatch.setattr(ppomax.trainers.reward_model, "RewardTrainer", trainer)
     monkeypatch.setattr("accelerate.PartialState", lambda: SimpleNamespace(is_main_process=main_process))
     assert (
         main([command, "--set", f"model.policy={tmp_path}", "--set", f"data.train={tmp_path / 'x.jsonl'}"])

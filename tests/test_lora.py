@@ -18,8 +18,8 @@ from ppomax.config import load_config
 from ppomax.errors import ConfigError
 from ppomax.models import AdaptersOff, ValueHeadModel, load_causal_lm, model_summary
 from ppomax.monitor import read_metrics
-from ppomax.trainers.ppo import PPOTrainer, train_ppo
-from ppomax.trainers.reward import train_rm
+from ppomax.ppo import PPOTrainer, train_ppo
+from ppomax.trainers.reward_model import train_rm
 from ppomax.trainers.sft import train_sft
 from test_ppo_learning import LEARN, mean
 from tiny_lm import write_jsonl

@@ -312,7 +312,7 @@ def test_a_lora_run_directory_is_read_as_its_base_with_its_adapter_settings(tmp_
 
 
 def test_a_fused_ppo_update_holds_the_policys_and_the_critics_activations_at_once():
-    """One epoch over one minibatch in one micro-batch (ppo_fused.fuses_scoring): both forwards run before either
+    """One epoch over one minibatch in one micro-batch (ppo/fused.py: fuses_scoring): both forwards run before either
     backward, so the transient is the sum of both models' activations; otherwise the larger of the two."""
     critic = Role("critic", SHAPE, True, SHAPE.params, False, 9)
     apart = plan([_policy(), critic], WORK, 1)["ddp"]

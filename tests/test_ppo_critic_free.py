@@ -16,9 +16,9 @@ from ppo_helpers import config, make_setup, reward_fn
 from ppomax.config import GenerationConfig, load_config
 from ppomax.errors import ConfigError
 from ppomax.monitor import read_metrics
-from ppomax.trainers import ppo
-from ppomax.trainers.ppo import PPOTrainer, train_ppo
-from ppomax.trainers.ppo_step import Updater
+from ppomax.ppo import PPOTrainer, train_ppo
+from ppomax.ppo import trainer as ppo_trainer
+from ppomax.ppo.update import Updater
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -287,14 +287,14 @@ def test_critic_free_estimators_raise_the_reward(setup, tmp_path, preset):
 )
 def test_fused_scoring_gives_the_advantages_of_the_scoring_pass(setup, tmp_path, monkeypatch, preset, extra):
     """One epoch over one minibatch: the group (or global-batch) advantages computed inside the update's forward
-    (ppo_fused.FusedScoring, on the shuffled buffer) are those computed after a separate scoring pass. GRPO's
+    (ppo/fused.py: FusedScoring, on the shuffled buffer) are those computed after a separate scoring pass. GRPO's
     groups are row sums and group means in group order: bit for bit; REINFORCE++ whitens over the shuffled
     tokens: equal up to the summation order."""
     runs = []
     for fused in (True, False):
         with monkeypatch.context() as mp:
             if not fused:
-                mp.setattr(ppo, "fuses_scoring", lambda p: False)
+                mp.setattr(ppo_trainer, "fuses_scoring", lambda p: False)
             cfg = config(
                 setup,
                 reward_fn("ppo_helpers:target_tokens"),

@@ -17,7 +17,7 @@ from ppo_helpers import FAST, config, make_setup, reward_fn
 from ppomax.cli import main
 from ppomax.errors import STOPPED_EXIT_CODE, RunStopped, UserError
 from ppomax.monitor import read_metrics
-from ppomax.trainers.ppo import PPOTrainer, TrainingDiverged, train_ppo
+from ppomax.ppo.trainer import PPOTrainer, TrainingDiverged, train_ppo
 
 MONITORING = [
     "reward/raw_mean",
@@ -228,7 +228,7 @@ def test_one_nonfinite_iteration_is_skipped_and_counted(setup, tmp_path):
 def test_a_nonfinite_loss_skips_both_models_update_and_changes_nothing(setup, tmp_path, monkeypatch):
     """A NaN policy loss (the critic's finite) skips the minibatch's step of both models: the weights, AdamW
     states and learning-rate schedules of policy and critic are as they were (trainers/optimised.py)."""
-    from ppomax.trainers.ppo_step import Updater
+    from ppomax.ppo.update import Updater
 
     tr = PPOTrainer(config(setup, reward_fn("ppo_helpers:target_tokens"), out=str(tmp_path / "run")))
     tr.iteration(1)  # AdamW has state to keep

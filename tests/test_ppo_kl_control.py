@@ -15,11 +15,12 @@ from ppo_helpers import config, make_setup, reward_fn
 from ppomax.algos import RunningMoments
 from ppomax.config import load_config
 from ppomax.errors import ConfigError, RunStopped
-from ppomax.experience import Experience
 from ppomax.monitor import read_metrics
-from ppomax.trainers import ppo_step
-from ppomax.trainers.ppo import PPOTrainer, train_ppo
-from ppomax.trainers.ppo_step import compute_advantages
+from ppomax.ppo import PPOTrainer, train_ppo
+from ppomax.ppo import advantages as ppo_advantages
+from ppomax.ppo import update as ppo_update
+from ppomax.ppo.advantages import compute_advantages
+from ppomax.ppo.experience import Experience
 
 TARGET = reward_fn("ppo_helpers:target_tokens")
 
@@ -207,13 +208,13 @@ def test_adaptive_kl_coefficient_moves_towards_its_target_and_is_what_the_reward
     it by 2% an iteration, one far above lowers it by 2%; critic pre-training leaves it alone. The token rewards
     use the logged value. (A reference other than the policy: the KL is far above 1e-6 from the start.)"""
     used = []
-    real = ppo_step.token_level_rewards
+    real = ppo_advantages.token_level_rewards
 
     def spy(scores, kl, mask, kl_coef):
         used.append(kl_coef)
         return real(scores, kl, mask, kl_coef)
 
-    monkeypatch.setattr(ppo_step, "token_level_rewards", spy)
+    monkeypatch.setattr(ppo_advantages, "token_level_rewards", spy)
 
     def coefs(tag, target, *over):
         used.clear()
@@ -238,13 +239,13 @@ def test_adaptive_kl_coefficient_moves_towards_its_target_and_is_what_the_reward
 
 def test_adaptive_kl_coefficient_in_the_kl_loss(setup, tmp_path, monkeypatch):
     used = []
-    real = ppo_step.kl_loss
+    real = ppo_update.kl_loss
 
     def spy(logprobs, ref_logprobs, mask, kl_coef, *args, **kwargs):
         used.append(kl_coef)
         return real(logprobs, ref_logprobs, mask, kl_coef, *args, **kwargs)
 
-    monkeypatch.setattr(ppo_step, "kl_loss", spy)
+    monkeypatch.setattr(ppo_update, "kl_loss", spy)
     over = ["ppo.kl.target=1e-6", "ppo.kl.horizon=80", "ppo.kl.acts_in=loss", "ppo.kl.estimator=k3"]
     tr = make(setup, tmp_path, reference(setup), *over, "ppo.minibatch_size=4")
     ms = [tr.iteration(s) for s in (1, 2)]

@@ -16,7 +16,7 @@ import pytest
 
 from ppo_helpers import config, make_setup, reward_fn
 from ppomax.monitor import read_metrics
-from ppomax.trainers.ppo import train_ppo
+from ppomax.ppo import train_ppo
 
 LEARN = [
     "ppo.critic_init=sft",

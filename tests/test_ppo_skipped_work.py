@@ -8,9 +8,12 @@ import torch
 
 from ppo_helpers import config, make_setup, reward_fn
 from ppomax.errors import UserError
-from ppomax.trainers import ppo, ppo_step
+from ppomax.ppo import PPOTrainer
+from ppomax.ppo import scoring as ppo_scoring
+from ppomax.ppo import trainer as ppo_trainer
+from ppomax.ppo.experience import Experience
+from ppomax.ppo.models import Forward
 from ppomax.trainers.optimised import Optimised
-from ppomax.trainers.ppo import PPOTrainer
 
 TARGET = reward_fn("ppo_helpers:target_tokens")
 
@@ -19,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def generated_only(exp):
     """A copy of ``exp`` with what generation fills and none of the scoring pass's fields."""
-    return ppo_step.Experience(
+    return Experience(
         **{f: getattr(exp, f) for f in ("sequences", "attention_mask", "response_mask", "prompt_width")},
         prompt_lens=exp.prompt_lens,
         response_lens=exp.response_lens,
@@ -49,13 +52,13 @@ class CountForwards:
 
     def __init__(self, monkeypatch) -> None:
         self.calls: list[int] = []
-        real = ppo_step.Forward.response_logits
+        real = Forward.response_logits
 
         def spy(fwd, model, *args, **kwargs):
             self.calls.append(id(model))
             return real(fwd, model, *args, **kwargs)
 
-        monkeypatch.setattr(ppo_step.Forward, "response_logits", spy)
+        monkeypatch.setattr(Forward, "response_logits", spy)
 
     def of(self, model) -> int:
         return self.calls.count(id(model))
@@ -74,7 +77,7 @@ def _fused_and_apart(setup, tmp_path, monkeypatch, *over):
     for fused in (True, False):
         with monkeypatch.context() as mp:
             if not fused:
-                mp.setattr(ppo, "fuses_scoring", lambda p: False)
+                mp.setattr(ppo_trainer, "fuses_scoring", lambda p: False)
             count = CountForwards(mp)
             tr = make(setup, tmp_path / str(fused), *over)
             assert tr.scoring.name == ("fused" if fused else "separate")
@@ -213,9 +216,9 @@ def test_scoring_micro_batches_drop_the_columns_that_are_padding_in_all_their_ro
     within 1e-6 (only float rounding differs: position ids come from the mask)."""
     tr, rows = _uneven(setup, tmp_path, "ppo.micro_batch_size=4")
     widths: list[int] = []
-    real = ppo_step.Forward.response_logits
+    real = Forward.response_logits
     monkeypatch.setattr(
-        ppo_step.Forward,
+        Forward,
         "response_logits",
         lambda fwd, model, seqs, *a: (widths.append(seqs.shape[1]), real(fwd, model, seqs, *a))[1],
     )
@@ -225,7 +228,7 @@ def test_scoring_micro_batches_drop_the_columns_that_are_padding_in_all_their_ro
     short = int(exp.prompt_lens[:4].max()) + int(exp.response_lens[:4].max())
     assert short < full - 20 and widths == [short, short, full, full]  # policy and reference per chunk
     whole = generated_only(exp)
-    ppo_step.score_experience(
+    ppo_scoring.score_experience(
         whole,
         policy=tr.unwrapped(tr.policy),
         reference=tr.models.reference,
@@ -319,8 +322,8 @@ def test_unfused_updates_free_one_models_graph_before_the_other_models_forward(s
     events: list[str] = []
     names = {id(tr.policy): "policy", id(tr.critic): "critic"}
     logits, values, backward = (
-        ppo_step.Forward.response_logits,
-        ppo_step.Forward.values,
+        Forward.response_logits,
+        Forward.values,
         Optimised.backward,
     )
 
@@ -338,8 +341,8 @@ def test_unfused_updates_free_one_models_graph_before_the_other_models_forward(s
         events.append(f"{names[id(self.model)]} backward")
         return backward(self, loss)
 
-    monkeypatch.setattr(ppo_step.Forward, "response_logits", spy_logits)
-    monkeypatch.setattr(ppo_step.Forward, "values", staticmethod(spy_values))
+    monkeypatch.setattr(Forward, "response_logits", spy_logits)
+    monkeypatch.setattr(Forward, "values", staticmethod(spy_values))
     monkeypatch.setattr(Optimised, "backward", spy_backward)
     tr.iteration(1)
     one = ["policy forward", "policy backward", "critic forward", "critic backward"]

@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from ppo_helpers import config, make_setup, reward_fn
 from ppomax.algos import RunningMoments
 from ppomax.config import load_config
-from ppomax.experience import Experience
-from ppomax.trainers import ppo_step
-from ppomax.trainers.ppo import PPOTrainer
-from ppomax.trainers.ppo_step import compute_advantages
+from ppomax.ppo import PPOTrainer
+from ppomax.ppo import advantages as ppo_advantages
+from ppomax.ppo import scoring as ppo_scoring
+from ppomax.ppo import update as ppo_update
+from ppomax.ppo.advantages import compute_advantages
+from ppomax.ppo.experience import Experience
 
 TARGET = reward_fn("ppo_helpers:target_tokens")
 
@@ -228,7 +230,7 @@ def test_samples_with_nonfinite_scores_are_left_out_as_if_absent():
         torch.testing.assert_close(getattr(full, name)[keep], getattr(alone, name), atol=0, rtol=0)
     assert torch.isnan(full.final_scores[bad]).all()  # no score was added to them
     torch.testing.assert_close(full.final_scores[keep], alone.final_scores, atol=0, rtol=0)
-    trained = ppo_step.trainable_part(full)  # what the updates see: no token of theirs
+    trained = ppo_advantages.trainable_part(full)  # what the updates see: no token of theirs
     assert not trained.response_mask[bad].any() and torch.equal(
         trained.response_mask[keep], alone.response_mask
     )
@@ -239,7 +241,7 @@ def test_a_truncated_response_under_penalty_keeps_its_row_whatever_its_score():
     exp = _synthetic([1.0, float("nan"), float("inf")], truncated=[False, True, False])
     compute_advantages(exp, ppo, gen, RunningMoments(), kl_coef=ppo.kl.coef)
     assert exp.final_scores[1] == -2.0 and torch.isnan(exp.final_scores[2])
-    mask = ppo_step.trainable_part(exp).response_mask
+    mask = ppo_advantages.trainable_part(exp).response_mask
     assert mask[1].any() and not mask[2].any()
 
 
@@ -325,8 +327,8 @@ class _Spy:
 
 @pytest.mark.parametrize(("norm", "clip"), [(True, None), (True, 0.5), (False, None), (False, 0.05)])
 def test_advantage_normalisation_and_clipping_per_minibatch(setup, tmp_path, monkeypatch, norm, clip):
-    spy = _Spy(ppo_step.policy_loss)
-    monkeypatch.setattr(ppo_step, "policy_loss", spy)
+    spy = _Spy(ppo_update.policy_loss)
+    monkeypatch.setattr(ppo_update, "policy_loss", spy)
     tr = make(
         setup,
         tmp_path,
@@ -415,8 +417,8 @@ def test_entropy_bonus_and_its_clip(setup, tmp_path):
 
 
 def test_ptx_loss_mixes_sft_batches_into_the_policy_update(setup, tmp_path, monkeypatch):
-    spy = _Spy(ppo_step.lm_nll)
-    monkeypatch.setattr(ppo_step, "lm_nll", spy)
+    spy = _Spy(ppo_update.lm_nll)
+    monkeypatch.setattr(ppo_update, "lm_nll", spy)
     tr0 = make(setup, tmp_path / "off", "ppo.ptx_coef=0")
     m0 = tr0.iteration(1)
     tr = make(setup, tmp_path / "on", "ppo.ptx_coef=0.5", f"data.ptx={setup.ptx}", "ppo.ptx_batch_size=3")
@@ -468,7 +470,7 @@ def test_scoring_in_micro_batches_gives_the_same_experience(setup, tmp_path):
     exp = tr.generate([0, 1, 2, 3, 4, 5, 6, 7], tr.data.prompts)
     tr.rollouts.score(exp)
     whole = dataclasses.replace(exp, logprobs=None, ref_logprobs=None, values=None, scores=None)
-    ppo_step.score_experience(
+    ppo_scoring.score_experience(
         whole,
         policy=tr.unwrapped(tr.policy),
         reference=tr.models.reference,
@@ -558,7 +560,7 @@ def test_metrics_reduce_across_ranks_by_kind():
     """Two ranks (threads, with a reduce that really combines both ranks' tensors): ``*_max`` metrics are the
     max over ranks (a rank's outlier ratio must not be averaged away), ``*_count`` and the named sums are summed,
     the rest averaged; the trainer's reduction is this function."""
-    from ppomax.trainers import ppo as ppo_module
+    from ppomax.ppo import metrics as ppo_metrics
     from ppomax.trainers.reduce import reduce_metrics
 
     ranks = [
@@ -602,17 +604,17 @@ def test_metrics_reduce_across_ranks_by_kind():
     assert results[0] == results[1] == expect
     assert list(results[0]) == list(ranks[0])  # the caller's order
     assert reduce_metrics({"a_max": torch.tensor(2.0), "b": 1}, None) == {"a_max": 2.0, "b": 1.0}
-    assert ppo_module.reduce_metrics is reduce_metrics
+    assert ppo_metrics.reduce_metrics is reduce_metrics
 
 
 def test_the_trainer_is_a_few_explicit_collaborators(setup, tmp_path):
     """No object with more than about 12 attributes; evaluation gets what it uses, not the trainer."""
     import inspect
 
-    from ppomax.trainers import ppo_eval
+    from ppomax.ppo import evaluation
 
     tr = make(setup, tmp_path)
     for obj in (tr, tr.run, tr.data, tr.models, tr.rollouts, tr.updater, tr.collapse):
         assert len(vars(obj)) <= 12, (type(obj).__name__, sorted(vars(obj)))
-    params = inspect.signature(ppo_eval.evaluate).parameters
+    params = inspect.signature(evaluation.evaluate).parameters
     assert "trainer" not in params and {"rollouts", "prompts"} <= set(params)

@@ -53,7 +53,7 @@ def hh_pairs(tmp_path_factory) -> Path:
 def test_prompts_are_rendered_and_cut_in_the_models_chat_format(model_dir, hh_pairs):
     from ppomax.config import PPOConfig
     from ppomax.models import load_tokenizer
-    from ppomax.trainers.ppo_data import load_prompt_set
+    from ppomax.ppo.data import load_prompt_set
 
     tok = load_tokenizer(model_dir)
     cfg = PPOConfig.model_validate({"data": {"max_prompt_tokens": 96, "on_bad_line": "skip"}})
@@ -107,7 +107,7 @@ def test_bf16_ppo_measures_kl_0_at_start_and_saves_a_model_that_generates_as_tra
 ):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ppomax.trainers.ppo import PPOTrainer
+    from ppomax.ppo import PPOTrainer
 
     trainer = PPOTrainer(_ppo_config(model_dir, hh_pairs, tmp_path / "run"))
     first = trainer.iteration(1)

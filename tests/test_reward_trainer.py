@@ -24,8 +24,8 @@ from ppomax.trainers.common import eval_shards, global_batches
 from ppomax.trainers.launch import Engine
 from ppomax.trainers.loop import accumulate
 from ppomax.trainers.optimised import Optimised
-from ppomax.trainers.reward import make_rm_loss, rm_counts
-from ppomax.trainers.reward_report import margin_summary
+from ppomax.trainers.reward_model import make_rm_loss, rm_counts
+from ppomax.trainers.reward_model_report import margin_summary
 from tiny_lm import make_tiny_lm, write_jsonl, write_yaml
 
 WORDS = [
@@ -104,7 +104,7 @@ def _accuracy(model_dir_or_model, feats, tok) -> float:
 def test_without_a_test_split_the_validation_pairs_are_scored_once_at_the_end(rm_setup, monkeypatch):
     """With no data.test the final model's validation evaluation is the test split's score too: the held-out
     pairs are not run through the model a second time (on a 135M model that second pass took minutes)."""
-    import ppomax.trainers.reward as reward
+    import ppomax.trainers.reward_model as reward
 
     tmp_path, cfg = rm_setup
     del cfg["data"]["test"]
@@ -334,7 +334,7 @@ def test_sigterm_saves_and_resume_ends_with_the_same_model(rm_setup, monkeypatch
     then ends with the weights and best-model record of an uninterrupted run (2N == N + N)."""
     import signal
 
-    import ppomax.trainers.reward as reward_mod
+    import ppomax.trainers.reward_model as reward_mod
     from ppomax.errors import STOPPED_EXIT_CODE
 
     tmp_path, cfg = rm_setup
@@ -377,7 +377,7 @@ def test_a_run_checkpointed_before_value_heads_lost_their_bias_resumes(rm_setup,
     weights of an uninterrupted run (the ranking loss never moves the bias, so dropping it changes no score)."""
     import signal
 
-    import ppomax.trainers.reward as reward_mod
+    import ppomax.trainers.reward_model as reward_mod
     from ppomax.errors import STOPPED_EXIT_CODE
     from ppomax.trainers.run import LAYOUT_KEY, STATE_FILE
 

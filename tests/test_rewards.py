@@ -12,9 +12,9 @@ from pydantic import ValidationError
 from ppo_helpers import make_setup
 from ppomax.config import RewardConfig
 from ppomax.errors import ConfigError
-from ppomax.experience import Experience
 from ppomax.models import ValueHeadModel, load_tokenizer
-from ppomax.rewards import RewardError, RewardFunction, RewardSources, build_reward_functions
+from ppomax.ppo.experience import Experience
+from ppomax.ppo.reward_sources import RewardError, RewardFunction, RewardSources, build_reward_functions
 
 EOS = 2
 

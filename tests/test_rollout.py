@@ -13,9 +13,9 @@ from ppo_helpers import make_setup
 from ppomax.config import GenerationConfig
 from ppomax.data import pad_left
 from ppomax.errors import UserError
-from ppomax.experience import Experience
 from ppomax.models import load_causal_lm, load_tokenizer
-from ppomax.rollout import HFGenerateEngine, eos_ids_of, finish_rollout, rollout
+from ppomax.ppo.experience import Experience
+from ppomax.ppo.rollout import HFGenerateEngine, eos_ids_of, finish_rollout, rollout
 
 PAD, EOS = 0, 2
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from ppo_helpers import config, make_setup, reward_fn
 from ppomax.cli import main
 from ppomax.models import ValueHeadModel, load_causal_lm, load_tokenizer, save_trained
-from ppomax.trainers.ppo import PPOTrainer
+from ppomax.ppo import PPOTrainer
 from tiny_lm import make_tiny_lm, write_jsonl, write_yaml
 
 pytestmark = pytest.mark.usefixtures("one_thread")

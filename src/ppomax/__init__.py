@@ -21,8 +21,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "SFTTrainer": "ppomax.trainers.sft",
-    "RewardTrainer": "ppomax.trainers.reward",
-    "PPOTrainer": "ppomax.trainers.ppo",
+    "RewardTrainer": "ppomax.trainers.reward_model",
+    "PPOTrainer": "ppomax.ppo",
     "TrainResult": "ppomax.trainers.inputs",
     "SFTConfig": "ppomax.config",
     "RMConfig": "ppomax.config",
@@ -44,9 +44,9 @@ __all__ = [
 
 if TYPE_CHECKING:
     from ppomax.config import PPOConfig, RMConfig, SFTConfig, load_config
+    from ppomax.ppo import PPOTrainer
     from ppomax.trainers.inputs import TrainResult
-    from ppomax.trainers.ppo import PPOTrainer
-    from ppomax.trainers.reward import RewardTrainer
+    from ppomax.trainers.reward_model import RewardTrainer
     from ppomax.trainers.sft import SFTTrainer
 
 

@@ -3,12 +3,12 @@
 Every function here is a function of tensors (plus two small stateful classes, `RunningMoments` and
 `AdaptiveKLController`) and the package imports only torch, so each formula has a unit test against an
 independent computation (tests/test_algos.py, tests/test_algos_estimators.py). Equation numbers refer to
-"Secrets of RLHF in Large Language Models Part I: PPO" (arXiv 2307.04964). Modules: `stats` (masked
-statistics, running moments, last-token index), `rewards` (KL estimators, token-level rewards, the adaptive KL
-coefficient, GAE, score re-parameterisation, advantage normalisation), `estimators` (the critic-free advantage
-estimators GRPO, RLOO and REINFORCE++), `losses` (PPO with its dual clip, KL as a loss term, critic, entropy,
-LM, RM losses), `vocab` (per-token log-probs, entropy and exact KL from logits, in bounded memory), `metrics` (the monitoring statistics of
-a batch of rollouts, paper 5.2).
+"Secrets of RLHF in Large Language Models Part I: PPO" (arXiv 2307.04964). Modules: `stats` (masked statistics,
+running moments, last-token index), `reward_shaping` (from raw scores to token-level rewards: score
+re-parameterisation, KL estimators, the adaptive KL coefficient, token-level rewards), `estimators` (the advantage
+estimators: GAE and the critic-free GRPO, RLOO and REINFORCE++; advantage normalisation), `losses` (PPO with its
+dual clip, KL as a loss term, critic, entropy, LM, RM losses), `vocab` (per-token log-probs, entropy and exact KL
+from logits, in bounded memory), `metrics` (the monitoring statistics of a batch of rollouts, paper 5.2).
 `registry` holds the tables of the interchangeable parts (advantage estimators, policy-loss aggregations, KL
 estimators) that the config validates against and the trainer looks up.
 Import from `ppomax.algos` directly; the split is for reading, not for the API. The package loads its modules
@@ -36,7 +36,9 @@ if TYPE_CHECKING:
         AdvantageInputs,
         advantages_of,
         discounted_returns,
+        gae,
         grpo_advantages,
+        normalize_advantages,
         reinforce_pp_advantages,
         reinforce_pp_baseline_advantages,
         rloo_advantages,
@@ -52,13 +54,11 @@ if TYPE_CHECKING:
         value_loss,
     )
     from .metrics import RESPONSE_SUMS, response_statistics, response_sums, rollout_statistics
-    from .rewards import (
+    from .reward_shaping import (
         AdaptiveKLController,
         KLEstimator,
         ScoreTransform,
-        gae,
         kl_per_token,
-        normalize_advantages,
         reparameterize_scores,
         token_level_rewards,
         trainable_rows,
@@ -81,20 +81,20 @@ _MODULES = {
     "aggregate_loss": "losses",
     "AdvantageInputs": "estimators",
     "advantages_of": "estimators",
-    "AdaptiveKLController": "rewards",
+    "AdaptiveKLController": "reward_shaping",
     "AllReduce": "stats",
-    "KLEstimator": "rewards",
+    "KLEstimator": "reward_shaping",
     "RESPONSE_SUMS": "metrics",
     "RunningMoments": "stats",
-    "ScoreTransform": "rewards",
+    "ScoreTransform": "reward_shaping",
     "discounted_returns": "estimators",
     "entropy_bonus_loss": "losses",
     "entropy_from_logits": "vocab",
-    "gae": "rewards",
+    "gae": "estimators",
     "grpo_advantages": "estimators",
     "kl_from_logits": "vocab",
     "kl_loss": "losses",
-    "kl_per_token": "rewards",
+    "kl_per_token": "reward_shaping",
     "last_token_index": "stats",
     "lm_nll": "losses",
     "logprobs_from_logits": "vocab",
@@ -102,21 +102,21 @@ _MODULES = {
     "masked_mean": "stats",
     "masked_sum": "stats",
     "masked_whiten": "stats",
-    "normalize_advantages": "rewards",
+    "normalize_advantages": "estimators",
     "pairwise_rm_loss": "losses",
     "policy_loss": "losses",
     "reinforce_pp_advantages": "estimators",
     "reinforce_pp_baseline_advantages": "estimators",
-    "reparameterize_scores": "rewards",
+    "reparameterize_scores": "reward_shaping",
     "response_statistics": "metrics",
     "response_sums": "metrics",
     "rloo_advantages": "estimators",
     "rollout_statistics": "metrics",
     "score_token_index": "stats",
     "sequence_rewards": "estimators",
-    "token_level_rewards": "rewards",
+    "token_level_rewards": "reward_shaping",
     "token_weights": "stats",
-    "trainable_rows": "rewards",
+    "trainable_rows": "reward_shaping",
     "value_loss": "losses",
 }
 

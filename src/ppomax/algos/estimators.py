@@ -1,6 +1,7 @@
-"""Critic-free advantage estimators (beyond the paper): GRPO, RLOO and REINFORCE++.
+"""Advantage estimators: GAE (the paper's, eq. 8-11, with the critic's values), the critic-free ones (beyond the
+paper: GRPO, RLOO and REINFORCE++), and the advantage normalisation of a minibatch (paper 5.3.1).
 
-Each takes the token-level rewards of :func:`ppomax.algos.token_level_rewards` (``-kl_coef * KL_t`` on every
+Each critic-free estimator takes the token-level rewards of :func:`ppomax.algos.token_level_rewards` (``-kl_coef * KL_t`` on every
 response token, the re-parameterised score added at the last one) and the response mask, and returns token
 advantages [B, T] (zero off the mask) for the same clipped surrogate as GAE's (:func:`ppomax.algos.policy_loss`).
 
@@ -28,8 +29,62 @@ import torch
 from torch import Tensor
 
 from .registry import ADVANTAGE_ESTIMATORS
-from .rewards import gae
 from .stats import AllReduce, _bool_mask, last_token_index, masked_whiten
+
+
+@torch.no_grad()
+def gae(
+    rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over a padded batch (paper eq. 8-11, app. C.3).
+
+    rewards, values, response_mask: [B, T] -> (advantages, returns), both [B, T], float32 or wider, no
+    gradient. With delta_t = r_t + gamma * V(s_{t+1}) - V(s_t):
+    ``A_t = sum_l (gamma * lam)^l * delta_{t+l} = delta_t + gamma * lam * A_{t+1}``, and
+    ``returns_t = A_t + V(s_t)`` (the critic's target).
+
+    The recursion runs over each row's real tokens only, in order: "t + 1" is the next masked position,
+    so left/right padding and holes inside a row are skipped exactly as if the row were compacted. The
+    value after the last real token is 0 (the episode ends). Padded positions get advantage and return 0
+    and their rewards/values (even NaN) never enter the computation. One Python loop over T for the
+    whole batch.
+    """
+    m = _bool_mask(response_mask)
+    dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
+    zero = torch.zeros((), dtype=dtype, device=rewards.device)
+    r = torch.where(m, rewards.to(dtype), zero)
+    v = torch.where(m, values.to(dtype), zero)
+    advantages = torch.zeros_like(r)
+    next_value = torch.zeros(r.shape[0], dtype=dtype, device=r.device)
+    next_adv = torch.zeros_like(next_value)
+    for t in range(r.shape[1] - 1, -1, -1):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        adv = delta + gamma * lam * next_adv
+        real = m[:, t]
+        advantages[:, t] = torch.where(real, adv, zero)
+        next_value = torch.where(real, v[:, t], next_value)
+        next_adv = torch.where(real, adv, next_adv)
+    returns = torch.where(m, advantages + v, zero)
+    return advantages, returns
+
+
+def normalize_advantages(
+    advantages: Tensor,
+    mask: Tensor,
+    normalize: bool,
+    clip: float | None,
+    all_reduce: AllReduce | None = None,
+) -> Tensor:
+    """Advantage normalisation (minibatch whitening) then clipping (paper 5.3.1).
+
+    advantages, mask: [B, T] -> [B, T], zero outside the mask. normalize=True whitens to mean 0 / var 1
+    over the minibatch's masked tokens (all ranks with `all_reduce`); clip then clamps to [-clip, clip]
+    (None = no clip). Both off returns the advantages unchanged apart from zeroed padding.
+    """
+    out = masked_whiten(advantages, mask, shift_mean=True, all_reduce=all_reduce) if normalize else advantages
+    if clip is not None:
+        out = out.clamp(-clip, clip)
+    return torch.where(_bool_mask(mask), out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
 def sequence_rewards(rewards: Tensor, mask: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .registry import LOSS_AGGREGATIONS
-from .rewards import KLEstimator, kl_per_token
+from .reward_shaping import KLEstimator, kl_per_token
 from .stats import _bool_mask, masked_max, masked_mean, masked_sum
 from .vocab import logprobs_from_logits
 

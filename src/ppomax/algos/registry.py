@@ -165,5 +165,5 @@ KL_ESTIMATORS: Table[KLEstimatorSpec] = Table(
         KLEstimatorSpec("k2", True, "(log ref - log pi)^2 / 2, Schulman 2020"),
         KLEstimatorSpec("k3", True, "(ref/pi - 1) - log(ref/pi), Schulman 2020; DeepSeekMath eq. 4"),
     ),
-    "ppomax.algos.rewards",
+    "ppomax.algos.reward_shaping",
 )

@@ -181,7 +181,7 @@ def workload_of(cfg: CommandConfig, kind: str) -> Workload:
             score_rows=min(p.micro_batch_size or p.rollout_batch_size, p.rollout_batch_size),
             ptx_rows=ptx_rows,
             ptx_seq=pd.max_prompt_tokens + pd.max_ptx_response_tokens,
-            # as ppomax.trainers.ppo_fused.fuses_scoring, with a critic to fuse
+            # as ppomax.ppo.fused.fuses_scoring, with a critic to fuse
             fused_update=p.uses_critic and p.one_step_update,
         )
     d = cfg.data
@@ -276,7 +276,7 @@ def build_roles(
         # under LoRA (model.lora's, else the defaults), a critic that is the reward model plus adapters holds the
         # reward model's backbone
         from ppomax.config import PPOLoraSettings
-        from ppomax.trainers.ppo_models import critic_base_is_reward_model
+        from ppomax.ppo.models import critic_base_is_reward_model
 
         with_lora = cfg.model_copy(
             update={"model": m.model_copy(update={"lora": m.lora or PPOLoraSettings.model_validate({})})}

@@ -27,7 +27,7 @@ COLLAPSE_EXIT_CODE = 3
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ppomax.trainers.ppo import PPOTrainer
+    from ppomax.ppo import PPOTrainer
 
     cfg = run_config("ppo", args)
     assert isinstance(cfg, PPOConfig)

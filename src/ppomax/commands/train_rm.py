@@ -15,7 +15,7 @@ from ppomax.commands.common import (
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ppomax.trainers.reward import RewardTrainer  # heavy imports only when the command runs
+    from ppomax.trainers.reward_model import RewardTrainer  # heavy imports only when the command runs
 
     cfg = run_config("rm", args)
     # the Python API's trainer, from the config alone

@@ -1,4 +1,4 @@
-"""``collapse``: the pattern-collapse monitor's action and thresholds (:mod:`ppomax.collapse`)."""
+"""``collapse``: the pattern-collapse monitor's action and thresholds (:mod:`ppomax.ppo.collapse`)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,6 @@ class CollapseConfig(Section):
         0.15,
         gt=0,
         description="Also fire on drift: KL per token (the exact KL where logged) at least this and still rising "
-        "while the reward is above its baseline (ppomax.collapse); null = the paper's joint signature only. Ours: "
-        "0.15 (measured on the demo's runs, see ppomax.collapse).",
+        "while the reward is above its baseline (ppomax.ppo.collapse); null = the paper's joint signature only. Ours: "
+        "0.15 (measured on the demo's runs, see ppomax.ppo.collapse).",
     )

@@ -229,7 +229,7 @@ class PPOSettings(Section):
     def one_step_update(self) -> bool:
         """Whether each iteration's update is one optimiser step on the whole buffer in one forward: one epoch over
         one minibatch that is the whole buffer, in one micro-batch (where the update's own forward can be the
-        scoring pass: trainers/ppo_fused.py)."""
+        scoring pass: ppo/fused.py)."""
         one_chunk = self.micro_batch_size is None or self.micro_batch_size >= self.minibatch_size
         return self.ppo_epochs == 1 and self.minibatch_size >= self.buffer_size and one_chunk
 

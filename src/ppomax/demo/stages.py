@@ -164,7 +164,7 @@ def sft(d: Path, world: Path, pre: Path, prof: DemoProfile, seed: int, progress:
 
 def reward_model(d: Path, world: Path, sft_dir: Path, prof: DemoProfile, seed: int, progress: bool) -> Path:
     from ppomax.config import RMConfig
-    from ppomax.trainers.reward import train_rm
+    from ppomax.trainers.reward_model import train_rm
 
     cfg = RMConfig.model_validate(
         {
@@ -270,7 +270,7 @@ def ppo(
     extra: Sequence[str] = (),
     pretrain_dir: Path | None = None,
 ) -> Path:
-    from ppomax.trainers.ppo import train_ppo
+    from ppomax.ppo import train_ppo
 
     out = train_ppo(ppo_config(d, preset, world, sft_dir, rm_dir, prof, seed, progress, extra, pretrain_dir))
     if not (d / "final" / "policy").is_dir():  # stopped by a signal: checkpoint saved, stage not done

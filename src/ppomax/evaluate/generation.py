@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from ppomax.config import GenerationConfig
 from ppomax.data.chat import Dialogue
 from ppomax.errors import UserError
-from ppomax.rollout import HFGenerateEngine, eos_ids_of, rollout
+from ppomax.ppo.rollout import HFGenerateEngine, eos_ids_of, rollout
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -55,7 +55,7 @@ def generate(
     seed: int = 0,
     progress: Any = None,
 ) -> Generation:
-    """Sample one response per prompt with the PPO rollout (:func:`ppomax.rollout.rollout`: left-padded batches,
+    """Sample one response per prompt with the PPO rollout (:func:`ppomax.ppo.rollout.rollout`: left-padded batches,
     KV cache, cut at the first EOS). ``seed`` fixes the sampling noise, so the same model on the same prompts
     answers identically. ``progress`` is an optional tqdm to update. ``prompts``: dialogues (what
     :func:`load_eval_prompts` returns; truncated by turns to ``max_prompt_tokens``) or texts."""

@@ -139,7 +139,7 @@ class RewardOnCriticBase:
 
     def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """[B] float32 rewards (:meth:`ValueHeadModel.score`)."""
-        # built on a critic with adapters only (ppomax.trainers.ppo_models.critic_base_is_reward_model)
+        # built on a critic with adapters only (ppomax.ppo.models.critic_base_is_reward_model)
         with cast("PeftModel", self.critic.backbone).disable_adapter():
             return self.critic(input_ids, attention_mask, value_head=self.head).scores
 

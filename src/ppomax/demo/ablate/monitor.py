@@ -19,7 +19,7 @@ Fired = int | str | None  # the step a rule fired at, None (never) or NA
 def replay_monitor(records: Sequence[dict[str, Any]], drift: bool) -> Fired:
     """The first step the collapse monitor fires on these records, with the default thresholds, with
     (``drift``: the library's rule) or without (the paper's joint signature only) drift.
-    The monitor reads the exact KL where the run logged it (:func:`ppomax.collapse.kl_of`)."""
+    The monitor reads the exact KL where the run logged it (:func:`ppomax.ppo.collapse.kl_of`)."""
     from ppomax.config import CollapseConfig
 
     c = CollapseConfig()
@@ -32,11 +32,11 @@ def _replay(
     kl_per_token: float | None = None,
     kl: str | None = None,
 ) -> Fired:
-    """The first step :class:`ppomax.collapse.CollapseMonitor` (default window and signature thresholds, drift at
+    """The first step :class:`ppomax.ppo.collapse.CollapseMonitor` (default window and signature thresholds, drift at
     ``drift``) fires on the records; ``kl``: the record key it reads as the KL instead of its own choice (:data:`NA`
     when the run did not log it); ``kl_per_token``: the signature's KL threshold (inf: drift alone)."""
-    from ppomax.collapse import EXACT_KL, KL, LENGTH, PPL, REWARD, CollapseMonitor
     from ppomax.config import CollapseConfig
+    from ppomax.ppo.collapse import EXACT_KL, KL, LENGTH, PPL, REWARD, CollapseMonitor
 
     c = CollapseConfig()
     sig_kl = c.kl_per_token if kl_per_token is None else kl_per_token
@@ -66,8 +66,8 @@ def _trend_rule(records: Sequence[dict[str, Any]], floor: float = 0.02, windows:
     """Candidate (replayed only): the signature, or the exact KL per token rising from each of ``windows``
     consecutive windows to the next (window = ``collapse.window`` policy iterations) and at least ``floor``, with
     the reward above its baseline: the KL's trend rather than its level."""
-    from ppomax.collapse import EXACT_KL, KL, REWARD
     from ppomax.config import CollapseConfig
+    from ppomax.ppo.collapse import EXACT_KL, KL, REWARD
 
     w = CollapseConfig().window
     pts = [r for r in records if KL in r and REWARD in r]  # the policy iterations, as the monitor sees them

@@ -214,7 +214,7 @@ def _probe_child(d: str, dirs: dict[str, str], prof: DemoProfile, seed: int, nam
 
     from ppomax.demo.stages import ppo_config
     from ppomax.monitor import read_metrics
-    from ppomax.trainers.ppo import train_ppo
+    from ppomax.ppo import train_ppo
 
     one_thread()
     v, run = BY_NAME[name], Path(d) / "run"

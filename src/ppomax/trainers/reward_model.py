@@ -12,7 +12,7 @@ the best validation accuracy is kept in ``out_dir/best``, the last one in ``out_
 ``*ForSequenceClassification`` checkpoints that plain transformers and TRL load; what :func:`train_rm` returns: the paper (4.4) found accuracy alone a poor criterion for the RM PPO should use).
 At the end the test split (``data.test``, else the validation split) is scored and
 ``rm_margins_<split>.png`` (paper fig. 2) and ``rm_eval_<split>.json`` are written
-(:mod:`ppomax.trainers.reward_report`).
+(:mod:`ppomax.trainers.reward_model_report`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from .common import (
 )
 from .inputs import Inputs, TrainResult, adopt_causal_lm, adopt_value_head, bind
 from .loop import LoopSpec, train_loop
-from .reward_report import margin_summary, write_rm_eval
+from .reward_model_report import margin_summary, write_rm_eval
 from .run import RunContext, open_run
 
 

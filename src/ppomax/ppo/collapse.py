@@ -1,4 +1,4 @@
-"""Pattern-collapse monitor (paper 5.2, fig. 4).
+"""Pattern-collapse monitor (paper 5.2, fig. 4), fed the metrics of every policy iteration.
 
 The paper finds that the reward and the losses do not reveal over-optimisation, but three metrics do: before a
 vanilla PPO run collapses, the policy "uniformly delivers longer responses and exhibits lower perplexity for such

@@ -49,10 +49,15 @@ from ppomax.models import (
     with_adapters,
 )
 from ppomax.models.adapter_dir import is_peft_model
+from ppomax.trainers.common import load_run_tokenizer
+from ppomax.trainers.inputs import (
+    Inputs,
+    adopt_causal_lm,
+    adopt_value_head,
+    copy_causal_lm,
+    random_causal_lm_like,
+)
 from ppomax.trainers.launch import ONE_PROCESS, Engine, reference_dtype, trained_dtype
-
-from .common import load_run_tokenizer
-from .inputs import Inputs, adopt_causal_lm, adopt_value_head, copy_causal_lm, random_causal_lm_like
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -260,7 +265,7 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
 
 
 class Forward:
-    """Forward passes over a batch laid out as in :class:`~ppomax.experience.Experience`.
+    """Forward passes over a batch laid out as in :class:`~ppomax.ppo.experience.Experience`.
 
     Every call passes position ids counted from the attention mask (as ``generate`` did), so a row's outputs
     do not depend on the padding around it, and asks the LM head only for the ``R + 1`` last positions when the

@@ -19,10 +19,10 @@ import torch
 
 from ppomax.algos import response_statistics, response_sums
 from ppomax.data import rank_share
-from ppomax.experience import Experience
 
-from .ppo_data import PromptSet
-from .ppo_step import Rollouts
+from .data import PromptSet
+from .experience import Experience
+from .scoring import Rollouts
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

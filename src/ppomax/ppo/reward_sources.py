@@ -1,4 +1,5 @@
-"""Reward sources for PPO: a trained value-head reward model and programmatic reward functions, summed with weights.
+"""Reward sources for PPO, where the scoring pass's raw scores come from: a trained value-head reward model and
+programmatic reward functions, summed with weights.
 
 The total raw score of a response is ``reward.model_weight * RM(prompt + response)`` (when ``model.reward`` is set)
 plus ``sum_i reward.functions[i].weight * f_i(...)``. It is what the paper calls r(x, y); the trainer then applies
@@ -23,7 +24,7 @@ the order of ``reward.functions``.
 
 A function that raises stops the run with one line naming it, the exception and the step. Non-finite scores
 (NaN, +inf, -inf) are not rejected here: the trainer leaves those samples out of training and counts them
-(``nonfinite/samples_count``; :func:`ppomax.trainers.ppo_step.compute_advantages`).
+(``nonfinite/samples_count``; :func:`ppomax.ppo.advantages.compute_advantages`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from torch import Tensor
 
 from ppomax.config import RewardConfig, RewardFunctionConfig
 from ppomax.errors import ConfigError, UserError
-from ppomax.experience import Experience
+
+from .experience import Experience
 
 RM_KEY = "rm"
 # reward/<name>_mean metrics the PPO trainer logs itself: a function of one of these names would overwrite them

@@ -1,4 +1,5 @@
-"""The fused scoring: a PPO iteration whose update's first forward is its scoring pass.
+"""Steps 2-4 of the PPO iteration as one, the fused scoring: an iteration whose update's first forward is its
+scoring pass.
 
 Chosen once, when the trainer is built (:func:`fuses_scoring`), where the update is one epoch over one minibatch
 that is the whole buffer, in one micro-batch (TRL's PPO setting: a rollout batch trained as one update). Then
@@ -9,10 +10,10 @@ ratio is 1), and the policy and critic need not run twice. :class:`FusedScoring`
 1. scoring (:meth:`FusedScoring.score`): the reward sources only (in critic pre-training, where the update runs
    no policy, the policy and the reference too, as a separate scoring pass would);
 2. advantages (:meth:`FusedScoring.advantages`): the running moments and the final scores only
-   (:func:`ppomax.trainers.ppo_step.score_targets`), which need no log-prob or value;
+   (:func:`ppomax.ppo.advantages.score_targets`), which need no log-prob or value;
 3. the update (:class:`FusedUpdater`): the policy's and the critic's forwards, the reference beside the policy
    (the exact KL needs both models' logits), then the KL penalty, token rewards and advantages from their
-   detached outputs (:func:`ppomax.trainers.ppo_step.token_advantages`, filled into the buffer as a separate
+   detached outputs (:func:`ppomax.ppo.advantages.token_advantages`, filled into the buffer as a separate
    scoring pass would have), whitened, then the losses and one optimiser step per model.
 
 Its cost: both models' activations are alive at once (their losses need the advantages, which need both
@@ -31,17 +32,11 @@ from torch import Tensor
 
 from ppomax.algos import RunningMoments
 from ppomax.config import GenerationConfig, PPOSettings
-from ppomax.experience import Experience
 
-from .ppo_step import (
-    Rollouts,
-    Updater,
-    exact_kl,
-    fold_losses,
-    score_targets,
-    token_advantages,
-    trainable_part,
-)
+from .advantages import score_targets, token_advantages, trainable_part
+from .experience import Experience
+from .scoring import Rollouts, exact_kl
+from .update import Updater, fold_losses
 
 
 def fuses_scoring(ppo: PPOSettings) -> bool:
@@ -53,7 +48,7 @@ def fuses_scoring(ppo: PPOSettings) -> bool:
 @dataclasses.dataclass
 class FusedScoring:
     """The iteration of the fused scoring (the module's docstring): rewards, final scores, then the update that
-    scores as it trains. The methods of :class:`ppomax.trainers.ppo_step.Scoring`."""
+    scores as it trains. The methods of :class:`ppomax.ppo.update.Scoring`."""
 
     rollouts: Rollouts
     updater: FusedUpdater
@@ -78,7 +73,7 @@ class FusedScoring:
 
 @dataclasses.dataclass
 class FusedUpdater(Updater):
-    """:class:`ppomax.trainers.ppo_step.Updater` for one epoch over one minibatch, the whole buffer, scored by
+    """:class:`ppomax.ppo.update.Updater` for one epoch over one minibatch, the whole buffer, scored by
     its own first forward (the module's docstring)."""
 
     def update(
@@ -87,7 +82,7 @@ class FusedUpdater(Updater):
         """The update of ``exp``, which has final scores but none of the old log-probs, entropy and reference
         log-probs (unless ``critic_only``: then from the scoring pass; the log-probs and entropy also with
         ``generation.logprobs_from: generate``), values, token rewards and advantages: they come from the update's
-        forward and are filled into ``exp`` in place, as :func:`ppomax.trainers.ppo_step.compute_advantages`
+        forward and are filled into ``exp`` in place, as :func:`ppomax.ppo.advantages.compute_advantages`
         would have. Rows without a finite score are left out of the losses as in the separate update; a buffer
         of them only is still scored (its metrics describe the rollout) and counts as one skipped update.
         ``kl_coef``: the iteration's KL coefficient, in the token rewards or in the loss (``ppo.kl.acts_in``).

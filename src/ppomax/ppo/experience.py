@@ -1,4 +1,5 @@
-"""The PPO experience buffer: one :class:`Experience` holds a batch of rollouts and what was computed on them.
+"""The PPO experience buffer: one :class:`Experience` holds a batch of rollouts and what was computed on them
+(filled by the rollout, the scoring pass and the advantages; read by the update).
 
 Layout: a row is ``[prompt, left-padded | response, right-padded]``. Every prompt of a batch
 ends at column ``P = prompt_width`` and every response starts there, so per-token quantities are stored only for

@@ -2,21 +2,21 @@
 
 One iteration (:meth:`PPOTrainer.iteration`, ``step``)::
 
-    for each rollout batch of the buffer:       generate (KV cache)           ppo_step.Rollouts.generate
-                                                score: policy/ref/critic/RM   ppo_step.Rollouts.score
+    for each rollout batch of the buffer:       generate (KV cache)           rollout.py (Rollouts.generate)
+                                                score: policy/ref/critic/RM   scoring.py (Rollouts.score)
     merge the batches into one Experience                                    experience.py
-    moments, score re-parameterisation, token rewards, GAE                   ppo_step.compute_advantages
-    ppo_epochs x minibatches: losses, clip, step                             ppo_step.Updater
-    metrics (paper 5.2), reduced over ranks                                  algos.rollout_statistics
+    moments, score re-parameterisation, token rewards, GAE                   advantages.py
+    ppo_epochs x minibatches: losses, clip, step                             update.py (Updater)
+    metrics (paper 5.2), reduced over ranks                                  metrics.py
 
-The scoring, advantages and update steps are those of a :class:`~ppomax.trainers.ppo_step.Scoring` chosen once,
-when the trainer is built (``PPOTrainer.scoring``): ``separate`` (:class:`~ppomax.trainers.ppo_step.SeparateScoring`,
+The scoring, advantages and update steps are those of a :class:`~ppomax.ppo.update.Scoring` chosen once,
+when the trainer is built (``PPOTrainer.scoring``): ``separate`` (:class:`~ppomax.ppo.update.SeparateScoring`,
 as above), or ``fused`` where one epoch over one minibatch (the whole buffer, one micro-batch) makes the
-update's first forward an exact scoring pass (:mod:`ppomax.trainers.ppo_fused`: the policy and the critic run
+update's first forward an exact scoring pass (:mod:`ppomax.ppo.fused`: the policy and the critic run
 once, their old log-probs, entropy and values are that forward's, detached, and the token rewards and GAE are
 computed between that forward and its loss).
 
-then (:meth:`PPOTrainer.train`) log; maybe evaluate (ppo_eval.evaluate), checkpoint, stop, on the run engine
+then (:meth:`PPOTrainer.train`) log; maybe evaluate (evaluation.py), checkpoint, stop, on the run engine
 (:mod:`ppomax.trainers.run`).
 
 The first ``ppo.critic_pretrain_steps`` iterations train the critic only (paper 5.3.3); ``ppo.iterations`` policy
@@ -29,21 +29,8 @@ draws ``rollout_batch_size / n`` prompts (this rank's share of the global batch)
 times, so a prompt's n responses are n consecutive rows on one rank; the buffer keeps them so and the minibatch
 shuffle moves whole groups (``Updater.group_size``).
 
-Two decisions made explicit:
-
-* ``generation.logprobs_from``: ``sampling`` (default) takes the log-probs of the ratio, the KL penalty and the
-  entropy from ``logits / temperature``, the distribution the tokens were drawn from, so the first ratio of an
-  iteration is exactly 1 and the KL compares the two distributions actually in play (the reference is scaled
-  the same way). Top-p/top-k truncation and the repetition penalty are *not* applied: they are sampling-time
-  heuristics whose truncated distributions have no gradient outside the nucleus. ``raw`` uses temperature-1
-  logits (the model's own distribution), as some implementations do. Perplexities are always from raw logits.
-  ``generate`` is ``sampling`` with the policy's log-probs (and entropy) taken from the logits of the sampling
-  pass itself (KV-cached) instead of a second forward; the reference is still scored. The two differ by float
-  rounding only; ``policy/logprob_mismatch_{max,mean}`` log that gap every iteration, free: the update's
-  first minibatch's forward (before any step) is the recompute. Evaluation (greedy) always recomputes.
-* ``generation.truncated_response``: a response that hits ``max_new_tokens`` without EOS is ``score``-d as is
-  (default: the RM sees a cut text, as in MOSS-RLHF), or gets ``truncated_penalty`` as its final score
-  (``penalty``, in the units of the re-parameterised score; such scores stay out of the running moments).
+The scoring pass's log-probs follow ``generation.logprobs_from`` (:mod:`ppomax.ppo.scoring`), a response cut at
+``max_new_tokens`` gets its score as ``generation.truncated_response`` says (:mod:`ppomax.ppo.advantages`).
 
 Dropout is off in policy and critic (a ratio must compare the same function); statistics that must be global
 (running moments, whitening, metrics) are reduced over ranks; only the main process writes.
@@ -54,152 +41,38 @@ Python API: :class:`PPOTrainer` (``ppomax.PPOTrainer``), :func:`train_ppo`. CLI:
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ppomax.algos import AdaptiveKLController, RunningMoments, rollout_statistics
-from ppomax.collapse import CollapseMonitor
+from ppomax.algos import AdaptiveKLController, RunningMoments
 from ppomax.config import PPOConfig
-from ppomax.data import Source
 from ppomax.errors import ConfigError
-from ppomax.experience import Experience
-from ppomax.optim import build_optimizer, build_scheduler, warmup_steps
-from ppomax.rewards import RewardSources, build_reward_functions
-from ppomax.rollout import HFGenerateEngine, RolloutEngine, eos_ids_of
+from ppomax.optim import build_optimizer, build_scheduler
+from ppomax.trainers.common import TrainingError, data_files, log_chat_format
+from ppomax.trainers.inputs import TrainResult, bind
+from ppomax.trainers.optimised import Optimised
+from ppomax.trainers.run import StopFlag, open_run
 
-from .common import TrainingError, data_files, data_source, log_chat_format
-from .inputs import TrainResult, bind
-from .optimised import Optimised
-from .ppo_data import IndexStream, PromptSet, PTXSet, load_prompt_set, load_ptx_set, pad_id_of
-from .ppo_eval import evaluate
-from .ppo_fused import FusedScoring, FusedUpdater, fuses_scoring
-from .ppo_models import Forward, load_models
-from .ppo_step import Rollouts, Scoring, SeparateScoring, Updater
-from .reduce import reduce_metrics
-from .run import StopFlag, open_run
+from .collapse import CollapseMonitor
+from .data import PromptSet, load_data
+from .evaluation import evaluate
+from .experience import Experience
+from .fused import FusedScoring, FusedUpdater, fuses_scoring
+from .metrics import Stopwatch, iteration_metrics
+from .models import Forward, load_models
+from .reward_sources import RewardSources, build_reward_functions
+from .rollout import HFGenerateEngine, RolloutEngine, eos_ids_of
+from .schedule import schedule_notes
+from .scoring import Rollouts
+from .update import Scoring, SeparateScoring, Updater
 
 
 class TrainingDiverged(TrainingError):
     """Too many consecutive non-finite updates: the run stops, its last good checkpoint is kept."""
-
-
-@dataclass
-class PPOData:
-    """The prompts (training and held-out), the PPO-ptx examples, and the resumable streams drawing from them."""
-
-    prompts: PromptSet
-    prompt_stream: IndexStream
-    valid: PromptSet | None
-    ptx: PTXSet | None
-    ptx_stream: IndexStream | None
-    pad_id: int
-
-    def next_ptx(self, k: int, device: torch.device) -> dict[str, Tensor]:
-        assert self.ptx is not None and self.ptx_stream is not None
-        return self.ptx.batch(self.ptx_stream.take(k), self.pad_id, device)
-
-
-def load_data(
-    cfg: PPOConfig,
-    tokenizer: Any,
-    rank: int,
-    world: int,
-    resizable: bool = False,
-    sources: dict[str, Source] | None = None,
-) -> PPOData:
-    """The PPO data; ``resizable``: a resumed run may continue its streams on data of another size
-    (``--allow-data-change``); ``sources``: the run's data sources by key (data objects given from Python
-    included; by default the config's)."""
-    d, p = cfg.data, cfg.ppo
-    assert d.prompts
-    sources = sources or {}
-
-    def progress(what: str) -> str | None:  # a progress bar on the main process
-        return what if rank == 0 and cfg.logging.progress else None
-
-    def source(name: str) -> Source:
-        return sources.get(f"data.{name}") or data_source(cfg, name)
-
-    prompts = load_prompt_set(source("prompts"), cfg, tokenizer, progress("prompts"))
-    valid = (
-        load_prompt_set(source("valid_prompts"), cfg, tokenizer, progress("valid prompts"))
-        if d.valid_prompts
-        else None
-    )
-    ptx = load_ptx_set(source("ptx"), cfg, tokenizer, progress("ptx")) if (p.ptx_coef > 0 and d.ptx) else None
-    return PPOData(
-        prompts=prompts,
-        prompt_stream=IndexStream(len(prompts), cfg.seed, rank=rank, world=world, resizable=resizable),
-        valid=valid,
-        ptx=ptx,
-        ptx_stream=(
-            IndexStream(len(ptx), cfg.seed + 1, rank=rank, world=world, resizable=resizable) if ptx else None
-        ),
-        pad_id=pad_id_of(tokenizer),
-    )
-
-
-def schedule_notes(cfg: PPOConfig) -> tuple[str, list[str]]:
-    """The run's schedule in one start-up line, and warnings for a run too short for it: a policy that trains mostly
-    or only at a warming-up learning rate, a collapse monitor that cannot fire before the run ends."""
-    p, window = cfg.ppo, cfg.collapse.window
-    updates = p.ppo_epochs * (p.buffer_size // p.minibatch_size)
-    steps = p.iterations * updates
-    warmup = warmup_steps(cfg.optim, steps)
-    line = (
-        f"schedule: {p.critic_pretrain_steps} critic-only iterations (ppo.critic_pretrain_steps), then "
-        f"{p.iterations} policy iterations (ppo.iterations) of {updates} optimiser steps each: {steps} policy "
-        f"steps, the first {min(warmup, steps)} warming up (optim.warmup_steps / warmup_ratio)"
-    )
-    warnings = []
-    if warmup >= steps:
-        warnings.append(
-            f"the policy's learning rate warms up over {warmup} optimiser steps but the run makes {steps}: it never "
-            "trains at optim.policy_lr; raise ppo.iterations or lower optim.warmup_steps"
-        )
-    elif 2 * warmup > steps:
-        warnings.append(
-            f"{warmup} of the policy's {steps} optimiser steps are warm-up (optim.warmup_steps): most of the run "
-            "trains below optim.policy_lr; raise ppo.iterations or lower optim.warmup_steps"
-        )
-    if cfg.collapse.action != "off":
-        line += f"; the collapse monitor can fire from policy iteration {2 * window} (2 x collapse.window)"
-        if p.iterations < 2 * window:
-            warnings.append(
-                f"the collapse monitor needs {2 * window} policy iterations (2 x collapse.window) before it can "
-                f"fire and this run has {p.iterations}: it is not armed in this run"
-            )
-    return line, warnings
-
-
-class Stopwatch:
-    """Wall-clock time per phase of an iteration; each phase ends with a device sync, so GPU work is counted
-    where it was launched."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.start = time.perf_counter()
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds[phase] += time.perf_counter() - t0
-
-    def total(self) -> float:
-        return time.perf_counter() - self.start
 
 
 class PPOTrainer:
@@ -214,7 +87,7 @@ class PPOTrainer:
     ``ValueHeadModel``: ``model.critic``; by default per ``ppo.critic_init``), ``processing_class``
     (``model.tokenizer``), ``train_dataset`` / ``eval_dataset`` / ``ptx_dataset`` (prompts, held-out prompts,
     PPO-ptx examples: ``data.prompts`` / ``data.valid_prompts`` / ``data.ptx``), ``reward_funcs`` (callables as
-    :mod:`ppomax.rewards` calls them, ``module:function`` strings or mappings ``{function, name, weight,
+    :mod:`ppomax.ppo.reward_sources` calls them, ``module:function`` strings or mappings ``{function, name, weight,
     kwargs}``: ``reward.functions``), ``peft_config`` (``model.lora``), ``callbacks``; ``resume``, ``overwrite``,
     ``allow_data_change`` as :mod:`ppomax.trainers.run` reads them; ``engine``: the rollout engine (default:
     Hugging Face ``generate``).
@@ -481,55 +354,20 @@ class PPOTrainer:
     def iteration_metrics(
         self, exp: Experience, train_metrics: dict[str, Tensor], critic_only: bool, clock: Stopwatch
     ) -> dict[str, Any]:
-        """The iteration's logged metrics, global over ranks (one collective per kind of reduction)."""
-        acc = self.acc
-        stats = rollout_statistics(
-            scores=exp.scores,
-            final_scores=exp.final_scores,
-            response_mask=exp.response_mask,
-            kl=exp.kl,
-            exact_kl=exp.exact_kl,
-            raw_logprobs=exp.raw_logprobs,
-            ref_raw_logprobs=exp.ref_raw_logprobs,
-            entropy=exp.entropy,
-            values=exp.values,
-            returns=exp.returns,
-            advantages=exp.advantages,
-            score_parts=exp.score_parts,
-            running_mean=self.moments.mean,
-            running_std=self.moments.std,
-            all_reduce=self.moments.all_reduce,
+        """The iteration's logged metrics (:func:`ppomax.ppo.metrics.iteration_metrics`)."""
+        return iteration_metrics(
+            exp,
+            train_metrics,
+            critic_only,
+            clock,
+            accelerator=self.acc,
+            moments=self.moments,
+            updater=self.updater,
             kl_clamp=self.cfg.ppo.kl.clamp,
         )
-        metrics = {**stats, **train_metrics}
-        metrics["_tokens"] = exp.response_lens.sum().float()
-        metrics["response/truncated"] = exp.truncated.sum().float()
-        reduce = None if acc.num_processes == 1 else (lambda t, op: acc.reduce(t, reduction=op))
-        metrics = reduce_metrics(metrics, reduce, acc.device, sums=("_tokens", "response/truncated"))
-        tokens = metrics.pop("_tokens")
-        t_iter, t_gen = clock.total(), clock.seconds["generation"]
-        critic = self.updater.critic
-        metrics.update(
-            {
-                "train/critic_only": int(critic_only),
-                "lr/policy": self.updater.policy.schedule.get_last_lr()[0],
-                **({} if critic is None else {"lr/critic": critic.schedule.get_last_lr()[0]}),
-                "nonfinite/total": self.updater.nonfinite_total,
-                "time/generation": t_gen,
-                "time/scoring": clock.seconds["scoring"],
-                "time/training": clock.seconds["training"],
-                "time/iteration": t_iter,
-                "perf/samples_per_s": exp.batch_size * acc.num_processes / t_iter,
-                "perf/tokens_per_s": tokens / t_iter,
-                "perf/generation_tokens_per_s": tokens / max(t_gen, 1e-9),
-            }
-        )
-        if acc.device.type == "cuda":  # this process's peak since the start (what `ppomax plan` estimates)
-            metrics["perf/peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
-        return metrics
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """Held-out evaluation (:func:`ppomax.trainers.ppo_eval.evaluate`) of the current policy."""
+        """Held-out evaluation (:func:`ppomax.ppo.evaluation.evaluate`) of the current policy."""
         cfg = self.cfg
         assert self.data.valid is not None
         return evaluate(

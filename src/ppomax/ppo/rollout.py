@@ -1,4 +1,5 @@
-"""Rollouts: sample responses to a batch of left-padded prompts and package them as an :class:`Experience`.
+"""Step 1 of the PPO iteration, the rollout: sample responses to a batch of left-padded prompts and package them
+as an :class:`Experience`.
 
 Generation goes through a pluggable :class:`RolloutEngine`; the default, :class:`HFGenerateEngine`, calls Hugging
 Face ``generate`` with the KV cache on. It samples from exactly the distribution ``generation`` describes: the
@@ -23,7 +24,8 @@ from torch import Tensor
 from ppomax.algos import entropy_from_logits, logprobs_from_logits
 from ppomax.config import GenerationConfig
 from ppomax.errors import UserError
-from ppomax.experience import Experience
+
+from .experience import Experience
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -1,27 +1,19 @@
-"""One PPO iteration's work: generation and the scoring pass (:class:`Rollouts`), advantages, and the minibatch
-updates (:class:`Updater`, each model with its optimiser and schedule as an :class:`Optimised`).
+"""Step 4 of the PPO iteration, the minibatch updates (:class:`Updater`, each model with its optimiser and schedule
+as an :class:`~ppomax.trainers.optimised.Optimised`), and how an iteration strings its steps together
+(:class:`Scoring`).
 
 The math is in :mod:`ppomax.algos`; this module only decides which tensors go where, following the paper's
-PPO (section 3.2, fig. 5) and the switches of ``ppo``:
+PPO (section 3.2, fig. 5) and the switches of ``ppo``: ``ppo_epochs`` passes over shuffled minibatches;
+advantages whitened/clipped per minibatch; clipped surrogate (eq. 15) against the sampling policy, or the
+reference when ``importance_sampling`` is off, with the ``dual_clip`` bound; the KL term ``kl_coef * KL`` here
+instead of in the rewards with ``kl.acts_in: loss``; entropy bonus with clip; PPO-ptx LM loss (eq. 17); clipped
+value loss; global gradient clipping per model; a non-finite loss or gradient skips the step.
+``micro_batch_size`` chunks are weighted by their token share, so they give the whole minibatch's gradient. Each
+model's backward follows its own forward, so one model's activations are held at a time.
 
-1. scoring (no gradient): old log-probs, entropy and values from the policy and critic, reference log-probs,
-   raw scores from the reward sources; each computed once per iteration and reused by every epoch;
-2. advantages: running reward moments updated with the raw scores (eq. 18), the score re-parameterised
-   (``reward_transform``, then ``reward_clip``; a truncated response may get
-   ``truncated_penalty``),
-   token-level rewards ``-kl_coef * KL_t`` + score at the last token (eq. 19), GAE (eq. 9-11), or a critic-free
-   estimator (``advantage_estimator``: GRPO, RLOO, REINFORCE++; :mod:`ppomax.algos.estimators`), which
-   then needs no values (no critic exists);
-3. updates: ``ppo_epochs`` passes over shuffled minibatches; advantages whitened/clipped per minibatch; clipped
-   surrogate (eq. 15) against the sampling policy, or the reference when ``importance_sampling`` is off, with
-   the ``dual_clip`` bound; the KL term ``kl_coef * KL`` here instead of in the rewards with ``kl.acts_in: loss``;
-   entropy bonus with clip; PPO-ptx LM loss (eq. 17); clipped value loss; global gradient clipping per model; a
-   non-finite loss or gradient skips the step. ``micro_batch_size`` chunks are weighted by their token share, so
-   they give the whole minibatch's gradient. Each model's backward follows its own forward, so one model's
-   activations are held at a time.
-
-:class:`SeparateScoring` runs these three steps in this order; where one epoch over one minibatch makes the
-update's first forward an exact scoring pass, :mod:`ppomax.trainers.ppo_fused` folds step 1 into step 3 instead
+:class:`SeparateScoring` runs the scoring pass (:mod:`ppomax.ppo.scoring`), the advantages
+(:mod:`ppomax.ppo.advantages`) and the updates in this order; where one epoch over one minibatch makes the
+update's first forward an exact scoring pass, :mod:`ppomax.ppo.fused` folds the scoring into the update instead
 (the trainer chooses between them once, :class:`Scoring`).
 """
 
@@ -29,285 +21,33 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ppomax.algos import (
-    AdvantageInputs,
     AllReduce,
     RunningMoments,
-    advantages_of,
     entropy_bonus_loss,
-    kl_from_logits,
     kl_loss,
-    kl_per_token,
     lm_nll,
     normalize_advantages,
     policy_loss,
-    reparameterize_scores,
-    token_level_rewards,
     token_weights,
-    trainable_rows,
     value_loss,
 )
 from ppomax.algos.registry import LOSS_AGGREGATIONS
 from ppomax.config import GenerationConfig, PPOSettings
 from ppomax.data import IGNORE_INDEX
-from ppomax.experience import Experience
-from ppomax.rewards import RewardError, RewardSources
-from ppomax.rollout import RolloutEngine, rollout
+from ppomax.trainers.optimised import Optimised, step_together
+from ppomax.trainers.reduce import reduction_of
 
-from .optimised import Optimised, step_together
-from .ppo_data import PromptSet
-from .ppo_models import Forward
-from .reduce import reduction_of
-
-
-@torch.no_grad()
-def score_experience(
-    exp: Experience,
-    *,
-    policy: Any | None,
-    reference: Any | None,
-    critic: Any | None,
-    fwd: Forward,
-    rewards: RewardSources,
-    eos_ids: list[int],
-    chunk_size: int | None = None,
-) -> None:
-    """Fill the scoring-pass fields of ``exp`` in place (see :class:`Experience`). ``critic=None`` skips values
-    (evaluation), ``policy=None`` the policy's log-probs and entropy (they come from the sampling pass) and
-    ``reference=None`` the reference's. Where both models run, their logits of a chunk are held together for the
-    exact KL (:func:`exact_kl`). Models are used as given (pass unwrapped ones: no gradient, no DDP
-    synchronisation).
-    ``chunk_size`` rows per forward bound the [rows, R, V] logits in memory (``ppo.micro_batch_size``)."""
-    n, r_all = exp.batch_size, exp.response_width
-    step = chunk_size or n
-    out: dict[str, list[Tensor]] = {}
-    for lo in range(0, n, step):
-        # A chunk drops the columns that are padding in all its rows (Experience.select): position ids come
-        # from the mask, so a row's outputs are those of the whole batch (to float rounding); its per-token
-        # outputs are padded back to the batch's R with zeros (off the response mask, never read).
-        chunk = exp if step >= n else exp.select(list(range(lo, min(lo + step, n))))
-        seqs, mask, width = chunk.sequences, chunk.attention_mask, chunk.prompt_width
-        labels = seqs[:, width:]
-        held = None
-        for name, model in (("", policy), ("ref_", reference)):
-            if model is None:
-                continue
-            logits = fwd.response_logits(model, seqs, mask, width)
-            lp = fwd.logprobs(logits, labels)
-            out.setdefault(f"{name}logprobs", []).append(lp)
-            out.setdefault(f"{name}raw_logprobs", []).append(
-                lp if fwd.temperature == 1.0 else fwd.logprobs(logits, labels, raw=True)
-            )
-            if model is policy:
-                out.setdefault("entropy", []).append(fwd.entropy(logits))
-                held = logits if reference is not None else None
-            elif held is not None:
-                out.setdefault("exact_kl", []).append(exact_kl(fwd, held, logits))
-                held = None
-            del logits
-        if critic is not None:
-            out.setdefault("values", []).append(fwd.values(critic, seqs, mask, width))
-    for name, parts in out.items():
-        setattr(exp, name, torch.cat([_pad_right(t, r_all) for t in parts]))
-    exp.scores, exp.score_parts = rewards(exp, eos_ids)
-
-
-def exact_kl(fwd: Forward, logits: Tensor, ref_logits: Tensor) -> Tensor:
-    """[rows, R] exact KL(pi || ref) over the vocabulary (:func:`ppomax.algos.kl_from_logits`) from the policy's
-    and the reference's response logits [rows, R, V], under the convention of ``fwd.logprobs``
-    (temperature-scaled unless ``generation.logprobs_from: raw``): the quantity the sampled KL estimators
-    estimate, without their noise and without the bias of tokens drawn with top-p and a repetition penalty
-    rather than from the policy. Its float32 temporaries are bounded by :func:`kl_from_logits`'s slices."""
-    return kl_from_logits(logits.detach(), ref_logits.detach(), fwd.temperature)
-
-
-def _pad_right(t: Tensor, width: int) -> Tensor:
-    """[B, r] -> [B, width], zeros on the right (the tensor itself when it is that wide already)."""
-    return t if t.shape[1] == width else F.pad(t, (0, width - t.shape[1]))
-
-
-def final_scores(
-    raw: Tensor, truncated: Tensor, ppo: PPOSettings, gen: GenerationConfig, moments: RunningMoments
-) -> Tensor:
-    """The score added at the last token, from raw scores [B] and running moments already updated with this batch:
-    re-parameterised as ``ppo`` asks (paper 5.3.1, :func:`ppomax.algos.reparameterize_scores`); with
-    ``truncated_response: penalty`` a response without EOS gets ``truncated_penalty`` instead."""
-    out = reparameterize_scores(raw, moments.mean, moments.std, ppo.reward_transform, ppo.reward_clip)
-    if gen.truncated_response == "penalty":
-        out = torch.where(truncated, torch.full_like(out, gen.truncated_penalty), out)
-    return out
-
-
-@torch.no_grad()
-def compute_advantages(
-    exp: Experience,
-    ppo: PPOSettings,
-    gen: GenerationConfig,
-    moments: RunningMoments,
-    all_reduce: AllReduce | None = None,
-    *,
-    kl_coef: float,
-) -> None:
-    """Fill ``final_scores``, ``kl``, ``rewards``, ``advantages``, ``returns`` of ``exp`` in place.
-
-    The running moments always track the raw scores (so they can be monitored), but are *used* only by the
-    switches that ask for them. A sample whose score is NaN or +-inf is left out of training as if it were not
-    in the buffer (:func:`ppomax.algos.trainable_rows`): it enters neither the moments nor the token rewards and
-    advantages (zero), its final score is NaN (none was added), and :func:`trainable_part` drops it from the
-    updates. Its KL and the rest of the scoring pass still describe what the policy generated. With
-    ``truncated_response: penalty`` the truncated responses' raw scores stay out of the moments too, since
-    those are replaced. ``all_reduce``: the estimators' global statistics (REINFORCE++'s whitening) over ranks.
-    ``kl_coef``: the iteration's KL coefficient (``ppo.kl.coef``, or the adaptive one of ``ppo.kl.target``),
-    resolved once per iteration by the trainer.
-    """
-    score_targets(exp, ppo, gen, moments)
-    token_advantages(exp, ppo, gen.samples_per_prompt, all_reduce, kl_coef=kl_coef)
-
-
-@torch.no_grad()
-def score_targets(exp: Experience, ppo: PPOSettings, gen: GenerationConfig, moments: RunningMoments) -> None:
-    """The first half of :func:`compute_advantages`, which needs no log-prob or value: the running moments
-    updated with the raw scores and ``final_scores`` filled (NaN for a row left out of training)."""
-    raw = exp.scores
-    penalised = exp.truncated if gen.truncated_response == "penalty" else None
-    keep = trainable_rows(raw, penalised)
-    moments.update(raw, mask=keep if penalised is None else keep & ~penalised)
-    scores = final_scores(torch.where(keep, raw, torch.zeros_like(raw)), exp.truncated, ppo, gen, moments)
-    exp.final_scores = torch.where(keep, scores, torch.full_like(scores, float("nan")))
-
-
-@torch.no_grad()
-def token_advantages(
-    exp: Experience,
-    ppo: PPOSettings,
-    group_size: int = 1,
-    all_reduce: AllReduce | None = None,
-    *,
-    kl_coef: float,
-) -> None:
-    """The second half of :func:`compute_advantages`, from ``final_scores`` and the scoring pass's log-probs and
-    values: ``kl``, ``rewards``, ``advantages``, ``returns``. GAE works row by row (any selection of rows gives
-    the same rows' values); GRPO and RLOO group by group (the ``group_size`` responses to a prompt are
-    consecutive rows, as :class:`Updater`'s shuffle keeps them); REINFORCE++ whitens over the whole batch, all
-    ranks through ``all_reduce``. Without a critic ``returns`` is the reward-to-go (``gamma``-discounted).
-    With ``kl.acts_in: loss`` the rewards carry no KL term (the policy loss does, :func:`kl_loss`); ``kl`` is filled
-    either way (it is what the rollout spent, and what the adaptive coefficient measures), unclamped: ``kl.clamp``
-    bounds the penalty only."""
-    mask = exp.response_mask
-    kl = kl_per_token(exp.logprobs, exp.ref_logprobs, ppo.kl.estimator)
-    exp.kl = torch.where(mask, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
-    if exp.exact_kl is not None:
-        exp.exact_kl = torch.where(mask, exp.exact_kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
-    train = mask & torch.isfinite(exp.final_scores).unsqueeze(1)
-    if ppo.kl.acts_in == "loss":
-        penalised = torch.zeros_like(exp.kl)
-    elif ppo.kl.clamp is None:
-        penalised = exp.kl
-    else:
-        penalised = kl_per_token(exp.logprobs, exp.ref_logprobs, ppo.kl.estimator, ppo.kl.clamp)
-    exp.rewards = token_level_rewards(exp.final_scores, penalised, train, kl_coef)
-    exp.advantages, exp.returns = advantages_of(
-        ppo.advantage_estimator,
-        AdvantageInputs(
-            exp.rewards,
-            train,
-            exp.values,
-            ppo.gamma,
-            ppo.lam,
-            group_size=group_size,
-            all_reduce=all_reduce,
-            group_std_norm=ppo.group_std_norm,
-            scores=exp.final_scores,
-        ),
-    )
-
-
-def trainable_part(exp: Experience) -> Experience:
-    """``exp`` as the updates see it: the response mask of the rows left out of training (a NaN final score,
-    see :func:`compute_advantages`) zeroed, so they weigh nothing in the whitening and the losses."""
-    keep = torch.isfinite(exp.final_scores)
-    return dataclasses.replace(exp, response_mask=exp.response_mask & keep.unsqueeze(1))
-
-
-@dataclasses.dataclass
-class Rollouts:
-    """Generation and the scoring pass of the PPO buffer (and of evaluation), on unwrapped models: no gradient,
-    no DDP synchronisation."""
-
-    engine: RolloutEngine
-    fwd: Forward
-    rewards: RewardSources
-    tokenizer: Any
-    eos_ids: list[int]
-    pad_id: int
-    device: torch.device
-    policy: Any
-    reference: Any
-    critic: Any
-    """None without a critic (a critic-free ``ppo.advantage_estimator``)."""
-    chunk_size: int | None = None
-    """Rows per scoring forward (``ppo.micro_batch_size``): bounds the [rows, R, V] logits in memory."""
-    logprobs_from_generate: bool = False
-    """``generation.logprobs_from: generate``: sampled rollouts carry the policy's log-probs and entropy from
-    the sampling pass's logits, and the scoring pass does not run the policy on them."""
-
-    def generate(self, prompts: PromptSet, indices: list[int], greedy: bool = False) -> Experience:
-        """Responses to ``prompts[indices]`` (sampled as ``generation`` says, or greedy)."""
-        batch = prompts.batch(indices, self.pad_id, self.device)
-        return rollout(
-            self.engine,
-            self.policy,
-            self.tokenizer,
-            batch["input_ids"],
-            batch["attention_mask"],
-            eos_ids=self.eos_ids,
-            pad_id=self.pad_id,
-            prompts=batch["prompts"],
-            meta=batch["meta"],
-            greedy=greedy,
-            # evaluation (greedy) recomputes: its KL and perplexity stay comparable across settings
-            logprobs_temperature=self.fwd.temperature if self.logprobs_from_generate and not greedy else None,
-        )
-
-    def score(self, exp: Experience, step: int | None = None, *, critic: bool = True) -> None:
-        """The scoring pass (:func:`score_experience`): policy (unless ``exp`` has its log-probs from the sampling
-        pass), reference, critic (``critic=False``: no values, as evaluation needs none) and reward sources. A
-        reward function's error names the iteration ``step``."""
-        with _naming_step(step):
-            score_experience(
-                exp,
-                policy=self.policy if exp.logprobs is None else None,
-                reference=self.reference,
-                critic=self.critic if critic else None,
-                fwd=self.fwd,
-                rewards=self.rewards,
-                eos_ids=self.eos_ids,
-                chunk_size=self.chunk_size,
-            )
-
-    def score_rewards(self, exp: Experience, step: int | None = None) -> None:
-        """The reward sources only: ``exp.scores`` and ``exp.score_parts`` (the models' outputs come from
-        elsewhere, :class:`ppomax.trainers.ppo_fused.FusedScoring`). Errors as in :meth:`score`."""
-        with _naming_step(step):
-            exp.scores, exp.score_parts = self.rewards(exp, self.eos_ids)
-
-
-@contextlib.contextmanager
-def _naming_step(step: int | None) -> Iterator[None]:
-    """A reward function's error (:class:`RewardError`) raised again with the iteration ``step`` in front."""
-    try:
-        yield
-    except RewardError as exc:
-        if step is None:
-            raise
-        raise RewardError(f"step {step}: {exc}") from exc.__cause__
+from .advantages import compute_advantages, trainable_part
+from .experience import Experience
+from .models import Forward
+from .scoring import Rollouts
 
 
 @dataclasses.dataclass
@@ -597,8 +337,8 @@ class Updater:
 class Scoring(Protocol):
     """How an iteration gets what its update trains on (the old log-probs, entropy, values, reference log-probs
     and advantages), chosen once when the trainer is built: :class:`SeparateScoring`, the scoring pass before
-    the update (the default), or :class:`ppomax.trainers.ppo_fused.FusedScoring`, the update's first forward as
-    the scoring pass where that is exact. :meth:`ppomax.trainers.ppo.PPOTrainer.iteration` calls, for each
+    the update (the default), or :class:`ppomax.ppo.fused.FusedScoring`, the update's first forward as
+    the scoring pass where that is exact. :meth:`ppomax.ppo.trainer.PPOTrainer.iteration` calls, for each
     rollout batch, :meth:`score`; on the merged buffer, :meth:`advantages` then :meth:`update`."""
 
     @property

@@ -1,4 +1,5 @@
-"""PPO inputs: prompt and PPO-ptx example streams with a resumable position.
+"""The PPO data the iteration draws from (:func:`load_data`): the training prompts, the held-out prompts of
+evaluation, the PPO-ptx examples, and their streams with a resumable position.
 
 Each stream walks a seeded permutation of its examples, a new one every epoch (``seed + epoch``), and hands out
 ``k`` examples per call; its whole state is ``(epoch, pos)``, saved in checkpoints, so a resumed run sees exactly
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ppomax.config import PPOConfig
 from ppomax.data import (
@@ -24,6 +26,7 @@ from ppomax.data import (
     sft_features,
 )
 from ppomax.data.batching import IndexStream
+from ppomax.trainers.common import data_source
 
 
 @dataclass
@@ -100,4 +103,69 @@ def load_ptx_set(source: Source, cfg: PPOConfig, tokenizer: Any, progress: str |
     return PTXSet(feats, stats)
 
 
-__all__ = ["IndexStream", "PTXSet", "PromptSet", "load_prompt_set", "load_ptx_set", "pad_id_of"]
+@dataclass
+class PPOData:
+    """The prompts (training and held-out), the PPO-ptx examples, and the resumable streams drawing from them."""
+
+    prompts: PromptSet
+    prompt_stream: IndexStream
+    valid: PromptSet | None
+    ptx: PTXSet | None
+    ptx_stream: IndexStream | None
+    pad_id: int
+
+    def next_ptx(self, k: int, device: torch.device) -> dict[str, Tensor]:
+        assert self.ptx is not None and self.ptx_stream is not None
+        return self.ptx.batch(self.ptx_stream.take(k), self.pad_id, device)
+
+
+def load_data(
+    cfg: PPOConfig,
+    tokenizer: Any,
+    rank: int,
+    world: int,
+    resizable: bool = False,
+    sources: dict[str, Source] | None = None,
+) -> PPOData:
+    """The PPO data; ``resizable``: a resumed run may continue its streams on data of another size
+    (``--allow-data-change``); ``sources``: the run's data sources by key (data objects given from Python
+    included; by default the config's)."""
+    d, p = cfg.data, cfg.ppo
+    assert d.prompts
+    sources = sources or {}
+
+    def progress(what: str) -> str | None:  # a progress bar on the main process
+        return what if rank == 0 and cfg.logging.progress else None
+
+    def source(name: str) -> Source:
+        return sources.get(f"data.{name}") or data_source(cfg, name)
+
+    prompts = load_prompt_set(source("prompts"), cfg, tokenizer, progress("prompts"))
+    valid = (
+        load_prompt_set(source("valid_prompts"), cfg, tokenizer, progress("valid prompts"))
+        if d.valid_prompts
+        else None
+    )
+    ptx = load_ptx_set(source("ptx"), cfg, tokenizer, progress("ptx")) if (p.ptx_coef > 0 and d.ptx) else None
+    return PPOData(
+        prompts=prompts,
+        prompt_stream=IndexStream(len(prompts), cfg.seed, rank=rank, world=world, resizable=resizable),
+        valid=valid,
+        ptx=ptx,
+        ptx_stream=(
+            IndexStream(len(ptx), cfg.seed + 1, rank=rank, world=world, resizable=resizable) if ptx else None
+        ),
+        pad_id=pad_id_of(tokenizer),
+    )
+
+
+__all__ = [
+    "IndexStream",
+    "PPOData",
+    "PTXSet",
+    "PromptSet",
+    "load_data",
+    "load_prompt_set",
+    "load_ptx_set",
+    "pad_id_of",
+]

@@ -1,5 +1,6 @@
-"""Token-level rewards, KL estimators and the adaptive KL coefficient, GAE and the score re-parameterisations of
-paper 5.3.1."""
+"""Reward shaping, from a response's raw score to the token-level rewards GAE and the other advantage estimators
+(:mod:`ppomax.algos.estimators`) take: which scores can be trained on, the score re-parameterisations of paper
+5.3.1 (eq. 18), the KL estimators and the adaptive KL coefficient, the token-level rewards of eq. 19."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .registry import KL_ESTIMATORS
-from .stats import AllReduce, _bool_mask, last_token_index, masked_whiten
+from .stats import _bool_mask, last_token_index
 
 KLEstimator = str  # a name of KL_ESTIMATORS
 
@@ -116,42 +117,6 @@ class AdaptiveKLController:
         self.value = float(state["value"])
 
 
-@torch.no_grad()
-def gae(
-    rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, lam: float
-) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation over a padded batch (paper eq. 8-11, app. C.3).
-
-    rewards, values, response_mask: [B, T] -> (advantages, returns), both [B, T], float32 or wider, no
-    gradient. With delta_t = r_t + gamma * V(s_{t+1}) - V(s_t):
-    ``A_t = sum_l (gamma * lam)^l * delta_{t+l} = delta_t + gamma * lam * A_{t+1}``, and
-    ``returns_t = A_t + V(s_t)`` (the critic's target).
-
-    The recursion runs over each row's real tokens only, in order: "t + 1" is the next masked position,
-    so left/right padding and holes inside a row are skipped exactly as if the row were compacted. The
-    value after the last real token is 0 (the episode ends). Padded positions get advantage and return 0
-    and their rewards/values (even NaN) never enter the computation. One Python loop over T for the
-    whole batch.
-    """
-    m = _bool_mask(response_mask)
-    dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
-    zero = torch.zeros((), dtype=dtype, device=rewards.device)
-    r = torch.where(m, rewards.to(dtype), zero)
-    v = torch.where(m, values.to(dtype), zero)
-    advantages = torch.zeros_like(r)
-    next_value = torch.zeros(r.shape[0], dtype=dtype, device=r.device)
-    next_adv = torch.zeros_like(next_value)
-    for t in range(r.shape[1] - 1, -1, -1):
-        delta = r[:, t] + gamma * next_value - v[:, t]
-        adv = delta + gamma * lam * next_adv
-        real = m[:, t]
-        advantages[:, t] = torch.where(real, adv, zero)
-        next_value = torch.where(real, v[:, t], next_value)
-        next_adv = torch.where(real, adv, next_adv)
-    returns = torch.where(m, advantages + v, zero)
-    return advantages, returns
-
-
 def trainable_rows(scores: Tensor, replaced: Tensor | None = None) -> Tensor:
     """Rows whose raw score r(x, y) can enter eq. 18 and eq. 19: scores [B] -> [B] bool.
 
@@ -200,22 +165,3 @@ def reparameterize_scores(
     else:
         raise ValueError(f"unknown transform {transform!r}; expected 'none', 'scale' or 'normalize'")
     return out if clip is None else out.clamp(-clip, clip)
-
-
-def normalize_advantages(
-    advantages: Tensor,
-    mask: Tensor,
-    normalize: bool,
-    clip: float | None,
-    all_reduce: AllReduce | None = None,
-) -> Tensor:
-    """Advantage normalisation (minibatch whitening) then clipping (paper 5.3.1).
-
-    advantages, mask: [B, T] -> [B, T], zero outside the mask. normalize=True whitens to mean 0 / var 1
-    over the minibatch's masked tokens (all ranks with `all_reduce`); clip then clamps to [-clip, clip]
-    (None = no clip). Both off returns the advantages unchanged apart from zeroed padding.
-    """
-    out = masked_whiten(advantages, mask, shift_mean=True, all_reduce=all_reduce) if normalize else advantages
-    if clip is not None:
-        out = out.clamp(-clip, clip)
-    return torch.where(_bool_mask(mask), out, torch.zeros((), dtype=out.dtype, device=out.device))

@@ -1,0 +1,178 @@
+"""Step 2 of the PPO iteration, the scoring pass: on each rollout batch, without gradient, the policy's old
+log-probs and entropy, the reference's log-probs (and the exact KL between the two), the critic's values and the
+reward sources' raw scores (:func:`score_experience`), each computed once per iteration and reused by every epoch.
+
+:class:`Rollouts` holds what generation (:mod:`ppomax.ppo.rollout`) and the scoring pass run on: the unwrapped
+models, the rollout engine, the reward sources (:mod:`ppomax.ppo.reward_sources`); evaluation
+(:mod:`ppomax.ppo.evaluation`) uses it too.
+
+``generation.logprobs_from``: ``sampling`` (default) takes the log-probs of the ratio, the KL penalty and the
+entropy from ``logits / temperature``, the distribution the tokens were drawn from, so the first ratio of an
+iteration is exactly 1 and the KL compares the two distributions actually in play (the reference is scaled
+the same way). Top-p/top-k truncation and the repetition penalty are *not* applied: they are sampling-time
+heuristics whose truncated distributions have no gradient outside the nucleus. ``raw`` uses temperature-1
+logits (the model's own distribution), as some implementations do. Perplexities are always from raw logits.
+``generate`` is ``sampling`` with the policy's log-probs (and entropy) taken from the logits of the sampling
+pass itself (KV-cached) instead of a second forward; the reference is still scored. The two differ by float
+rounding only; ``policy/logprob_mismatch_{max,mean}`` log that gap every iteration, free: the update's
+first minibatch's forward (before any step) is the recompute. Evaluation (greedy) always recomputes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ppomax.algos import kl_from_logits
+
+from .data import PromptSet
+from .experience import Experience
+from .models import Forward
+from .reward_sources import RewardError, RewardSources
+from .rollout import RolloutEngine, rollout
+
+
+@torch.no_grad()
+def score_experience(
+    exp: Experience,
+    *,
+    policy: Any | None,
+    reference: Any | None,
+    critic: Any | None,
+    fwd: Forward,
+    rewards: RewardSources,
+    eos_ids: list[int],
+    chunk_size: int | None = None,
+) -> None:
+    """Fill the scoring-pass fields of ``exp`` in place (see :class:`Experience`). ``critic=None`` skips values
+    (evaluation), ``policy=None`` the policy's log-probs and entropy (they come from the sampling pass) and
+    ``reference=None`` the reference's. Where both models run, their logits of a chunk are held together for the
+    exact KL (:func:`exact_kl`). Models are used as given (pass unwrapped ones: no gradient, no DDP
+    synchronisation).
+    ``chunk_size`` rows per forward bound the [rows, R, V] logits in memory (``ppo.micro_batch_size``)."""
+    n, r_all = exp.batch_size, exp.response_width
+    step = chunk_size or n
+    out: dict[str, list[Tensor]] = {}
+    for lo in range(0, n, step):
+        # A chunk drops the columns that are padding in all its rows (Experience.select): position ids come
+        # from the mask, so a row's outputs are those of the whole batch (to float rounding); its per-token
+        # outputs are padded back to the batch's R with zeros (off the response mask, never read).
+        chunk = exp if step >= n else exp.select(list(range(lo, min(lo + step, n))))
+        seqs, mask, width = chunk.sequences, chunk.attention_mask, chunk.prompt_width
+        labels = seqs[:, width:]
+        held = None
+        for name, model in (("", policy), ("ref_", reference)):
+            if model is None:
+                continue
+            logits = fwd.response_logits(model, seqs, mask, width)
+            lp = fwd.logprobs(logits, labels)
+            out.setdefault(f"{name}logprobs", []).append(lp)
+            out.setdefault(f"{name}raw_logprobs", []).append(
+                lp if fwd.temperature == 1.0 else fwd.logprobs(logits, labels, raw=True)
+            )
+            if model is policy:
+                out.setdefault("entropy", []).append(fwd.entropy(logits))
+                held = logits if reference is not None else None
+            elif held is not None:
+                out.setdefault("exact_kl", []).append(exact_kl(fwd, held, logits))
+                held = None
+            del logits
+        if critic is not None:
+            out.setdefault("values", []).append(fwd.values(critic, seqs, mask, width))
+    for name, parts in out.items():
+        setattr(exp, name, torch.cat([_pad_right(t, r_all) for t in parts]))
+    exp.scores, exp.score_parts = rewards(exp, eos_ids)
+
+
+def exact_kl(fwd: Forward, logits: Tensor, ref_logits: Tensor) -> Tensor:
+    """[rows, R] exact KL(pi || ref) over the vocabulary (:func:`ppomax.algos.kl_from_logits`) from the policy's
+    and the reference's response logits [rows, R, V], under the convention of ``fwd.logprobs``
+    (temperature-scaled unless ``generation.logprobs_from: raw``): the quantity the sampled KL estimators
+    estimate, without their noise and without the bias of tokens drawn with top-p and a repetition penalty
+    rather than from the policy. Its float32 temporaries are bounded by :func:`kl_from_logits`'s slices."""
+    return kl_from_logits(logits.detach(), ref_logits.detach(), fwd.temperature)
+
+
+def _pad_right(t: Tensor, width: int) -> Tensor:
+    """[B, r] -> [B, width], zeros on the right (the tensor itself when it is that wide already)."""
+    return t if t.shape[1] == width else F.pad(t, (0, width - t.shape[1]))
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """Generation and the scoring pass of the PPO buffer (and of evaluation), on unwrapped models: no gradient,
+    no DDP synchronisation."""
+
+    engine: RolloutEngine
+    fwd: Forward
+    rewards: RewardSources
+    tokenizer: Any
+    eos_ids: list[int]
+    pad_id: int
+    device: torch.device
+    policy: Any
+    reference: Any
+    critic: Any
+    """None without a critic (a critic-free ``ppo.advantage_estimator``)."""
+    chunk_size: int | None = None
+    """Rows per scoring forward (``ppo.micro_batch_size``): bounds the [rows, R, V] logits in memory."""
+    logprobs_from_generate: bool = False
+    """``generation.logprobs_from: generate``: sampled rollouts carry the policy's log-probs and entropy from
+    the sampling pass's logits, and the scoring pass does not run the policy on them."""
+
+    def generate(self, prompts: PromptSet, indices: list[int], greedy: bool = False) -> Experience:
+        """Responses to ``prompts[indices]`` (sampled as ``generation`` says, or greedy)."""
+        batch = prompts.batch(indices, self.pad_id, self.device)
+        return rollout(
+            self.engine,
+            self.policy,
+            self.tokenizer,
+            batch["input_ids"],
+            batch["attention_mask"],
+            eos_ids=self.eos_ids,
+            pad_id=self.pad_id,
+            prompts=batch["prompts"],
+            meta=batch["meta"],
+            greedy=greedy,
+            # evaluation (greedy) recomputes: its KL and perplexity stay comparable across settings
+            logprobs_temperature=self.fwd.temperature if self.logprobs_from_generate and not greedy else None,
+        )
+
+    def score(self, exp: Experience, step: int | None = None, *, critic: bool = True) -> None:
+        """The scoring pass (:func:`score_experience`): policy (unless ``exp`` has its log-probs from the sampling
+        pass), reference, critic (``critic=False``: no values, as evaluation needs none) and reward sources. A
+        reward function's error names the iteration ``step``."""
+        with _naming_step(step):
+            score_experience(
+                exp,
+                policy=self.policy if exp.logprobs is None else None,
+                reference=self.reference,
+                critic=self.critic if critic else None,
+                fwd=self.fwd,
+                rewards=self.rewards,
+                eos_ids=self.eos_ids,
+                chunk_size=self.chunk_size,
+            )
+
+    def score_rewards(self, exp: Experience, step: int | None = None) -> None:
+        """The reward sources only: ``exp.scores`` and ``exp.score_parts`` (the models' outputs come from
+        elsewhere, :class:`ppomax.ppo.fused.FusedScoring`). Errors as in :meth:`score`."""
+        with _naming_step(step):
+            exp.scores, exp.score_parts = self.rewards(exp, self.eos_ids)
+
+
+@contextlib.contextmanager
+def _naming_step(step: int | None) -> Iterator[None]:
+    """A reward function's error (:class:`RewardError`) raised again with the iteration ``step`` in front."""
+    try:
+        yield
+    except RewardError as exc:
+        if step is None:
+            raise
+        raise RewardError(f"step {step}: {exc}") from exc.__cause__
