@@ -71,11 +71,11 @@ def test_a_nonfinite_step_leaves_weights_optimiser_state_and_schedule_as_they_we
     opt = trained_linear()
     step_together({"model": opt}, backward(opt, "finite"), 1.0)  # Adam has state to keep
     before = snapshot(opt)
-    stepped, norms = step_together({"model": opt}, backward(opt, how), 1.0)
+    stepped, norms, _ = step_together({"model": opt}, backward(opt, how), 1.0)
     assert not stepped
     assert_same(before, snapshot(opt))
     assert all(p.grad is None for p in opt.model.parameters())  # dropped: the next step starts clean
-    stepped, norms = step_together({"model": opt}, backward(opt, "finite"), 1.0)
+    stepped, norms, _ = step_together({"model": opt}, backward(opt, "finite"), 1.0)
     assert stepped and torch.isfinite(norms["model"])
     assert not torch.equal(before[0]["weight"], opt.model.weight)
     assert opt.schedule.state_dict()["last_epoch"] == before[2]["last_epoch"] + 1
@@ -87,10 +87,10 @@ def test_one_ranks_nonfinite_step_is_skipped_on_every_rank():
     opt = trained_linear()
     before = snapshot(opt)
     other_rank_bad = lambda flag: flag + 1.0  # noqa: E731 - the all-reduce (sum) of this rank's flag and another's
-    stepped, _ = step_together({"model": opt}, backward(opt, "finite"), 1.0, other_rank_bad)
+    stepped, _, _ = step_together({"model": opt}, backward(opt, "finite"), 1.0, other_rank_bad)
     assert not stepped
     assert_same(before, snapshot(opt))
-    stepped, _ = step_together({"model": opt}, backward(opt, "finite"), 1.0, lambda flag: flag * 2)
+    stepped, _, _ = step_together({"model": opt}, backward(opt, "finite"), 1.0, lambda flag: flag * 2)
     assert stepped
 
 
@@ -100,13 +100,13 @@ def test_models_stepped_together_skip_together_and_clip_each_its_own_norm():
     a, b = trained_linear(0), trained_linear(1)
     before = snapshot(a), snapshot(b)
     loss = backward(a, "finite") + backward(b, "nan_loss")
-    stepped, _ = step_together({"policy": a, "critic": b}, loss, 1.0)
+    stepped, _, _ = step_together({"policy": a, "critic": b}, loss, 1.0)
     assert not stepped
     assert_same(before[0], snapshot(a)) and assert_same(before[1], snapshot(b))
     loss = backward(a, "finite") + backward(b, "finite")
     grads = {n: torch.cat([p.grad.flatten() for p in m.model.parameters()]) for n, m in (("p", a), ("c", b))}
     expected = {n: g.norm() for n, g in grads.items()}
-    stepped, norms = step_together({"policy": a, "critic": b}, loss, 1e-3)
+    stepped, norms, _ = step_together({"policy": a, "critic": b}, loss, 1e-3)
     assert stepped
     torch.testing.assert_close(norms["policy"], expected["p"])
     torch.testing.assert_close(norms["critic"], expected["c"])
@@ -195,7 +195,7 @@ def test_float16_models_step_on_their_gradients_unscaled_once(fp16_accelerator, 
     for r in reference.values():
         torch.optim.SGD(r.parameters(), lr=0.1, momentum=0.9).step()
 
-    stepped, norms = step_together(models, scaled_backward(models), 1.0)
+    stepped, norms, _ = step_together(models, scaled_backward(models), 1.0)
     assert stepped
     assert expected_norms["policy"] > 1.0  # the clip is part of the step
     for name, m in models.items():
@@ -212,20 +212,34 @@ def test_a_float16_overflow_is_skipped_and_backs_the_scale_off_once(fp16_acceler
     state or schedule, halves the scale once (for all models) and the next step is taken at the new scale."""
     acc = fp16_accelerator(65536.0)
     models = scaled_models(acc, count)
-    stepped, _ = step_together(models, scaled_backward(models, factor=0.25), 1.0)  # momentum to keep
+    stepped, _, _ = step_together(models, scaled_backward(models, factor=0.25), 1.0)  # momentum to keep
     assert stepped and acc.scaler.get_scale() == 65536.0
     before = {name: snapshot(m) for name, m in models.items()}
-    stepped, norms = step_together(models, scaled_backward(models, factor=64.0), 1.0)
+    stepped, norms, overflow = step_together(models, scaled_backward(models, factor=64.0), 1.0)
     assert not stepped and not torch.isfinite(norms["policy"])
+    assert overflow  # the scale settling: trainers do not count it towards max_nonfinite_in_row
     for name, m in models.items():
         assert_same(before[name], snapshot(m))
         assert all(p.grad is None for p in m.model.parameters())
     assert acc.scaler.get_scale() == 32768.0
-    stepped, _ = step_together(models, scaled_backward(models, factor=0.25), 1.0)
+    stepped, _, _ = step_together(models, scaled_backward(models, factor=0.25), 1.0)
     assert stepped and acc.scaler.get_scale() == 32768.0
     for name, m in models.items():
         assert not torch.equal(before[name][0]["weight"], m.model.weight)
         assert m.schedule.last_epoch == before[name][2]["last_epoch"] + 1
+
+
+def test_only_a_float16_overflow_above_scale_1_with_a_finite_loss_is_the_scale_settling(fp16_accelerator):
+    """A NaN loss, or an overflow once the scale is down to 1 (the gradient itself is not finite), is a skipped
+    step like any other: it counts towards max_nonfinite_in_row."""
+    acc = fp16_accelerator(2.0)
+    models = scaled_models(acc, 1)
+    assert step_together(models, scaled_backward(models, factor=1e5), 1.0).loss_scale_overflow  # scale 2 -> 1
+    assert acc.scaler.get_scale() == 1.0
+    result = step_together(models, scaled_backward(models, factor=1e5), 1.0)
+    assert not result.stepped and not result.loss_scale_overflow
+    result = step_together(models, scaled_backward(models, factor=0.25) * float("nan"), 1.0)
+    assert not result.stepped and not result.loss_scale_overflow
 
 
 @pytest.mark.parametrize("count", [1, 2])
@@ -235,7 +249,7 @@ def test_the_float16_scale_is_updated_once_per_step(fp16_accelerator, count):
     models = scaled_models(acc, count)
     scales = []
     for _ in range(4):
-        stepped, _ = step_together(models, scaled_backward(models), None)
+        stepped, _, _ = step_together(models, scaled_backward(models), None)
         assert stepped
         scales.append(acc.scaler.get_scale())
     assert scales == [1024.0, 2048.0, 2048.0, 4096.0]
@@ -322,7 +336,7 @@ for how in STEPS:
             loss = (out - out.detach()).abs().sqrt().sum()
         opt.backward(loss)
     other_rank = (lambda flag: flag + 1.0) if how == "other_rank_nonfinite" else None
-    stepped, measured = step_together({"model": opt}, loss.detach(), 1e6, other_rank)
+    stepped, measured, _ = step_together({"model": opt}, loss.detach(), 1e6, other_rank)
     if stepped:
         norms.append(round(float(measured["model"]), 4))
     results.append((how, stepped, not torch.equal(before, weights()), schedule.last_epoch - last))

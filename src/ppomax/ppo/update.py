@@ -316,15 +316,16 @@ class Updater:
         models = {"policy": self.policy} if not critic_only else {}
         if self.critic is not None:
             models["critic"] = self.critic
-        ok, norms = step_together(models, loss, self.ppo.max_grad_norm, self.all_reduce)
-        if ok:
+        result = step_together(models, loss, self.ppo.max_grad_norm, self.all_reduce)
+        if result.stepped:
             self.nonfinite_in_row = 0
         else:
-            self.nonfinite_in_row += 1
             self.nonfinite_total += 1
-        for name, norm in norms.items():
+            if not result.loss_scale_overflow:  # a float16 scale settling is no step towards stopping
+                self.nonfinite_in_row += 1
+        for name, norm in result.norms.items():
             metrics[f"grad_norm/{name}"] = norm
-        return ok
+        return result.stepped
 
     def _no_sync(self, skip_sync: bool) -> contextlib.AbstractContextManager[Any]:
         """The trained models' gradient all-reduce deferred on all but a minibatch's last micro-batch."""

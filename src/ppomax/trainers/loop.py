@@ -132,8 +132,14 @@ def train_loop(ctx: RunContext, model: torch.nn.Module, spec: LoopSpec) -> tuple
             tokens += n_tok
             n_steps += 1
             lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-            ok, norms = step_together({"model": trained}, loss, cfg.max_grad_norm, all_reduce)
-            if not ok:
+            result = step_together({"model": trained}, loss, cfg.max_grad_norm, all_reduce)
+            norms = result.norms
+            if result.loss_scale_overflow:  # a float16 scale settling: no step towards stopping
+                skipped_total += 1
+                ctx.warn(
+                    f"step {step + 1}: float16 gradient overflow; update skipped, the loss scale backs off"
+                )
+            elif not result.stepped:
                 nonfinite_in_row += 1
                 skipped_total += 1
                 ctx.warn(f"step {step + 1}: non-finite loss or gradient norm; update skipped")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 from accelerate import Accelerator
@@ -122,34 +122,55 @@ class Optimised:
         self.engine.discard_gradients(self.model, self.optimizer)
 
 
+class StepResult(NamedTuple):
+    """What :func:`step_together` did."""
+
+    stepped: bool
+    norms: dict[str, Tensor]
+    """Each model's pre-clip gradient norm, where known."""
+    loss_scale_overflow: bool
+    """Skipped only because a float16 loss scale above 1 overflowed a gradient (the loss finite on every rank):
+    the scale backing off while it settles, not a sign of divergence. Trainers do not count it towards
+    ``max_nonfinite_in_row`` (a run's first float16 steps overflow until the scale fits; at a scale of 1 or less an
+    overflow is the gradient's own and counts)."""
+
+
 def step_together(
     models: Mapping[str, Optimised],
     loss: Tensor,
     max_grad_norm: float | None,
     all_reduce: AllReduce | None = None,
-) -> tuple[bool, dict[str, Tensor]]:
+) -> StepResult:
     """End one optimiser step of ``models`` (their micro-batches' backwards done), all stepping or none: clip
     each gradient's global norm to ``max_grad_norm`` (None: measured, not clipped), check this rank's step
     ``loss`` and the norms, and step (optimiser, then schedule) only if they are finite on every rank
     (``all_reduce``: the sum over ranks; None for one process). Gradients are zeroed either way.
 
-    Returns whether the step was taken and each model's pre-clip gradient norm (where known). Where the engine
+    Returns whether the step was taken, each model's pre-clip gradient norm and whether a skip was a float16 loss
+    scale overflow (:class:`StepResult`). Where the engine
     skipped a model's step itself (a non-finite norm measured inside it) that model's schedule stays and the step
     counts as skipped; a model stepped before it keeps its step (engines cannot undo one)."""
     max_norm = max_grad_norm if max_grad_norm is not None else float("inf")
     scaler = next((s for m in models.values() if (s := m.loss_scaler) is not None), None)  # one Accelerator's
     clipped = {name: m.clip(max_norm) for name, m in models.items()}
-    checked = [loss.detach().float(), *(n.to(loss.device) for n in clipped.values() if n is not None)]
-    finite = torch.isfinite(torch.stack(checked)).all()
-    if all_reduce is not None:  # every rank must take the same decision
-        finite = all_reduce((~finite).float()) == 0
     norms = {name: n for name, n in clipped.items() if n is not None}
-    if not bool(finite):
+    grads = [n.to(loss.device).reshape(()) for n in norms.values()]
+    bad = torch.stack(
+        [
+            ~torch.isfinite(loss.detach().float()),
+            ~torch.isfinite(torch.stack(grads)).all() if grads else torch.tensor(False, device=loss.device),
+        ]
+    ).float()  # [loss, gradient norms] not finite on this rank
+    if all_reduce is not None:  # every rank must take the same decision: the sums over ranks
+        bad = all_reduce(bad)
+    if bool(bad.any()):
         for m in models.values():
             m.discard()
+        overflow = False
         if scaler is not None:  # an overflow recorded as the gradients were unscaled: the scale backs off
+            overflow = bool(bad[0] == 0) and scaler.get_scale() > 1.0
             scaler.update()
-        return False, norms
+        return StepResult(False, norms, overflow)
     stepped = True
     for name, m in models.items():
         measured = m.step()
@@ -162,7 +183,7 @@ def step_together(
         m.schedule.step()
     if scaler is not None:
         scaler.update()
-    return stepped, norms
+    return StepResult(stepped, norms, False)
 
 
 def clip_unscaled(parameters: Any, max_norm: float) -> Tensor:
