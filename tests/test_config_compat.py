@@ -15,7 +15,7 @@ from ppomax.config import PRESET_NAMES, PPOConfig, config_from, load_config, to_
 from ppomax.errors import ConfigError
 from ppomax.monitor import read_metrics
 from ppomax.ppo import train_ppo
-from ppomax.trainers.run import check_resumable, resume_config
+from ppomax.trainers.run_dir import check_resumable, resume_config
 
 #: old key -> its new key, written out here independently of ppomax.config_compat
 OLD_KL = {

@@ -18,7 +18,7 @@ from helpers import assert_same_run, open_files_under, run_differences, set_args
 from ppomax.cli import main
 from ppomax.config import load_config
 from ppomax.monitor import read_metrics
-from ppomax.trainers.run import config_differences, remove_stale_temporaries, resume_config
+from ppomax.trainers.run_dir import config_differences, remove_stale_temporaries, resume_config
 from tiny_lm import make_tiny_lm, write_jsonl, write_yaml
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -94,12 +94,12 @@ def run_options(args: argparse.Namespace) -> RunOptions:
 
 def run_config(kind: RunKind, args: argparse.Namespace) -> CommandConfig:
     """The config a training command runs: ``--config``/``--preset``/``--set``, or with ``--resume DIR`` the
-    run's own config (see :func:`ppomax.trainers.run.resume_config`)."""
+    run's own config (see :func:`ppomax.trainers.run_dir.resume_config`)."""
     from ppomax.config import load_config
 
     preset = getattr(args, "preset", None)
     if args.resume:
-        from ppomax.trainers.run import resume_config
+        from ppomax.trainers.run_dir import resume_config
 
         return resume_config(kind, args.resume, args.config, preset, args.overrides)
     return load_config(kind, path=args.config, preset=preset, overrides=args.overrides)

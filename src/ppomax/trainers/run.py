@@ -1,43 +1,7 @@
 """The run engine every trainer (SFT, RM, PPO) runs on: its directory, config, metrics, checkpoints, signals and
 final save. The trainers own only their optimisation step.
 
-Layout of a run directory (``logging.out_dir``)::
-
-    config.yaml            the resolved config (written by the main process, atomically)
-    metrics.jsonl, tb/     one record per logged step (:class:`ppomax.monitor.MetricsLogger`; tb/: TensorBoard,
-                           one of the experiment trackers of logging.report_to, :mod:`.trackers`)
-    checkpoints/step-N/    accelerate ``save_state`` (model*.safetensors, optimizer*.bin, random_states_R.pkl)
-                           + ppomax_state.json (step, schedules, the trainer's own state, the data files'
-                           fingerprints); atomic
-    .ppomax.lock           the lock of the run writing here (its PID)
-    final/ (best/)         the trained model(s): ``save_pretrained`` + tokenizer, gathered under ZeRO-3/FSDP
-                           (LoRA: the adapters, and the merged model in merged/ on request; models.lora)
-    samples/               PPO evaluation samples
-
-The rules, the same for all three trainers (:func:`open_run`, :meth:`RunContext.restore`):
-
-* one run writes into a directory at a time: its main process locks it (:mod:`ppomax.trainers.run_lock`), and
-  another run into it is refused naming the PID of the one writing;
-* nothing is written into the directory before the trainer has loaded its config, data and models: it is first
-  written when :meth:`RunContext.restore` starts the run, so a run that cannot start leaves it as it was;
-* a new run into a directory that holds a run (a complete checkpoint or ``final/``) is refused unless
-  ``overwrite`` (``--overwrite``), which deletes that run's files (only the names above);
-* ``resume`` (``--resume DIR``) continues the run in ``logging.out_dir`` from its newest complete checkpoint, and
-  refuses a config that differs from the run's ``config.yaml`` in anything but :data:`RESUMABLE_KEYS` (the run
-  length; the directory itself, which may have been moved; the progress bar; the data preparation's processes;
-  the experiment trackers), naming the differing keys, and a data source whose fingerprint (size, SHA-256) differs from the checkpoint's
-  unless ``allow_data_change``;
-* a directory whose run died before its first complete checkpoint holds no run: a new run or a resume starts it
-  afresh (its old metrics are removed), no ``rm -rf`` needed; temporary ``*.tmp-PID`` directories that a killed
-  save left behind are removed on every start;
-* an output directory that cannot be written is reported before any model is loaded; a write that fails
-  (disk full, read-only) is one line naming the path and the cause, and the previous checkpoint stays intact;
-* SIGINT/SIGTERM: the step finishes, a checkpoint is saved, the run says where and how to resume and raises
-  :class:`ppomax.errors.RunStopped` (the CLI exits with :data:`ppomax.errors.STOPPED_EXIT_CODE`); a second signal
-  interrupts at once (exit 130, no checkpoint);
-* the last step is always checkpointed, so a run resumed after it (killed in its final evaluation or save, or
-  finished) does only the run's end again: the metrics are cut back to the records logged when that checkpoint
-  was saved, and the end logs its own again.
+The directory's layout and rules: :mod:`ppomax.trainers.run_dir`.
 
 No resume path unpickles arbitrary objects. accelerate's ``load_state`` reads its own files with
 ``torch.load(weights_only=True)`` but the objects given to ``register_for_checkpointing`` with
@@ -51,7 +15,6 @@ one file per process) are accelerate's.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import pickle
@@ -60,7 +23,7 @@ import signal
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -69,8 +32,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors import SafetensorError
 
-from ppomax.checkpoint import prune_checkpoints, step_dirs
-from ppomax.config import CONFIG_CLASSES, CommandConfig, RunKind, load_config, to_yaml
+from ppomax.checkpoint import prune_checkpoints
+from ppomax.config import CONFIG_CLASSES, CommandConfig, RunKind, to_yaml
 from ppomax.console import console
 from ppomax.data.sources import fingerprint
 from ppomax.errors import ConfigError, RunStopped, UserError
@@ -80,6 +43,16 @@ from ppomax.monitor import MetricsLogger
 from . import trackers
 from .inputs import Callbacks
 from .launch import Engine, build_accelerator
+from .run_dir import (
+    COMMANDS,
+    CONFIG_FILE,
+    RunPlan,
+    inspect_dir,
+    open_dir,
+    remove_run_files,
+    remove_stale_temporaries,
+    write_error_cause,
+)
 from .run_lock import RunLock
 
 if TYPE_CHECKING:
@@ -91,24 +64,6 @@ STATE_FILE = "ppomax_state.json"
 DATA_KEY = "data_files"
 METRICS_KEY = "metrics_records"
 LAYOUT_KEY = "model_layout"
-CONFIG_FILE = "config.yaml"
-# What a run writes into its directory: what --overwrite (or restarting a run that died early) deletes.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "tb", "checkpoints", "final", "best", "samples")
-RUN_GLOBS = ("rm_eval_*.json", "rm_margins_*.png")
-# Config keys a resume may change: the run length, where the run lives (a moved run), the progress bar, the
-# data preparation's processes, the experiment trackers.
-RESUMABLE_KEYS = (
-    "epochs",
-    "ppo.iterations",
-    "logging.out_dir",
-    "logging.progress",
-    "data.num_proc",
-    "logging.report_to",
-    "logging.project",
-    "logging.run_name",
-)
-COMMANDS = {"sft": "train-sft", "rm": "train-rm", "ppo": "train-ppo"}
-
 log = console()
 
 
@@ -322,13 +277,13 @@ class RunContext:
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise UserError(
-                    f"{out}: cannot write the run directory (logging.out_dir): {_cause(exc)}"
+                    f"{out}: cannot write the run directory (logging.out_dir): {write_error_cause(exc)}"
                 ) from None
             plan.lock = RunLock.take(out)
             remove_stale_temporaries(out)
             inspect_dir(out, self.cfg, self.kind, resume=False, overwrite=False)
         if plan.clear:
-            _remove_run_files(out)
+            remove_run_files(out)
         _write_text(out / CONFIG_FILE, to_yaml(self.cfg))
 
     # ------------------------------------------------------------------ saving
@@ -363,7 +318,7 @@ class RunContext:
                 _replace_dir(tmp, final)
         except OSError as exc:  # mkdir or rename
             shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"{final}: cannot write {what or 'it'}: {_cause(exc)}") from None
+            raise UserError(f"{final}: cannot write {what or 'it'}: {write_error_cause(exc)}") from None
         acc.wait_for_everyone()
 
     def save_model(
@@ -484,22 +439,13 @@ def _release_frames(exc: BaseException) -> None:
         todo += [e.__cause__, e.__context__]
 
 
-_WRITE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
-
-
-def _cause(exc: OSError) -> str:
-    if exc.errno in _WRITE_ERRNOS:
-        return _WRITE_ERRNOS[exc.errno]
-    return exc.strerror or str(exc)
-
-
 def write_failure(exc: BaseException, where: Path) -> str | None:
     """Why a write under ``where`` failed, if it failed for lack of space or permission (not a bug).
 
     torch.save and safetensors report a full disk as RuntimeError/SafetensorError, not OSError; the free space
     at the moment of the failure (before the temporary is removed) tells it apart."""
     if isinstance(exc, OSError) and exc.errno is not None:
-        return _cause(exc)
+        return write_error_cause(exc)
     if not isinstance(exc, Exception) or isinstance(exc, UserError):
         return None
     text = str(exc)
@@ -552,26 +498,12 @@ def open_run(
         callbacks=Callbacks(callbacks, enabled=accelerator.is_main_process),
     )
 
-    def open_dir() -> tuple[Path | None, int]:
-        ctx.plan = _open_dir(ctx.out_dir, cfg, kind, resume, overwrite)
+    def plan_run() -> tuple[Path | None, int]:
+        ctx.plan = open_dir(ctx.out_dir, cfg, kind, resume, overwrite)
         return ctx.plan.checkpoint, ctx.plan.step
 
-    ctx.resume_from, _ = on_main(accelerator, open_dir)
+    ctx.resume_from, _ = on_main(accelerator, plan_run)
     return ctx
-
-
-@dataclass
-class RunPlan:
-    """What opening a run found in its directory: the checkpoint it resumes from (None: a fresh run) and its
-    step; whether the files of an earlier run go when it starts (``--overwrite``, or a run that died before its
-    first checkpoint); whether the directory existed (else it is made and locked when the run starts); the
-    directory's lock (:mod:`ppomax.trainers.run_lock`) once taken."""
-
-    checkpoint: Path | None = None
-    step: int = 0
-    clear: bool = False
-    existed: bool = True
-    lock: RunLock | None = None
 
 
 @dataclass
@@ -605,90 +537,6 @@ def on_main(acc: Accelerator, fn: Any) -> Any:
     return result
 
 
-def _open_dir(out: Path, cfg: CommandConfig, kind: RunKind, resume: bool, overwrite: bool) -> RunPlan:
-    """Check the run directory (main process): writable, locked, its run continued, replaced or refused. An
-    existing directory is locked (and the temporaries of killed saves removed); a missing one is left to
-    :meth:`RunContext.restore` to make."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: cannot write the run directory (logging.out_dir): not a directory")
-    if not out.exists():
-        _probe_writable(out, next(p for p in out.parents if p.exists()))
-        return replace(inspect_dir(out, cfg, kind, resume, overwrite), existed=False)
-    _probe_writable(out, out)
-    lock = RunLock.take(out)
-    try:
-        remove_stale_temporaries(out)
-        return replace(inspect_dir(out, cfg, kind, resume, overwrite), lock=lock)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
-
-
-def _probe_writable(out: Path, where: Path) -> None:
-    """``out`` (the run directory, or its nearest existing parent ``where``) can be written: one line if not."""
-    try:
-        probe = where / f".ppomax-write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"{out}: cannot write the run directory (logging.out_dir): {_cause(exc)}") from None
-
-
-def inspect_dir(out: Path, cfg: CommandConfig, kind: RunKind, resume: bool, overwrite: bool) -> RunPlan:
-    """The directory rules (module docstring), read-only: the plan of a run into ``out``, or the refusal."""
-    done = step_dirs(out / "checkpoints")
-    holds = [f"checkpoints/{done[-1][1].name}"] if done else []
-    holds += ["final/"] if (out / "final").is_dir() else []
-    if overwrite:
-        return RunPlan(clear=True)
-    if not resume:
-        if holds:
-            raise UserError(
-                f"{out} already holds a run ({', '.join(holds)}): continue it with `ppomax {COMMANDS[kind]} "
-                f"--resume {out}`, replace it with --overwrite, or set logging.out_dir to a new directory"
-            )
-        return RunPlan(clear=True)  # what a run that died before its first checkpoint left goes
-    if not done:  # nothing to carry over, so nothing to compare either
-        log.info("resume: no complete checkpoint in %s yet; starting the run from the beginning", out)
-        return RunPlan(clear=True)
-    check_resumable(cfg, kind, out / CONFIG_FILE)
-    step, ckpt = done[-1]
-    return RunPlan(ckpt, step)
-
-
-def remove_stale_temporaries(out: Path) -> None:
-    """Delete the ``*.tmp-PID`` directories of saves a kill interrupted; an ``X.old-PID`` whose ``X`` is missing
-    (a kill between the two renames of a replacement) is put back as ``X``."""
-    for parent in (out, out / "checkpoints"):
-        if not parent.is_dir():
-            continue
-        for child in list(parent.iterdir()):
-            base, sep, pid = child.name.rpartition(".old-")
-            if sep and pid.isdigit() and child.is_dir():
-                target = parent / base
-                if target.exists():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.rename(target)
-        for child in list(parent.iterdir()):
-            _, sep, pid = child.name.rpartition(".tmp-")
-            if sep and pid.isdigit() and child.is_dir():
-                shutil.rmtree(child, ignore_errors=True)
-
-
-def _remove_run_files(out: Path) -> None:
-    for name in RUN_FILES:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    for pattern in RUN_GLOBS:
-        for path in out.glob(pattern):
-            path.unlink()
-
-
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
@@ -696,85 +544,7 @@ def _write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"{path}: cannot write: {_cause(exc)}") from None
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def config_differences(saved: CommandConfig, current: CommandConfig) -> list[str]:
-    """The dotted keys whose values differ between two configs of one kind, except :data:`RESUMABLE_KEYS`."""
-    a = _flatten(saved.model_dump(mode="json"))
-    b = _flatten(current.model_dump(mode="json"))
-    return sorted(k for k in set(a) | set(b) if k not in RESUMABLE_KEYS and a.get(k) != b.get(k))
-
-
-def check_resumable(cfg: CommandConfig, kind: RunKind, saved_path: Path) -> None:
-    """Refuse to resume with a config that differs from the run's own (``config.yaml``) in anything that
-    changes what the run computes."""
-    if not saved_path.is_file():
-        raise UserError(f"{saved_path.parent}: no {CONFIG_FILE}, so not a ppomax run directory to resume")
-    saved = load_config(kind, path=saved_path)
-    differ = config_differences(saved, cfg)
-    if differ:
-        shown = ", ".join(f"{k} ({_short(_get(saved, k))} -> {_short(_get(cfg, k))})" for k in differ[:8])
-        more = f" and {len(differ) - 8} more" if len(differ) > 8 else ""
-        raise ConfigError(
-            f"--resume {saved_path.parent}: the config differs from the run's {CONFIG_FILE} in {shown}{more}; "
-            f"a resumed run may change only {', '.join(RESUMABLE_KEYS)} (start a new run for the rest)"
-        )
-
-
-def _get(cfg: CommandConfig, dotted: str) -> Any:
-    return _flatten(cfg.model_dump(mode="json")).get(dotted)
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def resume_config(
-    kind: RunKind,
-    run_dir: str | Path,
-    path: str | Path | None = None,
-    preset: str | None = None,
-    overrides: list[str] | None = None,
-) -> CommandConfig:
-    """The config of ``--resume DIR``: the run's own ``config.yaml`` (or ``path`` / ``preset`` when given) with
-    ``overrides`` on top, and ``logging.out_dir`` set to ``run_dir``, so a moved or copied run writes where it
-    is now. Whether it may resume that run is checked by :func:`open_run`.
-
-    A directory without ``config.yaml`` (none at all, or a run killed in its first seconds, before it wrote
-    one) holds nothing to continue: with ``path``, ``preset`` or ``overrides`` (the arguments that started the
-    run) the run starts there afresh; without them the error gives that command."""
-    run_dir = Path(run_dir)
-    saved = run_dir / CONFIG_FILE
-    if not saved.is_file() and run_dir.name.startswith("step-") and run_dir.parent.name == "checkpoints":
-        raise UserError(
-            f"--resume {run_dir}: no {CONFIG_FILE} there, so not a ppomax run directory; pass the run "
-            f"directory {run_dir.parent.parent} (it resumes from its newest checkpoint)"
-        )
-    if not saved.is_file():
-        if path is None and preset is None and not overrides:
-            what = f"no {CONFIG_FILE} there" if run_dir.is_dir() else "no such directory"
-            raise UserError(
-                f"--resume {run_dir}: {what}, so no run to continue (a run killed in its first seconds has not "
-                "written one); start it afresh there with the arguments that started it: "
-                f"`ppomax {COMMANDS[kind]} --resume {run_dir} --config FILE` (or its --preset / --set arguments)"
-            )
-    elif path is None:  # a --preset then only fills what the saved config leaves out (nothing)
-        path = saved
-    cfg = load_config(kind, path=path, preset=preset, overrides=overrides)
-    cfg.logging = cfg.logging.model_copy(update={"out_dir": str(run_dir)})
-    return cfg
+        raise UserError(f"{path}: cannot write: {write_error_cause(exc)}") from None
 
 
 # --------------------------------------------------------------------------- signals
