@@ -345,14 +345,12 @@ class StepCounter:
 
 
 def fuses(schedule: Schedule) -> bool:
-    """Whether ppomax chooses its fused scoring at this schedule (ppo/fused.py's ``fuses_scoring``): one
-    epoch over one minibatch that is the whole rollout, in one micro-batch. There the bench also runs ppomax with
-    the separate scoring forced (side ``ppomax-separate``): the default path's number next to the fused one's."""
-    return (
-        schedule.epochs == 1
-        and schedule.minibatch >= schedule.rollout
-        and schedule.micro_batch >= schedule.minibatch
-    )
+    """Whether ppomax chooses its fused scoring at this schedule (``PPOSettings.one_step_update``, ppo/fused.py):
+    one epoch over one minibatch that is the whole rollout, in one micro-batch. There the bench also runs ppomax
+    with the separate scoring forced (side ``ppomax-separate``): the default path's number next to the fused one's."""
+    from ppomax.config import load_config
+
+    return load_config("ppo", preset="ppo_max", overrides=schedule.ppomax_overrides()).ppo.one_step_update
 
 
 def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
