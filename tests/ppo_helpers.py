@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ppomax.config import PPOConfig, load_config
+from ppomax.ppo.experience import Experience
 from tiny_lm import make_tiny_lm, write_jsonl
 
 TEXTS = [
@@ -190,3 +193,25 @@ def _bump(counter: str) -> int:
     tmp.write_text(str(n))
     os.replace(tmp, p)  # atomic: a process killed here leaves the old count, never an empty file
     return n
+
+
+def synthetic_experience(scores: list[float], response_width: int = 5) -> Experience:
+    """A scored buffer without a model: one row per score, 2 prompt tokens, ``response_width`` response tokens
+    (the first row's last two padded), seeded random log-probs, reference log-probs and values."""
+    g = torch.Generator().manual_seed(0)
+    b, r = len(scores), response_width
+    rmask = torch.ones(b, r, dtype=torch.bool)
+    rmask[0, 3:] = False
+    return Experience(
+        torch.randint(3, 50, (b, 2 + r), generator=g),
+        torch.cat([torch.ones(b, 2, dtype=torch.long), rmask.long()], 1),
+        rmask,
+        2,
+        torch.full((b,), 2),
+        rmask.sum(1),
+        torch.zeros(b, dtype=torch.bool),
+        logprobs=-torch.rand(b, r, generator=g) * 3,
+        ref_logprobs=-torch.rand(b, r, generator=g) * 3,
+        values=torch.randn(b, r, generator=g),
+        scores=torch.tensor(scores, dtype=torch.float32),
+    )

@@ -12,13 +12,13 @@ from typing import get_args
 import pytest
 import torch
 
+from ppo_helpers import synthetic_experience
 from ppomax.algos import RunningMoments
 from ppomax.algos.estimators import AdvantageInputs, advantages_of, grpo_advantages, rloo_advantages
 from ppomax.algos.registry import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, AdvantageEstimatorSpec, Table
 from ppomax.config import PPOSettings, load_config
 from ppomax.errors import ConfigError
 from ppomax.ppo.advantages import compute_advantages
-from ppomax.ppo.experience import Experience
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TABLES = (ADVANTAGE_ESTIMATORS, KL_ESTIMATORS)
@@ -60,38 +60,25 @@ def test_the_config_reads_the_tables_without_torch():
     assert subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(SRC)}).returncode == 0
 
 
-def _experience(b: int = 4, r: int = 5) -> Experience:
-    g = torch.Generator().manual_seed(0)
-    rmask = torch.ones(b, r, dtype=torch.bool)
-    rmask[0, 3:] = False
-    return Experience(
-        torch.randint(3, 50, (b, 2 + r), generator=g),
-        torch.cat([torch.ones(b, 2, dtype=torch.long), rmask.long()], 1),
-        rmask,
-        2,
-        torch.full((b,), 2),
-        rmask.sum(1),
-        torch.zeros(b, dtype=torch.bool),
-        logprobs=-torch.rand(b, r, generator=g) * 3,
-        ref_logprobs=-torch.rand(b, r, generator=g) * 3,
-        values=torch.randn(b, r, generator=g),
-        scores=torch.tensor([1.5, -0.5, 2.0, 0.25]),
-    )
-
-
 def test_the_update_never_sends_an_unknown_estimator_to_another():
     """A name that passed no validation (a settings object built without it) reaches the update: an error naming
     the table's entries, not RLOO's advantages."""
     cfg = load_config("ppo", preset="rloo")
     ppo = PPOSettings.model_construct(**{**dict(cfg.ppo), "advantage_estimator": "rloo_typo"})
     with pytest.raises(ValueError, match="unknown advantage_estimator 'rloo_typo'"):
-        compute_advantages(_experience(), ppo, cfg.generation, RunningMoments(), kl_coef=ppo.kl.coef)
+        compute_advantages(
+            synthetic_experience([1.5, -0.5, 2.0, 0.25]),
+            ppo,
+            cfg.generation,
+            RunningMoments(),
+            kl_coef=ppo.kl.coef,
+        )
 
 
 @pytest.mark.parametrize("name", ["grpo", "rloo"])
 def test_the_update_dispatches_through_the_table(name):
     cfg = load_config("ppo", preset=name)
-    exp = _experience()
+    exp = synthetic_experience([1.5, -0.5, 2.0, 0.25])
     compute_advantages(exp, cfg.ppo, cfg.generation, RunningMoments(), kl_coef=cfg.ppo.kl.coef)
     fn = grpo_advantages if name == "grpo" else rloo_advantages
     train = exp.response_mask & torch.isfinite(exp.final_scores).unsqueeze(1)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import assert_same_run
-from ppo_helpers import config, make_setup, reward_fn
+from ppo_helpers import config, make_setup, reward_fn, synthetic_experience
 from ppomax.algos import RunningMoments
 from ppomax.config import load_config
 from ppomax.errors import ConfigError, RunStopped
@@ -20,7 +20,6 @@ from ppomax.ppo import PPOTrainer, train_ppo
 from ppomax.ppo import advantages as ppo_advantages
 from ppomax.ppo import update as ppo_update
 from ppomax.ppo.advantages import compute_advantages
-from ppomax.ppo.experience import Experience
 
 TARGET = reward_fn("ppo_helpers:target_tokens")
 
@@ -90,33 +89,13 @@ def test_dual_clip_never_binds_on_policy(setup, tmp_path):
 # ------------------------------------------------------------------------------------------------ KL as a loss
 
 
-def _synthetic(scores) -> Experience:
-    g = torch.Generator().manual_seed(0)
-    b, r = len(scores), 5
-    rmask = torch.ones(b, r, dtype=torch.bool)
-    rmask[0, 3:] = False
-    return Experience(
-        torch.randint(3, 50, (b, 2 + r), generator=g),
-        torch.cat([torch.ones(b, 2, dtype=torch.long), rmask.long()], 1),
-        rmask,
-        2,
-        torch.full((b,), 2),
-        rmask.sum(1),
-        torch.zeros(b, dtype=torch.bool),
-        logprobs=-torch.rand(b, r, generator=g) * 3,
-        ref_logprobs=-torch.rand(b, r, generator=g) * 3,
-        values=torch.randn(b, r, generator=g),
-        scores=torch.tensor(scores, dtype=torch.float32),
-    )
-
-
 def test_kl_in_loss_takes_the_kl_out_of_the_token_rewards():
     over = ["ppo.kl.coef=0.5", "ppo.kl.estimator=k3", "ppo.reward_transform=none", "ppo.reward_clip=null"]
     cfg = load_config("ppo", preset="ppo_max", overrides=[*over, "ppo.kl.acts_in=loss"])
-    exp = _synthetic([1.5, -0.5, 2.0])
+    exp = synthetic_experience([1.5, -0.5, 2.0])
     compute_advantages(exp, cfg.ppo, cfg.generation, RunningMoments(), kl_coef=cfg.ppo.kl.coef)
     in_reward = load_config("ppo", preset="ppo_max", overrides=over)
-    exp_r = _synthetic([1.5, -0.5, 2.0])
+    exp_r = synthetic_experience([1.5, -0.5, 2.0])
     compute_advantages(
         exp_r, in_reward.ppo, in_reward.generation, RunningMoments(), kl_coef=in_reward.ppo.kl.coef
     )
@@ -139,7 +118,7 @@ def test_kl_clamp_bounds_the_penalty_and_the_logged_estimate_stays_unclamped():
         cfg = load_config(
             "ppo", preset="ppo_max", overrides=over + ([f"ppo.kl.clamp={clamp}"] if clamp else [])
         )
-        exp = _synthetic([1.5, -0.5, 2.0])
+        exp = synthetic_experience([1.5, -0.5, 2.0])
         exp.ref_logprobs = exp.logprobs + 5.0
         compute_advantages(exp, cfg.ppo, cfg.generation, RunningMoments(), kl_coef=cfg.ppo.kl.coef)
         k3 = math.exp(5) - 1 - 5
