@@ -15,9 +15,10 @@ lengths matter: sequences are pad ids), merges them as the trainer does and coun
 separate scoring pass (each rollout batch in chunks of the micro-batch size) and of the update (``--epochs``
 passes over shuffled minibatches, each in micro-batches), the positions it computes (rows x width) and the real
 ones (the attention mask). Chunks are formed two ways: ``consecutive`` (rows in their shuffled order) and
-``grouped`` (:meth:`Experience.micro_batches`, where the checkout has it). ``packed`` is the lower bound of
-forwards without padding. A forward's rows all have the same width, so the waste of one model's forward is that
-of every model's (policy, reference, critic: each multiplies the counts alike).
+``grouped`` (:meth:`Experience.micro_batches`, where the checkout has it). ``packed`` estimates packing (not
+implemented in ppomax): each consecutive chunk's sequences (prompt + response, no padding between them) packed
+first-fit decreasing into rows as wide as its longest sequence, so no row's attention is wider than today's. The
+policy, reference and critic forwards of a chunk have the same rows and width: the shares are every model's.
 ``--time N`` also times the real model on the first N minibatches of one iteration (seed 0): the policy's
 forward and backward (``Forward.response_logits``, a token-mean log-prob loss) over each micro-batch, rows laid out
 as above with random token ids, consecutive then grouped, one warm-up micro-batch first; the process's CPU time
@@ -106,6 +107,21 @@ def count(exp: object, size: int | None, how: str, tally: dict[str, int]) -> Non
         tally["positions"] += chunk.attention_mask.numel()
         tally["real"] += int(chunk.attention_mask.sum())
         tally["forwards"] += 1
+        if how == "consecutive":
+            lengths = (chunk.prompt_lens + chunk.response_lens).tolist()
+            tally["packed"] += packed_rows(lengths) * max(lengths)
+
+
+def packed_rows(lengths: list[int]) -> int:
+    """Rows needed to pack sequences of these lengths first-fit decreasing into rows of the longest one."""
+    rows: list[int] = []
+    for n in sorted(lengths, reverse=True):
+        fit = next((i for i, used in enumerate(rows) if used + n <= max(lengths)), None)
+        if fit is None:
+            rows.append(n)
+        else:
+            rows[fit] += n
+    return len(rows)
 
 
 def iteration(
@@ -116,7 +132,7 @@ def iteration(
 
     g = torch.Generator().manual_seed(seed)
     drawn = [lengths[i] for i in torch.randperm(len(lengths), generator=g)[: args.buffer].tolist()]
-    tallies = {k: {"positions": 0, "real": 0, "forwards": 0} for k in ("scoring", "update")}
+    tallies = {k: {"positions": 0, "real": 0, "forwards": 0, "packed": 0} for k in ("scoring", "update")}
     batches = []
     for lo in range(0, args.buffer, args.rollout):
         exp = rollout_batch(drawn[lo : lo + args.rollout])
@@ -236,7 +252,9 @@ def main() -> int:
                 real = sum(t[part]["real"] for t in totals[how])
                 fwd = totals[how][0][part]["forwards"]
                 cells.append(f"{1 - real / pos:.1%} ({fwd})")
-            print(f"| {micro or 'null'} | {part} | " + " | ".join(cells) + " | 0% |")
+            packed = sum(t[part]["packed"] for t in totals["consecutive"])
+            cells.append(f"{1 - real / packed:.1%}")
+            print(f"| {micro or 'null'} | {part} | " + " | ".join(cells) + " |")
     if args.time:
         for micro in args.micro:
             time_update(lengths, args, micro or args.minibatch, ways)
