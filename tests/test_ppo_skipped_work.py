@@ -199,22 +199,55 @@ class FixedLengths:
         return torch.cat([input_ids, out], dim=1)
 
 
-def _uneven(setup, tmp_path, *over):
-    """8 rows: a short prompt with a 1-token response first, long prompts with long responses last."""
+def _uneven(setup, tmp_path, *over, interleaved=False):
+    """(trainer, prompt rows, positions of the short rows) for 8 rows: short prompts with 1-3 token responses and
+    long prompts with 20-30 token responses, the short ones first or (``interleaved``) every other row."""
+    short_lens, long_lens = [1, 1, 2, 3], [20, 24, 30, 30]
     tr = make(setup, tmp_path, "ppo.rollout_batch_size=8", *over)
-    tr.rollouts.engine = FixedLengths([1, 1, 2, 3, 20, 24, 30, 30], tr.rollouts.eos_ids[0])
     by_length = sorted(range(len(tr.data.prompts.ids)), key=lambda i: len(tr.data.prompts.ids[i]))
-    return tr, by_length[:4] + by_length[-4:]
+    short_rows, long_rows = by_length[:4], by_length[-4:]
+    if interleaved:
+        rows = [i for pair in zip(short_rows, long_rows, strict=True) for i in pair]
+        lengths = [n for pair in zip(short_lens, long_lens, strict=True) for n in pair]
+    else:
+        rows, lengths = short_rows + long_rows, short_lens + long_lens
+    tr.rollouts.engine = FixedLengths(lengths, tr.rollouts.eos_ids[0])
+    return tr, rows, [rows.index(i) for i in short_rows]
+
+
+def _short_width(exp, short):
+    return int(exp.prompt_lens[short].max()) + int(exp.response_lens[short].max())
+
+
+def test_micro_batches_group_rows_of_similar_length():
+    """Experience.micro_batches: chunks of the given size (the last one smaller), each of rows of similar prompt
+    + response length (sorted by it, ties in row order), every row once; None or a size of at least the batch:
+    one chunk of all rows in order."""
+    prompt = torch.tensor([5, 1, 9, 2, 2, 7, 1])
+    response = torch.tensor([5, 1, 9, 1, 3, 1, 2])  # totals 10, 2, 18, 3, 5, 8, 3
+    exp = Experience(
+        torch.zeros(7, 18, dtype=torch.long),
+        torch.ones(7, 18, dtype=torch.long),
+        torch.ones(7, 9, dtype=torch.bool),
+        9,
+        prompt,
+        response,
+        torch.zeros(7, dtype=torch.bool),
+    )
+    assert exp.micro_batches(3) == [[1, 3, 6], [4, 5, 0], [2]]
+    assert exp.micro_batches(None) == exp.micro_batches(7) == exp.micro_batches(9) == [list(range(7))]
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("interleaved", [False, True])
 def test_scoring_micro_batches_drop_the_columns_that_are_padding_in_all_their_rows(
-    setup, tmp_path, monkeypatch
+    setup, tmp_path, monkeypatch, interleaved
 ):
-    """ppo.micro_batch_size=4 over rows of very uneven lengths: the first chunk's forwards are only as wide as
-    its own longest prompt + response, and every scoring output on the response mask equals the unchunked pass
-    within 1e-6 (only float rounding differs: position ids come from the mask)."""
-    tr, rows = _uneven(setup, tmp_path, "ppo.micro_batch_size=4")
+    """ppo.micro_batch_size=4 over rows of very uneven lengths, whatever their order: the short rows share a chunk
+    whose forwards are only as wide as its own longest prompt + response, and every scoring output on the
+    response mask, in the batch's row order, equals the unchunked pass within 1e-6 (only float rounding differs:
+    position ids come from the mask)."""
+    tr, rows, short = _uneven(setup, tmp_path, "ppo.micro_batch_size=4", interleaved=interleaved)
     widths: list[int] = []
     real = Forward.response_logits
     monkeypatch.setattr(
@@ -224,9 +257,8 @@ def test_scoring_micro_batches_drop_the_columns_that_are_padding_in_all_their_ro
     )
     exp = tr.generate(rows, tr.data.prompts)
     tr.rollouts.score(exp)
-    full = exp.sequences.shape[1]
-    short = int(exp.prompt_lens[:4].max()) + int(exp.response_lens[:4].max())
-    assert short < full - 20 and widths == [short, short, full, full]  # policy and reference per chunk
+    full, narrow = exp.sequences.shape[1], _short_width(exp, short)
+    assert narrow < full - 20 and widths == [narrow, narrow, full, full]  # policy and reference per chunk
     whole = generated_only(exp)
     ppo_scoring.score_experience(
         whole,
@@ -242,17 +274,45 @@ def test_scoring_micro_batches_drop_the_columns_that_are_padding_in_all_their_ro
         got, expect = getattr(exp, name), getattr(whole, name)
         assert got.shape == expect.shape
         torch.testing.assert_close(got[mask], expect[mask], atol=1e-6, rtol=1e-6)
-        assert (got[:4, int(exp.response_lens[:4].max()) :] == 0).all()  # the dropped columns: zeros
+        assert (got[short, int(exp.response_lens[short].max()) :] == 0).all()  # the dropped columns: zeros
     torch.testing.assert_close(exp.scores, whole.scores, atol=1e-6, rtol=1e-6)
 
 
-def test_update_micro_batches_of_uneven_lengths_give_the_same_iteration(setup, tmp_path):
-    """The update's micro-batches are trimmed too (Experience.select): an iteration over rows of very uneven
-    lengths in micro-batches of 2 gives the losses, metrics and weights of one without micro-batches, within
-    1e-6 (float rounding of narrower forwards and of the gradient accumulation)."""
+def test_update_micro_batches_group_rows_of_similar_length(setup, tmp_path, monkeypatch):
+    """The update's micro-batches of a shuffled minibatch put the short rows together: with micro-batches of 4 over
+    4 short and 4 long rows, the policy's and the critic's forwards are as wide as the short rows in one
+    micro-batch and as the whole minibatch in the other (consecutive rows of the shuffle would mix them)."""
+    tr, rows, short = _uneven(
+        setup, tmp_path, "ppo.micro_batch_size=4", "ppo.minibatch_size=8", interleaved=True
+    )
+    exp = tr.generate(rows, tr.data.prompts)
+    tr.scoring.score(exp, 1, False)
+    tr.scoring.advantages(exp, kl_coef=tr.cfg.ppo.kl.coef)
+    widths: list[int] = []
+    logits, values = Forward.response_logits, Forward.values
+    monkeypatch.setattr(
+        Forward,
+        "response_logits",
+        lambda fwd, model, seqs, *a: (widths.append(seqs.shape[1]), logits(fwd, model, seqs, *a))[1],
+    )
+    monkeypatch.setattr(
+        Forward,
+        "values",
+        staticmethod(lambda model, seqs, *a: (widths.append(seqs.shape[1]), values(model, seqs, *a))[1]),
+    )
+    tr.scoring.update(exp, 1, False, kl_coef=tr.cfg.ppo.kl.coef)
+    full, narrow = exp.sequences.shape[1], _short_width(exp, short)
+    assert sorted(widths) == [narrow, narrow, full, full]
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_update_micro_batches_of_uneven_lengths_give_the_same_iteration(setup, tmp_path, interleaved):
+    """The update's micro-batches are trimmed too (Experience.select) and grouped by length: an iteration over
+    rows of very uneven lengths in micro-batches of 2 gives the losses, metrics and weights of one without
+    micro-batches, within 1e-6 (float rounding of narrower forwards and of the gradient accumulation)."""
     results = []
     for over in ((), ("ppo.micro_batch_size=2",)):
-        tr, rows = _uneven(setup, tmp_path / str(len(over)), *over)
+        tr, rows, _ = _uneven(setup, tmp_path / str(len(over)), *over, interleaved=interleaved)
         tr.data.prompt_stream.take = lambda k, rows=rows: rows
         m = _metrics(tr.iteration(1))
         results.append((m, flat(tr.policy), flat(tr.critic)))

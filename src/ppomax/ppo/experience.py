@@ -9,8 +9,10 @@ the token is emitted). Tokens after a row's first EOS are padding and are masked
 
 Batches with different ``P`` and ``R`` are merged by :meth:`Experience.cat` (re-padding prompts on the left and
 responses on the right); :meth:`Experience.select` takes rows and trims columns that are padding in every row, so
-a minibatch is never wider than its longest prompt plus its longest response. Row lengths are kept on the host
-(``prompt_lens``, ``response_lens``) so trimming needs no device synchronisation.
+a minibatch is never wider than its longest prompt plus its longest response, and
+:meth:`Experience.micro_batches` puts rows of similar length into the same chunk, so a chunk's forward is not much
+wider than its own rows either. Row lengths are kept on the host (``prompt_lens``, ``response_lens``) so trimming
+needs no device synchronisation.
 """
 
 from __future__ import annotations
@@ -125,6 +127,21 @@ class Experience:
         return self.sequences[:, self.prompt_width :]
 
     # ------------------------------------------------------------------ merging and slicing
+
+    def micro_batches(self, size: int | None) -> list[list[int]]:
+        """The rows split into forwards of at most ``size`` rows (None: one of all rows), rows of similar length
+        together: sorted by prompt + response length, then cut into consecutive runs of ``size``.
+
+        A forward over :meth:`select`'s rows is as wide as their longest prompt plus their longest response, so
+        one long row among consecutive rows of a shuffled batch would make every row of its chunk pay its width;
+        grouping by length keeps each chunk close to its own rows' lengths. The chunks' sizes are those of
+        consecutive runs (only which rows share a chunk changes), so a sum over chunks is unchanged.
+        """
+        n = self.batch_size
+        if size is None or size >= n:
+            return [list(range(n))]
+        order = torch.argsort(self.prompt_lens + self.response_lens, stable=True).tolist()
+        return [order[lo : lo + size] for lo in range(0, n, size)]
 
     def select(self, index: Tensor | list[int]) -> Experience:
         """Rows ``index`` (a list or a CPU long tensor), trimmed to their longest prompt and response.

@@ -55,15 +55,18 @@ def score_experience(
     ``reference=None`` the reference's. Where both models run, their logits of a chunk are held together for the
     exact KL (:func:`exact_kl`). Models are used as given (pass unwrapped ones: no gradient, no DDP
     synchronisation).
-    ``chunk_size`` rows per forward bound the [rows, R, V] logits in memory (``ppo.micro_batch_size``)."""
-    n, r_all = exp.batch_size, exp.response_width
-    step = chunk_size or n
+    ``chunk_size`` rows per forward bound the [rows, R, V] logits in memory (``ppo.micro_batch_size``); rows of
+    similar length share a chunk (:meth:`Experience.micro_batches`), the outputs are stored in ``exp``'s row
+    order."""
+    r_all = exp.response_width
+    chunks = exp.micro_batches(chunk_size)
     out: dict[str, list[Tensor]] = {}
-    for lo in range(0, n, step):
-        # A chunk drops the columns that are padding in all its rows (Experience.select): position ids come
-        # from the mask, so a row's outputs are those of the whole batch (to float rounding); its per-token
-        # outputs are padded back to the batch's R with zeros (off the response mask, never read).
-        chunk = exp if step >= n else exp.select(list(range(lo, min(lo + step, n))))
+    for rows in chunks:
+        # A chunk (rows of similar length, Experience.micro_batches) drops the columns that are padding in all
+        # its rows (Experience.select): position ids come from the mask, so a row's outputs are those of the
+        # whole batch (to float rounding); its per-token outputs are padded back to the batch's R with zeros
+        # (off the response mask, never read).
+        chunk = exp if len(chunks) == 1 else exp.select(rows)
         seqs, mask, width = chunk.sequences, chunk.attention_mask, chunk.prompt_width
         labels = seqs[:, width:]
         held = None
@@ -85,8 +88,11 @@ def score_experience(
             del logits
         if critic is not None:
             out.setdefault("values", []).append(fwd.values(critic, seqs, mask, width))
+    order = torch.tensor([i for rows in chunks for i in rows])
+    back = torch.argsort(order).to(exp.sequences.device)  # the chunks' rows in the batch's order
     for name, parts in out.items():
-        setattr(exp, name, torch.cat([_pad_right(t, r_all) for t in parts]))
+        merged = torch.cat([_pad_right(t, r_all) for t in parts])
+        setattr(exp, name, merged if len(chunks) == 1 else merged[back])
     exp.scores, exp.score_parts = rewards(exp, eos_ids)
 
 

@@ -8,8 +8,9 @@ advantages whitened/clipped per minibatch; clipped surrogate (eq. 15) against th
 reference when ``importance_sampling`` is off, with the ``dual_clip`` bound; the KL term ``kl_coef * KL`` here
 instead of in the rewards with ``kl.acts_in: loss``; entropy bonus with clip; PPO-ptx LM loss (eq. 17); clipped
 value loss; global gradient clipping per model; a non-finite loss or gradient skips the step.
-``micro_batch_size`` chunks are weighted by their token share, so they give the whole minibatch's gradient. Each
-model's backward follows its own forward, so one model's activations are held at a time.
+``micro_batch_size`` chunks (rows of similar length together, :meth:`Experience.micro_batches`) are weighted by
+their token share, so they give the whole minibatch's gradient. Each model's backward follows its own forward, so
+one model's activations are held at a time.
 
 :class:`SeparateScoring` runs the scoring pass (:mod:`ppomax.ppo.scoring`), the advantages
 (:mod:`ppomax.ppo.advantages`) and the updates in this order; where one epoch over one minibatch makes the
@@ -155,8 +156,7 @@ class Updater:
         PPO-ptx backward and the trained models' forward, loss and backward (:meth:`_losses`), then the step;
         returns (metrics, whether it stepped). ``kl_coef``: as in :meth:`update`."""
         mb = self._normalized(mb)
-        size = self.ppo.micro_batch_size or mb.batch_size
-        chunks = [list(range(i, min(i + size, mb.batch_size))) for i in range(0, mb.batch_size, size)]
+        chunks = mb.micro_batches(self.ppo.micro_batch_size)
         policy_weights, critic_weights = self._chunk_weights(mb, chunks)
         ptx = self._ptx_chunks(len(chunks), critic_only)
         metrics: dict[str, Tensor] = {}

@@ -1,0 +1,265 @@
+"""How much of the PPO iteration's forwards is padding: token positions counted, not timed.
+
+    .venv/bin/python bench/padding.py [--model DIR] [--iterations 20] [--micro 0 8 4] [--max-new-tokens 128]
+    .venv/bin/python bench/padding.py --micro 8 --time 1 [--device cuda] [--threads 1]   # + the real model's time
+
+Prompts: the HH-RLHF harmless test pairs (../shared/data/hh-rlhf-harmless-test.jsonl.gz, relative to the
+repository root) rendered with the chat template of the real model's tokenizer (SmolLM2-135M-Instruct by default,
+built by ``bench/real_model.py``) and cut to ``--max-prompt-tokens`` as the trainer cuts them
+(``prompt_features``, as ``ppo/data.py`` loads prompts). Response lengths: a recorded distribution, each prompt's
+own HH-RLHF chosen answer tokenised (+1 for the EOS), or ``--max-new-tokens`` without EOS where it is longer (a
+truncated response).
+
+Each iteration draws ``--buffer`` prompts (seeded), builds the rollout batches' :class:`Experience` (only the
+lengths matter: sequences are pad ids), merges them as the trainer does and counts, for every forward of the
+separate scoring pass (each rollout batch in chunks of the micro-batch size) and of the update (``--epochs``
+passes over shuffled minibatches, each in micro-batches), the positions it computes (rows x width) and the real
+ones (the attention mask). Chunks are formed two ways: ``consecutive`` (rows in their shuffled order) and
+``grouped`` (:meth:`Experience.micro_batches`, where the checkout has it). ``packed`` estimates packing (not
+implemented in ppomax): each consecutive chunk's sequences (prompt + response, no padding between them) packed
+first-fit decreasing into rows as wide as its longest sequence, so no row's attention is wider than today's. The
+policy, reference and critic forwards of a chunk have the same rows and width: the shares are every model's.
+``--time N`` also times the real model on the first N minibatches of one iteration (seed 0): the policy's
+forward and backward (``Forward.response_logits``, a token-mean log-prob loss) over each micro-batch, rows laid out
+as above with random token ids, consecutive then grouped, one warm-up micro-batch first; the process's CPU time
+(one thread: usable on a busy machine) and the wall time (CUDA synchronised).
+Uses only API that older versions have too, so the same command measures any checkout (``PYTHONPATH=.../src``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
+
+
+def load_lengths(model: str, data: str, max_prompt_tokens: int, max_new_tokens: int) -> list[tuple[int, int]]:
+    """(prompt tokens, response tokens) of every usable HH-RLHF pair (see the module docstring)."""
+    from ppomax.data import LoadStats, encode, parse_hh, prompt_features
+    from ppomax.models import load_tokenizer
+
+    tok = load_tokenizer(model)
+    with gzip.open(data, "rt", encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "prompts.jsonl"
+        with path.open("w", encoding="utf-8") as out:
+            for i, rec in enumerate(records):
+                out.write(json.dumps({"chosen": rec["chosen"], "row": i}) + "\n")
+        rows = prompt_features(
+            str(path),
+            tok,
+            format="chat_template",
+            max_prompt_tokens=max_prompt_tokens,
+            on_error="skip",
+            stats=LoadStats(),
+        )
+    out = []
+    for ids, _text, meta in rows:
+        answer = [c for role, c in parse_hh(records[meta["row"]]["chosen"]) if role == "assistant"][-1]
+        out.append((len(ids), min(len(encode(tok, answer)) + 1, max_new_tokens)))
+    return out
+
+
+def rollout_batch(lengths: list[tuple[int, int]]) -> object:
+    """An :class:`Experience` with these (prompt, response) lengths, laid out as the rollout lays it out."""
+    from ppomax.ppo.experience import Experience
+
+    p = max(a for a, _ in lengths)
+    r = max(b for _, b in lengths)
+    mask = torch.zeros(len(lengths), p + r, dtype=torch.long)
+    for i, (a, b) in enumerate(lengths):
+        mask[i, p - a : p + b] = 1
+    return Experience(
+        sequences=torch.zeros_like(mask),
+        attention_mask=mask,
+        response_mask=mask[:, p:].bool(),
+        prompt_width=p,
+        prompt_lens=torch.tensor([a for a, _ in lengths]),
+        response_lens=torch.tensor([b for _, b in lengths]),
+        truncated=torch.zeros(len(lengths), dtype=torch.bool),
+    )
+
+
+def chunks(exp: object, size: int | None, how: str) -> list[list[int]]:
+    n = exp.batch_size  # type: ignore[attr-defined]
+    if how == "grouped":
+        return exp.micro_batches(size)  # type: ignore[attr-defined]
+    step = size or n
+    return [list(range(lo, min(lo + step, n))) for lo in range(0, n, step)]
+
+
+def count(exp: object, size: int | None, how: str, tally: dict[str, int]) -> None:
+    """Add the positions and real tokens of ``exp``'s forwards in chunks of ``size`` rows to ``tally``."""
+    parts = chunks(exp, size, how)
+    for rows in parts:
+        chunk = exp if len(parts) == 1 else exp.select(rows)  # type: ignore[attr-defined]
+        tally["positions"] += chunk.attention_mask.numel()
+        tally["real"] += int(chunk.attention_mask.sum())
+        tally["forwards"] += 1
+        if how == "consecutive":
+            lengths = (chunk.prompt_lens + chunk.response_lens).tolist()
+            tally["packed"] += packed_rows(lengths) * max(lengths)
+
+
+def packed_rows(lengths: list[int]) -> int:
+    """Rows needed to pack sequences of these lengths first-fit decreasing into rows of the longest one."""
+    rows: list[int] = []
+    for n in sorted(lengths, reverse=True):
+        fit = next((i for i, used in enumerate(rows) if used + n <= max(lengths)), None)
+        if fit is None:
+            rows.append(n)
+        else:
+            rows[fit] += n
+    return len(rows)
+
+
+def iteration(
+    lengths: list[tuple[int, int]], args: argparse.Namespace, micro: int | None, how: str, seed: int
+) -> dict[str, dict[str, int]]:
+    """The counts of one iteration's scoring pass and update."""
+    from ppomax.ppo.experience import Experience
+
+    g = torch.Generator().manual_seed(seed)
+    drawn = [lengths[i] for i in torch.randperm(len(lengths), generator=g)[: args.buffer].tolist()]
+    tallies = {k: {"positions": 0, "real": 0, "forwards": 0, "packed": 0} for k in ("scoring", "update")}
+    batches = []
+    for lo in range(0, args.buffer, args.rollout):
+        exp = rollout_batch(drawn[lo : lo + args.rollout])
+        count(exp, micro, how, tallies["scoring"])
+        batches.append(exp)
+    buffer = Experience.cat(batches, pad_id=0)
+    for _ in range(args.epochs):
+        perm = torch.randperm(buffer.batch_size, generator=g)
+        for lo in range(0, buffer.batch_size, args.minibatch):
+            count(buffer.select(perm[lo : lo + args.minibatch]), micro, how, tallies["update"])
+    return tallies
+
+
+def time_update(
+    lengths: list[tuple[int, int]], args: argparse.Namespace, micro: int, ways: list[str]
+) -> None:
+    """Print the real policy's forward+backward time over the micro-batches of ``args.time`` minibatches."""
+    from transformers import AutoModelForCausalLM
+
+    from ppomax.ppo.experience import Experience
+    from ppomax.ppo.models import Forward
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
+    fwd = Forward(model, temperature=1.0)
+    g = torch.Generator().manual_seed(0)
+    drawn = [lengths[i] for i in torch.randperm(len(lengths), generator=g)[: args.buffer].tolist()]
+    buffer = Experience.cat(
+        [rollout_batch(drawn[lo : lo + args.rollout]) for lo in range(0, args.buffer, args.rollout)], pad_id=0
+    )
+    buffer.sequences = torch.randint(10, model.config.vocab_size, buffer.sequences.shape, generator=g)
+    perm = torch.randperm(buffer.batch_size, generator=g)
+    minibatches = [
+        buffer.select(perm[lo : lo + args.minibatch]) for lo in range(0, buffer.batch_size, args.minibatch)
+    ]
+
+    def run(e: Any) -> None:
+        seqs, mask = e.sequences.to(device), e.attention_mask.to(device)
+        logits = fwd.response_logits(model, seqs, mask, e.prompt_width)
+        lp = fwd.logprobs(logits, seqs[:, e.prompt_width :])
+        rmask = e.response_mask.to(device)
+        (-(lp * rmask).sum() / rmask.sum()).backward()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run(minibatches[0].select(list(range(micro))))  # warm-up
+    for how in ways:
+        sync()
+        cpu, wall, positions = time.process_time(), time.perf_counter(), 0
+        for mb in minibatches[: args.time]:
+            for rows in chunks(mb, micro, how):
+                part = mb.select(rows)
+                positions += part.attention_mask.numel()
+                run(part)
+        sync()
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        print(
+            f"time, micro_batch_size {micro}, {how}: CPU {cpu:.1f} s, wall {wall:.1f} s over {positions} positions "
+            f"({args.time} minibatch(es))"
+        )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="model directory (default: bench/real_model.py's)")
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--max-prompt-tokens", type=int, default=256, help="data.max_prompt_tokens")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="generation.max_new_tokens")
+    ap.add_argument("--buffer", type=int, default=128, help="ppo.buffer_size")
+    ap.add_argument("--rollout", type=int, default=32, help="ppo.rollout_batch_size")
+    ap.add_argument("--minibatch", type=int, default=32, help="ppo.minibatch_size")
+    ap.add_argument("--epochs", type=int, default=1, help="ppo.ppo_epochs")
+    ap.add_argument("--micro", type=int, nargs="+", default=[0, 8, 4], help="ppo.micro_batch_size (0: null)")
+    ap.add_argument("--iterations", type=int, default=20, help="iterations averaged (seeds 0..N-1)")
+    ap.add_argument(
+        "--time", type=int, default=0, help="time the real model on N minibatches (0: count only)"
+    )
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    from ppomax.ppo.experience import Experience
+
+    if args.model is None:
+        sys.path.insert(0, str(REPO / "bench"))
+        from real_model import real_model_dir
+
+        args.model = str(real_model_dir())
+    lengths = load_lengths(args.model, args.data, args.max_prompt_tokens, args.max_new_tokens)
+    prompt = torch.tensor([a for a, _ in lengths], dtype=torch.float)
+    response = torch.tensor([b for _, b in lengths], dtype=torch.float)
+    print(
+        f"{len(lengths)} prompts: prompt tokens mean {prompt.mean():.1f} median {prompt.median():.0f} max "
+        f"{prompt.max():.0f}; response tokens mean {response.mean():.1f} median {response.median():.0f}, "
+        f"{int((response == args.max_new_tokens).sum())} at the cap of {args.max_new_tokens}"
+    )
+    ways = ["consecutive"] + (["grouped"] if hasattr(Experience, "micro_batches") else [])
+    print(
+        f"buffer {args.buffer}, rollout batch {args.rollout}, minibatch {args.minibatch}, {args.epochs} epoch(s), "
+        f"{args.iterations} iterations; padding share of the positions computed (forwards per iteration)\n"
+    )
+    print("| micro_batch_size | pass | " + " | ".join(ways) + " | packed |")
+    print("|---|---|" + "---|" * (len(ways) + 1))
+    for micro in args.micro:
+        size = micro or None
+        totals = {
+            how: [iteration(lengths, args, size, how, seed) for seed in range(args.iterations)]
+            for how in ways
+        }
+        for part in ("scoring", "update"):
+            cells = []
+            for how in ways:
+                pos = sum(t[part]["positions"] for t in totals[how])
+                real = sum(t[part]["real"] for t in totals[how])
+                fwd = totals[how][0][part]["forwards"]
+                cells.append(f"{1 - real / pos:.1%} ({fwd})")
+            packed = sum(t[part]["packed"] for t in totals["consecutive"])
+            cells.append(f"{1 - real / packed:.1%}")
+            print(f"| {micro or 'null'} | {part} | " + " | ".join(cells) + " |")
+    if args.time:
+        for micro in args.micro:
+            time_update(lengths, args, micro or args.minibatch, ways)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
