@@ -5,6 +5,8 @@ model's own generation_config says, and Experience merging/slicing."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+from typing import get_args
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from ppomax.config import GenerationConfig
 from ppomax.data import pad_left
 from ppomax.errors import UserError
 from ppomax.models import load_causal_lm, load_tokenizer
-from ppomax.ppo.experience import Experience
+from ppomax.ppo.experience import Experience, RowField, TokenField
 from ppomax.ppo.rollout import HFGenerateEngine, eos_ids_of, finish_rollout, rollout
 
 PAD, EOS = 0, 2
@@ -431,6 +433,16 @@ def _rows(exp: Experience) -> list[tuple[list[int], list[int], list[float]]]:
             )
         )
     return out
+
+
+def test_experience_computed_returns_a_filled_field_and_names_one_not_computed_yet():
+    exp = _exp([[5, 6]], [[10, 11]])
+    assert exp.computed("logprobs") is exp.logprobs and exp.computed("scores") is exp.scores
+    with pytest.raises(ValueError, match=r"Experience\.advantages: read before"):
+        exp.computed("advantages")
+    # the fields cat/select carry and computed() reads are exactly the stages' fields (those that start as None)
+    later = {f.name for f in dataclasses.fields(Experience) if f.default is None}
+    assert later == set(get_args(TokenField)) | set(get_args(RowField))
 
 
 def test_experience_cat_and_select_keep_rows_and_trim_padding():

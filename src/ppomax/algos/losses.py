@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypedDict
 
 import torch
 from torch import Tensor
@@ -12,6 +12,14 @@ from .registry import LOSS_AGGREGATIONS
 from .reward_shaping import KLEstimator, kl_per_token
 from .stats import _bool_mask, masked_max, masked_mean, masked_sum
 from .vocab import logprobs_from_logits
+
+
+class Aggregation(TypedDict):
+    """The keywords of :func:`aggregate_loss` that the policy-side losses (:func:`policy_loss`, :func:`kl_loss`,
+    :func:`entropy_bonus_loss`) take alike, to pass them once as ``**``."""
+
+    aggregation: str
+    horizon: int | None
 
 
 def aggregate_loss(

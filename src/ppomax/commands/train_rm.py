@@ -12,12 +12,14 @@ from ppomax.commands.common import (
     run_epilog,
     run_options,
 )
+from ppomax.config import RMConfig
 
 
 def _run(args: argparse.Namespace) -> int:
     from ppomax.trainers.reward_model import RewardTrainer  # heavy imports only when the command runs
 
     cfg = run_config("rm", args)
+    assert isinstance(cfg, RMConfig)
     # the Python API's trainer, from the config alone
     result = RewardTrainer(cfg, **run_options(args)).train()
     print_result(str(result.model_dir))

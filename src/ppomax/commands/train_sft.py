@@ -12,12 +12,14 @@ from ppomax.commands.common import (
     run_epilog,
     run_options,
 )
+from ppomax.config import SFTConfig
 
 
 def _run(args: argparse.Namespace) -> int:
     from ppomax.trainers.sft import SFTTrainer  # heavy imports only when the command runs
 
     cfg = run_config("sft", args)
+    assert isinstance(cfg, SFTConfig)
     result = SFTTrainer(cfg, **run_options(args)).train()  # the Python API's trainer, from the config alone
     print_result(str(result.model_dir))
     return 0

@@ -74,7 +74,7 @@ def compute_advantages(
 def score_targets(exp: Experience, ppo: PPOSettings, gen: GenerationConfig, moments: RunningMoments) -> None:
     """The first half of :func:`compute_advantages`, which needs no log-prob or value: the running moments
     updated with the raw scores and ``final_scores`` filled (NaN for a row left out of training)."""
-    raw = exp.scores
+    raw = exp.computed("scores")
     penalised = exp.truncated if gen.truncated_response == "penalty" else None
     keep = trainable_rows(raw, penalised)
     moments.update(raw, mask=keep if penalised is None else keep & ~penalised)
@@ -99,23 +99,24 @@ def token_advantages(
     With ``kl.acts_in: loss`` the rewards carry no KL term (the policy loss does, :func:`kl_loss`); ``kl`` is filled
     either way (it is what the rollout spent, and what the adaptive coefficient measures), unclamped: ``kl.clamp``
     bounds the penalty only."""
-    mask = exp.response_mask
-    kl = kl_per_token(exp.logprobs, exp.ref_logprobs, ppo.kl.estimator)
-    exp.kl = torch.where(mask, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
+    mask, final = exp.response_mask, exp.computed("final_scores")
+    logprobs, ref_logprobs = exp.computed("logprobs"), exp.computed("ref_logprobs")
+    kl = kl_per_token(logprobs, ref_logprobs, ppo.kl.estimator)
+    exp.kl = kl = torch.where(mask, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
     if exp.exact_kl is not None:
         exp.exact_kl = torch.where(mask, exp.exact_kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
-    train = mask & torch.isfinite(exp.final_scores).unsqueeze(1)
+    train = mask & torch.isfinite(final).unsqueeze(1)
     if ppo.kl.acts_in == "loss":
-        penalised = torch.zeros_like(exp.kl)
+        penalised = torch.zeros_like(kl)
     elif ppo.kl.clamp is None:
-        penalised = exp.kl
+        penalised = kl
     else:
-        penalised = kl_per_token(exp.logprobs, exp.ref_logprobs, ppo.kl.estimator, ppo.kl.clamp)
-    exp.rewards = token_level_rewards(exp.final_scores, penalised, train, kl_coef)
+        penalised = kl_per_token(logprobs, ref_logprobs, ppo.kl.estimator, ppo.kl.clamp)
+    exp.rewards = rewards = token_level_rewards(final, penalised, train, kl_coef)
     exp.advantages, exp.returns = advantages_of(
         ppo.advantage_estimator,
         AdvantageInputs(
-            exp.rewards,
+            rewards,
             train,
             exp.values,
             ppo.gamma,
@@ -123,7 +124,7 @@ def token_advantages(
             group_size=group_size,
             all_reduce=all_reduce,
             group_std_norm=ppo.group_std_norm,
-            scores=exp.final_scores,
+            scores=final,
         ),
     )
 
@@ -131,5 +132,5 @@ def token_advantages(
 def trainable_part(exp: Experience) -> Experience:
     """``exp`` as the updates see it: the response mask of the rows left out of training (a NaN final score,
     see :func:`compute_advantages`) zeroed, so they weigh nothing in the whitening and the losses."""
-    keep = torch.isfinite(exp.final_scores)
+    keep = torch.isfinite(exp.computed("final_scores"))
     return dataclasses.replace(exp, response_mask=exp.response_mask & keep.unsqueeze(1))

@@ -10,7 +10,7 @@ batch, so together they consume the global order once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -27,6 +27,9 @@ from ppomax.data import (
 )
 from ppomax.data.batching import IndexStream
 from ppomax.trainers.common import data_source
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -52,7 +55,9 @@ class PromptSet:
         }
 
 
-def load_prompt_set(source: Source, cfg: PPOConfig, tokenizer: Any, progress: str | None = None) -> PromptSet:
+def load_prompt_set(
+    source: Source, cfg: PPOConfig, tokenizer: PreTrainedTokenizerBase, progress: str | None = None
+) -> PromptSet:
     """Tokenised prompts of a source (formats of :mod:`ppomax.data.formats`); bad records per ``data.on_bad_line``."""
     d = cfg.data
     stats = LoadStats()
@@ -85,7 +90,9 @@ class PTXSet:
         return {k: v.to(device) for k, v in b.items()}
 
 
-def load_ptx_set(source: Source, cfg: PPOConfig, tokenizer: Any, progress: str | None = None) -> PTXSet:
+def load_ptx_set(
+    source: Source, cfg: PPOConfig, tokenizer: PreTrainedTokenizerBase, progress: str | None = None
+) -> PTXSet:
     """SFT examples (any SFT format); the LM loss covers their response tokens, as in SFT."""
     d = cfg.data
     stats = LoadStats()
@@ -121,7 +128,7 @@ class PPOData:
 
 def load_data(
     cfg: PPOConfig,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     rank: int,
     world: int,
     resizable: bool = False,

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
-# Optional per-token fields ([B, R], response columns) and per-row fields ([B]) that cat/select handle.
-_TOKEN_FIELDS = (
+TokenField = Literal[
     "logprobs",
     "ref_logprobs",
     "values",
@@ -37,8 +36,11 @@ _TOKEN_FIELDS = (
     "raw_logprobs",
     "ref_raw_logprobs",
     "exact_kl",
-)
-_ROW_FIELDS = ("scores", "final_scores")
+]
+RowField = Literal["scores", "final_scores"]
+# Optional per-token fields ([B, R], response columns) and per-row fields ([B]) that cat/select handle.
+_TOKEN_FIELDS: tuple[str, ...] = get_args(TokenField)
+_ROW_FIELDS: tuple[str, ...] = get_args(RowField)
 
 
 @dataclass
@@ -231,3 +233,11 @@ class Experience:
         keys = batches[0].score_parts.keys()
         out.score_parts = {k: torch.cat([b.score_parts[k] for b in batches]) for k in keys}
         return out
+
+    def computed(self, name: TokenField | RowField) -> Tensor:
+        """Field ``name`` of a stage that has run (the scoring pass, the advantages); an error naming it when the
+        stage has not filled it yet."""
+        value: Tensor | None = getattr(self, name)
+        if value is None:
+            raise ValueError(f"Experience.{name}: read before the stage that computes it ran")
+        return value

@@ -25,7 +25,7 @@ once: no fusion there.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -37,6 +37,9 @@ from .advantages import score_targets, token_advantages, trainable_part
 from .experience import Experience
 from .scoring import Rollouts, exact_kl
 from .update import Updater, fold_losses
+
+if TYPE_CHECKING:
+    from ppomax.models import AdaptersOff
 
 
 def fuses_scoring(ppo: PPOSettings) -> bool:
@@ -77,7 +80,13 @@ class FusedUpdater(Updater):
     its own first forward (the module's docstring)."""
 
     def update(
-        self, exp: Experience, step: int, critic_only: bool, *, kl_coef: float, reference: Any = None
+        self,
+        exp: Experience,
+        step: int,
+        critic_only: bool,
+        *,
+        kl_coef: float,
+        reference: torch.nn.Module | AdaptersOff | None = None,
     ) -> dict[str, Tensor]:
         """The update of ``exp``, which has final scores but none of the old log-probs, entropy and reference
         log-probs (unless ``critic_only``: then from the scoring pass; the log-probs and entropy also with
@@ -107,7 +116,7 @@ class FusedUpdater(Updater):
         mb: Experience,
         critic_only: bool,
         kl_coef: float,
-        reference: Any,
+        reference: torch.nn.Module | AdaptersOff | None,
     ) -> tuple[dict[str, Tensor], bool]:
         """:meth:`Updater._minibatch` on ``mb`` (``full``'s trainable rows ``perm``, one micro-batch) with both
         models' forwards first, then the scoring pass's outputs and advantages from them (:meth:`_scored`),
@@ -153,7 +162,7 @@ class FusedUpdater(Updater):
         logits: Tensor | None,
         values: Tensor | None,
         kl_coef: float,
-        reference: Any,
+        reference: torch.nn.Module | AdaptersOff | None,
     ) -> Experience:
         """From the update's forward outputs on ``full``'s rows ``perm`` (policy ``logits``, critic ``values``),
         the old log-probs, entropy, values and token advantages of those rows, filled into ``full`` (in place, in

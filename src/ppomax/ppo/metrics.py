@@ -10,7 +10,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -20,6 +20,9 @@ from ppomax.trainers.reduce import reduce_metrics
 
 from .experience import Experience
 from .update import Updater
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 class Stopwatch:
@@ -49,45 +52,45 @@ def iteration_metrics(
     critic_only: bool,
     clock: Stopwatch,
     *,
-    accelerator: Any,
+    accelerator: Accelerator,
     moments: RunningMoments,
     updater: Updater,
     kl_clamp: float | None,
-) -> dict[str, Any]:
+) -> dict[str, float]:
     """The iteration's logged metrics from its buffer ``exp`` and its update's ``train_metrics``, global over
     ranks."""
     acc = accelerator
     stats = rollout_statistics(
-        scores=exp.scores,
-        final_scores=exp.final_scores,
+        scores=exp.computed("scores"),
+        final_scores=exp.computed("final_scores"),
         response_mask=exp.response_mask,
-        kl=exp.kl,
+        kl=exp.computed("kl"),
         exact_kl=exp.exact_kl,
-        raw_logprobs=exp.raw_logprobs,
-        ref_raw_logprobs=exp.ref_raw_logprobs,
-        entropy=exp.entropy,
+        raw_logprobs=exp.computed("raw_logprobs"),
+        ref_raw_logprobs=exp.computed("ref_raw_logprobs"),
+        entropy=exp.computed("entropy"),
         values=exp.values,
-        returns=exp.returns,
-        advantages=exp.advantages,
+        returns=exp.computed("returns"),
+        advantages=exp.computed("advantages"),
         score_parts=exp.score_parts,
         running_mean=moments.mean,
         running_std=moments.std,
         all_reduce=moments.all_reduce,
         kl_clamp=kl_clamp,
     )
-    metrics = {**stats, **train_metrics}
-    metrics["_tokens"] = exp.response_lens.sum().float()
-    metrics["response/truncated"] = exp.truncated.sum().float()
+    local = {**stats, **train_metrics}
+    local["_tokens"] = exp.response_lens.sum().float()
+    local["response/truncated"] = exp.truncated.sum().float()
     reduce = None if acc.num_processes == 1 else (lambda t, op: acc.reduce(t, reduction=op))
-    metrics = reduce_metrics(metrics, reduce, acc.device, sums=("_tokens", "response/truncated"))
+    metrics = reduce_metrics(local, reduce, acc.device, sums=("_tokens", "response/truncated"))
     tokens = metrics.pop("_tokens")
     t_iter, t_gen = clock.total(), clock.seconds["generation"]
     critic = updater.critic
     metrics.update(
         {
             "train/critic_only": int(critic_only),
-            "lr/policy": updater.policy.schedule.get_last_lr()[0],
-            **({} if critic is None else {"lr/critic": critic.schedule.get_last_lr()[0]}),
+            "lr/policy": float(updater.policy.schedule.get_last_lr()[0]),
+            **({} if critic is None else {"lr/critic": float(critic.schedule.get_last_lr()[0])}),
             "nonfinite/total": updater.nonfinite_total,
             "time/generation": t_gen,
             "time/scoring": clock.seconds["scoring"],

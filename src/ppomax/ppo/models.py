@@ -219,8 +219,8 @@ def load_models(cfg: PPOConfig, given: Inputs | None = None, engine: Engine = ON
     if critic is not None and critic_base_is_reward_model(cfg):
         # the head is copied before any update: the critic's own head trains away from it
         reward_model = RewardOnCriticBase(critic, copy.deepcopy(critic.value_head))
-    elif given.get("model.reward") is not None:
-        reward_model = _freeze(adopt_value_head(given.get("model.reward"), m.dtype, "model.reward"))
+    elif (given_reward := given.get("model.reward")) is not None:
+        reward_model = _freeze(adopt_value_head(given_reward, m.dtype, "model.reward"))
     elif m.reward:
         reward_model = _freeze(ValueHeadModel.from_pretrained(m.reward, key="model.reward", **kw))
     # every model reads the policy's token ids (those loaded from model.policy's files are checked once); the

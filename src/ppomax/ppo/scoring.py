@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +37,20 @@ from .models import Forward
 from .reward_sources import RewardError, RewardSources
 from .rollout import RolloutEngine, rollout
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ppomax.models import AdaptersOff, ValueHeadModel
+    from ppomax.models.adapter_dir import CausalLM
+
 
 @torch.no_grad()
 def score_experience(
     exp: Experience,
     *,
-    policy: Any | None,
-    reference: Any | None,
-    critic: Any | None,
+    policy: torch.nn.Module | None,
+    reference: torch.nn.Module | AdaptersOff | None,
+    critic: ValueHeadModel | None,
     fwd: Forward,
     rewards: RewardSources,
     eos_ids: list[int],
@@ -118,13 +124,14 @@ class Rollouts:
     engine: RolloutEngine
     fwd: Forward
     rewards: RewardSources
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     eos_ids: list[int]
     pad_id: int
     device: torch.device
-    policy: Any
-    reference: Any
-    critic: Any
+    policy: CausalLM
+    reference: torch.nn.Module | AdaptersOff
+    """As prepared for inference (:meth:`ppomax.trainers.launch.Engine.prepare_frozen`)."""
+    critic: ValueHeadModel | None
     """None without a critic (a critic-free ``ppo.advantage_estimator``)."""
     chunk_size: int | None = None
     """Rows per scoring forward (``ppo.micro_batch_size``): bounds the [rows, R, V] logits in memory."""

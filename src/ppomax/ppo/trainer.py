@@ -43,8 +43,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -69,6 +70,13 @@ from .rollout import HFGenerateEngine, RolloutEngine, eos_ids_of
 from .schedule import schedule_notes
 from .scoring import Rollouts
 from .update import Scoring, SeparateScoring, Updater
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from peft import LoraConfig
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ppomax.models import ValueHeadModel
 
 
 class TrainingDiverged(TrainingError):
@@ -100,18 +108,18 @@ class PPOTrainer:
 
     def __init__(
         self,
-        config: Any = None,
+        config: PPOConfig | dict[str, Any] | str | Path | None = None,
         *,
-        model: Any = None,
-        ref_model: Any = None,
-        reward_model: Any = None,
-        value_model: Any = None,
-        processing_class: Any = None,
+        model: str | Path | PreTrainedModel | None = None,
+        ref_model: str | Path | PreTrainedModel | None = None,
+        reward_model: str | Path | ValueHeadModel | None = None,
+        value_model: str | Path | ValueHeadModel | None = None,
+        processing_class: str | Path | PreTrainedTokenizerBase | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         ptx_dataset: Any = None,
         reward_funcs: Any = None,
-        peft_config: Any = None,
+        peft_config: LoraConfig | None = None,
         callbacks: list[Any] | None = None,
         resume: bool = False,
         overwrite: bool = False,
@@ -193,7 +201,9 @@ class PPOTrainer:
 
         updates = p.ppo_epochs * (p.buffer_size // p.minibatch_size)
         policy_opt = build_optimizer(m.policy.parameters(), cfg.optim.policy_lr, cfg.optim)
-        models_to_train = {"policy": (m.policy, policy_opt)}
+        models_to_train: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]] = {
+            "policy": (m.policy, policy_opt)
+        }
         policy_sched = build_scheduler(policy_opt, cfg.optim, p.iterations * updates)
         critic_sched = None
         if m.critic is not None:
@@ -252,7 +262,9 @@ class PPOTrainer:
             accelerator=acc,
             fwd=fwd,
             policy=Optimised(policy, policy_opt, policy_sched, acc, launched),
-            critic=Optimised(critic, critic_opt, critic_sched, acc, launched) if critic is not None else None,
+            critic=Optimised(critic, critic_opt, critic_sched, acc, launched)
+            if critic_sched is not None
+            else None,
             seed=cfg.seed,
             all_reduce=all_reduce,
             generation=cfg.generation,
@@ -283,7 +295,7 @@ class PPOTrainer:
     # ------------------------------------------------------------------ pieces
 
     @property
-    def acc(self) -> Any:
+    def acc(self) -> Accelerator:
         return self.run.accelerator
 
     @property
@@ -292,12 +304,12 @@ class PPOTrainer:
         return self.scoring.updater
 
     @property
-    def policy(self) -> Any:
+    def policy(self) -> torch.nn.Module:
         """The policy as prepared by accelerate (possibly wrapped)."""
         return self.models.policy
 
     @property
-    def critic(self) -> Any:
+    def critic(self) -> torch.nn.Module | None:
         """The critic as prepared by accelerate; None without one (a critic-free advantage estimator)."""
         return self.models.critic
 
@@ -309,7 +321,8 @@ class PPOTrainer:
     def total_steps(self) -> int:
         return self.cfg.ppo.critic_pretrain_steps + self.cfg.ppo.iterations
 
-    def unwrapped(self, model: Any) -> Any:
+    def unwrapped(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` as it was before accelerate prepared it."""
         return self.acc.unwrap_model(model)
 
     def generate(self, indices: list[int], prompts: PromptSet, greedy: bool = False) -> Experience:
@@ -459,11 +472,11 @@ class PPOTrainer:
         return TrainResult(
             self.out_dir,
             model_dir,
-            self.unwrapped(self.policy),
+            self.rollouts.policy,  # the unwrapped models
             self.models.tokenizer,
             dict(self.run.metrics.latest),
             self.step,
-            critic=self.unwrapped(self.critic) if self.critic is not None else None,
+            critic=self.rollouts.critic,
             collapse_stopped=self.collapse_stopped,
         )
 
@@ -497,7 +510,9 @@ class PPOTrainer:
         each with the tokenizer (the critic reads the policy's tokens), gathered under ZeRO-3/FSDP, written
         atomically as one directory."""
         tokenizer = self.models.tokenizer
-        models = {"policy": (self.policy, tokenizer)}
+        models: dict[str, tuple[torch.nn.Module, PreTrainedTokenizerBase | None]] = {
+            "policy": (self.policy, tokenizer)
+        }
         if self.critic is not None:
             models["critic"] = (self.critic, tokenizer)
         self.run.save_models(self.out_dir / "final", models)

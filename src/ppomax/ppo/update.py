@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
@@ -50,6 +50,11 @@ from .experience import Experience
 from .models import Forward
 from .scoring import Rollouts
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from ppomax.algos.losses import Aggregation
+
 
 @dataclasses.dataclass
 class Updater:
@@ -57,7 +62,7 @@ class Updater:
     without a critic (a critic-free ``ppo.advantage_estimator``: no values, no value loss)."""
 
     ppo: PPOSettings
-    accelerator: Any
+    accelerator: Accelerator
     fwd: Forward
     policy: Optimised
     critic: Optimised | None
@@ -179,7 +184,11 @@ class Updater:
         return dataclasses.replace(
             mb,
             advantages=normalize_advantages(
-                mb.advantages, mb.response_mask, p.advantage_norm, p.advantage_clip, self.all_reduce
+                mb.computed("advantages"),
+                mb.response_mask,
+                p.advantage_norm,
+                p.advantage_clip,
+                self.all_reduce,
             ),
         )
 
@@ -264,11 +273,13 @@ class Updater:
         mask = mb.response_mask
         metrics: dict[str, Tensor] = {}
         logprobs = self.fwd.logprobs(logits, mb.responses_ids)
-        old = mb.logprobs if p.importance_sampling else mb.ref_logprobs
-        agg = {"aggregation": p.loss_aggregation, "horizon": self.generation.max_new_tokens}
-        pg, pm = policy_loss(logprobs, old, mb.advantages, mask, p.clip_ratio, dual_clip=p.dual_clip, **agg)
+        old = mb.computed("logprobs" if p.importance_sampling else "ref_logprobs")
+        agg: Aggregation = {"aggregation": p.loss_aggregation, "horizon": self.generation.max_new_tokens}
+        pg, pm = policy_loss(
+            logprobs, old, mb.computed("advantages"), mask, p.clip_ratio, dual_clip=p.dual_clip, **agg
+        )
         if self._measuring:
-            gap = torch.where(mask, (logprobs.detach() - mb.logprobs).abs(), 0.0)
+            gap = torch.where(mask, (logprobs.detach() - mb.computed("logprobs")).abs(), 0.0)
             n = mask.sum().clamp(min=1)
             metrics.update(
                 {"policy/logprob_mismatch_max": gap.max(), "policy/logprob_mismatch_mean": gap.sum() / n}
@@ -290,7 +301,9 @@ class Updater:
         if p.dual_clip is not None:
             metrics[f"policy/dual_clip_frac{vs}"] = pm["dual_clip_frac"]
         if p.kl.acts_in == "loss" and kl_coef > 0:
-            kl, km = kl_loss(logprobs, mb.ref_logprobs, mask, kl_coef, p.kl.estimator, p.kl.clamp, **agg)
+            kl, km = kl_loss(
+                logprobs, mb.computed("ref_logprobs"), mask, kl_coef, p.kl.estimator, p.kl.clamp, **agg
+            )
             loss = loss + kl
             metrics["loss/kl"] = km["kl_loss"]
         if p.entropy_coef > 0:
@@ -306,7 +319,9 @@ class Updater:
     def _critic_loss(self, mb: Experience, values: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """(vf_coef x value loss, metrics) from the critic's ``values`` on ``mb``."""
         p = self.ppo
-        vf, vm = value_loss(values, mb.values, mb.returns, mb.response_mask, p.value_clip)
+        vf, vm = value_loss(
+            values, mb.computed("values"), mb.computed("returns"), mb.response_mask, p.value_clip
+        )
         metrics = {"loss/vf": vm["vf_loss"], "critic/vf_clipfrac": vm["vf_clipfrac"]}
         return p.vf_coef * vf, metrics
 

@@ -459,7 +459,7 @@ def adopt_causal_lm(model: LM, dtype: str | torch.dtype, key: str) -> LM:
     return use_cpu_float32_attention(model)
 
 
-def adopt_value_head(model: Any, dtype: str | torch.dtype, key: str) -> ValueHeadModel:
+def adopt_value_head(model: ValueHeadModel, dtype: str | torch.dtype, key: str) -> ValueHeadModel:
     """A ValueHeadModel object as a loaded one is: its backbone in ``dtype``, its head in float32."""
     adopt_causal_lm(model.backbone, dtype, key)
     return model

@@ -31,7 +31,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
@@ -40,6 +40,9 @@ from ppomax.console import console
 from ppomax.errors import ConfigError
 
 from .quiet import quiet_known_library_messages
+
+if TYPE_CHECKING:
+    from ppomax.models.lora import AdaptersOff, RewardOnCriticBase
 
 # How many processes a launcher started: torchrun / accelerate (WORLD_SIZE), MPICH/Intel MPI, Open MPI, MVAPICH
 # (the variables accelerate itself reads, accelerate.utils.environment.get_cpu_distributed_information).
@@ -222,7 +225,12 @@ class Engine:
         flat = accelerator.prepare(*(x for pair in models.values() for x in pair))
         return {name: (flat[2 * i], flat[2 * i + 1]) for i, name in enumerate(models)}
 
-    def prepare_frozen(self, accelerator: Accelerator, model: torch.nn.Module, micro_batch_size: int) -> Any:
+    def prepare_frozen(
+        self,
+        accelerator: Accelerator,
+        model: torch.nn.Module | AdaptersOff | RewardOnCriticBase,
+        micro_batch_size: int,
+    ) -> Any:
         """An inference-only model (PPO's reference and reward model): under ZeRO-3 a DeepSpeed inference engine
         with partitioned parameters (no optimiser, not checkpointed: it never changes), else the model itself on
         this process's device (replicated; FSDP shards only models prepared with an optimiser), its forward under

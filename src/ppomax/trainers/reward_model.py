@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils import gather_object
@@ -52,9 +52,17 @@ from .loop import LoopSpec, train_loop
 from .reward_model_report import margin_summary, write_rm_eval
 from .run import RunContext, open_run
 
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 
 def rm_features(
-    source: Source, tokenizer: Any, cfg: RMConfig, stats: LoadStats, progress: str | None = None
+    source: Source,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: RMConfig,
+    stats: LoadStats,
+    progress: str | None = None,
 ) -> list[dict[str, Any]]:
     d = cfg.data
     return pair_features(
@@ -192,14 +200,14 @@ class RewardTrainer:
 
     def __init__(
         self,
-        config: Any = None,
+        config: RMConfig | dict[str, Any] | str | Path | None = None,
         *,
-        model: Any = None,
-        processing_class: Any = None,
+        model: str | Path | PreTrainedModel | ValueHeadModel | None = None,
+        processing_class: str | Path | PreTrainedTokenizerBase | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         test_dataset: Any = None,
-        peft_config: Any = None,
+        peft_config: LoraConfig | None = None,
         callbacks: list[Any] | None = None,
         resume: bool = False,
         overwrite: bool = False,

@@ -60,6 +60,7 @@ from .loop import LoopSpec, train_loop
 from .run import RunContext, open_run
 
 if TYPE_CHECKING:
+    from peft import LoraConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from ppomax.data.io import OnError
@@ -214,13 +215,13 @@ class SFTTrainer:
 
     def __init__(
         self,
-        config: Any = None,
+        config: SFTConfig | dict[str, Any] | str | Path | None = None,
         *,
         model: str | Path | PreTrainedModel | None = None,
         processing_class: str | Path | PreTrainedTokenizerBase | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
-        peft_config: Any = None,
+        peft_config: LoraConfig | None = None,
         callbacks: list[Any] | None = None,
         resume: bool = False,
         overwrite: bool = False,
