@@ -1,7 +1,7 @@
 """How much of the PPO iteration's forwards is padding: token positions counted, not timed.
 
     .venv/bin/python bench/padding.py [--model DIR] [--iterations 20] [--micro 0 8 4] [--max-new-tokens 128]
-    .venv/bin/python bench/padding.py --micro 8 --time 1 [--device cuda] [--threads 1]   # + the real model's time
+    .venv/bin/python bench/padding.py --micro 0 8 --time 1 [--device cuda] [--threads 1]   # + the real model's time
 
 Prompts: the HH-RLHF harmless test pairs (../shared/data/hh-rlhf-harmless-test.jsonl.gz, relative to the
 repository root) rendered with the chat template of the real model's tokenizer (SmolLM2-135M-Instruct by default,
@@ -15,21 +15,25 @@ lengths matter: sequences are pad ids), merges them as the trainer does and coun
 separate scoring pass (each rollout batch in chunks of the micro-batch size) and of the update (``--epochs``
 passes over shuffled minibatches, each in micro-batches), the positions it computes (rows x width) and the real
 ones (the attention mask). Chunks are formed two ways: ``consecutive`` (rows in their shuffled order) and
-``grouped`` (:meth:`Experience.micro_batches`, where the checkout has it). ``packed`` estimates packing (not
-implemented in ppomax): each consecutive chunk's sequences (prompt + response, no padding between them) packed
-first-fit decreasing into rows as wide as its longest sequence, so no row's attention is wider than today's. The
-policy, reference and critic forwards of a chunk have the same rows and width: the shares are every model's.
+``grouped`` (:meth:`Experience.micro_batches`, where the checkout has it). ``packed`` is ``ppo.pack_sequences``
+(where the checkout has :mod:`ppomax.ppo.packing`): the chunks ppomax forms (grouped where it groups) packed by
+ppomax's own code, each chunk's sequences (prompt + response, no padding between them) first-fit decreasing into
+rows as wide as its longest sequence, so no row's attention is wider than the padded one's. The policy, reference
+and critic forwards of a chunk have the same rows and width: the shares are every model's.
 ``--time N`` also times the real model on the first N minibatches of one iteration (seed 0): the policy's
 forward and backward (``Forward.response_logits``, a token-mean log-prob loss) over each micro-batch, rows laid out
-as above with random token ids, consecutive then grouped, one warm-up micro-batch first; the process's CPU time
-(one thread: usable on a busy machine) and the wall time (CUDA synchronised).
-Uses only API that older versions have too, so the same command measures any checkout (``PYTHONPATH=.../src``).
+as above with random token ids, consecutive, grouped, then packed, one warm-up micro-batch first; the process's
+CPU time (one thread: usable on a busy machine) and the wall time (CUDA synchronised).
+Works with older checkouts too (their ``Forward`` API; no packed column), so the same command measures any
+checkout (``PYTHONPATH=.../src``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
+import inspect
 import json
 import sys
 import tempfile
@@ -99,35 +103,39 @@ def chunks(exp: object, size: int | None, how: str) -> list[list[int]]:
     return [list(range(lo, min(lo + step, n))) for lo in range(0, n, step)]
 
 
-def count(exp: object, size: int | None, how: str, tally: dict[str, int]) -> None:
-    """Add the positions and real tokens of ``exp``'s forwards in chunks of ``size`` rows to ``tally``."""
+def packer() -> Any:
+    """ppomax's packing of a chunk (:func:`ppomax.ppo.packing.pack`), None in checkouts without it."""
+    try:
+        from ppomax.ppo.packing import pack
+    except ImportError:
+        return None
+    return pack
+
+
+def count(exp: object, size: int | None, how: str, tally: dict[str, int], packed: bool) -> None:
+    """Add the positions and real tokens of ``exp``'s forwards in chunks of ``size`` rows to ``tally`` (and, if
+    ``packed``, the positions of the chunks packed)."""
     parts = chunks(exp, size, how)
+    pack = packer() if packed else None
     for rows in parts:
         chunk = exp if len(parts) == 1 else exp.select(rows)  # type: ignore[attr-defined]
         tally["positions"] += chunk.attention_mask.numel()
         tally["real"] += int(chunk.attention_mask.sum())
         tally["forwards"] += 1
-        if how == "consecutive":
-            lengths = (chunk.prompt_lens + chunk.response_lens).tolist()
-            tally["packed"] += packed_rows(lengths) * max(lengths)
-
-
-def packed_rows(lengths: list[int]) -> int:
-    """Rows needed to pack sequences of these lengths first-fit decreasing into rows of the longest one."""
-    rows: list[int] = []
-    for n in sorted(lengths, reverse=True):
-        fit = next((i for i, used in enumerate(rows) if used + n <= max(lengths)), None)
-        if fit is None:
-            rows.append(n)
-        else:
-            rows[fit] += n
-    return len(rows)
+        if pack is not None:
+            out = pack(chunk.sequences, chunk.prompt_lens, chunk.response_lens, chunk.prompt_width)
+            tally["packed"] += out.input_ids.numel()
 
 
 def iteration(
-    lengths: list[tuple[int, int]], args: argparse.Namespace, micro: int | None, how: str, seed: int
+    lengths: list[tuple[int, int]],
+    args: argparse.Namespace,
+    micro: int | None,
+    how: str,
+    seed: int,
+    packed: bool = False,
 ) -> dict[str, dict[str, int]]:
-    """The counts of one iteration's scoring pass and update."""
+    """The counts of one iteration's scoring pass and update (and of their chunks packed, if ``packed``)."""
     from ppomax.ppo.experience import Experience
 
     g = torch.Generator().manual_seed(seed)
@@ -136,20 +144,21 @@ def iteration(
     batches = []
     for lo in range(0, args.buffer, args.rollout):
         exp = rollout_batch(drawn[lo : lo + args.rollout])
-        count(exp, micro, how, tallies["scoring"])
+        count(exp, micro, how, tallies["scoring"], packed)
         batches.append(exp)
     buffer = Experience.cat(batches, pad_id=0)
     for _ in range(args.epochs):
         perm = torch.randperm(buffer.batch_size, generator=g)
         for lo in range(0, buffer.batch_size, args.minibatch):
-            count(buffer.select(perm[lo : lo + args.minibatch]), micro, how, tallies["update"])
+            count(buffer.select(perm[lo : lo + args.minibatch]), micro, how, tallies["update"], packed)
     return tallies
 
 
 def time_update(
     lengths: list[tuple[int, int]], args: argparse.Namespace, micro: int, ways: list[str]
 ) -> None:
-    """Print the real policy's forward+backward time over the micro-batches of ``args.time`` minibatches."""
+    """Print the real policy's forward+backward time over the micro-batches of ``args.time`` minibatches: for each
+    way of forming the chunks, padded, then (where the checkout packs) the last way's chunks packed."""
     from transformers import AutoModelForCausalLM
 
     from ppomax.ppo.experience import Experience
@@ -158,7 +167,12 @@ def time_update(
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
-    fwd = Forward(model, temperature=1.0)
+    # the Forward API of this checkout: the experience chunk (and packing), or its padded tensors
+    takes_chunk = "batch" in inspect.signature(Forward.response_logits).parameters
+    can_pack = takes_chunk and packer() is not None
+    fwds = {False: Forward(model, temperature=1.0)}
+    if can_pack:
+        fwds[True] = Forward(model, temperature=1.0, pack=True)  # type: ignore[call-arg]
     g = torch.Generator().manual_seed(0)
     drawn = [lengths[i] for i in torch.randperm(len(lengths), generator=g)[: args.buffer].tolist()]
     buffer = Experience.cat(
@@ -170,30 +184,43 @@ def time_update(
         buffer.select(perm[lo : lo + args.minibatch]) for lo in range(0, buffer.batch_size, args.minibatch)
     ]
 
-    def run(e: Any) -> None:
-        seqs, mask = e.sequences.to(device), e.attention_mask.to(device)
-        logits = fwd.response_logits(model, seqs, mask, e.prompt_width)
+    def run(e: Any, packed: bool = False) -> None:
+        fwd = fwds[packed]
+        seqs, mask, rmask = e.sequences.to(device), e.attention_mask.to(device), e.response_mask.to(device)
+        if takes_chunk:
+            on_device = dataclasses.replace(e, sequences=seqs, attention_mask=mask, response_mask=rmask)
+            logits = fwd.response_logits(model, on_device)
+        else:
+            logits = fwd.response_logits(model, seqs, mask, e.prompt_width)  # type: ignore[call-arg]
         lp = fwd.logprobs(logits, seqs[:, e.prompt_width :])
-        rmask = e.response_mask.to(device)
         (-(lp * rmask).sum() / rmask.sum()).backward()
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    run(minibatches[0].select(list(range(micro))))  # warm-up
-    for how in ways:
+    warm = minibatches[0].select(list(range(micro)))
+    for packed in fwds:
+        run(warm, packed)  # warm-up
+    runs = [(how, False) for how in ways] + ([(ways[-1], True)] if can_pack else [])
+    pack = packer()
+    for how, packed in runs:
         sync()
         cpu, wall, positions = time.process_time(), time.perf_counter(), 0
         for mb in minibatches[: args.time]:
             for rows in chunks(mb, micro, how):
                 part = mb.select(rows)
-                positions += part.attention_mask.numel()
-                run(part)
+                if packed:
+                    out = pack(part.sequences, part.prompt_lens, part.response_lens, part.prompt_width)
+                    positions += out.input_ids.numel()
+                else:
+                    positions += part.attention_mask.numel()
+                run(part, packed)
         sync()
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        name = f"{how}, packed" if packed else how
         print(
-            f"time, micro_batch_size {micro}, {how}: CPU {cpu:.1f} s, wall {wall:.1f} s over {positions} positions "
+            f"time, micro_batch_size {micro}, {name}: CPU {cpu:.1f} s, wall {wall:.1f} s over {positions} positions "
             f"({args.time} minibatch(es))"
         )
 
@@ -239,10 +266,15 @@ def main() -> int:
     )
     print("| micro_batch_size | pass | " + " | ".join(ways) + " | packed |")
     print("|---|---|" + "---|" * (len(ways) + 1))
+    packs = packer() is not None
     for micro in args.micro:
         size = micro or None
+        # the chunks ppomax forms (the last way) are the ones it packs
         totals = {
-            how: [iteration(lengths, args, size, how, seed) for seed in range(args.iterations)]
+            how: [
+                iteration(lengths, args, size, how, seed, packed=packs and how == ways[-1])
+                for seed in range(args.iterations)
+            ]
             for how in ways
         }
         for part in ("scoring", "update"):
@@ -252,8 +284,8 @@ def main() -> int:
                 real = sum(t[part]["real"] for t in totals[how])
                 fwd = totals[how][0][part]["forwards"]
                 cells.append(f"{1 - real / pos:.1%} ({fwd})")
-            packed = sum(t[part]["packed"] for t in totals["consecutive"])
-            cells.append(f"{1 - real / packed:.1%}")
+            packed = sum(t[part]["packed"] for t in totals[ways[-1]])
+            cells.append(f"{1 - real / packed:.1%}" if packed else "-")
             print(f"| {micro or 'null'} | {part} | " + " | ".join(cells) + " |")
     if args.time:
         for micro in args.micro:

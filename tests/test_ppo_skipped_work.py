@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from ppo_helpers import config, make_setup, reward_fn
-from ppomax.errors import UserError
+from ppomax.errors import ConfigError, UserError
 from ppomax.ppo import PPOTrainer
+from ppomax.ppo import models as ppo_models
 from ppomax.ppo import scoring as ppo_scoring
 from ppomax.ppo import trainer as ppo_trainer
 from ppomax.ppo.experience import Experience
@@ -253,7 +254,7 @@ def test_scoring_micro_batches_drop_the_columns_that_are_padding_in_all_their_ro
     monkeypatch.setattr(
         Forward,
         "response_logits",
-        lambda fwd, model, seqs, *a: (widths.append(seqs.shape[1]), real(fwd, model, seqs, *a))[1],
+        lambda fwd, model, batch: (widths.append(batch.sequences.shape[1]), real(fwd, model, batch))[1],
     )
     exp = tr.generate(rows, tr.data.prompts)
     tr.rollouts.score(exp)
@@ -293,12 +294,12 @@ def test_update_micro_batches_group_rows_of_similar_length(setup, tmp_path, monk
     monkeypatch.setattr(
         Forward,
         "response_logits",
-        lambda fwd, model, seqs, *a: (widths.append(seqs.shape[1]), logits(fwd, model, seqs, *a))[1],
+        lambda fwd, model, batch: (widths.append(batch.sequences.shape[1]), logits(fwd, model, batch))[1],
     )
     monkeypatch.setattr(
         Forward,
         "values",
-        staticmethod(lambda model, seqs, *a: (widths.append(seqs.shape[1]), values(model, seqs, *a))[1]),
+        lambda fwd, model, batch: (widths.append(batch.sequences.shape[1]), values(fwd, model, batch))[1],
     )
     tr.scoring.update(exp, 1, False, kl_coef=tr.cfg.ppo.kl.coef)
     full, narrow = exp.sequences.shape[1], _short_width(exp, short)
@@ -392,17 +393,17 @@ def test_unfused_updates_free_one_models_graph_before_the_other_models_forward(s
             events.append("policy forward")
         return logits(fwd, model, *args, **kwargs)
 
-    def spy_values(critic, *args, **kwargs):
+    def spy_values(fwd, critic, *args, **kwargs):
         if torch.is_grad_enabled():
             events.append("critic forward")
-        return values(critic, *args, **kwargs)
+        return values(fwd, critic, *args, **kwargs)
 
     def spy_backward(self, loss):
         events.append(f"{names[id(self.model)]} backward")
         return backward(self, loss)
 
     monkeypatch.setattr(Forward, "response_logits", spy_logits)
-    monkeypatch.setattr(Forward, "values", staticmethod(spy_values))
+    monkeypatch.setattr(Forward, "values", spy_values)
     monkeypatch.setattr(Optimised, "backward", spy_backward)
     tr.iteration(1)
     one = ["policy forward", "policy backward", "critic forward", "critic backward"]
@@ -459,3 +460,108 @@ def test_logprobs_from_generate_needs_an_engine_with_logits(setup, tmp_path):
     with pytest.raises(UserError, match="logprobs_from: generate needs a rollout engine") as err:
         tr.iteration(1)
     assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------- packed sequences
+
+
+class CountPositions:
+    """Positions of the batches ``Forward``'s response logits and values run on (rows x width, padded) and of the
+    packed rows they actually run on (``ppo.pack_sequences``)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.padded: list[int] = []
+        self.packed: list[int] = []
+        logits, values, pack = Forward.response_logits, Forward.values, ppo_models._pack
+
+        def spy_logits(fwd, model, batch):
+            self.padded.append(batch.sequences.numel())
+            return logits(fwd, model, batch)
+
+        def spy_values(fwd, critic, batch):
+            self.padded.append(batch.sequences.numel())
+            return values(fwd, critic, batch)
+
+        def spy_pack(batch):
+            out = pack(batch)
+            self.packed.append(out.input_ids.numel())
+            return out
+
+        monkeypatch.setattr(Forward, "response_logits", spy_logits)
+        monkeypatch.setattr(Forward, "values", spy_values)
+        monkeypatch.setattr(ppo_models, "_pack", spy_pack)
+
+
+CRITIC_FREE = ("ppo.advantage_estimator=reinforce_pp", "ppo.critic_pretrain_steps=0")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "over",
+    [
+        (),
+        ("ppo.micro_batch_size=6",),
+        ("ppo.minibatch_size=4",),
+        CRITIC_FREE,
+        (*CRITIC_FREE, "ppo.micro_batch_size=6"),
+        ("model.lora={r: 4}", "ppo.micro_batch_size=6"),
+    ],
+    ids=[
+        "fused",
+        "micro_batches",
+        "two_minibatches",
+        "critic_free_fused",
+        "critic_free_micro_batches",
+        "lora",
+    ],
+)
+def test_packed_sequences_give_the_padded_iterations(setup, tmp_path, monkeypatch, over):
+    """ppo.pack_sequences over rows of very uneven lengths: two iterations (scoring pass, fused or apart, and
+    update; with and without micro-batches; with a critic and critic-free; under LoRA, the reference being
+    the policy with its adapters off) give the metrics and weights of the
+    padded run within float rounding, every forward over the packed rows only, never more positions than the padded ones and fewer
+    in all."""
+    results = []
+    for packed in (False, True):
+        with monkeypatch.context() as mp:
+            count = CountPositions(mp)
+            tr, rows, _ = _uneven(
+                setup, tmp_path / str(packed), f"ppo.pack_sequences={packed}", *over, interleaved=True
+            )
+            tr.data.prompt_stream.take = lambda k, rows=rows: rows
+            assert tr.scoring.name == ("fused" if over in ((), CRITIC_FREE) else "separate")
+            count.packed.clear()  # the start-up check's
+            metrics = [_metrics(tr.iteration(step)) for step in (1, 2)]
+            critic = flat(tr.critic) if tr.critic is not None else None
+            results.append((metrics, flat(tr.policy), critic))
+        if packed:
+            assert len(count.packed) == len(count.padded) > 0
+            assert all(a <= b for a, b in zip(count.packed, count.padded, strict=True))
+            assert sum(count.packed) < sum(count.padded), (count.packed, count.padded)
+        else:
+            assert not count.packed
+    (m0, p0, c0), (m1, p1, c1) = results
+    for a, b in zip(m0, m1, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6, nan_ok=True), k
+    torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6)
+    if c0 is not None:
+        torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-6)
+
+
+def test_packing_is_refused_where_the_attention_lets_packed_sequences_see_each_other(
+    setup, tmp_path, monkeypatch
+):
+    """An attention that does not honour packed position ids (here: transformers without its detection of packed
+    sequences) would silently change every output: the start-up check refuses it in one line naming the key and
+    the attention implementation. Padded forwards do not depend on it."""
+    from transformers import masking_utils
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(ConfigError, match=r"^ppo\.pack_sequences: model\.policy's packed forward") as err:
+        make(setup, tmp_path / "packed", "ppo.pack_sequences=true")
+    assert "\n" not in str(err.value) and "attention implementation (ppomax_cpu_float32_sdpa)" in str(
+        err.value
+    )
+    make(setup, tmp_path / "padded").iteration(1)

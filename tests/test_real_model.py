@@ -194,3 +194,59 @@ def test_the_real_model_benchmark_runs_end_to_end(model_dir, tmp_path):
         assert summary[f"ppo_{mode}_metrics"], mode
         assert summary[f"eval_{mode}"]["win_tie_lose"]["n"] == 8
     assert all(s.startswith("<|im_start|>system") for s in summary["samples"]["prompts"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_forwards_of_the_real_model_equal_its_padded_ones(model_dir, dtype):
+    """ppo.pack_sequences on SmolLM2 (sdpa, loaded as ppomax loads a policy): chat-templated prompts and answers of
+    uneven lengths give the padded forward's per-token log-probs and critic values (a fresh head) on the response
+    mask, within float rounding (float32: 1e-4; bfloat16 weights: 0.05), and the start-up check passes."""
+    from transformers import AutoTokenizer
+
+    from ppomax.models import ValueHeadModel, load_causal_lm
+    from ppomax.ppo.experience import Experience
+    from ppomax.ppo.models import Forward, check_packed_forwards
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = load_causal_lm(model_dir, dtype=dtype).eval()
+    pairs = [
+        (QUESTION, "The capital of France is Paris."),
+        ("Hi", "Hello! How can I help you today? I can answer questions, write text and explain ideas."),
+        ("Tell me a long story about a dragon who learned to read.", "No."),
+        ("Count to five.", "1, 2, 3, 4, 5."),
+    ]
+    prompts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        for q, _ in pairs
+    ]
+    answers = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, a in pairs]
+    p_w, r_w = max(map(len, prompts)), max(map(len, answers))
+    seqs = torch.full((len(pairs), p_w + r_w), tok.pad_token_id)
+    mask = torch.zeros_like(seqs)
+    for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        seqs[i, p_w - len(p) : p_w + len(a)] = torch.tensor(p + a)
+        mask[i, p_w - len(p) : p_w + len(a)] = 1
+    exp = Experience(
+        sequences=seqs,
+        attention_mask=mask,
+        response_mask=mask[:, p_w:].bool(),
+        prompt_width=p_w,
+        prompt_lens=torch.tensor(list(map(len, prompts))),
+        response_lens=torch.tensor(list(map(len, answers))),
+        truncated=torch.zeros(len(pairs), dtype=torch.bool),
+    )
+    padded, packed = Forward(model, 1.0), Forward(model, 1.0, pack=True)
+    critic = ValueHeadModel(model, seed=1)
+    on, labels, tol = exp.response_mask, exp.responses_ids, 1e-4 if dtype == "float32" else 0.05
+    with torch.no_grad():
+        a = padded.logprobs(padded.response_logits(model, exp), labels)
+        b = packed.logprobs(packed.response_logits(model, exp), labels)
+        torch.testing.assert_close(b[on], a[on], atol=tol, rtol=0)
+        torch.testing.assert_close(
+            packed.values(critic, exp)[on], padded.values(critic, exp)[on], atol=tol, rtol=0
+        )
+    check_packed_forwards(
+        packed, {"model.policy": model, "model.critic": critic}, len(tok), torch.device("cpu")
+    )

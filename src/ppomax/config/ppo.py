@@ -285,6 +285,13 @@ class PPOSettings(Section):
         description="Rows per forward/backward inside a minibatch (gradient accumulation, to bound memory); "
         "null = the whole minibatch at once. One optimiser step per minibatch either way. Ours.",
     )
+    pack_sequences: bool = Field(
+        False,
+        description="Forwards of the scoring pass and the update over packed sequences (each row's prompt + "
+        "response laid end to end, rows as wide as the longest) instead of padded rows; the same outputs. Needs "
+        "an attention that honours packed position ids (transformers' sdpa, eager, flash), checked at start-up. "
+        "Ours.",
+    )
     ppo_epochs: int = Field(
         1, gt=0, description="One pass over a small buffer keeps updates on-policy: ours, as MOSS-RLHF code."
     )

@@ -147,9 +147,14 @@ class ValueHeadModel(torch.nn.Module):
     # ------------------------------------------------------------------ forward
 
     def _hidden_and_logits(
-        self, input_ids: Tensor, attention_mask: Tensor, return_lm_logits: bool
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        position_ids: Tensor | None,
+        return_lm_logits: bool,
     ) -> tuple[Tensor, Tensor | None]:
-        position_ids = position_ids_from_mask(attention_mask)
+        if position_ids is None and attention_mask is not None:
+            position_ids = position_ids_from_mask(attention_mask)
         if not return_lm_logits:
             # The decoder alone: no [B, T, V] logits and no per-layer hidden states materialised.
             base = _decoder(self.backbone)
@@ -174,16 +179,21 @@ class ValueHeadModel(torch.nn.Module):
     def forward(
         self,
         input_ids: Tensor,
-        attention_mask: Tensor,
+        attention_mask: Tensor | None,
         return_lm_logits: bool = False,
         value_head: torch.nn.Linear | None = None,
+        position_ids: Tensor | None = None,
     ) -> ValueHeadOutput:
         """input_ids, attention_mask: [B, T] (any padding side) -> values [B, T], scores [B], lm_logits.
-        ``value_head``: another head to read the backbone with (:class:`ppomax.models.lora.RewardOnCriticBase`)."""
-        hidden, logits = self._hidden_and_logits(input_ids, attention_mask, return_lm_logits)
+        ``value_head``: another head to read the backbone with (:class:`ppomax.models.lora.RewardOnCriticBase`).
+        ``position_ids`` (default: counted from the mask) with ``attention_mask=None``: packed sequences
+        (:mod:`ppomax.ppo.packing`), each attending to itself only; the score is then read as without a mask
+        (the last token that is not padding), which for packed rows means nothing: read ``values``."""
+        hidden, logits = self._hidden_and_logits(input_ids, attention_mask, position_ids, return_lm_logits)
         head = self.value_head if value_head is None else value_head
         values = head(hidden.to(head.weight.dtype)).squeeze(-1).float()
-        idx = score_token_index(input_ids, attention_mask, self.pad_token_id)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        idx = score_token_index(input_ids, mask, self.pad_token_id)
         scores = values.gather(1, idx.unsqueeze(1)).squeeze(1)
         return ValueHeadOutput(values=values, scores=scores, lm_logits=logits)
 

@@ -149,9 +149,8 @@ class FusedUpdater(Updater):
     def _forward(self, mb: Experience, critic_only: bool) -> tuple[Tensor | None, Tensor | None]:
         """The trained models' forwards on ``mb``: (policy response logits, None if ``critic_only``; values,
         None without a critic)."""
-        seqs, attn, width = mb.sequences, mb.attention_mask, mb.prompt_width
-        logits = None if critic_only else self.fwd.response_logits(self.policy.model, seqs, attn, width)
-        values = None if self.critic is None else self.fwd.values(self.critic.model, seqs, attn, width)
+        logits = None if critic_only else self.fwd.response_logits(self.policy.model, mb)
+        values = None if self.critic is None else self.fwd.values(self.critic.model, mb)
         return logits, values
 
     @torch.no_grad()
@@ -175,8 +174,8 @@ class FusedUpdater(Updater):
         if rows.ref_logprobs is None:
             assert logits is not None and reference is not None, "the reference runs beside the policy"
             names += ["ref_logprobs", "ref_raw_logprobs", "exact_kl"]
-            seqs, labels = rows.sequences, rows.responses_ids
-            ref = fwd.response_logits(reference, seqs, rows.attention_mask, rows.prompt_width)
+            labels = rows.responses_ids
+            ref = fwd.response_logits(reference, rows)
             rows.ref_logprobs = fwd.logprobs(ref, labels)
             rows.ref_raw_logprobs = (
                 rows.ref_logprobs if fwd.temperature == 1.0 else fwd.logprobs(ref, labels, raw=True)

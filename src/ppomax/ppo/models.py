@@ -36,6 +36,7 @@ from torch import Tensor
 from ppomax.algos import entropy_from_logits, logprobs_from_logits
 from ppomax.config import PPOConfig
 from ppomax.data import pad_id_of
+from ppomax.errors import ConfigError
 from ppomax.models import (
     AdaptersOff,
     RewardOnCriticBase,
@@ -59,10 +60,14 @@ from ppomax.trainers.inputs import (
 )
 from ppomax.trainers.launch import ONE_PROCESS, Engine, reference_dtype, trained_dtype
 
+from .packing import PackedChunk, pack
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from ppomax.models.adapter_dir import CausalLM
+
+    from .experience import Experience
 
 _Model = TypeVar("_Model", bound=torch.nn.Module)
 
@@ -267,35 +272,54 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
 class Forward:
     """Forward passes over a batch laid out as in :class:`~ppomax.ppo.experience.Experience`.
 
-    Every call passes position ids counted from the attention mask (as ``generate`` did), so a row's outputs
-    do not depend on the padding around it, and asks the LM head only for the ``R + 1`` last positions when the
-    model supports ``logits_to_keep`` (the prompt's logits are never needed).
+    Padded (the default), every call passes position ids counted from the attention mask (as ``generate`` did),
+    so a row's outputs do not depend on the padding around it, and asks the LM head only for the ``R + 1`` last
+    positions when the model supports ``logits_to_keep`` (the prompt's logits are never needed).
+
+    Packed (``pack``: ``ppo.pack_sequences``), the rows' real tokens are packed into fewer rows
+    (:mod:`ppomax.ppo.packing`) and the model is called with their position ids, no attention mask and no cache
+    (the two conditions under which transformers' attention keeps packed sequences apart); the outputs are
+    gathered back into the padded layout, so every caller reads the same ``[B, R, ...]`` tensors either way.
+    The LM head then runs on every packed position. :func:`check_packed_forwards` checks once that a model's
+    attention honours the packing.
     """
 
-    def __init__(self, policy_unwrapped: torch.nn.Module, temperature: float) -> None:
+    def __init__(self, policy_unwrapped: torch.nn.Module, temperature: float, pack: bool = False) -> None:
         self.temperature = temperature
         self.keep_logits = _accepts(policy_unwrapped, "logits_to_keep")
+        self.pack = pack
 
-    def response_logits(
-        self,
-        model: torch.nn.Module | AdaptersOff,
-        sequences: Tensor,
-        attention_mask: Tensor,
-        prompt_width: int,
-    ) -> Tensor:
-        """[B, R, V] logits predicting response tokens 0..R-1 (from columns P-1 .. P+R-2)."""
-        r = sequences.shape[1] - prompt_width
+    def response_logits(self, model: torch.nn.Module | AdaptersOff, batch: Experience) -> Tensor:
+        """[B, R, V] logits predicting ``batch``'s response tokens 0..R-1 (from columns P-1 .. P+R-2)."""
+        if self.pack:
+            return self._packed_logits(model, batch)
+        return self._padded_logits(model, batch)
+
+    def _padded_logits(self, model: torch.nn.Module | AdaptersOff, batch: Experience) -> Tensor:
+        seqs, mask = batch.sequences, batch.attention_mask
+        r = batch.response_width
         kwargs: dict[str, Any] = {}
         if self.keep_logits:
             kwargs["logits_to_keep"] = r + 1
         out = model(
-            input_ids=sequences,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
+            input_ids=seqs,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
             use_cache=False,
             **kwargs,
         )
         return out.logits[:, -(r + 1) : -1]
+
+    @staticmethod
+    def _packed_logits(model: torch.nn.Module | AdaptersOff, batch: Experience) -> Tensor:
+        packed = _pack(batch)
+        out = model(
+            input_ids=packed.input_ids,
+            attention_mask=None,
+            position_ids=packed.position_ids,
+            use_cache=False,
+        )
+        return packed.gather(out.logits)
 
     def logprobs(self, logits: Tensor, labels: Tensor, raw: bool = False) -> Tensor:
         """Log-probs of ``labels`` under the logits the ratio/KL use (temperature-scaled unless ``raw``)."""
@@ -304,13 +328,21 @@ class Forward:
     def entropy(self, logits: Tensor) -> Tensor:
         return entropy_from_logits(logits, self.temperature)
 
-    @staticmethod
-    def values(
-        critic: torch.nn.Module, sequences: Tensor, attention_mask: Tensor, prompt_width: int
-    ) -> Tensor:
+    def values(self, critic: torch.nn.Module, batch: Experience) -> Tensor:
         """[B, R] critic values V(s_j): the value read at the column before response token j."""
-        v = critic(sequences, attention_mask).values
-        return v[:, prompt_width - 1 : -1]
+        if self.pack:
+            return self._packed_values(critic, batch)
+        return self._padded_values(critic, batch)
+
+    @staticmethod
+    def _padded_values(critic: torch.nn.Module, batch: Experience) -> Tensor:
+        v = critic(batch.sequences, batch.attention_mask).values
+        return v[:, batch.prompt_width - 1 : -1]
+
+    @staticmethod
+    def _packed_values(critic: torch.nn.Module, batch: Experience) -> Tensor:
+        packed = _pack(batch)
+        return packed.gather(critic(packed.input_ids, None, position_ids=packed.position_ids).values)
 
     @staticmethod
     def lm_loss_inputs(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -324,3 +356,70 @@ class Forward:
         )
         labels = batch["labels"][:, 1:]
         return out.logits[:, :-1], labels, labels != -100
+
+
+def _pack(batch: Experience) -> PackedChunk:
+    return pack(batch.sequences, batch.prompt_lens, batch.response_lens, batch.prompt_width)
+
+
+# (prompt, response) lengths of the batch check_packed_forwards runs: packed into rows of 8, the two short
+# sequences share the second row, the last one starting mid-row
+_CHECK_LENGTHS = ((3, 5), (2, 2), (1, 2))
+PACKING_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
+"""Largest packed-vs-padded gap (per-token log-probs, values) check_packed_forwards accepts, by output dtype;
+0.05 for 16-bit outputs (their rounding, not a leak between sequences, which moves a real model's log-probs by
+nats)."""
+
+
+@torch.no_grad()
+def check_packed_forwards(
+    fwd: Forward,
+    models: dict[str, torch.nn.Module | AdaptersOff | None],
+    vocab_size: int,
+    device: torch.device,
+) -> None:
+    """Check once that each model's packed forward gives its padded forward's per-token log-probs (causal LMs)
+    or values (``model.critic``) on a tiny batch of random tokens, within :data:`PACKING_TOLERANCE`; else a
+    one-line ConfigError naming ``ppo.pack_sequences`` and the model's attention implementation. An attention
+    that ignores packed position ids (a model's own code, a custom kernel) lets a sequence attend to the one
+    packed before it, which silently changes every output."""
+    from .experience import Experience
+
+    p_w, r_w = max(p for p, _ in _CHECK_LENGTHS), max(r for _, r in _CHECK_LENGTHS)
+    mask = torch.zeros(len(_CHECK_LENGTHS), p_w + r_w, dtype=torch.long)
+    for i, (p, r) in enumerate(_CHECK_LENGTHS):
+        mask[i, p_w - p : p_w + r] = 1
+    gen = torch.Generator().manual_seed(0)
+    sequences = torch.randint(0, vocab_size, mask.shape, generator=gen) * mask
+    batch = Experience(
+        sequences=sequences.to(device),
+        attention_mask=mask.to(device),
+        response_mask=mask[:, p_w:].bool().to(device),
+        prompt_width=p_w,
+        prompt_lens=torch.tensor([p for p, _ in _CHECK_LENGTHS]),
+        response_lens=torch.tensor([r for _, r in _CHECK_LENGTHS]),
+        truncated=torch.zeros(len(_CHECK_LENGTHS), dtype=torch.bool, device=device),
+    )
+    on = batch.response_mask
+    for key, model in models.items():
+        if model is None:
+            continue
+        if isinstance(model, ValueHeadModel):
+            padded, packed = fwd._padded_values(model, batch), fwd._packed_values(model, batch)
+            what, dtype = "values", next(model.backbone.parameters()).dtype
+        else:
+            logits = fwd._padded_logits(model, batch)
+            padded = fwd.logprobs(logits, batch.responses_ids, raw=True)
+            packed = fwd.logprobs(fwd._packed_logits(model, batch), batch.responses_ids, raw=True)
+            what, dtype = "log-probs", logits.dtype
+        tolerance = PACKING_TOLERANCE.get(dtype, 0.05)
+        gap = float((padded[on].float() - packed[on].float()).abs().max())
+        if not gap <= tolerance:  # NaN too
+            inner = model.model if isinstance(model, AdaptersOff) else model
+            impl = getattr(getattr(inner, "config", None), "_attn_implementation", None) or "unknown"
+            raise ConfigError(
+                f"ppo.pack_sequences: {key}'s packed forward gives {what} {gap:.3g} away from its padded "
+                f"forward (tolerance {tolerance:g}): its attention implementation ({impl}) does not keep packed "
+                "sequences apart; load the model with transformers' sdpa, eager or flash_attention_2 attention, "
+                "or set ppo.pack_sequences: false"
+            )

@@ -73,13 +73,12 @@ def score_experience(
         # whole batch (to float rounding); its per-token outputs are padded back to the batch's R with zeros
         # (off the response mask, never read).
         chunk = exp if len(chunks) == 1 else exp.select(rows)
-        seqs, mask, width = chunk.sequences, chunk.attention_mask, chunk.prompt_width
-        labels = seqs[:, width:]
+        labels = chunk.responses_ids
         held = None
         for name, model in (("", policy), ("ref_", reference)):
             if model is None:
                 continue
-            logits = fwd.response_logits(model, seqs, mask, width)
+            logits = fwd.response_logits(model, chunk)
             lp = fwd.logprobs(logits, labels)
             out.setdefault(f"{name}logprobs", []).append(lp)
             out.setdefault(f"{name}raw_logprobs", []).append(
@@ -93,7 +92,7 @@ def score_experience(
                 held = None
             del logits
         if critic is not None:
-            out.setdefault("values", []).append(fwd.values(critic, seqs, mask, width))
+            out.setdefault("values", []).append(fwd.values(critic, chunk))
     order = torch.tensor([i for rows in chunks for i in rows])
     back = torch.argsort(order).to(exp.sequences.device)  # the chunks' rows in the batch's order
     for name, parts in out.items():

@@ -64,7 +64,7 @@ from .evaluation import evaluate
 from .experience import Experience
 from .fused import FusedScoring, FusedUpdater, fuses_scoring
 from .metrics import Stopwatch, iteration_metrics
-from .models import Forward, load_models
+from .models import Forward, check_packed_forwards, load_models
 from .reward_sources import RewardSources, build_reward_functions
 from .rollout import HFGenerateEngine, RolloutEngine, eos_ids_of
 from .schedule import schedule_notes
@@ -231,7 +231,18 @@ class PPOTrainer:
 
         from_generate = cfg.generation.logprobs_from == "generate"
         temperature = cfg.generation.temperature if cfg.generation.logprobs_from != "raw" else 1.0
-        fwd = Forward(acc.unwrap_model(policy), temperature)
+        fwd = Forward(acc.unwrap_model(policy), temperature, pack=p.pack_sequences)
+        if p.pack_sequences:
+            check_packed_forwards(
+                fwd,
+                {
+                    "model.policy": acc.unwrap_model(policy),
+                    "model.reference": models.reference,
+                    "model.critic": acc.unwrap_model(critic) if critic is not None else None,
+                },
+                acc.unwrap_model(policy).get_input_embeddings().num_embeddings,
+                acc.device,
+            )
         eos_ids = eos_ids_of(m.tokenizer, m.policy)
         self.rollouts = Rollouts(
             engine=engine

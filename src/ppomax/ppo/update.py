@@ -246,19 +246,18 @@ class Updater:
         ``mb``: (policy loss, 0 if ``critic_only``; critic loss, 0 without a critic; the policy's metrics; the
         critic's). The models go one after the other, each backward right after its forward, which frees that
         model's graph: the activations of one model are held at a time, not of both."""
-        seqs, attn, width = mb.sequences, mb.attention_mask, mb.prompt_width
-        zero = torch.zeros((), device=seqs.device)
+        zero = torch.zeros((), device=mb.sequences.device)
         policy_loss, critic_loss = zero, zero
         policy_metrics: dict[str, Tensor] = {}
         critic_metrics: dict[str, Tensor] = {}
         # one backward per model (the two graphs share nothing): each engine owns its own gradients
         if not critic_only:
-            logits = self.fwd.response_logits(self.policy.model, seqs, attn, width)
+            logits = self.fwd.response_logits(self.policy.model, mb)
             policy_loss, policy_metrics = self._policy_loss(mb, logits, kl_coef)
             self.policy.backward(policy_weight * policy_loss)
             del logits
         if self.critic is not None:
-            values = self.fwd.values(self.critic.model, seqs, attn, width)
+            values = self.fwd.values(self.critic.model, mb)
             critic_loss, critic_metrics = self._critic_loss(mb, values)
             self.critic.backward(critic_weight * critic_loss)
         return policy_loss, critic_loss, policy_metrics, critic_metrics
