@@ -237,7 +237,7 @@ def test_packed_forwards_of_the_real_model_equal_its_padded_ones(model_dir, dtyp
         response_lens=torch.tensor(list(map(len, answers))),
         truncated=torch.zeros(len(pairs), dtype=torch.bool),
     )
-    padded, packed = Forward(model, 1.0), Forward(model, 1.0, pack=True)
+    padded, packed = Forward(1.0), Forward(1.0, pack=True)
     critic = ValueHeadModel(model, seed=1)
     on, labels, tol = exp.response_mask, exp.responses_ids, 1e-4 if dtype == "float32" else 0.05
     with torch.no_grad():
