@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config
 
+from ppomax.errors import UserError
 from ppomax.models import AdaptersOff, position_ids_from_mask
 from ppomax.ppo.models import Forward
 from ppomax.ppo.packing import pack, padded_response_positions
@@ -211,3 +212,29 @@ def test_padded_response_positions_against_a_loop():
     assert out.source.tolist() == [b * total + p + j - 1 for b, j in pairs]
     assert out.target.tolist() == [b * 5 + j for b, j in pairs]
     assert (out.rows, out.width) == (4, 5)
+
+
+class ReshapesItsLogits(torch.nn.Module):
+    """A causal LM whose forward rearranges the logits its head returns (as a repository's own code might)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.inner.get_output_embeddings()
+
+    def forward(self, input_ids, logits_to_keep=0, **kwargs):
+        out = self.inner(input_ids=input_ids, logits_to_keep=logits_to_keep, **kwargs)
+        out.logits = out.logits.transpose(0, 1)
+        return out
+
+
+def test_logits_that_are_not_the_heads_output_are_refused_in_one_line():
+    """Where the head ran on the selected positions but the forward returns its logits otherwise laid out, the
+    logits are not misread: one line."""
+    exp = padded_batch(LENGTHS)
+    model = ReshapesItsLogits(_model("llama"))
+    with torch.no_grad(), pytest.raises(UserError, match=r"are not its LM head's output") as err:
+        Forward(1.0).response_logits(model, exp)
+    assert "\n" not in str(err.value)

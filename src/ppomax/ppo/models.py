@@ -39,7 +39,7 @@ from torch import Tensor
 from ppomax.algos import entropy_from_logits, logprobs_from_logits
 from ppomax.config import PPOConfig
 from ppomax.data import pad_id_of
-from ppomax.errors import ConfigError
+from ppomax.errors import ConfigError, UserError
 from ppomax.models import (
     AdaptersOff,
     RewardOnCriticBase,
@@ -397,8 +397,9 @@ def lm_head_on(
     the model does after its head, e.g. Gemma 2's logit soft-capping, applies as ever; DeepSpeed ZeRO-3 gathers
     the head's weight around the same call). Yields ``selected``: the forward's logits -> [B, R, V] at the
     response positions (:meth:`~ppomax.ppo.packing.ResponsePositions.scatter`), or None where the head did not
-    run on them (no ``head``, or not called as expected: the caller reads the logits as they are). The hook is
-    removed on leaving the block, also on an exception."""
+    run on them (no ``head``, or not called as expected: the caller reads the logits as they are; a UserError
+    where the head ran on them but the logits are not its output). The hook is removed on leaving the block, also
+    on an exception."""
     ran: list[bool] = []
 
     def select(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -409,8 +410,13 @@ def lm_head_on(
         return (positions.select(hidden), *args[1:])
 
     def selected(logits: Tensor) -> Tensor | None:
-        if not ran or logits.dim() != 3 or logits.shape[:2] != (1, len(positions.source)):
+        if not ran:
             return None
+        if logits.dim() != 3 or logits.shape[:2] != (1, len(positions.source)):  # never silently misread
+            raise UserError(
+                f"the model's logits {tuple(logits.shape)} are not its LM head's output on the {len(positions.source)} "
+                "response positions ppomax selected: its forward reshapes them; please report the model's class"
+            )
         return positions.scatter(logits[0])
 
     handle = head.register_forward_pre_hook(select) if head is not None else None
