@@ -9,9 +9,9 @@ import torch
 from ppo_helpers import config, make_setup, reward_fn
 from ppomax.errors import ConfigError, UserError
 from ppomax.ppo import PPOTrainer
+from ppomax.ppo import assembly as ppo_assembly
 from ppomax.ppo import models as ppo_models
 from ppomax.ppo import scoring as ppo_scoring
-from ppomax.ppo import trainer as ppo_trainer
 from ppomax.ppo.experience import Experience
 from ppomax.ppo.models import Forward
 from ppomax.trainers.optimised import Optimised
@@ -78,7 +78,7 @@ def _fused_and_apart(setup, tmp_path, monkeypatch, *over):
     for fused in (True, False):
         with monkeypatch.context() as mp:
             if not fused:
-                mp.setattr(ppo_trainer, "fuses_scoring", lambda p: False)
+                mp.setattr(ppo_assembly, "fuses_scoring", lambda p: False)
             count = CountForwards(mp)
             tr = make(setup, tmp_path / str(fused), *over)
             assert tr.scoring.name == ("fused" if fused else "separate")
