@@ -230,7 +230,7 @@ def test_reward_model_scores_in_micro_batches_and_packed_equal_one_padded_forwar
     )
     for chunk_size, packs in [(None, False), (None, True), (2, False), (2, True), (4, True)]:
         shapes.clear()
-        got = RewardSources(rm, 1.0, [], chunk_size=chunk_size, pack=packs).score_model(rm, exp)
+        got = RewardSources(rm, 1.0, [], chunk_size=chunk_size, pack=packs).score_model(exp)
         torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)
         chunks = [exp if chunk_size is None else exp.select(rows) for rows in exp.micro_batches(chunk_size)]
         if packs:

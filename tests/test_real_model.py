@@ -258,6 +258,6 @@ def test_packed_forwards_of_the_real_model_equal_its_padded_ones(model_dir, dtyp
     critic.use_pad_token(tok.pad_token_id)
     assert critic.pad_token_id == tok.eos_token_id
     with torch.no_grad():
-        scores = RewardSources(critic, 1.0, [], chunk_size=2, pack=True).score_model(critic, exp)
+        scores = RewardSources(critic, 1.0, [], chunk_size=2, pack=True).score_model(exp)
         torch.testing.assert_close(scores, critic.score(seqs, mask), atol=tol, rtol=0)
     check_packed_scores(critic, len(tok), torch.device("cpu"))

@@ -228,7 +228,7 @@ def check_packed_scores(model: ScoringModel, vocab_size: int, device: torch.devi
         mask[i, p_w - p : p_w + r] = 1
     tokens = torch.randint(0, vocab_size, mask.shape, generator=torch.Generator().manual_seed(0))
     pad = model.pad_token_id
-    if pad is not None:  # every token is read: the scores are those of the last tokens
+    if pad is not None:  # no pad id: each score is read at its sequence's last token, where a leak shows most
         tokens[tokens == pad] = (pad + 1) % vocab_size
     batch = Experience(
         sequences=(tokens * mask).to(device),
@@ -282,8 +282,10 @@ class RewardSources:
         self.pack = pack
 
     @torch.no_grad()
-    def score_model(self, model: ScoringModel, exp: Experience) -> Tensor:
+    def score_model(self, exp: Experience) -> Tensor:
         """[B] float32 reward-model scores of ``exp``'s full sequences, in its row order."""
+        model = self.model
+        assert model is not None, "score_model runs with a reward model only"
         chunks = exp.micro_batches(self.chunk_size)
         scores = []
         for rows in chunks:
@@ -318,7 +320,7 @@ class RewardSources:
         total = torch.zeros(exp.batch_size, dtype=torch.float32, device=device)
         parts: dict[str, Tensor] = {}
         if self.model is not None:
-            s = self.score_model(self.model, exp)
+            s = self.score_model(exp)
             parts[RM_KEY] = s
             total = total + self.model_weight * s
         if self.functions:
