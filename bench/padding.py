@@ -19,7 +19,10 @@ ones (the attention mask). Chunks are formed two ways: ``consecutive`` (rows in 
 (where the checkout has :mod:`ppomax.ppo.packing`): the chunks ppomax forms (grouped where it groups) packed by
 ppomax's own code, each chunk's sequences (prompt + response, no padding between them) first-fit decreasing into
 rows as wide as its longest sequence, so no row's attention is wider than the padded one's. The policy, reference
-and critic forwards of a chunk have the same rows and width: the shares are every model's.
+and critic forwards of a chunk have the same rows and width: the shares are every model's. The ``rm`` pass is the
+reward model's scoring forward of each rollout batch: in the same chunks (and packed) where the checkout's
+:class:`~ppomax.ppo.reward_sources.RewardSources` follows ``ppo.micro_batch_size`` and ``ppo.pack_sequences``,
+else one padded forward over the whole rollout batch.
 ``--time N`` also times the real model on the first N minibatches of one iteration (seed 0): the policy's
 forward and backward (``Forward.response_logits``, a token-mean log-prob loss) over each micro-batch, rows laid out
 as above with random token ids, consecutive, grouped, then packed, one warm-up micro-batch first; the process's
@@ -127,6 +130,13 @@ def count(exp: object, size: int | None, how: str, tally: dict[str, int], packed
             tally["packed"] += out.input_ids.numel()
 
 
+def rm_follows_chunks() -> bool:
+    """Whether the checkout's reward-model forward runs in the scoring pass's chunks (and packs them)."""
+    from ppomax.ppo.reward_sources import RewardSources
+
+    return "chunk_size" in inspect.signature(RewardSources).parameters
+
+
 def iteration(
     lengths: list[tuple[int, int]],
     args: argparse.Namespace,
@@ -135,16 +145,24 @@ def iteration(
     seed: int,
     packed: bool = False,
 ) -> dict[str, dict[str, int]]:
-    """The counts of one iteration's scoring pass and update (and of their chunks packed, if ``packed``)."""
+    """The counts of one iteration's scoring pass, reward-model forwards and update (and of their chunks packed,
+    if ``packed``)."""
     from ppomax.ppo.experience import Experience
 
     g = torch.Generator().manual_seed(seed)
     drawn = [lengths[i] for i in torch.randperm(len(lengths), generator=g)[: args.buffer].tolist()]
-    tallies = {k: {"positions": 0, "real": 0, "forwards": 0, "packed": 0} for k in ("scoring", "update")}
+    tallies = {
+        k: {"positions": 0, "real": 0, "forwards": 0, "packed": 0} for k in ("scoring", "rm", "update")
+    }
+    rm_chunks = rm_follows_chunks()
     batches = []
     for lo in range(0, args.buffer, args.rollout):
         exp = rollout_batch(drawn[lo : lo + args.rollout])
         count(exp, micro, how, tallies["scoring"], packed)
+        if rm_chunks:
+            count(exp, micro, how, tallies["rm"], packed)
+        else:
+            count(exp, None, how, tallies["rm"], False)
         batches.append(exp)
     buffer = Experience.cat(batches, pad_id=0)
     for _ in range(args.epochs):
@@ -277,7 +295,7 @@ def main() -> int:
             ]
             for how in ways
         }
-        for part in ("scoring", "update"):
+        for part in ("scoring", "rm", "update"):
             cells = []
             for how in ways:
                 pos = sum(t[part]["positions"] for t in totals[how])

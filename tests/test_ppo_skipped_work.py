@@ -8,6 +8,7 @@ import torch
 
 from ppo_helpers import config, make_setup, reward_fn
 from ppomax.errors import ConfigError, UserError
+from ppomax.models import RewardOnCriticBase
 from ppomax.ppo import PPOTrainer
 from ppomax.ppo import assembly as ppo_assembly
 from ppomax.ppo import models as ppo_models
@@ -565,3 +566,59 @@ def test_packing_is_refused_where_the_attention_lets_packed_sequences_see_each_o
         err.value
     )
     make(setup, tmp_path / "padded").iteration(1)
+
+
+# ------------------------------------------------------------------------- the reward model's forwards
+
+
+class CountRewardPositions:
+    """Positions of every forward of the run's reward model (rows x width of its padded or packed input)."""
+
+    def __init__(self, monkeypatch, rm) -> None:
+        self.positions: list[int] = []
+        for name in ("score", "values"):  # padded, packed
+            real = getattr(rm, name)
+
+            def spy(input_ids, *args, real=real, **kwargs):
+                self.positions.append(input_ids.numel())
+                return real(input_ids, *args, **kwargs)
+
+            monkeypatch.setattr(rm, name, spy)
+
+
+@pytest.mark.parametrize(
+    "base, over",
+    [
+        ((), ("ppo.micro_batch_size=2",)),
+        ((), ("ppo.pack_sequences=true",)),
+        (("model.lora={r: 4}",), ("ppo.micro_batch_size=4", "ppo.pack_sequences=true")),
+    ],
+    ids=["micro_batches", "packed", "lora_micro_batches_packed"],
+)
+def test_reward_model_forwards_follow_micro_batches_and_packing(setup, tmp_path, monkeypatch, base, over):
+    """Over rows of very uneven lengths, the reward model runs as the scoring pass's other forwards do: one
+    forward per micro-batch (rows of similar length, only as wide as they are), over packed rows with
+    ppo.pack_sequences (under LoRA: the reward model on the critic's base), fewer positions than its one
+    padded forward over the rollout batch; two iterations give the run's metrics and weights without them
+    within float rounding."""
+    results, counts = [], []
+    for o in (base, (*base, *over)):
+        with monkeypatch.context() as mp:
+            tr, rows, _ = _uneven(setup, tmp_path / str(len(o)), *o, interleaved=True)
+            tr.data.prompt_stream.take = lambda k, rows=rows: rows
+            assert isinstance(tr.models.reward_model, RewardOnCriticBase) == bool(base)
+            count = CountRewardPositions(mp, tr.models.reward_model)
+            metrics = [_metrics(tr.iteration(step)) for step in (1, 2)]
+            results.append((metrics, flat(tr.policy), flat(tr.critic)))
+            counts.append(count.positions)
+    (m0, p0, c0), (m1, p1, c1) = results
+    micro = tr.cfg.ppo.micro_batch_size or 8
+    full, chunked = counts
+    assert len(full) == 2 and len(chunked) == 2 * (8 // micro)  # one forward of 8 rows per iteration before
+    assert max(chunked) < min(full), (full, chunked)
+    for a, b in zip(m0, m1, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6, nan_ok=True), k
+    torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-6)

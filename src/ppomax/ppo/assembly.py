@@ -22,7 +22,7 @@ from .collapse import CollapseMonitor
 from .data import PPOData, load_data
 from .fused import FusedScoring, FusedUpdater, fuses_scoring
 from .models import Forward, PPOModels, check_packed_forwards, load_models
-from .reward_sources import RewardSources, build_reward_functions
+from .reward_sources import RewardSources, build_reward_functions, check_packed_scores
 from .rollout import HFGenerateEngine, RolloutEngine, eos_ids_of
 from .scoring import Rollouts
 from .update import Scoring, SeparateScoring, Updater
@@ -131,6 +131,8 @@ def assemble(
             acc.unwrap_model(policy).get_input_embeddings().num_embeddings,
             acc.device,
         )
+        if reward_model is not None:  # on token ids of the tokenizer, which every model's embeddings hold
+            check_packed_scores(reward_model, len(m.tokenizer), acc.device)
     eos_ids = eos_ids_of(m.tokenizer, m.policy)
     rollouts = Rollouts(
         engine=engine
@@ -140,6 +142,8 @@ def assemble(
             reward_model,
             cfg.reward.model_weight,
             build_reward_functions(cfg.reward, inputs.reward_functions),
+            chunk_size=p.micro_batch_size,
+            pack=p.pack_sequences,
         ),
         tokenizer=m.tokenizer,
         eos_ids=eos_ids,

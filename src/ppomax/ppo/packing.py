@@ -40,6 +40,15 @@ class PackedChunk:
         positions, as the padded forward's columns ``P - 1 .. P + R - 2`` hold them."""
         return outputs.flatten(0, 1)[self.response_index]
 
+    def token_index(self, prompt_lens: Tensor, tokens: Tensor) -> Tensor:
+        """[B] long, into the flattened ``N * W`` positions: where token ``tokens[b]`` of row ``b``'s sequence
+        (counted from its first real token) is packed; ``prompt_lens`` [B] the rows' real prompt token counts.
+        Rows with at least one response column."""
+        device = self.response_index.device
+        # response token 0 is read at the sequence's token p - 1 (its first token for an empty prompt)
+        first = self.response_index[:, 0] - (prompt_lens.to(device) - 1).clamp(min=0)
+        return first + tokens.to(device)
+
 
 def first_fit_decreasing(lengths: list[int], width: int) -> list[list[int]]:
     """The indices of ``lengths`` in bins of total length at most ``width``: longest first (ties in index
