@@ -19,7 +19,10 @@ ones (the attention mask). Chunks are formed two ways: ``consecutive`` (rows in 
 (where the checkout has :mod:`ppomax.ppo.packing`): the chunks ppomax forms (grouped where it groups) packed by
 ppomax's own code, each chunk's sequences (prompt + response, no padding between them) first-fit decreasing into
 rows as wide as its longest sequence, so no row's attention is wider than the padded one's. The policy, reference
-and critic forwards of a chunk have the same rows and width: the shares are every model's.
+and critic forwards of a chunk have the same rows and width: the shares are every model's. The ``rm`` pass is the
+reward model's scoring forward of each rollout batch: in the same chunks (and packed) where the checkout's
+:class:`~ppomax.ppo.reward_sources.RewardSources` follows ``ppo.micro_batch_size`` and ``ppo.pack_sequences``,
+else one padded forward over the whole rollout batch.
 A second table counts the positions the policy's (and the reference's) LM head runs on per iteration: the
 ``R + 1`` last columns of each padded chunk (``logits_to_keep``), every packed position, and the positions before
 the rows' real response tokens only (what ppomax computes where its ``Forward`` narrows the head).
@@ -145,6 +148,13 @@ def count(exp: object, size: int | None, how: str, tally: dict[str, int], packed
             tally["packed"] += out.input_ids.numel()
 
 
+def rm_follows_chunks() -> bool:
+    """Whether the checkout's reward-model forward runs in the scoring pass's chunks (and packs them)."""
+    from ppomax.ppo.reward_sources import RewardSources
+
+    return "chunk_size" in inspect.signature(RewardSources).parameters
+
+
 def iteration(
     lengths: list[tuple[int, int]],
     args: argparse.Namespace,
@@ -153,17 +163,23 @@ def iteration(
     seed: int,
     packed: bool = False,
 ) -> dict[str, dict[str, int]]:
-    """The counts of one iteration's scoring pass and update (and of their chunks packed, if ``packed``)."""
+    """The counts of one iteration's scoring pass, reward-model forwards and update (and of their chunks packed,
+    if ``packed``)."""
     from ppomax.ppo.experience import Experience
 
     g = torch.Generator().manual_seed(seed)
     drawn = [lengths[i] for i in torch.randperm(len(lengths), generator=g)[: args.buffer].tolist()]
     keys = ("positions", "real", "forwards", "packed", "head_last_columns", "head_response")
-    tallies = {k: dict.fromkeys(keys, 0) for k in ("scoring", "update")}
+    tallies = {k: dict.fromkeys(keys, 0) for k in ("scoring", "rm", "update")}
+    rm_chunks = rm_follows_chunks()
     batches = []
     for lo in range(0, args.buffer, args.rollout):
         exp = rollout_batch(drawn[lo : lo + args.rollout])
         count(exp, micro, how, tallies["scoring"], packed)
+        if rm_chunks:
+            count(exp, micro, how, tallies["rm"], packed)
+        else:
+            count(exp, None, how, tallies["rm"], False)
         batches.append(exp)
     buffer = Experience.cat(batches, pad_id=0)
     for _ in range(args.epochs):
@@ -424,7 +440,7 @@ def main() -> int:
             ]
             for how in ways
         }
-        for part in ("scoring", "update"):
+        for part in ("scoring", "rm", "update"):
             cells = []
             for how in ways:
                 pos = sum(t[part]["positions"] for t in totals[how])

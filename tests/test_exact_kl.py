@@ -11,7 +11,7 @@ import torch
 from ppo_helpers import config, make_setup, reward_fn
 from ppomax.algos import kl_from_logits, vocab
 from ppomax.ppo import PPOTrainer
-from ppomax.ppo import trainer as ppo_trainer
+from ppomax.ppo import assembly as ppo_assembly
 from ppomax.ppo.advantages import compute_advantages
 from ppomax.ppo.collapse import EXACT_KL, KL, LENGTH, PPL, REWARD, CollapseMonitor
 
@@ -97,7 +97,7 @@ def test_a_fused_update_gives_the_exact_kl_of_the_scoring_pass(setup, tmp_path, 
     for fused in (True, False):
         with monkeypatch.context() as mp:
             if not fused:
-                mp.setattr(ppo_trainer, "fuses_scoring", lambda p: False)
+                mp.setattr(ppo_assembly, "fuses_scoring", lambda p: False)
             over = ("ppo.critic_pretrain_steps=1", "ppo.minibatch_size=8", "ppo.buffer_size=8", *extra)
             tr = make(setup, tmp_path / str(fused), *over)
             assert tr.scoring.name == ("fused" if fused else "separate")

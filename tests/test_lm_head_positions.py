@@ -1,6 +1,6 @@
-"""The LM head of PPO's forwards runs only on the positions whose logits are read (Forward, packing's
-ResponsePositions): padded and packed, its logits, log-probs and gradients equal those of the whole forward's logits
-at the response positions, on GPT-2 and Llama tiny models (tied and untied heads), under LoRA, and with Gemma 2's
+"""The LM head of PPO's packed forwards runs only on the positions whose logits are read (Forward, packing's
+ResponsePositions; padded, on the R + 1 last columns): either way its logits, log-probs and gradients equal those of
+the whole forward's logits at the response positions, on GPT-2 and Llama tiny models (tied and untied heads), under LoRA, and with Gemma 2's
 soft-capping after the head."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, Gemma2Config
 from ppomax.errors import UserError
 from ppomax.models import AdaptersOff, position_ids_from_mask
 from ppomax.ppo.models import Forward
-from ppomax.ppo.packing import pack, padded_response_positions
+from ppomax.ppo.packing import pack
 from test_packing import LENGTHS, padded_batch
 from tiny_lm import tiny_config
 
@@ -97,8 +97,13 @@ def test_the_head_runs_on_the_real_response_positions_only(arch, tie, packed):
     on = exp.response_mask
     assert got.shape == expect.shape
     torch.testing.assert_close(got[on], expect[on], atol=1e-5, rtol=1e-5)
-    assert (got[~on] == 0).all()
-    assert count.seen[0] == int(exp.response_lens.sum()) and len(count.seen) == 2  # ours, then the whole one
+    if packed:  # the head on the real response tokens only
+        assert (got[~on] == 0).all()
+        assert (
+            count.seen[0] == int(exp.response_lens.sum()) and len(count.seen) == 2
+        )  # ours, then the whole one
+    else:  # padded: the R + 1 last columns of each row (logits_to_keep)
+        assert count.seen[0] == len(LENGTHS) * (exp.response_width + 1) and len(count.seen) == 2
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
@@ -147,8 +152,8 @@ def test_lora_and_its_adapters_off(arch, packed):
     assert grads[0] and grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
-    k = int(exp.response_lens.sum())
-    assert count.seen[0] == count.seen[2] == k  # the reference's and the policy's narrowed forwards
+    k = int(exp.response_lens.sum()) if packed else len(LENGTHS) * (exp.response_width + 1)
+    assert count.seen[0] == count.seen[2] == k  # the reference's and the policy's forwards
     assert not torch.allclose(ref_got[on], fwd.response_logits(policy, exp).detach()[on])  # the adapters act
 
 
@@ -188,7 +193,7 @@ def test_a_model_without_an_output_embedding_module_gets_the_head_as_before():
 def test_the_hook_is_removed_on_exit_and_on_an_exception():
     exp = padded_batch(LENGTHS)
     model = _model("llama")
-    fwd = Forward(1.0)
+    fwd = Forward(1.0, pack=True)
     with torch.no_grad():
         fwd.response_logits(model, exp)
     assert not model.lm_head._forward_pre_hooks
@@ -201,17 +206,6 @@ def test_the_hook_is_removed_on_exit_and_on_an_exception():
         fwd.response_logits(model, exp)
     handle.remove()
     assert not model.lm_head._forward_pre_hooks
-
-
-def test_padded_response_positions_against_a_loop():
-    """Each real response token j of row b reads column P + j - 1 of its row and goes to [b, j]."""
-    r_lens = torch.tensor([3, 0, 5, 1])
-    p, total = 4, 9
-    out = padded_response_positions(r_lens, p, total, torch.device("cpu"))
-    pairs = [(b, j) for b in range(4) for j in range(int(r_lens[b]))]
-    assert out.source.tolist() == [b * total + p + j - 1 for b, j in pairs]
-    assert out.target.tolist() == [b * 5 + j for b, j in pairs]
-    assert (out.rows, out.width) == (4, 5)
 
 
 class ReshapesItsLogits(torch.nn.Module):
@@ -236,5 +230,5 @@ def test_logits_that_are_not_the_heads_output_are_refused_in_one_line():
     exp = padded_batch(LENGTHS)
     model = ReshapesItsLogits(_model("llama"))
     with torch.no_grad(), pytest.raises(UserError, match=r"are not its LM head's output") as err:
-        Forward(1.0).response_logits(model, exp)
+        Forward(1.0, pack=True).response_logits(model, exp)
     assert "\n" not in str(err.value)

@@ -1,19 +1,22 @@
 """Packed sequences (ppomax.ppo.packing): the layout against a hand-computed case and a plain loop, and packed
-forwards of tiny models against padded ones (Forward, ValueHeadModel)."""
+forwards of tiny models against padded ones (Forward, ValueHeadModel, the reward model's scores)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from ppomax.algos import score_token_index
 from ppomax.errors import ConfigError
 from ppomax.models import ValueHeadModel
 from ppomax.ppo.experience import Experience
 from ppomax.ppo.models import Forward, check_packed_forwards
 from ppomax.ppo.packing import first_fit_decreasing, pack
+from ppomax.ppo.reward_sources import RewardSources, check_packed_scores
 from tiny_lm import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -183,3 +186,78 @@ def test_the_start_up_check_reads_the_critic_s_values(monkeypatch):
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
     with pytest.raises(ConfigError, match=r"model\.critic's packed forward gives values .*\(eager\)"):
         check_packed_forwards(fwd, {"model.critic": models["model.critic"]}, 300, torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------- the reward model's scores
+
+
+def _reward_model(arch: str, impl: str = "sdpa", eos: int = 2) -> ValueHeadModel:
+    """A tiny value-head RM whose pad token is its EOS (as in many chat models): a trailing EOS is not scored."""
+    rm = ValueHeadModel(_model(arch, impl), seed=3)
+    rm.backbone.config.pad_token_id = eos
+    return rm
+
+
+def _with_eos(exp: Experience, eos: int = 2) -> Experience:
+    """``exp`` (of :data:`LENGTHS`) with responses ending in EOS where the score is read elsewhere than at the
+    last token: before it (row 0), at the prompt's last token (row 2, a response that is EOS only) and inside
+    the prompt (row 5, whose prompt ends with EOS and whose response is all EOS)."""
+    seqs, p_w = exp.sequences.clone(), exp.prompt_width
+    for row in (0, 2):
+        seqs[row, p_w + int(exp.response_lens[row]) - 1] = eos
+    seqs[5, p_w - 1 : p_w + int(exp.response_lens[5])] = eos
+    return dataclasses.replace(exp, sequences=seqs)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_reward_model_scores_in_micro_batches_and_packed_equal_one_padded_forward(arch):
+    """RewardSources' RM forwards in micro-batches of rows of similar length (narrower forwards), packed (fewer
+    positions) or both give the scores of one padded forward over all the rows, in the rows' order, wherever a
+    row's score is read (before a trailing EOS that is the pad token, at or inside the prompt)."""
+    exp = _with_eos(padded_batch(LENGTHS))
+    rm = _reward_model(arch)
+    whole = rm.score(exp.sequences, exp.attention_mask)
+    columns = score_token_index(exp.sequences, exp.attention_mask, 2)
+    assert columns[[0, 2, 5]].tolist() == [
+        exp.prompt_width + 1,
+        exp.prompt_width - 1,
+        exp.prompt_width - 2,
+    ]
+    shapes: list[tuple[int, int]] = []
+    rm.backbone.get_input_embeddings().register_forward_hook(
+        lambda _m, inputs, _o: shapes.append(tuple(inputs[0].shape))
+    )
+    for chunk_size, packs in [(None, False), (None, True), (2, False), (2, True), (4, True)]:
+        shapes.clear()
+        got = RewardSources(rm, 1.0, [], chunk_size=chunk_size, pack=packs).score_model(exp)
+        torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)
+        chunks = [exp if chunk_size is None else exp.select(rows) for rows in exp.micro_batches(chunk_size)]
+        if packs:
+            expect = [
+                tuple(pack(c.sequences, c.prompt_lens, c.response_lens, c.prompt_width).input_ids.shape)
+                for c in chunks
+            ]
+        else:
+            expect = [tuple(c.sequences.shape) for c in chunks]
+        assert shapes == expect, (chunk_size, packs)
+        positions = sum(a * b for a, b in shapes)
+        if (chunk_size, packs) == (None, False):
+            assert shapes == [tuple(exp.sequences.shape)]
+        else:
+            assert positions < 0.8 * exp.sequences.numel(), (chunk_size, packs)
+
+
+def test_the_start_up_check_reads_the_reward_model_s_scores(monkeypatch):
+    """check_packed_scores passes a reward model whose attention honours packing and names model.reward and its
+    scores where packed sequences leak into each other."""
+    from transformers import masking_utils
+
+    rm = _reward_model("llama", "eager")
+    check_packed_scores(rm, 300, torch.device("cpu"))
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(
+        ConfigError, match=r"^ppo\.pack_sequences: model\.reward's packed forward gives scores .*\(eager\)"
+    ) as err:
+        check_packed_scores(rm, 300, torch.device("cpu"))
+    assert "\n" not in str(err.value)

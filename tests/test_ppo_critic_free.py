@@ -17,7 +17,7 @@ from ppomax.config import GenerationConfig, load_config
 from ppomax.errors import ConfigError
 from ppomax.monitor import read_metrics
 from ppomax.ppo import PPOTrainer, train_ppo
-from ppomax.ppo import trainer as ppo_trainer
+from ppomax.ppo import assembly as ppo_assembly
 from ppomax.ppo.update import Updater
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -294,7 +294,7 @@ def test_fused_scoring_gives_the_advantages_of_the_scoring_pass(setup, tmp_path,
     for fused in (True, False):
         with monkeypatch.context() as mp:
             if not fused:
-                mp.setattr(ppo_trainer, "fuses_scoring", lambda p: False)
+                mp.setattr(ppo_assembly, "fuses_scoring", lambda p: False)
             cfg = config(
                 setup,
                 reward_fn("ppo_helpers:target_tokens"),

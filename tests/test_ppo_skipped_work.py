@@ -8,10 +8,11 @@ import torch
 
 from ppo_helpers import config, make_setup, reward_fn
 from ppomax.errors import ConfigError, UserError
+from ppomax.models import RewardOnCriticBase
 from ppomax.ppo import PPOTrainer
+from ppomax.ppo import assembly as ppo_assembly
 from ppomax.ppo import models as ppo_models
 from ppomax.ppo import scoring as ppo_scoring
-from ppomax.ppo import trainer as ppo_trainer
 from ppomax.ppo.experience import Experience
 from ppomax.ppo.models import Forward
 from ppomax.trainers.optimised import Optimised
@@ -78,7 +79,7 @@ def _fused_and_apart(setup, tmp_path, monkeypatch, *over):
     for fused in (True, False):
         with monkeypatch.context() as mp:
             if not fused:
-                mp.setattr(ppo_trainer, "fuses_scoring", lambda p: False)
+                mp.setattr(ppo_assembly, "fuses_scoring", lambda p: False)
             count = CountForwards(mp)
             tr = make(setup, tmp_path / str(fused), *over)
             assert tr.scoring.name == ("fused" if fused else "separate")
@@ -331,10 +332,8 @@ def test_update_micro_batches_of_uneven_lengths_give_the_same_iteration(setup, t
 @pytest.mark.parametrize("fused", [True, False])
 def test_no_forward_computes_logits_nobody_reads(setup, tmp_path, fused):
     """Over an iteration and an evaluation: the critic's and the reward model's LM heads never run (values and
-    scores read the final hidden state), and the policy's and the reference's run on one position per row and
-    step in generation, else (response scoring and the update) on the positions before the real response tokens
-    only: one row of at most as many positions as a batch has real response tokens, and exactly as many over
-    the iteration's scoring pass."""
+    scores read the final hidden state), and the policy's and the reference's run on at most the R + 1 last
+    positions of a batch (response scoring: logits_to_keep) or on one position per step (generation)."""
     over = () if fused else ("ppo.minibatch_size=4",)
     tr = make(
         setup,
@@ -344,7 +343,7 @@ def test_no_forward_computes_logits_nobody_reads(setup, tmp_path, fused):
         *over,
     )
     assert tr.scoring.name == ("fused" if fused else "separate")
-    seen: dict[str, list[tuple[int, int]]] = {}
+    seen: dict[str, list[int]] = {}
     heads = {
         "policy": tr.unwrapped(tr.policy).get_output_embeddings(),
         "reference": tr.models.reference.get_output_embeddings(),
@@ -353,27 +352,24 @@ def test_no_forward_computes_logits_nobody_reads(setup, tmp_path, fused):
     }
     for name, head in heads.items():
         head.register_forward_hook(
-            lambda _m, inputs, _o, name=name: seen.setdefault(name, []).append(tuple(inputs[0].shape[:2]))
+            lambda _m, inputs, _o, name=name: seen.setdefault(name, []).append(inputs[0].shape[1])
         )
-    tokens: list[int] = []
+    widths: list[int] = []
     real = tr.generate
 
     def generate(*args, **kw):
         exp = real(*args, **kw)
-        tokens.append(int(exp.response_lens.sum()))
+        widths.append(exp.response_width)
         return exp
 
     tr.generate = generate
     tr.iteration(1)
-    scored, reference_calls = sum(tokens), len(seen["reference"])
     tr.evaluate(1)
     assert "critic" not in seen and "reward" not in seen
+    r = max(widths)
     assert seen["policy"] and seen["reference"]
-    for name in ("policy", "reference"):
-        assert all(k == 1 or rows == 1 for rows, k in seen[name]), seen[name]  # generation, else one row
-        assert max(k for rows, k in seen[name] if rows == 1) <= max(scored, sum(tokens) - scored)
-    # the reference's scoring of the iteration's rollouts: exactly their real response tokens
-    assert sum(k for rows, k in seen["reference"][:reference_calls] if rows == 1) == scored
+    assert max(seen["policy"]) <= r + 1 and max(seen["reference"]) <= r + 1
+    assert sorted(set(seen["policy"]))[0] == 1  # generation: the last position only, prefill included
 
 
 # ------------------------------------------------------------------------- one model's activations at a time
@@ -572,6 +568,62 @@ def test_packing_is_refused_where_the_attention_lets_packed_sequences_see_each_o
     make(setup, tmp_path / "padded").iteration(1)
 
 
+# ------------------------------------------------------------------------- the reward model's forwards
+
+
+class CountRewardPositions:
+    """Positions of every forward of the run's reward model (rows x width of its padded or packed input)."""
+
+    def __init__(self, monkeypatch, rm) -> None:
+        self.positions: list[int] = []
+        for name in ("score", "values"):  # padded, packed
+            real = getattr(rm, name)
+
+            def spy(input_ids, *args, real=real, **kwargs):
+                self.positions.append(input_ids.numel())
+                return real(input_ids, *args, **kwargs)
+
+            monkeypatch.setattr(rm, name, spy)
+
+
+@pytest.mark.parametrize(
+    "base, over",
+    [
+        ((), ("ppo.micro_batch_size=2",)),
+        ((), ("ppo.pack_sequences=true",)),
+        (("model.lora={r: 4}",), ("ppo.micro_batch_size=4", "ppo.pack_sequences=true")),
+    ],
+    ids=["micro_batches", "packed", "lora_micro_batches_packed"],
+)
+def test_reward_model_forwards_follow_micro_batches_and_packing(setup, tmp_path, monkeypatch, base, over):
+    """Over rows of very uneven lengths, the reward model runs as the scoring pass's other forwards do: one
+    forward per micro-batch (rows of similar length, only as wide as they are), over packed rows with
+    ppo.pack_sequences (under LoRA: the reward model on the critic's base), fewer positions than its one
+    padded forward over the rollout batch; two iterations give the run's metrics and weights without them
+    within float rounding."""
+    results, counts = [], []
+    for o in (base, (*base, *over)):
+        with monkeypatch.context() as mp:
+            tr, rows, _ = _uneven(setup, tmp_path / str(len(o)), *o, interleaved=True)
+            tr.data.prompt_stream.take = lambda k, rows=rows: rows
+            assert isinstance(tr.models.reward_model, RewardOnCriticBase) == bool(base)
+            count = CountRewardPositions(mp, tr.models.reward_model)
+            metrics = [_metrics(tr.iteration(step)) for step in (1, 2)]
+            results.append((metrics, flat(tr.policy), flat(tr.critic)))
+            counts.append(count.positions)
+    (m0, p0, c0), (m1, p1, c1) = results
+    micro = tr.cfg.ppo.micro_batch_size or 8
+    full, chunked = counts
+    assert len(full) == 2 and len(chunked) == 2 * (8 // micro)  # one forward of 8 rows per iteration before
+    assert max(chunked) < min(full), (full, chunked)
+    for a, b in zip(m0, m1, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6, nan_ok=True), k
+    torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------- the LM head on the response positions
 
 
@@ -607,7 +659,6 @@ def _uneven_iterations(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize(
     "over",
     [
@@ -620,13 +671,12 @@ def _uneven_iterations(
     ids=["fused", "micro_batches", "two_minibatches", "lora", "tied_head"],
 )
 def test_the_head_on_the_response_positions_gives_the_whole_heads_iterations(
-    setup, tied_setup, tmp_path, monkeypatch, packed, over
+    setup, tied_setup, tmp_path, monkeypatch, over
 ):
     """Two iterations over rows of very uneven lengths (scoring, fused or apart, and update; micro-batches; LoRA,
-    the reference being the policy's base; an LM head tied to the input embeddings), padded and packed: with the
-    head on the response positions only, the metrics and weights of the head on every position the layout has
-    (padded: the R + 1 last columns; packed: every packed position) within float rounding, and the policy's head
-    on fewer positions."""
+    the reference being the policy's base; an LM head tied to the input embeddings), packed: with the head on the
+    response positions only, the metrics and weights of the head on every packed position within float rounding,
+    and the policy's head on fewer positions."""
     if over[:1] == ("TIED",):
         setup, over = tied_setup, over[1:]
     whole_head = ppo_models._lm_head
@@ -635,9 +685,7 @@ def test_the_head_on_the_response_positions_gives_the_whole_heads_iterations(
         with monkeypatch.context() as mp:
             if not narrowed:  # the model's head as it was: no hook
                 mp.setattr(ppo_models, "_lm_head", lambda model: (None, whole_head(model)[1]))
-            runs.append(
-                _uneven_iterations(setup, tmp_path / str(narrowed), f"ppo.pack_sequences={packed}", *over)
-            )
+            runs.append(_uneven_iterations(setup, tmp_path / str(narrowed), "ppo.pack_sequences=true", *over))
     _same_iterations([run[:3] for run in runs])
     whole, narrow = runs[0][3], runs[1][3]
     assert all(a <= b for a, b in zip(narrow, whole, strict=True)) and sum(narrow) < sum(whole), (

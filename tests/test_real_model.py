@@ -201,7 +201,8 @@ def test_packed_forwards_of_the_real_model_equal_its_padded_ones(model_dir, dtyp
     """ppo.pack_sequences on SmolLM2 (sdpa, loaded as ppomax loads a policy): chat-templated prompts and answers of
     uneven lengths give the padded forward's per-token log-probs and critic values (a fresh head) on the response
     mask, within float rounding (float32: 1e-4; bfloat16 weights: 0.05), those of the whole forward's logits
-    (the LM head runs on the response positions only), and the start-up check passes."""
+    (the packed LM head runs on the response positions only), and the start-up check passes; so do the reward
+    model's scores in packed micro-batches."""
     from transformers import AutoTokenizer
 
     from ppomax.models import ValueHeadModel, load_causal_lm, position_ids_from_mask
@@ -256,3 +257,13 @@ def test_packed_forwards_of_the_real_model_equal_its_padded_ones(model_dir, dtyp
     check_packed_forwards(
         packed, {"model.policy": model, "model.critic": critic}, len(tok), torch.device("cpu")
     )
+    # the same head as a reward model, its scores read before the trailing EOS (the pad token): in micro-batches
+    # of 2, packed, the scores of one padded forward
+    from ppomax.ppo.reward_sources import RewardSources, check_packed_scores
+
+    critic.use_pad_token(tok.pad_token_id)
+    assert critic.pad_token_id == tok.eos_token_id
+    with torch.no_grad():
+        scores = RewardSources(critic, 1.0, [], chunk_size=2, pack=True).score_model(exp)
+        torch.testing.assert_close(scores, critic.score(seqs, mask), atol=tol, rtol=0)
+    check_packed_scores(critic, len(tok), torch.device("cpu"))

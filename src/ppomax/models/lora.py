@@ -30,7 +30,7 @@ from .adapter_dir import peft_module, peft_reads_deprecated_names
 from .classifier import save_classifier
 from .hub import parse_hub_id
 from .saving import causal_lm_of, save_generation_config, share_tied_weights
-from .value_head import ValueHeadModel
+from .value_head import ValueHeadModel, ValueHeadOutput
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -137,11 +137,27 @@ class RewardOnCriticBase:
         self.critic = critic
         self.head = head.requires_grad_(False)
 
+    @property
+    def pad_token_id(self) -> int | None:
+        """:attr:`ValueHeadModel.pad_token_id` of the critic's backbone, the reward model's."""
+        return self.critic.pad_token_id
+
     def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """[B] float32 rewards (:meth:`ValueHeadModel.score`)."""
+        return self._forward(input_ids, attention_mask, None).scores
+
+    def values(
+        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None = None
+    ) -> Tensor:
+        """[B, T] float32 values of every position (:meth:`ValueHeadModel.values`)."""
+        return self._forward(input_ids, attention_mask, position_ids).values
+
+    def _forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None
+    ) -> ValueHeadOutput:
         # built on a critic with adapters only (ppomax.ppo.models.critic_base_is_reward_model)
         with cast("PeftModel", self.critic.backbone).disable_adapter():
-            return self.critic(input_ids, attention_mask, value_head=self.head).scores
+            return self.critic(input_ids, attention_mask, value_head=self.head, position_ids=position_ids)
 
     def to(self, *args: Any, **kwargs: Any) -> RewardOnCriticBase:
         self.head.to(*args, **kwargs)

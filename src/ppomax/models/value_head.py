@@ -210,6 +210,14 @@ class ValueHeadModel(torch.nn.Module):
         it (:func:`ppomax.algos.score_token_index`)."""
         return self.forward(input_ids, attention_mask).scores
 
+    def values(
+        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None = None
+    ) -> Tensor:
+        """[B, T] float32 value of every position, the score among them; ``attention_mask=None`` with
+        ``position_ids``: packed sequences (:meth:`forward`), whose scores are read from these values
+        (:mod:`ppomax.ppo.reward_sources`)."""
+        return self.forward(input_ids, attention_mask, position_ids=position_ids).values
+
     # ------------------------------------------------------------------ save / load
 
     def save_pretrained(

@@ -9,7 +9,8 @@ One iteration (:meth:`ppomax.ppo.trainer.PPOTrainer.iteration`)::
     update.py       4. ppo_epochs x minibatches: losses, clip, one optimiser step per model
     fused.py        2-4 as one pass where the update's first forward is an exact scoring pass
     metrics.py      5. the iteration's metrics (paper 5.2), timings, throughput, reduced over ranks
-    trainer.py      builds the collaborators, runs the iterations, logs, evaluates, checkpoints
+    assembly.py     builds the run's parts once: models as the engine prepared them, data, rollouts, updater
+    trainer.py      runs the iterations over them, logs, evaluates, checkpoints
 
 and beside them: ``experience.py`` (the buffer), ``reward_sources.py`` (where raw scores come from: the reward
 model and reward functions), ``models.py`` (policy, reference, critic, reward model, and their forwards),

@@ -145,6 +145,14 @@ class Experience:
         order = torch.argsort(self.prompt_lens + self.response_lens, stable=True).tolist()
         return [order[lo : lo + size] for lo in range(0, n, size)]
 
+    def in_row_order(self, chunks: list[list[int]], outputs: Tensor) -> Tensor:
+        """Per-row ``outputs`` of :meth:`micro_batches`' ``chunks``, concatenated chunk after chunk, put back in
+        this batch's row order."""
+        if len(chunks) == 1:  # one chunk is every row in order
+            return outputs
+        order = torch.tensor([i for rows in chunks for i in rows])
+        return outputs[torch.argsort(order).to(outputs.device)]
+
     def select(self, index: Tensor | list[int]) -> Experience:
         """Rows ``index`` (a list or a CPU long tensor), trimmed to their longest prompt and response.
 

@@ -63,7 +63,7 @@ from ppomax.trainers.inputs import (
 )
 from ppomax.trainers.launch import ONE_PROCESS, Engine, reference_dtype, trained_dtype
 
-from .packing import PackedChunk, ResponsePositions, pack, padded_response_positions
+from .packing import PackedChunk, ResponsePositions, pack
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -284,12 +284,12 @@ class Forward:
     gathered back into the padded layout, so every caller reads the same ``[B, R, ...]`` tensors either way.
     :func:`check_packed_forwards` checks once that a model's attention honours the packing.
 
-    Either way the LM head runs only on the positions whose logits are read, those before the rows' real
-    response tokens (:class:`~ppomax.ppo.packing.ResponsePositions`; not the prompt, not the padding after a
-    short response), through the model's own forward (:func:`lm_head_on`); the response columns past a row's
-    end hold zero logits (off the response mask). A model without the hook's conditions (an output embedding
-    module and ``logits_to_keep``) gets its head on the ``R + 1`` last columns (padded, where it takes
-    ``logits_to_keep``) or on every packed position.
+    Packed, the LM head runs only on the positions whose logits are read, those before the rows' real response
+    tokens (:class:`~ppomax.ppo.packing.ResponsePositions`; not the prompt, not the padding after a short
+    response), through the model's own forward (:func:`lm_head_on`); the response columns past a row's end hold
+    zero logits (off the response mask). A model without the hook's conditions (an output embedding module and
+    ``logits_to_keep``) gets its head on every packed position. Padded, the head runs on the ``R + 1`` last
+    columns of each row where the model takes ``logits_to_keep``.
     """
 
     def __init__(self, temperature: float, pack: bool = False) -> None:
@@ -303,25 +303,20 @@ class Forward:
         return self._padded_logits(model, batch)
 
     def _padded_logits(self, model: torch.nn.Module | AdaptersOff, batch: Experience) -> Tensor:
+        # The head on the R + 1 last columns (logits_to_keep), not narrowed to the real response positions as
+        # packed: their logits would have to be scattered into a [B, R, V] tensor beside the head's own output,
+        # which costs more memory than the padding's logits it saves (bench/padding.py --memory).
         seqs, mask = batch.sequences, batch.attention_mask
         r = batch.response_width
-        head, keeps = _lm_head(model)
-        kwargs: dict[str, Any] = {}
-        if keeps:  # every position to the head (which keeps the response ones), else the R + 1 last
-            kwargs["logits_to_keep"] = 0 if head is not None else r + 1
-        positions = padded_response_positions(
-            batch.response_lens, batch.prompt_width, seqs.shape[1], seqs.device
+        _, keeps = _lm_head(model)
+        out = model(
+            input_ids=seqs,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=False,
+            **({"logits_to_keep": r + 1} if keeps else {}),
         )
-        with lm_head_on(head, positions, seqs.shape) as selected:
-            out = model(
-                input_ids=seqs,
-                attention_mask=mask,
-                position_ids=position_ids_from_mask(mask),
-                use_cache=False,
-                **kwargs,
-            )
-        logits = selected(out.logits)
-        return logits if logits is not None else out.logits[:, -(r + 1) : -1]
+        return out.logits[:, -(r + 1) : -1]
 
     @staticmethod
     def _packed_logits(model: torch.nn.Module | AdaptersOff, batch: Experience) -> Tensor:

@@ -59,17 +59,6 @@ def _real_response_tokens(response_lens: Tensor, width: int) -> tuple[Tensor, Te
     return row, column
 
 
-def padded_response_positions(
-    response_lens: Tensor, prompt_width: int, total_width: int, device: torch.device
-) -> ResponsePositions:
-    """The :class:`ResponsePositions` of a padded forward over [B, ``total_width``] sequences whose responses start
-    at column ``prompt_width`` (``response_lens`` [B] on the host: no device synchronisation)."""
-    width = total_width - prompt_width
-    row, column = _real_response_tokens(response_lens, width)
-    source = row * total_width + prompt_width - 1 + column
-    return ResponsePositions(source.to(device), (row * width + column).to(device), len(response_lens), width)
-
-
 @dataclass(frozen=True)
 class PackedChunk:
     """A chunk of ``B`` rows packed into ``N`` rows of width ``W`` (see the module docstring)."""
@@ -90,6 +79,15 @@ class PackedChunk:
         """[N, W, ...] per-position outputs of a forward over :attr:`input_ids` -> [B, R, ...] at the response
         positions, as the padded forward's columns ``P - 1 .. P + R - 2`` hold them."""
         return outputs.flatten(0, 1)[self.response_index]
+
+    def token_index(self, prompt_lens: Tensor, tokens: Tensor) -> Tensor:
+        """[B] long, into the flattened ``N * W`` positions: where token ``tokens[b]`` of row ``b``'s sequence
+        (counted from its first real token) is packed; ``prompt_lens`` [B] the rows' real prompt token counts.
+        Rows with at least one response column."""
+        device = self.response_index.device
+        # response token 0 is read at the sequence's token p - 1 (its first token for an empty prompt)
+        first = self.response_index[:, 0] - (prompt_lens.to(device) - 1).clamp(min=0)
+        return first + tokens.to(device)
 
 
 def first_fit_decreasing(lengths: list[int], width: int) -> list[list[int]]:
@@ -146,8 +144,8 @@ def pack(
     j = torch.arange(r).expand(b, r)
     at = torch.minimum(p_lens.unsqueeze(1) - 1 + j, last.unsqueeze(1)).clamp(min=0)
     response_index = (start.unsqueeze(1) + at).clamp(max=n * width - 1)
-    row, column = _real_response_tokens(r_lens, r)
-    target = row * r + column
+    token_row, token_column = _real_response_tokens(r_lens, r)
+    target = token_row * r + token_column
     device = sequences.device
     input_ids = torch.full((n * width,), pad_id, dtype=sequences.dtype, device=device)
     input_ids[dst.to(device)] = sequences.flatten()[src.to(device)]

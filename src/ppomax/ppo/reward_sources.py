@@ -38,10 +38,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from ppomax.algos import score_token_index
 from ppomax.config import RewardConfig, RewardFunctionConfig
 from ppomax.errors import ConfigError, UserError
+from ppomax.models import RewardOnCriticBase
 
 from .experience import Experience
+from .models import PACKING_TOLERANCE
+from .packing import pack
 
 RM_KEY = "rm"
 # reward/<name>_mean metrics the PPO trainer logs itself: a function of one of these names would overwrite them
@@ -180,33 +184,117 @@ def build_reward_functions(
 
 
 class ScoringModel(Protocol):
-    """A reward model: a [B] score of each full sequence (:meth:`ppomax.models.ValueHeadModel.score`)."""
+    """A reward model (:class:`ppomax.models.ValueHeadModel`, :class:`ppomax.models.RewardOnCriticBase`): the [B]
+    score of each padded sequence, the [B, T] values of every position (of packed rows too: position ids and no
+    attention mask), and the pad token id its score is never read at."""
+
+    @property
+    def pad_token_id(self) -> int | None: ...
 
     def score(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor: ...
+
+    def values(
+        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None = None
+    ) -> Tensor: ...
+
+
+def packed_scores(model: ScoringModel, batch: Experience) -> Tensor:
+    """[B] float32 scores of ``batch``'s rows from one forward over them packed (:mod:`ppomax.ppo.packing`), each
+    read at the token where the padded forward reads it (:func:`~ppomax.algos.score_token_index` on the padded
+    rows: the last real token that is not the pad id), found in the packed layout: the padded scores, to float
+    rounding."""
+    packed = pack(batch.sequences, batch.prompt_lens, batch.response_lens, batch.prompt_width)
+    column = score_token_index(batch.sequences, batch.attention_mask, model.pad_token_id)
+    first = batch.prompt_width - batch.prompt_lens.to(column.device)  # the column of each row's first token
+    at = packed.token_index(batch.prompt_lens, (column - first).clamp(min=0))
+    values = model.values(packed.input_ids, None, position_ids=packed.position_ids)
+    return values.flatten()[at].float()
+
+
+# (prompt, response) lengths of the batch check_packed_scores scores: packed into rows of 8, the two short
+# sequences share the second row, the last one starting mid-row, where a leak would reach its score
+_CHECK_LENGTHS = ((3, 5), (2, 2), (1, 2))
+
+
+@torch.no_grad()
+def check_packed_scores(model: ScoringModel, vocab_size: int, device: torch.device) -> None:
+    """Check once that the reward model's packed scores (:func:`packed_scores`) are its padded ones on a tiny
+    batch of random tokens, within :data:`~ppomax.ppo.models.PACKING_TOLERANCE` of its weights' dtype; else a
+    one-line ConfigError naming ``ppo.pack_sequences`` and its attention implementation (an attention that
+    ignores packed position ids lets a sequence attend to the one packed before it)."""
+    p_w, r_w = max(p for p, _ in _CHECK_LENGTHS), max(r for _, r in _CHECK_LENGTHS)
+    mask = torch.zeros(len(_CHECK_LENGTHS), p_w + r_w, dtype=torch.long)
+    for i, (p, r) in enumerate(_CHECK_LENGTHS):
+        mask[i, p_w - p : p_w + r] = 1
+    tokens = torch.randint(0, vocab_size, mask.shape, generator=torch.Generator().manual_seed(0))
+    pad = model.pad_token_id
+    if pad is not None:  # no pad id: each score is read at its sequence's last token, where a leak shows most
+        tokens[tokens == pad] = (pad + 1) % vocab_size
+    batch = Experience(
+        sequences=(tokens * mask).to(device),
+        attention_mask=mask.to(device),
+        response_mask=mask[:, p_w:].bool().to(device),
+        prompt_width=p_w,
+        prompt_lens=torch.tensor([p for p, _ in _CHECK_LENGTHS]),
+        response_lens=torch.tensor([r for _, r in _CHECK_LENGTHS]),
+        truncated=torch.zeros(len(_CHECK_LENGTHS), dtype=torch.bool, device=device),
+    )
+    padded = model.score(batch.sequences, batch.attention_mask).float()
+    gap = float((packed_scores(model, batch) - padded).abs().max())
+    weights = model.critic if isinstance(model, RewardOnCriticBase) else model
+    dtype = next(weights.parameters()).dtype if isinstance(weights, torch.nn.Module) else torch.float32
+    tolerance = PACKING_TOLERANCE.get(dtype, 0.05)
+    if not gap <= tolerance:  # NaN too
+        impl = getattr(getattr(weights, "config", None), "_attn_implementation", None) or "unknown"
+        raise ConfigError(
+            f"ppo.pack_sequences: model.reward's packed forward gives scores {gap:.3g} away from its padded "
+            f"forward (tolerance {tolerance:g}): its attention implementation ({impl}) does not keep packed "
+            "sequences apart; load the model with transformers' sdpa, eager or flash_attention_2 attention, "
+            "or set ppo.pack_sequences: false"
+        )
 
 
 class RewardSources:
     """Scores responses with every configured source and sums them with their weights.
 
-    ``model`` is a value-head reward model with ``score(input_ids, attention_mask) -> [B]`` (or None); its inputs
-    are the rollout's full sequences (left-padded prompt + response up to EOS), so the reward is read at the
-    response's last token, as in RM training.
+    ``model`` is a value-head reward model (:class:`ScoringModel`, or None); its inputs are the rollout's full
+    sequences (left-padded prompt + response up to EOS), so the reward is read at the response's last token, as
+    in RM training. Its forwards run on ``chunk_size`` rows at a time (``ppo.micro_batch_size``; None: all rows),
+    rows of similar length together (:meth:`Experience.micro_batches`), and with ``pack``
+    (``ppo.pack_sequences``) on each chunk's sequences packed (:func:`packed_scores`); a row's score does not
+    depend on the rows beside it, so all give the same scores, to float rounding.
     """
 
     def __init__(
-        self, model: ScoringModel | None, model_weight: float, functions: Sequence[RewardFunction]
+        self,
+        model: ScoringModel | None,
+        model_weight: float,
+        functions: Sequence[RewardFunction],
+        chunk_size: int | None = None,
+        pack: bool = False,
     ) -> None:
         if model is None and not functions:
             raise ConfigError("no reward source: set model.reward and/or reward.functions")
         self.model = model
         self.model_weight = model_weight
         self.functions = list(functions)
+        self.chunk_size = chunk_size
+        self.pack = pack
 
-    @staticmethod
     @torch.no_grad()
-    def score_model(model: ScoringModel, sequences: Tensor, attention_mask: Tensor) -> Tensor:
-        """[B] float32 reward-model scores of full sequences."""
-        return model.score(sequences, attention_mask).float()
+    def score_model(self, exp: Experience) -> Tensor:
+        """[B] float32 reward-model scores of ``exp``'s full sequences, in its row order."""
+        model = self.model
+        assert model is not None, "score_model runs with a reward model only"
+        chunks = exp.micro_batches(self.chunk_size)
+        scores = []
+        for rows in chunks:
+            chunk = exp if len(chunks) == 1 else exp.select(rows)
+            if self.pack:
+                scores.append(packed_scores(model, chunk))
+            else:
+                scores.append(model.score(chunk.sequences, chunk.attention_mask).float())
+        return exp.in_row_order(chunks, torch.cat(scores))
 
     @staticmethod
     def split_ids(exp: Experience, eos_ids: Sequence[int]) -> tuple[list[list[int]], list[list[int]]]:
@@ -232,7 +320,7 @@ class RewardSources:
         total = torch.zeros(exp.batch_size, dtype=torch.float32, device=device)
         parts: dict[str, Tensor] = {}
         if self.model is not None:
-            s = self.score_model(self.model, exp.sequences, exp.attention_mask)
+            s = self.score_model(exp)
             parts[RM_KEY] = s
             total = total + self.model_weight * s
         if self.functions:

@@ -93,11 +93,8 @@ def score_experience(
             del logits
         if critic is not None:
             out.setdefault("values", []).append(fwd.values(critic, chunk))
-    order = torch.tensor([i for rows in chunks for i in rows])
-    back = torch.argsort(order).to(exp.sequences.device)  # the chunks' rows in the batch's order
     for name, parts in out.items():
-        merged = torch.cat([_pad_right(t, r_all) for t in parts])
-        setattr(exp, name, merged if len(chunks) == 1 else merged[back])
+        setattr(exp, name, exp.in_row_order(chunks, torch.cat([_pad_right(t, r_all) for t in parts])))
     exp.scores, exp.score_parts = rewards(exp, eos_ids)
 
 
