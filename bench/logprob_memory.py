@@ -51,13 +51,24 @@ def peak_rss() -> int:
     return _status("VmHWM")
 
 
+def forward(temperature: float):
+    """This checkout's ``Forward`` (older ones take the unwrapped policy first)."""
+    import inspect
+
+    import torch
+
+    from ppomax.ppo.models import Forward
+
+    first = [torch.nn.Identity()] if "policy_unwrapped" in inspect.signature(Forward).parameters else []
+    return Forward(*first, temperature=temperature)
+
+
 def measure(
     rows: int, positions: int, vocab: int, dtype: str, device: str, mode: str, op: str, grad: bool
 ) -> dict:
     import torch
 
     from ppomax.algos import entropy_from_logits, kl_from_logits, logprobs_from_logits
-    from ppomax.ppo.models import Forward
     from ppomax.ppo.scoring import exact_kl
 
     torch.set_num_threads(1)
@@ -85,7 +96,7 @@ def measure(
         base, clock = reset_peak_rss(), time.process_time
     start = clock()
     if grad:
-        fwd = Forward(torch.nn.Identity(), t)  # the update's calls (the same before the slicing)
+        fwd = forward(t)  # the update's calls (the same before the slicing)
         loss = fwd.logprobs(logits, labels).sum()
         if op == "all":
             loss = loss + fwd.entropy(logits).sum()
@@ -100,7 +111,7 @@ def measure(
             if op in ("kl", "all"):
                 kl_from_logits(logits, ref, t)
             if op == "scoring":  # as score_experience calls them (the same calls before the slicing)
-                fwd = Forward(torch.nn.Identity(), t)
+                fwd = forward(t)
                 fwd.logprobs(logits, labels)
                 fwd.logprobs(logits, labels, raw=True)
                 fwd.entropy(logits)

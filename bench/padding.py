@@ -23,10 +23,24 @@ and critic forwards of a chunk have the same rows and width: the shares are ever
 reward model's scoring forward of each rollout batch: in the same chunks (and packed) where the checkout's
 :class:`~ppomax.ppo.reward_sources.RewardSources` follows ``ppo.micro_batch_size`` and ``ppo.pack_sequences``,
 else one padded forward over the whole rollout batch.
+A second table counts the positions the policy's (and the reference's) LM head runs on per iteration: the
+``R + 1`` last columns of each padded chunk (``logits_to_keep``), every packed position, and the positions before
+the rows' real response tokens only (what ppomax computes where its ``Forward`` narrows the head).
+
 ``--time N`` also times the real model on the first N minibatches of one iteration (seed 0): the policy's
 forward and backward (``Forward.response_logits``, a token-mean log-prob loss) over each micro-batch, rows laid out
 as above with random token ids, consecutive, grouped, then packed, one warm-up micro-batch first; the process's
-CPU time (one thread: usable on a busy machine) and the wall time (CUDA synchronised).
+CPU time (one thread: usable on a busy machine), the wall time (CUDA synchronised) and the positions the LM head
+ran on (counted by a hook on it).
+``--memory`` measures, each in a fresh process, the peak memory (CPU: peak RSS; CUDA: peak allocated) above the
+loaded model and the CPU time of one scoring chunk (no gradient: log-probs and entropy of the response logits)
+and one update micro-batch (forward and backward of a token-mean log-prob loss) of the real model: the chunk of
+the first rollout batch (scoring) or minibatch (update), grouped as ppomax groups them at each nonzero
+``--micro``, with the most padded positions; padded and packed, with the positions its LM head ran on;
+``--before SRC`` runs the same measurements with an older checkout's ``src`` first:
+
+    .venv/bin/python bench/padding.py --iterations 1 --micro 8 --memory --before /path/to/main/src
+
 Works with older checkouts too (their ``Forward`` API; no packed column), so the same command measures any
 checkout (``PYTHONPATH=.../src``).
 """
@@ -38,6 +52,8 @@ import dataclasses
 import gzip
 import inspect
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -125,6 +141,8 @@ def count(exp: object, size: int | None, how: str, tally: dict[str, int], packed
         tally["positions"] += chunk.attention_mask.numel()
         tally["real"] += int(chunk.attention_mask.sum())
         tally["forwards"] += 1
+        tally["head_last_columns"] += chunk.batch_size * (chunk.response_width + 1)
+        tally["head_response"] += int(chunk.response_lens.sum())
         if pack is not None:
             out = pack(chunk.sequences, chunk.prompt_lens, chunk.response_lens, chunk.prompt_width)
             tally["packed"] += out.input_ids.numel()
@@ -151,9 +169,8 @@ def iteration(
 
     g = torch.Generator().manual_seed(seed)
     drawn = [lengths[i] for i in torch.randperm(len(lengths), generator=g)[: args.buffer].tolist()]
-    tallies = {
-        k: {"positions": 0, "real": 0, "forwards": 0, "packed": 0} for k in ("scoring", "rm", "update")
-    }
+    keys = ("positions", "real", "forwards", "packed", "head_last_columns", "head_response")
+    tallies = {k: dict.fromkeys(keys, 0) for k in ("scoring", "rm", "update")}
     rm_chunks = rm_follows_chunks()
     batches = []
     for lo in range(0, args.buffer, args.rollout):
@@ -172,46 +189,87 @@ def iteration(
     return tallies
 
 
+def forward_of(model: Any, packed: bool) -> Any:
+    """This checkout's ``Forward`` (older ones take the unwrapped policy first; only newer ones pack)."""
+    from ppomax.ppo.models import Forward
+
+    first = [model] if "policy_unwrapped" in inspect.signature(Forward).parameters else []
+    return Forward(*first, temperature=1.0, **({"pack": True} if packed else {}))
+
+
+def takes_chunk() -> bool:
+    """Whether this checkout's ``Forward.response_logits`` takes the experience chunk (else its padded tensors)."""
+    from ppomax.ppo.models import Forward
+
+    return "batch" in inspect.signature(Forward.response_logits).parameters
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(torch.device(args.device))
+
+
+def random_buffer(lengths: list[tuple[int, int]], args: argparse.Namespace, vocab: int) -> tuple[Any, Any]:
+    """(the rollout batches, the merged buffer's minibatches) of one iteration (seed 0), random token ids."""
+    from ppomax.ppo.experience import Experience
+
+    g = torch.Generator().manual_seed(0)
+    drawn = [lengths[i] for i in torch.randperm(len(lengths), generator=g)[: args.buffer].tolist()]
+    batches = [rollout_batch(drawn[lo : lo + args.rollout]) for lo in range(0, args.buffer, args.rollout)]
+    buffer = Experience.cat(batches, pad_id=0)
+    buffer.sequences = torch.randint(10, vocab, buffer.sequences.shape, generator=g) * buffer.attention_mask
+    for b in batches:  # the rollout batches' rows of the buffer, in its columns
+        b.sequences = torch.randint(10, vocab, b.sequences.shape, generator=g) * b.attention_mask
+    perm = torch.randperm(buffer.batch_size, generator=g)
+    minibatches = [
+        buffer.select(perm[lo : lo + args.minibatch]) for lo in range(0, buffer.batch_size, args.minibatch)
+    ]
+    return batches, minibatches
+
+
+class HeadPositions:
+    """Counts the positions the model's LM head runs on (rows x width of its input)."""
+
+    def __init__(self, model: Any) -> None:
+        self.n = 0
+        model.get_output_embeddings().register_forward_hook(self._count)
+
+    def _count(self, _module: Any, inputs: tuple[Any, ...], _output: Any) -> None:
+        self.n += inputs[0][..., 0].numel()
+
+
+def policy_pass(fwd: Any, model: Any, e: Any, device: torch.device, grad: bool) -> None:
+    """The policy's forward over ``e``: with ``grad``, a token-mean log-prob loss and its backward (the update),
+    else the scoring pass's log-probs and entropy."""
+    seqs, mask, rmask = e.sequences.to(device), e.attention_mask.to(device), e.response_mask.to(device)
+    with torch.set_grad_enabled(grad):
+        if takes_chunk():
+            on_device = dataclasses.replace(e, sequences=seqs, attention_mask=mask, response_mask=rmask)
+            logits = fwd.response_logits(model, on_device)
+        else:
+            logits = fwd.response_logits(model, seqs, mask, e.prompt_width)
+        lp = fwd.logprobs(logits, seqs[:, e.prompt_width :])
+        if grad:
+            (-(lp * rmask).sum() / rmask.sum()).backward()
+        else:
+            fwd.entropy(logits)
+
+
 def time_update(
     lengths: list[tuple[int, int]], args: argparse.Namespace, micro: int, ways: list[str]
 ) -> None:
     """Print the real policy's forward+backward time over the micro-batches of ``args.time`` minibatches: for each
     way of forming the chunks, padded, then (where the checkout packs) the last way's chunks packed."""
-    from transformers import AutoModelForCausalLM
-
-    from ppomax.ppo.experience import Experience
-    from ppomax.ppo.models import Forward
-
-    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
-    # the Forward API of this checkout: the experience chunk (and packing), or its padded tensors
-    takes_chunk = "batch" in inspect.signature(Forward.response_logits).parameters
-    can_pack = takes_chunk and packer() is not None
-    fwds = {False: Forward(model, temperature=1.0)}
+    model = load_model(args)
+    can_pack = takes_chunk() and packer() is not None
+    fwds = {False: forward_of(model, False)}
     if can_pack:
-        fwds[True] = Forward(model, temperature=1.0, pack=True)  # type: ignore[call-arg]
-    g = torch.Generator().manual_seed(0)
-    drawn = [lengths[i] for i in torch.randperm(len(lengths), generator=g)[: args.buffer].tolist()]
-    buffer = Experience.cat(
-        [rollout_batch(drawn[lo : lo + args.rollout]) for lo in range(0, args.buffer, args.rollout)], pad_id=0
-    )
-    buffer.sequences = torch.randint(10, model.config.vocab_size, buffer.sequences.shape, generator=g)
-    perm = torch.randperm(buffer.batch_size, generator=g)
-    minibatches = [
-        buffer.select(perm[lo : lo + args.minibatch]) for lo in range(0, buffer.batch_size, args.minibatch)
-    ]
-
-    def run(e: Any, packed: bool = False) -> None:
-        fwd = fwds[packed]
-        seqs, mask, rmask = e.sequences.to(device), e.attention_mask.to(device), e.response_mask.to(device)
-        if takes_chunk:
-            on_device = dataclasses.replace(e, sequences=seqs, attention_mask=mask, response_mask=rmask)
-            logits = fwd.response_logits(model, on_device)
-        else:
-            logits = fwd.response_logits(model, seqs, mask, e.prompt_width)  # type: ignore[call-arg]
-        lp = fwd.logprobs(logits, seqs[:, e.prompt_width :])
-        (-(lp * rmask).sum() / rmask.sum()).backward()
+        fwds[True] = forward_of(model, True)
+    _, minibatches = random_buffer(lengths, args, model.config.vocab_size)
+    head = HeadPositions(model)
 
     def sync() -> None:
         if device.type == "cuda":
@@ -219,12 +277,12 @@ def time_update(
 
     warm = minibatches[0].select(list(range(micro)))
     for packed in fwds:
-        run(warm, packed)  # warm-up
+        policy_pass(fwds[packed], model, warm, device, grad=True)  # warm-up
     runs = [(how, False) for how in ways] + ([(ways[-1], True)] if can_pack else [])
     pack = packer()
     for how, packed in runs:
         sync()
-        cpu, wall, positions = time.process_time(), time.perf_counter(), 0
+        cpu, wall, positions, head.n = time.process_time(), time.perf_counter(), 0, 0
         for mb in minibatches[: args.time]:
             for rows in chunks(mb, micro, how):
                 part = mb.select(rows)
@@ -233,14 +291,86 @@ def time_update(
                     positions += out.input_ids.numel()
                 else:
                     positions += part.attention_mask.numel()
-                run(part, packed)
+                policy_pass(fwds[packed], model, part, device, grad=True)
         sync()
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         name = f"{how}, packed" if packed else how
         print(
-            f"time, micro_batch_size {micro}, {name}: CPU {cpu:.1f} s, wall {wall:.1f} s over {positions} positions "
-            f"({args.time} minibatch(es))"
+            f"time, micro_batch_size {micro}, {name}: CPU {cpu:.1f} s, wall {wall:.1f} s over {positions} positions, "
+            f"LM head on {head.n} ({args.time} minibatch(es))"
         )
+
+
+def measure_chunk(
+    lengths: list[tuple[int, int]], args: argparse.Namespace, micro: int, packed: bool, part: str
+) -> dict:
+    """Peak memory above the loaded model, CPU time and LM head positions of one ``part`` ("scoring" or
+    "update") chunk of ``micro`` rows (see the module docstring). Meant for a fresh process."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from logprob_memory import peak_rss, reset_peak_rss
+
+    device = torch.device(args.device)
+    model = load_model(args)
+    fwd = forward_of(model, packed)
+    batches, minibatches = random_buffer(lengths, args, model.config.vocab_size)
+    source = batches[0] if part == "scoring" else minibatches[0]
+    how = "grouped" if hasattr(source, "micro_batches") else "consecutive"
+    chunk = max(
+        (source.select(rows) for rows in chunks(source, micro, how)), key=lambda c: c.attention_mask.numel()
+    )
+    head = HeadPositions(model)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = reset_peak_rss()
+    cpu = time.process_time()
+    policy_pass(fwd, model, chunk, device, grad=part == "update")
+    if cuda:
+        torch.cuda.synchronize()
+    cpu = time.process_time() - cpu
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
+    return {
+        "rows": chunk.batch_size,
+        "positions": chunk.attention_mask.numel(),
+        "response_tokens": int(chunk.response_lens.sum()),
+        "head": head.n,
+        "peak_mib": (peak - base) / (1 << 20),
+        "cpu_s": cpu,
+    }
+
+
+def memory_table(args: argparse.Namespace, argv: list[str]) -> None:
+    """Run :func:`measure_chunk` in fresh processes (with ``--before``'s checkout first) and print the table."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PPOMAX_THREADS": str(args.threads)}
+    versions = ([("before", {**env, "PYTHONPATH": args.before})] if args.before else []) + [("this", env)]
+    memory = "peak allocated" if args.device.startswith("cuda") else "peak RSS"
+    print(
+        f"\n| micro_batch_size | pass | layout | checkout | rows x width | LM head positions | {memory} above the model (MiB) | CPU s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for micro in [m for m in args.micro if m]:
+        for part in ("scoring", "update"):
+            for layout in ("padded", "packed"):
+                for name, run_env in versions:
+                    cmd = [sys.executable, __file__, *argv, "--one-memory", str(micro), layout, part]
+                    done = subprocess.run(cmd, env=run_env, capture_output=True, text=True)
+                    if done.returncode != 0:
+                        print(
+                            f"| {micro} | {part} | {layout} | {name} | failed: {done.stderr.strip().splitlines()[-1:]} |"
+                        )
+                        continue
+                    r = json.loads(done.stdout.splitlines()[-1])
+                    if r is None:
+                        continue  # a checkout that does not pack
+                    print(
+                        f"| {micro} | {part} | {layout} | {name} | {r['rows']} x {r['positions'] // r['rows']} | "
+                        f"{r['head']} ({r['response_tokens']} response tokens) | {r['peak_mib']:.0f} | "
+                        f"{r['cpu_s']:.1f} |",
+                        flush=True,
+                    )
 
 
 def main() -> int:
@@ -260,7 +390,13 @@ def main() -> int:
     )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    ap.add_argument(
+        "--memory", action="store_true", help="peak memory of a scoring chunk and an update micro-batch"
+    )
+    ap.add_argument("--before", metavar="SRC", help="--memory: also measure the checkout whose src is SRC")
+    ap.add_argument("--one-memory", nargs=3, metavar=("MICRO", "LAYOUT", "PASS"), help=argparse.SUPPRESS)
+    argv = sys.argv[1:]
+    args = ap.parse_args(argv)
 
     from ppomax.ppo.experience import Experience
 
@@ -270,6 +406,14 @@ def main() -> int:
 
         args.model = str(real_model_dir())
     lengths = load_lengths(args.model, args.data, args.max_prompt_tokens, args.max_new_tokens)
+    if args.one_memory:
+        micro, layout, part = args.one_memory
+        packed = layout == "packed"
+        if packed and not (takes_chunk() and packer() is not None):
+            print(json.dumps(None))
+        else:
+            print(json.dumps(measure_chunk(lengths, args, int(micro), packed, part)))
+        return 0
     prompt = torch.tensor([a for a, _ in lengths], dtype=torch.float)
     response = torch.tensor([b for _, b in lengths], dtype=torch.float)
     print(
@@ -285,6 +429,7 @@ def main() -> int:
     print("| micro_batch_size | pass | " + " | ".join(ways) + " | packed |")
     print("|---|---|" + "---|" * (len(ways) + 1))
     packs = packer() is not None
+    heads: dict[int, list[dict[str, dict[str, int]]]] = {}
     for micro in args.micro:
         size = micro or None
         # the chunks ppomax forms (the last way) are the ones it packs
@@ -305,6 +450,26 @@ def main() -> int:
             packed = sum(t[part]["packed"] for t in totals[ways[-1]])
             cells.append(f"{1 - real / packed:.1%}" if packed else "-")
             print(f"| {micro or 'null'} | {part} | " + " | ".join(cells) + " |")
+        heads[micro] = totals[ways[-1]]
+    print(
+        f"\nLM head positions per iteration ({ways[-1]} chunks, mean over the iterations): padded R + 1 last "
+        "columns | packed: every position | the real response tokens only\n"
+    )
+    print(
+        "| micro_batch_size | pass | padded, R + 1 columns | packed, every position | response tokens only |"
+    )
+    print("|---|---|---|---|---|")
+    for micro, tallies in heads.items():
+        for part in ("scoring", "update"):
+            n = len(tallies)
+            last, packed = (sum(t[part][k] for t in tallies) / n for k in ("head_last_columns", "packed"))
+            response = sum(t[part]["head_response"] for t in tallies) / n
+            cell = f"{packed:.0f} ({packed / last:.2f}x)" if packed else "-"
+            print(
+                f"| {micro or 'null'} | {part} | {last:.0f} | {cell} | {response:.0f} ({response / last:.2f}x) |"
+            )
+    if args.memory:
+        memory_table(args, [a for a in argv if a != "--memory"])
     if args.time:
         for micro in args.micro:
             time_update(lengths, args, micro or args.minibatch, ways)

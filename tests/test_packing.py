@@ -128,7 +128,7 @@ def test_packed_forwards_equal_padded_ones(arch, impl):
     rounding only), with fewer positions computed."""
     exp = padded_batch(LENGTHS)
     model = _model(arch, impl)
-    padded, packed = Forward(model, 1.0), Forward(model, 1.0, pack=True)
+    padded, packed = Forward(1.0), Forward(1.0, pack=True)
     seen: list[int] = []
     model.get_input_embeddings().register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].numel()))
     on = exp.response_mask
@@ -181,7 +181,7 @@ def test_the_start_up_check_reads_the_critic_s_values(monkeypatch):
 
     model = _model("llama", "eager")
     models = {"model.policy": model, "model.critic": ValueHeadModel(_model("llama", "eager", seed=1), seed=3)}
-    fwd = Forward(model, 1.0, pack=True)
+    fwd = Forward(1.0, pack=True)
     check_packed_forwards(fwd, models, 300, torch.device("cpu"))
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
     with pytest.raises(ConfigError, match=r"model\.critic's packed forward gives values .*\(eager\)"):

@@ -622,3 +622,101 @@ def test_reward_model_forwards_follow_micro_batches_and_packing(setup, tmp_path,
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6, nan_ok=True), k
     torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- the LM head on the response positions
+
+
+@pytest.fixture(scope="module")
+def tied_setup(tmp_path_factory):
+    return make_setup(tmp_path_factory.mktemp("ppo_work_tied"), tie=True)
+
+
+def _same_iterations(results) -> None:
+    (m0, p0, c0), (m1, p1, c1) = results
+    for a, b in zip(m0, m1, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6, nan_ok=True), k
+    torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6)
+    if c0 is not None:
+        torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-6)
+
+
+def _uneven_iterations(
+    setup, tmp_path, *over
+) -> tuple[list[dict], torch.Tensor, torch.Tensor | None, list[int]]:
+    """(metrics of two iterations over the uneven rows, policy weights, critic weights, the positions the
+    policy's LM head ran on per call)."""
+    tr, rows, _ = _uneven(setup, tmp_path, *over, interleaved=True)
+    tr.data.prompt_stream.take = lambda k, rows=rows: rows
+    head: list[int] = []
+    tr.unwrapped(tr.policy).get_output_embeddings().register_forward_hook(
+        lambda _m, inputs, _o: head.append(inputs[0][..., 0].numel())
+    )
+    metrics = [_metrics(tr.iteration(step)) for step in (1, 2)]
+    return metrics, flat(tr.policy), flat(tr.critic) if tr.critic is not None else None, head
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "over",
+    [
+        (),
+        ("ppo.micro_batch_size=3", "generation.temperature=0.7", "ppo.entropy_coef=0.01"),
+        ("ppo.minibatch_size=4",),
+        ("model.lora={r: 4}", "ppo.micro_batch_size=3"),
+        ("TIED", "ppo.micro_batch_size=3"),
+    ],
+    ids=["fused", "micro_batches", "two_minibatches", "lora", "tied_head"],
+)
+def test_the_head_on_the_response_positions_gives_the_whole_heads_iterations(
+    setup, tied_setup, tmp_path, monkeypatch, over
+):
+    """Two iterations over rows of very uneven lengths (scoring, fused or apart, and update; micro-batches; LoRA,
+    the reference being the policy's base; an LM head tied to the input embeddings), packed: with the head on the
+    response positions only, the metrics and weights of the head on every packed position within float rounding,
+    and the policy's head on fewer positions."""
+    if over[:1] == ("TIED",):
+        setup, over = tied_setup, over[1:]
+    whole_head = ppo_models._lm_head
+    runs = []
+    for narrowed in (False, True):
+        with monkeypatch.context() as mp:
+            if not narrowed:  # the model's head as it was: no hook
+                mp.setattr(ppo_models, "_lm_head", lambda model: (None, whole_head(model)[1]))
+            runs.append(_uneven_iterations(setup, tmp_path / str(narrowed), "ppo.pack_sequences=true", *over))
+    _same_iterations([run[:3] for run in runs])
+    whole, narrow = runs[0][3], runs[1][3]
+    assert all(a <= b for a, b in zip(narrow, whole, strict=True)) and sum(narrow) < sum(whole), (
+        narrow,
+        whole,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
+def test_the_logits_past_a_rows_response_are_never_read(setup, tmp_path, monkeypatch, packed, fused):
+    """The response logits past each row's response (zeros) are never read: NaN there gives the same two
+    iterations (scoring, exact KL, entropy bonus, update), every metric and weight as with zeros."""
+    over = (
+        f"ppo.pack_sequences={packed}",
+        "generation.temperature=0.7",
+        "ppo.entropy_coef=0.01",
+        *(() if fused else ("ppo.micro_batch_size=3",)),
+    )
+    real = Forward.response_logits
+    runs = []
+    for poisoned in (False, True):
+        with monkeypatch.context() as mp:
+            if poisoned:
+
+                def nan_past_the_response(fwd, model, batch):
+                    off = ~batch.response_mask.unsqueeze(-1)
+                    return real(fwd, model, batch).masked_fill(off, float("nan"))
+
+                mp.setattr(Forward, "response_logits", nan_past_the_response)
+            runs.append(_uneven_iterations(setup, tmp_path / str(poisoned), *over)[:3])
+    assert all(torch.isfinite(torch.as_tensor(v)) for v in runs[0][0][-1].values() if isinstance(v, float))
+    _same_iterations(runs)

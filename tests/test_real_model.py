@@ -200,11 +200,12 @@ def test_the_real_model_benchmark_runs_end_to_end(model_dir, tmp_path):
 def test_packed_forwards_of_the_real_model_equal_its_padded_ones(model_dir, dtype):
     """ppo.pack_sequences on SmolLM2 (sdpa, loaded as ppomax loads a policy): chat-templated prompts and answers of
     uneven lengths give the padded forward's per-token log-probs and critic values (a fresh head) on the response
-    mask, within float rounding (float32: 1e-4; bfloat16 weights: 0.05), and the start-up check passes; so do the
-    reward model's scores in packed micro-batches."""
+    mask, within float rounding (float32: 1e-4; bfloat16 weights: 0.05), those of the whole forward's logits
+    (the packed LM head runs on the response positions only), and the start-up check passes; so do the reward
+    model's scores in packed micro-batches."""
     from transformers import AutoTokenizer
 
-    from ppomax.models import ValueHeadModel, load_causal_lm
+    from ppomax.models import ValueHeadModel, load_causal_lm, position_ids_from_mask
     from ppomax.ppo.experience import Experience
     from ppomax.ppo.models import Forward, check_packed_forwards
 
@@ -238,13 +239,18 @@ def test_packed_forwards_of_the_real_model_equal_its_padded_ones(model_dir, dtyp
         response_lens=torch.tensor(list(map(len, answers))),
         truncated=torch.zeros(len(pairs), dtype=torch.bool),
     )
-    padded, packed = Forward(model, 1.0), Forward(model, 1.0, pack=True)
+    padded, packed = Forward(1.0), Forward(1.0, pack=True)
     critic = ValueHeadModel(model, seed=1)
     on, labels, tol = exp.response_mask, exp.responses_ids, 1e-4 if dtype == "float32" else 0.05
     with torch.no_grad():
         a = padded.logprobs(padded.response_logits(model, exp), labels)
         b = packed.logprobs(packed.response_logits(model, exp), labels)
         torch.testing.assert_close(b[on], a[on], atol=tol, rtol=0)
+        # the LM head on the response positions only, either way: the whole forward's log-probs
+        whole = model(
+            input_ids=seqs, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
+        ).logits[:, p_w - 1 : -1]
+        torch.testing.assert_close(a[on], padded.logprobs(whole, labels)[on], atol=tol, rtol=0)
         torch.testing.assert_close(
             packed.values(critic, exp)[on], padded.values(critic, exp)[on], atol=tol, rtol=0
         )

@@ -119,7 +119,7 @@ def assemble(
 
     from_generate = cfg.generation.logprobs_from == "generate"
     temperature = cfg.generation.temperature if cfg.generation.logprobs_from != "raw" else 1.0
-    fwd = Forward(acc.unwrap_model(policy), temperature, pack=p.pack_sequences)
+    fwd = Forward(temperature, pack=p.pack_sequences)
     if p.pack_sequences:
         check_packed_forwards(
             fwd,

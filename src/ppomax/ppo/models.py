@@ -26,17 +26,20 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor
 
 from ppomax.algos import entropy_from_logits, logprobs_from_logits
 from ppomax.config import PPOConfig
 from ppomax.data import pad_id_of
-from ppomax.errors import ConfigError
+from ppomax.errors import ConfigError, UserError
 from ppomax.models import (
     AdaptersOff,
     RewardOnCriticBase,
@@ -60,7 +63,7 @@ from ppomax.trainers.inputs import (
 )
 from ppomax.trainers.launch import ONE_PROCESS, Engine, reference_dtype, trained_dtype
 
-from .packing import PackedChunk, pack
+from .packing import PackedChunk, ResponsePositions, pack
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -273,20 +276,24 @@ class Forward:
     """Forward passes over a batch laid out as in :class:`~ppomax.ppo.experience.Experience`.
 
     Padded (the default), every call passes position ids counted from the attention mask (as ``generate`` did),
-    so a row's outputs do not depend on the padding around it, and asks the LM head only for the ``R + 1`` last
-    positions when the model supports ``logits_to_keep`` (the prompt's logits are never needed).
+    so a row's outputs do not depend on the padding around it.
 
     Packed (``pack``: ``ppo.pack_sequences``), the rows' real tokens are packed into fewer rows
     (:mod:`ppomax.ppo.packing`) and the model is called with their position ids, no attention mask and no cache
     (the two conditions under which transformers' attention keeps packed sequences apart); the outputs are
     gathered back into the padded layout, so every caller reads the same ``[B, R, ...]`` tensors either way.
-    The LM head then runs on every packed position. :func:`check_packed_forwards` checks once that a model's
-    attention honours the packing.
+    :func:`check_packed_forwards` checks once that a model's attention honours the packing.
+
+    Packed, the LM head runs only on the positions whose logits are read, those before the rows' real response
+    tokens (:class:`~ppomax.ppo.packing.ResponsePositions`; not the prompt, not the padding after a short
+    response), through the model's own forward (:func:`lm_head_on`); the response columns past a row's end hold
+    zero logits (off the response mask). A model without the hook's conditions (an output embedding module and
+    ``logits_to_keep``) gets its head on every packed position. Padded, the head runs on the ``R + 1`` last
+    columns of each row where the model takes ``logits_to_keep``.
     """
 
-    def __init__(self, policy_unwrapped: torch.nn.Module, temperature: float, pack: bool = False) -> None:
+    def __init__(self, temperature: float, pack: bool = False) -> None:
         self.temperature = temperature
-        self.keep_logits = _accepts(policy_unwrapped, "logits_to_keep")
         self.pack = pack
 
     def response_logits(self, model: torch.nn.Module | AdaptersOff, batch: Experience) -> Tensor:
@@ -296,30 +303,36 @@ class Forward:
         return self._padded_logits(model, batch)
 
     def _padded_logits(self, model: torch.nn.Module | AdaptersOff, batch: Experience) -> Tensor:
+        # The head on the R + 1 last columns (logits_to_keep), not narrowed to the real response positions as
+        # packed: their logits would have to be scattered into a [B, R, V] tensor beside the head's own output,
+        # which costs more memory than the padding's logits it saves (bench/padding.py --memory).
         seqs, mask = batch.sequences, batch.attention_mask
         r = batch.response_width
-        kwargs: dict[str, Any] = {}
-        if self.keep_logits:
-            kwargs["logits_to_keep"] = r + 1
+        _, keeps = _lm_head(model)
         out = model(
             input_ids=seqs,
             attention_mask=mask,
             position_ids=position_ids_from_mask(mask),
             use_cache=False,
-            **kwargs,
+            **({"logits_to_keep": r + 1} if keeps else {}),
         )
         return out.logits[:, -(r + 1) : -1]
 
     @staticmethod
     def _packed_logits(model: torch.nn.Module | AdaptersOff, batch: Experience) -> Tensor:
         packed = _pack(batch)
-        out = model(
-            input_ids=packed.input_ids,
-            attention_mask=None,
-            position_ids=packed.position_ids,
-            use_cache=False,
-        )
-        return packed.gather(out.logits)
+        head, keeps = _lm_head(model)
+        kwargs: dict[str, Any] = {"logits_to_keep": 0} if keeps else {}
+        with lm_head_on(head, packed.response_positions, packed.input_ids.shape) as selected:
+            out = model(
+                input_ids=packed.input_ids,
+                attention_mask=None,
+                position_ids=packed.position_ids,
+                use_cache=False,
+                **kwargs,
+            )
+        logits = selected(out.logits)
+        return logits if logits is not None else packed.gather(out.logits)
 
     def logprobs(self, logits: Tensor, labels: Tensor, raw: bool = False) -> Tensor:
         """Log-probs of ``labels`` under the logits the ratio/KL use (temperature-scaled unless ``raw``)."""
@@ -356,6 +369,57 @@ class Forward:
         )
         labels = batch["labels"][:, 1:]
         return out.logits[:, :-1], labels, labels != -100
+
+
+def _lm_head(model: torch.nn.Module | AdaptersOff) -> tuple[torch.nn.Module | None, bool]:
+    """(the LM head :func:`lm_head_on` may narrow, or None; whether the model takes ``logits_to_keep``). The head
+    only of a model that takes ``logits_to_keep``: its forward slices the final hidden states before the head and
+    reads the logits the head returns whatever their number of positions (transformers' causal LMs)."""
+    inner = extract_model_from_parallel(model.model if isinstance(model, AdaptersOff) else model)
+    if not _accepts(inner, "logits_to_keep"):
+        return None, False
+    get = getattr(inner, "get_output_embeddings", None)  # through PEFT's wrappers to the base model's
+    head = get() if callable(get) else None
+    return (head if isinstance(head, torch.nn.Module) else None), True
+
+
+@contextmanager
+def lm_head_on(
+    head: torch.nn.Module | None, positions: ResponsePositions, input_shape: torch.Size
+) -> Iterator[Callable[[Tensor], Tensor | None]]:
+    """Within the block, the first call of ``head`` on the [N, W, H] final hidden states of a forward over
+    ``input_shape`` [N, W] runs on ``positions.select`` of them, [1, K, H], inside the model's own forward (what
+    the model does after its head, e.g. Gemma 2's logit soft-capping, applies as ever; DeepSpeed ZeRO-3 gathers
+    the head's weight around the same call). Yields ``selected``: the forward's logits -> [B, R, V] at the
+    response positions (:meth:`~ppomax.ppo.packing.ResponsePositions.scatter`), or None where the head did not
+    run on them (no ``head``, or not called as expected: the caller reads the logits as they are; a UserError
+    where the head ran on them but the logits are not its output). The hook is removed on leaving the block, also
+    on an exception."""
+    ran: list[bool] = []
+
+    def select(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        hidden = args[0] if args else None
+        if ran or not isinstance(hidden, Tensor) or hidden.dim() != 3 or hidden.shape[:2] != input_shape:
+            return None
+        ran.append(True)
+        return (positions.select(hidden), *args[1:])
+
+    def selected(logits: Tensor) -> Tensor | None:
+        if not ran:
+            return None
+        if logits.dim() != 3 or logits.shape[:2] != (1, len(positions.source)):  # never silently misread
+            raise UserError(
+                f"the model's logits {tuple(logits.shape)} are not its LM head's output on the {len(positions.source)} "
+                "response positions ppomax selected: its forward reshapes them; please report the model's class"
+            )
+        return positions.scatter(logits[0])
+
+    handle = head.register_forward_pre_hook(select) if head is not None else None
+    try:
+        yield selected
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def _pack(batch: Experience) -> PackedChunk:

@@ -10,6 +10,9 @@ splits a row where the position ids do not go up by one), so every sequence's ou
 forward, to float rounding. :meth:`PackedChunk.gather` puts the outputs of the response positions back in the
 ``[B, R]`` layout of the experience buffer.
 
+:class:`ResponsePositions` are the positions of a forward, packed or padded, whose outputs the rows' real response
+tokens read (the LM head runs on those only, see :class:`ppomax.ppo.models.Forward`).
+
 Only the index arithmetic is here; the forwards are :class:`ppomax.ppo.models.Forward`'s.
 """
 
@@ -19,6 +22,41 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ResponsePositions:
+    """Where a chunk's ``K`` real response tokens (row by row, EOS included) read a forward's per-position outputs,
+    and where those go in the chunk's ``[B, R]`` response layout."""
+
+    source: Tensor
+    """[K] long, into the forward's flattened positions: the position before each real response token (the
+    padded column ``P + j - 1`` of row ``b``, or where that token is packed)."""
+    target: Tensor
+    """[K] long, into the flattened ``[B * R]`` response layout: ``b * R + j`` for token ``j`` of row ``b``."""
+    rows: int
+    width: int
+    """B and R."""
+
+    def select(self, outputs: Tensor) -> Tensor:
+        """[M, W, ...] per-position inputs or outputs of the forward -> [1, K, ...] at :attr:`source`."""
+        return outputs.flatten(0, 1).index_select(0, self.source).unsqueeze(0)
+
+    def scatter(self, outputs: Tensor) -> Tensor:
+        """[K, ...] outputs at the real response tokens -> [B, R, ...], zeros in the columns past a row's response
+        (off the response mask: never read)."""
+        rest = outputs.shape[1:]
+        out = outputs.new_zeros((self.rows * self.width, *rest))
+        return out.index_copy_(0, self.target, outputs).view(self.rows, self.width, *rest)
+
+
+def _real_response_tokens(response_lens: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """(row, column) [K] of every real response token of rows with ``response_lens`` [B] (host) in ``width``
+    response columns, row by row."""
+    r_lens = response_lens.cpu().long().clamp(max=width)
+    row = torch.repeat_interleave(torch.arange(len(r_lens)), r_lens)
+    column = torch.arange(int(r_lens.sum())) - torch.repeat_interleave(r_lens.cumsum(0) - r_lens, r_lens)
+    return row, column
 
 
 @dataclass(frozen=True)
@@ -34,6 +72,8 @@ class PackedChunk:
     """[B, R] long, into the flattened ``N * W`` positions: the position whose output is read for response token
     ``j`` of row ``b`` (the one before it, as the padded column ``P + j - 1``); response columns past the row's
     sequence read its last token."""
+    response_positions: ResponsePositions
+    """The positions of :attr:`response_index` that the real response tokens read."""
 
     def gather(self, outputs: Tensor) -> Tensor:
         """[N, W, ...] per-position outputs of a forward over :attr:`input_ids` -> [B, R, ...] at the response
@@ -104,6 +144,8 @@ def pack(
     j = torch.arange(r).expand(b, r)
     at = torch.minimum(p_lens.unsqueeze(1) - 1 + j, last.unsqueeze(1)).clamp(min=0)
     response_index = (start.unsqueeze(1) + at).clamp(max=n * width - 1)
+    token_row, token_column = _real_response_tokens(r_lens, r)
+    target = token_row * r + token_column
     device = sequences.device
     input_ids = torch.full((n * width,), pad_id, dtype=sequences.dtype, device=device)
     input_ids[dst.to(device)] = sequences.flatten()[src.to(device)]
@@ -111,4 +153,7 @@ def pack(
         input_ids=input_ids.view(n, width),
         position_ids=position_ids.view(n, width).to(device),
         response_index=response_index.to(device),
+        response_positions=ResponsePositions(
+            response_index.flatten()[target].to(device), target.to(device), b, r
+        ),
     )
