@@ -73,6 +73,29 @@ def test_drift_needs_rising_kl_above_the_threshold_and_reward_up(points):
     assert _run(CollapseMonitor(3, 1.3, 0.9, 0.1, drift_kl_per_token=0.15), points) == []
 
 
+def _default_monitor() -> CollapseMonitor:
+    from ppomax.config import CollapseConfig
+
+    c = CollapseConfig()
+    return CollapseMonitor(c.window, c.length_ratio, c.ppl_ratio, c.kl_per_token, c.drift_kl_per_token)
+
+
+def test_the_default_drift_rule_warns_before_a_kl_penalised_run_over_optimises():
+    """The shape of PPO-max at KL coefficient 0.1-0.2 on hh-mini (ablate's monitor group): the exact KL climbs
+    slowly to ~0.1 nats/token while the RM reward climbs, and gold starts falling once it is past ~0.07: the default
+    warns while it climbs (a threshold of 0.15 would stay silent throughout); the demo's PPO-max, whose KL settles
+    at 0.02-0.045 per iteration, never warns."""
+    climbing = [_drift(min(0.003 * i, 0.1), 1.0 + 0.02 * i) for i in range(60)]
+    assert _run(_default_monitor(), climbing) == [
+        20
+    ]  # mean of steps 16-20: 0.051 >= 0.05, above 11-15's 0.036
+    assert _run(CollapseMonitor(5, 1.3, 0.9, 0.1, drift_kl_per_token=0.15), climbing) == []
+    settling = [
+        _drift(min(0.003 * i, 0.03) + (0.015 if i % 7 == 3 else 0.0), 1.0 + 0.01 * i) for i in range(80)
+    ]
+    assert _run(_default_monitor(), settling) == []
+
+
 def test_trainer_feeds_the_monitor_and_stop_ends_the_run(tmp_path, monkeypatch):
     import torch
 

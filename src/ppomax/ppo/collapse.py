@@ -21,15 +21,21 @@ which fires too (``drift_kl_per_token``, null = off):
 * the RM reward (``reward/raw_mean``, what PPO maximises) is above its baseline.
 
 That is the policy still moving away from the reference to buy reward, the regime in which, in the paper's fig. 6
-and in every vanilla run of the demo, the true quality falls while the RM reward keeps rising. The default 0.15
-nats/token was chosen on the demo's ten full-profile runs (5 seeds x vanilla / PPO-max): the vanilla runs pass it
-at steps 16-19 of 80, at or before the step their gold reward had fallen 0.1 below its peak (17-41); PPO-max's KL
-stays under 0.07. `ppomax ablate` judges the rule on its other runs against the gold reward.
+and in every vanilla run of the demo, the true quality falls while the RM reward keeps rising. The monitor reads
+the exact KL over the vocabulary where the run logs it (:func:`kl_of`): the sampled estimators read the same KL
+differently (k1, k3, tokens drawn with top-p and a repetition penalty).
 
-Those runs measured the KL with the k1 estimator on sampled tokens; the monitor now reads the exact KL over the
-vocabulary where the run logs it (:func:`kl_of`), which on the quick demo's vanilla run read within ~10% of k1
-and fired at the same step. Whether 0.15 carries to KL-penalised runs, other lengths and learning rates is what
-`ppomax ablate --only monitor estimators causes` measures (its report replays candidate rules beside this one).
+The default 0.05 nats/token was chosen on `ppomax ablate --only monitor ppo_max vanilla --seeds 0 1 2` (30 runs on
+hh-mini, judged against the gold reward; 24 runs out of the sample a threshold was first chosen on: PPO-max with KL
+coefficients 0.05, 0.1 and 0.2, answers capped at 20 and 80 tokens, vanilla at a third and PPO-max at three times
+the learning rate). At 0.05 it fired on all 23 over-optimised runs, 2 to 21 steps before their gold reward had
+fallen 0.1 below its peak, and never on the demo's PPO-max (its exact KL peaks at 0.03-0.05 per iteration, below
+that as a 5-iteration mean); the former 0.15 missed 2 (PPO-max at KL coefficient 0.2, gold falling at 0.07
+nats/token) and fired after gold's fall on 9 of the 21 it caught. Both fire on healthy runs that drift as far
+(mostly PPO-max at three times the learning rate, KL 0.08-0.13: 4 of the 7 healthy runs at 0.05, 2 at 0.15): the
+signal is "drifting while the reward rises", which preceded every fall seen, not proof of one; hence a warning by
+default (``collapse.action: warn``). The answer-length caps did not bind on hh-mini (its answers are ~10 tokens),
+so how a per-token level carries to much longer answers is not measured.
 """
 
 from __future__ import annotations

@@ -98,13 +98,20 @@ def _drift_per_response(s: float) -> Callable[[Sequence[dict[str, Any]]], Fired]
     )
 
 
-# The collapse monitor's rules replayed on every run, the library's first: its default (drift 0.15 nats/token on
-# the exact KL where logged), the paper's signature alone, the drift rule as first chosen (on the estimator's KL),
-# and candidates for an out-of-sample campaign to choose from (`ppomax ablate --only monitor estimators causes`):
-# other absolute levels on the exact KL, per response instead of per token, and the KL's trend. A rule a run
-# cannot be replayed with (no exact KL logged) is left out of that run's counts.
+# The collapse monitor's rules replayed on every run, the library's first: its default (drift
+# `collapse.drift_kl_per_token` nats/token on the exact KL where logged), the paper's signature alone, the drift
+# rule as first chosen (0.15, on the estimator's KL), and candidates for an out-of-sample campaign to choose from
+# (`ppomax ablate --only monitor estimators causes`): other absolute levels on the exact KL, per response instead
+# of per token, and the KL's trend. A rule a run cannot be replayed with (no exact KL logged) is left out of that
+# run's counts.
+def _library_rule_name() -> str:
+    from ppomax.config import CollapseConfig
+
+    return f"library (drift {CollapseConfig().drift_kl_per_token}/token, exact KL where logged)"
+
+
 MONITOR_RULES: dict[str, Callable[[Sequence[dict[str, Any]]], Fired]] = {
-    "library (drift 0.15/token, exact KL where logged)": lambda r: replay_monitor(r, drift=True),
+    _library_rule_name(): lambda r: replay_monitor(r, drift=True),
     "signature only (paper 5.2)": lambda r: replay_monitor(r, drift=False),
     "drift 0.15/token on the estimator's KL (as first chosen)": lambda r: _replay(r, 0.15, kl="kl/per_token"),
     **{f"drift {t}/token on the exact KL": _drift_per_token(t) for t in (0.03, 0.05, 0.1, 0.15)},
