@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from transformers.utils import logging as hf_logging
 
-    import ppomax.ppo.trainer as ppo_mod
+    import ppomax.ppo.assembly as ppo_mod  # where PPOTrainer chooses its scoring strategy
     from ppomax.config import load_config
     from ppomax.ppo import PPOTrainer
 

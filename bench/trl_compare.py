@@ -362,7 +362,7 @@ def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
     import torch
     import transformers
 
-    import ppomax.ppo.trainer as ppo_mod
+    import ppomax.ppo.assembly as ppo_mod  # where PPOTrainer chooses its scoring strategy
     from ppomax.config import load_config
     from ppomax.ppo import PPOTrainer
 
