@@ -541,14 +541,7 @@ def test_packed_sequences_give_the_padded_iterations(setup, tmp_path, monkeypatc
             assert sum(count.packed) < sum(count.padded), (count.packed, count.padded)
         else:
             assert not count.packed
-    (m0, p0, c0), (m1, p1, c1) = results
-    for a, b in zip(m0, m1, strict=True):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6, nan_ok=True), k
-    torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6)
-    if c0 is not None:
-        torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-6)
+    _same_iterations(results)
 
 
 def test_packing_is_refused_where_the_attention_lets_packed_sequences_see_each_other(

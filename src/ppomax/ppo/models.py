@@ -426,13 +426,37 @@ def _pack(batch: Experience) -> PackedChunk:
     return pack(batch.sequences, batch.prompt_lens, batch.response_lens, batch.prompt_width)
 
 
-# (prompt, response) lengths of the batch check_packed_forwards runs: packed into rows of 8, the two short
+# (prompt, response) lengths of the batch the packing checks run: packed into rows of 8, the two short
 # sequences share the second row, the last one starting mid-row
 _CHECK_LENGTHS = ((3, 5), (2, 2), (1, 2))
 PACKING_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
 """Largest packed-vs-padded gap (per-token log-probs, values) check_packed_forwards accepts, by output dtype;
 0.05 for 16-bit outputs (their rounding, not a leak between sequences, which moves a real model's log-probs by
 nats)."""
+
+
+def packing_check_batch(vocab_size: int, device: torch.device, avoid_token: int | None = None) -> Experience:
+    """The tiny batch the packing checks run (:func:`check_packed_forwards`, and the reward model's
+    ``check_packed_scores``): rows of :data:`_CHECK_LENGTHS` of random tokens (seed 0) below ``vocab_size``, laid
+    out as the experience buffer lays them out; ``avoid_token`` (a pad id) replaced by the next id."""
+    from .experience import Experience
+
+    p_w, r_w = max(p for p, _ in _CHECK_LENGTHS), max(r for _, r in _CHECK_LENGTHS)
+    mask = torch.zeros(len(_CHECK_LENGTHS), p_w + r_w, dtype=torch.long)
+    for i, (p, r) in enumerate(_CHECK_LENGTHS):
+        mask[i, p_w - p : p_w + r] = 1
+    tokens = torch.randint(0, vocab_size, mask.shape, generator=torch.Generator().manual_seed(0))
+    if avoid_token is not None:
+        tokens[tokens == avoid_token] = (avoid_token + 1) % vocab_size
+    return Experience(
+        sequences=(tokens * mask).to(device),
+        attention_mask=mask.to(device),
+        response_mask=mask[:, p_w:].bool().to(device),
+        prompt_width=p_w,
+        prompt_lens=torch.tensor([p for p, _ in _CHECK_LENGTHS]),
+        response_lens=torch.tensor([r for _, r in _CHECK_LENGTHS]),
+        truncated=torch.zeros(len(_CHECK_LENGTHS), dtype=torch.bool, device=device),
+    )
 
 
 @torch.no_grad()
@@ -447,23 +471,7 @@ def check_packed_forwards(
     one-line ConfigError naming ``ppo.pack_sequences`` and the model's attention implementation. An attention
     that ignores packed position ids (a model's own code, a custom kernel) lets a sequence attend to the one
     packed before it, which silently changes every output."""
-    from .experience import Experience
-
-    p_w, r_w = max(p for p, _ in _CHECK_LENGTHS), max(r for _, r in _CHECK_LENGTHS)
-    mask = torch.zeros(len(_CHECK_LENGTHS), p_w + r_w, dtype=torch.long)
-    for i, (p, r) in enumerate(_CHECK_LENGTHS):
-        mask[i, p_w - p : p_w + r] = 1
-    gen = torch.Generator().manual_seed(0)
-    sequences = torch.randint(0, vocab_size, mask.shape, generator=gen) * mask
-    batch = Experience(
-        sequences=sequences.to(device),
-        attention_mask=mask.to(device),
-        response_mask=mask[:, p_w:].bool().to(device),
-        prompt_width=p_w,
-        prompt_lens=torch.tensor([p for p, _ in _CHECK_LENGTHS]),
-        response_lens=torch.tensor([r for _, r in _CHECK_LENGTHS]),
-        truncated=torch.zeros(len(_CHECK_LENGTHS), dtype=torch.bool, device=device),
-    )
+    batch = packing_check_batch(vocab_size, device)
     on = batch.response_mask
     for key, model in models.items():
         if model is None:

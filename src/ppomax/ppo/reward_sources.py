@@ -44,7 +44,7 @@ from ppomax.errors import ConfigError, UserError
 from ppomax.models import RewardOnCriticBase
 
 from .experience import Experience
-from .models import PACKING_TOLERANCE
+from .models import PACKING_TOLERANCE, packing_check_batch
 from .packing import pack
 
 RM_KEY = "rm"
@@ -211,34 +211,14 @@ def packed_scores(model: ScoringModel, batch: Experience) -> Tensor:
     return values.flatten()[at].float()
 
 
-# (prompt, response) lengths of the batch check_packed_scores scores: packed into rows of 8, the two short
-# sequences share the second row, the last one starting mid-row, where a leak would reach its score
-_CHECK_LENGTHS = ((3, 5), (2, 2), (1, 2))
-
-
 @torch.no_grad()
 def check_packed_scores(model: ScoringModel, vocab_size: int, device: torch.device) -> None:
     """Check once that the reward model's packed scores (:func:`packed_scores`) are its padded ones on a tiny
     batch of random tokens, within :data:`~ppomax.ppo.models.PACKING_TOLERANCE` of its weights' dtype; else a
     one-line ConfigError naming ``ppo.pack_sequences`` and its attention implementation (an attention that
     ignores packed position ids lets a sequence attend to the one packed before it)."""
-    p_w, r_w = max(p for p, _ in _CHECK_LENGTHS), max(r for _, r in _CHECK_LENGTHS)
-    mask = torch.zeros(len(_CHECK_LENGTHS), p_w + r_w, dtype=torch.long)
-    for i, (p, r) in enumerate(_CHECK_LENGTHS):
-        mask[i, p_w - p : p_w + r] = 1
-    tokens = torch.randint(0, vocab_size, mask.shape, generator=torch.Generator().manual_seed(0))
-    pad = model.pad_token_id
-    if pad is not None:  # no pad id: each score is read at its sequence's last token, where a leak shows most
-        tokens[tokens == pad] = (pad + 1) % vocab_size
-    batch = Experience(
-        sequences=(tokens * mask).to(device),
-        attention_mask=mask.to(device),
-        response_mask=mask[:, p_w:].bool().to(device),
-        prompt_width=p_w,
-        prompt_lens=torch.tensor([p for p, _ in _CHECK_LENGTHS]),
-        response_lens=torch.tensor([r for _, r in _CHECK_LENGTHS]),
-        truncated=torch.zeros(len(_CHECK_LENGTHS), dtype=torch.bool, device=device),
-    )
+    # no pad id among the tokens: each score is then read at its sequence's last token, where a leak shows most
+    batch = packing_check_batch(vocab_size, device, avoid_token=model.pad_token_id)
     padded = model.score(batch.sequences, batch.attention_mask).float()
     gap = float((packed_scores(model, batch) - padded).abs().max())
     weights = model.critic if isinstance(model, RewardOnCriticBase) else model
