@@ -484,14 +484,23 @@ def check_packed_forwards(
             padded = fwd.logprobs(logits, batch.responses_ids, raw=True)
             packed = fwd.logprobs(fwd._packed_logits(model, batch), batch.responses_ids, raw=True)
             what, dtype = "log-probs", logits.dtype
-        tolerance = PACKING_TOLERANCE.get(dtype, 0.05)
-        gap = float((padded[on].float() - packed[on].float()).abs().max())
-        if not gap <= tolerance:  # NaN too
-            inner = model.model if isinstance(model, AdaptersOff) else model
-            impl = getattr(getattr(inner, "config", None), "_attn_implementation", None) or "unknown"
-            raise ConfigError(
-                f"ppo.pack_sequences: {key}'s packed forward gives {what} {gap:.3g} away from its padded "
-                f"forward (tolerance {tolerance:g}): its attention implementation ({impl}) does not keep packed "
-                "sequences apart; load the model with transformers' sdpa, eager or flash_attention_2 attention, "
-                "or set ppo.pack_sequences: false"
-            )
+        inner = model.model if isinstance(model, AdaptersOff) else model
+        check_packing_gap(key, what, padded[on], packed[on], dtype, inner)
+
+
+def check_packing_gap(
+    key: str, what: str, padded: Tensor, packed: Tensor, dtype: torch.dtype, model: object
+) -> None:
+    """A one-line ConfigError naming ``ppo.pack_sequences``, ``key`` and ``model``'s attention implementation
+    where ``packed`` outputs are further from ``padded`` than :data:`PACKING_TOLERANCE` allows for ``dtype`` (or
+    NaN)."""
+    tolerance = PACKING_TOLERANCE.get(dtype, 0.05)
+    gap = float((padded.float() - packed.float()).abs().max())
+    if not gap <= tolerance:  # NaN too
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "unknown"
+        raise ConfigError(
+            f"ppo.pack_sequences: {key}'s packed forward gives {what} {gap:.3g} away from its padded "
+            f"forward (tolerance {tolerance:g}): its attention implementation ({impl}) does not keep packed "
+            "sequences apart; load the model with transformers' sdpa, eager or flash_attention_2 attention, "
+            "or set ppo.pack_sequences: false"
+        )

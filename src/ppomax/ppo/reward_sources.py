@@ -44,7 +44,7 @@ from ppomax.errors import ConfigError, UserError
 from ppomax.models import RewardOnCriticBase
 
 from .experience import Experience
-from .models import PACKING_TOLERANCE, packing_check_batch
+from .models import check_packing_gap, packing_check_batch
 from .packing import pack
 
 RM_KEY = "rm"
@@ -219,19 +219,10 @@ def check_packed_scores(model: ScoringModel, vocab_size: int, device: torch.devi
     ignores packed position ids lets a sequence attend to the one packed before it)."""
     # no pad id among the tokens: each score is then read at its sequence's last token, where a leak shows most
     batch = packing_check_batch(vocab_size, device, avoid_token=model.pad_token_id)
-    padded = model.score(batch.sequences, batch.attention_mask).float()
-    gap = float((packed_scores(model, batch) - padded).abs().max())
     weights = model.critic if isinstance(model, RewardOnCriticBase) else model
     dtype = next(weights.parameters()).dtype if isinstance(weights, torch.nn.Module) else torch.float32
-    tolerance = PACKING_TOLERANCE.get(dtype, 0.05)
-    if not gap <= tolerance:  # NaN too
-        impl = getattr(getattr(weights, "config", None), "_attn_implementation", None) or "unknown"
-        raise ConfigError(
-            f"ppo.pack_sequences: model.reward's packed forward gives scores {gap:.3g} away from its padded "
-            f"forward (tolerance {tolerance:g}): its attention implementation ({impl}) does not keep packed "
-            "sequences apart; load the model with transformers' sdpa, eager or flash_attention_2 attention, "
-            "or set ppo.pack_sequences: false"
-        )
+    padded = model.score(batch.sequences, batch.attention_mask)
+    check_packing_gap("model.reward", "scores", padded, packed_scores(model, batch), dtype, weights)
 
 
 class RewardSources:
