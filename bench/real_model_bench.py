@@ -119,6 +119,10 @@ def main() -> int:
     ap.add_argument("--test-pairs", type=int, default=300)
     ap.add_argument("--ppo-iterations", type=int, default=10)
     ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--rm-lr", type=float, default=1e-5, help="the reward model's learning rate")
+    ap.add_argument("--rm-valid-fraction", type=float, default=0.05)
+    ap.add_argument("--rm-only", action="store_true", help="stop after the reward model")
+    ap.add_argument("--pack", action="store_true", help="PPO with ppo.pack_sequences (equal results, faster)")
     ap.add_argument(
         "--reuse-rm",
         action="store_true",
@@ -158,12 +162,12 @@ def main() -> int:
         f"model.dtype={args.dtype}",
         f"data.train={data['rm_train']}",
         f"data.test={data['rm_test']}",
-        "data.valid_fraction=0.05" if not quick else "data.valid_fraction=0.25",
+        f"data.valid_fraction={args.rm_valid_fraction}" if not quick else "data.valid_fraction=0.25",
         "data.on_bad_line=skip",
         "data.max_prompt_tokens=256",
         "data.max_response_tokens=128",
         "batch_size=8" if not quick else "batch_size=4",
-        "optim.lr=1e-5",
+        f"optim.lr={args.rm_lr}",
         "optim.schedule=cosine",
         "optim.warmup_ratio=0.05",
         f"logging.out_dir={rm_dir}",
@@ -180,6 +184,10 @@ def main() -> int:
     rm_eval = json.loads((rm_dir / "rm_eval_test.json").read_text())
     summary["rm_test_accuracy"] = rm_eval["accuracy"]
     summary["rm_test_pairs"] = rm_eval["pairs"]
+    if args.rm_only:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(json.dumps(summary, indent=1))
+        return 0
 
     # 3. PPO-max, full and LoRA
     ppo_common = [
@@ -198,6 +206,7 @@ def main() -> int:
         # PPO-max's 10-step warm-up is longer than this budget's policy steps: a run that never reaches its
         # learning rate shows nothing (ppomax says so at start-up)
         f"optim.warmup_steps={0 if quick else 2}",
+        f"ppo.pack_sequences={str(args.pack).lower()}",
         "logging.progress=false",
     ]
     policies = {"original": model}
