@@ -122,6 +122,15 @@ def main() -> int:
     ap.add_argument("--rm-lr", type=float, default=1e-5, help="the reward model's learning rate")
     ap.add_argument("--rm-valid-fraction", type=float, default=0.05)
     ap.add_argument("--rm-only", action="store_true", help="stop after the reward model")
+    ap.add_argument(
+        "--policy-lr",
+        type=float,
+        default=None,
+        help="PPO's policy learning rate, full parameters (default: the preset's)",
+    )
+    ap.add_argument(
+        "--lora-policy-lr", type=float, default=None, help="the same with LoRA (default: the preset's)"
+    )
     ap.add_argument("--pack", action="store_true", help="PPO with ppo.pack_sequences (equal results, faster)")
     ap.add_argument(
         "--reuse-rm",
@@ -215,6 +224,9 @@ def main() -> int:
         overrides = [*ppo_common, f"logging.out_dir={run_dir}"]
         if mode == "lora":
             overrides += [f"model.lora={{r: {args.lora_r}, alpha: {2 * args.lora_r}}}"]
+        policy_lr = args.lora_policy_lr if mode == "lora" else args.policy_lr
+        if policy_lr is not None:
+            overrides.append(f"optim.policy_lr={policy_lr}")
         cmd = [*py, "train-ppo", "--preset", "ppo_max", "--overwrite", *sets(overrides)]
         summary["runs"][f"ppo_{mode}"] = run(cmd, out / f"ppo_{mode}.log", env)
         summary[f"ppo_{mode}_metrics"] = metrics_table(run_dir)
