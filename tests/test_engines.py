@@ -326,3 +326,54 @@ def test_critic_free_zero3_two_processes_match_one_process(setup):
     for key in ("reward/raw_mean", "loss/pg", "advantages/mean", "grad_norm/policy"):
         assert mb[key] == pytest.approx(ma[key], rel=1e-4, abs=1e-6), key
     assert not [k for k in mb if k.startswith(("critic/", "loss/vf", "lr/critic", "grad_norm/critic"))]
+
+
+def _assert_same_runs(setup, padded: Path, packed: Path) -> None:
+    """Every metric (not timings) and the final weights of policy and critic (where there is one) within float
+    rounding."""
+    ma, mb = metrics(padded), metrics(packed)
+    assert len(ma) == len(mb) > 0
+    for a, b in zip(ma, mb, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            if not k.startswith(("time/", "perf/")):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5, nan_ok=True), k
+    files = sorted(f.relative_to(padded) for f in (padded / "final").rglob("*.safetensors"))
+    for f in files:
+        a, b = load_file(str(padded / f)), load_file(str(packed / f))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=f"{f}: {k}")
+    policy = packed / "final" / "policy"
+    if (policy / "model.safetensors").is_file():
+        before, after = weights(setup.policy), weights(policy)
+        assert max((after[k] - before[k]).abs().max().item() for k in after) > 1e-4  # it trained
+    else:  # LoRA's B matrices start at zero
+        after = load_file(str(policy / "adapter_model.safetensors"))
+        assert max(t.abs().max().item() for k, t in after.items() if "lora_B" in k) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "engine, over, cli",
+    [
+        ("zero2", (), ()),
+        ("zero3", (), ()),
+        ("zero3", ("model.lora.r=4",), ()),
+        ("zero3", (), ("--preset", "reinforce_pp")),
+    ],
+    ids=["zero2", "zero3", "zero3_lora", "zero3_critic_free"],
+)
+def test_packed_sequences_give_the_padded_run_under_deepspeed(setup, request, engine, over, cli):
+    """ppo.pack_sequences under DeepSpeed with 2 processes (the start-up checks' forwards, the scoring pass, the
+    reward model and two minibatch updates on packed rows; under ZeRO-3 every forward gathers the partitioned
+    weights, the LM head's narrowed to the response positions): two iterations give the padded run's metrics
+    and final weights within float rounding."""
+    runs = {}
+    for packed in (False, True):
+        out = setup.root / f"{request.node.callspec.id}-packed-{packed}"
+        over_all = ("ppo.iterations=2", "ppo.minibatch_size=2", f"ppo.pack_sequences={packed}", *over)
+        proc = launch(engine, 2, *ppo_args(setup, out, 4, *over_all), *cli)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[packed] = out
+    _assert_same_runs(setup, runs[False], runs[True])

@@ -188,6 +188,54 @@ def test_the_start_up_check_reads_the_critic_s_values(monkeypatch):
         check_packed_forwards(fwd, {"model.critic": models["model.critic"]}, 300, torch.device("cpu"))
 
 
+def test_the_start_up_check_draws_tokens_every_model_can_embed():
+    """A reference (or critic) with a smaller embedding table than the policy's: the check's tokens are below
+    every model's table (not an IndexError deep in torch)."""
+    small = AutoModelForCausalLM.from_config(tiny_config(200)).eval()
+    models = {"model.policy": _model("llama", "sdpa"), "model.reference": small}
+    check_packed_forwards(Forward(1.0, pack=True), models, 300, torch.device("cpu"))
+
+
+def _under_bf16_autocast(model):
+    """How accelerate runs a float32 model under bf16 mixed precision: autocast, outputs converted to float32."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
+    return model
+
+
+@pytest.mark.parametrize("key", ["model.policy", "model.critic"])
+def test_the_start_up_check_s_tolerance_is_that_of_the_dtype_the_forward_computes_in(monkeypatch, key):
+    """Float32 weights under bf16 autocast compute in bf16 (and return float32 outputs): the tolerance is bf16's,
+    not float32's, which its rounding alone could exceed. Read from the message of a leaking attention."""
+    from transformers import masking_utils
+
+    model = _model("llama", "eager", seed=1)
+    model = ValueHeadModel(model, seed=3) if key == "model.critic" else model
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    for autocast, tolerance in ((False, "0.001"), (True, "0.05")):
+        checked = _under_bf16_autocast(model) if autocast else model
+        with pytest.raises(ConfigError, match=rf"\(tolerance {tolerance}\)"):
+            check_packed_forwards(Forward(1.0, pack=True), {key: checked}, 300, torch.device("cpu"))
+
+
+def test_the_start_up_check_refuses_packing_on_every_process_when_one_process_s_gap_is_too_large():
+    """Every process decides on the largest gap of all (``across_ranks``): one whose own forwards pass refuses
+    packing with the others, instead of going on alone into a collective the others never join."""
+    models = {"model.policy": _model("llama", "sdpa")}
+    fwd = Forward(1.0, pack=True)
+    check_packed_forwards(fwd, models, 300, torch.device("cpu"), across_ranks=lambda gap: gap)
+    elsewhere = 0.5  # another process's gap
+
+    def largest(gap: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(gap, torch.tensor(elsewhere))
+
+    with pytest.raises(ConfigError, match=r"model\.policy's packed forward gives log-probs 0\.5 away"):
+        check_packed_forwards(fwd, models, 300, torch.device("cpu"), across_ranks=largest)
+    with pytest.raises(ConfigError, match=r"model\.reward's packed forward gives scores 0\.5 away"):
+        check_packed_scores(_reward_model("llama"), 300, torch.device("cpu"), across_ranks=largest)
+
+
 # ------------------------------------------------------------------------- the reward model's scores
 
 

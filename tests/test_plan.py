@@ -25,9 +25,11 @@ from ppomax.plan import (
     kv_cache_bytes,
     layer_saved_elements,
     logits_bytes,
+    packed_logits_bytes,
     plan,
     role_memory,
     state_bytes,
+    train_activation_bytes,
     trunk_activation_bytes,
     zero3_working_set,
 )
@@ -202,6 +204,32 @@ def test_lora_params_match_peft():
         )
         expected = sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert lora_params(meta, 4, targets, "--lora-targets") == expected
+
+
+def test_packed_sequences_add_a_float32_copy_of_the_response_logits():
+    """ppo.pack_sequences: the LM head on the R response positions (not R + 1), their logits scattered into a
+    float32 [rows, R, vocab] tensor beside the head's output; the trunk as padded (rows at their longest fill a
+    packed row each). The update's and the scoring pass's estimates of the policy rise by exactly that."""
+    assert workload_of(load_config("ppo", overrides=["ppo.pack_sequences=true"]), "ppo").packed
+    assert not workload_of(load_config("ppo"), "ppo").packed
+    packed = dataclasses.replace(WORK, packed=True)
+    rows, r, act = WORK.train_rows, WORK.response_tokens, 2
+    train = (
+        logits_bytes(rows, r, 50, act) + packed_logits_bytes(rows, r, 50) - logits_bytes(rows, r + 1, 50, act)
+    )
+    assert train_activation_bytes(SHAPE, packed, True) - train_activation_bytes(SHAPE, WORK, True) == train
+    assert packed_logits_bytes(rows, r, 50) == rows * r * 50 * 4
+    seq = WORK.prompt_tokens + r
+    score = inference_bytes(SHAPE, 4, seq, r, act) + packed_logits_bytes(4, r, 50)
+    reference = Role("reference", SHAPE, False, 0, True)  # scored only
+    scored = (
+        role_memory(reference, "ddp", 1, packed).activations
+        - role_memory(reference, "ddp", 1, WORK).activations
+    )
+    assert scored == score - inference_bytes(SHAPE, 4, seq, r + 1, act)
+    # a value-head model's forwards have no LM head: packing changes nothing in the plan
+    critic = dataclasses.replace(_policy(), name="critic", lm_logits=False)
+    assert role_memory(critic, "ddp", 1, packed) == role_memory(critic, "ddp", 1, WORK)
 
 
 def test_workload_reads_the_config():

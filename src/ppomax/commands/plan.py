@@ -183,6 +183,7 @@ def workload_of(cfg: CommandConfig, kind: str) -> Workload:
             ptx_seq=pd.max_prompt_tokens + pd.max_ptx_response_tokens,
             # as ppomax.ppo.fused.fuses_scoring, with a critic to fuse
             fused_update=p.uses_critic and p.one_step_update,
+            packed=p.pack_sequences,
         )
     d = cfg.data
     seq = d.max_prompt_tokens + d.max_response_tokens

@@ -121,6 +121,8 @@ def assemble(
     temperature = cfg.generation.temperature if cfg.generation.logprobs_from != "raw" else 1.0
     fwd = Forward(temperature, pack=p.pack_sequences)
     if p.pack_sequences:
+        # token ids of the tokenizer, which every model's embeddings hold (check_vocab)
+        across_ranks = None if acc.num_processes == 1 else (lambda gap: acc.gather(gap.reshape(1)).max())
         check_packed_forwards(
             fwd,
             {
@@ -128,11 +130,12 @@ def assemble(
                 "model.reference": models.reference,
                 "model.critic": acc.unwrap_model(critic) if critic is not None else None,
             },
-            acc.unwrap_model(policy).get_input_embeddings().num_embeddings,
+            len(m.tokenizer),
             acc.device,
+            across_ranks,
         )
-        if reward_model is not None:  # on token ids of the tokenizer, which every model's embeddings hold
-            check_packed_scores(reward_model, len(m.tokenizer), acc.device)
+        if reward_model is not None:
+            check_packed_scores(reward_model, len(m.tokenizer), acc.device, across_ranks)
     eos_ids = eos_ids_of(m.tokenizer, m.policy)
     rollouts = Rollouts(
         engine=engine

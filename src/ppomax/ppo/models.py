@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +53,7 @@ from ppomax.models import (
     with_adapters,
 )
 from ppomax.models.adapter_dir import is_peft_model
+from ppomax.models.saving import causal_lm_of
 from ppomax.trainers.common import load_run_tokenizer
 from ppomax.trainers.inputs import (
     Inputs,
@@ -430,9 +431,9 @@ def _pack(batch: Experience) -> PackedChunk:
 # sequences share the second row, the last one starting mid-row
 _CHECK_LENGTHS = ((3, 5), (2, 2), (1, 2))
 PACKING_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
-"""Largest packed-vs-padded gap (per-token log-probs, values) check_packed_forwards accepts, by output dtype;
-0.05 for 16-bit outputs (their rounding, not a leak between sequences, which moves a real model's log-probs by
-nats)."""
+"""Largest packed-vs-padded gap (per-token log-probs, values) check_packed_forwards accepts, by the dtype the
+forward computes in (:func:`computed_dtypes`); 0.05 for 16-bit ones (their rounding, not a leak between sequences,
+which moves a real model's log-probs by nats)."""
 
 
 def packing_check_batch(vocab_size: int, device: torch.device, avoid_token: int | None = None) -> Experience:
@@ -459,43 +460,92 @@ def packing_check_batch(vocab_size: int, device: torch.device, avoid_token: int 
     )
 
 
+GapAcrossRanks = Callable[[Tensor], Tensor]
+"""A process's packed-vs-padded gap (a float32 scalar) -> the largest of every process's (NaN if any is NaN), so
+that all processes refuse packing together: one that went on alone would wait forever in the next collective
+(ZeRO-3 and FSDP gather parameters in every forward)."""
+
+
 @torch.no_grad()
 def check_packed_forwards(
     fwd: Forward,
     models: dict[str, torch.nn.Module | AdaptersOff | None],
     vocab_size: int,
     device: torch.device,
+    across_ranks: GapAcrossRanks | None = None,
 ) -> None:
     """Check once that each model's packed forward gives its padded forward's per-token log-probs (causal LMs)
-    or values (``model.critic``) on a tiny batch of random tokens, within :data:`PACKING_TOLERANCE`; else a
-    one-line ConfigError naming ``ppo.pack_sequences`` and the model's attention implementation. An attention
-    that ignores packed position ids (a model's own code, a custom kernel) lets a sequence attend to the one
-    packed before it, which silently changes every output."""
-    batch = packing_check_batch(vocab_size, device)
+    or values (``model.critic``) on a tiny batch of random tokens below ``vocab_size`` and every model's
+    embedding count, within the :data:`PACKING_TOLERANCE` of the dtype the forwards compute in; else a
+    one-line ConfigError naming ``ppo.pack_sequences`` and the model's attention implementation (on every
+    process, by ``across_ranks``). An attention that ignores packed position ids (a model's own code, a custom
+    kernel) lets a sequence attend to the one packed before it, which silently changes every output."""
+    present = {key: model for key, model in models.items() if model is not None}
+    rows = [vocab_size, *(_embedding_rows(model) for model in present.values())]
+    batch = packing_check_batch(min(rows), device)
     on = batch.response_mask
-    for key, model in models.items():
-        if model is None:
-            continue
-        if isinstance(model, ValueHeadModel):
-            padded, packed = fwd._padded_values(model, batch), fwd._packed_values(model, batch)
-            what, dtype = "values", next(model.backbone.parameters()).dtype
-        else:
-            logits = fwd._padded_logits(model, batch)
-            padded = fwd.logprobs(logits, batch.responses_ids, raw=True)
-            packed = fwd.logprobs(fwd._packed_logits(model, batch), batch.responses_ids, raw=True)
-            what, dtype = "log-probs", logits.dtype
+    for key, model in present.items():
         inner = model.model if isinstance(model, AdaptersOff) else model
-        check_packing_gap(key, what, padded[on], packed[on], dtype, inner)
+        with computed_dtypes(inner) as dtypes:
+            if isinstance(model, ValueHeadModel):
+                padded, packed = fwd._padded_values(model, batch), fwd._packed_values(model, batch)
+                what, output = "values", padded.dtype
+            else:
+                logits = fwd._padded_logits(model, batch)
+                padded = fwd.logprobs(logits, batch.responses_ids, raw=True)
+                packed = fwd.logprobs(fwd._packed_logits(model, batch), batch.responses_ids, raw=True)
+                what, output = "log-probs", logits.dtype
+        dtype = least_precise([*dtypes, output])
+        check_packing_gap(key, what, padded[on], packed[on], dtype, inner, across_ranks)
+
+
+def _embedding_rows(model: torch.nn.Module | AdaptersOff) -> int:
+    """The rows of the embedding table of ``model`` (an engine's wrapper, a value-head model, a PEFT model or
+    the base under its adapters)."""
+    inner = extract_model_from_parallel(model.model if isinstance(model, AdaptersOff) else model)
+    return int(causal_lm_of(inner).get_input_embeddings().num_embeddings)
+
+
+@contextmanager
+def computed_dtypes(model: object) -> Iterator[set[torch.dtype]]:
+    """The floating dtypes of the tensors ``model``'s leaf modules output within the block: the precision its
+    forward computes in, whatever its weights' dtype (under autocast, float32 weights give bfloat16 matmuls;
+    accelerate then converts the outputs back to float32)."""
+    seen: set[torch.dtype] = set()
+
+    def record(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        if isinstance(output, Tensor) and output.is_floating_point():
+            seen.add(output.dtype)
+
+    modules = model.modules() if isinstance(model, torch.nn.Module) else ()
+    handles = [m.register_forward_hook(record) for m in modules if next(m.children(), None) is None]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def least_precise(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The floating dtype of ``dtypes`` with the coarsest rounding (the largest machine epsilon)."""
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)
 
 
 def check_packing_gap(
-    key: str, what: str, padded: Tensor, packed: Tensor, dtype: torch.dtype, model: object
+    key: str,
+    what: str,
+    padded: Tensor,
+    packed: Tensor,
+    dtype: torch.dtype,
+    model: object,
+    across_ranks: GapAcrossRanks | None = None,
 ) -> None:
     """A one-line ConfigError naming ``ppo.pack_sequences``, ``key`` and ``model``'s attention implementation
-    where ``packed`` outputs are further from ``padded`` than :data:`PACKING_TOLERANCE` allows for ``dtype`` (or
-    NaN)."""
+    where ``packed`` outputs are further from ``padded`` than :data:`PACKING_TOLERANCE` allows for ``dtype``, the
+    dtype they were computed in (or NaN), on this process or, through ``across_ranks``, on any."""
     tolerance = PACKING_TOLERANCE.get(dtype, 0.05)
-    gap = float((padded.float() - packed.float()).abs().max())
+    gap_here = (padded.float() - packed.float()).abs().max()
+    gap = float(across_ranks(gap_here) if across_ranks is not None else gap_here)
     if not gap <= tolerance:  # NaN too
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "unknown"
         raise ConfigError(

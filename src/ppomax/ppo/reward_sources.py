@@ -44,7 +44,13 @@ from ppomax.errors import ConfigError, UserError
 from ppomax.models import RewardOnCriticBase
 
 from .experience import Experience
-from .models import check_packing_gap, packing_check_batch
+from .models import (
+    GapAcrossRanks,
+    check_packing_gap,
+    computed_dtypes,
+    least_precise,
+    packing_check_batch,
+)
 from .packing import pack
 
 RM_KEY = "rm"
@@ -212,17 +218,25 @@ def packed_scores(model: ScoringModel, batch: Experience) -> Tensor:
 
 
 @torch.no_grad()
-def check_packed_scores(model: ScoringModel, vocab_size: int, device: torch.device) -> None:
+def check_packed_scores(
+    model: ScoringModel,
+    vocab_size: int,
+    device: torch.device,
+    across_ranks: GapAcrossRanks | None = None,
+) -> None:
     """Check once that the reward model's packed scores (:func:`packed_scores`) are its padded ones on a tiny
-    batch of random tokens, within :data:`~ppomax.ppo.models.PACKING_TOLERANCE` of its weights' dtype; else a
-    one-line ConfigError naming ``ppo.pack_sequences`` and its attention implementation (an attention that
-    ignores packed position ids lets a sequence attend to the one packed before it)."""
+    batch of random tokens, within the :data:`~ppomax.ppo.models.PACKING_TOLERANCE` of the dtype its forwards
+    compute in; else a one-line ConfigError naming ``ppo.pack_sequences`` and its attention implementation (an
+    attention that ignores packed position ids lets a sequence attend to the one packed before it), on every
+    process by ``across_ranks``."""
     # no pad id among the tokens: each score is then read at its sequence's last token, where a leak shows most
     batch = packing_check_batch(vocab_size, device, avoid_token=model.pad_token_id)
     weights = model.critic if isinstance(model, RewardOnCriticBase) else model
-    dtype = next(weights.parameters()).dtype if isinstance(weights, torch.nn.Module) else torch.float32
-    padded = model.score(batch.sequences, batch.attention_mask)
-    check_packing_gap("model.reward", "scores", padded, packed_scores(model, batch), dtype, weights)
+    with computed_dtypes(weights) as dtypes:
+        padded = model.score(batch.sequences, batch.attention_mask)
+        packed = packed_scores(model, batch)
+    dtype = least_precise([*dtypes, padded.dtype])
+    check_packing_gap("model.reward", "scores", padded, packed, dtype, weights, across_ranks)
 
 
 class RewardSources:
