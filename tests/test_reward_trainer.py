@@ -421,3 +421,44 @@ def test_a_run_checkpointed_before_value_heads_lost_their_bias_resumes(rm_setup,
     assert main(["train-rm", "--resume", str(run)]) == 0
     a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (tmp_path / "ref", run))
     assert "score.weight" in b and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_lm_term_runs_the_head_on_the_chosen_answers_only_with_the_same_loss_and_gradient(tmp_path):
+    """Eq. 2's LM term reads the logits before each chosen-response token: the LM head runs on those K positions
+    only (not the prompts, the rejected rows or the padding), and the loss and its gradient equal those of the
+    full [2B, T, V] logits."""
+    pairs = rule_pairs(4, 7)
+    model_dir = make_tiny_lm(tmp_path, _texts(pairs))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    feats = [
+        tokenize_pair(tok, p, 64, 32) for p in load_preference_pairs(write_jsonl(tmp_path / "p.jsonl", pairs))
+    ]
+    batch = PreferenceCollator(pad_id_of(tok))(feats)
+    n, beta, lam = batch["num_pairs"], 0.7, 1.3
+
+    def full_loss(model):
+        out = model(batch["input_ids"], batch["attention_mask"], return_lm_logits=True)
+        mask = batch["lm_mask"][:n, 1:]
+        logp = torch.log_softmax(out.lm_logits[:n, :-1].float(), -1)
+        token = logp.gather(-1, batch["input_ids"][:n, 1:].unsqueeze(-1)).squeeze(-1)
+        nll = -(token * mask).sum() / mask.sum()
+        rank = -torch.nn.functional.logsigmoid(out.scores[:n] - out.scores[n:]).mean()
+        return lam * rank + beta * nll
+
+    seen: list[int] = []
+    losses, grads = [], []
+    for narrowed in (True, False):
+        model = ValueHeadModel.from_causal_lm(model_dir, seed=1)
+        if narrowed:
+            model.backbone.get_output_embeddings().register_forward_hook(
+                lambda _m, args, _o: seen.append(args[0].shape[:-1].numel())
+            )
+            loss = make_rm_loss(beta, lam)(model, batch)[0]
+        else:
+            loss = full_loss(model)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert seen == [int(batch["lm_mask"][:n, 1:].sum())]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)

@@ -25,7 +25,6 @@ minibatch must be exactly 1, and the old log-probs/values of the scoring pass mu
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from torch import Tensor
 from ppomax.algos import entropy_from_logits, logprobs_from_logits
 from ppomax.config import PPOConfig
 from ppomax.data import pad_id_of
-from ppomax.errors import ConfigError, UserError
+from ppomax.errors import ConfigError
 from ppomax.models import (
     AdaptersOff,
     RewardOnCriticBase,
@@ -53,6 +52,7 @@ from ppomax.models import (
     with_adapters,
 )
 from ppomax.models.adapter_dir import is_peft_model
+from ppomax.models.lm_head import lm_head_on, narrowable_head
 from ppomax.models.saving import causal_lm_of
 from ppomax.trainers.common import load_run_tokenizer
 from ppomax.trainers.inputs import (
@@ -64,7 +64,7 @@ from ppomax.trainers.inputs import (
 )
 from ppomax.trainers.launch import ONE_PROCESS, Engine, reference_dtype, trained_dtype
 
-from .packing import PackedChunk, ResponsePositions, pack
+from .packing import PackedChunk, pack
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -264,15 +264,6 @@ def _critic_from_sft(cfg: PPOConfig) -> bool:
     return not cfg.model.critic and cfg.ppo.critic_init == "sft"
 
 
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    if is_peft_model(model):  # PEFT passes unknown keyword arguments on to the model it wraps
-        model = model.get_base_model()
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class Forward:
     """Forward passes over a batch laid out as in :class:`~ppomax.ppo.experience.Experience`.
 
@@ -286,7 +277,7 @@ class Forward:
     :func:`check_packed_forwards` checks once that a model's attention honours the packing.
 
     Packed, the LM head runs only on the positions whose logits are read, those before the rows' real response
-    tokens (:class:`~ppomax.ppo.packing.ResponsePositions`; not the prompt, not the padding after a short
+    tokens (:class:`~ppomax.models.lm_head.ResponsePositions`; not the prompt, not the padding after a short
     response), through the model's own forward (:func:`lm_head_on`); the response columns past a row's end hold
     zero logits (off the response mask). A model without the hook's conditions (an output embedding module and
     ``logits_to_keep``) gets its head on every packed position. Padded, the head runs on the ``R + 1`` last
@@ -373,54 +364,10 @@ class Forward:
 
 
 def _lm_head(model: torch.nn.Module | AdaptersOff) -> tuple[torch.nn.Module | None, bool]:
-    """(the LM head :func:`lm_head_on` may narrow, or None; whether the model takes ``logits_to_keep``). The head
-    only of a model that takes ``logits_to_keep``: its forward slices the final hidden states before the head and
-    reads the logits the head returns whatever their number of positions (transformers' causal LMs)."""
-    inner = extract_model_from_parallel(model.model if isinstance(model, AdaptersOff) else model)
-    if not _accepts(inner, "logits_to_keep"):
-        return None, False
-    get = getattr(inner, "get_output_embeddings", None)  # through PEFT's wrappers to the base model's
-    head = get() if callable(get) else None
-    return (head if isinstance(head, torch.nn.Module) else None), True
-
-
-@contextmanager
-def lm_head_on(
-    head: torch.nn.Module | None, positions: ResponsePositions, input_shape: torch.Size
-) -> Iterator[Callable[[Tensor], Tensor | None]]:
-    """Within the block, the first call of ``head`` on the [N, W, H] final hidden states of a forward over
-    ``input_shape`` [N, W] runs on ``positions.select`` of them, [1, K, H], inside the model's own forward (what
-    the model does after its head, e.g. Gemma 2's logit soft-capping, applies as ever; DeepSpeed ZeRO-3 gathers
-    the head's weight around the same call). Yields ``selected``: the forward's logits -> [B, R, V] at the
-    response positions (:meth:`~ppomax.ppo.packing.ResponsePositions.scatter`), or None where the head did not
-    run on them (no ``head``, or not called as expected: the caller reads the logits as they are; a UserError
-    where the head ran on them but the logits are not its output). The hook is removed on leaving the block, also
-    on an exception."""
-    ran: list[bool] = []
-
-    def select(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        hidden = args[0] if args else None
-        if ran or not isinstance(hidden, Tensor) or hidden.dim() != 3 or hidden.shape[:2] != input_shape:
-            return None
-        ran.append(True)
-        return (positions.select(hidden), *args[1:])
-
-    def selected(logits: Tensor) -> Tensor | None:
-        if not ran:
-            return None
-        if logits.dim() != 3 or logits.shape[:2] != (1, len(positions.source)):  # never silently misread
-            raise UserError(
-                f"the model's logits {tuple(logits.shape)} are not its LM head's output on the {len(positions.source)} "
-                "response positions ppomax selected: its forward reshapes them; please report the model's class"
-            )
-        return positions.scatter(logits[0])
-
-    handle = head.register_forward_pre_hook(select) if head is not None else None
-    try:
-        yield selected
-    finally:
-        if handle is not None:
-            handle.remove()
+    """:func:`~ppomax.models.lm_head.narrowable_head` of the model inside the engine's or AdaptersOff's wrapper."""
+    return narrowable_head(
+        extract_model_from_parallel(model.model if isinstance(model, AdaptersOff) else model)
+    )
 
 
 def _pack(batch: Experience) -> PackedChunk:

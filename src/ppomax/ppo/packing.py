@@ -10,7 +10,7 @@ splits a row where the position ids do not go up by one), so every sequence's ou
 forward, to float rounding. :meth:`PackedChunk.gather` puts the outputs of the response positions back in the
 ``[B, R]`` layout of the experience buffer.
 
-:class:`ResponsePositions` are the positions of a forward, packed or padded, whose outputs the rows' real response
+:class:`~ppomax.models.lm_head.ResponsePositions` are the positions of a forward, packed or padded, whose outputs the rows' real response
 tokens read (the LM head runs on those only, see :class:`ppomax.ppo.models.Forward`).
 
 Only the index arithmetic is here; the forwards are :class:`ppomax.ppo.models.Forward`'s.
@@ -23,31 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class ResponsePositions:
-    """Where a chunk's ``K`` real response tokens (row by row, EOS included) read a forward's per-position outputs,
-    and where those go in the chunk's ``[B, R]`` response layout."""
-
-    source: Tensor
-    """[K] long, into the forward's flattened positions: the position before each real response token (the
-    padded column ``P + j - 1`` of row ``b``, or where that token is packed)."""
-    target: Tensor
-    """[K] long, into the flattened ``[B * R]`` response layout: ``b * R + j`` for token ``j`` of row ``b``."""
-    rows: int
-    width: int
-    """B and R."""
-
-    def select(self, outputs: Tensor) -> Tensor:
-        """[M, W, ...] per-position inputs or outputs of the forward -> [1, K, ...] at :attr:`source`."""
-        return outputs.flatten(0, 1).index_select(0, self.source).unsqueeze(0)
-
-    def scatter(self, outputs: Tensor) -> Tensor:
-        """[K, ...] outputs at the real response tokens -> [B, R, ...], zeros in the columns past a row's response
-        (off the response mask: never read)."""
-        rest = outputs.shape[1:]
-        out = outputs.new_zeros((self.rows * self.width, *rest))
-        return out.index_copy_(0, self.target, outputs).view(self.rows, self.width, *rest)
+from ppomax.models.lm_head import ResponsePositions
 
 
 def _real_response_tokens(response_lens: Tensor, width: int) -> tuple[Tensor, Tensor]:

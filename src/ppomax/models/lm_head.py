@@ -1,0 +1,109 @@
+"""Running a causal LM's head on some positions only.
+
+A forward's LM head is its largest single matmul at a real vocabulary, and its output, [rows, width, V] logits, its
+largest tensor: where only some positions' logits are read (PPO's response tokens, the reward model's chosen
+answers under eq. 2's LM term), :func:`lm_head_on` runs the model's own head on those positions' final hidden states
+only, inside the model's forward, so what the model does after its head (logit scaling, soft-capping) applies as
+ever. :class:`ResponsePositions` says which positions, and where their outputs go.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ppomax.errors import UserError
+
+from .adapter_dir import is_peft_model
+
+
+@dataclass(frozen=True)
+class ResponsePositions:
+    """Where a chunk's ``K`` real response tokens (row by row, EOS included) read a forward's per-position outputs,
+    and where those go in the chunk's ``[B, R]`` response layout."""
+
+    source: Tensor
+    """[K] long, into the forward's flattened positions: the position before each real response token (the
+    padded column ``P + j - 1`` of row ``b``, or where that token is packed)."""
+    target: Tensor
+    """[K] long, into the flattened ``[B * R]`` response layout: ``b * R + j`` for token ``j`` of row ``b``."""
+    rows: int
+    width: int
+    """B and R."""
+
+    def select(self, outputs: Tensor) -> Tensor:
+        """[M, W, ...] per-position inputs or outputs of the forward -> [1, K, ...] at :attr:`source`."""
+        return outputs.flatten(0, 1).index_select(0, self.source).unsqueeze(0)
+
+    def scatter(self, outputs: Tensor) -> Tensor:
+        """[K, ...] outputs at the real response tokens -> [B, R, ...], zeros in the columns past a row's response
+        (off the response mask: never read)."""
+        rest = outputs.shape[1:]
+        out = outputs.new_zeros((self.rows * self.width, *rest))
+        return out.index_copy_(0, self.target, outputs).view(self.rows, self.width, *rest)
+
+
+@contextmanager
+def lm_head_on(
+    head: torch.nn.Module | None, positions: ResponsePositions, input_shape: torch.Size
+) -> Iterator[Callable[[Tensor], Tensor | None]]:
+    """Within the block, the first call of ``head`` on the [N, W, H] final hidden states of a forward over
+    ``input_shape`` [N, W] runs on ``positions.select`` of them, [1, K, H], inside the model's own forward (what
+    the model does after its head, e.g. Gemma 2's logit soft-capping, applies as ever; DeepSpeed ZeRO-3 gathers
+    the head's weight around the same call). Yields ``selected``: the forward's logits -> [B, R, V] at the
+    response positions (:meth:`ResponsePositions.scatter`), or None where the head did not
+    run on them (no ``head``, or not called as expected: the caller reads the logits as they are; a UserError
+    where the head ran on them but the logits are not its output). The hook is removed on leaving the block, also
+    on an exception."""
+    ran: list[bool] = []
+
+    def select(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        hidden = args[0] if args else None
+        if ran or not isinstance(hidden, Tensor) or hidden.dim() != 3 or hidden.shape[:2] != input_shape:
+            return None
+        ran.append(True)
+        return (positions.select(hidden), *args[1:])
+
+    def selected(logits: Tensor) -> Tensor | None:
+        if not ran:
+            return None
+        if logits.dim() != 3 or logits.shape[:2] != (1, len(positions.source)):  # never silently misread
+            raise UserError(
+                f"the model's logits {tuple(logits.shape)} are not its LM head's output on the {len(positions.source)} "
+                "response positions ppomax selected: its forward reshapes them; please report the model's class"
+            )
+        return positions.scatter(logits[0])
+
+    handle = head.register_forward_pre_hook(select) if head is not None else None
+    try:
+        yield selected
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    if is_peft_model(model):  # PEFT passes unknown keyword arguments on to the model it wraps
+        model = model.get_base_model()
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def narrowable_head(model: torch.nn.Module) -> tuple[torch.nn.Module | None, bool]:
+    """(the LM head :func:`lm_head_on` may narrow, or None; whether the model takes ``logits_to_keep``) of a causal
+    LM (unwrapped from any engine; PEFT's wrappers are looked through). The head only of a model that takes
+    ``logits_to_keep``: its forward slices the final hidden states before the head and reads the logits the head
+    returns whatever their number of positions (transformers' causal LMs)."""
+    if not _accepts(model, "logits_to_keep"):
+        return None, False
+    get = getattr(model, "get_output_embeddings", None)  # through PEFT's wrappers to the base model's
+    head = get() if callable(get) else None
+    return (head if isinstance(head, torch.nn.Module) else None), True
