@@ -450,7 +450,9 @@ def _embedding_rows(model: torch.nn.Module | AdaptersOff) -> int:
     """The rows of the embedding table of ``model`` (an engine's wrapper, a value-head model, a PEFT model or
     the base under its adapters)."""
     inner = extract_model_from_parallel(model.model if isinstance(model, AdaptersOff) else model)
-    return int(causal_lm_of(inner).get_input_embeddings().num_embeddings)
+    # num_embeddings, not the weight's shape: ZeRO-3 partitions the weight (its local shape is empty)
+    rows: int = getattr(causal_lm_of(inner).get_input_embeddings(), "num_embeddings")  # noqa: B009 (typed)
+    return rows
 
 
 @contextmanager
