@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor
 
 from ppomax.errors import UserError
@@ -107,3 +108,43 @@ def narrowable_head(model: torch.nn.Module) -> tuple[torch.nn.Module | None, boo
     get = getattr(model, "get_output_embeddings", None)  # through PEFT's wrappers to the base model's
     head = get() if callable(get) else None
     return (head if isinstance(head, torch.nn.Module) else None), True
+
+
+@dataclass(frozen=True)
+class TargetPositions(ResponsePositions):
+    """The positions whose logits predict a batch's trained tokens, their outputs kept in one ``[1, K, ...]`` row
+    (no scatter into a padded layout: a loss reads them as they are)."""
+
+    row: Tensor
+    column: Tensor
+    """[K] each: the position ``(row, column)`` of a ``[B, T]`` forward whose logits predict token ``column + 1``."""
+
+    @classmethod
+    def of(cls, targets: Tensor) -> TargetPositions:
+        """From ``targets`` [B, T-1] (True where the token at t + 1 is trained on, read from the logits at t)."""
+        row, column = targets.nonzero(as_tuple=True)
+        k = len(row)
+        return cls(
+            row * (targets.shape[1] + 1) + column, torch.arange(k, device=row.device), 1, k, row, column
+        )
+
+    def scatter(self, outputs: Tensor) -> Tensor:
+        return outputs.unsqueeze(0)
+
+    def labels(self, input_ids: Tensor) -> Tensor:
+        """[1, K] the trained tokens, in the order of the outputs."""
+        return input_ids[self.row, self.column + 1].unsqueeze(0)
+
+
+def logits_at_targets(model: torch.nn.Module, targets: Tensor, **inputs: Any) -> tuple[Tensor, Tensor]:
+    """(logits [1, K, V], labels [1, K]) of causal LM ``model``'s forward over ``inputs`` (``input_ids`` [B, T] and
+    what else the model takes) at the ``K`` positions ``targets`` [B, T-1] marks (:meth:`TargetPositions.of`):
+    the LM head runs on those only where the model lets it be narrowed (:func:`lm_head_on`), on every position
+    otherwise. For a masked next-token loss: prompts, padding and untrained tokens cost no logits."""
+    ids = inputs["input_ids"]
+    positions = TargetPositions.of(targets)
+    head, _ = narrowable_head(extract_model_from_parallel(model))
+    with lm_head_on(head, positions, ids.shape) as selected:
+        out = model(**inputs, use_cache=False)
+    logits = selected(out.logits)
+    return (logits if logits is not None else positions.select(out.logits)), positions.labels(ids)

@@ -52,7 +52,7 @@ from ppomax.models import (
     with_adapters,
 )
 from ppomax.models.adapter_dir import is_peft_model
-from ppomax.models.lm_head import lm_head_on, narrowable_head
+from ppomax.models.lm_head import lm_head_on, logits_at_targets, narrowable_head
 from ppomax.models.saving import causal_lm_of
 from ppomax.trainers.common import load_run_tokenizer
 from ppomax.trainers.inputs import (
@@ -351,16 +351,17 @@ class Forward:
 
     @staticmethod
     def lm_loss_inputs(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """(logits [B, T-1, V], labels [B, T-1], mask [B, T-1]) of a right-padded SFT batch (PPO-ptx)."""
+        """(logits [1, K, V], labels [1, K], mask [1, K]) of the K trained tokens of a right-padded SFT batch
+        (PPO-ptx), the LM head on their positions only (:func:`~ppomax.models.lm_head.logits_at_targets`)."""
         mask = batch["attention_mask"]
-        out = model(
+        logits, labels = logits_at_targets(
+            model,
+            batch["labels"][:, 1:] != -100,
             input_ids=batch["input_ids"],
             attention_mask=mask,
             position_ids=position_ids_from_mask(mask),
-            use_cache=False,
         )
-        labels = batch["labels"][:, 1:]
-        return out.logits[:, :-1], labels, labels != -100
+        return logits, labels, torch.ones_like(labels, dtype=torch.bool)
 
 
 def _lm_head(model: torch.nn.Module | AdaptersOff) -> tuple[torch.nn.Module | None, bool]:

@@ -36,7 +36,7 @@ from ppomax.models import (
     model_summary,
     with_adapters,
 )
-from ppomax.models.lm_head import ResponsePositions
+from ppomax.models.lm_head import TargetPositions
 from ppomax.trainers.launch import trained_dtype
 
 from .common import (
@@ -89,13 +89,9 @@ def rm_forward(
         return out.scores[:n], out.scores[n:], None
     # the LM head only where eq. 2's LM term reads it: the position before each chosen-response token (logits at
     # t predict token t + 1), not the prompts, the rejected rows or the padding
-    ids = batch["input_ids"]
-    width = ids.shape[1]
-    row, column = _lm_targets(batch).nonzero(as_tuple=True)
-    source = row * width + column
-    positions = ResponsePositions(source, torch.arange(len(source), device=source.device), 1, len(source))
-    out = model(ids, batch["attention_mask"], return_lm_logits=True, lm_positions=positions)
-    labels = ids[row, column + 1].unsqueeze(0)
+    positions = TargetPositions.of(_lm_targets(batch))
+    out = model(batch["input_ids"], batch["attention_mask"], return_lm_logits=True, lm_positions=positions)
+    labels = positions.labels(batch["input_ids"])
     nll = lm_nll(out.lm_logits, labels, torch.ones_like(labels, dtype=torch.bool))
     return out.scores[:n], out.scores[n:], nll
 

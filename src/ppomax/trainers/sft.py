@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -44,6 +44,7 @@ from ppomax.models import (
     model_summary,
     with_adapters,
 )
+from ppomax.models.lm_head import logits_at_targets
 from ppomax.trainers.launch import TRAINED_DTYPE, trained_dtype
 
 from .common import (
@@ -130,15 +131,28 @@ def pretrain_features(
     return feats
 
 
-def _targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(labels [B, T-1], mask of the trained ones): logits at t predict the token at t + 1."""
-    labels = batch["labels"][:, 1:]
-    return labels, labels != IGNORE_INDEX
+def _targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, T-1], True where the token at t + 1 is trained on (read from the logits at t)."""
+    return batch["labels"][:, 1:] != IGNORE_INDEX
+
+
+def _target_nll(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    targets: torch.Tensor,
+    reduction: Literal["mean", "sum"] = "mean",
+) -> torch.Tensor:
+    """The NLL of the ``targets`` [B, T-1] tokens, the LM head on their positions only (not the prompts' nor the
+    padding's)."""
+    logits, labels = logits_at_targets(
+        model, targets, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    )
+    return lm_nll(logits, labels, torch.ones_like(labels, dtype=torch.bool), reduction=reduction)
 
 
 def sft_counts(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The unit of the SFT loss's mean: target tokens (see :func:`ppomax.trainers.loop.accumulate`)."""
-    return {"tokens": _targets(batch)[1].sum()}
+    return {"tokens": _targets(batch).sum()}
 
 
 def sft_loss(
@@ -147,11 +161,8 @@ def sft_loss(
     """Mean NLL over the trainable target tokens, times ``weights["tokens"]`` (this micro-batch's share of the
     step's target tokens; 1 alone). Metrics: ``loss``; ``target_tokens`` (per micro-batch)."""
     w = weights or {}
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
-    labels, mask = _targets(batch)
-    loss = w.get("tokens", 1.0) * lm_nll(logits[:, :-1], labels, mask)
+    mask = _targets(batch)
+    loss = w.get("tokens", 1.0) * _target_nll(model, batch, mask)
     metrics = {"loss": loss.detach(), "target_tokens": mask.sum().float() * w.get("batches", 1.0)}
     return loss, metrics, batch["attention_mask"].sum()
 
@@ -167,12 +178,10 @@ def evaluate_lm(
     nll, count = 0.0, 0.0
     for idx, real in eval_shards(len(feats), batch_size, ctx):
         batch = to_device(collate([feats[i] for i in idx]), ctx.device)
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).logits
-        labels, mask = _targets(batch)
+        mask = _targets(batch)
+        batch_nll = _target_nll(model, batch, mask, reduction="sum")
         if real:
-            nll += float(lm_nll(logits[:, :-1], labels, mask, reduction="sum"))
+            nll += float(batch_nll)
             count += float(mask.sum())
     tot = reduce_sums(ctx.accelerator, {"nll": nll, "count": count})
     loss = tot["nll"] / max(tot["count"], 1.0)
