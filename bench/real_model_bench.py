@@ -131,6 +131,9 @@ def main() -> int:
     ap.add_argument(
         "--lora-policy-lr", type=float, default=None, help="the same with LoRA (default: the preset's)"
     )
+    ap.add_argument(
+        "--modes", nargs="+", choices=("full", "lora"), default=["full", "lora"], help="the PPO runs to make"
+    )
     ap.add_argument("--pack", action="store_true", help="PPO with ppo.pack_sequences (equal results, faster)")
     ap.add_argument(
         "--reuse-rm",
@@ -219,7 +222,7 @@ def main() -> int:
         "logging.progress=false",
     ]
     policies = {"original": model}
-    for mode in ("full", "lora"):
+    for mode in args.modes:
         run_dir = out / f"ppo_{mode}"
         overrides = [*ppo_common, f"logging.out_dir={run_dir}"]
         if mode == "lora":
@@ -237,7 +240,7 @@ def main() -> int:
     summary["samples"] = greedy_samples(policies, data["eval_prompts"], SAMPLE_PROMPTS, 48)
 
     # 5. eval with the RM judge, in the policy's chat format
-    for mode in ("full", "lora"):
+    for mode in args.modes:
         res = out / f"eval_{mode}.json"
         cmd = [
             *py,
@@ -273,8 +276,7 @@ def main() -> int:
     plans = {}
     for name, kind, config in (
         ("rm", "rm", rm_dir / "config.yaml"),
-        ("ppo_full", "ppo", out / "ppo_full.yaml"),
-        ("ppo_lora", "ppo", out / "ppo_lora.yaml"),
+        *((f"ppo_{mode}", "ppo", out / f"ppo_{mode}.yaml") for mode in args.modes),
     ):
         done = subprocess.run(
             [*py, "plan", "--kind", kind, "--model", str(model), "--config", str(config), "--json"],
