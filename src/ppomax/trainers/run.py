@@ -451,11 +451,18 @@ def write_failure(exc: BaseException, where: Path) -> str | None:
     text = str(exc)
     if "No space left" in text or "StorageFull" in text:
         return "no space left on device"
+    free: int | None = None
     with contextlib.suppress(OSError):
-        if shutil.disk_usage(where if where.exists() else where.parent).free < 1 << 20:
-            return "no space left on device"
+        free = shutil.disk_usage(where if where.exists() else where.parent).free
+    if free is not None and free < 1 << 20:
+        return "no space left on device"
     if "Read-only file system" in text or "ReadOnlyFilesystem" in text:
         return "read-only file system"
+    if "iostream error" in text or "inline_container.cc" in text:
+        # torch.save's zip writer lost its file: what it reports of a disk that filled up part-way (the rest of
+        # a large tensor did not fit, so more than a MiB may still be free)
+        room = f"{free / 2**20:,.0f} MiB" if free is not None else "unknown space"
+        return f"the file write failed with {room} free on its device (a full disk or quota?)"
     return None
 
 
