@@ -21,8 +21,6 @@ row right-padded (absolute-position models such as GPT-2 would otherwise shift e
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -34,7 +32,7 @@ from ppomax.algos import score_token_index
 
 from .adapter_dir import is_peft_model
 from .classifier import hidden_size_of, load_value_model, save_value_model
-from .lm_head import ResponsePositions, lm_head_on, narrowable_head
+from .lm_head import logits_at_targets
 from .loading import enable_activation_checkpointing, load_causal_lm, to_dtype
 
 if TYPE_CHECKING:
@@ -49,7 +47,7 @@ HEAD_BIAS = "value_head_bias"
 class ValueHeadOutput(NamedTuple):
     """values: [B, T] float32, one per position (the value of the prefix ending there);
     scores: [B] float32, the value where the sequence is scored (the reward r(x, y));
-    lm_logits: [B, T, V] when asked for (at ``lm_positions`` only when given), else None.
+    lm_logits: [B, T, V] when asked for ([1, K, V] at ``lm_targets`` when given), else None.
 
     A named tuple, so engines that hook module outputs find its tensors (ZeRO-3 registers backward hooks there)."""
 
@@ -155,7 +153,7 @@ class ValueHeadModel(torch.nn.Module):
         attention_mask: Tensor | None,
         position_ids: Tensor | None,
         return_lm_logits: bool,
-        lm_positions: ResponsePositions | None = None,
+        lm_targets: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         if position_ids is None and attention_mask is not None:
             position_ids = position_ids_from_mask(attention_mask)
@@ -168,28 +166,19 @@ class ValueHeadModel(torch.nn.Module):
             return out.last_hidden_state, None
         # The full model, capturing the LM head's input: exactly the final hidden state whatever the
         # architecture (final norm, logit scaling or soft-capping are all the backbone's own business). The
-        # capture runs before lm_head_on's narrowing (prepended): the value head reads every position.
-        head = self.backbone.get_output_embeddings()
+        # capture runs before logits_at_targets' narrowing (prepended): the value head reads every position.
         captured: list[Tensor] = []
-        handle = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]), prepend=True)
-        narrowed: AbstractContextManager[Callable[[Tensor], Tensor | None] | None] = nullcontext()
-        if lm_positions is not None:
-            narrowed = lm_head_on(narrowable_head(self.backbone)[0], lm_positions, input_ids.shape)
+        handle = self.backbone.get_output_embeddings().register_forward_pre_hook(
+            lambda _m, args: captured.append(args[0]), prepend=True
+        )
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         try:
-            with narrowed as selected:
-                out = self.backbone(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    use_cache=False,
-                )
+            if lm_targets is not None:
+                logits = logits_at_targets(self.backbone, lm_targets, **inputs)[0]
+            else:
+                logits = self.backbone(**inputs, use_cache=False).logits
         finally:
             handle.remove()
-        logits = out.logits
-        if lm_positions is not None and selected is not None:
-            # the head ran on every position where the backbone did not let it be narrowed
-            at = selected(logits)
-            logits = at if at is not None else lm_positions.scatter(lm_positions.select(logits)[0])
         return captured[0], logits
 
     def forward(
@@ -199,17 +188,17 @@ class ValueHeadModel(torch.nn.Module):
         return_lm_logits: bool = False,
         value_head: torch.nn.Linear | None = None,
         position_ids: Tensor | None = None,
-        lm_positions: ResponsePositions | None = None,
+        lm_targets: Tensor | None = None,
     ) -> ValueHeadOutput:
         """input_ids, attention_mask: [B, T] (any padding side) -> values [B, T], scores [B], lm_logits.
         ``value_head``: another head to read the backbone with (:class:`ppomax.models.lora.RewardOnCriticBase`).
         ``position_ids`` (default: counted from the mask) with ``attention_mask=None``: packed sequences
         (:mod:`ppomax.ppo.packing`), each attending to itself only; the score is then read as without a mask
         (the last token that is not padding), which for packed rows means nothing: read ``values``.
-        ``lm_positions`` (with ``return_lm_logits``): the LM head runs on those positions only
-        (:func:`~ppomax.models.lm_head.lm_head_on`) and ``lm_logits`` is their ``scatter`` layout."""
+        ``lm_targets`` [B, T-1] (with ``return_lm_logits``): the LM head runs only where the token at t + 1 is
+        marked (:func:`~ppomax.models.lm_head.logits_at_targets`), ``lm_logits`` [1, K, V] in their order."""
         hidden, logits = self._hidden_and_logits(
-            input_ids, attention_mask, position_ids, return_lm_logits, lm_positions
+            input_ids, attention_mask, position_ids, return_lm_logits, lm_targets
         )
         head = self.value_head if value_head is None else value_head
         values = head(hidden.to(head.weight.dtype)).squeeze(-1).float()

@@ -89,9 +89,9 @@ def rm_forward(
         return out.scores[:n], out.scores[n:], None
     # the LM head only where eq. 2's LM term reads it: the position before each chosen-response token (logits at
     # t predict token t + 1), not the prompts, the rejected rows or the padding
-    positions = TargetPositions.of(_lm_targets(batch))
-    out = model(batch["input_ids"], batch["attention_mask"], return_lm_logits=True, lm_positions=positions)
-    labels = positions.labels(batch["input_ids"])
+    targets = _lm_targets(batch)
+    out = model(batch["input_ids"], batch["attention_mask"], return_lm_logits=True, lm_targets=targets)
+    labels = TargetPositions.of(targets).labels(batch["input_ids"])
     nll = lm_nll(out.lm_logits, labels, torch.ones_like(labels, dtype=torch.bool))
     return out.scores[:n], out.scores[n:], nll
 
