@@ -100,7 +100,7 @@ def greedy_samples(model_dirs: dict[str, Path], prompts_file: Path, n: int, max_
     out: dict[str, Any] = {}
     for name, path in model_dirs.items():
         tok = load_tokenizer(str(path))
-        prompts, _ = load_eval_prompts(prompts_file, limit=n, tokenizer=tok)
+        prompts, _ = load_eval_prompts(prompts_file, limit=n, tokenizer=tok, on_error="skip")
         model = load_causal_lm(str(path))
         with torch.no_grad():
             gen = generate(model, tok, prompts, max_new_tokens=max_new, greedy=True)
@@ -255,6 +255,8 @@ def main() -> int:
             f"reward-model:{rm_dir / 'final'}",
             "--limit",
             str(8 if quick else 64),
+            "--on-bad-line",
+            "skip",
             "--max-new-tokens",
             str(16 if quick else 64),
             "--json",

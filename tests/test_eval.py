@@ -428,3 +428,28 @@ def test_eval_prompt_ids_are_those_of_ppos_own_evaluation(chat_run, tmp_path):
     kept = tok.decode(gen.prompt_ids[0])
     assert len(gen.prompt_ids[0]) <= budget and kept.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
     assert kept.endswith("<|im_start|>user\nWhat comes after Monday?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_cli_eval_skips_bad_prompt_records_on_request(chat_run, tmp_path, capsys):
+    """`ppomax eval` had no way past a prompt record it cannot read (HH-RLHF holds prompts that end with an
+    assistant turn), and its message suggested `data.on_bad_line: skip`, a key eval does not take."""
+    _, policy, rm, _ = chat_run
+    prompts = tmp_path / "prompts.jsonl"
+    records = [{"prompt": PROMPTS[0]}, {"prompt": ""}, {"prompt": PROMPTS[1]}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "res.json"
+    args = ["eval", "--policy", str(policy), "--baseline", str(policy), "--prompts", str(prompts)]
+    args += ["--judge", f"reward-model:{rm}", "--max-new-tokens", "2", "--json", str(out), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{prompts}:2: empty field 'prompt'" in err[0]
+    assert "--on-bad-line skip" in err[0] and "data.on_bad_line" not in err[0]
+
+    assert main([*args, "--on-bad-line", "skip", "--limit", "2"]) == 0
+    res = json.loads(out.read_text())
+    assert res["n_prompts"] == 2 and res["prompts_skipped"] == 1
+    assert (
+        res["prompts_skip_reasons"] == {"empty field 'prompt'": 1}
+        and res["settings"]["on_bad_line"] == "skip"
+    )
+    assert "prompts: skipped 1 records (empty field 'prompt' x1)" in capsys.readouterr().err

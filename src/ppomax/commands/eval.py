@@ -82,6 +82,7 @@ def _run(args: argparse.Namespace) -> int:
         tie_margin=args.tie_margin,
         seed=args.seed,
         limit=args.limit,
+        on_bad_line=args.on_bad_line,
     )
     result = evaluate(
         args.policy,
@@ -94,6 +95,9 @@ def _run(args: argparse.Namespace) -> int:
         chat_format=args.chat_format,
     )
     print(f"chat format: {result['chat_format']} ({result['chat_format_reason']})", file=sys.stderr)
+    if result["prompts_skipped"]:
+        reasons = "; ".join(f"{r} x{n}" for r, n in result["prompts_skip_reasons"].items())
+        print(f"prompts: skipped {result['prompts_skipped']} records ({reasons})", file=sys.stderr)
     if args.json == "-":
         json.dump(
             {k: v for k, v in result.items() if k != "samples"} | {"samples": result["samples"]},
@@ -145,6 +149,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="|score difference| <= this is a tie (default 0.05)",
     )
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument(
+        "--on-bad-line",
+        choices=("fail", "skip"),
+        default="fail",
+        help="a prompt record ppomax cannot read: stop with its file:line (default) or skip it and count it",
+    )
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument(
         "--max-prompt-tokens",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ppomax.data.chat import ChatFormat, ChatFormatSetting, Dialogue, resolve_chat_format
+from ppomax.data.io import SKIP_HINT, DataError, LoadStats, OnError
 from ppomax.data.sources import Source, SourceSpec, describe
 from ppomax.errors import UserError
 from ppomax.evaluate.compare import DEFAULT_MAX_PROMPT_TOKENS, EvalSettings, evaluate_models
@@ -21,19 +22,27 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+#: the end of the message of a prompt record that stops `ppomax eval`
+EVAL_SKIP_HINT = "--on-bad-line skip skips and counts such records"
+
+
 def load_eval_prompts(
     path: SourceSpec,
     limit: int | None = None,
     *,
     chat_format: ChatFormatSetting = "auto",
     tokenizer: PreTrainedTokenizerBase | None = None,
+    on_error: OnError = "fail",
+    stats: LoadStats | None = None,
 ) -> tuple[list[Dialogue | str], list[str] | None]:
     """Prompts (dialogues, rendered in ``chat_format`` with ``tokenizer``: :func:`ppomax.data.load_prompts`) and
     their subsets (``None`` when no record names one) from any prompts source of ppomax.data (a file, a
-    directory, a glob, a Hub dataset, a mapping of load_dataset's arguments: :mod:`ppomax.data.sources`)."""
+    directory, a glob, a Hub dataset, a mapping of load_dataset's arguments: :mod:`ppomax.data.sources`).
+    ``on_error="skip"`` drops the records ppomax cannot read, counted in ``stats``; ``limit`` counts the prompts
+    kept."""
     from ppomax.data import load_prompts
 
-    examples = load_prompts(path, format=chat_format, tokenizer=tokenizer)
+    examples = load_prompts(path, on_error, stats, format=chat_format, tokenizer=tokenizer)
     if limit is not None:
         examples = examples[:limit]
     if not examples:
@@ -97,7 +106,8 @@ def evaluate(
     """`ppomax eval` as a function: load both policies (and any reward-model judge given as a path) and
     run :func:`evaluate_models` with ``judges`` as it takes them. Prompts are rendered in the chat format of
     :func:`eval_chat_format` (``chat_format``: the override), recorded in the result as ``chat_format`` and
-    ``chat_format_reason``."""
+    ``chat_format_reason``; the prompt records skipped (``settings.on_bad_line``) as ``prompts_skipped`` and
+    ``prompts_skip_reasons``."""
     from ppomax.models import ValueHeadModel, check_same_tokens, check_vocab, load_causal_lm, load_tokenizer
 
     s = settings or EvalSettings()
@@ -112,7 +122,15 @@ def evaluate(
     source = (
         prompts_file if isinstance(prompts_file, Source) else Source(prompts_file, "--prompts", held_out=True)
     )
-    prompts, subsets = load_eval_prompts(source, s.limit, chat_format=fmt, tokenizer=tokenizer)
+    stats = LoadStats()
+    try:
+        prompts, subsets = load_eval_prompts(
+            source, s.limit, chat_format=fmt, tokenizer=tokenizer, on_error=s.on_bad_line, stats=stats
+        )
+    except DataError as e:  # the loaders name the training config's key; eval's is a flag
+        if e.hint != SKIP_HINT:
+            raise
+        raise DataError(e.path, e.line, e.reason, e.detail, EVAL_SKIP_HINT, row=e.row) from None
     policy = load_causal_lm(str(policy_dir), key="--policy")
     check_vocab(policy, tokenizer, "--policy", tokenizer_key)
     baseline = load_causal_lm(str(baseline_dir), key="--baseline")
@@ -131,6 +149,8 @@ def evaluate(
     result["prompts_file"] = source.name
     result["chat_format"] = fmt
     result["chat_format_reason"] = why
+    result["prompts_skipped"] = stats.skipped
+    result["prompts_skip_reasons"] = dict(stats.skip_reasons)
     return result
 
 

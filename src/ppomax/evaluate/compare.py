@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -39,6 +39,8 @@ class EvalSettings:
     tie_margin: float = 0.05
     seed: int = 0
     limit: int | None = None
+    on_bad_line: Literal["fail", "skip"] = "fail"
+    """A prompt record ppomax cannot read: stop with its ``path:line`` ("fail") or skip and count it."""
 
 
 def _side_stats(gen: Generation, stats: TokenStats) -> dict[str, float]:
