@@ -22,7 +22,9 @@ from ppomax.algos import (
     last_token_index,
     lm_nll,
     logprobs_from_logits,
+    masked_max,
     masked_mean,
+    masked_min,
     masked_sum,
     masked_whiten,
     normalize_advantages,
@@ -150,6 +152,13 @@ def test_masked_mean_empty_mask_is_zero() -> None:
     x = torch.randn(2, 3)
     assert masked_mean(x, torch.zeros(2, 3)).item() == 0.0
     assert torch.all(masked_whiten(x, torch.zeros(2, 3)) == 0)
+
+
+def test_masked_min_and_max_ignore_padding_and_read_0_on_an_empty_mask() -> None:
+    x = torch.tensor([[3.0, -1.0, -50.0], [2.0, 0.5, float("nan")]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    assert masked_min(x, mask).item() == -1.0 and masked_max(x, mask).item() == 3.0
+    assert masked_min(x, torch.zeros_like(mask)).item() == 0.0 == masked_max(x, torch.zeros_like(mask)).item()
 
 
 def test_masked_mean_bf16_is_accumulated_in_float32() -> None:
@@ -625,6 +634,7 @@ def test_policy_loss_clipped_vs_loop_and_gradients() -> None:
     ratios = [math.exp(x) for x in log_ratio]
     assert metrics["ratio_mean"].item() == pytest.approx(sum(ratios) / 7)
     assert metrics["ratio_max"].item() == pytest.approx(3.0)  # the padded ratio e^5 is ignored
+    assert metrics["ratio_min"].item() == pytest.approx(0.5)
     assert metrics["approx_kl"].item() == pytest.approx(sum(x - 1 - math.log(x) for x in ratios) / 7)
     assert metrics["ratio_clamped"].item() == 0.0
 

@@ -41,6 +41,7 @@ MONITORING = [
     "returns/mean",
     "advantages/mean",
     "policy/ratio_mean",
+    "policy/ratio_min",
     "policy/ratio_max",
     "lr/policy",
     "lr/critic",

@@ -262,6 +262,7 @@ def test_importance_sampling_off_uses_the_reference_as_old_policy(setup, tmp_pat
         "policy/approx_kl",
         "policy/pg_clipfrac",
         "policy/ratio_mean",
+        "policy/ratio_min",
         "policy/ratio_max",
         "policy/ratio_clamped_count",
     ]
@@ -269,6 +270,7 @@ def test_importance_sampling_off_uses_the_reference_as_old_policy(setup, tmp_pat
         "policy/approx_kl_vs_ref",
         "policy/pg_clipfrac_vs_ref",
         "policy/ratio_vs_ref_mean",
+        "policy/ratio_vs_ref_min",
         "policy/ratio_vs_ref_max",
         "policy/ratio_vs_ref_clamped_count",
     ]
@@ -558,20 +560,23 @@ def test_minibatches_micro_batches_and_epochs(setup, tmp_path):
 
 def test_metrics_reduce_across_ranks_by_kind():
     """Two ranks (threads, with a reduce that really combines both ranks' tensors): ``*_max`` metrics are the
-    max over ranks (a rank's outlier ratio must not be averaged away), ``*_count`` and the named sums are summed,
-    the rest averaged; the trainer's reduction is this function."""
+    max over ranks (a rank's outlier ratio must not be averaged away), ``*_min`` the min (through the max: the
+    reduce, like accelerate's, has no min), ``*_count`` and the named sums are summed, the rest averaged; the
+    trainer's reduction is this function."""
     from ppomax.ppo import metrics as ppo_metrics
     from ppomax.trainers.reduce import reduce_metrics
 
     ranks = [
         {
             "policy/ratio_max": 1.5,
+            "policy/ratio_min": 0.5,
             "loss/pg": 1.0,
             "policy/ratio_clamped_count": 2.0,
             "response/truncated": 3.0,
         },
         {
             "policy/ratio_max": 9.0,
+            "policy/ratio_min": 0.75,
             "loss/pg": 3.0,
             "policy/ratio_clamped_count": 0.0,
             "response/truncated": 1.0,
@@ -597,6 +602,7 @@ def test_metrics_reduce_across_ranks_by_kind():
         t.join(timeout=30)
     expect = {
         "policy/ratio_max": 9.0,
+        "policy/ratio_min": 0.5,
         "loss/pg": 2.0,
         "policy/ratio_clamped_count": 2.0,
         "response/truncated": 4.0,
@@ -605,6 +611,23 @@ def test_metrics_reduce_across_ranks_by_kind():
     assert list(results[0]) == list(ranks[0])  # the caller's order
     assert reduce_metrics({"a_max": torch.tensor(2.0), "b": 1}, None) == {"a_max": 2.0, "b": 1.0}
     assert ppo_metrics.reduce_metrics is reduce_metrics
+
+
+def test_min_and_max_metrics_fold_by_min_and_max_over_micro_batches_and_minibatches():
+    """A micro-batch's smallest ratio must survive the minibatch's fold (a mean would lift it), and the
+    iteration's min is the min over its minibatches and epochs."""
+    from ppomax.ppo.update import _accumulate, _combine
+
+    into: dict[str, torch.Tensor] = {}
+    for lo, hi, pg in ((0.9, 1.1, 1.0), (0.7, 1.3, 3.0)):
+        folded = {"policy/ratio_min": lo, "policy/ratio_max": hi, "loss/pg": pg}
+        _accumulate(into, {k: torch.tensor(v) for k, v in folded.items()}, 0.5)
+    assert {k: v.item() for k, v in into.items()} == pytest.approx(
+        {"policy/ratio_min": 0.7, "policy/ratio_max": 1.3, "loss/pg": 2.0}
+    )
+    seen = [torch.tensor(0.8), torch.tensor(0.6), torch.tensor(0.9)]
+    assert _combine("policy/ratio_min", seen).item() == pytest.approx(0.6)
+    assert _combine("policy/ratio_max", seen).item() == pytest.approx(0.9)
 
 
 def test_the_trainer_is_a_few_explicit_collaborators(setup, tmp_path):

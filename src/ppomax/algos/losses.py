@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from .registry import LOSS_AGGREGATIONS
 from .reward_shaping import KLEstimator, kl_per_token
-from .stats import _bool_mask, masked_max, masked_mean, masked_sum
+from .stats import _bool_mask, masked_max, masked_mean, masked_min, masked_sum
 from .vocab import logprobs_from_logits
 
 
@@ -99,8 +99,8 @@ def policy_loss(
     Metrics: pg_loss; pg_clipfrac = fraction of tokens where the clipped branch is strictly larger (the
     token's gradient is zeroed by the clip); dual_clip_frac = fraction of tokens where the dual clip binds
     (A_t < 0 and the bound strictly smaller; disjoint from pg_clipfrac; 0 without dual_clip); approx_kl = KL(old || new) by the k3 estimator with samples
-    from old: mean((ratio - 1) - log ratio) (>= 0, unbiased); ratio_mean, ratio_max (masked, of the clamped
-    ratio); ratio_clamped = number of masked tokens whose log-ratio was clamped (a count, not a mean).
+    from old: mean((ratio - 1) - log ratio) (>= 0, unbiased); ratio_mean, ratio_min, ratio_max (masked, of
+    the clamped ratio); ratio_clamped = number of masked tokens whose log-ratio was clamped (a count, not a mean).
     """
     raw_log_ratio = logprobs - old_logprobs.detach()
     log_ratio = raw_log_ratio.clamp(-max_log_ratio, max_log_ratio)
@@ -131,6 +131,7 @@ def policy_loss(
             "dual_clip_frac": dual_frac,
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
             "ratio_mean": masked_mean(ratio, mask),
+            "ratio_min": masked_min(ratio, mask),
             "ratio_max": masked_max(ratio, mask),
             "ratio_clamped": masked_sum((raw_log_ratio.abs() > max_log_ratio).to(ratio.dtype), mask),
         }

@@ -71,6 +71,11 @@ def masked_max(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(m.any(), top, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def masked_min(x: Tensor, mask: Tensor) -> Tensor:
+    """Smallest ``x`` where ``mask`` is set (a scalar; 0 when nothing is): :func:`masked_max` of ``-x``."""
+    return -masked_max(-x, mask)
+
+
 def _sum_and_count(
     x: Tensor, mask: Tensor, dim: int | None, all_reduce: AllReduce | None
 ) -> tuple[Tensor, Tensor]:

@@ -293,6 +293,7 @@ class Updater:
                 f"policy/pg_clipfrac{vs}": pm["pg_clipfrac"],
                 f"policy/approx_kl{vs}": pm["approx_kl"],
                 f"policy/ratio{vs}_mean": pm["ratio_mean"],
+                f"policy/ratio{vs}_min": pm["ratio_min"],
                 f"policy/ratio{vs}_max": pm["ratio_max"],
                 f"policy/ratio{vs}_clamped_count": pm["ratio_clamped"],
             }
@@ -396,8 +397,8 @@ class SeparateScoring:
 
 
 def _accumulate(into: dict[str, Tensor], metrics: dict[str, Tensor], weight: Tensor | float) -> None:
-    """Fold one micro-batch's metrics into the minibatch's by :func:`reduction_of`: ``*_max`` by max,
-    ``*_count`` by sum, token means by their ``weight`` (token_weights: the weighted sum is the minibatch's
+    """Fold one micro-batch's metrics into the minibatch's by :func:`reduction_of`: ``*_max`` by max, ``*_min``
+    by min, ``*_count`` by sum, token means by their ``weight`` (token_weights: the weighted sum is the minibatch's
     token mean)."""
     for k, v in metrics.items():
         op = reduction_of(k)
@@ -405,6 +406,8 @@ def _accumulate(into: dict[str, Tensor], metrics: dict[str, Tensor], weight: Ten
             into[k] = v if op != "mean" else weight * v
         elif op == "max":
             into[k] = torch.maximum(into[k], v)
+        elif op == "min":
+            into[k] = torch.minimum(into[k], v)
         else:
             into[k] = into[k] + (v if op == "sum" else weight * v)
 
@@ -435,4 +438,6 @@ def _combine(name: str, values: list[Tensor]) -> Tensor:
     (``*_count``) are counted over the whole iteration."""
     t = torch.stack(values)
     op = reduction_of(name)
-    return t.max() if op == "max" else t.sum() if op == "sum" else t.mean()
+    if op in ("max", "min"):
+        return t.amax() if op == "max" else t.amin()
+    return t.sum() if op == "sum" else t.mean()

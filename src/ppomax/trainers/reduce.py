@@ -8,16 +8,19 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-Op = Literal["mean", "max", "sum"]
+Op = Literal["mean", "max", "min", "sum"]
 Reduce = Callable[[Tensor, Op], Tensor]
-"""``reduce(tensor, op)`` combines a tensor over ranks with ``op`` (e.g. ``accelerator.reduce``)."""
+"""``reduce(tensor, op)`` combines a tensor over ranks with ``op`` (e.g. ``accelerator.reduce``); it is never
+asked for "min" (accelerate has none: :func:`reduce_metrics` takes the max of the negated values)."""
 
 
 def reduction_of(name: str, sums: Collection[str] = ()) -> Op:
-    """How a metric combines over ranks: ``*_max`` the max, ``*_count`` (and ``sums``) the sum, else the mean
+    """How a metric combines over ranks: ``*_max`` the max, ``*_min`` the min, ``*_count`` (and ``sums``) the sum, else the mean
     (per-rank means of equal-sized shards; global statistics are equal on every rank, so their mean is them)."""
     if name.endswith("_max"):
         return "max"
+    if name.endswith("_min"):
+        return "min"
     if name.endswith("_count") or name in sums:
         return "sum"
     return "mean"
@@ -37,7 +40,10 @@ def reduce_metrics(
     names, parts = [], []
     for op, keys in sorted(groups.items()):
         stacked = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32).to(device) for k in keys])
-        parts.append(reduce(stacked, op) if reduce is not None else stacked)
+        if reduce is None:
+            parts.append(stacked)
+        else:
+            parts.append(-reduce(-stacked, "max") if op == "min" else reduce(stacked, op))
         names += keys
     if not names:
         return {}
