@@ -63,6 +63,16 @@ def forward(temperature: float):
     return Forward(*first, temperature=temperature)
 
 
+def as_response_logits(logits):
+    """``logits`` [rows, positions, vocab] as this checkout's ``Forward`` methods take them (older ones: the
+    tensor itself)."""
+    try:
+        from ppomax.models.lm_head import ResponseLogits
+    except ImportError:
+        return logits
+    return ResponseLogits(logits)
+
+
 def measure(
     rows: int, positions: int, vocab: int, dtype: str, device: str, mode: str, op: str, grad: bool
 ) -> dict:
@@ -96,10 +106,10 @@ def measure(
         base, clock = reset_peak_rss(), time.process_time
     start = clock()
     if grad:
-        fwd = forward(t)  # the update's calls (the same before the slicing)
-        loss = fwd.logprobs(logits, labels).sum()
+        fwd, held = forward(t), as_response_logits(logits)  # the update's calls (the same before the slicing)
+        loss = fwd.logprobs(held, labels).sum()
         if op == "all":
-            loss = loss + fwd.entropy(logits).sum()
+            loss = loss + fwd.entropy(held).sum()
         loss.backward()
     else:
         with torch.no_grad():
@@ -111,11 +121,11 @@ def measure(
             if op in ("kl", "all"):
                 kl_from_logits(logits, ref, t)
             if op == "scoring":  # as score_experience calls them (the same calls before the slicing)
-                fwd = forward(t)
-                fwd.logprobs(logits, labels)
-                fwd.logprobs(logits, labels, raw=True)
-                fwd.entropy(logits)
-                exact_kl(fwd, logits, ref)
+                fwd, held = forward(t), as_response_logits(logits)
+                fwd.logprobs(held, labels)
+                fwd.logprobs(held, labels, raw=True)
+                fwd.entropy(held)
+                exact_kl(fwd, held, as_response_logits(ref))
     if cuda:
         torch.cuda.synchronize()
     seconds = clock() - start

@@ -233,3 +233,10 @@ def assert_same_run(ref: Path, run: Path) -> None:
     (:func:`run_differences`)."""
     diff = run_differences(ref, run)
     assert diff is None, diff
+
+
+def dense_logits(logits: Any) -> torch.Tensor:
+    """[B, R, V] of a ``ResponseLogits`` (zeros past each row's response), to compare with a whole forward's."""
+    if logits.positions is None:
+        return logits.values
+    return logits.positions.scatter(logits.values[0])

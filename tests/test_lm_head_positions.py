@@ -1,6 +1,6 @@
-"""The LM head of PPO's packed forwards runs only on the positions whose logits are read (Forward, packing's
-ResponsePositions; padded, on the R + 1 last columns): either way its logits, log-probs and gradients equal those of
-the whole forward's logits at the response positions, on GPT-2 and Llama tiny models (tied and untied heads), under LoRA, and with Gemma 2's
+"""The LM head of PPO's forwards, packed or padded, runs only on the positions whose logits are read (Forward,
+ResponsePositions, ResponseLogits): its logits, log-probs and gradients equal those of the whole forward's logits at
+the response positions, on GPT-2 and Llama tiny models (tied and untied heads), under LoRA, and with Gemma 2's
 soft-capping after the head."""
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config
 
+from helpers import dense_logits
 from ppomax.errors import UserError
 from ppomax.models import AdaptersOff, position_ids_from_mask
+from ppomax.models.lm_head import ResponseLogits
 from ppomax.ppo.models import Forward
 from ppomax.ppo.packing import pack
 from test_packing import LENGTHS, padded_batch
@@ -86,24 +88,20 @@ CASES = [("gpt2", None), ("llama", False), ("llama", True), ("gemma2", None)]
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize(("arch", "tie"), CASES, ids=["gpt2", "llama_untied", "llama_tied", "gemma2_softcap"])
 def test_the_head_runs_on_the_real_response_positions_only(arch, tie, packed):
-    """Response logits (no gradient) equal the whole forward's on the response mask, zeros past each row's
-    response; the head runs once per forward, on exactly the real response tokens (EOS included)."""
+    """Response logits (no gradient) are the whole forward's at the real response tokens, [1, K, V], no more
+    (their per-token results read zeros past each row's response); the head runs once per forward, on exactly
+    the real response tokens (EOS included)."""
     exp = padded_batch(LENGTHS)
     model = _model(arch, tie)
     count = HeadPositions(_head(model))
     with torch.no_grad():
         got = Forward(1.0, pack=packed).response_logits(model, exp)
         expect = whole_response_logits(model, exp)
-    on = exp.response_mask
-    assert got.shape == expect.shape
-    torch.testing.assert_close(got[on], expect[on], atol=1e-5, rtol=1e-5)
-    if packed:  # the head on the real response tokens only
-        assert (got[~on] == 0).all()
-        assert (
-            count.seen[0] == int(exp.response_lens.sum()) and len(count.seen) == 2
-        )  # ours, then the whole one
-    else:  # padded: the R + 1 last columns of each row (logits_to_keep)
-        assert count.seen[0] == len(LENGTHS) * (exp.response_width + 1) and len(count.seen) == 2
+    on, k = exp.response_mask, int(exp.response_lens.sum())
+    assert got.positions is not None and got.values.shape == (1, k, VOCAB) and int(on.sum()) == k
+    torch.testing.assert_close(got.values[0], expect[on], atol=1e-5, rtol=1e-5)
+    assert (dense_logits(got)[~on] == 0).all()
+    assert count.seen == [k, exp.sequences.numel()]  # ours, then the whole one
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
@@ -117,7 +115,10 @@ def test_the_gradient_is_the_whole_forwards(arch, tie, packed):
     grads, outputs = [], []
     for narrowed in (True, False):
         model.zero_grad()
-        logits = fwd.response_logits(model, exp) if narrowed else whole_response_logits(model, exp)
+        if narrowed:
+            logits = fwd.response_logits(model, exp)
+        else:
+            logits = ResponseLogits(whole_response_logits(model, exp))
         lp, ent = fwd.logprobs(logits, exp.responses_ids), fwd.entropy(logits)
         ((lp + 0.1 * ent) * on).sum().backward()
         outputs.append((lp[on].detach(), ent[on].detach()))
@@ -141,20 +142,25 @@ def test_lora_and_its_adapters_off(arch, packed):
     fwd, on = Forward(1.0, pack=packed), exp.response_mask
     count = HeadPositions(_head(policy))
     with torch.no_grad():
-        ref_got, ref_expect = fwd.response_logits(reference, exp), whole_response_logits(reference, exp)
+        ref_got = dense_logits(fwd.response_logits(reference, exp))
+        ref_expect = whole_response_logits(reference, exp)
     torch.testing.assert_close(ref_got[on], ref_expect[on], atol=1e-5, rtol=1e-5)
     grads = []
     for narrowed in (True, False):
         policy.zero_grad()
-        logits = fwd.response_logits(policy, exp) if narrowed else whole_response_logits(policy, exp)
+        if narrowed:
+            logits = fwd.response_logits(policy, exp)
+        else:
+            logits = ResponseLogits(whole_response_logits(policy, exp))
         (fwd.logprobs(logits, exp.responses_ids) * on).sum().backward()
         grads.append({n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None})
     assert grads[0] and grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
-    k = int(exp.response_lens.sum()) if packed else len(LENGTHS) * (exp.response_width + 1)
+    k = int(exp.response_lens.sum())
     assert count.seen[0] == count.seen[2] == k  # the reference's and the policy's forwards
-    assert not torch.allclose(ref_got[on], fwd.response_logits(policy, exp).detach()[on])  # the adapters act
+    policy_got = dense_logits(fwd.response_logits(policy, exp).detach())
+    assert not torch.allclose(ref_got[on], policy_got[on])  # the adapters act
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
@@ -167,7 +173,7 @@ def test_micro_batches_of_a_chunk(packed):
         whole = whole_response_logits(model, exp)
         for rows in ([3, 0], [5, 1, 2], [4]):
             part = exp.select(rows)
-            got = fwd.response_logits(model, part)
+            got = dense_logits(fwd.response_logits(model, part))
             on = part.response_mask
             expect = whole[rows][:, : part.response_width]
             torch.testing.assert_close(got[on], expect[on], atol=1e-5, rtol=1e-5)
@@ -185,7 +191,8 @@ def test_a_model_without_an_output_embedding_module_gets_the_head_as_before():
         expect = whole_response_logits(model, exp)
         for packed in (False, True):
             got = Forward(1.0, pack=packed).response_logits(model, exp)
-            torch.testing.assert_close(got[on], expect[on], atol=1e-5, rtol=1e-5)
+            assert got.positions is None
+            torch.testing.assert_close(got.values[on], expect[on], atol=1e-5, rtol=1e-5)
     n_w = pack(exp.sequences, exp.prompt_lens, exp.response_lens, exp.prompt_width).input_ids.numel()
     assert count.seen[1:] == [rows * (r + 1), n_w]
 
@@ -232,3 +239,27 @@ def test_logits_that_are_not_the_heads_output_are_refused_in_one_line():
     with torch.no_grad(), pytest.raises(UserError, match=r"are not its LM head's output") as err:
         Forward(1.0, pack=True).response_logits(model, exp)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_the_exact_kl_of_a_narrowed_head_and_a_whole_one(packed):
+    """A policy whose head runs on the response tokens ([1, K, V]) against a reference whose head cannot be
+    narrowed ([B, R, V]), either way round: the exact KL of the whole forwards' logits on the response mask."""
+    from ppomax.algos import kl_from_logits
+    from ppomax.ppo.scoring import exact_kl
+
+    exp = padded_batch(LENGTHS)
+    policy, reference = _model("llama", seed=0), _model("llama", seed=1)
+    reference.get_output_embeddings = lambda: None
+    fwd, on = Forward(0.7, pack=packed), exp.response_mask
+    with torch.no_grad():
+        a, b = fwd.response_logits(policy, exp), fwd.response_logits(reference, exp)
+        assert a.positions is not None and b.positions is None
+        whole_a, whole_b = whole_response_logits(policy, exp), whole_response_logits(reference, exp)
+        for x, y, want in (
+            (a, b, kl_from_logits(whole_a, whole_b, 0.7)),
+            (b, a, kl_from_logits(whole_b, whole_a, 0.7)),
+        ):
+            got = exact_kl(fwd, x, y)
+            assert got.shape == on.shape and want[on].min() > 0
+            torch.testing.assert_close(got[on], want[on], atol=1e-5, rtol=1e-5)

@@ -690,26 +690,32 @@ def test_the_head_on_the_response_positions_gives_the_whole_heads_iterations(
 @pytest.mark.slow
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
-def test_the_logits_past_a_rows_response_are_never_read(setup, tmp_path, monkeypatch, packed, fused):
-    """The response logits past each row's response (zeros) are never read: NaN there gives the same two
-    iterations (scoring, exact KL, entropy bonus, update), every metric and weight as with zeros."""
+def test_the_outputs_past_a_rows_response_are_never_read(setup, tmp_path, monkeypatch, packed, fused):
+    """The per-token outputs of the response logits (log-probs, entropy, exact KL) past each row's response
+    (zeros: no logits are computed there) are never read: NaN there gives the same two iterations (scoring,
+    exact KL, entropy bonus, update), every metric and weight as with zeros."""
+    from ppomax.models.lm_head import ResponseLogits
+
     over = (
         f"ppo.pack_sequences={packed}",
         "generation.temperature=0.7",
         "ppo.entropy_coef=0.01",
         *(() if fused else ("ppo.micro_batch_size=3",)),
     )
-    real = Forward.response_logits
+    real = ResponseLogits.rows
     runs = []
     for poisoned in (False, True):
         with monkeypatch.context() as mp:
             if poisoned:
 
-                def nan_past_the_response(fwd, model, batch):
-                    off = ~batch.response_mask.unsqueeze(-1)
-                    return real(fwd, model, batch).masked_fill(off, float("nan"))
+                def nan_past_the_response(logits, per_token):
+                    out = real(logits, per_token)
+                    assert logits.positions is not None, "the head runs on the response tokens only"
+                    on = torch.zeros(out.numel(), dtype=torch.bool, device=out.device)
+                    on[logits.positions.target] = True
+                    return out.masked_fill(~on.view_as(out), float("nan"))
 
-                mp.setattr(Forward, "response_logits", nan_past_the_response)
+                mp.setattr(ResponseLogits, "rows", nan_past_the_response)
             runs.append(_uneven_iterations(setup, tmp_path / str(poisoned), *over)[:3])
     assert all(torch.isfinite(torch.as_tensor(v)) for v in runs[0][0][-1].values() if isinstance(v, float))
     _same_iterations(runs)

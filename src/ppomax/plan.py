@@ -107,12 +107,6 @@ class Workload:
     fused_update: bool = False
     """PPO's update is fused with the scoring pass (one epoch over one minibatch, one micro-batch): the policy's
     and the critic's forwards both run before either backward, so their activations coexist."""
-    packed: bool = False
-    """``ppo.pack_sequences``: the LM head runs on the real response positions only (``logit_positions - 1`` per
-    row at most), and its logits are scattered into a float32 ``[rows, response_tokens, vocab]`` tensor beside the
-    head's own output (and its gradient beside theirs): one more float32 copy of the logits
-    (:func:`packed_logits_bytes`). The trunk's positions are the padded ones: every row at its longest (the
-    case this plan bounds) fills a packed row of its own, so packing saves nothing there."""
 
 
 def state_bytes(params: int, trainable: int, dtype: str) -> dict[str, int]:
@@ -190,14 +184,6 @@ def logits_bytes(rows: int, positions: int, vocab: int, act_bytes: int) -> int:
     return n * per_logit + vocab_slice_bytes(n, TRAIN_SLICES)
 
 
-def packed_logits_bytes(rows: int, positions: int, vocab: int) -> int:
-    """What packing adds to the logits of ``positions`` per row (the response tokens): their float32 scatter
-    into the ``[rows, positions, vocab]`` layout the loss reads, beside the LM head's output (measured, peak RSS
-    of one float32 forward and backward of a 2-layer Llama, vocabulary 16384, 8 rows of 32 + 128 tokens: packed
-    64 MiB above padded, this copy's size)."""
-    return rows * positions * vocab * FP32
-
-
 def inference_bytes(s: Shape, rows: int, seq: int, logit_positions: int, act_bytes: int) -> int:
     """Working set of a no-gradient forward: one layer's live tensors (residual stream and norm output, then
     q/k/v/output or gate/up/activation) and the logits of ``logit_positions`` per row, their float32 copy under
@@ -215,10 +201,7 @@ def train_activation_bytes(s: Shape, w: Workload, lm_logits: bool) -> int:
     PPO-ptx rows (their full logits)."""
     act = DTYPE_BYTES[w.dtype]
     out = trunk_activation_bytes(s, w.train_rows * w.train_seq, act, w.gradient_checkpointing)
-    if lm_logits and w.logit_positions and w.packed:
-        out += logits_bytes(w.train_rows, w.logit_positions - 1, s.vocab, act)
-        out += packed_logits_bytes(w.train_rows, w.logit_positions - 1, s.vocab)
-    elif lm_logits and w.logit_positions:
+    if lm_logits and w.logit_positions:
         out += logits_bytes(w.train_rows, w.logit_positions, s.vocab, act)
     if lm_logits and w.ptx_rows:
         out += trunk_activation_bytes(s, w.ptx_rows * w.ptx_seq, act, w.gradient_checkpointing)
@@ -378,11 +361,7 @@ def _score(role: Role, w: Workload, act: int) -> int:
     if not w.score_rows:
         return 0
     seq = w.prompt_tokens + w.response_tokens
-    if role.lm_logits and w.packed:
-        r = w.response_tokens
-        out = inference_bytes(role.shape, w.score_rows, seq, r, act)
-        return out + packed_logits_bytes(w.score_rows, r, role.shape.vocab)
-    positions = w.response_tokens + 1 if role.lm_logits else 0
+    positions = w.response_tokens if role.lm_logits else 0
     return inference_bytes(role.shape, w.score_rows, seq, positions, act)
 
 

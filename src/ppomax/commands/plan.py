@@ -174,7 +174,7 @@ def workload_of(cfg: CommandConfig, kind: str) -> Workload:
             **common,
             train_rows=rows,
             train_seq=pd.max_prompt_tokens + g.max_new_tokens,
-            logit_positions=g.max_new_tokens + 1,
+            logit_positions=g.max_new_tokens,  # the head runs on the response tokens only (Forward)
             rollout_rows=p.rollout_batch_size,
             prompt_tokens=pd.max_prompt_tokens,
             response_tokens=g.max_new_tokens,
@@ -183,7 +183,6 @@ def workload_of(cfg: CommandConfig, kind: str) -> Workload:
             ptx_seq=pd.max_prompt_tokens + pd.max_ptx_response_tokens,
             # as ppomax.ppo.fused.fuses_scoring, with a critic to fuse
             fused_update=p.uses_critic and p.one_step_update,
-            packed=p.pack_sequences,
         )
     d = cfg.data
     seq = d.max_prompt_tokens + d.max_response_tokens

@@ -4,11 +4,14 @@ A forward's LM head is its largest single matmul at a real vocabulary, and its o
 largest tensor: where only some positions' logits are read (PPO's response tokens, the reward model's chosen
 answers under eq. 2's LM term), :func:`lm_head_on` runs the model's own head on those positions' final hidden states
 only, inside the model's forward, so what the model does after its head (logit scaling, soft-capping) applies as
-ever. :class:`ResponsePositions` says which positions, and where their outputs go.
+ever. :class:`ResponsePositions` says which positions, and where their outputs go; :class:`ResponseLogits` holds
+such logits, [1, K, V], and puts what is computed from them per token (log-probs, entropy, KL) back in the rows'
+[B, R] layout: no [B, R, V] copy of the logits is ever made.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,6 +52,68 @@ class ResponsePositions:
         out = outputs.new_zeros((self.rows * self.width, *rest))
         return out.index_copy_(0, self.target, outputs).view(self.rows, self.width, *rest)
 
+    @classmethod
+    def padded(cls, response_lens: Tensor, prompt_width: int, total_width: int) -> ResponsePositions:
+        """The real response tokens of ``B`` rows laid out as ``[B, total_width]`` with their prompts ending at
+        column ``prompt_width`` (``response_lens`` [B] on the host, EOS included): token ``j`` of row ``b`` is
+        read at column ``prompt_width + j - 1``."""
+        width = total_width - prompt_width
+        row, column = real_response_tokens(response_lens, width)
+        return cls(
+            row * total_width + prompt_width - 1 + column, row * width + column, len(response_lens), width
+        )
+
+    def to(self, device: torch.device) -> ResponsePositions:
+        return dataclasses.replace(self, source=self.source.to(device), target=self.target.to(device))
+
+
+def real_response_tokens(response_lens: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """(row, column) [K] of every real response token of rows with ``response_lens`` [B] (host) in ``width``
+    response columns, row by row."""
+    r_lens = response_lens.cpu().long().clamp(max=width)
+    row = torch.repeat_interleave(torch.arange(len(r_lens)), r_lens)
+    column = torch.arange(int(r_lens.sum())) - torch.repeat_interleave(r_lens.cumsum(0) - r_lens, r_lens)
+    return row, column
+
+
+@dataclass(frozen=True)
+class ResponseLogits:
+    """The logits predicting a chunk's ``[B, R]`` response tokens: ``values`` [1, K, V] at its ``K`` real ones
+    (``positions``; the LM head ran on those only, :func:`lm_head_on`), or [B, R, V] (``positions`` None: a
+    model whose head cannot be narrowed). Per-token results of ``values`` go back to ``[B, R]`` by :meth:`rows`,
+    zeros past each row's response (off the response mask)."""
+
+    values: Tensor
+    positions: ResponsePositions | None = None
+
+    def tokens(self, labels: Tensor) -> Tensor:
+        """``[B, R]`` response tokens -> the ones ``values`` predict, in their layout."""
+        if self.positions is None:
+            return labels
+        return labels.flatten().index_select(0, self.positions.target).unsqueeze(0)
+
+    def rows(self, per_token: Tensor) -> Tensor:
+        """A per-token result of :attr:`values` (``[1, K]`` or ``[B, R]``) -> ``[B, R]``."""
+        return per_token if self.positions is None else self.positions.scatter(per_token[0])
+
+    def detach(self) -> ResponseLogits:
+        return ResponseLogits(self.values.detach(), self.positions)
+
+    def like(self, other: ResponseLogits) -> ResponseLogits:
+        """These logits in ``other``'s layout (both of the same rows): for a per-token comparison of two models'
+        logits (the exact KL), one of which has a head that could not be narrowed."""
+        if other.positions is None:
+            if self.positions is None:
+                return self
+            return ResponseLogits(self.positions.scatter(self.values[0]))
+        if self.positions is not None:
+            if not torch.equal(self.positions.target, other.positions.target):
+                raise ValueError("the two logits are of different response tokens")
+            return self
+        return ResponseLogits(
+            self.values.flatten(0, 1).index_select(0, other.positions.target).unsqueeze(0), other.positions
+        )
+
 
 @contextmanager
 def lm_head_on(
@@ -57,9 +122,8 @@ def lm_head_on(
     """Within the block, the first call of ``head`` on the [N, W, H] final hidden states of a forward over
     ``input_shape`` [N, W] runs on ``positions.select`` of them, [1, K, H], inside the model's own forward (what
     the model does after its head, e.g. Gemma 2's logit soft-capping, applies as ever; DeepSpeed ZeRO-3 gathers
-    the head's weight around the same call). Yields ``selected``: the forward's logits -> [B, R, V] at the
-    response positions (:meth:`ResponsePositions.scatter`), or None where the head did not
-    run on them (no ``head``, or not called as expected: the caller reads the logits as they are; a UserError
+    the head's weight around the same call). Yields ``selected``: the forward's logits -> themselves, [1, K, V] at
+    the positions (checked to be the head's output there), or None where the head did not run on them (no ``head``, or not called as expected: the caller reads the logits as they are; a UserError
     where the head ran on them but the logits are not its output). The hook is removed on leaving the block, also
     on an exception."""
     ran: list[bool] = []
@@ -79,7 +143,7 @@ def lm_head_on(
                 f"the model's logits {tuple(logits.shape)} are not its LM head's output on the {len(positions.source)} "
                 "response positions ppomax selected: its forward reshapes them; please report the model's class"
             )
-        return positions.scatter(logits[0])
+        return logits
 
     handle = head.register_forward_pre_hook(select) if head is not None else None
     try:
@@ -127,9 +191,6 @@ class TargetPositions(ResponsePositions):
         return cls(
             row * (targets.shape[1] + 1) + column, torch.arange(k, device=row.device), 1, k, row, column
         )
-
-    def scatter(self, outputs: Tensor) -> Tensor:
-        return outputs.unsqueeze(0)
 
     def labels(self, input_ids: Tensor) -> Tensor:
         """[1, K] the trained tokens, in the order of the outputs."""

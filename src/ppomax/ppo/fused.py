@@ -40,6 +40,7 @@ from .update import Updater, fold_losses
 
 if TYPE_CHECKING:
     from ppomax.models import AdaptersOff
+    from ppomax.models.lm_head import ResponseLogits
 
 
 def fuses_scoring(ppo: PPOSettings) -> bool:
@@ -146,7 +147,7 @@ class FusedUpdater(Updater):
         metrics["loss/total"] = total_loss
         return metrics, ok
 
-    def _forward(self, mb: Experience, critic_only: bool) -> tuple[Tensor | None, Tensor | None]:
+    def _forward(self, mb: Experience, critic_only: bool) -> tuple[ResponseLogits | None, Tensor | None]:
         """The trained models' forwards on ``mb``: (policy response logits, None if ``critic_only``; values,
         None without a critic)."""
         logits = None if critic_only else self.fwd.response_logits(self.policy.model, mb)
@@ -158,7 +159,7 @@ class FusedUpdater(Updater):
         self,
         full: Experience,
         perm: Tensor,
-        logits: Tensor | None,
+        logits: ResponseLogits | None,
         values: Tensor | None,
         kl_coef: float,
         reference: torch.nn.Module | AdaptersOff | None,

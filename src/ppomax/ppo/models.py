@@ -52,7 +52,13 @@ from ppomax.models import (
     with_adapters,
 )
 from ppomax.models.adapter_dir import is_peft_model
-from ppomax.models.lm_head import lm_head_on, logits_at_targets, narrowable_head
+from ppomax.models.lm_head import (
+    ResponseLogits,
+    ResponsePositions,
+    lm_head_on,
+    logits_at_targets,
+    narrowable_head,
+)
 from ppomax.models.saving import causal_lm_of
 from ppomax.trainers.common import load_run_tokenizer
 from ppomax.trainers.inputs import (
@@ -276,42 +282,50 @@ class Forward:
     gathered back into the padded layout, so every caller reads the same ``[B, R, ...]`` tensors either way.
     :func:`check_packed_forwards` checks once that a model's attention honours the packing.
 
-    Packed, the LM head runs only on the positions whose logits are read, those before the rows' real response
-    tokens (:class:`~ppomax.models.lm_head.ResponsePositions`; not the prompt, not the padding after a short
-    response), through the model's own forward (:func:`lm_head_on`); the response columns past a row's end hold
-    zero logits (off the response mask). A model without the hook's conditions (an output embedding module and
-    ``logits_to_keep``) gets its head on every packed position. Padded, the head runs on the ``R + 1`` last
-    columns of each row where the model takes ``logits_to_keep``.
+    Either way the LM head runs only on the positions whose logits are read, those before the rows' real
+    response tokens (:class:`~ppomax.models.lm_head.ResponsePositions`; not the prompt, not the padding after a
+    short response), through the model's own forward (:func:`lm_head_on`), and :meth:`response_logits` returns
+    them as they are, [1, K, V] (:class:`~ppomax.models.lm_head.ResponseLogits`): :meth:`logprobs`,
+    :meth:`entropy` and the exact KL compute on those K positions and put their [K] results in the [B, R]
+    layout (zeros past a row's response, off the response mask). A model without the hook's conditions (an
+    output embedding module and ``logits_to_keep``) gets its head on every packed position, or padded on the
+    ``R + 1`` last columns of each row where it takes ``logits_to_keep``: [B, R, V] logits.
     """
 
     def __init__(self, temperature: float, pack: bool = False) -> None:
         self.temperature = temperature
         self.pack = pack
 
-    def response_logits(self, model: torch.nn.Module | AdaptersOff, batch: Experience) -> Tensor:
-        """[B, R, V] logits predicting ``batch``'s response tokens 0..R-1 (from columns P-1 .. P+R-2)."""
+    def response_logits(self, model: torch.nn.Module | AdaptersOff, batch: Experience) -> ResponseLogits:
+        """The logits predicting ``batch``'s real response tokens (from columns P-1 .. P+R-2 of their rows)."""
         if self.pack:
             return self._packed_logits(model, batch)
         return self._padded_logits(model, batch)
 
-    def _padded_logits(self, model: torch.nn.Module | AdaptersOff, batch: Experience) -> Tensor:
-        # The head on the R + 1 last columns (logits_to_keep), not narrowed to the real response positions as
-        # packed: their logits would have to be scattered into a [B, R, V] tensor beside the head's own output,
-        # which costs more memory than the padding's logits it saves (bench/padding.py --memory).
+    @staticmethod
+    def _padded_logits(model: torch.nn.Module | AdaptersOff, batch: Experience) -> ResponseLogits:
         seqs, mask = batch.sequences, batch.attention_mask
         r = batch.response_width
-        _, keeps = _lm_head(model)
-        out = model(
-            input_ids=seqs,
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(mask),
-            use_cache=False,
-            **({"logits_to_keep": r + 1} if keeps else {}),
-        )
-        return out.logits[:, -(r + 1) : -1]
+        head, keeps = _lm_head(model)
+        positions = ResponsePositions.padded(batch.response_lens, batch.prompt_width, seqs.shape[1])
+        positions = positions.to(seqs.device)
+        # without a head to narrow, the head on the R + 1 last columns where the model takes logits_to_keep
+        keep = 0 if head is not None else r + 1
+        with lm_head_on(head, positions, seqs.shape) as selected:
+            out = model(
+                input_ids=seqs,
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask),
+                use_cache=False,
+                **({"logits_to_keep": keep} if keeps else {}),
+            )
+        logits = selected(out.logits)
+        if logits is not None:
+            return ResponseLogits(logits, positions)
+        return ResponseLogits(out.logits[:, -(r + 1) : -1])
 
     @staticmethod
-    def _packed_logits(model: torch.nn.Module | AdaptersOff, batch: Experience) -> Tensor:
+    def _packed_logits(model: torch.nn.Module | AdaptersOff, batch: Experience) -> ResponseLogits:
         packed = _pack(batch)
         head, keeps = _lm_head(model)
         kwargs: dict[str, Any] = {"logits_to_keep": 0} if keeps else {}
@@ -324,14 +338,19 @@ class Forward:
                 **kwargs,
             )
         logits = selected(out.logits)
-        return logits if logits is not None else packed.gather(out.logits)
+        if logits is not None:
+            return ResponseLogits(logits, packed.response_positions)
+        return ResponseLogits(packed.gather(out.logits))
 
-    def logprobs(self, logits: Tensor, labels: Tensor, raw: bool = False) -> Tensor:
-        """Log-probs of ``labels`` under the logits the ratio/KL use (temperature-scaled unless ``raw``)."""
-        return logprobs_from_logits(logits, labels, 1.0 if raw else self.temperature)
+    def logprobs(self, logits: ResponseLogits, labels: Tensor, raw: bool = False) -> Tensor:
+        """[B, R] log-probs of the response tokens ``labels`` [B, R] under the logits the ratio/KL use
+        (temperature-scaled unless ``raw``)."""
+        t = 1.0 if raw else self.temperature
+        return logits.rows(logprobs_from_logits(logits.values, logits.tokens(labels), t))
 
-    def entropy(self, logits: Tensor) -> Tensor:
-        return entropy_from_logits(logits, self.temperature)
+    def entropy(self, logits: ResponseLogits) -> Tensor:
+        """[B, R] entropy of the temperature-scaled policy at each response token."""
+        return logits.rows(entropy_from_logits(logits.values, self.temperature))
 
     def values(self, critic: torch.nn.Module, batch: Experience) -> Tensor:
         """[B, R] critic values V(s_j): the value read at the column before response token j."""
@@ -442,7 +461,7 @@ def check_packed_forwards(
                 logits = fwd._padded_logits(model, batch)
                 padded = fwd.logprobs(logits, batch.responses_ids, raw=True)
                 packed = fwd.logprobs(fwd._packed_logits(model, batch), batch.responses_ids, raw=True)
-                what, output = "log-probs", logits.dtype
+                what, output = "log-probs", logits.values.dtype
         dtype = least_precise([*dtypes, output])
         check_packing_gap(key, what, padded[on], packed[on], dtype, inner, across_ranks)
 

@@ -10,8 +10,8 @@ splits a row where the position ids do not go up by one), so every sequence's ou
 forward, to float rounding. :meth:`PackedChunk.gather` puts the outputs of the response positions back in the
 ``[B, R]`` layout of the experience buffer.
 
-:class:`~ppomax.models.lm_head.ResponsePositions` are the positions of a forward, packed or padded, whose outputs the rows' real response
-tokens read (the LM head runs on those only, see :class:`ppomax.ppo.models.Forward`).
+:class:`~ppomax.models.lm_head.ResponsePositions` are the positions of a forward, packed or padded, whose outputs
+the rows' real response tokens read (the LM head runs on those only, see :class:`ppomax.ppo.models.Forward`).
 
 Only the index arithmetic is here; the forwards are :class:`ppomax.ppo.models.Forward`'s.
 """
@@ -23,16 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ppomax.models.lm_head import ResponsePositions
-
-
-def _real_response_tokens(response_lens: Tensor, width: int) -> tuple[Tensor, Tensor]:
-    """(row, column) [K] of every real response token of rows with ``response_lens`` [B] (host) in ``width``
-    response columns, row by row."""
-    r_lens = response_lens.cpu().long().clamp(max=width)
-    row = torch.repeat_interleave(torch.arange(len(r_lens)), r_lens)
-    column = torch.arange(int(r_lens.sum())) - torch.repeat_interleave(r_lens.cumsum(0) - r_lens, r_lens)
-    return row, column
+from ppomax.models.lm_head import ResponsePositions, real_response_tokens
 
 
 @dataclass(frozen=True)
@@ -120,7 +111,7 @@ def pack(
     j = torch.arange(r).expand(b, r)
     at = torch.minimum(p_lens.unsqueeze(1) - 1 + j, last.unsqueeze(1)).clamp(min=0)
     response_index = (start.unsqueeze(1) + at).clamp(max=n * width - 1)
-    token_row, token_column = _real_response_tokens(r_lens, r)
+    token_row, token_column = real_response_tokens(r_lens, r)
     target = token_row * r + token_column
     device = sequences.device
     input_ids = torch.full((n * width,), pad_id, dtype=sequences.dtype, device=device)

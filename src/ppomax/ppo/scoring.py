@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ppomax.algos import kl_from_logits
+from ppomax.models.lm_head import ResponseLogits
 
 from .data import PromptSet
 from .experience import Experience
@@ -98,13 +99,14 @@ def score_experience(
     exp.scores, exp.score_parts = rewards(exp, eos_ids)
 
 
-def exact_kl(fwd: Forward, logits: Tensor, ref_logits: Tensor) -> Tensor:
+def exact_kl(fwd: Forward, logits: ResponseLogits, ref_logits: ResponseLogits) -> Tensor:
     """[rows, R] exact KL(pi || ref) over the vocabulary (:func:`ppomax.algos.kl_from_logits`) from the policy's
-    and the reference's response logits [rows, R, V], under the convention of ``fwd.logprobs``
+    and the reference's response logits of the same rows (:meth:`Forward.response_logits`), under the convention of ``fwd.logprobs``
     (temperature-scaled unless ``generation.logprobs_from: raw``): the quantity the sampled KL estimators
     estimate, without their noise and without the bias of tokens drawn with top-p and a repetition penalty
     rather than from the policy. Its float32 temporaries are bounded by :func:`kl_from_logits`'s slices."""
-    return kl_from_logits(logits.detach(), ref_logits.detach(), fwd.temperature)
+    ref = ref_logits.like(logits)
+    return logits.rows(kl_from_logits(logits.values.detach(), ref.values.detach(), fwd.temperature))
 
 
 def _pad_right(t: Tensor, width: int) -> Tensor:

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from ppomax.algos.losses import Aggregation
+    from ppomax.models.lm_head import ResponseLogits
 
 
 @dataclasses.dataclass
@@ -263,7 +264,7 @@ class Updater:
         return policy_loss, critic_loss, policy_metrics, critic_metrics
 
     def _policy_loss(
-        self, mb: Experience, logits: Tensor, kl_coef: float
+        self, mb: Experience, logits: ResponseLogits, kl_coef: float
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """(clipped surrogate (dual-clipped with ``dual_clip``) + the KL term with ``kl.acts_in: loss`` + entropy bonus,
         metrics) from the policy's response ``logits`` on ``mb``. The KL term compares the policy with the
