@@ -18,9 +18,9 @@ slice); the entropy runs in one go under autograd.
     python bench/logprob_memory.py --grad --before /path/to/older/checkout/src
     python bench/logprob_memory.py --device cuda --dtype bfloat16 --vocab 151936 [--grad]   # on a GPU, alone
 
-``scoring`` makes the calls of the scoring pass (``Forward.logprobs`` at the temperature and raw,
-``Forward.entropy``, ``exact_kl``), which older versions make too; ``all`` the same reductions through
-:mod:`ppomax.algos` directly.
+``scoring`` makes the calls of the scoring pass: ``Forward.scoring_stats`` (one pass over both models' logits),
+or in older versions ``Forward.logprobs`` at the temperature and raw, ``Forward.entropy`` and ``exact_kl``;
+``all`` the separate reductions through :mod:`ppomax.algos` directly.
 """
 
 from __future__ import annotations
@@ -79,7 +79,6 @@ def measure(
     import torch
 
     from ppomax.algos import entropy_from_logits, kl_from_logits, logprobs_from_logits
-    from ppomax.ppo.scoring import exact_kl
 
     torch.set_num_threads(1)
     if mode == "whole":  # (mode "before": the code on PYTHONPATH as it is)
@@ -122,10 +121,15 @@ def measure(
                 kl_from_logits(logits, ref, t)
             if op == "scoring":  # as score_experience calls them (the same calls before the slicing)
                 fwd, held = forward(t), as_response_logits(logits)
-                fwd.logprobs(held, labels)
-                fwd.logprobs(held, labels, raw=True)
-                fwd.entropy(held)
-                exact_kl(fwd, held, as_response_logits(ref))
+                if hasattr(fwd, "scoring_stats"):  # one pass over both models' logits
+                    fwd.scoring_stats(held, as_response_logits(ref), labels)
+                else:
+                    from ppomax.ppo.scoring import exact_kl
+
+                    fwd.logprobs(held, labels)
+                    fwd.logprobs(held, labels, raw=True)
+                    fwd.entropy(held)
+                    exact_kl(fwd, held, as_response_logits(ref))
     if cuda:
         torch.cuda.synchronize()
     seconds = clock() - start

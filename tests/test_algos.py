@@ -981,6 +981,56 @@ def test_vocab_reductions_by_slices_vs_log_softmax(monkeypatch, slice_elements, 
         torch.testing.assert_close(got, want.float(), **tol)
 
 
+@pytest.mark.parametrize("slice_elements", [1, 13 * 3, 1 << 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_scoring_reductions_in_one_pass_vs_log_softmax(
+    monkeypatch, slice_elements, dtype, temperature
+) -> None:
+    """The scoring pass's log-probs (at the temperature and raw), entropy, the reference's log-probs and the exact
+    KL from one log-softmax per model and slice: each equals the float64 log_softmax of the whole tensor, for
+    non-contiguous bf16/fp32 logits, padding labels, a -inf logit of either model's and any temperature; the
+    reference-less and entropy-less calls give the same columns."""
+    from ppomax.algos import scoring_reductions, vocab
+
+    monkeypatch.setattr(vocab, "VOCAB_SLICE_ELEMENTS", slice_elements)
+    g = _gen(24)
+    data = torch.randn(5, 9, 13, generator=g) * 4
+    data[1, 3, 5] = -math.inf  # the policy's (position 2 of row 1), a token it rules out
+    wide = data.to(dtype)
+    logits, ref_logits = wide[:, 1:8], wide.flip(0)[:, 2:9]  # [5, 7, 13] views, not contiguous
+    labels = torch.randint(0, 13, (5, 7), generator=g)
+    labels[0, 3] = labels[4, 6] = -100
+    index = labels.clamp(min=0)[..., None]
+
+    def log_softmax(x: torch.Tensor, t: float) -> torch.Tensor:
+        return (x.double() / t).log_softmax(-1)
+
+    logp, ref_logp = log_softmax(logits, temperature), log_softmax(ref_logits, temperature)
+    p = logp.exp()
+    want = {
+        "logprobs": logp.gather(-1, index).squeeze(-1),
+        "raw_logprobs": log_softmax(logits, 1.0).gather(-1, index).squeeze(-1),
+        "entropy": -torch.where(p > 0, p * logp, 0.0).sum(-1),
+        "ref_logprobs": ref_logp.gather(-1, index).squeeze(-1),
+        "ref_raw_logprobs": log_softmax(ref_logits, 1.0).gather(-1, index).squeeze(-1),
+        "exact_kl": torch.where(p > 0, p * (logp - ref_logp), 0.0).sum(-1),
+    }
+    with torch.no_grad():
+        got = scoring_reductions(logits, labels, temperature, ref_logits)
+        alone = scoring_reductions(logits, labels, temperature)
+        no_entropy = scoring_reductions(ref_logits, labels, temperature, entropy=False)
+    assert set(got) == set(want) and set(alone) == {"logprobs", "raw_logprobs", "entropy"}
+    for name, value in want.items():
+        assert got[name].dtype == torch.float32 and got[name].shape == (5, 7), name
+        torch.testing.assert_close(got[name], value.float(), atol=1e-5, rtol=1e-5, msg=name)
+    for name in alone:
+        torch.testing.assert_close(alone[name], got[name], atol=0, rtol=0)
+    assert set(no_entropy) == {"logprobs", "raw_logprobs"}
+    torch.testing.assert_close(no_entropy["logprobs"], got["ref_logprobs"], atol=0, rtol=0)
+    assert got["exact_kl"].min() >= 0
+
+
 @pytest.mark.parametrize("slice_elements", [11, 11 * 6, 1 << 24])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.8])

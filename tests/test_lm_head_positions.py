@@ -246,7 +246,6 @@ def test_the_exact_kl_of_a_narrowed_head_and_a_whole_one(packed):
     """A policy whose head runs on the response tokens ([1, K, V]) against a reference whose head cannot be
     narrowed ([B, R, V]), either way round: the exact KL of the whole forwards' logits on the response mask."""
     from ppomax.algos import kl_from_logits
-    from ppomax.ppo.scoring import exact_kl
 
     exp = padded_batch(LENGTHS)
     policy, reference = _model("llama", seed=0), _model("llama", seed=1)
@@ -260,6 +259,6 @@ def test_the_exact_kl_of_a_narrowed_head_and_a_whole_one(packed):
             (a, b, kl_from_logits(whole_a, whole_b, 0.7)),
             (b, a, kl_from_logits(whole_b, whole_a, 0.7)),
         ):
-            got = exact_kl(fwd, x, y)
+            got = fwd.scoring_stats(x, y, exp.responses_ids)["exact_kl"]
             assert got.shape == on.shape and want[on].min() > 0
             torch.testing.assert_close(got[on], want[on], atol=1e-5, rtol=1e-5)

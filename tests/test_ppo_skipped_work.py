@@ -332,8 +332,9 @@ def test_update_micro_batches_of_uneven_lengths_give_the_same_iteration(setup, t
 @pytest.mark.parametrize("fused", [True, False])
 def test_no_forward_computes_logits_nobody_reads(setup, tmp_path, fused):
     """Over an iteration and an evaluation: the critic's and the reward model's LM heads never run (values and
-    scores read the final hidden state), and the policy's and the reference's run on at most the R + 1 last
-    positions of a batch (response scoring: logits_to_keep) or on one position per step (generation)."""
+    scores read the final hidden state), and the policy's and the reference's run on at most the real response
+    tokens of a batch (response scoring: the head on those positions only) or on one position per row and step
+    (generation)."""
     over = () if fused else ("ppo.minibatch_size=4",)
     tr = make(
         setup,
@@ -352,24 +353,29 @@ def test_no_forward_computes_logits_nobody_reads(setup, tmp_path, fused):
     }
     for name, head in heads.items():
         head.register_forward_hook(
-            lambda _m, inputs, _o, name=name: seen.setdefault(name, []).append(inputs[0].shape[1])
+            lambda _m, inputs, _o, name=name: seen.setdefault(name, []).append(inputs[0][..., 0].numel())
         )
+    tokens: list[int] = []
     widths: list[int] = []
     real = tr.generate
 
     def generate(*args, **kw):
         exp = real(*args, **kw)
-        widths.append(exp.response_width)
+        tokens.append(int(exp.response_lens.sum()))
+        widths.append(exp.sequences.shape[1])
         return exp
 
     tr.generate = generate
     tr.iteration(1)
     tr.evaluate(1)
     assert "critic" not in seen and "reward" not in seen
-    r = max(widths)
     assert seen["policy"] and seen["reference"]
-    assert max(seen["policy"]) <= r + 1 and max(seen["reference"]) <= r + 1
-    assert sorted(set(seen["policy"]))[0] == 1  # generation: the last position only, prefill included
+    # a forward scores at most the buffer (the fused update takes both rollout batches at once), and its head
+    # runs on their real response tokens, not on their prompts or padding
+    assert max(seen["policy"]) <= sum(tokens) and max(seen["reference"]) <= sum(tokens)
+    assert sum(tokens) < sum(exp_width * 4 for exp_width in widths)
+    rows = 4  # ppo.rollout_batch_size: generation runs the head on the last position of each row only
+    assert rows in seen["policy"] and min(seen["policy"]) <= rows
 
 
 # ------------------------------------------------------------------------- one model's activations at a time

@@ -75,7 +75,7 @@ if TYPE_CHECKING:
         score_token_index,
         token_weights,
     )
-    from .vocab import entropy_from_logits, kl_from_logits, logprobs_from_logits
+    from .vocab import entropy_from_logits, kl_from_logits, logprobs_from_logits, scoring_reductions
 
 # name -> the module defining it
 _MODULES = {
@@ -99,6 +99,7 @@ _MODULES = {
     "last_token_index": "stats",
     "lm_nll": "losses",
     "logprobs_from_logits": "vocab",
+    "scoring_reductions": "vocab",
     "masked_max": "stats",
     "masked_min": "stats",
     "masked_mean": "stats",
@@ -159,6 +160,7 @@ __all__ = [
     "rloo_advantages",
     "rollout_statistics",
     "score_token_index",
+    "scoring_reductions",
     "sequence_rewards",
     "token_level_rewards",
     "token_weights",

@@ -10,6 +10,7 @@ Liger's fused cross-entropy avoid the full log-softmax).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
@@ -186,3 +187,87 @@ def _kl(logits: Tensor, ref_logits: Tensor, temperature: float) -> Tensor:
     p = logp.exp()
     terms = torch.where(p > 0, p * (logp - ref), torch.zeros((), dtype=acc, device=p.device))
     return terms.sum(dim=-1).clamp_min(0)
+
+
+def scoring_reductions(
+    logits: Tensor,
+    labels: Tensor,
+    temperature: float = 1.0,
+    ref_logits: Tensor | None = None,
+    entropy: bool = True,
+) -> dict[str, Tensor]:
+    """Everything PPO's scoring pass reads from a policy's (and a reference's) logits, in one pass over each
+    slice of them (no gradient): [B, T, V] logits and ``ref_logits``, [B, T] ``labels`` -> [B, T] each of
+
+    - ``logprobs``: log pi_T(y_t), pi_T = softmax(logits / temperature) (:func:`logprobs_from_logits`);
+    - ``raw_logprobs``: the same at temperature 1 (the same tensor when ``temperature`` is 1);
+    - ``entropy`` (with ``entropy``): -sum_v pi_T(v) log pi_T(v) (:func:`entropy_from_logits`);
+    - with ``ref_logits``: ``ref_logprobs``, ``ref_raw_logprobs`` of the reference, and ``exact_kl``, sum_v
+      pi_T(v) (log pi_T(v) - log ref_T(v)) clamped at 0 (:func:`kl_from_logits`).
+
+    Equal to those functions' results (float32 or wider); computed from one log-softmax of each model's
+    scaled logits per slice (the separate functions take a logsumexp each, five or six of them per position
+    where one per model and temperature suffices)."""
+    tensors = (logits, labels) if ref_logits is None else (logits, labels, ref_logits)
+    columns = _scoring_columns(temperature, ref_logits is not None, entropy)
+    stats = _by_slices(partial(_scoring, temperature=temperature, entropy=entropy), *tensors)
+    out = dict(zip(columns, stats.unbind(-1), strict=True))
+    if temperature == 1.0:
+        out["raw_logprobs"] = out["logprobs"]
+        if ref_logits is not None:
+            out["ref_raw_logprobs"] = out["ref_logprobs"]
+    return out
+
+
+def _scoring_columns(temperature: float, ref: bool, entropy: bool) -> list[str]:
+    names = ["logprobs", *(["raw_logprobs"] if temperature != 1.0 else []), *(["entropy"] if entropy else [])]
+    if ref:
+        names += ["ref_logprobs", *(["ref_raw_logprobs"] if temperature != 1.0 else []), "exact_kl"]
+    return names
+
+
+def _log_softmax_and_raw(
+    logits: Tensor, index: Tensor, temperature: float
+) -> tuple[Tensor, list[Tensor], Tensor]:
+    """(log-softmax of ``logits / temperature`` in float32 or wider, [log p_T(y), log p_1(y) unless
+    ``temperature`` is 1] for the labels ``index`` [..., 1], a spare buffer of its shape). One shifted copy of
+    the logits and one buffer, exponentiated once per temperature (``torch.logsumexp`` makes copies of its own)."""
+    z = _scaled(logits, temperature, _float32_or_wider(logits))
+    top = z.amax(dim=-1, keepdim=True)
+    z.sub_(torch.where(torch.isfinite(top), top, torch.zeros((), dtype=z.dtype, device=z.device)))
+    buffer = torch.exp(z)
+    log_sum = buffer.sum(dim=-1, keepdim=True).log_()
+    z_y = z.gather(-1, index)
+    picked = [(z_y - log_sum).squeeze(-1)]
+    if temperature != 1.0:  # log p_1(y) = x_y - logsumexp(x), x = temperature * z (the shift cancels)
+        raw_log_sum = torch.mul(z, temperature, out=buffer).exp_().sum(dim=-1, keepdim=True).log_()
+        picked.append((temperature * z_y - raw_log_sum).squeeze(-1))
+    return z.sub_(log_sum), picked, buffer
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum_v a_v b_v over the last dim, as a batched matrix product (no product tensor)."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+
+
+def _scoring(
+    logits: Tensor, labels: Tensor, ref_logits: Tensor | None = None, *, temperature: float, entropy: bool
+) -> Tensor:
+    """[..., columns] of :func:`scoring_reductions` for one slice."""
+    index = labels.clamp(min=0).unsqueeze(-1)
+    logp, columns, buffer = _log_softmax_and_raw(logits, index, temperature)
+    p = torch.exp(logp, out=buffer)
+    # a token a model rules out (a -inf logit) has log-prob -inf: at the dtype's lowest, 0 * it is 0
+    lowest = torch.finfo(logp.dtype).min
+    logp.clamp_(min=lowest)
+    p_logp = _dot(p, logp)
+    if entropy:
+        columns.append(-p_logp)
+    if ref_logits is not None:
+        ref_logp, ref_columns, _ = _log_softmax_and_raw(ref_logits, index, temperature)
+        ruled_out = ref_logp.amin(dim=-1) == -math.inf
+        kl = _dot(p, logp.sub_(ref_logp.clamp_(min=lowest)))  # not a difference of two dots: small KLs exact
+        if bool(ruled_out.any()):  # where pi keeps a token ref rules out, the KL is inf (not a huge number)
+            kl = torch.where(ruled_out & ((p > 0) & (ref_logp == lowest)).any(dim=-1), math.inf, kl)
+        columns += [*ref_columns, kl.clamp_min(0)]
+    return torch.stack(columns, dim=-1)

@@ -35,7 +35,7 @@ from ppomax.config import GenerationConfig, PPOSettings
 
 from .advantages import score_targets, token_advantages, trainable_part
 from .experience import Experience
-from .scoring import Rollouts, exact_kl
+from .scoring import Rollouts
 from .update import Updater, fold_losses
 
 if TYPE_CHECKING:
@@ -169,29 +169,23 @@ class FusedUpdater(Updater):
         its row order); returns the rows as the losses see them (:func:`trainable_part`). Without reference
         log-probs yet, it runs ``reference`` on the rows here, so that its logits meet the policy's for the exact
         KL."""
-        fwd = self.fwd
         rows = full.select(perm)  # all rows (the KL of a row left out of training is still monitored)
         names = ["values", "kl", "rewards", "advantages", "returns"]
+        scored: list[str] = []
+        ref = None
         if rows.ref_logprobs is None:
             assert logits is not None and reference is not None, "the reference runs beside the policy"
-            names += ["ref_logprobs", "ref_raw_logprobs", "exact_kl"]
-            labels = rows.responses_ids
-            ref = fwd.response_logits(reference, rows)
-            rows.ref_logprobs = fwd.logprobs(ref, labels)
-            rows.ref_raw_logprobs = (
-                rows.ref_logprobs if fwd.temperature == 1.0 else fwd.logprobs(ref, labels, raw=True)
-            )
-            rows.exact_kl = exact_kl(fwd, logits, ref)
-            del ref
+            scored += ["ref_logprobs", "ref_raw_logprobs", "exact_kl"]
+            ref = self.fwd.response_logits(reference, rows)
         if rows.logprobs is None:  # else from the sampling pass (generation.logprobs_from: generate)
             assert logits is not None, "critic-only iterations score the policy in the scoring pass"
-            names += ["logprobs", "raw_logprobs", "entropy"]
-            logits, labels = logits.detach(), rows.responses_ids
-            rows.logprobs = fwd.logprobs(logits, labels)
-            rows.raw_logprobs = (
-                rows.logprobs if fwd.temperature == 1.0 else fwd.logprobs(logits, labels, raw=True)
-            )
-            rows.entropy = fwd.entropy(logits)
+            scored += ["logprobs", "raw_logprobs", "entropy"]
+        if scored:
+            stats = self.fwd.scoring_stats(logits, ref, rows.responses_ids)
+            for name in scored:
+                setattr(rows, name, stats[name])
+            names += scored
+            del ref, stats
         if values is not None:
             rows.values = values.detach()
         else:  # no critic

@@ -35,7 +35,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor
 
-from ppomax.algos import entropy_from_logits, logprobs_from_logits
+from ppomax.algos import entropy_from_logits, logprobs_from_logits, scoring_reductions
 from ppomax.config import PPOConfig
 from ppomax.data import pad_id_of
 from ppomax.errors import ConfigError
@@ -351,6 +351,26 @@ class Forward:
     def entropy(self, logits: ResponseLogits) -> Tensor:
         """[B, R] entropy of the temperature-scaled policy at each response token."""
         return logits.rows(entropy_from_logits(logits.values, self.temperature))
+
+    def scoring_stats(
+        self, logits: ResponseLogits | None, ref_logits: ResponseLogits | None, labels: Tensor
+    ) -> dict[str, Tensor]:
+        """[B, R] each, no gradient, of :func:`ppomax.algos.scoring_reductions` under the convention of
+        :meth:`logprobs`: the policy's ``logprobs``, ``raw_logprobs`` and ``entropy`` and, with the reference's
+        logits of the same rows, ``ref_logprobs``, ``ref_raw_logprobs`` and the exact KL ``exact_kl`` (the
+        quantity the sampled KL estimators estimate, without their noise and without the bias of tokens drawn
+        with top-p and a repetition penalty rather than from the policy); ``logits`` None: the reference's
+        log-probs alone."""
+        if logits is None:
+            if ref_logits is None:
+                raise ValueError("scoring_stats needs the policy's or the reference's logits")
+            ref_out = scoring_reductions(
+                ref_logits.values.detach(), ref_logits.tokens(labels), self.temperature, entropy=False
+            )
+            return {f"ref_{name}": ref_logits.rows(value) for name, value in ref_out.items()}
+        ref = None if ref_logits is None else ref_logits.like(logits).values.detach()
+        out = scoring_reductions(logits.values.detach(), logits.tokens(labels), self.temperature, ref)
+        return {name: logits.rows(value) for name, value in out.items()}
 
     def values(self, critic: torch.nn.Module, batch: Experience) -> Tensor:
         """[B, R] critic values V(s_j): the value read at the column before response token j."""

@@ -29,9 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ppomax.algos import kl_from_logits
-from ppomax.models.lm_head import ResponseLogits
-
 from .data import PromptSet
 from .experience import Experience
 from .models import Forward
@@ -59,10 +56,11 @@ def score_experience(
 ) -> None:
     """Fill the scoring-pass fields of ``exp`` in place (see :class:`Experience`). ``critic=None`` skips values
     (evaluation), ``policy=None`` the policy's log-probs and entropy (they come from the sampling pass) and
-    ``reference=None`` the reference's. Where both models run, their logits of a chunk are held together for the
-    exact KL (:func:`exact_kl`). Models are used as given (pass unwrapped ones: no gradient, no DDP
+    ``reference=None`` the reference's. Where both models run, their logits of a chunk are held together: their
+    log-probs, the entropy and the exact KL come from one pass over them (:meth:`Forward.scoring_stats`). Models
+    are used as given (pass unwrapped ones: no gradient, no DDP
     synchronisation).
-    ``chunk_size`` rows per forward bound the [rows, R, V] logits in memory (``ppo.micro_batch_size``); rows of
+    ``chunk_size`` rows per forward bound the logits in memory (``ppo.micro_batch_size``); rows of
     similar length share a chunk (:meth:`Experience.micro_batches`), the outputs are stored in ``exp``'s row
     order."""
     r_all = exp.response_width
@@ -74,39 +72,17 @@ def score_experience(
         # whole batch (to float rounding); its per-token outputs are padded back to the batch's R with zeros
         # (off the response mask, never read).
         chunk = exp if len(chunks) == 1 else exp.select(rows)
-        labels = chunk.responses_ids
-        held = None
-        for name, model in (("", policy), ("ref_", reference)):
-            if model is None:
-                continue
-            logits = fwd.response_logits(model, chunk)
-            lp = fwd.logprobs(logits, labels)
-            out.setdefault(f"{name}logprobs", []).append(lp)
-            out.setdefault(f"{name}raw_logprobs", []).append(
-                lp if fwd.temperature == 1.0 else fwd.logprobs(logits, labels, raw=True)
-            )
-            if model is policy:
-                out.setdefault("entropy", []).append(fwd.entropy(logits))
-                held = logits if reference is not None else None
-            elif held is not None:
-                out.setdefault("exact_kl", []).append(exact_kl(fwd, held, logits))
-                held = None
-            del logits
+        logits = None if policy is None else fwd.response_logits(policy, chunk)
+        ref = None if reference is None else fwd.response_logits(reference, chunk)
+        if logits is not None or ref is not None:
+            for name, value in fwd.scoring_stats(logits, ref, chunk.responses_ids).items():
+                out.setdefault(name, []).append(value)
+        del logits, ref
         if critic is not None:
             out.setdefault("values", []).append(fwd.values(critic, chunk))
     for name, parts in out.items():
         setattr(exp, name, exp.in_row_order(chunks, torch.cat([_pad_right(t, r_all) for t in parts])))
     exp.scores, exp.score_parts = rewards(exp, eos_ids)
-
-
-def exact_kl(fwd: Forward, logits: ResponseLogits, ref_logits: ResponseLogits) -> Tensor:
-    """[rows, R] exact KL(pi || ref) over the vocabulary (:func:`ppomax.algos.kl_from_logits`) from the policy's
-    and the reference's response logits of the same rows (:meth:`Forward.response_logits`), under the convention of ``fwd.logprobs``
-    (temperature-scaled unless ``generation.logprobs_from: raw``): the quantity the sampled KL estimators
-    estimate, without their noise and without the bias of tokens drawn with top-p and a repetition penalty
-    rather than from the policy. Its float32 temporaries are bounded by :func:`kl_from_logits`'s slices."""
-    ref = ref_logits.like(logits)
-    return logits.rows(kl_from_logits(logits.values.detach(), ref.values.detach(), fwd.temperature))
 
 
 def _pad_right(t: Tensor, width: int) -> Tensor:
