@@ -123,9 +123,10 @@ def lm_head_on(
     ``input_shape`` [N, W] runs on ``positions.select`` of them, [1, K, H], inside the model's own forward (what
     the model does after its head, e.g. Gemma 2's logit soft-capping, applies as ever; DeepSpeed ZeRO-3 gathers
     the head's weight around the same call). Yields ``selected``: the forward's logits -> themselves, [1, K, V] at
-    the positions (checked to be the head's output there), or None where the head did not run on them (no ``head``, or not called as expected: the caller reads the logits as they are; a UserError
-    where the head ran on them but the logits are not its output). The hook is removed on leaving the block, also
-    on an exception."""
+    the positions (checked to be the head's output there), or None where the head did not run on them (no
+    ``head``, or not called as expected: the caller reads the logits as they are; a UserError where the head ran
+    on them but the logits are not its output). The hook is removed on leaving the block, also on an
+    exception."""
     ran: list[bool] = []
 
     def select(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
