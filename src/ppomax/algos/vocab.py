@@ -79,14 +79,21 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
 
 
 def _logprobs(logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
-    z = logits.to(_float32_or_wider(logits))
-    if temperature != 1.0:
-        z = z / temperature
-    return z.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+    z = _scaled(logits, temperature, _float32_or_wider(logits))
+    z_y = z.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return z_y - _consumed_logsumexp(z)
 
 
 def _logsumexp(logits: Tensor, temperature: float) -> Tensor:
-    return torch.logsumexp(_scaled(logits, temperature, _float32_or_wider(logits)), dim=-1)
+    return _consumed_logsumexp(_scaled(logits, temperature, _float32_or_wider(logits)))
+
+
+def _consumed_logsumexp(z: Tensor) -> Tensor:
+    """``torch.logsumexp(z, -1)``, computed in ``z``'s own memory (``z`` is overwritten): torch's makes a shifted
+    copy of its input, which at a vocabulary's width costs more than the exponentials."""
+    top = z.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros((), dtype=z.dtype, device=z.device))
+    return z.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(-1))
 
 
 class _LogprobsBySlices(torch.autograd.Function):
