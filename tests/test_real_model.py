@@ -206,6 +206,7 @@ def test_packed_forwards_of_the_real_model_equal_its_padded_ones(model_dir, dtyp
     from transformers import AutoTokenizer
 
     from ppomax.models import ValueHeadModel, load_causal_lm, position_ids_from_mask
+    from ppomax.models.lm_head import ResponseLogits
     from ppomax.ppo.experience import Experience
     from ppomax.ppo.models import Forward, check_packed_forwards
 
@@ -250,7 +251,9 @@ def test_packed_forwards_of_the_real_model_equal_its_padded_ones(model_dir, dtyp
         whole = model(
             input_ids=seqs, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
         ).logits[:, p_w - 1 : -1]
-        torch.testing.assert_close(a[on], padded.logprobs(whole, labels)[on], atol=tol, rtol=0)
+        torch.testing.assert_close(
+            a[on], padded.logprobs(ResponseLogits(whole), labels)[on], atol=tol, rtol=0
+        )
         torch.testing.assert_close(
             packed.values(critic, exp)[on], padded.values(critic, exp)[on], atol=tol, rtol=0
         )
