@@ -58,11 +58,9 @@ def score_experience(
     (evaluation), ``policy=None`` the policy's log-probs and entropy (they come from the sampling pass) and
     ``reference=None`` the reference's. Where both models run, their logits of a chunk are held together: their
     log-probs, the entropy and the exact KL come from one pass over them (:meth:`Forward.scoring_stats`). Models
-    are used as given (pass unwrapped ones: no gradient, no DDP
-    synchronisation).
-    ``chunk_size`` rows per forward bound the logits in memory (``ppo.micro_batch_size``); rows of
-    similar length share a chunk (:meth:`Experience.micro_batches`), the outputs are stored in ``exp``'s row
-    order."""
+    are used as given (pass unwrapped ones: no gradient, no DDP synchronisation).
+    ``chunk_size`` rows per forward bound the logits in memory (``ppo.micro_batch_size``); rows of similar length
+    share a chunk (:meth:`Experience.micro_batches`), the outputs are stored in ``exp``'s row order."""
     r_all = exp.response_width
     chunks = exp.micro_batches(chunk_size)
     out: dict[str, list[Tensor]] = {}

@@ -439,6 +439,8 @@ def _combine(name: str, values: list[Tensor]) -> Tensor:
     (``*_count``) are counted over the whole iteration."""
     t = torch.stack(values)
     op = reduction_of(name)
-    if op in ("max", "min"):
-        return t.amax() if op == "max" else t.amin()
+    if op == "max":
+        return t.amax()
+    if op == "min":
+        return t.amin()
     return t.sum() if op == "sum" else t.mean()

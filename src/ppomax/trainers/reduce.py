@@ -15,8 +15,9 @@ asked for "min" (accelerate has none: :func:`reduce_metrics` takes the max of th
 
 
 def reduction_of(name: str, sums: Collection[str] = ()) -> Op:
-    """How a metric combines over ranks: ``*_max`` the max, ``*_min`` the min, ``*_count`` (and ``sums``) the sum, else the mean
-    (per-rank means of equal-sized shards; global statistics are equal on every rank, so their mean is them)."""
+    """How a metric combines over ranks: ``*_max`` the max, ``*_min`` the min, ``*_count`` (and ``sums``) the
+    sum, else the mean (per-rank means of equal-sized shards; global statistics are equal on every rank, so their
+    mean is them)."""
     if name.endswith("_max"):
         return "max"
     if name.endswith("_min"):
