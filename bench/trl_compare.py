@@ -46,6 +46,9 @@ bfloat16``, which also stores its frozen reference and reward model in bf16; TRL
 coefficient 0.05 (k1), clip 0.2, value clip 0.2, gamma 1, lambda 0.95, vf coefficient 1, AdamW (non-fused) with
 betas (0.9, 0.95), no critic pre-training. ppomax runs the rest of ``ppo_max`` (reward normalisation and
 clipping, gradient clipping; no advantage whitening, which PPO-max leaves off); TRL whitens its advantages.
+``--set KEY=VALUE`` (repeatable) adds a ppomax config override on top of all that (e.g.
+``generation.logprobs_from=generate``, which takes the policy's old log-probs from the sampling pass as TRL does);
+the printed command shows it, and the optimiser-step check still holds both sides to the schedule.
 
 Timing, in two clocks (two tables): wall time, and the process's CPU time (one thread: close to the wall time
 on an idle machine and far less disturbed by other processes on a shared one). ppomax: its trainer's
@@ -391,6 +394,7 @@ def run_ppomax(spec: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
             f"logging.out_dir={Path(a.out).with_suffix('.run')}",
             "logging.tensorboard=false",
             "logging.progress=false",
+            *a.set,  # last: they win over the bench's own keys
         ],
     )
     if a.scoring == "separate":  # the strategy every other schedule gets (PPOTrainer chooses it when built)
@@ -803,6 +807,13 @@ def main(argv: list[str] | None = None) -> int:
         help="processes per side, model, precision and setting, rotating which side goes first; rows pooled",
     )
     ap.add_argument("--threads", type=int, default=1, help="torch threads on both sides")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a ppomax config override on top of the bench's (repeatable), e.g. generation.logprobs_from=generate",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reinstall", action="store_true", help="rebuild bench/.venv-trl")
     ap.add_argument("--json", action="store_true", help="also print every per-iteration number as JSON")
@@ -825,6 +836,7 @@ def main(argv: list[str] | None = None) -> int:
         f"--iterations={a.iterations}",
         f"--warmup={a.warmup}",
         f"--threads={a.threads}",
+        *(f"--set={kv}" for kv in a.set),
     ]
 
     if a.worker:  # inside a side's own process (the TRL one cannot import ppomax)

@@ -89,6 +89,11 @@ def test_generation_peak_by_hand():
     assert (
         generation_bytes(SHAPE, 4, 6, 400, 2) == 2 * 2 * 4 * 4 * 406 * 2 * 3 // 2
     )  # long responses: the cache
+    # generation.logprobs_from: generate: plus every step's float32 logits twice (the tuple and its stack),
+    # 2 * 4 rows * 400 steps * 50 vocabulary * 4 bytes
+    assert generation_bytes(SHAPE, 4, 6, 400, 2, sampling_logits=True) == (
+        generation_bytes(SHAPE, 4, 6, 400, 2) + 2 * 4 * 400 * 50 * 4
+    )
 
 
 def test_activation_counts_by_hand():
@@ -233,6 +238,10 @@ def test_workload_reads_the_config():
     # defaults: minibatch 32, rollout 32, 256 prompt + 128 new tokens; ptx batch 8 over 4 micro-batches
     assert (w.train_rows, w.train_seq, w.logit_positions, w.score_rows) == (8, 384, 128, 8)
     assert (w.rollout_rows, w.ptx_rows, w.ptx_seq) == (32, 2, 512)
+    assert not w.sampling_logits
+    assert workload_of(
+        load_config("ppo", overrides=["generation.logprobs_from=generate"]), "ppo"
+    ).sampling_logits
     rm = workload_of(load_config("rm", overrides=["beta_rm=0", "batch_size=3"]), "rm")
     assert (rm.train_rows, rm.train_seq, rm.logit_positions) == (6, 512, 0)
 

@@ -425,23 +425,26 @@ def test_logprobs_from_generate_are_the_recomputed_ones_without_the_policy_forwa
     setup, tmp_path, monkeypatch
 ):
     """generation.logprobs_from: generate (temperature 0.7, repetition penalty 1.1, top-p 0.9: the raw logits
-    before those processors): the rollout carries the policy's log-probs, raw log-probs and entropy; the scoring
-    pass runs only the reference; they equal the recomputed ones within 1e-5 (observed ~1e-6)."""
+    before those processors): the rollout carries the sampling pass's logits; the scoring pass runs only the
+    reference and drops them; the policy's log-probs, raw log-probs, entropy and the exact KL equal the
+    recomputed ones within 1e-5 (observed ~1e-6)."""
     tr = make(setup, tmp_path, "generation.logprobs_from=generate", "generation.temperature=0.7")
     assert tr.cfg.generation.repetition_penalty != 1.0 and tr.cfg.generation.top_p < 1.0
     count = CountForwards(monkeypatch)
     exp = tr.generate(list(range(8)), tr.data.prompts)
-    assert exp.logprobs is not None
+    assert exp.sampling_logits is not None and exp.logprobs is None
+    again = generated_only(exp)
     tr.rollouts.score(exp)
     assert count.of(tr.unwrapped(tr.policy)) == 0 and count.of(tr.models.reference) == 1
-    again = generated_only(exp)
+    assert exp.sampling_logits is None
     tr.rollouts.score(again)
     mask = exp.response_mask
-    for name in ("logprobs", "raw_logprobs", "entropy"):
+    for name in ("logprobs", "raw_logprobs", "entropy", "exact_kl"):
         torch.testing.assert_close(getattr(exp, name)[mask], getattr(again, name)[mask], atol=1e-5, rtol=1e-5)
+    assert float(exp.exact_kl[mask].sum()) > 0
     assert not torch.equal(exp.logprobs, exp.raw_logprobs)  # temperature-scaled, as with sampling
     greedy = tr.generate([0, 1], tr.data.prompts, greedy=True)  # evaluation recomputes
-    assert greedy.logprobs is None
+    assert greedy.sampling_logits is None
 
 
 @pytest.mark.parametrize("minibatch", [8, 4])

@@ -440,9 +440,10 @@ def test_experience_computed_returns_a_filled_field_and_names_one_not_computed_y
     assert exp.computed("logprobs") is exp.logprobs and exp.computed("scores") is exp.scores
     with pytest.raises(ValueError, match=r"Experience\.advantages: read before"):
         exp.computed("advantages")
-    # the fields cat/select carry and computed() reads are exactly the stages' fields (those that start as None)
+    # the fields cat/select carry and computed() reads are exactly the stages' fields (those that start as None),
+    # beside the sampling pass's [B, R, V] logits, which cat and select carry on their own
     later = {f.name for f in dataclasses.fields(Experience) if f.default is None}
-    assert later == set(get_args(TokenField)) | set(get_args(RowField))
+    assert later == set(get_args(TokenField)) | set(get_args(RowField)) | {"sampling_logits"}
 
 
 def test_experience_cat_and_select_keep_rows_and_trim_padding():
@@ -457,6 +458,27 @@ def test_experience_cat_and_select_keep_rows_and_trim_padding():
     assert _rows(sub) == [_rows(a)[1], _rows(b)[0]]
     small = both.select([1])
     assert small.sequences.shape == (1, 2) and _rows(small) == [_rows(a)[1]]
+
+
+def test_experience_cat_and_select_carry_the_sampling_logits():
+    """generation.logprobs_from: generate's [B, R, V] logits follow their rows: padded on the right by cat (a
+    field set in some batches only is an error, as for the others), trimmed by select."""
+    a = _exp([[5, 6], [7]], [[10, 11, 12], [13]])
+    b = _exp([[8, 9, 10, 11]], [[14, 15]])
+    a.sampling_logits = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)
+    b.sampling_logits = -torch.arange(1 * 2 * 4, dtype=torch.float32).view(1, 2, 4) - 1
+    both = Experience.cat([a, b], PAD)
+    assert both.sampling_logits.shape == (3, 3, 4)
+    assert torch.equal(both.sampling_logits[:2], a.sampling_logits)
+    assert (
+        torch.equal(both.sampling_logits[2, :2], b.sampling_logits[0])
+        and not both.sampling_logits[2, 2].any()
+    )
+    sub = both.select([2, 1])  # responses of 2 and 1 tokens: two columns
+    assert torch.equal(sub.sampling_logits, both.sampling_logits[[2, 1], :2])
+    b.sampling_logits = None
+    with pytest.raises(ValueError, match="sampling_logits"):
+        Experience.cat([a, b], PAD)
 
 
 # ------------------------------------------------------------------------------------------ generation.compile

@@ -104,6 +104,9 @@ class Workload:
     ptx_rows: int = 0
     ptx_seq: int = 0
     """PPO-ptx rows added to each policy micro-batch, and their length (full logits)."""
+    sampling_logits: bool = False
+    """``generation.logprobs_from: generate``: ``generate()`` returns the float32 logits of every step (a tuple,
+    then stacked: two copies at its end), and the rollout holds them until the scoring pass."""
     fused_update: bool = False
     """PPO's update is fused with the scoring pass (one epoch over one minibatch, one micro-batch): the policy's
     and the critic's forwards both run before either backward, so their activations coexist."""
@@ -124,14 +127,19 @@ def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, tokens: int, dtype
     return 2 * layers * kv_heads * head_dim * tokens * dtype_bytes
 
 
-def generation_bytes(s: Shape, rows: int, prompt: int, new: int, act_bytes: int) -> int:
+def generation_bytes(
+    s: Shape, rows: int, prompt: int, new: int, act_bytes: int, sampling_logits: bool = False
+) -> int:
     """Peak of ``generate()``: the larger of the full KV cache plus one layer's K and V twice (Hugging Face's
     DynamicCache grows by concatenation, so a layer's old and new tensors coexist for a moment) and the prompt's
-    cache plus the prefill's working set (:func:`inference_bytes`, logits of the last position only)."""
+    cache plus the prefill's working set (:func:`inference_bytes`, logits of the last position only). With
+    ``sampling_logits`` (:attr:`Workload.sampling_logits`) the full cache comes with two float32 copies of every
+    step's logits."""
     full = kv_cache_bytes(s.layers, s.kv_heads, s.head_dim, rows * (prompt + new), act_bytes)
+    logits = 2 * rows * new * s.vocab * FP32 if sampling_logits else 0
     prefill = kv_cache_bytes(s.layers, s.kv_heads, s.head_dim, rows * prompt, act_bytes)
     prefill += inference_bytes(s, rows, prompt, 1, act_bytes)
-    return max(full + full // s.layers, prefill)
+    return max(full + full // s.layers + logits, prefill)
 
 
 def layer_saved_elements(s: Shape) -> int:
@@ -353,7 +361,9 @@ def role_memory(role: Role, strategy: str, devices: int, w: Workload) -> RoleMem
     else:
         out.activations = _score(role, w, act)
     if role.name == "policy" and w.rollout_rows:
-        out.kv_cache = generation_bytes(s, w.rollout_rows, w.prompt_tokens, w.response_tokens, act)
+        out.kv_cache = generation_bytes(
+            s, w.rollout_rows, w.prompt_tokens, w.response_tokens, act, w.sampling_logits
+        )
     return out
 
 

@@ -179,6 +179,7 @@ def workload_of(cfg: CommandConfig, kind: str) -> Workload:
             prompt_tokens=pd.max_prompt_tokens,
             response_tokens=g.max_new_tokens,
             score_rows=min(p.micro_batch_size or p.rollout_batch_size, p.rollout_batch_size),
+            sampling_logits=g.logprobs_from == "generate",
             ptx_rows=ptx_rows,
             ptx_seq=pd.max_prompt_tokens + pd.max_ptx_response_tokens,
             # as ppomax.ppo.fused.fuses_scoring, with a critic to fuse

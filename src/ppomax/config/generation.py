@@ -32,8 +32,9 @@ class GenerationConfig(Section):
     logprobs_from: Literal["sampling", "raw", "generate"] = Field(
         "sampling",
         description="Log-probs for the ratio and KL from temperature-scaled logits (the distribution actually "
-        "sampled from) or from raw logits; generate: as sampling, the policy's taken from the sampling pass's "
-        "logits (no second forward). Ours: sampling (MOSS-RLHF code uses raw logits).",
+        "sampled from) or from raw logits; generate: as sampling, the policy's logits (log-probs, entropy, exact KL) "
+        "taken from the sampling pass (no second forward; held until the scoring pass). Ours: sampling (MOSS-RLHF "
+        "code uses raw logits).",
     )
     truncated_response: Literal["score", "penalty"] = Field(
         "score",

@@ -54,8 +54,8 @@ REWARD = (
 
 def kl_of(metrics: dict[str, Any]) -> float:
     """The KL per token the monitor compares with its thresholds: the exact KL over the vocabulary
-    (``kl/exact_per_token``) where the run logs it, else the KL estimator's (``kl/per_token``: with
-    ``generation.logprobs_from: generate`` and an unfused update, the policy's logits are never computed). The
+    (``kl/exact_per_token``) where the run logs it, else the KL estimator's (``kl/per_token``: metrics that
+    carry no exact KL, such as a run's from before ppomax logged it). The
     estimators read the same KL differently (k1 and k3, and tokens sampled with top-p and a repetition penalty
     are no sample of the policy), so the exact KL is what one threshold can hold for every run."""
     return float(metrics[EXACT_KL] if EXACT_KL in metrics else metrics[KL])

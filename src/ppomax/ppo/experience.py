@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 TokenField = Literal[
@@ -72,6 +73,11 @@ class Experience:
     meta: list[dict[str, Any]] = field(default_factory=list)
     """B metadata dicts of the prompts (passed to reward functions that ask for them)."""
 
+    sampling_logits: Tensor | None = None
+    """[B, R, V] float32: the sampling pass's raw logits at the response positions (``generation.logprobs_from:
+    generate``), until the scoring pass reads the policy's fields from them (then None: the largest tensor of a
+    rollout is not kept)."""
+
     # --- scoring pass (no gradient)
     logprobs: Tensor | None = None
     """[B, R] float32: log pi_old(y_j) under the sampling policy, from the logits ``generation.logprobs_from``
@@ -88,8 +94,7 @@ class Experience:
     """[B, R] float32: entropy of the policy's distribution at each response position (monitoring)."""
     exact_kl: Tensor | None = None
     """[B, R] float32: the exact KL(pi_old || pi_ref) over the vocabulary at each response position, from the
-    policy's and the reference's logits (the convention of ``logprobs``); None where the policy's logits were not
-    computed (``generation.logprobs_from: generate`` without a fused update)."""
+    policy's and the reference's logits (the convention of ``logprobs``)."""
     values: Tensor | None = None
     """[B, R] float32: critic values V(s_j) at rollout time (the "old" values of the clipped value loss)."""
     scores: Tensor | None = None
@@ -177,6 +182,7 @@ class Experience:
             responses=[self.responses[i] for i in idx.tolist()] if self.responses else [],
             meta=[self.meta[i] for i in idx.tolist()] if self.meta else [],
             score_parts={k: v[dev_idx] for k, v in self.score_parts.items()},
+            sampling_logits=None if self.sampling_logits is None else self.sampling_logits[dev_idx, :r_new],
         )
         for name in _TOKEN_FIELDS:
             v = getattr(self, name)
@@ -212,6 +218,16 @@ class Experience:
                 [pad2(v, 0, r - b.response_width, 0) for v, b in zip(vals, batches, strict=True)]
             )
 
+        def sampled() -> Tensor | None:
+            vals = [b.sampling_logits for b in batches if b.sampling_logits is not None]
+            if not vals:
+                return None
+            if len(vals) < len(batches):
+                raise ValueError("Experience.cat: field 'sampling_logits' is set in some batches only")
+            return torch.cat(
+                [F.pad(v, (0, 0, 0, r - b.response_width)) for v, b in zip(vals, batches, strict=True)]
+            )
+
         def rows(name: str) -> Tensor | None:
             vals = [getattr(b, name) for b in batches]
             if all(v is None for v in vals):
@@ -233,6 +249,7 @@ class Experience:
             prompts=[s for b in batches for s in b.prompts],
             responses=[s for b in batches for s in b.responses],
             meta=[m for b in batches for m in b.meta],
+            sampling_logits=sampled(),
         )
         for name in _TOKEN_FIELDS:
             setattr(out, name, tokens(name))

@@ -62,10 +62,9 @@ class FusedScoring:
     name = "fused"
 
     def score(self, exp: Experience, step: int, critic_only: bool) -> None:
-        if critic_only:  # the update runs the critic only: the policy and the reference are scored here
-            self.rollouts.score(exp, step, critic=False)
-        else:
-            self.rollouts.score_rewards(exp, step)
+        # policy iterations: the update's forward scores the policy and the reference; critic-only ones train
+        # the critic alone, so both are scored here
+        self.rollouts.score(exp, step, critic=False, forwards=critic_only)
 
     def advantages(self, exp: Experience, *, kl_coef: float) -> None:
         """The final scores only: the token rewards (with ``kl_coef``) and advantages come in the update."""

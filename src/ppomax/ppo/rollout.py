@@ -16,12 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Protocol, TypedDict, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import Tensor
 
-from ppomax.algos import entropy_from_logits, logprobs_from_logits
 from ppomax.config import GenerationConfig
 from ppomax.errors import UserError
 
@@ -231,19 +230,19 @@ def rollout(
     prompts: list[str] | None = None,
     meta: list[dict[str, Any]] | None = None,
     greedy: bool = False,
-    logprobs_temperature: float | None = None,
+    keep_logits: bool = False,
 ) -> Experience:
     """Generate responses for left-padded prompts ``input_ids`` / ``attention_mask`` ([B, P]) and return the
     first stage of an :class:`Experience` (tokens, masks, lengths, texts). ``model`` is the unwrapped policy.
 
-    ``logprobs_temperature`` (``generation.logprobs_from: generate``): the policy's scoring fields (``logprobs``
-    and ``entropy`` from ``logits / logprobs_temperature``, ``raw_logprobs``) are filled from the logits of the
-    sampling pass itself (``engine.generate_with_logits``), so the scoring pass need not run the policy."""
+    ``keep_logits`` (``generation.logprobs_from: generate``): the sampling pass's own raw logits at the
+    response positions (``engine.generate_with_logits``) are kept in ``sampling_logits``, so that the scoring
+    pass reads the policy's log-probs, entropy and exact KL from them instead of running the policy."""
     was_training = getattr(model, "training", False)
     model.eval()
     logits = None
     try:
-        if logprobs_temperature is None:
+        if not keep_logits:
             out = engine.generate(model, input_ids, attention_mask, greedy=greedy)
         else:
             with_logits = getattr(engine, "generate_with_logits", None)
@@ -258,9 +257,8 @@ def rollout(
             model.train()
     seqs, mask, resp_mask, truncated, lens = finish_rollout(input_ids, attention_mask, out, eos_ids, pad_id)
     width = input_ids.shape[1]
-    scored: SamplingScores = {}
-    if logits is not None and logprobs_temperature is not None:
-        scored = _logprobs_from_sampling(logits, seqs[:, width:], resp_mask, logprobs_temperature)
+    if logits is not None:
+        logits = _response_columns(logits, resp_mask.shape[1])
     rows = seqs[:, width:].tolist()
     texts = tokenizer.batch_decode(
         [row[:n] for row, n in zip(rows, lens.tolist(), strict=True)], skip_special_tokens=True
@@ -276,29 +274,13 @@ def rollout(
         prompts=list(prompts) if prompts is not None else [],
         responses=texts,
         meta=list(meta) if meta is not None else [{} for _ in texts],
-        **scored,
+        sampling_logits=logits,
     )
 
 
-class SamplingScores(TypedDict, total=False):
-    """The policy's scoring fields of an :class:`Experience` read from the sampling pass."""
-
-    logprobs: Tensor
-    raw_logprobs: Tensor
-    entropy: Tensor
-
-
-def _logprobs_from_sampling(
-    logits: Tensor, labels: Tensor, mask: Tensor, temperature: float
-) -> SamplingScores:
-    """``logprobs``, ``raw_logprobs`` and ``entropy`` [B, R] of the response ``labels`` [B, R] from the sampling
-    pass's raw ``logits`` [B, R', V] (R <= R'; 0 off the response ``mask``), as the scoring pass computes them."""
-    r = labels.shape[1]
-    if logits.shape[1] < r:  # a zero-width response (finish_rollout keeps one pad column)
-        logits = torch.nn.functional.pad(logits, (0, 0, 0, r - logits.shape[1]))
-    logits = logits[:, :r]
-    zero = torch.zeros((), device=logits.device)
-    lp = torch.where(mask, logprobs_from_logits(logits, labels, temperature), zero)
-    raw = lp if temperature == 1.0 else torch.where(mask, logprobs_from_logits(logits, labels), zero)
-    ent = torch.where(mask, entropy_from_logits(logits, temperature), zero)
-    return {"logprobs": lp, "raw_logprobs": raw, "entropy": ent}
+def _response_columns(logits: Tensor, width: int) -> Tensor:
+    """The sampling pass's [B, R', V] logits at the ``width`` response columns that :func:`finish_rollout`
+    kept (R' >= width, but for a zero-width response, where it keeps one pad column: zeros there)."""
+    if logits.shape[1] < width:
+        logits = torch.nn.functional.pad(logits, (0, 0, 0, width - logits.shape[1]))
+    return logits[:, :width]

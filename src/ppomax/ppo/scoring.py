@@ -12,10 +12,11 @@ iteration is exactly 1 and the KL compares the two distributions actually in pla
 the same way). Top-p/top-k truncation and the repetition penalty are *not* applied: they are sampling-time
 heuristics whose truncated distributions have no gradient outside the nucleus. ``raw`` uses temperature-1
 logits (the model's own distribution), as some implementations do. Perplexities are always from raw logits.
-``generate`` is ``sampling`` with the policy's log-probs (and entropy) taken from the logits of the sampling
-pass itself (KV-cached) instead of a second forward; the reference is still scored. The two differ by float
-rounding only; ``policy/logprob_mismatch_{max,mean}`` log that gap every iteration, free: the update's
-first minibatch's forward (before any step) is the recompute. Evaluation (greedy) always recomputes.
+``generate`` is ``sampling`` with the policy's logits taken from the sampling pass itself (KV-cached, its raw
+logits before any processor) instead of a second forward: its log-probs, entropy and the exact KL are computed
+from them beside the reference's logits of the same rows. The two differ by float rounding only;
+``policy/logprob_mismatch_{max,mean}`` log that gap every iteration, free: the update's first minibatch's forward
+(before any step) is the recompute. Evaluation (greedy) always recomputes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ppomax.models.lm_head import ResponseLogits
 
 from .data import PromptSet
 from .experience import Experience
@@ -55,8 +58,9 @@ def score_experience(
     chunk_size: int | None = None,
 ) -> None:
     """Fill the scoring-pass fields of ``exp`` in place (see :class:`Experience`). ``critic=None`` skips values
-    (evaluation), ``policy=None`` the policy's log-probs and entropy (they come from the sampling pass) and
-    ``reference=None`` the reference's. Where both models run, their logits of a chunk are held together: their
+    (evaluation), ``policy=None`` the policy's forward and ``reference=None`` the reference's. The policy's logits
+    are ``exp.sampling_logits`` where the rollout kept them (``generation.logprobs_from: generate``; dropped
+    here once read), else its forward's. A chunk's policy and reference logits are held together: their
     log-probs, the entropy and the exact KL come from one pass over them (:meth:`Forward.scoring_stats`). Models
     are used as given (pass unwrapped ones: no gradient, no DDP synchronisation).
     ``chunk_size`` rows per forward bound the logits in memory (``ppo.micro_batch_size``); rows of similar length
@@ -70,8 +74,8 @@ def score_experience(
         # whole batch (to float rounding); its per-token outputs are padded back to the batch's R with zeros
         # (off the response mask, never read).
         chunk = exp if len(chunks) == 1 else exp.select(rows)
-        logits = None if policy is None else fwd.response_logits(policy, chunk)
         ref = None if reference is None else fwd.response_logits(reference, chunk)
+        logits = _policy_logits(chunk, policy, fwd, ref)
         if logits is not None or ref is not None:
             for name, value in fwd.scoring_stats(logits, ref, chunk.responses_ids).items():
                 out.setdefault(name, []).append(value)
@@ -80,7 +84,19 @@ def score_experience(
             out.setdefault("values", []).append(fwd.values(critic, chunk))
     for name, parts in out.items():
         setattr(exp, name, exp.in_row_order(chunks, torch.cat([_pad_right(t, r_all) for t in parts])))
+    exp.sampling_logits = None
     exp.scores, exp.score_parts = rewards(exp, eos_ids)
+
+
+def _policy_logits(
+    chunk: Experience, policy: torch.nn.Module | None, fwd: Forward, ref: ResponseLogits | None
+) -> ResponseLogits | None:
+    """The policy's logits of ``chunk``: the sampling pass's (in ``ref``'s layout: at the real response tokens
+    only, where the reference's head ran on those), else ``policy``'s forward, else None."""
+    if chunk.sampling_logits is None:
+        return None if policy is None else fwd.response_logits(policy, chunk)
+    sampled = ResponseLogits(chunk.sampling_logits)
+    return sampled if ref is None else sampled.like(ref)
 
 
 def _pad_right(t: Tensor, width: int) -> Tensor:
@@ -126,30 +142,27 @@ class Rollouts:
             meta=batch["meta"],
             greedy=greedy,
             # evaluation (greedy) recomputes: its KL and perplexity stay comparable across settings
-            logprobs_temperature=self.fwd.temperature if self.logprobs_from_generate and not greedy else None,
+            keep_logits=self.logprobs_from_generate and not greedy,
         )
 
-    def score(self, exp: Experience, step: int | None = None, *, critic: bool = True) -> None:
-        """The scoring pass (:func:`score_experience`): policy (unless ``exp`` has its log-probs from the sampling
-        pass), reference, critic (``critic=False``: no values, as evaluation needs none) and reward sources. A
-        reward function's error names the iteration ``step``."""
+    def score(
+        self, exp: Experience, step: int | None = None, *, critic: bool = True, forwards: bool = True
+    ) -> None:
+        """The scoring pass (:func:`score_experience`): policy (unless ``exp`` has its logits from the sampling
+        pass), reference, critic (``critic=False``: no values, as evaluation needs none) and reward sources.
+        ``forwards=False``: no model runs (the fused update scores the rows), only the reward sources and what
+        the sampling pass's logits give. A reward function's error names the iteration ``step``."""
         with _naming_step(step):
             score_experience(
                 exp,
-                policy=self.policy if exp.logprobs is None else None,
-                reference=self.reference,
-                critic=self.critic if critic else None,
+                policy=self.policy if forwards and exp.sampling_logits is None else None,
+                reference=self.reference if forwards else None,
+                critic=self.critic if critic and forwards else None,
                 fwd=self.fwd,
                 rewards=self.rewards,
                 eos_ids=self.eos_ids,
                 chunk_size=self.chunk_size,
             )
-
-    def score_rewards(self, exp: Experience, step: int | None = None) -> None:
-        """The reward sources only: ``exp.scores`` and ``exp.score_parts`` (the models' outputs come from
-        elsewhere, :class:`ppomax.ppo.fused.FusedScoring`). Errors as in :meth:`score`."""
-        with _naming_step(step):
-            exp.scores, exp.score_parts = self.rewards(exp, self.eos_ids)
 
 
 @contextlib.contextmanager
