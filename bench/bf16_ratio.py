@@ -1,6 +1,7 @@
 """How far apart PPO's old and new log-probs are under ``model.dtype: bfloat16``, and why.
 
     .venv/bin/python bench/bf16_ratio.py [--model DIR] [--device cpu|cuda] [--lr 5e-7] [--rows 12] [--threads 1]
+        [--kl-steps 0 1e-8 1e-7 5e-7 3e-6 3e-5]
 
 The real model (SmolLM2-135M-Instruct by default, built by ``bench/real_model.py``), float32 master weights, its
 forward as the trainer runs it (``Forward``: position ids from the mask, the LM head on the response columns),
@@ -17,6 +18,11 @@ head's forward):
    how much the model's distribution moves per step.
 
 Prints max and mean |delta log p| over response tokens and exp(max), the ratio PPO would log.
+
+3. the exact KL's floor (``--kl-steps``): every weight moved by ``s * sign(noise)`` (the size of a first Adam
+   step of learning rate ``s``, in random directions) for each size ``s``, and the exact KL per response token
+   (``Forward.scoring_stats``, the trainer's ``kl/exact_per_token``) of the moved model against the original,
+   both forwards in float32 and both under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -113,6 +119,33 @@ def show(name: str, g: torch.Tensor) -> None:
     print(f"  {name:<44} max {g.max():.4g}  mean {g.mean():.3g}  exp(max) {torch.exp(g.max()):.4f}")
 
 
+def kl_floor(base: torch.nn.Module, batch, steps: list[float], device: torch.device) -> None:
+    """Part 3 of the module's docstring."""
+    from ppomax.ppo.models import Forward
+
+    fwd = Forward(1.0)
+    moved = copy.deepcopy(base).eval()
+    g = torch.Generator().manual_seed(2)
+    signs = [torch.randn(p.shape, generator=g).sign().to(device) for p in base.parameters()]
+    labels, mask = batch.responses_ids, batch.response_mask
+    print("exact KL per response token of the moved model against the original (nats)")
+    for step in steps:
+        with torch.no_grad():
+            for p, q, sign in zip(moved.parameters(), base.parameters(), signs, strict=True):
+                p.copy_(q + step * sign)
+        cells = []
+        for dtype in ("float32", "bfloat16"):
+            with (
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"),
+                torch.no_grad(),
+            ):
+                logits = fwd.response_logits(moved, batch)
+                ref = fwd.response_logits(base, batch)
+                kl = fwd.scoring_stats(logits, ref, labels)["exact_kl"][mask].mean()
+            cells.append(f"{dtype} {float(kl):.3g}")
+        print(f"  step {step:<8g} " + "   ".join(cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
@@ -120,6 +153,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-7)
     ap.add_argument("--rows", type=int, default=12)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--kl-steps",
+        type=float,
+        nargs="*",
+        default=[0.0, 1e-8, 1e-7, 5e-7, 3e-6, 3e-5],
+        help="part 3's step sizes (none: skip it)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO / "bench"))
@@ -176,6 +216,8 @@ def main() -> None:
                     after = logprobs(fwd, model, batch)
             show(f"one AdamW step of lr {args.lr:g}, same layout", gap(after, before, batch.response_mask))
             del model, opt
+    if args.kl_steps:
+        kl_floor(base, batch, args.kl_steps, device)
 
 
 if __name__ == "__main__":
