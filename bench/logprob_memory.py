@@ -96,6 +96,7 @@ def measure(
     if grad:
         logits.requires_grad_(True)
     t = 0.8
+    fwd = forward(t)  # before the clock: its first call imports the trainer's modules (seconds of CPU)
     cuda = device.startswith("cuda")
     if cuda:  # the caching allocator's peak of live tensors; wall seconds of the synchronised work
         torch.cuda.synchronize()
@@ -105,7 +106,7 @@ def measure(
         base, clock = reset_peak_rss(), time.process_time
     start = clock()
     if grad:
-        fwd, held = forward(t), as_response_logits(logits)  # the update's calls (the same before the slicing)
+        held = as_response_logits(logits)  # the update's calls (the same before the slicing)
         loss = fwd.logprobs(held, labels).sum()
         if op == "all":
             loss = loss + fwd.entropy(held).sum()
@@ -120,7 +121,7 @@ def measure(
             if op in ("kl", "all"):
                 kl_from_logits(logits, ref, t)
             if op == "scoring":  # as score_experience calls them (the same calls before the slicing)
-                fwd, held = forward(t), as_response_logits(logits)
+                held = as_response_logits(logits)
                 if hasattr(fwd, "scoring_stats"):  # one pass over both models' logits
                     fwd.scoring_stats(held, as_response_logits(ref), labels)
                 else:
