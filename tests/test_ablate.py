@@ -585,6 +585,9 @@ def test_paired_test_decides_beyond_the_seeds_noise_only():
     assert unanimous([False, False, True]) == FAILS
     assert combine([HOLDS, HOLDS, "context"]) == "reproduced"
     assert combine([HOLDS, NOISE]).startswith("within noise") and combine([NOISE, FAILS]) == "not reproduced"
+    # with 5 seeds behind it, a verdict within the noise does not ask for 5 seeds again
+    assert combine([NOISE], 3) == "within noise (run --seeds 1 2 3 4 5)"
+    assert combine([NOISE], 5) == "within noise (5 seeds)"
 
 
 def test_a_sign_on_three_seeds_is_no_verdict():

@@ -204,7 +204,7 @@ def _verdicts_section(vs: Sequence[dict[str, Any]]) -> list[str]:
         "A comparison of two variants is decided by the paired t-test of their per-seed difference (one-sided, "
         "95%: with 3 seeds the mean difference must be 2.92 standard errors from 0), a yes/no one (over-optimised) "
         "when every seed agrees; a claim is reproduced when all its comparisons hold, not reproduced when one "
-        f"fails, and within noise otherwise: rerun it with `{MORE_SEEDS}`.",
+        f"fails, and within noise otherwise: with fewer than 5 seeds, rerun it with `{MORE_SEEDS}`.",
         "",
     ]
     return md
