@@ -658,6 +658,24 @@ def test_new_groups_select_their_baselines():
     assert "grpo_no_std" not in probed(compare) and "rloo" in probed(compare)
 
 
+def test_causes_table_shows_each_sides_over_optimisation():
+    """The causes table's last column: the variant's and its preset's over-optimisation flags per seed (they read
+    n/a when formatted as numbers)."""
+    from ppomax.demo.ablate.report import causes_markdown
+
+    effect = {"diffs": [0.1, -0.2], "mean": -0.05, "sd": 0.2, "decision": "within noise"}
+    row = {
+        "variant": "grpo_no_std",
+        "base": "grpo",
+        "seeds": [0, 1],
+        "effects": dict.fromkeys(("gold_at_budget", "gold_end", "gold_fall", "kl_end"), effect),
+        "over_optimised": [False, False],
+        "base_over_optimised": [False, True],
+    }
+    line = next(ln for ln in causes_markdown([row]) if ln.startswith("| grpo_no_std"))
+    assert line.endswith("| no/no / no/yes |") and "n/a" not in line
+
+
 def _mon_recs(n, kl_token, kl_seq, gold, rm):
     recs = _recs(gold, rm, kl_token)
     for r, k in zip(recs, kl_seq, strict=True):

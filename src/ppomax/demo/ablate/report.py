@@ -271,8 +271,9 @@ def causes_markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
             cells.append(
                 f"{fmt_num(e['mean'], '+.3f')} ± {fmt_num(e['sd'], '.3f')} [{fmt_list(e['diffs'], '+.3f')}] {e['decision']}"
             )
-        flags = f"{fmt_list(['yes' if x else 'no' for x in r['over_optimised']])} / " + fmt_list(
-            ["yes" if x else "no" for x in r["base_over_optimised"]]
+        flags = " / ".join(
+            "/".join("yes" if x else "no" for x in r[key])
+            for key in ("over_optimised", "base_over_optimised")
         )
         md.append(f"| {r['variant']} | {r['base']} | {' | '.join(cells)} | {flags} |")
     md.append("")
