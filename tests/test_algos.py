@@ -1222,3 +1222,39 @@ def test_trainable_rows_by_hand() -> None:
     assert trainable_rows(scores).tolist() == [True, False, False, False, True]
     replaced = torch.tensor([False, True, False, True, False])
     assert trainable_rows(scores, replaced).tolist() == [True, True, False, True, True]
+
+
+@pytest.mark.parametrize("shape", [(6, 11), (2, 3, 11)])
+def test_logprobs_entropy_and_exact_kl_under_autograd_in_any_shape(shape) -> None:
+    """The log-probs, the entropy and the exact KL are differentiable in any layout ([T, V] as well as [B, T, V])
+    and their gradients equal those of the float64 definitions (the no-gradient path works in place and writes
+    into reused buffers with ``out=``, which autograd cannot record)."""
+    g = _gen(31)
+    base, ref_base = torch.randn(*shape, generator=g) * 3, torch.randn(*shape, generator=g) * 3
+    weights = torch.rand(*shape[:-1], generator=g)
+    labels = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    got, want = [], []
+    for dtype, out in ((torch.float32, got), (torch.float64, want)):
+        logits = base.to(dtype, copy=True).requires_grad_(True)
+        if dtype == torch.float32:
+            lp = logprobs_from_logits(logits, labels, 0.7)
+        else:
+            lp = (logits / 0.7).log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        (lp * weights.to(dtype)).sum().backward()
+        out.append(logits.grad)
+    for dtype, out in ((torch.float32, got), (torch.float64, want)):
+        logits = base.to(dtype, copy=True).requires_grad_(True)
+        ref = ref_base.to(dtype, copy=True).requires_grad_(True)
+        if dtype == torch.float32:
+            ent, kl = entropy_from_logits(logits, 0.7), kl_from_logits(logits, ref, 0.7)
+        else:
+            logp, ref_logp = (logits / 0.7).log_softmax(-1), (ref / 0.7).log_softmax(-1)
+            ent = -(logp.exp() * logp).sum(-1)
+            kl = (logp.exp() * (logp - ref_logp)).sum(-1)
+        (ent * weights.to(dtype)).sum().backward(retain_graph=True)
+        out.append(logits.grad.clone())
+        logits.grad = None
+        (kl * weights.to(dtype)).sum().backward()
+        out += [logits.grad, ref.grad]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b.float(), atol=1e-5, rtol=1e-4)

@@ -98,8 +98,10 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
     labels[:, t] (the caller shifts by one). Negative labels (e.g. -100 padding) are read as token 0; mask those
     positions downstream. Differentiable w.r.t. logits.
     """
-    if torch.is_grad_enabled() and logits.requires_grad and logits.dim() == 3:
-        return _LogprobsBySlices.apply(logits, labels, temperature)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        rows = logits if logits.dim() == 3 else logits.reshape(1, -1, logits.shape[-1])
+        picked = _LogprobsBySlices.apply(rows, labels.reshape(rows.shape[:-1]), temperature)
+        return picked.reshape(labels.shape)
     return _by_slices(partial(_logprobs, temperature=temperature), logits, labels)
 
 
@@ -156,8 +158,9 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     stable for large logits. Computed in float32 (bf16/fp16 logits are upcast), without a whole float32 copy
     (see the module). -inf logits (masked vocabulary) contribute 0. Differentiable.
     """
-    if torch.is_grad_enabled() and logits.requires_grad and logits.dim() == 3:
-        return _EntropyBySlices.apply(logits, temperature)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        rows = logits if logits.dim() == 3 else logits.reshape(1, -1, logits.shape[-1])
+        return _EntropyBySlices.apply(rows, temperature).reshape(logits.shape[:-1])
     stats = _by_slices(partial(_entropy_stats, temperature=temperature), logits)
     return stats[..., 0] - stats[..., 1]
 
@@ -214,7 +217,20 @@ def kl_from_logits(logits: Tensor, ref_logits: Tensor, temperature: float = 1.0)
     underflow) contributes 0; one that ref rules out and pi does not gives inf. Where the two distributions
     agree, rounding can put the sum a hair below 0: it is clamped at 0, as a KL is.
     """
+    if torch.is_grad_enabled() and (logits.requires_grad or ref_logits.requires_grad):
+        return _kl_differentiable(logits, ref_logits, temperature)
     return _by_slices(partial(_kl, temperature=temperature), logits, ref_logits)
+
+
+def _kl_differentiable(logits: Tensor, ref_logits: Tensor, temperature: float) -> Tensor:
+    """:func:`kl_from_logits` under autograd: the same sum in one go, out of place (the sliced path writes into
+    reused buffers with ``out=``, which autograd cannot record)."""
+    acc = _float32_or_wider(logits)
+    logp = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
+    ref_logp = torch.log_softmax(ref_logits.to(acc) / temperature, dim=-1)
+    p = logp.exp()
+    terms = torch.where(p > 0, p * (logp - ref_logp), torch.zeros((), dtype=acc, device=p.device))
+    return terms.sum(dim=-1).clamp_min(0)
 
 
 def _kl(logits: Tensor, ref_logits: Tensor, temperature: float, scratch: _Scratch) -> Tensor:
