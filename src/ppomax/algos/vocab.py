@@ -73,12 +73,12 @@ def _blocks(logits: Tensor) -> Iterator[Block]:
 
 
 def _by_slices(fn: Callable[..., Tensor], first: Tensor, *rest: Tensor) -> Tensor:
-    """``fn(first, *rest, scratch=...)`` -> [B, T, ...] for [B, T, ...] arguments, computed over :func:`_blocks`
-    when no gradient is recorded (else in one go), every slice's temporaries in one :class:`_Scratch`: equal to
-    the one-go result, as each position's value depends only on its own logits."""
+    """``fn(first, *rest, scratch=...)`` -> [B, T, ...] for [B, T, ...] arguments, computed over :func:`_blocks`,
+    every slice's temporaries in one :class:`_Scratch`: equal to the one-go result, as each position's value
+    depends only on its own logits. Without a gradient only (``fn`` works in place and with ``out=``): under
+    autograd the public functions take their custom functions or out-of-place forms instead."""
     scratch = _Scratch()
-    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (first, *rest))
-    if tracked or first.dim() != 3 or first.numel() <= VOCAB_SLICE_ELEMENTS:
+    if first.dim() != 3 or first.numel() <= VOCAB_SLICE_ELEMENTS:
         return fn(first, *rest, scratch=scratch)
     out: Tensor | None = None
     for block in _blocks(first):
