@@ -4,7 +4,8 @@ at the sampling temperature and raw, its entropy, and the exact KL to the refere
 the logits go through in slices of ``VOCAB_SLICE_ELEMENTS``); ``whole`` the same functions on the whole tensor at
 once (the whole-tensor float32 copy, logsumexp's exp, softmax, log-softmaxes; ``--before`` measures older code). Each
 measurement is a fresh process with one thread: the peak RSS (VmHWM, reset after the inputs are made) above
-what the inputs (the two models' logits and the labels) take, and the CPU seconds (user + system) of the reductions.
+what the inputs (the two models' logits and the labels) take, and the CPU seconds (user + system) of the reductions,
+with (on the CPU) the system seconds and the minor page faults among them.
 
 ``--grad`` measures the update's forward and backward instead (``Forward.logprobs``, and ``Forward.entropy``
 with ``all``, of logits that require a gradient, then ``backward``; the peak includes the logits' gradient). The
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -104,7 +106,7 @@ def measure(
         base, clock = torch.cuda.memory_allocated(), time.perf_counter
     else:
         base, clock = reset_peak_rss(), time.process_time
-    start = clock()
+    start, usage = clock(), resource.getrusage(resource.RUSAGE_SELF)
     if grad:
         held = as_response_logits(logits)  # the update's calls (the same before the slicing)
         loss = fwd.logprobs(held, labels).sum()
@@ -134,8 +136,10 @@ def measure(
     if cuda:
         torch.cuda.synchronize()
     seconds = clock() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    kernel = {"system_s": after.ru_stime - usage.ru_stime, "minor_faults": after.ru_minflt - usage.ru_minflt}
     peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
-    return {"extra_peak_mib": (peak - base) / MIB, "inputs_mib": base / MIB, "seconds": seconds}
+    return {"extra_peak_mib": (peak - base) / MIB, "inputs_mib": base / MIB, "seconds": seconds, **kernel}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     cpu = args.device == "cpu"
     memory, seconds = ("peak RSS", "CPU s (1 thread)") if cpu else ("peak allocated", "wall s")
-    print(f"| reductions | mode | {memory} above inputs (MiB) | {seconds} |")
-    print("|---|---|---|---|")
+    print(
+        f"| reductions | mode | {memory} above inputs (MiB) | {seconds} | of them system s | minor page faults |"
+    )
+    print("|---|---|---|---|---|---|")
     for op in ops:
         runs = [("whole", env), ("sliced", env)]
         if args.before and (op == "scoring" or args.grad):
@@ -176,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, *(argv or sys.argv[1:]), "--one", mode, op]
             out = subprocess.run(cmd, env=run_env, check=True, capture_output=True, text=True).stdout
             r = json.loads(out.splitlines()[-1])
-            print(f"| {op} | {mode} | {r['extra_peak_mib']:.0f} | {r['seconds']:.3f} |", flush=True)
+            print(
+                f"| {op} | {mode} | {r['extra_peak_mib']:.0f} | {r['seconds']:.3f} | {r['system_s']:.2f} | "
+                f"{r['minor_faults']} |",
+                flush=True,
+            )
     return 0
 
 
