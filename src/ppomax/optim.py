@@ -21,15 +21,16 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, cfg: AdamWC
     over each tensor instead of torch's default on CPU, a loop of about ten elementwise ops per tensor (about 6x
     the CPU time per step at 135M parameters; TRL's Trainer defaults to it too). Elsewhere torch's default."""
     trainable = [p for p in params if p.requires_grad]
-    hyper = {
-        "lr": lr,
-        "betas": (cfg.adam_beta1, cfg.adam_beta2),
-        "eps": cfg.adam_eps,
-        "weight_decay": cfg.weight_decay,
-    }
     # torch checks a fused optimiser's tensors only at its first step: choose here, on what it would refuse
     fused = all(p.device.type in FUSED_DEVICES and torch.is_floating_point(p) for p in trainable)
-    return torch.optim.AdamW(trainable, fused=fused or None, **hyper)
+    return torch.optim.AdamW(
+        trainable,
+        lr=lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+        fused=fused or None,
+    )
 
 
 def warmup_steps(cfg: AdamWConfig, total_steps: int) -> int:
