@@ -207,7 +207,7 @@ def test_every_claim_gets_a_verdict_with_its_numbers():
     assert [v["claim"][:3] for v in out[:4]] == ["(a)", "(b)", "(c)", "(d)"] and len(out) == 7
     assert out[-1]["claim"].startswith("(ours) advantage whitening")
     for v in out:
-        assert v["verdict"] in ("reproduced", "not reproduced", "within noise (run --seeds 1 2 3 4 5)"), v
+        assert v["verdict"] in ("reproduced", "not reproduced", "within noise (run --seeds 0 1 2 3 4)"), v
         assert "seeds 0/1" in v["numbers"] or "/" in v["numbers"]
         assert (v["verdict"] != "not reproduced") == (v["explanation"] == "")
 
@@ -586,7 +586,7 @@ def test_paired_test_decides_beyond_the_seeds_noise_only():
     assert combine([HOLDS, HOLDS, "context"]) == "reproduced"
     assert combine([HOLDS, NOISE]).startswith("within noise") and combine([NOISE, FAILS]) == "not reproduced"
     # with 5 seeds behind it, a verdict within the noise does not ask for 5 seeds again
-    assert combine([NOISE], 3) == "within noise (run --seeds 1 2 3 4 5)"
+    assert combine([NOISE], 3) == "within noise (run --seeds 0 1 2 3 4)"
     assert combine([NOISE], 5) == "within noise (5 seeds)"
 
 
@@ -603,7 +603,7 @@ def test_a_sign_on_three_seeds_is_no_verdict():
         }
 
     (d,) = [v for v in verdicts(nums_of([0.03, 0.049, 0.0495])) if v["claim"].startswith("(d)")]
-    assert d["verdict"] == "within noise (run --seeds 1 2 3 4 5)" and "within noise" in d["numbers"]
+    assert d["verdict"] == "within noise (run --seeds 0 1 2 3 4)" and "within noise" in d["numbers"]
     (d,) = [v for v in verdicts(nums_of([0.03, 0.031, 0.029])) if v["claim"].startswith("(d)")]
     assert d["verdict"] == "reproduced"
 
@@ -781,7 +781,7 @@ def test_fig7_entropy_half_needs_every_seed():
 
     assert fig7([False, False, False])["verdict"] == "reproduced"
     b = fig7([False, True, False])
-    assert b["verdict"] == "within noise (run --seeds 1 2 3 4 5)" and b["explanation"] == ""
+    assert b["verdict"] == "within noise (run --seeds 0 1 2 3 4)" and b["explanation"] == ""
     assert "over-optimised: entropy_bonus False/True/False" in b["numbers"]
     b = fig7([True, True, False])
     assert b["verdict"] == "not reproduced" and "entropy bonus" in b["explanation"]
